@@ -1,0 +1,1 @@
+"""The points processor: gRPC service, commit pipeline and Postgres store of the alliance ledger."""

@@ -1,0 +1,165 @@
+"""Configuration: read once into a frozen, validated Settings. Nothing else reads the environment.
+
+Each option has a command-line flag (--name-with-dashes) and an environment variable (POINTS_NAME, or
+DATABASE_URL for the database); the flag wins over the variable, the variable over the default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+DAY_SECONDS = 86_400
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    name: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+    env: str = ""
+
+    @property
+    def env_name(self) -> str:
+        return self.env or "POINTS_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free one)"),
+    Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir",
+           env="DATABASE_URL"),
+    Option("data_dir", str, ".points-data", "directory of the embedded Postgres (used without a database URL)"),
+    Option("database_name", str, "points", "database created and used inside the embedded Postgres"),
+    Option("batch_operations_max", int, 1000, "operations committed in one Postgres transaction, at most"),
+    Option("batch_linger_seconds", float, 0.001,
+           "how long the committer waits for more operations after the first of a batch"),
+    Option("queue_operations_max", int, 20_000,
+           "operations waiting for the committer, at most; beyond it calls get RESOURCE_EXHAUSTED"),
+    Option("commit_timeout_seconds", float, 10.0, "a batch commit taking longer fails (UNAVAILABLE)"),
+    Option("pool_connections_max", int, 8, "Postgres connections in the pool, at most"),
+    Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
+    Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
+    Option("holds_expired_per_batch_max", int, 10_000, "expired holds released per batch, at most"),
+    Option("points_max", int, 10**12, "largest point-units amount in one request"),
+    Option("purchase_amount_max", int, 10**13, "largest purchase amount (currency minor units) in one earn"),
+    Option("id_bytes_max", int, 128, "longest merchant_id / member_id, bytes"),
+    Option("idempotency_key_bytes_max", int, 128, "longest idempotency key, bytes"),
+    Option("idempotency_retention_days", int, 0,
+           "idempotency records older than this are deleted; 0 keeps them forever (minimum 30 otherwise)"),
+    Option("page_size_default", int, 50, "ListTransactions page size when the request gives none"),
+    Option("page_size_max", int, 200, "largest ListTransactions page size"),
+    Option("members_max", int, 5_000_000, "members resident in the fast path, at most"),
+    Option("holds_max", int, 2_000_000, "holds resident in the fast path, at most"),
+    Option("transactions_resident_max", int, 200_000,
+           "refundable transactions cached in the fast path before the cache is dropped"),
+    Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
+    Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    database_url: str = ""
+    data_dir: str = ".points-data"
+    database_name: str = "points"
+    batch_operations_max: int = 1000
+    batch_linger_seconds: float = 0.001
+    queue_operations_max: int = 20_000
+    commit_timeout_seconds: float = 10.0
+    pool_connections_max: int = 8
+    hold_ttl_seconds_default: int = 7 * DAY_SECONDS
+    hold_ttl_seconds_max: int = 31 * DAY_SECONDS
+    holds_expired_per_batch_max: int = 10_000
+    points_max: int = 10**12
+    purchase_amount_max: int = 10**13
+    id_bytes_max: int = 128
+    idempotency_key_bytes_max: int = 128
+    idempotency_retention_days: int = 0
+    page_size_default: int = 50
+    page_size_max: int = 200
+    members_max: int = 5_000_000
+    holds_max: int = 2_000_000
+    transactions_resident_max: int = 200_000
+    grpc_message_bytes_max: int = 4 * 1024 * 1024
+    shutdown_grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        host, _, port = self.listen.rpartition(":")
+        check(bool(host) and port.isdigit() and int(port) < 65536,
+              f"listen {self.listen!r} must be HOST:PORT")
+        check(self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
+              "database_url must start with postgresql:// (or be empty for the embedded Postgres)")
+        check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")
+        check(0 <= self.batch_linger_seconds <= 1, "batch_linger_seconds must be 0..1")
+        check(self.queue_operations_max >= self.batch_operations_max,
+              "queue_operations_max must be >= batch_operations_max")
+        check(self.commit_timeout_seconds > 0, "commit_timeout_seconds must be > 0")
+        check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")
+        check(1 <= self.hold_ttl_seconds_default <= self.hold_ttl_seconds_max,
+              "hold_ttl_seconds_default must be 1..hold_ttl_seconds_max")
+        check(self.holds_expired_per_batch_max >= 1, "holds_expired_per_batch_max must be >= 1")
+        check(1 <= self.points_max <= 2**62, "points_max must be 1..2**62")
+        check(1 <= self.purchase_amount_max <= 2**62 // 2000,
+              "purchase_amount_max must be 1..2**62/2000 (so points never overflow)")
+        check(1 <= self.id_bytes_max <= 1024, "id_bytes_max must be 1..1024")
+        check(1 <= self.idempotency_key_bytes_max <= 1024, "idempotency_key_bytes_max must be 1..1024")
+        check(self.idempotency_retention_days == 0 or self.idempotency_retention_days >= 30,
+              "idempotency_retention_days must be 0 (forever) or >= 30")
+        check(1 <= self.page_size_default <= self.page_size_max <= 10_000,
+              "need 1 <= page_size_default <= page_size_max <= 10000")
+        check(self.members_max >= 1 and self.holds_max >= 1, "members_max and holds_max must be >= 1")
+        check(self.transactions_resident_max >= self.batch_operations_max,
+              "transactions_resident_max must be >= batch_operations_max")
+        check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
+        check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+
+def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """Adds a flag per option (all, or those named), defaulting to None so the environment can fill in."""
+    for option in OPTIONS:
+        if names is None or option.name in names:
+            parser.add_argument(option.flag, dest=option.name, type=option.type, default=None,
+                                help=f"{option.help} [env {option.env_name}, default {option.default!r}]")
+
+
+def load(arguments: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags (non-None values), then environment variables, then defaults."""
+    arguments = arguments or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if arguments.get(option.name) is not None:
+            values[option.name] = arguments[option.name]
+        elif option.env_name in environ:
+            raw = environ[option.env_name]
+            try:
+                values[option.name] = option.type(raw)
+            except ValueError:
+                raise ValueError(f"invalid configuration: {option.env_name}={raw!r} is not a "
+                                 f"{option.type.__name__}") from None
+    return Settings(**values)
+
+
+def _check_table() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+    table = {o.name: o.default for o in OPTIONS}
+    if fields != table:
+        raise ImportError(f"config.OPTIONS and Settings disagree: {set(fields.items()) ^ set(table.items())}")
+
+
+_check_table()

@@ -1,0 +1,141 @@
+"""Pure rules and types of the points ledger. Imports no grpc, asyncpg or prometheus_client.
+
+Units: purchase amounts in currency minor units, points in point-units (100 = 1 point = 1 currency
+unit), times in microseconds since the Unix epoch (`*_us`). All int64.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+from typing import Any
+
+ASSET_POINTS = "POINTS"
+INT64_MAX = 2**63 - 1
+BPS_DENOMINATOR = 10_000
+GIVE_BACK_BPS_MIN = 300
+GIVE_BACK_BPS_MAX = 2_000
+
+# Account kinds (accounts.kind).
+ACCOUNT_MEMBER = "member"
+ACCOUNT_MERCHANT_ISSUED = "merchant_issued"
+ACCOUNT_MERCHANT_REDEEMED = "merchant_redeemed"
+
+TRANSACTION_PREFIX = "txn_"
+AUTHORIZATION_PREFIX = "auth_"
+
+
+class Code(enum.Enum):
+    """Outcome of a request. errors.py maps each to one gRPC status code."""
+    OK = "OK"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class Rejection(Exception):
+    """A request the service will not carry out, with a message the caller can act on."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InvariantViolation(Exception):
+    """A money invariant does not hold: a bug. The service answers INTERNAL and stops serving."""
+
+
+def require(condition: bool, message: str) -> None:
+    """An invariant check that survives `python -O` (a bare assert does not)."""
+    if not condition:
+        raise InvariantViolation(message)
+
+
+def earn_point_units(purchase_amount: int, give_back_bps: int) -> int:
+    """Points for a purchase: floor(purchase_amount * give_back_bps / 10000). The fraction of a
+    point-unit is rounded down (never credited); integer arithmetic only."""
+    require(purchase_amount >= 0, "purchase_amount must be >= 0")
+    require(GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX, "give_back_bps out of range")
+    return purchase_amount * give_back_bps // BPS_DENOMINATOR
+
+
+def format_transaction_id(transaction_id: int) -> str:
+    return f"{TRANSACTION_PREFIX}{transaction_id}"
+
+
+def format_authorization_id(authorization_id: int) -> str:
+    return f"{AUTHORIZATION_PREFIX}{authorization_id}"
+
+
+def _parse_id(value: str, prefix: str, field: str) -> int:
+    digits = value[len(prefix):] if value.startswith(prefix) else ""
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+        raise Rejection(Code.INVALID_ARGUMENT,
+                        f"{field} {value[:64]!r} is not an id this service issued "
+                        f"(expected {prefix}<digits>, as returned by an earlier call)")
+    return int(digits)
+
+
+def parse_transaction_id(value: str, field: str = "transaction_id") -> int:
+    return _parse_id(value, TRANSACTION_PREFIX, field)
+
+
+def parse_authorization_id(value: str, field: str = "authorization_id") -> int:
+    return _parse_id(value, AUTHORIZATION_PREFIX, field)
+
+
+class Method(enum.Enum):
+    EARN = "Earn"
+    AUTHORIZE = "Authorize"
+    CAPTURE = "Capture"
+    VOID = "Void"
+    REDEEM = "Redeem"
+    REFUND = "Refund"
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """The answer to one operation: code OK with response fields, or an error code with a message.
+    This is what the idempotency record stores, and what a replay returns."""
+    code: Code
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    message: str = ""
+    replayed: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class Operation:
+    """One mutating request, validated, waiting for the pipeline.
+
+    `request` is the canonical form of the request without its key: the idempotency fingerprint.
+    """
+    method: Method
+    merchant_id: str
+    merchant_slot: int
+    idempotency_key: str
+    request: dict[str, Any]
+    member_id: str = ""
+    points: int = 0                 # point-units (earn: computed from the purchase)
+    purchase_amount: int = 0        # currency minor units (earn only)
+    hold_ttl_seconds: int = 0       # authorize only; resolved to the default before queueing
+    authorization_id: int = 0       # capture / void
+    transaction_id: int = 0         # refund: the original transaction
+    future: asyncio.Future | None = None
+    enqueued_at: float = 0.0
+
+
+def differing_field(stored: dict[str, Any], method: str, request: dict[str, Any],
+                    stored_method: str) -> str | None:
+    """The first field in which a retried request differs from the one first seen under its key."""
+    if stored_method != method:
+        return "method"
+    for name in sorted(set(stored) | set(request)):
+        if stored.get(name) != request.get(name):
+            return name
+    return None

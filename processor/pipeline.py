@@ -1,0 +1,560 @@
+"""The commit pipeline: bounded queue → batch → fast path → one Postgres transaction → answers.
+
+This is the one place ledger state changes. A single committer task takes up to
+`batch_operations_max` queued operations (waiting `batch_linger_seconds` for more after the first),
+and for the batch:
+
+  1. looks up, in one query, the idempotency keys it has not seen in flight: a stored outcome is
+     replayed (or, if the request differs, refused with ALREADY_EXISTS naming the field);
+  2. prefetches the holds and transactions the batch refers to that the fast path does not hold;
+  3. opens the fast path's undo log, releases expired holds, and applies every operation there
+     (microseconds each, no I/O), collecting journal rows, hold changes and idempotency records;
+  4. writes all of it in one Postgres transaction and compares the member balances Postgres returns
+     with the fast path's;
+  5. only then answers every call of the batch.
+
+If the write fails, the undo log puts the fast path back to what Postgres holds and every call of
+the batch gets UNAVAILABLE (nothing of it was committed, a retry with the same key is safe). If the
+failure leaves it unknown whether COMMIT happened (the connection broke), the fast path is rebuilt
+from Postgres before the next batch, and the retry finds the outcome if it was committed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+import fastpath
+from processor import domain
+from processor.config import Settings
+from processor.domain import Code, Method, Operation, Outcome, Rejection, require
+from processor.store import BatchWrite, MerchantRow, Store, from_micros, micros, to_json
+
+log = logging.getLogger("points.pipeline")
+
+_MEMBER = domain.ACCOUNT_MEMBER
+_ISSUED = domain.ACCOUNT_MERCHANT_ISSUED
+_REDEEMED = domain.ACCOUNT_MERCHANT_REDEEMED
+
+
+class Merchants:
+    """The merchants the service knows: id → row, slot → id. Refreshed from Postgres on a miss, so a
+    merchant added by the CLI while the service runs is found."""
+
+    def __init__(self, rows: list[MerchantRow]):
+        self.by_id: dict[str, MerchantRow] = {}
+        self.by_slot: dict[int, MerchantRow] = {}
+        for row in rows:
+            self.add(row)
+
+    def add(self, row: MerchantRow) -> None:
+        self.by_id[row.merchant_id] = row
+        self.by_slot[row.merchant_slot] = row
+
+
+@dataclasses.dataclass(slots=True)
+class IdAllocator:
+    next_transaction_id: int
+    next_authorization_id: int
+
+    def transaction(self) -> int:
+        value = self.next_transaction_id
+        self.next_transaction_id += 1
+        return value
+
+    def authorization(self) -> int:
+        value = self.next_authorization_id
+        self.next_authorization_id += 1
+        return value
+
+
+async def load_ledger(store: Store, settings: Settings, merchants: Merchants, now_us: int):
+    """Rebuilds the fast path from Postgres: every member's posted balance and every open hold."""
+    ledger = fastpath.Ledger(settings.members_max, settings.holds_max, settings.transactions_resident_max)
+    async for chunk in store.member_balances():
+        for member_id, balance in chunk:
+            ledger.load_member(member_id, balance)
+    for hold in await store.open_holds(from_micros(now_us)):
+        ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
+                         merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
+                         hold.expires_at_us, fastpath.HOLD_OPEN)
+    ledger.check_invariants()
+    return ledger
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: Store | None):
+        self.settings = settings
+        self.store = store
+        self.merchants = Merchants([])
+        self.ledger: Any = None
+        self.ids = IdAllocator(1, 1)
+        self._queue: collections.deque[Operation] = collections.deque()
+        self._queued = asyncio.Event()
+        self._inflight: dict[tuple[str, str], Operation] = {}
+        self._writing = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._expired_pending: list[int] = []
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self.ready = False          # recovery done and Postgres reachable
+        self.batches_committed = 0
+        self.batches_failed = 0
+
+    # --- lifecycle ---
+
+    async def recover(self) -> None:
+        """Loads merchants, balances, open holds and id high-water marks from Postgres."""
+        self.ready = False
+        self.merchants = Merchants(await self.store.merchants())
+        self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
+        last_transaction, last_authorization = await self.store.id_high_water_marks()
+        self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
+        self._expired_pending = []
+        self.ready = True
+        log.info("recovered ledger from postgres", extra={
+            "members": self.ledger.members_count, "holds_open": self.ledger.holds_open_count,
+            "merchants": len(self.merchants.by_id)})
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
+
+    async def stop(self) -> None:
+        """Commits what is queued, then stops the committer."""
+        self._stopping = True
+        self._queued.set()
+        if self._task is not None:
+            await self._task
+
+    # --- merchants ---
+
+    async def merchant(self, merchant_id: str) -> MerchantRow | None:
+        if not self.ready:
+            raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+        row = self.merchants.by_id.get(merchant_id)
+        if row is None:
+            row = await self.store.merchant(merchant_id)
+            if row is not None:
+                self.merchants.add(row)
+        return row
+
+    # --- calls ---
+
+    async def submit(self, op: Operation) -> Outcome:
+        """Queues a mutating operation and returns its outcome once durable (or replayed)."""
+        key = (op.merchant_id, op.idempotency_key)
+        first = self._inflight.get(key)
+        if first is not None:
+            # The same key is in flight: wait for its outcome rather than posting twice.
+            outcome = await asyncio.shield(first.future)
+            return _replay(first.method.value, first.request, outcome, op)
+        if not self.ready:
+            raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
+        if self._stopping:
+            raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry on another instance")
+        if len(self._queue) >= self.settings.queue_operations_max:
+            raise Rejection(Code.RESOURCE_EXHAUSTED,
+                            f"the service is at capacity ({len(self._queue)} operations waiting to commit); "
+                            "retry with exponential backoff")
+        op.future = asyncio.get_running_loop().create_future()
+        op.enqueued_at = time.monotonic()
+        self._inflight[key] = op
+        self._queue.append(op)
+        self._queued.set()
+        # shield: a caller that goes away does not cancel the operation; its batch still resolves it
+        return await asyncio.shield(op.future)
+
+    async def committed_view(self):
+        """Waits until no batch is being written, so what the fast path shows is committed. Releases
+        holds that expired since the last batch (their Postgres rows follow with the next batch)."""
+        while self._writing:
+            await self._idle.wait()
+        if not self.ready:
+            raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
+        expired = self.ledger.expire_holds(now_micros(), self.settings.holds_expired_per_batch_max)
+        self._expired_pending.extend(expired)
+        if expired:
+            self._queued.set()
+        return self.ledger
+
+    # --- the committer ---
+
+    async def _run(self) -> None:
+        settings = self.settings
+        while True:
+            if not self._queue and not self._expired_pending:
+                if self._stopping:
+                    return
+                self._queued.clear()
+                await self._queued.wait()
+                continue
+            if settings.batch_linger_seconds and len(self._queue) < settings.batch_operations_max \
+                    and not self._stopping:
+                await asyncio.sleep(settings.batch_linger_seconds)
+            size = min(len(self._queue), settings.batch_operations_max)
+            batch = [self._queue.popleft() for _ in range(size)]
+            try:
+                await self._process(batch)
+            except domain.InvariantViolation as error:
+                log.critical("ledger invariant violated; stopping", extra={"error": str(error)})
+                self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
+                self.ready = False
+                raise
+            except Exception:  # a bug, not a database fault: keep serving, answer INTERNAL
+                log.exception("batch failed unexpectedly")
+                self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
+
+    async def _process(self, batch: list[Operation]) -> None:
+        settings = self.settings
+        now_us = now_micros()
+        created_at = from_micros(now_us)
+        timeout = settings.commit_timeout_seconds
+        try:
+            stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
+            await self._prefetch(batch, now_us)
+        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+            await self._database_failed(batch, error, ambiguous=False)
+            return
+
+        ledger = self.ledger
+        write = BatchWrite(created_at=created_at)
+        outcomes: list[Outcome] = []
+        self._writing = True
+        self._idle.clear()
+        ledger.begin()
+        try:
+            write.expired_holds = self._expired_pending + ledger.expire_holds(
+                now_us, settings.holds_expired_per_batch_max)
+            for op in batch:
+                previous = stored.get((op.merchant_id, op.idempotency_key))
+                if previous is not None:
+                    outcome = _replay(previous.method, previous.request,
+                                      Outcome(Code(previous.outcome), previous.response or {}, previous.message),
+                                      op)
+                else:
+                    outcome = self._apply(op, write, now_us)
+                    if outcome.code in _NOT_RECORDED:
+                        outcomes.append(outcome)
+                        continue
+                    write.idempotency.append((
+                        op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
+                        outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
+                        outcome.message))
+                outcomes.append(outcome)
+            _check_balanced(write)
+        except BaseException:
+            ledger.rollback()
+            self._writing = False
+            self._idle.set()
+            raise
+
+        try:
+            if not write.empty:
+                balances = await self.store.write_batch(write, timeout)
+                for member_id, balance in balances.items():
+                    posted, _ = ledger.balance(ledger.member_slot(member_id))
+                    require(posted == balance, f"member {member_id}: postgres balance {balance} != fast path {posted}")
+        except domain.InvariantViolation:
+            ledger.rollback()
+            self._writing = False
+            self._idle.set()
+            raise
+        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+            ledger.rollback()
+            self._writing = False
+            self._idle.set()
+            # A server-side error inside the transaction means it rolled back; a broken connection or
+            # a timeout may have happened after COMMIT reached the server.
+            await self._database_failed(batch, error, ambiguous=not isinstance(error, asyncpg.PostgresError))
+            return
+        except BaseException:
+            ledger.rollback()
+            self._writing = False
+            self._idle.set()
+            raise
+        ledger.commit()
+        self._expired_pending = []
+        self._writing = False
+        self._idle.set()
+        self.batches_committed += 1
+        if ledger.transactions_resident_count > settings.transactions_resident_max // 2:
+            ledger.forget_resolved()
+        for op, outcome in zip(batch, outcomes):
+            self._resolve(op, outcome)
+
+    def _resolve(self, op: Operation, outcome: Outcome) -> None:
+        self._inflight.pop((op.merchant_id, op.idempotency_key), None)
+        if op.future is not None and not op.future.done():
+            op.future.set_result(outcome)
+
+    def _fail(self, batch: list[Operation], code: Code, message: str) -> None:
+        for op in batch:
+            self._resolve(op, Outcome(code, message=message))
+
+    async def _database_failed(self, batch: list[Operation], error: BaseException, ambiguous: bool) -> None:
+        self.batches_failed += 1
+        log.error("batch not committed", extra={"error": repr(error), "operations": len(batch),
+                                                "ambiguous": ambiguous})
+        self._fail(batch, Code.UNAVAILABLE,
+                   "the ledger database did not confirm this operation; it was not applied. "
+                   "Retry with the same idempotency key")
+        if ambiguous:
+            await self._resync()
+
+    async def _resync(self) -> None:
+        """Rebuilds the fast path from Postgres, retrying until Postgres answers. Calls arriving
+        meanwhile get UNAVAILABLE."""
+        self.ready = False
+        delay = 0.05
+        while True:
+            try:
+                await self.recover()
+                return
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+                log.warning("resync from postgres failed; retrying", extra={"error": repr(error)})
+                # fail what queued up meanwhile, so callers do not wait on a dead database
+                self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
+                           "the ledger database is unreachable; retry with the same idempotency key")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _prefetch(self, batch: list[Operation], now_us: int) -> None:
+        """Loads into the fast path the holds and transactions the batch refers to, from Postgres."""
+        ledger = self.ledger
+        hold_ids = {op.authorization_id for op in batch
+                    if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)}
+        transaction_ids = {op.transaction_id for op in batch
+                           if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)}
+        if hold_ids:
+            for hold in await self.store.holds(hold_ids):
+                status = hold.status
+                if status == fastpath.HOLD_OPEN and hold.expires_at_us <= now_us:
+                    status = fastpath.HOLD_STATUS_EXPIRED
+                    self._expired_pending.append(hold.authorization_id)
+                ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
+                                 self.merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
+                                 hold.expires_at_us, status)
+        if transaction_ids:
+            for t in await self.store.transactions(transaction_ids):
+                ledger.load_transaction(t.transaction_id, t.kind, ledger.member_slot(t.member_id),
+                                        self.merchants.by_id[t.merchant_id].merchant_slot, t.amount, t.refunded)
+
+    # --- one operation on the fast path ---
+
+    def _apply(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        method = op.method
+        if method is Method.EARN:
+            return self._earn(op, write, now_us)
+        if method is Method.AUTHORIZE:
+            return self._authorize(op, write, now_us)
+        if method is Method.CAPTURE:
+            return self._capture(op, write, now_us)
+        if method is Method.VOID:
+            return self._void(op, write, now_us)
+        if method is Method.REDEEM:
+            return self._redeem(op, write)
+        if method is Method.REFUND:
+            return self._refund(op, write)
+        raise domain.InvariantViolation(f"unknown method {method}")
+
+    def _earn(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        ledger = self.ledger
+        new_member = ledger.member_slot(op.member_id) < 0
+        transaction_id = self.ids.transaction()
+        status, _, posted = ledger.earn(op.member_id, op.merchant_slot, op.points, transaction_id)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op)
+        if new_member:
+            write.new_members.append(op.member_id)
+        write.transactions.append((transaction_id, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
+                                   op.purchase_amount, None, None, op.idempotency_key))
+        if op.points:
+            write.entries.append((transaction_id, _MEMBER, op.member_id, op.points))
+            write.entries.append((transaction_id, _ISSUED, op.merchant_id, -op.points))
+        return Outcome(Code.OK, {
+            "transaction_id": transaction_id, "points": op.points, "balance": posted,
+            "give_back_bps": self.merchants.by_id[op.merchant_id].give_back_bps, "created_at_us": now_us})
+
+    def _member(self, op: Operation) -> int:
+        slot = self.ledger.member_slot(op.member_id)
+        if slot < 0:
+            raise Rejection(Code.NOT_FOUND, f"member {op.member_id!r} has no points account; "
+                                            "a member is created by its first Earn")
+        return slot
+
+    def _authorize(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        try:
+            slot = self._member(op)
+        except Rejection as rejection:
+            return Outcome(rejection.code, message=rejection.message)
+        authorization_id = self.ids.authorization()
+        expires_at_us = now_us + op.hold_ttl_seconds * 1_000_000
+        status, available = self.ledger.authorize(slot, op.merchant_slot, op.points, authorization_id,
+                                                  expires_at_us)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op, self.ledger, slot)
+        write.new_holds.append((authorization_id, op.merchant_id, op.member_id, op.points,
+                                from_micros(expires_at_us), op.idempotency_key))
+        return Outcome(Code.OK, {"authorization_id": authorization_id, "available": available,
+                                 "points": op.points, "expires_at_us": expires_at_us})
+
+    def _capture(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        ledger = self.ledger
+        if not ledger.has_hold(op.authorization_id):
+            return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
+        _, member_slot, _, amount, expires_at_us = ledger.hold(op.authorization_id)
+        transaction_id = self.ids.transaction()
+        status, captured, _, posted, available = ledger.capture(
+            op.authorization_id, op.merchant_slot, op.points, transaction_id, now_us)
+        if status == fastpath.HOLD_EXPIRED:
+            write.expired_holds.append(op.authorization_id)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op, ledger, member_slot, expires_at_us=expires_at_us, held=amount)
+        member_id = ledger.member_id(member_slot)
+        write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, captured,
+                                     transaction_id if captured else None))
+        if captured:
+            write.transactions.append((transaction_id, fastpath.KIND_CAPTURE, op.merchant_id, member_id, captured,
+                                       None, op.authorization_id, None, op.idempotency_key))
+            write.entries.append((transaction_id, _MEMBER, member_id, -captured))
+            write.entries.append((transaction_id, _REDEEMED, op.merchant_id, captured))
+        return Outcome(Code.OK, {"transaction_id": transaction_id if captured else 0, "points": captured,
+                                 "released": amount - captured, "balance": posted, "available": available})
+
+    def _void(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        ledger = self.ledger
+        if not ledger.has_hold(op.authorization_id):
+            return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
+        _, member_slot, _, amount, expires_at_us = ledger.hold(op.authorization_id)
+        status, released, _, available = ledger.void(op.authorization_id, op.merchant_slot, now_us)
+        if status == fastpath.HOLD_EXPIRED:
+            write.expired_holds.append(op.authorization_id)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op, ledger, member_slot, expires_at_us=expires_at_us)
+        write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_VOIDED, 0, None))
+        return Outcome(Code.OK, {"released": released, "available": available})
+
+    def _redeem(self, op: Operation, write: BatchWrite) -> Outcome:
+        try:
+            slot = self._member(op)
+        except Rejection as rejection:
+            return Outcome(rejection.code, message=rejection.message)
+        transaction_id = self.ids.transaction()
+        status, posted, available = self.ledger.redeem(slot, op.merchant_slot, op.points, transaction_id)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op, self.ledger, slot)
+        write.transactions.append((transaction_id, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
+                                   None, None, None, op.idempotency_key))
+        write.entries.append((transaction_id, _MEMBER, op.member_id, -op.points))
+        write.entries.append((transaction_id, _REDEEMED, op.merchant_id, op.points))
+        return Outcome(Code.OK, {"transaction_id": transaction_id, "points": op.points, "balance": posted,
+                                 "available": available})
+
+    def _refund(self, op: Operation, write: BatchWrite) -> Outcome:
+        ledger = self.ledger
+        if not ledger.has_transaction(op.transaction_id):
+            return _ledger_rejection(fastpath.UNKNOWN_TRANSACTION, op)
+        refund_id = self.ids.transaction()
+        status, kind, member_slot, posted, available = ledger.refund(
+            op.transaction_id, op.merchant_slot, op.points, refund_id)
+        if status != fastpath.OK:
+            return _ledger_rejection(status, op, ledger)
+        member_id = ledger.member_id(member_slot)
+        write.transactions.append((refund_id, kind, op.merchant_id, member_id, op.points, None, None,
+                                   op.transaction_id, op.idempotency_key))
+        write.refunds.append((op.transaction_id, op.points))
+        if kind == fastpath.KIND_REFUND_REDEMPTION:
+            write.entries.append((refund_id, _REDEEMED, op.merchant_id, -op.points))
+            write.entries.append((refund_id, _MEMBER, member_id, op.points))
+        else:
+            require(kind == fastpath.KIND_REFUND_EARN, f"refund kind {kind}")
+            write.entries.append((refund_id, _MEMBER, member_id, -op.points))
+            write.entries.append((refund_id, _ISSUED, op.merchant_id, op.points))
+        return Outcome(Code.OK, {"transaction_id": refund_id, "points": op.points, "kind": kind,
+                                 "balance": posted, "available": available})
+
+
+# Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
+_NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
+
+
+def _check_balanced(write: BatchWrite) -> None:
+    """Every transaction's entries sum to zero (checked before the batch is written)."""
+    sums: dict[int, int] = collections.defaultdict(int)
+    for transaction_id, _, _, amount in write.entries:
+        sums[transaction_id] += amount
+    for transaction_id, total in sums.items():
+        require(total == 0, f"transaction {transaction_id} entries sum to {total}")
+
+
+def _replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Operation) -> Outcome:
+    """The outcome for a retry under a key already used: the original one if the request is the same."""
+    field = domain.differing_field(stored_request, op.method.value, op.request, stored_method)
+    if field is not None:
+        return Outcome(Code.ALREADY_EXISTS,
+                       message=f"idempotency key {op.idempotency_key!r} was first used for a different "
+                               f"request ({field} differs); use a new key for a new operation")
+    return Outcome(outcome.code, outcome.fields, outcome.message, replayed=True)
+
+
+def _ledger_rejection(status: int, op: Operation, ledger: Any = None, member_slot: int = -1,
+                      expires_at_us: int = 0, held: int = 0) -> Outcome:
+    """A fast-path status as an outcome with a message the merchant's engineer can act on."""
+    authorization = domain.format_authorization_id(op.authorization_id)
+    transaction = domain.format_transaction_id(op.transaction_id)
+    if status == fastpath.INSUFFICIENT_POINTS:
+        available = 0
+        if ledger is not None and member_slot >= 0:
+            posted, held_now = ledger.balance(member_slot)
+            available = posted - held_now
+        if op.method is Method.REFUND:
+            return Outcome(Code.FAILED_PRECONDITION,
+                           message=f"the member has already spent the points of {transaction}: "
+                                   f"{op.points} point-units asked back, {available} available")
+        return Outcome(Code.FAILED_PRECONDITION,
+                       message=f"member {op.member_id!r} has {available} point-units available, "
+                               f"{op.points} asked")
+    if status == fastpath.UNKNOWN_MEMBER:
+        return Outcome(Code.NOT_FOUND, message=f"member {op.member_id!r} has no points account")
+    if status == fastpath.UNKNOWN_HOLD:
+        return Outcome(Code.NOT_FOUND, message=f"authorization {authorization} does not exist")
+    if status == fastpath.HOLD_EXPIRED:
+        when = from_micros(expires_at_us).isoformat().replace("+00:00", "Z") if expires_at_us else "earlier"
+        return Outcome(Code.FAILED_PRECONDITION,
+                       message=f"authorization {authorization} expired at {when}; authorize again")
+    if status == fastpath.HOLD_CAPTURED:
+        return Outcome(Code.FAILED_PRECONDITION, message=f"authorization {authorization} was already captured")
+    if status == fastpath.HOLD_VOIDED:
+        return Outcome(Code.FAILED_PRECONDITION, message=f"authorization {authorization} was voided")
+    if status == fastpath.WRONG_MERCHANT:
+        what = transaction if op.method is Method.REFUND else f"authorization {authorization}"
+        return Outcome(Code.PERMISSION_DENIED,
+                       message=f"{what} belongs to another merchant; only that merchant may "
+                               f"{op.method.value.lower()} it")
+    if status == fastpath.CAPTURE_EXCEEDS_HOLD:
+        return Outcome(Code.FAILED_PRECONDITION,
+                       message=f"capture of {op.points} point-units exceeds the {held} held by {authorization}")
+    if status == fastpath.UNKNOWN_TRANSACTION:
+        return Outcome(Code.NOT_FOUND, message=f"transaction {transaction} does not exist")
+    if status == fastpath.REFUND_EXCEEDS_REMAINING:
+        return Outcome(Code.FAILED_PRECONDITION,
+                       message=f"refund of {op.points} point-units exceeds what remains unrefunded of {transaction}")
+    if status == fastpath.NOT_REFUNDABLE:
+        return Outcome(Code.FAILED_PRECONDITION,
+                       message=f"{transaction} is a refund; only earns, captures and redemptions can be refunded")
+    if status == fastpath.OVERFLOW:
+        return Outcome(Code.FAILED_PRECONDITION, message="the member's balance would exceed its maximum")
+    if status == fastpath.CAPACITY:
+        return Outcome(Code.RESOURCE_EXHAUSTED,
+                       message="the service holds its maximum number of members or holds; contact the operator")
+    raise domain.InvariantViolation(f"fast path returned unknown status {status}")

@@ -1,0 +1,123 @@
+"""Composition root and lifecycle: database, recovery, pipeline, gRPC server, health, shutdown."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from points.v1 import points_pb2, points_pb2_grpc
+from processor.config import Settings
+from processor.pipeline import Pipeline
+from processor.servicer import PointsServicer
+from processor.store import Store, redact, resolve_database_url
+
+log = logging.getLogger("points.server")
+
+SERVICE_NAME = points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
+
+
+async def open_store(settings: Settings) -> Store:
+    """Connects to DATABASE_URL, or starts the embedded Postgres; applies migrations."""
+    loop = asyncio.get_running_loop()
+    url = await loop.run_in_executor(None, resolve_database_url, settings.database_url, settings.data_dir,
+                                     settings.database_name)
+    store = await Store.open(url, settings.pool_connections_max)
+    await store.migrate()
+    return store
+
+
+class Service:
+    """One running points service. `start()` returns once it is SERVING; `stop()` drains it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: Store | None = None
+        self.pipeline: Pipeline | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._watchdog: asyncio.Task | None = None
+
+    @property
+    def address(self) -> str:
+        host = self.settings.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        settings = self.settings
+        # The server listens first and answers health NOT_SERVING while recovery runs.
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
+            ("grpc.so_reuseport", 0),
+        ])
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                            self.server)
+        self.port = self.server.add_insecure_port(settings.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+        self.pipeline = Pipeline(settings, store=None)
+        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline), self.server)
+        await self.server.start()
+
+        self.store = await open_store(settings)
+        log.info("database ready", extra={"database": redact(self.store.url)})
+        await self.store.acquire_writer_lock()
+        self.pipeline.store = self.store
+        await self.pipeline.recover()
+        self.pipeline.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="health-watchdog")
+
+    async def _set_health(self, status) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    async def _watch(self) -> None:
+        """Mirrors the pipeline's readiness into health, so balancers stop routing while Postgres is away."""
+        serving = True
+        while True:
+            await asyncio.sleep(0.5)
+            ready = self.pipeline is not None and self.pipeline.ready
+            if ready != serving:
+                serving = ready
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets in-flight ones finish (their batches commit), then closes."""
+        grace = self.settings.shutdown_grace_seconds if grace is None else grace
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.pipeline is not None:
+            await self.pipeline.stop()
+        if self.store is not None:
+            await self.store.close()
+
+
+async def serve(settings: Settings, announce=print) -> None:
+    service = Service(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    announce(f"points processor SERVING on {service.address} "
+             f"(database {redact(service.store.url)})", flush=True)
+    waiter = loop.create_task(stop.wait())
+    committer = service.pipeline._task
+    done, _ = await asyncio.wait({waiter, committer}, return_when=asyncio.FIRST_COMPLETED)
+    if committer in done and committer.exception() is not None:
+        log.critical("committer stopped", exc_info=committer.exception())
+        await service.stop(grace=0)
+        raise SystemExit(70)
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
+    await service.stop()

@@ -1,0 +1,250 @@
+"""PointsService: proto ⇄ domain, nothing else. Validation of request fields happens here, before
+anything is queued; money decisions happen in the pipeline and the fast path."""
+from __future__ import annotations
+
+import base64
+import re
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+import fastpath
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from processor import domain
+from processor.config import Settings
+from processor.domain import Code, Method, Operation, Outcome, Rejection
+from processor.errors import grpc_status
+from processor.pipeline import Pipeline
+
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+_PAGE_TOKEN_PREFIX = b"points.v1/transactions/"
+
+_KIND = {
+    fastpath.KIND_EARN: pb.TRANSACTION_KIND_EARN,
+    fastpath.KIND_CAPTURE: pb.TRANSACTION_KIND_CAPTURE,
+    fastpath.KIND_REDEEM: pb.TRANSACTION_KIND_REDEEM,
+    fastpath.KIND_REFUND_REDEMPTION: pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION,
+    fastpath.KIND_REFUND_EARN: pb.TRANSACTION_KIND_REFUND_OF_EARN,
+}
+# Sign of a transaction's effect on the member's posted balance.
+_MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_REDEEM: -1,
+                fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1}
+
+
+def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+class Validator:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def identifier(self, value: str, field: str) -> str:
+        limit = self.settings.id_bytes_max
+        if not value:
+            raise Rejection(Code.INVALID_ARGUMENT, f"{field} is required")
+        if len(value) > limit or not _ID_PATTERN.fullmatch(value):
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            f"{field} must be 1..{limit} characters of letters, digits and -_.:@")
+        return value
+
+    def idempotency_key(self, value: str) -> str:
+        limit = self.settings.idempotency_key_bytes_max
+        if not value:
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            "idempotency_key is required: send a unique key per operation and reuse it on retry")
+        if len(value) > limit or not _KEY_PATTERN.fullmatch(value):
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
+        return value
+
+    def amount(self, value: int, field: str, limit: int, unit: str, zero_allowed: bool = False) -> int:
+        low = 0 if zero_allowed else 1
+        if not low <= value <= limit:
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            f"{field} must be {low}..{limit} {unit}, got {value}")
+        return value
+
+
+class PointsServicer(points_pb2_grpc.PointsServiceServicer):
+    def __init__(self, settings: Settings, pipeline: Pipeline):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.validate = Validator(settings)
+
+    # --- helpers ---
+
+    async def _operation(self, method: Method, request, merchant_id: str, fields: dict, **values) -> Operation:
+        """Validates the common part of a mutating request and builds its Operation."""
+        merchant_id = self.validate.identifier(merchant_id, "merchant_id")
+        key = self.validate.idempotency_key(request.idempotency_key)
+        merchant = await self.pipeline.merchant(merchant_id)
+        if merchant is None:
+            raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} is not in the alliance; "
+                                            "the operator adds merchants (python -m processor merchant add)")
+        if merchant.status != "active":
+            raise Rejection(Code.FAILED_PRECONDITION, f"merchant {merchant_id!r} is {merchant.status}")
+        return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
+                         idempotency_key=key, request=fields, **values)
+
+    async def _submit(self, op: Operation, context: grpc.aio.ServicerContext) -> Outcome:
+        outcome = await self.pipeline.submit(op)
+        if outcome.code is not Code.OK:
+            await context.abort(grpc_status(outcome.code), outcome.message)
+        if outcome.replayed:
+            context.set_trailing_metadata((("points-idempotent-replay", "true"),))
+        return outcome
+
+    @staticmethod
+    async def _guard(context: grpc.aio.ServicerContext, call):
+        try:
+            return await call()
+        except Rejection as rejection:
+            await context.abort(grpc_status(rejection.code), rejection.message)
+
+    # --- PointsService ---
+
+    async def Earn(self, request: pb.EarnRequest, context) -> pb.EarnResponse:
+        async def call():
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            purchase = self.validate.amount(request.purchase_amount, "purchase_amount",
+                                            self.settings.purchase_amount_max, "currency minor units")
+            op = await self._operation(Method.EARN, request, request.merchant_id,
+                                       {"member_id": member_id, "purchase_amount": purchase},
+                                       member_id=member_id, purchase_amount=purchase)
+            op.points = domain.earn_point_units(purchase, self.pipeline.merchants.by_id[op.merchant_id].give_back_bps)
+            f = (await self._submit(op, context)).fields
+            return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                                   points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
+                                   created_at=_timestamp(f["created_at_us"]))
+        return await self._guard(context, call)
+
+    async def Authorize(self, request: pb.AuthorizeRequest, context) -> pb.AuthorizeResponse:
+        async def call():
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+            ttl = request.hold_ttl_seconds
+            if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
+                raise Rejection(Code.INVALID_ARGUMENT,
+                                f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
+                                f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
+            op = await self._operation(Method.AUTHORIZE, request, request.merchant_id,
+                                       {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl},
+                                       member_id=member_id, points=points,
+                                       hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
+            f = (await self._submit(op, context)).fields
+            return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
+                                        available=f["available"], points=f["points"],
+                                        expires_at=_timestamp(f["expires_at_us"]))
+        return await self._guard(context, call)
+
+    async def Capture(self, request: pb.CaptureRequest, context) -> pb.CaptureResponse:
+        async def call():
+            authorization_id = domain.parse_authorization_id(request.authorization_id)
+            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
+                                          zero_allowed=True)
+            op = await self._operation(Method.CAPTURE, request, request.merchant_id,
+                                       {"authorization_id": request.authorization_id, "points": points},
+                                       authorization_id=authorization_id, points=points)
+            f = (await self._submit(op, context)).fields
+            return pb.CaptureResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
+                points=f["points"], released=f["released"], balance=f["balance"], available=f["available"])
+        return await self._guard(context, call)
+
+    async def Void(self, request: pb.VoidRequest, context) -> pb.VoidResponse:
+        async def call():
+            authorization_id = domain.parse_authorization_id(request.authorization_id)
+            op = await self._operation(Method.VOID, request, request.merchant_id,
+                                       {"authorization_id": request.authorization_id},
+                                       authorization_id=authorization_id)
+            f = (await self._submit(op, context)).fields
+            return pb.VoidResponse(released=f["released"], available=f["available"])
+        return await self._guard(context, call)
+
+    async def Redeem(self, request: pb.RedeemRequest, context) -> pb.RedeemResponse:
+        async def call():
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+            op = await self._operation(Method.REDEEM, request, request.merchant_id,
+                                       {"member_id": member_id, "points": points},
+                                       member_id=member_id, points=points)
+            f = (await self._submit(op, context)).fields
+            return pb.RedeemResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                                     points=f["points"], balance=f["balance"], available=f["available"])
+        return await self._guard(context, call)
+
+    async def Refund(self, request: pb.RefundRequest, context) -> pb.RefundResponse:
+        async def call():
+            transaction_id = domain.parse_transaction_id(request.transaction_id)
+            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+            op = await self._operation(Method.REFUND, request, request.merchant_id,
+                                       {"transaction_id": request.transaction_id, "points": points},
+                                       transaction_id=transaction_id, points=points)
+            f = (await self._submit(op, context)).fields
+            return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                                     points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
+                                     available=f["available"])
+        return await self._guard(context, call)
+
+    async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:
+        async def call():
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            ledger = await self.pipeline.committed_view()
+            slot = ledger.member_slot(member_id)
+            if slot < 0:
+                raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
+            posted, held = ledger.balance(slot)
+            return pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held)
+        return await self._guard(context, call)
+
+    async def ListTransactions(self, request: pb.ListTransactionsRequest, context) -> pb.ListTransactionsResponse:
+        async def call():
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            if not self.pipeline.ready:
+                raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+            size = request.page_size or self.settings.page_size_default
+            if not 1 <= size <= self.settings.page_size_max:
+                raise Rejection(Code.INVALID_ARGUMENT,
+                                f"page_size must be 0 (default {self.settings.page_size_default}) "
+                                f"..{self.settings.page_size_max}, got {request.page_size}")
+            before = _decode_page_token(request.page_token) if request.page_token else None
+            rows = await self.pipeline.store.list_transactions(member_id, before, size + 1)
+            if not rows and before is None and not await self.pipeline.store.member_exists(member_id):
+                raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
+            more = len(rows) > size
+            rows = rows[:size]
+            response = pb.ListTransactionsResponse(
+                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else "")
+            for r in rows:
+                kind = r["kind"]
+                response.transactions.append(pb.Transaction(
+                    transaction_id=domain.format_transaction_id(r["transaction_id"]), kind=_KIND[kind],
+                    merchant_id=r["merchant_id"], points=_MEMBER_SIGN[kind] * r["amount"],
+                    original_transaction_id=(domain.format_transaction_id(r["original_transaction_id"])
+                                             if r["original_transaction_id"] else ""),
+                    authorization_id=(domain.format_authorization_id(r["authorization_id"])
+                                      if r["authorization_id"] else ""),
+                    created_at=_timestamp(int(r["created_at"].timestamp() * 1_000_000)),
+                    purchase_amount=r["purchase_amount"] or 0))
+            return response
+        return await self._guard(context, call)
+
+
+def _encode_page_token(transaction_id: int) -> str:
+    return base64.urlsafe_b64encode(_PAGE_TOKEN_PREFIX + str(transaction_id).encode()).decode()
+
+
+def _decode_page_token(token: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+        if raw.startswith(_PAGE_TOKEN_PREFIX):
+            digits = raw[len(_PAGE_TOKEN_PREFIX):]
+            if digits.isdigit() and len(digits) <= 18:
+                return int(digits)
+    except (ValueError, UnicodeEncodeError):
+        pass
+    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; "
+                                           "pass next_page_token from the previous response, or empty")

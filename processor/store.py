@@ -1,0 +1,463 @@
+"""Postgres: where the database is, migrations, start-up loads, the batch write, and reads.
+
+All SQL of the service lives here. The pipeline is the only writer of ledger rows; it calls
+`write_batch` with everything one batch changes, and that runs in one transaction.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import pathlib
+import urllib.parse
+from typing import Any, AsyncIterator, Iterable, Sequence
+
+import asyncpg
+
+from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED,
+                              ASSET_POINTS, GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
+
+log = logging.getLogger("points.store")
+
+MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
+# The single-writer lock: two services writing one ledger would allocate the same ids.
+WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
+MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
+
+
+class StoreError(Exception):
+    """Postgres said no, for a reason the operator must fix (not a transient fault)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Where the database is
+
+
+def embedded_server_url(data_dir: str, database_name: str) -> str:
+    """Starts (or reuses) the embedded Postgres of the pgserver package under data_dir, creates the
+    database if missing, and returns its URL. The postmaster outlives this process, so data and a
+    running server survive restarts of the service."""
+    import pgserver  # heavy import; only needed without DATABASE_URL
+
+    directory = pathlib.Path(data_dir).expanduser().resolve() / "pg"
+    directory.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(str(directory), cleanup_mode=None)
+    exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database_name}';")
+    if "(1 row)" not in exists:
+        server.psql(f'CREATE DATABASE "{database_name}";')
+    uri = urllib.parse.urlsplit(server.get_uri())
+    return urllib.parse.urlunsplit(uri._replace(path="/" + database_name))
+
+
+def resolve_database_url(database_url: str, data_dir: str, database_name: str) -> str:
+    if database_url:
+        return database_url
+    return embedded_server_url(data_dir, database_name)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Migrations
+
+
+async def migrate(connection: asyncpg.Connection) -> list[str]:
+    """Applies, in order, every migrations/NNNN_*.sql not yet applied; returns the names applied.
+    Serialised by an advisory lock, so concurrent starts do not race."""
+    applied_now = []
+    await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await connection.execute("""
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer PRIMARY KEY,
+                name       text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())""")
+        done = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
+        for path in sorted(MIGRATIONS.glob("*.sql")):
+            version = int(path.name.split("_", 1)[0])
+            if version in done:
+                continue
+            async with connection.transaction():
+                await connection.execute(path.read_text())
+                await connection.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
+            applied_now.append(path.name)
+            log.info("migration applied", extra={"migration": path.name})
+    finally:
+        await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied_now
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows
+
+
+@dataclasses.dataclass(slots=True)
+class MerchantRow:
+    merchant_id: str
+    merchant_slot: int
+    give_back_bps: int
+    status: str
+
+
+@dataclasses.dataclass(slots=True)
+class HoldRow:
+    authorization_id: int
+    merchant_id: str
+    member_id: str
+    amount: int
+    status: int
+    expires_at_us: int
+
+
+@dataclasses.dataclass(slots=True)
+class TransactionRow:
+    transaction_id: int
+    kind: int
+    merchant_id: str
+    member_id: str
+    amount: int
+    refunded: int
+
+
+@dataclasses.dataclass(slots=True)
+class StoredOutcome:
+    method: str
+    request: dict
+    outcome: str
+    response: dict | None
+    message: str
+
+
+@dataclasses.dataclass
+class BatchWrite:
+    """Everything one batch changes. Built by the pipeline, written in one transaction."""
+    created_at: dt.datetime
+    new_members: list[str] = dataclasses.field(default_factory=list)
+    # (transaction_id, kind, merchant_id, member_id, amount, purchase_amount|None,
+    #  authorization_id|None, original_transaction_id|None, idempotency_key)
+    transactions: list[tuple] = dataclasses.field(default_factory=list)
+    # (transaction_id, account kind, owner_id, amount): amount is added to the account's balance
+    entries: list[tuple[int, str, str, int]] = dataclasses.field(default_factory=list)
+    # (transaction_id, point-units refunded now)
+    refunds: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # (authorization_id, merchant_id, member_id, amount, expires_at, idempotency_key)
+    new_holds: list[tuple] = dataclasses.field(default_factory=list)
+    # (authorization_id, status, captured, capture_transaction_id|None)
+    resolved_holds: list[tuple[int, int, int, int | None]] = dataclasses.field(default_factory=list)
+    expired_holds: list[int] = dataclasses.field(default_factory=list)
+    # (merchant_id, idempotency_key, method, request json, outcome, response json|None, message)
+    idempotency: list[tuple] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.idempotency or self.expired_holds)
+
+
+def micros(moment: dt.datetime) -> int:
+    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
+
+
+def from_micros(value: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(value // 1_000_000, dt.timezone.utc).replace(
+        microsecond=value % 1_000_000)
+
+
+class Store:
+    """A connection pool on the ledger database, plus the writer lock connection."""
+
+    def __init__(self, pool: asyncpg.Pool, url: str):
+        self.pool = pool
+        self.url = url
+        self._writer_lock: asyncpg.Connection | None = None
+
+    @classmethod
+    async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_connections_max,
+                                         command_timeout=command_timeout)
+        return cls(pool, url)
+
+    async def close(self) -> None:
+        if self._writer_lock is not None and not self._writer_lock.is_closed():
+            await self._writer_lock.close()
+        await self.pool.close()
+
+    async def migrate(self) -> list[str]:
+        async with self.pool.acquire() as connection:
+            return await migrate(connection)
+
+    async def acquire_writer_lock(self) -> None:
+        """Holds a session advisory lock for the life of the service: one writer per ledger."""
+        connection = await asyncpg.connect(self.url)
+        if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
+            await connection.close()
+            raise StoreError("another points service is already writing to this database "
+                             "(advisory lock held); stop it or point --database-url elsewhere")
+        self._writer_lock = connection
+
+    async def writer_lock_alive(self) -> bool:
+        if self._writer_lock is None or self._writer_lock.is_closed():
+            return False
+        try:
+            return await self._writer_lock.fetchval("SELECT 1", timeout=5) == 1
+        except (asyncpg.PostgresError, OSError, TimeoutError):
+            return False
+
+    async def release_writer_lock(self) -> None:
+        if self._writer_lock is not None:
+            await self._writer_lock.close()
+            self._writer_lock = None
+
+    # --- merchants (CLI now; the admin API later) ---
+
+    async def add_merchant(self, merchant_id: str, give_back_bps: int) -> MerchantRow:
+        if not GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX:
+            raise StoreError(f"give-back rate {give_back_bps} bps is outside "
+                             f"{GIVE_BACK_BPS_MIN}..{GIVE_BACK_BPS_MAX} (3%..20%)")
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute("LOCK TABLE merchants IN SHARE ROW EXCLUSIVE MODE")
+            row = await connection.fetchrow(
+                """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps)
+                   SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2 FROM merchants
+                   ON CONFLICT (merchant_id) DO NOTHING
+                   RETURNING merchant_id, merchant_slot, give_back_bps, status""",
+                merchant_id, give_back_bps)
+            if row is None:
+                raise StoreError(f"merchant {merchant_id!r} exists already")
+            await connection.executemany(
+                "INSERT INTO accounts (kind, owner_id, asset_code) VALUES ($1, $2, $3)",
+                [(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS),
+                 (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_POINTS)])
+        return MerchantRow(**dict(row))
+
+    async def merchants(self) -> list[MerchantRow]:
+        rows = await self.pool.fetch(
+            "SELECT merchant_id, merchant_slot, give_back_bps, status FROM merchants ORDER BY merchant_slot")
+        return [MerchantRow(**dict(r)) for r in rows]
+
+    async def merchant(self, merchant_id: str) -> MerchantRow | None:
+        row = await self.pool.fetchrow(
+            "SELECT merchant_id, merchant_slot, give_back_bps, status FROM merchants WHERE merchant_id = $1",
+            merchant_id)
+        return MerchantRow(**dict(row)) if row else None
+
+    # --- start-up loads ---
+
+    async def member_balances(self, chunk_rows: int = 50_000) -> AsyncIterator[list[tuple[str, int]]]:
+        """Every member's posted balance, in chunks (a server-side cursor keeps memory bounded)."""
+        async with self.pool.acquire() as connection, connection.transaction(readonly=True):
+            cursor = await connection.cursor(
+                "SELECT owner_id, balance FROM accounts WHERE kind = $1 AND asset_code = $2",
+                ACCOUNT_MEMBER, ASSET_POINTS)
+            while True:
+                rows = await cursor.fetch(chunk_rows)
+                if not rows:
+                    return
+                yield [(r[0], r[1]) for r in rows]
+
+    async def open_holds(self, now: dt.datetime) -> list[HoldRow]:
+        rows = await self.pool.fetch(
+            """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
+               FROM holds WHERE status = 1 AND expires_at > $1""", now)
+        return [self._hold(r) for r in rows]
+
+    async def id_high_water_marks(self) -> tuple[int, int]:
+        """(largest transaction_id, largest authorization_id) ever committed."""
+        row = await self.pool.fetchrow(
+            """SELECT (SELECT coalesce(max(transaction_id), 0) FROM transactions) AS t,
+                      (SELECT coalesce(max(authorization_id), 0) FROM holds) AS a""")
+        return row["t"], row["a"]
+
+    # --- prefetch before a batch ---
+
+    async def stored_outcomes(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], StoredOutcome]:
+        if not keys:
+            return {}
+        rows = await self.pool.fetch(
+            """SELECT i.merchant_id, i.idempotency_key, i.method, i.request, i.outcome, i.response, i.message
+               FROM idempotency_keys i
+               JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
+                 USING (merchant_id, idempotency_key)""",
+            [k[0] for k in keys], [k[1] for k in keys])
+        return {(r["merchant_id"], r["idempotency_key"]): StoredOutcome(
+            r["method"], json.loads(r["request"]), r["outcome"],
+            json.loads(r["response"]) if r["response"] is not None else None, r["message"] or "")
+            for r in rows}
+
+    async def holds(self, authorization_ids: Iterable[int]) -> list[HoldRow]:
+        rows = await self.pool.fetch(
+            """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
+               FROM holds WHERE authorization_id = ANY($1::bigint[])""", list(authorization_ids))
+        return [self._hold(r) for r in rows]
+
+    async def transactions(self, transaction_ids: Iterable[int]) -> list[TransactionRow]:
+        rows = await self.pool.fetch(
+            """SELECT transaction_id, kind, merchant_id, member_id, amount, refunded
+               FROM transactions WHERE transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+        return [TransactionRow(**dict(r)) for r in rows]
+
+    @staticmethod
+    def _hold(r: asyncpg.Record) -> HoldRow:
+        return HoldRow(r["authorization_id"], r["merchant_id"], r["member_id"], r["amount"], r["status"],
+                       micros(r["expires_at"]))
+
+    # --- the batch write: the one place ledger rows change ---
+
+    async def write_batch(self, batch: BatchWrite, timeout: float) -> dict[str, int]:
+        """Writes one batch in one transaction. Returns the member balances after it, which the
+        pipeline compares with the fast path's. Raises on any failure; then nothing was written."""
+        async with self.pool.acquire() as connection:
+            async with connection.transaction():
+                return await self._write(connection, batch, timeout)
+
+    async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float) -> dict[str, int]:
+        at = b.created_at
+        if b.new_members:
+            await c.execute("""INSERT INTO members (member_id, created_at)
+                               SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING""",
+                            b.new_members, at, timeout=timeout)
+            await c.execute("""INSERT INTO accounts (kind, owner_id, asset_code)
+                               SELECT $2, unnest($1::text[]), $3 ON CONFLICT DO NOTHING""",
+                            b.new_members, ACCOUNT_MEMBER, ASSET_POINTS, timeout=timeout)
+        if b.transactions:
+            await c.copy_records_to_table(
+                "transactions",
+                columns=["transaction_id", "kind", "merchant_id", "member_id", "asset_code", "amount",
+                         "purchase_amount", "authorization_id", "original_transaction_id",
+                         "idempotency_key", "created_at"],
+                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at)
+                         for t in b.transactions],
+                timeout=timeout)
+        if b.new_holds:
+            await c.copy_records_to_table(
+                "holds",
+                columns=["authorization_id", "merchant_id", "member_id", "asset_code", "amount", "status",
+                         "expires_at", "created_at", "idempotency_key"],
+                records=[(h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], at, h[5]) for h in b.new_holds],
+                timeout=timeout)
+        balances: dict[str, int] = {}
+        if b.entries:
+            columns = list(zip(*b.entries))
+            inserted = await c.fetchval(
+                """WITH e AS (
+                     INSERT INTO entries (transaction_id, account_id, asset_code, amount)
+                     SELECT e.transaction_id, a.account_id, $5, e.amount
+                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])
+                          AS e(transaction_id, kind, owner_id, amount)
+                     JOIN accounts a ON a.kind = e.kind AND a.owner_id = e.owner_id AND a.asset_code = $5
+                     RETURNING 1)
+                   SELECT count(*) FROM e""",
+                list(columns[0]), list(columns[1]), list(columns[2]), list(columns[3]), ASSET_POINTS,
+                timeout=timeout)
+            require(inserted == len(b.entries),
+                    f"journal: {inserted} of {len(b.entries)} entries found their account")
+            rows = await c.fetch(
+                """UPDATE accounts a SET balance = a.balance + d.delta
+                   FROM (SELECT kind, owner_id, sum(amount)::bigint AS delta
+                         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS e(kind, owner_id, amount)
+                         GROUP BY kind, owner_id) d
+                   WHERE a.kind = d.kind AND a.owner_id = d.owner_id AND a.asset_code = $4
+                   RETURNING a.kind, a.owner_id, a.balance""",
+                list(columns[1]), list(columns[2]), list(columns[3]), ASSET_POINTS, timeout=timeout)
+            balances = {r["owner_id"]: r["balance"] for r in rows if r["kind"] == ACCOUNT_MEMBER}
+        if b.refunds:
+            await c.execute(
+                """UPDATE transactions t SET refunded = t.refunded + r.points
+                   FROM (SELECT transaction_id, sum(points)::bigint AS points
+                         FROM unnest($1::bigint[], $2::bigint[]) AS r(transaction_id, points)
+                         GROUP BY transaction_id) r
+                   WHERE t.transaction_id = r.transaction_id""",
+                [r[0] for r in b.refunds], [r[1] for r in b.refunds], timeout=timeout)
+        if b.resolved_holds:
+            updated = await c.fetchval(
+                """WITH u AS (
+                     UPDATE holds h SET status = r.status, captured = r.captured,
+                            capture_transaction_id = r.capture_transaction_id, resolved_at = $5
+                     FROM unnest($1::bigint[], $2::smallint[], $3::bigint[], $4::bigint[])
+                          AS r(authorization_id, status, captured, capture_transaction_id)
+                     WHERE h.authorization_id = r.authorization_id AND h.status = 1
+                     RETURNING 1)
+                   SELECT count(*) FROM u""",
+                *[list(x) for x in zip(*b.resolved_holds)], at, timeout=timeout)
+            require(updated == len(b.resolved_holds),
+                    f"holds: {updated} of {len(b.resolved_holds)} resolutions found an open hold")
+        if b.expired_holds:
+            await c.execute(
+                """UPDATE holds SET status = 4, resolved_at = expires_at
+                   WHERE authorization_id = ANY($1::bigint[]) AND status = 1""",
+                b.expired_holds, timeout=timeout)
+        if b.idempotency:
+            await c.execute(
+                """INSERT INTO idempotency_keys
+                     (merchant_id, idempotency_key, method, request, outcome, response, message, created_at)
+                   SELECT k.merchant_id, k.idempotency_key, k.method, k.request::jsonb, k.outcome,
+                          k.response::jsonb, k.message, $8
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                               $7::text[])
+                        AS k(merchant_id, idempotency_key, method, request, outcome, response, message)""",
+                *[list(x) for x in zip(*b.idempotency)], at, timeout=timeout)
+        return balances
+
+    # --- reads ---
+
+    async def list_transactions(self, member_id: str, before_transaction_id: int | None,
+                                limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
+                      t.authorization_id, t.original_transaction_id, t.created_at
+               FROM transactions t
+               WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
+               ORDER BY t.transaction_id DESC LIMIT $3""",
+            member_id, before_transaction_id, limit)
+
+    async def member_exists(self, member_id: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT 1 FROM members WHERE member_id = $1", member_id))
+
+    async def purge_idempotency(self, older_than: dt.datetime) -> int:
+        result = await self.pool.execute("DELETE FROM idempotency_keys WHERE created_at < $1", older_than)
+        return int(result.split()[-1])
+
+    # --- reconciliation (tests and, later, the reconcile command) ---
+
+    async def ledger_discrepancies(self) -> list[str]:
+        """Checks the journal against itself and the stored balances; returns what does not hold."""
+        problems: list[str] = []
+        async with self.pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
+            for r in await c.fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
+                if r["s"] != 0:
+                    problems.append(f"journal of {r['asset_code']} sums to {r['s']}, not 0")
+            for r in await c.fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
+                                      GROUP BY transaction_id HAVING sum(amount) <> 0 LIMIT 5"""):
+                problems.append(f"transaction {r['transaction_id']} entries sum to {r['s']}")
+            for r in await c.fetch("""SELECT a.account_id, a.kind, a.owner_id, a.balance,
+                                             coalesce(e.s, 0) AS s
+                                      FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s
+                                                                 FROM entries GROUP BY account_id) e
+                                        USING (account_id)
+                                      WHERE a.balance <> coalesce(e.s, 0) LIMIT 5"""):
+                problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} "
+                                f"!= entries {r['s']}")
+            for r in await c.fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
+                                      FROM holds h JOIN accounts a
+                                        ON a.kind = 'member' AND a.owner_id = h.member_id
+                                      WHERE h.status = 1 AND h.expires_at > now()
+                                      GROUP BY h.member_id, a.balance
+                                      HAVING sum(h.amount) > a.balance LIMIT 5"""):
+                problems.append(f"member {r['member_id']} holds {r['held']} > posted {r['balance']}")
+            for r in await c.fetch("""SELECT transaction_id, amount, refunded FROM transactions
+                                      WHERE refunded > amount LIMIT 5"""):
+                problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
+        return problems
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,180 @@
+"""Test harness: a real Postgres (DATABASE_URL's server, or an embedded one from pgserver), a fresh
+database per test module, and the service as a real subprocess on 127.0.0.1:0 with a real channel."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SERVING = re.compile(r"SERVING on (\S+)")
+START_TIMEOUT_SECONDS = 60
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory):
+    """URL of a Postgres server's maintenance database: DATABASE_URL's server, else an embedded one."""
+    external = os.environ.get("DATABASE_URL")
+    if external:
+        yield external
+        return
+    import pgserver
+    directory = tmp_path_factory.mktemp("pg")
+    server = pgserver.get_server(str(directory), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture(scope="session")
+def create_database(postgres_server_url):
+    """Factory: a new empty database on the test server; dropped at the end of the session."""
+    created: list[str] = []
+
+    def create() -> str:
+        name = "points_test_" + uuid.uuid4().hex[:12]
+
+        async def go():
+            connection = await asyncpg.connect(postgres_server_url)
+            try:
+                await connection.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await connection.close()
+        _run(go())
+        created.append(name)
+        return _with_database(postgres_server_url, name)
+
+    yield create
+
+    async def drop():
+        connection = await asyncpg.connect(postgres_server_url)
+        try:
+            for name in created:
+                await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await connection.close()
+    _run(drop())
+
+
+class ServiceProcess:
+    """`python -m processor serve` in a subprocess, as an operator runs it."""
+
+    def __init__(self, database_url: str, *extra: str, env: dict | None = None):
+        self.database_url = database_url
+        self.extra = extra
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env.pop("DATABASE_URL", None)
+        self.process: subprocess.Popen | None = None
+        self.target = ""
+        self.log_lines: list[str] = []
+
+    def start(self) -> "ServiceProcess":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0",
+             "--database-url", self.database_url, *self.extra],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            match = SERVING.search(line)
+            if match:
+                self.target = match.group(1)
+                threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True).start()
+                return self
+        self.process.kill()
+        raise RuntimeError("service did not start:\n" + "".join(self.log_lines[-40:]))
+
+    def _drain(self, stream) -> None:
+        for line in stream:
+            self.log_lines.append(line)
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+@pytest.fixture
+def service_factory():
+    started: list[ServiceProcess] = []
+
+    def start(database_url: str, *extra: str, env: dict | None = None) -> ServiceProcess:
+        service = ServiceProcess(database_url, *extra, env=env).start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.kill()
+
+
+async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int) -> None:
+    from processor.store import Store
+    store = await Store.open(database_url, 2)
+    try:
+        await store.migrate()
+        await store.add_merchant(merchant_id, give_back_bps)
+    finally:
+        await store.close()
+
+
+def add_merchant(database_url: str, merchant_id: str, give_back_bps: int = 1000) -> None:
+    _run(_add_merchant(database_url, merchant_id, give_back_bps))
+
+
+async def _discrepancies(database_url: str) -> list[str]:
+    from processor.store import Store
+    store = await Store.open(database_url, 2)
+    try:
+        return await store.ledger_discrepancies()
+    finally:
+        await store.close()
+
+
+def ledger_discrepancies(database_url: str) -> list[str]:
+    return _run(_discrepancies(database_url))
+
+
+async def _fetch(database_url: str, sql: str, *args):
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetch(sql, *args)
+    finally:
+        await connection.close()
+
+
+def fetch(database_url: str, sql: str, *args):
+    return _run(_fetch(database_url, sql, *args))
