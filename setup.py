@@ -2,8 +2,6 @@
 import pathlib
 
 from setuptools import Command, setup
-from setuptools.command.build_py import build_py
-from setuptools.command.develop import develop
 from Cython.Build import cythonize
 
 ROOT = pathlib.Path(__file__).parent.resolve()
@@ -27,7 +25,7 @@ def generate_stubs(out_dir: pathlib.Path) -> None:
 
 
 class BuildProto(Command):
-    """`python setup.py build_proto`: generate the stubs in place (for development and tests)."""
+    """`python setup.py build_proto`: regenerate the stubs in place."""
     user_options = []
 
     def initialize_options(self):
@@ -40,17 +38,8 @@ class BuildProto(Command):
         generate_stubs(ROOT)
 
 
-class BuildPyWithProto(build_py):
-    def run(self):
-        generate_stubs(ROOT)
-        super().run()
-
-
-class DevelopWithProto(develop):
-    def run(self):
-        generate_stubs(ROOT)
-        super().run()
-
+# The stubs are generated on every build, before setuptools looks for the `points` package they form.
+generate_stubs(ROOT)
 
 setup(
     ext_modules=cythonize(
@@ -58,5 +47,5 @@ setup(
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False,
                              "cdivision": True},
     ),
-    cmdclass={"build_proto": BuildProto, "build_py": BuildPyWithProto, "develop": DevelopWithProto},
+    cmdclass={"build_proto": BuildProto},
 )

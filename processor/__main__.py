@@ -83,6 +83,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     merchant, member = args.merchant_id, args.member_id
+    if args.serve:
+        return _demo_with_service(args)
 
     async def ensure_merchant(store):
         if await store.merchant(merchant) is None:
@@ -121,6 +123,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_with_service(args: argparse.Namespace) -> int:
+    """Starts `serve` in a subprocess on a free port, runs the demo against it, then stops it."""
+    import re
+    import subprocess
+    command = [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0"]
+    for name in DATABASE_OPTIONS:
+        if getattr(args, name) is not None:
+            command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None
+        for line in service.stdout:
+            print(line, end="")
+            match = re.search(r"SERVING on (\S+)", line)
+            if match:
+                break
+        else:
+            print("error: the service did not start; see its log above", file=sys.stderr)
+            return 1
+        demo = [sys.executable, "-m", "processor", "demo", "--target", match.group(1),
+                "--merchant-id", args.merchant_id, "--member-id", args.member_id] + command[6:]
+        return subprocess.call(demo)
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m processor", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="one earn and one authorize+capture against a running service")
     demo.add_argument("--target", default="127.0.0.1:50051", help="service address [default 127.0.0.1:50051]")
+    demo.add_argument("--serve", action="store_true",
+                      help="start the service in the background for the demo, and stop it afterwards")
     demo.add_argument("--merchant-id", default="demo-cafe")
     demo.add_argument("--member-id", default="demo-member")
     config.add_arguments(demo, DATABASE_OPTIONS)

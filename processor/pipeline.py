@@ -222,7 +222,9 @@ class Pipeline:
         try:
             stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
             await self._prefetch(batch, now_us)
-        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+        except domain.InvariantViolation:
+            raise
+        except Exception as error:  # reads only: nothing was written
             await self._database_failed(batch, error, ambiguous=False)
             return
 
@@ -269,13 +271,11 @@ class Pipeline:
             self._writing = False
             self._idle.set()
             raise
-        except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+        except Exception as error:
             ledger.rollback()
             self._writing = False
             self._idle.set()
-            # A server-side error inside the transaction means it rolled back; a broken connection or
-            # a timeout may have happened after COMMIT reached the server.
-            await self._database_failed(batch, error, ambiguous=not isinstance(error, asyncpg.PostgresError))
+            await self._database_failed(batch, error, ambiguous=_commit_may_have_happened(error))
             return
         except BaseException:
             ledger.rollback()
@@ -320,7 +320,9 @@ class Pipeline:
             try:
                 await self.recover()
                 return
-            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError, asyncpg.InterfaceError) as error:
+            except (domain.InvariantViolation, fastpath.LedgerInvariantError):
+                raise
+            except Exception as error:
                 log.warning("resync from postgres failed; retrying", extra={"error": repr(error)})
                 # fail what queued up meanwhile, so callers do not wait on a dead database
                 self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
@@ -486,6 +488,16 @@ class Pipeline:
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
 _NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
+
+
+def _commit_may_have_happened(error: BaseException) -> bool:
+    """An error the server raised inside the transaction means it rolled back. Anything else (a
+    broken or terminated connection, a timeout, a client-side protocol error) may have come after
+    COMMIT reached the server: then only Postgres knows, and the fast path is rebuilt from it."""
+    if isinstance(error, asyncpg.PostgresError):
+        sqlstate = getattr(error, "sqlstate", "") or ""
+        return sqlstate.startswith(("08", "57"))  # connection exception, operator intervention
+    return True
 
 
 def _check_balanced(write: BatchWrite) -> None:

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import signal
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -20,14 +22,19 @@ log = logging.getLogger("points.server")
 SERVICE_NAME = points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
 
 
-async def open_store(settings: Settings) -> Store:
+async def open_store(settings: Settings, url: str | None = None) -> Store:
     """Connects to DATABASE_URL, or starts the embedded Postgres; applies migrations."""
-    loop = asyncio.get_running_loop()
-    url = await loop.run_in_executor(None, resolve_database_url, settings.database_url, settings.data_dir,
-                                     settings.database_name)
+    if url is None:
+        url = await database_url(settings)
     store = await Store.open(url, settings.pool_connections_max)
     await store.migrate()
     return store
+
+
+async def database_url(settings: Settings) -> str:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, resolve_database_url, settings.database_url, settings.data_dir,
+                                      settings.database_name)
 
 
 class Service:
@@ -41,6 +48,7 @@ class Service:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._watchdog: asyncio.Task | None = None
+        self._maintenance: asyncio.Task | None = None
 
     @property
     def address(self) -> str:
@@ -49,6 +57,8 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
+        # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
+        url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
@@ -65,14 +75,17 @@ class Service:
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline), self.server)
         await self.server.start()
 
-        self.store = await open_store(settings)
+        self.store = await open_store(settings, url)
         log.info("database ready", extra={"database": redact(self.store.url)})
         await self.store.acquire_writer_lock()
         self.pipeline.store = self.store
         await self.pipeline.recover()
         self.pipeline.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch(), name="health-watchdog")
+        loop = asyncio.get_running_loop()
+        self._watchdog = loop.create_task(self._watch(), name="health-watchdog")
+        if settings.idempotency_retention_days:
+            self._maintenance = loop.create_task(self._purge_idempotency(), name="idempotency-purge")
 
     async def _set_health(self, status) -> None:
         await self.health.set("", status)
@@ -89,11 +102,24 @@ class Service:
                 await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    async def _purge_idempotency(self) -> None:
+        """Deletes idempotency records older than the retention, hourly. A retry arriving after its
+        key was purged would be a new operation: that is what the retention setting promises."""
+        while True:
+            cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.settings.idempotency_retention_days)
+            try:
+                deleted = await self.store.purge_idempotency(cutoff)
+                log.info("idempotency records purged", extra={"deleted": deleted, "before": cutoff.isoformat()})
+            except (asyncpg.PostgresError, OSError) as error:
+                log.warning("idempotency purge failed; will retry", extra={"error": repr(error)})
+            await asyncio.sleep(3600)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish (their batches commit), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._maintenance):
+            if task is not None:
+                task.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.server is not None:
             await self.server.stop(grace)

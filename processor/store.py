@@ -25,6 +25,7 @@ MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 # The single-writer lock: two services writing one ledger would allocate the same ids.
 WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
+APPLICATION_NAME = "points-processor"
 
 
 class StoreError(Exception):
@@ -39,7 +40,10 @@ def embedded_server_url(data_dir: str, database_name: str) -> str:
     """Starts (or reuses) the embedded Postgres of the pgserver package under data_dir, creates the
     database if missing, and returns its URL. The postmaster outlives this process, so data and a
     running server survive restarts of the service."""
-    import pgserver  # heavy import; only needed without DATABASE_URL
+    import warnings
+    with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
+        warnings.simplefilter("ignore")
+        import pgserver  # heavy import; only needed without DATABASE_URL
 
     directory = pathlib.Path(data_dir).expanduser().resolve() / "pg"
     directory.mkdir(parents=True, exist_ok=True)
@@ -183,7 +187,8 @@ class Store:
     @classmethod
     async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
         pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_connections_max,
-                                         command_timeout=command_timeout)
+                                         command_timeout=command_timeout,
+                                         server_settings={"application_name": APPLICATION_NAME})
         return cls(pool, url)
 
     async def close(self) -> None:
@@ -197,7 +202,7 @@ class Store:
 
     async def acquire_writer_lock(self) -> None:
         """Holds a session advisory lock for the life of the service: one writer per ledger."""
-        connection = await asyncpg.connect(self.url)
+        connection = await asyncpg.connect(self.url, server_settings={"application_name": APPLICATION_NAME + "-lock"})
         if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
             await connection.close()
             raise StoreError("another points service is already writing to this database "

@@ -139,6 +139,10 @@ def service_factory():
     yield start
     for service in started:
         service.kill()
+        errors = [line for line in service.log_lines if '"level": "error"' in line or '"level": "critical"' in line
+                  or "Traceback" in line]
+        if errors:  # shown by pytest with the test's output when it fails
+            print(f"--- service {service.target} log (errors) ---\n" + "".join(service.log_lines[-60:]))
 
 
 async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int) -> None:
