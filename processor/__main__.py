@@ -127,10 +127,12 @@ def _demo_with_service(args: argparse.Namespace) -> int:
     """Starts `serve` in a subprocess on a free port, runs the demo against it, then stops it."""
     import re
     import subprocess
-    command = [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0"]
+    database_args = []
     for name in DATABASE_OPTIONS:
         if getattr(args, name) is not None:
-            command += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+            database_args += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    command = [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0",
+               "--metrics-listen", "127.0.0.1:0", *database_args]
     service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert service.stdout is not None
@@ -143,7 +145,7 @@ def _demo_with_service(args: argparse.Namespace) -> int:
             print("error: the service did not start; see its log above", file=sys.stderr)
             return 1
         demo = [sys.executable, "-m", "processor", "demo", "--target", match.group(1),
-                "--merchant-id", args.merchant_id, "--member-id", args.member_id] + command[6:]
+                "--merchant-id", args.merchant_id, "--member-id", args.member_id, *database_args]
         return subprocess.call(demo)
     finally:
         service.terminate()

@@ -32,6 +32,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free one)"),
+    Option("metrics_listen", str, "127.0.0.1:9464", "Prometheus /metrics HTTP address HOST:PORT (port 0 picks one)"),
     Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir",
            env="DATABASE_URL"),
     Option("data_dir", str, ".points-data", "directory of the embedded Postgres (used without a database URL)"),
@@ -66,6 +67,7 @@ OPTIONS: tuple[Option, ...] = (
 @dataclasses.dataclass(frozen=True)
 class Settings:
     listen: str = "127.0.0.1:50051"
+    metrics_listen: str = "127.0.0.1:9464"
     database_url: str = ""
     data_dir: str = ".points-data"
     database_name: str = "points"
@@ -97,9 +99,10 @@ class Settings:
             if not ok:
                 problems.append(message)
 
-        host, _, port = self.listen.rpartition(":")
-        check(bool(host) and port.isdigit() and int(port) < 65536,
-              f"listen {self.listen!r} must be HOST:PORT")
+        for name in ("listen", "metrics_listen"):
+            host, _, port = getattr(self, name).rpartition(":")
+            check(bool(host) and port.isdigit() and int(port) < 65536,
+                  f"{name} {getattr(self, name)!r} must be HOST:PORT")
         check(self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
               "database_url must start with postgresql:// (or be empty for the embedded Postgres)")
         check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")

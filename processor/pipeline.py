@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain
+from processor import domain, metrics
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
 from processor.store import BatchWrite, MerchantRow, Store, from_micros, micros, to_json
@@ -163,6 +163,7 @@ class Pipeline:
         if self._stopping:
             raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry on another instance")
         if len(self._queue) >= self.settings.queue_operations_max:
+            metrics.operations_shed.inc()
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"the service is at capacity ({len(self._queue)} operations waiting to commit); "
                             "retry with exponential backoff")
@@ -216,6 +217,9 @@ class Pipeline:
 
     async def _process(self, batch: list[Operation]) -> None:
         settings = self.settings
+        started = time.monotonic()
+        for op in batch:
+            metrics.queue_wait_seconds.observe(started - op.enqueued_at)
         now_us = now_micros()
         created_at = from_micros(now_us)
         timeout = settings.commit_timeout_seconds
@@ -262,7 +266,9 @@ class Pipeline:
 
         try:
             if not write.empty:
+                commit_started = time.monotonic()
                 balances = await self.store.write_batch(write, timeout)
+                metrics.commit_seconds.observe(time.monotonic() - commit_started)
                 for member_id, balance in balances.items():
                     posted, _ = ledger.balance(ledger.member_slot(member_id))
                     require(posted == balance, f"member {member_id}: postgres balance {balance} != fast path {posted}")
@@ -287,6 +293,9 @@ class Pipeline:
         self._writing = False
         self._idle.set()
         self.batches_committed += 1
+        metrics.batches.labels("committed").inc()
+        metrics.batch_operations.observe(len(batch))
+        _count_committed(write, ledger)
         if ledger.transactions_resident_count > settings.transactions_resident_max // 2:
             ledger.forget_resolved()
         for op, outcome in zip(batch, outcomes):
@@ -303,6 +312,7 @@ class Pipeline:
 
     async def _database_failed(self, batch: list[Operation], error: BaseException, ambiguous: bool) -> None:
         self.batches_failed += 1
+        metrics.batches.labels("failed").inc()
         log.error("batch not committed", extra={"error": repr(error), "operations": len(batch),
                                                 "ambiguous": ambiguous})
         self._fail(batch, Code.UNAVAILABLE,
@@ -315,6 +325,7 @@ class Pipeline:
         """Rebuilds the fast path from Postgres, retrying until Postgres answers. Calls arriving
         meanwhile get UNAVAILABLE."""
         self.ready = False
+        metrics.resyncs.inc()
         delay = 0.05
         while True:
             try:
@@ -390,6 +401,7 @@ class Pipeline:
     def _member(self, op: Operation) -> int:
         slot = self.ledger.member_slot(op.member_id)
         if slot < 0:
+            metrics.rejections.labels("unknown_member").inc()
             raise Rejection(Code.NOT_FOUND, f"member {op.member_id!r} has no points account; "
                                             "a member is created by its first Earn")
         return slot
@@ -490,6 +502,24 @@ class Pipeline:
 _NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
 
 
+def _count_committed(write: BatchWrite, ledger: Any) -> None:
+    """Business counters, from what the batch committed (never from what it only tried)."""
+    for transaction in write.transactions:
+        kind, amount = transaction[1], transaction[4]
+        if kind == fastpath.KIND_EARN:
+            metrics.points_earned.inc(amount)
+        elif kind in (fastpath.KIND_CAPTURE, fastpath.KIND_REDEEM):
+            metrics.points_redeemed.inc(amount)
+        else:
+            metrics.points_refunded.labels(_REFUND_KIND[kind]).inc(amount)
+    if write.expired_holds:
+        metrics.hold_expiries.inc(len(write.expired_holds))
+        metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
+
+
+_REFUND_KIND = {fastpath.KIND_REFUND_REDEMPTION: "redemption", fastpath.KIND_REFUND_EARN: "earn"}
+
+
 def _commit_may_have_happened(error: BaseException) -> bool:
     """An error the server raised inside the transaction means it rolled back. Anything else (a
     broken or terminated connection, a timeout, a client-side protocol error) may have come after
@@ -519,9 +549,20 @@ def _replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Oper
     return Outcome(outcome.code, outcome.fields, outcome.message, replayed=True)
 
 
+_REASON = {
+    fastpath.INSUFFICIENT_POINTS: "insufficient_points", fastpath.UNKNOWN_MEMBER: "unknown_member",
+    fastpath.UNKNOWN_HOLD: "unknown_hold", fastpath.HOLD_EXPIRED: "hold_expired",
+    fastpath.HOLD_CAPTURED: "hold_captured", fastpath.HOLD_VOIDED: "hold_voided",
+    fastpath.WRONG_MERCHANT: "wrong_merchant", fastpath.CAPTURE_EXCEEDS_HOLD: "capture_exceeds_hold",
+    fastpath.UNKNOWN_TRANSACTION: "unknown_transaction", fastpath.REFUND_EXCEEDS_REMAINING: "refund_exceeds_remaining",
+    fastpath.NOT_REFUNDABLE: "not_refundable", fastpath.OVERFLOW: "overflow", fastpath.CAPACITY: "capacity",
+}
+
+
 def _ledger_rejection(status: int, op: Operation, ledger: Any = None, member_slot: int = -1,
                       expires_at_us: int = 0, held: int = 0) -> Outcome:
     """A fast-path status as an outcome with a message the merchant's engineer can act on."""
+    metrics.rejections.labels(_REASON.get(status, "other")).inc()
     authorization = domain.format_authorization_id(op.authorization_id)
     transaction = domain.format_transaction_id(op.transaction_id)
     if status == fastpath.INSUFFICIENT_POINTS:

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from points.v1 import points_pb2, points_pb2_grpc
+from processor import metrics
 from processor.config import Settings
 from processor.pipeline import Pipeline
 from processor.servicer import PointsServicer
@@ -60,7 +61,7 @@ class Service:
         # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=[metrics.RpcMetricsInterceptor()], options=[
             ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
             ("grpc.so_reuseport", 0),
         ])
@@ -72,6 +73,8 @@ class Service:
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
         self.pipeline = Pipeline(settings, store=None)
+        self.metrics_port = metrics.serve_http(settings.metrics_listen)
+        self._register_gauges()
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline), self.server)
         await self.server.start()
 
@@ -86,6 +89,25 @@ class Service:
         self._watchdog = loop.create_task(self._watch(), name="health-watchdog")
         if settings.idempotency_retention_days:
             self._maintenance = loop.create_task(self._purge_idempotency(), name="idempotency-purge")
+
+    @property
+    def metrics_address(self) -> str:
+        return f"{self.settings.metrics_listen.rpartition(':')[0]}:{self.metrics_port}"
+
+    def _register_gauges(self) -> None:
+        """Gauges read at scrape time from the live objects, so they cannot drift."""
+        pipeline, settings = self.pipeline, self.settings
+        metrics.queue_operations.set_function(lambda: len(pipeline._queue))
+        metrics.queue_operations_max.set(settings.queue_operations_max)
+        metrics.batch_linger_seconds.set(settings.batch_linger_seconds)
+        metrics.ready.set_function(lambda: 1 if pipeline.ready else 0)
+        metrics.members_resident.set_function(lambda: pipeline.ledger.members_count if pipeline.ledger else 0)
+        metrics.holds_open.set_function(lambda: pipeline.ledger.holds_open_count if pipeline.ledger else 0)
+        metrics.merchants_active.set_function(
+            lambda: sum(1 for m in pipeline.merchants.by_id.values() if m.status == "active"))
+        metrics.pool_connections_max.set(settings.pool_connections_max)
+        metrics.pool_connections_in_use.set_function(
+            lambda: (self.store.pool.get_size() - self.store.pool.get_idle_size()) if self.store else 0)
 
     async def _set_health(self, status) -> None:
         await self.health.set("", status)
@@ -137,7 +159,8 @@ async def serve(settings: Settings, announce=print) -> None:
         loop.add_signal_handler(sig, stop.set)
     await service.start()
     announce(f"points processor SERVING on {service.address} "
-             f"(database {redact(service.store.url)})", flush=True)
+             f"(metrics http://{service.metrics_address}/metrics, database {redact(service.store.url)})",
+             flush=True)
     waiter = loop.create_task(stop.wait())
     committer = service.pipeline._task
     done, _ = await asyncio.wait({waiter, committer}, return_when=asyncio.FIRST_COMPLETED)

@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 import fastpath
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from processor import domain
+from processor import domain, metrics
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
@@ -94,6 +94,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         if outcome.code is not Code.OK:
             await context.abort(grpc_status(outcome.code), outcome.message)
         if outcome.replayed:
+            metrics.idempotent_replays.inc()
             context.set_trailing_metadata((("points-idempotent-replay", "true"),))
         return outcome
 

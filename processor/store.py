@@ -11,11 +11,13 @@ import hashlib
 import json
 import logging
 import pathlib
+import time
 import urllib.parse
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
+from processor import metrics
 from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED,
                               ASSET_POINTS, GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
 
@@ -320,7 +322,9 @@ class Store:
     async def write_batch(self, batch: BatchWrite, timeout: float) -> dict[str, int]:
         """Writes one batch in one transaction. Returns the member balances after it, which the
         pipeline compares with the fast path's. Raises on any failure; then nothing was written."""
+        begin = time.monotonic()
         async with self.pool.acquire() as connection:
+            metrics.pool_acquire_seconds.observe(time.monotonic() - begin)
             async with connection.transaction():
                 return await self._write(connection, batch, timeout)
 

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SERVING = re.compile(r"SERVING on (\S+)")
+SERVING = re.compile(r"SERVING on (\S+) \(metrics http://([^/]+)/metrics")
 START_TIMEOUT_SECONDS = 60
 
 
@@ -87,11 +87,12 @@ class ServiceProcess:
         self.env.pop("DATABASE_URL", None)
         self.process: subprocess.Popen | None = None
         self.target = ""
+        self.metrics_target = ""
         self.log_lines: list[str] = []
 
     def start(self) -> "ServiceProcess":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
              "--database-url", self.database_url, *self.extra],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
@@ -104,6 +105,7 @@ class ServiceProcess:
             match = SERVING.search(line)
             if match:
                 self.target = match.group(1)
+                self.metrics_target = match.group(2)
                 threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True).start()
                 return self
         self.process.kill()
