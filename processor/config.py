@@ -61,6 +61,8 @@ OPTIONS: tuple[Option, ...] = (
            "refundable transactions cached in the fast path before the cache is dropped"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
+    Option("shutdown_drain_seconds", float, 0.5,
+           "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
 )
 
 
@@ -91,6 +93,7 @@ class Settings:
     transactions_resident_max: int = 200_000
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
+    shutdown_drain_seconds: float = 0.5
 
     def __post_init__(self) -> None:
         problems = []
@@ -128,6 +131,7 @@ class Settings:
               "transactions_resident_max must be >= batch_operations_max")
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
+        check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 

@@ -71,6 +71,21 @@ pool_acquire_seconds = Histogram("points_db_pool_acquire_seconds", "Time to acqu
                                  buckets=LATENCY_BUCKETS)
 
 
+def _initialise_label_values() -> None:
+    """Every known label value exists at 0 from start-up, so the first failure shows in rate()."""
+    for result in ("committed", "failed"):
+        batches.labels(result)
+    for kind in ("redemption", "earn"):
+        points_refunded.labels(kind)
+    for reason in ("insufficient_points", "unknown_member", "unknown_hold", "hold_expired", "hold_captured",
+                   "hold_voided", "wrong_merchant", "capture_exceeds_hold", "unknown_transaction",
+                   "refund_exceeds_remaining", "not_refundable", "overflow", "capacity", "other"):
+        rejections.labels(reason)
+
+
+_initialise_label_values()
+
+
 def serve_http(listen: str) -> int:
     """Starts the /metrics endpoint on HOST:PORT in a thread; returns the bound port."""
     host, _, port = listen.rpartition(":")

@@ -107,6 +107,7 @@ class Pipeline:
         self._expired_pending: list[int] = []
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self.draining = False       # shutting down: new operations are refused, queued ones commit
         self.ready = False          # recovery done and Postgres reachable
         self.batches_committed = 0
         self.batches_failed = 0
@@ -160,8 +161,8 @@ class Pipeline:
             return _replay(first.method.value, first.request, outcome, op)
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
-        if self._stopping:
-            raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry on another instance")
+        if self.draining or self._stopping:
+            raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry with the same idempotency key")
         if len(self._queue) >= self.settings.queue_operations_max:
             metrics.operations_shed.inc()
             raise Rejection(Code.RESOURCE_EXHAUSTED,
@@ -315,9 +316,13 @@ class Pipeline:
         metrics.batches.labels("failed").inc()
         log.error("batch not committed", extra={"error": repr(error), "operations": len(batch),
                                                 "ambiguous": ambiguous})
-        self._fail(batch, Code.UNAVAILABLE,
-                   "the ledger database did not confirm this operation; it was not applied. "
-                   "Retry with the same idempotency key")
+        if ambiguous:
+            message = ("the ledger database connection broke while this operation was being committed; "
+                       "its outcome is unknown. Retry with the same idempotency key to learn it")
+        else:
+            message = ("the ledger database refused or did not answer; this operation was not applied. "
+                       "Retry with the same idempotency key")
+        self._fail(batch, Code.UNAVAILABLE, message)
         if ambiguous:
             await self._resync()
 

@@ -143,6 +143,11 @@ class Service:
             if task is not None:
                 task.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.pipeline is not None:
+            # New calls get UNAVAILABLE (retryable) from us rather than CANCELLED from a closing
+            # server, while balancers see NOT_SERVING; queued and in-flight calls still commit.
+            self.pipeline.draining = True
+            await asyncio.sleep(min(self.settings.shutdown_drain_seconds, grace))
         if self.server is not None:
             await self.server.stop(grace)
         if self.pipeline is not None:

@@ -91,11 +91,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _submit(self, op: Operation, context: grpc.aio.ServicerContext) -> Outcome:
         outcome = await self.pipeline.submit(op)
-        if outcome.code is not Code.OK:
-            await context.abort(grpc_status(outcome.code), outcome.message)
+        trailer = ()
         if outcome.replayed:
             metrics.idempotent_replays.inc()
-            context.set_trailing_metadata((("points-idempotent-replay", "true"),))
+            trailer = (("points-idempotent-replay", "true"),)
+        if outcome.code is not Code.OK:
+            await context.abort(grpc_status(outcome.code), outcome.message, trailing_metadata=trailer)
+        if trailer:
+            context.set_trailing_metadata(trailer)
         return outcome
 
     @staticmethod

@@ -1,0 +1,161 @@
+"""What Python sees of the fast path (compiled `fastpath._core` and its pure-Python twin `fastpath._reference`).
+
+The ledger keeps, in typed arrays, every member's posted balance and held amount, every hold that is
+resident, and the refundable state of resident transactions. It decides balance checks, holds,
+captures, voids, redemptions and refunds without touching Postgres. It knows nothing of gRPC,
+asyncio or SQL: the caller (processor/pipeline.py) passes plain ints and strings, and one `now_us`
+(microseconds since the Unix epoch) per batch.
+
+Amounts are point-units (100 = 1 point) in int64. Ids of holds and transactions are int64 chosen by the
+caller. Merchants are small ints (slots) chosen by the caller.
+
+Every operation returns a tuple whose first item is a status (one of the constants below). On any
+status other than OK the ledger is unchanged.
+
+Undo log: `begin()` starts recording; `rollback()` restores exactly the state at `begin()` (balances,
+holds and their statuses, transactions and refunded amounts, and removes members, holds and
+transactions created since); `commit()` drops the record. Operations between begin and
+commit/rollback are the batch being written to Postgres.
+
+Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hold them to it):
+- Caller bugs raise before anything changes, and before any status is decided: TypeError/OverflowError
+  for an argument that is not an int64 (member ids: not a str); ValueError for points or amounts
+  outside the range an operation allows, or a merchant outside 0..2**31-1; IndexError for a member
+  slot that is not resident; KeyError when the id of the hold or transaction an operation would create
+  is resident already. commit()/rollback() without begin() and forget_resolved() inside a batch raise
+  RuntimeError.
+- member_slot -1 (what member_slot() answers for an unknown member) is UNKNOWN_MEMBER in authorize()
+  and redeem(); any other slot that is not resident is an IndexError everywhere.
+- Statuses are decided in this order, the first that applies wins: capture/void: UNKNOWN_HOLD,
+  WRONG_MERCHANT, HOLD_CAPTURED / HOLD_VOIDED / HOLD_EXPIRED (status), HOLD_EXPIRED (expires_at_us <=
+  now_us: marked), CAPTURE_EXCEEDS_HOLD, CAPACITY. refund: UNKNOWN_TRANSACTION, WRONG_MERCHANT,
+  NOT_REFUNDABLE, REFUND_EXCEEDS_REMAINING, INSUFFICIENT_POINTS (earn) / OVERFLOW (redemption),
+  CAPACITY. earn: OVERFLOW, CAPACITY. authorize/redeem: UNKNOWN_MEMBER, INSUFFICIENT_POINTS, CAPACITY.
+- An operation that would leave its member with posted outside 0..BALANCE_MAX, held < 0 or
+  held > posted raises LedgerInvariantError before writing (only reachable from inconsistent loads).
+"""
+
+# statuses
+OK: int                    # 0
+INSUFFICIENT_POINTS: int   # 1  available < points asked
+UNKNOWN_MEMBER: int        # 2
+UNKNOWN_HOLD: int          # 3
+HOLD_EXPIRED: int          # 4  hold's expires_at_us <= now_us (or already marked expired)
+HOLD_CAPTURED: int         # 5  hold already captured
+HOLD_VOIDED: int           # 6  hold already voided
+WRONG_MERCHANT: int        # 7  hold or transaction belongs to another merchant
+CAPTURE_EXCEEDS_HOLD: int  # 8  capture points > held amount
+UNKNOWN_TRANSACTION: int   # 9
+REFUND_EXCEEDS_REMAINING: int  # 10 refund points > amount - refunded so far
+NOT_REFUNDABLE: int        # 11 transaction kind cannot be refunded (e.g. a refund)
+OVERFLOW: int              # 12 a balance would exceed BALANCE_MAX
+CAPACITY: int              # 13 members_max / holds_max / transactions_max reached
+
+# hold statuses (as stored in Postgres: holds.status)
+HOLD_OPEN: int      # 1
+HOLD_STATUS_CAPTURED: int  # 2
+HOLD_STATUS_VOIDED: int    # 3
+HOLD_STATUS_EXPIRED: int   # 4
+
+# transaction kinds (as stored in Postgres: transactions.kind)
+KIND_EARN: int      # 1
+KIND_CAPTURE: int   # 2
+KIND_REDEEM: int    # 3
+KIND_REFUND_REDEMPTION: int  # 4  refund of a capture or redeem: points back to the member
+KIND_REFUND_EARN: int        # 5  refund of an earn: points taken back from the member
+
+BALANCE_MAX: int  # 2**62: no balance or held sum may exceed it (leaves headroom for int64 sums)
+
+
+class LedgerInvariantError(Exception):
+    """An invariant of the ledger does not hold: a bug. The caller stops serving."""
+
+
+class Ledger:
+    def __init__(self, members_max: int, holds_max: int, transactions_max: int) -> None: ...
+
+    # --- sizes (for metrics and bounds) ---
+    @property
+    def members_count(self) -> int: ...
+    @property
+    def holds_resident_count(self) -> int: ...       # holds in memory, any status
+    @property
+    def holds_open_count(self) -> int: ...           # holds with status HOLD_OPEN
+    @property
+    def transactions_resident_count(self) -> int: ...
+
+    # --- loading from Postgres (start-up, and prefetch before a batch); not recorded in the undo log
+    #     unless called between begin() and commit()/rollback() (then rollback removes them too) ---
+    def load_member(self, member_id: str, posted: int) -> int:
+        """Adds (or overwrites the posted balance of) a member; returns its slot. held starts at 0 and
+        grows only by load_hold/authorize. Raises OverflowError on CAPACITY or posted outside 0..BALANCE_MAX.
+        Overwriting does not compare posted with held (members are loaded before their holds);
+        check_invariants() reports a member left with held > posted."""
+    def load_hold(self, hold_id: int, member_slot: int, merchant: int, amount: int,
+                  expires_at_us: int, status: int) -> None:
+        """Adds a hold. If status is HOLD_OPEN the member's held grows by amount. Raises KeyError if the
+        hold id is resident already, OverflowError on capacity or if held would exceed BALANCE_MAX,
+        ValueError unless 1 <= amount <= BALANCE_MAX and status is a hold status."""
+    def load_transaction(self, transaction_id: int, kind: int, member_slot: int, merchant: int,
+                         amount: int, refunded: int) -> None:
+        """Adds a transaction that refunds may refer to. Raises KeyError if already resident,
+        OverflowError on capacity, ValueError unless kind is a kind, 0 <= amount <= BALANCE_MAX and
+        0 <= refunded <= amount."""
+
+    # --- look-ups ---
+    def member_slot(self, member_id: str) -> int: ...          # -1 if unknown
+    def member_id(self, member_slot: int) -> str: ...
+    def has_hold(self, hold_id: int) -> bool: ...
+    def has_transaction(self, transaction_id: int) -> bool: ...
+    def balance(self, member_slot: int) -> tuple[int, int]:
+        """(posted, held). held counts open holds not yet expired by expire_holds()."""
+    def hold(self, hold_id: int) -> tuple[int, int, int, int, int]:
+        """(status, member_slot, merchant, amount, expires_at_us); KeyError if not resident."""
+
+    # --- undo log ---
+    def begin(self) -> None: ...      # raises RuntimeError if already begun
+    def commit(self) -> None: ...     # raises RuntimeError if not begun
+    def rollback(self) -> None: ...   # raises RuntimeError if not begun
+
+    # --- operations: (status, ...) ; on status != OK the rest of the tuple is zeros ---
+    def earn(self, member_id: str, merchant: int, points: int, transaction_id: int) -> tuple[int, int, int]:
+        """Credits points (>= 0) to the member, creating it if unknown. Registers the transaction
+        (KIND_EARN, amount=points) as resident. Returns (status, member_slot, posted_after)."""
+    def authorize(self, member_slot: int, merchant: int, points: int, hold_id: int,
+                  expires_at_us: int) -> tuple[int, int]:
+        """Places a hold of points (> 0) if posted - held >= points. Returns (status, available_after)."""
+    def capture(self, hold_id: int, merchant: int, points: int, transaction_id: int,
+                now_us: int) -> tuple[int, int, int, int, int]:
+        """Captures points (0 = the whole hold) of an open hold of this merchant; the rest is released;
+        the hold becomes HOLD_STATUS_CAPTURED. An open hold with expires_at_us <= now_us is marked
+        HOLD_STATUS_EXPIRED (its points released) and HOLD_EXPIRED is returned -- that marking is the
+        one change made on a non-OK status, and it is recorded in the undo log.
+        Registers the transaction (KIND_CAPTURE, amount=captured) when captured > 0.
+        Returns (status, captured, member_slot, posted_after, available_after)."""
+    def void(self, hold_id: int, merchant: int, now_us: int) -> tuple[int, int, int, int]:
+        """Releases an open hold of this merchant (expiry handled as in capture).
+        Returns (status, released, member_slot, available_after)."""
+    def redeem(self, member_slot: int, merchant: int, points: int,
+               transaction_id: int) -> tuple[int, int, int]:
+        """Debits points (> 0) if available. Registers (KIND_REDEEM, amount=points).
+        Returns (status, posted_after, available_after)."""
+    def refund(self, transaction_id: int, merchant: int, points: int,
+               refund_transaction_id: int) -> tuple[int, int, int, int, int]:
+        """Refunds points (> 0) of a resident transaction of this merchant.
+        KIND_CAPTURE / KIND_REDEEM: credits the member back (KIND_REFUND_REDEMPTION).
+        KIND_EARN: debits the member (KIND_REFUND_EARN), INSUFFICIENT_POINTS if available < points.
+        points must be <= amount - refunded (REFUND_EXCEEDS_REMAINING).
+        Returns (status, refund_kind, member_slot, posted_after, available_after)."""
+    def expire_holds(self, now_us: int, limit: int) -> list[int]:
+        """Marks up to `limit` open holds with expires_at_us <= now_us as HOLD_STATUS_EXPIRED, soonest
+        first, releasing their points; returns their ids. O(k log n) (a heap on expiry). Holds expiring
+        at the same microsecond go in the order they became resident. limit >= 0."""
+    def forget_resolved(self) -> None:
+        """Drops resolved holds and all transactions from memory (Postgres keeps them; they are
+        prefetched again when a batch refers to them). Not allowed between begin() and commit()."""
+    def check_invariants(self) -> None:
+        """Raises LedgerInvariantError unless: every posted in 0..BALANCE_MAX, held >= 0,
+        held <= posted, and each member's held equals the sum of its open holds. Also checks the
+        ledger's own bookkeeping: indexes agree with counts, holds and transactions are well formed
+        (0 <= refunded <= amount), holds_open_count is right and every open hold is in the expiry
+        heap."""

@@ -1,0 +1,850 @@
+"""The compiled fast path: members, holds and refundable transactions in typed C arrays.
+
+The contract is `_core.pyi`; `_reference.py` is the pure-Python twin that must behave identically.
+`def` methods only convert what crosses from Python (strictly: see _int64) and build result tuples;
+`cdef` kernels validate, resolve ids to slots through the dict indexes, and decide and write with C
+integers. Every write to an existing member, hold or transaction goes through a _set_* method, which
+records the old value while a batch is open.
+"""
+from cpython.number cimport PyNumber_Index
+from libc.stdint cimport INT32_MAX, int32_t, int64_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memset
+
+# 2**62: sums of two balances still fit in int64_t, so the overflow checks cannot overflow themselves.
+cdef int64_t balance_max = 4611686018427387904
+BALANCE_MAX = balance_max
+
+# Arrays start this small so that an idle ledger sized for millions costs nothing until used.
+cdef int64_t capacity_initial = 16
+
+
+class LedgerInvariantError(Exception):
+    """An invariant of the ledger does not hold: a bug. The caller stops serving."""
+
+
+cdef int _grow(void** array, int64_t count, size_t item_size) except -1:
+    cdef void* grown = realloc(array[0], <size_t>count * item_size)
+    if grown == NULL:
+        raise MemoryError(f"cannot grow a ledger array to {count} items")
+    array[0] = grown
+    return 0
+
+
+cdef inline int64_t _capacity_next(int64_t capacity, int64_t needed, int64_t maximum) noexcept:
+    cdef int64_t grown = capacity * 2 if capacity > 0 else capacity_initial
+    if grown < needed:
+        grown = needed
+    if grown > maximum:
+        grown = maximum
+    return grown
+
+
+cdef inline int64_t _int64(object value) except? -1:
+    # A typed `int64_t` parameter would take 1.5 as 1: Cython converts through __int__. Amounts and
+    # ids must be integers, so anything that is not one is refused the way operator.index does.
+    if not isinstance(value, int):
+        value = PyNumber_Index(value)
+    return value
+
+
+cdef inline int _check_merchant(int64_t merchant) except -1:
+    if merchant < 0 or merchant > INT32_MAX:
+        raise ValueError(f"merchant {merchant} is not a merchant slot (0..{INT32_MAX})")
+    return 0
+
+
+cdef inline int _check_positive(int64_t points) except -1:
+    if points <= 0:
+        raise ValueError(f"points must be > 0, got {points}")
+    return 0
+
+
+cdef class Ledger:
+    def __cinit__(self, members_max, holds_max, transactions_max):
+        self.members_max = _int64(members_max)
+        self.holds_max = _int64(holds_max)
+        self.transactions_max = _int64(transactions_max)
+        if self.members_max < 1 or self.holds_max < 1 or self.transactions_max < 1:
+            raise ValueError("members_max, holds_max and transactions_max must each be >= 1, got "
+                             f"{members_max}, {holds_max}, {transactions_max}")
+        self.member_slots = {}
+        self.member_ids = []
+        self.hold_slots = {}
+        self.transaction_slots = {}
+
+    def __dealloc__(self):
+        free(self.member_posted)
+        free(self.member_held)
+        free(self.hold_ids)
+        free(self.hold_member)
+        free(self.hold_amount)
+        free(self.hold_expires_at_us)
+        free(self.hold_merchant)
+        free(self.hold_status)
+        free(self.transaction_ids)
+        free(self.transaction_member)
+        free(self.transaction_amount)
+        free(self.transaction_refunded)
+        free(self.transaction_merchant)
+        free(self.transaction_kind)
+        free(self.heap_expires_at_us)
+        free(self.heap_hold)
+        free(self.undo_field)
+        free(self.undo_slot)
+        free(self.undo_old)
+
+    # --- storage ---------------------------------------------------------------------------------
+    # Every operation reserves all it may need before its first write, so a MemoryError never leaves
+    # half an operation behind. A failed realloc leaves the old, still valid array in place.
+
+    cdef int _reserve_members(self, int64_t needed) except -1:
+        if needed <= self.members_capacity:
+            return 0
+        if needed > self.members_max:
+            raise LedgerInvariantError(f"members reserved beyond members_max {self.members_max}")
+        cdef int64_t capacity = _capacity_next(self.members_capacity, needed, self.members_max)
+        _grow(<void**>&self.member_posted, capacity, sizeof(int64_t))
+        _grow(<void**>&self.member_held, capacity, sizeof(int64_t))
+        self.members_capacity = capacity
+        return 0
+
+    cdef int _reserve_holds(self, int64_t needed) except -1:
+        if needed <= self.holds_capacity:
+            return 0
+        if needed > self.holds_max:
+            raise LedgerInvariantError(f"holds reserved beyond holds_max {self.holds_max}")
+        cdef int64_t capacity = _capacity_next(self.holds_capacity, needed, self.holds_max)
+        _grow(<void**>&self.hold_ids, capacity, sizeof(int64_t))
+        _grow(<void**>&self.hold_member, capacity, sizeof(int64_t))
+        _grow(<void**>&self.hold_amount, capacity, sizeof(int64_t))
+        _grow(<void**>&self.hold_expires_at_us, capacity, sizeof(int64_t))
+        _grow(<void**>&self.hold_merchant, capacity, sizeof(int32_t))
+        _grow(<void**>&self.hold_status, capacity, sizeof(int32_t))
+        _grow(<void**>&self.heap_expires_at_us, capacity, sizeof(int64_t))
+        _grow(<void**>&self.heap_hold, capacity, sizeof(int64_t))
+        self.holds_capacity = capacity
+        return 0
+
+    cdef int _reserve_transactions(self, int64_t needed) except -1:
+        if needed <= self.transactions_capacity:
+            return 0
+        if needed > self.transactions_max:
+            raise LedgerInvariantError(f"transactions reserved beyond transactions_max {self.transactions_max}")
+        cdef int64_t capacity = _capacity_next(self.transactions_capacity, needed,
+                                               self.transactions_max)
+        _grow(<void**>&self.transaction_ids, capacity, sizeof(int64_t))
+        _grow(<void**>&self.transaction_member, capacity, sizeof(int64_t))
+        _grow(<void**>&self.transaction_amount, capacity, sizeof(int64_t))
+        _grow(<void**>&self.transaction_refunded, capacity, sizeof(int64_t))
+        _grow(<void**>&self.transaction_merchant, capacity, sizeof(int32_t))
+        _grow(<void**>&self.transaction_kind, capacity, sizeof(int32_t))
+        self.transactions_capacity = capacity
+        return 0
+
+    cdef int _reserve_undo(self, int64_t records) except -1:
+        # The log has no maximum of its own: it is bounded by the batch the caller writes between
+        # begin() and commit(), and that batch is bounded in config.
+        if not self.recording:
+            return 0
+        cdef int64_t needed = self.undo_count + records
+        if needed <= self.undo_capacity:
+            return 0
+        cdef int64_t capacity = _capacity_next(self.undo_capacity, needed, needed * 2)
+        _grow(<void**>&self.undo_field, capacity, sizeof(int32_t))
+        _grow(<void**>&self.undo_slot, capacity, sizeof(int64_t))
+        _grow(<void**>&self.undo_old, capacity, sizeof(int64_t))
+        self.undo_capacity = capacity
+        return 0
+
+    # --- recorded writes: the only way existing members, holds and transactions change ------------
+
+    cdef int _record(self, int32_t field, int64_t slot, int64_t old_value) except -1:
+        if not self.recording:
+            return 0
+        if self.undo_count >= self.undo_capacity:
+            raise LedgerInvariantError("undo log written past its reservation")
+        self.undo_field[self.undo_count] = field
+        self.undo_slot[self.undo_count] = slot
+        self.undo_old[self.undo_count] = old_value
+        self.undo_count += 1
+        return 0
+
+    cdef int _set_posted(self, int64_t member, int64_t value) except -1:
+        self._record(UNDO_MEMBER_POSTED, member, self.member_posted[member])
+        self.member_posted[member] = value
+        return 0
+
+    cdef int _set_held(self, int64_t member, int64_t value) except -1:
+        self._record(UNDO_MEMBER_HELD, member, self.member_held[member])
+        self.member_held[member] = value
+        return 0
+
+    cdef int _set_hold_status(self, int64_t hold, int32_t status) except -1:
+        self._record(UNDO_HOLD_STATUS, hold, self.hold_status[hold])
+        if self.hold_status[hold] == HOLD_OPEN:
+            self.holds_open_count -= 1
+        if status == HOLD_OPEN:
+            self.holds_open_count += 1
+        self.hold_status[hold] = status
+        return 0
+
+    cdef int _set_refunded(self, int64_t transaction, int64_t value) except -1:
+        self._record(UNDO_TRANSACTION_REFUNDED, transaction, self.transaction_refunded[transaction])
+        self.transaction_refunded[transaction] = value
+        return 0
+
+    # --- creation: appended at the end, so rollback() removes them by cutting back to the counts
+    #     remembered at begin() ----------------------------------------------------------------------
+
+    cdef int64_t _add_member(self, str member_id, int64_t posted) except -1:
+        cdef int64_t member = self.members_count
+        self.member_ids.append(member_id)
+        self.member_slots[member_id] = member
+        self.member_posted[member] = posted
+        self.member_held[member] = 0
+        self.members_count = member + 1
+        return member
+
+    cdef int64_t _add_hold(self, int64_t hold_id, int64_t member, int32_t merchant, int64_t amount,
+                           int64_t expires_at_us, int32_t status) except -1:
+        cdef int64_t hold = self.holds_resident_count
+        self.hold_slots[hold_id] = hold
+        self.hold_ids[hold] = hold_id
+        self.hold_member[hold] = member
+        self.hold_merchant[hold] = merchant
+        self.hold_amount[hold] = amount
+        self.hold_expires_at_us[hold] = expires_at_us
+        self.hold_status[hold] = status
+        self.holds_resident_count = hold + 1
+        if status == HOLD_OPEN:
+            self.holds_open_count += 1
+            self._heap_push(expires_at_us, hold)
+        return hold
+
+    cdef int64_t _add_transaction(self, int64_t transaction_id, int32_t kind, int64_t member,
+                                  int32_t merchant, int64_t amount, int64_t refunded) except -1:
+        cdef int64_t transaction = self.transactions_resident_count
+        self.transaction_slots[transaction_id] = transaction
+        self.transaction_ids[transaction] = transaction_id
+        self.transaction_kind[transaction] = kind
+        self.transaction_member[transaction] = member
+        self.transaction_merchant[transaction] = merchant
+        self.transaction_amount[transaction] = amount
+        self.transaction_refunded[transaction] = refunded
+        self.transactions_resident_count = transaction + 1
+        return transaction
+
+    # --- checks ------------------------------------------------------------------------------------
+
+    cdef int _check_member_slot(self, int64_t member_slot) except -1:
+        if member_slot < 0 or member_slot >= self.members_count:
+            raise IndexError(f"member slot {member_slot} is not in 0..{self.members_count - 1}")
+        return 0
+
+    cdef int _check_member_after(self, int64_t member, int64_t posted, int64_t held) except -1:
+        # Checked on the values an operation is about to write, before it writes any of them.
+        if posted < 0 or posted > balance_max or held < 0 or held > posted:
+            raise LedgerInvariantError(
+                f"member {self.member_ids[member]!r} (slot {member}) would have posted {posted}, "
+                f"held {held}; was posted {self.member_posted[member]}, held {self.member_held[member]}")
+        return 0
+
+    # --- kernels: validate, decide and write with C integers; the def methods below only convert
+    #     arguments and build the result tuples ------------------------------------------------------
+
+    cdef int _release_hold(self, int64_t hold, int32_t status) except -1:
+        cdef int64_t member = self.hold_member[hold]
+        cdef int64_t held = self.member_held[member] - self.hold_amount[hold]
+        self._check_member_after(member, self.member_posted[member], held)
+        self._set_hold_status(hold, status)
+        self._set_held(member, held)
+        return 0
+
+    cdef int32_t _resolvable(self, int64_t hold, int64_t merchant, int64_t now_us) except -1:
+        # Wrong merchant first: another merchant learns nothing about the hold, and does not get to
+        # expire it either.
+        if self.hold_merchant[hold] != merchant:
+            return WRONG_MERCHANT
+        cdef int32_t status = self.hold_status[hold]
+        if status == HOLD_STATUS_CAPTURED:
+            return HOLD_CAPTURED
+        if status == HOLD_STATUS_VOIDED:
+            return HOLD_VOIDED
+        if status == HOLD_STATUS_EXPIRED:
+            return HOLD_EXPIRED
+        if self.hold_expires_at_us[hold] <= now_us:
+            self._reserve_undo(2)
+            self._release_hold(hold, HOLD_STATUS_EXPIRED)
+            return HOLD_EXPIRED
+        return OK
+
+    cdef int _check_new_transaction(self, int64_t transaction_id) except -1:
+        if transaction_id in self.transaction_slots:
+            raise KeyError(f"transaction {transaction_id} is resident already")
+        return 0
+
+    cdef int64_t _load_member(self, str member_id, int64_t posted) except -1:
+        if posted < 0 or posted > balance_max:
+            raise OverflowError(f"posted {posted} of member {member_id!r} is outside 0..{balance_max}")
+        found = self.member_slots.get(member_id)
+        if found is not None:
+            self._reserve_undo(1)
+            self._set_posted(found, posted)
+            return found
+        if self.members_count >= self.members_max:
+            raise OverflowError(f"members_max {self.members_max} reached; cannot load {member_id!r}")
+        self._reserve_members(self.members_count + 1)
+        return self._add_member(member_id, posted)
+
+    cdef int _load_hold(self, int64_t hold_id, int64_t member_slot, int64_t merchant, int64_t amount,
+                        int64_t expires_at_us, int64_t status) except -1:
+        self._check_member_slot(member_slot)
+        _check_merchant(merchant)
+        if amount <= 0 or amount > balance_max:
+            raise ValueError(f"hold {hold_id}: amount {amount} is outside 1..{balance_max}")
+        if status < HOLD_OPEN or status > HOLD_STATUS_EXPIRED:
+            raise ValueError(f"hold {hold_id}: status {status} is not a hold status")
+        if hold_id in self.hold_slots:
+            raise KeyError(f"hold {hold_id} is resident already")
+        if self.holds_resident_count >= self.holds_max:
+            raise OverflowError(f"holds_max {self.holds_max} reached; cannot load hold {hold_id}")
+        cdef int64_t held = self.member_held[member_slot]
+        if status == HOLD_OPEN:
+            if amount > balance_max - held:
+                raise OverflowError(f"hold {hold_id}: held of member slot {member_slot} would exceed "
+                                    f"{balance_max}")
+            held += amount
+        self._reserve_holds(self.holds_resident_count + 1)
+        self._reserve_undo(1)
+        self._add_hold(hold_id, member_slot, <int32_t>merchant, amount, expires_at_us,
+                       <int32_t>status)
+        if status == HOLD_OPEN:
+            self._set_held(member_slot, held)
+        return 0
+
+    cdef int _load_transaction(self, int64_t transaction_id, int64_t kind, int64_t member_slot,
+                               int64_t merchant, int64_t amount, int64_t refunded) except -1:
+        self._check_member_slot(member_slot)
+        _check_merchant(merchant)
+        if kind < KIND_EARN or kind > KIND_REFUND_EARN:
+            raise ValueError(f"transaction {transaction_id}: kind {kind} is not a transaction kind")
+        if amount < 0 or amount > balance_max:
+            raise ValueError(f"transaction {transaction_id}: amount {amount} is outside 0..{balance_max}")
+        if refunded < 0 or refunded > amount:
+            raise ValueError(f"transaction {transaction_id}: refunded {refunded} is outside 0..{amount}")
+        self._check_new_transaction(transaction_id)
+        if self.transactions_resident_count >= self.transactions_max:
+            raise OverflowError(f"transactions_max {self.transactions_max} reached; cannot load "
+                                f"transaction {transaction_id}")
+        self._reserve_transactions(self.transactions_resident_count + 1)
+        self._add_transaction(transaction_id, <int32_t>kind, member_slot, <int32_t>merchant, amount,
+                              refunded)
+        return 0
+
+    cdef int32_t _earn(self, str member_id, int64_t merchant, int64_t points,
+                       int64_t transaction_id, Outcome* outcome) except -1:
+        _check_merchant(merchant)
+        if points < 0:
+            raise ValueError(f"points must be >= 0, got {points}")
+        self._check_new_transaction(transaction_id)
+        cdef int64_t member = self.member_slots.get(member_id, -1)
+        cdef int64_t posted = 0
+        cdef int64_t held = 0
+        if member >= 0:
+            posted = self.member_posted[member]
+            held = self.member_held[member]
+        if points > balance_max - posted:
+            return OVERFLOW
+        if member < 0 and self.members_count >= self.members_max:
+            return CAPACITY
+        if self.transactions_resident_count >= self.transactions_max:
+            return CAPACITY
+        if member < 0:
+            self._reserve_members(self.members_count + 1)
+        self._reserve_transactions(self.transactions_resident_count + 1)
+        self._reserve_undo(1)
+        if member < 0:
+            member = self._add_member(member_id, 0)
+        posted += points
+        self._check_member_after(member, posted, held)
+        self._set_posted(member, posted)
+        self._add_transaction(transaction_id, KIND_EARN, member, <int32_t>merchant, points, 0)
+        outcome.member = member
+        outcome.posted = posted
+        return OK
+
+    cdef int32_t _authorize(self, int64_t member_slot, int64_t merchant, int64_t points,
+                            int64_t hold_id, int64_t expires_at_us, Outcome* outcome) except -1:
+        _check_positive(points)
+        _check_merchant(merchant)
+        if member_slot != -1:
+            self._check_member_slot(member_slot)
+        if hold_id in self.hold_slots:
+            raise KeyError(f"hold {hold_id} is resident already")
+        if member_slot == -1:
+            return UNKNOWN_MEMBER
+        cdef int64_t posted = self.member_posted[member_slot]
+        cdef int64_t held = self.member_held[member_slot]
+        if points > posted - held:
+            return INSUFFICIENT_POINTS
+        if self.holds_resident_count >= self.holds_max:
+            return CAPACITY
+        self._reserve_holds(self.holds_resident_count + 1)
+        self._reserve_undo(1)
+        held += points
+        self._check_member_after(member_slot, posted, held)
+        self._add_hold(hold_id, member_slot, <int32_t>merchant, points, expires_at_us, HOLD_OPEN)
+        self._set_held(member_slot, held)
+        outcome.available = posted - held
+        return OK
+
+    cdef int32_t _capture(self, int64_t hold_id, int64_t merchant, int64_t points,
+                          int64_t transaction_id, int64_t now_us, Outcome* outcome) except -1:
+        _check_merchant(merchant)
+        if points < 0:
+            raise ValueError(f"points must be >= 0 (0 captures the whole hold), got {points}")
+        self._check_new_transaction(transaction_id)
+        found = self.hold_slots.get(hold_id)
+        if found is None:
+            return UNKNOWN_HOLD
+        cdef int64_t hold = found
+        cdef int32_t status = self._resolvable(hold, merchant, now_us)
+        if status != OK:
+            return status
+        cdef int64_t amount = self.hold_amount[hold]
+        cdef int64_t captured = amount if points == 0 else points
+        if captured > amount:
+            return CAPTURE_EXCEEDS_HOLD
+        if self.transactions_resident_count >= self.transactions_max:
+            return CAPACITY
+        cdef int64_t member = self.hold_member[hold]
+        cdef int64_t posted = self.member_posted[member] - captured
+        cdef int64_t held = self.member_held[member] - amount
+        self._check_member_after(member, posted, held)
+        self._reserve_transactions(self.transactions_resident_count + 1)
+        self._reserve_undo(3)
+        self._release_hold(hold, HOLD_STATUS_CAPTURED)
+        self._set_posted(member, posted)
+        self._add_transaction(transaction_id, KIND_CAPTURE, member, <int32_t>merchant, captured, 0)
+        outcome.amount = captured
+        outcome.member = member
+        outcome.posted = posted
+        outcome.available = posted - held
+        return OK
+
+    cdef int32_t _void(self, int64_t hold_id, int64_t merchant, int64_t now_us,
+                       Outcome* outcome) except -1:
+        _check_merchant(merchant)
+        found = self.hold_slots.get(hold_id)
+        if found is None:
+            return UNKNOWN_HOLD
+        cdef int64_t hold = found
+        cdef int32_t status = self._resolvable(hold, merchant, now_us)
+        if status != OK:
+            return status
+        cdef int64_t member = self.hold_member[hold]
+        self._reserve_undo(2)
+        self._release_hold(hold, HOLD_STATUS_VOIDED)
+        outcome.amount = self.hold_amount[hold]
+        outcome.member = member
+        outcome.available = self.member_posted[member] - self.member_held[member]
+        return OK
+
+    cdef int32_t _redeem(self, int64_t member_slot, int64_t merchant, int64_t points,
+                         int64_t transaction_id, Outcome* outcome) except -1:
+        _check_positive(points)
+        _check_merchant(merchant)
+        if member_slot != -1:
+            self._check_member_slot(member_slot)
+        self._check_new_transaction(transaction_id)
+        if member_slot == -1:
+            return UNKNOWN_MEMBER
+        cdef int64_t posted = self.member_posted[member_slot]
+        cdef int64_t held = self.member_held[member_slot]
+        if points > posted - held:
+            return INSUFFICIENT_POINTS
+        if self.transactions_resident_count >= self.transactions_max:
+            return CAPACITY
+        posted -= points
+        self._check_member_after(member_slot, posted, held)
+        self._reserve_transactions(self.transactions_resident_count + 1)
+        self._reserve_undo(1)
+        self._set_posted(member_slot, posted)
+        self._add_transaction(transaction_id, KIND_REDEEM, member_slot, <int32_t>merchant, points, 0)
+        outcome.posted = posted
+        outcome.available = posted - held
+        return OK
+
+    cdef int32_t _refund(self, int64_t transaction_id, int64_t merchant, int64_t points,
+                         int64_t refund_transaction_id, Outcome* outcome) except -1:
+        _check_positive(points)
+        _check_merchant(merchant)
+        self._check_new_transaction(refund_transaction_id)
+        found = self.transaction_slots.get(transaction_id)
+        if found is None:
+            return UNKNOWN_TRANSACTION
+        cdef int64_t transaction = found
+        if self.transaction_merchant[transaction] != merchant:
+            return WRONG_MERCHANT
+        cdef int32_t kind = self.transaction_kind[transaction]
+        if kind != KIND_EARN and kind != KIND_CAPTURE and kind != KIND_REDEEM:
+            return NOT_REFUNDABLE
+        cdef int64_t refunded = self.transaction_refunded[transaction]
+        if points > self.transaction_amount[transaction] - refunded:
+            return REFUND_EXCEEDS_REMAINING
+        cdef int64_t member = self.transaction_member[transaction]
+        cdef int64_t posted = self.member_posted[member]
+        cdef int64_t held = self.member_held[member]
+        cdef int32_t refund_kind
+        if kind == KIND_EARN:
+            if points > posted - held:
+                return INSUFFICIENT_POINTS
+            refund_kind = KIND_REFUND_EARN
+            posted -= points
+        else:
+            if points > balance_max - posted:
+                return OVERFLOW
+            refund_kind = KIND_REFUND_REDEMPTION
+            posted += points
+        if self.transactions_resident_count >= self.transactions_max:
+            return CAPACITY
+        self._check_member_after(member, posted, held)
+        self._reserve_transactions(self.transactions_resident_count + 1)
+        self._reserve_undo(2)
+        self._set_refunded(transaction, refunded + points)
+        self._set_posted(member, posted)
+        self._add_transaction(refund_transaction_id, refund_kind, member, <int32_t>merchant, points,
+                              0)
+        outcome.kind = refund_kind
+        outcome.member = member
+        outcome.posted = posted
+        outcome.available = posted - held
+        return OK
+
+    cdef list _expire_holds(self, int64_t now_us, int64_t limit):
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        cdef list expired = []
+        cdef int64_t count = 0
+        cdef int64_t hold
+        while count < limit and self.heap_count > 0 and self.heap_expires_at_us[0] <= now_us:
+            self._reserve_undo(2)
+            hold = self.heap_hold[0]
+            self._heap_pop()
+            if self.hold_status[hold] != HOLD_OPEN:
+                continue
+            self._release_hold(hold, HOLD_STATUS_EXPIRED)
+            expired.append(self.hold_ids[hold])
+            count += 1
+        return expired
+
+    # --- expiry heap: min on (expires_at_us, hold slot); entries of resolved holds are skipped when
+    #     they reach the top instead of being searched for when the hold resolves ------------------
+
+    cdef bint _heap_less(self, int64_t left, int64_t right) noexcept:
+        if self.heap_expires_at_us[left] != self.heap_expires_at_us[right]:
+            return self.heap_expires_at_us[left] < self.heap_expires_at_us[right]
+        return self.heap_hold[left] < self.heap_hold[right]
+
+    cdef void _heap_swap(self, int64_t left, int64_t right) noexcept:
+        cdef int64_t expires_at_us = self.heap_expires_at_us[left]
+        cdef int64_t hold = self.heap_hold[left]
+        self.heap_expires_at_us[left] = self.heap_expires_at_us[right]
+        self.heap_hold[left] = self.heap_hold[right]
+        self.heap_expires_at_us[right] = expires_at_us
+        self.heap_hold[right] = hold
+
+    cdef int _heap_push(self, int64_t expires_at_us, int64_t hold) except -1:
+        if self.heap_count >= self.holds_capacity:
+            raise LedgerInvariantError(
+                f"expiry heap full ({self.heap_count} entries) with {self.holds_resident_count} holds")
+        cdef int64_t position = self.heap_count
+        cdef int64_t parent
+        self.heap_expires_at_us[position] = expires_at_us
+        self.heap_hold[position] = hold
+        self.heap_count += 1
+        while position > 0:
+            parent = (position - 1) // 2
+            if not self._heap_less(position, parent):
+                break
+            self._heap_swap(position, parent)
+            position = parent
+        return 0
+
+    cdef void _heap_pop(self) noexcept:
+        self.heap_count -= 1
+        if self.heap_count > 0:
+            self.heap_expires_at_us[0] = self.heap_expires_at_us[self.heap_count]
+            self.heap_hold[0] = self.heap_hold[self.heap_count]
+            self._heap_sift_down(0)
+
+    cdef void _heap_sift_down(self, int64_t position) noexcept:
+        cdef int64_t child
+        while True:
+            child = 2 * position + 1
+            if child >= self.heap_count:
+                return
+            if child + 1 < self.heap_count and self._heap_less(child + 1, child):
+                child += 1
+            if not self._heap_less(child, position):
+                return
+            self._heap_swap(position, child)
+            position = child
+
+    cdef void _heap_rebuild(self) noexcept:
+        # After rollback() or forget_resolved() hold slots and statuses change wholesale; one O(n)
+        # heapify is simpler and cheaper than replaying each change into the heap.
+        cdef int64_t hold
+        cdef int64_t position
+        self.heap_count = 0
+        for hold in range(self.holds_resident_count):
+            if self.hold_status[hold] == HOLD_OPEN:
+                self.heap_expires_at_us[self.heap_count] = self.hold_expires_at_us[hold]
+                self.heap_hold[self.heap_count] = hold
+                self.heap_count += 1
+        for position in range(self.heap_count // 2 - 1, -1, -1):
+            self._heap_sift_down(position)
+
+    # --- the Python surface: convert arguments strictly (see _int64), call a kernel, build the
+    #     tuple. members_count, holds_resident_count, holds_open_count and
+    #     transactions_resident_count are `readonly` attributes declared in _core.pxd. -------------
+
+    def load_member(self, str member_id not None, posted):
+        return self._load_member(member_id, _int64(posted))
+
+    def load_hold(self, hold_id, member_slot, merchant, amount, expires_at_us, status):
+        self._load_hold(_int64(hold_id), _int64(member_slot), _int64(merchant), _int64(amount),
+                        _int64(expires_at_us), _int64(status))
+
+    def load_transaction(self, transaction_id, kind, member_slot, merchant, amount, refunded):
+        self._load_transaction(_int64(transaction_id), _int64(kind), _int64(member_slot),
+                               _int64(merchant), _int64(amount), _int64(refunded))
+
+    def member_slot(self, str member_id not None):
+        return self.member_slots.get(member_id, -1)
+
+    def member_id(self, member_slot):
+        cdef int64_t member = _int64(member_slot)
+        self._check_member_slot(member)
+        return self.member_ids[member]
+
+    def has_hold(self, hold_id):
+        return _int64(hold_id) in self.hold_slots
+
+    def has_transaction(self, transaction_id):
+        return _int64(transaction_id) in self.transaction_slots
+
+    def balance(self, member_slot):
+        cdef int64_t member = _int64(member_slot)
+        self._check_member_slot(member)
+        return (self.member_posted[member], self.member_held[member])
+
+    def hold(self, hold_id):
+        cdef int64_t hold = self.hold_slots[_int64(hold_id)]
+        return (self.hold_status[hold], self.hold_member[hold], self.hold_merchant[hold],
+                self.hold_amount[hold], self.hold_expires_at_us[hold])
+
+    def begin(self):
+        if self.recording:
+            raise RuntimeError("begin() called twice without commit() or rollback()")
+        self.recording = True
+        self.undo_count = 0
+        self.begin_members_count = self.members_count
+        self.begin_holds_resident_count = self.holds_resident_count
+        self.begin_holds_open_count = self.holds_open_count
+        self.begin_transactions_resident_count = self.transactions_resident_count
+
+    def commit(self):
+        if not self.recording:
+            raise RuntimeError("commit() called without begin()")
+        self.recording = False
+        self.undo_count = 0
+
+    def rollback(self):
+        if not self.recording:
+            raise RuntimeError("rollback() called without begin()")
+        cdef int64_t record
+        cdef int64_t slot
+        cdef int64_t old_value
+        cdef int32_t field
+        for record in range(self.undo_count - 1, -1, -1):
+            field = self.undo_field[record]
+            slot = self.undo_slot[record]
+            old_value = self.undo_old[record]
+            if field == UNDO_MEMBER_POSTED:
+                self.member_posted[slot] = old_value
+            elif field == UNDO_MEMBER_HELD:
+                self.member_held[slot] = old_value
+            elif field == UNDO_HOLD_STATUS:
+                self.hold_status[slot] = <int32_t>old_value
+            elif field == UNDO_TRANSACTION_REFUNDED:
+                self.transaction_refunded[slot] = old_value
+            else:
+                raise LedgerInvariantError(f"undo record {record} has unknown field {field}")
+        for slot in range(self.begin_members_count, self.members_count):
+            del self.member_slots[self.member_ids[slot]]
+        del self.member_ids[self.begin_members_count:]
+        for slot in range(self.begin_holds_resident_count, self.holds_resident_count):
+            del self.hold_slots[self.hold_ids[slot]]
+        for slot in range(self.begin_transactions_resident_count, self.transactions_resident_count):
+            del self.transaction_slots[self.transaction_ids[slot]]
+        self.members_count = self.begin_members_count
+        self.holds_resident_count = self.begin_holds_resident_count
+        self.holds_open_count = self.begin_holds_open_count
+        self.transactions_resident_count = self.begin_transactions_resident_count
+        self._heap_rebuild()
+        self.recording = False
+        self.undo_count = 0
+
+    def earn(self, str member_id not None, merchant, points, transaction_id):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._earn(member_id, _int64(merchant), _int64(points),
+                                         _int64(transaction_id), &outcome)
+        return (status, outcome.member, outcome.posted)
+
+    def authorize(self, member_slot, merchant, points, hold_id, expires_at_us):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._authorize(_int64(member_slot), _int64(merchant), _int64(points),
+                                              _int64(hold_id), _int64(expires_at_us), &outcome)
+        return (status, outcome.available)
+
+    def capture(self, hold_id, merchant, points, transaction_id, now_us):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._capture(_int64(hold_id), _int64(merchant), _int64(points),
+                                            _int64(transaction_id), _int64(now_us), &outcome)
+        return (status, outcome.amount, outcome.member, outcome.posted, outcome.available)
+
+    def void(self, hold_id, merchant, now_us):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._void(_int64(hold_id), _int64(merchant), _int64(now_us), &outcome)
+        return (status, outcome.amount, outcome.member, outcome.available)
+
+    def redeem(self, member_slot, merchant, points, transaction_id):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._redeem(_int64(member_slot), _int64(merchant), _int64(points),
+                                           _int64(transaction_id), &outcome)
+        return (status, outcome.posted, outcome.available)
+
+    def refund(self, transaction_id, merchant, points, refund_transaction_id):
+        cdef Outcome outcome
+        memset(&outcome, 0, sizeof(Outcome))
+        cdef int32_t status = self._refund(_int64(transaction_id), _int64(merchant), _int64(points),
+                                           _int64(refund_transaction_id), &outcome)
+        return (status, outcome.kind, outcome.member, outcome.posted, outcome.available)
+
+    def expire_holds(self, now_us, limit):
+        return self._expire_holds(_int64(now_us), _int64(limit))
+
+    def forget_resolved(self):
+        if self.recording:
+            raise RuntimeError("forget_resolved() called between begin() and commit()")
+        cdef int64_t hold
+        cdef int64_t kept = 0
+        for hold in range(self.holds_resident_count):
+            if self.hold_status[hold] != HOLD_OPEN:
+                del self.hold_slots[self.hold_ids[hold]]
+                continue
+            if kept != hold:
+                self.hold_ids[kept] = self.hold_ids[hold]
+                self.hold_member[kept] = self.hold_member[hold]
+                self.hold_merchant[kept] = self.hold_merchant[hold]
+                self.hold_amount[kept] = self.hold_amount[hold]
+                self.hold_expires_at_us[kept] = self.hold_expires_at_us[hold]
+                self.hold_status[kept] = self.hold_status[hold]
+                self.hold_slots[self.hold_ids[kept]] = kept
+            kept += 1
+        self.holds_resident_count = kept
+        self._heap_rebuild()
+        self.transaction_slots.clear()
+        self.transactions_resident_count = 0
+
+    def check_invariants(self):
+        cdef int64_t member
+        cdef int64_t hold
+        cdef int64_t transaction
+        cdef int64_t position
+        cdef int64_t posted
+        cdef int64_t held
+        cdef int64_t open_count = 0
+        cdef int64_t* held_sums = NULL
+        cdef char* in_heap = NULL
+        if (len(self.member_slots) != self.members_count or len(self.member_ids) != self.members_count
+                or len(self.hold_slots) != self.holds_resident_count
+                or len(self.transaction_slots) != self.transactions_resident_count):
+            raise LedgerInvariantError(
+                f"indexes disagree with counts: {len(self.member_slots)} member ids, "
+                f"{len(self.member_ids)} member slots, {self.members_count} members; "
+                f"{len(self.hold_slots)} hold ids, {self.holds_resident_count} holds; "
+                f"{len(self.transaction_slots)} transaction ids, "
+                f"{self.transactions_resident_count} transactions")
+        for member in range(self.members_count):
+            posted = self.member_posted[member]
+            held = self.member_held[member]
+            if posted < 0 or posted > balance_max or held < 0 or held > posted:
+                raise LedgerInvariantError(
+                    f"member {self.member_ids[member]!r} (slot {member}): posted {posted}, held {held}")
+        held_sums = <int64_t*>calloc(self.members_count + 1, sizeof(int64_t))
+        in_heap = <char*>calloc(self.holds_resident_count + 1, sizeof(char))
+        if held_sums == NULL or in_heap == NULL:
+            free(held_sums)
+            free(in_heap)
+            raise MemoryError("cannot allocate the scratch arrays of check_invariants")
+        try:
+            for hold in range(self.holds_resident_count):
+                member = self.hold_member[hold]
+                if (member < 0 or member >= self.members_count or self.hold_amount[hold] <= 0
+                        or self.hold_amount[hold] > balance_max
+                        or self.hold_status[hold] < HOLD_OPEN
+                        or self.hold_status[hold] > HOLD_STATUS_EXPIRED
+                        or self.hold_slots.get(self.hold_ids[hold]) != hold):
+                    raise LedgerInvariantError(
+                        f"hold {self.hold_ids[hold]} (slot {hold}): member slot {member}, amount "
+                        f"{self.hold_amount[hold]}, status {self.hold_status[hold]}")
+                if self.hold_status[hold] == HOLD_OPEN:
+                    open_count += 1
+                    held_sums[member] += self.hold_amount[hold]
+                    if held_sums[member] > balance_max:
+                        raise LedgerInvariantError(
+                            f"open holds of member slot {member} sum beyond {balance_max}")
+            if open_count != self.holds_open_count:
+                raise LedgerInvariantError(
+                    f"{open_count} open holds, but holds_open_count is {self.holds_open_count}")
+            for member in range(self.members_count):
+                if held_sums[member] != self.member_held[member]:
+                    raise LedgerInvariantError(
+                        f"member {self.member_ids[member]!r} (slot {member}): held "
+                        f"{self.member_held[member]} but its open holds sum to {held_sums[member]}")
+            for position in range(self.heap_count):
+                hold = self.heap_hold[position]
+                if (hold < 0 or hold >= self.holds_resident_count or in_heap[hold]
+                        or self.heap_expires_at_us[position] != self.hold_expires_at_us[hold]
+                        or (position > 0 and self._heap_less(position, (position - 1) // 2))):
+                    raise LedgerInvariantError(f"expiry heap entry {position} (hold slot {hold}) is "
+                                               "out of order, stale or repeated")
+                in_heap[hold] = 1
+            for hold in range(self.holds_resident_count):
+                if self.hold_status[hold] == HOLD_OPEN and not in_heap[hold]:
+                    raise LedgerInvariantError(
+                        f"open hold {self.hold_ids[hold]} is missing from the expiry heap")
+            for transaction in range(self.transactions_resident_count):
+                if (self.transaction_kind[transaction] < KIND_EARN
+                        or self.transaction_kind[transaction] > KIND_REFUND_EARN
+                        or self.transaction_refunded[transaction] < 0
+                        or self.transaction_refunded[transaction] > self.transaction_amount[transaction]
+                        or self.transaction_member[transaction] < 0
+                        or self.transaction_member[transaction] >= self.members_count
+                        or self.transaction_slots.get(self.transaction_ids[transaction]) != transaction):
+                    raise LedgerInvariantError(
+                        f"transaction {self.transaction_ids[transaction]} (slot {transaction}): kind "
+                        f"{self.transaction_kind[transaction]}, amount "
+                        f"{self.transaction_amount[transaction]}, refunded "
+                        f"{self.transaction_refunded[transaction]}")
+        finally:
+            free(held_sums)
+            free(in_heap)

@@ -1,0 +1,593 @@
+"""The pure-Python twin of the compiled fast path (`_core.pyx`); the contract is `_core.pyi`.
+
+Same names, constants, checks, order of checks and results as `_core`, written for clarity: parallel
+lists indexed by slot, dicts from ids to slots, `heapq` for expiry and an undo log of
+(list, slot, old value). The differential tests hold the two to the same behaviour, so a change to one
+is a change to both.
+"""
+import heapq
+import operator
+
+# statuses
+OK = 0
+INSUFFICIENT_POINTS = 1
+UNKNOWN_MEMBER = 2
+UNKNOWN_HOLD = 3
+HOLD_EXPIRED = 4
+HOLD_CAPTURED = 5
+HOLD_VOIDED = 6
+WRONG_MERCHANT = 7
+CAPTURE_EXCEEDS_HOLD = 8
+UNKNOWN_TRANSACTION = 9
+REFUND_EXCEEDS_REMAINING = 10
+NOT_REFUNDABLE = 11
+OVERFLOW = 12
+CAPACITY = 13
+
+# hold statuses (holds.status in Postgres)
+HOLD_OPEN = 1
+HOLD_STATUS_CAPTURED = 2
+HOLD_STATUS_VOIDED = 3
+HOLD_STATUS_EXPIRED = 4
+
+# transaction kinds (transactions.kind in Postgres)
+KIND_EARN = 1
+KIND_CAPTURE = 2
+KIND_REDEEM = 3
+KIND_REFUND_REDEMPTION = 4
+KIND_REFUND_EARN = 5
+
+# 2**62: sums of two balances still fit in int64, so the overflow checks cannot overflow themselves.
+BALANCE_MAX = 1 << 62
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_INT32_MAX = (1 << 31) - 1
+
+
+class LedgerInvariantError(Exception):
+    """An invariant of the ledger does not hold: a bug. The caller stops serving."""
+
+
+def _int64(value):
+    """Converts an argument the way the compiled module's `int64_t` parameters do."""
+    value = operator.index(value)
+    if value < _INT64_MIN or value > _INT64_MAX:
+        raise OverflowError(f"{value} does not fit in int64")
+    return value
+
+
+def _text(value):
+    """Accepts exactly what the compiled module's `str` parameters do: str, not a subclass."""
+    if type(value) is not str:
+        raise TypeError(f"member_id must be str, not {type(value).__name__}")
+    return value
+
+
+def _check_merchant(merchant):
+    if merchant < 0 or merchant > _INT32_MAX:
+        raise ValueError(f"merchant {merchant} is not a merchant slot (0..{_INT32_MAX})")
+
+
+def _check_positive(points):
+    if points <= 0:
+        raise ValueError(f"points must be > 0, got {points}")
+
+
+class Ledger:
+    def __init__(self, members_max, holds_max, transactions_max):
+        members_max, holds_max, transactions_max = (
+            _int64(members_max), _int64(holds_max), _int64(transactions_max))
+        if members_max < 1 or holds_max < 1 or transactions_max < 1:
+            raise ValueError("members_max, holds_max and transactions_max must each be >= 1, got "
+                             f"{members_max}, {holds_max}, {transactions_max}")
+        self._members_max = members_max
+        self._holds_max = holds_max
+        self._transactions_max = transactions_max
+
+        self._member_slots = {}
+        self._member_ids = []
+        self._member_posted = []
+        self._member_held = []
+
+        self._hold_slots = {}
+        self._hold_ids = []
+        self._hold_member = []
+        self._hold_merchant = []
+        self._hold_amount = []
+        self._hold_expires_at_us = []
+        self._hold_status = []
+        self._holds_open_count = 0
+
+        self._transaction_slots = {}
+        self._transaction_ids = []
+        self._transaction_kind = []
+        self._transaction_member = []
+        self._transaction_merchant = []
+        self._transaction_amount = []
+        self._transaction_refunded = []
+
+        # (expires_at_us, hold slot); entries of resolved holds are skipped when they reach the top
+        self._heap = []
+
+        # None outside begin()..commit()/rollback(); else (list, slot, old value) records
+        self._undo = None
+        self._begin_counts = None
+
+    # --- sizes ------------------------------------------------------------------------------------
+
+    @property
+    def members_count(self):
+        return len(self._member_ids)
+
+    @property
+    def holds_resident_count(self):
+        return len(self._hold_ids)
+
+    @property
+    def holds_open_count(self):
+        return self._holds_open_count
+
+    @property
+    def transactions_resident_count(self):
+        return len(self._transaction_ids)
+
+    # --- recorded writes: the only way existing members, holds and transactions change ------------
+
+    def _set(self, column, slot, value):
+        if self._undo is not None:
+            self._undo.append((column, slot, column[slot]))
+        column[slot] = value
+
+    def _set_hold_status(self, hold, status):
+        if self._hold_status[hold] == HOLD_OPEN:
+            self._holds_open_count -= 1
+        if status == HOLD_OPEN:
+            self._holds_open_count += 1
+        self._set(self._hold_status, hold, status)
+
+    # --- creation: appended at the end, so rollback() removes them by cutting back to the counts
+    #     remembered at begin() ----------------------------------------------------------------------
+
+    def _add_member(self, member_id, posted):
+        member = len(self._member_ids)
+        self._member_ids.append(member_id)
+        self._member_slots[member_id] = member
+        self._member_posted.append(posted)
+        self._member_held.append(0)
+        return member
+
+    def _add_hold(self, hold_id, member, merchant, amount, expires_at_us, status):
+        hold = len(self._hold_ids)
+        self._hold_slots[hold_id] = hold
+        self._hold_ids.append(hold_id)
+        self._hold_member.append(member)
+        self._hold_merchant.append(merchant)
+        self._hold_amount.append(amount)
+        self._hold_expires_at_us.append(expires_at_us)
+        self._hold_status.append(status)
+        if status == HOLD_OPEN:
+            self._holds_open_count += 1
+            heapq.heappush(self._heap, (expires_at_us, hold))
+        return hold
+
+    def _add_transaction(self, transaction_id, kind, member, merchant, amount, refunded):
+        self._transaction_slots[transaction_id] = len(self._transaction_ids)
+        self._transaction_ids.append(transaction_id)
+        self._transaction_kind.append(kind)
+        self._transaction_member.append(member)
+        self._transaction_merchant.append(merchant)
+        self._transaction_amount.append(amount)
+        self._transaction_refunded.append(refunded)
+
+    # --- checks ------------------------------------------------------------------------------------
+
+    def _check_member_slot(self, member_slot):
+        if member_slot < 0 or member_slot >= len(self._member_ids):
+            raise IndexError(f"member slot {member_slot} is not in 0..{len(self._member_ids) - 1}")
+
+    def _check_member_after(self, member, posted, held):
+        # Checked on the values an operation is about to write, before it writes any of them.
+        if posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted:
+            raise LedgerInvariantError(
+                f"member {self._member_ids[member]!r} (slot {member}) would have posted {posted}, "
+                f"held {held}; was posted {self._member_posted[member]}, "
+                f"held {self._member_held[member]}")
+
+    # --- rules shared by several operations ---------------------------------------------------------
+
+    def _release_hold(self, hold, status):
+        member = self._hold_member[hold]
+        held = self._member_held[member] - self._hold_amount[hold]
+        self._check_member_after(member, self._member_posted[member], held)
+        self._set_hold_status(hold, status)
+        self._set(self._member_held, member, held)
+
+    def _resolvable(self, hold, merchant, now_us):
+        """OK if the hold is open, unexpired and this merchant's; else the status to answer (an open
+        hold past its expiry is marked expired on the way)."""
+        if self._hold_merchant[hold] != merchant:
+            return WRONG_MERCHANT
+        status = self._hold_status[hold]
+        if status == HOLD_STATUS_CAPTURED:
+            return HOLD_CAPTURED
+        if status == HOLD_STATUS_VOIDED:
+            return HOLD_VOIDED
+        if status == HOLD_STATUS_EXPIRED:
+            return HOLD_EXPIRED
+        if self._hold_expires_at_us[hold] <= now_us:
+            self._release_hold(hold, HOLD_STATUS_EXPIRED)
+            return HOLD_EXPIRED
+        return OK
+
+    def _rebuild_heap(self):
+        self._heap = [(self._hold_expires_at_us[hold], hold) for hold in range(len(self._hold_ids))
+                      if self._hold_status[hold] == HOLD_OPEN]
+        heapq.heapify(self._heap)
+
+    # --- loading ----------------------------------------------------------------------------------
+
+    def load_member(self, member_id, posted):
+        member_id, posted = _text(member_id), _int64(posted)
+        if posted < 0 or posted > BALANCE_MAX:
+            raise OverflowError(f"posted {posted} of member {member_id!r} is outside 0..{BALANCE_MAX}")
+        found = self._member_slots.get(member_id)
+        if found is not None:
+            self._set(self._member_posted, found, posted)
+            return found
+        if len(self._member_ids) >= self._members_max:
+            raise OverflowError(f"members_max {self._members_max} reached; cannot load {member_id!r}")
+        return self._add_member(member_id, posted)
+
+    def load_hold(self, hold_id, member_slot, merchant, amount, expires_at_us, status):
+        hold_id, member_slot, merchant, amount, expires_at_us, status = map(
+            _int64, (hold_id, member_slot, merchant, amount, expires_at_us, status))
+        self._check_member_slot(member_slot)
+        _check_merchant(merchant)
+        if amount <= 0 or amount > BALANCE_MAX:
+            raise ValueError(f"hold {hold_id}: amount {amount} is outside 1..{BALANCE_MAX}")
+        if status < HOLD_OPEN or status > HOLD_STATUS_EXPIRED:
+            raise ValueError(f"hold {hold_id}: status {status} is not a hold status")
+        if hold_id in self._hold_slots:
+            raise KeyError(f"hold {hold_id} is resident already")
+        if len(self._hold_ids) >= self._holds_max:
+            raise OverflowError(f"holds_max {self._holds_max} reached; cannot load hold {hold_id}")
+        held = self._member_held[member_slot]
+        if status == HOLD_OPEN:
+            if amount > BALANCE_MAX - held:
+                raise OverflowError(f"hold {hold_id}: held of member slot {member_slot} would exceed "
+                                    f"{BALANCE_MAX}")
+            held += amount
+        self._add_hold(hold_id, member_slot, merchant, amount, expires_at_us, status)
+        if status == HOLD_OPEN:
+            self._set(self._member_held, member_slot, held)
+
+    def load_transaction(self, transaction_id, kind, member_slot, merchant, amount, refunded):
+        transaction_id, kind, member_slot, merchant, amount, refunded = map(
+            _int64, (transaction_id, kind, member_slot, merchant, amount, refunded))
+        self._check_member_slot(member_slot)
+        _check_merchant(merchant)
+        if kind < KIND_EARN or kind > KIND_REFUND_EARN:
+            raise ValueError(f"transaction {transaction_id}: kind {kind} is not a transaction kind")
+        if amount < 0 or amount > BALANCE_MAX:
+            raise ValueError(f"transaction {transaction_id}: amount {amount} is outside 0..{BALANCE_MAX}")
+        if refunded < 0 or refunded > amount:
+            raise ValueError(f"transaction {transaction_id}: refunded {refunded} is outside 0..{amount}")
+        if transaction_id in self._transaction_slots:
+            raise KeyError(f"transaction {transaction_id} is resident already")
+        if len(self._transaction_ids) >= self._transactions_max:
+            raise OverflowError(f"transactions_max {self._transactions_max} reached; cannot load "
+                                f"transaction {transaction_id}")
+        self._add_transaction(transaction_id, kind, member_slot, merchant, amount, refunded)
+
+    # --- look-ups ---------------------------------------------------------------------------------
+
+    def member_slot(self, member_id):
+        return self._member_slots.get(_text(member_id), -1)
+
+    def member_id(self, member_slot):
+        member_slot = _int64(member_slot)
+        self._check_member_slot(member_slot)
+        return self._member_ids[member_slot]
+
+    def has_hold(self, hold_id):
+        return _int64(hold_id) in self._hold_slots
+
+    def has_transaction(self, transaction_id):
+        return _int64(transaction_id) in self._transaction_slots
+
+    def balance(self, member_slot):
+        member_slot = _int64(member_slot)
+        self._check_member_slot(member_slot)
+        return (self._member_posted[member_slot], self._member_held[member_slot])
+
+    def hold(self, hold_id):
+        hold = self._hold_slots[_int64(hold_id)]
+        return (self._hold_status[hold], self._hold_member[hold], self._hold_merchant[hold],
+                self._hold_amount[hold], self._hold_expires_at_us[hold])
+
+    # --- undo log ---------------------------------------------------------------------------------
+
+    def begin(self):
+        if self._undo is not None:
+            raise RuntimeError("begin() called twice without commit() or rollback()")
+        self._undo = []
+        self._begin_counts = (len(self._member_ids), len(self._hold_ids), self._holds_open_count,
+                              len(self._transaction_ids))
+
+    def commit(self):
+        if self._undo is None:
+            raise RuntimeError("commit() called without begin()")
+        self._undo = None
+        self._begin_counts = None
+
+    def rollback(self):
+        if self._undo is None:
+            raise RuntimeError("rollback() called without begin()")
+        for column, slot, old_value in reversed(self._undo):
+            column[slot] = old_value
+        members, holds, holds_open, transactions = self._begin_counts
+        for member_id in self._member_ids[members:]:
+            del self._member_slots[member_id]
+        for hold_id in self._hold_ids[holds:]:
+            del self._hold_slots[hold_id]
+        for transaction_id in self._transaction_ids[transactions:]:
+            del self._transaction_slots[transaction_id]
+        for column in (self._member_ids, self._member_posted, self._member_held):
+            del column[members:]
+        for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
+                       self._hold_expires_at_us, self._hold_status):
+            del column[holds:]
+        for column in (self._transaction_ids, self._transaction_kind, self._transaction_member,
+                       self._transaction_merchant, self._transaction_amount,
+                       self._transaction_refunded):
+            del column[transactions:]
+        self._holds_open_count = holds_open
+        # Statuses and slots changed wholesale; one heapify is simpler than replaying each change.
+        self._rebuild_heap()
+        self._undo = None
+        self._begin_counts = None
+
+    # --- operations -------------------------------------------------------------------------------
+
+    def earn(self, member_id, merchant, points, transaction_id):
+        member_id = _text(member_id)
+        merchant, points, transaction_id = map(_int64, (merchant, points, transaction_id))
+        _check_merchant(merchant)
+        if points < 0:
+            raise ValueError(f"points must be >= 0, got {points}")
+        if transaction_id in self._transaction_slots:
+            raise KeyError(f"transaction {transaction_id} is resident already")
+        member = self._member_slots.get(member_id, -1)
+        posted = held = 0
+        if member >= 0:
+            posted, held = self._member_posted[member], self._member_held[member]
+        if points > BALANCE_MAX - posted:
+            return (OVERFLOW, 0, 0)
+        if member < 0 and len(self._member_ids) >= self._members_max:
+            return (CAPACITY, 0, 0)
+        if len(self._transaction_ids) >= self._transactions_max:
+            return (CAPACITY, 0, 0)
+        if member < 0:
+            member = self._add_member(member_id, 0)
+        posted += points
+        self._check_member_after(member, posted, held)
+        self._set(self._member_posted, member, posted)
+        self._add_transaction(transaction_id, KIND_EARN, member, merchant, points, 0)
+        return (OK, member, posted)
+
+    def authorize(self, member_slot, merchant, points, hold_id, expires_at_us):
+        member_slot, merchant, points, hold_id, expires_at_us = map(
+            _int64, (member_slot, merchant, points, hold_id, expires_at_us))
+        _check_positive(points)
+        _check_merchant(merchant)
+        if member_slot != -1:
+            self._check_member_slot(member_slot)
+        if hold_id in self._hold_slots:
+            raise KeyError(f"hold {hold_id} is resident already")
+        if member_slot == -1:
+            return (UNKNOWN_MEMBER, 0)
+        posted, held = self._member_posted[member_slot], self._member_held[member_slot]
+        if points > posted - held:
+            return (INSUFFICIENT_POINTS, 0)
+        if len(self._hold_ids) >= self._holds_max:
+            return (CAPACITY, 0)
+        held += points
+        self._check_member_after(member_slot, posted, held)
+        self._add_hold(hold_id, member_slot, merchant, points, expires_at_us, HOLD_OPEN)
+        self._set(self._member_held, member_slot, held)
+        return (OK, posted - held)
+
+    def capture(self, hold_id, merchant, points, transaction_id, now_us):
+        hold_id, merchant, points, transaction_id, now_us = map(
+            _int64, (hold_id, merchant, points, transaction_id, now_us))
+        _check_merchant(merchant)
+        if points < 0:
+            raise ValueError(f"points must be >= 0 (0 captures the whole hold), got {points}")
+        if transaction_id in self._transaction_slots:
+            raise KeyError(f"transaction {transaction_id} is resident already")
+        hold = self._hold_slots.get(hold_id)
+        if hold is None:
+            return (UNKNOWN_HOLD, 0, 0, 0, 0)
+        status = self._resolvable(hold, merchant, now_us)
+        if status != OK:
+            return (status, 0, 0, 0, 0)
+        amount = self._hold_amount[hold]
+        captured = amount if points == 0 else points
+        if captured > amount:
+            return (CAPTURE_EXCEEDS_HOLD, 0, 0, 0, 0)
+        if len(self._transaction_ids) >= self._transactions_max:
+            return (CAPACITY, 0, 0, 0, 0)
+        member = self._hold_member[hold]
+        posted = self._member_posted[member] - captured
+        held = self._member_held[member] - amount
+        self._check_member_after(member, posted, held)
+        self._release_hold(hold, HOLD_STATUS_CAPTURED)
+        self._set(self._member_posted, member, posted)
+        self._add_transaction(transaction_id, KIND_CAPTURE, member, merchant, captured, 0)
+        return (OK, captured, member, posted, posted - held)
+
+    def void(self, hold_id, merchant, now_us):
+        hold_id, merchant, now_us = map(_int64, (hold_id, merchant, now_us))
+        _check_merchant(merchant)
+        hold = self._hold_slots.get(hold_id)
+        if hold is None:
+            return (UNKNOWN_HOLD, 0, 0, 0)
+        status = self._resolvable(hold, merchant, now_us)
+        if status != OK:
+            return (status, 0, 0, 0)
+        member = self._hold_member[hold]
+        self._release_hold(hold, HOLD_STATUS_VOIDED)
+        return (OK, self._hold_amount[hold], member,
+                self._member_posted[member] - self._member_held[member])
+
+    def redeem(self, member_slot, merchant, points, transaction_id):
+        member_slot, merchant, points, transaction_id = map(
+            _int64, (member_slot, merchant, points, transaction_id))
+        _check_positive(points)
+        _check_merchant(merchant)
+        if member_slot != -1:
+            self._check_member_slot(member_slot)
+        if transaction_id in self._transaction_slots:
+            raise KeyError(f"transaction {transaction_id} is resident already")
+        if member_slot == -1:
+            return (UNKNOWN_MEMBER, 0, 0)
+        posted, held = self._member_posted[member_slot], self._member_held[member_slot]
+        if points > posted - held:
+            return (INSUFFICIENT_POINTS, 0, 0)
+        if len(self._transaction_ids) >= self._transactions_max:
+            return (CAPACITY, 0, 0)
+        posted -= points
+        self._check_member_after(member_slot, posted, held)
+        self._set(self._member_posted, member_slot, posted)
+        self._add_transaction(transaction_id, KIND_REDEEM, member_slot, merchant, points, 0)
+        return (OK, posted, posted - held)
+
+    def refund(self, transaction_id, merchant, points, refund_transaction_id):
+        transaction_id, merchant, points, refund_transaction_id = map(
+            _int64, (transaction_id, merchant, points, refund_transaction_id))
+        _check_positive(points)
+        _check_merchant(merchant)
+        if refund_transaction_id in self._transaction_slots:
+            raise KeyError(f"transaction {refund_transaction_id} is resident already")
+        transaction = self._transaction_slots.get(transaction_id)
+        if transaction is None:
+            return (UNKNOWN_TRANSACTION, 0, 0, 0, 0)
+        if self._transaction_merchant[transaction] != merchant:
+            return (WRONG_MERCHANT, 0, 0, 0, 0)
+        kind = self._transaction_kind[transaction]
+        if kind not in (KIND_EARN, KIND_CAPTURE, KIND_REDEEM):
+            return (NOT_REFUNDABLE, 0, 0, 0, 0)
+        refunded = self._transaction_refunded[transaction]
+        if points > self._transaction_amount[transaction] - refunded:
+            return (REFUND_EXCEEDS_REMAINING, 0, 0, 0, 0)
+        member = self._transaction_member[transaction]
+        posted, held = self._member_posted[member], self._member_held[member]
+        if kind == KIND_EARN:
+            if points > posted - held:
+                return (INSUFFICIENT_POINTS, 0, 0, 0, 0)
+            refund_kind = KIND_REFUND_EARN
+            posted -= points
+        else:
+            if points > BALANCE_MAX - posted:
+                return (OVERFLOW, 0, 0, 0, 0)
+            refund_kind = KIND_REFUND_REDEMPTION
+            posted += points
+        if len(self._transaction_ids) >= self._transactions_max:
+            return (CAPACITY, 0, 0, 0, 0)
+        self._check_member_after(member, posted, held)
+        self._set(self._transaction_refunded, transaction, refunded + points)
+        self._set(self._member_posted, member, posted)
+        self._add_transaction(refund_transaction_id, refund_kind, member, merchant, points, 0)
+        return (OK, refund_kind, member, posted, posted - held)
+
+    def expire_holds(self, now_us, limit):
+        now_us, limit = _int64(now_us), _int64(limit)
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        expired = []
+        while len(expired) < limit and self._heap and self._heap[0][0] <= now_us:
+            _, hold = heapq.heappop(self._heap)
+            if self._hold_status[hold] != HOLD_OPEN:
+                continue
+            self._release_hold(hold, HOLD_STATUS_EXPIRED)
+            expired.append(self._hold_ids[hold])
+        return expired
+
+    def forget_resolved(self):
+        if self._undo is not None:
+            raise RuntimeError("forget_resolved() called between begin() and commit()")
+        kept = [hold for hold in range(len(self._hold_ids)) if self._hold_status[hold] == HOLD_OPEN]
+        for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
+                       self._hold_expires_at_us, self._hold_status):
+            column[:] = [column[hold] for hold in kept]
+        self._hold_slots = {hold_id: hold for hold, hold_id in enumerate(self._hold_ids)}
+        self._rebuild_heap()
+        self._transaction_slots = {}
+        for column in (self._transaction_ids, self._transaction_kind, self._transaction_member,
+                       self._transaction_merchant, self._transaction_amount,
+                       self._transaction_refunded):
+            column.clear()
+
+    def check_invariants(self):
+        members = len(self._member_ids)
+        holds = len(self._hold_ids)
+        transactions = len(self._transaction_ids)
+        if (len(self._member_slots) != members or len(self._hold_slots) != holds
+                or len(self._transaction_slots) != transactions):
+            raise LedgerInvariantError(
+                f"indexes disagree with counts: {len(self._member_slots)} member ids, {members} "
+                f"members; {len(self._hold_slots)} hold ids, {holds} holds; "
+                f"{len(self._transaction_slots)} transaction ids, {transactions} transactions")
+        for member in range(members):
+            posted, held = self._member_posted[member], self._member_held[member]
+            if posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted:
+                raise LedgerInvariantError(
+                    f"member {self._member_ids[member]!r} (slot {member}): posted {posted}, held {held}")
+        held_sums = [0] * members
+        open_count = 0
+        for hold in range(holds):
+            member, amount, status = (
+                self._hold_member[hold], self._hold_amount[hold], self._hold_status[hold])
+            if (member < 0 or member >= members or amount <= 0 or amount > BALANCE_MAX
+                    or status < HOLD_OPEN or status > HOLD_STATUS_EXPIRED
+                    or self._hold_slots.get(self._hold_ids[hold]) != hold):
+                raise LedgerInvariantError(
+                    f"hold {self._hold_ids[hold]} (slot {hold}): member slot {member}, amount "
+                    f"{amount}, status {status}")
+            if status == HOLD_OPEN:
+                open_count += 1
+                held_sums[member] += amount
+                if held_sums[member] > BALANCE_MAX:
+                    raise LedgerInvariantError(
+                        f"open holds of member slot {member} sum beyond {BALANCE_MAX}")
+        if open_count != self._holds_open_count:
+            raise LedgerInvariantError(
+                f"{open_count} open holds, but holds_open_count is {self._holds_open_count}")
+        for member in range(members):
+            if held_sums[member] != self._member_held[member]:
+                raise LedgerInvariantError(
+                    f"member {self._member_ids[member]!r} (slot {member}): held "
+                    f"{self._member_held[member]} but its open holds sum to {held_sums[member]}")
+        in_heap = set()
+        for position, (expires_at_us, hold) in enumerate(self._heap):
+            if (hold < 0 or hold >= holds or hold in in_heap
+                    or expires_at_us != self._hold_expires_at_us[hold]
+                    or (position > 0 and self._heap[position] < self._heap[(position - 1) // 2])):
+                raise LedgerInvariantError(f"expiry heap entry {position} (hold slot {hold}) is "
+                                           "out of order, stale or repeated")
+            in_heap.add(hold)
+        for hold in range(holds):
+            if self._hold_status[hold] == HOLD_OPEN and hold not in in_heap:
+                raise LedgerInvariantError(
+                    f"open hold {self._hold_ids[hold]} is missing from the expiry heap")
+        for transaction in range(transactions):
+            kind, member = self._transaction_kind[transaction], self._transaction_member[transaction]
+            amount, refunded = (
+                self._transaction_amount[transaction], self._transaction_refunded[transaction])
+            if (kind < KIND_EARN or kind > KIND_REFUND_EARN or refunded < 0 or refunded > amount
+                    or member < 0 or member >= members
+                    or self._transaction_slots.get(self._transaction_ids[transaction]) != transaction):
+                raise LedgerInvariantError(
+                    f"transaction {self._transaction_ids[transaction]} (slot {transaction}): kind "
+                    f"{kind}, amount {amount}, refunded {refunded}")

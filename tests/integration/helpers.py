@@ -1,0 +1,108 @@
+"""Plain helpers shared by the idempotency, concurrency and restart tests (no fixtures here)."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+from points.v1 import points_pb2 as pb
+
+REPLAY_METADATA_KEY = "points-idempotent-replay"
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def error_of(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as raised:
+        call()
+    return raised.value
+
+
+def replay_flag(call: grpc.Call) -> str | None:
+    """The value of the replay trailer of a finished call (a response's call or an RpcError), if any."""
+    for key, value in call.trailing_metadata() or ():
+        if key == REPLAY_METADATA_KEY:
+            return value
+    return None
+
+
+def call_once(rpc, request, timeout: float = 30) -> tuple[object, str | None]:
+    """(response, replay trailer) of one unary call."""
+    response, call = rpc.with_call(request, timeout=timeout)
+    return response, replay_flag(call)
+
+
+def earn(stub, merchant: str, member: str, purchase: int, key: str | None = None) -> pb.EarnResponse:
+    return stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase,
+                                    idempotency_key=key or unique("k")), timeout=30)
+
+
+def funded_member(stub, merchant: str, point_units: int, give_back_bps: int = 1000) -> str:
+    """A new member holding `point_units` (earned at a merchant of `give_back_bps`)."""
+    member = unique("mem")
+    purchase = point_units * 10_000 // give_back_bps
+    assert purchase * give_back_bps // 10_000 == point_units, "pick a point_units the rate can produce"
+    earn(stub, merchant, member, purchase)
+    return member
+
+
+def balance(stub, member: str) -> tuple[int, int, int]:
+    response = stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30)
+    return response.posted, response.held, response.available
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def _snapshot(database_url: str) -> dict:
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            counts = await connection.fetchrow(
+                """SELECT (SELECT count(*) FROM transactions) AS transactions,
+                          (SELECT count(*) FROM entries) AS entries,
+                          (SELECT count(*) FROM holds) AS holds,
+                          (SELECT count(*) FROM idempotency_keys) AS idempotency_keys""")
+            accounts = await connection.fetch(
+                "SELECT kind, owner_id, balance FROM accounts ORDER BY kind, owner_id")
+            holds = await connection.fetch(
+                "SELECT authorization_id, status, captured FROM holds ORDER BY authorization_id")
+            refunded = await connection.fetch(
+                "SELECT transaction_id, refunded FROM transactions WHERE refunded > 0 ORDER BY transaction_id")
+        return {"counts": dict(counts), "accounts": [tuple(r) for r in accounts],
+                "holds": [tuple(r) for r in holds], "refunded": [tuple(r) for r in refunded]}
+    finally:
+        await connection.close()
+
+
+def ledger_snapshot(database_url: str) -> dict:
+    """Everything a mutating call can change in Postgres: row counts of the journal, holds and
+    idempotency records, every account balance, every hold's status and every refunded amount."""
+    return _run(_snapshot(database_url))
+
+
+async def _member_in_postgres(database_url: str, member: str) -> tuple[int, int, int]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction(isolation="repeatable_read", readonly=True):
+            row = await connection.fetchrow(
+                """SELECT a.balance,
+                          (SELECT coalesce(sum(e.amount), 0) FROM entries e
+                           WHERE e.account_id = a.account_id) AS entries,
+                          (SELECT coalesce(sum(h.amount), 0) FROM holds h
+                           WHERE h.member_id = a.owner_id AND h.status = 1 AND h.expires_at > now()) AS held
+                   FROM accounts a WHERE a.kind = 'member' AND a.owner_id = $1""", member)
+        return row["balance"], row["entries"], row["held"]
+    finally:
+        await connection.close()
+
+
+def member_in_postgres(database_url: str, member: str) -> tuple[int, int, int]:
+    """(accounts.balance, sum of the account's entries, sum of open unexpired holds) of a member."""
+    return _run(_member_in_postgres(database_url, member))
