@@ -14,6 +14,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from processor import config
 
@@ -90,11 +91,17 @@ def test_commented_kubernetes_scrape_job_is_valid(promtool, tmp_path):
         shutil.copy(rule_file, tmp_path / rule_file.name)
     candidate = tmp_path / "prometheus.yml"
     candidate.write_text(uncommented)
+    job = load_yaml(uncommented)[0]["scrape_configs"][1]
+    assert job["job_name"] == "points-processor-kubernetes"
+    assert job["kubernetes_sd_configs"][0]["role"] == "pod"
+    kept = {(tuple(r["source_labels"]), r["regex"]) for r in job["relabel_configs"] if r.get("action") == "keep"}
+    assert (("__meta_kubernetes_pod_container_port_name",), "metrics") in kept
+    assert (("__meta_kubernetes_pod_label_app_kubernetes_io_name",), "points-processor") in kept
     result = _promtool(promtool, "check", "config", str(candidate), cwd=tmp_path)
     if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
-        pytest.skip("this promtool was built without Kubernetes service discovery (as Debian's is)")
+        # Debian's promtool is built without Kubernetes discovery: the structure above is what we can check
+        return
     _assert_succeeded(result)
-    assert load_yaml(uncommented)[0]["scrape_configs"][1]["job_name"] == "points-processor-kubernetes"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -530,238 +537,5 @@ def test_systemd_unit_is_hardened_and_outlasts_the_drain():
     assert "DATABASE_URL" in values
 
 
-# ---------------------------------------------------------------------------------------------------
-# YAML: PyYAML when installed; otherwise a small loader for the subset the ops files use (block
-# mappings and sequences, plain and quoted scalars, flow [..] and {..} of scalars, | and > blocks,
-# comments, --- documents). It raises on anything else rather than guess.
-
-
 def load_yaml(text: str) -> list:
-    try:
-        import yaml
-    except ImportError:
-        return _MiniYaml(text).documents()
     return list(yaml.safe_load_all(text))
-
-
-class YamlSubsetError(ValueError):
-    pass
-
-
-class _MiniYaml:
-    def __init__(self, text: str):
-        self.text = text
-
-    def documents(self) -> list:
-        documents, current = [], []
-        for line in self.text.split("\n"):
-            if line.rstrip() == "---" or line.startswith("--- "):
-                documents.append(current)
-                current = []
-            else:
-                current.append(line)
-        documents.append(current)
-        parsed = [self._document(lines) for lines in documents]
-        if parsed and parsed[0] is None and any(line.rstrip() == "---" for line in self.text.split("\n")):
-            parsed = parsed[1:]   # comments before the first ---
-        return parsed
-
-    def _document(self, lines: list[str]):
-        self.lines, self.index = lines, 0
-        line = self._peek()
-        if line is None:
-            return None
-        value = self._block(self._indent(line))
-        if self._peek() is not None:
-            raise YamlSubsetError(f"unexpected line {self._peek()!r}")
-        return value
-
-    @staticmethod
-    def _indent(line: str) -> int:
-        return len(line) - len(line.lstrip(" "))
-
-    def _peek(self):
-        while self.index < len(self.lines):
-            stripped = self.lines[self.index].strip()
-            if stripped and not stripped.startswith("#"):
-                return self.lines[self.index]
-            self.index += 1
-        return None
-
-    def _block(self, indent: int):
-        line = self._peek()
-        if line.strip().startswith("- ") or line.strip() == "-":
-            return self._sequence(indent)
-        return self._mapping(indent)
-
-    def _sequence(self, indent: int) -> list:
-        items = []
-        while (line := self._peek()) is not None and self._indent(line) == indent \
-                and (line.strip().startswith("- ") or line.strip() == "-"):
-            content = line.strip()[1:].strip()
-            if not content or content.startswith("#"):
-                self.index += 1
-                following = self._peek()
-                items.append(self._block(self._indent(following))
-                             if following is not None and self._indent(following) > indent else None)
-            elif self._key_split(content) is not None:
-                # "- key: value" opens a mapping whose keys sit two columns in
-                self.lines[self.index] = " " * (indent + 2) + content
-                items.append(self._mapping(indent + 2))
-            else:
-                self.index += 1
-                items.append(self._scalar(content))
-        if line is not None and self._indent(line) > indent:
-            raise YamlSubsetError(f"bad indentation: {line!r}")
-        return items
-
-    def _mapping(self, indent: int) -> dict:
-        mapping = {}
-        while (line := self._peek()) is not None and self._indent(line) == indent \
-                and not line.strip().startswith("- "):
-            split = self._key_split(line.strip())
-            if split is None:
-                raise YamlSubsetError(f"expected 'key: value': {line!r}")
-            key, rest = split
-            self.index += 1
-            rest = rest.strip()
-            if rest.startswith(("|", ">")):
-                mapping[key] = self._block_scalar(rest, indent)
-            elif rest and not rest.startswith("#"):
-                mapping[key] = self._scalar(rest)
-            else:
-                following = self._peek()
-                if following is not None and self._indent(following) > indent:
-                    mapping[key] = self._block(self._indent(following))
-                elif following is not None and self._indent(following) == indent \
-                        and following.strip().startswith("- "):
-                    mapping[key] = self._sequence(indent)
-                else:
-                    mapping[key] = None
-        if line is not None and self._indent(line) > indent:
-            raise YamlSubsetError(f"bad indentation: {line!r}")
-        return mapping
-
-    @staticmethod
-    def _key_split(content: str):
-        if content[0] in "\"'":
-            end = _MiniYaml._quoted_end(content)
-            key, rest = _MiniYaml._scalar(content[:end + 1]), content[end + 1:]
-            return (key, rest[1:]) if rest.startswith(":") else None
-        if content[0] in "[{":
-            return None
-        match = re.match(r"([^\s:#][^:#]*?)\s*:(?:\s+|$)(.*)$", content)
-        return (match.group(1), match.group(2)) if match else None
-
-    @staticmethod
-    def _quoted_end(content: str) -> int:
-        quote, index = content[0], 1
-        while index < len(content):
-            if quote == '"' and content[index] == "\\":
-                index += 2
-                continue
-            if content[index] == quote:
-                if quote == "'" and content[index + 1:index + 2] == "'":
-                    index += 2
-                    continue
-                return index
-            index += 1
-        raise YamlSubsetError(f"unterminated string: {content!r}")
-
-    def _block_scalar(self, header: str, indent: int) -> str:
-        style, chomp = header[0], header[1:2]
-        lines = []
-        while self.index < len(self.lines):
-            line = self.lines[self.index]
-            if line.strip() and self._indent(line) <= indent:
-                break
-            lines.append(line)
-            self.index += 1
-        while lines and not lines[-1].strip():
-            lines.pop()
-        if not lines:
-            return ""
-        block_indent = min(self._indent(line) for line in lines if line.strip())
-        lines = [line[block_indent:] for line in lines]
-        if chomp not in ("", "-"):
-            raise YamlSubsetError(f"unsupported block scalar header {header!r}")
-        if style == "|":
-            text = "\n".join(lines)
-        else:  # folded: line breaks become spaces, except around empty and more-indented lines
-            text = lines[0]
-            for previous, line in zip(lines, lines[1:]):
-                if not line:
-                    text += "\n"
-                elif not previous:
-                    text += line
-                elif line.startswith(" ") or previous.startswith(" "):
-                    text += "\n" + line
-                else:
-                    text += " " + line
-        return text if chomp == "-" else text + "\n"
-
-    @staticmethod
-    def _scalar(content: str):
-        content = content.strip()
-        if content[0] in "\"'":
-            end = _MiniYaml._quoted_end(content)
-            if content[end + 1:].strip() and not content[end + 1:].strip().startswith("#"):
-                raise YamlSubsetError(f"text after a quoted string: {content!r}")
-            inner = content[1:end]
-            return json.loads('"' + inner + '"') if content[0] == '"' else inner.replace("''", "'")
-        if content[0] in "[{":
-            return _MiniYaml._flow(content)
-        content = re.split(r"\s+#", content, maxsplit=1)[0].strip()
-        if content in ("true", "false"):
-            return content == "true"
-        if content in ("null", "~"):
-            return None
-        if re.fullmatch(r"[-+]?\d+", content):
-            return int(content)
-        if re.fullmatch(r"[-+]?\d+\.\d*(?:[eE][-+]?\d+)?", content):
-            return float(content)
-        if content[0] in "&*!%@`|>":
-            raise YamlSubsetError(f"unsupported YAML: {content!r}")
-        return content
-
-    @staticmethod
-    def _flow(content: str):
-        closing = {"[": "]", "{": "}"}[content[0]]
-        items, depth, start, index = [], 0, 1, 0
-        while index < len(content):
-            character = content[index]
-            if character in "\"'":
-                index = index + _MiniYaml._quoted_end(content[index:]) + 1
-                continue
-            if character in "[{":
-                depth += 1
-                if depth > 1:
-                    raise YamlSubsetError(f"nested flow collections: {content!r}")
-            elif character in "]}" or (character == "," and depth == 1):
-                if content[start:index].strip():
-                    items.append(content[start:index].strip())
-                start = index + 1
-                if character in "]}":
-                    depth -= 1
-                    if character != closing:
-                        raise YamlSubsetError(f"mismatched brackets: {content!r}")
-                    break
-            index += 1
-        if closing == "]":
-            return [_MiniYaml._scalar(item) for item in items]
-        mapping = {}
-        for item in items:
-            split = _MiniYaml._key_split(item)
-            if split is None:
-                raise YamlSubsetError(f"expected 'key: value' in {content!r}")
-            mapping[split[0]] = _MiniYaml._scalar(split[1])
-        return mapping
-
-
-@pytest.mark.parametrize("path", [PROMETHEUS_CONFIG, *RULE_FILES, ALERTS_TEST, KUBERNETES],
-                         ids=lambda p: p.name)
-def test_mini_yaml_loader_reads_the_ops_files_like_a_yaml_parser(path):
-    """The fallback loader agrees with PyYAML on the ops files (skipped where PyYAML is absent, which
-    is where the fallback is used)."""
-    yaml = pytest.importorskip("yaml", reason="PyYAML is not installed; the ops tests use the fallback loader")
-    assert _MiniYaml(path.read_text()).documents() == list(yaml.safe_load_all(path.read_text()))
