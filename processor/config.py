@@ -59,6 +59,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("holds_max", int, 2_000_000, "holds resident in the fast path, at most"),
     Option("transactions_resident_max", int, 200_000,
            "refundable transactions cached in the fast path before the cache is dropped"),
+    Option("rpcs_in_flight_max", int, 10_000,
+           "RPCs being handled at once, at most; beyond it calls get RESOURCE_EXHAUSTED"),
+    Option("merchant_operations_per_second", float, 0.0,
+           "per-merchant rate limit on mutating calls (token bucket); 0 = no limit"),
+    Option("merchant_burst_operations", int, 1000, "per-merchant burst allowed above the rate"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
     Option("shutdown_drain_seconds", float, 0.5,
@@ -91,6 +96,9 @@ class Settings:
     members_max: int = 5_000_000
     holds_max: int = 2_000_000
     transactions_resident_max: int = 200_000
+    rpcs_in_flight_max: int = 10_000
+    merchant_operations_per_second: float = 0.0
+    merchant_burst_operations: int = 1000
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
@@ -129,6 +137,9 @@ class Settings:
         check(self.members_max >= 1 and self.holds_max >= 1, "members_max and holds_max must be >= 1")
         check(self.transactions_resident_max >= self.batch_operations_max,
               "transactions_resident_max must be >= batch_operations_max")
+        check(1 <= self.rpcs_in_flight_max <= 1_000_000, "rpcs_in_flight_max must be 1..1000000")
+        check(self.merchant_operations_per_second >= 0, "merchant_operations_per_second must be >= 0")
+        check(self.merchant_burst_operations >= 1, "merchant_burst_operations must be >= 1")
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")

@@ -139,3 +139,24 @@ def differing_field(stored: dict[str, Any], method: str, request: dict[str, Any]
         if stored.get(name) != request.get(name):
             return name
     return None
+
+
+class TokenBuckets:
+    """A token bucket per key (merchant): `rate` tokens a second, at most `burst` saved up. The number
+    of buckets is bounded by the number of merchants, which the merchants table bounds."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at monotonic seconds)
+
+    def take(self, key: str, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        return True

@@ -7,12 +7,6 @@ member, key or id.
 """
 from __future__ import annotations
 
-import contextvars
-import logging
-import time
-import uuid
-
-import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 # 100 µs to ~1.6 s, doubling (plus 2.5 s and 5 s for the tail).
@@ -45,6 +39,8 @@ batch_linger_seconds = Gauge("points_pipeline_batch_linger_seconds", "Configured
 batches = Counter("points_pipeline_batches_total", "Batches by result (committed or failed).", ["result"])
 operations_shed = Counter("points_pipeline_operations_shed_total",
                           "Operations refused with RESOURCE_EXHAUSTED because the queue was full.")
+operations_rate_limited = Counter("points_operations_rate_limited_total",
+                                  "Mutating calls refused with RESOURCE_EXHAUSTED by a merchant's rate limit.")
 idempotent_replays = Counter("points_idempotent_replays_total",
                              "Calls answered with the stored outcome of an earlier call with the same key.")
 resyncs = Counter("points_pipeline_resyncs_total",
@@ -91,62 +87,3 @@ def serve_http(listen: str) -> int:
     host, _, port = listen.rpartition(":")
     server, _thread = start_http_server(int(port), addr=host, registry=registry)
     return server.server_port
-
-
-log = logging.getLogger("points.rpc")
-REQUEST_ID_HEADER = "x-request-id"
-REQUEST_ID_BYTES_MAX = 64
-# The id of the RPC being handled, for log lines written anywhere below the servicer.
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-
-
-def _request_id(context) -> str:
-    """The caller's x-request-id if it sent a sane one, else a new one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= REQUEST_ID_BYTES_MAX \
-                and value.isascii() and value.isprintable():
-            return value
-    return uuid.uuid4().hex
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """RED metrics for every unary-unary method, named as go-grpc-prometheus names them; a request id
-    per call (the caller's x-request-id or a new one), sent back in the initial metadata and logged
-    with every call that did not end OK (at DEBUG for those that did)."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        inner = handler.unary_unary
-        labels = (service, method, "unary")
-        started = rpc_started.labels(*labels)
-        seconds = rpc_seconds.labels(*labels)
-
-        async def behavior(request, context):
-            started.inc()
-            begin = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            rid = _request_id(context)
-            request_id.set(rid)
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-            try:
-                response = await inner(request, context)
-                code = context.code() or grpc.StatusCode.OK
-                return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
-                raise
-            finally:
-                elapsed = time.perf_counter() - begin
-                seconds.observe(elapsed)
-                rpc_handled.labels(*labels, code.name).inc()
-                level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
-                if log.isEnabledFor(level):
-                    log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
-                                                 "details": context.details() or "", "seconds": round(elapsed, 6)})
-
-        return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)

@@ -33,7 +33,7 @@ import fastpath
 from processor import domain, metrics
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.store import BatchWrite, MerchantRow, Store, from_micros, micros, to_json
+from processor.store import BatchWrite, MerchantRow, Store, StoreError, from_micros, to_json
 
 log = logging.getLogger("points.pipeline")
 
@@ -117,6 +117,10 @@ class Pipeline:
     async def recover(self) -> None:
         """Loads merchants, balances, open holds and id high-water marks from Postgres."""
         self.ready = False
+        if not await self.store.writer_lock_alive():
+            # Postgres restarted (or the lock connection broke): the lock is ours again or the start fails
+            await self.store.release_writer_lock()
+            await self.store.acquire_writer_lock()
         self.merchants = Merchants(await self.store.merchants())
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
         last_transaction, last_authorization = await self.store.id_high_water_marks()
@@ -323,7 +327,9 @@ class Pipeline:
             message = ("the ledger database refused or did not answer; this operation was not applied. "
                        "Retry with the same idempotency key")
         self._fail(batch, Code.UNAVAILABLE, message)
-        if ambiguous:
+        if ambiguous or not await self.store.reachable():
+            # Until Postgres answers again the service cannot commit: calls get UNAVAILABLE at once
+            # and health says NOT_SERVING; then the fast path is rebuilt from Postgres.
             await self._resync()
 
     async def _resync(self) -> None:
@@ -336,8 +342,8 @@ class Pipeline:
             try:
                 await self.recover()
                 return
-            except (domain.InvariantViolation, fastpath.LedgerInvariantError):
-                raise
+            except (domain.InvariantViolation, fastpath.LedgerInvariantError, StoreError):
+                raise  # a bug, or another writer took the ledger while Postgres was away: stop
             except Exception as error:
                 log.warning("resync from postgres failed; retrying", extra={"error": repr(error)})
                 # fail what queued up meanwhile, so callers do not wait on a dead database

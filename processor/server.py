@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from points.v1 import points_pb2, points_pb2_grpc
-from processor import metrics
+from processor import metrics, rpc
 from processor.config import Settings
 from processor.pipeline import Pipeline
 from processor.servicer import PointsServicer
@@ -61,7 +61,8 @@ class Service:
         # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
-        self.server = grpc.aio.server(interceptors=[metrics.RpcMetricsInterceptor()], options=[
+        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor()],
+                                      maximum_concurrent_rpcs=settings.rpcs_in_flight_max, options=[
             ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
             ("grpc.so_reuseport", 0),
         ])

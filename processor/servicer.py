@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -73,6 +74,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         self.settings = settings
         self.pipeline = pipeline
         self.validate = Validator(settings)
+        self.rate_limits = domain.TokenBuckets(settings.merchant_operations_per_second,
+                                               settings.merchant_burst_operations)
 
     # --- helpers ---
 
@@ -86,6 +89,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                                             "the operator adds merchants (python -m processor merchant add)")
         if merchant.status != "active":
             raise Rejection(Code.FAILED_PRECONDITION, f"merchant {merchant_id!r} is {merchant.status}")
+        if not self.rate_limits.take(merchant_id, time.monotonic()):
+            metrics.operations_rate_limited.inc()
+            raise Rejection(Code.RESOURCE_EXHAUSTED,
+                            f"merchant {merchant_id!r} exceeds its limit of "
+                            f"{self.settings.merchant_operations_per_second:g} operations/s; retry with backoff")
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
 

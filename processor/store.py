@@ -219,9 +219,15 @@ class Store:
         except (asyncpg.PostgresError, OSError, TimeoutError):
             return False
 
+    async def reachable(self, timeout: float = 2.0) -> bool:
+        try:
+            return await self.pool.fetchval("SELECT 1", timeout=timeout) == 1
+        except Exception:  # any failure to answer means: not reachable now
+            return False
+
     async def release_writer_lock(self) -> None:
         if self._writer_lock is not None:
-            await self._writer_lock.close()
+            self._writer_lock.terminate()  # no round trip: the connection may be dead already
             self._writer_lock = None
 
     # --- merchants (CLI now; the admin API later) ---

@@ -128,3 +128,53 @@ def test_idempotency_purge_deletes_only_records_older_than_the_cutoff(create_dat
             await store.close()
     assert asyncio.run(purge()) == 1
     assert [r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM idempotency_keys")] == ["new"]
+
+
+def test_per_merchant_rate_limit_sheds_that_merchant_only(create_database, service_factory):
+    url = create_database()
+    add_merchant(url, "busy", 1000)
+    add_merchant(url, "quiet", 1000)
+    # a burst of 10, then one operation per 1,000 s: the 11th call inside this test is refused
+    service = service_factory(url, "--merchant-operations-per-second", "0.001", "--merchant-burst-operations", "10")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        outcomes = []
+        for i in range(15):
+            try:
+                stub.Earn(pb.EarnRequest(merchant_id="busy", member_id="m", purchase_amount=1000,
+                                         idempotency_key=f"busy-{i}"))
+                outcomes.append("OK")
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "busy" in error.details() and "operations/s" in error.details()
+                outcomes.append("SHED")
+        assert outcomes == ["OK"] * 10 + ["SHED"] * 5
+        stub.Earn(pb.EarnRequest(merchant_id="quiet", member_id="m", purchase_amount=1000, idempotency_key="q"))
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id="m")).posted == 11 * 100
+    keys = {r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM transactions")}
+    assert keys == {f"busy-{i}" for i in range(10)} | {"q"}
+
+
+def test_rpcs_in_flight_are_bounded(create_database, service_factory):
+    url = create_database()
+    add_merchant(url, "shop", 1000)
+    # 4 RPCs at once at most; the committer lingers 300 ms, so 40 concurrent calls overflow the bound
+    service = service_factory(url, "--rpcs-in-flight-max", "4", "--batch-linger-seconds", "0.3")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        keys = [unique("k") for _ in range(40)]
+        futures = [stub.Earn.future(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000,
+                                                   idempotency_key=key)) for key in keys]
+        accepted, shed = set(), set()
+        for key, future in zip(keys, futures):
+            try:
+                future.result(timeout=60)
+                accepted.add(key)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                shed.add(key)
+        assert shed and accepted
+        # the service keeps serving once the burst is over
+        stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000, idempotency_key="after"))
+    posted = {r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM transactions")}
+    assert posted == accepted | {"after"}

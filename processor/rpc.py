@@ -1,0 +1,89 @@
+"""The RPC layer around every servicer method: request ids, RED metrics, JSON logs of failed calls,
+and requests that do not decode (answered INVALID_ARGUMENT instead of gRPC's generic error)."""
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+
+import grpc
+
+from processor import metrics
+
+log = logging.getLogger("points.rpc")
+REQUEST_ID_HEADER = "x-request-id"
+REQUEST_ID_BYTES_MAX = 64
+# The id of the RPC being handled, for log lines written anywhere below the servicer.
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+def _request_id(context) -> str:
+    """The caller's x-request-id if it sent a sane one, else a new one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= REQUEST_ID_BYTES_MAX \
+                and value.isascii() and value.isprintable():
+            return value
+    return uuid.uuid4().hex
+
+
+class RpcInterceptor(grpc.aio.ServerInterceptor):
+    """RED metrics for every unary-unary method, named as go-grpc-prometheus names them; a request id
+    per call (the caller's x-request-id or a new one), sent back in the initial metadata and logged
+    with every call that did not end OK (at DEBUG for those that did)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        inner = handler.unary_unary
+        decode = handler.request_deserializer
+        request_type = method + "Request"
+
+        def deserialize(data: bytes):
+            try:
+                return decode(data)
+            except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
+                return _Undecodable(f"{service}.{request_type}", error)
+        labels = (service, method, "unary")
+        started = metrics.rpc_started.labels(*labels)
+        seconds = metrics.rpc_seconds.labels(*labels)
+
+        async def behavior(request, context):
+            started.inc()
+            begin = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            rid = _request_id(context)
+            request_id.set(rid)
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+            try:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                response = await inner(request, context)
+                code = context.code() or grpc.StatusCode.OK
+                return response
+            except BaseException:
+                code = context.code() or grpc.StatusCode.UNKNOWN
+                raise
+            finally:
+                elapsed = time.perf_counter() - begin
+                seconds.observe(elapsed)
+                metrics.rpc_handled.labels(*labels, code.name).inc()
+                level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
+                if log.isEnabledFor(level):
+                    log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
+                                                 "details": context.details() or "", "seconds": round(elapsed, 6)})
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior, request_deserializer=deserialize,
+            response_serializer=handler.response_serializer)
+
+
+class _Undecodable:
+    """Stands for a request whose bytes are not the method's message."""
+
+    def __init__(self, type_name: str, error: Exception):
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        self.message = (f"request is not a valid {type_name}: {reason}; "
+                        "send the message the method's .proto declares (string fields must be UTF-8)")
