@@ -20,6 +20,10 @@ GIVE_BACK_BPS_MAX = 2_000
 ACCOUNT_MEMBER = "member"
 ACCOUNT_MERCHANT_ISSUED = "merchant_issued"
 ACCOUNT_MERCHANT_REDEEMED = "merchant_redeemed"
+ACCOUNT_MERCHANT_FEES = "merchant_fees"
+ACCOUNT_OPERATOR_FEE_REVENUE = "operator_fee_revenue"
+ACCOUNT_OPERATOR_BREAKAGE = "operator_breakage"
+OPERATOR_ID = "operator"
 
 TRANSACTION_PREFIX = "txn_"
 AUTHORIZATION_PREFIX = "auth_"
@@ -32,6 +36,7 @@ class Code(enum.Enum):
     NOT_FOUND = "NOT_FOUND"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
     ALREADY_EXISTS = "ALREADY_EXISTS"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
@@ -63,6 +68,13 @@ def earn_point_units(purchase_amount: int, give_back_bps: int) -> int:
     require(purchase_amount >= 0, "purchase_amount must be >= 0")
     require(GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX, "give_back_bps out of range")
     return purchase_amount * give_back_bps // BPS_DENOMINATOR
+
+
+def fee_point_units(points: int, fee_bps: int) -> int:
+    """The operator's fee on points: floor(points * fee_bps / 10000). The fraction of a point-unit is
+    rounded down, in the merchant's favour; fees are not returned when a transaction is refunded."""
+    require(points >= 0 and 0 <= fee_bps <= BPS_DENOMINATOR, "fee arguments out of range")
+    return points * fee_bps // BPS_DENOMINATOR
 
 
 def format_transaction_id(transaction_id: int) -> str:

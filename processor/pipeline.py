@@ -33,7 +33,7 @@ import fastpath
 from processor import domain, metrics
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.store import BatchWrite, MerchantRow, Store, StoreError, from_micros, to_json
+from processor.store import BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
 
 log = logging.getLogger("points.pipeline")
 
@@ -105,6 +105,9 @@ class Pipeline:
         self._idle = asyncio.Event()
         self._idle.set()
         self._expired_pending: list[int] = []
+        # No batch is dated before this (microseconds): the clock never runs backwards, and never
+        # before the newest settlement cut.
+        self._clock_floor_us = 0
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.draining = False       # shutting down: new operations are refused, queued ones commit
@@ -125,6 +128,9 @@ class Pipeline:
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
         last_transaction, last_authorization = await self.store.id_high_water_marks()
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
+        latest_cut = await self.store.latest_cut_off()
+        if latest_cut is not None:
+            self._clock_floor_us = max(self._clock_floor_us, micros(latest_cut))
         self._expired_pending = []
         self.ready = True
         log.info("recovered ledger from postgres", extra={
@@ -193,6 +199,15 @@ class Pipeline:
             self._queued.set()
         return self.ledger
 
+    async def settle_before(self, cut_off_us: int) -> None:
+        """Makes every transaction dated before cut_off durable and every later one dated at or after it:
+        the point where a settlement period can be closed at cut_off while traffic goes on."""
+        if cut_off_us > now_micros():
+            raise Rejection(Code.INVALID_ARGUMENT, "cut_off is in the future; a period closes at or before now")
+        self._clock_floor_us = max(self._clock_floor_us, cut_off_us)
+        while self._writing:
+            await self._idle.wait()
+
     # --- the committer ---
 
     async def _run(self) -> None:
@@ -225,20 +240,21 @@ class Pipeline:
         started = time.monotonic()
         for op in batch:
             metrics.queue_wait_seconds.observe(started - op.enqueued_at)
-        now_us = now_micros()
-        created_at = from_micros(now_us)
         timeout = settings.commit_timeout_seconds
         try:
             stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
-            await self._prefetch(batch, now_us)
+            await self._prefetch(batch, now_micros())
         except domain.InvariantViolation:
             raise
         except Exception as error:  # reads only: nothing was written
             await self._database_failed(batch, error, ambiguous=False)
             return
 
+        # The batch's time is taken here, after the awaits above and with no await until _writing is set,
+        # so a settlement cut (close_period) sees every batch dated before it as committed or writing.
+        now_us = self._clock_floor_us = max(now_micros(), self._clock_floor_us)
         ledger = self.ledger
-        write = BatchWrite(created_at=created_at)
+        write = BatchWrite(created_at=from_micros(now_us))
         outcomes: list[Outcome] = []
         self._writing = True
         self._idle.clear()
@@ -400,14 +416,23 @@ class Pipeline:
             return _ledger_rejection(status, op)
         if new_member:
             write.new_members.append(op.member_id)
+        fee = self._fee(write, transaction_id, op.merchant_id, op.points, "fee_issued_bps")
         write.transactions.append((transaction_id, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
-                                   op.purchase_amount, None, None, op.idempotency_key))
+                                   op.purchase_amount, None, None, op.idempotency_key, fee))
         if op.points:
             write.entries.append((transaction_id, _MEMBER, op.member_id, op.points))
             write.entries.append((transaction_id, _ISSUED, op.merchant_id, -op.points))
         return Outcome(Code.OK, {
             "transaction_id": transaction_id, "points": op.points, "balance": posted,
             "give_back_bps": self.merchants.by_id[op.merchant_id].give_back_bps, "created_at_us": now_us})
+
+    def _fee(self, write: BatchWrite, transaction_id: int, merchant_id: str, points: int, schedule: str) -> int:
+        """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
+        fee = domain.fee_point_units(points, getattr(self.merchants.by_id[merchant_id], schedule))
+        if fee:
+            write.entries.append((transaction_id, domain.ACCOUNT_MERCHANT_FEES, merchant_id, -fee))
+            write.entries.append((transaction_id, domain.ACCOUNT_OPERATOR_FEE_REVENUE, domain.OPERATOR_ID, fee))
+        return fee
 
     def _member(self, op: Operation) -> int:
         slot = self.ledger.member_slot(op.member_id)
@@ -449,8 +474,9 @@ class Pipeline:
         write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, captured,
                                      transaction_id if captured else None))
         if captured:
+            fee = self._fee(write, transaction_id, op.merchant_id, captured, "fee_redeemed_bps")
             write.transactions.append((transaction_id, fastpath.KIND_CAPTURE, op.merchant_id, member_id, captured,
-                                       None, op.authorization_id, None, op.idempotency_key))
+                                       None, op.authorization_id, None, op.idempotency_key, fee))
             write.entries.append((transaction_id, _MEMBER, member_id, -captured))
             write.entries.append((transaction_id, _REDEEMED, op.merchant_id, captured))
         return Outcome(Code.OK, {"transaction_id": transaction_id if captured else 0, "points": captured,
@@ -478,8 +504,9 @@ class Pipeline:
         status, posted, available = self.ledger.redeem(slot, op.merchant_slot, op.points, transaction_id)
         if status != fastpath.OK:
             return _ledger_rejection(status, op, self.ledger, slot)
+        fee = self._fee(write, transaction_id, op.merchant_id, op.points, "fee_redeemed_bps")
         write.transactions.append((transaction_id, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
-                                   None, None, None, op.idempotency_key))
+                                   None, None, None, op.idempotency_key, fee))
         write.entries.append((transaction_id, _MEMBER, op.member_id, -op.points))
         write.entries.append((transaction_id, _REDEEMED, op.merchant_id, op.points))
         return Outcome(Code.OK, {"transaction_id": transaction_id, "points": op.points, "balance": posted,
@@ -496,7 +523,7 @@ class Pipeline:
             return _ledger_rejection(status, op, ledger)
         member_id = ledger.member_id(member_slot)
         write.transactions.append((refund_id, kind, op.merchant_id, member_id, op.points, None, None,
-                                   op.transaction_id, op.idempotency_key))
+                                   op.transaction_id, op.idempotency_key, 0))
         write.refunds.append((op.transaction_id, op.points))
         if kind == fastpath.KIND_REFUND_REDEMPTION:
             write.entries.append((refund_id, _REDEEMED, op.merchant_id, -op.points))

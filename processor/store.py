@@ -18,8 +18,11 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 import asyncpg
 
 from processor import metrics
-from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED,
-                              ASSET_POINTS, GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
+from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
+                              ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_OPERATOR_FEE_REVENUE, ASSET_POINTS,
+                              GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, OPERATOR_ID, require)
+
+MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES)
 
 log = logging.getLogger("points.store")
 
@@ -113,6 +116,17 @@ class MerchantRow:
     merchant_slot: int
     give_back_bps: int
     status: str
+    name: str = ""
+    region: str = ""
+    fee_redeemed_bps: int = 0
+    fee_issued_bps: int = 0
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+
+MERCHANT_COLUMNS = ("merchant_id, merchant_slot, give_back_bps, status, name, region, fee_redeemed_bps, "
+                    "fee_issued_bps, created_at, updated_at")
+MERCHANT_SETTABLE = ("name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region", "status")
 
 
 @dataclasses.dataclass(slots=True)
@@ -150,7 +164,7 @@ class BatchWrite:
     created_at: dt.datetime
     new_members: list[str] = dataclasses.field(default_factory=list)
     # (transaction_id, kind, merchant_id, member_id, amount, purchase_amount|None,
-    #  authorization_id|None, original_transaction_id|None, idempotency_key)
+    #  authorization_id|None, original_transaction_id|None, idempotency_key, fee)
     transactions: list[tuple] = dataclasses.field(default_factory=list)
     # (transaction_id, account kind, owner_id, amount): amount is added to the account's balance
     entries: list[tuple[int, str, str, int]] = dataclasses.field(default_factory=list)
@@ -167,6 +181,9 @@ class BatchWrite:
     @property
     def empty(self) -> bool:
         return not (self.idempotency or self.expired_holds)
+
+
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def micros(moment: dt.datetime) -> int:
@@ -232,36 +249,76 @@ class Store:
 
     # --- merchants (CLI now; the admin API later) ---
 
-    async def add_merchant(self, merchant_id: str, give_back_bps: int) -> MerchantRow:
+    async def add_merchant(self, merchant_id: str, give_back_bps: int, *, name: str = "", region: str = "",
+                           fee_redeemed_bps: int = 0, fee_issued_bps: int = 0) -> MerchantRow:
+        """Creates a merchant and its issued, redeemed and fees accounts. StoreError if it exists."""
         if not GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX:
             raise StoreError(f"give-back rate {give_back_bps} bps is outside "
                              f"{GIVE_BACK_BPS_MIN}..{GIVE_BACK_BPS_MAX} (3%..20%)")
+        for field, value in (("fee_redeemed_bps", fee_redeemed_bps), ("fee_issued_bps", fee_issued_bps)):
+            if not 0 <= value <= 10_000:
+                raise StoreError(f"{field} {value} is outside 0..10000 basis points")
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("LOCK TABLE merchants IN SHARE ROW EXCLUSIVE MODE")
             row = await connection.fetchrow(
-                """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps)
-                   SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2 FROM merchants
-                   ON CONFLICT (merchant_id) DO NOTHING
-                   RETURNING merchant_id, merchant_slot, give_back_bps, status""",
-                merchant_id, give_back_bps)
+                f"""INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps, name, region,
+                                           fee_redeemed_bps, fee_issued_bps)
+                    SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2, $3, $4, $5, $6 FROM merchants
+                    ON CONFLICT (merchant_id) DO NOTHING
+                    RETURNING {MERCHANT_COLUMNS}""",
+                merchant_id, give_back_bps, name, region, fee_redeemed_bps, fee_issued_bps)
             if row is None:
                 raise StoreError(f"merchant {merchant_id!r} exists already")
             await connection.executemany(
                 "INSERT INTO accounts (kind, owner_id, asset_code) VALUES ($1, $2, $3)",
-                [(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS),
-                 (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_POINTS)])
+                [(kind, merchant_id, ASSET_POINTS) for kind in MERCHANT_ACCOUNTS])
         return MerchantRow(**dict(row))
 
-    async def merchants(self) -> list[MerchantRow]:
+    async def update_merchant(self, merchant_id: str, changes: dict[str, Any]) -> MerchantRow | None:
+        """Sets the given MERCHANT_SETTABLE fields; None if the merchant does not exist."""
+        unknown = set(changes) - set(MERCHANT_SETTABLE)
+        require(not unknown, f"update_merchant: unknown fields {unknown}")
+        if not changes:
+            return await self.merchant(merchant_id)
+        names = sorted(changes)
+        assignments = ", ".join(f"{name} = ${i + 2}" for i, name in enumerate(names))
+        row = await self.pool.fetchrow(
+            f"""UPDATE merchants SET {assignments}, updated_at = now() WHERE merchant_id = $1
+                RETURNING {MERCHANT_COLUMNS}""", merchant_id, *[changes[n] for n in names])
+        return MerchantRow(**dict(row)) if row else None
+
+    async def merchants(self, after_slot: int = -1, limit: int | None = None) -> list[MerchantRow]:
         rows = await self.pool.fetch(
-            "SELECT merchant_id, merchant_slot, give_back_bps, status FROM merchants ORDER BY merchant_slot")
+            f"""SELECT {MERCHANT_COLUMNS} FROM merchants WHERE merchant_slot > $1
+                ORDER BY merchant_slot LIMIT $2""", after_slot, limit)
         return [MerchantRow(**dict(r)) for r in rows]
 
     async def merchant(self, merchant_id: str) -> MerchantRow | None:
-        row = await self.pool.fetchrow(
-            "SELECT merchant_id, merchant_slot, give_back_bps, status FROM merchants WHERE merchant_id = $1",
-            merchant_id)
+        row = await self.pool.fetchrow(f"SELECT {MERCHANT_COLUMNS} FROM merchants WHERE merchant_id = $1",
+                                       merchant_id)
         return MerchantRow(**dict(row)) if row else None
+
+    # --- credentials ---
+
+    async def insert_api_key(self, key_id: str, secret_sha256: bytes, kind: str, merchant_ids: list[str],
+                             description: str) -> None:
+        missing = await self.pool.fetch(
+            "SELECT m FROM unnest($1::text[]) AS m WHERE NOT EXISTS "
+            "(SELECT 1 FROM merchants WHERE merchant_id = m)", merchant_ids)
+        if missing:
+            raise StoreError(f"no merchant {missing[0]['m']!r}: create it before issuing its key")
+        await self.pool.execute(
+            """INSERT INTO api_keys (key_id, secret_sha256, kind, merchant_ids, description)
+               VALUES ($1, $2, $3, $4, $5)""", key_id, secret_sha256, kind, merchant_ids, description)
+
+    async def api_key(self, key_id: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            "SELECT key_id, secret_sha256, kind, merchant_ids, revoked_at FROM api_keys WHERE key_id = $1", key_id)
+
+    async def revoke_api_key(self, key_id: str) -> dt.datetime | None:
+        return await self.pool.fetchval(
+            """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1
+               RETURNING revoked_at""", key_id)
 
     # --- start-up loads ---
 
@@ -348,8 +405,8 @@ class Store:
                 "transactions",
                 columns=["transaction_id", "kind", "merchant_id", "member_id", "asset_code", "amount",
                          "purchase_amount", "authorization_id", "original_transaction_id",
-                         "idempotency_key", "created_at"],
-                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at)
+                         "idempotency_key", "created_at", "fee"],
+                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at, t[9])
                          for t in b.transactions],
                 timeout=timeout)
         if b.new_holds:
@@ -441,6 +498,96 @@ class Store:
         result = await self.pool.execute("DELETE FROM idempotency_keys WHERE created_at < $1", older_than)
         return int(result.split()[-1])
 
+    # --- clearing ---
+
+    async def merchant_position(self, merchant_id: str) -> dict[str, int] | None:
+        """Balances of the merchant's accounts, as updated by every committed batch (no journal scan)."""
+        rows = await self.pool.fetch(
+            "SELECT kind, balance FROM accounts WHERE owner_id = $1 AND kind = ANY($2::text[]) AND asset_code = $3",
+            merchant_id, list(MERCHANT_ACCOUNTS), ASSET_POINTS)
+        if not rows:
+            return None
+        balance = {r["kind"]: r["balance"] for r in rows}
+        issued = -balance.get(ACCOUNT_MERCHANT_ISSUED, 0)
+        redeemed = balance.get(ACCOUNT_MERCHANT_REDEEMED, 0)
+        fees = -balance.get(ACCOUNT_MERCHANT_FEES, 0)
+        return {"issued": issued, "redeemed": redeemed, "fees": fees, "net": redeemed - issued - fees}
+
+    async def latest_cut_off(self) -> dt.datetime | None:
+        return await self.pool.fetchval("SELECT max(cut_off) FROM settlement_periods")
+
+    async def close_period(self, cut_off: dt.datetime) -> tuple[asyncpg.Record, bool]:
+        """Closes the open period at cut_off and writes every merchant's statement, in one transaction.
+        Returns (period, created). The caller guarantees no transaction dated before cut_off commits
+        afterwards. Idempotent on cut_off; StoreError if cut_off is not after the newest cut."""
+        async with self.pool.acquire() as c, c.transaction():
+            await c.execute("LOCK TABLE settlement_periods IN EXCLUSIVE MODE")
+            existing = await c.fetchrow("SELECT * FROM settlement_periods WHERE cut_off = $1", cut_off)
+            if existing is not None:
+                return existing, False
+            last = await c.fetchrow("SELECT period_id, cut_off FROM settlement_periods ORDER BY period_id DESC LIMIT 1")
+            opened_at = last["cut_off"] if last else EPOCH
+            if cut_off <= opened_at:
+                raise StoreError(f"cut_off {cut_off.isoformat()} is not after the newest cut "
+                                 f"{opened_at.isoformat()}; cuts only move forward")
+            period_id = (last["period_id"] + 1) if last else 1
+            period = await c.fetchrow(
+                """INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES ($1, $2, $3)
+                   RETURNING *""", period_id, opened_at, cut_off)
+            await c.execute(
+                """WITH moves AS (
+                     SELECT merchant_id,
+                            coalesce(sum(amount) FILTER (WHERE kind = 1), 0) AS issued,
+                            coalesce(sum(amount) FILTER (WHERE kind = 5), 0) AS earn_refunds,
+                            coalesce(sum(amount) FILTER (WHERE kind IN (2, 3)), 0) AS redeemed,
+                            coalesce(sum(amount) FILTER (WHERE kind = 4), 0) AS redemption_refunds,
+                            sum(fee) AS fees, count(*) AS transactions
+                     FROM transactions WHERE created_at >= $2 AND created_at < $3
+                     GROUP BY merchant_id),
+                   previous AS (SELECT merchant_id, closing_position FROM statements WHERE period_id = $4)
+                   INSERT INTO statements
+                   SELECT $1, merchant_id, coalesce(p.closing_position, 0),
+                          coalesce(m.issued, 0), coalesce(m.earn_refunds, 0), coalesce(m.redeemed, 0),
+                          coalesce(m.redemption_refunds, 0), coalesce(m.fees, 0), n.net,
+                          coalesce(p.closing_position, 0) + n.net, coalesce(m.transactions, 0)
+                   FROM moves m FULL JOIN previous p USING (merchant_id),
+                        LATERAL (SELECT coalesce(m.redeemed, 0) - coalesce(m.redemption_refunds, 0)
+                                        - coalesce(m.issued, 0) + coalesce(m.earn_refunds, 0)
+                                        - coalesce(m.fees, 0) AS net) n""",
+                period_id, opened_at, cut_off, period_id - 1)
+            return period, True
+
+    async def period_summary(self, period_id: int) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            """SELECT p.period_id, p.opened_at, p.cut_off, count(s.merchant_id) AS merchants,
+                      coalesce(sum(s.net), 0)::bigint AS net_total, coalesce(sum(s.fees), 0)::bigint AS fees_total
+               FROM settlement_periods p LEFT JOIN statements s USING (period_id)
+               WHERE p.period_id = $1 GROUP BY p.period_id""", period_id)
+
+    async def statements(self, *, period_id: int = 0, merchant_id: str = "", after: str = "",
+                         limit: int = 100) -> list[asyncpg.Record]:
+        """One period's statements by merchant id (after `after`), or one merchant's, newest first."""
+        if merchant_id:
+            return await self.pool.fetch(
+                """SELECT s.*, p.opened_at, p.cut_off FROM statements s JOIN settlement_periods p USING (period_id)
+                   WHERE s.merchant_id = $1 AND ($2 = 0 OR s.period_id = $2)
+                     AND ($3 = '' OR s.period_id < $3::bigint)
+                   ORDER BY s.period_id DESC LIMIT $4""", merchant_id, period_id, after, limit)
+        return await self.pool.fetch(
+            """SELECT s.*, p.opened_at, p.cut_off FROM statements s JOIN settlement_periods p USING (period_id)
+               WHERE s.period_id = $1 AND s.merchant_id > $2 ORDER BY s.merchant_id LIMIT $3""",
+            period_id, after, limit)
+
+    async def statement_lines(self, period_id: int, merchant_id: str) -> list[asyncpg.Record]:
+        """The merchant's transactions of a period, each with its effect on the merchant's position."""
+        return await self.pool.fetch(
+            """SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount, t.fee,
+                      (CASE t.kind WHEN 1 THEN -t.amount WHEN 5 THEN t.amount WHEN 4 THEN -t.amount
+                                   ELSE t.amount END) - t.fee AS net
+               FROM settlement_periods p JOIN transactions t
+                 ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+               WHERE p.period_id = $1 ORDER BY t.transaction_id""", period_id, merchant_id)
+
     # --- reconciliation (tests and, later, the reconcile command) ---
 
     async def ledger_discrepancies(self) -> list[str]:
@@ -471,6 +618,40 @@ class Store:
             for r in await c.fetch("""SELECT transaction_id, amount, refunded FROM transactions
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
+            for r in await c.fetch(
+                    """WITH e AS (
+                         SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS s
+                         FROM settlement_periods p
+                         JOIN transactions t ON t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                         JOIN entries e ON e.transaction_id = t.transaction_id
+                         JOIN accounts a ON a.account_id = e.account_id
+                           AND a.kind IN ('merchant_issued', 'merchant_redeemed', 'merchant_fees')
+                         GROUP BY 1, 2)
+                       SELECT coalesce(s.period_id, e.period_id) AS period_id,
+                              coalesce(s.merchant_id, e.merchant_id) AS merchant_id, s.net, e.s
+                       FROM statements s FULL JOIN e USING (period_id, merchant_id)
+                       WHERE coalesce(s.net, 0) <> coalesce(e.s, 0) LIMIT 5"""):
+                problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: net {r['net']} "
+                                f"!= journal {r['s']}")
+            for r in await c.fetch(
+                    """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
+                       FROM statements s LEFT JOIN statements p
+                         ON p.merchant_id = s.merchant_id AND p.period_id = s.period_id - 1
+                       WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""):
+                problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
+                                f"{r['opening_position']}, the previous closed at {r['closing_position']}")
+            totals = await c.fetchrow(
+                """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
+                          coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,
+                          coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
+                          coalesce(sum(balance) FILTER (WHERE kind = 'merchant_fees'), 0) AS fees,
+                          coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage
+                   FROM accounts""")
+            if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] != 0:
+                problems.append(f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
+                                f"breakage {totals['breakage']} + members' points {totals['members']} != 0")
+            if totals["revenue"] != -totals["fees"]:
+                problems.append(f"fee revenue {totals['revenue']} != fees charged {-totals['fees']}")
         return problems
 
 

@@ -1,0 +1,320 @@
+"""The operator's services: MerchantAdmin (merchants, credentials) and Clearing (positions, settlement
+periods, statements, CSV export). proto ⇄ store; the pipeline is told about merchant changes so the
+fast path applies them from the next call on."""
+from __future__ import annotations
+
+import base64
+import csv
+import datetime as dt
+import io
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from points.v1 import admin_pb2 as pb
+from points.v1 import admin_pb2_grpc
+from processor import auth, domain
+from processor.config import Settings
+from processor.domain import Code, Rejection
+from processor.errors import grpc_status
+from processor.pipeline import Pipeline
+from processor.servicer import Validator
+from processor.store import MERCHANT_SETTABLE, MerchantRow, StoreError, micros
+
+_STATUS = {"active": pb.MERCHANT_STATUS_ACTIVE, "suspended": pb.MERCHANT_STATUS_SUSPENDED}
+_STATUS_NAME = {v: k for k, v in _STATUS.items()}
+_KIND_NAME = {pb.API_KEY_KIND_MERCHANT: "merchant", pb.API_KEY_KIND_GATEWAY: "gateway",
+              pb.API_KEY_KIND_OPERATOR: "operator"}
+LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 100, 1000
+GATEWAY_MERCHANTS_MAX = 10_000
+TEXT_BYTES_MAX = 200
+
+
+def _timestamp(moment: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
+    if moment is None:
+        return None
+    value = micros(moment)
+    return timestamp_pb2.Timestamp(seconds=value // 1_000_000, nanos=(value % 1_000_000) * 1000)
+
+
+def merchant_message(row: MerchantRow) -> pb.Merchant:
+    return pb.Merchant(merchant_id=row.merchant_id, name=row.name, give_back_bps=row.give_back_bps,
+                       fee_redeemed_bps=row.fee_redeemed_bps, fee_issued_bps=row.fee_issued_bps,
+                       region=row.region, status=_STATUS[row.status], created_at=_timestamp(row.created_at),
+                       updated_at=_timestamp(row.updated_at))
+
+
+def _page_size(value: int) -> int:
+    size = value or LIST_PAGE_DEFAULT
+    if not 1 <= size <= LIST_PAGE_MAX:
+        raise Rejection(Code.INVALID_ARGUMENT, f"page_size must be 0 (default {LIST_PAGE_DEFAULT})..{LIST_PAGE_MAX}")
+    return size
+
+
+def _token(value: str) -> str:
+    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
+
+
+def _untoken(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+    except (ValueError, UnicodeError):
+        raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued") from None
+
+
+async def _guard(context, call):
+    try:
+        return await call()
+    except Rejection as rejection:
+        await context.abort(grpc_status(rejection.code), rejection.message)
+
+
+class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
+    def __init__(self, settings: Settings, pipeline: Pipeline, authenticator: auth.Authenticator):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.authenticator = authenticator
+        self.validate = Validator(settings)
+
+    def _fields(self, merchant: pb.Merchant, names) -> dict:
+        """The settable fields named, validated, as store values."""
+        changes = {}
+        for name in names:
+            if name not in MERCHANT_SETTABLE:
+                raise Rejection(Code.INVALID_ARGUMENT,
+                                f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}")
+            value = getattr(merchant, name)
+            if name == "give_back_bps" and not domain.GIVE_BACK_BPS_MIN <= value <= domain.GIVE_BACK_BPS_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"give_back_bps must be 300..2000 (3%..20%), got {value}")
+            if name in ("fee_redeemed_bps", "fee_issued_bps") and not 0 <= value <= 10_000:
+                raise Rejection(Code.INVALID_ARGUMENT, f"{name} must be 0..10000 basis points, got {value}")
+            if name in ("name", "region") and len(value.encode()) > TEXT_BYTES_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"{name} must be at most {TEXT_BYTES_MAX} bytes")
+            if name == "status":
+                if value not in _STATUS_NAME:
+                    raise Rejection(Code.INVALID_ARGUMENT, "status must be MERCHANT_STATUS_ACTIVE or _SUSPENDED")
+                value = _STATUS_NAME[value]
+            changes[name] = value
+        return changes
+
+    async def _store(self):
+        if self.pipeline.store is None or not self.pipeline.ready:
+            raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+        return self.pipeline.store
+
+    async def CreateMerchant(self, request, context):
+        async def call():
+            m = request.merchant
+            merchant_id = self.validate.identifier(m.merchant_id, "merchant.merchant_id")
+            fields = self._fields(m, ["name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region"])
+            store = await self._store()
+            try:
+                row = await store.add_merchant(merchant_id, **fields)
+            except StoreError as error:
+                code = Code.ALREADY_EXISTS if "exists already" in str(error) else Code.INVALID_ARGUMENT
+                raise Rejection(code, str(error)) from None
+            self.pipeline.merchants.add(row)
+            return merchant_message(row)
+        return await _guard(context, call)
+
+    async def UpdateMerchant(self, request, context):
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
+            names = list(request.update_fields) or list(MERCHANT_SETTABLE)
+            fields = self._fields(request.merchant, names)
+            row = await (await self._store()).update_merchant(merchant_id, fields)
+            if row is None:
+                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
+            self.pipeline.merchants.add(row)
+            return merchant_message(row)
+        return await _guard(context, call)
+
+    async def SuspendMerchant(self, request, context):
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            row = await (await self._store()).update_merchant(merchant_id, {"status": "suspended"})
+            if row is None:
+                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
+            self.pipeline.merchants.add(row)
+            return merchant_message(row)
+        return await _guard(context, call)
+
+    async def GetMerchant(self, request, context):
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            row = await (await self._store()).merchant(merchant_id)
+            if row is None:
+                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
+            return merchant_message(row)
+        return await _guard(context, call)
+
+    async def ListMerchants(self, request, context):
+        async def call():
+            size = _page_size(request.page_size)
+            after = int(_untoken(request.page_token) or -1) if request.page_token else -1
+            rows = await (await self._store()).merchants(after, size + 1)
+            more = len(rows) > size
+            rows = rows[:size]
+            return pb.ListMerchantsResponse(merchants=[merchant_message(r) for r in rows],
+                                            next_page_token=_token(str(rows[-1].merchant_slot)) if more else "")
+        return await _guard(context, call)
+
+    async def IssueApiKey(self, request, context):
+        async def call():
+            kind = _KIND_NAME.get(request.kind)
+            if kind is None:
+                raise Rejection(Code.INVALID_ARGUMENT, "kind must be API_KEY_KIND_MERCHANT, _GATEWAY or _OPERATOR")
+            merchant_ids = [self.validate.identifier(m, "merchant_ids") for m in request.merchant_ids]
+            expected = {"merchant": "exactly one", "gateway": "one or more", "operator": "no"}[kind]
+            if (kind == "merchant" and len(merchant_ids) != 1) or (kind == "gateway" and not merchant_ids) \
+                    or (kind == "operator" and merchant_ids) or len(merchant_ids) > GATEWAY_MERCHANTS_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"a {kind} key takes {expected} merchant_ids")
+            if len(request.description.encode()) > TEXT_BYTES_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"description must be at most {TEXT_BYTES_MAX} bytes")
+            key = auth.new_key()
+            try:
+                await (await self._store()).insert_api_key(key.key_id, key.secret_sha256, kind,
+                                                           sorted(set(merchant_ids)), request.description)
+            except StoreError as error:
+                raise Rejection(Code.NOT_FOUND, str(error)) from None
+            return pb.IssueApiKeyResponse(key_id=key.key_id, key=key.key)
+        return await _guard(context, call)
+
+    async def RevokeApiKey(self, request, context):
+        async def call():
+            revoked_at = await (await self._store()).revoke_api_key(request.key_id)
+            if revoked_at is None:
+                raise Rejection(Code.NOT_FOUND, f"no API key {request.key_id!r}")
+            self.authenticator.forget(request.key_id)
+            return pb.RevokeApiKeyResponse(revoked_at=_timestamp(revoked_at))
+        return await _guard(context, call)
+
+
+STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
+                         "earn_refunds", "redeemed", "redemption_refunds", "fees", "net", "closing_position",
+                         "transactions")
+LINE_CSV_COLUMNS = ("period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount",
+                    "fee", "net")
+_KIND_TEXT = {1: "earn", 2: "capture", 3: "redeem", 4: "refund_of_redemption", 5: "refund_of_earn"}
+
+
+def statement_message(r) -> pb.Statement:
+    return pb.Statement(
+        merchant_id=r["merchant_id"], period_id=r["period_id"], opened_at=_timestamp(r["opened_at"]),
+        cut_off=_timestamp(r["cut_off"]), opening_position=r["opening_position"], issued=r["issued"],
+        earn_refunds=r["earn_refunds"], redeemed=r["redeemed"], redemption_refunds=r["redemption_refunds"],
+        fees=r["fees"], net=r["net"], closing_position=r["closing_position"], transactions=r["transactions"])
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class ClearingServicer(admin_pb2_grpc.ClearingServicer):
+    def __init__(self, settings: Settings, pipeline: Pipeline):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.validate = Validator(settings)
+
+    async def _store(self):
+        if self.pipeline.store is None or not self.pipeline.ready:
+            raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+        return self.pipeline.store
+
+    async def GetMerchantPosition(self, request, context):
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            store = await self._store()
+            await self.pipeline.committed_view()
+            as_of = dt.datetime.now(dt.timezone.utc)
+            position = await store.merchant_position(merchant_id)
+            if position is None:
+                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
+            return pb.MerchantPosition(merchant_id=merchant_id, as_of=_timestamp(as_of), **position)
+        return await _guard(context, call)
+
+    async def CloseSettlementPeriod(self, request, context):
+        async def call():
+            if not request.HasField("cut_off"):
+                raise Rejection(Code.INVALID_ARGUMENT, "cut_off is required (a time at or before now)")
+            cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
+            store = await self._store()
+            await self.pipeline.settle_before(micros(cut_off))
+            try:
+                period, _ = await store.close_period(cut_off)
+            except StoreError as error:
+                raise Rejection(Code.FAILED_PRECONDITION, str(error)) from None
+            summary = await store.period_summary(period["period_id"])
+            return pb.SettlementPeriod(period_id=summary["period_id"], opened_at=_timestamp(summary["opened_at"]),
+                                       cut_off=_timestamp(summary["cut_off"]), merchants=summary["merchants"],
+                                       net_total=summary["net_total"], fees_total=summary["fees_total"])
+        return await _guard(context, call)
+
+    async def GetStatement(self, request, context):
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            if request.period_id <= 0:
+                raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
+            rows = await (await self._store()).statements(period_id=request.period_id, merchant_id=merchant_id,
+                                                          limit=1)
+            if not rows:
+                raise Rejection(Code.NOT_FOUND, f"no statement of {merchant_id!r} for period {request.period_id} "
+                                                "(no movement, or the period is not closed)")
+            return statement_message(rows[0])
+        return await _guard(context, call)
+
+    async def ListStatements(self, request, context):
+        async def call():
+            size = _page_size(request.page_size)
+            after = _untoken(request.page_token) if request.page_token else ""
+            store = await self._store()
+            if request.merchant_id:
+                merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+                rows = await store.statements(merchant_id=merchant_id, period_id=request.period_id, after=after,
+                                              limit=size + 1)
+                key = "period_id"
+            else:
+                if request.period_id <= 0:
+                    raise Rejection(Code.INVALID_ARGUMENT, "give merchant_id, or period_id > 0")
+                rows = await store.statements(period_id=request.period_id, after=after, limit=size + 1)
+                key = "merchant_id"
+            more = len(rows) > size
+            rows = rows[:size]
+            return pb.ListStatementsResponse(statements=[statement_message(r) for r in rows],
+                                             next_page_token=_token(str(rows[-1][key])) if more else "")
+        return await _guard(context, call)
+
+    async def ExportStatement(self, request, context):
+        async def call():
+            if request.period_id <= 0:
+                raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
+            store = await self._store()
+            if await store.period_summary(request.period_id) is None:
+                raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
+            out = io.StringIO()
+            writer = csv.writer(out, lineterminator="\n")
+            lines = 0
+            if request.merchant_id:
+                merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+                writer.writerow(LINE_CSV_COLUMNS)
+                for r in await store.statement_lines(request.period_id, merchant_id):
+                    writer.writerow((request.period_id, merchant_id, domain.format_transaction_id(r["transaction_id"]),
+                                     _iso(r["created_at"]), _KIND_TEXT[r["kind"]], r["member_id"], r["amount"],
+                                     r["fee"], r["net"]))
+                    lines += 1
+            else:
+                writer.writerow(STATEMENT_CSV_COLUMNS)
+                after = ""
+                while True:  # paged, so a 50,000-merchant period never needs one huge result set
+                    rows = await store.statements(period_id=request.period_id, after=after, limit=5000)
+                    for r in rows:
+                        writer.writerow((r["period_id"], r["merchant_id"], _iso(r["opened_at"]), _iso(r["cut_off"]),
+                                         r["opening_position"], r["issued"], r["earn_refunds"], r["redeemed"],
+                                         r["redemption_refunds"], r["fees"], r["net"], r["closing_position"],
+                                         r["transactions"]))
+                    lines += len(rows)
+                    if len(rows) < 5000:
+                        break
+                    after = rows[-1]["merchant_id"]
+            return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines)
+        return await _guard(context, call)
