@@ -65,13 +65,91 @@ def cmd_merchant_add(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def action(store):
-        return await store.add_merchant(args.merchant_id, args.give_back_bps)
+        return await store.add_merchant(args.merchant_id, args.give_back_bps, name=args.name, region=args.region,
+                                        fee_redeemed_bps=args.fee_redeemed_bps, fee_issued_bps=args.fee_issued_bps)
     try:
         row = _run(_with_store(settings, action))
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"merchant {row.merchant_id} added: give-back {row.give_back_bps} bps, slot {row.merchant_slot}")
+    return 0
+
+
+def cmd_key_create(args: argparse.Namespace) -> int:
+    """Prints a new API key; the key is the last word on stdout (it is shown once, stored as a hash)."""
+    from processor import auth
+    from processor.store import StoreError
+    settings = _settings(args)
+    merchant_ids = args.merchant_id or []
+    if args.operator:
+        kind = "operator"
+        if merchant_ids:
+            sys.exit("error: an operator key takes no --merchant-id")
+    elif args.gateway:
+        kind = "gateway"
+        if not merchant_ids:
+            sys.exit("error: a gateway key needs one or more --merchant-id")
+    else:
+        kind = "merchant"
+        if len(merchant_ids) != 1:
+            sys.exit("error: give exactly one --merchant-id (or --gateway with several, or --operator)")
+    key = auth.new_key()
+
+    async def action(store):
+        await store.insert_api_key(key.key_id, key.secret_sha256, kind, sorted(set(merchant_ids)),
+                                   args.description)
+    try:
+        _run(_with_store(settings, action))
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    scope = f" for {', '.join(merchant_ids)}" if merchant_ids else ""
+    print(f"{kind} key {key.key_id}{scope} (shown once; send as 'authorization: Bearer <key>'): {key.key}")
+    return 0
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def action(store):
+        return await store.revoke_api_key(args.key_id)
+    revoked_at = _run(_with_store(settings, action))
+    if revoked_at is None:
+        print(f"error: no API key {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"key {args.key_id} revoked at {revoked_at.isoformat()}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    """Checks the ledger's invariants; prints each check, exits 1 with the first discrepancy."""
+    settings = _settings(args)
+
+    async def action(store):
+        return await store.ledger_discrepancies(report=lambda check: print(f"checking: {check}", flush=True))
+    problems = _run(_with_store(settings, action))
+    if problems:
+        print(f"DISCREPANCY: {problems[0]}")
+        if len(problems) > 1:
+            print(f"({len(problems) - 1} more)")
+        return 1
+    print("reconciled: every check holds")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    """Creates a network of merchants (varied rates) and members with points, through the journal."""
+    import time as _time
+    settings = _settings(args)
+
+    async def action(store):
+        started = _time.monotonic()
+        await store.seed_network(args.merchants, args.members, args.points_per_member,
+                                 progress=lambda text: print(text, flush=True))
+        return _time.monotonic() - started
+    seconds = _run(_with_store(settings, action))
+    print(f"seeded {args.merchants} merchants and {args.members} members in {seconds:.1f} s")
     return 0
 
 
@@ -170,8 +248,39 @@ def parser() -> argparse.ArgumentParser:
     add = merchant.add_parser("add", help="add a merchant with its give-back rate")
     add.add_argument("--merchant-id", required=True)
     add.add_argument("--give-back-bps", type=int, required=True, help="300..2000 (3%%..20%%)")
+    add.add_argument("--fee-redeemed-bps", type=int, default=0,
+                     help="operator fee on points redeemed at the merchant, 0..10000 bps [default 0]")
+    add.add_argument("--fee-issued-bps", type=int, default=0,
+                     help="operator fee on points the merchant issues, 0..10000 bps [default 0]")
+    add.add_argument("--name", default="")
+    add.add_argument("--region", default="")
     config.add_arguments(add, DATABASE_OPTIONS)
     add.set_defaults(func=cmd_merchant_add)
+
+    key = commands.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
+    create = key.add_parser("create", help="create a merchant, gateway or operator key; prints it once")
+    create.add_argument("--merchant-id", action="append",
+                        help="the merchant the key acts for (repeat with --gateway for several)")
+    create.add_argument("--gateway", action="store_true", help="a gateway key for the listed merchants")
+    create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdmin, Clearing)")
+    create.add_argument("--description", default="")
+    config.add_arguments(create, DATABASE_OPTIONS)
+    create.set_defaults(func=cmd_key_create)
+    revoke = key.add_parser("revoke", help="revoke a key (effective within the auth cache time)")
+    revoke.add_argument("--key-id", required=True)
+    config.add_arguments(revoke, DATABASE_OPTIONS)
+    revoke.set_defaults(func=cmd_key_revoke)
+
+    reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")
+    config.add_arguments(reconcile, DATABASE_OPTIONS)
+    reconcile.set_defaults(func=cmd_reconcile)
+
+    seed = commands.add_parser("seed", help="create a network of merchants and members (scale tests)")
+    seed.add_argument("--merchants", type=int, default=50_000)
+    seed.add_argument("--members", type=int, default=1_000_000)
+    seed.add_argument("--points-per-member", type=int, default=10_000, help="point-units earned by each member")
+    config.add_arguments(seed, DATABASE_OPTIONS)
+    seed.set_defaults(func=cmd_seed)
 
     demo = commands.add_parser("demo", help="one earn and one authorize+capture against a running service")
     demo.add_argument("--target", default="127.0.0.1:50051", help="service address [default 127.0.0.1:50051]")

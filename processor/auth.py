@@ -74,7 +74,12 @@ class Authenticator:
         if cached is not None and now - cached[1] < self.cache_seconds:
             return cached[0]
         key_id, secret = match.groups()
-        row = await self.store.api_key(key_id)
+        if self.store is None:
+            raise Rejection(Code.UNAVAILABLE, "the service is starting; retry shortly")
+        try:
+            row = await self.store.api_key(key_id)
+        except Exception:  # Postgres unreachable: retryable, not a bad key
+            raise Rejection(Code.UNAVAILABLE, "cannot check the API key now; retry shortly") from None
         if row is None or not hmac.compare_digest(row["secret_sha256"], hashlib.sha256(secret.encode()).digest()):
             raise Rejection(Code.UNAUTHENTICATED, "the API key is not valid; ask the operator for a key")
         if row["revoked_at"] is not None:

@@ -9,13 +9,24 @@ import uuid
 
 import grpc
 
-from processor import metrics
+from processor import auth, metrics
+from processor.domain import Code, Rejection
+from processor.errors import grpc_status
 
 log = logging.getLogger("points.rpc")
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_BYTES_MAX = 64
 # The id of the RPC being handled, for log lines written anywhere below the servicer.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# Who is calling: set for every call of an authenticated service before the servicer runs.
+principal: contextvars.ContextVar[auth.Principal | None] = contextvars.ContextVar("principal", default=None)
+
+# The kinds of credential each service accepts; services not listed (health, reflection) are open.
+ACCEPTED_KINDS = {
+    "points.v1.PointsService": ("merchant", "gateway"),
+    "points.v1.MerchantAdmin": ("operator",),
+    "points.v1.Clearing": ("operator",),
+}
 
 
 def _request_id(context) -> str:
@@ -30,7 +41,11 @@ def _request_id(context) -> str:
 class RpcInterceptor(grpc.aio.ServerInterceptor):
     """RED metrics for every unary-unary method, named as go-grpc-prometheus names them; a request id
     per call (the caller's x-request-id or a new one), sent back in the initial metadata and logged
-    with every call that did not end OK (at DEBUG for those that did)."""
+    with every call that did not end OK (at DEBUG for those that did); authentication of the caller
+    (UNAUTHENTICATED without a valid key, PERMISSION_DENIED for a key of the wrong kind)."""
+
+    def __init__(self, authenticator: auth.Authenticator):
+        self.authenticator = authenticator
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -38,6 +53,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return handler
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         inner = handler.unary_unary
+        accepted = ACCEPTED_KINDS.get(service)
+        authenticator = self.authenticator
         decode = handler.request_deserializer
         request_type = method + "Request"
 
@@ -58,6 +75,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             request_id.set(rid)
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             try:
+                if accepted is not None:
+                    try:
+                        caller = await authenticator.principal(context.invocation_metadata())
+                    except Rejection as rejection:
+                        await context.abort(grpc_status(rejection.code), rejection.message)
+                    if caller.kind not in accepted:
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                            f"a {caller.kind} key cannot call {service}; it takes a "
+                                            f"{' or '.join(accepted)} key")
+                    principal.set(caller)
                 if isinstance(request, _Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 response = await inner(request, context)

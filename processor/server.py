@@ -11,8 +11,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from points.v1 import points_pb2, points_pb2_grpc
-from processor import metrics, rpc
+from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
+from processor import auth, metrics, rpc
+from processor.admin import ClearingServicer, MerchantAdminServicer
 from processor.config import Settings
 from processor.pipeline import Pipeline
 from processor.servicer import PointsServicer
@@ -21,6 +22,7 @@ from processor.store import Store, redact, resolve_database_url
 log = logging.getLogger("points.server")
 
 SERVICE_NAME = points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
+ADMIN_SERVICE_NAMES = tuple(s.full_name for s in admin_pb2.DESCRIPTOR.services_by_name.values())
 
 
 async def open_store(settings: Settings, url: str | None = None) -> Store:
@@ -61,15 +63,16 @@ class Service:
         # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
-        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor()],
+        self.authenticator = auth.Authenticator(None, settings.auth_cache_seconds)
+        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(self.authenticator)],
                                       maximum_concurrent_rpcs=settings.rpcs_in_flight_max, options=[
             ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
             ("grpc.so_reuseport", 0),
         ])
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
-                                            self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = self.server.add_insecure_port(settings.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
@@ -77,12 +80,16 @@ class Service:
         self.metrics_port = metrics.serve_http(settings.metrics_listen)
         self._register_gauges()
         points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline), self.server)
+        admin_pb2_grpc.add_MerchantAdminServicer_to_server(
+            MerchantAdminServicer(settings, self.pipeline, self.authenticator), self.server)
+        admin_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(settings, self.pipeline), self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)
         log.info("database ready", extra={"database": redact(self.store.url)})
         await self.store.acquire_writer_lock()
         self.pipeline.store = self.store
+        self.authenticator.store = self.store
         await self.pipeline.recover()
         self.pipeline.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -12,7 +12,7 @@ from google.protobuf import timestamp_pb2
 import fastpath
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from processor import domain, metrics
+from processor import domain, metrics, rpc
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
@@ -32,6 +32,10 @@ _KIND = {
 # Sign of a transaction's effect on the member's posted balance.
 _MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_REDEEM: -1,
                 fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1}
+
+
+# A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
+_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM})
 
 
 def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -87,8 +91,15 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         if merchant is None:
             raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} is not in the alliance; "
                                             "the operator adds merchants (python -m processor merchant add)")
-        if merchant.status != "active":
-            raise Rejection(Code.FAILED_PRECONDITION, f"merchant {merchant_id!r} is {merchant.status}")
+        caller = rpc.principal.get()
+        if caller is None or not caller.may_act_for(merchant_id):
+            raise Rejection(Code.PERMISSION_DENIED,
+                            f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
+                            "or a gateway key that lists it")
+        if merchant.status != "active" and method in _NEW_BUSINESS:
+            raise Rejection(Code.FAILED_PRECONDITION,
+                            f"merchant {merchant_id!r} is {merchant.status}: it cannot earn, authorize or redeem; "
+                            "it may still capture, void and refund. Contact the operator")
         if not self.rate_limits.take(merchant_id, time.monotonic()):
             metrics.operations_rate_limited.inc()
             raise Rejection(Code.RESOURCE_EXHAUSTED,
@@ -223,7 +234,10 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                                 f"page_size must be 0 (default {self.settings.page_size_default}) "
                                 f"..{self.settings.page_size_max}, got {request.page_size}")
             before = _decode_page_token(request.page_token) if request.page_token else None
-            rows = await self.pipeline.store.list_transactions(member_id, before, size + 1)
+            # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
+            caller = rpc.principal.get()
+            rows = await self.pipeline.store.list_transactions(member_id, before, size + 1,
+                                                               sorted(caller.merchant_ids) if caller else [])
             if not rows and before is None and not await self.pipeline.store.member_exists(member_id):
                 raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
             more = len(rows) > size

@@ -482,14 +482,16 @@ class Store:
     # --- reads ---
 
     async def list_transactions(self, member_id: str, before_transaction_id: int | None,
-                                limit: int) -> list[asyncpg.Record]:
+                                limit: int, merchant_ids: list[str]) -> list[asyncpg.Record]:
+        """The member's transactions at the given merchants, newest first."""
         return await self.pool.fetch(
             """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
                       t.authorization_id, t.original_transaction_id, t.created_at
                FROM transactions t
                WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
+                 AND t.merchant_id = ANY($4::text[])
                ORDER BY t.transaction_id DESC LIMIT $3""",
-            member_id, before_transaction_id, limit)
+            member_id, before_transaction_id, limit, merchant_ids)
 
     async def member_exists(self, member_id: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM members WHERE member_id = $1", member_id))
@@ -588,18 +590,88 @@ class Store:
                  ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                WHERE p.period_id = $1 ORDER BY t.transaction_id""", period_id, merchant_id)
 
+    # --- scale: a seeded network ---
+
+    async def seed_network(self, merchants: int, members: int, purchase_per_member: int,
+                           progress=lambda text: None, chunk_members: int = 200_000) -> None:
+        """Creates `merchants` merchants (give-back 3%..20%, redemption fees 0.5%..2.5%, 20 regions) and
+        `members` members, each with one earn of a purchase of `purchase_per_member` minor units at a
+        merchant spread over the network, posted through the journal like any earn. Runs only while no
+        service writes to the database (it takes the writer lock)."""
+        await self.acquire_writer_lock()
+        try:
+            async with self.pool.acquire() as c:
+                async with c.transaction():
+                    base = await c.fetchval("SELECT coalesce(max(merchant_slot) + 1, 0) FROM merchants")
+                    await c.execute(
+                        """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps, name, region,
+                                                  fee_redeemed_bps, fee_issued_bps)
+                           SELECT 'seed-m-' || lpad(g::text, 6, '0'), $2 + g - 1, 300 + (g * 37) % 1701,
+                                  'Seeded merchant ' || g, 'region-' || (g % 20), 50 + (g * 13) % 201, 0
+                           FROM generate_series(1, $1) g""", merchants, base)
+                    await c.execute(
+                        """INSERT INTO accounts (kind, owner_id, asset_code)
+                           SELECT k, m.merchant_id, 'POINTS' FROM merchants m,
+                                  unnest(ARRAY['merchant_issued', 'merchant_redeemed', 'merchant_fees']) k
+                           WHERE m.merchant_id LIKE 'seed-m-%'""")
+                progress(f"{merchants} merchants created")
+                done = 0
+                while done < members:
+                    count = min(chunk_members, members - done)
+                    async with c.transaction():
+                        first_id = await c.fetchval("SELECT coalesce(max(transaction_id), 0) + 1 FROM transactions")
+                        await c.execute(
+                            """CREATE TEMP TABLE seed_earn ON COMMIT DROP AS
+                               SELECT $1::bigint + g - 1 AS transaction_id, 'seed-u-' || lpad(($2 + g)::text, 7, '0')
+                                        AS member_id,
+                                      'seed-m-' || lpad((1 + ((($2 + g) * 7919) % $3))::text, 6, '0') AS merchant_id
+                               FROM generate_series(1, $4) g""", first_id, done, merchants, count)
+                        await c.execute("""INSERT INTO members SELECT member_id, now() FROM seed_earn""")
+                        await c.execute(
+                            """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code,
+                                   amount, purchase_amount, idempotency_key, created_at)
+                               SELECT s.transaction_id, 1, s.merchant_id, s.member_id, 'POINTS',
+                                      $1::bigint * m.give_back_bps / 10000, $1, 'seed-' || s.transaction_id, now()
+                               FROM seed_earn s JOIN merchants m USING (merchant_id)""", purchase_per_member)
+                        await c.execute(
+                            """INSERT INTO accounts (kind, owner_id, asset_code, balance)
+                               SELECT 'member', t.member_id, 'POINTS', t.amount
+                               FROM transactions t JOIN seed_earn s USING (transaction_id)""")
+                        await c.execute(
+                            """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
+                               SELECT t.transaction_id, a.account_id, 'POINTS', x.amount
+                               FROM transactions t JOIN seed_earn s USING (transaction_id),
+                                    LATERAL (VALUES ('member', t.member_id, t.amount),
+                                                    ('merchant_issued', t.merchant_id, -t.amount)) x(kind, owner, amount)
+                               JOIN accounts a ON a.kind = x.kind AND a.owner_id = x.owner AND a.asset_code = 'POINTS'
+                               WHERE t.amount <> 0""")
+                        await c.execute(
+                            """UPDATE accounts a SET balance = a.balance - d.points
+                               FROM (SELECT t.merchant_id, sum(t.amount) AS points
+                                     FROM transactions t JOIN seed_earn s USING (transaction_id)
+                                     GROUP BY t.merchant_id) d
+                               WHERE a.kind = 'merchant_issued' AND a.owner_id = d.merchant_id""")
+                    done += count
+                    progress(f"{done} members created")
+        finally:
+            await self.release_writer_lock()
+
     # --- reconciliation (tests and, later, the reconcile command) ---
 
-    async def ledger_discrepancies(self) -> list[str]:
-        """Checks the journal against itself and the stored balances; returns what does not hold."""
+    async def ledger_discrepancies(self, report=lambda check: None) -> list[str]:
+        """Checks the journal against itself, the stored balances and the statements, in one snapshot;
+        returns what does not hold. `report` is told the name of each check as it runs."""
         problems: list[str] = []
         async with self.pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
+            report("the journal sums to zero per asset")
             for r in await c.fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
                 if r["s"] != 0:
                     problems.append(f"journal of {r['asset_code']} sums to {r['s']}, not 0")
+            report("every transaction's entries sum to zero")
             for r in await c.fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
                                       GROUP BY transaction_id HAVING sum(amount) <> 0 LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} entries sum to {r['s']}")
+            report("every account balance (members, merchant positions, operator) equals the sum of its entries")
             for r in await c.fetch("""SELECT a.account_id, a.kind, a.owner_id, a.balance,
                                              coalesce(e.s, 0) AS s
                                       FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s
@@ -608,6 +680,7 @@ class Store:
                                       WHERE a.balance <> coalesce(e.s, 0) LIMIT 5"""):
                 problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} "
                                 f"!= entries {r['s']}")
+            report("no member's open holds exceed its posted balance (available >= 0)")
             for r in await c.fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
                                       FROM holds h JOIN accounts a
                                         ON a.kind = 'member' AND a.owner_id = h.member_id
@@ -615,9 +688,11 @@ class Store:
                                       GROUP BY h.member_id, a.balance
                                       HAVING sum(h.amount) > a.balance LIMIT 5"""):
                 problems.append(f"member {r['member_id']} holds {r['held']} > posted {r['balance']}")
+            report("no transaction is refunded beyond its amount")
             for r in await c.fetch("""SELECT transaction_id, amount, refunded FROM transactions
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
+            report("every statement's net equals the merchant's journal entries in its period")
             for r in await c.fetch(
                     """WITH e AS (
                          SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS s
@@ -633,6 +708,7 @@ class Store:
                        WHERE coalesce(s.net, 0) <> coalesce(e.s, 0) LIMIT 5"""):
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: net {r['net']} "
                                 f"!= journal {r['s']}")
+            report("every statement opens at the previous one's closing position")
             for r in await c.fetch(
                     """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
                        FROM statements s LEFT JOIN statements p
@@ -640,6 +716,7 @@ class Store:
                        WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""):
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
                                 f"{r['opening_position']}, the previous closed at {r['closing_position']}")
+            report("net positions + fee revenue + breakage + members' points = 0; fee revenue = fees charged")
             totals = await c.fetchrow(
                 """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
                           coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,

@@ -116,6 +116,11 @@ class ServiceProcess:
             self.log_lines.append(line)
 
     def channel(self) -> grpc.Channel:
+        """A channel that sends the right credential with each call (see Credentials)."""
+        return grpc.intercept_channel(grpc.insecure_channel(self.target), Credentials(self.database_url))
+
+    def bare_channel(self) -> grpc.Channel:
+        """A channel that sends no credential: for tests of authentication itself."""
         return grpc.insecure_channel(self.target)
 
     def kill(self) -> None:
@@ -147,18 +152,98 @@ def service_factory():
             print(f"--- service {service.target} log (errors) ---\n" + "".join(service.log_lines[-60:]))
 
 
-async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int) -> None:
+async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int, fields: dict) -> None:
     from processor.store import Store
     store = await Store.open(database_url, 2)
     try:
         await store.migrate()
-        await store.add_merchant(merchant_id, give_back_bps)
+        await store.add_merchant(merchant_id, give_back_bps, **fields)
     finally:
         await store.close()
 
 
-def add_merchant(database_url: str, merchant_id: str, give_back_bps: int = 1000) -> None:
-    _run(_add_merchant(database_url, merchant_id, give_back_bps))
+def add_merchant(database_url: str, merchant_id: str, give_back_bps: int = 1000, **fields) -> str:
+    """Creates a merchant (as `python -m processor merchant add` does) and its API key; returns the key."""
+    _run(_add_merchant(database_url, merchant_id, give_back_bps, fields))
+    return create_key(database_url, "merchant", [merchant_id])
+
+
+async def _create_key(database_url: str, kind: str, merchant_ids: list[str]) -> str:
+    from processor import auth
+    from processor.store import Store
+    key = auth.new_key()
+    store = await Store.open(database_url, 2)
+    try:
+        await store.migrate()
+        await store.insert_api_key(key.key_id, key.secret_sha256, kind, merchant_ids, "tests")
+    finally:
+        await store.close()
+    return key.key
+
+
+_KEYS: dict[tuple[str, str], str] = {}  # (database_url, merchant_id | "*operator*") -> key
+_GATEWAYS: dict[str, tuple[frozenset, str]] = {}  # database_url -> (merchants covered, key)
+_KEYS_LOCK = threading.Lock()
+
+
+def create_key(database_url: str, kind: str, merchant_ids: list[str] | None = None) -> str:
+    """A new API key (as `python -m processor key create` makes one); remembered for Credentials."""
+    key = _run(_create_key(database_url, kind, list(merchant_ids or [])))
+    with _KEYS_LOCK:
+        if kind == "merchant":
+            _KEYS[(database_url, merchant_ids[0])] = key
+        elif kind == "operator":
+            _KEYS[(database_url, "*operator*")] = key
+    return key
+
+
+class Credentials(grpc.UnaryUnaryClientInterceptor):
+    """Sends what a real client sends: the merchant's key for a call naming a merchant, the operator's key
+    for MerchantAdmin and Clearing, and for reads a gateway key covering every merchant the tests made.
+    A call that already carries `authorization` is left alone."""
+
+    def __init__(self, database_url: str):
+        self.database_url = database_url
+
+    def _key(self, method: str, request) -> str:
+        url = self.database_url
+        if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/")):
+            with _KEYS_LOCK:
+                key = _KEYS.get((url, "*operator*"))
+            return key or create_key(url, "operator")
+        merchant_id = getattr(request, "merchant_id", "")
+        with _KEYS_LOCK:
+            key = _KEYS.get((url, merchant_id))
+            known = frozenset(m for (u, m) in _KEYS if u == url and m != "*operator*")
+            gateway = _GATEWAYS.get(url)
+        if key:
+            return key
+        if merchant_id and isinstance(merchant_id, str):
+            try:  # a merchant created without add_merchant(): give it a key, as the operator would
+                return create_key(url, "merchant", [merchant_id])
+            except Exception:
+                pass  # an unknown merchant: the gateway key lets the call reach the service
+        if gateway is None or gateway[0] != known:
+            if not known:
+                return create_key(url, "operator")  # no merchant yet: any valid key
+            gateway = (known, _run(_create_key(url, "gateway", sorted(known))))
+            with _KEYS_LOCK:
+                _GATEWAYS[url] = gateway
+        return gateway[1]
+
+    def intercept_unary_unary(self, continuation, call_details, request):
+        metadata = list(call_details.metadata or [])
+        if not any(name == "authorization" for name, _ in metadata):
+            metadata.append(("authorization", "Bearer " + self._key(call_details.method, request)))
+        details = _CallDetails(call_details.method, call_details.timeout, metadata, call_details.credentials,
+                               call_details.wait_for_ready, call_details.compression)
+        return continuation(details, request)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
 async def _discrepancies(database_url: str) -> list[str]:

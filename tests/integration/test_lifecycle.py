@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 def test_health_is_serving_only_after_recovery_and_calls_before_are_refused(create_database):
     url = create_database()
-    add_merchant(url, "shop", 1000)
+    credential = (("authorization", "Bearer " + add_merchant(url, "shop", 1000)),)
     # a ledger large enough that recovery takes a moment: 200,000 members with 7 point-units each
     fetch(url, """WITH m AS (SELECT 'member-' || g AS id FROM generate_series(1, 200000) g),
                     i AS (INSERT INTO members SELECT id, now() FROM m)
@@ -82,11 +82,11 @@ def test_health_is_serving_only_after_recovery_and_calls_before_are_refused(crea
                 if status == health_pb2.HealthCheckResponse.SERVING:
                     break
                 with pytest.raises(grpc.RpcError) as raised:
-                    points.GetBalance(pb.GetBalanceRequest(member_id="member-1"), timeout=5)
+                    points.GetBalance(pb.GetBalanceRequest(member_id="member-1"), timeout=5, metadata=credential)
                 assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
             assert observed and observed[-1] == health_pb2.HealthCheckResponse.SERVING
             assert set(observed[:-1]) <= {health_pb2.HealthCheckResponse.NOT_SERVING}
-            balance = points.GetBalance(pb.GetBalanceRequest(member_id="member-199999"))
+            balance = points.GetBalance(pb.GetBalanceRequest(member_id="member-199999"), metadata=credential)
             assert (balance.posted, balance.available) == (7, 7)
     finally:
         process.kill()
