@@ -624,7 +624,7 @@ class Store:
                             """CREATE TEMP TABLE seed_earn ON COMMIT DROP AS
                                SELECT $1::bigint + g - 1 AS transaction_id, 'seed-u-' || lpad(($2 + g)::text, 7, '0')
                                         AS member_id,
-                                      'seed-m-' || lpad((1 + ((($2 + g) * 7919) % $3))::text, 6, '0') AS merchant_id
+                                      'seed-m-' || lpad((1 + ((($2::bigint + g) * 7919) % $3))::text, 6, '0') AS merchant_id
                                FROM generate_series(1, $4) g""", first_id, done, merchants, count)
                         await c.execute("""INSERT INTO members SELECT member_id, now() FROM seed_earn""")
                         await c.execute(
