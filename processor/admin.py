@@ -55,11 +55,16 @@ def _token(value: str) -> str:
     return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
 
 
-def _untoken(token: str) -> str:
+def _untoken(token: str, numeric: bool = False) -> str:
+    """The value a page token carries; INVALID_ARGUMENT for a token this service did not issue."""
     try:
-        return base64.urlsafe_b64decode(token.encode("ascii")).decode()
+        value = base64.urlsafe_b64decode(token.encode("ascii")).decode()
     except (ValueError, UnicodeError):
-        raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued") from None
+        value = None
+    if value is None or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
+        raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; pass next_page_token "
+                                               "from the previous response, or empty")
+    return value
 
 
 async def _guard(context, call):
@@ -151,7 +156,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
     async def ListMerchants(self, request, context):
         async def call():
             size = _page_size(request.page_size)
-            after = int(_untoken(request.page_token) or -1) if request.page_token else -1
+            after = int(_untoken(request.page_token, numeric=True)) if request.page_token else -1
             rows = await (await self._store()).merchants(after, size + 1)
             more = len(rows) > size
             rows = rows[:size]
@@ -266,14 +271,15 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def ListStatements(self, request, context):
         async def call():
             size = _page_size(request.page_size)
-            after = _untoken(request.page_token) if request.page_token else ""
             store = await self._store()
             if request.merchant_id:
+                after = _untoken(request.page_token, numeric=True) if request.page_token else ""
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
                 rows = await store.statements(merchant_id=merchant_id, period_id=request.period_id, after=after,
                                               limit=size + 1)
                 key = "period_id"
             else:
+                after = _untoken(request.page_token) if request.page_token else ""
                 if request.period_id <= 0:
                     raise Rejection(Code.INVALID_ARGUMENT, "give merchant_id, or period_id > 0")
                 rows = await store.statements(period_id=request.period_id, after=after, limit=size + 1)

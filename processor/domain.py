@@ -119,6 +119,8 @@ class Outcome:
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     message: str = ""
     replayed: bool = False
+    # False for refusals about a state that may change (a suspended merchant): the key stays unused
+    recorded: bool = True
 
 
 @dataclasses.dataclass(slots=True)

@@ -75,7 +75,8 @@ def _initialise_label_values() -> None:
         points_refunded.labels(kind)
     for reason in ("insufficient_points", "unknown_member", "unknown_hold", "hold_expired", "hold_captured",
                    "hold_voided", "wrong_merchant", "capture_exceeds_hold", "unknown_transaction",
-                   "refund_exceeds_remaining", "not_refundable", "overflow", "capacity", "other"):
+                   "refund_exceeds_remaining", "not_refundable", "overflow", "capacity", "merchant_suspended",
+                   "other"):
         rejections.labels(reason)
 
 

@@ -270,7 +270,7 @@ class Pipeline:
                                       op)
                 else:
                     outcome = self._apply(op, write, now_us)
-                    if outcome.code in _NOT_RECORDED:
+                    if outcome.code in _NOT_RECORDED or not outcome.recorded:
                         outcomes.append(outcome)
                         continue
                     write.idempotency.append((
@@ -393,6 +393,14 @@ class Pipeline:
 
     def _apply(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
         method = op.method
+        status = self.merchants.by_id[op.merchant_id].status
+        if status != "active" and method in _NEW_BUSINESS:
+            # decided here, after the idempotency look-up, so a retry of an earlier call still replays
+            metrics.rejections.labels("merchant_suspended").inc()
+            return Outcome(Code.FAILED_PRECONDITION,
+                           message=f"merchant {op.merchant_id!r} is {status}: it cannot earn, authorize or "
+                                   "redeem; it may still capture, void and refund. Contact the operator",
+                           recorded=False)
         if method is Method.EARN:
             return self._earn(op, write, now_us)
         if method is Method.AUTHORIZE:
@@ -535,6 +543,9 @@ class Pipeline:
         return Outcome(Code.OK, {"transaction_id": refund_id, "points": op.points, "kind": kind,
                                  "balance": posted, "available": available})
 
+
+# A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
+_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM})
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
 _NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})

@@ -34,10 +34,6 @@ _MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_
                 fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1}
 
 
-# A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
-_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM})
-
-
 def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
 
@@ -96,10 +92,6 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             raise Rejection(Code.PERMISSION_DENIED,
                             f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
                             "or a gateway key that lists it")
-        if merchant.status != "active" and method in _NEW_BUSINESS:
-            raise Rejection(Code.FAILED_PRECONDITION,
-                            f"merchant {merchant_id!r} is {merchant.status}: it cannot earn, authorize or redeem; "
-                            "it may still capture, void and refund. Contact the operator")
         if not self.rate_limits.take(merchant_id, time.monotonic()):
             metrics.operations_rate_limited.inc()
             raise Rejection(Code.RESOURCE_EXHAUSTED,
