@@ -64,6 +64,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("merchant_operations_per_second", float, 0.0,
            "per-merchant rate limit on mutating calls (token bucket); 0 = no limit"),
     Option("merchant_burst_operations", int, 1000, "per-merchant burst allowed above the rate"),
+    Option("batch_request_operations_max", int, 8192, "operations in one SubmitBatch call, at most"),
+    Option("stream_operations_in_flight_max", int, 1024,
+           "operations of one Stream awaiting their commit, at most; the stream is read no further until one ends"),
     Option("auth_cache_seconds", float, 5.0,
            "verified API keys are cached this long; a key revoked by the CLI stops working within it"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
@@ -101,6 +104,8 @@ class Settings:
     rpcs_in_flight_max: int = 10_000
     merchant_operations_per_second: float = 0.0
     merchant_burst_operations: int = 1000
+    batch_request_operations_max: int = 8192
+    stream_operations_in_flight_max: int = 1024
     auth_cache_seconds: float = 5.0
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     shutdown_grace_seconds: float = 10.0
@@ -143,6 +148,9 @@ class Settings:
         check(1 <= self.rpcs_in_flight_max <= 1_000_000, "rpcs_in_flight_max must be 1..1000000")
         check(self.merchant_operations_per_second >= 0, "merchant_operations_per_second must be >= 0")
         check(self.merchant_burst_operations >= 1, "merchant_burst_operations must be >= 1")
+        check(1 <= self.batch_request_operations_max <= 100_000, "batch_request_operations_max must be 1..100000")
+        check(1 <= self.stream_operations_in_flight_max <= 100_000,
+              "stream_operations_in_flight_max must be 1..100000")
         check(0 <= self.auth_cache_seconds <= 300, "auth_cache_seconds must be 0..300")
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")

@@ -121,6 +121,8 @@ class Outcome:
     replayed: bool = False
     # False for refusals about a state that may change (a suspended merchant): the key stays unused
     recorded: bool = True
+    # the ledger's reason for a refusal (insufficient_points, hold_expired, ...); "" otherwise
+    reason: str = ""
 
 
 @dataclasses.dataclass(slots=True)

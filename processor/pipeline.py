@@ -611,7 +611,14 @@ _REASON = {
 def _ledger_rejection(status: int, op: Operation, ledger: Any = None, member_slot: int = -1,
                       expires_at_us: int = 0, held: int = 0) -> Outcome:
     """A fast-path status as an outcome with a message the merchant's engineer can act on."""
-    metrics.rejections.labels(_REASON.get(status, "other")).inc()
+    outcome = _rejection_message(status, op, ledger, member_slot, expires_at_us, held)
+    outcome.reason = _REASON.get(status, "other")
+    metrics.rejections.labels(outcome.reason).inc()
+    return outcome
+
+
+def _rejection_message(status: int, op: Operation, ledger: Any, member_slot: int, expires_at_us: int,
+                       held: int) -> Outcome:
     authorization = domain.format_authorization_id(op.authorization_id)
     transaction = domain.format_transaction_id(op.transaction_id)
     if status == fastpath.INSUFFICIENT_POINTS:

@@ -49,10 +49,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (handler.unary_unary is None and handler.stream_stream is None):
             return handler
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        inner = handler.unary_unary
         accepted = ACCEPTED_KINDS.get(service)
         authenticator = self.authenticator
         decode = handler.request_deserializer
@@ -62,30 +61,65 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return decode(data)
             except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
-                return _Undecodable(f"{service}.{request_type}", error)
-        labels = (service, method, "unary")
+                return Undecodable(f"{service}.{request_type}", error)
+        streaming = handler.stream_stream is not None
+        labels = (service, method, "bidi_stream" if streaming else "unary")
         started = metrics.rpc_started.labels(*labels)
         seconds = metrics.rpc_seconds.labels(*labels)
 
-        async def behavior(request, context):
+        async def admit(context) -> tuple[str, float]:
+            """Counts the call, gives it a request id and authenticates the caller."""
             started.inc()
-            begin = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
             rid = _request_id(context)
             request_id.set(rid)
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+            if accepted is not None:
+                try:
+                    caller = await authenticator.principal(context.invocation_metadata())
+                except Rejection as rejection:
+                    await context.abort(grpc_status(rejection.code), rejection.message)
+                if caller.kind not in accepted:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"a {caller.kind} key cannot call {service}; it takes a "
+                                        f"{' or '.join(accepted)} key")
+                principal.set(caller)
+            return rid, time.perf_counter()
+
+        def account(context, rid: str, begin: float, code: grpc.StatusCode) -> None:
+            elapsed = time.perf_counter() - begin
+            seconds.observe(elapsed)
+            metrics.rpc_handled.labels(*labels, code.name).inc()
+            level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
+                                             "details": context.details() or "", "seconds": round(elapsed, 6)})
+
+        if streaming:
+            inner_stream = handler.stream_stream
+
+            async def stream_behavior(request_iterator, context):
+                rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
+                try:
+                    rid, begin = await admit(context)
+                    async for response in inner_stream(request_iterator, context):
+                        yield response
+                    code = context.code() or grpc.StatusCode.OK
+                except BaseException:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                finally:
+                    account(context, rid, begin, code)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+        inner = handler.unary_unary
+
+        async def behavior(request, context):
+            rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
             try:
-                if accepted is not None:
-                    try:
-                        caller = await authenticator.principal(context.invocation_metadata())
-                    except Rejection as rejection:
-                        await context.abort(grpc_status(rejection.code), rejection.message)
-                    if caller.kind not in accepted:
-                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                            f"a {caller.kind} key cannot call {service}; it takes a "
-                                            f"{' or '.join(accepted)} key")
-                    principal.set(caller)
-                if isinstance(request, _Undecodable):
+                rid, begin = await admit(context)
+                if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 response = await inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
@@ -94,20 +128,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                elapsed = time.perf_counter() - begin
-                seconds.observe(elapsed)
-                metrics.rpc_handled.labels(*labels, code.name).inc()
-                level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
-                if log.isEnabledFor(level):
-                    log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
-                                                 "details": context.details() or "", "seconds": round(elapsed, 6)})
+                account(context, rid, begin, code)
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=deserialize,
-            response_serializer=handler.response_serializer)
+            behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
 
 
-class _Undecodable:
+class Undecodable:
     """Stands for a request whose bytes are not the method's message."""
 
     def __init__(self, type_name: str, error: Exception):

@@ -2,7 +2,9 @@
 anything is queued; money decisions happen in the pipeline and the fast path."""
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import re
 import time
 
@@ -18,6 +20,7 @@ from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
 from processor.pipeline import Pipeline
 
+log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PAGE_TOKEN_PREFIX = b"points.v1/transactions/"
@@ -76,6 +79,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         self.validate = Validator(settings)
         self.rate_limits = domain.TokenBuckets(settings.merchant_operations_per_second,
                                                settings.merchant_burst_operations)
+        self._kinds = {  # Operation's oneof names -> (build the Operation, build the response)
+            "earn": (self._earn, self._earn_response), "authorize": (self._authorize, self._authorize_response),
+            "capture": (self._capture, self._capture_response), "void": (self._void, self._void_response),
+            "redeem": (self._redeem, self._redeem_response), "refund": (self._refund, self._refund_response),
+        }
 
     # --- helpers ---
 
@@ -119,90 +127,201 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         except Rejection as rejection:
             await context.abort(grpc_status(rejection.code), rejection.message)
 
+    # --- building operations and responses, shared by the unary calls, SubmitBatch and Stream ---
+
+    async def _earn(self, request: pb.EarnRequest) -> Operation:
+        member_id = self.validate.identifier(request.member_id, "member_id")
+        purchase = self.validate.amount(request.purchase_amount, "purchase_amount",
+                                        self.settings.purchase_amount_max, "currency minor units")
+        op = await self._operation(Method.EARN, request, request.merchant_id,
+                                   {"member_id": member_id, "purchase_amount": purchase},
+                                   member_id=member_id, purchase_amount=purchase)
+        op.points = domain.earn_point_units(purchase, self.pipeline.merchants.by_id[op.merchant_id].give_back_bps)
+        return op
+
+    @staticmethod
+    def _earn_response(f: dict) -> pb.EarnResponse:
+        return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                               points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
+                               created_at=_timestamp(f["created_at_us"]))
+
+    async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
+        member_id = self.validate.identifier(request.member_id, "member_id")
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+        ttl = request.hold_ttl_seconds
+        if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
+                            f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
+        return await self._operation(Method.AUTHORIZE, request, request.merchant_id,
+                                     {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl},
+                                     member_id=member_id, points=points,
+                                     hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
+
+    @staticmethod
+    def _authorize_response(f: dict) -> pb.AuthorizeResponse:
+        return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
+                                    available=f["available"], points=f["points"],
+                                    expires_at=_timestamp(f["expires_at_us"]))
+
+    async def _capture(self, request: pb.CaptureRequest) -> Operation:
+        authorization_id = domain.parse_authorization_id(request.authorization_id)
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
+                                      zero_allowed=True)
+        return await self._operation(Method.CAPTURE, request, request.merchant_id,
+                                     {"authorization_id": request.authorization_id, "points": points},
+                                     authorization_id=authorization_id, points=points)
+
+    @staticmethod
+    def _capture_response(f: dict) -> pb.CaptureResponse:
+        return pb.CaptureResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
+            points=f["points"], released=f["released"], balance=f["balance"], available=f["available"])
+
+    async def _void(self, request: pb.VoidRequest) -> Operation:
+        authorization_id = domain.parse_authorization_id(request.authorization_id)
+        return await self._operation(Method.VOID, request, request.merchant_id,
+                                     {"authorization_id": request.authorization_id},
+                                     authorization_id=authorization_id)
+
+    @staticmethod
+    def _void_response(f: dict) -> pb.VoidResponse:
+        return pb.VoidResponse(released=f["released"], available=f["available"])
+
+    async def _redeem(self, request: pb.RedeemRequest) -> Operation:
+        member_id = self.validate.identifier(request.member_id, "member_id")
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+        return await self._operation(Method.REDEEM, request, request.merchant_id,
+                                     {"member_id": member_id, "points": points},
+                                     member_id=member_id, points=points)
+
+    @staticmethod
+    def _redeem_response(f: dict) -> pb.RedeemResponse:
+        return pb.RedeemResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                                 points=f["points"], balance=f["balance"], available=f["available"])
+
+    async def _refund(self, request: pb.RefundRequest) -> Operation:
+        transaction_id = domain.parse_transaction_id(request.transaction_id)
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+        return await self._operation(Method.REFUND, request, request.merchant_id,
+                                     {"transaction_id": request.transaction_id, "points": points},
+                                     transaction_id=transaction_id, points=points)
+
+    @staticmethod
+    def _refund_response(f: dict) -> pb.RefundResponse:
+        return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                                 points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
+                                 available=f["available"])
+
+    async def _unary(self, kind: str, request, context):
+        build, respond = self._kinds[kind]
+
+        async def call():
+            op = await build(request)
+            return respond((await self._submit(op, context)).fields)
+        return await self._guard(context, call)
+
     # --- PointsService ---
 
     async def Earn(self, request: pb.EarnRequest, context) -> pb.EarnResponse:
-        async def call():
-            member_id = self.validate.identifier(request.member_id, "member_id")
-            purchase = self.validate.amount(request.purchase_amount, "purchase_amount",
-                                            self.settings.purchase_amount_max, "currency minor units")
-            op = await self._operation(Method.EARN, request, request.merchant_id,
-                                       {"member_id": member_id, "purchase_amount": purchase},
-                                       member_id=member_id, purchase_amount=purchase)
-            op.points = domain.earn_point_units(purchase, self.pipeline.merchants.by_id[op.merchant_id].give_back_bps)
-            f = (await self._submit(op, context)).fields
-            return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                   points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
-                                   created_at=_timestamp(f["created_at_us"]))
-        return await self._guard(context, call)
+        return await self._unary("earn", request, context)
 
     async def Authorize(self, request: pb.AuthorizeRequest, context) -> pb.AuthorizeResponse:
-        async def call():
-            member_id = self.validate.identifier(request.member_id, "member_id")
-            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
-            ttl = request.hold_ttl_seconds
-            if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
-                raise Rejection(Code.INVALID_ARGUMENT,
-                                f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
-                                f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
-            op = await self._operation(Method.AUTHORIZE, request, request.merchant_id,
-                                       {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl},
-                                       member_id=member_id, points=points,
-                                       hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
-            f = (await self._submit(op, context)).fields
-            return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
-                                        available=f["available"], points=f["points"],
-                                        expires_at=_timestamp(f["expires_at_us"]))
-        return await self._guard(context, call)
+        return await self._unary("authorize", request, context)
 
     async def Capture(self, request: pb.CaptureRequest, context) -> pb.CaptureResponse:
-        async def call():
-            authorization_id = domain.parse_authorization_id(request.authorization_id)
-            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
-                                          zero_allowed=True)
-            op = await self._operation(Method.CAPTURE, request, request.merchant_id,
-                                       {"authorization_id": request.authorization_id, "points": points},
-                                       authorization_id=authorization_id, points=points)
-            f = (await self._submit(op, context)).fields
-            return pb.CaptureResponse(
-                transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
-                points=f["points"], released=f["released"], balance=f["balance"], available=f["available"])
-        return await self._guard(context, call)
+        return await self._unary("capture", request, context)
 
     async def Void(self, request: pb.VoidRequest, context) -> pb.VoidResponse:
-        async def call():
-            authorization_id = domain.parse_authorization_id(request.authorization_id)
-            op = await self._operation(Method.VOID, request, request.merchant_id,
-                                       {"authorization_id": request.authorization_id},
-                                       authorization_id=authorization_id)
-            f = (await self._submit(op, context)).fields
-            return pb.VoidResponse(released=f["released"], available=f["available"])
-        return await self._guard(context, call)
+        return await self._unary("void", request, context)
 
     async def Redeem(self, request: pb.RedeemRequest, context) -> pb.RedeemResponse:
-        async def call():
-            member_id = self.validate.identifier(request.member_id, "member_id")
-            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
-            op = await self._operation(Method.REDEEM, request, request.merchant_id,
-                                       {"member_id": member_id, "points": points},
-                                       member_id=member_id, points=points)
-            f = (await self._submit(op, context)).fields
-            return pb.RedeemResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                     points=f["points"], balance=f["balance"], available=f["available"])
-        return await self._guard(context, call)
+        return await self._unary("redeem", request, context)
 
     async def Refund(self, request: pb.RefundRequest, context) -> pb.RefundResponse:
-        async def call():
-            transaction_id = domain.parse_transaction_id(request.transaction_id)
-            points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
-            op = await self._operation(Method.REFUND, request, request.merchant_id,
-                                       {"transaction_id": request.transaction_id, "points": points},
-                                       transaction_id=transaction_id, points=points)
-            f = (await self._submit(op, context)).fields
-            return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                     points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
-                                     available=f["available"])
-        return await self._guard(context, call)
+        return await self._unary("refund", request, context)
+
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context) -> pb.SubmitBatchResponse:
+        count = len(request.operations)
+        if not 1 <= count <= self.settings.batch_request_operations_max:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
+                                f"got {count}; split it")
+        # every operation is queued before any is awaited, so the batch shares commits
+        results = await asyncio.gather(*(self._result(operation) for operation in request.operations))
+        return pb.SubmitBatchResponse(results=results)
+
+    async def Stream(self, request_iterator, context):
+        """Reads operations as they come and answers each when its batch commits. At most
+        `stream_operations_in_flight_max` operations of one stream are pending: reading pauses beyond."""
+        answers: asyncio.Queue = asyncio.Queue()  # bounded by the slots: one answer per taken slot
+        slots = asyncio.Semaphore(self.settings.stream_operations_in_flight_max)
+        tasks: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+
+        # A slot is taken when an operation is read and given back when its answer has been sent, so a
+        # client that stops reading answers stops being read: pending work and answers stay bounded.
+        async def answer(correlation_id: str, operation: pb.Operation) -> None:
+            result = await self._result(operation)
+            answers.put_nowait(pb.StreamResponse(correlation_id=correlation_id, result=result))
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    await slots.acquire()
+                    problem = ""
+                    if isinstance(message, rpc.Undecodable):
+                        problem = message.message
+                    elif len(message.correlation_id.encode()) > 128:
+                        problem = "correlation_id must be at most 128 bytes"
+                    if problem:
+                        answers.put_nowait(pb.StreamResponse(
+                            correlation_id=getattr(message, "correlation_id", "")[:128],
+                            result=pb.OperationResult(outcome=pb.OPERATION_OUTCOME_INVALID,
+                                                      status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                                      message=problem + "; the operation was not carried out")))
+                        continue
+                    task = loop.create_task(answer(message.correlation_id, message.operation))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                answers.put_nowait(None)
+
+        reader = loop.create_task(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+                slots.release()
+        finally:
+            reader.cancel()
+
+    async def _result(self, operation: pb.Operation) -> pb.OperationResult:
+        """One operation of a batch or stream, to its result; never raises for the operation's own faults."""
+        kind = operation.WhichOneof("operation")
+        if kind is None:
+            return pb.OperationResult(outcome=pb.OPERATION_OUTCOME_INVALID,
+                                      status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                      message="empty operation: set one of earn, authorize, capture, void, "
+                                              "redeem, refund")
+        build, respond = self._kinds[kind]
+        try:
+            outcome = await self.pipeline.submit(await build(getattr(operation, kind)))
+        except Rejection as rejection:
+            outcome = Outcome(rejection.code, message=rejection.message)
+        except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
+            log.exception("operation failed unexpectedly")
+            outcome = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
+        if outcome.code is Code.OK:
+            if outcome.replayed:
+                metrics.idempotent_replays.inc()
+            result = pb.OperationResult(outcome=pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed
+                                        else pb.OPERATION_OUTCOME_APPLIED)
+            getattr(result, kind).CopyFrom(respond(outcome.fields))
+            return result
+        return pb.OperationResult(outcome=_operation_outcome(outcome), message=outcome.message,
+                                  status_code=grpc_status(outcome.code).value[0])
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:
         async def call():
@@ -249,6 +368,23 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                     purchase_amount=r["purchase_amount"] or 0))
             return response
         return await self._guard(context, call)
+
+
+_OUTCOME = {
+    Code.INVALID_ARGUMENT: pb.OPERATION_OUTCOME_INVALID, Code.NOT_FOUND: pb.OPERATION_OUTCOME_NOT_FOUND,
+    Code.ALREADY_EXISTS: pb.OPERATION_OUTCOME_KEY_REUSED, Code.PERMISSION_DENIED: pb.OPERATION_OUTCOME_PERMISSION_DENIED,
+    Code.UNAUTHENTICATED: pb.OPERATION_OUTCOME_PERMISSION_DENIED, Code.FAILED_PRECONDITION: pb.OPERATION_OUTCOME_REJECTED,
+    Code.RESOURCE_EXHAUSTED: pb.OPERATION_OUTCOME_RETRY, Code.UNAVAILABLE: pb.OPERATION_OUTCOME_RETRY,
+    Code.INTERNAL: pb.OPERATION_OUTCOME_RETRY,
+}
+_REASON_OUTCOME = {"insufficient_points": pb.OPERATION_OUTCOME_INSUFFICIENT_POINTS,
+                   "hold_expired": pb.OPERATION_OUTCOME_HOLD_EXPIRED}
+
+
+def _operation_outcome(outcome: Outcome) -> int:
+    if outcome.replayed:
+        return pb.OPERATION_OUTCOME_REPLAYED
+    return _REASON_OUTCOME.get(outcome.reason, _OUTCOME[outcome.code])
 
 
 def _encode_page_token(transaction_id: int) -> str:

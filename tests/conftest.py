@@ -197,7 +197,7 @@ def create_key(database_url: str, kind: str, merchant_ids: list[str] | None = No
     return key
 
 
-class Credentials(grpc.UnaryUnaryClientInterceptor):
+class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
     """Sends what a real client sends: the merchant's key for a call naming a merchant, the operator's key
     for MerchantAdmin and Clearing, and for reads a gateway key covering every merchant the tests made.
     A call that already carries `authorization` is left alone."""
@@ -231,13 +231,19 @@ class Credentials(grpc.UnaryUnaryClientInterceptor):
                 _GATEWAYS[url] = gateway
         return gateway[1]
 
-    def intercept_unary_unary(self, continuation, call_details, request):
+    def _with_key(self, call_details, request):
         metadata = list(call_details.metadata or [])
         if not any(name == "authorization" for name, _ in metadata):
             metadata.append(("authorization", "Bearer " + self._key(call_details.method, request)))
-        details = _CallDetails(call_details.method, call_details.timeout, metadata, call_details.credentials,
-                               call_details.wait_for_ready, call_details.compression)
-        return continuation(details, request)
+        return _CallDetails(call_details.method, call_details.timeout, metadata, call_details.credentials,
+                            call_details.wait_for_ready, call_details.compression)
+
+    def intercept_unary_unary(self, continuation, call_details, request):
+        return continuation(self._with_key(call_details, request), request)
+
+    def intercept_stream_stream(self, continuation, call_details, request_iterator):
+        # a stream names no merchant up front: the gateway key covering the tests' merchants
+        return continuation(self._with_key(call_details, None), request_iterator)
 
 
 class _CallDetails(grpc.ClientCallDetails):
