@@ -6,7 +6,6 @@ embedded Postgres under .points-data/).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import uuid
 

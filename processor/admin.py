@@ -8,7 +8,6 @@ import csv
 import datetime as dt
 import io
 
-import grpc
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
@@ -107,6 +106,14 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
         return self.pipeline.store
 
+    async def _update(self, merchant_id: str, fields: dict) -> pb.Merchant:
+        """Writes the change, then tells the pipeline: the next call of the merchant sees it."""
+        row = await (await self._store()).update_merchant(merchant_id, fields)
+        if row is None:
+            raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
+        self.pipeline.merchants.add(row)
+        return merchant_message(row)
+
     async def CreateMerchant(self, request, context):
         async def call():
             m = request.merchant
@@ -126,22 +133,13 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         async def call():
             merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
             names = list(request.update_fields) or list(MERCHANT_SETTABLE)
-            fields = self._fields(request.merchant, names)
-            row = await (await self._store()).update_merchant(merchant_id, fields)
-            if row is None:
-                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
-            self.pipeline.merchants.add(row)
-            return merchant_message(row)
+            return await self._update(merchant_id, self._fields(request.merchant, names))
         return await _guard(context, call)
 
     async def SuspendMerchant(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
-            row = await (await self._store()).update_merchant(merchant_id, {"status": "suspended"})
-            if row is None:
-                raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
-            self.pipeline.merchants.add(row)
-            return merchant_message(row)
+            return await self._update(merchant_id, {"status": "suspended"})
         return await _guard(context, call)
 
     async def GetMerchant(self, request, context):

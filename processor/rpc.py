@@ -10,7 +10,7 @@ import uuid
 import grpc
 
 from processor import auth, metrics
-from processor.domain import Code, Rejection
+from processor.domain import Rejection
 from processor.errors import grpc_status
 
 log = logging.getLogger("points.rpc")

@@ -19,8 +19,8 @@ import asyncpg
 
 from processor import metrics
 from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
-                              ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_OPERATOR_FEE_REVENUE, ASSET_POINTS,
-                              GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, OPERATOR_ID, require)
+                              ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS,
+                              GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
 
 MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES)
 

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.parse
@@ -150,6 +149,29 @@ def service_factory():
                   or "Traceback" in line]
         if errors:  # shown by pytest with the test's output when it fails
             print(f"--- service {service.target} log (errors) ---\n" + "".join(service.log_lines[-60:]))
+
+
+@pytest.fixture(scope="module")
+def service(create_database):
+    """A service on a fresh database, shared by the tests of a module."""
+    service = ServiceProcess(create_database()).start()
+    yield service
+    service.kill()
+
+
+@pytest.fixture(scope="module")
+def stub(service):
+    """A PointsService client that sends the right credential with each call."""
+    import points.v1.points_pb2_grpc as points_pb2_grpc
+    with service.channel() as channel:
+        yield points_pb2_grpc.PointsServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def channel(service):
+    """A channel without credentials: the test sends its own."""
+    with service.bare_channel() as channel:
+        yield channel
 
 
 async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int, fields: dict) -> None:

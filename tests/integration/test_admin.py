@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ServiceProcess, create_key, fetch, ledger_discrepancies
+from tests.conftest import create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import error_of, ledger_snapshot, unique
 
 pytestmark = pytest.mark.timeout(120)
@@ -19,19 +19,6 @@ SUSPENDED = admin_pb2.MERCHANT_STATUS_SUSPENDED
 
 def credential(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    service = ServiceProcess(create_database()).start()
-    yield service
-    service.kill()
-
-
-@pytest.fixture(scope="module")
-def channel(service):
-    with service.bare_channel() as channel:
-        yield channel
 
 
 @pytest.fixture(scope="module")

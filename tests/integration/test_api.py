@@ -8,24 +8,9 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.conftest import add_merchant, fetch, ledger_discrepancies
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    url = create_database()
-    service = ServiceProcess(url, "--batch-linger-seconds", "0.002").start()
-    yield service
-    service.kill()
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with service.channel() as channel:
-        yield points_pb2_grpc.PointsServiceStub(channel)
 
 
 def unique(prefix: str) -> str:

@@ -63,12 +63,6 @@ def service(create_database):
 
 
 @pytest.fixture(scope="module")
-def channel(service):
-    with service.bare_channel() as channel:
-        yield channel
-
-
-@pytest.fixture(scope="module")
 def points(channel):
     return points_pb2_grpc.PointsServiceStub(channel)
 

@@ -28,7 +28,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ROOT, ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.conftest import ROOT, add_merchant, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import error_of, unique
 
 pytestmark = pytest.mark.timeout(120)
@@ -78,19 +78,6 @@ def assert_refused(call, code: grpc.StatusCode) -> grpc.RpcError:
 
 # ---------------------------------------------------------------------------------------------------
 # Fixtures and clients
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    service = ServiceProcess(create_database()).start()
-    yield service
-    service.kill()
-
-
-@pytest.fixture(scope="module")
-def channel(service):
-    with service.bare_channel() as channel:
-        yield channel
 
 
 class Operator:

@@ -10,24 +10,10 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.conftest import add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import balance, funded_member, member_in_postgres, unique
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    service = ServiceProcess(create_database()).start()
-    yield service
-    service.kill()
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with service.channel() as channel:
-        yield points_pb2_grpc.PointsServiceStub(channel)
 
 
 @pytest.fixture

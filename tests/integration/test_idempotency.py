@@ -9,26 +9,13 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.conftest import add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import (balance, call_once, earn, error_of, funded_member, ledger_snapshot,
                                        replay_flag, unique)
 
 pytestmark = pytest.mark.timeout(120)
 
 MUTATING_METHODS = ("Earn", "Authorize", "Capture", "Void", "Redeem", "Refund")
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    service = ServiceProcess(create_database()).start()
-    yield service
-    service.kill()
-
-
-@pytest.fixture(scope="module")
-def stub(service):
-    with service.channel() as channel:
-        yield points_pb2_grpc.PointsServiceStub(channel)
 
 
 @pytest.fixture
