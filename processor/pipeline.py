@@ -111,6 +111,7 @@ class Pipeline:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.draining = False       # shutting down: new operations are refused, queued ones commit
+        self._resync_requested = False
         self.ready = False          # recovery done and Postgres reachable
         self.batches_committed = 0
         self.batches_failed = 0
@@ -164,10 +165,13 @@ class Pipeline:
     async def submit(self, op: Operation) -> Outcome:
         """Queues a mutating operation and returns its outcome once durable (or replayed)."""
         key = (op.merchant_id, op.idempotency_key)
-        first = self._inflight.get(key)
-        if first is not None:
+        while (first := self._inflight.get(key)) is not None:
             # The same key is in flight: wait for its outcome rather than posting twice.
             outcome = await asyncio.shield(first.future)
+            if outcome.code is Code.ALREADY_EXISTS or outcome.code in _NOT_RECORDED or not outcome.recorded:
+                # That call decided nothing for the key (it was refused as a conflicting retry, or not
+                # recorded): this one is decided on its own, against the stored record if there is one.
+                continue
             return _replay(first.method.value, first.request, outcome, op)
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
@@ -185,6 +189,12 @@ class Pipeline:
         self._queued.set()
         # shield: a caller that goes away does not cancel the operation; its batch still resolves it
         return await asyncio.shield(op.future)
+
+    def request_resync(self) -> None:
+        """Stops new work (UNAVAILABLE) until the committer has rebuilt the fast path from Postgres."""
+        self.ready = False
+        self._resync_requested = True
+        self._queued.set()
 
     async def committed_view(self):
         """Waits until no batch is being written, so what the fast path shows is committed. Releases
@@ -213,6 +223,13 @@ class Pipeline:
     async def _run(self) -> None:
         settings = self.settings
         while True:
+            if self._resync_requested:
+                self._resync_requested = False
+                self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
+                           "the service is resynchronising with the ledger database; retry with the same "
+                           "idempotency key")
+                await self._resync()
+                continue
             if not self._queue and not self._expired_pending:
                 if self._stopping:
                     return
@@ -356,8 +373,11 @@ class Pipeline:
         delay = 0.05
         while True:
             try:
-                await self.recover()
-                return
+                # a bounded probe first: recovery's own reads would wait out a stalled server
+                if await self.store.reachable():
+                    await self.recover()
+                    return
+                raise TimeoutError("Postgres is unreachable")
             except (domain.InvariantViolation, fastpath.LedgerInvariantError, StoreError):
                 raise  # a bug, or another writer took the ledger while Postgres was away: stop
             except Exception as error:

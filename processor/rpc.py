@@ -55,13 +55,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         accepted = ACCEPTED_KINDS.get(service)
         authenticator = self.authenticator
         decode = handler.request_deserializer
-        request_type = method + "Request"
+        message_type = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
+        request_type = message_type.full_name if message_type is not None else f"{service}/{method} request"
 
         def deserialize(data: bytes):
             try:
                 return decode(data)
             except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
-                return Undecodable(f"{service}.{request_type}", error)
+                return Undecodable(request_type, error)
         streaming = handler.stream_stream is not None
         labels = (service, method, "bidi_stream" if streaming else "unary")
         started = metrics.rpc_started.labels(*labels)

@@ -29,7 +29,7 @@ async def open_store(settings: Settings, url: str | None = None) -> Store:
     """Connects to DATABASE_URL, or starts the embedded Postgres; applies migrations."""
     if url is None:
         url = await database_url(settings)
-    store = await Store.open(url, settings.pool_connections_max)
+    store = await Store.open(url, settings.pool_connections_max, command_timeout=settings.commit_timeout_seconds)
     await store.migrate()
     return store
 
@@ -124,8 +124,15 @@ class Service:
     async def _watch(self) -> None:
         """Mirrors the pipeline's readiness into health, so balancers stop routing while Postgres is away."""
         serving = True
+        ticks = 0
         while True:
             await asyncio.sleep(0.5)
+            ticks += 1
+            if ticks % 4 == 0 and self.pipeline.ready and not await self.store.writer_lock_alive():
+                # the lock session died (Postgres restarted it, or a DBA terminated it): stop writing
+                # and take the lock again, or stop if another service has taken it meanwhile
+                log.error("writer lock session lost; resynchronising")
+                self.pipeline.request_resync()
             ready = self.pipeline is not None and self.pipeline.ready
             if ready != serving:
                 serving = ready

@@ -276,7 +276,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                         problem = "correlation_id must be at most 128 bytes"
                     if problem:
                         answers.put_nowait(pb.StreamResponse(
-                            correlation_id=getattr(message, "correlation_id", "")[:128],
+                            correlation_id=getattr(message, "correlation_id", "").encode()[:128].decode(
+                                errors="ignore"),
                             result=pb.OperationResult(outcome=pb.OPERATION_OUTCOME_INVALID,
                                                       status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                                                       message=problem + "; the operation was not carried out")))

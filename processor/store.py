@@ -5,6 +5,7 @@ All SQL of the service lives here. The pipeline is the only writer of ledger row
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 import hashlib
@@ -31,10 +32,17 @@ MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
 APPLICATION_NAME = "points-processor"
+# pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits)
+_LOCK_CLASSID = (WRITER_LOCK_KEY & 0xFFFFFFFFFFFFFFFF) >> 32
+_LOCK_OBJID = WRITER_LOCK_KEY & 0xFFFFFFFF
 
 
 class StoreError(Exception):
     """Postgres said no, for a reason the operator must fix (not a transient fault)."""
+
+
+class WriterLockLost(Exception):
+    """The session holding the writer lock is gone: the fast path must be rebuilt and the lock taken again."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,17 +206,20 @@ def from_micros(value: int) -> dt.datetime:
 class Store:
     """A connection pool on the ledger database, plus the writer lock connection."""
 
-    def __init__(self, pool: asyncpg.Pool, url: str):
+    def __init__(self, pool: asyncpg.Pool, url: str, connect_timeout: float = 10.0):
         self.pool = pool
         self.url = url
+        self.connect_timeout = connect_timeout
+        self.read_timeout = connect_timeout  # the pipeline's look-ups before a batch
         self._writer_lock: asyncpg.Connection | None = None
+        self._writer_lock_pid: int | None = None
 
     @classmethod
     async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
         pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_connections_max,
-                                         command_timeout=command_timeout,
+                                         command_timeout=command_timeout, timeout=command_timeout,
                                          server_settings={"application_name": APPLICATION_NAME})
-        return cls(pool, url)
+        return cls(pool, url, connect_timeout=command_timeout)
 
     async def close(self) -> None:
         if self._writer_lock is not None and not self._writer_lock.is_closed():
@@ -221,24 +232,32 @@ class Store:
 
     async def acquire_writer_lock(self) -> None:
         """Holds a session advisory lock for the life of the service: one writer per ledger."""
-        connection = await asyncpg.connect(self.url, server_settings={"application_name": APPLICATION_NAME + "-lock"})
+        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
+                                           server_settings={"application_name": APPLICATION_NAME + "-lock"})
         if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
             await connection.close()
             raise StoreError("another points service is already writing to this database "
                              "(advisory lock held); stop it or point --database-url elsewhere")
         self._writer_lock = connection
+        self._writer_lock_pid = await connection.fetchval("SELECT pg_backend_pid()")
 
-    async def writer_lock_alive(self) -> bool:
-        if self._writer_lock is None or self._writer_lock.is_closed():
+    async def writer_lock_alive(self, timeout: float = 2.0) -> bool:
+        """Whether the lock session still answers (bounded: a stalled session counts as lost)."""
+        connection = self._writer_lock
+        if connection is None or connection.is_closed():
             return False
-        try:
-            return await self._writer_lock.fetchval("SELECT 1", timeout=5) == 1
-        except (asyncpg.PostgresError, OSError, TimeoutError):
-            return False
+        probe = asyncio.get_running_loop().create_task(connection.fetchval("SELECT 1"))
+        done, _ = await asyncio.wait({probe}, timeout=timeout)
+        if done and not probe.exception() and probe.result() == 1:
+            return True
+        connection.terminate()
+        probe.cancel()
+        probe.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return False
 
     async def reachable(self, timeout: float = 2.0) -> bool:
         try:
-            return await self.pool.fetchval("SELECT 1", timeout=timeout) == 1
+            return await self.bounded(lambda c: c.fetchval("SELECT 1"), timeout) == 1
         except Exception:  # any failure to answer means: not reachable now
             return False
 
@@ -352,27 +371,29 @@ class Store:
     async def stored_outcomes(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], StoredOutcome]:
         if not keys:
             return {}
-        rows = await self.pool.fetch(
+        rows = await self.bounded(lambda c: c.fetch(
             """SELECT i.merchant_id, i.idempotency_key, i.method, i.request, i.outcome, i.response, i.message
                FROM idempotency_keys i
                JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
                  USING (merchant_id, idempotency_key)""",
-            [k[0] for k in keys], [k[1] for k in keys])
+            [k[0] for k in keys], [k[1] for k in keys]), self.read_timeout)
         return {(r["merchant_id"], r["idempotency_key"]): StoredOutcome(
             r["method"], json.loads(r["request"]), r["outcome"],
             json.loads(r["response"]) if r["response"] is not None else None, r["message"] or "")
             for r in rows}
 
     async def holds(self, authorization_ids: Iterable[int]) -> list[HoldRow]:
-        rows = await self.pool.fetch(
+        ids = list(authorization_ids)
+        rows = await self.bounded(lambda c: c.fetch(
             """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
-               FROM holds WHERE authorization_id = ANY($1::bigint[])""", list(authorization_ids))
+               FROM holds WHERE authorization_id = ANY($1::bigint[])""", ids), self.read_timeout)
         return [self._hold(r) for r in rows]
 
     async def transactions(self, transaction_ids: Iterable[int]) -> list[TransactionRow]:
-        rows = await self.pool.fetch(
+        ids = list(transaction_ids)
+        rows = await self.bounded(lambda c: c.fetch(
             """SELECT transaction_id, kind, merchant_id, member_id, amount, refunded
-               FROM transactions WHERE transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+               FROM transactions WHERE transaction_id = ANY($1::bigint[])""", ids), self.read_timeout)
         return [TransactionRow(**dict(r)) for r in rows]
 
     @staticmethod
@@ -382,14 +403,53 @@ class Store:
 
     # --- the batch write: the one place ledger rows change ---
 
-    async def write_batch(self, batch: BatchWrite, timeout: float) -> dict[str, int]:
-        """Writes one batch in one transaction. Returns the member balances after it, which the
-        pipeline compares with the fast path's. Raises on any failure; then nothing was written."""
+    async def bounded(self, work, timeout: float):
+        """Runs `work(connection)` on a pool connection and gives up after `timeout` seconds. On expiry
+        the connection is terminated (its socket closed, no round trip), because a stalled server
+        would hold a polite cancel or ROLLBACK as long as it holds the query; TimeoutError is raised."""
+        loop = asyncio.get_running_loop()
         begin = time.monotonic()
-        async with self.pool.acquire() as connection:
-            metrics.pool_acquire_seconds.observe(time.monotonic() - begin)
+        async def acquire():
+            return await self.pool.acquire()
+        acquiring = loop.create_task(acquire())
+        done, _ = await asyncio.wait({acquiring}, timeout=timeout)
+        if not done:
+            acquiring.add_done_callback(lambda t: t.cancelled() or t.exception() or
+                                        loop.create_task(self.pool.release(t.result())))
+            acquiring.cancel()
+            raise TimeoutError(f"no Postgres connection within {timeout} s")
+        connection = acquiring.result()
+        metrics.pool_acquire_seconds.observe(time.monotonic() - begin)
+        task = loop.create_task(work(connection))
+        done, _ = await asyncio.wait({task}, timeout=timeout - (time.monotonic() - begin))
+        if done:
+            await self.pool.release(connection)
+            return task.result()
+        connection.terminate()
+        task.cancel()
+        # released once the abandoned work has unwound (quickly: its socket is gone)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception() or True)
+        task.add_done_callback(lambda _: loop.create_task(self.pool.release(connection)))
+        raise TimeoutError(f"Postgres did not answer within {timeout} s")
+
+    async def write_batch(self, batch: BatchWrite, timeout: float) -> dict[str, int]:
+        """Writes one batch in one transaction, within `timeout` seconds. Returns the member balances
+        after it, which the pipeline compares with the fast path's. Raises on any failure; then
+        nothing was written, or (a broken connection, a timeout) it is unknown whether COMMIT was."""
+        async def work(connection):
             async with connection.transaction():
+                await self._check_writer_lock(connection)
                 return await self._write(connection, batch, timeout)
+        return await self.bounded(work, timeout)
+
+    async def _check_writer_lock(self, connection: asyncpg.Connection) -> None:
+        """Inside the batch's transaction: our lock session still holds the writer lock. If Postgres
+        dropped that session, another service may have taken the lock: nothing is written."""
+        if self._writer_lock_pid is None or not await connection.fetchval(
+                """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
+                                  AND classid = $2::bigint::oid AND objid = $3::bigint::oid AND objsubid = 1)""",
+                self._writer_lock_pid, _LOCK_CLASSID, _LOCK_OBJID):
+            raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
     async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float) -> dict[str, int]:
         at = b.created_at

@@ -1,0 +1,139 @@
+"""Soak run of the crash and Postgres-fault scenarios: `python -m tests.soak --seconds 300`.
+
+Starts a Postgres of its own (pgserver's binaries, 127.0.0.1, a free port), a fresh database on it,
+the TCP proxy in front of it and the service behind the proxy; then, until the time is up, runs rounds
+under traffic, each one fault picked at random — SIGKILL of the service (the crash harness), Postgres
+unreachable, a stalled connection, a Postgres restart, terminated backends — and after each round every
+check of tests/integration/test_faults.py on every operation since the start. Prints what it checked
+after each round and a summary at the end; exits 1 at the first discrepancy (printing it, the seed
+and the service's log), 0 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import random
+import signal
+import sys
+import time
+import warnings
+
+FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate")
+REPLAYS_PER_ROUND_MAX = 500
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=300, help="how long to run rounds (default 300)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help=f"comma-separated faults to pick from (default {','.join(FAULTS)})")
+    args = parser.parse_args(argv)
+    faults = [name.strip() for name in args.faults.split(",") if name.strip()]
+    unknown = set(faults) - set(FAULTS)
+    if unknown or not faults:
+        parser.error(f"unknown faults {sorted(unknown)}; choose from {','.join(FAULTS)}")
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    # SIGTERM (timeout, CI) unwinds like Ctrl-C, so the services and the Postgres started here are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
+        from tests.conftest import ServiceProcess
+        from tests.integration import test_faults as scenarios
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    say(f"soak: {args.seconds:g} s of rounds, faults {','.join(faults)}, seed {seed}")
+    rng = random.Random(seed)
+    fault_rng = random.Random(seed)  # the order of faults replays with --seed, whatever the traffic did
+    services: list[ServiceProcess] = []
+
+    def start_service(url: str, *extra: str) -> ServiceProcess:
+        service = ServiceProcess(url, *extra).start()
+        services.append(service)
+        return service
+
+    postgres = scenarios.DedicatedPostgres().start()
+    harness = None
+    rounds: collections.Counter[str] = collections.Counter()
+    started = time.monotonic()
+    try:
+        database_url = postgres.create_database()
+        say(f"postgres on {postgres.host}:{postgres.port}, database {database_url.rsplit('/', 1)[1]}")
+        harness = scenarios.Harness(database_url, (postgres.host, postgres.port), start_service, rng, say).start()
+        say(f"service on {harness.service.target}, through the proxy on {harness.proxy.address}")
+        run = {
+            "sigkill": lambda: scenarios.run_round(harness, scenarios.fault_sigkill, killed=True,
+                                                   replays_max=REPLAYS_PER_ROUND_MAX),
+            "unreachable": lambda: scenarios.run_round(harness, scenarios.fault_unreachable,
+                                                       replays_max=REPLAYS_PER_ROUND_MAX),
+            "stall": lambda: scenarios.run_round(harness, scenarios.fault_stall, replays_max=REPLAYS_PER_ROUND_MAX),
+            "restart": lambda: scenarios.run_round(harness, scenarios.fault_restart, postgres,
+                                                   replays_max=REPLAYS_PER_ROUND_MAX),
+            "terminate": lambda: scenarios.run_round(harness, scenarios.fault_terminate,
+                                                     replays_max=REPLAYS_PER_ROUND_MAX),
+        }
+        number = 0
+        while time.monotonic() - started < args.seconds:
+            number += 1
+            fault = fault_rng.choice(faults)
+            round_started = time.monotonic()
+            try:
+                problems, report = run[fault]()
+            except AssertionError as error:  # a fault's own expectation (NOT_SERVING, recovery...) failed
+                problems, report = [f"{fault}: {error}"], None
+            rounds[fault] += 1
+            if problems:
+                say(f"round {number} ({fault}): {len(problems)} DISCREPANCIES")
+                for problem in problems[:50]:
+                    say(f"  - {problem}")
+                _show_logs(harness, say)
+                say(f"FAILED after {time.monotonic() - started:.0f} s, {number} rounds; replay with --seed {seed}")
+                return 1
+            say(f"round {number} ({fault}, {time.monotonic() - round_started:.1f} s): OK — since the start: {report}")
+            if rounds[fault] == 1:
+                say(f"  checked after each {fault} round: {_checked(fault)}")
+        assert harness is not None
+        say(f"PASSED: {number} rounds in {time.monotonic() - started:.0f} s "
+            f"({', '.join(f'{count} {name}' for name, count in sorted(rounds.items()))}); "
+            f"{len(harness.ops)} operations, {sum(op.interrupted for op in harness.ops)} interrupted, "
+            f"{sum(op.abandoned for op in harness.ops)} abandoned; seed {seed}")
+        return 0
+    finally:
+        if harness is not None:
+            harness.close()
+        for service in services:
+            service.kill()
+        postgres.stop()
+
+
+def _checked(fault: str) -> str:
+    checks = ["every acknowledged operation in the journal exactly once (by idempotency key), with its "
+              "balanced entries, hold and hold resolution",
+              "no unanswered operation half-applied; none refused as 'not applied' was committed",
+              "no journal rows of calls nobody made",
+              "GetBalance == Postgres balance == sum of entries == what the answers imply, per member",
+              "ledger_discrepancies() == []",
+              "answered calls replay identically (sample)",
+              "the service holds the writer lock"]
+    if fault in ("unreachable", "stall"):
+        checks.insert(0, "health NOT_SERVING during the outage, only UNAVAILABLE answered in it, "
+                         "SERVING again by itself, calls succeed again")
+    elif fault in ("restart", "terminate"):
+        checks.insert(0, "SERVING again by itself, calls succeed again, a second service is refused")
+    else:
+        checks.insert(0, "the restarted service serves again")
+    return "; ".join(checks)
+
+
+def _show_logs(harness, say) -> None:
+    if harness is None or harness.service is None:
+        return
+    lines = [line for line in harness.service.log_lines if '"level": "info"' not in line]
+    say("--- service log (warnings and errors, last 40) ---\n" + "".join(lines[-40:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
