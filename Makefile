@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: run demo test build bench clean promtool
+.PHONY: run demo test build bench soak clean promtool
 
 $(DEPS): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ promtool:
 
 test: build promtool
 	$(PY) -m pytest $(ARGS)
+
+# crash and Postgres-fault rounds for SECONDS (default 300), each checked against the journal
+soak: build
+	$(PY) -m tests.soak --seconds $${SECONDS_TO_SOAK:-300} $(ARGS)
 
 bench: build
 	$(PY) -m loadtest.bench $(ARGS)
