@@ -87,7 +87,7 @@ def format_authorization_id(authorization_id: int) -> str:
 
 def _parse_id(value: str, prefix: str, field: str) -> int:
     digits = value[len(prefix):] if value.startswith(prefix) else ""
-    if not digits.isascii() or not digits.isdigit() or len(digits) > 18:
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 18 or digits != str(int(digits)):
         raise Rejection(Code.INVALID_ARGUMENT,
                         f"{field} {value[:64]!r} is not an id this service issued "
                         f"(expected {prefix}<digits>, as returned by an earlier call)")

@@ -13,7 +13,7 @@ def test_earn_rounds_down_to_the_point_unit(purchase, bps, points):
 def test_ids_round_trip_and_reject_foreign_forms():
     assert domain.parse_transaction_id(domain.format_transaction_id(42)) == 42
     assert domain.parse_authorization_id(domain.format_authorization_id(7)) == 7
-    for bad in ("", "txn_", "txn_-1", "auth_1", "txn_1x", "txn_" + "9" * 19, "txn_١٢"):
+    for bad in ("", "txn_", "txn_-1", "auth_1", "txn_1x", "txn_" + "9" * 19, "txn_١٢", "txn_01", "txn_00"):
         with pytest.raises(domain.Rejection) as raised:
             domain.parse_transaction_id(bad)
         assert raised.value.code is domain.Code.INVALID_ARGUMENT
