@@ -1,0 +1,513 @@
+"""Benchmark on this machine: the points service against the floor of its stack and a naive baseline.
+
+    python -m loadtest.bench [--operations 10000] [--rounds 5]      # or: make bench
+
+Starts everything it needs, each server a process of its own:
+  * a Postgres: DATABASE_URL if set (fresh databases bench_points_<id> and bench_naive_<id> are
+    created on it and dropped at the end), else the embedded one of pgserver under .points-data/bench (stopped at
+    the end);
+  * no-op   loadtest/noop_server.py: the same stack (grpc.aio on uvloop, same proto) answering with
+            constants and doing nothing: what the stack costs before any work;
+  * service `python -m processor serve` with its defaults, on a network seeded by `processor seed`,
+            called with a gateway key;
+  * naive   loadtest/naive_server.py: the same Earn/Redeem, one Postgres transaction per operation
+            (UPDATE ... WHERE balance >= $1, then an INSERT), grpc.aio + an asyncpg pool, its own tables,
+            the same seeded network.
+
+One fixed list of earns and redeems (25% redeems; members drawn from a Zipf distribution, a few hot
+merchants; --seed) is sent by a grpc.aio client in this process:
+  * unary      the first --operations, --concurrency (64) calls in flight;
+  * batch      the first --batch-operations (3 x --operations) as SubmitBatch calls of 100 and of 1,000
+               operations, --batch-concurrency (4) calls in flight;
+  * naive      has no SubmitBatch: the unary workload, and the same operations in batches of 100 each
+               sent as its operations' unary calls (--concurrency in flight; a batch is done when its
+               last call is).
+Every call carries a fresh idempotency key. Each workload gets a warm-up (a fifth of its size), then
+--rounds rounds, interleaved across the servers so that a slow spell of the machine hits them all;
+each figure printed is the median of the rounds' figures. Latency is per call (per batch on batch
+rows). CPU is user+system time from /proc/<pid>/stat during the round, in % of one core: server = the
+server process, Postgres = the postmaster and its children (when Postgres runs on this machine),
+client = this process. The service's pipeline figures come from its /metrics.
+
+A benchmark, not a test: it prints figures and asserts nothing about time. The client shares the
+machine with the servers and Postgres, so on a small machine it is part of what is measured: its CPU
+column says how much.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import warnings
+
+import asyncpg
+import grpc
+import uvloop
+
+from loadtest import harness, workload
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+
+CALL_TIMEOUT_SECONDS = 120.0
+BATCH_SIZES = (100, 1_000)
+
+
+# --- Postgres ---------------------------------------------------------------------------------------
+
+class Postgres:
+    """DATABASE_URL's server, or the embedded one; creates and drops the bench's databases."""
+
+    def __init__(self, database_url: str, data_dir: pathlib.Path):
+        self._embedded = None
+        if database_url:
+            self.admin_url = database_url
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                import pgserver
+            directory = data_dir / "pg"
+            directory.mkdir(parents=True, exist_ok=True)
+            self._embedded = pgserver.get_server(str(directory), cleanup_mode="stop")  # stops when we exit
+            self.admin_url = self._embedded.get_uri()
+        self.description = ""
+        self.postmaster_pid: int | None = None
+
+    def url(self, database: str) -> str:
+        return urllib.parse.urlunsplit(urllib.parse.urlsplit(self.admin_url)._replace(path="/" + database))
+
+    async def create(self, database: str) -> str:
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+            await connection.execute(f'CREATE DATABASE "{database}"')
+            if not self.description:
+                settings = {name: await connection.fetchval(f"SHOW {name}")
+                            for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers")}
+                where = "embedded (pgserver)" if self._embedded else "DATABASE_URL"
+                self.description = (f"PostgreSQL {settings['server_version'].split()[0]} {where}, fsync "
+                                    f"{settings['fsync']}, synchronous_commit {settings['synchronous_commit']}, "
+                                    f"shared_buffers {settings['shared_buffers']}")
+                self.postmaster_pid = self._find_postmaster(await connection.fetchval("SELECT pg_backend_pid()"))
+        finally:
+            await connection.close()
+        return self.url(database)
+
+    def _find_postmaster(self, backend_pid: int) -> int | None:
+        """The postmaster, if Postgres runs on this machine (its processes' CPU is then measured)."""
+        if self._embedded is not None:
+            return self._embedded.get_pid()
+        parent = harness.parent_pid(backend_pid)
+        try:
+            with open(f"/proc/{parent}/cmdline", "rb") as cmdline:
+                return parent if b"postgres" in cmdline.read() else None
+        except (OSError, TypeError):
+            return None
+
+    async def drop(self, database: str) -> None:
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        finally:
+            await connection.close()
+
+    def cpu_seconds(self) -> dict[int, float]:
+        return harness.children_cpu_seconds(self.postmaster_pid) if self.postmaster_pid else {}
+
+
+# --- workloads --------------------------------------------------------------------------------------
+
+def unary_requests(operations: list[workload.Operation], key_prefix: str) -> list[tuple[str, object]]:
+    requests = []
+    for number, op in enumerate(operations):
+        key = f"{key_prefix}{number}"
+        if op.kind == "earn":
+            requests.append(("Earn", pb.EarnRequest(merchant_id=op.merchant_id, member_id=op.member_id,
+                                                    purchase_amount=op.amount, idempotency_key=key)))
+        else:
+            requests.append(("Redeem", pb.RedeemRequest(merchant_id=op.merchant_id, member_id=op.member_id,
+                                                        points=op.amount, idempotency_key=key)))
+    return requests
+
+
+def batch_requests(operations: list[workload.Operation], key_prefix: str, size: int) -> list[pb.SubmitBatchRequest]:
+    unary = unary_requests(operations, key_prefix)
+    batches = []
+    for start in range(0, len(unary), size):
+        batch = pb.SubmitBatchRequest()
+        for method, request in unary[start:start + size]:
+            if method == "Earn":
+                batch.operations.add(earn=request)
+            else:
+                batch.operations.add(redeem=request)
+        batches.append(batch)
+    return batches
+
+
+@dataclasses.dataclass
+class Run:
+    """What one round of one workload measured."""
+    operations: int
+    seconds: float
+    latencies: list[float]
+    not_applied: collections.Counter  # why operations were not applied: "Redeem FAILED_PRECONDITION": count
+    server_cpu_seconds: float
+    postgres_cpu_seconds: float | None
+    client_cpu_seconds: float
+    commits: float = 0.0             # the service's Postgres transactions during the run (its /metrics)
+    commit_seconds: float = 0.0      # their total time
+
+
+class Client:
+    """A grpc.aio channel to one server."""
+
+    def __init__(self, address: str, key: str):
+        self.channel = grpc.aio.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self.stub = points_pb2_grpc.PointsServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
+
+    async def unary(self, requests, concurrency: int) -> tuple[list[float], int]:
+        methods = {"Earn": self.stub.Earn, "Redeem": self.stub.Redeem}
+        latencies: list[float] = []
+        failures: collections.Counter = collections.Counter()
+        pending = iter(requests)
+        metadata = self.metadata
+
+        async def worker():
+            for method, request in pending:
+                began = time.perf_counter()
+                try:
+                    await methods[method](request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+                except grpc.aio.AioRpcError as error:
+                    failures[f"{method} {error.code().name}"] += 1
+                latencies.append(time.perf_counter() - began)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, failures
+
+    async def batches(self, requests, concurrency: int) -> tuple[list[float], int]:
+        latencies: list[float] = []
+        failures: collections.Counter = collections.Counter()
+        pending = iter(requests)
+        applied = pb.OPERATION_OUTCOME_APPLIED
+
+        async def worker():
+            for request in pending:
+                began = time.perf_counter()
+                try:
+                    response = await self.stub.SubmitBatch(request, metadata=self.metadata,
+                                                           timeout=CALL_TIMEOUT_SECONDS)
+                    for operation, result in zip(request.operations, response.results):
+                        if result.outcome != applied:
+                            failures[f"{operation.WhichOneof('operation')} "
+                                     f"{pb.OperationOutcome.Name(result.outcome)}"] += 1
+                except grpc.aio.AioRpcError as error:
+                    failures[f"SubmitBatch {error.code().name}"] += len(request.operations)
+                latencies.append(time.perf_counter() - began)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return latencies, failures
+
+    async def batches_as_unary(self, batches, batch_concurrency: int, concurrency: int) -> tuple[list[float], int]:
+        """Each batch (a list of unary requests) sent as unary calls, at most `concurrency` calls in
+        flight over all batches; a batch's latency is until its last call is answered."""
+        methods = {"Earn": self.stub.Earn, "Redeem": self.stub.Redeem}
+        calls = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+        failures: collections.Counter = collections.Counter()
+        pending = iter(batches)
+
+        async def one(method, request):
+            async with calls:
+                try:
+                    await methods[method](request, metadata=self.metadata, timeout=CALL_TIMEOUT_SECONDS)
+                except grpc.aio.AioRpcError as error:
+                    failures[f"{method} {error.code().name}"] += 1
+
+        async def worker():
+            for batch in pending:
+                began = time.perf_counter()
+                await asyncio.gather(*(one(method, request) for method, request in batch))
+                latencies.append(time.perf_counter() - began)
+        await asyncio.gather(*(worker() for _ in range(batch_concurrency)))
+        return latencies, failures
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclasses.dataclass
+class Workload:
+    server: str          # "no-op", "service", "naive"
+    label: str
+    shape: str           # "unary", "batch", "batch as unary"
+    operations: list[workload.Operation]
+    warmup: list[workload.Operation]
+    batch_size: int = 1
+    runs: list[Run] = dataclasses.field(default_factory=list)
+
+
+def pipeline_totals(metrics_url: str) -> tuple[float, float]:
+    """(batches committed, seconds spent committing) so far, from the service's /metrics."""
+    if not metrics_url:
+        return 0.0, 0.0
+    values = {}
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("points_pipeline_commit_seconds_count", "points_pipeline_commit_seconds_sum"):
+                values[name] = float(value)
+    return (values.get("points_pipeline_commit_seconds_count", 0.0),
+            values.get("points_pipeline_commit_seconds_sum", 0.0))
+
+
+async def run_once(workload_: Workload, client: Client, server: Endpoint, postgres: Postgres,
+                   operations: list[workload.Operation], key_prefix: str, args) -> Run:
+    """One pass of the operations through the server, timed, with the CPU each process used."""
+    # requests are built before the clock starts: building them is not the server's work
+    if workload_.shape == "unary":
+        requests = unary_requests(operations, key_prefix)
+    elif workload_.shape == "batch":
+        requests = batch_requests(operations, key_prefix, workload_.batch_size)
+    else:
+        unary = unary_requests(operations, key_prefix)
+        requests = [unary[i:i + workload_.batch_size] for i in range(0, len(unary), workload_.batch_size)]
+    commits_before, commit_seconds_before = pipeline_totals(server.metrics_url)
+    server_pid = server.pid
+    server_before = harness.cpu_seconds(server_pid)
+    postgres_before = postgres.cpu_seconds()
+    client_before = harness.cpu_seconds(os.getpid())
+    began = time.perf_counter()
+    if workload_.shape == "unary":
+        latencies, failures = await client.unary(requests, args.concurrency)
+    elif workload_.shape == "batch":
+        latencies, failures = await client.batches(requests, args.batch_concurrency)
+    else:
+        latencies, failures = await client.batches_as_unary(requests, args.batch_concurrency, args.concurrency)
+    seconds = time.perf_counter() - began
+    client_cpu = harness.cpu_seconds(os.getpid()) - client_before
+    server_cpu = harness.cpu_seconds(server_pid) - server_before
+    postgres_cpu = None
+    if postgres.postmaster_pid:
+        after = postgres.cpu_seconds()
+        postgres_cpu = sum(value - postgres_before.get(pid, 0.0) for pid, value in after.items())
+    commits, commit_seconds = pipeline_totals(server.metrics_url)
+    return Run(len(operations), seconds, latencies, failures, server_cpu, postgres_cpu, client_cpu,
+               commits - commits_before, commit_seconds - commit_seconds_before)
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+@dataclasses.dataclass
+class Figures:
+    operations_per_second: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu: float      # fraction of one core
+    server_us_per_operation: float
+    postgres_cpu: float | None
+    client_cpu: float
+    not_applied: int
+
+
+def figures(runs: list[Run]) -> Figures:
+    median = statistics.median
+    postgres = [r.postgres_cpu_seconds / r.seconds for r in runs if r.postgres_cpu_seconds is not None]
+    return Figures(
+        operations_per_second=median(r.operations / r.seconds for r in runs),
+        p50_ms=median(_percentile(r.latencies, 0.50) for r in runs) * 1000,
+        p99_ms=median(_percentile(r.latencies, 0.99) for r in runs) * 1000,
+        server_cpu=median(r.server_cpu_seconds / r.seconds for r in runs),
+        server_us_per_operation=median(r.server_cpu_seconds / r.operations for r in runs) * 1e6,
+        postgres_cpu=median(postgres) if postgres else None,
+        client_cpu=median(r.client_cpu_seconds / r.seconds for r in runs),
+        not_applied=sum(sum(r.not_applied.values()) for r in runs))
+
+
+# --- the bench --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    address: str
+    pid: int
+    key: str
+    metrics_url: str
+
+
+async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postgres: Postgres, args) -> None:
+    clients = {name: Client(server.address, server.key) for name, server in servers.items()}
+    run_id = os.urandom(4).hex()
+    try:
+        for number, w in enumerate(workloads):
+            await run_once(w, clients[w.server], servers[w.server], postgres, w.warmup, f"bw{run_id}-{number}-", args)
+            print(f"  warmed up: {w.server} {w.label}", flush=True)
+        for round_number in range(1, args.rounds + 1):
+            for number, w in enumerate(workloads):
+                run = await run_once(w, clients[w.server], servers[w.server], postgres, w.operations,
+                                     f"b{run_id}-{round_number}-{number}-", args)
+                w.runs.append(run)
+                print(f"  round {round_number}/{args.rounds}: {w.server:<7} {w.label:<34} "
+                      f"{run.operations / run.seconds:>9,.0f} ops/s", flush=True)
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+def _cpu(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def report(workloads: list[Workload], args, postgres: Postgres, network: workload.Network, seconds: float) -> None:
+    by_name = {(w.server, w.shape, w.batch_size): figures(w.runs) for w in workloads}
+    print()
+    print(f"points bench: {args.operations:,} operations per round for unary rows and naive, "
+          f"{args.batch_operations:,} for SubmitBatch rows ({100 - round(args.redeem_share * 100)}% earn, "
+          f"{round(args.redeem_share * 100)}% redeem, seed {args.seed}); median of {args.rounds} rounds after a "
+          f"warm-up of a fifth; {os.cpu_count()} CPUs; {postgres.description}")
+    top = workload.Zipf(network.members, network.member_exponent).share_of_top(1)
+    print(f"network: {network.merchants} merchants ({network.hot_merchants} hot with "
+          f"{network.hot_merchant_share:.0%} of operations), {network.members:,} members (Zipf "
+          f"{network.member_exponent:g}: the busiest member makes {top:.1%} of operations); "
+          f"naive pool {args.naive_pool_connections} connections; total {seconds:.0f} s")
+    header = (f"{'server':<8} {'workload':<34} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10} "
+              f"{'µs/op':>7} {'Postgres CPU':>12} {'client CPU':>10} {'not applied':>11}")
+    print(header)
+    print("-" * len(header))
+    for w in workloads:
+        f = by_name[(w.server, w.shape, w.batch_size)]
+        print(f"{w.server:<8} {w.label:<34} {f.operations_per_second:>9,.0f} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} "
+              f"{_cpu(f.server_cpu):>10} {f.server_us_per_operation:>7.0f} {_cpu(f.postgres_cpu):>12} "
+              f"{_cpu(f.client_cpu):>10} {f.not_applied:>11,}")
+    print("(latency per call; for batch rows, per batch. µs/op: server CPU time per operation. "
+          "not applied: operations not APPLIED, over all rounds)")
+    for w in workloads:
+        reasons = sum((r.not_applied for r in w.runs), collections.Counter())
+        if reasons:
+            print(f"  not applied, {w.server} {w.label}: "
+                  + ", ".join(f"{count:,} {reason}" for reason, count in reasons.most_common()))
+    print()
+    print("service pipeline (its /metrics):  Postgres transactions/s, operations per transaction, mean time "
+          "to write and commit one, share of the run spent committing")
+    median = statistics.median
+    for w in workloads:
+        if w.server != "service" or not any(r.commits for r in w.runs):
+            continue
+        runs = [r for r in w.runs if r.commits]
+        print(f"  {w.label:<34} {median(r.commits / r.seconds for r in runs):>7,.0f}/s "
+              f"{median(r.operations / r.commits for r in runs):>7,.0f} ops "
+              f"{median(r.commit_seconds / r.commits for r in runs) * 1000:>8.1f} ms "
+              f"{median(r.commit_seconds / r.seconds for r in runs):>6.0%}")
+
+    def rate(server, shape, size=1):
+        return by_name[(server, shape, size)].operations_per_second
+    print()
+    print("ratios (operations/s):")
+    print(f"  service / no-op floor:   unary {rate('service', 'unary') / rate('no-op', 'unary'):.2f}x, "
+          + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / rate('no-op', 'batch', size):.2f}x"
+                      for size in BATCH_SIZES))
+    naive_batch = rate("naive", "batch as unary", BATCH_SIZES[0])
+    print(f"  service / naive:         unary {rate('service', 'unary') / rate('naive', 'unary'):.1f}x, "
+          + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / naive_batch:.1f}x" for size in BATCH_SIZES)
+          + f"  (naive batch = its batch-{BATCH_SIZES[0]} workload sent as unary calls)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--operations", type=int, default=10_000,
+                   help="operations per round of the unary workloads (and the naive server's batches) [10000]")
+    p.add_argument("--batch-operations", type=int, default=0,
+                   help="operations per round of the SubmitBatch workloads [3 x --operations]")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per workload; figures are medians [5]")
+    p.add_argument("--concurrency", type=int, default=64, help="unary calls in flight [64]")
+    p.add_argument("--batch-concurrency", type=int, default=4, help="SubmitBatch calls in flight [4]")
+    p.add_argument("--seed", type=int, default=20_261_123, help="seed of the workload [20261123]")
+    p.add_argument("--merchants", type=int, default=200)
+    p.add_argument("--members", type=int, default=20_000)
+    p.add_argument("--hot-merchants", type=int, default=3)
+    p.add_argument("--hot-merchant-share", type=float, default=0.4)
+    p.add_argument("--member-exponent", type=float, default=1.0, help="Zipf exponent of the member draw [1.0]")
+    p.add_argument("--redeem-share", type=float, default=0.25)
+    p.add_argument("--naive-pool-connections", type=int, default=16, help="the naive server's asyncpg pool [16]")
+    p.add_argument("--data-dir", default=".points-data/bench",
+                   help="embedded Postgres directory, without DATABASE_URL [.points-data/bench]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.operations < max(BATCH_SIZES) or args.rounds < 1 or 0 < args.batch_operations < max(BATCH_SIZES):
+        sys.exit(f"error: --operations and --batch-operations must be >= {max(BATCH_SIZES)}, --rounds >= 1")
+    args.batch_operations = args.batch_operations or 3 * args.operations
+    started = time.monotonic()
+    network = workload.Network(merchants=args.merchants, members=args.members, hot_merchants=args.hot_merchants,
+                               hot_merchant_share=args.hot_merchant_share, member_exponent=args.member_exponent)
+    # one list: the unary workload is the first --operations of the batch workload
+    operations = workload.operations(max(args.operations, args.batch_operations), network, args.seed,
+                                     args.redeem_share)
+    warmup = workload.operations(max(args.operations, args.batch_operations) // 5, network, args.seed + 1,
+                                 args.redeem_share)
+    unary_operations, unary_warmup = operations[:args.operations], warmup[:args.operations // 5]
+    batch_operations, batch_warmup = operations[:args.batch_operations], warmup[:args.batch_operations // 5]
+
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="points-bench-"))
+    data_dir = pathlib.Path(args.data_dir)
+    if not data_dir.is_absolute():
+        data_dir = harness.ROOT / data_dir
+    postgres = Postgres(os.environ.get("DATABASE_URL", ""), data_dir)
+    suffix = os.urandom(3).hex()  # two benches on one Postgres do not meet
+    databases = (f"bench_points_{suffix}", f"bench_naive_{suffix}")
+    service_url, naive_url = (asyncio.run(postgres.create(name)) for name in databases)
+    print(f"Postgres: {postgres.description}; server logs in {logs}", flush=True)
+
+    servers: dict[str, harness.Server] = {}
+    try:
+        print(f"seeding the service's ledger: {args.merchants} merchants, {args.members:,} members ...", flush=True)
+        harness.seed(service_url, args.merchants, args.members, logs / "seed.log")
+        key = asyncio.run(harness.gateway_key(service_url, workload.merchant_ids(args.merchants), "loadtest.bench"))
+        servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
+        servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
+        servers["naive"] = harness.Server(
+            [sys.executable, "-m", "loadtest.naive_server", "--database-url", naive_url,
+             "--pool-connections-max", str(args.naive_pool_connections),
+             "--seed-merchants", str(args.merchants), "--seed-members", str(args.members)],
+            logs / "naive.log", "naive")
+        for name, server in servers.items():
+            print(f"{name} SERVING on {server.address} (pid {server.pid})", flush=True)
+
+        workloads = []
+        for server in ("no-op", "service"):
+            workloads.append(Workload(server, f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup))
+            workloads += [Workload(server, f"SubmitBatch {size:,}/call c={args.batch_concurrency}", "batch",
+                                   batch_operations, batch_warmup, size) for size in BATCH_SIZES]
+        # the naive server's rate does not depend on grouping: it gets the unary workload's size
+        workloads += [Workload("naive", f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup),
+                      Workload("naive", f"batches of {BATCH_SIZES[0]} as unary c={args.concurrency}",
+                               "batch as unary", unary_operations, unary_warmup, BATCH_SIZES[0])]
+        endpoints = {name: Endpoint(server.address, server.pid, key if name == "service" else "", server.metrics_url)
+                     for name, server in servers.items()}
+        uvloop.run(measure(workloads, endpoints, postgres, args))
+    finally:
+        for server in servers.values():
+            server.stop()
+        for name in databases:
+            try:
+                asyncio.run(postgres.drop(name))
+            except (OSError, asyncpg.PostgresError) as error:
+                print(f"note: could not drop database {name}: {error}", file=sys.stderr)
+    report(workloads, args, postgres, network, time.monotonic() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
