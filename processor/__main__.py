@@ -37,8 +37,13 @@ async def _with_store(settings: config.Settings, action):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from processor.server import serve
+    from processor.store import StoreError
     settings = _settings(args)
-    _run(serve(settings))
+    try:
+        _run(serve(settings))
+    except (StoreError, OSError) as error:  # a start the operator must fix: say what, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
