@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 
-.PHONY: run demo test build bench soak clean promtool
+.PHONY: run demo test build bench soak load clean promtool
 
 $(DEPS): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ test: build promtool
 # crash and Postgres-fault rounds for SECONDS (default 300), each checked against the journal
 soak: build
 	$(PY) -m tests.soak --seconds $${SECONDS_TO_SOAK:-300} $(ARGS)
+
+# a Locust scenario, headless, reports under loadtest/reports/ (ARGS="--scenario gateway --seconds 60")
+load: build
+	$(PY) -m pip install -q -e '.[load]' --no-build-isolation
+	$(PY) -m loadtest.run $(ARGS)
 
 bench: build
 	$(PY) -m loadtest.bench $(ARGS)
