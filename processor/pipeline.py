@@ -113,8 +113,6 @@ class Pipeline:
         self.draining = False       # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
         self.ready = False          # recovery done and Postgres reachable
-        self.batches_committed = 0
-        self.batches_failed = 0
 
     # --- lifecycle ---
 
@@ -330,7 +328,6 @@ class Pipeline:
         self._expired_pending = []
         self._writing = False
         self._idle.set()
-        self.batches_committed += 1
         metrics.batches.labels("committed").inc()
         metrics.batch_operations.observe(len(batch))
         _count_committed(write, ledger)
@@ -349,7 +346,6 @@ class Pipeline:
             self._resolve(op, Outcome(code, message=message))
 
     async def _database_failed(self, batch: list[Operation], error: BaseException, ambiguous: bool) -> None:
-        self.batches_failed += 1
         metrics.batches.labels("failed").inc()
         log.error("batch not committed", extra={"error": repr(error), "operations": len(batch),
                                                 "ambiguous": ambiguous})
