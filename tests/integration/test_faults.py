@@ -39,10 +39,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
 from tests.conftest import Credentials, ServiceProcess, add_merchant, ledger_discrepancies
-from tests.integration.helpers import balance, call_once, member_in_postgres, replay_flag, unique
+from tests.integration.helpers import balance, member_in_postgres, unique
 from tests.integration.tcp_proxy import TcpProxy
-from tests.integration.test_restart import (UNANSWERED, Board, Client, Op, Progress, check_entries, check_in_journal,
-                                            expected_balances, outcome_of, read_journal, replay, unexpected_answer)
+from tests.integration.test_restart import (Board, Client, Op, Progress, check_entries, check_in_journal,
+                                            expected_balances, outcome_of, read_journal, replay)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -217,41 +217,13 @@ class FaultClient(Client):
         super().__init__(*args, **kwargs)
         self.attempts: dict[Op, list[Attempt]] = {}
 
-    def issue(self, method: str, request, give_back_bps: int = 0, original: Op | None = None) -> Op:
-        member = original.member if original is not None else request.member_id
-        op = Op(method, request, member, give_back_bps, original)
-        attempts = self.attempts[op] = []
-        self.ops.append(op)
-        started = time.monotonic()
-        while True:
-            stub, generation = self.board.current()
-            sent_at = time.monotonic()
-            try:
-                response, flag = call_once(getattr(stub, method), request, CALL_TIMEOUT_SECONDS)
-                attempts.append(Attempt("OK", "", flag == "true", sent_at, time.monotonic()))
-                op.code, op.response, op.replayed = "OK", response, flag == "true"
-                break
-            except grpc.RpcError as error:
-                attempts.append(Attempt(error.code().name, error.details() or "", replay_flag(error) == "true",
-                                        sent_at, time.monotonic()))
-                if error.code() not in UNANSWERED:
-                    op.code, op.response = error.code().name, error.details()
-                    break
-            op.interrupted = True
-            self.board.wait_for_restart(generation, RETRY_PAUSE_SECONDS)
-            if self.abandons:
-                op.abandoned = True
-                return op
-            if time.monotonic() - started > RETRYING_SECONDS_MAX:
-                self.progress.problem(f"{method} {request.idempotency_key} unanswered after "
-                                      f"{RETRYING_SECONDS_MAX} s of retries: {attempts[-1]}")
-                op.abandoned = True
-                return op
-        problem = unexpected_answer(op)
-        if problem:
-            self.progress.problem(problem)
-        self.progress.acknowledge()
-        return op
+    retry_pause_seconds = RETRY_PAUSE_SECONDS
+
+    def record(self, op: Op, code: str, details: str, replayed: bool, sent_at: float) -> None:
+        self.attempts.setdefault(op, []).append(Attempt(code, details, replayed, sent_at, time.monotonic()))
+
+    def last_answer(self, op: Op) -> str:
+        return f": {self.attempts[op][-1]}" if self.attempts.get(op) else ""
 
 
 class Health:

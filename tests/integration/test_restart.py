@@ -20,7 +20,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import add_merchant, ledger_discrepancies
 from tests.integration.helpers import (balance, call_once, earn, error_of, funded_member, ledger_snapshot,
-                                       member_in_postgres, unique)
+                                       member_in_postgres, replay_flag, unique)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -366,6 +366,14 @@ class Client:
             self.issue("Void", pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id,
                                               idempotency_key=unique("k")), original=hold)
 
+    retry_pause_seconds = RESTART_WAIT_SECONDS
+
+    def record(self, op: Op, code: str, details: str, replayed: bool, sent_at: float) -> None:
+        """Called with every attempt's answer; subclasses keep them."""
+
+    def last_answer(self, op: Op) -> str:
+        return ""
+
     def issue(self, method: str, request, give_back_bps: int = 0, original: Op | None = None) -> Op:
         member = original.member if original is not None else request.member_id
         op = Op(method, request, member, give_back_bps, original)
@@ -373,23 +381,26 @@ class Client:
         started = time.monotonic()
         while True:
             stub, generation = self.board.current()
+            sent_at = time.monotonic()
             try:
                 response, flag = call_once(getattr(stub, method), request, CALL_TIMEOUT_SECONDS)
+                self.record(op, "OK", "", flag == "true", sent_at)
                 op.code, op.response, op.replayed = "OK", response, flag == "true"
                 break
             except grpc.RpcError as error:
+                self.record(op, error.code().name, error.details() or "", replay_flag(error) == "true", sent_at)
                 if error.code() not in UNANSWERED:
                     op.code, op.response = error.code().name, error.details()
                     break
             op.interrupted = True
             # the service is (most likely) down: wait until the test has started it again
-            self.board.wait_for_restart(generation, RESTART_WAIT_SECONDS)
+            self.board.wait_for_restart(generation, self.retry_pause_seconds)
             if self.abandons:
                 op.abandoned = True
                 return op
             if time.monotonic() - started > RETRYING_SECONDS_MAX:
                 self.progress.problem(f"{method} {request.idempotency_key} unanswered after "
-                                      f"{RETRYING_SECONDS_MAX} s of retries")
+                                      f"{RETRYING_SECONDS_MAX} s of retries{self.last_answer(op)}")
                 op.abandoned = True
                 return op
         problem = unexpected_answer(op)
