@@ -25,6 +25,7 @@ _STATUS_NAME = {v: k for k, v in _STATUS.items()}
 _KIND_NAME = {pb.API_KEY_KIND_MERCHANT: "merchant", pb.API_KEY_KIND_GATEWAY: "gateway",
               pb.API_KEY_KIND_OPERATOR: "operator"}
 LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 100, 1000
+EXPORT_PAGE_MAX, EXPORT_CHUNK = 50_000, 5_000
 GATEWAY_MERCHANTS_MAX = 10_000
 TEXT_BYTES_MAX = 200
 
@@ -295,30 +296,48 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             store = await self._store()
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
+            if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
+            # one page, or everything in chunks (so a 50,000-merchant period never needs one huge result set)
+            wanted = request.page_size or None
+            after = _untoken(request.page_token) if request.page_token else ""
             out = io.StringIO()
             writer = csv.writer(out, lineterminator="\n")
-            lines = 0
+            lines, more = 0, False
             if request.merchant_id:
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
-                writer.writerow(LINE_CSV_COLUMNS)
-                for r in await store.statement_lines(request.period_id, merchant_id):
-                    writer.writerow((request.period_id, merchant_id, domain.format_transaction_id(r["transaction_id"]),
-                                     _iso(r["created_at"]), _KIND_TEXT[r["kind"]], r["member_id"], r["amount"],
-                                     r["fee"], r["net"]))
-                    lines += 1
+                if after and not after.isdigit():
+                    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued")
+                if not after:
+                    writer.writerow(LINE_CSV_COLUMNS)
+                last = int(after or 0)
             else:
-                writer.writerow(STATEMENT_CSV_COLUMNS)
-                after = ""
-                while True:  # paged, so a 50,000-merchant period never needs one huge result set
-                    rows = await store.statements(period_id=request.period_id, after=after, limit=5000)
-                    for r in rows:
+                if not after:
+                    writer.writerow(STATEMENT_CSV_COLUMNS)
+                last = after
+            while wanted is None or lines < wanted:
+                chunk = min(EXPORT_CHUNK, wanted - lines) if wanted else EXPORT_CHUNK
+                if request.merchant_id:
+                    rows = await store.statement_lines(request.period_id, merchant_id, last, chunk + 1)
+                    for r in rows[:chunk]:
+                        writer.writerow((request.period_id, merchant_id,
+                                         domain.format_transaction_id(r["transaction_id"]), _iso(r["created_at"]),
+                                         _KIND_TEXT[r["kind"]], r["member_id"], r["amount"], r["fee"], r["net"]))
+                    key = "transaction_id"
+                else:
+                    rows = await store.statements(period_id=request.period_id, after=last, limit=chunk + 1)
+                    for r in rows[:chunk]:
                         writer.writerow((r["period_id"], r["merchant_id"], _iso(r["opened_at"]), _iso(r["cut_off"]),
                                          r["opening_position"], r["issued"], r["earn_refunds"], r["redeemed"],
                                          r["redemption_refunds"], r["fees"], r["net"], r["closing_position"],
                                          r["transactions"]))
-                    lines += len(rows)
-                    if len(rows) < 5000:
-                        break
-                    after = rows[-1]["merchant_id"]
-            return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines)
+                    key = "merchant_id"
+                lines += min(len(rows), chunk)
+                more = len(rows) > chunk
+                if rows[:chunk]:
+                    last = rows[:chunk][-1][key]
+                if not more:
+                    break
+            return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines,
+                                              next_page_token=_token(str(last)) if more and wanted else "")
         return await _guard(context, call)

@@ -640,7 +640,8 @@ class Store:
                WHERE s.period_id = $1 AND s.merchant_id > $2 ORDER BY s.merchant_id LIMIT $3""",
             period_id, after, limit)
 
-    async def statement_lines(self, period_id: int, merchant_id: str) -> list[asyncpg.Record]:
+    async def statement_lines(self, period_id: int, merchant_id: str, after_transaction_id: int = 0,
+                              limit: int | None = None) -> list[asyncpg.Record]:
         """The merchant's transactions of a period, each with its effect on the merchant's position."""
         return await self.pool.fetch(
             """SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount, t.fee,
@@ -648,7 +649,8 @@ class Store:
                                    ELSE t.amount END) - t.fee AS net
                FROM settlement_periods p JOIN transactions t
                  ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-               WHERE p.period_id = $1 ORDER BY t.transaction_id""", period_id, merchant_id)
+               WHERE p.period_id = $1 AND t.transaction_id > $3 ORDER BY t.transaction_id LIMIT $4""",
+            period_id, merchant_id, after_transaction_id, limit)
 
     # --- scale: a seeded network ---
 
