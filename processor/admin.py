@@ -15,9 +15,8 @@ from points.v1 import admin_pb2_grpc
 from processor import auth, domain
 from processor.config import Settings
 from processor.domain import Code, Rejection
-from processor.errors import grpc_status
 from processor.pipeline import Pipeline
-from processor.servicer import Validator
+from processor.servicer import Validator, guard, timestamp
 from processor.store import MERCHANT_SETTABLE, MerchantRow, StoreError, micros
 
 _STATUS = {"active": pb.MERCHANT_STATUS_ACTIVE, "suspended": pb.MERCHANT_STATUS_SUSPENDED}
@@ -31,10 +30,7 @@ TEXT_BYTES_MAX = 200
 
 
 def _timestamp(moment: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    if moment is None:
-        return None
-    value = micros(moment)
-    return timestamp_pb2.Timestamp(seconds=value // 1_000_000, nanos=(value % 1_000_000) * 1000)
+    return None if moment is None else timestamp(micros(moment))
 
 
 def merchant_message(row: MerchantRow) -> pb.Merchant:
@@ -67,13 +63,6 @@ def _untoken(token: str, numeric: bool = False) -> str:
     return value
 
 
-async def _guard(context, call):
-    try:
-        return await call()
-    except Rejection as rejection:
-        await context.abort(grpc_status(rejection.code), rejection.message)
-
-
 class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
     def __init__(self, settings: Settings, pipeline: Pipeline, authenticator: auth.Authenticator):
         self.settings = settings
@@ -102,14 +91,9 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             changes[name] = value
         return changes
 
-    async def _store(self):
-        if self.pipeline.store is None or not self.pipeline.ready:
-            raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
-        return self.pipeline.store
-
     async def _update(self, merchant_id: str, fields: dict) -> pb.Merchant:
         """Writes the change, then tells the pipeline: the next call of the merchant sees it."""
-        row = await (await self._store()).update_merchant(merchant_id, fields)
+        row = await self.pipeline.ready_store().update_merchant(merchant_id, fields)
         if row is None:
             raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
         self.pipeline.merchants.add(row)
@@ -120,7 +104,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             m = request.merchant
             merchant_id = self.validate.identifier(m.merchant_id, "merchant.merchant_id")
             fields = self._fields(m, ["name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region"])
-            store = await self._store()
+            store = self.pipeline.ready_store()
             try:
                 row = await store.add_merchant(merchant_id, **fields)
             except StoreError as error:
@@ -128,40 +112,40 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 raise Rejection(code, str(error)) from None
             self.pipeline.merchants.add(row)
             return merchant_message(row)
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def UpdateMerchant(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
             names = list(request.update_fields) or list(MERCHANT_SETTABLE)
             return await self._update(merchant_id, self._fields(request.merchant, names))
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def SuspendMerchant(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
             return await self._update(merchant_id, {"status": "suspended"})
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def GetMerchant(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
-            row = await (await self._store()).merchant(merchant_id)
+            row = await self.pipeline.ready_store().merchant(merchant_id)
             if row is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
             return merchant_message(row)
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def ListMerchants(self, request, context):
         async def call():
             size = _page_size(request.page_size)
             after = int(_untoken(request.page_token, numeric=True)) if request.page_token else -1
-            rows = await (await self._store()).merchants(after, size + 1)
+            rows = await self.pipeline.ready_store().merchants(after, size + 1)
             more = len(rows) > size
             rows = rows[:size]
             return pb.ListMerchantsResponse(merchants=[merchant_message(r) for r in rows],
                                             next_page_token=_token(str(rows[-1].merchant_slot)) if more else "")
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def IssueApiKey(self, request, context):
         async def call():
@@ -177,21 +161,21 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 raise Rejection(Code.INVALID_ARGUMENT, f"description must be at most {TEXT_BYTES_MAX} bytes")
             key = auth.new_key()
             try:
-                await (await self._store()).insert_api_key(key.key_id, key.secret_sha256, kind,
+                await self.pipeline.ready_store().insert_api_key(key.key_id, key.secret_sha256, kind,
                                                            sorted(set(merchant_ids)), request.description)
             except StoreError as error:
                 raise Rejection(Code.NOT_FOUND, str(error)) from None
             return pb.IssueApiKeyResponse(key_id=key.key_id, key=key.key)
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def RevokeApiKey(self, request, context):
         async def call():
-            revoked_at = await (await self._store()).revoke_api_key(request.key_id)
+            revoked_at = await self.pipeline.ready_store().revoke_api_key(request.key_id)
             if revoked_at is None:
                 raise Rejection(Code.NOT_FOUND, f"no API key {request.key_id!r}")
             self.authenticator.forget(request.key_id)
             return pb.RevokeApiKeyResponse(revoked_at=_timestamp(revoked_at))
-        return await _guard(context, call)
+        return await guard(context, call)
 
 
 STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
@@ -220,29 +204,24 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
         self.pipeline = pipeline
         self.validate = Validator(settings)
 
-    async def _store(self):
-        if self.pipeline.store is None or not self.pipeline.ready:
-            raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
-        return self.pipeline.store
-
     async def GetMerchantPosition(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
-            store = await self._store()
+            store = self.pipeline.ready_store()
             await self.pipeline.committed_view()
             as_of = dt.datetime.now(dt.timezone.utc)
             position = await store.merchant_position(merchant_id)
             if position is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
             return pb.MerchantPosition(merchant_id=merchant_id, as_of=_timestamp(as_of), **position)
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def CloseSettlementPeriod(self, request, context):
         async def call():
             if not request.HasField("cut_off"):
                 raise Rejection(Code.INVALID_ARGUMENT, "cut_off is required (a time at or before now)")
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
-            store = await self._store()
+            store = self.pipeline.ready_store()
             await self.pipeline.settle_before(micros(cut_off))
             try:
                 period, _ = await store.close_period(cut_off)
@@ -252,25 +231,25 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             return pb.SettlementPeriod(period_id=summary["period_id"], opened_at=_timestamp(summary["opened_at"]),
                                        cut_off=_timestamp(summary["cut_off"]), merchants=summary["merchants"],
                                        net_total=summary["net_total"], fees_total=summary["fees_total"])
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def GetStatement(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
             if request.period_id <= 0:
                 raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
-            rows = await (await self._store()).statements(period_id=request.period_id, merchant_id=merchant_id,
+            rows = await self.pipeline.ready_store().statements(period_id=request.period_id, merchant_id=merchant_id,
                                                           limit=1)
             if not rows:
                 raise Rejection(Code.NOT_FOUND, f"no statement of {merchant_id!r} for period {request.period_id} "
                                                 "(no movement, or the period is not closed)")
             return statement_message(rows[0])
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def ListStatements(self, request, context):
         async def call():
             size = _page_size(request.page_size)
-            store = await self._store()
+            store = self.pipeline.ready_store()
             if request.merchant_id:
                 after = _untoken(request.page_token, numeric=True) if request.page_token else ""
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
@@ -287,13 +266,13 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             rows = rows[:size]
             return pb.ListStatementsResponse(statements=[statement_message(r) for r in rows],
                                              next_page_token=_token(str(rows[-1][key])) if more else "")
-        return await _guard(context, call)
+        return await guard(context, call)
 
     async def ExportStatement(self, request, context):
         async def call():
             if request.period_id <= 0:
                 raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
-            store = await self._store()
+            store = self.pipeline.ready_store()
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
@@ -340,4 +319,4 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                     break
             return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines,
                                               next_page_token=_token(str(last)) if more and wanted else "")
-        return await _guard(context, call)
+        return await guard(context, call)

@@ -148,12 +148,17 @@ class Pipeline:
 
     # --- merchants ---
 
-    async def merchant(self, merchant_id: str) -> MerchantRow | None:
-        if not self.ready:
+    def ready_store(self) -> Store:
+        """The store, once recovery is done; UNAVAILABLE (retryable) before, or while recovering."""
+        if self.store is None or not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+        return self.store
+
+    async def merchant(self, merchant_id: str) -> MerchantRow | None:
+        store = self.ready_store()
         row = self.merchants.by_id.get(merchant_id)
         if row is None:
-            row = await self.store.merchant(merchant_id)
+            row = await store.merchant(merchant_id)
             if row is not None:
                 self.merchants.add(row)
         return row

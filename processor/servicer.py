@@ -37,8 +37,16 @@ _MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_
                 fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1}
 
 
-def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
+def timestamp(micros: int) -> timestamp_pb2.Timestamp:
     return timestamp_pb2.Timestamp(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
+
+
+async def guard(context: grpc.aio.ServicerContext, call):
+    """Runs a handler body; a Rejection becomes its gRPC status and message."""
+    try:
+        return await call()
+    except Rejection as rejection:
+        await context.abort(grpc_status(rejection.code), rejection.message)
 
 
 class Validator:
@@ -120,13 +128,6 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             context.set_trailing_metadata(trailer)
         return outcome
 
-    @staticmethod
-    async def _guard(context: grpc.aio.ServicerContext, call):
-        try:
-            return await call()
-        except Rejection as rejection:
-            await context.abort(grpc_status(rejection.code), rejection.message)
-
     # --- building operations and responses, shared by the unary calls, SubmitBatch and Stream ---
 
     async def _earn(self, request: pb.EarnRequest) -> Operation:
@@ -143,7 +144,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     def _earn_response(f: dict) -> pb.EarnResponse:
         return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
                                points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
-                               created_at=_timestamp(f["created_at_us"]))
+                               created_at=timestamp(f["created_at_us"]))
 
     async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -162,7 +163,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     def _authorize_response(f: dict) -> pb.AuthorizeResponse:
         return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
                                     available=f["available"], points=f["points"],
-                                    expires_at=_timestamp(f["expires_at_us"]))
+                                    expires_at=timestamp(f["expires_at_us"]))
 
     async def _capture(self, request: pb.CaptureRequest) -> Operation:
         authorization_id = domain.parse_authorization_id(request.authorization_id)
@@ -219,7 +220,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         async def call():
             op = await build(request)
             return respond((await self._submit(op, context)).fields)
-        return await self._guard(context, call)
+        return await guard(context, call)
 
     # --- PointsService ---
 
@@ -333,13 +334,12 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
             posted, held = ledger.balance(slot)
             return pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held)
-        return await self._guard(context, call)
+        return await guard(context, call)
 
     async def ListTransactions(self, request: pb.ListTransactionsRequest, context) -> pb.ListTransactionsResponse:
         async def call():
             member_id = self.validate.identifier(request.member_id, "member_id")
-            if not self.pipeline.ready:
-                raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
+            store = self.pipeline.ready_store()
             size = request.page_size or self.settings.page_size_default
             if not 1 <= size <= self.settings.page_size_max:
                 raise Rejection(Code.INVALID_ARGUMENT,
@@ -348,9 +348,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             before = _decode_page_token(request.page_token) if request.page_token else None
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
-            rows = await self.pipeline.store.list_transactions(member_id, before, size + 1,
+            rows = await store.list_transactions(member_id, before, size + 1,
                                                                sorted(caller.merchant_ids) if caller else [])
-            if not rows and before is None and not await self.pipeline.store.member_exists(member_id):
+            if not rows and before is None and not await store.member_exists(member_id):
                 raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
             more = len(rows) > size
             rows = rows[:size]
@@ -365,10 +365,10 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                                              if r["original_transaction_id"] else ""),
                     authorization_id=(domain.format_authorization_id(r["authorization_id"])
                                       if r["authorization_id"] else ""),
-                    created_at=_timestamp(int(r["created_at"].timestamp() * 1_000_000)),
+                    created_at=timestamp(int(r["created_at"].timestamp() * 1_000_000)),
                     purchase_amount=r["purchase_amount"] or 0))
             return response
-        return await self._guard(context, call)
+        return await guard(context, call)
 
 
 _OUTCOME = {
