@@ -1,0 +1,1040 @@
+"""Program rules of the alliance (issue 7): versioned configuration, expiry lots, tiers, promotions,
+referrals and acquiring merchants, the dividend pool and vouchers, split tender, conversion of a
+merchant's own points, and the refusal of cash-out. Pure arithmetic: no I/O, no SQL, no grpc.
+
+Units: point-units and voucher-units (100 = 1 point or 1 voucher = 1 currency unit, so one unit is one
+currency minor unit), purchases in currency minor units, times in microseconds since the Unix epoch
+(`*_us`), rates in basis points (`*_bps`, 10,000 = 100%) or an exact numerator/denominator. Integers
+only; every rounding is named where it happens and says in whose favour. Each rule returns the
+postings it implies as `Posting(account_kind, owner_id, asset, amount)` rows, built by `balanced()`,
+which checks that they sum to zero per asset. An entry's amount is added to its account's balance
+(members positive, a merchant's issued account negative), as in migrations/0001_ledger.sql.
+docs/RULES.md explains each rule, its postings, its roundings and the decisions taken.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Collection, Iterable, Mapping, NamedTuple, NoReturn
+
+from processor.domain import (
+    ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED,
+    ACCOUNT_OPERATOR_BREAKAGE, ACCOUNT_OPERATOR_FEE_REVENUE, ASSET_POINTS, BPS_DENOMINATOR, INT64_MAX,
+    OPERATOR_ID, Code, Rejection, require)
+
+ASSET_VOUCHERS = "VOUCHERS"
+POINT_UNITS_PER_POINT = 100
+DAY_US = 86_400_000_000
+MULTIPLIER_BPS_MAX = 100_000          # 10x: a level or promotion multiplier above this is a typo
+
+# New account kinds (accounts.kind). Sign: an entry's amount is added to the balance.
+ACCOUNT_MEMBER_VOUCHER_CREDIT = "member_voucher_credit"  # VOUCHERS, <= 0: vouchers spent on credit
+ACCOUNT_MERCHANT_VOUCHERS = "merchant_vouchers"          # VOUCHERS, >= 0: vouchers a merchant holds
+ACCOUNT_MERCHANT_ACQUIRING = "merchant_acquiring"        # POINTS, >= 0: rewards owed to an acquirer
+ACCOUNT_OPERATOR_TIER_REWARDS = "operator_tier_rewards"  # POINTS, <= 0: level bonuses + multipliers
+ACCOUNT_OPERATOR_PROMOTIONS = "operator_promotions"      # POINTS, <= 0: operator-funded promotions
+ACCOUNT_OPERATOR_REFERRALS = "operator_referrals"        # POINTS, <= 0: referrer bonuses
+ACCOUNT_OPERATOR_ACQUIRING = "operator_acquiring"        # POINTS, <= 0: acquiring rewards
+ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"        # VOUCHERS, <= 0: vouchers issued
+
+ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
+    ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_ISSUED: frozenset({ASSET_POINTS}),
+    ACCOUNT_MERCHANT_REDEEMED: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_FEES: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_FEE_REVENUE: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_BREAKAGE: frozenset({ASSET_POINTS}),
+    ACCOUNT_MEMBER_VOUCHER_CREDIT: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_VOUCHERS: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_ACQUIRING: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_TIER_REWARDS: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_PROMOTIONS: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_REFERRALS: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_ACQUIRING: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_DIVIDENDS: frozenset({ASSET_VOUCHERS}),
+}
+
+# New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
+# bonuses are entries of the earn (1) and of its refund (5), not transactions of their own.
+KIND_EXPIRY = 6                    # a lot's points expire to the operator's breakage
+KIND_TIER_BONUS = 7                # one-off bonus on reaching a level
+KIND_REFERRAL_BONUS = 8            # the referrer's bonus on the referee's first qualifying earn
+KIND_ACQUIRING_REWARD = 9          # the acquiring merchant's share of a member's spend elsewhere
+KIND_ACQUIRING_REVERSAL = 10       # its reversal when that purchase is refunded
+KIND_DIVIDEND = 11                 # vouchers of a dividend round to one holder
+KIND_SPLIT_REDEEM = 12             # a redeem paid with vouchers and/or points
+KIND_SPLIT_REFUND = 13             # a refund of a split redeem, both assets as one unit
+KIND_MERCHANT_VOUCHER_SPEND = 14   # a merchant spends its vouchers at the operator's store
+KIND_CONVERSION = 15               # a merchant's own points converted into alliance points
+
+CASH_OUT_MESSAGE = ("points and vouchers cannot be paid out as cash: they circulate only inside the "
+                    "alliance; redeem them at any merchant of the network instead")
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
+def _check_int(value, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> None:
+    require(_is_int(value) and minimum <= value <= maximum,
+            f"{name} must be an int in {minimum}..{maximum}, got {value!r}")
+
+
+def _floor_bps(amount: int, bps: int) -> int:
+    return amount * bps // BPS_DENOMINATOR
+
+
+def proportional_share(part: int, whole: int, done_before: int, amount: int) -> int:
+    """The share of `part` that goes with `amount` more of `whole`, after `done_before` already went:
+    floor(part * (done_before + amount) / whole) - floor(part * done_before / whole). Cumulative, so
+    the pieces of any sequence of partial refunds add up to exactly `part` once all of `whole` is
+    refunded; each piece is rounded down (the unit of rounding waits for a later piece)."""
+    for value, name in ((part, "part"), (whole, "whole"), (done_before, "done_before"), (amount, "amount")):
+        _check_int(value, name)
+    require(done_before + amount <= whole, f"{done_before} + {amount} exceeds the whole {whole}")
+    if whole == 0:
+        return 0
+    return part * (done_before + amount) // whole - part * done_before // whole
+
+
+# --- Postings ------------------------------------------------------------------------------------
+
+class Posting(NamedTuple):
+    account_kind: str
+    owner_id: str
+    asset: str
+    amount: int
+
+
+def balanced(postings: Iterable[Posting | tuple]) -> tuple[Posting, ...]:
+    """The postings without zero amounts (the journal stores none), after checking that each names a
+    known account kind in an asset it may hold, that amounts are int64, and that every asset sums to
+    zero. An unbalanced rule is a bug: InvariantViolation."""
+    rows = tuple(Posting(*row) for row in postings)
+    sums: dict[str, int] = {}
+    for row in rows:
+        require(row.account_kind in ACCOUNT_ASSETS, f"unknown account kind {row.account_kind!r}")
+        require(row.asset in ACCOUNT_ASSETS[row.account_kind],
+                f"account kind {row.account_kind} holds no {row.asset}")
+        require(bool(row.owner_id), f"posting to {row.account_kind} has no owner")
+        _check_int(row.amount, "posting amount", -INT64_MAX, INT64_MAX)
+        sums[row.asset] = sums.get(row.asset, 0) + row.amount
+    unbalanced = {asset: total for asset, total in sums.items() if total != 0}
+    require(not unbalanced, f"postings do not balance: {unbalanced} in {rows}")
+    return tuple(row for row in rows if row.amount != 0)
+
+
+def negated(postings: Iterable[Posting]) -> tuple[Posting, ...]:
+    """The postings that undo `postings` (a refund or reversal of the same shape)."""
+    return balanced(row._replace(amount=-row.amount) for row in postings)
+
+
+# --- Errors --------------------------------------------------------------------------------------
+
+class ConfigError(ValueError):
+    """Program configuration that cannot be used; the message lists what to fix."""
+
+
+def _raise_problems(problems: list[str], what: str) -> None:
+    if problems:
+        raise ConfigError(f"{what}: " + "; ".join(problems))
+
+
+def _problem_int(problems: list[str], value, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> bool:
+    if not _is_int(value) or not minimum <= value <= maximum:
+        problems.append(f"{name} must be an integer in {minimum}..{maximum} (got {value!r})")
+        return False
+    return True
+
+
+_UNIT = {ASSET_POINTS: "point-units", ASSET_VOUCHERS: "voucher-units"}
+
+
+class InsufficientBalance(Rejection):
+    """Not enough points (or vouchers) for the request: refused, nothing changes."""
+
+    def __init__(self, asset: str, available: int, requested: int):
+        super().__init__(Code.FAILED_PRECONDITION,
+                         f"insufficient {asset.lower()}: {available} {_UNIT[asset]} available, "
+                         f"{requested} requested; ask for at most {available}")
+        self.asset = asset
+        self.available = available
+        self.requested = requested
+        self.reason = "insufficient_points" if asset == ASSET_POINTS else "insufficient_vouchers"
+
+
+def refuse_cash_out() -> NoReturn:
+    """Any request to turn points or vouchers into cash paid out: refused, whatever the state (so
+    INVALID_ARGUMENT, not FAILED_PRECONDITION: no retry or other state will make it succeed)."""
+    raise Rejection(Code.INVALID_ARGUMENT, CASH_OUT_MESSAGE)
+
+
+# --- Configuration -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rate:
+    """An exact rate numerator/denominator (no floats)."""
+    numerator: int
+    denominator: int
+
+    def __post_init__(self):
+        problems: list[str] = []
+        _problem_int(problems, self.numerator, "numerator", 1, 10**9)
+        _problem_int(problems, self.denominator, "denominator", 1, 10**9)
+        _raise_problems(problems, "rate")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Level:
+    """A tier level: reached when qualifying point-units >= threshold_point_units."""
+    name: str
+    threshold_point_units: int
+    bonus_point_units: int = 0                 # once per member, on first reaching the level
+    multiplier_bps: int = BPS_DENOMINATOR      # earn multiplier; 10,000 = 1x
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.name, str) or not self.name:
+            problems.append("name must be a non-empty string")
+        _problem_int(problems, self.threshold_point_units, "threshold_point_units")
+        _problem_int(problems, self.bonus_point_units, "bonus_point_units")
+        _problem_int(problems, self.multiplier_bps, "multiplier_bps (10000 = 1x; a level never earns less "
+                     "than the merchant gives)", BPS_DENOMINATOR, MULTIPLIER_BPS_MAX)
+        _raise_problems(problems, f"level {self.name!r}")
+
+
+# The plans' levels: 5,000 / 10,000 / 20,000 points = 500,000 / 1,000,000 / 2,000,000 point-units.
+# The plans name no bonuses or multipliers; each program version sets its own.
+PLAN_LEVELS = (Level("registered", 0), Level("blue", 5_000 * POINT_UNITS_PER_POINT),
+               Level("yellow", 10_000 * POINT_UNITS_PER_POINT), Level("red", 20_000 * POINT_UNITS_PER_POINT))
+
+SCOPE_NETWORK = "network"
+SCOPE_MERCHANT = "merchant"
+SCOPE_TIER = "tier"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Promotion:
+    """A time-boxed bonus on earns: [start_us, end_us), in a scope (the whole network, one merchant
+    (scope_id = merchant id) or one level (scope_id = level name)), either a multiplier of the base
+    points (multiplier_bps > 10,000) or a fixed bonus per qualifying earn, up to budget_point_units in
+    all. Paid by sponsor_id: the operator, or the merchant of a merchant-scoped promotion."""
+    promotion_id: str
+    start_us: int
+    end_us: int
+    scope: str
+    scope_id: str = ""
+    multiplier_bps: int = 0
+    bonus_point_units: int = 0
+    budget_point_units: int = 0
+    sponsor_id: str = OPERATOR_ID
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.promotion_id, str) or not self.promotion_id:
+            problems.append("promotion_id must be a non-empty string")
+        if _problem_int(problems, self.start_us, "start_us") and _problem_int(problems, self.end_us, "end_us"):
+            if self.end_us <= self.start_us:
+                problems.append(f"end_us ({self.end_us}) must be after start_us ({self.start_us}); "
+                                f"the window is [start_us, end_us)")
+        if self.scope not in (SCOPE_NETWORK, SCOPE_MERCHANT, SCOPE_TIER):
+            problems.append(f"scope must be {SCOPE_NETWORK!r}, {SCOPE_MERCHANT!r} or {SCOPE_TIER!r}")
+        elif (self.scope == SCOPE_NETWORK) != (self.scope_id == ""):
+            problems.append("scope_id must be empty for a network promotion and name the merchant or level "
+                            "otherwise")
+        multiplier = self.multiplier_bps != 0
+        bonus = self.bonus_point_units != 0
+        if multiplier == bonus:
+            problems.append("set exactly one of multiplier_bps (> 10000) and bonus_point_units (> 0)")
+        if multiplier:
+            _problem_int(problems, self.multiplier_bps, "multiplier_bps", BPS_DENOMINATOR + 1, MULTIPLIER_BPS_MAX)
+        if bonus:
+            _problem_int(problems, self.bonus_point_units, "bonus_point_units", 1)
+        _problem_int(problems, self.budget_point_units, "budget_point_units", 1)
+        if self.sponsor_id != OPERATOR_ID and not (self.scope == SCOPE_MERCHANT and self.sponsor_id == self.scope_id):
+            problems.append(f"sponsor_id must be {OPERATOR_ID!r} or, for a merchant promotion, that merchant "
+                            f"(a merchant pays only for points earned at itself)")
+        _raise_problems(problems, f"promotion {self.promotion_id!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MerchantTerms:
+    """Per-merchant overrides: its acquiring share (as the acquirer) and its agreed conversion rate
+    (merchant points -> alliance point-units)."""
+    merchant_id: str
+    acquiring_share_bps: int | None = None
+    conversion_rate: Rate | None = None
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.merchant_id, str) or not self.merchant_id:
+            problems.append("merchant_id must be a non-empty string")
+        if self.acquiring_share_bps is not None:
+            _problem_int(problems, self.acquiring_share_bps, "acquiring_share_bps", 0, BPS_DENOMINATOR)
+        if self.conversion_rate is not None and not isinstance(self.conversion_rate, Rate):
+            problems.append("conversion_rate must be a Rate(numerator, denominator)")
+        _raise_problems(problems, f"merchant terms of {self.merchant_id!r}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DividendSettings:
+    """The dividend pool: first round when the pool reaches threshold_point_units, then each time it
+    grew by growth_bps over the pool at the previous round; round k pays rate_bps_schedule[k-1] (the
+    last rate repeats); a member may spend on credit up to credit_limit_bps of its expected next
+    dividend (50,000 = 5x)."""
+    threshold_point_units: int
+    growth_bps: int = 1_500
+    rate_bps_schedule: tuple[int, ...] = (50,)
+    credit_limit_bps: int = 50_000
+
+    def __post_init__(self):
+        problems: list[str] = []
+        _problem_int(problems, self.threshold_point_units, "threshold_point_units", 1)
+        _problem_int(problems, self.growth_bps, "growth_bps", 1, 100 * BPS_DENOMINATOR)
+        _problem_int(problems, self.credit_limit_bps, "credit_limit_bps", 0, 100 * BPS_DENOMINATOR)
+        schedule = self.rate_bps_schedule
+        if not isinstance(schedule, tuple) or not schedule:
+            problems.append("rate_bps_schedule must be a non-empty tuple (round 1's rate first)")
+        else:
+            for k, rate in enumerate(schedule, 1):
+                _problem_int(problems, rate, f"rate of round {k}", 1, BPS_DENOMINATOR)
+            if all(_is_int(rate) for rate in schedule) and list(schedule) != sorted(schedule):
+                problems.append(f"rate_bps_schedule must not decrease from round to round: {schedule}")
+        _raise_problems(problems, "dividend settings")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProgramVersion:
+    """The rules of a program from effective_from_us until the next version's. A transaction records
+    `version_id` and is refunded, expired and clawed back under that version's rules."""
+    program_id: str
+    version: int
+    effective_from_us: int
+    expiry_period_us: int | None = None          # None: points never expire
+    restore_grace_us: int = 30 * DAY_US          # life of restored points whose lot already expired
+    levels: tuple[Level, ...] = PLAN_LEVELS
+    tier_window_us: int | None = None            # None: qualifying points counted in total
+    dividends: DividendSettings | None = None    # None: the program has no dividend pool
+    acquiring_share_bps: int = 0                 # network default; MerchantTerms override it
+    referral_bonus_point_units: int = 0
+    referral_minimum_purchase: int = 1           # minor units a referee's first earn must reach
+    promotions: tuple[Promotion, ...] = ()
+    merchant_terms: tuple[MerchantTerms, ...] = ()
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.program_id, str) or not self.program_id:
+            problems.append("program_id must be a non-empty string")
+        _problem_int(problems, self.version, "version", 1)
+        _problem_int(problems, self.effective_from_us, "effective_from_us")
+        if self.expiry_period_us is not None:
+            _problem_int(problems, self.expiry_period_us, "expiry_period_us (None = never expire)", 1)
+        _problem_int(problems, self.restore_grace_us, "restore_grace_us")
+        if self.tier_window_us is not None:
+            _problem_int(problems, self.tier_window_us, "tier_window_us (None = in total)", 1)
+        _problem_int(problems, self.acquiring_share_bps, "acquiring_share_bps", 0, BPS_DENOMINATOR)
+        _problem_int(problems, self.referral_bonus_point_units, "referral_bonus_point_units")
+        _problem_int(problems, self.referral_minimum_purchase, "referral_minimum_purchase", 1)
+        problems += _level_problems(self.levels)
+        names = {level.name for level in self.levels} if isinstance(self.levels, tuple) else set()
+        ids = [promotion.promotion_id for promotion in self.promotions]
+        if len(ids) != len(set(ids)):
+            problems.append(f"promotion ids must be unique: {sorted(ids)}")
+        for promotion in self.promotions:
+            if promotion.scope == SCOPE_TIER and promotion.scope_id not in names:
+                problems.append(f"promotion {promotion.promotion_id!r} names level {promotion.scope_id!r}, "
+                                f"which is not one of {sorted(names)}")
+        merchants = [terms.merchant_id for terms in self.merchant_terms]
+        if len(merchants) != len(set(merchants)):
+            problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
+        _raise_problems(problems, f"program {self.program_id!r} version {self.version!r}")
+
+    @property
+    def version_id(self) -> str:
+        return f"{self.program_id}@{self.version}"
+
+    def expires_at_us(self, credited_at_us: int) -> int | None:
+        return None if self.expiry_period_us is None else credited_at_us + self.expiry_period_us
+
+    def level(self, name: str) -> Level:
+        for level in self.levels:
+            if level.name == name:
+                return level
+        raise Rejection(Code.INVALID_ARGUMENT, f"level {name!r} is not one of program {self.version_id}'s "
+                                               f"levels {[level.name for level in self.levels]}")
+
+    def terms(self, merchant_id: str) -> MerchantTerms | None:
+        for terms in self.merchant_terms:
+            if terms.merchant_id == merchant_id:
+                return terms
+        return None
+
+    def acquiring_share_bps_for(self, acquirer_id: str) -> int:
+        terms = self.terms(acquirer_id)
+        if terms is not None and terms.acquiring_share_bps is not None:
+            return terms.acquiring_share_bps
+        return self.acquiring_share_bps
+
+    def conversion_rate_for(self, merchant_id: str) -> Rate:
+        terms = self.terms(merchant_id)
+        if terms is None or terms.conversion_rate is None:
+            raise Rejection(Code.FAILED_PRECONDITION,
+                            f"merchant {merchant_id!r} has no agreed conversion rate in program "
+                            f"{self.version_id}; the operator must add one before converting its points")
+        return terms.conversion_rate
+
+
+def _level_problems(levels) -> list[str]:
+    if not isinstance(levels, tuple) or not levels or not all(isinstance(level, Level) for level in levels):
+        return ["levels must be a non-empty tuple of Level, lowest first"]
+    problems = []
+    if levels[0].threshold_point_units != 0:
+        problems.append(f"the first level ({levels[0].name!r}) must have threshold 0: every member has a level")
+    if levels[0].bonus_point_units != 0:
+        problems.append(f"the first level ({levels[0].name!r}) cannot carry a bonus: members start there")
+    for lower, higher in zip(levels, levels[1:]):
+        if higher.threshold_point_units <= lower.threshold_point_units:
+            problems.append(f"thresholds must increase: {higher.name!r} ({higher.threshold_point_units}) is "
+                            f"not above {lower.name!r} ({lower.threshold_point_units})")
+        if higher.multiplier_bps < lower.multiplier_bps:
+            problems.append(f"multipliers must not decrease: {higher.name!r} ({higher.multiplier_bps}) is "
+                            f"below {lower.name!r} ({lower.multiplier_bps})")
+    names = [level.name for level in levels]
+    if len(names) != len(set(names)):
+        problems.append(f"level names must be unique: {names}")
+    return problems
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Program:
+    """A program's versions, oldest first; a version applies from its effective_from_us onward."""
+    program_id: str
+    versions: tuple[ProgramVersion, ...]
+
+    def __post_init__(self):
+        problems: list[str] = []
+        if not isinstance(self.versions, tuple) or not self.versions:
+            problems.append("versions must be a non-empty tuple, oldest first")
+        else:
+            for number, version in enumerate(self.versions, 1):
+                if version.program_id != self.program_id:
+                    problems.append(f"version {version.version} belongs to program {version.program_id!r}")
+                if version.version != number:
+                    problems.append(f"versions must be numbered 1, 2, 3 ... in order: position {number} "
+                                    f"holds version {version.version}")
+            for earlier, later in zip(self.versions, self.versions[1:]):
+                if later.effective_from_us <= earlier.effective_from_us:
+                    problems.append(f"effective_from_us must increase: version {later.version} "
+                                    f"({later.effective_from_us}) does not start after version "
+                                    f"{earlier.version} ({earlier.effective_from_us})")
+        _raise_problems(problems, f"program {self.program_id!r}")
+
+    def at(self, when_us: int) -> ProgramVersion:
+        for version in reversed(self.versions):
+            if version.effective_from_us <= when_us:
+                return version
+        raise Rejection(Code.FAILED_PRECONDITION,
+                        f"program {self.program_id!r} has no version in force at {when_us} us; its first "
+                        f"version starts at {self.versions[0].effective_from_us} us")
+
+    def with_version(self, version: ProgramVersion, now_us: int) -> Program:
+        """The program with `version` added. A version may not start before now: that would change the
+        rules of transactions already made under the version in force."""
+        _not_in_the_past(version, now_us)
+        return Program(self.program_id, self.versions + (version,))
+
+
+def _not_in_the_past(version: ProgramVersion, now_us: int) -> None:
+    if version.effective_from_us < now_us:
+        raise ConfigError(f"version {version.version} of {version.program_id!r} starts at "
+                          f"{version.effective_from_us} us, before now ({now_us} us); a change applies "
+                          f"from now or later, never to the past")
+
+
+class RuleBook:
+    """Every program, versioned: `at(program_id, when_us)` is the version in force at that time."""
+
+    def __init__(self, programs: Iterable[Program] = ()):
+        self._programs: dict[str, Program] = {}
+        for program in programs:
+            if program.program_id in self._programs:
+                raise ConfigError(f"program {program.program_id!r} is given twice; give each program once")
+            self._programs[program.program_id] = program
+
+    def program(self, program_id: str) -> Program:
+        program = self._programs.get(program_id)
+        if program is None:
+            raise Rejection(Code.NOT_FOUND, f"program {program_id!r} does not exist; known programs: "
+                                            f"{sorted(self._programs)[:20]}")
+        return program
+
+    def at(self, program_id: str, when_us: int) -> ProgramVersion:
+        return self.program(program_id).at(when_us)
+
+    def with_version(self, version: ProgramVersion, now_us: int) -> RuleBook:
+        """The rule book with `version` added (version 1 starts a new program); see Program.with_version."""
+        programs = dict(self._programs)
+        existing = programs.get(version.program_id)
+        if existing is None:
+            _not_in_the_past(version, now_us)
+            programs[version.program_id] = Program(version.program_id, (version,))
+        else:
+            programs[version.program_id] = existing.with_version(version, now_us)
+        return RuleBook(programs.values())
+
+
+# --- Expiry lots ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Lot:
+    """Points credited by one transaction (lot_id = its transaction id), `amount` of them left,
+    expiring at expires_at_us (None: never), issued by issuer_id (a merchant, or the operator's
+    merchant id for operator-funded points), to which breakage is attributed. A lot is keyed by
+    (lot_id, expires_at_us): a restored part given a grace period is a second lot with the same id.
+    A consumption is a list of Lot pieces: which lot, how much (`(piece.lot_id, piece.amount)`)."""
+    lot_id: int
+    amount: int
+    expires_at_us: int | None
+    issuer_id: str
+
+    @property
+    def key(self) -> tuple[int, int | None]:
+        return (self.lot_id, self.expires_at_us)
+
+    def live(self, now_us: int) -> bool:
+        """Spendable at now_us: a lot expires at its expires_at_us instant."""
+        return self.expires_at_us is None or now_us < self.expires_at_us
+
+
+class LotsAfter(NamedTuple):
+    lots: tuple[Lot, ...]          # the member's lots afterwards, soonest-expiring first
+    pieces: tuple[Lot, ...]        # what was taken, restored or expired, in that order
+    left: tuple[Lot, ...] = ()     # restore only: the consumption not restored yet
+
+
+def _order(lot: Lot) -> tuple:
+    """Soonest-expiring first, never-expiring last, ties by lot id."""
+    return (lot.expires_at_us is None, lot.expires_at_us or 0, lot.lot_id)
+
+
+def _checked(lots: Iterable[Lot]) -> list[Lot]:
+    lots = list(lots)
+    keys = set()
+    for lot in lots:
+        require(isinstance(lot, Lot), f"not a Lot: {lot!r}")
+        _check_int(lot.amount, f"lot {lot.lot_id} amount")
+        require(lot.key not in keys, f"lot {lot.key} appears twice")
+        keys.add(lot.key)
+    return lots
+
+
+def new_lot(version: ProgramVersion, transaction_id: int, amount: int, credited_at_us: int,
+            issuer_id: str) -> Lot:
+    """The lot of points credited by a transaction, expiring under the version it was made under."""
+    _check_int(amount, "amount", 1)
+    return Lot(transaction_id, amount, version.expires_at_us(credited_at_us), issuer_id)
+
+
+def _take(lots: list[Lot], order: list[Lot], amount: int) -> LotsAfter:
+    taken: dict[tuple, int] = {}
+    pieces = []
+    left = amount
+    for lot in order:
+        if left == 0:
+            break
+        piece = min(lot.amount, left)
+        if piece:
+            pieces.append(dataclasses.replace(lot, amount=piece))
+            taken[lot.key] = piece
+            left -= piece
+    require(left == 0, "lots ran out after the availability check")
+    after = (dataclasses.replace(lot, amount=lot.amount - taken.get(lot.key, 0)) for lot in lots)
+    return LotsAfter(tuple(sorted((lot for lot in after if lot.amount > 0), key=_order)), tuple(pieces))
+
+
+def consume(lots: Iterable[Lot], amount: int, now_us: int) -> LotsAfter:
+    """Take `amount` from the lots spendable at now_us, soonest-expiring first (never-expiring last,
+    ties by lot id). InsufficientBalance, with nothing taken, if they hold less."""
+    lots = _checked(lots)
+    _check_int(amount, "amount")
+    live = sorted((lot for lot in lots if lot.live(now_us)), key=_order)
+    available = sum(lot.amount for lot in live)
+    if amount > available:
+        raise InsufficientBalance(ASSET_POINTS, available, amount)
+    return _take(lots, live, amount)
+
+
+def restore(lots: Iterable[Lot], consumption: Iterable[Lot], now_us: int, grace_us: int,
+            amount: int | None = None) -> LotsAfter:
+    """Put back `amount` (default: all) of a consumption, last piece first, so that a partial refund
+    returns the latest-expiring points and refunds in parts add up to the whole. A piece whose lot is
+    still live goes back to that lot with its own expiry; a piece whose lot expired meanwhile comes back
+    as points expiring at now_us + grace_us (same lot id and issuer). `left` is what a later refund may
+    still restore."""
+    after = {lot.key: lot for lot in _checked(lots)}
+    left = list(_checked(consumption))
+    total = sum(piece.amount for piece in left)
+    amount = total if amount is None else amount
+    _check_int(amount, "amount", 0, total)
+    _check_int(grace_us, "grace_us")
+    restored = []
+    remaining = amount
+    while remaining:
+        piece = left.pop()
+        back = min(piece.amount, remaining)
+        if back < piece.amount:
+            left.append(dataclasses.replace(piece, amount=piece.amount - back))
+        expires = piece.expires_at_us if piece.live(now_us) else now_us + grace_us
+        returned = dataclasses.replace(piece, amount=back, expires_at_us=expires)
+        existing = after.get(returned.key)
+        if existing is not None:
+            require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
+            returned = dataclasses.replace(existing, amount=existing.amount + back)
+        after[returned.key] = returned
+        restored.append(dataclasses.replace(returned, amount=back))
+        remaining -= back
+    return LotsAfter(tuple(sorted(after.values(), key=_order)), tuple(restored), tuple(left))
+
+
+def take_back_earn(lots: Iterable[Lot], earn_lot_id: int, amount: int, now_us: int) -> LotsAfter:
+    """The lots a refund of an earn takes back: the earn's own lot first (even if it expired and the
+    expiry job has not collected it yet: those are the very points being reversed), then, for the part
+    the member already spent, the member's other spendable lots soonest-expiring first.
+    InsufficientBalance if the member holds too few points (the balance never goes negative)."""
+    lots = _checked(lots)
+    _check_int(amount, "amount")
+    own = sorted((lot for lot in lots if lot.lot_id == earn_lot_id), key=_order)
+    others = sorted((lot for lot in lots if lot.lot_id != earn_lot_id and lot.live(now_us)), key=_order)
+    available = sum(lot.amount for lot in own + others)
+    if amount > available:
+        raise InsufficientBalance(ASSET_POINTS, available, amount)
+    return _take(lots, own + others, amount)
+
+
+def expire_due(lots: Iterable[Lot], now_us: int) -> LotsAfter:
+    """Split the lots into those still live at now_us (`lots`) and the pieces that expire (`pieces`,
+    soonest first, each a whole lot). Run again on the result, it finds nothing: the job is idempotent
+    as long as each expiry is posted with the lot it removes."""
+    lots = _checked(lots)
+    expired = tuple(sorted((lot for lot in lots if not lot.live(now_us) and lot.amount > 0), key=_order))
+    live = tuple(sorted((lot for lot in lots if lot.live(now_us) and lot.amount > 0), key=_order))
+    return LotsAfter(live, expired)
+
+
+def expiring_within(lots: Iterable[Lot], now_us: int, window_us: int) -> list[tuple[int, int]]:
+    """[(expires_at_us, amount)] of points that are live now and expire at or before now + window,
+    soonest first, one row per instant (for GetBalance)."""
+    _check_int(window_us, "window_us")
+    totals: dict[int, int] = {}
+    for lot in _checked(lots):
+        if lot.expires_at_us is not None and now_us < lot.expires_at_us <= now_us + window_us and lot.amount:
+            totals[lot.expires_at_us] = totals.get(lot.expires_at_us, 0) + lot.amount
+    return sorted(totals.items())
+
+
+def expiry_postings(member_id: str, piece: Lot) -> tuple[Posting, ...]:
+    """One lot's expiry (transaction kind EXPIRY, attributed to piece.issuer_id)."""
+    return balanced([(ACCOUNT_MEMBER, member_id, ASSET_POINTS, -piece.amount),
+                     (ACCOUNT_OPERATOR_BREAKAGE, OPERATOR_ID, ASSET_POINTS, piece.amount)])
+
+
+# --- Tiers ---------------------------------------------------------------------------------------
+
+def qualifying_point_units(earns: Iterable[tuple[int, int]], now_us: int, window_us: int | None) -> int:
+    """Points that count towards a level: base earn points net of their refunds, each dated at its
+    earn, over (now - window, now] (or all up to now when window_us is None). Bonuses, dividends and
+    conversions never qualify."""
+    total = 0
+    for at_us, point_units in earns:
+        if at_us <= now_us and (window_us is None or at_us > now_us - window_us):
+            total += point_units
+    return total
+
+
+def level_for(earned_point_units: int, levels: tuple[Level, ...] = PLAN_LEVELS) -> Level:
+    """The highest level whose threshold the qualifying points reach (>=)."""
+    reached = levels[0]
+    for level in levels:
+        if earned_point_units >= level.threshold_point_units:
+            reached = level
+    return reached
+
+
+def tier_bonuses(levels: tuple[Level, ...], earned_point_units: int,
+                 reached_before: Collection[str]) -> list[tuple[str, int]]:
+    """[(level name, bonus)] for every level the qualifying points reach that this member never
+    reached before, lowest first (a jump over a level pays that level's bonus too; a member who drops
+    and re-reaches a level is not paid again). The caller records the names as reached."""
+    return [(level.name, level.bonus_point_units) for level in levels[1:]
+            if earned_point_units >= level.threshold_point_units and level.name not in reached_before]
+
+
+def tier_bonus_postings(member_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
+    return balanced([(ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
+                     (ACCOUNT_MEMBER, member_id, ASSET_POINTS, bonus_point_units)])
+
+
+# --- Promotions and the earn ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EarnContext:
+    merchant_id: str
+    level: str        # the member's level before this earn
+    at_us: int
+
+
+def promotion_applies(promotion: Promotion, context: EarnContext) -> bool:
+    if not promotion.start_us <= context.at_us < promotion.end_us:
+        return False
+    if promotion.scope == SCOPE_MERCHANT:
+        return promotion.scope_id == context.merchant_id
+    if promotion.scope == SCOPE_TIER:
+        return promotion.scope_id == context.level
+    return True
+
+
+def promotion_bonus(promotions: Iterable[Promotion], context: EarnContext, base_points: int,
+                    budget_left: Mapping[str, int]) -> list[tuple[str, int]]:
+    """[(promotion_id, bonus)] for every promotion in force for this earn, by promotion id. Promotions
+    stack additively, each computed on the base points alone (never on another's bonus): multiplier
+    bonus = floor(base * (multiplier_bps - 10000) / 10000) (rounded down, in the sponsor's favour), or
+    the fixed bonus. Each is cut to its budget left (partial grant at the cap; nothing once spent; a
+    promotion missing from budget_left has its whole budget). No bonus on an earn of 0 points."""
+    _check_int(base_points, "base_points")
+    grants = []
+    if base_points == 0:
+        return grants
+    for promotion in sorted(promotions, key=lambda p: p.promotion_id):
+        if not promotion_applies(promotion, context):
+            continue
+        if promotion.multiplier_bps:
+            bonus = _floor_bps(base_points, promotion.multiplier_bps - BPS_DENOMINATOR)
+        else:
+            bonus = promotion.bonus_point_units
+        left = budget_left.get(promotion.promotion_id, promotion.budget_point_units)
+        _check_int(left, f"budget left of {promotion.promotion_id}")
+        granted = min(bonus, left)
+        if granted > 0:
+            grants.append((promotion.promotion_id, granted))
+    return grants
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Grant:
+    promotion_id: str
+    sponsor_id: str
+    amount: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Earn:
+    """The points of one earn transaction, all in the earn's lot: the merchant's base points, the
+    operator-funded uplift of the member's level, and promotion grants."""
+    base: int
+    uplift: int = 0
+    grants: tuple[Grant, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return self.base + self.uplift + sum(grant.amount for grant in self.grants)
+
+
+def earn_with_rules(version: ProgramVersion, context: EarnContext, base_point_units: int,
+                    budget_left: Mapping[str, int]) -> Earn:
+    """An earn under `version`: base = domain.earn_point_units(purchase, give_back_bps); uplift =
+    floor(base * multiplier_bps / 10000) - base at the member's level before this earn (rounded down,
+    in the operator's favour); promotions as promotion_bonus()."""
+    _check_int(base_point_units, "base_point_units")
+    multiplier_bps = version.level(context.level).multiplier_bps
+    uplift = _floor_bps(base_point_units, multiplier_bps) - base_point_units
+    sponsors = {promotion.promotion_id: promotion.sponsor_id for promotion in version.promotions}
+    grants = tuple(Grant(promotion_id, sponsors[promotion_id], amount) for promotion_id, amount
+                   in promotion_bonus(version.promotions, context, base_point_units, budget_left))
+    return Earn(base_point_units, uplift, grants)
+
+
+def _sponsor_account(sponsor_id: str) -> tuple[str, str]:
+    if sponsor_id == OPERATOR_ID:
+        return (ACCOUNT_OPERATOR_PROMOTIONS, OPERATOR_ID)
+    return (ACCOUNT_MERCHANT_ISSUED, sponsor_id)
+
+
+def earn_postings(member_id: str, merchant_id: str, earn: Earn) -> tuple[Posting, ...]:
+    rows = [(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -earn.base),
+            (ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -earn.uplift)]
+    rows += [(*_sponsor_account(grant.sponsor_id), ASSET_POINTS, -grant.amount) for grant in earn.grants]
+    rows.append((ACCOUNT_MEMBER, member_id, ASSET_POINTS, earn.total))
+    return balanced(rows)
+
+
+def earn_refund(earn: Earn, refunded_before: int, amount: int) -> Earn:
+    """What a refund of `amount` base points of `earn` takes back (after `refunded_before` base
+    points): the base itself, and of the uplift and each grant their proportional_share (rounded
+    down, in the member's favour; the last refund takes back exactly what is left)."""
+    return Earn(amount, proportional_share(earn.uplift, earn.base, refunded_before, amount),
+                tuple(dataclasses.replace(grant, amount=proportional_share(grant.amount, earn.base,
+                                                                            refunded_before, amount))
+                      for grant in earn.grants))
+
+
+def refund_earn_postings(member_id: str, merchant_id: str, portion: Earn) -> tuple[Posting, ...]:
+    """Transaction kind 5: the earn's postings reversed for `portion` (from earn_refund)."""
+    return negated(earn_postings(member_id, merchant_id, portion))
+
+
+# --- Referrals and acquiring merchants -----------------------------------------------------------
+
+def referral_bonus(version: ProgramVersion, referrer_id: str | None, already_paid: bool,
+                   purchase_amount: int, base_point_units: int) -> int:
+    """The referrer's bonus on this earn of the referee: the program's bonus on the referee's first
+    qualifying earn (purchase >= referral_minimum_purchase, and some points earned), else 0."""
+    _check_int(purchase_amount, "purchase_amount")
+    if (not referrer_id or already_paid or purchase_amount < version.referral_minimum_purchase
+            or base_point_units <= 0):
+        return 0
+    return version.referral_bonus_point_units
+
+
+def referral_postings(referrer_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
+    return balanced([(ACCOUNT_OPERATOR_REFERRALS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
+                     (ACCOUNT_MEMBER, referrer_id, ASSET_POINTS, bonus_point_units)])
+
+
+def acquiring_reward(version: ProgramVersion, acquirer_id: str | None, merchant_id: str,
+                     purchase_amount: int, base_point_units: int) -> int:
+    """floor(purchase * share_bps / 10000) point-units (rounded down, in the operator's favour) for the
+    merchant that signed the member up, when the member earns at another merchant; 0 at the acquirer
+    itself, without an acquirer, or on an earn of 0 points."""
+    _check_int(purchase_amount, "purchase_amount")
+    if not acquirer_id or acquirer_id == merchant_id or base_point_units <= 0:
+        return 0
+    return _floor_bps(purchase_amount, version.acquiring_share_bps_for(acquirer_id))
+
+
+def acquiring_postings(acquirer_id: str, reward_point_units: int) -> tuple[Posting, ...]:
+    """Kind ACQUIRING_REWARD; negated() of it with acquiring_reversal()'s amount is the reversal."""
+    return balanced([(ACCOUNT_OPERATOR_ACQUIRING, OPERATOR_ID, ASSET_POINTS, -reward_point_units),
+                     (ACCOUNT_MERCHANT_ACQUIRING, acquirer_id, ASSET_POINTS, reward_point_units)])
+
+
+def acquiring_reversal(reward_point_units: int, earned_base: int, refunded_before: int, amount: int) -> int:
+    """The part of a reward reversed when `amount` base points of its earn are refunded: its
+    proportional_share (rounded down, in the acquirer's favour; exact once all is refunded)."""
+    return proportional_share(reward_point_units, earned_base, refunded_before, amount)
+
+
+# --- Merchant points conversion ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conversion:
+    merchant_points_converted: int
+    point_units: int
+    merchant_points_remainder: int     # stays in the merchant's own programme
+
+
+def convert_merchant_points(merchant_points: int, rate: Rate) -> Conversion:
+    """Convert in whole blocks: the largest quantity <= merchant_points that the rate turns into a
+    whole number of point-units (a multiple of denominator / gcd(numerator, denominator)), so the
+    conversion itself never rounds; the rest is reported and stays with the merchant's programme. The
+    pipeline makes each conversion request idempotent (per merchant and idempotency key)."""
+    _check_int(merchant_points, "merchant_points")
+    block = rate.denominator // math.gcd(rate.numerator, rate.denominator)
+    converted = merchant_points // block * block
+    point_units = converted * rate.numerator // rate.denominator
+    require(point_units * rate.denominator == converted * rate.numerator, "conversion is not exact")
+    _check_int(point_units, "converted point_units")
+    return Conversion(converted, point_units, merchant_points - converted)
+
+
+def conversion_postings(merchant_id: str, member_id: str, point_units: int) -> tuple[Posting, ...]:
+    """Kind CONVERSION: the merchant's issued account pays for the alliance points (like an earn)."""
+    return balanced([(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -point_units),
+                     (ACCOUNT_MEMBER, member_id, ASSET_POINTS, point_units)])
+
+
+# --- Dividend pool and vouchers ------------------------------------------------------------------
+
+HOLDER_MEMBER = "member"
+HOLDER_MERCHANT = "merchant"
+
+
+class Holder(NamedTuple):
+    kind: str        # HOLDER_MEMBER or HOLDER_MERCHANT
+    owner_id: str
+
+
+def dividend_rate_bps(settings: DividendSettings, round_number: int) -> int:
+    _check_int(round_number, "round_number", 1)
+    schedule = settings.rate_bps_schedule
+    return schedule[min(round_number, len(schedule)) - 1]
+
+
+def dividend_trigger_point_units(settings: DividendSettings, previous_round_pool: int | None) -> int:
+    """The pool size at which the next round is due: the threshold for the first round, then
+    ceil(previous * (10000 + growth_bps) / 10000) (rounded up: a round never comes early)."""
+    if previous_round_pool is None:
+        return settings.threshold_point_units
+    _check_int(previous_round_pool, "previous_round_pool")
+    return -(-previous_round_pool * (BPS_DENOMINATOR + settings.growth_bps) // BPS_DENOMINATOR)
+
+
+def dividend_due(settings: DividendSettings, pool_point_units: int, previous_round_pool: int | None) -> bool:
+    """One round at most per check: a pool that grew by 40% since the last round is due one round,
+    and the next one is measured from the pool at that round."""
+    return pool_point_units >= dividend_trigger_point_units(settings, previous_round_pool)
+
+
+def apply_dividend(credit_used: int, allocation: int) -> tuple[int, int]:
+    """(repaid, paid_out): vouchers coming to a member repay its credit first, the rest is paid out."""
+    _check_int(credit_used, "credit_used")
+    _check_int(allocation, "allocation")
+    repaid = min(credit_used, allocation)
+    return repaid, allocation - repaid
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DividendAllocation:
+    holder: Holder
+    holding_point_units: int
+    amount: int          # voucher-units allocated
+    repaid: int          # of which repaid the holder's voucher credit
+    paid_out: int        # of which credited to the holder's voucher balance
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DividendRound:
+    """The audit record of a round: which round, which pool, which rate, what was issued to whom."""
+    round_number: int
+    pool_point_units: int
+    rate_bps: int
+    holdings_point_units: int
+    total_issued: int
+    allocations: tuple[DividendAllocation, ...]
+
+
+def dividend_round(round_number: int, pool_point_units: int, rate_bps: int, holdings: Mapping[Holder, int],
+                   credit_used: Mapping[Holder, int] | None = None) -> DividendRound:
+    """Vouchers for every holder of points: floor(holding * rate_bps / 10000) voucher-units each
+    (rounded down per holder, in the operator's favour: the remainder is never issued, so nothing is
+    left unbalanced), holders with no positive holding or a 0 allocation omitted, ordered by holder.
+    total_issued is the sum of the allocations. A pure function of its inputs: recomputing a round
+    gives the same record."""
+    _check_int(round_number, "round_number", 1)
+    _check_int(pool_point_units, "pool_point_units")
+    _check_int(rate_bps, "rate_bps", 1, BPS_DENOMINATOR)
+    credit_used = {Holder(*holder): used for holder, used in (credit_used or {}).items()}
+    for holder, used in credit_used.items():
+        require(holder.kind == HOLDER_MEMBER or used == 0, f"only members borrow vouchers: {holder}")
+    holdings = {Holder(*holder): holding for holder, holding in holdings.items()}
+    allocations = []
+    holdings_total = 0
+    for holder in sorted(holdings):
+        require(holder.kind in (HOLDER_MEMBER, HOLDER_MERCHANT) and bool(holder.owner_id), f"bad holder {holder}")
+        holding = holdings[holder]
+        _check_int(holding, f"holding of {holder}", -INT64_MAX)
+        if holding <= 0:
+            continue
+        holdings_total += holding
+        amount = _floor_bps(holding, rate_bps)
+        if amount == 0:
+            continue
+        repaid, paid_out = apply_dividend(credit_used.get(holder, 0), amount)
+        allocations.append(DividendAllocation(holder, holding, amount, repaid, paid_out))
+    total = sum(allocation.amount for allocation in allocations)
+    _check_int(total, "total issued")
+    return DividendRound(round_number, pool_point_units, rate_bps, holdings_total, total, tuple(allocations))
+
+
+def dividend_postings(allocation: DividendAllocation) -> tuple[Posting, ...]:
+    """Kind DIVIDEND, one holder: balanced on its own, so a round may be posted in chunks."""
+    holder = allocation.holder
+    account = ACCOUNT_MEMBER if holder.kind == HOLDER_MEMBER else ACCOUNT_MERCHANT_VOUCHERS
+    return balanced([(ACCOUNT_OPERATOR_DIVIDENDS, OPERATOR_ID, ASSET_VOUCHERS, -allocation.amount),
+                     (ACCOUNT_MEMBER_VOUCHER_CREDIT, holder.owner_id, ASSET_VOUCHERS, allocation.repaid),
+                     (account, holder.owner_id, ASSET_VOUCHERS, allocation.paid_out)])
+
+
+def expected_dividend(holding_point_units: int, next_rate_bps: int) -> int:
+    """floor(holding * next round's rate / 10000) voucher-units (rounded down, operator's favour)."""
+    return _floor_bps(max(holding_point_units, 0), next_rate_bps)
+
+
+def voucher_credit_limit(holding_point_units: int, next_rate_bps: int, credit_limit_bps: int) -> int:
+    """floor(expected_dividend * credit_limit_bps / 10000) (rounded down, operator's favour)."""
+    return _floor_bps(expected_dividend(holding_point_units, next_rate_bps), credit_limit_bps)
+
+
+# --- Split tender --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Tender:
+    vouchers: int
+    points: int
+
+    @property
+    def total(self) -> int:
+        return self.vouchers + self.points
+
+
+def split_tender(amount: int, vouchers_available: int, points_available: int,
+                 vouchers: int | None = None) -> Tender:
+    """How a redeem of `amount` units (1 unit = 1 minor currency unit in either asset) is paid: with
+    `vouchers` voucher-units and the rest in points as the caller says, or (vouchers=None) vouchers
+    first. vouchers_available includes the member's unused credit. InsufficientBalance names the asset
+    that falls short."""
+    _check_int(amount, "amount")
+    _check_int(vouchers_available, "vouchers_available")
+    _check_int(points_available, "points_available")
+    if vouchers is None:
+        vouchers = min(amount, vouchers_available)
+    elif not _is_int(vouchers) or not 0 <= vouchers <= amount:
+        raise Rejection(Code.INVALID_ARGUMENT, f"vouchers must be 0..{amount} (the redeem's amount), "
+                                               f"got {vouchers!r}")
+    points = amount - vouchers
+    if vouchers > vouchers_available:
+        raise InsufficientBalance(ASSET_VOUCHERS, vouchers_available, vouchers)
+    if points > points_available:
+        raise InsufficientBalance(ASSET_POINTS, points_available, points)
+    return Tender(vouchers, points)
+
+
+def voucher_sources(balance: int, credit_headroom: int, vouchers: int) -> tuple[int, int]:
+    """(from_balance, from_credit): the member's own vouchers first, credit only for the rest."""
+    _check_int(balance, "balance")
+    _check_int(credit_headroom, "credit_headroom")
+    _check_int(vouchers, "vouchers")
+    if vouchers > balance + credit_headroom:
+        raise InsufficientBalance(ASSET_VOUCHERS, balance + credit_headroom, vouchers)
+    from_balance = min(balance, vouchers)
+    return from_balance, vouchers - from_balance
+
+
+def refund_tender(tender: Tender, refunded_before: int, amount: int) -> Tender:
+    """The split of a refund of `amount` of a split redeem, after `refunded_before`: vouchers get
+    their proportional_share (rounded down), points the rest, so every refund sums exactly to its
+    amount and a full refund returns exactly the vouchers and points paid. No value is lost either
+    way (both units are worth one minor unit); the unit of rounding goes to points."""
+    vouchers = proportional_share(tender.vouchers, tender.total, refunded_before, amount)
+    return Tender(vouchers, amount - vouchers)
+
+
+def split_redeem_postings(member_id: str, merchant_id: str, tender: Tender, from_credit: int) -> tuple[Posting, ...]:
+    """Kind SPLIT_REDEEM: each asset cleared on its own (the merchant's redeemed account per asset)."""
+    _check_int(from_credit, "from_credit", 0, tender.vouchers)
+    return balanced([(ACCOUNT_MEMBER, member_id, ASSET_POINTS, -tender.points),
+                     (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_POINTS, tender.points),
+                     (ACCOUNT_MEMBER, member_id, ASSET_VOUCHERS, -(tender.vouchers - from_credit)),
+                     (ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id, ASSET_VOUCHERS, -from_credit),
+                     (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_VOUCHERS, tender.vouchers)])
+
+
+def split_refund_postings(member_id: str, merchant_id: str, portion: Tender, credit_repaid: int) -> tuple[Posting, ...]:
+    """Kind SPLIT_REFUND: `portion` from refund_tender; its vouchers repay credit first
+    (credit_repaid = apply_dividend(credit_used, portion.vouchers)[0])."""
+    return negated(split_redeem_postings(member_id, merchant_id, portion, credit_repaid))
+
+
+def merchant_voucher_spend_postings(merchant_id: str, store_merchant_id: str, vouchers: int) -> tuple[Posting, ...]:
+    """Kind MERCHANT_VOUCHER_SPEND: a merchant spends its vouchers at the operator's own store."""
+    return balanced([(ACCOUNT_MERCHANT_VOUCHERS, merchant_id, ASSET_VOUCHERS, -vouchers),
+                     (ACCOUNT_MERCHANT_REDEEMED, store_merchant_id, ASSET_VOUCHERS, vouchers)])
