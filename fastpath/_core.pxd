@@ -30,6 +30,13 @@ cpdef enum:
     KIND_REDEEM = 3
     KIND_REFUND_REDEMPTION = 4
     KIND_REFUND_EARN = 5
+    # operation codes of apply_batch()
+    OP_EARN = 1
+    OP_AUTHORIZE = 2
+    OP_CAPTURE = 3
+    OP_VOID = 4
+    OP_REDEEM = 5
+    OP_REFUND = 6
 
 # Which field an undo record restores.
 cdef enum UndoField:
@@ -39,13 +46,28 @@ cdef enum UndoField:
     UNDO_TRANSACTION_REFUNDED = 4
 
 
-# What a kernel hands back besides its status; the def wrapper turns it into the tuple of the contract.
+# Where an open batch begins: the undo records and the counts before its begin(). Creations are
+# appended at the end of their arrays, so cutting back to these counts removes them.
+cdef struct BatchMark:
+    int64_t undo_count
+    int64_t members_count
+    int64_t holds_resident_count
+    int64_t holds_open_count
+    int64_t transactions_resident_count
+
+
+# What a kernel hands back besides its status; a def wrapper turns it into the tuple of the contract,
+# apply_batch() into one row of its output arrays. Written only on OK, except `involved`.
 cdef struct Outcome:
     int64_t member
     int64_t amount
     int64_t posted
     int64_t available
     int32_t kind
+    # The member the operation concerns, once the kernel knows it, on any status (apply_batch's
+    # out_member); the caller sets it to -1 first. Left so for an unknown hold or transaction and
+    # for another merchant's.
+    int64_t involved
 
 
 cdef class Ledger:
@@ -53,11 +75,13 @@ cdef class Ledger:
     cdef int64_t holds_max
     cdef int64_t transactions_max
 
-    # members: slot -> posted, held; member_slots (str -> slot) and member_ids (slot -> str) index them
+    # members: slot -> posted, held, account id (0: not known); member_slots (str -> slot) and
+    # member_ids (slot -> str) index them
     cdef readonly int64_t members_count
     cdef int64_t members_capacity
     cdef int64_t* member_posted
     cdef int64_t* member_held
+    cdef int64_t* member_accounts
     cdef dict member_slots
     cdef list member_ids
 
@@ -90,22 +114,23 @@ cdef class Ledger:
     cdef int64_t* heap_expires_at_us
     cdef int64_t* heap_hold
 
-    # undo log: records of (field, slot, old value), plus the counts at begin()
-    cdef bint recording
+    # undo log: one array of records (field, slot, old value); each open batch is a mark into it,
+    # oldest first. Records below the oldest mark belong to committed batches and are dead until
+    # commit() compacts them away.
+    cdef readonly int64_t batches_open
+    cdef int64_t batches_capacity
+    cdef BatchMark* batch_marks
     cdef int64_t undo_count
     cdef int64_t undo_capacity
     cdef int32_t* undo_field
     cdef int64_t* undo_slot
     cdef int64_t* undo_old
-    cdef int64_t begin_members_count
-    cdef int64_t begin_holds_resident_count
-    cdef int64_t begin_holds_open_count
-    cdef int64_t begin_transactions_resident_count
 
     cdef int _reserve_members(self, int64_t needed) except -1
     cdef int _reserve_holds(self, int64_t needed) except -1
     cdef int _reserve_transactions(self, int64_t needed) except -1
     cdef int _reserve_undo(self, int64_t records) except -1
+    cdef int _reserve_batches(self, int64_t needed) except -1
     cdef int _record(self, int32_t field, int64_t slot, int64_t old_value) except -1
     cdef int _set_posted(self, int64_t member, int64_t value) except -1
     cdef int _set_held(self, int64_t member, int64_t value) except -1
@@ -113,7 +138,7 @@ cdef class Ledger:
     cdef int _set_refunded(self, int64_t transaction, int64_t value) except -1
     cdef int _check_member_after(self, int64_t member, int64_t posted, int64_t held) except -1
     cdef int _check_member_slot(self, int64_t member_slot) except -1
-    cdef int64_t _add_member(self, str member_id, int64_t posted) except -1
+    cdef int64_t _add_member(self, str member_id, int64_t posted, int64_t account_id) except -1
     cdef int64_t _add_hold(self, int64_t hold_id, int64_t member, int32_t merchant, int64_t amount,
                            int64_t expires_at_us, int32_t status) except -1
     cdef int64_t _add_transaction(self, int64_t transaction_id, int32_t kind, int64_t member,
@@ -121,13 +146,16 @@ cdef class Ledger:
     cdef int _release_hold(self, int64_t hold, int32_t status) except -1
     cdef int32_t _resolvable(self, int64_t hold, int64_t merchant, int64_t now_us) except -1
     cdef int _check_new_transaction(self, int64_t transaction_id) except -1
+    cdef int _compact_undo(self) except -1
+    cdef int _rollback_to(self, int64_t batch) except -1
 
-    cdef int64_t _load_member(self, str member_id, int64_t posted) except -1
+    cdef int64_t _load_member(self, str member_id, int64_t posted, int64_t account_id) except -1
+    cdef int64_t _ensure_member(self, str member_id) except -2
     cdef int _load_hold(self, int64_t hold_id, int64_t member_slot, int64_t merchant, int64_t amount,
                         int64_t expires_at_us, int64_t status) except -1
     cdef int _load_transaction(self, int64_t transaction_id, int64_t kind, int64_t member_slot,
                                int64_t merchant, int64_t amount, int64_t refunded) except -1
-    cdef int32_t _earn(self, str member_id, int64_t merchant, int64_t points,
+    cdef int32_t _earn(self, str member_id, int64_t member, int64_t merchant, int64_t points,
                        int64_t transaction_id, Outcome* outcome) except -1
     cdef int32_t _authorize(self, int64_t member_slot, int64_t merchant, int64_t points,
                             int64_t hold_id, int64_t expires_at_us, Outcome* outcome) except -1
@@ -140,6 +168,13 @@ cdef class Ledger:
     cdef int32_t _refund(self, int64_t transaction_id, int64_t merchant, int64_t points,
                          int64_t refund_transaction_id, Outcome* outcome) except -1
     cdef list _expire_holds(self, int64_t now_us, int64_t limit)
+    cdef int64_t _apply_batch(self, int64_t count, const int64_t[:] method, const int64_t[:] member,
+                              const int64_t[:] merchant, const int64_t[:] points,
+                              const int64_t[:] ref_id, const int64_t[:] new_id,
+                              const int64_t[:] expires_at_us, int64_t now_us,
+                              int64_t[:] out_status, int64_t[:] out_member, int64_t[:] out_amount,
+                              int64_t[:] out_posted, int64_t[:] out_available,
+                              int64_t[:] out_kind) except -1
 
     cdef bint _heap_less(self, int64_t left, int64_t right) noexcept
     cdef void _heap_swap(self, int64_t left, int64_t right) noexcept

@@ -12,18 +12,24 @@ caller. Merchants are small ints (slots) chosen by the caller.
 Every operation returns a tuple whose first item is a status (one of the constants below). On any
 status other than OK the ledger is unchanged.
 
-Undo log: `begin()` starts recording; `rollback()` restores exactly the state at `begin()` (balances,
-holds and their statuses, transactions and refunded amounts, and removes members, holds and
-transactions created since); `commit()` drops the record. Operations between begin and
+Undo log: `begin()` opens a batch and starts recording; `rollback()` restores exactly the state at
+`begin()` (balances, holds and their statuses, transactions and refunded amounts, and removes members,
+holds and transactions created since); `commit()` drops the record. Operations between begin and
 commit/rollback are the batch being written to Postgres.
+Batches nest for a pipelined committer: while batch N is being written, batch N+1 is applied on top of
+it, after its own `begin()`. `commit()` makes the OLDEST open batch permanent (N's write succeeded);
+`rollback()` undoes every open batch, newest first, back to the oldest `begin()` (N's write failed, and
+N+1 was computed on top of it); `rollback_newest()` undoes only the newest (N+1 failed on its own,
+N stays open). The undo log is one array with a mark per open batch, so `commit()` is O(1) amortized.
+Member account ids are NOT in the undo log (see load_member).
 
 Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hold them to it):
-- Caller bugs raise before anything changes, and before any status is decided: TypeError/OverflowError
-  for an argument that is not an int64 (member ids: not a str); ValueError for points or amounts
-  outside the range an operation allows, or a merchant outside 0..2**31-1; IndexError for a member
-  slot that is not resident; KeyError when the id of the hold or transaction an operation would create
-  is resident already. commit()/rollback() without begin() and forget_resolved() inside a batch raise
-  RuntimeError.
+- Caller bugs raise before anything changes (apply_batch(): anything of the operation at fault),
+  and before any status is decided: TypeError/OverflowError for an argument that is not an int64
+  (member ids: not a str); ValueError for points or amounts outside the range an operation allows,
+  or a merchant outside 0..2**31-1; IndexError for a member slot that is not resident; KeyError when
+  the id of the hold or transaction an operation would create is resident already. commit()/rollback()/rollback_newest() with no batch open and forget_resolved()
+  while any batch is open raise RuntimeError.
 - member_slot -1 (what member_slot() answers for an unknown member) is UNKNOWN_MEMBER in authorize()
   and redeem(); any other slot that is not resident is an IndexError everywhere.
 - Statuses are decided in this order, the first that applies wins: capture/void: UNKNOWN_HOLD,
@@ -34,6 +40,7 @@ Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hol
 - An operation that would leave its member with posted outside 0..BALANCE_MAX, held < 0 or
   held > posted raises LedgerInvariantError before writing (only reachable from inconsistent loads).
 """
+from collections.abc import MutableSequence, Sequence
 
 # statuses
 OK: int                    # 0
@@ -66,6 +73,14 @@ KIND_REFUND_EARN: int        # 5  refund of an earn: points taken back from the 
 
 BALANCE_MAX: int  # 2**62: no balance or held sum may exceed it (leaves headroom for int64 sums)
 
+# operation codes of apply_batch() (its `method` array)
+OP_EARN: int       # 1
+OP_AUTHORIZE: int  # 2
+OP_CAPTURE: int    # 3
+OP_VOID: int       # 4
+OP_REDEEM: int     # 5
+OP_REFUND: int     # 6
+
 
 class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
@@ -83,14 +98,24 @@ class Ledger:
     def holds_open_count(self) -> int: ...           # holds with status HOLD_OPEN
     @property
     def transactions_resident_count(self) -> int: ...
+    @property
+    def batches_open(self) -> int: ...               # begin() calls not yet committed or rolled back
 
     # --- loading from Postgres (start-up, and prefetch before a batch); not recorded in the undo log
     #     unless called between begin() and commit()/rollback() (then rollback removes them too) ---
-    def load_member(self, member_id: str, posted: int) -> int:
+    def load_member(self, member_id: str, posted: int, account_id: int = 0) -> int:
         """Adds (or overwrites the posted balance of) a member; returns its slot. held starts at 0 and
         grows only by load_hold/authorize. Raises OverflowError on CAPACITY or posted outside 0..BALANCE_MAX.
         Overwriting does not compare posted with held (members are loaded before their holds);
-        check_invariants() reports a member left with held > posted."""
+        check_invariants() reports a member left with held > posted.
+        account_id is the Postgres accounts.account_id of the member's points account (0: not known;
+        ValueError if < 0). Overwriting with account_id 0 keeps the id already known. The account id
+        is not recorded in the undo log: a rollback restores posted but leaves the id (a member
+        created inside the rolled-back batch disappears with it, id and all)."""
+    def ensure_member(self, member_id: str) -> int:
+        """The member's slot, creating it (posted 0, account id 0) if unknown; -1 (not an exception)
+        when it is unknown and members_max is reached. A member created between begin() and
+        commit() is removed by rollback(), like one created by earn()."""
     def load_hold(self, hold_id: int, member_slot: int, merchant: int, amount: int,
                   expires_at_us: int, status: int) -> None:
         """Adds a hold. If status is HOLD_OPEN the member's held grows by amount. Raises KeyError if the
@@ -109,13 +134,27 @@ class Ledger:
     def has_transaction(self, transaction_id: int) -> bool: ...
     def balance(self, member_slot: int) -> tuple[int, int]:
         """(posted, held). held counts open holds not yet expired by expire_holds()."""
+    def member_account(self, member_slot: int) -> int:
+        """The member's account id; 0 if never set (members created by earn() or ensure_member()
+        start at 0). IndexError for a slot that is not resident."""
+    def set_member_account(self, member_slot: int, account_id: int) -> None:
+        """Sets the member's account id (ValueError unless account_id >= 1, then IndexError for a slot
+        that is not resident). Not recorded in the undo log (see load_member)."""
     def hold(self, hold_id: int) -> tuple[int, int, int, int, int]:
         """(status, member_slot, merchant, amount, expires_at_us); KeyError if not resident."""
 
-    # --- undo log ---
-    def begin(self) -> None: ...      # raises RuntimeError if already begun
-    def commit(self) -> None: ...     # raises RuntimeError if not begun
-    def rollback(self) -> None: ...   # raises RuntimeError if not begun
+    # --- undo log (batches nest; see the module docstring) ---
+    def begin(self) -> None:
+        """Opens a batch on top of those already open (any number)."""
+    def commit(self) -> None:
+        """Makes the OLDEST open batch permanent: drops its undo records; newer open batches keep
+        theirs and stay open. RuntimeError if no batch is open."""
+    def rollback(self) -> None:
+        """Restores exactly the state at the OLDEST open begin(), undoing every open batch newest
+        first; leaves no batch open. RuntimeError if no batch is open."""
+    def rollback_newest(self) -> None:
+        """Restores exactly the state at the NEWEST open begin(), undoing that batch only; older open
+        batches stay open and intact. RuntimeError if no batch is open."""
 
     # --- operations: (status, ...) ; on status != OK the rest of the tuple is zeros ---
     def earn(self, member_id: str, merchant: int, points: int, transaction_id: int) -> tuple[int, int, int]:
@@ -150,9 +189,43 @@ class Ledger:
         """Marks up to `limit` open holds with expires_at_us <= now_us as HOLD_STATUS_EXPIRED, soonest
         first, releasing their points; returns their ids. O(k log n) (a heap on expiry). Holds expiring
         at the same microsecond go in the order they became resident. limit >= 0."""
+    def apply_batch(self, method: Sequence[int], member: Sequence[int], merchant: Sequence[int],
+                    points: Sequence[int], ref_id: Sequence[int], new_id: Sequence[int],
+                    expires_at_us: Sequence[int], now_us: int,
+                    out_status: MutableSequence[int], out_member: MutableSequence[int],
+                    out_amount: MutableSequence[int], out_posted: MutableSequence[int],
+                    out_available: MutableSequence[int], out_kind: MutableSequence[int]) -> int:
+        """Applies operations 0..n-1 in order, in one call: exactly as calling, for each i,
+          OP_EARN       earn(member_id(member[i]), merchant[i], points[i], new_id[i])
+          OP_AUTHORIZE  authorize(member[i], merchant[i], points[i], new_id[i], expires_at_us[i])
+          OP_CAPTURE    capture(ref_id[i], merchant[i], points[i], new_id[i], now_us)
+          OP_VOID       void(ref_id[i], merchant[i], now_us)
+          OP_REDEEM     redeem(member[i], merchant[i], points[i], new_id[i])
+          OP_REFUND     refund(ref_id[i], merchant[i], points[i], new_id[i])
+        (ref_id: the hold captured or voided, the transaction refunded; new_id: the transaction or hold
+        created; columns an operation does not use are ignored). Returns n = len(method).
+        Earn needs a resident member slot: create new members with ensure_member() first.
+
+        Row i of the outputs: out_status (the operation's status), out_member (the member slot),
+        out_amount (earn, authorize, redeem, refund: points; capture: captured; void: released),
+        out_posted and out_available (the member's, after the operation), out_kind (earn, capture,
+        redeem: the KIND_* registered; refund: KIND_REFUND_REDEMPTION or KIND_REFUND_EARN;
+        authorize, void: 0). On a status other than OK every output is 0 except out_member: the
+        member the operation concerns when the ledger knows it (the slot given to earn, authorize and
+        redeem -- -1 for UNKNOWN_MEMBER; the hold's or transaction's member), so the caller can say
+        what is available; -1 on UNKNOWN_HOLD, UNKNOWN_TRANSACTION and WRONG_MERCHANT (another
+        merchant learns nothing about the hold or transaction).
+
+        Raises ValueError, before anything changes, if the inputs do not all have n items, an output
+        has fewer than n, or a method is not an OP_* code. A caller bug in operation i (as listed in
+        the clarifications above; for earn, IndexError for a non-resident slot comes first) raises
+        what the per-operation method raises; operations 0..i-1 stay applied and their output rows
+        written (roll back with the undo log), operation i changed nothing, rows i.. are not written.
+        The compiled module takes int64 buffers (array.array('q'); memoryviews of them), the twin
+        any sequences of ints; outputs are written in place, the caller allocates them."""
     def forget_resolved(self) -> None:
         """Drops resolved holds and all transactions from memory (Postgres keeps them; they are
-        prefetched again when a batch refers to them). Not allowed between begin() and commit()."""
+        prefetched again when a batch refers to them). Not allowed while any batch is open."""
     def check_invariants(self) -> None:
         """Raises LedgerInvariantError unless: every posted in 0..BALANCE_MAX, held >= 0,
         held <= posted, and each member's held equals the sum of its open holds. Also checks the

@@ -4,12 +4,13 @@ The contract is `_core.pyi`; `_reference.py` is the pure-Python twin that must b
 `def` methods only convert what crosses from Python (strictly: see _int64) and build result tuples;
 `cdef` kernels validate, resolve ids to slots through the dict indexes, and decide and write with C
 integers. Every write to an existing member, hold or transaction goes through a _set_* method, which
-records the old value while a batch is open.
+records the old value while a batch is open. apply_batch() runs the same kernels over int64 buffers:
+one crossing per batch instead of one per operation.
 """
 from cpython.number cimport PyNumber_Index
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
-from libc.string cimport memset
+from libc.string cimport memmove, memset
 
 # 2**62: sums of two balances still fit in int64_t, so the overflow checks cannot overflow themselves.
 cdef int64_t balance_max = 4611686018427387904
@@ -60,6 +61,15 @@ cdef inline int _check_positive(int64_t points) except -1:
     return 0
 
 
+cdef int _check_column(str name, Py_ssize_t length, int64_t count, bint exact) except -1:
+    # apply_batch(): inputs have one item per operation; outputs at least that many.
+    if exact and length != count:
+        raise ValueError(f"{name} has {length} items; method has {count}")
+    if not exact and length < count:
+        raise ValueError(f"{name} has {length} items, fewer than the {count} operations")
+    return 0
+
+
 cdef class Ledger:
     def __cinit__(self, members_max, holds_max, transactions_max):
         self.members_max = _int64(members_max)
@@ -76,6 +86,7 @@ cdef class Ledger:
     def __dealloc__(self):
         free(self.member_posted)
         free(self.member_held)
+        free(self.member_accounts)
         free(self.hold_ids)
         free(self.hold_member)
         free(self.hold_amount)
@@ -93,6 +104,7 @@ cdef class Ledger:
         free(self.undo_field)
         free(self.undo_slot)
         free(self.undo_old)
+        free(self.batch_marks)
 
     # --- storage ---------------------------------------------------------------------------------
     # Every operation reserves all it may need before its first write, so a MemoryError never leaves
@@ -106,6 +118,7 @@ cdef class Ledger:
         cdef int64_t capacity = _capacity_next(self.members_capacity, needed, self.members_max)
         _grow(<void**>&self.member_posted, capacity, sizeof(int64_t))
         _grow(<void**>&self.member_held, capacity, sizeof(int64_t))
+        _grow(<void**>&self.member_accounts, capacity, sizeof(int64_t))
         self.members_capacity = capacity
         return 0
 
@@ -143,9 +156,9 @@ cdef class Ledger:
         return 0
 
     cdef int _reserve_undo(self, int64_t records) except -1:
-        # The log has no maximum of its own: it is bounded by the batch the caller writes between
-        # begin() and commit(), and that batch is bounded in config.
-        if not self.recording:
+        # The log has no maximum of its own: it is bounded by the batches the caller has open between
+        # begin() and commit(), and those are bounded in config.
+        if self.batches_open == 0:
             return 0
         cdef int64_t needed = self.undo_count + records
         if needed <= self.undo_capacity:
@@ -157,10 +170,19 @@ cdef class Ledger:
         self.undo_capacity = capacity
         return 0
 
+    cdef int _reserve_batches(self, int64_t needed) except -1:
+        # Bounded like the undo log: by how many batches the caller keeps in flight.
+        if needed <= self.batches_capacity:
+            return 0
+        cdef int64_t capacity = _capacity_next(self.batches_capacity, needed, needed * 2)
+        _grow(<void**>&self.batch_marks, capacity, sizeof(BatchMark))
+        self.batches_capacity = capacity
+        return 0
+
     # --- recorded writes: the only way existing members, holds and transactions change ------------
 
     cdef int _record(self, int32_t field, int64_t slot, int64_t old_value) except -1:
-        if not self.recording:
+        if self.batches_open == 0:
             return 0
         if self.undo_count >= self.undo_capacity:
             raise LedgerInvariantError("undo log written past its reservation")
@@ -194,15 +216,85 @@ cdef class Ledger:
         self.transaction_refunded[transaction] = value
         return 0
 
+    # --- undo log: batch_marks[0] is the oldest open batch; its records run from its undo_count to
+    #     the next mark's, the newest batch's to undo_count ---------------------------------------------
+
+    cdef int _compact_undo(self) except -1:
+        # After commit() the records below the oldest mark are dead. A pipelined caller always has a
+        # batch open, so they would pile up; moving the live ones down once the dead outnumber them
+        # moves each record O(1) times on average.
+        cdef int64_t dead = self.batch_marks[0].undo_count if self.batches_open > 0 else self.undo_count
+        cdef int64_t live = self.undo_count - dead
+        cdef int64_t batch
+        if dead == 0 or dead < live:
+            return 0
+        if live > 0:
+            memmove(self.undo_field, self.undo_field + dead, <size_t>live * sizeof(int32_t))
+            memmove(self.undo_slot, self.undo_slot + dead, <size_t>live * sizeof(int64_t))
+            memmove(self.undo_old, self.undo_old + dead, <size_t>live * sizeof(int64_t))
+        for batch in range(self.batches_open):
+            self.batch_marks[batch].undo_count -= dead
+        self.undo_count = live
+        if self.batches_open > 0 and self.batch_marks[0].undo_count != 0:
+            raise LedgerInvariantError("undo log compacted, but the oldest batch does not start at 0")
+        return 0
+
+    cdef int _rollback_to(self, int64_t batch) except -1:
+        # Restores the state at the begin() of open batch `batch` and closes it and every newer one.
+        if batch < 0 or batch >= self.batches_open:
+            raise LedgerInvariantError(f"rollback to batch {batch} of {self.batches_open} open")
+        cdef BatchMark mark = self.batch_marks[batch]
+        cdef int64_t record
+        cdef int64_t slot
+        cdef int64_t old_value
+        cdef int32_t field
+        if (mark.undo_count > self.undo_count or mark.members_count > self.members_count
+                or mark.holds_resident_count > self.holds_resident_count
+                or mark.transactions_resident_count > self.transactions_resident_count):
+            raise LedgerInvariantError(f"batch {batch} begins beyond the ledger's present counts")
+        for record in range(self.undo_count - 1, mark.undo_count - 1, -1):
+            field = self.undo_field[record]
+            slot = self.undo_slot[record]
+            old_value = self.undo_old[record]
+            if field == UNDO_MEMBER_POSTED:
+                self.member_posted[slot] = old_value
+            elif field == UNDO_MEMBER_HELD:
+                self.member_held[slot] = old_value
+            elif field == UNDO_HOLD_STATUS:
+                self.hold_status[slot] = <int32_t>old_value
+            elif field == UNDO_TRANSACTION_REFUNDED:
+                self.transaction_refunded[slot] = old_value
+            else:
+                raise LedgerInvariantError(f"undo record {record} has unknown field {field}")
+        for slot in range(mark.members_count, self.members_count):
+            del self.member_slots[self.member_ids[slot]]
+        del self.member_ids[mark.members_count:]
+        for slot in range(mark.holds_resident_count, self.holds_resident_count):
+            del self.hold_slots[self.hold_ids[slot]]
+        for slot in range(mark.transactions_resident_count, self.transactions_resident_count):
+            del self.transaction_slots[self.transaction_ids[slot]]
+        self.members_count = mark.members_count
+        self.holds_resident_count = mark.holds_resident_count
+        self.holds_open_count = mark.holds_open_count
+        self.transactions_resident_count = mark.transactions_resident_count
+        self._heap_rebuild()
+        self.batches_open = batch
+        self.undo_count = mark.undo_count
+        if batch == 0:
+            self.undo_count = 0  # what is left below the oldest mark is dead
+        return 0
+
     # --- creation: appended at the end, so rollback() removes them by cutting back to the counts
     #     remembered at begin() ----------------------------------------------------------------------
 
-    cdef int64_t _add_member(self, str member_id, int64_t posted) except -1:
+    cdef int64_t _add_member(self, str member_id, int64_t posted, int64_t account_id) except -1:
         cdef int64_t member = self.members_count
         self.member_ids.append(member_id)
         self.member_slots[member_id] = member
         self.member_posted[member] = posted
         self.member_held[member] = 0
+        # Always written: the slot may be one a rolled-back batch had used with another account.
+        self.member_accounts[member] = account_id
         self.members_count = member + 1
         return member
 
@@ -284,18 +376,35 @@ cdef class Ledger:
             raise KeyError(f"transaction {transaction_id} is resident already")
         return 0
 
-    cdef int64_t _load_member(self, str member_id, int64_t posted) except -1:
+    cdef int64_t _load_member(self, str member_id, int64_t posted, int64_t account_id) except -1:
         if posted < 0 or posted > balance_max:
             raise OverflowError(f"posted {posted} of member {member_id!r} is outside 0..{balance_max}")
+        if account_id < 0:
+            raise ValueError(f"account_id of member {member_id!r} must be >= 0 (0: not known), "
+                             f"got {account_id}")
         found = self.member_slots.get(member_id)
         if found is not None:
             self._reserve_undo(1)
             self._set_posted(found, posted)
+            # Not recorded in the undo log: an account id is a fact from Postgres, true whatever the
+            # batch; 0 means the caller did not say, so the id already known stays.
+            if account_id != 0:
+                self.member_accounts[<int64_t>found] = account_id
             return found
         if self.members_count >= self.members_max:
             raise OverflowError(f"members_max {self.members_max} reached; cannot load {member_id!r}")
         self._reserve_members(self.members_count + 1)
-        return self._add_member(member_id, posted)
+        return self._add_member(member_id, posted, account_id)
+
+    cdef int64_t _ensure_member(self, str member_id) except -2:
+        # -1 (CAPACITY) is an answer here, not an error, so errors are -2.
+        found = self.member_slots.get(member_id)
+        if found is not None:
+            return found
+        if self.members_count >= self.members_max:
+            return -1
+        self._reserve_members(self.members_count + 1)
+        return self._add_member(member_id, 0, 0)
 
     cdef int _load_hold(self, int64_t hold_id, int64_t member_slot, int64_t merchant, int64_t amount,
                         int64_t expires_at_us, int64_t status) except -1:
@@ -342,18 +451,20 @@ cdef class Ledger:
                               refunded)
         return 0
 
-    cdef int32_t _earn(self, str member_id, int64_t merchant, int64_t points,
+    cdef int32_t _earn(self, str member_id, int64_t member, int64_t merchant, int64_t points,
                        int64_t transaction_id, Outcome* outcome) except -1:
+        # member is the resident slot of member_id, or -1 to create member_id: earn() looks the id up,
+        # apply_batch() already has the slot (and passes no id).
         _check_merchant(merchant)
         if points < 0:
             raise ValueError(f"points must be >= 0, got {points}")
         self._check_new_transaction(transaction_id)
-        cdef int64_t member = self.member_slots.get(member_id, -1)
         cdef int64_t posted = 0
         cdef int64_t held = 0
         if member >= 0:
             posted = self.member_posted[member]
             held = self.member_held[member]
+            outcome.involved = member
         if points > balance_max - posted:
             return OVERFLOW
         if member < 0 and self.members_count >= self.members_max:
@@ -365,13 +476,19 @@ cdef class Ledger:
         self._reserve_transactions(self.transactions_resident_count + 1)
         self._reserve_undo(1)
         if member < 0:
-            member = self._add_member(member_id, 0)
+            if member_id is None:
+                raise LedgerInvariantError("earn of a new member without its id")
+            member = self._add_member(member_id, 0, 0)
+            outcome.involved = member
         posted += points
         self._check_member_after(member, posted, held)
         self._set_posted(member, posted)
         self._add_transaction(transaction_id, KIND_EARN, member, <int32_t>merchant, points, 0)
         outcome.member = member
+        outcome.amount = points
         outcome.posted = posted
+        outcome.available = posted - held
+        outcome.kind = KIND_EARN
         return OK
 
     cdef int32_t _authorize(self, int64_t member_slot, int64_t merchant, int64_t points,
@@ -382,6 +499,7 @@ cdef class Ledger:
             self._check_member_slot(member_slot)
         if hold_id in self.hold_slots:
             raise KeyError(f"hold {hold_id} is resident already")
+        outcome.involved = member_slot
         if member_slot == -1:
             return UNKNOWN_MEMBER
         cdef int64_t posted = self.member_posted[member_slot]
@@ -396,6 +514,9 @@ cdef class Ledger:
         self._check_member_after(member_slot, posted, held)
         self._add_hold(hold_id, member_slot, <int32_t>merchant, points, expires_at_us, HOLD_OPEN)
         self._set_held(member_slot, held)
+        outcome.member = member_slot
+        outcome.amount = points
+        outcome.posted = posted
         outcome.available = posted - held
         return OK
 
@@ -410,6 +531,8 @@ cdef class Ledger:
             return UNKNOWN_HOLD
         cdef int64_t hold = found
         cdef int32_t status = self._resolvable(hold, merchant, now_us)
+        if status != WRONG_MERCHANT:
+            outcome.involved = self.hold_member[hold]
         if status != OK:
             return status
         cdef int64_t amount = self.hold_amount[hold]
@@ -431,6 +554,7 @@ cdef class Ledger:
         outcome.member = member
         outcome.posted = posted
         outcome.available = posted - held
+        outcome.kind = KIND_CAPTURE
         return OK
 
     cdef int32_t _void(self, int64_t hold_id, int64_t merchant, int64_t now_us,
@@ -441,6 +565,8 @@ cdef class Ledger:
             return UNKNOWN_HOLD
         cdef int64_t hold = found
         cdef int32_t status = self._resolvable(hold, merchant, now_us)
+        if status != WRONG_MERCHANT:
+            outcome.involved = self.hold_member[hold]
         if status != OK:
             return status
         cdef int64_t member = self.hold_member[hold]
@@ -448,6 +574,7 @@ cdef class Ledger:
         self._release_hold(hold, HOLD_STATUS_VOIDED)
         outcome.amount = self.hold_amount[hold]
         outcome.member = member
+        outcome.posted = self.member_posted[member]
         outcome.available = self.member_posted[member] - self.member_held[member]
         return OK
 
@@ -458,6 +585,7 @@ cdef class Ledger:
         if member_slot != -1:
             self._check_member_slot(member_slot)
         self._check_new_transaction(transaction_id)
+        outcome.involved = member_slot
         if member_slot == -1:
             return UNKNOWN_MEMBER
         cdef int64_t posted = self.member_posted[member_slot]
@@ -472,8 +600,11 @@ cdef class Ledger:
         self._reserve_undo(1)
         self._set_posted(member_slot, posted)
         self._add_transaction(transaction_id, KIND_REDEEM, member_slot, <int32_t>merchant, points, 0)
+        outcome.member = member_slot
+        outcome.amount = points
         outcome.posted = posted
         outcome.available = posted - held
+        outcome.kind = KIND_REDEEM
         return OK
 
     cdef int32_t _refund(self, int64_t transaction_id, int64_t merchant, int64_t points,
@@ -487,6 +618,7 @@ cdef class Ledger:
         cdef int64_t transaction = found
         if self.transaction_merchant[transaction] != merchant:
             return WRONG_MERCHANT
+        outcome.involved = self.transaction_member[transaction]
         cdef int32_t kind = self.transaction_kind[transaction]
         if kind != KIND_EARN and kind != KIND_CAPTURE and kind != KIND_REDEEM:
             return NOT_REFUNDABLE
@@ -518,9 +650,59 @@ cdef class Ledger:
                               0)
         outcome.kind = refund_kind
         outcome.member = member
+        outcome.amount = points
         outcome.posted = posted
         outcome.available = posted - held
         return OK
+
+    cdef int64_t _apply_batch(self, int64_t count, const int64_t[:] method, const int64_t[:] member,
+                              const int64_t[:] merchant, const int64_t[:] points,
+                              const int64_t[:] ref_id, const int64_t[:] new_id,
+                              const int64_t[:] expires_at_us, int64_t now_us,
+                              int64_t[:] out_status, int64_t[:] out_member, int64_t[:] out_amount,
+                              int64_t[:] out_posted, int64_t[:] out_available,
+                              int64_t[:] out_kind) except -1:
+        # The per-operation kernels in order, as the def methods would call them; a caller bug
+        # raises from the kernel and leaves the operations before it applied (the caller rolls back).
+        cdef Outcome outcome
+        cdef int32_t status
+        cdef int64_t operation
+        cdef int64_t code
+        for operation in range(count):
+            memset(&outcome, 0, sizeof(Outcome))
+            outcome.involved = -1
+            code = method[operation]
+            if code == OP_EARN:
+                # earn() of the member's id: the slot must be resident (ensure_member() creates).
+                self._check_member_slot(member[operation])
+                status = self._earn(None, member[operation], merchant[operation], points[operation],
+                                    new_id[operation], &outcome)
+            elif code == OP_AUTHORIZE:
+                status = self._authorize(member[operation], merchant[operation], points[operation],
+                                         new_id[operation], expires_at_us[operation], &outcome)
+            elif code == OP_CAPTURE:
+                status = self._capture(ref_id[operation], merchant[operation], points[operation],
+                                       new_id[operation], now_us, &outcome)
+            elif code == OP_VOID:
+                status = self._void(ref_id[operation], merchant[operation], now_us, &outcome)
+            elif code == OP_REDEEM:
+                status = self._redeem(member[operation], merchant[operation], points[operation],
+                                      new_id[operation], &outcome)
+            elif code == OP_REFUND:
+                status = self._refund(ref_id[operation], merchant[operation], points[operation],
+                                      new_id[operation], &outcome)
+            else:
+                raise LedgerInvariantError(f"operation {operation}: method {code} passed the check")
+            if status == OK and outcome.member != outcome.involved:
+                raise LedgerInvariantError(f"operation {operation}: member {outcome.member} but "
+                                           f"involved {outcome.involved}")
+            out_status[operation] = status
+            out_member[operation] = outcome.involved
+            out_amount[operation] = outcome.amount
+            out_posted[operation] = outcome.posted
+            out_available[operation] = outcome.available
+            out_kind[operation] = outcome.kind
+        return count
 
     cdef list _expire_holds(self, int64_t now_us, int64_t limit):
         if limit < 0:
@@ -610,8 +792,11 @@ cdef class Ledger:
     #     tuple. members_count, holds_resident_count, holds_open_count and
     #     transactions_resident_count are `readonly` attributes declared in _core.pxd. -------------
 
-    def load_member(self, str member_id not None, posted):
-        return self._load_member(member_id, _int64(posted))
+    def load_member(self, str member_id not None, posted, account_id=0):
+        return self._load_member(member_id, _int64(posted), _int64(account_id))
+
+    def ensure_member(self, str member_id not None):
+        return self._ensure_member(member_id)
 
     def load_hold(self, hold_id, member_slot, merchant, amount, expires_at_us, status):
         self._load_hold(_int64(hold_id), _int64(member_slot), _int64(merchant), _int64(amount),
@@ -640,68 +825,61 @@ cdef class Ledger:
         self._check_member_slot(member)
         return (self.member_posted[member], self.member_held[member])
 
+    def member_account(self, member_slot):
+        cdef int64_t member = _int64(member_slot)
+        self._check_member_slot(member)
+        return self.member_accounts[member]
+
+    def set_member_account(self, member_slot, account_id):
+        cdef int64_t member = _int64(member_slot)
+        cdef int64_t account = _int64(account_id)
+        if account < 1:
+            raise ValueError(f"account_id must be >= 1, got {account}")
+        self._check_member_slot(member)
+        # Not recorded in the undo log (see _load_member).
+        self.member_accounts[member] = account
+
     def hold(self, hold_id):
         cdef int64_t hold = self.hold_slots[_int64(hold_id)]
         return (self.hold_status[hold], self.hold_member[hold], self.hold_merchant[hold],
                 self.hold_amount[hold], self.hold_expires_at_us[hold])
 
     def begin(self):
-        if self.recording:
-            raise RuntimeError("begin() called twice without commit() or rollback()")
-        self.recording = True
-        self.undo_count = 0
-        self.begin_members_count = self.members_count
-        self.begin_holds_resident_count = self.holds_resident_count
-        self.begin_holds_open_count = self.holds_open_count
-        self.begin_transactions_resident_count = self.transactions_resident_count
+        self._reserve_batches(self.batches_open + 1)
+        cdef BatchMark* mark = &self.batch_marks[self.batches_open]
+        mark.undo_count = self.undo_count
+        mark.members_count = self.members_count
+        mark.holds_resident_count = self.holds_resident_count
+        mark.holds_open_count = self.holds_open_count
+        mark.transactions_resident_count = self.transactions_resident_count
+        self.batches_open += 1
 
     def commit(self):
-        if not self.recording:
+        if self.batches_open == 0:
             raise RuntimeError("commit() called without begin()")
-        self.recording = False
-        self.undo_count = 0
+        # The oldest batch's records lie below the next mark: dead now (all are, if none is left).
+        self.batches_open -= 1
+        memmove(self.batch_marks, self.batch_marks + 1, <size_t>self.batches_open * sizeof(BatchMark))
+        if self.batches_open == 0:
+            self.undo_count = 0
+        self._compact_undo()
 
     def rollback(self):
-        if not self.recording:
+        if self.batches_open == 0:
             raise RuntimeError("rollback() called without begin()")
-        cdef int64_t record
-        cdef int64_t slot
-        cdef int64_t old_value
-        cdef int32_t field
-        for record in range(self.undo_count - 1, -1, -1):
-            field = self.undo_field[record]
-            slot = self.undo_slot[record]
-            old_value = self.undo_old[record]
-            if field == UNDO_MEMBER_POSTED:
-                self.member_posted[slot] = old_value
-            elif field == UNDO_MEMBER_HELD:
-                self.member_held[slot] = old_value
-            elif field == UNDO_HOLD_STATUS:
-                self.hold_status[slot] = <int32_t>old_value
-            elif field == UNDO_TRANSACTION_REFUNDED:
-                self.transaction_refunded[slot] = old_value
-            else:
-                raise LedgerInvariantError(f"undo record {record} has unknown field {field}")
-        for slot in range(self.begin_members_count, self.members_count):
-            del self.member_slots[self.member_ids[slot]]
-        del self.member_ids[self.begin_members_count:]
-        for slot in range(self.begin_holds_resident_count, self.holds_resident_count):
-            del self.hold_slots[self.hold_ids[slot]]
-        for slot in range(self.begin_transactions_resident_count, self.transactions_resident_count):
-            del self.transaction_slots[self.transaction_ids[slot]]
-        self.members_count = self.begin_members_count
-        self.holds_resident_count = self.begin_holds_resident_count
-        self.holds_open_count = self.begin_holds_open_count
-        self.transactions_resident_count = self.begin_transactions_resident_count
-        self._heap_rebuild()
-        self.recording = False
-        self.undo_count = 0
+        self._rollback_to(0)
+
+    def rollback_newest(self):
+        if self.batches_open == 0:
+            raise RuntimeError("rollback_newest() called without begin()")
+        self._rollback_to(self.batches_open - 1)
 
     def earn(self, str member_id not None, merchant, points, transaction_id):
         cdef Outcome outcome
         memset(&outcome, 0, sizeof(Outcome))
-        cdef int32_t status = self._earn(member_id, _int64(merchant), _int64(points),
-                                         _int64(transaction_id), &outcome)
+        cdef int32_t status = self._earn(member_id, self.member_slots.get(member_id, -1),
+                                         _int64(merchant), _int64(points), _int64(transaction_id),
+                                         &outcome)
         return (status, outcome.member, outcome.posted)
 
     def authorize(self, member_slot, merchant, points, hold_id, expires_at_us):
@@ -741,8 +919,38 @@ cdef class Ledger:
     def expire_holds(self, now_us, limit):
         return self._expire_holds(_int64(now_us), _int64(limit))
 
+    def apply_batch(self, const int64_t[:] method not None, const int64_t[:] member not None,
+                    const int64_t[:] merchant not None, const int64_t[:] points not None,
+                    const int64_t[:] ref_id not None, const int64_t[:] new_id not None,
+                    const int64_t[:] expires_at_us not None, now_us,
+                    int64_t[:] out_status not None, int64_t[:] out_member not None,
+                    int64_t[:] out_amount not None, int64_t[:] out_posted not None,
+                    int64_t[:] out_available not None, int64_t[:] out_kind not None):
+        cdef int64_t now = _int64(now_us)
+        cdef int64_t count = method.shape[0]
+        cdef int64_t operation
+        _check_column("member", member.shape[0], count, True)
+        _check_column("merchant", merchant.shape[0], count, True)
+        _check_column("points", points.shape[0], count, True)
+        _check_column("ref_id", ref_id.shape[0], count, True)
+        _check_column("new_id", new_id.shape[0], count, True)
+        _check_column("expires_at_us", expires_at_us.shape[0], count, True)
+        _check_column("out_status", out_status.shape[0], count, False)
+        _check_column("out_member", out_member.shape[0], count, False)
+        _check_column("out_amount", out_amount.shape[0], count, False)
+        _check_column("out_posted", out_posted.shape[0], count, False)
+        _check_column("out_available", out_available.shape[0], count, False)
+        _check_column("out_kind", out_kind.shape[0], count, False)
+        # Checked before the first operation, so a batch with an unknown code changes nothing.
+        for operation in range(count):
+            if method[operation] < OP_EARN or method[operation] > OP_REFUND:
+                raise ValueError(f"operation {operation}: method {method[operation]} is not an OP_* code")
+        return self._apply_batch(count, method, member, merchant, points, ref_id, new_id,
+                                 expires_at_us, now, out_status, out_member, out_amount, out_posted,
+                                 out_available, out_kind)
+
     def forget_resolved(self):
-        if self.recording:
+        if self.batches_open > 0:
             raise RuntimeError("forget_resolved() called between begin() and commit()")
         cdef int64_t hold
         cdef int64_t kept = 0
@@ -786,9 +994,17 @@ cdef class Ledger:
         for member in range(self.members_count):
             posted = self.member_posted[member]
             held = self.member_held[member]
-            if posted < 0 or posted > balance_max or held < 0 or held > posted:
+            if (posted < 0 or posted > balance_max or held < 0 or held > posted
+                    or self.member_accounts[member] < 0):
                 raise LedgerInvariantError(
-                    f"member {self.member_ids[member]!r} (slot {member}): posted {posted}, held {held}")
+                    f"member {self.member_ids[member]!r} (slot {member}): posted {posted}, held "
+                    f"{held}, account {self.member_accounts[member]}")
+        if self.batches_open > 0 and (self.batch_marks[0].undo_count < 0
+                                      or self.batch_marks[self.batches_open - 1].undo_count
+                                      > self.undo_count):
+            raise LedgerInvariantError(f"batch marks outside the undo log of {self.undo_count} records")
+        if self.batches_open == 0 and self.undo_count != 0:
+            raise LedgerInvariantError(f"{self.undo_count} undo records with no batch open")
         held_sums = <int64_t*>calloc(self.members_count + 1, sizeof(int64_t))
         in_heap = <char*>calloc(self.holds_resident_count + 1, sizeof(char))
         if held_sums == NULL or in_heap == NULL:

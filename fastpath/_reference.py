@@ -1,9 +1,10 @@
 """The pure-Python twin of the compiled fast path (`_core.pyx`); the contract is `_core.pyi`.
 
 Same names, constants, checks, order of checks and results as `_core`, written for clarity: parallel
-lists indexed by slot, dicts from ids to slots, `heapq` for expiry and an undo log of
-(list, slot, old value). The differential tests hold the two to the same behaviour, so a change to one
-is a change to both.
+lists indexed by slot, dicts from ids to slots, `heapq` for expiry and, per open batch, an undo log of
+(list, slot, old value) (where `_core` keeps one log with a mark per batch). apply_batch() is a plain
+loop over the per-operation methods. The differential tests hold the two to the same behaviour, so a
+change to one is a change to both.
 """
 import heapq
 import operator
@@ -36,6 +37,14 @@ KIND_CAPTURE = 2
 KIND_REDEEM = 3
 KIND_REFUND_REDEMPTION = 4
 KIND_REFUND_EARN = 5
+
+# operation codes of apply_batch()
+OP_EARN = 1
+OP_AUTHORIZE = 2
+OP_CAPTURE = 3
+OP_VOID = 4
+OP_REDEEM = 5
+OP_REFUND = 6
 
 # 2**62: sums of two balances still fit in int64, so the overflow checks cannot overflow themselves.
 BALANCE_MAX = 1 << 62
@@ -89,6 +98,7 @@ class Ledger:
         self._member_ids = []
         self._member_posted = []
         self._member_held = []
+        self._member_account = []  # 0: not known
 
         self._hold_slots = {}
         self._hold_ids = []
@@ -110,9 +120,9 @@ class Ledger:
         # (expires_at_us, hold slot); entries of resolved holds are skipped when they reach the top
         self._heap = []
 
-        # None outside begin()..commit()/rollback(); else (list, slot, old value) records
-        self._undo = None
-        self._begin_counts = None
+        # One entry per open batch, oldest first: (counts at its begin(), its undo records), each
+        # record (list, slot, old value)
+        self._batches = []
 
     # --- sizes ------------------------------------------------------------------------------------
 
@@ -132,11 +142,15 @@ class Ledger:
     def transactions_resident_count(self):
         return len(self._transaction_ids)
 
+    @property
+    def batches_open(self):
+        return len(self._batches)
+
     # --- recorded writes: the only way existing members, holds and transactions change ------------
 
     def _set(self, column, slot, value):
-        if self._undo is not None:
-            self._undo.append((column, slot, column[slot]))
+        if self._batches:
+            self._batches[-1][1].append((column, slot, column[slot]))
         column[slot] = value
 
     def _set_hold_status(self, hold, status):
@@ -149,12 +163,13 @@ class Ledger:
     # --- creation: appended at the end, so rollback() removes them by cutting back to the counts
     #     remembered at begin() ----------------------------------------------------------------------
 
-    def _add_member(self, member_id, posted):
+    def _add_member(self, member_id, posted, account_id):
         member = len(self._member_ids)
         self._member_ids.append(member_id)
         self._member_slots[member_id] = member
         self._member_posted.append(posted)
         self._member_held.append(0)
+        self._member_account.append(account_id)
         return member
 
     def _add_hold(self, hold_id, member, merchant, amount, expires_at_us, status):
@@ -227,17 +242,33 @@ class Ledger:
 
     # --- loading ----------------------------------------------------------------------------------
 
-    def load_member(self, member_id, posted):
-        member_id, posted = _text(member_id), _int64(posted)
+    def load_member(self, member_id, posted, account_id=0):
+        member_id, posted, account_id = _text(member_id), _int64(posted), _int64(account_id)
         if posted < 0 or posted > BALANCE_MAX:
             raise OverflowError(f"posted {posted} of member {member_id!r} is outside 0..{BALANCE_MAX}")
+        if account_id < 0:
+            raise ValueError(f"account_id of member {member_id!r} must be >= 0 (0: not known), "
+                             f"got {account_id}")
         found = self._member_slots.get(member_id)
         if found is not None:
             self._set(self._member_posted, found, posted)
+            # Not recorded in the undo log: an account id is a fact from Postgres, true whatever the
+            # batch; 0 means the caller did not say, so the id already known stays.
+            if account_id != 0:
+                self._member_account[found] = account_id
             return found
         if len(self._member_ids) >= self._members_max:
             raise OverflowError(f"members_max {self._members_max} reached; cannot load {member_id!r}")
-        return self._add_member(member_id, posted)
+        return self._add_member(member_id, posted, account_id)
+
+    def ensure_member(self, member_id):
+        member_id = _text(member_id)
+        found = self._member_slots.get(member_id)
+        if found is not None:
+            return found
+        if len(self._member_ids) >= self._members_max:
+            return -1
+        return self._add_member(member_id, 0, 0)
 
     def load_hold(self, hold_id, member_slot, merchant, amount, expires_at_us, status):
         hold_id, member_slot, merchant, amount, expires_at_us, status = map(
@@ -301,6 +332,19 @@ class Ledger:
         self._check_member_slot(member_slot)
         return (self._member_posted[member_slot], self._member_held[member_slot])
 
+    def member_account(self, member_slot):
+        member_slot = _int64(member_slot)
+        self._check_member_slot(member_slot)
+        return self._member_account[member_slot]
+
+    def set_member_account(self, member_slot, account_id):
+        member_slot, account_id = _int64(member_slot), _int64(account_id)
+        if account_id < 1:
+            raise ValueError(f"account_id must be >= 1, got {account_id}")
+        self._check_member_slot(member_slot)
+        # Not recorded in the undo log (see load_member).
+        self._member_account[member_slot] = account_id
+
     def hold(self, hold_id):
         hold = self._hold_slots[_int64(hold_id)]
         return (self._hold_status[hold], self._hold_member[hold], self._hold_merchant[hold],
@@ -309,31 +353,38 @@ class Ledger:
     # --- undo log ---------------------------------------------------------------------------------
 
     def begin(self):
-        if self._undo is not None:
-            raise RuntimeError("begin() called twice without commit() or rollback()")
-        self._undo = []
-        self._begin_counts = (len(self._member_ids), len(self._hold_ids), self._holds_open_count,
-                              len(self._transaction_ids))
+        self._batches.append(((len(self._member_ids), len(self._hold_ids), self._holds_open_count,
+                               len(self._transaction_ids)), []))
 
     def commit(self):
-        if self._undo is None:
+        if not self._batches:
             raise RuntimeError("commit() called without begin()")
-        self._undo = None
-        self._begin_counts = None
+        del self._batches[0]
 
     def rollback(self):
-        if self._undo is None:
+        if not self._batches:
             raise RuntimeError("rollback() called without begin()")
-        for column, slot, old_value in reversed(self._undo):
-            column[slot] = old_value
-        members, holds, holds_open, transactions = self._begin_counts
+        self._rollback_to(0)
+
+    def rollback_newest(self):
+        if not self._batches:
+            raise RuntimeError("rollback_newest() called without begin()")
+        self._rollback_to(len(self._batches) - 1)
+
+    def _rollback_to(self, batch):
+        """Restores the state at the begin() of open batch `batch`; closes it and every newer one."""
+        for _, records in reversed(self._batches[batch:]):
+            for column, slot, old_value in reversed(records):
+                column[slot] = old_value
+        (members, holds, holds_open, transactions), _ = self._batches[batch]
         for member_id in self._member_ids[members:]:
             del self._member_slots[member_id]
         for hold_id in self._hold_ids[holds:]:
             del self._hold_slots[hold_id]
         for transaction_id in self._transaction_ids[transactions:]:
             del self._transaction_slots[transaction_id]
-        for column in (self._member_ids, self._member_posted, self._member_held):
+        for column in (self._member_ids, self._member_posted, self._member_held,
+                       self._member_account):
             del column[members:]
         for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
                        self._hold_expires_at_us, self._hold_status):
@@ -345,8 +396,7 @@ class Ledger:
         self._holds_open_count = holds_open
         # Statuses and slots changed wholesale; one heapify is simpler than replaying each change.
         self._rebuild_heap()
-        self._undo = None
-        self._begin_counts = None
+        del self._batches[batch:]
 
     # --- operations -------------------------------------------------------------------------------
 
@@ -369,7 +419,7 @@ class Ledger:
         if len(self._transaction_ids) >= self._transactions_max:
             return (CAPACITY, 0, 0)
         if member < 0:
-            member = self._add_member(member_id, 0)
+            member = self._add_member(member_id, 0, 0)
         posted += points
         self._check_member_after(member, posted, held)
         self._set(self._member_posted, member, posted)
@@ -514,8 +564,78 @@ class Ledger:
             expired.append(self._hold_ids[hold])
         return expired
 
+    def apply_batch(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us,
+                    out_status, out_member, out_amount, out_posted, out_available, out_kind):
+        now_us = _int64(now_us)
+        count = len(method)
+        for name, column in (("member", member), ("merchant", merchant), ("points", points),
+                             ("ref_id", ref_id), ("new_id", new_id),
+                             ("expires_at_us", expires_at_us)):
+            if len(column) != count:
+                raise ValueError(f"{name} has {len(column)} items; method has {count}")
+        for name, column in (("out_status", out_status), ("out_member", out_member),
+                             ("out_amount", out_amount), ("out_posted", out_posted),
+                             ("out_available", out_available), ("out_kind", out_kind)):
+            if len(column) < count:
+                raise ValueError(f"{name} has {len(column)} items, fewer than the {count} operations")
+        # Checked before the first operation, so a batch with an unknown code changes nothing.
+        for operation in range(count):
+            if not OP_EARN <= _int64(method[operation]) <= OP_REFUND:
+                raise ValueError(f"operation {operation}: method {method[operation]} is not an OP_* code")
+        for operation in range(count):
+            row = self._apply_one(method[operation], member[operation], merchant[operation],
+                                  points[operation], ref_id[operation], new_id[operation],
+                                  expires_at_us[operation], now_us)
+            (out_status[operation], out_member[operation], out_amount[operation],
+             out_posted[operation], out_available[operation], out_kind[operation]) = row
+        return count
+
+    def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
+        """One operation of apply_batch() through its per-operation method: (status, member slot,
+        amount, posted, available, kind). On a non-OK status only the member slot may be set: the
+        member concerned, when known and not another merchant's."""
+        if method == OP_EARN:
+            status, slot, posted = self.earn(self.member_id(member), merchant, points, new_id)
+            if status != OK:
+                return (status, member, 0, 0, 0, 0)
+            return (OK, slot, points, posted, posted - self._member_held[slot], KIND_EARN)
+        if method == OP_AUTHORIZE:
+            status, available = self.authorize(member, merchant, points, new_id, expires_at_us)
+            if status != OK:
+                return (status, member, 0, 0, 0, 0)
+            return (OK, member, points, self._member_posted[member], available, 0)
+        if method == OP_CAPTURE:
+            status, captured, slot, posted, available = self.capture(ref_id, merchant, points,
+                                                                     new_id, now_us)
+            if status != OK:
+                return (status, self._hold_member_involved(ref_id, status), 0, 0, 0, 0)
+            return (OK, slot, captured, posted, available, KIND_CAPTURE)
+        if method == OP_VOID:
+            status, released, slot, available = self.void(ref_id, merchant, now_us)
+            if status != OK:
+                return (status, self._hold_member_involved(ref_id, status), 0, 0, 0, 0)
+            return (OK, slot, released, self._member_posted[slot], available, 0)
+        if method == OP_REDEEM:
+            status, posted, available = self.redeem(member, merchant, points, new_id)
+            if status != OK:
+                return (status, member, 0, 0, 0, 0)
+            return (OK, member, points, posted, available, KIND_REDEEM)
+        status, kind, slot, posted, available = self.refund(ref_id, merchant, points, new_id)
+        if status != OK:
+            involved = -1
+            if status not in (UNKNOWN_TRANSACTION, WRONG_MERCHANT):
+                involved = self._transaction_member[self._transaction_slots[ref_id]]
+            return (status, involved, 0, 0, 0, 0)
+        return (OK, slot, points, posted, available, kind)
+
+    def _hold_member_involved(self, hold_id, status):
+        # Another merchant learns nothing about the hold, not even whose it is.
+        if status in (UNKNOWN_HOLD, WRONG_MERCHANT):
+            return -1
+        return self._hold_member[self._hold_slots[hold_id]]
+
     def forget_resolved(self):
-        if self._undo is not None:
+        if self._batches:
             raise RuntimeError("forget_resolved() called between begin() and commit()")
         kept = [hold for hold in range(len(self._hold_ids)) if self._hold_status[hold] == HOLD_OPEN]
         for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
@@ -541,9 +661,11 @@ class Ledger:
                 f"{len(self._transaction_slots)} transaction ids, {transactions} transactions")
         for member in range(members):
             posted, held = self._member_posted[member], self._member_held[member]
-            if posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted:
+            if (posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted
+                    or self._member_account[member] < 0):
                 raise LedgerInvariantError(
-                    f"member {self._member_ids[member]!r} (slot {member}): posted {posted}, held {held}")
+                    f"member {self._member_ids[member]!r} (slot {member}): posted {posted}, held "
+                    f"{held}, account {self._member_account[member]}")
         held_sums = [0] * members
         open_count = 0
         for hold in range(holds):

@@ -30,7 +30,8 @@ def ledger(impl):
 
 
 def snapshot(ledger, hold_ids=range(0), transaction_ids=range(0)):
-    """Everything the public API shows of a ledger, for the ids the test has used."""
+    """Everything the public API shows of a ledger that the undo log restores, for the ids the test
+    has used (not account ids, which it does not restore, nor batches_open)."""
     return {
         "counts": (ledger.members_count, ledger.holds_resident_count, ledger.holds_open_count,
                    ledger.transactions_resident_count),
@@ -57,7 +58,12 @@ STATUSES = {
     "CAPACITY": 13, "HOLD_OPEN": 1, "HOLD_STATUS_CAPTURED": 2, "HOLD_STATUS_VOIDED": 3,
     "HOLD_STATUS_EXPIRED": 4, "KIND_EARN": 1, "KIND_CAPTURE": 2, "KIND_REDEEM": 3,
     "KIND_REFUND_REDEMPTION": 4, "KIND_REFUND_EARN": 5, "BALANCE_MAX": 2**62,
+    "OP_EARN": 1, "OP_AUTHORIZE": 2, "OP_CAPTURE": 3, "OP_VOID": 4, "OP_REDEEM": 5, "OP_REFUND": 6,
 }
+
+
+def test_package_exports_every_constant():
+    assert set(STATUSES) <= set(fastpath.__all__)
 
 
 @pytest.mark.parametrize("name", sorted(STATUSES))
@@ -150,6 +156,119 @@ def test_load_member_rejects_posted_outside_range_and_capacity(impl):
     with pytest.raises(TypeError):
         ledger.load_member(7, 0)
     assert ledger.members_count == 1
+
+
+def test_load_member_stores_the_account_id(impl, ledger):
+    assert ledger.load_member("alice", 500, 41) == 0
+    assert ledger.load_member("bob", 0, account_id=42) == 1
+    assert ledger.load_member("carol", 0) == 2
+    assert [ledger.member_account(slot) for slot in range(3)] == [41, 42, 0]
+    # Overwriting without an account id (0) keeps the one known; with one, replaces it.
+    assert ledger.load_member("alice", 700) == 0
+    assert ledger.load_member("bob", 10, 0) == 1
+    assert ledger.load_member("carol", 0, 43) == 2
+    assert [ledger.member_account(slot) for slot in range(3)] == [41, 42, 43]
+    assert ledger.load_member("alice", 700, 44) == 0
+    assert ledger.member_account(0) == 44
+    assert ledger.balance(0) == (700, 0)
+
+
+def test_load_member_rejects_a_negative_account_id_without_change(impl, ledger):
+    ledger.load_member("alice", 500, 41)
+    for member_id in ["alice", "bob"]:
+        with pytest.raises(ValueError):
+            ledger.load_member(member_id, 900, -1)
+    with pytest.raises(TypeError):
+        ledger.load_member("alice", 900, 41.0)
+    with pytest.raises(OverflowError):
+        ledger.load_member("alice", 900, 2**63)
+    assert ledger.members_count == 1
+    assert ledger.balance(0) == (500, 0)
+    assert ledger.member_account(0) == 41
+
+
+def test_set_member_account(impl, ledger):
+    slot = funded(ledger)
+    assert ledger.member_account(slot) == 0  # earn() creates members without one
+    ledger.set_member_account(slot, 7)
+    assert ledger.member_account(slot) == 7
+    ledger.set_member_account(slot, 2**63 - 1)
+    assert ledger.member_account(slot) == 2**63 - 1
+    for account_id in [0, -1]:
+        with pytest.raises(ValueError):
+            ledger.set_member_account(slot, account_id)
+    for member_slot in [-1, 1, 100]:
+        with pytest.raises(IndexError):
+            ledger.set_member_account(member_slot, 7)
+        with pytest.raises(IndexError):
+            ledger.member_account(member_slot)
+    with pytest.raises(TypeError):
+        ledger.set_member_account(slot, 7.0)
+    with pytest.raises(TypeError):
+        ledger.member_account(0.0)
+    assert ledger.member_account(slot) == 2**63 - 1
+
+
+def test_account_ids_are_not_undone_but_leave_with_their_member(impl, ledger):
+    alice = ledger.load_member("alice", 100, 41)
+    ledger.begin()
+    ledger.set_member_account(alice, 51)
+    ledger.load_member("alice", 200, 52)
+    bob = ledger.load_member("bob", 0, 42)
+    carol = ledger.ensure_member("carol")
+    ledger.set_member_account(carol, 43)
+    ledger.rollback()
+    # alice's posted is restored, her account id is not; bob and carol are gone with theirs.
+    assert ledger.balance(alice) == (100, 0)
+    assert ledger.member_account(alice) == 52
+    assert ledger.members_count == 1
+    # Their slots, used again, start without an account id.
+    assert ledger.ensure_member("dave") == bob
+    assert ledger.earn("erin", MERCHANT, 5, 1) == (impl.OK, carol, 5)
+    assert ledger.member_account(bob) == 0 and ledger.member_account(carol) == 0
+    ledger.check_invariants()
+
+
+def test_ensure_member_finds_or_creates(impl, ledger):
+    alice = ledger.load_member("alice", 500, 41)
+    assert ledger.ensure_member("alice") == alice
+    assert ledger.balance(alice) == (500, 0) and ledger.member_account(alice) == 41
+    bob = ledger.ensure_member("bob")
+    assert bob == 1 and ledger.member_slot("bob") == bob and ledger.member_id(bob) == "bob"
+    assert ledger.balance(bob) == (0, 0) and ledger.member_account(bob) == 0
+    assert ledger.ensure_member("bob") == bob
+    assert ledger.members_count == 2
+    with pytest.raises(TypeError):
+        ledger.ensure_member(7)
+    with pytest.raises(TypeError):
+        ledger.ensure_member(None)
+    # A member it creates is a member like any other.
+    assert ledger.earn("bob", MERCHANT, 50, 1) == (impl.OK, bob, 50)
+    ledger.check_invariants()
+
+
+def test_ensure_member_at_capacity_answers_minus_one(impl):
+    ledger = impl.Ledger(members_max=2, holds_max=1, transactions_max=1)
+    assert ledger.ensure_member("alice") == 0
+    assert ledger.ensure_member("bob") == 1
+    assert ledger.ensure_member("carol") == -1
+    assert ledger.ensure_member("alice") == 0  # known members are still found
+    assert ledger.members_count == 2 and ledger.member_slot("carol") == -1
+
+
+def test_ensure_member_inside_a_batch_is_rolled_back(impl, ledger):
+    alice = ledger.load_member("alice", 500)
+    ledger.begin()
+    assert ledger.ensure_member("alice") == alice
+    assert ledger.ensure_member("bob") == 1
+    ledger.begin()
+    assert ledger.ensure_member("carol") == 2
+    ledger.rollback_newest()
+    assert ledger.members_count == 2 and ledger.member_slot("carol") == -1
+    ledger.rollback()
+    assert ledger.members_count == 1 and ledger.member_slot("bob") == -1
+    assert ledger.balance(alice) == (500, 0)
+    ledger.check_invariants()
 
 
 def test_load_hold_counts_only_open_holds_in_held(impl, ledger):
@@ -645,17 +764,33 @@ def test_forget_resolved_is_refused_inside_a_batch(impl, ledger):
 
 # --- undo log -------------------------------------------------------------------------------------
 
-def test_begin_commit_rollback_must_pair(impl, ledger):
-    with pytest.raises(RuntimeError):
-        ledger.commit()
-    with pytest.raises(RuntimeError):
-        ledger.rollback()
+def test_commit_and_rollbacks_need_an_open_batch(impl, ledger):
+    for name in ["commit", "rollback", "rollback_newest"]:
+        with pytest.raises(RuntimeError):
+            getattr(ledger, name)()
     ledger.begin()
-    with pytest.raises(RuntimeError):
-        ledger.begin()
     ledger.commit()
-    with pytest.raises(RuntimeError):
-        ledger.rollback()
+    for name in ["commit", "rollback", "rollback_newest"]:
+        with pytest.raises(RuntimeError):
+            getattr(ledger, name)()
+    assert ledger.batches_open == 0
+
+
+def test_begin_nests_and_batches_open_counts(impl, ledger):
+    assert ledger.batches_open == 0
+    ledger.begin()
+    ledger.begin()
+    ledger.begin()
+    assert ledger.batches_open == 3
+    ledger.commit()
+    assert ledger.batches_open == 2
+    ledger.rollback_newest()
+    assert ledger.batches_open == 1
+    ledger.begin()
+    ledger.rollback()
+    assert ledger.batches_open == 0
+    with pytest.raises(AttributeError):
+        ledger.batches_open = 5
 
 
 def test_rollback_restores_exactly_the_state_at_begin(impl, ledger):
@@ -724,6 +859,180 @@ def test_operations_outside_a_batch_are_not_recorded(impl, ledger):
     ledger.rollback()
     assert ledger.balance(alice) == (900, 0)
     assert ledger.has_transaction(2)
+
+
+def pipelined_ledger(impl):
+    """alice (5_000, holds 10 and 11 open), bob (2_000) and refundable transactions 1..3."""
+    ledger = impl.Ledger(members_max=100, holds_max=100, transactions_max=100)
+    alice = funded(ledger, "alice", 5_000, transaction_id=1)
+    bob = ledger.load_member("bob", 2_000)
+    ledger.redeem(bob, MERCHANT, 500, 2)
+    ledger.load_transaction(3, impl.KIND_CAPTURE, alice, MERCHANT, 400, 100)
+    ledger.authorize(alice, MERCHANT, 300, 10, LATER_US)
+    ledger.authorize(alice, MERCHANT, 200, 11, NOW_US + 5)
+    return ledger, alice, bob
+
+
+def batch_a(impl, ledger, alice, bob):
+    """Touches alice, bob, holds 10/11 and transaction 2, and creates carol, hold 20, 21..23."""
+    assert ledger.earn("alice", MERCHANT, 1_000, 21)[0] == impl.OK
+    assert ledger.capture(10, MERCHANT, 100, 22, NOW_US)[0] == impl.OK
+    assert ledger.refund(2, MERCHANT, 200, 23)[0] == impl.OK
+    carol = ledger.ensure_member("carol")
+    assert ledger.earn("carol", MERCHANT, 700, 24)[0] == impl.OK
+    assert ledger.authorize(carol, MERCHANT, 300, 20, NOW_US + 3)[0] == impl.OK
+    ledger.load_member("bob", 1_800)
+
+
+def batch_b(impl, ledger, alice, bob):
+    """Touches the same members, holds and transactions again (and A's), and creates more."""
+    carol = ledger.member_slot("carol")
+    assert ledger.expire_holds(NOW_US + 4, 10) == [20]
+    assert ledger.void(11, MERCHANT, NOW_US)[0] == impl.OK
+    assert ledger.refund(2, MERCHANT, 300, 30)[0] == impl.OK
+    assert ledger.refund(22, MERCHANT, 100, 31)[0] == impl.OK
+    assert ledger.redeem(carol, MERCHANT, 50, 32)[0] == impl.OK
+    assert ledger.earn("dave", MERCHANT, 40, 33)[0] == impl.OK
+    assert ledger.authorize(bob, MERCHANT, 1_000, 34, LATER_US)[0] == impl.OK
+    ledger.load_hold(35, carol, MERCHANT, 10, LATER_US, impl.HOLD_OPEN)
+    ledger.load_member("alice", 9_000)
+
+
+IDS = range(0, 40)
+
+
+def test_commit_makes_the_oldest_batch_permanent(impl):
+    ledger, alice, bob = pipelined_ledger(impl)
+    ledger.begin()
+    batch_a(impl, ledger, alice, bob)
+    after_a = snapshot(ledger, IDS, IDS)
+    ledger.begin()
+    batch_b(impl, ledger, alice, bob)
+    after_b = snapshot(ledger, IDS, IDS)
+
+    ledger.commit()  # A is written: permanent; B stays open
+    assert ledger.batches_open == 1
+    assert snapshot(ledger, IDS, IDS) == after_b
+    ledger.rollback()  # B's write failed
+    assert ledger.batches_open == 0
+    assert snapshot(ledger, IDS, IDS) == after_a
+    assert ledger.member_slot("dave") == -1 and ledger.member_slot("carol") == 2
+    ledger.check_invariants()
+    # Everything B undid works again, A's doings stay: hold 20 is open and in the expiry heap,
+    # transaction 2 has 300 left to refund.
+    assert ledger.refund(2, MERCHANT, 301, 30)[0] == impl.REFUND_EXCEEDS_REMAINING
+    assert ledger.expire_holds(LATER_US, 10) == [20, 11]
+    ledger.check_invariants()
+
+
+def test_commit_keeps_newer_batches_exactly(impl):
+    ledger, alice, bob = pipelined_ledger(impl)
+    ledger.begin()
+    batch_a(impl, ledger, alice, bob)
+    ledger.begin()
+    batch_b(impl, ledger, alice, bob)
+    ledger.commit()
+    ledger.commit()
+    after = snapshot(ledger, IDS, IDS)
+    ledger.begin()
+    ledger.rollback()
+    assert snapshot(ledger, IDS, IDS) == after
+    assert ledger.batches_open == 0
+    ledger.check_invariants()
+
+
+def test_rollback_newest_keeps_the_older_batch_open(impl):
+    ledger, alice, bob = pipelined_ledger(impl)
+    before = snapshot(ledger, IDS, IDS)
+    ledger.begin()
+    batch_a(impl, ledger, alice, bob)
+    after_a = snapshot(ledger, IDS, IDS)
+    ledger.begin()
+    batch_b(impl, ledger, alice, bob)
+
+    ledger.rollback_newest()
+    assert ledger.batches_open == 1
+    assert snapshot(ledger, IDS, IDS) == after_a
+    ledger.check_invariants()
+    # B's ids are free again, and A keeps recording: a new B on top, then A's rollback.
+    ledger.begin()
+    batch_b(impl, ledger, alice, bob)
+    ledger.rollback_newest()
+    assert snapshot(ledger, IDS, IDS) == after_a
+    assert ledger.redeem(bob, MERCHANT, 100, 36)[0] == impl.OK  # more of A
+    ledger.rollback()
+    assert ledger.batches_open == 0
+    assert snapshot(ledger, IDS, IDS) == before
+    assert ledger.member_slot("carol") == -1
+    # The expiry heap is rebuilt: hold 11 (expiring first) and 10 are open again, 20 is gone.
+    assert ledger.expire_holds(LATER_US, 10) == [11, 10]
+    ledger.check_invariants()
+
+
+def test_rollback_undoes_every_open_batch_newest_first(impl):
+    ledger, alice, bob = pipelined_ledger(impl)
+    before = snapshot(ledger, IDS, IDS)
+    ledger.begin()
+    batch_a(impl, ledger, alice, bob)
+    ledger.begin()
+    ledger.begin()  # an empty batch in between
+    batch_b(impl, ledger, alice, bob)
+    ledger.begin()
+    assert ledger.capture(34, MERCHANT, 0, 37, NOW_US)[0] == impl.OK
+    assert ledger.batches_open == 4
+    ledger.rollback()
+    assert ledger.batches_open == 0
+    assert snapshot(ledger, IDS, IDS) == before
+    ledger.check_invariants()
+
+
+def test_pipelined_batches_stay_exact_over_many_commits(impl):
+    # A committer that always has one batch being written and the next applied on top: the log
+    # never empties, so commit() must drop the old records (and compact the log) without losing the
+    # live ones; rolling back the newest now and then, and the last at the end, checks they are
+    # intact.
+    ledger = impl.Ledger(members_max=10, holds_max=10_000, transactions_max=10_000)
+    slot = ledger.load_member("alice", 1_000_000)
+    next_id = 1
+
+    def window(first_id):
+        # The ids a round creates start at first_id; those of the round before are also in view.
+        ids = range(first_id - 40, first_id + 40)
+        return snapshot(ledger, ids, ids)
+
+    ledger.begin()
+    for round_number in range(301):
+        first_id = next_id
+        at_begin = window(first_id)
+        ledger.begin()
+        for _ in range(round_number % 7):
+            assert ledger.authorize(slot, MERCHANT, 10, next_id, LATER_US)[0] == impl.OK
+            assert ledger.capture(next_id, MERCHANT, 5, next_id + 1, NOW_US)[0] == impl.OK
+            assert ledger.refund(next_id + 1, MERCHANT, 2, next_id + 2)[0] == impl.OK
+            next_id += 3
+        if round_number % 5 == 4:
+            ledger.rollback_newest()
+            next_id = first_id
+            assert window(first_id) == at_begin
+            ledger.begin()
+        ledger.commit()
+        assert ledger.batches_open == 1
+    assert round_number % 5 != 4 and round_number % 7 != 0  # the last batch did something
+    assert window(first_id) != at_begin
+    ledger.rollback()
+    assert window(first_id) == at_begin
+    ledger.check_invariants()
+
+
+def test_forget_resolved_is_refused_while_any_batch_is_open(impl, ledger):
+    funded(ledger)
+    ledger.begin()
+    ledger.begin()
+    ledger.commit()
+    with pytest.raises(RuntimeError):
+        ledger.forget_resolved()
+    ledger.commit()
+    ledger.forget_resolved()
 
 
 # --- invariants -----------------------------------------------------------------------------------
