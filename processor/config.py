@@ -47,6 +47,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
     Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
     Option("holds_expired_per_batch_max", int, 10_000, "expired holds released per batch, at most"),
+    Option("balance_checkpoint_seconds", float, 1.0,
+           "how often account balances are checkpointed (folded into accounts.balance with a batch); "
+           "start-up replays the journal since the last checkpoint"),
+    Option("balance_checkpoint_accounts_max", int, 100_000,
+           "accounts changed since the last checkpoint, at most, before the next batch checkpoints"),
     Option("points_max", int, 10**12, "largest point-units amount in one request"),
     Option("purchase_amount_max", int, 10**13, "largest purchase amount (currency minor units) in one earn"),
     Option("id_bytes_max", int, 128, "longest merchant_id / member_id, bytes"),
@@ -91,6 +96,8 @@ class Settings:
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS
     holds_expired_per_batch_max: int = 10_000
+    balance_checkpoint_seconds: float = 1.0
+    balance_checkpoint_accounts_max: int = 100_000
     points_max: int = 10**12
     purchase_amount_max: int = 10**13
     id_bytes_max: int = 128
@@ -129,6 +136,8 @@ class Settings:
         check(self.queue_operations_max >= self.batch_operations_max,
               "queue_operations_max must be >= batch_operations_max")
         check(self.commit_timeout_seconds > 0, "commit_timeout_seconds must be > 0")
+        check(0 <= self.balance_checkpoint_seconds <= 3600, "balance_checkpoint_seconds must be 0..3600 (0: every batch)")
+        check(self.balance_checkpoint_accounts_max >= 1, "balance_checkpoint_accounts_max must be >= 1")
         check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")
         check(1 <= self.hold_ttl_seconds_default <= self.hold_ttl_seconds_max,
               "hold_ttl_seconds_default must be 1..hold_ttl_seconds_max")

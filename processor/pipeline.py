@@ -37,9 +37,6 @@ from processor.store import BatchWrite, MerchantRow, Store, StoreError, from_mic
 
 log = logging.getLogger("points.pipeline")
 
-_MEMBER = domain.ACCOUNT_MEMBER
-_ISSUED = domain.ACCOUNT_MERCHANT_ISSUED
-_REDEEMED = domain.ACCOUNT_MERCHANT_REDEEMED
 
 
 class Merchants:
@@ -77,14 +74,25 @@ async def load_ledger(store: Store, settings: Settings, merchants: Merchants, no
     """Rebuilds the fast path from Postgres: every member's posted balance and every open hold."""
     ledger = fastpath.Ledger(settings.members_max, settings.holds_max, settings.transactions_resident_max)
     async for chunk in store.member_balances():
-        for member_id, balance in chunk:
-            ledger.load_member(member_id, balance)
+        for member_id, balance, account_id in chunk:
+            ledger.load_member(member_id, balance, account_id)
     for hold in await store.open_holds(from_micros(now_us)):
         ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
                          merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
                          hold.expires_at_us, fastpath.HOLD_OPEN)
     ledger.check_invariants()
     return ledger
+
+
+@dataclasses.dataclass(slots=True)
+class _Prepared:
+    """A batch applied to the fast path (its undo batch open), not yet answered."""
+    batch: list[Operation]
+    outcomes: list[Outcome]
+    write: BatchWrite
+    dated_us: int
+    task: asyncio.Task | None = None  # its Postgres write
+    started: float = 0.0
 
 
 def now_micros() -> int:
@@ -101,10 +109,22 @@ class Pipeline:
         self._queue: collections.deque[Operation] = collections.deque()
         self._queued = asyncio.Event()
         self._inflight: dict[tuple[str, str], Operation] = {}
-        self._writing = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # batches applied to the fast path and not yet answered, oldest first (at most two: the one
+        # being written and the next)
+        self._open: collections.deque[_Prepared] = collections.deque()
+        self._finished: asyncio.Event | None = None
+        self._readers_waiting = 0
+        self._forget_due = False
+        self._wake_at = 1   # submit() wakes the committer once this many operations are queued
+        # account_id -> sum of its committed entries since the last balance checkpoint, and the newest
+        # committed transaction id they include: what the next checkpoint folds into accounts.balance
+        self._pending_deltas: dict[int, int] = {}
+        self._pending_through = 0
+        self._checkpoint_due_at = 0.0
         self._expired_pending: list[int] = []
+        # account ids taken from Postgres's accounts sequence for members the next batches create
+        self._account_ids: list[int] = []
+        self.operator_accounts: dict[str, int] = {}
         # No batch is dated before this (microseconds): the clock never runs backwards, and never
         # before the newest settlement cut.
         self._clock_floor_us = 0
@@ -127,6 +147,10 @@ class Pipeline:
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
         last_transaction, last_authorization = await self.store.id_high_water_marks()
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
+        self.operator_accounts = await self.store.operator_account_ids()
+        self._pending_deltas, self._pending_through = await self.store.tail_deltas(
+            await self.store.checkpoint_through())
+        self._checkpoint_due_at = time.monotonic() + self.settings.balance_checkpoint_seconds
         latest_cut = await self.store.latest_cut_off()
         if latest_cut is not None:
             self._clock_floor_us = max(self._clock_floor_us, micros(latest_cut))
@@ -145,6 +169,12 @@ class Pipeline:
         self._queued.set()
         if self._task is not None:
             await self._task
+        if self.ready and self.store is not None:
+            # a last checkpoint, so the next start replays no journal tail
+            try:
+                await self.store.fold_checkpoint_now()
+            except Exception as error:  # the next start replays the tail instead
+                log.warning("final balance checkpoint not written", extra={"error": repr(error)})
 
     # --- merchants ---
 
@@ -189,7 +219,8 @@ class Pipeline:
         op.enqueued_at = time.monotonic()
         self._inflight[key] = op
         self._queue.append(op)
-        self._queued.set()
+        if len(self._queue) >= self._wake_at:
+            self._queued.set()
         # shield: a caller that goes away does not cancel the operation; its batch still resolves it
         return await asyncio.shield(op.future)
 
@@ -200,10 +231,17 @@ class Pipeline:
         self._queued.set()
 
     async def committed_view(self):
-        """Waits until no batch is being written, so what the fast path shows is committed. Releases
-        holds that expired since the last batch (their Postgres rows follow with the next batch)."""
-        while self._writing:
-            await self._idle.wait()
+        """Waits until every batch applied to the fast path is committed, so what it shows is durable.
+        While a reader waits, the committer answers the batch being written before it applies the
+        next (the pipelining pauses for that moment). Releases holds that expired since the last batch
+        (their Postgres rows follow with the next batch)."""
+        self._readers_waiting += 1
+        try:
+            while self._open:
+                self._queued.set()  # the committer may be waiting for the next batch to grow
+                await self._finished_event().wait()
+        finally:
+            self._readers_waiting -= 1
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
         expired = self.ledger.expire_holds(now_micros(), self.settings.holds_expired_per_batch_max)
@@ -218,14 +256,40 @@ class Pipeline:
         if cut_off_us > now_micros():
             raise Rejection(Code.INVALID_ARGUMENT, "cut_off is in the future; a period closes at or before now")
         self._clock_floor_us = max(self._clock_floor_us, cut_off_us)
-        while self._writing:
-            await self._idle.wait()
+        # batches applied from now on are dated at or after cut_off; wait for those dated before it
+        while self._open and self._open[0].dated_us < cut_off_us:
+            await self._finished_event().wait()
+
+    def _finished_event(self) -> asyncio.Event:
+        """An event set when the next batch is answered (committed or failed)."""
+        if self._finished is None:
+            self._finished = asyncio.Event()
+        return self._finished
+
+    def _signal_finished(self) -> None:
+        if self._finished is not None:
+            self._finished.set()
+            self._finished = None
 
     # --- the committer ---
+    #
+    # Two batches overlap: while batch N is written to Postgres (a task on its own connection), the
+    # committer reads and applies batch N+1 to the fast path on top of N (a nested undo batch). N+1's
+    # write starts only once N is answered, so commits stay in order and each call is answered after
+    # its own commit. If N's write fails, the fast path is rolled back past both, and N+1's calls are
+    # answered UNAVAILABLE (nothing of them was written; a retry with the same key is safe).
 
     async def _run(self) -> None:
         settings = self.settings
         while True:
+            writing = self._open[0] if self._open else None
+            if writing is not None and (writing.task is None or writing.task.done() or self._must_drain()
+                                        or (not self._queue and not self._expired_pending)):
+                await self._finish(writing)
+                continue
+            if self._forget_due and writing is None:
+                self._forget_due = False
+                self.ledger.forget_resolved()
             if self._resync_requested:
                 self._resync_requested = False
                 self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
@@ -239,15 +303,30 @@ class Pipeline:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
-            if settings.batch_linger_seconds and len(self._queue) < settings.batch_operations_max \
+            if writing is not None:
+                # let the next batch grow to the size of the one being written, or until that write ends
+                wanted = min(settings.batch_operations_max, len(writing.batch))
+                if len(self._queue) < wanted and not self._stopping:
+                    self._wake_at = wanted
+                    self._queued.clear()
+                    await self._queued.wait()
+                    self._wake_at = 1
+                    continue
+            elif settings.batch_linger_seconds and len(self._queue) < settings.batch_operations_max \
                     and not self._stopping:
                 await asyncio.sleep(settings.batch_linger_seconds)
             size = min(len(self._queue), settings.batch_operations_max)
             batch = [self._queue.popleft() for _ in range(size)]
             try:
-                await self._process(batch)
+                prepared = await self._prepare(batch)
+                if prepared is None:
+                    continue
+                if self._open[0] is not prepared and not await self._finish(self._open[0]):
+                    continue  # the write before it failed: it was rolled back and answered with it
+                self._start_write(prepared)
             except domain.InvariantViolation as error:
                 log.critical("ledger invariant violated; stopping", extra={"error": str(error)})
+                self._fail_open(Code.INTERNAL, "internal error; the operation was not applied")
                 self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
                 self.ready = False
                 raise
@@ -255,33 +334,57 @@ class Pipeline:
                 log.exception("batch failed unexpectedly")
                 self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
 
-    async def _process(self, batch: list[Operation]) -> None:
+    def _must_drain(self) -> bool:
+        """Whether the batch being written must be answered before the next is applied."""
+        return bool(self._readers_waiting or self._forget_due or self._resync_requested or self._stopping
+                    or self._open[0].dated_us < self._clock_floor_us)
+
+    async def _prepare(self, batch: list[Operation]) -> "_Prepared | None":
+        """Reads what the batch needs from Postgres, then applies it to the fast path in one go (no
+        await from taking its time until it is in self._open). None if the reads failed (the batch's
+        calls are answered)."""
         settings = self.settings
         started = time.monotonic()
         for op in batch:
             metrics.queue_wait_seconds.observe(started - op.enqueued_at)
-        timeout = settings.commit_timeout_seconds
         try:
             stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
+            if len(self._account_ids) < len(batch):
+                self._account_ids.extend(await self.store.reserve_account_ids(
+                    max(len(batch), settings.batch_operations_max)))
             await self._prefetch(batch, now_micros())
         except domain.InvariantViolation:
             raise
-        except Exception as error:  # reads only: nothing was written
+        except Exception as error:  # reads only: nothing of this batch was written
+            # the batch being written is answered first: a resync must not rebuild the fast path under it
+            if self._open and not await self._finish(self._open[0]):
+                self._fail(batch, Code.UNAVAILABLE, "the ledger database refused or did not answer; this "
+                                                    "operation was not applied. Retry with the same idempotency key")
+                return None
             await self._database_failed(batch, error, ambiguous=False)
-            return
+            return None
+        if self._open and (self._must_drain() or not self.ready):
+            # a reader, a settlement cut or a resync arrived during the reads: the batch being written
+            # is answered first, so nothing uncommitted is visible when this one is applied
+            if not await self._finish(self._open[0]):
+                self._fail(batch, Code.UNAVAILABLE, "the ledger database refused or did not answer; this "
+                                                    "operation was not applied. Retry with the same idempotency key")
+                return None
+            await asyncio.sleep(0)  # readers woken by that answer run now
+        if not self.ready:
+            self._fail(batch, Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
+            return None
 
-        # The batch's time is taken here, after the awaits above and with no await until _writing is set,
-        # so a settlement cut (close_period) sees every batch dated before it as committed or writing.
+        # The batch's time is taken here and the batch joins self._open with no await in between, so a
+        # settlement cut (settle_before) sees every batch dated before it as committed or in self._open.
         now_us = self._clock_floor_us = max(now_micros(), self._clock_floor_us)
         ledger = self.ledger
         write = BatchWrite(created_at=from_micros(now_us))
         outcomes: list[Outcome] = []
-        self._writing = True
-        self._idle.clear()
         ledger.begin()
         try:
-            write.expired_holds = self._expired_pending + ledger.expire_holds(
-                now_us, settings.holds_expired_per_batch_max)
+            expired, self._expired_pending = self._expired_pending, []
+            write.expired_holds = expired + ledger.expire_holds(now_us, settings.holds_expired_per_batch_max)
             for op in batch:
                 previous = stored.get((op.merchant_id, op.idempotency_key))
                 if previous is not None:
@@ -300,46 +403,75 @@ class Pipeline:
                 outcomes.append(outcome)
             _check_balanced(write)
         except BaseException:
-            ledger.rollback()
-            self._writing = False
-            self._idle.set()
+            ledger.rollback_newest()
             raise
+        prepared = _Prepared(batch, outcomes, write, now_us)
+        self._open.append(prepared)
+        return prepared
 
+    def _start_write(self, prepared: "_Prepared") -> None:
+        if prepared.write.empty:
+            return  # answered by _finish without a round trip
+        prepared.started = time.monotonic()
+        if self._pending_deltas and (prepared.started >= self._checkpoint_due_at or
+                                     len(self._pending_deltas) >= self.settings.balance_checkpoint_accounts_max):
+            # every batch before this one is committed, so the pending sums are exactly the journal
+            # from the last checkpoint through _pending_through
+            prepared.write.checkpoint = (self._pending_deltas, self._pending_through)
+        prepared.task = asyncio.get_running_loop().create_task(
+            self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write")
+        prepared.task.add_done_callback(lambda _: self._queued.set())
+
+    async def _finish(self, prepared: "_Prepared") -> bool:
+        """Waits for the oldest open batch's write and answers its calls. On a failed write the fast
+        path is rolled back past every open batch, and all their calls are answered; returns False."""
+        ledger = self.ledger
+        require(self._open and self._open[0] is prepared, "batches are answered in the order they were applied")
         try:
-            if not write.empty:
-                commit_started = time.monotonic()
-                balances = await self.store.write_batch(write, timeout)
-                metrics.commit_seconds.observe(time.monotonic() - commit_started)
-                for member_id, balance in balances.items():
-                    posted, _ = ledger.balance(ledger.member_slot(member_id))
-                    require(posted == balance, f"member {member_id}: postgres balance {balance} != fast path {posted}")
+            if prepared.task is not None:
+                await prepared.task
+                metrics.commit_seconds.observe(time.monotonic() - prepared.started)
         except domain.InvariantViolation:
             ledger.rollback()
-            self._writing = False
-            self._idle.set()
+            self._fail_open(Code.INTERNAL, "internal error; the operation was not applied")
             raise
         except Exception as error:
             ledger.rollback()
-            self._writing = False
-            self._idle.set()
+            batch = prepared.batch
+            self._open.popleft()
+            self._fail_open(Code.UNAVAILABLE, "the ledger database refused or did not answer; this operation "
+                                              "was not applied. Retry with the same idempotency key")
             await self._database_failed(batch, error, ambiguous=_commit_may_have_happened(error))
-            return
-        except BaseException:
-            ledger.rollback()
-            self._writing = False
-            self._idle.set()
-            raise
+            return False
         ledger.commit()
-        self._expired_pending = []
-        self._writing = False
-        self._idle.set()
+        self._open.popleft()
+        self._committed(prepared.write)
         metrics.batches.labels("committed").inc()
-        metrics.batch_operations.observe(len(batch))
-        _count_committed(write, ledger)
-        if ledger.transactions_resident_count > settings.transactions_resident_max // 2:
-            ledger.forget_resolved()
-        for op, outcome in zip(batch, outcomes):
+        metrics.batch_operations.observe(len(prepared.batch))
+        _count_committed(prepared.write, ledger)
+        if ledger.transactions_resident_count > self.settings.transactions_resident_max // 2:
+            self._forget_due = True
+        for op, outcome in zip(prepared.batch, prepared.outcomes):
             self._resolve(op, outcome)
+        self._signal_finished()
+        return True
+
+    def _committed(self, write: BatchWrite) -> None:
+        """Adds a committed batch's entries to what the next balance checkpoint folds in."""
+        if write.checkpoint is not None:
+            self._pending_deltas = {}
+            self._checkpoint_due_at = time.monotonic() + self.settings.balance_checkpoint_seconds
+        pending = self._pending_deltas
+        for _, account_id, amount in write.entries:
+            pending[account_id] = pending.get(account_id, 0) + amount
+        if write.transactions:
+            self._pending_through = max(self._pending_through, max(t[0] for t in write.transactions))
+
+    def _fail_open(self, code: Code, message: str) -> None:
+        """Answers every batch still open (after a rollback of all of them)."""
+        while self._open:
+            self._fail(self._open.popleft().batch, code, message)
+        self._signal_finished()
 
     def _resolve(self, op: Operation, outcome: Outcome) -> None:
         self._inflight.pop((op.merchant_id, op.idempotency_key), None)
@@ -369,6 +501,7 @@ class Pipeline:
     async def _resync(self) -> None:
         """Rebuilds the fast path from Postgres, retrying until Postgres answers. Calls arriving
         meanwhile get UNAVAILABLE."""
+        require(not self._open, "resync with a batch still open: its write must be answered first")
         self.ready = False
         metrics.resyncs.inc()
         delay = 0.05
@@ -440,27 +573,30 @@ class Pipeline:
         ledger = self.ledger
         new_member = ledger.member_slot(op.member_id) < 0
         transaction_id = self.ids.transaction()
-        status, _, posted = ledger.earn(op.member_id, op.merchant_slot, op.points, transaction_id)
+        status, member_slot, posted = ledger.earn(op.member_id, op.merchant_slot, op.points, transaction_id)
         if status != fastpath.OK:
             return _ledger_rejection(status, op)
+        merchant = self.merchants.by_id[op.merchant_id]
         if new_member:
-            write.new_members.append(op.member_id)
-        fee = self._fee(write, transaction_id, op.merchant_id, op.points, "fee_issued_bps")
+            account_id = self._account_ids.pop()
+            ledger.set_member_account(member_slot, account_id)
+            write.new_members.append((op.member_id, account_id))
+        fee = self._fee(write, transaction_id, merchant, op.points, "fee_issued_bps")
         write.transactions.append((transaction_id, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
                                    op.purchase_amount, None, None, op.idempotency_key, fee))
         if op.points:
-            write.entries.append((transaction_id, _MEMBER, op.member_id, op.points))
-            write.entries.append((transaction_id, _ISSUED, op.merchant_id, -op.points))
+            write.entries.append((transaction_id, ledger.member_account(member_slot), op.points))
+            write.entries.append((transaction_id, merchant.issued_account_id, -op.points))
         return Outcome(Code.OK, {
             "transaction_id": transaction_id, "points": op.points, "balance": posted,
-            "give_back_bps": self.merchants.by_id[op.merchant_id].give_back_bps, "created_at_us": now_us})
+            "give_back_bps": merchant.give_back_bps, "created_at_us": now_us})
 
-    def _fee(self, write: BatchWrite, transaction_id: int, merchant_id: str, points: int, schedule: str) -> int:
+    def _fee(self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str) -> int:
         """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
-        fee = domain.fee_point_units(points, getattr(self.merchants.by_id[merchant_id], schedule))
+        fee = domain.fee_point_units(points, getattr(merchant, schedule))
         if fee:
-            write.entries.append((transaction_id, domain.ACCOUNT_MERCHANT_FEES, merchant_id, -fee))
-            write.entries.append((transaction_id, domain.ACCOUNT_OPERATOR_FEE_REVENUE, domain.OPERATOR_ID, fee))
+            write.entries.append((transaction_id, merchant.fees_account_id, -fee))
+            write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
         return fee
 
     def _member(self, op: Operation) -> int:
@@ -503,11 +639,12 @@ class Pipeline:
         write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, captured,
                                      transaction_id if captured else None))
         if captured:
-            fee = self._fee(write, transaction_id, op.merchant_id, captured, "fee_redeemed_bps")
+            merchant = self.merchants.by_id[op.merchant_id]
+            fee = self._fee(write, transaction_id, merchant, captured, "fee_redeemed_bps")
             write.transactions.append((transaction_id, fastpath.KIND_CAPTURE, op.merchant_id, member_id, captured,
                                        None, op.authorization_id, None, op.idempotency_key, fee))
-            write.entries.append((transaction_id, _MEMBER, member_id, -captured))
-            write.entries.append((transaction_id, _REDEEMED, op.merchant_id, captured))
+            write.entries.append((transaction_id, ledger.member_account(member_slot), -captured))
+            write.entries.append((transaction_id, merchant.redeemed_account_id, captured))
         return Outcome(Code.OK, {"transaction_id": transaction_id if captured else 0, "points": captured,
                                  "released": amount - captured, "balance": posted, "available": available})
 
@@ -533,11 +670,12 @@ class Pipeline:
         status, posted, available = self.ledger.redeem(slot, op.merchant_slot, op.points, transaction_id)
         if status != fastpath.OK:
             return _ledger_rejection(status, op, self.ledger, slot)
-        fee = self._fee(write, transaction_id, op.merchant_id, op.points, "fee_redeemed_bps")
+        merchant = self.merchants.by_id[op.merchant_id]
+        fee = self._fee(write, transaction_id, merchant, op.points, "fee_redeemed_bps")
         write.transactions.append((transaction_id, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
                                    None, None, None, op.idempotency_key, fee))
-        write.entries.append((transaction_id, _MEMBER, op.member_id, -op.points))
-        write.entries.append((transaction_id, _REDEEMED, op.merchant_id, op.points))
+        write.entries.append((transaction_id, self.ledger.member_account(slot), -op.points))
+        write.entries.append((transaction_id, merchant.redeemed_account_id, op.points))
         return Outcome(Code.OK, {"transaction_id": transaction_id, "points": op.points, "balance": posted,
                                  "available": available})
 
@@ -554,13 +692,15 @@ class Pipeline:
         write.transactions.append((refund_id, kind, op.merchant_id, member_id, op.points, None, None,
                                    op.transaction_id, op.idempotency_key, 0))
         write.refunds.append((op.transaction_id, op.points))
+        merchant = self.merchants.by_id[op.merchant_id]
+        member_account = ledger.member_account(member_slot)
         if kind == fastpath.KIND_REFUND_REDEMPTION:
-            write.entries.append((refund_id, _REDEEMED, op.merchant_id, -op.points))
-            write.entries.append((refund_id, _MEMBER, member_id, op.points))
+            write.entries.append((refund_id, merchant.redeemed_account_id, -op.points))
+            write.entries.append((refund_id, member_account, op.points))
         else:
             require(kind == fastpath.KIND_REFUND_EARN, f"refund kind {kind}")
-            write.entries.append((refund_id, _MEMBER, member_id, -op.points))
-            write.entries.append((refund_id, _ISSUED, op.merchant_id, op.points))
+            write.entries.append((refund_id, member_account, -op.points))
+            write.entries.append((refund_id, merchant.issued_account_id, op.points))
         return Outcome(Code.OK, {"transaction_id": refund_id, "points": op.points, "kind": kind,
                                  "balance": posted, "available": available})
 
@@ -603,7 +743,8 @@ def _commit_may_have_happened(error: BaseException) -> bool:
 def _check_balanced(write: BatchWrite) -> None:
     """Every transaction's entries sum to zero (checked before the batch is written)."""
     sums: dict[int, int] = collections.defaultdict(int)
-    for transaction_id, _, _, amount in write.entries:
+    for transaction_id, account_id, amount in write.entries:
+        require(account_id > 0, f"transaction {transaction_id} posts to an account without an id")
         sums[transaction_id] += amount
     for transaction_id, total in sums.items():
         require(total == 0, f"transaction {transaction_id} entries sum to {total}")

@@ -20,7 +20,7 @@ import asyncpg
 
 from processor import metrics
 from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
-                              ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS,
+                              ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS, OPERATOR_ID,
                               GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
 
 MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES)
@@ -130,10 +130,29 @@ class MerchantRow:
     fee_issued_bps: int = 0
     created_at: dt.datetime | None = None
     updated_at: dt.datetime | None = None
+    # accounts.account_id of the merchant's issued, redeemed and fees accounts: the pipeline writes
+    # journal entries by account id
+    issued_account_id: int = 0
+    redeemed_account_id: int = 0
+    fees_account_id: int = 0
+
+    def account_id(self, kind: str) -> int:
+        return {ACCOUNT_MERCHANT_ISSUED: self.issued_account_id, ACCOUNT_MERCHANT_REDEEMED: self.redeemed_account_id,
+                ACCOUNT_MERCHANT_FEES: self.fees_account_id}[kind]
 
 
 MERCHANT_COLUMNS = ("merchant_id, merchant_slot, give_back_bps, status, name, region, fee_redeemed_bps, "
                     "fee_issued_bps, created_at, updated_at")
+# a merchant with its account ids
+MERCHANT_SELECT = f"""
+    SELECT {MERCHANT_COLUMNS},
+           (SELECT account_id FROM accounts WHERE kind = 'merchant_issued' AND owner_id = m.merchant_id
+                                              AND asset_code = 'POINTS') AS issued_account_id,
+           (SELECT account_id FROM accounts WHERE kind = 'merchant_redeemed' AND owner_id = m.merchant_id
+                                              AND asset_code = 'POINTS') AS redeemed_account_id,
+           (SELECT account_id FROM accounts WHERE kind = 'merchant_fees' AND owner_id = m.merchant_id
+                                              AND asset_code = 'POINTS') AS fees_account_id
+    FROM merchants m"""
 MERCHANT_SETTABLE = ("name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region", "status")
 
 
@@ -170,12 +189,13 @@ class StoredOutcome:
 class BatchWrite:
     """Everything one batch changes. Built by the pipeline, written in one transaction."""
     created_at: dt.datetime
-    new_members: list[str] = dataclasses.field(default_factory=list)
+    # (member_id, account_id): account ids reserved from the accounts sequence (reserve_account_ids)
+    new_members: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     # (transaction_id, kind, merchant_id, member_id, amount, purchase_amount|None,
     #  authorization_id|None, original_transaction_id|None, idempotency_key, fee)
     transactions: list[tuple] = dataclasses.field(default_factory=list)
-    # (transaction_id, account kind, owner_id, amount): amount is added to the account's balance
-    entries: list[tuple[int, str, str, int]] = dataclasses.field(default_factory=list)
+    # (transaction_id, account_id, amount): amount is added to the account's balance
+    entries: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     # (transaction_id, point-units refunded now)
     refunds: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # (authorization_id, merchant_id, member_id, amount, expires_at, idempotency_key)
@@ -185,6 +205,9 @@ class BatchWrite:
     expired_holds: list[int] = dataclasses.field(default_factory=list)
     # (merchant_id, idempotency_key, method, request json, outcome, response json|None, message)
     idempotency: list[tuple] = dataclasses.field(default_factory=list)
+    # a balance checkpoint written with this batch: (account_id -> sum of the account's entries since
+    # the last checkpoint, up to and including transaction `through`; through)
+    checkpoint: tuple[dict[int, int], int] | None = None
 
     @property
     def empty(self) -> bool:
@@ -279,18 +302,19 @@ class Store:
                 raise StoreError(f"{field} {value} is outside 0..10000 basis points")
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute("LOCK TABLE merchants IN SHARE ROW EXCLUSIVE MODE")
-            row = await connection.fetchrow(
-                f"""INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps, name, region,
-                                           fee_redeemed_bps, fee_issued_bps)
-                    SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2, $3, $4, $5, $6 FROM merchants
-                    ON CONFLICT (merchant_id) DO NOTHING
-                    RETURNING {MERCHANT_COLUMNS}""",
+            created = await connection.fetchval(
+                """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps, name, region,
+                                          fee_redeemed_bps, fee_issued_bps)
+                   SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2, $3, $4, $5, $6 FROM merchants
+                   ON CONFLICT (merchant_id) DO NOTHING
+                   RETURNING true""",
                 merchant_id, give_back_bps, name, region, fee_redeemed_bps, fee_issued_bps)
-            if row is None:
+            if not created:
                 raise StoreError(f"merchant {merchant_id!r} exists already")
             await connection.executemany(
                 "INSERT INTO accounts (kind, owner_id, asset_code) VALUES ($1, $2, $3)",
                 [(kind, merchant_id, ASSET_POINTS) for kind in MERCHANT_ACCOUNTS])
+            row = await connection.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row))
 
     async def update_merchant(self, merchant_id: str, changes: dict[str, Any]) -> MerchantRow | None:
@@ -301,21 +325,36 @@ class Store:
             return await self.merchant(merchant_id)
         names = sorted(changes)
         assignments = ", ".join(f"{name} = ${i + 2}" for i, name in enumerate(names))
-        row = await self.pool.fetchrow(
-            f"""UPDATE merchants SET {assignments}, updated_at = now() WHERE merchant_id = $1
-                RETURNING {MERCHANT_COLUMNS}""", merchant_id, *[changes[n] for n in names])
+        async with self.pool.acquire() as connection, connection.transaction():
+            await connection.execute(
+                f"UPDATE merchants SET {assignments}, updated_at = now() WHERE merchant_id = $1",
+                merchant_id, *[changes[n] for n in names])
+            row = await connection.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row)) if row else None
 
     async def merchants(self, after_slot: int = -1, limit: int | None = None) -> list[MerchantRow]:
         rows = await self.pool.fetch(
-            f"""SELECT {MERCHANT_COLUMNS} FROM merchants WHERE merchant_slot > $1
-                ORDER BY merchant_slot LIMIT $2""", after_slot, limit)
+            f"""{MERCHANT_SELECT} WHERE m.merchant_slot > $1 ORDER BY m.merchant_slot LIMIT $2""",
+            after_slot, limit)
         return [MerchantRow(**dict(r)) for r in rows]
 
     async def merchant(self, merchant_id: str) -> MerchantRow | None:
-        row = await self.pool.fetchrow(f"SELECT {MERCHANT_COLUMNS} FROM merchants WHERE merchant_id = $1",
-                                       merchant_id)
+        row = await self.pool.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row)) if row else None
+
+    async def operator_account_ids(self) -> dict[str, int]:
+        """account kind -> account id of the operator's own accounts (fee revenue, breakage)."""
+        rows = await self.pool.fetch("SELECT kind, account_id FROM accounts WHERE owner_id = $1 AND asset_code = $2",
+                                     OPERATOR_ID, ASSET_POINTS)
+        return {r["kind"]: r["account_id"] for r in rows}
+
+    async def reserve_account_ids(self, count: int) -> list[int]:
+        """`count` account ids taken from the accounts sequence, for the accounts of members the pipeline
+        creates: journal entries are then written by id (COPY) with no look-up. Ids taken and never
+        used leave gaps, like any sequence."""
+        return [r[0] for r in await self.bounded(lambda c: c.fetch(
+            """SELECT nextval(pg_get_serial_sequence('accounts', 'account_id')) FROM generate_series(1, $1)""",
+            count), self.read_timeout)]
 
     # --- credentials ---
 
@@ -341,17 +380,18 @@ class Store:
 
     # --- start-up loads ---
 
-    async def member_balances(self, chunk_rows: int = 50_000) -> AsyncIterator[list[tuple[str, int]]]:
-        """Every member's posted balance, in chunks (a server-side cursor keeps memory bounded)."""
+    async def member_balances(self, chunk_rows: int = 50_000) -> AsyncIterator[list[tuple[str, int, int]]]:
+        """Every member's (member_id, posted balance, account_id), in chunks (a server-side cursor keeps
+        memory bounded)."""
         async with self.pool.acquire() as connection, connection.transaction(readonly=True):
             cursor = await connection.cursor(
-                "SELECT owner_id, balance FROM accounts WHERE kind = $1 AND asset_code = $2",
+                "SELECT owner_id, balance, account_id FROM account_balances WHERE kind = $1 AND asset_code = $2",
                 ACCOUNT_MEMBER, ASSET_POINTS)
             while True:
                 rows = await cursor.fetch(chunk_rows)
                 if not rows:
                     return
-                yield [(r[0], r[1]) for r in rows]
+                yield [(r[0], r[1], r[2]) for r in rows]
 
     async def open_holds(self, now: dt.datetime) -> list[HoldRow]:
         rows = await self.pool.fetch(
@@ -432,9 +472,8 @@ class Store:
         task.add_done_callback(lambda _: loop.create_task(self.pool.release(connection)))
         raise TimeoutError(f"Postgres did not answer within {timeout} s")
 
-    async def write_batch(self, batch: BatchWrite, timeout: float) -> dict[str, int]:
-        """Writes one batch in one transaction, within `timeout` seconds. Returns the member balances
-        after it, which the pipeline compares with the fast path's. Raises on any failure; then
+    async def write_batch(self, batch: BatchWrite, timeout: float) -> None:
+        """Writes one batch in one transaction, within `timeout` seconds. Raises on any failure; then
         nothing was written, or (a broken connection, a timeout) it is unknown whether COMMIT was."""
         async def work(connection):
             async with connection.transaction():
@@ -451,15 +490,18 @@ class Store:
                 self._writer_lock_pid, _LOCK_CLASSID, _LOCK_OBJID):
             raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
-    async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float) -> dict[str, int]:
+    async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float) -> None:
         at = b.created_at
         if b.new_members:
-            await c.execute("""INSERT INTO members (member_id, created_at)
-                               SELECT unnest($1::text[]), $2 ON CONFLICT DO NOTHING""",
-                            b.new_members, at, timeout=timeout)
-            await c.execute("""INSERT INTO accounts (kind, owner_id, asset_code)
-                               SELECT $2, unnest($1::text[]), $3 ON CONFLICT DO NOTHING""",
-                            b.new_members, ACCOUNT_MEMBER, ASSET_POINTS, timeout=timeout)
+            member_ids = [m[0] for m in b.new_members]
+            await c.execute("""INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
+                            member_ids, at, timeout=timeout)
+            # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
+            # batch must fail rather than post to an account id that does not exist
+            await c.execute("""INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                               SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
+                            [m[1] for m in b.new_members], member_ids, ACCOUNT_MEMBER, ASSET_POINTS,
+                            timeout=timeout)
         if b.transactions:
             await c.copy_records_to_table(
                 "transactions",
@@ -476,31 +518,12 @@ class Store:
                          "expires_at", "created_at", "idempotency_key"],
                 records=[(h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], at, h[5]) for h in b.new_holds],
                 timeout=timeout)
-        balances: dict[str, int] = {}
         if b.entries:
-            columns = list(zip(*b.entries))
-            inserted = await c.fetchval(
-                """WITH e AS (
-                     INSERT INTO entries (transaction_id, account_id, asset_code, amount)
-                     SELECT e.transaction_id, a.account_id, $5, e.amount
-                     FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])
-                          AS e(transaction_id, kind, owner_id, amount)
-                     JOIN accounts a ON a.kind = e.kind AND a.owner_id = e.owner_id AND a.asset_code = $5
-                     RETURNING 1)
-                   SELECT count(*) FROM e""",
-                list(columns[0]), list(columns[1]), list(columns[2]), list(columns[3]), ASSET_POINTS,
-                timeout=timeout)
-            require(inserted == len(b.entries),
-                    f"journal: {inserted} of {len(b.entries)} entries found their account")
-            rows = await c.fetch(
-                """UPDATE accounts a SET balance = a.balance + d.delta
-                   FROM (SELECT kind, owner_id, sum(amount)::bigint AS delta
-                         FROM unnest($1::text[], $2::text[], $3::bigint[]) AS e(kind, owner_id, amount)
-                         GROUP BY kind, owner_id) d
-                   WHERE a.kind = d.kind AND a.owner_id = d.owner_id AND a.asset_code = $4
-                   RETURNING a.kind, a.owner_id, a.balance""",
-                list(columns[1]), list(columns[2]), list(columns[3]), ASSET_POINTS, timeout=timeout)
-            balances = {r["owner_id"]: r["balance"] for r in rows if r["kind"] == ACCOUNT_MEMBER}
+            await c.copy_records_to_table(
+                "entries", columns=["transaction_id", "account_id", "asset_code", "amount"],
+                records=[(e[0], e[1], ASSET_POINTS, e[2]) for e in b.entries], timeout=timeout)
+        if b.checkpoint is not None:
+            await self._write_checkpoint(c, *b.checkpoint, at=at, timeout=timeout)
         if b.refunds:
             await c.execute(
                 """UPDATE transactions t SET refunded = t.refunded + r.points
@@ -537,7 +560,57 @@ class Store:
                                $7::text[])
                         AS k(merchant_id, idempotency_key, method, request, outcome, response, message)""",
                 *[list(x) for x in zip(*b.idempotency)], at, timeout=timeout)
-        return balances
+
+    @staticmethod
+    async def _write_checkpoint(c: asyncpg.Connection, deltas: dict[int, int], through: int, *,
+                                at: dt.datetime, timeout: float) -> None:
+        """Folds the entries since the last checkpoint, up to transaction `through`, into accounts.balance."""
+        changed = {account_id: delta for account_id, delta in deltas.items() if delta}
+        if changed:
+            updated = await c.fetchval(
+                """WITH u AS (UPDATE accounts a SET balance = a.balance + d.delta
+                              FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
+                              WHERE a.account_id = d.account_id RETURNING 1)
+                   SELECT count(*) FROM u""",
+                list(changed), list(changed.values()), timeout=timeout)
+            require(updated == len(changed), f"checkpoint: {updated} of {len(changed)} accounts exist")
+        moved = await c.execute(
+            """UPDATE balance_checkpoint SET through_transaction_id = $1, written_at = $2
+               WHERE through_transaction_id <= $1""", through, at, timeout=timeout)
+        require(moved == "UPDATE 1", f"checkpoint through transaction {through} would move backwards")
+
+    async def checkpoint_through(self) -> int:
+        """The newest transaction whose entries accounts.balance includes."""
+        return await self.pool.fetchval("SELECT through_transaction_id FROM balance_checkpoint")
+
+    async def tail_deltas(self, through: int) -> tuple[dict[int, int], int]:
+        """(account_id -> sum of its entries after transaction `through`, the newest transaction id
+        among them or `through`): what the next checkpoint must fold in."""
+        rows = await self.pool.fetch(
+            """SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest
+               FROM entries WHERE transaction_id > $1 GROUP BY account_id""", through)
+        return {r["account_id"]: r["delta"] for r in rows}, max([through] + [r["newest"] for r in rows])
+
+    async def fold_checkpoint_now(self, timeout: float = 10.0) -> None:
+        """Folds the tail into accounts.balance, as the writer (its lock checked in the transaction)."""
+        async def work(connection):
+            async with connection.transaction():
+                await self._check_writer_lock(connection)
+                await self.fold_checkpoint(connection)
+        await self.bounded(work, timeout)
+
+    async def fold_checkpoint(self, connection: asyncpg.Connection) -> None:
+        """Folds the whole tail into accounts.balance in SQL (for tools that write the journal
+        directly while no service runs, e.g. seed_network)."""
+        await connection.execute(
+            """WITH c AS (SELECT through_transaction_id AS through FROM balance_checkpoint),
+                    t AS (SELECT account_id, sum(amount)::bigint AS delta FROM entries, c
+                          WHERE transaction_id > c.through GROUP BY account_id)
+               UPDATE accounts a SET balance = a.balance + t.delta FROM t WHERE a.account_id = t.account_id""")
+        await connection.execute(
+            """UPDATE balance_checkpoint SET written_at = now(),
+                      through_transaction_id = greatest(through_transaction_id,
+                                                        (SELECT coalesce(max(transaction_id), 0) FROM transactions))""")
 
     # --- reads ---
 
@@ -563,9 +636,11 @@ class Store:
     # --- clearing ---
 
     async def merchant_position(self, merchant_id: str) -> dict[str, int] | None:
-        """Balances of the merchant's accounts, as updated by every committed batch (no journal scan)."""
+        """Balances of the merchant's accounts: the checkpoint plus the journal tail since it (bounded by
+        the checkpoint interval), so every committed batch is included."""
         rows = await self.pool.fetch(
-            "SELECT kind, balance FROM accounts WHERE owner_id = $1 AND kind = ANY($2::text[]) AND asset_code = $3",
+            """SELECT kind, balance FROM account_balances
+               WHERE owner_id = $1 AND kind = ANY($2::text[]) AND asset_code = $3""",
             merchant_id, list(MERCHANT_ACCOUNTS), ASSET_POINTS)
         if not rows:
             return None
@@ -664,6 +739,9 @@ class Store:
         try:
             async with self.pool.acquire() as c:
                 async with c.transaction():
+                    # the service's tail first: each chunk below sets balances directly and moves the
+                    # checkpoint past its own transactions
+                    await self.fold_checkpoint(c)
                     base = await c.fetchval("SELECT coalesce(max(merchant_slot) + 1, 0) FROM merchants")
                     await c.execute(
                         """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps, name, region,
@@ -713,6 +791,8 @@ class Store:
                                      FROM transactions t JOIN seed_earn s USING (transaction_id)
                                      GROUP BY t.merchant_id) d
                                WHERE a.kind = 'merchant_issued' AND a.owner_id = d.merchant_id""")
+                        await c.execute("""UPDATE balance_checkpoint SET written_at = now(),
+                                           through_transaction_id = (SELECT max(transaction_id) FROM transactions)""")
                     done += count
                     progress(f"{done} members created")
         finally:
@@ -733,18 +813,47 @@ class Store:
             for r in await c.fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
                                       GROUP BY transaction_id HAVING sum(amount) <> 0 LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} entries sum to {r['s']}")
-            report("every account balance (members, merchant positions, operator) equals the sum of its entries")
+            # the journal has no foreign-key triggers (migration 0003): references are checked here
+            report("every entry's account and transaction exist, in the entry's asset")
+            for r in await c.fetch("""SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
+                                      LEFT JOIN accounts a USING (account_id)
+                                      LEFT JOIN transactions t USING (transaction_id)
+                                      WHERE a.account_id IS NULL OR t.transaction_id IS NULL
+                                         OR a.asset_code <> e.asset_code LIMIT 5"""):
+                problems.append(f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
+                                f"{r['account_id']}, which do not both exist in its asset")
+            report("every transaction's and hold's merchant and member exist; every refund's original exists")
+            for r in await c.fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
+                                      WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
+                                         OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
+                                         OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
+                                              (SELECT 1 FROM transactions o
+                                               WHERE o.transaction_id = t.original_transaction_id))
+                                      UNION ALL
+                                      SELECT 'hold ' || h.authorization_id FROM holds h
+                                      WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = h.merchant_id)
+                                         OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = h.member_id)
+                                      LIMIT 5"""):
+                problems.append(f"{r['what']} refers to a merchant, member or transaction that does not exist")
+            report("every account's checkpointed balance (members, merchant positions, operator) equals the "
+                   "sum of its entries up to the checkpoint")
             for r in await c.fetch("""SELECT a.account_id, a.kind, a.owner_id, a.balance,
                                              coalesce(e.s, 0) AS s
                                       FROM accounts a LEFT JOIN (SELECT account_id, sum(amount) AS s
-                                                                 FROM entries GROUP BY account_id) e
+                                                                 FROM entries, balance_checkpoint c
+                                                                 WHERE transaction_id <= c.through_transaction_id
+                                                                 GROUP BY account_id) e
                                         USING (account_id)
                                       WHERE a.balance <> coalesce(e.s, 0) LIMIT 5"""):
-                problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} "
-                                f"!= entries {r['s']}")
+                problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} != entries {r['s']} "
+                                "(at the balance checkpoint)")
+            report("no member's balance is negative")
+            for r in await c.fetch("""SELECT owner_id, balance FROM account_balances
+                                      WHERE kind = 'member' AND balance < 0 LIMIT 5"""):
+                problems.append(f"member {r['owner_id']} balance {r['balance']} < 0")
             report("no member's open holds exceed its posted balance (available >= 0)")
             for r in await c.fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
-                                      FROM holds h JOIN accounts a
+                                      FROM holds h JOIN account_balances a
                                         ON a.kind = 'member' AND a.owner_id = h.member_id
                                       WHERE h.status = 1 AND h.expires_at > now()
                                       GROUP BY h.member_id, a.balance
@@ -785,7 +894,7 @@ class Store:
                           coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
                           coalesce(sum(balance) FILTER (WHERE kind = 'merchant_fees'), 0) AS fees,
                           coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage
-                   FROM accounts""")
+                   FROM account_balances""")
             if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] != 0:
                 problems.append(f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
                                 f"breakage {totals['breakage']} + members' points {totals['members']} != 0")

@@ -70,7 +70,7 @@ async def _snapshot(database_url: str) -> dict:
                           (SELECT count(*) FROM holds) AS holds,
                           (SELECT count(*) FROM idempotency_keys) AS idempotency_keys""")
             accounts = await connection.fetch(
-                "SELECT kind, owner_id, balance FROM accounts ORDER BY kind, owner_id")
+                "SELECT kind, owner_id, balance FROM account_balances ORDER BY kind, owner_id")
             holds = await connection.fetch(
                 "SELECT authorization_id, status, captured FROM holds ORDER BY authorization_id")
             refunded = await connection.fetch(
@@ -97,12 +97,13 @@ async def _member_in_postgres(database_url: str, member: str) -> tuple[int, int,
                            WHERE e.account_id = a.account_id) AS entries,
                           (SELECT coalesce(sum(h.amount), 0) FROM holds h
                            WHERE h.member_id = a.owner_id AND h.status = 1 AND h.expires_at > now()) AS held
-                   FROM accounts a WHERE a.kind = 'member' AND a.owner_id = $1""", member)
+                   FROM account_balances a WHERE a.kind = 'member' AND a.owner_id = $1""", member)
         return row["balance"], row["entries"], row["held"]
     finally:
         await connection.close()
 
 
 def member_in_postgres(database_url: str, member: str) -> tuple[int, int, int]:
-    """(accounts.balance, sum of the account's entries, sum of open unexpired holds) of a member."""
+    """(balance: the checkpoint plus the journal tail, sum of the account's entries, sum of open unexpired
+    holds) of a member."""
     return _run(_member_in_postgres(database_url, member))

@@ -91,7 +91,7 @@ def test_create_merchant_stores_every_field_and_the_merchant_can_earn_at_once(se
     row = fetch(service.database_url, "SELECT * FROM merchants WHERE merchant_id = $1", merchant_id)[0]
     assert (row["name"], row["give_back_bps"], row["fee_redeemed_bps"], row["fee_issued_bps"], row["region"],
             row["status"]) == ("Corner Café", 750, 125, 40, "north", "active")
-    accounts = fetch(service.database_url, "SELECT kind, balance FROM accounts WHERE owner_id = $1", merchant_id)
+    accounts = fetch(service.database_url, "SELECT kind, balance FROM account_balances WHERE owner_id = $1", merchant_id)
     assert sorted((r["kind"], r["balance"]) for r in accounts) == [
         ("merchant_fees", 0), ("merchant_issued", 0), ("merchant_redeemed", 0)]
     response = earn(points, merchant_id, merchant_key(admin, merchant_id), unique("mem"), 12_345)

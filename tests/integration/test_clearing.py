@@ -187,7 +187,7 @@ def fee_entries(database_url: str, transaction_id: str) -> list[tuple[str, str, 
 
 
 def fee_revenue(database_url: str) -> int:
-    return fetch(database_url, "SELECT balance FROM accounts WHERE kind = 'operator_fee_revenue'")[0]["balance"]
+    return fetch(database_url, "SELECT balance FROM account_balances WHERE kind = 'operator_fee_revenue'")[0]["balance"]
 
 
 def test_fees_round_down_post_in_their_transaction_and_add_up_in_the_position(service, operator, make_merchant):
@@ -724,6 +724,15 @@ def test_reconcile_exits_1_naming_each_kind_of_corruption(create_database, servi
          "UPDATE entries SET amount = amount - 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
          "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
          "journal of POINTS sums to 1"),
+        # the journal has no foreign keys (migration 0003): reconcile checks every reference
+        ("UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)", (),
+         "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
+         "which do not both exist in its asset"),
+        ("UPDATE transactions SET member_id = member_id || '-gone' WHERE transaction_id = "
+         "(SELECT min(transaction_id) FROM transactions)", (),
+         "UPDATE transactions SET member_id = left(member_id, -5) WHERE transaction_id = "
+         "(SELECT min(transaction_id) FROM transactions)",
+         "refers to a merchant, member or transaction that does not exist"),
     ]
     for corrupt, args, repair, named in corruptions:
         execute(url, corrupt, *args)

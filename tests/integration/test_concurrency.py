@@ -65,7 +65,7 @@ def test_500_concurrent_redeems_of_2000_succeed_exactly_200_times(stub, service,
     assert member_in_postgres(service.database_url, member) == (0, 0, 0)
     rows = fetch(service.database_url,
                  """SELECT (SELECT count(*) FROM transactions WHERE member_id = $1 AND kind = 3) AS redeems,
-                           (SELECT balance FROM accounts WHERE kind = 'merchant_redeemed' AND owner_id = $2)
+                           (SELECT balance FROM account_balances WHERE kind = 'merchant_redeemed' AND owner_id = $2)
                              AS redeemed""", member, merchant)
     assert (rows[0]["redeems"], rows[0]["redeemed"]) == (200, 2_000)
     assert ledger_discrepancies(service.database_url) == []
