@@ -95,6 +95,23 @@ class _Prepared:
     started: float = 0.0
 
 
+def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
+    """A future that is done when every one of `futures` is; cancelling it cancels none of them."""
+    done = asyncio.get_running_loop().create_future()
+    remaining = len(futures)
+
+    def one_done(_: asyncio.Future) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0 and not done.done():
+            done.set_result(None)
+    for future in futures:
+        future.add_done_callback(one_done)
+    if not futures:
+        done.set_result(None)
+    return done
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
 
@@ -206,6 +223,19 @@ class Pipeline:
                 # recorded): this one is decided on its own, against the stored record if there is one.
                 continue
             return _replay(first.method.value, first.request, outcome, op)
+        # shield: a caller that goes away does not cancel the operation; its batch still resolves it
+        return await asyncio.shield(self._enqueue(op))
+
+    def enqueue(self, op: Operation) -> asyncio.Future:
+        """What submit() does, without a coroutine, a task and a shield per operation (a batch of a
+        thousand operations costs a thousand futures, nothing more): returns a future of the outcome.
+        Raises Rejection as submit() does. The caller must not cancel the future (it is the operation's
+        own; wait for it through a future of your own, e.g. all_done())."""
+        if (op.merchant_id, op.idempotency_key) in self._inflight:
+            return asyncio.ensure_future(self.submit(op))  # rare: waits for the call in flight first
+        return self._enqueue(op)
+
+    def _enqueue(self, op: Operation) -> asyncio.Future:
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
         if self.draining or self._stopping:
@@ -217,12 +247,11 @@ class Pipeline:
                             "retry with exponential backoff")
         op.future = asyncio.get_running_loop().create_future()
         op.enqueued_at = time.monotonic()
-        self._inflight[key] = op
+        self._inflight[(op.merchant_id, op.idempotency_key)] = op
         self._queue.append(op)
         if len(self._queue) >= self._wake_at:
             self._queued.set()
-        # shield: a caller that goes away does not cancel the operation; its batch still resolves it
-        return await asyncio.shield(op.future)
+        return op.future
 
     def request_resync(self) -> None:
         """Stops new work (UNAVAILABLE) until the committer has rebuilt the fast path from Postgres."""

@@ -18,12 +18,16 @@ from processor import domain, metrics, rpc
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
-from processor.pipeline import Pipeline
+from processor.pipeline import Pipeline, all_done
 
 log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PAGE_TOKEN_PREFIX = b"points.v1/transactions/"
+_EMPTY_OPERATION = pb.OperationResult(
+    outcome=pb.OPERATION_OUTCOME_INVALID, status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    message="empty operation: set one of earn, authorize, capture, void, redeem, refund")
+_INTERNAL = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
 
 _KIND = {
     fastpath.KIND_EARN: pb.TRANSACTION_KIND_EARN,
@@ -248,8 +252,32 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
                                 f"got {count}; split it")
-        # every operation is queued before any is awaited, so the batch shares commits
-        results = await asyncio.gather(*(self._result(operation) for operation in request.operations))
+        # Every operation is queued before any is awaited, so the batch shares commits; each costs one
+        # future (no task or coroutine per operation: measured, those were a fifth of the CPU).
+        results: list = [None] * count
+        waiting: list[tuple[int, str, asyncio.Future]] = []
+        for index, operation in enumerate(request.operations):
+            kind = operation.WhichOneof("operation")
+            if kind is None:
+                results[index] = _EMPTY_OPERATION
+                continue
+            try:
+                waiting.append((index, kind, self.pipeline.enqueue(await self._kinds[kind][0](getattr(operation, kind)))))
+            except Rejection as rejection:
+                results[index] = self._to_result(kind, Outcome(rejection.code, message=rejection.message))
+            except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
+                log.exception("operation failed unexpectedly")
+                results[index] = self._to_result(kind, _INTERNAL)
+        await all_done([future for _, _, future in waiting])
+        for index, kind, future in waiting:
+            try:
+                outcome = future.result()
+            except Rejection as rejection:
+                outcome = Outcome(rejection.code, message=rejection.message)
+            except Exception:
+                log.exception("operation failed unexpectedly")
+                outcome = _INTERNAL
+            results[index] = self._to_result(kind, outcome)
         return pb.SubmitBatchResponse(results=results)
 
     async def Stream(self, request_iterator, context):
@@ -303,24 +331,23 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         """One operation of a batch or stream, to its result; never raises for the operation's own faults."""
         kind = operation.WhichOneof("operation")
         if kind is None:
-            return pb.OperationResult(outcome=pb.OPERATION_OUTCOME_INVALID,
-                                      status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                      message="empty operation: set one of earn, authorize, capture, void, "
-                                              "redeem, refund")
-        build, respond = self._kinds[kind]
+            return _EMPTY_OPERATION
         try:
-            outcome = await self.pipeline.submit(await build(getattr(operation, kind)))
+            outcome = await self.pipeline.submit(await self._kinds[kind][0](getattr(operation, kind)))
         except Rejection as rejection:
             outcome = Outcome(rejection.code, message=rejection.message)
-        except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
+        except Exception:  # a bug: this operation answers INTERNAL, the others of the stream go on
             log.exception("operation failed unexpectedly")
-            outcome = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
+            outcome = _INTERNAL
+        return self._to_result(kind, outcome)
+
+    def _to_result(self, kind: str, outcome: Outcome) -> pb.OperationResult:
         if outcome.code is Code.OK:
             if outcome.replayed:
                 metrics.idempotent_replays.inc()
             result = pb.OperationResult(outcome=pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed
                                         else pb.OPERATION_OUTCOME_APPLIED)
-            getattr(result, kind).CopyFrom(respond(outcome.fields))
+            getattr(result, kind).CopyFrom(self._kinds[kind][1](outcome.fields))
             return result
         return pb.OperationResult(outcome=_operation_outcome(outcome), message=outcome.message,
                                   status_code=grpc_status(outcome.code).value[0])

@@ -903,5 +903,6 @@ class Store:
         return problems
 
 
-def to_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+# one encoder for every call: json.dumps with arguments builds a new JSONEncoder each time (measured:
+# a tenth of the service's CPU under SubmitBatch load went to to_json)
+to_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
