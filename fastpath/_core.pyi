@@ -214,7 +214,9 @@ class Ledger:
         member the operation concerns when the ledger knows it (the slot given to earn, authorize and
         redeem -- -1 for UNKNOWN_MEMBER; the hold's or transaction's member), so the caller can say
         what is available; -1 on UNKNOWN_HOLD, UNKNOWN_TRANSACTION and WRONG_MERCHANT (another
-        merchant learns nothing about the hold or transaction).
+        merchant learns nothing about the hold or transaction); and, on INSUFFICIENT_POINTS,
+        out_posted and out_available: that member's posted and available balances when the operation
+        was refused (what a later operation of the batch may have changed by the time it returns).
 
         Raises ValueError, before anything changes, if the inputs do not all have n items, an output
         has fewer than n, or a method is not an OP_* code. A caller bug in operation i (as listed in

@@ -696,6 +696,10 @@ cdef class Ledger:
             if status == OK and outcome.member != outcome.involved:
                 raise LedgerInvariantError(f"operation {operation}: member {outcome.member} but "
                                            f"involved {outcome.involved}")
+            if status == INSUFFICIENT_POINTS and outcome.involved >= 0:
+                # the balances the refusal saw: the caller's message states them
+                outcome.posted = self.member_posted[outcome.involved]
+                outcome.available = outcome.posted - self.member_held[outcome.involved]
             out_status[operation] = status
             out_member[operation] = outcome.involved
             out_amount[operation] = outcome.amount

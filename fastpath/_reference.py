@@ -586,6 +586,10 @@ class Ledger:
             row = self._apply_one(method[operation], member[operation], merchant[operation],
                                   points[operation], ref_id[operation], new_id[operation],
                                   expires_at_us[operation], now_us)
+            if row[0] == INSUFFICIENT_POINTS and row[1] >= 0:
+                # the balances the refusal saw: the caller's message states them
+                posted, held = self.balance(row[1])
+                row = (row[0], row[1], row[2], posted, posted - held, row[5])
             (out_status[operation], out_member[operation], out_amount[operation],
              out_posted[operation], out_available[operation], out_kind[operation]) = row
         return count

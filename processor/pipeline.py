@@ -20,6 +20,7 @@ from Postgres before the next batch, and the retry finds the outcome if it was c
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import dataclasses
@@ -409,27 +410,19 @@ class Pipeline:
         now_us = self._clock_floor_us = max(now_micros(), self._clock_floor_us)
         ledger = self.ledger
         write = BatchWrite(created_at=from_micros(now_us))
-        outcomes: list[Outcome] = []
         ledger.begin()
         try:
             expired, self._expired_pending = self._expired_pending, []
             write.expired_holds = expired + ledger.expire_holds(now_us, settings.holds_expired_per_batch_max)
-            for op in batch:
-                previous = stored.get((op.merchant_id, op.idempotency_key))
-                if previous is not None:
-                    outcome = _replay(previous.method, previous.request,
-                                      Outcome(Code(previous.outcome), previous.response or {}, previous.message),
-                                      op)
-                else:
-                    outcome = self._apply(op, write, now_us)
-                    if outcome.code in _NOT_RECORDED or not outcome.recorded:
-                        outcomes.append(outcome)
-                        continue
-                    write.idempotency.append((
-                        op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
-                        outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
-                        outcome.message))
-                outcomes.append(outcome)
+            outcomes = self._apply_batch(batch, stored, write, now_us)
+            for op, outcome in zip(batch, outcomes):
+                key = (op.merchant_id, op.idempotency_key)
+                if key in stored or outcome.code in _NOT_RECORDED or not outcome.recorded:
+                    continue  # a replay keeps its record; a refusal about the service's state is not one
+                write.idempotency.append((
+                    op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
+                    outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
+                    outcome.message))
             _check_balanced(write)
         except BaseException:
             ledger.rollback_newest()
@@ -572,53 +565,146 @@ class Pipeline:
                 ledger.load_transaction(t.transaction_id, t.kind, ledger.member_slot(t.member_id),
                                         self.merchants.by_id[t.merchant_id].merchant_slot, t.amount, t.refunded)
 
-    # --- one operation on the fast path ---
+    # --- the batch on the fast path ---
 
-    def _apply(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
-        method = op.method
-        status = self.merchants.by_id[op.merchant_id].status
-        if status != "active" and method in _NEW_BUSINESS:
-            # decided here, after the idempotency look-up, so a retry of an earlier call still replays
-            metrics.rejections.labels("merchant_suspended").inc()
-            return Outcome(Code.FAILED_PRECONDITION,
-                           message=f"merchant {op.merchant_id!r} is {status}: it cannot earn, authorize or "
-                                   "redeem; it may still capture, void and refund. Contact the operator",
-                           recorded=False)
-        if method is Method.EARN:
-            return self._earn(op, write, now_us)
-        if method is Method.AUTHORIZE:
-            return self._authorize(op, write, now_us)
-        if method is Method.CAPTURE:
-            return self._capture(op, write, now_us)
-        if method is Method.VOID:
-            return self._void(op, write, now_us)
-        if method is Method.REDEEM:
-            return self._redeem(op, write)
-        if method is Method.REFUND:
-            return self._refund(op, write)
-        raise domain.InvariantViolation(f"unknown method {method}")
-
-    def _earn(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+    def _apply_batch(self, batch: list[Operation], stored: dict, write: BatchWrite, now_us: int) -> list[Outcome]:
+        """Applies the batch's operations to the fast path in one kernel call (Ledger.apply_batch, a loop
+        over int64 arrays in C): a first pass decides replays and suspended merchants and resolves ids to
+        slots, the kernel decides every balance check in order, and a second pass turns its rows into
+        journal rows and outcomes."""
         ledger = self.ledger
-        new_member = ledger.member_slot(op.member_id) < 0
-        transaction_id = self.ids.transaction()
-        status, member_slot, posted = ledger.earn(op.member_id, op.merchant_slot, op.points, transaction_id)
+        merchants = self.merchants.by_id
+        ids = self.ids
+        outcomes: list[Outcome | None] = [None] * len(batch)
+        applied: list[int] = []  # positions in the batch of the operations given to the kernel
+        method, member, merchant, points, ref_id, new_id, expires_at_us = (array.array("q") for _ in range(7))
+        for position, op in enumerate(batch):
+            previous = stored.get((op.merchant_id, op.idempotency_key))
+            if previous is not None:
+                outcomes[position] = _replay(previous.method, previous.request, Outcome(
+                    Code(previous.outcome), previous.response or {}, previous.message), op)
+                continue
+            kind = op.method
+            status = merchants[op.merchant_id].status
+            if status != "active" and kind in _NEW_BUSINESS:
+                # decided here, after the idempotency look-up, so a retry of an earlier call still replays
+                metrics.rejections.labels("merchant_suspended").inc()
+                outcomes[position] = Outcome(
+                    Code.FAILED_PRECONDITION, recorded=False,
+                    message=f"merchant {op.merchant_id!r} is {status}: it cannot earn, authorize or redeem; "
+                            "it may still capture, void and refund. Contact the operator")
+                continue
+            slot = reference = created = expires = 0
+            if kind is Method.EARN:
+                slot = ledger.ensure_member(op.member_id)
+                if slot < 0:
+                    outcomes[position] = _ledger_rejection(fastpath.CAPACITY, op)
+                    continue
+                if ledger.member_account(slot) == 0:  # created just now: its account row goes with the batch
+                    account_id = self._account_ids.pop()
+                    ledger.set_member_account(slot, account_id)
+                    write.new_members.append((op.member_id, account_id))
+                created = ids.transaction()
+            elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
+                slot = ledger.member_slot(op.member_id)
+                if slot < 0:
+                    metrics.rejections.labels("unknown_member").inc()
+                    outcomes[position] = Outcome(Code.NOT_FOUND, message=(
+                        f"member {op.member_id!r} has no points account; a member is created by its first Earn"))
+                    continue
+                if kind is Method.AUTHORIZE:
+                    created = ids.authorization()
+                    expires = now_us + op.hold_ttl_seconds * 1_000_000
+                else:
+                    created = ids.transaction()
+            elif kind is Method.CAPTURE:
+                reference, created = op.authorization_id, ids.transaction()
+            elif kind is Method.VOID:
+                reference = op.authorization_id
+            else:
+                require(kind is Method.REFUND, f"unknown method {kind}")
+                reference, created = op.transaction_id, ids.transaction()
+            applied.append(position)
+            method.append(_OP_CODE[kind])
+            member.append(slot)
+            merchant.append(op.merchant_slot)
+            points.append(op.points)
+            ref_id.append(reference)
+            new_id.append(created)
+            expires_at_us.append(expires)
+        if applied:
+            zeros = bytes(8 * len(applied))
+            status, slot, amount, posted, available, kind = rows = [array.array("q", zeros) for _ in range(6)]
+            ledger.apply_batch(method, member, merchant, points, ref_id, new_id, expires_at_us, now_us, *rows)
+            for i, position in enumerate(applied):
+                outcomes[position] = self._applied(batch[position], write, now_us, new_id[i], status[i], slot[i],
+                                                   amount[i], posted[i], available[i], kind[i])
+        return outcomes
+
+    def _applied(self, op: Operation, write: BatchWrite, now_us: int, created: int, status: int, slot: int,
+                 amount: int, posted: int, available: int, kind: int) -> Outcome:
+        """One row of the kernel: the journal rows of an applied operation and its outcome."""
+        ledger = self.ledger
+        method = op.method
+        if status == fastpath.HOLD_EXPIRED:
+            write.expired_holds.append(op.authorization_id)  # the kernel marked it; Postgres follows
         if status != fastpath.OK:
-            return _ledger_rejection(status, op)
+            expires = held = 0
+            if method in (Method.CAPTURE, Method.VOID) and ledger.has_hold(op.authorization_id):
+                _, _, _, held, expires = ledger.hold(op.authorization_id)
+            return _ledger_rejection(status, op, available, expires, held)
         merchant = self.merchants.by_id[op.merchant_id]
-        if new_member:
-            account_id = self._account_ids.pop()
-            ledger.set_member_account(member_slot, account_id)
-            write.new_members.append((op.member_id, account_id))
-        fee = self._fee(write, transaction_id, merchant, op.points, "fee_issued_bps")
-        write.transactions.append((transaction_id, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
-                                   op.purchase_amount, None, None, op.idempotency_key, fee))
-        if op.points:
-            write.entries.append((transaction_id, ledger.member_account(member_slot), op.points))
-            write.entries.append((transaction_id, merchant.issued_account_id, -op.points))
-        return Outcome(Code.OK, {
-            "transaction_id": transaction_id, "points": op.points, "balance": posted,
-            "give_back_bps": merchant.give_back_bps, "created_at_us": now_us})
+        if method is Method.EARN:
+            fee = self._fee(write, created, merchant, op.points, "fee_issued_bps")
+            write.transactions.append((created, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
+                                       op.purchase_amount, None, None, op.idempotency_key, fee))
+            if op.points:
+                write.entries.append((created, ledger.member_account(slot), op.points))
+                write.entries.append((created, merchant.issued_account_id, -op.points))
+            return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
+                                     "give_back_bps": merchant.give_back_bps, "created_at_us": now_us})
+        if method is Method.AUTHORIZE:
+            expires = now_us + op.hold_ttl_seconds * 1_000_000
+            write.new_holds.append((created, op.merchant_id, op.member_id, op.points, from_micros(expires),
+                                    op.idempotency_key))
+            return Outcome(Code.OK, {"authorization_id": created, "available": available, "points": op.points,
+                                     "expires_at_us": expires})
+        if method is Method.CAPTURE:
+            held = ledger.hold(op.authorization_id)[3]
+            write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, amount,
+                                         created if amount else None))
+            if amount:
+                fee = self._fee(write, created, merchant, amount, "fee_redeemed_bps")
+                write.transactions.append((created, fastpath.KIND_CAPTURE, op.merchant_id, ledger.member_id(slot),
+                                           amount, None, op.authorization_id, None, op.idempotency_key, fee))
+                write.entries.append((created, ledger.member_account(slot), -amount))
+                write.entries.append((created, merchant.redeemed_account_id, amount))
+            return Outcome(Code.OK, {"transaction_id": created if amount else 0, "points": amount,
+                                     "released": held - amount, "balance": posted, "available": available})
+        if method is Method.VOID:
+            write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_VOIDED, 0, None))
+            return Outcome(Code.OK, {"released": amount, "available": available})
+        if method is Method.REDEEM:
+            fee = self._fee(write, created, merchant, op.points, "fee_redeemed_bps")
+            write.transactions.append((created, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
+                                       None, None, None, op.idempotency_key, fee))
+            write.entries.append((created, ledger.member_account(slot), -op.points))
+            write.entries.append((created, merchant.redeemed_account_id, op.points))
+            return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
+                                     "available": available})
+        member_account = ledger.member_account(slot)
+        write.transactions.append((created, kind, op.merchant_id, ledger.member_id(slot), op.points, None, None,
+                                   op.transaction_id, op.idempotency_key, 0))
+        write.refunds.append((op.transaction_id, op.points))
+        if kind == fastpath.KIND_REFUND_REDEMPTION:
+            write.entries.append((created, merchant.redeemed_account_id, -op.points))
+            write.entries.append((created, member_account, op.points))
+        else:
+            require(kind == fastpath.KIND_REFUND_EARN, f"refund kind {kind}")
+            write.entries.append((created, member_account, -op.points))
+            write.entries.append((created, merchant.issued_account_id, op.points))
+        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "kind": kind, "balance": posted,
+                                 "available": available})
 
     def _fee(self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str) -> int:
         """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
@@ -628,110 +714,9 @@ class Pipeline:
             write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
         return fee
 
-    def _member(self, op: Operation) -> int:
-        slot = self.ledger.member_slot(op.member_id)
-        if slot < 0:
-            metrics.rejections.labels("unknown_member").inc()
-            raise Rejection(Code.NOT_FOUND, f"member {op.member_id!r} has no points account; "
-                                            "a member is created by its first Earn")
-        return slot
 
-    def _authorize(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
-        try:
-            slot = self._member(op)
-        except Rejection as rejection:
-            return Outcome(rejection.code, message=rejection.message)
-        authorization_id = self.ids.authorization()
-        expires_at_us = now_us + op.hold_ttl_seconds * 1_000_000
-        status, available = self.ledger.authorize(slot, op.merchant_slot, op.points, authorization_id,
-                                                  expires_at_us)
-        if status != fastpath.OK:
-            return _ledger_rejection(status, op, self.ledger, slot)
-        write.new_holds.append((authorization_id, op.merchant_id, op.member_id, op.points,
-                                from_micros(expires_at_us), op.idempotency_key))
-        return Outcome(Code.OK, {"authorization_id": authorization_id, "available": available,
-                                 "points": op.points, "expires_at_us": expires_at_us})
-
-    def _capture(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
-        ledger = self.ledger
-        if not ledger.has_hold(op.authorization_id):
-            return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
-        _, member_slot, _, amount, expires_at_us = ledger.hold(op.authorization_id)
-        transaction_id = self.ids.transaction()
-        status, captured, _, posted, available = ledger.capture(
-            op.authorization_id, op.merchant_slot, op.points, transaction_id, now_us)
-        if status == fastpath.HOLD_EXPIRED:
-            write.expired_holds.append(op.authorization_id)
-        if status != fastpath.OK:
-            return _ledger_rejection(status, op, ledger, member_slot, expires_at_us=expires_at_us, held=amount)
-        member_id = ledger.member_id(member_slot)
-        write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, captured,
-                                     transaction_id if captured else None))
-        if captured:
-            merchant = self.merchants.by_id[op.merchant_id]
-            fee = self._fee(write, transaction_id, merchant, captured, "fee_redeemed_bps")
-            write.transactions.append((transaction_id, fastpath.KIND_CAPTURE, op.merchant_id, member_id, captured,
-                                       None, op.authorization_id, None, op.idempotency_key, fee))
-            write.entries.append((transaction_id, ledger.member_account(member_slot), -captured))
-            write.entries.append((transaction_id, merchant.redeemed_account_id, captured))
-        return Outcome(Code.OK, {"transaction_id": transaction_id if captured else 0, "points": captured,
-                                 "released": amount - captured, "balance": posted, "available": available})
-
-    def _void(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
-        ledger = self.ledger
-        if not ledger.has_hold(op.authorization_id):
-            return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
-        _, member_slot, _, amount, expires_at_us = ledger.hold(op.authorization_id)
-        status, released, _, available = ledger.void(op.authorization_id, op.merchant_slot, now_us)
-        if status == fastpath.HOLD_EXPIRED:
-            write.expired_holds.append(op.authorization_id)
-        if status != fastpath.OK:
-            return _ledger_rejection(status, op, ledger, member_slot, expires_at_us=expires_at_us)
-        write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_VOIDED, 0, None))
-        return Outcome(Code.OK, {"released": released, "available": available})
-
-    def _redeem(self, op: Operation, write: BatchWrite) -> Outcome:
-        try:
-            slot = self._member(op)
-        except Rejection as rejection:
-            return Outcome(rejection.code, message=rejection.message)
-        transaction_id = self.ids.transaction()
-        status, posted, available = self.ledger.redeem(slot, op.merchant_slot, op.points, transaction_id)
-        if status != fastpath.OK:
-            return _ledger_rejection(status, op, self.ledger, slot)
-        merchant = self.merchants.by_id[op.merchant_id]
-        fee = self._fee(write, transaction_id, merchant, op.points, "fee_redeemed_bps")
-        write.transactions.append((transaction_id, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
-                                   None, None, None, op.idempotency_key, fee))
-        write.entries.append((transaction_id, self.ledger.member_account(slot), -op.points))
-        write.entries.append((transaction_id, merchant.redeemed_account_id, op.points))
-        return Outcome(Code.OK, {"transaction_id": transaction_id, "points": op.points, "balance": posted,
-                                 "available": available})
-
-    def _refund(self, op: Operation, write: BatchWrite) -> Outcome:
-        ledger = self.ledger
-        if not ledger.has_transaction(op.transaction_id):
-            return _ledger_rejection(fastpath.UNKNOWN_TRANSACTION, op)
-        refund_id = self.ids.transaction()
-        status, kind, member_slot, posted, available = ledger.refund(
-            op.transaction_id, op.merchant_slot, op.points, refund_id)
-        if status != fastpath.OK:
-            return _ledger_rejection(status, op, ledger)
-        member_id = ledger.member_id(member_slot)
-        write.transactions.append((refund_id, kind, op.merchant_id, member_id, op.points, None, None,
-                                   op.transaction_id, op.idempotency_key, 0))
-        write.refunds.append((op.transaction_id, op.points))
-        merchant = self.merchants.by_id[op.merchant_id]
-        member_account = ledger.member_account(member_slot)
-        if kind == fastpath.KIND_REFUND_REDEMPTION:
-            write.entries.append((refund_id, merchant.redeemed_account_id, -op.points))
-            write.entries.append((refund_id, member_account, op.points))
-        else:
-            require(kind == fastpath.KIND_REFUND_EARN, f"refund kind {kind}")
-            write.entries.append((refund_id, member_account, -op.points))
-            write.entries.append((refund_id, merchant.issued_account_id, op.points))
-        return Outcome(Code.OK, {"transaction_id": refund_id, "points": op.points, "kind": kind,
-                                 "balance": posted, "available": available})
+_OP_CODE = {Method.EARN: fastpath.OP_EARN, Method.AUTHORIZE: fastpath.OP_AUTHORIZE, Method.CAPTURE: fastpath.OP_CAPTURE,
+            Method.VOID: fastpath.OP_VOID, Method.REDEEM: fastpath.OP_REDEEM, Method.REFUND: fastpath.OP_REFUND}
 
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
@@ -799,24 +784,21 @@ _REASON = {
 }
 
 
-def _ledger_rejection(status: int, op: Operation, ledger: Any = None, member_slot: int = -1,
-                      expires_at_us: int = 0, held: int = 0) -> Outcome:
-    """A fast-path status as an outcome with a message the merchant's engineer can act on."""
-    outcome = _rejection_message(status, op, ledger, member_slot, expires_at_us, held)
+def _ledger_rejection(status: int, op: Operation, available: int = 0, expires_at_us: int = 0,
+                      held: int = 0) -> Outcome:
+    """A fast-path status as an outcome with a message the merchant's engineer can act on. available:
+    the member's available balance the refusal saw (INSUFFICIENT_POINTS); expires_at_us and held: the
+    hold's (HOLD_EXPIRED, CAPTURE_EXCEEDS_HOLD)."""
+    outcome = _rejection_message(status, op, available, expires_at_us, held)
     outcome.reason = _REASON.get(status, "other")
     metrics.rejections.labels(outcome.reason).inc()
     return outcome
 
 
-def _rejection_message(status: int, op: Operation, ledger: Any, member_slot: int, expires_at_us: int,
-                       held: int) -> Outcome:
+def _rejection_message(status: int, op: Operation, available: int, expires_at_us: int, held: int) -> Outcome:
     authorization = domain.format_authorization_id(op.authorization_id)
     transaction = domain.format_transaction_id(op.transaction_id)
     if status == fastpath.INSUFFICIENT_POINTS:
-        available = 0
-        if ledger is not None and member_slot >= 0:
-            posted, held_now = ledger.balance(member_slot)
-            available = posted - held_now
         if op.method is Method.REFUND:
             return Outcome(Code.FAILED_PRECONDITION,
                            message=f"the member has already spent the points of {transaction}: "

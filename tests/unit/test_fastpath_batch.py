@@ -130,7 +130,7 @@ def test_operations_see_those_before_them_in_the_batch(impl, ledger):
     ledger.check_invariants()
 
 
-def test_a_status_other_than_ok_writes_zeros_but_the_member(impl):
+def test_a_status_other_than_ok_writes_zeros_but_the_member_and_what_a_refusal_saw(impl):
     ledger = impl.Ledger(members_max=100, holds_max=3, transactions_max=5)
     alice = ledger.load_member("alice", 1_000)
     full = ledger.load_member("full", impl.BALANCE_MAX)
@@ -170,9 +170,16 @@ def test_a_status_other_than_ok_writes_zeros_but_the_member(impl):
         (op(impl.OP_REFUND, points=1, ref_id=1, new_id=21), impl.CAPACITY, alice),
     ]
     rows = run(ledger, [operation for operation, _, _ in expected])
+    # INSUFFICIENT_POINTS also reports the member's posted and available balances when refused: 1,000
+    # posted, 200 held (holds 10 and 11), then 100 once the capture marked hold 11 expired
+    seen = iter([(1_000, 800), (1_000, 800), (1_000, 900)])
     for (operation, status, member), row in zip(expected, rows):
-        if status != impl.OK:
+        if status == impl.INSUFFICIENT_POINTS:
+            posted, available = next(seen)
+            assert row == (status, member, 0, posted, available, 0), operation
+        elif status != impl.OK:
             assert row == (status, member, 0, 0, 0, 0), operation
+    assert next(seen, None) is None
     # The expired hold was marked on the way, as capture() and void() do.
     assert ledger.hold(11)[0] == impl.HOLD_STATUS_EXPIRED
     assert ledger.balance(alice) == (999, 100)

@@ -73,6 +73,9 @@ def one_by_one(ledger, operations, now_us, owners, rows):
             status, kind, slot, posted, available = ledger.refund(ref_id, merchant, points, new_id)
             row = (status, involved, 0, 0, 0, 0) if status != OK else (
                 OK, slot, points, posted, available, kind)
+        if status == R.INSUFFICIENT_POINTS and row[1] >= 0:
+            posted, held = ledger.balance(row[1])  # what the refusal saw
+            row = (status, row[1], 0, posted, posted - held, 0)
         if status == OK and method != R.OP_AUTHORIZE and method != R.OP_VOID:
             owners[new_id] = (merchant, row[1])
         rows[index] = row
