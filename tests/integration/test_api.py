@@ -277,6 +277,8 @@ def test_refund_of_an_earn_takes_points_back_unless_spent(stub, merchant):
     redeem(stub, merchant, member, 650)
     spent = error_of(lambda: refund(stub, merchant, earned.transaction_id, 100))
     assert spent.code() == grpc.StatusCode.FAILED_PRECONDITION and "spent" in spent.details()
+    # the message states what the member still has, so the merchant knows how much it can take back
+    assert "100 point-units asked back, 50 available" in spent.details()
     assert stub.GetBalance(pb.GetBalanceRequest(member_id=member)).posted == 50
 
 
