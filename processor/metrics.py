@@ -30,6 +30,15 @@ batch_operations = Histogram("points_pipeline_batch_operations", "Operations per
                              buckets=BATCH_BUCKETS)
 commit_seconds = Histogram("points_pipeline_commit_seconds",
                            "Time to write one batch to Postgres, including COMMIT.", buckets=LATENCY_BUCKETS)
+commit_step_seconds = Histogram("points_pipeline_commit_step_seconds",
+                                "Time of each step of a batch's Postgres transaction (where a slow commit goes).",
+                                ["step"], buckets=LATENCY_BUCKETS)
+COMMIT_STEPS = ("lock_check", "members", "transactions", "holds", "entries", "checkpoint", "refunds",
+                "hold_resolutions", "hold_expiries", "idempotency", "commit")
+checkpoints = Counter("points_pipeline_balance_checkpoints_total",
+                      "Balance checkpoints written (account balances folded from the journal).")
+checkpoint_accounts = Histogram("points_pipeline_checkpoint_accounts", "Accounts folded per balance checkpoint.",
+                                buckets=(1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576))
 queue_wait_seconds = Histogram("points_pipeline_queue_wait_seconds",
                                "Time an operation waits in the queue (linger included) before its batch starts.",
                                buckets=LATENCY_BUCKETS)
@@ -71,6 +80,8 @@ def _initialise_label_values() -> None:
     """Every known label value exists at 0 from start-up, so the first failure shows in rate()."""
     for result in ("committed", "failed"):
         batches.labels(result)
+    for step in COMMIT_STEPS:
+        commit_step_seconds.labels(step)
     for kind in ("redemption", "earn"):
         points_refunded.labels(kind)
     for reason in ("insufficient_points", "unknown_member", "unknown_hold", "hold_expired", "hold_captured",

@@ -481,6 +481,8 @@ class Pipeline:
     def _committed(self, write: BatchWrite) -> None:
         """Adds a committed batch's entries to what the next balance checkpoint folds in."""
         if write.checkpoint is not None:
+            metrics.checkpoints.inc()
+            metrics.checkpoint_accounts.observe(len(write.checkpoint[0]))
             self._pending_deltas = {}
             self._checkpoint_due_at = time.monotonic() + self.settings.balance_checkpoint_seconds
         pending = self._pending_deltas
