@@ -41,8 +41,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     try:
         _run(serve(settings))
+    except TimeoutError:  # (an OSError, whose message is empty)
+        print("error: Postgres did not answer start-up's reads in time (is it overloaded, or the network "
+              "slow?); the service did not start", file=sys.stderr)
+        return 1
     except (StoreError, OSError) as error:  # a start the operator must fix: say what, no traceback
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error or type(error).__name__}", file=sys.stderr)
         return 1
     return 0
 
