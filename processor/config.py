@@ -47,7 +47,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
     Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
     Option("holds_expired_per_batch_max", int, 10_000, "expired holds released per batch, at most"),
-    Option("balance_checkpoint_seconds", float, 1.0,
+    Option("balance_checkpoint_seconds", float, 5.0,
            "how often account balances are checkpointed (folded into accounts.balance with a batch); "
            "start-up replays the journal since the last checkpoint"),
     Option("balance_checkpoint_accounts_max", int, 100_000,
@@ -96,7 +96,7 @@ class Settings:
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS
     holds_expired_per_batch_max: int = 10_000
-    balance_checkpoint_seconds: float = 1.0
+    balance_checkpoint_seconds: float = 5.0
     balance_checkpoint_accounts_max: int = 100_000
     points_max: int = 10**12
     purchase_amount_max: int = 10**13

@@ -32,6 +32,7 @@ MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
 APPLICATION_NAME = "points-processor"
+RECONCILE_TIMEOUT_SECONDS = 6 * 3600.0
 # pg_locks shows a bigint advisory key as classid (high 32 bits) and objid (low 32 bits)
 _LOCK_CLASSID = (WRITER_LOCK_KEY & 0xFFFFFFFFFFFFFFFF) >> 32
 _LOCK_OBJID = WRITER_LOCK_KEY & 0xFFFFFFFF
@@ -833,17 +834,23 @@ class Store:
         returns what does not hold. `report` is told the name of each check as it runs."""
         problems: list[str] = []
         async with self.pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
+            # whole-journal scans: minutes at tens of millions of rows, not a commit's seconds
+            def fetch(sql, *args):
+                return c.fetch(sql, *args, timeout=RECONCILE_TIMEOUT_SECONDS)
+
+            def fetchrow(sql, *args):
+                return c.fetchrow(sql, *args, timeout=RECONCILE_TIMEOUT_SECONDS)
             report("the journal sums to zero per asset")
-            for r in await c.fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
+            for r in await fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
                 if r["s"] != 0:
                     problems.append(f"journal of {r['asset_code']} sums to {r['s']}, not 0")
             report("every transaction's entries sum to zero")
-            for r in await c.fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
+            for r in await fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
                                       GROUP BY transaction_id HAVING sum(amount) <> 0 LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} entries sum to {r['s']}")
             # the journal has no foreign-key triggers (migration 0003): references are checked here
             report("every entry's account and transaction exist, in the entry's asset")
-            for r in await c.fetch("""SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
+            for r in await fetch("""SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
                                       LEFT JOIN accounts a USING (account_id)
                                       LEFT JOIN transactions t USING (transaction_id)
                                       WHERE a.account_id IS NULL OR t.transaction_id IS NULL
@@ -851,7 +858,7 @@ class Store:
                 problems.append(f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
                                 f"{r['account_id']}, which do not both exist in its asset")
             report("every transaction's and hold's merchant and member exist; every refund's original exists")
-            for r in await c.fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
+            for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                       WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
                                          OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
                                          OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
@@ -867,7 +874,7 @@ class Store:
                    "sum of its entries up to the checkpoint")
             # MATERIALIZED: with LIMIT the planner may otherwise re-run the aggregate per account
             # (measured: hours at 10M transactions instead of a minute)
-            for r in await c.fetch("""WITH e AS MATERIALIZED (
+            for r in await fetch("""WITH e AS MATERIALIZED (
                                         SELECT account_id, sum(amount) AS s FROM entries, balance_checkpoint c
                                         WHERE transaction_id <= c.through_transaction_id GROUP BY account_id)
                                       SELECT a.account_id, a.kind, a.owner_id, a.balance, coalesce(e.s, 0) AS s
@@ -876,7 +883,7 @@ class Store:
                 problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} != entries {r['s']} "
                                 "(at the balance checkpoint)")
             report("no member's balance is negative")
-            for r in await c.fetch("""WITH t AS MATERIALIZED (
+            for r in await fetch("""WITH t AS MATERIALIZED (
                                         SELECT e.account_id, sum(e.amount) AS delta FROM entries e, balance_checkpoint c
                                         WHERE e.transaction_id > c.through_transaction_id GROUP BY e.account_id)
                                       SELECT a.owner_id, a.balance + coalesce(t.delta, 0) AS balance
@@ -884,7 +891,7 @@ class Store:
                                       WHERE a.kind = 'member' AND a.balance + coalesce(t.delta, 0) < 0 LIMIT 5"""):
                 problems.append(f"member {r['owner_id']} balance {r['balance']} < 0")
             report("no member's open holds exceed its posted balance (available >= 0)")
-            for r in await c.fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
+            for r in await fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
                                       FROM holds h JOIN account_balances a
                                         ON a.kind = 'member' AND a.owner_id = h.member_id
                                       WHERE h.status = 1 AND h.expires_at > now()
@@ -892,11 +899,11 @@ class Store:
                                       HAVING sum(h.amount) > a.balance LIMIT 5"""):
                 problems.append(f"member {r['member_id']} holds {r['held']} > posted {r['balance']}")
             report("no transaction is refunded beyond its amount")
-            for r in await c.fetch("""SELECT transaction_id, amount, refunded FROM transactions
+            for r in await fetch("""SELECT transaction_id, amount, refunded FROM transactions
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
             report("every statement's net equals the merchant's journal entries in its period")
-            for r in await c.fetch(
+            for r in await fetch(
                     """WITH e AS (
                          SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS s
                          FROM settlement_periods p
@@ -912,7 +919,7 @@ class Store:
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: net {r['net']} "
                                 f"!= journal {r['s']}")
             report("every statement opens at the previous one's closing position")
-            for r in await c.fetch(
+            for r in await fetch(
                     """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
                        FROM statements s LEFT JOIN statements p
                          ON p.merchant_id = s.merchant_id AND p.period_id = s.period_id - 1
@@ -920,7 +927,7 @@ class Store:
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
                                 f"{r['opening_position']}, the previous closed at {r['closing_position']}")
             report("net positions + fee revenue + breakage + members' points = 0; fee revenue = fees charged")
-            totals = await c.fetchrow(
+            totals = await fetchrow(
                 """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
                           coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,
                           coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
