@@ -33,7 +33,7 @@ commit_seconds = Histogram("points_pipeline_commit_seconds",
 commit_step_seconds = Histogram("points_pipeline_commit_step_seconds",
                                 "Time of each step of a batch's Postgres transaction (where a slow commit goes).",
                                 ["step"], buckets=LATENCY_BUCKETS)
-COMMIT_STEPS = ("lock_check", "members", "transactions", "holds", "entries", "checkpoint", "refunds",
+COMMIT_STEPS = ("lock_check", "members", "transactions", "holds", "entries", "refunds",
                 "hold_resolutions", "hold_expiries", "idempotency", "commit")
 checkpoints = Counter("points_pipeline_balance_checkpoints_total",
                       "Balance checkpoints written (account balances folded from the journal).")

@@ -139,6 +139,7 @@ class Pipeline:
         self._pending_deltas: dict[int, int] = {}
         self._pending_through = 0
         self._checkpoint_due_at = 0.0
+        self._checkpoint: asyncio.Task | None = None  # the checkpoint being written, if any
         self._expired_pending: list[int] = []
         # account ids taken from Postgres's accounts sequence for members the next batches create
         self._account_ids: list[int] = []
@@ -187,6 +188,8 @@ class Pipeline:
         self._queued.set()
         if self._task is not None:
             await self._task
+        if self._checkpoint is not None:
+            await asyncio.wait({self._checkpoint})
         if self.ready and self.store is not None:
             # a last checkpoint, so the next start replays no journal tail
             try:
@@ -435,11 +438,6 @@ class Pipeline:
         if prepared.write.empty:
             return  # answered by _finish without a round trip
         prepared.started = time.monotonic()
-        if self._pending_deltas and (prepared.started >= self._checkpoint_due_at or
-                                     len(self._pending_deltas) >= self.settings.balance_checkpoint_accounts_max):
-            # every batch before this one is committed, so the pending sums are exactly the journal
-            # from the last checkpoint through _pending_through
-            prepared.write.checkpoint = (self._pending_deltas, self._pending_through)
         prepared.task = asyncio.get_running_loop().create_task(
             self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write")
         prepared.task.add_done_callback(lambda _: self._queued.set())
@@ -479,17 +477,49 @@ class Pipeline:
         return True
 
     def _committed(self, write: BatchWrite) -> None:
-        """Adds a committed batch's entries to what the next balance checkpoint folds in."""
-        if write.checkpoint is not None:
-            metrics.checkpoints.inc()
-            metrics.checkpoint_accounts.observe(len(write.checkpoint[0]))
-            self._pending_deltas = {}
-            self._checkpoint_due_at = time.monotonic() + self.settings.balance_checkpoint_seconds
+        """Adds a committed batch's entries to what the next balance checkpoint folds in, and starts
+        that checkpoint when it is due."""
         pending = self._pending_deltas
         for _, account_id, amount in write.entries:
             pending[account_id] = pending.get(account_id, 0) + amount
         if write.transactions:
             self._pending_through = max(self._pending_through, max(t[0] for t in write.transactions))
+        self._maybe_checkpoint()
+
+    def _maybe_checkpoint(self) -> None:
+        pending = self._pending_deltas
+        if self._checkpoint is None and pending and self.ready and not (self._resync_requested or self._stopping) and (
+                time.monotonic() >= self._checkpoint_due_at
+                or len(pending) >= self.settings.balance_checkpoint_accounts_max):
+            # every batch up to _pending_through is committed and no later one is: the pending sums
+            # are exactly the journal from the last checkpoint through it
+            self._checkpoint = asyncio.get_running_loop().create_task(
+                self._write_checkpoint(pending, self._pending_through), name="balance-checkpoint")
+            self._pending_deltas = {}
+
+    async def _write_checkpoint(self, deltas: dict[int, int], through: int) -> None:
+        """Writes one checkpoint beside the batches (its own transaction: a batch never waits for it)."""
+        try:
+            await self.store.write_checkpoint(deltas, through, self.settings.commit_timeout_seconds)
+        except Exception as error:
+            log.warning("balance checkpoint not written; the next one includes its accounts",
+                        extra={"error": repr(error)})
+            if _commit_may_have_happened(error):
+                # only Postgres knows whether it was folded: rebuild from it rather than fold twice
+                self.request_resync()
+            else:
+                pending = self._pending_deltas
+                for account_id, delta in deltas.items():
+                    pending[account_id] = pending.get(account_id, 0) + delta
+        else:
+            metrics.checkpoints.inc()
+            metrics.checkpoint_accounts.observe(len(deltas))
+        finally:
+            self._checkpoint = None
+            interval = self.settings.balance_checkpoint_seconds
+            self._checkpoint_due_at = time.monotonic() + interval
+            # what committed meanwhile is folded by the next one even if no batch comes to start it
+            asyncio.get_running_loop().call_later(interval, self._maybe_checkpoint)
 
     def _fail_open(self, code: Code, message: str) -> None:
         """Answers every batch still open (after a rollback of all of them)."""
@@ -526,6 +556,8 @@ class Pipeline:
         """Rebuilds the fast path from Postgres, retrying until Postgres answers. Calls arriving
         meanwhile get UNAVAILABLE."""
         require(not self._open, "resync with a batch still open: its write must be answered first")
+        if self._checkpoint is not None:  # recovery reads the checkpoint: let the one in flight land first
+            await asyncio.wait({self._checkpoint})
         self.ready = False
         metrics.resyncs.inc()
         delay = 0.05

@@ -205,9 +205,6 @@ class BatchWrite:
     expired_holds: list[int] = dataclasses.field(default_factory=list)
     # (merchant_id, idempotency_key, method, request json, outcome, response json|None, message)
     idempotency: list[tuple] = dataclasses.field(default_factory=list)
-    # a balance checkpoint written with this batch: (account_id -> sum of the account's entries since
-    # the last checkpoint, up to and including transaction `through`; through)
-    checkpoint: tuple[dict[int, int], int] | None = None
 
     @property
     def empty(self) -> bool:
@@ -545,9 +542,6 @@ class Store:
                 "entries", columns=["transaction_id", "account_id", "asset_code", "amount"],
                 records=[(e[0], e[1], ASSET_POINTS, e[2]) for e in b.entries], timeout=timeout)
             step("entries")
-        if b.checkpoint is not None:
-            await self._write_checkpoint(c, *b.checkpoint, at=at, timeout=timeout)
-            step("checkpoint")
         if b.refunds:
             await c.execute(
                 """UPDATE transactions t SET refunded = t.refunded + r.points
@@ -589,10 +583,21 @@ class Store:
                 *[list(x) for x in zip(*b.idempotency)], at, timeout=timeout)
             step("idempotency")
 
+    async def write_checkpoint(self, deltas: dict[int, int], through: int, timeout: float) -> None:
+        """Folds `deltas` (account_id -> sum of its entries after the current checkpoint up to and
+        including transaction `through`) into accounts.balance and moves the checkpoint to `through`,
+        in one transaction of its own, as the writer. It runs beside the batches: they insert journal
+        rows and never update accounts, so neither waits for the other."""
+        async def work(c):
+            async with c.transaction():
+                await self._check_writer_lock(c)
+                await self._write_checkpoint(c, deltas, through, at=dt.datetime.now(dt.timezone.utc),
+                                             timeout=timeout)
+        await self.bounded(work, timeout)
+
     @staticmethod
     async def _write_checkpoint(c: asyncpg.Connection, deltas: dict[int, int], through: int, *,
                                 at: dt.datetime, timeout: float) -> None:
-        """Folds the entries since the last checkpoint, up to transaction `through`, into accounts.balance."""
         changed = {account_id: delta for account_id, delta in deltas.items() if delta}
         if changed:
             updated = await c.fetchval(

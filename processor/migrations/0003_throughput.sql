@@ -34,7 +34,7 @@ CREATE INDEX transactions_created ON transactions USING brin (created_at);
 -- Balance checkpoints. accounts.balance is the sum of the account's entries of transactions up to
 -- balance_checkpoint.through_transaction_id; the entries after it (the tail) are added on read
 -- (the account_balances view) and at start-up. The service folds the tail into accounts.balance
--- every --balance-checkpoint-seconds, in the transaction of a batch, so a batch writes journal rows
+-- every --balance-checkpoint-seconds, in a transaction of its own, so a batch writes journal rows
 -- only instead of updating one account row per account it touches (measured: that update was a third
 -- of a 1,000-operation commit). Until now every batch updated the balances: the checkpoint is the
 -- newest transaction.

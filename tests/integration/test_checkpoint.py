@@ -3,6 +3,8 @@ the account_balances view (checkpoint + journal tail) is always current, a resta
 rebuilds balances from the checkpoint plus the tail, and a graceful stop leaves no tail."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from points.v1 import points_pb2 as pb
@@ -19,6 +21,14 @@ def checkpoint(url: str) -> int:
 
 def newest_transaction(url: str) -> int:
     return fetch(url, "SELECT coalesce(max(transaction_id), 0) AS t FROM transactions")[0]["t"]
+
+
+def checkpoint_reaches(url: str, transaction_id: int, seconds: float = 20.0) -> None:
+    """Waits until a checkpoint includes transaction_id (checkpoints are written beside the batches)."""
+    deadline = time.monotonic() + seconds
+    while checkpoint(url) < transaction_id:
+        assert time.monotonic() < deadline, f"no checkpoint reached transaction {transaction_id} in {seconds} s"
+        time.sleep(0.05)
 
 
 def balances(url: str, owner: str) -> dict[str, tuple[int, int]]:
@@ -67,7 +77,7 @@ def test_tail_after_the_checkpoint_is_replayed_after_sigkill(create_database, se
     assert ledger_discrepancies(url) == []
 
 
-def test_checkpoint_every_batch_keeps_accounts_current(create_database, service_factory):
+def test_checkpoint_after_every_batch_folds_the_journal_and_never_twice(create_database, service_factory):
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, 1000, fee_redeemed_bps=250)
@@ -76,13 +86,15 @@ def test_checkpoint_every_batch_keeps_accounts_current(create_database, service_
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         earn(stub, merchant, member, 50_000)
-        # the checkpoint goes with the next batch that writes: everything before it is folded
-        redeem(stub, merchant, member, 1_000)
-        assert checkpoint(url) == newest_transaction(url) - 1
-        assert balances(url, member) == {"member": (4_000, 5_000)}
-        redeem(stub, merchant, member, 1_000)
-        assert balances(url, member) == {"member": (3_000, 4_000)}
-        assert balances(url, merchant)["merchant_fees"] == (-50, -25)
+        checkpoint_reaches(url, newest_transaction(url))
+        assert balances(url, member) == {"member": (5_000, 5_000)}
+        for _ in range(5):
+            redeem(stub, merchant, member, 1_000)
+        checkpoint_reaches(url, newest_transaction(url))
+        # each redeem folded exactly once, whichever checkpoints carried them
+        assert balances(url, member) == {"member": (0, 0)}
+        assert balances(url, merchant)["merchant_fees"] == (-125, -125)
+        assert balances(url, merchant)["merchant_redeemed"] == (5_000, 5_000)
         assert ledger_discrepancies(url) == []
 
 
@@ -96,10 +108,11 @@ def test_checkpoint_when_enough_accounts_changed(create_database, service_factor
         stub = points_pb2_grpc.PointsServiceStub(channel)
         before = checkpoint(url)
         first = unique("mem")
-        earn(stub, merchant, first, 10_000)          # 2 accounts pending: no checkpoint yet
-        earn(stub, merchant, unique("mem"), 10_000)  # the 3rd account: the next batch checkpoints
+        earn(stub, merchant, first, 10_000)  # 2 accounts changed: below the bound, no checkpoint
+        time.sleep(0.5)
         assert checkpoint(url) == before
-        earn(stub, merchant, unique("mem"), 10_000)
-        assert checkpoint(url) > before
+        assert balances(url, first) == {"member": (1_000, 0)}
+        earn(stub, merchant, unique("mem"), 10_000)  # the 3rd account: a checkpoint follows
+        checkpoint_reaches(url, newest_transaction(url))
         assert balances(url, first) == {"member": (1_000, 1_000)}
         assert ledger_discrepancies(url) == []
