@@ -359,13 +359,13 @@ class Pipeline:
                 self._start_write(prepared)
             except domain.InvariantViolation as error:
                 log.critical("ledger invariant violated; stopping", extra={"error": str(error)})
-                self._fail_open(Code.INTERNAL, "internal error; the operation was not applied")
-                self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
+                self._fail_open(Code.INTERNAL, _INTERNAL_MESSAGE)
+                self._fail(batch, Code.INTERNAL, _INTERNAL_MESSAGE)
                 self.ready = False
                 raise
             except Exception:  # a bug, not a database fault: keep serving, answer INTERNAL
                 log.exception("batch failed unexpectedly")
-                self._fail(batch, Code.INTERNAL, "internal error; the operation was not applied")
+                self._fail(batch, Code.INTERNAL, _INTERNAL_MESSAGE)
 
     def _must_drain(self) -> bool:
         """Whether the batch being written must be answered before the next is applied."""
@@ -391,8 +391,7 @@ class Pipeline:
         except Exception as error:  # reads only: nothing of this batch was written
             # the batch being written is answered first: a resync must not rebuild the fast path under it
             if self._open and not await self._finish(self._open[0]):
-                self._fail(batch, Code.UNAVAILABLE, "the ledger database refused or did not answer; this "
-                                                    "operation was not applied. Retry with the same idempotency key")
+                self._fail(batch, Code.UNAVAILABLE, _NOT_APPLIED_MESSAGE)
                 return None
             await self._database_failed(batch, error, ambiguous=False)
             return None
@@ -400,8 +399,7 @@ class Pipeline:
             # a reader, a settlement cut or a resync arrived during the reads: the batch being written
             # is answered first, so nothing uncommitted is visible when this one is applied
             if not await self._finish(self._open[0]):
-                self._fail(batch, Code.UNAVAILABLE, "the ledger database refused or did not answer; this "
-                                                    "operation was not applied. Retry with the same idempotency key")
+                self._fail(batch, Code.UNAVAILABLE, _NOT_APPLIED_MESSAGE)
                 return None
             await asyncio.sleep(0)  # readers woken by that answer run now
         if not self.ready:
@@ -453,14 +451,13 @@ class Pipeline:
                 metrics.commit_seconds.observe(time.monotonic() - prepared.started)
         except domain.InvariantViolation:
             ledger.rollback()
-            self._fail_open(Code.INTERNAL, "internal error; the operation was not applied")
+            self._fail_open(Code.INTERNAL, _INTERNAL_MESSAGE)
             raise
         except Exception as error:
             ledger.rollback()
             batch = prepared.batch
             self._open.popleft()
-            self._fail_open(Code.UNAVAILABLE, "the ledger database refused or did not answer; this operation "
-                                              "was not applied. Retry with the same idempotency key")
+            self._fail_open(Code.UNAVAILABLE, _NOT_APPLIED_MESSAGE)
             await self._database_failed(batch, error, ambiguous=_commit_may_have_happened(error))
             return False
         ledger.commit()
@@ -544,8 +541,7 @@ class Pipeline:
             message = ("the ledger database connection broke while this operation was being committed; "
                        "its outcome is unknown. Retry with the same idempotency key to learn it")
         else:
-            message = ("the ledger database refused or did not answer; this operation was not applied. "
-                       "Retry with the same idempotency key")
+            message = _NOT_APPLIED_MESSAGE
         self._fail(batch, Code.UNAVAILABLE, message)
         if ambiguous or not await self.store.reachable():
             # Until Postgres answers again the service cannot commit: calls get UNAVAILABLE at once
@@ -752,6 +748,10 @@ class Pipeline:
 _OP_CODE = {Method.EARN: fastpath.OP_EARN, Method.AUTHORIZE: fastpath.OP_AUTHORIZE, Method.CAPTURE: fastpath.OP_CAPTURE,
             Method.VOID: fastpath.OP_VOID, Method.REDEEM: fastpath.OP_REDEEM, Method.REFUND: fastpath.OP_REFUND}
 
+
+_INTERNAL_MESSAGE = "internal error; the operation was not applied"
+_NOT_APPLIED_MESSAGE = ("the ledger database refused or did not answer; this operation was not applied. "
+                        "Retry with the same idempotency key")
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
 _NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM})

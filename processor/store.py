@@ -478,14 +478,21 @@ class Store:
     async def write_batch(self, batch: BatchWrite, timeout: float) -> None:
         """Writes one batch in one transaction, within `timeout` seconds. Raises on any failure; then
         nothing was written, or (a broken connection, a timeout) it is unknown whether COMMIT was."""
+        await self._as_writer(lambda connection, step: self._write(connection, batch, timeout, step), timeout,
+                              timed=True)
+
+    async def _as_writer(self, write, timeout: float, timed: bool = False) -> None:
+        """Runs `write(connection, step)` in one transaction on a pool connection, after checking inside
+        it that this service still holds the writer lock, all within `timeout` seconds (bounded). With
+        `timed` (batches), each step is timed into points_pipeline_commit_step_seconds."""
         async def work(connection):
             transaction = connection.transaction()
             await transaction.start()
+            step = _Steps() if timed else _untimed
             try:
-                step = _Steps()
                 await self._check_writer_lock(connection)
                 step("lock_check")
-                await self._write(connection, batch, timeout, step)
+                await write(connection, step)
             except BaseException:
                 try:
                     await transaction.rollback()
@@ -494,7 +501,7 @@ class Store:
                 raise
             await transaction.commit()
             step("commit")
-        return await self.bounded(work, timeout)
+        await self.bounded(work, timeout)
 
     async def _check_writer_lock(self, connection: asyncpg.Connection) -> None:
         """Inside the batch's transaction: our lock session still holds the writer lock. If Postgres
@@ -588,12 +595,10 @@ class Store:
         including transaction `through`) into accounts.balance and moves the checkpoint to `through`,
         in one transaction of its own, as the writer. It runs beside the batches: they insert journal
         rows and never update accounts, so neither waits for the other."""
-        async def work(c):
-            async with c.transaction():
-                await self._check_writer_lock(c)
-                await self._write_checkpoint(c, deltas, through, at=dt.datetime.now(dt.timezone.utc),
-                                             timeout=timeout)
-        await self.bounded(work, timeout)
+        async def write(connection, step):
+            await self._write_checkpoint(connection, deltas, through, at=dt.datetime.now(dt.timezone.utc),
+                                         timeout=timeout)
+        await self._as_writer(write, timeout)
 
     @staticmethod
     async def _write_checkpoint(c: asyncpg.Connection, deltas: dict[int, int], through: int, *,
@@ -627,11 +632,7 @@ class Store:
 
     async def fold_checkpoint_now(self, timeout: float = 10.0) -> None:
         """Folds the tail into accounts.balance, as the writer (its lock checked in the transaction)."""
-        async def work(connection):
-            async with connection.transaction():
-                await self._check_writer_lock(connection)
-                await self.fold_checkpoint(connection)
-        await self.bounded(work, timeout)
+        await self._as_writer(lambda connection, step: self.fold_checkpoint(connection), timeout)
 
     async def fold_checkpoint(self, connection: asyncpg.Connection) -> None:
         """Folds the whole tail into accounts.balance in SQL (for tools that write the journal
@@ -960,6 +961,10 @@ class _Steps:
         now = time.perf_counter()
         metrics.commit_step_seconds.labels(name).observe(now - self._last)
         self._last = now
+
+
+def _untimed(name: str) -> None:
+    """The step clock of a transaction that is not a batch's (checkpoints): times nothing."""
 
 
 to_json = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
