@@ -75,6 +75,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("auth_cache_seconds", float, 5.0,
            "verified API keys are cached this long; a key revoked by the CLI stops working within it"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
+    Option("program_id", str, "alliance",
+           "the loyalty program whose versioned rules (tiers, expiry, promotions, ...) the service applies; "
+           "with no version stored, earns and redeems follow the plain ledger"),
+    Option("expiry_lots_per_batch_max", int, 1000, "expired point lots posted per batch by the expiry job, at most"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
     Option("shutdown_drain_seconds", float, 0.5,
            "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
@@ -115,6 +119,8 @@ class Settings:
     stream_operations_in_flight_max: int = 1024
     auth_cache_seconds: float = 5.0
     grpc_message_bytes_max: int = 4 * 1024 * 1024
+    program_id: str = "alliance"
+    expiry_lots_per_batch_max: int = 1000
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
 
@@ -162,6 +168,8 @@ class Settings:
               "stream_operations_in_flight_max must be 1..100000")
         check(0 <= self.auth_cache_seconds <= 300, "auth_cache_seconds must be 0..300")
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
+        check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
+        check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:

@@ -23,6 +23,7 @@ ACCOUNT_MERCHANT_REDEEMED = "merchant_redeemed"
 ACCOUNT_MERCHANT_FEES = "merchant_fees"
 ACCOUNT_OPERATOR_FEE_REVENUE = "operator_fee_revenue"
 ACCOUNT_OPERATOR_BREAKAGE = "operator_breakage"
+ACCOUNT_MERCHANT_ACQUIRING = "merchant_acquiring"  # program rules: rewards owed to an acquiring merchant
 OPERATOR_ID = "operator"
 
 TRANSACTION_PREFIX = "txn_"

@@ -19,11 +19,12 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 import asyncpg
 
 from processor import metrics
-from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
+from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ACQUIRING, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
                               ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS, OPERATOR_ID,
                               GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
 
-MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES)
+MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES,
+                     ACCOUNT_MERCHANT_ACQUIRING)
 
 log = logging.getLogger("points.store")
 
@@ -133,6 +134,7 @@ class MerchantRow:
     issued_account_id: int = 0
     redeemed_account_id: int = 0
     fees_account_id: int = 0
+    acquiring_account_id: int = 0  # rewards the operator owes it as an acquiring merchant (program rules)
 
     def account_id(self, kind: str) -> int:
         return {ACCOUNT_MERCHANT_ISSUED: self.issued_account_id, ACCOUNT_MERCHANT_REDEEMED: self.redeemed_account_id,
@@ -143,14 +145,17 @@ MERCHANT_COLUMNS = ("merchant_id, merchant_slot, give_back_bps, status, name, re
                     "fee_issued_bps, created_at, updated_at")
 # a merchant with its account ids
 MERCHANT_SELECT = f"""
-    SELECT {MERCHANT_COLUMNS}, a.issued_account_id, a.redeemed_account_id, a.fees_account_id
+    SELECT {MERCHANT_COLUMNS}, a.issued_account_id, a.redeemed_account_id, a.fees_account_id,
+           a.acquiring_account_id
     FROM merchants m
     LEFT JOIN (SELECT owner_id,
                       max(account_id) FILTER (WHERE kind = 'merchant_issued') AS issued_account_id,
                       max(account_id) FILTER (WHERE kind = 'merchant_redeemed') AS redeemed_account_id,
-                      max(account_id) FILTER (WHERE kind = 'merchant_fees') AS fees_account_id
+                      max(account_id) FILTER (WHERE kind = 'merchant_fees') AS fees_account_id,
+                      max(account_id) FILTER (WHERE kind = 'merchant_acquiring') AS acquiring_account_id
                FROM accounts
-               WHERE kind IN ('merchant_issued', 'merchant_redeemed', 'merchant_fees') AND asset_code = 'POINTS'
+               WHERE kind IN ('merchant_issued', 'merchant_redeemed', 'merchant_fees', 'merchant_acquiring')
+                 AND asset_code = 'POINTS'
                GROUP BY owner_id) a ON a.owner_id = m.merchant_id"""
 # (one join, not three look-ups per merchant: 50,000 merchants load in one pass at start-up)
 MERCHANT_SETTABLE = ("name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region", "status")
@@ -787,7 +792,7 @@ class Store:
                     await c.execute(
                         """INSERT INTO accounts (kind, owner_id, asset_code)
                            SELECT k, m.merchant_id, 'POINTS' FROM merchants m,
-                                  unnest(ARRAY['merchant_issued', 'merchant_redeemed', 'merchant_fees']) k
+                                  unnest(ARRAY['merchant_issued', 'merchant_redeemed', 'merchant_fees', 'merchant_acquiring']) k
                            WHERE m.merchant_id LIKE 'seed-m-%'""")
                 progress(f"{merchants} merchants created")
                 done = 0
