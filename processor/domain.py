@@ -110,6 +110,8 @@ class Method(enum.Enum):
     VOID = "Void"
     REDEEM = "Redeem"
     REFUND = "Refund"
+    LINK = "LinkMember"
+    CONVERT = "ConvertMerchantPoints"
 
 
 @dataclasses.dataclass(slots=True)
@@ -143,6 +145,8 @@ class Operation:
     hold_ttl_seconds: int = 0       # authorize only; resolved to the default before queueing
     authorization_id: int = 0       # capture / void
     transaction_id: int = 0         # refund: the original transaction
+    referrer_id: str = ""           # link: the referring member ("" = none)
+    merchant_points: int = 0        # conversion: the merchant's own points, in its own programme's units
     future: asyncio.Future | None = None
     enqueued_at: float = 0.0
 

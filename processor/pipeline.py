@@ -24,6 +24,7 @@ import array
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -31,10 +32,11 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, metrics
+from processor import domain, metrics, rules
+from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.store import BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
+from processor.store import NEVER_US, BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
 
 log = logging.getLogger("points.pipeline")
 
@@ -85,6 +87,37 @@ async def load_ledger(store: Store, settings: Settings, merchants: Merchants, no
     return ledger
 
 
+async def load_program(store: Store, settings: Settings) -> ProgramState:
+    """The program's versions and the rules' state (links, tiers, lots, consumed pieces, budgets)."""
+    state = ProgramState(await store.program(settings.program_id))
+    rows = await store.program_state(settings.program_id)
+    for r in rows["members"]:
+        buckets = tuple(sorted((int(day), amount) for day, amount in json.loads(r["day_buckets"]).items()))
+        state.load_member(r["member_id"], MemberRules(r["acquirer_id"], r["referrer_id"], r["referral_paid"],
+                                                      r["level"], r["levels_reached"], r["qualifying_point_units"],
+                                                      buckets))
+    lots: dict[str, list] = collections.defaultdict(list)
+    for r in rows["lots"]:
+        lots[r["member_id"]].append(rules.Lot(r["lot_id"], r["amount"], r["expires_at_us"], r["issuer_id"]))
+    for member_id, member_lots in lots.items():
+        state.load_lots(member_id, tuple(sorted(member_lots, key=rules._order)))
+    pieces: dict[tuple[int, int], list] = collections.defaultdict(list)
+    for r in rows["pieces"]:
+        expires = None if r["expires_at_us"] == NEVER_US else r["expires_at_us"]
+        pieces[(r["owner_kind"], r["owner_id"])].append(rules.Lot(r["lot_id"], r["amount"], expires, r["issuer_id"]))
+    for owner, owner_pieces in pieces.items():
+        state.load_pieces(owner, tuple(owner_pieces))
+    state.granted = {r["promotion_id"]: r["granted"] for r in rows["budgets"]}
+    return state
+
+
+def earn_record(r) -> EarnRecord:
+    grants = tuple(rules.Grant(p, sponsor, amount) for p, sponsor, amount in json.loads(r["grants"]))
+    return EarnRecord(r["member_id"], r["merchant_id"], r["program_version"],
+                      rules.Earn(r["base_point_units"], r["uplift_point_units"], grants), r["acquirer_id"],
+                      r["acquiring_point_units"], r["refunded_base_point_units"], micros(r["created_at"]))
+
+
 @dataclasses.dataclass(slots=True)
 class _Prepared:
     """A batch applied to the fast path (its undo batch open), not yet answered."""
@@ -123,6 +156,8 @@ class Pipeline:
         self.store = store
         self.merchants = Merchants([])
         self.ledger: Any = None
+        self.program = ProgramState()   # the program rules' state, beside the fast path
+        self._listening = False
         self.ids = IdAllocator(1, 1)
         self._queue: collections.deque[Operation] = collections.deque()
         self._queued = asyncio.Event()
@@ -164,6 +199,11 @@ class Pipeline:
             await self.store.acquire_writer_lock()
         self.merchants = Merchants(await self.store.merchants())
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
+        self.program = await load_program(self.store, self.settings)
+        if not self._listening:
+            # a version stored by the CLI (or another service instance's admin call) is loaded at once
+            await self.store.listen_program_changes(self._program_changed)
+            self._listening = True
         last_transaction, last_authorization = await self.store.id_high_water_marks()
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
         self.operator_accounts = await self.store.operator_account_ids()
@@ -178,6 +218,17 @@ class Pipeline:
         log.info("recovered ledger from postgres", extra={
             "members": self.ledger.members_count, "holds_open": self.ledger.holds_open_count,
             "merchants": len(self.merchants.by_id)})
+
+    async def reload_program(self) -> None:
+        """Re-reads the program's versions (after a new one was stored); the state stays."""
+        program = await self.ready_store().program(self.settings.program_id)
+        self.program.program = program
+        log.info("program versions loaded", extra={
+            "program": self.settings.program_id, "versions": len(program.versions) if program else 0})
+
+    def _program_changed(self, program_id: str) -> None:
+        if program_id == self.settings.program_id and self.ready:
+            asyncio.get_running_loop().create_task(self.reload_program(), name="program-reload")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
@@ -323,6 +374,7 @@ class Pipeline:
             if self._forget_due and writing is None:
                 self._forget_due = False
                 self.ledger.forget_resolved()
+                self.program.earns.clear()  # earn records come back by prefetch when a refund needs one
             if self._resync_requested:
                 self._resync_requested = False
                 self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
@@ -330,10 +382,11 @@ class Pipeline:
                            "idempotency key")
                 await self._resync()
                 continue
-            if not self._queue and not self._expired_pending:
+            if not self._queue and not self._expired_pending and not self._lots_due():
                 if self._stopping:
                     return
                 self._queued.clear()
+                self._wake_for_lots()
                 await self._queued.wait()
                 continue
             if writing is not None:
@@ -412,9 +465,13 @@ class Pipeline:
         ledger = self.ledger
         write = BatchWrite(created_at=from_micros(now_us))
         ledger.begin()
+        self.program.begin()
         try:
             expired, self._expired_pending = self._expired_pending, []
             write.expired_holds = expired + ledger.expire_holds(now_us, settings.holds_expired_per_batch_max)
+            for authorization_id in write.expired_holds:
+                self._restore_hold(authorization_id, now_us)
+            self._expire_lots(write, now_us)
             outcomes = self._apply_batch(batch, stored, write, now_us)
             for op, outcome in zip(batch, outcomes):
                 key = (op.merchant_id, op.idempotency_key)
@@ -424,9 +481,11 @@ class Pipeline:
                     op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
                     outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
                     outcome.message))
+            write.rules = self.program.flush()
             _check_balanced(write)
         except BaseException:
             ledger.rollback_newest()
+            self.program.rollback_newest()
             raise
         prepared = _Prepared(batch, outcomes, write, now_us)
         self._open.append(prepared)
@@ -451,16 +510,19 @@ class Pipeline:
                 metrics.commit_seconds.observe(time.monotonic() - prepared.started)
         except domain.InvariantViolation:
             ledger.rollback()
+            self.program.rollback()
             self._fail_open(Code.INTERNAL, _INTERNAL_MESSAGE)
             raise
         except Exception as error:
             ledger.rollback()
+            self.program.rollback()
             batch = prepared.batch
             self._open.popleft()
             self._fail_open(Code.UNAVAILABLE, _NOT_APPLIED_MESSAGE)
             await self._database_failed(batch, error, ambiguous=_commit_may_have_happened(error))
             return False
         ledger.commit()
+        self.program.commit()
         self._open.popleft()
         self._committed(prepared.write)
         metrics.batches.labels("committed").inc()
@@ -590,10 +652,26 @@ class Pipeline:
                 ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
                                  self.merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
                                  hold.expires_at_us, status)
+        if self.program.program is not None:
+            wanted = {op.transaction_id for op in batch
+                      if op.method is Method.REFUND and op.transaction_id not in self.program.earns}
+            if wanted:
+                for r in await self.store.earn_records(wanted):
+                    self.program.load_earn(r["transaction_id"], earn_record(r))
         if transaction_ids:
             for t in await self.store.transactions(transaction_ids):
-                ledger.load_transaction(t.transaction_id, t.kind, ledger.member_slot(t.member_id),
-                                        self.merchants.by_id[t.merchant_id].merchant_slot, t.amount, t.refunded)
+                merchant = self.merchants.by_id.get(t.merchant_id)
+                member_slot = ledger.member_slot(t.member_id)
+                if t.kind > fastpath.KIND_REFUND_EARN:
+                    # a transaction the program rules set off: never refundable by a merchant (the fast
+                    # path answers NOT_REFUNDABLE, or WRONG_MERCHANT to another merchant)
+                    if merchant is None or member_slot < 0:
+                        continue
+                    ledger.load_transaction(t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot,
+                                            merchant.merchant_slot, t.amount, 0)
+                    continue
+                ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount,
+                                        t.refunded)
 
     # --- the batch on the fast path ---
 
@@ -605,6 +683,7 @@ class Pipeline:
         ledger = self.ledger
         merchants = self.merchants.by_id
         ids = self.ids
+        version = self.program.version(now_us)
         outcomes: list[Outcome | None] = [None] * len(batch)
         applied: list[int] = []  # positions in the batch of the operations given to the kernel
         method, member, merchant, points, ref_id, new_id, expires_at_us = (array.array("q") for _ in range(7))
@@ -625,7 +704,7 @@ class Pipeline:
                             "it may still capture, void and refund. Contact the operator")
                 continue
             slot = reference = created = expires = 0
-            if kind is Method.EARN:
+            if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
                 slot = ledger.ensure_member(op.member_id)
                 if slot < 0:
                     outcomes[position] = _ledger_rejection(fastpath.CAPACITY, op)
@@ -634,7 +713,7 @@ class Pipeline:
                     account_id = self._account_ids.pop()
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
-                created = ids.transaction()
+                created = ids.transaction() if kind is not Method.LINK else 0
             elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
                 if slot < 0:
@@ -651,9 +730,14 @@ class Pipeline:
                 reference, created = op.authorization_id, ids.transaction()
             elif kind is Method.VOID:
                 reference = op.authorization_id
-            else:
-                require(kind is Method.REFUND, f"unknown method {kind}")
+            elif kind is Method.REFUND:
                 reference, created = op.transaction_id, ids.transaction()
+            if version is not None or kind in _RULES_ONLY:
+                # under a program each operation goes through the kernel on its own, with the rules
+                # evaluated around it in order (an earn's bonuses change what the next operation sees)
+                outcomes[position] = self._apply_with_rules(op, write, now_us, version, slot, reference, created,
+                                                            expires)
+                continue
             applied.append(position)
             method.append(_OP_CODE[kind])
             member.append(slot)
@@ -745,6 +829,272 @@ class Pipeline:
         return fee
 
 
+    # --- the program rules (docs/RULES.md): each operation through the kernel on its own, the rules
+    #     evaluated around it, their postings in the same batch ---
+
+    def _apply_with_rules(self, op: Operation, write: BatchWrite, now_us: int,
+                          version: "rules.ProgramVersion | None", slot: int, reference: int, created: int,
+                          expires: int) -> Outcome:
+        method = op.method
+        try:
+            if method is Method.LINK:
+                return self._link(op)
+            if method is Method.CONVERT:
+                return self._convert(op, write, now_us, version, slot, created)
+            points, plan, refund = op.points, None, None
+            if method is Method.EARN and version is not None:
+                plan = self.program.plan_earn(version, op.member_id, op.merchant_id, op.points, now_us)
+                points = plan.total
+            elif method is Method.REDEEM or method is Method.AUTHORIZE:
+                self._expire_member(write, op.member_id, now_us)  # expired points are not spendable
+            elif method is Method.REFUND:
+                refund = self.program.refund_plan(op.transaction_id, op.points)
+                if refund is not None:
+                    points = refund[1].total
+        except Rejection as rejection:
+            metrics.rejections.labels("program_rule").inc()
+            return Outcome(rejection.code, message=rejection.message)
+        status, slot, amount, posted, available, kind = self._kernel_one(
+            op, slot, points, reference, created, expires, now_us)
+        if status != fastpath.OK:
+            if status == fastpath.HOLD_EXPIRED:
+                self._restore_hold(op.authorization_id, now_us)
+            return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+        program = self.program
+        if method is Method.EARN and plan is not None:
+            return self._earned(op, write, now_us, version, plan, created, slot)
+        if method is Method.REFUND and kind == fastpath.KIND_REFUND_EARN:
+            return self._earn_refunded(op, write, now_us, refund, created, slot, amount, available)
+        hold = self.ledger.hold(op.authorization_id) if method in (Method.CAPTURE, Method.VOID) else None
+        outcome = self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+        member_id = self.ledger.member_id(slot)
+        grace = version.restore_grace_us if version is not None else 0
+        if method is Method.AUTHORIZE or method is Method.REDEEM:
+            owner = (OWNER_HOLD, created) if method is Method.AUTHORIZE else (OWNER_TRANSACTION, created)
+            program.consume(member_id, owner, amount, available + amount, now_us)
+        elif method is Method.CAPTURE:
+            released = hold[3] - amount
+            program.restore(member_id, (OWNER_HOLD, op.authorization_id), released, available - released, now_us,
+                            grace, keep_as=(OWNER_TRANSACTION, created) if amount else None)
+        elif method is Method.VOID:
+            program.restore(member_id, (OWNER_HOLD, op.authorization_id), None, available - amount, now_us, grace)
+        elif method is Method.REFUND:  # of a capture or redeem: the lots it consumed come back
+            program.restore(member_id, (OWNER_TRANSACTION, op.transaction_id), amount, available - amount, now_us,
+                            grace)
+        return outcome
+
+    def _kernel_one(self, op: Operation, slot: int, points: int, reference: int, created: int, expires: int,
+                    now_us: int) -> tuple[int, ...]:
+        arrays = [array.array("q", [value]) for value in
+                  (_OP_CODE[op.method], slot, op.merchant_slot, points, reference, created, expires)]
+        rows = [array.array("q", bytes(8)) for _ in range(6)]
+        self.ledger.apply_batch(*arrays, now_us, *rows)
+        return tuple(row[0] for row in rows)
+
+    def _earned(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion",
+                plan: "rules.Earn", created: int, slot: int) -> Outcome:
+        """An earn under a program: its postings (base from the merchant, uplift from the operator,
+        each promotion from its sponsor), then what it set off: level bonuses, the referrer's bonus, the
+        acquiring merchant's reward, each a transaction of its own kind in the same batch."""
+        ledger, operator = self.ledger, self.operator_accounts
+        merchant = self.merchants.by_id[op.merchant_id]
+        fee = self._fee(write, created, merchant, plan.base, "fee_issued_bps")
+        write.transactions.append((created, fastpath.KIND_EARN, op.merchant_id, op.member_id, plan.total,
+                                   op.purchase_amount, None, None, op.idempotency_key, fee, version.version))
+        self._earn_entries(write, created, ledger.member_account(slot), merchant, plan, 1)
+        effects = self.program.earned(version, created, op.member_id, op.merchant_id, plan, op.purchase_amount,
+                                      now_us)
+        bonus_points = plan.total - plan.base
+        for level, bonus in effects.bonuses:
+            self._credit(write, rules.KIND_TIER_BONUS, op.merchant_id, op.member_id, bonus,
+                         operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS], f"tier:{op.member_id}:{level}", version,
+                         now_us, created)
+            bonus_points += bonus
+        if effects.referral is not None:
+            referrer, bonus = effects.referral
+            self._credit(write, rules.KIND_REFERRAL_BONUS, op.merchant_id, referrer, bonus,
+                         operator[rules.ACCOUNT_OPERATOR_REFERRALS], f"referral:{op.member_id}", version, now_us,
+                         created)
+        if effects.acquiring is not None:
+            acquirer, reward = effects.acquiring
+            self._post(write, rules.KIND_ACQUIRING_REWARD, acquirer, op.member_id, reward,
+                       [(operator[rules.ACCOUNT_OPERATOR_ACQUIRING], -reward),
+                        (self.merchants.by_id[acquirer].acquiring_account_id, reward)],
+                       f"acquiring:{created}", version, original=created)
+        posted, held = ledger.balance(slot)
+        fields = {"transaction_id": created, "points": plan.base, "balance": posted,
+                  "give_back_bps": merchant.give_back_bps, "created_at_us": now_us, "bonus_points": bonus_points,
+                  "level": self.program.level(op.member_id, now_us)}
+        return Outcome(Code.OK, fields)
+
+    def _earn_entries(self, write: BatchWrite, transaction_id: int, member_account: int, merchant: MerchantRow,
+                      earn: "rules.Earn", sign: int) -> None:
+        """An earn's entries (sign 1), or a refund's (sign -1, with the portion taken back)."""
+        operator = self.operator_accounts
+        entries = [(member_account, earn.total), (merchant.issued_account_id, -earn.base),
+                   (operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS], -earn.uplift)]
+        for grant in earn.grants:
+            if grant.sponsor_id == domain.OPERATOR_ID:
+                entries.append((operator[rules.ACCOUNT_OPERATOR_PROMOTIONS], -grant.amount))
+            else:
+                entries.append((self.merchants.by_id[grant.sponsor_id].issued_account_id, -grant.amount))
+        for account_id, amount in entries:
+            if amount:
+                write.entries.append((transaction_id, account_id, sign * amount))
+
+    def _earn_refunded(self, op: Operation, write: BatchWrite, now_us: int, refund, created: int, slot: int,
+                       taken: int, available: int) -> Outcome:
+        merchant = self.merchants.by_id[op.merchant_id]
+        member_id = self.ledger.member_id(slot)
+        record, portion, reversal = refund if refund is not None else (None, rules.Earn(taken), 0)
+        write.transactions.append((created, fastpath.KIND_REFUND_EARN, op.merchant_id, member_id, taken, None, None,
+                                   op.transaction_id, op.idempotency_key, 0,
+                                   record.version if record is not None else None))
+        write.refunds.append((op.transaction_id, taken))
+        self._earn_entries(write, created, self.ledger.member_account(slot), merchant, portion, -1)
+        version = self.program.version_numbered(record.version) if record is not None else None
+        if reversal:
+            operator = self.operator_accounts
+            self._post(write, rules.KIND_ACQUIRING_REVERSAL, record.acquirer_id, member_id, reversal,
+                       [(operator[rules.ACCOUNT_OPERATOR_ACQUIRING], reversal),
+                        (self.merchants.by_id[record.acquirer_id].acquiring_account_id, -reversal)],
+                       f"acquiring-reversal:{created}", version, original=op.transaction_id)
+        self.program.refunded_earn(version, op.transaction_id, record, member_id, portion.base, taken,
+                                   available + taken, now_us)
+        posted, _ = self.ledger.balance(slot)
+        return Outcome(Code.OK, {"transaction_id": created, "points": taken, "kind": fastpath.KIND_REFUND_EARN,
+                                 "balance": posted, "available": available,
+                                 "bonus_points": portion.total - portion.base})
+
+    def _post(self, write: BatchWrite, kind: int, merchant_id: str, member_id: str, amount: int,
+              entries: list[tuple[int, int]], key: str, version: "rules.ProgramVersion | None",
+              original: int | None = None) -> int:
+        """A transaction the rules set off (not a merchant's request): its row and entries."""
+        created = self.ids.transaction()
+        write.transactions.append((created, kind, merchant_id, member_id, amount, None, None, original, key, 0,
+                                   version.version if version is not None else None))
+        for account_id, delta in entries:
+            if delta:
+                write.entries.append((created, account_id, delta))
+        return created
+
+    def _move_member(self, member_id: str, delta: int) -> int:
+        """Credits (or debits) a member's posted points in the fast path (recorded in its undo log)."""
+        ledger = self.ledger
+        slot = ledger.member_slot(member_id)
+        require(slot >= 0, f"member {member_id!r} is not resident")
+        posted, held = ledger.balance(slot)
+        require(0 <= posted + delta <= fastpath.BALANCE_MAX and posted + delta - held >= 0,
+                f"member {member_id!r}: {delta} would leave posted {posted + delta} with {held} held")
+        ledger.load_member(member_id, posted + delta)
+        return slot
+
+    def _credit(self, write: BatchWrite, kind: int, merchant_id: str, member_id: str, amount: int,
+                funding_account: int, key: str, version: "rules.ProgramVersion | None", now_us: int,
+                original: int | None = None) -> int:
+        """Points the rules credit to a member from `funding_account`, as a lot of their own."""
+        slot = self._move_member(member_id, amount)
+        created = self._post(write, kind, merchant_id, member_id, amount,
+                             [(funding_account, -amount), (self.ledger.member_account(slot), amount)], key, version,
+                             original)
+        # the lot's breakage is attributed to the merchant whose earn set the credit off (the journal
+        # names a merchant on every transaction; the operator funded the points either way)
+        self.program.credit_lot(version, member_id, created, amount, merchant_id, now_us)
+        return created
+
+    # --- expiry ---
+
+    def _lots_due(self) -> bool:
+        due = self.program.next_due_us()
+        return due is not None and due <= now_micros()
+
+    def _wake_for_lots(self) -> None:
+        """Wakes the committer when the next lot expires, so the expiry job runs without traffic."""
+        due = self.program.next_due_us()
+        if due is not None:
+            delay = min(max(0.0, (due - now_micros()) / 1e6), 60.0)
+            asyncio.get_running_loop().call_later(delay, self._queued.set)
+
+    def _expire_lots(self, write: BatchWrite, now_us: int) -> None:
+        """The expiry job: up to expiry_lots_per_batch_max expired lots, each posted as one expiry
+        transaction in this batch (the lot leaves the member's lots in the same transaction, so a second
+        run finds nothing). It runs in every batch and on its own when a lot falls due, never stopping
+        traffic."""
+        for member_id, lot in self.program.due(now_us, self.settings.expiry_lots_per_batch_max):
+            self._post_expiry(write, member_id, lot)
+
+    def _expire_member(self, write: BatchWrite, member_id: str, now_us: int) -> None:
+        for lot in self.program.expire_member(member_id, now_us):
+            self._post_expiry(write, member_id, lot)
+
+    def _post_expiry(self, write: BatchWrite, member_id: str, lot: "rules.Lot") -> None:
+        slot = self._move_member(member_id, -lot.amount)
+        self._post(write, rules.KIND_EXPIRY, lot.issuer_id, member_id, lot.amount,
+                   [(self.ledger.member_account(slot), -lot.amount),
+                    (self.operator_accounts[domain.ACCOUNT_OPERATOR_BREAKAGE], lot.amount)],
+                   f"expiry:{member_id}:{lot.lot_id}:{lot.expires_at_us}", None, original=lot.lot_id)
+
+    def _restore_hold(self, authorization_id: int, now_us: int) -> None:
+        """An expired hold gives back the lots it consumed."""
+        ledger = self.ledger
+        if (OWNER_HOLD, authorization_id) not in self.program.pieces or not ledger.has_hold(authorization_id):
+            return
+        _, slot, _, amount, _ = ledger.hold(authorization_id)
+        posted, held = ledger.balance(slot)
+        version = self.program.version(now_us)
+        self.program.restore(ledger.member_id(slot), (OWNER_HOLD, authorization_id), None, posted - held - amount,
+                             now_us, version.restore_grace_us if version is not None else 0)
+
+    # --- links and conversion ---
+
+    def _link(self, op: Operation) -> Outcome:
+        """Links a member to the merchant that signed it up (the caller) and to a referring member."""
+        program = self.program
+        member = program.member(op.member_id)
+        if member.acquirer_id is not None:
+            if member.acquirer_id == op.merchant_id and member.referrer_id == (op.referrer_id or None):
+                return Outcome(Code.OK, {"acquirer_id": member.acquirer_id, "referrer_id": member.referrer_id or ""})
+            return Outcome(Code.FAILED_PRECONDITION, reason="already_linked", message=(
+                f"member {op.member_id!r} was signed up by merchant {member.acquirer_id!r} already; a member is "
+                "linked once"))
+        if op.referrer_id:
+            if op.referrer_id == op.member_id:
+                return Outcome(Code.INVALID_ARGUMENT, message="a member cannot refer itself")
+            if self.ledger.member_slot(op.referrer_id) < 0:
+                return Outcome(Code.NOT_FOUND, message=(
+                    f"referrer {op.referrer_id!r} is not a member; a member exists once it has earned or been "
+                    "linked"))
+        program.link(op.member_id, op.merchant_id, op.referrer_id or None)
+        return Outcome(Code.OK, {"acquirer_id": op.merchant_id, "referrer_id": op.referrer_id})
+
+    def _convert(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
+                 slot: int, created: int) -> Outcome:
+        """A merchant's own points converted into alliance points at its agreed rate, in whole blocks."""
+        if version is None:
+            raise Rejection(Code.FAILED_PRECONDITION,
+                            f"program {self.settings.program_id!r} has no version in force; the operator must "
+                            "configure the program (with this merchant's conversion rate) before points convert")
+        conversion = rules.convert_merchant_points(op.merchant_points, version.conversion_rate_for(op.merchant_id))
+        if conversion.point_units == 0:
+            raise Rejection(Code.FAILED_PRECONDITION, (
+                f"{op.merchant_points} merchant points is less than one conversion block at the agreed rate; "
+                f"convert at least {conversion.merchant_points_remainder + 1 if op.merchant_points else 1} "
+                "merchant points"))
+        merchant = self.merchants.by_id[op.merchant_id]
+        amount = conversion.point_units
+        self._move_member(op.member_id, amount)
+        write.transactions.append((created, rules.KIND_CONVERSION, op.merchant_id, op.member_id, amount, None, None,
+                                   None, op.idempotency_key, 0, version.version))
+        write.entries.append((created, merchant.issued_account_id, -amount))
+        write.entries.append((created, self.ledger.member_account(slot), amount))
+        self.program.credit_lot(version, op.member_id, created, amount, op.merchant_id, now_us)
+        posted, _ = self.ledger.balance(slot)
+        return Outcome(Code.OK, {"transaction_id": created, "points": amount,
+                                 "merchant_points_converted": conversion.merchant_points_converted,
+                                 "merchant_points_remainder": conversion.merchant_points_remainder,
+                                 "balance": posted, "created_at_us": now_us})
+
+
 _OP_CODE = {Method.EARN: fastpath.OP_EARN, Method.AUTHORIZE: fastpath.OP_AUTHORIZE, Method.CAPTURE: fastpath.OP_CAPTURE,
             Method.VOID: fastpath.OP_VOID, Method.REDEEM: fastpath.OP_REDEEM, Method.REFUND: fastpath.OP_REFUND}
 
@@ -754,7 +1104,9 @@ _NOT_APPLIED_MESSAGE = ("the ledger database refused or did not answer; this ope
                         "Retry with the same idempotency key")
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
-_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM})
+_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT, Method.LINK})
+# operations only the rules path applies (with or without a program version in force)
+_RULES_ONLY = frozenset({Method.CONVERT, Method.LINK})
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
 _NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
@@ -766,16 +1118,24 @@ def _count_committed(write: BatchWrite, ledger: Any) -> None:
         kind, amount = transaction[1], transaction[4]
         if kind == fastpath.KIND_EARN:
             metrics.points_earned.inc(amount)
+        elif kind == rules.KIND_EXPIRY:
+            metrics.points_expired.inc(amount)
+            metrics.program_transactions.labels("expiry").inc()
         elif kind in (fastpath.KIND_CAPTURE, fastpath.KIND_REDEEM):
             metrics.points_redeemed.inc(amount)
-        else:
+        elif kind in _REFUND_KIND:
             metrics.points_refunded.labels(_REFUND_KIND[kind]).inc(amount)
+        else:
+            metrics.program_transactions.labels(_PROGRAM_KIND.get(kind, str(kind))).inc()
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
 
 
 _REFUND_KIND = {fastpath.KIND_REFUND_REDEMPTION: "redemption", fastpath.KIND_REFUND_EARN: "earn"}
+_PROGRAM_KIND = {rules.KIND_EXPIRY: "expiry", rules.KIND_TIER_BONUS: "tier_bonus",
+                 rules.KIND_REFERRAL_BONUS: "referral_bonus", rules.KIND_ACQUIRING_REWARD: "acquiring_reward",
+                 rules.KIND_ACQUIRING_REVERSAL: "acquiring_reversal", rules.KIND_CONVERSION: "conversion"}
 
 
 def _commit_may_have_happened(error: BaseException) -> bool:
@@ -867,7 +1227,8 @@ def _rejection_message(status: int, op: Operation, available: int, expires_at_us
                        message=f"refund of {op.points} point-units exceeds what remains unrefunded of {transaction}")
     if status == fastpath.NOT_REFUNDABLE:
         return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"{transaction} is a refund; only earns, captures and redemptions can be refunded")
+                       message=f"{transaction} is not an earn, capture or redemption (a refund, or a transaction the "
+                               f"program rules made); only those can be refunded")
     if status == fastpath.OVERFLOW:
         return Outcome(Code.FAILED_PRECONDITION, message="the member's balance would exceed its maximum")
     if status == fastpath.CAPACITY:

@@ -14,6 +14,7 @@ docs/RULES.md explains each rule, its postings, its roundings and the decisions 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Collection, Iterable, Mapping, NamedTuple, NoReturn
 
@@ -481,6 +482,193 @@ class RuleBook:
         else:
             programs[version.program_id] = existing.with_version(version, now_us)
         return RuleBook(programs.values())
+
+
+# --- Configuration as JSON -----------------------------------------------------------------------
+# A version's settings as program_versions.config stores them and the CLI and the admin API take them:
+# a JSON object with one key per ProgramVersion field except program_id, version and effective_from_us
+# (columns of their own). Rates are {"numerator": n, "denominator": d}; a None field is null. A key
+# missing from an input takes the field's default; version_to_config writes every key, and that is what
+# is stored, so a stored version never depends on a default a later release may change.
+
+LEVELS_MAX = 63                 # member_programs.levels_reached is a bigint bitmask: bit i = level i
+PROMOTIONS_MAX = 10_000
+MERCHANT_TERMS_MAX = 100_000
+RATE_SCHEDULE_MAX = 1_000
+CONFIG_TEXT_CHARS_MAX = 200     # names and ids
+_COLUMNS = ("program_id", "version", "effective_from_us")
+_BAD = object()                 # a value that did not decode; its problem is listed already
+
+
+def _json_value(value):
+    if dataclasses.is_dataclass(value):
+        return {field.name: _json_value(getattr(value, field.name)) for field in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_json_value(item) for item in value]
+    return value
+
+
+def version_to_config(version: ProgramVersion) -> dict:
+    """Every setting of `version` (not program_id, version, effective_from_us) as JSON-safe values;
+    version_from_config(..., version_to_config(v)) == v."""
+    config = _json_value(version)
+    for column in _COLUMNS:
+        del config[column]
+    return config
+
+
+def _shown(value) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _path(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _integer(problems: list[str], value, where: str):
+    if _is_int(value):
+        return value
+    problems.append(f"{where} must be an integer (got {_shown(value)})")
+    return _BAD
+
+
+def _text(problems: list[str], value, where: str):
+    if isinstance(value, str) and len(value) <= CONFIG_TEXT_CHARS_MAX:
+        return value
+    problems.append(f"{where} must be a string of at most {CONFIG_TEXT_CHARS_MAX} characters (got {_shown(value)})")
+    return _BAD
+
+
+def _nullable(decode, meaning: str):
+    def decode_nullable(problems: list[str], value, where: str):
+        if value is None:
+            return None
+        found: list[str] = []
+        decoded = decode(found, value, where)
+        if decoded is _BAD and not isinstance(value, dict):  # the wrong type: say null is allowed
+            found[-1] += f", or null for {meaning}"
+        problems.extend(found)
+        return decoded
+    return decode_nullable
+
+
+def _list(decode, limit: int, what: str):
+    def decode_list(problems: list[str], value, where: str):
+        if not isinstance(value, list):
+            problems.append(f"{where} must be a list of {what} (got {_shown(value)})")
+            return _BAD
+        if len(value) > limit:
+            problems.append(f"{where} has {len(value)} entries; at most {limit}")
+            return _BAD
+        items = [decode(problems, item, f"{where}[{index}]") for index, item in enumerate(value)]
+        return _BAD if any(item is _BAD for item in items) else tuple(items)
+    return decode_list
+
+
+def _fields(problems: list[str], value, where: str, cls, kinds: Mapping) -> tuple[dict, bool, bool]:
+    """(fields, complete, clean): the fields of `cls` a JSON object gives, decoded. Every unknown key,
+    missing required key and wrong type is listed in problems; complete says every required field is
+    there and every given one decoded (so the object can be built and range-checked), clean that
+    there was no problem at all."""
+    what = f"{where} " if where else "the configuration "
+    if not isinstance(value, dict):
+        problems.append(f"{what}must be an object with keys {', '.join(kinds)} (got {_shown(value)})")
+        return {}, False, False
+    unknown = [key for key in value if key not in kinds]
+    if unknown:
+        problems.append(f"{what}has unknown key{'s' if len(unknown) > 1 else ''} "
+                        f"{', '.join(map(repr, unknown))}; the keys are {', '.join(kinds)}")
+    required = [field.name for field in dataclasses.fields(cls) if field.name in kinds
+                and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+    missing = [key for key in required if key not in value]
+    if missing:
+        problems.append(f"{what}needs {', '.join(missing)} (required: {', '.join(required)})")
+    fields = {}
+    for key, decode in kinds.items():
+        if key in value:
+            decoded = decode(problems, value[key], _path(where, key))
+            if decoded is not _BAD:
+                fields[key] = decoded
+    complete = not missing and len(fields) == len(value) - len(unknown)
+    return fields, complete, complete and not unknown
+
+
+def _construct(problems: list[str], where: str, cls, fields: dict):
+    try:
+        return cls(**fields)
+    except ConfigError as error:
+        problems.append(f"{where}: {error}")
+        return _BAD
+
+
+def _object(cls, kinds: Mapping):
+    def decode_object(problems: list[str], value, where: str):
+        fields, complete, clean = _fields(problems, value, where, cls, kinds)
+        built = _construct(problems, where, cls, fields) if complete else _BAD
+        return built if clean else _BAD
+    return decode_object
+
+
+_RATE = _object(Rate, {"numerator": _integer, "denominator": _integer})
+_LEVEL = _object(Level, {"name": _text, "threshold_point_units": _integer, "bonus_point_units": _integer,
+                         "multiplier_bps": _integer})
+_PROMOTION = _object(Promotion, {
+    "promotion_id": _text, "start_us": _integer, "end_us": _integer, "scope": _text, "scope_id": _text,
+    "multiplier_bps": _integer, "bonus_point_units": _integer, "budget_point_units": _integer,
+    "sponsor_id": _text})
+_MERCHANT_TERMS = _object(MerchantTerms, {
+    "merchant_id": _text, "acquiring_share_bps": _nullable(_integer, "the network's acquiring_share_bps"),
+    "conversion_rate": _nullable(_RATE, "no agreed rate: the merchant cannot convert")})
+_DIVIDENDS = _object(DividendSettings, {
+    "threshold_point_units": _integer, "growth_bps": _integer,
+    "rate_bps_schedule": _list(_integer, RATE_SCHEDULE_MAX, "integers (basis points, round 1 first)"),
+    "credit_limit_bps": _integer})
+_VERSION_KINDS = {
+    "expiry_period_us": _nullable(_integer, "never expire"), "restore_grace_us": _integer,
+    "levels": _list(_LEVEL, LEVELS_MAX, "level objects, lowest first"),
+    "tier_window_us": _nullable(_integer, "in total"),
+    "dividends": _nullable(_DIVIDENDS, "no dividend pool"), "acquiring_share_bps": _integer,
+    "referral_bonus_point_units": _integer, "referral_minimum_purchase": _integer,
+    "promotions": _list(_PROMOTION, PROMOTIONS_MAX, "promotion objects"),
+    "merchant_terms": _list(_MERCHANT_TERMS, MERCHANT_TERMS_MAX, "merchant terms objects"),
+}
+CONFIG_KEYS = tuple(_VERSION_KINDS)
+require(set(CONFIG_KEYS) | set(_COLUMNS) == {field.name for field in dataclasses.fields(ProgramVersion)},
+        "the configuration codec must know every ProgramVersion field")
+
+
+def version_from_config(program_id: str, version: int, effective_from_us: int, config: dict) -> ProgramVersion:
+    """The ProgramVersion a configuration describes. ConfigError lists every problem found (unknown
+    keys, wrong types, each nested object's problems, then the checks across fields), each with the
+    key it is about and what is allowed."""
+    problems: list[str] = []
+    prefix = f"program {program_id!r} version {version!r}: "
+    fields, _, clean = _fields(problems, config, "", ProgramVersion, _VERSION_KINDS)
+    if not clean and isinstance(config, dict) and "levels" in config and "levels" not in fields:
+        fields.pop("promotions", None)  # a tier promotion names a level: not checkable without them
+    try:
+        built = ProgramVersion(program_id, version, effective_from_us, **fields)
+    except ConfigError as error:
+        problems.append(str(error).removeprefix(prefix))
+    if problems:
+        raise ConfigError(prefix + "; ".join(problems) + "; correct these and send the whole configuration again")
+    return built
+
+
+def program_from_rows(program_id: str, rows: Iterable[Mapping]) -> Program | None:
+    """The Program stored as program_versions rows (version, effective_from_us, config as a dict or JSON
+    text), or None if there is none."""
+    versions = []
+    for row in sorted(rows, key=lambda row: row["version"]):
+        config = row["config"]
+        if isinstance(config, (str, bytes)):
+            config = json.loads(config)
+        versions.append(version_from_config(program_id, row["version"], row["effective_from_us"], config))
+    return Program(program_id, tuple(versions)) if versions else None
 
 
 # --- Expiry lots ---------------------------------------------------------------------------------

@@ -14,11 +14,12 @@ from google.protobuf import timestamp_pb2
 import fastpath
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from processor import domain, metrics, rpc
+from processor import domain, metrics, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
-from processor.pipeline import Pipeline, all_done
+from processor.pipeline import Pipeline, all_done, now_micros
+from processor.store import micros
 
 log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
@@ -35,10 +36,23 @@ _KIND = {
     fastpath.KIND_REDEEM: pb.TRANSACTION_KIND_REDEEM,
     fastpath.KIND_REFUND_REDEMPTION: pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION,
     fastpath.KIND_REFUND_EARN: pb.TRANSACTION_KIND_REFUND_OF_EARN,
+    rules.KIND_EXPIRY: pb.TRANSACTION_KIND_EXPIRY,
+    rules.KIND_TIER_BONUS: pb.TRANSACTION_KIND_TIER_BONUS,
+    rules.KIND_REFERRAL_BONUS: pb.TRANSACTION_KIND_REFERRAL_BONUS,
+    rules.KIND_ACQUIRING_REWARD: pb.TRANSACTION_KIND_ACQUIRING_REWARD,
+    rules.KIND_ACQUIRING_REVERSAL: pb.TRANSACTION_KIND_ACQUIRING_REVERSAL,
+    rules.KIND_DIVIDEND: pb.TRANSACTION_KIND_DIVIDEND,
+    rules.KIND_SPLIT_REDEEM: pb.TRANSACTION_KIND_SPLIT_REDEEM,
+    rules.KIND_SPLIT_REFUND: pb.TRANSACTION_KIND_SPLIT_REFUND,
+    rules.KIND_MERCHANT_VOUCHER_SPEND: pb.TRANSACTION_KIND_MERCHANT_VOUCHER_SPEND,
+    rules.KIND_CONVERSION: pb.TRANSACTION_KIND_CONVERSION,
 }
 # Sign of a transaction's effect on the member's posted balance.
 _MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_REDEEM: -1,
-                fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1}
+                fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1,
+                rules.KIND_EXPIRY: -1, rules.KIND_TIER_BONUS: 1, rules.KIND_REFERRAL_BONUS: 1,
+                rules.KIND_ACQUIRING_REWARD: 0, rules.KIND_ACQUIRING_REVERSAL: 0, rules.KIND_CONVERSION: 1}
+EXPIRING_WITHIN_DAYS_DEFAULT, EXPIRING_WITHIN_DAYS_MAX = 30, 3660
 
 
 def timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -95,6 +109,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             "earn": (self._earn, self._earn_response), "authorize": (self._authorize, self._authorize_response),
             "capture": (self._capture, self._capture_response), "void": (self._void, self._void_response),
             "redeem": (self._redeem, self._redeem_response), "refund": (self._refund, self._refund_response),
+            "link": (self._link, self._link_response), "convert": (self._convert, self._convert_response),
         }
 
     # --- helpers ---
@@ -148,7 +163,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     def _earn_response(f: dict) -> pb.EarnResponse:
         return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
                                points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
-                               created_at=timestamp(f["created_at_us"]))
+                               created_at=timestamp(f["created_at_us"]), bonus_points=f.get("bonus_points", 0),
+                               level=f.get("level", ""))
 
     async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -216,7 +232,38 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     def _refund_response(f: dict) -> pb.RefundResponse:
         return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
                                  points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
-                                 available=f["available"])
+                                 available=f["available"], bonus_points=f.get("bonus_points", 0))
+
+    async def _link(self, request: pb.LinkMemberRequest) -> Operation:
+        member_id = self.validate.identifier(request.member_id, "member_id")
+        referrer = request.referrer_member_id
+        if referrer:
+            referrer = self.validate.identifier(referrer, "referrer_member_id")
+            if referrer == member_id:
+                raise Rejection(Code.INVALID_ARGUMENT, "referrer_member_id is member_id: a member cannot refer itself")
+        return await self._operation(Method.LINK, request, request.merchant_id,
+                                     {"member_id": member_id, "referrer_member_id": referrer},
+                                     member_id=member_id, referrer_id=referrer)
+
+    @staticmethod
+    def _link_response(f: dict) -> pb.LinkMemberResponse:
+        return pb.LinkMemberResponse(acquirer_id=f["acquirer_id"], referrer_member_id=f["referrer_id"])
+
+    async def _convert(self, request: pb.ConvertMerchantPointsRequest) -> Operation:
+        member_id = self.validate.identifier(request.member_id, "member_id")
+        merchant_points = self.validate.amount(request.merchant_points, "merchant_points", self.settings.points_max,
+                                               "points of the merchant's own programme")
+        return await self._operation(Method.CONVERT, request, request.merchant_id,
+                                     {"member_id": member_id, "merchant_points": merchant_points},
+                                     member_id=member_id, merchant_points=merchant_points)
+
+    @staticmethod
+    def _convert_response(f: dict) -> pb.ConvertMerchantPointsResponse:
+        return pb.ConvertMerchantPointsResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]), points=f["points"],
+            merchant_points_converted=f["merchant_points_converted"],
+            merchant_points_remainder=f["merchant_points_remainder"], balance=f["balance"],
+            created_at=timestamp(f["created_at_us"]))
 
     async def _unary(self, kind: str, request, context):
         build, respond = self._kinds[kind]
@@ -245,6 +292,23 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def Refund(self, request: pb.RefundRequest, context) -> pb.RefundResponse:
         return await self._unary("refund", request, context)
+
+    async def LinkMember(self, request: pb.LinkMemberRequest, context) -> pb.LinkMemberResponse:
+        return await self._unary("link", request, context)
+
+    async def ConvertMerchantPoints(self, request: pb.ConvertMerchantPointsRequest,
+                                    context) -> pb.ConvertMerchantPointsResponse:
+        return await self._unary("convert", request, context)
+
+    async def CashOut(self, request: pb.CashOutRequest, context) -> pb.CashOutResponse:
+        async def call():
+            merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            caller = rpc.principal.get()
+            if caller is None or not caller.may_act_for(merchant_id):
+                raise Rejection(Code.PERMISSION_DENIED, f"this API key may not act for merchant {merchant_id!r}")
+            metrics.rejections.labels("cash_out").inc()
+            rules.refuse_cash_out()
+        return await guard(context, call)
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context) -> pb.SubmitBatchResponse:
         count = len(request.operations)
@@ -360,7 +424,25 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             if slot < 0:
                 raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
             posted, held = ledger.balance(slot)
-            return pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held)
+            days = request.expiring_within_days or EXPIRING_WITHIN_DAYS_DEFAULT
+            if not 1 <= days <= EXPIRING_WITHIN_DAYS_MAX:
+                raise Rejection(Code.INVALID_ARGUMENT, f"expiring_within_days must be 0 (default "
+                                f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
+            program, now_us = self.pipeline.program, now_micros()
+            response = pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held,
+                                             level=program.level(member_id, now_us))
+            for expires_at_us, points in program.expiring_within(member_id, now_us, days * rules.DAY_US):
+                response.expiring.append(pb.ExpiringPoints(expires_at=timestamp(expires_at_us), points=points))
+                response.expiring_points += points
+            links = program.member(member_id)
+            response.acquirer_id, response.referrer_id = links.acquirer_id or "", links.referrer_id or ""
+            if program.program is not None:
+                for r in await self.pipeline.ready_store().tier_history(member_id):
+                    response.level_history.append(pb.LevelChange(
+                        from_level=r["from_level"], to_level=r["to_level"],
+                        transaction_id=domain.format_transaction_id(r["transaction_id"]),
+                        changed_at=timestamp(micros(r["created_at"]))))
+            return response
         return await guard(context, call)
 
     async def ListTransactions(self, request: pb.ListTransactionsRequest, context) -> pb.ListTransactionsResponse:

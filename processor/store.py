@@ -18,11 +18,12 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from processor import metrics
+from processor import metrics, rules
 from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ACQUIRING, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
                               ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS, OPERATOR_ID,
                               GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
 
+NEVER_US = 2**63 - 1  # lot_consumptions.expires_at_us of a piece of never-expiring points
 MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES,
                      ACCOUNT_MERCHANT_ACQUIRING)
 
@@ -34,6 +35,10 @@ WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
 APPLICATION_NAME = "points-processor"
 RECONCILE_TIMEOUT_SECONDS = 6 * 3600.0
+# A new program version starts at least this far ahead, so the running service has loaded it by then.
+PROGRAM_LEAD_SECONDS = 1
+PROGRAM_START_US_MAX = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z, the latest a Timestamp holds
+PROGRAM_CHANNEL = "points_program"  # NOTIFY channel; the payload is the program_id of a new version
 
 
 class StoreError(Exception):
@@ -210,10 +215,13 @@ class BatchWrite:
     expired_holds: list[int] = dataclasses.field(default_factory=list)
     # (merchant_id, idempotency_key, method, request json, outcome, response json|None, message)
     idempotency: list[tuple] = dataclasses.field(default_factory=list)
+    # the program rules' rows (processor.program.RulesWrite), or None when no program applies
+    rules: Any = None
 
     @property
     def empty(self) -> bool:
-        return not (self.idempotency or self.expired_holds)
+        return not (self.idempotency or self.expired_holds or self.transactions
+                    or (self.rules is not None and not self.rules.empty))
 
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -226,6 +234,14 @@ def micros(moment: dt.datetime) -> int:
 def from_micros(value: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(value // 1_000_000, dt.timezone.utc).replace(
         microsecond=value % 1_000_000)
+
+
+def _iso_us(value: int) -> str:
+    """A time in microseconds since the epoch as ISO 8601 UTC, for messages."""
+    try:
+        return from_micros(value).isoformat().replace("+00:00", "Z")
+    except (OverflowError, ValueError, OSError):
+        return f"{value} us since the epoch"
 
 
 class Store:
@@ -241,6 +257,8 @@ class Store:
         self._writer_lock: asyncpg.Connection | None = None
         self._writer_lock_pid: int | None = None
         self._writer_lock_started: dt.datetime | None = None
+        self._program_listener: asyncpg.Connection | None = None
+        self._program_tasks: set[asyncio.Task] = set()
 
     @classmethod
     async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
@@ -250,6 +268,7 @@ class Store:
         return cls(pool, url, connect_timeout=command_timeout)
 
     async def close(self) -> None:
+        await self.stop_listening()
         if self._writer_lock is not None and not self._writer_lock.is_closed():
             await self._writer_lock.close()
         await self.pool.close()
@@ -348,11 +367,45 @@ class Store:
         row = await self.pool.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row)) if row else None
 
+    async def program_state(self, program_id: str) -> dict[str, list]:
+        """The program rules' state for start-up: member links and tiers, expiring lots, the pieces open
+        holds and refundable redemptions consumed, and the promotions' points granted."""
+        timeout = self.recovery_timeout
+        return {
+            "members": await self.pool.fetch(
+                """SELECT member_id, acquirer_id, referrer_id, referral_paid, level, levels_reached,
+                          qualifying_point_units, day_buckets::text AS day_buckets FROM member_programs""",
+                timeout=timeout),
+            "lots": await self.pool.fetch(
+                "SELECT member_id, lot_id, expires_at_us, issuer_id, amount FROM lots ORDER BY member_id",
+                timeout=timeout),
+            "pieces": await self.pool.fetch(
+                """SELECT owner_kind, owner_id, lot_id, expires_at_us, issuer_id, amount FROM lot_consumptions
+                   ORDER BY owner_kind, owner_id, expires_at_us, lot_id""", timeout=timeout),
+            "budgets": await self.pool.fetch(
+                "SELECT promotion_id, granted FROM promotion_budgets WHERE program_id = $1", program_id,
+                timeout=timeout),
+        }
+
+    async def earn_records(self, transaction_ids: Iterable[int]) -> list[asyncpg.Record]:
+        """earn_rules rows (with the earn's member, merchant, version and time) of these transactions."""
+        return await self.pool.fetch(
+            """SELECT e.transaction_id, e.base_point_units, e.uplift_point_units, e.acquirer_id,
+                      e.acquiring_point_units, e.refunded_base_point_units, e.grants::text AS grants,
+                      t.member_id, t.merchant_id, t.program_version, t.created_at
+               FROM earn_rules e JOIN transactions t USING (transaction_id)
+               WHERE e.transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+
+    async def tier_history(self, member_id: str, limit: int = 10) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT transaction_id, from_level, to_level, created_at FROM tier_events
+               WHERE member_id = $1 ORDER BY created_at DESC, transaction_id DESC LIMIT $2""", member_id, limit)
+
     async def operator_account_ids(self) -> dict[str, int]:
         """account kind -> account id of the operator's own accounts (fee revenue, breakage)."""
         rows = await self.pool.fetch(
             """SELECT kind, account_id FROM accounts
-               WHERE kind IN ('operator_fee_revenue', 'operator_breakage') AND owner_id = $1 AND asset_code = $2""",
+               WHERE kind LIKE 'operator%' AND owner_id = $1 AND asset_code = $2""",
             OPERATOR_ID, ASSET_POINTS, timeout=self.recovery_timeout)
         return {r["kind"]: r["account_id"] for r in rows}
 
@@ -385,6 +438,88 @@ class Store:
         return await self.pool.fetchval(
             """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1
                RETURNING revoked_at""", key_id)
+
+    # --- program versions ---
+    # A program's rules are versions (program_versions, processor/rules.py): each applies from its
+    # effective_from_us onward and is never changed or deleted. A new version is announced on the
+    # channel PROGRAM_CHANNEL, in its own transaction, so a running service reloads it at once.
+
+    async def program(self, program_id: str) -> rules.Program | None:
+        """Every stored version of the program, oldest first; None if it has none."""
+        rows = await self.pool.fetch(
+            """SELECT version, effective_from_us, config::text AS config FROM program_versions
+               WHERE program_id = $1 ORDER BY version""", program_id, timeout=self.recovery_timeout)
+        return rules.program_from_rows(program_id, rows)
+
+    async def add_program_version(self, program_id: str, effective_from_us: int | None, config: dict,
+                                  created_by: str = "") -> rules.ProgramVersion:
+        """Stores the next version of the program (version 1 starts it): `config` as
+        rules.version_from_config reads it, in force from effective_from_us (None: PROGRAM_LEAD_SECONDS
+        from now). The start must be at least PROGRAM_LEAD_SECONDS ahead, so the running service loads
+        the version before it applies, and after the previous version's start. ConfigError for a
+        configuration that cannot be used, StoreError for a start that is not allowed."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            # one writer at a time, so two versions cannot take the same number
+            await connection.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
+            previous = await connection.fetchrow(
+                """SELECT version, effective_from_us FROM program_versions WHERE program_id = $1
+                   ORDER BY version DESC LIMIT 1""", program_id)
+            version = previous["version"] + 1 if previous else 1
+            earliest_us = time.time_ns() // 1000 + PROGRAM_LEAD_SECONDS * 1_000_000
+            if effective_from_us is None:
+                effective_from_us = earliest_us
+            stored = rules.version_from_config(program_id, version, effective_from_us, config)
+            if effective_from_us > PROGRAM_START_US_MAX:
+                raise StoreError(f"version {version} of program {program_id!r} would start at {effective_from_us} us "
+                                 f"since the epoch, after 9999-12-31: give a start in microseconds, not nanoseconds")
+            if effective_from_us < earliest_us:
+                raise StoreError(
+                    f"version {version} of program {program_id!r} would start at {_iso_us(effective_from_us)}, "
+                    f"less than {PROGRAM_LEAD_SECONDS} s from now ({_iso_us(earliest_us - PROGRAM_LEAD_SECONDS * 1_000_000)}): "
+                    f"a change applies from a time onward, never to the past; give a later start, or none "
+                    f"for {PROGRAM_LEAD_SECONDS} s from now")
+            if previous is not None and effective_from_us <= previous["effective_from_us"]:
+                raise StoreError(
+                    f"version {version} of program {program_id!r} would start at {_iso_us(effective_from_us)}, "
+                    f"not after version {previous['version']} (from {_iso_us(previous['effective_from_us'])}); "
+                    f"versions apply in order: give a start after {_iso_us(previous['effective_from_us'])}")
+            await connection.execute(
+                """INSERT INTO program_versions (program_id, version, effective_from_us, config, created_by)
+                   VALUES ($1, $2, $3, $4::jsonb, $5)""",
+                program_id, version, effective_from_us, json.dumps(rules.version_to_config(stored)), created_by)
+            await connection.execute("SELECT pg_notify($1, $2)", PROGRAM_CHANNEL, program_id)
+        log.info("program version stored", extra={"program_id": program_id, "version": version,
+                                                  "effective_from_us": effective_from_us, "created_by": created_by})
+        return stored
+
+    async def listen_program_changes(self, callback) -> None:
+        """Calls callback(program_id) on the event loop each time a version of a program is stored (by
+        any process: this service, another one, the CLI); a coroutine it returns runs as a task. Uses a
+        connection of its own, closed by stop_listening() or close(). The listener does not reconnect:
+        if its connection is lost, notices are missed until listen_program_changes is called again, so
+        a caller that must not miss one also re-reads program() after (re)starting to listen."""
+        await self.stop_listening()
+        loop = asyncio.get_running_loop()
+
+        def notified(connection, pid, channel, payload) -> None:
+            result = callback(payload)
+            if asyncio.iscoroutine(result):
+                task = loop.create_task(result, name="program-change")
+                self._program_tasks.add(task)
+                task.add_done_callback(self._program_tasks.discard)
+        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
+                                           server_settings={"application_name": APPLICATION_NAME + "-listen"})
+        try:
+            await connection.add_listener(PROGRAM_CHANNEL, notified)
+        except BaseException:
+            await connection.close()
+            raise
+        self._program_listener = connection
+
+    async def stop_listening(self) -> None:
+        connection, self._program_listener = self._program_listener, None
+        if connection is not None and not connection.is_closed():
+            await connection.close()
 
     # --- start-up loads ---
 
@@ -536,8 +671,9 @@ class Store:
                 "transactions",
                 columns=["transaction_id", "kind", "merchant_id", "member_id", "asset_code", "amount",
                          "purchase_amount", "authorization_id", "original_transaction_id",
-                         "idempotency_key", "created_at", "fee"],
-                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at, t[9])
+                         "idempotency_key", "created_at", "fee", "program_version"],
+                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at, t[9],
+                          t[10] if len(t) > 10 else None)
                          for t in b.transactions],
                 timeout=timeout)
             step("transactions")
@@ -583,6 +719,9 @@ class Store:
                    WHERE authorization_id = ANY($1::bigint[]) AND status = 1""",
                 b.expired_holds, timeout=timeout)
             step("hold_expiries")
+        if b.rules is not None and not b.rules.empty:
+            await self._write_rules(c, b.rules, at, timeout)
+            step("rules")
         if b.idempotency:
             await c.execute(
                 """INSERT INTO idempotency_keys
@@ -594,6 +733,77 @@ class Store:
                         AS k(merchant_id, idempotency_key, method, request, outcome, response, message)""",
                 *[list(x) for x in zip(*b.idempotency)], at, timeout=timeout)
             step("idempotency")
+
+    @staticmethod
+    async def _write_rules(c: asyncpg.Connection, r, at: dt.datetime, timeout: float) -> None:
+        """The program rules' state a batch changed (processor.program.RulesWrite), beside its journal
+        rows: member links and tiers, lots, consumed pieces, promotion budgets, earn records."""
+        if r.members:
+            rows = list(r.members.items())
+            await c.execute(
+                """INSERT INTO member_programs AS p (member_id, acquirer_id, referrer_id, referral_paid, level,
+                                                    levels_reached, qualifying_point_units, day_buckets, linked_at)
+                   SELECT m, a, rf, paid, lv, mask, q, b::jsonb, CASE WHEN a IS NULL THEN NULL ELSE $9::timestamptz END
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bigint[],
+                               $7::bigint[], $8::text[]) AS x(m, a, rf, paid, lv, mask, q, b)
+                   ON CONFLICT (member_id) DO UPDATE SET
+                     acquirer_id = excluded.acquirer_id, referrer_id = excluded.referrer_id,
+                     referral_paid = excluded.referral_paid, level = excluded.level,
+                     levels_reached = excluded.levels_reached,
+                     qualifying_point_units = excluded.qualifying_point_units, day_buckets = excluded.day_buckets,
+                     linked_at = coalesce(p.linked_at, excluded.linked_at)""",
+                [m for m, _ in rows], [v.acquirer_id for _, v in rows], [v.referrer_id for _, v in rows],
+                [v.referral_paid for _, v in rows], [v.level for _, v in rows], [v.levels_reached for _, v in rows],
+                [v.qualifying for _, v in rows],
+                [json.dumps({str(day): amount for day, amount in v.day_buckets}) for _, v in rows], at,
+                timeout=timeout)
+        if r.lots:
+            await c.execute("DELETE FROM lots WHERE member_id = ANY($1::text[])", list(r.lots), timeout=timeout)
+            records = [(m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
+                       for m, lots in r.lots.items() for lot in lots]
+            if records:
+                await c.copy_records_to_table(
+                    "lots", columns=["member_id", "lot_id", "expires_at_us", "issuer_id", "amount"],
+                    records=records, timeout=timeout)
+        if r.pieces:
+            owners = list(r.pieces)
+            await c.execute(
+                """DELETE FROM lot_consumptions l USING unnest($1::smallint[], $2::bigint[]) AS o(k, i)
+                   WHERE l.owner_kind = o.k AND l.owner_id = o.i""",
+                [o[0] for o in owners], [o[1] for o in owners], timeout=timeout)
+            records = [(kind, owner, piece.lot_id, NEVER_US if piece.expires_at_us is None else piece.expires_at_us,
+                        piece.issuer_id, piece.amount)
+                       for (kind, owner), pieces in r.pieces.items() for piece in pieces]
+            if records:
+                await c.copy_records_to_table(
+                    "lot_consumptions",
+                    columns=["owner_kind", "owner_id", "lot_id", "expires_at_us", "issuer_id", "amount"],
+                    records=records, timeout=timeout)
+        if r.budgets:
+            await c.execute(
+                """INSERT INTO promotion_budgets (program_id, promotion_id, granted)
+                   SELECT $1, p, g FROM unnest($2::text[], $3::bigint[]) AS x(p, g)
+                   ON CONFLICT (program_id, promotion_id) DO UPDATE SET granted = excluded.granted""",
+                r.program_id, list(r.budgets), list(r.budgets.values()), timeout=timeout)
+        new = [(t, e) for t, e in r.earns.items() if t in r.new_earns]
+        if new:
+            await c.copy_records_to_table(
+                "earn_rules",
+                columns=["transaction_id", "base_point_units", "uplift_point_units", "acquirer_id",
+                         "acquiring_point_units", "refunded_base_point_units", "grants"],
+                records=[(t, e.earn.base, e.earn.uplift, e.acquirer_id, e.acquiring, e.refunded_base,
+                          json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants]))
+                         for t, e in new], timeout=timeout)
+        old = [(t, e) for t, e in r.earns.items() if t not in r.new_earns]
+        if old:
+            await c.execute(
+                """UPDATE earn_rules e SET refunded_base_point_units = x.r
+                   FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE e.transaction_id = x.t""",
+                [t for t, _ in old], [e.refunded_base for _, e in old], timeout=timeout)
+        if r.tier_events:
+            await c.copy_records_to_table(
+                "tier_events", columns=["transaction_id", "member_id", "from_level", "to_level", "created_at"],
+                records=[(*event, at) for event in r.tier_events], timeout=timeout)
 
     async def write_checkpoint(self, deltas: dict[int, int], through: int, timeout: float) -> None:
         """Folds `deltas` (account_id -> sum of its entries after the current checkpoint up to and
@@ -688,7 +898,10 @@ class Store:
         issued = -balance.get(ACCOUNT_MERCHANT_ISSUED, 0)
         redeemed = balance.get(ACCOUNT_MERCHANT_REDEEMED, 0)
         fees = -balance.get(ACCOUNT_MERCHANT_FEES, 0)
-        return {"issued": issued, "redeemed": redeemed, "fees": fees, "net": redeemed - issued - fees}
+        # acquiring rewards net of their reversals: a receivable of the merchant, like redeemed
+        acquiring = balance.get(ACCOUNT_MERCHANT_ACQUIRING, 0)
+        return {"issued": issued, "redeemed": redeemed, "fees": fees, "acquiring": acquiring,
+                "net": redeemed + acquiring - issued - fees}
 
     async def latest_cut_off(self) -> dt.datetime | None:
         return await self.pool.fetchval("SELECT max(cut_off) FROM settlement_periods")
@@ -711,27 +924,51 @@ class Store:
             period = await c.fetchrow(
                 """INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES ($1, $2, $3)
                    RETURNING *""", period_id, opened_at, cut_off)
+            # Amounts come from the entries on the merchants' POINTS clearing accounts, not from
+            # transactions.amount: under a program an earn's amount is what the member got (base, tier
+            # uplift, promotions) while the merchant owes only its base and the promotions it sponsors,
+            # and an acquiring reward (kind 9, reversal 10) belongs to the acquirer, not to the merchant
+            # where the member spent. A merchant's transactions are its own (transactions.merchant_id)
+            # and those that moved one of its clearing accounts. Transaction ids grow with created_at
+            # (one writer), so the period's entries are one range of the entries_transaction index.
             await c.execute(
-                """WITH moves AS (
-                     SELECT merchant_id,
-                            coalesce(sum(amount) FILTER (WHERE kind = 1), 0) AS issued,
-                            coalesce(sum(amount) FILTER (WHERE kind = 5), 0) AS earn_refunds,
-                            coalesce(sum(amount) FILTER (WHERE kind IN (2, 3)), 0) AS redeemed,
-                            coalesce(sum(amount) FILTER (WHERE kind = 4), 0) AS redemption_refunds,
-                            sum(fee) AS fees, count(*) AS transactions
-                     FROM transactions WHERE created_at >= $2 AND created_at < $3
+                f"""WITH t AS MATERIALIZED (
+                     SELECT transaction_id, kind, merchant_id FROM transactions
+                     WHERE created_at >= $2 AND created_at < $3),
+                   m AS MATERIALIZED (
+                     SELECT t.transaction_id, t.kind, t.merchant_id AS own, a.owner_id AS merchant_id,
+                            a.kind AS account_kind, e.amount
+                     FROM t JOIN entries e ON e.transaction_id = t.transaction_id
+                     JOIN accounts a ON a.account_id = e.account_id AND a.asset_code = 'POINTS'
+                       AND a.kind = ANY($5::text[])
+                     WHERE e.transaction_id BETWEEN (SELECT min(transaction_id) FROM t)
+                                                AND (SELECT max(transaction_id) FROM t)),
+                   money AS (
+                     SELECT merchant_id, {_CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind")}
+                     FROM m GROUP BY merchant_id),
+                   counted AS (
+                     SELECT merchant_id, sum(n)::bigint AS transactions FROM (
+                       SELECT merchant_id, count(*) AS n FROM t GROUP BY merchant_id
+                       UNION ALL
+                       SELECT merchant_id, count(DISTINCT transaction_id) FROM m WHERE merchant_id <> own
+                       GROUP BY merchant_id) x
                      GROUP BY merchant_id),
+                   moves AS (SELECT * FROM counted LEFT JOIN money USING (merchant_id)),
                    previous AS (SELECT merchant_id, closing_position FROM statements WHERE period_id = $4)
-                   INSERT INTO statements
+                   INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,
+                                           redemption_refunds, fees, acquiring, acquiring_reversals, net,
+                                           closing_position, transactions)
                    SELECT $1, merchant_id, coalesce(p.closing_position, 0),
                           coalesce(m.issued, 0), coalesce(m.earn_refunds, 0), coalesce(m.redeemed, 0),
-                          coalesce(m.redemption_refunds, 0), coalesce(m.fees, 0), n.net,
+                          coalesce(m.redemption_refunds, 0), coalesce(m.fees, 0), coalesce(m.acquiring, 0),
+                          coalesce(m.acquiring_reversals, 0), n.net,
                           coalesce(p.closing_position, 0) + n.net, coalesce(m.transactions, 0)
                    FROM moves m FULL JOIN previous p USING (merchant_id),
                         LATERAL (SELECT coalesce(m.redeemed, 0) - coalesce(m.redemption_refunds, 0)
                                         - coalesce(m.issued, 0) + coalesce(m.earn_refunds, 0)
-                                        - coalesce(m.fees, 0) AS net) n""",
-                period_id, opened_at, cut_off, period_id - 1)
+                                        - coalesce(m.fees, 0) + coalesce(m.acquiring, 0)
+                                        - coalesce(m.acquiring_reversals, 0) AS net) n""",
+                period_id, opened_at, cut_off, period_id - 1, list(MERCHANT_ACCOUNTS))
             return period, True
 
     async def period_summary(self, period_id: int) -> asyncpg.Record | None:
@@ -757,15 +994,36 @@ class Store:
 
     async def statement_lines(self, period_id: int, merchant_id: str, after_transaction_id: int = 0,
                               limit: int | None = None) -> list[asyncpg.Record]:
-        """The merchant's transactions of a period, each with its effect on the merchant's position."""
+        """The merchant's transactions of a period, each with its effect on the merchant's position: its
+        own (transactions.merchant_id) and the acquiring rewards and reversals (kinds 9, 10) that moved
+        its merchant_acquiring account. fee and net are read from the entries on its POINTS clearing
+        accounts, as the statement's totals are (close_period), so the lines sum to the statement."""
         return await self.pool.fetch(
-            """SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount, t.fee,
-                      (CASE t.kind WHEN 1 THEN -t.amount WHEN 5 THEN t.amount WHEN 4 THEN -t.amount
-                                   ELSE t.amount END) - t.fee AS net
-               FROM settlement_periods p JOIN transactions t
-                 ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-               WHERE p.period_id = $1 AND t.transaction_id > $3 ORDER BY t.transaction_id LIMIT $4""",
-            period_id, merchant_id, after_transaction_id, limit)
+            """WITH p AS (SELECT opened_at, cut_off FROM settlement_periods WHERE period_id = $1),
+                    own AS (
+                      SELECT t.transaction_id FROM p JOIN transactions t
+                        ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                      WHERE t.transaction_id > $3 ORDER BY t.transaction_id LIMIT $4),
+                    acquired AS (
+                      SELECT t.transaction_id FROM p JOIN transactions t
+                        ON t.kind IN (9, 10) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                      WHERE t.transaction_id > $3
+                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
+                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                                      AND a.kind = 'merchant_acquiring')
+                      ORDER BY t.transaction_id LIMIT $4),
+                    lines AS (SELECT transaction_id FROM own UNION SELECT transaction_id FROM acquired
+                              ORDER BY transaction_id LIMIT $4)
+               SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount,
+                      coalesce(x.fee, 0)::bigint AS fee, coalesce(x.net, 0)::bigint AS net
+               FROM lines l JOIN transactions t USING (transaction_id)
+               LEFT JOIN LATERAL (
+                 SELECT -sum(e.amount) FILTER (WHERE a.kind = 'merchant_fees') AS fee, sum(e.amount) AS net
+                 FROM entries e JOIN accounts a ON a.account_id = e.account_id
+                 WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2 AND a.asset_code = 'POINTS'
+                   AND a.kind = ANY($5::text[])) x ON true
+               ORDER BY t.transaction_id""",
+            period_id, merchant_id, after_transaction_id, limit, list(MERCHANT_ACCOUNTS))
 
     # --- scale: a seeded network ---
 
@@ -855,10 +1113,12 @@ class Store:
             for r in await fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
                 if r["s"] != 0:
                     problems.append(f"journal of {r['asset_code']} sums to {r['s']}, not 0")
-            report("every transaction's entries sum to zero")
-            for r in await fetch("""SELECT transaction_id, sum(amount) AS s FROM entries
-                                      GROUP BY transaction_id HAVING sum(amount) <> 0 LIMIT 5"""):
-                problems.append(f"transaction {r['transaction_id']} entries sum to {r['s']}")
+            report("every transaction's entries sum to zero per asset")
+            for r in await fetch("""SELECT transaction_id, asset_code, sum(amount) AS s FROM entries
+                                      GROUP BY transaction_id, asset_code HAVING sum(amount) <> 0
+                                      ORDER BY transaction_id LIMIT 5"""):
+                problems.append(f"transaction {r['transaction_id']} entries in {r['asset_code']} sum to {r['s']}, "
+                                "not 0")
             # the journal has no foreign-key triggers (migration 0003): references are checked here
             report("every entry's account and transaction exist, in the entry's asset")
             for r in await fetch("""SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
@@ -893,18 +1153,10 @@ class Store:
                                       WHERE a.balance <> coalesce(e.s, 0) LIMIT 5"""):
                 problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} != entries {r['s']} "
                                 "(at the balance checkpoint)")
-            report("no member's balance is negative")
-            for r in await fetch("""WITH t AS MATERIALIZED (
-                                        SELECT e.account_id, sum(e.amount) AS delta FROM entries e, balance_checkpoint c
-                                        WHERE e.transaction_id > c.through_transaction_id GROUP BY e.account_id)
-                                      SELECT a.owner_id, a.balance + coalesce(t.delta, 0) AS balance
-                                      FROM accounts a LEFT JOIN t USING (account_id)
-                                      WHERE a.kind = 'member' AND a.balance + coalesce(t.delta, 0) < 0 LIMIT 5"""):
-                problems.append(f"member {r['owner_id']} balance {r['balance']} < 0")
             report("no member's open holds exceed its posted balance (available >= 0)")
             for r in await fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
                                       FROM holds h JOIN account_balances a
-                                        ON a.kind = 'member' AND a.owner_id = h.member_id
+                                        ON a.kind = 'member' AND a.owner_id = h.member_id AND a.asset_code = h.asset_code
                                       WHERE h.status = 1 AND h.expires_at > now()
                                       GROUP BY h.member_id, a.balance
                                       HAVING sum(h.amount) > a.balance LIMIT 5"""):
@@ -913,22 +1165,29 @@ class Store:
             for r in await fetch("""SELECT transaction_id, amount, refunded FROM transactions
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
-            report("every statement's net equals the merchant's journal entries in its period")
+            problems += await _program_discrepancies(fetch, report)
+            report("every statement's net and amounts equal the merchant's journal entries in its period")
+            amounts = ", ".join(f"coalesce(s.{name}, 0) AS {name}, coalesce(j.{name}, 0) AS journal_{name}"
+                                for name in ("net", *STATEMENT_AMOUNTS))
+            differs = " OR ".join(f"coalesce(s.{name}, 0) <> coalesce(j.{name}, 0)"
+                                  for name in ("net", *STATEMENT_AMOUNTS))
             for r in await fetch(
-                    """WITH e AS (
-                         SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS s
-                         FROM settlement_periods p
-                         JOIN transactions t ON t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                         JOIN entries e ON e.transaction_id = t.transaction_id
-                         JOIN accounts a ON a.account_id = e.account_id
-                           AND a.kind IN ('merchant_issued', 'merchant_redeemed', 'merchant_fees')
-                         GROUP BY 1, 2)
-                       SELECT coalesce(s.period_id, e.period_id) AS period_id,
-                              coalesce(s.merchant_id, e.merchant_id) AS merchant_id, s.net, e.s
-                       FROM statements s FULL JOIN e USING (period_id, merchant_id)
-                       WHERE coalesce(s.net, 0) <> coalesce(e.s, 0) LIMIT 5"""):
-                problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: net {r['net']} "
-                                f"!= journal {r['s']}")
+                    f"""WITH j AS (
+                          SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS net,
+                                 {_CLEARING_SUMS.format(amount="e.amount", account="a.kind", kind="t.kind")}
+                          FROM settlement_periods p
+                          JOIN transactions t ON t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                          JOIN entries e ON e.transaction_id = t.transaction_id
+                          JOIN accounts a ON a.account_id = e.account_id AND a.asset_code = 'POINTS'
+                            AND a.kind = ANY($1::text[])
+                          GROUP BY 1, 2)
+                        SELECT coalesce(s.period_id, j.period_id) AS period_id,
+                               coalesce(s.merchant_id, j.merchant_id) AS merchant_id, {amounts}
+                        FROM statements s FULL JOIN j USING (period_id, merchant_id)
+                        WHERE {differs} LIMIT 5""", list(MERCHANT_ACCOUNTS)):
+                wrong = [f"{name} {r[name]} != journal {r['journal_' + name]}" for name in ("net", *STATEMENT_AMOUNTS)
+                         if r[name] != r["journal_" + name]]
+                problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: " + ", ".join(wrong))
             report("every statement opens at the previous one's closing position")
             for r in await fetch(
                     """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
@@ -937,20 +1196,304 @@ class Store:
                        WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""):
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
                                 f"{r['opening_position']}, the previous closed at {r['closing_position']}")
-            report("net positions + fee revenue + breakage + members' points = 0; fee revenue = fees charged")
+            report("net positions + fee revenue + breakage + program funding + members' points = 0; "
+                   "fee revenue = fees charged")
             totals = await fetchrow(
                 """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
                           coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,
                           coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
                           coalesce(sum(balance) FILTER (WHERE kind = 'merchant_fees'), 0) AS fees,
-                          coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage
-                   FROM account_balances""")
-            if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] != 0:
+                          coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage,
+                          -- the program rules' operator accounts (tier rewards, promotions, referrals,
+                          -- acquiring): points the operator funded, <= 0
+                          coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
+                                   'operator_referrals', 'operator_acquiring')), 0) AS program
+                   FROM account_balances WHERE asset_code = 'POINTS'""")
+            if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] + totals["program"] != 0:
                 problems.append(f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
-                                f"breakage {totals['breakage']} + members' points {totals['members']} != 0")
+                                f"breakage {totals['breakage']} + program funding {totals['program']} + "
+                                f"members' points {totals['members']} != 0")
             if totals["revenue"] != -totals["fees"]:
                 problems.append(f"fee revenue {totals['revenue']} != fees charged {-totals['fees']}")
         return problems
+
+
+# --- clearing: a merchant's movements from the entries on its POINTS clearing accounts ----------------
+
+# The statement's amounts (statements columns; all >= 0 on a sound ledger) as sums over entries, given
+# the SQL names of the entry's amount, its account's kind and its transaction's kind. Refunds are told
+# by the transaction's kind: refund of an earn (5) gives back issued points, refunds of redemptions (4,
+# 13) take back redeemed ones, an acquiring reversal (10) takes back a reward.
+STATEMENT_AMOUNTS = ("issued", "earn_refunds", "redeemed", "redemption_refunds", "fees", "acquiring",
+                     "acquiring_reversals")
+_CLEARING_SUMS = """
+    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_issued' AND {kind} <> 5), 0) AS issued,
+    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_issued' AND {kind} = 5), 0) AS earn_refunds,
+    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_redeemed' AND {kind} NOT IN (4, 13)), 0) AS redeemed,
+    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_redeemed' AND {kind} IN (4, 13)), 0)
+      AS redemption_refunds,
+    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_fees'), 0) AS fees,
+    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_acquiring' AND {kind} <> 10), 0) AS acquiring,
+    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_acquiring' AND {kind} = 10), 0)
+      AS acquiring_reversals"""
+
+
+# --- reconcile: the program rules' checks (docs/RULES.md, "Ledger invariants, extended") -------------
+
+# The sign every account kind's balance keeps (an entry's amount is added to the balance): +1 never
+# below 0, -1 never above 0 (docs/RULES.md "New account kinds", docs/DOMAIN.md for the first six).
+ACCOUNT_SIGNS: dict[str, int] = {
+    "member": 1, "merchant_redeemed": 1, "merchant_acquiring": 1, "merchant_vouchers": 1,
+    "operator_fee_revenue": 1, "operator_breakage": 1,
+    "merchant_issued": -1, "merchant_fees": -1, "operator_tier_rewards": -1, "operator_promotions": -1,
+    "operator_referrals": -1, "operator_acquiring": -1, "operator_dividends": -1, "member_voucher_credit": -1,
+}
+
+_POINTS_FEES = ("merchant_fees/POINTS", "operator_fee_revenue/POINTS")
+_SPLIT = ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS", "merchant_redeemed/POINTS",
+          "merchant_redeemed/VOUCHERS", *_POINTS_FEES)
+# Transaction kinds 6..15 (docs/RULES.md): what the entries of one must look like, as
+# (description, the account kind/asset pairs it may touch, a condition over the sums _SHAPE_SUMS names,
+# where amount = transactions.amount and fee = transactions.fee). Kind 14 (a merchant's voucher spend
+# at the operator's store) has no posting specified yet: only the per-asset balance and the account
+# assets are checked for it.
+TRANSACTION_SHAPES: dict[int, tuple[str, tuple[str, ...], str]] = {
+    rules.KIND_EXPIRY: (
+        "the transaction's member -amount, operator_breakage +amount",
+        ("member/POINTS", "operator_breakage/POINTS"),
+        "member_own = -amount AND member_any = member_own AND breakage = amount"),
+    rules.KIND_TIER_BONUS: (
+        "operator_tier_rewards -amount, the transaction's member +amount",
+        ("member/POINTS", "operator_tier_rewards/POINTS"),
+        "tier_rewards = -amount AND member_own = amount AND member_any = member_own"),
+    # the member credited is the referrer; transactions.member_id may name either side of the referral
+    rules.KIND_REFERRAL_BONUS: (
+        "operator_referrals -amount, one member (the referrer) +amount",
+        ("member/POINTS", "operator_referrals/POINTS"),
+        "referrals = -amount AND member_any = amount AND members <= 1"),
+    rules.KIND_ACQUIRING_REWARD: (
+        "operator_acquiring -amount, one merchant_acquiring (the acquirer) +amount",
+        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
+        "operator_acquiring = -amount AND merchant_acquiring = amount AND acquirers <= 1"),
+    rules.KIND_ACQUIRING_REVERSAL: (
+        "operator_acquiring +amount, one merchant_acquiring (the acquirer) -amount",
+        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
+        "operator_acquiring = amount AND merchant_acquiring = -amount AND acquirers <= 1"),
+    rules.KIND_DIVIDEND: (
+        "operator_dividends -, member_voucher_credit / member / merchant_vouchers + (VOUCHERS only)",
+        ("operator_dividends/VOUCHERS", "member_voucher_credit/VOUCHERS", "member/VOUCHERS",
+         "merchant_vouchers/VOUCHERS"),
+        "dividends <= 0"),
+    rules.KIND_SPLIT_REDEEM: ("member (both assets) and voucher credit to merchant_redeemed, fees in POINTS",
+                              _SPLIT, "true"),
+    rules.KIND_SPLIT_REFUND: ("merchant_redeemed (both assets) back to the member and its voucher credit",
+                              _SPLIT, "true"),
+    rules.KIND_CONVERSION: (
+        "the transaction's merchant_issued -amount, its member +amount, fee entries = fee",
+        ("merchant_issued/POINTS", "member/POINTS", *_POINTS_FEES),
+        "issued_own = -amount AND issued_any = issued_own AND member_own = amount AND member_any = member_own "
+        "AND fees = -fee AND revenue = fee"),
+}
+# per transaction t (kinds 6..15, or an earn with an earn_rules row): sums of its entries by account
+_SHAPE_SUMS = """
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'member' AND a.asset_code = 'POINTS'
+                                     AND a.owner_id = t.member_id), 0) AS member_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'member' AND a.asset_code = 'POINTS'), 0) AS member_any,
+    count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'member' AND a.asset_code = 'POINTS') AS members,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_breakage'), 0) AS breakage,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_tier_rewards'), 0) AS tier_rewards,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_promotions'), 0) AS promotions,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_referrals'), 0) AS referrals,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_acquiring'), 0) AS operator_acquiring,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_dividends'), 0) AS dividends,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_acquiring'), 0) AS merchant_acquiring,
+    count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'merchant_acquiring') AS acquirers,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_issued' AND a.owner_id = t.merchant_id), 0) AS issued_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_issued'), 0) AS issued_any,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_fees' AND a.owner_id = t.merchant_id), 0) AS fees,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fee_revenue'), 0) AS revenue,
+    count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
+    string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
+               || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
+# the grants of the earn_rules row aliased r: (promotion_id, sponsor_id, amount numeric); a malformed
+# grants value yields no row here and is reported by its own check
+_GRANTS = """(SELECT g->>0 AS promotion_id, g->>1 AS sponsor_id,
+                     CASE WHEN jsonb_typeof(g->2) = 'number' THEN (g->>2)::numeric END AS amount
+              FROM jsonb_array_elements(CASE WHEN jsonb_typeof(r.grants) = 'array' THEN r.grants
+                                             ELSE '[]'::jsonb END) g
+              WHERE jsonb_typeof(g) = 'array')"""
+_EARN_ALLOWED = ("member/POINTS", "merchant_issued/POINTS", "operator_tier_rewards/POINTS",
+                 "operator_promotions/POINTS", *_POINTS_FEES)
+
+
+def _sql_text_array(values) -> str:
+    """A constant text[] literal from the code's own names (never from input)."""
+    require(all(v.replace("_", "").replace("/", "").isalnum() for v in values), f"not a plain name: {values}")
+    return "ARRAY[" + ", ".join(f"'{v}'" for v in values) + "]::text[]"
+
+
+async def _program_discrepancies(fetch, report) -> list[str]:
+    """The checks docs/RULES.md adds to reconcile: account signs and assets, the earn records, promotion
+    budgets, expiry lots and the shapes of transaction kinds 6..15. Each lists at most 5 examples."""
+    problems: list[str] = []
+    report("every account's balance keeps its kind's sign (members, redeemed, acquiring, merchants' vouchers, "
+           "fee revenue, breakage >= 0; issued, fees, the operator's issuing accounts, voucher credit <= 0)")
+    positive = [kind for kind, sign in ACCOUNT_SIGNS.items() if sign > 0]
+    negative = [kind for kind, sign in ACCOUNT_SIGNS.items() if sign < 0]
+    for r in await fetch("""WITH t AS MATERIALIZED (
+                                SELECT e.account_id, sum(e.amount) AS delta FROM entries e, balance_checkpoint c
+                                WHERE e.transaction_id > c.through_transaction_id GROUP BY e.account_id)
+                              SELECT a.kind, a.owner_id, a.asset_code, a.balance + coalesce(t.delta, 0) AS balance
+                              FROM accounts a LEFT JOIN t USING (account_id)
+                              WHERE (a.kind = ANY($1::text[]) AND a.balance + coalesce(t.delta, 0) < 0)
+                                 OR (a.kind = ANY($2::text[]) AND a.balance + coalesce(t.delta, 0) > 0)
+                              ORDER BY a.account_id LIMIT 5""", positive, negative):
+        bound = "below" if r["balance"] < 0 else "above"
+        problems.append(f"account {r['kind']}:{r['owner_id']} {r['asset_code']} balance {r['balance']}: "
+                        f"a {r['kind']} account never goes {bound} 0")
+
+    report("every account's kind is known and holds an asset its kind may hold")
+    allowed = [f"{kind}/{asset}" for kind, assets in rules.ACCOUNT_ASSETS.items() for asset in sorted(assets)]
+    for r in await fetch("""SELECT kind, owner_id, asset_code FROM accounts
+                              WHERE NOT (kind || '/' || asset_code = ANY($1::text[]))
+                              ORDER BY account_id LIMIT 5""", allowed):
+        kinds = rules.ACCOUNT_ASSETS.get(r["kind"])
+        problems.append(f"account {r['kind']}:{r['owner_id']} holds {r['asset_code']}, which "
+                        + (f"a {r['kind']} account may not hold (only {', '.join(sorted(kinds))})" if kinds
+                           else f"no account may hold: {r['kind']!r} is not an account kind"))
+
+    report("every earn record (earn_rules) is a kind-1 transaction's, its grants are [[promotion, sponsor, "
+           "point-units >= 0], ...], and amount = base + uplift + grants")
+    for row in await fetch(f"""SELECT r.transaction_id, t.kind, t.amount, r.base_point_units, r.uplift_point_units,
+                                      r.grants::text AS grants, s.total, s.malformed
+                               FROM earn_rules r LEFT JOIN transactions t ON t.transaction_id = r.transaction_id,
+                               LATERAL (SELECT (SELECT sum(amount) FROM {_GRANTS} x) AS total,
+                                               jsonb_typeof(r.grants) <> 'array' OR EXISTS (
+                                                 SELECT 1 FROM jsonb_array_elements(
+                                                   CASE WHEN jsonb_typeof(r.grants) = 'array' THEN r.grants
+                                                        ELSE '[]'::jsonb END) g
+                                                 WHERE NOT (jsonb_typeof(g) = 'array'
+                                                   AND CASE WHEN jsonb_typeof(g) = 'array'
+                                                            THEN jsonb_array_length(g) END = 3
+                                                   AND jsonb_typeof(g->0) = 'string' AND jsonb_typeof(g->1) = 'string'
+                                                   AND jsonb_typeof(g->2) = 'number'
+                                                   AND CASE WHEN jsonb_typeof(g->2) = 'number' THEN
+                                                       (g->>2)::numeric >= 0
+                                                       AND (g->>2)::numeric = trunc((g->>2)::numeric) END))
+                                                 AS malformed) s
+                               WHERE t.transaction_id IS NULL OR t.kind <> 1 OR s.malformed
+                                  OR t.amount <> r.base_point_units + r.uplift_point_units + coalesce(s.total, 0)
+                               ORDER BY r.transaction_id LIMIT 5"""):
+        t = row["transaction_id"]
+        if row["kind"] is None:
+            problems.append(f"earn_rules of transaction {t}, which does not exist")
+        elif row["kind"] != 1:
+            problems.append(f"earn_rules of transaction {t}, which is of kind {row['kind']}, not an earn (1)")
+        elif row["malformed"]:
+            problems.append(f"earn_rules of transaction {t}: grants {row['grants']} is not a list of "
+                            "[promotion_id, sponsor_id, point-units >= 0]")
+        else:
+            problems.append(f"earn {t} credited {row['amount']} but its earn_rules make base {row['base_point_units']} "
+                            f"+ uplift {row['uplift_point_units']} + grants {row['total'] or 0} = "
+                            f"{row['base_point_units'] + row['uplift_point_units'] + (row['total'] or 0)}")
+
+    report("every earn with an earn record posts it: member +amount, merchant_issued -(base + merchant-sponsored "
+           "grants), operator_tier_rewards -uplift, operator_promotions -operator grants, fee entries = fee")
+    for r in await fetch(f"""WITH x AS (
+                               SELECT t.transaction_id, t.amount, t.fee, r.base_point_units AS base,
+                                      r.uplift_point_units AS uplift,
+                                      (SELECT coalesce(sum(amount), 0) FROM {_GRANTS} g
+                                       WHERE sponsor_id = 'operator') AS operator_grants,
+                                      (SELECT coalesce(sum(amount), 0) FROM {_GRANTS} g
+                                       WHERE sponsor_id <> 'operator') AS merchant_grants,
+                                      (SELECT coalesce(sum(amount), 0) FROM {_GRANTS} g
+                                       WHERE sponsor_id = t.merchant_id) AS own_grants,
+                                      {_SHAPE_SUMS.format(allowed=_sql_text_array(_EARN_ALLOWED))}
+                               FROM earn_rules r JOIN transactions t ON t.transaction_id = r.transaction_id
+                                                                    AND t.kind = 1
+                               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+                               LEFT JOIN accounts a ON a.account_id = e.account_id
+                               GROUP BY t.transaction_id, r.transaction_id)
+                             SELECT * FROM x
+                             WHERE NOT (stray = 0 AND member_own = amount AND member_any = member_own
+                                        AND issued_any = -(base + merchant_grants)
+                                        AND issued_own = -(base + own_grants)
+                                        AND tier_rewards = -uplift AND promotions = -operator_grants
+                                        AND fees = -fee AND revenue = fee)
+                             ORDER BY transaction_id LIMIT 5"""):
+        problems.append(f"earn {r['transaction_id']} (amount {r['amount']}, base {r['base']}, uplift {r['uplift']}, "
+                        f"operator grants {r['operator_grants']}, merchant grants {r['merchant_grants']}, fee "
+                        f"{r['fee']}) does not post its earn record: entries {r['entries'] or 'none'}")
+
+    report("every promotion's granted budget (promotion_budgets) equals the points its earns granted")
+    for r in await fetch(f"""WITH granted AS (
+                               SELECT g.promotion_id, sum(g.amount) AS s FROM earn_rules r, LATERAL {_GRANTS} g
+                               GROUP BY g.promotion_id),
+                             budgets AS (
+                               SELECT promotion_id, sum(granted) AS s FROM promotion_budgets GROUP BY promotion_id)
+                             SELECT promotion_id, b.s AS budget, g.s AS grants
+                             FROM budgets b FULL JOIN granted g USING (promotion_id)
+                             WHERE coalesce(b.s, 0) <> coalesce(g.s, 0) ORDER BY promotion_id LIMIT 5"""):
+        problems.append(f"promotion {r['promotion_id']}: promotion_budgets says {r['budget'] or 0} granted, its "
+                        f"earns' grants sum to {r['grants'] or 0}")
+
+    report("per member, expiring lots + pieces held by open holds <= posted POINTS")
+    for r in await fetch("""WITH lotted AS (SELECT member_id, sum(amount) AS s FROM lots GROUP BY member_id),
+                                  held AS (SELECT h.member_id, sum(c.amount) AS s FROM lot_consumptions c
+                                           JOIN holds h ON c.owner_kind = 1 AND h.authorization_id = c.owner_id
+                                           WHERE h.status = 1 GROUP BY h.member_id),
+                                  m AS (SELECT member_id, coalesce(l.s, 0) AS lots, coalesce(h.s, 0) AS held
+                                        FROM lotted l FULL JOIN held h USING (member_id))
+                              SELECT m.member_id, m.lots, m.held, coalesce(b.balance, 0) AS posted
+                              FROM m LEFT JOIN account_balances b
+                                ON b.kind = 'member' AND b.asset_code = 'POINTS' AND b.owner_id = m.member_id
+                              WHERE m.lots + m.held > coalesce(b.balance, 0) ORDER BY m.member_id LIMIT 5"""):
+        problems.append(f"member {r['member_id']}: lots {r['lots']} + pieces of open holds {r['held']} > "
+                        f"posted {r['posted']}")
+
+    report("every consumed lot piece belongs to a hold or a capture/redeem that exists, within its amount")
+    for r in await fetch("""SELECT c.owner_kind, c.owner_id, sum(c.amount) AS pieces,
+                                   coalesce(h.amount, t.amount) AS owner_amount, t.kind,
+                                   h.authorization_id IS NOT NULL OR t.transaction_id IS NOT NULL AS found
+                              FROM lot_consumptions c
+                              LEFT JOIN holds h ON c.owner_kind = 1 AND h.authorization_id = c.owner_id
+                              LEFT JOIN transactions t ON c.owner_kind = 2 AND t.transaction_id = c.owner_id
+                              GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
+                                       t.amount, t.kind
+                              HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
+                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12))
+                                  OR sum(c.amount) > coalesce(h.amount, t.amount)
+                              ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
+        owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"
+        if not r["found"]:
+            problems.append(f"lot_consumptions of {owner}, which does not exist")
+        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12):
+            problems.append(f"lot_consumptions of {owner}, of kind {r['kind']}: only captures and redeems consume lots")
+        else:
+            problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
+
+    report("every transaction of kinds 6..15 has its kind's entries (expiry to breakage, tier and referral "
+           "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)")
+    allowed_case = "CASE t.kind " + " ".join(
+        f"WHEN {kind} THEN {_sql_text_array(accounts)}" for kind, (_, accounts, _) in TRANSACTION_SHAPES.items()
+    ) + " ELSE NULL END"
+    shape_case = "CASE kind " + " ".join(
+        f"WHEN {kind} THEN stray = 0 AND ({condition})" for kind, (_, _, condition) in TRANSACTION_SHAPES.items()
+    ) + " ELSE true END"
+    for r in await fetch(f"""WITH x AS MATERIALIZED (
+                               SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
+                                      {_SHAPE_SUMS.format(allowed=allowed_case)}
+                               FROM transactions t
+                               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+                               LEFT JOIN accounts a ON a.account_id = e.account_id
+                               WHERE t.kind BETWEEN 6 AND 15
+                               GROUP BY t.transaction_id)
+                             SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5"""):
+        shape = TRANSACTION_SHAPES[r["kind"]][0]
+        problems.append(f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
+                        f"{r['member_id']}, merchant {r['merchant_id']}) should move {shape}; its entries: "
+                        f"{r['entries'] or 'none'}")
+    return problems
 
 
 # one encoder for every call: json.dumps with arguments builds a new JSONEncoder each time (measured:

@@ -77,6 +77,8 @@ CREATE TABLE earn_rules (
     uplift_point_units       bigint NOT NULL CHECK (uplift_point_units >= 0),
     acquirer_id              text,
     acquiring_point_units    bigint NOT NULL DEFAULT 0 CHECK (acquiring_point_units >= 0),
+    -- base point-units refunded so far: the proportional clawbacks are cumulative over it
+    refunded_base_point_units bigint NOT NULL DEFAULT 0 CHECK (refunded_base_point_units BETWEEN 0 AND base_point_units),
     -- [[promotion_id, sponsor_id, point-units], ...] in promotion order
     grants                   jsonb NOT NULL DEFAULT '[]'
 );
@@ -104,7 +106,8 @@ CREATE INDEX lots_due ON lots (expires_at_us);
 
 -- The expiring lot pieces a hold or a redemption consumed and has not given back yet: what a void,
 -- a partial capture or a refund restores. owner_kind 1 = hold (owner_id its authorization id),
--- 2 = transaction (a capture or redeem).
+-- 2 = transaction (a capture or redeem). A piece of the member's never-expiring points has
+-- expires_at_us 9223372036854775807 (int64 max).
 CREATE TABLE lot_consumptions (
     owner_kind    smallint NOT NULL CHECK (owner_kind IN (1, 2)),
     owner_id      bigint NOT NULL,

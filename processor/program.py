@@ -1,0 +1,412 @@
+"""The program rules' in-memory state, beside the fast path: what the committer needs to apply the rules
+of processor/rules.py inside a batch without a Postgres read (docs/RULES.md, "Pipeline" paragraphs).
+
+Per member: its links (acquirer, referrer), tier state and expiring lots; per hold or redemption: the
+lot pieces it consumed; per promotion: the points granted; per earn made under a program: what it was
+given beyond its base (for refunds). Postgres holds the same state (migration 0004), written in the
+same transaction as the journal rows it goes with: `flush()` turns what a batch changed into rows of
+that transaction.
+
+Undo log: like the fast path's, batches nest (`begin`), `commit` makes the oldest permanent,
+`rollback` undoes every open batch and `rollback_newest` the newest. Every change goes through
+`_set`, which records the value it replaces.
+
+Lots hold only points that expire. A member's never-expiring points are implicit: posted − held −
+Σ lots. Where rules.py's lot functions need them, they are passed as one virtual never-expiring lot
+(lot id 0) that is taken out of the result again. A hold consumes lots when it is authorized, so
+`Σ lots + permanent = posted − held` for every member, and the expiry job never takes points a hold
+promised to a merchant.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from typing import Any
+
+from processor import rules
+from processor.domain import Code, Rejection, require
+
+NEVER_US = 2**63 - 1          # a consumed piece of never-expiring points, as lot_consumptions stores it
+OWNER_HOLD = 1
+OWNER_TRANSACTION = 2
+_PERMANENT = 0                # lot id of the virtual lot of a member's never-expiring points
+_MISSING = object()
+DAY_US = rules.DAY_US
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemberRules:
+    """A member's links and tier state (member_programs). Immutable: a change is a new value, so the
+    undo log can keep the old one."""
+    acquirer_id: str | None = None
+    referrer_id: str | None = None
+    referral_paid: bool = False
+    level: str = ""
+    levels_reached: int = 0                     # bit i: levels[i] reached once (its bonus paid)
+    qualifying: int = 0                         # base point-units net of refunds, in total
+    day_buckets: tuple[tuple[int, int], ...] = ()   # (day since epoch, base point-units), oldest first
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EarnRecord:
+    """An earn made under a program: what its refunds take back in proportion (earn_rules)."""
+    member_id: str
+    merchant_id: str
+    version: int
+    earn: rules.Earn
+    acquirer_id: str | None
+    acquiring: int
+    refunded_base: int = 0
+    made_at_us: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class EarnEffects:
+    """What an earn set off beyond its own postings, for the pipeline to post in the same batch."""
+    bonuses: list[tuple[str, int]]              # (level reached, bonus point-units), lowest first
+    level_change: tuple[str, str] | None        # (from, to)
+    referral: tuple[str, int] | None            # (referrer member id, bonus point-units)
+    acquiring: tuple[str, int] | None           # (acquirer merchant id, reward point-units)
+
+
+@dataclasses.dataclass(slots=True)
+class RulesWrite:
+    """The rules' rows of one batch (written by Store.write_batch in the batch's transaction)."""
+    program_id: str = ""
+    # member_id -> MemberRules to upsert
+    members: dict[str, MemberRules] = dataclasses.field(default_factory=dict)
+    # member_id -> its expiring lots now (the member's rows are replaced)
+    lots: dict[str, tuple[rules.Lot, ...]] = dataclasses.field(default_factory=dict)
+    # (owner_kind, owner_id) -> its pieces now (replaced; empty: deleted)
+    pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = dataclasses.field(default_factory=dict)
+    # promotion_id -> granted in all
+    budgets: dict[str, int] = dataclasses.field(default_factory=dict)
+    # transaction_id -> EarnRecord (inserted, or its refunded_base updated)
+    earns: dict[int, EarnRecord] = dataclasses.field(default_factory=dict)
+    new_earns: set[int] = dataclasses.field(default_factory=set)
+    # (transaction_id, member_id, from_level, to_level)
+    tier_events: list[tuple[int, str, str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.members or self.lots or self.pieces or self.budgets or self.earns or self.tier_events)
+
+
+class ProgramState:
+    def __init__(self, program: rules.Program | None = None):
+        self.program = program
+        self.members: dict[str, MemberRules] = {}
+        self.lots: dict[str, tuple[rules.Lot, ...]] = {}
+        self.pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = {}
+        self.granted: dict[str, int] = {}
+        self.earns: dict[int, EarnRecord] = {}
+        # (expires_at_us, member_id): a member with a lot expiring then (entries may be stale: checked
+        # against the member's lots when popped)
+        self._due: list[tuple[int, str]] = []
+        self._undo: list[list[tuple[dict, Any, Any]]] = []
+        self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
+                                       "earns": set(), "new_earns": set()}
+        self._tier_events: list[tuple[int, str, str, str]] = []
+
+    # --- versions ---
+
+    def version(self, when_us: int) -> rules.ProgramVersion | None:
+        """The version in force at when_us; None without a program (or before its first version)."""
+        if self.program is None or self.program.versions[0].effective_from_us > when_us:
+            return None
+        return self.program.at(when_us)
+
+    def version_numbered(self, number: int | None) -> rules.ProgramVersion | None:
+        if self.program is None or not number:
+            return None
+        return self.program.versions[number - 1]
+
+    # --- undo log ---
+
+    def begin(self) -> None:
+        self._undo.append([])
+
+    def commit(self) -> None:
+        require(bool(self._undo), "program state: commit with no batch open")
+        self._undo.pop(0)
+
+    def rollback(self) -> None:
+        while self._undo:
+            self.rollback_newest()
+
+    def rollback_newest(self) -> None:
+        require(bool(self._undo), "program state: rollback with no batch open")
+        for table, key, old in reversed(self._undo.pop()):
+            if old is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = old
+                if table is self.lots:  # the expiry job may have popped its entries: they come back
+                    for lot in old:
+                        heapq.heappush(self._due, (lot.expires_at_us, key))
+        for dirty in self._dirty.values():
+            dirty.clear()
+        self._tier_events.clear()
+
+    def _set(self, table: dict, key, value, dirty: str) -> None:
+        if self._undo:
+            self._undo[-1].append((table, key, table.get(key, _MISSING)))
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+        self._dirty[dirty].add(key)
+
+    def flush(self) -> RulesWrite:
+        """What changed since the last flush, as rows for the batch's transaction."""
+        d = self._dirty
+        write = RulesWrite(
+            program_id=self.program.program_id if self.program is not None else "",
+            members={m: self.members[m] for m in d["members"] if m in self.members},
+            lots={m: self.lots.get(m, ()) for m in d["lots"]},
+            pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
+            budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
+            earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
+            new_earns=set(d["new_earns"]),
+            tier_events=list(self._tier_events))
+        for dirty in d.values():
+            dirty.clear()
+        self._tier_events = []
+        return write
+
+    # --- loading (start-up; prefetch) ---
+
+    def load_member(self, member_id: str, value: MemberRules) -> None:
+        self.members[member_id] = value
+
+    def load_lots(self, member_id: str, lots: tuple[rules.Lot, ...]) -> None:
+        self.lots[member_id] = lots
+        for lot in lots:
+            heapq.heappush(self._due, (lot.expires_at_us, member_id))
+
+    def load_pieces(self, owner: tuple[int, int], pieces: tuple[rules.Lot, ...]) -> None:
+        self.pieces[owner] = pieces
+
+    def load_earn(self, transaction_id: int, record: EarnRecord) -> None:
+        self.earns[transaction_id] = record
+
+    # --- links ---
+
+    def member(self, member_id: str) -> MemberRules:
+        return self.members.get(member_id) or MemberRules()
+
+    def link(self, member_id: str, acquirer_id: str, referrer_id: str | None) -> None:
+        self._set(self.members, member_id, dataclasses.replace(
+            self.member(member_id), acquirer_id=acquirer_id, referrer_id=referrer_id), "members")
+
+    # --- earns ---
+
+    def plan_earn(self, version: rules.ProgramVersion, member_id: str, merchant_id: str, base: int,
+                  now_us: int) -> rules.Earn:
+        """The earn's uplift and promotion grants at the member's level before it (nothing changes)."""
+        level = self._level(version, self.member(member_id), now_us)
+        budget_left = {p.promotion_id: max(0, p.budget_point_units - self.granted.get(p.promotion_id, 0))
+                       for p in version.promotions}
+        return rules.earn_with_rules(version, rules.EarnContext(merchant_id, level, now_us), base, budget_left)
+
+    def earned(self, version: rules.ProgramVersion, transaction_id: int, member_id: str, merchant_id: str,
+               earn: rules.Earn, purchase_amount: int, now_us: int) -> EarnEffects:
+        """Records a committed-to-the-batch earn: grants against budgets, the earn's lot, the tier, the
+        referral and acquiring links. Returns what the pipeline posts besides the earn."""
+        for grant in earn.grants:
+            granted = self.granted.get(grant.promotion_id, 0) + grant.amount
+            promotion = next(p for p in version.promotions if p.promotion_id == grant.promotion_id)
+            require(granted <= promotion.budget_point_units, f"promotion {grant.promotion_id} over its budget")
+            self._set(self.granted, grant.promotion_id, granted, "budgets")
+        if earn.total:
+            self.credit_lot(version, member_id, transaction_id, earn.total, merchant_id, now_us)
+        before = self.member(member_id)
+        level_before = self._level(version, before, now_us)
+        after = self._count_qualifying(version, before, earn.base, now_us, now_us)
+        level_after = self._level(version, after, now_us)
+        names = [level.name for level in version.levels]
+        reached = {names[i] for i in range(len(names)) if after.levels_reached >> i & 1}
+        bonuses = rules.tier_bonuses(version.levels, self._qualifying(version, after, now_us), reached)
+        mask = after.levels_reached
+        for name, _ in bonuses:
+            mask |= 1 << names.index(name)
+        referral = None
+        bonus = rules.referral_bonus(version, before.referrer_id, before.referral_paid, purchase_amount, earn.base)
+        if bonus:
+            referral = (before.referrer_id, bonus)
+        after = dataclasses.replace(after, levels_reached=mask, level=level_after,
+                                    referral_paid=before.referral_paid or bool(bonus) or (
+                                        bool(before.referrer_id) and earn.base > 0
+                                        and purchase_amount >= version.referral_minimum_purchase))
+        self._set(self.members, member_id, after, "members")
+        reward = rules.acquiring_reward(version, before.acquirer_id, merchant_id, purchase_amount, earn.base)
+        record = EarnRecord(member_id, merchant_id, version.version, earn, before.acquirer_id if reward else None,
+                            reward, 0, now_us)
+        self._set(self.earns, transaction_id, record, "earns")
+        self._dirty["new_earns"].add(transaction_id)
+        change = (level_before, level_after) if level_before != level_after else None
+        if change:
+            self._tier_events.append((transaction_id, member_id, *change))
+        return EarnEffects([(n, b) for n, b in bonuses if b > 0], change, referral,
+                           (before.acquirer_id, reward) if reward else None)
+
+    def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
+        """For a refund of `base_points` of an earn made under a program: (its record, the portion to
+        take back, the acquiring reward to reverse). None for an earn made without a program."""
+        record = self.earns.get(transaction_id)
+        if record is None:
+            return None
+        if base_points > record.earn.base - record.refunded_base:
+            raise Rejection(Code.FAILED_PRECONDITION,
+                            f"refund of {base_points} point-units exceeds the {record.earn.base - record.refunded_base} "
+                            f"base point-units that remain unrefunded of txn_{transaction_id} (its bonus points "
+                            f"are taken back in proportion, not asked for)")
+        portion = rules.earn_refund(record.earn, record.refunded_base, base_points)
+        reversal = rules.acquiring_reversal(record.acquiring, record.earn.base, record.refunded_base, base_points)
+        return record, portion, reversal
+
+    def refunded_earn(self, version: rules.ProgramVersion | None, transaction_id: int, record: EarnRecord | None,
+                      member_id: str, base_points: int, taken: int, spendable: int, now_us: int) -> None:
+        """A refund of an earn took `taken` point-units back from the member (base_points of its base)."""
+        if record is not None:
+            self._set(self.earns, transaction_id, dataclasses.replace(
+                record, refunded_base=record.refunded_base + base_points), "earns")
+            if version is not None:
+                member = self.member(member_id)
+                self._set(self.members, member_id, self._count_qualifying(
+                    version, member, -base_points, record.made_at_us, now_us), "members")
+        self._take(member_id, taken, spendable, now_us, own_lot=transaction_id)
+
+    # --- tiers ---
+
+    def _qualifying(self, version: rules.ProgramVersion, member: MemberRules, now_us: int) -> int:
+        if version.tier_window_us is None:
+            return member.qualifying
+        first_day = (now_us - version.tier_window_us) // DAY_US + 1
+        return sum(amount for day, amount in member.day_buckets if day >= first_day)
+
+    def _level(self, version: rules.ProgramVersion, member: MemberRules, now_us: int) -> str:
+        return rules.level_for(self._qualifying(version, member, now_us), version.levels).name
+
+    def _count_qualifying(self, version: rules.ProgramVersion, member: MemberRules, base: int, dated_us: int,
+                          now_us: int) -> MemberRules:
+        """The member with `base` point-units (negative for a refund) counted on the day of dated_us,
+        and day buckets older than the window dropped (the window has day granularity)."""
+        buckets = dict(member.day_buckets)
+        day = dated_us // DAY_US
+        buckets[day] = buckets.get(day, 0) + base
+        if version.tier_window_us is not None:
+            first_day = (now_us - version.tier_window_us) // DAY_US + 1
+            buckets = {d: a for d, a in buckets.items() if d >= first_day}
+        else:
+            buckets = {}
+        return dataclasses.replace(member, qualifying=member.qualifying + base,
+                                   day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)))
+
+    def level(self, member_id: str, now_us: int) -> str:
+        version = self.version(now_us)
+        if version is None:
+            return ""
+        return self._level(version, self.member(member_id), now_us)
+
+    # --- lots ---
+
+    def credit_lot(self, version: rules.ProgramVersion | None, member_id: str, transaction_id: int, amount: int,
+                   issuer_id: str, now_us: int) -> None:
+        """Points credited to the member by a transaction: a lot if they expire under the version."""
+        if version is None or version.expiry_period_us is None or amount <= 0:
+            return
+        lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
+        self._set(self.lots, member_id, tuple(sorted(self.lots.get(member_id, ()) + (lot,), key=rules._order)),
+                  "lots")
+        heapq.heappush(self._due, (lot.expires_at_us, member_id))
+
+    def _with_permanent(self, member_id: str, spendable: int) -> list[rules.Lot]:
+        """The member's lots plus the virtual lot of its never-expiring points, given its spendable
+        points (posted − held) before the operation."""
+        lots = list(self.lots.get(member_id, ()))
+        permanent = spendable - sum(lot.amount for lot in lots)
+        require(permanent >= 0, f"member {member_id!r}: lots exceed its spendable points")
+        if permanent:
+            lots.append(rules.Lot(_PERMANENT, permanent, None, ""))
+        return lots
+
+    def _store_lots(self, member_id: str, lots) -> None:
+        kept = tuple(lot for lot in lots if lot.lot_id != _PERMANENT and lot.amount > 0)
+        if kept != self.lots.get(member_id, ()):
+            self._set(self.lots, member_id, kept or None, "lots")
+            for lot in kept:
+                heapq.heappush(self._due, (lot.expires_at_us, member_id))
+
+    def consume(self, member_id: str, owner: tuple[int, int], amount: int, spendable: int, now_us: int) -> None:
+        """A hold or redemption of `amount` takes the soonest-expiring points first; its pieces are kept
+        for a refund, void or partial capture to restore."""
+        if amount <= 0:
+            return
+        after = rules.consume(self._with_permanent(member_id, spendable), amount, now_us)
+        self._store_lots(member_id, after.lots)
+        self._set(self.pieces, owner, after.pieces, "pieces")
+
+    def restore(self, member_id: str, owner: tuple[int, int], amount: int | None, spendable: int, now_us: int,
+                grace_us: int, keep_as: tuple[int, int] | None = None) -> None:
+        """Puts back `amount` (None: all) of what `owner` consumed; what is left stays with the owner, or
+        moves to keep_as (a capture keeps what it captured)."""
+        pieces = self.pieces.get(owner)
+        if pieces is None:
+            return  # consumed before lots were kept (or without a program): nothing to restore
+        total = sum(piece.amount for piece in pieces)
+        amount = total if amount is None else min(amount, total)
+        after = rules.restore(self._with_permanent(member_id, spendable), pieces, now_us, grace_us, amount)
+        self._store_lots(member_id, after.lots)
+        left = after.left
+        self._set(self.pieces, owner, None, "pieces")
+        if left:
+            self._set(self.pieces, keep_as or owner, left, "pieces")
+
+    def _take(self, member_id: str, amount: int, spendable: int, now_us: int, own_lot: int) -> None:
+        """Points taken back from the member by a refund of an earn (`spendable`: posted − held before
+        it): the earn's own lot first, then the member's other live lots, never-expiring points last.
+        The fast path checked the member holds `amount`; if lots past their expiry and not yet collected
+        by the expiry job stand in the way, they are taken after all others (they were about to go)."""
+        if amount <= 0 or not self.lots.get(member_id):
+            return
+        candidates = self._with_permanent(member_id, spendable)
+        try:
+            after = rules.take_back_earn(candidates, own_lot, amount, now_us)
+        except rules.InsufficientBalance:
+            order = sorted(candidates, key=lambda lot: (lot.lot_id != own_lot, not lot.live(now_us), rules._order(lot)))
+            after = rules._take(candidates, order, amount)
+        self._store_lots(member_id, after.lots)
+
+    def expiring_within(self, member_id: str, now_us: int, window_us: int) -> list[tuple[int, int]]:
+        return rules.expiring_within(self.lots.get(member_id, ()), now_us, window_us)
+
+    def next_due_us(self) -> int | None:
+        return self._due[0][0] if self._due else None
+
+    def due(self, now_us: int, limit: int) -> list[tuple[str, rules.Lot]]:
+        """Takes up to `limit` expired lots off their members: (member_id, lot) for the expiry job to
+        post, soonest first."""
+        taken: list[tuple[str, rules.Lot]] = []
+        while self._due and self._due[0][0] <= now_us and len(taken) < limit:
+            _, member_id = heapq.heappop(self._due)
+            after = rules.expire_due(self.lots.get(member_id, ()), now_us)
+            if not after.pieces:
+                continue  # a stale entry: the lot was spent, restored or expired already
+            pieces = after.pieces[:limit - len(taken)]
+            remaining = after.lots + after.pieces[len(pieces):]
+            self._store_lots(member_id, sorted(remaining, key=rules._order))
+            taken += [(member_id, piece) for piece in pieces]
+        return taken
+
+    def expire_member(self, member_id: str, now_us: int) -> list[rules.Lot]:
+        """Takes a member's expired lots off it (before an operation that spends its points)."""
+        after = rules.expire_due(self.lots.get(member_id, ()), now_us)
+        if after.pieces:
+            self._store_lots(member_id, after.lots)
+        return list(after.pieces)
+
+    def check(self, member_id: str, posted: int, held: int) -> None:
+        """Σ lots ≤ posted − held: the lots are a part of the member's spendable points."""
+        total = sum(lot.amount for lot in self.lots.get(member_id, ()))
+        require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
