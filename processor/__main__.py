@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,demo} ...
+"""Command line: python -m processor {serve,migrate,merchant,key,program,reconcile,seed,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -12,6 +12,7 @@ import uuid
 from processor import config, logs
 
 DATABASE_OPTIONS = ("database_url", "data_dir", "database_name")
+EPOCH_ORDINAL = 719_163  # datetime.date(1970, 1, 1).toordinal()
 
 
 def _settings(args: argparse.Namespace) -> config.Settings:
@@ -127,6 +128,93 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
         print(f"error: no API key {args.key_id!r}", file=sys.stderr)
         return 1
     print(f"key {args.key_id} revoked at {revoked_at.isoformat()}")
+    return 0
+
+
+def _program_json(version) -> dict:
+    from processor import rules
+    from processor.store import from_micros
+    return {"program_id": version.program_id, "version": version.version,
+            "effective_from_us": version.effective_from_us,
+            "effective_from": from_micros(version.effective_from_us).isoformat().replace("+00:00", "Z"),
+            "config": rules.version_to_config(version)}
+
+
+def _refuse(message: str):
+    """A program command that cannot be done: the reason on stderr, exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _effective_from_us(text: str) -> int:
+    import datetime as dt
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        _refuse(f"--effective-from {text!r} is not an ISO 8601 time; write e.g. 2026-01-01T00:00:00Z")
+    if moment.tzinfo is None:
+        _refuse(f"--effective-from {text!r} has no time zone; add one, e.g. Z for UTC or +01:00")
+    try:
+        moment = moment.astimezone(dt.timezone.utc)
+    except OverflowError:
+        _refuse(f"--effective-from {text!r} is out of range")
+    return ((moment.toordinal() - EPOCH_ORDINAL) * 86_400 + moment.hour * 3600 + moment.minute * 60
+            + moment.second) * 1_000_000 + moment.microsecond
+
+
+def cmd_program_set(args: argparse.Namespace) -> int:
+    """Stores the next version of the program from a JSON file; prints the stored version as JSON."""
+    import getpass
+    import json
+    from processor import rules
+    from processor.store import StoreError
+    settings = _settings(args)
+    try:
+        with open(args.file, encoding="utf-8") as file:
+            config = json.load(file)
+    except OSError as error:
+        _refuse(f"cannot read {args.file}: {error.strerror or error}")
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        _refuse(f"{args.file} is not JSON: {error}")
+    if isinstance(config, dict) and "config" in config:
+        _refuse(f"{args.file} looks like `program show` output; pass one version's \"config\" object alone")
+    effective_from_us = _effective_from_us(args.effective_from) if args.effective_from else None
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        user = "unknown"
+
+    async def action(store):
+        return await store.add_program_version(settings.program_id, effective_from_us, config, f"cli {user}")
+    try:
+        version = _run(_with_store(settings, action))
+    except (rules.ConfigError, StoreError) as error:
+        _refuse(str(error))
+    stored = _program_json(version)
+    print(json.dumps(stored, indent=2))
+    print(f"stored version {version.version} of program {version.program_id!r}, in force from "
+          f"{stored['effective_from']}; the running service loads it at once", file=sys.stderr)
+    return 0
+
+
+def cmd_program_show(args: argparse.Namespace) -> int:
+    """Prints every version of the program as JSON, oldest first, and the one in force now."""
+    import json
+    import time
+    from processor.domain import Rejection
+    settings = _settings(args)
+
+    async def action(store):
+        return await store.program(settings.program_id)
+    program = _run(_with_store(settings, action))
+    in_force = None
+    if program is not None:
+        try:
+            in_force = program.at(time.time_ns() // 1000).version
+        except Rejection:  # the first version has not started yet
+            pass
+    print(json.dumps({"program_id": settings.program_id, "version_in_force": in_force,
+                      "versions": [_program_json(v) for v in program.versions] if program else []}, indent=2))
     return 0
 
 
@@ -270,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--merchant-id", action="append",
                         help="the merchant the key acts for (repeat with --gateway for several)")
     create.add_argument("--gateway", action="store_true", help="a gateway key for the listed merchants")
-    create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdmin, Clearing)")
+    create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdmin, Programs, Clearing)")
     create.add_argument("--description", default="")
     config.add_arguments(create, DATABASE_OPTIONS)
     create.set_defaults(func=cmd_key_create)
@@ -278,6 +366,21 @@ def parser() -> argparse.ArgumentParser:
     revoke.add_argument("--key-id", required=True)
     config.add_arguments(revoke, DATABASE_OPTIONS)
     revoke.set_defaults(func=cmd_key_revoke)
+
+    program = commands.add_parser(
+        "program", help="the program's versioned rules (tiers, expiry, promotions, ...)").add_subparsers(
+        dest="action", required=True)
+    program_set = program.add_parser(
+        "set", help="store the next version of the rules from a JSON file (see ops/program.example.json); "
+                    "prints it as JSON")
+    program_set.add_argument("--file", required=True, help="the version's settings, a JSON object")
+    program_set.add_argument("--effective-from", help="ISO 8601 time with a zone from which the version applies, "
+                                                      "at least 1 s ahead [default: 1 s from now]")
+    config.add_arguments(program_set, DATABASE_OPTIONS + ("program_id",))
+    program_set.set_defaults(func=cmd_program_set)
+    program_show = program.add_parser("show", help="print every version of the rules as JSON, oldest first")
+    config.add_arguments(program_show, DATABASE_OPTIONS + ("program_id",))
+    program_show.set_defaults(func=cmd_program_show)
 
     reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")
     config.add_arguments(reconcile, DATABASE_OPTIONS)

@@ -1,18 +1,19 @@
-"""The operator's services: MerchantAdmin (merchants, credentials) and Clearing (positions, settlement
-periods, statements, CSV export). proto ⇄ store; the pipeline is told about merchant changes so the
-fast path applies them from the next call on."""
+"""The operator's services: MerchantAdmin (merchants, credentials), Programs (the versioned program
+rules) and Clearing (positions, settlement periods, statements, CSV export). proto ⇄ store; the
+pipeline is told about merchant and program changes so the fast path applies them from the next call on."""
 from __future__ import annotations
 
 import base64
 import csv
 import datetime as dt
 import io
+import time
 
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from processor import auth, domain
+from processor import auth, domain, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Rejection
 from processor.pipeline import Pipeline
@@ -178,12 +179,158 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         return await guard(context, call)
 
 
+# --- Programs: versioned rules ---------------------------------------------------------------------
+# ProgramRules ⇄ the configuration dict of processor/rules.py (version_to_config / version_from_config):
+# the same names; an unset optional field is a missing key (the rules' default), 0 stands for None where
+# the proto says so. Every check of the rules is rules.version_from_config's, so the API, the CLI and
+# stored versions are held to the same ones.
+
+_SCOPE = {pb.PROMOTION_SCOPE_NETWORK: rules.SCOPE_NETWORK, pb.PROMOTION_SCOPE_MERCHANT: rules.SCOPE_MERCHANT,
+          pb.PROMOTION_SCOPE_TIER: rules.SCOPE_TIER}
+_SCOPE_ENUM = {name: value for value, name in _SCOPE.items()}
+_OPTIONAL_RULES = ("restore_grace_us", "acquiring_share_bps", "referral_bonus_point_units",
+                   "referral_minimum_purchase")
+_NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
+
+
+def _rate(message: pb.ProgramRate) -> dict:
+    return {"numerator": message.numerator, "denominator": message.denominator}
+
+
+def rules_config(message: pb.ProgramRules) -> dict:
+    """The configuration a ProgramRules describes, for rules.version_from_config."""
+    config: dict = {}
+    for name in _NONE_IF_ZERO:
+        if message.HasField(name):
+            config[name] = getattr(message, name) or None
+    for name in _OPTIONAL_RULES:
+        if message.HasField(name):
+            config[name] = getattr(message, name)
+    if message.levels:
+        config["levels"] = [{"name": level.name, "threshold_point_units": level.threshold_point_units,
+                             "bonus_point_units": level.bonus_point_units,
+                             "multiplier_bps": level.multiplier_bps or domain.BPS_DENOMINATOR}
+                            for level in message.levels]
+    if message.HasField("dividends"):
+        d = message.dividends
+        dividends = {"threshold_point_units": d.threshold_point_units}
+        for name in ("growth_bps", "credit_limit_bps"):
+            if d.HasField(name):
+                dividends[name] = getattr(d, name)
+        if d.rate_bps_schedule:
+            dividends["rate_bps_schedule"] = list(d.rate_bps_schedule)
+        config["dividends"] = dividends
+    scopes_unknown = [f"promotions[{i}]" for i, p in enumerate(message.promotions) if p.scope not in _SCOPE]
+    if scopes_unknown:
+        raise Rejection(Code.INVALID_ARGUMENT, f"{', '.join(scopes_unknown)}: scope must be PROMOTION_SCOPE_NETWORK, "
+                                               "PROMOTION_SCOPE_MERCHANT or PROMOTION_SCOPE_TIER")
+    if message.promotions:
+        config["promotions"] = [{
+            "promotion_id": p.promotion_id, "start_us": p.start_us, "end_us": p.end_us, "scope": _SCOPE[p.scope],
+            "scope_id": p.scope_id, "multiplier_bps": p.multiplier_bps, "bonus_point_units": p.bonus_point_units,
+            "budget_point_units": p.budget_point_units, "sponsor_id": p.sponsor_id or domain.OPERATOR_ID}
+            for p in message.promotions]
+    if message.merchant_terms:
+        config["merchant_terms"] = [{
+            "merchant_id": t.merchant_id,
+            "acquiring_share_bps": t.acquiring_share_bps if t.HasField("acquiring_share_bps") else None,
+            "conversion_rate": _rate(t.conversion_rate) if t.HasField("conversion_rate") else None}
+            for t in message.merchant_terms]
+    return config
+
+
+def rules_message(config: dict) -> pb.ProgramRules:
+    """The ProgramRules of a full configuration (rules.version_to_config), every field set."""
+    message = pb.ProgramRules(
+        expiry_period_us=config["expiry_period_us"] or 0, tier_window_us=config["tier_window_us"] or 0,
+        **{name: config[name] for name in _OPTIONAL_RULES},
+        levels=[pb.ProgramLevel(**level) for level in config["levels"]],
+        promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]])
+    if config["dividends"] is not None:
+        message.dividends.CopyFrom(pb.ProgramDividends(**config["dividends"]))
+    for terms in config["merchant_terms"]:
+        item = message.merchant_terms.add(merchant_id=terms["merchant_id"])
+        if terms["acquiring_share_bps"] is not None:
+            item.acquiring_share_bps = terms["acquiring_share_bps"]
+        if terms["conversion_rate"] is not None:
+            item.conversion_rate.CopyFrom(pb.ProgramRate(**terms["conversion_rate"]))
+    return message
+
+
+def program_version_message(version: rules.ProgramVersion) -> pb.ProgramVersion:
+    return pb.ProgramVersion(program_id=version.program_id, version=version.version,
+                             effective_from=timestamp(version.effective_from_us),
+                             rules=rules_message(rules.version_to_config(version)))
+
+
+class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
+    """The versions of the service's program (settings.program_id): stored through the store, then
+    loaded by the pipeline before this call answers."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline):
+        self.settings = settings
+        self.pipeline = pipeline
+
+    def _program_id(self, value: str) -> str:
+        if value and value != self.settings.program_id:
+            raise Rejection(Code.INVALID_ARGUMENT,
+                            f"program_id {value[:TEXT_BYTES_MAX]!r} is not this service's program "
+                            f"{self.settings.program_id!r}; leave it empty or send that one")
+        return self.settings.program_id
+
+    async def SetProgramVersion(self, request, context):
+        async def call():
+            program_id = self._program_id(request.program_id)
+            effective_from_us = None
+            if request.HasField("effective_from"):
+                effective_from_us = request.effective_from.seconds * 1_000_000 + request.effective_from.nanos // 1000
+            config = rules_config(request.rules)
+            caller = rpc.principal.get()
+            created_by = f"api key {caller.key_id}" if caller is not None else "api"
+            try:
+                version = await self.pipeline.ready_store().add_program_version(
+                    program_id, effective_from_us, config, created_by)
+            except rules.ConfigError as error:
+                raise Rejection(Code.INVALID_ARGUMENT, str(error)) from None
+            except StoreError as error:
+                raise Rejection(Code.FAILED_PRECONDITION, str(error)) from None
+            try:
+                await self.pipeline.reload_program()
+            except Rejection as rejection:  # stored, but not loaded yet: say so, so the caller does not add it again
+                raise Rejection(rejection.code,
+                                f"version {version.version} of program {program_id!r} is stored but the service "
+                                f"has not loaded it yet ({rejection.message}); do not set it again: GetProgram "
+                                f"shows it, and the service loads it when it is ready") from None
+            return program_version_message(version)
+        return await guard(context, call)
+
+    async def GetProgram(self, request, context):
+        async def call():
+            program_id = self._program_id(request.program_id)
+            program = await self.pipeline.ready_store().program(program_id)
+            if program is None:
+                raise Rejection(Code.NOT_FOUND,
+                                f"program {program_id!r} has no version yet: the service applies the plain ledger "
+                                f"rules; add one with SetProgramVersion or `python -m processor program set`")
+            try:
+                in_force = program.at(time.time_ns() // 1000).version
+            except Rejection:  # the first version has not started yet
+                in_force = 0
+            return pb.Program(program_id=program_id, versions=[program_version_message(v) for v in program.versions],
+                              version_in_force=in_force)
+        return await guard(context, call)
+
+
+# acquiring columns last: a reader of the columns it knew by position keeps working
 STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
                          "earn_refunds", "redeemed", "redemption_refunds", "fees", "net", "closing_position",
-                         "transactions")
+                         "transactions", "acquiring", "acquiring_reversals")
 LINE_CSV_COLUMNS = ("period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount",
                     "fee", "net")
-_KIND_TEXT = {1: "earn", 2: "capture", 3: "redeem", 4: "refund_of_redemption", 5: "refund_of_earn"}
+_KIND_TEXT = {1: "earn", 2: "capture", 3: "redeem", 4: "refund_of_redemption", 5: "refund_of_earn", 6: "expiry",
+              7: "tier_bonus", 8: "referral_bonus", 9: "acquiring_reward", 10: "acquiring_reversal",
+              11: "dividend", 12: "split_redeem", 13: "split_refund", 14: "merchant_voucher_spend",
+              15: "conversion"}
 
 
 def statement_message(r) -> pb.Statement:

@@ -26,6 +26,7 @@ ACCEPTED_KINDS = {
     "points.v1.PointsService": ("merchant", "gateway"),
     "points.v1.MerchantAdmin": ("operator",),
     "points.v1.Clearing": ("operator",),
+    "points.v1.Programs": ("operator",),
 }
 
 

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from processor import auth, metrics, rpc
-from processor.admin import ClearingServicer, MerchantAdminServicer
+from processor.admin import ClearingServicer, MerchantAdminServicer, ProgramsServicer
 from processor.config import Settings
 from processor.pipeline import Pipeline
 from processor.servicer import PointsServicer
@@ -83,6 +83,7 @@ class Service:
         admin_pb2_grpc.add_MerchantAdminServicer_to_server(
             MerchantAdminServicer(settings, self.pipeline, self.authenticator), self.server)
         admin_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(settings, self.pipeline), self.server)
+        admin_pb2_grpc.add_ProgramsServicer_to_server(ProgramsServicer(settings, self.pipeline), self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)
