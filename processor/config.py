@@ -79,6 +79,8 @@ OPTIONS: tuple[Option, ...] = (
            "the loyalty program whose versioned rules (tiers, expiry, promotions, ...) the service applies; "
            "with no version stored, earns and redeems follow the plain ledger"),
     Option("expiry_lots_per_batch_max", int, 1000, "expired point lots posted per batch by the expiry job, at most"),
+    Option("dividend_check_seconds", float, 60.0,
+           "how often the service checks whether the dividend pool is due a round (program rules)"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
     Option("shutdown_drain_seconds", float, 0.5,
            "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
@@ -121,6 +123,7 @@ class Settings:
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     program_id: str = "alliance"
     expiry_lots_per_batch_max: int = 1000
+    dividend_check_seconds: float = 60.0
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
 
@@ -170,6 +173,7 @@ class Settings:
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
         check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")
+        check(0.05 <= self.dividend_check_seconds <= 86_400, "dividend_check_seconds must be 0.05..86400")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:

@@ -147,6 +147,7 @@ class Operation:
     transaction_id: int = 0         # refund: the original transaction
     referrer_id: str = ""           # link: the referring member ("" = none)
     merchant_points: int = 0        # conversion: the merchant's own points, in its own programme's units
+    vouchers: int = 0               # redeem: voucher-units spent besides `points` (a split tender)
     future: asyncio.Future | None = None
     enqueued_at: float = 0.0
 

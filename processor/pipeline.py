@@ -33,7 +33,7 @@ import asyncpg
 
 import fastpath
 from processor import domain, metrics, rules
-from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState
+from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
 from processor.store import NEVER_US, BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
@@ -108,6 +108,18 @@ async def load_program(store: Store, settings: Settings) -> ProgramState:
     for owner, owner_pieces in pieces.items():
         state.load_pieces(owner, tuple(owner_pieces))
     state.granted = {r["promotion_id"]: r["granted"] for r in rows["budgets"]}
+    vouchers = await store.voucher_state(settings.program_id)
+    for r in vouchers["accounts"]:
+        kind, owner, balance = r["kind"], r["owner_id"], r["balance"]
+        state.voucher_accounts[(kind, owner)] = r["account_id"]
+        if kind == domain.ACCOUNT_MEMBER:
+            state.vouchers[(rules.HOLDER_MEMBER, owner)] = balance
+        elif kind == rules.ACCOUNT_MERCHANT_VOUCHERS:
+            state.vouchers[(rules.HOLDER_MERCHANT, owner)] = balance
+        elif kind == rules.ACCOUNT_MEMBER_VOUCHER_CREDIT and balance:
+            state.credit[owner] = -balance
+    state.rounds = vouchers["rounds"][0]["round_number"] if vouchers["rounds"] else 0
+    state.dividends_unposted = vouchers["unposted"] > 0
     return state
 
 
@@ -183,6 +195,8 @@ class Pipeline:
         # before the newest settlement cut.
         self._clock_floor_us = 0
         self._task: asyncio.Task | None = None
+        self._dividends: asyncio.Task | None = None
+        self._reloads: set[asyncio.Task] = set()
         self._stopping = False
         self.draining = False       # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
@@ -228,15 +242,21 @@ class Pipeline:
 
     def _program_changed(self, program_id: str) -> None:
         if program_id == self.settings.program_id and self.ready:
-            asyncio.get_running_loop().create_task(self.reload_program(), name="program-reload")
+            task = asyncio.get_running_loop().create_task(self.reload_program(), name="program-reload")
+            self._reloads.add(task)  # a task nobody references may be collected before it runs
+            task.add_done_callback(self._reloads.discard)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="committer")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="committer")
+        self._dividends = loop.create_task(self._dividend_loop(), name="dividend-rounds")
 
     async def stop(self) -> None:
         """Commits what is queued, then stops the committer."""
         self._stopping = True
         self._queued.set()
+        if self._dividends is not None:
+            self._dividends.cancel()
         if self._task is not None:
             await self._task
         if self._checkpoint is not None:
@@ -382,7 +402,8 @@ class Pipeline:
                            "idempotency key")
                 await self._resync()
                 continue
-            if not self._queue and not self._expired_pending and not self._lots_due():
+            if not self._queue and not self._expired_pending and not self._lots_due() \
+                    and not self.program.dividends_unposted:
                 if self._stopping:
                     return
                 self._queued.clear()
@@ -435,10 +456,19 @@ class Pipeline:
             metrics.queue_wait_seconds.observe(started - op.enqueued_at)
         try:
             stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
-            if len(self._account_ids) < len(batch):
-                self._account_ids.extend(await self.store.reserve_account_ids(
-                    max(len(batch), settings.batch_operations_max)))
             await self._prefetch(batch, now_micros())
+            dividends = []
+            if self.program.dividends_unposted and not self._open:
+                # only with no batch in flight: a chunk read now is not being posted by a batch unanswered
+                dividends = await self.store.unposted_allocations(self.settings.program_id,
+                                                                  settings.batch_operations_max)
+                self.program.dividends_unposted = bool(dividends)
+            # account ids for what the batch may open: a new member's account, and under the rules up to
+            # three voucher accounts per operation or allocation
+            need = len(batch) + (3 * (len(batch) + len(dividends)) if self.program.program is not None else 0)
+            if len(self._account_ids) < need:
+                self._account_ids.extend(await self.store.reserve_account_ids(
+                    max(need, settings.batch_operations_max)))
         except domain.InvariantViolation:
             raise
         except Exception as error:  # reads only: nothing of this batch was written
@@ -472,6 +502,8 @@ class Pipeline:
             for authorization_id in write.expired_holds:
                 self._restore_hold(authorization_id, now_us)
             self._expire_lots(write, now_us)
+            if dividends:
+                self._post_dividends(write, dividends, now_us)
             outcomes = self._apply_batch(batch, stored, write, now_us)
             for op, outcome in zip(batch, outcomes):
                 key = (op.merchant_id, op.idempotency_key)
@@ -539,8 +571,9 @@ class Pipeline:
         """Adds a committed batch's entries to what the next balance checkpoint folds in, and starts
         that checkpoint when it is due."""
         pending = self._pending_deltas
-        for _, account_id, amount in write.entries:
-            pending[account_id] = pending.get(account_id, 0) + amount
+        for entry in write.entries:
+            account_id = entry[1]
+            pending[account_id] = pending.get(account_id, 0) + entry[2]
         if write.transactions:
             self._pending_through = max(self._pending_through, max(t[0] for t in write.transactions))
         self._maybe_checkpoint()
@@ -654,14 +687,26 @@ class Pipeline:
                                  hold.expires_at_us, status)
         if self.program.program is not None:
             wanted = {op.transaction_id for op in batch
-                      if op.method is Method.REFUND and op.transaction_id not in self.program.earns}
+                      if op.method is Method.REFUND and op.transaction_id not in self.program.earns
+                      and op.transaction_id not in self.program.splits}
             if wanted:
                 for r in await self.store.earn_records(wanted):
                     self.program.load_earn(r["transaction_id"], earn_record(r))
+                for r in await self.store.split_records(wanted):
+                    self.program.splits[r["transaction_id"]] = SplitRecord(
+                        r["member_id"], r["merchant_id"], r["vouchers"], r["points"], r["from_credit"], r["refunded"])
         if transaction_ids:
             for t in await self.store.transactions(transaction_ids):
                 merchant = self.merchants.by_id.get(t.merchant_id)
                 member_slot = ledger.member_slot(t.member_id)
+                split = self.program.splits.get(t.transaction_id)
+                if t.kind == rules.KIND_SPLIT_REDEEM and split is not None and split.points:
+                    # its points part, as the fast path refunds it
+                    points_refunded = split.refunded - rules.proportional_share(
+                        split.vouchers, split.vouchers + split.points, 0, split.refunded)
+                    ledger.load_transaction(t.transaction_id, fastpath.KIND_REDEEM, member_slot,
+                                            merchant.merchant_slot, split.points, points_refunded)
+                    continue
                 if t.kind > fastpath.KIND_REFUND_EARN:
                     # a transaction the program rules set off: never refundable by a merchant (the fast
                     # path answers NOT_REFUNDABLE, or WRONG_MERCHANT to another merchant)
@@ -732,7 +777,8 @@ class Pipeline:
                 reference = op.authorization_id
             elif kind is Method.REFUND:
                 reference, created = op.transaction_id, ids.transaction()
-            if version is not None or kind in _RULES_ONLY:
+            if version is not None or kind in _RULES_ONLY or op.vouchers or (
+                    kind is Method.REFUND and op.transaction_id in self.program.splits):
                 # under a program each operation goes through the kernel on its own, with the rules
                 # evaluated around it in order (an earn's bonuses change what the next operation sees)
                 outcomes[position] = self._apply_with_rules(op, write, now_us, version, slot, reference, created,
@@ -841,6 +887,10 @@ class Pipeline:
                 return self._link(op)
             if method is Method.CONVERT:
                 return self._convert(op, write, now_us, version, slot, created)
+            if method is Method.REDEEM and op.vouchers:
+                return self._split_redeem(op, write, now_us, version, slot, created)
+            if method is Method.REFUND and op.transaction_id in self.program.splits:
+                return self._split_refund(op, write, now_us, version, created)
             points, plan, refund = op.points, None, None
             if method is Method.EARN and version is not None:
                 plan = self.program.plan_earn(version, op.member_id, op.merchant_id, op.points, now_us)
@@ -967,16 +1017,166 @@ class Pipeline:
                                  "bonus_points": portion.total - portion.base})
 
     def _post(self, write: BatchWrite, kind: int, merchant_id: str, member_id: str, amount: int,
-              entries: list[tuple[int, int]], key: str, version: "rules.ProgramVersion | None",
+              entries: list[tuple], key: str, version: "rules.ProgramVersion | None",
               original: int | None = None) -> int:
-        """A transaction the rules set off (not a merchant's request): its row and entries."""
+        """A transaction the rules set off (not a merchant's request): its row and entries, each
+        (account_id, amount) in points or (account_id, amount, asset)."""
         created = self.ids.transaction()
         write.transactions.append((created, kind, merchant_id, member_id, amount, None, None, original, key, 0,
                                    version.version if version is not None else None))
-        for account_id, delta in entries:
-            if delta:
-                write.entries.append((created, account_id, delta))
+        _entries(write, created, entries)
         return created
+
+    # --- vouchers: dividend rounds, split tender, voucher credit ---
+
+    def _voucher_account(self, write: BatchWrite, kind: str, owner: str) -> int:
+        """The id of a voucher account (member, member_voucher_credit, merchant_vouchers or
+        merchant_redeemed in VOUCHERS), opened in this batch if it is new."""
+        account_id = self.program.voucher_accounts.get((kind, owner))
+        if account_id is None:
+            account_id = self._account_ids.pop()
+            write.new_accounts.append((account_id, kind, owner, rules.ASSET_VOUCHERS))
+            self.program.set_voucher_account((kind, owner), account_id)
+        return account_id
+
+    async def _dividend_loop(self) -> None:
+        """Decides a dividend round whenever the pool is due one (docs/RULES.md section 4); its
+        allocations are then posted by the committer in bounded chunks, beside the traffic."""
+        while not self._stopping:
+            await asyncio.sleep(self.settings.dividend_check_seconds)
+            await self.decide_dividend_round()
+
+    async def decide_dividend_round(self) -> "rules.DividendRound | None":
+        program = self.program
+        version = program.version(now_micros())
+        if not self.ready or version is None or version.dividends is None or program.dividends_unposted:
+            return None
+        try:
+            decided = await self.store.decide_dividend_round(self.settings.program_id, version,
+                                                             self.settings.commit_timeout_seconds)
+        except Exception as error:  # the next check tries again; nothing was stored
+            log.warning("dividend round not decided", extra={"error": repr(error)})
+            return None
+        if decided is not None:
+            program.rounds = decided.round_number
+            program.dividends_unposted = True
+            self._queued.set()
+            log.info("dividend round decided", extra={
+                "round": decided.round_number, "pool": decided.pool_point_units, "rate_bps": decided.rate_bps,
+                "holders": len(decided.allocations), "total_issued": decided.total_issued})
+        return decided
+
+    def _post_dividends(self, write: BatchWrite, rows: list, now_us: int) -> None:
+        """Posts a chunk of a decided round's allocations: one kind-11 transaction per holder; a member's
+        vouchers repay its voucher credit first."""
+        program, vouchers = self.program, rules.ASSET_VOUCHERS
+        funding = self.operator_accounts[rules.ACCOUNT_OPERATOR_DIVIDENDS]
+        version = program.version(now_us)
+        for r in rows:
+            number, holder_kind, holder, amount = r["round_number"], r["holder_kind"], r["holder_id"], r["amount"]
+            entries = [(funding, -amount, vouchers)]
+            if holder_kind == rules.HOLDER_MEMBER:
+                repaid, paid_out = rules.apply_dividend(program.credit.get(holder, 0), amount)
+                if repaid:
+                    entries.append((self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, holder),
+                                    repaid, vouchers))
+                    program.move_credit(holder, -repaid)
+                if paid_out:
+                    entries.append((self._voucher_account(write, domain.ACCOUNT_MEMBER, holder), paid_out, vouchers))
+                    program.move_vouchers((rules.HOLDER_MEMBER, holder), paid_out)
+                merchant_id, member_id = domain.OPERATOR_ID, holder
+            else:
+                entries.append((self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), amount, vouchers))
+                program.move_vouchers((rules.HOLDER_MERCHANT, holder), amount)
+                merchant_id, member_id = holder, ""
+            created = self._post(write, rules.KIND_DIVIDEND, merchant_id, member_id, amount, entries,
+                                 f"dividend:{number}:{holder_kind}:{holder}", version)
+            program.dividend_posted(number, holder_kind, holder, created)
+
+    def _split_redeem(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
+                      slot: int, created: int) -> Outcome:
+        """A redeem paid with vouchers (the member's own first, then its voucher credit) and points."""
+        program, ledger, member_id = self.program, self.ledger, op.member_id
+        posted, held = ledger.balance(slot)
+        used = program.credit.get(member_id, 0)
+        headroom = max(0, program.credit_limit(version, posted) - used)
+        from_balance, from_credit = rules.voucher_sources(program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
+                                                          headroom, op.vouchers)
+        merchant = self.merchants.by_id[op.merchant_id]
+        fee = 0
+        if op.points:
+            self._expire_member(write, member_id, now_us)
+            status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created, 0,
+                                                                             now_us)
+            if status != fastpath.OK:
+                return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+            program.consume(member_id, (OWNER_TRANSACTION, created), op.points, available + op.points, now_us)
+            fee = self._fee(write, created, merchant, op.points, "fee_redeemed_bps")
+        vouchers = rules.ASSET_VOUCHERS
+        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, op.points + op.vouchers,
+                                   None, None, None, op.idempotency_key, fee,
+                                   version.version if version is not None else None))
+        _entries(write, created, [
+            (ledger.member_account(slot), -op.points), (merchant.redeemed_account_id, op.points),
+            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
+             vouchers),
+            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
+             -from_credit, vouchers),
+            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id), op.vouchers, vouchers)])
+        program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
+        program.move_credit(member_id, from_credit)
+        program.split(created, SplitRecord(member_id, op.merchant_id, op.vouchers, op.points, from_credit), new=True)
+        posted, held = ledger.balance(slot)
+        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
+                                 "available": posted - held, "vouchers": op.vouchers,
+                                 "voucher_balance": program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
+                                 "voucher_credit_used": program.credit.get(member_id, 0)})
+
+    def _split_refund(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
+                      created: int) -> Outcome:
+        """A refund of a split redeem, both assets as one unit, in proportion; vouchers repay credit first."""
+        program, ledger = self.program, self.ledger
+        split = program.splits[op.transaction_id]
+        transaction = domain.format_transaction_id(op.transaction_id)
+        if split.merchant_id != op.merchant_id:
+            return Outcome(Code.PERMISSION_DENIED, reason="wrong_merchant", message=(
+                f"{transaction} belongs to another merchant; only that merchant may refund it"))
+        remaining = split.vouchers + split.points - split.refunded
+        if op.points > remaining:
+            return Outcome(Code.FAILED_PRECONDITION, reason="refund_exceeds_remaining", message=(
+                f"refund of {op.points} exceeds the {remaining} (vouchers and points) that remain unrefunded "
+                f"of {transaction}"))
+        portion = rules.refund_tender(split.tender, split.refunded, op.points)
+        member_id = split.member_id
+        slot = ledger.member_slot(member_id)
+        if portion.points:
+            status, slot, amount, posted, available, kind = self._kernel_one(
+                op, slot, portion.points, op.transaction_id, created, 0, now_us)
+            if status != fastpath.OK:
+                return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+            program.restore(member_id, (OWNER_TRANSACTION, op.transaction_id), portion.points,
+                            available - portion.points, now_us, version.restore_grace_us if version else 0)
+        repaid = min(program.credit.get(member_id, 0), portion.vouchers)
+        back = portion.vouchers - repaid
+        vouchers = rules.ASSET_VOUCHERS
+        merchant = self.merchants.by_id[op.merchant_id]
+        write.transactions.append((created, rules.KIND_SPLIT_REFUND, op.merchant_id, member_id, op.points, None, None,
+                                   op.transaction_id, op.idempotency_key, 0,
+                                   version.version if version is not None else None))
+        write.refunds.append((op.transaction_id, op.points))
+        _entries(write, created, [
+            (ledger.member_account(slot), portion.points), (merchant.redeemed_account_id, -portion.points),
+            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if repaid else 0, repaid,
+             vouchers),
+            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if back else 0, back, vouchers),
+            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if portion.vouchers else 0,
+             -portion.vouchers, vouchers)])
+        program.move_credit(member_id, -repaid)
+        program.move_vouchers((rules.HOLDER_MEMBER, member_id), back)
+        program.split(op.transaction_id, dataclasses.replace(split, refunded=split.refunded + op.points))
+        posted, held = ledger.balance(slot)
+        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "kind": rules.KIND_SPLIT_REFUND,
+                                 "balance": posted, "available": posted - held, "vouchers": portion.vouchers})
 
     def _move_member(self, member_id: str, delta: int) -> int:
         """Credits (or debits) a member's posted points in the fast path (recorded in its undo log)."""
@@ -1148,14 +1348,24 @@ def _commit_may_have_happened(error: BaseException) -> bool:
     return True
 
 
+def _entries(write: BatchWrite, transaction_id: int, entries: list[tuple]) -> None:
+    """Journal rows of a transaction: (account_id, amount) in points or (account_id, amount, asset);
+    rows of amount 0 are left out (the journal holds none)."""
+    for entry in entries:
+        if entry[1]:
+            write.entries.append((transaction_id, entry[0], entry[1], entry[2]) if len(entry) > 2
+                                 else (transaction_id, entry[0], entry[1]))
+
+
 def _check_balanced(write: BatchWrite) -> None:
     """Every transaction's entries sum to zero (checked before the batch is written)."""
-    sums: dict[int, int] = collections.defaultdict(int)
-    for transaction_id, account_id, amount in write.entries:
+    sums: dict[tuple[int, str], int] = collections.defaultdict(int)
+    for entry in write.entries:
+        transaction_id, account_id = entry[0], entry[1]
         require(account_id > 0, f"transaction {transaction_id} posts to an account without an id")
-        sums[transaction_id] += amount
-    for transaction_id, total in sums.items():
-        require(total == 0, f"transaction {transaction_id} entries sum to {total}")
+        sums[(transaction_id, entry[3] if len(entry) > 3 else domain.ASSET_POINTS)] += entry[2]
+    for (transaction_id, asset), total in sums.items():
+        require(total == 0, f"transaction {transaction_id} entries of {asset} sum to {total}")
 
 
 def _replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Operation) -> Outcome:

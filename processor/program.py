@@ -60,6 +60,21 @@ class EarnRecord:
     made_at_us: int = 0
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SplitRecord:
+    """A redeem paid with vouchers and/or points (split_tenders): refunded in proportion, as one unit."""
+    member_id: str
+    merchant_id: str
+    vouchers: int
+    points: int
+    from_credit: int
+    refunded: int = 0
+
+    @property
+    def tender(self) -> rules.Tender:
+        return rules.Tender(self.vouchers, self.points)
+
+
 @dataclasses.dataclass(slots=True)
 class EarnEffects:
     """What an earn set off beyond its own postings, for the pipeline to post in the same batch."""
@@ -86,10 +101,16 @@ class RulesWrite:
     new_earns: set[int] = dataclasses.field(default_factory=set)
     # (transaction_id, member_id, from_level, to_level)
     tier_events: list[tuple[int, str, str, str]] = dataclasses.field(default_factory=list)
+    # transaction_id -> SplitRecord (inserted, or its refunded updated)
+    splits: dict[int, SplitRecord] = dataclasses.field(default_factory=dict)
+    new_splits: set[int] = dataclasses.field(default_factory=set)
+    # (round_number, holder_kind, holder_id, transaction_id): dividend allocations posted by this batch
+    dividends_posted: list[tuple[int, str, str, int]] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.members or self.lots or self.pieces or self.budgets or self.earns or self.tier_events)
+        return not (self.members or self.lots or self.pieces or self.budgets or self.earns or self.tier_events
+                    or self.splits or self.dividends_posted)
 
 
 class ProgramState:
@@ -100,12 +121,22 @@ class ProgramState:
         self.pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = {}
         self.granted: dict[str, int] = {}
         self.earns: dict[int, EarnRecord] = {}
+        # vouchers (the second asset): (holder kind, holder id) -> voucher-units held; member -> credit
+        # used (voucher-units spent on credit, >= 0); (account kind, owner) -> account id of voucher accounts
+        self.vouchers: dict[tuple[str, str], int] = {}
+        self.credit: dict[str, int] = {}
+        self.voucher_accounts: dict[tuple[str, str], int] = {}
+        self.splits: dict[int, SplitRecord] = {}
+        self.rounds = 0                      # dividend rounds decided so far
+        self.dividends_unposted = False      # a decided round has allocations still to post
+        self._dividends_posted: list[tuple[int, str, str, int]] = []
         # (expires_at_us, member_id): a member with a lot expiring then (entries may be stale: checked
         # against the member's lots when popped)
         self._due: list[tuple[int, str]] = []
         self._undo: list[list[tuple[dict, Any, Any]]] = []
         self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
-                                       "earns": set(), "new_earns": set()}
+                                       "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
+                                       "accounts": set(), "splits": set(), "new_splits": set()}
         self._tier_events: list[tuple[int, str, str, str]] = []
 
     # --- versions ---
@@ -147,6 +178,7 @@ class ProgramState:
         for dirty in self._dirty.values():
             dirty.clear()
         self._tier_events.clear()
+        self._dividends_posted.clear()
 
     def _set(self, table: dict, key, value, dirty: str) -> None:
         if self._undo:
@@ -168,10 +200,14 @@ class ProgramState:
             budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
             earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
             new_earns=set(d["new_earns"]),
-            tier_events=list(self._tier_events))
+            tier_events=list(self._tier_events),
+            splits={t: self.splits[t] for t in d["splits"] if t in self.splits},
+            new_splits=set(d["new_splits"]),
+            dividends_posted=list(self._dividends_posted))
         for dirty in d.values():
             dirty.clear()
         self._tier_events = []
+        self._dividends_posted = []
         return write
 
     # --- loading (start-up; prefetch) ---
@@ -276,6 +312,38 @@ class ProgramState:
                 self._set(self.members, member_id, self._count_qualifying(
                     version, member, -base_points, record.made_at_us, now_us), "members")
         self._take(member_id, taken, spendable, now_us, own_lot=transaction_id)
+
+    # --- vouchers ---
+
+    def move_vouchers(self, holder: tuple[str, str], delta: int) -> int:
+        balance = self.vouchers.get(holder, 0) + delta
+        require(balance >= 0, f"voucher balance of {holder} would be {balance}")
+        self._set(self.vouchers, holder, balance, "vouchers")
+        return balance
+
+    def move_credit(self, member_id: str, delta: int) -> int:
+        used = self.credit.get(member_id, 0) + delta
+        require(used >= 0, f"voucher credit of {member_id!r} would be {used}")
+        self._set(self.credit, member_id, used or None, "credit")
+        return used
+
+    def set_voucher_account(self, key: tuple[str, str], account_id: int) -> None:
+        self._set(self.voucher_accounts, key, account_id, "accounts")
+
+    def credit_limit(self, version: rules.ProgramVersion | None, holding: int) -> int:
+        """Voucher-units a member may owe: credit_limit_bps of its expected next dividend on its points."""
+        if version is None or version.dividends is None:
+            return 0
+        rate = rules.dividend_rate_bps(version.dividends, self.rounds + 1)
+        return rules.voucher_credit_limit(holding, rate, version.dividends.credit_limit_bps)
+
+    def split(self, transaction_id: int, record: SplitRecord, new: bool = False) -> None:
+        self._set(self.splits, transaction_id, record, "splits")
+        if new:
+            self._dirty["new_splits"].add(transaction_id)
+
+    def dividend_posted(self, round_number: int, holder_kind: str, holder_id: str, transaction_id: int) -> None:
+        self._dividends_posted.append((round_number, holder_kind, holder_id, transaction_id))
 
     # --- tiers ---
 

@@ -211,15 +211,22 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _redeem(self, request: pb.RedeemRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
-        return await self._operation(Method.REDEEM, request, request.merchant_id,
-                                     {"member_id": member_id, "points": points},
-                                     member_id=member_id, points=points)
+        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
+                                        zero_allowed=True)
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
+                                      zero_allowed=vouchers > 0)
+        fields = {"member_id": member_id, "points": points}
+        if vouchers:  # only then: a retry of a points-only redeem keeps its original fingerprint
+            fields["vouchers"] = vouchers
+        return await self._operation(Method.REDEEM, request, request.merchant_id, fields,
+                                     member_id=member_id, points=points, vouchers=vouchers)
 
     @staticmethod
     def _redeem_response(f: dict) -> pb.RedeemResponse:
         return pb.RedeemResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                 points=f["points"], balance=f["balance"], available=f["available"])
+                                 points=f["points"], balance=f["balance"], available=f["available"],
+                                 vouchers=f.get("vouchers", 0), voucher_balance=f.get("voucher_balance", 0),
+                                 voucher_credit_used=f.get("voucher_credit_used", 0))
 
     async def _refund(self, request: pb.RefundRequest) -> Operation:
         transaction_id = domain.parse_transaction_id(request.transaction_id)
@@ -232,7 +239,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     def _refund_response(f: dict) -> pb.RefundResponse:
         return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
                                  points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
-                                 available=f["available"], bonus_points=f.get("bonus_points", 0))
+                                 available=f["available"], bonus_points=f.get("bonus_points", 0),
+                                 vouchers=f.get("vouchers", 0))
 
     async def _link(self, request: pb.LinkMemberRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -434,6 +442,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             for expires_at_us, points in program.expiring_within(member_id, now_us, days * rules.DAY_US):
                 response.expiring.append(pb.ExpiringPoints(expires_at=timestamp(expires_at_us), points=points))
                 response.expiring_points += points
+            response.vouchers = program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0)
+            response.voucher_credit_used = program.credit.get(member_id, 0)
+            response.voucher_credit_limit = program.credit_limit(program.version(now_us), posted)
             links = program.member(member_id)
             response.acquirer_id, response.referrer_id = links.acquirer_id or "", links.referrer_id or ""
             if program.program is not None:

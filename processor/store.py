@@ -217,6 +217,8 @@ class BatchWrite:
     idempotency: list[tuple] = dataclasses.field(default_factory=list)
     # the program rules' rows (processor.program.RulesWrite), or None when no program applies
     rules: Any = None
+    # (account_id, kind, owner_id, asset_code): accounts the rules open (voucher accounts), ids reserved
+    new_accounts: list[tuple[int, str, str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def empty(self) -> bool:
@@ -396,6 +398,76 @@ class Store:
                FROM earn_rules e JOIN transactions t USING (transaction_id)
                WHERE e.transaction_id = ANY($1::bigint[])""", list(transaction_ids))
 
+    async def split_records(self, transaction_ids: Iterable[int]) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT transaction_id, member_id, merchant_id, vouchers, points, from_credit, refunded
+               FROM split_tenders WHERE transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+
+    async def voucher_state(self, program_id: str) -> dict[str, list]:
+        """Voucher accounts (ids and balances) and the program's rounds so far, for start-up."""
+        timeout = self.recovery_timeout
+        return {
+            "accounts": await self.pool.fetch(
+                """SELECT account_id, kind, owner_id, balance FROM account_balances
+                   WHERE asset_code = 'VOUCHERS' AND owner_id <> $1""", OPERATOR_ID, timeout=timeout),
+            "rounds": await self.pool.fetch(
+                """SELECT round_number, pool_point_units FROM dividend_rounds WHERE program_id = $1
+                   ORDER BY round_number DESC LIMIT 1""", program_id, timeout=timeout),
+            "unposted": await self.pool.fetchval(
+                "SELECT count(*) FROM dividend_allocations WHERE program_id = $1 AND transaction_id IS NULL",
+                program_id, timeout=timeout),
+        }
+
+    async def unposted_allocations(self, program_id: str, limit: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT round_number, holder_kind, holder_id, amount FROM dividend_allocations
+               WHERE program_id = $1 AND transaction_id IS NULL
+               ORDER BY round_number, holder_kind, holder_id LIMIT $2""", program_id, limit)
+
+    async def decide_dividend_round(self, program_id: str, version: "rules.ProgramVersion", timeout: float):
+        """If the pool is due a round under `version`'s dividend settings, decides it at one snapshot
+        (pool, holdings) and stores the round and all its allocations, as the writer; returns the
+        rules.DividendRound, or None when no round is due. The pool is every point-unit issued net of
+        refunds of earns (minus the issuing accounts' balances); a member holds its POINTS balance, a
+        merchant its net position when positive (what the operator owes it)."""
+        settings = version.dividends
+        decided = None
+
+        async def write(c: asyncpg.Connection, step) -> None:
+            nonlocal decided
+            pool = -await c.fetchval(
+                """SELECT coalesce(sum(balance), 0)::bigint FROM account_balances
+                   WHERE asset_code = 'POINTS' AND kind IN ('merchant_issued', 'operator_tier_rewards',
+                         'operator_promotions', 'operator_referrals')""", timeout=timeout)
+            last = await c.fetchrow(
+                """SELECT round_number, pool_point_units FROM dividend_rounds WHERE program_id = $1
+                   ORDER BY round_number DESC LIMIT 1""", program_id)
+            number = (last["round_number"] if last else 0) + 1
+            if pool <= 0 or not rules.dividend_due(settings, pool, last["pool_point_units"] if last else None):
+                return
+            # every holding in one statement: one snapshot of the balances (the round's cut)
+            holdings = {rules.Holder(r["k"], r["owner_id"]): r["holding"] for r in await c.fetch(
+                """SELECT 'member' AS k, owner_id, balance AS holding FROM account_balances
+                   WHERE kind = 'member' AND asset_code = 'POINTS' AND balance > 0
+                   UNION ALL
+                   SELECT 'merchant', owner_id, sum(balance)::bigint FROM account_balances
+                   WHERE kind LIKE 'merchant\\_%' AND asset_code = 'POINTS' GROUP BY owner_id
+                   HAVING sum(balance) > 0""", timeout=timeout)}
+            decided = rules.dividend_round(number, pool, rules.dividend_rate_bps(settings, number), holdings)
+            await c.execute(
+                """INSERT INTO dividend_rounds (program_id, round_number, program_version, pool_point_units, rate_bps,
+                                                holdings_point_units, total_issued, holders, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())""",
+                program_id, number, version.version, pool, decided.rate_bps, decided.holdings_point_units,
+                decided.total_issued, len(decided.allocations))
+            await c.copy_records_to_table(
+                "dividend_allocations",
+                columns=["program_id", "round_number", "holder_kind", "holder_id", "holding", "amount"],
+                records=[(program_id, number, a.holder.kind, a.holder.owner_id, a.holding_point_units, a.amount)
+                         for a in decided.allocations], timeout=timeout)
+        await self._as_writer(write, timeout)
+        return decided
+
     async def tier_history(self, member_id: str, limit: int = 10) -> list[asyncpg.Record]:
         return await self.pool.fetch(
             """SELECT transaction_id, from_level, to_level, created_at FROM tier_events
@@ -405,8 +477,8 @@ class Store:
         """account kind -> account id of the operator's own accounts (fee revenue, breakage)."""
         rows = await self.pool.fetch(
             """SELECT kind, account_id FROM accounts
-               WHERE kind LIKE 'operator%' AND owner_id = $1 AND asset_code = $2""",
-            OPERATOR_ID, ASSET_POINTS, timeout=self.recovery_timeout)
+               WHERE kind LIKE 'operator%' AND owner_id = $1""",
+            OPERATOR_ID, timeout=self.recovery_timeout)
         return {r["kind"]: r["account_id"] for r in rows}
 
     async def reserve_account_ids(self, count: int) -> list[int]:
@@ -666,6 +738,11 @@ class Store:
                             [m[1] for m in b.new_members], member_ids, ACCOUNT_MEMBER, ASSET_POINTS,
                             timeout=timeout)
             step("members")
+        if b.new_accounts:
+            await c.execute("""INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
+                            *[list(x) for x in zip(*b.new_accounts)], timeout=timeout)
+            step("accounts")
         if b.transactions:
             await c.copy_records_to_table(
                 "transactions",
@@ -688,7 +765,8 @@ class Store:
         if b.entries:
             await c.copy_records_to_table(
                 "entries", columns=["transaction_id", "account_id", "asset_code", "amount"],
-                records=[(e[0], e[1], ASSET_POINTS, e[2]) for e in b.entries], timeout=timeout)
+                records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for e in b.entries],
+                timeout=timeout)
             step("entries")
         if b.refunds:
             await c.execute(
@@ -800,6 +878,29 @@ class Store:
                 """UPDATE earn_rules e SET refunded_base_point_units = x.r
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE e.transaction_id = x.t""",
                 [t for t, _ in old], [e.refunded_base for _, e in old], timeout=timeout)
+        new = [(t, x) for t, x in r.splits.items() if t in r.new_splits]
+        if new:
+            await c.copy_records_to_table(
+                "split_tenders", columns=["transaction_id", "member_id", "merchant_id", "vouchers", "points",
+                                          "from_credit", "refunded"],
+                records=[(t, x.member_id, x.merchant_id, x.vouchers, x.points, x.from_credit, x.refunded)
+                         for t, x in new], timeout=timeout)
+        old = [(t, x) for t, x in r.splits.items() if t not in r.new_splits]
+        if old:
+            await c.execute(
+                """UPDATE split_tenders s SET refunded = x.r
+                   FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE s.transaction_id = x.t""",
+                [t for t, _ in old], [x.refunded for _, x in old], timeout=timeout)
+        if r.dividends_posted:
+            updated = await c.fetchval(
+                """WITH u AS (UPDATE dividend_allocations a SET transaction_id = x.t
+                              FROM unnest($2::int[], $3::text[], $4::text[], $5::bigint[]) AS x(n, k, h, t)
+                              WHERE a.program_id = $1 AND a.round_number = x.n AND a.holder_kind = x.k
+                                AND a.holder_id = x.h AND a.transaction_id IS NULL RETURNING 1)
+                   SELECT count(*) FROM u""",
+                r.program_id, *[list(x) for x in zip(*r.dividends_posted)], timeout=timeout)
+            require(updated == len(r.dividends_posted),
+                    f"dividends: {updated} of {len(r.dividends_posted)} allocations were still unposted")
         if r.tier_events:
             await c.copy_records_to_table(
                 "tier_events", columns=["transaction_id", "member_id", "from_level", "to_level", "created_at"],
@@ -928,9 +1029,11 @@ class Store:
             # transactions.amount: under a program an earn's amount is what the member got (base, tier
             # uplift, promotions) while the merchant owes only its base and the promotions it sponsors,
             # and an acquiring reward (kind 9, reversal 10) belongs to the acquirer, not to the merchant
-            # where the member spent. A merchant's transactions are its own (transactions.merchant_id)
-            # and those that moved one of its clearing accounts. Transaction ids grow with created_at
-            # (one writer), so the period's entries are one range of the entries_transaction index.
+            # where the member spent. A merchant's transactions are its own operations (its
+            # transactions.merchant_id, except the operator's postings 6..11 that merely name the
+            # merchant whose operation triggered them) and those that moved one of its clearing accounts.
+            # Transaction ids grow with created_at (one writer), so the period's entries are one range
+            # of the entries_transaction index.
             await c.execute(
                 f"""WITH t AS MATERIALIZED (
                      SELECT transaction_id, kind, merchant_id FROM transactions
@@ -948,10 +1051,11 @@ class Store:
                      FROM m GROUP BY merchant_id),
                    counted AS (
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
-                       SELECT merchant_id, count(*) AS n FROM t GROUP BY merchant_id
+                       SELECT merchant_id, count(*) AS n FROM t WHERE kind NOT BETWEEN 6 AND 11
+                       GROUP BY merchant_id
                        UNION ALL
-                       SELECT merchant_id, count(DISTINCT transaction_id) FROM m WHERE merchant_id <> own
-                       GROUP BY merchant_id) x
+                       SELECT merchant_id, count(DISTINCT transaction_id) FROM m
+                       WHERE merchant_id <> own OR kind BETWEEN 6 AND 11 GROUP BY merchant_id) x
                      GROUP BY merchant_id),
                    moves AS (SELECT * FROM counted LEFT JOIN money USING (merchant_id)),
                    previous AS (SELECT merchant_id, closing_position FROM statements WHERE period_id = $4)
@@ -995,15 +1099,18 @@ class Store:
     async def statement_lines(self, period_id: int, merchant_id: str, after_transaction_id: int = 0,
                               limit: int | None = None) -> list[asyncpg.Record]:
         """The merchant's transactions of a period, each with its effect on the merchant's position: its
-        own (transactions.merchant_id) and the acquiring rewards and reversals (kinds 9, 10) that moved
-        its merchant_acquiring account. fee and net are read from the entries on its POINTS clearing
-        accounts, as the statement's totals are (close_period), so the lines sum to the statement."""
+        own operations (transactions.merchant_id, kinds other than the operator's postings 6..11) and the
+        acquiring rewards and reversals (kinds 9, 10) that moved its merchant_acquiring account; the
+        journal shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and
+        net are read from the entries on its POINTS clearing accounts, as the statement's totals are
+        (close_period), so the lines sum to the statement."""
         return await self.pool.fetch(
             """WITH p AS (SELECT opened_at, cut_off FROM settlement_periods WHERE period_id = $1),
                     own AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3 ORDER BY t.transaction_id LIMIT $4),
+                      WHERE t.transaction_id > $3 AND t.kind NOT BETWEEN 6 AND 11
+                      ORDER BY t.transaction_id LIMIT $4),
                     acquired AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.kind IN (9, 10) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
@@ -1129,9 +1236,12 @@ class Store:
                 problems.append(f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
                                 f"{r['account_id']}, which do not both exist in its asset")
             report("every transaction's and hold's merchant and member exist; every refund's original exists")
+            # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id '')
             for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
-                                      WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                         OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
+                                      WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
+                                                 OR t.kind = 11 AND t.merchant_id = 'operator')
+                                         OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
+                                                 OR t.kind = 11 AND t.member_id = '')
                                          OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
                                               (SELECT 1 FROM transactions o
                                                WHERE o.transaction_id = t.original_transaction_id))
@@ -1493,6 +1603,15 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         problems.append(f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
                         f"{r['member_id']}, merchant {r['merchant_id']}) should move {shape}; its entries: "
                         f"{r['entries'] or 'none'}")
+
+    report("the acquiring rewards merchants are owed (merchant_acquiring) = what the operator paid "
+           "(-operator_acquiring)")
+    totals = (await fetch("""SELECT coalesce(sum(balance) FILTER (WHERE kind = 'merchant_acquiring'), 0) AS owed,
+                                    coalesce(sum(balance) FILTER (WHERE kind = 'operator_acquiring'), 0) AS paid
+                             FROM account_balances WHERE asset_code = 'POINTS'"""))[0]
+    if totals["owed"] != -totals["paid"]:
+        problems.append(f"merchants are owed {totals['owed']} point-units of acquiring rewards, the operator paid "
+                        f"{-totals['paid']}")
     return problems
 
 

@@ -117,3 +117,44 @@ CREATE TABLE lot_consumptions (
     amount        bigint NOT NULL CHECK (amount > 0),
     PRIMARY KEY (owner_kind, owner_id, lot_id, expires_at_us)
 );
+
+-- Dividend rounds (vouchers, the second asset). A round is decided at one Postgres snapshot (the pool
+-- and every holding), stored with all its allocations, then posted in bounded chunks: each allocation
+-- becomes a kind-11 transaction and gets its transaction_id in the same Postgres transaction, so a
+-- round is posted exactly once whatever fails in between. Audit: which round, which pool, which rate.
+CREATE TABLE dividend_rounds (
+    program_id           text NOT NULL,
+    round_number         integer NOT NULL CHECK (round_number >= 1),
+    program_version      integer NOT NULL,
+    pool_point_units     bigint NOT NULL CHECK (pool_point_units > 0),
+    rate_bps             integer NOT NULL CHECK (rate_bps BETWEEN 1 AND 10000),
+    holdings_point_units bigint NOT NULL CHECK (holdings_point_units >= 0),
+    total_issued         bigint NOT NULL CHECK (total_issued >= 0),
+    holders              integer NOT NULL,
+    created_at           timestamptz NOT NULL,
+    PRIMARY KEY (program_id, round_number)
+);
+
+CREATE TABLE dividend_allocations (
+    program_id     text NOT NULL,
+    round_number   integer NOT NULL,
+    holder_kind    text NOT NULL CHECK (holder_kind IN ('member', 'merchant')),
+    holder_id      text NOT NULL,
+    holding        bigint NOT NULL CHECK (holding > 0),
+    amount         bigint NOT NULL CHECK (amount > 0),
+    transaction_id bigint,       -- NULL until posted
+    PRIMARY KEY (program_id, round_number, holder_kind, holder_id)
+);
+CREATE INDEX dividend_allocations_unposted ON dividend_allocations (program_id, round_number)
+    WHERE transaction_id IS NULL;
+
+-- A redeem paid with vouchers and/or points (kind 12): its tender, for refunds in proportion (kind 13).
+CREATE TABLE split_tenders (
+    transaction_id bigint PRIMARY KEY,
+    member_id      text NOT NULL,
+    merchant_id    text NOT NULL,
+    vouchers       bigint NOT NULL CHECK (vouchers >= 0),
+    points         bigint NOT NULL CHECK (points >= 0),
+    from_credit    bigint NOT NULL CHECK (from_credit BETWEEN 0 AND vouchers),
+    refunded       bigint NOT NULL DEFAULT 0 CHECK (refunded BETWEEN 0 AND vouchers + points)
+);
