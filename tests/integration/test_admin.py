@@ -93,7 +93,7 @@ def test_create_merchant_stores_every_field_and_the_merchant_can_earn_at_once(se
             row["status"]) == ("Corner Café", 750, 125, 40, "north", "active")
     accounts = fetch(service.database_url, "SELECT kind, balance FROM account_balances WHERE owner_id = $1", merchant_id)
     assert sorted((r["kind"], r["balance"]) for r in accounts) == [
-        ("merchant_fees", 0), ("merchant_issued", 0), ("merchant_redeemed", 0)]
+        ("merchant_acquiring", 0), ("merchant_fees", 0), ("merchant_issued", 0), ("merchant_redeemed", 0)]
     response = earn(points, merchant_id, merchant_key(admin, merchant_id), unique("mem"), 12_345)
     assert response.give_back_bps == 750 and response.points == 925  # floor(12345 * 0.075)
 

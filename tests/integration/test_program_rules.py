@@ -251,6 +251,25 @@ def test_expiry_soonest_first_restore_and_idempotent_job(world):
     assert ledger_discrepancies(url) == []
 
 
+def test_link_and_conversion_in_a_batch(world):
+    url, _, stub = world
+    member = unique("batch")
+    response = stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
+        pb.Operation(link=pb.LinkMemberRequest(merchant_id="own-points-shop", member_id=member,
+                                               idempotency_key=unique("k"))),
+        pb.Operation(convert=pb.ConvertMerchantPointsRequest(merchant_id="own-points-shop", member_id=member,
+                                                             merchant_points=10, idempotency_key=unique("k"))),
+        pb.Operation(convert=pb.ConvertMerchantPointsRequest(merchant_id="shop-a", member_id=member,
+                                                             merchant_points=10, idempotency_key=unique("k"))),
+    ]), timeout=30)
+    first, second, third = response.results
+    assert first.outcome == pb.OPERATION_OUTCOME_APPLIED and first.link.acquirer_id == "own-points-shop"
+    assert second.outcome == pb.OPERATION_OUTCOME_APPLIED and second.convert.points == 15
+    assert third.outcome == pb.OPERATION_OUTCOME_REJECTED and "conversion rate" in third.message
+    assert _balance(stub, member).posted == 15
+    assert ledger_discrepancies(url) == []
+
+
 def test_state_survives_a_restart(world):
     url, service, stub = world
     member = unique("restart")

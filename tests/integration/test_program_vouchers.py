@@ -39,7 +39,7 @@ def world(create_database):
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:
-        yield url, points_pb2_grpc.PointsServiceStub(channel)
+        yield url, points_pb2_grpc.PointsServiceStub(channel), service
     service.kill()
 
 
@@ -60,7 +60,7 @@ def _rounds(url: str) -> list[dict]:
 
 
 def test_rounds_split_tender_credit_and_refund(world):
-    url, stub = world
+    url, stub, _ = world
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
     earn(stub, "shop-a", alice, 100_000)          # 10,000 point-units
     time.sleep(0.6)
@@ -109,4 +109,26 @@ def test_rounds_split_tender_credit_and_refund(world):
     assert balance.voucher_credit_used == 0 and balance.vouchers == 9_500 // 100 - 10
     issued = fetch(url, "SELECT balance FROM account_balances WHERE kind = 'operator_dividends'")[0]["balance"]
     assert -issued == sum(r["total_issued"] for r in _rounds(url))
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_restart_posts_no_round_twice(world):
+    url, stub, service = world
+    count = "SELECT count(*) AS n, coalesce(sum(amount), 0) AS s FROM transactions WHERE kind = 11"
+    before = fetch(url, count)[0]
+    assert before["n"] > 0
+    service.kill()
+    restarted = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
+    try:
+        time.sleep(1.0)  # several checks: the pool has not grown 15% since the last round
+        assert fetch(url, count)[0] == before
+        with restarted.channel() as channel:
+            again = points_pb2_grpc.PointsServiceStub(channel)
+            member = fetch(url, "SELECT holder_id FROM dividend_allocations WHERE holder_kind = 'member' "
+                                "ORDER BY round_number DESC, amount DESC LIMIT 1")[0]["holder_id"]
+            held = fetch(url, "SELECT balance FROM account_balances WHERE kind = 'member' AND owner_id = $1 "
+                              "AND asset_code = 'VOUCHERS'", member)[0]["balance"]
+            assert _balance(again, member).vouchers == held  # the fast path's voucher state came back
+    finally:
+        restarted.kill()
     assert ledger_discrepancies(url) == []
