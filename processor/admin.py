@@ -338,7 +338,8 @@ def statement_message(r) -> pb.Statement:
         merchant_id=r["merchant_id"], period_id=r["period_id"], opened_at=_timestamp(r["opened_at"]),
         cut_off=_timestamp(r["cut_off"]), opening_position=r["opening_position"], issued=r["issued"],
         earn_refunds=r["earn_refunds"], redeemed=r["redeemed"], redemption_refunds=r["redemption_refunds"],
-        fees=r["fees"], net=r["net"], closing_position=r["closing_position"], transactions=r["transactions"])
+        fees=r["fees"], net=r["net"], closing_position=r["closing_position"], transactions=r["transactions"],
+        acquiring=r["acquiring"], acquiring_reversals=r["acquiring_reversals"])
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -456,7 +457,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                         writer.writerow((r["period_id"], r["merchant_id"], _iso(r["opened_at"]), _iso(r["cut_off"]),
                                          r["opening_position"], r["issued"], r["earn_refunds"], r["redeemed"],
                                          r["redemption_refunds"], r["fees"], r["net"], r["closing_position"],
-                                         r["transactions"]))
+                                         r["transactions"], r["acquiring"], r["acquiring_reversals"]))
                     key = "merchant_id"
                 lines += min(len(rows), chunk)
                 more = len(rows) > chunk

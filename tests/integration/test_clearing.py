@@ -30,6 +30,7 @@ from google.protobuf import timestamp_pb2
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.conftest import ROOT, add_merchant, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import error_of, unique
+from tests.integration.ledger_rows import Ledger, rules_ledger
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,7 +46,8 @@ EARN, CAPTURE, REDEEM, REFUND_OF_REDEMPTION, REFUND_OF_EARN = 1, 2, 3, 4, 5
 KIND_TEXT = {EARN: "earn", CAPTURE: "capture", REDEEM: "redeem", REFUND_OF_REDEMPTION: "refund_of_redemption",
              REFUND_OF_EARN: "refund_of_earn"}
 STATEMENT_FIELDS = ("merchant_id", "period_id", "opening_position", "issued", "earn_refunds", "redeemed",
-                    "redemption_refunds", "fees", "net", "closing_position", "transactions")
+                    "redemption_refunds", "fees", "net", "closing_position", "transactions", "acquiring",
+                    "acquiring_reversals")
 
 
 def credential(key: str) -> tuple[tuple[str, str], ...]:
@@ -296,7 +298,9 @@ def latest_period(database_url: str):
 
 def expected_statements(database_url: str) -> dict[int, dict[str, dict]]:
     """Every closed period's statements as the journal implies them, computed now from the transactions
-    dated in each period (not from the statements table): period_id -> merchant_id -> fields."""
+    dated in each period (not from the statements table): period_id -> merchant_id -> fields. For a ledger
+    of earns, redemptions and refunds without program rules (no acquiring rewards, amount = what the
+    merchant owes or is owed)."""
     periods = fetch(database_url, "SELECT period_id, opened_at, cut_off FROM settlement_periods ORDER BY period_id")
     transactions = fetch(database_url, "SELECT merchant_id, kind, amount, fee, created_at FROM transactions")
     result: dict[int, dict[str, dict]] = {}
@@ -321,7 +325,8 @@ def expected_statements(database_url: str) -> dict[int, dict[str, dict]]:
                 "merchant_id": merchant_id, "period_id": period["period_id"], "opening_position": opening,
                 "issued": s["issued"], "earn_refunds": s["earn_refunds"], "redeemed": s["redeemed"],
                 "redemption_refunds": s["redemption_refunds"], "fees": s["fees"], "net": net,
-                "closing_position": opening + net, "transactions": s["transactions"]}
+                "closing_position": opening + net, "transactions": s["transactions"], "acquiring": 0,
+                "acquiring_reversals": 0}
             closing[merchant_id] = opening + net
         result[period["period_id"]] = statements
     return result
@@ -357,6 +362,8 @@ def check_exports(operator: Operator, period: admin_pb2.SettlementPeriod,
         assert (by_kind["earn"], by_kind["refund_of_earn"], by_kind["capture"] + by_kind["redeem"],
                 by_kind["refund_of_redemption"]) == (statement.issued, statement.earn_refunds, statement.redeemed,
                                                      statement.redemption_refunds)
+        assert (by_kind["acquiring_reward"], by_kind["acquiring_reversal"]) == (statement.acquiring,
+                                                                                statement.acquiring_reversals)
 
 
 @dataclasses.dataclass
@@ -746,6 +753,229 @@ def test_reconcile_exits_1_naming_each_kind_of_corruption(create_database, servi
     assert ledger_discrepancies(url) == []
     again = reconcile(url)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Acquiring rewards and program earns (docs/RULES.md sections 6, 7): merchant_acquiring is a receivable
+# of the acquirer, and a merchant owes only its share of a program earn. The pipeline does not post these
+# yet: the journal rows are written directly (tests/integration/ledger_rows.py) while no service runs.
+
+
+async def _close_and_read(store, merchants: list[str]) -> tuple[dict, dict, dict]:
+    """Closes a period now; (statements, lines as (transaction, kind, amount, fee, net), positions) by merchant."""
+    period, created = await store.close_period(dt.datetime.now(dt.timezone.utc))
+    assert created
+    statements = {r["merchant_id"]: r for r in await store.statements(period_id=period["period_id"])}
+    lines = {m: [(r["transaction_id"], r["kind"], r["amount"], r["fee"], r["net"])
+                 for r in await store.statement_lines(period["period_id"], m)] for m in merchants}
+    positions = {m: await store.merchant_position(m) for m in merchants}
+    return statements, lines, positions
+
+
+def amounts(statement) -> tuple:
+    return tuple(statement[name] for name in ("opening_position", "issued", "earn_refunds", "redeemed",
+                                              "redemption_refunds", "fees", "acquiring", "acquiring_reversals",
+                                              "net", "closing_position", "transactions"))
+
+
+def test_statements_take_each_merchants_share_of_program_earns_and_acquiring_from_the_entries(create_database):
+    """rules_ledger() (hand-computed in ledger_rows.py), then a refund of half the earn's base: it takes
+    back 500 base + 250 uplift + 100 and 50 of the two promotions, 900 from the member, of which the
+    merchant gets back 550 (its base and its own promotion). Period 1: m1 issued 1,100 (base 1,000 +
+    its promotion 100, not the 1,800 the member got), fee 10, earn refunds 550; m2 issued 600
+    (conversion) and redeemed 300; the acquirer is owed 30 - 10. The tier bonus, referral bonus, expiry
+    and the acquiring rows name m1 but do not move its position: they are not its lines. Period 2: one
+    more reward of 5 carries the acquirer's position forward."""
+    url = create_database()
+
+    async def go():
+        async with await Ledger.open(url) as ledger:
+            rows = await rules_ledger(ledger)
+            refund = await ledger.post(5, rows.issuer, rows.member, 900, [
+                ("member", rows.member, -900), ("merchant_issued", rows.issuer, 550),
+                ("operator_tier_rewards", "operator", 250), ("operator_promotions", "operator", 100)])
+            await ledger.execute("UPDATE earn_rules SET refunded_base_point_units = 500")
+            await ledger.execute("UPDATE lots SET amount = 100 WHERE lot_id = $1", rows.earn)
+            merchants = [rows.issuer, rows.converter, rows.acquirer]
+            first = await _close_and_read(ledger.store, merchants)
+            await asyncio.sleep(0.001)
+            later = await ledger.acquiring_reward(rows.issuer, rows.member, rows.acquirer, 5)
+            second = await _close_and_read(ledger.store, merchants)
+            return rows, refund, later, first, second
+    rows, refund, later, (statements, lines, positions), (statements_2, lines_2, positions_2) = asyncio.run(go())
+    m1, m2, acquirer = rows.issuer, rows.converter, rows.acquirer
+
+    #                                  open  issued e.ref  red  r.ref fees  acq  rev   net  close  txns
+    assert amounts(statements[m1]) == (0, 1_100, 550, 0, 0, 10, 0, 0, -560, -560, 2)
+    assert amounts(statements[m2]) == (0, 600, 0, 300, 0, 0, 0, 0, -300, -300, 2)
+    assert amounts(statements[acquirer]) == (0, 0, 0, 0, 0, 0, 30, 10, 20, 20, 2)
+    assert lines[m1] == [(rows.earn, 1, 1_800, 10, -1_110), (refund, 5, 900, 0, 550)]
+    assert lines[m2] == [(rows.conversion, 15, 600, 0, -600), (rows.redeem, 3, 300, 0, 300)]
+    assert lines[acquirer] == [(rows.reward, 9, 30, 0, 30), (rows.reversal, 10, 10, 0, -10)]
+    for merchant in (m1, m2, acquirer):
+        assert sum(line[4] for line in lines[merchant]) == statements[merchant]["net"]
+        assert statements[merchant]["closing_position"] == positions[merchant]["net"]
+    assert positions[m1] == {"issued": 550, "redeemed": 0, "fees": 10, "acquiring": 0, "net": -560}
+    assert positions[acquirer] == {"issued": 0, "redeemed": 0, "fees": 0, "acquiring": 20, "net": 20}
+
+    assert amounts(statements_2[acquirer]) == (20, 0, 0, 0, 0, 0, 5, 0, 5, 25, 1)
+    assert lines_2[acquirer] == [(later, 9, 5, 0, 5)]
+    assert lines_2[m1] == [] and amounts(statements_2[m1]) == (-560, 0, 0, 0, 0, 0, 0, 0, 0, -560, 0)
+    assert positions_2[acquirer]["net"] == 25 == statements_2[acquirer]["closing_position"]
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_statement_that_misstates_acquiring_is_reported_by_reconcile(create_database):
+    url = create_database()
+
+    async def go():
+        async with await Ledger.open(url) as ledger:
+            rows = await rules_ledger(ledger)
+            await ledger.store.close_period(dt.datetime.now(dt.timezone.utc))
+            # consistent with the statement's own CHECKs, not with the journal
+            await ledger.execute("""UPDATE statements SET acquiring = acquiring + 7, net = net + 7,
+                                           closing_position = closing_position + 7 WHERE merchant_id = $1""",
+                                 rows.acquirer)
+            return rows
+    rows = asyncio.run(go())
+    assert ledger_discrepancies(url) == [f"statement of {rows.acquirer} in period 1: net 27 != journal 20, "
+                                         "acquiring 37 != journal 30"]
+
+
+def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(create_database, service_factory):
+    """Through the service: the shop's member was signed up by the acquirer, which was paid 700 for the
+    member's spend at the shop and had 200 of it reversed (rows written before the service starts); then
+    the member earns 10,000 at the shop, 2,000 at the acquirer and redeems 1,500 there. The acquirer's
+    position: 1,500 redeemed + 500 acquiring - 2,000 issued = 0."""
+    url = create_database()
+    shop_id, acquirer_id, member = unique("shop"), unique("acq"), unique("mem")
+    shop_key = add_merchant(url, shop_id, 1000)
+    acquirer_key = add_merchant(url, acquirer_id, 1000, fee_redeemed_bps=100)
+
+    async def rows():
+        async with await Ledger.open(url) as ledger:
+            await ledger.member(member)
+            reward = await ledger.acquiring_reward(shop_id, member, acquirer_id, 700)
+            reversal = await ledger.acquiring_reversal(shop_id, member, acquirer_id, 200)
+            await ledger.fold_checkpoint()
+            return reward, reversal
+    reward, reversal = asyncio.run(rows())
+
+    service = service_factory(url)
+    with service.bare_channel() as channel:
+        points = points_pb2_grpc.PointsServiceStub(channel)
+        operator = Operator(channel, create_key(url, "operator"))
+        shop, acquirer = Merchant(points, shop_id, shop_key), Merchant(points, acquirer_id, acquirer_key)
+        shop.earn(member, 100_000)
+        earned = acquirer.earn(member, 20_000)
+        redeemed = acquirer.redeem(member, 1_500)  # fee 15
+
+        position = operator.position(acquirer_id)
+        assert (position.issued, position.redeemed, position.fees, position.acquiring, position.net) == (
+            2_000, 1_500, 15, 500, -15)
+        assert (operator.position(shop_id).acquiring, operator.position(shop_id).net) == (0, -10_000)
+
+        period = operator.close(now_timestamp())
+        statements = operator.period_statements(period.period_id)
+        by_merchant = {s.merchant_id: s for s in statements}
+        statement = by_merchant[acquirer_id]
+        assert (statement.issued, statement.redeemed, statement.fees, statement.acquiring,
+                statement.acquiring_reversals, statement.net, statement.closing_position,
+                statement.transactions) == (2_000, 1_500, 15, 700, 200, -15, -15, 4)
+        assert operator.GetStatement(admin_pb2.GetStatementRequest(
+            merchant_id=acquirer_id, period_id=period.period_id)) == statement
+        # the rows name the shop (where the member spent) but move only the acquirer's position
+        assert (by_merchant[shop_id].acquiring, by_merchant[shop_id].net, by_merchant[shop_id].transactions) == (
+            0, -10_000, 1)
+        assert period.net_total == sum(s.net for s in statements)
+
+        lines, count = operator.export(period.period_id, acquirer_id)
+        assert count == 4
+        assert [(r["transaction_id"], r["kind"], int(r["amount"]), int(r["fee"]), int(r["net"])) for r in lines] == [
+            (f"txn_{reward}", "acquiring_reward", 700, 0, 700),
+            (f"txn_{reversal}", "acquiring_reversal", 200, 0, -200),
+            (earned.transaction_id, "earn", 2_000, 0, -2_000),
+            (redeemed.transaction_id, "redeem", 1_500, 15, 1_485)]
+        rows_csv, _ = operator.export(period.period_id)
+        row = next(r for r in rows_csv if r["merchant_id"] == acquirer_id)
+        assert (row["acquiring"], row["acquiring_reversals"], row["net"]) == ("700", "200", "-15")
+        check_exports(operator, period, statements)
+    service.kill()
+    assert ledger_discrepancies(url) == []
+    result = reconcile(url)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchants_share(create_database,
+                                                                                         service_factory):
+    """End to end under a program (1.5x at the first level, an operator promotion of 100 per earn, 1%
+    acquiring share): the acquirer's member spends 12,345 at the shop (give-back 10%, issue fee 1%).
+    Hand-computed: base 1,234, uplift 617, promotion 100 (the member gets 1,951), fee floor(12.34) = 12
+    on the base, acquiring reward floor(123.45) = 123. A refund of half the base (617) takes back 617 +
+    uplift floor(617 * 617 / 1234) = 308 + promotion 50 from the member, gives the shop back 617 and
+    reverses floor(123 * 617 / 1234) = 61 of the reward. The shop owes its base only: net -1,234 + 617
+    - 12 = -629; the acquirer is owed 123 - 61 = 62."""
+    url = create_database()
+    shop_id, acquirer_id, member = unique("shop"), unique("acq"), unique("mem")
+    shop_key = add_merchant(url, shop_id, 1000, fee_issued_bps=100)
+    acquirer_key = add_merchant(url, acquirer_id, 1000)
+    now_us = time.time_ns() // 1000
+
+    async def program():
+        from processor.store import Store
+        store = await Store.open(url, 2)
+        try:
+            await store.add_program_version("alliance", None, {
+                "levels": [{"name": "registered", "threshold_point_units": 0, "multiplier_bps": 15_000}],
+                "acquiring_share_bps": 100,
+                "promotions": [{"promotion_id": "welcome", "start_us": now_us - 3_600_000_000,
+                                "end_us": now_us + 3_600_000_000, "scope": "network", "bonus_point_units": 100,
+                                "budget_point_units": 1_000}]}, "tests")
+        finally:
+            await store.close()
+    asyncio.run(program())
+    service = service_factory(url)
+    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    with service.bare_channel() as channel:
+        points = points_pb2_grpc.PointsServiceStub(channel)
+        operator = Operator(channel, create_key(url, "operator"))
+        shop, acquirer = Merchant(points, shop_id, shop_key), Merchant(points, acquirer_id, acquirer_key)
+        points.LinkMember(points_pb2.LinkMemberRequest(merchant_id=acquirer_id, member_id=member,
+                                                       idempotency_key=unique("k")),
+                          metadata=acquirer.metadata, timeout=30)
+        earned = shop.earn(member, 12_345)
+        assert (earned.points, earned.bonus_points, earned.balance) == (1_234, 617 + 100, 1_951)
+        refunded = shop.refund(earned.transaction_id, 617)
+        assert refunded.balance == 1_951 - 617 - 308 - 50
+
+        shop_position, acquirer_position = operator.position(shop_id), operator.position(acquirer_id)
+        assert (shop_position.issued, shop_position.fees, shop_position.acquiring, shop_position.net) == (
+            617, 12, 0, -629)
+        assert (acquirer_position.issued, acquirer_position.acquiring, acquirer_position.net) == (0, 62, 62)
+
+        period = operator.close(now_timestamp())
+        statements = operator.period_statements(period.period_id)
+        by_merchant = {s.merchant_id: s for s in statements}
+        s = by_merchant[shop_id]
+        assert (s.issued, s.earn_refunds, s.fees, s.acquiring, s.acquiring_reversals, s.net, s.transactions) == (
+            1_234, 617, 12, 0, 0, -629, 2)
+        s = by_merchant[acquirer_id]
+        assert (s.issued, s.earn_refunds, s.fees, s.acquiring, s.acquiring_reversals, s.net, s.transactions) == (
+            0, 0, 0, 123, 61, 62, 2)
+        assert s.closing_position == acquirer_position.net
+        shop_lines, _ = operator.export(period.period_id, shop_id)
+        assert [(r["transaction_id"], r["kind"], int(r["fee"]), int(r["net"])) for r in shop_lines] == [
+            (earned.transaction_id, "earn", 12, -1_246), (refunded.transaction_id, "refund_of_earn", 0, 617)]
+        acquirer_lines, _ = operator.export(period.period_id, acquirer_id)
+        assert [(r["kind"], int(r["amount"]), int(r["net"])) for r in acquirer_lines] == [
+            ("acquiring_reward", 123, 123), ("acquiring_reversal", 61, -61)]
+        for statement in statements:  # the lines of each merchant sum to its statement
+            lines, count = operator.export(period.period_id, statement.merchant_id)
+            assert count == statement.transactions
+            assert sum(int(r["net"]) for r in lines) == statement.net
+            assert sum(int(r["fee"]) for r in lines) == statement.fees
+    service.kill()
+    assert ledger_discrepancies(url) == []
 
 
 # ---------------------------------------------------------------------------------------------------
