@@ -137,7 +137,7 @@ def test_create_merchant_twice_is_already_exists_and_keeps_the_first(service, ad
                                           fee_redeemed_bps=99), grpc.StatusCode.ALREADY_EXISTS)
     assert first.merchant_id in error.details()
     assert admin.GetMerchant(admin_pb2.GetMerchantRequest(merchant_id=first.merchant_id)) == first
-    assert len(fetch(service.database_url, "SELECT 1 FROM accounts WHERE owner_id = $1", first.merchant_id)) == 3
+    assert len(fetch(service.database_url, "SELECT 1 FROM accounts WHERE owner_id = $1", first.merchant_id)) == 4  # issued, redeemed, fees, acquiring
 
 
 # ---------------------------------------------------------------------------------------------------
