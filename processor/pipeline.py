@@ -513,6 +513,7 @@ class Pipeline:
                     op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
                     outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
                     outcome.message))
+            self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
             _check_balanced(write)
         except BaseException:

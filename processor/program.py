@@ -474,7 +474,10 @@ class ProgramState:
             self._store_lots(member_id, after.lots)
         return list(after.pieces)
 
-    def check(self, member_id: str, posted: int, held: int) -> None:
-        """Σ lots ≤ posted − held: the lots are a part of the member's spendable points."""
-        total = sum(lot.amount for lot in self.lots.get(member_id, ()))
-        require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+    def check_lots(self, balance) -> None:
+        """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
+        are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
+        for member_id in self._dirty["lots"]:
+            posted, held = balance(member_id)
+            total = sum(lot.amount for lot in self.lots.get(member_id, ()))
+            require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
