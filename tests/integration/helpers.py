@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 
 import asyncpg
@@ -9,8 +12,23 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
+from tests.conftest import ROOT
 
 REPLAY_METADATA_KEY = "points-idempotent-replay"
+CLI_TIMEOUT_SECONDS = 60
+
+
+def credential(key: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying an API key."""
+    return (("authorization", f"Bearer {key}"),)
+
+
+def cli(*arguments: str) -> subprocess.CompletedProcess:
+    """`python -m processor ...` as an operator runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DATABASE_URL", None)
+    return subprocess.run([sys.executable, "-m", "processor", *arguments], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 def unique(prefix: str) -> str:

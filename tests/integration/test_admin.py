@@ -9,16 +9,12 @@ import pytest
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.conftest import create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import error_of, ledger_snapshot, unique
+from tests.integration.helpers import credential, error_of, ledger_snapshot, unique
 
 pytestmark = pytest.mark.timeout(120)
 
 ACTIVE = admin_pb2.MERCHANT_STATUS_ACTIVE
 SUSPENDED = admin_pb2.MERCHANT_STATUS_SUSPENDED
-
-
-def credential(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,7 @@ tested is exactly the credential each test names (not the harness's automatic on
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import subprocess
-import sys
 
 import grpc
 import pytest
@@ -21,19 +18,14 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ROOT, ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import error_of, ledger_snapshot, unique
+from tests.conftest import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.integration.helpers import cli, credential, error_of, ledger_snapshot, unique
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI_TIMEOUT_SECONDS = 60
 KEY_PATTERN = re.compile(r"pk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 # The service caches verified keys this long; an admin revocation must not wait for it.
 AUTH_CACHE_SECONDS = "300"
-
-
-def credential(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
 
 
 def key_parts(key: str) -> tuple[str, str]:
@@ -41,14 +33,6 @@ def key_parts(key: str) -> tuple[str, str]:
     match = KEY_PATTERN.fullmatch(key)
     assert match, f"{key!r} is not a pk_<key_id>_<secret> key"
     return match.group(1), match.group(2)
-
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m processor ...` as an operator runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "processor", *arguments], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------------------

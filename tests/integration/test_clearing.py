@@ -15,10 +15,8 @@ import csv
 import dataclasses
 import datetime as dt
 import io
-import os
 import random
 import subprocess
-import sys
 import threading
 import time
 
@@ -28,13 +26,12 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ROOT, add_merchant, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import error_of, unique
+from tests.conftest import add_merchant, create_key, fetch, ledger_discrepancies
+from tests.integration.helpers import cli, credential, error_of, unique
 from tests.integration.ledger_rows import Ledger, rules_ledger
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI_TIMEOUT_SECONDS = 60
 TRAFFIC_THREADS = 16
 # Cuts made while the traffic runs; acknowledged operations to wait for between two of them (so each
 # period has traffic of its own).
@@ -48,18 +45,6 @@ KIND_TEXT = {EARN: "earn", CAPTURE: "capture", REDEEM: "redeem", REFUND_OF_REDEM
 STATEMENT_FIELDS = ("merchant_id", "period_id", "opening_position", "issued", "earn_refunds", "redeemed",
                     "redemption_refunds", "fees", "net", "closing_position", "transactions", "acquiring",
                     "acquiring_reversals")
-
-
-def credential(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
-
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m processor ...` as an operator runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "processor", *arguments], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import time
 
 import grpc
@@ -21,29 +18,16 @@ from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from tests.conftest import ROOT, ServiceProcess, add_merchant, create_key, fetch
-from tests.integration.helpers import error_of, unique
+from tests.conftest import ROOT, add_merchant, create_key, fetch
+from tests.integration.helpers import cli, credential, error_of, unique
 
 pytestmark = pytest.mark.timeout(120)
 
-CLI_TIMEOUT_SECONDS = 60
 LOAD_WAIT_SECONDS_MAX = 10
 PROGRAM = "alliance"
 EXAMPLE = ROOT / "ops" / "program.example.json"
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
-
-
-def credential(key: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {key}"),)
-
-
-def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m processor ...` as an operator runs it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "processor", *arguments], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
 def stamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -62,13 +46,6 @@ def assert_refused(call, code: grpc.StatusCode) -> grpc.RpcError:
 
 # ---------------------------------------------------------------------------------------------------
 # Fixtures
-
-
-@pytest.fixture(scope="module")
-def service(create_database):
-    service = ServiceProcess(create_database()).start()
-    yield service
-    service.kill()
 
 
 @pytest.fixture(scope="module")
