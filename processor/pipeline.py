@@ -989,9 +989,7 @@ class Pipeline:
                 entries.append((operator[rules.ACCOUNT_OPERATOR_PROMOTIONS], -grant.amount))
             else:
                 entries.append((self.merchants.by_id[grant.sponsor_id].issued_account_id, -grant.amount))
-        for account_id, amount in entries:
-            if amount:
-                write.entries.append((transaction_id, account_id, sign * amount))
+        _entries(write, transaction_id, [(account_id, sign * amount) for account_id, amount in entries])
 
     def _earn_refunded(self, op: Operation, write: BatchWrite, now_us: int, refund, created: int, slot: int,
                        taken: int, available: int) -> Outcome:
