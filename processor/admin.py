@@ -206,6 +206,8 @@ def rules_config(message: pb.ProgramRules) -> dict:
     for name in _OPTIONAL_RULES:
         if message.HasField(name):
             config[name] = getattr(message, name)
+    if message.HasField("operator_store_merchant_id"):
+        config["operator_store_merchant_id"] = message.operator_store_merchant_id or None
     if message.levels:
         config["levels"] = [{"name": level.name, "threshold_point_units": level.threshold_point_units,
                              "bonus_point_units": level.bonus_point_units,
@@ -244,6 +246,7 @@ def rules_message(config: dict) -> pb.ProgramRules:
     message = pb.ProgramRules(
         expiry_period_us=config["expiry_period_us"] or 0, tier_window_us=config["tier_window_us"] or 0,
         **{name: config[name] for name in _OPTIONAL_RULES},
+        operator_store_merchant_id=config["operator_store_merchant_id"] or "",
         levels=[pb.ProgramLevel(**level) for level in config["levels"]],
         promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]])
     if config["dividends"] is not None:

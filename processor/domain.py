@@ -112,6 +112,7 @@ class Method(enum.Enum):
     REFUND = "Refund"
     LINK = "LinkMember"
     CONVERT = "ConvertMerchantPoints"
+    SPEND_VOUCHERS = "SpendMerchantVouchers"
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,7 +148,8 @@ class Operation:
     transaction_id: int = 0         # refund: the original transaction
     referrer_id: str = ""           # link: the referring member ("" = none)
     merchant_points: int = 0        # conversion: the merchant's own points, in its own programme's units
-    vouchers: int = 0               # redeem: voucher-units spent besides `points` (a split tender)
+    vouchers: int = 0               # redeem, authorize, capture: voucher-units besides `points` (a split
+                                    # tender); spend_vouchers: the merchant's voucher-units spent
     future: asyncio.Future | None = None
     enqueued_at: float = 0.0
 

@@ -33,7 +33,8 @@ import asyncpg
 
 import fastpath
 from processor import domain, metrics, rules
-from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord
+from processor.program import (
+    OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord, VoucherHold)
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
 from processor.store import NEVER_US, BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
@@ -118,9 +119,16 @@ async def load_program(store: Store, settings: Settings) -> ProgramState:
             state.vouchers[(rules.HOLDER_MERCHANT, owner)] = balance
         elif kind == rules.ACCOUNT_MEMBER_VOUCHER_CREDIT and balance:
             state.credit[owner] = -balance
+    for r in await store.voucher_holds():
+        state.load_voucher_hold(r["authorization_id"], voucher_hold(r))
     state.rounds = vouchers["rounds"][0]["round_number"] if vouchers["rounds"] else 0
     state.dividends_unposted = vouchers["unposted"] > 0
     return state
+
+
+def voucher_hold(r) -> VoucherHold:
+    return VoucherHold(r["member_id"], r["merchant_id"], r["vouchers"], r["from_credit"], r["points"],
+                       r["expires_at_us"], r["status"], r["transaction_id"])
 
 
 def earn_record(r) -> EarnRecord:
@@ -180,6 +188,9 @@ class Pipeline:
         self._finished: asyncio.Event | None = None
         self._readers_waiting = 0
         self._forget_due = False
+        # rule transactions with no member (a merchant's dividend or voucher spend) that a refund of the
+        # batch names: transaction id -> merchant id (set by _prefetch)
+        self._not_refundable: dict[int, str] = {}
         self._wake_at = 1   # submit() wakes the committer once this many operations are queued
         # account_id -> sum of its committed entries since the last balance checkpoint, and the newest
         # committed transaction id they include: what the next checkpoint folds into accounts.balance
@@ -394,6 +405,7 @@ class Pipeline:
             if self._forget_due and writing is None:
                 self._forget_due = False
                 self.ledger.forget_resolved()
+                self.program.forget_resolved_holds()
                 self.program.earns.clear()  # earn records come back by prefetch when a refund needs one
             if self._resync_requested:
                 self._resync_requested = False
@@ -501,6 +513,8 @@ class Pipeline:
             write.expired_holds = expired + ledger.expire_holds(now_us, settings.holds_expired_per_batch_max)
             for authorization_id in write.expired_holds:
                 self._restore_hold(authorization_id, now_us)
+            for authorization_id in self.program.voucher_holds_due(now_us, settings.holds_expired_per_batch_max):
+                self.program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_EXPIRED)
             self._expire_lots(write, now_us)
             if dividends:
                 self._post_dividends(write, dividends, now_us)
@@ -673,6 +687,7 @@ class Pipeline:
     async def _prefetch(self, batch: list[Operation], now_us: int) -> None:
         """Loads into the fast path the holds and transactions the batch refers to, from Postgres."""
         ledger = self.ledger
+        self._not_refundable = {}
         hold_ids = {op.authorization_id for op in batch
                     if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)}
         transaction_ids = {op.transaction_id for op in batch
@@ -687,6 +702,10 @@ class Pipeline:
                                  self.merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
                                  hold.expires_at_us, status)
         if self.program.program is not None:
+            wanted = {a for a in hold_ids if a not in self.program.voucher_holds}
+            if wanted:  # resolved split-tender holds forgotten since (open ones are all resident)
+                for r in await self.store.voucher_holds(wanted):
+                    self.program.load_voucher_hold(r["authorization_id"], voucher_hold(r))
             wanted = {op.transaction_id for op in batch
                       if op.method is Method.REFUND and op.transaction_id not in self.program.earns
                       and op.transaction_id not in self.program.splits}
@@ -712,6 +731,7 @@ class Pipeline:
                     # a transaction the program rules set off: never refundable by a merchant (the fast
                     # path answers NOT_REFUNDABLE, or WRONG_MERCHANT to another merchant)
                     if merchant is None or member_slot < 0:
+                        self._not_refundable[t.transaction_id] = t.merchant_id
                         continue
                     ledger.load_transaction(t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot,
                                             merchant.merchant_slot, t.amount, 0)
@@ -777,9 +797,17 @@ class Pipeline:
             elif kind is Method.VOID:
                 reference = op.authorization_id
             elif kind is Method.REFUND:
+                owner = self._not_refundable.get(op.transaction_id)
+                if owner is not None:  # a rule's transaction with no member (a merchant's vouchers)
+                    outcomes[position] = _ledger_rejection(
+                        fastpath.NOT_REFUNDABLE if owner == op.merchant_id else fastpath.WRONG_MERCHANT, op)
+                    continue
                 reference, created = op.transaction_id, ids.transaction()
+            elif kind is Method.SPEND_VOUCHERS:
+                created = ids.transaction()
             if version is not None or kind in _RULES_ONLY or op.vouchers or (
-                    kind is Method.REFUND and op.transaction_id in self.program.splits):
+                    kind is Method.REFUND and op.transaction_id in self.program.splits) or (
+                    op.authorization_id and op.authorization_id in self.program.voucher_holds):
                 # under a program each operation goes through the kernel on its own, with the rules
                 # evaluated around it in order (an earn's bonuses change what the next operation sees)
                 outcomes[position] = self._apply_with_rules(op, write, now_us, version, slot, reference, created,
@@ -888,8 +916,22 @@ class Pipeline:
                 return self._link(op)
             if method is Method.CONVERT:
                 return self._convert(op, write, now_us, version, slot, created)
+            if method is Method.SPEND_VOUCHERS:
+                return self._spend_vouchers(op, write, now_us, version, created)
             if method is Method.REDEEM and op.vouchers:
                 return self._split_redeem(op, write, now_us, version, slot, created)
+            if method is Method.AUTHORIZE and op.vouchers:
+                return self._split_authorize(op, write, now_us, version, slot, created, expires)
+            if method is Method.CAPTURE or method is Method.VOID:
+                hold = self.program.voucher_holds.get(op.authorization_id)
+                if hold is not None:
+                    return self._split_resolve(op, write, now_us, version, created, hold)
+                if op.vouchers:
+                    if not self.ledger.has_hold(op.authorization_id):
+                        return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
+                    raise Rejection(Code.INVALID_ARGUMENT, (
+                        f"authorization {domain.format_authorization_id(op.authorization_id)} holds no vouchers; "
+                        "capture points only (vouchers = 0)"))
             if method is Method.REFUND and op.transaction_id in self.program.splits:
                 return self._split_refund(op, write, now_us, version, created)
             points, plan, refund = op.points, None, None
@@ -935,9 +977,9 @@ class Pipeline:
         return outcome
 
     def _kernel_one(self, op: Operation, slot: int, points: int, reference: int, created: int, expires: int,
-                    now_us: int) -> tuple[int, ...]:
+                    now_us: int, method: Method | None = None) -> tuple[int, ...]:
         arrays = [array.array("q", [value]) for value in
-                  (_OP_CODE[op.method], slot, op.merchant_slot, points, reference, created, expires)]
+                  (_OP_CODE[method or op.method], slot, op.merchant_slot, points, reference, created, expires)]
         rows = [array.array("q", bytes(8)) for _ in range(6)]
         self.ledger.apply_batch(*arrays, now_us, *rows)
         return tuple(row[0] for row in rows)
@@ -1102,7 +1144,6 @@ class Pipeline:
         from_balance, from_credit = rules.voucher_sources(program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
                                                           headroom, op.vouchers)
         merchant = self.merchants.by_id[op.merchant_id]
-        fee = 0
         if op.points:
             self._expire_member(write, member_id, now_us)
             status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created, 0,
@@ -1110,7 +1151,9 @@ class Pipeline:
             if status != fastpath.OK:
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
             program.consume(member_id, (OWNER_TRANSACTION, created), op.points, available + op.points, now_us)
-            fee = self._fee(write, created, merchant, op.points, "fee_redeemed_bps")
+        # the operator's fee is on the whole redemption, both tenders: a voucher-unit is worth a point-unit
+        # to the merchant, which is owed both in clearing
+        fee = self._fee(write, created, merchant, op.points + op.vouchers, "fee_redeemed_bps")
         vouchers = rules.ASSET_VOUCHERS
         write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, op.points + op.vouchers,
                                    None, None, None, op.idempotency_key, fee,
@@ -1130,6 +1173,104 @@ class Pipeline:
                                  "available": posted - held, "vouchers": op.vouchers,
                                  "voucher_balance": program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
                                  "voucher_credit_used": program.credit.get(member_id, 0)})
+
+    def _split_authorize(self, op: Operation, write: BatchWrite, now_us: int,
+                         version: "rules.ProgramVersion | None", slot: int, created: int, expires: int) -> Outcome:
+        """A split-tender hold: vouchers (the member's own first, then its credit) reserved beside an
+        ordinary hold of the points, under one authorization id. Nothing is posted until the capture."""
+        program, ledger, member_id = self.program, self.ledger, op.member_id
+        posted, held = ledger.balance(slot)
+        from_balance, from_credit = rules.voucher_sources(
+            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)
+        available = posted - held
+        if op.points:
+            self._expire_member(write, member_id, now_us)
+            status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created,
+                                                                             expires, now_us)
+            if status != fastpath.OK:
+                return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+            program.consume(member_id, (OWNER_HOLD, created), amount, available + amount, now_us)
+            write.new_holds.append((created, op.merchant_id, member_id, op.points, from_micros(expires),
+                                    op.idempotency_key))
+        program.hold_vouchers(created, VoucherHold(member_id, op.merchant_id, op.vouchers, from_credit, op.points,
+                                                   expires))
+        return Outcome(Code.OK, {"authorization_id": created, "available": available, "points": op.points,
+                                 "expires_at_us": expires, "vouchers": op.vouchers,
+                                 "voucher_available": program.voucher_available(member_id)})
+
+    def _split_resolve(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
+                       created: int, hold: VoucherHold) -> Outcome:
+        """Capture or void of a split-tender hold. A capture takes the points and vouchers asked (both 0:
+        the whole hold), each up to its held part, the own vouchers before the credit, and posts them as
+        one SPLIT_REDEEM (refunded as one unit); the rest is released."""
+        program, ledger, authorization_id = self.program, self.ledger, op.authorization_id
+        refusal = _HOLD_REFUSAL.get(hold.status)
+        if hold.merchant_id != op.merchant_id:
+            refusal = fastpath.WRONG_MERCHANT
+        elif refusal is None and hold.expires_at_us <= now_us:
+            refusal = fastpath.HOLD_EXPIRED
+            program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_EXPIRED)
+            if hold.points:  # the fast path marks its part expired and the lots come back
+                outcome = self._applied(op, write, now_us, created, *self._kernel_one(
+                    op, ledger.member_slot(hold.member_id), 0, authorization_id, 0, 0, now_us, Method.VOID))
+                self._restore_hold(authorization_id, now_us)
+                return outcome
+        if refusal is not None:
+            return _ledger_rejection(refusal, op, expires_at_us=hold.expires_at_us)
+        capture = op.method is Method.CAPTURE
+        points, vouchers = (op.points, op.vouchers) if op.points or op.vouchers else (hold.points, hold.vouchers)
+        if capture and (points > hold.points or vouchers > hold.vouchers):
+            metrics.rejections.labels("capture_exceeds_hold").inc()
+            return Outcome(Code.FAILED_PRECONDITION, reason="capture_exceeds_hold", message=(
+                f"capture of {points} point-units and {vouchers} voucher-units exceeds the {hold.points} point-units "
+                f"and {hold.vouchers} voucher-units held by {domain.format_authorization_id(authorization_id)}"))
+        if not capture:
+            points = vouchers = 0
+        member_id = hold.member_id
+        slot = ledger.member_slot(member_id)
+        posted, held = ledger.balance(slot)
+        available = posted - held
+        grace = version.restore_grace_us if version is not None else 0
+        if hold.points:
+            kernel = Method.CAPTURE if points else Method.VOID
+            status, slot, amount, posted, available, kind = self._kernel_one(
+                op, slot, points, authorization_id, created if points else 0, 0, now_us, kernel)
+            if status != fastpath.OK:  # the fast path's copy of the hold disagrees: refuse, change nothing
+                return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
+            released = hold.points - points
+            program.restore(member_id, (OWNER_HOLD, authorization_id), released if points else None,
+                            available - released, now_us, grace,
+                            keep_as=(OWNER_TRANSACTION, created) if points else None)
+            write.resolved_holds.append((authorization_id, fastpath.HOLD_STATUS_CAPTURED if capture
+                                         else fastpath.HOLD_STATUS_VOIDED, points, created if capture else None))
+        if not capture:
+            program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_VOIDED)
+            return Outcome(Code.OK, {"released": hold.points, "available": available,
+                                     "vouchers_released": hold.vouchers})
+        from_balance = min(hold.from_balance, vouchers)
+        from_credit = vouchers - from_balance
+        merchant = self.merchants.by_id[op.merchant_id]
+        fee = self._fee(write, created, merchant, points + vouchers, "fee_redeemed_bps")
+        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, points + vouchers,
+                                   None, authorization_id, None, op.idempotency_key, fee,
+                                   version.version if version is not None else None))
+        asset = rules.ASSET_VOUCHERS
+        _entries(write, created, [
+            (ledger.member_account(slot), -points), (merchant.redeemed_account_id, points),
+            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
+             asset),
+            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
+             -from_credit, asset),
+            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if vouchers else 0,
+             vouchers, asset)])
+        program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_CAPTURED, created)
+        program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
+        program.move_credit(member_id, from_credit)
+        program.split(created, SplitRecord(member_id, op.merchant_id, vouchers, points, from_credit), new=True)
+        posted, held = ledger.balance(slot)
+        return Outcome(Code.OK, {"transaction_id": created, "points": points, "released": hold.points - points,
+                                 "balance": posted, "available": posted - held, "vouchers": vouchers,
+                                 "vouchers_released": hold.vouchers - vouchers})
 
     def _split_refund(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
                       created: int) -> Outcome:
@@ -1200,6 +1341,40 @@ class Pipeline:
         # names a merchant on every transaction; the operator funded the points either way)
         self.program.credit_lot(version, member_id, created, amount, merchant_id, now_us)
         return created
+
+    def _spend_vouchers(self, op: Operation, write: BatchWrite, now_us: int,
+                        version: "rules.ProgramVersion | None", created: int) -> Outcome:
+        """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14):
+        its merchant_vouchers account to the store's redeemed account in VOUCHERS."""
+        store_id = version.operator_store_merchant_id if version is not None else None
+        if store_id is None:
+            raise Rejection(Code.FAILED_PRECONDITION, (
+                f"program {self.settings.program_id!r} names no operator store (operator_store_merchant_id); "
+                "merchants can spend their vouchers once the operator configures one"))
+        if store_id == op.merchant_id:
+            raise Rejection(Code.FAILED_PRECONDITION, (
+                f"merchant {op.merchant_id!r} is the operator's store: vouchers are spent there by other "
+                "merchants, not by the store itself"))
+        store = self.merchants.by_id.get(store_id)
+        if store is None or store.status != "active":
+            raise Rejection(Code.FAILED_PRECONDITION, (
+                f"the operator's store {store_id!r} is not an active merchant of the alliance; contact the "
+                "operator"))
+        program, holder = self.program, (rules.HOLDER_MERCHANT, op.merchant_id)
+        balance = program.vouchers.get(holder, 0)
+        if op.vouchers > balance:
+            raise Rejection(Code.FAILED_PRECONDITION, (
+                f"merchant {op.merchant_id!r} holds {balance} voucher-units, {op.vouchers} asked; vouchers "
+                "come from dividend rounds"))
+        write.transactions.append((created, rules.KIND_MERCHANT_VOUCHER_SPEND, op.merchant_id, "", op.vouchers,
+                                   None, None, None, op.idempotency_key, 0, version.version))
+        vouchers = rules.ASSET_VOUCHERS
+        _entries(write, created, [
+            (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id), -op.vouchers, vouchers),
+            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, store_id), op.vouchers, vouchers)])
+        left = program.move_vouchers(holder, -op.vouchers)
+        return Outcome(Code.OK, {"transaction_id": created, "vouchers": op.vouchers, "store_merchant_id": store_id,
+                                 "voucher_balance": left, "created_at_us": now_us})
 
     # --- expiry ---
 
@@ -1294,6 +1469,10 @@ class Pipeline:
                                  "balance": posted, "created_at_us": now_us})
 
 
+# a resolved split-tender hold refused as the fast path refuses a resolved hold
+_HOLD_REFUSAL = {fastpath.HOLD_STATUS_CAPTURED: fastpath.HOLD_CAPTURED, fastpath.HOLD_STATUS_VOIDED: fastpath.HOLD_VOIDED,
+                 fastpath.HOLD_STATUS_EXPIRED: fastpath.HOLD_EXPIRED}
+
 _OP_CODE = {Method.EARN: fastpath.OP_EARN, Method.AUTHORIZE: fastpath.OP_AUTHORIZE, Method.CAPTURE: fastpath.OP_CAPTURE,
             Method.VOID: fastpath.OP_VOID, Method.REDEEM: fastpath.OP_REDEEM, Method.REFUND: fastpath.OP_REFUND}
 
@@ -1303,9 +1482,10 @@ _NOT_APPLIED_MESSAGE = ("the ledger database refused or did not answer; this ope
                         "Retry with the same idempotency key")
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
-_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT, Method.LINK})
+_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT, Method.LINK,
+                           Method.SPEND_VOUCHERS})
 # operations only the rules path applies (with or without a program version in force)
-_RULES_ONLY = frozenset({Method.CONVERT, Method.LINK})
+_RULES_ONLY = frozenset({Method.CONVERT, Method.LINK, Method.SPEND_VOUCHERS})
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
 _NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})

@@ -26,6 +26,7 @@ from typing import Any
 from processor import rules
 from processor.domain import Code, Rejection, require
 
+HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED = 1, 2, 3, 4   # as holds.status and the fast path's
 NEVER_US = 2**63 - 1          # a consumed piece of never-expiring points, as lot_consumptions stores it
 OWNER_HOLD = 1
 OWNER_TRANSACTION = 2
@@ -75,6 +76,25 @@ class SplitRecord:
         return rules.Tender(self.vouchers, self.points)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class VoucherHold:
+    """The vouchers of a split-tender hold (voucher_holds): reserved, not posted, until the hold is
+    captured (a SPLIT_REDEEM), voided or expires. Its points, if any, are an ordinary hold of the fast
+    path under the same authorization id. from_credit: voucher-units reserved on the member's credit."""
+    member_id: str
+    merchant_id: str
+    vouchers: int
+    from_credit: int
+    points: int
+    expires_at_us: int
+    status: int = HOLD_OPEN
+    transaction_id: int | None = None     # the capture's SPLIT_REDEEM
+
+    @property
+    def from_balance(self) -> int:
+        return self.vouchers - self.from_credit
+
+
 @dataclasses.dataclass(slots=True)
 class EarnEffects:
     """What an earn set off beyond its own postings, for the pipeline to post in the same batch."""
@@ -106,11 +126,13 @@ class RulesWrite:
     new_splits: set[int] = dataclasses.field(default_factory=set)
     # (round_number, holder_kind, holder_id, transaction_id): dividend allocations posted by this batch
     dividends_posted: list[tuple[int, str, str, int]] = dataclasses.field(default_factory=list)
+    # authorization_id -> VoucherHold now (upserted)
+    voucher_holds: dict[int, VoucherHold] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not (self.members or self.lots or self.pieces or self.budgets or self.earns or self.tier_events
-                    or self.splits or self.dividends_posted)
+                    or self.splits or self.dividends_posted or self.voucher_holds)
 
 
 class ProgramState:
@@ -127,6 +149,12 @@ class ProgramState:
         self.credit: dict[str, int] = {}
         self.voucher_accounts: dict[tuple[str, str], int] = {}
         self.splits: dict[int, SplitRecord] = {}
+        # split-tender holds: open ones (all of them, loaded at start-up) and resolved ones the batches
+        # touched since the last forget_resolved(); member -> (own vouchers, credit) reserved by its open
+        # holds; (expires_at_us, authorization_id) of open holds, for the expiry sweep
+        self.voucher_holds: dict[int, VoucherHold] = {}
+        self.vouchers_held: dict[str, tuple[int, int]] = {}
+        self._holds_due: list[tuple[int, int]] = []
         self.rounds = 0                      # dividend rounds decided so far
         self.dividends_unposted = False      # a decided round has allocations still to post
         self._dividends_posted: list[tuple[int, str, str, int]] = []
@@ -136,7 +164,8 @@ class ProgramState:
         self._undo: list[list[tuple[dict, Any, Any]]] = []
         self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
                                        "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
-                                       "accounts": set(), "splits": set(), "new_splits": set()}
+                                       "accounts": set(), "splits": set(), "new_splits": set(),
+                                       "voucher_holds": set(), "vouchers_held": set()}
         self._tier_events: list[tuple[int, str, str, str]] = []
 
     # --- versions ---
@@ -175,6 +204,8 @@ class ProgramState:
                 if table is self.lots:  # the expiry job may have popped its entries: they come back
                     for lot in old:
                         heapq.heappush(self._due, (lot.expires_at_us, key))
+                elif table is self.voucher_holds and old.status == HOLD_OPEN:  # so may the hold sweep
+                    heapq.heappush(self._holds_due, (old.expires_at_us, key))
         for dirty in self._dirty.values():
             dirty.clear()
         self._tier_events.clear()
@@ -203,7 +234,8 @@ class ProgramState:
             tier_events=list(self._tier_events),
             splits={t: self.splits[t] for t in d["splits"] if t in self.splits},
             new_splits=set(d["new_splits"]),
-            dividends_posted=list(self._dividends_posted))
+            dividends_posted=list(self._dividends_posted),
+            voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds})
         for dirty in d.values():
             dirty.clear()
         self._tier_events = []
@@ -326,6 +358,63 @@ class ProgramState:
         require(used >= 0, f"voucher credit of {member_id!r} would be {used}")
         self._set(self.credit, member_id, used or None, "credit")
         return used
+
+    def voucher_available(self, member_id: str) -> int:
+        """The member's own voucher-units not reserved by an open split-tender hold."""
+        return self.vouchers.get((rules.HOLDER_MEMBER, member_id), 0) - self.vouchers_held.get(member_id, (0, 0))[0]
+
+    def credit_headroom(self, version: rules.ProgramVersion | None, member_id: str, holding: int) -> int:
+        """Voucher-units the member may still spend on credit: its limit less what it owes and what its
+        open holds reserve."""
+        reserved = self.credit.get(member_id, 0) + self.vouchers_held.get(member_id, (0, 0))[1]
+        return max(0, self.credit_limit(version, holding) - reserved)
+
+    def load_voucher_hold(self, authorization_id: int, hold: VoucherHold) -> None:
+        self.voucher_holds[authorization_id] = hold
+        if hold.status == HOLD_OPEN:
+            own, credit = self.vouchers_held.get(hold.member_id, (0, 0))
+            self.vouchers_held[hold.member_id] = (own + hold.from_balance, credit + hold.from_credit)
+            heapq.heappush(self._holds_due, (hold.expires_at_us, authorization_id))
+
+    def hold_vouchers(self, authorization_id: int, hold: VoucherHold) -> None:
+        require(hold.status == HOLD_OPEN and authorization_id not in self.voucher_holds,
+                f"voucher hold {authorization_id} exists already")
+        require(hold.from_balance <= self.voucher_available(hold.member_id),
+                f"voucher hold {authorization_id} reserves more vouchers than {hold.member_id!r} has")
+        self._set(self.voucher_holds, authorization_id, hold, "voucher_holds")
+        self._reserve(hold, 1)
+        heapq.heappush(self._holds_due, (hold.expires_at_us, authorization_id))
+
+    def resolve_voucher_hold(self, authorization_id: int, status: int, transaction_id: int | None = None) -> None:
+        hold = self.voucher_holds[authorization_id]
+        require(hold.status == HOLD_OPEN and status != HOLD_OPEN,
+                f"voucher hold {authorization_id}: resolving it from status {hold.status} to {status}")
+        self._set(self.voucher_holds, authorization_id,
+                  dataclasses.replace(hold, status=status, transaction_id=transaction_id), "voucher_holds")
+        self._reserve(hold, -1)
+
+    def _reserve(self, hold: VoucherHold, sign: int) -> None:
+        own, credit = self.vouchers_held.get(hold.member_id, (0, 0))
+        own, credit = own + sign * hold.from_balance, credit + sign * hold.from_credit
+        require(own >= 0 and credit >= 0, f"vouchers held by {hold.member_id!r} would be {own}, {credit}")
+        self._set(self.vouchers_held, hold.member_id, (own, credit) if own or credit else None, "vouchers_held")
+
+    def voucher_holds_due(self, now_us: int, limit: int) -> list[int]:
+        """Up to `limit` open split-tender holds expired at now_us (the sweep resolves them)."""
+        due: list[int] = []
+        heap = self._holds_due
+        while heap and heap[0][0] <= now_us and len(due) < limit:
+            _, authorization_id = heapq.heappop(heap)
+            hold = self.voucher_holds.get(authorization_id)
+            if hold is not None and hold.status == HOLD_OPEN and hold.expires_at_us <= now_us:
+                due.append(authorization_id)
+        return due
+
+    def forget_resolved_holds(self) -> None:
+        """Drops resolved split-tender holds (between batches, with the fast path's forget_resolved):
+        Postgres keeps them, and a later capture or void of one reads it again."""
+        require(not self._undo, "forget_resolved_holds() with a batch open")
+        self.voucher_holds = {a: h for a, h in self.voucher_holds.items() if h.status == HOLD_OPEN}
 
     def set_voucher_account(self, key: tuple[str, str], account_id: int) -> None:
         self._set(self.voucher_accounts, key, account_id, "accounts")

@@ -321,6 +321,8 @@ class ProgramVersion:
     referral_minimum_purchase: int = 1           # minor units a referee's first earn must reach
     promotions: tuple[Promotion, ...] = ()
     merchant_terms: tuple[MerchantTerms, ...] = ()
+    operator_store_merchant_id: str | None = None  # the operator's own store; None: merchants cannot
+                                                   # spend their vouchers
 
     def __post_init__(self):
         problems: list[str] = []
@@ -345,6 +347,9 @@ class ProgramVersion:
             if promotion.scope == SCOPE_TIER and promotion.scope_id not in names:
                 problems.append(f"promotion {promotion.promotion_id!r} names level {promotion.scope_id!r}, "
                                 f"which is not one of {sorted(names)}")
+        store = self.operator_store_merchant_id
+        if store is not None and (not isinstance(store, str) or not store):
+            problems.append("operator_store_merchant_id must be a merchant id (None = no operator store)")
         merchants = [terms.merchant_id for terms in self.merchant_terms]
         if len(merchants) != len(set(merchants)):
             problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
@@ -635,6 +640,7 @@ _VERSION_KINDS = {
     "referral_bonus_point_units": _integer, "referral_minimum_purchase": _integer,
     "promotions": _list(_PROMOTION, PROMOTIONS_MAX, "promotion objects"),
     "merchant_terms": _list(_MERCHANT_TERMS, MERCHANT_TERMS_MAX, "merchant terms objects"),
+    "operator_store_merchant_id": _nullable(_text, "no operator store"),
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(set(CONFIG_KEYS) | set(_COLUMNS) == {field.name for field in dataclasses.fields(ProgramVersion)},

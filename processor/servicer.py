@@ -110,6 +110,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             "capture": (self._capture, self._capture_response), "void": (self._void, self._void_response),
             "redeem": (self._redeem, self._redeem_response), "refund": (self._refund, self._refund_response),
             "link": (self._link, self._link_response), "convert": (self._convert, self._convert_response),
+            "spend_vouchers": (self._spend_vouchers, self._spend_vouchers_response),
         }
 
     # --- helpers ---
@@ -168,36 +169,47 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
+        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
+                                        zero_allowed=True)
+        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
+                                      zero_allowed=vouchers > 0)
         ttl = request.hold_ttl_seconds
         if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
             raise Rejection(Code.INVALID_ARGUMENT,
                             f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
                             f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
-        return await self._operation(Method.AUTHORIZE, request, request.merchant_id,
-                                     {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl},
-                                     member_id=member_id, points=points,
+        fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
+        if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
+            fields["vouchers"] = vouchers
+        return await self._operation(Method.AUTHORIZE, request, request.merchant_id, fields,
+                                     member_id=member_id, points=points, vouchers=vouchers,
                                      hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
 
     @staticmethod
     def _authorize_response(f: dict) -> pb.AuthorizeResponse:
         return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
                                     available=f["available"], points=f["points"],
-                                    expires_at=timestamp(f["expires_at_us"]))
+                                    expires_at=timestamp(f["expires_at_us"]), vouchers=f.get("vouchers", 0),
+                                    voucher_available=f.get("voucher_available", 0))
 
     async def _capture(self, request: pb.CaptureRequest) -> Operation:
         authorization_id = domain.parse_authorization_id(request.authorization_id)
         points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
                                       zero_allowed=True)
-        return await self._operation(Method.CAPTURE, request, request.merchant_id,
-                                     {"authorization_id": request.authorization_id, "points": points},
-                                     authorization_id=authorization_id, points=points)
+        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
+                                        zero_allowed=True)
+        fields = {"authorization_id": request.authorization_id, "points": points}
+        if vouchers:
+            fields["vouchers"] = vouchers
+        return await self._operation(Method.CAPTURE, request, request.merchant_id, fields,
+                                     authorization_id=authorization_id, points=points, vouchers=vouchers)
 
     @staticmethod
     def _capture_response(f: dict) -> pb.CaptureResponse:
         return pb.CaptureResponse(
             transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
-            points=f["points"], released=f["released"], balance=f["balance"], available=f["available"])
+            points=f["points"], released=f["released"], balance=f["balance"], available=f["available"],
+            vouchers=f.get("vouchers", 0), vouchers_released=f.get("vouchers_released", 0))
 
     async def _void(self, request: pb.VoidRequest) -> Operation:
         authorization_id = domain.parse_authorization_id(request.authorization_id)
@@ -207,7 +219,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     @staticmethod
     def _void_response(f: dict) -> pb.VoidResponse:
-        return pb.VoidResponse(released=f["released"], available=f["available"])
+        return pb.VoidResponse(released=f["released"], available=f["available"],
+                               vouchers_released=f.get("vouchers_released", 0))
 
     async def _redeem(self, request: pb.RedeemRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -273,6 +286,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             merchant_points_remainder=f["merchant_points_remainder"], balance=f["balance"],
             created_at=timestamp(f["created_at_us"]))
 
+    async def _spend_vouchers(self, request: pb.SpendMerchantVouchersRequest) -> Operation:
+        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units")
+        return await self._operation(Method.SPEND_VOUCHERS, request, request.merchant_id, {"vouchers": vouchers},
+                                     vouchers=vouchers)
+
+    @staticmethod
+    def _spend_vouchers_response(f: dict) -> pb.SpendMerchantVouchersResponse:
+        return pb.SpendMerchantVouchersResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]), vouchers=f["vouchers"],
+            store_merchant_id=f["store_merchant_id"], voucher_balance=f["voucher_balance"],
+            created_at=timestamp(f["created_at_us"]))
+
     async def _unary(self, kind: str, request, context):
         build, respond = self._kinds[kind]
 
@@ -307,6 +332,10 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def ConvertMerchantPoints(self, request: pb.ConvertMerchantPointsRequest,
                                     context) -> pb.ConvertMerchantPointsResponse:
         return await self._unary("convert", request, context)
+
+    async def SpendMerchantVouchers(self, request: pb.SpendMerchantVouchersRequest,
+                                    context) -> pb.SpendMerchantVouchersResponse:
+        return await self._unary("spend_vouchers", request, context)
 
     async def CashOut(self, request: pb.CashOutRequest, context) -> pb.CashOutResponse:
         async def call():
@@ -444,6 +473,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 response.expiring_points += points
             response.vouchers = program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0)
             response.voucher_credit_used = program.credit.get(member_id, 0)
+            response.vouchers_held, response.voucher_credit_held = program.vouchers_held.get(member_id, (0, 0))
             response.voucher_credit_limit = program.credit_limit(program.version(now_us), posted)
             links = program.member(member_id)
             response.acquirer_id, response.referrer_id = links.acquirer_id or "", links.referrer_id or ""

@@ -406,6 +406,16 @@ class Store:
             """SELECT transaction_id, member_id, merchant_id, vouchers, points, from_credit, refunded
                FROM split_tenders WHERE transaction_id = ANY($1::bigint[])""", list(transaction_ids))
 
+    async def voucher_holds(self, authorization_ids: Iterable[int] | None = None) -> list[asyncpg.Record]:
+        """Split-tender holds: those named (any status), or every open one (start-up)."""
+        columns = """authorization_id, member_id, merchant_id, vouchers, from_credit, points, status, transaction_id,
+                     (extract(epoch FROM expires_at) * 1000000)::bigint AS expires_at_us"""
+        if authorization_ids is None:
+            return await self.pool.fetch(f"SELECT {columns} FROM voucher_holds WHERE status = 1",
+                                         timeout=self.recovery_timeout)
+        return await self.pool.fetch(f"SELECT {columns} FROM voucher_holds WHERE authorization_id = ANY($1::bigint[])",
+                                     list(authorization_ids))
+
     async def voucher_state(self, program_id: str) -> dict[str, list]:
         """Voucher accounts (ids and balances) and the program's rounds so far, for start-up."""
         timeout = self.recovery_timeout
@@ -894,6 +904,23 @@ class Store:
                 """UPDATE split_tenders s SET refunded = x.r
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE s.transaction_id = x.t""",
                 [t for t, _ in old], [x.refunded for _, x in old], timeout=timeout)
+        if r.voucher_holds:
+            rows = list(r.voucher_holds.items())
+            await c.execute(
+                """INSERT INTO voucher_holds AS v (authorization_id, member_id, merchant_id, vouchers, from_credit,
+                                                  points, expires_at, status, created_at, resolved_at, transaction_id)
+                   SELECT a, m, x, v, cr, p, e, st, $10::timestamptz,
+                          CASE WHEN st = 1 THEN NULL ELSE $10::timestamptz END, t
+                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+                               $7::timestamptz[], $8::smallint[], $9::bigint[]) AS u(a, m, x, v, cr, p, e, st, t)
+                   ON CONFLICT (authorization_id) DO UPDATE
+                   SET status = excluded.status, resolved_at = excluded.resolved_at,
+                       transaction_id = excluded.transaction_id
+                   WHERE v.status = 1""",
+                [a for a, _ in rows], [h.member_id for _, h in rows], [h.merchant_id for _, h in rows],
+                [h.vouchers for _, h in rows], [h.from_credit for _, h in rows], [h.points for _, h in rows],
+                [from_micros(h.expires_at_us) for _, h in rows], [h.status for _, h in rows],
+                [h.transaction_id for _, h in rows], at, timeout=timeout)
         if r.dividends_posted:
             updated = await c.fetchval(
                 """WITH u AS (UPDATE dividend_allocations a SET transaction_id = x.t
@@ -1240,12 +1267,13 @@ class Store:
                 problems.append(f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
                                 f"{r['account_id']}, which do not both exist in its asset")
             report("every transaction's and hold's merchant and member exist; every refund's original exists")
-            # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id '')
+            # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
+            # merchant's voucher spend (14) has no member
             for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                       WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
                                                  OR t.kind = 11 AND t.merchant_id = 'operator')
                                          OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
-                                                 OR t.kind = 11 AND t.member_id = '')
+                                                 OR t.kind IN (11, 14) AND t.member_id = '')
                                          OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
                                               (SELECT 1 FROM transactions o
                                                WHERE o.transaction_id = t.original_transaction_id))
@@ -1368,9 +1396,7 @@ _SPLIT = ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS", 
           "merchant_redeemed/VOUCHERS", *_POINTS_FEES)
 # Transaction kinds 6..15 (docs/RULES.md): what the entries of one must look like, as
 # (description, the account kind/asset pairs it may touch, a condition over the sums _SHAPE_SUMS names,
-# where amount = transactions.amount and fee = transactions.fee). Kind 14 (a merchant's voucher spend
-# at the operator's store) has no posting specified yet: only the per-asset balance and the account
-# assets are checked for it.
+# where amount = transactions.amount and fee = transactions.fee).
 TRANSACTION_SHAPES: dict[int, tuple[str, tuple[str, ...], str]] = {
     rules.KIND_EXPIRY: (
         "the transaction's member -amount, operator_breakage +amount",
@@ -1398,10 +1424,17 @@ TRANSACTION_SHAPES: dict[int, tuple[str, tuple[str, ...], str]] = {
         ("operator_dividends/VOUCHERS", "member_voucher_credit/VOUCHERS", "member/VOUCHERS",
          "merchant_vouchers/VOUCHERS"),
         "dividends <= 0"),
-    rules.KIND_SPLIT_REDEEM: ("member (both assets) and voucher credit to merchant_redeemed, fees in POINTS",
-                              _SPLIT, "true"),
-    rules.KIND_SPLIT_REFUND: ("merchant_redeemed (both assets) back to the member and its voucher credit",
-                              _SPLIT, "true"),
+    # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
+    rules.KIND_SPLIT_REDEEM: ("member (both assets) and voucher credit to merchant_redeemed, fee entries = fee",
+                              _SPLIT, "fees = -fee AND revenue = fee"),
+    rules.KIND_SPLIT_REFUND: ("merchant_redeemed (both assets) back to the member and its voucher credit, no fee",
+                              _SPLIT, "fees = 0 AND revenue = 0"),
+    rules.KIND_MERCHANT_VOUCHER_SPEND: (
+        "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
+        "store) +amount, in VOUCHERS",
+        ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
+        "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
+        "AND stores = 1"),
     rules.KIND_CONVERSION: (
         "the transaction's merchant_issued -amount, its member +amount, fee entries = fee",
         ("merchant_issued/POINTS", "member/POINTS", *_POINTS_FEES),
@@ -1425,6 +1458,13 @@ _SHAPE_SUMS = """
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_issued' AND a.owner_id = t.merchant_id), 0) AS issued_own,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_issued'), 0) AS issued_any,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_fees' AND a.owner_id = t.merchant_id), 0) AS fees,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_vouchers' AND a.owner_id = t.merchant_id), 0) AS held_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_vouchers'), 0) AS held_any,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS'), 0)
+        AS store_vouchers,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS'
+                                     AND a.owner_id = t.merchant_id), 0) AS store_vouchers_own,
+    count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS') AS stores,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fee_revenue'), 0) AS revenue,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '

@@ -98,7 +98,8 @@ def every_field_rules() -> pb.ProgramRules:
             pb.ProgramMerchantTerms(merchant_id="cafe", acquiring_share_bps=250,
                                     conversion_rate=pb.ProgramRate(numerator=3, denominator=2)),
             pb.ProgramMerchantTerms(merchant_id="bakery", conversion_rate=pb.ProgramRate(numerator=1, denominator=100)),
-            pb.ProgramMerchantTerms(merchant_id="florist", acquiring_share_bps=0)])
+            pb.ProgramMerchantTerms(merchant_id="florist", acquiring_share_bps=0)],
+        operator_store_merchant_id="alliance-store")
 
 
 def plain_rules(**fields) -> pb.ProgramRules:

@@ -43,6 +43,7 @@ EVERY_FIELD = ProgramVersion(
     merchant_terms=(MerchantTerms("cafe", acquiring_share_bps=250, conversion_rate=Rate(3, 2)),
                     MerchantTerms("bakery", conversion_rate=Rate(1, 100)),
                     MerchantTerms("florist", acquiring_share_bps=0)),
+    operator_store_merchant_id="alliance-store",
 )
 
 
@@ -283,3 +284,10 @@ def test_program_from_rows_refuses_a_history_out_of_order():
         rules.program_from_rows("alliance", [row(1, 200, config), row(2, 100, config)])
     with pytest.raises(ConfigError, match="numbered 1, 2, 3"):
         rules.program_from_rows("alliance", [row(2, 200, config)])
+
+
+def test_the_operator_store_is_a_merchant_id_or_none():
+    assert decode(valid_config(operator_store_merchant_id=None)).operator_store_merchant_id is None
+    assert decode(valid_config(operator_store_merchant_id="shop")).operator_store_merchant_id == "shop"
+    assert "operator_store_merchant_id must be a merchant id" in problems_of(valid_config(operator_store_merchant_id=""))
+    assert "operator_store_merchant_id must be a string" in problems_of(valid_config(operator_store_merchant_id=7))
