@@ -324,12 +324,16 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
         return await guard(context, call)
 
 
-# acquiring columns last: a reader of the columns it knew by position keeps working
+# acquiring, then voucher columns last: a reader of the columns it knew by position keeps working. The
+# voucher columns are voucher-units (migration 0006), the others point-units.
+VOUCHER_STATEMENT_COLUMNS = ("vouchers_redeemed", "voucher_redemption_refunds", "voucher_net",
+                             "voucher_opening_position", "voucher_closing_position", "vouchers_held_opening",
+                             "vouchers_received", "vouchers_spent", "vouchers_held_closing")
 STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
                          "earn_refunds", "redeemed", "redemption_refunds", "fees", "net", "closing_position",
-                         "transactions", "acquiring", "acquiring_reversals")
+                         "transactions", "acquiring", "acquiring_reversals", *VOUCHER_STATEMENT_COLUMNS)
 LINE_CSV_COLUMNS = ("period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount",
-                    "fee", "net")
+                    "fee", "net", "voucher_net", "vouchers_held_change")
 _KIND_TEXT = {1: "earn", 2: "capture", 3: "redeem", 4: "refund_of_redemption", 5: "refund_of_earn", 6: "expiry",
               7: "tier_bonus", 8: "referral_bonus", 9: "acquiring_reward", 10: "acquiring_reversal",
               11: "dividend", 12: "split_redeem", 13: "split_refund", 14: "merchant_voucher_spend",
@@ -342,7 +346,8 @@ def statement_message(r) -> pb.Statement:
         cut_off=_timestamp(r["cut_off"]), opening_position=r["opening_position"], issued=r["issued"],
         earn_refunds=r["earn_refunds"], redeemed=r["redeemed"], redemption_refunds=r["redemption_refunds"],
         fees=r["fees"], net=r["net"], closing_position=r["closing_position"], transactions=r["transactions"],
-        acquiring=r["acquiring"], acquiring_reversals=r["acquiring_reversals"])
+        acquiring=r["acquiring"], acquiring_reversals=r["acquiring_reversals"],
+        **{name: r[name] for name in VOUCHER_STATEMENT_COLUMNS})
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -361,7 +366,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             store = self.pipeline.ready_store()
             await self.pipeline.committed_view()
             as_of = dt.datetime.now(dt.timezone.utc)
-            position = await store.merchant_position(merchant_id)
+            position = await store.merchant_position(merchant_id, vouchers=True)
             if position is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
             return pb.MerchantPosition(merchant_id=merchant_id, as_of=_timestamp(as_of), **position)
@@ -381,7 +386,8 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             summary = await store.period_summary(period["period_id"])
             return pb.SettlementPeriod(period_id=summary["period_id"], opened_at=_timestamp(summary["opened_at"]),
                                        cut_off=_timestamp(summary["cut_off"]), merchants=summary["merchants"],
-                                       net_total=summary["net_total"], fees_total=summary["fees_total"])
+                                       net_total=summary["net_total"], fees_total=summary["fees_total"],
+                                       voucher_net_total=summary["voucher_net_total"])
         return await guard(context, call)
 
     async def GetStatement(self, request, context):
@@ -452,7 +458,8 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                     for r in rows[:chunk]:
                         writer.writerow((request.period_id, merchant_id,
                                          domain.format_transaction_id(r["transaction_id"]), _iso(r["created_at"]),
-                                         _KIND_TEXT[r["kind"]], r["member_id"], r["amount"], r["fee"], r["net"]))
+                                         _KIND_TEXT[r["kind"]], r["member_id"], r["amount"], r["fee"], r["net"],
+                                         r["voucher_net"], r["vouchers_held_change"]))
                     key = "transaction_id"
                 else:
                     rows = await store.statements(period_id=request.period_id, after=last, limit=chunk + 1)
@@ -460,7 +467,8 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                         writer.writerow((r["period_id"], r["merchant_id"], _iso(r["opened_at"]), _iso(r["cut_off"]),
                                          r["opening_position"], r["issued"], r["earn_refunds"], r["redeemed"],
                                          r["redemption_refunds"], r["fees"], r["net"], r["closing_position"],
-                                         r["transactions"], r["acquiring"], r["acquiring_reversals"]))
+                                         r["transactions"], r["acquiring"], r["acquiring_reversals"],
+                                         *(r[name] for name in VOUCHER_STATEMENT_COLUMNS)))
                     key = "merchant_id"
                 lines += min(len(rows), chunk)
                 more = len(rows) > chunk
