@@ -26,6 +26,9 @@ from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ACQUIRING, ACCOUN
 NEVER_US = 2**63 - 1  # lot_consumptions.expires_at_us of a piece of never-expiring points
 MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES,
                      ACCOUNT_MERCHANT_ACQUIRING)
+# a merchant's VOUCHERS clearing accounts (migration 0006), opened with its first voucher movement:
+# vouchers accepted at it (what the operator owes it in cash) and vouchers it holds
+MERCHANT_VOUCHER_ACCOUNTS = (ACCOUNT_MERCHANT_REDEEMED, rules.ACCOUNT_MERCHANT_VOUCHERS)
 
 log = logging.getLogger("points.store")
 
@@ -1016,23 +1019,33 @@ class Store:
 
     # --- clearing ---
 
-    async def merchant_position(self, merchant_id: str) -> dict[str, int] | None:
+    async def merchant_position(self, merchant_id: str, *, vouchers: bool = False) -> dict[str, int] | None:
         """Balances of the merchant's accounts: the checkpoint plus the journal tail since it (bounded by
-        the checkpoint interval), so every committed batch is included."""
+        the checkpoint interval), so every committed batch is included. With `vouchers`, also its VOUCHERS
+        figures, read in the same statement (both assets at one moment): voucher_net, the vouchers
+        accepted at it less refunds (its merchant_redeemed VOUCHERS balance: what the operator owes it in
+        cash for them, cleared apart from the POINTS net), and vouchers_held (its merchant_vouchers
+        balance, not a cash claim); both voucher-units, 0 while it has no such account."""
         rows = await self.pool.fetch(
-            """SELECT kind, balance FROM account_balances
-               WHERE owner_id = $1 AND kind = ANY($2::text[]) AND asset_code = $3""",
-            merchant_id, list(MERCHANT_ACCOUNTS), ASSET_POINTS)
-        if not rows:
+            """SELECT kind, asset_code, balance FROM account_balances
+               WHERE owner_id = $1 AND (kind = ANY($2::text[]) AND asset_code = $3
+                                        OR $5 AND kind = ANY($4::text[]) AND asset_code = 'VOUCHERS')""",
+            merchant_id, list(MERCHANT_ACCOUNTS), ASSET_POINTS, list(MERCHANT_VOUCHER_ACCOUNTS), vouchers)
+        balance = {r["kind"]: r["balance"] for r in rows if r["asset_code"] == ASSET_POINTS}
+        if not balance:
             return None
-        balance = {r["kind"]: r["balance"] for r in rows}
         issued = -balance.get(ACCOUNT_MERCHANT_ISSUED, 0)
         redeemed = balance.get(ACCOUNT_MERCHANT_REDEEMED, 0)
         fees = -balance.get(ACCOUNT_MERCHANT_FEES, 0)
         # acquiring rewards net of their reversals: a receivable of the merchant, like redeemed
         acquiring = balance.get(ACCOUNT_MERCHANT_ACQUIRING, 0)
-        return {"issued": issued, "redeemed": redeemed, "fees": fees, "acquiring": acquiring,
-                "net": redeemed + acquiring - issued - fees}
+        position = {"issued": issued, "redeemed": redeemed, "fees": fees, "acquiring": acquiring,
+                    "net": redeemed + acquiring - issued - fees}
+        if vouchers:
+            voucher = {r["kind"]: r["balance"] for r in rows if r["asset_code"] == rules.ASSET_VOUCHERS}
+            position["voucher_net"] = voucher.get(ACCOUNT_MERCHANT_REDEEMED, 0)
+            position["vouchers_held"] = voucher.get(rules.ACCOUNT_MERCHANT_VOUCHERS, 0)
+        return position
 
     async def latest_cut_off(self) -> dt.datetime | None:
         return await self.pool.fetchval("SELECT max(cut_off) FROM settlement_periods")
@@ -1062,6 +1075,9 @@ class Store:
             # where the member spent. A merchant's transactions are its own operations (its
             # transactions.merchant_id, except the operator's postings 6..11 that merely name the
             # merchant whose operation triggered them) and those that moved one of its clearing accounts.
+            # The voucher columns (migration 0006) come from the same pass, from the entries on its
+            # VOUCHERS clearing accounts (MERCHANT_VOUCHER_ACCOUNTS): a dividend to it (11) or a spend at
+            # it as the operator's store (14) moves only those, and so gives it a statement too.
             # m joins the tables, not the CTE t: a CTE has no index, and on a freshly loaded journal (no
             # statistics yet) the planner may pick a nested loop, quadratic over a CTE (measured: more
             # than 120 s for 500,000 transactions) and one index probe per transaction over the table.
@@ -1071,13 +1087,15 @@ class Store:
                      WHERE created_at >= $2 AND created_at < $3),
                    m AS MATERIALIZED (
                      SELECT x.transaction_id, x.kind, x.merchant_id AS own, a.owner_id AS merchant_id,
-                            a.kind AS account_kind, e.amount
+                            a.kind AS account_kind, a.asset_code, e.amount
                      FROM transactions x JOIN entries e ON e.transaction_id = x.transaction_id
-                     JOIN accounts a ON a.account_id = e.account_id AND a.asset_code = 'POINTS'
-                       AND a.kind = ANY($5::text[])
+                     JOIN accounts a ON a.account_id = e.account_id
+                       AND (a.asset_code = 'POINTS' AND a.kind = ANY($5::text[])
+                            OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
                      WHERE x.created_at >= $2 AND x.created_at < $3),
                    money AS (
-                     SELECT merchant_id, {_CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind")}
+                     SELECT merchant_id, {_CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind",
+                                                                asset="asset_code")}
                      FROM m GROUP BY merchant_id),
                    counted AS (
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
@@ -1088,28 +1106,42 @@ class Store:
                        WHERE merchant_id <> own OR kind BETWEEN 6 AND 11 GROUP BY merchant_id) x
                      GROUP BY merchant_id),
                    moves AS (SELECT * FROM counted LEFT JOIN money USING (merchant_id)),
-                   previous AS (SELECT merchant_id, closing_position FROM statements WHERE period_id = $4)
+                   previous AS (SELECT merchant_id, closing_position, voucher_closing_position, vouchers_held_closing
+                                FROM statements WHERE period_id = $4)
                    INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,
                                            redemption_refunds, fees, acquiring, acquiring_reversals, net,
-                                           closing_position, transactions)
+                                           closing_position, transactions, vouchers_redeemed,
+                                           voucher_redemption_refunds, voucher_net, voucher_opening_position,
+                                           voucher_closing_position, vouchers_held_opening, vouchers_received,
+                                           vouchers_spent, vouchers_held_closing)
                    SELECT $1, merchant_id, coalesce(p.closing_position, 0),
                           coalesce(m.issued, 0), coalesce(m.earn_refunds, 0), coalesce(m.redeemed, 0),
                           coalesce(m.redemption_refunds, 0), coalesce(m.fees, 0), coalesce(m.acquiring, 0),
                           coalesce(m.acquiring_reversals, 0), n.net,
-                          coalesce(p.closing_position, 0) + n.net, coalesce(m.transactions, 0)
+                          coalesce(p.closing_position, 0) + n.net, coalesce(m.transactions, 0),
+                          coalesce(m.vouchers_redeemed, 0), coalesce(m.voucher_redemption_refunds, 0), n.voucher_net,
+                          coalesce(p.voucher_closing_position, 0),
+                          coalesce(p.voucher_closing_position, 0) + n.voucher_net,
+                          coalesce(p.vouchers_held_closing, 0), coalesce(m.vouchers_received, 0),
+                          coalesce(m.vouchers_spent, 0),
+                          coalesce(p.vouchers_held_closing, 0) + coalesce(m.vouchers_received, 0)
+                            - coalesce(m.vouchers_spent, 0)
                    FROM moves m FULL JOIN previous p USING (merchant_id),
                         LATERAL (SELECT coalesce(m.redeemed, 0) - coalesce(m.redemption_refunds, 0)
                                         - coalesce(m.issued, 0) + coalesce(m.earn_refunds, 0)
                                         - coalesce(m.fees, 0) + coalesce(m.acquiring, 0)
-                                        - coalesce(m.acquiring_reversals, 0) AS net) n""",
-                period_id, opened_at, cut_off, period_id - 1, list(MERCHANT_ACCOUNTS),
+                                        - coalesce(m.acquiring_reversals, 0) AS net,
+                                        coalesce(m.vouchers_redeemed, 0) - coalesce(m.voucher_redemption_refunds, 0)
+                                          AS voucher_net) n""",
+                period_id, opened_at, cut_off, period_id - 1, list(MERCHANT_ACCOUNTS), list(MERCHANT_VOUCHER_ACCOUNTS),
                 timeout=SETTLEMENT_TIMEOUT_SECONDS)
             return period, True
 
     async def period_summary(self, period_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
             """SELECT p.period_id, p.opened_at, p.cut_off, count(s.merchant_id) AS merchants,
-                      coalesce(sum(s.net), 0)::bigint AS net_total, coalesce(sum(s.fees), 0)::bigint AS fees_total
+                      coalesce(sum(s.net), 0)::bigint AS net_total, coalesce(sum(s.fees), 0)::bigint AS fees_total,
+                      coalesce(sum(s.voucher_net), 0)::bigint AS voucher_net_total
                FROM settlement_periods p LEFT JOIN statements s USING (period_id)
                WHERE p.period_id = $1 GROUP BY p.period_id""", period_id)
 
@@ -1130,11 +1162,14 @@ class Store:
     async def statement_lines(self, period_id: int, merchant_id: str, after_transaction_id: int = 0,
                               limit: int | None = None) -> list[asyncpg.Record]:
         """The merchant's transactions of a period, each with its effect on the merchant's position: its
-        own operations (transactions.merchant_id, kinds other than the operator's postings 6..11) and the
-        acquiring rewards and reversals (kinds 9, 10) that moved its merchant_acquiring account; the
-        journal shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and
-        net are read from the entries on its POINTS clearing accounts, as the statement's totals are
-        (close_period), so the lines sum to the statement."""
+        own operations (transactions.merchant_id, kinds other than the operator's postings 6..11), the
+        acquiring rewards and reversals (kinds 9, 10) that moved its merchant_acquiring account, the
+        dividends (11) that moved its merchant_vouchers account, and other merchants' voucher spends at it
+        as the operator's store (14) that moved its merchant_redeemed VOUCHERS account; the journal
+        shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and net
+        are read from the entries on its POINTS clearing accounts, voucher_net (its voucher position) and
+        vouchers_held_change (the vouchers it holds) from those on its VOUCHERS accounts, as the
+        statement's totals are (close_period), so the lines sum to the statement."""
         return await self.pool.fetch(
             """WITH p AS (SELECT opened_at, cut_off FROM settlement_periods WHERE period_id = $1),
                     own AS (
@@ -1150,18 +1185,44 @@ class Store:
                                     WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
                                       AND a.kind = 'merchant_acquiring')
                       ORDER BY t.transaction_id LIMIT $4),
+                    dividends AS (
+                      SELECT t.transaction_id FROM p JOIN transactions t
+                        ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                      WHERE t.transaction_id > $3 AND t.kind = 11
+                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
+                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                                      AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
+                      ORDER BY t.transaction_id LIMIT $4),
+                    accepted AS (
+                      SELECT t.transaction_id FROM p JOIN transactions t
+                        ON t.kind = 14 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                      WHERE t.transaction_id > $3 AND t.merchant_id <> $2
+                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
+                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                                      AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
+                      ORDER BY t.transaction_id LIMIT $4),
                     lines AS (SELECT transaction_id FROM own UNION SELECT transaction_id FROM acquired
+                              UNION SELECT transaction_id FROM dividends UNION SELECT transaction_id FROM accepted
                               ORDER BY transaction_id LIMIT $4)
                SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount,
-                      coalesce(x.fee, 0)::bigint AS fee, coalesce(x.net, 0)::bigint AS net
+                      coalesce(x.fee, 0)::bigint AS fee, coalesce(x.net, 0)::bigint AS net,
+                      coalesce(x.voucher_net, 0)::bigint AS voucher_net,
+                      coalesce(x.vouchers_held_change, 0)::bigint AS vouchers_held_change
                FROM lines l JOIN transactions t USING (transaction_id)
                LEFT JOIN LATERAL (
-                 SELECT -sum(e.amount) FILTER (WHERE a.kind = 'merchant_fees') AS fee, sum(e.amount) AS net
+                 SELECT -sum(e.amount) FILTER (WHERE a.kind = 'merchant_fees' AND a.asset_code = 'POINTS') AS fee,
+                        sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS') AS net,
+                        sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS' AND a.kind = 'merchant_redeemed')
+                          AS voucher_net,
+                        sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS' AND a.kind = 'merchant_vouchers')
+                          AS vouchers_held_change
                  FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                 WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2 AND a.asset_code = 'POINTS'
-                   AND a.kind = ANY($5::text[])) x ON true
+                 WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                   AND (a.asset_code = 'POINTS' AND a.kind = ANY($5::text[])
+                        OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))) x ON true
                ORDER BY t.transaction_id""",
-            period_id, merchant_id, after_transaction_id, limit, list(MERCHANT_ACCOUNTS))
+            period_id, merchant_id, after_transaction_id, limit, list(MERCHANT_ACCOUNTS),
+            list(MERCHANT_VOUCHER_ACCOUNTS))
 
     # --- scale: a seeded network ---
 
@@ -1308,26 +1369,32 @@ class Store:
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
             problems += await _program_discrepancies(fetch, report)
-            report("every statement's net and amounts equal the merchant's journal entries in its period")
+            report("every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries "
+                   "in its period")
+            checked = ("net", *STATEMENT_AMOUNTS, "voucher_net", *VOUCHER_STATEMENT_AMOUNTS)
             amounts = ", ".join(f"coalesce(s.{name}, 0) AS {name}, coalesce(j.{name}, 0) AS journal_{name}"
-                                for name in ("net", *STATEMENT_AMOUNTS))
-            differs = " OR ".join(f"coalesce(s.{name}, 0) <> coalesce(j.{name}, 0)"
-                                  for name in ("net", *STATEMENT_AMOUNTS))
+                                for name in checked)
+            differs = " OR ".join(f"coalesce(s.{name}, 0) <> coalesce(j.{name}, 0)" for name in checked)
             for r in await fetch(
                     f"""WITH j AS (
-                          SELECT p.period_id, a.owner_id AS merchant_id, sum(e.amount) AS net,
-                                 {_CLEARING_SUMS.format(amount="e.amount", account="a.kind", kind="t.kind")}
+                          SELECT p.period_id, a.owner_id AS merchant_id,
+                                 coalesce(sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS'), 0) AS net,
+                                 coalesce(sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS'
+                                                                  AND a.kind = 'merchant_redeemed'), 0) AS voucher_net,
+                                 {_CLEARING_SUMS.format(amount="e.amount", account="a.kind", kind="t.kind",
+                                                        asset="a.asset_code")}
                           FROM settlement_periods p
                           JOIN transactions t ON t.created_at >= p.opened_at AND t.created_at < p.cut_off
                           JOIN entries e ON e.transaction_id = t.transaction_id
-                          JOIN accounts a ON a.account_id = e.account_id AND a.asset_code = 'POINTS'
-                            AND a.kind = ANY($1::text[])
+                          JOIN accounts a ON a.account_id = e.account_id
+                            AND (a.asset_code = 'POINTS' AND a.kind = ANY($1::text[])
+                                 OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($2::text[]))
                           GROUP BY 1, 2)
                         SELECT coalesce(s.period_id, j.period_id) AS period_id,
                                coalesce(s.merchant_id, j.merchant_id) AS merchant_id, {amounts}
                         FROM statements s FULL JOIN j USING (period_id, merchant_id)
-                        WHERE {differs} LIMIT 5""", list(MERCHANT_ACCOUNTS)):
-                wrong = [f"{name} {r[name]} != journal {r['journal_' + name]}" for name in ("net", *STATEMENT_AMOUNTS)
+                        WHERE {differs} LIMIT 5""", list(MERCHANT_ACCOUNTS), list(MERCHANT_VOUCHER_ACCOUNTS)):
+                wrong = [f"{name} {r[name]} != journal {r['journal_' + name]}" for name in checked
                          if r[name] != r["journal_" + name]]
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: " + ", ".join(wrong))
             report("every statement opens at the previous one's closing position")
@@ -1338,6 +1405,19 @@ class Store:
                        WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""):
                 problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
                                 f"{r['opening_position']}, the previous closed at {r['closing_position']}")
+            report("every statement's voucher position and vouchers held open at the previous one's closing")
+            for r in await fetch(
+                    """SELECT s.merchant_id, s.period_id, s.voucher_opening_position, s.vouchers_held_opening,
+                              coalesce(p.voucher_closing_position, 0) AS voucher_closing_position,
+                              coalesce(p.vouchers_held_closing, 0) AS vouchers_held_closing
+                       FROM statements s LEFT JOIN statements p
+                         ON p.merchant_id = s.merchant_id AND p.period_id = s.period_id - 1
+                       WHERE s.voucher_opening_position <> coalesce(p.voucher_closing_position, 0)
+                          OR s.vouchers_held_opening <> coalesce(p.vouchers_held_closing, 0) LIMIT 5"""):
+                problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at voucher "
+                                f"position {r['voucher_opening_position']} and {r['vouchers_held_opening']} "
+                                f"vouchers held, the previous closed at {r['voucher_closing_position']} and "
+                                f"{r['vouchers_held_closing']}")
             report("net positions + fee revenue + breakage + program funding + members' points = 0; "
                    "fee revenue = fees charged")
             totals = await fetchrow(
@@ -1360,24 +1440,41 @@ class Store:
         return problems
 
 
-# --- clearing: a merchant's movements from the entries on its POINTS clearing accounts ----------------
+# --- clearing: a merchant's movements from the entries on its clearing accounts, per asset -------------
 
 # The statement's amounts (statements columns; all >= 0 on a sound ledger) as sums over entries, given
-# the SQL names of the entry's amount, its account's kind and its transaction's kind. Refunds are told
-# by the transaction's kind: refund of an earn (5) gives back issued points, refunds of redemptions (4,
-# 13) take back redeemed ones, an acquiring reversal (10) takes back a reward.
+# the SQL names of the entry's amount, its account's kind and asset, and its transaction's kind. Refunds
+# are told by the transaction's kind: refund of an earn (5) gives back issued points, refunds of
+# redemptions (4, 13) take back redeemed ones, an acquiring reversal (10) takes back a reward. The
+# VOUCHERS amounts (migration 0006, voucher-units) come from the merchant's merchant_redeemed VOUCHERS
+# account (accepted vouchers, less refunds: kind 13) and its merchant_vouchers account (received in
+# dividends, spent at the operator's store: kind 14); each asset is summed apart, never added together.
 STATEMENT_AMOUNTS = ("issued", "earn_refunds", "redeemed", "redemption_refunds", "fees", "acquiring",
                      "acquiring_reversals")
+VOUCHER_STATEMENT_AMOUNTS = ("vouchers_redeemed", "voucher_redemption_refunds", "vouchers_received",
+                             "vouchers_spent")
 _CLEARING_SUMS = """
-    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_issued' AND {kind} <> 5), 0) AS issued,
-    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_issued' AND {kind} = 5), 0) AS earn_refunds,
-    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_redeemed' AND {kind} NOT IN (4, 13)), 0) AS redeemed,
-    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_redeemed' AND {kind} IN (4, 13)), 0)
-      AS redemption_refunds,
-    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_fees'), 0) AS fees,
-    coalesce(sum({amount}) FILTER (WHERE {account} = 'merchant_acquiring' AND {kind} <> 10), 0) AS acquiring,
-    coalesce(sum(-{amount}) FILTER (WHERE {account} = 'merchant_acquiring' AND {kind} = 10), 0)
-      AS acquiring_reversals"""
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued' AND {kind} <> 5), 0)
+      AS issued,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued' AND {kind} = 5), 0)
+      AS earn_refunds,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_redeemed'
+                                     AND {kind} NOT IN (4, 13)), 0) AS redeemed,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_redeemed'
+                                      AND {kind} IN (4, 13)), 0) AS redemption_refunds,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_fees'), 0) AS fees,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring' AND {kind} <> 10), 0)
+      AS acquiring,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring' AND {kind} = 10), 0)
+      AS acquiring_reversals,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_redeemed'
+                                     AND {kind} NOT IN (4, 13)), 0) AS vouchers_redeemed,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_redeemed'
+                                      AND {kind} IN (4, 13)), 0) AS voucher_redemption_refunds,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_vouchers' AND {kind} <> 14), 0)
+      AS vouchers_received,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_vouchers' AND {kind} = 14), 0)
+      AS vouchers_spent"""
 
 
 # --- reconcile: the program rules' checks (docs/RULES.md, "Ledger invariants, extended") -------------
