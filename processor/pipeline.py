@@ -191,6 +191,7 @@ class Pipeline:
         # rule transactions with no member (a merchant's dividend or voucher spend) that a refund of the
         # batch names: transaction id -> merchant id (set by _prefetch)
         self._not_refundable: dict[int, str] = {}
+        self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
         self._wake_at = 1   # submit() wakes the committer once this many operations are queued
         # account_id -> sum of its committed entries since the last balance checkpoint, and the newest
         # committed transaction id they include: what the next checkpoint folds into accounts.balance
@@ -978,9 +979,12 @@ class Pipeline:
 
     def _kernel_one(self, op: Operation, slot: int, points: int, reference: int, created: int, expires: int,
                     now_us: int, method: Method | None = None) -> tuple[int, ...]:
-        arrays = [array.array("q", [value]) for value in
-                  (_OP_CODE[method or op.method], slot, op.merchant_slot, points, reference, created, expires)]
-        rows = [array.array("q", bytes(8)) for _ in range(6)]
+        # one operation through the batch kernel, in arrays of length 1 kept for the purpose (measured:
+        # building 13 arrays per operation was a tenth of the rules path's CPU)
+        arrays, rows = self._one
+        for column, value in zip(arrays, (_OP_CODE[method or op.method], slot, op.merchant_slot, points,
+                                          reference, created, expires)):
+            column[0] = value
         self.ledger.apply_batch(*arrays, now_us, *rows)
         return tuple(row[0] for row in rows)
 

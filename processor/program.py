@@ -110,8 +110,9 @@ class RulesWrite:
     program_id: str = ""
     # member_id -> MemberRules to upsert
     members: dict[str, MemberRules] = dataclasses.field(default_factory=dict)
-    # member_id -> its expiring lots now (the member's rows are replaced)
-    lots: dict[str, tuple[rules.Lot, ...]] = dataclasses.field(default_factory=dict)
+    # member_id -> (keys (lot_id, expires_at_us) of its lots that are gone, its lots new or changed): only
+    # what changed, so an earn costs one row whatever the member's history of lots
+    lots: dict[str, tuple[list[tuple[int, int]], list[rules.Lot]]] = dataclasses.field(default_factory=dict)
     # (owner_kind, owner_id) -> its pieces now (replaced; empty: deleted)
     pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = dataclasses.field(default_factory=dict)
     # promotion_id -> granted in all
@@ -162,6 +163,9 @@ class ProgramState:
         # against the member's lots when popped)
         self._due: list[tuple[int, str]] = []
         self._undo: list[list[tuple[dict, Any, Any]]] = []
+        # member -> its lots as the last flush left them (what Postgres holds once the batches before
+        # commit), for the members whose lots changed since: flush() writes the difference
+        self._lots_flushed: dict[str, tuple[rules.Lot, ...]] = {}
         self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
                                        "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
                                        "accounts": set(), "splits": set(), "new_splits": set(),
@@ -208,10 +212,13 @@ class ProgramState:
                     heapq.heappush(self._holds_due, (old.expires_at_us, key))
         for dirty in self._dirty.values():
             dirty.clear()
+        self._lots_flushed.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
     def _set(self, table: dict, key, value, dirty: str) -> None:
+        if table is self.lots and key not in self._lots_flushed:
+            self._lots_flushed[key] = table.get(key, ())
         if self._undo:
             self._undo[-1].append((table, key, table.get(key, _MISSING)))
         if value is None:
@@ -226,7 +233,7 @@ class ProgramState:
         write = RulesWrite(
             program_id=self.program.program_id if self.program is not None else "",
             members={m: self.members[m] for m in d["members"] if m in self.members},
-            lots={m: self.lots.get(m, ()) for m in d["lots"]},
+            lots={m: self._lots_changed(m) for m in d["lots"]},
             pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
             budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
             earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
@@ -238,9 +245,16 @@ class ProgramState:
             voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds})
         for dirty in d.values():
             dirty.clear()
+        self._lots_flushed.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
+
+    def _lots_changed(self, member_id: str) -> tuple[list[tuple[int, int]], list[rules.Lot]]:
+        before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
+        after = {lot.key: lot for lot in self.lots.get(member_id, ())}
+        return ([key for key in before if key not in after],
+                [lot for key, lot in after.items() if before.get(key) != lot])
 
     # --- loading (start-up; prefetch) ---
 

@@ -852,13 +852,20 @@ class Store:
                 [json.dumps({str(day): amount for day, amount in v.day_buckets}) for _, v in rows], at,
                 timeout=timeout)
         if r.lots:
-            await c.execute("DELETE FROM lots WHERE member_id = ANY($1::text[])", list(r.lots), timeout=timeout)
-            records = [(m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
-                       for m, lots in r.lots.items() for lot in lots]
-            if records:
-                await c.copy_records_to_table(
-                    "lots", columns=["member_id", "lot_id", "expires_at_us", "issuer_id", "amount"],
-                    records=records, timeout=timeout)
+            gone = [(m, lot_id, expires) for m, (keys, _) in r.lots.items() for lot_id, expires in keys]
+            if gone:
+                await c.execute(
+                    """DELETE FROM lots l USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(m, i, e)
+                       WHERE l.member_id = g.m AND l.lot_id = g.i AND l.expires_at_us = g.e""",
+                    *[list(column) for column in zip(*gone)], timeout=timeout)
+            changed = [(m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
+                       for m, (_, lots) in r.lots.items() for lot in lots]
+            if changed:
+                await c.execute(
+                    """INSERT INTO lots (member_id, lot_id, expires_at_us, issuer_id, amount)
+                       SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
+                       ON CONFLICT (member_id, lot_id, expires_at_us) DO UPDATE SET amount = excluded.amount""",
+                    *[list(column) for column in zip(*changed)], timeout=timeout)
         if r.pieces:
             owners = list(r.pieces)
             await c.execute(

@@ -247,6 +247,12 @@ def test_expiry_soonest_first_restore_and_idempotent_job(world):
     assert again[0]["n"] == 1  # a second run of the job found nothing more
     lots = fetch(url, "SELECT sum(amount) AS s FROM lots WHERE member_id = $1", member)
     assert lots[0]["s"] == 80
+    # the rows (written as differences, batch by batch) are the lots the service holds
+    rows = fetch(url, "SELECT expires_at_us, sum(amount) AS amount FROM lots WHERE member_id = $1 "
+                      "GROUP BY expires_at_us ORDER BY expires_at_us", member)
+    held = sorted((e.expires_at.seconds * 1_000_000 + e.expires_at.nanos // 1_000, e.points)
+                  for e in _balance(stub, member).expiring)
+    assert [(r["expires_at_us"], r["amount"]) for r in rows] == held
     assert first.points == 50
     assert ledger_discrepancies(url) == []
 

@@ -1,0 +1,56 @@
+"""ProgramState.flush() writes a member's lots as differences (rows gone, rows new or changed), so an
+earn or a spend costs rows in proportion to what it changed, not to the member's history of lots; and a
+batch rolled back before its flush leaves nothing to write."""
+from __future__ import annotations
+
+import pytest
+
+from processor import rules
+from processor.program import OWNER_TRANSACTION, ProgramState
+
+pytestmark = pytest.mark.timeout(30)
+
+NOW = 1_800_000_000_000_000
+SOON, LATER, LATEST = NOW + 10, NOW + 20, NOW + 30
+
+
+def state_with_lots() -> ProgramState:
+    state = ProgramState()
+    state.load_lots("m", (rules.Lot(1, 100, SOON, "a"), rules.Lot(2, 50, LATER, "a"), rules.Lot(3, 70, LATEST, "b")))
+    return state
+
+
+def test_a_partial_spend_writes_the_one_lot_it_changed():
+    state = state_with_lots()
+    state.begin()
+    state.consume("m", (OWNER_TRANSACTION, 9), 30, 220, NOW)   # soonest first: 30 of lot 1
+    assert state.flush().lots == {"m": ([], [rules.Lot(1, 70, SOON, "a")])}
+
+
+def test_a_spend_across_lots_deletes_the_emptied_and_writes_the_changed():
+    state = state_with_lots()
+    state.begin()
+    state.consume("m", (OWNER_TRANSACTION, 9), 120, 220, NOW)  # all of lot 1, 20 of lot 2
+    assert state.flush().lots == {"m": ([(1, SOON)], [rules.Lot(2, 30, LATER, "a")])}
+
+
+def test_changes_of_two_batches_are_written_by_each_against_the_previous_flush():
+    state = state_with_lots()
+    state.begin()
+    state.consume("m", (OWNER_TRANSACTION, 9), 30, 220, NOW)
+    first = state.flush()
+    state.begin()
+    state.consume("m", (OWNER_TRANSACTION, 10), 70, 190, NOW)  # the rest of lot 1
+    second = state.flush()
+    assert first.lots == {"m": ([], [rules.Lot(1, 70, SOON, "a")])}
+    assert second.lots == {"m": ([(1, SOON)], [])}
+
+
+def test_a_batch_rolled_back_before_its_flush_writes_nothing():
+    state = state_with_lots()
+    state.begin()
+    state.consume("m", (OWNER_TRANSACTION, 9), 30, 220, NOW)
+    state.rollback_newest()
+    assert state.lots["m"][0] == rules.Lot(1, 100, SOON, "a")
+    state.begin()
+    assert state.flush().lots == {}
