@@ -1524,10 +1524,11 @@ TRANSACTION_SHAPES: dict[int, tuple[str, tuple[str, ...], str]] = {
         ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
         "operator_acquiring = amount AND merchant_acquiring = -amount AND acquirers <= 1"),
     rules.KIND_DIVIDEND: (
-        "operator_dividends -, member_voucher_credit / member / merchant_vouchers + (VOUCHERS only)",
+        "operator_dividends -, member_voucher_credit / member / the transaction's merchant_vouchers + (VOUCHERS only)",
         ("operator_dividends/VOUCHERS", "member_voucher_credit/VOUCHERS", "member/VOUCHERS",
          "merchant_vouchers/VOUCHERS"),
-        "dividends <= 0"),
+        # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
+        "dividends <= 0 AND held_any = held_own"),
     # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
     rules.KIND_SPLIT_REDEEM: ("member (both assets) and voucher credit to merchant_redeemed, fee entries = fee",
                               _SPLIT, "fees = -fee AND revenue = fee"),

@@ -412,3 +412,16 @@ def test_a_split_redeem_whose_fee_entries_differ_from_its_fee_is_reported(create
     one_like(problems, f"transaction {rows.unfeed} of kind 12", "fee entries = fee")
     one_like(problems, f"transaction {rows.refund_fee} of kind 13", "no fee")
     assert not any(f"transaction {rows.sound} " in p for p in problems), problems
+
+
+def test_a_merchant_dividend_credited_to_another_merchant_is_reported(create_database):
+    """A dividend to a merchant names that merchant: its statement lines find it by merchant_id."""
+    async def corrupt(ledger, rows):
+        v = VOUCHERS
+        rows.sound = await ledger.post(11, rows.converter, "", 40, [
+            ("operator_dividends", OPERATOR, -40, v), ("merchant_vouchers", rows.converter, 40, v)])
+        rows.elsewhere = await ledger.post(11, rows.converter, "", 30, [
+            ("operator_dividends", OPERATOR, -30, v), ("merchant_vouchers", rows.acquirer, 30, v)])
+    rows, problems = corrupted(create_database, corrupt)
+    one_like(problems, f"transaction {rows.elsewhere} of kind 11", "should move operator_dividends")
+    assert not any(f"transaction {rows.sound} " in p for p in problems), problems
