@@ -67,8 +67,9 @@ points_earned = Counter("points_earned_point_units_total", "Point-units credited
 points_expired = Counter("points_expired_point_units_total",
                          "Point-units of expired lots posted to the operator's breakage by the expiry job.")
 program_transactions = Counter("points_program_transactions_total",
-                               "Transactions the program rules set off, by kind (tier_bonus, referral_bonus, "
-                               "acquiring_reward, acquiring_reversal, expiry, conversion).", ["kind"])
+                               "Transactions of the program rules, by kind (tier_bonus, referral_bonus, "
+                               "acquiring_reward, acquiring_reversal, expiry, conversion, dividend, split_redeem, "
+                               "split_refund, merchant_voucher_spend).", ["kind"])
 points_redeemed = Counter("points_redeemed_point_units_total", "Point-units debited by captures and redeems.")
 points_refunded = Counter("points_refunded_point_units_total", "Point-units moved by refunds, by kind.", ["kind"])
 points_hold_expired = Counter("points_hold_expired_point_units_total", "Point-units released by expired holds.")

@@ -1518,7 +1518,9 @@ def _count_committed(write: BatchWrite, ledger: Any) -> None:
 _REFUND_KIND = {fastpath.KIND_REFUND_REDEMPTION: "redemption", fastpath.KIND_REFUND_EARN: "earn"}
 _PROGRAM_KIND = {rules.KIND_EXPIRY: "expiry", rules.KIND_TIER_BONUS: "tier_bonus",
                  rules.KIND_REFERRAL_BONUS: "referral_bonus", rules.KIND_ACQUIRING_REWARD: "acquiring_reward",
-                 rules.KIND_ACQUIRING_REVERSAL: "acquiring_reversal", rules.KIND_CONVERSION: "conversion"}
+                 rules.KIND_ACQUIRING_REVERSAL: "acquiring_reversal", rules.KIND_CONVERSION: "conversion",
+                 rules.KIND_DIVIDEND: "dividend", rules.KIND_SPLIT_REDEEM: "split_redeem",
+                 rules.KIND_SPLIT_REFUND: "split_refund", rules.KIND_MERCHANT_VOUCHER_SPEND: "merchant_voucher_spend"}
 
 
 def _commit_may_have_happened(error: BaseException) -> bool:

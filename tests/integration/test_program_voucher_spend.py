@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -91,7 +92,7 @@ def _spend(stub, merchant: str, vouchers: int, key: str | None = None):
 
 
 def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
-    url, stub, _, _ = world
+    url, stub, service, _ = world
     held = _held_by_merchant(url, "shop-b")
     assert held > 20
     none = error_of(lambda: _spend(stub, "shop-b", 5))
@@ -140,6 +141,8 @@ def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
     assert batch.results[0].spend_vouchers.voucher_balance == held - 23
     assert batch.results[1].status_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
     assert (_held_by_merchant(url, "shop-b"), _store_vouchers(url)) == (held - 23, 23)
+    scraped = urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=30).read().decode()
+    assert 'points_program_transactions_total{kind="merchant_voucher_spend"} 2.0' in scraped
     assert ledger_discrepancies(url) == []
 
 
