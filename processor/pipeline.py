@@ -1143,11 +1143,9 @@ class Pipeline:
         """A redeem paid with vouchers (the member's own first, then its voucher credit) and points."""
         program, ledger, member_id = self.program, self.ledger, op.member_id
         posted, held = ledger.balance(slot)
-        used = program.credit.get(member_id, 0)
-        headroom = max(0, program.credit_limit(version, posted) - used)
-        from_balance, from_credit = rules.voucher_sources(program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
-                                                          headroom, op.vouchers)
-        merchant = self.merchants.by_id[op.merchant_id]
+        # vouchers and credit reserved by open split-tender holds are not spendable
+        _, from_credit = rules.voucher_sources(
+            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)
         if op.points:
             self._expire_member(write, member_id, now_us)
             status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created, 0,
@@ -1155,28 +1153,37 @@ class Pipeline:
             if status != fastpath.OK:
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
             program.consume(member_id, (OWNER_TRANSACTION, created), op.points, available + op.points, now_us)
-        # the operator's fee is on the whole redemption, both tenders: a voucher-unit is worth a point-unit
-        # to the merchant, which is owed both in clearing
-        fee = self._fee(write, created, merchant, op.points + op.vouchers, "fee_redeemed_bps")
-        vouchers = rules.ASSET_VOUCHERS
-        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, op.points + op.vouchers,
-                                   None, None, None, op.idempotency_key, fee,
-                                   version.version if version is not None else None))
-        _entries(write, created, [
-            (ledger.member_account(slot), -op.points), (merchant.redeemed_account_id, op.points),
-            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
-             vouchers),
-            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
-             -from_credit, vouchers),
-            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id), op.vouchers, vouchers)])
-        program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
-        program.move_credit(member_id, from_credit)
-        program.split(created, SplitRecord(member_id, op.merchant_id, op.vouchers, op.points, from_credit), new=True)
+        self._post_split(op, write, version, created, slot, member_id, op.points, op.vouchers, from_credit, None)
         posted, held = ledger.balance(slot)
         return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
                                  "available": posted - held, "vouchers": op.vouchers,
                                  "voucher_balance": program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
                                  "voucher_credit_used": program.credit.get(member_id, 0)})
+
+    def _post_split(self, op: Operation, write: BatchWrite, version: "rules.ProgramVersion | None", created: int,
+                    slot: int, member_id: str, points: int, vouchers: int, from_credit: int,
+                    authorization_id: int | None) -> None:
+        """A SPLIT_REDEEM (kind 12) of a redeem or a capture whose points the kernel has taken: `vouchers`
+        of which `from_credit` on the member's credit, the rest its own; the fee on both tenders (a
+        voucher-unit is worth a point-unit to the merchant, which is owed both in clearing); its record
+        for refunds."""
+        program, merchant, asset = self.program, self.merchants.by_id[op.merchant_id], rules.ASSET_VOUCHERS
+        from_balance = vouchers - from_credit
+        fee = self._fee(write, created, merchant, points + vouchers, "fee_redeemed_bps")
+        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, points + vouchers,
+                                   None, authorization_id, None, op.idempotency_key, fee,
+                                   version.version if version is not None else None))
+        _entries(write, created, [
+            (self.ledger.member_account(slot), -points), (merchant.redeemed_account_id, points),
+            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
+             asset),
+            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
+             -from_credit, asset),
+            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if vouchers else 0,
+             vouchers, asset)])
+        program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
+        program.move_credit(member_id, from_credit)
+        program.split(created, SplitRecord(member_id, op.merchant_id, vouchers, points, from_credit), new=True)
 
     def _split_authorize(self, op: Operation, write: BatchWrite, now_us: int,
                          version: "rules.ProgramVersion | None", slot: int, created: int, expires: int) -> Outcome:
@@ -1251,26 +1258,9 @@ class Pipeline:
             program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_VOIDED)
             return Outcome(Code.OK, {"released": hold.points, "available": available,
                                      "vouchers_released": hold.vouchers})
-        from_balance = min(hold.from_balance, vouchers)
-        from_credit = vouchers - from_balance
-        merchant = self.merchants.by_id[op.merchant_id]
-        fee = self._fee(write, created, merchant, points + vouchers, "fee_redeemed_bps")
-        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, points + vouchers,
-                                   None, authorization_id, None, op.idempotency_key, fee,
-                                   version.version if version is not None else None))
-        asset = rules.ASSET_VOUCHERS
-        _entries(write, created, [
-            (ledger.member_account(slot), -points), (merchant.redeemed_account_id, points),
-            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
-             asset),
-            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
-             -from_credit, asset),
-            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if vouchers else 0,
-             vouchers, asset)])
         program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_CAPTURED, created)
-        program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
-        program.move_credit(member_id, from_credit)
-        program.split(created, SplitRecord(member_id, op.merchant_id, vouchers, points, from_credit), new=True)
+        from_credit = vouchers - min(hold.from_balance, vouchers)  # own vouchers before credit
+        self._post_split(op, write, version, created, slot, member_id, points, vouchers, from_credit, authorization_id)
         posted, held = ledger.balance(slot)
         return Outcome(Code.OK, {"transaction_id": created, "points": points, "released": hold.points - points,
                                  "balance": posted, "available": posted - held, "vouchers": vouchers,

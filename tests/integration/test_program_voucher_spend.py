@@ -187,6 +187,13 @@ def test_a_split_tender_hold_is_captured_voided_and_refunded_as_one_unit(world):
         500, 6, own - 6, start.available - 500)
     during = _balance(stub, alice)
     assert (during.vouchers, during.vouchers_held, during.voucher_credit_held, during.held) == (own, 6, 0, 500)
+    # a redeem cannot spend what the hold reserved: one voucher-unit more than the rest comes from credit
+    redeem = stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=0, vouchers=own - 5,
+                                          idempotency_key=unique("k")), timeout=30)
+    assert (redeem.voucher_balance, redeem.voucher_credit_used) == (6, 1)
+    stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=redeem.transaction_id, points=own - 5,
+                                 idempotency_key=unique("k")), timeout=30)
+    assert (_balance(stub, alice).vouchers, _balance(stub, alice).voucher_credit_used) == (own, 0)
     short = error_of(lambda: _authorize(stub, alice, 1, own - 5 + 10_000))
     assert short.code() == grpc.StatusCode.FAILED_PRECONDITION and "insufficient vouchers" in short.details()
     foreign = error_of(lambda: _capture(stub, hold.authorization_id, merchant="shop-a"))
