@@ -1190,6 +1190,8 @@ class Pipeline:
         """A split-tender hold: vouchers (the member's own first, then its credit) reserved beside an
         ordinary hold of the points, under one authorization id. Nothing is posted until the capture."""
         program, ledger, member_id = self.program, self.ledger, op.member_id
+        if len(program.voucher_holds) >= self.settings.holds_max:  # the same bound as the fast path's holds
+            return _ledger_rejection(fastpath.CAPACITY, op)
         posted, held = ledger.balance(slot)
         from_balance, from_credit = rules.voucher_sources(
             program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)

@@ -288,3 +288,21 @@ def test_split_tender_holds_survive_a_restart(world):
     finally:
         restarted.kill()
     assert ledger_discrepancies(url) == []
+
+
+def test_split_tender_holds_count_towards_holds_max(world):
+    """Vouchers-only holds have no fast-path hold: --holds-max bounds them all the same."""
+    url, _, _, alice = world
+    bounded = ServiceProcess(url, "--holds-max", "3").start()
+    try:
+        with bounded.channel() as channel:
+            stub = points_pb2_grpc.PointsServiceStub(channel)
+            open_now = len(fetch(url, "SELECT 1 FROM voucher_holds WHERE status = 1"))
+            assert open_now < 3
+            for _ in range(3 - open_now):
+                _authorize(stub, alice, 0, 1)
+            full = error_of(lambda: _authorize(stub, alice, 0, 1))
+            assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum number" in full.details()
+    finally:
+        bounded.kill()
+    assert ledger_discrepancies(url) == []
