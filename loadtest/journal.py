@@ -88,7 +88,9 @@ async def _append_chunk(c, count: int, members: int, merchants: int, fee_account
         steps[name] = now - began
         began = now
 
-    first = await c.fetchval("SELECT coalesce(max(transaction_id), 0) + 1 FROM transactions")
+    # the ids are handed out here, under the writer lock: the high-water mark moves in the same transaction
+    first = await c.fetchval("SELECT last_transaction_id + 1 FROM ledger_writer FOR UPDATE")
+    await c.execute("UPDATE ledger_writer SET last_transaction_id = $1", first + count - 1)
     # created_at: spread between the newest so far and now (now() is this transaction's start)
     await c.execute(
         """CREATE TEMP TABLE journal_draw ON COMMIT DROP AS

@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from processor import auth, domain, rpc, rules
+from processor import auth, domain, kinds, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Rejection
 from processor.pipeline import Pipeline
@@ -334,10 +334,6 @@ STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "op
                          "transactions", "acquiring", "acquiring_reversals", *VOUCHER_STATEMENT_COLUMNS)
 LINE_CSV_COLUMNS = ("period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount",
                     "fee", "net", "voucher_net", "vouchers_held_change")
-_KIND_TEXT = {1: "earn", 2: "capture", 3: "redeem", 4: "refund_of_redemption", 5: "refund_of_earn", 6: "expiry",
-              7: "tier_bonus", 8: "referral_bonus", 9: "acquiring_reward", 10: "acquiring_reversal",
-              11: "dividend", 12: "split_redeem", 13: "split_refund", 14: "merchant_voucher_spend",
-              15: "conversion"}
 
 
 def statement_message(r) -> pb.Statement:
@@ -458,7 +454,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                     for r in rows[:chunk]:
                         writer.writerow((request.period_id, merchant_id,
                                          domain.format_transaction_id(r["transaction_id"]), _iso(r["created_at"]),
-                                         _KIND_TEXT[r["kind"]], r["member_id"], r["amount"], r["fee"], r["net"],
+                                         kinds.kind(r["kind"]).name, r["member_id"], r["amount"], r["fee"], r["net"],
                                          r["voucher_net"], r["vouchers_held_change"]))
                     key = "transaction_id"
                 else:

@@ -43,6 +43,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("queue_operations_max", int, 20_000,
            "operations waiting for the committer, at most; beyond it calls get RESOURCE_EXHAUSTED"),
     Option("commit_timeout_seconds", float, 10.0, "a batch commit taking longer fails (UNAVAILABLE)"),
+    Option("writer_lock_wait_seconds", float, 0.0,
+           "at start, how long to wait for another service holding the ledger's writer lock (a standby "
+           "takes over when it goes); 0 = refuse to start at once"),
     Option("pool_connections_max", int, 8, "Postgres connections in the pool, at most"),
     Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
     Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
@@ -98,6 +101,7 @@ class Settings:
     batch_linger_seconds: float = 0.001
     queue_operations_max: int = 20_000
     commit_timeout_seconds: float = 10.0
+    writer_lock_wait_seconds: float = 0.0
     pool_connections_max: int = 8
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS
@@ -145,6 +149,7 @@ class Settings:
         check(self.queue_operations_max >= self.batch_operations_max,
               "queue_operations_max must be >= batch_operations_max")
         check(self.commit_timeout_seconds > 0, "commit_timeout_seconds must be > 0")
+        check(0 <= self.writer_lock_wait_seconds <= 30 * DAY_SECONDS, "writer_lock_wait_seconds must be 0..2592000")
         check(0 <= self.balance_checkpoint_seconds <= 3600, "balance_checkpoint_seconds must be 0..3600 (0: every batch)")
         check(self.balance_checkpoint_accounts_max >= 1, "balance_checkpoint_accounts_max must be >= 1")
         check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")

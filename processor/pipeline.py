@@ -32,12 +32,13 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, metrics, rules
+from processor import domain, kinds, metrics, rules
 from processor.program import (
     OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord, VoucherHold)
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.store import NEVER_US, BatchWrite, MerchantRow, Store, StoreError, from_micros, micros, to_json
+from processor.store import (NEVER_US, BatchWrite, MerchantRow, Store, StoreError, WriterFenced, WriterLockLost,
+                             from_micros, micros, to_json)
 
 log = logging.getLogger("points.pipeline")
 
@@ -530,6 +531,8 @@ class Pipeline:
                     outcome.message))
             self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
+            write.last_transaction_id = self.ids.next_transaction_id - 1
+            write.last_authorization_id = self.ids.next_authorization_id - 1
             _check_balanced(write)
         except BaseException:
             ledger.rollback_newest()
@@ -654,7 +657,14 @@ class Pipeline:
         else:
             message = _NOT_APPLIED_MESSAGE
         self._fail(batch, Code.UNAVAILABLE, message)
-        if ambiguous or not await self.store.reachable():
+        if _divergent(error):
+            # The fast path and Postgres disagree (an id already taken) or another service may be the
+            # writer now: retrying the same batch would fail again or worse. Rebuild from Postgres (or
+            # stop, if the writer lock is another's).
+            log.critical("batch refused as divergent from the ledger database; resynchronising",
+                         extra={"error": repr(error)})
+            await self._resync()
+        elif ambiguous or not await self.store.reachable():
             # Until Postgres answers again the service cannot commit: calls get UNAVAILABLE at once
             # and health says NOT_SERVING; then the fast path is rebuilt from Postgres.
             await self._resync()
@@ -1498,21 +1508,19 @@ def _count_committed(write: BatchWrite, ledger: Any) -> None:
             metrics.program_transactions.labels("expiry").inc()
         elif kind in (fastpath.KIND_CAPTURE, fastpath.KIND_REDEEM):
             metrics.points_redeemed.inc(amount)
-        elif kind in _REFUND_KIND:
-            metrics.points_refunded.labels(_REFUND_KIND[kind]).inc(amount)
+        elif kind in kinds.REFUNDS:
+            metrics.points_refunded.labels(kinds.REFUNDS[kind]).inc(amount)
         else:
-            metrics.program_transactions.labels(_PROGRAM_KIND.get(kind, str(kind))).inc()
+            metrics.program_transactions.labels(kinds.kind(kind).name).inc()
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
 
 
-_REFUND_KIND = {fastpath.KIND_REFUND_REDEMPTION: "redemption", fastpath.KIND_REFUND_EARN: "earn"}
-_PROGRAM_KIND = {rules.KIND_EXPIRY: "expiry", rules.KIND_TIER_BONUS: "tier_bonus",
-                 rules.KIND_REFERRAL_BONUS: "referral_bonus", rules.KIND_ACQUIRING_REWARD: "acquiring_reward",
-                 rules.KIND_ACQUIRING_REVERSAL: "acquiring_reversal", rules.KIND_CONVERSION: "conversion",
-                 rules.KIND_DIVIDEND: "dividend", rules.KIND_SPLIT_REDEEM: "split_redeem",
-                 rules.KIND_SPLIT_REFUND: "split_refund", rules.KIND_MERCHANT_VOUCHER_SPEND: "merchant_voucher_spend"}
+def _divergent(error: BaseException) -> bool:
+    """A failed write that says the fast path's view is not Postgres's: a unique violation (an id or
+    a row the fast path thought new exists), or the writer role lost or fenced off."""
+    return isinstance(error, (asyncpg.UniqueViolationError, WriterLockLost, WriterFenced))
 
 
 def _commit_may_have_happened(error: BaseException) -> bool:

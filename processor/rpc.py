@@ -2,6 +2,7 @@
 and requests that do not decode (answered INVALID_ARGUMENT instead of gRPC's generic error)."""
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import time
@@ -106,9 +107,12 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     async for response in inner_stream(request_iterator, context):
                         yield response
                     code = context.code() or grpc.StatusCode.OK
-                except BaseException:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
+                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                    code = context.code() or grpc.StatusCode.CANCELLED
                     raise
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    await _internal(context, rid, method)
                 finally:
                     account(context, rid, begin, code)
 
@@ -126,14 +130,26 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 response = await inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 return response
-            except BaseException:
-                code = context.code() or grpc.StatusCode.UNKNOWN
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                code = context.code() or grpc.StatusCode.CANCELLED
                 raise
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                await _internal(context, rid, method)
             finally:
                 account(context, rid, begin, code)
 
         return grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+
+async def _internal(context, rid: str, method: str) -> None:
+    """A handler raised what no handler should (a bug): logged with its traceback, answered INTERNAL,
+    never gRPC's UNKNOWN with the exception's text. The service keeps serving."""
+    log.exception("rpc handler failed unexpectedly", extra={"request_id": rid, "method": method})
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error (request id {rid}): report the request id to the operator; a retry "
+                        "with the same idempotency key is safe (a mutating call is answered only once durable)")
 
 
 class Undecodable:

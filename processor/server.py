@@ -88,7 +88,7 @@ class Service:
 
         self.store = await open_store(settings, url)
         log.info("database ready", extra={"database": redact(self.store.url)})
-        await self.store.acquire_writer_lock()
+        await self.store.acquire_writer_lock(settings.writer_lock_wait_seconds)
         self.pipeline.store = self.store
         self.authenticator.store = self.store
         await self.pipeline.recover()

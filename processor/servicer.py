@@ -11,10 +11,9 @@ import time
 import grpc
 from google.protobuf import timestamp_pb2
 
-import fastpath
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from processor import domain, metrics, rpc, rules
+from processor import domain, kinds, metrics, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
@@ -30,28 +29,6 @@ _EMPTY_OPERATION = pb.OperationResult(
     message="empty operation: set one of earn, authorize, capture, void, redeem, refund")
 _INTERNAL = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
 
-_KIND = {
-    fastpath.KIND_EARN: pb.TRANSACTION_KIND_EARN,
-    fastpath.KIND_CAPTURE: pb.TRANSACTION_KIND_CAPTURE,
-    fastpath.KIND_REDEEM: pb.TRANSACTION_KIND_REDEEM,
-    fastpath.KIND_REFUND_REDEMPTION: pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION,
-    fastpath.KIND_REFUND_EARN: pb.TRANSACTION_KIND_REFUND_OF_EARN,
-    rules.KIND_EXPIRY: pb.TRANSACTION_KIND_EXPIRY,
-    rules.KIND_TIER_BONUS: pb.TRANSACTION_KIND_TIER_BONUS,
-    rules.KIND_REFERRAL_BONUS: pb.TRANSACTION_KIND_REFERRAL_BONUS,
-    rules.KIND_ACQUIRING_REWARD: pb.TRANSACTION_KIND_ACQUIRING_REWARD,
-    rules.KIND_ACQUIRING_REVERSAL: pb.TRANSACTION_KIND_ACQUIRING_REVERSAL,
-    rules.KIND_DIVIDEND: pb.TRANSACTION_KIND_DIVIDEND,
-    rules.KIND_SPLIT_REDEEM: pb.TRANSACTION_KIND_SPLIT_REDEEM,
-    rules.KIND_SPLIT_REFUND: pb.TRANSACTION_KIND_SPLIT_REFUND,
-    rules.KIND_MERCHANT_VOUCHER_SPEND: pb.TRANSACTION_KIND_MERCHANT_VOUCHER_SPEND,
-    rules.KIND_CONVERSION: pb.TRANSACTION_KIND_CONVERSION,
-}
-# Sign of a transaction's effect on the member's posted balance.
-_MEMBER_SIGN = {fastpath.KIND_EARN: 1, fastpath.KIND_CAPTURE: -1, fastpath.KIND_REDEEM: -1,
-                fastpath.KIND_REFUND_REDEMPTION: 1, fastpath.KIND_REFUND_EARN: -1,
-                rules.KIND_EXPIRY: -1, rules.KIND_TIER_BONUS: 1, rules.KIND_REFERRAL_BONUS: 1,
-                rules.KIND_ACQUIRING_REWARD: 0, rules.KIND_ACQUIRING_REVERSAL: 0, rules.KIND_CONVERSION: 1}
 EXPIRING_WITHIN_DAYS_DEFAULT, EXPIRING_WITHIN_DAYS_MAX = 30, 3660
 
 
@@ -251,7 +228,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     @staticmethod
     def _refund_response(f: dict) -> pb.RefundResponse:
         return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                 points=f["points"], kind=_KIND[f["kind"]], balance=f["balance"],
+                                 points=f["points"], kind=kinds.kind(f["kind"]).proto, balance=f["balance"],
                                  available=f["available"], bonus_points=f.get("bonus_points", 0),
                                  vouchers=f.get("vouchers", 0))
 
@@ -507,10 +484,10 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             response = pb.ListTransactionsResponse(
                 next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else "")
             for r in rows:
-                kind = r["kind"]
                 response.transactions.append(pb.Transaction(
-                    transaction_id=domain.format_transaction_id(r["transaction_id"]), kind=_KIND[kind],
-                    merchant_id=r["merchant_id"], points=_MEMBER_SIGN[kind] * r["amount"],
+                    transaction_id=domain.format_transaction_id(r["transaction_id"]),
+                    kind=kinds.kind(r["kind"]).proto, merchant_id=r["merchant_id"],
+                    points=r["member_points"], vouchers=r["member_vouchers"],
                     original_transaction_id=(domain.format_transaction_id(r["original_transaction_id"])
                                              if r["original_transaction_id"] else ""),
                     authorization_id=(domain.format_authorization_id(r["authorization_id"])

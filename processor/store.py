@@ -11,14 +11,16 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import socket
 import time
 import urllib.parse
 from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from processor import metrics, rules
+from processor import kinds, metrics, rules
 from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ACQUIRING, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
                               ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS, OPERATOR_ID,
                               GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
@@ -37,6 +39,13 @@ MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
 APPLICATION_NAME = "points-processor"
+# how often a service waiting for the writer lock (--writer-lock-wait-seconds) asks for it again
+WRITER_LOCK_POLL_SECONDS = 0.5
+# The largest ids any table holds, for the high-water check at recovery and in reconcile: an
+# authorization lives in holds, in voucher_holds (a vouchers-only hold), or in both under one id.
+_LARGEST_IDS = """(SELECT coalesce(max(transaction_id), 0) FROM transactions) AS largest_transaction,
+                  greatest((SELECT coalesce(max(authorization_id), 0) FROM holds),
+                           (SELECT coalesce(max(authorization_id), 0) FROM voucher_holds)) AS largest_authorization"""
 RECONCILE_TIMEOUT_SECONDS = 6 * 3600.0
 # a settlement cut reads every entry on merchants' accounts in its period (measured: 1.2 s per 500,000
 # transactions), more than a commit's timeout for a long first period
@@ -49,6 +58,10 @@ PROGRAM_CHANNEL = "points_program"  # NOTIFY channel; the payload is the program
 
 class StoreError(Exception):
     """Postgres said no, for a reason the operator must fix (not a transient fault)."""
+
+
+class WriterFenced(StoreError):
+    """Another service has taken the writer role (bumped ledger_writer.epoch): this one must stop."""
 
 
 class WriterLockLost(Exception):
@@ -225,6 +238,10 @@ class BatchWrite:
     rules: Any = None
     # (account_id, kind, owner_id, asset_code): accounts the rules open (voucher accounts), ids reserved
     new_accounts: list[tuple[int, str, str, str]] = dataclasses.field(default_factory=list)
+    # the last transaction and authorization ids handed out so far (this batch's included): written
+    # to ledger_writer in the same transaction, the one place recovery continues from
+    last_transaction_id: int = 0
+    last_authorization_id: int = 0
 
     @property
     def empty(self) -> bool:
@@ -265,14 +282,20 @@ class Store:
         self._writer_lock: asyncpg.Connection | None = None
         self._writer_lock_pid: int | None = None
         self._writer_lock_started: dt.datetime | None = None
+        self._writer_epoch: int | None = None   # the fencing token while this service is the writer
         self._program_listener: asyncpg.Connection | None = None
         self._program_tasks: set[asyncio.Task] = set()
 
     @classmethod
     async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
+        # A session stopped inside a transaction (its process SIGSTOPped, its host frozen) is ended by
+        # Postgres after twice the command timeout: it would otherwise hold ledger_writer's row lock,
+        # and a service taking over would wait for it forever.
+        idle_ms = int(max(2 * command_timeout, 1.0) * 1000)
         pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_connections_max,
                                          command_timeout=command_timeout, timeout=command_timeout,
-                                         server_settings={"application_name": APPLICATION_NAME})
+                                         server_settings={"application_name": APPLICATION_NAME,
+                                                          "idle_in_transaction_session_timeout": str(idle_ms)})
         return cls(pool, url, connect_timeout=command_timeout)
 
     async def close(self) -> None:
@@ -285,17 +308,38 @@ class Store:
         async with self.pool.acquire() as connection:
             return await migrate(connection)
 
-    async def acquire_writer_lock(self) -> None:
-        """Holds a session advisory lock for the life of the service: one writer per ledger."""
+    async def acquire_writer_lock(self, wait_seconds: float = 0.0) -> None:
+        """Holds a session advisory lock for the life of the service: one writer per ledger; waits up to
+        `wait_seconds` for another service to let it go. Then takes the fencing token: bumps
+        ledger_writer.epoch after SELECT ... FOR UPDATE, which waits until every transaction of the
+        previous writer still open has committed or aborted, so none of them lands after this one has
+        loaded its state (migration 0008)."""
         connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
                                            server_settings={"application_name": APPLICATION_NAME + "-lock"})
-        if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
-            await connection.close()
-            raise StoreError("another points service is already writing to this database "
-                             "(advisory lock held); stop it or point --database-url elsewhere")
+        try:
+            deadline = time.monotonic() + wait_seconds
+            while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
+                if time.monotonic() >= deadline:
+                    raise StoreError("another points service is already writing to this database "
+                                     "(advisory lock held); stop it or point --database-url elsewhere"
+                                     + (f" (waited {wait_seconds:g} s for it)" if wait_seconds else ""))
+                await asyncio.sleep(min(WRITER_LOCK_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+            holder = f"{APPLICATION_NAME} {socket.gethostname()} pid {os.getpid()}"
+            async with connection.transaction():
+                # bounded: a previous writer's open transaction ends within its commit timeout, or
+                # Postgres ends its session (idle_in_transaction_session_timeout on the pool)
+                await connection.execute("SELECT epoch FROM ledger_writer FOR UPDATE", timeout=self.recovery_timeout)
+                self._writer_epoch = await connection.fetchval(
+                    "UPDATE ledger_writer SET epoch = epoch + 1, holder = $1, taken_at = now() RETURNING epoch",
+                    holder, timeout=self.recovery_timeout)
+            require(self._writer_epoch is not None, "ledger_writer has its one row (migration 0008)")
+            self._writer_lock_pid, self._writer_lock_started = await connection.fetchrow(
+                "SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())")
+        except BaseException:
+            connection.terminate()
+            raise
         self._writer_lock = connection
-        self._writer_lock_pid, self._writer_lock_started = await connection.fetchrow(
-            "SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())")
+        log.info("writer lock taken", extra={"epoch": self._writer_epoch})
 
     async def writer_lock_alive(self, timeout: float = 2.0) -> bool:
         """Whether the lock session still answers (bounded: a stalled session counts as lost)."""
@@ -321,6 +365,7 @@ class Store:
         if self._writer_lock is not None:
             self._writer_lock.terminate()  # no round trip: the connection may be dead already
             self._writer_lock = None
+        # the epoch stays: a batch may still write while no other service has taken the role
 
     # --- merchants (CLI now; the admin API later) ---
 
@@ -631,11 +676,19 @@ class Store:
         return [self._hold(r) for r in rows]
 
     async def id_high_water_marks(self) -> tuple[int, int]:
-        """(largest transaction_id, largest authorization_id) ever committed."""
+        """(last transaction_id, last authorization_id) handed out: ledger_writer's marks, written with
+        every batch. The tables' largest ids are read too, only to refuse to go on below them: a row
+        written around the service (a tool, a restore) would otherwise be given an id again."""
         row = await self.pool.fetchrow(
-            """SELECT (SELECT coalesce(max(transaction_id), 0) FROM transactions) AS t,
-                      (SELECT coalesce(max(authorization_id), 0) FROM holds) AS a""", timeout=self.recovery_timeout)
-        return row["t"], row["a"]
+            f"""SELECT w.last_transaction_id AS t, w.last_authorization_id AS a, {_LARGEST_IDS}
+                FROM ledger_writer w""", timeout=self.recovery_timeout)
+        require(row is not None, "ledger_writer has its one row (migration 0008)")
+        if row["largest_transaction"] > row["t"] or row["largest_authorization"] > row["a"]:
+            log.error("ids in the ledger above ledger_writer's high-water marks (rows written around the "
+                      "service); continuing after the largest; run reconcile", extra={
+                          "marks": [row["t"], row["a"]],
+                          "largest": [row["largest_transaction"], row["largest_authorization"]]})
+        return max(row["t"], row["largest_transaction"]), max(row["a"], row["largest_authorization"])
 
     # --- prefetch before a batch ---
 
@@ -707,18 +760,19 @@ class Store:
         """Writes one batch in one transaction, within `timeout` seconds. Raises on any failure; then
         nothing was written, or (a broken connection, a timeout) it is unknown whether COMMIT was."""
         await self._as_writer(lambda connection, step: self._write(connection, batch, timeout, step), timeout,
-                              timed=True)
+                              marks=(batch.last_transaction_id, batch.last_authorization_id))
 
-    async def _as_writer(self, write, timeout: float, timed: bool = False) -> None:
-        """Runs `write(connection, step)` in one transaction on a pool connection, after checking inside
-        it that this service still holds the writer lock, all within `timeout` seconds (bounded). With
-        `timed` (batches), each step is timed into points_pipeline_commit_step_seconds."""
+    async def _as_writer(self, write, timeout: float, marks: tuple[int, int] | None = None) -> None:
+        """Runs `write(connection, step)` in one transaction on a pool connection, fenced (see
+        _check_writer_lock), all within `timeout` seconds (bounded). With `marks` (batches: the last
+        transaction and authorization ids handed out), the fence records them, and each step is timed
+        into points_pipeline_commit_step_seconds."""
         async def work(connection):
             transaction = connection.transaction()
             await transaction.start()
-            step = _Steps() if timed else _untimed
+            step = _Steps() if marks is not None else _untimed
             try:
-                await self._check_writer_lock(connection)
+                await self._check_writer_lock(connection, marks)
                 step("lock_check")
                 await write(connection, step)
             except BaseException:
@@ -731,14 +785,36 @@ class Store:
             step("commit")
         await self.bounded(work, timeout)
 
-    async def _check_writer_lock(self, connection: asyncpg.Connection) -> None:
-        """Inside the batch's transaction: our lock session still holds the writer lock. If Postgres
-        dropped that session, another service may have taken the lock: nothing is written."""
-        # A session advisory lock is released only with its session: the lock session is alive (the same
-        # backend, not a later one given the same pid) iff we still hold it. Measured: pg_locks cost
-        # about 2 ms a batch; this look-up of one backend a few µs.
-        if self._writer_lock_pid is None or self._writer_lock_started != await connection.fetchval(
-                "SELECT backend_start FROM pg_stat_get_activity($1)", self._writer_lock_pid):
+    async def _check_writer_lock(self, connection: asyncpg.Connection, marks: tuple[int, int] | None) -> None:
+        """Inside the writer's transaction, in one round trip: the fence, then the lock session.
+
+        The fence holds until COMMIT: a batch updates ledger_writer WHERE epoch is ours (a row lock
+        FOR NO KEY UPDATE, with the ids it hands out), another writer transaction locks the row FOR KEY
+        SHARE; a service taking over bumps the epoch after FOR UPDATE, which waits for both. A fenced
+        writer finds no row and writes nothing, whatever its lock session's fate.
+        The lock session: a session advisory lock is released only with its session, so the session
+        being alive (the same backend, not a later one with the same pid) means we hold the lock. If
+        it died, nothing is written and the pipeline resynchronises, taking the lock again or stopping.
+        Measured: pg_locks cost about 2 ms a batch; this look-up of one backend a few µs."""
+        if self._writer_epoch is None or self._writer_lock_pid is None:
+            raise WriterLockLost("this service does not hold the writer lock; not writing")
+        if marks is None:
+            fence = "SELECT 1 FROM ledger_writer WHERE epoch = $1 FOR KEY SHARE"
+            args: tuple = ()
+        else:
+            fence = """UPDATE ledger_writer SET last_transaction_id = greatest(last_transaction_id, $3),
+                                                last_authorization_id = greatest(last_authorization_id, $4)
+                       WHERE epoch = $1 RETURNING 1"""
+            args = marks
+        row = await connection.fetchrow(
+            f"""WITH fence AS ({fence})
+                SELECT (SELECT count(*) FROM fence) AS fenced_in,
+                       (SELECT backend_start FROM pg_stat_get_activity($2)) AS lock_started""",
+            self._writer_epoch, self._writer_lock_pid, *args)
+        if row["fenced_in"] != 1:
+            raise WriterFenced(f"another points service took the writer role (this one's epoch "
+                               f"{self._writer_epoch} is over); not writing")
+        if row["lock_started"] != self._writer_lock_started:
             raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
     async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
@@ -1010,8 +1086,16 @@ class Store:
         """The member's transactions at the given merchants, newest first."""
         return await self.pool.fetch(
             """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
-                      t.authorization_id, t.original_transaction_id, t.created_at
+                      t.authorization_id, t.original_transaction_id, t.created_at,
+                      coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
                FROM transactions t
+               -- what it did to the member, from its entries (a split redeem's amount is both tenders)
+               LEFT JOIN LATERAL (
+                   SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
+                          sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
+                   FROM entries e JOIN accounts a USING (account_id)
+                   WHERE e.transaction_id = t.transaction_id AND a.owner_id = t.member_id
+                     AND a.kind IN ('member', 'member_voucher_credit')) m ON true
                WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
                  AND t.merchant_id = ANY($4::text[])
                ORDER BY t.transaction_id DESC LIMIT $3""",
@@ -1263,7 +1347,9 @@ class Store:
                 while done < members:
                     count = min(chunk_members, members - done)
                     async with c.transaction():
-                        first_id = await c.fetchval("SELECT coalesce(max(transaction_id), 0) + 1 FROM transactions")
+                        first_id = await c.fetchval("SELECT last_transaction_id + 1 FROM ledger_writer FOR UPDATE")
+                        # the ids are handed out here: the high-water mark moves in the same transaction
+                        await c.execute("UPDATE ledger_writer SET last_transaction_id = $1", first_id + count - 1)
                         await c.execute(
                             """CREATE TEMP TABLE seed_earn ON COMMIT DROP AS
                                SELECT $1::bigint + g - 1 AS transaction_id, 'seed-u-' || lpad(($2 + g)::text, 7, '0')
@@ -1375,6 +1461,22 @@ class Store:
             for r in await fetch("""SELECT transaction_id, amount, refunded FROM transactions
                                       WHERE refunded > amount LIMIT 5"""):
                 problems.append(f"transaction {r['transaction_id']} refunded {r['refunded']} > {r['amount']}")
+            problems += await _id_discrepancies(fetch, report)
+            report("every transaction is of a known kind and moves its member's points in its kind's direction")
+            signs = " ".join(f"WHEN {k.code} THEN {k.member_sign}" for k in kinds.KINDS)
+            for r in await fetch(f"""SELECT t.transaction_id, t.kind, coalesce(m.points, 0) AS points
+                                       FROM transactions t
+                                       LEFT JOIN LATERAL (
+                                           SELECT sum(e.amount) AS points FROM entries e JOIN accounts a USING (account_id)
+                                           WHERE e.transaction_id = t.transaction_id AND a.kind = 'member'
+                                             AND a.asset_code = 'POINTS' AND a.owner_id = t.member_id) m ON true
+                                       WHERE sign(coalesce(m.points, 0)) NOT IN (0, coalesce(CASE t.kind {signs} END, 2))
+                                          OR NOT t.kind = ANY($1::smallint[])
+                                       LIMIT 5""", [k.code for k in kinds.KINDS]):
+                known = kinds.BY_CODE.get(r["kind"])
+                problems.append(f"transaction {r['transaction_id']} is of unknown kind {r['kind']}" if known is None
+                                else f"transaction {r['transaction_id']} ({known.name}) moves its member's points "
+                                     f"by {r['points']}, against its kind's sign {known.member_sign}")
             problems += await _program_discrepancies(fetch, report)
             report("every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries "
                    "in its period")
@@ -1495,57 +1597,7 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "operator_referrals": -1, "operator_acquiring": -1, "operator_dividends": -1, "member_voucher_credit": -1,
 }
 
-_POINTS_FEES = ("merchant_fees/POINTS", "operator_fee_revenue/POINTS")
-_SPLIT = ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS", "merchant_redeemed/POINTS",
-          "merchant_redeemed/VOUCHERS", *_POINTS_FEES)
-# Transaction kinds 6..15 (docs/RULES.md): what the entries of one must look like, as
-# (description, the account kind/asset pairs it may touch, a condition over the sums _SHAPE_SUMS names,
-# where amount = transactions.amount and fee = transactions.fee).
-TRANSACTION_SHAPES: dict[int, tuple[str, tuple[str, ...], str]] = {
-    rules.KIND_EXPIRY: (
-        "the transaction's member -amount, operator_breakage +amount",
-        ("member/POINTS", "operator_breakage/POINTS"),
-        "member_own = -amount AND member_any = member_own AND breakage = amount"),
-    rules.KIND_TIER_BONUS: (
-        "operator_tier_rewards -amount, the transaction's member +amount",
-        ("member/POINTS", "operator_tier_rewards/POINTS"),
-        "tier_rewards = -amount AND member_own = amount AND member_any = member_own"),
-    # the member credited is the referrer; transactions.member_id may name either side of the referral
-    rules.KIND_REFERRAL_BONUS: (
-        "operator_referrals -amount, one member (the referrer) +amount",
-        ("member/POINTS", "operator_referrals/POINTS"),
-        "referrals = -amount AND member_any = amount AND members <= 1"),
-    rules.KIND_ACQUIRING_REWARD: (
-        "operator_acquiring -amount, one merchant_acquiring (the acquirer) +amount",
-        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
-        "operator_acquiring = -amount AND merchant_acquiring = amount AND acquirers <= 1"),
-    rules.KIND_ACQUIRING_REVERSAL: (
-        "operator_acquiring +amount, one merchant_acquiring (the acquirer) -amount",
-        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
-        "operator_acquiring = amount AND merchant_acquiring = -amount AND acquirers <= 1"),
-    rules.KIND_DIVIDEND: (
-        "operator_dividends -, member_voucher_credit / member / the transaction's merchant_vouchers + (VOUCHERS only)",
-        ("operator_dividends/VOUCHERS", "member_voucher_credit/VOUCHERS", "member/VOUCHERS",
-         "merchant_vouchers/VOUCHERS"),
-        # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
-        "dividends <= 0 AND held_any = held_own"),
-    # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
-    rules.KIND_SPLIT_REDEEM: ("member (both assets) and voucher credit to merchant_redeemed, fee entries = fee",
-                              _SPLIT, "fees = -fee AND revenue = fee"),
-    rules.KIND_SPLIT_REFUND: ("merchant_redeemed (both assets) back to the member and its voucher credit, no fee",
-                              _SPLIT, "fees = 0 AND revenue = 0"),
-    rules.KIND_MERCHANT_VOUCHER_SPEND: (
-        "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
-        "store) +amount, in VOUCHERS",
-        ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
-        "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
-        "AND stores = 1"),
-    rules.KIND_CONVERSION: (
-        "the transaction's merchant_issued -amount, its member +amount, fee entries = fee",
-        ("merchant_issued/POINTS", "member/POINTS", *_POINTS_FEES),
-        "issued_own = -amount AND issued_any = issued_own AND member_own = amount AND member_any = member_own "
-        "AND fees = -fee AND revenue = fee"),
-}
+_POINTS_FEES = kinds._POINTS_FEES
 # per transaction t (kinds 6..15, or an earn with an earn_rules row): sums of its entries by account
 _SHAPE_SUMS = """
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'member' AND a.asset_code = 'POINTS'
@@ -1591,6 +1643,51 @@ def _sql_text_array(values) -> str:
     return "ARRAY[" + ", ".join(f"'{v}'" for v in values) + "]::text[]"
 
 
+async def _id_discrepancies(fetch, report) -> list[str]:
+    """No id is handed out twice: every id is at or below ledger_writer's high-water marks (so the next
+    one handed out is new), an authorization id names one authorization wherever it appears (holds,
+    voucher_holds, the transactions that capture it), and an authorization is captured at most once."""
+    problems: list[str] = []
+    report("every id is at or below ledger_writer's high-water marks")
+    for r in await fetch(f"SELECT w.last_transaction_id AS t, w.last_authorization_id AS a, {_LARGEST_IDS} "
+                         "FROM ledger_writer w"):
+        if r["largest_transaction"] > r["t"]:
+            problems.append(f"transaction id {r['largest_transaction']} is above the high-water mark {r['t']}: "
+                            "the service would hand it out again")
+        if r["largest_authorization"] > r["a"]:
+            problems.append(f"authorization id {r['largest_authorization']} is above the high-water mark "
+                            f"{r['a']}: the service would hand it out again")
+    report("an authorization id names one authorization in holds, voucher_holds and its captures")
+    for r in await fetch("""SELECT v.authorization_id AS id, 'a points hold and a voucher hold of different '
+                                   || 'merchants, members or points' AS what
+                              FROM voucher_holds v JOIN holds h USING (authorization_id)
+                              WHERE h.merchant_id <> v.merchant_id OR h.member_id <> v.member_id
+                                 OR h.amount <> v.points
+                            UNION ALL
+                            SELECT v.authorization_id, 'a voucher hold of ' || v.points
+                                   || ' points with no points hold'
+                              FROM voucher_holds v
+                              WHERE v.points > 0 AND NOT EXISTS
+                                    (SELECT 1 FROM holds h WHERE h.authorization_id = v.authorization_id)
+                            UNION ALL
+                            SELECT t.authorization_id, 'transaction ' || t.transaction_id
+                                   || ' names it for another merchant or member, or it does not exist'
+                              FROM transactions t
+                              WHERE t.authorization_id IS NOT NULL AND NOT EXISTS
+                                    (SELECT 1 FROM holds h WHERE h.authorization_id = t.authorization_id
+                                        AND h.merchant_id = t.merchant_id AND h.member_id = t.member_id
+                                     UNION ALL
+                                     SELECT 1 FROM voucher_holds v WHERE v.authorization_id = t.authorization_id
+                                        AND v.merchant_id = t.merchant_id AND v.member_id = t.member_id)
+                            UNION ALL
+                            SELECT authorization_id, count(*) || ' transactions capture it'
+                              FROM transactions WHERE authorization_id IS NOT NULL
+                              GROUP BY authorization_id HAVING count(*) > 1
+                            LIMIT 5"""):
+        problems.append(f"authorization {r['id']}: {r['what']}")
+    return problems
+
+
 async def _program_discrepancies(fetch, report) -> list[str]:
     """The checks docs/RULES.md adds to reconcile: account signs and assets, the earn records, promotion
     budgets, expiry lots and the shapes of transaction kinds 6..15. Each lists at most 5 examples."""
@@ -1616,9 +1713,9 @@ async def _program_discrepancies(fetch, report) -> list[str]:
     for r in await fetch("""SELECT kind, owner_id, asset_code FROM accounts
                               WHERE NOT (kind || '/' || asset_code = ANY($1::text[]))
                               ORDER BY account_id LIMIT 5""", allowed):
-        kinds = rules.ACCOUNT_ASSETS.get(r["kind"])
+        assets = rules.ACCOUNT_ASSETS.get(r["kind"])
         problems.append(f"account {r['kind']}:{r['owner_id']} holds {r['asset_code']}, which "
-                        + (f"a {r['kind']} account may not hold (only {', '.join(sorted(kinds))})" if kinds
+                        + (f"a {r['kind']} account may not hold (only {', '.join(sorted(assets))})" if assets
                            else f"no account may hold: {r['kind']!r} is not an account kind"))
 
     report("every earn record (earn_rules) is a kind-1 transaction's, its grants are [[promotion, sponsor, "
@@ -1734,10 +1831,10 @@ async def _program_discrepancies(fetch, report) -> list[str]:
     report("every transaction of kinds 6..15 has its kind's entries (expiry to breakage, tier and referral "
            "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)")
     allowed_case = "CASE t.kind " + " ".join(
-        f"WHEN {kind} THEN {_sql_text_array(accounts)}" for kind, (_, accounts, _) in TRANSACTION_SHAPES.items()
+        f"WHEN {kind} THEN {_sql_text_array(shape.accounts)}" for kind, shape in kinds.SHAPED.items()
     ) + " ELSE NULL END"
     shape_case = "CASE kind " + " ".join(
-        f"WHEN {kind} THEN stray = 0 AND ({condition})" for kind, (_, _, condition) in TRANSACTION_SHAPES.items()
+        f"WHEN {kind} THEN stray = 0 AND ({shape.condition})" for kind, shape in kinds.SHAPED.items()
     ) + " ELSE true END"
     for r in await fetch(f"""WITH x AS MATERIALIZED (
                                SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
@@ -1748,7 +1845,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                WHERE t.kind BETWEEN 6 AND 15
                                GROUP BY t.transaction_id)
                              SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5"""):
-        shape = TRANSACTION_SHAPES[r["kind"]][0]
+        shape = kinds.SHAPED[r["kind"]].description
         problems.append(f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
                         f"{r['member_id']}, merchant {r['merchant_id']}) should move {shape}; its entries: "
                         f"{r['entries'] or 'none'}")

@@ -9,8 +9,8 @@ import asyncio
 
 import pytest
 
-from processor import rules
-from processor.store import ACCOUNT_SIGNS, TRANSACTION_SHAPES, Store
+from processor import kinds, rules
+from processor.store import ACCOUNT_SIGNS, Store
 from tests.integration.ledger_rows import (MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger, RulesLedger,
                                            rules_ledger)
 
@@ -75,7 +75,7 @@ def test_the_sound_ledger_still_reconciles_once_its_balances_are_checkpointed(cr
 
 def test_every_account_kind_has_a_sign_and_every_shape_a_known_kind():
     assert set(ACCOUNT_SIGNS) == set(rules.ACCOUNT_ASSETS)
-    assert set(TRANSACTION_SHAPES) == set(range(6, 16))
+    assert set(kinds.SHAPED) == set(range(6, 16))
 
 
 def _off_shape(problems: list[str]) -> list[str]:
