@@ -1475,8 +1475,8 @@ class Store:
                                        LIMIT 5""", [k.code for k in kinds.KINDS]):
                 known = kinds.BY_CODE.get(r["kind"])
                 problems.append(f"transaction {r['transaction_id']} is of unknown kind {r['kind']}" if known is None
-                                else f"transaction {r['transaction_id']} ({known.name}) moves its member's points "
-                                     f"by {r['points']}, against its kind's sign {known.member_sign}")
+                                else f"transaction {r['transaction_id']} of kind {r['kind']} ({known.name}) moves its "
+                                     f"member's points by {r['points']}, against its kind's sign {known.member_sign}")
             problems += await _program_discrepancies(fetch, report)
             report("every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries "
                    "in its period")

@@ -79,6 +79,7 @@ class Ledger:
                VALUES ($1, $2, $3, $4, 'POINTS', $5, $6, $7, $8, $9, $10)""",
             transaction_id, kind, merchant_id, member_id, amount, purchase_amount, f"rows-{transaction_id}",
             created_at or dt.datetime.now(dt.timezone.utc), fee, program_version)
+        await self._handed_out("last_transaction_id", transaction_id)
         for entry in entries:
             account_kind, owner_id, entry_amount = entry[:3]
             asset = entry[3] if len(entry) > 3 else POINTS
@@ -140,7 +141,14 @@ class Ledger:
                                   created_at, idempotency_key)
                VALUES ($1, $2, $3, 'POINTS', $4, $5, now() + interval '1 hour', now(), $6)""",
             authorization_id, merchant_id, member_id, amount, status, f"hold-{authorization_id}")
+        await self._handed_out("last_authorization_id", authorization_id)
         return authorization_id
+
+    async def _handed_out(self, mark: str, value: int) -> None:
+        """As a well-behaved tool does: an id is handed out, so ledger_writer's high-water mark moves with
+        it (on a database migrated before 0008 there is none: 0008 starts the marks from the tables)."""
+        if await self.c.fetchval("SELECT to_regclass('ledger_writer') IS NOT NULL"):
+            await self.c.execute(f"UPDATE ledger_writer SET {mark} = greatest({mark}, $1)", value)
 
     async def lot(self, member_id: str, lot_id: int, amount: int, issuer_id: str,
                   expires_at_us: int = 4_000_000_000_000_000) -> None:

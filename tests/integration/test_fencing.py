@@ -1,0 +1,168 @@
+"""Writer fencing until COMMIT (issue 13, item 3), with two instances on one ledger.
+
+Instance A writes; instance B waits for the writer lock (--writer-lock-wait-seconds). A is SIGSTOPped
+while one of its batches is inside its Postgres transaction, and only A's lock session is killed: B
+takes the lock, but must not load the ledger before A's open batch has ended, and A must never commit
+after B took over. Postgres ends A's stalled transaction (idle_in_transaction_session_timeout, twice the
+commit timeout); B bumps the epoch and serves; A, continued, finds itself fenced off and exits. After
+both settle: no id is used twice, balances equal the journal, and every acknowledged operation is in
+the journal exactly once."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.integration.helpers import unique
+
+MERCHANTS = ("fence-a", "fence-b")
+COMMIT_TIMEOUT_SECONDS = "2"   # A's stalled transaction is ended after 4 s
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _a_batch_is_open(url: str, pid: int) -> bool:
+    """Whether a pool connection of the service process `pid` is inside a transaction that wrote."""
+    rows = fetch(url, """SELECT count(*) AS n FROM pg_stat_activity
+                         WHERE application_name = 'points-processor' AND datname = current_database()
+                           AND backend_xid IS NOT NULL AND client_port IS NOT NULL
+                           AND state IN ('active', 'idle in transaction')""")
+    return rows[0]["n"] > 0
+
+
+class Clients:
+    """Merchants' tills: earns and redeems with idempotency keys; an answer that did not come is retried
+    with the same key until it does (at whichever instance serves)."""
+
+    def __init__(self, members: list[str]):
+        self.members = members
+        self.acknowledged: dict[tuple[str, str], str] = {}   # (merchant, key) -> transaction id
+        self.lock = threading.Lock()
+        self.target = ""
+        self.stop = threading.Event()
+
+    def run(self, credentials_url: str, worker: int) -> None:
+        from tests.conftest import Credentials
+        pending: list[tuple[str, pb.EarnRequest | pb.RedeemRequest]] = []
+        channels: dict[str, grpc.Channel] = {}
+        n = 0
+        while not self.stop.is_set() or pending:
+            if not pending:
+                n += 1
+                merchant = MERCHANTS[n % 2]
+                member = self.members[(worker * 7 + n) % len(self.members)]
+                if n % 3:
+                    pending.append(("Earn", pb.EarnRequest(merchant_id=merchant, member_id=member,
+                                                           purchase_amount=1_000 + n, idempotency_key=unique("k"))))
+                else:
+                    pending.append(("Redeem", pb.RedeemRequest(merchant_id=merchant, member_id=member, points=1,
+                                                               idempotency_key=unique("k"))))
+            method, request = pending[0]
+            target = self.target
+            if target not in channels:
+                channels[target] = grpc.intercept_channel(grpc.insecure_channel(target), Credentials(credentials_url))
+            stub = points_pb2_grpc.PointsServiceStub(channels[target])
+            try:
+                response = getattr(stub, method)(request, timeout=3)
+            except grpc.RpcError as error:
+                if error.code() in RETRYABLE:
+                    time.sleep(0.05)
+                    continue  # unknown outcome: the same key again
+                assert method == "Redeem" and error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
+                                                               grpc.StatusCode.NOT_FOUND), error.details()
+                pending.pop(0)  # no points (yet): refused, nothing posted
+                continue
+            with self.lock:
+                self.acknowledged[(request.merchant_id, request.idempotency_key)] = response.transaction_id
+            pending.pop(0)
+        for channel in channels.values():
+            channel.close()
+
+
+@pytest.mark.timeout(240)
+def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(create_database):
+    url = create_database()
+    for merchant in MERCHANTS:
+        add_merchant(url, merchant, 1000)
+    options = ("--commit-timeout-seconds", COMMIT_TIMEOUT_SECONDS, "--balance-checkpoint-seconds", "0.5")
+    first = ServiceProcess(url, *options).start()
+    second = ServiceProcess(url, *options, "--writer-lock-wait-seconds", "120")
+    started = concurrent.futures.ThreadPoolExecutor(1).submit(second.start)
+    members = [unique("m") for _ in range(20)]
+    clients = Clients(members)
+    clients.target = first.target
+    workers = concurrent.futures.ThreadPoolExecutor(4)
+    running = [workers.submit(clients.run, url, w) for w in range(4)]
+    try:
+        time.sleep(1.5)
+        assert not started.done(), "the second instance must wait for the writer lock, not start"
+        epoch = fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"]
+
+        # stop A inside a batch's transaction (retry until one is caught open)
+        for _ in range(400):
+            os.kill(first.process.pid, signal.SIGSTOP)
+            if _a_batch_is_open(url, first.process.pid):
+                break
+            os.kill(first.process.pid, signal.SIGCONT)
+            time.sleep(0.005)
+        else:
+            pytest.fail("never caught the first instance inside a batch")
+        stalled = fetch(url, """SELECT pid FROM pg_stat_activity WHERE application_name = 'points-processor'
+                                AND datname = current_database() AND backend_xid IS NOT NULL""")
+        # only the session holding the lock (B's session is waiting for it under the same name)
+        killed = fetch(url, """SELECT pg_terminate_backend(a.pid) AS k FROM pg_stat_activity a
+                               WHERE a.application_name = 'points-processor-lock' AND a.datname = current_database()
+                                 AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid
+                                             AND l.locktype = 'advisory' AND l.granted)""")
+        assert [r["k"] for r in killed] == [True]
+
+        # B gets the lock at once but waits for A's open transaction (ended by Postgres), then serves
+        second_service = started.result(timeout=60)
+        assert second_service is second
+        assert fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1
+        still_there = fetch(url, "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])",
+                            [r["pid"] for r in stalled])
+        assert still_there == [], "B loaded the ledger while A's batch transaction was still open"
+        clients.target = second.target
+        time.sleep(1.0)  # traffic on B while A is still stopped, past its commit timeout
+
+        # A continues: whatever it was doing, it writes nothing more and stops
+        os.kill(first.process.pid, signal.SIGCONT)
+        assert first.process.wait(timeout=60) != 0
+        time.sleep(1.0)
+    finally:
+        clients.stop.set()
+        for future in running:
+            future.result(timeout=120)
+        workers.shutdown()
+        first.kill()
+    fenced_out = "".join(first.log_lines)
+    assert "another points service" in fenced_out, fenced_out[-3000:]
+
+    # every acknowledged operation exactly once, no id twice, balances = journal, reconcile clean
+    assert len(clients.acknowledged) > 20
+    rows = fetch(url, "SELECT merchant_id, idempotency_key, transaction_id FROM transactions")
+    journal: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        journal.setdefault((r["merchant_id"], r["idempotency_key"]), []).append(r["transaction_id"])
+    for key, transaction_id in clients.acknowledged.items():
+        assert journal.get(key) == [int(transaction_id.removeprefix("txn_"))], key
+    assert len({r["transaction_id"] for r in rows}) == len(rows)
+    with second.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for member in members:
+            posted = stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted
+            summed = fetch(url, """SELECT coalesce(sum(e.amount), 0)::bigint AS s FROM entries e
+                                   JOIN accounts a USING (account_id)
+                                   WHERE a.kind = 'member' AND a.owner_id = $1""", member)[0]["s"]
+            assert posted == summed, member
+    second.kill()
+    assert ledger_discrepancies(url) == []
