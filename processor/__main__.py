@@ -40,6 +40,9 @@ async def _with_store(settings: config.Settings, action):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ssl
+
+    import asyncpg
     from processor.server import serve
     from processor.store import StoreError
     from processor.transport import TransportSecurityError
@@ -48,6 +51,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _run(serve(settings))
     except TransportSecurityError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ssl.SSLCertVerificationError as error:  # before OSError, of which it is one
+        print(f"error: Postgres' TLS certificate was not accepted ({error.verify_message or error}): check that "
+              "sslrootcert= in --database-url names the CA that issued it and, with sslmode=verify-full, that "
+              "the URL's host is a name the certificate lists; the service did not start", file=sys.stderr)
+        return 1
+    except asyncpg.InvalidAuthorizationSpecificationError as error:  # a wrong password, an unknown user
+        print(f"error: Postgres refused the login: {error}; check the user and password of --database-url; "
+              "the service did not start", file=sys.stderr)
         return 1
     except TimeoutError:  # (an OSError, whose message is empty)
         print("error: Postgres did not answer start-up's reads in time (is it overloaded, or the network "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from typing import Any, Callable, Mapping
 
 DAY_SECONDS = 86_400
@@ -169,6 +170,8 @@ class Settings:
               "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         check(self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
               "database_url must start with postgresql:// (or be empty for the embedded Postgres)")
+        check(_port_parses(self.database_url),
+              "database_url has a host:port that is not a number (percent-encode @ : / # ? in the password)")
         check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")
         check(0 <= self.batch_linger_seconds <= 1, "batch_linger_seconds must be 0..1")
         check(self.queue_operations_max >= self.batch_operations_max,
@@ -207,6 +210,18 @@ class Settings:
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
+
+
+def _port_parses(url: str) -> bool:
+    """False when a single-host URL's port is not a number; never says what the URL holds."""
+    parts = urllib.parse.urlsplit(url)
+    if "," in parts.netloc:  # several hosts: the driver checks them
+        return True
+    try:
+        parts.port
+    except ValueError:
+        return False
+    return True
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
