@@ -326,7 +326,7 @@ async def _ssl_sessions(server: TlsPostgres):
         await connection.close()
 
 
-def _serve_until_serving(directory: pathlib.Path, url: str) -> tuple[str, str]:
+def _serve_until_serving(directory: pathlib.Path, url: str, merchant: str) -> tuple[str, str]:
     """Runs `python -m processor --log-level DEBUG serve` until it is SERVING, earns once, stops it with
     SIGTERM; returns everything it wrote (stdout, stderr)."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -345,7 +345,7 @@ def _serve_until_serving(directory: pathlib.Path, url: str) -> tuple[str, str]:
         target = out.read_text().split("SERVING on ")[1].split()[0]
         with grpc.intercept_channel(grpc.insecure_channel(target), Credentials(url)) as channel:
             points_pb2_grpc.PointsServiceStub(channel).Earn(
-                pb.EarnRequest(merchant_id="tls-shop", member_id="m2", purchase_amount=5_000,
+                pb.EarnRequest(merchant_id=merchant, member_id="m2", purchase_amount=5_000,
                                idempotency_key=uuid.uuid4().hex), timeout=30)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
@@ -359,8 +359,9 @@ def _serve_until_serving(directory: pathlib.Path, url: str) -> tuple[str, str]:
 def test_database_passwords_never_appear_in_any_line_the_service_writes(tls_postgres, tmp_path):
     query_secret = "query-pass-" + uuid.uuid4().hex[:12]
     url = tls_postgres.url(query=f"&password={query_secret}")
-    add_merchant(url, "tls-shop", 1000)
-    stdout, stderr = _serve_until_serving(tmp_path, url)
+    merchant = "shop-" + uuid.uuid4().hex[:8]
+    add_merchant(url, merchant, 1000)
+    stdout, stderr = _serve_until_serving(tmp_path, url, merchant)
     assert f"database postgresql://postgres:***@127.0.0.1:{tls_postgres.port}/points?" in stdout
     assert "&password=***" in stdout and '"msg": "database ready"' in stderr and '"code": "OK"' in stderr
     assert tls_postgres.PASSWORD not in stdout + stderr and query_secret not in stdout + stderr
