@@ -6,6 +6,7 @@ embedded Postgres under .points-data/).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 
@@ -448,6 +449,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs each failed TLS handshake (a plaintext client, a port scanner) as a non-JSON
+    # INFO line on stderr: one per connection attempt. Its errors still show; GRPC_VERBOSITY set by the
+    # operator wins. Set before grpc is first imported (the commands import it lazily).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = parser().parse_args(argv)
     logs.configure(args.log_level.upper())
     func = args.func

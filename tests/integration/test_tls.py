@@ -88,6 +88,8 @@ def test_tls_server_serves_a_client_trusting_its_ca_and_refuses_plaintext_and_ot
     with tls_channel(service.target, ca) as channel:  # and the server is still serving afterwards
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert any('"transport": "TLS"' in line for line in service.log_lines)
+    # refused handshakes leave no non-JSON lines from gRPC's C core in the log
+    assert all(line.startswith("{") for line in service.log_lines if line.strip()), service.log_lines
 
 
 def test_mutual_tls_from_environment_variables_requires_a_client_certificate_of_the_client_ca(
