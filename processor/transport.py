@@ -2,14 +2,17 @@
 the rule that plaintext gRPC is served on loopback only unless the operator says --insecure."""
 from __future__ import annotations
 
-import hashlib
+import datetime as dt
 import ipaddress
 import logging
 import ssl
 import threading
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
+from processor import metrics
 from processor.config import Settings
 
 log = logging.getLogger("points.transport")
@@ -51,19 +54,16 @@ def _read(path: str, what: str) -> bytes:
         raise TransportSecurityError(f"cannot read {what} {path}: {error.strerror or error}") from None
 
 
-def certificate_fingerprint(chain_pem: bytes) -> str:
-    """SHA-256 of the first (leaf) certificate of a PEM chain, hex: what `openssl x509 -fingerprint
-    -sha256` prints, without the colons."""
-    text = chain_pem.decode("ascii", "replace")
-    end = text.find("-----END CERTIFICATE-----")
-    if end < 0:
-        return ""
-    leaf = text[:end + len("-----END CERTIFICATE-----")]
-    leaf = leaf[leaf.find("-----BEGIN CERTIFICATE-----"):]
+# a certificate expiring sooner than this is logged as a warning at every load
+CERTIFICATE_EXPIRY_WARNING_SECONDS = 14 * 86_400
+
+
+def _leaf(chain_pem: bytes, path: str) -> x509.Certificate:
+    """The first (leaf) certificate of a PEM chain: the one the server presents."""
     try:
-        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(leaf)).hexdigest()
-    except ValueError:
-        return ""
+        return x509.load_pem_x509_certificate(chain_pem)
+    except ValueError as error:
+        raise TransportSecurityError(f"TLS certificate file {path} holds no PEM certificate ({error})") from None
 
 
 class ServerCertificates:
@@ -77,6 +77,7 @@ class ServerCertificates:
         self._lock = threading.Lock()
         self._pending: grpc.ServerCertificateConfiguration | None = None
         self.fingerprint = ""
+        self.expires_at: dt.datetime | None = None
         self._initial = self._load()
 
     def _load(self) -> grpc.ServerCertificateConfiguration:
@@ -97,7 +98,18 @@ class ServerCertificates:
             except (ssl.SSLError, ValueError) as error:
                 raise TransportSecurityError(
                     f"TLS client CA file {self.client_ca_file} holds no PEM CA certificate ({error})") from None
-        self.fingerprint = certificate_fingerprint(chain)
+        leaf = _leaf(chain, self.cert_file)
+        expires_at = leaf.not_valid_after_utc
+        now = dt.datetime.now(dt.timezone.utc)
+        if expires_at <= now:  # every client would refuse it: say so now rather than at each handshake
+            raise TransportSecurityError(f"TLS certificate {self.cert_file} expired at {expires_at.isoformat()}; "
+                                         "install a renewed one")
+        if (expires_at - now).total_seconds() < CERTIFICATE_EXPIRY_WARNING_SECONDS:
+            log.warning("TLS certificate expires soon; renew it and send SIGHUP",
+                        extra={"file": self.cert_file, "expires_at": expires_at.isoformat()})
+        self.fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
+        self.expires_at = expires_at
+        metrics.tls_certificate_expiry.set(expires_at.timestamp())
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
 
     def reload(self) -> bool:
@@ -109,8 +121,9 @@ class ServerCertificates:
             return False
         with self._lock:
             self._pending = configuration
-        log.info("TLS certificates reloaded", extra={"certificate_sha256": self.fingerprint,
-                                                     "mutual_tls": bool(self.client_ca_file)})
+        log.info("TLS certificates reloaded", extra={
+            "certificate_sha256": self.fingerprint, "expires_at": self.expires_at.isoformat(),
+            "mutual_tls": bool(self.client_ca_file)})
         return True
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:

@@ -3,6 +3,7 @@ loopback, a plaintext health-only listener for probes, Postgres with sslmode=ver
 passwords kept out of every line the service writes."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 
 import asyncpg
@@ -30,9 +32,10 @@ pytestmark = pytest.mark.timeout(180)
 CONNECT_TIMEOUT_SECONDS = 10
 
 
-def write_identity(directory: pathlib.Path, ca: trustme.CA, name: str, *hosts: str) -> tuple[str, str]:
+def write_identity(directory: pathlib.Path, ca: trustme.CA, name: str, *hosts: str,
+                   not_after: dt.datetime | None = None) -> tuple[str, str]:
     """A certificate for hosts issued by ca, as cert (chain) and key PEM files; returns their paths."""
-    issued = ca.issue_cert(*(hosts or ("localhost", "127.0.0.1")))
+    issued = ca.issue_cert(*(hosts or ("localhost", "127.0.0.1")), not_after=not_after)
     cert, key = directory / f"{name}.crt", directory / f"{name}.key"
     cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
     issued.private_key_pem.write_to_path(str(key))
@@ -88,6 +91,12 @@ def test_tls_server_serves_a_client_trusting_its_ca_and_refuses_plaintext_and_ot
     with tls_channel(service.target, ca) as channel:  # and the server is still serving afterwards
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert any('"transport": "TLS"' in line for line in service.log_lines)
+    # the certificate's expiry, for the alert that asks for its renewal
+    with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
+        exported = response.read().decode()
+    (expiry,) = [line for line in exported.splitlines()
+                 if line.startswith("points_tls_certificate_expiry_timestamp_seconds ")]
+    assert float(expiry.split()[1]) > time.time() + 30 * 86_400
     # refused handshakes leave no non-JSON lines from gRPC's C core in the log
     assert all(line.startswith("{") for line in service.log_lines if line.strip()), service.log_lines
 
@@ -180,12 +189,18 @@ def test_plaintext_on_a_non_loopback_address_is_refused_in_one_line_before_anyth
         probe.bind(("127.0.0.1", metrics_port))
 
 
-def test_unreadable_certificate_files_stop_the_start_naming_the_file(tmp_path):
+def test_unreadable_or_expired_certificate_files_stop_the_start_naming_the_file(tmp_path):
     result = _serve("--database-url", "postgresql://points@127.0.0.1:1/points", "--listen", "127.0.0.1:0",
                     "--metrics-listen", "127.0.0.1:0", "--tls-cert-file", str(tmp_path / "missing.crt"),
                     "--tls-key-file", str(tmp_path / "missing.key"))
     assert result.returncode != 0
     assert f"cannot read TLS certificate file {tmp_path / 'missing.crt'}" in result.stderr
+    expired_cert, expired_key = write_identity(tmp_path, trustme.CA(), "expired",
+                                               not_after=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1))
+    result = _serve("--database-url", "postgresql://points@127.0.0.1:1/points", "--listen", "127.0.0.1:0",
+                    "--metrics-listen", "127.0.0.1:0", "--tls-cert-file", expired_cert, "--tls-key-file", expired_key)
+    assert result.returncode != 0
+    assert f"error: TLS certificate {expired_cert} expired at" in result.stderr
     result = _serve("--tls-cert-file", "x.crt")
     assert result.returncode != 0
     assert "tls_cert_file and tls_key_file go together" in result.stderr
