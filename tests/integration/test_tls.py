@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import os
 import pathlib
-import pwd
 import shutil
 import signal
 import socket
@@ -305,9 +304,11 @@ def tls_postgres(tmp_path_factory):
     if bin_directory is None:
         pytest.skip("no Postgres built with SSL (Debian package postgresql: apt-get install postgresql); "
                     "the embedded pgserver build has none")
-    server = TlsPostgres(tmp_path_factory.mktemp("pgtls"), bin_directory).start()
-    yield server
-    server.stop()
+    server = TlsPostgres(tmp_path_factory.mktemp("pgtls"), bin_directory)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 def test_postgres_with_sslmode_verify_full_serves_and_a_wrong_ca_stops_the_start(
