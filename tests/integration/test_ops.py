@@ -456,6 +456,8 @@ def test_kubernetes_manifest_matches_the_service_flags():
         path = serve_flags[flag]
         assert any(path.startswith(mounts[name] + "/") for name in secrets if name in mounts), (flag, path)
     assert _option("insecure").flag not in serve_flags
+    # a Secret volume's files belong to root and the pod's fsGroup: the service's group must read them
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsGroup"]
 
     # the kubelet's gRPC probes cannot speak TLS: they use the plaintext health-only listener
     health_port = _port(serve_flags[_option("health_listen").flag])
