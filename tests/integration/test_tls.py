@@ -91,11 +91,7 @@ def test_tls_server_serves_a_client_trusting_its_ca_and_refuses_plaintext_and_ot
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert any('"transport": "TLS"' in line for line in service.log_lines)
     # the certificate's expiry, for the alert that asks for its renewal
-    with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
-        exported = response.read().decode()
-    (expiry,) = [line for line in exported.splitlines()
-                 if line.startswith("points_tls_certificate_expiry_timestamp_seconds ")]
-    assert float(expiry.split()[1]) > time.time() + 30 * 86_400
+    assert certificate_expiry(service) > time.time() + 30 * 86_400
     # refused handshakes leave no non-JSON lines from gRPC's C core in the log
     assert all(line.startswith("{") for line in service.log_lines if line.strip()), service.log_lines
 
@@ -105,8 +101,9 @@ def test_mutual_tls_from_environment_variables_requires_a_client_certificate_of_
     url = create_database()
     server_ca, client_ca, other_ca = trustme.CA(), trustme.CA(), trustme.CA()
     cert, key = write_identity(tmp_path, server_ca, "server")
+    clients = write_ca(tmp_path, client_ca, "clients")
     service = service_factory(url, env={"POINTS_TLS_CERT_FILE": cert, "POINTS_TLS_KEY_FILE": key,
-                                        "POINTS_TLS_CLIENT_CA_FILE": write_ca(tmp_path, client_ca, "clients")})
+                                        "POINTS_TLS_CLIENT_CA_FILE": clients})
     good = write_identity(tmp_path, client_ca, "gateway", "gateway.example")
     foreign = write_identity(tmp_path, other_ca, "intruder", "gateway.example")
 
@@ -116,6 +113,16 @@ def test_mutual_tls_from_environment_variables_requires_a_client_certificate_of_
     with tls_channel(service.target, server_ca, good) as channel:
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert any('"transport": "mutual TLS"' in line for line in service.log_lines)
+
+    # the client CA file is reread on SIGHUP too: clients of the old CA are refused from then on
+    new_client_ca = trustme.CA()
+    shutil.copyfile(write_ca(tmp_path, new_client_ca, "new-clients"), clients)
+    service.process.send_signal(signal.SIGHUP)
+    _wait_for_log(service, '"msg": "TLS certificates reloaded"', 1)
+    renewed = write_identity(tmp_path, new_client_ca, "gateway-renewed", "gateway.example")
+    with tls_channel(service.target, server_ca, renewed) as channel:
+        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    assert refused(tls_channel(service.target, server_ca, good)) == grpc.StatusCode.UNAVAILABLE
 
 
 def _wait_for_log(service: ServiceProcess, text: str, count: int) -> None:
@@ -132,8 +139,8 @@ def test_sighup_rereads_the_certificate_files_for_new_connections(create_databas
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = write_identity(tmp_path, old_ca, "server")
     service = service_factory(url, "--tls-cert-file", cert, "--tls-key-file", key)
-    with tls_channel(service.target, old_ca) as channel:
-        assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    held = tls_channel(service.target, old_ca)  # a connection opened before the rotation
+    assert health_status(held) == health_pb2.HealthCheckResponse.SERVING
 
     # files that cannot be used: the reload fails, says so, and the old certificate stays in use
     pathlib.Path(key).write_text("not a key\n")
@@ -144,7 +151,8 @@ def test_sighup_rereads_the_certificate_files_for_new_connections(create_databas
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
 
     # the rotated certificate, from another CA: new connections see it after SIGHUP
-    new_cert, new_key = write_identity(tmp_path, new_ca, "rotated")
+    expires = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(days=400)
+    new_cert, new_key = write_identity(tmp_path, new_ca, "rotated", "localhost", "127.0.0.1", not_after=expires)
     shutil.copyfile(new_cert, cert)
     shutil.copyfile(new_key, key)
     service.process.send_signal(signal.SIGHUP)
@@ -152,6 +160,18 @@ def test_sighup_rereads_the_certificate_files_for_new_connections(create_databas
     with tls_channel(service.target, new_ca) as channel:
         assert health_status(channel) == health_pb2.HealthCheckResponse.SERVING
     assert refused(tls_channel(service.target, old_ca)) == grpc.StatusCode.UNAVAILABLE
+    with held:  # an open connection keeps its session
+        assert health_status(held) == health_pb2.HealthCheckResponse.SERVING
+    assert certificate_expiry(service) == expires.timestamp()
+
+
+def certificate_expiry(service: ServiceProcess) -> float:
+    """points_tls_certificate_expiry_timestamp_seconds, scraped from the service's /metrics."""
+    with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
+        exported = response.read().decode()
+    (line,) = [line for line in exported.splitlines()
+               if line.startswith("points_tls_certificate_expiry_timestamp_seconds ")]
+    return float(line.split()[1])
 
 
 def _serve(*arguments: str, env: dict | None = None) -> subprocess.CompletedProcess:
