@@ -123,3 +123,46 @@ def test_hidden_secrets_are_scrubbed_from_log_lines_exceptions_and_streams(secre
     except ValueError:
         logs._excepthook(*sys.exc_info())
     assert "bad DSN postgresql://u:***@db" in sys.stderr.getvalue()
+
+
+def test_server_certificates_hand_grpc_a_reload_once_and_keep_the_old_ones_when_it_fails(tmp_path):
+    import datetime as dt
+
+    import trustme
+
+    from processor import metrics
+    from processor.transport import ServerCertificates
+
+    def write(ca, name, days):
+        issued = ca.issue_cert("localhost", not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days))
+        cert, key = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        key.write_bytes(issued.private_key_pem.bytes())
+        return cert, key
+
+    cert, key = write(trustme.CA(), "server", 100)
+    certificates = ServerCertificates(str(cert), str(key))
+    first = certificates.fingerprint
+    assert len(first) == 64 and certificates._fetch() is None  # nothing new: gRPC keeps what it has
+    assert metrics.tls_certificate_expiry._value.get() == certificates.expires_at.timestamp()
+
+    other_cert, _ = write(trustme.CA(), "other", 200)
+    cert.write_bytes(other_cert.read_bytes())  # a certificate whose key is not the key file's
+    assert certificates.reload() is False
+    assert certificates._fetch() is None and certificates.fingerprint == first
+
+    new_cert, new_key = write(trustme.CA(), "new", 300)
+    cert.write_bytes(new_cert.read_bytes())
+    key.write_bytes(new_key.read_bytes())
+    assert certificates.reload() is True
+    assert certificates.fingerprint != first
+    assert certificates._fetch() is not None  # the next handshake gets the new certificate ...
+    assert certificates._fetch() is None      # ... once
+    assert metrics.tls_certificate_expiry._value.get() == certificates.expires_at.timestamp()
+
+    expired_cert, expired_key = write(trustme.CA(), "expired", -1)
+    cert.write_bytes(expired_cert.read_bytes())
+    key.write_bytes(expired_key.read_bytes())
+    assert certificates.reload() is False
+    with pytest.raises(TransportSecurityError, match="expired at"):
+        ServerCertificates(str(cert), str(key))
