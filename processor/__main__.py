@@ -6,6 +6,7 @@ embedded Postgres under .points-data/).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 
@@ -17,9 +18,12 @@ EPOCH_ORDINAL = 719_163  # datetime.date(1970, 1, 1).toordinal()
 
 def _settings(args: argparse.Namespace) -> config.Settings:
     try:
-        return config.load(vars(args))
+        settings = config.load(vars(args))
     except ValueError as error:
         sys.exit(f"error: {error}")
+    from processor.store import url_secrets
+    logs.hide(*url_secrets(settings.database_url))  # from every line this process writes
+    return settings
 
 
 def _run(coroutine):
@@ -37,11 +41,27 @@ async def _with_store(settings: config.Settings, action):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import ssl
+
+    import asyncpg
     from processor.server import serve
     from processor.store import StoreError
+    from processor.transport import TransportSecurityError
     settings = _settings(args)
     try:
         _run(serve(settings))
+    except TransportSecurityError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except ssl.SSLCertVerificationError as error:  # before OSError, of which it is one
+        print(f"error: Postgres' TLS certificate was not accepted ({error.verify_message or error}): check that "
+              "sslrootcert= in --database-url names the CA that issued it and, with sslmode=verify-full, that "
+              "the URL's host is a name the certificate lists; the service did not start", file=sys.stderr)
+        return 1
+    except asyncpg.InvalidAuthorizationSpecificationError as error:  # a wrong password, an unknown user
+        print(f"error: Postgres refused the login: {error}; check the user and password of --database-url; "
+              "the service did not start", file=sys.stderr)
+        return 1
     except TimeoutError:  # (an OSError, whose message is empty)
         print("error: Postgres did not answer start-up's reads in time (is it overloaded, or the network "
               "slow?); the service did not start", file=sys.stderr)
@@ -269,12 +289,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _run(_with_store(settings, ensure_merchant))
 
     run_id = uuid.uuid4().hex[:12]
-    with grpc.insecure_channel(args.target) as channel:
+    if args.client_tls_ca_file or args.client_tls_cert_file:
+        from processor.transport import TransportSecurityError, channel_credentials
+        if bool(args.client_tls_cert_file) != bool(args.client_tls_key_file):
+            sys.exit("error: --tls-cert-file and --tls-key-file go together (the client's certificate for mutual TLS)")
+        try:
+            credentials = channel_credentials(args.client_tls_ca_file, args.client_tls_cert_file,
+                                              args.client_tls_key_file)
+        except TransportSecurityError as error:
+            sys.exit(f"error: {error}")
+        options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
+        channel = grpc.secure_channel(args.target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=10)
         except grpc.FutureTimeoutError:
             print(f"error: no points service answers on {args.target}; start it with "
-                  "`python -m processor serve` (or `make run`)", file=sys.stderr)
+                  "`python -m processor serve` (or `make run`); a service with TLS needs --tls-ca-file",
+                  file=sys.stderr)
             return 1
         stub = points_pb2_grpc.PointsServiceStub(channel)
         try:
@@ -399,12 +433,26 @@ def parser() -> argparse.ArgumentParser:
                       help="start the service in the background for the demo, and stop it afterwards")
     demo.add_argument("--merchant-id", default="demo-cafe")
     demo.add_argument("--member-id", default="demo-member")
+    demo.add_argument("--tls-ca-file", dest="client_tls_ca_file", default="",
+                      help="connect with TLS, trusting the CA certificates in this PEM file (the service's "
+                           "--tls-cert-file issuer) [default: plaintext]")
+    demo.add_argument("--tls-cert-file", dest="client_tls_cert_file", default="",
+                      help="PEM certificate the demo presents, for a service with --tls-client-ca-file (mutual TLS)")
+    demo.add_argument("--tls-key-file", dest="client_tls_key_file", default="",
+                      help="PEM private key of --tls-cert-file")
+    demo.add_argument("--tls-server-name", default="",
+                      help="name to check the service's certificate against, when --target is an address it "
+                           "does not name [default: the host of --target]")
     config.add_arguments(demo, DATABASE_OPTIONS)
     demo.set_defaults(func=cmd_demo)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs each failed TLS handshake (a plaintext client, a port scanner) as a non-JSON
+    # INFO line on stderr: one per connection attempt. Its errors still show; GRPC_VERBOSITY set by the
+    # operator wins. Set before grpc is first imported (the commands import it lazily).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = parser().parse_args(argv)
     logs.configure(args.log_level.upper())
     func = args.func

@@ -8,9 +8,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import urllib.parse
 from typing import Any, Callable, Mapping
 
 DAY_SECONDS = 86_400
+
+
+def boolean(text: str) -> bool:
+    """An on/off setting from an environment variable: 1/true/yes/on or 0/false/no/off."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +44,16 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free one)"),
     Option("metrics_listen", str, "127.0.0.1:9464", "Prometheus /metrics HTTP address HOST:PORT (port 0 picks one)"),
+    Option("tls_cert_file", str, "",
+           "PEM certificate chain the gRPC server presents; with --tls-key-file serves TLS only; reread on SIGHUP"),
+    Option("tls_key_file", str, "", "PEM private key of --tls-cert-file; reread on SIGHUP"),
+    Option("tls_client_ca_file", str, "",
+           "PEM CA certificates: clients must present a certificate signed by one (mutual TLS); reread on SIGHUP"),
+    Option("insecure", boolean, False,
+           "allow plaintext gRPC on a non-loopback --listen address (without TLS only loopback is allowed)"),
+    Option("health_listen", str, "",
+           "plaintext HOST:PORT serving grpc.health.v1.Health only, for probes that cannot speak TLS "
+           "(Kubernetes gRPC probes); empty = none"),
     Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir",
            env="DATABASE_URL"),
     Option("data_dir", str, ".points-data", "directory of the embedded Postgres (used without a database URL)"),
@@ -94,6 +115,11 @@ OPTIONS: tuple[Option, ...] = (
 class Settings:
     listen: str = "127.0.0.1:50051"
     metrics_listen: str = "127.0.0.1:9464"
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    insecure: bool = False
+    health_listen: str = ""
     database_url: str = ""
     data_dir: str = ".points-data"
     database_name: str = "points"
@@ -138,12 +164,18 @@ class Settings:
             if not ok:
                 problems.append(message)
 
-        for name in ("listen", "metrics_listen"):
+        for name in ("listen", "metrics_listen") + (("health_listen",) if self.health_listen else ()):
             host, _, port = getattr(self, name).rpartition(":")
             check(bool(host) and port.isdigit() and int(port) < 65536,
                   f"{name} {getattr(self, name)!r} must be HOST:PORT")
+        check(bool(self.tls_cert_file) == bool(self.tls_key_file),
+              "tls_cert_file and tls_key_file go together: give both (TLS) or neither")
+        check(not self.tls_client_ca_file or bool(self.tls_cert_file),
+              "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
         check(self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
               "database_url must start with postgresql:// (or be empty for the embedded Postgres)")
+        check(_port_parses(self.database_url),
+              "database_url has a host:port that is not a number (percent-encode @ : / # ? in the password)")
         check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")
         check(0 <= self.batch_linger_seconds <= 1, "batch_linger_seconds must be 0..1")
         check(self.queue_operations_max >= self.batch_operations_max,
@@ -185,12 +217,28 @@ class Settings:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
 
+def _port_parses(url: str) -> bool:
+    """False when a single-host URL's port is not a number; never says what the URL holds."""
+    parts = urllib.parse.urlsplit(url)
+    if "," in parts.netloc:  # several hosts: the driver checks them
+        return True
+    try:
+        parts.port
+    except ValueError:
+        return False
+    return True
+
+
 def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
     """Adds a flag per option (all, or those named), defaulting to None so the environment can fill in."""
     for option in OPTIONS:
         if names is None or option.name in names:
-            parser.add_argument(option.flag, dest=option.name, type=option.type, default=None,
-                                help=f"{option.help} [env {option.env_name}, default {option.default!r}]")
+            help = f"{option.help} [env {option.env_name}, default {option.default!r}]"
+            if option.type is boolean:  # a switch: given means on
+                parser.add_argument(option.flag, dest=option.name, action="store_const", const=True,
+                                    default=None, help=help)
+            else:
+                parser.add_argument(option.flag, dest=option.name, type=option.type, default=None, help=help)
 
 
 def load(arguments: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -81,6 +81,12 @@ pool_connections_max = Gauge("points_db_pool_connections_max", "Configured size 
 pool_acquire_seconds = Histogram("points_db_pool_acquire_seconds", "Time to acquire a pool connection.",
                                  buckets=LATENCY_BUCKETS)
 
+# --- transport security ---
+tls_certificate_expiry = Gauge(
+    "points_tls_certificate_expiry_timestamp_seconds",
+    "When the gRPC listener's TLS certificate (the leaf of --tls-cert-file, as last loaded) expires, "
+    "Unix time; absent without TLS.")
+
 
 def _initialise_label_values() -> None:
     """Every known label value exists at 0 from start-up, so the first failure shows in rate()."""

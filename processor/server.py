@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from processor import auth, metrics, rpc
+from processor import auth, metrics, rpc, transport
 from processor.admin import ClearingServicer, MerchantAdminServicer, ProgramsServicer
 from processor.config import Settings
 from processor.pipeline import Pipeline
@@ -50,6 +50,9 @@ class Service:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.certificates: transport.ServerCertificates | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port = 0
         self._watchdog: asyncio.Task | None = None
         self._maintenance: asyncio.Task | None = None
 
@@ -60,6 +63,9 @@ class Service:
 
     async def start(self) -> None:
         settings = self.settings
+        # refused before anything starts or binds: plaintext off loopback, unreadable certificates
+        transport.require_secure_listen(settings)
+        self.certificates = transport.server_certificates(settings)
         # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
@@ -73,9 +79,18 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(settings.listen)
+        if self.certificates is not None:
+            self.port = self.server.add_secure_port(settings.listen, self.certificates.credentials())
+        else:
+            self.port = self.server.add_insecure_port(settings.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
+        log.info("gRPC listening", extra={
+            "address": self.address, "transport": "mutual TLS" if settings.tls_client_ca_file
+            else "TLS" if self.certificates is not None else "plaintext",
+            "certificate_sha256": self.certificates.fingerprint if self.certificates else None})
+        if settings.health_listen:
+            await self._start_health_server()
         self.pipeline = Pipeline(settings, store=None)
         self.metrics_port = metrics.serve_http(settings.metrics_listen)
         self._register_gauges()
@@ -98,6 +113,25 @@ class Service:
         self._watchdog = loop.create_task(self._watch(), name="health-watchdog")
         if settings.idempotency_retention_days:
             self._maintenance = loop.create_task(self._purge_idempotency(), name="idempotency-purge")
+
+    async def _start_health_server(self) -> None:
+        """A plaintext listener serving the health service alone (the same statuses), for probes that
+        cannot speak TLS; it carries no other service, so nothing of the ledger is reachable on it."""
+        self.health_server = grpc.aio.server(maximum_concurrent_rpcs=64, options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self.health_server.add_insecure_port(self.settings.health_listen)
+        if self.health_port == 0:
+            raise OSError(f"cannot listen on {self.settings.health_listen}: address in use or not available")
+        await self.health_server.start()
+        log.info("health listening", extra={
+            "address": f"{self.settings.health_listen.rpartition(':')[0]}:{self.health_port}"})
+
+    def reload_certificates(self) -> None:
+        """SIGHUP: reread the TLS files; new connections get the new certificate, open ones keep theirs."""
+        if self.certificates is None:
+            log.warning("SIGHUP: no TLS configured (--tls-cert-file); nothing to reload")
+            return
+        self.certificates.reload()
 
     @property
     def metrics_address(self) -> str:
@@ -166,6 +200,8 @@ class Service:
             await asyncio.sleep(min(self.settings.shutdown_drain_seconds, grace))
         if self.server is not None:
             await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.pipeline is not None:
             await self.pipeline.stop()
         if self.store is not None:
@@ -178,6 +214,7 @@ async def serve(settings: Settings, announce=print) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
     await service.start()
     announce(f"points processor SERVING on {service.address} "
              f"(metrics http://{service.metrics_address}/metrics, database {redact(service.store.url)})",

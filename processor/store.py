@@ -97,13 +97,38 @@ def resolve_database_url(database_url: str, data_dir: str, database_name: str) -
     return embedded_server_url(data_dir, database_name)
 
 
+# query parameters of a libpq/asyncpg URL whose value is a secret
+SECRET_URL_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
 def redact(url: str) -> str:
-    """The URL without its password, for logs."""
+    """The URL without its passwords (in the userinfo and in ?password= / ?sslpassword=), for logs."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        parts = parts._replace(netloc=netloc)
+    user, at, host = parts.netloc.rpartition("@")
+    if at and user.partition(":")[2]:
+        parts = parts._replace(netloc=user.partition(":")[0] + ":***@" + host)
+    if parts.query:
+        pairs = [pair.partition("=") for pair in parts.query.split("&")]
+        parts = parts._replace(query="&".join(
+            name + equals + ("***" if urllib.parse.unquote_plus(name).lower() in SECRET_URL_PARAMETERS else value)
+            for name, equals, value in pairs))
     return urllib.parse.urlunsplit(parts)
+
+
+def url_secrets(url: str) -> set[str]:
+    """The passwords a URL carries, as written and percent-decoded: for logs.hide, which scrubs them
+    from every log line, including exceptions' messages that quote the URL or a part of it."""
+    found: set[str] = set()
+    parts = urllib.parse.urlsplit(url)
+    user, at, _ = parts.netloc.rpartition("@")
+    if at and ":" in user:
+        found.add(user.partition(":")[2])
+    for pair in parts.query.split("&"):
+        name, equals, value = pair.partition("=")
+        if equals and urllib.parse.unquote_plus(name).lower() in SECRET_URL_PARAMETERS:
+            found.add(value)
+    return {form for secret in found if secret
+            for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret))}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -449,12 +449,24 @@ def test_kubernetes_manifest_matches_the_service_flags():
     assert listen.startswith("0.0.0.0:") and metrics_listen.startswith("0.0.0.0:")
     grpc_port, metrics_port = _port(listen), _port(metrics_listen)
 
+    # shipped with TLS on: the certificate and key come from a mounted Secret
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["spec"]["volumes"] if "secret" in v}
+    for flag in (_option("tls_cert_file").flag, _option("tls_key_file").flag):
+        path = serve_flags[flag]
+        assert any(path.startswith(mounts[name] + "/") for name in secrets if name in mounts), (flag, path)
+    assert _option("insecure").flag not in serve_flags
+    # a Secret volume's files belong to root and the pod's fsGroup: the service's group must read them
+    assert pod["spec"]["securityContext"]["fsGroup"] == pod["spec"]["securityContext"]["runAsGroup"]
+
+    # the kubelet's gRPC probes cannot speak TLS: they use the plaintext health-only listener
+    health_port = _port(serve_flags[_option("health_listen").flag])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": metrics_port}
+    assert ports == {"grpc": grpc_port, "metrics": metrics_port, "health": health_port}
     assert "livenessProbe" in container and "readinessProbe" in container
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        if probe in container:   # the standard health service, on the gRPC port
-            assert container[probe]["grpc"]["port"] == grpc_port, probe
+        if probe in container:   # the standard health service, on the health-only port
+            assert container[probe]["grpc"]["port"] == health_port, probe
 
     annotations = pod["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -535,6 +547,13 @@ def test_systemd_unit_is_hardened_and_outlasts_the_drain():
     values, _ = _env_file(SYSTEMD_ENV.read_text())
     assert float(service["TimeoutStopSec"]) > _stop_seconds_max(values)
     assert "DATABASE_URL" in values
+
+    # shipped with TLS on, to clients and to Postgres; `systemctl reload` rereads the certificates
+    assert values[_option("tls_cert_file").env_name] and values[_option("tls_key_file").env_name]
+    assert values.get(_option("insecure").env_name, "0") == "0"
+    assert "sslmode=verify-full" in values["DATABASE_URL"] and "sslrootcert=" in values["DATABASE_URL"]
+    assert "-HUP" in service["ExecReload"]
+    assert values[_option("metrics_listen").env_name].startswith("127.0.0.1:")
 
 
 def load_yaml(text: str) -> list:
