@@ -44,6 +44,8 @@ EVERY_FIELD = ProgramVersion(
                     MerchantTerms("bakery", conversion_rate=Rate(1, 100)),
                     MerchantTerms("florist", acquiring_share_bps=0)),
     operator_store_merchant_id="alliance-store",
+    member_verification=rules.VERIFICATION_SPENDING, verification_failures_max=3, verification_lockout_seconds=600,
+    member_points_spent_per_hour_max=50_000, member_points_spent_per_day_max=200_000,
 )
 
 
