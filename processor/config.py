@@ -81,6 +81,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("expiry_lots_per_batch_max", int, 1000, "expired point lots posted per batch by the expiry job, at most"),
     Option("dividend_check_seconds", float, 60.0,
            "how often the service checks whether the dividend pool is due a round (program rules)"),
+    Option("member_verifications_in_flight_max", int, 64,
+           "member presence checks (one-time codes, PINs) running at once, at most; the others wait"),
+    Option("pin_hash_threads_max", int, 2, "threads hashing member PINs (scrypt, ~50 ms each), at most"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
     Option("shutdown_drain_seconds", float, 0.5,
            "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
@@ -124,6 +127,8 @@ class Settings:
     program_id: str = "alliance"
     expiry_lots_per_batch_max: int = 1000
     dividend_check_seconds: float = 60.0
+    member_verifications_in_flight_max: int = 64
+    pin_hash_threads_max: int = 2
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
 
@@ -174,6 +179,9 @@ class Settings:
         check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
         check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")
         check(0.05 <= self.dividend_check_seconds <= 86_400, "dividend_check_seconds must be 0.05..86400")
+        check(1 <= self.member_verifications_in_flight_max <= 10_000,
+              "member_verifications_in_flight_max must be 1..10000")
+        check(1 <= self.pin_hash_threads_max <= 64, "pin_hash_threads_max must be 1..64")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:

@@ -16,6 +16,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import domain, metrics, rpc, rules
 from processor.config import Settings
+from processor.presence import Presence
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
 from processor.pipeline import Pipeline, all_done, now_micros
@@ -99,9 +100,10 @@ class Validator:
 
 
 class PointsServicer(points_pb2_grpc.PointsServiceServicer):
-    def __init__(self, settings: Settings, pipeline: Pipeline):
+    def __init__(self, settings: Settings, pipeline: Pipeline, presence: Presence | None = None):
         self.settings = settings
         self.pipeline = pipeline
+        self.presence = presence or Presence(settings, pipeline)
         self.validate = Validator(settings)
         self.rate_limits = domain.TokenBuckets(settings.merchant_operations_per_second,
                                                settings.merchant_burst_operations)
@@ -135,6 +137,15 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                             f"{self.settings.merchant_operations_per_second:g} operations/s; retry with backoff")
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
+
+    async def _present(self, op: Operation, proof: pb.MemberProof) -> Operation:
+        """Member presence (processor/presence.py): sets op.refusal when the program requires the member
+        at the till and the proof does not show it."""
+        kind = proof.WhichOneof("proof")
+        now_us = now_micros()
+        await self.presence.check(op, self.pipeline.program.version(now_us), kind,
+                                  getattr(proof, kind) if kind else "", now_us)
+        return op
 
     async def _submit(self, op: Operation, context: grpc.aio.ServicerContext) -> Outcome:
         outcome = await self.pipeline.submit(op)
@@ -181,9 +192,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
         if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._operation(Method.AUTHORIZE, request, request.merchant_id, fields,
-                                     member_id=member_id, points=points, vouchers=vouchers,
-                                     hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
+        return await self._present(await self._operation(
+            Method.AUTHORIZE, request, request.merchant_id, fields, member_id=member_id, points=points,
+            vouchers=vouchers, hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default), request.member_proof)
 
     @staticmethod
     def _authorize_response(f: dict) -> pb.AuthorizeResponse:
@@ -231,8 +242,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         fields = {"member_id": member_id, "points": points}
         if vouchers:  # only then: a retry of a points-only redeem keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._operation(Method.REDEEM, request, request.merchant_id, fields,
-                                     member_id=member_id, points=points, vouchers=vouchers)
+        return await self._present(await self._operation(Method.REDEEM, request, request.merchant_id, fields,
+                                                         member_id=member_id, points=points, vouchers=vouchers),
+                                   request.member_proof)
 
     @staticmethod
     def _redeem_response(f: dict) -> pb.RedeemResponse:
@@ -475,8 +487,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             response.voucher_credit_used = program.credit.get(member_id, 0)
             response.vouchers_held, response.voucher_credit_held = program.vouchers_held.get(member_id, (0, 0))
             response.voucher_credit_limit = program.credit_limit(program.version(now_us), posted)
-            links = program.member(member_id)
-            response.acquirer_id, response.referrer_id = links.acquirer_id or "", links.referrer_id or ""
+            # the member's links only for its acquiring merchant: another merchant's till sees no acquirer
+            # and no other member's id
+            links, caller = program.member(member_id), rpc.principal.get()
+            if links.acquirer_id and caller is not None and caller.may_act_for(links.acquirer_id):
+                response.acquirer_id, response.referrer_id = links.acquirer_id, links.referrer_id or ""
             if program.program is not None:
                 for r in await self.pipeline.ready_store().tier_history(member_id):
                     response.level_history.append(pb.LevelChange(
