@@ -300,3 +300,32 @@ def test_get_balance_shows_the_links_only_to_the_acquirer(world):
     other = world.bare.GetBalance(pb.GetBalanceRequest(member_id=member), metadata=world.keys["shop-b"], timeout=30)
     assert (other.acquirer_id, other.referrer_id) == ("", "")
     assert (other.posted, other.available, other.level) == (mine.posted, mine.available, mine.level) != (0, 0, "")
+
+
+def test_the_cli_enrolls_sets_a_pin_from_stdin_and_shows_no_secret(world):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    member = world.member()
+
+    def cli(*arguments: str, stdin: str = "") -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("DATABASE_URL", None)
+        return subprocess.run([sys.executable, "-m", "processor", "member", *arguments, "--member-id", member,
+                               "--database-url", world.url], cwd=ROOT, env=env, input=stdin,
+                              capture_output=True, text=True, timeout=60)
+    enrolled = cli("enroll-totp")
+    assert enrolled.returncode == 0, enrolled.stderr
+    secret = json.loads(enrolled.stdout)["secret_base32"]
+    assert cli("enroll-totp").returncode == 1
+    assert cli("set-pin", stdin="12\n").returncode == 2
+    assert cli("set-pin", stdin="246810\n").returncode == 0
+    shown = cli("show")
+    assert json.loads(shown.stdout) == {"member_id": member, "totp_enrolled": True, "pin_set": True, "failures": 0,
+                                        "locked_until": None}
+    assert secret not in shown.stdout
+    assert world.redeem(member, 100, pin="246810").points == 100
+    assert world.redeem(member, 100, totp_code=pyotp.TOTP(secret).now()).points == 100
