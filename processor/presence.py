@@ -34,8 +34,10 @@ import concurrent.futures
 import datetime as dt
 import hashlib
 import hmac
+import logging
 import secrets
 
+import asyncpg
 import pyotp
 
 from processor import metrics, rules
@@ -51,6 +53,7 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_BYTES = 2**14, 8, 1, 32   # ~16 MiB and ~50
 SCRYPT_PARAMS = f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
 PIN_SALT_BYTES = 16
 PROOF_TOTP, PROOF_PIN = "totp_code", "pin"
+log = logging.getLogger("points.presence")
 
 
 # --- TOTP ---------------------------------------------------------------------------------------------
@@ -148,7 +151,12 @@ class Presence:
         if version is None or version.member_verification != rules.VERIFICATION_SPENDING:
             return
         async with self._slots:
-            op.refusal = await self._decide(op, version, proof_kind, proof, now_us)
+            try:
+                op.refusal = await self._decide(op, version, proof_kind, proof, now_us)
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError):
+                log.warning("member presence check could not reach Postgres", exc_info=True)
+                raise Rejection(Code.UNAVAILABLE, "the member's proof could not be checked (the database did not "
+                                                  "answer); retry with the same idempotency key and proof") from None
 
     async def _decide(self, op: Operation, version: rules.ProgramVersion, proof_kind: str | None, proof: str,
                       now_us: int) -> Outcome | None:

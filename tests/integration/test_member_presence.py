@@ -329,3 +329,22 @@ def test_the_cli_enrolls_sets_a_pin_from_stdin_and_shows_no_secret(world):
     assert secret not in shown.stdout
     assert world.redeem(member, 100, pin="246810").points == 100
     assert world.redeem(member, 100, totp_code=pyotp.TOTP(secret).now()).points == 100
+
+
+def test_one_code_spends_once_even_twice_in_one_batch_and_a_stream_needs_proof_too(world):
+    member = world.member()
+    secret = world.enroll_totp(member)
+    code = pyotp.TOTP(secret).now()
+    operations = [pb.Operation(redeem=pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=100,
+                                                       idempotency_key=unique("k"),
+                                                       member_proof=pb.MemberProof(totp_code=code)))
+                  for _ in range(2)]
+    results = world.stub.SubmitBatch(pb.SubmitBatchRequest(operations=operations), timeout=60).results
+    assert sorted(r.outcome for r in results) == [pb.OPERATION_OUTCOME_APPLIED,
+                                                  pb.OPERATION_OUTCOME_PERMISSION_DENIED]
+    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 20_000 - 100
+    requests = [pb.StreamRequest(correlation_id="c1", operation=pb.Operation(redeem=pb.RedeemRequest(
+        merchant_id="shop-a", member_id=member, points=100, idempotency_key=unique("k"))))]
+    answers = list(world.stub.Stream(iter(requests), timeout=60))
+    assert [(a.correlation_id, a.result.outcome) for a in answers] == [("c1", pb.OPERATION_OUTCOME_PERMISSION_DENIED)]
+    assert "member_proof is missing" in answers[0].result.message
