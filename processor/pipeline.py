@@ -921,7 +921,7 @@ class Pipeline:
         """_apply_with_rules under the program's spending caps (processor/velocity.py): a Redeem or
         Authorize past a cap is refused before anything moves; the points a Redeem or Capture took count."""
         method, program = op.method, self.program
-        if version is not None and (method is Method.REDEEM or method is Method.AUTHORIZE) and (
+        if version is not None and (method is Method.REDEEM or method is Method.AUTHORIZE) and op.points and (
                 version.member_points_spent_per_hour_max or version.member_points_spent_per_day_max):
             refusal = velocity.refusal(program.spends.get(op.member_id, ()), now_us, op.member_id,
                                        self.ledger.balance(slot)[1], op.points,
