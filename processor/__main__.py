@@ -171,7 +171,8 @@ def cmd_member(args: argparse.Namespace) -> int:
         now_us = now_micros()
         if args.action == "enroll-totp":
             secret = presence.new_totp_secret()
-            if not await members.enroll_totp(member_id, secret, args.replace, now_us):
+            stored = presence.seal_secret(secret, member_id, config.member_secret_key(settings))
+            if not await members.enroll_totp(member_id, stored, args.replace, now_us):
                 return None, f"member {member_id!r} has a one-time code app enrolled already; add --replace"
             return {"member_id": member_id, "secret_base32": secret,
                     "provisioning_uri": presence.provisioning_uri(secret, member_id)}, ""
@@ -457,7 +458,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "reset":
             command.add_argument("--remove-totp", action="store_true")
             command.add_argument("--remove-pin", action="store_true")
-        config.add_arguments(command, DATABASE_OPTIONS)
+        config.add_arguments(command, DATABASE_OPTIONS + (("member_secret_key",) if name == "enroll-totp" else ()))
         command.set_defaults(func=cmd_member)
 
     reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")

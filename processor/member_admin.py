@@ -45,7 +45,8 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
         async def call():
             member_id = self.validate.identifier(request.member_id, "member_id")
             secret, now_us = presence.new_totp_secret(), now_micros()
-            if not await self.presence.store.enroll_totp(member_id, secret, request.replace, now_us):
+            stored = presence.seal_secret(secret, member_id, self.presence.secret_key)
+            if not await self.presence.store.enroll_totp(member_id, stored, request.replace, now_us):
                 raise Rejection(Code.FAILED_PRECONDITION,
                                 f"member {member_id!r} has a one-time code app enrolled already; send replace=true "
                                 "to enroll a new secret (the old one stops working at once)")

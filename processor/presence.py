@@ -23,13 +23,15 @@ proof, or a proof of a kind the member has not enrolled, is refused without coun
 mistake, not a guess). A code already accepted once is refused and counted, unless it comes again with
 the same merchant and idempotency key (a retry of the same operation).
 
-Secrets: a TOTP secret is returned once at enrollment and kept in member_credentials; a PIN is kept
+Secrets: a TOTP secret is returned once at enrollment and kept in member_credentials (AES-GCM encrypted
+under --member-secret-key when the service has one, see seal_secret); a PIN is kept
 only as scrypt(pin, 16 random bytes of salt, n=2**14, r=8, p=1, 32 bytes), compared in constant time.
 Neither is logged.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import datetime as dt
 import hashlib
@@ -39,8 +41,10 @@ import secrets
 
 import asyncpg
 import pyotp
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from processor import metrics, rules
+from processor import config, metrics, rules
 from processor.domain import Code, Operation, Outcome, Rejection
 from processor.presence_store import PresenceStore
 
@@ -78,6 +82,35 @@ def totp_step(secret: str, code: str, now_s: float) -> int | None:
         if hmac.compare_digest(totp.generate_otp(step), code):
             return step
     return None
+
+
+# TOTP secrets at rest: with --member-secret-key, AES-256-GCM under it with a random 96-bit nonce and
+# the member id as associated data (a sealed secret copied to another member's row does not open), kept
+# as "aesgcm:" + base64(nonce || ciphertext || tag); without a key, the base32 secret itself.
+SEALED_PREFIX = "aesgcm:"
+
+
+def seal_secret(secret: str, member_id: str, key: bytes | None) -> str:
+    if key is None:
+        return secret
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(key).encrypt(nonce, secret.encode("ascii"), member_id.encode())
+    return SEALED_PREFIX + base64.b64encode(nonce + sealed).decode("ascii")
+
+
+def open_secret(stored: str, member_id: str, key: bytes | None) -> str:
+    if not stored.startswith(SEALED_PREFIX):
+        return stored  # stored in clear (no key when it was enrolled)
+    if key is None:
+        raise Rejection(Code.INTERNAL, "members' one-time code secrets are stored encrypted and the service has "
+                                       "no --member-secret-key (POINTS_MEMBER_SECRET_KEY); the operator must set it")
+    raw = base64.b64decode(stored[len(SEALED_PREFIX):])
+    try:
+        return AESGCM(key).decrypt(raw[:12], raw[12:], member_id.encode()).decode("ascii")
+    except InvalidTag:
+        raise Rejection(Code.INTERNAL, f"member {member_id!r}'s one-time code secret does not open with this "
+                                       "service's --member-secret-key (was the key changed?); re-enroll the "
+                                       "member or restore the key") from None
 
 
 # --- PIN ----------------------------------------------------------------------------------------------
@@ -125,6 +158,7 @@ class Presence:
 
     def __init__(self, settings, pipeline):
         self.pipeline = pipeline
+        self.secret_key = config.member_secret_key(settings)
         self._store: PresenceStore | None = None
         self._slots = asyncio.Semaphore(settings.member_verifications_in_flight_max)
         self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=settings.pin_hash_threads_max,
@@ -183,7 +217,8 @@ class Presence:
             if not has_totp:
                 metrics.member_verifications.labels("not_enrolled").inc()
                 return _denied(f"member {member_id!r} has no one-time code app enrolled; send {enrolled}")
-            step = totp_step(credentials.totp_secret, proof, now_us / 1_000_000)
+            step = totp_step(open_secret(credentials.totp_secret, member_id, self.secret_key), proof,
+                             now_us / 1_000_000)
             if step is not None:
                 if await self.store.accept_totp(member_id, credentials.totp_secret, step, op.merchant_id,
                                                 op.idempotency_key):

@@ -348,3 +348,27 @@ def test_one_code_spends_once_even_twice_in_one_batch_and_a_stream_needs_proof_t
     answers = list(world.stub.Stream(iter(requests), timeout=60))
     assert [(a.correlation_id, a.result.outcome) for a in answers] == [("c1", pb.OPERATION_OUTCOME_PERMISSION_DENIED)]
     assert "member_proof is missing" in answers[0].result.message
+
+
+def test_with_a_secret_key_the_database_holds_totp_secrets_only_encrypted(create_database, service_factory):
+    import base64
+    import secrets as random
+    url = create_database()
+    operator = credential(create_key(url, "operator"))
+    add_merchant(url, "shop-a", 1000)
+    asyncio.run(_add_version(url, _config()))
+    service = service_factory(url, env={"POINTS_MEMBER_SECRET_KEY": base64.b64encode(random.token_bytes(32)).decode()})
+    time.sleep(1.3)
+    member = unique("mem")
+    with service.channel() as channel, service.bare_channel() as bare:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        earn(stub, "shop-a", member, 100_000)
+        secret = admin_pb2_grpc.MemberAdminServiceStub(bare).EnrollMemberTotp(
+            admin_pb2.EnrollMemberTotpRequest(member_id=member), metadata=operator, timeout=30).secret_base32
+        stored = fetch(url, "SELECT totp_secret FROM member_credentials WHERE member_id = $1", member)[0]["totp_secret"]
+        assert stored.startswith("aesgcm:") and secret not in stored
+        redeemed = stub.Redeem(pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=100,
+                                                idempotency_key=unique("k"),
+                                                member_proof=pb.MemberProof(totp_code=pyotp.TOTP(secret).now())),
+                               timeout=30)
+        assert redeemed.points == 100

@@ -164,3 +164,37 @@ def test_program_state_spends_follow_its_undo_log():
     assert state.flush().empty  # kept in memory only: nothing for Postgres
     state.prune_spends(NOW_US + velocity.DAY_US + MINUTE_US)
     assert state.spends == {}
+
+
+KEY = bytes(range(32))
+
+
+def test_a_sealed_secret_opens_only_with_its_key_and_member():
+    sealed = presence.seal_secret(SECRET, "member-1", KEY)
+    assert sealed.startswith("aesgcm:") and SECRET not in sealed
+    assert sealed != presence.seal_secret(SECRET, "member-1", KEY)  # a fresh nonce each time
+    assert presence.open_secret(sealed, "member-1", KEY) == SECRET
+    for member, key in (("member-2", KEY), ("member-1", bytes(32))):
+        with pytest.raises(Rejection) as refused:
+            presence.open_secret(sealed, member, key)
+        assert refused.value.code is Code.INTERNAL and "does not open" in refused.value.message
+    with pytest.raises(Rejection) as refused:
+        presence.open_secret(sealed, "member-1", None)
+    assert "POINTS_MEMBER_SECRET_KEY" in refused.value.message
+
+
+def test_without_a_key_secrets_are_kept_as_they_are():
+    assert presence.seal_secret(SECRET, "m", None) == SECRET
+    assert presence.open_secret(SECRET, "m", KEY) == SECRET   # enrolled before the key was set
+
+
+def test_the_secret_key_setting_is_base64_of_32_bytes_and_never_in_the_repr():
+    import base64
+
+    from processor import config
+    text = base64.b64encode(KEY).decode()
+    settings = config.load({}, {"POINTS_MEMBER_SECRET_KEY": text})
+    assert config.member_secret_key(settings) == KEY and text not in repr(settings)
+    assert config.member_secret_key(config.load({}, {})) is None
+    with pytest.raises(ValueError, match="member_secret_key must be base64 of 32 bytes"):
+        config.load({}, {"POINTS_MEMBER_SECRET_KEY": base64.b64encode(bytes(16)).decode()})
