@@ -21,7 +21,8 @@ reset a lock); at the program's verification_failures_max the member's spending 
 verification_lockout_seconds (RESOURCE_EXHAUSTED naming the time), and the count starts again. A missing
 proof, or a proof of a kind the member has not enrolled, is refused without counting (it is the till's
 mistake, not a guess). A code already accepted once is refused and counted, unless it comes again with
-the same merchant and idempotency key (a retry of the same operation).
+the same merchant and idempotency key (a retry of the same operation). A wrong proof on a retry of an
+operation already carried out (its key has an outcome) is not counted: the pipeline replays the outcome.
 
 Secrets: a TOTP secret is returned once at enrollment and kept in member_credentials (AES-GCM encrypted
 under --member-secret-key when the service has one, see seal_secret); a PIN is kept
@@ -245,7 +246,8 @@ class Presence:
 
     async def _failed(self, op: Operation, version: rules.ProgramVersion, now_us: int, what: str) -> Outcome:
         failures, locked_until_us = await self.store.failed(
-            op.member_id, version.verification_failures_max, version.verification_lockout_seconds, now_us)
+            op.member_id, version.verification_failures_max, version.verification_lockout_seconds, now_us,
+            op.merchant_id, op.idempotency_key)
         if locked_until_us:
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="member_locked",
                            message=f"{what}; " + lock_message(op.member_id, locked_until_us))

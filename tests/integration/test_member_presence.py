@@ -154,6 +154,13 @@ def test_a_retry_of_a_spend_done_replays_even_without_proof(world):
     again, call = world.stub.Redeem.with_call(pb.RedeemRequest(
         merchant_id="shop-a", member_id=member, points=250, idempotency_key=key), timeout=30)
     assert again == first and replay_flag(call) == "true"
+    # nor with a wrong PIN, which is then not counted as a failure
+    for _ in range(FAILURES_MAX):
+        again = world.redeem(member, 250, key=key, pin="0000")
+        assert again == first
+    state = world.admin.GetMemberVerification(admin_pb2.GetMemberVerificationRequest(member_id=member),
+                                              metadata=world.operator, timeout=30).verification
+    assert state.failures == 0 and not state.HasField("locked_until")
 
 
 def test_wrong_proofs_lock_the_member_with_the_time_and_the_lock_survives_a_restart(world):
@@ -191,6 +198,11 @@ def test_earn_needs_no_proof_authorize_does_and_capture_does_not(world):
                                     idempotency_key=unique("k"))
     detail = refused(lambda: world.stub.Authorize(authorize, timeout=30), grpc.StatusCode.PERMISSION_DENIED)
     assert "member_proof is missing" in detail
+    # split tender (vouchers) is a spend of the member's assets too
+    split = pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=0, vouchers=100,
+                             idempotency_key=unique("k"))
+    assert "member_proof is missing" in refused(lambda: world.stub.Redeem(split, timeout=30),
+                                                grpc.StatusCode.PERMISSION_DENIED)
     authorize.member_proof.pin = PIN
     hold = world.stub.Authorize(authorize, timeout=30)
     capture = world.stub.Capture(pb.CaptureRequest(merchant_id="shop-a", authorization_id=hold.authorization_id,
