@@ -384,3 +384,26 @@ def test_with_a_secret_key_the_database_holds_totp_secrets_only_encrypted(create
                                                 member_proof=pb.MemberProof(totp_code=pyotp.TOTP(secret).now())),
                                timeout=30)
         assert redeemed.points == 100
+
+
+def test_concurrent_spends_never_pass_the_cap_together(world):
+    from concurrent.futures import ThreadPoolExecutor
+    member = world.member()
+    world.set_pin(member)
+
+    def spend(_):
+        try:
+            return world.redeem(member, 400, pin=PIN).points
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error.details()
+            return 0
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        spent = list(pool.map(spend, range(10)))
+    operations = [pb.Operation(redeem=pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=400,
+                                                       idempotency_key=unique("k"),
+                                                       member_proof=pb.MemberProof(pin=PIN))) for _ in range(10)]
+    results = world.stub.SubmitBatch(pb.SubmitBatchRequest(operations=operations), timeout=60).results
+    spent += [r.redeem.points for r in results if r.outcome == pb.OPERATION_OUTCOME_APPLIED]
+    assert all(r.outcome in (pb.OPERATION_OUTCOME_APPLIED, pb.OPERATION_OUTCOME_RETRY) for r in results)
+    assert sum(spent) == HOUR_CAP // 400 * 400 == 4_800
+    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 20_000 - 4_800
