@@ -9,8 +9,9 @@ refunds need none.
 The check runs in the servicer before the operation is queued, never in the committer's batch loop:
 a PIN costs a deliberately slow scrypt (about 50 ms of one core at the parameters below), run in a
 thread pool of `pin_hash_threads_max` threads, and every check costs one or two short Postgres
-statements (presence_store.py). At most `member_verifications_in_flight_max` checks run at once; the
-others wait their turn.
+statements (presence_store.py). At most `member_verifications_in_flight_max` checks run at once (the
+others wait their turn), and their statements hold at most half of `pool_connections_max` connections,
+so the committer always finds one.
 
 A refusal is handed to the pipeline as Operation.refusal rather than raised, so that a retry of an
 operation that was carried out before still replays its outcome (the idempotency look-up comes first);
@@ -162,6 +163,8 @@ class Presence:
         self.secret_key = config.member_secret_key(settings)
         self._store: PresenceStore | None = None
         self._slots = asyncio.Semaphore(settings.member_verifications_in_flight_max)
+        # at most half the pool's connections for presence statements: the committer keeps the rest
+        self._database = asyncio.Semaphore(max(1, settings.pool_connections_max // 2))
         self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=settings.pin_hash_threads_max,
                                                               thread_name_prefix="pin-hash")
 
@@ -169,7 +172,7 @@ class Presence:
     def store(self) -> PresenceStore:
         store = self.pipeline.ready_store()
         if self._store is None or self._store.store is not store:
-            self._store = PresenceStore(store)
+            self._store = PresenceStore(store, self._database)
         return self._store
 
     async def hash_pin(self, pin: str) -> tuple[bytes, bytes, str]:

@@ -4,6 +4,7 @@ of its own, made before an operation is queued (never in a batch's transaction);
 UPDATEs make each decision atomic, so two calls racing with the same code cannot both be accepted."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 
@@ -39,13 +40,32 @@ def _credentials(row) -> Credentials | None:
     return Credentials(**dict(row)) if row is not None else None
 
 
-class PresenceStore:
-    def __init__(self, store: Store):
-        self.store = store
+class _Gated:
+    """The pool, with every statement waiting for the gate first (see PresenceStore)."""
 
-    @property
-    def _pool(self):
-        return self.store.pool
+    def __init__(self, pool, gate):
+        self._pool, self._gate = pool, gate
+
+    async def fetchrow(self, *args, **kwargs):
+        async with self._gate:
+            return await self._pool.fetchrow(*args, **kwargs)
+
+    async def fetch(self, *args, **kwargs):
+        async with self._gate:
+            return await self._pool.fetch(*args, **kwargs)
+
+    async def execute(self, *args, **kwargs):
+        async with self._gate:
+            return await self._pool.execute(*args, **kwargs)
+
+
+class PresenceStore:
+    """gate: an asyncio.Semaphore bounding the pool connections these statements hold at once, so that
+    member presence checks under load never take every connection from the committer."""
+
+    def __init__(self, store: Store, gate=None):
+        self.store = store
+        self._pool = _Gated(store.pool, gate if gate is not None else contextlib.nullcontext())
 
     async def credentials(self, member_id: str) -> Credentials | None:
         return _credentials(await self._pool.fetchrow(
