@@ -407,3 +407,22 @@ def test_concurrent_spends_never_pass_the_cap_together(world):
     assert all(r.outcome in (pb.OPERATION_OUTCOME_APPLIED, pb.OPERATION_OUTCOME_RETRY) for r in results)
     assert sum(spent) == HOUR_CAP // 400 * 400 == 4_800
     assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 20_000 - 4_800
+
+
+def test_metrics_count_presence_checks_and_cap_refusals(world):
+    import re
+    import urllib.request
+    member = world.member()
+    world.set_pin(member)
+    refused(lambda: world.redeem(member, 100, pin="0000"), grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: world.redeem(member, HOUR_CAP, pin=PIN) and world.redeem(member, 1, pin=PIN),
+            grpc.StatusCode.RESOURCE_EXHAUSTED)
+    text = urllib.request.urlopen(f"http://{world.service.metrics_target}/metrics", timeout=30).read().decode()
+
+    def value(name: str, label: str) -> float:
+        match = re.search(rf'^{name}\{{{label}\}} (\S+)$', text, re.MULTILINE)
+        assert match, f"{name}{{{label}}} not exported"
+        return float(match.group(1))
+    assert value("points_member_verifications_total", 'result="wrong"') >= 1
+    assert value("points_member_verifications_total", 'result="accepted"') >= 2
+    assert value("points_fastpath_rejections_total", 'reason="spending_cap"') >= 1
