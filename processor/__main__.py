@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,key,program,reconcile,seed,demo} ...
+"""Command line: python -m processor {serve,migrate,merchant,key,program,member,reconcile,seed,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -148,6 +148,68 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
         print(f"error: no API key {args.key_id!r}", file=sys.stderr)
         return 1
     print(f"key {args.key_id} revoked at {revoked_at.isoformat()}")
+    return 0
+
+
+def _member_json(member_id: str, credentials) -> dict:
+    from processor.pipeline import now_micros
+    if credentials is None:
+        return {"member_id": member_id, "totp_enrolled": False, "pin_set": False, "failures": 0, "locked_until": None}
+    locked = credentials.locked_until if credentials.locked_until_us() > now_micros() else None
+    return {"member_id": member_id, "totp_enrolled": credentials.totp_secret is not None,
+            "pin_set": credentials.pin_hash is not None, "failures": credentials.failures,
+            "locked_until": locked.isoformat().replace("+00:00", "Z") if locked is not None else None}
+
+
+def cmd_member(args: argparse.Namespace) -> int:
+    """member enroll-totp | set-pin | reset | show: what MemberAdminService does, straight on the database.
+    enroll-totp prints the secret once; set-pin reads the PIN from stdin (never from the command line,
+    which shell history and ps would keep)."""
+    import json
+
+    from processor import presence
+    from processor.domain import Rejection
+    from processor.pipeline import now_micros
+    from processor.presence_store import PresenceStore
+    settings = _settings(args)
+    member_id = args.member_id
+    pin = ""
+    if args.action == "set-pin":
+        if sys.stdin.isatty():
+            import getpass
+            pin = getpass.getpass("PIN (4..12 digits): ")
+        else:
+            pin = sys.stdin.readline().strip()
+        try:
+            pin_hash, salt, params = presence.hash_pin(pin)
+        except Rejection as rejection:
+            print(f"error: {rejection.message}", file=sys.stderr)
+            return 2
+
+    async def action(store):
+        members = PresenceStore(store)
+        now_us = now_micros()
+        if args.action == "enroll-totp":
+            secret = presence.new_totp_secret()
+            stored = presence.seal_secret(secret, member_id, config.member_secret_key(settings))
+            if not await members.enroll_totp(member_id, stored, args.replace, now_us):
+                return None, f"member {member_id!r} has a one-time code app enrolled already; add --replace"
+            return {"member_id": member_id, "secret_base32": secret,
+                    "provisioning_uri": presence.provisioning_uri(secret, member_id)}, ""
+        if args.action == "set-pin":
+            return _member_json(member_id, await members.set_pin(member_id, pin_hash, salt, params, now_us)), ""
+        if args.action == "reset":
+            credentials = await members.reset(member_id, args.remove_totp, args.remove_pin)
+        else:
+            credentials = await members.credentials(member_id)
+        if credentials is None:
+            return None, f"member {member_id!r} has nothing enrolled and no failures"
+        return _member_json(member_id, credentials), ""
+    shown, problem = _run(_with_store(settings, action))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -415,6 +477,23 @@ def parser() -> argparse.ArgumentParser:
     program_show = program.add_parser("show", help="print every version of the rules as JSON, oldest first")
     config.add_arguments(program_show, DATABASE_OPTIONS + ("program_id",))
     program_show.set_defaults(func=cmd_program_show)
+
+    member = commands.add_parser(
+        "member", help="members' means of proving presence at a till (as MemberAdminService)").add_subparsers(
+        dest="action", required=True)
+    for name, help_text in (("enroll-totp", "a new one-time code secret for the member's app; prints it once"),
+                            ("set-pin", "set the member's PIN, read from stdin (4..12 digits)"),
+                            ("reset", "clear the member's failures and lock (optionally remove its TOTP or PIN)"),
+                            ("show", "what the member has enrolled, its failures and lock (never the secret)")):
+        command = member.add_parser(name, help=help_text)
+        command.add_argument("--member-id", required=True)
+        if name == "enroll-totp":
+            command.add_argument("--replace", action="store_true", help="replace an enrolled secret")
+        if name == "reset":
+            command.add_argument("--remove-totp", action="store_true")
+            command.add_argument("--remove-pin", action="store_true")
+        config.add_arguments(command, DATABASE_OPTIONS + (("member_secret_key",) if name == "enroll-totp" else ()))
+        command.set_defaults(func=cmd_member)
 
     reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")
     config.add_arguments(reconcile, DATABASE_OPTIONS)

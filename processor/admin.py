@@ -189,7 +189,9 @@ _SCOPE = {pb.PROMOTION_SCOPE_NETWORK: rules.SCOPE_NETWORK, pb.PROMOTION_SCOPE_ME
           pb.PROMOTION_SCOPE_TIER: rules.SCOPE_TIER}
 _SCOPE_ENUM = {name: value for value, name in _SCOPE.items()}
 _OPTIONAL_RULES = ("restore_grace_us", "acquiring_share_bps", "referral_bonus_point_units",
-                   "referral_minimum_purchase")
+                   "referral_minimum_purchase", "member_verification", "verification_failures_max",
+                   "verification_lockout_seconds", "member_points_spent_per_hour_max",
+                   "member_points_spent_per_day_max")
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
 
 

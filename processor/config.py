@@ -6,6 +6,7 @@ DATABASE_URL for the database); the flag wins over the variable, the variable ov
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import os
 import urllib.parse
@@ -105,6 +106,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("expiry_lots_per_batch_max", int, 1000, "expired point lots posted per batch by the expiry job, at most"),
     Option("dividend_check_seconds", float, 60.0,
            "how often the service checks whether the dividend pool is due a round (program rules)"),
+    Option("member_verifications_in_flight_max", int, 64,
+           "member presence checks (one-time codes, PINs) running at once, at most; the others wait"),
+    Option("pin_hash_threads_max", int, 2, "threads hashing member PINs (scrypt, ~50 ms each), at most"),
+    Option("member_secret_key", str, "",
+           "base64 of 32 random bytes: members' TOTP secrets are stored AES-GCM encrypted under it, so a "
+           "database dump alone does not reveal them; empty = stored in clear. Keep it out of the database "
+           "and its backups; secrets stored under a key need that key"),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
     Option("shutdown_drain_seconds", float, 0.5,
            "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
@@ -154,6 +162,9 @@ class Settings:
     program_id: str = "alliance"
     expiry_lots_per_batch_max: int = 1000
     dividend_check_seconds: float = 60.0
+    member_verifications_in_flight_max: int = 64
+    pin_hash_threads_max: int = 2
+    member_secret_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr or log
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
 
@@ -211,6 +222,11 @@ class Settings:
         check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
         check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")
         check(0.05 <= self.dividend_check_seconds <= 86_400, "dividend_check_seconds must be 0.05..86400")
+        check(1 <= self.member_verifications_in_flight_max <= 10_000,
+              "member_verifications_in_flight_max must be 1..10000")
+        check(1 <= self.pin_hash_threads_max <= 64, "pin_hash_threads_max must be 1..64")
+        check(self.member_secret_key == "" or _key_bytes(self.member_secret_key) is not None,
+              "member_secret_key must be base64 of 32 bytes (e.g. `openssl rand -base64 32`), or empty")
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:
@@ -227,6 +243,19 @@ def _port_parses(url: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _key_bytes(text: str) -> bytes | None:
+    try:
+        key = base64.b64decode(text.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return key if len(key) == 32 else None
+
+
+def member_secret_key(settings: Settings) -> bytes | None:
+    """The key of members' TOTP secrets at rest, or None (stored in clear)."""
+    return _key_bytes(settings.member_secret_key) if settings.member_secret_key else None
 
 
 def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:

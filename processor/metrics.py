@@ -88,6 +88,12 @@ tls_certificate_expiry = Gauge(
     "Unix time; absent without TLS.")
 
 
+# Member presence (processor/presence.py): proofs checked before a spend is queued, by result
+# (accepted, missing, not_enrolled, wrong, replayed, locked).
+member_verifications = Counter("points_member_verifications_total",
+                               "Member presence checks of Redeem/Authorize, by result.", ["result"])
+
+
 def _initialise_label_values() -> None:
     """Every known label value exists at 0 from start-up, so the first failure shows in rate()."""
     for result in ("committed", "failed"):
@@ -99,8 +105,10 @@ def _initialise_label_values() -> None:
     for reason in ("insufficient_points", "unknown_member", "unknown_hold", "hold_expired", "hold_captured",
                    "hold_voided", "wrong_merchant", "capture_exceeds_hold", "unknown_transaction",
                    "refund_exceeds_remaining", "not_refundable", "overflow", "capacity", "merchant_suspended",
-                   "other"):
+                   "spending_cap", "other"):
         rejections.labels(reason)
+    for result in ("accepted", "missing", "not_enrolled", "wrong", "replayed", "locked"):
+        member_verifications.labels(result)
 
 
 _initialise_label_values()

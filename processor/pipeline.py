@@ -32,11 +32,12 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, kinds, metrics, rules
+from processor import domain, kinds, metrics, rules, velocity
 from processor.program import (
     OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord, VoucherHold)
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
+from processor.presence_store import PresenceStore
 from processor.store import (NEVER_US, BatchWrite, MerchantRow, Store, StoreError, WriterFenced, WriterLockLost,
                              from_micros, micros, to_json)
 
@@ -122,6 +123,8 @@ async def load_program(store: Store, settings: Settings) -> ProgramState:
             state.credit[owner] = -balance
     for r in await store.voucher_holds():
         state.load_voucher_hold(r["authorization_id"], voucher_hold(r))
+    for member_id, at_us, points in await PresenceStore(store).spends_since(now_micros() - velocity.WINDOW_US_MAX):
+        state.load_spend(member_id, points, at_us)
     state.rounds = vouchers["rounds"][0]["round_number"] if vouchers["rounds"] else 0
     state.dividends_unposted = vouchers["unposted"] > 0
     return state
@@ -409,6 +412,8 @@ class Pipeline:
                 self.ledger.forget_resolved()
                 self.program.forget_resolved_holds()
                 self.program.earns.clear()  # earn records come back by prefetch when a refund needs one
+            if writing is None and self.program.spends:
+                self.program.prune_spends(now_micros())  # at most once a minute
             if self._resync_requested:
                 self._resync_requested = False
                 self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
@@ -770,6 +775,9 @@ class Pipeline:
                 outcomes[position] = _replay(previous.method, previous.request, Outcome(
                     Code(previous.outcome), previous.response or {}, previous.message), op)
                 continue
+            if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
+                outcomes[position] = op.refusal
+                continue
             kind = op.method
             status = merchants[op.merchant_id].status
             if status != "active" and kind in _NEW_BUSINESS:
@@ -821,8 +829,8 @@ class Pipeline:
                     op.authorization_id and op.authorization_id in self.program.voucher_holds):
                 # under a program each operation goes through the kernel on its own, with the rules
                 # evaluated around it in order (an earn's bonuses change what the next operation sees)
-                outcomes[position] = self._apply_with_rules(op, write, now_us, version, slot, reference, created,
-                                                            expires)
+                outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created,
+                                                        expires)
                 continue
             applied.append(position)
             method.append(_OP_CODE[kind])
@@ -917,6 +925,32 @@ class Pipeline:
 
     # --- the program rules (docs/RULES.md): each operation through the kernel on its own, the rules
     #     evaluated around it, their postings in the same batch ---
+
+    def _apply_capped(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
+                      slot: int, reference: int, created: int, expires: int) -> Outcome:
+        """_apply_with_rules under the program's spending caps (processor/velocity.py): a Redeem or
+        Authorize past a cap is refused before anything moves; the points a Redeem or Capture took count."""
+        method, program = op.method, self.program
+        if version is not None and (method is Method.REDEEM or method is Method.AUTHORIZE) and op.points and (
+                version.member_points_spent_per_hour_max or version.member_points_spent_per_day_max):
+            refusal = velocity.refusal(program.spends.get(op.member_id, ()), now_us, op.member_id,
+                                       self.ledger.balance(slot)[1], op.points,
+                                       version.member_points_spent_per_hour_max,
+                                       version.member_points_spent_per_day_max)
+            if refusal is not None:
+                metrics.rejections.labels("spending_cap").inc()
+                return refusal
+        member_id = op.member_id
+        if method is Method.CAPTURE:  # whose hold it is, before the capture resolves it
+            hold = program.voucher_holds.get(op.authorization_id)
+            if hold is not None:
+                member_id = hold.member_id
+            elif self.ledger.has_hold(op.authorization_id):
+                member_id = self.ledger.member_id(self.ledger.hold(op.authorization_id)[1])
+        outcome = self._apply_with_rules(op, write, now_us, version, slot, reference, created, expires)
+        if outcome.code is Code.OK and (method is Method.REDEEM or method is Method.CAPTURE) and member_id:
+            program.spend(member_id, outcome.fields.get("points", 0), now_us)
+        return outcome
 
     def _apply_with_rules(self, op: Operation, write: BatchWrite, now_us: int,
                           version: "rules.ProgramVersion | None", slot: int, reference: int, created: int,

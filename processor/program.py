@@ -23,7 +23,7 @@ import dataclasses
 import heapq
 from typing import Any
 
-from processor import rules
+from processor import rules, velocity
 from processor.domain import Code, Rejection, require
 
 HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED = 1, 2, 3, 4   # as holds.status and the fast path's
@@ -162,6 +162,10 @@ class ProgramState:
         # (expires_at_us, member_id): a member with a lot expiring then (entries may be stale: checked
         # against the member's lots when popped)
         self._due: list[tuple[int, str]] = []
+        # spending caps: member -> its spends of the last 24 hours in minute buckets (processor/velocity.py);
+        # kept in memory only (rebuilt from the journal at start-up), so flush() writes nothing for them
+        self.spends: dict[str, velocity.Spends] = {}
+        self._spends_pruned_us = 0
         self._undo: list[list[tuple[dict, Any, Any]]] = []
         # member -> its lots as the last flush left them (what Postgres holds once the batches before
         # commit), for the members whose lots changed since: flush() writes the difference
@@ -169,7 +173,7 @@ class ProgramState:
         self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
                                        "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
                                        "accounts": set(), "splits": set(), "new_splits": set(),
-                                       "voucher_holds": set(), "vouchers_held": set()}
+                                       "voucher_holds": set(), "vouchers_held": set(), "spends": set()}
         self._tier_events: list[tuple[int, str, str, str]] = []
 
     # --- versions ---
@@ -447,6 +451,24 @@ class ProgramState:
 
     def dividend_posted(self, round_number: int, holder_kind: str, holder_id: str, transaction_id: int) -> None:
         self._dividends_posted.append((round_number, holder_kind, holder_id, transaction_id))
+
+    # --- spending caps (processor/velocity.py) ---
+
+    def spend(self, member_id: str, points: int, now_us: int) -> None:
+        """The member's Redeem or Capture took `points` point-units at now_us."""
+        if points > 0:
+            self._set(self.spends, member_id, velocity.add(self.spends.get(member_id, ()), points, now_us), "spends")
+
+    def load_spend(self, member_id: str, points: int, at_us: int) -> None:
+        self.spends[member_id] = velocity.add(self.spends.get(member_id, ()), points, at_us)
+
+    def prune_spends(self, now_us: int) -> None:
+        """Forgets spends older than the longest window (between batches, at most once a minute)."""
+        require(not self._undo, "prune_spends() with a batch open")
+        if now_us - self._spends_pruned_us < velocity.BUCKET_US:
+            return
+        self._spends_pruned_us = now_us
+        self.spends = {m: kept for m, spends in self.spends.items() if (kept := velocity.pruned(spends, now_us))}
 
     # --- tiers ---
 

@@ -28,6 +28,7 @@ ACCEPTED_KINDS = {
     "points.v1.MerchantAdmin": ("operator",),
     "points.v1.Clearing": ("operator",),
     "points.v1.Programs": ("operator",),
+    "points.v1.MemberAdminService": ("operator",),
 }
 
 

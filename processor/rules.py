@@ -304,6 +304,13 @@ class DividendSettings:
         _raise_problems(problems, "dividend settings")
 
 
+VERIFICATION_OFF = "off"            # member_id alone spends a member's points
+VERIFICATION_SPENDING = "spending"  # Redeem and Authorize must carry proof that the member is present
+VERIFICATION_MODES = (VERIFICATION_OFF, VERIFICATION_SPENDING)
+VERIFICATION_FAILURES_MAX = 100
+VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramVersion:
     """The rules of a program from effective_from_us until the next version's. A transaction records
@@ -323,6 +330,12 @@ class ProgramVersion:
     merchant_terms: tuple[MerchantTerms, ...] = ()
     operator_store_merchant_id: str | None = None  # the operator's own store; None: merchants cannot
                                                    # spend their vouchers
+    # member presence (docs/RULES.md section 10): "off" or "spending" (Redeem/Authorize need a MemberProof)
+    member_verification: str = VERIFICATION_OFF
+    verification_failures_max: int = 5          # wrong proofs in a row before the member's spending locks
+    verification_lockout_seconds: int = 900     # how long the lock lasts
+    member_points_spent_per_hour_max: int = 0   # point-units per rolling hour; 0 = no cap
+    member_points_spent_per_day_max: int = 0    # point-units per rolling 24 hours; 0 = no cap
 
     def __post_init__(self):
         problems: list[str] = []
@@ -350,6 +363,15 @@ class ProgramVersion:
         store = self.operator_store_merchant_id
         if store is not None and (not isinstance(store, str) or not store):
             problems.append("operator_store_merchant_id must be a merchant id (None = no operator store)")
+        if self.member_verification not in VERIFICATION_MODES:
+            problems.append(f"member_verification must be one of {', '.join(map(repr, VERIFICATION_MODES))} "
+                            f"(got {self.member_verification!r})")
+        _problem_int(problems, self.verification_failures_max, "verification_failures_max", 1,
+                     VERIFICATION_FAILURES_MAX)
+        _problem_int(problems, self.verification_lockout_seconds, "verification_lockout_seconds", 1,
+                     VERIFICATION_LOCKOUT_SECONDS_MAX)
+        _problem_int(problems, self.member_points_spent_per_hour_max, "member_points_spent_per_hour_max (0 = no cap)")
+        _problem_int(problems, self.member_points_spent_per_day_max, "member_points_spent_per_day_max (0 = no cap)")
         merchants = [terms.merchant_id for terms in self.merchant_terms]
         if len(merchants) != len(set(merchants)):
             problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
@@ -641,6 +663,8 @@ _VERSION_KINDS = {
     "promotions": _list(_PROMOTION, PROMOTIONS_MAX, "promotion objects"),
     "merchant_terms": _list(_MERCHANT_TERMS, MERCHANT_TERMS_MAX, "merchant terms objects"),
     "operator_store_merchant_id": _nullable(_text, "no operator store"),
+    "member_verification": _text, "verification_failures_max": _integer, "verification_lockout_seconds": _integer,
+    "member_points_spent_per_hour_max": _integer, "member_points_spent_per_day_max": _integer,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(set(CONFIG_KEYS) | set(_COLUMNS) == {field.name for field in dataclasses.fields(ProgramVersion)},

@@ -15,7 +15,9 @@ from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from processor import auth, metrics, rpc, transport
 from processor.admin import ClearingServicer, MerchantAdminServicer, ProgramsServicer
 from processor.config import Settings
+from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
+from processor.presence import Presence
 from processor.servicer import PointsServicer
 from processor.store import Store, redact, resolve_database_url
 
@@ -94,7 +96,11 @@ class Service:
         self.pipeline = Pipeline(settings, store=None)
         self.metrics_port = metrics.serve_http(settings.metrics_listen)
         self._register_gauges()
-        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline), self.server)
+        self.presence = Presence(settings, self.pipeline)  # member presence: PointsService checks, MemberAdminService enrolls
+        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline, self.presence),
+                                                            self.server)
+        admin_pb2_grpc.add_MemberAdminServiceServicer_to_server(
+            MemberAdminServicer(settings, self.pipeline, self.presence), self.server)
         admin_pb2_grpc.add_MerchantAdminServicer_to_server(
             MerchantAdminServicer(settings, self.pipeline, self.authenticator), self.server)
         admin_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(settings, self.pipeline), self.server)
@@ -204,6 +210,8 @@ class Service:
             await self.health_server.stop(0)
         if self.pipeline is not None:
             await self.pipeline.stop()
+        if getattr(self, "presence", None) is not None:
+            self.presence.close()
         if self.store is not None:
             await self.store.close()
 

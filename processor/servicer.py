@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import logging
 import re
 import time
@@ -15,6 +16,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import domain, kinds, metrics, rpc, rules
 from processor.config import Settings
+from processor.presence import Presence
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status
 from processor.pipeline import Pipeline, all_done, now_micros
@@ -30,6 +32,8 @@ _EMPTY_OPERATION = pb.OperationResult(
 _INTERNAL = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
 
 EXPIRING_WITHIN_DAYS_DEFAULT, EXPIRING_WITHIN_DAYS_MAX = 30, 3660
+# SubmitBatch's collected member presence checks (see PointsServicer._present); None elsewhere
+_deferred_presence: contextvars.ContextVar[list | None] = contextvars.ContextVar("deferred_presence", default=None)
 
 
 def timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -76,9 +80,10 @@ class Validator:
 
 
 class PointsServicer(points_pb2_grpc.PointsServiceServicer):
-    def __init__(self, settings: Settings, pipeline: Pipeline):
+    def __init__(self, settings: Settings, pipeline: Pipeline, presence: Presence | None = None):
         self.settings = settings
         self.pipeline = pipeline
+        self.presence = presence or Presence(settings, pipeline)
         self.validate = Validator(settings)
         self.rate_limits = domain.TokenBuckets(settings.merchant_operations_per_second,
                                                settings.merchant_burst_operations)
@@ -112,6 +117,23 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                             f"{self.settings.merchant_operations_per_second:g} operations/s; retry with backoff")
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
+
+    async def _present(self, op: Operation, proof: pb.MemberProof) -> Operation:
+        """Member presence (processor/presence.py): sets op.refusal when the program requires the member
+        at the till and the proof does not show it. Within SubmitBatch the check is only collected (the
+        batch runs its checks side by side before queueing)."""
+        now_us = now_micros()
+        version = self.pipeline.program.version(now_us)
+        if version is None or version.member_verification != rules.VERIFICATION_SPENDING:
+            return op
+        kind = proof.WhichOneof("proof")
+        check = (op, version, kind, getattr(proof, kind) if kind else "", now_us)
+        deferred = _deferred_presence.get()
+        if deferred is not None:
+            deferred.append(check)
+        else:
+            await self.presence.check(*check)
+        return op
 
     async def _submit(self, op: Operation, context: grpc.aio.ServicerContext) -> Outcome:
         outcome = await self.pipeline.submit(op)
@@ -158,9 +180,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
         if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._operation(Method.AUTHORIZE, request, request.merchant_id, fields,
-                                     member_id=member_id, points=points, vouchers=vouchers,
-                                     hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default)
+        return await self._present(await self._operation(
+            Method.AUTHORIZE, request, request.merchant_id, fields, member_id=member_id, points=points,
+            vouchers=vouchers, hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default), request.member_proof)
 
     @staticmethod
     def _authorize_response(f: dict) -> pb.AuthorizeResponse:
@@ -208,8 +230,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         fields = {"member_id": member_id, "points": points}
         if vouchers:  # only then: a retry of a points-only redeem keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._operation(Method.REDEEM, request, request.merchant_id, fields,
-                                     member_id=member_id, points=points, vouchers=vouchers)
+        return await self._present(await self._operation(Method.REDEEM, request, request.merchant_id, fields,
+                                                         member_id=member_id, points=points, vouchers=vouchers),
+                                   request.member_proof)
 
     @staticmethod
     def _redeem_response(f: dict) -> pb.RedeemResponse:
@@ -333,19 +356,41 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         # Every operation is queued before any is awaited, so the batch shares commits; each costs one
         # future (no task or coroutine per operation: measured, those were a fifth of the CPU).
         results: list = [None] * count
+        built: list[tuple[int, str, Operation]] = []
+        # member presence checks are collected while building and run side by side (each waits on
+        # Postgres, a PIN on scrypt), not one after the other; only operations that need one cost a task
+        presence_checks: list = []
+        deferred = _deferred_presence.set(presence_checks)
+        try:
+            for index, operation in enumerate(request.operations):
+                kind = operation.WhichOneof("operation")
+                if kind is None:
+                    results[index] = _EMPTY_OPERATION
+                    continue
+                try:
+                    built.append((index, kind, await self._kinds[kind][0](getattr(operation, kind))))
+                except Rejection as rejection:
+                    results[index] = self._to_result(kind, Outcome(rejection.code, message=rejection.message))
+                except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
+                    log.exception("operation failed unexpectedly")
+                    results[index] = self._to_result(kind, _INTERNAL)
+        finally:
+            _deferred_presence.reset(deferred)
+        if presence_checks:
+            checked = await asyncio.gather(*(self.presence.check(*check) for check in presence_checks),
+                                           return_exceptions=True)
+            for (op, *_), error in zip(presence_checks, checked):
+                if isinstance(error, Rejection):
+                    op.refusal = Outcome(error.code, message=error.message, recorded=False)
+                elif isinstance(error, BaseException):
+                    log.error("member presence check failed unexpectedly", exc_info=error)
+                    op.refusal = _INTERNAL
         waiting: list[tuple[int, str, asyncio.Future]] = []
-        for index, operation in enumerate(request.operations):
-            kind = operation.WhichOneof("operation")
-            if kind is None:
-                results[index] = _EMPTY_OPERATION
-                continue
+        for index, kind, op in built:
             try:
-                waiting.append((index, kind, self.pipeline.enqueue(await self._kinds[kind][0](getattr(operation, kind)))))
+                waiting.append((index, kind, self.pipeline.enqueue(op)))
             except Rejection as rejection:
                 results[index] = self._to_result(kind, Outcome(rejection.code, message=rejection.message))
-            except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
-                log.exception("operation failed unexpectedly")
-                results[index] = self._to_result(kind, _INTERNAL)
         await all_done([future for _, _, future in waiting])
         for index, kind, future in waiting:
             try:
@@ -452,8 +497,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             response.voucher_credit_used = program.credit.get(member_id, 0)
             response.vouchers_held, response.voucher_credit_held = program.vouchers_held.get(member_id, (0, 0))
             response.voucher_credit_limit = program.credit_limit(program.version(now_us), posted)
-            links = program.member(member_id)
-            response.acquirer_id, response.referrer_id = links.acquirer_id or "", links.referrer_id or ""
+            # the member's links only for its acquiring merchant: another merchant's till sees no acquirer
+            # and no other member's id
+            links, caller = program.member(member_id), rpc.principal.get()
+            if links.acquirer_id and caller is not None and caller.may_act_for(links.acquirer_id):
+                response.acquirer_id, response.referrer_id = links.acquirer_id, links.referrer_id or ""
             if program.program is not None:
                 for r in await self.pipeline.ready_store().tier_history(member_id):
                     response.level_history.append(pb.LevelChange(

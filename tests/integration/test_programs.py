@@ -99,7 +99,9 @@ def every_field_rules() -> pb.ProgramRules:
                                     conversion_rate=pb.ProgramRate(numerator=3, denominator=2)),
             pb.ProgramMerchantTerms(merchant_id="bakery", conversion_rate=pb.ProgramRate(numerator=1, denominator=100)),
             pb.ProgramMerchantTerms(merchant_id="florist", acquiring_share_bps=0)],
-        operator_store_merchant_id="alliance-store")
+        operator_store_merchant_id="alliance-store", member_verification="spending", verification_failures_max=3,
+        verification_lockout_seconds=600, member_points_spent_per_hour_max=50_000,
+        member_points_spent_per_day_max=200_000)
 
 
 def plain_rules(**fields) -> pb.ProgramRules:

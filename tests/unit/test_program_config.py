@@ -44,6 +44,8 @@ EVERY_FIELD = ProgramVersion(
                     MerchantTerms("bakery", conversion_rate=Rate(1, 100)),
                     MerchantTerms("florist", acquiring_share_bps=0)),
     operator_store_merchant_id="alliance-store",
+    member_verification=rules.VERIFICATION_SPENDING, verification_failures_max=3, verification_lockout_seconds=600,
+    member_points_spent_per_hour_max=50_000, member_points_spent_per_day_max=200_000,
 )
 
 
@@ -291,3 +293,16 @@ def test_the_operator_store_is_a_merchant_id_or_none():
     assert decode(valid_config(operator_store_merchant_id="shop")).operator_store_merchant_id == "shop"
     assert "operator_store_merchant_id must be a merchant id" in problems_of(valid_config(operator_store_merchant_id=""))
     assert "operator_store_merchant_id must be a string" in problems_of(valid_config(operator_store_merchant_id=7))
+
+
+def test_member_presence_and_spending_cap_settings_are_checked():
+    message = problems_of(valid_config(member_verification="always", verification_failures_max=0,
+                                       verification_lockout_seconds=31 * 86_400, member_points_spent_per_hour_max=-1,
+                                       member_points_spent_per_day_max="lots"))
+    assert "member_verification must be one of 'off', 'spending' (got 'always')" in message
+    assert "verification_failures_max" in message and "verification_lockout_seconds" in message
+    assert "member_points_spent_per_hour_max (0 = no cap)" in message
+    assert "member_points_spent_per_day_max must be an integer" in message
+    default = ProgramVersion("alliance", 1, 0)
+    assert (default.member_verification, default.verification_failures_max, default.verification_lockout_seconds,
+            default.member_points_spent_per_hour_max, default.member_points_spent_per_day_max) == ("off", 5, 900, 0, 0)
