@@ -351,9 +351,7 @@ class Store:
                 await asyncio.sleep(min(WRITER_LOCK_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             holder = f"{APPLICATION_NAME} {socket.gethostname()} pid {os.getpid()}"
             async with connection.transaction():
-                # bounded: a previous writer's open transaction ends within its commit timeout, or
-                # Postgres ends its session (idle_in_transaction_session_timeout on the pool)
-                await connection.execute("SELECT epoch FROM ledger_writer FOR UPDATE", timeout=self.recovery_timeout)
+                await self._fence_previous_writer(connection)
                 self._writer_epoch = await connection.fetchval(
                     "UPDATE ledger_writer SET epoch = epoch + 1, holder = $1, taken_at = now() RETURNING epoch",
                     holder, timeout=self.recovery_timeout)
@@ -365,6 +363,28 @@ class Store:
             raise
         self._writer_lock = connection
         log.info("writer lock taken", extra={"epoch": self._writer_epoch})
+
+    async def _fence_previous_writer(self, connection: asyncpg.Connection) -> None:
+        """Locks ledger_writer's row FOR UPDATE inside the caller's transaction: waits for every open
+        transaction of the previous writer (a batch, a checkpoint) to end. One that is still open after
+        twice the commit timeout belongs to a writer that is stalled (SIGSTOPped, its host frozen: its
+        session may even be inside a COPY, which no idle timeout ends) and has lost its lock session, so
+        it is no longer the writer: its sessions are terminated and their transactions roll back."""
+        wait_ms = int(max(2 * self.connect_timeout, 1.0) * 1000)
+        while True:
+            try:
+                async with connection.transaction():  # a savepoint: a lock timeout leaves the caller's alive
+                    await connection.execute(f"SET LOCAL lock_timeout = {wait_ms}")
+                    await connection.execute("SELECT epoch FROM ledger_writer FOR UPDATE",
+                                             timeout=self.recovery_timeout)
+                return
+            except asyncpg.LockNotAvailableError:
+                stale = [r["pid"] for r in await connection.fetch(
+                    """SELECT DISTINCT pid FROM pg_locks WHERE relation = 'ledger_writer'::regclass
+                       AND granted AND pid <> pg_backend_pid()""")]
+                log.warning("the previous writer's transactions are still open past twice the commit timeout; "
+                            "ending their sessions", extra={"pids": stale})
+                await connection.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", stale)
 
     async def writer_lock_alive(self, timeout: float = 2.0) -> bool:
         """Whether the lock session still answers (bounded: a stalled session counts as lost)."""

@@ -3,8 +3,9 @@
 Instance A writes; instance B waits for the writer lock (--writer-lock-wait-seconds). A is SIGSTOPped
 while one of its batches is inside its Postgres transaction, and only A's lock session is killed: B
 takes the lock, but must not load the ledger before A's open batch has ended, and A must never commit
-after B took over. Postgres ends A's stalled transaction (idle_in_transaction_session_timeout, twice the
-commit timeout); B bumps the epoch and serves; A, continued, finds itself fenced off and exits. After
+after B took over. B waits twice the commit timeout for A's open transaction, then ends A's sessions
+(A may be stopped inside a COPY, which no idle timeout ends); B bumps the epoch and serves; A, continued,
+finds itself fenced off and exits. After
 both settle: no id is used twice, balances equal the journal, and every acknowledged operation is in
 the journal exactly once."""
 from __future__ import annotations
@@ -29,12 +30,12 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
              grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-def _a_batch_is_open(url: str, pid: int) -> bool:
-    """Whether a pool connection of the service process `pid` is inside a transaction that wrote."""
+def _a_batch_is_open(url: str, states: tuple[str, ...]) -> bool:
+    """Whether a pool connection of the service is inside a transaction that wrote, in one of `states`
+    ('active': inside a statement, e.g. a COPY waiting for the rows; 'idle in transaction': between two)."""
     rows = fetch(url, """SELECT count(*) AS n FROM pg_stat_activity
                          WHERE application_name = 'points-processor' AND datname = current_database()
-                           AND backend_xid IS NOT NULL AND client_port IS NOT NULL
-                           AND state IN ('active', 'idle in transaction')""")
+                           AND backend_xid IS NOT NULL AND state = ANY($1::text[])""", list(states))
     return rows[0]["n"] > 0
 
 
@@ -88,13 +89,16 @@ class Clients:
 
 
 @pytest.mark.timeout(240)
-def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(create_database):
+@pytest.mark.parametrize("stopped_in", [("active",), ("idle in transaction",)])
+def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(create_database, request, stopped_in):
     url = create_database()
     for merchant in MERCHANTS:
         add_merchant(url, merchant, 1000)
     options = ("--commit-timeout-seconds", COMMIT_TIMEOUT_SECONDS, "--balance-checkpoint-seconds", "0.5")
     first = ServiceProcess(url, *options).start()
     second = ServiceProcess(url, *options, "--writer-lock-wait-seconds", "120")
+    request.addfinalizer(second.kill)
+    request.addfinalizer(first.kill)
     started = concurrent.futures.ThreadPoolExecutor(1).submit(second.start)
     members = [unique("m") for _ in range(20)]
     clients = Clients(members)
@@ -107,9 +111,9 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
         epoch = fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"]
 
         # stop A inside a batch's transaction (retry until one is caught open)
-        for _ in range(400):
+        for _ in range(2000):
             os.kill(first.process.pid, signal.SIGSTOP)
-            if _a_batch_is_open(url, first.process.pid):
+            if _a_batch_is_open(url, stopped_in):
                 break
             os.kill(first.process.pid, signal.SIGCONT)
             time.sleep(0.005)
@@ -139,11 +143,11 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
         assert first.process.wait(timeout=60) != 0
         time.sleep(1.0)
     finally:
+        first.kill()   # SIGKILL ends a stopped process too
         clients.stop.set()
         for future in running:
             future.result(timeout=120)
         workers.shutdown()
-        first.kill()
     fenced_out = "".join(first.log_lines)
     assert "another points service" in fenced_out, fenced_out[-3000:]
 
