@@ -1036,6 +1036,18 @@ class Store:
     async def member_exists(self, member_id: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM members WHERE member_id = $1", member_id))
 
+    async def open_holds_per_merchant(self) -> dict[str, int]:
+        """Open, unexpired holds per merchant: points holds, and split-tender holds of vouchers only (a split
+        hold with points is also a row of holds). For the per-merchant quota (processor/quotas.py)."""
+        rows = await self.pool.fetch(
+            """SELECT merchant_id, sum(n)::bigint AS n FROM (
+                   SELECT merchant_id, count(*) AS n FROM holds WHERE status = 1 AND expires_at > now() GROUP BY 1
+                   UNION ALL
+                   SELECT merchant_id, count(*) FROM voucher_holds
+                   WHERE status = 1 AND points = 0 AND expires_at > now() GROUP BY 1) c GROUP BY 1""",
+            timeout=self.recovery_timeout)
+        return {r["merchant_id"]: r["n"] for r in rows}
+
     async def purge_idempotency(self, older_than: dt.datetime, chunk_rows_max: int = 10_000,
                                 chunk_timeout_seconds: float = 60.0) -> int:
         """Deletes the idempotency records created before `older_than`, in chunks of at most
