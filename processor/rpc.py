@@ -99,8 +99,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             try:
                 return decode(data)
             except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
+                undecodable.inc()
                 return Undecodable(request_type, error)
         labels = (service, method, "bidi_stream" if streaming else "unary")
+        undecodable = metrics.requests_undecodable.labels(service, method)
         started = metrics.rpc_started.labels(*labels)
         seconds = metrics.rpc_seconds.labels(*labels)
 

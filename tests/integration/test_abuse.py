@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import datetime as dt
+import re
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -46,6 +48,16 @@ def earn_request(merchant: str, member: str, purchase: int = 10_000, key: str = 
 # Authentication before decoding
 
 
+def undecodable_count(service, method: str) -> float:
+    """points_rpc_requests_undecodable_total of a PointsService method, from the service's /metrics."""
+    with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = re.compile(r'^points_rpc_requests_undecodable_total\{grpc_method="%s",grpc_service="points.v1.'
+                         r'PointsService"\} (\S+)$' % method, re.M)
+    match = pattern.search(text)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_with_one(create_database,
                                                                                       service_factory):
     url = create_database()
@@ -57,9 +69,12 @@ def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_wi
         wrong = create_key(url, "operator")  # a valid key of the wrong kind: refused before decoding too
         assert_code(lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(wrong)),
                     grpc.StatusCode.PERMISSION_DENIED)
+        # neither body was decoded: the counter of undecodable requests has not moved
+        assert undecodable_count(service, "Earn") == 0
         error = assert_code(lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(key)),
                             grpc.StatusCode.INVALID_ARGUMENT)
         assert "points.v1.EarnRequest" in error.details()
+        assert undecodable_count(service, "Earn") == 1
         # a stream: refused as a whole without a key; with one, the bad message gets its own INVALID result
         stream = channel.stream_stream(STREAM_METHOD, request_serializer=lambda b: b,
                                        response_deserializer=points_pb2.StreamResponse.FromString)
