@@ -7,7 +7,6 @@ member; the idempotency purge deletes in bounded chunks."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import datetime as dt
 import re
 import time
