@@ -75,7 +75,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("merchant_burst_operations", int, 10_000, "per-merchant burst allowed above the rate"),
     Option("merchant_holds_open_max", int, 200_000,
            "open holds of one merchant, at most (a share of holds_max, so one merchant cannot take them all); "
-           "beyond it Authorize gets RESOURCE_EXHAUSTED"),
+           "beyond it Authorize gets RESOURCE_EXHAUSTED; at or above holds_max: no share"),
     Option("merchant_holds_recount_seconds", float, 60.0,
            "how often the open holds of each merchant are recounted from Postgres (between recounts, holds "
            "resolved are not subtracted: the count errs high)"),

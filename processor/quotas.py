@@ -9,10 +9,13 @@
 Refusals are RESOURCE_EXHAUSTED (FAILED_PRECONDITION for the 0-point earn) saying which quota and when to
 retry, and are not recorded under the idempotency key: the retry is decided afresh.
 
-The counters live beside the pipeline (pure Python, no I/O) and err high, never low: a batch rolled back
-after a failed commit does not give back the members it counted; a hold that is captured, voided or expires
-is subtracted only at the next recount of open holds from Postgres (every `merchant_holds_recount_seconds`,
-`recount_open_holds`).
+A share at or above its global bound is no share (the global bound applies, with its own message).
+
+The counters live beside the pipeline (pure Python, no I/O) and err high: a batch rolled back after a
+failed commit does not give back the members it counted; a hold that is captured, voided or expires is
+subtracted only at the next recount of open holds from Postgres (every `merchant_holds_recount_seconds`,
+`recount_open_holds`). The one way they err low: holds applied but not yet committed when a recount reads
+Postgres are missed by that recount (at most the two batches in flight) until the next one.
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ HOUR_US = 3_600_000_000
 
 class MerchantQuotas:
     def __init__(self, settings: Settings):
-        self.queue_operations_max = min(settings.merchant_queue_operations_max, settings.queue_operations_max)
-        self.holds_open_max = min(settings.merchant_holds_open_max, settings.holds_max)
+        # a share at or above the global bound is no share: the global bound (and its message) applies
+        self.queue_operations_max = settings.merchant_queue_operations_max \
+            if settings.merchant_queue_operations_max < settings.queue_operations_max else None
+        self.holds_open_max = settings.merchant_holds_open_max \
+            if settings.merchant_holds_open_max < settings.holds_max else None
         self.new_members_per_hour_max = settings.merchant_new_members_per_hour_max
         self.queued: dict[str, int] = {}       # merchant -> operations queued or being committed
         self.holds_open: dict[str, int] = {}   # merchant -> open holds (last recount + opened since)
@@ -43,7 +49,7 @@ class MerchantQuotas:
     def enqueue(self, merchant_id: str) -> None:
         """Counts one more operation of the merchant in the pipeline, or refuses it."""
         queued = self.queued.get(merchant_id, 0)
-        if queued >= self.queue_operations_max:
+        if self.queue_operations_max is not None and queued >= self.queue_operations_max:
             metrics.quota_refusals.labels("queue").inc()
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"merchant {merchant_id!r} has {queued} operations waiting to commit, its share of the "
@@ -89,7 +95,7 @@ class MerchantQuotas:
     def take_hold(self, merchant_id: str) -> Outcome | None:
         """Before an authorize of the merchant: None if it may open a hold (counted), else the refusal."""
         count = self.holds_open.get(merchant_id, 0)
-        if count >= self.holds_open_max:
+        if self.holds_open_max is not None and count >= self.holds_open_max:
             metrics.quota_refusals.labels("holds_open").inc()
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, message=(
                 f"merchant {merchant_id!r} has {count} open holds, its quota (merchant_holds_open_max "
