@@ -83,7 +83,7 @@ OPTIONS: tuple[Option, ...] = (
            "members one merchant's earns may create per clock hour, at most; beyond it RESOURCE_EXHAUSTED"),
     Option("merchant_queue_operations_max", int, 5_000,
            "operations of one merchant queued or being committed, at most (a share of queue_operations_max); "
-           "beyond it RESOURCE_EXHAUSTED"),
+           "beyond it RESOURCE_EXHAUSTED; at or above queue_operations_max: no share"),
     Option("batch_request_operations_max", int, 8192, "operations in one SubmitBatch call, at most"),
     Option("stream_operations_in_flight_max", int, 1024,
            "operations of one Stream awaiting their commit, at most; the stream is read no further until one ends"),
