@@ -19,7 +19,7 @@ from google.protobuf import json_format, timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from processor.domain import Code, Rejection, require
+from processor.domain import Code, Rejection
 
 log = logging.getLogger("points.audit")
 
@@ -98,7 +98,8 @@ class AuditLog:
 
     async def record(self, key_id: str, method: str, request, outcome: str, message: str = "",
                      request_id: str = "") -> None:
-        require(self.store is not None, "audit record before the store is open")
+        if self.store is None:  # a call while the service starts (answered UNAVAILABLE)
+            raise RuntimeError("the database is not open yet")
         await self.store.pool.execute(
             """INSERT INTO audit_records (key_id, method, request, outcome, message, request_id)
                VALUES ($1, $2, $3::jsonb, $4, $5, $6)""",
