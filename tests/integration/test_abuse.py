@@ -89,11 +89,11 @@ def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_wi
 # Keys: unknown ids cached, own pool, expiry, last use
 
 
-async def _insert_key(url: str, key, kind: str, merchant_ids: list[str]) -> None:
+async def _insert_key(url: str, key, kind: str, merchant_ids: list[str], expires_at=None) -> None:
     from processor.store import Store
     store = await Store.open(url, 2)
     try:
-        await store.insert_api_key(key.key_id, key.secret_sha256, kind, merchant_ids, "tests")
+        await store.insert_api_key(key.key_id, key.secret_sha256, kind, merchant_ids, "tests", expires_at)
     finally:
         await store.close()
 
@@ -149,14 +149,14 @@ def test_key_look_ups_use_their_own_small_pool_and_a_flood_of_bad_keys_does_not_
 
 
 def test_an_expired_key_is_refused_saying_it_expired_even_while_cached(create_database, service_factory):
+    from processor import auth
     url = create_database()
     add_merchant(url, "shop")
-    expires_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=6)
-    created = cli("key", "create", "--merchant-id", "shop", "--expires-at", expires_at.isoformat(),
-                  "--database-url", url)
-    assert created.returncode == 0, created.stderr
-    key = created.stdout.split()[-1]
     service = service_factory(url, "--auth-cache-seconds", "300")
+    new_key = auth.new_key()
+    expires_at = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=5)
+    asyncio.run(_insert_key(url, new_key, "merchant", ["shop"], expires_at))
+    key = new_key.key
     with service.bare_channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         assert stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30).points == 1_000
@@ -167,6 +167,11 @@ def test_an_expired_key_is_refused_saying_it_expired_even_while_cached(create_da
         assert "expired" in error.details()
     past = cli("key", "create", "--merchant-id", "shop", "--expires-at", "2020-01-01T00:00:00Z", "--database-url", url)
     assert past.returncode != 0 and "not in the future" in past.stderr
+    made = cli("key", "create", "--merchant-id", "shop", "--expires-in-days", "30", "--database-url", url)
+    assert made.returncode == 0, made.stderr
+    stored = fetch(url, "SELECT expires_at - created_at AS life FROM api_keys WHERE key_id = $1",
+                   made.stdout.split()[-1].split("_")[1])[0]["life"]
+    assert dt.timedelta(days=29, hours=23) < stored <= dt.timedelta(days=30)
 
 
 def test_a_key_records_its_last_use_and_key_list_shows_it(create_database, service_factory):
@@ -309,15 +314,16 @@ def test_the_per_merchant_rate_limit_is_on_by_default_and_says_when_to_retry(cre
     service = service_factory(url, "--merchant-burst-operations", "5")
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
+        # 300 operations checked one after the other in a few ms: far more than 5 plus what 1,000/s refills
         batch = points_pb2.SubmitBatchRequest(operations=[
-            points_pb2.Operation(earn=earn_request("busy", unique("mem"))) for _ in range(30)])
+            points_pb2.Operation(earn=earn_request("busy", unique("mem"))) for _ in range(300)])
         results = stub.SubmitBatch(batch, timeout=60).results
         refused = [r for r in results if r.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
-        assert refused, "30 operations at once must exceed a burst of 5 at the default rate"
+        assert refused, "300 operations at once must exceed a burst of 5 at the default rate"
         assert "operations/s" in refused[0].message and "retry in" in refused[0].message
         assert stub.Earn(earn_request("quiet", "m"), timeout=30).points == 1_000
     posted = fetch(url, "SELECT count(*) AS n FROM transactions WHERE merchant_id = 'busy'")[0]["n"]
-    assert posted == 30 - len(refused)
+    assert posted == 300 - len(refused)
 
 
 def test_an_earn_of_zero_points_creates_no_member(create_database, service_factory):
