@@ -1,9 +1,10 @@
 """The audit trail of the operator's changes: which methods change state, the append-only
 `audit_records` table (migration 0010), and AuditService, which reads it.
 
-Every call of a state-changing operator method made with a valid key is recorded by the RPC interceptor
-(processor/rpc.py) once it has ended, whatever its outcome; the CLI records its own state-changing
-commands with key_id "cli". Requests are stored as JSON with their secrets redacted and their size
+Every call of a state-changing operator method made with a valid operator key is recorded by the RPC
+interceptor (processor/rpc.py) once it has ended, whatever its outcome; a call with a key of the wrong kind
+is recorded too, at most once a minute per key; the CLI records its own state-changing commands with
+key_id "cli". Requests are stored as JSON with their secrets redacted and their size
 bounded. Calls refused before authentication (no key, a wrong key) are not recorded: a flood of bad keys
 must not grow the table.
 """
@@ -50,6 +51,12 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
 def _check_table() -> None:
     declared = {service.full_name: {m.name for m in service.methods}
                 for service in pb.DESCRIPTOR.services_by_name.values()}
+    streaming = {f"{service.full_name}/{m.name}" for service in pb.DESCRIPTOR.services_by_name.values()
+                 for m in service.methods if m.client_streaming or m.server_streaming}
+    audited_streams = {name for name in streaming
+                       if STATE_CHANGING.get(name.rpartition("/")[0], {}).get(name.rpartition("/")[2])}
+    if audited_streams:  # the interceptor records unary calls only
+        raise ImportError(f"state-changing streaming operator methods are not audited yet: {sorted(audited_streams)}")
     classified = {service: set(methods) for service, methods in STATE_CHANGING.items()}
     if declared != classified:
         missing = {f"{s}/{m}" for s, ms in declared.items() for m in ms - classified.get(s, set())}

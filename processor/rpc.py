@@ -66,9 +66,25 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
     UNIMPLEMENTED for a service not in ACCEPTED_KINDS or OPEN_SERVICES; an audit record of every call of a
     state-changing operator method (processor/audit.py) made with a valid key."""
 
+    # A key of the wrong kind (a merchant's) calling a state-changing operator method is recorded once per
+    # key per this many seconds: enough to see the attempt, not a way to grow the audit table at will.
+    KIND_REFUSAL_RECORD_SECONDS = 60.0
+    KIND_REFUSAL_KEYS_MAX = 10_000
+
     def __init__(self, authenticator: auth.Authenticator, audit_log: audit.AuditLog | None = None):
         self.authenticator = authenticator
         self.audit_log = audit_log
+        self._kind_refusals: dict[str, float] = {}  # key_id -> monotonic time its last refusal was recorded
+
+    def _record_kind_refusal(self, key_id: str) -> bool:
+        now = time.monotonic()
+        last = self._kind_refusals.get(key_id)
+        if last is not None and now - last < self.KIND_REFUSAL_RECORD_SECONDS:
+            return False
+        if len(self._kind_refusals) >= self.KIND_REFUSAL_KEYS_MAX:
+            self._kind_refusals.clear()
+        self._kind_refusals[key_id] = now
+        return True
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -204,7 +220,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 account(context, rid, begin, code)
-                if audit_log is not None and caller is not None:
+                if audit_log is not None and caller is not None and (
+                        caller.kind in accepted or self._record_kind_refusal(caller.key_id)):
                     await record(context, caller, rid, request, code)
 
         return grpc.unary_unary_rpc_method_handler(

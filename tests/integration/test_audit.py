@@ -119,6 +119,12 @@ def test_calls_refused_for_their_key_kind_are_recorded_and_unauthenticated_ones_
         grpc.StatusCode.PERMISSION_DENIED
     (record,) = records(audit, operator_key, key_id=key_id(merchant_key))
     assert (record.method, record.outcome) == ("/points.v1.MerchantAdmin/SuspendMerchant", "PERMISSION_DENIED")
+    # a key hammering the operator's methods does not grow the table: once a minute per key at most
+    for _ in range(5):
+        error_of(lambda: admin.CreateMerchant(admin_pb2.CreateMerchantRequest(
+            merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=1000)),
+            metadata=credential(merchant_key), timeout=30))
+    assert len(records(audit, operator_key, key_id=key_id(merchant_key))) == 1
 
 
 def test_the_audit_service_takes_operator_keys_only(service, audit):
