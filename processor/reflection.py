@@ -11,7 +11,7 @@ from __future__ import annotations
 from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection_pb2 as pb
 from grpc_reflection.v1alpha import reflection_pb2_grpc
-from grpc_reflection.v1alpha._async import ReflectionServicer
+from grpc_reflection.v1alpha.reflection import aio as reflection_aio
 
 from processor import rpc
 
@@ -36,13 +36,14 @@ def _closure(descriptor, seen: set[str]) -> set[str]:
     return seen
 
 
-class FilteringReflectionServicer(ReflectionServicer):
+class FilteringReflectionServicer(reflection_aio.ReflectionServicer):
     """ReflectionServicer whose answers leave out the operator services unless the caller is an operator."""
 
     def __init__(self, service_names, hidden_service_names, pool=None):
-        super().__init__(service_names, pool=pool)
+        self._descriptors = pool or descriptor_pool.Default()
+        super().__init__(service_names, pool=self._descriptors)
         self._public_names = tuple(sorted(n for n in service_names if n not in hidden_service_names))
-        self._hidden_files = _files_with(self._pool, hidden_service_names)
+        self._hidden_files = _files_with(self._descriptors, hidden_service_names)
 
     async def ServerReflectionInfo(self, request_iterator, context):
         caller = rpc.principal.get()
@@ -62,9 +63,9 @@ class FilteringReflectionServicer(ReflectionServicer):
             request = response.original_request
             try:
                 if request.HasField("file_by_filename"):
-                    descriptor = self._pool.FindFileByName(request.file_by_filename)
+                    descriptor = self._descriptors.FindFileByName(request.file_by_filename)
                 elif request.HasField("file_containing_symbol"):
-                    descriptor = self._pool.FindFileContainingSymbol(request.file_containing_symbol)
+                    descriptor = self._descriptors.FindFileContainingSymbol(request.file_containing_symbol)
                 else:  # by extension: answered only if no hidden file is among those sent
                     descriptor = None
             except KeyError:
@@ -79,6 +80,5 @@ class FilteringReflectionServicer(ReflectionServicer):
 
 def enable(service_names, server, pool=None) -> None:
     """Adds the filtering reflection service to an aio server (instead of reflection.enable_server_reflection)."""
-    servicer = FilteringReflectionServicer(service_names, rpc.OPERATOR_SERVICES,
-                                           pool=pool or descriptor_pool.Default())
+    servicer = FilteringReflectionServicer(service_names, rpc.OPERATOR_SERVICES, pool=pool)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
