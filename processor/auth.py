@@ -67,7 +67,7 @@ class Authenticator:
 
     def __init__(self, store, cache_seconds: float, cache_entries_max: int = 100_000,
                  unknown_cache_seconds: float = 0.0, unknown_cache_entries_max: int = 10_000,
-                 last_used_seconds: float = 60.0):
+                 last_used_seconds: float = 60.0, lookups_in_flight_max: int = 256):
         self.store = store
         self.pool = None  # the look-ups' own pool (server.py); None: the store's
         self.cache_seconds = cache_seconds
@@ -79,7 +79,8 @@ class Authenticator:
         self._unknown: dict[str, float] = {}  # key_id -> monotonic time it was found unknown
         self._used: dict[str, dt.datetime] = {}  # key_id -> last use not yet written
         self._written: dict[str, float] = {}  # key_id -> monotonic time its last use was last queued
-        self.lookups = 0  # Postgres look-ups made (for tests and metrics)
+        self.lookups_in_flight_max = lookups_in_flight_max
+        self._lookups_in_flight = 0  # look-ups running or waiting for a connection of the pool
 
     async def principal(self, metadata) -> Principal:
         key = bearer_key(metadata)
@@ -103,11 +104,16 @@ class Authenticator:
             del self._unknown[key_id]
         if self.store is None:
             raise Rejection(Code.UNAVAILABLE, "the service is starting; retry shortly")
+        if self._lookups_in_flight >= self.lookups_in_flight_max:  # the pool's wait queue is bounded too
+            raise Rejection(Code.RESOURCE_EXHAUSTED, f"{self._lookups_in_flight} API keys are being checked at "
+                                                     "once; retry with exponential backoff")
+        self._lookups_in_flight += 1
         try:
-            self.lookups += 1
             row = await self.store.api_key(key_id, self.pool)
         except Exception:  # Postgres unreachable: retryable, not a bad key
             raise Rejection(Code.UNAVAILABLE, "cannot check the API key now; retry shortly") from None
+        finally:
+            self._lookups_in_flight -= 1
         if row is None:
             if self.unknown_cache_seconds > 0:
                 if len(self._unknown) >= self.unknown_cache_entries_max:

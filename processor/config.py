@@ -95,6 +95,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("auth_unknown_cache_entries_max", int, 10_000, "unknown key ids remembered, at most"),
     Option("auth_pool_connections_max", int, 2,
            "Postgres connections of the key look-ups' own pool (never the committer's), at most"),
+    Option("auth_lookups_in_flight_max", int, 256,
+           "key look-ups in Postgres running or waiting for the pool at once, at most; beyond it calls get "
+           "RESOURCE_EXHAUSTED"),
     Option("auth_last_used_seconds", float, 60.0,
            "a key's last_used_at is written at most this often (batched for all keys used meanwhile)"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
@@ -152,6 +155,7 @@ class Settings:
     auth_unknown_cache_seconds: float = 10.0
     auth_unknown_cache_entries_max: int = 10_000
     auth_pool_connections_max: int = 2
+    auth_lookups_in_flight_max: int = 256
     auth_last_used_seconds: float = 60.0
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     program_id: str = "alliance"
@@ -207,6 +211,7 @@ class Settings:
         check(1 <= self.auth_unknown_cache_entries_max <= 10_000_000,
               "auth_unknown_cache_entries_max must be 1..10000000")
         check(1 <= self.auth_pool_connections_max <= 20, "auth_pool_connections_max must be 1..20")
+        check(1 <= self.auth_lookups_in_flight_max <= 100_000, "auth_lookups_in_flight_max must be 1..100000")
         check(0 <= self.auth_last_used_seconds <= 86_400, "auth_last_used_seconds must be 0..86400")
         check(1 <= self.idempotency_purge_chunk_rows_max <= 1_000_000,
               "idempotency_purge_chunk_rows_max must be 1..1000000")

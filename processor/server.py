@@ -70,7 +70,8 @@ class Service:
         self.authenticator = auth.Authenticator(
             None, settings.auth_cache_seconds, unknown_cache_seconds=settings.auth_unknown_cache_seconds,
             unknown_cache_entries_max=settings.auth_unknown_cache_entries_max,
-            last_used_seconds=settings.auth_last_used_seconds)
+            last_used_seconds=settings.auth_last_used_seconds,
+            lookups_in_flight_max=settings.auth_lookups_in_flight_max)
         self.audit_log = audit.AuditLog()
         self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(self.authenticator, self.audit_log)],
                                       maximum_concurrent_rpcs=settings.rpcs_in_flight_max, options=[

@@ -148,6 +148,29 @@ def test_key_look_ups_use_their_own_small_pool_and_a_flood_of_bad_keys_does_not_
         assert 1 <= connections.get("points-processor-auth", 0) <= 1, connections
 
 
+def test_key_look_ups_waiting_for_their_pool_are_bounded(create_database, service_factory):
+    from processor import auth
+    url = create_database()
+    key = add_merchant(url, "shop")
+    service = service_factory(url, "--auth-pool-connections-max", "1", "--auth-lookups-in-flight-max", "1",
+                              "--auth-unknown-cache-seconds", "0")
+    with service.bare_channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        futures = [stub.GetBalance.future(points_pb2.GetBalanceRequest(member_id="x"),
+                                          metadata=credential(auth.new_key().key), timeout=60) for _ in range(200)]
+        codes = []
+        for future in futures:
+            try:
+                future.result()
+            except grpc.RpcError as error:
+                codes.append((error.code(), error.details()))
+        assert {code for code, _ in codes} == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert any("being checked at once" in details for code, details in codes
+                   if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # the service goes on answering good keys
+        assert stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30).points == 1_000
+
+
 def test_an_expired_key_is_refused_saying_it_expired_even_while_cached(create_database, service_factory):
     from processor import auth
     url = create_database()
