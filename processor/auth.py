@@ -62,7 +62,8 @@ class Authenticator:
     """Looks keys up in Postgres (through `store.api_key`, on its own small pool when `pool` is set) and
     caches verified ones for `cache_seconds`; remembers unknown key ids as unknown for
     `unknown_cache_seconds` (at most `unknown_cache_entries_max` of them), so a flood of made-up keys
-    costs one look-up per id, not per call. Records when each key was last used, written at most every
+    costs one look-up per id, not per call; at most `lookups_in_flight_max` look-ups run or wait for the
+    pool at once (beyond: RESOURCE_EXHAUSTED). Records when each key was last used, written at most every
     `last_used_seconds` for all keys used meanwhile (`flush_last_used`)."""
 
     def __init__(self, store, cache_seconds: float, cache_entries_max: int = 100_000,
