@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,key,program,member,reconcile,seed,demo} ...
+"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,seed,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -31,13 +31,30 @@ def _run(coroutine):
     return uvloop.run(coroutine)
 
 
-async def _with_store(settings: config.Settings, action):
+async def _with_store(settings: config.Settings, action, audit_as: tuple[str, dict] | None = None):
+    """Runs `action(store)`; with `audit_as` (command, arguments), writes its audit record (key id "cli")
+    whatever the outcome: a state change made on the host is on the trail like one made through the API."""
+    from processor.audit import CLI_KEY_ID, AuditLog
     from processor.server import open_store
     store = await open_store(settings)
     try:
-        return await action(store)
+        if audit_as is None:
+            return await action(store)
+        outcome, message = "OK", ""
+        try:
+            return await action(store)
+        except BaseException as error:
+            outcome, message = "FAILED_PRECONDITION", str(error) or type(error).__name__
+            raise
+        finally:
+            await AuditLog(store).record(CLI_KEY_ID, "cli " + audit_as[0], audit_as[1], outcome, message)
     finally:
         await store.close()
+
+
+def _cli_arguments(args: argparse.Namespace) -> dict:
+    """The command's arguments for its audit record, without the database's (its URL may hold a password)."""
+    return {k: v for k, v in vars(args).items() if k not in DATABASE_OPTIONS and k not in ("func", "log_level")}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -97,7 +114,7 @@ def cmd_merchant_add(args: argparse.Namespace) -> int:
         return await store.add_merchant(args.merchant_id, args.give_back_bps, name=args.name, region=args.region,
                                         fee_redeemed_bps=args.fee_redeemed_bps, fee_issued_bps=args.fee_issued_bps)
     try:
-        row = _run(_with_store(settings, action))
+        row = _run(_with_store(settings, action, ("merchant add", _cli_arguments(args))))
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -123,18 +140,81 @@ def cmd_key_create(args: argparse.Namespace) -> int:
         kind = "merchant"
         if len(merchant_ids) != 1:
             sys.exit("error: give exactly one --merchant-id (or --gateway with several, or --operator)")
+    expires_at = _expires_at(args)
     key = auth.new_key()
 
     async def action(store):
         await store.insert_api_key(key.key_id, key.secret_sha256, kind, sorted(set(merchant_ids)),
-                                   args.description)
+                                   args.description, expires_at)
     try:
-        _run(_with_store(settings, action))
+        _run(_with_store(settings, action, ("key create", {**_cli_arguments(args), "key_id": key.key_id,
+                                                           "kind": kind})))
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     scope = f" for {', '.join(merchant_ids)}" if merchant_ids else ""
-    print(f"{kind} key {key.key_id}{scope} (shown once; send as 'authorization: Bearer <key>'): {key.key}")
+    until = f", expires {_iso(expires_at)}" if expires_at else ""
+    print(f"{kind} key {key.key_id}{scope}{until} (shown once; send as 'authorization: Bearer <key>'): {key.key}")
+    return 0
+
+
+def _iso(moment) -> str:
+    import datetime as dt
+    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z") if moment else "-"
+
+
+def _expires_at(args: argparse.Namespace):
+    """The key's expiry from --expires-in-days or --expires-at (None: never); exits 2 on a bad value."""
+    import datetime as dt
+    if args.expires_in_days is not None and args.expires_at is not None:
+        _refuse("give --expires-in-days or --expires-at, not both")
+    now = dt.datetime.now(dt.timezone.utc)
+    if args.expires_in_days is not None:
+        if not 0 < args.expires_in_days <= 36_500:
+            _refuse("--expires-in-days must be 1..36500")
+        return now + dt.timedelta(days=args.expires_in_days)
+    if args.expires_at is not None:
+        try:
+            moment = dt.datetime.fromisoformat(args.expires_at)
+        except ValueError:
+            _refuse(f"--expires-at {args.expires_at!r} is not an ISO 8601 time; write e.g. 2027-01-01T00:00:00Z")
+        if moment.tzinfo is None:
+            _refuse(f"--expires-at {args.expires_at!r} has no time zone; add one, e.g. Z for UTC")
+        if moment <= now:
+            _refuse(f"--expires-at {args.expires_at!r} is not in the future")
+        return moment
+    return None
+
+
+def cmd_key_list(args: argparse.Namespace) -> int:
+    """One line per key: id, kind, merchants, created, expires, revoked, last used, description."""
+    settings = _settings(args)
+
+    async def action(store):
+        return await store.api_keys()
+    rows = _run(_with_store(settings, action))
+    print("key_id\tkind\tmerchants\tcreated_at\texpires_at\trevoked_at\tlast_used_at\tdescription")
+    for r in rows:
+        print("\t".join((r["key_id"], r["kind"], ",".join(r["merchant_ids"]) or "-", _iso(r["created_at"]),
+                         _iso(r["expires_at"]), _iso(r["revoked_at"]), _iso(r["last_used_at"]),
+                         r["description"] or "-")))
+    return 0
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    """The audit trail, newest first, one JSON object a line."""
+    import json
+    from processor.audit import AuditLog
+    settings = _settings(args)
+    if not 1 <= args.limit <= 100_000:
+        _refuse("--limit must be 1..100000")
+
+    async def action(store):
+        return await AuditLog(store).records(args.key_id or "", args.method or "", None, args.limit)
+    for r in _run(_with_store(settings, action)):
+        print(json.dumps({"audit_id": r["audit_id"], "at": _iso(r["at"]), "key_id": r["key_id"],
+                          "method": r["method"], "request": json.loads(r["request"]), "outcome": r["outcome"],
+                          "message": r["message"], "request_id": r["request_id"]}, sort_keys=True))
     return 0
 
 
@@ -143,7 +223,7 @@ def cmd_key_revoke(args: argparse.Namespace) -> int:
 
     async def action(store):
         return await store.revoke_api_key(args.key_id)
-    revoked_at = _run(_with_store(settings, action))
+    revoked_at = _run(_with_store(settings, action, ("key revoke", _cli_arguments(args))))
     if revoked_at is None:
         print(f"error: no API key {args.key_id!r}", file=sys.stderr)
         return 1
@@ -205,7 +285,11 @@ def cmd_member(args: argparse.Namespace) -> int:
         if credentials is None:
             return None, f"member {member_id!r} has nothing enrolled and no failures"
         return _member_json(member_id, credentials), ""
-    shown, problem = _run(_with_store(settings, action))
+    # a change made on the host is on the audit trail like one made through MemberAdminService (never
+    # the PIN, the secret or the key that seals it)
+    audit_as = None if args.action == "show" else (
+        "member " + args.action, {k: v for k, v in _cli_arguments(args).items() if k != "member_secret_key"})
+    shown, problem = _run(_with_store(settings, action, audit_as))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
@@ -269,7 +353,7 @@ def cmd_program_set(args: argparse.Namespace) -> int:
     async def action(store):
         return await store.add_program_version(settings.program_id, effective_from_us, config, f"cli {user}")
     try:
-        version = _run(_with_store(settings, action))
+        version = _run(_with_store(settings, action, ("program set", {**_cli_arguments(args), "config": config})))
     except (rules.ConfigError, StoreError) as error:
         _refuse(str(error))
     stored = _program_json(version)
@@ -456,8 +540,13 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--gateway", action="store_true", help="a gateway key for the listed merchants")
     create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdmin, Programs, Clearing)")
     create.add_argument("--description", default="")
+    create.add_argument("--expires-in-days", type=int, help="the key stops working this many days from now")
+    create.add_argument("--expires-at", help="ISO 8601 time with a zone when the key stops working")
     config.add_arguments(create, DATABASE_OPTIONS)
     create.set_defaults(func=cmd_key_create)
+    key_list = key.add_parser("list", help="list the keys: kind, merchants, expiry, revocation, last use")
+    config.add_arguments(key_list, DATABASE_OPTIONS)
+    key_list.set_defaults(func=cmd_key_list)
     revoke = key.add_parser("revoke", help="revoke a key (effective within the auth cache time)")
     revoke.add_argument("--key-id", required=True)
     config.add_arguments(revoke, DATABASE_OPTIONS)
@@ -494,6 +583,14 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("--remove-pin", action="store_true")
         config.add_arguments(command, DATABASE_OPTIONS + (("member_secret_key",) if name == "enroll-totp" else ()))
         command.set_defaults(func=cmd_member)
+    audit_parser = commands.add_parser(
+        "audit", help="the audit trail of operator changes").add_subparsers(dest="action", required=True)
+    audit_list = audit_parser.add_parser("list", help="print audit records, newest first, one JSON object a line")
+    audit_list.add_argument("--key-id", help="only this API key's records ('cli': the CLI's)")
+    audit_list.add_argument("--method", help="only this method, e.g. /points.v1.MerchantAdmin/IssueApiKey")
+    audit_list.add_argument("--limit", type=int, default=100, help="records, at most [default 100]")
+    config.add_arguments(audit_list, DATABASE_OPTIONS)
+    audit_list.set_defaults(func=cmd_audit_list)
 
     reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")
     config.add_arguments(reconcile, DATABASE_OPTIONS)

@@ -152,18 +152,32 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         async def call():
             kind = _KIND_NAME.get(request.kind)
             if kind is None:
-                raise Rejection(Code.INVALID_ARGUMENT, "kind must be API_KEY_KIND_MERCHANT, _GATEWAY or _OPERATOR")
+                raise Rejection(Code.INVALID_ARGUMENT, "kind must be API_KEY_KIND_MERCHANT or _GATEWAY")
+            if kind == "operator":  # an operator key can make anything: only someone on the host makes one
+                raise Rejection(Code.PERMISSION_DENIED,
+                                "operator keys are created only on the host: python -m processor key create "
+                                "--operator; this call issues merchant and gateway keys")
             merchant_ids = [self.validate.identifier(m, "merchant_ids") for m in request.merchant_ids]
-            expected = {"merchant": "exactly one", "gateway": "one or more", "operator": "no"}[kind]
+            expected = {"merchant": "exactly one", "gateway": "one or more"}[kind]
             if (kind == "merchant" and len(merchant_ids) != 1) or (kind == "gateway" and not merchant_ids) \
-                    or (kind == "operator" and merchant_ids) or len(merchant_ids) > GATEWAY_MERCHANTS_MAX:
+                    or len(merchant_ids) > GATEWAY_MERCHANTS_MAX:
                 raise Rejection(Code.INVALID_ARGUMENT, f"a {kind} key takes {expected} merchant_ids")
             if len(request.description.encode()) > TEXT_BYTES_MAX:
                 raise Rejection(Code.INVALID_ARGUMENT, f"description must be at most {TEXT_BYTES_MAX} bytes")
+            expires_at = None
+            if request.HasField("expires_at"):
+                try:
+                    expires_at = request.expires_at.ToDatetime(tzinfo=dt.timezone.utc)
+                except (ValueError, OverflowError):
+                    expires_at = None
+                if expires_at is None or expires_at <= dt.datetime.now(dt.timezone.utc):
+                    raise Rejection(Code.INVALID_ARGUMENT, "expires_at must be a time in the future (or unset: "
+                                                           "the key never expires)")
             key = auth.new_key()
             try:
                 await self.pipeline.ready_store().insert_api_key(key.key_id, key.secret_sha256, kind,
-                                                           sorted(set(merchant_ids)), request.description)
+                                                           sorted(set(merchant_ids)), request.description,
+                                                           expires_at)
             except StoreError as error:
                 raise Rejection(Code.NOT_FOUND, str(error)) from None
             return pb.IssueApiKeyResponse(key_id=key.key_id, key=key.key)

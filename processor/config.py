@@ -83,6 +83,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("idempotency_key_bytes_max", int, 128, "longest idempotency key, bytes"),
     Option("idempotency_retention_days", int, 0,
            "idempotency records older than this are deleted; 0 keeps them forever (minimum 30 otherwise)"),
+    Option("idempotency_purge_chunk_rows_max", int, 10_000,
+           "idempotency records deleted per purge transaction, at most (the purge loops until done)"),
+    Option("idempotency_purge_chunk_timeout_seconds", float, 60.0, "time one purge transaction may take"),
     Option("page_size_default", int, 50, "ListTransactions page size when the request gives none"),
     Option("page_size_max", int, 200, "largest ListTransactions page size"),
     Option("members_max", int, 5_000_000, "members resident in the fast path, at most"),
@@ -91,14 +94,37 @@ OPTIONS: tuple[Option, ...] = (
            "refundable transactions cached in the fast path before the cache is dropped"),
     Option("rpcs_in_flight_max", int, 10_000,
            "RPCs being handled at once, at most; beyond it calls get RESOURCE_EXHAUSTED"),
-    Option("merchant_operations_per_second", float, 0.0,
-           "per-merchant rate limit on mutating calls (token bucket); 0 = no limit"),
-    Option("merchant_burst_operations", int, 1000, "per-merchant burst allowed above the rate"),
+    Option("merchant_operations_per_second", float, 1000.0,
+           "per-merchant rate limit on mutating operations (token bucket; each operation of a SubmitBatch or "
+           "Stream counts); beyond it RESOURCE_EXHAUSTED says when to retry; 0 = no limit"),
+    Option("merchant_burst_operations", int, 10_000, "per-merchant burst allowed above the rate"),
+    Option("merchant_holds_open_max", int, 200_000,
+           "open holds of one merchant, at most (a share of holds_max, so one merchant cannot take them all); "
+           "beyond it Authorize gets RESOURCE_EXHAUSTED; at or above holds_max: no share"),
+    Option("merchant_holds_recount_seconds", float, 60.0,
+           "how often the open holds of each merchant are recounted from Postgres (between recounts, holds "
+           "resolved are not subtracted: the count errs high)"),
+    Option("merchant_new_members_per_hour_max", int, 100_000,
+           "members one merchant's earns may create per clock hour, at most; beyond it RESOURCE_EXHAUSTED"),
+    Option("merchant_queue_operations_max", int, 5_000,
+           "operations of one merchant queued or being committed, at most (a share of queue_operations_max); "
+           "beyond it RESOURCE_EXHAUSTED; at or above queue_operations_max: no share"),
     Option("batch_request_operations_max", int, 8192, "operations in one SubmitBatch call, at most"),
     Option("stream_operations_in_flight_max", int, 1024,
            "operations of one Stream awaiting their commit, at most; the stream is read no further until one ends"),
     Option("auth_cache_seconds", float, 5.0,
            "verified API keys are cached this long; a key revoked by the CLI stops working within it"),
+    Option("auth_unknown_cache_seconds", float, 10.0,
+           "an unknown key id is remembered as unknown this long (no Postgres look-up for its repeats); "
+           "a key created by the CLI for that id works after it at the latest"),
+    Option("auth_unknown_cache_entries_max", int, 10_000, "unknown key ids remembered, at most"),
+    Option("auth_pool_connections_max", int, 2,
+           "Postgres connections of the key look-ups' own pool (never the committer's), at most"),
+    Option("auth_lookups_in_flight_max", int, 256,
+           "key look-ups in Postgres running or waiting for the pool at once, at most; beyond it calls get "
+           "RESOURCE_EXHAUSTED"),
+    Option("auth_last_used_seconds", float, 60.0,
+           "a key's last_used_at is written at most this often (batched for all keys used meanwhile)"),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
     Option("program_id", str, "alliance",
            "the loyalty program whose versioned rules (tiers, expiry, promotions, ...) the service applies; "
@@ -147,17 +173,28 @@ class Settings:
     id_bytes_max: int = 128
     idempotency_key_bytes_max: int = 128
     idempotency_retention_days: int = 0
+    idempotency_purge_chunk_rows_max: int = 10_000
+    idempotency_purge_chunk_timeout_seconds: float = 60.0
     page_size_default: int = 50
     page_size_max: int = 200
     members_max: int = 5_000_000
     holds_max: int = 2_000_000
     transactions_resident_max: int = 200_000
     rpcs_in_flight_max: int = 10_000
-    merchant_operations_per_second: float = 0.0
-    merchant_burst_operations: int = 1000
+    merchant_operations_per_second: float = 1000.0
+    merchant_burst_operations: int = 10_000
+    merchant_holds_open_max: int = 200_000
+    merchant_holds_recount_seconds: float = 60.0
+    merchant_new_members_per_hour_max: int = 100_000
+    merchant_queue_operations_max: int = 5_000
     batch_request_operations_max: int = 8192
     stream_operations_in_flight_max: int = 1024
     auth_cache_seconds: float = 5.0
+    auth_unknown_cache_seconds: float = 10.0
+    auth_unknown_cache_entries_max: int = 10_000
+    auth_pool_connections_max: int = 2
+    auth_lookups_in_flight_max: int = 256
+    auth_last_used_seconds: float = 60.0
     grpc_message_bytes_max: int = 4 * 1024 * 1024
     program_id: str = "alliance"
     expiry_lots_per_batch_max: int = 1000
@@ -218,6 +255,20 @@ class Settings:
         check(1 <= self.stream_operations_in_flight_max <= 100_000,
               "stream_operations_in_flight_max must be 1..100000")
         check(0 <= self.auth_cache_seconds <= 300, "auth_cache_seconds must be 0..300")
+        check(0 <= self.auth_unknown_cache_seconds <= 300, "auth_unknown_cache_seconds must be 0..300")
+        check(1 <= self.auth_unknown_cache_entries_max <= 10_000_000,
+              "auth_unknown_cache_entries_max must be 1..10000000")
+        check(1 <= self.auth_pool_connections_max <= 20, "auth_pool_connections_max must be 1..20")
+        check(1 <= self.auth_lookups_in_flight_max <= 100_000, "auth_lookups_in_flight_max must be 1..100000")
+        check(0 <= self.auth_last_used_seconds <= 86_400, "auth_last_used_seconds must be 0..86400")
+        check(1 <= self.idempotency_purge_chunk_rows_max <= 1_000_000,
+              "idempotency_purge_chunk_rows_max must be 1..1000000")
+        check(self.idempotency_purge_chunk_timeout_seconds > 0, "idempotency_purge_chunk_timeout_seconds must be > 0")
+        check(self.merchant_holds_open_max >= 1, "merchant_holds_open_max must be >= 1 (above holds_max: no share)")
+        check(0.05 <= self.merchant_holds_recount_seconds <= 86_400, "merchant_holds_recount_seconds must be 0.05..86400")
+        check(self.merchant_new_members_per_hour_max >= 1, "merchant_new_members_per_hour_max must be >= 1")
+        check(self.merchant_queue_operations_max >= 1,
+              "merchant_queue_operations_max must be >= 1 (above queue_operations_max: no share)")
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
         check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")

@@ -187,3 +187,11 @@ class TokenBuckets:
             return False
         self._buckets[key] = (tokens - 1.0, now)
         return True
+
+    def retry_seconds(self, key: str, now: float) -> float:
+        """How long until `key`'s bucket holds a whole token again (0: it does now)."""
+        if self.rate <= 0:
+            return 0.0
+        tokens, at = self._buckets.get(key, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        return max(0.0, (1.0 - tokens) / self.rate)

@@ -48,6 +48,15 @@ batch_linger_seconds = Gauge("points_pipeline_batch_linger_seconds", "Configured
 batches = Counter("points_pipeline_batches_total", "Batches by result (committed or failed).", ["result"])
 operations_shed = Counter("points_pipeline_operations_shed_total",
                           "Operations refused with RESOURCE_EXHAUSTED because the queue was full.")
+requests_undecodable = Counter("points_rpc_requests_undecodable_total",
+                               "Requests of authenticated callers whose bytes are not the method's message (a "
+                               "request without a valid key is refused before it is decoded).",
+                               ["grpc_service", "grpc_method"])
+audit_write_failures = Counter("points_audit_write_failures_total",
+                               "Audit records of operator calls that could not be written (the call happened).")
+quota_refusals = Counter("points_merchant_quota_refusals_total",
+                         "Operations refused by a per-merchant quota (queue, holds_open, new_members) or because "
+                         "an earn of 0 points would create a member (zero_point_member).", ["quota"])
 operations_rate_limited = Counter("points_operations_rate_limited_total",
                                   "Mutating calls refused with RESOURCE_EXHAUSTED by a merchant's rate limit.")
 idempotent_replays = Counter("points_idempotent_replays_total",

@@ -33,6 +33,7 @@ import asyncpg
 
 import fastpath
 from processor import domain, kinds, metrics, rules, velocity
+from processor.quotas import MerchantQuotas
 from processor.program import (
     OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, MemberRules, ProgramState, SplitRecord, VoucherHold)
 from processor.config import Settings
@@ -217,6 +218,7 @@ class Pipeline:
         self.draining = False       # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
         self.ready = False          # recovery done and Postgres reachable
+        self.quotas = MerchantQuotas(settings)  # per-merchant shares of the queue, holds and new members
 
     # --- lifecycle ---
 
@@ -336,7 +338,9 @@ class Pipeline:
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"the service is at capacity ({len(self._queue)} operations waiting to commit); "
                             "retry with exponential backoff")
+        self.quotas.enqueue(op.merchant_id)  # RESOURCE_EXHAUSTED beyond the merchant's share of the queue
         op.future = asyncio.get_running_loop().create_future()
+        op.future.add_done_callback(lambda _, merchant_id=op.merchant_id: self.quotas.dequeued(merchant_id))
         op.enqueued_at = time.monotonic()
         self._inflight[(op.merchant_id, op.idempotency_key)] = op
         self._queue.append(op)
@@ -768,6 +772,7 @@ class Pipeline:
         version = self.program.version(now_us)
         outcomes: list[Outcome | None] = [None] * len(batch)
         applied: list[int] = []  # positions in the batch of the operations given to the kernel
+        holds_taken: list[int] = []  # positions of authorizes counted against their merchant's open holds
         method, member, merchant, points, ref_id, new_id, expires_at_us = (array.array("q") for _ in range(7))
         for position, op in enumerate(batch):
             previous = stored.get((op.merchant_id, op.idempotency_key))
@@ -790,6 +795,12 @@ class Pipeline:
                 continue
             slot = reference = created = expires = 0
             if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
+                if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
+                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is Method.EARN else None,
+                                                     now_us)
+                    if refusal is not None:
+                        outcomes[position] = refusal
+                        continue
                 slot = ledger.ensure_member(op.member_id)
                 if slot < 0:
                     outcomes[position] = _ledger_rejection(fastpath.CAPACITY, op)
@@ -807,6 +818,11 @@ class Pipeline:
                         f"member {op.member_id!r} has no points account; a member is created by its first Earn"))
                     continue
                 if kind is Method.AUTHORIZE:
+                    refusal = self.quotas.take_hold(op.merchant_id)
+                    if refusal is not None:
+                        outcomes[position] = refusal
+                        continue
+                    holds_taken.append(position)
                     created = ids.authorization()
                     expires = now_us + op.hold_ttl_seconds * 1_000_000
                 else:
@@ -847,6 +863,9 @@ class Pipeline:
             for i, position in enumerate(applied):
                 outcomes[position] = self._applied(batch[position], write, now_us, new_id[i], status[i], slot[i],
                                                    amount[i], posted[i], available[i], kind[i])
+        for position in holds_taken:
+            if outcomes[position].code is not Code.OK:
+                self.quotas.hold_not_opened(batch[position].merchant_id)
         return outcomes
 
     def _applied(self, op: Operation, write: BatchWrite, now_us: int, created: int, status: int, slot: int,

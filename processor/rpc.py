@@ -1,5 +1,6 @@
 """The RPC layer around every servicer method: request ids, RED metrics, JSON logs of failed calls,
-and requests that do not decode (answered INVALID_ARGUMENT instead of gRPC's generic error)."""
+authentication before a request's bytes are decoded, deny by default, the audit trail of operator
+changes, and requests that do not decode (answered INVALID_ARGUMENT instead of gRPC's generic error)."""
 from __future__ import annotations
 
 import asyncio
@@ -10,7 +11,8 @@ import uuid
 
 import grpc
 
-from processor import auth, metrics
+from points.v1 import admin_pb2, points_pb2
+from processor import audit, auth, metrics
 from processor.domain import Rejection
 from processor.errors import grpc_status
 
@@ -19,17 +21,34 @@ REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_BYTES_MAX = 64
 # The id of the RPC being handled, for log lines written anywhere below the servicer.
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
-# Who is calling: set for every call of an authenticated service before the servicer runs.
+# Who is calling: set for every call of an authenticated service before the servicer runs (and for a call
+# of an open service that sent a valid key).
 principal: contextvars.ContextVar[auth.Principal | None] = contextvars.ContextVar("principal", default=None)
 
-# The kinds of credential each service accepts; services not listed (health, reflection) are open.
+# The kinds of credential each service accepts. Deny by default: a service neither listed here nor in
+# OPEN_SERVICES is answered UNIMPLEMENTED (as an unknown service is: its existence is not revealed).
 ACCEPTED_KINDS = {
     "points.v1.PointsService": ("merchant", "gateway"),
     "points.v1.MerchantAdmin": ("operator",),
     "points.v1.Clearing": ("operator",),
     "points.v1.Programs": ("operator",),
     "points.v1.MemberAdminService": ("operator",),
+    "points.v1.AuditService": ("operator",),
 }
+# Services any caller may use without a key: health checks and (filtered, processor/reflection.py)
+# server reflection.
+OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
+# Services only operator keys may call or see (reflection hides them from other callers).
+OPERATOR_SERVICES = frozenset(name for name, kinds in ACCEPTED_KINDS.items() if kinds == ("operator",))
+
+
+def _check_table() -> None:
+    declared = {s.full_name for file in (points_pb2, admin_pb2) for s in file.DESCRIPTOR.services_by_name.values()}
+    if declared - set(ACCEPTED_KINDS):
+        raise ImportError(f"rpc.ACCEPTED_KINDS must name the keys each service takes: {sorted(declared - set(ACCEPTED_KINDS))}")
+
+
+_check_table()
 
 
 def _request_id(context) -> str:
@@ -42,52 +61,95 @@ def _request_id(context) -> str:
 
 
 class RpcInterceptor(grpc.aio.ServerInterceptor):
-    """RED metrics for every unary-unary method, named as go-grpc-prometheus names them; a request id
-    per call (the caller's x-request-id or a new one), sent back in the initial metadata and logged
-    with every call that did not end OK (at DEBUG for those that did); authentication of the caller
-    (UNAUTHENTICATED without a valid key, PERMISSION_DENIED for a key of the wrong kind)."""
+    """RED metrics for every method, named as go-grpc-prometheus names them; a request id per call (the
+    caller's x-request-id or a new one), sent back in the initial metadata and logged with every call that
+    did not end OK (at DEBUG for those that did); authentication of the caller before the request's bytes
+    are decoded (UNAUTHENTICATED without a valid key, PERMISSION_DENIED for a key of the wrong kind);
+    UNIMPLEMENTED for a service not in ACCEPTED_KINDS or OPEN_SERVICES; an audit record of every call of a
+    state-changing operator method (processor/audit.py) made with a valid key."""
 
-    def __init__(self, authenticator: auth.Authenticator):
+    # A key of the wrong kind (a merchant's) calling a state-changing operator method is recorded once per
+    # key per this many seconds: enough to see the attempt, not a way to grow the audit table at will.
+    KIND_REFUSAL_RECORD_SECONDS = 60.0
+    KIND_REFUSAL_KEYS_MAX = 10_000
+
+    def __init__(self, authenticator: auth.Authenticator, audit_log: audit.AuditLog | None = None):
         self.authenticator = authenticator
+        self.audit_log = audit_log
+        self._kind_refusals: dict[str, float] = {}  # key_id -> monotonic time its last refusal was recorded
+
+    def _record_kind_refusal(self, key_id: str) -> bool:
+        now = time.monotonic()
+        last = self._kind_refusals.get(key_id)
+        if last is not None and now - last < self.KIND_REFUSAL_RECORD_SECONDS:
+            return False
+        if len(self._kind_refusals) >= self.KIND_REFUSAL_KEYS_MAX:
+            self._kind_refusals.clear()
+        self._kind_refusals[key_id] = now
+        return True
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or (handler.unary_unary is None and handler.stream_stream is None):
+        if handler is None:
             return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        full_method = handler_call_details.method
+        service, _, method = full_method.lstrip("/").rpartition("/")
         accepted = ACCEPTED_KINDS.get(service)
+        is_open = service in OPEN_SERVICES
+        streaming = handler.stream_stream is not None
+        if accepted is None and not is_open:
+            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED, f"service {service} is not served")
+        if handler.unary_unary is None and not streaming:
+            if is_open:
+                return handler  # health's Watch (unary-stream): open, no key to check
+            # unary-stream and stream-unary: none of ours; refused rather than let through unchecked
+            return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED, f"method {full_method} is not served")
         authenticator = self.authenticator
+        audit_log = self.audit_log if audit.audited(full_method) else None
         decode = handler.request_deserializer
         message_type = getattr(getattr(decode, "__self__", None), "DESCRIPTOR", None)
         request_type = message_type.full_name if message_type is not None else f"{service}/{method} request"
 
         def deserialize(data: bytes):
+            """After authentication only (admit): the bytes are untrusted until then."""
+            if decode is None:
+                return data
             try:
                 return decode(data)
             except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
+                undecodable.inc()
                 return Undecodable(request_type, error)
-        streaming = handler.stream_stream is not None
         labels = (service, method, "bidi_stream" if streaming else "unary")
+        undecodable = metrics.requests_undecodable.labels(service, method)
         started = metrics.rpc_started.labels(*labels)
         seconds = metrics.rpc_seconds.labels(*labels)
 
-        async def admit(context) -> tuple[str, float]:
+        async def admit(context) -> tuple[str, float, auth.Principal | None]:
             """Counts the call, gives it a request id and authenticates the caller."""
             started.inc()
             rid = _request_id(context)
             request_id.set(rid)
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+            caller = None
             if accepted is not None:
                 try:
                     caller = await authenticator.principal(context.invocation_metadata())
                 except Rejection as rejection:
                     await context.abort(grpc_status(rejection.code), rejection.message)
                 if caller.kind not in accepted:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                        f"a {caller.kind} key cannot call {service}; it takes a "
-                                        f"{' or '.join(accepted)} key")
+                    return rid, time.perf_counter(), caller  # refused by the behaviour, after the audit note
                 principal.set(caller)
-            return rid, time.perf_counter()
+            elif any(name == "authorization" for name, _ in context.invocation_metadata() or ()):
+                try:  # an open service (reflection) shows more to an operator
+                    principal.set(await authenticator.principal(context.invocation_metadata()))
+                except Rejection:
+                    pass
+            return rid, time.perf_counter(), caller
+
+        async def refuse_kind(context, caller: auth.Principal) -> None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"a {caller.kind} key cannot call {service}; it takes a "
+                                f"{' or '.join(accepted)} key")
 
         def account(context, rid: str, begin: float, code: grpc.StatusCode) -> None:
             elapsed = time.perf_counter() - begin
@@ -98,14 +160,37 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
                                              "details": context.details() or "", "seconds": round(elapsed, 6)})
 
+        async def record(context, caller, rid: str, request, code: grpc.StatusCode) -> None:
+            """The audit record of a state-changing operator call (a failure to write it is logged and
+            counted: the call itself has already happened)."""
+            if isinstance(request, Undecodable):
+                request = {"undecodable": request.message}
+            elif request is None:
+                request = {}
+            details = context.details() or ""
+            try:
+                await audit_log.record(caller.key_id, full_method, request, code.name,
+                                       details.decode(errors="replace") if isinstance(details, bytes) else details,
+                                       rid)
+            except Exception as error:
+                metrics.audit_write_failures.inc()
+                log.error("audit record not written", extra={"request_id": rid, "method": full_method,
+                                                             "error": repr(error)})
+
         if streaming:
             inner_stream = handler.stream_stream
 
             async def stream_behavior(request_iterator, context):
                 rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
                 try:
-                    rid, begin = await admit(context)
-                    async for response in inner_stream(request_iterator, context):
+                    rid, begin, caller = await admit(context)
+                    if accepted is not None and caller.kind not in accepted:
+                        await refuse_kind(context, caller)
+
+                    async def decoded():
+                        async for data in request_iterator:
+                            yield deserialize(data)
+                    async for response in inner_stream(decoded(), context):
                         yield response
                     code = context.code() or grpc.StatusCode.OK
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -118,14 +203,18 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     account(context, rid, begin, code)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+                stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer)
 
         inner = handler.unary_unary
 
-        async def behavior(request, context):
+        async def behavior(data, context):
             rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
+            caller = request = None
             try:
-                rid, begin = await admit(context)
+                rid, begin, caller = await admit(context)
+                if accepted is not None and caller.kind not in accepted:
+                    await refuse_kind(context, caller)
+                request = deserialize(data)
                 if isinstance(request, Undecodable):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 response = await inner(request, context)
@@ -139,9 +228,32 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _internal(context, rid, method)
             finally:
                 account(context, rid, begin, code)
+                if audit_log is not None and caller is not None and (
+                        caller.kind in accepted or self._record_kind_refusal(caller.key_id)):
+                    await record(context, caller, rid, request, code)
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+            behavior, request_deserializer=_raw, response_serializer=handler.response_serializer)
+
+
+def _raw(data: bytes) -> bytes:
+    """The deserializer gRPC runs before the behaviour: none (the behaviour decodes after authenticating)."""
+    return data
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """A handler that answers every call with `code`, never decoding the request."""
+    async def refuse(request, context):
+        await context.abort(code, message)
+
+    async def refuse_stream(request_iterator, context):
+        await context.abort(code, message)
+        yield  # an async generator, as gRPC expects of a stream-stream behaviour
+    if handler.stream_stream is not None or handler.stream_unary is not None:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, request_deserializer=_raw,
+                                                     response_serializer=handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=_raw,
+                                               response_serializer=handler.response_serializer)
 
 
 async def _internal(context, rid: str, method: str) -> None:

@@ -12,7 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from processor import auth, metrics, rpc, transport
+from processor import audit, auth, metrics, quotas, rpc, transport
+from processor import reflection as filtering_reflection
 from processor.admin import ClearingServicer, MerchantAdminServicer, ProgramsServicer
 from processor.config import Settings
 from processor.member_admin import MemberAdminServicer
@@ -57,6 +58,9 @@ class Service:
         self.health_port = 0
         self._watchdog: asyncio.Task | None = None
         self._maintenance: asyncio.Task | None = None
+        self._auth_upkeep: asyncio.Task | None = None
+        self._holds_recount: asyncio.Task | None = None
+        self.auth_pool: asyncpg.Pool | None = None
 
     @property
     def address(self) -> str:
@@ -71,15 +75,21 @@ class Service:
         # The embedded Postgres (if any) starts before gRPC's threads exist: it forks.
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
-        self.authenticator = auth.Authenticator(None, settings.auth_cache_seconds)
-        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(self.authenticator)],
+        self.authenticator = auth.Authenticator(
+            None, settings.auth_cache_seconds, unknown_cache_seconds=settings.auth_unknown_cache_seconds,
+            unknown_cache_entries_max=settings.auth_unknown_cache_entries_max,
+            last_used_seconds=settings.auth_last_used_seconds,
+            lookups_in_flight_max=settings.auth_lookups_in_flight_max)
+        self.audit_log = audit.AuditLog()
+        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(self.authenticator, self.audit_log)],
                                       maximum_concurrent_rpcs=settings.rpcs_in_flight_max, options=[
             ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
             ("grpc.so_reuseport", 0),
         ])
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
+        # the operator services are listed to operator keys only (processor/reflection.py)
+        filtering_reflection.enable(
             (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         if self.certificates is not None:
             self.port = self.server.add_secure_port(settings.listen, self.certificates.credentials())
@@ -105,13 +115,22 @@ class Service:
             MerchantAdminServicer(settings, self.pipeline, self.authenticator), self.server)
         admin_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(settings, self.pipeline), self.server)
         admin_pb2_grpc.add_ProgramsServicer_to_server(ProgramsServicer(settings, self.pipeline), self.server)
+        admin_pb2_grpc.add_AuditServiceServicer_to_server(audit.AuditServicer(self.audit_log, self.pipeline),
+                                                          self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)
         log.info("database ready", extra={"database": redact(self.store.url)})
         await self.store.acquire_writer_lock(settings.writer_lock_wait_seconds)
         self.pipeline.store = self.store
+        # key look-ups on their own small pool: a flood of bad keys never takes the committer's connections
+        self.auth_pool = await asyncpg.create_pool(
+            self.store.url, min_size=0, max_size=settings.auth_pool_connections_max,
+            command_timeout=settings.commit_timeout_seconds, timeout=settings.commit_timeout_seconds,
+            server_settings={"application_name": "points-processor-auth"})
+        self.authenticator.pool = self.auth_pool
         self.authenticator.store = self.store
+        self.audit_log.store = self.store
         await self.pipeline.recover()
         self.pipeline.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -119,6 +138,9 @@ class Service:
         self._watchdog = loop.create_task(self._watch(), name="health-watchdog")
         if settings.idempotency_retention_days:
             self._maintenance = loop.create_task(self._purge_idempotency(), name="idempotency-purge")
+        self._auth_upkeep = loop.create_task(self._write_keys_last_used(), name="keys-last-used")
+        self._holds_recount = loop.create_task(
+            quotas.recount_open_holds(self.pipeline, settings.merchant_holds_recount_seconds), name="holds-recount")
 
     async def _start_health_server(self) -> None:
         """A plaintext listener serving the health service alone (the same statuses), for probes that
@@ -186,16 +208,27 @@ class Service:
         while True:
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.settings.idempotency_retention_days)
             try:
-                deleted = await self.store.purge_idempotency(cutoff)
+                deleted = await self.store.purge_idempotency(
+                    cutoff, self.settings.idempotency_purge_chunk_rows_max,
+                    self.settings.idempotency_purge_chunk_timeout_seconds)
                 log.info("idempotency records purged", extra={"deleted": deleted, "before": cutoff.isoformat()})
             except (asyncpg.PostgresError, OSError) as error:
                 log.warning("idempotency purge failed; will retry", extra={"error": repr(error)})
             await asyncio.sleep(3600)
 
+    async def _write_keys_last_used(self) -> None:
+        """Writes the keys' last use, batched, every auth_last_used_seconds (at least every second)."""
+        while True:
+            await asyncio.sleep(max(1.0, self.settings.auth_last_used_seconds))
+            try:
+                await self.authenticator.flush_last_used()
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:
+                log.warning("keys' last use not written; will retry", extra={"error": repr(error)})
+
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish (their batches commit), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        for task in (self._watchdog, self._maintenance):
+        for task in (self._watchdog, self._maintenance, self._auth_upkeep, self._holds_recount):
             if task is not None:
                 task.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -213,6 +246,12 @@ class Service:
         if getattr(self, "presence", None) is not None:
             self.presence.close()
         if self.store is not None:
+            try:
+                await self.authenticator.flush_last_used()
+            except Exception as error:  # only the last minute's last-use times are lost
+                log.warning("keys' last use not written at shutdown", extra={"error": repr(error)})
+            if self.auth_pool is not None:
+                await self.auth_pool.close()
             await self.store.close()
 
 

@@ -110,11 +110,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             raise Rejection(Code.PERMISSION_DENIED,
                             f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
                             "or a gateway key that lists it")
-        if not self.rate_limits.take(merchant_id, time.monotonic()):
+        now = time.monotonic()
+        if not self.rate_limits.take(merchant_id, now):
             metrics.operations_rate_limited.inc()
+            retry = self.rate_limits.retry_seconds(merchant_id, now)
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"merchant {merchant_id!r} exceeds its limit of "
-                            f"{self.settings.merchant_operations_per_second:g} operations/s; retry with backoff")
+                            f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
+                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s")
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
 

@@ -598,19 +598,35 @@ class Store:
     # --- credentials ---
 
     async def insert_api_key(self, key_id: str, secret_sha256: bytes, kind: str, merchant_ids: list[str],
-                             description: str) -> None:
+                             description: str, expires_at: dt.datetime | None = None) -> None:
         missing = await self.pool.fetch(
             "SELECT m FROM unnest($1::text[]) AS m WHERE NOT EXISTS "
             "(SELECT 1 FROM merchants WHERE merchant_id = m)", merchant_ids)
         if missing:
             raise StoreError(f"no merchant {missing[0]['m']!r}: create it before issuing its key")
         await self.pool.execute(
-            """INSERT INTO api_keys (key_id, secret_sha256, kind, merchant_ids, description)
-               VALUES ($1, $2, $3, $4, $5)""", key_id, secret_sha256, kind, merchant_ids, description)
+            """INSERT INTO api_keys (key_id, secret_sha256, kind, merchant_ids, description, expires_at)
+               VALUES ($1, $2, $3, $4, $5, $6)""", key_id, secret_sha256, kind, merchant_ids, description, expires_at)
 
-    async def api_key(self, key_id: str) -> asyncpg.Record | None:
-        return await self.pool.fetchrow(
-            "SELECT key_id, secret_sha256, kind, merchant_ids, revoked_at FROM api_keys WHERE key_id = $1", key_id)
+    async def api_key(self, key_id: str, pool: asyncpg.Pool | None = None) -> asyncpg.Record | None:
+        """The key's row; through `pool` if given (the authenticator's own small pool, so a flood of
+        look-ups never takes the committer's connections)."""
+        return await (pool or self.pool).fetchrow(
+            "SELECT key_id, secret_sha256, kind, merchant_ids, revoked_at, expires_at FROM api_keys "
+            "WHERE key_id = $1", key_id)
+
+    async def touch_api_keys(self, used: dict[str, dt.datetime], pool: asyncpg.Pool | None = None) -> None:
+        """Sets last_used_at of each key (one statement for all of them; never moves it backwards)."""
+        await (pool or self.pool).execute(
+            """UPDATE api_keys k SET last_used_at = u.at
+               FROM unnest($1::text[], $2::timestamptz[]) AS u(key_id, at)
+               WHERE k.key_id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)""",
+            list(used), list(used.values()))
+
+    async def api_keys(self) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            """SELECT key_id, kind, merchant_ids, description, created_at, expires_at, revoked_at, last_used_at
+               FROM api_keys ORDER BY created_at, key_id""")
 
     async def revoke_api_key(self, key_id: str) -> dt.datetime | None:
         return await self.pool.fetchval(
@@ -1149,9 +1165,34 @@ class Store:
     async def member_exists(self, member_id: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM members WHERE member_id = $1", member_id))
 
-    async def purge_idempotency(self, older_than: dt.datetime) -> int:
-        result = await self.pool.execute("DELETE FROM idempotency_keys WHERE created_at < $1", older_than)
-        return int(result.split()[-1])
+    async def open_holds_per_merchant(self) -> dict[str, int]:
+        """Open, unexpired holds per merchant: points holds, and split-tender holds of vouchers only (a split
+        hold with points is also a row of holds). For the per-merchant quota (processor/quotas.py)."""
+        rows = await self.pool.fetch(
+            """SELECT merchant_id, sum(n)::bigint AS n FROM (
+                   SELECT merchant_id, count(*) AS n FROM holds WHERE status = 1 AND expires_at > now() GROUP BY 1
+                   UNION ALL
+                   SELECT merchant_id, count(*) FROM voucher_holds
+                   WHERE status = 1 AND points = 0 AND expires_at > now() GROUP BY 1) c GROUP BY 1""",
+            timeout=self.recovery_timeout)
+        return {r["merchant_id"]: r["n"] for r in rows}
+
+    async def purge_idempotency(self, older_than: dt.datetime, chunk_rows_max: int = 10_000,
+                                chunk_timeout_seconds: float = 60.0) -> int:
+        """Deletes the idempotency records created before `older_than`, in chunks of at most
+        `chunk_rows_max` rows, each its own transaction under its own timeout: progress on any table
+        size, and no long lock or transaction. Returns the rows deleted."""
+        require(chunk_rows_max >= 1, f"chunk_rows_max {chunk_rows_max}")
+        deleted = 0
+        while True:
+            result = await self.pool.execute(
+                """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+                       SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))""",
+                older_than, chunk_rows_max, timeout=chunk_timeout_seconds)
+            count = int(result.split()[-1])
+            deleted += count
+            if count < chunk_rows_max:
+                return deleted
 
     # --- clearing ---
 

@@ -229,7 +229,7 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInter
 
     def _key(self, method: str, request) -> str:
         url = self.database_url
-        if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/")):
+        if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/", "/points.v1.AuditService/")):
             with _KEYS_LOCK:
                 key = _KEYS.get((url, "*operator*"))
             return key or create_key(url, "operator")

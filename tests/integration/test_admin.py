@@ -386,18 +386,17 @@ def test_issue_api_key_of_each_kind_gives_a_working_key(service, admin, channel,
     assert earn(points, a.merchant_id, gateway.key, member).balance == 2_000
     assert earn(points, b.merchant_id, gateway.key, member).balance == 3_000
 
-    operator = admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_OPERATOR))
-    assert Admin(channel, operator.key).GetMerchant(admin_pb2.GetMerchantRequest(merchant_id=a.merchant_id)) == a
-    assert_refused(lambda: earn(points, a.merchant_id, operator.key, member), grpc.StatusCode.PERMISSION_DENIED)
+    # operator keys are made on the host only (the CLI), never through the API
+    assert_refused(lambda: admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_OPERATOR)),
+                   grpc.StatusCode.PERMISSION_DENIED)
 
     rows = fetch(service.database_url, "SELECT key_id, kind, merchant_ids, description FROM api_keys "
-                                       "WHERE key_id = ANY($1)", [merchant.key_id, gateway.key_id, operator.key_id])
+                                       "WHERE key_id = ANY($1)", [merchant.key_id, gateway.key_id])
     assert sorted((r["key_id"], r["kind"], sorted(r["merchant_ids"])) for r in rows) == sorted([
         (merchant.key_id, "merchant", [a.merchant_id]),
         (gateway.key_id, "gateway", sorted([a.merchant_id, b.merchant_id])),
-        (operator.key_id, "operator", []),
     ])
-    assert len({merchant.key_id, gateway.key_id, operator.key_id}) == 3
+    assert len({merchant.key_id, gateway.key_id}) == 2
 
 
 @pytest.mark.parametrize("kind, merchants, code", [
@@ -405,7 +404,8 @@ def test_issue_api_key_of_each_kind_gives_a_working_key(service, admin, channel,
     (admin_pb2.API_KEY_KIND_MERCHANT, 0, grpc.StatusCode.INVALID_ARGUMENT),
     (admin_pb2.API_KEY_KIND_MERCHANT, 2, grpc.StatusCode.INVALID_ARGUMENT),
     (admin_pb2.API_KEY_KIND_GATEWAY, 0, grpc.StatusCode.INVALID_ARGUMENT),
-    (admin_pb2.API_KEY_KIND_OPERATOR, 1, grpc.StatusCode.INVALID_ARGUMENT),
+    (admin_pb2.API_KEY_KIND_OPERATOR, 0, grpc.StatusCode.PERMISSION_DENIED),
+    (admin_pb2.API_KEY_KIND_OPERATOR, 1, grpc.StatusCode.PERMISSION_DENIED),
     (99, 1, grpc.StatusCode.INVALID_ARGUMENT),
 ])
 def test_issue_api_key_rejects_bad_combinations_and_stores_nothing(service, admin, kind, merchants, code):

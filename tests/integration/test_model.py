@@ -174,6 +174,10 @@ class ReferenceLedger:
             if differing:
                 return Expected(ALREADY_EXISTS, words=differing)
             return dataclasses.replace(outcome, replay=True)
+        if method == "Earn" and request["member_id"] not in self.posted \
+                and request["purchase_amount"] * self.give_back_bps[merchant_id] // 10_000 == 0:
+            # an earn of 0 points creates no member: refused, and the key stays unused
+            return Expected(FAILED_PRECONDITION, words=("0 points",))
         outcome = getattr(self, "_" + method.lower())(merchant_id, request, now_us)
         outcome = dataclasses.replace(outcome, recorded=True)
         self.keys[(merchant_id, key)] = (method, dict(request), outcome)
