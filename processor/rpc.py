@@ -210,8 +210,14 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(data, context):
             rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
             caller = request = None
+            audited: _Audited | None = None
             try:
                 rid, begin, caller = await admit(context)
+                if audit_log is not None and caller is not None and (
+                        caller.kind in accepted or self._record_kind_refusal(caller.key_id)):
+                    # the record is written before the caller hears the outcome (abort sends it at once)
+                    audited = context = _Audited(context, lambda code, c=caller, r=rid: record(
+                        context, c, r, request, code))
                 if accepted is not None and caller.kind not in accepted:
                     await refuse_kind(context, caller)
                 request = deserialize(data)
@@ -219,6 +225,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
                 response = await inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
+                if audited is not None:
+                    await audited.done(code)
                 return response
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 code = context.code() or grpc.StatusCode.CANCELLED
@@ -228,12 +236,34 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 await _internal(context, rid, method)
             finally:
                 account(context, rid, begin, code)
-                if audit_log is not None and caller is not None and (
-                        caller.kind in accepted or self._record_kind_refusal(caller.key_id)):
-                    await record(context, caller, rid, request, code)
+                if audited is not None:
+                    await audited.done(code)  # a cancelled call, or one whose record is not written yet
 
         return grpc.unary_unary_rpc_method_handler(
             behavior, request_deserializer=_raw, response_serializer=handler.response_serializer)
+
+
+class _Audited:
+    """The servicer context of an audited call: its audit record is written once, before the outcome
+    leaves (context.abort sends the status at once, so the record is written first), or at the end."""
+
+    def __init__(self, context, write):
+        self._context = context
+        self._write = write
+        self._written = False
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+    async def done(self, code: grpc.StatusCode) -> None:
+        if not self._written:
+            self._written = True
+            await self._write(code)
+
+    async def abort(self, code, details="", trailing_metadata=()):
+        self._context.set_details(details)
+        await self.done(code)
+        await self._context.abort(code, details, trailing_metadata)
 
 
 def _raw(data: bytes) -> bytes:

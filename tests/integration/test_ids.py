@@ -313,3 +313,23 @@ def test_reconcile_names_an_id_above_the_marks_and_an_authorization_of_two_merch
                          "AND status = 3 AND vouchers = 1", hold["authorization_id"])
         fetch(world.url, "UPDATE ledger_writer SET last_authorization_id = $1", marks["a"])
     assert ledger_discrepancies(world.url) == []
+
+
+def test_list_transactions_shows_each_tender_of_a_split_redeem_and_its_refund(world):
+    """ListTransactions of a member with split-tender rows answered UNKNOWN (KeyError 12): every kind is
+    in processor/kinds.py now, and the points and vouchers shown are the member's own entries."""
+    member = world.alice
+    spent = world.stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=member, points=7, vouchers=3,
+                                               idempotency_key=unique("k")), timeout=30)
+    refund = world.stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=spent.transaction_id, points=10,
+                                                idempotency_key=unique("k")), timeout=30)
+    listed = world.stub.ListTransactions(pb.ListTransactionsRequest(member_id=member, page_size=200), timeout=30)
+    by_id = {t.transaction_id: t for t in listed.transactions}
+    split, back = by_id[spent.transaction_id], by_id[refund.transaction_id]
+    assert (split.kind, split.points, split.vouchers, split.merchant_id) == (
+        pb.TRANSACTION_KIND_SPLIT_REDEEM, -7, -3, "shop-b")
+    assert (back.kind, back.points, back.vouchers, back.original_transaction_id) == (
+        pb.TRANSACTION_KIND_SPLIT_REFUND, 7, 3, spent.transaction_id)
+    kinds_seen = {t.kind for t in listed.transactions}
+    assert {pb.TRANSACTION_KIND_EARN, pb.TRANSACTION_KIND_CAPTURE, pb.TRANSACTION_KIND_REDEEM,
+            pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION} <= kinds_seen
