@@ -57,7 +57,9 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
 # a decision of the ledger that the traffic may get (not enough points or vouchers; an earn's points spent)
 REFUSABLE = frozenset({"Authorize", "Redeem", "Refund"})
-FAULTS = ("sigkill", "sigstop", "postgres-restart")
+FAULTS = ("sigkill", "sigstop", "postgres-restart")   # "disk-full" needs a Postgres with fill() and free()
+DISK_FULL_SECONDS = 2.0          # the disk stays full at least this long ...
+DISK_FULL_REFUSED_MIN = 20       # ... and until this many calls were refused in it
 HOLD_OPEN = 1
 BALANCE_READS_MAX = 5
 DIVIDENDS = {"dividends": {"threshold_point_units": 12_000, "growth_bps": 1_500, "rate_bps_schedule": [50, 100],
@@ -185,6 +187,8 @@ class Bank:
         self._lock = threading.Lock()
         self.clients = [BankClient(self, random.Random(rng.random())) for _ in range(CLIENTS)]
         self.rounds: collections.Counter[str] = collections.Counter()
+        self.answers: list[tuple[float, str, str]] = []   # (time.monotonic(), code, details) of every attempt
+        self.disk_full_answers: dict[str, int] = {}        # answers while the disk was full (the last time)
 
     def start(self) -> "Bank":
         for merchant, give_back_bps in self.merchants.items():
@@ -224,8 +228,10 @@ class Bank:
             try:
                 response, flag = call_once(getattr(stub, method), request, CALL_TIMEOUT_SECONDS)
                 op.code, op.response, op.replayed = "OK", response, flag == "true"
+                self.answers.append((time.monotonic(), "OK", ""))
                 break
             except grpc.RpcError as error:
+                self.answers.append((time.monotonic(), error.code().name, error.details() or ""))
                 op.attempts += 1
                 if error.code() not in RETRYABLE:
                     op.code, op.response = error.code().name, error.details() or ""
@@ -241,6 +247,10 @@ class Bank:
             self.progress.problem(f"{op} answered {op.code}: {op.response}")
         self.progress.acknowledge()
         return op
+
+    def answers_since(self, since: float) -> collections.Counter[str]:
+        """How many attempts were answered each code at or after `since`."""
+        return collections.Counter(code for at, code, _ in list(self.answers) if at >= since)
 
     def traffic(self) -> "Traffic":
         return Traffic(self).start()
@@ -263,8 +273,35 @@ class Bank:
                 os.kill(process.pid, signal.SIGCONT)
         elif name == "postgres-restart":
             self.postgres.restart()
+        elif name == "disk-full":
+            self._disk_full()
         else:
             raise ValueError(f"unknown fault {name!r}; choose from {FAULTS}")
+
+    def _disk_full(self) -> None:
+        """Fills the filesystem of Postgres's data directory (self.postgres.fill()) until calls were
+        refused UNAVAILABLE for DISK_FULL_SECONDS, checks that nothing else was answered meanwhile and the
+        service still runs, then frees the space; the round then waits for calls to succeed again."""
+        began = time.monotonic()
+        self.postgres.fill()
+        try:
+            deadline = began + PROGRESS_WAIT_SECONDS
+            while time.monotonic() < deadline and not self.progress.problems:
+                answers = self.answers_since(began)
+                if answers["UNAVAILABLE"] >= DISK_FULL_REFUSED_MIN and time.monotonic() - began >= DISK_FULL_SECONDS:
+                    break
+                time.sleep(0.05)
+            answers = self.answers_since(began)
+            assert answers["UNAVAILABLE"] >= DISK_FULL_REFUSED_MIN, \
+                f"calls were not refused UNAVAILABLE while the disk was full: {dict(answers)}"
+            wrong = {(code, details) for at, code, details in list(self.answers)
+                     if at >= began and code not in ("OK", "UNAVAILABLE", "FAILED_PRECONDITION")}
+            assert not wrong, f"answers while the disk was full other than UNAVAILABLE: {sorted(wrong)[:5]}"
+            assert self.service.process.poll() is None, \
+                f"the service exited with {self.service.process.returncode} while the disk was full"
+            self.disk_full_answers = dict(answers)
+        finally:
+            self.postgres.free()
 
     def vouchers_only_hold_then_sigkill(self) -> BankOp:
         """With no other traffic: a vouchers-only hold is the newest authorization when the service is
