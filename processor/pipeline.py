@@ -204,7 +204,7 @@ class Pipeline:
         self._account_ids: list[int] = []
         self.operator_accounts: dict[str, int] = {}
         # No batch is dated before this (microseconds): the clock never runs backwards, and never
-        # before the newest settlement cut.
+        # before the newest settlement cut or, after a (re)start, the newest batch in Postgres.
         self._clock_floor_us = 0
         self._task: asyncio.Task | None = None
         self._dividends: asyncio.Task | None = None
@@ -239,6 +239,9 @@ class Pipeline:
         latest_cut = await self.store.latest_cut_off()
         if latest_cut is not None:
             self._clock_floor_us = max(self._clock_floor_us, micros(latest_cut))
+        latest_batch = await self.store.latest_batch_time()  # a clock stepped back while the service was down
+        if latest_batch is not None:
+            self._clock_floor_us = max(self._clock_floor_us, micros(latest_batch))
         self._expired_pending = []
         self.ready = True
         log.info("recovered ledger from postgres", extra={

@@ -1,0 +1,184 @@
+"""Clock steps (issue 13, section 8): the service runs under libfaketime (LD_PRELOAD, a FAKETIME control
+file re-read at every clock read) and the test steps its wall clock forward and back while it runs; its
+monotonic clock and Postgres's clock are left alone. What README "Clock steps" documents:
+
+- holds expire when the service's clock passes their expiry (a forward step expires them at once);
+- the pipeline never dates a batch before an earlier one: after a backward step the journal's
+  created_at does not go back, holds are dated (and expire) from that floor, and a hold that expired
+  stays expired;
+- a settlement cut whose cut_off is after the service's clock (the 'future' after a backward step) is
+  refused INVALID_ARGUMENT; one at or before it is accepted;
+- the floor holds across a restart: a service started with its clock stepped back dates nothing before
+  the newest transaction in the journal.
+
+libfaketime is the Debian package `faketime` (`make test` installs it with apt-get where it can); the
+tests are skipped, saying so, where it is missing."""
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import os
+import pathlib
+
+import grpc
+import pytest
+from google.protobuf import timestamp_pb2
+
+from points.v1 import admin_pb2, admin_pb2_grpc
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.integration.helpers import error_of, unique
+
+pytestmark = pytest.mark.timeout(120)
+
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/*/faketime/libfaketime.so.1",
+                      "/usr/lib/faketime/libfaketime.so.1", "/usr/local/lib/faketime/libfaketime.so.1")
+HOUR_SECONDS = 3600
+
+
+def _faketime_library() -> str | None:
+    for pattern in FAKETIME_LIBRARIES:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    return None
+
+
+class Clock:
+    """The service's wall clock, as an offset from the real one in a libfaketime control file."""
+
+    def __init__(self, directory: pathlib.Path, library: str):
+        self.file = directory / "faketime"
+        self.library = library
+        self.set(0)
+
+    def set(self, offset_seconds: int) -> None:
+        """From now on the service's wall clock reads real time + offset_seconds."""
+        staging = self.file.with_suffix(".new")
+        staging.write_text(f"{offset_seconds:+d}\n")
+        os.replace(staging, self.file)  # never a half-written file for a clock read
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"LD_PRELOAD": self.library, "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+@pytest.fixture
+def clock(tmp_path) -> Clock:
+    library = _faketime_library()
+    if library is None:
+        pytest.skip("libfaketime is not installed (Debian package faketime; `make test` installs it with apt-get "
+                    "where apt-get can reach a mirror): the clock-step tests need it")
+    return Clock(tmp_path, library)
+
+
+def _timestamp(at: dt.datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(at)
+    return stamp
+
+
+def _created_at(url: str, transaction_id: str) -> dt.datetime:
+    return fetch(url, "SELECT created_at FROM transactions WHERE transaction_id = $1",
+                 int(transaction_id[4:]))[0]["created_at"]
+
+
+def _earn(stub, merchant: str, member: str) -> pb.EarnResponse:
+    return stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=10_000,
+                                    idempotency_key=unique("k")), timeout=30)
+
+
+def _journal_times_go_back(url: str) -> list[str]:
+    """Transactions dated before a transaction committed earlier (a smaller id)."""
+    rows = fetch(url, "SELECT transaction_id, created_at FROM transactions ORDER BY transaction_id")
+    return [f"txn_{b['transaction_id']} dated {b['created_at'].isoformat()} before txn_{a['transaction_id']} "
+            f"({a['created_at'].isoformat()})" for a, b in zip(rows, rows[1:]) if b["created_at"] < a["created_at"]]
+
+
+def test_clock_steps_forward_and_back_expire_holds_keep_the_journal_in_order_and_refuse_future_cuts(
+        create_database, service_factory, clock):
+    url = create_database()
+    merchant, member = unique("m"), unique("mem")
+    add_merchant(url, merchant, 1000)
+    service = service_factory(url, env=clock.env)
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        clearing = admin_pb2_grpc.ClearingStub(channel)
+        _earn(stub, merchant, member)  # 1,000 point-units
+        short = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=100,
+                                                   hold_ttl_seconds=HOUR_SECONDS, idempotency_key=unique("k")),
+                               timeout=30)
+        long = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=200,
+                                                  hold_ttl_seconds=3 * 24 * HOUR_SECONDS,
+                                                  idempotency_key=unique("k")), timeout=30)
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).held == 300
+
+        # forward 2 h: the 1 h hold has expired, the 3-day hold has not
+        clock.set(2 * HOUR_SECONDS)
+        expired = error_of(lambda: stub.Capture(pb.CaptureRequest(
+            merchant_id=merchant, authorization_id=short.authorization_id, idempotency_key=unique("k")), timeout=30))
+        assert expired.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in expired.details(), \
+            expired.details()
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).held == 200
+        ahead = _earn(stub, merchant, member)
+        ahead_at = _created_at(url, ahead.transaction_id)
+        assert ahead_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1.5)
+
+        # back 3 h (to 1 h behind the real clock): nothing is dated before what was dated ahead
+        clock.set(-HOUR_SECONDS)
+        behind = _earn(stub, merchant, member)
+        assert _created_at(url, behind.transaction_id) >= ahead_at
+        # a hold authorized now is dated from that floor, and so is its expiry
+        floored = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=50,
+                                                     hold_ttl_seconds=600, idempotency_key=unique("k")), timeout=30)
+        assert floored.expires_at.ToDatetime(tzinfo=dt.timezone.utc) >= ahead_at + dt.timedelta(seconds=600)
+        # the expired hold stays expired: the step back does not bring it back
+        still = error_of(lambda: stub.Capture(pb.CaptureRequest(
+            merchant_id=merchant, authorization_id=short.authorization_id, idempotency_key=unique("k")), timeout=30))
+        assert still.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in still.details(), still.details()
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).held == 250
+
+        # a cut at the real time is in the service's future now: refused, and nothing is cut
+        real_now = dt.datetime.now(dt.timezone.utc)
+        future = error_of(lambda: clearing.CloseSettlementPeriod(
+            admin_pb2.CloseSettlementPeriodRequest(cut_off=_timestamp(real_now)), timeout=30))
+        assert future.code() == grpc.StatusCode.INVALID_ARGUMENT and "future" in future.details(), future.details()
+        assert fetch(url, "SELECT count(*) AS n FROM settlement_periods")[0]["n"] == 0
+        # a cut at or before the service's clock is accepted
+        cut_off = real_now - dt.timedelta(hours=2)
+        period = clearing.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest(cut_off=_timestamp(cut_off)),
+                                                timeout=30)
+        assert period.cut_off.ToDatetime(tzinfo=dt.timezone.utc) == cut_off
+
+        # the 3-day hold is still capturable by its merchant, after both steps
+        captured = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=long.authorization_id,
+                                                  idempotency_key=unique("k")), timeout=30)
+        assert captured.points == 200
+        assert _created_at(url, captured.transaction_id) >= ahead_at
+
+    assert _journal_times_go_back(url) == []
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_service_restarted_with_its_clock_stepped_back_dates_nothing_before_the_journal(
+        create_database, service_factory, clock):
+    url = create_database()
+    merchant, member = unique("m"), unique("mem")
+    add_merchant(url, merchant, 1000)
+    clock.set(2 * HOUR_SECONDS)
+    service = service_factory(url, env=clock.env)
+    with service.channel() as channel:
+        ahead = _earn(points_pb2_grpc.PointsServiceStub(channel), merchant, member)
+    ahead_at = _created_at(url, ahead.transaction_id)
+    service.kill()
+
+    clock.set(-HOUR_SECONDS)  # the machine's clock was corrected (3 h back) while the service was down
+    restarted = service_factory(url, env=clock.env)
+    with restarted.channel() as channel:
+        behind = _earn(points_pb2_grpc.PointsServiceStub(channel), merchant, member)
+    assert _created_at(url, behind.transaction_id) >= ahead_at, \
+        "a restarted service dated a transaction before one already in the journal"
+    assert _journal_times_go_back(url) == []
+    assert ledger_discrepancies(url) == []
