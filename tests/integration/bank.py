@@ -107,7 +107,7 @@ class BankClient:
     def _tender(self) -> tuple[int, int]:
         """(points, vouchers) of a spend: with vouchers only under a program, sometimes vouchers only."""
         rng = self.rng
-        points = rng.randint(1, 1_500)
+        points = rng.randint(1, 1_500) if rng.random() < 0.95 else rng.randint(50_000, 100_000)  # some refused
         if not self.bank.program:
             return points, 0
         choice = rng.random()
@@ -189,6 +189,7 @@ class Bank:
         self.rounds: collections.Counter[str] = collections.Counter()
         self.answers: list[tuple[float, str, str]] = []   # (time.monotonic(), code, details) of every attempt
         self.disk_full_answers: dict[str, int] = {}        # answers while the disk was full (the last time)
+        self.restarting = False                            # the fault loop is starting the service again
 
     def start(self) -> "Bank":
         for merchant, give_back_bps in self.merchants.items():
@@ -237,6 +238,10 @@ class Bank:
                     op.code, op.response = error.code().name, error.details() or ""
                     op.replayed = replay_flag(error) == "true"
                     break
+                if self.service.process.poll() is not None and not self.restarting:
+                    op.code, op.response = "UNANSWERED", f"the service exited ({self.service.process.returncode})"
+                    self.progress.problem(f"{op} unanswered: {op.response}")
+                    return op
                 if time.monotonic() - started > RETRYING_SECONDS_MAX:
                     op.code, op.response = "UNANSWERED", f"{error.code().name}: {error.details()}"
                     self.progress.problem(f"{op} unanswered after {RETRYING_SECONDS_MAX} s of retries: "
@@ -262,8 +267,12 @@ class Bank:
         self.rounds[name] += 1
         if name == "sigkill":
             time.sleep(self.rng.uniform(0, 0.05))  # lands in any phase of a batch
-            self.service.kill()
-            self.start_service()
+            self.restarting = True
+            try:
+                self.service.kill()
+                self.start_service()
+            finally:
+                self.restarting = False
         elif name == "sigstop":
             process = self.service.process
             os.kill(process.pid, signal.SIGSTOP)
@@ -337,8 +346,13 @@ class Bank:
         problems += check_conservation(journal)
         problems += check_acknowledged(ops, journal)
         problems += check_ids(ops, journal)
+        if self.service.process.poll() is not None:
+            critical = [line.strip()[:600] for line in list(self.service.log_lines) if '"level": "critical"' in line]
+            problems.append(f"the service exited with {self.service.process.returncode}: {critical[:2]}")
+            return problems + _reconcile(self.url)
         # the service posts dividend rounds without traffic: compare GetBalance with a journal that did
         # not change while it was read
+        shown = []
         for _ in range(BALANCE_READS_MAX):
             shown = check_service_balances(self.board.stub, self.members, journal)
             again = asyncio.run(_read(self.url))
@@ -346,20 +360,21 @@ class Bank:
                     or any("GetBalance" in problem for problem in shown):
                 break
             journal = again
-        problems += shown
-        reconciled = cli("reconcile", "--database-url", self.url)
-        if reconciled.returncode != 0:
-            problems.append(f"reconcile exited {reconciled.returncode}: "
-                            f"{(reconciled.stdout + reconciled.stderr)[-2000:]}")
-        if self.service.process.poll() is not None:
-            problems.append(f"the service exited with {self.service.process.returncode}")
-        return problems
+        return problems + shown + _reconcile(self.url)
 
     def summary(self) -> str:
         codes = collections.Counter(op.code for op in self.ops)
         return (f"{len(self.ops)} operations ({dict(codes)}), {sum(op.attempts > 0 and op.code == 'OK' for op in self.ops)}"
                 f" acknowledged after a retry, {sum(op.replayed for op in self.ops)} by a replay; "
                 f"faults {dict(self.rounds)}")
+
+
+def _reconcile(url: str) -> list[str]:
+    """`python -m processor reconcile`, as an operator runs it: exit 0 when every invariant holds."""
+    reconciled = cli("reconcile", "--database-url", url)
+    if reconciled.returncode != 0:
+        return [f"reconcile exited {reconciled.returncode}: {(reconciled.stdout + reconciled.stderr)[-2000:]}"]
+    return []
 
 
 class Traffic:
@@ -440,9 +455,10 @@ async def _read(url: str) -> Journal:
                           original_transaction_id, idempotency_key FROM transactions""")
             holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at > now() AS unexpired,
-                          idempotency_key FROM holds""")
+                          idempotency_key, capture_transaction_id FROM holds""")
             voucher_holds = await connection.fetch(
-                "SELECT authorization_id, merchant_id, member_id, vouchers, points, status FROM voucher_holds")
+                """SELECT authorization_id, merchant_id, member_id, vouchers, points, status, transaction_id
+                   FROM voucher_holds""")
             keys = await connection.fetch("SELECT merchant_id, idempotency_key, method, outcome FROM idempotency_keys")
     finally:
         await connection.close()
@@ -512,6 +528,8 @@ def check_acknowledged(ops: list[BankOp], journal: Journal) -> list[str]:
                 problems.append(f"{op}: {op.response.transaction_id} is of member {row['member_id']}")
             elif row["kind"] in _PLAIN_KINDS and op.response.points != row["amount"]:
                 problems.append(f"{op}: answered {op.response.points} point-units, journal {row['amount']}")
+        if op.method in ("Capture", "Void"):
+            problems += _check_resolution(op, journal)
         elif op.method == "Authorize":
             authorization_id = _parse_id(op.response.authorization_id, "auth_")
             voucher_hold = journal.voucher_holds.get(authorization_id)
@@ -536,6 +554,31 @@ def check_acknowledged(ops: list[BankOp], journal: Journal) -> list[str]:
             elif voucher_hold is not None:
                 problems.append(f"{op}: a points-only hold answered {op.response.authorization_id}, which is also "
                                 f"the voucher hold {dict(voucher_hold)} of another authorization")
+    return problems
+
+
+_CAPTURED, _VOIDED = 2, 3
+
+
+def _check_resolution(op: BankOp, journal: Journal) -> list[str]:
+    """An acknowledged capture or void resolved its hold in every hold table that holds it: captured by
+    the transaction it was answered, or voided."""
+    authorization_id = _parse_id(op.request.authorization_id, "auth_")
+    rows = [(what, table[authorization_id]) for what, table in (("holds", journal.holds),
+                                                                 ("voucher_holds", journal.voucher_holds))
+            if authorization_id in table]
+    if not rows:
+        return [f"{op}: acknowledged, but {op.request.authorization_id} is in no hold table"]
+    problems = []
+    for what, row in rows:
+        if op.method == "Void":
+            expected = (_VOIDED, None)
+        else:
+            expected = (_CAPTURED, _parse_id(op.response.transaction_id, "txn_"))
+        seen = (row["status"], row["capture_transaction_id"] if what == "holds" else row["transaction_id"])
+        if seen != expected:
+            problems.append(f"{op}: acknowledged, but {what} has {op.request.authorization_id} as (status, "
+                            f"transaction) {seen}, expected {expected}")
     return problems
 
 
