@@ -34,6 +34,7 @@ from typing import Callable
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
 from tests.conftest import ServiceProcess, add_merchant
@@ -190,6 +191,7 @@ class Bank:
         self.answers: list[tuple[float, str, str]] = []   # (time.monotonic(), code, details) of every attempt
         self.disk_full_answers: dict[str, int] = {}        # answers while the disk was full (the last time)
         self.restarting = False                            # the fault loop is starting the service again
+        self.disk_full_health = ""                         # health while the disk was full (the last time)
 
     def start(self) -> "Bank":
         for merchant, give_back_bps in self.merchants.items():
@@ -309,6 +311,9 @@ class Bank:
             assert self.service.process.poll() is None, \
                 f"the service exited with {self.service.process.returncode} while the disk was full"
             self.disk_full_answers = dict(answers)
+            # Postgres still answers reads: so do balances, and health stays SERVING (README, disk full)
+            self.disk_full_health = _health(self.service)
+            self.board.stub.GetBalance(pb.GetBalanceRequest(member_id=self.members[0]), timeout=CALL_TIMEOUT_SECONDS)
         finally:
             self.postgres.free()
 
@@ -367,6 +372,14 @@ class Bank:
         return (f"{len(self.ops)} operations ({dict(codes)}), {sum(op.attempts > 0 and op.code == 'OK' for op in self.ops)}"
                 f" acknowledged after a retry, {sum(op.replayed for op in self.ops)} by a replay; "
                 f"faults {dict(self.rounds)}")
+
+
+def _health(service: ServiceProcess) -> str:
+    """grpc.health.v1 status of the points service (health needs no credential)."""
+    with grpc.insecure_channel(service.target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="points.v1.PointsService"), timeout=CALL_TIMEOUT_SECONDS)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
 def _reconcile(url: str) -> list[str]:
