@@ -2,7 +2,8 @@
 file re-read at every clock read) and the test steps its wall clock forward and back while it runs; its
 monotonic clock and Postgres's clock are left alone. What README "Clock steps" documents:
 
-- holds expire when the service's clock passes their expiry (a forward step expires them at once);
+- holds expire when the service's clock passes their expiry (a forward step expires them at once), and
+  so do points (lots) under a program with an expiry period, once, to breakage;
 - the pipeline never dates a batch before an earlier one: after a backward step the journal's
   created_at does not go back, holds are dated (and expire) from that floor, and a hold that expired
   stays expired;
@@ -15,10 +16,12 @@ libfaketime is the Debian package `faketime` (`make test` installs it with apt-g
 tests are skipped, saying so, where it is missing."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import glob
 import os
 import pathlib
+import time
 
 import grpc
 import pytest
@@ -180,5 +183,50 @@ def test_a_service_restarted_with_its_clock_stepped_back_dates_nothing_before_th
         behind = _earn(points_pb2_grpc.PointsServiceStub(channel), merchant, member)
     assert _created_at(url, behind.transaction_id) >= ahead_at, \
         "a restarted service dated a transaction before one already in the journal"
+    assert _journal_times_go_back(url) == []
+    assert ledger_discrepancies(url) == []
+
+
+DAY_SECONDS = 24 * HOUR_SECONDS
+PROGRAM_LEAD_SECONDS = 1.3       # a stored program version applies about 1 s after it is stored
+
+
+async def _add_expiry_program(url: str, expiry_period_seconds: int) -> None:
+    from processor.store import Store
+    store = await Store.open(url, 2)
+    try:
+        await store.migrate()
+        await store.add_program_version("alliance", None, {"expiry_period_us": expiry_period_seconds * 1_000_000},
+                                        "tests")
+    finally:
+        await store.close()
+
+
+def test_a_forward_step_past_points_expiry_expires_them_once_and_a_step_back_does_not_restore_them(
+        create_database, service_factory, clock):
+    """Points expire in lots `expiry_period_us` after they were credited, by the service's clock: a step
+    past it posts the EXPIRY (to breakage) in the next batch; a step back leaves it posted."""
+    url = create_database()
+    merchant, member, other = unique("m"), unique("mem"), unique("mem")
+    add_merchant(url, merchant, 1000)
+    asyncio.run(_add_expiry_program(url, DAY_SECONDS))
+    service = service_factory(url, env=clock.env)
+    time.sleep(PROGRAM_LEAD_SECONDS)  # the version is in force from here on
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        earned = _earn(stub, merchant, member)
+        assert earned.points == 1_000
+        clock.set(DAY_SECONDS + HOUR_SECONDS)
+        _earn(stub, merchant, other)  # a batch: its expiry job posts what is due
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 0
+        expiries = fetch(url, "SELECT amount, created_at FROM transactions WHERE kind = 6 AND member_id = $1", member)
+        assert [r["amount"] for r in expiries] == [1_000]
+        assert expiries[0]["created_at"] >= _created_at(url, earned.transaction_id) + dt.timedelta(days=1)
+
+        clock.set(-HOUR_SECONDS)  # back behind the credit itself: nothing comes back, nothing expires twice
+        _earn(stub, merchant, other)
+        assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 0
+        assert fetch(url, "SELECT count(*) AS n FROM transactions WHERE kind = 6 AND member_id = $1",
+                     member)[0]["n"] == 1
     assert _journal_times_go_back(url) == []
     assert ledger_discrepancies(url) == []
