@@ -14,7 +14,7 @@ a Postgres the test owns). After every round, with the traffic stopped:
 - every acknowledged operation is in the journal exactly once: its idempotency record, its transaction
   (the id it was answered, under its key, of its member and amount) or its hold(s) (the authorization
   id it was answered, in `holds` when it holds points and in `voucher_holds` when it holds vouchers, and
-  in no other hold table);
+  in no other hold table); the journal holds no call's transaction or hold that was not acknowledged;
 - no transaction id and no authorization id was answered to two operations, and no authorization id
   names two different holds (a points hold and a voucher hold of different authorizations);
 - GetBalance (posted, held, available, vouchers) equals the journal's sums and the open holds;
@@ -351,6 +351,7 @@ class Bank:
         problems += check_conservation(journal)
         problems += check_acknowledged(ops, journal)
         problems += check_ids(ops, journal)
+        problems += check_nothing_else(ops, journal)
         if self.service.process.poll() is not None:
             critical = [line.strip()[:600] for line in list(self.service.log_lines) if '"level": "critical"' in line]
             problems.append(f"the service exited with {self.service.process.returncode}: {critical[:2]}")
@@ -592,6 +593,24 @@ def _check_resolution(op: BankOp, journal: Journal) -> list[str]:
         if seen != expected:
             problems.append(f"{op}: acknowledged, but {what} has {op.request.authorization_id} as (status, "
                             f"transaction) {seen}, expected {expected}")
+    return problems
+
+
+_CALLERS_KINDS = frozenset({1, 2, 3, 4, 5, 12, 13})   # transactions only a call makes (not dividends, expiry...)
+
+
+def check_nothing_else(ops: list[BankOp], journal: Journal) -> list[str]:
+    """The journal holds nothing nobody was acknowledged: no transaction of a call under a key no call
+    used, and exactly one hold row per acknowledged hold (so a refused or unanswered one left none)."""
+    keys = {op.key for op in ops}
+    problems = [f"txn_{t['transaction_id']} (kind {t['kind']}) under {t['idempotency_key']}, which no call used"
+                for t in journal.transactions.values()
+                if t["kind"] in _CALLERS_KINDS and (t["merchant_id"], t["idempotency_key"]) not in keys][:20]
+    held = [op for op in ops if op.method == "Authorize" and op.code == "OK"]
+    for what, table, wanted in (("holds", journal.holds, [op for op in held if op.request.points]),
+                                ("voucher_holds", journal.voucher_holds, [op for op in held if op.request.vouchers])):
+        if len(table) != len(wanted):
+            problems.append(f"{len(table)} rows in {what}, {len(wanted)} acknowledged authorizations hold there")
     return problems
 
 
