@@ -370,7 +370,8 @@ class Bank:
 
     def summary(self) -> str:
         codes = collections.Counter(op.code for op in self.ops)
-        return (f"{len(self.ops)} operations ({dict(codes)}), {sum(op.attempts > 0 and op.code == 'OK' for op in self.ops)}"
+        retried = sum(op.attempts > 0 and op.code == "OK" for op in self.ops)
+        return (f"{len(self.ops)} operations ({dict(codes)}), {retried}"
                 f" acknowledged after a retry, {sum(op.replayed for op in self.ops)} by a replay; "
                 f"faults {dict(self.rounds)}")
 
@@ -631,7 +632,8 @@ def check_ids(ops: list[BankOp], journal: Journal) -> list[str]:
         hold, voucher_hold = journal.holds[authorization_id], journal.voucher_holds[authorization_id]
         if (hold["merchant_id"], hold["member_id"], hold["amount"]) != \
                 (voucher_hold["merchant_id"], voucher_hold["member_id"], voucher_hold["points"]):
-            problems.append(f"auth_{authorization_id} names two holds: points {dict(hold)}, vouchers {dict(voucher_hold)}")
+            problems.append(f"auth_{authorization_id} names two holds: points {dict(hold)}, "
+                            f"vouchers {dict(voucher_hold)}")
     return problems
 
 

@@ -1,9 +1,10 @@
 """Disk full on the Postgres data directory (issue 13, section 8): the data directory (with pg_wal) is on
 a small tmpfs the test fills with a file. While it is full Postgres refuses to extend its files (SQLSTATE
 53100); the service answers UNAVAILABLE ("not applied; retry with the same idempotency key"), never
-INTERNAL, keeps running (health SERVING: balances still answer) and posts nothing partially; once the file is removed it commits again by
-itself, and every check of the bank check (tests/integration/bank.py) holds: every acknowledged
-operation once, conservation, no negative balance, GetBalance = journal, reconcile.
+INTERNAL, keeps running (health SERVING: balances still answer) and posts nothing partially; once the
+file is removed it commits again by itself, and every check of the bank check (tests/integration/bank.py)
+holds: every acknowledged operation once, conservation, no negative balance, GetBalance = journal,
+reconcile.
 
 Needs root (to mount a tmpfs); skipped, saying why, where it cannot mount one."""
 from __future__ import annotations
