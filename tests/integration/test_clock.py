@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import glob
-import os
-import pathlib
 import time
 
 import grpc
@@ -31,49 +28,19 @@ from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.integration.faketime import SKIP_REASON, Clock, faketime_library
 from tests.integration.helpers import error_of, unique
 
 pytestmark = pytest.mark.timeout(120)
 
-FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/*/faketime/libfaketime.so.1",
-                      "/usr/lib/faketime/libfaketime.so.1", "/usr/local/lib/faketime/libfaketime.so.1")
 HOUR_SECONDS = 3600
-
-
-def _faketime_library() -> str | None:
-    for pattern in FAKETIME_LIBRARIES:
-        found = sorted(glob.glob(pattern))
-        if found:
-            return found[0]
-    return None
-
-
-class Clock:
-    """The service's wall clock, as an offset from the real one in a libfaketime control file."""
-
-    def __init__(self, directory: pathlib.Path, library: str):
-        self.file = directory / "faketime"
-        self.library = library
-        self.set(0)
-
-    def set(self, offset_seconds: int) -> None:
-        """From now on the service's wall clock reads real time + offset_seconds."""
-        staging = self.file.with_suffix(".new")
-        staging.write_text(f"{offset_seconds:+d}\n")
-        os.replace(staging, self.file)  # never a half-written file for a clock read
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"LD_PRELOAD": self.library, "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 @pytest.fixture
 def clock(tmp_path) -> Clock:
-    library = _faketime_library()
+    library = faketime_library()
     if library is None:
-        pytest.skip("libfaketime is not installed (Debian package faketime; `make test` installs it with apt-get "
-                    "where apt-get can reach a mirror): the clock-step tests need it")
+        pytest.skip(SKIP_REASON)
     return Clock(tmp_path, library)
 
 
