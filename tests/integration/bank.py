@@ -6,7 +6,8 @@ Authorize+Void, Refund, and with a program in force split-tender and vouchers-on
 each call with its own idempotency key, retried with the SAME key on UNAVAILABLE, DEADLINE_EXCEEDED,
 CANCELLED and RESOURCE_EXHAUSTED until it is answered. Meanwhile a fault loop SIGKILLs the service and
 starts it again, SIGSTOPs it for a while then SIGCONTs it, or restarts Postgres (pg_ctl restart -m fast on
-a Postgres the test owns). After every round, with the traffic stopped:
+a Postgres the test owns); with a clock (libfaketime), it steps the service's wall clock forward or back;
+on a Postgres with fill() and free(), it fills the data directory's filesystem. After every round, with the traffic stopped:
 
 - every hold still open is captured by its own merchant (it must be capturable);
 - conservation: the journal sums to zero per asset, and every transaction per asset;
@@ -17,6 +18,7 @@ a Postgres the test owns). After every round, with the traffic stopped:
   in no other hold table); the journal holds no call's transaction or hold that was not acknowledged;
 - no transaction id and no authorization id was answered to two operations, and no authorization id
   names two different holds (a points hold and a voucher hold of different authorizations);
+- batch times never go back: no transaction or hold is dated before one with a smaller id;
 - GetBalance (posted, held, available, vouchers) equals the journal's sums and the open holds;
 - `python -m processor reconcile` passes.
 """
@@ -38,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
 from tests.conftest import ServiceProcess, add_merchant
+from tests.integration.faketime import Clock
 from tests.integration.helpers import call_once, cli, replay_flag, unique
 from tests.integration.test_restart import Board, Progress
 
@@ -59,6 +62,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # a decision of the ledger that the traffic may get (not enough points or vouchers; an earn's points spent)
 REFUSABLE = frozenset({"Authorize", "Redeem", "Refund"})
 FAULTS = ("sigkill", "sigstop", "postgres-restart")   # "disk-full" needs a Postgres with fill() and free()
+CLOCK_STEP_SECONDS_MAX = 2 * 3600  # "clock-step" needs a Bank with a clock
 DISK_FULL_SECONDS = 2.0          # the disk stays full at least this long ...
 DISK_FULL_REFUSED_MIN = 20       # ... and until this many calls were refused in it
 HOLD_OPEN = 1
@@ -172,8 +176,9 @@ class Bank:
     and every operation sent so far."""
 
     def __init__(self, postgres, start_service: Callable[..., ServiceProcess], rng: random.Random,
-                 program: bool = False, say: Callable[[str], None] = print):
+                 program: bool = False, say: Callable[[str], None] = print, clock: "Clock | None" = None):
         self.postgres = postgres
+        self.clock = clock      # the service's wall clock (libfaketime), for the clock-step fault
         self.url = postgres.create_database()
         self._start_service = start_service
         self.rng = rng
@@ -211,7 +216,10 @@ class Bank:
         extra = ["--commit-timeout-seconds", str(COMMIT_TIMEOUT_SECONDS)]
         if self.program:
             extra += ["--dividend-check-seconds", str(DIVIDEND_CHECK_SECONDS)]
-        self.service = self._start_service(self.url, *extra)
+        if self.clock is not None:
+            self.service = self._start_service(self.url, *extra, env=self.clock.env)
+        else:
+            self.service = self._start_service(self.url, *extra)
         self.board.connect(self.service)
         return self.service
 
@@ -286,6 +294,11 @@ class Bank:
             self.postgres.restart()
         elif name == "disk-full":
             self._disk_full()
+        elif name in ("clock-step", "clock-forward", "clock-back"):
+            # to up to 2 h ahead of or behind the real clock (far inside the holds' 7-day TTL: every hold
+            # stays capturable); "clock-step" picks the direction
+            sign = {"clock-forward": 1, "clock-back": -1}.get(name) or self.rng.choice((-1, 1))
+            self.clock.set(sign * self.rng.randint(CLOCK_STEP_SECONDS_MAX // 2, CLOCK_STEP_SECONDS_MAX))
         else:
             raise ValueError(f"unknown fault {name!r}; choose from {FAULTS}")
 
@@ -352,6 +365,7 @@ class Bank:
         problems += check_acknowledged(ops, journal)
         problems += check_ids(ops, journal)
         problems += check_nothing_else(ops, journal)
+        problems += check_time_order(journal)
         if self.service.process.poll() is not None:
             critical = [line.strip()[:600] for line in list(self.service.log_lines) if '"level": "critical"' in line]
             problems.append(f"the service exited with {self.service.process.returncode}: {critical[:2]}")
@@ -467,10 +481,10 @@ async def _read(url: str) -> Journal:
                    FROM account_balances b""")
             transactions = await connection.fetch(
                 """SELECT transaction_id, kind, merchant_id, member_id, amount, authorization_id,
-                          original_transaction_id, idempotency_key FROM transactions""")
+                          original_transaction_id, idempotency_key, created_at FROM transactions""")
             holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at > now() AS unexpired,
-                          idempotency_key, capture_transaction_id FROM holds""")
+                          idempotency_key, capture_transaction_id, created_at FROM holds""")
             voucher_holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, vouchers, points, status, transaction_id
                    FROM voucher_holds""")
@@ -612,6 +626,18 @@ def check_nothing_else(ops: list[BankOp], journal: Journal) -> list[str]:
                                 ("voucher_holds", journal.voucher_holds, [op for op in held if op.request.vouchers])):
         if len(table) != len(wanted):
             problems.append(f"{len(table)} rows in {what}, {len(wanted)} acknowledged authorizations hold there")
+    return problems
+
+
+def check_time_order(journal: Journal) -> list[str]:
+    """Batch times never go back (README, clock steps): a transaction or hold with a larger id (committed
+    later) is never dated before one with a smaller id."""
+    problems = []
+    for prefix, rows in (("txn_", journal.transactions), ("auth_", journal.holds)):
+        ordered = sorted(rows.items())
+        problems += [f"{prefix}{later} dated {b['created_at'].isoformat()}, before {prefix}{earlier} "
+                     f"({a['created_at'].isoformat()})"
+                     for (earlier, a), (later, b) in zip(ordered, ordered[1:]) if b["created_at"] < a["created_at"]][:10]
     return problems
 
 

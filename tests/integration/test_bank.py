@@ -10,6 +10,7 @@ import random
 import pytest
 
 from tests.integration.bank import FAULTS, Bank, run_round
+from tests.integration.faketime import SKIP_REASON, Clock, faketime_library
 from tests.integration.test_faults import DedicatedPostgres
 
 pytestmark = pytest.mark.timeout(240)
@@ -69,3 +70,22 @@ def test_bank_check_with_split_tender_and_vouchers_only_holds(bank_on):
         + "\n".join(problems[:40])
     assert any(op.method == "Authorize" and op.code == "OK" and op.request.vouchers and not op.request.points
                for op in bank.ops), "no vouchers-only hold was acknowledged"
+
+
+def test_bank_check_under_clock_steps_forward_and_back_and_a_restart_on_a_stepped_back_clock(
+        restartable_postgres, service_factory, rng, tmp_path):
+    """The service's wall clock stepped forward and back by up to 2 h under traffic (libfaketime), and a
+    SIGKILL and restart in between: besides every bank check, no transaction or hold is dated before one
+    committed earlier."""
+    library = faketime_library()
+    if library is None:
+        pytest.skip(SKIP_REASON)
+    bank = Bank(restartable_postgres, service_factory, rng, clock=Clock(tmp_path, library)).start()
+    try:
+        # ahead, then behind what was dated ahead (also across a restart), then ahead again
+        for fault in ("clock-forward", "clock-back", "sigkill", "clock-forward"):
+            problems = run_round(bank, fault)
+            print(f"after {fault}: {bank.summary()}")
+            assert problems == [], f"after the {fault} round:\n" + "\n".join(problems[:40])
+    finally:
+        bank.close()
