@@ -8,7 +8,9 @@ check of tests/integration/test_faults.py on every operation since the start. Ro
 check (tests/integration/bank.py: clients moving points among members and merchants, with vouchers,
 while the service is SIGKILLed or SIGSTOPped or Postgres restarted; conservation, no negative balance,
 every acknowledged operation once, no repeated id, open holds capturable, GetBalance = journal,
-reconcile) run on a database of their own on the same Postgres. Prints what it checked
+reconcile; the service's wall clock stepped forward or back under libfaketime; the disk of a fresh
+small Postgres filled) run on a database of their own; a fault whose tool is missing (libfaketime,
+mounting a tmpfs) is left out, saying so. Prints what it checked
 after each round and a summary at the end; exits 1 at the first discrepancy (printing it, the seed
 and the service's log), 0 otherwise.
 """
@@ -22,8 +24,10 @@ import sys
 import time
 import warnings
 
-FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate", "bank-sigkill", "bank-sigstop", "bank-restart")
-BANK_FAULTS = {"bank-sigkill": "sigkill", "bank-sigstop": "sigstop", "bank-restart": "postgres-restart"}
+FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate", "bank-sigkill", "bank-sigstop", "bank-restart",
+          "bank-clock-step", "bank-disk-full")
+BANK_FAULTS = {"bank-sigkill": "sigkill", "bank-sigstop": "sigstop", "bank-restart": "postgres-restart",
+               "bank-clock-step": "clock-step"}
 REPLAYS_PER_ROUND_MAX = 500
 
 
@@ -49,18 +53,32 @@ def main(argv: list[str] | None = None) -> int:
         warnings.simplefilter("ignore")  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
         from tests.conftest import ServiceProcess
         from tests.integration import bank as banking
+        from tests.integration import faketime
+        from tests.integration import test_disk_full as disks
         from tests.integration import test_faults as scenarios
 
     def say(text: str) -> None:
         print(text, flush=True)
 
+    library = faketime.faketime_library()
+    if "bank-clock-step" in faults and library is None:
+        faults.remove("bank-clock-step")
+        say(f"soak: leaving out bank-clock-step: {faketime.SKIP_REASON}")
+    if "bank-disk-full" in faults:
+        try:
+            disks.SmallDiskPostgres().release()  # can a tmpfs be mounted here?
+        except OSError as error:
+            faults.remove("bank-disk-full")
+            say(f"soak: leaving out bank-disk-full: {error.strerror}")
+    if not faults:
+        parser.error("no fault left to run")
     say(f"soak: {args.seconds:g} s of rounds, faults {','.join(faults)}, seed {seed}")
     rng = random.Random(seed)
     fault_rng = random.Random(seed)  # the order of faults replays with --seed, whatever the traffic did
     services: list[ServiceProcess] = []
 
-    def start_service(url: str, *extra: str) -> ServiceProcess:
-        service = ServiceProcess(url, *extra).start()
+    def start_service(url: str, *extra: str, env: dict | None = None) -> ServiceProcess:
+        service = ServiceProcess(url, *extra, env=env).start()
         services.append(service)
         return service
 
@@ -75,13 +93,30 @@ def main(argv: list[str] | None = None) -> int:
         harness = scenarios.Harness(database_url, (postgres.host, postgres.port), start_service, rng, say).start()
         say(f"service on {harness.service.target}, through the proxy on {harness.proxy.address}")
         if any(fault in BANK_FAULTS for fault in faults):
+            clock = faketime.Clock(postgres.directory, library) if library else None
             bank = banking.Bank(postgres, start_service, random.Random(rng.random()),
-                                program=args.bank == "vouchers", say=say).start()
+                                program=args.bank == "vouchers", say=say, clock=clock).start()
             say(f"bank: service on {bank.service.target}, database {bank.url.rsplit('/', 1)[1]} ({args.bank})")
 
         def bank_round(fault: str):
             problems = banking.run_round(bank, BANK_FAULTS[fault])
             return problems, bank.summary()
+
+        def disk_full_round():
+            """A fresh Postgres on a small tmpfs (its data grows with every round), a bank on it, one fill."""
+            small = disks.SmallDiskPostgres().start()
+            full = None
+            try:
+                full = banking.Bank(small, start_service, random.Random(rng.random()), say=say).start()
+                problems = banking.run_round(full, "disk-full")
+                if full.disk_full_health != "SERVING":
+                    problems.append(f"health said {full.disk_full_health} while the disk was full")
+                return problems, f"while the disk was full: {full.disk_full_answers}; {full.summary()}"
+            finally:
+                if full is not None:
+                    full.service.kill()
+                    full.close()
+                small.stop()
         run = {
             "sigkill": lambda: scenarios.run_round(harness, scenarios.fault_sigkill, killed=True,
                                                    replays_max=REPLAYS_PER_ROUND_MAX),
@@ -93,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             "terminate": lambda: scenarios.run_round(harness, scenarios.fault_terminate,
                                                      replays_max=REPLAYS_PER_ROUND_MAX),
             **{fault: (lambda fault=fault: bank_round(fault)) for fault in BANK_FAULTS},
+            "bank-disk-full": disk_full_round,
         }
         number = 0
         while time.monotonic() - started < args.seconds:
@@ -108,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"round {number} ({fault}): {len(problems)} DISCREPANCIES")
                 for problem in problems[:50]:
                     say(f"  - {problem}")
-                _show_logs(bank if fault in BANK_FAULTS else harness, say)
+                _show_logs(bank if fault in BANK_FAULTS else None if fault == "bank-disk-full" else harness, say)
                 say(f"FAILED after {time.monotonic() - started:.0f} s, {number} rounds; replay with --seed {seed}")
                 return 1
             say(f"round {number} ({fault}, {time.monotonic() - round_started:.1f} s): OK — since the start: {report}")
@@ -131,11 +167,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _checked(fault: str) -> str:
-    if fault in BANK_FAULTS:
-        return ("every open hold captured by its own merchant; the journal sums to 0 per asset and per "
+    if fault in BANK_FAULTS or fault == "bank-disk-full":
+        return ("(disk full: only UNAVAILABLE, OK or FAILED_PRECONDITION answered while full, the service "
+                "running, health SERVING, balances answered; then) " if fault == "bank-disk-full" else "") + ("every open hold captured by its own merchant; the journal sums to 0 per asset and per "
                 "transaction; no member balance negative; balances = entries; every acknowledged operation in "
                 "the journal exactly once under the id it was answered; no transaction or authorization id "
-                "answered twice or naming two holds; GetBalance = journal; reconcile passes")
+                "answered twice or naming two holds; no batch dated before an earlier one; GetBalance = journal; "
+                "reconcile passes")
     checks = ["every acknowledged operation in the journal exactly once (by idempotency key), with its "
               "balanced entries, hold and hold resolution",
               "no unanswered operation half-applied; none refused as 'not applied' was committed",

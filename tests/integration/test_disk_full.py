@@ -75,8 +75,12 @@ class SmallDiskPostgres(DedicatedPostgres):
         try:
             super().stop()
         finally:
-            subprocess.run(["umount", "-l", str(self.directory)], capture_output=True)
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self.release()
+
+    def release(self) -> None:
+        """Unmounts the tmpfs and removes its mount point."""
+        subprocess.run(["umount", "-l", str(self.directory)], capture_output=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 async def _switch_wal(url: str) -> None:
