@@ -242,6 +242,9 @@ class Pipeline:
         latest_batch = await self.store.latest_batch_time()  # a clock stepped back while the service was down
         if latest_batch is not None:
             self._clock_floor_us = max(self._clock_floor_us, micros(latest_batch))
+        if self._clock_floor_us > now_micros() + 1_000_000:
+            log.warning("the clock is behind the newest batch or cut; batches are dated at that time until the "
+                        "clock passes it", extra={"floor": from_micros(self._clock_floor_us).isoformat()})
         self._expired_pending = []
         self.ready = True
         log.info("recovered ledger from postgres", extra={

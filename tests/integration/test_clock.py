@@ -150,6 +150,7 @@ def test_a_service_restarted_with_its_clock_stepped_back_dates_nothing_before_th
         behind = _earn(points_pb2_grpc.PointsServiceStub(channel), merchant, member)
     assert _created_at(url, behind.transaction_id) >= ahead_at, \
         "a restarted service dated a transaction before one already in the journal"
+    assert any("the clock is behind the newest batch" in line for line in restarted.log_lines)
     assert _journal_times_go_back(url) == []
     assert ledger_discrepancies(url) == []
 
