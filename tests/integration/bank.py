@@ -20,6 +20,8 @@ on a Postgres with fill() and free(), it fills the data directory's filesystem. 
   names two different holds (a points hold and a voucher hold of different authorizations);
 - batch times never go back: no transaction or hold is dated before one with a smaller id;
 - GetBalance (posted, held, available, vouchers) equals the journal's sums and the open holds;
+- a sample of the answered operations, sent again with their keys, gets the identical answers as
+  replays and adds nothing to the journal;
 - `python -m processor reconcile` passes.
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ DISK_FULL_SECONDS = 2.0          # the disk stays full at least this long ...
 DISK_FULL_REFUSED_MIN = 20       # ... and until this many calls were refused in it
 HOLD_OPEN = 1
 BALANCE_READS_MAX = 5
+REPLAYS_PER_ROUND = 50           # answered operations sent again with their keys after each round
 DIVIDENDS = {"dividends": {"threshold_point_units": 12_000, "growth_bps": 1_500, "rate_bps_schedule": [50, 100],
                            "credit_limit_bps": 50_000}}
 
@@ -368,8 +371,8 @@ class Bank:
         problems += check_time_order(journal)
         if self.service.process.poll() is not None:
             critical = [line.strip()[:600] for line in list(self.service.log_lines) if '"level": "critical"' in line]
-            problems.append(f"the service exited with {self.service.process.returncode}: {critical[:2]}")
-            return problems + _reconcile(self.url)
+            return [f"the service exited with {self.service.process.returncode}: {critical[:2]}"] + problems \
+                + _reconcile(self.url)
         # the service posts dividend rounds without traffic: compare GetBalance with a journal that did
         # not change while it was read
         shown = []
@@ -380,7 +383,35 @@ class Bank:
                     or any("GetBalance" in problem for problem in shown):
                 break
             journal = again
-        return problems + shown + _reconcile(self.url)
+        if shown:
+            unposted = asyncio.run(_unposted_dividends(self.url))
+            shown.append(f"(dividend allocations not posted yet, by member: {unposted})")
+        return problems + shown + self.check_replays(ops) + _reconcile(self.url)
+
+    def check_replays(self, ops: list[BankOp]) -> list[str]:
+        """A sample of the answered operations sent again with their keys: each gets its first answer,
+        marked as a replay, and the journal gains no transaction or hold."""
+        answered = [op for op in ops if op.code in ("OK", "FAILED_PRECONDITION")]
+        sample = self.rng.sample(answered, min(REPLAYS_PER_ROUND, len(answered)))
+        before = asyncio.run(_read(self.url))
+        problems = []
+        for op in sample:
+            try:
+                response, flag = call_once(getattr(self.board.stub, op.method), op.request, CALL_TIMEOUT_SECONDS)
+                again = ("OK", response.SerializeToString(deterministic=True), flag)
+            except grpc.RpcError as error:
+                again = (error.code().name, error.details(), replay_flag(error))
+            first = (op.code, op.response.SerializeToString(deterministic=True) if op.code == "OK" else op.response,
+                     "true")
+            if again != first:
+                problems.append(f"{op}: first answered {first[:2]}, sent again {again}")
+        after = asyncio.run(_read(self.url))
+        for what, old, new in (("transactions", before.transactions_by_key, after.transactions_by_key),
+                               ("holds", before.hold_keys, after.hold_keys)):
+            grown = {key for key in new if key not in old and key in {op.key for op in sample}}
+            if grown:
+                problems.append(f"sending answered operations again added {what} under {sorted(grown)[:5]}")
+        return problems
 
     def summary(self) -> str:
         codes = collections.Counter(op.code for op in self.ops)
@@ -682,6 +713,17 @@ def check_service_balances(stub, members: list[str], journal: Journal) -> list[s
         if shown.available < 0:
             problems.append(f"{member}: available {shown.available} < 0")
     return problems
+
+
+async def _unposted_dividends(url: str) -> dict[str, int]:
+    connection = await asyncpg.connect(url)
+    try:
+        rows = await connection.fetch(
+            """SELECT holder_id, sum(amount)::bigint AS amount FROM dividend_allocations
+               WHERE transaction_id IS NULL AND holder_kind = 'member' GROUP BY 1""")
+    finally:
+        await connection.close()
+    return {r["holder_id"]: r["amount"] for r in rows}
 
 
 async def _add_program_version(url: str) -> None:
