@@ -34,7 +34,7 @@ promtool:
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1))) || \
 	  echo "note: promtool could not be installed; promtool checks will be skipped"
 
-# libfaketime (Debian package faketime) steps the service's clock in tests/integration/test_clock.py;
+# libfaketime (Debian package faketime) steps the service's clock in test_clock.py and test_bank.py;
 # the suite skips those tests, saying so, where it cannot be installed.
 faketime:
 	@(ls /usr/lib/*/faketime/libfaketime.so.1 /usr/lib/faketime/libfaketime.so.1 2>/dev/null | grep -q .) || \
