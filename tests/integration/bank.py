@@ -385,7 +385,10 @@ class Bank:
             journal = again
         if shown:
             unposted = asyncio.run(_unposted_dividends(self.url))
-            shown.append(f"(dividend allocations not posted yet, by member: {unposted})")
+            time.sleep(1)
+            later = check_service_balances(self.board.stub, self.members, asyncio.run(_read(self.url)))
+            shown.append(f"(dividend allocations not posted yet, by member: {unposted}; a second later GetBalance "
+                         f"and the journal {'agree: GetBalance ran ahead of the journal read after it' if not later else 'still disagree'})")
         return problems + shown + self.check_replays(ops) + _reconcile(self.url)
 
     def check_replays(self, ops: list[BankOp]) -> list[str]:
