@@ -387,8 +387,9 @@ class Bank:
             unposted = asyncio.run(_unposted_dividends(self.url))
             time.sleep(1)
             later = check_service_balances(self.board.stub, self.members, asyncio.run(_read(self.url)))
+            verdict = "still disagree" if later else "agree: GetBalance ran ahead of the journal read after it"
             shown.append(f"(dividend allocations not posted yet, by member: {unposted}; a second later GetBalance "
-                         f"and the journal {'agree: GetBalance ran ahead of the journal read after it' if not later else 'still disagree'})")
+                         f"and the journal {verdict})")
         return problems + shown + self.check_replays(ops) + _reconcile(self.url)
 
     def check_replays(self, ops: list[BankOp]) -> list[str]:
