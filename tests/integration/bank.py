@@ -380,7 +380,7 @@ class Bank:
             shown = check_service_balances(self.board.stub, self.members, journal)
             again = asyncio.run(_read(self.url))
             if again.transactions.keys() == journal.transactions.keys() and again.held == journal.held \
-                    or any("GetBalance" in problem for problem in shown):
+                    or any(problem.startswith("GetBalance ") for problem in shown):  # the call failed
                 break
             journal = again
         if shown:
