@@ -209,7 +209,7 @@ class Pipeline:
         self._account_ids: list[int] = []
         self.operator_accounts: dict[str, int] = {}
         # No batch is dated before this (microseconds): the clock never runs backwards, and never
-        # before the newest settlement cut.
+        # before the newest settlement cut or, after a (re)start, the newest batch in Postgres.
         self._clock_floor_us = 0
         self._task: asyncio.Task | None = None
         self._dividends: asyncio.Task | None = None
@@ -245,6 +245,12 @@ class Pipeline:
         latest_cut = await self.store.latest_cut_off()
         if latest_cut is not None:
             self._clock_floor_us = max(self._clock_floor_us, micros(latest_cut))
+        latest_batch = await self.store.latest_batch_time()  # a clock stepped back while the service was down
+        if latest_batch is not None:
+            self._clock_floor_us = max(self._clock_floor_us, micros(latest_batch))
+        if self._clock_floor_us > now_micros() + 1_000_000:
+            log.warning("the clock is behind the newest batch or cut; batches are dated at that time until the "
+                        "clock passes it", extra={"floor": from_micros(self._clock_floor_us).isoformat()})
         self._expired_pending = []
         self.ready = True
         log.info("recovered ledger from postgres", extra={

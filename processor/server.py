@@ -271,7 +271,10 @@ async def serve(settings: Settings, announce=print) -> None:
     done, _ = await asyncio.wait({waiter, committer}, return_when=asyncio.FIRST_COMPLETED)
     if committer in done and committer.exception() is not None:
         log.critical("committer stopped", exc_info=committer.exception())
-        await service.stop(grace=0)
+        try:
+            await service.stop(grace=0)
+        except Exception:  # noqa: BLE001 - the committer's own error once more (stop awaits it); logged above
+            pass
         raise SystemExit(70)
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace_seconds})
     await service.stop()

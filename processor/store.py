@@ -1227,6 +1227,15 @@ class Store:
     async def latest_cut_off(self) -> dt.datetime | None:
         return await self.pool.fetchval("SELECT max(cut_off) FROM settlement_periods")
 
+    async def latest_batch_time(self) -> dt.datetime | None:
+        """The time of the newest committed batch with a transaction or a hold: the clock floor a
+        (re)started service keeps (batch times never decrease, so the newest id carries the latest time;
+        two primary-key look-ups, whatever the journal's size)."""
+        return await self.pool.fetchval(
+            """SELECT greatest((SELECT created_at FROM transactions ORDER BY transaction_id DESC LIMIT 1),
+                               (SELECT created_at FROM holds ORDER BY authorization_id DESC LIMIT 1))""",
+            timeout=self.recovery_timeout)
+
     async def close_period(self, cut_off: dt.datetime) -> tuple[asyncpg.Record, bool]:
         """Closes the open period at cut_off and writes every merchant's statement, in one transaction.
         Returns (period, created). The caller guarantees no transaction dated before cut_off commits

@@ -4,7 +4,13 @@ Starts a Postgres of its own (pgserver's binaries, 127.0.0.1, a free port), a fr
 the TCP proxy in front of it and the service behind the proxy; then, until the time is up, runs rounds
 under traffic, each one fault picked at random — SIGKILL of the service (the crash harness), Postgres
 unreachable, a stalled connection, a Postgres restart, terminated backends — and after each round every
-check of tests/integration/test_faults.py on every operation since the start. Prints what it checked
+check of tests/integration/test_faults.py on every operation since the start. Rounds of the bank
+check (tests/integration/bank.py: clients moving points among members and merchants, with vouchers,
+while the service is SIGKILLed or SIGSTOPped or Postgres restarted; conservation, no negative balance,
+every acknowledged operation once, no repeated id, open holds capturable, GetBalance = journal,
+reconcile; the service's wall clock stepped forward or back under libfaketime; the disk of a fresh
+small Postgres filled) run on a database of their own; a fault whose tool is missing (libfaketime,
+mounting a tmpfs) is left out, saying so. Prints what it checked
 after each round and a summary at the end; exits 1 at the first discrepancy (printing it, the seed
 and the service's log), 0 otherwise.
 """
@@ -18,7 +24,10 @@ import sys
 import time
 import warnings
 
-FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate")
+FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate", "bank-sigkill", "bank-sigstop", "bank-restart",
+          "bank-clock-step", "bank-disk-full")
+BANK_FAULTS = {"bank-sigkill": "sigkill", "bank-sigstop": "sigstop", "bank-restart": "postgres-restart",
+               "bank-clock-step": "clock-step"}
 REPLAYS_PER_ROUND_MAX = 500
 
 
@@ -28,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
     parser.add_argument("--faults", default=",".join(FAULTS),
                         help=f"comma-separated faults to pick from (default {','.join(FAULTS)})")
+    parser.add_argument("--bank", choices=("vouchers", "plain"), default="vouchers",
+                        help="the bank rounds' ledger: under a program with dividends, so that members spend "
+                             "vouchers in split-tender and vouchers-only holds (default), or the plain ledger")
     args = parser.parse_args(argv)
     faults = [name.strip() for name in args.faults.split(",") if name.strip()]
     unknown = set(faults) - set(FAULTS)
@@ -40,23 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
         from tests.conftest import ServiceProcess
+        from tests.integration import bank as banking
+        from tests.integration import faketime
+        from tests.integration import test_disk_full as disks
         from tests.integration import test_faults as scenarios
 
     def say(text: str) -> None:
         print(text, flush=True)
 
+    library = faketime.faketime_library()
+    if "bank-clock-step" in faults and library is None:
+        faults.remove("bank-clock-step")
+        say(f"soak: leaving out bank-clock-step: {faketime.SKIP_REASON}")
+    if "bank-disk-full" in faults:
+        try:
+            disks.SmallDiskPostgres().release()  # can a tmpfs be mounted here?
+        except OSError as error:
+            faults.remove("bank-disk-full")
+            say(f"soak: leaving out bank-disk-full: {error.strerror}")
+    if not faults:
+        parser.error("no fault left to run")
     say(f"soak: {args.seconds:g} s of rounds, faults {','.join(faults)}, seed {seed}")
     rng = random.Random(seed)
     fault_rng = random.Random(seed)  # the order of faults replays with --seed, whatever the traffic did
     services: list[ServiceProcess] = []
 
-    def start_service(url: str, *extra: str) -> ServiceProcess:
-        service = ServiceProcess(url, *extra).start()
+    def start_service(url: str, *extra: str, env: dict | None = None) -> ServiceProcess:
+        service = ServiceProcess(url, *extra, env=env).start()
         services.append(service)
         return service
 
     postgres = scenarios.DedicatedPostgres().start()
     harness = None
+    bank = None
     rounds: collections.Counter[str] = collections.Counter()
     started = time.monotonic()
     try:
@@ -64,6 +92,31 @@ def main(argv: list[str] | None = None) -> int:
         say(f"postgres on {postgres.host}:{postgres.port}, database {database_url.rsplit('/', 1)[1]}")
         harness = scenarios.Harness(database_url, (postgres.host, postgres.port), start_service, rng, say).start()
         say(f"service on {harness.service.target}, through the proxy on {harness.proxy.address}")
+        if any(fault in BANK_FAULTS for fault in faults):
+            clock = faketime.Clock(postgres.directory, library) if library else None
+            bank = banking.Bank(postgres, start_service, random.Random(rng.random()),
+                                program=args.bank == "vouchers", say=say, clock=clock).start()
+            say(f"bank: service on {bank.service.target}, database {bank.url.rsplit('/', 1)[1]} ({args.bank})")
+
+        def bank_round(fault: str):
+            problems = banking.run_round(bank, BANK_FAULTS[fault])
+            return problems, bank.summary()
+
+        def disk_full_round():
+            """A fresh Postgres on a small tmpfs (its data grows with every round), a bank on it, one fill."""
+            small = disks.SmallDiskPostgres().start()
+            full = None
+            try:
+                full = banking.Bank(small, start_service, random.Random(rng.random()), say=say).start()
+                problems = banking.run_round(full, "disk-full")
+                if full.disk_full_health != "SERVING":
+                    problems.append(f"health said {full.disk_full_health} while the disk was full")
+                return problems, f"while the disk was full: {full.disk_full_answers}; {full.summary()}"
+            finally:
+                if full is not None:
+                    full.service.kill()
+                    full.close()
+                small.stop()
         run = {
             "sigkill": lambda: scenarios.run_round(harness, scenarios.fault_sigkill, killed=True,
                                                    replays_max=REPLAYS_PER_ROUND_MAX),
@@ -74,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    replays_max=REPLAYS_PER_ROUND_MAX),
             "terminate": lambda: scenarios.run_round(harness, scenarios.fault_terminate,
                                                      replays_max=REPLAYS_PER_ROUND_MAX),
+            **{fault: (lambda fault=fault: bank_round(fault)) for fault in BANK_FAULTS},
+            "bank-disk-full": disk_full_round,
         }
         number = 0
         while time.monotonic() - started < args.seconds:
@@ -89,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"round {number} ({fault}): {len(problems)} DISCREPANCIES")
                 for problem in problems[:50]:
                     say(f"  - {problem}")
-                _show_logs(harness, say)
+                _show_logs(bank if fault in BANK_FAULTS else None if fault == "bank-disk-full" else harness, say)
                 say(f"FAILED after {time.monotonic() - started:.0f} s, {number} rounds; replay with --seed {seed}")
                 return 1
             say(f"round {number} ({fault}, {time.monotonic() - round_started:.1f} s): OK — since the start: {report}")
@@ -104,12 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if harness is not None:
             harness.close()
+        if bank is not None:
+            bank.close()
         for service in services:
             service.kill()
         postgres.stop()
 
 
 def _checked(fault: str) -> str:
+    if fault in BANK_FAULTS or fault == "bank-disk-full":
+        return ("(disk full: only UNAVAILABLE, OK or FAILED_PRECONDITION answered while full, the service "
+                "running, health SERVING, balances answered; then) " if fault == "bank-disk-full" else "") + ("every open hold captured by its own merchant; the journal sums to 0 per asset and per "
+                "transaction; no member balance negative; balances = entries; every acknowledged operation in "
+                "the journal exactly once under the id it was answered; no transaction or authorization id "
+                "answered twice or naming two holds; no batch dated before an earlier one; GetBalance = journal; "
+                "reconcile passes")
     checks = ["every acknowledged operation in the journal exactly once (by idempotency key), with its "
               "balanced entries, hold and hold resolution",
               "no unanswered operation half-applied; none refused as 'not applied' was committed",
