@@ -426,13 +426,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.serve:
         return _demo_with_service(args)
 
-    async def ensure_merchant(store):
+    async def ensure_merchant(store) -> str:
+        """The demo merchant, and a key of its own for this run (the service authenticates every call)."""
+        from processor import auth
         if await store.merchant(merchant) is None:
             try:
                 await store.add_merchant(merchant, 1000)
             except StoreError:
                 pass  # added concurrently
-    _run(_with_store(settings, ensure_merchant))
+        key = auth.new_key()
+        await store.insert_api_key(key.key_id, key.secret_sha256, "merchant", [merchant], "demo run")
+        return key.key
+    metadata = (("authorization", "Bearer " + _run(_with_store(settings, ensure_merchant))),)
 
     run_id = uuid.uuid4().hex[:12]
     if args.client_tls_ca_file or args.client_tls_cert_file:
@@ -459,16 +464,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         try:
             earn = stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=10_000,
-                                            idempotency_key=f"demo-earn-{run_id}"))
+                                            idempotency_key=f"demo-earn-{run_id}"), metadata=metadata)
             print(f"earn: purchase 100.00 at {merchant} ({earn.give_back_bps} bps) -> +{earn.points} point-units, "
                   f"balance {earn.balance} ({earn.transaction_id})")
             auth = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=500,
-                                                      idempotency_key=f"demo-auth-{run_id}"))
+                                                      idempotency_key=f"demo-auth-{run_id}"), metadata=metadata)
             print(f"authorize: hold 500 point-units ({auth.authorization_id}), available {auth.available}")
             capture = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=auth.authorization_id,
-                                                     points=300, idempotency_key=f"demo-capture-{run_id}"))
+                                                     points=300, idempotency_key=f"demo-capture-{run_id}"),
+                                    metadata=metadata)
             print(f"capture: 300 captured, {capture.released} released ({capture.transaction_id})")
-            balance = stub.GetBalance(pb.GetBalanceRequest(member_id=member))
+            balance = stub.GetBalance(pb.GetBalanceRequest(member_id=member), metadata=metadata)
             print(f"balance of {member}: posted {balance.posted}, held {balance.held}, "
                   f"available {balance.available} point-units")
         except grpc.RpcError as error:
