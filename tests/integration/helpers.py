@@ -31,6 +31,27 @@ def cli(*arguments: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
 
 
+def add_program_version(url: str, config: dict, program_id: str = "alliance") -> None:
+    """Stores a program version (as `program set` does); it applies PROGRAM_LEAD_SECONDS later."""
+    async def add() -> None:
+        from processor.store import Store
+        store = await Store.open(url, 2)
+        try:
+            await store.add_program_version(program_id, None, config, "tests")
+        finally:
+            await store.close()
+    asyncio.run(add())
+
+
+def wait_until(condition, what: str, seconds: float = 20) -> None:
+    """Polls `condition` every 0.1 s; fails with `what` if it is not true within `seconds`."""
+    import time
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 

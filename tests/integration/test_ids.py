@@ -6,7 +6,6 @@ in voucher_holds only) had its id handed out again after a restart: the next mer
 capture its own hold and the first one's next Authorize crashed the service."""
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, error_of, unique
+from tests.integration.helpers import add_program_version, earn, error_of, unique, wait_until
 
 STORE, OWN_POINTS = "id-store", "id-own-points"
 RESYNCS = re.compile(r"^points_pipeline_resyncs_total (\S+)$", re.M)
@@ -30,22 +29,6 @@ def _config() -> dict:
                           "credit_limit_bps": 50_000},
             "operator_store_merchant_id": STORE,
             "merchant_terms": [{"merchant_id": OWN_POINTS, "conversion_rate": {"numerator": 3, "denominator": 2}}]}
-
-
-async def _add_version(url: str) -> None:
-    from processor.store import Store
-    store = await Store.open(url, 2)
-    try:
-        await store.add_program_version("alliance", None, _config(), "tests")
-    finally:
-        await store.close()
-
-
-def _wait(condition, what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
 
 
 class World:
@@ -82,10 +65,10 @@ class World:
         killed = fetch(self.url, """SELECT pg_terminate_backend(pid) AS k FROM pg_stat_activity
                                     WHERE application_name = 'points-processor-lock' AND datname = current_database()""")
         assert [r["k"] for r in killed] == [True]
-        _wait(lambda: self._resyncs() > before, "the service did not resynchronise after losing its lock session")
-        _wait(lambda: fetch(self.url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1,
+        wait_until(lambda: self._resyncs() > before, "the service did not resynchronise after losing its lock session")
+        wait_until(lambda: fetch(self.url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1,
               "the service did not take the writer role again")
-        _wait(self._serving, "the service did not serve again after its resync")
+        wait_until(self._serving, "the service did not serve again after its resync")
 
     def _resyncs(self) -> float:
         with urllib.request.urlopen(f"http://{self.service.metrics_target}/metrics", timeout=10) as response:
@@ -120,7 +103,7 @@ def world(create_database):
     url = create_database()
     for merchant in ("shop-a", "shop-b", "shop-c", STORE, OWN_POINTS):
         add_merchant(url, merchant, 1000)
-    asyncio.run(_add_version(url))
+    add_program_version(url, _config())
     world = World(url)
     world.start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
@@ -130,7 +113,7 @@ def world(create_database):
     world.took(stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=world.alice, points=1_000,
                                             idempotency_key=unique("k")), timeout=30).transaction_id)
     world.took(earn(stub, "shop-a", world.bob, 30_000).transaction_id)          # the pool passes 8,000
-    _wait(lambda: world.stub.GetBalance(pb.GetBalanceRequest(member_id=world.alice), timeout=30).vouchers > 0,
+    wait_until(lambda: world.stub.GetBalance(pb.GetBalanceRequest(member_id=world.alice), timeout=30).vouchers > 0,
           "the dividend round did not arrive")
     yield world
     world.stop()

@@ -7,7 +7,6 @@ TOTP secret once; the hour cap refuses the spend that would pass it (RESOURCE_EX
 time), also after a restart; GetBalance shows a member's links only to its acquiring merchant."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -18,7 +17,7 @@ from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import credential, earn, error_of, replay_flag, unique
+from tests.integration.helpers import add_program_version, credential, earn, error_of, replay_flag, unique
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,21 +34,12 @@ def _config() -> dict:
             "member_points_spent_per_day_max": DAY_CAP}
 
 
-async def _add_version(url: str, config: dict) -> None:
-    from processor.store import Store
-    store = await Store.open(url, 2)
-    try:
-        await store.add_program_version("alliance", None, config, "tests")
-    finally:
-        await store.close()
-
-
 class World:
     def __init__(self, url: str):
         self.url = url
         self.operator = credential(create_key(url, "operator"))
         self.keys = {merchant: credential(add_merchant(url, merchant, 1000)) for merchant in ("shop-a", "shop-b")}
-        asyncio.run(_add_version(url, _config()))
+        add_program_version(url, _config())
         self.service: ServiceProcess | None = None
         self.start()
         time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
@@ -368,7 +358,7 @@ def test_with_a_secret_key_the_database_holds_totp_secrets_only_encrypted(create
     url = create_database()
     operator = credential(create_key(url, "operator"))
     add_merchant(url, "shop-a", 1000)
-    asyncio.run(_add_version(url, _config()))
+    add_program_version(url, _config())
     service = service_factory(url, env={"POINTS_MEMBER_SECRET_KEY": base64.b64encode(random.token_bytes(32)).decode()})
     time.sleep(1.3)
     member = unique("mem")

@@ -4,7 +4,6 @@ refund clawbacks, restart. After each scenario the ledger reconciles (every post
 the rules' accounts keep their signs, lots stay within the members' spendable points)."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, error_of, unique
+from tests.integration.helpers import add_program_version, earn, error_of, unique
 
 EXPIRY_SECONDS = 4
 GRACE_SECONDS = 30
@@ -43,21 +42,12 @@ def _config() -> dict:
     }
 
 
-async def _add_version(url: str, config: dict) -> None:
-    from processor.store import Store
-    store = await Store.open(url, 2)
-    try:
-        await store.add_program_version("alliance", None, config, "tests")
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def world(create_database):
     url = create_database()
     for merchant in ("shop-a", "shop-b", "promo-shop", "own-points-shop"):
         add_merchant(url, merchant, 1000)
-    asyncio.run(_add_version(url, _config()))
+    add_program_version(url, _config())
     service = ServiceProcess(url).start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:

@@ -4,7 +4,6 @@ Authorize/Capture/Void, whose vouchers are reserved beside the points hold, post
 on capture, released on void or expiry, and kept across a restart. The ledger reconciles after each."""
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.request
 
@@ -14,7 +13,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, error_of, replay_flag, unique
+from tests.integration.helpers import add_program_version, earn, error_of, replay_flag, unique
 
 STORE = "op-store"
 RATE_BPS = 1_000   # 10% a round: round 1 gives every holder a tenth of its holding in vouchers
@@ -26,15 +25,6 @@ def _config(store: str | None) -> dict:
     if store is not None:
         config["operator_store_merchant_id"] = store
     return config
-
-
-async def _add_version(url: str, store: str | None) -> None:
-    from processor.store import Store
-    ledger = await Store.open(url, 2)
-    try:
-        await ledger.add_program_version("alliance", None, _config(store), "tests")
-    finally:
-        await ledger.close()
 
 
 def _wait(condition, what: str, seconds: float = 20) -> None:
@@ -65,7 +55,7 @@ def world(create_database):
     add_merchant(url, "shop-a", 1000)
     add_merchant(url, "shop-b", 1000, fee_redeemed_bps=100)
     add_merchant(url, STORE, 1000)
-    asyncio.run(_add_version(url, None))
+    add_program_version(url, _config(None))
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:
@@ -98,7 +88,7 @@ def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
     none = error_of(lambda: _spend(stub, "shop-b", 5))
     assert none.code() == grpc.StatusCode.FAILED_PRECONDITION and "operator_store_merchant_id" in none.details()
 
-    asyncio.run(_add_version(url, STORE))  # version 2 names the store; the service loads it at once
+    add_program_version(url, _config(STORE))  # version 2 names the store; the service loads it at once
     time.sleep(1.3)
     key = unique("k")
     spent = _spend(stub, "shop-b", 20, key)

@@ -4,7 +4,6 @@ to the limit) refunded as one unit in proportion; credit repaid first out of the
 reconciles after each step."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, error_of, unique
+from tests.integration.helpers import add_program_version, earn, error_of, unique
 
 
 def _config() -> dict:
@@ -21,21 +20,12 @@ def _config() -> dict:
                           "credit_limit_bps": 50_000}}
 
 
-async def _add_version(url: str) -> None:
-    from processor.store import Store
-    store = await Store.open(url, 2)
-    try:
-        await store.add_program_version("alliance", None, _config(), "tests")
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module")
 def world(create_database):
     url = create_database()
     for merchant in ("shop-a", "shop-b"):
         add_merchant(url, merchant, 1000)
-    asyncio.run(_add_version(url))
+    add_program_version(url, _config())
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:
