@@ -98,6 +98,9 @@ def test_no_metric_has_an_unbounded_label(create_database, service_factory):
         stub.Earn(pb.EarnRequest(merchant_id="shop-with-unique-name", member_id="member-with-unique-name",
                                  purchase_amount=100, idempotency_key="key-with-unique-name"))
     text = scrape(service)
+    # the earn is counted (so the scrape covers it) but under no label naming its merchant, member or key
+    assert value(samples(text), "points_earned_point_units_total") == 10  # 10% of a purchase of 100
+    assert handled(samples(text), "Earn", "OK") == 1
     assert "unique-name" not in text
 
 

@@ -99,8 +99,14 @@ def test_commented_kubernetes_scrape_job_is_valid(promtool, tmp_path):
     assert (("__meta_kubernetes_pod_label_app_kubernetes_io_name",), "points-processor") in kept
     result = _promtool(promtool, "check", "config", str(candidate), cwd=tmp_path)
     if "field kubernetes_sd_configs not found" in result.stdout + result.stderr:
-        # Debian's promtool is built without Kubernetes discovery: the structure above is what we can check
-        return
+        # Debian's promtool is built without Kubernetes discovery: the rest of the file is still checked
+        # by it, and the Kubernetes job's structure above; only promtool's view of that job is missing
+        config = load_yaml(uncommented)[0]
+        config["scrape_configs"] = [c for c in config["scrape_configs"] if "kubernetes_sd_configs" not in c]
+        candidate.write_text(yaml.safe_dump(config))
+        _assert_succeeded(_promtool(promtool, "check", "config", str(candidate), cwd=tmp_path))
+        pytest.skip("this promtool is built without Kubernetes service discovery: the Kubernetes scrape job "
+                    "was checked for its structure only, the rest of prometheus.yml by promtool")
     _assert_succeeded(result)
 
 
