@@ -54,7 +54,7 @@ async def _with_store(settings: config.Settings, action, audit_as: tuple[str, di
 
 def _cli_arguments(args: argparse.Namespace) -> dict:
     """The command's arguments for its audit record, without the database's (its URL may hold a password)."""
-    return {k: v for k, v in vars(args).items() if k not in DATABASE_OPTIONS and k not in ("func", "log_level")}
+    return {k: v for k, v in vars(args).items() if k not in DATABASE_OPTIONS and k not in ("func", "log_level", "log_format")}
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -516,6 +516,9 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m processor", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR [default INFO]")
+    top.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("POINTS_LOG_FORMAT", "auto"),
+                     help="json (one object a line), text, or auto: text on a terminal, JSON otherwise "
+                          "[env POINTS_LOG_FORMAT, default auto]")
     commands = top.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the gRPC service")
@@ -636,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     # operator wins. Set before grpc is first imported (the commands import it lazily).
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = parser().parse_args(argv)
-    logs.configure(args.log_level.upper())
+    logs.configure(args.log_level.upper(), args.log_format)
     func = args.func
     del args.func
     return func(args)

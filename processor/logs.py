@@ -45,6 +45,24 @@ class JsonFormatter(logging.Formatter):
         return scrub(json.dumps(entry, default=str))
 
 
+class TextFormatter(logging.Formatter):
+    """For a person at a terminal: `HH:MM:SS level logger: message key=value ...`, secrets scrubbed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = (time.strftime("%H:%M:%S", time.localtime(record.created)) + f" {record.levelname.lower():7} "
+                + f"{record.name}: {record.getMessage()}" + (f"  {extra}" if extra else ""))
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return scrub(line)
+
+
+FORMATS = ("auto", "json", "text")
+# libraries whose INFO lines are about their own workings (pgserver: initdb and pg_ctl command lines):
+# shown at DEBUG only
+_CHATTY = ("pgserver",)
+
+
 class ScrubbingStream:
     """A text stream (stdout, stderr) that scrubs registered secrets from what is written to it, so a
     print of an exception's message cannot leak one either."""
@@ -65,13 +83,20 @@ def _excepthook(kind, value, trace) -> None:
     sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, trace))))
 
 
-def configure(level: str = "INFO") -> None:
+def configure(level: str = "INFO", fmt: str = "auto") -> None:
+    """Logs to stderr: JSON lines (one object a line, for collectors), or text when `fmt` is "text" or
+    "auto" and stderr is a terminal."""
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     for name in ("stdout", "stderr"):
         if not isinstance(getattr(sys, name), ScrubbingStream):
             setattr(sys, name, ScrubbingStream(getattr(sys, name)))
+    text = fmt == "text" or (fmt == "auto" and sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if text else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(level if level == "DEBUG" else "WARNING")
     sys.excepthook = _excepthook

@@ -83,10 +83,14 @@ def embedded_server_url(data_dir: str, database_name: str) -> str:
 
     directory = pathlib.Path(data_dir).expanduser().resolve() / "pg"
     directory.mkdir(parents=True, exist_ok=True)
+    fresh = not (directory / "PG_VERSION").exists()
     server = pgserver.get_server(str(directory), cleanup_mode=None)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database_name}';")
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{database_name}";')
+    # the one line a newcomer needs; pgserver's own (initdb, pg_ctl command lines) are at DEBUG
+    log.info("embedded Postgres " + ("created" if fresh else "running"),
+             extra={"data_dir": str(directory), "database": database_name, "log_file": str(directory / "log")})
     uri = urllib.parse.urlsplit(server.get_uri())
     return urllib.parse.urlunsplit(uri._replace(path="/" + database_name))
 
