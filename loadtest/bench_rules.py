@@ -7,7 +7,7 @@ acquiring and referral around it). Prints earns/s for both and their ratio.
 """
 import asyncio, time, sys, json
 sys.path.insert(0, ".")
-from tests.conftest import ServiceProcess, add_merchant
+from tests.harness import ServiceProcess, add_merchant
 from tests.integration.helpers import unique
 from points.v1 import points_pb2 as pb, points_pb2_grpc
 url = sys.argv[1]

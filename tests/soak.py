@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
-        from tests.conftest import ServiceProcess
+        from tests.harness import ServiceProcess
         from tests.integration import bank as banking
         from tests.integration import faketime
         from tests.integration import test_disk_full as disks

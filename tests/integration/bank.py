@@ -41,7 +41,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import ServiceProcess, add_merchant
+from tests.harness import ServiceProcess, add_merchant
 from tests.integration.faketime import Clock
 from tests.integration.helpers import call_once, cli, replay_flag, unique
 from tests.integration.test_restart import Board, Progress

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import ROOT
+from tests.harness import ROOT
 
 REPLAY_METADATA_KEY = "points-idempotent-replay"
 CLI_TIMEOUT_SECONDS = 60

@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import add_merchant, create_key, fetch
+from tests.harness import add_merchant, create_key, fetch
 from tests.integration.helpers import cli, credential, error_of, unique
 
 pytestmark = pytest.mark.timeout(180)

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import create_key, fetch, ledger_discrepancies
+from tests.harness import create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import credential, error_of, ledger_snapshot, unique
 
 pytestmark = pytest.mark.timeout(120)

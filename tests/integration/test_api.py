@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.harness import add_merchant, fetch, ledger_discrepancies
 
 pytestmark = pytest.mark.timeout(120)
 

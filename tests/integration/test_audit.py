@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from points.v1 import admin_pb2, admin_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, create_key, fetch
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch
 from tests.integration.helpers import cli, credential, error_of, unique
 
 pytestmark = pytest.mark.timeout(120)

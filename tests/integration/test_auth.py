@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import cli, credential, error_of, ledger_snapshot, unique
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import balance, call_once, error_of, unique
 
 pytestmark = pytest.mark.timeout(60)

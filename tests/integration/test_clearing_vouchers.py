@@ -32,7 +32,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import store as store_module
 from processor.store import Store
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import earn, unique
 from tests.integration.ledger_rows import CONVERSION, EARN, MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2
 from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.harness import add_merchant, fetch, ledger_discrepancies
 from tests.integration.faketime import SKIP_REASON, Clock, faketime_library
 from tests.integration.helpers import error_of, unique
 

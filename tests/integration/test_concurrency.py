@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.harness import add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import balance, funded_member, member_in_postgres, unique
 
 pytestmark = pytest.mark.timeout(180)

@@ -2,7 +2,7 @@
 with a key of its own (it answered UNAUTHENTICATED once keys were required), then stops the service."""
 from __future__ import annotations
 
-from tests.conftest import fetch
+from tests.harness import fetch
 from tests.integration.helpers import cli
 
 

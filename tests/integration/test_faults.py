@@ -38,7 +38,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import Credentials, ServiceProcess, add_merchant, ledger_discrepancies
+from tests.harness import Credentials, ServiceProcess, add_merchant, ledger_discrepancies
 from tests.integration.helpers import balance, member_in_postgres, unique
 from tests.integration.tcp_proxy import TcpProxy
 from tests.integration.test_restart import (Board, Client, Op, Progress, check_entries, check_in_journal,

@@ -21,7 +21,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import unique
 
 MERCHANTS = ("fence-a", "fence-b")
@@ -51,7 +51,7 @@ class Clients:
         self.stop = threading.Event()
 
     def run(self, credentials_url: str, worker: int) -> None:
-        from tests.conftest import Credentials
+        from tests.harness import Credentials
         pending: list[tuple[str, pb.EarnRequest | pb.RedeemRequest]] = []
         channels: dict[str, grpc.Channel] = {}
         n = 0

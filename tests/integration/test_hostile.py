@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, ledger_discrepancies
 from tests.integration.helpers import error_of, ledger_snapshot, replay_flag, unique
 
 pytestmark = pytest.mark.timeout(300)

@@ -48,7 +48,7 @@ import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import balance, member_in_postgres, replay_flag, unique
 
 pytestmark = pytest.mark.timeout(300)

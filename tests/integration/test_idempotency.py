@@ -9,7 +9,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import add_merchant, fetch, ledger_discrepancies
+from tests.harness import add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import (balance, call_once, earn, error_of, funded_member, ledger_snapshot,
                                        replay_flag, unique)
 

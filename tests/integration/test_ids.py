@@ -15,7 +15,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
 from tests.integration.helpers import add_program_version, earn, error_of, unique, wait_until
 
 STORE, OWN_POINTS = "id-store", "id-own-points"

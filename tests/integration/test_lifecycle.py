@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ROOT, ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ROOT, ServiceProcess, add_merchant, fetch, ledger_discrepancies
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,7 +12,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
 
 pytestmark = pytest.mark.timeout(120)
 

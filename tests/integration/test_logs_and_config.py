@@ -11,7 +11,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ROOT, add_merchant
+from tests.harness import ROOT, add_merchant
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,7 @@ import pytest
 from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import add_program_version, credential, earn, error_of, replay_flag, unique
 
 pytestmark = pytest.mark.timeout(180)
@@ -310,7 +310,7 @@ def test_the_cli_enrolls_sets_a_pin_from_stdin_and_shows_no_secret(world):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.harness import ROOT
     member = world.member()
 
     def cli(*arguments: str, stdin: str = "") -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import add_merchant
+from tests.harness import add_merchant
 
 pytestmark = pytest.mark.timeout(120)
 

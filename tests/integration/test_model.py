@@ -32,7 +32,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ServiceProcess, add_merchant, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, ledger_discrepancies
 from tests.integration.helpers import replay_flag
 
 # Hypothesis shrinks a failure against the live service; give it room to finish and report.

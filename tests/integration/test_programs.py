@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from tests.conftest import ROOT, add_merchant, create_key, fetch
+from tests.harness import ROOT, add_merchant, create_key, fetch
 from tests.integration.helpers import cli, credential, error_of, unique
 
 pytestmark = pytest.mark.timeout(120)

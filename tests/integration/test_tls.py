@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.conftest import ROOT, Credentials, ServiceProcess, _run, add_merchant
+from tests.harness import ROOT, Credentials, ServiceProcess, add_merchant, run as _run
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,0 +1,218 @@
+"""What the tests share beyond fixtures: the service as a real subprocess on 127.0.0.1:0, merchants and API
+keys made as the CLI makes them, the credentials a real client sends, and reads of the ledger database
+(fetch, reconcile). The fixtures that use them are in tests/conftest.py."""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import asyncpg
+import grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SERVING = re.compile(r"SERVING on (\S+) \(metrics http://([^/]+)/metrics")
+START_TIMEOUT_SECONDS = 60
+
+def with_database(url: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+
+class ServiceProcess:
+    """`python -m processor serve` in a subprocess, as an operator runs it."""
+
+    def __init__(self, database_url: str, *extra: str, env: dict | None = None):
+        self.database_url = database_url
+        self.extra = extra
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env.pop("DATABASE_URL", None)
+        self.process: subprocess.Popen | None = None
+        self.target = ""
+        self.metrics_target = ""
+        self.log_lines: list[str] = []
+
+    def start(self) -> "ServiceProcess":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
+             "--database-url", self.database_url, *self.extra],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        assert self.process.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            match = SERVING.search(line)
+            if match:
+                self.target = match.group(1)
+                self.metrics_target = match.group(2)
+                threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True).start()
+                return self
+        self.process.kill()
+        raise RuntimeError("service did not start:\n" + "".join(self.log_lines[-40:]))
+
+    def _drain(self, stream) -> None:
+        for line in stream:
+            self.log_lines.append(line)
+
+    def channel(self) -> grpc.Channel:
+        """A channel that sends the right credential with each call (see Credentials)."""
+        return grpc.intercept_channel(grpc.insecure_channel(self.target), Credentials(self.database_url))
+
+    def bare_channel(self) -> grpc.Channel:
+        """A channel that sends no credential: for tests of authentication itself."""
+        return grpc.insecure_channel(self.target)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int, fields: dict) -> None:
+    from processor.store import Store
+    store = await Store.open(database_url, 2)
+    try:
+        await store.migrate()
+        await store.add_merchant(merchant_id, give_back_bps, **fields)
+    finally:
+        await store.close()
+
+
+def add_merchant(database_url: str, merchant_id: str, give_back_bps: int = 1000, **fields) -> str:
+    """Creates a merchant (as `python -m processor merchant add` does) and its API key; returns the key."""
+    run(_add_merchant(database_url, merchant_id, give_back_bps, fields))
+    return create_key(database_url, "merchant", [merchant_id])
+
+
+async def _create_key(database_url: str, kind: str, merchant_ids: list[str]) -> str:
+    from processor import auth
+    from processor.store import Store
+    key = auth.new_key()
+    store = await Store.open(database_url, 2)
+    try:
+        await store.migrate()
+        await store.insert_api_key(key.key_id, key.secret_sha256, kind, merchant_ids, "tests")
+    finally:
+        await store.close()
+    return key.key
+
+
+_KEYS: dict[tuple[str, str], str] = {}  # (database_url, merchant_id | "*operator*") -> key
+_GATEWAYS: dict[str, tuple[frozenset, str]] = {}  # database_url -> (merchants covered, key)
+_KEYS_LOCK = threading.Lock()
+
+
+def create_key(database_url: str, kind: str, merchant_ids: list[str] | None = None) -> str:
+    """A new API key (as `python -m processor key create` makes one); remembered for Credentials."""
+    key = run(_create_key(database_url, kind, list(merchant_ids or [])))
+    with _KEYS_LOCK:
+        if kind == "merchant":
+            _KEYS[(database_url, merchant_ids[0])] = key
+        elif kind == "operator":
+            _KEYS[(database_url, "*operator*")] = key
+    return key
+
+
+class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Sends what a real client sends: the merchant's key for a call naming a merchant, the operator's key
+    for the operator services, and for reads a gateway key covering every merchant the tests made.
+    A call that already carries `authorization` is left alone."""
+
+    def __init__(self, database_url: str):
+        self.database_url = database_url
+
+    def _key(self, method: str, request) -> str:
+        url = self.database_url
+        if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/", "/points.v1.AuditService/",
+                              "/points.v1.Programs/", "/points.v1.MemberAdminService/")):
+            with _KEYS_LOCK:
+                key = _KEYS.get((url, "*operator*"))
+            return key or create_key(url, "operator")
+        merchant_id = getattr(request, "merchant_id", "")
+        with _KEYS_LOCK:
+            key = _KEYS.get((url, merchant_id))
+            known = frozenset(m for (u, m) in _KEYS if u == url and m != "*operator*")
+            gateway = _GATEWAYS.get(url)
+        if key:
+            return key
+        if merchant_id and isinstance(merchant_id, str):
+            from processor.store import StoreError
+            try:  # a merchant created without add_merchant(): give it a key, as the operator would
+                return create_key(url, "merchant", [merchant_id])
+            except (StoreError, asyncpg.DataError) as error:
+                if isinstance(error, StoreError) and "no merchant" not in str(error):
+                    raise
+                # an unknown merchant, or an id Postgres cannot even hold (what the call under test is
+                # about): the gateway key lets the call reach the service, which answers for it
+        if gateway is None or gateway[0] != known:
+            if not known:
+                return create_key(url, "operator")  # no merchant yet: any valid key
+            gateway = (known, run(_create_key(url, "gateway", sorted(known))))
+            with _KEYS_LOCK:
+                _GATEWAYS[url] = gateway
+        return gateway[1]
+
+    def _with_key(self, call_details, request):
+        metadata = list(call_details.metadata or [])
+        if not any(name == "authorization" for name, _ in metadata):
+            metadata.append(("authorization", "Bearer " + self._key(call_details.method, request)))
+        return _CallDetails(call_details.method, call_details.timeout, metadata, call_details.credentials,
+                            call_details.wait_for_ready, call_details.compression)
+
+    def intercept_unary_unary(self, continuation, call_details, request):
+        return continuation(self._with_key(call_details, request), request)
+
+    def intercept_stream_stream(self, continuation, call_details, request_iterator):
+        # a stream names no merchant up front: the gateway key covering the tests' merchants
+        return continuation(self._with_key(call_details, None), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+async def _discrepancies(database_url: str) -> list[str]:
+    from processor.store import Store
+    store = await Store.open(database_url, 2)
+    try:
+        return await store.ledger_discrepancies()
+    finally:
+        await store.close()
+
+
+def ledger_discrepancies(database_url: str) -> list[str]:
+    return run(_discrepancies(database_url))
+
+
+async def _fetch(database_url: str, sql: str, *args):
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await connection.fetch(sql, *args)
+    finally:
+        await connection.close()
+
+
+def fetch(database_url: str, sql: str, *args):
+    return run(_fetch(database_url, sql, *args))
