@@ -7,8 +7,9 @@ and for the batch:
   1. looks up, in one query, the idempotency keys it has not seen in flight: a stored outcome is
      replayed (or, if the request differs, refused with ALREADY_EXISTS naming the field);
   2. prefetches the holds and transactions the batch refers to that the fast path does not hold;
-  3. opens the fast path's undo log, releases expired holds, and applies every operation there
-     (microseconds each, no I/O), collecting journal rows, hold changes and idempotency records;
+  3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
+     path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
+     returning the outcomes and the batch's rows (journal, hold changes, idempotency records);
   4. writes all of it in one Postgres transaction and compares the member balances Postgres returns
      with the fast path's;
   5. only then answers every call of the batch.
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import json
 import logging
 import time
 from typing import Any
@@ -31,84 +31,17 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, kinds, metrics, rules, velocity
+from processor import domain, kinds, metrics, rules
 from processor.quotas import MerchantQuotas
-from processor.program import EarnRecord, MemberRules, ProgramState, SplitRecord, VoucherHold
+from processor.program import SplitRecord
 from processor.config import Settings
-from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.presence_store import PresenceStore
-from processor.state_machine import (  # noqa: F401 (Merchants, IdAllocator: imported from here by others)
-    _NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, _replay)
-from processor.store import (NEVER_US, BatchWrite, MerchantRow, Store, StoreError, WriterFenced, WriterLockLost,
+from processor.domain import Code, Operation, Outcome, Rejection, require
+from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
+from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
+from processor.store import (BatchWrite, MerchantRow, Store, StoreError, WriterFenced, WriterLockLost,
                              from_micros, micros)
 
 log = logging.getLogger("points.pipeline")
-
-
-async def load_ledger(store: Store, settings: Settings, merchants: Merchants, now_us: int):
-    """Rebuilds the fast path from Postgres: every member's posted balance and every open hold."""
-    ledger = fastpath.Ledger(settings.members_max, settings.holds_max, settings.transactions_resident_max)
-    async for chunk in store.member_balances():
-        for member_id, balance, account_id in chunk:
-            ledger.load_member(member_id, balance, account_id)
-    for hold in await store.open_holds(from_micros(now_us)):
-        ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
-                         merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
-                         hold.expires_at_us, fastpath.HOLD_OPEN)
-    ledger.check_invariants()
-    return ledger
-
-
-async def load_program(store: Store, settings: Settings) -> ProgramState:
-    """The program's versions and the rules' state (links, tiers, lots, consumed pieces, budgets)."""
-    state = ProgramState(await store.program(settings.program_id))
-    rows = await store.program_state(settings.program_id)
-    for r in rows["members"]:
-        buckets = tuple(sorted((int(day), amount) for day, amount in json.loads(r["day_buckets"]).items()))
-        state.load_member(r["member_id"], MemberRules(r["acquirer_id"], r["referrer_id"], r["referral_paid"],
-                                                      r["level"], r["levels_reached"], r["qualifying_point_units"],
-                                                      buckets))
-    lots: dict[str, list] = collections.defaultdict(list)
-    for r in rows["lots"]:
-        lots[r["member_id"]].append(rules.Lot(r["lot_id"], r["amount"], r["expires_at_us"], r["issuer_id"]))
-    for member_id, member_lots in lots.items():
-        state.load_lots(member_id, tuple(sorted(member_lots, key=rules._order)))
-    pieces: dict[tuple[int, int], list] = collections.defaultdict(list)
-    for r in rows["pieces"]:
-        expires = None if r["expires_at_us"] == NEVER_US else r["expires_at_us"]
-        pieces[(r["owner_kind"], r["owner_id"])].append(rules.Lot(r["lot_id"], r["amount"], expires, r["issuer_id"]))
-    for owner, owner_pieces in pieces.items():
-        state.load_pieces(owner, tuple(owner_pieces))
-    state.granted = {r["promotion_id"]: r["granted"] for r in rows["budgets"]}
-    vouchers = await store.voucher_state(settings.program_id)
-    for r in vouchers["accounts"]:
-        kind, owner, balance = r["kind"], r["owner_id"], r["balance"]
-        state.voucher_accounts[(kind, owner)] = r["account_id"]
-        if kind == domain.ACCOUNT_MEMBER:
-            state.vouchers[(rules.HOLDER_MEMBER, owner)] = balance
-        elif kind == rules.ACCOUNT_MERCHANT_VOUCHERS:
-            state.vouchers[(rules.HOLDER_MERCHANT, owner)] = balance
-        elif kind == rules.ACCOUNT_MEMBER_VOUCHER_CREDIT and balance:
-            state.credit[owner] = -balance
-    for r in await store.voucher_holds():
-        state.load_voucher_hold(r["authorization_id"], voucher_hold(r))
-    for member_id, at_us, points in await PresenceStore(store).spends_since(now_micros() - velocity.WINDOW_US_MAX):
-        state.load_spend(member_id, points, at_us)
-    state.rounds = vouchers["rounds"][0]["round_number"] if vouchers["rounds"] else 0
-    state.dividends_unposted = vouchers["unposted"] > 0
-    return state
-
-
-def voucher_hold(r) -> VoucherHold:
-    return VoucherHold(r["member_id"], r["merchant_id"], r["vouchers"], r["from_credit"], r["points"],
-                       r["expires_at_us"], r["status"], r["transaction_id"])
-
-
-def earn_record(r) -> EarnRecord:
-    grants = tuple(rules.Grant(p, sponsor, amount) for p, sponsor, amount in json.loads(r["grants"]))
-    return EarnRecord(r["member_id"], r["merchant_id"], r["program_version"],
-                      rules.Earn(r["base_point_units"], r["uplift_point_units"], grants), r["acquirer_id"],
-                      r["acquiring_point_units"], r["refunded_base_point_units"], micros(r["created_at"]))
 
 
 @dataclasses.dataclass(slots=True)
@@ -141,6 +74,12 @@ def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
 
 def now_micros() -> int:
     return time.time_ns() // 1000
+
+
+def _state(name: str, doc: str) -> property:
+    """An attribute of the Pipeline that is the state machine's."""
+    return property(lambda self: getattr(self.machine, name),
+                    lambda self, value: setattr(self.machine, name, value), doc=doc)
 
 
 class Pipeline:
@@ -178,52 +117,13 @@ class Pipeline:
         self._resync_requested = False
         self.ready = False          # recovery done and Postgres reachable
 
-    # The state machine's state, under the names the servicers, recovery and tests use.
-
-    @property
-    def ledger(self) -> Any:
-        return self.machine.ledger
-
-    @ledger.setter
-    def ledger(self, value: Any) -> None:
-        self.machine.ledger = value
-
-    @property
-    def program(self) -> ProgramState:
-        return self.machine.program
-
-    @program.setter
-    def program(self, value: ProgramState) -> None:
-        self.machine.program = value
-
-    @property
-    def merchants(self) -> Merchants:
-        return self.machine.merchants
-
-    @merchants.setter
-    def merchants(self, value: Merchants) -> None:
-        self.machine.merchants = value
-
-    @property
-    def ids(self) -> IdAllocator:
-        return self.machine.ids
-
-    @ids.setter
-    def ids(self, value: IdAllocator) -> None:
-        self.machine.ids = value
-
-    @property
-    def operator_accounts(self) -> dict[str, int]:
-        return self.machine.operator_accounts
-
-    @operator_accounts.setter
-    def operator_accounts(self, value: dict[str, int]) -> None:
-        self.machine.operator_accounts = value
-
-    @property
-    def quotas(self) -> MerchantQuotas:
-        """Per-merchant shares of the queue, holds and new members."""
-        return self.machine.quotas
+    # the state machine's state, under the names the servicers, recovery and tests use
+    ledger = _state("ledger", "the fast path's Ledger (fastpath.Ledger)")
+    program = _state("program", "the program rules' state (ProgramState)")
+    merchants = _state("merchants", "the merchants the service knows (Merchants)")
+    ids = _state("ids", "the transaction and authorization id allocator (IdAllocator)")
+    operator_accounts = _state("operator_accounts", "account kind -> id of the operator's accounts")
+    quotas = _state("quotas", "per-merchant shares of the queue, holds and new members (MerchantQuotas)")
 
     # --- lifecycle ---
 
@@ -236,7 +136,7 @@ class Pipeline:
             await self.store.acquire_writer_lock()
         self.merchants = Merchants(await self.store.merchants())
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
-        self.program = await load_program(self.store, self.settings)
+        self.program = await load_program(self.store, self.settings, now_micros())
         if not self._listening:
             # a version stored by the CLI (or another service instance's admin call) is loaded at once
             await self.store.listen_program_changes(self._program_changed)
@@ -322,11 +222,11 @@ class Pipeline:
         while (first := self._inflight.get(key)) is not None:
             # The same key is in flight: wait for its outcome rather than posting twice.
             outcome = await asyncio.shield(first.future)
-            if outcome.code is Code.ALREADY_EXISTS or outcome.code in _NOT_RECORDED or not outcome.recorded:
+            if outcome.code is Code.ALREADY_EXISTS or outcome.code in NOT_RECORDED or not outcome.recorded:
                 # That call decided nothing for the key (it was refused as a conflicting retry, or not
                 # recorded): this one is decided on its own, against the stored record if there is one.
                 continue
-            return _replay(first.method.value, first.request, outcome, op)
+            return replay(first.method.value, first.request, outcome, op)
         # shield: a caller that goes away does not cancel the operation; its batch still resolves it
         return await asyncio.shield(self._enqueue(op))
 
@@ -681,59 +581,21 @@ class Pipeline:
                 delay = min(delay * 2, 2.0)
 
     async def _prefetch(self, batch: list[Operation], now_us: int) -> None:
-        """Loads into the fast path the holds and transactions the batch refers to, from Postgres."""
-        ledger = self.ledger
-        self.machine.not_refundable = {}
-        hold_ids = {op.authorization_id for op in batch
-                    if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)}
-        transaction_ids = {op.transaction_id for op in batch
-                           if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)}
-        if hold_ids:
-            for hold in await self.store.holds(hold_ids):
-                status = hold.status
-                if status == fastpath.HOLD_OPEN and hold.expires_at_us <= now_us:
-                    status = fastpath.HOLD_STATUS_EXPIRED
-                    self._expired_pending.append(hold.authorization_id)
-                ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
-                                 self.merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
-                                 hold.expires_at_us, status)
-        if self.program.program is not None:
-            wanted = {a for a in hold_ids if a not in self.program.voucher_holds}
-            if wanted:  # resolved split-tender holds forgotten since (open ones are all resident)
-                for r in await self.store.voucher_holds(wanted):
-                    self.program.load_voucher_hold(r["authorization_id"], voucher_hold(r))
-            wanted = {op.transaction_id for op in batch
-                      if op.method is Method.REFUND and op.transaction_id not in self.program.earns
-                      and op.transaction_id not in self.program.splits}
-            if wanted:
-                for r in await self.store.earn_records(wanted):
-                    self.program.load_earn(r["transaction_id"], earn_record(r))
-                for r in await self.store.split_records(wanted):
-                    self.program.splits[r["transaction_id"]] = SplitRecord(
-                        r["member_id"], r["merchant_id"], r["vouchers"], r["points"], r["from_credit"], r["refunded"])
-        if transaction_ids:
-            for t in await self.store.transactions(transaction_ids):
-                merchant = self.merchants.by_id.get(t.merchant_id)
-                member_slot = ledger.member_slot(t.member_id)
-                split = self.program.splits.get(t.transaction_id)
-                if t.kind == rules.KIND_SPLIT_REDEEM and split is not None and split.points:
-                    # its points part, as the fast path refunds it
-                    points_refunded = split.refunded - rules.proportional_share(
-                        split.vouchers, split.vouchers + split.points, 0, split.refunded)
-                    ledger.load_transaction(t.transaction_id, fastpath.KIND_REDEEM, member_slot,
-                                            merchant.merchant_slot, split.points, points_refunded)
-                    continue
-                if t.kind > fastpath.KIND_REFUND_EARN:
-                    # a transaction the program rules set off: never refundable by a merchant (the fast
-                    # path answers NOT_REFUNDABLE, or WRONG_MERCHANT to another merchant)
-                    if merchant is None or member_slot < 0:
-                        self.machine.not_refundable[t.transaction_id] = t.merchant_id
-                        continue
-                    ledger.load_transaction(t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot,
-                                            merchant.merchant_slot, t.amount, 0)
-                    continue
-                ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount,
-                                        t.refunded)
+        """Reads from Postgres the holds, transactions and rule records the batch refers to that the state
+        machine does not hold, and loads them into it."""
+        hold_ids, voucher_hold_ids, record_ids, transaction_ids = self.machine.missing(batch)
+        holds = await self.store.holds(hold_ids) if hold_ids else []
+        voucher_holds = [(r["authorization_id"], voucher_hold(r))
+                         for r in await self.store.voucher_holds(voucher_hold_ids)] if voucher_hold_ids else []
+        earns, splits = [], []
+        if record_ids:
+            earns = [(r["transaction_id"], earn_record(r)) for r in await self.store.earn_records(record_ids)]
+            splits = [(r["transaction_id"], SplitRecord(r["member_id"], r["merchant_id"], r["vouchers"], r["points"],
+                                                        r["from_credit"], r["refunded"]))
+                      for r in await self.store.split_records(record_ids)]
+        transactions = await self.store.transactions(transaction_ids) if transaction_ids else []
+        self._expired_pending.extend(self.machine.load_prefetched(now_us, holds, voucher_holds, earns, splits,
+                                                                  transactions))
 
     # --- dividend rounds ---
 

@@ -23,7 +23,9 @@ import fastpath
 from processor import domain, metrics, rules, velocity
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.program import OWNER_HOLD, OWNER_TRANSACTION, ProgramState, SplitRecord, VoucherHold
+from processor.program import (OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord,
+                               VoucherHold)
+from processor.outcomes import ledger_rejection
 from processor.quotas import MerchantQuotas
 from processor.store import BatchWrite, MerchantRow, from_micros, to_json
 
@@ -39,7 +41,7 @@ class LedgerStateMachine:
         # account ids taken from Postgres's accounts sequence for members the next batches create
         self.account_ids: list[int] = []
         # rule transactions with no member (a merchant's dividend or voucher spend) that a refund of the
-        # batch names: transaction id -> merchant id (set by the committer's prefetch)
+        # batch names: transaction id -> merchant id (set by load_prefetched)
         self.not_refundable: dict[int, str] = {}
         self.quotas = quotas if quotas is not None else MerchantQuotas(settings)
         self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
@@ -71,7 +73,7 @@ class LedgerStateMachine:
             outcomes = self._apply_batch(batch, stored, write, now_us)
             for op, outcome in zip(batch, outcomes):
                 key = (op.merchant_id, op.idempotency_key)
-                if key in stored or outcome.code in _NOT_RECORDED or not outcome.recorded:
+                if key in stored or outcome.code in NOT_RECORDED or not outcome.recorded:
                     continue  # a replay keeps its record; a refusal about the service's state is not one
                 write.idempotency.append((
                     op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
@@ -114,6 +116,73 @@ class LedgerStateMachine:
         slot = self.ledger.member_slot(member_id)
         return None if slot < 0 else tuple(self.ledger.balance(slot))
 
+    # --- what a batch needs from Postgres ---
+
+    def missing(self, batch: list[Operation]) -> tuple[set[int], set[int], set[int], set[int]]:
+        """What the batch refers to that is not resident, for the committer to read before apply():
+        (hold ids, split-tender hold ids, transaction ids whose earn or split record a refund needs,
+        transaction ids)."""
+        ledger, program = self.ledger, self.program
+        hold_ids = {op.authorization_id for op in batch
+                    if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)}
+        transaction_ids = {op.transaction_id for op in batch
+                           if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)}
+        voucher_hold_ids: set[int] = set()
+        record_ids: set[int] = set()
+        if program.program is not None:
+            # resolved split-tender holds forgotten since (open ones are all resident)
+            voucher_hold_ids = {a for a in hold_ids if a not in program.voucher_holds}
+            record_ids = {op.transaction_id for op in batch
+                          if op.method is Method.REFUND and op.transaction_id not in program.earns
+                          and op.transaction_id not in program.splits}
+        return hold_ids, voucher_hold_ids, record_ids, transaction_ids
+
+    def load_prefetched(self, now_us: int, holds: list, voucher_holds: list[tuple[int, VoucherHold]],
+                        earns: list[tuple[int, EarnRecord]], splits: list[tuple[int, SplitRecord]],
+                        transactions: list) -> list[int]:
+        """Loads what missing() named, as read from Postgres (committed state: outside any undo batch).
+        Returns the ids of the holds that were open in Postgres and have expired since: their rows follow
+        with the next batch."""
+        ledger, program, merchants = self.ledger, self.program, self.merchants.by_id
+        self.not_refundable = {}
+        expired: list[int] = []
+        for hold in holds:
+            status = hold.status
+            if status == fastpath.HOLD_OPEN and hold.expires_at_us <= now_us:
+                status = fastpath.HOLD_STATUS_EXPIRED
+                expired.append(hold.authorization_id)
+            ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
+                             merchants[hold.merchant_id].merchant_slot, hold.amount, hold.expires_at_us, status)
+        for authorization_id, voucher_hold in voucher_holds:
+            program.load_voucher_hold(authorization_id, voucher_hold)
+        for transaction_id, record in earns:
+            program.load_earn(transaction_id, record)
+        for transaction_id, split in splits:
+            program.splits[transaction_id] = split
+        for t in transactions:
+            merchant = merchants.get(t.merchant_id)
+            member_slot = ledger.member_slot(t.member_id)
+            split = program.splits.get(t.transaction_id)
+            if t.kind == rules.KIND_SPLIT_REDEEM and split is not None and split.points:
+                # its points part, as the fast path refunds it
+                points_refunded = split.refunded - rules.proportional_share(
+                    split.vouchers, split.vouchers + split.points, 0, split.refunded)
+                ledger.load_transaction(t.transaction_id, fastpath.KIND_REDEEM, member_slot,
+                                        merchant.merchant_slot, split.points, points_refunded)
+                continue
+            if t.kind > fastpath.KIND_REFUND_EARN:
+                # a transaction the program rules set off: never refundable by a merchant (the fast
+                # path answers NOT_REFUNDABLE, or WRONG_MERCHANT to another merchant)
+                if merchant is None or member_slot < 0:
+                    self.not_refundable[t.transaction_id] = t.merchant_id
+                    continue
+                ledger.load_transaction(t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot,
+                                        merchant.merchant_slot, t.amount, 0)
+                continue
+            ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount,
+                                    t.refunded)
+        return expired
+
     # --- the batch on the fast path ---
 
     def _apply_batch(self, batch: list[Operation], stored: dict, write: BatchWrite, now_us: int) -> list[Outcome]:
@@ -132,7 +201,7 @@ class LedgerStateMachine:
         for position, op in enumerate(batch):
             previous = stored.get((op.merchant_id, op.idempotency_key))
             if previous is not None:
-                outcomes[position] = _replay(previous.method, previous.request, Outcome(
+                outcomes[position] = replay(previous.method, previous.request, Outcome(
                     Code(previous.outcome), previous.response or {}, previous.message), op)
                 continue
             if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
@@ -158,7 +227,7 @@ class LedgerStateMachine:
                         continue
                 slot = ledger.ensure_member(op.member_id)
                 if slot < 0:
-                    outcomes[position] = _ledger_rejection(fastpath.CAPACITY, op)
+                    outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
                     continue
                 if ledger.member_account(slot) == 0:  # created just now: its account row goes with the batch
                     account_id = self.account_ids.pop()
@@ -189,7 +258,7 @@ class LedgerStateMachine:
             elif kind is Method.REFUND:
                 owner = self.not_refundable.get(op.transaction_id)
                 if owner is not None:  # a rule's transaction with no member (a merchant's vouchers)
-                    outcomes[position] = _ledger_rejection(
+                    outcomes[position] = ledger_rejection(
                         fastpath.NOT_REFUNDABLE if owner == op.merchant_id else fastpath.WRONG_MERCHANT, op)
                     continue
                 reference, created = op.transaction_id, ids.transaction()
@@ -234,7 +303,7 @@ class LedgerStateMachine:
             expires = held = 0
             if method in (Method.CAPTURE, Method.VOID) and ledger.has_hold(op.authorization_id):
                 _, _, _, held, expires = ledger.hold(op.authorization_id)
-            return _ledger_rejection(status, op, available, expires, held)
+            return ledger_rejection(status, op, available, expires, held)
         merchant = self.merchants.by_id[op.merchant_id]
         if method is Method.EARN:
             fee = self._fee(write, created, merchant, op.points, "fee_issued_bps")
@@ -343,7 +412,7 @@ class LedgerStateMachine:
                     return self._split_resolve(op, write, now_us, version, created, hold)
                 if op.vouchers:
                     if not self.ledger.has_hold(op.authorization_id):
-                        return _ledger_rejection(fastpath.UNKNOWN_HOLD, op)
+                        return ledger_rejection(fastpath.UNKNOWN_HOLD, op)
                     raise Rejection(Code.INVALID_ARGUMENT, (
                         f"authorization {domain.format_authorization_id(op.authorization_id)} holds no vouchers; "
                         "capture points only (vouchers = 0)"))
@@ -576,7 +645,7 @@ class LedgerStateMachine:
         ordinary hold of the points, under one authorization id. Nothing is posted until the capture."""
         program, ledger, member_id = self.program, self.ledger, op.member_id
         if len(program.voucher_holds) >= self.settings.holds_max:  # the same bound as the fast path's holds
-            return _ledger_rejection(fastpath.CAPACITY, op)
+            return ledger_rejection(fastpath.CAPACITY, op)
         posted, held = ledger.balance(slot)
         from_balance, from_credit = rules.voucher_sources(
             program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)
@@ -614,7 +683,7 @@ class LedgerStateMachine:
                 self._restore_hold(authorization_id, now_us)
                 return outcome
         if refusal is not None:
-            return _ledger_rejection(refusal, op, expires_at_us=hold.expires_at_us)
+            return ledger_rejection(refusal, op, expires_at_us=hold.expires_at_us)
         capture = op.method is Method.CAPTURE
         points, vouchers = (op.points, op.vouchers) if op.points or op.vouchers else (hold.points, hold.vouchers)
         if capture and (points > hold.points or vouchers > hold.vouchers):
@@ -885,7 +954,7 @@ _RULES_ONLY = frozenset({Method.CONVERT, Method.LINK, Method.SPEND_VOUCHERS})
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
-_NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
+NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
 
 
 def _entries(write: BatchWrite, transaction_id: int, entries: list[tuple]) -> None:
@@ -908,7 +977,7 @@ def _check_balanced(write: BatchWrite) -> None:
         require(total == 0, f"transaction {transaction_id} entries of {asset} sum to {total}")
 
 
-def _replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Operation) -> Outcome:
+def replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Operation) -> Outcome:
     """The outcome for a retry under a key already used: the original one if the request is the same."""
     field = domain.differing_field(stored_request, op.method.value, op.request, stored_method)
     if field is not None:
@@ -916,73 +985,3 @@ def _replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Oper
                        message=f"idempotency key {op.idempotency_key!r} was first used for a different "
                                f"request ({field} differs); use a new key for a new operation")
     return Outcome(outcome.code, outcome.fields, outcome.message, replayed=True)
-
-
-_REASON = {
-    fastpath.INSUFFICIENT_POINTS: "insufficient_points", fastpath.UNKNOWN_MEMBER: "unknown_member",
-    fastpath.UNKNOWN_HOLD: "unknown_hold", fastpath.HOLD_EXPIRED: "hold_expired",
-    fastpath.HOLD_CAPTURED: "hold_captured", fastpath.HOLD_VOIDED: "hold_voided",
-    fastpath.WRONG_MERCHANT: "wrong_merchant", fastpath.CAPTURE_EXCEEDS_HOLD: "capture_exceeds_hold",
-    fastpath.UNKNOWN_TRANSACTION: "unknown_transaction", fastpath.REFUND_EXCEEDS_REMAINING: "refund_exceeds_remaining",
-    fastpath.NOT_REFUNDABLE: "not_refundable", fastpath.OVERFLOW: "overflow", fastpath.CAPACITY: "capacity",
-}
-
-
-def _ledger_rejection(status: int, op: Operation, available: int = 0, expires_at_us: int = 0,
-                      held: int = 0) -> Outcome:
-    """A fast-path status as an outcome with a message the merchant's engineer can act on. available:
-    the member's available balance the refusal saw (INSUFFICIENT_POINTS); expires_at_us and held: the
-    hold's (HOLD_EXPIRED, CAPTURE_EXCEEDS_HOLD)."""
-    outcome = _rejection_message(status, op, available, expires_at_us, held)
-    outcome.reason = _REASON.get(status, "other")
-    metrics.rejections.labels(outcome.reason).inc()
-    return outcome
-
-
-def _rejection_message(status: int, op: Operation, available: int, expires_at_us: int, held: int) -> Outcome:
-    authorization = domain.format_authorization_id(op.authorization_id)
-    transaction = domain.format_transaction_id(op.transaction_id)
-    if status == fastpath.INSUFFICIENT_POINTS:
-        if op.method is Method.REFUND:
-            return Outcome(Code.FAILED_PRECONDITION,
-                           message=f"the member has already spent the points of {transaction}: "
-                                   f"{op.points} point-units asked back, {available} available")
-        return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"member {op.member_id!r} has {available} point-units available, "
-                               f"{op.points} asked")
-    if status == fastpath.UNKNOWN_MEMBER:
-        return Outcome(Code.NOT_FOUND, message=f"member {op.member_id!r} has no points account")
-    if status == fastpath.UNKNOWN_HOLD:
-        return Outcome(Code.NOT_FOUND, message=f"authorization {authorization} does not exist")
-    if status == fastpath.HOLD_EXPIRED:
-        when = from_micros(expires_at_us).isoformat().replace("+00:00", "Z") if expires_at_us else "earlier"
-        return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"authorization {authorization} expired at {when}; authorize again")
-    if status == fastpath.HOLD_CAPTURED:
-        return Outcome(Code.FAILED_PRECONDITION, message=f"authorization {authorization} was already captured")
-    if status == fastpath.HOLD_VOIDED:
-        return Outcome(Code.FAILED_PRECONDITION, message=f"authorization {authorization} was voided")
-    if status == fastpath.WRONG_MERCHANT:
-        what = transaction if op.method is Method.REFUND else f"authorization {authorization}"
-        return Outcome(Code.PERMISSION_DENIED,
-                       message=f"{what} belongs to another merchant; only that merchant may "
-                               f"{op.method.value.lower()} it")
-    if status == fastpath.CAPTURE_EXCEEDS_HOLD:
-        return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"capture of {op.points} point-units exceeds the {held} held by {authorization}")
-    if status == fastpath.UNKNOWN_TRANSACTION:
-        return Outcome(Code.NOT_FOUND, message=f"transaction {transaction} does not exist")
-    if status == fastpath.REFUND_EXCEEDS_REMAINING:
-        return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"refund of {op.points} point-units exceeds what remains unrefunded of {transaction}")
-    if status == fastpath.NOT_REFUNDABLE:
-        return Outcome(Code.FAILED_PRECONDITION,
-                       message=f"{transaction} is not an earn, capture or redemption (a refund, or a transaction the "
-                               f"program rules made); only those can be refunded")
-    if status == fastpath.OVERFLOW:
-        return Outcome(Code.FAILED_PRECONDITION, message="the member's balance would exceed its maximum")
-    if status == fastpath.CAPACITY:
-        return Outcome(Code.RESOURCE_EXHAUSTED,
-                       message="the service holds its maximum number of members or holds; contact the operator")
-    raise domain.InvariantViolation(f"fast path returned unknown status {status}")
-

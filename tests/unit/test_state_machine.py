@@ -17,7 +17,7 @@ from processor.config import Settings
 from processor.domain import Code, Method, Operation
 from processor.program import ProgramState
 from processor.state_machine import IdAllocator, LedgerStateMachine, Merchants
-from processor.store import BatchWrite, MerchantRow, StoredOutcome
+from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -322,6 +322,86 @@ def test_forget_resolved_drops_resolved_holds_and_keeps_balances(machine):
     machine.forget_resolved()
     assert not machine.ledger.has_hold(hold.fields["authorization_id"])
     assert posted_held(machine, "alice") == (1_000, 0)
+
+
+# --- what a batch needs from Postgres: missing() names it, load_prefetched() takes it in ---
+
+def forgotten(machine: LedgerStateMachine) -> None:
+    """Resolved holds and resident transactions dropped, as the committer does now and then."""
+    machine.forget_resolved()
+
+
+def test_a_resolved_hold_no_longer_resident_is_named_missing_and_once_loaded_refuses_a_capture(machine):
+    run(machine, earn("alice", 1_000))
+    (hold,), _ = run(machine, op(Method.AUTHORIZE, member_id="alice", points=100, hold_ttl_seconds=60))
+    authorization_id = hold.fields["authorization_id"]
+    run(machine, op(Method.VOID, authorization_id=authorization_id))
+    forgotten(machine)
+    capture = op(Method.CAPTURE, authorization_id=authorization_id, points=100)
+    assert machine.missing([capture]) == ({authorization_id}, set(), set(), set())
+    expired = machine.load_prefetched(NOW, [HoldRow(authorization_id, "shop", "alice", 100, fastpath.HOLD_STATUS_VOIDED,
+                                                    NOW + 60 * SECOND)], [], [], [], [])
+    assert expired == []
+    assert machine.missing([capture]) == (set(), set(), set(), set())
+    (outcome,), write = run(machine, capture)
+    assert outcome.code is Code.FAILED_PRECONDITION and outcome.reason == "hold_voided" and write.transactions == []
+
+
+def test_an_open_hold_read_after_its_expiry_is_returned_as_expired_and_refuses_a_capture(machine):
+    run(machine, earn("alice", 1_000))
+    row = HoldRow(77, "shop", "alice", 100, fastpath.HOLD_OPEN, NOW - SECOND)  # written by an earlier process
+    expired = machine.load_prefetched(NOW, [row], [], [], [], [])
+    assert expired == [77]
+    outcomes, write = machine.apply([op(Method.CAPTURE, authorization_id=77, points=100)], {}, NOW, expired)
+    check_record(write)
+    machine.commit()
+    assert outcomes[0].code is Code.FAILED_PRECONDITION and outcomes[0].reason == "hold_expired"
+    assert 77 in write.expired_holds and write.transactions == []
+
+
+def test_a_transaction_no_longer_resident_is_loaded_and_refunded(machine):
+    run(machine, earn("alice", 1_000))
+    (redeemed,), _ = run(machine, op(Method.REDEEM, member_id="alice", points=300))
+    transaction_id = redeemed.fields["transaction_id"]
+    forgotten(machine)
+    refund = op(Method.REFUND, transaction_id=transaction_id, points=300)
+    if machine.ledger.has_transaction(transaction_id):
+        pytest.skip("this fast path keeps resolved transactions resident")
+    assert machine.missing([refund])[3] == {transaction_id}
+    machine.load_prefetched(NOW, [], [], [], [], [TransactionRow(transaction_id, fastpath.KIND_REDEEM, "shop", "alice",
+                                                                  300, 200)])
+    (outcome,), write = run(machine, refund)
+    assert outcome.code is Code.FAILED_PRECONDITION and outcome.reason == "refund_exceeds_remaining"
+    (outcome,), write = run(machine, op(Method.REFUND, transaction_id=transaction_id, points=100))
+    assert outcome.code is Code.OK and posted_held(machine, "alice") == (800, 0)
+
+
+def test_a_rule_transaction_without_a_member_is_not_refundable_and_belongs_to_its_merchant(machine):
+    dividend = TransactionRow(500, rules.KIND_DIVIDEND, "shop", "", 1_000, 0)
+    machine.load_prefetched(NOW, [], [], [], [], [dividend])
+    (own,), write = run(machine, op(Method.REFUND, transaction_id=500, points=1))
+    assert own.code is Code.FAILED_PRECONDITION and own.reason == "not_refundable" and write.transactions == []
+    machine.load_prefetched(NOW, [], [], [], [], [dividend])
+    (other,), _ = run(machine, op(Method.REFUND, CAFE, transaction_id=500, points=1))
+    assert other.code is Code.PERMISSION_DENIED and other.reason == "wrong_merchant"
+
+
+def test_a_link_and_a_conversion_under_a_program(machine):
+    in_force(machine, merchant_terms=(rules.MerchantTerms("shop", conversion_rate=rules.Rate(1, 10)),))
+    (linked,), write = run(machine, op(Method.LINK, member_id="alice"))
+    assert linked.code is Code.OK and linked.fields["acquirer_id"] == "shop" and write.transactions == []
+    (again,), _ = run(machine, op(Method.LINK, CAFE, member_id="alice"))
+    assert again.code is Code.FAILED_PRECONDITION and again.reason == "already_linked"
+    # Rate(1, 10): 10 merchant points are one point-unit, converted in whole blocks
+    (converted,), write = run(machine, op(Method.CONVERT, member_id="alice", merchant_points=105))
+    assert converted.code is Code.OK
+    assert (converted.fields["points"], converted.fields["merchant_points_converted"],
+            converted.fields["merchant_points_remainder"]) == (10, 100, 5)
+    account = machine.ledger.member_account(machine.ledger.member_slot("alice"))
+    assert entries_of(write, converted.fields["transaction_id"]) == {SHOP.issued_account_id: -10, account: 10}
+    (too_few,), write = run(machine, op(Method.CONVERT, member_id="alice", merchant_points=9))
+    assert too_few.code is Code.FAILED_PRECONDITION and write.transactions == []
+    assert posted_held(machine, "alice") == (10, 0)
 
 
 def test_the_state_machine_module_does_no_io():
