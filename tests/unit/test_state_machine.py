@@ -415,3 +415,111 @@ def test_the_state_machine_module_does_no_io():
         elif isinstance(node, (ast.AsyncFunctionDef, ast.Await)):
             pytest.fail(f"state_machine.py has an async function or await at line {node.lineno}")
     assert not imported & {"asyncio", "asyncpg", "grpc"}
+
+
+# --- random batches, committed or rolled back: the invariants hold after every step ---
+
+@pytest.mark.parametrize("with_program", [False, True], ids=["plain", "program"])
+@pytest.mark.parametrize("seed", range(8))
+def test_random_batches_keep_the_invariants(machine, seed, with_program):
+    """Random earns, redeems, holds, captures, voids and refunds in batches that are committed, rolled
+    back whole, or rolled back newest-first with two open: every batch's record balances; every member's
+    posted balance equals the sum of its committed entries; no available balance is negative; no
+    transaction or authorization id is handed out twice, rolled back or not."""
+    import random
+    rng = random.Random(seed)
+    machine.ledger = type(machine.ledger)(100, 10_000, 10_000)  # room for every hold and transaction
+    if with_program:
+        in_force(machine, expiry_period_us=DAY,
+                 levels=(rules.Level("member", 0), rules.Level("gold", 3_000, bonus_point_units=200,
+                                                               multiplier_bps=15_000)))
+    members = ["m0", "m1", "m2", "m3"]
+    journal: dict[int, int] = collections.defaultdict(int)  # account id -> sum of committed entries
+    seen_transactions: set[int] = set()
+    seen_authorizations: set[int] = set()
+    spendable: list[tuple[int, MerchantRow]] = []   # committed earns, redeems and captures: refundable
+    holds: list[tuple[int, MerchantRow]] = []
+    now = NOW
+
+    def random_op() -> Operation:
+        merchant = rng.choice([SHOP, CAFE])
+        member = rng.choice(members)
+        choice = rng.random()
+        if choice < 0.35 or machine.balance(member) is None:
+            return earn(member, rng.randint(1, 2_000), merchant)
+        if choice < 0.55:
+            return op(Method.REDEEM, merchant, member_id=member, points=rng.randint(1, 1_500))
+        if choice < 0.7:
+            return op(Method.AUTHORIZE, merchant, member_id=member, points=rng.randint(1, 800),
+                      hold_ttl_seconds=rng.randint(60, 7_200))
+        if choice < 0.85 and holds:
+            method = rng.choice([Method.CAPTURE, Method.VOID])
+            authorization_id, owner = rng.choice(holds)
+            return op(method, owner if rng.random() < 0.9 else merchant, authorization_id=authorization_id,
+                      points=rng.randint(0, 300) if method is Method.CAPTURE else 0)
+        if spendable:
+            transaction_id, owner = rng.choice(spendable)
+            return op(Method.REFUND, owner if rng.random() < 0.9 else merchant, transaction_id=transaction_id,
+                      points=rng.randint(1, 500))
+        return earn(member, rng.randint(1, 2_000), merchant)
+
+    def applied(outcomes, write) -> None:
+        check_record(write)
+        ids = [t[0] for t in write.transactions]
+        assert not seen_transactions & set(ids), "a transaction id handed out twice"
+        seen_transactions.update(ids)
+        for outcome in outcomes:
+            authorization_id = outcome.fields.get("authorization_id") if outcome.code is Code.OK else None
+            if authorization_id:
+                assert authorization_id not in seen_authorizations, "an authorization id handed out twice"
+                seen_authorizations.add(authorization_id)
+
+    def committed(outcomes, write) -> None:
+        for entry in write.entries:
+            if len(entry) == 3:
+                journal[entry[1]] += entry[2]
+        for operation, outcome in zip(batch_of[id(outcomes)], outcomes):
+            if outcome.code is Code.OK and "authorization_id" in outcome.fields:
+                holds.append((outcome.fields["authorization_id"], merchant_of[operation.merchant_id]))
+        for t in write.transactions:
+            if t[1] in (fastpath.KIND_EARN, fastpath.KIND_REDEEM, fastpath.KIND_CAPTURE):
+                spendable.append((t[0], merchant_of[t[2]]))
+
+    def check_balances() -> None:
+        for member in members:
+            balance = machine.balance(member)
+            if balance is None:
+                continue
+            posted, held = balance
+            account = machine.ledger.member_account(machine.ledger.member_slot(member))
+            assert posted == journal[account], f"{member}: posted {posted}, committed entries {journal[account]}"
+            assert posted - held >= 0
+
+    merchant_of = {SHOP.merchant_id: SHOP, CAFE.merchant_id: CAFE}
+    batch_of: dict[int, list[Operation]] = {}
+
+    def apply() -> tuple:
+        batch = [random_op() for _ in range(rng.randint(1, 8))]
+        outcomes, write = machine.apply(batch, {}, now)
+        batch_of[id(outcomes)] = batch
+        applied(outcomes, write)
+        return outcomes, write
+
+    for _ in range(40):
+        now += rng.choice([0, 1, 60, 600, 3_600, 2 * 86_400]) * SECOND  # sometimes past holds' and lots' expiry
+        step = rng.random()
+        first = apply()
+        if step < 0.6:
+            machine.commit()
+            committed(*first)
+        elif step < 0.75:
+            machine.rollback()
+        else:
+            apply()
+            if step < 0.9:
+                machine.rollback_newest()   # the newer failed while being applied; the older commits
+                machine.commit()
+                committed(*first)
+            else:
+                machine.rollback()          # the older one's write failed: both are undone
+        check_balances()
