@@ -10,8 +10,8 @@ and for the batch:
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
      returning the outcomes and the batch's rows (journal, hold changes, idempotency records);
-  4. writes all of it in one Postgres transaction and compares the member balances Postgres returns
-     with the fast path's;
+  4. writes all of it in one Postgres transaction, fenced so only the writer commits (the balances
+     follow by checkpoints: accounts.balance is folded from the journal, not written per batch);
   5. only then answers every call of the batch.
 
 If the write fails, the undo log puts the fast path back to what Postgres holds and every call of
