@@ -120,8 +120,9 @@ class Profile:
 
 
 def _py_spy() -> str:
-    found = shutil.which("py-spy") or str(pathlib.Path(sys.executable).parent / "py-spy")
-    if not os.path.exists(found):
+    beside = pathlib.Path(sys.executable).parent / "py-spy"  # the venv's, from the `load` extra
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if not found:
         raise SystemExit("py-spy is not installed: .venv/bin/pip install -e '.[load]' (or run with --no-profile)")
     return found
 
@@ -227,11 +228,15 @@ class Bench:
         self.service = service
         self.network = workload.Network(merchants=args.merchants, members=args.members)
         self.used = 0  # operations drawn so far (each pass gets fresh ones and fresh keys)
+        self.program = False  # the program phase (its passes have --program-batches calls)
+        self.earns: collections.Counter = collections.Counter()  # earns per member since the phase began
 
     def requests(self, batches: int, label: str) -> list[pb.SubmitBatchRequest]:
+        batches = self.args.program_batches if self.program else batches
         operations = workload.operations(batches * BATCH_SIZE, self.network, self.args.seed + self.used,
                                          redeem_share=self.args.redeem_share)
         self.used += 1
+        self.earns.update(op.member_id for op in operations if op.kind == "earn")
         return batch_requests(operations, f"budget-{os.getpid()}-{label}-{self.used}-", BATCH_SIZE)
 
     async def one_pass(self, label: str, profile: Profile | None = None) -> tuple[Pass, dict[str, int]]:
@@ -360,19 +365,26 @@ async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
         for phase in ("no program (plain ledger)", "program in force (ops/program.example.json)"):
             if phase.startswith("program"):
                 await add_program(url)
+                bench.program = True
                 await asyncio.sleep(2.5)  # a version applies PROGRAM_LEAD_SECONDS after it is stored
             await bench.one_pass("warm", None)
             passes, profiles = [], []
             for number in range(args.rounds):
                 measured, _ = await bench.one_pass("m")
                 passes.append(measured)
-                print(f"  {phase} round {number + 1}: {measured.operations / measured.seconds:,.0f} ops/s", flush=True)
+                print(f"  {phase} round {number + 1}: {measured.operations / measured.seconds:,.0f} ops/s, service "
+                      f"{measured.service_cpu / measured.operations * 1e6:.0f} µs of CPU/op", flush=True)
                 if not args.no_profile:
                     profile = Profile(service.pid, work, f"{'program' if phase.startswith('program') else 'plain'}"
                                       f"-{number + 1}", native=not args.python_only, rate=args.rate)
                     _, samples = await bench.one_pass("p", profile)
                     profiles.append(samples)
             results[phase] = report(phase, passes, profiles)
+            if phase.startswith("program"):
+                top = bench.earns.most_common(1)[0][1] if bench.earns else 0
+                print(f"earns under the program by its busiest member (each adds an expiry lot): {top:,}; "
+                      f"members with ≥ 100 such earns: {sum(1 for n in bench.earns.values() if n >= 100):,}")
+            bench.earns.clear()
         summary(results)
         await bench.client.close()
     finally:
@@ -452,11 +464,13 @@ def decode_floor(repeats: int) -> list[float]:
     return timings
 
 
-async def append_floor(postgres: Postgres, seconds: float, repeats: int) -> list[float]:
-    """Batches/s of a one-row-per-batch synchronous append (64 KB bytea, bigint key), one connection."""
+async def append_floor(postgres: Postgres, seconds: float, repeats: int):
+    """Batches/s and Postgres CPU µs per batch of a one-row-per-batch synchronous append (64 KB bytea,
+    bigint key), one connection; then rows/s and Postgres CPU µs per row of a projection: COPY of 1,000
+    narrow rows a transaction (members drawn from 1M slots) into a table that starts empty."""
     database = f"budget_append_{os.getpid()}"
     url = await postgres.create(database)
-    rates = []
+    rates, cpu, projection_rates, projection_cpu, members = [], [], [], [], 1_000_000
     try:
         connection = await asyncpg.connect(url)
         try:
@@ -469,26 +483,72 @@ async def append_floor(postgres: Postgres, seconds: float, repeats: int) -> list
             insert = await connection.prepare("INSERT INTO batch_log VALUES ($1, $2)")
             batch_id = 0
             for _ in range(repeats):
-                count, began = 0, time.perf_counter()
+                count, began, cpu_before = 0, time.perf_counter(), postgres.cpu_seconds()
                 while time.perf_counter() - began < seconds:
                     batch_id += 1
                     await insert.fetch(batch_id, body)  # one implicit transaction, committed synchronously
                     count += 1
                 rates.append(count / (time.perf_counter() - began))
+                cpu.append(_cpu_since(postgres, cpu_before) / count * 1e6)
+            # the projection: COPY of 1,000 narrow rows a transaction, a primary key and a (member, id) index
+            await connection.execute("""CREATE TABLE projected (transaction_id bigint PRIMARY KEY, kind smallint,
+                                          member_slot int, merchant_slot int, amount bigint, key_fingerprint bigint)""")
+            await connection.execute("CREATE INDEX ON projected (member_slot, transaction_id)")
+            import random
+            rng = random.Random(14)
+            next_id = 0
+            for _ in range(repeats):
+                count, began, cpu_before = 0, time.perf_counter(), postgres.cpu_seconds()
+                while time.perf_counter() - began < seconds:
+                    rows = [(next_id + i, i % 2, rng.randrange(members), rng.randrange(200), 1_000 + i,
+                             rng.getrandbits(63)) for i in range(BATCH_SIZE)]
+                    next_id += BATCH_SIZE
+                    async with connection.transaction():
+                        await connection.copy_records_to_table("projected", records=rows)
+                    count += BATCH_SIZE
+                projection_rates.append(count / (time.perf_counter() - began))
+                projection_cpu.append(_cpu_since(postgres, cpu_before) / count * 1e6)
         finally:
             await connection.close()
     finally:
         await postgres.drop(database)
-    return rates
+    return rates, cpu, projection_rates, projection_cpu
+
+
+def _cpu_since(postgres: Postgres, before: dict[int, float]) -> float:
+    return sum(v - before.get(pid, 0.0) for pid, v in postgres.cpu_seconds().items())
+
+
+def lots_cost(lot_counts: tuple[int, ...] = (1, 10, 100, 1_000, 10_000)) -> dict[int, float]:
+    """µs of one rules.consume() (what a redeem under the program calls for the member) against how many
+    expiry lots the member holds: each earn under the program adds a lot."""
+    from processor import rules
+    now_us = 1_700_000_000_000_000
+    result = {}
+    for count in lot_counts:
+        lots = [rules.Lot(i + 1, 1_000, now_us + 10**12 + i, "m") for i in range(count)]
+        calls = max(3, 20_000 // count)
+        began = time.perf_counter()
+        for _ in range(calls):
+            rules.consume(lots, 500, now_us)
+        result[count] = (time.perf_counter() - began) / calls * 1e6
+    return result
 
 
 async def floors(args, postgres: Postgres) -> None:
+    cost = lots_cost()
+    print("\n== program lots: rules.consume() for one member, by the lots it holds (this process) ==")
+    print("  " + ", ".join(f"{count:,} lots: {micros:,.1f} µs" for count, micros in cost.items()))
     decode = decode_floor(args.rounds)
     print(f"\n== floors ==\ndecode SubmitBatch of 1,000 + fields into arrays + 1,000 results serialized: "
           f"{_median(decode):.2f} µs/op [{_spread(decode, digits=2)}] (this process, one core)")
-    rates = await append_floor(postgres, args.append_seconds, args.rounds)
+    rates, cpu, projection_rates, projection_cpu = await append_floor(postgres, args.append_seconds, args.rounds)
     print(f"one 64 KB row per batch, synchronous commit, one connection: {_median(rates):,.0f} batches/s "
-          f"[{_spread(rates, digits=0)}] = {_median(rates) * BATCH_SIZE:,.0f} operations/s at 1,000 a batch")
+          f"[{_spread(rates, digits=0)}] = {_median(rates) * BATCH_SIZE:,.0f} operations/s at 1,000 a batch; "
+          f"Postgres CPU {_median(cpu):,.0f} µs a batch [{_spread(cpu, digits=0)}]")
+    print(f"projection, COPY of 1,000 narrow rows a transaction (pk + (member, id) index, table starting "
+          f"empty): {_median(projection_rates):,.0f} rows/s [{_spread(projection_rates, digits=0)}]; Postgres CPU "
+          f"{_median(projection_cpu):.1f} µs a row [{_spread(projection_cpu)}]")
 
 
 args_global: argparse.Namespace
@@ -501,6 +561,9 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--batches", type=int, default=20, help="SubmitBatch calls of 1,000 per pass")
+    parser.add_argument("--program-batches", type=int, default=5,
+                        help="SubmitBatch calls of 1,000 per pass with the program in force (its cost grows "
+                             "with the expiry lots each earn adds, so its passes are kept short)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="SubmitBatch calls in flight")
     parser.add_argument("--redeem-share", type=float, default=0.3)
