@@ -237,7 +237,8 @@ class Bench:
                                          redeem_share=self.args.redeem_share)
         self.used += 1
         self.earns.update(op.member_id for op in operations if op.kind == "earn")
-        return batch_requests(operations, f"budget-{os.getpid()}-{label}-{self.used}-", BATCH_SIZE)
+        self.last_requests = batch_requests(operations, f"budget-{os.getpid()}-{label}-{self.used}-", BATCH_SIZE)
+        return self.last_requests
 
     async def one_pass(self, label: str, profile: Profile | None = None) -> tuple[Pass, dict[str, int]]:
         requests = self.requests(self.args.batches, label)
@@ -387,10 +388,35 @@ async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
             bench.earns.clear()
         summary(results)
         await bench.client.close()
+        await idempotency_lookup(url, postgres, bench.last_requests[0], args.rounds)
     finally:
         if service is not None:
             service.stop()
         await postgres.drop(database)
+
+
+async def idempotency_lookup(url: str, postgres: Postgres, request: pb.SubmitBatchRequest, repeats: int) -> None:
+    """The committer's per-batch read of idempotency records (Store.stored_outcomes), timed on its own
+    while the service is idle: 1,000 keys that are all stored (a retried batch) and 1,000 that are not
+    (every new batch)."""
+    from processor.store import Store
+    stored = [(getattr(o, o.WhichOneof("operation")).merchant_id, getattr(o, o.WhichOneof("operation")).idempotency_key)
+              for o in request.operations]
+    new = [(merchant, key + "-never-sent") for merchant, key in stored]
+    store = await Store.open(url, 2)
+    try:
+        print("\n== idempotency look-up of a batch (Store.stored_outcomes, 1,000 keys, service idle) ==")
+        for label, keys in (("all new (every first try)", new), ("all stored (a retried batch)", stored)):
+            walls, calls, cpu_before = [], repeats * 10, postgres.cpu_seconds()
+            for _ in range(calls):
+                began = time.perf_counter()
+                found = await store.stored_outcomes(keys)
+                walls.append((time.perf_counter() - began) * 1e3)
+            cpu = _cpu_since(postgres, cpu_before) / calls * 1e3  # /proc counts 10 ms ticks: a mean, not a median
+            print(f"  {label:<30} {len(found):>5} found: {_median(walls):.2f} ms a batch wall "
+                  f"[{_spread(walls, digits=2)}], Postgres CPU {cpu:.1f} ms a batch (mean of {calls})")
+    finally:
+        await store.close()
 
 
 def summary(results: dict) -> None:
