@@ -491,3 +491,84 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines,
                                               next_page_token=_token(str(last)) if more and wanted else "")
         return await guard(context, call)
+
+
+# --- The same services by their STANDARD names ------------------------------------------------------
+# MerchantAdminService, ClearingService and ProgramsService (admin.proto) serve what MerchantAdmin,
+# Clearing and Programs serve, through the same servicer objects: each method converts its request to
+# the old method's (the same field names and numbers, so the same bytes), calls the old method and wraps
+# or converts what it returned. tests/unit/test_contract.py checks that every twin request and copied
+# response has the same fields, so the conversion cannot drop one.
+
+def _as(message_type, message):
+    """`message` as `message_type`, a message with the same fields (names, numbers, types)."""
+    return message_type.FromString(message.SerializeToString())
+
+
+def _adapter(legacy_name: str, request_type, wrap):
+    async def method(self, request, context):
+        answer = await getattr(self.legacy, legacy_name)(_as(request_type, request), context)
+        return wrap(answer)
+    method.__name__ = legacy_name
+    return method
+
+
+def _copy(message_type):
+    return lambda answer: _as(message_type, answer)
+
+
+class MerchantAdminServiceServicer(admin_pb2_grpc.MerchantAdminServiceServicer):
+    """MerchantAdminService: MerchantAdminServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: MerchantAdminServicer):
+        self.legacy = legacy
+
+    CreateMerchant = _adapter("CreateMerchant", pb.CreateMerchantRequest,
+                              lambda m: pb.MerchantAdminServiceCreateMerchantResponse(merchant=m))
+    UpdateMerchant = _adapter("UpdateMerchant", pb.UpdateMerchantRequest,
+                              lambda m: pb.MerchantAdminServiceUpdateMerchantResponse(merchant=m))
+    SuspendMerchant = _adapter("SuspendMerchant", pb.SuspendMerchantRequest,
+                               lambda m: pb.MerchantAdminServiceSuspendMerchantResponse(merchant=m))
+    GetMerchant = _adapter("GetMerchant", pb.GetMerchantRequest,
+                           lambda m: pb.MerchantAdminServiceGetMerchantResponse(merchant=m))
+    ListMerchants = _adapter("ListMerchants", pb.ListMerchantsRequest,
+                             _copy(pb.MerchantAdminServiceListMerchantsResponse))
+    IssueApiKey = _adapter("IssueApiKey", pb.IssueApiKeyRequest, _copy(pb.MerchantAdminServiceIssueApiKeyResponse))
+    RevokeApiKey = _adapter("RevokeApiKey", pb.RevokeApiKeyRequest,
+                            _copy(pb.MerchantAdminServiceRevokeApiKeyResponse))
+
+
+class ClearingServiceServicer(admin_pb2_grpc.ClearingServiceServicer):
+    """ClearingService: ClearingServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: ClearingServicer):
+        self.legacy = legacy
+
+    GetMerchantPosition = _adapter("GetMerchantPosition", pb.GetMerchantPositionRequest,
+                                   lambda p: pb.ClearingServiceGetMerchantPositionResponse(position=p))
+    CloseSettlementPeriod = _adapter("CloseSettlementPeriod", pb.CloseSettlementPeriodRequest,
+                                     lambda p: pb.ClearingServiceCloseSettlementPeriodResponse(period=p))
+    GetStatement = _adapter("GetStatement", pb.GetStatementRequest,
+                            lambda s: pb.ClearingServiceGetStatementResponse(statement=s))
+    ListStatements = _adapter("ListStatements", pb.ListStatementsRequest,
+                              _copy(pb.ClearingServiceListStatementsResponse))
+    ExportStatement = _adapter("ExportStatement", pb.ExportStatementRequest,
+                               _copy(pb.ClearingServiceExportStatementResponse))
+
+
+class ProgramsServiceServicer(admin_pb2_grpc.ProgramsServiceServicer):
+    """ProgramsService: ProgramsServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: ProgramsServicer):
+        self.legacy = legacy
+
+    SetProgramVersion = _adapter("SetProgramVersion", pb.SetProgramVersionRequest,
+                                 lambda v: pb.ProgramsServiceSetProgramVersionResponse(version=v))
+    GetProgram = _adapter("GetProgram", pb.GetProgramRequest,
+                          lambda p: pb.ProgramsServiceGetProgramResponse(program=p))
+
+
+# The STANDARD-named twin of each deprecated operator service (full names), for tests and docs.
+TWIN_SERVICES = {"points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
+                 "points.v1.Clearing": "points.v1.ClearingService",
+                 "points.v1.Programs": "points.v1.ProgramsService"}

@@ -32,6 +32,9 @@ ACCEPTED_KINDS = {
     "points.v1.MerchantAdmin": ("operator",),
     "points.v1.Clearing": ("operator",),
     "points.v1.Programs": ("operator",),
+    "points.v1.MerchantAdminService": ("operator",),
+    "points.v1.ClearingService": ("operator",),
+    "points.v1.ProgramsService": ("operator",),
     "points.v1.MemberAdminService": ("operator",),
     "points.v1.AuditService": ("operator",),
 }
