@@ -45,12 +45,20 @@ class Code(enum.Enum):
 
 
 class Rejection(Exception):
-    """A request the service will not carry out, with a message the caller can act on."""
+    """A request the service will not carry out, with a message the caller can act on; and, for a client
+    that acts on it by program (sent as google.rpc details, processor/errors.py): `reason`, a stable
+    UPPER_SNAKE name from errors.REASONS ("" = the code's default); `field`, the request field at fault;
+    `retry_after_seconds`, when a retry may succeed; `quota`, (subject, description) of the limit hit."""
 
-    def __init__(self, code: Code, message: str):
+    def __init__(self, code: Code, message: str, *, reason: str = "", field: str = "",
+                 retry_after_seconds: float | None = None, quota: tuple[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
+        self.field = field
+        self.retry_after_seconds = retry_after_seconds
+        self.quota = quota
 
 
 class InvariantViolation(Exception):
@@ -91,7 +99,8 @@ def _parse_id(value: str, prefix: str, field: str) -> int:
     if not digits.isascii() or not digits.isdigit() or len(digits) > 18 or digits != str(int(digits)):
         raise Rejection(Code.INVALID_ARGUMENT,
                         f"{field} {value[:64]!r} is not an id this service issued "
-                        f"(expected {prefix}<digits>, as returned by an earlier call)")
+                        f"(expected {prefix}<digits>, as returned by an earlier call)",
+                        reason="INVALID_FIELD", field=field)
     return int(digits)
 
 
@@ -127,6 +136,10 @@ class Outcome:
     recorded: bool = True
     # the ledger's reason for a refusal (insufficient_points, hold_expired, ...); "" otherwise
     reason: str = ""
+    # a refusal that may pass later: seconds until a retry may succeed (sent as google.rpc.RetryInfo)
+    retry_after_seconds: float | None = None
+    # a quota refusal: (subject, description) of the quota (sent as google.rpc.QuotaFailure)
+    quota: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(slots=True)

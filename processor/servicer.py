@@ -18,7 +18,7 @@ from processor import domain, kinds, metrics, rpc, rules
 from processor.config import Settings
 from processor.presence import Presence
 from processor.domain import Code, Method, Operation, Outcome, Rejection
-from processor.errors import grpc_status
+from processor.errors import grpc_status, outcome_status, rejection_status, status
 from processor.pipeline import Pipeline, all_done, now_micros
 from processor.store import micros
 
@@ -41,11 +41,12 @@ def timestamp(micros: int) -> timestamp_pb2.Timestamp:
 
 
 async def guard(context: grpc.aio.ServicerContext, call):
-    """Runs a handler body; a Rejection becomes its gRPC status and message."""
+    """Runs a handler body; a Rejection becomes its gRPC status and message, with its google.rpc details
+    (processor/errors.py)."""
     try:
         return await call()
     except Rejection as rejection:
-        await context.abort(grpc_status(rejection.code), rejection.message)
+        await context.abort_with_status(rejection_status(rejection))
 
 
 class Validator:
@@ -55,27 +56,30 @@ class Validator:
     def identifier(self, value: str, field: str) -> str:
         limit = self.settings.id_bytes_max
         if not value:
-            raise Rejection(Code.INVALID_ARGUMENT, f"{field} is required")
+            raise Rejection(Code.INVALID_ARGUMENT, f"{field} is required", reason="INVALID_FIELD", field=field)
         if len(value) > limit or not _ID_PATTERN.fullmatch(value):
             raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be 1..{limit} characters of letters, digits and -_.:@")
+                            f"{field} must be 1..{limit} characters of letters, digits and -_.:@",
+                            reason="INVALID_FIELD", field=field)
         return value
 
     def idempotency_key(self, value: str) -> str:
         limit = self.settings.idempotency_key_bytes_max
         if not value:
             raise Rejection(Code.INVALID_ARGUMENT,
-                            "idempotency_key is required: send a unique key per operation and reuse it on retry")
+                            "idempotency_key is required: send a unique key per operation and reuse it on retry",
+                            reason="INVALID_FIELD", field="idempotency_key")
         if len(value) > limit or not _KEY_PATTERN.fullmatch(value):
             raise Rejection(Code.INVALID_ARGUMENT,
-                            f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
+                            f"idempotency_key must be 1..{limit} printable ASCII characters without spaces",
+                            reason="INVALID_FIELD", field="idempotency_key")
         return value
 
     def amount(self, value: int, field: str, limit: int, unit: str, zero_allowed: bool = False) -> int:
         low = 0 if zero_allowed else 1
         if not low <= value <= limit:
             raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be {low}..{limit} {unit}, got {value}")
+                            f"{field} must be {low}..{limit} {unit}, got {value}", reason="INVALID_FIELD", field=field)
         return value
 
 
@@ -104,12 +108,13 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         merchant = await self.pipeline.merchant(merchant_id)
         if merchant is None:
             raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} is not in the alliance; "
-                                            "the operator adds merchants (python -m processor merchant add)")
+                                            "the operator adds merchants (python -m processor merchant add)",
+                            reason="MERCHANT_NOT_FOUND", field="merchant_id")
         caller = rpc.principal.get()
         if caller is None or not caller.may_act_for(merchant_id):
             raise Rejection(Code.PERMISSION_DENIED,
                             f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
-                            "or a gateway key that lists it")
+                            "or a gateway key that lists it", reason="KEY_NOT_PERMITTED", field="merchant_id")
         now = time.monotonic()
         if not self.rate_limits.take(merchant_id, now):
             metrics.operations_rate_limited.inc()
@@ -117,7 +122,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"merchant {merchant_id!r} exceeds its limit of "
                             f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
-                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s")
+                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
+                            reason="RATE_LIMITED", retry_after_seconds=retry,
+                            quota=(f"merchant:{merchant_id}",
+                                   f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
+                                   f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)"))
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
 
@@ -145,7 +154,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             metrics.idempotent_replays.inc()
             trailer = (("points-idempotent-replay", "true"),)
         if outcome.code is not Code.OK:
-            await context.abort(grpc_status(outcome.code), outcome.message, trailing_metadata=trailer)
+            await context.abort_with_status(outcome_status(outcome, trailing_metadata=trailer))
         if trailer:
             context.set_trailing_metadata(trailer)
         return outcome
@@ -353,9 +362,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context) -> pb.SubmitBatchResponse:
         count = len(request.operations)
         if not 1 <= count <= self.settings.batch_request_operations_max:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
-                                f"got {count}; split it")
+            await context.abort_with_status(status(
+                Code.INVALID_ARGUMENT, f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
+                                       f"got {count}; split it", reason="INVALID_FIELD", field="operations"))
         # Every operation is queued before any is awaited, so the batch shares commits; each costs one
         # future (no task or coroutine per operation: measured, those were a fifth of the CPU).
         results: list = [None] * count
