@@ -61,6 +61,11 @@ class Rejection(Exception):
         self.quota = quota
 
 
+def invalid_field(field: str, message: str) -> Rejection:
+    """INVALID_ARGUMENT about one request field (its details name it: reason INVALID_FIELD)."""
+    return Rejection(Code.INVALID_ARGUMENT, message, reason="INVALID_FIELD", field=field)
+
+
 class InvariantViolation(Exception):
     """A money invariant does not hold: a bug. The service answers INTERNAL and stops serving."""
 
@@ -97,10 +102,8 @@ def format_authorization_id(authorization_id: int) -> str:
 def _parse_id(value: str, prefix: str, field: str) -> int:
     digits = value[len(prefix):] if value.startswith(prefix) else ""
     if not digits.isascii() or not digits.isdigit() or len(digits) > 18 or digits != str(int(digits)):
-        raise Rejection(Code.INVALID_ARGUMENT,
-                        f"{field} {value[:64]!r} is not an id this service issued "
-                        f"(expected {prefix}<digits>, as returned by an earlier call)",
-                        reason="INVALID_FIELD", field=field)
+        raise invalid_field(field, f"{field} {value[:64]!r} is not an id this service issued "
+                                   f"(expected {prefix}<digits>, as returned by an earlier call)")
     return int(digits)
 
 

@@ -56,30 +56,25 @@ class Validator:
     def identifier(self, value: str, field: str) -> str:
         limit = self.settings.id_bytes_max
         if not value:
-            raise Rejection(Code.INVALID_ARGUMENT, f"{field} is required", reason="INVALID_FIELD", field=field)
+            raise domain.invalid_field(field, f"{field} is required")
         if len(value) > limit or not _ID_PATTERN.fullmatch(value):
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be 1..{limit} characters of letters, digits and -_.:@",
-                            reason="INVALID_FIELD", field=field)
+            raise domain.invalid_field(field, f"{field} must be 1..{limit} characters of letters, digits and -_.:@")
         return value
 
     def idempotency_key(self, value: str) -> str:
         limit = self.settings.idempotency_key_bytes_max
         if not value:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            "idempotency_key is required: send a unique key per operation and reuse it on retry",
-                            reason="INVALID_FIELD", field="idempotency_key")
+            raise domain.invalid_field(
+                "idempotency_key", "idempotency_key is required: send a unique key per operation and reuse it on retry")
         if len(value) > limit or not _KEY_PATTERN.fullmatch(value):
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"idempotency_key must be 1..{limit} printable ASCII characters without spaces",
-                            reason="INVALID_FIELD", field="idempotency_key")
+            raise domain.invalid_field(
+                "idempotency_key", f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
         return value
 
     def amount(self, value: int, field: str, limit: int, unit: str, zero_allowed: bool = False) -> int:
         low = 0 if zero_allowed else 1
         if not low <= value <= limit:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be {low}..{limit} {unit}, got {value}", reason="INVALID_FIELD", field=field)
+            raise domain.invalid_field(field, f"{field} must be {low}..{limit} {unit}, got {value}")
         return value
 
 
@@ -186,9 +181,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                                       zero_allowed=vouchers > 0)
         ttl = request.hold_ttl_seconds
         if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
-                            f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
+            raise domain.invalid_field("hold_ttl_seconds",
+                                       f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
+                                       f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
         fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
         if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
             fields["vouchers"] = vouchers
@@ -497,8 +492,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             posted, held = ledger.balance(slot)
             days = request.expiring_within_days or EXPIRING_WITHIN_DAYS_DEFAULT
             if not 1 <= days <= EXPIRING_WITHIN_DAYS_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"expiring_within_days must be 0 (default "
-                                f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
+                raise domain.invalid_field("expiring_within_days", f"expiring_within_days must be 0 (default "
+                                           f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
             program, now_us = self.pipeline.program, now_micros()
             response = pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held,
                                              level=program.level(member_id, now_us))
@@ -529,9 +524,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             store = self.pipeline.ready_store()
             size = request.page_size or self.settings.page_size_default
             if not 1 <= size <= self.settings.page_size_max:
-                raise Rejection(Code.INVALID_ARGUMENT,
-                                f"page_size must be 0 (default {self.settings.page_size_default}) "
-                                f"..{self.settings.page_size_max}, got {request.page_size}")
+                raise domain.invalid_field("page_size",
+                                           f"page_size must be 0 (default {self.settings.page_size_default}) "
+                                           f"..{self.settings.page_size_max}, got {request.page_size}")
             before = _decode_page_token(request.page_token) if request.page_token else None
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
@@ -588,5 +583,5 @@ def _decode_page_token(token: str) -> int:
                 return int(digits)
     except (ValueError, UnicodeEncodeError):
         pass
-    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; "
-                                           "pass next_page_token from the previous response, or empty")
+    raise domain.invalid_field("page_token", "page_token is not one this service issued; "
+                                             "pass next_page_token from the previous response, or empty")

@@ -149,3 +149,19 @@ def test_unavailable_says_when_to_retry(create_database, service_factory):
     details = details_of(error)
     assert details["ErrorInfo"].reason == "SERVICE_UNAVAILABLE"
     assert delay_seconds(details) > 0
+
+
+def test_operator_field_errors_name_the_field(service, channel):
+    key = create_key(service.database_url, "operator")
+    clearing = admin_pb2_grpc.ClearingServiceStub(channel)
+    error = error_of(lambda: clearing.ListStatements(
+        admin_pb2.ClearingServiceListStatementsRequest(merchant_id="x", page_size=100_000),
+        metadata=credential(key), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("page_size must be 0")
+    info = details_of(error)["ErrorInfo"]
+    assert (info.reason, dict(info.metadata)) == ("INVALID_FIELD", {"field": "page_size"})
+    admin = admin_pb2_grpc.MerchantAdminServiceStub(channel)
+    error = error_of(lambda: admin.CreateMerchant(admin_pb2.MerchantAdminServiceCreateMerchantRequest(
+        merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=50)), metadata=credential(key), timeout=30))
+    assert error.details() == "give_back_bps must be 300..2000 (3%..20%), got 50"
+    assert dict(details_of(error)["ErrorInfo"].metadata) == {"field": "merchant.give_back_bps"}
