@@ -1,6 +1,8 @@
 """The operator's services: MerchantAdmin (merchants, credentials), Programs (the versioned program
 rules) and Clearing (positions, settlement periods, statements, CSV export). proto ⇄ store; the
-pipeline is told about merchant and program changes so the fast path applies them from the next call on."""
+pipeline is told about merchant and program changes so the fast path applies them from the next call on.
+MerchantAdminService, ProgramsService and ClearingService (their buf STANDARD names; the old ones are
+deprecated) are thin adapters over the same servicers, at the end of this module."""
 from __future__ import annotations
 
 import base64

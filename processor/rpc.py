@@ -13,8 +13,7 @@ import grpc
 
 from points.v1 import admin_pb2, points_pb2
 from processor import audit, auth, metrics
-from processor.domain import Rejection
-from processor.domain import Code
+from processor.domain import Code, Rejection
 from processor.errors import rejection_status, status
 
 log = logging.getLogger("points.rpc")
