@@ -547,7 +547,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--merchant-id", action="append",
                         help="the merchant the key acts for (repeat with --gateway for several)")
     create.add_argument("--gateway", action="store_true", help="a gateway key for the listed merchants")
-    create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdmin, Programs, Clearing)")
+    create.add_argument("--operator", action="store_true", help="an operator key (MerchantAdminService, ProgramsService, ClearingService, ...)")
     create.add_argument("--description", default="")
     create.add_argument("--expires-in-days", type=int, help="the key stops working this many days from now")
     create.add_argument("--expires-at", help="ISO 8601 time with a zone when the key stops working")

@@ -1,6 +1,8 @@
 """The operator's services: MerchantAdmin (merchants, credentials), Programs (the versioned program
 rules) and Clearing (positions, settlement periods, statements, CSV export). proto ⇄ store; the
-pipeline is told about merchant and program changes so the fast path applies them from the next call on."""
+pipeline is told about merchant and program changes so the fast path applies them from the next call on.
+MerchantAdminService, ProgramsService and ClearingService (their buf STANDARD names; the old ones are
+deprecated) are thin adapters over the same servicers, at the end of this module."""
 from __future__ import annotations
 
 import base64
@@ -44,7 +46,7 @@ def merchant_message(row: MerchantRow) -> pb.Merchant:
 def _page_size(value: int) -> int:
     size = value or LIST_PAGE_DEFAULT
     if not 1 <= size <= LIST_PAGE_MAX:
-        raise Rejection(Code.INVALID_ARGUMENT, f"page_size must be 0 (default {LIST_PAGE_DEFAULT})..{LIST_PAGE_MAX}")
+        raise domain.invalid_field("page_size", f"page_size must be 0 (default {LIST_PAGE_DEFAULT})..{LIST_PAGE_MAX}")
     return size
 
 
@@ -59,8 +61,8 @@ def _untoken(token: str, numeric: bool = False) -> str:
     except (ValueError, UnicodeError):
         value = None
     if value is None or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
-        raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; pass next_page_token "
-                                               "from the previous response, or empty")
+        raise domain.invalid_field("page_token", "page_token is not one this service issued; pass next_page_token "
+                                                 "from the previous response, or empty")
     return value
 
 
@@ -76,18 +78,19 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         changes = {}
         for name in names:
             if name not in MERCHANT_SETTABLE:
-                raise Rejection(Code.INVALID_ARGUMENT,
-                                f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}")
+                raise domain.invalid_field(
+                    "update_fields", f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}")
             value = getattr(merchant, name)
             if name == "give_back_bps" and not domain.GIVE_BACK_BPS_MIN <= value <= domain.GIVE_BACK_BPS_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"give_back_bps must be 300..2000 (3%..20%), got {value}")
+                raise domain.invalid_field("merchant.give_back_bps",
+                                           f"give_back_bps must be 300..2000 (3%..20%), got {value}")
             if name in ("fee_redeemed_bps", "fee_issued_bps") and not 0 <= value <= 10_000:
-                raise Rejection(Code.INVALID_ARGUMENT, f"{name} must be 0..10000 basis points, got {value}")
+                raise domain.invalid_field(f"merchant.{name}", f"{name} must be 0..10000 basis points, got {value}")
             if name in ("name", "region") and len(value.encode()) > TEXT_BYTES_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"{name} must be at most {TEXT_BYTES_MAX} bytes")
+                raise domain.invalid_field(f"merchant.{name}", f"{name} must be at most {TEXT_BYTES_MAX} bytes")
             if name == "status":
                 if value not in _STATUS_NAME:
-                    raise Rejection(Code.INVALID_ARGUMENT, "status must be MERCHANT_STATUS_ACTIVE or _SUSPENDED")
+                    raise domain.invalid_field("merchant.status", "status must be MERCHANT_STATUS_ACTIVE or _SUSPENDED")
                 value = _STATUS_NAME[value]
             changes[name] = value
         return changes
@@ -152,7 +155,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         async def call():
             kind = _KIND_NAME.get(request.kind)
             if kind is None:
-                raise Rejection(Code.INVALID_ARGUMENT, "kind must be API_KEY_KIND_MERCHANT or _GATEWAY")
+                raise domain.invalid_field("kind", "kind must be API_KEY_KIND_MERCHANT or _GATEWAY")
             if kind == "operator":  # an operator key can make anything: only someone on the host makes one
                 raise Rejection(Code.PERMISSION_DENIED,
                                 "operator keys are created only on the host: python -m processor key create "
@@ -161,9 +164,9 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             expected = {"merchant": "exactly one", "gateway": "one or more"}[kind]
             if (kind == "merchant" and len(merchant_ids) != 1) or (kind == "gateway" and not merchant_ids) \
                     or len(merchant_ids) > GATEWAY_MERCHANTS_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"a {kind} key takes {expected} merchant_ids")
+                raise domain.invalid_field("merchant_ids", f"a {kind} key takes {expected} merchant_ids")
             if len(request.description.encode()) > TEXT_BYTES_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"description must be at most {TEXT_BYTES_MAX} bytes")
+                raise domain.invalid_field("description", f"description must be at most {TEXT_BYTES_MAX} bytes")
             expires_at = None
             if request.HasField("expires_at"):
                 try:
@@ -171,8 +174,8 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 except (ValueError, OverflowError):
                     expires_at = None
                 if expires_at is None or expires_at <= dt.datetime.now(dt.timezone.utc):
-                    raise Rejection(Code.INVALID_ARGUMENT, "expires_at must be a time in the future (or unset: "
-                                                           "the key never expires)")
+                    raise domain.invalid_field("expires_at", "expires_at must be a time in the future (or unset: "
+                                                             "the key never expires)")
             key = auth.new_key()
             try:
                 await self.pipeline.ready_store().insert_api_key(key.key_id, key.secret_sha256, kind,
@@ -292,9 +295,9 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
 
     def _program_id(self, value: str) -> str:
         if value and value != self.settings.program_id:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"program_id {value[:TEXT_BYTES_MAX]!r} is not this service's program "
-                            f"{self.settings.program_id!r}; leave it empty or send that one")
+            raise domain.invalid_field("program_id",
+                                       f"program_id {value[:TEXT_BYTES_MAX]!r} is not this service's program "
+                                       f"{self.settings.program_id!r}; leave it empty or send that one")
         return self.settings.program_id
 
     async def SetProgramVersion(self, request, context):
@@ -387,7 +390,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def CloseSettlementPeriod(self, request, context):
         async def call():
             if not request.HasField("cut_off"):
-                raise Rejection(Code.INVALID_ARGUMENT, "cut_off is required (a time at or before now)")
+                raise domain.invalid_field("cut_off", "cut_off is required (a time at or before now)")
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
             store = self.pipeline.ready_store()
             await self.pipeline.settle_before(micros(cut_off))
@@ -406,7 +409,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
             if request.period_id <= 0:
-                raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
+                raise domain.invalid_field("period_id", "period_id must be > 0")
             rows = await self.pipeline.ready_store().statements(period_id=request.period_id, merchant_id=merchant_id,
                                                           limit=1)
             if not rows:
@@ -440,12 +443,12 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def ExportStatement(self, request, context):
         async def call():
             if request.period_id <= 0:
-                raise Rejection(Code.INVALID_ARGUMENT, "period_id must be > 0")
+                raise domain.invalid_field("period_id", "period_id must be > 0")
             store = self.pipeline.ready_store()
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
+                raise domain.invalid_field("page_size", f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
             # one page, or everything in chunks (so a 50,000-merchant period never needs one huge result set)
             wanted = request.page_size or None
             after = _untoken(request.page_token) if request.page_token else ""
@@ -455,7 +458,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             if request.merchant_id:
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
                 if after and not after.isdigit():
-                    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued")
+                    raise domain.invalid_field("page_token", "page_token is not one this service issued")
                 if not after:
                     writer.writerow(LINE_CSV_COLUMNS)
                 last = int(after or 0)
@@ -491,3 +494,84 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines,
                                               next_page_token=_token(str(last)) if more and wanted else "")
         return await guard(context, call)
+
+
+# --- The same services by their STANDARD names ------------------------------------------------------
+# MerchantAdminService, ClearingService and ProgramsService (admin.proto) serve what MerchantAdmin,
+# Clearing and Programs serve, through the same servicer objects: each method converts its request to
+# the old method's (the same field names and numbers, so the same bytes), calls the old method and wraps
+# or converts what it returned. tests/unit/test_contract.py checks that every twin request and copied
+# response has the same fields, so the conversion cannot drop one.
+
+def _as(message_type, message):
+    """`message` as `message_type`, a message with the same fields (names, numbers, types)."""
+    return message_type.FromString(message.SerializeToString())
+
+
+def _adapter(legacy_name: str, request_type, wrap):
+    async def method(self, request, context):
+        answer = await getattr(self.legacy, legacy_name)(_as(request_type, request), context)
+        return wrap(answer)
+    method.__name__ = legacy_name
+    return method
+
+
+def _copy(message_type):
+    return lambda answer: _as(message_type, answer)
+
+
+class MerchantAdminServiceServicer(admin_pb2_grpc.MerchantAdminServiceServicer):
+    """MerchantAdminService: MerchantAdminServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: MerchantAdminServicer):
+        self.legacy = legacy
+
+    CreateMerchant = _adapter("CreateMerchant", pb.CreateMerchantRequest,
+                              lambda m: pb.MerchantAdminServiceCreateMerchantResponse(merchant=m))
+    UpdateMerchant = _adapter("UpdateMerchant", pb.UpdateMerchantRequest,
+                              lambda m: pb.MerchantAdminServiceUpdateMerchantResponse(merchant=m))
+    SuspendMerchant = _adapter("SuspendMerchant", pb.SuspendMerchantRequest,
+                               lambda m: pb.MerchantAdminServiceSuspendMerchantResponse(merchant=m))
+    GetMerchant = _adapter("GetMerchant", pb.GetMerchantRequest,
+                           lambda m: pb.MerchantAdminServiceGetMerchantResponse(merchant=m))
+    ListMerchants = _adapter("ListMerchants", pb.ListMerchantsRequest,
+                             _copy(pb.MerchantAdminServiceListMerchantsResponse))
+    IssueApiKey = _adapter("IssueApiKey", pb.IssueApiKeyRequest, _copy(pb.MerchantAdminServiceIssueApiKeyResponse))
+    RevokeApiKey = _adapter("RevokeApiKey", pb.RevokeApiKeyRequest,
+                            _copy(pb.MerchantAdminServiceRevokeApiKeyResponse))
+
+
+class ClearingServiceServicer(admin_pb2_grpc.ClearingServiceServicer):
+    """ClearingService: ClearingServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: ClearingServicer):
+        self.legacy = legacy
+
+    GetMerchantPosition = _adapter("GetMerchantPosition", pb.GetMerchantPositionRequest,
+                                   lambda p: pb.ClearingServiceGetMerchantPositionResponse(position=p))
+    CloseSettlementPeriod = _adapter("CloseSettlementPeriod", pb.CloseSettlementPeriodRequest,
+                                     lambda p: pb.ClearingServiceCloseSettlementPeriodResponse(period=p))
+    GetStatement = _adapter("GetStatement", pb.GetStatementRequest,
+                            lambda s: pb.ClearingServiceGetStatementResponse(statement=s))
+    ListStatements = _adapter("ListStatements", pb.ListStatementsRequest,
+                              _copy(pb.ClearingServiceListStatementsResponse))
+    ExportStatement = _adapter("ExportStatement", pb.ExportStatementRequest,
+                               _copy(pb.ClearingServiceExportStatementResponse))
+
+
+class ProgramsServiceServicer(admin_pb2_grpc.ProgramsServiceServicer):
+    """ProgramsService: ProgramsServicer's methods under buf STANDARD names and messages."""
+
+    def __init__(self, legacy: ProgramsServicer):
+        self.legacy = legacy
+
+    SetProgramVersion = _adapter("SetProgramVersion", pb.SetProgramVersionRequest,
+                                 lambda v: pb.ProgramsServiceSetProgramVersionResponse(version=v))
+    GetProgram = _adapter("GetProgram", pb.GetProgramRequest,
+                          lambda p: pb.ProgramsServiceGetProgramResponse(program=p))
+
+
+# The STANDARD-named twin of each deprecated operator service (full names), for tests and docs.
+TWIN_SERVICES = {"points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
+                 "points.v1.Clearing": "points.v1.ClearingService",
+                 "points.v1.Programs": "points.v1.ProgramsService"}

@@ -44,6 +44,16 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "ListStatements": False, "ExportStatement": False,
     },
     "points.v1.Programs": {"SetProgramVersion": True, "GetProgram": False},
+    # the STANDARD-named twins of the three above (processor/admin.py): classified as their twins
+    "points.v1.MerchantAdminService": {
+        "CreateMerchant": True, "UpdateMerchant": True, "SuspendMerchant": True, "GetMerchant": False,
+        "ListMerchants": False, "IssueApiKey": True, "RevokeApiKey": True,
+    },
+    "points.v1.ClearingService": {
+        "GetMerchantPosition": False, "CloseSettlementPeriod": True, "GetStatement": False,
+        "ListStatements": False, "ExportStatement": False,
+    },
+    "points.v1.ProgramsService": {"SetProgramVersion": True, "GetProgram": False},
     "points.v1.AuditService": {"ListAuditRecords": False},
     "points.v1.MemberAdminService": {"EnrollMemberTotp": True, "SetMemberPin": True, "ResetMemberVerification": True,
                                      "GetMemberVerification": False},

@@ -45,12 +45,25 @@ class Code(enum.Enum):
 
 
 class Rejection(Exception):
-    """A request the service will not carry out, with a message the caller can act on."""
+    """A request the service will not carry out, with a message the caller can act on; and, for a client
+    that acts on it by program (sent as google.rpc details, processor/errors.py): `reason`, a stable
+    UPPER_SNAKE name from errors.REASONS ("" = the code's default); `field`, the request field at fault;
+    `retry_after_seconds`, when a retry may succeed; `quota`, (subject, description) of the limit hit."""
 
-    def __init__(self, code: Code, message: str):
+    def __init__(self, code: Code, message: str, *, reason: str = "", field: str = "",
+                 retry_after_seconds: float | None = None, quota: tuple[str, str] | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.reason = reason
+        self.field = field
+        self.retry_after_seconds = retry_after_seconds
+        self.quota = quota
+
+
+def invalid_field(field: str, message: str) -> Rejection:
+    """INVALID_ARGUMENT about one request field (its details name it: reason INVALID_FIELD)."""
+    return Rejection(Code.INVALID_ARGUMENT, message, reason="INVALID_FIELD", field=field)
 
 
 class InvariantViolation(Exception):
@@ -89,9 +102,8 @@ def format_authorization_id(authorization_id: int) -> str:
 def _parse_id(value: str, prefix: str, field: str) -> int:
     digits = value[len(prefix):] if value.startswith(prefix) else ""
     if not digits.isascii() or not digits.isdigit() or len(digits) > 18 or digits != str(int(digits)):
-        raise Rejection(Code.INVALID_ARGUMENT,
-                        f"{field} {value[:64]!r} is not an id this service issued "
-                        f"(expected {prefix}<digits>, as returned by an earlier call)")
+        raise invalid_field(field, f"{field} {value[:64]!r} is not an id this service issued "
+                                   f"(expected {prefix}<digits>, as returned by an earlier call)")
     return int(digits)
 
 
@@ -127,6 +139,10 @@ class Outcome:
     recorded: bool = True
     # the ledger's reason for a refusal (insufficient_points, hold_expired, ...); "" otherwise
     reason: str = ""
+    # a refusal that may pass later: seconds until a retry may succeed (sent as google.rpc.RetryInfo)
+    retry_after_seconds: float | None = None
+    # a quota refusal: (subject, description) of the quota (sent as google.rpc.QuotaFailure)
+    quota: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(slots=True)

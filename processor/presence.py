@@ -194,7 +194,8 @@ class Presence:
             except (asyncpg.PostgresError, OSError, asyncio.TimeoutError):
                 log.warning("member presence check could not reach Postgres", exc_info=True)
                 raise Rejection(Code.UNAVAILABLE, "the member's proof could not be checked (the database did not "
-                                                  "answer); retry with the same idempotency key and proof") from None
+                                                  "answer); retry with the same idempotency key and proof",
+                                reason="SERVICE_UNAVAILABLE") from None
 
     async def _decide(self, op: Operation, version: rules.ProgramVersion, proof_kind: str | None, proof: str,
                       now_us: int) -> Outcome | None:
@@ -203,7 +204,8 @@ class Presence:
         if credentials is not None and credentials.locked_until_us() > now_us:
             metrics.member_verifications.labels("locked").inc()
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="member_locked",
-                           message=lock_message(member_id, credentials.locked_until_us()))
+                           message=lock_message(member_id, credentials.locked_until_us()),
+                           retry_after_seconds=(credentials.locked_until_us() - now_us) / 1_000_000)
         has_totp = credentials is not None and credentials.totp_secret is not None
         has_pin = credentials is not None and credentials.pin_hash is not None
         enrolled = " or ".join(name for name, present in (("member_proof.totp_code (the 6-digit code of the member's "
@@ -253,7 +255,8 @@ class Presence:
             op.merchant_id, op.idempotency_key)
         if locked_until_us:
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="member_locked",
-                           message=f"{what}; " + lock_message(op.member_id, locked_until_us))
+                           message=f"{what}; " + lock_message(op.member_id, locked_until_us),
+                           retry_after_seconds=(locked_until_us - now_us) / 1_000_000)
         left = version.verification_failures_max - failures
         return _denied(f"{what}; {left} more wrong proof{'s' if left != 1 else ''} in a row lock member "
                        f"{op.member_id!r}'s spending for {version.verification_lockout_seconds} s")

@@ -54,7 +54,9 @@ class MerchantQuotas:
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"merchant {merchant_id!r} has {queued} operations waiting to commit, its share of the "
                             f"queue (merchant_queue_operations_max {self.queue_operations_max}); retry in about "
-                            "0.1 s, with exponential backoff")
+                            "0.1 s, with exponential backoff", reason="MERCHANT_QUOTA", retry_after_seconds=0.1,
+                            quota=(f"merchant:{merchant_id}", f"operations waiting to commit, at most "
+                                                              f"{self.queue_operations_max} (merchant_queue_operations_max)"))
         self.queued[merchant_id] = queued + 1
 
     def dequeued(self, merchant_id: str) -> None:
@@ -86,7 +88,10 @@ class MerchantQuotas:
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, message=(
                 f"merchant {merchant_id!r} has created {created} new members this hour, its quota "
                 f"(merchant_new_members_per_hour_max {self.new_members_per_hour_max}); existing members may still "
-                f"earn; retry for a new member in {retry_seconds} s, at the next hour"))
+                f"earn; retry for a new member in {retry_seconds} s, at the next hour"),
+                reason="merchant_quota", retry_after_seconds=retry_seconds,
+                quota=(f"merchant:{merchant_id}", f"new members per hour, at most {self.new_members_per_hour_max} "
+                                                  "(merchant_new_members_per_hour_max)"))
         self.new_members[merchant_id] = created + 1
         return None
 
@@ -100,7 +105,9 @@ class MerchantQuotas:
             return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, message=(
                 f"merchant {merchant_id!r} has {count} open holds, its quota (merchant_holds_open_max "
                 f"{self.holds_open_max}); capture or void some, or let them expire, and retry (the count is "
-                f"refreshed within a minute)"))
+                f"refreshed within a minute)"), reason="merchant_quota",
+                quota=(f"merchant:{merchant_id}", f"open holds, at most {self.holds_open_max} "
+                                                  "(merchant_holds_open_max)"))
         self._add_hold(merchant_id, 1)
         return None
 

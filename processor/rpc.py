@@ -13,8 +13,8 @@ import grpc
 
 from points.v1 import admin_pb2, points_pb2
 from processor import audit, auth, metrics
-from processor.domain import Rejection
-from processor.errors import grpc_status
+from processor.domain import Code, Rejection
+from processor.errors import rejection_status, status
 
 log = logging.getLogger("points.rpc")
 REQUEST_ID_HEADER = "x-request-id"
@@ -32,6 +32,9 @@ ACCEPTED_KINDS = {
     "points.v1.MerchantAdmin": ("operator",),
     "points.v1.Clearing": ("operator",),
     "points.v1.Programs": ("operator",),
+    "points.v1.MerchantAdminService": ("operator",),
+    "points.v1.ClearingService": ("operator",),
+    "points.v1.ProgramsService": ("operator",),
     "points.v1.MemberAdminService": ("operator",),
     "points.v1.AuditService": ("operator",),
 }
@@ -135,7 +138,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     caller = await authenticator.principal(context.invocation_metadata())
                 except Rejection as rejection:
-                    await context.abort(grpc_status(rejection.code), rejection.message)
+                    await context.abort_with_status(rejection_status(rejection))
                 if caller.kind not in accepted:
                     return rid, time.perf_counter(), caller  # refused by the behaviour, after the audit note
                 principal.set(caller)
@@ -147,9 +150,9 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return rid, time.perf_counter(), caller
 
         async def refuse_kind(context, caller: auth.Principal) -> None:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"a {caller.kind} key cannot call {service}; it takes a "
-                                f"{' or '.join(accepted)} key")
+            await context.abort_with_status(status(
+                Code.PERMISSION_DENIED, f"a {caller.kind} key cannot call {service}; it takes a "
+                                        f"{' or '.join(accepted)} key", reason="KEY_NOT_PERMITTED"))
 
         def account(context, rid: str, begin: float, code: grpc.StatusCode) -> None:
             elapsed = time.perf_counter() - begin
@@ -222,7 +225,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     await refuse_kind(context, caller)
                 request = deserialize(data)
                 if isinstance(request, Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    await context.abort_with_status(status(Code.INVALID_ARGUMENT, request.message,
+                                                           reason="UNDECODABLE_REQUEST"))
                 response = await inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 if audited is not None:
@@ -264,6 +268,10 @@ class _Audited:
         self._context.set_details(details)
         await self.done(code)
         await self._context.abort(code, details, trailing_metadata)
+
+    async def abort_with_status(self, status: grpc.Status):
+        """As grpc's (the status's trailing metadata carries its google.rpc details), through abort()."""
+        await self.abort(status.code, status.details, status.trailing_metadata)
 
 
 def _raw(data: bytes) -> bytes:

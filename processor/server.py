@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from processor import audit, auth, metrics, quotas, rpc, transport
 from processor import reflection as filtering_reflection
-from processor.admin import ClearingServicer, MerchantAdminServicer, ProgramsServicer
+from processor.admin import (ClearingServicer, ClearingServiceServicer, MerchantAdminServicer,
+                             MerchantAdminServiceServicer, ProgramsServicer, ProgramsServiceServicer)
 from processor.config import Settings
 from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
@@ -111,10 +112,17 @@ class Service:
                                                             self.server)
         admin_pb2_grpc.add_MemberAdminServiceServicer_to_server(
             MemberAdminServicer(settings, self.pipeline, self.presence), self.server)
-        admin_pb2_grpc.add_MerchantAdminServicer_to_server(
-            MerchantAdminServicer(settings, self.pipeline, self.authenticator), self.server)
-        admin_pb2_grpc.add_ClearingServicer_to_server(ClearingServicer(settings, self.pipeline), self.server)
-        admin_pb2_grpc.add_ProgramsServicer_to_server(ProgramsServicer(settings, self.pipeline), self.server)
+        # MerchantAdmin, Clearing and Programs (deprecated) and their STANDARD-named twins: one servicer each
+        merchant_admin = MerchantAdminServicer(settings, self.pipeline, self.authenticator)
+        clearing = ClearingServicer(settings, self.pipeline)
+        programs = ProgramsServicer(settings, self.pipeline)
+        admin_pb2_grpc.add_MerchantAdminServicer_to_server(merchant_admin, self.server)
+        admin_pb2_grpc.add_ClearingServicer_to_server(clearing, self.server)
+        admin_pb2_grpc.add_ProgramsServicer_to_server(programs, self.server)
+        admin_pb2_grpc.add_MerchantAdminServiceServicer_to_server(MerchantAdminServiceServicer(merchant_admin),
+                                                                  self.server)
+        admin_pb2_grpc.add_ClearingServiceServicer_to_server(ClearingServiceServicer(clearing), self.server)
+        admin_pb2_grpc.add_ProgramsServiceServicer_to_server(ProgramsServiceServicer(programs), self.server)
         admin_pb2_grpc.add_AuditServiceServicer_to_server(audit.AuditServicer(self.audit_log, self.pipeline),
                                                           self.server)
         await self.server.start()

@@ -18,7 +18,7 @@ from processor import domain, kinds, metrics, rpc, rules
 from processor.config import Settings
 from processor.presence import Presence
 from processor.domain import Code, Method, Operation, Outcome, Rejection
-from processor.errors import grpc_status
+from processor.errors import grpc_status, outcome_status, rejection_status, status
 from processor.pipeline import Pipeline, all_done, now_micros
 from processor.store import micros
 
@@ -41,11 +41,12 @@ def timestamp(micros: int) -> timestamp_pb2.Timestamp:
 
 
 async def guard(context: grpc.aio.ServicerContext, call):
-    """Runs a handler body; a Rejection becomes its gRPC status and message."""
+    """Runs a handler body; a Rejection becomes its gRPC status and message, with its google.rpc details
+    (processor/errors.py)."""
     try:
         return await call()
     except Rejection as rejection:
-        await context.abort(grpc_status(rejection.code), rejection.message)
+        await context.abort_with_status(rejection_status(rejection))
 
 
 class Validator:
@@ -55,27 +56,25 @@ class Validator:
     def identifier(self, value: str, field: str) -> str:
         limit = self.settings.id_bytes_max
         if not value:
-            raise Rejection(Code.INVALID_ARGUMENT, f"{field} is required")
+            raise domain.invalid_field(field, f"{field} is required")
         if len(value) > limit or not _ID_PATTERN.fullmatch(value):
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be 1..{limit} characters of letters, digits and -_.:@")
+            raise domain.invalid_field(field, f"{field} must be 1..{limit} characters of letters, digits and -_.:@")
         return value
 
     def idempotency_key(self, value: str) -> str:
         limit = self.settings.idempotency_key_bytes_max
         if not value:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            "idempotency_key is required: send a unique key per operation and reuse it on retry")
+            raise domain.invalid_field(
+                "idempotency_key", "idempotency_key is required: send a unique key per operation and reuse it on retry")
         if len(value) > limit or not _KEY_PATTERN.fullmatch(value):
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
+            raise domain.invalid_field(
+                "idempotency_key", f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
         return value
 
     def amount(self, value: int, field: str, limit: int, unit: str, zero_allowed: bool = False) -> int:
         low = 0 if zero_allowed else 1
         if not low <= value <= limit:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"{field} must be {low}..{limit} {unit}, got {value}")
+            raise domain.invalid_field(field, f"{field} must be {low}..{limit} {unit}, got {value}")
         return value
 
 
@@ -104,12 +103,13 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         merchant = await self.pipeline.merchant(merchant_id)
         if merchant is None:
             raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} is not in the alliance; "
-                                            "the operator adds merchants (python -m processor merchant add)")
+                                            "the operator adds merchants (python -m processor merchant add)",
+                            reason="MERCHANT_NOT_FOUND", field="merchant_id")
         caller = rpc.principal.get()
         if caller is None or not caller.may_act_for(merchant_id):
             raise Rejection(Code.PERMISSION_DENIED,
                             f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
-                            "or a gateway key that lists it")
+                            "or a gateway key that lists it", reason="KEY_NOT_PERMITTED", field="merchant_id")
         now = time.monotonic()
         if not self.rate_limits.take(merchant_id, now):
             metrics.operations_rate_limited.inc()
@@ -117,7 +117,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             raise Rejection(Code.RESOURCE_EXHAUSTED,
                             f"merchant {merchant_id!r} exceeds its limit of "
                             f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
-                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s")
+                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
+                            reason="RATE_LIMITED", retry_after_seconds=retry,
+                            quota=(f"merchant:{merchant_id}",
+                                   f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
+                                   f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)"))
         return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
                          idempotency_key=key, request=fields, **values)
 
@@ -145,7 +149,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             metrics.idempotent_replays.inc()
             trailer = (("points-idempotent-replay", "true"),)
         if outcome.code is not Code.OK:
-            await context.abort(grpc_status(outcome.code), outcome.message, trailing_metadata=trailer)
+            await context.abort_with_status(outcome_status(outcome, trailing_metadata=trailer))
         if trailer:
             context.set_trailing_metadata(trailer)
         return outcome
@@ -177,9 +181,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                                       zero_allowed=vouchers > 0)
         ttl = request.hold_ttl_seconds
         if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
-            raise Rejection(Code.INVALID_ARGUMENT,
-                            f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
-                            f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
+            raise domain.invalid_field("hold_ttl_seconds",
+                                       f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
+                                       f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
         fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
         if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
             fields["vouchers"] = vouchers
@@ -353,9 +357,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context) -> pb.SubmitBatchResponse:
         count = len(request.operations)
         if not 1 <= count <= self.settings.batch_request_operations_max:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
-                                f"got {count}; split it")
+            await context.abort_with_status(status(
+                Code.INVALID_ARGUMENT, f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
+                                       f"got {count}; split it", reason="INVALID_FIELD", field="operations"))
         # Every operation is queued before any is awaited, so the batch shares commits; each costs one
         # future (no task or coroutine per operation: measured, those were a fifth of the CPU).
         results: list = [None] * count
@@ -488,8 +492,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             posted, held = ledger.balance(slot)
             days = request.expiring_within_days or EXPIRING_WITHIN_DAYS_DEFAULT
             if not 1 <= days <= EXPIRING_WITHIN_DAYS_MAX:
-                raise Rejection(Code.INVALID_ARGUMENT, f"expiring_within_days must be 0 (default "
-                                f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
+                raise domain.invalid_field("expiring_within_days", f"expiring_within_days must be 0 (default "
+                                           f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
             program, now_us = self.pipeline.program, now_micros()
             response = pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held,
                                              level=program.level(member_id, now_us))
@@ -520,9 +524,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             store = self.pipeline.ready_store()
             size = request.page_size or self.settings.page_size_default
             if not 1 <= size <= self.settings.page_size_max:
-                raise Rejection(Code.INVALID_ARGUMENT,
-                                f"page_size must be 0 (default {self.settings.page_size_default}) "
-                                f"..{self.settings.page_size_max}, got {request.page_size}")
+                raise domain.invalid_field("page_size",
+                                           f"page_size must be 0 (default {self.settings.page_size_default}) "
+                                           f"..{self.settings.page_size_max}, got {request.page_size}")
             before = _decode_page_token(request.page_token) if request.page_token else None
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
@@ -579,5 +583,5 @@ def _decode_page_token(token: str) -> int:
                 return int(digits)
     except (ValueError, UnicodeEncodeError):
         pass
-    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; "
-                                           "pass next_page_token from the previous response, or empty")
+    raise domain.invalid_field("page_token", "page_token is not one this service issued; "
+                                             "pass next_page_token from the previous response, or empty")

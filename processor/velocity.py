@@ -108,10 +108,12 @@ def refusal(spends: Spends, now_us: int, member_id: str, held: int, points: int,
         retries.append(retry_at_us(spends, now_us, window_us, cap, held + points))
     if not problems:
         return None
+    retry_after_seconds = None
     if any(retry is None for retry in retries):
         advice = ("waiting alone will not let it through: capture or void the member's open holds, or spend "
                   "less")
     else:
         advice = f"retry after {_iso(max(retries) + 999_999)}, or spend less"
+        retry_after_seconds = (max(retries) - now_us) / 1_000_000
     return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="spending_cap", message=(
-        f"member {member_id!r}: " + "; ".join(problems) + f"; {advice}"))
+        f"member {member_id!r}: " + "; ".join(problems) + f"; {advice}"), retry_after_seconds=retry_after_seconds)

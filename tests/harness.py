@@ -144,7 +144,9 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInter
     def _key(self, method: str, request) -> str:
         url = self.database_url
         if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/", "/points.v1.AuditService/",
-                              "/points.v1.Programs/", "/points.v1.MemberAdminService/")):
+                              "/points.v1.Programs/", "/points.v1.MemberAdminService/",
+                              "/points.v1.MerchantAdminService/", "/points.v1.ClearingService/",
+                              "/points.v1.ProgramsService/")):
             with _KEYS_LOCK:
                 key = _KEYS.get((url, "*operator*"))
             return key or create_key(url, "operator")
