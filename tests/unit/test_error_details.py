@@ -8,7 +8,7 @@ import re
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from processor import errors, pipeline
+from processor import errors, outcomes
 from processor.domain import Code, Outcome, Rejection
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -68,7 +68,7 @@ def test_every_reason_the_code_names_is_in_the_table():
         named |= set(re.findall(r'reason="([A-Z_]+)"', path.read_text()))
     assert named and named <= set(errors.REASONS), named - set(errors.REASONS)
     # every internal reason of the ledger (the fast path's statuses) has its stable name
-    assert set(pipeline._REASON.values()) <= set(errors.OUTCOME_REASONS)
+    assert set(outcomes._REASON.values()) <= set(errors.OUTCOME_REASONS)
     lowercase = set()
     for path in (ROOT / "processor").glob("*.py"):
         lowercase |= set(re.findall(r'reason="([a-z_]+)"', path.read_text()))

@@ -54,3 +54,31 @@ def test_a_batch_rolled_back_before_its_flush_writes_nothing():
     assert state.lots["m"][0] == rules.Lot(1, 100, SOON, "a")
     state.begin()
     assert state.flush().lots == {}
+
+
+def test_the_expiry_schedule_grows_with_changes_of_a_members_soonest_lot_not_with_its_lot_count():
+    """Every spend pushed each of the member's lots on the expiry heap again: 1,000 spends of a member
+    holding 500 lots left ~500,000 entries. Now an entry is pushed only when the soonest expiry changes."""
+    state = ProgramState()
+    state.load_lots("m", tuple(rules.Lot(i, 10, NOW + 1_000 + i, "a") for i in range(1, 501)))
+    loaded = len(state._due)
+    state.begin()
+    for n in range(1_000):  # 1 point-unit each: the soonest lot changes once every 10 spends
+        state.consume("m", (OWNER_TRANSACTION, 10_000 + n), 1, 5_000 - n, NOW)
+    state.commit()
+    assert len(state._due) <= loaded + 1_000 // 10 + 1
+
+
+def test_due_lots_left_by_the_per_batch_limit_are_taken_by_the_next_batches():
+    state = ProgramState()
+    state.load_lots("m", (rules.Lot(1, 5, SOON, "a"), rules.Lot(2, 6, SOON, "a"), rules.Lot(3, 7, SOON, "a"),
+                          rules.Lot(4, 8, LATEST, "a")))
+    taken = []
+    for _ in range(4):
+        state.begin()
+        taken += [lot.lot_id for _, lot in state.due(LATER, limit=1)]
+        state.commit()
+    assert taken == [1, 2, 3]
+    assert [lot.lot_id for lot in state.lots["m"]] == [4]
+    state.begin()
+    assert [lot.lot_id for _, lot in state.due(LATEST, limit=10)] == [4]
