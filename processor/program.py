@@ -526,10 +526,16 @@ class ProgramState:
 
     def _store_lots(self, member_id: str, lots) -> None:
         kept = tuple(lot for lot in lots if lot.lot_id != _PERMANENT and lot.amount > 0)
-        if kept != self.lots.get(member_id, ()):
+        before = self.lots.get(member_id, ())
+        if kept != before:
             self._set(self.lots, member_id, kept or None, "lots")
-            for lot in kept:
-                heapq.heappush(self._due, (lot.expires_at_us, member_id))
+            # The expiry job needs an entry at (or before) each member's soonest expiry: every lot that
+            # becomes a member's soonest gets one here (or in credit_lot / load_lots / a rollback), and
+            # a popped entry is either stale or expires that lot. Pushing every kept lot on every change
+            # grew the heap by the member's lot count per spend, without bound.
+            soonest = min((lot.expires_at_us for lot in kept), default=None)
+            if soonest is not None and soonest != min((lot.expires_at_us for lot in before), default=None):
+                heapq.heappush(self._due, (soonest, member_id))
 
     def consume(self, member_id: str, owner: tuple[int, int], amount: int, spendable: int, now_us: int) -> None:
         """A hold or redemption of `amount` takes the soonest-expiring points first; its pieces are kept
@@ -589,6 +595,8 @@ class ProgramState:
             pieces = after.pieces[:limit - len(taken)]
             remaining = after.lots + after.pieces[len(pieces):]
             self._store_lots(member_id, sorted(remaining, key=rules._order))
+            if len(pieces) < len(after.pieces):  # due lots left for the next batch: their entry stays
+                heapq.heappush(self._due, (after.pieces[len(pieces)].expires_at_us, member_id))
             taken += [(member_id, piece) for piece in pieces]
         return taken
 

@@ -736,13 +736,20 @@ def _order(lot: Lot) -> tuple:
 
 
 def _checked(lots: Iterable[Lot]) -> list[Lot]:
+    # Runs on every spend over every lot of the member: the messages are built only when a check fails
+    # (an f-string per lot per call was most of the program's cost: docs/DESIGN.md).
     lots = list(lots)
     keys = set()
     for lot in lots:
-        require(isinstance(lot, Lot), f"not a Lot: {lot!r}")
-        _check_int(lot.amount, f"lot {lot.lot_id} amount")
-        require(lot.key not in keys, f"lot {lot.key} appears twice")
-        keys.add(lot.key)
+        if not isinstance(lot, Lot):
+            require(False, f"not a Lot: {lot!r}")
+        amount = lot.amount
+        if not (type(amount) is int and 0 <= amount <= INT64_MAX):
+            _check_int(amount, f"lot {lot.lot_id} amount")
+        key = lot.key
+        if key in keys:
+            require(False, f"lot {key} appears twice")
+        keys.add(key)
     return lots
 
 
@@ -766,7 +773,9 @@ def _take(lots: list[Lot], order: list[Lot], amount: int) -> LotsAfter:
             taken[lot.key] = piece
             left -= piece
     require(left == 0, "lots ran out after the availability check")
-    after = (dataclasses.replace(lot, amount=lot.amount - taken.get(lot.key, 0)) for lot in lots)
+    # only the lots taken from change (a lot is immutable: the others are kept as they are)
+    after = (lot if lot.key not in taken else dataclasses.replace(lot, amount=lot.amount - taken[lot.key])
+             for lot in lots)
     return LotsAfter(tuple(sorted((lot for lot in after if lot.amount > 0), key=_order)), tuple(pieces))
 
 
