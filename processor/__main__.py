@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,seed,demo} ...
+"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,seed,call,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -415,6 +415,45 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_call(args: argparse.Namespace) -> int:
+    """One PointsService call: the request as JSON (the .proto field names), the response printed as
+    JSON; a refusal printed as its status code and message (exit 1)."""
+    import json
+
+    import grpc
+    from google.protobuf import json_format
+
+    from points.v1 import points_pb2 as pb
+    from points.v1 import points_pb2_grpc
+    service = pb.DESCRIPTOR.services_by_name["PointsService"]
+    method = service.methods_by_name.get(args.method)
+    if method is None or method.client_streaming or method.server_streaming:
+        unary = sorted(m.name for m in service.methods if not (m.client_streaming or m.server_streaming))
+        print(f"error: {args.method!r} is not a unary PointsService method; one of {', '.join(unary)}",
+              file=sys.stderr)
+        return 2
+    try:
+        request = json_format.Parse(args.request, getattr(pb, method.input_type.name)())
+    except (json_format.ParseError, json.JSONDecodeError) as error:
+        print(f"error: the request is not a {method.input_type.name} in JSON: {error}", file=sys.stderr)
+        return 2
+    if args.tls_ca_file:
+        from processor.transport import channel_credentials
+        channel = grpc.secure_channel(args.target, channel_credentials(args.tls_ca_file, "", ""))
+    else:
+        channel = grpc.insecure_channel(args.target)
+    with channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        try:
+            response = getattr(stub, args.method)(request, timeout=args.timeout_seconds,
+                                                  metadata=(("authorization", f"Bearer {args.key}"),))
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    print(json_format.MessageToJson(response, preserving_proto_field_name=True, indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import grpc
     from points.v1 import points_pb2 as pb
@@ -611,6 +650,15 @@ def parser() -> argparse.ArgumentParser:
     seed.add_argument("--points-per-member", type=int, default=10_000, help="point-units earned by each member")
     config.add_arguments(seed, DATABASE_OPTIONS)
     seed.set_defaults(func=cmd_seed)
+
+    call = commands.add_parser("call", help="one PointsService call with a JSON request, the response as JSON")
+    call.add_argument("method", help="Earn, Authorize, Capture, Void, Redeem, Refund, GetBalance, ...")
+    call.add_argument("request", help="the request as JSON, with the .proto field names")
+    call.add_argument("--key", required=True, help="the API key (pk_...) to send as 'authorization: Bearer'")
+    call.add_argument("--target", default="127.0.0.1:50051", help="service address [default 127.0.0.1:50051]")
+    call.add_argument("--tls-ca-file", default="", help="the CA of a TLS service's certificate (PEM)")
+    call.add_argument("--timeout-seconds", type=float, default=30.0, help="deadline of the call [default 30]")
+    call.set_defaults(func=cmd_call)
 
     demo = commands.add_parser("demo", help="one earn and one authorize+capture against a running service")
     demo.add_argument("--target", default="127.0.0.1:50051", help="service address [default 127.0.0.1:50051]")

@@ -36,7 +36,7 @@ ERROR_DOMAIN = "points.v1"
 RETRY_AFTER_SECONDS_DEFAULT = 1.0
 
 # Every ErrorInfo.reason the service sends: stable names a client may branch on (never renamed; new ones
-# only added). README.md lists them too.
+# only added). docs/API.md lists them too.
 REASONS = {
     "INVALID_FIELD": "a request field is missing or out of range; ErrorInfo.metadata['field'] names it",
     "UNDECODABLE_REQUEST": "the request bytes are not the method's message",

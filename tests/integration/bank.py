@@ -327,7 +327,7 @@ class Bank:
             assert self.service.process.poll() is None, \
                 f"the service exited with {self.service.process.returncode} while the disk was full"
             self.disk_full_answers = dict(answers)
-            # Postgres still answers reads: so do balances, and health stays SERVING (README, disk full)
+            # Postgres still answers reads: so do balances, and health stays SERVING (docs/GUARANTEES.md, disk full)
             self.disk_full_health = _health(self.service)
             self.board.stub.GetBalance(pb.GetBalanceRequest(member_id=self.members[0]), timeout=CALL_TIMEOUT_SECONDS)
         finally:
@@ -665,7 +665,7 @@ def check_nothing_else(ops: list[BankOp], journal: Journal) -> list[str]:
 
 
 def check_time_order(journal: Journal) -> list[str]:
-    """Batch times never go back (README, clock steps): a transaction or hold with a larger id (committed
+    """Batch times never go back (docs/GUARANTEES.md, clock steps): a transaction or hold with a larger id (committed
     later) is never dated before one with a smaller id."""
     problems = []
     for prefix, rows in (("txn_", journal.transactions), ("auth_", journal.holds)):

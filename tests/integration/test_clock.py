@@ -1,6 +1,6 @@
 """Clock steps (issue 13, section 8): the service runs under libfaketime (LD_PRELOAD, a FAKETIME control
 file re-read at every clock read) and the test steps its wall clock forward and back while it runs; its
-monotonic clock and Postgres's clock are left alone. What README "Clock steps" documents:
+monotonic clock and Postgres's clock are left alone. What docs/GUARANTEES.md "Clock steps" documents:
 
 - holds expire when the service's clock passes their expiry (a forward step expires them at once), and
   so do points (lots) under a program with an expiry period, once, to breakage;

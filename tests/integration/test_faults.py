@@ -204,7 +204,7 @@ class Attempt:
     @property
     def claims_not_applied(self) -> bool:
         """An UNAVAILABLE from the service itself that does not say the outcome is unknown: it promises
-        this attempt applied nothing (README: "the database did not confirm; nothing was applied")."""
+        this attempt applied nothing (docs/API.md: "the database did not confirm; nothing was applied")."""
         return self.code == "UNAVAILABLE" and "unknown" not in self.details.lower() \
             and not TRANSPORT_FAILURE.search(self.details)
 

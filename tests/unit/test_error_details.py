@@ -76,9 +76,9 @@ def test_every_reason_the_code_names_is_in_the_table():
 
 
 def test_the_readme_documents_every_reason():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "API.md").read_text()
     missing = [reason for reason in errors.REASONS if f"`{reason}`" not in readme]
-    assert not missing, f"README.md's table of error reasons lacks {missing}"
+    assert not missing, f"docs/API.md's table of error reasons lacks {missing}"
     contract = (ROOT / "proto" / "points" / "v1" / "points.proto").read_text()
     missing = [reason for reason in errors.REASONS if not re.search(rf"\b{reason}\b", contract)]
     assert not missing, f"points.proto's comment on error details lacks {missing}"
