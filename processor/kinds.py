@@ -16,7 +16,7 @@ from processor.domain import require
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Shape:
-    """What reconcile requires of a transaction's entries (store._SHAPE_SUMS names the sums)."""
+    """What reconcile requires of a transaction's entries (reconcile._SHAPE_SUMS names the sums)."""
     description: str
     # the account kind/asset pairs its entries may touch
     accounts: tuple[str, ...]

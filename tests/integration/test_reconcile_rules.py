@@ -10,7 +10,8 @@ import asyncio
 import pytest
 
 from processor import kinds, rules
-from processor.store import ACCOUNT_SIGNS, Store
+from processor.reconcile import ACCOUNT_SIGNS
+from processor.store import Store
 from tests.integration.ledger_rows import (MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger, RulesLedger,
                                            rules_ledger)
 
