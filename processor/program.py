@@ -610,10 +610,7 @@ class ProgramState:
             remainder = last.amount - pieces[-1].amount
             kept = lots[:start] + ((dataclasses.replace(last, amount=remainder),) if remainder else ()) + lots[end:]
         if end > start:
-            self._touch(member_id, [lot.key for lot in lots[start:end]])
-            self._set(self.lots, member_id, kept or None, "lots")
-            if kept and kept[0].expires_at_us != lots[0].expires_at_us:
-                heapq.heappush(self._due, (kept[0].expires_at_us, member_id))
+            self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
         self._set(self.pieces, owner, tuple(pieces), "pieces")
 
     def restore(self, member_id: str, owner: tuple[int, int], amount: int | None, spendable: int, now_us: int,
@@ -625,9 +622,38 @@ class ProgramState:
             return  # consumed before lots were kept (or without a program): nothing to restore
         total = sum(piece.amount for piece in pieces)
         amount = total if amount is None else min(amount, total)
-        after = rules.restore(self._with_permanent(member_id, spendable), pieces, now_us, grace_us, amount)
-        self._store_lots(member_id, after.lots)
-        left = after.left
+        rules._check_int(amount, "amount", 0, total)
+        rules._check_int(grace_us, "grace_us")
+        # rules.restore's semantics over the sorted lots, touching only the lots the pieces go back to
+        # (a binary search each): last piece first; a piece of a live lot goes back to it, one whose lot
+        # expired comes back expiring at now + grace; never-expiring points are implicit (not stored).
+        before = lots = self.lots.get(member_id, ())
+        left = list(pieces)
+        touched = []
+        remaining = amount
+        while remaining:
+            piece = left.pop()
+            back = min(piece.amount, remaining)
+            if back < piece.amount:
+                left.append(dataclasses.replace(piece, amount=piece.amount - back))
+            remaining -= back
+            if piece.lot_id == _PERMANENT:
+                continue
+            expires = piece.expires_at_us if piece.live(now_us) else now_us + grace_us
+            returned = dataclasses.replace(piece, amount=back, expires_at_us=expires)
+            order = rules._order(returned)
+            position = bisect.bisect_left(lots, order, key=rules._order)
+            if position < len(lots) and lots[position].key == returned.key:
+                existing = lots[position]
+                require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
+                lots = lots[:position] + (dataclasses.replace(existing, amount=existing.amount + back),) \
+                    + lots[position + 1:]
+            else:
+                lots = lots[:position] + (returned,) + lots[position:]
+            touched.append(returned.key)
+        if touched:
+            self._replace_lots(member_id, before, lots, touched)
+        left = tuple(left)
         self._set(self.pieces, owner, None, "pieces")
         if left:
             self._set(self.pieces, keep_as or owner, left, "pieces")
@@ -659,23 +685,33 @@ class ProgramState:
         taken: list[tuple[str, rules.Lot]] = []
         while self._due and self._due[0][0] <= now_us and len(taken) < limit:
             _, member_id = heapq.heappop(self._due)
-            after = rules.expire_due(self.lots.get(member_id, ()), now_us)
-            if not after.pieces:
+            lots = self.lots.get(member_id, ())
+            due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+            if not due:
                 continue  # a stale entry: the lot was spent, restored or expired already
-            pieces = after.pieces[:limit - len(taken)]
-            remaining = after.lots + after.pieces[len(pieces):]
-            self._store_lots(member_id, sorted(remaining, key=rules._order))
-            if len(pieces) < len(after.pieces):  # due lots left for the next batch: their entry stays
-                heapq.heappush(self._due, (after.pieces[len(pieces)].expires_at_us, member_id))
+            pieces = lots[:min(due, limit - len(taken))]
+            self._replace_lots(member_id, lots, lots[len(pieces):], [lot.key for lot in pieces])
+            if len(pieces) < due:  # due lots left for the next batch: their entry stays
+                heapq.heappush(self._due, (lots[len(pieces)].expires_at_us, member_id))
             taken += [(member_id, piece) for piece in pieces]
         return taken
 
     def expire_member(self, member_id: str, now_us: int) -> list[rules.Lot]:
         """Takes a member's expired lots off it (before an operation that spends its points)."""
-        after = rules.expire_due(self.lots.get(member_id, ()), now_us)
-        if after.pieces:
-            self._store_lots(member_id, after.lots)
-        return list(after.pieces)
+        lots = self.lots.get(member_id, ())
+        due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+        if due:
+            self._replace_lots(member_id, lots, lots[due:], [lot.key for lot in lots[:due]])
+        return list(lots[:due])
+
+    def _replace_lots(self, member_id: str, before: tuple[rules.Lot, ...], after: tuple[rules.Lot, ...],
+                      keys) -> None:
+        """The member's lots become `after` (sorted), changed only at `keys`; the expiry heap gets an
+        entry when the member's soonest expiry changes (as _store_lots)."""
+        self._touch(member_id, keys)
+        self._set(self.lots, member_id, after or None, "lots")
+        if after and (not before or after[0].expires_at_us != before[0].expires_at_us):
+            heapq.heappush(self._due, (after[0].expires_at_us, member_id))
 
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
