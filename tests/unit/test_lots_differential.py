@@ -266,7 +266,7 @@ def test_work_is_proportional_to_the_lots_taken_not_to_the_lots_held(monkeypatch
     state.load_lots("m", lots)
     order, expiry = Counted(rules._order), Counted(program_module._expiry_order)
     monkeypatch.setattr(rules, "_order", order)
-    monkeypatch.setattr(program_module, "_expiry_order", expiry)
+    monkeypatch.setattr(program_module, "_expiry_order", expiry, raising=False)
     state.begin()
 
     state.consume("m", (OWNER_TRANSACTION, 20_001), 25, 100_000, NOW)   # lots 1 and 2 and half of 3
