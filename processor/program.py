@@ -19,6 +19,7 @@ promised to a merchant.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 from typing import Any
@@ -170,6 +171,9 @@ class ProgramState:
         # member -> its lots as the last flush left them (what Postgres holds once the batches before
         # commit), for the members whose lots changed since: flush() writes the difference
         self._lots_flushed: dict[str, tuple[rules.Lot, ...]] = {}
+        # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
+        # only those up), or None: some other change, flush() compares the member's whole lots
+        self._lots_touched: dict[str, set | None] = {}
         self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
                                        "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
                                        "accounts": set(), "splits": set(), "new_splits": set(),
@@ -217,6 +221,7 @@ class ProgramState:
         for dirty in self._dirty.values():
             dirty.clear()
         self._lots_flushed.clear()
+        self._lots_touched.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
@@ -250,11 +255,24 @@ class ProgramState:
         for dirty in d.values():
             dirty.clear()
         self._lots_flushed.clear()
+        self._lots_touched.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
 
     def _lots_changed(self, member_id: str) -> tuple[list[tuple[int, int]], list[rules.Lot]]:
+        touched = self._lots_touched.get(member_id)
+        if touched is not None:  # only credit_lot / consume changed the member's lots: look those keys up
+            before_lots, after_lots = self._lots_flushed.get(member_id, ()), self.lots.get(member_id, ())
+            gone, changed = [], []
+            for key in sorted(touched, key=_key_order):
+                old, new = _find(before_lots, key), _find(after_lots, key)
+                if new is None:
+                    if old is not None:
+                        gone.append(key)
+                elif old != new:
+                    changed.append(new)
+            return gone, changed
         before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
         after = {lot.key: lot for lot in self.lots.get(member_id, ())}
         return ([key for key in before if key not in after],
@@ -510,9 +528,28 @@ class ProgramState:
         if version is None or version.expiry_period_us is None or amount <= 0:
             return
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
-        self._set(self.lots, member_id, tuple(sorted(self.lots.get(member_id, ()) + (lot,), key=rules._order)),
-                  "lots")
+        lots = self.lots.get(member_id, ())
+        order = rules._order(lot)
+        require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
+        if not lots or rules._order(lots[-1]) < order:
+            lots = lots + (lot,)     # a new earn's lot almost always expires last
+        else:
+            position = bisect.bisect_right(lots, order, key=rules._order)
+            lots = lots[:position] + (lot,) + lots[position:]
+        self._touch(member_id, (lot.key,))
+        self._set(self.lots, member_id, lots, "lots")
         heapq.heappush(self._due, (lot.expires_at_us, member_id))
+
+    def _touch(self, member_id: str, keys) -> None:
+        """Records which of the member's lots a change touches (before the _set that makes it)."""
+        if member_id in self._lots_touched:
+            touched = self._lots_touched[member_id]
+            if touched is not None:
+                touched.update(keys)
+        elif member_id in self._dirty["lots"]:
+            self._lots_touched[member_id] = None   # changed before, by a path that does not say which
+        else:
+            self._lots_touched[member_id] = set(keys)
 
     def _with_permanent(self, member_id: str, spendable: int) -> list[rules.Lot]:
         """The member's lots plus the virtual lot of its never-expiring points, given its spendable
@@ -528,6 +565,7 @@ class ProgramState:
         kept = tuple(lot for lot in lots if lot.lot_id != _PERMANENT and lot.amount > 0)
         before = self.lots.get(member_id, ())
         if kept != before:
+            self._lots_touched[member_id] = None   # flush() compares the member's whole lots
             self._set(self.lots, member_id, kept or None, "lots")
             # The expiry job needs an entry at (or before) each member's soonest expiry: every lot that
             # becomes a member's soonest gets one here (or in credit_lot / load_lots / a rollback), and
@@ -542,9 +580,38 @@ class ProgramState:
         for a refund, void or partial capture to restore."""
         if amount <= 0:
             return
-        after = rules.consume(self._with_permanent(member_id, spendable), amount, now_us)
-        self._store_lots(member_id, after.lots)
-        self._set(self.pieces, owner, after.pieces, "pieces")
+        rules._check_int(amount, "amount")
+        lots = self.lots.get(member_id, ())
+        # The stored lots are sorted by rules._order and were checked when stored: the expired ones are a
+        # prefix, the live ones follow soonest first; a spend walks only the lots it takes (O(taken + log n))
+        # and the lots after them stay the very same objects in the new tuple.
+        start = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)
+        pieces = []
+        left = amount
+        end = start
+        count = len(lots)
+        while left and end < count:
+            lot = lots[end]
+            piece = min(lot.amount, left)
+            pieces.append(lot if piece == lot.amount else dataclasses.replace(lot, amount=piece))
+            left -= piece
+            end += 1
+        if left:   # every live lot is taken: the rest comes from the never-expiring points
+            total = sum(lot.amount for lot in lots)
+            permanent = spendable - total
+            require(permanent >= 0, f"member {member_id!r}: lots exceed its spendable points")
+            if left > permanent:
+                available = amount - left + permanent
+                raise rules.InsufficientBalance(rules.ASSET_POINTS, available, amount)
+            pieces.append(rules.Lot(_PERMANENT, left, None, ""))
+            kept = lots[:start]
+        else:
+            last = lots[end - 1]
+            remainder = last.amount - pieces[-1].amount
+            kept = lots[:start] + ((dataclasses.replace(last, amount=remainder),) if remainder else ()) + lots[end:]
+        if end > start:
+            self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
+        self._set(self.pieces, owner, tuple(pieces), "pieces")
 
     def restore(self, member_id: str, owner: tuple[int, int], amount: int | None, spendable: int, now_us: int,
                 grace_us: int, keep_as: tuple[int, int] | None = None) -> None:
@@ -555,9 +622,38 @@ class ProgramState:
             return  # consumed before lots were kept (or without a program): nothing to restore
         total = sum(piece.amount for piece in pieces)
         amount = total if amount is None else min(amount, total)
-        after = rules.restore(self._with_permanent(member_id, spendable), pieces, now_us, grace_us, amount)
-        self._store_lots(member_id, after.lots)
-        left = after.left
+        rules._check_int(amount, "amount", 0, total)
+        rules._check_int(grace_us, "grace_us")
+        # rules.restore's semantics over the sorted lots, touching only the lots the pieces go back to
+        # (a binary search each): last piece first; a piece of a live lot goes back to it, one whose lot
+        # expired comes back expiring at now + grace; never-expiring points are implicit (not stored).
+        before = lots = self.lots.get(member_id, ())
+        left = list(pieces)
+        touched = []
+        remaining = amount
+        while remaining:
+            piece = left.pop()
+            back = min(piece.amount, remaining)
+            if back < piece.amount:
+                left.append(dataclasses.replace(piece, amount=piece.amount - back))
+            remaining -= back
+            if piece.lot_id == _PERMANENT:
+                continue
+            expires = piece.expires_at_us if piece.live(now_us) else now_us + grace_us
+            returned = dataclasses.replace(piece, amount=back, expires_at_us=expires)
+            order = rules._order(returned)
+            position = bisect.bisect_left(lots, order, key=rules._order)
+            if position < len(lots) and lots[position].key == returned.key:
+                existing = lots[position]
+                require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
+                lots = lots[:position] + (dataclasses.replace(existing, amount=existing.amount + back),) \
+                    + lots[position + 1:]
+            else:
+                lots = lots[:position] + (returned,) + lots[position:]
+            touched.append(returned.key)
+        if touched:
+            self._replace_lots(member_id, before, lots, touched)
+        left = tuple(left)
         self._set(self.pieces, owner, None, "pieces")
         if left:
             self._set(self.pieces, keep_as or owner, left, "pieces")
@@ -589,23 +685,33 @@ class ProgramState:
         taken: list[tuple[str, rules.Lot]] = []
         while self._due and self._due[0][0] <= now_us and len(taken) < limit:
             _, member_id = heapq.heappop(self._due)
-            after = rules.expire_due(self.lots.get(member_id, ()), now_us)
-            if not after.pieces:
+            lots = self.lots.get(member_id, ())
+            due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+            if not due:
                 continue  # a stale entry: the lot was spent, restored or expired already
-            pieces = after.pieces[:limit - len(taken)]
-            remaining = after.lots + after.pieces[len(pieces):]
-            self._store_lots(member_id, sorted(remaining, key=rules._order))
-            if len(pieces) < len(after.pieces):  # due lots left for the next batch: their entry stays
-                heapq.heappush(self._due, (after.pieces[len(pieces)].expires_at_us, member_id))
+            pieces = lots[:min(due, limit - len(taken))]
+            self._replace_lots(member_id, lots, lots[len(pieces):], [lot.key for lot in pieces])
+            if len(pieces) < due:  # due lots left for the next batch: their entry stays
+                heapq.heappush(self._due, (lots[len(pieces)].expires_at_us, member_id))
             taken += [(member_id, piece) for piece in pieces]
         return taken
 
     def expire_member(self, member_id: str, now_us: int) -> list[rules.Lot]:
         """Takes a member's expired lots off it (before an operation that spends its points)."""
-        after = rules.expire_due(self.lots.get(member_id, ()), now_us)
-        if after.pieces:
-            self._store_lots(member_id, after.lots)
-        return list(after.pieces)
+        lots = self.lots.get(member_id, ())
+        due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+        if due:
+            self._replace_lots(member_id, lots, lots[due:], [lot.key for lot in lots[:due]])
+        return list(lots[:due])
+
+    def _replace_lots(self, member_id: str, before: tuple[rules.Lot, ...], after: tuple[rules.Lot, ...],
+                      keys) -> None:
+        """The member's lots become `after` (sorted), changed only at `keys`; the expiry heap gets an
+        entry when the member's soonest expiry changes (as _store_lots)."""
+        self._touch(member_id, keys)
+        self._set(self.lots, member_id, after or None, "lots")
+        if after and (not before or after[0].expires_at_us != before[0].expires_at_us):
+            heapq.heappush(self._due, (after[0].expires_at_us, member_id))
 
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
@@ -614,3 +720,20 @@ class ProgramState:
             posted, held = balance(member_id)
             total = sum(lot.amount for lot in self.lots.get(member_id, ()))
             require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+
+
+def _expiry_order(lot: rules.Lot) -> tuple:
+    return (lot.expires_at_us is None, lot.expires_at_us or 0)
+
+
+def _key_order(key: tuple[int, int | None]) -> tuple:
+    return (key[1] is None, key[1] or 0, key[0])
+
+
+def _find(lots: tuple[rules.Lot, ...], key: tuple[int, int | None]) -> rules.Lot | None:
+    """The lot keyed `key` in lots sorted by rules._order (a binary search), or None."""
+    order = _key_order(key)
+    position = bisect.bisect_left(lots, order, key=rules._order)
+    if position < len(lots) and lots[position].key == key:
+        return lots[position]
+    return None
