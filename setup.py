@@ -1,4 +1,5 @@
 """Build: compiles the Cython fast path and generates the gRPC stubs from proto/ (never committed)."""
+
 import pathlib
 
 from setuptools import Command, setup
@@ -15,8 +16,15 @@ def generate_stubs(out_dir: pathlib.Path) -> None:
 
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={out_dir}",
-            f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + " ".join(protos))
     for package in {pathlib.Path(p).parent for p in protos}:
@@ -26,6 +34,7 @@ def generate_stubs(out_dir: pathlib.Path) -> None:
 
 class BuildProto(Command):
     """`python setup.py build_proto`: regenerate the stubs in place."""
+
     user_options = []
 
     def initialize_options(self):
@@ -44,8 +53,7 @@ generate_stubs(ROOT)
 setup(
     ext_modules=cythonize(
         ["fastpath/_core.pyx"],
-        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False,
-                             "cdivision": True},
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
     cmdclass={"build_proto": BuildProto},
 )

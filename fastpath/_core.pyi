@@ -40,51 +40,50 @@ Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hol
 - An operation that would leave its member with posted outside 0..BALANCE_MAX, held < 0 or
   held > posted raises LedgerInvariantError before writing (only reachable from inconsistent loads).
 """
+
 from collections.abc import MutableSequence, Sequence
 
 # statuses
-OK: int                    # 0
-INSUFFICIENT_POINTS: int   # 1  available < points asked
-UNKNOWN_MEMBER: int        # 2
-UNKNOWN_HOLD: int          # 3
-HOLD_EXPIRED: int          # 4  hold's expires_at_us <= now_us (or already marked expired)
-HOLD_CAPTURED: int         # 5  hold already captured
-HOLD_VOIDED: int           # 6  hold already voided
-WRONG_MERCHANT: int        # 7  hold or transaction belongs to another merchant
+OK: int  # 0
+INSUFFICIENT_POINTS: int  # 1  available < points asked
+UNKNOWN_MEMBER: int  # 2
+UNKNOWN_HOLD: int  # 3
+HOLD_EXPIRED: int  # 4  hold's expires_at_us <= now_us (or already marked expired)
+HOLD_CAPTURED: int  # 5  hold already captured
+HOLD_VOIDED: int  # 6  hold already voided
+WRONG_MERCHANT: int  # 7  hold or transaction belongs to another merchant
 CAPTURE_EXCEEDS_HOLD: int  # 8  capture points > held amount
-UNKNOWN_TRANSACTION: int   # 9
+UNKNOWN_TRANSACTION: int  # 9
 REFUND_EXCEEDS_REMAINING: int  # 10 refund points > amount - refunded so far
-NOT_REFUNDABLE: int        # 11 transaction kind cannot be refunded (e.g. a refund)
-OVERFLOW: int              # 12 a balance would exceed BALANCE_MAX
-CAPACITY: int              # 13 members_max / holds_max / transactions_max reached
+NOT_REFUNDABLE: int  # 11 transaction kind cannot be refunded (e.g. a refund)
+OVERFLOW: int  # 12 a balance would exceed BALANCE_MAX
+CAPACITY: int  # 13 members_max / holds_max / transactions_max reached
 
 # hold statuses (as stored in Postgres: holds.status)
-HOLD_OPEN: int      # 1
+HOLD_OPEN: int  # 1
 HOLD_STATUS_CAPTURED: int  # 2
-HOLD_STATUS_VOIDED: int    # 3
-HOLD_STATUS_EXPIRED: int   # 4
+HOLD_STATUS_VOIDED: int  # 3
+HOLD_STATUS_EXPIRED: int  # 4
 
 # transaction kinds (as stored in Postgres: transactions.kind)
-KIND_EARN: int      # 1
-KIND_CAPTURE: int   # 2
-KIND_REDEEM: int    # 3
+KIND_EARN: int  # 1
+KIND_CAPTURE: int  # 2
+KIND_REDEEM: int  # 3
 KIND_REFUND_REDEMPTION: int  # 4  refund of a capture or redeem: points back to the member
-KIND_REFUND_EARN: int        # 5  refund of an earn: points taken back from the member
+KIND_REFUND_EARN: int  # 5  refund of an earn: points taken back from the member
 
 BALANCE_MAX: int  # 2**62: no balance or held sum may exceed it (leaves headroom for int64 sums)
 
 # operation codes of apply_batch() (its `method` array)
-OP_EARN: int       # 1
+OP_EARN: int  # 1
 OP_AUTHORIZE: int  # 2
-OP_CAPTURE: int    # 3
-OP_VOID: int       # 4
-OP_REDEEM: int     # 5
-OP_REFUND: int     # 6
-
+OP_CAPTURE: int  # 3
+OP_VOID: int  # 4
+OP_REDEEM: int  # 5
+OP_REFUND: int  # 6
 
 class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
-
 
 class Ledger:
     def __init__(self, members_max: int, holds_max: int, transactions_max: int) -> None: ...
@@ -93,13 +92,13 @@ class Ledger:
     @property
     def members_count(self) -> int: ...
     @property
-    def holds_resident_count(self) -> int: ...       # holds in memory, any status
+    def holds_resident_count(self) -> int: ...  # holds in memory, any status
     @property
-    def holds_open_count(self) -> int: ...           # holds with status HOLD_OPEN
+    def holds_open_count(self) -> int: ...  # holds with status HOLD_OPEN
     @property
     def transactions_resident_count(self) -> int: ...
     @property
-    def batches_open(self) -> int: ...               # begin() calls not yet committed or rolled back
+    def batches_open(self) -> int: ...  # begin() calls not yet committed or rolled back
 
     # --- loading from Postgres (start-up, and prefetch before a batch); not recorded in the undo log
     #     unless called between begin() and commit()/rollback() (then rollback removes them too) ---
@@ -116,19 +115,21 @@ class Ledger:
         """The member's slot, creating it (posted 0, account id 0) if unknown; -1 (not an exception)
         when it is unknown and members_max is reached. A member created between begin() and
         commit() is removed by rollback(), like one created by earn()."""
-    def load_hold(self, hold_id: int, member_slot: int, merchant: int, amount: int,
-                  expires_at_us: int, status: int) -> None:
+    def load_hold(
+        self, hold_id: int, member_slot: int, merchant: int, amount: int, expires_at_us: int, status: int
+    ) -> None:
         """Adds a hold. If status is HOLD_OPEN the member's held grows by amount. Raises KeyError if the
         hold id is resident already, OverflowError on capacity or if held would exceed BALANCE_MAX,
         ValueError unless 1 <= amount <= BALANCE_MAX and status is a hold status."""
-    def load_transaction(self, transaction_id: int, kind: int, member_slot: int, merchant: int,
-                         amount: int, refunded: int) -> None:
+    def load_transaction(
+        self, transaction_id: int, kind: int, member_slot: int, merchant: int, amount: int, refunded: int
+    ) -> None:
         """Adds a transaction that refunds may refer to. Raises KeyError if already resident,
         OverflowError on capacity, ValueError unless kind is a kind, 0 <= amount <= BALANCE_MAX and
         0 <= refunded <= amount."""
 
     # --- look-ups ---
-    def member_slot(self, member_id: str) -> int: ...          # -1 if unknown
+    def member_slot(self, member_id: str) -> int: ...  # -1 if unknown
     def member_id(self, member_slot: int) -> str: ...
     def has_hold(self, hold_id: int) -> bool: ...
     def has_transaction(self, transaction_id: int) -> bool: ...
@@ -160,11 +161,13 @@ class Ledger:
     def earn(self, member_id: str, merchant: int, points: int, transaction_id: int) -> tuple[int, int, int]:
         """Credits points (>= 0) to the member, creating it if unknown. Registers the transaction
         (KIND_EARN, amount=points) as resident. Returns (status, member_slot, posted_after)."""
-    def authorize(self, member_slot: int, merchant: int, points: int, hold_id: int,
-                  expires_at_us: int) -> tuple[int, int]:
+    def authorize(
+        self, member_slot: int, merchant: int, points: int, hold_id: int, expires_at_us: int
+    ) -> tuple[int, int]:
         """Places a hold of points (> 0) if posted - held >= points. Returns (status, available_after)."""
-    def capture(self, hold_id: int, merchant: int, points: int, transaction_id: int,
-                now_us: int) -> tuple[int, int, int, int, int]:
+    def capture(
+        self, hold_id: int, merchant: int, points: int, transaction_id: int, now_us: int
+    ) -> tuple[int, int, int, int, int]:
         """Captures points (0 = the whole hold) of an open hold of this merchant; the rest is released;
         the hold becomes HOLD_STATUS_CAPTURED. An open hold with expires_at_us <= now_us is marked
         HOLD_STATUS_EXPIRED (its points released) and HOLD_EXPIRED is returned -- that marking is the
@@ -174,12 +177,12 @@ class Ledger:
     def void(self, hold_id: int, merchant: int, now_us: int) -> tuple[int, int, int, int]:
         """Releases an open hold of this merchant (expiry handled as in capture).
         Returns (status, released, member_slot, available_after)."""
-    def redeem(self, member_slot: int, merchant: int, points: int,
-               transaction_id: int) -> tuple[int, int, int]:
+    def redeem(self, member_slot: int, merchant: int, points: int, transaction_id: int) -> tuple[int, int, int]:
         """Debits points (> 0) if available. Registers (KIND_REDEEM, amount=points).
         Returns (status, posted_after, available_after)."""
-    def refund(self, transaction_id: int, merchant: int, points: int,
-               refund_transaction_id: int) -> tuple[int, int, int, int, int]:
+    def refund(
+        self, transaction_id: int, merchant: int, points: int, refund_transaction_id: int
+    ) -> tuple[int, int, int, int, int]:
         """Refunds points (> 0) of a resident transaction of this merchant.
         KIND_CAPTURE / KIND_REDEEM: credits the member back (KIND_REFUND_REDEMPTION).
         KIND_EARN: debits the member (KIND_REFUND_EARN), INSUFFICIENT_POINTS if available < points.
@@ -189,12 +192,23 @@ class Ledger:
         """Marks up to `limit` open holds with expires_at_us <= now_us as HOLD_STATUS_EXPIRED, soonest
         first, releasing their points; returns their ids. O(k log n) (a heap on expiry). Holds expiring
         at the same microsecond go in the order they became resident. limit >= 0."""
-    def apply_batch(self, method: Sequence[int], member: Sequence[int], merchant: Sequence[int],
-                    points: Sequence[int], ref_id: Sequence[int], new_id: Sequence[int],
-                    expires_at_us: Sequence[int], now_us: int,
-                    out_status: MutableSequence[int], out_member: MutableSequence[int],
-                    out_amount: MutableSequence[int], out_posted: MutableSequence[int],
-                    out_available: MutableSequence[int], out_kind: MutableSequence[int]) -> int:
+    def apply_batch(
+        self,
+        method: Sequence[int],
+        member: Sequence[int],
+        merchant: Sequence[int],
+        points: Sequence[int],
+        ref_id: Sequence[int],
+        new_id: Sequence[int],
+        expires_at_us: Sequence[int],
+        now_us: int,
+        out_status: MutableSequence[int],
+        out_member: MutableSequence[int],
+        out_amount: MutableSequence[int],
+        out_posted: MutableSequence[int],
+        out_available: MutableSequence[int],
+        out_kind: MutableSequence[int],
+    ) -> int:
         """Applies operations 0..n-1 in order, in one call: exactly as calling, for each i,
           OP_EARN       earn(member_id(member[i]), merchant[i], points[i], new_id[i])
           OP_AUTHORIZE  authorize(member[i], merchant[i], points[i], new_id[i], expires_at_us[i])

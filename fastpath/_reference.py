@@ -6,6 +6,7 @@ lists indexed by slot, dicts from ids to slots, `heapq` for expiry and, per open
 loop over the per-operation methods. The differential tests hold the two to the same behaviour, so a
 change to one is a change to both.
 """
+
 import heapq
 import operator
 
@@ -85,11 +86,12 @@ def _check_positive(points):
 
 class Ledger:
     def __init__(self, members_max, holds_max, transactions_max):
-        members_max, holds_max, transactions_max = (
-            _int64(members_max), _int64(holds_max), _int64(transactions_max))
+        members_max, holds_max, transactions_max = (_int64(members_max), _int64(holds_max), _int64(transactions_max))
         if members_max < 1 or holds_max < 1 or transactions_max < 1:
-            raise ValueError("members_max, holds_max and transactions_max must each be >= 1, got "
-                             f"{members_max}, {holds_max}, {transactions_max}")
+            raise ValueError(
+                "members_max, holds_max and transactions_max must each be >= 1, got "
+                f"{members_max}, {holds_max}, {transactions_max}"
+            )
         self._members_max = members_max
         self._holds_max = holds_max
         self._transactions_max = transactions_max
@@ -207,7 +209,8 @@ class Ledger:
             raise LedgerInvariantError(
                 f"member {self._member_ids[member]!r} (slot {member}) would have posted {posted}, "
                 f"held {held}; was posted {self._member_posted[member]}, "
-                f"held {self._member_held[member]}")
+                f"held {self._member_held[member]}"
+            )
 
     # --- rules shared by several operations ---------------------------------------------------------
 
@@ -236,8 +239,11 @@ class Ledger:
         return OK
 
     def _rebuild_heap(self):
-        self._heap = [(self._hold_expires_at_us[hold], hold) for hold in range(len(self._hold_ids))
-                      if self._hold_status[hold] == HOLD_OPEN]
+        self._heap = [
+            (self._hold_expires_at_us[hold], hold)
+            for hold in range(len(self._hold_ids))
+            if self._hold_status[hold] == HOLD_OPEN
+        ]
         heapq.heapify(self._heap)
 
     # --- loading ----------------------------------------------------------------------------------
@@ -247,8 +253,7 @@ class Ledger:
         if posted < 0 or posted > BALANCE_MAX:
             raise OverflowError(f"posted {posted} of member {member_id!r} is outside 0..{BALANCE_MAX}")
         if account_id < 0:
-            raise ValueError(f"account_id of member {member_id!r} must be >= 0 (0: not known), "
-                             f"got {account_id}")
+            raise ValueError(f"account_id of member {member_id!r} must be >= 0 (0: not known), got {account_id}")
         found = self._member_slots.get(member_id)
         if found is not None:
             self._set(self._member_posted, found, posted)
@@ -272,7 +277,8 @@ class Ledger:
 
     def load_hold(self, hold_id, member_slot, merchant, amount, expires_at_us, status):
         hold_id, member_slot, merchant, amount, expires_at_us, status = map(
-            _int64, (hold_id, member_slot, merchant, amount, expires_at_us, status))
+            _int64, (hold_id, member_slot, merchant, amount, expires_at_us, status)
+        )
         self._check_member_slot(member_slot)
         _check_merchant(merchant)
         if amount <= 0 or amount > BALANCE_MAX:
@@ -286,8 +292,7 @@ class Ledger:
         held = self._member_held[member_slot]
         if status == HOLD_OPEN:
             if amount > BALANCE_MAX - held:
-                raise OverflowError(f"hold {hold_id}: held of member slot {member_slot} would exceed "
-                                    f"{BALANCE_MAX}")
+                raise OverflowError(f"hold {hold_id}: held of member slot {member_slot} would exceed {BALANCE_MAX}")
             held += amount
         self._add_hold(hold_id, member_slot, merchant, amount, expires_at_us, status)
         if status == HOLD_OPEN:
@@ -295,7 +300,8 @@ class Ledger:
 
     def load_transaction(self, transaction_id, kind, member_slot, merchant, amount, refunded):
         transaction_id, kind, member_slot, merchant, amount, refunded = map(
-            _int64, (transaction_id, kind, member_slot, merchant, amount, refunded))
+            _int64, (transaction_id, kind, member_slot, merchant, amount, refunded)
+        )
         self._check_member_slot(member_slot)
         _check_merchant(merchant)
         if kind < KIND_EARN or kind > KIND_REFUND_EARN:
@@ -307,8 +313,9 @@ class Ledger:
         if transaction_id in self._transaction_slots:
             raise KeyError(f"transaction {transaction_id} is resident already")
         if len(self._transaction_ids) >= self._transactions_max:
-            raise OverflowError(f"transactions_max {self._transactions_max} reached; cannot load "
-                                f"transaction {transaction_id}")
+            raise OverflowError(
+                f"transactions_max {self._transactions_max} reached; cannot load transaction {transaction_id}"
+            )
         self._add_transaction(transaction_id, kind, member_slot, merchant, amount, refunded)
 
     # --- look-ups ---------------------------------------------------------------------------------
@@ -347,14 +354,20 @@ class Ledger:
 
     def hold(self, hold_id):
         hold = self._hold_slots[_int64(hold_id)]
-        return (self._hold_status[hold], self._hold_member[hold], self._hold_merchant[hold],
-                self._hold_amount[hold], self._hold_expires_at_us[hold])
+        return (
+            self._hold_status[hold],
+            self._hold_member[hold],
+            self._hold_merchant[hold],
+            self._hold_amount[hold],
+            self._hold_expires_at_us[hold],
+        )
 
     # --- undo log ---------------------------------------------------------------------------------
 
     def begin(self):
-        self._batches.append(((len(self._member_ids), len(self._hold_ids), self._holds_open_count,
-                               len(self._transaction_ids)), []))
+        self._batches.append(
+            ((len(self._member_ids), len(self._hold_ids), self._holds_open_count, len(self._transaction_ids)), [])
+        )
 
     def commit(self):
         if not self._batches:
@@ -383,15 +396,25 @@ class Ledger:
             del self._hold_slots[hold_id]
         for transaction_id in self._transaction_ids[transactions:]:
             del self._transaction_slots[transaction_id]
-        for column in (self._member_ids, self._member_posted, self._member_held,
-                       self._member_account):
+        for column in (self._member_ids, self._member_posted, self._member_held, self._member_account):
             del column[members:]
-        for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
-                       self._hold_expires_at_us, self._hold_status):
+        for column in (
+            self._hold_ids,
+            self._hold_member,
+            self._hold_merchant,
+            self._hold_amount,
+            self._hold_expires_at_us,
+            self._hold_status,
+        ):
             del column[holds:]
-        for column in (self._transaction_ids, self._transaction_kind, self._transaction_member,
-                       self._transaction_merchant, self._transaction_amount,
-                       self._transaction_refunded):
+        for column in (
+            self._transaction_ids,
+            self._transaction_kind,
+            self._transaction_member,
+            self._transaction_merchant,
+            self._transaction_amount,
+            self._transaction_refunded,
+        ):
             del column[transactions:]
         self._holds_open_count = holds_open
         # Statuses and slots changed wholesale; one heapify is simpler than replaying each change.
@@ -428,7 +451,8 @@ class Ledger:
 
     def authorize(self, member_slot, merchant, points, hold_id, expires_at_us):
         member_slot, merchant, points, hold_id, expires_at_us = map(
-            _int64, (member_slot, merchant, points, hold_id, expires_at_us))
+            _int64, (member_slot, merchant, points, hold_id, expires_at_us)
+        )
         _check_positive(points)
         _check_merchant(merchant)
         if member_slot != -1:
@@ -450,7 +474,8 @@ class Ledger:
 
     def capture(self, hold_id, merchant, points, transaction_id, now_us):
         hold_id, merchant, points, transaction_id, now_us = map(
-            _int64, (hold_id, merchant, points, transaction_id, now_us))
+            _int64, (hold_id, merchant, points, transaction_id, now_us)
+        )
         _check_merchant(merchant)
         if points < 0:
             raise ValueError(f"points must be >= 0 (0 captures the whole hold), got {points}")
@@ -488,12 +513,10 @@ class Ledger:
             return (status, 0, 0, 0)
         member = self._hold_member[hold]
         self._release_hold(hold, HOLD_STATUS_VOIDED)
-        return (OK, self._hold_amount[hold], member,
-                self._member_posted[member] - self._member_held[member])
+        return (OK, self._hold_amount[hold], member, self._member_posted[member] - self._member_held[member])
 
     def redeem(self, member_slot, merchant, points, transaction_id):
-        member_slot, merchant, points, transaction_id = map(
-            _int64, (member_slot, merchant, points, transaction_id))
+        member_slot, merchant, points, transaction_id = map(_int64, (member_slot, merchant, points, transaction_id))
         _check_positive(points)
         _check_merchant(merchant)
         if member_slot != -1:
@@ -515,7 +538,8 @@ class Ledger:
 
     def refund(self, transaction_id, merchant, points, refund_transaction_id):
         transaction_id, merchant, points, refund_transaction_id = map(
-            _int64, (transaction_id, merchant, points, refund_transaction_id))
+            _int64, (transaction_id, merchant, points, refund_transaction_id)
+        )
         _check_positive(points)
         _check_merchant(merchant)
         if refund_transaction_id in self._transaction_slots:
@@ -564,18 +588,43 @@ class Ledger:
             expired.append(self._hold_ids[hold])
         return expired
 
-    def apply_batch(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us,
-                    out_status, out_member, out_amount, out_posted, out_available, out_kind):
+    def apply_batch(
+        self,
+        method,
+        member,
+        merchant,
+        points,
+        ref_id,
+        new_id,
+        expires_at_us,
+        now_us,
+        out_status,
+        out_member,
+        out_amount,
+        out_posted,
+        out_available,
+        out_kind,
+    ):
         now_us = _int64(now_us)
         count = len(method)
-        for name, column in (("member", member), ("merchant", merchant), ("points", points),
-                             ("ref_id", ref_id), ("new_id", new_id),
-                             ("expires_at_us", expires_at_us)):
+        for name, column in (
+            ("member", member),
+            ("merchant", merchant),
+            ("points", points),
+            ("ref_id", ref_id),
+            ("new_id", new_id),
+            ("expires_at_us", expires_at_us),
+        ):
             if len(column) != count:
                 raise ValueError(f"{name} has {len(column)} items; method has {count}")
-        for name, column in (("out_status", out_status), ("out_member", out_member),
-                             ("out_amount", out_amount), ("out_posted", out_posted),
-                             ("out_available", out_available), ("out_kind", out_kind)):
+        for name, column in (
+            ("out_status", out_status),
+            ("out_member", out_member),
+            ("out_amount", out_amount),
+            ("out_posted", out_posted),
+            ("out_available", out_available),
+            ("out_kind", out_kind),
+        ):
             if len(column) < count:
                 raise ValueError(f"{name} has {len(column)} items, fewer than the {count} operations")
         # Checked before the first operation, so a batch with an unknown code changes nothing.
@@ -583,15 +632,28 @@ class Ledger:
             if not OP_EARN <= _int64(method[operation]) <= OP_REFUND:
                 raise ValueError(f"operation {operation}: method {method[operation]} is not an OP_* code")
         for operation in range(count):
-            row = self._apply_one(method[operation], member[operation], merchant[operation],
-                                  points[operation], ref_id[operation], new_id[operation],
-                                  expires_at_us[operation], now_us)
+            row = self._apply_one(
+                method[operation],
+                member[operation],
+                merchant[operation],
+                points[operation],
+                ref_id[operation],
+                new_id[operation],
+                expires_at_us[operation],
+                now_us,
+            )
             if row[0] == INSUFFICIENT_POINTS and row[1] >= 0:
                 # the balances the refusal saw: the caller's message states them
                 posted, held = self.balance(row[1])
                 row = (row[0], row[1], row[2], posted, posted - held, row[5])
-            (out_status[operation], out_member[operation], out_amount[operation],
-             out_posted[operation], out_available[operation], out_kind[operation]) = row
+            (
+                out_status[operation],
+                out_member[operation],
+                out_amount[operation],
+                out_posted[operation],
+                out_available[operation],
+                out_kind[operation],
+            ) = row
         return count
 
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
@@ -609,8 +671,7 @@ class Ledger:
                 return (status, member, 0, 0, 0, 0)
             return (OK, member, points, self._member_posted[member], available, 0)
         if method == OP_CAPTURE:
-            status, captured, slot, posted, available = self.capture(ref_id, merchant, points,
-                                                                     new_id, now_us)
+            status, captured, slot, posted, available = self.capture(ref_id, merchant, points, new_id, now_us)
             if status != OK:
                 return (status, self._hold_member_involved(ref_id, status), 0, 0, 0, 0)
             return (OK, slot, captured, posted, available, KIND_CAPTURE)
@@ -642,78 +703,107 @@ class Ledger:
         if self._batches:
             raise RuntimeError("forget_resolved() called between begin() and commit()")
         kept = [hold for hold in range(len(self._hold_ids)) if self._hold_status[hold] == HOLD_OPEN]
-        for column in (self._hold_ids, self._hold_member, self._hold_merchant, self._hold_amount,
-                       self._hold_expires_at_us, self._hold_status):
+        for column in (
+            self._hold_ids,
+            self._hold_member,
+            self._hold_merchant,
+            self._hold_amount,
+            self._hold_expires_at_us,
+            self._hold_status,
+        ):
             column[:] = [column[hold] for hold in kept]
         self._hold_slots = {hold_id: hold for hold, hold_id in enumerate(self._hold_ids)}
         self._rebuild_heap()
         self._transaction_slots = {}
-        for column in (self._transaction_ids, self._transaction_kind, self._transaction_member,
-                       self._transaction_merchant, self._transaction_amount,
-                       self._transaction_refunded):
+        for column in (
+            self._transaction_ids,
+            self._transaction_kind,
+            self._transaction_member,
+            self._transaction_merchant,
+            self._transaction_amount,
+            self._transaction_refunded,
+        ):
             column.clear()
 
     def check_invariants(self):
         members = len(self._member_ids)
         holds = len(self._hold_ids)
         transactions = len(self._transaction_ids)
-        if (len(self._member_slots) != members or len(self._hold_slots) != holds
-                or len(self._transaction_slots) != transactions):
+        if (
+            len(self._member_slots) != members
+            or len(self._hold_slots) != holds
+            or len(self._transaction_slots) != transactions
+        ):
             raise LedgerInvariantError(
                 f"indexes disagree with counts: {len(self._member_slots)} member ids, {members} "
                 f"members; {len(self._hold_slots)} hold ids, {holds} holds; "
-                f"{len(self._transaction_slots)} transaction ids, {transactions} transactions")
+                f"{len(self._transaction_slots)} transaction ids, {transactions} transactions"
+            )
         for member in range(members):
             posted, held = self._member_posted[member], self._member_held[member]
-            if (posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted
-                    or self._member_account[member] < 0):
+            if posted < 0 or posted > BALANCE_MAX or held < 0 or held > posted or self._member_account[member] < 0:
                 raise LedgerInvariantError(
                     f"member {self._member_ids[member]!r} (slot {member}): posted {posted}, held "
-                    f"{held}, account {self._member_account[member]}")
+                    f"{held}, account {self._member_account[member]}"
+                )
         held_sums = [0] * members
         open_count = 0
         for hold in range(holds):
-            member, amount, status = (
-                self._hold_member[hold], self._hold_amount[hold], self._hold_status[hold])
-            if (member < 0 or member >= members or amount <= 0 or amount > BALANCE_MAX
-                    or status < HOLD_OPEN or status > HOLD_STATUS_EXPIRED
-                    or self._hold_slots.get(self._hold_ids[hold]) != hold):
+            member, amount, status = (self._hold_member[hold], self._hold_amount[hold], self._hold_status[hold])
+            if (
+                member < 0
+                or member >= members
+                or amount <= 0
+                or amount > BALANCE_MAX
+                or status < HOLD_OPEN
+                or status > HOLD_STATUS_EXPIRED
+                or self._hold_slots.get(self._hold_ids[hold]) != hold
+            ):
                 raise LedgerInvariantError(
-                    f"hold {self._hold_ids[hold]} (slot {hold}): member slot {member}, amount "
-                    f"{amount}, status {status}")
+                    f"hold {self._hold_ids[hold]} (slot {hold}): member slot {member}, amount {amount}, status {status}"
+                )
             if status == HOLD_OPEN:
                 open_count += 1
                 held_sums[member] += amount
                 if held_sums[member] > BALANCE_MAX:
-                    raise LedgerInvariantError(
-                        f"open holds of member slot {member} sum beyond {BALANCE_MAX}")
+                    raise LedgerInvariantError(f"open holds of member slot {member} sum beyond {BALANCE_MAX}")
         if open_count != self._holds_open_count:
-            raise LedgerInvariantError(
-                f"{open_count} open holds, but holds_open_count is {self._holds_open_count}")
+            raise LedgerInvariantError(f"{open_count} open holds, but holds_open_count is {self._holds_open_count}")
         for member in range(members):
             if held_sums[member] != self._member_held[member]:
                 raise LedgerInvariantError(
                     f"member {self._member_ids[member]!r} (slot {member}): held "
-                    f"{self._member_held[member]} but its open holds sum to {held_sums[member]}")
+                    f"{self._member_held[member]} but its open holds sum to {held_sums[member]}"
+                )
         in_heap = set()
         for position, (expires_at_us, hold) in enumerate(self._heap):
-            if (hold < 0 or hold >= holds or hold in in_heap
-                    or expires_at_us != self._hold_expires_at_us[hold]
-                    or (position > 0 and self._heap[position] < self._heap[(position - 1) // 2])):
-                raise LedgerInvariantError(f"expiry heap entry {position} (hold slot {hold}) is "
-                                           "out of order, stale or repeated")
+            if (
+                hold < 0
+                or hold >= holds
+                or hold in in_heap
+                or expires_at_us != self._hold_expires_at_us[hold]
+                or (position > 0 and self._heap[position] < self._heap[(position - 1) // 2])
+            ):
+                raise LedgerInvariantError(
+                    f"expiry heap entry {position} (hold slot {hold}) is out of order, stale or repeated"
+                )
             in_heap.add(hold)
         for hold in range(holds):
             if self._hold_status[hold] == HOLD_OPEN and hold not in in_heap:
-                raise LedgerInvariantError(
-                    f"open hold {self._hold_ids[hold]} is missing from the expiry heap")
+                raise LedgerInvariantError(f"open hold {self._hold_ids[hold]} is missing from the expiry heap")
         for transaction in range(transactions):
             kind, member = self._transaction_kind[transaction], self._transaction_member[transaction]
-            amount, refunded = (
-                self._transaction_amount[transaction], self._transaction_refunded[transaction])
-            if (kind < KIND_EARN or kind > KIND_REFUND_EARN or refunded < 0 or refunded > amount
-                    or member < 0 or member >= members
-                    or self._transaction_slots.get(self._transaction_ids[transaction]) != transaction):
+            amount, refunded = (self._transaction_amount[transaction], self._transaction_refunded[transaction])
+            if (
+                kind < KIND_EARN
+                or kind > KIND_REFUND_EARN
+                or refunded < 0
+                or refunded > amount
+                or member < 0
+                or member >= members
+                or self._transaction_slots.get(self._transaction_ids[transaction]) != transaction
+            ):
                 raise LedgerInvariantError(
                     f"transaction {self._transaction_ids[transaction]} (slot {transaction}): kind "
-                    f"{kind}, amount {amount}, refunded {refunded}")
+                    f"{kind}, amount {amount}, refunded {refunded}"
+                )

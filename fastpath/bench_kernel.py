@@ -8,6 +8,7 @@ the members) run in batches between begin() and commit(), as the pipeline runs t
 ledger each time; the best of --repeat runs is printed. "apply_batch + arrays" also counts building
 the int64 input arrays from Python tuples and allocating the outputs, which a caller pays too.
 """
+
 import argparse
 import time
 from array import array
@@ -51,12 +52,18 @@ def fresh_ledger(impl, operations_count, members_count):
 
 
 def batches(operations, batch_size):
-    return [operations[start:start + batch_size] for start in range(0, len(operations), batch_size)]
+    return [operations[start : start + batch_size] for start in range(0, len(operations), batch_size)]
 
 
 def run_per_operation(impl, ledger, member_ids, chunks):
     earn, authorize, capture, void, redeem, refund = (
-        ledger.earn, ledger.authorize, ledger.capture, ledger.void, ledger.redeem, ledger.refund)
+        ledger.earn,
+        ledger.authorize,
+        ledger.capture,
+        ledger.void,
+        ledger.redeem,
+        ledger.refund,
+    )
     started = time.perf_counter()
     for chunk in chunks:
         ledger.begin()
@@ -105,24 +112,28 @@ def main():
     parser.add_argument("--members", type=int, default=1_000)
     parser.add_argument("--repeat", type=int, default=3)
     arguments = parser.parse_args()
-    print(f"{arguments.operations} operations in batches of {arguments.batch}, "
-          f"{arguments.members} members; best of {arguments.repeat}")
+    print(
+        f"{arguments.operations} operations in batches of {arguments.batch}, "
+        f"{arguments.members} members; best of {arguments.repeat}"
+    )
     print(f"{'implementation':<16}{'per operation':>16}{'apply_batch':>16}{'+ arrays':>16}{'speed-up':>10}")
     for name, impl in [("cython", fastpath._core), ("python", fastpath._reference)]:
         chunks = batches(plan(impl, arguments.operations, arguments.members), arguments.batch)
         best = {"per operation": float("inf"), "apply_batch": float("inf"), "+ arrays": float("inf")}
         for _ in range(arguments.repeat):
             ledger, member_ids = fresh_ledger(impl, arguments.operations, arguments.members)
-            best["per operation"] = min(best["per operation"],
-                                        run_per_operation(impl, ledger, member_ids, chunks))
+            best["per operation"] = min(best["per operation"], run_per_operation(impl, ledger, member_ids, chunks))
             ledger, _ = fresh_ledger(impl, arguments.operations, arguments.members)
             best["apply_batch"] = min(best["apply_batch"], run_batch(impl, ledger, chunks, True))
             ledger.check_invariants()
             ledger, _ = fresh_ledger(impl, arguments.operations, arguments.members)
             best["+ arrays"] = min(best["+ arrays"], run_batch(impl, ledger, chunks, False))
         rates = {key: arguments.operations / seconds for key, seconds in best.items()}
-        print(f"{name:<16}" + "".join(f"{rate:>14,.0f}/s" for rate in rates.values())
-              + f"{rates['apply_batch'] / rates['per operation']:>9.1f}x")
+        print(
+            f"{name:<16}"
+            + "".join(f"{rate:>14,.0f}/s" for rate in rates.values())
+            + f"{rates['apply_batch'] / rates['per operation']:>9.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ A benchmark, not a test: it prints figures and asserts nothing about time. The c
 machine with the servers and Postgres, so on a small machine it is part of what is measured: its CPU
 column says how much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ BATCH_SIZES = (100, 1_000)
 
 # --- Postgres ---------------------------------------------------------------------------------------
 
+
 class Postgres:
     """DATABASE_URL's server, or the embedded one; creates and drops the bench's databases."""
 
@@ -90,12 +92,16 @@ class Postgres:
             await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             await connection.execute(f'CREATE DATABASE "{database}"')
             if not self.description:
-                settings = {name: await connection.fetchval(f"SHOW {name}")
-                            for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers")}
+                settings = {
+                    name: await connection.fetchval(f"SHOW {name}")
+                    for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers")
+                }
                 where = "embedded (pgserver)" if self._embedded else "DATABASE_URL"
-                self.description = (f"PostgreSQL {settings['server_version'].split()[0]} {where}, fsync "
-                                    f"{settings['fsync']}, synchronous_commit {settings['synchronous_commit']}, "
-                                    f"shared_buffers {settings['shared_buffers']}")
+                self.description = (
+                    f"PostgreSQL {settings['server_version'].split()[0]} {where}, fsync "
+                    f"{settings['fsync']}, synchronous_commit {settings['synchronous_commit']}, "
+                    f"shared_buffers {settings['shared_buffers']}"
+                )
                 self.postmaster_pid = self._find_postmaster(await connection.fetchval("SELECT pg_backend_pid()"))
         finally:
             await connection.close()
@@ -125,16 +131,32 @@ class Postgres:
 
 # --- workloads --------------------------------------------------------------------------------------
 
+
 def unary_requests(operations: list[workload.Operation], key_prefix: str) -> list[tuple[str, object]]:
     requests = []
     for number, op in enumerate(operations):
         key = f"{key_prefix}{number}"
         if op.kind == "earn":
-            requests.append(("Earn", pb.EarnRequest(merchant_id=op.merchant_id, member_id=op.member_id,
-                                                    purchase_amount=op.amount, idempotency_key=key)))
+            requests.append(
+                (
+                    "Earn",
+                    pb.EarnRequest(
+                        merchant_id=op.merchant_id,
+                        member_id=op.member_id,
+                        purchase_amount=op.amount,
+                        idempotency_key=key,
+                    ),
+                )
+            )
         else:
-            requests.append(("Redeem", pb.RedeemRequest(merchant_id=op.merchant_id, member_id=op.member_id,
-                                                        points=op.amount, idempotency_key=key)))
+            requests.append(
+                (
+                    "Redeem",
+                    pb.RedeemRequest(
+                        merchant_id=op.merchant_id, member_id=op.member_id, points=op.amount, idempotency_key=key
+                    ),
+                )
+            )
     return requests
 
 
@@ -143,7 +165,7 @@ def batch_requests(operations: list[workload.Operation], key_prefix: str, size: 
     batches = []
     for start in range(0, len(unary), size):
         batch = pb.SubmitBatchRequest()
-        for method, request in unary[start:start + size]:
+        for method, request in unary[start : start + size]:
             if method == "Earn":
                 batch.operations.add(earn=request)
             else:
@@ -155,6 +177,7 @@ def batch_requests(operations: list[workload.Operation], key_prefix: str, size: 
 @dataclasses.dataclass
 class Run:
     """What one round of one workload measured."""
+
     operations: int
     seconds: float
     latencies: list[float]
@@ -162,16 +185,17 @@ class Run:
     server_cpu_seconds: float
     postgres_cpu_seconds: float | None
     client_cpu_seconds: float
-    commits: float = 0.0             # the service's Postgres transactions during the run (its /metrics)
-    commit_seconds: float = 0.0      # their total time
+    commits: float = 0.0  # the service's Postgres transactions during the run (its /metrics)
+    commit_seconds: float = 0.0  # their total time
 
 
 class Client:
     """A grpc.aio channel to one server."""
 
     def __init__(self, address: str, key: str):
-        self.channel = grpc.aio.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self.channel = grpc.aio.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
         self.stub = points_pb2_grpc.PointsServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {key}"),) if key else ()
 
@@ -190,6 +214,7 @@ class Client:
                 except grpc.aio.AioRpcError as error:
                     failures[f"{method} {error.code().name}"] += 1
                 latencies.append(time.perf_counter() - began)
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, failures
 
@@ -207,6 +232,7 @@ class Client:
             except grpc.aio.AioRpcError as error:
                 failures[f"{method} {error.code().name}"] += 1
             latencies.append(time.perf_counter() - began)
+
         calls = []
         start = time.perf_counter()
         for number, (method, request) in enumerate(requests):
@@ -227,15 +253,18 @@ class Client:
             for request in pending:
                 began = time.perf_counter()
                 try:
-                    response = await self.stub.SubmitBatch(request, metadata=self.metadata,
-                                                           timeout=CALL_TIMEOUT_SECONDS)
+                    response = await self.stub.SubmitBatch(
+                        request, metadata=self.metadata, timeout=CALL_TIMEOUT_SECONDS
+                    )
                     for operation, result in zip(request.operations, response.results):
                         if result.outcome != applied:
-                            failures[f"{operation.WhichOneof('operation')} "
-                                     f"{pb.OperationOutcome.Name(result.outcome)}"] += 1
+                            failures[
+                                f"{operation.WhichOneof('operation')} {pb.OperationOutcome.Name(result.outcome)}"
+                            ] += 1
                 except grpc.aio.AioRpcError as error:
                     failures[f"SubmitBatch {error.code().name}"] += len(request.operations)
                 latencies.append(time.perf_counter() - began)
+
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, failures
 
@@ -260,6 +289,7 @@ class Client:
                 began = time.perf_counter()
                 await asyncio.gather(*(one(method, request) for method, request in batch))
                 latencies.append(time.perf_counter() - began)
+
         await asyncio.gather(*(worker() for _ in range(batch_concurrency)))
         return latencies, failures
 
@@ -269,9 +299,9 @@ class Client:
 
 @dataclasses.dataclass
 class Workload:
-    server: str          # "no-op", "service", "naive"
+    server: str  # "no-op", "service", "naive"
     label: str
-    shape: str           # "unary", "batch", "batch as unary"
+    shape: str  # "unary", "batch", "batch as unary"
     operations: list[workload.Operation]
     warmup: list[workload.Operation]
     batch_size: int = 1
@@ -288,12 +318,21 @@ def pipeline_totals(metrics_url: str) -> tuple[float, float]:
             name, _, value = line.partition(" ")
             if name in ("points_pipeline_commit_seconds_count", "points_pipeline_commit_seconds_sum"):
                 values[name] = float(value)
-    return (values.get("points_pipeline_commit_seconds_count", 0.0),
-            values.get("points_pipeline_commit_seconds_sum", 0.0))
+    return (
+        values.get("points_pipeline_commit_seconds_count", 0.0),
+        values.get("points_pipeline_commit_seconds_sum", 0.0),
+    )
 
 
-async def run_once(workload_: Workload, client: Client, server: Endpoint, postgres: Postgres,
-                   operations: list[workload.Operation], key_prefix: str, args) -> Run:
+async def run_once(
+    workload_: Workload,
+    client: Client,
+    server: Endpoint,
+    postgres: Postgres,
+    operations: list[workload.Operation],
+    key_prefix: str,
+    args,
+) -> Run:
     """One pass of the operations through the server, timed, with the CPU each process used."""
     # requests are built before the clock starts: building them is not the server's work
     if workload_.shape == "unary":
@@ -302,7 +341,7 @@ async def run_once(workload_: Workload, client: Client, server: Endpoint, postgr
         requests = batch_requests(operations, key_prefix, workload_.batch_size)
     else:
         unary = unary_requests(operations, key_prefix)
-        requests = [unary[i:i + workload_.batch_size] for i in range(0, len(unary), workload_.batch_size)]
+        requests = [unary[i : i + workload_.batch_size] for i in range(0, len(unary), workload_.batch_size)]
     commits_before, commit_seconds_before = pipeline_totals(server.metrics_url)
     server_pid = server.pid
     server_before = harness.cpu_seconds(server_pid)
@@ -323,8 +362,17 @@ async def run_once(workload_: Workload, client: Client, server: Endpoint, postgr
         after = postgres.cpu_seconds()
         postgres_cpu = sum(value - postgres_before.get(pid, 0.0) for pid, value in after.items())
     commits, commit_seconds = pipeline_totals(server.metrics_url)
-    return Run(len(operations), seconds, latencies, failures, server_cpu, postgres_cpu, client_cpu,
-               commits - commits_before, commit_seconds - commit_seconds_before)
+    return Run(
+        len(operations),
+        seconds,
+        latencies,
+        failures,
+        server_cpu,
+        postgres_cpu,
+        client_cpu,
+        commits - commits_before,
+        commit_seconds - commit_seconds_before,
+    )
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -337,7 +385,7 @@ class Figures:
     operations_per_second: float
     p50_ms: float
     p99_ms: float
-    server_cpu: float      # fraction of one core
+    server_cpu: float  # fraction of one core
     server_us_per_operation: float
     postgres_cpu: float | None
     client_cpu: float
@@ -355,10 +403,12 @@ def figures(runs: list[Run]) -> Figures:
         server_us_per_operation=median(r.server_cpu_seconds / r.operations for r in runs) * 1e6,
         postgres_cpu=median(postgres) if postgres else None,
         client_cpu=median(r.client_cpu_seconds / r.seconds for r in runs),
-        not_applied=sum(sum(r.not_applied.values()) for r in runs))
+        not_applied=sum(sum(r.not_applied.values()) for r in runs),
+    )
 
 
 # --- the bench --------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
@@ -377,11 +427,21 @@ async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postg
             print(f"  warmed up: {w.server} {w.label}", flush=True)
         for round_number in range(1, args.rounds + 1):
             for number, w in enumerate(workloads):
-                run = await run_once(w, clients[w.server], servers[w.server], postgres, w.operations,
-                                     f"b{run_id}-{round_number}-{number}-", args)
+                run = await run_once(
+                    w,
+                    clients[w.server],
+                    servers[w.server],
+                    postgres,
+                    w.operations,
+                    f"b{run_id}-{round_number}-{number}-",
+                    args,
+                )
                 w.runs.append(run)
-                print(f"  round {round_number}/{args.rounds}: {w.server:<7} {w.label:<34} "
-                      f"{run.operations / run.seconds:>9,.0f} ops/s", flush=True)
+                print(
+                    f"  round {round_number}/{args.rounds}: {w.server:<7} {w.label:<34} "
+                    f"{run.operations / run.seconds:>9,.0f} ops/s",
+                    flush=True,
+                )
         # unary latency at half of the maximum the rounds measured (the issue's p99 target is set there)
         service_unary = next((w for w in workloads if w.server == "service" and w.shape == "unary"), None)
         if service_unary is not None and service_unary.runs:
@@ -390,10 +450,17 @@ async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postg
             began = time.perf_counter()
             latencies, failures = await clients["service"].paced(requests, rate)
             seconds = time.perf_counter() - began
-            args.half_load = (rate, len(requests) / seconds, _percentile(latencies, 0.5),
-                              _percentile(latencies, 0.99), sum(failures.values()))
-            print(f"  service unary paced at {rate:,.0f} ops/s (half the maximum): p99 "
-                  f"{args.half_load[3] * 1000:.1f} ms", flush=True)
+            args.half_load = (
+                rate,
+                len(requests) / seconds,
+                _percentile(latencies, 0.5),
+                _percentile(latencies, 0.99),
+                sum(failures.values()),
+            )
+            print(
+                f"  service unary paced at {rate:,.0f} ops/s (half the maximum): p99 {args.half_load[3] * 1000:.1f} ms",
+                flush=True,
+            )
     finally:
         for client in clients.values():
             await client.close()
@@ -406,68 +473,102 @@ def _cpu(value: float | None) -> str:
 def report(workloads: list[Workload], args, postgres: Postgres, network: workload.Network, seconds: float) -> None:
     by_name = {(w.server, w.shape, w.batch_size): figures(w.runs) for w in workloads}
     print()
-    print(f"points bench: {args.operations:,} operations per round for unary rows and naive, "
-          f"{args.batch_operations:,} for SubmitBatch rows ({100 - round(args.redeem_share * 100)}% earn, "
-          f"{round(args.redeem_share * 100)}% redeem, seed {args.seed}); median of {args.rounds} rounds after a "
-          f"warm-up of a fifth; {os.cpu_count()} CPUs; {postgres.description}")
+    print(
+        f"points bench: {args.operations:,} operations per round for unary rows and naive, "
+        f"{args.batch_operations:,} for SubmitBatch rows ({100 - round(args.redeem_share * 100)}% earn, "
+        f"{round(args.redeem_share * 100)}% redeem, seed {args.seed}); median of {args.rounds} rounds after a "
+        f"warm-up of a fifth; {os.cpu_count()} CPUs; {postgres.description}"
+    )
     top = workload.Zipf(network.members, network.member_exponent).share_of_top(1)
-    print(f"network: {network.merchants} merchants ({network.hot_merchants} hot with "
-          f"{network.hot_merchant_share:.0%} of operations), {network.members:,} members (Zipf "
-          f"{network.member_exponent:g}: the busiest member makes {top:.1%} of operations); "
-          f"naive pool {args.naive_pool_connections} connections; total {seconds:.0f} s")
-    header = (f"{'server':<8} {'workload':<34} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10} "
-              f"{'µs/op':>7} {'Postgres CPU':>12} {'client CPU':>10} {'not applied':>11}")
+    print(
+        f"network: {network.merchants} merchants ({network.hot_merchants} hot with "
+        f"{network.hot_merchant_share:.0%} of operations), {network.members:,} members (Zipf "
+        f"{network.member_exponent:g}: the busiest member makes {top:.1%} of operations); "
+        f"naive pool {args.naive_pool_connections} connections; total {seconds:.0f} s"
+    )
+    header = (
+        f"{'server':<8} {'workload':<34} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10} "
+        f"{'µs/op':>7} {'Postgres CPU':>12} {'client CPU':>10} {'not applied':>11}"
+    )
     print(header)
     print("-" * len(header))
     for w in workloads:
         f = by_name[(w.server, w.shape, w.batch_size)]
-        print(f"{w.server:<8} {w.label:<34} {f.operations_per_second:>9,.0f} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} "
-              f"{_cpu(f.server_cpu):>10} {f.server_us_per_operation:>7.0f} {_cpu(f.postgres_cpu):>12} "
-              f"{_cpu(f.client_cpu):>10} {f.not_applied:>11,}")
-    print("(latency per call; for batch rows, per batch. µs/op: server CPU time per operation. "
-          "not applied: operations not APPLIED, over all rounds)")
+        print(
+            f"{w.server:<8} {w.label:<34} {f.operations_per_second:>9,.0f} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} "
+            f"{_cpu(f.server_cpu):>10} {f.server_us_per_operation:>7.0f} {_cpu(f.postgres_cpu):>12} "
+            f"{_cpu(f.client_cpu):>10} {f.not_applied:>11,}"
+        )
+    print(
+        "(latency per call; for batch rows, per batch. µs/op: server CPU time per operation. "
+        "not applied: operations not APPLIED, over all rounds)"
+    )
     for w in workloads:
         reasons = sum((r.not_applied for r in w.runs), collections.Counter())
         if reasons:
-            print(f"  not applied, {w.server} {w.label}: "
-                  + ", ".join(f"{count:,} {reason}" for reason, count in reasons.most_common()))
+            print(
+                f"  not applied, {w.server} {w.label}: "
+                + ", ".join(f"{count:,} {reason}" for reason, count in reasons.most_common())
+            )
     print()
-    print("service pipeline (its /metrics):  Postgres transactions/s, operations per transaction, mean time "
-          "to write and commit one, share of the run spent committing")
+    print(
+        "service pipeline (its /metrics):  Postgres transactions/s, operations per transaction, mean time "
+        "to write and commit one, share of the run spent committing"
+    )
     median = statistics.median
     for w in workloads:
         if w.server != "service" or not any(r.commits for r in w.runs):
             continue
         runs = [r for r in w.runs if r.commits]
-        print(f"  {w.label:<34} {median(r.commits / r.seconds for r in runs):>7,.0f}/s "
-              f"{median(r.operations / r.commits for r in runs):>7,.0f} ops "
-              f"{median(r.commit_seconds / r.commits for r in runs) * 1000:>8.1f} ms "
-              f"{median(r.commit_seconds / r.seconds for r in runs):>6.0%}")
+        print(
+            f"  {w.label:<34} {median(r.commits / r.seconds for r in runs):>7,.0f}/s "
+            f"{median(r.operations / r.commits for r in runs):>7,.0f} ops "
+            f"{median(r.commit_seconds / r.commits for r in runs) * 1000:>8.1f} ms "
+            f"{median(r.commit_seconds / r.seconds for r in runs):>6.0%}"
+        )
 
     def rate(server, shape, size=1):
         return by_name[(server, shape, size)].operations_per_second
+
     print()
     print("ratios (operations/s):")
-    print(f"  service / no-op floor:   unary {rate('service', 'unary') / rate('no-op', 'unary'):.2f}x, "
-          + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / rate('no-op', 'batch', size):.2f}x"
-                      for size in BATCH_SIZES))
+    print(
+        f"  service / no-op floor:   unary {rate('service', 'unary') / rate('no-op', 'unary'):.2f}x, "
+        + ", ".join(
+            f"batch {size:,} {rate('service', 'batch', size) / rate('no-op', 'batch', size):.2f}x"
+            for size in BATCH_SIZES
+        )
+    )
     naive_batch = rate("naive", "batch as unary", BATCH_SIZES[0])
-    print(f"  service / naive:         unary {rate('service', 'unary') / rate('naive', 'unary'):.1f}x, "
-          + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / naive_batch:.1f}x" for size in BATCH_SIZES)
-          + f"  (naive batch = its batch-{BATCH_SIZES[0]} workload sent as unary calls)")
+    print(
+        f"  service / naive:         unary {rate('service', 'unary') / rate('naive', 'unary'):.1f}x, "
+        + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / naive_batch:.1f}x" for size in BATCH_SIZES)
+        + f"  (naive batch = its batch-{BATCH_SIZES[0]} workload sent as unary calls)"
+    )
     if getattr(args, "half_load", None):
         offered, achieved, p50, p99, failed = args.half_load
-        print(f"  service unary at half of its maximum (open loop, {offered:,.0f} ops/s offered, {achieved:,.0f} "
-              f"achieved): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, {failed} not applied")
+        print(
+            f"  service unary at half of its maximum (open loop, {offered:,.0f} ops/s offered, {achieved:,.0f} "
+            f"achieved): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, {failed} not applied"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--operations", type=int, default=10_000,
-                   help="operations per round of the unary workloads (and the naive server's batches) [10000]")
-    p.add_argument("--batch-operations", type=int, default=0,
-                   help="operations per round of the SubmitBatch workloads [3 x --operations]")
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--operations",
+        type=int,
+        default=10_000,
+        help="operations per round of the unary workloads (and the naive server's batches) [10000]",
+    )
+    p.add_argument(
+        "--batch-operations",
+        type=int,
+        default=0,
+        help="operations per round of the SubmitBatch workloads [3 x --operations]",
+    )
     p.add_argument("--rounds", type=int, default=5, help="rounds per workload; figures are medians [5]")
     p.add_argument("--concurrency", type=int, default=64, help="unary calls in flight [64]")
     p.add_argument("--batch-concurrency", type=int, default=4, help="SubmitBatch calls in flight [4]")
@@ -479,8 +580,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--member-exponent", type=float, default=1.0, help="Zipf exponent of the member draw [1.0]")
     p.add_argument("--redeem-share", type=float, default=0.25)
     p.add_argument("--naive-pool-connections", type=int, default=16, help="the naive server's asyncpg pool [16]")
-    p.add_argument("--data-dir", default=".points-data/bench",
-                   help="embedded Postgres directory, without DATABASE_URL [.points-data/bench]")
+    p.add_argument(
+        "--data-dir",
+        default=".points-data/bench",
+        help="embedded Postgres directory, without DATABASE_URL [.points-data/bench]",
+    )
     return p
 
 
@@ -490,15 +594,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"error: --operations and --batch-operations must be >= {max(BATCH_SIZES)}, --rounds >= 1")
     args.batch_operations = args.batch_operations or 3 * args.operations
     started = time.monotonic()
-    network = workload.Network(merchants=args.merchants, members=args.members, hot_merchants=args.hot_merchants,
-                               hot_merchant_share=args.hot_merchant_share, member_exponent=args.member_exponent)
+    network = workload.Network(
+        merchants=args.merchants,
+        members=args.members,
+        hot_merchants=args.hot_merchants,
+        hot_merchant_share=args.hot_merchant_share,
+        member_exponent=args.member_exponent,
+    )
     # one list: the unary workload is the first --operations of the batch workload
-    operations = workload.operations(max(args.operations, args.batch_operations), network, args.seed,
-                                     args.redeem_share)
-    warmup = workload.operations(max(args.operations, args.batch_operations) // 5, network, args.seed + 1,
-                                 args.redeem_share)
-    unary_operations, unary_warmup = operations[:args.operations], warmup[:args.operations // 5]
-    batch_operations, batch_warmup = operations[:args.batch_operations], warmup[:args.batch_operations // 5]
+    operations = workload.operations(max(args.operations, args.batch_operations), network, args.seed, args.redeem_share)
+    warmup = workload.operations(
+        max(args.operations, args.batch_operations) // 5, network, args.seed + 1, args.redeem_share
+    )
+    unary_operations, unary_warmup = operations[: args.operations], warmup[: args.operations // 5]
+    batch_operations, batch_warmup = operations[: args.batch_operations], warmup[: args.batch_operations // 5]
 
     logs = pathlib.Path(tempfile.mkdtemp(prefix="points-bench-"))
     data_dir = pathlib.Path(args.data_dir)
@@ -518,24 +627,55 @@ def main(argv: list[str] | None = None) -> int:
         servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
         servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
         servers["naive"] = harness.Server(
-            [sys.executable, "-m", "loadtest.naive_server", "--database-url", naive_url,
-             "--pool-connections-max", str(args.naive_pool_connections),
-             "--seed-merchants", str(args.merchants), "--seed-members", str(args.members)],
-            logs / "naive.log", "naive")
+            [
+                sys.executable,
+                "-m",
+                "loadtest.naive_server",
+                "--database-url",
+                naive_url,
+                "--pool-connections-max",
+                str(args.naive_pool_connections),
+                "--seed-merchants",
+                str(args.merchants),
+                "--seed-members",
+                str(args.members),
+            ],
+            logs / "naive.log",
+            "naive",
+        )
         for name, server in servers.items():
             print(f"{name} SERVING on {server.address} (pid {server.pid})", flush=True)
 
         workloads = []
         for server in ("no-op", "service"):
             workloads.append(Workload(server, f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup))
-            workloads += [Workload(server, f"SubmitBatch {size:,}/call c={args.batch_concurrency}", "batch",
-                                   batch_operations, batch_warmup, size) for size in BATCH_SIZES]
+            workloads += [
+                Workload(
+                    server,
+                    f"SubmitBatch {size:,}/call c={args.batch_concurrency}",
+                    "batch",
+                    batch_operations,
+                    batch_warmup,
+                    size,
+                )
+                for size in BATCH_SIZES
+            ]
         # the naive server's rate does not depend on grouping: it gets the unary workload's size
-        workloads += [Workload("naive", f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup),
-                      Workload("naive", f"batches of {BATCH_SIZES[0]} as unary c={args.concurrency}",
-                               "batch as unary", unary_operations, unary_warmup, BATCH_SIZES[0])]
-        endpoints = {name: Endpoint(server.address, server.pid, key if name == "service" else "", server.metrics_url)
-                     for name, server in servers.items()}
+        workloads += [
+            Workload("naive", f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup),
+            Workload(
+                "naive",
+                f"batches of {BATCH_SIZES[0]} as unary c={args.concurrency}",
+                "batch as unary",
+                unary_operations,
+                unary_warmup,
+                BATCH_SIZES[0],
+            ),
+        ]
+        endpoints = {
+            name: Endpoint(server.address, server.pid, key if name == "service" else "", server.metrics_url)
+            for name, server in servers.items()
+        }
         uvloop.run(measure(workloads, endpoints, postgres, args))
     finally:
         for server in servers.values():

@@ -5,27 +5,48 @@ acquiring and referral around it). Prints earns/s for both and their ratio.
 
     .venv/bin/python loadtest/bench_rules.py postgresql://postgres@127.0.0.1:5432/<an empty database>
 """
-import asyncio, time, sys, json
+
+import asyncio
+import time
+import sys
+import json
+
 sys.path.insert(0, ".")
 from tests.harness import ServiceProcess, add_merchant
 from tests.integration.helpers import unique
 from points.v1 import points_pb2 as pb, points_pb2_grpc
+
 url = sys.argv[1]
 for m in ("shop-a", "shop-b"):
     add_merchant(url, m, 1000)
 
+
 async def add_version():
     from processor.store import Store
+
     store = await Store.open(url, 2)
     config = json.load(open("ops/program.example.json"))
     config.setdefault("promotions", [])
     await store.add_program_version("alliance", None, config, "measure")
     await store.close()
 
+
 def run(stub, label) -> float:
     members = [unique("m") for _ in range(5000)]
-    ops = lambda: [pb.Operation(earn=pb.EarnRequest(merchant_id="shop-a" if i % 2 else "shop-b", member_id=members[i % 5000],
-                   purchase_amount=1_000 + i, idempotency_key=unique("k"))) for i in range(1000)]
+
+    def ops():
+        return [
+            pb.Operation(
+                earn=pb.EarnRequest(
+                    merchant_id="shop-a" if i % 2 else "shop-b",
+                    member_id=members[i % 5000],
+                    purchase_amount=1_000 + i,
+                    idempotency_key=unique("k"),
+                )
+            )
+            for i in range(1000)
+        ]
+
     batches = [ops() for _ in range(20)]
     started = time.perf_counter()
     for b in batches:
@@ -34,6 +55,7 @@ def run(stub, label) -> float:
     took = time.perf_counter() - started
     print(f"{label}: {20_000 / took:,.0f} earns/s (20 x SubmitBatch of 1,000, one client)")
     return 20_000 / took
+
 
 s = ServiceProcess(url).start()
 try:

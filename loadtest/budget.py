@@ -28,6 +28,7 @@ Prints medians of the rounds and the spread (min..max) beside them. A measuremen
 asserts nothing about time. On a 2-core machine the client shares the cores with the service and
 Postgres; its CPU column says how much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,6 @@ import time
 import urllib.request
 
 import asyncpg
-import grpc
 import uvloop
 
 from loadtest import harness, workload
@@ -66,28 +66,65 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("JSON idempotency records", ("to_json (", "json/encoder.py", "json/__init__.py", "json/decoder.py")),
     ("idempotency look-up (stored_outcomes)", ("stored_outcomes (",)),
     ("prefetch (holds, earn records)", ("_prefetch (",)),
-    ("asyncpg: encode + COPY/execute (write_batch)", ("write_batch (", "_as_writer (", "_write (",
-                                                      "_check_writer_lock (")),
+    (
+        "asyncpg: encode + COPY/execute (write_batch)",
+        ("write_batch (", "_as_writer (", "_write (", "_check_writer_lock ("),
+    ),
     ("balance checkpoint", ("_write_checkpoint (", "_committed (", "_maybe_checkpoint (")),
     ("fastpath kernel (C)", ("fastpath/_core", "_core.cpython", "__pyx_pw_8fastpath", "__pyx_f_8fastpath")),
     ("program rules in Python (rules.py, program.py)", ("processor/rules.py", "processor/program.py")),
-    ("BatchWrite rows (entries, transactions, records)", ("_applied (", "_earn_entries (", "_post (", "_credit (",
-                                                          "_check_balanced (", "_earned (", "_fee (",
-                                                          "_move_member (")),
-    ("apply loop in Python (pipeline._apply_*)", ("_apply_batch (", "_apply_with_rules (", "_apply_capped (",
-                                                  "_kernel_one (", "_prepare (", "_expire_lots (")),
-    ("response building (results, SubmitBatchResponse)", ("_to_result (", "_response (", "_operation_outcome (",
-                                                          "timestamp (", "@respond")),
-    ("pipeline queueing / futures / answers", ("enqueue (", "_enqueue (", "_resolve (", "all_done (",
-                                               "one_done (", "_signal_finished (", "_finish (", "_run (",
-                                               "processor/pipeline.py")),
-    ("servicer validation + Operation objects", ("processor/servicer.py", "processor/domain.py",
-                                                 "processor/kinds.py", "processor/quotas.py",
-                                                 "processor/velocity.py", "processor/presence.py")),
+    (
+        "BatchWrite rows (entries, transactions, records)",
+        (
+            "_applied (",
+            "_earn_entries (",
+            "_post (",
+            "_credit (",
+            "_check_balanced (",
+            "_earned (",
+            "_fee (",
+            "_move_member (",
+        ),
+    ),
+    (
+        "apply loop in Python (pipeline._apply_*)",
+        ("_apply_batch (", "_apply_with_rules (", "_apply_capped (", "_kernel_one (", "_prepare (", "_expire_lots ("),
+    ),
+    (
+        "response building (results, SubmitBatchResponse)",
+        ("_to_result (", "_response (", "_operation_outcome (", "timestamp (", "@respond"),
+    ),
+    (
+        "pipeline queueing / futures / answers",
+        (
+            "enqueue (",
+            "_enqueue (",
+            "_resolve (",
+            "all_done (",
+            "one_done (",
+            "_signal_finished (",
+            "_finish (",
+            "_run (",
+            "processor/pipeline.py",
+        ),
+    ),
+    (
+        "servicer validation + Operation objects",
+        (
+            "processor/servicer.py",
+            "processor/domain.py",
+            "processor/kinds.py",
+            "processor/quotas.py",
+            "processor/velocity.py",
+            "processor/presence.py",
+        ),
+    ),
     ("RPC interceptor + auth", ("processor/rpc.py", "processor/auth.py", "processor/audit.py")),
     ("protobuf decode/encode (upb)", ("upb_", "_upb", "PyUpb", "message.so", "_message.", "google/protobuf")),
-    ("grpc core + event loop (C: cygrpc, uvloop, asyncio)", ("cygrpc", "grpc_", "grpc/", "uvloop", "asyncio/",
-                                                              "libgrpc", "epoll")),
+    (
+        "grpc core + event loop (C: cygrpc, uvloop, asyncio)",
+        ("cygrpc", "grpc_", "grpc/", "uvloop", "asyncio/", "libgrpc", "epoll"),
+    ),
     ("asyncpg protocol (reads, pool)", ("asyncpg",)),  # replies parsed from the event loop, pool
 ]
 OTHER = "other (interpreter, GC, libc, unattributed)"
@@ -95,13 +132,24 @@ OTHER = "other (interpreter, GC, libc, unattributed)"
 
 # --- profile ----------------------------------------------------------------------------------------
 
+
 class Profile:
     """py-spy recording one process, raw (collapsed) stacks, until stop()."""
 
     def __init__(self, pid: int, directory: pathlib.Path, name: str, native: bool, rate: int):
         self.path = directory / f"{name}.txt"
-        command = [_py_spy(), "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
-                   "--output", str(self.path)]
+        command = [
+            _py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "--rate",
+            str(rate),
+            "--output",
+            str(self.path),
+        ]
         if native:
             command.append("--native")
         self._log = open(directory / f"{name}.log", "wb")  # noqa: SIM115 (closed by stop)
@@ -159,9 +207,22 @@ def classify(path: pathlib.Path) -> dict[str, int]:
 
 # A thread blocked in one of these is waiting, not working (py-spy's --native samples keep some idle
 # threads: grpc's pollers, the default executor's workers).
-_WAITS = ("epoll_wait", "epoll_pwait", "poll (libc", "select_poll_poll_impl", "PyThread_acquire_lock_timed",
-          "pthread_cond_timedwait", "pthread_cond_wait", "sem_wait", "sem_timedwait", "futex", "nanosleep",
-          "clock_nanosleep", "accept (libc", "select (libc")
+_WAITS = (
+    "epoll_wait",
+    "epoll_pwait",
+    "poll (libc",
+    "select_poll_poll_impl",
+    "PyThread_acquire_lock_timed",
+    "pthread_cond_timedwait",
+    "pthread_cond_wait",
+    "sem_wait",
+    "sem_timedwait",
+    "futex",
+    "nanosleep",
+    "clock_nanosleep",
+    "accept (libc",
+    "select (libc",
+)
 
 
 def _idle(frames: list[str]) -> bool:
@@ -215,6 +276,7 @@ def machine_busy_seconds() -> float:
 
 # --- rounds -----------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Pass:
     operations: int
@@ -222,7 +284,7 @@ class Pass:
     service_cpu: float
     postgres_cpu: float
     client_cpu: float
-    machine_cpu: float   # every process on the machine (other users' work included)
+    machine_cpu: float  # every process on the machine (other users' work included)
     metrics: dict[str, float]
     not_applied: int
 
@@ -241,8 +303,9 @@ class Bench:
 
     def requests(self, batches: int, label: str) -> list[pb.SubmitBatchRequest]:
         batches = self.args.program_batches if self.program else batches
-        operations = workload.operations(batches * BATCH_SIZE, self.network, self.args.seed + self.used,
-                                         redeem_share=self.args.redeem_share)
+        operations = workload.operations(
+            batches * BATCH_SIZE, self.network, self.args.seed + self.used, redeem_share=self.args.redeem_share
+        )
         self.used += 1
         self.earns.update(op.member_id for op in operations if op.kind == "earn")
         self.last_requests = batch_requests(operations, f"budget-{os.getpid()}-{label}-{self.used}-", BATCH_SIZE)
@@ -266,8 +329,9 @@ class Bench:
         after = scrape(self.service.metrics_url)
         samples = profile.stop() if profile is not None else {}
         delta = {name: after[name] - before.get(name, 0.0) for name in after}
-        refused = sum(n for reason, n in failures.items() if "FAILED_PRECONDITION" not in reason
-                      and "INSUFFICIENT" not in reason)
+        refused = sum(
+            n for reason, n in failures.items() if "FAILED_PRECONDITION" not in reason and "INSUFFICIENT" not in reason
+        )
         return Pass(len(requests) * BATCH_SIZE, seconds, service, postgres, client, machine, delta, refused), samples
 
 
@@ -288,27 +352,51 @@ def report(phase: str, passes: list[Pass], profiles: list[dict[str, int]]) -> di
     service = [per_op(p, p.service_cpu) for p in passes]
     postgres = [per_op(p, p.postgres_cpu) for p in passes]
     client = [per_op(p, p.client_cpu) for p in passes]
-    print(f"\n== {phase}: {len(passes)} rounds of {passes[0].operations:,} operations "
-          f"(SubmitBatch of {BATCH_SIZE:,}, {int(100 * (1 - args_global.redeem_share))}% earn) ==")
+    print(
+        f"\n== {phase}: {len(passes)} rounds of {passes[0].operations:,} operations "
+        f"(SubmitBatch of {BATCH_SIZE:,}, {int(100 * (1 - args_global.redeem_share))}% earn) =="
+    )
     print(f"operations/s (acknowledged)        {_median(rates):>10,.0f}   [{_spread(rates, digits=0)}]")
     print(f"CPU µs/op  service                 {_median(service):>10.1f}   [{_spread(service)}]")
     print(f"CPU µs/op  Postgres (all backends) {_median(postgres):>10.1f}   [{_spread(postgres)}]")
     print(f"CPU µs/op  client (this process)   {_median(client):>10.1f}   [{_spread(client)}]")
-    busy = [(p.service_cpu / p.seconds, p.postgres_cpu / p.seconds, p.client_cpu / p.seconds,
-             (p.machine_cpu - p.service_cpu - p.postgres_cpu - p.client_cpu) / p.seconds) for p in passes]
-    print("cores busy (of {}): service {:.2f}, Postgres {:.2f}, client {:.2f}, anything else on the machine {:.2f}"
-          .format(os.cpu_count(), *(statistics.median(b[i] for b in busy) for i in range(4))))
+    busy = [
+        (
+            p.service_cpu / p.seconds,
+            p.postgres_cpu / p.seconds,
+            p.client_cpu / p.seconds,
+            (p.machine_cpu - p.service_cpu - p.postgres_cpu - p.client_cpu) / p.seconds,
+        )
+        for p in passes
+    ]
+    print(
+        "cores busy (of {}): service {:.2f}, Postgres {:.2f}, client {:.2f}, anything else on the machine {:.2f}".format(
+            os.cpu_count(), *(statistics.median(b[i] for b in busy) for i in range(4))
+        )
+    )
     figures_busy = [statistics.median(b[i] for b in busy) for i in range(4)]
     not_applied = sum(p.not_applied for p in passes)
     if not_applied:
         print(f"!! {not_applied} operations were answered neither APPLIED nor a business refusal")
 
-    figures: dict = {"ops_per_second": _median(rates), "service": _median(service),
-                     "postgres": _median(postgres), "client": _median(client), "steps": {}, "commit": {},
-                     "busy": figures_busy}
+    figures: dict = {
+        "ops_per_second": _median(rates),
+        "service": _median(service),
+        "postgres": _median(postgres),
+        "client": _median(client),
+        "steps": {},
+        "commit": {},
+        "busy": figures_busy,
+    }
     # the batch's transaction, from the service's own histograms (wall time, per batch and per op)
-    steps = sorted({name[len("points_pipeline_commit_step_seconds_sum["):-1]
-                    for p in passes for name in p.metrics if name.startswith("points_pipeline_commit_step_seconds_sum[")})
+    steps = sorted(
+        {
+            name[len("points_pipeline_commit_step_seconds_sum[") : -1]
+            for p in passes
+            for name in p.metrics
+            if name.startswith("points_pipeline_commit_step_seconds_sum[")
+        }
+    )
     print("\nPostgres transaction of a batch (points_pipeline_commit_step_seconds; wall time, median of rounds):")
     print(f"  {'step':<18}{'ms/batch':>10}{'µs/op':>9}")
     for step in steps:
@@ -322,18 +410,23 @@ def report(phase: str, passes: list[Pass], profiles: list[dict[str, int]]) -> di
         if per_batch:
             figures["commit"][step] = _median(per_operation)
             print(f"  {step:<18}{_median(per_batch):>10.2f}{_median(per_operation):>9.1f}")
-    for name, label in (("points_pipeline_commit_seconds", "whole write (commit_seconds)"),
-                        ("points_pipeline_queue_wait_seconds", "queue wait per operation"),
-                        ("points_pipeline_batch_operations", "operations per batch")):
-        means = [p.metrics[f"{name}_sum"] / p.metrics[f"{name}_count"] for p in passes
-                 if p.metrics.get(f"{name}_count")]
+    for name, label in (
+        ("points_pipeline_commit_seconds", "whole write (commit_seconds)"),
+        ("points_pipeline_queue_wait_seconds", "queue wait per operation"),
+        ("points_pipeline_batch_operations", "operations per batch"),
+    ):
+        means = [
+            p.metrics[f"{name}_sum"] / p.metrics[f"{name}_count"] for p in passes if p.metrics.get(f"{name}_count")
+        ]
         if means:
             scale, unit = (1.0, "") if name.endswith("operations") else (1e3, " ms")
             print(f"  {label:<34}{_median(means) * scale:>10.1f}{unit}")
 
     if profiles:
-        print(f"\nService CPU by step (py-spy, {sum(sum(p.values()) for p in profiles):,} samples over "
-              f"{len(profiles)} profiled passes; µs/op = share × measured service CPU/op):")
+        print(
+            f"\nService CPU by step (py-spy, {sum(sum(p.values()) for p in profiles):,} samples over "
+            f"{len(profiles)} profiled passes; µs/op = share × measured service CPU/op):"
+        )
         print(f"  {'step':<56}{'share':>7}{'µs/op':>8}  [spread of rounds]")
         names = [s for s, _ in STEPS] + [OTHER]
         service_median = _median(service)
@@ -343,13 +436,16 @@ def report(phase: str, passes: list[Pass], profiles: list[dict[str, int]]) -> di
             if max(shares) == 0:
                 continue
             figures["steps"][step] = (share, share * service_median)
-            print(f"  {step:<56}{share:>6.1%}{share * service_median:>8.1f}  "
-                  f"[{_spread([s * service_median for s in shares])}]")
+            print(
+                f"  {step:<56}{share:>6.1%}{share * service_median:>8.1f}  "
+                f"[{_spread([s * service_median for s in shares])}]"
+            )
     return figures
 
 
 async def add_program(url: str) -> None:
     from processor.store import Store
+
     store = await Store.open(url, 2)
     try:
         config = json.loads((ROOT / "ops" / "program.example.json").read_text())
@@ -381,18 +477,28 @@ async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
             for number in range(args.rounds):
                 measured, _ = await bench.one_pass("m")
                 passes.append(measured)
-                print(f"  {phase} round {number + 1}: {measured.operations / measured.seconds:,.0f} ops/s, service "
-                      f"{measured.service_cpu / measured.operations * 1e6:.0f} µs of CPU/op", flush=True)
+                print(
+                    f"  {phase} round {number + 1}: {measured.operations / measured.seconds:,.0f} ops/s, service "
+                    f"{measured.service_cpu / measured.operations * 1e6:.0f} µs of CPU/op",
+                    flush=True,
+                )
                 if not args.no_profile:
-                    profile = Profile(service.pid, work, f"{'program' if phase.startswith('program') else 'plain'}"
-                                      f"-{number + 1}", native=not args.python_only, rate=args.rate)
+                    profile = Profile(
+                        service.pid,
+                        work,
+                        f"{'program' if phase.startswith('program') else 'plain'}-{number + 1}",
+                        native=not args.python_only,
+                        rate=args.rate,
+                    )
                     _, samples = await bench.one_pass("p", profile)
                     profiles.append(samples)
             results[phase] = report(phase, passes, profiles)
             if phase.startswith("program"):
                 top = bench.earns.most_common(1)[0][1] if bench.earns else 0
-                print(f"earns under the program by its busiest member (each adds an expiry lot): {top:,}; "
-                      f"members with ≥ 100 such earns: {sum(1 for n in bench.earns.values() if n >= 100):,}")
+                print(
+                    f"earns under the program by its busiest member (each adds an expiry lot): {top:,}; "
+                    f"members with ≥ 100 such earns: {sum(1 for n in bench.earns.values() if n >= 100):,}"
+                )
             bench.earns.clear()
         summary(results)
         await bench.client.close()
@@ -408,8 +514,11 @@ async def idempotency_lookup(url: str, postgres: Postgres, request: pb.SubmitBat
     while the service is idle: 1,000 keys that are all stored (a retried batch) and 1,000 that are not
     (every new batch)."""
     from processor.store import Store
-    stored = [(getattr(o, o.WhichOneof("operation")).merchant_id, getattr(o, o.WhichOneof("operation")).idempotency_key)
-              for o in request.operations]
+
+    stored = [
+        (getattr(o, o.WhichOneof("operation")).merchant_id, getattr(o, o.WhichOneof("operation")).idempotency_key)
+        for o in request.operations
+    ]
     new = [(merchant, key + "-never-sent") for merchant, key in stored]
     store = await Store.open(url, 2)
     try:
@@ -421,8 +530,10 @@ async def idempotency_lookup(url: str, postgres: Postgres, request: pb.SubmitBat
                 found = await store.stored_outcomes(keys)
                 walls.append((time.perf_counter() - began) * 1e3)
             cpu = _cpu_since(postgres, cpu_before) / calls * 1e3  # /proc counts 10 ms ticks: a mean, not a median
-            print(f"  {label:<30} {len(found):>5} found: {_median(walls):.2f} ms a batch wall "
-                  f"[{_spread(walls, digits=2)}], Postgres CPU {cpu:.1f} ms a batch (mean of {calls})")
+            print(
+                f"  {label:<30} {len(found):>5} found: {_median(walls):.2f} ms a batch wall "
+                f"[{_spread(walls, digits=2)}], Postgres CPU {cpu:.1f} ms a batch (mean of {calls})"
+            )
     finally:
         await store.close()
 
@@ -436,20 +547,27 @@ def summary(results: dict) -> None:
         without = plain["steps"].get(step, (0.0, 0.0))
         if with_program[1] or without[1]:
             print(f"  {step:<56}{with_program[1]:>9.1f}{without[1]:>8.1f}{with_program[0]:>6.0%}")
-    for label, key in (("service CPU total", "service"), ("Postgres CPU total", "postgres"),
-                       ("client CPU total", "client")):
+    for label, key in (
+        ("service CPU total", "service"),
+        ("Postgres CPU total", "postgres"),
+        ("client CPU total", "client"),
+    ):
         print(f"  {label:<56}{program[key]:>9.1f}{plain[key]:>8.1f}")
     print(f"  {'operations/s':<56}{program['ops_per_second']:>9,.0f}{plain['ops_per_second']:>8,.0f}")
-    print(f"  the program costs {plain['ops_per_second'] / program['ops_per_second']:.2f}x in throughput, "
-          f"{program['service'] / plain['service']:.2f}x in service CPU per operation")
+    print(
+        f"  the program costs {plain['ops_per_second'] / program['ops_per_second']:.2f}x in throughput, "
+        f"{program['service'] / plain['service']:.2f}x in service CPU per operation"
+    )
 
 
 # --- floors -----------------------------------------------------------------------------------------
+
 
 def decode_floor(repeats: int) -> list[float]:
     """µs per operation to decode a SubmitBatch of 1,000, pull its fields into arrays, and build and
     serialize 1,000 results; `repeats` timings (each the best of 5 runs of 20 batches)."""
     import array
+
     network = workload.Network()
     operations = workload.operations(BATCH_SIZE, network, 7, redeem_share=0.3)
     wire = batch_requests(operations, "floor-key-", BATCH_SIZE)[0].SerializeToString()
@@ -510,9 +628,11 @@ async def append_floor(postgres: Postgres, seconds: float, repeats: int):
         try:
             await connection.execute("CREATE TABLE batch_log (batch_id bigint PRIMARY KEY, body bytea NOT NULL)")
             await connection.execute("ALTER TABLE batch_log ALTER COLUMN body SET STORAGE EXTERNAL")
-            print(f"append floor: synchronous_commit {await connection.fetchval('SHOW synchronous_commit')}, "
-                  f"fsync {await connection.fetchval('SHOW fsync')}, "
-                  f"wal_sync_method {await connection.fetchval('SHOW wal_sync_method')}")
+            print(
+                f"append floor: synchronous_commit {await connection.fetchval('SHOW synchronous_commit')}, "
+                f"fsync {await connection.fetchval('SHOW fsync')}, "
+                f"wal_sync_method {await connection.fetchval('SHOW wal_sync_method')}"
+            )
             body = os.urandom(64 * BATCH_SIZE)
             insert = await connection.prepare("INSERT INTO batch_log VALUES ($1, $2)")
             batch_id = 0
@@ -529,13 +649,16 @@ async def append_floor(postgres: Postgres, seconds: float, repeats: int):
                                           member_slot int, merchant_slot int, amount bigint, key_fingerprint bigint)""")
             await connection.execute("CREATE INDEX ON projected (member_slot, transaction_id)")
             import random
+
             rng = random.Random(14)
             next_id = 0
             for _ in range(repeats):
                 count, began, cpu_before = 0, time.perf_counter(), postgres.cpu_seconds()
                 while time.perf_counter() - began < seconds:
-                    rows = [(next_id + i, i % 2, rng.randrange(members), rng.randrange(200), 1_000 + i,
-                             rng.getrandbits(63)) for i in range(BATCH_SIZE)]
+                    rows = [
+                        (next_id + i, i % 2, rng.randrange(members), rng.randrange(200), 1_000 + i, rng.getrandbits(63))
+                        for i in range(BATCH_SIZE)
+                    ]
                     next_id += BATCH_SIZE
                     async with connection.transaction():
                         await connection.copy_records_to_table("projected", records=rows)
@@ -557,6 +680,7 @@ def lots_cost(lot_counts: tuple[int, ...] = (1, 10, 100, 1_000, 10_000)) -> dict
     """µs of one rules.consume() (what a redeem under the program calls for the member) against how many
     expiry lots the member holds: each earn under the program adds a lot."""
     from processor import rules
+
     now_us = 1_700_000_000_000_000
     result = {}
     for count in lot_counts:
@@ -574,15 +698,21 @@ async def floors(args, postgres: Postgres) -> None:
     print("\n== program lots: rules.consume() for one member, by the lots it holds (this process) ==")
     print("  " + ", ".join(f"{count:,} lots: {micros:,.1f} µs" for count, micros in cost.items()))
     decode = decode_floor(args.rounds)
-    print(f"\n== floors ==\ndecode SubmitBatch of 1,000 + fields into arrays + 1,000 results serialized: "
-          f"{_median(decode):.2f} µs/op [{_spread(decode, digits=2)}] (this process, one core)")
+    print(
+        f"\n== floors ==\ndecode SubmitBatch of 1,000 + fields into arrays + 1,000 results serialized: "
+        f"{_median(decode):.2f} µs/op [{_spread(decode, digits=2)}] (this process, one core)"
+    )
     rates, cpu, projection_rates, projection_cpu = await append_floor(postgres, args.append_seconds, args.rounds)
-    print(f"one 64 KB row per batch, synchronous commit, one connection: {_median(rates):,.0f} batches/s "
-          f"[{_spread(rates, digits=0)}] = {_median(rates) * BATCH_SIZE:,.0f} operations/s at 1,000 a batch; "
-          f"Postgres CPU {_median(cpu):,.0f} µs a batch [{_spread(cpu, digits=0)}]")
-    print(f"projection, COPY of 1,000 narrow rows a transaction (pk + (member, id) index, table starting "
-          f"empty): {_median(projection_rates):,.0f} rows/s [{_spread(projection_rates, digits=0)}]; Postgres CPU "
-          f"{_median(projection_cpu):.1f} µs a row [{_spread(projection_cpu)}]")
+    print(
+        f"one 64 KB row per batch, synchronous commit, one connection: {_median(rates):,.0f} batches/s "
+        f"[{_spread(rates, digits=0)}] = {_median(rates) * BATCH_SIZE:,.0f} operations/s at 1,000 a batch; "
+        f"Postgres CPU {_median(cpu):,.0f} µs a batch [{_spread(cpu, digits=0)}]"
+    )
+    print(
+        f"projection, COPY of 1,000 narrow rows a transaction (pk + (member, id) index, table starting "
+        f"empty): {_median(projection_rates):,.0f} rows/s [{_spread(projection_rates, digits=0)}]; Postgres CPU "
+        f"{_median(projection_cpu):.1f} µs a row [{_spread(projection_cpu)}]"
+    )
 
 
 args_global: argparse.Namespace
@@ -590,14 +720,19 @@ args_global: argparse.Namespace
 
 def main() -> None:
     global args_global
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--batches", type=int, default=20, help="SubmitBatch calls of 1,000 per pass")
-    parser.add_argument("--program-batches", type=int, default=5,
-                        help="SubmitBatch calls of 1,000 per pass with the program in force (its cost grows "
-                             "with the expiry lots each earn adds, so its passes are kept short)")
+    parser.add_argument(
+        "--program-batches",
+        type=int,
+        default=5,
+        help="SubmitBatch calls of 1,000 per pass with the program in force (its cost grows "
+        "with the expiry lots each earn adds, so its passes are kept short)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=4, help="SubmitBatch calls in flight")
     parser.add_argument("--redeem-share", type=float, default=0.3)
@@ -619,6 +754,7 @@ def main() -> None:
             await measure(args, postgres, work)
         if not args.no_floors:
             await floors(args, postgres)
+
     try:
         uvloop.run(run())
     finally:

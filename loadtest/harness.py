@@ -1,5 +1,6 @@
 """What run.py and bench.py share: servers started as subprocesses, their CPU time, and the seeded
 network (seeding an empty database, issuing a gateway key)."""
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,14 @@ class Server:
     """A server process that prints "... SERVING on HOST:PORT ..." when ready. Its stderr, and its
     stdout after that line, go to `log_path`."""
 
-    def __init__(self, command: list[str], log_path: pathlib.Path, name: str, ready_seconds_max: float = 120.0,
-                 env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        command: list[str],
+        log_path: pathlib.Path,
+        name: str,
+        ready_seconds_max: float = 120.0,
+        env: dict[str, str] | None = None,
+    ):
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (open for the server's life; closed by stop())
@@ -85,9 +92,11 @@ class Server:
         if not self.address:
             self.process.kill()
             self.process.wait()
-            raise RuntimeError(f"{name} did not start (exit {self.process.returncode}, "
-                               f"{'timed out' if time.monotonic() > deadline else 'ended'}); "
-                               f"its output: {''.join(lines)[-2000:]!r}; its log: {log_path}")
+            raise RuntimeError(
+                f"{name} did not start (exit {self.process.returncode}, "
+                f"{'timed out' if time.monotonic() > deadline else 'ended'}); "
+                f"its output: {''.join(lines)[-2000:]!r}; its log: {log_path}"
+            )
         self._drain = threading.Thread(target=self._copy_stdout, daemon=True)
         self._drain.start()
 
@@ -113,17 +122,45 @@ class Server:
 
 def service_command(database_url: str, *options: str) -> list[str]:
     # the per-merchant rate limit and quotas are on by default; a benchmark measures the service, not them
-    return [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-            "--database-url", database_url, "--merchant-operations-per-second", "0", *options]
+    return [
+        sys.executable,
+        "-m",
+        "processor",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--database-url",
+        database_url,
+        "--merchant-operations-per-second",
+        "0",
+        *options,
+    ]
 
 
 def seed(database_url: str, merchants: int, members: int, log_path: pathlib.Path) -> None:
     """`python -m processor seed` on a database no service writes to (it takes the writer lock)."""
     with open(log_path, "ab") as log:
-        code = subprocess.call([sys.executable, "-m", "processor", "seed", "--merchants", str(merchants),
-                                "--members", str(members), "--points-per-member",
-                                str(workload.SEED_PURCHASE_PER_MEMBER), "--database-url", database_url],
-                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [
+                sys.executable,
+                "-m",
+                "processor",
+                "seed",
+                "--merchants",
+                str(merchants),
+                "--members",
+                str(members),
+                "--points-per-member",
+                str(workload.SEED_PURCHASE_PER_MEMBER),
+                "--database-url",
+                database_url,
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if code != 0:
         raise RuntimeError(f"seeding failed (exit {code}); see {log_path}")
 
@@ -132,13 +169,16 @@ async def seeded_network(database_url: str) -> tuple[int, int]:
     """(merchants, members) of the seeded network in the database (0, 0 if none); applies the
     migrations first, so a new database is ready for `seed`."""
     from processor.store import Store
+
     store = await Store.open(database_url, 2)
     try:
         await store.migrate()
         merchants = await store.pool.fetchval(
-            "SELECT count(*) FROM merchants WHERE merchant_id LIKE $1", workload.MERCHANT_ID_PREFIX + "%")
+            "SELECT count(*) FROM merchants WHERE merchant_id LIKE $1", workload.MERCHANT_ID_PREFIX + "%"
+        )
         members = await store.pool.fetchval(
-            "SELECT count(*) FROM members WHERE member_id LIKE $1", workload.MEMBER_ID_PREFIX + "%")
+            "SELECT count(*) FROM members WHERE member_id LIKE $1", workload.MEMBER_ID_PREFIX + "%"
+        )
         return merchants, members
     finally:
         await store.close()
@@ -148,6 +188,7 @@ async def gateway_key(database_url: str, merchant_ids: list[str], description: s
     """A new gateway key for the merchants (stored as a hash; returned once)."""
     from processor import auth
     from processor.store import Store
+
     store = await Store.open(database_url, 2)
     try:
         key = auth.new_key()

@@ -30,6 +30,7 @@ graceful stop of the service folds it again. The tool holds the service's writer
 service may run), then VACUUM ANALYZEs the tables it wrote (what autovacuum would do) and runs the
 store's reconciliation over the whole ledger, with the time of each step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ async def _prepare_maps(c) -> tuple[int, int]:
         """CREATE TEMP TABLE journal_members AS
            SELECT (row_number() OVER (ORDER BY owner_id))::int AS no, owner_id AS member_id, account_id
            FROM accounts WHERE kind = 'member' AND asset_code = 'POINTS' AND owner_id LIKE $1""",
-        MEMBER_PREFIX + "%")
+        MEMBER_PREFIX + "%",
+    )
     await c.execute("ALTER TABLE journal_members ADD PRIMARY KEY (no)")
     await c.execute(
         """CREATE TEMP TABLE journal_merchants AS
@@ -66,7 +68,9 @@ async def _prepare_maps(c) -> tuple[int, int]:
            JOIN accounts i ON i.kind = 'merchant_issued' AND i.owner_id = m.merchant_id AND i.asset_code = 'POINTS'
            JOIN accounts r ON r.kind = 'merchant_redeemed' AND r.owner_id = m.merchant_id AND r.asset_code = 'POINTS'
            JOIN accounts f ON f.kind = 'merchant_fees' AND f.owner_id = m.merchant_id AND f.asset_code = 'POINTS'
-           WHERE m.merchant_id LIKE $1 AND m.status = 'active'""", MERCHANT_PREFIX + "%")
+           WHERE m.merchant_id LIKE $1 AND m.status = 'active'""",
+        MERCHANT_PREFIX + "%",
+    )
     await c.execute("ALTER TABLE journal_merchants ADD PRIMARY KEY (no)")
     await c.execute("ANALYZE journal_members")
     await c.execute("ANALYZE journal_merchants")
@@ -75,8 +79,9 @@ async def _prepare_maps(c) -> tuple[int, int]:
     return members, merchants
 
 
-async def _append_chunk(c, count: int, members: int, merchants: int, fee_account: int,
-                        idempotency: bool) -> tuple[int, int, dict[str, float]]:
+async def _append_chunk(
+    c, count: int, members: int, merchants: int, fee_account: int, idempotency: bool
+) -> tuple[int, int, dict[str, float]]:
     """Appends `count` transactions in the connection's open transaction and folds them into the
     balances and the checkpoint; returns (first id, last id, seconds per step)."""
     steps: dict[str, float] = {}
@@ -118,7 +123,10 @@ async def _append_chunk(c, count: int, members: int, merchants: int, fee_account
                   a.amount * CASE WHEN redeem THEN fee_redeemed_bps ELSE fee_issued_bps END / 10000 AS fee
            FROM p, LATERAL (SELECT CASE WHEN redeem THEN 1 + floor((earn_points - 1) * share)::bigint
                                         ELSE earned END AS amount) a""",
-        count, members, merchants)
+        count,
+        members,
+        merchants,
+    )
     await c.execute(
         """CREATE TEMP TABLE journal_chunk ON COMMIT DROP AS
            SELECT $1::bigint + d.g - 1 AS transaction_id, CASE WHEN d.redeem THEN 3 ELSE 1 END::smallint AS kind,
@@ -128,14 +136,18 @@ async def _append_chunk(c, count: int, members: int, merchants: int, fee_account
            FROM journal_draw d JOIN journal_members u ON u.no = d.member_no,
                 -- never inside a closed settlement period
                 (SELECT greatest((SELECT max(created_at) FROM transactions),
-                                 (SELECT max(cut_off) FROM settlement_periods)) AS at) t0""", first, count)
+                                 (SELECT max(cut_off) FROM settlement_periods)) AS at) t0""",
+        first,
+        count,
+    )
     step("draw")
     await c.execute(
         """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
                                      purchase_amount, idempotency_key, created_at, fee)
            SELECT transaction_id, kind, merchant_id, member_id, 'POINTS', amount, purchase_amount,
                   'journal-' || transaction_id, created_at, fee
-           FROM journal_chunk ORDER BY transaction_id""")
+           FROM journal_chunk ORDER BY transaction_id"""
+    )
     step("transactions")
     await c.execute(
         """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
@@ -147,7 +159,9 @@ async def _append_chunk(c, count: int, members: int, merchants: int, fee_account
                                 (3, j.fees_account_id, -j.fee),
                                 (4, $1::bigint, j.fee)) x(n, account_id, amount)
            WHERE x.amount <> 0
-           ORDER BY j.transaction_id, x.n""", fee_account)
+           ORDER BY j.transaction_id, x.n""",
+        fee_account,
+    )
     step("entries")
     if idempotency:
         await c.execute(
@@ -167,17 +181,24 @@ async def _append_chunk(c, count: int, members: int, merchants: int, fee_account
                            ELSE jsonb_build_object('transaction_id', transaction_id, 'points', amount,
                                                    'balance', amount, 'available', amount) END,
                       '', created_at
-               FROM journal_chunk ORDER BY merchant_id, 'journal-' || transaction_id""")
+               FROM journal_chunk ORDER BY merchant_id, 'journal-' || transaction_id"""
+        )
         step("idempotency_keys")
     last = first + count - 1
     await c.execute(
         """UPDATE accounts a SET balance = a.balance + d.delta
            FROM (SELECT account_id, sum(amount)::bigint AS delta FROM entries
                  WHERE transaction_id BETWEEN $1 AND $2 GROUP BY account_id) d
-           WHERE a.account_id = d.account_id AND d.delta <> 0""", first, last)
+           WHERE a.account_id = d.account_id AND d.delta <> 0""",
+        first,
+        last,
+    )
     moved = await c.execute(
         """UPDATE balance_checkpoint SET through_transaction_id = $2, written_at = now()
-           WHERE through_transaction_id = $1 - 1""", first, last)
+           WHERE through_transaction_id = $1 - 1""",
+        first,
+        last,
+    )
     if moved != "UPDATE 1":
         raise RuntimeError("the balance checkpoint was not at the newest transaction before the chunk")
     step("balances")
@@ -198,7 +219,11 @@ async def set_tail(c, tail: int) -> tuple[int, int, int]:
                 """UPDATE accounts a SET balance = a.balance + $3 * d.delta
                    FROM (SELECT account_id, sum(amount)::bigint AS delta FROM entries
                          WHERE transaction_id > $1 AND transaction_id <= $2 GROUP BY account_id) d
-                   WHERE a.account_id = d.account_id AND d.delta <> 0""", low, high, sign)
+                   WHERE a.account_id = d.account_id AND d.delta <> 0""",
+                low,
+                high,
+                sign,
+            )
             await c.execute("UPDATE balance_checkpoint SET through_transaction_id = $1, written_at = now()", after)
     return before, after, newest
 
@@ -206,6 +231,7 @@ async def set_tail(c, tail: int) -> tuple[int, int, int]:
 async def place_tail(url: str, tail: int) -> tuple[int, int, int]:
     """set_tail on the database at `url`, under the writer lock (no service may be running)."""
     from processor.store import Store
+
     store = await Store.open(url, 1, command_timeout=COMMAND_TIMEOUT)
     try:
         await store.acquire_writer_lock()
@@ -222,7 +248,8 @@ async def _sizes(c) -> str:
     rows = await c.fetch(
         """SELECT relname, n_live_tup FROM pg_stat_user_tables
            WHERE relname IN ('transactions', 'entries', 'idempotency_keys', 'accounts', 'members')
-           ORDER BY relname""")
+           ORDER BY relname"""
+    )
     size = await c.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
     return ", ".join(f"{r['relname']} ~{r['n_live_tup']:,}" for r in rows) + f"; database {size}"
 
@@ -234,14 +261,22 @@ async def _reconcile(store, settings: list[str]) -> list[str]:
     if settings:
         import asyncpg
         from processor.store import APPLICATION_NAME, Store
+
         server_settings = dict(item.split("=", 1) for item in settings)
         _say(f"reconcile with server settings {server_settings}")
-        pool = await asyncpg.create_pool(store.url, min_size=1, max_size=1, command_timeout=COMMAND_TIMEOUT,
-                                         server_settings={"application_name": APPLICATION_NAME, **server_settings})
+        pool = await asyncpg.create_pool(
+            store.url,
+            min_size=1,
+            max_size=1,
+            command_timeout=COMMAND_TIMEOUT,
+            server_settings={"application_name": APPLICATION_NAME, **server_settings},
+        )
         store = Store(pool, store.url, connect_timeout=COMMAND_TIMEOUT)
     try:
+
         def report(check: str) -> None:
             _say(f"  [{time.monotonic() - began:6.1f} s] checking: {check}")
+
         problems = await store.ledger_discrepancies(report=report)
     finally:
         if settings:
@@ -252,6 +287,7 @@ async def _reconcile(store, settings: list[str]) -> list[str]:
 
 async def run(args: argparse.Namespace) -> int:
     from processor.store import Store
+
     store = await Store.open(args.database_url, 2, command_timeout=COMMAND_TIMEOUT)
     total_began = time.monotonic()
     try:
@@ -264,40 +300,52 @@ async def run(args: argparse.Namespace) -> int:
                     await store.fold_checkpoint(c)  # a service's unfolded tail, if any
                 members, merchants = await _prepare_maps(c) if args.transactions else (0, 0)
                 if args.transactions and (members < 8 or merchants < 1):
-                    _say(f"error: the database has {members} seeded members and {merchants} active seeded "
-                         "merchants; run `python -m processor seed --database-url URL` first")
+                    _say(
+                        f"error: the database has {members} seeded members and {merchants} active seeded "
+                        "merchants; run `python -m processor seed --database-url URL` first"
+                    )
                     return 2
                 fee_account = await c.fetchval(
                     "SELECT account_id FROM accounts WHERE kind = 'operator_fee_revenue' AND owner_id = 'operator' "
-                    "AND asset_code = 'POINTS'")
+                    "AND asset_code = 'POINTS'"
+                )
                 if args.transactions:
-                    _say(f"appending {args.transactions:,} transactions over {members:,} members and {merchants:,} "
-                         f"merchants, {args.chunk:,} per chunk"
-                         f"{'' if args.idempotency else ', without idempotency records'}")
+                    _say(
+                        f"appending {args.transactions:,} transactions over {members:,} members and {merchants:,} "
+                        f"merchants, {args.chunk:,} per chunk"
+                        f"{'' if args.idempotency else ', without idempotency records'}"
+                    )
                 appended, began = 0, time.monotonic()
                 while appended < args.transactions:
                     count = min(args.chunk, args.transactions - appended)
                     chunk_began = time.monotonic()
                     async with c.transaction():
-                        first, last, steps = await _append_chunk(c, count, members, merchants, fee_account,
-                                                                 args.idempotency)
+                        first, last, steps = await _append_chunk(
+                            c, count, members, merchants, fee_account, args.idempotency
+                        )
                     appended += count
                     elapsed = time.monotonic() - began
-                    _say(f"  transactions {first:,}..{last:,}: {time.monotonic() - chunk_began:.1f} s ("
-                         + ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
-                         + f"); {appended:,}/{args.transactions:,} in {elapsed:.0f} s, "
-                           f"{appended / elapsed:,.0f} transactions/s")
+                    _say(
+                        f"  transactions {first:,}..{last:,}: {time.monotonic() - chunk_began:.1f} s ("
+                        + ", ".join(f"{k} {v:.1f}" for k, v in steps.items())
+                        + f"); {appended:,}/{args.transactions:,} in {elapsed:.0f} s, "
+                        f"{appended / elapsed:,.0f} transactions/s"
+                    )
                 append_seconds = time.monotonic() - began
                 if args.transactions:
                     _say(f"appended {appended:,} transactions in {append_seconds:.1f} s")
                 before, after, newest = await set_tail(c, args.tail)
-                _say(f"balance checkpoint through transaction {after:,} of {newest:,} "
-                     f"(tail {newest - after:,} transactions; was {before:,})")
+                _say(
+                    f"balance checkpoint through transaction {after:,} of {newest:,} "
+                    f"(tail {newest - after:,} transactions; was {before:,})"
+                )
                 await c.execute("DROP TABLE IF EXISTS journal_members, journal_merchants")
                 if args.vacuum and args.transactions:
                     began = time.monotonic()
-                    await c.execute("VACUUM (ANALYZE) transactions, entries, accounts, idempotency_keys, "
-                                    "balance_checkpoint, merchants, members")
+                    await c.execute(
+                        "VACUUM (ANALYZE) transactions, entries, accounts, idempotency_keys, "
+                        "balance_checkpoint, merchants, members"
+                    )
                     _say(f"VACUUM ANALYZE took {time.monotonic() - began:.1f} s")
                 _say(await _sizes(c))
         finally:
@@ -305,9 +353,10 @@ async def run(args: argparse.Namespace) -> int:
         if args.reconcile:
             reconcile_began = time.monotonic()
             problems = await _reconcile(store, args.reconcile_setting)
-            _say(f"reconcile took {time.monotonic() - reconcile_began:.1f} s: "
-                 + ("every check holds" if not problems else f"DISCREPANCY: {problems[0]} "
-                                                              f"({len(problems) - 1} more)"))
+            _say(
+                f"reconcile took {time.monotonic() - reconcile_began:.1f} s: "
+                + ("every check holds" if not problems else f"DISCREPANCY: {problems[0]} ({len(problems) - 1} more)")
+            )
             if problems:
                 return 1
         _say(f"done in {time.monotonic() - total_began:.1f} s")
@@ -321,23 +370,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--transactions", type=int, required=True, help="transactions to append (0: none)")
     parser.add_argument("--chunk", type=int, default=1_000_000, help="transactions per Postgres transaction")
-    parser.add_argument("--tail", type=int, default=0,
-                        help="leave the newest N transactions after the balance checkpoint (replayed at start-up)")
-    parser.add_argument("--no-idempotency", dest="idempotency", action="store_false",
-                        help="write no idempotency records")
-    parser.add_argument("--no-vacuum", dest="vacuum", action="store_false",
-                        help="skip VACUUM ANALYZE of the written tables")
-    parser.add_argument("--no-reconcile", dest="reconcile", action="store_false",
-                        help="skip the reconciliation at the end")
-    parser.add_argument("--reconcile-setting", action="append", default=[], metavar="NAME=VALUE",
-                        help="a Postgres setting for the reconcile session (repeatable), e.g. enable_nestloop=off: "
-                             "at 10M journal rows the planner picks a nested loop for the checkpointed-balance "
-                             "check (LIMIT 5 over a misestimated join) that does not finish in hours")
+    parser.add_argument(
+        "--tail",
+        type=int,
+        default=0,
+        help="leave the newest N transactions after the balance checkpoint (replayed at start-up)",
+    )
+    parser.add_argument(
+        "--no-idempotency", dest="idempotency", action="store_false", help="write no idempotency records"
+    )
+    parser.add_argument(
+        "--no-vacuum", dest="vacuum", action="store_false", help="skip VACUUM ANALYZE of the written tables"
+    )
+    parser.add_argument(
+        "--no-reconcile", dest="reconcile", action="store_false", help="skip the reconciliation at the end"
+    )
+    parser.add_argument(
+        "--reconcile-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a Postgres setting for the reconcile session (repeatable), e.g. enable_nestloop=off: "
+        "at 10M journal rows the planner picks a nested loop for the checkpointed-balance "
+        "check (LIMIT 5 over a misestimated join) that does not finish in hours",
+    )
     parser.add_argument("--work-mem", default="256MB", help="work_mem of the loading session")
     args = parser.parse_args(argv)
     if args.transactions < 0 or args.tail < 0 or args.chunk < 10:
         parser.error("--transactions and --tail must be >= 0, --chunk >= 10")
     import logging
+
     logging.basicConfig(level=logging.WARNING)
     return asyncio.run(run(args))
 

@@ -37,6 +37,7 @@ named by kind and outcome, with the response time of the call that carried it), 
 rows give operations per second; operations answered RETRY, INVALID, NOT_FOUND, KEY_REUSED or
 PERMISSION_DENIED are failures.
 """
+
 from __future__ import annotations
 
 # isort: off
@@ -77,10 +78,12 @@ def _setting(name: str, default, kind=str):
 TARGET = _setting("TARGET", "127.0.0.1:50051")
 KEY = _setting("KEY", "")
 NETWORK = workload.Network(
-    merchants=_setting("MERCHANTS", 200, int), members=_setting("MEMBERS", 20_000, int),
+    merchants=_setting("MERCHANTS", 200, int),
+    members=_setting("MEMBERS", 20_000, int),
     hot_merchants=_setting("HOT_MERCHANTS", 3, int),
     hot_merchant_share=_setting("HOT_MERCHANT_SHARE", 0.4, float),
-    member_exponent=_setting("MEMBER_EXPONENT", 1.0, float))
+    member_exponent=_setting("MEMBER_EXPONENT", 1.0, float),
+)
 BATCH_OPERATIONS = _setting("BATCH_OPERATIONS", 100, int)
 WAIT_SECONDS = _setting("WAIT_SECONDS", 0.0, float)
 TIMEOUT_SECONDS = _setting("TIMEOUT_SECONDS", 10.0, float)
@@ -89,9 +92,16 @@ SEED = _setting("SEED", 1, int)
 # Refusals the ledger decides: business outcomes a real alliance sees every day, not failures.
 BUSINESS_CODES = frozenset({grpc.StatusCode.FAILED_PRECONDITION})
 # Batch outcomes that are failures (the service or the test is wrong, or the service sheds load).
-FAILED_OUTCOMES = frozenset({pb.OPERATION_OUTCOME_UNSPECIFIED, pb.OPERATION_OUTCOME_RETRY,
-                             pb.OPERATION_OUTCOME_INVALID, pb.OPERATION_OUTCOME_NOT_FOUND,
-                             pb.OPERATION_OUTCOME_KEY_REUSED, pb.OPERATION_OUTCOME_PERMISSION_DENIED})
+FAILED_OUTCOMES = frozenset(
+    {
+        pb.OPERATION_OUTCOME_UNSPECIFIED,
+        pb.OPERATION_OUTCOME_RETRY,
+        pb.OPERATION_OUTCOME_INVALID,
+        pb.OPERATION_OUTCOME_NOT_FOUND,
+        pb.OPERATION_OUTCOME_KEY_REUSED,
+        pb.OPERATION_OUTCOME_PERMISSION_DENIED,
+    }
+)
 _user_numbers = iter(range(1_000_000_000))
 
 
@@ -119,21 +129,30 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):
             else:
                 exception = error
         self.environment.events.request.fire(
-            request_type="grpc", name=name, response_time=(time.perf_counter() - began) * 1000.0,
-            response_length=response_length, response=None, context=None, exception=exception)
+            request_type="grpc",
+            name=name,
+            response_time=(time.perf_counter() - began) * 1000.0,
+            response_length=response_length,
+            response=None,
+            context=None,
+            exception=exception,
+        )
         return call
 
 
 class PointsUser(User):
     """A gRPC channel of its own through the Locust interceptor, and the network's draws."""
+
     abstract = True
     wait_time = between(0, WAIT_SECONDS) if WAIT_SECONDS > 0 else constant(0)
 
     def __init__(self, environment):
         super().__init__(environment)
         if not KEY:
-            raise SystemExit("set POINTS_LOAD_KEY to an API key (a gateway key listing the merchants used); "
-                             "python -m loadtest.run creates one for you")
+            raise SystemExit(
+                "set POINTS_LOAD_KEY to an API key (a gateway key listing the merchants used); "
+                "python -m loadtest.run creates one for you"
+            )
         self.number = next(_user_numbers)
         self.rng = random.Random(SEED + self.number)
         self.traffic = workload.Traffic(NETWORK, self.rng)
@@ -142,7 +161,8 @@ class PointsUser(User):
         self.keys = 0
         self._channel = grpc.insecure_channel(self.host or TARGET)
         self.stub = points_pb2_grpc.PointsServiceStub(
-            grpc.intercept_channel(self._channel, LocustInterceptor(environment)))
+            grpc.intercept_channel(self._channel, LocustInterceptor(environment))
+        )
 
     def idempotency_key(self) -> str:
         self.keys += 1
@@ -169,24 +189,42 @@ class AllianceUser(PointsUser):
 
     @task(50)
     def earn(self):
-        self.call(self.stub.Earn, pb.EarnRequest(
-            merchant_id=self.traffic.merchant(), member_id=self.traffic.member(),
-            purchase_amount=self.traffic.purchase_amount(), idempotency_key=self.idempotency_key()))
+        self.call(
+            self.stub.Earn,
+            pb.EarnRequest(
+                merchant_id=self.traffic.merchant(),
+                member_id=self.traffic.member(),
+                purchase_amount=self.traffic.purchase_amount(),
+                idempotency_key=self.idempotency_key(),
+            ),
+        )
 
     @task(20)
     def redeem(self):
         merchant = self.traffic.merchant()
-        response = self.call(self.stub.Redeem, pb.RedeemRequest(
-            merchant_id=merchant, member_id=self.traffic.member(), points=self.traffic.points(),
-            idempotency_key=self.idempotency_key()))
+        response = self.call(
+            self.stub.Redeem,
+            pb.RedeemRequest(
+                merchant_id=merchant,
+                member_id=self.traffic.member(),
+                points=self.traffic.points(),
+                idempotency_key=self.idempotency_key(),
+            ),
+        )
         if response is not None:
             self.refundable.append((merchant, response.transaction_id, response.points))
 
     def _authorize(self):
         merchant = self.traffic.merchant()
-        response = self.call(self.stub.Authorize, pb.AuthorizeRequest(
-            merchant_id=merchant, member_id=self.traffic.member(), points=self.traffic.points(),
-            idempotency_key=self.idempotency_key()))
+        response = self.call(
+            self.stub.Authorize,
+            pb.AuthorizeRequest(
+                merchant_id=merchant,
+                member_id=self.traffic.member(),
+                points=self.traffic.points(),
+                idempotency_key=self.idempotency_key(),
+            ),
+        )
         return merchant, response
 
     @task(15)
@@ -196,9 +234,15 @@ class AllianceUser(PointsUser):
             return
         # most captures take the whole hold (0 = all); some take part of it and release the rest
         points = 0 if self.rng.random() < 0.7 else self.rng.randint(1, hold.points)
-        response = self.call(self.stub.Capture, pb.CaptureRequest(
-            merchant_id=merchant, authorization_id=hold.authorization_id, points=points,
-            idempotency_key=self.idempotency_key()))
+        response = self.call(
+            self.stub.Capture,
+            pb.CaptureRequest(
+                merchant_id=merchant,
+                authorization_id=hold.authorization_id,
+                points=points,
+                idempotency_key=self.idempotency_key(),
+            ),
+        )
         if response is not None and response.transaction_id:
             self.refundable.append((merchant, response.transaction_id, response.points))
 
@@ -206,17 +250,27 @@ class AllianceUser(PointsUser):
     def authorize_void(self):
         merchant, hold = self._authorize()
         if hold is not None:
-            self.call(self.stub.Void, pb.VoidRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                                     idempotency_key=self.idempotency_key()))
+            self.call(
+                self.stub.Void,
+                pb.VoidRequest(
+                    merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=self.idempotency_key()
+                ),
+            )
 
     @task(5)
     def refund(self):
         if not self.refundable:
             return self.earn()
         merchant, transaction_id, points = self.refundable.popleft()
-        self.call(self.stub.Refund, pb.RefundRequest(
-            merchant_id=merchant, transaction_id=transaction_id, points=self.rng.randint(1, points),
-            idempotency_key=self.idempotency_key()))
+        self.call(
+            self.stub.Refund,
+            pb.RefundRequest(
+                merchant_id=merchant,
+                transaction_id=transaction_id,
+                points=self.rng.randint(1, points),
+                idempotency_key=self.idempotency_key(),
+            ),
+        )
 
     @task(5)
     def get_balance(self):
@@ -229,12 +283,22 @@ class GatewayUser(PointsUser):
     def _operation(self) -> pb.Operation:
         traffic = self.traffic
         if self.rng.random() < 0.25:
-            return pb.Operation(redeem=pb.RedeemRequest(
-                merchant_id=traffic.merchant(), member_id=traffic.member(), points=traffic.points(),
-                idempotency_key=self.idempotency_key()))
-        return pb.Operation(earn=pb.EarnRequest(
-            merchant_id=traffic.merchant(), member_id=traffic.member(), purchase_amount=traffic.purchase_amount(),
-            idempotency_key=self.idempotency_key()))
+            return pb.Operation(
+                redeem=pb.RedeemRequest(
+                    merchant_id=traffic.merchant(),
+                    member_id=traffic.member(),
+                    points=traffic.points(),
+                    idempotency_key=self.idempotency_key(),
+                )
+            )
+        return pb.Operation(
+            earn=pb.EarnRequest(
+                merchant_id=traffic.merchant(),
+                member_id=traffic.member(),
+                purchase_amount=traffic.purchase_amount(),
+                idempotency_key=self.idempotency_key(),
+            )
+        )
 
     @task
     def submit_batch(self):
@@ -248,6 +312,12 @@ class GatewayUser(PointsUser):
         for operation, result in zip(operations, response.results):
             outcome = pb.OperationOutcome.Name(result.outcome).removeprefix("OPERATION_OUTCOME_")
             failed = result.outcome in FAILED_OUTCOMES
-            fire(request_type="operation", name=f"{operation.WhichOneof('operation')} {outcome}",
-                 response_time=milliseconds, response_length=0, response=None, context=None,
-                 exception=OperationFailed(result.message) if failed else None)
+            fire(
+                request_type="operation",
+                name=f"{operation.WhichOneof('operation')} {outcome}",
+                response_time=milliseconds,
+                response_length=0,
+                response=None,
+                context=None,
+                exception=OperationFailed(result.message) if failed else None,
+            )

@@ -16,6 +16,7 @@ the service. Its own tables (naive_*), in a database of its own.
 With --seed-*, empty tables are filled first with the network `python -m processor seed` creates
 (same ids, give-back rates and starting balances). Prints "SERVING on HOST:PORT"; stops on SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,25 +99,38 @@ class NaiveServicer(points_pb2_grpc.PointsServiceServicer):
     async def Earn(self, request: pb.EarnRequest, context) -> pb.EarnResponse:
         bps = await self._merchant(request.merchant_id, context)
         if not request.member_id or request.purchase_amount <= 0 or not request.idempotency_key:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "member_id, purchase_amount > 0 and "
-                                                                  "idempotency_key are required")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "member_id, purchase_amount > 0 and idempotency_key are required"
+            )
         points = request.purchase_amount * bps // 10_000
         try:
             async with self.pool.acquire() as connection, connection.transaction():
                 balance = await connection.fetchval(EARN_BALANCE, request.member_id, points)
-                row = await connection.fetchrow(INSERT_TRANSACTION, KIND_EARN, request.merchant_id,
-                                                request.member_id, points, request.purchase_amount,
-                                                request.idempotency_key)
+                row = await connection.fetchrow(
+                    INSERT_TRANSACTION,
+                    KIND_EARN,
+                    request.merchant_id,
+                    request.member_id,
+                    points,
+                    request.purchase_amount,
+                    request.idempotency_key,
+                )
         except asyncpg.UniqueViolationError:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "idempotency_key used before")
-        return pb.EarnResponse(transaction_id=f"txn_{row['transaction_id']}", points=points, balance=balance,
-                               give_back_bps=bps, created_at=_timestamp(row["created_at"]))
+        return pb.EarnResponse(
+            transaction_id=f"txn_{row['transaction_id']}",
+            points=points,
+            balance=balance,
+            give_back_bps=bps,
+            created_at=_timestamp(row["created_at"]),
+        )
 
     async def Redeem(self, request: pb.RedeemRequest, context) -> pb.RedeemResponse:
         await self._merchant(request.merchant_id, context)
         if not request.member_id or request.points <= 0 or not request.idempotency_key:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "member_id, points > 0 and "
-                                                                  "idempotency_key are required")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "member_id, points > 0 and idempotency_key are required"
+            )
         insufficient = False
         try:
             async with self.pool.acquire() as connection, connection.transaction():
@@ -124,17 +138,25 @@ class NaiveServicer(points_pb2_grpc.PointsServiceServicer):
                 if balance is None:
                     insufficient = True
                 else:
-                    row = await connection.fetchrow(INSERT_TRANSACTION, KIND_REDEEM, request.merchant_id,
-                                                    request.member_id, request.points, None,
-                                                    request.idempotency_key)
+                    row = await connection.fetchrow(
+                        INSERT_TRANSACTION,
+                        KIND_REDEEM,
+                        request.merchant_id,
+                        request.member_id,
+                        request.points,
+                        None,
+                        request.idempotency_key,
+                    )
         except asyncpg.UniqueViolationError:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, "idempotency_key used before")
         if insufficient:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"member {request.member_id!r} has no account or fewer than {request.points} "
-                                "point-units")
-        return pb.RedeemResponse(transaction_id=f"txn_{row['transaction_id']}", points=request.points,
-                                 balance=balance, available=balance)
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"member {request.member_id!r} has no account or fewer than {request.points} point-units",
+            )
+        return pb.RedeemResponse(
+            transaction_id=f"txn_{row['transaction_id']}", points=request.points, balance=balance, available=balance
+        )
 
 
 async def prepare(pool: asyncpg.Pool, seed_merchants: int, seed_members: int) -> dict[str, int]:
@@ -144,16 +166,22 @@ async def prepare(pool: asyncpg.Pool, seed_merchants: int, seed_members: int) ->
         if seed_merchants and not await connection.fetchval("SELECT EXISTS (SELECT 1 FROM naive_merchants)"):
             async with connection.transaction():
                 await connection.execute(SEED_MERCHANTS, seed_merchants, workload.MERCHANT_ID_PREFIX)
-                await connection.execute(SEED_MEMBERS, seed_merchants, workload.SEED_PURCHASE_PER_MEMBER,
-                                         seed_members, workload.MEMBER_ID_PREFIX)
+                await connection.execute(
+                    SEED_MEMBERS,
+                    seed_merchants,
+                    workload.SEED_PURCHASE_PER_MEMBER,
+                    seed_members,
+                    workload.MEMBER_ID_PREFIX,
+                )
             await connection.execute("ANALYZE naive_merchants; ANALYZE naive_balances")
         rows = await connection.fetch("SELECT merchant_id, give_back_bps FROM naive_merchants")
     return {row["merchant_id"]: row["give_back_bps"] for row in rows}
 
 
 async def serve(args: argparse.Namespace) -> None:
-    pool = await asyncpg.create_pool(args.database_url, min_size=args.pool_connections_max,
-                                     max_size=args.pool_connections_max)
+    pool = await asyncpg.create_pool(
+        args.database_url, min_size=args.pool_connections_max, max_size=args.pool_connections_max
+    )
     give_back_bps = await prepare(pool, args.seed_merchants, args.seed_members)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     points_pb2_grpc.add_PointsServiceServicer_to_server(NaiveServicer(pool, give_back_bps), server)
@@ -165,8 +193,11 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"naive points service SERVING on {args.listen.rpartition(':')[0]}:{port} "
-          f"({len(give_back_bps)} merchants, pool {args.pool_connections_max})", flush=True)
+    print(
+        f"naive points service SERVING on {args.listen.rpartition(':')[0]}:{port} "
+        f"({len(give_back_bps)} merchants, pool {args.pool_connections_max})",
+        flush=True,
+    )
     await stop.wait()
     await server.stop(1)
     await pool.close()

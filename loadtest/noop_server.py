@@ -7,6 +7,7 @@ constant result per operation; nothing is checked, stored or logged.
 Prints "SERVING on HOST:PORT" once it listens; stops on SIGTERM or SIGINT. loadtest/bench.py runs it as
 its own process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ from points.v1 import points_pb2_grpc
 MESSAGE_BYTES_MAX = 4 * 1024 * 1024  # as the service's --grpc-message-bytes-max default
 
 _CREATED_AT = {"seconds": 1_700_000_000}
-EARN = pb.EarnResponse(transaction_id="txn_1", points=1_000, balance=10_000, give_back_bps=1_000,
-                       created_at=_CREATED_AT)
+EARN = pb.EarnResponse(
+    transaction_id="txn_1", points=1_000, balance=10_000, give_back_bps=1_000, created_at=_CREATED_AT
+)
 REDEEM = pb.RedeemResponse(transaction_id="txn_2", points=100, balance=9_900, available=9_900)
 APPLIED = pb.OperationResult(outcome=pb.OPERATION_OUTCOME_APPLIED, earn=EARN)
 
@@ -40,8 +42,7 @@ class NoopServicer(points_pb2_grpc.PointsServiceServicer):
 
 
 async def serve(listen: str) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
-                                      ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MESSAGE_BYTES_MAX), ("grpc.so_reuseport", 0)])
     points_pb2_grpc.add_PointsServiceServicer_to_server(NoopServicer(), server)
     port = server.add_insecure_port(listen)
     if port == 0:

@@ -21,6 +21,7 @@ medians. --tail N places the balance checkpoint N transactions before the newest
 start (loadtest.journal.place_tail), so each start replays an N-transaction tail; without it, the
 start finds the checkpoint where the previous stop left it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 async def _keys(url: str, merchants: list[str]) -> tuple[str, str]:
     from processor import auth
     from processor.store import Store
+
     store = await Store.open(url, 2)
     try:
         gateway, operator = auth.new_key(), auth.new_key()
@@ -65,6 +67,7 @@ async def _keys(url: str, merchants: list[str]) -> tuple[str, str]:
 
 async def _reconcile(url: str) -> list[str]:
     from processor.store import Store
+
     store = await Store.open(url, 2)
     try:
         return await store.ledger_discrepancies()
@@ -80,19 +83,31 @@ def main() -> int:
     parser.add_argument("--merchants-used", type=int, default=1000, help="seeded merchants the traffic uses")
     parser.add_argument("--members", type=int, default=1_000_000, help="seeded members to draw from")
     restarts = parser.add_argument_group("restart-only mode")
-    restarts.add_argument("--restart-only", action="store_true",
-                          help="no traffic: start and stop the service --restarts times, timing start -> SERVING "
-                               "and reading its resident memory")
+    restarts.add_argument(
+        "--restart-only",
+        action="store_true",
+        help="no traffic: start and stop the service --restarts times, timing start -> SERVING "
+        "and reading its resident memory",
+    )
     restarts.add_argument("--restarts", type=int, default=3)
-    restarts.add_argument("--tail", type=int, default=None,
-                          help="before each start, place the balance checkpoint this many transactions before "
-                               "the newest (the start replays them); default: leave it where it is")
-    restarts.add_argument("--settle-seconds", type=float, default=2.0,
-                          help="resident memory is read again this long after SERVING")
+    restarts.add_argument(
+        "--tail",
+        type=int,
+        default=None,
+        help="before each start, place the balance checkpoint this many transactions before "
+        "the newest (the start replays them); default: leave it where it is",
+    )
+    restarts.add_argument(
+        "--settle-seconds", type=float, default=2.0, help="resident memory is read again this long after SERVING"
+    )
     restarts.add_argument("--poll-seconds", type=float, default=0.05, help="gRPC health check poll interval")
     restarts.add_argument("--start-seconds-max", type=float, default=1800.0)
-    restarts.add_argument("--service-option", action="append", default=[],
-                          help="extra `serve` option, e.g. --service-option=--members-max=2000000 (repeatable)")
+    restarts.add_argument(
+        "--service-option",
+        action="append",
+        default=[],
+        help="extra `serve` option, e.g. --service-option=--members-max=2000000 (repeatable)",
+    )
     restarts.add_argument("--log", default="", help="the services' stderr (JSON log) [default: a temp file]")
     args = parser.parse_args()
     if args.restart_only:
@@ -105,10 +120,25 @@ def main() -> int:
 
     started = time.monotonic()
     # the per-merchant rate limit (on by default) would shed the hot merchant: the scale run measures the service
-    service = subprocess.Popen([sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0",
-                                "--metrics-listen", "127.0.0.1:0", "--database-url", args.database_url,
-                                "--merchant-operations-per-second", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    service = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "processor",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            args.database_url,
+            "--merchant-operations-per-second",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     target = ""
     for line in service.stdout:
         match = re.search(r"SERVING on (\S+)", line)
@@ -132,13 +162,22 @@ def main() -> int:
                 key = uuid.uuid4().hex
                 try:
                     if rng.random() < 0.6:
-                        stub.Earn(points_pb2.EarnRequest(merchant_id=merchant, member_id=member,
-                                                         purchase_amount=rng.randint(100, 50_000),
-                                                         idempotency_key=key), metadata=credential)
+                        stub.Earn(
+                            points_pb2.EarnRequest(
+                                merchant_id=merchant,
+                                member_id=member,
+                                purchase_amount=rng.randint(100, 50_000),
+                                idempotency_key=key,
+                            ),
+                            metadata=credential,
+                        )
                     else:
-                        stub.Redeem(points_pb2.RedeemRequest(merchant_id=merchant, member_id=member,
-                                                             points=rng.randint(1, 500), idempotency_key=key),
-                                    metadata=credential)
+                        stub.Redeem(
+                            points_pb2.RedeemRequest(
+                                merchant_id=merchant, member_id=member, points=rng.randint(1, 500), idempotency_key=key
+                            ),
+                            metadata=credential,
+                        )
                     outcome = "ok"
                 except grpc.RpcError:
                     outcome = "rejected"
@@ -158,26 +197,33 @@ def main() -> int:
         cut_off = timestamp_pb2.Timestamp()
         cut_off.GetCurrentTime()
         began = time.monotonic()
-        period = clearing.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest(cut_off=cut_off),
-                                                metadata=operator_credential, timeout=600)
+        period = clearing.CloseSettlementPeriod(
+            admin_pb2.CloseSettlementPeriodRequest(cut_off=cut_off), metadata=operator_credential, timeout=600
+        )
         cut_seconds = time.monotonic() - began
-    print(f"settlement cut (period {period.period_id}, {period.merchants} merchant statements) "
-          f"took {cut_seconds:.2f} s while traffic ran")
+    print(
+        f"settlement cut (period {period.period_id}, {period.merchants} merchant statements) "
+        f"took {cut_seconds:.2f} s while traffic ran"
+    )
 
     time.sleep(args.seconds / 2)
     stop.set()
     for thread in threads:
         thread.join()
-    print(f"traffic: {counts['ok']} operations applied, {counts['rejected']} refused, "
-          f"{counts['hot']} at the hot merchant, {args.clients} clients, {args.seconds:.0f} s "
-          f"({counts['ok'] / args.seconds:.0f} applied/s)")
+    print(
+        f"traffic: {counts['ok']} operations applied, {counts['rejected']} refused, "
+        f"{counts['hot']} at the hot merchant, {args.clients} clients, {args.seconds:.0f} s "
+        f"({counts['ok'] / args.seconds:.0f} applied/s)"
+    )
     service.terminate()
     service.wait(timeout=60)
 
     began = time.monotonic()
     problems = asyncio.run(_reconcile(args.database_url))
-    print(f"reconcile over the whole ledger took {time.monotonic() - began:.1f} s: "
-          f"{'every check holds' if not problems else problems[0]}")
+    print(
+        f"reconcile over the whole ledger took {time.monotonic() - began:.1f} s: "
+        f"{'every check holds' if not problems else problems[0]}"
+    )
     return 1 if problems else 0
 
 
@@ -213,12 +259,14 @@ def _mib(kib: int | None) -> str:
 async def _journal_state(url: str) -> tuple[int, int, int]:
     """(transactions, balance checkpoint, newest transaction id)."""
     from processor.store import Store
+
     store = await Store.open(url, 1)
     try:
         row = await store.pool.fetchrow(
             """SELECT (SELECT coalesce(max(transaction_id), 0) FROM transactions) AS newest,
                       (SELECT through_transaction_id FROM balance_checkpoint) AS through,
-                      (SELECT reltuples::bigint FROM pg_class WHERE oid = 'transactions'::regclass) AS estimate""")
+                      (SELECT reltuples::bigint FROM pg_class WHERE oid = 'transactions'::regclass) AS estimate"""
+        )
         estimate = row["estimate"]
         if estimate < 0:  # never analysed
             estimate = await store.pool.fetchval("SELECT count(*) FROM transactions")
@@ -251,8 +299,19 @@ def _start_once(args: argparse.Namespace, log_path: pathlib.Path) -> dict:
     """Starts the service, times it to SERVING (stdout line and health check), reads its memory, stops it."""
     port = _free_port()
     target = f"127.0.0.1:{port}"
-    command = [sys.executable, "-m", "processor", "serve", "--listen", target, "--metrics-listen", "127.0.0.1:0",
-               "--database-url", args.database_url, *args.service_option]
+    command = [
+        sys.executable,
+        "-m",
+        "processor",
+        "serve",
+        "--listen",
+        target,
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--database-url",
+        args.database_url,
+        *args.service_option,
+    ]
     offset = log_path.stat().st_size if log_path.exists() else 0
     result: dict = {}
     with open(log_path, "ab") as log:
@@ -267,13 +326,17 @@ def _start_once(args: argparse.Namespace, log_path: pathlib.Path) -> dict:
                 result["line"] = time.monotonic() - started
                 line_seen.set()
         line_seen.set()  # ended without the line: the loop below sees the exit
+
     reader = threading.Thread(target=read_stdout, daemon=True)
     reader.start()
     try:
         # reconnect quickly: the default backoff (1 s) after the first refused connection would hide
         # the moment the service starts answering
-        options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.min_reconnect_backoff_ms", 20),
-                   ("grpc.max_reconnect_backoff_ms", 100)]
+        options = [
+            ("grpc.initial_reconnect_backoff_ms", 20),
+            ("grpc.min_reconnect_backoff_ms", 20),
+            ("grpc.max_reconnect_backoff_ms", 100),
+        ]
         with grpc.insecure_channel(target, options=options) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = started + args.start_seconds_max
@@ -316,6 +379,7 @@ def _start_once(args: argparse.Namespace, log_path: pathlib.Path) -> dict:
 
 def restart_only(args: argparse.Namespace) -> int:
     from loadtest import journal
+
     if args.log:
         log_path = pathlib.Path(args.log)
     else:
@@ -327,37 +391,46 @@ def restart_only(args: argparse.Namespace) -> int:
     for attempt in range(1, args.restarts + 1):
         if args.tail is not None:
             before, after, newest = asyncio.run(journal.place_tail(args.database_url, args.tail))
-            print(f"start {attempt}: balance checkpoint moved from {before:,} to {after:,} "
-                  f"(tail {newest - after:,} transactions)")
+            print(
+                f"start {attempt}: balance checkpoint moved from {before:,} to {after:,} "
+                f"(tail {newest - after:,} transactions)"
+            )
         estimate, through, newest = asyncio.run(_journal_state(args.database_url))
         run = _start_once(args, log_path)
         run["tail"] = newest - through
         runs.append(run)
         memory, settled, phases = run["memory"], run["memory_settled"], run["phases"]
-        print(f"start {attempt}: ~{estimate:,} transactions, newest {newest:,}, tail {newest - through:,}; "
-              f"SERVING line after {run.get('line', float('nan')):.2f} s, health SERVING after {run['health']:.2f} s "
-              f"(health answering after {run.get('listening', float('nan')):.2f} s; "
-              + ", ".join(f"{name} at {seconds:.2f} s" for name, seconds in phases.items())
-              + f"); memory once SERVING: VmRSS {_mib(memory.get('VmRSS'))}, VmHWM {_mib(memory.get('VmHWM'))}, "
-                f"RssAnon {_mib(memory.get('RssAnon'))}; after {args.settle_seconds:.0f} s: "
-                f"VmRSS {_mib(settled.get('VmRSS'))}, VmHWM {_mib(settled.get('VmHWM'))}; "
-                f"SIGTERM stopped it in "
-              + (f"{run['stop']:.2f} s (exit {run['exit']})" if run["stop"] is not None
-                 else "more than 600 s (killed)"),
-              flush=True)
+        print(
+            f"start {attempt}: ~{estimate:,} transactions, newest {newest:,}, tail {newest - through:,}; "
+            f"SERVING line after {run.get('line', float('nan')):.2f} s, health SERVING after {run['health']:.2f} s "
+            f"(health answering after {run.get('listening', float('nan')):.2f} s; "
+            + ", ".join(f"{name} at {seconds:.2f} s" for name, seconds in phases.items())
+            + f"); memory once SERVING: VmRSS {_mib(memory.get('VmRSS'))}, VmHWM {_mib(memory.get('VmHWM'))}, "
+            f"RssAnon {_mib(memory.get('RssAnon'))}; after {args.settle_seconds:.0f} s: "
+            f"VmRSS {_mib(settled.get('VmRSS'))}, VmHWM {_mib(settled.get('VmHWM'))}; "
+            f"SIGTERM stopped it in "
+            + (f"{run['stop']:.2f} s (exit {run['exit']})" if run["stop"] is not None else "more than 600 s (killed)"),
+            flush=True,
+        )
 
     def median(values: list) -> float:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else float("nan")
-    recovered = [r["phases"]["recovered"] - r["phases"]["database ready"] for r in runs
-                 if {"recovered", "database ready"} <= r["phases"].keys()]
-    print(f"median of {len(runs)} starts: SERVING line {median([r.get('line') for r in runs]):.2f} s, "
-          f"health SERVING {median([r['health'] for r in runs]):.2f} s, recovery (database ready -> recovered) "
-          f"{median(recovered):.2f} s; VmRSS once SERVING "
-          f"{_mib(median([r['memory'].get('VmRSS') for r in runs]))}, settled "
-          f"{_mib(median([r['memory_settled'].get('VmRSS') for r in runs]))}, VmHWM "
-          f"{_mib(median([r['memory_settled'].get('VmHWM') for r in runs]))}; stop "
-          f"{median([r['stop'] for r in runs]):.2f} s")
+
+    recovered = [
+        r["phases"]["recovered"] - r["phases"]["database ready"]
+        for r in runs
+        if {"recovered", "database ready"} <= r["phases"].keys()
+    ]
+    print(
+        f"median of {len(runs)} starts: SERVING line {median([r.get('line') for r in runs]):.2f} s, "
+        f"health SERVING {median([r['health'] for r in runs]):.2f} s, recovery (database ready -> recovered) "
+        f"{median(recovered):.2f} s; VmRSS once SERVING "
+        f"{_mib(median([r['memory'].get('VmRSS') for r in runs]))}, settled "
+        f"{_mib(median([r['memory_settled'].get('VmRSS') for r in runs]))}, VmHWM "
+        f"{_mib(median([r['memory_settled'].get('VmHWM') for r in runs]))}; stop "
+        f"{median([r['stop'] for r in runs]):.2f} s"
+    )
     return 0 if all(r["exit"] == 0 for r in runs) else 1
 
 

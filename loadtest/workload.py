@@ -5,6 +5,7 @@ run.py and bench.py.
 The ids are those `python -m processor seed` creates: merchants seed-m-000001.., members
 seed-u-0000001.., each member with points from one earn.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,7 +41,7 @@ class Zipf:
         if count < 1:
             raise ValueError("Zipf needs count >= 1")
         self.count = count
-        self._cumulative = list(itertools.accumulate(1.0 / k ** exponent for k in range(1, count + 1)))
+        self._cumulative = list(itertools.accumulate(1.0 / k**exponent for k in range(1, count + 1)))
         self._total = self._cumulative[-1]
 
     def draw(self, rng: random.Random) -> int:
@@ -54,11 +55,12 @@ class Zipf:
 @dataclasses.dataclass(frozen=True)
 class Network:
     """The seeded network the traffic uses and how skewed it is."""
+
     merchants: int = 200
     members: int = 20_000
-    hot_merchants: int = 3          # merchants seed-m-000001.. taking `hot_merchant_share` of traffic
+    hot_merchants: int = 3  # merchants seed-m-000001.. taking `hot_merchant_share` of traffic
     hot_merchant_share: float = 0.4
-    member_exponent: float = 1.0    # Zipf exponent of the member draw
+    member_exponent: float = 1.0  # Zipf exponent of the member draw
 
     def __post_init__(self) -> None:
         if self.merchants < 1 or self.members < 1:
@@ -97,10 +99,10 @@ class Traffic:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Operation:
-    kind: str          # "earn" or "redeem"
+    kind: str  # "earn" or "redeem"
     merchant_id: str
     member_id: str
-    amount: int        # purchase_amount (earn, minor units) or points (redeem, point-units)
+    amount: int  # purchase_amount (earn, minor units) or points (redeem, point-units)
 
 
 def operations(count: int, network: Network, seed: int, redeem_share: float = 0.25) -> list[Operation]:

@@ -3,6 +3,7 @@ rules) and Clearing (positions, settlement periods, statements, CSV export). pro
 pipeline is told about merchant and program changes so the fast path applies them from the next call on.
 MerchantAdminService, ProgramsService and ClearingService (their buf STANDARD names; the old ones are
 deprecated) are thin adapters over the same servicers, at the end of this module."""
+
 from __future__ import annotations
 
 import base64
@@ -24,8 +25,11 @@ from processor.store import MERCHANT_SETTABLE, MerchantRow, StoreError, micros
 
 _STATUS = {"active": pb.MERCHANT_STATUS_ACTIVE, "suspended": pb.MERCHANT_STATUS_SUSPENDED}
 _STATUS_NAME = {v: k for k, v in _STATUS.items()}
-_KIND_NAME = {pb.API_KEY_KIND_MERCHANT: "merchant", pb.API_KEY_KIND_GATEWAY: "gateway",
-              pb.API_KEY_KIND_OPERATOR: "operator"}
+_KIND_NAME = {
+    pb.API_KEY_KIND_MERCHANT: "merchant",
+    pb.API_KEY_KIND_GATEWAY: "gateway",
+    pb.API_KEY_KIND_OPERATOR: "operator",
+}
 LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 100, 1000
 EXPORT_PAGE_MAX, EXPORT_CHUNK = 50_000, 5_000
 GATEWAY_MERCHANTS_MAX = 10_000
@@ -37,10 +41,17 @@ def _timestamp(moment: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def merchant_message(row: MerchantRow) -> pb.Merchant:
-    return pb.Merchant(merchant_id=row.merchant_id, name=row.name, give_back_bps=row.give_back_bps,
-                       fee_redeemed_bps=row.fee_redeemed_bps, fee_issued_bps=row.fee_issued_bps,
-                       region=row.region, status=_STATUS[row.status], created_at=_timestamp(row.created_at),
-                       updated_at=_timestamp(row.updated_at))
+    return pb.Merchant(
+        merchant_id=row.merchant_id,
+        name=row.name,
+        give_back_bps=row.give_back_bps,
+        fee_redeemed_bps=row.fee_redeemed_bps,
+        fee_issued_bps=row.fee_issued_bps,
+        region=row.region,
+        status=_STATUS[row.status],
+        created_at=_timestamp(row.created_at),
+        updated_at=_timestamp(row.updated_at),
+    )
 
 
 def _page_size(value: int) -> int:
@@ -61,8 +72,10 @@ def _untoken(token: str, numeric: bool = False) -> str:
     except (ValueError, UnicodeError):
         value = None
     if value is None or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
-        raise domain.invalid_field("page_token", "page_token is not one this service issued; pass next_page_token "
-                                                 "from the previous response, or empty")
+        raise domain.invalid_field(
+            "page_token",
+            "page_token is not one this service issued; pass next_page_token from the previous response, or empty",
+        )
     return value
 
 
@@ -79,11 +92,13 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         for name in names:
             if name not in MERCHANT_SETTABLE:
                 raise domain.invalid_field(
-                    "update_fields", f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}")
+                    "update_fields", f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}"
+                )
             value = getattr(merchant, name)
             if name == "give_back_bps" and not domain.GIVE_BACK_BPS_MIN <= value <= domain.GIVE_BACK_BPS_MAX:
-                raise domain.invalid_field("merchant.give_back_bps",
-                                           f"give_back_bps must be 300..2000 (3%..20%), got {value}")
+                raise domain.invalid_field(
+                    "merchant.give_back_bps", f"give_back_bps must be 300..2000 (3%..20%), got {value}"
+                )
             if name in ("fee_redeemed_bps", "fee_issued_bps") and not 0 <= value <= 10_000:
                 raise domain.invalid_field(f"merchant.{name}", f"{name} must be 0..10000 basis points, got {value}")
             if name in ("name", "region") and len(value.encode()) > TEXT_BYTES_MAX:
@@ -116,6 +131,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 raise Rejection(code, str(error)) from None
             self.pipeline.merchants.add(row)
             return merchant_message(row)
+
         return await guard(context, call)
 
     async def UpdateMerchant(self, request, context):
@@ -123,12 +139,14 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
             names = list(request.update_fields) or list(MERCHANT_SETTABLE)
             return await self._update(merchant_id, self._fields(request.merchant, names))
+
         return await guard(context, call)
 
     async def SuspendMerchant(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
             return await self._update(merchant_id, {"status": "suspended"})
+
         return await guard(context, call)
 
     async def GetMerchant(self, request, context):
@@ -138,6 +156,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             if row is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
             return merchant_message(row)
+
         return await guard(context, call)
 
     async def ListMerchants(self, request, context):
@@ -147,8 +166,11 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             rows = await self.pipeline.ready_store().merchants(after, size + 1)
             more = len(rows) > size
             rows = rows[:size]
-            return pb.ListMerchantsResponse(merchants=[merchant_message(r) for r in rows],
-                                            next_page_token=_token(str(rows[-1].merchant_slot)) if more else "")
+            return pb.ListMerchantsResponse(
+                merchants=[merchant_message(r) for r in rows],
+                next_page_token=_token(str(rows[-1].merchant_slot)) if more else "",
+            )
+
         return await guard(context, call)
 
     async def IssueApiKey(self, request, context):
@@ -157,13 +179,18 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             if kind is None:
                 raise domain.invalid_field("kind", "kind must be API_KEY_KIND_MERCHANT or _GATEWAY")
             if kind == "operator":  # an operator key can make anything: only someone on the host makes one
-                raise Rejection(Code.PERMISSION_DENIED,
-                                "operator keys are created only on the host: python -m processor key create "
-                                "--operator; this call issues merchant and gateway keys")
+                raise Rejection(
+                    Code.PERMISSION_DENIED,
+                    "operator keys are created only on the host: python -m processor key create "
+                    "--operator; this call issues merchant and gateway keys",
+                )
             merchant_ids = [self.validate.identifier(m, "merchant_ids") for m in request.merchant_ids]
             expected = {"merchant": "exactly one", "gateway": "one or more"}[kind]
-            if (kind == "merchant" and len(merchant_ids) != 1) or (kind == "gateway" and not merchant_ids) \
-                    or len(merchant_ids) > GATEWAY_MERCHANTS_MAX:
+            if (
+                (kind == "merchant" and len(merchant_ids) != 1)
+                or (kind == "gateway" and not merchant_ids)
+                or len(merchant_ids) > GATEWAY_MERCHANTS_MAX
+            ):
                 raise domain.invalid_field("merchant_ids", f"a {kind} key takes {expected} merchant_ids")
             if len(request.description.encode()) > TEXT_BYTES_MAX:
                 raise domain.invalid_field("description", f"description must be at most {TEXT_BYTES_MAX} bytes")
@@ -174,16 +201,18 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 except (ValueError, OverflowError):
                     expires_at = None
                 if expires_at is None or expires_at <= dt.datetime.now(dt.timezone.utc):
-                    raise domain.invalid_field("expires_at", "expires_at must be a time in the future (or unset: "
-                                                             "the key never expires)")
+                    raise domain.invalid_field(
+                        "expires_at", "expires_at must be a time in the future (or unset: the key never expires)"
+                    )
             key = auth.new_key()
             try:
-                await self.pipeline.ready_store().insert_api_key(key.key_id, key.secret_sha256, kind,
-                                                           sorted(set(merchant_ids)), request.description,
-                                                           expires_at)
+                await self.pipeline.ready_store().insert_api_key(
+                    key.key_id, key.secret_sha256, kind, sorted(set(merchant_ids)), request.description, expires_at
+                )
             except StoreError as error:
                 raise Rejection(Code.NOT_FOUND, str(error)) from None
             return pb.IssueApiKeyResponse(key_id=key.key_id, key=key.key)
+
         return await guard(context, call)
 
     async def RevokeApiKey(self, request, context):
@@ -193,6 +222,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 raise Rejection(Code.NOT_FOUND, f"no API key {request.key_id!r}")
             self.authenticator.forget(request.key_id)
             return pb.RevokeApiKeyResponse(revoked_at=_timestamp(revoked_at))
+
         return await guard(context, call)
 
 
@@ -202,13 +232,23 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
 # the proto says so. Every check of the rules is rules.version_from_config's, so the API, the CLI and
 # stored versions are held to the same ones.
 
-_SCOPE = {pb.PROMOTION_SCOPE_NETWORK: rules.SCOPE_NETWORK, pb.PROMOTION_SCOPE_MERCHANT: rules.SCOPE_MERCHANT,
-          pb.PROMOTION_SCOPE_TIER: rules.SCOPE_TIER}
+_SCOPE = {
+    pb.PROMOTION_SCOPE_NETWORK: rules.SCOPE_NETWORK,
+    pb.PROMOTION_SCOPE_MERCHANT: rules.SCOPE_MERCHANT,
+    pb.PROMOTION_SCOPE_TIER: rules.SCOPE_TIER,
+}
 _SCOPE_ENUM = {name: value for value, name in _SCOPE.items()}
-_OPTIONAL_RULES = ("restore_grace_us", "acquiring_share_bps", "referral_bonus_point_units",
-                   "referral_minimum_purchase", "member_verification", "verification_failures_max",
-                   "verification_lockout_seconds", "member_points_spent_per_hour_max",
-                   "member_points_spent_per_day_max")
+_OPTIONAL_RULES = (
+    "restore_grace_us",
+    "acquiring_share_bps",
+    "referral_bonus_point_units",
+    "referral_minimum_purchase",
+    "member_verification",
+    "verification_failures_max",
+    "verification_lockout_seconds",
+    "member_points_spent_per_hour_max",
+    "member_points_spent_per_day_max",
+)
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
 
 
@@ -228,10 +268,15 @@ def rules_config(message: pb.ProgramRules) -> dict:
     if message.HasField("operator_store_merchant_id"):
         config["operator_store_merchant_id"] = message.operator_store_merchant_id or None
     if message.levels:
-        config["levels"] = [{"name": level.name, "threshold_point_units": level.threshold_point_units,
-                             "bonus_point_units": level.bonus_point_units,
-                             "multiplier_bps": level.multiplier_bps or domain.BPS_DENOMINATOR}
-                            for level in message.levels]
+        config["levels"] = [
+            {
+                "name": level.name,
+                "threshold_point_units": level.threshold_point_units,
+                "bonus_point_units": level.bonus_point_units,
+                "multiplier_bps": level.multiplier_bps or domain.BPS_DENOMINATOR,
+            }
+            for level in message.levels
+        ]
     if message.HasField("dividends"):
         d = message.dividends
         dividends = {"threshold_point_units": d.threshold_point_units}
@@ -243,31 +288,48 @@ def rules_config(message: pb.ProgramRules) -> dict:
         config["dividends"] = dividends
     scopes_unknown = [f"promotions[{i}]" for i, p in enumerate(message.promotions) if p.scope not in _SCOPE]
     if scopes_unknown:
-        raise Rejection(Code.INVALID_ARGUMENT, f"{', '.join(scopes_unknown)}: scope must be PROMOTION_SCOPE_NETWORK, "
-                                               "PROMOTION_SCOPE_MERCHANT or PROMOTION_SCOPE_TIER")
+        raise Rejection(
+            Code.INVALID_ARGUMENT,
+            f"{', '.join(scopes_unknown)}: scope must be PROMOTION_SCOPE_NETWORK, "
+            "PROMOTION_SCOPE_MERCHANT or PROMOTION_SCOPE_TIER",
+        )
     if message.promotions:
-        config["promotions"] = [{
-            "promotion_id": p.promotion_id, "start_us": p.start_us, "end_us": p.end_us, "scope": _SCOPE[p.scope],
-            "scope_id": p.scope_id, "multiplier_bps": p.multiplier_bps, "bonus_point_units": p.bonus_point_units,
-            "budget_point_units": p.budget_point_units, "sponsor_id": p.sponsor_id or domain.OPERATOR_ID}
-            for p in message.promotions]
+        config["promotions"] = [
+            {
+                "promotion_id": p.promotion_id,
+                "start_us": p.start_us,
+                "end_us": p.end_us,
+                "scope": _SCOPE[p.scope],
+                "scope_id": p.scope_id,
+                "multiplier_bps": p.multiplier_bps,
+                "bonus_point_units": p.bonus_point_units,
+                "budget_point_units": p.budget_point_units,
+                "sponsor_id": p.sponsor_id or domain.OPERATOR_ID,
+            }
+            for p in message.promotions
+        ]
     if message.merchant_terms:
-        config["merchant_terms"] = [{
-            "merchant_id": t.merchant_id,
-            "acquiring_share_bps": t.acquiring_share_bps if t.HasField("acquiring_share_bps") else None,
-            "conversion_rate": _rate(t.conversion_rate) if t.HasField("conversion_rate") else None}
-            for t in message.merchant_terms]
+        config["merchant_terms"] = [
+            {
+                "merchant_id": t.merchant_id,
+                "acquiring_share_bps": t.acquiring_share_bps if t.HasField("acquiring_share_bps") else None,
+                "conversion_rate": _rate(t.conversion_rate) if t.HasField("conversion_rate") else None,
+            }
+            for t in message.merchant_terms
+        ]
     return config
 
 
 def rules_message(config: dict) -> pb.ProgramRules:
     """The ProgramRules of a full configuration (rules.version_to_config), every field set."""
     message = pb.ProgramRules(
-        expiry_period_us=config["expiry_period_us"] or 0, tier_window_us=config["tier_window_us"] or 0,
+        expiry_period_us=config["expiry_period_us"] or 0,
+        tier_window_us=config["tier_window_us"] or 0,
         **{name: config[name] for name in _OPTIONAL_RULES},
         operator_store_merchant_id=config["operator_store_merchant_id"] or "",
         levels=[pb.ProgramLevel(**level) for level in config["levels"]],
-        promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]])
+        promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]],
+    )
     if config["dividends"] is not None:
         message.dividends.CopyFrom(pb.ProgramDividends(**config["dividends"]))
     for terms in config["merchant_terms"]:
@@ -280,9 +342,12 @@ def rules_message(config: dict) -> pb.ProgramRules:
 
 
 def program_version_message(version: rules.ProgramVersion) -> pb.ProgramVersion:
-    return pb.ProgramVersion(program_id=version.program_id, version=version.version,
-                             effective_from=timestamp(version.effective_from_us),
-                             rules=rules_message(rules.version_to_config(version)))
+    return pb.ProgramVersion(
+        program_id=version.program_id,
+        version=version.version,
+        effective_from=timestamp(version.effective_from_us),
+        rules=rules_message(rules.version_to_config(version)),
+    )
 
 
 class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
@@ -295,9 +360,11 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
 
     def _program_id(self, value: str) -> str:
         if value and value != self.settings.program_id:
-            raise domain.invalid_field("program_id",
-                                       f"program_id {value[:TEXT_BYTES_MAX]!r} is not this service's program "
-                                       f"{self.settings.program_id!r}; leave it empty or send that one")
+            raise domain.invalid_field(
+                "program_id",
+                f"program_id {value[:TEXT_BYTES_MAX]!r} is not this service's program "
+                f"{self.settings.program_id!r}; leave it empty or send that one",
+            )
         return self.settings.program_id
 
     async def SetProgramVersion(self, request, context):
@@ -311,7 +378,8 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
             created_by = f"api key {caller.key_id}" if caller is not None else "api"
             try:
                 version = await self.pipeline.ready_store().add_program_version(
-                    program_id, effective_from_us, config, created_by)
+                    program_id, effective_from_us, config, created_by
+                )
             except rules.ConfigError as error:
                 raise Rejection(Code.INVALID_ARGUMENT, str(error)) from None
             except StoreError as error:
@@ -319,11 +387,14 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
             try:
                 await self.pipeline.reload_program()
             except Rejection as rejection:  # stored, but not loaded yet: say so, so the caller does not add it again
-                raise Rejection(rejection.code,
-                                f"version {version.version} of program {program_id!r} is stored but the service "
-                                f"has not loaded it yet ({rejection.message}); do not set it again: GetProgram "
-                                f"shows it, and the service loads it when it is ready") from None
+                raise Rejection(
+                    rejection.code,
+                    f"version {version.version} of program {program_id!r} is stored but the service "
+                    f"has not loaded it yet ({rejection.message}); do not set it again: GetProgram "
+                    f"shows it, and the service loads it when it is ready",
+                ) from None
             return program_version_message(version)
+
         return await guard(context, call)
 
     async def GetProgram(self, request, context):
@@ -331,38 +402,89 @@ class ProgramsServicer(admin_pb2_grpc.ProgramsServicer):
             program_id = self._program_id(request.program_id)
             program = await self.pipeline.ready_store().program(program_id)
             if program is None:
-                raise Rejection(Code.NOT_FOUND,
-                                f"program {program_id!r} has no version yet: the service applies the plain ledger "
-                                f"rules; add one with SetProgramVersion or `python -m processor program set`")
+                raise Rejection(
+                    Code.NOT_FOUND,
+                    f"program {program_id!r} has no version yet: the service applies the plain ledger "
+                    f"rules; add one with SetProgramVersion or `python -m processor program set`",
+                )
             try:
                 in_force = program.at(time.time_ns() // 1000).version
             except Rejection:  # the first version has not started yet
                 in_force = 0
-            return pb.Program(program_id=program_id, versions=[program_version_message(v) for v in program.versions],
-                              version_in_force=in_force)
+            return pb.Program(
+                program_id=program_id,
+                versions=[program_version_message(v) for v in program.versions],
+                version_in_force=in_force,
+            )
+
         return await guard(context, call)
 
 
 # acquiring, then voucher columns last: a reader of the columns it knew by position keeps working. The
 # voucher columns are voucher-units (migration 0006), the others point-units.
-VOUCHER_STATEMENT_COLUMNS = ("vouchers_redeemed", "voucher_redemption_refunds", "voucher_net",
-                             "voucher_opening_position", "voucher_closing_position", "vouchers_held_opening",
-                             "vouchers_received", "vouchers_spent", "vouchers_held_closing")
-STATEMENT_CSV_COLUMNS = ("period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
-                         "earn_refunds", "redeemed", "redemption_refunds", "fees", "net", "closing_position",
-                         "transactions", "acquiring", "acquiring_reversals", *VOUCHER_STATEMENT_COLUMNS)
-LINE_CSV_COLUMNS = ("period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount",
-                    "fee", "net", "voucher_net", "vouchers_held_change")
+VOUCHER_STATEMENT_COLUMNS = (
+    "vouchers_redeemed",
+    "voucher_redemption_refunds",
+    "voucher_net",
+    "voucher_opening_position",
+    "voucher_closing_position",
+    "vouchers_held_opening",
+    "vouchers_received",
+    "vouchers_spent",
+    "vouchers_held_closing",
+)
+STATEMENT_CSV_COLUMNS = (
+    "period_id",
+    "merchant_id",
+    "opened_at",
+    "cut_off",
+    "opening_position",
+    "issued",
+    "earn_refunds",
+    "redeemed",
+    "redemption_refunds",
+    "fees",
+    "net",
+    "closing_position",
+    "transactions",
+    "acquiring",
+    "acquiring_reversals",
+    *VOUCHER_STATEMENT_COLUMNS,
+)
+LINE_CSV_COLUMNS = (
+    "period_id",
+    "merchant_id",
+    "transaction_id",
+    "created_at",
+    "kind",
+    "member_id",
+    "amount",
+    "fee",
+    "net",
+    "voucher_net",
+    "vouchers_held_change",
+)
 
 
 def statement_message(r) -> pb.Statement:
     return pb.Statement(
-        merchant_id=r["merchant_id"], period_id=r["period_id"], opened_at=_timestamp(r["opened_at"]),
-        cut_off=_timestamp(r["cut_off"]), opening_position=r["opening_position"], issued=r["issued"],
-        earn_refunds=r["earn_refunds"], redeemed=r["redeemed"], redemption_refunds=r["redemption_refunds"],
-        fees=r["fees"], net=r["net"], closing_position=r["closing_position"], transactions=r["transactions"],
-        acquiring=r["acquiring"], acquiring_reversals=r["acquiring_reversals"],
-        **{name: r[name] for name in VOUCHER_STATEMENT_COLUMNS})
+        merchant_id=r["merchant_id"],
+        period_id=r["period_id"],
+        opened_at=_timestamp(r["opened_at"]),
+        cut_off=_timestamp(r["cut_off"]),
+        opening_position=r["opening_position"],
+        issued=r["issued"],
+        earn_refunds=r["earn_refunds"],
+        redeemed=r["redeemed"],
+        redemption_refunds=r["redemption_refunds"],
+        fees=r["fees"],
+        net=r["net"],
+        closing_position=r["closing_position"],
+        transactions=r["transactions"],
+        acquiring=r["acquiring"],
+        acquiring_reversals=r["acquiring_reversals"],
+        **{name: r[name] for name in VOUCHER_STATEMENT_COLUMNS},
+    )
 
 
 def _iso(moment: dt.datetime) -> str:
@@ -385,6 +507,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             if position is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
             return pb.MerchantPosition(merchant_id=merchant_id, as_of=_timestamp(as_of), **position)
+
         return await guard(context, call)
 
     async def CloseSettlementPeriod(self, request, context):
@@ -399,10 +522,16 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             except StoreError as error:
                 raise Rejection(Code.FAILED_PRECONDITION, str(error)) from None
             summary = await store.period_summary(period["period_id"])
-            return pb.SettlementPeriod(period_id=summary["period_id"], opened_at=_timestamp(summary["opened_at"]),
-                                       cut_off=_timestamp(summary["cut_off"]), merchants=summary["merchants"],
-                                       net_total=summary["net_total"], fees_total=summary["fees_total"],
-                                       voucher_net_total=summary["voucher_net_total"])
+            return pb.SettlementPeriod(
+                period_id=summary["period_id"],
+                opened_at=_timestamp(summary["opened_at"]),
+                cut_off=_timestamp(summary["cut_off"]),
+                merchants=summary["merchants"],
+                net_total=summary["net_total"],
+                fees_total=summary["fees_total"],
+                voucher_net_total=summary["voucher_net_total"],
+            )
+
         return await guard(context, call)
 
     async def GetStatement(self, request, context):
@@ -410,12 +539,17 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
-            rows = await self.pipeline.ready_store().statements(period_id=request.period_id, merchant_id=merchant_id,
-                                                          limit=1)
+            rows = await self.pipeline.ready_store().statements(
+                period_id=request.period_id, merchant_id=merchant_id, limit=1
+            )
             if not rows:
-                raise Rejection(Code.NOT_FOUND, f"no statement of {merchant_id!r} for period {request.period_id} "
-                                                "(no movement, or the period is not closed)")
+                raise Rejection(
+                    Code.NOT_FOUND,
+                    f"no statement of {merchant_id!r} for period {request.period_id} "
+                    "(no movement, or the period is not closed)",
+                )
             return statement_message(rows[0])
+
         return await guard(context, call)
 
     async def ListStatements(self, request, context):
@@ -425,8 +559,9 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             if request.merchant_id:
                 after = _untoken(request.page_token, numeric=True) if request.page_token else ""
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
-                rows = await store.statements(merchant_id=merchant_id, period_id=request.period_id, after=after,
-                                              limit=size + 1)
+                rows = await store.statements(
+                    merchant_id=merchant_id, period_id=request.period_id, after=after, limit=size + 1
+                )
                 key = "period_id"
             else:
                 after = _untoken(request.page_token) if request.page_token else ""
@@ -436,8 +571,11 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                 key = "merchant_id"
             more = len(rows) > size
             rows = rows[:size]
-            return pb.ListStatementsResponse(statements=[statement_message(r) for r in rows],
-                                             next_page_token=_token(str(rows[-1][key])) if more else "")
+            return pb.ListStatementsResponse(
+                statements=[statement_message(r) for r in rows],
+                next_page_token=_token(str(rows[-1][key])) if more else "",
+            )
+
         return await guard(context, call)
 
     async def ExportStatement(self, request, context):
@@ -471,19 +609,45 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                 if request.merchant_id:
                     rows = await store.statement_lines(request.period_id, merchant_id, last, chunk + 1)
                     for r in rows[:chunk]:
-                        writer.writerow((request.period_id, merchant_id,
-                                         domain.format_transaction_id(r["transaction_id"]), _iso(r["created_at"]),
-                                         kinds.kind(r["kind"]).name, r["member_id"], r["amount"], r["fee"], r["net"],
-                                         r["voucher_net"], r["vouchers_held_change"]))
+                        writer.writerow(
+                            (
+                                request.period_id,
+                                merchant_id,
+                                domain.format_transaction_id(r["transaction_id"]),
+                                _iso(r["created_at"]),
+                                kinds.kind(r["kind"]).name,
+                                r["member_id"],
+                                r["amount"],
+                                r["fee"],
+                                r["net"],
+                                r["voucher_net"],
+                                r["vouchers_held_change"],
+                            )
+                        )
                     key = "transaction_id"
                 else:
                     rows = await store.statements(period_id=request.period_id, after=last, limit=chunk + 1)
                     for r in rows[:chunk]:
-                        writer.writerow((r["period_id"], r["merchant_id"], _iso(r["opened_at"]), _iso(r["cut_off"]),
-                                         r["opening_position"], r["issued"], r["earn_refunds"], r["redeemed"],
-                                         r["redemption_refunds"], r["fees"], r["net"], r["closing_position"],
-                                         r["transactions"], r["acquiring"], r["acquiring_reversals"],
-                                         *(r[name] for name in VOUCHER_STATEMENT_COLUMNS)))
+                        writer.writerow(
+                            (
+                                r["period_id"],
+                                r["merchant_id"],
+                                _iso(r["opened_at"]),
+                                _iso(r["cut_off"]),
+                                r["opening_position"],
+                                r["issued"],
+                                r["earn_refunds"],
+                                r["redeemed"],
+                                r["redemption_refunds"],
+                                r["fees"],
+                                r["net"],
+                                r["closing_position"],
+                                r["transactions"],
+                                r["acquiring"],
+                                r["acquiring_reversals"],
+                                *(r[name] for name in VOUCHER_STATEMENT_COLUMNS),
+                            )
+                        )
                     key = "merchant_id"
                 lines += min(len(rows), chunk)
                 more = len(rows) > chunk
@@ -491,8 +655,10 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                     last = rows[:chunk][-1][key]
                 if not more:
                     break
-            return pb.ExportStatementResponse(csv=out.getvalue().encode(), lines=lines,
-                                              next_page_token=_token(str(last)) if more and wanted else "")
+            return pb.ExportStatementResponse(
+                csv=out.getvalue().encode(), lines=lines, next_page_token=_token(str(last)) if more and wanted else ""
+            )
+
         return await guard(context, call)
 
 
@@ -503,6 +669,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
 # or converts what it returned. tests/unit/test_contract.py checks that every twin request and copied
 # response has the same fields, so the conversion cannot drop one.
 
+
 def _as(message_type, message):
     """`message` as `message_type`, a message with the same fields (names, numbers, types)."""
     return message_type.FromString(message.SerializeToString())
@@ -512,6 +679,7 @@ def _adapter(legacy_name: str, request_type, wrap):
     async def method(self, request, context):
         answer = await getattr(self.legacy, legacy_name)(_as(request_type, request), context)
         return wrap(answer)
+
     method.__name__ = legacy_name
     return method
 
@@ -526,19 +694,25 @@ class MerchantAdminServiceServicer(admin_pb2_grpc.MerchantAdminServiceServicer):
     def __init__(self, legacy: MerchantAdminServicer):
         self.legacy = legacy
 
-    CreateMerchant = _adapter("CreateMerchant", pb.CreateMerchantRequest,
-                              lambda m: pb.MerchantAdminServiceCreateMerchantResponse(merchant=m))
-    UpdateMerchant = _adapter("UpdateMerchant", pb.UpdateMerchantRequest,
-                              lambda m: pb.MerchantAdminServiceUpdateMerchantResponse(merchant=m))
-    SuspendMerchant = _adapter("SuspendMerchant", pb.SuspendMerchantRequest,
-                               lambda m: pb.MerchantAdminServiceSuspendMerchantResponse(merchant=m))
-    GetMerchant = _adapter("GetMerchant", pb.GetMerchantRequest,
-                           lambda m: pb.MerchantAdminServiceGetMerchantResponse(merchant=m))
-    ListMerchants = _adapter("ListMerchants", pb.ListMerchantsRequest,
-                             _copy(pb.MerchantAdminServiceListMerchantsResponse))
+    CreateMerchant = _adapter(
+        "CreateMerchant", pb.CreateMerchantRequest, lambda m: pb.MerchantAdminServiceCreateMerchantResponse(merchant=m)
+    )
+    UpdateMerchant = _adapter(
+        "UpdateMerchant", pb.UpdateMerchantRequest, lambda m: pb.MerchantAdminServiceUpdateMerchantResponse(merchant=m)
+    )
+    SuspendMerchant = _adapter(
+        "SuspendMerchant",
+        pb.SuspendMerchantRequest,
+        lambda m: pb.MerchantAdminServiceSuspendMerchantResponse(merchant=m),
+    )
+    GetMerchant = _adapter(
+        "GetMerchant", pb.GetMerchantRequest, lambda m: pb.MerchantAdminServiceGetMerchantResponse(merchant=m)
+    )
+    ListMerchants = _adapter(
+        "ListMerchants", pb.ListMerchantsRequest, _copy(pb.MerchantAdminServiceListMerchantsResponse)
+    )
     IssueApiKey = _adapter("IssueApiKey", pb.IssueApiKeyRequest, _copy(pb.MerchantAdminServiceIssueApiKeyResponse))
-    RevokeApiKey = _adapter("RevokeApiKey", pb.RevokeApiKeyRequest,
-                            _copy(pb.MerchantAdminServiceRevokeApiKeyResponse))
+    RevokeApiKey = _adapter("RevokeApiKey", pb.RevokeApiKeyRequest, _copy(pb.MerchantAdminServiceRevokeApiKeyResponse))
 
 
 class ClearingServiceServicer(admin_pb2_grpc.ClearingServiceServicer):
@@ -547,16 +721,25 @@ class ClearingServiceServicer(admin_pb2_grpc.ClearingServiceServicer):
     def __init__(self, legacy: ClearingServicer):
         self.legacy = legacy
 
-    GetMerchantPosition = _adapter("GetMerchantPosition", pb.GetMerchantPositionRequest,
-                                   lambda p: pb.ClearingServiceGetMerchantPositionResponse(position=p))
-    CloseSettlementPeriod = _adapter("CloseSettlementPeriod", pb.CloseSettlementPeriodRequest,
-                                     lambda p: pb.ClearingServiceCloseSettlementPeriodResponse(period=p))
-    GetStatement = _adapter("GetStatement", pb.GetStatementRequest,
-                            lambda s: pb.ClearingServiceGetStatementResponse(statement=s))
-    ListStatements = _adapter("ListStatements", pb.ListStatementsRequest,
-                              _copy(pb.ClearingServiceListStatementsResponse))
-    ExportStatement = _adapter("ExportStatement", pb.ExportStatementRequest,
-                               _copy(pb.ClearingServiceExportStatementResponse))
+    GetMerchantPosition = _adapter(
+        "GetMerchantPosition",
+        pb.GetMerchantPositionRequest,
+        lambda p: pb.ClearingServiceGetMerchantPositionResponse(position=p),
+    )
+    CloseSettlementPeriod = _adapter(
+        "CloseSettlementPeriod",
+        pb.CloseSettlementPeriodRequest,
+        lambda p: pb.ClearingServiceCloseSettlementPeriodResponse(period=p),
+    )
+    GetStatement = _adapter(
+        "GetStatement", pb.GetStatementRequest, lambda s: pb.ClearingServiceGetStatementResponse(statement=s)
+    )
+    ListStatements = _adapter(
+        "ListStatements", pb.ListStatementsRequest, _copy(pb.ClearingServiceListStatementsResponse)
+    )
+    ExportStatement = _adapter(
+        "ExportStatement", pb.ExportStatementRequest, _copy(pb.ClearingServiceExportStatementResponse)
+    )
 
 
 class ProgramsServiceServicer(admin_pb2_grpc.ProgramsServiceServicer):
@@ -565,13 +748,17 @@ class ProgramsServiceServicer(admin_pb2_grpc.ProgramsServiceServicer):
     def __init__(self, legacy: ProgramsServicer):
         self.legacy = legacy
 
-    SetProgramVersion = _adapter("SetProgramVersion", pb.SetProgramVersionRequest,
-                                 lambda v: pb.ProgramsServiceSetProgramVersionResponse(version=v))
-    GetProgram = _adapter("GetProgram", pb.GetProgramRequest,
-                          lambda p: pb.ProgramsServiceGetProgramResponse(program=p))
+    SetProgramVersion = _adapter(
+        "SetProgramVersion",
+        pb.SetProgramVersionRequest,
+        lambda v: pb.ProgramsServiceSetProgramVersionResponse(version=v),
+    )
+    GetProgram = _adapter("GetProgram", pb.GetProgramRequest, lambda p: pb.ProgramsServiceGetProgramResponse(program=p))
 
 
 # The STANDARD-named twin of each deprecated operator service (full names), for tests and docs.
-TWIN_SERVICES = {"points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
-                 "points.v1.Clearing": "points.v1.ClearingService",
-                 "points.v1.Programs": "points.v1.ProgramsService"}
+TWIN_SERVICES = {
+    "points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
+    "points.v1.Clearing": "points.v1.ClearingService",
+    "points.v1.Programs": "points.v1.ProgramsService",
+}

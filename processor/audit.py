@@ -8,6 +8,7 @@ key_id "cli". Requests are stored as JSON with their secrets redacted and their 
 bounded. Calls refused before authentication (no key, a wrong key) are not recorded: a flood of bad keys
 must not grow the table.
 """
+
 from __future__ import annotations
 
 import base64
@@ -36,45 +37,73 @@ TEXT_BYTES_MAX = 200
 # Checked at import against the services admin.proto declares, so a new method cannot ship unclassified.
 STATE_CHANGING: dict[str, dict[str, bool]] = {
     "points.v1.MerchantAdmin": {
-        "CreateMerchant": True, "UpdateMerchant": True, "SuspendMerchant": True, "GetMerchant": False,
-        "ListMerchants": False, "IssueApiKey": True, "RevokeApiKey": True,
+        "CreateMerchant": True,
+        "UpdateMerchant": True,
+        "SuspendMerchant": True,
+        "GetMerchant": False,
+        "ListMerchants": False,
+        "IssueApiKey": True,
+        "RevokeApiKey": True,
     },
     "points.v1.Clearing": {
-        "GetMerchantPosition": False, "CloseSettlementPeriod": True, "GetStatement": False,
-        "ListStatements": False, "ExportStatement": False,
+        "GetMerchantPosition": False,
+        "CloseSettlementPeriod": True,
+        "GetStatement": False,
+        "ListStatements": False,
+        "ExportStatement": False,
     },
     "points.v1.Programs": {"SetProgramVersion": True, "GetProgram": False},
     # the STANDARD-named twins of the three above (processor/admin.py): classified as their twins
     "points.v1.MerchantAdminService": {
-        "CreateMerchant": True, "UpdateMerchant": True, "SuspendMerchant": True, "GetMerchant": False,
-        "ListMerchants": False, "IssueApiKey": True, "RevokeApiKey": True,
+        "CreateMerchant": True,
+        "UpdateMerchant": True,
+        "SuspendMerchant": True,
+        "GetMerchant": False,
+        "ListMerchants": False,
+        "IssueApiKey": True,
+        "RevokeApiKey": True,
     },
     "points.v1.ClearingService": {
-        "GetMerchantPosition": False, "CloseSettlementPeriod": True, "GetStatement": False,
-        "ListStatements": False, "ExportStatement": False,
+        "GetMerchantPosition": False,
+        "CloseSettlementPeriod": True,
+        "GetStatement": False,
+        "ListStatements": False,
+        "ExportStatement": False,
     },
     "points.v1.ProgramsService": {"SetProgramVersion": True, "GetProgram": False},
     "points.v1.AuditService": {"ListAuditRecords": False},
-    "points.v1.MemberAdminService": {"EnrollMemberTotp": True, "SetMemberPin": True, "ResetMemberVerification": True,
-                                     "GetMemberVerification": False},
+    "points.v1.MemberAdminService": {
+        "EnrollMemberTotp": True,
+        "SetMemberPin": True,
+        "ResetMemberVerification": True,
+        "GetMemberVerification": False,
+    },
 }
 
 
 def _check_table() -> None:
-    declared = {service.full_name: {m.name for m in service.methods}
-                for service in pb.DESCRIPTOR.services_by_name.values()}
-    streaming = {f"{service.full_name}/{m.name}" for service in pb.DESCRIPTOR.services_by_name.values()
-                 for m in service.methods if m.client_streaming or m.server_streaming}
-    audited_streams = {name for name in streaming
-                       if STATE_CHANGING.get(name.rpartition("/")[0], {}).get(name.rpartition("/")[2])}
+    declared = {
+        service.full_name: {m.name for m in service.methods} for service in pb.DESCRIPTOR.services_by_name.values()
+    }
+    streaming = {
+        f"{service.full_name}/{m.name}"
+        for service in pb.DESCRIPTOR.services_by_name.values()
+        for m in service.methods
+        if m.client_streaming or m.server_streaming
+    }
+    audited_streams = {
+        name for name in streaming if STATE_CHANGING.get(name.rpartition("/")[0], {}).get(name.rpartition("/")[2])
+    }
     if audited_streams:  # the interceptor records unary calls only
         raise ImportError(f"state-changing streaming operator methods are not audited yet: {sorted(audited_streams)}")
     classified = {service: set(methods) for service, methods in STATE_CHANGING.items()}
     if declared != classified:
         missing = {f"{s}/{m}" for s, ms in declared.items() for m in ms - classified.get(s, set())}
         extra = {f"{s}/{m}" for s, ms in classified.items() for m in ms - declared.get(s, set())}
-        raise ImportError(f"audit.STATE_CHANGING must classify every operator method (state-changing or not): "
-                          f"unclassified {sorted(missing)}, not declared {sorted(extra)}")
+        raise ImportError(
+            f"audit.STATE_CHANGING must classify every operator method (state-changing or not): "
+            f"unclassified {sorted(missing)}, not declared {sorted(extra)}"
+        )
 
 
 _check_table()
@@ -115,24 +144,37 @@ class AuditLog:
     def __init__(self, store=None):
         self.store = store
 
-    async def record(self, key_id: str, method: str, request, outcome: str, message: str = "",
-                     request_id: str = "") -> None:
+    async def record(
+        self, key_id: str, method: str, request, outcome: str, message: str = "", request_id: str = ""
+    ) -> None:
         if self.store is None:  # a call while the service starts (answered UNAVAILABLE)
             raise RuntimeError("the database is not open yet")
         await self.store.pool.execute(
             """INSERT INTO audit_records (key_id, method, request, outcome, message, request_id)
                VALUES ($1, $2, $3::jsonb, $4, $5, $6)""",
-            key_id, method, request_json(request), outcome, (message or "")[:4096], request_id)
+            key_id,
+            method,
+            request_json(request),
+            outcome,
+            (message or "")[:4096],
+            request_id,
+        )
 
-    async def records(self, key_id: str = "", method: str = "", before: int | None = None,
-                      limit: int = PAGE_DEFAULT) -> list:
+    async def records(
+        self, key_id: str = "", method: str = "", before: int | None = None, limit: int = PAGE_DEFAULT
+    ) -> list:
         """Newest first; `before`: only audit ids below it."""
         return await self.store.pool.fetch(
             """SELECT audit_id, at, key_id, method, request::text AS request, outcome, message, request_id
                FROM audit_records
                WHERE ($1 = '' OR key_id = $1) AND ($2 = '' OR method = $2)
                  AND ($3::bigint IS NULL OR audit_id < $3)
-               ORDER BY audit_id DESC LIMIT $4""", key_id, method, before, limit)
+               ORDER BY audit_id DESC LIMIT $4""",
+            key_id,
+            method,
+            before,
+            limit,
+        )
 
 
 def _timestamp(moment: dt.datetime) -> timestamp_pb2.Timestamp:
@@ -164,16 +206,30 @@ class AuditServicer(admin_pb2_grpc.AuditServiceServicer):
                 except (ValueError, UnicodeError):
                     text = ""
                 if not (text.isascii() and text.isdigit() and len(text) <= 18):
-                    raise Rejection(Code.INVALID_ARGUMENT, "page_token is not one this service issued; pass "
-                                                           "next_page_token from the previous response, or empty")
+                    raise Rejection(
+                        Code.INVALID_ARGUMENT,
+                        "page_token is not one this service issued; pass "
+                        "next_page_token from the previous response, or empty",
+                    )
                 before = int(text)
             rows = await self.audit_log.records(request.key_id, request.method, before, size + 1)
             more = len(rows) > size
             rows = rows[:size]
             return pb.ListAuditRecordsResponse(
-                records=[pb.AuditRecord(audit_id=r["audit_id"], at=_timestamp(r["at"]), key_id=r["key_id"],
-                                        method=r["method"], request_json=r["request"], outcome=r["outcome"],
-                                        message=r["message"], request_id=r["request_id"]) for r in rows],
-                next_page_token=base64.urlsafe_b64encode(str(rows[-1]["audit_id"]).encode()).decode()
-                if more else "")
+                records=[
+                    pb.AuditRecord(
+                        audit_id=r["audit_id"],
+                        at=_timestamp(r["at"]),
+                        key_id=r["key_id"],
+                        method=r["method"],
+                        request_json=r["request"],
+                        outcome=r["outcome"],
+                        message=r["message"],
+                        request_id=r["request_id"],
+                    )
+                    for r in rows
+                ],
+                next_page_token=base64.urlsafe_b64encode(str(rows[-1]["audit_id"]).encode()).decode() if more else "",
+            )
+
         return await guard(context, call)

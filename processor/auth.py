@@ -7,6 +7,7 @@ effect within that time; a revocation through the admin API takes effect at once
 expiry (`expires_at`): past it the key is refused, cached or not. Unknown key ids are remembered as
 unknown for `auth_unknown_cache_seconds`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,9 @@ def bearer_key(metadata) -> str:
             if scheme.lower() == "bearer" and key.strip():
                 return key.strip()
             break
-    raise Rejection(Code.UNAUTHENTICATED,
-                    "missing credential: send metadata `authorization: Bearer <key>` with your API key")
+    raise Rejection(
+        Code.UNAUTHENTICATED, "missing credential: send metadata `authorization: Bearer <key>` with your API key"
+    )
 
 
 class Authenticator:
@@ -66,9 +68,16 @@ class Authenticator:
     pool at once (beyond: RESOURCE_EXHAUSTED). Records when each key was last used, written at most every
     `last_used_seconds` for all keys used meanwhile (`flush_last_used`)."""
 
-    def __init__(self, store, cache_seconds: float, cache_entries_max: int = 100_000,
-                 unknown_cache_seconds: float = 0.0, unknown_cache_entries_max: int = 10_000,
-                 last_used_seconds: float = 60.0, lookups_in_flight_max: int = 256):
+    def __init__(
+        self,
+        store,
+        cache_seconds: float,
+        cache_entries_max: int = 100_000,
+        unknown_cache_seconds: float = 0.0,
+        unknown_cache_entries_max: int = 10_000,
+        last_used_seconds: float = 60.0,
+        lookups_in_flight_max: int = 256,
+    ):
         self.store = store
         self.pool = None  # the look-ups' own pool (server.py); None: the store's
         self.cache_seconds = cache_seconds
@@ -106,8 +115,10 @@ class Authenticator:
         if self.store is None:
             raise Rejection(Code.UNAVAILABLE, "the service is starting; retry shortly")
         if self._lookups_in_flight >= self.lookups_in_flight_max:  # the pool's wait queue is bounded too
-            raise Rejection(Code.RESOURCE_EXHAUSTED, f"{self._lookups_in_flight} API keys are being checked at "
-                                                     "once; retry with exponential backoff")
+            raise Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"{self._lookups_in_flight} API keys are being checked at once; retry with exponential backoff",
+            )
         self._lookups_in_flight += 1
         try:
             row = await self.store.api_key(key_id, self.pool)

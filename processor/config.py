@@ -3,6 +3,7 @@
 Each option has a command-line flag (--name-with-dashes) and an environment variable (POINTS_NAME, or
 DATABASE_URL for the database); the flag wins over the variable, the variable over the default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,103 +46,215 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free one)"),
     Option("metrics_listen", str, "127.0.0.1:9464", "Prometheus /metrics HTTP address HOST:PORT (port 0 picks one)"),
-    Option("tls_cert_file", str, "",
-           "PEM certificate chain the gRPC server presents; with --tls-key-file serves TLS only; reread on SIGHUP"),
+    Option(
+        "tls_cert_file",
+        str,
+        "",
+        "PEM certificate chain the gRPC server presents; with --tls-key-file serves TLS only; reread on SIGHUP",
+    ),
     Option("tls_key_file", str, "", "PEM private key of --tls-cert-file; reread on SIGHUP"),
-    Option("tls_client_ca_file", str, "",
-           "PEM CA certificates: clients must present a certificate signed by one (mutual TLS); reread on SIGHUP"),
-    Option("insecure", boolean, False,
-           "allow plaintext gRPC on a non-loopback --listen address (without TLS only loopback is allowed)"),
-    Option("health_listen", str, "",
-           "plaintext HOST:PORT serving grpc.health.v1.Health only, for probes that cannot speak TLS "
-           "(Kubernetes gRPC probes); empty = none"),
-    Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir",
-           env="DATABASE_URL"),
+    Option(
+        "tls_client_ca_file",
+        str,
+        "",
+        "PEM CA certificates: clients must present a certificate signed by one (mutual TLS); reread on SIGHUP",
+    ),
+    Option(
+        "insecure",
+        boolean,
+        False,
+        "allow plaintext gRPC on a non-loopback --listen address (without TLS only loopback is allowed)",
+    ),
+    Option(
+        "health_listen",
+        str,
+        "",
+        "plaintext HOST:PORT serving grpc.health.v1.Health only, for probes that cannot speak TLS "
+        "(Kubernetes gRPC probes); empty = none",
+    ),
+    Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir", env="DATABASE_URL"),
     Option("data_dir", str, ".points-data", "directory of the embedded Postgres (used without a database URL)"),
     Option("database_name", str, "points", "database created and used inside the embedded Postgres"),
     Option("batch_operations_max", int, 1000, "operations committed in one Postgres transaction, at most"),
-    Option("batch_linger_seconds", float, 0.001,
-           "how long the committer waits for more operations after the first of a batch"),
-    Option("queue_operations_max", int, 20_000,
-           "operations waiting for the committer, at most; beyond it calls get RESOURCE_EXHAUSTED"),
+    Option(
+        "batch_linger_seconds",
+        float,
+        0.001,
+        "how long the committer waits for more operations after the first of a batch",
+    ),
+    Option(
+        "queue_operations_max",
+        int,
+        20_000,
+        "operations waiting for the committer, at most; beyond it calls get RESOURCE_EXHAUSTED",
+    ),
     Option("commit_timeout_seconds", float, 10.0, "a batch commit taking longer fails (UNAVAILABLE)"),
-    Option("writer_lock_wait_seconds", float, 0.0,
-           "at start, how long to wait for another service holding the ledger's writer lock (a standby "
-           "takes over when it goes); 0 = refuse to start at once"),
+    Option(
+        "writer_lock_wait_seconds",
+        float,
+        0.0,
+        "at start, how long to wait for another service holding the ledger's writer lock (a standby "
+        "takes over when it goes); 0 = refuse to start at once",
+    ),
     Option("pool_connections_max", int, 8, "Postgres connections in the pool, at most"),
     Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
     Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
     Option("holds_expired_per_batch_max", int, 10_000, "expired holds released per batch, at most"),
-    Option("balance_checkpoint_seconds", float, 5.0,
-           "how often account balances are checkpointed (folded into accounts.balance with a batch); "
-           "start-up replays the journal since the last checkpoint"),
-    Option("balance_checkpoint_accounts_max", int, 100_000,
-           "accounts changed since the last checkpoint, at most, before the next batch checkpoints"),
+    Option(
+        "balance_checkpoint_seconds",
+        float,
+        5.0,
+        "how often account balances are checkpointed (folded into accounts.balance with a batch); "
+        "start-up replays the journal since the last checkpoint",
+    ),
+    Option(
+        "balance_checkpoint_accounts_max",
+        int,
+        100_000,
+        "accounts changed since the last checkpoint, at most, before the next batch checkpoints",
+    ),
     Option("points_max", int, 10**12, "largest point-units amount in one request"),
     Option("purchase_amount_max", int, 10**13, "largest purchase amount (currency minor units) in one earn"),
     Option("id_bytes_max", int, 128, "longest merchant_id / member_id, bytes"),
     Option("idempotency_key_bytes_max", int, 128, "longest idempotency key, bytes"),
-    Option("idempotency_retention_days", int, 0,
-           "idempotency records older than this are deleted; 0 keeps them forever (minimum 30 otherwise)"),
-    Option("idempotency_purge_chunk_rows_max", int, 10_000,
-           "idempotency records deleted per purge transaction, at most (the purge loops until done)"),
+    Option(
+        "idempotency_retention_days",
+        int,
+        0,
+        "idempotency records older than this are deleted; 0 keeps them forever (minimum 30 otherwise)",
+    ),
+    Option(
+        "idempotency_purge_chunk_rows_max",
+        int,
+        10_000,
+        "idempotency records deleted per purge transaction, at most (the purge loops until done)",
+    ),
     Option("idempotency_purge_chunk_timeout_seconds", float, 60.0, "time one purge transaction may take"),
     Option("page_size_default", int, 50, "ListTransactions page size when the request gives none"),
     Option("page_size_max", int, 200, "largest ListTransactions page size"),
     Option("members_max", int, 5_000_000, "members resident in the fast path, at most"),
     Option("holds_max", int, 2_000_000, "holds resident in the fast path, at most"),
-    Option("transactions_resident_max", int, 200_000,
-           "refundable transactions cached in the fast path before the cache is dropped"),
-    Option("rpcs_in_flight_max", int, 10_000,
-           "RPCs being handled at once, at most; beyond it calls get RESOURCE_EXHAUSTED"),
-    Option("merchant_operations_per_second", float, 1000.0,
-           "per-merchant rate limit on mutating operations (token bucket; each operation of a SubmitBatch or "
-           "Stream counts); beyond it RESOURCE_EXHAUSTED says when to retry; 0 = no limit"),
+    Option(
+        "transactions_resident_max",
+        int,
+        200_000,
+        "refundable transactions cached in the fast path before the cache is dropped",
+    ),
+    Option(
+        "rpcs_in_flight_max", int, 10_000, "RPCs being handled at once, at most; beyond it calls get RESOURCE_EXHAUSTED"
+    ),
+    Option(
+        "merchant_operations_per_second",
+        float,
+        1000.0,
+        "per-merchant rate limit on mutating operations (token bucket; each operation of a SubmitBatch or "
+        "Stream counts); beyond it RESOURCE_EXHAUSTED says when to retry; 0 = no limit",
+    ),
     Option("merchant_burst_operations", int, 10_000, "per-merchant burst allowed above the rate"),
-    Option("merchant_holds_open_max", int, 200_000,
-           "open holds of one merchant, at most (a share of holds_max, so one merchant cannot take them all); "
-           "beyond it Authorize gets RESOURCE_EXHAUSTED; at or above holds_max: no share"),
-    Option("merchant_holds_recount_seconds", float, 60.0,
-           "how often the open holds of each merchant are recounted from Postgres (between recounts, holds "
-           "resolved are not subtracted: the count errs high)"),
-    Option("merchant_new_members_per_hour_max", int, 100_000,
-           "members one merchant's earns may create per clock hour, at most; beyond it RESOURCE_EXHAUSTED"),
-    Option("merchant_queue_operations_max", int, 5_000,
-           "operations of one merchant queued or being committed, at most (a share of queue_operations_max); "
-           "beyond it RESOURCE_EXHAUSTED; at or above queue_operations_max: no share"),
+    Option(
+        "merchant_holds_open_max",
+        int,
+        200_000,
+        "open holds of one merchant, at most (a share of holds_max, so one merchant cannot take them all); "
+        "beyond it Authorize gets RESOURCE_EXHAUSTED; at or above holds_max: no share",
+    ),
+    Option(
+        "merchant_holds_recount_seconds",
+        float,
+        60.0,
+        "how often the open holds of each merchant are recounted from Postgres (between recounts, holds "
+        "resolved are not subtracted: the count errs high)",
+    ),
+    Option(
+        "merchant_new_members_per_hour_max",
+        int,
+        100_000,
+        "members one merchant's earns may create per clock hour, at most; beyond it RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "merchant_queue_operations_max",
+        int,
+        5_000,
+        "operations of one merchant queued or being committed, at most (a share of queue_operations_max); "
+        "beyond it RESOURCE_EXHAUSTED; at or above queue_operations_max: no share",
+    ),
     Option("batch_request_operations_max", int, 8192, "operations in one SubmitBatch call, at most"),
-    Option("stream_operations_in_flight_max", int, 1024,
-           "operations of one Stream awaiting their commit, at most; the stream is read no further until one ends"),
-    Option("auth_cache_seconds", float, 5.0,
-           "verified API keys are cached this long; a key revoked by the CLI stops working within it"),
-    Option("auth_unknown_cache_seconds", float, 10.0,
-           "an unknown key id is remembered as unknown this long (no Postgres look-up for its repeats); "
-           "a key created by the CLI for that id works after it at the latest"),
+    Option(
+        "stream_operations_in_flight_max",
+        int,
+        1024,
+        "operations of one Stream awaiting their commit, at most; the stream is read no further until one ends",
+    ),
+    Option(
+        "auth_cache_seconds",
+        float,
+        5.0,
+        "verified API keys are cached this long; a key revoked by the CLI stops working within it",
+    ),
+    Option(
+        "auth_unknown_cache_seconds",
+        float,
+        10.0,
+        "an unknown key id is remembered as unknown this long (no Postgres look-up for its repeats); "
+        "a key created by the CLI for that id works after it at the latest",
+    ),
     Option("auth_unknown_cache_entries_max", int, 10_000, "unknown key ids remembered, at most"),
-    Option("auth_pool_connections_max", int, 2,
-           "Postgres connections of the key look-ups' own pool (never the committer's), at most"),
-    Option("auth_lookups_in_flight_max", int, 256,
-           "key look-ups in Postgres running or waiting for the pool at once, at most; beyond it calls get "
-           "RESOURCE_EXHAUSTED"),
-    Option("auth_last_used_seconds", float, 60.0,
-           "a key's last_used_at is written at most this often (batched for all keys used meanwhile)"),
+    Option(
+        "auth_pool_connections_max",
+        int,
+        2,
+        "Postgres connections of the key look-ups' own pool (never the committer's), at most",
+    ),
+    Option(
+        "auth_lookups_in_flight_max",
+        int,
+        256,
+        "key look-ups in Postgres running or waiting for the pool at once, at most; beyond it calls get "
+        "RESOURCE_EXHAUSTED",
+    ),
+    Option(
+        "auth_last_used_seconds",
+        float,
+        60.0,
+        "a key's last_used_at is written at most this often (batched for all keys used meanwhile)",
+    ),
     Option("grpc_message_bytes_max", int, 4 * 1024 * 1024, "largest gRPC request message, bytes"),
-    Option("program_id", str, "alliance",
-           "the loyalty program whose versioned rules (tiers, expiry, promotions, ...) the service applies; "
-           "with no version stored, earns and redeems follow the plain ledger"),
+    Option(
+        "program_id",
+        str,
+        "alliance",
+        "the loyalty program whose versioned rules (tiers, expiry, promotions, ...) the service applies; "
+        "with no version stored, earns and redeems follow the plain ledger",
+    ),
     Option("expiry_lots_per_batch_max", int, 1000, "expired point lots posted per batch by the expiry job, at most"),
-    Option("dividend_check_seconds", float, 60.0,
-           "how often the service checks whether the dividend pool is due a round (program rules)"),
-    Option("member_verifications_in_flight_max", int, 64,
-           "member presence checks (one-time codes, PINs) running at once, at most; the others wait"),
+    Option(
+        "dividend_check_seconds",
+        float,
+        60.0,
+        "how often the service checks whether the dividend pool is due a round (program rules)",
+    ),
+    Option(
+        "member_verifications_in_flight_max",
+        int,
+        64,
+        "member presence checks (one-time codes, PINs) running at once, at most; the others wait",
+    ),
     Option("pin_hash_threads_max", int, 2, "threads hashing member PINs (scrypt, ~50 ms each), at most"),
-    Option("member_secret_key", str, "",
-           "base64 of 32 random bytes: members' TOTP secrets are stored AES-GCM encrypted under it, so a "
-           "database dump alone does not reveal them; empty = stored in clear. Keep it out of the database "
-           "and its backups; secrets stored under a key need that key"),
+    Option(
+        "member_secret_key",
+        str,
+        "",
+        "base64 of 32 random bytes: members' TOTP secrets are stored AES-GCM encrypted under it, so a "
+        "database dump alone does not reveal them; empty = stored in clear. Keep it out of the database "
+        "and its backups; secrets stored under a key need that key",
+    ),
     Option("shutdown_grace_seconds", float, 10.0, "on SIGTERM, time to finish in-flight calls"),
-    Option("shutdown_drain_seconds", float, 0.5,
-           "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes"),
+    Option(
+        "shutdown_drain_seconds",
+        float,
+        0.5,
+        "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes",
+    ),
 )
 
 
@@ -214,70 +327,103 @@ class Settings:
 
         for name in ("listen", "metrics_listen") + (("health_listen",) if self.health_listen else ()):
             host, _, port = getattr(self, name).rpartition(":")
-            check(bool(host) and port.isdigit() and int(port) < 65536,
-                  f"{name} {getattr(self, name)!r} must be HOST:PORT")
-        check(bool(self.tls_cert_file) == bool(self.tls_key_file),
-              "tls_cert_file and tls_key_file go together: give both (TLS) or neither")
-        check(not self.tls_client_ca_file or bool(self.tls_cert_file),
-              "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
-        check(self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
-              "database_url must start with postgresql:// (or be empty for the embedded Postgres)")
-        check(_port_parses(self.database_url),
-              "database_url has a host:port that is not a number (percent-encode @ : / # ? in the password)")
+            check(
+                bool(host) and port.isdigit() and int(port) < 65536, f"{name} {getattr(self, name)!r} must be HOST:PORT"
+            )
+        check(
+            bool(self.tls_cert_file) == bool(self.tls_key_file),
+            "tls_cert_file and tls_key_file go together: give both (TLS) or neither",
+        )
+        check(
+            not self.tls_client_ca_file or bool(self.tls_cert_file),
+            "tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file",
+        )
+        check(
+            self.database_url == "" or self.database_url.startswith(("postgres://", "postgresql://")),
+            "database_url must start with postgresql:// (or be empty for the embedded Postgres)",
+        )
+        check(
+            _port_parses(self.database_url),
+            "database_url has a host:port that is not a number (percent-encode @ : / # ? in the password)",
+        )
         check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")
         check(0 <= self.batch_linger_seconds <= 1, "batch_linger_seconds must be 0..1")
-        check(self.queue_operations_max >= self.batch_operations_max,
-              "queue_operations_max must be >= batch_operations_max")
+        check(
+            self.queue_operations_max >= self.batch_operations_max,
+            "queue_operations_max must be >= batch_operations_max",
+        )
         check(self.commit_timeout_seconds > 0, "commit_timeout_seconds must be > 0")
         check(0 <= self.writer_lock_wait_seconds <= 30 * DAY_SECONDS, "writer_lock_wait_seconds must be 0..2592000")
-        check(0 <= self.balance_checkpoint_seconds <= 3600, "balance_checkpoint_seconds must be 0..3600 (0: every batch)")
+        check(
+            0 <= self.balance_checkpoint_seconds <= 3600, "balance_checkpoint_seconds must be 0..3600 (0: every batch)"
+        )
         check(self.balance_checkpoint_accounts_max >= 1, "balance_checkpoint_accounts_max must be >= 1")
         check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")
-        check(1 <= self.hold_ttl_seconds_default <= self.hold_ttl_seconds_max,
-              "hold_ttl_seconds_default must be 1..hold_ttl_seconds_max")
+        check(
+            1 <= self.hold_ttl_seconds_default <= self.hold_ttl_seconds_max,
+            "hold_ttl_seconds_default must be 1..hold_ttl_seconds_max",
+        )
         check(self.holds_expired_per_batch_max >= 1, "holds_expired_per_batch_max must be >= 1")
         check(1 <= self.points_max <= 2**62, "points_max must be 1..2**62")
-        check(1 <= self.purchase_amount_max <= 2**62 // 2000,
-              "purchase_amount_max must be 1..2**62/2000 (so points never overflow)")
+        check(
+            1 <= self.purchase_amount_max <= 2**62 // 2000,
+            "purchase_amount_max must be 1..2**62/2000 (so points never overflow)",
+        )
         check(1 <= self.id_bytes_max <= 1024, "id_bytes_max must be 1..1024")
         check(1 <= self.idempotency_key_bytes_max <= 1024, "idempotency_key_bytes_max must be 1..1024")
-        check(self.idempotency_retention_days == 0 or self.idempotency_retention_days >= 30,
-              "idempotency_retention_days must be 0 (forever) or >= 30")
-        check(1 <= self.page_size_default <= self.page_size_max <= 10_000,
-              "need 1 <= page_size_default <= page_size_max <= 10000")
+        check(
+            self.idempotency_retention_days == 0 or self.idempotency_retention_days >= 30,
+            "idempotency_retention_days must be 0 (forever) or >= 30",
+        )
+        check(
+            1 <= self.page_size_default <= self.page_size_max <= 10_000,
+            "need 1 <= page_size_default <= page_size_max <= 10000",
+        )
         check(self.members_max >= 1 and self.holds_max >= 1, "members_max and holds_max must be >= 1")
-        check(self.transactions_resident_max >= self.batch_operations_max,
-              "transactions_resident_max must be >= batch_operations_max")
+        check(
+            self.transactions_resident_max >= self.batch_operations_max,
+            "transactions_resident_max must be >= batch_operations_max",
+        )
         check(1 <= self.rpcs_in_flight_max <= 1_000_000, "rpcs_in_flight_max must be 1..1000000")
         check(self.merchant_operations_per_second >= 0, "merchant_operations_per_second must be >= 0")
         check(self.merchant_burst_operations >= 1, "merchant_burst_operations must be >= 1")
         check(1 <= self.batch_request_operations_max <= 100_000, "batch_request_operations_max must be 1..100000")
-        check(1 <= self.stream_operations_in_flight_max <= 100_000,
-              "stream_operations_in_flight_max must be 1..100000")
+        check(1 <= self.stream_operations_in_flight_max <= 100_000, "stream_operations_in_flight_max must be 1..100000")
         check(0 <= self.auth_cache_seconds <= 300, "auth_cache_seconds must be 0..300")
         check(0 <= self.auth_unknown_cache_seconds <= 300, "auth_unknown_cache_seconds must be 0..300")
-        check(1 <= self.auth_unknown_cache_entries_max <= 10_000_000,
-              "auth_unknown_cache_entries_max must be 1..10000000")
+        check(
+            1 <= self.auth_unknown_cache_entries_max <= 10_000_000, "auth_unknown_cache_entries_max must be 1..10000000"
+        )
         check(1 <= self.auth_pool_connections_max <= 20, "auth_pool_connections_max must be 1..20")
         check(1 <= self.auth_lookups_in_flight_max <= 100_000, "auth_lookups_in_flight_max must be 1..100000")
         check(0 <= self.auth_last_used_seconds <= 86_400, "auth_last_used_seconds must be 0..86400")
-        check(1 <= self.idempotency_purge_chunk_rows_max <= 1_000_000,
-              "idempotency_purge_chunk_rows_max must be 1..1000000")
+        check(
+            1 <= self.idempotency_purge_chunk_rows_max <= 1_000_000,
+            "idempotency_purge_chunk_rows_max must be 1..1000000",
+        )
         check(self.idempotency_purge_chunk_timeout_seconds > 0, "idempotency_purge_chunk_timeout_seconds must be > 0")
         check(self.merchant_holds_open_max >= 1, "merchant_holds_open_max must be >= 1 (above holds_max: no share)")
-        check(0.05 <= self.merchant_holds_recount_seconds <= 86_400, "merchant_holds_recount_seconds must be 0.05..86400")
+        check(
+            0.05 <= self.merchant_holds_recount_seconds <= 86_400, "merchant_holds_recount_seconds must be 0.05..86400"
+        )
         check(self.merchant_new_members_per_hour_max >= 1, "merchant_new_members_per_hour_max must be >= 1")
-        check(self.merchant_queue_operations_max >= 1,
-              "merchant_queue_operations_max must be >= 1 (above queue_operations_max: no share)")
+        check(
+            self.merchant_queue_operations_max >= 1,
+            "merchant_queue_operations_max must be >= 1 (above queue_operations_max: no share)",
+        )
         check(self.grpc_message_bytes_max >= 1024, "grpc_message_bytes_max must be >= 1024")
         check(bool(self.program_id) and len(self.program_id) <= 64, "program_id must be 1..64 characters")
         check(self.expiry_lots_per_batch_max >= 1, "expiry_lots_per_batch_max must be >= 1")
         check(0.05 <= self.dividend_check_seconds <= 86_400, "dividend_check_seconds must be 0.05..86400")
-        check(1 <= self.member_verifications_in_flight_max <= 10_000,
-              "member_verifications_in_flight_max must be 1..10000")
+        check(
+            1 <= self.member_verifications_in_flight_max <= 10_000,
+            "member_verifications_in_flight_max must be 1..10000",
+        )
         check(1 <= self.pin_hash_threads_max <= 64, "pin_hash_threads_max must be 1..64")
-        check(self.member_secret_key == "" or _key_bytes(self.member_secret_key) is not None,
-              "member_secret_key must be base64 of 32 bytes (e.g. `openssl rand -base64 32`), or empty")
+        check(
+            self.member_secret_key == "" or _key_bytes(self.member_secret_key) is not None,
+            "member_secret_key must be base64 of 32 bytes (e.g. `openssl rand -base64 32`), or empty",
+        )
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
         if problems:
@@ -315,8 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None
         if names is None or option.name in names:
             help = f"{option.help} [env {option.env_name}, default {option.default!r}]"
             if option.type is boolean:  # a switch: given means on
-                parser.add_argument(option.flag, dest=option.name, action="store_const", const=True,
-                                    default=None, help=help)
+                parser.add_argument(
+                    option.flag, dest=option.name, action="store_const", const=True, default=None, help=help
+                )
             else:
                 parser.add_argument(option.flag, dest=option.name, type=option.type, default=None, help=help)
 
@@ -334,8 +481,9 @@ def load(arguments: Mapping[str, Any] | None = None, environ: Mapping[str, str] 
             try:
                 values[option.name] = option.type(raw)
             except ValueError:
-                raise ValueError(f"invalid configuration: {option.env_name}={raw!r} is not a "
-                                 f"{option.type.__name__}") from None
+                raise ValueError(
+                    f"invalid configuration: {option.env_name}={raw!r} is not a {option.type.__name__}"
+                ) from None
     return Settings(**values)
 
 

@@ -3,6 +3,7 @@
 Units: purchase amounts in currency minor units, points in point-units (100 = 1 point = 1 currency
 unit), times in microseconds since the Unix epoch (`*_us`). All int64.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,6 +33,7 @@ AUTHORIZATION_PREFIX = "auth_"
 
 class Code(enum.Enum):
     """Outcome of a request. errors.py maps each to one gRPC status code."""
+
     OK = "OK"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
@@ -50,8 +52,16 @@ class Rejection(Exception):
     UPPER_SNAKE name from errors.REASONS ("" = the code's default); `field`, the request field at fault;
     `retry_after_seconds`, when a retry may succeed; `quota`, (subject, description) of the limit hit."""
 
-    def __init__(self, code: Code, message: str, *, reason: str = "", field: str = "",
-                 retry_after_seconds: float | None = None, quota: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        code: Code,
+        message: str,
+        *,
+        reason: str = "",
+        field: str = "",
+        retry_after_seconds: float | None = None,
+        quota: tuple[str, str] | None = None,
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
@@ -100,10 +110,13 @@ def format_authorization_id(authorization_id: int) -> str:
 
 
 def _parse_id(value: str, prefix: str, field: str) -> int:
-    digits = value[len(prefix):] if value.startswith(prefix) else ""
+    digits = value[len(prefix) :] if value.startswith(prefix) else ""
     if not digits.isascii() or not digits.isdigit() or len(digits) > 18 or digits != str(int(digits)):
-        raise invalid_field(field, f"{field} {value[:64]!r} is not an id this service issued "
-                                   f"(expected {prefix}<digits>, as returned by an earlier call)")
+        raise invalid_field(
+            field,
+            f"{field} {value[:64]!r} is not an id this service issued "
+            f"(expected {prefix}<digits>, as returned by an earlier call)",
+        )
     return int(digits)
 
 
@@ -131,6 +144,7 @@ class Method(enum.Enum):
 class Outcome:
     """The answer to one operation: code OK with response fields, or an error code with a message.
     This is what the idempotency record stores, and what a replay returns."""
+
     code: Code
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     message: str = ""
@@ -151,21 +165,22 @@ class Operation:
 
     `request` is the canonical form of the request without its key: the idempotency fingerprint.
     """
+
     method: Method
     merchant_id: str
     merchant_slot: int
     idempotency_key: str
     request: dict[str, Any]
     member_id: str = ""
-    points: int = 0                 # point-units (earn: computed from the purchase)
-    purchase_amount: int = 0        # currency minor units (earn only)
-    hold_ttl_seconds: int = 0       # authorize only; resolved to the default before queueing
-    authorization_id: int = 0       # capture / void
-    transaction_id: int = 0         # refund: the original transaction
-    referrer_id: str = ""           # link: the referring member ("" = none)
-    merchant_points: int = 0        # conversion: the merchant's own points, in its own programme's units
-    vouchers: int = 0               # redeem, authorize, capture: voucher-units besides `points` (a split
-                                    # tender); spend_vouchers: the merchant's voucher-units spent
+    points: int = 0  # point-units (earn: computed from the purchase)
+    purchase_amount: int = 0  # currency minor units (earn only)
+    hold_ttl_seconds: int = 0  # authorize only; resolved to the default before queueing
+    authorization_id: int = 0  # capture / void
+    transaction_id: int = 0  # refund: the original transaction
+    referrer_id: str = ""  # link: the referring member ("" = none)
+    merchant_points: int = 0  # conversion: the merchant's own points, in its own programme's units
+    vouchers: int = 0  # redeem, authorize, capture: voucher-units besides `points` (a split
+    # tender); spend_vouchers: the merchant's voucher-units spent
     # decided before queueing (member presence refused it): answered after the idempotency look-up, so a
     # retry of an operation already carried out still replays; never recorded under the key
     refusal: Outcome | None = None
@@ -173,8 +188,7 @@ class Operation:
     enqueued_at: float = 0.0
 
 
-def differing_field(stored: dict[str, Any], method: str, request: dict[str, Any],
-                    stored_method: str) -> str | None:
+def differing_field(stored: dict[str, Any], method: str, request: dict[str, Any], stored_method: str) -> str | None:
     """The first field in which a retried request differs from the one first seen under its key."""
     if stored_method != method:
         return "method"

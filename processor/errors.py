@@ -4,6 +4,7 @@ ErrorInfo (a stable reason from REASONS, domain "points.v1", the field at fault 
 BadRequest for a field at fault, RetryInfo on RESOURCE_EXHAUSTED and UNAVAILABLE, QuotaFailure for a rate
 limit or quota. Clients read them from the `grpc-status-details-bin` trailer
 (grpc_status.rpc_status.from_call in Python); the code and message are what they always were."""
+
 from __future__ import annotations
 
 import collections
@@ -67,13 +68,24 @@ REASONS = {
 }
 # The ledger's internal reasons (Outcome.reason, also the points_rejections_total label) -> REASONS.
 OUTCOME_REASONS = {
-    "insufficient_points": "INSUFFICIENT_POINTS", "insufficient_vouchers": "INSUFFICIENT_VOUCHERS",
-    "unknown_member": "MEMBER_NOT_FOUND", "unknown_hold": "AUTHORIZATION_NOT_FOUND", "hold_expired": "HOLD_EXPIRED",
-    "hold_captured": "HOLD_ALREADY_CAPTURED", "hold_voided": "HOLD_VOIDED", "wrong_merchant": "WRONG_MERCHANT",
-    "capture_exceeds_hold": "CAPTURE_EXCEEDS_HOLD", "unknown_transaction": "TRANSACTION_NOT_FOUND",
-    "refund_exceeds_remaining": "REFUND_EXCEEDS_REMAINING", "not_refundable": "NOT_REFUNDABLE",
-    "overflow": "BALANCE_OVERFLOW", "capacity": "SERVICE_AT_CAPACITY", "already_linked": "MEMBER_ALREADY_LINKED",
-    "spending_cap": "SPENDING_CAP", "member_locked": "MEMBER_LOCKED", "member_presence": "MEMBER_PROOF_REQUIRED",
+    "insufficient_points": "INSUFFICIENT_POINTS",
+    "insufficient_vouchers": "INSUFFICIENT_VOUCHERS",
+    "unknown_member": "MEMBER_NOT_FOUND",
+    "unknown_hold": "AUTHORIZATION_NOT_FOUND",
+    "hold_expired": "HOLD_EXPIRED",
+    "hold_captured": "HOLD_ALREADY_CAPTURED",
+    "hold_voided": "HOLD_VOIDED",
+    "wrong_merchant": "WRONG_MERCHANT",
+    "capture_exceeds_hold": "CAPTURE_EXCEEDS_HOLD",
+    "unknown_transaction": "TRANSACTION_NOT_FOUND",
+    "refund_exceeds_remaining": "REFUND_EXCEEDS_REMAINING",
+    "not_refundable": "NOT_REFUNDABLE",
+    "overflow": "BALANCE_OVERFLOW",
+    "capacity": "SERVICE_AT_CAPACITY",
+    "already_linked": "MEMBER_ALREADY_LINKED",
+    "spending_cap": "SPENDING_CAP",
+    "member_locked": "MEMBER_LOCKED",
+    "member_presence": "MEMBER_PROOF_REQUIRED",
     "merchant_quota": "MERCHANT_QUOTA",
 }
 # The reason of a refusal that names none.
@@ -104,34 +116,62 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=micros // 1_000_000, nanos=(micros % 1_000_000) * 1000)
 
 
-def status(code: Code, message: str, *, reason: str = "", field: str = "",
-           retry_after_seconds: float | None = None, quota: tuple[str, str] | None = None,
-           trailing_metadata=()) -> grpc.Status:
+def status(
+    code: Code,
+    message: str,
+    *,
+    reason: str = "",
+    field: str = "",
+    retry_after_seconds: float | None = None,
+    quota: tuple[str, str] | None = None,
+    trailing_metadata=(),
+) -> grpc.Status:
     """The grpc.Status of a refusal: `code` and `message` as always, and the google.rpc details its
     reason, field, retry delay and quota call for, in the grpc-status-details-bin trailer."""
     reason = reason or CODE_REASONS.get(code, "")
     details = []
     if reason:
-        details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN,
-                                                         metadata={"field": field} if field else {})))
+        details.append(
+            _pack(
+                error_details_pb2.ErrorInfo(
+                    reason=reason, domain=ERROR_DOMAIN, metadata={"field": field} if field else {}
+                )
+            )
+        )
     if field and code is Code.INVALID_ARGUMENT:
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=field, description=message)])))
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]
+                )
+            )
+        )
     if code in _RETRYABLE:
         delay = RETRY_AFTER_SECONDS_DEFAULT if retry_after_seconds is None else retry_after_seconds
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(delay))))
     if quota is not None:
-        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=quota[0], description=quota[1])])))
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[error_details_pb2.QuotaFailure.Violation(subject=quota[0], description=quota[1])]
+                )
+            )
+        )
     grpc_code = STATUS[code]
     encoded = status_pb2.Status(code=grpc_code.value[0], message=message, details=details).SerializeToString()
     return _Status(grpc_code, message, (*tuple(trailing_metadata), ("grpc-status-details-bin", encoded)))
 
 
 def rejection_status(rejection: Rejection, trailing_metadata=()) -> grpc.Status:
-    return status(rejection.code, rejection.message, reason=rejection.reason, field=rejection.field,
-                  retry_after_seconds=rejection.retry_after_seconds, quota=rejection.quota,
-                  trailing_metadata=trailing_metadata)
+    return status(
+        rejection.code,
+        rejection.message,
+        reason=rejection.reason,
+        field=rejection.field,
+        retry_after_seconds=rejection.retry_after_seconds,
+        quota=rejection.quota,
+        trailing_metadata=trailing_metadata,
+    )
 
 
 def outcome_status(outcome: Outcome, trailing_metadata=()) -> grpc.Status:
@@ -140,5 +180,11 @@ def outcome_status(outcome: Outcome, trailing_metadata=()) -> grpc.Status:
     reason = OUTCOME_REASONS.get(outcome.reason, "")
     if not reason and outcome.code is Code.ALREADY_EXISTS:
         reason = "IDEMPOTENCY_KEY_REUSED"
-    return status(outcome.code, outcome.message, reason=reason, retry_after_seconds=outcome.retry_after_seconds,
-                  quota=outcome.quota, trailing_metadata=trailing_metadata)
+    return status(
+        outcome.code,
+        outcome.message,
+        reason=reason,
+        retry_after_seconds=outcome.retry_after_seconds,
+        quota=outcome.quota,
+        trailing_metadata=trailing_metadata,
+    )

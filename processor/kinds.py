@@ -4,6 +4,7 @@ member's points as the member sees it, and, for the program rules' kinds, the sh
 its entries against. Checked complete at import against the proto enum and the fast path's constants,
 as errors.py checks its table of codes: a kind added in one place and not the others fails at start.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,7 @@ from processor.domain import require
 @dataclasses.dataclass(frozen=True, slots=True)
 class Shape:
     """What reconcile requires of a transaction's entries (reconcile._SHAPE_SUMS names the sums)."""
+
     description: str
     # the account kind/asset pairs its entries may touch
     accounts: tuple[str, ...]
@@ -38,64 +40,151 @@ class Kind:
 
 
 _POINTS_FEES = ("merchant_fees/POINTS", "operator_fee_revenue/POINTS")
-_SPLIT = ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS", "merchant_redeemed/POINTS",
-          "merchant_redeemed/VOUCHERS", *_POINTS_FEES)
+_SPLIT = (
+    "member/POINTS",
+    "member/VOUCHERS",
+    "member_voucher_credit/VOUCHERS",
+    "merchant_redeemed/POINTS",
+    "merchant_redeemed/VOUCHERS",
+    *_POINTS_FEES,
+)
 
 KINDS: tuple[Kind, ...] = (
     Kind(fastpath.KIND_EARN, "earn", pb.TRANSACTION_KIND_EARN, +1),
     Kind(fastpath.KIND_CAPTURE, "capture", pb.TRANSACTION_KIND_CAPTURE, -1),
     Kind(fastpath.KIND_REDEEM, "redeem", pb.TRANSACTION_KIND_REDEEM, -1),
-    Kind(fastpath.KIND_REFUND_REDEMPTION, "refund_of_redemption", pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION, +1,
-         refund_label="redemption"),
+    Kind(
+        fastpath.KIND_REFUND_REDEMPTION,
+        "refund_of_redemption",
+        pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION,
+        +1,
+        refund_label="redemption",
+    ),
     Kind(fastpath.KIND_REFUND_EARN, "refund_of_earn", pb.TRANSACTION_KIND_REFUND_OF_EARN, -1, refund_label="earn"),
-    Kind(rules.KIND_EXPIRY, "expiry", pb.TRANSACTION_KIND_EXPIRY, -1, Shape(
-        "the transaction's member -amount, operator_breakage +amount",
-        ("member/POINTS", "operator_breakage/POINTS"),
-        "member_own = -amount AND member_any = member_own AND breakage = amount")),
-    Kind(rules.KIND_TIER_BONUS, "tier_bonus", pb.TRANSACTION_KIND_TIER_BONUS, +1, Shape(
-        "operator_tier_rewards -amount, the transaction's member +amount",
-        ("member/POINTS", "operator_tier_rewards/POINTS"),
-        "tier_rewards = -amount AND member_own = amount AND member_any = member_own")),
+    Kind(
+        rules.KIND_EXPIRY,
+        "expiry",
+        pb.TRANSACTION_KIND_EXPIRY,
+        -1,
+        Shape(
+            "the transaction's member -amount, operator_breakage +amount",
+            ("member/POINTS", "operator_breakage/POINTS"),
+            "member_own = -amount AND member_any = member_own AND breakage = amount",
+        ),
+    ),
+    Kind(
+        rules.KIND_TIER_BONUS,
+        "tier_bonus",
+        pb.TRANSACTION_KIND_TIER_BONUS,
+        +1,
+        Shape(
+            "operator_tier_rewards -amount, the transaction's member +amount",
+            ("member/POINTS", "operator_tier_rewards/POINTS"),
+            "tier_rewards = -amount AND member_own = amount AND member_any = member_own",
+        ),
+    ),
     # the member credited is the referrer; transactions.member_id may name either side of the referral
-    Kind(rules.KIND_REFERRAL_BONUS, "referral_bonus", pb.TRANSACTION_KIND_REFERRAL_BONUS, +1, Shape(
-        "operator_referrals -amount, one member (the referrer) +amount",
-        ("member/POINTS", "operator_referrals/POINTS"),
-        "referrals = -amount AND member_any = amount AND members <= 1")),
-    Kind(rules.KIND_ACQUIRING_REWARD, "acquiring_reward", pb.TRANSACTION_KIND_ACQUIRING_REWARD, 0, Shape(
-        "operator_acquiring -amount, one merchant_acquiring (the acquirer) +amount",
-        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
-        "operator_acquiring = -amount AND merchant_acquiring = amount AND acquirers <= 1")),
-    Kind(rules.KIND_ACQUIRING_REVERSAL, "acquiring_reversal", pb.TRANSACTION_KIND_ACQUIRING_REVERSAL, 0, Shape(
-        "operator_acquiring +amount, one merchant_acquiring (the acquirer) -amount",
-        ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
-        "operator_acquiring = amount AND merchant_acquiring = -amount AND acquirers <= 1")),
+    Kind(
+        rules.KIND_REFERRAL_BONUS,
+        "referral_bonus",
+        pb.TRANSACTION_KIND_REFERRAL_BONUS,
+        +1,
+        Shape(
+            "operator_referrals -amount, one member (the referrer) +amount",
+            ("member/POINTS", "operator_referrals/POINTS"),
+            "referrals = -amount AND member_any = amount AND members <= 1",
+        ),
+    ),
+    Kind(
+        rules.KIND_ACQUIRING_REWARD,
+        "acquiring_reward",
+        pb.TRANSACTION_KIND_ACQUIRING_REWARD,
+        0,
+        Shape(
+            "operator_acquiring -amount, one merchant_acquiring (the acquirer) +amount",
+            ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
+            "operator_acquiring = -amount AND merchant_acquiring = amount AND acquirers <= 1",
+        ),
+    ),
+    Kind(
+        rules.KIND_ACQUIRING_REVERSAL,
+        "acquiring_reversal",
+        pb.TRANSACTION_KIND_ACQUIRING_REVERSAL,
+        0,
+        Shape(
+            "operator_acquiring +amount, one merchant_acquiring (the acquirer) -amount",
+            ("operator_acquiring/POINTS", "merchant_acquiring/POINTS"),
+            "operator_acquiring = amount AND merchant_acquiring = -amount AND acquirers <= 1",
+        ),
+    ),
     # vouchers only: a dividend moves none of the member's points
-    Kind(rules.KIND_DIVIDEND, "dividend", pb.TRANSACTION_KIND_DIVIDEND, 0, Shape(
-        "operator_dividends -, member_voucher_credit / member / the transaction's merchant_vouchers + "
-        "(VOUCHERS only)",
-        ("operator_dividends/VOUCHERS", "member_voucher_credit/VOUCHERS", "member/VOUCHERS",
-         "merchant_vouchers/VOUCHERS"),
-        # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
-        "dividends <= 0 AND held_any = held_own")),
+    Kind(
+        rules.KIND_DIVIDEND,
+        "dividend",
+        pb.TRANSACTION_KIND_DIVIDEND,
+        0,
+        Shape(
+            "operator_dividends -, member_voucher_credit / member / the transaction's merchant_vouchers + "
+            "(VOUCHERS only)",
+            (
+                "operator_dividends/VOUCHERS",
+                "member_voucher_credit/VOUCHERS",
+                "member/VOUCHERS",
+                "merchant_vouchers/VOUCHERS",
+            ),
+            # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
+            "dividends <= 0 AND held_any = held_own",
+        ),
+    ),
     # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
-    Kind(rules.KIND_SPLIT_REDEEM, "split_redeem", pb.TRANSACTION_KIND_SPLIT_REDEEM, -1, Shape(
-        "member (both assets) and voucher credit to merchant_redeemed, fee entries = fee",
-        _SPLIT, "fees = -fee AND revenue = fee")),
-    Kind(rules.KIND_SPLIT_REFUND, "split_refund", pb.TRANSACTION_KIND_SPLIT_REFUND, +1, Shape(
-        "merchant_redeemed (both assets) back to the member and its voucher credit, no fee",
-        _SPLIT, "fees = 0 AND revenue = 0")),
+    Kind(
+        rules.KIND_SPLIT_REDEEM,
+        "split_redeem",
+        pb.TRANSACTION_KIND_SPLIT_REDEEM,
+        -1,
+        Shape(
+            "member (both assets) and voucher credit to merchant_redeemed, fee entries = fee",
+            _SPLIT,
+            "fees = -fee AND revenue = fee",
+        ),
+    ),
+    Kind(
+        rules.KIND_SPLIT_REFUND,
+        "split_refund",
+        pb.TRANSACTION_KIND_SPLIT_REFUND,
+        +1,
+        Shape(
+            "merchant_redeemed (both assets) back to the member and its voucher credit, no fee",
+            _SPLIT,
+            "fees = 0 AND revenue = 0",
+        ),
+    ),
     # a merchant's transaction: no member
-    Kind(rules.KIND_MERCHANT_VOUCHER_SPEND, "merchant_voucher_spend", pb.TRANSACTION_KIND_MERCHANT_VOUCHER_SPEND, 0,
-         Shape("the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
-               "store) +amount, in VOUCHERS",
-               ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
-               "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
-               "AND stores = 1")),
-    Kind(rules.KIND_CONVERSION, "conversion", pb.TRANSACTION_KIND_CONVERSION, +1, Shape(
-        "the transaction's merchant_issued -amount, its member +amount, fee entries = fee",
-        ("merchant_issued/POINTS", "member/POINTS", *_POINTS_FEES),
-        "issued_own = -amount AND issued_any = issued_own AND member_own = amount AND member_any = member_own "
-        "AND fees = -fee AND revenue = fee")),
+    Kind(
+        rules.KIND_MERCHANT_VOUCHER_SPEND,
+        "merchant_voucher_spend",
+        pb.TRANSACTION_KIND_MERCHANT_VOUCHER_SPEND,
+        0,
+        Shape(
+            "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
+            "store) +amount, in VOUCHERS",
+            ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
+            "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
+            "AND stores = 1",
+        ),
+    ),
+    Kind(
+        rules.KIND_CONVERSION,
+        "conversion",
+        pb.TRANSACTION_KIND_CONVERSION,
+        +1,
+        Shape(
+            "the transaction's merchant_issued -amount, its member +amount, fee entries = fee",
+            ("merchant_issued/POINTS", "member/POINTS", *_POINTS_FEES),
+            "issued_own = -amount AND issued_any = issued_own AND member_own = amount AND member_any = member_own "
+            "AND fees = -fee AND revenue = fee",
+        ),
+    ),
 )
 
 BY_CODE: dict[int, Kind] = {kind.code: kind for kind in KINDS}
@@ -121,11 +210,14 @@ def _check_complete() -> None:
     require(set(enum) == set(table), f"points.proto TransactionKind {sorted(enum)} != kinds.py {sorted(table)}")
     for k in KINDS:
         require(k.proto == k.code, f"kind {k.name}: TransactionKind {k.proto} != its number {k.code}")
-        require(enum[k.proto] == "TRANSACTION_KIND_" + k.name.upper(),
-                f"kind {k.name}: TransactionKind is {enum[k.proto]}")
+        require(
+            enum[k.proto] == "TRANSACTION_KIND_" + k.name.upper(), f"kind {k.name}: TransactionKind is {enum[k.proto]}"
+        )
         require(k.member_sign in (-1, 0, 1), f"kind {k.name}: member_sign must be -1, 0 or 1")
-        require(k.code <= fastpath.KIND_REFUND_EARN or k.shape is not None,
-                f"kind {k.name}: a program kind needs a shape for reconcile")
+        require(
+            k.code <= fastpath.KIND_REFUND_EARN or k.shape is not None,
+            f"kind {k.name}: a program kind needs a shape for reconcile",
+        )
 
 
 _check_complete()

@@ -1,5 +1,6 @@
 """The ledger state machine's state, read from Postgres at a start or a resync: the fast path's balances
 and open holds, the program rules' state, and the decoders of the rows a batch prefetches."""
+
 from __future__ import annotations
 
 import collections
@@ -21,9 +22,14 @@ async def load_ledger(store: Store, settings: Settings, merchants: Merchants, no
         for member_id, balance, account_id in chunk:
             ledger.load_member(member_id, balance, account_id)
     for hold in await store.open_holds(from_micros(now_us)):
-        ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
-                         merchants.by_id[hold.merchant_id].merchant_slot, hold.amount,
-                         hold.expires_at_us, fastpath.HOLD_OPEN)
+        ledger.load_hold(
+            hold.authorization_id,
+            ledger.member_slot(hold.member_id),
+            merchants.by_id[hold.merchant_id].merchant_slot,
+            hold.amount,
+            hold.expires_at_us,
+            fastpath.HOLD_OPEN,
+        )
     ledger.check_invariants()
     return ledger
 
@@ -34,9 +40,18 @@ async def load_program(store: Store, settings: Settings, now_us: int) -> Program
     rows = await store.program_state(settings.program_id)
     for r in rows["members"]:
         buckets = tuple(sorted((int(day), amount) for day, amount in json.loads(r["day_buckets"]).items()))
-        state.load_member(r["member_id"], MemberRules(r["acquirer_id"], r["referrer_id"], r["referral_paid"],
-                                                      r["level"], r["levels_reached"], r["qualifying_point_units"],
-                                                      buckets))
+        state.load_member(
+            r["member_id"],
+            MemberRules(
+                r["acquirer_id"],
+                r["referrer_id"],
+                r["referral_paid"],
+                r["level"],
+                r["levels_reached"],
+                r["qualifying_point_units"],
+                buckets,
+            ),
+        )
     lots: dict[str, list] = collections.defaultdict(list)
     for r in rows["lots"]:
         lots[r["member_id"]].append(rules.Lot(r["lot_id"], r["amount"], r["expires_at_us"], r["issuer_id"]))
@@ -69,12 +84,27 @@ async def load_program(store: Store, settings: Settings, now_us: int) -> Program
 
 
 def voucher_hold(r) -> VoucherHold:
-    return VoucherHold(r["member_id"], r["merchant_id"], r["vouchers"], r["from_credit"], r["points"],
-                       r["expires_at_us"], r["status"], r["transaction_id"])
+    return VoucherHold(
+        r["member_id"],
+        r["merchant_id"],
+        r["vouchers"],
+        r["from_credit"],
+        r["points"],
+        r["expires_at_us"],
+        r["status"],
+        r["transaction_id"],
+    )
 
 
 def earn_record(r) -> EarnRecord:
     grants = tuple(rules.Grant(p, sponsor, amount) for p, sponsor, amount in json.loads(r["grants"]))
-    return EarnRecord(r["member_id"], r["merchant_id"], r["program_version"],
-                      rules.Earn(r["base_point_units"], r["uplift_point_units"], grants), r["acquirer_id"],
-                      r["acquiring_point_units"], r["refunded_base_point_units"], micros(r["created_at"]))
+    return EarnRecord(
+        r["member_id"],
+        r["merchant_id"],
+        r["program_version"],
+        rules.Earn(r["base_point_units"], r["uplift_point_units"], grants),
+        r["acquirer_id"],
+        r["acquiring_point_units"],
+        r["refunded_base_point_units"],
+        micros(r["created_at"]),
+    )

@@ -1,6 +1,7 @@
 """Structured logs: one JSON object per line. Keys and secrets are never passed to a logger; secrets
 that may reach one anyway inside an exception's message (the database password, which drivers may
 quote) are registered with `hide` and replaced by *** in every line written."""
+
 import json
 import logging
 import sys
@@ -36,9 +37,12 @@ def scrub(text: str) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                 + f".{int(record.msecs):03d}Z",
-                 "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
@@ -50,8 +54,12 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
-        line = (time.strftime("%H:%M:%S", time.localtime(record.created)) + f" {record.levelname.lower():7} "
-                + f"{record.name}: {record.getMessage()}" + (f"  {extra}" if extra else ""))
+        line = (
+            time.strftime("%H:%M:%S", time.localtime(record.created))
+            + f" {record.levelname.lower():7} "
+            + f"{record.name}: {record.getMessage()}"
+            + (f"  {extra}" if extra else "")
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return scrub(line)

@@ -5,64 +5,123 @@ go-grpc-prometheus), base units (`_seconds`, point-units), `_total` for counters
 values only: gRPC method and code, batch result, rejection reason, transaction kind. Never a merchant,
 member, key or id.
 """
+
 from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 # 100 µs to ~1.6 s, doubling (plus 2.5 s and 5 s for the tail).
-LATENCY_BUCKETS = (0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512,
-                   0.1024, 0.2048, 0.4096, 0.8192, 1.6384, 2.5, 5.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.0002,
+    0.0004,
+    0.0008,
+    0.0016,
+    0.0032,
+    0.0064,
+    0.0128,
+    0.0256,
+    0.0512,
+    0.1024,
+    0.2048,
+    0.4096,
+    0.8192,
+    1.6384,
+    2.5,
+    5.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 # The default registry: it carries the standard process, platform and GC collectors.
 registry = REGISTRY
 
 # --- RPCs (RED) ---
-rpc_started = Counter("grpc_server_started_total", "RPCs started on the server.",
-                      ["grpc_service", "grpc_method", "grpc_type"])
-rpc_handled = Counter("grpc_server_handled_total", "RPCs completed on the server, by status code.",
-                      ["grpc_service", "grpc_method", "grpc_type", "grpc_code"])
-rpc_seconds = Histogram("grpc_server_handling_seconds", "Time to handle an RPC, until its answer is sent.",
-                        ["grpc_service", "grpc_method", "grpc_type"], buckets=LATENCY_BUCKETS)
+rpc_started = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_service", "grpc_method", "grpc_type"]
+)
+rpc_handled = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_service", "grpc_method", "grpc_type", "grpc_code"],
+)
+rpc_seconds = Histogram(
+    "grpc_server_handling_seconds",
+    "Time to handle an RPC, until its answer is sent.",
+    ["grpc_service", "grpc_method", "grpc_type"],
+    buckets=LATENCY_BUCKETS,
+)
 
 # --- the commit pipeline ---
-batch_operations = Histogram("points_pipeline_batch_operations", "Operations per committed batch.",
-                             buckets=BATCH_BUCKETS)
-commit_seconds = Histogram("points_pipeline_commit_seconds",
-                           "Time to write one batch to Postgres, including COMMIT.", buckets=LATENCY_BUCKETS)
-commit_step_seconds = Histogram("points_pipeline_commit_step_seconds",
-                                "Time of each step of a batch's Postgres transaction (where a slow commit goes).",
-                                ["step"], buckets=LATENCY_BUCKETS)
-COMMIT_STEPS = ("lock_check", "members", "transactions", "holds", "entries", "refunds",
-                "hold_resolutions", "hold_expiries", "idempotency", "commit")
-checkpoints = Counter("points_pipeline_balance_checkpoints_total",
-                      "Balance checkpoints written (account balances folded from the journal).")
-checkpoint_accounts = Histogram("points_pipeline_checkpoint_accounts", "Accounts folded per balance checkpoint.",
-                                buckets=(1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576))
-queue_wait_seconds = Histogram("points_pipeline_queue_wait_seconds",
-                               "Time an operation waits in the queue (linger included) before its batch starts.",
-                               buckets=LATENCY_BUCKETS)
+batch_operations = Histogram(
+    "points_pipeline_batch_operations", "Operations per committed batch.", buckets=BATCH_BUCKETS
+)
+commit_seconds = Histogram(
+    "points_pipeline_commit_seconds", "Time to write one batch to Postgres, including COMMIT.", buckets=LATENCY_BUCKETS
+)
+commit_step_seconds = Histogram(
+    "points_pipeline_commit_step_seconds",
+    "Time of each step of a batch's Postgres transaction (where a slow commit goes).",
+    ["step"],
+    buckets=LATENCY_BUCKETS,
+)
+COMMIT_STEPS = (
+    "lock_check",
+    "members",
+    "transactions",
+    "holds",
+    "entries",
+    "refunds",
+    "hold_resolutions",
+    "hold_expiries",
+    "idempotency",
+    "commit",
+)
+checkpoints = Counter(
+    "points_pipeline_balance_checkpoints_total",
+    "Balance checkpoints written (account balances folded from the journal).",
+)
+checkpoint_accounts = Histogram(
+    "points_pipeline_checkpoint_accounts",
+    "Accounts folded per balance checkpoint.",
+    buckets=(1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
+)
+queue_wait_seconds = Histogram(
+    "points_pipeline_queue_wait_seconds",
+    "Time an operation waits in the queue (linger included) before its batch starts.",
+    buckets=LATENCY_BUCKETS,
+)
 queue_operations = Gauge("points_pipeline_queue_operations", "Operations waiting for the committer.")
 queue_operations_max = Gauge("points_pipeline_queue_operations_max", "Configured bound of the queue.")
 batch_linger_seconds = Gauge("points_pipeline_batch_linger_seconds", "Configured linger of the committer.")
 batches = Counter("points_pipeline_batches_total", "Batches by result (committed or failed).", ["result"])
-operations_shed = Counter("points_pipeline_operations_shed_total",
-                          "Operations refused with RESOURCE_EXHAUSTED because the queue was full.")
-requests_undecodable = Counter("points_rpc_requests_undecodable_total",
-                               "Requests of authenticated callers whose bytes are not the method's message (a "
-                               "request without a valid key is refused before it is decoded).",
-                               ["grpc_service", "grpc_method"])
-audit_write_failures = Counter("points_audit_write_failures_total",
-                               "Audit records of operator calls that could not be written (the call happened).")
-quota_refusals = Counter("points_merchant_quota_refusals_total",
-                         "Operations refused by a per-merchant quota (queue, holds_open, new_members) or because "
-                         "an earn of 0 points would create a member (zero_point_member).", ["quota"])
-operations_rate_limited = Counter("points_operations_rate_limited_total",
-                                  "Mutating calls refused with RESOURCE_EXHAUSTED by a merchant's rate limit.")
-idempotent_replays = Counter("points_idempotent_replays_total",
-                             "Calls answered with the stored outcome of an earlier call with the same key.")
-resyncs = Counter("points_pipeline_resyncs_total",
-                  "Rebuilds of the fast path from Postgres after a commit of unknown outcome.")
+operations_shed = Counter(
+    "points_pipeline_operations_shed_total", "Operations refused with RESOURCE_EXHAUSTED because the queue was full."
+)
+requests_undecodable = Counter(
+    "points_rpc_requests_undecodable_total",
+    "Requests of authenticated callers whose bytes are not the method's message (a "
+    "request without a valid key is refused before it is decoded).",
+    ["grpc_service", "grpc_method"],
+)
+audit_write_failures = Counter(
+    "points_audit_write_failures_total",
+    "Audit records of operator calls that could not be written (the call happened).",
+)
+quota_refusals = Counter(
+    "points_merchant_quota_refusals_total",
+    "Operations refused by a per-merchant quota (queue, holds_open, new_members) or because "
+    "an earn of 0 points would create a member (zero_point_member).",
+    ["quota"],
+)
+operations_rate_limited = Counter(
+    "points_operations_rate_limited_total", "Mutating calls refused with RESOURCE_EXHAUSTED by a merchant's rate limit."
+)
+idempotent_replays = Counter(
+    "points_idempotent_replays_total", "Calls answered with the stored outcome of an earlier call with the same key."
+)
+resyncs = Counter(
+    "points_pipeline_resyncs_total", "Rebuilds of the fast path from Postgres after a commit of unknown outcome."
+)
 ready = Gauge("points_ready", "1 when the ledger is recovered and Postgres reachable, else 0.")
 
 # --- the fast path ---
@@ -73,12 +132,17 @@ rejections = Counter("points_fastpath_rejections_total", "Operations the ledger 
 
 # --- business (point-units; 100 point-units = 1 point = 1 currency unit) ---
 points_earned = Counter("points_earned_point_units_total", "Point-units credited by earns.")
-points_expired = Counter("points_expired_point_units_total",
-                         "Point-units of expired lots posted to the operator's breakage by the expiry job.")
-program_transactions = Counter("points_program_transactions_total",
-                               "Transactions of the program rules, by kind (tier_bonus, referral_bonus, "
-                               "acquiring_reward, acquiring_reversal, expiry, conversion, dividend, split_redeem, "
-                               "split_refund, merchant_voucher_spend).", ["kind"])
+points_expired = Counter(
+    "points_expired_point_units_total",
+    "Point-units of expired lots posted to the operator's breakage by the expiry job.",
+)
+program_transactions = Counter(
+    "points_program_transactions_total",
+    "Transactions of the program rules, by kind (tier_bonus, referral_bonus, "
+    "acquiring_reward, acquiring_reversal, expiry, conversion, dividend, split_redeem, "
+    "split_refund, merchant_voucher_spend).",
+    ["kind"],
+)
 points_redeemed = Counter("points_redeemed_point_units_total", "Point-units debited by captures and redeems.")
 points_refunded = Counter("points_refunded_point_units_total", "Point-units moved by refunds, by kind.", ["kind"])
 points_hold_expired = Counter("points_hold_expired_point_units_total", "Point-units released by expired holds.")
@@ -87,20 +151,23 @@ merchants_active = Gauge("points_merchants_active", "Merchants with status activ
 # --- Postgres pool ---
 pool_connections_in_use = Gauge("points_db_pool_connections_in_use", "Pool connections checked out.")
 pool_connections_max = Gauge("points_db_pool_connections_max", "Configured size of the pool.")
-pool_acquire_seconds = Histogram("points_db_pool_acquire_seconds", "Time to acquire a pool connection.",
-                                 buckets=LATENCY_BUCKETS)
+pool_acquire_seconds = Histogram(
+    "points_db_pool_acquire_seconds", "Time to acquire a pool connection.", buckets=LATENCY_BUCKETS
+)
 
 # --- transport security ---
 tls_certificate_expiry = Gauge(
     "points_tls_certificate_expiry_timestamp_seconds",
     "When the gRPC listener's TLS certificate (the leaf of --tls-cert-file, as last loaded) expires, "
-    "Unix time; absent without TLS.")
+    "Unix time; absent without TLS.",
+)
 
 
 # Member presence (processor/presence.py): proofs checked before a spend is queued, by result
 # (accepted, missing, not_enrolled, wrong, replayed, locked).
-member_verifications = Counter("points_member_verifications_total",
-                               "Member presence checks of Redeem/Authorize, by result.", ["result"])
+member_verifications = Counter(
+    "points_member_verifications_total", "Member presence checks of Redeem/Authorize, by result.", ["result"]
+)
 
 
 def _initialise_label_values() -> None:
@@ -111,10 +178,24 @@ def _initialise_label_values() -> None:
         commit_step_seconds.labels(step)
     for kind in ("redemption", "earn"):
         points_refunded.labels(kind)
-    for reason in ("insufficient_points", "unknown_member", "unknown_hold", "hold_expired", "hold_captured",
-                   "hold_voided", "wrong_merchant", "capture_exceeds_hold", "unknown_transaction",
-                   "refund_exceeds_remaining", "not_refundable", "overflow", "capacity", "merchant_suspended",
-                   "spending_cap", "other"):
+    for reason in (
+        "insufficient_points",
+        "unknown_member",
+        "unknown_hold",
+        "hold_expired",
+        "hold_captured",
+        "hold_voided",
+        "wrong_merchant",
+        "capture_exceeds_hold",
+        "unknown_transaction",
+        "refund_exceeds_remaining",
+        "not_refundable",
+        "overflow",
+        "capacity",
+        "merchant_suspended",
+        "spending_cap",
+        "other",
+    ):
         rejections.labels(reason)
     for result in ("accepted", "missing", "not_enrolled", "wrong", "replayed", "locked"):
         member_verifications.labels(result)

@@ -19,6 +19,7 @@ the batch gets UNAVAILABLE (nothing of it was committed, a retry with the same k
 failure leaves it unknown whether COMMIT happened (the connection broke), the fast path is rebuilt
 from Postgres before the next batch, and the retry finds the outcome if it was committed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,16 @@ from processor.config import Settings
 from processor.domain import Code, Operation, Outcome, Rejection, require
 from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
 from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
-from processor.store import (BatchWrite, MerchantRow, Store, StoreError, WriterFenced, WriterLockLost,
-                             from_micros, micros)
+from processor.store import (
+    BatchWrite,
+    MerchantRow,
+    Store,
+    StoreError,
+    WriterFenced,
+    WriterLockLost,
+    from_micros,
+    micros,
+)
 
 log = logging.getLogger("points.pipeline")
 
@@ -47,6 +56,7 @@ log = logging.getLogger("points.pipeline")
 @dataclasses.dataclass(slots=True)
 class _Prepared:
     """A batch applied to the fast path (its undo batch open), not yet answered."""
+
     batch: list[Operation]
     outcomes: list[Outcome]
     write: BatchWrite
@@ -65,6 +75,7 @@ def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
         remaining -= 1
         if remaining == 0 and not done.done():
             done.set_result(None)
+
     for future in futures:
         future.add_done_callback(one_done)
     if not futures:
@@ -78,8 +89,9 @@ def now_micros() -> int:
 
 def _state(name: str, doc: str) -> property:
     """An attribute of the Pipeline that is the state machine's."""
-    return property(lambda self: getattr(self.machine, name),
-                    lambda self, value: setattr(self.machine, name, value), doc=doc)
+    return property(
+        lambda self: getattr(self.machine, name), lambda self, value: setattr(self.machine, name, value), doc=doc
+    )
 
 
 class Pipeline:
@@ -98,7 +110,7 @@ class Pipeline:
         self._finished: asyncio.Event | None = None
         self._readers_waiting = 0
         self._forget_due = False
-        self._wake_at = 1   # submit() wakes the committer once this many operations are queued
+        self._wake_at = 1  # submit() wakes the committer once this many operations are queued
         # account_id -> sum of its committed entries since the last balance checkpoint, and the newest
         # committed transaction id they include: what the next checkpoint folds into accounts.balance
         self._pending_deltas: dict[int, int] = {}
@@ -113,9 +125,9 @@ class Pipeline:
         self._dividends: asyncio.Task | None = None
         self._reloads: set[asyncio.Task] = set()
         self._stopping = False
-        self.draining = False       # shutting down: new operations are refused, queued ones commit
+        self.draining = False  # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
-        self.ready = False          # recovery done and Postgres reachable
+        self.ready = False  # recovery done and Postgres reachable
 
     # the state machine's state, under the names the servicers, recovery and tests use
     ledger = _state("ledger", "the fast path's Ledger (fastpath.Ledger)")
@@ -145,7 +157,8 @@ class Pipeline:
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
         self.operator_accounts = await self.store.operator_account_ids()
         self._pending_deltas, self._pending_through = await self.store.tail_deltas(
-            await self.store.checkpoint_through())
+            await self.store.checkpoint_through()
+        )
         self._checkpoint_due_at = time.monotonic() + self.settings.balance_checkpoint_seconds
         latest_cut = await self.store.latest_cut_off()
         if latest_cut is not None:
@@ -154,20 +167,29 @@ class Pipeline:
         if latest_batch is not None:
             self._clock_floor_us = max(self._clock_floor_us, micros(latest_batch))
         if self._clock_floor_us > now_micros() + 1_000_000:
-            log.warning("the clock is behind the newest batch or cut; batches are dated at that time until the "
-                        "clock passes it", extra={"floor": from_micros(self._clock_floor_us).isoformat()})
+            log.warning(
+                "the clock is behind the newest batch or cut; batches are dated at that time until the clock passes it",
+                extra={"floor": from_micros(self._clock_floor_us).isoformat()},
+            )
         self._expired_pending = []
         self.ready = True
-        log.info("recovered ledger from postgres", extra={
-            "members": self.ledger.members_count, "holds_open": self.ledger.holds_open_count,
-            "merchants": len(self.merchants.by_id)})
+        log.info(
+            "recovered ledger from postgres",
+            extra={
+                "members": self.ledger.members_count,
+                "holds_open": self.ledger.holds_open_count,
+                "merchants": len(self.merchants.by_id),
+            },
+        )
 
     async def reload_program(self) -> None:
         """Re-reads the program's versions (after a new one was stored); the state stays."""
         program = await self.ready_store().program(self.settings.program_id)
         self.program.program = program
-        log.info("program versions loaded", extra={
-            "program": self.settings.program_id, "versions": len(program.versions) if program else 0})
+        log.info(
+            "program versions loaded",
+            extra={"program": self.settings.program_id, "versions": len(program.versions) if program else 0},
+        )
 
     def _program_changed(self, program_id: str) -> None:
         if program_id == self.settings.program_id and self.ready:
@@ -246,9 +268,11 @@ class Pipeline:
             raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry with the same idempotency key")
         if len(self._queue) >= self.settings.queue_operations_max:
             metrics.operations_shed.inc()
-            raise Rejection(Code.RESOURCE_EXHAUSTED,
-                            f"the service is at capacity ({len(self._queue)} operations waiting to commit); "
-                            "retry with exponential backoff")
+            raise Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"the service is at capacity ({len(self._queue)} operations waiting to commit); "
+                "retry with exponential backoff",
+            )
         self.quotas.enqueue(op.merchant_id)  # RESOURCE_EXHAUSTED beyond the merchant's share of the queue
         op.future = asyncio.get_running_loop().create_future()
         op.future.add_done_callback(lambda _, merchant_id=op.merchant_id: self.quotas.dequeued(merchant_id))
@@ -318,8 +342,12 @@ class Pipeline:
         settings = self.settings
         while True:
             writing = self._open[0] if self._open else None
-            if writing is not None and (writing.task is None or writing.task.done() or self._must_drain()
-                                        or (not self._queue and not self._expired_pending)):
+            if writing is not None and (
+                writing.task is None
+                or writing.task.done()
+                or self._must_drain()
+                or (not self._queue and not self._expired_pending)
+            ):
                 await self._finish(writing)
                 continue
             if self._forget_due and writing is None:
@@ -329,13 +357,19 @@ class Pipeline:
                 self.program.prune_spends(now_micros())  # at most once a minute
             if self._resync_requested:
                 self._resync_requested = False
-                self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
-                           "the service is resynchronising with the ledger database; retry with the same "
-                           "idempotency key")
+                self._fail(
+                    [self._queue.popleft() for _ in range(len(self._queue))],
+                    Code.UNAVAILABLE,
+                    "the service is resynchronising with the ledger database; retry with the same idempotency key",
+                )
                 await self._resync()
                 continue
-            if not self._queue and not self._expired_pending and not self._lots_due() \
-                    and not self.program.dividends_unposted:
+            if (
+                not self._queue
+                and not self._expired_pending
+                and not self._lots_due()
+                and not self.program.dividends_unposted
+            ):
                 if self._stopping:
                     return
                 self._queued.clear()
@@ -351,8 +385,11 @@ class Pipeline:
                     await self._queued.wait()
                     self._wake_at = 1
                     continue
-            elif settings.batch_linger_seconds and len(self._queue) < settings.batch_operations_max \
-                    and not self._stopping:
+            elif (
+                settings.batch_linger_seconds
+                and len(self._queue) < settings.batch_operations_max
+                and not self._stopping
+            ):
                 await asyncio.sleep(settings.batch_linger_seconds)
             size = min(len(self._queue), settings.batch_operations_max)
             batch = [self._queue.popleft() for _ in range(size)]
@@ -375,8 +412,13 @@ class Pipeline:
 
     def _must_drain(self) -> bool:
         """Whether the batch being written must be answered before the next is applied."""
-        return bool(self._readers_waiting or self._forget_due or self._resync_requested or self._stopping
-                    or self._open[0].dated_us < self._clock_floor_us)
+        return bool(
+            self._readers_waiting
+            or self._forget_due
+            or self._resync_requested
+            or self._stopping
+            or self._open[0].dated_us < self._clock_floor_us
+        )
 
     async def _prepare(self, batch: list[Operation]) -> "_Prepared | None":
         """Reads what the batch needs from Postgres, then applies it to the fast path in one go (no
@@ -392,15 +434,17 @@ class Pipeline:
             dividends = []
             if self.program.dividends_unposted and not self._open:
                 # only with no batch in flight: a chunk read now is not being posted by a batch unanswered
-                dividends = await self.store.unposted_allocations(self.settings.program_id,
-                                                                  settings.batch_operations_max)
+                dividends = await self.store.unposted_allocations(
+                    self.settings.program_id, settings.batch_operations_max
+                )
                 self.program.dividends_unposted = bool(dividends)
             # account ids for what the batch may open: a new member's account, and under the rules up to
             # three voucher accounts per operation or allocation
             need = len(batch) + (3 * (len(batch) + len(dividends)) if self.program.program is not None else 0)
             if len(self.machine.account_ids) < need:
-                self.machine.account_ids.extend(await self.store.reserve_account_ids(
-                    max(need, settings.batch_operations_max)))
+                self.machine.account_ids.extend(
+                    await self.store.reserve_account_ids(max(need, settings.batch_operations_max))
+                )
         except domain.InvariantViolation:
             raise
         except Exception as error:  # reads only: nothing of this batch was written
@@ -435,7 +479,8 @@ class Pipeline:
             return  # answered by _finish without a round trip
         prepared.started = time.monotonic()
         prepared.task = asyncio.get_running_loop().create_task(
-            self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write")
+            self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write"
+        )
         prepared.task.add_done_callback(lambda _: self._queued.set())
 
     async def _finish(self, prepared: "_Prepared") -> bool:
@@ -484,13 +529,21 @@ class Pipeline:
 
     def _maybe_checkpoint(self) -> None:
         pending = self._pending_deltas
-        if self._checkpoint is None and pending and self.ready and not (self._resync_requested or self._stopping) and (
+        if (
+            self._checkpoint is None
+            and pending
+            and self.ready
+            and not (self._resync_requested or self._stopping)
+            and (
                 time.monotonic() >= self._checkpoint_due_at
-                or len(pending) >= self.settings.balance_checkpoint_accounts_max):
+                or len(pending) >= self.settings.balance_checkpoint_accounts_max
+            )
+        ):
             # every batch up to _pending_through is committed and no later one is: the pending sums
             # are exactly the journal from the last checkpoint through it
             self._checkpoint = asyncio.get_running_loop().create_task(
-                self._write_checkpoint(pending, self._pending_through), name="balance-checkpoint")
+                self._write_checkpoint(pending, self._pending_through), name="balance-checkpoint"
+            )
             self._pending_deltas = {}
 
     async def _write_checkpoint(self, deltas: dict[int, int], through: int) -> None:
@@ -498,8 +551,9 @@ class Pipeline:
         try:
             await self.store.write_checkpoint(deltas, through, self.settings.commit_timeout_seconds)
         except Exception as error:
-            log.warning("balance checkpoint not written; the next one includes its accounts",
-                        extra={"error": repr(error)})
+            log.warning(
+                "balance checkpoint not written; the next one includes its accounts", extra={"error": repr(error)}
+            )
             if _commit_may_have_happened(error):
                 # only Postgres knows whether it was folded: rebuild from it rather than fold twice
                 self.request_resync()
@@ -534,11 +588,12 @@ class Pipeline:
 
     async def _database_failed(self, batch: list[Operation], error: BaseException, ambiguous: bool) -> None:
         metrics.batches.labels("failed").inc()
-        log.error("batch not committed", extra={"error": repr(error), "operations": len(batch),
-                                                "ambiguous": ambiguous})
+        log.error("batch not committed", extra={"error": repr(error), "operations": len(batch), "ambiguous": ambiguous})
         if ambiguous:
-            message = ("the ledger database connection broke while this operation was being committed; "
-                       "its outcome is unknown. Retry with the same idempotency key to learn it")
+            message = (
+                "the ledger database connection broke while this operation was being committed; "
+                "its outcome is unknown. Retry with the same idempotency key to learn it"
+            )
         else:
             message = _NOT_APPLIED_MESSAGE
         self._fail(batch, Code.UNAVAILABLE, message)
@@ -546,8 +601,9 @@ class Pipeline:
             # The fast path and Postgres disagree (an id already taken) or another service may be the
             # writer now: retrying the same batch would fail again or worse. Rebuild from Postgres (or
             # stop, if the writer lock is another's).
-            log.critical("batch refused as divergent from the ledger database; resynchronising",
-                         extra={"error": repr(error)})
+            log.critical(
+                "batch refused as divergent from the ledger database; resynchronising", extra={"error": repr(error)}
+            )
             await self._resync()
         elif ambiguous or not await self.store.reachable():
             # Until Postgres answers again the service cannot commit: calls get UNAVAILABLE at once
@@ -575,8 +631,11 @@ class Pipeline:
             except Exception as error:
                 log.warning("resync from postgres failed; retrying", extra={"error": repr(error)})
                 # fail what queued up meanwhile, so callers do not wait on a dead database
-                self._fail([self._queue.popleft() for _ in range(len(self._queue))], Code.UNAVAILABLE,
-                           "the ledger database is unreachable; retry with the same idempotency key")
+                self._fail(
+                    [self._queue.popleft() for _ in range(len(self._queue))],
+                    Code.UNAVAILABLE,
+                    "the ledger database is unreachable; retry with the same idempotency key",
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -585,17 +644,27 @@ class Pipeline:
         machine does not hold, and loads them into it."""
         hold_ids, voucher_hold_ids, record_ids, transaction_ids = self.machine.missing(batch)
         holds = await self.store.holds(hold_ids) if hold_ids else []
-        voucher_holds = [(r["authorization_id"], voucher_hold(r))
-                         for r in await self.store.voucher_holds(voucher_hold_ids)] if voucher_hold_ids else []
+        voucher_holds = (
+            [(r["authorization_id"], voucher_hold(r)) for r in await self.store.voucher_holds(voucher_hold_ids)]
+            if voucher_hold_ids
+            else []
+        )
         earns, splits = [], []
         if record_ids:
             earns = [(r["transaction_id"], earn_record(r)) for r in await self.store.earn_records(record_ids)]
-            splits = [(r["transaction_id"], SplitRecord(r["member_id"], r["merchant_id"], r["vouchers"], r["points"],
-                                                        r["from_credit"], r["refunded"]))
-                      for r in await self.store.split_records(record_ids)]
+            splits = [
+                (
+                    r["transaction_id"],
+                    SplitRecord(
+                        r["member_id"], r["merchant_id"], r["vouchers"], r["points"], r["from_credit"], r["refunded"]
+                    ),
+                )
+                for r in await self.store.split_records(record_ids)
+            ]
         transactions = await self.store.transactions(transaction_ids) if transaction_ids else []
-        self._expired_pending.extend(self.machine.load_prefetched(now_us, holds, voucher_holds, earns, splits,
-                                                                  transactions))
+        self._expired_pending.extend(
+            self.machine.load_prefetched(now_us, holds, voucher_holds, earns, splits, transactions)
+        )
 
     # --- dividend rounds ---
 
@@ -612,8 +681,9 @@ class Pipeline:
         if not self.ready or version is None or version.dividends is None or program.dividends_unposted:
             return None
         try:
-            decided = await self.store.decide_dividend_round(self.settings.program_id, version,
-                                                             self.settings.commit_timeout_seconds)
+            decided = await self.store.decide_dividend_round(
+                self.settings.program_id, version, self.settings.commit_timeout_seconds
+            )
         except Exception as error:  # the next check tries again; nothing was stored
             log.warning("dividend round not decided", extra={"error": repr(error)})
             return None
@@ -621,9 +691,16 @@ class Pipeline:
             program.rounds = decided.round_number
             program.dividends_unposted = True
             self._queued.set()
-            log.info("dividend round decided", extra={
-                "round": decided.round_number, "pool": decided.pool_point_units, "rate_bps": decided.rate_bps,
-                "holders": len(decided.allocations), "total_issued": decided.total_issued})
+            log.info(
+                "dividend round decided",
+                extra={
+                    "round": decided.round_number,
+                    "pool": decided.pool_point_units,
+                    "rate_bps": decided.rate_bps,
+                    "holders": len(decided.allocations),
+                    "total_issued": decided.total_issued,
+                },
+            )
         return decided
 
     # --- expiry ---
@@ -641,8 +718,9 @@ class Pipeline:
 
 
 _INTERNAL_MESSAGE = "internal error; the operation was not applied"
-_NOT_APPLIED_MESSAGE = ("the ledger database refused or did not answer; this operation was not applied. "
-                        "Retry with the same idempotency key")
+_NOT_APPLIED_MESSAGE = (
+    "the ledger database refused or did not answer; this operation was not applied. Retry with the same idempotency key"
+)
 
 
 def _count_committed(write: BatchWrite, ledger: Any) -> None:
@@ -679,5 +757,3 @@ def _commit_may_have_happened(error: BaseException) -> bool:
         sqlstate = getattr(error, "sqlstate", "") or ""
         return sqlstate.startswith(("08", "57"))  # connection exception, operator intervention
     return True
-
-

@@ -30,6 +30,7 @@ under --member-secret-key when the service has one, see seal_secret); a PIN is k
 only as scrypt(pin, 16 random bytes of salt, n=2**14, r=8, p=1, 32 bytes), compared in constant time.
 Neither is logged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,10 +53,10 @@ from processor.presence_store import PresenceStore
 
 TOTP_DIGITS = 6
 TOTP_PERIOD_SECONDS = 30
-TOTP_STEPS_BEHIND = 1          # also accept the code of the step before the current one
+TOTP_STEPS_BEHIND = 1  # also accept the code of the step before the current one
 TOTP_ISSUER = "Points alliance"
 PIN_DIGITS_MIN, PIN_DIGITS_MAX = 4, 12
-SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_BYTES = 2**14, 8, 1, 32   # ~16 MiB and ~50 ms per hash
+SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_BYTES = 2**14, 8, 1, 32  # ~16 MiB and ~50 ms per hash
 SCRYPT_PARAMS = f"scrypt:n={SCRYPT_N},r={SCRYPT_R},p={SCRYPT_P}"
 PIN_SALT_BYTES = 16
 PROOF_TOTP, PROOF_PIN = "totp_code", "pin"
@@ -64,6 +65,7 @@ log = logging.getLogger("points.presence")
 
 # --- TOTP ---------------------------------------------------------------------------------------------
 
+
 def new_totp_secret() -> str:
     """160 random bits, base32 (RFC 4226's recommended secret length)."""
     return pyotp.random_base32(32)
@@ -71,7 +73,8 @@ def new_totp_secret() -> str:
 
 def provisioning_uri(secret: str, member_id: str) -> str:
     return pyotp.TOTP(secret, digits=TOTP_DIGITS, interval=TOTP_PERIOD_SECONDS).provisioning_uri(
-        name=member_id, issuer_name=TOTP_ISSUER)
+        name=member_id, issuer_name=TOTP_ISSUER
+    )
 
 
 def totp_step(secret: str, code: str, now_s: float) -> int | None:
@@ -104,18 +107,25 @@ def open_secret(stored: str, member_id: str, key: bytes | None) -> str:
     if not stored.startswith(SEALED_PREFIX):
         return stored  # stored in clear (no key when it was enrolled)
     if key is None:
-        raise Rejection(Code.INTERNAL, "members' one-time code secrets are stored encrypted and the service has "
-                                       "no --member-secret-key (POINTS_MEMBER_SECRET_KEY); the operator must set it")
-    raw = base64.b64decode(stored[len(SEALED_PREFIX):])
+        raise Rejection(
+            Code.INTERNAL,
+            "members' one-time code secrets are stored encrypted and the service has "
+            "no --member-secret-key (POINTS_MEMBER_SECRET_KEY); the operator must set it",
+        )
+    raw = base64.b64decode(stored[len(SEALED_PREFIX) :])
     try:
         return AESGCM(key).decrypt(raw[:12], raw[12:], member_id.encode()).decode("ascii")
     except InvalidTag:
-        raise Rejection(Code.INTERNAL, f"member {member_id!r}'s one-time code secret does not open with this "
-                                       "service's --member-secret-key (was the key changed?); re-enroll the "
-                                       "member or restore the key") from None
+        raise Rejection(
+            Code.INTERNAL,
+            f"member {member_id!r}'s one-time code secret does not open with this "
+            "service's --member-secret-key (was the key changed?); re-enroll the "
+            "member or restore the key",
+        ) from None
 
 
 # --- PIN ----------------------------------------------------------------------------------------------
+
 
 def check_pin_format(pin: str) -> str:
     if not (PIN_DIGITS_MIN <= len(pin) <= PIN_DIGITS_MAX and pin.isascii() and pin.isdigit()):
@@ -126,8 +136,7 @@ def check_pin_format(pin: str) -> str:
 def _scrypt(pin: str, salt: bytes, params: str) -> bytes:
     fields = dict(part.split("=") for part in params.removeprefix("scrypt:").split(","))
     n, r, p = int(fields["n"]), int(fields["r"]), int(fields["p"])
-    return hashlib.scrypt(pin.encode(), salt=salt, n=n, r=r, p=p, maxmem=2 * 128 * r * n + 2**20,
-                          dklen=SCRYPT_BYTES)
+    return hashlib.scrypt(pin.encode(), salt=salt, n=n, r=r, p=p, maxmem=2 * 128 * r * n + 2**20, dklen=SCRYPT_BYTES)
 
 
 def hash_pin(pin: str) -> tuple[bytes, bytes, str]:
@@ -147,12 +156,15 @@ def _iso(at_us: int) -> str:
 
 
 def lock_message(member_id: str, locked_until_us: int) -> str:
-    return (f"member {member_id!r} may not spend until {_iso(locked_until_us + 999_999)}: too many wrong codes "
-            "or PINs in a row; retry then with a right one (the operator can unlock it: "
-            "MemberAdminService.ResetMemberVerification)")
+    return (
+        f"member {member_id!r} may not spend until {_iso(locked_until_us + 999_999)}: too many wrong codes "
+        "or PINs in a row; retry then with a right one (the operator can unlock it: "
+        "MemberAdminService.ResetMemberVerification)"
+    )
 
 
 # --- the check before queueing ------------------------------------------------------------------------
+
 
 class Presence:
     """Decides member presence for spending operations, reading and writing member_credentials through
@@ -165,8 +177,9 @@ class Presence:
         self._slots = asyncio.Semaphore(settings.member_verifications_in_flight_max)
         # at most half the pool's connections for presence statements: the committer keeps the rest
         self._database = asyncio.Semaphore(max(1, settings.pool_connections_max // 2))
-        self._hashing = concurrent.futures.ThreadPoolExecutor(max_workers=settings.pin_hash_threads_max,
-                                                              thread_name_prefix="pin-hash")
+        self._hashing = concurrent.futures.ThreadPoolExecutor(
+            max_workers=settings.pin_hash_threads_max, thread_name_prefix="pin-hash"
+        )
 
     @property
     def store(self) -> PresenceStore:
@@ -183,8 +196,9 @@ class Presence:
     def close(self) -> None:
         self._hashing.shutdown(wait=False, cancel_futures=True)
 
-    async def check(self, op: Operation, version: rules.ProgramVersion | None, proof_kind: str | None,
-                    proof: str, now_us: int) -> None:
+    async def check(
+        self, op: Operation, version: rules.ProgramVersion | None, proof_kind: str | None, proof: str, now_us: int
+    ) -> None:
         """Sets op.refusal if the program requires the member's presence and the proof does not show it."""
         if version is None or version.member_verification != rules.VERIFICATION_SPENDING:
             return
@@ -193,54 +207,80 @@ class Presence:
                 op.refusal = await self._decide(op, version, proof_kind, proof, now_us)
             except (asyncpg.PostgresError, OSError, asyncio.TimeoutError):
                 log.warning("member presence check could not reach Postgres", exc_info=True)
-                raise Rejection(Code.UNAVAILABLE, "the member's proof could not be checked (the database did not "
-                                                  "answer); retry with the same idempotency key and proof",
-                                reason="SERVICE_UNAVAILABLE") from None
+                raise Rejection(
+                    Code.UNAVAILABLE,
+                    "the member's proof could not be checked (the database did not "
+                    "answer); retry with the same idempotency key and proof",
+                    reason="SERVICE_UNAVAILABLE",
+                ) from None
 
-    async def _decide(self, op: Operation, version: rules.ProgramVersion, proof_kind: str | None, proof: str,
-                      now_us: int) -> Outcome | None:
+    async def _decide(
+        self, op: Operation, version: rules.ProgramVersion, proof_kind: str | None, proof: str, now_us: int
+    ) -> Outcome | None:
         member_id = op.member_id
         credentials = await self.store.credentials(member_id)
         if credentials is not None and credentials.locked_until_us() > now_us:
             metrics.member_verifications.labels("locked").inc()
-            return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="member_locked",
-                           message=lock_message(member_id, credentials.locked_until_us()),
-                           retry_after_seconds=(credentials.locked_until_us() - now_us) / 1_000_000)
+            return Outcome(
+                Code.RESOURCE_EXHAUSTED,
+                recorded=False,
+                reason="member_locked",
+                message=lock_message(member_id, credentials.locked_until_us()),
+                retry_after_seconds=(credentials.locked_until_us() - now_us) / 1_000_000,
+            )
         has_totp = credentials is not None and credentials.totp_secret is not None
         has_pin = credentials is not None and credentials.pin_hash is not None
-        enrolled = " or ".join(name for name, present in (("member_proof.totp_code (the 6-digit code of the member's "
-                                                           "app)", has_totp), ("member_proof.pin", has_pin)) if present)
+        enrolled = " or ".join(
+            name
+            for name, present in (
+                ("member_proof.totp_code (the 6-digit code of the member's app)", has_totp),
+                ("member_proof.pin", has_pin),
+            )
+            if present
+        )
         if not has_totp and not has_pin:
             metrics.member_verifications.labels("not_enrolled").inc()
-            return _denied(f"program {version.version_id} requires the member's presence to spend, and member "
-                           f"{member_id!r} has no one-time code app or PIN enrolled; the operator enrolls one "
-                           "(MemberAdminService.EnrollMemberTotp or SetMemberPin)")
+            return _denied(
+                f"program {version.version_id} requires the member's presence to spend, and member "
+                f"{member_id!r} has no one-time code app or PIN enrolled; the operator enrolls one "
+                "(MemberAdminService.EnrollMemberTotp or SetMemberPin)"
+            )
         if proof_kind is None:
             metrics.member_verifications.labels("missing").inc()
-            return _denied(f"member_proof is missing: program {version.version_id} requires the member's presence "
-                           f"to spend; send {enrolled}")
+            return _denied(
+                f"member_proof is missing: program {version.version_id} requires the member's presence "
+                f"to spend; send {enrolled}"
+            )
         if proof_kind == PROOF_TOTP:
             if not has_totp:
                 metrics.member_verifications.labels("not_enrolled").inc()
                 return _denied(f"member {member_id!r} has no one-time code app enrolled; send {enrolled}")
-            step = totp_step(open_secret(credentials.totp_secret, member_id, self.secret_key), proof,
-                             now_us / 1_000_000)
+            step = totp_step(
+                open_secret(credentials.totp_secret, member_id, self.secret_key), proof, now_us / 1_000_000
+            )
             if step is not None:
-                if await self.store.accept_totp(member_id, credentials.totp_secret, step, op.merchant_id,
-                                                op.idempotency_key):
+                if await self.store.accept_totp(
+                    member_id, credentials.totp_secret, step, op.merchant_id, op.idempotency_key
+                ):
                     metrics.member_verifications.labels("accepted").inc()
                     return None
                 metrics.member_verifications.labels("replayed").inc()
-                return await self._failed(op, version, now_us, "member_proof.totp_code was used already; ask the "
-                                                               "member for the next code")
+                return await self._failed(
+                    op, version, now_us, "member_proof.totp_code was used already; ask the member for the next code"
+                )
             metrics.member_verifications.labels("wrong").inc()
-            return await self._failed(op, version, now_us, "member_proof.totp_code is wrong (or more than "
-                                                           f"{TOTP_PERIOD_SECONDS * (TOTP_STEPS_BEHIND + 1)} s old)")
+            return await self._failed(
+                op,
+                version,
+                now_us,
+                f"member_proof.totp_code is wrong (or more than {TOTP_PERIOD_SECONDS * (TOTP_STEPS_BEHIND + 1)} s old)",
+            )
         if not has_pin:
             metrics.member_verifications.labels("not_enrolled").inc()
             return _denied(f"member {member_id!r} has no PIN set; send {enrolled}")
         matches = await asyncio.get_running_loop().run_in_executor(
-            self._hashing, pin_matches, proof, credentials.pin_hash, credentials.pin_salt, credentials.pin_params)
+            self._hashing, pin_matches, proof, credentials.pin_hash, credentials.pin_salt, credentials.pin_params
+        )
         if matches:
             metrics.member_verifications.labels("accepted").inc()
             if credentials.failures:
@@ -251,15 +291,26 @@ class Presence:
 
     async def _failed(self, op: Operation, version: rules.ProgramVersion, now_us: int, what: str) -> Outcome:
         failures, locked_until_us = await self.store.failed(
-            op.member_id, version.verification_failures_max, version.verification_lockout_seconds, now_us,
-            op.merchant_id, op.idempotency_key)
+            op.member_id,
+            version.verification_failures_max,
+            version.verification_lockout_seconds,
+            now_us,
+            op.merchant_id,
+            op.idempotency_key,
+        )
         if locked_until_us:
-            return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="member_locked",
-                           message=f"{what}; " + lock_message(op.member_id, locked_until_us),
-                           retry_after_seconds=(locked_until_us - now_us) / 1_000_000)
+            return Outcome(
+                Code.RESOURCE_EXHAUSTED,
+                recorded=False,
+                reason="member_locked",
+                message=f"{what}; " + lock_message(op.member_id, locked_until_us),
+                retry_after_seconds=(locked_until_us - now_us) / 1_000_000,
+            )
         left = version.verification_failures_max - failures
-        return _denied(f"{what}; {left} more wrong proof{'s' if left != 1 else ''} in a row lock member "
-                       f"{op.member_id!r}'s spending for {version.verification_lockout_seconds} s")
+        return _denied(
+            f"{what}; {left} more wrong proof{'s' if left != 1 else ''} in a row lock member "
+            f"{op.member_id!r}'s spending for {version.verification_lockout_seconds} s"
+        )
 
 
 def _denied(message: str) -> Outcome:

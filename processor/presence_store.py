@@ -2,6 +2,7 @@
 the journal read that rebuilds the spending caps' state at start-up. Every write is a short transaction
 of its own, made before an operation is queued (never in a batch's transaction); the conditional
 UPDATEs make each decision atomic, so two calls racing with the same code cannot both be accepted."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ class Credentials:
         return micros(self.locked_until) if self.locked_until is not None else 0
 
 
-_COLUMNS = ("member_id, totp_secret, totp_enrolled_at, pin_hash, pin_salt, pin_params, pin_set_at, failures, "
-            "locked_until")
+_COLUMNS = (
+    "member_id, totp_secret, totp_enrolled_at, pin_hash, pin_salt, pin_params, pin_set_at, failures, locked_until"
+)
 
 
 def _credentials(row) -> Credentials | None:
@@ -68,9 +70,13 @@ class PresenceStore:
         self._pool = _Gated(store.pool, gate if gate is not None else contextlib.nullcontext())
 
     async def credentials(self, member_id: str) -> Credentials | None:
-        return _credentials(await self._pool.fetchrow(
-            f"SELECT {_COLUMNS} FROM member_credentials WHERE member_id = $1", member_id,
-            timeout=self.store.read_timeout))
+        return _credentials(
+            await self._pool.fetchrow(
+                f"SELECT {_COLUMNS} FROM member_credentials WHERE member_id = $1",
+                member_id,
+                timeout=self.store.read_timeout,
+            )
+        )
 
     async def enroll_totp(self, member_id: str, secret: str, replace: bool, now_us: int) -> bool:
         """Stores a new secret; False (nothing changed) if one is enrolled and replace is false."""
@@ -82,21 +88,35 @@ class PresenceStore:
                       totp_last_step = 0, totp_last_merchant_id = NULL, totp_last_idempotency_key = NULL,
                       updated_at = excluded.updated_at
                 WHERE $4 OR member_credentials.totp_secret IS NULL
-               RETURNING member_id""", member_id, secret, from_micros(now_us), replace)
+               RETURNING member_id""",
+            member_id,
+            secret,
+            from_micros(now_us),
+            replace,
+        )
         return row is not None
 
     async def set_pin(self, member_id: str, pin_hash: bytes, salt: bytes, params: str, now_us: int) -> Credentials:
-        return _credentials(await self._pool.fetchrow(
-            f"""INSERT INTO member_credentials (member_id, pin_hash, pin_salt, pin_params, pin_set_at, updated_at)
+        return _credentials(
+            await self._pool.fetchrow(
+                f"""INSERT INTO member_credentials (member_id, pin_hash, pin_salt, pin_params, pin_set_at, updated_at)
                VALUES ($1, $2, $3, $4, $5, $5)
                ON CONFLICT (member_id) DO UPDATE
                   SET pin_hash = excluded.pin_hash, pin_salt = excluded.pin_salt, pin_params = excluded.pin_params,
                       pin_set_at = excluded.pin_set_at, updated_at = excluded.updated_at
-               RETURNING {_COLUMNS}""", member_id, pin_hash, salt, params, from_micros(now_us)))
+               RETURNING {_COLUMNS}""",
+                member_id,
+                pin_hash,
+                salt,
+                params,
+                from_micros(now_us),
+            )
+        )
 
     async def reset(self, member_id: str, remove_totp: bool, remove_pin: bool) -> Credentials | None:
-        return _credentials(await self._pool.fetchrow(
-            f"""UPDATE member_credentials
+        return _credentials(
+            await self._pool.fetchrow(
+                f"""UPDATE member_credentials
                    SET failures = 0, locked_until = NULL, updated_at = now(),
                        totp_secret = CASE WHEN $2 THEN NULL ELSE totp_secret END,
                        totp_enrolled_at = CASE WHEN $2 THEN NULL ELSE totp_enrolled_at END,
@@ -105,7 +125,12 @@ class PresenceStore:
                        pin_params = CASE WHEN $3 THEN NULL ELSE pin_params END,
                        pin_set_at = CASE WHEN $3 THEN NULL ELSE pin_set_at END
                  WHERE member_id = $1
-             RETURNING {_COLUMNS}""", member_id, remove_totp, remove_pin))
+             RETURNING {_COLUMNS}""",
+                member_id,
+                remove_totp,
+                remove_pin,
+            )
+        )
 
     async def accept_totp(self, member_id: str, secret: str, step: int, merchant_id: str, idempotency_key: str) -> bool:
         """Records `step` as the member's newest accepted code and clears its failures, if no code of this
@@ -117,17 +142,31 @@ class PresenceStore:
                 WHERE member_id = $1 AND totp_secret = $2
                   AND (totp_last_step < $3 OR (totp_last_step = $3 AND totp_last_merchant_id = $4
                                                AND totp_last_idempotency_key = $5))
-            RETURNING member_id""", member_id, secret, step, merchant_id, idempotency_key)
+            RETURNING member_id""",
+            member_id,
+            secret,
+            step,
+            merchant_id,
+            idempotency_key,
+        )
         return row is not None
 
     async def accepted(self, member_id: str) -> None:
         """A right PIN: the failures in a row start again."""
         await self._pool.execute(
             "UPDATE member_credentials SET failures = 0, updated_at = now() WHERE member_id = $1 AND failures > 0",
-            member_id)
+            member_id,
+        )
 
-    async def failed(self, member_id: str, failures_max: int, lockout_seconds: int, now_us: int,
-                     merchant_id: str, idempotency_key: str) -> tuple[int, int]:
+    async def failed(
+        self,
+        member_id: str,
+        failures_max: int,
+        lockout_seconds: int,
+        now_us: int,
+        merchant_id: str,
+        idempotency_key: str,
+    ) -> tuple[int, int]:
         """Counts a wrong proof: (failures in a row now, locked until µs or 0). At failures_max the member
         is locked for lockout_seconds and the count starts again. Not counted when the operation's key has
         an outcome already (a retry of an operation carried out: the pipeline replays it, whatever proof)."""
@@ -139,7 +178,12 @@ class PresenceStore:
                 WHERE member_id = $1
                   AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE merchant_id = $4 AND idempotency_key = $5)
             RETURNING failures, locked_until""",
-            member_id, failures_max, from_micros(now_us + lockout_seconds * 1_000_000), merchant_id, idempotency_key)
+            member_id,
+            failures_max,
+            from_micros(now_us + lockout_seconds * 1_000_000),
+            merchant_id,
+            idempotency_key,
+        )
         if row is None:  # not counted: show the count as it is
             current = await self.credentials(member_id)
             return (current.failures if current is not None else 0), 0
@@ -156,6 +200,10 @@ class PresenceStore:
                  JOIN accounts a ON a.account_id = e.account_id
                 WHERE t.created_at >= $1 AND t.kind = ANY($2::smallint[])
                   AND a.kind = $3 AND a.asset_code = $4 AND e.amount < 0""",
-            from_micros(since_us), list(SPEND_KINDS), domain.ACCOUNT_MEMBER, domain.ASSET_POINTS,
-            timeout=self.store.recovery_timeout)
+            from_micros(since_us),
+            list(SPEND_KINDS),
+            domain.ACCOUNT_MEMBER,
+            domain.ASSET_POINTS,
+            timeout=self.store.recovery_timeout,
+        )
         return [(r["member_id"], micros(r["created_at"]), r["points"]) for r in rows]

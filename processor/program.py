@@ -17,6 +17,7 @@ Lots hold only points that expire. A member's never-expiring points are implicit
 `Σ lots + permanent = posted − held` for every member, and the expiry job never takes points a hold
 promised to a merchant.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -27,11 +28,11 @@ from typing import Any
 from processor import rules, velocity
 from processor.domain import Code, Rejection, require
 
-HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED = 1, 2, 3, 4   # as holds.status and the fast path's
-NEVER_US = 2**63 - 1          # a consumed piece of never-expiring points, as lot_consumptions stores it
+HOLD_OPEN, HOLD_CAPTURED, HOLD_VOIDED, HOLD_EXPIRED = 1, 2, 3, 4  # as holds.status and the fast path's
+NEVER_US = 2**63 - 1  # a consumed piece of never-expiring points, as lot_consumptions stores it
 OWNER_HOLD = 1
 OWNER_TRANSACTION = 2
-_PERMANENT = 0                # lot id of the virtual lot of a member's never-expiring points
+_PERMANENT = 0  # lot id of the virtual lot of a member's never-expiring points
 _MISSING = object()
 DAY_US = rules.DAY_US
 
@@ -40,18 +41,20 @@ DAY_US = rules.DAY_US
 class MemberRules:
     """A member's links and tier state (member_programs). Immutable: a change is a new value, so the
     undo log can keep the old one."""
+
     acquirer_id: str | None = None
     referrer_id: str | None = None
     referral_paid: bool = False
     level: str = ""
-    levels_reached: int = 0                     # bit i: levels[i] reached once (its bonus paid)
-    qualifying: int = 0                         # base point-units net of refunds, in total
-    day_buckets: tuple[tuple[int, int], ...] = ()   # (day since epoch, base point-units), oldest first
+    levels_reached: int = 0  # bit i: levels[i] reached once (its bonus paid)
+    qualifying: int = 0  # base point-units net of refunds, in total
+    day_buckets: tuple[tuple[int, int], ...] = ()  # (day since epoch, base point-units), oldest first
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class EarnRecord:
     """An earn made under a program: what its refunds take back in proportion (earn_rules)."""
+
     member_id: str
     merchant_id: str
     version: int
@@ -65,6 +68,7 @@ class EarnRecord:
 @dataclasses.dataclass(frozen=True, slots=True)
 class SplitRecord:
     """A redeem paid with vouchers and/or points (split_tenders): refunded in proportion, as one unit."""
+
     member_id: str
     merchant_id: str
     vouchers: int
@@ -82,6 +86,7 @@ class VoucherHold:
     """The vouchers of a split-tender hold (voucher_holds): reserved, not posted, until the hold is
     captured (a SPLIT_REDEEM), voided or expires. Its points, if any, are an ordinary hold of the fast
     path under the same authorization id. from_credit: voucher-units reserved on the member's credit."""
+
     member_id: str
     merchant_id: str
     vouchers: int
@@ -89,7 +94,7 @@ class VoucherHold:
     points: int
     expires_at_us: int
     status: int = HOLD_OPEN
-    transaction_id: int | None = None     # the capture's SPLIT_REDEEM
+    transaction_id: int | None = None  # the capture's SPLIT_REDEEM
 
     @property
     def from_balance(self) -> int:
@@ -99,15 +104,17 @@ class VoucherHold:
 @dataclasses.dataclass(slots=True)
 class EarnEffects:
     """What an earn set off beyond its own postings, for the pipeline to post in the same batch."""
-    bonuses: list[tuple[str, int]]              # (level reached, bonus point-units), lowest first
-    level_change: tuple[str, str] | None        # (from, to)
-    referral: tuple[str, int] | None            # (referrer member id, bonus point-units)
-    acquiring: tuple[str, int] | None           # (acquirer merchant id, reward point-units)
+
+    bonuses: list[tuple[str, int]]  # (level reached, bonus point-units), lowest first
+    level_change: tuple[str, str] | None  # (from, to)
+    referral: tuple[str, int] | None  # (referrer member id, bonus point-units)
+    acquiring: tuple[str, int] | None  # (acquirer merchant id, reward point-units)
 
 
 @dataclasses.dataclass(slots=True)
 class RulesWrite:
     """The rules' rows of one batch (written by Store.write_batch in the batch's transaction)."""
+
     program_id: str = ""
     # member_id -> MemberRules to upsert
     members: dict[str, MemberRules] = dataclasses.field(default_factory=dict)
@@ -133,8 +140,17 @@ class RulesWrite:
 
     @property
     def empty(self) -> bool:
-        return not (self.members or self.lots or self.pieces or self.budgets or self.earns or self.tier_events
-                    or self.splits or self.dividends_posted or self.voucher_holds)
+        return not (
+            self.members
+            or self.lots
+            or self.pieces
+            or self.budgets
+            or self.earns
+            or self.tier_events
+            or self.splits
+            or self.dividends_posted
+            or self.voucher_holds
+        )
 
 
 class ProgramState:
@@ -157,8 +173,8 @@ class ProgramState:
         self.voucher_holds: dict[int, VoucherHold] = {}
         self.vouchers_held: dict[str, tuple[int, int]] = {}
         self._holds_due: list[tuple[int, int]] = []
-        self.rounds = 0                      # dividend rounds decided so far
-        self.dividends_unposted = False      # a decided round has allocations still to post
+        self.rounds = 0  # dividend rounds decided so far
+        self.dividends_unposted = False  # a decided round has allocations still to post
         self._dividends_posted: list[tuple[int, str, str, int]] = []
         # (expires_at_us, member_id): a member with a lot expiring then (entries may be stale: checked
         # against the member's lots when popped)
@@ -174,10 +190,22 @@ class ProgramState:
         # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
         # only those up), or None: some other change, flush() compares the member's whole lots
         self._lots_touched: dict[str, set | None] = {}
-        self._dirty: dict[str, set] = {"members": set(), "lots": set(), "pieces": set(), "budgets": set(),
-                                       "earns": set(), "new_earns": set(), "vouchers": set(), "credit": set(),
-                                       "accounts": set(), "splits": set(), "new_splits": set(),
-                                       "voucher_holds": set(), "vouchers_held": set(), "spends": set()}
+        self._dirty: dict[str, set] = {
+            "members": set(),
+            "lots": set(),
+            "pieces": set(),
+            "budgets": set(),
+            "earns": set(),
+            "new_earns": set(),
+            "vouchers": set(),
+            "credit": set(),
+            "accounts": set(),
+            "splits": set(),
+            "new_splits": set(),
+            "voucher_holds": set(),
+            "vouchers_held": set(),
+            "spends": set(),
+        }
         self._tier_events: list[tuple[int, str, str, str]] = []
 
     # --- versions ---
@@ -251,7 +279,8 @@ class ProgramState:
             splits={t: self.splits[t] for t in d["splits"] if t in self.splits},
             new_splits=set(d["new_splits"]),
             dividends_posted=list(self._dividends_posted),
-            voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds})
+            voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds},
+        )
         for dirty in d.values():
             dirty.clear()
         self._lots_flushed.clear()
@@ -275,8 +304,10 @@ class ProgramState:
             return gone, changed
         before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
         after = {lot.key: lot for lot in self.lots.get(member_id, ())}
-        return ([key for key in before if key not in after],
-                [lot for key, lot in after.items() if before.get(key) != lot])
+        return (
+            [key for key in before if key not in after],
+            [lot for key, lot in after.items() if before.get(key) != lot],
+        )
 
     # --- loading (start-up; prefetch) ---
 
@@ -300,21 +331,36 @@ class ProgramState:
         return self.members.get(member_id) or MemberRules()
 
     def link(self, member_id: str, acquirer_id: str, referrer_id: str | None) -> None:
-        self._set(self.members, member_id, dataclasses.replace(
-            self.member(member_id), acquirer_id=acquirer_id, referrer_id=referrer_id), "members")
+        self._set(
+            self.members,
+            member_id,
+            dataclasses.replace(self.member(member_id), acquirer_id=acquirer_id, referrer_id=referrer_id),
+            "members",
+        )
 
     # --- earns ---
 
-    def plan_earn(self, version: rules.ProgramVersion, member_id: str, merchant_id: str, base: int,
-                  now_us: int) -> rules.Earn:
+    def plan_earn(
+        self, version: rules.ProgramVersion, member_id: str, merchant_id: str, base: int, now_us: int
+    ) -> rules.Earn:
         """The earn's uplift and promotion grants at the member's level before it (nothing changes)."""
         level = self._level(version, self.member(member_id), now_us)
-        budget_left = {p.promotion_id: max(0, p.budget_point_units - self.granted.get(p.promotion_id, 0))
-                       for p in version.promotions}
+        budget_left = {
+            p.promotion_id: max(0, p.budget_point_units - self.granted.get(p.promotion_id, 0))
+            for p in version.promotions
+        }
         return rules.earn_with_rules(version, rules.EarnContext(merchant_id, level, now_us), base, budget_left)
 
-    def earned(self, version: rules.ProgramVersion, transaction_id: int, member_id: str, merchant_id: str,
-               earn: rules.Earn, purchase_amount: int, now_us: int) -> EarnEffects:
+    def earned(
+        self,
+        version: rules.ProgramVersion,
+        transaction_id: int,
+        member_id: str,
+        merchant_id: str,
+        earn: rules.Earn,
+        purchase_amount: int,
+        now_us: int,
+    ) -> EarnEffects:
         """Records a committed-to-the-batch earn: grants against budgets, the earn's lot, the tier, the
         referral and acquiring links. Returns what the pipeline posts besides the earn."""
         for grant in earn.grants:
@@ -338,21 +384,27 @@ class ProgramState:
         bonus = rules.referral_bonus(version, before.referrer_id, before.referral_paid, purchase_amount, earn.base)
         if bonus:
             referral = (before.referrer_id, bonus)
-        after = dataclasses.replace(after, levels_reached=mask, level=level_after,
-                                    referral_paid=before.referral_paid or bool(bonus) or (
-                                        bool(before.referrer_id) and earn.base > 0
-                                        and purchase_amount >= version.referral_minimum_purchase))
+        after = dataclasses.replace(
+            after,
+            levels_reached=mask,
+            level=level_after,
+            referral_paid=before.referral_paid
+            or bool(bonus)
+            or (bool(before.referrer_id) and earn.base > 0 and purchase_amount >= version.referral_minimum_purchase),
+        )
         self._set(self.members, member_id, after, "members")
         reward = rules.acquiring_reward(version, before.acquirer_id, merchant_id, purchase_amount, earn.base)
-        record = EarnRecord(member_id, merchant_id, version.version, earn, before.acquirer_id if reward else None,
-                            reward, 0, now_us)
+        record = EarnRecord(
+            member_id, merchant_id, version.version, earn, before.acquirer_id if reward else None, reward, 0, now_us
+        )
         self._set(self.earns, transaction_id, record, "earns")
         self._dirty["new_earns"].add(transaction_id)
         change = (level_before, level_after) if level_before != level_after else None
         if change:
             self._tier_events.append((transaction_id, member_id, *change))
-        return EarnEffects([(n, b) for n, b in bonuses if b > 0], change, referral,
-                           (before.acquirer_id, reward) if reward else None)
+        return EarnEffects(
+            [(n, b) for n, b in bonuses if b > 0], change, referral, (before.acquirer_id, reward) if reward else None
+        )
 
     def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
         """For a refund of `base_points` of an earn made under a program: (its record, the portion to
@@ -361,24 +413,43 @@ class ProgramState:
         if record is None:
             return None
         if base_points > record.earn.base - record.refunded_base:
-            raise Rejection(Code.FAILED_PRECONDITION,
-                            f"refund of {base_points} point-units exceeds the {record.earn.base - record.refunded_base} "
-                            f"base point-units that remain unrefunded of txn_{transaction_id} (its bonus points "
-                            f"are taken back in proportion, not asked for)")
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                f"refund of {base_points} point-units exceeds the {record.earn.base - record.refunded_base} "
+                f"base point-units that remain unrefunded of txn_{transaction_id} (its bonus points "
+                f"are taken back in proportion, not asked for)",
+            )
         portion = rules.earn_refund(record.earn, record.refunded_base, base_points)
         reversal = rules.acquiring_reversal(record.acquiring, record.earn.base, record.refunded_base, base_points)
         return record, portion, reversal
 
-    def refunded_earn(self, version: rules.ProgramVersion | None, transaction_id: int, record: EarnRecord | None,
-                      member_id: str, base_points: int, taken: int, spendable: int, now_us: int) -> None:
+    def refunded_earn(
+        self,
+        version: rules.ProgramVersion | None,
+        transaction_id: int,
+        record: EarnRecord | None,
+        member_id: str,
+        base_points: int,
+        taken: int,
+        spendable: int,
+        now_us: int,
+    ) -> None:
         """A refund of an earn took `taken` point-units back from the member (base_points of its base)."""
         if record is not None:
-            self._set(self.earns, transaction_id, dataclasses.replace(
-                record, refunded_base=record.refunded_base + base_points), "earns")
+            self._set(
+                self.earns,
+                transaction_id,
+                dataclasses.replace(record, refunded_base=record.refunded_base + base_points),
+                "earns",
+            )
             if version is not None:
                 member = self.member(member_id)
-                self._set(self.members, member_id, self._count_qualifying(
-                    version, member, -base_points, record.made_at_us, now_us), "members")
+                self._set(
+                    self.members,
+                    member_id,
+                    self._count_qualifying(version, member, -base_points, record.made_at_us, now_us),
+                    "members",
+                )
         self._take(member_id, taken, spendable, now_us, own_lot=transaction_id)
 
     # --- vouchers ---
@@ -413,20 +484,30 @@ class ProgramState:
             heapq.heappush(self._holds_due, (hold.expires_at_us, authorization_id))
 
     def hold_vouchers(self, authorization_id: int, hold: VoucherHold) -> None:
-        require(hold.status == HOLD_OPEN and authorization_id not in self.voucher_holds,
-                f"voucher hold {authorization_id} exists already")
-        require(hold.from_balance <= self.voucher_available(hold.member_id),
-                f"voucher hold {authorization_id} reserves more vouchers than {hold.member_id!r} has")
+        require(
+            hold.status == HOLD_OPEN and authorization_id not in self.voucher_holds,
+            f"voucher hold {authorization_id} exists already",
+        )
+        require(
+            hold.from_balance <= self.voucher_available(hold.member_id),
+            f"voucher hold {authorization_id} reserves more vouchers than {hold.member_id!r} has",
+        )
         self._set(self.voucher_holds, authorization_id, hold, "voucher_holds")
         self._reserve(hold, 1)
         heapq.heappush(self._holds_due, (hold.expires_at_us, authorization_id))
 
     def resolve_voucher_hold(self, authorization_id: int, status: int, transaction_id: int | None = None) -> None:
         hold = self.voucher_holds[authorization_id]
-        require(hold.status == HOLD_OPEN and status != HOLD_OPEN,
-                f"voucher hold {authorization_id}: resolving it from status {hold.status} to {status}")
-        self._set(self.voucher_holds, authorization_id,
-                  dataclasses.replace(hold, status=status, transaction_id=transaction_id), "voucher_holds")
+        require(
+            hold.status == HOLD_OPEN and status != HOLD_OPEN,
+            f"voucher hold {authorization_id}: resolving it from status {hold.status} to {status}",
+        )
+        self._set(
+            self.voucher_holds,
+            authorization_id,
+            dataclasses.replace(hold, status=status, transaction_id=transaction_id),
+            "voucher_holds",
+        )
         self._reserve(hold, -1)
 
     def _reserve(self, hold: VoucherHold, sign: int) -> None:
@@ -499,8 +580,9 @@ class ProgramState:
     def _level(self, version: rules.ProgramVersion, member: MemberRules, now_us: int) -> str:
         return rules.level_for(self._qualifying(version, member, now_us), version.levels).name
 
-    def _count_qualifying(self, version: rules.ProgramVersion, member: MemberRules, base: int, dated_us: int,
-                          now_us: int) -> MemberRules:
+    def _count_qualifying(
+        self, version: rules.ProgramVersion, member: MemberRules, base: int, dated_us: int, now_us: int
+    ) -> MemberRules:
         """The member with `base` point-units (negative for a refund) counted on the day of dated_us,
         and day buckets older than the window dropped (the window has day granularity)."""
         buckets = dict(member.day_buckets)
@@ -511,8 +593,11 @@ class ProgramState:
             buckets = {d: a for d, a in buckets.items() if d >= first_day}
         else:
             buckets = {}
-        return dataclasses.replace(member, qualifying=member.qualifying + base,
-                                   day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)))
+        return dataclasses.replace(
+            member,
+            qualifying=member.qualifying + base,
+            day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)),
+        )
 
     def level(self, member_id: str, now_us: int) -> str:
         version = self.version(now_us)
@@ -522,8 +607,15 @@ class ProgramState:
 
     # --- lots ---
 
-    def credit_lot(self, version: rules.ProgramVersion | None, member_id: str, transaction_id: int, amount: int,
-                   issuer_id: str, now_us: int) -> None:
+    def credit_lot(
+        self,
+        version: rules.ProgramVersion | None,
+        member_id: str,
+        transaction_id: int,
+        amount: int,
+        issuer_id: str,
+        now_us: int,
+    ) -> None:
         """Points credited to the member by a transaction: a lot if they expire under the version."""
         if version is None or version.expiry_period_us is None or amount <= 0:
             return
@@ -532,7 +624,7 @@ class ProgramState:
         order = rules._order(lot)
         require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
         if not lots or rules._order(lots[-1]) < order:
-            lots = lots + (lot,)     # a new earn's lot almost always expires last
+            lots = lots + (lot,)  # a new earn's lot almost always expires last
         else:
             position = bisect.bisect_right(lots, order, key=rules._order)
             lots = lots[:position] + (lot,) + lots[position:]
@@ -547,7 +639,7 @@ class ProgramState:
             if touched is not None:
                 touched.update(keys)
         elif member_id in self._dirty["lots"]:
-            self._lots_touched[member_id] = None   # changed before, by a path that does not say which
+            self._lots_touched[member_id] = None  # changed before, by a path that does not say which
         else:
             self._lots_touched[member_id] = set(keys)
 
@@ -565,7 +657,7 @@ class ProgramState:
         kept = tuple(lot for lot in lots if lot.lot_id != _PERMANENT and lot.amount > 0)
         before = self.lots.get(member_id, ())
         if kept != before:
-            self._lots_touched[member_id] = None   # flush() compares the member's whole lots
+            self._lots_touched[member_id] = None  # flush() compares the member's whole lots
             self._set(self.lots, member_id, kept or None, "lots")
             # The expiry job needs an entry at (or before) each member's soonest expiry: every lot that
             # becomes a member's soonest gets one here (or in credit_lot / load_lots / a rollback), and
@@ -596,7 +688,7 @@ class ProgramState:
             pieces.append(lot if piece == lot.amount else dataclasses.replace(lot, amount=piece))
             left -= piece
             end += 1
-        if left:   # every live lot is taken: the rest comes from the never-expiring points
+        if left:  # every live lot is taken: the rest comes from the never-expiring points
             total = sum(lot.amount for lot in lots)
             permanent = spendable - total
             require(permanent >= 0, f"member {member_id!r}: lots exceed its spendable points")
@@ -613,8 +705,16 @@ class ProgramState:
             self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
         self._set(self.pieces, owner, tuple(pieces), "pieces")
 
-    def restore(self, member_id: str, owner: tuple[int, int], amount: int | None, spendable: int, now_us: int,
-                grace_us: int, keep_as: tuple[int, int] | None = None) -> None:
+    def restore(
+        self,
+        member_id: str,
+        owner: tuple[int, int],
+        amount: int | None,
+        spendable: int,
+        now_us: int,
+        grace_us: int,
+        keep_as: tuple[int, int] | None = None,
+    ) -> None:
         """Puts back `amount` (None: all) of what `owner` consumed; what is left stays with the owner, or
         moves to keep_as (a capture keeps what it captured)."""
         pieces = self.pieces.get(owner)
@@ -646,8 +746,11 @@ class ProgramState:
             if position < len(lots) and lots[position].key == returned.key:
                 existing = lots[position]
                 require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
-                lots = lots[:position] + (dataclasses.replace(existing, amount=existing.amount + back),) \
-                    + lots[position + 1:]
+                lots = (
+                    lots[:position]
+                    + (dataclasses.replace(existing, amount=existing.amount + back),)
+                    + lots[position + 1 :]
+                )
             else:
                 lots = lots[:position] + (returned,) + lots[position:]
             touched.append(returned.key)
@@ -686,11 +789,11 @@ class ProgramState:
         while self._due and self._due[0][0] <= now_us and len(taken) < limit:
             _, member_id = heapq.heappop(self._due)
             lots = self.lots.get(member_id, ())
-            due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+            due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)  # the expired prefix
             if not due:
                 continue  # a stale entry: the lot was spent, restored or expired already
-            pieces = lots[:min(due, limit - len(taken))]
-            self._replace_lots(member_id, lots, lots[len(pieces):], [lot.key for lot in pieces])
+            pieces = lots[: min(due, limit - len(taken))]
+            self._replace_lots(member_id, lots, lots[len(pieces) :], [lot.key for lot in pieces])
             if len(pieces) < due:  # due lots left for the next batch: their entry stays
                 heapq.heappush(self._due, (lots[len(pieces)].expires_at_us, member_id))
             taken += [(member_id, piece) for piece in pieces]
@@ -699,13 +802,12 @@ class ProgramState:
     def expire_member(self, member_id: str, now_us: int) -> list[rules.Lot]:
         """Takes a member's expired lots off it (before an operation that spends its points)."""
         lots = self.lots.get(member_id, ())
-        due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)   # the expired prefix
+        due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)  # the expired prefix
         if due:
             self._replace_lots(member_id, lots, lots[due:], [lot.key for lot in lots[:due]])
         return list(lots[:due])
 
-    def _replace_lots(self, member_id: str, before: tuple[rules.Lot, ...], after: tuple[rules.Lot, ...],
-                      keys) -> None:
+    def _replace_lots(self, member_id: str, before: tuple[rules.Lot, ...], after: tuple[rules.Lot, ...], keys) -> None:
         """The member's lots become `after` (sorted), changed only at `keys`; the expiry heap gets an
         entry when the member's soonest expiry changes (as _store_lots)."""
         self._touch(member_id, keys)

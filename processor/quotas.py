@@ -17,6 +17,7 @@ subtracted only at the next recount of open holds from Postgres (every `merchant
 `recount_open_holds`). The one way they err low: holds applied but not yet committed when a recount reads
 Postgres are missed by that recount (at most the two batches in flight) until the next one.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,13 +34,17 @@ HOUR_US = 3_600_000_000
 class MerchantQuotas:
     def __init__(self, settings: Settings):
         # a share at or above the global bound is no share: the global bound (and its message) applies
-        self.queue_operations_max = settings.merchant_queue_operations_max \
-            if settings.merchant_queue_operations_max < settings.queue_operations_max else None
-        self.holds_open_max = settings.merchant_holds_open_max \
-            if settings.merchant_holds_open_max < settings.holds_max else None
+        self.queue_operations_max = (
+            settings.merchant_queue_operations_max
+            if settings.merchant_queue_operations_max < settings.queue_operations_max
+            else None
+        )
+        self.holds_open_max = (
+            settings.merchant_holds_open_max if settings.merchant_holds_open_max < settings.holds_max else None
+        )
         self.new_members_per_hour_max = settings.merchant_new_members_per_hour_max
-        self.queued: dict[str, int] = {}       # merchant -> operations queued or being committed
-        self.holds_open: dict[str, int] = {}   # merchant -> open holds (last recount + opened since)
+        self.queued: dict[str, int] = {}  # merchant -> operations queued or being committed
+        self.holds_open: dict[str, int] = {}  # merchant -> open holds (last recount + opened since)
         self._opened_since: dict[str, int] | None = None  # holds opened while a recount runs
         self._hour = -1
         self.new_members: dict[str, int] = {}  # merchant -> members created in the current hour
@@ -51,12 +56,19 @@ class MerchantQuotas:
         queued = self.queued.get(merchant_id, 0)
         if self.queue_operations_max is not None and queued >= self.queue_operations_max:
             metrics.quota_refusals.labels("queue").inc()
-            raise Rejection(Code.RESOURCE_EXHAUSTED,
-                            f"merchant {merchant_id!r} has {queued} operations waiting to commit, its share of the "
-                            f"queue (merchant_queue_operations_max {self.queue_operations_max}); retry in about "
-                            "0.1 s, with exponential backoff", reason="MERCHANT_QUOTA", retry_after_seconds=0.1,
-                            quota=(f"merchant:{merchant_id}", f"operations waiting to commit, at most "
-                                                              f"{self.queue_operations_max} (merchant_queue_operations_max)"))
+            raise Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"merchant {merchant_id!r} has {queued} operations waiting to commit, its share of the "
+                f"queue (merchant_queue_operations_max {self.queue_operations_max}); retry in about "
+                "0.1 s, with exponential backoff",
+                reason="MERCHANT_QUOTA",
+                retry_after_seconds=0.1,
+                quota=(
+                    f"merchant:{merchant_id}",
+                    f"operations waiting to commit, at most "
+                    f"{self.queue_operations_max} (merchant_queue_operations_max)",
+                ),
+            )
         self.queued[merchant_id] = queued + 1
 
     def dequeued(self, merchant_id: str) -> None:
@@ -74,9 +86,14 @@ class MerchantQuotas:
         the refusal. `earn_points`: the base points of an earn (None for other operations)."""
         if earn_points == 0:
             metrics.quota_refusals.labels("zero_point_member").inc()
-            return Outcome(Code.FAILED_PRECONDITION, recorded=False, message=(
-                "this earn gives 0 points and the member has no account yet: an earn of 0 points creates no "
-                "member; a larger purchase_amount earns points and opens the account"))
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                recorded=False,
+                message=(
+                    "this earn gives 0 points and the member has no account yet: an earn of 0 points creates no "
+                    "member; a larger purchase_amount earns points and opens the account"
+                ),
+            )
         hour = now_us // HOUR_US
         if hour != self._hour:
             self._hour = hour
@@ -85,13 +102,22 @@ class MerchantQuotas:
         if created >= self.new_members_per_hour_max:
             metrics.quota_refusals.labels("new_members").inc()
             retry_seconds = ((hour + 1) * HOUR_US - now_us) // 1_000_000 + 1
-            return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, message=(
-                f"merchant {merchant_id!r} has created {created} new members this hour, its quota "
-                f"(merchant_new_members_per_hour_max {self.new_members_per_hour_max}); existing members may still "
-                f"earn; retry for a new member in {retry_seconds} s, at the next hour"),
-                reason="merchant_quota", retry_after_seconds=retry_seconds,
-                quota=(f"merchant:{merchant_id}", f"new members per hour, at most {self.new_members_per_hour_max} "
-                                                  "(merchant_new_members_per_hour_max)"))
+            return Outcome(
+                Code.RESOURCE_EXHAUSTED,
+                recorded=False,
+                message=(
+                    f"merchant {merchant_id!r} has created {created} new members this hour, its quota "
+                    f"(merchant_new_members_per_hour_max {self.new_members_per_hour_max}); existing members may still "
+                    f"earn; retry for a new member in {retry_seconds} s, at the next hour"
+                ),
+                reason="merchant_quota",
+                retry_after_seconds=retry_seconds,
+                quota=(
+                    f"merchant:{merchant_id}",
+                    f"new members per hour, at most {self.new_members_per_hour_max} "
+                    "(merchant_new_members_per_hour_max)",
+                ),
+            )
         self.new_members[merchant_id] = created + 1
         return None
 
@@ -102,12 +128,20 @@ class MerchantQuotas:
         count = self.holds_open.get(merchant_id, 0)
         if self.holds_open_max is not None and count >= self.holds_open_max:
             metrics.quota_refusals.labels("holds_open").inc()
-            return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, message=(
-                f"merchant {merchant_id!r} has {count} open holds, its quota (merchant_holds_open_max "
-                f"{self.holds_open_max}); capture or void some, or let them expire, and retry (the count is "
-                f"refreshed within a minute)"), reason="merchant_quota",
-                quota=(f"merchant:{merchant_id}", f"open holds, at most {self.holds_open_max} "
-                                                  "(merchant_holds_open_max)"))
+            return Outcome(
+                Code.RESOURCE_EXHAUSTED,
+                recorded=False,
+                message=(
+                    f"merchant {merchant_id!r} has {count} open holds, its quota (merchant_holds_open_max "
+                    f"{self.holds_open_max}); capture or void some, or let them expire, and retry (the count is "
+                    f"refreshed within a minute)"
+                ),
+                reason="merchant_quota",
+                quota=(
+                    f"merchant:{merchant_id}",
+                    f"open holds, at most {self.holds_open_max} (merchant_holds_open_max)",
+                ),
+            )
         self._add_hold(merchant_id, 1)
         return None
 

@@ -5,14 +5,22 @@ is of a known kind moving its member's points in its kind's direction and, for t
 its kind's shape; account signs; earn records, promotion budgets and lots; statements equal their
 merchants' entries; net positions, fee revenue, breakage and members' points sum to zero. Each check
 lists at most 5 examples. Used by `python -m processor reconcile` and at the end of most tests."""
+
 from __future__ import annotations
 
 import asyncpg
 
 from processor import kinds, rules
 from processor.domain import require
-from processor.store import (_CLEARING_SUMS, _LARGEST_IDS, MERCHANT_ACCOUNTS, MERCHANT_VOUCHER_ACCOUNTS,
-                             RECONCILE_TIMEOUT_SECONDS, STATEMENT_AMOUNTS, VOUCHER_STATEMENT_AMOUNTS)
+from processor.store import (
+    _CLEARING_SUMS,
+    _LARGEST_IDS,
+    MERCHANT_ACCOUNTS,
+    MERCHANT_VOUCHER_ACCOUNTS,
+    RECONCILE_TIMEOUT_SECONDS,
+    STATEMENT_AMOUNTS,
+    VOUCHER_STATEMENT_AMOUNTS,
+)
 
 
 async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) -> list[str]:
@@ -26,6 +34,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
 
         def fetchrow(sql, *args):
             return c.fetchrow(sql, *args, timeout=RECONCILE_TIMEOUT_SECONDS)
+
         report("the journal sums to zero per asset")
         for r in await fetch("SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"):
             if r["s"] != 0:
@@ -34,8 +43,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         for r in await fetch("""SELECT transaction_id, asset_code, sum(amount) AS s FROM entries
                                   GROUP BY transaction_id, asset_code HAVING sum(amount) <> 0
                                   ORDER BY transaction_id LIMIT 5"""):
-            problems.append(f"transaction {r['transaction_id']} entries in {r['asset_code']} sum to {r['s']}, "
-                            "not 0")
+            problems.append(f"transaction {r['transaction_id']} entries in {r['asset_code']} sum to {r['s']}, not 0")
         # the journal has no foreign-key triggers (migration 0003): references are checked here
         report("every entry's account and transaction exist, in the entry's asset")
         for r in await fetch("""SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
@@ -43,8 +51,10 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                   LEFT JOIN transactions t USING (transaction_id)
                                   WHERE a.account_id IS NULL OR t.transaction_id IS NULL
                                      OR a.asset_code <> e.asset_code LIMIT 5"""):
-            problems.append(f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
-                            f"{r['account_id']}, which do not both exist in its asset")
+            problems.append(
+                f"entry {r['entry_id']} refers to transaction {r['transaction_id']} and account "
+                f"{r['account_id']}, which do not both exist in its asset"
+            )
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
         # merchant's voucher spend (14) has no member
@@ -62,8 +72,10 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                      OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = h.member_id)
                                   LIMIT 5"""):
             problems.append(f"{r['what']} refers to a merchant, member or transaction that does not exist")
-        report("every account's checkpointed balance (members, merchant positions, operator) equals the "
-               "sum of its entries up to the checkpoint")
+        report(
+            "every account's checkpointed balance (members, merchant positions, operator) equals the "
+            "sum of its entries up to the checkpoint"
+        )
         # MATERIALIZED: with LIMIT the planner may otherwise re-run the aggregate per account
         # (measured: hours at 10M transactions instead of a minute)
         for r in await fetch("""WITH e AS MATERIALIZED (
@@ -72,8 +84,10 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                   SELECT a.account_id, a.kind, a.owner_id, a.balance, coalesce(e.s, 0) AS s
                                   FROM accounts a LEFT JOIN e USING (account_id)
                                   WHERE a.balance <> coalesce(e.s, 0) LIMIT 5"""):
-            problems.append(f"account {r['kind']}:{r['owner_id']} balance {r['balance']} != entries {r['s']} "
-                            "(at the balance checkpoint)")
+            problems.append(
+                f"account {r['kind']}:{r['owner_id']} balance {r['balance']} != entries {r['s']} "
+                "(at the balance checkpoint)"
+            )
         report("no member's open holds exceed its posted balance (available >= 0)")
         for r in await fetch("""SELECT h.member_id, a.balance, sum(h.amount) AS held
                                   FROM holds h JOIN account_balances a
@@ -89,7 +103,8 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         problems += await _id_discrepancies(fetch, report)
         report("every transaction is of a known kind and moves its member's points in its kind's direction")
         signs = " ".join(f"WHEN {k.code} THEN {k.member_sign}" for k in kinds.KINDS)
-        for r in await fetch(f"""SELECT t.transaction_id, t.kind, coalesce(m.points, 0) AS points
+        for r in await fetch(
+            f"""SELECT t.transaction_id, t.kind, coalesce(m.points, 0) AS points
                                    FROM transactions t
                                    LEFT JOIN LATERAL (
                                        SELECT sum(e.amount) AS points FROM entries e JOIN accounts a USING (account_id)
@@ -97,26 +112,34 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                          AND a.asset_code = 'POINTS' AND a.owner_id = t.member_id) m ON true
                                    WHERE sign(coalesce(m.points, 0)) NOT IN (0, coalesce(CASE t.kind {signs} END, 2))
                                       OR NOT t.kind = ANY($1::smallint[])
-                                   LIMIT 5""", [k.code for k in kinds.KINDS]):
+                                   LIMIT 5""",
+            [k.code for k in kinds.KINDS],
+        ):
             known = kinds.BY_CODE.get(r["kind"])
-            problems.append(f"transaction {r['transaction_id']} is of unknown kind {r['kind']}" if known is None
-                            else f"transaction {r['transaction_id']} of kind {r['kind']} ({known.name}) moves its "
-                                 f"member's points by {r['points']}, against its kind's sign {known.member_sign}")
+            problems.append(
+                f"transaction {r['transaction_id']} is of unknown kind {r['kind']}"
+                if known is None
+                else f"transaction {r['transaction_id']} of kind {r['kind']} ({known.name}) moves its "
+                f"member's points by {r['points']}, against its kind's sign {known.member_sign}"
+            )
         problems += await _program_discrepancies(fetch, report)
-        report("every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries "
-               "in its period")
+        report(
+            "every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries in its period"
+        )
         checked = ("net", *STATEMENT_AMOUNTS, "voucher_net", *VOUCHER_STATEMENT_AMOUNTS)
-        amounts = ", ".join(f"coalesce(s.{name}, 0) AS {name}, coalesce(j.{name}, 0) AS journal_{name}"
-                            for name in checked)
+        amounts = ", ".join(
+            f"coalesce(s.{name}, 0) AS {name}, coalesce(j.{name}, 0) AS journal_{name}" for name in checked
+        )
         differs = " OR ".join(f"coalesce(s.{name}, 0) <> coalesce(j.{name}, 0)" for name in checked)
         for r in await fetch(
-                f"""WITH j AS (
+            f"""WITH j AS (
                       SELECT p.period_id, a.owner_id AS merchant_id,
                              coalesce(sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS'), 0) AS net,
                              coalesce(sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS'
                                                               AND a.kind = 'merchant_redeemed'), 0) AS voucher_net,
-                             {_CLEARING_SUMS.format(amount="e.amount", account="a.kind", kind="t.kind",
-                                                    asset="a.asset_code")}
+                             {
+                _CLEARING_SUMS.format(amount="e.amount", account="a.kind", kind="t.kind", asset="a.asset_code")
+            }
                       FROM settlement_periods p
                       JOIN transactions t ON t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       JOIN entries e ON e.transaction_id = t.transaction_id
@@ -127,33 +150,46 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                     SELECT coalesce(s.period_id, j.period_id) AS period_id,
                            coalesce(s.merchant_id, j.merchant_id) AS merchant_id, {amounts}
                     FROM statements s FULL JOIN j USING (period_id, merchant_id)
-                    WHERE {differs} LIMIT 5""", list(MERCHANT_ACCOUNTS), list(MERCHANT_VOUCHER_ACCOUNTS)):
-            wrong = [f"{name} {r[name]} != journal {r['journal_' + name]}" for name in checked
-                     if r[name] != r["journal_" + name]]
+                    WHERE {differs} LIMIT 5""",
+            list(MERCHANT_ACCOUNTS),
+            list(MERCHANT_VOUCHER_ACCOUNTS),
+        ):
+            wrong = [
+                f"{name} {r[name]} != journal {r['journal_' + name]}"
+                for name in checked
+                if r[name] != r["journal_" + name]
+            ]
             problems.append(f"statement of {r['merchant_id']} in period {r['period_id']}: " + ", ".join(wrong))
         report("every statement opens at the previous one's closing position")
         for r in await fetch(
-                """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
+            """SELECT s.merchant_id, s.period_id, s.opening_position, p.closing_position
                    FROM statements s LEFT JOIN statements p
                      ON p.merchant_id = s.merchant_id AND p.period_id = s.period_id - 1
-                   WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""):
-            problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
-                            f"{r['opening_position']}, the previous closed at {r['closing_position']}")
+                   WHERE s.opening_position <> coalesce(p.closing_position, 0) LIMIT 5"""
+        ):
+            problems.append(
+                f"statement of {r['merchant_id']} in period {r['period_id']} opens at "
+                f"{r['opening_position']}, the previous closed at {r['closing_position']}"
+            )
         report("every statement's voucher position and vouchers held open at the previous one's closing")
         for r in await fetch(
-                """SELECT s.merchant_id, s.period_id, s.voucher_opening_position, s.vouchers_held_opening,
+            """SELECT s.merchant_id, s.period_id, s.voucher_opening_position, s.vouchers_held_opening,
                           coalesce(p.voucher_closing_position, 0) AS voucher_closing_position,
                           coalesce(p.vouchers_held_closing, 0) AS vouchers_held_closing
                    FROM statements s LEFT JOIN statements p
                      ON p.merchant_id = s.merchant_id AND p.period_id = s.period_id - 1
                    WHERE s.voucher_opening_position <> coalesce(p.voucher_closing_position, 0)
-                      OR s.vouchers_held_opening <> coalesce(p.vouchers_held_closing, 0) LIMIT 5"""):
-            problems.append(f"statement of {r['merchant_id']} in period {r['period_id']} opens at voucher "
-                            f"position {r['voucher_opening_position']} and {r['vouchers_held_opening']} "
-                            f"vouchers held, the previous closed at {r['voucher_closing_position']} and "
-                            f"{r['vouchers_held_closing']}")
-        report("net positions + fee revenue + breakage + program funding + members' points = 0; "
-               "fee revenue = fees charged")
+                      OR s.vouchers_held_opening <> coalesce(p.vouchers_held_closing, 0) LIMIT 5"""
+        ):
+            problems.append(
+                f"statement of {r['merchant_id']} in period {r['period_id']} opens at voucher "
+                f"position {r['voucher_opening_position']} and {r['vouchers_held_opening']} "
+                f"vouchers held, the previous closed at {r['voucher_closing_position']} and "
+                f"{r['vouchers_held_closing']}"
+            )
+        report(
+            "net positions + fee revenue + breakage + program funding + members' points = 0; fee revenue = fees charged"
+        )
         totals = await fetchrow(
             """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
                       coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,
@@ -164,11 +200,14 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                       -- acquiring): points the operator funded, <= 0
                       coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
                                'operator_referrals', 'operator_acquiring')), 0) AS program
-               FROM account_balances WHERE asset_code = 'POINTS'""")
+               FROM account_balances WHERE asset_code = 'POINTS'"""
+        )
         if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] + totals["program"] != 0:
-            problems.append(f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
-                            f"breakage {totals['breakage']} + program funding {totals['program']} + "
-                            f"members' points {totals['members']} != 0")
+            problems.append(
+                f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
+                f"breakage {totals['breakage']} + program funding {totals['program']} + "
+                f"members' points {totals['members']} != 0"
+            )
         if totals["revenue"] != -totals["fees"]:
             problems.append(f"fee revenue {totals['revenue']} != fees charged {-totals['fees']}")
     return problems
@@ -179,10 +218,20 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
 # The sign every account kind's balance keeps (an entry's amount is added to the balance): +1 never
 # below 0, -1 never above 0 (docs/RULES.md "New account kinds", docs/DOMAIN.md for the first six).
 ACCOUNT_SIGNS: dict[str, int] = {
-    "member": 1, "merchant_redeemed": 1, "merchant_acquiring": 1, "merchant_vouchers": 1,
-    "operator_fee_revenue": 1, "operator_breakage": 1,
-    "merchant_issued": -1, "merchant_fees": -1, "operator_tier_rewards": -1, "operator_promotions": -1,
-    "operator_referrals": -1, "operator_acquiring": -1, "operator_dividends": -1, "member_voucher_credit": -1,
+    "member": 1,
+    "merchant_redeemed": 1,
+    "merchant_acquiring": 1,
+    "merchant_vouchers": 1,
+    "operator_fee_revenue": 1,
+    "operator_breakage": 1,
+    "merchant_issued": -1,
+    "merchant_fees": -1,
+    "operator_tier_rewards": -1,
+    "operator_promotions": -1,
+    "operator_referrals": -1,
+    "operator_acquiring": -1,
+    "operator_dividends": -1,
+    "member_voucher_credit": -1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -221,8 +270,13 @@ _GRANTS = """(SELECT g->>0 AS promotion_id, g->>1 AS sponsor_id,
               FROM jsonb_array_elements(CASE WHEN jsonb_typeof(r.grants) = 'array' THEN r.grants
                                              ELSE '[]'::jsonb END) g
               WHERE jsonb_typeof(g) = 'array')"""
-_EARN_ALLOWED = ("member/POINTS", "merchant_issued/POINTS", "operator_tier_rewards/POINTS",
-                 "operator_promotions/POINTS", *_POINTS_FEES)
+_EARN_ALLOWED = (
+    "member/POINTS",
+    "merchant_issued/POINTS",
+    "operator_tier_rewards/POINTS",
+    "operator_promotions/POINTS",
+    *_POINTS_FEES,
+)
 
 
 def _sql_text_array(values) -> str:
@@ -237,14 +291,19 @@ async def _id_discrepancies(fetch, report) -> list[str]:
     voucher_holds, the transactions that capture it), and an authorization is captured at most once."""
     problems: list[str] = []
     report("every id is at or below ledger_writer's high-water marks")
-    for r in await fetch(f"SELECT w.last_transaction_id AS t, w.last_authorization_id AS a, {_LARGEST_IDS} "
-                         "FROM ledger_writer w"):
+    for r in await fetch(
+        f"SELECT w.last_transaction_id AS t, w.last_authorization_id AS a, {_LARGEST_IDS} FROM ledger_writer w"
+    ):
         if r["largest_transaction"] > r["t"]:
-            problems.append(f"transaction id {r['largest_transaction']} is above the high-water mark {r['t']}: "
-                            "the service would hand it out again")
+            problems.append(
+                f"transaction id {r['largest_transaction']} is above the high-water mark {r['t']}: "
+                "the service would hand it out again"
+            )
         if r["largest_authorization"] > r["a"]:
-            problems.append(f"authorization id {r['largest_authorization']} is above the high-water mark "
-                            f"{r['a']}: the service would hand it out again")
+            problems.append(
+                f"authorization id {r['largest_authorization']} is above the high-water mark "
+                f"{r['a']}: the service would hand it out again"
+            )
     report("an authorization id names one authorization in holds, voucher_holds and its captures")
     for r in await fetch("""SELECT v.authorization_id AS id, 'a points hold and a voucher hold of different '
                                    || 'merchants, members or points' AS what
@@ -280,34 +339,52 @@ async def _program_discrepancies(fetch, report) -> list[str]:
     """The checks docs/RULES.md adds to reconcile: account signs and assets, the earn records, promotion
     budgets, expiry lots and the shapes of transaction kinds 6..15. Each lists at most 5 examples."""
     problems: list[str] = []
-    report("every account's balance keeps its kind's sign (members, redeemed, acquiring, merchants' vouchers, "
-           "fee revenue, breakage >= 0; issued, fees, the operator's issuing accounts, voucher credit <= 0)")
+    report(
+        "every account's balance keeps its kind's sign (members, redeemed, acquiring, merchants' vouchers, "
+        "fee revenue, breakage >= 0; issued, fees, the operator's issuing accounts, voucher credit <= 0)"
+    )
     positive = [kind for kind, sign in ACCOUNT_SIGNS.items() if sign > 0]
     negative = [kind for kind, sign in ACCOUNT_SIGNS.items() if sign < 0]
-    for r in await fetch("""WITH t AS MATERIALIZED (
+    for r in await fetch(
+        """WITH t AS MATERIALIZED (
                                 SELECT e.account_id, sum(e.amount) AS delta FROM entries e, balance_checkpoint c
                                 WHERE e.transaction_id > c.through_transaction_id GROUP BY e.account_id)
                               SELECT a.kind, a.owner_id, a.asset_code, a.balance + coalesce(t.delta, 0) AS balance
                               FROM accounts a LEFT JOIN t USING (account_id)
                               WHERE (a.kind = ANY($1::text[]) AND a.balance + coalesce(t.delta, 0) < 0)
                                  OR (a.kind = ANY($2::text[]) AND a.balance + coalesce(t.delta, 0) > 0)
-                              ORDER BY a.account_id LIMIT 5""", positive, negative):
+                              ORDER BY a.account_id LIMIT 5""",
+        positive,
+        negative,
+    ):
         bound = "below" if r["balance"] < 0 else "above"
-        problems.append(f"account {r['kind']}:{r['owner_id']} {r['asset_code']} balance {r['balance']}: "
-                        f"a {r['kind']} account never goes {bound} 0")
+        problems.append(
+            f"account {r['kind']}:{r['owner_id']} {r['asset_code']} balance {r['balance']}: "
+            f"a {r['kind']} account never goes {bound} 0"
+        )
 
     report("every account's kind is known and holds an asset its kind may hold")
     allowed = [f"{kind}/{asset}" for kind, assets in rules.ACCOUNT_ASSETS.items() for asset in sorted(assets)]
-    for r in await fetch("""SELECT kind, owner_id, asset_code FROM accounts
+    for r in await fetch(
+        """SELECT kind, owner_id, asset_code FROM accounts
                               WHERE NOT (kind || '/' || asset_code = ANY($1::text[]))
-                              ORDER BY account_id LIMIT 5""", allowed):
+                              ORDER BY account_id LIMIT 5""",
+        allowed,
+    ):
         assets = rules.ACCOUNT_ASSETS.get(r["kind"])
-        problems.append(f"account {r['kind']}:{r['owner_id']} holds {r['asset_code']}, which "
-                        + (f"a {r['kind']} account may not hold (only {', '.join(sorted(assets))})" if assets
-                           else f"no account may hold: {r['kind']!r} is not an account kind"))
+        problems.append(
+            f"account {r['kind']}:{r['owner_id']} holds {r['asset_code']}, which "
+            + (
+                f"a {r['kind']} account may not hold (only {', '.join(sorted(assets))})"
+                if assets
+                else f"no account may hold: {r['kind']!r} is not an account kind"
+            )
+        )
 
-    report("every earn record (earn_rules) is a kind-1 transaction's, its grants are [[promotion, sponsor, "
-           "point-units >= 0], ...], and amount = base + uplift + grants")
+    report(
+        "every earn record (earn_rules) is a kind-1 transaction's, its grants are [[promotion, sponsor, "
+        "point-units >= 0], ...], and amount = base + uplift + grants"
+    )
     for row in await fetch(f"""SELECT r.transaction_id, t.kind, t.amount, r.base_point_units, r.uplift_point_units,
                                       r.grants::text AS grants, s.total, s.malformed
                                FROM earn_rules r LEFT JOIN transactions t ON t.transaction_id = r.transaction_id,
@@ -334,15 +411,21 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         elif row["kind"] != 1:
             problems.append(f"earn_rules of transaction {t}, which is of kind {row['kind']}, not an earn (1)")
         elif row["malformed"]:
-            problems.append(f"earn_rules of transaction {t}: grants {row['grants']} is not a list of "
-                            "[promotion_id, sponsor_id, point-units >= 0]")
+            problems.append(
+                f"earn_rules of transaction {t}: grants {row['grants']} is not a list of "
+                "[promotion_id, sponsor_id, point-units >= 0]"
+            )
         else:
-            problems.append(f"earn {t} credited {row['amount']} but its earn_rules make base {row['base_point_units']} "
-                            f"+ uplift {row['uplift_point_units']} + grants {row['total'] or 0} = "
-                            f"{row['base_point_units'] + row['uplift_point_units'] + (row['total'] or 0)}")
+            problems.append(
+                f"earn {t} credited {row['amount']} but its earn_rules make base {row['base_point_units']} "
+                f"+ uplift {row['uplift_point_units']} + grants {row['total'] or 0} = "
+                f"{row['base_point_units'] + row['uplift_point_units'] + (row['total'] or 0)}"
+            )
 
-    report("every earn with an earn record posts it: member +amount, merchant_issued -(base + merchant-sponsored "
-           "grants), operator_tier_rewards -uplift, operator_promotions -operator grants, fee entries = fee")
+    report(
+        "every earn with an earn record posts it: member +amount, merchant_issued -(base + merchant-sponsored "
+        "grants), operator_tier_rewards -uplift, operator_promotions -operator grants, fee entries = fee"
+    )
     for r in await fetch(f"""WITH x AS (
                                SELECT t.transaction_id, t.amount, t.fee, r.base_point_units AS base,
                                       r.uplift_point_units AS uplift,
@@ -365,9 +448,11 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                         AND tier_rewards = -uplift AND promotions = -operator_grants
                                         AND fees = -fee AND revenue = fee)
                              ORDER BY transaction_id LIMIT 5"""):
-        problems.append(f"earn {r['transaction_id']} (amount {r['amount']}, base {r['base']}, uplift {r['uplift']}, "
-                        f"operator grants {r['operator_grants']}, merchant grants {r['merchant_grants']}, fee "
-                        f"{r['fee']}) does not post its earn record: entries {r['entries'] or 'none'}")
+        problems.append(
+            f"earn {r['transaction_id']} (amount {r['amount']}, base {r['base']}, uplift {r['uplift']}, "
+            f"operator grants {r['operator_grants']}, merchant grants {r['merchant_grants']}, fee "
+            f"{r['fee']}) does not post its earn record: entries {r['entries'] or 'none'}"
+        )
 
     report("every promotion's granted budget (promotion_budgets) equals the points its earns granted")
     for r in await fetch(f"""WITH granted AS (
@@ -378,8 +463,10 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                              SELECT promotion_id, b.s AS budget, g.s AS grants
                              FROM budgets b FULL JOIN granted g USING (promotion_id)
                              WHERE coalesce(b.s, 0) <> coalesce(g.s, 0) ORDER BY promotion_id LIMIT 5"""):
-        problems.append(f"promotion {r['promotion_id']}: promotion_budgets says {r['budget'] or 0} granted, its "
-                        f"earns' grants sum to {r['grants'] or 0}")
+        problems.append(
+            f"promotion {r['promotion_id']}: promotion_budgets says {r['budget'] or 0} granted, its "
+            f"earns' grants sum to {r['grants'] or 0}"
+        )
 
     report("per member, expiring lots + pieces held by open holds <= posted POINTS")
     for r in await fetch("""WITH lotted AS (SELECT member_id, sum(amount) AS s FROM lots GROUP BY member_id),
@@ -392,8 +479,9 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               FROM m LEFT JOIN account_balances b
                                 ON b.kind = 'member' AND b.asset_code = 'POINTS' AND b.owner_id = m.member_id
                               WHERE m.lots + m.held > coalesce(b.balance, 0) ORDER BY m.member_id LIMIT 5"""):
-        problems.append(f"member {r['member_id']}: lots {r['lots']} + pieces of open holds {r['held']} > "
-                        f"posted {r['posted']}")
+        problems.append(
+            f"member {r['member_id']}: lots {r['lots']} + pieces of open holds {r['held']} > posted {r['posted']}"
+        )
 
     report("every consumed lot piece belongs to a hold or a capture/redeem that exists, within its amount")
     for r in await fetch("""SELECT c.owner_kind, c.owner_id, sum(c.amount) AS pieces,
@@ -416,14 +504,20 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         else:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
 
-    report("every transaction of kinds 6..15 has its kind's entries (expiry to breakage, tier and referral "
-           "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)")
-    allowed_case = "CASE t.kind " + " ".join(
-        f"WHEN {kind} THEN {_sql_text_array(shape.accounts)}" for kind, shape in kinds.SHAPED.items()
-    ) + " ELSE NULL END"
-    shape_case = "CASE kind " + " ".join(
-        f"WHEN {kind} THEN stray = 0 AND ({shape.condition})" for kind, shape in kinds.SHAPED.items()
-    ) + " ELSE true END"
+    report(
+        "every transaction of kinds 6..15 has its kind's entries (expiry to breakage, tier and referral "
+        "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)"
+    )
+    allowed_case = (
+        "CASE t.kind "
+        + " ".join(f"WHEN {kind} THEN {_sql_text_array(shape.accounts)}" for kind, shape in kinds.SHAPED.items())
+        + " ELSE NULL END"
+    )
+    shape_case = (
+        "CASE kind "
+        + " ".join(f"WHEN {kind} THEN stray = 0 AND ({shape.condition})" for kind, shape in kinds.SHAPED.items())
+        + " ELSE true END"
+    )
     for r in await fetch(f"""WITH x AS MATERIALIZED (
                                SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
                                       {_SHAPE_SUMS.format(allowed=allowed_case)}
@@ -434,18 +528,24 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                GROUP BY t.transaction_id)
                              SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5"""):
         shape = kinds.SHAPED[r["kind"]].description
-        problems.append(f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
-                        f"{r['member_id']}, merchant {r['merchant_id']}) should move {shape}; its entries: "
-                        f"{r['entries'] or 'none'}")
+        problems.append(
+            f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
+            f"{r['member_id']}, merchant {r['merchant_id']}) should move {shape}; its entries: "
+            f"{r['entries'] or 'none'}"
+        )
 
-    report("the acquiring rewards merchants are owed (merchant_acquiring) = what the operator paid "
-           "(-operator_acquiring)")
-    totals = (await fetch("""SELECT coalesce(sum(balance) FILTER (WHERE kind = 'merchant_acquiring'), 0) AS owed,
+    report(
+        "the acquiring rewards merchants are owed (merchant_acquiring) = what the operator paid (-operator_acquiring)"
+    )
+    totals = (
+        await fetch("""SELECT coalesce(sum(balance) FILTER (WHERE kind = 'merchant_acquiring'), 0) AS owed,
                                     coalesce(sum(balance) FILTER (WHERE kind = 'operator_acquiring'), 0) AS paid
-                             FROM account_balances WHERE asset_code = 'POINTS'"""))[0]
+                             FROM account_balances WHERE asset_code = 'POINTS'""")
+    )[0]
     if totals["owed"] != -totals["paid"]:
-        problems.append(f"merchants are owed {totals['owed']} point-units of acquiring rewards, the operator paid "
-                        f"{-totals['paid']}")
+        problems.append(
+            f"merchants are owed {totals['owed']} point-units of acquiring rewards, the operator paid {-totals['paid']}"
+        )
     return problems
 
 

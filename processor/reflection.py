@@ -6,6 +6,7 @@ declares them (or depends on one that does), only to a call carrying a valid ope
 (`authorization: Bearer <operator key>`, checked by the RPC interceptor, processor/rpc.py); to any
 other caller they are NOT_FOUND, as a name that does not exist.
 """
+
 from __future__ import annotations
 
 from google.protobuf import descriptor_pool
@@ -57,8 +58,10 @@ class FilteringReflectionServicer(reflection_aio.ReflectionServicer):
         if response.HasField("list_services_response"):
             return pb.ServerReflectionResponse(
                 list_services_response=pb.ListServiceResponse(
-                    service=[pb.ServiceResponse(name=name) for name in self._public_names]),
-                original_request=response.original_request)
+                    service=[pb.ServiceResponse(name=name) for name in self._public_names]
+                ),
+                original_request=response.original_request,
+            )
         if response.HasField("file_descriptor_response"):
             request = response.original_request
             try:
@@ -74,7 +77,8 @@ class FilteringReflectionServicer(reflection_aio.ReflectionServicer):
             if files is None or files & self._hidden_files:
                 return pb.ServerReflectionResponse(
                     error_response=pb.ErrorResponse(error_code=5, error_message=b"Not found"),  # 5: NOT_FOUND
-                    original_request=request)
+                    original_request=request,
+                )
         return response
 
 

@@ -1,6 +1,7 @@
 """The RPC layer around every servicer method: request ids, RED metrics, JSON logs of failed calls,
 authentication before a request's bytes are decoded, deny by default, the audit trail of operator
 changes, and requests that do not decode (answered INVALID_ARGUMENT instead of gRPC's generic error)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,9 @@ OPERATOR_SERVICES = frozenset(name for name, kinds in ACCEPTED_KINDS.items() if 
 def _check_table() -> None:
     declared = {s.full_name for file in (points_pb2, admin_pb2) for s in file.DESCRIPTOR.services_by_name.values()}
     if declared - set(ACCEPTED_KINDS):
-        raise ImportError(f"rpc.ACCEPTED_KINDS must name the keys each service takes: {sorted(declared - set(ACCEPTED_KINDS))}")
+        raise ImportError(
+            f"rpc.ACCEPTED_KINDS must name the keys each service takes: {sorted(declared - set(ACCEPTED_KINDS))}"
+        )
 
 
 _check_table()
@@ -57,8 +60,13 @@ _check_table()
 def _request_id(context) -> str:
     """The caller's x-request-id if it sent a sane one, else a new one."""
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= REQUEST_ID_BYTES_MAX \
-                and value.isascii() and value.isprintable():
+        if (
+            key == REQUEST_ID_HEADER
+            and isinstance(value, str)
+            and 0 < len(value) <= REQUEST_ID_BYTES_MAX
+            and value.isascii()
+            and value.isprintable()
+        ):
             return value
     return uuid.uuid4().hex
 
@@ -122,6 +130,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             except Exception as error:  # protobuf's DecodeError, invalid UTF-8 in a string field, ...
                 undecodable.inc()
                 return Undecodable(request_type, error)
+
         labels = (service, method, "bidi_stream" if streaming else "unary")
         undecodable = metrics.requests_undecodable.labels(service, method)
         started = metrics.rpc_started.labels(*labels)
@@ -150,9 +159,13 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             return rid, time.perf_counter(), caller
 
         async def refuse_kind(context, caller: auth.Principal) -> None:
-            await context.abort_with_status(status(
-                Code.PERMISSION_DENIED, f"a {caller.kind} key cannot call {service}; it takes a "
-                                        f"{' or '.join(accepted)} key", reason="KEY_NOT_PERMITTED"))
+            await context.abort_with_status(
+                status(
+                    Code.PERMISSION_DENIED,
+                    f"a {caller.kind} key cannot call {service}; it takes a {' or '.join(accepted)} key",
+                    reason="KEY_NOT_PERMITTED",
+                )
+            )
 
         def account(context, rid: str, begin: float, code: grpc.StatusCode) -> None:
             elapsed = time.perf_counter() - begin
@@ -160,8 +173,17 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             metrics.rpc_handled.labels(*labels, code.name).inc()
             level = logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO
             if log.isEnabledFor(level):
-                log.log(level, "rpc", extra={"request_id": rid, "method": method, "code": code.name,
-                                             "details": context.details() or "", "seconds": round(elapsed, 6)})
+                log.log(
+                    level,
+                    "rpc",
+                    extra={
+                        "request_id": rid,
+                        "method": method,
+                        "code": code.name,
+                        "details": context.details() or "",
+                        "seconds": round(elapsed, 6),
+                    },
+                )
 
         async def record(context, caller, rid: str, request, code: grpc.StatusCode) -> None:
             """The audit record of a state-changing operator call (a failure to write it is logged and
@@ -172,13 +194,19 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 request = {}
             details = context.details() or ""
             try:
-                await audit_log.record(caller.key_id, full_method, request, code.name,
-                                       details.decode(errors="replace") if isinstance(details, bytes) else details,
-                                       rid)
+                await audit_log.record(
+                    caller.key_id,
+                    full_method,
+                    request,
+                    code.name,
+                    details.decode(errors="replace") if isinstance(details, bytes) else details,
+                    rid,
+                )
             except Exception as error:
                 metrics.audit_write_failures.inc()
-                log.error("audit record not written", extra={"request_id": rid, "method": full_method,
-                                                             "error": repr(error)})
+                log.error(
+                    "audit record not written", extra={"request_id": rid, "method": full_method, "error": repr(error)}
+                )
 
         if streaming:
             inner_stream = handler.stream_stream
@@ -193,6 +221,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     async def decoded():
                         async for data in request_iterator:
                             yield deserialize(data)
+
                     async for response in inner_stream(decoded(), context):
                         yield response
                     code = context.code() or grpc.StatusCode.OK
@@ -206,7 +235,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     account(context, rid, begin, code)
 
             return grpc.stream_stream_rpc_method_handler(
-                stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer)
+                stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer
+            )
 
         inner = handler.unary_unary
 
@@ -216,17 +246,22 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
             audited: _Audited | None = None
             try:
                 rid, begin, caller = await admit(context)
-                if audit_log is not None and caller is not None and (
-                        caller.kind in accepted or self._record_kind_refusal(caller.key_id)):
+                if (
+                    audit_log is not None
+                    and caller is not None
+                    and (caller.kind in accepted or self._record_kind_refusal(caller.key_id))
+                ):
                     # the record is written before the caller hears the outcome (abort sends it at once)
-                    audited = context = _Audited(context, lambda code, c=caller, r=rid: record(
-                        context, c, r, request, code))
+                    audited = context = _Audited(
+                        context, lambda code, c=caller, r=rid: record(context, c, r, request, code)
+                    )
                 if accepted is not None and caller.kind not in accepted:
                     await refuse_kind(context, caller)
                 request = deserialize(data)
                 if isinstance(request, Undecodable):
-                    await context.abort_with_status(status(Code.INVALID_ARGUMENT, request.message,
-                                                           reason="UNDECODABLE_REQUEST"))
+                    await context.abort_with_status(
+                        status(Code.INVALID_ARGUMENT, request.message, reason="UNDECODABLE_REQUEST")
+                    )
                 response = await inner(request, context)
                 code = context.code() or grpc.StatusCode.OK
                 if audited is not None:
@@ -244,7 +279,8 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     await audited.done(code)  # a cancelled call, or one whose record is not written yet
 
         return grpc.unary_unary_rpc_method_handler(
-            behavior, request_deserializer=_raw, response_serializer=handler.response_serializer)
+            behavior, request_deserializer=_raw, response_serializer=handler.response_serializer
+        )
 
 
 class _Audited:
@@ -281,26 +317,32 @@ def _raw(data: bytes) -> bytes:
 
 def _refusal(handler, code: grpc.StatusCode, message: str):
     """A handler that answers every call with `code`, never decoding the request."""
+
     async def refuse(request, context):
         await context.abort(code, message)
 
     async def refuse_stream(request_iterator, context):
         await context.abort(code, message)
         yield  # an async generator, as gRPC expects of a stream-stream behaviour
+
     if handler.stream_stream is not None or handler.stream_unary is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, request_deserializer=_raw,
-                                                     response_serializer=handler.response_serializer)
-    return grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=_raw,
-                                               response_serializer=handler.response_serializer)
+        return grpc.stream_stream_rpc_method_handler(
+            refuse_stream, request_deserializer=_raw, response_serializer=handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        refuse, request_deserializer=_raw, response_serializer=handler.response_serializer
+    )
 
 
 async def _internal(context, rid: str, method: str) -> None:
     """A handler raised what no handler should (a bug): logged with its traceback, answered INTERNAL,
     never gRPC's UNKNOWN with the exception's text. The service keeps serving."""
     log.exception("rpc handler failed unexpectedly", extra={"request_id": rid, "method": method})
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error (request id {rid}): report the request id to the operator; a retry "
-                        "with the same idempotency key is safe (a mutating call is answered only once durable)")
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error (request id {rid}): report the request id to the operator; a retry "
+        "with the same idempotency key is safe (a mutating call is answered only once durable)",
+    )
 
 
 class Undecodable:
@@ -308,5 +350,7 @@ class Undecodable:
 
     def __init__(self, type_name: str, error: Exception):
         reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        self.message = (f"request is not a valid {type_name}: {reason}; "
-                        "send the message the method's .proto declares (string fields must be UTF-8)")
+        self.message = (
+            f"request is not a valid {type_name}: {reason}; "
+            "send the message the method's .proto declares (string fields must be UTF-8)"
+        )

@@ -11,6 +11,7 @@ which checks that they sum to zero per asset. An entry's amount is added to its 
 (members positive, a merchant's issued account negative), as in migrations/0001_ledger.sql.
 docs/RULES.md explains each rule, its postings, its roundings and the decisions taken.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,24 +20,35 @@ import math
 from typing import Collection, Iterable, Mapping, NamedTuple, NoReturn
 
 from processor.domain import (
-    ACCOUNT_MEMBER, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED,
-    ACCOUNT_OPERATOR_BREAKAGE, ACCOUNT_OPERATOR_FEE_REVENUE, ASSET_POINTS, BPS_DENOMINATOR, INT64_MAX,
-    OPERATOR_ID, Code, Rejection, require)
+    ACCOUNT_MEMBER,
+    ACCOUNT_MERCHANT_FEES,
+    ACCOUNT_MERCHANT_ISSUED,
+    ACCOUNT_MERCHANT_REDEEMED,
+    ACCOUNT_OPERATOR_BREAKAGE,
+    ACCOUNT_OPERATOR_FEE_REVENUE,
+    ASSET_POINTS,
+    BPS_DENOMINATOR,
+    INT64_MAX,
+    OPERATOR_ID,
+    Code,
+    Rejection,
+    require,
+)
 
 ASSET_VOUCHERS = "VOUCHERS"
 POINT_UNITS_PER_POINT = 100
 DAY_US = 86_400_000_000
-MULTIPLIER_BPS_MAX = 100_000          # 10x: a level or promotion multiplier above this is a typo
+MULTIPLIER_BPS_MAX = 100_000  # 10x: a level or promotion multiplier above this is a typo
 
 # New account kinds (accounts.kind). Sign: an entry's amount is added to the balance.
 ACCOUNT_MEMBER_VOUCHER_CREDIT = "member_voucher_credit"  # VOUCHERS, <= 0: vouchers spent on credit
-ACCOUNT_MERCHANT_VOUCHERS = "merchant_vouchers"          # VOUCHERS, >= 0: vouchers a merchant holds
-ACCOUNT_MERCHANT_ACQUIRING = "merchant_acquiring"        # POINTS, >= 0: rewards owed to an acquirer
+ACCOUNT_MERCHANT_VOUCHERS = "merchant_vouchers"  # VOUCHERS, >= 0: vouchers a merchant holds
+ACCOUNT_MERCHANT_ACQUIRING = "merchant_acquiring"  # POINTS, >= 0: rewards owed to an acquirer
 ACCOUNT_OPERATOR_TIER_REWARDS = "operator_tier_rewards"  # POINTS, <= 0: level bonuses + multipliers
-ACCOUNT_OPERATOR_PROMOTIONS = "operator_promotions"      # POINTS, <= 0: operator-funded promotions
-ACCOUNT_OPERATOR_REFERRALS = "operator_referrals"        # POINTS, <= 0: referrer bonuses
-ACCOUNT_OPERATOR_ACQUIRING = "operator_acquiring"        # POINTS, <= 0: acquiring rewards
-ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"        # VOUCHERS, <= 0: vouchers issued
+ACCOUNT_OPERATOR_PROMOTIONS = "operator_promotions"  # POINTS, <= 0: operator-funded promotions
+ACCOUNT_OPERATOR_REFERRALS = "operator_referrals"  # POINTS, <= 0: referrer bonuses
+ACCOUNT_OPERATOR_ACQUIRING = "operator_acquiring"  # POINTS, <= 0: acquiring rewards
+ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"  # VOUCHERS, <= 0: vouchers issued
 
 ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
@@ -57,19 +69,21 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
 # bonuses are entries of the earn (1) and of its refund (5), not transactions of their own.
-KIND_EXPIRY = 6                    # a lot's points expire to the operator's breakage
-KIND_TIER_BONUS = 7                # one-off bonus on reaching a level
-KIND_REFERRAL_BONUS = 8            # the referrer's bonus on the referee's first qualifying earn
-KIND_ACQUIRING_REWARD = 9          # the acquiring merchant's share of a member's spend elsewhere
-KIND_ACQUIRING_REVERSAL = 10       # its reversal when that purchase is refunded
-KIND_DIVIDEND = 11                 # vouchers of a dividend round to one holder
-KIND_SPLIT_REDEEM = 12             # a redeem paid with vouchers and/or points
-KIND_SPLIT_REFUND = 13             # a refund of a split redeem, both assets as one unit
-KIND_MERCHANT_VOUCHER_SPEND = 14   # a merchant spends its vouchers at the operator's store
-KIND_CONVERSION = 15               # a merchant's own points converted into alliance points
+KIND_EXPIRY = 6  # a lot's points expire to the operator's breakage
+KIND_TIER_BONUS = 7  # one-off bonus on reaching a level
+KIND_REFERRAL_BONUS = 8  # the referrer's bonus on the referee's first qualifying earn
+KIND_ACQUIRING_REWARD = 9  # the acquiring merchant's share of a member's spend elsewhere
+KIND_ACQUIRING_REVERSAL = 10  # its reversal when that purchase is refunded
+KIND_DIVIDEND = 11  # vouchers of a dividend round to one holder
+KIND_SPLIT_REDEEM = 12  # a redeem paid with vouchers and/or points
+KIND_SPLIT_REFUND = 13  # a refund of a split redeem, both assets as one unit
+KIND_MERCHANT_VOUCHER_SPEND = 14  # a merchant spends its vouchers at the operator's store
+KIND_CONVERSION = 15  # a merchant's own points converted into alliance points
 
-CASH_OUT_MESSAGE = ("points and vouchers cannot be paid out as cash: they circulate only inside the "
-                    "alliance; redeem them at any merchant of the network instead")
+CASH_OUT_MESSAGE = (
+    "points and vouchers cannot be paid out as cash: they circulate only inside the "
+    "alliance; redeem them at any merchant of the network instead"
+)
 
 
 def _is_int(value) -> bool:
@@ -77,8 +91,9 @@ def _is_int(value) -> bool:
 
 
 def _check_int(value, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> None:
-    require(_is_int(value) and minimum <= value <= maximum,
-            f"{name} must be an int in {minimum}..{maximum}, got {value!r}")
+    require(
+        _is_int(value) and minimum <= value <= maximum, f"{name} must be an int in {minimum}..{maximum}, got {value!r}"
+    )
 
 
 def _floor_bps(amount: int, bps: int) -> int:
@@ -100,6 +115,7 @@ def proportional_share(part: int, whole: int, done_before: int, amount: int) -> 
 
 # --- Postings ------------------------------------------------------------------------------------
 
+
 class Posting(NamedTuple):
     account_kind: str
     owner_id: str
@@ -115,8 +131,7 @@ def balanced(postings: Iterable[Posting | tuple]) -> tuple[Posting, ...]:
     sums: dict[str, int] = {}
     for row in rows:
         require(row.account_kind in ACCOUNT_ASSETS, f"unknown account kind {row.account_kind!r}")
-        require(row.asset in ACCOUNT_ASSETS[row.account_kind],
-                f"account kind {row.account_kind} holds no {row.asset}")
+        require(row.asset in ACCOUNT_ASSETS[row.account_kind], f"account kind {row.account_kind} holds no {row.asset}")
         require(bool(row.owner_id), f"posting to {row.account_kind} has no owner")
         _check_int(row.amount, "posting amount", -INT64_MAX, INT64_MAX)
         sums[row.asset] = sums.get(row.asset, 0) + row.amount
@@ -131,6 +146,7 @@ def negated(postings: Iterable[Posting]) -> tuple[Posting, ...]:
 
 
 # --- Errors --------------------------------------------------------------------------------------
+
 
 class ConfigError(ValueError):
     """Program configuration that cannot be used; the message lists what to fix."""
@@ -155,9 +171,11 @@ class InsufficientBalance(Rejection):
     """Not enough points (or vouchers) for the request: refused, nothing changes."""
 
     def __init__(self, asset: str, available: int, requested: int):
-        super().__init__(Code.FAILED_PRECONDITION,
-                         f"insufficient {asset.lower()}: {available} {_UNIT[asset]} available, "
-                         f"{requested} requested; ask for at most {available}")
+        super().__init__(
+            Code.FAILED_PRECONDITION,
+            f"insufficient {asset.lower()}: {available} {_UNIT[asset]} available, "
+            f"{requested} requested; ask for at most {available}",
+        )
         self.asset = asset
         self.available = available
         self.requested = requested
@@ -172,9 +190,11 @@ def refuse_cash_out() -> NoReturn:
 
 # --- Configuration -------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Rate:
     """An exact rate numerator/denominator (no floats)."""
+
     numerator: int
     denominator: int
 
@@ -188,10 +208,11 @@ class Rate:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Level:
     """A tier level: reached when qualifying point-units >= threshold_point_units."""
+
     name: str
     threshold_point_units: int
-    bonus_point_units: int = 0                 # once per member, on first reaching the level
-    multiplier_bps: int = BPS_DENOMINATOR      # earn multiplier; 10,000 = 1x
+    bonus_point_units: int = 0  # once per member, on first reaching the level
+    multiplier_bps: int = BPS_DENOMINATOR  # earn multiplier; 10,000 = 1x
 
     def __post_init__(self):
         problems: list[str] = []
@@ -199,15 +220,24 @@ class Level:
             problems.append("name must be a non-empty string")
         _problem_int(problems, self.threshold_point_units, "threshold_point_units")
         _problem_int(problems, self.bonus_point_units, "bonus_point_units")
-        _problem_int(problems, self.multiplier_bps, "multiplier_bps (10000 = 1x; a level never earns less "
-                     "than the merchant gives)", BPS_DENOMINATOR, MULTIPLIER_BPS_MAX)
+        _problem_int(
+            problems,
+            self.multiplier_bps,
+            "multiplier_bps (10000 = 1x; a level never earns less than the merchant gives)",
+            BPS_DENOMINATOR,
+            MULTIPLIER_BPS_MAX,
+        )
         _raise_problems(problems, f"level {self.name!r}")
 
 
 # The plans' levels: 5,000 / 10,000 / 20,000 points = 500,000 / 1,000,000 / 2,000,000 point-units.
 # The plans name no bonuses or multipliers; each program version sets its own.
-PLAN_LEVELS = (Level("registered", 0), Level("blue", 5_000 * POINT_UNITS_PER_POINT),
-               Level("yellow", 10_000 * POINT_UNITS_PER_POINT), Level("red", 20_000 * POINT_UNITS_PER_POINT))
+PLAN_LEVELS = (
+    Level("registered", 0),
+    Level("blue", 5_000 * POINT_UNITS_PER_POINT),
+    Level("yellow", 10_000 * POINT_UNITS_PER_POINT),
+    Level("red", 20_000 * POINT_UNITS_PER_POINT),
+)
 
 SCOPE_NETWORK = "network"
 SCOPE_MERCHANT = "merchant"
@@ -220,6 +250,7 @@ class Promotion:
     (scope_id = merchant id) or one level (scope_id = level name)), either a multiplier of the base
     points (multiplier_bps > 10,000) or a fixed bonus per qualifying earn, up to budget_point_units in
     all. Paid by sponsor_id: the operator, or the merchant of a merchant-scoped promotion."""
+
     promotion_id: str
     start_us: int
     end_us: int
@@ -236,13 +267,13 @@ class Promotion:
             problems.append("promotion_id must be a non-empty string")
         if _problem_int(problems, self.start_us, "start_us") and _problem_int(problems, self.end_us, "end_us"):
             if self.end_us <= self.start_us:
-                problems.append(f"end_us ({self.end_us}) must be after start_us ({self.start_us}); "
-                                f"the window is [start_us, end_us)")
+                problems.append(
+                    f"end_us ({self.end_us}) must be after start_us ({self.start_us}); the window is [start_us, end_us)"
+                )
         if self.scope not in (SCOPE_NETWORK, SCOPE_MERCHANT, SCOPE_TIER):
             problems.append(f"scope must be {SCOPE_NETWORK!r}, {SCOPE_MERCHANT!r} or {SCOPE_TIER!r}")
         elif (self.scope == SCOPE_NETWORK) != (self.scope_id == ""):
-            problems.append("scope_id must be empty for a network promotion and name the merchant or level "
-                            "otherwise")
+            problems.append("scope_id must be empty for a network promotion and name the merchant or level otherwise")
         multiplier = self.multiplier_bps != 0
         bonus = self.bonus_point_units != 0
         if multiplier == bonus:
@@ -253,8 +284,10 @@ class Promotion:
             _problem_int(problems, self.bonus_point_units, "bonus_point_units", 1)
         _problem_int(problems, self.budget_point_units, "budget_point_units", 1)
         if self.sponsor_id != OPERATOR_ID and not (self.scope == SCOPE_MERCHANT and self.sponsor_id == self.scope_id):
-            problems.append(f"sponsor_id must be {OPERATOR_ID!r} or, for a merchant promotion, that merchant "
-                            f"(a merchant pays only for points earned at itself)")
+            problems.append(
+                f"sponsor_id must be {OPERATOR_ID!r} or, for a merchant promotion, that merchant "
+                f"(a merchant pays only for points earned at itself)"
+            )
         _raise_problems(problems, f"promotion {self.promotion_id!r}")
 
 
@@ -262,6 +295,7 @@ class Promotion:
 class MerchantTerms:
     """Per-merchant overrides: its acquiring share (as the acquirer) and its agreed conversion rate
     (merchant points -> alliance point-units)."""
+
     merchant_id: str
     acquiring_share_bps: int | None = None
     conversion_rate: Rate | None = None
@@ -283,6 +317,7 @@ class DividendSettings:
     grew by growth_bps over the pool at the previous round; round k pays rate_bps_schedule[k-1] (the
     last rate repeats); a member may spend on credit up to credit_limit_bps of its expected next
     dividend (50,000 = 5x)."""
+
     threshold_point_units: int
     growth_bps: int = 1_500
     rate_bps_schedule: tuple[int, ...] = (50,)
@@ -304,7 +339,7 @@ class DividendSettings:
         _raise_problems(problems, "dividend settings")
 
 
-VERIFICATION_OFF = "off"            # member_id alone spends a member's points
+VERIFICATION_OFF = "off"  # member_id alone spends a member's points
 VERIFICATION_SPENDING = "spending"  # Redeem and Authorize must carry proof that the member is present
 VERIFICATION_MODES = (VERIFICATION_OFF, VERIFICATION_SPENDING)
 VERIFICATION_FAILURES_MAX = 100
@@ -315,27 +350,28 @@ VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
 class ProgramVersion:
     """The rules of a program from effective_from_us until the next version's. A transaction records
     `version_id` and is refunded, expired and clawed back under that version's rules."""
+
     program_id: str
     version: int
     effective_from_us: int
-    expiry_period_us: int | None = None          # None: points never expire
-    restore_grace_us: int = 30 * DAY_US          # life of restored points whose lot already expired
+    expiry_period_us: int | None = None  # None: points never expire
+    restore_grace_us: int = 30 * DAY_US  # life of restored points whose lot already expired
     levels: tuple[Level, ...] = PLAN_LEVELS
-    tier_window_us: int | None = None            # None: qualifying points counted in total
-    dividends: DividendSettings | None = None    # None: the program has no dividend pool
-    acquiring_share_bps: int = 0                 # network default; MerchantTerms override it
+    tier_window_us: int | None = None  # None: qualifying points counted in total
+    dividends: DividendSettings | None = None  # None: the program has no dividend pool
+    acquiring_share_bps: int = 0  # network default; MerchantTerms override it
     referral_bonus_point_units: int = 0
-    referral_minimum_purchase: int = 1           # minor units a referee's first earn must reach
+    referral_minimum_purchase: int = 1  # minor units a referee's first earn must reach
     promotions: tuple[Promotion, ...] = ()
     merchant_terms: tuple[MerchantTerms, ...] = ()
     operator_store_merchant_id: str | None = None  # the operator's own store; None: merchants cannot
-                                                   # spend their vouchers
+    # spend their vouchers
     # member presence (docs/RULES.md section 10): "off" or "spending" (Redeem/Authorize need a MemberProof)
     member_verification: str = VERIFICATION_OFF
-    verification_failures_max: int = 5          # wrong proofs in a row before the member's spending locks
-    verification_lockout_seconds: int = 900     # how long the lock lasts
-    member_points_spent_per_hour_max: int = 0   # point-units per rolling hour; 0 = no cap
-    member_points_spent_per_day_max: int = 0    # point-units per rolling 24 hours; 0 = no cap
+    verification_failures_max: int = 5  # wrong proofs in a row before the member's spending locks
+    verification_lockout_seconds: int = 900  # how long the lock lasts
+    member_points_spent_per_hour_max: int = 0  # point-units per rolling hour; 0 = no cap
+    member_points_spent_per_day_max: int = 0  # point-units per rolling 24 hours; 0 = no cap
 
     def __post_init__(self):
         problems: list[str] = []
@@ -358,18 +394,28 @@ class ProgramVersion:
             problems.append(f"promotion ids must be unique: {sorted(ids)}")
         for promotion in self.promotions:
             if promotion.scope == SCOPE_TIER and promotion.scope_id not in names:
-                problems.append(f"promotion {promotion.promotion_id!r} names level {promotion.scope_id!r}, "
-                                f"which is not one of {sorted(names)}")
+                problems.append(
+                    f"promotion {promotion.promotion_id!r} names level {promotion.scope_id!r}, "
+                    f"which is not one of {sorted(names)}"
+                )
         store = self.operator_store_merchant_id
         if store is not None and (not isinstance(store, str) or not store):
             problems.append("operator_store_merchant_id must be a merchant id (None = no operator store)")
         if self.member_verification not in VERIFICATION_MODES:
-            problems.append(f"member_verification must be one of {', '.join(map(repr, VERIFICATION_MODES))} "
-                            f"(got {self.member_verification!r})")
-        _problem_int(problems, self.verification_failures_max, "verification_failures_max", 1,
-                     VERIFICATION_FAILURES_MAX)
-        _problem_int(problems, self.verification_lockout_seconds, "verification_lockout_seconds", 1,
-                     VERIFICATION_LOCKOUT_SECONDS_MAX)
+            problems.append(
+                f"member_verification must be one of {', '.join(map(repr, VERIFICATION_MODES))} "
+                f"(got {self.member_verification!r})"
+            )
+        _problem_int(
+            problems, self.verification_failures_max, "verification_failures_max", 1, VERIFICATION_FAILURES_MAX
+        )
+        _problem_int(
+            problems,
+            self.verification_lockout_seconds,
+            "verification_lockout_seconds",
+            1,
+            VERIFICATION_LOCKOUT_SECONDS_MAX,
+        )
         _problem_int(problems, self.member_points_spent_per_hour_max, "member_points_spent_per_hour_max (0 = no cap)")
         _problem_int(problems, self.member_points_spent_per_day_max, "member_points_spent_per_day_max (0 = no cap)")
         merchants = [terms.merchant_id for terms in self.merchant_terms]
@@ -388,8 +434,10 @@ class ProgramVersion:
         for level in self.levels:
             if level.name == name:
                 return level
-        raise Rejection(Code.INVALID_ARGUMENT, f"level {name!r} is not one of program {self.version_id}'s "
-                                               f"levels {[level.name for level in self.levels]}")
+        raise Rejection(
+            Code.INVALID_ARGUMENT,
+            f"level {name!r} is not one of program {self.version_id}'s levels {[level.name for level in self.levels]}",
+        )
 
     def terms(self, merchant_id: str) -> MerchantTerms | None:
         for terms in self.merchant_terms:
@@ -406,9 +454,11 @@ class ProgramVersion:
     def conversion_rate_for(self, merchant_id: str) -> Rate:
         terms = self.terms(merchant_id)
         if terms is None or terms.conversion_rate is None:
-            raise Rejection(Code.FAILED_PRECONDITION,
-                            f"merchant {merchant_id!r} has no agreed conversion rate in program "
-                            f"{self.version_id}; the operator must add one before converting its points")
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                f"merchant {merchant_id!r} has no agreed conversion rate in program "
+                f"{self.version_id}; the operator must add one before converting its points",
+            )
         return terms.conversion_rate
 
 
@@ -422,11 +472,15 @@ def _level_problems(levels) -> list[str]:
         problems.append(f"the first level ({levels[0].name!r}) cannot carry a bonus: members start there")
     for lower, higher in zip(levels, levels[1:]):
         if higher.threshold_point_units <= lower.threshold_point_units:
-            problems.append(f"thresholds must increase: {higher.name!r} ({higher.threshold_point_units}) is "
-                            f"not above {lower.name!r} ({lower.threshold_point_units})")
+            problems.append(
+                f"thresholds must increase: {higher.name!r} ({higher.threshold_point_units}) is "
+                f"not above {lower.name!r} ({lower.threshold_point_units})"
+            )
         if higher.multiplier_bps < lower.multiplier_bps:
-            problems.append(f"multipliers must not decrease: {higher.name!r} ({higher.multiplier_bps}) is "
-                            f"below {lower.name!r} ({lower.multiplier_bps})")
+            problems.append(
+                f"multipliers must not decrease: {higher.name!r} ({higher.multiplier_bps}) is "
+                f"below {lower.name!r} ({lower.multiplier_bps})"
+            )
     names = [level.name for level in levels]
     if len(names) != len(set(names)):
         problems.append(f"level names must be unique: {names}")
@@ -436,6 +490,7 @@ def _level_problems(levels) -> list[str]:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Program:
     """A program's versions, oldest first; a version applies from its effective_from_us onward."""
+
     program_id: str
     versions: tuple[ProgramVersion, ...]
 
@@ -448,22 +503,28 @@ class Program:
                 if version.program_id != self.program_id:
                     problems.append(f"version {version.version} belongs to program {version.program_id!r}")
                 if version.version != number:
-                    problems.append(f"versions must be numbered 1, 2, 3 ... in order: position {number} "
-                                    f"holds version {version.version}")
+                    problems.append(
+                        f"versions must be numbered 1, 2, 3 ... in order: position {number} "
+                        f"holds version {version.version}"
+                    )
             for earlier, later in zip(self.versions, self.versions[1:]):
                 if later.effective_from_us <= earlier.effective_from_us:
-                    problems.append(f"effective_from_us must increase: version {later.version} "
-                                    f"({later.effective_from_us}) does not start after version "
-                                    f"{earlier.version} ({earlier.effective_from_us})")
+                    problems.append(
+                        f"effective_from_us must increase: version {later.version} "
+                        f"({later.effective_from_us}) does not start after version "
+                        f"{earlier.version} ({earlier.effective_from_us})"
+                    )
         _raise_problems(problems, f"program {self.program_id!r}")
 
     def at(self, when_us: int) -> ProgramVersion:
         for version in reversed(self.versions):
             if version.effective_from_us <= when_us:
                 return version
-        raise Rejection(Code.FAILED_PRECONDITION,
-                        f"program {self.program_id!r} has no version in force at {when_us} us; its first "
-                        f"version starts at {self.versions[0].effective_from_us} us")
+        raise Rejection(
+            Code.FAILED_PRECONDITION,
+            f"program {self.program_id!r} has no version in force at {when_us} us; its first "
+            f"version starts at {self.versions[0].effective_from_us} us",
+        )
 
     def with_version(self, version: ProgramVersion, now_us: int) -> Program:
         """The program with `version` added. A version may not start before now: that would change the
@@ -474,9 +535,11 @@ class Program:
 
 def _not_in_the_past(version: ProgramVersion, now_us: int) -> None:
     if version.effective_from_us < now_us:
-        raise ConfigError(f"version {version.version} of {version.program_id!r} starts at "
-                          f"{version.effective_from_us} us, before now ({now_us} us); a change applies "
-                          f"from now or later, never to the past")
+        raise ConfigError(
+            f"version {version.version} of {version.program_id!r} starts at "
+            f"{version.effective_from_us} us, before now ({now_us} us); a change applies "
+            f"from now or later, never to the past"
+        )
 
 
 class RuleBook:
@@ -492,8 +555,9 @@ class RuleBook:
     def program(self, program_id: str) -> Program:
         program = self._programs.get(program_id)
         if program is None:
-            raise Rejection(Code.NOT_FOUND, f"program {program_id!r} does not exist; known programs: "
-                                            f"{sorted(self._programs)[:20]}")
+            raise Rejection(
+                Code.NOT_FOUND, f"program {program_id!r} does not exist; known programs: {sorted(self._programs)[:20]}"
+            )
         return program
 
     def at(self, program_id: str, when_us: int) -> ProgramVersion:
@@ -518,13 +582,13 @@ class RuleBook:
 # missing from an input takes the field's default; version_to_config writes every key, and that is what
 # is stored, so a stored version never depends on a default a later release may change.
 
-LEVELS_MAX = 63                 # member_programs.levels_reached is a bigint bitmask: bit i = level i
+LEVELS_MAX = 63  # member_programs.levels_reached is a bigint bitmask: bit i = level i
 PROMOTIONS_MAX = 10_000
 MERCHANT_TERMS_MAX = 100_000
 RATE_SCHEDULE_MAX = 1_000
-CONFIG_TEXT_CHARS_MAX = 200     # names and ids
+CONFIG_TEXT_CHARS_MAX = 200  # names and ids
 _COLUMNS = ("program_id", "version", "effective_from_us")
-_BAD = object()                 # a value that did not decode; its problem is listed already
+_BAD = object()  # a value that did not decode; its problem is listed already
 
 
 def _json_value(value):
@@ -580,6 +644,7 @@ def _nullable(decode, meaning: str):
             found[-1] += f", or null for {meaning}"
         problems.extend(found)
         return decoded
+
     return decode_nullable
 
 
@@ -593,6 +658,7 @@ def _list(decode, limit: int, what: str):
             return _BAD
         items = [decode(problems, item, f"{where}[{index}]") for index, item in enumerate(value)]
         return _BAD if any(item is _BAD for item in items) else tuple(items)
+
     return decode_list
 
 
@@ -607,10 +673,15 @@ def _fields(problems: list[str], value, where: str, cls, kinds: Mapping) -> tupl
         return {}, False, False
     unknown = [key for key in value if key not in kinds]
     if unknown:
-        problems.append(f"{what}has unknown key{'s' if len(unknown) > 1 else ''} "
-                        f"{', '.join(map(repr, unknown))}; the keys are {', '.join(kinds)}")
-    required = [field.name for field in dataclasses.fields(cls) if field.name in kinds
-                and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING]
+        problems.append(
+            f"{what}has unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; the keys are {', '.join(kinds)}"
+        )
+    required = [
+        field.name
+        for field in dataclasses.fields(cls)
+        if field.name in kinds and field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    ]
     missing = [key for key in required if key not in value]
     if missing:
         problems.append(f"{what}needs {', '.join(missing)} (required: {', '.join(required)})")
@@ -637,38 +708,68 @@ def _object(cls, kinds: Mapping):
         fields, complete, clean = _fields(problems, value, where, cls, kinds)
         built = _construct(problems, where, cls, fields) if complete else _BAD
         return built if clean else _BAD
+
     return decode_object
 
 
 _RATE = _object(Rate, {"numerator": _integer, "denominator": _integer})
-_LEVEL = _object(Level, {"name": _text, "threshold_point_units": _integer, "bonus_point_units": _integer,
-                         "multiplier_bps": _integer})
-_PROMOTION = _object(Promotion, {
-    "promotion_id": _text, "start_us": _integer, "end_us": _integer, "scope": _text, "scope_id": _text,
-    "multiplier_bps": _integer, "bonus_point_units": _integer, "budget_point_units": _integer,
-    "sponsor_id": _text})
-_MERCHANT_TERMS = _object(MerchantTerms, {
-    "merchant_id": _text, "acquiring_share_bps": _nullable(_integer, "the network's acquiring_share_bps"),
-    "conversion_rate": _nullable(_RATE, "no agreed rate: the merchant cannot convert")})
-_DIVIDENDS = _object(DividendSettings, {
-    "threshold_point_units": _integer, "growth_bps": _integer,
-    "rate_bps_schedule": _list(_integer, RATE_SCHEDULE_MAX, "integers (basis points, round 1 first)"),
-    "credit_limit_bps": _integer})
+_LEVEL = _object(
+    Level, {"name": _text, "threshold_point_units": _integer, "bonus_point_units": _integer, "multiplier_bps": _integer}
+)
+_PROMOTION = _object(
+    Promotion,
+    {
+        "promotion_id": _text,
+        "start_us": _integer,
+        "end_us": _integer,
+        "scope": _text,
+        "scope_id": _text,
+        "multiplier_bps": _integer,
+        "bonus_point_units": _integer,
+        "budget_point_units": _integer,
+        "sponsor_id": _text,
+    },
+)
+_MERCHANT_TERMS = _object(
+    MerchantTerms,
+    {
+        "merchant_id": _text,
+        "acquiring_share_bps": _nullable(_integer, "the network's acquiring_share_bps"),
+        "conversion_rate": _nullable(_RATE, "no agreed rate: the merchant cannot convert"),
+    },
+)
+_DIVIDENDS = _object(
+    DividendSettings,
+    {
+        "threshold_point_units": _integer,
+        "growth_bps": _integer,
+        "rate_bps_schedule": _list(_integer, RATE_SCHEDULE_MAX, "integers (basis points, round 1 first)"),
+        "credit_limit_bps": _integer,
+    },
+)
 _VERSION_KINDS = {
-    "expiry_period_us": _nullable(_integer, "never expire"), "restore_grace_us": _integer,
+    "expiry_period_us": _nullable(_integer, "never expire"),
+    "restore_grace_us": _integer,
     "levels": _list(_LEVEL, LEVELS_MAX, "level objects, lowest first"),
     "tier_window_us": _nullable(_integer, "in total"),
-    "dividends": _nullable(_DIVIDENDS, "no dividend pool"), "acquiring_share_bps": _integer,
-    "referral_bonus_point_units": _integer, "referral_minimum_purchase": _integer,
+    "dividends": _nullable(_DIVIDENDS, "no dividend pool"),
+    "acquiring_share_bps": _integer,
+    "referral_bonus_point_units": _integer,
+    "referral_minimum_purchase": _integer,
     "promotions": _list(_PROMOTION, PROMOTIONS_MAX, "promotion objects"),
     "merchant_terms": _list(_MERCHANT_TERMS, MERCHANT_TERMS_MAX, "merchant terms objects"),
     "operator_store_merchant_id": _nullable(_text, "no operator store"),
-    "member_verification": _text, "verification_failures_max": _integer, "verification_lockout_seconds": _integer,
-    "member_points_spent_per_hour_max": _integer, "member_points_spent_per_day_max": _integer,
+    "member_verification": _text,
+    "verification_failures_max": _integer,
+    "verification_lockout_seconds": _integer,
+    "member_points_spent_per_hour_max": _integer,
+    "member_points_spent_per_day_max": _integer,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
-require(set(CONFIG_KEYS) | set(_COLUMNS) == {field.name for field in dataclasses.fields(ProgramVersion)},
-        "the configuration codec must know every ProgramVersion field")
+require(
+    set(CONFIG_KEYS) | set(_COLUMNS) == {field.name for field in dataclasses.fields(ProgramVersion)},
+    "the configuration codec must know every ProgramVersion field",
+)
 
 
 def version_from_config(program_id: str, version: int, effective_from_us: int, config: dict) -> ProgramVersion:
@@ -703,6 +804,7 @@ def program_from_rows(program_id: str, rows: Iterable[Mapping]) -> Program | Non
 
 # --- Expiry lots ---------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Lot:
     """Points credited by one transaction (lot_id = its transaction id), `amount` of them left,
@@ -710,6 +812,7 @@ class Lot:
     merchant id for operator-funded points), to which breakage is attributed. A lot is keyed by
     (lot_id, expires_at_us): a restored part given a grace period is a second lot with the same id.
     A consumption is a list of Lot pieces: which lot, how much (`(piece.lot_id, piece.amount)`)."""
+
     lot_id: int
     amount: int
     expires_at_us: int | None
@@ -725,9 +828,9 @@ class Lot:
 
 
 class LotsAfter(NamedTuple):
-    lots: tuple[Lot, ...]          # the member's lots afterwards, soonest-expiring first
-    pieces: tuple[Lot, ...]        # what was taken, restored or expired, in that order
-    left: tuple[Lot, ...] = ()     # restore only: the consumption not restored yet
+    lots: tuple[Lot, ...]  # the member's lots afterwards, soonest-expiring first
+    pieces: tuple[Lot, ...]  # what was taken, restored or expired, in that order
+    left: tuple[Lot, ...] = ()  # restore only: the consumption not restored yet
 
 
 def _order(lot: Lot) -> tuple:
@@ -753,8 +856,7 @@ def _checked(lots: Iterable[Lot]) -> list[Lot]:
     return lots
 
 
-def new_lot(version: ProgramVersion, transaction_id: int, amount: int, credited_at_us: int,
-            issuer_id: str) -> Lot:
+def new_lot(version: ProgramVersion, transaction_id: int, amount: int, credited_at_us: int, issuer_id: str) -> Lot:
     """The lot of points credited by a transaction, expiring under the version it was made under."""
     _check_int(amount, "amount", 1)
     return Lot(transaction_id, amount, version.expires_at_us(credited_at_us), issuer_id)
@@ -774,8 +876,9 @@ def _take(lots: list[Lot], order: list[Lot], amount: int) -> LotsAfter:
             left -= piece
     require(left == 0, "lots ran out after the availability check")
     # only the lots taken from change (a lot is immutable: the others are kept as they are)
-    after = (lot if lot.key not in taken else dataclasses.replace(lot, amount=lot.amount - taken[lot.key])
-             for lot in lots)
+    after = (
+        lot if lot.key not in taken else dataclasses.replace(lot, amount=lot.amount - taken[lot.key]) for lot in lots
+    )
     return LotsAfter(tuple(sorted((lot for lot in after if lot.amount > 0), key=_order)), tuple(pieces))
 
 
@@ -791,8 +894,9 @@ def consume(lots: Iterable[Lot], amount: int, now_us: int) -> LotsAfter:
     return _take(lots, live, amount)
 
 
-def restore(lots: Iterable[Lot], consumption: Iterable[Lot], now_us: int, grace_us: int,
-            amount: int | None = None) -> LotsAfter:
+def restore(
+    lots: Iterable[Lot], consumption: Iterable[Lot], now_us: int, grace_us: int, amount: int | None = None
+) -> LotsAfter:
     """Put back `amount` (default: all) of a consumption, last piece first, so that a partial refund
     returns the latest-expiring points and refunds in parts add up to the whole. A piece whose lot is
     still live goes back to that lot with its own expiry; a piece whose lot expired meanwhile comes back
@@ -861,11 +965,16 @@ def expiring_within(lots: Iterable[Lot], now_us: int, window_us: int) -> list[tu
 
 def expiry_postings(member_id: str, piece: Lot) -> tuple[Posting, ...]:
     """One lot's expiry (transaction kind EXPIRY, attributed to piece.issuer_id)."""
-    return balanced([(ACCOUNT_MEMBER, member_id, ASSET_POINTS, -piece.amount),
-                     (ACCOUNT_OPERATOR_BREAKAGE, OPERATOR_ID, ASSET_POINTS, piece.amount)])
+    return balanced(
+        [
+            (ACCOUNT_MEMBER, member_id, ASSET_POINTS, -piece.amount),
+            (ACCOUNT_OPERATOR_BREAKAGE, OPERATOR_ID, ASSET_POINTS, piece.amount),
+        ]
+    )
 
 
 # --- Tiers ---------------------------------------------------------------------------------------
+
 
 def qualifying_point_units(earns: Iterable[tuple[int, int]], now_us: int, window_us: int | None) -> int:
     """Points that count towards a level: base earn points net of their refunds, each dated at its
@@ -887,26 +996,35 @@ def level_for(earned_point_units: int, levels: tuple[Level, ...] = PLAN_LEVELS) 
     return reached
 
 
-def tier_bonuses(levels: tuple[Level, ...], earned_point_units: int,
-                 reached_before: Collection[str]) -> list[tuple[str, int]]:
+def tier_bonuses(
+    levels: tuple[Level, ...], earned_point_units: int, reached_before: Collection[str]
+) -> list[tuple[str, int]]:
     """[(level name, bonus)] for every level the qualifying points reach that this member never
     reached before, lowest first (a jump over a level pays that level's bonus too; a member who drops
     and re-reaches a level is not paid again). The caller records the names as reached."""
-    return [(level.name, level.bonus_point_units) for level in levels[1:]
-            if earned_point_units >= level.threshold_point_units and level.name not in reached_before]
+    return [
+        (level.name, level.bonus_point_units)
+        for level in levels[1:]
+        if earned_point_units >= level.threshold_point_units and level.name not in reached_before
+    ]
 
 
 def tier_bonus_postings(member_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
-    return balanced([(ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
-                     (ACCOUNT_MEMBER, member_id, ASSET_POINTS, bonus_point_units)])
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
+            (ACCOUNT_MEMBER, member_id, ASSET_POINTS, bonus_point_units),
+        ]
+    )
 
 
 # --- Promotions and the earn ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class EarnContext:
     merchant_id: str
-    level: str        # the member's level before this earn
+    level: str  # the member's level before this earn
     at_us: int
 
 
@@ -920,8 +1038,9 @@ def promotion_applies(promotion: Promotion, context: EarnContext) -> bool:
     return True
 
 
-def promotion_bonus(promotions: Iterable[Promotion], context: EarnContext, base_points: int,
-                    budget_left: Mapping[str, int]) -> list[tuple[str, int]]:
+def promotion_bonus(
+    promotions: Iterable[Promotion], context: EarnContext, base_points: int, budget_left: Mapping[str, int]
+) -> list[tuple[str, int]]:
     """[(promotion_id, bonus)] for every promotion in force for this earn, by promotion id. Promotions
     stack additively, each computed on the base points alone (never on another's bonus): multiplier
     bonus = floor(base * (multiplier_bps - 10000) / 10000) (rounded down, in the sponsor's favour), or
@@ -957,6 +1076,7 @@ class Grant:
 class Earn:
     """The points of one earn transaction, all in the earn's lot: the merchant's base points, the
     operator-funded uplift of the member's level, and promotion grants."""
+
     base: int
     uplift: int = 0
     grants: tuple[Grant, ...] = ()
@@ -966,8 +1086,9 @@ class Earn:
         return self.base + self.uplift + sum(grant.amount for grant in self.grants)
 
 
-def earn_with_rules(version: ProgramVersion, context: EarnContext, base_point_units: int,
-                    budget_left: Mapping[str, int]) -> Earn:
+def earn_with_rules(
+    version: ProgramVersion, context: EarnContext, base_point_units: int, budget_left: Mapping[str, int]
+) -> Earn:
     """An earn under `version`: base = domain.earn_point_units(purchase, give_back_bps); uplift =
     floor(base * multiplier_bps / 10000) - base at the member's level before this earn (rounded down,
     in the operator's favour); promotions as promotion_bonus()."""
@@ -975,8 +1096,10 @@ def earn_with_rules(version: ProgramVersion, context: EarnContext, base_point_un
     multiplier_bps = version.level(context.level).multiplier_bps
     uplift = _floor_bps(base_point_units, multiplier_bps) - base_point_units
     sponsors = {promotion.promotion_id: promotion.sponsor_id for promotion in version.promotions}
-    grants = tuple(Grant(promotion_id, sponsors[promotion_id], amount) for promotion_id, amount
-                   in promotion_bonus(version.promotions, context, base_point_units, budget_left))
+    grants = tuple(
+        Grant(promotion_id, sponsors[promotion_id], amount)
+        for promotion_id, amount in promotion_bonus(version.promotions, context, base_point_units, budget_left)
+    )
     return Earn(base_point_units, uplift, grants)
 
 
@@ -987,8 +1110,10 @@ def _sponsor_account(sponsor_id: str) -> tuple[str, str]:
 
 
 def earn_postings(member_id: str, merchant_id: str, earn: Earn) -> tuple[Posting, ...]:
-    rows = [(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -earn.base),
-            (ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -earn.uplift)]
+    rows = [
+        (ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -earn.base),
+        (ACCOUNT_OPERATOR_TIER_REWARDS, OPERATOR_ID, ASSET_POINTS, -earn.uplift),
+    ]
     rows += [(*_sponsor_account(grant.sponsor_id), ASSET_POINTS, -grant.amount) for grant in earn.grants]
     rows.append((ACCOUNT_MEMBER, member_id, ASSET_POINTS, earn.total))
     return balanced(rows)
@@ -998,10 +1123,14 @@ def earn_refund(earn: Earn, refunded_before: int, amount: int) -> Earn:
     """What a refund of `amount` base points of `earn` takes back (after `refunded_before` base
     points): the base itself, and of the uplift and each grant their proportional_share (rounded
     down, in the member's favour; the last refund takes back exactly what is left)."""
-    return Earn(amount, proportional_share(earn.uplift, earn.base, refunded_before, amount),
-                tuple(dataclasses.replace(grant, amount=proportional_share(grant.amount, earn.base,
-                                                                            refunded_before, amount))
-                      for grant in earn.grants))
+    return Earn(
+        amount,
+        proportional_share(earn.uplift, earn.base, refunded_before, amount),
+        tuple(
+            dataclasses.replace(grant, amount=proportional_share(grant.amount, earn.base, refunded_before, amount))
+            for grant in earn.grants
+        ),
+    )
 
 
 def refund_earn_postings(member_id: str, merchant_id: str, portion: Earn) -> tuple[Posting, ...]:
@@ -1011,24 +1140,30 @@ def refund_earn_postings(member_id: str, merchant_id: str, portion: Earn) -> tup
 
 # --- Referrals and acquiring merchants -----------------------------------------------------------
 
-def referral_bonus(version: ProgramVersion, referrer_id: str | None, already_paid: bool,
-                   purchase_amount: int, base_point_units: int) -> int:
+
+def referral_bonus(
+    version: ProgramVersion, referrer_id: str | None, already_paid: bool, purchase_amount: int, base_point_units: int
+) -> int:
     """The referrer's bonus on this earn of the referee: the program's bonus on the referee's first
     qualifying earn (purchase >= referral_minimum_purchase, and some points earned), else 0."""
     _check_int(purchase_amount, "purchase_amount")
-    if (not referrer_id or already_paid or purchase_amount < version.referral_minimum_purchase
-            or base_point_units <= 0):
+    if not referrer_id or already_paid or purchase_amount < version.referral_minimum_purchase or base_point_units <= 0:
         return 0
     return version.referral_bonus_point_units
 
 
 def referral_postings(referrer_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
-    return balanced([(ACCOUNT_OPERATOR_REFERRALS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
-                     (ACCOUNT_MEMBER, referrer_id, ASSET_POINTS, bonus_point_units)])
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_REFERRALS, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
+            (ACCOUNT_MEMBER, referrer_id, ASSET_POINTS, bonus_point_units),
+        ]
+    )
 
 
-def acquiring_reward(version: ProgramVersion, acquirer_id: str | None, merchant_id: str,
-                     purchase_amount: int, base_point_units: int) -> int:
+def acquiring_reward(
+    version: ProgramVersion, acquirer_id: str | None, merchant_id: str, purchase_amount: int, base_point_units: int
+) -> int:
     """floor(purchase * share_bps / 10000) point-units (rounded down, in the operator's favour) for the
     merchant that signed the member up, when the member earns at another merchant; 0 at the acquirer
     itself, without an acquirer, or on an earn of 0 points."""
@@ -1040,8 +1175,12 @@ def acquiring_reward(version: ProgramVersion, acquirer_id: str | None, merchant_
 
 def acquiring_postings(acquirer_id: str, reward_point_units: int) -> tuple[Posting, ...]:
     """Kind ACQUIRING_REWARD; negated() of it with acquiring_reversal()'s amount is the reversal."""
-    return balanced([(ACCOUNT_OPERATOR_ACQUIRING, OPERATOR_ID, ASSET_POINTS, -reward_point_units),
-                     (ACCOUNT_MERCHANT_ACQUIRING, acquirer_id, ASSET_POINTS, reward_point_units)])
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_ACQUIRING, OPERATOR_ID, ASSET_POINTS, -reward_point_units),
+            (ACCOUNT_MERCHANT_ACQUIRING, acquirer_id, ASSET_POINTS, reward_point_units),
+        ]
+    )
 
 
 def acquiring_reversal(reward_point_units: int, earned_base: int, refunded_before: int, amount: int) -> int:
@@ -1052,11 +1191,12 @@ def acquiring_reversal(reward_point_units: int, earned_base: int, refunded_befor
 
 # --- Merchant points conversion ------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Conversion:
     merchant_points_converted: int
     point_units: int
-    merchant_points_remainder: int     # stays in the merchant's own programme
+    merchant_points_remainder: int  # stays in the merchant's own programme
 
 
 def convert_merchant_points(merchant_points: int, rate: Rate) -> Conversion:
@@ -1075,8 +1215,12 @@ def convert_merchant_points(merchant_points: int, rate: Rate) -> Conversion:
 
 def conversion_postings(merchant_id: str, member_id: str, point_units: int) -> tuple[Posting, ...]:
     """Kind CONVERSION: the merchant's issued account pays for the alliance points (like an earn)."""
-    return balanced([(ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -point_units),
-                     (ACCOUNT_MEMBER, member_id, ASSET_POINTS, point_units)])
+    return balanced(
+        [
+            (ACCOUNT_MERCHANT_ISSUED, merchant_id, ASSET_POINTS, -point_units),
+            (ACCOUNT_MEMBER, member_id, ASSET_POINTS, point_units),
+        ]
+    )
 
 
 # --- Dividend pool and vouchers ------------------------------------------------------------------
@@ -1086,7 +1230,7 @@ HOLDER_MERCHANT = "merchant"
 
 
 class Holder(NamedTuple):
-    kind: str        # HOLDER_MEMBER or HOLDER_MERCHANT
+    kind: str  # HOLDER_MEMBER or HOLDER_MERCHANT
     owner_id: str
 
 
@@ -1123,14 +1267,15 @@ def apply_dividend(credit_used: int, allocation: int) -> tuple[int, int]:
 class DividendAllocation:
     holder: Holder
     holding_point_units: int
-    amount: int          # voucher-units allocated
-    repaid: int          # of which repaid the holder's voucher credit
-    paid_out: int        # of which credited to the holder's voucher balance
+    amount: int  # voucher-units allocated
+    repaid: int  # of which repaid the holder's voucher credit
+    paid_out: int  # of which credited to the holder's voucher balance
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DividendRound:
     """The audit record of a round: which round, which pool, which rate, what was issued to whom."""
+
     round_number: int
     pool_point_units: int
     rate_bps: int
@@ -1139,8 +1284,13 @@ class DividendRound:
     allocations: tuple[DividendAllocation, ...]
 
 
-def dividend_round(round_number: int, pool_point_units: int, rate_bps: int, holdings: Mapping[Holder, int],
-                   credit_used: Mapping[Holder, int] | None = None) -> DividendRound:
+def dividend_round(
+    round_number: int,
+    pool_point_units: int,
+    rate_bps: int,
+    holdings: Mapping[Holder, int],
+    credit_used: Mapping[Holder, int] | None = None,
+) -> DividendRound:
     """Vouchers for every holder of points: floor(holding * rate_bps / 10000) voucher-units each
     (rounded down per holder, in the operator's favour: the remainder is never issued, so nothing is
     left unbalanced), holders with no positive holding or a 0 allocation omitted, ordered by holder.
@@ -1176,9 +1326,13 @@ def dividend_postings(allocation: DividendAllocation) -> tuple[Posting, ...]:
     """Kind DIVIDEND, one holder: balanced on its own, so a round may be posted in chunks."""
     holder = allocation.holder
     account = ACCOUNT_MEMBER if holder.kind == HOLDER_MEMBER else ACCOUNT_MERCHANT_VOUCHERS
-    return balanced([(ACCOUNT_OPERATOR_DIVIDENDS, OPERATOR_ID, ASSET_VOUCHERS, -allocation.amount),
-                     (ACCOUNT_MEMBER_VOUCHER_CREDIT, holder.owner_id, ASSET_VOUCHERS, allocation.repaid),
-                     (account, holder.owner_id, ASSET_VOUCHERS, allocation.paid_out)])
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_DIVIDENDS, OPERATOR_ID, ASSET_VOUCHERS, -allocation.amount),
+            (ACCOUNT_MEMBER_VOUCHER_CREDIT, holder.owner_id, ASSET_VOUCHERS, allocation.repaid),
+            (account, holder.owner_id, ASSET_VOUCHERS, allocation.paid_out),
+        ]
+    )
 
 
 def expected_dividend(holding_point_units: int, next_rate_bps: int) -> int:
@@ -1193,6 +1347,7 @@ def voucher_credit_limit(holding_point_units: int, next_rate_bps: int, credit_li
 
 # --- Split tender --------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Tender:
     vouchers: int
@@ -1203,8 +1358,7 @@ class Tender:
         return self.vouchers + self.points
 
 
-def split_tender(amount: int, vouchers_available: int, points_available: int,
-                 vouchers: int | None = None) -> Tender:
+def split_tender(amount: int, vouchers_available: int, points_available: int, vouchers: int | None = None) -> Tender:
     """How a redeem of `amount` units (1 unit = 1 minor currency unit in either asset) is paid: with
     `vouchers` voucher-units and the rest in points as the caller says, or (vouchers=None) vouchers
     first. vouchers_available includes the member's unused credit. InsufficientBalance names the asset
@@ -1215,8 +1369,7 @@ def split_tender(amount: int, vouchers_available: int, points_available: int,
     if vouchers is None:
         vouchers = min(amount, vouchers_available)
     elif not _is_int(vouchers) or not 0 <= vouchers <= amount:
-        raise Rejection(Code.INVALID_ARGUMENT, f"vouchers must be 0..{amount} (the redeem's amount), "
-                                               f"got {vouchers!r}")
+        raise Rejection(Code.INVALID_ARGUMENT, f"vouchers must be 0..{amount} (the redeem's amount), got {vouchers!r}")
     points = amount - vouchers
     if vouchers > vouchers_available:
         raise InsufficientBalance(ASSET_VOUCHERS, vouchers_available, vouchers)
@@ -1248,11 +1401,15 @@ def refund_tender(tender: Tender, refunded_before: int, amount: int) -> Tender:
 def split_redeem_postings(member_id: str, merchant_id: str, tender: Tender, from_credit: int) -> tuple[Posting, ...]:
     """Kind SPLIT_REDEEM: each asset cleared on its own (the merchant's redeemed account per asset)."""
     _check_int(from_credit, "from_credit", 0, tender.vouchers)
-    return balanced([(ACCOUNT_MEMBER, member_id, ASSET_POINTS, -tender.points),
-                     (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_POINTS, tender.points),
-                     (ACCOUNT_MEMBER, member_id, ASSET_VOUCHERS, -(tender.vouchers - from_credit)),
-                     (ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id, ASSET_VOUCHERS, -from_credit),
-                     (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_VOUCHERS, tender.vouchers)])
+    return balanced(
+        [
+            (ACCOUNT_MEMBER, member_id, ASSET_POINTS, -tender.points),
+            (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_POINTS, tender.points),
+            (ACCOUNT_MEMBER, member_id, ASSET_VOUCHERS, -(tender.vouchers - from_credit)),
+            (ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id, ASSET_VOUCHERS, -from_credit),
+            (ACCOUNT_MERCHANT_REDEEMED, merchant_id, ASSET_VOUCHERS, tender.vouchers),
+        ]
+    )
 
 
 def split_refund_postings(member_id: str, merchant_id: str, portion: Tender, credit_repaid: int) -> tuple[Posting, ...]:
@@ -1263,5 +1420,9 @@ def split_refund_postings(member_id: str, merchant_id: str, portion: Tender, cre
 
 def merchant_voucher_spend_postings(merchant_id: str, store_merchant_id: str, vouchers: int) -> tuple[Posting, ...]:
     """Kind MERCHANT_VOUCHER_SPEND: a merchant spends its vouchers at the operator's own store."""
-    return balanced([(ACCOUNT_MERCHANT_VOUCHERS, merchant_id, ASSET_VOUCHERS, -vouchers),
-                     (ACCOUNT_MERCHANT_REDEEMED, store_merchant_id, ASSET_VOUCHERS, vouchers)])
+    return balanced(
+        [
+            (ACCOUNT_MERCHANT_VOUCHERS, merchant_id, ASSET_VOUCHERS, -vouchers),
+            (ACCOUNT_MERCHANT_REDEEMED, store_merchant_id, ASSET_VOUCHERS, vouchers),
+        ]
+    )

@@ -1,4 +1,5 @@
 """Composition root and lifecycle: database, recovery, pipeline, gRPC server, health, shutdown."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,14 @@ from grpc_reflection.v1alpha import reflection
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from processor import audit, auth, metrics, quotas, rpc, transport
 from processor import reflection as filtering_reflection
-from processor.admin import (ClearingServicer, ClearingServiceServicer, MerchantAdminServicer,
-                             MerchantAdminServiceServicer, ProgramsServicer, ProgramsServiceServicer)
+from processor.admin import (
+    ClearingServicer,
+    ClearingServiceServicer,
+    MerchantAdminServicer,
+    MerchantAdminServiceServicer,
+    ProgramsServicer,
+    ProgramsServiceServicer,
+)
 from processor.config import Settings
 from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
@@ -40,8 +47,9 @@ async def open_store(settings: Settings, url: str | None = None) -> Store:
 
 async def database_url(settings: Settings) -> str:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, resolve_database_url, settings.database_url, settings.data_dir,
-                                      settings.database_name)
+    return await loop.run_in_executor(
+        None, resolve_database_url, settings.database_url, settings.data_dir, settings.database_name
+    )
 
 
 class Service:
@@ -77,41 +85,60 @@ class Service:
         url = await database_url(settings)
         # The server listens first and answers health NOT_SERVING while recovery runs.
         self.authenticator = auth.Authenticator(
-            None, settings.auth_cache_seconds, unknown_cache_seconds=settings.auth_unknown_cache_seconds,
+            None,
+            settings.auth_cache_seconds,
+            unknown_cache_seconds=settings.auth_unknown_cache_seconds,
             unknown_cache_entries_max=settings.auth_unknown_cache_entries_max,
             last_used_seconds=settings.auth_last_used_seconds,
-            lookups_in_flight_max=settings.auth_lookups_in_flight_max)
+            lookups_in_flight_max=settings.auth_lookups_in_flight_max,
+        )
         self.audit_log = audit.AuditLog()
-        self.server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(self.authenticator, self.audit_log)],
-                                      maximum_concurrent_rpcs=settings.rpcs_in_flight_max, options=[
-            ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
-            ("grpc.so_reuseport", 0),
-        ])
+        self.server = grpc.aio.server(
+            interceptors=[rpc.RpcInterceptor(self.authenticator, self.audit_log)],
+            maximum_concurrent_rpcs=settings.rpcs_in_flight_max,
+            options=[
+                ("grpc.max_receive_message_length", settings.grpc_message_bytes_max),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # the operator services are listed to operator keys only (processor/reflection.py)
         filtering_reflection.enable(
-            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
         if self.certificates is not None:
             self.port = self.server.add_secure_port(settings.listen, self.certificates.credentials())
         else:
             self.port = self.server.add_insecure_port(settings.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
-        log.info("gRPC listening", extra={
-            "address": self.address, "transport": "mutual TLS" if settings.tls_client_ca_file
-            else "TLS" if self.certificates is not None else "plaintext",
-            "certificate_sha256": self.certificates.fingerprint if self.certificates else None})
+        log.info(
+            "gRPC listening",
+            extra={
+                "address": self.address,
+                "transport": "mutual TLS"
+                if settings.tls_client_ca_file
+                else "TLS"
+                if self.certificates is not None
+                else "plaintext",
+                "certificate_sha256": self.certificates.fingerprint if self.certificates else None,
+            },
+        )
         if settings.health_listen:
             await self._start_health_server()
         self.pipeline = Pipeline(settings, store=None)
         self.metrics_port = metrics.serve_http(settings.metrics_listen)
         self._register_gauges()
-        self.presence = Presence(settings, self.pipeline)  # member presence: PointsService checks, MemberAdminService enrolls
-        points_pb2_grpc.add_PointsServiceServicer_to_server(PointsServicer(settings, self.pipeline, self.presence),
-                                                            self.server)
+        self.presence = Presence(
+            settings, self.pipeline
+        )  # member presence: PointsService checks, MemberAdminService enrolls
+        points_pb2_grpc.add_PointsServiceServicer_to_server(
+            PointsServicer(settings, self.pipeline, self.presence), self.server
+        )
         admin_pb2_grpc.add_MemberAdminServiceServicer_to_server(
-            MemberAdminServicer(settings, self.pipeline, self.presence), self.server)
+            MemberAdminServicer(settings, self.pipeline, self.presence), self.server
+        )
         # MerchantAdmin, Clearing and Programs (deprecated) and their STANDARD-named twins: one servicer each
         merchant_admin = MerchantAdminServicer(settings, self.pipeline, self.authenticator)
         clearing = ClearingServicer(settings, self.pipeline)
@@ -119,12 +146,14 @@ class Service:
         admin_pb2_grpc.add_MerchantAdminServicer_to_server(merchant_admin, self.server)
         admin_pb2_grpc.add_ClearingServicer_to_server(clearing, self.server)
         admin_pb2_grpc.add_ProgramsServicer_to_server(programs, self.server)
-        admin_pb2_grpc.add_MerchantAdminServiceServicer_to_server(MerchantAdminServiceServicer(merchant_admin),
-                                                                  self.server)
+        admin_pb2_grpc.add_MerchantAdminServiceServicer_to_server(
+            MerchantAdminServiceServicer(merchant_admin), self.server
+        )
         admin_pb2_grpc.add_ClearingServiceServicer_to_server(ClearingServiceServicer(clearing), self.server)
         admin_pb2_grpc.add_ProgramsServiceServicer_to_server(ProgramsServiceServicer(programs), self.server)
-        admin_pb2_grpc.add_AuditServiceServicer_to_server(audit.AuditServicer(self.audit_log, self.pipeline),
-                                                          self.server)
+        admin_pb2_grpc.add_AuditServiceServicer_to_server(
+            audit.AuditServicer(self.audit_log, self.pipeline), self.server
+        )
         await self.server.start()
 
         self.store = await open_store(settings, url)
@@ -133,9 +162,13 @@ class Service:
         self.pipeline.store = self.store
         # key look-ups on their own small pool: a flood of bad keys never takes the committer's connections
         self.auth_pool = await asyncpg.create_pool(
-            self.store.url, min_size=0, max_size=settings.auth_pool_connections_max,
-            command_timeout=settings.commit_timeout_seconds, timeout=settings.commit_timeout_seconds,
-            server_settings={"application_name": "points-processor-auth"})
+            self.store.url,
+            min_size=0,
+            max_size=settings.auth_pool_connections_max,
+            command_timeout=settings.commit_timeout_seconds,
+            timeout=settings.commit_timeout_seconds,
+            server_settings={"application_name": "points-processor-auth"},
+        )
         self.authenticator.pool = self.auth_pool
         self.authenticator.store = self.store
         self.audit_log.store = self.store
@@ -148,7 +181,8 @@ class Service:
             self._maintenance = loop.create_task(self._purge_idempotency(), name="idempotency-purge")
         self._auth_upkeep = loop.create_task(self._write_keys_last_used(), name="keys-last-used")
         self._holds_recount = loop.create_task(
-            quotas.recount_open_holds(self.pipeline, settings.merchant_holds_recount_seconds), name="holds-recount")
+            quotas.recount_open_holds(self.pipeline, settings.merchant_holds_recount_seconds), name="holds-recount"
+        )
 
     async def _start_health_server(self) -> None:
         """A plaintext listener serving the health service alone (the same statuses), for probes that
@@ -159,8 +193,10 @@ class Service:
         if self.health_port == 0:
             raise OSError(f"cannot listen on {self.settings.health_listen}: address in use or not available")
         await self.health_server.start()
-        log.info("health listening", extra={
-            "address": f"{self.settings.health_listen.rpartition(':')[0]}:{self.health_port}"})
+        log.info(
+            "health listening",
+            extra={"address": f"{self.settings.health_listen.rpartition(':')[0]}:{self.health_port}"},
+        )
 
     def reload_certificates(self) -> None:
         """SIGHUP: reread the TLS files; new connections get the new certificate, open ones keep theirs."""
@@ -183,10 +219,12 @@ class Service:
         metrics.members_resident.set_function(lambda: pipeline.ledger.members_count if pipeline.ledger else 0)
         metrics.holds_open.set_function(lambda: pipeline.ledger.holds_open_count if pipeline.ledger else 0)
         metrics.merchants_active.set_function(
-            lambda: sum(1 for m in pipeline.merchants.by_id.values() if m.status == "active"))
+            lambda: sum(1 for m in pipeline.merchants.by_id.values() if m.status == "active")
+        )
         metrics.pool_connections_max.set(settings.pool_connections_max)
         metrics.pool_connections_in_use.set_function(
-            lambda: (self.store.pool.get_size() - self.store.pool.get_idle_size()) if self.store else 0)
+            lambda: (self.store.pool.get_size() - self.store.pool.get_idle_size()) if self.store else 0
+        )
 
     async def _set_health(self, status) -> None:
         await self.health.set("", status)
@@ -207,8 +245,9 @@ class Service:
             ready = self.pipeline is not None and self.pipeline.ready
             if ready != serving:
                 serving = ready
-                await self._set_health(health_pb2.HealthCheckResponse.SERVING if ready
-                                       else health_pb2.HealthCheckResponse.NOT_SERVING)
+                await self._set_health(
+                    health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
 
     async def _purge_idempotency(self) -> None:
         """Deletes idempotency records older than the retention, hourly. A retry arriving after its
@@ -217,8 +256,10 @@ class Service:
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.settings.idempotency_retention_days)
             try:
                 deleted = await self.store.purge_idempotency(
-                    cutoff, self.settings.idempotency_purge_chunk_rows_max,
-                    self.settings.idempotency_purge_chunk_timeout_seconds)
+                    cutoff,
+                    self.settings.idempotency_purge_chunk_rows_max,
+                    self.settings.idempotency_purge_chunk_timeout_seconds,
+                )
                 log.info("idempotency records purged", extra={"deleted": deleted, "before": cutoff.isoformat()})
             except (asyncpg.PostgresError, OSError) as error:
                 log.warning("idempotency purge failed; will retry", extra={"error": repr(error)})
@@ -271,9 +312,11 @@ async def serve(settings: Settings, announce=print) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, service.reload_certificates)
     await service.start()
-    announce(f"points processor SERVING on {service.address} "
-             f"(metrics http://{service.metrics_address}/metrics, database {redact(service.store.url)})",
-             flush=True)
+    announce(
+        f"points processor SERVING on {service.address} "
+        f"(metrics http://{service.metrics_address}/metrics, database {redact(service.store.url)})",
+        flush=True,
+    )
     waiter = loop.create_task(stop.wait())
     committer = service.pipeline._task
     done, _ = await asyncio.wait({waiter, committer}, return_when=asyncio.FIRST_COMPLETED)

@@ -1,5 +1,6 @@
 """PointsService: proto ⇄ domain, nothing else. Validation of request fields happens here, before
 anything is queued; money decisions happen in the pipeline and the fast path."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,10 @@ _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PAGE_TOKEN_PREFIX = b"points.v1/transactions/"
 _EMPTY_OPERATION = pb.OperationResult(
-    outcome=pb.OPERATION_OUTCOME_INVALID, status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-    message="empty operation: set one of earn, authorize, capture, void, redeem, refund")
+    outcome=pb.OPERATION_OUTCOME_INVALID,
+    status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+    message="empty operation: set one of earn, authorize, capture, void, redeem, refund",
+)
 _INTERNAL = Outcome(Code.INTERNAL, message="internal error; the operation was not applied")
 
 EXPIRING_WITHIN_DAYS_DEFAULT, EXPIRING_WITHIN_DAYS_MAX = 30, 3660
@@ -65,10 +68,12 @@ class Validator:
         limit = self.settings.idempotency_key_bytes_max
         if not value:
             raise domain.invalid_field(
-                "idempotency_key", "idempotency_key is required: send a unique key per operation and reuse it on retry")
+                "idempotency_key", "idempotency_key is required: send a unique key per operation and reuse it on retry"
+            )
         if len(value) > limit or not _KEY_PATTERN.fullmatch(value):
             raise domain.invalid_field(
-                "idempotency_key", f"idempotency_key must be 1..{limit} printable ASCII characters without spaces")
+                "idempotency_key", f"idempotency_key must be 1..{limit} printable ASCII characters without spaces"
+            )
         return value
 
     def amount(self, value: int, field: str, limit: int, unit: str, zero_allowed: bool = False) -> int:
@@ -84,13 +89,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         self.pipeline = pipeline
         self.presence = presence or Presence(settings, pipeline)
         self.validate = Validator(settings)
-        self.rate_limits = domain.TokenBuckets(settings.merchant_operations_per_second,
-                                               settings.merchant_burst_operations)
+        self.rate_limits = domain.TokenBuckets(
+            settings.merchant_operations_per_second, settings.merchant_burst_operations
+        )
         self._kinds = {  # Operation's oneof names -> (build the Operation, build the response)
-            "earn": (self._earn, self._earn_response), "authorize": (self._authorize, self._authorize_response),
-            "capture": (self._capture, self._capture_response), "void": (self._void, self._void_response),
-            "redeem": (self._redeem, self._redeem_response), "refund": (self._refund, self._refund_response),
-            "link": (self._link, self._link_response), "convert": (self._convert, self._convert_response),
+            "earn": (self._earn, self._earn_response),
+            "authorize": (self._authorize, self._authorize_response),
+            "capture": (self._capture, self._capture_response),
+            "void": (self._void, self._void_response),
+            "redeem": (self._redeem, self._redeem_response),
+            "refund": (self._refund, self._refund_response),
+            "link": (self._link, self._link_response),
+            "convert": (self._convert, self._convert_response),
             "spend_vouchers": (self._spend_vouchers, self._spend_vouchers_response),
         }
 
@@ -102,28 +112,47 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         key = self.validate.idempotency_key(request.idempotency_key)
         merchant = await self.pipeline.merchant(merchant_id)
         if merchant is None:
-            raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} is not in the alliance; "
-                                            "the operator adds merchants (python -m processor merchant add)",
-                            reason="MERCHANT_NOT_FOUND", field="merchant_id")
+            raise Rejection(
+                Code.NOT_FOUND,
+                f"merchant {merchant_id!r} is not in the alliance; "
+                "the operator adds merchants (python -m processor merchant add)",
+                reason="MERCHANT_NOT_FOUND",
+                field="merchant_id",
+            )
         caller = rpc.principal.get()
         if caller is None or not caller.may_act_for(merchant_id):
-            raise Rejection(Code.PERMISSION_DENIED,
-                            f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
-                            "or a gateway key that lists it", reason="KEY_NOT_PERMITTED", field="merchant_id")
+            raise Rejection(
+                Code.PERMISSION_DENIED,
+                f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
+                "or a gateway key that lists it",
+                reason="KEY_NOT_PERMITTED",
+                field="merchant_id",
+            )
         now = time.monotonic()
         if not self.rate_limits.take(merchant_id, now):
             metrics.operations_rate_limited.inc()
             retry = self.rate_limits.retry_seconds(merchant_id, now)
-            raise Rejection(Code.RESOURCE_EXHAUSTED,
-                            f"merchant {merchant_id!r} exceeds its limit of "
-                            f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
-                            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
-                            reason="RATE_LIMITED", retry_after_seconds=retry,
-                            quota=(f"merchant:{merchant_id}",
-                                   f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
-                                   f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)"))
-        return Operation(method=method, merchant_id=merchant_id, merchant_slot=merchant.merchant_slot,
-                         idempotency_key=key, request=fields, **values)
+            raise Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                f"merchant {merchant_id!r} exceeds its limit of "
+                f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
+                f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
+                reason="RATE_LIMITED",
+                retry_after_seconds=retry,
+                quota=(
+                    f"merchant:{merchant_id}",
+                    f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
+                    f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)",
+                ),
+            )
+        return Operation(
+            method=method,
+            merchant_id=merchant_id,
+            merchant_slot=merchant.merchant_slot,
+            idempotency_key=key,
+            request=fields,
+            **values,
+        )
 
     async def _present(self, op: Operation, proof: pb.MemberProof) -> Operation:
         """Member presence (processor/presence.py): sets op.refusal when the program requires the member
@@ -158,109 +187,183 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _earn(self, request: pb.EarnRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        purchase = self.validate.amount(request.purchase_amount, "purchase_amount",
-                                        self.settings.purchase_amount_max, "currency minor units")
-        op = await self._operation(Method.EARN, request, request.merchant_id,
-                                   {"member_id": member_id, "purchase_amount": purchase},
-                                   member_id=member_id, purchase_amount=purchase)
+        purchase = self.validate.amount(
+            request.purchase_amount, "purchase_amount", self.settings.purchase_amount_max, "currency minor units"
+        )
+        op = await self._operation(
+            Method.EARN,
+            request,
+            request.merchant_id,
+            {"member_id": member_id, "purchase_amount": purchase},
+            member_id=member_id,
+            purchase_amount=purchase,
+        )
         op.points = domain.earn_point_units(purchase, self.pipeline.merchants.by_id[op.merchant_id].give_back_bps)
         return op
 
     @staticmethod
     def _earn_response(f: dict) -> pb.EarnResponse:
-        return pb.EarnResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                               points=f["points"], balance=f["balance"], give_back_bps=f["give_back_bps"],
-                               created_at=timestamp(f["created_at_us"]), bonus_points=f.get("bonus_points", 0),
-                               level=f.get("level", ""))
+        return pb.EarnResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]),
+            points=f["points"],
+            balance=f["balance"],
+            give_back_bps=f["give_back_bps"],
+            created_at=timestamp(f["created_at_us"]),
+            bonus_points=f.get("bonus_points", 0),
+            level=f.get("level", ""),
+        )
 
     async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
-                                        zero_allowed=True)
-        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
-                                      zero_allowed=vouchers > 0)
+        vouchers = self.validate.amount(
+            request.vouchers, "vouchers", self.settings.points_max, "voucher-units", zero_allowed=True
+        )
+        points = self.validate.amount(
+            request.points, "points", self.settings.points_max, "point-units", zero_allowed=vouchers > 0
+        )
         ttl = request.hold_ttl_seconds
         if ttl < 0 or ttl > self.settings.hold_ttl_seconds_max:
-            raise domain.invalid_field("hold_ttl_seconds",
-                                       f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
-                                       f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}")
+            raise domain.invalid_field(
+                "hold_ttl_seconds",
+                f"hold_ttl_seconds must be 0 (default {self.settings.hold_ttl_seconds_default}) "
+                f"..{self.settings.hold_ttl_seconds_max} seconds, got {ttl}",
+            )
         fields = {"member_id": member_id, "points": points, "hold_ttl_seconds": ttl}
         if vouchers:  # only then: a retry of a points-only authorize keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._present(await self._operation(
-            Method.AUTHORIZE, request, request.merchant_id, fields, member_id=member_id, points=points,
-            vouchers=vouchers, hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default), request.member_proof)
+        return await self._present(
+            await self._operation(
+                Method.AUTHORIZE,
+                request,
+                request.merchant_id,
+                fields,
+                member_id=member_id,
+                points=points,
+                vouchers=vouchers,
+                hold_ttl_seconds=ttl or self.settings.hold_ttl_seconds_default,
+            ),
+            request.member_proof,
+        )
 
     @staticmethod
     def _authorize_response(f: dict) -> pb.AuthorizeResponse:
-        return pb.AuthorizeResponse(authorization_id=domain.format_authorization_id(f["authorization_id"]),
-                                    available=f["available"], points=f["points"],
-                                    expires_at=timestamp(f["expires_at_us"]), vouchers=f.get("vouchers", 0),
-                                    voucher_available=f.get("voucher_available", 0))
+        return pb.AuthorizeResponse(
+            authorization_id=domain.format_authorization_id(f["authorization_id"]),
+            available=f["available"],
+            points=f["points"],
+            expires_at=timestamp(f["expires_at_us"]),
+            vouchers=f.get("vouchers", 0),
+            voucher_available=f.get("voucher_available", 0),
+        )
 
     async def _capture(self, request: pb.CaptureRequest) -> Operation:
         authorization_id = domain.parse_authorization_id(request.authorization_id)
-        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
-                                      zero_allowed=True)
-        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
-                                        zero_allowed=True)
+        points = self.validate.amount(
+            request.points, "points", self.settings.points_max, "point-units", zero_allowed=True
+        )
+        vouchers = self.validate.amount(
+            request.vouchers, "vouchers", self.settings.points_max, "voucher-units", zero_allowed=True
+        )
         fields = {"authorization_id": request.authorization_id, "points": points}
         if vouchers:
             fields["vouchers"] = vouchers
-        return await self._operation(Method.CAPTURE, request, request.merchant_id, fields,
-                                     authorization_id=authorization_id, points=points, vouchers=vouchers)
+        return await self._operation(
+            Method.CAPTURE,
+            request,
+            request.merchant_id,
+            fields,
+            authorization_id=authorization_id,
+            points=points,
+            vouchers=vouchers,
+        )
 
     @staticmethod
     def _capture_response(f: dict) -> pb.CaptureResponse:
         return pb.CaptureResponse(
             transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
-            points=f["points"], released=f["released"], balance=f["balance"], available=f["available"],
-            vouchers=f.get("vouchers", 0), vouchers_released=f.get("vouchers_released", 0))
+            points=f["points"],
+            released=f["released"],
+            balance=f["balance"],
+            available=f["available"],
+            vouchers=f.get("vouchers", 0),
+            vouchers_released=f.get("vouchers_released", 0),
+        )
 
     async def _void(self, request: pb.VoidRequest) -> Operation:
         authorization_id = domain.parse_authorization_id(request.authorization_id)
-        return await self._operation(Method.VOID, request, request.merchant_id,
-                                     {"authorization_id": request.authorization_id},
-                                     authorization_id=authorization_id)
+        return await self._operation(
+            Method.VOID,
+            request,
+            request.merchant_id,
+            {"authorization_id": request.authorization_id},
+            authorization_id=authorization_id,
+        )
 
     @staticmethod
     def _void_response(f: dict) -> pb.VoidResponse:
-        return pb.VoidResponse(released=f["released"], available=f["available"],
-                               vouchers_released=f.get("vouchers_released", 0))
+        return pb.VoidResponse(
+            released=f["released"], available=f["available"], vouchers_released=f.get("vouchers_released", 0)
+        )
 
     async def _redeem(self, request: pb.RedeemRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units",
-                                        zero_allowed=True)
-        points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units",
-                                      zero_allowed=vouchers > 0)
+        vouchers = self.validate.amount(
+            request.vouchers, "vouchers", self.settings.points_max, "voucher-units", zero_allowed=True
+        )
+        points = self.validate.amount(
+            request.points, "points", self.settings.points_max, "point-units", zero_allowed=vouchers > 0
+        )
         fields = {"member_id": member_id, "points": points}
         if vouchers:  # only then: a retry of a points-only redeem keeps its original fingerprint
             fields["vouchers"] = vouchers
-        return await self._present(await self._operation(Method.REDEEM, request, request.merchant_id, fields,
-                                                         member_id=member_id, points=points, vouchers=vouchers),
-                                   request.member_proof)
+        return await self._present(
+            await self._operation(
+                Method.REDEEM,
+                request,
+                request.merchant_id,
+                fields,
+                member_id=member_id,
+                points=points,
+                vouchers=vouchers,
+            ),
+            request.member_proof,
+        )
 
     @staticmethod
     def _redeem_response(f: dict) -> pb.RedeemResponse:
-        return pb.RedeemResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                 points=f["points"], balance=f["balance"], available=f["available"],
-                                 vouchers=f.get("vouchers", 0), voucher_balance=f.get("voucher_balance", 0),
-                                 voucher_credit_used=f.get("voucher_credit_used", 0))
+        return pb.RedeemResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]),
+            points=f["points"],
+            balance=f["balance"],
+            available=f["available"],
+            vouchers=f.get("vouchers", 0),
+            voucher_balance=f.get("voucher_balance", 0),
+            voucher_credit_used=f.get("voucher_credit_used", 0),
+        )
 
     async def _refund(self, request: pb.RefundRequest) -> Operation:
         transaction_id = domain.parse_transaction_id(request.transaction_id)
         points = self.validate.amount(request.points, "points", self.settings.points_max, "point-units")
-        return await self._operation(Method.REFUND, request, request.merchant_id,
-                                     {"transaction_id": request.transaction_id, "points": points},
-                                     transaction_id=transaction_id, points=points)
+        return await self._operation(
+            Method.REFUND,
+            request,
+            request.merchant_id,
+            {"transaction_id": request.transaction_id, "points": points},
+            transaction_id=transaction_id,
+            points=points,
+        )
 
     @staticmethod
     def _refund_response(f: dict) -> pb.RefundResponse:
-        return pb.RefundResponse(transaction_id=domain.format_transaction_id(f["transaction_id"]),
-                                 points=f["points"], kind=kinds.kind(f["kind"]).proto, balance=f["balance"],
-                                 available=f["available"], bonus_points=f.get("bonus_points", 0),
-                                 vouchers=f.get("vouchers", 0))
+        return pb.RefundResponse(
+            transaction_id=domain.format_transaction_id(f["transaction_id"]),
+            points=f["points"],
+            kind=kinds.kind(f["kind"]).proto,
+            balance=f["balance"],
+            available=f["available"],
+            bonus_points=f.get("bonus_points", 0),
+            vouchers=f.get("vouchers", 0),
+        )
 
     async def _link(self, request: pb.LinkMemberRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -269,9 +372,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             referrer = self.validate.identifier(referrer, "referrer_member_id")
             if referrer == member_id:
                 raise Rejection(Code.INVALID_ARGUMENT, "referrer_member_id is member_id: a member cannot refer itself")
-        return await self._operation(Method.LINK, request, request.merchant_id,
-                                     {"member_id": member_id, "referrer_member_id": referrer},
-                                     member_id=member_id, referrer_id=referrer)
+        return await self._operation(
+            Method.LINK,
+            request,
+            request.merchant_id,
+            {"member_id": member_id, "referrer_member_id": referrer},
+            member_id=member_id,
+            referrer_id=referrer,
+        )
 
     @staticmethod
     def _link_response(f: dict) -> pb.LinkMemberResponse:
@@ -279,31 +387,47 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _convert(self, request: pb.ConvertMerchantPointsRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
-        merchant_points = self.validate.amount(request.merchant_points, "merchant_points", self.settings.points_max,
-                                               "points of the merchant's own programme")
-        return await self._operation(Method.CONVERT, request, request.merchant_id,
-                                     {"member_id": member_id, "merchant_points": merchant_points},
-                                     member_id=member_id, merchant_points=merchant_points)
+        merchant_points = self.validate.amount(
+            request.merchant_points,
+            "merchant_points",
+            self.settings.points_max,
+            "points of the merchant's own programme",
+        )
+        return await self._operation(
+            Method.CONVERT,
+            request,
+            request.merchant_id,
+            {"member_id": member_id, "merchant_points": merchant_points},
+            member_id=member_id,
+            merchant_points=merchant_points,
+        )
 
     @staticmethod
     def _convert_response(f: dict) -> pb.ConvertMerchantPointsResponse:
         return pb.ConvertMerchantPointsResponse(
-            transaction_id=domain.format_transaction_id(f["transaction_id"]), points=f["points"],
+            transaction_id=domain.format_transaction_id(f["transaction_id"]),
+            points=f["points"],
             merchant_points_converted=f["merchant_points_converted"],
-            merchant_points_remainder=f["merchant_points_remainder"], balance=f["balance"],
-            created_at=timestamp(f["created_at_us"]))
+            merchant_points_remainder=f["merchant_points_remainder"],
+            balance=f["balance"],
+            created_at=timestamp(f["created_at_us"]),
+        )
 
     async def _spend_vouchers(self, request: pb.SpendMerchantVouchersRequest) -> Operation:
         vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units")
-        return await self._operation(Method.SPEND_VOUCHERS, request, request.merchant_id, {"vouchers": vouchers},
-                                     vouchers=vouchers)
+        return await self._operation(
+            Method.SPEND_VOUCHERS, request, request.merchant_id, {"vouchers": vouchers}, vouchers=vouchers
+        )
 
     @staticmethod
     def _spend_vouchers_response(f: dict) -> pb.SpendMerchantVouchersResponse:
         return pb.SpendMerchantVouchersResponse(
-            transaction_id=domain.format_transaction_id(f["transaction_id"]), vouchers=f["vouchers"],
-            store_merchant_id=f["store_merchant_id"], voucher_balance=f["voucher_balance"],
-            created_at=timestamp(f["created_at_us"]))
+            transaction_id=domain.format_transaction_id(f["transaction_id"]),
+            vouchers=f["vouchers"],
+            store_merchant_id=f["store_merchant_id"],
+            voucher_balance=f["voucher_balance"],
+            created_at=timestamp(f["created_at_us"]),
+        )
 
     async def _unary(self, kind: str, request, context):
         build, respond = self._kinds[kind]
@@ -311,6 +435,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         async def call():
             op = await build(request)
             return respond((await self._submit(op, context)).fields)
+
         return await guard(context, call)
 
     # --- PointsService ---
@@ -336,12 +461,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def LinkMember(self, request: pb.LinkMemberRequest, context) -> pb.LinkMemberResponse:
         return await self._unary("link", request, context)
 
-    async def ConvertMerchantPoints(self, request: pb.ConvertMerchantPointsRequest,
-                                    context) -> pb.ConvertMerchantPointsResponse:
+    async def ConvertMerchantPoints(
+        self, request: pb.ConvertMerchantPointsRequest, context
+    ) -> pb.ConvertMerchantPointsResponse:
         return await self._unary("convert", request, context)
 
-    async def SpendMerchantVouchers(self, request: pb.SpendMerchantVouchersRequest,
-                                    context) -> pb.SpendMerchantVouchersResponse:
+    async def SpendMerchantVouchers(
+        self, request: pb.SpendMerchantVouchersRequest, context
+    ) -> pb.SpendMerchantVouchersResponse:
         return await self._unary("spend_vouchers", request, context)
 
     async def CashOut(self, request: pb.CashOutRequest, context) -> pb.CashOutResponse:
@@ -352,14 +479,20 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 raise Rejection(Code.PERMISSION_DENIED, f"this API key may not act for merchant {merchant_id!r}")
             metrics.rejections.labels("cash_out").inc()
             rules.refuse_cash_out()
+
         return await guard(context, call)
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context) -> pb.SubmitBatchResponse:
         count = len(request.operations)
         if not 1 <= count <= self.settings.batch_request_operations_max:
-            await context.abort_with_status(status(
-                Code.INVALID_ARGUMENT, f"a batch holds 1..{self.settings.batch_request_operations_max} operations, "
-                                       f"got {count}; split it", reason="INVALID_FIELD", field="operations"))
+            await context.abort_with_status(
+                status(
+                    Code.INVALID_ARGUMENT,
+                    f"a batch holds 1..{self.settings.batch_request_operations_max} operations, got {count}; split it",
+                    reason="INVALID_FIELD",
+                    field="operations",
+                )
+            )
         # Every operation is queued before any is awaited, so the batch shares commits; each costs one
         # future (no task or coroutine per operation: measured, those were a fifth of the CPU).
         results: list = [None] * count
@@ -384,8 +517,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         finally:
             _deferred_presence.reset(deferred)
         if presence_checks:
-            checked = await asyncio.gather(*(self.presence.check(*check) for check in presence_checks),
-                                           return_exceptions=True)
+            checked = await asyncio.gather(
+                *(self.presence.check(*check) for check in presence_checks), return_exceptions=True
+            )
             for (op, *_), error in zip(presence_checks, checked):
                 if isinstance(error, Rejection):
                     op.refusal = Outcome(error.code, message=error.message, recorded=False)
@@ -434,12 +568,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                     elif len(message.correlation_id.encode()) > 128:
                         problem = "correlation_id must be at most 128 bytes"
                     if problem:
-                        answers.put_nowait(pb.StreamResponse(
-                            correlation_id=getattr(message, "correlation_id", "").encode()[:128].decode(
-                                errors="ignore"),
-                            result=pb.OperationResult(outcome=pb.OPERATION_OUTCOME_INVALID,
-                                                      status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                                                      message=problem + "; the operation was not carried out")))
+                        answers.put_nowait(
+                            pb.StreamResponse(
+                                correlation_id=getattr(message, "correlation_id", "")
+                                .encode()[:128]
+                                .decode(errors="ignore"),
+                                result=pb.OperationResult(
+                                    outcome=pb.OPERATION_OUTCOME_INVALID,
+                                    status_code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                                    message=problem + "; the operation was not carried out",
+                                ),
+                            )
+                        )
                         continue
                     task = loop.create_task(answer(message.correlation_id, message.operation))
                     tasks.add(task)
@@ -475,12 +615,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         if outcome.code is Code.OK:
             if outcome.replayed:
                 metrics.idempotent_replays.inc()
-            result = pb.OperationResult(outcome=pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed
-                                        else pb.OPERATION_OUTCOME_APPLIED)
+            result = pb.OperationResult(
+                outcome=pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed else pb.OPERATION_OUTCOME_APPLIED
+            )
             getattr(result, kind).CopyFrom(self._kinds[kind][1](outcome.fields))
             return result
-        return pb.OperationResult(outcome=_operation_outcome(outcome), message=outcome.message,
-                                  status_code=grpc_status(outcome.code).value[0])
+        return pb.OperationResult(
+            outcome=_operation_outcome(outcome), message=outcome.message, status_code=grpc_status(outcome.code).value[0]
+        )
 
     async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:
         async def call():
@@ -492,11 +634,19 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             posted, held = ledger.balance(slot)
             days = request.expiring_within_days or EXPIRING_WITHIN_DAYS_DEFAULT
             if not 1 <= days <= EXPIRING_WITHIN_DAYS_MAX:
-                raise domain.invalid_field("expiring_within_days", f"expiring_within_days must be 0 (default "
-                                           f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}")
+                raise domain.invalid_field(
+                    "expiring_within_days",
+                    f"expiring_within_days must be 0 (default "
+                    f"{EXPIRING_WITHIN_DAYS_DEFAULT}) ..{EXPIRING_WITHIN_DAYS_MAX}, got {days}",
+                )
             program, now_us = self.pipeline.program, now_micros()
-            response = pb.GetBalanceResponse(member_id=member_id, posted=posted, held=held, available=posted - held,
-                                             level=program.level(member_id, now_us))
+            response = pb.GetBalanceResponse(
+                member_id=member_id,
+                posted=posted,
+                held=held,
+                available=posted - held,
+                level=program.level(member_id, now_us),
+            )
             for expires_at_us, points in program.expiring_within(member_id, now_us, days * rules.DAY_US):
                 response.expiring.append(pb.ExpiringPoints(expires_at=timestamp(expires_at_us), points=points))
                 response.expiring_points += points
@@ -511,11 +661,16 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 response.acquirer_id, response.referrer_id = links.acquirer_id, links.referrer_id or ""
             if program.program is not None:
                 for r in await self.pipeline.ready_store().tier_history(member_id):
-                    response.level_history.append(pb.LevelChange(
-                        from_level=r["from_level"], to_level=r["to_level"],
-                        transaction_id=domain.format_transaction_id(r["transaction_id"]),
-                        changed_at=timestamp(micros(r["created_at"]))))
+                    response.level_history.append(
+                        pb.LevelChange(
+                            from_level=r["from_level"],
+                            to_level=r["to_level"],
+                            transaction_id=domain.format_transaction_id(r["transaction_id"]),
+                            changed_at=timestamp(micros(r["created_at"])),
+                        )
+                    )
             return response
+
         return await guard(context, call)
 
     async def ListTransactions(self, request: pb.ListTransactionsRequest, context) -> pb.ListTransactionsResponse:
@@ -524,44 +679,64 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             store = self.pipeline.ready_store()
             size = request.page_size or self.settings.page_size_default
             if not 1 <= size <= self.settings.page_size_max:
-                raise domain.invalid_field("page_size",
-                                           f"page_size must be 0 (default {self.settings.page_size_default}) "
-                                           f"..{self.settings.page_size_max}, got {request.page_size}")
+                raise domain.invalid_field(
+                    "page_size",
+                    f"page_size must be 0 (default {self.settings.page_size_default}) "
+                    f"..{self.settings.page_size_max}, got {request.page_size}",
+                )
             before = _decode_page_token(request.page_token) if request.page_token else None
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
-            rows = await store.list_transactions(member_id, before, size + 1,
-                                                               sorted(caller.merchant_ids) if caller else [])
+            rows = await store.list_transactions(
+                member_id, before, size + 1, sorted(caller.merchant_ids) if caller else []
+            )
             if not rows and before is None and not await store.member_exists(member_id):
                 raise Rejection(Code.NOT_FOUND, f"member {member_id!r} has no points account")
             more = len(rows) > size
             rows = rows[:size]
             response = pb.ListTransactionsResponse(
-                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else "")
+                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else ""
+            )
             for r in rows:
-                response.transactions.append(pb.Transaction(
-                    transaction_id=domain.format_transaction_id(r["transaction_id"]),
-                    kind=kinds.kind(r["kind"]).proto, merchant_id=r["merchant_id"],
-                    points=r["member_points"], vouchers=r["member_vouchers"],
-                    original_transaction_id=(domain.format_transaction_id(r["original_transaction_id"])
-                                             if r["original_transaction_id"] else ""),
-                    authorization_id=(domain.format_authorization_id(r["authorization_id"])
-                                      if r["authorization_id"] else ""),
-                    created_at=timestamp(int(r["created_at"].timestamp() * 1_000_000)),
-                    purchase_amount=r["purchase_amount"] or 0))
+                response.transactions.append(
+                    pb.Transaction(
+                        transaction_id=domain.format_transaction_id(r["transaction_id"]),
+                        kind=kinds.kind(r["kind"]).proto,
+                        merchant_id=r["merchant_id"],
+                        points=r["member_points"],
+                        vouchers=r["member_vouchers"],
+                        original_transaction_id=(
+                            domain.format_transaction_id(r["original_transaction_id"])
+                            if r["original_transaction_id"]
+                            else ""
+                        ),
+                        authorization_id=(
+                            domain.format_authorization_id(r["authorization_id"]) if r["authorization_id"] else ""
+                        ),
+                        created_at=timestamp(int(r["created_at"].timestamp() * 1_000_000)),
+                        purchase_amount=r["purchase_amount"] or 0,
+                    )
+                )
             return response
+
         return await guard(context, call)
 
 
 _OUTCOME = {
-    Code.INVALID_ARGUMENT: pb.OPERATION_OUTCOME_INVALID, Code.NOT_FOUND: pb.OPERATION_OUTCOME_NOT_FOUND,
-    Code.ALREADY_EXISTS: pb.OPERATION_OUTCOME_KEY_REUSED, Code.PERMISSION_DENIED: pb.OPERATION_OUTCOME_PERMISSION_DENIED,
-    Code.UNAUTHENTICATED: pb.OPERATION_OUTCOME_PERMISSION_DENIED, Code.FAILED_PRECONDITION: pb.OPERATION_OUTCOME_REJECTED,
-    Code.RESOURCE_EXHAUSTED: pb.OPERATION_OUTCOME_RETRY, Code.UNAVAILABLE: pb.OPERATION_OUTCOME_RETRY,
+    Code.INVALID_ARGUMENT: pb.OPERATION_OUTCOME_INVALID,
+    Code.NOT_FOUND: pb.OPERATION_OUTCOME_NOT_FOUND,
+    Code.ALREADY_EXISTS: pb.OPERATION_OUTCOME_KEY_REUSED,
+    Code.PERMISSION_DENIED: pb.OPERATION_OUTCOME_PERMISSION_DENIED,
+    Code.UNAUTHENTICATED: pb.OPERATION_OUTCOME_PERMISSION_DENIED,
+    Code.FAILED_PRECONDITION: pb.OPERATION_OUTCOME_REJECTED,
+    Code.RESOURCE_EXHAUSTED: pb.OPERATION_OUTCOME_RETRY,
+    Code.UNAVAILABLE: pb.OPERATION_OUTCOME_RETRY,
     Code.INTERNAL: pb.OPERATION_OUTCOME_RETRY,
 }
-_REASON_OUTCOME = {"insufficient_points": pb.OPERATION_OUTCOME_INSUFFICIENT_POINTS,
-                   "hold_expired": pb.OPERATION_OUTCOME_HOLD_EXPIRED}
+_REASON_OUTCOME = {
+    "insufficient_points": pb.OPERATION_OUTCOME_INSUFFICIENT_POINTS,
+    "hold_expired": pb.OPERATION_OUTCOME_HOLD_EXPIRED,
+}
 
 
 def _operation_outcome(outcome: Outcome) -> int:
@@ -578,10 +753,12 @@ def _decode_page_token(token: str) -> int:
     try:
         raw = base64.urlsafe_b64decode(token.encode("ascii"))
         if raw.startswith(_PAGE_TOKEN_PREFIX):
-            digits = raw[len(_PAGE_TOKEN_PREFIX):]
+            digits = raw[len(_PAGE_TOKEN_PREFIX) :]
             if digits.isdigit() and len(digits) <= 18:
                 return int(digits)
     except (ValueError, UnicodeEncodeError):
         pass
-    raise domain.invalid_field("page_token", "page_token is not one this service issued; "
-                                             "pass next_page_token from the previous response, or empty")
+    raise domain.invalid_field(
+        "page_token",
+        "page_token is not one this service issued; pass next_page_token from the previous response, or empty",
+    )

@@ -12,6 +12,7 @@ A batch is applied by apply(), which opens an undo batch on the ledger and the p
 committer then calls commit() once the batch is durable, or rollback() (every open batch) after a failed
 write. Two batches may be open at once: the one being written and the next, applied on top of it.
 """
+
 from __future__ import annotations
 
 import array
@@ -23,8 +24,7 @@ import fastpath
 from processor import domain, metrics, rules, velocity
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.program import (OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord,
-                               VoucherHold)
+from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
 from processor.quotas import MerchantQuotas
 from processor.store import BatchWrite, MerchantRow, from_micros, to_json
@@ -35,7 +35,7 @@ class LedgerStateMachine:
         self.settings = settings
         self.merchants = Merchants([])
         self.ledger: Any = None  # a fastpath.Ledger, set by recovery (or a test)
-        self.program = ProgramState()   # the program rules' state, beside the fast path
+        self.program = ProgramState()  # the program rules' state, beside the fast path
         self.ids = IdAllocator(1, 1)
         self.operator_accounts: dict[str, int] = {}
         # account ids taken from Postgres's accounts sequence for members the next batches create
@@ -48,8 +48,14 @@ class LedgerStateMachine:
 
     # --- the batch ---
 
-    def apply(self, batch: list[Operation], stored: dict, now_us: int, expired: list[int] | None = None,
-              dividends: list | None = None) -> tuple[list[Outcome], BatchWrite]:
+    def apply(
+        self,
+        batch: list[Operation],
+        stored: dict,
+        now_us: int,
+        expired: list[int] | None = None,
+        dividends: list | None = None,
+    ) -> tuple[list[Outcome], BatchWrite]:
         """Applies a batch at `now_us` inside a new undo batch (nested on any batch still open) and returns
         each operation's outcome, aligned by index, and the batch's durable record. `stored`: the stored
         outcomes of the batch's idempotency keys, (merchant_id, key) -> record (a retry replays it);
@@ -61,8 +67,9 @@ class LedgerStateMachine:
         ledger.begin()
         self.program.begin()
         try:
-            write.expired_holds = list(expired or ()) + ledger.expire_holds(now_us,
-                                                                            settings.holds_expired_per_batch_max)
+            write.expired_holds = list(expired or ()) + ledger.expire_holds(
+                now_us, settings.holds_expired_per_batch_max
+            )
             for authorization_id in write.expired_holds:
                 self._restore_hold(authorization_id, now_us)
             for authorization_id in self.program.voucher_holds_due(now_us, settings.holds_expired_per_batch_max):
@@ -75,10 +82,17 @@ class LedgerStateMachine:
                 key = (op.merchant_id, op.idempotency_key)
                 if key in stored or outcome.code in NOT_RECORDED or not outcome.recorded:
                     continue  # a replay keeps its record; a refusal about the service's state is not one
-                write.idempotency.append((
-                    op.merchant_id, op.idempotency_key, op.method.value, to_json(op.request),
-                    outcome.code.value, to_json(outcome.fields) if outcome.code is Code.OK else None,
-                    outcome.message))
+                write.idempotency.append(
+                    (
+                        op.merchant_id,
+                        op.idempotency_key,
+                        op.method.value,
+                        to_json(op.request),
+                        outcome.code.value,
+                        to_json(outcome.fields) if outcome.code is Code.OK else None,
+                        outcome.message,
+                    )
+                )
             self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
             write.last_transaction_id = self.ids.next_transaction_id - 1
@@ -123,23 +137,39 @@ class LedgerStateMachine:
         (hold ids, split-tender hold ids, transaction ids whose earn or split record a refund needs,
         transaction ids)."""
         ledger, program = self.ledger, self.program
-        hold_ids = {op.authorization_id for op in batch
-                    if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)}
-        transaction_ids = {op.transaction_id for op in batch
-                           if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)}
+        hold_ids = {
+            op.authorization_id
+            for op in batch
+            if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)
+        }
+        transaction_ids = {
+            op.transaction_id
+            for op in batch
+            if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)
+        }
         voucher_hold_ids: set[int] = set()
         record_ids: set[int] = set()
         if program.program is not None:
             # resolved split-tender holds forgotten since (open ones are all resident)
             voucher_hold_ids = {a for a in hold_ids if a not in program.voucher_holds}
-            record_ids = {op.transaction_id for op in batch
-                          if op.method is Method.REFUND and op.transaction_id not in program.earns
-                          and op.transaction_id not in program.splits}
+            record_ids = {
+                op.transaction_id
+                for op in batch
+                if op.method is Method.REFUND
+                and op.transaction_id not in program.earns
+                and op.transaction_id not in program.splits
+            }
         return hold_ids, voucher_hold_ids, record_ids, transaction_ids
 
-    def load_prefetched(self, now_us: int, holds: list, voucher_holds: list[tuple[int, VoucherHold]],
-                        earns: list[tuple[int, EarnRecord]], splits: list[tuple[int, SplitRecord]],
-                        transactions: list) -> list[int]:
+    def load_prefetched(
+        self,
+        now_us: int,
+        holds: list,
+        voucher_holds: list[tuple[int, VoucherHold]],
+        earns: list[tuple[int, EarnRecord]],
+        splits: list[tuple[int, SplitRecord]],
+        transactions: list,
+    ) -> list[int]:
         """Loads what missing() named, as read from Postgres (committed state: outside any undo batch).
         Returns the ids of the holds that were open in Postgres and have expired since: their rows follow
         with the next batch."""
@@ -151,8 +181,14 @@ class LedgerStateMachine:
             if status == fastpath.HOLD_OPEN and hold.expires_at_us <= now_us:
                 status = fastpath.HOLD_STATUS_EXPIRED
                 expired.append(hold.authorization_id)
-            ledger.load_hold(hold.authorization_id, ledger.member_slot(hold.member_id),
-                             merchants[hold.merchant_id].merchant_slot, hold.amount, hold.expires_at_us, status)
+            ledger.load_hold(
+                hold.authorization_id,
+                ledger.member_slot(hold.member_id),
+                merchants[hold.merchant_id].merchant_slot,
+                hold.amount,
+                hold.expires_at_us,
+                status,
+            )
         for authorization_id, voucher_hold in voucher_holds:
             program.load_voucher_hold(authorization_id, voucher_hold)
         for transaction_id, record in earns:
@@ -166,9 +202,16 @@ class LedgerStateMachine:
             if t.kind == rules.KIND_SPLIT_REDEEM and split is not None and split.points:
                 # its points part, as the fast path refunds it
                 points_refunded = split.refunded - rules.proportional_share(
-                    split.vouchers, split.vouchers + split.points, 0, split.refunded)
-                ledger.load_transaction(t.transaction_id, fastpath.KIND_REDEEM, member_slot,
-                                        merchant.merchant_slot, split.points, points_refunded)
+                    split.vouchers, split.vouchers + split.points, 0, split.refunded
+                )
+                ledger.load_transaction(
+                    t.transaction_id,
+                    fastpath.KIND_REDEEM,
+                    member_slot,
+                    merchant.merchant_slot,
+                    split.points,
+                    points_refunded,
+                )
                 continue
             if t.kind > fastpath.KIND_REFUND_EARN:
                 # a transaction the program rules set off: never refundable by a merchant (the fast
@@ -176,11 +219,11 @@ class LedgerStateMachine:
                 if merchant is None or member_slot < 0:
                     self.not_refundable[t.transaction_id] = t.merchant_id
                     continue
-                ledger.load_transaction(t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot,
-                                        merchant.merchant_slot, t.amount, 0)
+                ledger.load_transaction(
+                    t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot, merchant.merchant_slot, t.amount, 0
+                )
                 continue
-            ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount,
-                                    t.refunded)
+            ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount, t.refunded)
         return expired
 
     # --- the batch on the fast path ---
@@ -201,8 +244,12 @@ class LedgerStateMachine:
         for position, op in enumerate(batch):
             previous = stored.get((op.merchant_id, op.idempotency_key))
             if previous is not None:
-                outcomes[position] = replay(previous.method, previous.request, Outcome(
-                    Code(previous.outcome), previous.response or {}, previous.message), op)
+                outcomes[position] = replay(
+                    previous.method,
+                    previous.request,
+                    Outcome(Code(previous.outcome), previous.response or {}, previous.message),
+                    op,
+                )
                 continue
             if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
                 outcomes[position] = op.refusal
@@ -213,15 +260,16 @@ class LedgerStateMachine:
                 # decided here, after the idempotency look-up, so a retry of an earlier call still replays
                 metrics.rejections.labels("merchant_suspended").inc()
                 outcomes[position] = Outcome(
-                    Code.FAILED_PRECONDITION, recorded=False,
+                    Code.FAILED_PRECONDITION,
+                    recorded=False,
                     message=f"merchant {op.merchant_id!r} is {status}: it cannot earn, authorize or redeem; "
-                            "it may still capture, void and refund. Contact the operator")
+                    "it may still capture, void and refund. Contact the operator",
+                )
                 continue
             slot = reference = created = expires = 0
             if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
                 if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
-                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is Method.EARN else None,
-                                                     now_us)
+                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is Method.EARN else None, now_us)
                     if refusal is not None:
                         outcomes[position] = refusal
                         continue
@@ -238,8 +286,12 @@ class LedgerStateMachine:
                 slot = ledger.member_slot(op.member_id)
                 if slot < 0:
                     metrics.rejections.labels("unknown_member").inc()
-                    outcomes[position] = Outcome(Code.NOT_FOUND, message=(
-                        f"member {op.member_id!r} has no points account; a member is created by its first Earn"))
+                    outcomes[position] = Outcome(
+                        Code.NOT_FOUND,
+                        message=(
+                            f"member {op.member_id!r} has no points account; a member is created by its first Earn"
+                        ),
+                    )
                     continue
                 if kind is Method.AUTHORIZE:
                     refusal = self.quotas.take_hold(op.merchant_id)
@@ -259,18 +311,22 @@ class LedgerStateMachine:
                 owner = self.not_refundable.get(op.transaction_id)
                 if owner is not None:  # a rule's transaction with no member (a merchant's vouchers)
                     outcomes[position] = ledger_rejection(
-                        fastpath.NOT_REFUNDABLE if owner == op.merchant_id else fastpath.WRONG_MERCHANT, op)
+                        fastpath.NOT_REFUNDABLE if owner == op.merchant_id else fastpath.WRONG_MERCHANT, op
+                    )
                     continue
                 reference, created = op.transaction_id, ids.transaction()
             elif kind is Method.SPEND_VOUCHERS:
                 created = ids.transaction()
-            if version is not None or kind in _RULES_ONLY or op.vouchers or (
-                    kind is Method.REFUND and op.transaction_id in self.program.splits) or (
-                    op.authorization_id and op.authorization_id in self.program.voucher_holds):
+            if (
+                version is not None
+                or kind in _RULES_ONLY
+                or op.vouchers
+                or (kind is Method.REFUND and op.transaction_id in self.program.splits)
+                or (op.authorization_id and op.authorization_id in self.program.voucher_holds)
+            ):
                 # under a program each operation goes through the kernel on its own, with the rules
                 # evaluated around it in order (an earn's bonuses change what the next operation sees)
-                outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created,
-                                                        expires)
+                outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created, expires)
                 continue
             applied.append(position)
             method.append(_OP_CODE[kind])
@@ -285,15 +341,36 @@ class LedgerStateMachine:
             status, slot, amount, posted, available, kind = rows = [array.array("q", zeros) for _ in range(6)]
             ledger.apply_batch(method, member, merchant, points, ref_id, new_id, expires_at_us, now_us, *rows)
             for i, position in enumerate(applied):
-                outcomes[position] = self._applied(batch[position], write, now_us, new_id[i], status[i], slot[i],
-                                                   amount[i], posted[i], available[i], kind[i])
+                outcomes[position] = self._applied(
+                    batch[position],
+                    write,
+                    now_us,
+                    new_id[i],
+                    status[i],
+                    slot[i],
+                    amount[i],
+                    posted[i],
+                    available[i],
+                    kind[i],
+                )
         for position in holds_taken:
             if outcomes[position].code is not Code.OK:
                 self.quotas.hold_not_opened(batch[position].merchant_id)
         return outcomes
 
-    def _applied(self, op: Operation, write: BatchWrite, now_us: int, created: int, status: int, slot: int,
-                 amount: int, posted: int, available: int, kind: int) -> Outcome:
+    def _applied(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        created: int,
+        status: int,
+        slot: int,
+        amount: int,
+        posted: int,
+        available: int,
+        kind: int,
+    ) -> Outcome:
         """One row of the kernel: the journal rows of an applied operation and its outcome."""
         ledger = self.ledger
         method = op.method
@@ -307,45 +384,114 @@ class LedgerStateMachine:
         merchant = self.merchants.by_id[op.merchant_id]
         if method is Method.EARN:
             fee = self._fee(write, created, merchant, op.points, "fee_issued_bps")
-            write.transactions.append((created, fastpath.KIND_EARN, op.merchant_id, op.member_id, op.points,
-                                       op.purchase_amount, None, None, op.idempotency_key, fee))
+            write.transactions.append(
+                (
+                    created,
+                    fastpath.KIND_EARN,
+                    op.merchant_id,
+                    op.member_id,
+                    op.points,
+                    op.purchase_amount,
+                    None,
+                    None,
+                    op.idempotency_key,
+                    fee,
+                )
+            )
             if op.points:
                 write.entries.append((created, ledger.member_account(slot), op.points))
                 write.entries.append((created, merchant.issued_account_id, -op.points))
-            return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
-                                     "give_back_bps": merchant.give_back_bps, "created_at_us": now_us})
+            return Outcome(
+                Code.OK,
+                {
+                    "transaction_id": created,
+                    "points": op.points,
+                    "balance": posted,
+                    "give_back_bps": merchant.give_back_bps,
+                    "created_at_us": now_us,
+                },
+            )
         if method is Method.AUTHORIZE:
             expires = now_us + op.hold_ttl_seconds * 1_000_000
-            write.new_holds.append((created, op.merchant_id, op.member_id, op.points, from_micros(expires),
-                                    op.idempotency_key))
-            return Outcome(Code.OK, {"authorization_id": created, "available": available, "points": op.points,
-                                     "expires_at_us": expires})
+            write.new_holds.append(
+                (created, op.merchant_id, op.member_id, op.points, from_micros(expires), op.idempotency_key)
+            )
+            return Outcome(
+                Code.OK,
+                {"authorization_id": created, "available": available, "points": op.points, "expires_at_us": expires},
+            )
         if method is Method.CAPTURE:
             held = ledger.hold(op.authorization_id)[3]
-            write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, amount,
-                                         created if amount else None))
+            write.resolved_holds.append(
+                (op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, amount, created if amount else None)
+            )
             if amount:
                 fee = self._fee(write, created, merchant, amount, "fee_redeemed_bps")
-                write.transactions.append((created, fastpath.KIND_CAPTURE, op.merchant_id, ledger.member_id(slot),
-                                           amount, None, op.authorization_id, None, op.idempotency_key, fee))
+                write.transactions.append(
+                    (
+                        created,
+                        fastpath.KIND_CAPTURE,
+                        op.merchant_id,
+                        ledger.member_id(slot),
+                        amount,
+                        None,
+                        op.authorization_id,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                    )
+                )
                 write.entries.append((created, ledger.member_account(slot), -amount))
                 write.entries.append((created, merchant.redeemed_account_id, amount))
-            return Outcome(Code.OK, {"transaction_id": created if amount else 0, "points": amount,
-                                     "released": held - amount, "balance": posted, "available": available})
+            return Outcome(
+                Code.OK,
+                {
+                    "transaction_id": created if amount else 0,
+                    "points": amount,
+                    "released": held - amount,
+                    "balance": posted,
+                    "available": available,
+                },
+            )
         if method is Method.VOID:
             write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_VOIDED, 0, None))
             return Outcome(Code.OK, {"released": amount, "available": available})
         if method is Method.REDEEM:
             fee = self._fee(write, created, merchant, op.points, "fee_redeemed_bps")
-            write.transactions.append((created, fastpath.KIND_REDEEM, op.merchant_id, op.member_id, op.points,
-                                       None, None, None, op.idempotency_key, fee))
+            write.transactions.append(
+                (
+                    created,
+                    fastpath.KIND_REDEEM,
+                    op.merchant_id,
+                    op.member_id,
+                    op.points,
+                    None,
+                    None,
+                    None,
+                    op.idempotency_key,
+                    fee,
+                )
+            )
             write.entries.append((created, ledger.member_account(slot), -op.points))
             write.entries.append((created, merchant.redeemed_account_id, op.points))
-            return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
-                                     "available": available})
+            return Outcome(
+                Code.OK, {"transaction_id": created, "points": op.points, "balance": posted, "available": available}
+            )
         member_account = ledger.member_account(slot)
-        write.transactions.append((created, kind, op.merchant_id, ledger.member_id(slot), op.points, None, None,
-                                   op.transaction_id, op.idempotency_key, 0))
+        write.transactions.append(
+            (
+                created,
+                kind,
+                op.merchant_id,
+                ledger.member_id(slot),
+                op.points,
+                None,
+                None,
+                op.transaction_id,
+                op.idempotency_key,
+                0,
+            )
+        )
         write.refunds.append((op.transaction_id, op.points))
         if kind == fastpath.KIND_REFUND_REDEMPTION:
             write.entries.append((created, merchant.redeemed_account_id, -op.points))
@@ -354,8 +500,10 @@ class LedgerStateMachine:
             require(kind == fastpath.KIND_REFUND_EARN, f"refund kind {kind}")
             write.entries.append((created, member_account, -op.points))
             write.entries.append((created, merchant.issued_account_id, op.points))
-        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "kind": kind, "balance": posted,
-                                 "available": available})
+        return Outcome(
+            Code.OK,
+            {"transaction_id": created, "points": op.points, "kind": kind, "balance": posted, "available": available},
+        )
 
     def _fee(self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str) -> int:
         """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
@@ -365,17 +513,35 @@ class LedgerStateMachine:
             write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
         return fee
 
-    def _apply_capped(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
-                      slot: int, reference: int, created: int, expires: int) -> Outcome:
+    def _apply_capped(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        slot: int,
+        reference: int,
+        created: int,
+        expires: int,
+    ) -> Outcome:
         """_apply_with_rules under the program's spending caps (processor/velocity.py): a Redeem or
         Authorize past a cap is refused before anything moves; the points a Redeem or Capture took count."""
         method, program = op.method, self.program
-        if version is not None and (method is Method.REDEEM or method is Method.AUTHORIZE) and op.points and (
-                version.member_points_spent_per_hour_max or version.member_points_spent_per_day_max):
-            refusal = velocity.refusal(program.spends.get(op.member_id, ()), now_us, op.member_id,
-                                       self.ledger.balance(slot)[1], op.points,
-                                       version.member_points_spent_per_hour_max,
-                                       version.member_points_spent_per_day_max)
+        if (
+            version is not None
+            and (method is Method.REDEEM or method is Method.AUTHORIZE)
+            and op.points
+            and (version.member_points_spent_per_hour_max or version.member_points_spent_per_day_max)
+        ):
+            refusal = velocity.refusal(
+                program.spends.get(op.member_id, ()),
+                now_us,
+                op.member_id,
+                self.ledger.balance(slot)[1],
+                op.points,
+                version.member_points_spent_per_hour_max,
+                version.member_points_spent_per_day_max,
+            )
             if refusal is not None:
                 metrics.rejections.labels("spending_cap").inc()
                 return refusal
@@ -391,9 +557,17 @@ class LedgerStateMachine:
             program.spend(member_id, outcome.fields.get("points", 0), now_us)
         return outcome
 
-    def _apply_with_rules(self, op: Operation, write: BatchWrite, now_us: int,
-                          version: "rules.ProgramVersion | None", slot: int, reference: int, created: int,
-                          expires: int) -> Outcome:
+    def _apply_with_rules(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        slot: int,
+        reference: int,
+        created: int,
+        expires: int,
+    ) -> Outcome:
         method = op.method
         try:
             if method is Method.LINK:
@@ -413,9 +587,13 @@ class LedgerStateMachine:
                 if op.vouchers:
                     if not self.ledger.has_hold(op.authorization_id):
                         return ledger_rejection(fastpath.UNKNOWN_HOLD, op)
-                    raise Rejection(Code.INVALID_ARGUMENT, (
-                        f"authorization {domain.format_authorization_id(op.authorization_id)} holds no vouchers; "
-                        "capture points only (vouchers = 0)"))
+                    raise Rejection(
+                        Code.INVALID_ARGUMENT,
+                        (
+                            f"authorization {domain.format_authorization_id(op.authorization_id)} holds no vouchers; "
+                            "capture points only (vouchers = 0)"
+                        ),
+                    )
             if method is Method.REFUND and op.transaction_id in self.program.splits:
                 return self._split_refund(op, write, now_us, version, created)
             points, plan, refund = op.points, None, None
@@ -432,7 +610,8 @@ class LedgerStateMachine:
             metrics.rejections.labels("program_rule").inc()
             return Outcome(rejection.code, message=rejection.message)
         status, slot, amount, posted, available, kind = self._kernel_one(
-            op, slot, points, reference, created, expires, now_us)
+            op, slot, points, reference, created, expires, now_us
+        )
         if status != fastpath.OK:
             if status == fastpath.HOLD_EXPIRED:
                 self._restore_hold(op.authorization_id, now_us)
@@ -451,68 +630,150 @@ class LedgerStateMachine:
             program.consume(member_id, owner, amount, available + amount, now_us)
         elif method is Method.CAPTURE:
             released = hold[3] - amount
-            program.restore(member_id, (OWNER_HOLD, op.authorization_id), released, available - released, now_us,
-                            grace, keep_as=(OWNER_TRANSACTION, created) if amount else None)
+            program.restore(
+                member_id,
+                (OWNER_HOLD, op.authorization_id),
+                released,
+                available - released,
+                now_us,
+                grace,
+                keep_as=(OWNER_TRANSACTION, created) if amount else None,
+            )
         elif method is Method.VOID:
             program.restore(member_id, (OWNER_HOLD, op.authorization_id), None, available - amount, now_us, grace)
         elif method is Method.REFUND:  # of a capture or redeem: the lots it consumed come back
-            program.restore(member_id, (OWNER_TRANSACTION, op.transaction_id), amount, available - amount, now_us,
-                            grace)
+            program.restore(
+                member_id, (OWNER_TRANSACTION, op.transaction_id), amount, available - amount, now_us, grace
+            )
         return outcome
 
-    def _kernel_one(self, op: Operation, slot: int, points: int, reference: int, created: int, expires: int,
-                    now_us: int, method: Method | None = None) -> tuple[int, ...]:
+    def _kernel_one(
+        self,
+        op: Operation,
+        slot: int,
+        points: int,
+        reference: int,
+        created: int,
+        expires: int,
+        now_us: int,
+        method: Method | None = None,
+    ) -> tuple[int, ...]:
         # one operation through the batch kernel, in arrays of length 1 kept for the purpose (measured:
         # building 13 arrays per operation was a tenth of the rules path's CPU)
         arrays, rows = self._one
-        for column, value in zip(arrays, (_OP_CODE[method or op.method], slot, op.merchant_slot, points,
-                                          reference, created, expires)):
+        for column, value in zip(
+            arrays, (_OP_CODE[method or op.method], slot, op.merchant_slot, points, reference, created, expires)
+        ):
             column[0] = value
         self.ledger.apply_batch(*arrays, now_us, *rows)
         return tuple(row[0] for row in rows)
 
-    def _earned(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion",
-                plan: "rules.Earn", created: int, slot: int) -> Outcome:
+    def _earned(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion",
+        plan: "rules.Earn",
+        created: int,
+        slot: int,
+    ) -> Outcome:
         """An earn under a program: its postings (base from the merchant, uplift from the operator,
         each promotion from its sponsor), then what it set off: level bonuses, the referrer's bonus, the
         acquiring merchant's reward, each a transaction of its own kind in the same batch."""
         ledger, operator = self.ledger, self.operator_accounts
         merchant = self.merchants.by_id[op.merchant_id]
         fee = self._fee(write, created, merchant, plan.base, "fee_issued_bps")
-        write.transactions.append((created, fastpath.KIND_EARN, op.merchant_id, op.member_id, plan.total,
-                                   op.purchase_amount, None, None, op.idempotency_key, fee, version.version))
+        write.transactions.append(
+            (
+                created,
+                fastpath.KIND_EARN,
+                op.merchant_id,
+                op.member_id,
+                plan.total,
+                op.purchase_amount,
+                None,
+                None,
+                op.idempotency_key,
+                fee,
+                version.version,
+            )
+        )
         self._earn_entries(write, created, ledger.member_account(slot), merchant, plan, 1)
-        effects = self.program.earned(version, created, op.member_id, op.merchant_id, plan, op.purchase_amount,
-                                      now_us)
+        effects = self.program.earned(version, created, op.member_id, op.merchant_id, plan, op.purchase_amount, now_us)
         bonus_points = plan.total - plan.base
         for level, bonus in effects.bonuses:
-            self._credit(write, rules.KIND_TIER_BONUS, op.merchant_id, op.member_id, bonus,
-                         operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS], f"tier:{op.member_id}:{level}", version,
-                         now_us, created)
+            self._credit(
+                write,
+                rules.KIND_TIER_BONUS,
+                op.merchant_id,
+                op.member_id,
+                bonus,
+                operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS],
+                f"tier:{op.member_id}:{level}",
+                version,
+                now_us,
+                created,
+            )
             bonus_points += bonus
         if effects.referral is not None:
             referrer, bonus = effects.referral
-            self._credit(write, rules.KIND_REFERRAL_BONUS, op.merchant_id, referrer, bonus,
-                         operator[rules.ACCOUNT_OPERATOR_REFERRALS], f"referral:{op.member_id}", version, now_us,
-                         created)
+            self._credit(
+                write,
+                rules.KIND_REFERRAL_BONUS,
+                op.merchant_id,
+                referrer,
+                bonus,
+                operator[rules.ACCOUNT_OPERATOR_REFERRALS],
+                f"referral:{op.member_id}",
+                version,
+                now_us,
+                created,
+            )
         if effects.acquiring is not None:
             acquirer, reward = effects.acquiring
-            self._post(write, rules.KIND_ACQUIRING_REWARD, acquirer, op.member_id, reward,
-                       [(operator[rules.ACCOUNT_OPERATOR_ACQUIRING], -reward),
-                        (self.merchants.by_id[acquirer].acquiring_account_id, reward)],
-                       f"acquiring:{created}", version, original=created)
+            self._post(
+                write,
+                rules.KIND_ACQUIRING_REWARD,
+                acquirer,
+                op.member_id,
+                reward,
+                [
+                    (operator[rules.ACCOUNT_OPERATOR_ACQUIRING], -reward),
+                    (self.merchants.by_id[acquirer].acquiring_account_id, reward),
+                ],
+                f"acquiring:{created}",
+                version,
+                original=created,
+            )
         posted, held = ledger.balance(slot)
-        fields = {"transaction_id": created, "points": plan.base, "balance": posted,
-                  "give_back_bps": merchant.give_back_bps, "created_at_us": now_us, "bonus_points": bonus_points,
-                  "level": self.program.level(op.member_id, now_us)}
+        fields = {
+            "transaction_id": created,
+            "points": plan.base,
+            "balance": posted,
+            "give_back_bps": merchant.give_back_bps,
+            "created_at_us": now_us,
+            "bonus_points": bonus_points,
+            "level": self.program.level(op.member_id, now_us),
+        }
         return Outcome(Code.OK, fields)
 
-    def _earn_entries(self, write: BatchWrite, transaction_id: int, member_account: int, merchant: MerchantRow,
-                      earn: "rules.Earn", sign: int) -> None:
+    def _earn_entries(
+        self,
+        write: BatchWrite,
+        transaction_id: int,
+        member_account: int,
+        merchant: MerchantRow,
+        earn: "rules.Earn",
+        sign: int,
+    ) -> None:
         """An earn's entries (sign 1), or a refund's (sign -1, with the portion taken back)."""
         operator = self.operator_accounts
-        entries = [(member_account, earn.total), (merchant.issued_account_id, -earn.base),
-                   (operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS], -earn.uplift)]
+        entries = [
+            (member_account, earn.total),
+            (merchant.issued_account_id, -earn.base),
+            (operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS], -earn.uplift),
+        ]
         for grant in earn.grants:
             if grant.sponsor_id == domain.OPERATOR_ID:
                 entries.append((operator[rules.ACCOUNT_OPERATOR_PROMOTIONS], -grant.amount))
@@ -520,38 +781,92 @@ class LedgerStateMachine:
                 entries.append((self.merchants.by_id[grant.sponsor_id].issued_account_id, -grant.amount))
         _entries(write, transaction_id, [(account_id, sign * amount) for account_id, amount in entries])
 
-    def _earn_refunded(self, op: Operation, write: BatchWrite, now_us: int, refund, created: int, slot: int,
-                       taken: int, available: int) -> Outcome:
+    def _earn_refunded(
+        self, op: Operation, write: BatchWrite, now_us: int, refund, created: int, slot: int, taken: int, available: int
+    ) -> Outcome:
         merchant = self.merchants.by_id[op.merchant_id]
         member_id = self.ledger.member_id(slot)
         record, portion, reversal = refund if refund is not None else (None, rules.Earn(taken), 0)
-        write.transactions.append((created, fastpath.KIND_REFUND_EARN, op.merchant_id, member_id, taken, None, None,
-                                   op.transaction_id, op.idempotency_key, 0,
-                                   record.version if record is not None else None))
+        write.transactions.append(
+            (
+                created,
+                fastpath.KIND_REFUND_EARN,
+                op.merchant_id,
+                member_id,
+                taken,
+                None,
+                None,
+                op.transaction_id,
+                op.idempotency_key,
+                0,
+                record.version if record is not None else None,
+            )
+        )
         write.refunds.append((op.transaction_id, taken))
         self._earn_entries(write, created, self.ledger.member_account(slot), merchant, portion, -1)
         version = self.program.version_numbered(record.version) if record is not None else None
         if reversal:
             operator = self.operator_accounts
-            self._post(write, rules.KIND_ACQUIRING_REVERSAL, record.acquirer_id, member_id, reversal,
-                       [(operator[rules.ACCOUNT_OPERATOR_ACQUIRING], reversal),
-                        (self.merchants.by_id[record.acquirer_id].acquiring_account_id, -reversal)],
-                       f"acquiring-reversal:{created}", version, original=op.transaction_id)
-        self.program.refunded_earn(version, op.transaction_id, record, member_id, portion.base, taken,
-                                   available + taken, now_us)
+            self._post(
+                write,
+                rules.KIND_ACQUIRING_REVERSAL,
+                record.acquirer_id,
+                member_id,
+                reversal,
+                [
+                    (operator[rules.ACCOUNT_OPERATOR_ACQUIRING], reversal),
+                    (self.merchants.by_id[record.acquirer_id].acquiring_account_id, -reversal),
+                ],
+                f"acquiring-reversal:{created}",
+                version,
+                original=op.transaction_id,
+            )
+        self.program.refunded_earn(
+            version, op.transaction_id, record, member_id, portion.base, taken, available + taken, now_us
+        )
         posted, _ = self.ledger.balance(slot)
-        return Outcome(Code.OK, {"transaction_id": created, "points": taken, "kind": fastpath.KIND_REFUND_EARN,
-                                 "balance": posted, "available": available,
-                                 "bonus_points": portion.total - portion.base})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": taken,
+                "kind": fastpath.KIND_REFUND_EARN,
+                "balance": posted,
+                "available": available,
+                "bonus_points": portion.total - portion.base,
+            },
+        )
 
-    def _post(self, write: BatchWrite, kind: int, merchant_id: str, member_id: str, amount: int,
-              entries: list[tuple], key: str, version: "rules.ProgramVersion | None",
-              original: int | None = None) -> int:
+    def _post(
+        self,
+        write: BatchWrite,
+        kind: int,
+        merchant_id: str,
+        member_id: str,
+        amount: int,
+        entries: list[tuple],
+        key: str,
+        version: "rules.ProgramVersion | None",
+        original: int | None = None,
+    ) -> int:
         """A transaction the rules set off (not a merchant's request): its row and entries, each
         (account_id, amount) in points or (account_id, amount, asset)."""
         created = self.ids.transaction()
-        write.transactions.append((created, kind, merchant_id, member_id, amount, None, None, original, key, 0,
-                                   version.version if version is not None else None))
+        write.transactions.append(
+            (
+                created,
+                kind,
+                merchant_id,
+                member_id,
+                amount,
+                None,
+                None,
+                original,
+                key,
+                0,
+                version.version if version is not None else None,
+            )
+        )
         _entries(write, created, entries)
         return created
 
@@ -577,46 +892,82 @@ class LedgerStateMachine:
             if holder_kind == rules.HOLDER_MEMBER:
                 repaid, paid_out = rules.apply_dividend(program.credit.get(holder, 0), amount)
                 if repaid:
-                    entries.append((self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, holder),
-                                    repaid, vouchers))
+                    entries.append(
+                        (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, holder), repaid, vouchers)
+                    )
                     program.move_credit(holder, -repaid)
                 if paid_out:
                     entries.append((self._voucher_account(write, domain.ACCOUNT_MEMBER, holder), paid_out, vouchers))
                     program.move_vouchers((rules.HOLDER_MEMBER, holder), paid_out)
                 merchant_id, member_id = domain.OPERATOR_ID, holder
             else:
-                entries.append((self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), amount, vouchers))
+                entries.append(
+                    (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), amount, vouchers)
+                )
                 program.move_vouchers((rules.HOLDER_MERCHANT, holder), amount)
                 merchant_id, member_id = holder, ""
-            created = self._post(write, rules.KIND_DIVIDEND, merchant_id, member_id, amount, entries,
-                                 f"dividend:{number}:{holder_kind}:{holder}", version)
+            created = self._post(
+                write,
+                rules.KIND_DIVIDEND,
+                merchant_id,
+                member_id,
+                amount,
+                entries,
+                f"dividend:{number}:{holder_kind}:{holder}",
+                version,
+            )
             program.dividend_posted(number, holder_kind, holder, created)
 
-    def _split_redeem(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
-                      slot: int, created: int) -> Outcome:
+    def _split_redeem(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        slot: int,
+        created: int,
+    ) -> Outcome:
         """A redeem paid with vouchers (the member's own first, then its voucher credit) and points."""
         program, ledger, member_id = self.program, self.ledger, op.member_id
         posted, held = ledger.balance(slot)
         # vouchers and credit reserved by open split-tender holds are not spendable
         _, from_credit = rules.voucher_sources(
-            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)
+            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers
+        )
         if op.points:
             self._expire_member(write, member_id, now_us)
-            status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created, 0,
-                                                                             now_us)
+            status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created, 0, now_us)
             if status != fastpath.OK:
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
             program.consume(member_id, (OWNER_TRANSACTION, created), op.points, available + op.points, now_us)
         self._post_split(op, write, version, created, slot, member_id, op.points, op.vouchers, from_credit, None)
         posted, held = ledger.balance(slot)
-        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "balance": posted,
-                                 "available": posted - held, "vouchers": op.vouchers,
-                                 "voucher_balance": program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
-                                 "voucher_credit_used": program.credit.get(member_id, 0)})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": op.points,
+                "balance": posted,
+                "available": posted - held,
+                "vouchers": op.vouchers,
+                "voucher_balance": program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0),
+                "voucher_credit_used": program.credit.get(member_id, 0),
+            },
+        )
 
-    def _post_split(self, op: Operation, write: BatchWrite, version: "rules.ProgramVersion | None", created: int,
-                    slot: int, member_id: str, points: int, vouchers: int, from_credit: int,
-                    authorization_id: int | None) -> None:
+    def _post_split(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        version: "rules.ProgramVersion | None",
+        created: int,
+        slot: int,
+        member_id: str,
+        points: int,
+        vouchers: int,
+        from_credit: int,
+        authorization_id: int | None,
+    ) -> None:
         """A SPLIT_REDEEM (kind 12) of a redeem or a capture whose points the kernel has taken: `vouchers`
         of which `from_credit` on the member's credit, the rest its own; the fee on both tenders (a
         voucher-unit is worth a point-unit to the merchant, which is owed both in clearing); its record
@@ -624,23 +975,58 @@ class LedgerStateMachine:
         program, merchant, asset = self.program, self.merchants.by_id[op.merchant_id], rules.ASSET_VOUCHERS
         from_balance = vouchers - from_credit
         fee = self._fee(write, created, merchant, points + vouchers, "fee_redeemed_bps")
-        write.transactions.append((created, rules.KIND_SPLIT_REDEEM, op.merchant_id, member_id, points + vouchers,
-                                   None, authorization_id, None, op.idempotency_key, fee,
-                                   version.version if version is not None else None))
-        _entries(write, created, [
-            (self.ledger.member_account(slot), -points), (merchant.redeemed_account_id, points),
-            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0, -from_balance,
-             asset),
-            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
-             -from_credit, asset),
-            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if vouchers else 0,
-             vouchers, asset)])
+        write.transactions.append(
+            (
+                created,
+                rules.KIND_SPLIT_REDEEM,
+                op.merchant_id,
+                member_id,
+                points + vouchers,
+                None,
+                authorization_id,
+                None,
+                op.idempotency_key,
+                fee,
+                version.version if version is not None else None,
+            )
+        )
+        _entries(
+            write,
+            created,
+            [
+                (self.ledger.member_account(slot), -points),
+                (merchant.redeemed_account_id, points),
+                (
+                    self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if from_balance else 0,
+                    -from_balance,
+                    asset,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if from_credit else 0,
+                    -from_credit,
+                    asset,
+                ),
+                (
+                    self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if vouchers else 0,
+                    vouchers,
+                    asset,
+                ),
+            ],
+        )
         program.move_vouchers((rules.HOLDER_MEMBER, member_id), -from_balance)
         program.move_credit(member_id, from_credit)
         program.split(created, SplitRecord(member_id, op.merchant_id, vouchers, points, from_credit), new=True)
 
-    def _split_authorize(self, op: Operation, write: BatchWrite, now_us: int,
-                         version: "rules.ProgramVersion | None", slot: int, created: int, expires: int) -> Outcome:
+    def _split_authorize(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        slot: int,
+        created: int,
+        expires: int,
+    ) -> Outcome:
         """A split-tender hold: vouchers (the member's own first, then its credit) reserved beside an
         ordinary hold of the points, under one authorization id. Nothing is posted until the capture."""
         program, ledger, member_id = self.program, self.ledger, op.member_id
@@ -648,25 +1034,44 @@ class LedgerStateMachine:
             return ledger_rejection(fastpath.CAPACITY, op)
         posted, held = ledger.balance(slot)
         from_balance, from_credit = rules.voucher_sources(
-            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers)
+            program.voucher_available(member_id), program.credit_headroom(version, member_id, posted), op.vouchers
+        )
         available = posted - held
         if op.points:
             self._expire_member(write, member_id, now_us)
-            status, slot, amount, posted, available, kind = self._kernel_one(op, slot, op.points, 0, created,
-                                                                             expires, now_us)
+            status, slot, amount, posted, available, kind = self._kernel_one(
+                op, slot, op.points, 0, created, expires, now_us
+            )
             if status != fastpath.OK:
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
             program.consume(member_id, (OWNER_HOLD, created), amount, available + amount, now_us)
-            write.new_holds.append((created, op.merchant_id, member_id, op.points, from_micros(expires),
-                                    op.idempotency_key))
-        program.hold_vouchers(created, VoucherHold(member_id, op.merchant_id, op.vouchers, from_credit, op.points,
-                                                   expires))
-        return Outcome(Code.OK, {"authorization_id": created, "available": available, "points": op.points,
-                                 "expires_at_us": expires, "vouchers": op.vouchers,
-                                 "voucher_available": program.voucher_available(member_id)})
+            write.new_holds.append(
+                (created, op.merchant_id, member_id, op.points, from_micros(expires), op.idempotency_key)
+            )
+        program.hold_vouchers(
+            created, VoucherHold(member_id, op.merchant_id, op.vouchers, from_credit, op.points, expires)
+        )
+        return Outcome(
+            Code.OK,
+            {
+                "authorization_id": created,
+                "available": available,
+                "points": op.points,
+                "expires_at_us": expires,
+                "vouchers": op.vouchers,
+                "voucher_available": program.voucher_available(member_id),
+            },
+        )
 
-    def _split_resolve(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
-                       created: int, hold: VoucherHold) -> Outcome:
+    def _split_resolve(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        created: int,
+        hold: VoucherHold,
+    ) -> Outcome:
         """Capture or void of a split-tender hold. A capture takes the points and vouchers asked (both 0:
         the whole hold), each up to its held part, the own vouchers before the credit, and posts them as
         one SPLIT_REDEEM (refunded as one unit); the rest is released."""
@@ -678,8 +1083,15 @@ class LedgerStateMachine:
             refusal = fastpath.HOLD_EXPIRED
             program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_EXPIRED)
             if hold.points:  # the fast path marks its part expired and the lots come back
-                outcome = self._applied(op, write, now_us, created, *self._kernel_one(
-                    op, ledger.member_slot(hold.member_id), 0, authorization_id, 0, 0, now_us, Method.VOID))
+                outcome = self._applied(
+                    op,
+                    write,
+                    now_us,
+                    created,
+                    *self._kernel_one(
+                        op, ledger.member_slot(hold.member_id), 0, authorization_id, 0, 0, now_us, Method.VOID
+                    ),
+                )
                 self._restore_hold(authorization_id, now_us)
                 return outcome
         if refusal is not None:
@@ -688,9 +1100,14 @@ class LedgerStateMachine:
         points, vouchers = (op.points, op.vouchers) if op.points or op.vouchers else (hold.points, hold.vouchers)
         if capture and (points > hold.points or vouchers > hold.vouchers):
             metrics.rejections.labels("capture_exceeds_hold").inc()
-            return Outcome(Code.FAILED_PRECONDITION, reason="capture_exceeds_hold", message=(
-                f"capture of {points} point-units and {vouchers} voucher-units exceeds the {hold.points} point-units "
-                f"and {hold.vouchers} voucher-units held by {domain.format_authorization_id(authorization_id)}"))
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                reason="capture_exceeds_hold",
+                message=(
+                    f"capture of {points} point-units and {vouchers} voucher-units exceeds the {hold.points} point-units "
+                    f"and {hold.vouchers} voucher-units held by {domain.format_authorization_id(authorization_id)}"
+                ),
+            )
         if not capture:
             points = vouchers = 0
         member_id = hold.member_id
@@ -701,72 +1118,146 @@ class LedgerStateMachine:
         if hold.points:
             kernel = Method.CAPTURE if points else Method.VOID
             status, slot, amount, posted, available, kind = self._kernel_one(
-                op, slot, points, authorization_id, created if points else 0, 0, now_us, kernel)
+                op, slot, points, authorization_id, created if points else 0, 0, now_us, kernel
+            )
             if status != fastpath.OK:  # the fast path's copy of the hold disagrees: refuse, change nothing
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
             released = hold.points - points
-            program.restore(member_id, (OWNER_HOLD, authorization_id), released if points else None,
-                            available - released, now_us, grace,
-                            keep_as=(OWNER_TRANSACTION, created) if points else None)
-            write.resolved_holds.append((authorization_id, fastpath.HOLD_STATUS_CAPTURED if capture
-                                         else fastpath.HOLD_STATUS_VOIDED, points, created if capture else None))
+            program.restore(
+                member_id,
+                (OWNER_HOLD, authorization_id),
+                released if points else None,
+                available - released,
+                now_us,
+                grace,
+                keep_as=(OWNER_TRANSACTION, created) if points else None,
+            )
+            write.resolved_holds.append(
+                (
+                    authorization_id,
+                    fastpath.HOLD_STATUS_CAPTURED if capture else fastpath.HOLD_STATUS_VOIDED,
+                    points,
+                    created if capture else None,
+                )
+            )
         if not capture:
             program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_VOIDED)
-            return Outcome(Code.OK, {"released": hold.points, "available": available,
-                                     "vouchers_released": hold.vouchers})
+            return Outcome(
+                Code.OK, {"released": hold.points, "available": available, "vouchers_released": hold.vouchers}
+            )
         program.resolve_voucher_hold(authorization_id, fastpath.HOLD_STATUS_CAPTURED, created)
         from_credit = vouchers - min(hold.from_balance, vouchers)  # own vouchers before credit
         self._post_split(op, write, version, created, slot, member_id, points, vouchers, from_credit, authorization_id)
         posted, held = ledger.balance(slot)
-        return Outcome(Code.OK, {"transaction_id": created, "points": points, "released": hold.points - points,
-                                 "balance": posted, "available": posted - held, "vouchers": vouchers,
-                                 "vouchers_released": hold.vouchers - vouchers})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": points,
+                "released": hold.points - points,
+                "balance": posted,
+                "available": posted - held,
+                "vouchers": vouchers,
+                "vouchers_released": hold.vouchers - vouchers,
+            },
+        )
 
-    def _split_refund(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
-                      created: int) -> Outcome:
+    def _split_refund(
+        self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None", created: int
+    ) -> Outcome:
         """A refund of a split redeem, both assets as one unit, in proportion; vouchers repay credit first."""
         program, ledger = self.program, self.ledger
         split = program.splits[op.transaction_id]
         transaction = domain.format_transaction_id(op.transaction_id)
         if split.merchant_id != op.merchant_id:
-            return Outcome(Code.PERMISSION_DENIED, reason="wrong_merchant", message=(
-                f"{transaction} belongs to another merchant; only that merchant may refund it"))
+            return Outcome(
+                Code.PERMISSION_DENIED,
+                reason="wrong_merchant",
+                message=(f"{transaction} belongs to another merchant; only that merchant may refund it"),
+            )
         remaining = split.vouchers + split.points - split.refunded
         if op.points > remaining:
-            return Outcome(Code.FAILED_PRECONDITION, reason="refund_exceeds_remaining", message=(
-                f"refund of {op.points} exceeds the {remaining} (vouchers and points) that remain unrefunded "
-                f"of {transaction}"))
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                reason="refund_exceeds_remaining",
+                message=(
+                    f"refund of {op.points} exceeds the {remaining} (vouchers and points) that remain unrefunded "
+                    f"of {transaction}"
+                ),
+            )
         portion = rules.refund_tender(split.tender, split.refunded, op.points)
         member_id = split.member_id
         slot = ledger.member_slot(member_id)
         if portion.points:
             status, slot, amount, posted, available, kind = self._kernel_one(
-                op, slot, portion.points, op.transaction_id, created, 0, now_us)
+                op, slot, portion.points, op.transaction_id, created, 0, now_us
+            )
             if status != fastpath.OK:
                 return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
-            program.restore(member_id, (OWNER_TRANSACTION, op.transaction_id), portion.points,
-                            available - portion.points, now_us, version.restore_grace_us if version else 0)
+            program.restore(
+                member_id,
+                (OWNER_TRANSACTION, op.transaction_id),
+                portion.points,
+                available - portion.points,
+                now_us,
+                version.restore_grace_us if version else 0,
+            )
         repaid = min(program.credit.get(member_id, 0), portion.vouchers)
         back = portion.vouchers - repaid
         vouchers = rules.ASSET_VOUCHERS
         merchant = self.merchants.by_id[op.merchant_id]
-        write.transactions.append((created, rules.KIND_SPLIT_REFUND, op.merchant_id, member_id, op.points, None, None,
-                                   op.transaction_id, op.idempotency_key, 0,
-                                   version.version if version is not None else None))
+        write.transactions.append(
+            (
+                created,
+                rules.KIND_SPLIT_REFUND,
+                op.merchant_id,
+                member_id,
+                op.points,
+                None,
+                None,
+                op.transaction_id,
+                op.idempotency_key,
+                0,
+                version.version if version is not None else None,
+            )
+        )
         write.refunds.append((op.transaction_id, op.points))
-        _entries(write, created, [
-            (ledger.member_account(slot), portion.points), (merchant.redeemed_account_id, -portion.points),
-            (self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if repaid else 0, repaid,
-             vouchers),
-            (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if back else 0, back, vouchers),
-            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id) if portion.vouchers else 0,
-             -portion.vouchers, vouchers)])
+        _entries(
+            write,
+            created,
+            [
+                (ledger.member_account(slot), portion.points),
+                (merchant.redeemed_account_id, -portion.points),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, member_id) if repaid else 0,
+                    repaid,
+                    vouchers,
+                ),
+                (self._voucher_account(write, domain.ACCOUNT_MEMBER, member_id) if back else 0, back, vouchers),
+                (
+                    self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, op.merchant_id)
+                    if portion.vouchers
+                    else 0,
+                    -portion.vouchers,
+                    vouchers,
+                ),
+            ],
+        )
         program.move_credit(member_id, -repaid)
         program.move_vouchers((rules.HOLDER_MEMBER, member_id), back)
         program.split(op.transaction_id, dataclasses.replace(split, refunded=split.refunded + op.points))
         posted, held = ledger.balance(slot)
-        return Outcome(Code.OK, {"transaction_id": created, "points": op.points, "kind": rules.KIND_SPLIT_REFUND,
-                                 "balance": posted, "available": posted - held, "vouchers": portion.vouchers})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": op.points,
+                "kind": rules.KIND_SPLIT_REFUND,
+                "balance": posted,
+                "available": posted - held,
+                "vouchers": portion.vouchers,
+            },
+        )
 
     def _move_member(self, member_id: str, delta: int) -> int:
         """Credits (or debits) a member's posted points in the fast path (recorded in its undo log)."""
@@ -774,57 +1265,117 @@ class LedgerStateMachine:
         slot = ledger.member_slot(member_id)
         require(slot >= 0, f"member {member_id!r} is not resident")
         posted, held = ledger.balance(slot)
-        require(0 <= posted + delta <= fastpath.BALANCE_MAX and posted + delta - held >= 0,
-                f"member {member_id!r}: {delta} would leave posted {posted + delta} with {held} held")
+        require(
+            0 <= posted + delta <= fastpath.BALANCE_MAX and posted + delta - held >= 0,
+            f"member {member_id!r}: {delta} would leave posted {posted + delta} with {held} held",
+        )
         ledger.load_member(member_id, posted + delta)
         return slot
 
-    def _credit(self, write: BatchWrite, kind: int, merchant_id: str, member_id: str, amount: int,
-                funding_account: int, key: str, version: "rules.ProgramVersion | None", now_us: int,
-                original: int | None = None) -> int:
+    def _credit(
+        self,
+        write: BatchWrite,
+        kind: int,
+        merchant_id: str,
+        member_id: str,
+        amount: int,
+        funding_account: int,
+        key: str,
+        version: "rules.ProgramVersion | None",
+        now_us: int,
+        original: int | None = None,
+    ) -> int:
         """Points the rules credit to a member from `funding_account`, as a lot of their own."""
         slot = self._move_member(member_id, amount)
-        created = self._post(write, kind, merchant_id, member_id, amount,
-                             [(funding_account, -amount), (self.ledger.member_account(slot), amount)], key, version,
-                             original)
+        created = self._post(
+            write,
+            kind,
+            merchant_id,
+            member_id,
+            amount,
+            [(funding_account, -amount), (self.ledger.member_account(slot), amount)],
+            key,
+            version,
+            original,
+        )
         # the lot's breakage is attributed to the merchant whose earn set the credit off (the journal
         # names a merchant on every transaction; the operator funded the points either way)
         self.program.credit_lot(version, member_id, created, amount, merchant_id, now_us)
         return created
 
-    def _spend_vouchers(self, op: Operation, write: BatchWrite, now_us: int,
-                        version: "rules.ProgramVersion | None", created: int) -> Outcome:
+    def _spend_vouchers(
+        self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None", created: int
+    ) -> Outcome:
         """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14):
         its merchant_vouchers account to the store's redeemed account in VOUCHERS."""
         store_id = version.operator_store_merchant_id if version is not None else None
         if store_id is None:
-            raise Rejection(Code.FAILED_PRECONDITION, (
-                f"program {self.settings.program_id!r} names no operator store (operator_store_merchant_id); "
-                "merchants can spend their vouchers once the operator configures one"))
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                (
+                    f"program {self.settings.program_id!r} names no operator store (operator_store_merchant_id); "
+                    "merchants can spend their vouchers once the operator configures one"
+                ),
+            )
         if store_id == op.merchant_id:
-            raise Rejection(Code.FAILED_PRECONDITION, (
-                f"merchant {op.merchant_id!r} is the operator's store: vouchers are spent there by other "
-                "merchants, not by the store itself"))
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                (
+                    f"merchant {op.merchant_id!r} is the operator's store: vouchers are spent there by other "
+                    "merchants, not by the store itself"
+                ),
+            )
         store = self.merchants.by_id.get(store_id)
         if store is None or store.status != "active":
-            raise Rejection(Code.FAILED_PRECONDITION, (
-                f"the operator's store {store_id!r} is not an active merchant of the alliance; contact the "
-                "operator"))
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                (f"the operator's store {store_id!r} is not an active merchant of the alliance; contact the operator"),
+            )
         program, holder = self.program, (rules.HOLDER_MERCHANT, op.merchant_id)
         balance = program.vouchers.get(holder, 0)
         if op.vouchers > balance:
-            raise Rejection(Code.FAILED_PRECONDITION, (
-                f"merchant {op.merchant_id!r} holds {balance} voucher-units, {op.vouchers} asked; vouchers "
-                "come from dividend rounds"))
-        write.transactions.append((created, rules.KIND_MERCHANT_VOUCHER_SPEND, op.merchant_id, "", op.vouchers,
-                                   None, None, None, op.idempotency_key, 0, version.version))
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                (
+                    f"merchant {op.merchant_id!r} holds {balance} voucher-units, {op.vouchers} asked; vouchers "
+                    "come from dividend rounds"
+                ),
+            )
+        write.transactions.append(
+            (
+                created,
+                rules.KIND_MERCHANT_VOUCHER_SPEND,
+                op.merchant_id,
+                "",
+                op.vouchers,
+                None,
+                None,
+                None,
+                op.idempotency_key,
+                0,
+                version.version,
+            )
+        )
         vouchers = rules.ASSET_VOUCHERS
-        _entries(write, created, [
-            (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id), -op.vouchers, vouchers),
-            (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, store_id), op.vouchers, vouchers)])
+        _entries(
+            write,
+            created,
+            [
+                (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id), -op.vouchers, vouchers),
+                (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, store_id), op.vouchers, vouchers),
+            ],
+        )
         left = program.move_vouchers(holder, -op.vouchers)
-        return Outcome(Code.OK, {"transaction_id": created, "vouchers": op.vouchers, "store_merchant_id": store_id,
-                                 "voucher_balance": left, "created_at_us": now_us})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "vouchers": op.vouchers,
+                "store_merchant_id": store_id,
+                "voucher_balance": left,
+                "created_at_us": now_us,
+            },
+        )
 
     def _expire_lots(self, write: BatchWrite, now_us: int) -> None:
         """The expiry job: up to expiry_lots_per_batch_max expired lots, each posted as one expiry
@@ -840,10 +1391,20 @@ class LedgerStateMachine:
 
     def _post_expiry(self, write: BatchWrite, member_id: str, lot: "rules.Lot") -> None:
         slot = self._move_member(member_id, -lot.amount)
-        self._post(write, rules.KIND_EXPIRY, lot.issuer_id, member_id, lot.amount,
-                   [(self.ledger.member_account(slot), -lot.amount),
-                    (self.operator_accounts[domain.ACCOUNT_OPERATOR_BREAKAGE], lot.amount)],
-                   f"expiry:{member_id}:{lot.lot_id}:{lot.expires_at_us}", None, original=lot.lot_id)
+        self._post(
+            write,
+            rules.KIND_EXPIRY,
+            lot.issuer_id,
+            member_id,
+            lot.amount,
+            [
+                (self.ledger.member_account(slot), -lot.amount),
+                (self.operator_accounts[domain.ACCOUNT_OPERATOR_BREAKAGE], lot.amount),
+            ],
+            f"expiry:{member_id}:{lot.lot_id}:{lot.expires_at_us}",
+            None,
+            original=lot.lot_id,
+        )
 
     def _restore_hold(self, authorization_id: int, now_us: int) -> None:
         """An expired hold gives back the lots it consumed."""
@@ -853,8 +1414,14 @@ class LedgerStateMachine:
         _, slot, _, amount, _ = ledger.hold(authorization_id)
         posted, held = ledger.balance(slot)
         version = self.program.version(now_us)
-        self.program.restore(ledger.member_id(slot), (OWNER_HOLD, authorization_id), None, posted - held - amount,
-                             now_us, version.restore_grace_us if version is not None else 0)
+        self.program.restore(
+            ledger.member_id(slot),
+            (OWNER_HOLD, authorization_id),
+            None,
+            posted - held - amount,
+            now_us,
+            version.restore_grace_us if version is not None else 0,
+        )
 
     def _link(self, op: Operation) -> Outcome:
         """Links a member to the merchant that signed it up (the caller) and to a referring member."""
@@ -863,45 +1430,87 @@ class LedgerStateMachine:
         if member.acquirer_id is not None:
             if member.acquirer_id == op.merchant_id and member.referrer_id == (op.referrer_id or None):
                 return Outcome(Code.OK, {"acquirer_id": member.acquirer_id, "referrer_id": member.referrer_id or ""})
-            return Outcome(Code.FAILED_PRECONDITION, reason="already_linked", message=(
-                f"member {op.member_id!r} was signed up by merchant {member.acquirer_id!r} already; a member is "
-                "linked once"))
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                reason="already_linked",
+                message=(
+                    f"member {op.member_id!r} was signed up by merchant {member.acquirer_id!r} already; a member is "
+                    "linked once"
+                ),
+            )
         if op.referrer_id:
             if op.referrer_id == op.member_id:
                 return Outcome(Code.INVALID_ARGUMENT, message="a member cannot refer itself")
             if self.ledger.member_slot(op.referrer_id) < 0:
-                return Outcome(Code.NOT_FOUND, message=(
-                    f"referrer {op.referrer_id!r} is not a member; a member exists once it has earned or been "
-                    "linked"))
+                return Outcome(
+                    Code.NOT_FOUND,
+                    message=(
+                        f"referrer {op.referrer_id!r} is not a member; a member exists once it has earned or been "
+                        "linked"
+                    ),
+                )
         program.link(op.member_id, op.merchant_id, op.referrer_id or None)
         return Outcome(Code.OK, {"acquirer_id": op.merchant_id, "referrer_id": op.referrer_id})
 
-    def _convert(self, op: Operation, write: BatchWrite, now_us: int, version: "rules.ProgramVersion | None",
-                 slot: int, created: int) -> Outcome:
+    def _convert(
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        version: "rules.ProgramVersion | None",
+        slot: int,
+        created: int,
+    ) -> Outcome:
         """A merchant's own points converted into alliance points at its agreed rate, in whole blocks."""
         if version is None:
-            raise Rejection(Code.FAILED_PRECONDITION,
-                            f"program {self.settings.program_id!r} has no version in force; the operator must "
-                            "configure the program (with this merchant's conversion rate) before points convert")
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                f"program {self.settings.program_id!r} has no version in force; the operator must "
+                "configure the program (with this merchant's conversion rate) before points convert",
+            )
         conversion = rules.convert_merchant_points(op.merchant_points, version.conversion_rate_for(op.merchant_id))
         if conversion.point_units == 0:
-            raise Rejection(Code.FAILED_PRECONDITION, (
-                f"{op.merchant_points} merchant points is less than one conversion block at the agreed rate; "
-                f"convert at least {conversion.merchant_points_remainder + 1 if op.merchant_points else 1} "
-                "merchant points"))
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                (
+                    f"{op.merchant_points} merchant points is less than one conversion block at the agreed rate; "
+                    f"convert at least {conversion.merchant_points_remainder + 1 if op.merchant_points else 1} "
+                    "merchant points"
+                ),
+            )
         merchant = self.merchants.by_id[op.merchant_id]
         amount = conversion.point_units
         self._move_member(op.member_id, amount)
-        write.transactions.append((created, rules.KIND_CONVERSION, op.merchant_id, op.member_id, amount, None, None,
-                                   None, op.idempotency_key, 0, version.version))
+        write.transactions.append(
+            (
+                created,
+                rules.KIND_CONVERSION,
+                op.merchant_id,
+                op.member_id,
+                amount,
+                None,
+                None,
+                None,
+                op.idempotency_key,
+                0,
+                version.version,
+            )
+        )
         write.entries.append((created, merchant.issued_account_id, -amount))
         write.entries.append((created, self.ledger.member_account(slot), amount))
         self.program.credit_lot(version, op.member_id, created, amount, op.merchant_id, now_us)
         posted, _ = self.ledger.balance(slot)
-        return Outcome(Code.OK, {"transaction_id": created, "points": amount,
-                                 "merchant_points_converted": conversion.merchant_points_converted,
-                                 "merchant_points_remainder": conversion.merchant_points_remainder,
-                                 "balance": posted, "created_at_us": now_us})
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": amount,
+                "merchant_points_converted": conversion.merchant_points_converted,
+                "merchant_points_remainder": conversion.merchant_points_remainder,
+                "balance": posted,
+                "created_at_us": now_us,
+            },
+        )
 
 
 class Merchants:
@@ -936,17 +1545,27 @@ class IdAllocator:
 
 
 # a resolved split-tender hold refused as the fast path refuses a resolved hold
-_HOLD_REFUSAL = {fastpath.HOLD_STATUS_CAPTURED: fastpath.HOLD_CAPTURED, fastpath.HOLD_STATUS_VOIDED: fastpath.HOLD_VOIDED,
-                 fastpath.HOLD_STATUS_EXPIRED: fastpath.HOLD_EXPIRED}
+_HOLD_REFUSAL = {
+    fastpath.HOLD_STATUS_CAPTURED: fastpath.HOLD_CAPTURED,
+    fastpath.HOLD_STATUS_VOIDED: fastpath.HOLD_VOIDED,
+    fastpath.HOLD_STATUS_EXPIRED: fastpath.HOLD_EXPIRED,
+}
 
 
-_OP_CODE = {Method.EARN: fastpath.OP_EARN, Method.AUTHORIZE: fastpath.OP_AUTHORIZE, Method.CAPTURE: fastpath.OP_CAPTURE,
-            Method.VOID: fastpath.OP_VOID, Method.REDEEM: fastpath.OP_REDEEM, Method.REFUND: fastpath.OP_REFUND}
+_OP_CODE = {
+    Method.EARN: fastpath.OP_EARN,
+    Method.AUTHORIZE: fastpath.OP_AUTHORIZE,
+    Method.CAPTURE: fastpath.OP_CAPTURE,
+    Method.VOID: fastpath.OP_VOID,
+    Method.REDEEM: fastpath.OP_REDEEM,
+    Method.REFUND: fastpath.OP_REFUND,
+}
 
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
-_NEW_BUSINESS = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT, Method.LINK,
-                           Method.SPEND_VOUCHERS})
+_NEW_BUSINESS = frozenset(
+    {Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT, Method.LINK, Method.SPEND_VOUCHERS}
+)
 
 
 # operations only the rules path applies (with or without a program version in force)
@@ -962,8 +1581,11 @@ def _entries(write: BatchWrite, transaction_id: int, entries: list[tuple]) -> No
     rows of amount 0 are left out (the journal holds none)."""
     for entry in entries:
         if entry[1]:
-            write.entries.append((transaction_id, entry[0], entry[1], entry[2]) if len(entry) > 2
-                                 else (transaction_id, entry[0], entry[1]))
+            write.entries.append(
+                (transaction_id, entry[0], entry[1], entry[2])
+                if len(entry) > 2
+                else (transaction_id, entry[0], entry[1])
+            )
 
 
 def _check_balanced(write: BatchWrite) -> None:
@@ -981,7 +1603,9 @@ def replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Opera
     """The outcome for a retry under a key already used: the original one if the request is the same."""
     field = domain.differing_field(stored_request, op.method.value, op.request, stored_method)
     if field is not None:
-        return Outcome(Code.ALREADY_EXISTS,
-                       message=f"idempotency key {op.idempotency_key!r} was first used for a different "
-                               f"request ({field} differs); use a new key for a new operation")
+        return Outcome(
+            Code.ALREADY_EXISTS,
+            message=f"idempotency key {op.idempotency_key!r} was first used for a different "
+            f"request ({field} differs); use a new key for a new operation",
+        )
     return Outcome(outcome.code, outcome.fields, outcome.message, replayed=True)

@@ -3,6 +3,7 @@
 All SQL of the service lives here. The pipeline is the only writer of ledger rows; it calls
 `write_batch` with everything one batch changes, and that runs in one transaction.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,13 +22,26 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 import asyncpg
 
 from processor import metrics, rules
-from processor.domain import (ACCOUNT_MEMBER, ACCOUNT_MERCHANT_ACQUIRING, ACCOUNT_MERCHANT_FEES, ACCOUNT_MERCHANT_ISSUED,
-                              ACCOUNT_MERCHANT_REDEEMED, ASSET_POINTS, OPERATOR_ID,
-                              GIVE_BACK_BPS_MAX, GIVE_BACK_BPS_MIN, require)
+from processor.domain import (
+    ACCOUNT_MEMBER,
+    ACCOUNT_MERCHANT_ACQUIRING,
+    ACCOUNT_MERCHANT_FEES,
+    ACCOUNT_MERCHANT_ISSUED,
+    ACCOUNT_MERCHANT_REDEEMED,
+    ASSET_POINTS,
+    OPERATOR_ID,
+    GIVE_BACK_BPS_MAX,
+    GIVE_BACK_BPS_MIN,
+    require,
+)
 
 NEVER_US = 2**63 - 1  # lot_consumptions.expires_at_us of a piece of never-expiring points
-MERCHANT_ACCOUNTS = (ACCOUNT_MERCHANT_ISSUED, ACCOUNT_MERCHANT_REDEEMED, ACCOUNT_MERCHANT_FEES,
-                     ACCOUNT_MERCHANT_ACQUIRING)
+MERCHANT_ACCOUNTS = (
+    ACCOUNT_MERCHANT_ISSUED,
+    ACCOUNT_MERCHANT_REDEEMED,
+    ACCOUNT_MERCHANT_FEES,
+    ACCOUNT_MERCHANT_ACQUIRING,
+)
 # a merchant's VOUCHERS clearing accounts (migration 0006), opened with its first voucher movement:
 # vouchers accepted at it (what the operator owes it in cash) and vouchers it holds
 MERCHANT_VOUCHER_ACCOUNTS = (ACCOUNT_MERCHANT_REDEEMED, rules.ACCOUNT_MERCHANT_VOUCHERS)
@@ -77,6 +91,7 @@ def embedded_server_url(data_dir: str, database_name: str) -> str:
     database if missing, and returns its URL. The postmaster outlives this process, so data and a
     running server survive restarts of the service."""
     import warnings
+
     with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
         warnings.simplefilter("ignore")
         import pgserver  # heavy import; only needed without DATABASE_URL
@@ -89,8 +104,10 @@ def embedded_server_url(data_dir: str, database_name: str) -> str:
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{database_name}";')
     # the one line a newcomer needs; pgserver's own (initdb, pg_ctl command lines) are at DEBUG
-    log.info("embedded Postgres " + ("created" if fresh else "running"),
-             extra={"data_dir": str(directory), "database": database_name, "log_file": str(directory / "log")})
+    log.info(
+        "embedded Postgres " + ("created" if fresh else "running"),
+        extra={"data_dir": str(directory), "database": database_name, "log_file": str(directory / "log")},
+    )
     uri = urllib.parse.urlsplit(server.get_uri())
     return urllib.parse.urlunsplit(uri._replace(path="/" + database_name))
 
@@ -113,9 +130,12 @@ def redact(url: str) -> str:
         parts = parts._replace(netloc=user.partition(":")[0] + ":***@" + host)
     if parts.query:
         pairs = [pair.partition("=") for pair in parts.query.split("&")]
-        parts = parts._replace(query="&".join(
-            name + equals + ("***" if urllib.parse.unquote_plus(name).lower() in SECRET_URL_PARAMETERS else value)
-            for name, equals, value in pairs))
+        parts = parts._replace(
+            query="&".join(
+                name + equals + ("***" if urllib.parse.unquote_plus(name).lower() in SECRET_URL_PARAMETERS else value)
+                for name, equals, value in pairs
+            )
+        )
     return urllib.parse.urlunsplit(parts)
 
 
@@ -131,8 +151,12 @@ def url_secrets(url: str) -> set[str]:
         name, equals, value = pair.partition("=")
         if equals and urllib.parse.unquote_plus(name).lower() in SECRET_URL_PARAMETERS:
             found.add(value)
-    return {form for secret in found if secret
-            for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret))}
+    return {
+        form
+        for secret in found
+        if secret
+        for form in (secret, urllib.parse.unquote(secret), urllib.parse.unquote_plus(secret))
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,7 +182,8 @@ async def migrate(connection: asyncpg.Connection) -> list[str]:
             async with connection.transaction():
                 await connection.execute(path.read_text())
                 await connection.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name)
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, path.name
+                )
             applied_now.append(path.name)
             log.info("migration applied", extra={"migration": path.name})
     finally:
@@ -190,12 +215,17 @@ class MerchantRow:
     acquiring_account_id: int = 0  # rewards the operator owes it as an acquiring merchant (program rules)
 
     def account_id(self, kind: str) -> int:
-        return {ACCOUNT_MERCHANT_ISSUED: self.issued_account_id, ACCOUNT_MERCHANT_REDEEMED: self.redeemed_account_id,
-                ACCOUNT_MERCHANT_FEES: self.fees_account_id}[kind]
+        return {
+            ACCOUNT_MERCHANT_ISSUED: self.issued_account_id,
+            ACCOUNT_MERCHANT_REDEEMED: self.redeemed_account_id,
+            ACCOUNT_MERCHANT_FEES: self.fees_account_id,
+        }[kind]
 
 
-MERCHANT_COLUMNS = ("merchant_id, merchant_slot, give_back_bps, status, name, region, fee_redeemed_bps, "
-                    "fee_issued_bps, created_at, updated_at")
+MERCHANT_COLUMNS = (
+    "merchant_id, merchant_slot, give_back_bps, status, name, region, fee_redeemed_bps, "
+    "fee_issued_bps, created_at, updated_at"
+)
 # a merchant with its account ids
 MERCHANT_SELECT = f"""
     SELECT {MERCHANT_COLUMNS}, a.issued_account_id, a.redeemed_account_id, a.fees_account_id,
@@ -246,6 +276,7 @@ class StoredOutcome:
 @dataclasses.dataclass
 class BatchWrite:
     """Everything one batch changes. Built by the pipeline, written in one transaction."""
+
     created_at: dt.datetime
     # (member_id, account_id): account ids reserved from the accounts sequence (reserve_account_ids)
     new_members: list[tuple[str, int]] = dataclasses.field(default_factory=list)
@@ -274,8 +305,12 @@ class BatchWrite:
 
     @property
     def empty(self) -> bool:
-        return not (self.idempotency or self.expired_holds or self.transactions
-                    or (self.rules is not None and not self.rules.empty))
+        return not (
+            self.idempotency
+            or self.expired_holds
+            or self.transactions
+            or (self.rules is not None and not self.rules.empty)
+        )
 
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -286,8 +321,7 @@ def micros(moment: dt.datetime) -> int:
 
 
 def from_micros(value: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(value // 1_000_000, dt.timezone.utc).replace(
-        microsecond=value % 1_000_000)
+    return dt.datetime.fromtimestamp(value // 1_000_000, dt.timezone.utc).replace(microsecond=value % 1_000_000)
 
 
 def _iso_us(value: int) -> str:
@@ -311,7 +345,7 @@ class Store:
         self._writer_lock: asyncpg.Connection | None = None
         self._writer_lock_pid: int | None = None
         self._writer_lock_started: dt.datetime | None = None
-        self._writer_epoch: int | None = None   # the fencing token while this service is the writer
+        self._writer_epoch: int | None = None  # the fencing token while this service is the writer
         self._program_listener: asyncpg.Connection | None = None
         self._program_tasks: set[asyncio.Task] = set()
 
@@ -321,10 +355,14 @@ class Store:
         # Postgres after twice the command timeout: it would otherwise hold ledger_writer's row lock,
         # and a service taking over would wait for it forever.
         idle_ms = int(max(2 * command_timeout, 1.0) * 1000)
-        pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_connections_max,
-                                         command_timeout=command_timeout, timeout=command_timeout,
-                                         server_settings={"application_name": APPLICATION_NAME,
-                                                          "idle_in_transaction_session_timeout": str(idle_ms)})
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_connections_max,
+            command_timeout=command_timeout,
+            timeout=command_timeout,
+            server_settings={"application_name": APPLICATION_NAME, "idle_in_transaction_session_timeout": str(idle_ms)},
+        )
         return cls(pool, url, connect_timeout=command_timeout)
 
     async def close(self) -> None:
@@ -343,25 +381,31 @@ class Store:
         ledger_writer.epoch after SELECT ... FOR UPDATE, which waits until every transaction of the
         previous writer still open has committed or aborted, so none of them lands after this one has
         loaded its state (migration 0008)."""
-        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
-                                           server_settings={"application_name": APPLICATION_NAME + "-lock"})
+        connection = await asyncpg.connect(
+            self.url, timeout=self.connect_timeout, server_settings={"application_name": APPLICATION_NAME + "-lock"}
+        )
         try:
             deadline = time.monotonic() + wait_seconds
             while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", WRITER_LOCK_KEY):
                 if time.monotonic() >= deadline:
-                    raise StoreError("another points service is already writing to this database "
-                                     "(advisory lock held); stop it or point --database-url elsewhere"
-                                     + (f" (waited {wait_seconds:g} s for it)" if wait_seconds else ""))
+                    raise StoreError(
+                        "another points service is already writing to this database "
+                        "(advisory lock held); stop it or point --database-url elsewhere"
+                        + (f" (waited {wait_seconds:g} s for it)" if wait_seconds else "")
+                    )
                 await asyncio.sleep(min(WRITER_LOCK_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
             holder = f"{APPLICATION_NAME} {socket.gethostname()} pid {os.getpid()}"
             async with connection.transaction():
                 await self._fence_previous_writer(connection)
                 self._writer_epoch = await connection.fetchval(
                     "UPDATE ledger_writer SET epoch = epoch + 1, holder = $1, taken_at = now() RETURNING epoch",
-                    holder, timeout=self.recovery_timeout)
+                    holder,
+                    timeout=self.recovery_timeout,
+                )
             require(self._writer_epoch is not None, "ledger_writer has its one row (migration 0008)")
             self._writer_lock_pid, self._writer_lock_started = await connection.fetchrow(
-                "SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())")
+                "SELECT pid, backend_start FROM pg_stat_get_activity(pg_backend_pid())"
+            )
         except BaseException:
             connection.terminate()
             raise
@@ -379,15 +423,23 @@ class Store:
             try:
                 async with connection.transaction():  # a savepoint: a lock timeout leaves the caller's alive
                     await connection.execute(f"SET LOCAL lock_timeout = {wait_ms}")
-                    await connection.execute("SELECT epoch FROM ledger_writer FOR UPDATE",
-                                             timeout=self.recovery_timeout)
+                    await connection.execute(
+                        "SELECT epoch FROM ledger_writer FOR UPDATE", timeout=self.recovery_timeout
+                    )
                 return
             except asyncpg.LockNotAvailableError:
-                stale = [r["pid"] for r in await connection.fetch(
-                    """SELECT DISTINCT pid FROM pg_locks WHERE relation = 'ledger_writer'::regclass
-                       AND granted AND pid <> pg_backend_pid()""")]
-                log.warning("the previous writer's transactions are still open past twice the commit timeout; "
-                            "ending their sessions", extra={"pids": stale})
+                stale = [
+                    r["pid"]
+                    for r in await connection.fetch(
+                        """SELECT DISTINCT pid FROM pg_locks WHERE relation = 'ledger_writer'::regclass
+                       AND granted AND pid <> pg_backend_pid()"""
+                    )
+                ]
+                log.warning(
+                    "the previous writer's transactions are still open past twice the commit timeout; "
+                    "ending their sessions",
+                    extra={"pids": stale},
+                )
                 await connection.execute("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", stale)
 
     async def writer_lock_alive(self, timeout: float = 2.0) -> bool:
@@ -418,12 +470,21 @@ class Store:
 
     # --- merchants (CLI now; the admin API later) ---
 
-    async def add_merchant(self, merchant_id: str, give_back_bps: int, *, name: str = "", region: str = "",
-                           fee_redeemed_bps: int = 0, fee_issued_bps: int = 0) -> MerchantRow:
+    async def add_merchant(
+        self,
+        merchant_id: str,
+        give_back_bps: int,
+        *,
+        name: str = "",
+        region: str = "",
+        fee_redeemed_bps: int = 0,
+        fee_issued_bps: int = 0,
+    ) -> MerchantRow:
         """Creates a merchant and its issued, redeemed and fees accounts. StoreError if it exists."""
         if not GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX:
-            raise StoreError(f"give-back rate {give_back_bps} bps is outside "
-                             f"{GIVE_BACK_BPS_MIN}..{GIVE_BACK_BPS_MAX} (3%..20%)")
+            raise StoreError(
+                f"give-back rate {give_back_bps} bps is outside {GIVE_BACK_BPS_MIN}..{GIVE_BACK_BPS_MAX} (3%..20%)"
+            )
         for field, value in (("fee_redeemed_bps", fee_redeemed_bps), ("fee_issued_bps", fee_issued_bps)):
             if not 0 <= value <= 10_000:
                 raise StoreError(f"{field} {value} is outside 0..10000 basis points")
@@ -435,12 +496,19 @@ class Store:
                    SELECT $1, coalesce(max(merchant_slot) + 1, 0), $2, $3, $4, $5, $6 FROM merchants
                    ON CONFLICT (merchant_id) DO NOTHING
                    RETURNING true""",
-                merchant_id, give_back_bps, name, region, fee_redeemed_bps, fee_issued_bps)
+                merchant_id,
+                give_back_bps,
+                name,
+                region,
+                fee_redeemed_bps,
+                fee_issued_bps,
+            )
             if not created:
                 raise StoreError(f"merchant {merchant_id!r} exists already")
             await connection.executemany(
                 "INSERT INTO accounts (kind, owner_id, asset_code) VALUES ($1, $2, $3)",
-                [(kind, merchant_id, ASSET_POINTS) for kind in MERCHANT_ACCOUNTS])
+                [(kind, merchant_id, ASSET_POINTS) for kind in MERCHANT_ACCOUNTS],
+            )
             row = await connection.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row))
 
@@ -455,14 +523,19 @@ class Store:
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.execute(
                 f"UPDATE merchants SET {assignments}, updated_at = now() WHERE merchant_id = $1",
-                merchant_id, *[changes[n] for n in names])
+                merchant_id,
+                *[changes[n] for n in names],
+            )
             row = await connection.fetchrow(f"{MERCHANT_SELECT} WHERE m.merchant_id = $1", merchant_id)
         return MerchantRow(**dict(row)) if row else None
 
     async def merchants(self, after_slot: int = -1, limit: int | None = None) -> list[MerchantRow]:
         rows = await self.pool.fetch(
             f"""{MERCHANT_SELECT} WHERE m.merchant_slot > $1 ORDER BY m.merchant_slot LIMIT $2""",
-            after_slot, limit, timeout=self.recovery_timeout)
+            after_slot,
+            limit,
+            timeout=self.recovery_timeout,
+        )
         return [MerchantRow(**dict(r)) for r in rows]
 
     async def merchant(self, merchant_id: str) -> MerchantRow | None:
@@ -477,16 +550,20 @@ class Store:
             "members": await self.pool.fetch(
                 """SELECT member_id, acquirer_id, referrer_id, referral_paid, level, levels_reached,
                           qualifying_point_units, day_buckets::text AS day_buckets FROM member_programs""",
-                timeout=timeout),
+                timeout=timeout,
+            ),
             "lots": await self.pool.fetch(
                 "SELECT member_id, lot_id, expires_at_us, issuer_id, amount FROM lots ORDER BY member_id",
-                timeout=timeout),
+                timeout=timeout,
+            ),
             "pieces": await self.pool.fetch(
                 """SELECT owner_kind, owner_id, lot_id, expires_at_us, issuer_id, amount FROM lot_consumptions
-                   ORDER BY owner_kind, owner_id, expires_at_us, lot_id""", timeout=timeout),
+                   ORDER BY owner_kind, owner_id, expires_at_us, lot_id""",
+                timeout=timeout,
+            ),
             "budgets": await self.pool.fetch(
-                "SELECT promotion_id, granted FROM promotion_budgets WHERE program_id = $1", program_id,
-                timeout=timeout),
+                "SELECT promotion_id, granted FROM promotion_budgets WHERE program_id = $1", program_id, timeout=timeout
+            ),
         }
 
     async def earn_records(self, transaction_ids: Iterable[int]) -> list[asyncpg.Record]:
@@ -496,22 +573,28 @@ class Store:
                       e.acquiring_point_units, e.refunded_base_point_units, e.grants::text AS grants,
                       t.member_id, t.merchant_id, t.program_version, t.created_at
                FROM earn_rules e JOIN transactions t USING (transaction_id)
-               WHERE e.transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+               WHERE e.transaction_id = ANY($1::bigint[])""",
+            list(transaction_ids),
+        )
 
     async def split_records(self, transaction_ids: Iterable[int]) -> list[asyncpg.Record]:
         return await self.pool.fetch(
             """SELECT transaction_id, member_id, merchant_id, vouchers, points, from_credit, refunded
-               FROM split_tenders WHERE transaction_id = ANY($1::bigint[])""", list(transaction_ids))
+               FROM split_tenders WHERE transaction_id = ANY($1::bigint[])""",
+            list(transaction_ids),
+        )
 
     async def voucher_holds(self, authorization_ids: Iterable[int] | None = None) -> list[asyncpg.Record]:
         """Split-tender holds: those named (any status), or every open one (start-up)."""
         columns = """authorization_id, member_id, merchant_id, vouchers, from_credit, points, status, transaction_id,
                      (extract(epoch FROM expires_at) * 1000000)::bigint AS expires_at_us"""
         if authorization_ids is None:
-            return await self.pool.fetch(f"SELECT {columns} FROM voucher_holds WHERE status = 1",
-                                         timeout=self.recovery_timeout)
-        return await self.pool.fetch(f"SELECT {columns} FROM voucher_holds WHERE authorization_id = ANY($1::bigint[])",
-                                     list(authorization_ids))
+            return await self.pool.fetch(
+                f"SELECT {columns} FROM voucher_holds WHERE status = 1", timeout=self.recovery_timeout
+            )
+        return await self.pool.fetch(
+            f"SELECT {columns} FROM voucher_holds WHERE authorization_id = ANY($1::bigint[])", list(authorization_ids)
+        )
 
     async def voucher_state(self, program_id: str) -> dict[str, list]:
         """Voucher accounts (ids and balances) and the program's rounds so far, for start-up."""
@@ -519,20 +602,31 @@ class Store:
         return {
             "accounts": await self.pool.fetch(
                 """SELECT account_id, kind, owner_id, balance FROM account_balances
-                   WHERE asset_code = 'VOUCHERS' AND owner_id <> $1""", OPERATOR_ID, timeout=timeout),
+                   WHERE asset_code = 'VOUCHERS' AND owner_id <> $1""",
+                OPERATOR_ID,
+                timeout=timeout,
+            ),
             "rounds": await self.pool.fetch(
                 """SELECT round_number, pool_point_units FROM dividend_rounds WHERE program_id = $1
-                   ORDER BY round_number DESC LIMIT 1""", program_id, timeout=timeout),
+                   ORDER BY round_number DESC LIMIT 1""",
+                program_id,
+                timeout=timeout,
+            ),
             "unposted": await self.pool.fetchval(
                 "SELECT count(*) FROM dividend_allocations WHERE program_id = $1 AND transaction_id IS NULL",
-                program_id, timeout=timeout),
+                program_id,
+                timeout=timeout,
+            ),
         }
 
     async def unposted_allocations(self, program_id: str, limit: int) -> list[asyncpg.Record]:
         return await self.pool.fetch(
             """SELECT round_number, holder_kind, holder_id, amount FROM dividend_allocations
                WHERE program_id = $1 AND transaction_id IS NULL
-               ORDER BY round_number, holder_kind, holder_id LIMIT $2""", program_id, limit)
+               ORDER BY round_number, holder_kind, holder_id LIMIT $2""",
+            program_id,
+            limit,
+        )
 
     async def decide_dividend_round(self, program_id: str, version: "rules.ProgramVersion", timeout: float):
         """If the pool is due a round under `version`'s dividend settings, decides it at one snapshot
@@ -548,76 +642,125 @@ class Store:
             pool = -await c.fetchval(
                 """SELECT coalesce(sum(balance), 0)::bigint FROM account_balances
                    WHERE asset_code = 'POINTS' AND kind IN ('merchant_issued', 'operator_tier_rewards',
-                         'operator_promotions', 'operator_referrals')""", timeout=timeout)
+                         'operator_promotions', 'operator_referrals')""",
+                timeout=timeout,
+            )
             last = await c.fetchrow(
                 """SELECT round_number, pool_point_units FROM dividend_rounds WHERE program_id = $1
-                   ORDER BY round_number DESC LIMIT 1""", program_id)
+                   ORDER BY round_number DESC LIMIT 1""",
+                program_id,
+            )
             number = (last["round_number"] if last else 0) + 1
             if pool <= 0 or not rules.dividend_due(settings, pool, last["pool_point_units"] if last else None):
                 return
             # every holding in one statement: one snapshot of the balances (the round's cut)
-            holdings = {rules.Holder(r["k"], r["owner_id"]): r["holding"] for r in await c.fetch(
-                """SELECT 'member' AS k, owner_id, balance AS holding FROM account_balances
+            holdings = {
+                rules.Holder(r["k"], r["owner_id"]): r["holding"]
+                for r in await c.fetch(
+                    """SELECT 'member' AS k, owner_id, balance AS holding FROM account_balances
                    WHERE kind = 'member' AND asset_code = 'POINTS' AND balance > 0
                    UNION ALL
                    SELECT 'merchant', owner_id, sum(balance)::bigint FROM account_balances
                    WHERE kind LIKE 'merchant\\_%' AND asset_code = 'POINTS' GROUP BY owner_id
-                   HAVING sum(balance) > 0""", timeout=timeout)}
+                   HAVING sum(balance) > 0""",
+                    timeout=timeout,
+                )
+            }
             decided = rules.dividend_round(number, pool, rules.dividend_rate_bps(settings, number), holdings)
             await c.execute(
                 """INSERT INTO dividend_rounds (program_id, round_number, program_version, pool_point_units, rate_bps,
                                                 holdings_point_units, total_issued, holders, created_at)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())""",
-                program_id, number, version.version, pool, decided.rate_bps, decided.holdings_point_units,
-                decided.total_issued, len(decided.allocations))
+                program_id,
+                number,
+                version.version,
+                pool,
+                decided.rate_bps,
+                decided.holdings_point_units,
+                decided.total_issued,
+                len(decided.allocations),
+            )
             await c.copy_records_to_table(
                 "dividend_allocations",
                 columns=["program_id", "round_number", "holder_kind", "holder_id", "holding", "amount"],
-                records=[(program_id, number, a.holder.kind, a.holder.owner_id, a.holding_point_units, a.amount)
-                         for a in decided.allocations], timeout=timeout)
+                records=[
+                    (program_id, number, a.holder.kind, a.holder.owner_id, a.holding_point_units, a.amount)
+                    for a in decided.allocations
+                ],
+                timeout=timeout,
+            )
+
         await self._as_writer(write, timeout)
         return decided
 
     async def tier_history(self, member_id: str, limit: int = 10) -> list[asyncpg.Record]:
         return await self.pool.fetch(
             """SELECT transaction_id, from_level, to_level, created_at FROM tier_events
-               WHERE member_id = $1 ORDER BY created_at DESC, transaction_id DESC LIMIT $2""", member_id, limit)
+               WHERE member_id = $1 ORDER BY created_at DESC, transaction_id DESC LIMIT $2""",
+            member_id,
+            limit,
+        )
 
     async def operator_account_ids(self) -> dict[str, int]:
         """account kind -> account id of the operator's own accounts (fee revenue, breakage)."""
         rows = await self.pool.fetch(
             """SELECT kind, account_id FROM accounts
                WHERE kind LIKE 'operator%' AND owner_id = $1""",
-            OPERATOR_ID, timeout=self.recovery_timeout)
+            OPERATOR_ID,
+            timeout=self.recovery_timeout,
+        )
         return {r["kind"]: r["account_id"] for r in rows}
 
     async def reserve_account_ids(self, count: int) -> list[int]:
         """`count` account ids taken from the accounts sequence, for the accounts of members the pipeline
         creates: journal entries are then written by id (COPY) with no look-up. Ids taken and never
         used leave gaps, like any sequence."""
-        return [r[0] for r in await self.bounded(lambda c: c.fetch(
-            """SELECT nextval(pg_get_serial_sequence('accounts', 'account_id')) FROM generate_series(1, $1)""",
-            count), self.read_timeout)]
+        return [
+            r[0]
+            for r in await self.bounded(
+                lambda c: c.fetch(
+                    """SELECT nextval(pg_get_serial_sequence('accounts', 'account_id')) FROM generate_series(1, $1)""",
+                    count,
+                ),
+                self.read_timeout,
+            )
+        ]
 
     # --- credentials ---
 
-    async def insert_api_key(self, key_id: str, secret_sha256: bytes, kind: str, merchant_ids: list[str],
-                             description: str, expires_at: dt.datetime | None = None) -> None:
+    async def insert_api_key(
+        self,
+        key_id: str,
+        secret_sha256: bytes,
+        kind: str,
+        merchant_ids: list[str],
+        description: str,
+        expires_at: dt.datetime | None = None,
+    ) -> None:
         missing = await self.pool.fetch(
-            "SELECT m FROM unnest($1::text[]) AS m WHERE NOT EXISTS "
-            "(SELECT 1 FROM merchants WHERE merchant_id = m)", merchant_ids)
+            "SELECT m FROM unnest($1::text[]) AS m WHERE NOT EXISTS (SELECT 1 FROM merchants WHERE merchant_id = m)",
+            merchant_ids,
+        )
         if missing:
             raise StoreError(f"no merchant {missing[0]['m']!r}: create it before issuing its key")
         await self.pool.execute(
             """INSERT INTO api_keys (key_id, secret_sha256, kind, merchant_ids, description, expires_at)
-               VALUES ($1, $2, $3, $4, $5, $6)""", key_id, secret_sha256, kind, merchant_ids, description, expires_at)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            key_id,
+            secret_sha256,
+            kind,
+            merchant_ids,
+            description,
+            expires_at,
+        )
 
     async def api_key(self, key_id: str, pool: asyncpg.Pool | None = None) -> asyncpg.Record | None:
         """The key's row; through `pool` if given (the authenticator's own small pool, so a flood of
         look-ups never takes the committer's connections)."""
         return await (pool or self.pool).fetchrow(
-            "SELECT key_id, secret_sha256, kind, merchant_ids, revoked_at, expires_at FROM api_keys "
-            "WHERE key_id = $1", key_id)
+            "SELECT key_id, secret_sha256, kind, merchant_ids, revoked_at, expires_at FROM api_keys WHERE key_id = $1",
+            key_id,
+        )
 
     async def touch_api_keys(self, used: dict[str, dt.datetime], pool: asyncpg.Pool | None = None) -> None:
         """Sets last_used_at of each key (one statement for all of them; never moves it backwards)."""
@@ -625,17 +768,22 @@ class Store:
             """UPDATE api_keys k SET last_used_at = u.at
                FROM unnest($1::text[], $2::timestamptz[]) AS u(key_id, at)
                WHERE k.key_id = u.key_id AND (k.last_used_at IS NULL OR k.last_used_at < u.at)""",
-            list(used), list(used.values()))
+            list(used),
+            list(used.values()),
+        )
 
     async def api_keys(self) -> list[asyncpg.Record]:
         return await self.pool.fetch(
             """SELECT key_id, kind, merchant_ids, description, created_at, expires_at, revoked_at, last_used_at
-               FROM api_keys ORDER BY created_at, key_id""")
+               FROM api_keys ORDER BY created_at, key_id"""
+        )
 
     async def revoke_api_key(self, key_id: str) -> dt.datetime | None:
         return await self.pool.fetchval(
             """UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1
-               RETURNING revoked_at""", key_id)
+               RETURNING revoked_at""",
+            key_id,
+        )
 
     # --- program versions ---
     # A program's rules are versions (program_versions, processor/rules.py): each applies from its
@@ -646,11 +794,15 @@ class Store:
         """Every stored version of the program, oldest first; None if it has none."""
         rows = await self.pool.fetch(
             """SELECT version, effective_from_us, config::text AS config FROM program_versions
-               WHERE program_id = $1 ORDER BY version""", program_id, timeout=self.recovery_timeout)
+               WHERE program_id = $1 ORDER BY version""",
+            program_id,
+            timeout=self.recovery_timeout,
+        )
         return rules.program_from_rows(program_id, rows)
 
-    async def add_program_version(self, program_id: str, effective_from_us: int | None, config: dict,
-                                  created_by: str = "") -> rules.ProgramVersion:
+    async def add_program_version(
+        self, program_id: str, effective_from_us: int | None, config: dict, created_by: str = ""
+    ) -> rules.ProgramVersion:
         """Stores the next version of the program (version 1 starts it): `config` as
         rules.version_from_config reads it, in force from effective_from_us (None: PROGRAM_LEAD_SECONDS
         from now). The start must be at least PROGRAM_LEAD_SECONDS ahead, so the running service loads
@@ -661,33 +813,51 @@ class Store:
             await connection.execute("LOCK TABLE program_versions IN SHARE ROW EXCLUSIVE MODE")
             previous = await connection.fetchrow(
                 """SELECT version, effective_from_us FROM program_versions WHERE program_id = $1
-                   ORDER BY version DESC LIMIT 1""", program_id)
+                   ORDER BY version DESC LIMIT 1""",
+                program_id,
+            )
             version = previous["version"] + 1 if previous else 1
             earliest_us = time.time_ns() // 1000 + PROGRAM_LEAD_SECONDS * 1_000_000
             if effective_from_us is None:
                 effective_from_us = earliest_us
             stored = rules.version_from_config(program_id, version, effective_from_us, config)
             if effective_from_us > PROGRAM_START_US_MAX:
-                raise StoreError(f"version {version} of program {program_id!r} would start at {effective_from_us} us "
-                                 f"since the epoch, after 9999-12-31: give a start in microseconds, not nanoseconds")
+                raise StoreError(
+                    f"version {version} of program {program_id!r} would start at {effective_from_us} us "
+                    f"since the epoch, after 9999-12-31: give a start in microseconds, not nanoseconds"
+                )
             if effective_from_us < earliest_us:
                 raise StoreError(
                     f"version {version} of program {program_id!r} would start at {_iso_us(effective_from_us)}, "
                     f"less than {PROGRAM_LEAD_SECONDS} s from now ({_iso_us(earliest_us - PROGRAM_LEAD_SECONDS * 1_000_000)}): "
                     f"a change applies from a time onward, never to the past; give a later start, or none "
-                    f"for {PROGRAM_LEAD_SECONDS} s from now")
+                    f"for {PROGRAM_LEAD_SECONDS} s from now"
+                )
             if previous is not None and effective_from_us <= previous["effective_from_us"]:
                 raise StoreError(
                     f"version {version} of program {program_id!r} would start at {_iso_us(effective_from_us)}, "
                     f"not after version {previous['version']} (from {_iso_us(previous['effective_from_us'])}); "
-                    f"versions apply in order: give a start after {_iso_us(previous['effective_from_us'])}")
+                    f"versions apply in order: give a start after {_iso_us(previous['effective_from_us'])}"
+                )
             await connection.execute(
                 """INSERT INTO program_versions (program_id, version, effective_from_us, config, created_by)
                    VALUES ($1, $2, $3, $4::jsonb, $5)""",
-                program_id, version, effective_from_us, json.dumps(rules.version_to_config(stored)), created_by)
+                program_id,
+                version,
+                effective_from_us,
+                json.dumps(rules.version_to_config(stored)),
+                created_by,
+            )
             await connection.execute("SELECT pg_notify($1, $2)", PROGRAM_CHANNEL, program_id)
-        log.info("program version stored", extra={"program_id": program_id, "version": version,
-                                                  "effective_from_us": effective_from_us, "created_by": created_by})
+        log.info(
+            "program version stored",
+            extra={
+                "program_id": program_id,
+                "version": version,
+                "effective_from_us": effective_from_us,
+                "created_by": created_by,
+            },
+        )
         return stored
 
     async def listen_program_changes(self, callback) -> None:
@@ -705,8 +875,10 @@ class Store:
                 task = loop.create_task(result, name="program-change")
                 self._program_tasks.add(task)
                 task.add_done_callback(self._program_tasks.discard)
-        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout,
-                                           server_settings={"application_name": APPLICATION_NAME + "-listen"})
+
+        connection = await asyncpg.connect(
+            self.url, timeout=self.connect_timeout, server_settings={"application_name": APPLICATION_NAME + "-listen"}
+        )
         try:
             await connection.add_listener(PROGRAM_CHANNEL, notified)
         except BaseException:
@@ -727,7 +899,9 @@ class Store:
         async with self.pool.acquire() as connection, connection.transaction(readonly=True):
             cursor = await connection.cursor(
                 "SELECT owner_id, balance, account_id FROM account_balances WHERE kind = $1 AND asset_code = $2",
-                ACCOUNT_MEMBER, ASSET_POINTS)
+                ACCOUNT_MEMBER,
+                ASSET_POINTS,
+            )
             while True:
                 rows = await cursor.fetch(chunk_rows, timeout=self.recovery_timeout)
                 if not rows:
@@ -737,7 +911,10 @@ class Store:
     async def open_holds(self, now: dt.datetime) -> list[HoldRow]:
         rows = await self.pool.fetch(
             """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
-               FROM holds WHERE status = 1 AND expires_at > $1""", now, timeout=self.recovery_timeout)
+               FROM holds WHERE status = 1 AND expires_at > $1""",
+            now,
+            timeout=self.recovery_timeout,
+        )
         return [self._hold(r) for r in rows]
 
     async def id_high_water_marks(self) -> tuple[int, int]:
@@ -746,13 +923,19 @@ class Store:
         written around the service (a tool, a restore) would otherwise be given an id again."""
         row = await self.pool.fetchrow(
             f"""SELECT w.last_transaction_id AS t, w.last_authorization_id AS a, {_LARGEST_IDS}
-                FROM ledger_writer w""", timeout=self.recovery_timeout)
+                FROM ledger_writer w""",
+            timeout=self.recovery_timeout,
+        )
         require(row is not None, "ledger_writer has its one row (migration 0008)")
         if row["largest_transaction"] > row["t"] or row["largest_authorization"] > row["a"]:
-            log.error("ids in the ledger above ledger_writer's high-water marks (rows written around the "
-                      "service); continuing after the largest; run reconcile", extra={
-                          "marks": [row["t"], row["a"]],
-                          "largest": [row["largest_transaction"], row["largest_authorization"]]})
+            log.error(
+                "ids in the ledger above ledger_writer's high-water marks (rows written around the "
+                "service); continuing after the largest; run reconcile",
+                extra={
+                    "marks": [row["t"], row["a"]],
+                    "largest": [row["largest_transaction"], row["largest_authorization"]],
+                },
+            )
         return max(row["t"], row["largest_transaction"]), max(row["a"], row["largest_authorization"])
 
     # --- prefetch before a batch ---
@@ -760,35 +943,57 @@ class Store:
     async def stored_outcomes(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], StoredOutcome]:
         if not keys:
             return {}
-        rows = await self.bounded(lambda c: c.fetch(
-            """SELECT i.merchant_id, i.idempotency_key, i.method, i.request, i.outcome, i.response, i.message
+        rows = await self.bounded(
+            lambda c: c.fetch(
+                """SELECT i.merchant_id, i.idempotency_key, i.method, i.request, i.outcome, i.response, i.message
                FROM idempotency_keys i
                JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
                  USING (merchant_id, idempotency_key)""",
-            [k[0] for k in keys], [k[1] for k in keys]), self.read_timeout)
-        return {(r["merchant_id"], r["idempotency_key"]): StoredOutcome(
-            r["method"], json.loads(r["request"]), r["outcome"],
-            json.loads(r["response"]) if r["response"] is not None else None, r["message"] or "")
-            for r in rows}
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            ),
+            self.read_timeout,
+        )
+        return {
+            (r["merchant_id"], r["idempotency_key"]): StoredOutcome(
+                r["method"],
+                json.loads(r["request"]),
+                r["outcome"],
+                json.loads(r["response"]) if r["response"] is not None else None,
+                r["message"] or "",
+            )
+            for r in rows
+        }
 
     async def holds(self, authorization_ids: Iterable[int]) -> list[HoldRow]:
         ids = list(authorization_ids)
-        rows = await self.bounded(lambda c: c.fetch(
-            """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
-               FROM holds WHERE authorization_id = ANY($1::bigint[])""", ids), self.read_timeout)
+        rows = await self.bounded(
+            lambda c: c.fetch(
+                """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at
+               FROM holds WHERE authorization_id = ANY($1::bigint[])""",
+                ids,
+            ),
+            self.read_timeout,
+        )
         return [self._hold(r) for r in rows]
 
     async def transactions(self, transaction_ids: Iterable[int]) -> list[TransactionRow]:
         ids = list(transaction_ids)
-        rows = await self.bounded(lambda c: c.fetch(
-            """SELECT transaction_id, kind, merchant_id, member_id, amount, refunded
-               FROM transactions WHERE transaction_id = ANY($1::bigint[])""", ids), self.read_timeout)
+        rows = await self.bounded(
+            lambda c: c.fetch(
+                """SELECT transaction_id, kind, merchant_id, member_id, amount, refunded
+               FROM transactions WHERE transaction_id = ANY($1::bigint[])""",
+                ids,
+            ),
+            self.read_timeout,
+        )
         return [TransactionRow(**dict(r)) for r in rows]
 
     @staticmethod
     def _hold(r: asyncpg.Record) -> HoldRow:
-        return HoldRow(r["authorization_id"], r["merchant_id"], r["member_id"], r["amount"], r["status"],
-                       micros(r["expires_at"]))
+        return HoldRow(
+            r["authorization_id"], r["merchant_id"], r["member_id"], r["amount"], r["status"], micros(r["expires_at"])
+        )
 
     # --- the batch write: the one place ledger rows change ---
 
@@ -798,13 +1003,16 @@ class Store:
         would hold a polite cancel or ROLLBACK as long as it holds the query; TimeoutError is raised."""
         loop = asyncio.get_running_loop()
         begin = time.monotonic()
+
         async def acquire():
             return await self.pool.acquire()
+
         acquiring = loop.create_task(acquire())
         done, _ = await asyncio.wait({acquiring}, timeout=timeout)
         if not done:
-            acquiring.add_done_callback(lambda t: t.cancelled() or t.exception() or
-                                        loop.create_task(self.pool.release(t.result())))
+            acquiring.add_done_callback(
+                lambda t: t.cancelled() or t.exception() or loop.create_task(self.pool.release(t.result()))
+            )
             acquiring.cancel()
             raise TimeoutError(f"no Postgres connection within {timeout} s")
         connection = acquiring.result()
@@ -824,14 +1032,18 @@ class Store:
     async def write_batch(self, batch: BatchWrite, timeout: float) -> None:
         """Writes one batch in one transaction, within `timeout` seconds. Raises on any failure; then
         nothing was written, or (a broken connection, a timeout) it is unknown whether COMMIT was."""
-        await self._as_writer(lambda connection, step: self._write(connection, batch, timeout, step), timeout,
-                              marks=(batch.last_transaction_id, batch.last_authorization_id))
+        await self._as_writer(
+            lambda connection, step: self._write(connection, batch, timeout, step),
+            timeout,
+            marks=(batch.last_transaction_id, batch.last_authorization_id),
+        )
 
     async def _as_writer(self, write, timeout: float, marks: tuple[int, int] | None = None) -> None:
         """Runs `write(connection, step)` in one transaction on a pool connection, fenced (see
         _check_writer_lock), all within `timeout` seconds (bounded). With `marks` (batches: the last
         transaction and authorization ids handed out), the fence records them, and each step is timed
         into points_pipeline_commit_step_seconds."""
+
         async def work(connection):
             transaction = connection.transaction()
             await transaction.start()
@@ -848,6 +1060,7 @@ class Store:
                 raise
             await transaction.commit()
             step("commit")
+
         await self.bounded(work, timeout)
 
     async def _check_writer_lock(self, connection: asyncpg.Connection, marks: tuple[int, int] | None) -> None:
@@ -875,10 +1088,15 @@ class Store:
             f"""WITH fence AS ({fence})
                 SELECT (SELECT count(*) FROM fence) AS fenced_in,
                        (SELECT backend_start FROM pg_stat_get_activity($2)) AS lock_started""",
-            self._writer_epoch, self._writer_lock_pid, *args)
+            self._writer_epoch,
+            self._writer_lock_pid,
+            *args,
+        )
         if row["fenced_in"] != 1:
-            raise WriterFenced(f"another points service took the writer role (this one's epoch "
-                               f"{self._writer_epoch} is over); not writing")
+            raise WriterFenced(
+                f"another points service took the writer role (this one's epoch "
+                f"{self._writer_epoch} is over); not writing"
+            )
         if row["lock_started"] != self._writer_lock_started:
             raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
@@ -886,44 +1104,96 @@ class Store:
         at = b.created_at
         if b.new_members:
             member_ids = [m[0] for m in b.new_members]
-            await c.execute("""INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
-                            member_ids, at, timeout=timeout)
+            await c.execute(
+                """INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
+                member_ids,
+                at,
+                timeout=timeout,
+            )
             # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
             # batch must fail rather than post to an account id that does not exist
-            await c.execute("""INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+            await c.execute(
+                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
                                SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
-                            [m[1] for m in b.new_members], member_ids, ACCOUNT_MEMBER, ASSET_POINTS,
-                            timeout=timeout)
+                [m[1] for m in b.new_members],
+                member_ids,
+                ACCOUNT_MEMBER,
+                ASSET_POINTS,
+                timeout=timeout,
+            )
             step("members")
         if b.new_accounts:
-            await c.execute("""INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+            await c.execute(
+                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
                                SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
-                            *[list(x) for x in zip(*b.new_accounts)], timeout=timeout)
+                *[list(x) for x in zip(*b.new_accounts)],
+                timeout=timeout,
+            )
             step("accounts")
         if b.transactions:
             await c.copy_records_to_table(
                 "transactions",
-                columns=["transaction_id", "kind", "merchant_id", "member_id", "asset_code", "amount",
-                         "purchase_amount", "authorization_id", "original_transaction_id",
-                         "idempotency_key", "created_at", "fee", "program_version"],
-                records=[(t[0], t[1], t[2], t[3], ASSET_POINTS, t[4], t[5], t[6], t[7], t[8], at, t[9],
-                          t[10] if len(t) > 10 else None)
-                         for t in b.transactions],
-                timeout=timeout)
+                columns=[
+                    "transaction_id",
+                    "kind",
+                    "merchant_id",
+                    "member_id",
+                    "asset_code",
+                    "amount",
+                    "purchase_amount",
+                    "authorization_id",
+                    "original_transaction_id",
+                    "idempotency_key",
+                    "created_at",
+                    "fee",
+                    "program_version",
+                ],
+                records=[
+                    (
+                        t[0],
+                        t[1],
+                        t[2],
+                        t[3],
+                        ASSET_POINTS,
+                        t[4],
+                        t[5],
+                        t[6],
+                        t[7],
+                        t[8],
+                        at,
+                        t[9],
+                        t[10] if len(t) > 10 else None,
+                    )
+                    for t in b.transactions
+                ],
+                timeout=timeout,
+            )
             step("transactions")
         if b.new_holds:
             await c.copy_records_to_table(
                 "holds",
-                columns=["authorization_id", "merchant_id", "member_id", "asset_code", "amount", "status",
-                         "expires_at", "created_at", "idempotency_key"],
+                columns=[
+                    "authorization_id",
+                    "merchant_id",
+                    "member_id",
+                    "asset_code",
+                    "amount",
+                    "status",
+                    "expires_at",
+                    "created_at",
+                    "idempotency_key",
+                ],
                 records=[(h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], at, h[5]) for h in b.new_holds],
-                timeout=timeout)
+                timeout=timeout,
+            )
             step("holds")
         if b.entries:
             await c.copy_records_to_table(
-                "entries", columns=["transaction_id", "account_id", "asset_code", "amount"],
+                "entries",
+                columns=["transaction_id", "account_id", "asset_code", "amount"],
                 records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for e in b.entries],
-                timeout=timeout)
+                timeout=timeout,
+            )
             step("entries")
         if b.refunds:
             await c.execute(
@@ -932,7 +1202,10 @@ class Store:
                          FROM unnest($1::bigint[], $2::bigint[]) AS r(transaction_id, points)
                          GROUP BY transaction_id) r
                    WHERE t.transaction_id = r.transaction_id""",
-                [r[0] for r in b.refunds], [r[1] for r in b.refunds], timeout=timeout)
+                [r[0] for r in b.refunds],
+                [r[1] for r in b.refunds],
+                timeout=timeout,
+            )
             step("refunds")
         if b.resolved_holds:
             updated = await c.fetchval(
@@ -944,15 +1217,22 @@ class Store:
                      WHERE h.authorization_id = r.authorization_id AND h.status = 1
                      RETURNING 1)
                    SELECT count(*) FROM u""",
-                *[list(x) for x in zip(*b.resolved_holds)], at, timeout=timeout)
-            require(updated == len(b.resolved_holds),
-                    f"holds: {updated} of {len(b.resolved_holds)} resolutions found an open hold")
+                *[list(x) for x in zip(*b.resolved_holds)],
+                at,
+                timeout=timeout,
+            )
+            require(
+                updated == len(b.resolved_holds),
+                f"holds: {updated} of {len(b.resolved_holds)} resolutions found an open hold",
+            )
             step("hold_resolutions")
         if b.expired_holds:
             await c.execute(
                 """UPDATE holds SET status = 4, resolved_at = expires_at
                    WHERE authorization_id = ANY($1::bigint[]) AND status = 1""",
-                b.expired_holds, timeout=timeout)
+                b.expired_holds,
+                timeout=timeout,
+            )
             step("hold_expiries")
         if b.rules is not None and not b.rules.empty:
             await self._write_rules(c, b.rules, at, timeout)
@@ -966,7 +1246,10 @@ class Store:
                    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                                $7::text[])
                         AS k(merchant_id, idempotency_key, method, request, outcome, response, message)""",
-                *[list(x) for x in zip(*b.idempotency)], at, timeout=timeout)
+                *[list(x) for x in zip(*b.idempotency)],
+                at,
+                timeout=timeout,
+            )
             step("idempotency")
 
     @staticmethod
@@ -987,74 +1270,132 @@ class Store:
                      levels_reached = excluded.levels_reached,
                      qualifying_point_units = excluded.qualifying_point_units, day_buckets = excluded.day_buckets,
                      linked_at = coalesce(p.linked_at, excluded.linked_at)""",
-                [m for m, _ in rows], [v.acquirer_id for _, v in rows], [v.referrer_id for _, v in rows],
-                [v.referral_paid for _, v in rows], [v.level for _, v in rows], [v.levels_reached for _, v in rows],
+                [m for m, _ in rows],
+                [v.acquirer_id for _, v in rows],
+                [v.referrer_id for _, v in rows],
+                [v.referral_paid for _, v in rows],
+                [v.level for _, v in rows],
+                [v.levels_reached for _, v in rows],
                 [v.qualifying for _, v in rows],
-                [json.dumps({str(day): amount for day, amount in v.day_buckets}) for _, v in rows], at,
-                timeout=timeout)
+                [json.dumps({str(day): amount for day, amount in v.day_buckets}) for _, v in rows],
+                at,
+                timeout=timeout,
+            )
         if r.lots:
             gone = [(m, lot_id, expires) for m, (keys, _) in r.lots.items() for lot_id, expires in keys]
             if gone:
                 await c.execute(
                     """DELETE FROM lots l USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(m, i, e)
                        WHERE l.member_id = g.m AND l.lot_id = g.i AND l.expires_at_us = g.e""",
-                    *[list(column) for column in zip(*gone)], timeout=timeout)
-            changed = [(m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
-                       for m, (_, lots) in r.lots.items() for lot in lots]
+                    *[list(column) for column in zip(*gone)],
+                    timeout=timeout,
+                )
+            changed = [
+                (m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
+                for m, (_, lots) in r.lots.items()
+                for lot in lots
+            ]
             if changed:
                 await c.execute(
                     """INSERT INTO lots (member_id, lot_id, expires_at_us, issuer_id, amount)
                        SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::bigint[])
                        ON CONFLICT (member_id, lot_id, expires_at_us) DO UPDATE SET amount = excluded.amount""",
-                    *[list(column) for column in zip(*changed)], timeout=timeout)
+                    *[list(column) for column in zip(*changed)],
+                    timeout=timeout,
+                )
         if r.pieces:
             owners = list(r.pieces)
             await c.execute(
                 """DELETE FROM lot_consumptions l USING unnest($1::smallint[], $2::bigint[]) AS o(k, i)
                    WHERE l.owner_kind = o.k AND l.owner_id = o.i""",
-                [o[0] for o in owners], [o[1] for o in owners], timeout=timeout)
-            records = [(kind, owner, piece.lot_id, NEVER_US if piece.expires_at_us is None else piece.expires_at_us,
-                        piece.issuer_id, piece.amount)
-                       for (kind, owner), pieces in r.pieces.items() for piece in pieces]
+                [o[0] for o in owners],
+                [o[1] for o in owners],
+                timeout=timeout,
+            )
+            records = [
+                (
+                    kind,
+                    owner,
+                    piece.lot_id,
+                    NEVER_US if piece.expires_at_us is None else piece.expires_at_us,
+                    piece.issuer_id,
+                    piece.amount,
+                )
+                for (kind, owner), pieces in r.pieces.items()
+                for piece in pieces
+            ]
             if records:
                 await c.copy_records_to_table(
                     "lot_consumptions",
                     columns=["owner_kind", "owner_id", "lot_id", "expires_at_us", "issuer_id", "amount"],
-                    records=records, timeout=timeout)
+                    records=records,
+                    timeout=timeout,
+                )
         if r.budgets:
             await c.execute(
                 """INSERT INTO promotion_budgets (program_id, promotion_id, granted)
                    SELECT $1, p, g FROM unnest($2::text[], $3::bigint[]) AS x(p, g)
                    ON CONFLICT (program_id, promotion_id) DO UPDATE SET granted = excluded.granted""",
-                r.program_id, list(r.budgets), list(r.budgets.values()), timeout=timeout)
+                r.program_id,
+                list(r.budgets),
+                list(r.budgets.values()),
+                timeout=timeout,
+            )
         new = [(t, e) for t, e in r.earns.items() if t in r.new_earns]
         if new:
             await c.copy_records_to_table(
                 "earn_rules",
-                columns=["transaction_id", "base_point_units", "uplift_point_units", "acquirer_id",
-                         "acquiring_point_units", "refunded_base_point_units", "grants"],
-                records=[(t, e.earn.base, e.earn.uplift, e.acquirer_id, e.acquiring, e.refunded_base,
-                          json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants]))
-                         for t, e in new], timeout=timeout)
+                columns=[
+                    "transaction_id",
+                    "base_point_units",
+                    "uplift_point_units",
+                    "acquirer_id",
+                    "acquiring_point_units",
+                    "refunded_base_point_units",
+                    "grants",
+                ],
+                records=[
+                    (
+                        t,
+                        e.earn.base,
+                        e.earn.uplift,
+                        e.acquirer_id,
+                        e.acquiring,
+                        e.refunded_base,
+                        json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants]),
+                    )
+                    for t, e in new
+                ],
+                timeout=timeout,
+            )
         old = [(t, e) for t, e in r.earns.items() if t not in r.new_earns]
         if old:
             await c.execute(
                 """UPDATE earn_rules e SET refunded_base_point_units = x.r
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE e.transaction_id = x.t""",
-                [t for t, _ in old], [e.refunded_base for _, e in old], timeout=timeout)
+                [t for t, _ in old],
+                [e.refunded_base for _, e in old],
+                timeout=timeout,
+            )
         new = [(t, x) for t, x in r.splits.items() if t in r.new_splits]
         if new:
             await c.copy_records_to_table(
-                "split_tenders", columns=["transaction_id", "member_id", "merchant_id", "vouchers", "points",
-                                          "from_credit", "refunded"],
-                records=[(t, x.member_id, x.merchant_id, x.vouchers, x.points, x.from_credit, x.refunded)
-                         for t, x in new], timeout=timeout)
+                "split_tenders",
+                columns=["transaction_id", "member_id", "merchant_id", "vouchers", "points", "from_credit", "refunded"],
+                records=[
+                    (t, x.member_id, x.merchant_id, x.vouchers, x.points, x.from_credit, x.refunded) for t, x in new
+                ],
+                timeout=timeout,
+            )
         old = [(t, x) for t, x in r.splits.items() if t not in r.new_splits]
         if old:
             await c.execute(
                 """UPDATE split_tenders s SET refunded = x.r
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE s.transaction_id = x.t""",
-                [t for t, _ in old], [x.refunded for _, x in old], timeout=timeout)
+                [t for t, _ in old],
+                [x.refunded for _, x in old],
+                timeout=timeout,
+            )
         if r.voucher_holds:
             rows = list(r.voucher_holds.items())
             await c.execute(
@@ -1068,10 +1409,18 @@ class Store:
                    SET status = excluded.status, resolved_at = excluded.resolved_at,
                        transaction_id = excluded.transaction_id
                    WHERE v.status = 1""",
-                [a for a, _ in rows], [h.member_id for _, h in rows], [h.merchant_id for _, h in rows],
-                [h.vouchers for _, h in rows], [h.from_credit for _, h in rows], [h.points for _, h in rows],
-                [from_micros(h.expires_at_us) for _, h in rows], [h.status for _, h in rows],
-                [h.transaction_id for _, h in rows], at, timeout=timeout)
+                [a for a, _ in rows],
+                [h.member_id for _, h in rows],
+                [h.merchant_id for _, h in rows],
+                [h.vouchers for _, h in rows],
+                [h.from_credit for _, h in rows],
+                [h.points for _, h in rows],
+                [from_micros(h.expires_at_us) for _, h in rows],
+                [h.status for _, h in rows],
+                [h.transaction_id for _, h in rows],
+                at,
+                timeout=timeout,
+            )
         if r.dividends_posted:
             updated = await c.fetchval(
                 """WITH u AS (UPDATE dividend_allocations a SET transaction_id = x.t
@@ -1079,27 +1428,39 @@ class Store:
                               WHERE a.program_id = $1 AND a.round_number = x.n AND a.holder_kind = x.k
                                 AND a.holder_id = x.h AND a.transaction_id IS NULL RETURNING 1)
                    SELECT count(*) FROM u""",
-                r.program_id, *[list(x) for x in zip(*r.dividends_posted)], timeout=timeout)
-            require(updated == len(r.dividends_posted),
-                    f"dividends: {updated} of {len(r.dividends_posted)} allocations were still unposted")
+                r.program_id,
+                *[list(x) for x in zip(*r.dividends_posted)],
+                timeout=timeout,
+            )
+            require(
+                updated == len(r.dividends_posted),
+                f"dividends: {updated} of {len(r.dividends_posted)} allocations were still unposted",
+            )
         if r.tier_events:
             await c.copy_records_to_table(
-                "tier_events", columns=["transaction_id", "member_id", "from_level", "to_level", "created_at"],
-                records=[(*event, at) for event in r.tier_events], timeout=timeout)
+                "tier_events",
+                columns=["transaction_id", "member_id", "from_level", "to_level", "created_at"],
+                records=[(*event, at) for event in r.tier_events],
+                timeout=timeout,
+            )
 
     async def write_checkpoint(self, deltas: dict[int, int], through: int, timeout: float) -> None:
         """Folds `deltas` (account_id -> sum of its entries after the current checkpoint up to and
         including transaction `through`) into accounts.balance and moves the checkpoint to `through`,
         in one transaction of its own, as the writer. It runs beside the batches: they insert journal
         rows and never update accounts, so neither waits for the other."""
+
         async def write(connection, step):
-            await self._write_checkpoint(connection, deltas, through, at=dt.datetime.now(dt.timezone.utc),
-                                         timeout=timeout)
+            await self._write_checkpoint(
+                connection, deltas, through, at=dt.datetime.now(dt.timezone.utc), timeout=timeout
+            )
+
         await self._as_writer(write, timeout)
 
     @staticmethod
-    async def _write_checkpoint(c: asyncpg.Connection, deltas: dict[int, int], through: int, *,
-                                at: dt.datetime, timeout: float) -> None:
+    async def _write_checkpoint(
+        c: asyncpg.Connection, deltas: dict[int, int], through: int, *, at: dt.datetime, timeout: float
+    ) -> None:
         changed = {account_id: delta for account_id, delta in deltas.items() if delta}
         if changed:
             updated = await c.fetchval(
@@ -1107,11 +1468,18 @@ class Store:
                               FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
                               WHERE a.account_id = d.account_id RETURNING 1)
                    SELECT count(*) FROM u""",
-                list(changed), list(changed.values()), timeout=timeout)
+                list(changed),
+                list(changed.values()),
+                timeout=timeout,
+            )
             require(updated == len(changed), f"checkpoint: {updated} of {len(changed)} accounts exist")
         moved = await c.execute(
             """UPDATE balance_checkpoint SET through_transaction_id = $1, written_at = $2
-               WHERE through_transaction_id <= $1""", through, at, timeout=timeout)
+               WHERE through_transaction_id <= $1""",
+            through,
+            at,
+            timeout=timeout,
+        )
         require(moved == "UPDATE 1", f"checkpoint through transaction {through} would move backwards")
 
     async def checkpoint_through(self) -> int:
@@ -1123,8 +1491,10 @@ class Store:
         among them or `through`): what the next checkpoint must fold in."""
         rows = await self.pool.fetch(
             """SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest
-               FROM entries WHERE transaction_id > $1 GROUP BY account_id""", through,
-            timeout=self.recovery_timeout)
+               FROM entries WHERE transaction_id > $1 GROUP BY account_id""",
+            through,
+            timeout=self.recovery_timeout,
+        )
         return {r["account_id"]: r["delta"] for r in rows}, max([through] + [r["newest"] for r in rows])
 
     async def fold_checkpoint_now(self, timeout: float = 10.0) -> None:
@@ -1138,16 +1508,19 @@ class Store:
             """WITH c AS (SELECT through_transaction_id AS through FROM balance_checkpoint),
                     t AS (SELECT account_id, sum(amount)::bigint AS delta FROM entries, c
                           WHERE transaction_id > c.through GROUP BY account_id)
-               UPDATE accounts a SET balance = a.balance + t.delta FROM t WHERE a.account_id = t.account_id""")
+               UPDATE accounts a SET balance = a.balance + t.delta FROM t WHERE a.account_id = t.account_id"""
+        )
         await connection.execute(
             """UPDATE balance_checkpoint SET written_at = now(),
                       through_transaction_id = greatest(through_transaction_id,
-                                                        (SELECT coalesce(max(transaction_id), 0) FROM transactions))""")
+                                                        (SELECT coalesce(max(transaction_id), 0) FROM transactions))"""
+        )
 
     # --- reads ---
 
-    async def list_transactions(self, member_id: str, before_transaction_id: int | None,
-                                limit: int, merchant_ids: list[str]) -> list[asyncpg.Record]:
+    async def list_transactions(
+        self, member_id: str, before_transaction_id: int | None, limit: int, merchant_ids: list[str]
+    ) -> list[asyncpg.Record]:
         """The member's transactions at the given merchants, newest first."""
         return await self.pool.fetch(
             """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
@@ -1164,7 +1537,11 @@ class Store:
                WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
                  AND t.merchant_id = ANY($4::text[])
                ORDER BY t.transaction_id DESC LIMIT $3""",
-            member_id, before_transaction_id, limit, merchant_ids)
+            member_id,
+            before_transaction_id,
+            limit,
+            merchant_ids,
+        )
 
     async def member_exists(self, member_id: str) -> bool:
         return bool(await self.pool.fetchval("SELECT 1 FROM members WHERE member_id = $1", member_id))
@@ -1178,11 +1555,13 @@ class Store:
                    UNION ALL
                    SELECT merchant_id, count(*) FROM voucher_holds
                    WHERE status = 1 AND points = 0 AND expires_at > now() GROUP BY 1) c GROUP BY 1""",
-            timeout=self.recovery_timeout)
+            timeout=self.recovery_timeout,
+        )
         return {r["merchant_id"]: r["n"] for r in rows}
 
-    async def purge_idempotency(self, older_than: dt.datetime, chunk_rows_max: int = 10_000,
-                                chunk_timeout_seconds: float = 60.0) -> int:
+    async def purge_idempotency(
+        self, older_than: dt.datetime, chunk_rows_max: int = 10_000, chunk_timeout_seconds: float = 60.0
+    ) -> int:
         """Deletes the idempotency records created before `older_than`, in chunks of at most
         `chunk_rows_max` rows, each its own transaction under its own timeout: progress on any table
         size, and no long lock or transaction. Returns the rows deleted."""
@@ -1192,7 +1571,10 @@ class Store:
             result = await self.pool.execute(
                 """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
                        SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))""",
-                older_than, chunk_rows_max, timeout=chunk_timeout_seconds)
+                older_than,
+                chunk_rows_max,
+                timeout=chunk_timeout_seconds,
+            )
             count = int(result.split()[-1])
             deleted += count
             if count < chunk_rows_max:
@@ -1211,7 +1593,12 @@ class Store:
             """SELECT kind, asset_code, balance FROM account_balances
                WHERE owner_id = $1 AND (kind = ANY($2::text[]) AND asset_code = $3
                                         OR $5 AND kind = ANY($4::text[]) AND asset_code = 'VOUCHERS')""",
-            merchant_id, list(MERCHANT_ACCOUNTS), ASSET_POINTS, list(MERCHANT_VOUCHER_ACCOUNTS), vouchers)
+            merchant_id,
+            list(MERCHANT_ACCOUNTS),
+            ASSET_POINTS,
+            list(MERCHANT_VOUCHER_ACCOUNTS),
+            vouchers,
+        )
         balance = {r["kind"]: r["balance"] for r in rows if r["asset_code"] == ASSET_POINTS}
         if not balance:
             return None
@@ -1220,8 +1607,13 @@ class Store:
         fees = -balance.get(ACCOUNT_MERCHANT_FEES, 0)
         # acquiring rewards net of their reversals: a receivable of the merchant, like redeemed
         acquiring = balance.get(ACCOUNT_MERCHANT_ACQUIRING, 0)
-        position = {"issued": issued, "redeemed": redeemed, "fees": fees, "acquiring": acquiring,
-                    "net": redeemed + acquiring - issued - fees}
+        position = {
+            "issued": issued,
+            "redeemed": redeemed,
+            "fees": fees,
+            "acquiring": acquiring,
+            "net": redeemed + acquiring - issued - fees,
+        }
         if vouchers:
             voucher = {r["kind"]: r["balance"] for r in rows if r["asset_code"] == rules.ASSET_VOUCHERS}
             position["voucher_net"] = voucher.get(ACCOUNT_MERCHANT_REDEEMED, 0)
@@ -1238,7 +1630,8 @@ class Store:
         return await self.pool.fetchval(
             """SELECT greatest((SELECT created_at FROM transactions ORDER BY transaction_id DESC LIMIT 1),
                                (SELECT created_at FROM holds ORDER BY authorization_id DESC LIMIT 1))""",
-            timeout=self.recovery_timeout)
+            timeout=self.recovery_timeout,
+        )
 
     async def close_period(self, cut_off: dt.datetime) -> tuple[asyncpg.Record, bool]:
         """Closes the open period at cut_off and writes every merchant's statement, in one transaction.
@@ -1252,12 +1645,18 @@ class Store:
             last = await c.fetchrow("SELECT period_id, cut_off FROM settlement_periods ORDER BY period_id DESC LIMIT 1")
             opened_at = last["cut_off"] if last else EPOCH
             if cut_off <= opened_at:
-                raise StoreError(f"cut_off {cut_off.isoformat()} is not after the newest cut "
-                                 f"{opened_at.isoformat()}; cuts only move forward")
+                raise StoreError(
+                    f"cut_off {cut_off.isoformat()} is not after the newest cut "
+                    f"{opened_at.isoformat()}; cuts only move forward"
+                )
             period_id = (last["period_id"] + 1) if last else 1
             period = await c.fetchrow(
                 """INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES ($1, $2, $3)
-                   RETURNING *""", period_id, opened_at, cut_off)
+                   RETURNING *""",
+                period_id,
+                opened_at,
+                cut_off,
+            )
             # Amounts come from the entries on the merchants' POINTS clearing accounts, not from
             # transactions.amount: under a program an earn's amount is what the member got (base, tier
             # uplift, promotions) while the merchant owes only its base and the promotions it sponsors,
@@ -1284,8 +1683,9 @@ class Store:
                             OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
                      WHERE x.created_at >= $2 AND x.created_at < $3),
                    money AS (
-                     SELECT merchant_id, {_CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind",
-                                                                asset="asset_code")}
+                     SELECT merchant_id, {
+                    _CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind", asset="asset_code")
+                }
                      FROM m GROUP BY merchant_id),
                    counted AS (
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
@@ -1323,8 +1723,14 @@ class Store:
                                         - coalesce(m.acquiring_reversals, 0) AS net,
                                         coalesce(m.vouchers_redeemed, 0) - coalesce(m.voucher_redemption_refunds, 0)
                                           AS voucher_net) n""",
-                period_id, opened_at, cut_off, period_id - 1, list(MERCHANT_ACCOUNTS), list(MERCHANT_VOUCHER_ACCOUNTS),
-                timeout=SETTLEMENT_TIMEOUT_SECONDS)
+                period_id,
+                opened_at,
+                cut_off,
+                period_id - 1,
+                list(MERCHANT_ACCOUNTS),
+                list(MERCHANT_VOUCHER_ACCOUNTS),
+                timeout=SETTLEMENT_TIMEOUT_SECONDS,
+            )
             return period, True
 
     async def period_summary(self, period_id: int) -> asyncpg.Record | None:
@@ -1333,24 +1739,36 @@ class Store:
                       coalesce(sum(s.net), 0)::bigint AS net_total, coalesce(sum(s.fees), 0)::bigint AS fees_total,
                       coalesce(sum(s.voucher_net), 0)::bigint AS voucher_net_total
                FROM settlement_periods p LEFT JOIN statements s USING (period_id)
-               WHERE p.period_id = $1 GROUP BY p.period_id""", period_id)
+               WHERE p.period_id = $1 GROUP BY p.period_id""",
+            period_id,
+        )
 
-    async def statements(self, *, period_id: int = 0, merchant_id: str = "", after: str = "",
-                         limit: int = 100) -> list[asyncpg.Record]:
+    async def statements(
+        self, *, period_id: int = 0, merchant_id: str = "", after: str = "", limit: int = 100
+    ) -> list[asyncpg.Record]:
         """One period's statements by merchant id (after `after`), or one merchant's, newest first."""
         if merchant_id:
             return await self.pool.fetch(
                 """SELECT s.*, p.opened_at, p.cut_off FROM statements s JOIN settlement_periods p USING (period_id)
                    WHERE s.merchant_id = $1 AND ($2 = 0 OR s.period_id = $2)
                      AND ($3 = '' OR s.period_id < $3::bigint)
-                   ORDER BY s.period_id DESC LIMIT $4""", merchant_id, period_id, after, limit)
+                   ORDER BY s.period_id DESC LIMIT $4""",
+                merchant_id,
+                period_id,
+                after,
+                limit,
+            )
         return await self.pool.fetch(
             """SELECT s.*, p.opened_at, p.cut_off FROM statements s JOIN settlement_periods p USING (period_id)
                WHERE s.period_id = $1 AND s.merchant_id > $2 ORDER BY s.merchant_id LIMIT $3""",
-            period_id, after, limit)
+            period_id,
+            after,
+            limit,
+        )
 
-    async def statement_lines(self, period_id: int, merchant_id: str, after_transaction_id: int = 0,
-                              limit: int | None = None) -> list[asyncpg.Record]:
+    async def statement_lines(
+        self, period_id: int, merchant_id: str, after_transaction_id: int = 0, limit: int | None = None
+    ) -> list[asyncpg.Record]:
         """The merchant's transactions of a period, each with its effect on the merchant's position: its
         own operations (transactions.merchant_id, kinds other than the operator's postings 6..11), the
         acquiring rewards and reversals (kinds 9, 10) that moved its merchant_acquiring account, the
@@ -1411,13 +1829,24 @@ class Store:
                    AND (a.asset_code = 'POINTS' AND a.kind = ANY($5::text[])
                         OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))) x ON true
                ORDER BY t.transaction_id""",
-            period_id, merchant_id, after_transaction_id, limit, list(MERCHANT_ACCOUNTS),
-            list(MERCHANT_VOUCHER_ACCOUNTS))
+            period_id,
+            merchant_id,
+            after_transaction_id,
+            limit,
+            list(MERCHANT_ACCOUNTS),
+            list(MERCHANT_VOUCHER_ACCOUNTS),
+        )
 
     # --- scale: a seeded network ---
 
-    async def seed_network(self, merchants: int, members: int, purchase_per_member: int,
-                           progress=lambda text: None, chunk_members: int = 200_000) -> None:
+    async def seed_network(
+        self,
+        merchants: int,
+        members: int,
+        purchase_per_member: int,
+        progress=lambda text: None,
+        chunk_members: int = 200_000,
+    ) -> None:
         """Creates `merchants` merchants (give-back 3%..20%, redemption fees 0.5%..2.5%, 20 regions) and
         `members` members, each with one earn of a purchase of `purchase_per_member` minor units at a
         merchant spread over the network, posted through the journal like any earn. Runs only while no
@@ -1435,12 +1864,16 @@ class Store:
                                                   fee_redeemed_bps, fee_issued_bps)
                            SELECT 'seed-m-' || lpad(g::text, 6, '0'), $2 + g - 1, 300 + (g * 37) % 1701,
                                   'Seeded merchant ' || g, 'region-' || (g % 20), 50 + (g * 13) % 201, 0
-                           FROM generate_series(1, $1) g""", merchants, base)
+                           FROM generate_series(1, $1) g""",
+                        merchants,
+                        base,
+                    )
                     await c.execute(
                         """INSERT INTO accounts (kind, owner_id, asset_code)
                            SELECT k, m.merchant_id, 'POINTS' FROM merchants m,
                                   unnest(ARRAY['merchant_issued', 'merchant_redeemed', 'merchant_fees', 'merchant_acquiring']) k
-                           WHERE m.merchant_id LIKE 'seed-m-%'""")
+                           WHERE m.merchant_id LIKE 'seed-m-%'"""
+                    )
                 progress(f"{merchants} merchants created")
                 done = 0
                 while done < members:
@@ -1454,18 +1887,26 @@ class Store:
                                SELECT $1::bigint + g - 1 AS transaction_id, 'seed-u-' || lpad(($2 + g)::text, 7, '0')
                                         AS member_id,
                                       'seed-m-' || lpad((1 + ((($2::bigint + g) * 7919) % $3))::text, 6, '0') AS merchant_id
-                               FROM generate_series(1, $4) g""", first_id, done, merchants, count)
+                               FROM generate_series(1, $4) g""",
+                            first_id,
+                            done,
+                            merchants,
+                            count,
+                        )
                         await c.execute("""INSERT INTO members SELECT member_id, now() FROM seed_earn""")
                         await c.execute(
                             """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code,
                                    amount, purchase_amount, idempotency_key, created_at)
                                SELECT s.transaction_id, 1, s.merchant_id, s.member_id, 'POINTS',
                                       $1::bigint * m.give_back_bps / 10000, $1, 'seed-' || s.transaction_id, now()
-                               FROM seed_earn s JOIN merchants m USING (merchant_id)""", purchase_per_member)
+                               FROM seed_earn s JOIN merchants m USING (merchant_id)""",
+                            purchase_per_member,
+                        )
                         await c.execute(
                             """INSERT INTO accounts (kind, owner_id, asset_code, balance)
                                SELECT 'member', t.member_id, 'POINTS', t.amount
-                               FROM transactions t JOIN seed_earn s USING (transaction_id)""")
+                               FROM transactions t JOIN seed_earn s USING (transaction_id)"""
+                        )
                         await c.execute(
                             """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
                                SELECT t.transaction_id, a.account_id, 'POINTS', x.amount
@@ -1473,13 +1914,15 @@ class Store:
                                     LATERAL (VALUES ('member', t.member_id, t.amount),
                                                     ('merchant_issued', t.merchant_id, -t.amount)) x(kind, owner, amount)
                                JOIN accounts a ON a.kind = x.kind AND a.owner_id = x.owner AND a.asset_code = 'POINTS'
-                               WHERE t.amount <> 0""")
+                               WHERE t.amount <> 0"""
+                        )
                         await c.execute(
                             """UPDATE accounts a SET balance = a.balance - d.points
                                FROM (SELECT t.merchant_id, sum(t.amount) AS points
                                      FROM transactions t JOIN seed_earn s USING (transaction_id)
                                      GROUP BY t.merchant_id) d
-                               WHERE a.kind = 'merchant_issued' AND a.owner_id = d.merchant_id""")
+                               WHERE a.kind = 'merchant_issued' AND a.owner_id = d.merchant_id"""
+                        )
                         await c.execute("""UPDATE balance_checkpoint SET written_at = now(),
                                            through_transaction_id = (SELECT max(transaction_id) FROM transactions)""")
                     done += count
@@ -1493,7 +1936,9 @@ class Store:
         """Checks the journal against itself, the stored balances and the statements, in one snapshot;
         returns what does not hold (processor/reconcile.py)."""
         from processor import reconcile
+
         return await reconcile.ledger_discrepancies(self.pool, report)
+
 
 # --- clearing: a merchant's movements from the entries on its clearing accounts, per asset -------------
 
@@ -1504,10 +1949,16 @@ class Store:
 # VOUCHERS amounts (migration 0006, voucher-units) come from the merchant's merchant_redeemed VOUCHERS
 # account (accepted vouchers, less refunds: kind 13) and its merchant_vouchers account (received in
 # dividends, spent at the operator's store: kind 14); each asset is summed apart, never added together.
-STATEMENT_AMOUNTS = ("issued", "earn_refunds", "redeemed", "redemption_refunds", "fees", "acquiring",
-                     "acquiring_reversals")
-VOUCHER_STATEMENT_AMOUNTS = ("vouchers_redeemed", "voucher_redemption_refunds", "vouchers_received",
-                             "vouchers_spent")
+STATEMENT_AMOUNTS = (
+    "issued",
+    "earn_refunds",
+    "redeemed",
+    "redemption_refunds",
+    "fees",
+    "acquiring",
+    "acquiring_reversals",
+)
+VOUCHER_STATEMENT_AMOUNTS = ("vouchers_redeemed", "voucher_redemption_refunds", "vouchers_received", "vouchers_spent")
 _CLEARING_SUMS = """
     coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued' AND {kind} <> 5), 0)
       AS issued,
@@ -1534,6 +1985,7 @@ _CLEARING_SUMS = """
 
 class _Steps:
     """Times the steps of a batch's transaction into points_pipeline_commit_step_seconds."""
+
     __slots__ = ("_last",)
 
     def __init__(self) -> None:

@@ -1,5 +1,6 @@
 """Transport security of the gRPC listener: TLS and mutual TLS from PEM files, reread on SIGHUP, and
 the rule that plaintext gRPC is served on loopback only unless the operator says --insecure."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -43,7 +44,8 @@ def require_secure_listen(settings: Settings) -> None:
     raise TransportSecurityError(
         f"refusing plaintext gRPC on non-loopback address {settings.listen}: give --tls-cert-file and "
         "--tls-key-file (POINTS_TLS_CERT_FILE, POINTS_TLS_KEY_FILE), or --insecure (POINTS_INSECURE=1) "
-        "to serve without TLS")
+        "to serve without TLS"
+    )
 
 
 def _read(path: str, what: str) -> bytes:
@@ -91,22 +93,27 @@ class ServerCertificates:
         except (ssl.SSLError, ValueError) as error:
             raise TransportSecurityError(
                 f"TLS certificate {self.cert_file} and key {self.key_file} are not a PEM certificate chain and "
-                f"its private key ({error.reason if isinstance(error, ssl.SSLError) else error})") from None
+                f"its private key ({error.reason if isinstance(error, ssl.SSLError) else error})"
+            ) from None
         if client_ca is not None:
             try:
                 context.load_verify_locations(cafile=self.client_ca_file)
             except (ssl.SSLError, ValueError) as error:
                 raise TransportSecurityError(
-                    f"TLS client CA file {self.client_ca_file} holds no PEM CA certificate ({error})") from None
+                    f"TLS client CA file {self.client_ca_file} holds no PEM CA certificate ({error})"
+                ) from None
         leaf = _leaf(chain, self.cert_file)
         expires_at = leaf.not_valid_after_utc
         now = dt.datetime.now(dt.timezone.utc)
         if expires_at <= now:  # every client would refuse it: say so now rather than at each handshake
-            raise TransportSecurityError(f"TLS certificate {self.cert_file} expired at {expires_at.isoformat()}; "
-                                         "install a renewed one")
+            raise TransportSecurityError(
+                f"TLS certificate {self.cert_file} expired at {expires_at.isoformat()}; install a renewed one"
+            )
         if (expires_at - now).total_seconds() < CERTIFICATE_EXPIRY_WARNING_SECONDS:
-            log.warning("TLS certificate expires soon; renew it and send SIGHUP",
-                        extra={"file": self.cert_file, "expires_at": expires_at.isoformat()})
+            log.warning(
+                "TLS certificate expires soon; renew it and send SIGHUP",
+                extra={"file": self.cert_file, "expires_at": expires_at.isoformat()},
+            )
         self.fingerprint = leaf.fingerprint(hashes.SHA256()).hex()
         self.expires_at = expires_at
         metrics.tls_certificate_expiry.set(expires_at.timestamp())
@@ -121,9 +128,14 @@ class ServerCertificates:
             return False
         with self._lock:
             self._pending = configuration
-        log.info("TLS certificates reloaded", extra={
-            "certificate_sha256": self.fingerprint, "expires_at": self.expires_at.isoformat(),
-            "mutual_tls": bool(self.client_ca_file)})
+        log.info(
+            "TLS certificates reloaded",
+            extra={
+                "certificate_sha256": self.fingerprint,
+                "expires_at": self.expires_at.isoformat(),
+                "mutual_tls": bool(self.client_ca_file),
+            },
+        )
         return True
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
@@ -132,8 +144,9 @@ class ServerCertificates:
         return configuration
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.dynamic_ssl_server_credentials(self._initial, self._fetch,
-                                                   require_client_authentication=bool(self.client_ca_file))
+        return grpc.dynamic_ssl_server_credentials(
+            self._initial, self._fetch, require_client_authentication=bool(self.client_ca_file)
+        )
 
 
 def server_certificates(settings: Settings) -> ServerCertificates | None:

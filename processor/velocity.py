@@ -20,18 +20,19 @@ State: ProgramState.spends (member_id -> its buckets, oldest first), changed thr
 log in the committer's apply step, where balances are decided, so concurrent spends are decided in
 order and exactly. Start-up rebuilds it from the journal (the spends of the last 24 hours).
 """
+
 from __future__ import annotations
 
 import datetime as dt
 
 from processor.domain import Code, Outcome
 
-BUCKET_US = 60_000_000                 # one minute
+BUCKET_US = 60_000_000  # one minute
 HOUR_US = 3_600_000_000
 DAY_US = 86_400_000_000
-WINDOW_US_MAX = DAY_US                 # the longest window: buckets older than it are dropped
+WINDOW_US_MAX = DAY_US  # the longest window: buckets older than it are dropped
 
-Spends = tuple[tuple[int, int], ...]   # (minute since the epoch, point-units spent in it), oldest first
+Spends = tuple[tuple[int, int], ...]  # (minute since the epoch, point-units spent in it), oldest first
 
 
 def _first_bucket(now_us: int, window_us: int) -> int:
@@ -86,34 +87,49 @@ def _iso(at_us: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def refusal(spends: Spends, now_us: int, member_id: str, held: int, points: int, hour_max: int,
-            day_max: int) -> Outcome | None:
+def refusal(
+    spends: Spends, now_us: int, member_id: str, held: int, points: int, hour_max: int, day_max: int
+) -> Outcome | None:
     """The refusal of a spend of `points` by a member with `held` point-units in open holds, or None if
     both caps (0 = none) allow it. Not recorded under the idempotency key: the same call may succeed later."""
     problems, retries = [], []
-    for cap, window_us, name, setting in ((hour_max, HOUR_US, "hour", "member_points_spent_per_hour_max"),
-                                          (day_max, DAY_US, "24 hours", "member_points_spent_per_day_max")):
+    for cap, window_us, name, setting in (
+        (hour_max, HOUR_US, "hour", "member_points_spent_per_hour_max"),
+        (day_max, DAY_US, "24 hours", "member_points_spent_per_day_max"),
+    ):
         if not cap:
             continue
         if points > cap:
-            return Outcome(Code.FAILED_PRECONDITION, recorded=False, reason="spending_cap", message=(
-                f"a spend of {points} point-units is more than the program allows member {member_id!r} in "
-                f"{'an hour' if window_us == HOUR_US else name} ({setting} = {cap}); spend at most {cap} "
-                "point-units at once"))
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                recorded=False,
+                reason="spending_cap",
+                message=(
+                    f"a spend of {points} point-units is more than the program allows member {member_id!r} in "
+                    f"{'an hour' if window_us == HOUR_US else name} ({setting} = {cap}); spend at most {cap} "
+                    "point-units at once"
+                ),
+            )
         used = spent(spends, now_us, window_us)
         if used + held + points <= cap:
             continue
-        problems.append(f"{used} point-units spent in the last {name} and {held} in open holds, plus {points} now, "
-                        f"would pass the cap of {cap} ({setting})")
+        problems.append(
+            f"{used} point-units spent in the last {name} and {held} in open holds, plus {points} now, "
+            f"would pass the cap of {cap} ({setting})"
+        )
         retries.append(retry_at_us(spends, now_us, window_us, cap, held + points))
     if not problems:
         return None
     retry_after_seconds = None
     if any(retry is None for retry in retries):
-        advice = ("waiting alone will not let it through: capture or void the member's open holds, or spend "
-                  "less")
+        advice = "waiting alone will not let it through: capture or void the member's open holds, or spend less"
     else:
         advice = f"retry after {_iso(max(retries) + 999_999)}, or spend less"
         retry_after_seconds = (max(retries) - now_us) / 1_000_000
-    return Outcome(Code.RESOURCE_EXHAUSTED, recorded=False, reason="spending_cap", message=(
-        f"member {member_id!r}: " + "; ".join(problems) + f"; {advice}"), retry_after_seconds=retry_after_seconds)
+    return Outcome(
+        Code.RESOURCE_EXHAUSTED,
+        recorded=False,
+        reason="spending_cap",
+        message=(f"member {member_id!r}: " + "; ".join(problems) + f"; {advice}"),
+        retry_after_seconds=retry_after_seconds,
+    )

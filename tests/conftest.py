@@ -1,6 +1,7 @@
 """Test fixtures: a real Postgres (DATABASE_URL's server, or an embedded one from pgserver), a fresh
 database per test module, and the service as a real subprocess on 127.0.0.1:0 with a real channel. The
 helpers they use (ServiceProcess, add_merchant, fetch, ...) are in tests/harness.py."""
+
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from tests.harness import ServiceProcess, run, with_database
 
+
 @pytest.fixture(scope="session")
 def postgres_server_url(tmp_path_factory):
     """URL of a Postgres server's maintenance database: DATABASE_URL's server, else an embedded one."""
@@ -19,11 +21,11 @@ def postgres_server_url(tmp_path_factory):
         yield external
         return
     import pgserver
+
     directory = tmp_path_factory.mktemp("pg")
     server = pgserver.get_server(str(directory), cleanup_mode="stop")
     yield server.get_uri()
     server.cleanup()
-
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +42,7 @@ def create_database(postgres_server_url):
                 await connection.execute(f'CREATE DATABASE "{name}"')
             finally:
                 await connection.close()
+
         run(go())
         created.append(name)
         return with_database(postgres_server_url, name)
@@ -53,6 +56,7 @@ def create_database(postgres_server_url):
                 await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await connection.close()
+
     run(drop())
 
 
@@ -68,8 +72,11 @@ def service_factory():
     yield start
     for service in started:
         service.kill()
-        errors = [line for line in service.log_lines if '"level": "error"' in line or '"level": "critical"' in line
-                  or "Traceback" in line]
+        errors = [
+            line
+            for line in service.log_lines
+            if '"level": "error"' in line or '"level": "critical"' in line or "Traceback" in line
+        ]
         if errors:  # shown by pytest with the test's output when it fails
             print(f"--- service {service.target} log (errors) ---\n" + "".join(service.log_lines[-60:]))
 
@@ -86,6 +93,7 @@ def service(create_database):
 def stub(service):
     """A PointsService client that sends the right credential with each call."""
     import points.v1.points_pb2_grpc as points_pb2_grpc
+
     with service.channel() as channel:
         yield points_pb2_grpc.PointsServiceStub(channel)
 
@@ -95,4 +103,3 @@ def channel(service):
     """A channel without credentials: the test sends its own."""
     with service.bare_channel() as channel:
         yield channel
-

@@ -1,6 +1,7 @@
 """What the tests share beyond fixtures: the service as a real subprocess on 127.0.0.1:0, merchants and API
 keys made as the CLI makes them, the credentials a real client sends, and reads of the ledger database
 (fetch, reconcile). The fixtures that use them are in tests/conftest.py."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"SERVING on (\S+) \(metrics http://([^/]+)/metrics")
 START_TIMEOUT_SECONDS = 60
 
+
 def with_database(url: str, name: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return urllib.parse.urlunsplit(parts._replace(path="/" + name))
@@ -28,7 +30,6 @@ def with_database(url: str, name: str) -> str:
 
 def run(coroutine):
     return asyncio.run(coroutine)
-
 
 
 class ServiceProcess:
@@ -46,9 +47,25 @@ class ServiceProcess:
 
     def start(self) -> "ServiceProcess":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "processor", "serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-             "--database-url", self.database_url, *self.extra],
-            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "processor",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--database-url",
+                self.database_url,
+                *self.extra,
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         assert self.process.stdout is not None
@@ -90,6 +107,7 @@ class ServiceProcess:
 
 async def _add_merchant(database_url: str, merchant_id: str, give_back_bps: int, fields: dict) -> None:
     from processor.store import Store
+
     store = await Store.open(database_url, 2)
     try:
         await store.migrate()
@@ -107,6 +125,7 @@ def add_merchant(database_url: str, merchant_id: str, give_back_bps: int = 1000,
 async def _create_key(database_url: str, kind: str, merchant_ids: list[str]) -> str:
     from processor import auth
     from processor.store import Store
+
     key = auth.new_key()
     store = await Store.open(database_url, 2)
     try:
@@ -143,10 +162,18 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInter
 
     def _key(self, method: str, request) -> str:
         url = self.database_url
-        if method.startswith(("/points.v1.MerchantAdmin/", "/points.v1.Clearing/", "/points.v1.AuditService/",
-                              "/points.v1.Programs/", "/points.v1.MemberAdminService/",
-                              "/points.v1.MerchantAdminService/", "/points.v1.ClearingService/",
-                              "/points.v1.ProgramsService/")):
+        if method.startswith(
+            (
+                "/points.v1.MerchantAdmin/",
+                "/points.v1.Clearing/",
+                "/points.v1.AuditService/",
+                "/points.v1.Programs/",
+                "/points.v1.MemberAdminService/",
+                "/points.v1.MerchantAdminService/",
+                "/points.v1.ClearingService/",
+                "/points.v1.ProgramsService/",
+            )
+        ):
             with _KEYS_LOCK:
                 key = _KEYS.get((url, "*operator*"))
             return key or create_key(url, "operator")
@@ -159,6 +186,7 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInter
             return key
         if merchant_id and isinstance(merchant_id, str):
             from processor.store import StoreError
+
             try:  # a merchant created without add_merchant(): give it a key, as the operator would
                 return create_key(url, "merchant", [merchant_id])
             except (StoreError, asyncpg.DataError) as error:
@@ -178,8 +206,14 @@ class Credentials(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInter
         metadata = list(call_details.metadata or [])
         if not any(name == "authorization" for name, _ in metadata):
             metadata.append(("authorization", "Bearer " + self._key(call_details.method, request)))
-        return _CallDetails(call_details.method, call_details.timeout, metadata, call_details.credentials,
-                            call_details.wait_for_ready, call_details.compression)
+        return _CallDetails(
+            call_details.method,
+            call_details.timeout,
+            metadata,
+            call_details.credentials,
+            call_details.wait_for_ready,
+            call_details.compression,
+        )
 
     def intercept_unary_unary(self, continuation, call_details, request):
         return continuation(self._with_key(call_details, request), request)
@@ -197,6 +231,7 @@ class _CallDetails(grpc.ClientCallDetails):
 
 async def _discrepancies(database_url: str) -> list[str]:
     from processor.store import Store
+
     store = await Store.open(database_url, 2)
     try:
         return await store.ledger_discrepancies()

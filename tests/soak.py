@@ -14,6 +14,7 @@ mounting a tmpfs) is left out, saying so. Prints what it checked
 after each round and a summary at the end; exits 1 at the first discrepancy (printing it, the seed
 and the service's log), 0 otherwise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,24 @@ import sys
 import time
 import warnings
 
-FAULTS = ("sigkill", "unreachable", "stall", "restart", "terminate", "bank-sigkill", "bank-sigstop", "bank-restart",
-          "bank-clock-step", "bank-disk-full")
-BANK_FAULTS = {"bank-sigkill": "sigkill", "bank-sigstop": "sigstop", "bank-restart": "postgres-restart",
-               "bank-clock-step": "clock-step"}
+FAULTS = (
+    "sigkill",
+    "unreachable",
+    "stall",
+    "restart",
+    "terminate",
+    "bank-sigkill",
+    "bank-sigstop",
+    "bank-restart",
+    "bank-clock-step",
+    "bank-disk-full",
+)
+BANK_FAULTS = {
+    "bank-sigkill": "sigkill",
+    "bank-sigstop": "sigstop",
+    "bank-restart": "postgres-restart",
+    "bank-clock-step": "clock-step",
+}
 REPLAYS_PER_ROUND_MAX = 500
 
 
@@ -35,11 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=300, help="how long to run rounds (default 300)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
-    parser.add_argument("--faults", default=",".join(FAULTS),
-                        help=f"comma-separated faults to pick from (default {','.join(FAULTS)})")
-    parser.add_argument("--bank", choices=("vouchers", "plain"), default="vouchers",
-                        help="the bank rounds' ledger: under a program with dividends, so that members spend "
-                             "vouchers in split-tender and vouchers-only holds (default), or the plain ledger")
+    parser.add_argument(
+        "--faults", default=",".join(FAULTS), help=f"comma-separated faults to pick from (default {','.join(FAULTS)})"
+    )
+    parser.add_argument(
+        "--bank",
+        choices=("vouchers", "plain"),
+        default="vouchers",
+        help="the bank rounds' ledger: under a program with dividends, so that members spend "
+        "vouchers in split-tender and vouchers-only holds (default), or the plain ledger",
+    )
     args = parser.parse_args(argv)
     faults = [name.strip() for name in args.faults.split(",") if name.strip()]
     unknown = set(faults) - set(FAULTS)
@@ -94,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"service on {harness.service.target}, through the proxy on {harness.proxy.address}")
         if any(fault in BANK_FAULTS for fault in faults):
             clock = faketime.Clock(postgres.directory, library) if library else None
-            bank = banking.Bank(postgres, start_service, random.Random(rng.random()),
-                                program=args.bank == "vouchers", say=say, clock=clock).start()
+            bank = banking.Bank(
+                postgres,
+                start_service,
+                random.Random(rng.random()),
+                program=args.bank == "vouchers",
+                say=say,
+                clock=clock,
+            ).start()
             say(f"bank: service on {bank.service.target}, database {bank.url.rsplit('/', 1)[1]} ({args.bank})")
 
         def bank_round(fault: str):
@@ -117,16 +143,21 @@ def main(argv: list[str] | None = None) -> int:
                     full.service.kill()
                     full.close()
                 small.stop()
+
         run = {
-            "sigkill": lambda: scenarios.run_round(harness, scenarios.fault_sigkill, killed=True,
-                                                   replays_max=REPLAYS_PER_ROUND_MAX),
-            "unreachable": lambda: scenarios.run_round(harness, scenarios.fault_unreachable,
-                                                       replays_max=REPLAYS_PER_ROUND_MAX),
+            "sigkill": lambda: scenarios.run_round(
+                harness, scenarios.fault_sigkill, killed=True, replays_max=REPLAYS_PER_ROUND_MAX
+            ),
+            "unreachable": lambda: scenarios.run_round(
+                harness, scenarios.fault_unreachable, replays_max=REPLAYS_PER_ROUND_MAX
+            ),
             "stall": lambda: scenarios.run_round(harness, scenarios.fault_stall, replays_max=REPLAYS_PER_ROUND_MAX),
-            "restart": lambda: scenarios.run_round(harness, scenarios.fault_restart, postgres,
-                                                   replays_max=REPLAYS_PER_ROUND_MAX),
-            "terminate": lambda: scenarios.run_round(harness, scenarios.fault_terminate,
-                                                     replays_max=REPLAYS_PER_ROUND_MAX),
+            "restart": lambda: scenarios.run_round(
+                harness, scenarios.fault_restart, postgres, replays_max=REPLAYS_PER_ROUND_MAX
+            ),
+            "terminate": lambda: scenarios.run_round(
+                harness, scenarios.fault_terminate, replays_max=REPLAYS_PER_ROUND_MAX
+            ),
             **{fault: (lambda fault=fault: bank_round(fault)) for fault in BANK_FAULTS},
             "bank-disk-full": disk_full_round,
         }
@@ -151,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             if rounds[fault] == 1:
                 say(f"  checked after each {fault} round: {_checked(fault)}")
         assert harness is not None
-        say(f"PASSED: {number} rounds in {time.monotonic() - started:.0f} s "
+        say(
+            f"PASSED: {number} rounds in {time.monotonic() - started:.0f} s "
             f"({', '.join(f'{count} {name}' for name, count in sorted(rounds.items()))}); "
             f"{len(harness.ops)} operations, {sum(op.interrupted for op in harness.ops)} interrupted, "
-            f"{sum(op.abandoned for op in harness.ops)} abandoned; seed {seed}")
+            f"{sum(op.abandoned for op in harness.ops)} abandoned; seed {seed}"
+        )
         return 0
     finally:
         if harness is not None:
@@ -168,23 +201,34 @@ def main(argv: list[str] | None = None) -> int:
 
 def _checked(fault: str) -> str:
     if fault in BANK_FAULTS or fault == "bank-disk-full":
-        return ("(disk full: only UNAVAILABLE, OK or FAILED_PRECONDITION answered while full, the service "
-                "running, health SERVING, balances answered; then) " if fault == "bank-disk-full" else "") + ("every open hold captured by its own merchant; the journal sums to 0 per asset and per "
-                "transaction; no member balance negative; balances = entries; every acknowledged operation in "
-                "the journal exactly once under the id it was answered; no transaction or authorization id "
-                "answered twice or naming two holds; no batch dated before an earlier one; GetBalance = journal; "
-                "reconcile passes")
-    checks = ["every acknowledged operation in the journal exactly once (by idempotency key), with its "
-              "balanced entries, hold and hold resolution",
-              "no unanswered operation half-applied; none refused as 'not applied' was committed",
-              "no journal rows of calls nobody made",
-              "GetBalance == Postgres balance == sum of entries == what the answers imply, per member",
-              "ledger_discrepancies() == []",
-              "answered calls replay identically (sample)",
-              "the service holds the writer lock"]
+        return (
+            "(disk full: only UNAVAILABLE, OK or FAILED_PRECONDITION answered while full, the service "
+            "running, health SERVING, balances answered; then) "
+            if fault == "bank-disk-full"
+            else ""
+        ) + (
+            "every open hold captured by its own merchant; the journal sums to 0 per asset and per "
+            "transaction; no member balance negative; balances = entries; every acknowledged operation in "
+            "the journal exactly once under the id it was answered; no transaction or authorization id "
+            "answered twice or naming two holds; no batch dated before an earlier one; GetBalance = journal; "
+            "reconcile passes"
+        )
+    checks = [
+        "every acknowledged operation in the journal exactly once (by idempotency key), with its "
+        "balanced entries, hold and hold resolution",
+        "no unanswered operation half-applied; none refused as 'not applied' was committed",
+        "no journal rows of calls nobody made",
+        "GetBalance == Postgres balance == sum of entries == what the answers imply, per member",
+        "ledger_discrepancies() == []",
+        "answered calls replay identically (sample)",
+        "the service holds the writer lock",
+    ]
     if fault in ("unreachable", "stall"):
-        checks.insert(0, "health NOT_SERVING during the outage, only UNAVAILABLE answered in it, "
-                         "SERVING again by itself, calls succeed again")
+        checks.insert(
+            0,
+            "health NOT_SERVING during the outage, only UNAVAILABLE answered in it, "
+            "SERVING again by itself, calls succeed again",
+        )
     elif fault in ("restart", "terminate"):
         checks.insert(0, "SERVING again by itself, calls succeed again, a second service is refused")
     else:

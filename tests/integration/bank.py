@@ -24,6 +24,7 @@ on a Postgres with fill() and free(), it fills the data directory's filesystem. 
   replays and adds nothing to the journal;
 - `python -m processor reconcile` passes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,39 +49,52 @@ from tests.integration.test_restart import Board, Progress
 
 CLIENTS = 6
 MEMBERS = 8
-MERCHANTS = {"bank-a": 1000, "bank-b": 500, "bank-c": 2000}   # merchant -> give-back bps
+MERCHANTS = {"bank-a": 1000, "bank-b": 500, "bank-c": 2000}  # merchant -> give-back bps
 CALL_TIMEOUT_SECONDS = 5
 RETRY_PAUSE_SECONDS = 0.2
-RETRYING_SECONDS_MAX = 60        # a call unanswered for this long is a failure of the check
+RETRYING_SECONDS_MAX = 60  # a call unanswered for this long is a failure of the check
 COMMIT_TIMEOUT_SECONDS = 2
-STOP_SECONDS = 3.0               # how long the service stays SIGSTOPped
+STOP_SECONDS = 3.0  # how long the service stays SIGSTOPped
 ACKNOWLEDGED_BEFORE_FAULT = (30, 200)
-ACKNOWLEDGED_AFTER_FAULT = 50    # answers wanted after a fault before the round ends
+ACKNOWLEDGED_AFTER_FAULT = 50  # answers wanted after a fault before the round ends
 PROGRESS_WAIT_SECONDS = 60
 DIVIDEND_CHECK_SECONDS = 0.2
-PROGRAM_LEAD_SECONDS = 1.3       # a stored program version applies about 1 s after it is stored
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+PROGRAM_LEAD_SECONDS = 1.3  # a stored program version applies about 1 s after it is stored
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 # a decision of the ledger that the traffic may get (not enough points or vouchers; an earn's points spent)
 REFUSABLE = frozenset({"Authorize", "Redeem", "Refund"})
-FAULTS = ("sigkill", "sigstop", "postgres-restart")   # "disk-full" needs a Postgres with fill() and free()
+FAULTS = ("sigkill", "sigstop", "postgres-restart")  # "disk-full" needs a Postgres with fill() and free()
 CLOCK_STEP_SECONDS_MAX = 2 * 3600  # "clock-step" needs a Bank with a clock
-DISK_FULL_SECONDS = 2.0          # the disk stays full at least this long ...
-DISK_FULL_REFUSED_MIN = 20       # ... and until this many calls were refused in it
+DISK_FULL_SECONDS = 2.0  # the disk stays full at least this long ...
+DISK_FULL_REFUSED_MIN = 20  # ... and until this many calls were refused in it
 HOLD_OPEN = 1
 BALANCE_READS_MAX = 5
-REPLAYS_PER_ROUND = 50           # answered operations sent again with their keys after each round
-DIVIDENDS = {"dividends": {"threshold_point_units": 12_000, "growth_bps": 1_500, "rate_bps_schedule": [50, 100],
-                           "credit_limit_bps": 50_000}}
+REPLAYS_PER_ROUND = 50  # answered operations sent again with their keys after each round
+DIVIDENDS = {
+    "dividends": {
+        "threshold_point_units": 12_000,
+        "growth_bps": 1_500,
+        "rate_bps_schedule": [50, 100],
+        "credit_limit_bps": 50_000,
+    }
+}
 
 
 @dataclasses.dataclass(eq=False)
 class BankOp:
     """One operation and its final answer (after every retry with the same key)."""
+
     method: str
     request: object
-    code: str = ""                 # "OK", a status code name, or "UNANSWERED" (gave up retrying)
-    response: object = None        # OK: the response message; otherwise the details
+    code: str = ""  # "OK", a status code name, or "UNANSWERED" (gave up retrying)
+    response: object = None  # OK: the response message; otherwise the details
     attempts: int = 0
     replayed: bool = False
 
@@ -93,7 +107,7 @@ class BankOp:
 
 
 def _parse_id(text: str, prefix: str) -> int | None:
-    return int(text[len(prefix):]) if text.startswith(prefix) and text[len(prefix):].isdigit() else None
+    return int(text[len(prefix) :]) if text.startswith(prefix) and text[len(prefix) :].isdigit() else None
 
 
 class BankClient:
@@ -102,8 +116,8 @@ class BankClient:
     def __init__(self, bank: "Bank", rng: random.Random):
         self.bank = bank
         self.rng = rng
-        self.holds: list[BankOp] = []           # answered authorizes not yet resolved
-        self.refundable: list[BankOp] = []      # answered earns, captures, redeems without vouchers
+        self.holds: list[BankOp] = []  # answered authorizes not yet resolved
+        self.refundable: list[BankOp] = []  # answered earns, captures, redeems without vouchers
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -134,38 +148,74 @@ class BankClient:
             if rng.random() < 0.6:
                 self.capture(hold, partial=True)
             else:
-                bank.call("Void", pb.VoidRequest(merchant_id=hold.request.merchant_id,
-                                                 authorization_id=hold.response.authorization_id,
-                                                 idempotency_key=unique("k")), must_succeed=True)
+                bank.call(
+                    "Void",
+                    pb.VoidRequest(
+                        merchant_id=hold.request.merchant_id,
+                        authorization_id=hold.response.authorization_id,
+                        idempotency_key=unique("k"),
+                    ),
+                    must_succeed=True,
+                )
         elif choice < 0.45:
-            op = bank.call("Earn", pb.EarnRequest(merchant_id=merchant, member_id=member,
-                                                  purchase_amount=rng.randint(100, 30_000),
-                                                  idempotency_key=unique("k")))
+            op = bank.call(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=merchant,
+                    member_id=member,
+                    purchase_amount=rng.randint(100, 30_000),
+                    idempotency_key=unique("k"),
+                ),
+            )
             if op.code == "OK":
                 self.refundable.append(op)
         elif choice < 0.65:
             points, vouchers = self._tender()
-            op = bank.call("Authorize", pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=points,
-                                                            vouchers=vouchers, idempotency_key=unique("k")))
+            op = bank.call(
+                "Authorize",
+                pb.AuthorizeRequest(
+                    merchant_id=merchant,
+                    member_id=member,
+                    points=points,
+                    vouchers=vouchers,
+                    idempotency_key=unique("k"),
+                ),
+            )
             if op.code == "OK":
                 self.holds.append(op)
         elif choice < 0.85 or not self.refundable:
             points, vouchers = self._tender()
-            op = bank.call("Redeem", pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points,
-                                                      vouchers=vouchers, idempotency_key=unique("k")))
+            op = bank.call(
+                "Redeem",
+                pb.RedeemRequest(
+                    merchant_id=merchant,
+                    member_id=member,
+                    points=points,
+                    vouchers=vouchers,
+                    idempotency_key=unique("k"),
+                ),
+            )
             if op.code == "OK" and not vouchers:
                 self.refundable.append(op)
         else:
             original = self.refundable.pop(rng.randrange(len(self.refundable)))
-            bank.call("Refund", pb.RefundRequest(merchant_id=original.request.merchant_id,
-                                                 transaction_id=original.response.transaction_id,
-                                                 points=rng.randint(1, max(1, original.response.points)),
-                                                 idempotency_key=unique("k")))
+            bank.call(
+                "Refund",
+                pb.RefundRequest(
+                    merchant_id=original.request.merchant_id,
+                    transaction_id=original.response.transaction_id,
+                    points=rng.randint(1, max(1, original.response.points)),
+                    idempotency_key=unique("k"),
+                ),
+            )
 
     def capture(self, hold: BankOp, partial: bool) -> BankOp:
         """Captures a hold at its own merchant: it was acknowledged and not resolved, so this must succeed."""
-        request = pb.CaptureRequest(merchant_id=hold.request.merchant_id,
-                                    authorization_id=hold.response.authorization_id, idempotency_key=unique("k"))
+        request = pb.CaptureRequest(
+            merchant_id=hold.request.merchant_id,
+            authorization_id=hold.response.authorization_id,
+            idempotency_key=unique("k"),
+        )
         if partial and hold.request.points and not hold.request.vouchers:
             request.points = self.rng.randint(1, hold.request.points)
         op = self.bank.call("Capture", request, must_succeed=True)
@@ -178,10 +228,17 @@ class Bank:
     """A database on a Postgres the test owns (restartable), the service on it, the members and merchants,
     and every operation sent so far."""
 
-    def __init__(self, postgres, start_service: Callable[..., ServiceProcess], rng: random.Random,
-                 program: bool = False, say: Callable[[str], None] = print, clock: "Clock | None" = None):
+    def __init__(
+        self,
+        postgres,
+        start_service: Callable[..., ServiceProcess],
+        rng: random.Random,
+        program: bool = False,
+        say: Callable[[str], None] = print,
+        clock: "Clock | None" = None,
+    ):
         self.postgres = postgres
-        self.clock = clock      # the service's wall clock (libfaketime), for the clock-step fault
+        self.clock = clock  # the service's wall clock (libfaketime), for the clock-step fault
         self.url = postgres.create_database()
         self._start_service = start_service
         self.rng = rng
@@ -196,10 +253,10 @@ class Bank:
         self._lock = threading.Lock()
         self.clients = [BankClient(self, random.Random(rng.random())) for _ in range(CLIENTS)]
         self.rounds: collections.Counter[str] = collections.Counter()
-        self.answers: list[tuple[float, str, str]] = []   # (time.monotonic(), code, details) of every attempt
-        self.disk_full_answers: dict[str, int] = {}        # answers while the disk was full (the last time)
-        self.restarting = False                            # the fault loop is starting the service again
-        self.disk_full_health = ""                         # health while the disk was full (the last time)
+        self.answers: list[tuple[float, str, str]] = []  # (time.monotonic(), code, details) of every attempt
+        self.disk_full_answers: dict[str, int] = {}  # answers while the disk was full (the last time)
+        self.restarting = False  # the fault loop is starting the service again
+        self.disk_full_health = ""  # health while the disk was full (the last time)
 
     def start(self) -> "Bank":
         for merchant, give_back_bps in self.merchants.items():
@@ -210,8 +267,12 @@ class Bank:
         if self.program:
             time.sleep(PROGRAM_LEAD_SECONDS)  # the version is in force from here on
         for member in self.members:
-            op = self.call("Earn", pb.EarnRequest(merchant_id="bank-a", member_id=member, purchase_amount=100_000,
-                                                  idempotency_key=unique("k")))
+            op = self.call(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id="bank-a", member_id=member, purchase_amount=100_000, idempotency_key=unique("k")
+                ),
+            )
             assert op.code == "OK", (op.code, op.response)
         return self
 
@@ -257,8 +318,7 @@ class Bank:
                     return op
                 if time.monotonic() - started > RETRYING_SECONDS_MAX:
                     op.code, op.response = "UNANSWERED", f"{error.code().name}: {error.details()}"
-                    self.progress.problem(f"{op} unanswered after {RETRYING_SECONDS_MAX} s of retries: "
-                                          f"{op.response}")
+                    self.progress.problem(f"{op} unanswered after {RETRYING_SECONDS_MAX} s of retries: {op.response}")
                     return op
             self.board.wait_for_restart(generation, RETRY_PAUSE_SECONDS)
         if op.code != "OK" and (must_succeed or op.code != "FAILED_PRECONDITION" or method not in REFUSABLE):
@@ -319,13 +379,18 @@ class Bank:
                     break
                 time.sleep(0.05)
             answers = self.answers_since(began)
-            assert answers["UNAVAILABLE"] >= DISK_FULL_REFUSED_MIN, \
+            assert answers["UNAVAILABLE"] >= DISK_FULL_REFUSED_MIN, (
                 f"calls were not refused UNAVAILABLE while the disk was full: {dict(answers)}"
-            wrong = {(code, details) for at, code, details in list(self.answers)
-                     if at >= began and code not in ("OK", "UNAVAILABLE", "FAILED_PRECONDITION")}
+            )
+            wrong = {
+                (code, details)
+                for at, code, details in list(self.answers)
+                if at >= began and code not in ("OK", "UNAVAILABLE", "FAILED_PRECONDITION")
+            }
             assert not wrong, f"answers while the disk was full other than UNAVAILABLE: {sorted(wrong)[:5]}"
-            assert self.service.process.poll() is None, \
+            assert self.service.process.poll() is None, (
                 f"the service exited with {self.service.process.returncode} while the disk was full"
+            )
             self.disk_full_answers = dict(answers)
             # Postgres still answers reads: so do balances, and health stays SERVING (docs/GUARANTEES.md, disk full)
             self.disk_full_health = _health(self.service)
@@ -338,8 +403,13 @@ class Bank:
         SIGKILLed and started again (so the next authorization id is derived after it). Returns it."""
         balances = {m: self.board.stub.GetBalance(pb.GetBalanceRequest(member_id=m), timeout=30) for m in self.members}
         member = max(self.members, key=lambda m: balances[m].vouchers)
-        op = self.call("Authorize", pb.AuthorizeRequest(merchant_id="bank-b", member_id=member, points=0, vouchers=1,
-                                                        idempotency_key=unique("k")), must_succeed=True)
+        op = self.call(
+            "Authorize",
+            pb.AuthorizeRequest(
+                merchant_id="bank-b", member_id=member, points=0, vouchers=1, idempotency_key=unique("k")
+            ),
+            must_succeed=True,
+        )
         self.clients[0].holds.append(op)
         self.fault("sigkill")
         return op
@@ -371,16 +441,22 @@ class Bank:
         problems += check_time_order(journal)
         if self.service.process.poll() is not None:
             critical = [line.strip()[:600] for line in list(self.service.log_lines) if '"level": "critical"' in line]
-            return [f"the service exited with {self.service.process.returncode}: {critical[:2]}"] + problems \
+            return (
+                [f"the service exited with {self.service.process.returncode}: {critical[:2]}"]
+                + problems
                 + _reconcile(self.url)
+            )
         # the service posts dividend rounds without traffic: compare GetBalance with a journal that did
         # not change while it was read
         shown = []
         for _ in range(BALANCE_READS_MAX):
             shown = check_service_balances(self.board.stub, self.members, journal)
             again = asyncio.run(_read(self.url))
-            if again.transactions.keys() == journal.transactions.keys() and again.held == journal.held \
-                    or any(problem.startswith("GetBalance ") for problem in shown):  # the call failed
+            if (
+                again.transactions.keys() == journal.transactions.keys()
+                and again.held == journal.held
+                or any(problem.startswith("GetBalance ") for problem in shown)
+            ):  # the call failed
                 break
             journal = again
         if shown:
@@ -388,8 +464,10 @@ class Bank:
             time.sleep(1)
             later = check_service_balances(self.board.stub, self.members, asyncio.run(_read(self.url)))
             verdict = "still disagree" if later else "agree: GetBalance ran ahead of the journal read after it"
-            shown.append(f"(dividend allocations not posted yet, by member: {unposted}; a second later GetBalance "
-                         f"and the journal {verdict})")
+            shown.append(
+                f"(dividend allocations not posted yet, by member: {unposted}; a second later GetBalance "
+                f"and the journal {verdict})"
+            )
         return problems + shown + self.check_replays(ops) + _reconcile(self.url)
 
     def check_replays(self, ops: list[BankOp]) -> list[str]:
@@ -405,13 +483,18 @@ class Bank:
                 again = ("OK", response.SerializeToString(deterministic=True), flag)
             except grpc.RpcError as error:
                 again = (error.code().name, error.details(), replay_flag(error))
-            first = (op.code, op.response.SerializeToString(deterministic=True) if op.code == "OK" else op.response,
-                     "true")
+            first = (
+                op.code,
+                op.response.SerializeToString(deterministic=True) if op.code == "OK" else op.response,
+                "true",
+            )
             if again != first:
                 problems.append(f"{op}: first answered {first[:2]}, sent again {again}")
         after = asyncio.run(_read(self.url))
-        for what, old, new in (("transactions", before.transactions_by_key, after.transactions_by_key),
-                               ("holds", before.hold_keys, after.hold_keys)):
+        for what, old, new in (
+            ("transactions", before.transactions_by_key, after.transactions_by_key),
+            ("holds", before.hold_keys, after.hold_keys),
+        ):
             grown = {key for key in new if key not in old and key in {op.key for op in sample}}
             if grown:
                 problems.append(f"sending answered operations again added {what} under {sorted(grown)[:5]}")
@@ -420,16 +503,19 @@ class Bank:
     def summary(self) -> str:
         codes = collections.Counter(op.code for op in self.ops)
         retried = sum(op.attempts > 0 and op.code == "OK" for op in self.ops)
-        return (f"{len(self.ops)} operations ({dict(codes)}), {retried}"
-                f" acknowledged after a retry, {sum(op.replayed for op in self.ops)} by a replay; "
-                f"faults {dict(self.rounds)}")
+        return (
+            f"{len(self.ops)} operations ({dict(codes)}), {retried}"
+            f" acknowledged after a retry, {sum(op.replayed for op in self.ops)} by a replay; "
+            f"faults {dict(self.rounds)}"
+        )
 
 
 def _health(service: ServiceProcess) -> str:
     """grpc.health.v1 status of the points service (health needs no credential)."""
     with grpc.insecure_channel(service.target) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="points.v1.PointsService"), timeout=CALL_TIMEOUT_SECONDS)
+            health_pb2.HealthCheckRequest(service="points.v1.PointsService"), timeout=CALL_TIMEOUT_SECONDS
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -445,8 +531,9 @@ class Traffic:
     def __init__(self, bank: Bank):
         self.bank = bank
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=client.run, args=(self._stop,), daemon=True)
-                         for client in bank.clients]
+        self._threads = [
+            threading.Thread(target=client.run, args=(self._stop,), daemon=True) for client in bank.clients
+        ]
 
     def start(self) -> "Traffic":
         for thread in self._threads:
@@ -455,8 +542,9 @@ class Traffic:
 
     def wait_for_acknowledged(self, more: int) -> None:
         progress = self.bank.progress
-        assert progress.wait_for(progress.acknowledged + more, PROGRESS_WAIT_SECONDS), \
+        assert progress.wait_for(progress.acknowledged + more, PROGRESS_WAIT_SECONDS), (
             progress.problems or f"the clients did not get {more} more answers in {PROGRESS_WAIT_SECONDS} s"
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -490,15 +578,15 @@ def run_round(bank: Bank, fault: str) -> list[str]:
 @dataclasses.dataclass
 class Journal:
     asset_totals: dict[str, int]
-    unbalanced: list[tuple[int, str, int]]             # (transaction_id, asset, sum) with sum != 0
-    accounts: list[asyncpg.Record]                     # kind, owner_id, asset_code, balance, entries
+    unbalanced: list[tuple[int, str, int]]  # (transaction_id, asset, sum) with sum != 0
+    accounts: list[asyncpg.Record]  # kind, owner_id, asset_code, balance, entries
     transactions: dict[int, asyncpg.Record]
     transactions_by_key: dict[tuple[str, str], list[asyncpg.Record]]
     holds: dict[int, asyncpg.Record]
     voucher_holds: dict[int, asyncpg.Record]
     idempotency: dict[tuple[str, str], tuple[str, str]]
-    held: dict[str, int]                               # member -> point-units under open, unexpired holds
-    hold_keys: set[tuple[str, str]]                    # (merchant_id, idempotency_key) of every points hold
+    held: dict[str, int]  # member -> point-units under open, unexpired holds
+    hold_keys: set[tuple[str, str]]  # (merchant_id, idempotency_key) of every points hold
 
 
 async def _read(url: str) -> Journal:
@@ -508,21 +596,26 @@ async def _read(url: str) -> Journal:
             totals = await connection.fetch("SELECT asset_code, sum(amount)::bigint AS total FROM entries GROUP BY 1")
             unbalanced = await connection.fetch(
                 """SELECT transaction_id, asset_code, sum(amount)::bigint AS total FROM entries GROUP BY 1, 2
-                   HAVING sum(amount) <> 0""")
+                   HAVING sum(amount) <> 0"""
+            )
             accounts = await connection.fetch(
                 """SELECT b.kind, b.owner_id, b.asset_code, b.balance,
                           (SELECT coalesce(sum(e.amount), 0)::bigint FROM entries e
                            WHERE e.account_id = b.account_id) AS entries
-                   FROM account_balances b""")
+                   FROM account_balances b"""
+            )
             transactions = await connection.fetch(
                 """SELECT transaction_id, kind, merchant_id, member_id, amount, authorization_id,
-                          original_transaction_id, idempotency_key, created_at FROM transactions""")
+                          original_transaction_id, idempotency_key, created_at FROM transactions"""
+            )
             holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, amount, status, expires_at > now() AS unexpired,
-                          idempotency_key, capture_transaction_id, created_at FROM holds""")
+                          idempotency_key, capture_transaction_id, created_at FROM holds"""
+            )
             voucher_holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, vouchers, points, status, transaction_id
-                   FROM voucher_holds""")
+                   FROM voucher_holds"""
+            )
             keys = await connection.fetch("SELECT merchant_id, idempotency_key, method, outcome FROM idempotency_keys")
     finally:
         await connection.close()
@@ -533,28 +626,38 @@ async def _read(url: str) -> Journal:
     for h in holds:
         if h["status"] == HOLD_OPEN and h["unexpired"]:
             held[h["member_id"]] += h["amount"]
-    return Journal({r["asset_code"]: r["total"] for r in totals},
-                   [(r["transaction_id"], r["asset_code"], r["total"]) for r in unbalanced], accounts,
-                   {t["transaction_id"]: t for t in transactions}, by_key,
-                   {h["authorization_id"]: h for h in holds}, {h["authorization_id"]: h for h in voucher_holds},
-                   {(k["merchant_id"], k["idempotency_key"]): (k["method"], k["outcome"]) for k in keys}, held,
-                   {(h["merchant_id"], h["idempotency_key"]) for h in holds})
+    return Journal(
+        {r["asset_code"]: r["total"] for r in totals},
+        [(r["transaction_id"], r["asset_code"], r["total"]) for r in unbalanced],
+        accounts,
+        {t["transaction_id"]: t for t in transactions},
+        by_key,
+        {h["authorization_id"]: h for h in holds},
+        {h["authorization_id"]: h for h in voucher_holds},
+        {(k["merchant_id"], k["idempotency_key"]): (k["method"], k["outcome"]) for k in keys},
+        held,
+        {(h["merchant_id"], h["idempotency_key"]) for h in holds},
+    )
 
 
 def check_conservation(journal: Journal) -> list[str]:
-    problems = [f"the journal's {asset} entries sum to {total}, not 0" for asset, total in journal.asset_totals.items()
-                if total != 0]
+    problems = [
+        f"the journal's {asset} entries sum to {total}, not 0"
+        for asset, total in journal.asset_totals.items()
+        if total != 0
+    ]
     problems += [f"transaction {t}: its {asset} entries sum to {total}" for t, asset, total in journal.unbalanced[:20]]
     for a in journal.accounts:
         if a["kind"] == "member" and a["balance"] < 0:
             problems.append(f"member {a['owner_id']} has a negative {a['asset_code']} balance {a['balance']}")
         if a["balance"] != a["entries"]:
-            problems.append(f"{a['kind']} {a['owner_id']} {a['asset_code']}: balance {a['balance']}, "
-                            f"entries sum {a['entries']}")
+            problems.append(
+                f"{a['kind']} {a['owner_id']} {a['asset_code']}: balance {a['balance']}, entries sum {a['entries']}"
+            )
     return problems
 
 
-_PLAIN_KINDS = frozenset({1, 2, 3, 4, 5})   # one asset, `amount` = the points answered
+_PLAIN_KINDS = frozenset({1, 2, 3, 4, 5})  # one asset, `amount` = the points answered
 _TRANSACTION_KINDS = {"Earn": {1}, "Capture": {2, 12}, "Redeem": {3, 12}, "Refund": {4, 5, 13}}
 
 
@@ -569,25 +672,32 @@ def check_acknowledged(ops: list[BankOp], journal: Journal) -> list[str]:
         record = journal.idempotency.get(op.key)
         if record != (op.method, op.code):
             problems.append(f"{op}: answered {op.code}, idempotency record {record}")
-        mine = [t for t in journal.transactions_by_key.get(op.key, [])
-                if t["kind"] in _TRANSACTION_KINDS.get(op.method, ())]
+        mine = [
+            t for t in journal.transactions_by_key.get(op.key, []) if t["kind"] in _TRANSACTION_KINDS.get(op.method, ())
+        ]
         if op.code != "OK":
             if mine or op.key in journal.hold_keys:
-                problems.append(f"{op}: refused {op.code}, yet {len(mine)} transactions and "
-                                f"{int(op.key in journal.hold_keys)} holds in the journal under its key")
+                problems.append(
+                    f"{op}: refused {op.code}, yet {len(mine)} transactions and "
+                    f"{int(op.key in journal.hold_keys)} holds in the journal under its key"
+                )
             continue
         hold = journal.holds.get(_parse_id(op.response.authorization_id, "auth_")) if op.method == "Authorize" else None
         if op.method in _TRANSACTION_KINDS:
             transaction_id = _parse_id(op.response.transaction_id, "txn_")
             row = journal.transactions.get(transaction_id)
             if len(mine) != 1:
-                problems.append(f"{op}: acknowledged as {op.response.transaction_id}, {len(mine)} transactions "
-                                f"under its key: {[t['transaction_id'] for t in mine]}")
+                problems.append(
+                    f"{op}: acknowledged as {op.response.transaction_id}, {len(mine)} transactions "
+                    f"under its key: {[t['transaction_id'] for t in mine]}"
+                )
             if row is None:
                 problems.append(f"{op}: acknowledged as {op.response.transaction_id}, which is not in the journal")
             elif (row["merchant_id"], row["idempotency_key"]) != op.key:
-                problems.append(f"{op}: acknowledged as {op.response.transaction_id}, which the journal holds for "
-                                f"{row['merchant_id']} {row['idempotency_key']} (kind {row['kind']})")
+                problems.append(
+                    f"{op}: acknowledged as {op.response.transaction_id}, which the journal holds for "
+                    f"{row['merchant_id']} {row['idempotency_key']} (kind {row['kind']})"
+                )
             elif op.method in ("Earn", "Redeem") and row["member_id"] != op.request.member_id:
                 problems.append(f"{op}: {op.response.transaction_id} is of member {row['member_id']}")
             elif row["kind"] in _PLAIN_KINDS and op.response.points != row["amount"]:
@@ -600,24 +710,37 @@ def check_acknowledged(ops: list[BankOp], journal: Journal) -> list[str]:
             if op.request.points:
                 if hold is None:
                     problems.append(f"{op}: acknowledged as {op.response.authorization_id}, no hold of points")
-                elif (hold["merchant_id"], hold["idempotency_key"], hold["member_id"], hold["amount"]) != \
-                        (*op.key, op.request.member_id, op.request.points):
-                    problems.append(f"{op}: acknowledged as {op.response.authorization_id}, whose points hold is "
-                                    f"{dict(hold)}")
+                elif (hold["merchant_id"], hold["idempotency_key"], hold["member_id"], hold["amount"]) != (
+                    *op.key,
+                    op.request.member_id,
+                    op.request.points,
+                ):
+                    problems.append(
+                        f"{op}: acknowledged as {op.response.authorization_id}, whose points hold is {dict(hold)}"
+                    )
             elif hold is not None:
-                problems.append(f"{op}: a vouchers-only hold answered {op.response.authorization_id}, which is also "
-                                f"the points hold {dict(hold)} of another authorization")
+                problems.append(
+                    f"{op}: a vouchers-only hold answered {op.response.authorization_id}, which is also "
+                    f"the points hold {dict(hold)} of another authorization"
+                )
             if op.request.vouchers:
                 if voucher_hold is None:
                     problems.append(f"{op}: acknowledged as {op.response.authorization_id}, no voucher hold")
-                elif (voucher_hold["merchant_id"], voucher_hold["member_id"], voucher_hold["vouchers"],
-                      voucher_hold["points"]) != (op.key[0], op.request.member_id, op.request.vouchers,
-                                                  op.request.points):
-                    problems.append(f"{op}: acknowledged as {op.response.authorization_id}, whose voucher hold is "
-                                    f"{dict(voucher_hold)}")
+                elif (
+                    voucher_hold["merchant_id"],
+                    voucher_hold["member_id"],
+                    voucher_hold["vouchers"],
+                    voucher_hold["points"],
+                ) != (op.key[0], op.request.member_id, op.request.vouchers, op.request.points):
+                    problems.append(
+                        f"{op}: acknowledged as {op.response.authorization_id}, whose voucher hold is "
+                        f"{dict(voucher_hold)}"
+                    )
             elif voucher_hold is not None:
-                problems.append(f"{op}: a points-only hold answered {op.response.authorization_id}, which is also "
-                                f"the voucher hold {dict(voucher_hold)} of another authorization")
+                problems.append(
+                    f"{op}: a points-only hold answered {op.response.authorization_id}, which is also "
+                    f"the voucher hold {dict(voucher_hold)} of another authorization"
+                )
     return problems
 
 
@@ -628,9 +751,11 @@ def _check_resolution(op: BankOp, journal: Journal) -> list[str]:
     """An acknowledged capture or void resolved its hold in every hold table that holds it: captured by
     the transaction it was answered, or voided."""
     authorization_id = _parse_id(op.request.authorization_id, "auth_")
-    rows = [(what, table[authorization_id]) for what, table in (("holds", journal.holds),
-                                                                 ("voucher_holds", journal.voucher_holds))
-            if authorization_id in table]
+    rows = [
+        (what, table[authorization_id])
+        for what, table in (("holds", journal.holds), ("voucher_holds", journal.voucher_holds))
+        if authorization_id in table
+    ]
     if not rows:
         return [f"{op}: acknowledged, but {op.request.authorization_id} is in no hold table"]
     problems = []
@@ -641,24 +766,30 @@ def _check_resolution(op: BankOp, journal: Journal) -> list[str]:
             expected = (_CAPTURED, _parse_id(op.response.transaction_id, "txn_"))
         seen = (row["status"], row["capture_transaction_id"] if what == "holds" else row["transaction_id"])
         if seen != expected:
-            problems.append(f"{op}: acknowledged, but {what} has {op.request.authorization_id} as (status, "
-                            f"transaction) {seen}, expected {expected}")
+            problems.append(
+                f"{op}: acknowledged, but {what} has {op.request.authorization_id} as (status, "
+                f"transaction) {seen}, expected {expected}"
+            )
     return problems
 
 
-_CALLERS_KINDS = frozenset({1, 2, 3, 4, 5, 12, 13})   # transactions only a call makes (not dividends, expiry...)
+_CALLERS_KINDS = frozenset({1, 2, 3, 4, 5, 12, 13})  # transactions only a call makes (not dividends, expiry...)
 
 
 def check_nothing_else(ops: list[BankOp], journal: Journal) -> list[str]:
     """The journal holds nothing nobody was acknowledged: no transaction of a call under a key no call
     used, and exactly one hold row per acknowledged hold (so a refused or unanswered one left none)."""
     keys = {op.key for op in ops}
-    problems = [f"txn_{t['transaction_id']} (kind {t['kind']}) under {t['idempotency_key']}, which no call used"
-                for t in journal.transactions.values()
-                if t["kind"] in _CALLERS_KINDS and (t["merchant_id"], t["idempotency_key"]) not in keys][:20]
+    problems = [
+        f"txn_{t['transaction_id']} (kind {t['kind']}) under {t['idempotency_key']}, which no call used"
+        for t in journal.transactions.values()
+        if t["kind"] in _CALLERS_KINDS and (t["merchant_id"], t["idempotency_key"]) not in keys
+    ][:20]
     held = [op for op in ops if op.method == "Authorize" and op.code == "OK"]
-    for what, table, wanted in (("holds", journal.holds, [op for op in held if op.request.points]),
-                                ("voucher_holds", journal.voucher_holds, [op for op in held if op.request.vouchers])):
+    for what, table, wanted in (
+        ("holds", journal.holds, [op for op in held if op.request.points]),
+        ("voucher_holds", journal.voucher_holds, [op for op in held if op.request.vouchers]),
+    ):
         if len(table) != len(wanted):
             problems.append(f"{len(table)} rows in {what}, {len(wanted)} acknowledged authorizations hold there")
     return problems
@@ -670,9 +801,12 @@ def check_time_order(journal: Journal) -> list[str]:
     problems = []
     for prefix, rows in (("txn_", journal.transactions), ("auth_", journal.holds)):
         ordered = sorted(rows.items())
-        problems += [f"{prefix}{later} dated {b['created_at'].isoformat()}, before {prefix}{earlier} "
-                     f"({a['created_at'].isoformat()})"
-                     for (earlier, a), (later, b) in zip(ordered, ordered[1:]) if b["created_at"] < a["created_at"]][:10]
+        problems += [
+            f"{prefix}{later} dated {b['created_at'].isoformat()}, before {prefix}{earlier} "
+            f"({a['created_at'].isoformat()})"
+            for (earlier, a), (later, b) in zip(ordered, ordered[1:])
+            if b["created_at"] < a["created_at"]
+        ][:10]
     return problems
 
 
@@ -682,19 +816,25 @@ def check_ids(ops: list[BankOp], journal: Journal) -> list[str]:
     for field in ("transaction_id", "authorization_id"):
         answered = collections.defaultdict(list)
         for op in ops:
-            if op.code == "OK" and hasattr(op.response, field) and op.method in (_TRANSACTION_KINDS.keys()
-                                                                                 if field == "transaction_id"
-                                                                                 else ("Authorize",)):
+            if (
+                op.code == "OK"
+                and hasattr(op.response, field)
+                and op.method in (_TRANSACTION_KINDS.keys() if field == "transaction_id" else ("Authorize",))
+            ):
                 answered[getattr(op.response, field)].append(op)
         for value, owners in answered.items():
             if len(owners) > 1:
                 problems.append(f"{value} was answered to {len(owners)} operations: {[str(o) for o in owners]}")
     for authorization_id in journal.holds.keys() & journal.voucher_holds.keys():
         hold, voucher_hold = journal.holds[authorization_id], journal.voucher_holds[authorization_id]
-        if (hold["merchant_id"], hold["member_id"], hold["amount"]) != \
-                (voucher_hold["merchant_id"], voucher_hold["member_id"], voucher_hold["points"]):
-            problems.append(f"auth_{authorization_id} names two holds: points {dict(hold)}, "
-                            f"vouchers {dict(voucher_hold)}")
+        if (hold["merchant_id"], hold["member_id"], hold["amount"]) != (
+            voucher_hold["merchant_id"],
+            voucher_hold["member_id"],
+            voucher_hold["points"],
+        ):
+            problems.append(
+                f"auth_{authorization_id} names two holds: points {dict(hold)}, vouchers {dict(voucher_hold)}"
+            )
     return problems
 
 
@@ -712,8 +852,10 @@ def check_service_balances(stub, members: list[str], journal: Journal) -> list[s
         posted, held = entries.get((member, "POINTS"), 0), journal.held.get(member, 0)
         expected = (posted, held, posted - held, entries.get((member, "VOUCHERS"), 0))
         if (shown.posted, shown.held, shown.available, shown.vouchers) != expected:
-            problems.append(f"{member}: GetBalance (posted, held, available, vouchers) "
-                            f"{(shown.posted, shown.held, shown.available, shown.vouchers)}, the journal {expected}")
+            problems.append(
+                f"{member}: GetBalance (posted, held, available, vouchers) "
+                f"{(shown.posted, shown.held, shown.available, shown.vouchers)}, the journal {expected}"
+            )
         if shown.available < 0:
             problems.append(f"{member}: available {shown.available} < 0")
     return problems
@@ -724,7 +866,8 @@ async def _unposted_dividends(url: str) -> dict[str, int]:
     try:
         rows = await connection.fetch(
             """SELECT holder_id, sum(amount)::bigint AS amount FROM dividend_allocations
-               WHERE transaction_id IS NULL AND holder_kind = 'member' GROUP BY 1""")
+               WHERE transaction_id IS NULL AND holder_kind = 'member' GROUP BY 1"""
+        )
     finally:
         await connection.close()
     return {r["holder_id"]: r["amount"] for r in rows}
@@ -732,6 +875,7 @@ async def _unposted_dividends(url: str) -> dict[str, int]:
 
 async def _add_program_version(url: str) -> None:
     from processor.store import Store
+
     store = await Store.open(url, 2)
     try:
         await store.migrate()

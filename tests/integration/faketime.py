@@ -2,16 +2,23 @@
 check's clock-step rounds (bank.py): LD_PRELOAD=libfaketime with a control file re-read at every clock
 read, so the test steps the clock of a running service; its monotonic clock is left alone (asyncio and
 gRPC deadlines run on it), and so is Postgres's clock."""
+
 from __future__ import annotations
 
 import glob
 import os
 import pathlib
 
-FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/*/faketime/libfaketime.so.1",
-                      "/usr/lib/faketime/libfaketime.so.1", "/usr/local/lib/faketime/libfaketime.so.1")
-SKIP_REASON = ("libfaketime is not installed (Debian package faketime; `make test` installs it with apt-get where "
-               "apt-get can reach a mirror): the clock-step tests need it")
+FAKETIME_LIBRARIES = (
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/*/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+    "/usr/local/lib/faketime/libfaketime.so.1",
+)
+SKIP_REASON = (
+    "libfaketime is not installed (Debian package faketime; `make test` installs it with apt-get where "
+    "apt-get can reach a mirror): the clock-step tests need it"
+)
 
 
 def faketime_library() -> str | None:
@@ -39,5 +46,9 @@ class Clock:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"LD_PRELOAD": self.library, "FAKETIME_TIMESTAMP_FILE": str(self.file), "FAKETIME_NO_CACHE": "1",
-                "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+        return {
+            "LD_PRELOAD": self.library,
+            "FAKETIME_TIMESTAMP_FILE": str(self.file),
+            "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }

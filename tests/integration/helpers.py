@@ -1,4 +1,5 @@
 """Plain helpers shared by the idempotency, concurrency and restart tests (no fixtures here)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,25 +28,35 @@ def cli(*arguments: str) -> subprocess.CompletedProcess:
     """`python -m processor ...` as an operator runs it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
-    return subprocess.run([sys.executable, "-m", "processor", *arguments], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_SECONDS)
+    return subprocess.run(
+        [sys.executable, "-m", "processor", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+    )
 
 
 def add_program_version(url: str, config: dict, program_id: str = "alliance") -> None:
     """Stores a program version (as `program set` does); it applies PROGRAM_LEAD_SECONDS later."""
+
     async def add() -> None:
         from processor.store import Store
+
         store = await Store.open(url, 2)
         try:
             await store.add_program_version(program_id, None, config, "tests")
         finally:
             await store.close()
+
     asyncio.run(add())
 
 
 def wait_until(condition, what: str, seconds: float = 20) -> None:
     """Polls `condition` every 0.1 s; fails with `what` if it is not true within `seconds`."""
     import time
+
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, what
@@ -77,8 +88,12 @@ def call_once(rpc, request, timeout: float = 30) -> tuple[object, str | None]:
 
 
 def earn(stub, merchant: str, member: str, purchase: int, key: str | None = None) -> pb.EarnResponse:
-    return stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase,
-                                    idempotency_key=key or unique("k")), timeout=30)
+    return stub.Earn(
+        pb.EarnRequest(
+            merchant_id=merchant, member_id=member, purchase_amount=purchase, idempotency_key=key or unique("k")
+        ),
+        timeout=30,
+    )
 
 
 def funded_member(stub, merchant: str, point_units: int, give_back_bps: int = 1000) -> str:
@@ -107,15 +122,23 @@ async def _snapshot(database_url: str) -> dict:
                 """SELECT (SELECT count(*) FROM transactions) AS transactions,
                           (SELECT count(*) FROM entries) AS entries,
                           (SELECT count(*) FROM holds) AS holds,
-                          (SELECT count(*) FROM idempotency_keys) AS idempotency_keys""")
+                          (SELECT count(*) FROM idempotency_keys) AS idempotency_keys"""
+            )
             accounts = await connection.fetch(
-                "SELECT kind, owner_id, balance FROM account_balances ORDER BY kind, owner_id")
+                "SELECT kind, owner_id, balance FROM account_balances ORDER BY kind, owner_id"
+            )
             holds = await connection.fetch(
-                "SELECT authorization_id, status, captured FROM holds ORDER BY authorization_id")
+                "SELECT authorization_id, status, captured FROM holds ORDER BY authorization_id"
+            )
             refunded = await connection.fetch(
-                "SELECT transaction_id, refunded FROM transactions WHERE refunded > 0 ORDER BY transaction_id")
-        return {"counts": dict(counts), "accounts": [tuple(r) for r in accounts],
-                "holds": [tuple(r) for r in holds], "refunded": [tuple(r) for r in refunded]}
+                "SELECT transaction_id, refunded FROM transactions WHERE refunded > 0 ORDER BY transaction_id"
+            )
+        return {
+            "counts": dict(counts),
+            "accounts": [tuple(r) for r in accounts],
+            "holds": [tuple(r) for r in holds],
+            "refunded": [tuple(r) for r in refunded],
+        }
     finally:
         await connection.close()
 
@@ -136,7 +159,9 @@ async def _member_in_postgres(database_url: str, member: str) -> tuple[int, int,
                            WHERE e.account_id = a.account_id) AS entries,
                           (SELECT coalesce(sum(h.amount), 0) FROM holds h
                            WHERE h.member_id = a.owner_id AND h.status = 1 AND h.expires_at > now()) AS held
-                   FROM account_balances a WHERE a.kind = 'member' AND a.owner_id = $1""", member)
+                   FROM account_balances a WHERE a.kind = 'member' AND a.owner_id = $1""",
+                member,
+            )
         return row["balance"], row["entries"], row["held"]
     finally:
         await connection.close()

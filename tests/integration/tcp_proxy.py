@@ -11,6 +11,7 @@ Threads, not asyncio: one accept thread, and per connection one pump thread per 
 holds what it read while the proxy is stalled and forwards it (end of stream included) on restore, so
 a stall delays bytes and never drops or reorders them; a cut drops them with the connection.
 """
+
 from __future__ import annotations
 
 import socket
@@ -150,8 +151,12 @@ class TcpProxy:
                 self._connections.add(connection)
                 self.connections_accepted += 1
             for source, target, direction in ((client, upstream, "up"), (upstream, client, "down")):
-                threading.Thread(target=self._pump, args=(connection, source, target),
-                                 name=f"tcp-proxy-{self.port}-{direction}", daemon=True).start()
+                threading.Thread(
+                    target=self._pump,
+                    args=(connection, source, target),
+                    name=f"tcp-proxy-{self.port}-{direction}",
+                    daemon=True,
+                ).start()
 
     def _pump(self, connection: _Connection, source: socket.socket, target: socket.socket) -> None:
         try:

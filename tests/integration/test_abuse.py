@@ -4,6 +4,7 @@ small pool; keys expire and record their last use; operator keys come from the C
 listed are refused and reflection hides the operator services from non-operators; per-merchant rate limits
 (on by default), per-merchant quotas of the queue, open holds and new members; an earn of 0 points creates no
 member; the idempotency purge deletes in bounded chunks."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,9 @@ def assert_code(call, code: grpc.StatusCode) -> grpc.RpcError:
 
 
 def earn_request(merchant: str, member: str, purchase: int = 10_000, key: str = "") -> points_pb2.EarnRequest:
-    return points_pb2.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase,
-                                  idempotency_key=key or unique("k"))
+    return points_pb2.EarnRequest(
+        merchant_id=merchant, member_id=member, purchase_amount=purchase, idempotency_key=key or unique("k")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,14 +53,18 @@ def undecodable_count(service, method: str) -> float:
     """points_rpc_requests_undecodable_total of a PointsService method, from the service's /metrics."""
     with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
         text = response.read().decode()
-    pattern = re.compile(r'^points_rpc_requests_undecodable_total\{grpc_method="%s",grpc_service="points.v1.'
-                         r'PointsService"\} (\S+)$' % method, re.M)
+    pattern = re.compile(
+        r'^points_rpc_requests_undecodable_total\{grpc_method="%s",grpc_service="points.v1.'
+        r'PointsService"\} (\S+)$' % method,
+        re.M,
+    )
     match = pattern.search(text)
     return float(match.group(1)) if match else 0.0
 
 
-def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_with_one(create_database,
-                                                                                      service_factory):
+def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_with_one(
+    create_database, service_factory
+):
     url = create_database()
     key = add_merchant(url, "shop")
     service = service_factory(url)
@@ -66,17 +72,20 @@ def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_wi
         error = assert_code(lambda: raw_unary(channel, EARN_METHOD, GARBAGE), grpc.StatusCode.UNAUTHENTICATED)
         assert "authorization: Bearer" in error.details()
         wrong = create_key(url, "operator")  # a valid key of the wrong kind: refused before decoding too
-        assert_code(lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(wrong)),
-                    grpc.StatusCode.PERMISSION_DENIED)
+        assert_code(
+            lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(wrong)), grpc.StatusCode.PERMISSION_DENIED
+        )
         # neither body was decoded: the counter of undecodable requests has not moved
         assert undecodable_count(service, "Earn") == 0
-        error = assert_code(lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(key)),
-                            grpc.StatusCode.INVALID_ARGUMENT)
+        error = assert_code(
+            lambda: raw_unary(channel, EARN_METHOD, GARBAGE, credential(key)), grpc.StatusCode.INVALID_ARGUMENT
+        )
         assert "points.v1.EarnRequest" in error.details()
         assert undecodable_count(service, "Earn") == 1
         # a stream: refused as a whole without a key; with one, the bad message gets its own INVALID result
-        stream = channel.stream_stream(STREAM_METHOD, request_serializer=lambda b: b,
-                                       response_deserializer=points_pb2.StreamResponse.FromString)
+        stream = channel.stream_stream(
+            STREAM_METHOD, request_serializer=lambda b: b, response_deserializer=points_pb2.StreamResponse.FromString
+        )
         error = assert_code(lambda: list(stream(iter([GARBAGE]), timeout=30)), grpc.StatusCode.UNAUTHENTICATED)
         answers = list(stream(iter([GARBAGE]), metadata=credential(key), timeout=30))
         assert [a.result.status_code for a in answers] == [grpc.StatusCode.INVALID_ARGUMENT.value[0]]
@@ -91,6 +100,7 @@ def test_a_garbage_body_is_unauthenticated_without_a_key_and_invalid_argument_wi
 
 async def _insert_key(url: str, key, kind: str, merchant_ids: list[str], expires_at=None) -> None:
     from processor.store import Store
+
     store = await Store.open(url, 2)
     try:
         await store.insert_api_key(key.key_id, key.secret_sha256, kind, merchant_ids, "tests", expires_at)
@@ -100,18 +110,23 @@ async def _insert_key(url: str, key, kind: str, merchant_ids: list[str], expires
 
 def test_an_unknown_key_id_is_remembered_as_unknown_for_the_configured_time(create_database, service_factory):
     from processor import auth
+
     url = create_database()
     add_merchant(url, "shop")
     remembering = service_factory(url, "--auth-unknown-cache-seconds", "300")
     key = auth.new_key()
     with remembering.bare_channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
-        assert_code(lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key.key), timeout=30),
-                    grpc.StatusCode.UNAUTHENTICATED)
+        assert_code(
+            lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key.key), timeout=30),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
         # the key now exists, but the service remembers its id as unknown: no look-up, still refused
         asyncio.run(_insert_key(url, key, "merchant", ["shop"]))
-        assert_code(lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key.key), timeout=30),
-                    grpc.StatusCode.UNAUTHENTICATED)
+        assert_code(
+            lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key.key), timeout=30),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
     remembering.terminate()
     forgetting = service_factory(url, "--auth-unknown-cache-seconds", "0")
     with forgetting.bare_channel() as channel:
@@ -119,18 +134,23 @@ def test_an_unknown_key_id_is_remembered_as_unknown_for_the_configured_time(crea
         assert stub.Earn(earn_request("shop", "m"), metadata=credential(key.key), timeout=30).points == 1_000
 
 
-def test_key_look_ups_use_their_own_small_pool_and_a_flood_of_bad_keys_does_not_stop_earns(create_database,
-                                                                                             service_factory):
+def test_key_look_ups_use_their_own_small_pool_and_a_flood_of_bad_keys_does_not_stop_earns(
+    create_database, service_factory
+):
     from processor import auth
+
     url = create_database()
     key = add_merchant(url, "shop")
-    service = service_factory(url, "--auth-pool-connections-max", "1", "--auth-unknown-cache-seconds", "0",
-                              "--pool-connections-max", "2")
+    service = service_factory(
+        url, "--auth-pool-connections-max", "1", "--auth-unknown-cache-seconds", "0", "--pool-connections-max", "2"
+    )
     with service.bare_channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         bad = [auth.new_key().key for _ in range(200)]
-        futures = [stub.GetBalance.future(points_pb2.GetBalanceRequest(member_id="x"), metadata=credential(k),
-                                          timeout=60) for k in bad]
+        futures = [
+            stub.GetBalance.future(points_pb2.GetBalanceRequest(member_id="x"), metadata=credential(k), timeout=60)
+            for k in bad
+        ]
         # while the look-ups of 200 made-up keys queue on their one connection, earns are committed
         earns = [stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30) for _ in range(5)]
         assert [e.points for e in earns] == [1_000] * 5
@@ -141,23 +161,38 @@ def test_key_look_ups_use_their_own_small_pool_and_a_flood_of_bad_keys_does_not_
             except grpc.RpcError as error:
                 codes.add(error.code())
         assert codes == {grpc.StatusCode.UNAUTHENTICATED}
-        rows = fetch(url, "SELECT application_name, count(*) AS n FROM pg_stat_activity "
-                          "WHERE datname = current_database() AND application_name LIKE 'points-processor%' "
-                          "GROUP BY 1")
+        rows = fetch(
+            url,
+            "SELECT application_name, count(*) AS n FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'points-processor%' "
+            "GROUP BY 1",
+        )
         connections = {r["application_name"]: r["n"] for r in rows}
         assert 1 <= connections.get("points-processor-auth", 0) <= 1, connections
 
 
 def test_key_look_ups_waiting_for_their_pool_are_bounded(create_database, service_factory):
     from processor import auth
+
     url = create_database()
     key = add_merchant(url, "shop")
-    service = service_factory(url, "--auth-pool-connections-max", "1", "--auth-lookups-in-flight-max", "1",
-                              "--auth-unknown-cache-seconds", "0")
+    service = service_factory(
+        url,
+        "--auth-pool-connections-max",
+        "1",
+        "--auth-lookups-in-flight-max",
+        "1",
+        "--auth-unknown-cache-seconds",
+        "0",
+    )
     with service.bare_channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
-        futures = [stub.GetBalance.future(points_pb2.GetBalanceRequest(member_id="x"),
-                                          metadata=credential(auth.new_key().key), timeout=60) for _ in range(200)]
+        futures = [
+            stub.GetBalance.future(
+                points_pb2.GetBalanceRequest(member_id="x"), metadata=credential(auth.new_key().key), timeout=60
+            )
+            for _ in range(200)
+        ]
         codes = []
         for future in futures:
             try:
@@ -165,14 +200,16 @@ def test_key_look_ups_waiting_for_their_pool_are_bounded(create_database, servic
             except grpc.RpcError as error:
                 codes.append((error.code(), error.details()))
         assert {code for code, _ in codes} == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}
-        assert any("being checked at once" in details for code, details in codes
-                   if code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert any(
+            "being checked at once" in details for code, details in codes if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         # the service goes on answering good keys
         assert stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30).points == 1_000
 
 
 def test_an_expired_key_is_refused_saying_it_expired_even_while_cached(create_database, service_factory):
     from processor import auth
+
     url = create_database()
     add_merchant(url, "shop")
     service = service_factory(url, "--auth-cache-seconds", "300")
@@ -185,15 +222,20 @@ def test_an_expired_key_is_refused_saying_it_expired_even_while_cached(create_da
         assert stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30).points == 1_000
         while dt.datetime.now(dt.timezone.utc) <= expires_at + dt.timedelta(milliseconds=200):
             time.sleep(0.2)
-        error = assert_code(lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30),
-                            grpc.StatusCode.UNAUTHENTICATED)
+        error = assert_code(
+            lambda: stub.Earn(earn_request("shop", "m"), metadata=credential(key), timeout=30),
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
         assert "expired" in error.details()
     past = cli("key", "create", "--merchant-id", "shop", "--expires-at", "2020-01-01T00:00:00Z", "--database-url", url)
     assert past.returncode != 0 and "not in the future" in past.stderr
     made = cli("key", "create", "--merchant-id", "shop", "--expires-in-days", "30", "--database-url", url)
     assert made.returncode == 0, made.stderr
-    stored = fetch(url, "SELECT expires_at - created_at AS life FROM api_keys WHERE key_id = $1",
-                   made.stdout.split()[-1].split("_")[1])[0]["life"]
+    stored = fetch(
+        url,
+        "SELECT expires_at - created_at AS life FROM api_keys WHERE key_id = $1",
+        made.stdout.split()[-1].split("_")[1],
+    )[0]["life"]
     assert dt.timedelta(days=29, hours=23) < stored <= dt.timedelta(days=30)
 
 
@@ -224,9 +266,14 @@ def test_operator_keys_are_refused_by_the_api_and_made_by_the_cli(create_databas
     with service.bare_channel() as channel:
         admin = admin_pb2_grpc.MerchantAdminStub(channel)
         before = fetch(url, "SELECT count(*) AS n FROM api_keys")[0]["n"]
-        error = assert_code(lambda: admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(
-            kind=admin_pb2.API_KEY_KIND_OPERATOR), metadata=credential(operator), timeout=30),
-            grpc.StatusCode.PERMISSION_DENIED)
+        error = assert_code(
+            lambda: admin.IssueApiKey(
+                admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_OPERATOR),
+                metadata=credential(operator),
+                timeout=30,
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
         assert "key create --operator" in error.details()
         assert fetch(url, "SELECT count(*) AS n FROM api_keys")[0]["n"] == before
         made = cli("key", "create", "--operator", "--database-url", url)
@@ -242,14 +289,25 @@ def test_issue_api_key_takes_an_expiry_in_the_future(create_database, service_fa
     with service.bare_channel() as channel:
         admin = admin_pb2_grpc.MerchantAdminStub(channel)
         later = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3600)
-        issued = admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_MERCHANT,
-                                                                merchant_ids=["shop"], expires_at=later),
-                                   metadata=credential(operator), timeout=30)
+        issued = admin.IssueApiKey(
+            admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_MERCHANT, merchant_ids=["shop"], expires_at=later),
+            metadata=credential(operator),
+            timeout=30,
+        )
         stored = fetch(url, "SELECT expires_at FROM api_keys WHERE key_id = $1", issued.key_id)[0]["expires_at"]
         assert int(stored.timestamp()) == later.seconds
-        assert_code(lambda: admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(
-            kind=admin_pb2.API_KEY_KIND_MERCHANT, merchant_ids=["shop"], expires_at=timestamp_pb2.Timestamp(seconds=1)),
-            metadata=credential(operator), timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+        assert_code(
+            lambda: admin.IssueApiKey(
+                admin_pb2.IssueApiKeyRequest(
+                    kind=admin_pb2.API_KEY_KIND_MERCHANT,
+                    merchant_ids=["shop"],
+                    expires_at=timestamp_pb2.Timestamp(seconds=1),
+                ),
+                metadata=credential(operator),
+                timeout=30,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -267,9 +325,15 @@ def test_a_service_not_in_the_table_is_refused_not_let_through():
         async def secret(request, context):
             reached.append(request)
             return b"the crown jewels"
+
         server = grpc.aio.server(interceptors=[rpc.RpcInterceptor(auth.Authenticator(None, 0))])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("points.v1.Unlisted", {
-            "Peek": grpc.unary_unary_rpc_method_handler(secret)}),))
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "points.v1.Unlisted", {"Peek": grpc.unary_unary_rpc_method_handler(secret)}
+                ),
+            )
+        )
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         try:
@@ -282,6 +346,7 @@ def test_a_service_not_in_the_table_is_refused_not_let_through():
                     return error.code(), reached
         finally:
             await server.stop(None)
+
     code, reached = asyncio.run(run())
     assert code == grpc.StatusCode.UNIMPLEMENTED
     assert reached == []
@@ -289,38 +354,59 @@ def test_a_service_not_in_the_table_is_refused_not_let_through():
 
 def _reflect(channel, request, metadata=()):
     from grpc_reflection.v1alpha import reflection_pb2_grpc
+
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     return list(stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=30))[0]
 
 
 def test_reflection_shows_the_operator_services_to_operator_keys_only(create_database, service_factory):
     from grpc_reflection.v1alpha import reflection_pb2 as rpb
+
     url = create_database()
     merchant_key = add_merchant(url, "shop")
     operator = create_key(url, "operator")
     service = service_factory(url)
-    admin_services = {"points.v1.MerchantAdmin", "points.v1.Clearing", "points.v1.Programs",
-                      "points.v1.AuditService", "points.v1.MerchantAdminService", "points.v1.ClearingService",
-                      "points.v1.ProgramsService", "points.v1.MemberAdminService"}
+    admin_services = {
+        "points.v1.MerchantAdmin",
+        "points.v1.Clearing",
+        "points.v1.Programs",
+        "points.v1.AuditService",
+        "points.v1.MerchantAdminService",
+        "points.v1.ClearingService",
+        "points.v1.ProgramsService",
+        "points.v1.MemberAdminService",
+    }
     with service.bare_channel() as channel:
         for metadata in ((), credential(merchant_key), credential("pk_0000000000000000_" + "a" * 43)):
-            listed = {s.name for s in _reflect(channel, rpb.ServerReflectionRequest(list_services=""),
-                                               metadata).list_services_response.service}
+            listed = {
+                s.name
+                for s in _reflect(
+                    channel, rpb.ServerReflectionRequest(list_services=""), metadata
+                ).list_services_response.service
+            }
             assert "points.v1.PointsService" in listed and not listed & admin_services, listed
-            for request in (rpb.ServerReflectionRequest(file_containing_symbol="points.v1.MerchantAdmin"),
-                            rpb.ServerReflectionRequest(file_containing_symbol="points.v1.IssueApiKeyRequest"),
-                            rpb.ServerReflectionRequest(file_by_filename="points/v1/admin.proto")):
+            for request in (
+                rpb.ServerReflectionRequest(file_containing_symbol="points.v1.MerchantAdmin"),
+                rpb.ServerReflectionRequest(file_containing_symbol="points.v1.IssueApiKeyRequest"),
+                rpb.ServerReflectionRequest(file_by_filename="points/v1/admin.proto"),
+            ):
                 answer = _reflect(channel, request, metadata)
                 assert answer.HasField("error_response"), request
                 assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
-            public = _reflect(channel, rpb.ServerReflectionRequest(file_containing_symbol="points.v1.PointsService"),
-                              metadata)
+            public = _reflect(
+                channel, rpb.ServerReflectionRequest(file_containing_symbol="points.v1.PointsService"), metadata
+            )
             assert public.HasField("file_descriptor_response")
-        listed = {s.name for s in _reflect(channel, rpb.ServerReflectionRequest(list_services=""),
-                                           credential(operator)).list_services_response.service}
+        listed = {
+            s.name
+            for s in _reflect(
+                channel, rpb.ServerReflectionRequest(list_services=""), credential(operator)
+            ).list_services_response.service
+        }
         assert admin_services <= listed
-        answer = _reflect(channel, rpb.ServerReflectionRequest(file_containing_symbol="points.v1.MerchantAdmin"),
-                          credential(operator))
+        answer = _reflect(
+            channel, rpb.ServerReflectionRequest(file_containing_symbol="points.v1.MerchantAdmin"), credential(operator)
+        )
         assert answer.HasField("file_descriptor_response")
 
 
@@ -330,6 +416,7 @@ def test_reflection_shows_the_operator_services_to_operator_keys_only(create_dat
 
 def test_the_per_merchant_rate_limit_is_on_by_default_and_says_when_to_retry(create_database, service_factory):
     from processor import config
+
     assert config.Settings().merchant_operations_per_second > 0
     url = create_database()
     add_merchant(url, "busy")
@@ -339,8 +426,9 @@ def test_the_per_merchant_rate_limit_is_on_by_default_and_says_when_to_retry(cre
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         # 300 operations checked one after the other in a few ms: far more than 5 plus what 1,000/s refills
-        batch = points_pb2.SubmitBatchRequest(operations=[
-            points_pb2.Operation(earn=earn_request("busy", unique("mem"))) for _ in range(300)])
+        batch = points_pb2.SubmitBatchRequest(
+            operations=[points_pb2.Operation(earn=earn_request("busy", unique("mem"))) for _ in range(300)]
+        )
         results = stub.SubmitBatch(batch, timeout=60).results
         refused = [r for r in results if r.status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]]
         assert refused, "300 operations at once must exceed a burst of 5 at the default rate"
@@ -357,8 +445,9 @@ def test_an_earn_of_zero_points_creates_no_member(create_database, service_facto
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         ghost = unique("ghost")
-        error = assert_code(lambda: stub.Earn(earn_request("shop", ghost, purchase=9), timeout=30),
-                            grpc.StatusCode.FAILED_PRECONDITION)
+        error = assert_code(
+            lambda: stub.Earn(earn_request("shop", ghost, purchase=9), timeout=30), grpc.StatusCode.FAILED_PRECONDITION
+        )
         assert "0 points" in error.details()
         assert fetch(url, "SELECT count(*) AS n FROM members WHERE member_id = $1", ghost)[0]["n"] == 0
         # an existing member's 0-point earn is recorded as before
@@ -381,8 +470,8 @@ def test_a_merchant_creates_at_most_its_quota_of_new_members_per_hour(create_dat
         error = assert_code(lambda: stub.Earn(request, timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert "merchant_new_members_per_hour_max" in error.details() and "retry" in error.details()
         assert fetch(url, "SELECT count(*) AS n FROM members WHERE member_id = $1", third)[0]["n"] == 0
-        stub.Earn(earn_request("signup", first), timeout=30)        # existing members still earn
-        stub.Earn(earn_request("other", third), timeout=30)         # other merchants are not affected
+        stub.Earn(earn_request("signup", first), timeout=30)  # existing members still earn
+        stub.Earn(earn_request("other", third), timeout=30)  # other merchants are not affected
         # the refused call was not recorded: its retry (now that the member exists) is carried out
         assert stub.Earn(request, timeout=30).points == 1_000
 
@@ -398,14 +487,23 @@ def test_a_merchant_holds_at_most_its_quota_of_open_holds(create_database, servi
         stub.Earn(earn_request("hotel", member, purchase=100_000), timeout=30)
 
         def authorize(merchant: str, key: str = ""):
-            return stub.Authorize(points_pb2.AuthorizeRequest(merchant_id=merchant, member_id=member, points=100,
-                                                              idempotency_key=key or unique("k")), timeout=30)
+            return stub.Authorize(
+                points_pb2.AuthorizeRequest(
+                    merchant_id=merchant, member_id=member, points=100, idempotency_key=key or unique("k")
+                ),
+                timeout=30,
+            )
+
         holds = [authorize("hotel"), authorize("hotel")]
         error = assert_code(lambda: authorize("hotel"), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert "merchant_holds_open_max" in error.details()
         authorize("other")  # another merchant's share is its own
-        stub.Void(points_pb2.VoidRequest(merchant_id="hotel", authorization_id=holds[0].authorization_id,
-                                         idempotency_key=unique("v")), timeout=30)
+        stub.Void(
+            points_pb2.VoidRequest(
+                merchant_id="hotel", authorization_id=holds[0].authorization_id, idempotency_key=unique("v")
+            ),
+            timeout=30,
+        )
         deadline = time.monotonic() + 30
         while True:  # the void is subtracted at the next recount from Postgres
             try:
@@ -423,8 +521,9 @@ def test_a_merchant_occupies_at_most_its_share_of_the_queue(create_database, ser
     add_merchant(url, "flood")
     add_merchant(url, "quiet")
     # the committer lingers 300 ms for more; one merchant may have 3 operations in the pipeline
-    service = service_factory(url, "--merchant-queue-operations-max", "3", "--batch-linger-seconds", "0.3",
-                              "--batch-operations-max", "4")
+    service = service_factory(
+        url, "--merchant-queue-operations-max", "3", "--batch-linger-seconds", "0.3", "--batch-operations-max", "4"
+    )
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         stub.Earn(earn_request("quiet", "q-member"), timeout=30)  # the quiet merchant's key and member exist
@@ -441,8 +540,9 @@ def test_a_merchant_occupies_at_most_its_share_of_the_queue(create_database, ser
                 shed.append(key)
         assert shed, "30 concurrent calls must exceed a share of 3"
         assert quiet.result().points == 1_000
-    posted = {r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM transactions "
-                                                       "WHERE merchant_id = 'flood'")}
+    posted = {
+        r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM transactions WHERE merchant_id = 'flood'")
+    }
     assert posted == set(keys) - set(shed)
 
 
@@ -457,17 +557,23 @@ def test_the_idempotency_purge_deletes_in_bounded_chunks_until_done(create_datab
     with service.channel() as channel:
         points_pb2_grpc.PointsServiceStub(channel).Earn(earn_request("shop", "m", key="recent"), timeout=30)
     service.terminate()
-    fetch(url, """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
+    fetch(
+        url,
+        """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
                   SELECT 'shop', 'old-' || i, 'earn', '{}', 'OK', now() - interval '40 days'
-                  FROM generate_series(1, 2345) AS i""")
+                  FROM generate_series(1, 2345) AS i""",
+    )
 
     async def purge():
         from processor.store import Store
+
         store = await Store.open(url, 2)
         try:
-            return await store.purge_idempotency(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30),
-                                                 chunk_rows_max=100, chunk_timeout_seconds=30)
+            return await store.purge_idempotency(
+                dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), chunk_rows_max=100, chunk_timeout_seconds=30
+            )
         finally:
             await store.close()
+
     assert asyncio.run(purge()) == 2345
     assert [r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM idempotency_keys")] == ["recent"]

@@ -1,4 +1,5 @@
 """Each PointsService method's happy path and error paths, against a real service and Postgres."""
+
 from __future__ import annotations
 
 import time
@@ -25,8 +26,11 @@ def merchant(service) -> str:
 
 
 def earn(stub, merchant, member, purchase, key=None):
-    return stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase,
-                                    idempotency_key=key or unique("k")))
+    return stub.Earn(
+        pb.EarnRequest(
+            merchant_id=merchant, member_id=member, purchase_amount=purchase, idempotency_key=key or unique("k")
+        )
+    )
 
 
 def error_of(call) -> grpc.RpcError:
@@ -36,6 +40,7 @@ def error_of(call) -> grpc.RpcError:
 
 
 # --- Earn ---
+
 
 def test_earn_credits_floor_of_give_back_share(stub, merchant):
     member = unique("mem")
@@ -53,12 +58,16 @@ def test_earn_credits_floor_of_give_back_share(stub, merchant):
 def test_earn_posts_balanced_entries_to_member_and_merchant_issued(stub, service, merchant):
     member = unique("mem")
     response = earn(stub, merchant, member, 5_000)
-    rows = fetch(service.database_url,
-                 """SELECT a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
+    rows = fetch(
+        service.database_url,
+        """SELECT a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
                     WHERE e.transaction_id = $1 ORDER BY e.amount""",
-                 int(response.transaction_id[4:]))
+        int(response.transaction_id[4:]),
+    )
     assert [(r["kind"], r["owner_id"], r["amount"]) for r in rows] == [
-        ("merchant_issued", merchant, -500), ("member", member, 500)]
+        ("merchant_issued", merchant, -500),
+        ("member", member, 500),
+    ]
 
 
 def test_earn_unknown_merchant_is_not_found(stub):
@@ -74,12 +83,21 @@ def test_earn_rejects_out_of_range_purchase(stub, merchant, purchase):
     assert "purchase_amount" in error.details()
 
 
-@pytest.mark.parametrize("field,value", [("member_id", ""), ("member_id", "x" * 129),
-                                         ("member_id", "bad id"), ("idempotency_key", ""),
-                                         ("idempotency_key", "k" * 129), ("merchant_id", "")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("member_id", ""),
+        ("member_id", "x" * 129),
+        ("member_id", "bad id"),
+        ("idempotency_key", ""),
+        ("idempotency_key", "k" * 129),
+        ("merchant_id", ""),
+    ],
+)
 def test_earn_rejects_bad_ids_and_keys(stub, merchant, field, value):
-    request = pb.EarnRequest(merchant_id=merchant, member_id=unique("mem"), purchase_amount=100,
-                             idempotency_key=unique("k"))
+    request = pb.EarnRequest(
+        merchant_id=merchant, member_id=unique("mem"), purchase_amount=100, idempotency_key=unique("k")
+    )
     setattr(request, field, value)
     error = error_of(lambda: stub.Earn(request))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -88,6 +106,7 @@ def test_earn_rejects_bad_ids_and_keys(stub, merchant, field, value):
 
 # --- Authorize / Capture / Void ---
 
+
 def funded_member(stub, merchant, points):
     member = unique("mem")
     earn(stub, merchant, member, points * 10)  # 10% merchant
@@ -95,8 +114,15 @@ def funded_member(stub, merchant, points):
 
 
 def authorize(stub, merchant, member, points, ttl=0, key=None):
-    return stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=points,
-                                              hold_ttl_seconds=ttl, idempotency_key=key or unique("k")))
+    return stub.Authorize(
+        pb.AuthorizeRequest(
+            merchant_id=merchant,
+            member_id=member,
+            points=points,
+            hold_ttl_seconds=ttl,
+            idempotency_key=key or unique("k"),
+        )
+    )
 
 
 def test_authorize_holds_and_capture_posts_part_releasing_rest(stub, service, merchant):
@@ -107,21 +133,28 @@ def test_authorize_holds_and_capture_posts_part_releasing_rest(stub, service, me
     assert hold.expires_at.seconds > time.time() + 6 * 86_400  # default TTL 7 days
     balance = stub.GetBalance(pb.GetBalanceRequest(member_id=member))
     assert (balance.posted, balance.held, balance.available) == (1_000, 600, 400)
-    capture = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                             points=250, idempotency_key=unique("k")))
+    capture = stub.Capture(
+        pb.CaptureRequest(
+            merchant_id=merchant, authorization_id=hold.authorization_id, points=250, idempotency_key=unique("k")
+        )
+    )
     assert (capture.points, capture.released, capture.balance, capture.available) == (250, 350, 750, 750)
     balance = stub.GetBalance(pb.GetBalanceRequest(member_id=member))
     assert (balance.posted, balance.held, balance.available) == (750, 0, 750)
-    rows = fetch(service.database_url, "SELECT kind, amount FROM transactions WHERE transaction_id = $1",
-                 int(capture.transaction_id[4:]))
+    rows = fetch(
+        service.database_url,
+        "SELECT kind, amount FROM transactions WHERE transaction_id = $1",
+        int(capture.transaction_id[4:]),
+    )
     assert (rows[0]["kind"], rows[0]["amount"]) == (2, 250)
 
 
 def test_capture_zero_takes_whole_hold(stub, merchant):
     member = funded_member(stub, merchant, 1_000)
     hold = authorize(stub, merchant, member, 400)
-    capture = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                             idempotency_key=unique("k")))
+    capture = stub.Capture(
+        pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+    )
     assert (capture.points, capture.released, capture.balance) == (400, 0, 600)
 
 
@@ -149,16 +182,28 @@ def test_authorize_rejects_bad_ttl(stub, merchant):
 def test_over_capture_double_capture_and_void_after_capture_are_rejected(stub, merchant):
     member = funded_member(stub, merchant, 1_000)
     hold = authorize(stub, merchant, member, 300)
-    over = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=merchant, authorization_id=hold.authorization_id, points=301, idempotency_key=unique("k"))))
+    over = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(
+                merchant_id=merchant, authorization_id=hold.authorization_id, points=301, idempotency_key=unique("k")
+            )
+        )
+    )
     assert over.code() == grpc.StatusCode.FAILED_PRECONDITION and "exceeds" in over.details()
-    stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                   idempotency_key=unique("k")))
-    again = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    stub.Capture(
+        pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+    )
+    again = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert again.code() == grpc.StatusCode.FAILED_PRECONDITION and "already captured" in again.details()
-    void = error_of(lambda: stub.Void(pb.VoidRequest(
-        merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    void = error_of(
+        lambda: stub.Void(
+            pb.VoidRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert void.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert stub.GetBalance(pb.GetBalanceRequest(member_id=member)).posted == 700
 
@@ -166,11 +211,15 @@ def test_over_capture_double_capture_and_void_after_capture_are_rejected(stub, m
 def test_void_releases_hold_and_capture_after_void_fails(stub, merchant):
     member = funded_member(stub, merchant, 500)
     hold = authorize(stub, merchant, member, 500)
-    void = stub.Void(pb.VoidRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                    idempotency_key=unique("k")))
+    void = stub.Void(
+        pb.VoidRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+    )
     assert (void.released, void.available) == (500, 500)
-    error = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    error = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "voided" in error.details()
 
 
@@ -181,13 +230,17 @@ def test_expired_hold_cannot_be_captured_and_frees_points(stub, service, merchan
     time.sleep(1.3)
     balance = stub.GetBalance(pb.GetBalanceRequest(member_id=member))
     assert (balance.posted, balance.held, balance.available) == (1_000, 0, 1_000)
-    error = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    error = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in error.details()
     # the freed points can be held again
     assert authorize(stub, merchant, member, 1_000).available == 0
-    rows = fetch(service.database_url, "SELECT status FROM holds WHERE authorization_id = $1",
-                 int(hold.authorization_id[5:]))
+    rows = fetch(
+        service.database_url, "SELECT status FROM holds WHERE authorization_id = $1", int(hold.authorization_id[5:])
+    )
     assert rows[0]["status"] == 4
 
 
@@ -196,34 +249,54 @@ def test_capture_by_another_merchant_is_permission_denied(stub, service, merchan
     add_merchant(service.database_url, other, 500)
     member = funded_member(stub, merchant, 100)
     hold = authorize(stub, merchant, member, 100)
-    error = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=other, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    error = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=other, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-    error = error_of(lambda: stub.Void(pb.VoidRequest(
-        merchant_id=other, authorization_id=hold.authorization_id, idempotency_key=unique("k"))))
+    error = error_of(
+        lambda: stub.Void(
+            pb.VoidRequest(merchant_id=other, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert stub.GetBalance(pb.GetBalanceRequest(member_id=member)).held == 100
 
 
-@pytest.mark.parametrize("authorization_id,code", [
-    ("auth_999999999", grpc.StatusCode.NOT_FOUND), ("", grpc.StatusCode.INVALID_ARGUMENT),
-    ("txn_5", grpc.StatusCode.INVALID_ARGUMENT), ("auth_-1", grpc.StatusCode.INVALID_ARGUMENT)])
+@pytest.mark.parametrize(
+    "authorization_id,code",
+    [
+        ("auth_999999999", grpc.StatusCode.NOT_FOUND),
+        ("", grpc.StatusCode.INVALID_ARGUMENT),
+        ("txn_5", grpc.StatusCode.INVALID_ARGUMENT),
+        ("auth_-1", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
 def test_capture_of_unknown_or_malformed_authorization(stub, merchant, authorization_id, code):
-    error = error_of(lambda: stub.Capture(pb.CaptureRequest(
-        merchant_id=merchant, authorization_id=authorization_id, idempotency_key=unique("k"))))
+    error = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization_id, idempotency_key=unique("k"))
+        )
+    )
     assert error.code() == code
 
 
 # --- Redeem / Refund ---
 
+
 def redeem(stub, merchant, member, points, key=None):
-    return stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points,
-                                        idempotency_key=key or unique("k")))
+    return stub.Redeem(
+        pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points, idempotency_key=key or unique("k"))
+    )
 
 
 def refund(stub, merchant, transaction_id, points, key=None):
-    return stub.Refund(pb.RefundRequest(merchant_id=merchant, transaction_id=transaction_id, points=points,
-                                        idempotency_key=key or unique("k")))
+    return stub.Refund(
+        pb.RefundRequest(
+            merchant_id=merchant, transaction_id=transaction_id, points=points, idempotency_key=key or unique("k")
+        )
+    )
 
 
 def test_redeem_debits_and_insufficient_is_failed_precondition(stub, merchant):
@@ -262,8 +335,9 @@ def test_partial_refunds_of_a_redemption_never_exceed_it(stub, merchant):
 def test_refund_of_a_capture(stub, merchant):
     member = funded_member(stub, merchant, 1_000)
     hold = authorize(stub, merchant, member, 400)
-    capture = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id,
-                                             idempotency_key=unique("k")))
+    capture = stub.Capture(
+        pb.CaptureRequest(merchant_id=merchant, authorization_id=hold.authorization_id, idempotency_key=unique("k"))
+    )
     back = refund(stub, merchant, capture.transaction_id, 400)
     assert back.balance == 1_000
 
@@ -306,6 +380,7 @@ def test_refund_of_a_refund_is_failed_precondition(stub, merchant):
 
 # --- queries ---
 
+
 def test_get_balance_of_unknown_member_is_not_found(stub):
     error = error_of(lambda: stub.GetBalance(pb.GetBalanceRequest(member_id=unique("ghost"))))
     assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -332,8 +407,7 @@ def test_list_transactions_newest_first_with_pages(stub, merchant):
 
 def test_list_transactions_rejects_bad_page_token_and_size(stub, merchant):
     member = funded_member(stub, merchant, 10)
-    error = error_of(lambda: stub.ListTransactions(pb.ListTransactionsRequest(member_id=member,
-                                                                              page_token="garbage")))
+    error = error_of(lambda: stub.ListTransactions(pb.ListTransactionsRequest(member_id=member, page_token="garbage")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_token" in error.details()
     error = error_of(lambda: stub.ListTransactions(pb.ListTransactionsRequest(member_id=member, page_size=10_000)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in error.details()
@@ -344,11 +418,15 @@ def test_list_transactions_rejects_bad_page_token_and_size(stub, merchant):
 def test_health_is_serving_and_reflection_lists_the_service(service):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
     with service.channel() as channel:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="points.v1.PointsService"))
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="points.v1.PointsService")
+        )
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         names = {s.name for r in responses for s in r.list_services_response.service}
         assert "points.v1.PointsService" in names
 

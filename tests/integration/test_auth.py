@@ -7,6 +7,7 @@ key unused. Keys are `pk_<key_id>_<secret>`, shown once, stored as the SHA-256 o
 Every call here goes through a bare channel with an explicit `authorization` header, so what is
 tested is exactly the credential each test names (not the harness's automatic one).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -77,13 +78,21 @@ def make_merchant(service):
     def make() -> Merchant:
         merchant_id = unique("m")
         return Merchant(merchant_id, add_merchant(service.database_url, merchant_id, 1000))  # 10% give-back
+
     return make
 
 
 def earn(points, merchant_id: str, key: str, member: str, purchase: int = 10_000, idempotency_key: str = ""):
-    return points.Earn(points_pb2.EarnRequest(merchant_id=merchant_id, member_id=member, purchase_amount=purchase,
-                                              idempotency_key=idempotency_key or unique("k")),
-                       metadata=credential(key), timeout=30)
+    return points.Earn(
+        points_pb2.EarnRequest(
+            merchant_id=merchant_id,
+            member_id=member,
+            purchase_amount=purchase,
+            idempotency_key=idempotency_key or unique("k"),
+        ),
+        metadata=credential(key),
+        timeout=30,
+    )
 
 
 def assert_refused(call, code: grpc.StatusCode) -> grpc.RpcError:
@@ -100,15 +109,25 @@ def test_calls_without_a_key_are_unauthenticated_and_post_nothing(service, point
     merchant = make_merchant()
     before = ledger_snapshot(service.database_url)
     calls = [
-        lambda: points.Earn(points_pb2.EarnRequest(merchant_id=merchant.merchant_id, member_id=unique("mem"),
-                                                   purchase_amount=10_000, idempotency_key=unique("k")), timeout=30),
+        lambda: points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=merchant.merchant_id,
+                member_id=unique("mem"),
+                purchase_amount=10_000,
+                idempotency_key=unique("k"),
+            ),
+            timeout=30,
+        ),
         lambda: points.GetBalance(points_pb2.GetBalanceRequest(member_id="anyone"), timeout=30),
         lambda: points.ListTransactions(points_pb2.ListTransactionsRequest(member_id="anyone"), timeout=30),
         lambda: admin.GetMerchant(admin_pb2.GetMerchantRequest(merchant_id=merchant.merchant_id), timeout=30),
-        lambda: admin.CreateMerchant(admin_pb2.CreateMerchantRequest(
-            merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=1000)), timeout=30),
-        lambda: clearing.GetMerchantPosition(admin_pb2.GetMerchantPositionRequest(
-            merchant_id=merchant.merchant_id), timeout=30),
+        lambda: admin.CreateMerchant(
+            admin_pb2.CreateMerchantRequest(merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=1000)),
+            timeout=30,
+        ),
+        lambda: clearing.GetMerchantPosition(
+            admin_pb2.GetMerchantPositionRequest(merchant_id=merchant.merchant_id), timeout=30
+        ),
     ]
     for call in calls:
         error = assert_refused(call, grpc.StatusCode.UNAUTHENTICATED)
@@ -116,35 +135,63 @@ def test_calls_without_a_key_are_unauthenticated_and_post_nothing(service, point
     assert ledger_snapshot(service.database_url) == before
 
 
-@pytest.mark.parametrize("header", [
-    "Bearer not-a-key",
-    "Bearer pk_123_abc",
-    "Bearer pk_0123456789abcdef_short",
-    "Bearer pk_0123456789ABCDEF_" + "a" * 43,   # key id must be lower-case hex
-    "Basic dXNlcjpwYXNz",
-    "Bearer",
-    "",
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer not-a-key",
+        "Bearer pk_123_abc",
+        "Bearer pk_0123456789abcdef_short",
+        "Bearer pk_0123456789ABCDEF_" + "a" * 43,  # key id must be lower-case hex
+        "Basic dXNlcjpwYXNz",
+        "Bearer",
+        "",
+    ],
+)
 def test_malformed_credentials_are_unauthenticated_and_post_nothing(service, points, make_merchant, header):
     merchant = make_merchant()
     before = ledger_snapshot(service.database_url)
-    assert_refused(lambda: points.Earn(
-        points_pb2.EarnRequest(merchant_id=merchant.merchant_id, member_id=unique("mem"), purchase_amount=10_000,
-                               idempotency_key=unique("k")),
-        metadata=(("authorization", header),), timeout=30), grpc.StatusCode.UNAUTHENTICATED)
+    assert_refused(
+        lambda: points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=merchant.merchant_id,
+                member_id=unique("mem"),
+                purchase_amount=10_000,
+                idempotency_key=unique("k"),
+            ),
+            metadata=(("authorization", header),),
+            timeout=30,
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
     assert ledger_snapshot(service.database_url) == before
 
 
 def test_a_key_sent_without_the_bearer_scheme_is_refused(points, make_merchant):
     merchant = make_merchant()
-    assert_refused(lambda: points.Earn(
-        points_pb2.EarnRequest(merchant_id=merchant.merchant_id, member_id=unique("mem"), purchase_amount=10_000,
-                               idempotency_key=unique("k")),
-        metadata=(("authorization", merchant.key),), timeout=30), grpc.StatusCode.UNAUTHENTICATED)
+    assert_refused(
+        lambda: points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=merchant.merchant_id,
+                member_id=unique("mem"),
+                purchase_amount=10_000,
+                idempotency_key=unique("k"),
+            ),
+            metadata=(("authorization", merchant.key),),
+            timeout=30,
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
     # the same key with the scheme works (any case of "Bearer")
-    response = points.Earn(points_pb2.EarnRequest(merchant_id=merchant.merchant_id, member_id=unique("mem"),
-                                                  purchase_amount=10_000, idempotency_key=unique("k")),
-                           metadata=(("authorization", f"bearer {merchant.key}"),), timeout=30)
+    response = points.Earn(
+        points_pb2.EarnRequest(
+            merchant_id=merchant.merchant_id,
+            member_id=unique("mem"),
+            purchase_amount=10_000,
+            idempotency_key=unique("k"),
+        ),
+        metadata=(("authorization", f"bearer {merchant.key}"),),
+        timeout=30,
+    )
     assert response.points == 1_000
 
 
@@ -155,8 +202,9 @@ def test_wrong_secret_or_unknown_key_id_is_unauthenticated_and_posts_nothing(ser
     other_id = ("1" if key_id[0] != "1" else "2") + key_id[1:]
     before = ledger_snapshot(service.database_url)
     for forged in (f"pk_{key_id}_{other_secret}", f"pk_{other_id}_{secret}", f"pk_{key_id}_{secret[::-1]}"):
-        error = assert_refused(lambda: earn(points, merchant.merchant_id, forged, unique("mem")),
-                               grpc.StatusCode.UNAUTHENTICATED)
+        error = assert_refused(
+            lambda: earn(points, merchant.merchant_id, forged, unique("mem")), grpc.StatusCode.UNAUTHENTICATED
+        )
         assert secret not in error.details() and other_secret not in error.details()
     assert ledger_snapshot(service.database_url) == before
     # the genuine key still works
@@ -172,48 +220,64 @@ def test_health_needs_no_key(channel):
 # Revocation
 
 
-def test_revoke_through_the_admin_api_takes_effect_at_once_despite_the_cache(service, points, admin, operator_key,
-                                                                             make_merchant):
+def test_revoke_through_the_admin_api_takes_effect_at_once_despite_the_cache(
+    service, points, admin, operator_key, make_merchant
+):
     merchant = make_merchant()
-    second = admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_MERCHANT,
-                                                            merchant_ids=[merchant.merchant_id]),
-                               metadata=credential(operator_key), timeout=30)
+    second = admin.IssueApiKey(
+        admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_MERCHANT, merchant_ids=[merchant.merchant_id]),
+        metadata=credential(operator_key),
+        timeout=30,
+    )
     member = unique("mem")
     earn(points, merchant.merchant_id, merchant.key, member)  # the key is now verified and cached
     key_id, _ = key_parts(merchant.key)
-    revoked = admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=credential(operator_key),
-                                 timeout=30)
+    revoked = admin.RevokeApiKey(
+        admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=credential(operator_key), timeout=30
+    )
     assert revoked.revoked_at.seconds > 0
     before = ledger_snapshot(service.database_url)
-    error = assert_refused(lambda: earn(points, merchant.merchant_id, merchant.key, member),
-                           grpc.StatusCode.UNAUTHENTICATED)
+    error = assert_refused(
+        lambda: earn(points, merchant.merchant_id, merchant.key, member), grpc.StatusCode.UNAUTHENTICATED
+    )
     assert "revoked" in error.details() and key_id in error.details()
-    assert_refused(lambda: points.GetBalance(points_pb2.GetBalanceRequest(member_id=member),
-                                             metadata=credential(merchant.key), timeout=30),
-                   grpc.StatusCode.UNAUTHENTICATED)
+    assert_refused(
+        lambda: points.GetBalance(
+            points_pb2.GetBalanceRequest(member_id=member), metadata=credential(merchant.key), timeout=30
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
     assert ledger_snapshot(service.database_url) == before
     # the merchant's other key is untouched
     assert earn(points, merchant.merchant_id, second.key, member).balance == 2_000
     # revoking again keeps the first revocation time
-    again = admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=credential(operator_key),
-                               timeout=30)
+    again = admin.RevokeApiKey(
+        admin_pb2.RevokeApiKeyRequest(key_id=key_id), metadata=credential(operator_key), timeout=30
+    )
     assert again.revoked_at == revoked.revoked_at
 
 
 def test_revoking_an_operator_key_locks_it_out_of_the_admin_api(service, admin, operator_key):
     doomed = create_key(service.database_url, "operator")
     admin.ListMerchants(admin_pb2.ListMerchantsRequest(page_size=1), metadata=credential(doomed), timeout=30)
-    admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_parts(doomed)[0]),
-                       metadata=credential(operator_key), timeout=30)
-    assert_refused(lambda: admin.ListMerchants(admin_pb2.ListMerchantsRequest(page_size=1),
-                                               metadata=credential(doomed), timeout=30),
-                   grpc.StatusCode.UNAUTHENTICATED)
+    admin.RevokeApiKey(
+        admin_pb2.RevokeApiKeyRequest(key_id=key_parts(doomed)[0]), metadata=credential(operator_key), timeout=30
+    )
+    assert_refused(
+        lambda: admin.ListMerchants(
+            admin_pb2.ListMerchantsRequest(page_size=1), metadata=credential(doomed), timeout=30
+        ),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
 
 
 def test_revoke_of_an_unknown_key_is_not_found(admin, operator_key):
-    assert_refused(lambda: admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id="0123456789abcdef"),
-                                              metadata=credential(operator_key), timeout=30),
-                   grpc.StatusCode.NOT_FOUND)
+    assert_refused(
+        lambda: admin.RevokeApiKey(
+            admin_pb2.RevokeApiKeyRequest(key_id="0123456789abcdef"), metadata=credential(operator_key), timeout=30
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
 
 
 def test_revoke_through_the_cli_takes_effect_without_a_cache(create_database, service_factory):
@@ -244,41 +308,64 @@ def test_revoke_through_the_cli_takes_effect_without_a_cache(create_database, se
 # A key acts only for the merchants it covers
 
 
-def test_a_key_of_another_merchant_is_permission_denied_for_every_method_and_posts_nothing(service, points,
-                                                                                            make_merchant):
+def test_a_key_of_another_merchant_is_permission_denied_for_every_method_and_posts_nothing(
+    service, points, make_merchant
+):
     owner, intruder = make_merchant(), make_merchant()
     m = owner.merchant_id
     member = unique("mem")
     earned = earn(points, m, owner.key, member, 50_000)  # 5,000 point-units
-    hold = points.Authorize(points_pb2.AuthorizeRequest(merchant_id=m, member_id=member, points=100,
-                                                        idempotency_key=unique("k")),
-                            metadata=credential(owner.key), timeout=30)
-    redeemed = points.Redeem(points_pb2.RedeemRequest(merchant_id=m, member_id=member, points=200,
-                                                      idempotency_key=unique("k")),
-                             metadata=credential(owner.key), timeout=30)
+    hold = points.Authorize(
+        points_pb2.AuthorizeRequest(merchant_id=m, member_id=member, points=100, idempotency_key=unique("k")),
+        metadata=credential(owner.key),
+        timeout=30,
+    )
+    redeemed = points.Redeem(
+        points_pb2.RedeemRequest(merchant_id=m, member_id=member, points=200, idempotency_key=unique("k")),
+        metadata=credential(owner.key),
+        timeout=30,
+    )
     key = unique("k")  # used by every refused call below; the owner may use it afterwards
     calls = {
-        "Earn": lambda: points.Earn(points_pb2.EarnRequest(
-            merchant_id=m, member_id=member, purchase_amount=10_000, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Authorize": lambda: points.Authorize(points_pb2.AuthorizeRequest(
-            merchant_id=m, member_id=member, points=10, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Capture": lambda: points.Capture(points_pb2.CaptureRequest(
-            merchant_id=m, authorization_id=hold.authorization_id, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Void": lambda: points.Void(points_pb2.VoidRequest(
-            merchant_id=m, authorization_id=hold.authorization_id, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Redeem": lambda: points.Redeem(points_pb2.RedeemRequest(
-            merchant_id=m, member_id=member, points=10, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Refund": lambda: points.Refund(points_pb2.RefundRequest(
-            merchant_id=m, transaction_id=redeemed.transaction_id, points=10, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
-        "Refund of the earn": lambda: points.Refund(points_pb2.RefundRequest(
-            merchant_id=m, transaction_id=earned.transaction_id, points=10, idempotency_key=key),
-            metadata=credential(intruder.key), timeout=30),
+        "Earn": lambda: points.Earn(
+            points_pb2.EarnRequest(merchant_id=m, member_id=member, purchase_amount=10_000, idempotency_key=key),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Authorize": lambda: points.Authorize(
+            points_pb2.AuthorizeRequest(merchant_id=m, member_id=member, points=10, idempotency_key=key),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Capture": lambda: points.Capture(
+            points_pb2.CaptureRequest(merchant_id=m, authorization_id=hold.authorization_id, idempotency_key=key),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Void": lambda: points.Void(
+            points_pb2.VoidRequest(merchant_id=m, authorization_id=hold.authorization_id, idempotency_key=key),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Redeem": lambda: points.Redeem(
+            points_pb2.RedeemRequest(merchant_id=m, member_id=member, points=10, idempotency_key=key),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Refund": lambda: points.Refund(
+            points_pb2.RefundRequest(
+                merchant_id=m, transaction_id=redeemed.transaction_id, points=10, idempotency_key=key
+            ),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
+        "Refund of the earn": lambda: points.Refund(
+            points_pb2.RefundRequest(
+                merchant_id=m, transaction_id=earned.transaction_id, points=10, idempotency_key=key
+            ),
+            metadata=credential(intruder.key),
+            timeout=30,
+        ),
     }
     before = ledger_snapshot(service.database_url)
     for name, call in calls.items():
@@ -286,9 +373,13 @@ def test_a_key_of_another_merchant_is_permission_denied_for_every_method_and_pos
         assert m in error.details(), name
     assert ledger_snapshot(service.database_url) == before
     # nothing was decided under the key: the owner's first use of it is a fresh operation
-    captured, call = points.Capture.with_call(points_pb2.CaptureRequest(
-        merchant_id=m, authorization_id=hold.authorization_id, points=60, idempotency_key=key),
-        metadata=credential(owner.key), timeout=30)
+    captured, call = points.Capture.with_call(
+        points_pb2.CaptureRequest(
+            merchant_id=m, authorization_id=hold.authorization_id, points=60, idempotency_key=key
+        ),
+        metadata=credential(owner.key),
+        timeout=30,
+    )
     assert captured.points == 60 and captured.released == 40
     assert not any(k == "points-idempotent-replay" for k, _ in call.trailing_metadata() or ())
 
@@ -304,33 +395,64 @@ def test_a_gateway_key_acts_for_each_listed_merchant_and_no_other(service, point
     member = unique("mem")
     assert earn(points, a.merchant_id, gateway, member).balance == 1_000
     assert earn(points, b.merchant_id, gateway, member).balance == 2_000
-    redeemed = points.Redeem(points_pb2.RedeemRequest(merchant_id=a.merchant_id, member_id=member, points=300,
-                                                      idempotency_key=unique("k")),
-                             metadata=credential(gateway), timeout=30)
-    points.Refund(points_pb2.RefundRequest(merchant_id=a.merchant_id, transaction_id=redeemed.transaction_id,
-                                           points=100, idempotency_key=unique("k")),
-                  metadata=credential(gateway), timeout=30)
+    redeemed = points.Redeem(
+        points_pb2.RedeemRequest(merchant_id=a.merchant_id, member_id=member, points=300, idempotency_key=unique("k")),
+        metadata=credential(gateway),
+        timeout=30,
+    )
+    points.Refund(
+        points_pb2.RefundRequest(
+            merchant_id=a.merchant_id, transaction_id=redeemed.transaction_id, points=100, idempotency_key=unique("k")
+        ),
+        metadata=credential(gateway),
+        timeout=30,
+    )
     # a hold placed with B's own key is captured through the gateway
-    hold = points.Authorize(points_pb2.AuthorizeRequest(merchant_id=b.merchant_id, member_id=member, points=50,
-                                                        idempotency_key=unique("k")),
-                            metadata=credential(b.key), timeout=30)
-    captured = points.Capture(points_pb2.CaptureRequest(merchant_id=b.merchant_id,
-                                                        authorization_id=hold.authorization_id,
-                                                        idempotency_key=unique("k")),
-                              metadata=credential(gateway), timeout=30)
+    hold = points.Authorize(
+        points_pb2.AuthorizeRequest(
+            merchant_id=b.merchant_id, member_id=member, points=50, idempotency_key=unique("k")
+        ),
+        metadata=credential(b.key),
+        timeout=30,
+    )
+    captured = points.Capture(
+        points_pb2.CaptureRequest(
+            merchant_id=b.merchant_id, authorization_id=hold.authorization_id, idempotency_key=unique("k")
+        ),
+        metadata=credential(gateway),
+        timeout=30,
+    )
     assert captured.points == 50 and captured.balance == 2_000 - 300 + 100 - 50
 
-    c_hold = points.Authorize(points_pb2.AuthorizeRequest(merchant_id=c.merchant_id, member_id=member, points=10,
-                                                          idempotency_key=unique("k")),
-                              metadata=credential(c.key), timeout=30)
+    c_hold = points.Authorize(
+        points_pb2.AuthorizeRequest(
+            merchant_id=c.merchant_id, member_id=member, points=10, idempotency_key=unique("k")
+        ),
+        metadata=credential(c.key),
+        timeout=30,
+    )
     before = ledger_snapshot(service.database_url)
     assert_refused(lambda: earn(points, c.merchant_id, gateway, member), grpc.StatusCode.PERMISSION_DENIED)
-    assert_refused(lambda: points.Redeem(points_pb2.RedeemRequest(
-        merchant_id=c.merchant_id, member_id=member, points=1, idempotency_key=unique("k")),
-        metadata=credential(gateway), timeout=30), grpc.StatusCode.PERMISSION_DENIED)
-    assert_refused(lambda: points.Void(points_pb2.VoidRequest(
-        merchant_id=c.merchant_id, authorization_id=c_hold.authorization_id, idempotency_key=unique("k")),
-        metadata=credential(gateway), timeout=30), grpc.StatusCode.PERMISSION_DENIED)
+    assert_refused(
+        lambda: points.Redeem(
+            points_pb2.RedeemRequest(
+                merchant_id=c.merchant_id, member_id=member, points=1, idempotency_key=unique("k")
+            ),
+            metadata=credential(gateway),
+            timeout=30,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    assert_refused(
+        lambda: points.Void(
+            points_pb2.VoidRequest(
+                merchant_id=c.merchant_id, authorization_id=c_hold.authorization_id, idempotency_key=unique("k")
+            ),
+            metadata=credential(gateway),
+            timeout=30,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
     assert ledger_snapshot(service.database_url) == before
 
 
@@ -341,21 +463,26 @@ def test_an_operator_key_is_refused_by_the_points_service(service, points, opera
     before = ledger_snapshot(service.database_url)
     for call in (
         lambda: earn(points, merchant.merchant_id, operator_key, member),
-        lambda: points.Redeem(points_pb2.RedeemRequest(merchant_id=merchant.merchant_id, member_id=member, points=1,
-                                                       idempotency_key=unique("k")),
-                              metadata=credential(operator_key), timeout=30),
-        lambda: points.GetBalance(points_pb2.GetBalanceRequest(member_id=member),
-                                  metadata=credential(operator_key), timeout=30),
-        lambda: points.ListTransactions(points_pb2.ListTransactionsRequest(member_id=member),
-                                        metadata=credential(operator_key), timeout=30),
+        lambda: points.Redeem(
+            points_pb2.RedeemRequest(
+                merchant_id=merchant.merchant_id, member_id=member, points=1, idempotency_key=unique("k")
+            ),
+            metadata=credential(operator_key),
+            timeout=30,
+        ),
+        lambda: points.GetBalance(
+            points_pb2.GetBalanceRequest(member_id=member), metadata=credential(operator_key), timeout=30
+        ),
+        lambda: points.ListTransactions(
+            points_pb2.ListTransactionsRequest(member_id=member), metadata=credential(operator_key), timeout=30
+        ),
     ):
         error = assert_refused(call, grpc.StatusCode.PERMISSION_DENIED)
         assert "operator key" in error.details()
     assert ledger_snapshot(service.database_url) == before
 
 
-def test_merchant_and_gateway_keys_are_refused_by_merchant_admin_and_clearing(service, admin, clearing,
-                                                                              make_merchant):
+def test_merchant_and_gateway_keys_are_refused_by_merchant_admin_and_clearing(service, admin, clearing, make_merchant):
     merchant = make_merchant()
     gateway = create_key(service.database_url, "gateway", [merchant.merchant_id])
     keys_before = fetch(service.database_url, "SELECT count(*) AS n FROM api_keys")[0]["n"]
@@ -363,33 +490,55 @@ def test_merchant_and_gateway_keys_are_refused_by_merchant_admin_and_clearing(se
     intruder_merchant = unique("m")
     for key in (merchant.key, gateway):
         for call in (
-            lambda: admin.GetMerchant(admin_pb2.GetMerchantRequest(merchant_id=merchant.merchant_id),
-                                      metadata=credential(key), timeout=30),
+            lambda: admin.GetMerchant(
+                admin_pb2.GetMerchantRequest(merchant_id=merchant.merchant_id), metadata=credential(key), timeout=30
+            ),
             lambda: admin.ListMerchants(admin_pb2.ListMerchantsRequest(), metadata=credential(key), timeout=30),
-            lambda: admin.CreateMerchant(admin_pb2.CreateMerchantRequest(
-                merchant=admin_pb2.Merchant(merchant_id=intruder_merchant, give_back_bps=2000)),
-                metadata=credential(key), timeout=30),
-            lambda: admin.UpdateMerchant(admin_pb2.UpdateMerchantRequest(
-                merchant=admin_pb2.Merchant(merchant_id=merchant.merchant_id, fee_redeemed_bps=0),
-                update_fields=["fee_redeemed_bps"]), metadata=credential(key), timeout=30),
-            lambda: admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_OPERATOR),
-                                      metadata=credential(key), timeout=30),
-            lambda: admin.RevokeApiKey(admin_pb2.RevokeApiKeyRequest(key_id=key_parts(key)[0]),
-                                       metadata=credential(key), timeout=30),
-            lambda: clearing.GetMerchantPosition(admin_pb2.GetMerchantPositionRequest(
-                merchant_id=merchant.merchant_id), metadata=credential(key), timeout=30),
-            lambda: clearing.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest(
-                cut_off=timestamp_pb2.Timestamp(seconds=1)), metadata=credential(key), timeout=30),
-            lambda: clearing.ExportStatement(admin_pb2.ExportStatementRequest(period_id=1),
-                                             metadata=credential(key), timeout=30),
+            lambda: admin.CreateMerchant(
+                admin_pb2.CreateMerchantRequest(
+                    merchant=admin_pb2.Merchant(merchant_id=intruder_merchant, give_back_bps=2000)
+                ),
+                metadata=credential(key),
+                timeout=30,
+            ),
+            lambda: admin.UpdateMerchant(
+                admin_pb2.UpdateMerchantRequest(
+                    merchant=admin_pb2.Merchant(merchant_id=merchant.merchant_id, fee_redeemed_bps=0),
+                    update_fields=["fee_redeemed_bps"],
+                ),
+                metadata=credential(key),
+                timeout=30,
+            ),
+            lambda: admin.IssueApiKey(
+                admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_OPERATOR), metadata=credential(key), timeout=30
+            ),
+            lambda: admin.RevokeApiKey(
+                admin_pb2.RevokeApiKeyRequest(key_id=key_parts(key)[0]), metadata=credential(key), timeout=30
+            ),
+            lambda: clearing.GetMerchantPosition(
+                admin_pb2.GetMerchantPositionRequest(merchant_id=merchant.merchant_id),
+                metadata=credential(key),
+                timeout=30,
+            ),
+            lambda: clearing.CloseSettlementPeriod(
+                admin_pb2.CloseSettlementPeriodRequest(cut_off=timestamp_pb2.Timestamp(seconds=1)),
+                metadata=credential(key),
+                timeout=30,
+            ),
+            lambda: clearing.ExportStatement(
+                admin_pb2.ExportStatementRequest(period_id=1), metadata=credential(key), timeout=30
+            ),
         ):
             error = assert_refused(call, grpc.StatusCode.PERMISSION_DENIED)
             assert "operator" in error.details()
     assert fetch(service.database_url, "SELECT count(*) AS n FROM api_keys")[0]["n"] == keys_before
     assert fetch(service.database_url, "SELECT count(*) AS n FROM settlement_periods")[0]["n"] == periods_before
     assert not fetch(service.database_url, "SELECT 1 FROM merchants WHERE merchant_id = $1", intruder_merchant)
-    assert not fetch(service.database_url, "SELECT 1 FROM api_keys WHERE revoked_at IS NOT NULL AND key_id = ANY($1)",
-                     [key_parts(merchant.key)[0], key_parts(gateway)[0]])
+    assert not fetch(
+        service.database_url,
+        "SELECT 1 FROM api_keys WHERE revoked_at IS NOT NULL AND key_id = ANY($1)",
+        [key_parts(merchant.key)[0], key_parts(gateway)[0]],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -402,16 +551,21 @@ def test_list_transactions_shows_only_the_merchants_the_key_covers(service, poin
     mine = {a.merchant_id: [], b.merchant_id: [], c.merchant_id: []}
     for merchant in (a, b, a, c):
         mine[merchant.merchant_id].append(earn(points, merchant.merchant_id, merchant.key, member).transaction_id)
-    redeemed = points.Redeem(points_pb2.RedeemRequest(merchant_id=b.merchant_id, member_id=member, points=500,
-                                                      idempotency_key=unique("k")),
-                             metadata=credential(b.key), timeout=30)
+    redeemed = points.Redeem(
+        points_pb2.RedeemRequest(merchant_id=b.merchant_id, member_id=member, points=500, idempotency_key=unique("k")),
+        metadata=credential(b.key),
+        timeout=30,
+    )
     mine[b.merchant_id].append(redeemed.transaction_id)
 
     def listed(key: str, page_size: int = 0) -> list[points_pb2.Transaction]:
         seen, token = [], ""
         while True:
-            page = points.ListTransactions(points_pb2.ListTransactionsRequest(
-                member_id=member, page_token=token, page_size=page_size), metadata=credential(key), timeout=30)
+            page = points.ListTransactions(
+                points_pb2.ListTransactionsRequest(member_id=member, page_token=token, page_size=page_size),
+                metadata=credential(key),
+                timeout=30,
+            )
             assert len(page.transactions) <= (page_size or 50)
             seen.extend(page.transactions)
             token = page.next_page_token
@@ -431,8 +585,9 @@ def test_list_transactions_shows_only_the_merchants_the_key_covers(service, poin
     elsewhere = unique("mem")
     earn(points, b.merchant_id, b.key, elsewhere)
     try:
-        response = points.ListTransactions(points_pb2.ListTransactionsRequest(member_id=elsewhere),
-                                           metadata=credential(a.key), timeout=30)
+        response = points.ListTransactions(
+            points_pb2.ListTransactionsRequest(member_id=elsewhere), metadata=credential(a.key), timeout=30
+        )
         assert list(response.transactions) == [] and response.next_page_token == ""
     except grpc.RpcError as error:
         assert error.code() == grpc.StatusCode.NOT_FOUND
@@ -444,8 +599,9 @@ def test_get_balance_answers_any_merchant_or_gateway_key(service, points, make_m
     earn(points, a.merchant_id, a.key, member, 12_345)  # 1,234 point-units
     gateway = create_key(service.database_url, "gateway", [b.merchant_id])
     for key in (a.key, b.key, gateway):
-        response = points.GetBalance(points_pb2.GetBalanceRequest(member_id=member), metadata=credential(key),
-                                     timeout=30)
+        response = points.GetBalance(
+            points_pb2.GetBalanceRequest(member_id=member), metadata=credential(key), timeout=30
+        )
         assert (response.posted, response.held, response.available) == (1_234, 0, 1_234)
 
 
@@ -475,8 +631,9 @@ def test_cli_key_create_prints_a_working_key_as_its_last_word(service, points, a
     assert earn(points, b.merchant_id, gateway_key, member).balance == 3_000
 
     operator_key = created("--operator")
-    got = admin.GetMerchant(admin_pb2.GetMerchantRequest(merchant_id=a.merchant_id),
-                            metadata=credential(operator_key), timeout=30)
+    got = admin.GetMerchant(
+        admin_pb2.GetMerchantRequest(merchant_id=a.merchant_id), metadata=credential(operator_key), timeout=30
+    )
     assert got.merchant_id == a.merchant_id
     assert_refused(lambda: earn(points, a.merchant_id, operator_key, member), grpc.StatusCode.PERMISSION_DENIED)
 
@@ -487,10 +644,13 @@ def test_cli_key_create_prints_a_working_key_as_its_last_word(service, points, a
 
 def test_keys_are_stored_only_as_hashes_of_their_secret(service, admin, operator_key, make_merchant):
     merchant = make_merchant()  # key made as the CLI makes it
-    issued = admin.IssueApiKey(admin_pb2.IssueApiKeyRequest(kind=admin_pb2.API_KEY_KIND_GATEWAY,
-                                                            merchant_ids=[merchant.merchant_id],
-                                                            description="stored as a hash"),
-                               metadata=credential(operator_key), timeout=30)
+    issued = admin.IssueApiKey(
+        admin_pb2.IssueApiKeyRequest(
+            kind=admin_pb2.API_KEY_KIND_GATEWAY, merchant_ids=[merchant.merchant_id], description="stored as a hash"
+        ),
+        metadata=credential(operator_key),
+        timeout=30,
+    )
     cli_result = cli("key", "create", "--operator", "--database-url", service.database_url)
     assert cli_result.returncode == 0, cli_result.stderr
     keys = [merchant.key, issued.key, operator_key, cli_result.stdout.split()[-1]]

@@ -3,6 +3,7 @@ the service is SIGKILLed, SIGSTOPped and Postgres restarted; after every round t
 asset, no member balance is negative, every acknowledged operation is in the journal exactly once, no id
 repeats, every open hold is still capturable by its own merchant, GetBalance equals the journal, and
 `reconcile` passes. The checks are in tests/integration/bank.py; `make soak` runs many more rounds."""
+
 from __future__ import annotations
 
 import random
@@ -66,14 +67,19 @@ def test_bank_check_with_split_tender_and_vouchers_only_holds(bank_on):
     # the newest authorization at the crash is a vouchers-only hold: ids after the restart must not repeat it
     hold = bank.vouchers_only_hold_then_sigkill()
     problems = run_round(bank, "sigkill")
-    assert problems == [], f"after a SIGKILL following the vouchers-only hold {hold.response.authorization_id}:\n" \
+    assert problems == [], (
+        f"after a SIGKILL following the vouchers-only hold {hold.response.authorization_id}:\n"
         + "\n".join(problems[:40])
-    assert any(op.method == "Authorize" and op.code == "OK" and op.request.vouchers and not op.request.points
-               for op in bank.ops), "no vouchers-only hold was acknowledged"
+    )
+    assert any(
+        op.method == "Authorize" and op.code == "OK" and op.request.vouchers and not op.request.points
+        for op in bank.ops
+    ), "no vouchers-only hold was acknowledged"
 
 
 def test_bank_check_under_clock_steps_forward_and_back_and_a_restart_on_a_stepped_back_clock(
-        restartable_postgres, service_factory, rng, tmp_path):
+    restartable_postgres, service_factory, rng, tmp_path
+):
     """The service's wall clock stepped forward and back by up to 2 h under traffic (libfaketime), and a
     SIGKILL and restart in between: besides every bank check, no transaction or hold is dated before one
     committed earlier."""

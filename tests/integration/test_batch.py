@@ -2,6 +2,7 @@
 bad operation never failing the others, every OperationOutcome where it belongs with the unary call's
 status code, idempotency across batches, streams and unary calls, request-level errors, credentials,
 and group commit. Against a real service and Postgres."""
+
 from __future__ import annotations
 
 import collections
@@ -36,8 +37,14 @@ def code(status: grpc.StatusCode) -> int:
 
 
 STREAM_METHOD = "/points.v1.PointsService/Stream"
-UNARY_METHOD = {"earn": "Earn", "authorize": "Authorize", "capture": "Capture", "void": "Void",
-                "redeem": "Redeem", "refund": "Refund"}
+UNARY_METHOD = {
+    "earn": "Earn",
+    "authorize": "Authorize",
+    "capture": "Capture",
+    "void": "Void",
+    "redeem": "Redeem",
+    "refund": "Refund",
+}
 
 
 @pytest.fixture
@@ -50,8 +57,9 @@ def merchant(service) -> str:
 @pytest.fixture(scope="module")
 def limited_service(create_database):
     """A service allowing 10 operations per SubmitBatch and 2 in flight per Stream."""
-    service = ServiceProcess(create_database(), "--batch-request-operations-max", "10",
-                             "--stream-operations-in-flight-max", "2").start()
+    service = ServiceProcess(
+        create_database(), "--batch-request-operations-max", "10", "--stream-operations-in-flight-max", "2"
+    ).start()
     yield service
     service.kill()
 
@@ -64,37 +72,59 @@ def limited_stub(limited_service):
 
 # --- building operations ---
 
+
 def earn_op(merchant: str, member: str, purchase: int, key: str | None = None) -> pb.Operation:
-    return pb.Operation(earn=pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase,
-                                            idempotency_key=key or unique("k")))
+    return pb.Operation(
+        earn=pb.EarnRequest(
+            merchant_id=merchant, member_id=member, purchase_amount=purchase, idempotency_key=key or unique("k")
+        )
+    )
 
 
 def authorize_op(merchant: str, member: str, points: int, ttl: int = 0, key: str | None = None) -> pb.Operation:
-    return pb.Operation(authorize=pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=points,
-                                                      hold_ttl_seconds=ttl, idempotency_key=key or unique("k")))
+    return pb.Operation(
+        authorize=pb.AuthorizeRequest(
+            merchant_id=merchant,
+            member_id=member,
+            points=points,
+            hold_ttl_seconds=ttl,
+            idempotency_key=key or unique("k"),
+        )
+    )
 
 
 def capture_op(merchant: str, authorization_id: str, points: int = 0, key: str | None = None) -> pb.Operation:
-    return pb.Operation(capture=pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                                  points=points, idempotency_key=key or unique("k")))
+    return pb.Operation(
+        capture=pb.CaptureRequest(
+            merchant_id=merchant, authorization_id=authorization_id, points=points, idempotency_key=key or unique("k")
+        )
+    )
 
 
 def void_op(merchant: str, authorization_id: str, key: str | None = None) -> pb.Operation:
-    return pb.Operation(void=pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                            idempotency_key=key or unique("k")))
+    return pb.Operation(
+        void=pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id, idempotency_key=key or unique("k"))
+    )
 
 
 def redeem_op(merchant: str, member: str, points: int, key: str | None = None) -> pb.Operation:
-    return pb.Operation(redeem=pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points,
-                                                idempotency_key=key or unique("k")))
+    return pb.Operation(
+        redeem=pb.RedeemRequest(
+            merchant_id=merchant, member_id=member, points=points, idempotency_key=key or unique("k")
+        )
+    )
 
 
 def refund_op(merchant: str, transaction_id: str, points: int, key: str | None = None) -> pb.Operation:
-    return pb.Operation(refund=pb.RefundRequest(merchant_id=merchant, transaction_id=transaction_id,
-                                                points=points, idempotency_key=key or unique("k")))
+    return pb.Operation(
+        refund=pb.RefundRequest(
+            merchant_id=merchant, transaction_id=transaction_id, points=points, idempotency_key=key or unique("k")
+        )
+    )
 
 
 # --- calling ---
+
 
 def submit(stub, operations: list[pb.Operation], metadata=None) -> list[pb.OperationResult]:
     response = stub.SubmitBatch(pb.SubmitBatchRequest(operations=operations), timeout=30, metadata=metadata)
@@ -130,9 +160,12 @@ def fund(stub, merchant: str, point_units: int) -> str:
 
 def journal(database_url: str) -> tuple[int, int, int]:
     """(transactions, entries, holds) rows in Postgres: what posting money or holding points adds."""
-    row = fetch(database_url, """SELECT (SELECT count(*) FROM transactions) AS transactions,
+    row = fetch(
+        database_url,
+        """SELECT (SELECT count(*) FROM transactions) AS transactions,
                                         (SELECT count(*) FROM entries) AS entries,
-                                        (SELECT count(*) FROM holds) AS holds""")[0]
+                                        (SELECT count(*) FROM holds) AS holds""",
+    )[0]
     return row["transactions"], row["entries"], row["holds"]
 
 
@@ -157,15 +190,23 @@ def committed_batches(service) -> float:
 
 # --- results aligned by index ---
 
+
 def test_mixed_batch_of_all_six_kinds_answers_each_operation_at_its_index(stub, service, merchant):
     spender = fund(stub, merchant, 2_000)
-    earlier = submit(stub, [authorize_op(merchant, spender, 300), authorize_op(merchant, spender, 200),
-                            redeem_op(merchant, spender, 400)])
+    earlier = submit(
+        stub,
+        [authorize_op(merchant, spender, 300), authorize_op(merchant, spender, 200), redeem_op(merchant, spender, 400)],
+    )
     assert [r.outcome for r in earlier] == [APPLIED] * 3
     to_capture, to_void = earlier[0].authorize.authorization_id, earlier[1].authorize.authorization_id
     redemption = earlier[2].redeem.transaction_id
-    others = [capture_op(merchant, to_capture, 100), void_op(merchant, to_void), redeem_op(merchant, spender, 100),
-              refund_op(merchant, redemption, 150), authorize_op(merchant, spender, 50)]
+    others = [
+        capture_op(merchant, to_capture, 100),
+        void_op(merchant, to_void),
+        redeem_op(merchant, spender, 100),
+        refund_op(merchant, redemption, 150),
+        authorize_op(merchant, spender, 50),
+    ]
     # earns of new members, each a different amount, interleaved with the other kinds
     earns = [earn_op(merchant, unique("mem"), 1_000 * (i + 1) + 7 * i) for i in range(12)]
     operations = []
@@ -189,10 +230,15 @@ def test_mixed_batch_of_all_six_kinds_answers_each_operation_at_its_index(stub, 
     assert by_kind["void"].void.released == 200
     assert by_kind["redeem"].redeem.points == 100
     assert (by_kind["refund"].refund.points, by_kind["refund"].refund.kind) == (
-        150, pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION)
+        150,
+        pb.TRANSACTION_KIND_REFUND_OF_REDEMPTION,
+    )
     assert by_kind["authorize"].authorize.points == 50
-    transaction_ids = [getattr(r, r.WhichOneof("response")).transaction_id for r in results
-                       if r.WhichOneof("response") in ("earn", "capture", "redeem", "refund")]
+    transaction_ids = [
+        getattr(r, r.WhichOneof("response")).transaction_id
+        for r in results
+        if r.WhichOneof("response") in ("earn", "capture", "redeem", "refund")
+    ]
     assert len(set(transaction_ids)) == len(transaction_ids) == 15
     # 2,000 - 400 (earlier redeem) - 100 (capture) - 100 (redeem) + 150 (refund); 50 held
     assert balance(stub, spender) == (1_550, 50, 1_500)
@@ -202,15 +248,18 @@ def test_mixed_batch_of_all_six_kinds_answers_each_operation_at_its_index(stub, 
 
 # --- one bad operation never fails the others; each outcome where it belongs ---
 
+
 def test_each_refused_operation_gets_its_outcome_and_the_unary_status_code_and_the_others_apply(
-        stub, service, merchant):
+    stub, service, merchant
+):
     other = unique("m")
     add_merchant(service.database_url, other, 1000)
     rich = fund(stub, merchant, 1_000)
     poor = fund(stub, merchant, 100)
     stranger = fund(stub, other, 1_000)
-    setup = submit(stub, [authorize_op(merchant, rich, 100), redeem_op(merchant, rich, 200),
-                          authorize_op(other, stranger, 300)])
+    setup = submit(
+        stub, [authorize_op(merchant, rich, 100), redeem_op(merchant, rich, 200), authorize_op(other, stranger, 300)]
+    )
     assert [r.outcome for r in setup] == [APPLIED] * 3
     captured_hold = setup[0].authorize.authorization_id
     redemption = setup[1].redeem.transaction_id
@@ -246,8 +295,10 @@ def test_each_refused_operation_gets_its_outcome_and_the_unary_status_code_and_t
         (capture_op(merchant, others_hold), PERMISSION_DENIED, denied, "belongs to another merchant"),
     ]
     good = [earn_op(merchant, unique("mem"), 1_000 * (i + 1)) for i in range(len(refused))]
-    operations = [op for pair in zip(good, (case[0] for case in refused)) for op in pair] \
-        + [redeem_op(merchant, rich, 10), authorize_op(merchant, rich, 20)]
+    operations = [op for pair in zip(good, (case[0] for case in refused)) for op in pair] + [
+        redeem_op(merchant, rich, 10),
+        authorize_op(merchant, rich, 20),
+    ]
     before = journal(service.database_url)
 
     results = submit(stub, operations)
@@ -268,8 +319,12 @@ def test_each_refused_operation_gets_its_outcome_and_the_unary_status_code_and_t
     assert balance(stub, poor) == (100, 0, 100)
     assert balance(stub, rich) == (1_000 - 100 - 200 + 150 - 10, 20, 1_000 - 100 - 200 + 150 - 10 - 20)
     assert balance(stub, stranger) == (1_000, 300, 700)
-    assert fetch(service.database_url, "SELECT refunded FROM transactions WHERE transaction_id = $1",
-                 int(redemption[4:]))[0]["refunded"] == 150
+    assert (
+        fetch(service.database_url, "SELECT refunded FROM transactions WHERE transaction_id = $1", int(redemption[4:]))[
+            0
+        ]["refunded"]
+        == 150
+    )
     # the unary call for the same request answers the same code the batch reported
     for operation, _, status_code, _ in refused:
         if operation.WhichOneof("operation") is None:
@@ -280,8 +335,14 @@ def test_each_refused_operation_gets_its_outcome_and_the_unary_status_code_and_t
 
 def test_capture_and_void_of_expired_holds_are_hold_expired(stub, service, merchant):
     member = fund(stub, merchant, 1_000)
-    holds = submit(stub, [authorize_op(merchant, member, 300, ttl=1), authorize_op(merchant, member, 200, ttl=1),
-                          authorize_op(merchant, member, 100)])
+    holds = submit(
+        stub,
+        [
+            authorize_op(merchant, member, 300, ttl=1),
+            authorize_op(merchant, member, 200, ttl=1),
+            authorize_op(merchant, member, 100),
+        ],
+    )
     assert [r.outcome for r in holds] == [APPLIED] * 3
     expiring, expiring_too, lasting = (r.authorize.authorization_id for r in holds)
     deadline = time.monotonic() + 15
@@ -290,8 +351,9 @@ def test_capture_and_void_of_expired_holds_are_hold_expired(stub, service, merch
         time.sleep(0.1)
     before = journal(service.database_url)
 
-    results = submit(stub, [capture_op(merchant, expiring), void_op(merchant, expiring_too),
-                            capture_op(merchant, lasting, 100)])
+    results = submit(
+        stub, [capture_op(merchant, expiring), void_op(merchant, expiring_too), capture_op(merchant, lasting, 100)]
+    )
 
     for result, authorization_id in zip(results[:2], (expiring, expiring_too)):
         assert (result.outcome, result.status_code) == (HOLD_EXPIRED, code(grpc.StatusCode.FAILED_PRECONDITION))
@@ -306,12 +368,18 @@ def test_capture_and_void_of_expired_holds_are_hold_expired(stub, service, merch
 
 # --- idempotency ---
 
+
 def test_a_batch_sent_again_replays_every_response_and_error_and_moves_nothing(stub, service, merchant):
     member = fund(stub, merchant, 1_000)
     newcomer = unique("mem")
-    operations = [earn_op(merchant, newcomer, 5_000), redeem_op(merchant, member, 100),
-                  redeem_op(merchant, member, 10_000), redeem_op(merchant, unique("ghost"), 1),
-                  authorize_op(merchant, member, 50), pb.Operation()]
+    operations = [
+        earn_op(merchant, newcomer, 5_000),
+        redeem_op(merchant, member, 100),
+        redeem_op(merchant, member, 10_000),
+        redeem_op(merchant, unique("ghost"), 1),
+        authorize_op(merchant, member, 50),
+        pb.Operation(),
+    ]
     first = submit(stub, operations)
     assert [r.outcome for r in first] == [APPLIED, APPLIED, INSUFFICIENT_POINTS, NOT_FOUND, APPLIED, INVALID]
     before = journal(service.database_url)
@@ -345,38 +413,64 @@ def test_a_batch_sent_again_replays_every_response_and_error_and_moves_nothing(s
 def test_unary_and_batch_calls_share_idempotency_keys(stub, service, merchant):
     member = fund(stub, merchant, 1_000)
     spent_key, refused_key, batch_key = unique("k"), unique("k"), unique("k")
-    spent = stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=100,
-                                         idempotency_key=spent_key), timeout=30)
-    refused = error_of(lambda: stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=5_000,
-                                                            idempotency_key=refused_key), timeout=30))
+    spent = stub.Redeem(
+        pb.RedeemRequest(merchant_id=merchant, member_id=member, points=100, idempotency_key=spent_key), timeout=30
+    )
+    refused = error_of(
+        lambda: stub.Redeem(
+            pb.RedeemRequest(merchant_id=merchant, member_id=member, points=5_000, idempotency_key=refused_key),
+            timeout=30,
+        )
+    )
     assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-    results = submit(stub, [redeem_op(merchant, member, 100, key=spent_key),
-                            redeem_op(merchant, member, 5_000, key=refused_key),
-                            redeem_op(merchant, member, 200, key=batch_key)])
+    results = submit(
+        stub,
+        [
+            redeem_op(merchant, member, 100, key=spent_key),
+            redeem_op(merchant, member, 5_000, key=refused_key),
+            redeem_op(merchant, member, 200, key=batch_key),
+        ],
+    )
 
     assert results[0].outcome == REPLAYED and results[0].redeem == spent
     assert (results[1].outcome, results[1].status_code, results[1].message) == (
-        REPLAYED, code(grpc.StatusCode.FAILED_PRECONDITION), refused.details())
+        REPLAYED,
+        code(grpc.StatusCode.FAILED_PRECONDITION),
+        refused.details(),
+    )
     assert results[2].outcome == APPLIED
     # and a unary retry of an operation a batch made replays the batch's response
-    response, replay = call_once(stub.Redeem, pb.RedeemRequest(merchant_id=merchant, member_id=member, points=200,
-                                                               idempotency_key=batch_key))
+    response, replay = call_once(
+        stub.Redeem, pb.RedeemRequest(merchant_id=merchant, member_id=member, points=200, idempotency_key=batch_key)
+    )
     assert response == results[2].redeem and replay == "true"
     assert balance(stub, member) == (700, 0, 700)
-    assert fetch(service.database_url, "SELECT count(*) AS n FROM transactions WHERE member_id = $1 AND kind = 3",
-                 member)[0]["n"] == 2
+    assert (
+        fetch(service.database_url, "SELECT count(*) AS n FROM transactions WHERE member_id = $1 AND kind = 3", member)[
+            0
+        ]["n"]
+        == 2
+    )
 
 
 def test_a_key_reused_for_a_different_request_is_key_reused_naming_the_field(stub, service, merchant):
     member = unique("mem")
     keys = [unique("k") for _ in range(3)]
-    first = submit(stub, [earn_op(merchant, member, 1_000, key=keys[0]), earn_op(merchant, member, 1_000, key=keys[1]),
-                          earn_op(merchant, member, 1_000, key=keys[2])])
+    first = submit(
+        stub,
+        [
+            earn_op(merchant, member, 1_000, key=keys[0]),
+            earn_op(merchant, member, 1_000, key=keys[1]),
+            earn_op(merchant, member, 1_000, key=keys[2]),
+        ],
+    )
     assert [r.outcome for r in first] == [APPLIED] * 3
-    reuses = [(earn_op(merchant, member, 2_000, key=keys[0]), "purchase_amount"),
-              (earn_op(merchant, unique("mem"), 1_000, key=keys[1]), "member_id"),
-              (redeem_op(merchant, member, 10, key=keys[2]), "method")]
+    reuses = [
+        (earn_op(merchant, member, 2_000, key=keys[0]), "purchase_amount"),
+        (earn_op(merchant, unique("mem"), 1_000, key=keys[1]), "member_id"),
+        (redeem_op(merchant, member, 10, key=keys[2]), "method"),
+    ]
     before = journal(service.database_url)
 
     results = submit(stub, [operation for operation, _ in reuses])
@@ -403,7 +497,8 @@ def test_duplicates_of_one_key_in_one_batch_take_effect_once(stub, service, merc
     assert all(r.earn == earns[0].earn for r in earns)
     assert sorted(r.outcome for r in overdraws) == sorted([INSUFFICIENT_POINTS, REPLAYED])
     assert {(r.status_code, r.message) for r in overdraws} == {
-        (code(grpc.StatusCode.FAILED_PRECONDITION), overdraws[0].message)}
+        (code(grpc.StatusCode.FAILED_PRECONDITION), overdraws[0].message)
+    }
     transactions, entries, holds = journal(service.database_url)
     assert (transactions - before[0], entries - before[1], holds - before[2]) == (1, 2, 0)
     assert balance(stub, member) == (500, 0, 500)
@@ -411,7 +506,8 @@ def test_duplicates_of_one_key_in_one_batch_take_effect_once(stub, service, merc
 
 
 def test_a_retry_identical_to_the_original_is_replayed_behind_a_conflicting_duplicate_in_one_batch(
-        stub, service, merchant):
+    stub, service, merchant
+):
     """The first call with a key decides forever: in a batch holding a conflicting request under the key
     and then the original request again, the conflicting one is KEY_REUSED and the original one REPLAYED."""
     member, key = unique("mem"), unique("k")
@@ -428,6 +524,7 @@ def test_a_retry_identical_to_the_original_is_replayed_behind_a_conflicting_dupl
 
 
 # --- request-level errors and credentials ---
+
 
 def test_an_empty_batch_is_invalid_argument(stub):
     error = error_of(lambda: stub.SubmitBatch(pb.SubmitBatchRequest(), timeout=30))
@@ -463,8 +560,10 @@ def test_batch_and_stream_without_credential_are_unauthenticated_and_with_operat
     operator = (("authorization", "Bearer " + create_key(service.database_url, "operator")),)
     with service.bare_channel() as channel:
         bare = points_pb2_grpc.PointsServiceStub(channel)
-        for metadata, status in ((None, grpc.StatusCode.UNAUTHENTICATED),
-                                 (operator, grpc.StatusCode.PERMISSION_DENIED)):
+        for metadata, status in (
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+            (operator, grpc.StatusCode.PERMISSION_DENIED),
+        ):
             error = error_of(lambda metadata=metadata: submit(bare, operations, metadata=metadata))
             assert error.code() == status, error
             error = error_of(lambda metadata=metadata: stream(bare, requests, metadata=metadata))
@@ -481,9 +580,14 @@ def test_a_gateway_key_acts_only_for_the_merchants_it_lists(stub, service, merch
     with service.bare_channel() as channel:
         restricted = points_pb2_grpc.PointsServiceStub(channel)
         results = submit(restricted, [earn_op(merchant, mine, 1_000), foreign], metadata=gateway)
-        streamed = stream(restricted, [pb.StreamRequest(correlation_id="foreign", operation=foreign),
-                                       pb.StreamRequest(correlation_id="mine", operation=earn_op(merchant, mine, 500))],
-                          metadata=gateway)
+        streamed = stream(
+            restricted,
+            [
+                pb.StreamRequest(correlation_id="foreign", operation=foreign),
+                pb.StreamRequest(correlation_id="mine", operation=earn_op(merchant, mine, 500)),
+            ],
+            metadata=gateway,
+        )
         unary = unary_code(restricted, foreign, metadata=gateway)
 
     denied = code(grpc.StatusCode.PERMISSION_DENIED)
@@ -499,6 +603,7 @@ def test_a_gateway_key_acts_only_for_the_merchants_it_lists(stub, service, merch
 
 
 # --- Stream ---
+
 
 def _comparable(result: pb.OperationResult) -> pb.OperationResult:
     """The result without what differs between two runs of one operation: ids and times."""
@@ -518,8 +623,10 @@ def test_stream_answers_every_operation_once_by_correlation_id_as_submit_batch_w
     add_merchant(service.database_url, other, 1000)
     width = 30
     # per run: members to hold points of and members to redeem from, all funded alike
-    funded = {run: ([unique("hold") for _ in range(width)], [unique("spend") for _ in range(width)])
-              for run in ("batch", "stream")}
+    funded = {
+        run: ([unique("hold") for _ in range(width)], [unique("spend") for _ in range(width)])
+        for run in ("batch", "stream")
+    }
     setup = [earn_op(merchant, m, 10_000) for holders, spenders in funded.values() for m in holders + spenders]
     poor, stranger, ghost = unique("poor"), unique("stranger"), unique("ghost")
     setup += [earn_op(merchant, poor, 1_000), earn_op(other, stranger, 1_000)]
@@ -531,11 +638,20 @@ def test_stream_answers_every_operation_once_by_correlation_id_as_submit_batch_w
         holders, spenders = funded[run]
         ops = []
         for i in range(width):
-            ops += [authorize_op(merchant, holders[i], 100 + i), redeem_op(merchant, spenders[i], 10 + i),
-                    earn_op(merchant, unique("new"), 1_000 * (i + 1) + i)]
-        return ops + [pb.Operation(), redeem_op(merchant, poor, 101), redeem_op(merchant, ghost, 5),
-                      capture_op(merchant, "auth_999999999"), void_op(merchant, others_hold),
-                      earn_op(merchant, unique("new"), -1), earn_op(merchant, "bad id", 100)]
+            ops += [
+                authorize_op(merchant, holders[i], 100 + i),
+                redeem_op(merchant, spenders[i], 10 + i),
+                earn_op(merchant, unique("new"), 1_000 * (i + 1) + i),
+            ]
+        return ops + [
+            pb.Operation(),
+            redeem_op(merchant, poor, 101),
+            redeem_op(merchant, ghost, 5),
+            capture_op(merchant, "auth_999999999"),
+            void_op(merchant, others_hold),
+            earn_op(merchant, unique("new"), -1),
+            earn_op(merchant, "bad id", 100),
+        ]
 
     batched = submit(stub, operations("batch"))
     sent = operations("stream")
@@ -547,7 +663,12 @@ def test_stream_answers_every_operation_once_by_correlation_id_as_submit_batch_w
     for i, expected in enumerate(batched):
         assert _comparable(answers[f"op-{i}"]) == _comparable(expected), (sent[i], answers[f"op-{i}"], expected)
     assert collections.Counter(r.outcome for r in batched) == {
-        APPLIED: 3 * width, INVALID: 3, INSUFFICIENT_POINTS: 1, NOT_FOUND: 2, PERMISSION_DENIED: 1}
+        APPLIED: 3 * width,
+        INVALID: 3,
+        INSUFFICIENT_POINTS: 1,
+        NOT_FOUND: 2,
+        PERMISSION_DENIED: 1,
+    }
     holders, spenders = funded["stream"]
     assert balance(stub, holders[7]) == (1_000, 107, 893)
     assert balance(stub, spenders[7]) == (983, 0, 983)
@@ -555,13 +676,16 @@ def test_stream_answers_every_operation_once_by_correlation_id_as_submit_batch_w
 
 def test_an_undecodable_stream_message_is_answered_invalid_and_the_stream_goes_on(stub, service, merchant):
     first, last = unique("mem"), unique("mem")
-    messages = [pb.StreamRequest(correlation_id="first", operation=earn_op(merchant, first, 1_000)).SerializeToString(),
-                b"\x0a\x02\xff\xfe",  # correlation_id that is not UTF-8
-                b"\xff\xff\xff\xff",  # not a protobuf message at all
-                pb.StreamRequest(correlation_id="last", operation=earn_op(merchant, last, 2_000)).SerializeToString()]
+    messages = [
+        pb.StreamRequest(correlation_id="first", operation=earn_op(merchant, first, 1_000)).SerializeToString(),
+        b"\x0a\x02\xff\xfe",  # correlation_id that is not UTF-8
+        b"\xff\xff\xff\xff",  # not a protobuf message at all
+        pb.StreamRequest(correlation_id="last", operation=earn_op(merchant, last, 2_000)).SerializeToString(),
+    ]
     with service.channel() as channel:
-        call = channel.stream_stream(STREAM_METHOD, request_serializer=lambda raw: raw,
-                                     response_deserializer=pb.StreamResponse.FromString)
+        call = channel.stream_stream(
+            STREAM_METHOD, request_serializer=lambda raw: raw, response_deserializer=pb.StreamResponse.FromString
+        )
         responses = list(call(iter(messages), timeout=30))
 
     assert sorted(r.correlation_id for r in responses) == ["", "", "first", "last"]
@@ -570,7 +694,9 @@ def test_an_undecodable_stream_message_is_answered_invalid_and_the_stream_goes_o
             assert response.result.outcome == APPLIED
         else:
             assert (response.result.outcome, response.result.status_code) == (
-                INVALID, code(grpc.StatusCode.INVALID_ARGUMENT))
+                INVALID,
+                code(grpc.StatusCode.INVALID_ARGUMENT),
+            )
             assert "not a valid points.v1.StreamRequest" in response.result.message
     assert balance(stub, first)[0] == 100 and balance(stub, last)[0] == 200
 
@@ -578,9 +704,13 @@ def test_an_undecodable_stream_message_is_answered_invalid_and_the_stream_goes_o
 def test_a_correlation_id_over_128_bytes_is_invalid_and_not_carried_out(stub, merchant):
     members = {"c": unique("mem"), "d": unique("mem"), "é": unique("mem")}
     correlation_ids = {"c": "c" * 128, "d": "d" * 129, "é": "é" * 65}  # 128, 129 and 130 bytes
-    responses = stream(stub, [pb.StreamRequest(correlation_id=correlation_ids[k],
-                                               operation=earn_op(merchant, members[k], 1_000))
-                              for k in correlation_ids])
+    responses = stream(
+        stub,
+        [
+            pb.StreamRequest(correlation_id=correlation_ids[k], operation=earn_op(merchant, members[k], 1_000))
+            for k in correlation_ids
+        ],
+    )
 
     assert len(responses) == 3
     answers = {r.correlation_id[0]: r for r in responses}
@@ -603,8 +733,9 @@ def test_a_stream_with_two_operations_in_flight_still_answers_fifty(limited_serv
     operations = [earn_op(merchant, member, 100 * (i + 1)) for i in range(45)]
     operations += [redeem_op(merchant, unique("ghost"), 1) for _ in range(5)]
 
-    responses = stream(limited_stub, [pb.StreamRequest(correlation_id=f"c{i}", operation=op)
-                                      for i, op in enumerate(operations)])
+    responses = stream(
+        limited_stub, [pb.StreamRequest(correlation_id=f"c{i}", operation=op) for i, op in enumerate(operations)]
+    )
 
     assert collections.Counter(r.correlation_id for r in responses) == {f"c{i}": 1 for i in range(50)}
     outcomes = {r.correlation_id: r.result.outcome for r in responses}
@@ -614,6 +745,7 @@ def test_a_stream_with_two_operations_in_flight_still_answers_fifty(limited_serv
 
 
 # --- group commit ---
+
 
 def test_a_batch_of_2000_earns_commits_in_few_postgres_batches(stub, service, merchant):
     members = [unique("mem") for _ in range(200)]

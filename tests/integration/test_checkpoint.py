@@ -1,6 +1,7 @@
 """Balance checkpoints: accounts.balance is folded from the journal every --balance-checkpoint-seconds,
 the account_balances view (checkpoint + journal tail) is always current, a restart after SIGKILL
 rebuilds balances from the checkpoint plus the tail, and a graceful stop leaves no tail."""
+
 from __future__ import annotations
 
 import time
@@ -33,14 +34,16 @@ def checkpoint_reaches(url: str, transaction_id: int, seconds: float = 20.0) -> 
 
 def balances(url: str, owner: str) -> dict[str, tuple[int, int]]:
     """kind -> (current balance from the view, checkpointed accounts.balance)."""
-    return {r["kind"]: (r["balance"], r["checkpoint_balance"])
-            for r in fetch(url, "SELECT kind, balance, checkpoint_balance FROM account_balances WHERE owner_id = $1",
-                           owner)}
+    return {
+        r["kind"]: (r["balance"], r["checkpoint_balance"])
+        for r in fetch(url, "SELECT kind, balance, checkpoint_balance FROM account_balances WHERE owner_id = $1", owner)
+    }
 
 
 def redeem(stub, merchant: str, member: str, points: int):
-    return stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points,
-                                        idempotency_key=unique("k")), timeout=30)
+    return stub.Redeem(
+        pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points, idempotency_key=unique("k")), timeout=30
+    )
 
 
 def test_tail_after_the_checkpoint_is_replayed_after_sigkill(create_database, service_factory):
@@ -102,8 +105,7 @@ def test_checkpoint_when_enough_accounts_changed(create_database, service_factor
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, 1000)
-    service = service_factory(url, "--balance-checkpoint-seconds", "3600",
-                              "--balance-checkpoint-accounts-max", "3")
+    service = service_factory(url, "--balance-checkpoint-seconds", "3600", "--balance-checkpoint-accounts-max", "3")
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         before = checkpoint(url)

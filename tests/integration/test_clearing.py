@@ -6,6 +6,7 @@ merchant's fees account to the operator's fee revenue); earns use fee_issued_bps
 fee_redeemed_bps, refunds charge nothing and give nothing back. A settlement period holds every
 transaction with opened_at <= created_at < cut_off and never changes after its cut.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +41,28 @@ OPERATIONS_PER_PERIOD_MIN = 10
 TRAFFIC_WAIT_SECONDS_MAX = 30
 
 EARN, CAPTURE, REDEEM, REFUND_OF_REDEMPTION, REFUND_OF_EARN = 1, 2, 3, 4, 5
-KIND_TEXT = {EARN: "earn", CAPTURE: "capture", REDEEM: "redeem", REFUND_OF_REDEMPTION: "refund_of_redemption",
-             REFUND_OF_EARN: "refund_of_earn"}
-STATEMENT_FIELDS = ("merchant_id", "period_id", "opening_position", "issued", "earn_refunds", "redeemed",
-                    "redemption_refunds", "fees", "net", "closing_position", "transactions", "acquiring",
-                    "acquiring_reversals")
+KIND_TEXT = {
+    EARN: "earn",
+    CAPTURE: "capture",
+    REDEEM: "redeem",
+    REFUND_OF_REDEMPTION: "refund_of_redemption",
+    REFUND_OF_EARN: "refund_of_earn",
+}
+STATEMENT_FIELDS = (
+    "merchant_id",
+    "period_id",
+    "opening_position",
+    "issued",
+    "earn_refunds",
+    "redeemed",
+    "redemption_refunds",
+    "fees",
+    "net",
+    "closing_position",
+    "transactions",
+    "acquiring",
+    "acquiring_reversals",
+)
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -87,16 +105,16 @@ class Operator:
     def period_statements(self, period_id: int, page_size: int = 0) -> list[admin_pb2.Statement]:
         seen, token = [], ""
         while True:
-            page = self.ListStatements(admin_pb2.ListStatementsRequest(period_id=period_id, page_token=token,
-                                                                       page_size=page_size))
+            page = self.ListStatements(
+                admin_pb2.ListStatementsRequest(period_id=period_id, page_token=token, page_size=page_size)
+            )
             seen.extend(page.statements)
             token = page.next_page_token
             if not token:
                 return seen
 
     def export(self, period_id: int, merchant_id: str = "") -> tuple[list[dict], int]:
-        response = self.ExportStatement(admin_pb2.ExportStatementRequest(period_id=period_id,
-                                                                         merchant_id=merchant_id))
+        response = self.ExportStatement(admin_pb2.ExportStatementRequest(period_id=period_id, merchant_id=merchant_id))
         rows = list(csv.DictReader(io.StringIO(response.csv.decode("utf-8"))))
         return rows, response.lines
 
@@ -115,31 +133,52 @@ class Merchant:
         self.metadata = credential(key)
 
     def earn(self, member: str, purchase: int) -> points_pb2.EarnResponse:
-        return self.points.Earn(points_pb2.EarnRequest(merchant_id=self.merchant_id, member_id=member,
-                                                       purchase_amount=purchase, idempotency_key=unique("k")),
-                                metadata=self.metadata, timeout=30)
+        return self.points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=self.merchant_id, member_id=member, purchase_amount=purchase, idempotency_key=unique("k")
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
 
     def redeem(self, member: str, points: int) -> points_pb2.RedeemResponse:
-        return self.points.Redeem(points_pb2.RedeemRequest(merchant_id=self.merchant_id, member_id=member,
-                                                           points=points, idempotency_key=unique("k")),
-                                  metadata=self.metadata, timeout=30)
+        return self.points.Redeem(
+            points_pb2.RedeemRequest(
+                merchant_id=self.merchant_id, member_id=member, points=points, idempotency_key=unique("k")
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
 
     def authorize(self, member: str, points: int) -> points_pb2.AuthorizeResponse:
-        return self.points.Authorize(points_pb2.AuthorizeRequest(merchant_id=self.merchant_id, member_id=member,
-                                                                 points=points, idempotency_key=unique("k")),
-                                     metadata=self.metadata, timeout=30)
+        return self.points.Authorize(
+            points_pb2.AuthorizeRequest(
+                merchant_id=self.merchant_id, member_id=member, points=points, idempotency_key=unique("k")
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
 
     def capture(self, authorization_id: str, points: int = 0) -> points_pb2.CaptureResponse:
-        return self.points.Capture(points_pb2.CaptureRequest(merchant_id=self.merchant_id,
-                                                             authorization_id=authorization_id, points=points,
-                                                             idempotency_key=unique("k")),
-                                   metadata=self.metadata, timeout=30)
+        return self.points.Capture(
+            points_pb2.CaptureRequest(
+                merchant_id=self.merchant_id,
+                authorization_id=authorization_id,
+                points=points,
+                idempotency_key=unique("k"),
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
 
     def refund(self, transaction_id: str, points: int) -> points_pb2.RefundResponse:
-        return self.points.Refund(points_pb2.RefundRequest(merchant_id=self.merchant_id,
-                                                           transaction_id=transaction_id, points=points,
-                                                           idempotency_key=unique("k")),
-                                  metadata=self.metadata, timeout=30)
+        return self.points.Refund(
+            points_pb2.RefundRequest(
+                merchant_id=self.merchant_id, transaction_id=transaction_id, points=points, idempotency_key=unique("k")
+            ),
+            metadata=self.metadata,
+            timeout=30,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +190,15 @@ def points(channel):
 def make_merchant(service, points):
     def make(give_back_bps: int = 1000, fee_redeemed_bps: int = 0, fee_issued_bps: int = 0) -> Merchant:
         merchant_id = unique("m")
-        key = add_merchant(service.database_url, merchant_id, give_back_bps, fee_redeemed_bps=fee_redeemed_bps,
-                           fee_issued_bps=fee_issued_bps)
+        key = add_merchant(
+            service.database_url,
+            merchant_id,
+            give_back_bps,
+            fee_redeemed_bps=fee_redeemed_bps,
+            fee_issued_bps=fee_issued_bps,
+        )
         return Merchant(points, merchant_id, key)
+
     return make
 
 
@@ -167,9 +212,13 @@ def transaction_number(transaction_id: str) -> int:
 
 def fee_entries(database_url: str, transaction_id: str) -> list[tuple[str, str, int]]:
     """(account kind, owner, amount) of a transaction's fee entries."""
-    rows = fetch(database_url, """SELECT a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
+    rows = fetch(
+        database_url,
+        """SELECT a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
                                   WHERE e.transaction_id = $1 AND a.kind IN ('merchant_fees', 'operator_fee_revenue')
-                                  ORDER BY a.kind""", transaction_number(transaction_id))
+                                  ORDER BY a.kind""",
+        transaction_number(transaction_id),
+    )
     return [(r["kind"], r["owner_id"], r["amount"]) for r in rows]
 
 
@@ -190,13 +239,17 @@ def test_fees_round_down_post_in_their_transaction_and_add_up_in_the_position(se
     def check(transaction_id: str, kind: int, amount: int, fee: int) -> None:
         nonlocal fees
         fees += fee
-        row = fetch(url, "SELECT kind, merchant_id, amount, fee FROM transactions WHERE transaction_id = $1",
-                    transaction_number(transaction_id))[0]
+        row = fetch(
+            url,
+            "SELECT kind, merchant_id, amount, fee FROM transactions WHERE transaction_id = $1",
+            transaction_number(transaction_id),
+        )[0]
         assert (row["kind"], row["merchant_id"], row["amount"], row["fee"]) == (kind, m, amount, fee)
         expected = [("merchant_fees", m, -fee), ("operator_fee_revenue", "operator", fee)] if fee else []
         assert fee_entries(url, transaction_id) == expected
-        sums = fetch(url, "SELECT sum(amount) AS s FROM entries WHERE transaction_id = $1",
-                     transaction_number(transaction_id))
+        sums = fetch(
+            url, "SELECT sum(amount) AS s FROM entries WHERE transaction_id = $1", transaction_number(transaction_id)
+        )
         assert sums[0]["s"] in (0, None)
         position = operator.position(m)
         assert (position.issued, position.redeemed, position.fees) == (issued, redeemed, fees)
@@ -232,8 +285,12 @@ def test_fees_round_down_post_in_their_transaction_and_add_up_in_the_position(se
     refund = merchant.refund(small_earn, 133)
     issued -= 133
     check(refund.transaction_id, REFUND_OF_EARN, 133, 0)
-    assert fetch(url, "SELECT fee FROM transactions WHERE transaction_id = $1",
-                 transaction_number(redemptions[333]))[0]["fee"] == 4
+    assert (
+        fetch(url, "SELECT fee FROM transactions WHERE transaction_id = $1", transaction_number(redemptions[333]))[0][
+            "fee"
+        ]
+        == 4
+    )
 
     position = operator.position(m)
     assert (position.issued, position.redeemed, position.fees) == (100_003, 8_101, 2_625)
@@ -247,9 +304,11 @@ def test_fees_on_large_amounts_are_exact(service, operator, make_merchant):
     earned = merchant.earn(member, 10**13)  # 2 * 10^12 point-units, fee floor(2 * 10^8) = 200,000,000
     assert earned.points == 2 * 10**12
     redeemed = merchant.redeem(member, 10**12 - 1)  # fee floor(999999999999 * 0.9999) = 999,899,999,999
-    rows = fetch(service.database_url, "SELECT amount, fee FROM transactions WHERE transaction_id = ANY($1) "
-                                       "ORDER BY transaction_id",
-                 [transaction_number(earned.transaction_id), transaction_number(redeemed.transaction_id)])
+    rows = fetch(
+        service.database_url,
+        "SELECT amount, fee FROM transactions WHERE transaction_id = ANY($1) ORDER BY transaction_id",
+        [transaction_number(earned.transaction_id), transaction_number(redeemed.transaction_id)],
+    )
     assert [(r["amount"], r["fee"]) for r in rows] == [(2 * 10**12, 200_000_000), (10**12 - 1, 999_899_999_999)]
     position = operator.position(merchant.merchant_id)
     fees = 999_899_999_999 + 200_000_000
@@ -276,8 +335,9 @@ def test_position_of_an_unknown_merchant_is_not_found(operator):
 
 
 def latest_period(database_url: str):
-    rows = fetch(database_url, "SELECT period_id, opened_at, cut_off FROM settlement_periods "
-                               "ORDER BY period_id DESC LIMIT 1")
+    rows = fetch(
+        database_url, "SELECT period_id, opened_at, cut_off FROM settlement_periods ORDER BY period_id DESC LIMIT 1"
+    )
     return rows[0] if rows else None
 
 
@@ -296,8 +356,13 @@ def expected_statements(database_url: str) -> dict[int, dict[str, dict]]:
             if not period["opened_at"] <= t["created_at"] < period["cut_off"]:
                 continue
             s = moves.setdefault(t["merchant_id"], collections.Counter())
-            field = {EARN: "issued", REFUND_OF_EARN: "earn_refunds", CAPTURE: "redeemed", REDEEM: "redeemed",
-                     REFUND_OF_REDEMPTION: "redemption_refunds"}[t["kind"]]
+            field = {
+                EARN: "issued",
+                REFUND_OF_EARN: "earn_refunds",
+                CAPTURE: "redeemed",
+                REDEEM: "redeemed",
+                REFUND_OF_REDEMPTION: "redemption_refunds",
+            }[t["kind"]]
             s[field] += t["amount"]
             s["fees"] += t["fee"]
             s["transactions"] += 1
@@ -307,11 +372,20 @@ def expected_statements(database_url: str) -> dict[int, dict[str, dict]]:
             net = s["redeemed"] - s["redemption_refunds"] - s["issued"] + s["earn_refunds"] - s["fees"]
             opening = closing.get(merchant_id, 0)
             statements[merchant_id] = {
-                "merchant_id": merchant_id, "period_id": period["period_id"], "opening_position": opening,
-                "issued": s["issued"], "earn_refunds": s["earn_refunds"], "redeemed": s["redeemed"],
-                "redemption_refunds": s["redemption_refunds"], "fees": s["fees"], "net": net,
-                "closing_position": opening + net, "transactions": s["transactions"], "acquiring": 0,
-                "acquiring_reversals": 0}
+                "merchant_id": merchant_id,
+                "period_id": period["period_id"],
+                "opening_position": opening,
+                "issued": s["issued"],
+                "earn_refunds": s["earn_refunds"],
+                "redeemed": s["redeemed"],
+                "redemption_refunds": s["redemption_refunds"],
+                "fees": s["fees"],
+                "net": net,
+                "closing_position": opening + net,
+                "transactions": s["transactions"],
+                "acquiring": 0,
+                "acquiring_reversals": 0,
+            }
             closing[merchant_id] = opening + net
         result[period["period_id"]] = statements
     return result
@@ -321,8 +395,9 @@ def statement_fields(statement: admin_pb2.Statement) -> dict:
     return {name: getattr(statement, name) for name in STATEMENT_FIELDS}
 
 
-def check_exports(operator: Operator, period: admin_pb2.SettlementPeriod,
-                  statements: list[admin_pb2.Statement]) -> None:
+def check_exports(
+    operator: Operator, period: admin_pb2.SettlementPeriod, statements: list[admin_pb2.Statement]
+) -> None:
     """The period's CSV is its statements, line for line; each merchant's line detail sums exactly to
     its statement."""
     rows, lines = operator.export(period.period_id)
@@ -332,7 +407,8 @@ def check_exports(operator: Operator, period: admin_pb2.SettlementPeriod,
     for row in rows:
         statement = by_merchant[row["merchant_id"]]
         assert {name: int(row[name]) for name in STATEMENT_FIELDS if name != "merchant_id"} == {
-            name: getattr(statement, name) for name in STATEMENT_FIELDS if name != "merchant_id"}
+            name: getattr(statement, name) for name in STATEMENT_FIELDS if name != "merchant_id"
+        }
     assert sum(int(r["net"]) for r in rows) == period.net_total
     assert sum(int(r["fees"]) for r in rows) == period.fees_total
     for statement in statements:
@@ -344,17 +420,23 @@ def check_exports(operator: Operator, period: admin_pb2.SettlementPeriod,
         by_kind = collections.Counter()
         for r in lines_rows:
             by_kind[r["kind"]] += int(r["amount"])
-        assert (by_kind["earn"], by_kind["refund_of_earn"], by_kind["capture"] + by_kind["redeem"],
-                by_kind["refund_of_redemption"]) == (statement.issued, statement.earn_refunds, statement.redeemed,
-                                                     statement.redemption_refunds)
-        assert (by_kind["acquiring_reward"], by_kind["acquiring_reversal"]) == (statement.acquiring,
-                                                                                statement.acquiring_reversals)
+        assert (
+            by_kind["earn"],
+            by_kind["refund_of_earn"],
+            by_kind["capture"] + by_kind["redeem"],
+            by_kind["refund_of_redemption"],
+        ) == (statement.issued, statement.earn_refunds, statement.redeemed, statement.redemption_refunds)
+        assert (by_kind["acquiring_reward"], by_kind["acquiring_reversal"]) == (
+            statement.acquiring,
+            statement.acquiring_reversals,
+        )
 
 
 @dataclasses.dataclass
 class Acknowledged:
     """One operation the service acknowledged, with the moments (this process's monotonic clock) it was
     sent and answered."""
+
     sent: float
     answered: float
     transaction_id: str
@@ -452,12 +534,17 @@ class Traffic:
 
 
 def test_periods_cut_under_concurrent_traffic_hold_exactly_their_transactions_and_never_change(
-        service, operator, make_merchant):
+    service, operator, make_merchant
+):
     url = service.database_url
     seed = random.randrange(2**32)
     print(f"random seed {seed}")
-    merchants = [make_merchant(1000, 0, 0), make_merchant(500, 150, 250), make_merchant(2000, 333, 0),
-                 make_merchant(300, 10_000, 1)]
+    merchants = [
+        make_merchant(1000, 0, 0),
+        make_merchant(500, 150, 250),
+        make_merchant(2000, 333, 0),
+        make_merchant(300, 10_000, 1),
+    ]
     members = [unique("mem") for _ in range(TRAFFIC_THREADS)]
     # whatever earlier tests did goes into a period of its own
     flush = operator.close(now_timestamp())
@@ -492,9 +579,15 @@ def test_periods_cut_under_concurrent_traffic_hold_exactly_their_transactions_an
 
     # every acknowledged operation is in Postgres as acknowledged, and nothing else happened at these merchants
     ours = {m.merchant_id for m in merchants}
-    stored = {r["transaction_id"]: r for r in fetch(
-        url, "SELECT transaction_id, kind, merchant_id, amount, created_at FROM transactions "
-             "WHERE merchant_id = ANY($1)", sorted(ours))}
+    stored = {
+        r["transaction_id"]: r
+        for r in fetch(
+            url,
+            "SELECT transaction_id, kind, merchant_id, amount, created_at FROM transactions "
+            "WHERE merchant_id = ANY($1)",
+            sorted(ours),
+        )
+    }
     acknowledged = {transaction_number(a.transaction_id): a for a in traffic.acknowledged}
     assert len(acknowledged) == len(traffic.acknowledged)
     assert set(stored) == set(acknowledged)
@@ -522,8 +615,10 @@ def test_periods_cut_under_concurrent_traffic_hold_exactly_their_transactions_an
         assert period.fees_total == sum(s.fees for s in statements)
         moved = [s for s in statements if s.merchant_id in ours]
         assert sum(s.transactions for s in moved) == sum(
-            1 for n, a in acknowledged.items()
-            if as_datetime(period.opened_at) <= stored[n]["created_at"] < as_datetime(period.cut_off))
+            1
+            for n, a in acknowledged.items()
+            if as_datetime(period.opened_at) <= stored[n]["created_at"] < as_datetime(period.cut_off)
+        )
         assert sum(s.transactions for s in moved) > 0
         # merchants without traffic carry their position forward unchanged
         for s in statements:
@@ -534,8 +629,12 @@ def test_periods_cut_under_concurrent_traffic_hold_exactly_their_transactions_an
     for _, _, period, statements in cuts:
         assert operator.period_statements(period.period_id, page_size=2) == statements
         for s in statements[:3]:
-            assert operator.GetStatement(admin_pb2.GetStatementRequest(
-                merchant_id=s.merchant_id, period_id=period.period_id)) == s
+            assert (
+                operator.GetStatement(
+                    admin_pb2.GetStatementRequest(merchant_id=s.merchant_id, period_id=period.period_id)
+                )
+                == s
+            )
         check_exports(operator, period, statements)
 
     # with traffic stopped, a last cut closes every merchant at its position
@@ -555,8 +654,9 @@ def test_a_merchants_statements_list_newest_first_in_pages(operator, make_mercha
         periods.append(operator.close(now_timestamp()).period_id)
     seen, token = [], ""
     while True:
-        page = operator.ListStatements(admin_pb2.ListStatementsRequest(merchant_id=merchant.merchant_id,
-                                                                       page_token=token, page_size=1))
+        page = operator.ListStatements(
+            admin_pb2.ListStatementsRequest(merchant_id=merchant.merchant_id, page_token=token, page_size=1)
+        )
         seen.extend(page.statements)
         token = page.next_page_token
         if not token:
@@ -573,8 +673,10 @@ def test_close_rejects_a_missing_or_future_cut_and_one_not_after_the_previous(se
     latest = operator.close(now_timestamp())
     count = len(fetch(url, "SELECT 1 FROM settlement_periods"))
 
-    assert_refused(lambda: operator.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest()),
-                   grpc.StatusCode.INVALID_ARGUMENT)
+    assert_refused(
+        lambda: operator.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest()),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
     future = timestamp_pb2.Timestamp(seconds=now_timestamp().seconds + 3600)
     error = assert_refused(lambda: operator.close(future), grpc.StatusCode.INVALID_ARGUMENT)
     assert "future" in error.details()
@@ -595,16 +697,25 @@ def test_close_rejects_a_missing_or_future_cut_and_one_not_after_the_previous(se
 def test_statements_and_exports_of_unknown_periods(operator, make_merchant):
     merchant = make_merchant()
     period = operator.close(now_timestamp())
-    assert_refused(lambda: operator.ExportStatement(admin_pb2.ExportStatementRequest(period_id=0)),
-                   grpc.StatusCode.INVALID_ARGUMENT)
-    assert_refused(lambda: operator.ExportStatement(admin_pb2.ExportStatementRequest(
-        period_id=period.period_id + 1000)), grpc.StatusCode.NOT_FOUND)
-    assert_refused(lambda: operator.GetStatement(admin_pb2.GetStatementRequest(
-        merchant_id=merchant.merchant_id, period_id=period.period_id)), grpc.StatusCode.NOT_FOUND)
-    assert_refused(lambda: operator.GetStatement(admin_pb2.GetStatementRequest(
-        merchant_id=merchant.merchant_id, period_id=0)), grpc.StatusCode.INVALID_ARGUMENT)
-    assert_refused(lambda: operator.ListStatements(admin_pb2.ListStatementsRequest()),
-                   grpc.StatusCode.INVALID_ARGUMENT)
+    assert_refused(
+        lambda: operator.ExportStatement(admin_pb2.ExportStatementRequest(period_id=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert_refused(
+        lambda: operator.ExportStatement(admin_pb2.ExportStatementRequest(period_id=period.period_id + 1000)),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert_refused(
+        lambda: operator.GetStatement(
+            admin_pb2.GetStatementRequest(merchant_id=merchant.merchant_id, period_id=period.period_id)
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    assert_refused(
+        lambda: operator.GetStatement(admin_pb2.GetStatementRequest(merchant_id=merchant.merchant_id, period_id=0)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert_refused(lambda: operator.ListStatements(admin_pb2.ListStatementsRequest()), grpc.StatusCode.INVALID_ARGUMENT)
     rows, lines = operator.export(period.period_id, merchant.merchant_id)  # no movement: header only
     assert (rows, lines) == ([], 0)
 
@@ -614,16 +725,20 @@ def test_list_statements_rejects_a_page_token_it_did_not_issue(operator, make_me
     merchant.earn(unique("mem"), 10_000)
     operator.close(now_timestamp())
     token = base64.urlsafe_b64encode(b"not-a-period").decode()
-    assert_refused(lambda: operator.ListStatements(admin_pb2.ListStatementsRequest(
-        merchant_id=merchant.merchant_id, page_token=token)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert_refused(
+        lambda: operator.ListStatements(
+            admin_pb2.ListStatementsRequest(merchant_id=merchant.merchant_id, page_token=token)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
 
 
 def test_export_lines_carry_each_transactions_effect_on_the_position(service, operator, make_merchant):
     """Line by line, hand-computed: net = +redeemed / -issued / +earn refunds / -redemption refunds, less the fee."""
     merchant = make_merchant(give_back_bps=1000, fee_redeemed_bps=150, fee_issued_bps=250)
     member = unique("mem")
-    earned = merchant.earn(member, 13_370)          # 1,337 point-units, fee floor(33.425) = 33
-    redeemed = merchant.redeem(member, 333)         # fee 4
+    earned = merchant.earn(member, 13_370)  # 1,337 point-units, fee floor(33.425) = 33
+    redeemed = merchant.redeem(member, 333)  # fee 4
     hold = merchant.authorize(member, 100)
     captured = merchant.capture(hold.authorization_id, 99)  # fee floor(1.485) = 1
     refunded = merchant.refund(redeemed.transaction_id, 33)
@@ -631,8 +746,9 @@ def test_export_lines_carry_each_transactions_effect_on_the_position(service, op
     period = operator.close(now_timestamp())
     rows, lines = operator.export(period.period_id, merchant.merchant_id)
     assert lines == 5
-    assert [(r["transaction_id"], r["kind"], r["member_id"], int(r["amount"]), int(r["fee"]), int(r["net"]))
-            for r in rows] == [
+    assert [
+        (r["transaction_id"], r["kind"], r["member_id"], int(r["amount"]), int(r["fee"]), int(r["net"])) for r in rows
+    ] == [
         (earned.transaction_id, "earn", member, 1_337, 33, -1_370),
         (redeemed.transaction_id, "redeem", member, 333, 4, 329),
         (captured.transaction_id, "capture", member, 99, 1, 98),
@@ -640,13 +756,24 @@ def test_export_lines_carry_each_transactions_effect_on_the_position(service, op
         (taken_back.transaction_id, "refund_of_earn", member, 37, 0, 37),
     ]
     assert all(r["period_id"] == str(period.period_id) for r in rows)
-    statement = operator.GetStatement(admin_pb2.GetStatementRequest(merchant_id=merchant.merchant_id,
-                                                                    period_id=period.period_id))
-    assert (statement.issued, statement.earn_refunds, statement.redeemed, statement.redemption_refunds,
-            statement.fees, statement.net, statement.transactions) == (1_337, 37, 432, 33, 38, -939, 5)
+    statement = operator.GetStatement(
+        admin_pb2.GetStatementRequest(merchant_id=merchant.merchant_id, period_id=period.period_id)
+    )
+    assert (
+        statement.issued,
+        statement.earn_refunds,
+        statement.redeemed,
+        statement.redemption_refunds,
+        statement.fees,
+        statement.net,
+        statement.transactions,
+    ) == (1_337, 37, 432, 33, 38, -939, 5)
     assert statement.net == sum(int(r["net"]) for r in rows)
-    assert statement.closing_position == statement.opening_position + statement.net == \
-        operator.position(merchant.merchant_id).net
+    assert (
+        statement.closing_position
+        == statement.opening_position + statement.net
+        == operator.position(merchant.merchant_id).net
+    )
     check_exports(operator, period, operator.period_statements(period.period_id))
 
 
@@ -664,6 +791,7 @@ def test_reconcile_passes_on_this_ledger(service):
 
 def execute(database_url: str, sql: str, *args) -> None:
     """Runs one statement that must change exactly one row."""
+
     async def go():
         connection = await asyncpg.connect(database_url)
         try:
@@ -671,6 +799,7 @@ def execute(database_url: str, sql: str, *args) -> None:
         finally:
             await connection.close()
         assert status.endswith(" 1"), f"{sql} changed {status}"
+
     asyncio.run(go())
 
 
@@ -687,8 +816,7 @@ def test_reconcile_exits_1_naming_each_kind_of_corruption(create_database, servi
         merchants = []
         for fee in (0, 150):
             merchant_id = unique("m")
-            merchants.append(Merchant(points, merchant_id, add_merchant(url, merchant_id, 1000,
-                                                                        fee_redeemed_bps=fee)))
+            merchants.append(Merchant(points, merchant_id, add_merchant(url, merchant_id, 1000, fee_redeemed_bps=fee)))
         member = unique("mem")
         for merchant in merchants:
             merchant.earn(member, 50_000)
@@ -703,28 +831,44 @@ def test_reconcile_exits_1_naming_each_kind_of_corruption(create_database, servi
     assert clean.returncode == 0, clean.stdout + clean.stderr
 
     corruptions = [
-        ("UPDATE accounts SET balance = balance + 1 WHERE kind = 'member' AND owner_id = $1", (member,),
-         "UPDATE accounts SET balance = balance - 1 WHERE kind = 'member' AND owner_id = $1",
-         f"account member:{member} balance"),
+        (
+            "UPDATE accounts SET balance = balance + 1 WHERE kind = 'member' AND owner_id = $1",
+            (member,),
+            "UPDATE accounts SET balance = balance - 1 WHERE kind = 'member' AND owner_id = $1",
+            f"account member:{member} balance",
+        ),
         # consistent with the statement's own CHECKs, inconsistent with the journal
-        ("UPDATE statements SET redeemed = redeemed + 1, net = net + 1, closing_position = closing_position + 1 "
-         "WHERE period_id = $1 AND merchant_id = $2", (period.period_id, m),
-         "UPDATE statements SET redeemed = redeemed - 1, net = net - 1, closing_position = closing_position - 1 "
-         "WHERE period_id = $1 AND merchant_id = $2", f"statement of {m} in period {period.period_id}: net"),
-        ("UPDATE entries SET amount = amount + 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
-         "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)", (),
-         "UPDATE entries SET amount = amount - 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
-         "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
-         "journal of POINTS sums to 1"),
+        (
+            "UPDATE statements SET redeemed = redeemed + 1, net = net + 1, closing_position = closing_position + 1 "
+            "WHERE period_id = $1 AND merchant_id = $2",
+            (period.period_id, m),
+            "UPDATE statements SET redeemed = redeemed - 1, net = net - 1, closing_position = closing_position - 1 "
+            "WHERE period_id = $1 AND merchant_id = $2",
+            f"statement of {m} in period {period.period_id}: net",
+        ),
+        (
+            "UPDATE entries SET amount = amount + 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
+            "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
+            (),
+            "UPDATE entries SET amount = amount - 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
+            "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
+            "journal of POINTS sums to 1",
+        ),
         # the journal has no foreign keys (migration 0003): reconcile checks every reference
-        ("UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)", (),
-         "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
-         "which do not both exist in its asset"),
-        ("UPDATE transactions SET member_id = member_id || '-gone' WHERE transaction_id = "
-         "(SELECT min(transaction_id) FROM transactions)", (),
-         "UPDATE transactions SET member_id = left(member_id, -5) WHERE transaction_id = "
-         "(SELECT min(transaction_id) FROM transactions)",
-         "refers to a merchant, member or transaction that does not exist"),
+        (
+            "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
+            (),
+            "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
+            "which do not both exist in its asset",
+        ),
+        (
+            "UPDATE transactions SET member_id = member_id || '-gone' WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM transactions)",
+            (),
+            "UPDATE transactions SET member_id = left(member_id, -5) WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM transactions)",
+            "refers to a merchant, member or transaction that does not exist",
+        ),
     ]
     for corrupt, args, repair, named in corruptions:
         execute(url, corrupt, *args)
@@ -751,16 +895,34 @@ async def _close_and_read(store, merchants: list[str]) -> tuple[dict, dict, dict
     period, created = await store.close_period(dt.datetime.now(dt.timezone.utc))
     assert created
     statements = {r["merchant_id"]: r for r in await store.statements(period_id=period["period_id"])}
-    lines = {m: [(r["transaction_id"], r["kind"], r["amount"], r["fee"], r["net"])
-                 for r in await store.statement_lines(period["period_id"], m)] for m in merchants}
+    lines = {
+        m: [
+            (r["transaction_id"], r["kind"], r["amount"], r["fee"], r["net"])
+            for r in await store.statement_lines(period["period_id"], m)
+        ]
+        for m in merchants
+    }
     positions = {m: await store.merchant_position(m) for m in merchants}
     return statements, lines, positions
 
 
 def amounts(statement) -> tuple:
-    return tuple(statement[name] for name in ("opening_position", "issued", "earn_refunds", "redeemed",
-                                              "redemption_refunds", "fees", "acquiring", "acquiring_reversals",
-                                              "net", "closing_position", "transactions"))
+    return tuple(
+        statement[name]
+        for name in (
+            "opening_position",
+            "issued",
+            "earn_refunds",
+            "redeemed",
+            "redemption_refunds",
+            "fees",
+            "acquiring",
+            "acquiring_reversals",
+            "net",
+            "closing_position",
+            "transactions",
+        )
+    )
 
 
 def test_statements_take_each_merchants_share_of_program_earns_and_acquiring_from_the_entries(create_database):
@@ -776,9 +938,18 @@ def test_statements_take_each_merchants_share_of_program_earns_and_acquiring_fro
     async def go():
         async with await Ledger.open(url) as ledger:
             rows = await rules_ledger(ledger)
-            refund = await ledger.post(5, rows.issuer, rows.member, 900, [
-                ("member", rows.member, -900), ("merchant_issued", rows.issuer, 550),
-                ("operator_tier_rewards", "operator", 250), ("operator_promotions", "operator", 100)])
+            refund = await ledger.post(
+                5,
+                rows.issuer,
+                rows.member,
+                900,
+                [
+                    ("member", rows.member, -900),
+                    ("merchant_issued", rows.issuer, 550),
+                    ("operator_tier_rewards", "operator", 250),
+                    ("operator_promotions", "operator", 100),
+                ],
+            )
             await ledger.execute("UPDATE earn_rules SET refunded_base_point_units = 500")
             await ledger.execute("UPDATE lots SET amount = 100 WHERE lot_id = $1", rows.earn)
             merchants = [rows.issuer, rows.converter, rows.acquirer]
@@ -787,6 +958,7 @@ def test_statements_take_each_merchants_share_of_program_earns_and_acquiring_fro
             later = await ledger.acquiring_reward(rows.issuer, rows.member, rows.acquirer, 5)
             second = await _close_and_read(ledger.store, merchants)
             return rows, refund, later, first, second
+
     rows, refund, later, (statements, lines, positions), (statements_2, lines_2, positions_2) = asyncio.run(go())
     m1, m2, acquirer = rows.issuer, rows.converter, rows.acquirer
 
@@ -818,13 +990,17 @@ def test_a_statement_that_misstates_acquiring_is_reported_by_reconcile(create_da
             rows = await rules_ledger(ledger)
             await ledger.store.close_period(dt.datetime.now(dt.timezone.utc))
             # consistent with the statement's own CHECKs, not with the journal
-            await ledger.execute("""UPDATE statements SET acquiring = acquiring + 7, net = net + 7,
+            await ledger.execute(
+                """UPDATE statements SET acquiring = acquiring + 7, net = net + 7,
                                            closing_position = closing_position + 7 WHERE merchant_id = $1""",
-                                 rows.acquirer)
+                rows.acquirer,
+            )
             return rows
+
     rows = asyncio.run(go())
-    assert ledger_discrepancies(url) == [f"statement of {rows.acquirer} in period 1: net 27 != journal 20, "
-                                         "acquiring 37 != journal 30"]
+    assert ledger_discrepancies(url) == [
+        f"statement of {rows.acquirer} in period 1: net 27 != journal 20, acquiring 37 != journal 30"
+    ]
 
 
 def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(create_database, service_factory):
@@ -844,6 +1020,7 @@ def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(
             reversal = await ledger.acquiring_reversal(shop_id, member, acquirer_id, 200)
             await ledger.fold_checkpoint()
             return reward, reversal
+
     reward, reversal = asyncio.run(rows())
 
     service = service_factory(url)
@@ -857,21 +1034,38 @@ def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(
 
         position = operator.position(acquirer_id)
         assert (position.issued, position.redeemed, position.fees, position.acquiring, position.net) == (
-            2_000, 1_500, 15, 500, -15)
+            2_000,
+            1_500,
+            15,
+            500,
+            -15,
+        )
         assert (operator.position(shop_id).acquiring, operator.position(shop_id).net) == (0, -10_000)
 
         period = operator.close(now_timestamp())
         statements = operator.period_statements(period.period_id)
         by_merchant = {s.merchant_id: s for s in statements}
         statement = by_merchant[acquirer_id]
-        assert (statement.issued, statement.redeemed, statement.fees, statement.acquiring,
-                statement.acquiring_reversals, statement.net, statement.closing_position,
-                statement.transactions) == (2_000, 1_500, 15, 700, 200, -15, -15, 4)
-        assert operator.GetStatement(admin_pb2.GetStatementRequest(
-            merchant_id=acquirer_id, period_id=period.period_id)) == statement
+        assert (
+            statement.issued,
+            statement.redeemed,
+            statement.fees,
+            statement.acquiring,
+            statement.acquiring_reversals,
+            statement.net,
+            statement.closing_position,
+            statement.transactions,
+        ) == (2_000, 1_500, 15, 700, 200, -15, -15, 4)
+        assert (
+            operator.GetStatement(admin_pb2.GetStatementRequest(merchant_id=acquirer_id, period_id=period.period_id))
+            == statement
+        )
         # the rows name the shop (where the member spent) but move only the acquirer's position
         assert (by_merchant[shop_id].acquiring, by_merchant[shop_id].net, by_merchant[shop_id].transactions) == (
-            0, -10_000, 1)
+            0,
+            -10_000,
+            1,
+        )
         assert period.net_total == sum(s.net for s in statements)
 
         lines, count = operator.export(period.period_id, acquirer_id)
@@ -880,7 +1074,8 @@ def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(
             (f"txn_{reward}", "acquiring_reward", 700, 0, 700),
             (f"txn_{reversal}", "acquiring_reversal", 200, 0, -200),
             (earned.transaction_id, "earn", 2_000, 0, -2_000),
-            (redeemed.transaction_id, "redeem", 1_500, 15, 1_485)]
+            (redeemed.transaction_id, "redeem", 1_500, 15, 1_485),
+        ]
         rows_csv, _ = operator.export(period.period_id)
         row = next(r for r in rows_csv if r["merchant_id"] == acquirer_id)
         assert (row["acquiring"], row["acquiring_reversals"], row["net"]) == ("700", "200", "-15")
@@ -891,8 +1086,9 @@ def test_a_merchants_acquiring_rewards_add_to_its_position_statement_and_export(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchants_share(create_database,
-                                                                                         service_factory):
+def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchants_share(
+    create_database, service_factory
+):
     """End to end under a program (1.5x at the first level, an operator promotion of 100 per earn, 1%
     acquiring share): the acquirer's member spends 12,345 at the shop (give-back 10%, issue fee 1%).
     Hand-computed: base 1,234, uplift 617, promotion 100 (the member gets 1,951), fee floor(12.34) = 12
@@ -908,16 +1104,31 @@ def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchan
 
     async def program():
         from processor.store import Store
+
         store = await Store.open(url, 2)
         try:
-            await store.add_program_version("alliance", None, {
-                "levels": [{"name": "registered", "threshold_point_units": 0, "multiplier_bps": 15_000}],
-                "acquiring_share_bps": 100,
-                "promotions": [{"promotion_id": "welcome", "start_us": now_us - 3_600_000_000,
-                                "end_us": now_us + 3_600_000_000, "scope": "network", "bonus_point_units": 100,
-                                "budget_point_units": 1_000}]}, "tests")
+            await store.add_program_version(
+                "alliance",
+                None,
+                {
+                    "levels": [{"name": "registered", "threshold_point_units": 0, "multiplier_bps": 15_000}],
+                    "acquiring_share_bps": 100,
+                    "promotions": [
+                        {
+                            "promotion_id": "welcome",
+                            "start_us": now_us - 3_600_000_000,
+                            "end_us": now_us + 3_600_000_000,
+                            "scope": "network",
+                            "bonus_point_units": 100,
+                            "budget_point_units": 1_000,
+                        }
+                    ],
+                },
+                "tests",
+            )
         finally:
             await store.close()
+
     asyncio.run(program())
     service = service_factory(url)
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
@@ -925,9 +1136,11 @@ def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchan
         points = points_pb2_grpc.PointsServiceStub(channel)
         operator = Operator(channel, create_key(url, "operator"))
         shop, acquirer = Merchant(points, shop_id, shop_key), Merchant(points, acquirer_id, acquirer_key)
-        points.LinkMember(points_pb2.LinkMemberRequest(merchant_id=acquirer_id, member_id=member,
-                                                       idempotency_key=unique("k")),
-                          metadata=acquirer.metadata, timeout=30)
+        points.LinkMember(
+            points_pb2.LinkMemberRequest(merchant_id=acquirer_id, member_id=member, idempotency_key=unique("k")),
+            metadata=acquirer.metadata,
+            timeout=30,
+        )
         earned = shop.earn(member, 12_345)
         assert (earned.points, earned.bonus_points, earned.balance) == (1_234, 617 + 100, 1_951)
         refunded = shop.refund(earned.transaction_id, 617)
@@ -935,7 +1148,11 @@ def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchan
 
         shop_position, acquirer_position = operator.position(shop_id), operator.position(acquirer_id)
         assert (shop_position.issued, shop_position.fees, shop_position.acquiring, shop_position.net) == (
-            617, 12, 0, -629)
+            617,
+            12,
+            0,
+            -629,
+        )
         assert (acquirer_position.issued, acquirer_position.acquiring, acquirer_position.net) == (0, 62, 62)
 
         period = operator.close(now_timestamp())
@@ -943,17 +1160,35 @@ def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchan
         by_merchant = {s.merchant_id: s for s in statements}
         s = by_merchant[shop_id]
         assert (s.issued, s.earn_refunds, s.fees, s.acquiring, s.acquiring_reversals, s.net, s.transactions) == (
-            1_234, 617, 12, 0, 0, -629, 2)
+            1_234,
+            617,
+            12,
+            0,
+            0,
+            -629,
+            2,
+        )
         s = by_merchant[acquirer_id]
         assert (s.issued, s.earn_refunds, s.fees, s.acquiring, s.acquiring_reversals, s.net, s.transactions) == (
-            0, 0, 0, 123, 61, 62, 2)
+            0,
+            0,
+            0,
+            123,
+            61,
+            62,
+            2,
+        )
         assert s.closing_position == acquirer_position.net
         shop_lines, _ = operator.export(period.period_id, shop_id)
         assert [(r["transaction_id"], r["kind"], int(r["fee"]), int(r["net"])) for r in shop_lines] == [
-            (earned.transaction_id, "earn", 12, -1_246), (refunded.transaction_id, "refund_of_earn", 0, 617)]
+            (earned.transaction_id, "earn", 12, -1_246),
+            (refunded.transaction_id, "refund_of_earn", 0, 617),
+        ]
         acquirer_lines, _ = operator.export(period.period_id, acquirer_id)
         assert [(r["kind"], int(r["amount"]), int(r["net"])) for r in acquirer_lines] == [
-            ("acquiring_reward", 123, 123), ("acquiring_reversal", 61, -61)]
+            ("acquiring_reward", 123, 123),
+            ("acquiring_reversal", 61, -61),
+        ]
         for statement in statements:  # the lines of each merchant sum to its statement
             lines, count = operator.export(period.period_id, statement.merchant_id)
             assert count == statement.transactions
@@ -971,30 +1206,42 @@ def test_a_seeded_network_reconciles_and_is_served(create_database, service_fact
     url = create_database()
     seeded = cli("seed", "--merchants", "200", "--members", "5000", "--database-url", url)
     assert seeded.returncode == 0, seeded.stdout + seeded.stderr
-    counts = fetch(url, """SELECT (SELECT count(*) FROM merchants WHERE merchant_id LIKE 'seed-m-%') AS merchants,
+    counts = fetch(
+        url,
+        """SELECT (SELECT count(*) FROM merchants WHERE merchant_id LIKE 'seed-m-%') AS merchants,
                                   (SELECT count(*) FROM members WHERE member_id LIKE 'seed-u-%') AS members,
-                                  (SELECT count(*) FROM transactions) AS transactions""")[0]
+                                  (SELECT count(*) FROM transactions) AS transactions""",
+    )[0]
     assert dict(counts) == {"merchants": 200, "members": 5000, "transactions": 5000}
     checked = reconcile(url)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
     service = service_factory(url)
     first, last = "seed-u-0000001", "seed-u-0005000"
-    journal = {r["owner_id"]: r["s"] for r in fetch(
-        url, """SELECT a.owner_id, sum(e.amount) AS s FROM accounts a JOIN entries e USING (account_id)
-                WHERE a.kind = 'member' AND a.owner_id = ANY($1) GROUP BY a.owner_id""", [first, last])}
+    journal = {
+        r["owner_id"]: r["s"]
+        for r in fetch(
+            url,
+            """SELECT a.owner_id, sum(e.amount) AS s FROM accounts a JOIN entries e USING (account_id)
+                WHERE a.kind = 'member' AND a.owner_id = ANY($1) GROUP BY a.owner_id""",
+            [first, last],
+        )
+    }
     earned_at = fetch(url, "SELECT merchant_id FROM transactions WHERE member_id = $1", first)[0]["merchant_id"]
     key = create_key(url, "merchant", [earned_at])
     with service.bare_channel() as channel:
         points = points_pb2_grpc.PointsServiceStub(channel)
         for member in (first, last):
-            balance = points.GetBalance(points_pb2.GetBalanceRequest(member_id=member), metadata=credential(key),
-                                        timeout=30)
+            balance = points.GetBalance(
+                points_pb2.GetBalanceRequest(member_id=member), metadata=credential(key), timeout=30
+            )
             assert balance.posted == balance.available == journal[member] > 0
-        history = points.ListTransactions(points_pb2.ListTransactionsRequest(member_id=first),
-                                          metadata=credential(key), timeout=30)
+        history = points.ListTransactions(
+            points_pb2.ListTransactionsRequest(member_id=first), metadata=credential(key), timeout=30
+        )
         assert [(t.kind, t.merchant_id, t.points) for t in history.transactions] == [
-            (points_pb2.TRANSACTION_KIND_EARN, earned_at, journal[first])]
+            (points_pb2.TRANSACTION_KIND_EARN, earned_at, journal[first])
+        ]
         redeemed = Merchant(points, earned_at, key).redeem(first, 1)
         assert redeemed.balance == journal[first] - 1
     assert ledger_discrepancies(url) == []

@@ -12,6 +12,7 @@ store (14) go through the real service; at the store level, journal rows written
 (tests/integration/ledger_rows.py) cover spends by several merchants, corrupted statements, and a
 database whose periods were cut before migration 0006.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,16 +40,61 @@ from tests.integration.ledger_rows import CONVERSION, EARN, MERCHANT_VOUCHER_SPE
 pytestmark = pytest.mark.timeout(120)
 
 DIVIDEND, SPLIT_REDEEM, SPLIT_REFUND = 11, 12, 13
-POINTS_FIELDS = ("opening_position", "issued", "earn_refunds", "redeemed", "redemption_refunds", "fees",
-                 "acquiring", "acquiring_reversals", "net", "closing_position", "transactions")
-VOUCHER_FIELDS = ("vouchers_redeemed", "voucher_redemption_refunds", "voucher_net", "voucher_opening_position",
-                  "voucher_closing_position", "vouchers_held_opening", "vouchers_received", "vouchers_spent",
-                  "vouchers_held_closing")
-STATEMENT_CSV_HEADER = ["period_id", "merchant_id", "opened_at", "cut_off", "opening_position", "issued",
-                        "earn_refunds", "redeemed", "redemption_refunds", "fees", "net", "closing_position",
-                        "transactions", "acquiring", "acquiring_reversals", *VOUCHER_FIELDS]
-LINE_CSV_HEADER = ["period_id", "merchant_id", "transaction_id", "created_at", "kind", "member_id", "amount", "fee",
-                   "net", "voucher_net", "vouchers_held_change"]
+POINTS_FIELDS = (
+    "opening_position",
+    "issued",
+    "earn_refunds",
+    "redeemed",
+    "redemption_refunds",
+    "fees",
+    "acquiring",
+    "acquiring_reversals",
+    "net",
+    "closing_position",
+    "transactions",
+)
+VOUCHER_FIELDS = (
+    "vouchers_redeemed",
+    "voucher_redemption_refunds",
+    "voucher_net",
+    "voucher_opening_position",
+    "voucher_closing_position",
+    "vouchers_held_opening",
+    "vouchers_received",
+    "vouchers_spent",
+    "vouchers_held_closing",
+)
+STATEMENT_CSV_HEADER = [
+    "period_id",
+    "merchant_id",
+    "opened_at",
+    "cut_off",
+    "opening_position",
+    "issued",
+    "earn_refunds",
+    "redeemed",
+    "redemption_refunds",
+    "fees",
+    "net",
+    "closing_position",
+    "transactions",
+    "acquiring",
+    "acquiring_reversals",
+    *VOUCHER_FIELDS,
+]
+LINE_CSV_HEADER = [
+    "period_id",
+    "merchant_id",
+    "transaction_id",
+    "created_at",
+    "kind",
+    "member_id",
+    "amount",
+    "fee",
+    "net",
+    "voucher_net",
+    "vouchers_held_change",
+]
 
 
 def vouchers_of(statement) -> dict:
@@ -59,10 +105,17 @@ def vouchers_of(statement) -> dict:
 
 def voucher_statement(redeemed=0, refunds=0, opening=0, held_opening=0, received=0, spent=0) -> dict:
     """The voucher figures a statement must carry, from its movements and openings."""
-    return {"vouchers_redeemed": redeemed, "voucher_redemption_refunds": refunds, "voucher_net": redeemed - refunds,
-            "voucher_opening_position": opening, "voucher_closing_position": opening + redeemed - refunds,
-            "vouchers_held_opening": held_opening, "vouchers_received": received, "vouchers_spent": spent,
-            "vouchers_held_closing": held_opening + received - spent}
+    return {
+        "vouchers_redeemed": redeemed,
+        "voucher_redemption_refunds": refunds,
+        "voucher_net": redeemed - refunds,
+        "voucher_opening_position": opening,
+        "voucher_closing_position": opening + redeemed - refunds,
+        "vouchers_held_opening": held_opening,
+        "vouchers_received": received,
+        "vouchers_spent": spent,
+        "vouchers_held_closing": held_opening + received - spent,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,10 +133,20 @@ OPERATOR_STORE = "op-store"
 async def _add_version(url: str) -> None:
     store = await Store.open(url, 2)
     try:
-        await store.add_program_version("alliance", None, {
-            "dividends": {"threshold_point_units": 12_000, "growth_bps": 1_500, "rate_bps_schedule": [50, 100],
-                          "credit_limit_bps": 50_000},
-            "operator_store_merchant_id": OPERATOR_STORE}, "tests")
+        await store.add_program_version(
+            "alliance",
+            None,
+            {
+                "dividends": {
+                    "threshold_point_units": 12_000,
+                    "growth_bps": 1_500,
+                    "rate_bps_schedule": [50, 100],
+                    "credit_limit_bps": 50_000,
+                },
+                "operator_store_merchant_id": OPERATOR_STORE,
+            },
+            "tests",
+        )
     finally:
         await store.close()
 
@@ -96,14 +159,22 @@ def _wait(condition, what: str, seconds: float = 20) -> None:
 
 
 def _round_posted(url: str, rounds: int) -> bool:
-    done = fetch(url, """SELECT (SELECT count(*) FROM dividend_rounds) AS rounds,
-                                (SELECT count(*) FROM dividend_allocations WHERE transaction_id IS NULL) AS unposted""")
+    done = fetch(
+        url,
+        """SELECT (SELECT count(*) FROM dividend_rounds) AS rounds,
+                                (SELECT count(*) FROM dividend_allocations WHERE transaction_id IS NULL) AS unposted""",
+    )
     return done[0]["rounds"] == rounds and done[0]["unposted"] == 0
 
 
 def _allocation(url: str, round_number: int, merchant_id: str) -> int:
-    rows = fetch(url, "SELECT amount FROM dividend_allocations WHERE round_number = $1 AND holder_kind = 'merchant' "
-                      "AND holder_id = $2", round_number, merchant_id)
+    rows = fetch(
+        url,
+        "SELECT amount FROM dividend_allocations WHERE round_number = $1 AND holder_kind = 'merchant' "
+        "AND holder_id = $2",
+        round_number,
+        merchant_id,
+    )
     return rows[0]["amount"] if rows else 0
 
 
@@ -114,28 +185,32 @@ class Clearing:
         self.stub = admin_pb2_grpc.ClearingStub(channel)
 
     def close(self) -> admin_pb2.SettlementPeriod:
-        return self.stub.CloseSettlementPeriod(admin_pb2.CloseSettlementPeriodRequest(cut_off=_now_timestamp()),
-                                               timeout=60)
+        return self.stub.CloseSettlementPeriod(
+            admin_pb2.CloseSettlementPeriodRequest(cut_off=_now_timestamp()), timeout=60
+        )
 
     def position(self, merchant_id: str) -> admin_pb2.MerchantPosition:
         return self.stub.GetMerchantPosition(admin_pb2.GetMerchantPositionRequest(merchant_id=merchant_id), timeout=30)
 
     def statements(self, period_id: int) -> dict[str, admin_pb2.Statement]:
-        page = self.stub.ListStatements(admin_pb2.ListStatementsRequest(period_id=period_id, page_size=1000),
-                                        timeout=30)
+        page = self.stub.ListStatements(
+            admin_pb2.ListStatementsRequest(period_id=period_id, page_size=1000), timeout=30
+        )
         assert not page.next_page_token
         return {s.merchant_id: s for s in page.statements}
 
     def export(self, period_id: int, merchant_id: str = "") -> tuple[list[str], list[dict], int]:
-        response = self.stub.ExportStatement(admin_pb2.ExportStatementRequest(period_id=period_id,
-                                                                              merchant_id=merchant_id), timeout=30)
+        response = self.stub.ExportStatement(
+            admin_pb2.ExportStatementRequest(period_id=period_id, merchant_id=merchant_id), timeout=30
+        )
         text = response.csv.decode("utf-8")
         header = next(csv.reader(io.StringIO(text)))
         return header, list(csv.DictReader(io.StringIO(text))), response.lines
 
 
-def check_exports(clearing: Clearing, period: admin_pb2.SettlementPeriod,
-                  statements: dict[str, admin_pb2.Statement]) -> None:
+def check_exports(
+    clearing: Clearing, period: admin_pb2.SettlementPeriod, statements: dict[str, admin_pb2.Statement]
+) -> None:
     """The period's CSV is its statements with their voucher columns last; each merchant's lines sum
     exactly to its statement, in both assets."""
     header, rows, count = clearing.export(period.period_id)
@@ -144,7 +219,8 @@ def check_exports(clearing: Clearing, period: admin_pb2.SettlementPeriod,
     for row in rows:
         statement = statements[row["merchant_id"]]
         assert {name: int(row[name]) for name in POINTS_FIELDS + VOUCHER_FIELDS} == {
-            name: getattr(statement, name) for name in POINTS_FIELDS + VOUCHER_FIELDS}
+            name: getattr(statement, name) for name in POINTS_FIELDS + VOUCHER_FIELDS
+        }
     assert sum(s.voucher_net for s in statements.values()) == period.voucher_net_total
     assert sum(int(r["voucher_net"]) for r in rows) == period.voucher_net_total
     assert sum(s.net for s in statements.values()) == period.net_total
@@ -155,14 +231,17 @@ def check_exports(clearing: Clearing, period: admin_pb2.SettlementPeriod,
         assert sum(int(r["net"]) for r in lines) == statement.net
         assert sum(int(r["fee"]) for r in lines) == statement.fees
         assert sum(int(r["voucher_net"]) for r in lines) == statement.voucher_net
-        assert sum(int(r["vouchers_held_change"]) for r in lines) == \
-            statement.vouchers_received - statement.vouchers_spent
+        assert (
+            sum(int(r["vouchers_held_change"]) for r in lines) == statement.vouchers_received - statement.vouchers_spent
+        )
         by_kind = collections.Counter()
         for r in lines:
             by_kind[r["kind"], "voucher_net"] += int(r["voucher_net"])
             by_kind[r["kind"], "held"] += int(r["vouchers_held_change"])
-        assert by_kind["split_redeem", "voucher_net"] + by_kind["merchant_voucher_spend", "voucher_net"] == \
-            statement.vouchers_redeemed
+        assert (
+            by_kind["split_redeem", "voucher_net"] + by_kind["merchant_voucher_spend", "voucher_net"]
+            == statement.vouchers_redeemed
+        )
         assert -by_kind["split_refund", "voucher_net"] == statement.voucher_redemption_refunds
         assert by_kind["dividend", "held"] == statement.vouchers_received
         assert -by_kind["merchant_voucher_spend", "held"] == statement.vouchers_spent
@@ -204,21 +283,30 @@ def test_dividends_split_redeems_refunds_and_spends_clear_in_vouchers_beside_poi
     alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
 
     earn(stub, "shop-a", alice, 100_000)
-    stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=2_000, idempotency_key=unique("k")),
-                timeout=30)
+    stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=2_000, idempotency_key=unique("k")), timeout=30
+    )
     earn(stub, "shop-a", bob, 50_000)
     _wait(lambda: _round_posted(url, 1), "round 1")
     assert _allocation(url, 1, "shop-b") == 9 and _allocation(url, 1, "shop-a") == 0
     position = clearing.position("shop-b")
     assert (position.net, position.voucher_net, position.vouchers_held) == (1_970, 0, 9)
 
-    split = stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=1_000, vouchers=60,
-                                         idempotency_key=unique("k")), timeout=30)
+    split = stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=1_000, vouchers=60, idempotency_key=unique("k")),
+        timeout=30,
+    )
     assert (split.vouchers, split.voucher_credit_used) == (60, 20)
-    vouchers_only = stub.Redeem(pb.RedeemRequest(merchant_id="shop-a", member_id=bob, points=0, vouchers=25,
-                                                 idempotency_key=unique("k")), timeout=30)
-    refund = stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=split.transaction_id, points=530,
-                                          idempotency_key=unique("k")), timeout=30)
+    vouchers_only = stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-a", member_id=bob, points=0, vouchers=25, idempotency_key=unique("k")),
+        timeout=30,
+    )
+    refund = stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=split.transaction_id, points=530, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert refund.vouchers == 30
     position = clearing.position("shop-b")
     assert (position.redeemed, position.fees, position.net) == (2_500, 45, 2_455)  # points, unchanged by vouchers
@@ -231,25 +319,48 @@ def test_dividends_split_redeems_refunds_and_spends_clear_in_vouchers_beside_poi
     assert set(statements) == {"shop-a", "shop-b"}
     b, a = statements["shop-b"], statements["shop-a"]
     assert (b.redeemed, b.redemption_refunds, b.fees, b.net, b.closing_position, b.transactions) == (
-        3_000, 500, 45, 2_455, 2_455, 4)
+        3_000,
+        500,
+        45,
+        2_455,
+        2_455,
+        4,
+    )
     assert vouchers_of(b) == voucher_statement(redeemed=60, refunds=30, received=9)
     assert (a.issued, a.net, a.transactions) == (15_000, -15_000, 3)
     assert vouchers_of(a) == voucher_statement(redeemed=25)
     assert (first.net_total, first.voucher_net_total) == (2_455 - 15_000, 55)
     _, lines, _ = clearing.export(first.period_id, "shop-b")
-    assert [(r["kind"], int(r["amount"]), int(r["fee"]), int(r["net"]), int(r["voucher_net"]),
-             int(r["vouchers_held_change"])) for r in lines] == [
-        ("redeem", 2_000, 30, 1_970, 0, 0), ("dividend", 9, 0, 0, 0, 9),
-        ("split_redeem", 1_060, 15, 985, 60, 0), ("split_refund", 530, 0, -500, -30, 0)]
+    assert [
+        (
+            r["kind"],
+            int(r["amount"]),
+            int(r["fee"]),
+            int(r["net"]),
+            int(r["voucher_net"]),
+            int(r["vouchers_held_change"]),
+        )
+        for r in lines
+    ] == [
+        ("redeem", 2_000, 30, 1_970, 0, 0),
+        ("dividend", 9, 0, 0, 0, 9),
+        ("split_redeem", 1_060, 15, 985, 60, 0),
+        ("split_refund", 530, 0, -500, -30, 0),
+    ]
     assert [r["transaction_id"] for r in lines][2:] == [split.transaction_id, refund.transaction_id]
     _, lines, _ = clearing.export(first.period_id, "shop-a")
     assert [(r["transaction_id"], r["kind"], int(r["net"]), int(r["voucher_net"])) for r in lines][2:] == [
-        (vouchers_only.transaction_id, "split_redeem", 0, 25)]
+        (vouchers_only.transaction_id, "split_redeem", 0, 25)
+    ]
     check_exports(clearing, first, statements)
     assert ledger_discrepancies(url) == []
 
-    rest = stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=split.transaction_id, points=530,
-                                        idempotency_key=unique("k")), timeout=30)
+    rest = stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=split.transaction_id, points=530, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert rest.vouchers == 30
     earn(stub, "shop-a", carol, 30_000)
     _wait(lambda: _round_posted(url, 2), "round 2")
@@ -258,7 +369,12 @@ def test_dividends_split_redeems_refunds_and_spends_clear_in_vouchers_beside_poi
     statements = clearing.statements(second.period_id)
     b, a = statements["shop-b"], statements["shop-a"]
     assert (b.opening_position, b.redemption_refunds, b.net, b.closing_position, b.transactions) == (
-        2_455, 500, -500, 1_955, 2)
+        2_455,
+        500,
+        -500,
+        1_955,
+        2,
+    )
     assert vouchers_of(b) == voucher_statement(refunds=30, opening=30, held_opening=9, received=19)
     assert (a.issued, a.closing_position, a.transactions) == (3_000, -18_000, 1)
     assert vouchers_of(a) == voucher_statement(opening=25)
@@ -266,12 +382,16 @@ def test_dividends_split_redeems_refunds_and_spends_clear_in_vouchers_beside_poi
     for merchant_id, statement in statements.items():  # the positions, with no traffic since the cut
         position = clearing.position(merchant_id)
         assert (position.net, position.voucher_net, position.vouchers_held) == (
-            statement.closing_position, statement.voucher_closing_position, statement.vouchers_held_closing)
+            statement.closing_position,
+            statement.voucher_closing_position,
+            statement.vouchers_held_closing,
+        )
     check_exports(clearing, second, statements)
     assert ledger_discrepancies(url) == []
 
-    spent = stub.SpendMerchantVouchers(pb.SpendMerchantVouchersRequest(merchant_id="shop-b", vouchers=20,
-                                                                       idempotency_key=unique("k")), timeout=30)
+    spent = stub.SpendMerchantVouchers(
+        pb.SpendMerchantVouchersRequest(merchant_id="shop-b", vouchers=20, idempotency_key=unique("k")), timeout=30
+    )
     assert (spent.store_merchant_id, spent.voucher_balance) == (OPERATOR_STORE, 8)
     position = clearing.position(OPERATOR_STORE)
     assert (position.net, position.voucher_net, position.vouchers_held) == (0, 20, 0)
@@ -287,9 +407,17 @@ def test_dividends_split_redeems_refunds_and_spends_clear_in_vouchers_beside_poi
     assert (third.net_total, third.voucher_net_total) == (0, 20)
     for merchant_id, voucher_net, held in (("shop-b", 0, -20), (OPERATOR_STORE, 20, 0)):
         _, lines, _ = clearing.export(third.period_id, merchant_id)
-        assert [(r["transaction_id"], r["kind"], int(r["amount"]), int(r["net"]), int(r["voucher_net"]),
-                 int(r["vouchers_held_change"])) for r in lines] == [
-            (spent.transaction_id, "merchant_voucher_spend", 20, 0, voucher_net, held)]
+        assert [
+            (
+                r["transaction_id"],
+                r["kind"],
+                int(r["amount"]),
+                int(r["net"]),
+                int(r["voucher_net"]),
+                int(r["vouchers_held_change"]),
+            )
+            for r in lines
+        ] == [(spent.transaction_id, "merchant_voucher_spend", 20, 0, voucher_net, held)]
     check_exports(clearing, third, statements)
     assert ledger_discrepancies(url) == []
 
@@ -309,8 +437,10 @@ async def _close(store: Store) -> tuple[int, dict, dict]:
 
 async def _lines(store: Store, period_id: int, merchant_id: str) -> list[tuple]:
     """(transaction, kind, amount, fee, net, voucher_net, vouchers_held_change) of each line."""
-    return [(r["transaction_id"], r["kind"], r["amount"], r["fee"], r["net"], r["voucher_net"],
-             r["vouchers_held_change"]) for r in await store.statement_lines(period_id, merchant_id)]
+    return [
+        (r["transaction_id"], r["kind"], r["amount"], r["fee"], r["net"], r["voucher_net"], r["vouchers_held_change"])
+        for r in await store.statement_lines(period_id, merchant_id)
+    ]
 
 
 def _check_lines_sum(statements: dict, lines: dict) -> None:
@@ -332,26 +462,68 @@ async def _voucher_rows(ledger: Ledger) -> dict:
     x, sp, st = await ledger.merchant("x"), await ledger.merchant("sp"), await ledger.merchant("st")
     u = await ledger.member("u")
     ids = {"x": x, "sp": sp, "st": st, "u": u}
-    ids["earn"] = await ledger.post(EARN, x, u, 1_000, [("member", u, 1_000), ("merchant_issued", x, -1_000)],
-                                    program_version=None)
-    ids["member_dividend"] = await ledger.post(DIVIDEND, OPERATOR, u, 200, [
-        ("operator_dividends", OPERATOR, -200, VOUCHERS), ("member", u, 200, VOUCHERS)])
-    ids["dividend_sp"] = await ledger.post(DIVIDEND, sp, "", 500, [
-        ("operator_dividends", OPERATOR, -500, VOUCHERS), ("merchant_vouchers", sp, 500, VOUCHERS)])
-    ids["dividend_x"] = await ledger.post(DIVIDEND, x, "", 300, [
-        ("operator_dividends", OPERATOR, -300, VOUCHERS), ("merchant_vouchers", x, 300, VOUCHERS)])
-    ids["spend_sp"] = await ledger.post(MERCHANT_VOUCHER_SPEND, sp, "", 120, [
-        ("merchant_vouchers", sp, -120, VOUCHERS), ("merchant_redeemed", st, 120, VOUCHERS)])
-    ids["spend_x"] = await ledger.post(MERCHANT_VOUCHER_SPEND, x, "", 300, [
-        ("merchant_vouchers", x, -300, VOUCHERS), ("merchant_redeemed", st, 300, VOUCHERS)])
-    ids["split"] = await ledger.post(SPLIT_REDEEM, x, u, 550, [
-        ("member", u, -400), ("merchant_redeemed", x, 400), ("merchant_fees", x, -6),
-        ("operator_fee_revenue", OPERATOR, 6),
-        ("member", u, -150, VOUCHERS), ("merchant_redeemed", x, 150, VOUCHERS)], fee=6)
+    ids["earn"] = await ledger.post(
+        EARN, x, u, 1_000, [("member", u, 1_000), ("merchant_issued", x, -1_000)], program_version=None
+    )
+    ids["member_dividend"] = await ledger.post(
+        DIVIDEND, OPERATOR, u, 200, [("operator_dividends", OPERATOR, -200, VOUCHERS), ("member", u, 200, VOUCHERS)]
+    )
+    ids["dividend_sp"] = await ledger.post(
+        DIVIDEND,
+        sp,
+        "",
+        500,
+        [("operator_dividends", OPERATOR, -500, VOUCHERS), ("merchant_vouchers", sp, 500, VOUCHERS)],
+    )
+    ids["dividend_x"] = await ledger.post(
+        DIVIDEND,
+        x,
+        "",
+        300,
+        [("operator_dividends", OPERATOR, -300, VOUCHERS), ("merchant_vouchers", x, 300, VOUCHERS)],
+    )
+    ids["spend_sp"] = await ledger.post(
+        MERCHANT_VOUCHER_SPEND,
+        sp,
+        "",
+        120,
+        [("merchant_vouchers", sp, -120, VOUCHERS), ("merchant_redeemed", st, 120, VOUCHERS)],
+    )
+    ids["spend_x"] = await ledger.post(
+        MERCHANT_VOUCHER_SPEND,
+        x,
+        "",
+        300,
+        [("merchant_vouchers", x, -300, VOUCHERS), ("merchant_redeemed", st, 300, VOUCHERS)],
+    )
+    ids["split"] = await ledger.post(
+        SPLIT_REDEEM,
+        x,
+        u,
+        550,
+        [
+            ("member", u, -400),
+            ("merchant_redeemed", x, 400),
+            ("merchant_fees", x, -6),
+            ("operator_fee_revenue", OPERATOR, 6),
+            ("member", u, -150, VOUCHERS),
+            ("merchant_redeemed", x, 150, VOUCHERS),
+        ],
+        fee=6,
+    )
     await ledger.execute("INSERT INTO split_tenders VALUES ($1, $2, $3, 150, 400, 0, 110)", ids["split"], u, x)
-    ids["split_refund"] = await ledger.post(SPLIT_REFUND, x, u, 110, [
-        ("member", u, 80), ("merchant_redeemed", x, -80), ("member", u, 30, VOUCHERS),
-        ("merchant_redeemed", x, -30, VOUCHERS)])
+    ids["split_refund"] = await ledger.post(
+        SPLIT_REFUND,
+        x,
+        u,
+        110,
+        [
+            ("member", u, 80),
+            ("merchant_redeemed", x, -80),
+            ("member", u, 30, VOUCHERS),
+            ("merchant_redeemed", x, -30, VOUCHERS),
+        ],
+    )
     await ledger.execute("UPDATE transactions SET refunded = 110 WHERE transaction_id = $1", ids["split"])
     return ids
 
@@ -372,24 +544,60 @@ def test_voucher_spends_at_the_operators_store_dividends_and_split_tenders_clear
             # period 2: sp spends 80 more at st; a new merchant's first movement ever is a dividend
             await asyncio.sleep(0.001)
             late = await ledger.merchant("late")
-            ids["spend_sp_2"] = await ledger.post(MERCHANT_VOUCHER_SPEND, "sp", "", 80, [
-                ("merchant_vouchers", "sp", -80, VOUCHERS), ("merchant_redeemed", "st", 80, VOUCHERS)])
-            ids["dividend_late"] = await ledger.post(DIVIDEND, late, "", 50, [
-                ("operator_dividends", OPERATOR, -50, VOUCHERS), ("merchant_vouchers", late, 50, VOUCHERS)])
+            ids["spend_sp_2"] = await ledger.post(
+                MERCHANT_VOUCHER_SPEND,
+                "sp",
+                "",
+                80,
+                [("merchant_vouchers", "sp", -80, VOUCHERS), ("merchant_redeemed", "st", 80, VOUCHERS)],
+            )
+            ids["dividend_late"] = await ledger.post(
+                DIVIDEND,
+                late,
+                "",
+                50,
+                [("operator_dividends", OPERATOR, -50, VOUCHERS), ("merchant_vouchers", late, 50, VOUCHERS)],
+            )
             second, statements_2, summary_2 = await _close(store)
             lines_2 = {m: await _lines(store, second, m) for m in (*merchants, "late")}
             positions_2 = {m: await store.merchant_position(m, vouchers=True) for m in (*merchants, "late")}
             problems_2 = await store.ledger_discrepancies()
-            return (ids, statements, summary, lines, positions, plain, problems, statements_2, summary_2, lines_2,
-                    positions_2, problems_2)
-    (ids, statements, summary, lines, positions, plain, problems, statements_2, summary_2, lines_2, positions_2,
-     problems_2) = asyncio.run(go())
+            return (
+                ids,
+                statements,
+                summary,
+                lines,
+                positions,
+                plain,
+                problems,
+                statements_2,
+                summary_2,
+                lines_2,
+                positions_2,
+                problems_2,
+            )
+
+    (
+        ids,
+        statements,
+        summary,
+        lines,
+        positions,
+        plain,
+        problems,
+        statements_2,
+        summary_2,
+        lines_2,
+        positions_2,
+        problems_2,
+    ) = asyncio.run(go())
 
     # period 1
     assert problems == []
     assert set(statements) == {"x", "sp", "st"}  # the member dividend names "operator": no merchant's matter
-    assert [statements["x"][n] for n in ("issued", "redeemed", "redemption_refunds", "fees", "net", "transactions")] \
-        == [1_000, 400, 80, 6, -686, 5]
+    assert [
+        statements["x"][n] for n in ("issued", "redeemed", "redemption_refunds", "fees", "net", "transactions")
+    ] == [1_000, 400, 80, 6, -686, 5]
     assert vouchers_of(statements["x"]) == voucher_statement(redeemed=150, refunds=30, received=300, spent=300)
     assert [statements["sp"][n] for n in ("net", "closing_position", "transactions")] == [0, 0, 2]
     assert vouchers_of(statements["sp"]) == voucher_statement(received=500, spent=120)
@@ -398,16 +606,30 @@ def test_voucher_spends_at_the_operators_store_dividends_and_split_tenders_clear
     assert vouchers_of(statements["st"]) == voucher_statement(redeemed=420)
     assert summary["voucher_net_total"] == 120 + 420 and summary["net_total"] == -686
     assert lines["x"] == [
-        (ids["earn"], EARN, 1_000, 0, -1_000, 0, 0), (ids["dividend_x"], DIVIDEND, 300, 0, 0, 0, 300),
-        (ids["spend_x"], MERCHANT_VOUCHER_SPEND, 300, 0, 0, 0, -300), (ids["split"], SPLIT_REDEEM, 550, 6, 394, 150, 0),
-        (ids["split_refund"], SPLIT_REFUND, 110, 0, -80, -30, 0)]
-    assert lines["sp"] == [(ids["dividend_sp"], DIVIDEND, 500, 0, 0, 0, 500),
-                           (ids["spend_sp"], MERCHANT_VOUCHER_SPEND, 120, 0, 0, 0, -120)]
-    assert lines["st"] == [(ids["spend_sp"], MERCHANT_VOUCHER_SPEND, 120, 0, 0, 120, 0),
-                           (ids["spend_x"], MERCHANT_VOUCHER_SPEND, 300, 0, 0, 300, 0)]
+        (ids["earn"], EARN, 1_000, 0, -1_000, 0, 0),
+        (ids["dividend_x"], DIVIDEND, 300, 0, 0, 0, 300),
+        (ids["spend_x"], MERCHANT_VOUCHER_SPEND, 300, 0, 0, 0, -300),
+        (ids["split"], SPLIT_REDEEM, 550, 6, 394, 150, 0),
+        (ids["split_refund"], SPLIT_REFUND, 110, 0, -80, -30, 0),
+    ]
+    assert lines["sp"] == [
+        (ids["dividend_sp"], DIVIDEND, 500, 0, 0, 0, 500),
+        (ids["spend_sp"], MERCHANT_VOUCHER_SPEND, 120, 0, 0, 0, -120),
+    ]
+    assert lines["st"] == [
+        (ids["spend_sp"], MERCHANT_VOUCHER_SPEND, 120, 0, 0, 120, 0),
+        (ids["spend_x"], MERCHANT_VOUCHER_SPEND, 300, 0, 0, 300, 0),
+    ]
     _check_lines_sum(statements, lines)
-    assert positions["x"] == {"issued": 1_000, "redeemed": 320, "fees": 6, "acquiring": 0, "net": -686,
-                              "voucher_net": 120, "vouchers_held": 0}
+    assert positions["x"] == {
+        "issued": 1_000,
+        "redeemed": 320,
+        "fees": 6,
+        "acquiring": 0,
+        "net": -686,
+        "voucher_net": 120,
+        "vouchers_held": 0,
+    }
     assert plain == {"issued": 1_000, "redeemed": 320, "fees": 6, "acquiring": 0, "net": -686}  # points only
     assert (positions["sp"]["voucher_net"], positions["sp"]["vouchers_held"]) == (0, 380)
     assert (positions["st"]["net"], positions["st"]["voucher_net"], positions["st"]["vouchers_held"]) == (0, 420, 0)
@@ -427,7 +649,10 @@ def test_voucher_spends_at_the_operators_store_dividends_and_split_tenders_clear
     for merchant_id, statement in statements_2.items():
         position = positions_2[merchant_id]
         assert (position["net"], position["voucher_net"], position["vouchers_held"]) == (
-            statement["closing_position"], statement["voucher_closing_position"], statement["vouchers_held_closing"])
+            statement["closing_position"],
+            statement["voucher_closing_position"],
+            statement["vouchers_held_closing"],
+        )
     assert ledger_discrepancies(url) == []
 
 
@@ -437,37 +662,63 @@ async def _two_periods(url: str) -> dict:
         ids = await _voucher_rows(ledger)
         await ledger.store.close_period(dt.datetime.now(dt.timezone.utc))
         await asyncio.sleep(0.001)
-        await ledger.post(MERCHANT_VOUCHER_SPEND, "sp", "", 80, [
-            ("merchant_vouchers", "sp", -80, VOUCHERS), ("merchant_redeemed", "st", 80, VOUCHERS)])
+        await ledger.post(
+            MERCHANT_VOUCHER_SPEND,
+            "sp",
+            "",
+            80,
+            [("merchant_vouchers", "sp", -80, VOUCHERS), ("merchant_redeemed", "st", 80, VOUCHERS)],
+        )
         await ledger.store.close_period(dt.datetime.now(dt.timezone.utc))
         return ids
 
 
-@pytest.mark.parametrize("corrupt, reported", [
-    # consistent with the statement's own CHECKs, not with the journal
-    ("""UPDATE statements SET vouchers_redeemed = vouchers_redeemed + 7, voucher_net = voucher_net + 7,
+@pytest.mark.parametrize(
+    "corrupt, reported",
+    [
+        # consistent with the statement's own CHECKs, not with the journal
+        (
+            """UPDATE statements SET vouchers_redeemed = vouchers_redeemed + 7, voucher_net = voucher_net + 7,
                voucher_closing_position = voucher_closing_position + 7 WHERE merchant_id = 'st' AND period_id = 1""",
-     ["statement of st in period 1: voucher_net 427 != journal 420, vouchers_redeemed 427 != journal 420",
-      "statement of st in period 2 opens at voucher position 420 and 0 vouchers held, the previous closed at 427 "
-      "and 0"]),
-    ("""UPDATE statements SET vouchers_received = vouchers_received - 5,
+            [
+                "statement of st in period 1: voucher_net 427 != journal 420, vouchers_redeemed 427 != journal 420",
+                "statement of st in period 2 opens at voucher position 420 and 0 vouchers held, the previous closed at 427 "
+                "and 0",
+            ],
+        ),
+        (
+            """UPDATE statements SET vouchers_received = vouchers_received - 5,
                vouchers_held_closing = vouchers_held_closing - 5 WHERE merchant_id = 'sp' AND period_id = 1""",
-     ["statement of sp in period 1: vouchers_received 495 != journal 500",
-      "statement of sp in period 2 opens at voucher position 0 and 380 vouchers held, the previous closed at 0 "
-      "and 375"]),
-    ("""UPDATE statements SET voucher_redemption_refunds = 0, voucher_net = 150, voucher_closing_position = 150
+            [
+                "statement of sp in period 1: vouchers_received 495 != journal 500",
+                "statement of sp in period 2 opens at voucher position 0 and 380 vouchers held, the previous closed at 0 "
+                "and 375",
+            ],
+        ),
+        (
+            """UPDATE statements SET voucher_redemption_refunds = 0, voucher_net = 150, voucher_closing_position = 150
         WHERE merchant_id = 'x' AND period_id = 1""",
-     ["statement of x in period 1: voucher_net 150 != journal 120, voucher_redemption_refunds 0 != journal 30",
-      "statement of x in period 2 opens at voucher position 120 and 0 vouchers held, the previous closed at 150 "
-      "and 0"]),
-    ("""UPDATE statements SET vouchers_spent = 0, vouchers_held_opening = 380, vouchers_held_closing = 380
+            [
+                "statement of x in period 1: voucher_net 150 != journal 120, voucher_redemption_refunds 0 != journal 30",
+                "statement of x in period 2 opens at voucher position 120 and 0 vouchers held, the previous closed at 150 "
+                "and 0",
+            ],
+        ),
+        (
+            """UPDATE statements SET vouchers_spent = 0, vouchers_held_opening = 380, vouchers_held_closing = 380
         WHERE merchant_id = 'sp' AND period_id = 2""",
-     ["statement of sp in period 2: vouchers_spent 0 != journal 80"]),
-    # the statement of a merchant whose only movements were voucher movements, gone
-    ("DELETE FROM statements WHERE merchant_id = 'st'",
-     ["statement of st in period 1: voucher_net 0 != journal 420, vouchers_redeemed 0 != journal 420",
-      "statement of st in period 2: voucher_net 0 != journal 80, vouchers_redeemed 0 != journal 80"]),
-])
+            ["statement of sp in period 2: vouchers_spent 0 != journal 80"],
+        ),
+        # the statement of a merchant whose only movements were voucher movements, gone
+        (
+            "DELETE FROM statements WHERE merchant_id = 'st'",
+            [
+                "statement of st in period 1: voucher_net 0 != journal 420, vouchers_redeemed 0 != journal 420",
+                "statement of st in period 2: voucher_net 0 != journal 80, vouchers_redeemed 0 != journal 80",
+            ],
+        ),
+    ],
+)
 def test_a_statement_that_misstates_vouchers_is_reported_by_reconcile(create_database, corrupt, reported):
     url = create_database()
     asyncio.run(_two_periods(url))
@@ -479,8 +730,11 @@ def test_a_statement_that_misstates_vouchers_is_reported_by_reconcile(create_dat
 def test_the_voucher_identities_are_constraints_of_the_statements_table(create_database):
     url = create_database()
     asyncio.run(_two_periods(url))
-    for change in ("voucher_net = voucher_net + 1", "voucher_closing_position = voucher_closing_position + 1",
-                   "vouchers_held_closing = vouchers_held_closing + 1"):
+    for change in (
+        "voucher_net = voucher_net + 1",
+        "voucher_closing_position = voucher_closing_position + 1",
+        "vouchers_held_closing = vouchers_held_closing + 1",
+    ):
         with pytest.raises(asyncpg.CheckViolationError):
             fetch(url, f"UPDATE statements SET {change} WHERE merchant_id = 'st' AND period_id = 1")
 
@@ -517,74 +771,147 @@ def test_migration_fills_the_voucher_columns_of_periods_cut_before_it(create_dat
     async def before():
         async with await Ledger.open(url) as ledger:
             x, y, u = await ledger.merchant("x"), await ledger.merchant("y"), await ledger.member("u")
-            await ledger.post(DIVIDEND, OPERATOR, u, 200, [
-                ("operator_dividends", OPERATOR, -200, VOUCHERS), ("member", u, 200, VOUCHERS)], created_at=at[0])
-            ids = {"earn": await ledger.post(EARN, x, u, 1_000, [("member", u, 1_000), ("merchant_issued", x, -1_000)],
-                                             created_at=at[1], program_version=None)}
-            ids["split"] = await ledger.post(SPLIT_REDEEM, x, u, 550, [
-                ("member", u, -400), ("merchant_redeemed", x, 400), ("merchant_fees", x, -6),
-                ("operator_fee_revenue", OPERATOR, 6), ("member", u, -150, VOUCHERS),
-                ("merchant_redeemed", x, 150, VOUCHERS)], fee=6, created_at=at[2])
-            ids["dividend_x"] = await ledger.post(DIVIDEND, x, "", 20, [
-                ("operator_dividends", OPERATOR, -20, VOUCHERS), ("merchant_vouchers", x, 20, VOUCHERS)],
-                created_at=at[3])
-            ids["dividend_y"] = await ledger.post(DIVIDEND, y, "", 40, [
-                ("operator_dividends", OPERATOR, -40, VOUCHERS), ("merchant_vouchers", y, 40, VOUCHERS)],
-                created_at=at[4])
-            ids["refund"] = await ledger.post(SPLIT_REFUND, x, u, 110, [
-                ("member", u, 80), ("merchant_redeemed", x, -80), ("member", u, 30, VOUCHERS),
-                ("merchant_redeemed", x, -30, VOUCHERS)], created_at=at[12])
-            await ledger.execute("""INSERT INTO settlement_periods (period_id, opened_at, cut_off)
-                                    VALUES (1, 'epoch', $1), (2, $1, $2)""", at[10], at[20])
+            await ledger.post(
+                DIVIDEND,
+                OPERATOR,
+                u,
+                200,
+                [("operator_dividends", OPERATOR, -200, VOUCHERS), ("member", u, 200, VOUCHERS)],
+                created_at=at[0],
+            )
+            ids = {
+                "earn": await ledger.post(
+                    EARN,
+                    x,
+                    u,
+                    1_000,
+                    [("member", u, 1_000), ("merchant_issued", x, -1_000)],
+                    created_at=at[1],
+                    program_version=None,
+                )
+            }
+            ids["split"] = await ledger.post(
+                SPLIT_REDEEM,
+                x,
+                u,
+                550,
+                [
+                    ("member", u, -400),
+                    ("merchant_redeemed", x, 400),
+                    ("merchant_fees", x, -6),
+                    ("operator_fee_revenue", OPERATOR, 6),
+                    ("member", u, -150, VOUCHERS),
+                    ("merchant_redeemed", x, 150, VOUCHERS),
+                ],
+                fee=6,
+                created_at=at[2],
+            )
+            ids["dividend_x"] = await ledger.post(
+                DIVIDEND,
+                x,
+                "",
+                20,
+                [("operator_dividends", OPERATOR, -20, VOUCHERS), ("merchant_vouchers", x, 20, VOUCHERS)],
+                created_at=at[3],
+            )
+            ids["dividend_y"] = await ledger.post(
+                DIVIDEND,
+                y,
+                "",
+                40,
+                [("operator_dividends", OPERATOR, -40, VOUCHERS), ("merchant_vouchers", y, 40, VOUCHERS)],
+                created_at=at[4],
+            )
+            ids["refund"] = await ledger.post(
+                SPLIT_REFUND,
+                x,
+                u,
+                110,
+                [
+                    ("member", u, 80),
+                    ("merchant_redeemed", x, -80),
+                    ("member", u, 30, VOUCHERS),
+                    ("merchant_redeemed", x, -30, VOUCHERS),
+                ],
+                created_at=at[12],
+            )
+            await ledger.execute(
+                """INSERT INTO settlement_periods (period_id, opened_at, cut_off)
+                                    VALUES (1, 'epoch', $1), (2, $1, $2)""",
+                at[10],
+                at[20],
+            )
             await ledger.execute(
                 """INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,
                                            redemption_refunds, fees, net, closing_position, transactions)
                    VALUES (1, 'x', 0, 1000, 0, 400, 0, 6, -606, -606, 2),
-                          (2, 'x', -606, 0, 0, 0, 80, 0, -80, -686, 1)""")
+                          (2, 'x', -606, 0, 0, 0, 80, 0, -80, -686, 1)"""
+            )
             return ids
+
     ids = asyncio.run(before())
     monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
 
     async def after():
         async with await Ledger.open(url) as ledger:  # applies 0006 (and any later migration)
             store = ledger.store
-            statements = {(r["period_id"], r["merchant_id"]): r for period in (1, 2)
-                          for r in await store.statements(period_id=period)}
+            statements = {
+                (r["period_id"], r["merchant_id"]): r
+                for period in (1, 2)
+                for r in await store.statements(period_id=period)
+            }
             lines = {key: await _lines(store, *key) for key in statements}
             problems = await store.ledger_discrepancies()
             third, statements_3, _ = await _close(store)
             return statements, lines, problems, third, statements_3
+
     statements, lines, problems, third, statements_3 = asyncio.run(after())
 
     assert problems == []
     assert sorted(statements) == [(1, "x"), (1, "y"), (2, "x"), (2, "y")]
     x1, x2, y1, y2 = statements[1, "x"], statements[2, "x"], statements[1, "y"], statements[2, "y"]
     assert [x1[n] for n in ("issued", "redeemed", "fees", "net", "closing_position", "transactions")] == [
-        1_000, 400, 6, -606, -606, 3]
+        1_000,
+        400,
+        6,
+        -606,
+        -606,
+        3,
+    ]
     assert vouchers_of(x1) == voucher_statement(redeemed=150, received=20)
     assert [x2[n] for n in ("opening_position", "redemption_refunds", "net", "closing_position", "transactions")] == [
-        -606, 80, -80, -686, 1]
+        -606,
+        80,
+        -80,
+        -686,
+        1,
+    ]
     assert vouchers_of(x2) == voucher_statement(refunds=30, opening=150, held_opening=20)
     assert [y1[n] for n in ("opening_position", "net", "closing_position", "transactions")] == [0, 0, 0, 1]
     assert vouchers_of(y1) == voucher_statement(received=40)
     assert [y2[n] for n in ("opening_position", "net", "closing_position", "transactions")] == [0, 0, 0, 0]
     assert vouchers_of(y2) == voucher_statement(held_opening=40)
-    assert lines[1, "x"] == [(ids["earn"], EARN, 1_000, 0, -1_000, 0, 0),
-                             (ids["split"], SPLIT_REDEEM, 550, 6, 394, 150, 0),
-                             (ids["dividend_x"], DIVIDEND, 20, 0, 0, 0, 20)]
+    assert lines[1, "x"] == [
+        (ids["earn"], EARN, 1_000, 0, -1_000, 0, 0),
+        (ids["split"], SPLIT_REDEEM, 550, 6, 394, 150, 0),
+        (ids["dividend_x"], DIVIDEND, 20, 0, 0, 0, 20),
+    ]
     assert lines[1, "y"] == [(ids["dividend_y"], DIVIDEND, 40, 0, 0, 0, 40)]
     assert lines[2, "x"] == [(ids["refund"], SPLIT_REFUND, 110, 0, -80, -30, 0)] and lines[2, "y"] == []
     for period in (1, 2):
-        _check_lines_sum({m: s for (p, m), s in statements.items() if p == period},
-                         {m: rows for (p, m), rows in lines.items() if p == period})
+        _check_lines_sum(
+            {m: s for (p, m), s in statements.items() if p == period},
+            {m: rows for (p, m), rows in lines.items() if p == period},
+        )
     assert third == 3
     assert vouchers_of(statements_3["x"]) == voucher_statement(opening=120, held_opening=20)
     assert vouchers_of(statements_3["y"]) == voucher_statement(held_opening=40)
     assert ledger_discrepancies(url) == []
 
 
-def test_a_database_cut_before_0006_without_voucher_movements_keeps_its_statements(create_database, tmp_path,
-                                                                                  monkeypatch):
+def test_a_database_cut_before_0006_without_voucher_movements_keeps_its_statements(
+    create_database, tmp_path, monkeypatch
+):
     """Periods without a voucher movement: the migration leaves their statements exactly as they were."""
     url = create_database()
     migrations = store_module.MIGRATIONS
@@ -594,12 +921,15 @@ def test_a_database_cut_before_0006_without_voucher_movements_keeps_its_statemen
         async with await Ledger.open(url) as ledger:
             x, u = await ledger.merchant("x"), await ledger.member("u")
             await ledger.post(CONVERSION, x, u, 600, [("merchant_issued", x, -600), ("member", u, 600)])
-            await ledger.execute("INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES "
-                                 "(1, 'epoch', now())")
+            await ledger.execute(
+                "INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES (1, 'epoch', now())"
+            )
             await ledger.execute(
                 """INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,
                                            redemption_refunds, fees, net, closing_position, transactions)
-                   VALUES (1, 'x', 0, 600, 0, 0, 0, 0, -600, -600, 1)""")
+                   VALUES (1, 'x', 0, 600, 0, 0, 0, 0, -600, -600, 1)"""
+            )
+
     asyncio.run(before())
     rows = [dict(r) for r in fetch(url, "SELECT * FROM statements")]
     monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
@@ -607,6 +937,7 @@ def test_a_database_cut_before_0006_without_voucher_movements_keeps_its_statemen
     async def migrate():
         async with await Ledger.open(url):
             pass
+
     asyncio.run(migrate())
     after = [dict(r) for r in fetch(url, "SELECT * FROM statements")]
     assert [{k: v for k, v in r.items() if k in rows[0]} for r in after] == rows

@@ -1,5 +1,6 @@
 """Many calls on one member at once: the ledger never overdraws it, never lets its available balance go
 negative, and what the service reports equals what Postgres holds."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -43,9 +44,13 @@ def settle(futures):
 
 def test_500_concurrent_redeems_of_2000_succeed_exactly_200_times(stub, service, merchant):
     member = funded_member(stub, merchant, 2_000)
-    futures = [stub.Redeem.future(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=10,
-                                                   idempotency_key=unique("k")), timeout=120)
-               for _ in range(500)]
+    futures = [
+        stub.Redeem.future(
+            pb.RedeemRequest(merchant_id=merchant, member_id=member, points=10, idempotency_key=unique("k")),
+            timeout=120,
+        )
+        for _ in range(500)
+    ]
     results = settle(futures)
     successes = [response for response, _ in results if response is not None]
     rejections = [error for _, error in results if error is not None]
@@ -54,8 +59,9 @@ def test_500_concurrent_redeems_of_2000_succeed_exactly_200_times(stub, service,
     assert len(rejections) == 300
     assert {error.code() for error in rejections} == {grpc.StatusCode.FAILED_PRECONDITION}
     # a redeem is refused only once nothing is left
-    assert all("has 0 point-units available" in error.details() for error in rejections), \
-        {error.details() for error in rejections}
+    assert all("has 0 point-units available" in error.details() for error in rejections), {
+        error.details() for error in rejections
+    }
     # the redeems were applied one after another: each success saw its own balance after
     assert sorted(response.balance for response in successes) == list(range(0, 2_000, 10))
     assert all(response.available == response.balance for response in successes)
@@ -63,10 +69,14 @@ def test_500_concurrent_redeems_of_2000_succeed_exactly_200_times(stub, service,
 
     assert balance(stub, member) == (0, 0, 0)
     assert member_in_postgres(service.database_url, member) == (0, 0, 0)
-    rows = fetch(service.database_url,
-                 """SELECT (SELECT count(*) FROM transactions WHERE member_id = $1 AND kind = 3) AS redeems,
+    rows = fetch(
+        service.database_url,
+        """SELECT (SELECT count(*) FROM transactions WHERE member_id = $1 AND kind = 3) AS redeems,
                            (SELECT balance FROM account_balances WHERE kind = 'merchant_redeemed' AND owner_id = $2)
-                             AS redeemed""", member, merchant)
+                             AS redeemed""",
+        member,
+        merchant,
+    )
     assert (rows[0]["redeems"], rows[0]["redeemed"]) == (200, 2_000)
     assert ledger_discrepancies(service.database_url) == []
 
@@ -116,9 +126,13 @@ def test_concurrent_authorize_capture_void_never_lets_available_go_negative(stub
     holds = Holds(posted=10_000)
 
     # A burst of holds worth twice the balance: exactly the half that fits is held.
-    futures = [stub.Authorize.future(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=500,
-                                                         idempotency_key=unique("k")), timeout=60)
-               for _ in range(40)]
+    futures = [
+        stub.Authorize.future(
+            pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=500, idempotency_key=unique("k")),
+            timeout=60,
+        )
+        for _ in range(40)
+    ]
     results = settle(futures)
     burst = [response for response, _ in results if response is not None]
     assert len(burst) == 20
@@ -130,13 +144,19 @@ def test_concurrent_authorize_capture_void_never_lets_available_go_negative(stub
 
     def capture(authorization_id: str, held: int, choose: random.Random) -> None:
         points = choose.randint(1, held)
-        response = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                                  points=points, idempotency_key=unique("k")), timeout=60)
+        response = stub.Capture(
+            pb.CaptureRequest(
+                merchant_id=merchant, authorization_id=authorization_id, points=points, idempotency_key=unique("k")
+            ),
+            timeout=60,
+        )
         holds.captured(authorization_id, points, response)
 
     def void(authorization_id: str) -> None:
-        response = stub.Void(pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                            idempotency_key=unique("k")), timeout=60)
+        response = stub.Void(
+            pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id, idempotency_key=unique("k")),
+            timeout=60,
+        )
         holds.voided(authorization_id, response)
 
     def resolve(response: pb.AuthorizeResponse, choose: random.Random) -> None:
@@ -151,9 +171,15 @@ def test_concurrent_authorize_capture_void_never_lets_available_go_negative(stub
         refused = 0
         for _ in range(25):
             try:
-                response = stub.Authorize(pb.AuthorizeRequest(
-                    merchant_id=merchant, member_id=member, points=choose.randint(50, 1_500),
-                    idempotency_key=unique("k")), timeout=60)
+                response = stub.Authorize(
+                    pb.AuthorizeRequest(
+                        merchant_id=merchant,
+                        member_id=member,
+                        points=choose.randint(50, 1_500),
+                        idempotency_key=unique("k"),
+                    ),
+                    timeout=60,
+                )
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     holds.problem(f"authorize failed with {error.code().name}: {error.details()}")

@@ -2,6 +2,7 @@
 method answers what its deprecated twin (MerchantAdmin, Clearing, Programs) answers, refusals included
 (same status code, same message); the old services keep working; the new ones take operator keys only and
 their state-changing calls are audited under their own method names."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,12 +20,28 @@ pytestmark = pytest.mark.timeout(180)
 
 # old service -> (new service, {method: name of the field wrapping the old response, or None: a copy})
 TWINS = {
-    "MerchantAdmin": ("MerchantAdminService", {
-        "CreateMerchant": "merchant", "UpdateMerchant": "merchant", "SuspendMerchant": "merchant",
-        "GetMerchant": "merchant", "ListMerchants": None, "IssueApiKey": None, "RevokeApiKey": None}),
-    "Clearing": ("ClearingService", {
-        "GetMerchantPosition": "position", "CloseSettlementPeriod": "period", "GetStatement": "statement",
-        "ListStatements": None, "ExportStatement": None}),
+    "MerchantAdmin": (
+        "MerchantAdminService",
+        {
+            "CreateMerchant": "merchant",
+            "UpdateMerchant": "merchant",
+            "SuspendMerchant": "merchant",
+            "GetMerchant": "merchant",
+            "ListMerchants": None,
+            "IssueApiKey": None,
+            "RevokeApiKey": None,
+        },
+    ),
+    "Clearing": (
+        "ClearingService",
+        {
+            "GetMerchantPosition": "position",
+            "CloseSettlementPeriod": "period",
+            "GetStatement": "statement",
+            "ListStatements": None,
+            "ExportStatement": None,
+        },
+    ),
     "Programs": ("ProgramsService", {"SetProgramVersion": "version", "GetProgram": "program"}),
 }
 METHODS = [(old, method) for old, (_, methods) in TWINS.items() for method in methods]
@@ -117,8 +134,11 @@ def test_every_method_of_the_twins_is_covered():
 @pytest.mark.parametrize("old_service, method", METHODS)
 def test_each_new_method_refuses_as_its_old_twin(twins, old_service, method):
     old, _ = twins.both_refused(old_service, method, REFUSED[(old_service, method)])
-    assert old.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                          grpc.StatusCode.PERMISSION_DENIED)
+    assert old.code() in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
 
 
 def test_merchant_admin_service_answers_as_merchant_admin(twins, channel):
@@ -129,28 +149,43 @@ def test_merchant_admin_service_answers_as_merchant_admin(twins, channel):
     old, new = twins.both("MerchantAdmin", "GetMerchant", pb.GetMerchantRequest(merchant_id=merchant_id))
     assert old == new == created
     # taken now: both refuse the same id the same way
-    error, _ = twins.both_refused("MerchantAdmin", "CreateMerchant",
-                                  pb.CreateMerchantRequest(merchant=_merchant(merchant_id)))
+    error, _ = twins.both_refused(
+        "MerchantAdmin", "CreateMerchant", pb.CreateMerchantRequest(merchant=_merchant(merchant_id))
+    )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
-    updated = twins.new("MerchantAdmin", "UpdateMerchant", pb.UpdateMerchantRequest(
-        merchant=_merchant(merchant_id, give_back_bps=1500), update_fields=["give_back_bps"]))
+    updated = twins.new(
+        "MerchantAdmin",
+        "UpdateMerchant",
+        pb.UpdateMerchantRequest(merchant=_merchant(merchant_id, give_back_bps=1500), update_fields=["give_back_bps"]),
+    )
     assert updated.give_back_bps == 1500
     assert twins.old("MerchantAdmin", "GetMerchant", pb.GetMerchantRequest(merchant_id=merchant_id)) == updated
     old, new = twins.both("MerchantAdmin", "ListMerchants", pb.ListMerchantsRequest(page_size=1000))
     assert old == new and merchant_id in {m.merchant_id for m in new.merchants}
     # a key issued through the new service works on PointsService; revoked through it, it stops working
-    issued = twins.new("MerchantAdmin", "IssueApiKey", pb.IssueApiKeyRequest(
-        kind=pb.API_KEY_KIND_MERCHANT, merchant_ids=[merchant_id]))
+    issued = twins.new(
+        "MerchantAdmin", "IssueApiKey", pb.IssueApiKeyRequest(kind=pb.API_KEY_KIND_MERCHANT, merchant_ids=[merchant_id])
+    )
     points = points_pb2_grpc.PointsServiceStub(channel)
-    earned = points.Earn(points_pb2.EarnRequest(merchant_id=merchant_id, member_id=unique("mem"),
-                                                purchase_amount=10_000, idempotency_key=unique("k")),
-                         metadata=credential(issued.key), timeout=30)
+    earned = points.Earn(
+        points_pb2.EarnRequest(
+            merchant_id=merchant_id, member_id=unique("mem"), purchase_amount=10_000, idempotency_key=unique("k")
+        ),
+        metadata=credential(issued.key),
+        timeout=30,
+    )
     assert earned.points == 1500
     revoked = twins.new("MerchantAdmin", "RevokeApiKey", pb.RevokeApiKeyRequest(key_id=issued.key_id))
     assert revoked.revoked_at.seconds > 0
-    error = error_of(lambda: points.Earn(points_pb2.EarnRequest(
-        merchant_id=merchant_id, member_id=unique("mem"), purchase_amount=10_000, idempotency_key=unique("k")),
-        metadata=credential(issued.key), timeout=30))
+    error = error_of(
+        lambda: points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=merchant_id, member_id=unique("mem"), purchase_amount=10_000, idempotency_key=unique("k")
+            ),
+            metadata=credential(issued.key),
+            timeout=30,
+        )
+    )
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     suspended = twins.new("MerchantAdmin", "SuspendMerchant", pb.SuspendMerchantRequest(merchant_id=merchant_id))
     assert suspended.status == pb.MERCHANT_STATUS_SUSPENDED
@@ -161,12 +196,18 @@ def test_merchant_admin_service_answers_as_merchant_admin(twins, channel):
 def test_clearing_service_answers_as_clearing(twins, channel):
     merchant_id = unique("m")
     twins.old("MerchantAdmin", "CreateMerchant", pb.CreateMerchantRequest(merchant=_merchant(merchant_id)))
-    key = twins.old("MerchantAdmin", "IssueApiKey", pb.IssueApiKeyRequest(
-        kind=pb.API_KEY_KIND_MERCHANT, merchant_ids=[merchant_id])).key
+    key = twins.old(
+        "MerchantAdmin", "IssueApiKey", pb.IssueApiKeyRequest(kind=pb.API_KEY_KIND_MERCHANT, merchant_ids=[merchant_id])
+    ).key
     points = points_pb2_grpc.PointsServiceStub(channel)
     for _ in range(3):
-        points.Earn(points_pb2.EarnRequest(merchant_id=merchant_id, member_id=unique("mem"), purchase_amount=20_000,
-                                           idempotency_key=unique("k")), metadata=credential(key), timeout=30)
+        points.Earn(
+            points_pb2.EarnRequest(
+                merchant_id=merchant_id, member_id=unique("mem"), purchase_amount=20_000, idempotency_key=unique("k")
+            ),
+            metadata=credential(key),
+            timeout=30,
+        )
     old, new = twins.both("Clearing", "GetMerchantPosition", pb.GetMerchantPositionRequest(merchant_id=merchant_id))
     old.ClearField("as_of"), new.ClearField("as_of")  # "now" of each call
     assert old == new and new.issued == 6000
@@ -175,32 +216,43 @@ def test_clearing_service_answers_as_clearing(twins, channel):
     first = twins.new("Clearing", "CloseSettlementPeriod", pb.CloseSettlementPeriodRequest(cut_off=cut_off))
     again = twins.old("Clearing", "CloseSettlementPeriod", pb.CloseSettlementPeriodRequest(cut_off=cut_off))
     assert first == again and first.period_id > 0
-    old, new = twins.both("Clearing", "GetStatement", pb.GetStatementRequest(merchant_id=merchant_id,
-                                                                             period_id=first.period_id))
+    old, new = twins.both(
+        "Clearing", "GetStatement", pb.GetStatementRequest(merchant_id=merchant_id, period_id=first.period_id)
+    )
     assert old == new and new.issued == 6000
     old, new = twins.both("Clearing", "ListStatements", pb.ListStatementsRequest(period_id=first.period_id))
     assert old == new and merchant_id in {s.merchant_id for s in new.statements}
-    old, new = twins.both("Clearing", "ExportStatement", pb.ExportStatementRequest(period_id=first.period_id,
-                                                                                   merchant_id=merchant_id))
+    old, new = twins.both(
+        "Clearing", "ExportStatement", pb.ExportStatementRequest(period_id=first.period_id, merchant_id=merchant_id)
+    )
     assert old == new and new.lines == 3
 
 
 def test_programs_service_answers_as_programs(twins):
     old, new = twins.both_refused("Programs", "GetProgram", pb.GetProgramRequest())
     assert old.code() == grpc.StatusCode.NOT_FOUND
-    version = twins.new("Programs", "SetProgramVersion", pb.SetProgramVersionRequest(
-        rules=pb.ProgramRules(referral_bonus_point_units=500)))
+    version = twins.new(
+        "Programs",
+        "SetProgramVersion",
+        pb.SetProgramVersionRequest(rules=pb.ProgramRules(referral_bonus_point_units=500)),
+    )
     assert version.version == 1 and version.rules.referral_bonus_point_units == 500
     old, new = twins.both("Programs", "GetProgram", pb.GetProgramRequest())
     assert old == new and [v.version for v in new.versions] == [1] and new.versions[0] == version
     # the old service adds the next version of the same program
-    assert twins.old("Programs", "SetProgramVersion", pb.SetProgramVersionRequest(
-        rules=pb.ProgramRules(referral_bonus_point_units=700))).version == 2
+    assert (
+        twins.old(
+            "Programs",
+            "SetProgramVersion",
+            pb.SetProgramVersionRequest(rules=pb.ProgramRules(referral_bonus_point_units=700)),
+        ).version
+        == 2
+    )
 
 
-def test_new_services_take_operator_keys_only_and_are_audited_under_their_names(service, channel, twins,
-                                                                               operator_key):
+def test_new_services_take_operator_keys_only_and_are_audited_under_their_names(service, channel, twins, operator_key):
     from processor import audit
+
     merchant_id = unique("m")
     twins.new("MerchantAdmin", "CreateMerchant", pb.CreateMerchantRequest(merchant=_merchant(merchant_id)))
     merchant_key = create_key(service.database_url, "merchant", [merchant_id])
@@ -209,9 +261,15 @@ def test_new_services_take_operator_keys_only_and_are_audited_under_their_names(
     assert error_of(lambda: stub.GetMerchant(request, timeout=30)).code() == grpc.StatusCode.UNAUTHENTICATED
     refused = error_of(lambda: stub.GetMerchant(request, metadata=credential(merchant_key), timeout=30))
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
-    records = admin_pb2_grpc.AuditServiceStub(channel).ListAuditRecords(
-        pb.ListAuditRecordsRequest(method="/points.v1.MerchantAdminService/CreateMerchant"),
-        metadata=credential(operator_key), timeout=30).records
+    records = (
+        admin_pb2_grpc.AuditServiceStub(channel)
+        .ListAuditRecords(
+            pb.ListAuditRecordsRequest(method="/points.v1.MerchantAdminService/CreateMerchant"),
+            metadata=credential(operator_key),
+            timeout=30,
+        )
+        .records
+    )
     assert any(merchant_id in r.request_json and r.outcome == "OK" for r in records), records
     assert audit.audited("/points.v1.MerchantAdminService/CreateMerchant")
     assert not audit.audited("/points.v1.MerchantAdminService/GetMerchant")

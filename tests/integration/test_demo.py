@@ -1,5 +1,6 @@
 """The README's demo (`make demo`): it starts the service, earns, authorizes, captures and reads a balance
 with a key of its own (it answered UNAUTHENTICATED once keys were required), then stops the service."""
+
 from __future__ import annotations
 
 from tests.harness import fetch
@@ -24,8 +25,10 @@ def test_the_readmes_first_earn_and_redeem_work_as_printed(create_database, serv
 
     url = create_database()
     service = service_factory(url)
-    assert cli("merchant", "add", "--merchant-id", "cafe", "--give-back-bps", "1000",
-               "--database-url", url).returncode == 0
+    assert (
+        cli("merchant", "add", "--merchant-id", "cafe", "--give-back-bps", "1000", "--database-url", url).returncode
+        == 0
+    )
     created = cli("key", "create", "--merchant-id", "cafe", "--database-url", url)
     assert created.returncode == 0, created.stderr
     key = created.stdout.split()[-1]
@@ -36,18 +39,26 @@ def test_the_readmes_first_earn_and_redeem_work_as_printed(create_database, serv
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
-    earned = call("Earn", {"merchant_id": "cafe", "member_id": "ann", "purchase_amount": 2500,
-                           "idempotency_key": "order-1"})
-    assert (earned["points"], earned["balance"]) == ("250", "250")   # int64 fields are JSON strings
-    again = call("Earn", {"merchant_id": "cafe", "member_id": "ann", "purchase_amount": 2500,
-                          "idempotency_key": "order-1"})
+    earned = call(
+        "Earn", {"merchant_id": "cafe", "member_id": "ann", "purchase_amount": 2500, "idempotency_key": "order-1"}
+    )
+    assert (earned["points"], earned["balance"]) == ("250", "250")  # int64 fields are JSON strings
+    again = call(
+        "Earn", {"merchant_id": "cafe", "member_id": "ann", "purchase_amount": 2500, "idempotency_key": "order-1"}
+    )
     assert again == earned
     redeemed = call("Redeem", {"merchant_id": "cafe", "member_id": "ann", "points": 100, "idempotency_key": "order-2"})
     assert redeemed["balance"] == "150"
     assert call("GetBalance", {"member_id": "ann"})["available"] == "150"
-    refused = cli("call", "Redeem", json.dumps({"merchant_id": "cafe", "member_id": "ann", "points": 10_000,
-                                                "idempotency_key": "order-3"}), "--key", key,
-                  "--target", service.target)
+    refused = cli(
+        "call",
+        "Redeem",
+        json.dumps({"merchant_id": "cafe", "member_id": "ann", "points": 10_000, "idempotency_key": "order-3"}),
+        "--key",
+        key,
+        "--target",
+        service.target,
+    )
     assert refused.returncode == 1 and refused.stderr.startswith("error: FAILED_PRECONDITION")
     unknown = cli("call", "Stream", "{}", "--key", key, "--target", service.target)
     assert unknown.returncode == 2 and "not a unary PointsService method" in unknown.stderr

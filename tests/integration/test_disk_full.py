@@ -7,6 +7,7 @@ holds: every acknowledged operation once, conservation, no negative balance, Get
 reconcile.
 
 Needs root (to mount a tmpfs); skipped, saying why, where it cannot mount one."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,7 @@ from tests.integration.test_faults import DedicatedPostgres
 
 pytestmark = pytest.mark.timeout(180)
 
-FILESYSTEM_BYTES = 96 * 1024 * 1024   # initdb takes ~38 MB of it, the test database ~8 MB
+FILESYSTEM_BYTES = 96 * 1024 * 1024  # initdb takes ~38 MB of it, the test database ~8 MB
 FILL_CHUNK_BYTES = 1024 * 1024
 
 
@@ -35,8 +36,11 @@ class SmallDiskPostgres(DedicatedPostgres):
     def __init__(self):
         super().__init__()
         self.filler = self.directory / "filler"
-        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={FILESYSTEM_BYTES},mode=0700", "tmpfs",
-                                  str(self.directory)], capture_output=True, text=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={FILESYSTEM_BYTES},mode=0700", "tmpfs", str(self.directory)],
+            capture_output=True,
+            text=True,
+        )
         if mounted.returncode != 0:
             shutil.rmtree(self.directory, ignore_errors=True)
             raise OSError(errno.EPERM, f"cannot mount a tmpfs for the data directory: {mounted.stderr.strip()}")
@@ -95,8 +99,10 @@ async def _switch_wal(url: str) -> None:
 @pytest.fixture(scope="module")
 def small_disk_postgres():
     if shutil.which("mount") is None or os.geteuid() != 0:
-        pytest.skip("disk full needs a small filesystem for Postgres's data directory: mounting a tmpfs needs "
-                    "root and mount(8), and this run has neither")
+        pytest.skip(
+            "disk full needs a small filesystem for Postgres's data directory: mounting a tmpfs needs "
+            "root and mount(8), and this run has neither"
+        )
     try:
         server = SmallDiskPostgres()
     except OSError as error:
@@ -116,7 +122,8 @@ def rng():
 
 
 def test_disk_full_answers_unavailable_posts_nothing_partially_and_recovers_when_space_returns(
-        small_disk_postgres, service_factory, rng):
+    small_disk_postgres, service_factory, rng
+):
     bank = Bank(small_disk_postgres, service_factory, rng).start()
     try:
         problems = run_round(bank, "disk-full")

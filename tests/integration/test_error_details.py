@@ -2,6 +2,7 @@
 grpc_status.rpc_status.from_call, as it would from a Google API, and finds a stable ErrorInfo.reason (and
 the field at fault), RetryInfo on RESOURCE_EXHAUSTED and UNAVAILABLE, QuotaFailure on a rate limit; the
 status code and message are those the service always sent."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,12 @@ from tests.harness import add_merchant, create_key
 from tests.integration.helpers import credential, error_of, funded_member, unique
 
 pytestmark = pytest.mark.timeout(180)
-DETAIL_TYPES = {"ErrorInfo": error_details_pb2.ErrorInfo, "RetryInfo": error_details_pb2.RetryInfo,
-                "QuotaFailure": error_details_pb2.QuotaFailure, "BadRequest": error_details_pb2.BadRequest}
+DETAIL_TYPES = {
+    "ErrorInfo": error_details_pb2.ErrorInfo,
+    "RetryInfo": error_details_pb2.RetryInfo,
+    "QuotaFailure": error_details_pb2.QuotaFailure,
+    "BadRequest": error_details_pb2.BadRequest,
+}
 
 
 def details_of(error: grpc.RpcError) -> dict:
@@ -46,19 +51,29 @@ def delay_seconds(details: dict) -> float:
 def test_a_bad_field_names_the_field(stub, service):
     merchant = unique("shop")
     add_merchant(service.database_url, merchant)
-    error = error_of(lambda: stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id="m1", purchase_amount=-5,
-                                                      idempotency_key=unique("k")), timeout=30))
+    error = error_of(
+        lambda: stub.Earn(
+            pb.EarnRequest(merchant_id=merchant, member_id="m1", purchase_amount=-5, idempotency_key=unique("k")),
+            timeout=30,
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("purchase_amount must be 1..")  # the message as it always was
     details = details_of(error)
     info = details["ErrorInfo"]
-    assert (info.reason, info.domain, dict(info.metadata)) == ("INVALID_FIELD", "points.v1",
-                                                               {"field": "purchase_amount"})
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "INVALID_FIELD",
+        "points.v1",
+        {"field": "purchase_amount"},
+    )
     assert [v.field for v in details["BadRequest"].field_violations] == ["purchase_amount"]
     assert "RetryInfo" not in details
     # an id field too, checked in the domain module
-    error = error_of(lambda: stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id="nope",
-                                                            idempotency_key=unique("k")), timeout=30))
+    error = error_of(
+        lambda: stub.Capture(
+            pb.CaptureRequest(merchant_id=merchant, authorization_id="nope", idempotency_key=unique("k")), timeout=30
+        )
+    )
     assert dict(details_of(error)["ErrorInfo"].metadata) == {"field": "authorization_id"}
 
 
@@ -66,16 +81,23 @@ def test_insufficient_points_and_a_reused_key_have_their_reasons(stub, service):
     merchant = unique("shop")
     add_merchant(service.database_url, merchant)
     member = funded_member(stub, merchant, 1000)
-    error = error_of(lambda: stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=5000,
-                                                          idempotency_key=unique("k")), timeout=30))
+    error = error_of(
+        lambda: stub.Redeem(
+            pb.RedeemRequest(merchant_id=merchant, member_id=member, points=5000, idempotency_key=unique("k")),
+            timeout=30,
+        )
+    )
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error.details() == f"member {member!r} has 1000 point-units available, 5000 asked"
     details = details_of(error)
     assert details["ErrorInfo"].reason == "INSUFFICIENT_POINTS" and "RetryInfo" not in details
     key = unique("k")
     stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=10, idempotency_key=key), timeout=30)
-    error = error_of(lambda: stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=member, points=11,
-                                                          idempotency_key=key), timeout=30))
+    error = error_of(
+        lambda: stub.Redeem(
+            pb.RedeemRequest(merchant_id=merchant, member_id=member, points=11, idempotency_key=key), timeout=30
+        )
+    )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     assert details_of(error)["ErrorInfo"].reason == "IDEMPOTENCY_KEY_REUSED"
 
@@ -83,15 +105,23 @@ def test_insufficient_points_and_a_reused_key_have_their_reasons(stub, service):
 def test_an_unknown_merchant_and_an_operator_refusal_have_reasons(service, channel):
     key = create_key(service.database_url, "operator")
     admin = admin_pb2_grpc.MerchantAdminServiceStub(channel)
-    error = error_of(lambda: admin.GetMerchant(admin_pb2.MerchantAdminServiceGetMerchantRequest(merchant_id=""),
-                                               metadata=credential(key), timeout=30))
+    error = error_of(
+        lambda: admin.GetMerchant(
+            admin_pb2.MerchantAdminServiceGetMerchantRequest(merchant_id=""), metadata=credential(key), timeout=30
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details() == "merchant_id is required"
     assert dict(details_of(error)["ErrorInfo"].metadata) == {"field": "merchant_id"}
     # a merchant key on an operator service: refused by the RPC layer, with a reason
     merchant = unique("shop")
     merchant_key = add_merchant(service.database_url, merchant)
-    error = error_of(lambda: admin.GetMerchant(admin_pb2.MerchantAdminServiceGetMerchantRequest(merchant_id=merchant),
-                                               metadata=credential(merchant_key), timeout=30))
+    error = error_of(
+        lambda: admin.GetMerchant(
+            admin_pb2.MerchantAdminServiceGetMerchantRequest(merchant_id=merchant),
+            metadata=credential(merchant_key),
+            timeout=30,
+        )
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert details_of(error)["ErrorInfo"].reason == "KEY_NOT_PERMITTED"
 
@@ -105,8 +135,13 @@ def test_a_rate_limit_says_when_to_retry_and_which_quota(create_database, servic
         refused = None
         for _ in range(10):
             try:
-                stub.Earn(pb.EarnRequest(merchant_id="busy", member_id=unique("m"), purchase_amount=1000,
-                                         idempotency_key=unique("k")), metadata=credential(merchant_key), timeout=30)
+                stub.Earn(
+                    pb.EarnRequest(
+                        merchant_id="busy", member_id=unique("m"), purchase_amount=1000, idempotency_key=unique("k")
+                    ),
+                    metadata=credential(merchant_key),
+                    timeout=30,
+                )
             except grpc.RpcError as error:
                 refused = error
                 break
@@ -131,9 +166,12 @@ def test_unavailable_says_when_to_retry(create_database, service_factory):
         stub = points_pb2_grpc.PointsServiceStub(channel)
 
         def earn():
-            return stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m1", purchase_amount=1000,
-                                            idempotency_key=unique("k")), metadata=credential(merchant_key),
-                             timeout=60)
+            return stub.Earn(
+                pb.EarnRequest(merchant_id="shop", member_id="m1", purchase_amount=1000, idempotency_key=unique("k")),
+                metadata=credential(merchant_key),
+                timeout=60,
+            )
+
         earn()  # the key is checked and cached, the member exists
 
         async def refused_while_locked() -> grpc.RpcError:
@@ -144,6 +182,7 @@ def test_unavailable_says_when_to_retry(create_database, service_factory):
                     return await asyncio.to_thread(lambda: error_of(earn))
             finally:
                 await connection.close()
+
         error = asyncio.run(refused_while_locked())
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
     details = details_of(error)
@@ -154,14 +193,25 @@ def test_unavailable_says_when_to_retry(create_database, service_factory):
 def test_operator_field_errors_name_the_field(service, channel):
     key = create_key(service.database_url, "operator")
     clearing = admin_pb2_grpc.ClearingServiceStub(channel)
-    error = error_of(lambda: clearing.ListStatements(
-        admin_pb2.ClearingServiceListStatementsRequest(merchant_id="x", page_size=100_000),
-        metadata=credential(key), timeout=30))
+    error = error_of(
+        lambda: clearing.ListStatements(
+            admin_pb2.ClearingServiceListStatementsRequest(merchant_id="x", page_size=100_000),
+            metadata=credential(key),
+            timeout=30,
+        )
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("page_size must be 0")
     info = details_of(error)["ErrorInfo"]
     assert (info.reason, dict(info.metadata)) == ("INVALID_FIELD", {"field": "page_size"})
     admin = admin_pb2_grpc.MerchantAdminServiceStub(channel)
-    error = error_of(lambda: admin.CreateMerchant(admin_pb2.MerchantAdminServiceCreateMerchantRequest(
-        merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=50)), metadata=credential(key), timeout=30))
+    error = error_of(
+        lambda: admin.CreateMerchant(
+            admin_pb2.MerchantAdminServiceCreateMerchantRequest(
+                merchant=admin_pb2.Merchant(merchant_id=unique("m"), give_back_bps=50)
+            ),
+            metadata=credential(key),
+            timeout=30,
+        )
+    )
     assert error.details() == "give_back_bps must be 300..2000 (3%..20%), got 50"
     assert dict(details_of(error)["ErrorInfo"].metadata) == {"field": "merchant.give_back_bps"}

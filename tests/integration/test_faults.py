@@ -11,6 +11,7 @@ is a server of these tests' own on 127.0.0.1 (pgserver's binaries), which the re
 with DATABASE_URL set, the proxy forwards to that server instead, and only the restart test uses the
 dedicated one. `python -m tests.soak --seconds 300` runs the same scenarios, and SIGKILLs, in a loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,18 @@ from points.v1 import points_pb2 as pb
 from tests.harness import Credentials, ServiceProcess, add_merchant, ledger_discrepancies
 from tests.integration.helpers import balance, member_in_postgres, unique
 from tests.integration.tcp_proxy import TcpProxy
-from tests.integration.test_restart import (Board, Client, Op, Progress, check_entries, check_in_journal,
-                                            expected_balances, outcome_of, read_journal, replay)
+from tests.integration.test_restart import (
+    Board,
+    Client,
+    Op,
+    Progress,
+    check_entries,
+    check_in_journal,
+    expected_balances,
+    outcome_of,
+    read_journal,
+    replay,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,23 +63,26 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 CLIENTS = 8
 MEMBERS = 6
-CALL_TIMEOUT_SECONDS = 10          # ≫ the commit timeout: the service must answer long before it
-RETRY_PAUSE_SECONDS = 0.2          # a client's pause before retrying an unanswered call
+CALL_TIMEOUT_SECONDS = 10  # ≫ the commit timeout: the service must answer long before it
+RETRY_PAUSE_SECONDS = 0.2  # a client's pause before retrying an unanswered call
 RETRYING_SECONDS_MAX = 60
 COMMIT_TIMEOUT_SECONDS = 1
 POOL_CONNECTIONS_MAX = 4
-OUTAGE_SECONDS = 2.0               # how long Postgres stays unreachable / the connection stalled, at least
-REFUSED_DURING_OUTAGE_MIN = 5      # the outage lasts until this many calls were refused in it
+OUTAGE_SECONDS = 2.0  # how long Postgres stays unreachable / the connection stalled, at least
+REFUSED_DURING_OUTAGE_MIN = 5  # the outage lasts until this many calls were refused in it
 RESTARTS = 2
 TERMINATIONS = 4
 HEALTH_POLL_SECONDS = 0.05
-NOT_SERVING_WAIT_SECONDS = 10      # deadline for health to say NOT_SERVING once Postgres is away
-RECOVERY_WAIT_SECONDS = 30         # deadline for SERVING and successful traffic once Postgres is back
-LOCK_WAIT_SECONDS = 10             # deadline for the writer lock to be held again after it was lost
+NOT_SERVING_WAIT_SECONDS = 10  # deadline for health to say NOT_SERVING once Postgres is away
+RECOVERY_WAIT_SECONDS = 30  # deadline for SERVING and successful traffic once Postgres is back
+LOCK_WAIT_SECONDS = 10  # deadline for the writer lock to be held again after it was lost
 SERVICE_APPLICATIONS = ("points-processor", "points-processor-lock")
 # gRPC's own words when the service process is gone (SIGKILL), not an answer of the service
-TRANSPORT_FAILURE = re.compile(r"failed to connect|socket closed|connection reset|connection refused|broken pipe|"
-                               r"recvmsg|sendmsg|goaway|endpoint|connection aborted", re.IGNORECASE)
+TRANSPORT_FAILURE = re.compile(
+    r"failed to connect|socket closed|connection reset|connection refused|broken pipe|"
+    r"recvmsg|sendmsg|goaway|endpoint|connection aborted",
+    re.IGNORECASE,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,8 +102,9 @@ def _with_database(url: str, name: str) -> str:
 def _with_address(url: str, host: str, port: int) -> str:
     parts = urllib.parse.urlsplit(url)
     credentials = parts.netloc.rpartition("@")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{host}:{port}" if credentials
-                                                  else f"{host}:{port}"))
+    return urllib.parse.urlunsplit(
+        parts._replace(netloc=f"{credentials}@{host}:{port}" if credentials else f"{host}:{port}")
+    )
 
 
 async def _create_database(server_url: str) -> str:
@@ -119,6 +134,7 @@ class DedicatedPostgres:
         self.user = None
         if os.geteuid() == 0:
             from pgserver.utils import ensure_user_exists
+
             self.user = "pgserver"
             ensure_user_exists(self.user)
             shutil.chown(self.directory, self.user, self.user)
@@ -134,8 +150,15 @@ class DedicatedPostgres:
             # full of gRPC threads, whose fork handlers are not safe then
             runuser = shutil.which("runuser")
             command, user = ([runuser, "-u", self.user, "--", *command], None) if runuser else (command, self.user)
-        completed = subprocess.run(command, user=user, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   timeout=timeout, cwd=self.directory)
+        completed = subprocess.run(
+            command,
+            user=user,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            cwd=self.directory,
+        )
         if completed.returncode != 0:
             tail = self.log.read_text()[-3000:] if self.log.exists() else ""
             raise RuntimeError(f"{program} {' '.join(args)} failed:\n{completed.stdout}\n{tail}")
@@ -143,8 +166,10 @@ class DedicatedPostgres:
     def start(self) -> "DedicatedPostgres":
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=utf8", "--no-sync")
         with open(self.data / "postgresql.conf", "a") as conf:
-            conf.write(f"\nlisten_addresses = '{self.host}'\nport = {self.port}\nunix_socket_directories = ''\n"
-                       "max_connections = 200\n")
+            conf.write(
+                f"\nlisten_addresses = '{self.host}'\nport = {self.port}\nunix_socket_directories = ''\n"
+                "max_connections = 200\n"
+            )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start")
         return self
 
@@ -165,6 +190,7 @@ class DedicatedPostgres:
 @dataclasses.dataclass
 class TcpPostgres:
     """A Postgres server the proxy can forward to, and how to get a fresh database on it."""
+
     host: str
     port: int
     create_database: Callable[[], str]
@@ -195,18 +221,22 @@ def tcp_postgres(request) -> TcpPostgres:
 @dataclasses.dataclass
 class Attempt:
     """One call of an operation and its answer."""
-    code: str            # "OK" or the status code name
+
+    code: str  # "OK" or the status code name
     details: str
     replayed: bool
-    sent_at: float       # time.monotonic()
+    sent_at: float  # time.monotonic()
     answered_at: float
 
     @property
     def claims_not_applied(self) -> bool:
         """An UNAVAILABLE from the service itself that does not say the outcome is unknown: it promises
         this attempt applied nothing (docs/API.md: "the database did not confirm; nothing was applied")."""
-        return self.code == "UNAVAILABLE" and "unknown" not in self.details.lower() \
+        return (
+            self.code == "UNAVAILABLE"
+            and "unknown" not in self.details.lower()
             and not TRANSPORT_FAILURE.search(self.details)
+        )
 
 
 class FaultClient(Client):
@@ -296,11 +326,14 @@ class Traffic:
 
     def __init__(self, board: Board, members: list[str], merchants: dict[str, int], rng: random.Random):
         self.progress = Progress()
-        self.clients = [FaultClient(board, self.progress, members, merchants, random.Random(rng.random()),
-                                    abandons=index % 2 == 0) for index in range(CLIENTS)]
+        self.clients = [
+            FaultClient(board, self.progress, members, merchants, random.Random(rng.random()), abandons=index % 2 == 0)
+            for index in range(CLIENTS)
+        ]
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=client.run, args=(self._stop,), daemon=True)
-                         for client in self.clients]
+        self._threads = [
+            threading.Thread(target=client.run, args=(self._stop,), daemon=True) for client in self.clients
+        ]
 
     def start(self) -> "Traffic":
         for thread in self._threads:
@@ -318,19 +351,30 @@ class Traffic:
         return [op for client in self.clients for op in client.ops]
 
     def attempts(self) -> list[Attempt]:
-        return [attempt for client in self.clients for attempts in list(client.attempts.values())
-                for attempt in list(attempts)]
+        return [
+            attempt
+            for client in self.clients
+            for attempts in list(client.attempts.values())
+            for attempt in list(attempts)
+        ]
 
     def wait_for_acknowledged(self, more: int, timeout: float = RECOVERY_WAIT_SECONDS) -> None:
-        assert self.progress.wait_for(self.progress.acknowledged + more, timeout), \
+        assert self.progress.wait_for(self.progress.acknowledged + more, timeout), (
             self.progress.problems or f"the clients did not get {more} more answers in {timeout} s"
+        )
 
     def answers_since(self, since: float) -> dict[str, int]:
         """How many attempts sent at or after `since` got each answer (None: not answered yet)."""
         return dict(collections.Counter(a.code for a in self.attempts() if a.sent_at >= since))
 
-    def wait_for_answers(self, count: int, code: str, since: float, timeout: float = RECOVERY_WAIT_SECONDS,
-                         condition: Callable[[], bool] = lambda: True) -> bool:
+    def wait_for_answers(
+        self,
+        count: int,
+        code: str,
+        since: float,
+        timeout: float = RECOVERY_WAIT_SECONDS,
+        condition: Callable[[], bool] = lambda: True,
+    ) -> bool:
         """Waits until `count` attempts sent at or after `since` were answered `code` (and `condition`
         holds); False after `timeout` seconds or a problem."""
         deadline = time.monotonic() + timeout
@@ -347,9 +391,15 @@ class Traffic:
 
 
 class Harness:
-    def __init__(self, database_url: str, upstream: tuple[str, int],
-                 start_service: Callable[..., ServiceProcess], rng: random.Random, say: Callable[[str], None] = print):
-        self.url = database_url                         # direct: what the test reads and terminates
+    def __init__(
+        self,
+        database_url: str,
+        upstream: tuple[str, int],
+        start_service: Callable[..., ServiceProcess],
+        rng: random.Random,
+        say: Callable[[str], None] = print,
+    ):
+        self.url = database_url  # direct: what the test reads and terminates
         self.proxy = TcpProxy(*upstream).start()
         self.service_url = _with_address(database_url, self.proxy.host, self.proxy.port)
         self._start_service = start_service
@@ -360,9 +410,9 @@ class Harness:
         self.service: ServiceProcess | None = None
         self.merchants = {unique("m"): 1000, unique("m"): 500}
         self.members = [unique("mem") for _ in range(MEMBERS)]
-        self.ops: list[Op] = []                          # every operation of every round
-        self.problems: list[str] = []                    # found by the faults and the clients
-        self.killed_ops: set[Op] = set()                 # operations of rounds that SIGKILLed the service
+        self.ops: list[Op] = []  # every operation of every round
+        self.problems: list[str] = []  # found by the faults and the clients
+        self.killed_ops: set[Op] = set()  # operations of rounds that SIGKILLed the service
         self.attempts: dict[Op, list[Attempt]] = {}
 
     def start(self) -> "Harness":
@@ -372,16 +422,25 @@ class Harness:
         setup = FaultClient(self.board, Progress(), self.members, self.merchants, self.rng, abandons=False)
         merchant = next(iter(self.merchants))
         for member in self.members:
-            setup.issue("Earn", pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=50_000,
-                                               idempotency_key=unique("k")), give_back_bps=self.merchants[merchant])
+            setup.issue(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=merchant, member_id=member, purchase_amount=50_000, idempotency_key=unique("k")
+                ),
+                give_back_bps=self.merchants[merchant],
+            )
         assert [op.code for op in setup.ops] == ["OK"] * MEMBERS, [(op.code, op.response) for op in setup.ops]
         self._keep(setup)
         return self
 
     def start_service(self) -> ServiceProcess:
         self.service = self._start_service(
-            self.service_url, "--commit-timeout-seconds", str(COMMIT_TIMEOUT_SECONDS),
-            "--pool-connections-max", str(POOL_CONNECTIONS_MAX))
+            self.service_url,
+            "--commit-timeout-seconds",
+            str(COMMIT_TIMEOUT_SECONDS),
+            "--pool-connections-max",
+            str(POOL_CONNECTIONS_MAX),
+        )
         self.board.connect(_Endpoint(self.service.target, self.url))
         self.health.watch(self.service)
         return self.service
@@ -449,19 +508,23 @@ class Harness:
         """The service holds the writer lock (again), and, if asked, a second service is refused."""
         holders = self.wait_for_writer_lock()
         if holders != ["points-processor-lock"]:
-            self.problems.append(f"the writer lock is held by {holders or 'nobody'} "
-                                 f"{LOCK_WAIT_SECONDS} s after the fault, not by the service's lock connection")
+            self.problems.append(
+                f"the writer lock is held by {holders or 'nobody'} "
+                f"{LOCK_WAIT_SECONDS} s after the fault, not by the service's lock connection"
+            )
         if second_writer and not self.second_writer_is_refused():
             self.problems.append("a second service was not refused while the first runs")
         if self.service.process.poll() is not None:
-            self.problems.append(f"the service exited with {self.service.process.returncode}:\n"
-                                 + "".join(self.service.log_lines[-20:]))
+            self.problems.append(
+                f"the service exited with {self.service.process.returncode}:\n" + "".join(self.service.log_lines[-20:])
+            )
 
 
 @dataclasses.dataclass
 class _Endpoint:
     """The service as the Board sees it: its channels carry the merchants' keys, which the tests
     registered under the direct database URL (the service itself was given the proxy's)."""
+
     target: str
     database_url: str
 
@@ -474,13 +537,16 @@ async def _terminate_backends(url: str, applications: tuple[str, ...]) -> int:
     try:
         return await connection.fetchval(
             """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-               WHERE application_name = ANY($1::text[]) AND datname = current_database()""", list(applications))
+               WHERE application_name = ANY($1::text[]) AND datname = current_database()""",
+            list(applications),
+        )
     finally:
         await connection.close()
 
 
 async def _writer_lock_holders(url: str) -> list[str]:
     from processor.store import WRITER_LOCK_KEY
+
     key = WRITER_LOCK_KEY & 0xFFFF_FFFF_FFFF_FFFF
     connection = await asyncpg.connect(url)
     try:
@@ -489,7 +555,9 @@ async def _writer_lock_holders(url: str) -> list[str]:
                WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                  AND l.classid::text::bigint = $1 AND l.objid::text::bigint = $2""",
-            key >> 32, key & 0xFFFF_FFFF)
+            key >> 32,
+            key & 0xFFFF_FFFF,
+        )
         return [r["application_name"] for r in rows]
     finally:
         await connection.close()
@@ -503,6 +571,7 @@ async def _writer_lock_holders(url: str) -> list[str]:
 class Outage:
     """A span in which the service could not commit and had said NOT_SERVING: every call sent in it
     and answered before Postgres came back must be refused UNAVAILABLE."""
+
     not_serving_at: float
     restored_at: float
 
@@ -515,14 +584,21 @@ def _outage(harness: Harness, traffic: Traffic, begin: Callable[[], None], hold_
     begin()
     try:
         not_serving_at = harness.health.wait_for(NOT_SERVING, began_at, NOT_SERVING_WAIT_SECONDS)
-        assert not_serving_at is not None, \
-            f"health did not say NOT_SERVING within {NOT_SERVING_WAIT_SECONDS} s of the fault: " \
+        assert not_serving_at is not None, (
+            f"health did not say NOT_SERVING within {NOT_SERVING_WAIT_SECONDS} s of the fault: "
             f"{harness.health.seen_since(began_at)}; answers meanwhile: {traffic.answers_since(began_at)}"
-        refused = traffic.wait_for_answers(REFUSED_DURING_OUTAGE_MIN, "UNAVAILABLE", not_serving_at,
-                                           timeout=RECOVERY_WAIT_SECONDS,
-                                           condition=lambda: time.monotonic() - began_at >= hold_seconds)
-        assert refused, traffic.progress.problems or \
-            f"calls were not refused UNAVAILABLE while Postgres was away: {traffic.answers_since(not_serving_at)}"
+        )
+        refused = traffic.wait_for_answers(
+            REFUSED_DURING_OUTAGE_MIN,
+            "UNAVAILABLE",
+            not_serving_at,
+            timeout=RECOVERY_WAIT_SECONDS,
+            condition=lambda: time.monotonic() - began_at >= hold_seconds,
+        )
+        assert refused, (
+            traffic.progress.problems
+            or f"calls were not refused UNAVAILABLE while Postgres was away: {traffic.answers_since(not_serving_at)}"
+        )
     finally:
         restored_at = time.monotonic()
         harness.proxy.restore()
@@ -534,10 +610,12 @@ def _outage(harness: Harness, traffic: Traffic, begin: Callable[[], None], hold_
 def _recovered(harness: Harness, traffic: Traffic, since: float) -> None:
     """Health says SERVING again by itself and calls succeed again."""
     serving_at = harness.health.wait_for(SERVING, since, RECOVERY_WAIT_SECONDS)
-    assert serving_at is not None, \
+    assert serving_at is not None, (
         f"health did not say SERVING again within {RECOVERY_WAIT_SECONDS} s: {harness.health.seen_since(since)}"
-    assert traffic.wait_for_answers(50, "OK", serving_at), \
+    )
+    assert traffic.wait_for_answers(50, "OK", serving_at), (
         traffic.progress.problems or "calls did not succeed again after Postgres came back"
+    )
 
 
 def fault_unreachable(harness: Harness, traffic: Traffic) -> list[Outage]:
@@ -603,10 +681,12 @@ class Report:
     replays_checked: int = 0
 
     def __str__(self) -> str:
-        return (f"{self.operations} operations; {self.unavailable} UNAVAILABLE answers "
-                f"({self.unknown_outcome} of unknown outcome); {self.interrupted} operations interrupted, "
-                f"{self.abandoned} abandoned ({self.abandoned_committed} of them committed); "
-                f"{self.replayed} answered by a replay; {self.replays_checked} answers replayed identically")
+        return (
+            f"{self.operations} operations; {self.unavailable} UNAVAILABLE answers "
+            f"({self.unknown_outcome} of unknown outcome); {self.interrupted} operations interrupted, "
+            f"{self.abandoned} abandoned ({self.abandoned_committed} of them committed); "
+            f"{self.replayed} answered by a replay; {self.replays_checked} answers replayed identically"
+        )
 
 
 def check_outages(harness: Harness, outages: list[Outage]) -> list[str]:
@@ -615,10 +695,15 @@ def check_outages(harness: Harness, outages: list[Outage]) -> list[str]:
     for outage in outages:
         for op, attempts in harness.attempts.items():
             for attempt in attempts:
-                if outage.not_serving_at <= attempt.sent_at and attempt.answered_at < outage.restored_at \
-                        and attempt.code != "UNAVAILABLE":
-                    problems.append(f"{op.method} {op.key[1]} answered {attempt.code} while Postgres was away "
-                                    f"(health NOT_SERVING): {attempt.details}")
+                if (
+                    outage.not_serving_at <= attempt.sent_at
+                    and attempt.answered_at < outage.restored_at
+                    and attempt.code != "UNAVAILABLE"
+                ):
+                    problems.append(
+                        f"{op.method} {op.key[1]} answered {attempt.code} while Postgres was away "
+                        f"(health NOT_SERVING): {attempt.details}"
+                    )
     return problems
 
 
@@ -631,16 +716,21 @@ def check_answers(harness: Harness) -> list[str]:
         killed = op in harness.killed_ops
         for attempt in attempts:
             if attempt.code == "DEADLINE_EXCEEDED" and not killed:
-                problems.append(f"{name}: no answer within {CALL_TIMEOUT_SECONDS} s (the service must answer "
-                                f"UNAVAILABLE when it cannot commit)")
-            elif attempt.code not in ("OK", "UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED") \
-                    and not (killed and attempt.code == "CANCELLED"):
+                problems.append(
+                    f"{name}: no answer within {CALL_TIMEOUT_SECONDS} s (the service must answer "
+                    f"UNAVAILABLE when it cannot commit)"
+                )
+            elif attempt.code not in ("OK", "UNAVAILABLE", "FAILED_PRECONDITION", "DEADLINE_EXCEEDED") and not (
+                killed and attempt.code == "CANCELLED"
+            ):
                 problems.append(f"{name}: answered {attempt.code}: {attempt.details}")
         # a replayed outcome was committed by an earlier attempt, which cannot have claimed "not applied"
         decided = attempts and attempts[-1].code not in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED")
         if decided and attempts[-1].replayed and all(a.claims_not_applied for a in attempts[:-1]):
-            problems.append(f"{name}: every earlier attempt was refused as not applied "
-                            f"({[a.details for a in attempts[:-1]]}), yet the last one replayed a committed outcome")
+            problems.append(
+                f"{name}: every earlier attempt was refused as not applied "
+                f"({[a.details for a in attempts[:-1]]}), yet the last one replayed a committed outcome"
+            )
     return problems
 
 
@@ -653,12 +743,14 @@ def check_ledger(harness: Harness, replays_max: int | None = None) -> tuple[list
         problems += check_in_journal(op, outcome_of(op, journal), journal)
         attempts = harness.attempts.get(op, [])
         if op.abandoned and attempts and all(a.claims_not_applied for a in attempts) and op.key in journal.idempotency:
-            problems.append(f"{op.method} {op.key[1]}: refused as not applied ({attempts[-1].details}), "
-                            f"yet committed")
+            problems.append(f"{op.method} {op.key[1]}: refused as not applied ({attempts[-1].details}), yet committed")
     problems += check_entries(journal)
     issued = {op.key for op in ops}
-    for what, keys in (("idempotency records", journal.idempotency), ("transactions", journal.transactions_by_key),
-                       ("holds", journal.holds_by_key)):
+    for what, keys in (
+        ("idempotency records", journal.idempotency),
+        ("transactions", journal.transactions_by_key),
+        ("holds", journal.holds_by_key),
+    ):
         if set(keys) - issued:
             problems.append(f"{what} of calls nobody made: {sorted(set(keys) - issued)[:5]}")
     stub = harness.board.stub
@@ -672,8 +764,9 @@ def check_ledger(harness: Harness, replays_max: int | None = None) -> tuple[list
             problems.append(f"{member}: GetBalance {shown}, the outcomes imply {(posted, held, posted - held)}")
         stored = member_in_postgres(harness.url, member)
         if stored != (posted, posted, held):
-            problems.append(f"{member}: Postgres (balance, entries, held) {stored}, the outcomes imply "
-                            f"{(posted, posted, held)}")
+            problems.append(
+                f"{member}: Postgres (balance, entries, held) {stored}, the outcomes imply {(posted, posted, held)}"
+            )
     problems += ledger_discrepancies(harness.url)
 
     answered = [op for op in ops if not op.abandoned]
@@ -685,18 +778,23 @@ def check_ledger(harness: Harness, replays_max: int | None = None) -> tuple[list
     attempts = [a for op in ops for a in harness.attempts.get(op, [])]
     abandoned = [op for op in ops if op.abandoned]
     report = Report(
-        operations=len(ops), interrupted=sum(op.interrupted for op in ops), abandoned=len(abandoned),
+        operations=len(ops),
+        interrupted=sum(op.interrupted for op in ops),
+        abandoned=len(abandoned),
         abandoned_committed=sum(op.key in journal.idempotency for op in abandoned),
         unavailable=sum(a.code == "UNAVAILABLE" for a in attempts),
         unknown_outcome=sum(a.code == "UNAVAILABLE" and not a.claims_not_applied for a in attempts),
-        replayed=sum(bool(attempts) and attempts[-1].replayed
-                     for attempts in (harness.attempts.get(op, []) for op in ops)),
-        replays_checked=len(answered))
+        replayed=sum(
+            bool(attempts) and attempts[-1].replayed for attempts in (harness.attempts.get(op, []) for op in ops)
+        ),
+        replays_checked=len(answered),
+    )
     return problems, report
 
 
-def run_round(harness: Harness, fault: Callable[..., list[Outage]], *args, killed: bool = False,
-              replays_max: int | None = None) -> tuple[list[str], Report]:
+def run_round(
+    harness: Harness, fault: Callable[..., list[Outage]], *args, killed: bool = False, replays_max: int | None = None
+) -> tuple[list[str], Report]:
     """One fault under traffic, then every check."""
     traffic = harness.traffic()
     try:
@@ -751,8 +849,7 @@ def test_stalled_connection_longer_than_commit_timeout_answers_unavailable_and_r
     assert report.unavailable >= REFUSED_DURING_OUTAGE_MIN
 
 
-def test_postgres_restart_under_load_loses_nothing_and_the_service_recovers_by_itself(dedicated_postgres,
-                                                                                       harness_on):
+def test_postgres_restart_under_load_loses_nothing_and_the_service_recovers_by_itself(dedicated_postgres, harness_on):
     harness = harness_on(dedicated_postgres)
     problems, report = run_round(harness, fault_restart, dedicated_postgres)
     print(report)

@@ -8,6 +8,7 @@ after B took over. B waits twice the commit timeout for A's open transaction, th
 finds itself fenced off and exits. After
 both settle: no id is used twice, balances equal the journal, and every acknowledged operation is in
 the journal exactly once."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -25,17 +26,25 @@ from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepanc
 from tests.integration.helpers import unique
 
 MERCHANTS = ("fence-a", "fence-b")
-COMMIT_TIMEOUT_SECONDS = "2"   # A's stalled transaction is ended after 4 s
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.RESOURCE_EXHAUSTED)
+COMMIT_TIMEOUT_SECONDS = "2"  # A's stalled transaction is ended after 4 s
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 def _a_batch_is_open(url: str, states: tuple[str, ...]) -> bool:
     """Whether a pool connection of the service is inside a transaction that wrote, in one of `states`
     ('active': inside a statement, e.g. a COPY waiting for the rows; 'idle in transaction': between two)."""
-    rows = fetch(url, """SELECT count(*) AS n FROM pg_stat_activity
+    rows = fetch(
+        url,
+        """SELECT count(*) AS n FROM pg_stat_activity
                          WHERE application_name = 'points-processor' AND datname = current_database()
-                           AND backend_xid IS NOT NULL AND state = ANY($1::text[])""", list(states))
+                           AND backend_xid IS NOT NULL AND state = ANY($1::text[])""",
+        list(states),
+    )
     return rows[0]["n"] > 0
 
 
@@ -45,13 +54,14 @@ class Clients:
 
     def __init__(self, members: list[str]):
         self.members = members
-        self.acknowledged: dict[tuple[str, str], str] = {}   # (merchant, key) -> transaction id
+        self.acknowledged: dict[tuple[str, str], str] = {}  # (merchant, key) -> transaction id
         self.lock = threading.Lock()
         self.target = ""
         self.stop = threading.Event()
 
     def run(self, credentials_url: str, worker: int) -> None:
         from tests.harness import Credentials
+
         pending: list[tuple[str, pb.EarnRequest | pb.RedeemRequest]] = []
         channels: dict[str, grpc.Channel] = {}
         n = 0
@@ -61,11 +71,26 @@ class Clients:
                 merchant = MERCHANTS[n % 2]
                 member = self.members[(worker * 7 + n) % len(self.members)]
                 if n % 3:
-                    pending.append(("Earn", pb.EarnRequest(merchant_id=merchant, member_id=member,
-                                                           purchase_amount=1_000 + n, idempotency_key=unique("k"))))
+                    pending.append(
+                        (
+                            "Earn",
+                            pb.EarnRequest(
+                                merchant_id=merchant,
+                                member_id=member,
+                                purchase_amount=1_000 + n,
+                                idempotency_key=unique("k"),
+                            ),
+                        )
+                    )
                 else:
-                    pending.append(("Redeem", pb.RedeemRequest(merchant_id=merchant, member_id=member, points=1,
-                                                               idempotency_key=unique("k"))))
+                    pending.append(
+                        (
+                            "Redeem",
+                            pb.RedeemRequest(
+                                merchant_id=merchant, member_id=member, points=1, idempotency_key=unique("k")
+                            ),
+                        )
+                    )
             method, request = pending[0]
             target = self.target
             if target not in channels:
@@ -77,8 +102,10 @@ class Clients:
                 if error.code() in RETRYABLE:
                     time.sleep(0.05)
                     continue  # unknown outcome: the same key again
-                assert method == "Redeem" and error.code() in (grpc.StatusCode.FAILED_PRECONDITION,
-                                                               grpc.StatusCode.NOT_FOUND), error.details()
+                assert method == "Redeem" and error.code() in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                ), error.details()
                 pending.pop(0)  # no points (yet): refused, nothing posted
                 continue
             with self.lock:
@@ -119,21 +146,28 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
             time.sleep(0.005)
         else:
             pytest.fail("never caught the first instance inside a batch")
-        stalled = fetch(url, """SELECT pid FROM pg_stat_activity WHERE application_name = 'points-processor'
-                                AND datname = current_database() AND backend_xid IS NOT NULL""")
+        stalled = fetch(
+            url,
+            """SELECT pid FROM pg_stat_activity WHERE application_name = 'points-processor'
+                                AND datname = current_database() AND backend_xid IS NOT NULL""",
+        )
         # only the session holding the lock (B's session is waiting for it under the same name)
-        killed = fetch(url, """SELECT pg_terminate_backend(a.pid) AS k FROM pg_stat_activity a
+        killed = fetch(
+            url,
+            """SELECT pg_terminate_backend(a.pid) AS k FROM pg_stat_activity a
                                WHERE a.application_name = 'points-processor-lock' AND a.datname = current_database()
                                  AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid
-                                             AND l.locktype = 'advisory' AND l.granted)""")
+                                             AND l.locktype = 'advisory' AND l.granted)""",
+        )
         assert [r["k"] for r in killed] == [True]
 
         # B gets the lock at once but waits for A's open transaction (ended by Postgres), then serves
         second_service = started.result(timeout=60)
         assert second_service is second
         assert fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1
-        still_there = fetch(url, "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])",
-                            [r["pid"] for r in stalled])
+        still_there = fetch(
+            url, "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])", [r["pid"] for r in stalled]
+        )
         assert still_there == [], "B loaded the ledger while A's batch transaction was still open"
         clients.target = second.target
         time.sleep(1.0)  # traffic on B while A is still stopped, past its commit timeout
@@ -143,7 +177,7 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
         assert first.process.wait(timeout=60) != 0
         time.sleep(1.0)
     finally:
-        first.kill()   # SIGKILL ends a stopped process too
+        first.kill()  # SIGKILL ends a stopped process too
         clients.stop.set()
         for future in running:
             future.result(timeout=120)
@@ -164,9 +198,13 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
         stub = points_pb2_grpc.PointsServiceStub(channel)
         for member in members:
             posted = stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted
-            summed = fetch(url, """SELECT coalesce(sum(e.amount), 0)::bigint AS s FROM entries e
+            summed = fetch(
+                url,
+                """SELECT coalesce(sum(e.amount), 0)::bigint AS s FROM entries e
                                    JOIN accounts a USING (account_id)
-                                   WHERE a.kind = 'member' AND a.owner_id = $1""", member)[0]["s"]
+                                   WHERE a.kind = 'member' AND a.owner_id = $1""",
+                member,
+            )[0]["s"]
             assert posted == summed, member
     second.kill()
     assert ledger_discrepancies(url) == []

@@ -2,6 +2,7 @@
 wrong, posts nothing (Postgres unchanged), and the service keeps serving afterwards. Then a bounded
 fuzz of every method with random field values and random bytes: only documented status codes, and
 the journal stays balanced."""
+
 from __future__ import annotations
 
 import base64
@@ -18,7 +19,7 @@ from tests.integration.helpers import error_of, ledger_snapshot, replay_flag, un
 
 pytestmark = pytest.mark.timeout(300)
 
-MESSAGE_BYTES_MAX = 2 * 1024 * 1024   # passed to the service; 1 MiB fields fit, 3 MiB requests do not
+MESSAGE_BYTES_MAX = 2 * 1024 * 1024  # passed to the service; 1 MiB fields fit, 3 MiB requests do not
 ID_BYTES_MAX = 128
 POINTS_MAX = 10**12
 PURCHASE_AMOUNT_MAX = 10**13
@@ -34,12 +35,20 @@ METHODS = MUTATING_METHODS + ("GetBalance", "ListTransactions")
 UNARY_METHODS = METHODS + ("SubmitBatch",)
 RESPONSES = {method: getattr(pb, method + "Response") for method in UNARY_METHODS}
 # What a caller may ever see from a healthy, unloaded service (proto and README); never UNKNOWN or INTERNAL.
-DOCUMENTED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED,
-                    grpc.StatusCode.ALREADY_EXISTS}
+DOCUMENTED_CODES = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.ALREADY_EXISTS,
+}
 # Rejections the ledger decides are recorded under their key (idempotency_keys grows); nothing else moves.
-RECORDED_REJECTIONS = {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
-                       grpc.StatusCode.PERMISSION_DENIED}
+RECORDED_REJECTIONS = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +76,24 @@ class World:
         self.merchant_key = add_merchant(self.url, self.merchant, 1000)
         self.other_merchant_key = add_merchant(self.url, self.other_merchant, 500)
         self.member = unique("hmem")
-        self.earned = stub.Earn(pb.EarnRequest(merchant_id=self.merchant, member_id=self.member,
-                                               purchase_amount=1_000_000, idempotency_key=unique("k")), timeout=30)
-        self.hold = stub.Authorize(pb.AuthorizeRequest(merchant_id=self.merchant, member_id=self.member,
-                                                       points=1_000, idempotency_key=unique("k")), timeout=30)
-        self.redeemed = stub.Redeem(pb.RedeemRequest(merchant_id=self.merchant, member_id=self.member,
-                                                     points=2_000, idempotency_key=unique("k")), timeout=30)
+        self.earned = stub.Earn(
+            pb.EarnRequest(
+                merchant_id=self.merchant, member_id=self.member, purchase_amount=1_000_000, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+        self.hold = stub.Authorize(
+            pb.AuthorizeRequest(
+                merchant_id=self.merchant, member_id=self.member, points=1_000, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+        self.redeemed = stub.Redeem(
+            pb.RedeemRequest(
+                merchant_id=self.merchant, member_id=self.member, points=2_000, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
         self.canary = unique("canary")
 
     def request(self, method: str, **fields):
@@ -106,8 +127,12 @@ def journal(snapshot: dict) -> dict:
 
 def assert_still_serving(service, stub, world: World) -> None:
     assert service.process.poll() is None, "the service process died"
-    response = stub.Earn(pb.EarnRequest(merchant_id=world.merchant, member_id=world.canary, purchase_amount=100,
-                                        idempotency_key=unique("k")), timeout=30)
+    response = stub.Earn(
+        pb.EarnRequest(
+            merchant_id=world.merchant, member_id=world.canary, purchase_amount=100, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert response.points == 10
     assert stub.GetBalance(pb.GetBalanceRequest(member_id=world.member), timeout=30).posted > 0
 
@@ -129,16 +154,22 @@ def refused(service, stub, world: World, call, code: grpc.StatusCode, *words: st
 
 def raw(channel, method: str):
     """A callable sending bytes as they are to `method`."""
-    return channel.unary_unary(f"/points.v1.PointsService/{method}", request_serializer=lambda data: data,
-                               response_deserializer=RESPONSES[method].FromString)
+    return channel.unary_unary(
+        f"/points.v1.PointsService/{method}",
+        request_serializer=lambda data: data,
+        response_deserializer=RESPONSES[method].FromString,
+    )
 
 
 # --- amounts ------------------------------------------------------------------------------------------
 
 AMOUNT_CASES = (
     [("Earn", "purchase_amount", v) for v in (0, -1, INT64_MIN, INT64_MAX, PURCHASE_AMOUNT_MAX + 1)]
-    + [(m, "points", v) for m in ("Authorize", "Redeem", "Refund") for v in (0, -1, INT64_MIN, INT64_MAX,
-                                                                              POINTS_MAX + 1)]
+    + [
+        (m, "points", v)
+        for m in ("Authorize", "Redeem", "Refund")
+        for v in (0, -1, INT64_MIN, INT64_MAX, POINTS_MAX + 1)
+    ]
     + [("Capture", "points", v) for v in (-1, INT64_MIN, INT64_MAX, POINTS_MAX + 1)]  # 0 = the whole hold
     + [("Authorize", "hold_ttl_seconds", v) for v in (-1, INT64_MIN, INT64_MAX, HOLD_TTL_SECONDS_MAX + 1)]
     + [("ListTransactions", "page_size", v) for v in (-1, INT32_MIN, INT32_MAX, PAGE_SIZE_MAX + 1)]
@@ -146,33 +177,68 @@ AMOUNT_CASES = (
 
 
 @pytest.mark.parametrize("method,field,value", AMOUNT_CASES)
-def test_out_of_range_amount_is_invalid_argument_naming_field_and_value(service, stub, world, method, field,
-                                                                       value):
+def test_out_of_range_amount_is_invalid_argument_naming_field_and_value(service, stub, world, method, field, value):
     request = world.request(method, **{field: value})
-    refused(service, stub, world, lambda: getattr(stub, method)(request, timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, field, str(value))
+    refused(
+        service,
+        stub,
+        world,
+        lambda: getattr(stub, method)(request, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        field,
+        str(value),
+    )
 
 
 def test_largest_allowed_amounts_are_accepted_without_overflow(service, stub, world):
     member = unique("rich")
     for _ in range(2):
-        earned = stub.Earn(pb.EarnRequest(merchant_id=world.merchant, member_id=member,
-                                          purchase_amount=PURCHASE_AMOUNT_MAX, idempotency_key=unique("k")),
-                           timeout=30)
+        earned = stub.Earn(
+            pb.EarnRequest(
+                merchant_id=world.merchant,
+                member_id=member,
+                purchase_amount=PURCHASE_AMOUNT_MAX,
+                idempotency_key=unique("k"),
+            ),
+            timeout=30,
+        )
         assert earned.points == PURCHASE_AMOUNT_MAX * 1000 // 10_000
     assert earned.balance == 2 * earned.points
     earned.points *= 2
-    hold = stub.Authorize(pb.AuthorizeRequest(merchant_id=world.merchant, member_id=member, points=POINTS_MAX,
-                                              hold_ttl_seconds=HOLD_TTL_SECONDS_MAX, idempotency_key=unique("k")),
-                          timeout=30)
+    hold = stub.Authorize(
+        pb.AuthorizeRequest(
+            merchant_id=world.merchant,
+            member_id=member,
+            points=POINTS_MAX,
+            hold_ttl_seconds=HOLD_TTL_SECONDS_MAX,
+            idempotency_key=unique("k"),
+        ),
+        timeout=30,
+    )
     assert hold.available == earned.points - POINTS_MAX
-    captured = stub.Capture(pb.CaptureRequest(merchant_id=world.merchant, authorization_id=hold.authorization_id,
-                                              points=POINTS_MAX, idempotency_key=unique("k")), timeout=30)
-    spent = stub.Redeem(pb.RedeemRequest(merchant_id=world.merchant, member_id=member, points=POINTS_MAX,
-                                         idempotency_key=unique("k")), timeout=30)
+    captured = stub.Capture(
+        pb.CaptureRequest(
+            merchant_id=world.merchant,
+            authorization_id=hold.authorization_id,
+            points=POINTS_MAX,
+            idempotency_key=unique("k"),
+        ),
+        timeout=30,
+    )
+    spent = stub.Redeem(
+        pb.RedeemRequest(merchant_id=world.merchant, member_id=member, points=POINTS_MAX, idempotency_key=unique("k")),
+        timeout=30,
+    )
     assert spent.balance == earned.points - 2 * POINTS_MAX
-    back = stub.Refund(pb.RefundRequest(merchant_id=world.merchant, transaction_id=captured.transaction_id,
-                                        points=POINTS_MAX, idempotency_key=unique("k")), timeout=30)
+    back = stub.Refund(
+        pb.RefundRequest(
+            merchant_id=world.merchant,
+            transaction_id=captured.transaction_id,
+            points=POINTS_MAX,
+            idempotency_key=unique("k"),
+        ),
+        timeout=30,
+    )
     assert back.balance == earned.points - POINTS_MAX
     page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=member, page_size=PAGE_SIZE_MAX), timeout=30)
     assert len(page.transactions) == 5  # two earns, capture, redemption, refund
@@ -196,7 +262,7 @@ HOSTILE_IDS = {
     "accented": "mémbre",
     "CJK": "会员",
     "zero-width space": "a\u200bb",
-    "emoji": "a\U0001F600",
+    "emoji": "a\U0001f600",
     "slash": "a/b",
     "quote and semicolon": "a';DROP TABLE members;--",
     "percent": "a%00b",
@@ -211,7 +277,7 @@ HOSTILE_KEYS = {
     "DEL": "k\x7f",
     "non-breaking space": "k\u00a0k",
     "Cyrillic": "ключ",
-    "emoji": "\U0001F511",
+    "emoji": "\U0001f511",
 }
 ID_FIELDS = {
     "merchant_id": MUTATING_METHODS,
@@ -227,8 +293,15 @@ def test_hostile_id_is_invalid_argument_for_every_method(service, stub, world, f
     for method in ID_FIELDS[field]:
         request = world.request(method, **{field: value})
         rpc = getattr(stub, method)
-        refused(service, stub, world, lambda rpc=rpc, request=request: rpc(request, timeout=30),
-                grpc.StatusCode.INVALID_ARGUMENT, field, expected)
+        refused(
+            service,
+            stub,
+            world,
+            lambda rpc=rpc, request=request: rpc(request, timeout=30),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            field,
+            expected,
+        )
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE_KEYS))
@@ -238,22 +311,34 @@ def test_hostile_idempotency_key_is_invalid_argument_for_every_mutating_method(s
     for method in MUTATING_METHODS:
         request = world.request(method, idempotency_key=value)
         rpc = getattr(stub, method)
-        refused(service, stub, world, lambda rpc=rpc, request=request: rpc(request, timeout=30),
-                grpc.StatusCode.INVALID_ARGUMENT, "idempotency_key", expected)
+        refused(
+            service,
+            stub,
+            world,
+            lambda rpc=rpc, request=request: rpc(request, timeout=30),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "idempotency_key",
+            expected,
+        )
 
 
 def test_ids_and_keys_at_the_length_limit_are_accepted(service, stub, world):
     member = "m" * ID_BYTES_MAX
     key = "k" * ID_BYTES_MAX
-    earned = stub.Earn(pb.EarnRequest(merchant_id=world.merchant, member_id=member, purchase_amount=1_000,
-                                      idempotency_key=key), timeout=30)
-    again, call = stub.Earn.with_call(pb.EarnRequest(merchant_id=world.merchant, member_id=member,
-                                                     purchase_amount=1_000, idempotency_key=key), timeout=30)
+    earned = stub.Earn(
+        pb.EarnRequest(merchant_id=world.merchant, member_id=member, purchase_amount=1_000, idempotency_key=key),
+        timeout=30,
+    )
+    again, call = stub.Earn.with_call(
+        pb.EarnRequest(merchant_id=world.merchant, member_id=member, purchase_amount=1_000, idempotency_key=key),
+        timeout=30,
+    )
     assert again == earned and replay_flag(call) == "true"
     assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == 100
 
 
 # --- malformed processor ids and page tokens ---------------------------------------------------------
+
 
 def _malformed(prefix: str, other_prefix: str) -> dict[str, str]:
     return {
@@ -285,21 +370,41 @@ MALFORMED_TRANSACTION_IDS = _malformed("txn_", "auth_")
 @pytest.mark.parametrize("case", sorted(MALFORMED_AUTHORIZATION_IDS))
 def test_malformed_authorization_id_is_invalid_argument(service, stub, world, method, case):
     request = world.request(method, authorization_id=MALFORMED_AUTHORIZATION_IDS[case])
-    refused(service, stub, world, lambda: getattr(stub, method)(request, timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, "authorization_id", "auth_<digits>")
+    refused(
+        service,
+        stub,
+        world,
+        lambda: getattr(stub, method)(request, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "authorization_id",
+        "auth_<digits>",
+    )
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED_TRANSACTION_IDS))
 def test_malformed_transaction_id_is_invalid_argument(service, stub, world, case):
     request = world.request("Refund", transaction_id=MALFORMED_TRANSACTION_IDS[case])
-    refused(service, stub, world, lambda: stub.Refund(request, timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, "transaction_id", "txn_<digits>")
+    refused(
+        service,
+        stub,
+        world,
+        lambda: stub.Refund(request, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "transaction_id",
+        "txn_<digits>",
+    )
 
 
-@pytest.mark.parametrize("method,field,value", [
-    ("Capture", "authorization_id", "auth_0"), ("Capture", "authorization_id", "auth_" + "9" * 18),
-    ("Void", "authorization_id", "auth_" + "9" * 18), ("Refund", "transaction_id", "txn_0"),
-    ("Refund", "transaction_id", "txn_" + "9" * 18)])
+@pytest.mark.parametrize(
+    "method,field,value",
+    [
+        ("Capture", "authorization_id", "auth_0"),
+        ("Capture", "authorization_id", "auth_" + "9" * 18),
+        ("Void", "authorization_id", "auth_" + "9" * 18),
+        ("Refund", "transaction_id", "txn_0"),
+        ("Refund", "transaction_id", "txn_" + "9" * 18),
+    ],
+)
 def test_well_formed_unknown_ids_are_not_found_and_post_nothing(service, stub, world, method, field, value):
     before = ledger_snapshot(world.url)
     error = error_of(lambda: getattr(stub, method)(world.request(method, **{field: value}), timeout=30))
@@ -332,17 +437,30 @@ MALFORMED_PAGE_TOKENS = {
 @pytest.mark.parametrize("case", sorted(MALFORMED_PAGE_TOKENS))
 def test_malformed_page_token_is_invalid_argument(service, stub, world, case):
     request = world.request("ListTransactions", page_token=MALFORMED_PAGE_TOKENS[case])
-    refused(service, stub, world, lambda: stub.ListTransactions(request, timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, "page_token")
+    refused(
+        service,
+        stub,
+        world,
+        lambda: stub.ListTransactions(request, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "page_token",
+    )
 
 
 # --- requests that are too big or not protobuf ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["Earn", "GetBalance"])
 def test_request_over_the_message_size_limit_is_resource_exhausted(service, stub, world, method):
     request = world.request(method, member_id="x" * (MESSAGE_BYTES_MAX + MEBIBYTE))
-    refused(service, stub, world, lambda: getattr(stub, method)(request, timeout=30),
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max")
+    refused(
+        service,
+        stub,
+        world,
+        lambda: getattr(stub, method)(request, timeout=30),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "larger than max",
+    )
 
 
 def _varint(value: int) -> bytes:
@@ -384,28 +502,50 @@ NOT_PROTOBUF = {
 @pytest.mark.parametrize("method", UNARY_METHODS)
 @pytest.mark.parametrize("case", sorted(NOT_PROTOBUF))
 def test_bytes_that_are_not_the_request_message_are_invalid_argument_naming_the_type(
-        service, stub, credentialed_channel, world, method, case):
-    refused(service, stub, world, lambda: raw(credentialed_channel, method)(NOT_PROTOBUF[case], timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid points.v1.{method}Request: ")
+    service, stub, credentialed_channel, world, method, case
+):
+    refused(
+        service,
+        stub,
+        world,
+        lambda: raw(credentialed_channel, method)(NOT_PROTOBUF[case], timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"request is not a valid points.v1.{method}Request: ",
+    )
 
 
-def test_invalid_utf8_in_a_later_string_field_of_a_valid_earn_is_invalid_argument(service, stub, credentialed_channel,
-                                                                                   world):
+def test_invalid_utf8_in_a_later_string_field_of_a_valid_earn_is_invalid_argument(
+    service, stub, credentialed_channel, world
+):
     data = world.request("Earn").SerializeToString() + _string(2, b"mem\xff")  # member_id, last one wins
-    refused(service, stub, world, lambda: raw(credentialed_channel, "Earn")(data, timeout=30),
-            grpc.StatusCode.INVALID_ARGUMENT, "request is not a valid points.v1.EarnRequest: ")
+    refused(
+        service,
+        stub,
+        world,
+        lambda: raw(credentialed_channel, "Earn")(data, timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request is not a valid points.v1.EarnRequest: ",
+    )
 
 
-def test_undecodable_message_on_a_stream_is_refused_alone_and_the_stream_goes_on(service, stub, credentialed_channel,
-                                                                                world):
-    stream = credentialed_channel.stream_stream("/points.v1.PointsService/Stream",
-                                                request_serializer=lambda data: data,
-                                                response_deserializer=pb.StreamResponse.FromString)
-    good = pb.StreamRequest(correlation_id="good",
-                            operation=pb.Operation(earn=world.request("Earn", member_id=world.canary)))
-    answers = list(stream(iter([NOT_PROTOBUF["wire type 7"], NOT_PROTOBUF["invalid UTF-8 in field 1"],
-                                good.SerializeToString()]), timeout=30,
-                          metadata=(("authorization", "Bearer " + world.merchant_key),)))
+def test_undecodable_message_on_a_stream_is_refused_alone_and_the_stream_goes_on(
+    service, stub, credentialed_channel, world
+):
+    stream = credentialed_channel.stream_stream(
+        "/points.v1.PointsService/Stream",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.StreamResponse.FromString,
+    )
+    good = pb.StreamRequest(
+        correlation_id="good", operation=pb.Operation(earn=world.request("Earn", member_id=world.canary))
+    )
+    answers = list(
+        stream(
+            iter([NOT_PROTOBUF["wire type 7"], NOT_PROTOBUF["invalid UTF-8 in field 1"], good.SerializeToString()]),
+            timeout=30,
+            metadata=(("authorization", "Bearer " + world.merchant_key),),
+        )
+    )
     assert len(answers) == 3, answers
     refused_answers = [a for a in answers if a.correlation_id != "good"]
     assert len(refused_answers) == 2
@@ -434,15 +574,24 @@ REQUIRED_FIELDS = {
 
 @pytest.mark.parametrize("method", UNARY_METHODS)
 def test_empty_message_is_invalid_argument_naming_a_required_field(service, stub, credentialed_channel, world, method):
-    error = refused(service, stub, world, lambda: raw(credentialed_channel, method)(b"", timeout=30),
-                    grpc.StatusCode.INVALID_ARGUMENT)
+    error = refused(
+        service,
+        stub,
+        world,
+        lambda: raw(credentialed_channel, method)(b"", timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
     assert any(field in error.details() for field in REQUIRED_FIELDS[method]), error.details()
 
 
 # Fields a newer client might send: numbers this proto does not define, of every wire type.
-UNKNOWN_FIELDS = (_field(1000, 0, _varint(2**63)) + _string(1001, "новое поле".encode())
-                  + _field(1002, 5, b"\x01\x02\x03\x04") + _field(1003, 1, b"\x00" * 8)
-                  + _string(1004, _string(1, b"nested")))
+UNKNOWN_FIELDS = (
+    _field(1000, 0, _varint(2**63))
+    + _string(1001, "новое поле".encode())
+    + _field(1002, 5, b"\x01\x02\x03\x04")
+    + _field(1003, 1, b"\x00" * 8)
+    + _string(1004, _string(1, b"nested"))
+)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -452,8 +601,9 @@ def test_unknown_fields_of_a_newer_client_are_ignored(service, stub, credentiale
         request = world.request(method, authorization_id=hold.authorization_id)
     else:
         request = world.request(method)
-    with_unknown, call = raw(credentialed_channel, method).with_call(request.SerializeToString() + UNKNOWN_FIELDS,
-                                                                     timeout=30)
+    with_unknown, call = raw(credentialed_channel, method).with_call(
+        request.SerializeToString() + UNKNOWN_FIELDS, timeout=30
+    )
     assert replay_flag(call) is None
     plain, call = getattr(stub, method).with_call(request, timeout=30)
     if method in ("GetBalance", "ListTransactions"):
@@ -483,23 +633,37 @@ def test_missing_or_hostile_credential_is_unauthenticated_and_posts_nothing(serv
     metadata = () if value is None else (("authorization", value),)
     with service.bare_channel() as bare:
         bare_stub = points_pb2_grpc.PointsServiceStub(bare)
-        refused(service, stub, world,
-                lambda: bare_stub.Earn(world.request("Earn"), timeout=30, metadata=metadata),
-                grpc.StatusCode.UNAUTHENTICATED, "key")
+        refused(
+            service,
+            stub,
+            world,
+            lambda: bare_stub.Earn(world.request("Earn"), timeout=30, metadata=metadata),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "key",
+        )
 
 
 def test_another_merchants_key_is_permission_denied_and_posts_nothing(service, stub, world):
     metadata = (("authorization", "Bearer " + world.other_merchant_key),)
     for method in MUTATING_METHODS:
         rpc, request = getattr(stub, method), world.request(method)
-        refused(service, stub, world, lambda rpc=rpc, request=request: rpc(request, timeout=30, metadata=metadata),
-                grpc.StatusCode.PERMISSION_DENIED, "may not act for merchant")
+        refused(
+            service,
+            stub,
+            world,
+            lambda rpc=rpc, request=request: rpc(request, timeout=30, metadata=metadata),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "may not act for merchant",
+        )
 
 
 def test_unrelated_metadata_is_ignored(stub, world):
     oversized_request_id = "r" * 1024
-    metadata = (("x-request-id", oversized_request_id), ("x-unknown-header", "v" * 1024),
-                ("x-blob-bin", b"\x00\xff" * 64))
+    metadata = (
+        ("x-request-id", oversized_request_id),
+        ("x-unknown-header", "v" * 1024),
+        ("x-blob-bin", b"\x00\xff" * 64),
+    )
     response, call = stub.GetBalance.with_call(world.request("GetBalance"), timeout=30, metadata=metadata)
     assert response.member_id == world.member
     request_ids = [v for k, v in call.initial_metadata() if k == "x-request-id"]
@@ -508,12 +672,20 @@ def test_unrelated_metadata_is_ignored(stub, world):
 
 # --- fuzz ---------------------------------------------------------------------------------------------
 
-INT64 = st.one_of(st.integers(INT64_MIN, INT64_MAX), st.integers(-3, 3_000),
-                  st.sampled_from([INT64_MIN, INT64_MAX, POINTS_MAX, POINTS_MAX + 1, PURCHASE_AMOUNT_MAX,
-                                   PURCHASE_AMOUNT_MAX + 1]))
+INT64 = st.one_of(
+    st.integers(INT64_MIN, INT64_MAX),
+    st.integers(-3, 3_000),
+    st.sampled_from([INT64_MIN, INT64_MAX, POINTS_MAX, POINTS_MAX + 1, PURCHASE_AMOUNT_MAX, PURCHASE_AMOUNT_MAX + 1]),
+)
 TEXT = st.text(max_size=40)
-OPERATION_FIELDS = {"Earn": "earn", "Authorize": "authorize", "Capture": "capture", "Void": "void",
-                    "Redeem": "redeem", "Refund": "refund"}  # points.v1.Operation's oneof
+OPERATION_FIELDS = {
+    "Earn": "earn",
+    "Authorize": "authorize",
+    "Capture": "capture",
+    "Void": "void",
+    "Redeem": "redeem",
+    "Refund": "refund",
+}  # points.v1.Operation's oneof
 FIXED_KEYS = st.sampled_from(["fuzz-key-1", "fuzz-key-2", "fuzz-key-3"])  # collisions: replays, ALREADY_EXISTS
 
 
@@ -530,26 +702,37 @@ def _fuzz_request(draw, world: World, method: str):
         return pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=points, idempotency_key=key)
     if method == "Authorize":
         # no short positive TTLs: a hold expiring mid-test would move Postgres between two snapshots
-        ttl = draw(st.one_of(st.sampled_from([0, 3_600, HOLD_TTL_SECONDS_MAX, HOLD_TTL_SECONDS_MAX + 1, -1]),
-                             st.integers(INT64_MIN, INT64_MAX)), label="hold_ttl_seconds")
+        ttl = draw(
+            st.one_of(
+                st.sampled_from([0, 3_600, HOLD_TTL_SECONDS_MAX, HOLD_TTL_SECONDS_MAX + 1, -1]),
+                st.integers(INT64_MIN, INT64_MAX),
+            ),
+            label="hold_ttl_seconds",
+        )
         if 0 < ttl < 600:
             ttl = 3_600
-        return pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=points, hold_ttl_seconds=ttl,
-                                   idempotency_key=key)
+        return pb.AuthorizeRequest(
+            merchant_id=merchant, member_id=member, points=points, hold_ttl_seconds=ttl, idempotency_key=key
+        )
     if method in ("Capture", "Void"):
-        authorization = draw(st.one_of(st.just(world.hold.authorization_id), _digits_id("auth_"), TEXT),
-                             label="authorization_id")
+        authorization = draw(
+            st.one_of(st.just(world.hold.authorization_id), _digits_id("auth_"), TEXT), label="authorization_id"
+        )
         if method == "Void":
             return pb.VoidRequest(merchant_id=merchant, authorization_id=authorization, idempotency_key=key)
-        return pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization, points=points,
-                                 idempotency_key=key)
+        return pb.CaptureRequest(
+            merchant_id=merchant, authorization_id=authorization, points=points, idempotency_key=key
+        )
     if method == "Redeem":
         return pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points, idempotency_key=key)
     if method == "Refund":
-        transaction = draw(st.one_of(st.sampled_from([world.earned.transaction_id, world.redeemed.transaction_id]),
-                                     _digits_id("txn_"), TEXT), label="transaction_id")
-        return pb.RefundRequest(merchant_id=merchant, transaction_id=transaction, points=points,
-                                idempotency_key=key)
+        transaction = draw(
+            st.one_of(
+                st.sampled_from([world.earned.transaction_id, world.redeemed.transaction_id]), _digits_id("txn_"), TEXT
+            ),
+            label="transaction_id",
+        )
+        return pb.RefundRequest(merchant_id=merchant, transaction_id=transaction, points=points, idempotency_key=key)
     if method == "GetBalance":
         return pb.GetBalanceRequest(member_id=member)
     if method == "SubmitBatch":
@@ -558,8 +741,14 @@ def _fuzz_request(draw, world: World, method: str):
             inner = draw(st.sampled_from(MUTATING_METHODS), label="operation")
             operations.append(pb.Operation(**{OPERATION_FIELDS[inner]: _fuzz_request(draw, world, inner)}))
         return pb.SubmitBatchRequest(operations=operations)
-    token = draw(st.one_of(st.just(""), TEXT, st.integers(0, 10**19).map(
-        lambda n: _token(b"points.v1/transactions/" + str(n).encode()))), label="page_token")
+    token = draw(
+        st.one_of(
+            st.just(""),
+            TEXT,
+            st.integers(0, 10**19).map(lambda n: _token(b"points.v1/transactions/" + str(n).encode())),
+        ),
+        label="page_token",
+    )
     size = draw(st.one_of(st.integers(INT32_MIN, INT32_MAX), st.integers(-2, PAGE_SIZE_MAX + 2)), label="page_size")
     return pb.ListTransactionsRequest(member_id=member, page_token=token, page_size=size)
 
@@ -590,8 +779,9 @@ def _check_fuzz_outcome(world: World, before: dict, what: str, code: grpc.Status
 
 
 def fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=examples, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    )
 
 
 @fuzz_settings(120)

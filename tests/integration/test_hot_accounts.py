@@ -37,6 +37,7 @@ The check, batch by batch, starting from the state the previous batch left:
 The state after the batch is the grid's end, whichever path was taken; after the last batch it must
 equal GetBalance, the member's account in Postgres and the sum of its journal entries.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,8 @@ from tests.integration.helpers import balance, member_in_postgres, replay_flag, 
 pytestmark = pytest.mark.timeout(300)
 
 INITIAL_POINTS = 20_000
-EARNS, REDEEMS, AUTHORIZES = 700, 700, 300   # + one capture per granted hold + duplicates ≈ 2,000 calls
-DUPLICATED = 40                              # earns and as many redeems sent twice under the same key
+EARNS, REDEEMS, AUTHORIZES = 700, 700, 300  # + one capture per granted hold + duplicates ≈ 2,000 calls
+DUPLICATED = 40  # earns and as many redeems sent twice under the same key
 GIVE_BACK_BPS = 1_000
 CALL_TIMEOUT_SECONDS = 120
 AVAILABLE_IN_MESSAGE = re.compile(r"has (\d+) point-units available, (\d+) asked")
@@ -80,13 +81,13 @@ def rng():
 class Op:
     method: str
     request: object
-    hold: "Op | None" = None          # a capture's authorize
-    mode: str = ""                    # a capture's: whole | partial | over
+    hold: "Op | None" = None  # a capture's authorize
+    mode: str = ""  # a capture's: whole | partial | over
     future: object = None
-    duplicate: object = None          # the future of the same request sent again under the same key
+    duplicate: object = None  # the future of the same request sent again under the same key
     response: object = None
     error: grpc.RpcError | None = None
-    batch: object = None              # created_at of its idempotency record
+    batch: object = None  # created_at of its idempotency record
 
     @property
     def key(self) -> str:
@@ -103,8 +104,11 @@ class Op:
             self.error = error
 
     def describe(self) -> str:
-        outcome = (f"{self.error.code().name} {self.error.details()!r}" if self.error
-                   else str(self.response).replace("\n", " "))
+        outcome = (
+            f"{self.error.code().name} {self.error.details()!r}"
+            if self.error
+            else str(self.response).replace("\n", " ")
+        )
         return f"{self.method}({str(self.request).replace(chr(10), ' ')}) -> {outcome}"
 
 
@@ -127,17 +131,40 @@ def run_workload(stub, merchant: str, member: str, rng: random.Random) -> list[O
     """Fires every earn, redeem and authorize at once; a capture goes out as soon as its hold is granted."""
     ops = []
     for _ in range(EARNS):
-        ops.append(Op("Earn", pb.EarnRequest(merchant_id=merchant, member_id=member,
-                                             purchase_amount=rng.randint(1, 1_000), idempotency_key=unique("e"))))
+        ops.append(
+            Op(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=merchant,
+                    member_id=member,
+                    purchase_amount=rng.randint(1, 1_000),
+                    idempotency_key=unique("e"),
+                ),
+            )
+        )
     for _ in range(REDEEMS):
-        ops.append(Op("Redeem", pb.RedeemRequest(merchant_id=merchant, member_id=member,
-                                                 points=rng.randint(1, 150), idempotency_key=unique("r"))))
+        ops.append(
+            Op(
+                "Redeem",
+                pb.RedeemRequest(
+                    merchant_id=merchant, member_id=member, points=rng.randint(1, 150), idempotency_key=unique("r")
+                ),
+            )
+        )
     for _ in range(AUTHORIZES):
-        ops.append(Op("Authorize", pb.AuthorizeRequest(merchant_id=merchant, member_id=member,
-                                                       points=rng.randint(1, 200), idempotency_key=unique("a"))))
+        ops.append(
+            Op(
+                "Authorize",
+                pb.AuthorizeRequest(
+                    merchant_id=merchant, member_id=member, points=rng.randint(1, 200), idempotency_key=unique("a")
+                ),
+            )
+        )
     rng.shuffle(ops)
-    duplicated = set(rng.sample([op for op in ops if op.method == "Earn"], DUPLICATED)
-                     + rng.sample([op for op in ops if op.method == "Redeem"], DUPLICATED))
+    duplicated = set(
+        rng.sample([op for op in ops if op.method == "Earn"], DUPLICATED)
+        + rng.sample([op for op in ops if op.method == "Redeem"], DUPLICATED)
+    )
     granted: queue.Queue[Op] = queue.Queue()
     captures: list[Op] = []
     later: list[tuple[int, Op]] = []  # (position, op): duplicates go out a little after their original
@@ -163,10 +190,17 @@ def run_workload(stub, merchant: str, member: str, rng: random.Random) -> list[O
                 points = choice.randint(1, held)
             else:
                 points = held + choice.randint(1, 20)
-            capture = Op("Capture", pb.CaptureRequest(merchant_id=merchant,
-                                                      authorization_id=authorize.future.result().authorization_id,
-                                                      points=points, idempotency_key=unique("c")),
-                         hold=authorize, mode=mode)
+            capture = Op(
+                "Capture",
+                pb.CaptureRequest(
+                    merchant_id=merchant,
+                    authorization_id=authorize.future.result().authorization_id,
+                    points=points,
+                    idempotency_key=unique("c"),
+                ),
+                hold=authorize,
+                mode=mode,
+            )
             capture.future = send(capture)
             captures.append(capture)
 
@@ -182,8 +216,11 @@ def run_workload(stub, merchant: str, member: str, rng: random.Random) -> list[O
         capture_granted(block=False)
     for _, op in later:
         op.duplicate = send(op)
-    while len(captures) + sum(1 for op in ops if op.method == "Authorize" and op.future.done()
-                              and op.future.exception() is not None) < AUTHORIZES:
+    while (
+        len(captures)
+        + sum(1 for op in ops if op.method == "Authorize" and op.future.done() and op.future.exception() is not None)
+        < AUTHORIZES
+    ):
         capture_granted(block=True)
     for op in ops + captures:
         op.settle()
@@ -223,20 +260,24 @@ def check_duplicates(ops: list[Op]) -> None:
             continue
         try:
             answer = op.duplicate.result()
-            assert op.error is None and answer.SerializeToString() == op.response.SerializeToString(), \
+            assert op.error is None and answer.SerializeToString() == op.response.SerializeToString(), (
                 f"{op.describe()} but its duplicate answered {answer}"
+            )
         except grpc.RpcError as error:
-            assert op.error is not None and (error.code(), error.details()) == (op.error.code(), op.error.details()), \
+            assert op.error is not None and (error.code(), error.details()) == (op.error.code(), op.error.details()), (
                 f"{op.describe()} but its duplicate answered {error.code().name} {error.details()!r}"
+            )
         flags = sorted([replay_flag(op.future), replay_flag(op.duplicate)], key=str)
-        assert flags == [None, "true"], \
-            f"{op.describe()}: replay flags of the two answers were {flags}"
+        assert flags == [None, "true"], f"{op.describe()}: replay flags of the two answers were {flags}"
 
 
 def find_batches(database_url: str, merchant: str, ops: list[Op]) -> list[list[Op]]:
     """The operations grouped by batch (their idempotency record's created_at), batches in order."""
-    rows = fetch(database_url, "SELECT idempotency_key, method, outcome, created_at FROM idempotency_keys "
-                               "WHERE merchant_id = $1", merchant)
+    rows = fetch(
+        database_url,
+        "SELECT idempotency_key, method, outcome, created_at FROM idempotency_keys WHERE merchant_id = $1",
+        merchant,
+    )
     records = {r["idempotency_key"]: r for r in rows}
     assert len(records) == len(ops) + 1, "every operation (and the funding earn) is recorded exactly once"
     by_batch: dict[object, list[Op]] = {}
@@ -250,18 +291,23 @@ def find_batches(database_url: str, merchant: str, ops: list[Op]) -> list[list[O
     # the batch order agrees with the order ids were allocated in
     for number in (transaction_number, authorization_number):
         kinds = ("Earn", "Redeem", "Capture") if number is transaction_number else ("Authorize",)
-        numbers = [number(op) for batch in batches for op in sorted(
-            (o for o in batch if o.method in kinds and o.error is None), key=number)]
-        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), \
+        numbers = [
+            number(op)
+            for batch in batches
+            for op in sorted((o for o in batch if o.method in kinds and o.error is None), key=number)
+        ]
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), (
             f"{number.__name__}s are not increasing with the batches' created_at"
+        )
     return batches
 
 
 def replay_batch(index: int, batch: list[Op], posted0: int, held0: int, authorized_before: set) -> tuple[int, int]:
     """Finds a serial order of `batch` from (posted0, held0) that reproduces every answer (see the
     module docstring); returns the state after it."""
-    transactions = sorted((op for op in batch if op.method in ("Earn", "Redeem", "Capture") and op.error is None),
-                          key=transaction_number)
+    transactions = sorted(
+        (op for op in batch if op.method in ("Earn", "Redeem", "Capture") and op.error is None), key=transaction_number
+    )
     holds = sorted((op for op in batch if op.method == "Authorize" and op.error is None), key=authorization_number)
     rejections = [op for op in batch if op.method in ("Redeem", "Authorize") and op.error is not None]
     hold_position = {op: position for position, op in enumerate(holds)}
@@ -272,8 +318,8 @@ def replay_batch(index: int, batch: list[Op], posted0: int, held0: int, authoriz
         posted.append(posted[-1] + delta(op))
         released.append(released[-1] + (op.hold.response.points if op.method == "Capture" else 0))
         assert op.response.balance == posted[-1], (
-            f"batch {index}: replaying posted balances in transaction order gives {posted[-1]} after "
-            f"{op.describe()}")
+            f"batch {index}: replaying posted balances in transaction order gives {posted[-1]} after {op.describe()}"
+        )
     held_by_holds = [0]
     for op in holds:
         held_by_holds.append(held_by_holds[-1] + op.points)
@@ -298,30 +344,38 @@ def replay_batch(index: int, batch: list[Op], posted0: int, held0: int, authoriz
         for j in range(m + 1):
             if (i, j) not in lowest:
                 continue
-            for (ni, nj), fits in (((i + 1, j), i < n and transaction_fits(i, j)),
-                                   ((i, j + 1), j < m and hold_fits(i, j))):
+            for (ni, nj), fits in (
+                ((i + 1, j), i < n and transaction_fits(i, j)),
+                ((i, j + 1), j < m and hold_fits(i, j)),
+            ):
                 if fits:
                     value = min(lowest[(i, j)], available(ni, nj))
                     lowest[(ni, nj)] = min(lowest.get((ni, nj), value), value)
     assert (n, m) in lowest, (
         f"batch {index}: no serial order of its {n} transactions and {m} holds reproduces every answer "
-        f"(starting from posted {posted0}, held {held0}):\n" + "\n".join(op.describe() for op in batch))
+        f"(starting from posted {posted0}, held {held0}):\n" + "\n".join(op.describe() for op in batch)
+    )
     if rejections:
         assert lowest[(n, m)] < min(op.points for op in rejections), (
             f"batch {index}: no serial order leaves so little available that every rejection is justified; "
-            f"lowest available {lowest[(n, m)]}:\n" + "\n".join(op.describe() for op in rejections))
+            f"lowest available {lowest[(n, m)]}:\n" + "\n".join(op.describe() for op in rejections)
+        )
         # backward: cells from which the end is reachable; a cell on a full valid path is in both
         reaches_end = {(n, m)}
         for i in range(n, -1, -1):
             for j in range(m, -1, -1):
-                if (i, j) in lowest and (((i + 1, j) in reaches_end and i < n and transaction_fits(i, j))
-                                         or ((i, j + 1) in reaches_end and j < m and hold_fits(i, j))):
+                if (i, j) in lowest and (
+                    ((i + 1, j) in reaches_end and i < n and transaction_fits(i, j))
+                    or ((i, j + 1) in reaches_end and j < m and hold_fits(i, j))
+                ):
                     reaches_end.add((i, j))
         seen = {available(i, j) for (i, j) in reaches_end}
         for op in rejections:
             stated = int(AVAILABLE_IN_MESSAGE.search(op.error.details()).group(1))
-            assert stated in seen, (f"batch {index}: {op.describe()} states an available balance that no serial "
-                                    f"order of its batch passes through (possible: {sorted(seen)[:20]}…)")
+            assert stated in seen, (
+                f"batch {index}: {op.describe()} states an available balance that no serial "
+                f"order of its batch passes through (possible: {sorted(seen)[:20]}…)"
+            )
     authorized_before.update(holds)
     return posted[n], held0 + held_by_holds[m] - released[n]
 
@@ -330,9 +384,15 @@ def test_2000_concurrent_operations_on_one_member_equal_a_serial_execution(stub,
     merchant = unique("hot")
     add_merchant(service.database_url, merchant, GIVE_BACK_BPS)
     member = unique("hotmem")
-    funded = stub.Earn(pb.EarnRequest(merchant_id=merchant, member_id=member,
-                                      purchase_amount=INITIAL_POINTS * 10_000 // GIVE_BACK_BPS,
-                                      idempotency_key=unique("fund")), timeout=30)
+    funded = stub.Earn(
+        pb.EarnRequest(
+            merchant_id=merchant,
+            member_id=member,
+            purchase_amount=INITIAL_POINTS * 10_000 // GIVE_BACK_BPS,
+            idempotency_key=unique("fund"),
+        ),
+        timeout=30,
+    )
     assert funded.balance == INITIAL_POINTS
 
     ops = run_workload(stub, merchant, member, rng)
@@ -340,8 +400,14 @@ def test_2000_concurrent_operations_on_one_member_equal_a_serial_execution(stub,
     check_duplicates(ops)
     outcomes = {(op.method, "OK" if op.error is None else "refused") for op in ops}
     # the workload is mixed enough to be meaningful: every kind both succeeded and (but earns) was refused
-    assert outcomes >= {("Earn", "OK"), ("Redeem", "OK"), ("Redeem", "refused"), ("Authorize", "OK"),
-                        ("Capture", "OK"), ("Capture", "refused")}, outcomes
+    assert outcomes >= {
+        ("Earn", "OK"),
+        ("Redeem", "OK"),
+        ("Redeem", "refused"),
+        ("Authorize", "OK"),
+        ("Capture", "OK"),
+        ("Capture", "refused"),
+    }, outcomes
 
     batches = find_batches(service.database_url, merchant, ops)
     assert len(batches) > 1
@@ -358,16 +424,27 @@ def test_2000_concurrent_operations_on_one_member_equal_a_serial_execution(stub,
     assert balance(stub, member) == (posted, held, posted - held)
     assert member_in_postgres(service.database_url, member) == (posted, posted, held)
 
-    transactions = fetch(service.database_url, "SELECT transaction_id, kind, amount FROM transactions "
-                                               "WHERE member_id = $1", member)
-    expected = {(transaction_number(op), {"Earn": 1, "Capture": 2, "Redeem": 3}[op.method], op.response.points)
-                for op in succeeded if op.method != "Authorize"}
+    transactions = fetch(
+        service.database_url, "SELECT transaction_id, kind, amount FROM transactions WHERE member_id = $1", member
+    )
+    expected = {
+        (transaction_number(op), {"Earn": 1, "Capture": 2, "Redeem": 3}[op.method], op.response.points)
+        for op in succeeded
+        if op.method != "Authorize"
+    }
     assert {(r["transaction_id"], r["kind"], r["amount"]) for r in transactions} == expected | {
-        (int(funded.transaction_id.removeprefix("txn_")), 1, INITIAL_POINTS)}
-    hold_rows = fetch(service.database_url, "SELECT authorization_id, amount, status, captured FROM holds "
-                                            "WHERE member_id = $1", member)
+        (int(funded.transaction_id.removeprefix("txn_")), 1, INITIAL_POINTS)
+    }
+    hold_rows = fetch(
+        service.database_url,
+        "SELECT authorization_id, amount, status, captured FROM holds WHERE member_id = $1",
+        member,
+    )
     captured = {op.hold: op.response.points for op in succeeded if op.method == "Capture"}
-    expected_holds = {(authorization_number(op), op.points, 2 if op in captured else 1, captured.get(op, 0))
-                      for op in succeeded if op.method == "Authorize"}
+    expected_holds = {
+        (authorization_number(op), op.points, 2 if op in captured else 1, captured.get(op, 0))
+        for op in succeeded
+        if op.method == "Authorize"
+    }
     assert {(r["authorization_id"], r["amount"], r["status"], r["captured"]) for r in hold_rows} == expected_holds
     assert ledger_discrepancies(service.database_url) == []

@@ -1,5 +1,6 @@
 """Lifecycle: health says SERVING only once recovery is done; SIGTERM under load drains, loses nothing
 acknowledged and exits 0."""
+
 from __future__ import annotations
 
 import socket
@@ -27,8 +28,12 @@ def test_sigterm_under_load_answers_or_refuses_every_call_and_loses_nothing(crea
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key="warm"))
-        futures = [stub.Earn.future(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000,
-                                                   idempotency_key=key)) for key in keys]
+        futures = [
+            stub.Earn.future(
+                pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000, idempotency_key=key)
+            )
+            for key in keys
+        ]
         exit_code = service.terminate(timeout=60)
         acknowledged, refused = set(), set()
         for key, future in zip(keys, futures):
@@ -57,14 +62,31 @@ def test_health_is_serving_only_after_recovery_and_calls_before_are_refused(crea
     url = create_database()
     credential = (("authorization", "Bearer " + add_merchant(url, "shop", 1000)),)
     # a ledger large enough that recovery takes a moment: 200,000 members with 7 point-units each
-    fetch(url, """WITH m AS (SELECT 'member-' || g AS id FROM generate_series(1, 200000) g),
+    fetch(
+        url,
+        """WITH m AS (SELECT 'member-' || g AS id FROM generate_series(1, 200000) g),
                     i AS (INSERT INTO members SELECT id, now() FROM m)
                   INSERT INTO accounts (kind, owner_id, asset_code, balance)
-                  SELECT 'member', id, 'POINTS', 7 FROM m""")
+                  SELECT 'member', id, 'POINTS', 7 FROM m""",
+    )
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "processor", "serve", "--listen", f"127.0.0.1:{port}",
-                                "--metrics-listen", "127.0.0.1:0", "--database-url", url],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "processor",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--database-url",
+            url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     observed = []
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -73,8 +95,9 @@ def test_health_is_serving_only_after_recovery_and_calls_before_are_refused(crea
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
                 try:
-                    status = health.Check(health_pb2.HealthCheckRequest(service="points.v1.PointsService"),
-                                          timeout=5).status
+                    status = health.Check(
+                        health_pb2.HealthCheckRequest(service="points.v1.PointsService"), timeout=5
+                    ).status
                 except grpc.RpcError:
                     time.sleep(0.01)
                     continue  # not listening yet

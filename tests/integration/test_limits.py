@@ -1,5 +1,6 @@
 """Bounds and faults of the commit pipeline: a full queue sheds load, a broken database connection
 fails only the calls of its batch, a second writer is refused, idempotency retention purges."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,13 +26,18 @@ def test_full_queue_answers_resource_exhausted_and_posts_nothing_for_those(creat
     url = create_database()
     add_merchant(url, "shop", 1000)
     # the committer lingers 300 ms for a second operation; the queue holds 2: the rest are shed
-    service = service_factory(url, "--batch-operations-max", "2", "--queue-operations-max", "2",
-                              "--batch-linger-seconds", "0.3")
+    service = service_factory(
+        url, "--batch-operations-max", "2", "--queue-operations-max", "2", "--batch-linger-seconds", "0.3"
+    )
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         keys = [unique("k") for _ in range(40)]
-        futures = [stub.Earn.future(pb.EarnRequest(merchant_id="shop", member_id="flood", purchase_amount=1000,
-                                                   idempotency_key=key)) for key in keys]
+        futures = [
+            stub.Earn.future(
+                pb.EarnRequest(merchant_id="shop", member_id="flood", purchase_amount=1000, idempotency_key=key)
+            )
+            for key in keys
+        ]
         accepted, shed = [], []
         for key, future in zip(keys, futures):
             try:
@@ -48,24 +54,24 @@ def test_full_queue_answers_resource_exhausted_and_posts_nothing_for_those(creat
         posted = {r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM transactions")}
         assert posted == set(accepted)
         # a shed call's key is still free: the retry is carried out
-        stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="flood", purchase_amount=1000,
-                                 idempotency_key=shed[0]))
+        stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="flood", purchase_amount=1000, idempotency_key=shed[0]))
         assert stub.GetBalance(pb.GetBalanceRequest(member_id="flood")).posted == 100 * (len(accepted) + 1)
 
 
 async def _terminate_service_backends(url: str) -> int:
     import asyncpg
+
     connection = await asyncpg.connect(url)
     try:
         return await connection.fetchval(
             """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
-               WHERE application_name = 'points-processor' AND datname = current_database()""")
+               WHERE application_name = 'points-processor' AND datname = current_database()"""
+        )
     finally:
         await connection.close()
 
 
-def test_terminated_database_connections_fail_only_their_batch_and_lose_nothing(create_database,
-                                                                                service_factory):
+def test_terminated_database_connections_fail_only_their_batch_and_lose_nothing(create_database, service_factory):
     url = create_database()
     add_merchant(url, "shop", 1000)
     service = service_factory(url)
@@ -75,8 +81,12 @@ def test_terminated_database_connections_fail_only_their_batch_and_lose_nothing(
         failed = 0
         for round_number in range(6):
             keys = [unique("k") for _ in range(30)]
-            futures = [stub.Earn.future(pb.EarnRequest(merchant_id="shop", member_id="m1", purchase_amount=1000,
-                                                       idempotency_key=key)) for key in keys]
+            futures = [
+                stub.Earn.future(
+                    pb.EarnRequest(merchant_id="shop", member_id="m1", purchase_amount=1000, idempotency_key=key)
+                )
+                for key in keys
+            ]
             if round_number % 2 == 1:
                 asyncio.run(_terminate_service_backends(url))
             for key, future in zip(keys, futures):
@@ -89,8 +99,11 @@ def test_terminated_database_connections_fail_only_their_batch_and_lose_nothing(
         deadline = time.monotonic() + 60
         while True:  # the service may be resynchronising: UNAVAILABLE until it is done
             try:
-                stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m1", purchase_amount=1000,
-                                         idempotency_key="after-fault"))
+                stub.Earn(
+                    pb.EarnRequest(
+                        merchant_id="shop", member_id="m1", purchase_amount=1000, idempotency_key="after-fault"
+                    )
+                )
                 break
             except grpc.RpcError as error:
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
@@ -125,11 +138,13 @@ def test_idempotency_purge_deletes_only_records_older_than_the_cutoff(create_dat
 
     async def purge():
         from processor.store import Store
+
         store = await Store.open(url, 2)
         try:
             return await store.purge_idempotency(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
         finally:
             await store.close()
+
     assert asyncio.run(purge()) == 1
     assert [r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM idempotency_keys")] == ["new"]
 
@@ -145,8 +160,9 @@ def test_per_merchant_rate_limit_sheds_that_merchant_only(create_database, servi
         outcomes = []
         for i in range(15):
             try:
-                stub.Earn(pb.EarnRequest(merchant_id="busy", member_id="m", purchase_amount=1000,
-                                         idempotency_key=f"busy-{i}"))
+                stub.Earn(
+                    pb.EarnRequest(merchant_id="busy", member_id="m", purchase_amount=1000, idempotency_key=f"busy-{i}")
+                )
                 outcomes.append("OK")
             except grpc.RpcError as error:
                 assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -167,8 +183,12 @@ def test_rpcs_in_flight_are_bounded(create_database, service_factory):
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         keys = [unique("k") for _ in range(40)]
-        futures = [stub.Earn.future(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000,
-                                                   idempotency_key=key)) for key in keys]
+        futures = [
+            stub.Earn.future(
+                pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=1000, idempotency_key=key)
+            )
+            for key in keys
+        ]
         accepted, shed = set(), set()
         for key, future in zip(keys, futures):
             try:

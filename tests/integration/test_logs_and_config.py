@@ -1,4 +1,5 @@
 """Structured logs with request ids and no secrets; invalid configuration fails at start, clearly."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,10 @@ def test_logs_are_json_lines_with_request_ids_and_never_the_idempotency_key(crea
         stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key="e1"))
         call = stub.Redeem.with_call
         with pytest.raises(grpc.RpcError) as raised:
-            call(pb.RedeemRequest(merchant_id="shop", member_id="m", points=10**6, idempotency_key=secret_key),
-                 metadata=(("x-request-id", "req-from-caller-1"),))
+            call(
+                pb.RedeemRequest(merchant_id="shop", member_id="m", points=10**6, idempotency_key=secret_key),
+                metadata=(("x-request-id", "req-from-caller-1"),),
+            )
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert ("x-request-id", "req-from-caller-1") in tuple(raised.value.initial_metadata())
         _, ok = stub.GetBalance.with_call(pb.GetBalanceRequest(member_id="m"))
@@ -42,31 +45,42 @@ def test_logs_are_json_lines_with_request_ids_and_never_the_idempotency_key(crea
     assert all(secret_key not in line for line in service.log_lines)
 
 
-@pytest.mark.parametrize("arguments,message", [
-    (["--batch-operations-max", "0"], "batch_operations_max must be 1..100000"),
-    (["--listen", "nowhere"], "listen 'nowhere' must be HOST:PORT"),
-    (["--idempotency-retention-days", "7"], "idempotency_retention_days must be 0 (forever) or >= 30"),
-    (["--database-url", "mysql://x"], "database_url must start with postgresql://"),
-])
+@pytest.mark.parametrize(
+    "arguments,message",
+    [
+        (["--batch-operations-max", "0"], "batch_operations_max must be 1..100000"),
+        (["--listen", "nowhere"], "listen 'nowhere' must be HOST:PORT"),
+        (["--idempotency-retention-days", "7"], "idempotency_retention_days must be 0 (forever) or >= 30"),
+        (["--database-url", "mysql://x"], "database_url must start with postgresql://"),
+    ],
+)
 def test_invalid_configuration_fails_at_start_naming_the_option(arguments, message):
-    result = subprocess.run([sys.executable, "-m", "processor", "serve", *arguments], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "processor", "serve", *arguments], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert message in result.stderr
 
 
 def test_invalid_environment_variable_is_reported():
-    result = subprocess.run([sys.executable, "-m", "processor", "serve"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "POINTS_BATCH_OPERATIONS_MAX": "many",
-                                                        "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-m", "processor", "serve"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "POINTS_BATCH_OPERATIONS_MAX": "many", "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode != 0
     assert "POINTS_BATCH_OPERATIONS_MAX='many' is not a int" in result.stderr
 
 
 def test_help_lists_every_option_with_its_default():
     from processor.config import OPTIONS
-    result = subprocess.run([sys.executable, "-m", "processor", "serve", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "processor", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     flat = "".join(result.stdout.split())  # argparse wraps lines, at hyphens too
     for option in OPTIONS:

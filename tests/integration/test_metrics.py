@@ -1,4 +1,5 @@
 """The /metrics endpoint: counters move by exactly the traffic sent, and the exposition passes promtool."""
+
 from __future__ import annotations
 
 import shutil
@@ -34,8 +35,14 @@ def value(values, name, **labels) -> float:
 
 
 def handled(values, method, code) -> float:
-    return value(values, "grpc_server_handled_total", grpc_service="points.v1.PointsService",
-                 grpc_method=method, grpc_type="unary", grpc_code=code)
+    return value(
+        values,
+        "grpc_server_handled_total",
+        grpc_service="points.v1.PointsService",
+        grpc_method=method,
+        grpc_type="unary",
+        grpc_code=code,
+    )
 
 
 def test_counters_move_by_exactly_the_traffic_sent(create_database, service_factory):
@@ -46,17 +53,25 @@ def test_counters_move_by_exactly_the_traffic_sent(create_database, service_fact
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         for i in range(7):  # 7 earns of 100.00 at 10% = 1,000 point-units each
-            stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="alice", purchase_amount=10_000,
-                                     idempotency_key=f"earn-{i}"))
-        stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="alice", purchase_amount=10_000,
-                                 idempotency_key="earn-0"))  # a replay: no points move
+            stub.Earn(
+                pb.EarnRequest(
+                    merchant_id="shop", member_id="alice", purchase_amount=10_000, idempotency_key=f"earn-{i}"
+                )
+            )
+        stub.Earn(
+            pb.EarnRequest(merchant_id="shop", member_id="alice", purchase_amount=10_000, idempotency_key="earn-0")
+        )  # a replay: no points move
         for i in range(3):
-            stub.Redeem(pb.RedeemRequest(merchant_id="shop", member_id="alice", points=500,
-                                         idempotency_key=f"redeem-{i}"))
+            stub.Redeem(
+                pb.RedeemRequest(merchant_id="shop", member_id="alice", points=500, idempotency_key=f"redeem-{i}")
+            )
         for i in range(2):
             with pytest.raises(grpc.RpcError) as raised:
-                stub.Redeem(pb.RedeemRequest(merchant_id="shop", member_id="alice", points=10**9,
-                                             idempotency_key=f"too-much-{i}"))
+                stub.Redeem(
+                    pb.RedeemRequest(
+                        merchant_id="shop", member_id="alice", points=10**9, idempotency_key=f"too-much-{i}"
+                    )
+                )
             assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.RpcError):
             stub.Redeem(pb.RedeemRequest(merchant_id="shop", member_id="alice", points=-1, idempotency_key="neg"))
@@ -71,8 +86,15 @@ def test_counters_move_by_exactly_the_traffic_sent(create_database, service_fact
     assert handled(after, "Redeem", "FAILED_PRECONDITION") - handled(before, "Redeem", "FAILED_PRECONDITION") == 2
     assert handled(after, "Redeem", "INVALID_ARGUMENT") - handled(before, "Redeem", "INVALID_ARGUMENT") == 1
     assert handled(after, "GetBalance", "OK") - handled(before, "GetBalance", "OK") == 1
-    assert moved("grpc_server_handling_seconds_count", grpc_service="points.v1.PointsService",
-                 grpc_method="Redeem", grpc_type="unary") == 6
+    assert (
+        moved(
+            "grpc_server_handling_seconds_count",
+            grpc_service="points.v1.PointsService",
+            grpc_method="Redeem",
+            grpc_type="unary",
+        )
+        == 6
+    )
     assert moved("points_earned_point_units_total") == 7_000
     assert moved("points_redeemed_point_units_total") == 1_500
     assert moved("points_idempotent_replays_total") == 1
@@ -95,8 +117,14 @@ def test_no_metric_has_an_unbounded_label(create_database, service_factory):
     service = service_factory(url)
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
-        stub.Earn(pb.EarnRequest(merchant_id="shop-with-unique-name", member_id="member-with-unique-name",
-                                 purchase_amount=100, idempotency_key="key-with-unique-name"))
+        stub.Earn(
+            pb.EarnRequest(
+                merchant_id="shop-with-unique-name",
+                member_id="member-with-unique-name",
+                purchase_amount=100,
+                idempotency_key="key-with-unique-name",
+            )
+        )
     text = scrape(service)
     # the earn is counted (so the scrape covers it) but under no label naming its merchant, member or key
     assert value(samples(text), "points_earned_point_units_total") == 10  # 10% of a purchase of 100
@@ -113,7 +141,9 @@ def test_exposition_passes_promtool_check_metrics(create_database, service_facto
     service = service_factory(url)
     with service.channel() as channel:
         points_pb2_grpc.PointsServiceStub(channel).Earn(
-            pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key="k"))
-    result = subprocess.run([promtool, "check", "metrics"], input=scrape(service), capture_output=True,
-                            text=True, timeout=60)
+            pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key="k")
+        )
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=scrape(service), capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,6 +14,7 @@ a call the machine waits out any hold of the members involved that would expire 
 `EXPIRY_MARGIN_SECONDS`, and after it discards the example (hypothesis.assume) if a hold still expired
 between send and answer, so the reference never has to guess which side of the expiry the service saw.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,8 +28,14 @@ import pytest
 from google.protobuf import text_format
 from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
-                                 run_state_machine_as_test)
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
@@ -77,6 +84,7 @@ def micros(timestamp) -> int:
 
 # --- the reference ledger --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Hold:
     member_id: str
@@ -84,7 +92,7 @@ class Hold:
     amount: int
     ttl_seconds: int
     expires_at_us: int | None = None  # learnt from the Authorize answer (checked against the clock)
-    state: str = "open"               # open | captured | voided; "expired" is open and past expires_at
+    state: str = "open"  # open | captured | voided; "expired" is open and past expires_at
 
     def expired(self, now_us: int) -> bool:
         return self.state == "open" and self.expires_at_us is not None and self.expires_at_us <= now_us
@@ -103,8 +111,8 @@ class Transaction:
 class Expected:
     code: grpc.StatusCode
     fields: dict = dataclasses.field(default_factory=dict)
-    words: tuple[str, ...] = ()     # for errors: the details name at least one of these
-    recorded: bool = False          # decided by the ledger, so the key now answers it forever
+    words: tuple[str, ...] = ()  # for errors: the details name at least one of these
+    recorded: bool = False  # decided by the ledger, so the key now answers it forever
     replay: bool = False
 
 
@@ -136,8 +144,11 @@ class ReferenceLedger:
     # --- balances ---
 
     def held(self, member_id: str, now_us: int) -> int:
-        return sum(h.amount for h in self.holds.values()
-                   if h.member_id == member_id and h.state == "open" and not h.expired(now_us))
+        return sum(
+            h.amount
+            for h in self.holds.values()
+            if h.member_id == member_id and h.state == "open" and not h.expired(now_us)
+        )
 
     def balance(self, member_id: str, now_us: int) -> tuple[int, int, int] | None:
         if member_id not in self.posted:
@@ -174,8 +185,11 @@ class ReferenceLedger:
             if differing:
                 return Expected(ALREADY_EXISTS, words=differing)
             return dataclasses.replace(outcome, replay=True)
-        if method == "Earn" and request["member_id"] not in self.posted \
-                and request["purchase_amount"] * self.give_back_bps[merchant_id] // 10_000 == 0:
+        if (
+            method == "Earn"
+            and request["member_id"] not in self.posted
+            and request["purchase_amount"] * self.give_back_bps[merchant_id] // 10_000 == 0
+        ):
             # an earn of 0 points creates no member: refused, and the key stays unused
             return Expected(FAILED_PRECONDITION, words=("0 points",))
         outcome = getattr(self, "_" + method.lower())(merchant_id, request, now_us)
@@ -190,10 +204,17 @@ class ReferenceLedger:
         transaction_id = self._new_id("T")
         self.transactions[transaction_id] = Transaction(kind, member_id, merchant_id, amount)
         self.posted[member_id] += signed
-        self.history[member_id].append({
-            "transaction_id": transaction_id, "kind": kind, "merchant_id": merchant_id, "points": signed,
-            "original_transaction_id": extra.get("original", ""),
-            "authorization_id": extra.get("authorization", ""), "purchase_amount": extra.get("purchase", 0)})
+        self.history[member_id].append(
+            {
+                "transaction_id": transaction_id,
+                "kind": kind,
+                "merchant_id": merchant_id,
+                "points": signed,
+                "original_transaction_id": extra.get("original", ""),
+                "authorization_id": extra.get("authorization", ""),
+                "purchase_amount": extra.get("purchase", 0),
+            }
+        )
         return transaction_id
 
     def _earn(self, merchant_id: str, request: dict, now_us: int) -> Expected:
@@ -202,8 +223,15 @@ class ReferenceLedger:
         points = purchase * bps // 10_000  # floor: the fraction of a point-unit is never credited
         self.posted.setdefault(member_id, 0)
         transaction_id = self._post(EARN, member_id, merchant_id, points, points, purchase=purchase)
-        return Expected(OK, {"transaction_id": transaction_id, "points": points,
-                             "balance": self.posted[member_id], "give_back_bps": bps})
+        return Expected(
+            OK,
+            {
+                "transaction_id": transaction_id,
+                "points": points,
+                "balance": self.posted[member_id],
+                "give_back_bps": bps,
+            },
+        )
 
     def _authorize(self, merchant_id: str, request: dict, now_us: int) -> Expected:
         member_id, points = request["member_id"], request["points"]
@@ -213,10 +241,10 @@ class ReferenceLedger:
         if points > available:
             return Expected(FAILED_PRECONDITION, words=(f"{available} point-units available",))
         authorization_id = self._new_id("A")
-        self.holds[authorization_id] = Hold(member_id, merchant_id, points,
-                                            request["hold_ttl_seconds"] or HOLD_TTL_SECONDS_DEFAULT)
-        return Expected(OK, {"authorization_id": authorization_id, "available": available - points,
-                             "points": points})
+        self.holds[authorization_id] = Hold(
+            member_id, merchant_id, points, request["hold_ttl_seconds"] or HOLD_TTL_SECONDS_DEFAULT
+        )
+        return Expected(OK, {"authorization_id": authorization_id, "available": available - points, "points": points})
 
     def _resolvable(self, merchant_id: str, authorization_id: str, now_us: int) -> Expected | None:
         hold = self.holds.get(authorization_id)
@@ -242,11 +270,20 @@ class ReferenceLedger:
         if captured > hold.amount:
             return Expected(FAILED_PRECONDITION, words=("exceeds",))
         hold.state = "captured"
-        transaction_id = self._post(CAPTURE, hold.member_id, merchant_id, captured, -captured,
-                                    authorization=authorization_id)
+        transaction_id = self._post(
+            CAPTURE, hold.member_id, merchant_id, captured, -captured, authorization=authorization_id
+        )
         posted, _, available = self.balance(hold.member_id, now_us)
-        return Expected(OK, {"transaction_id": transaction_id, "points": captured,
-                             "released": hold.amount - captured, "balance": posted, "available": available})
+        return Expected(
+            OK,
+            {
+                "transaction_id": transaction_id,
+                "points": captured,
+                "released": hold.amount - captured,
+                "balance": posted,
+                "available": available,
+            },
+        )
 
     def _void(self, merchant_id: str, request: dict, now_us: int) -> Expected:
         authorization_id = request["authorization_id"]
@@ -266,8 +303,9 @@ class ReferenceLedger:
             return Expected(FAILED_PRECONDITION, words=(f"{available} point-units available",))
         transaction_id = self._post(REDEEM, member_id, merchant_id, points, -points)
         posted, _, available = self.balance(member_id, now_us)
-        return Expected(OK, {"transaction_id": transaction_id, "points": points, "balance": posted,
-                             "available": available})
+        return Expected(
+            OK, {"transaction_id": transaction_id, "points": points, "balance": posted, "available": available}
+        )
 
     def _refund(self, merchant_id: str, request: dict, now_us: int) -> Expected:
         original_id, points = request["transaction_id"], request["points"]
@@ -290,11 +328,20 @@ class ReferenceLedger:
         original.refunded += points
         transaction_id = self._post(kind, member_id, merchant_id, points, signed, original=original_id)
         posted, _, available = self.balance(member_id, now_us)
-        return Expected(OK, {"transaction_id": transaction_id, "points": points, "kind": kind,
-                             "balance": posted, "available": available})
+        return Expected(
+            OK,
+            {
+                "transaction_id": transaction_id,
+                "points": points,
+                "kind": kind,
+                "balance": posted,
+                "available": available,
+            },
+        )
 
 
 # --- talking to the service -------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Result:
@@ -327,8 +374,9 @@ class Bijection:
 
     def match(self, reference: str, real: str, prefix: str, context: str) -> None:
         if reference in self.real:
-            assert real == self.real[reference], \
+            assert real == self.real[reference], (
                 f"{context}: expected {self.real[reference]} (seen before for the same thing), got {real!r}"
+            )
             return
         assert real.startswith(prefix) and len(real) > len(prefix), f"{context}: {real!r} is not a {prefix}… id"
         assert real not in self.reference, f"{context}: {real} was already returned for another operation"
@@ -342,6 +390,7 @@ def describe(method: str, request) -> str:
 
 class PointsMachine(RuleBasedStateMachine):
     """Set by the test before running: the stub and the merchants {merchant_id: give_back_bps}."""
+
     stub: points_pb2_grpc.PointsServiceStub
     merchant_bps: dict[str, int]
 
@@ -365,8 +414,11 @@ class PointsMachine(RuleBasedStateMachine):
         return fields
 
     def open_holds_of(self, members: list[str]) -> list[Hold]:
-        return [h for h in self.model.holds.values()
-                if h.member_id in members and h.state == "open" and h.expires_at_us is not None]
+        return [
+            h
+            for h in self.model.holds.values()
+            if h.member_id in members and h.state == "open" and h.expires_at_us is not None
+        ]
 
     def settle(self, members: list[str]) -> int:
         """Waits until no open hold of `members` expires within the margin; returns the send time."""
@@ -397,26 +449,25 @@ class PointsMachine(RuleBasedStateMachine):
         result = invoke(getattr(self.stub, method), request)
         answered_us = now_micros()
         self.assume_no_expiry_between(members, sent_us, answered_us)
-        expected = self.model.call(method, request.merchant_id, request.idempotency_key, reference_request,
-                                   sent_us)
+        expected = self.model.call(method, request.merchant_id, request.idempotency_key, reference_request, sent_us)
         self.sent.append((method, request))
         self.check(method, request, expected, result, sent_us, answered_us)
         return result
 
-    def check(self, method: str, request, expected: Expected, result: Result, sent_us: int,
-              answered_us: int) -> None:
+    def check(self, method: str, request, expected: Expected, result: Result, sent_us: int, answered_us: int) -> None:
         what = describe(method, request)
         assert result.code == expected.code, (
             f"{what}: expected {expected.code.name} {expected.fields or expected.words}, "
-            f"got {result.code.name} {result.details!r}{'' if result.response is None else result.response}")
+            f"got {result.code.name} {result.details!r}{'' if result.response is None else result.response}"
+        )
         key = (request.merchant_id, request.idempotency_key)
         if expected.replay:
             first = self.first[key]
             assert result.replay == "true", f"{what}: a replay must carry points-idempotent-replay: true"
             if result.code is OK:
-                assert result.response.SerializeToString(deterministic=True) == \
-                    first.response.SerializeToString(deterministic=True), \
-                    f"{what}: replay answered {result.response} but the first call answered {first.response}"
+                assert result.response.SerializeToString(deterministic=True) == first.response.SerializeToString(
+                    deterministic=True
+                ), f"{what}: replay answered {result.response} but the first call answered {first.response}"
             else:
                 assert result.details == first.details, f"{what}: replayed error differs from the first"
             return
@@ -424,8 +475,9 @@ class PointsMachine(RuleBasedStateMachine):
         if expected.recorded:
             self.first[key] = result
         if result.code is not OK:
-            assert any(word in result.details for word in expected.words), \
+            assert any(word in result.details for word in expected.words), (
                 f"{what}: {result.code.name} {result.details!r} should name one of {expected.words}"
+            )
             return
         response = result.response
         for name, value in expected.fields.items():
@@ -437,14 +489,16 @@ class PointsMachine(RuleBasedStateMachine):
             else:
                 assert actual == value, f"{what}: {name} expected {value}, got {actual}\n{response}"
         if method == "Earn":
-            assert sent_us - 1_000 <= micros(response.created_at) <= answered_us + 1_000, \
+            assert sent_us - 1_000 <= micros(response.created_at) <= answered_us + 1_000, (
                 f"{what}: created_at {response.created_at} is not within the call"
+            )
         if method == "Authorize":
             hold = self.model.holds[expected.fields["authorization_id"]]
             ttl_us = hold.ttl_seconds * 1_000_000
             expires_at_us = micros(response.expires_at)
-            assert sent_us + ttl_us - 1_000 <= expires_at_us <= answered_us + ttl_us + 1_000, \
+            assert sent_us + ttl_us - 1_000 <= expires_at_us <= answered_us + ttl_us + 1_000, (
                 f"{what}: expires_at {response.expires_at} is not {hold.ttl_seconds} s after the call"
+            )
             hold.expires_at_us = expires_at_us
 
     def check_balance(self, member_id: str) -> None:
@@ -465,48 +519,87 @@ class PointsMachine(RuleBasedStateMachine):
         """Mostly amounts the member can afford, sometimes just more than it can."""
         available = self.model.available(member_id, now_micros())
         affordable = st.integers(1, max(1, available))
-        return data.draw(st.one_of(affordable, affordable, st.integers(available + 1, available + 100)),
-                         label="points")
+        return data.draw(st.one_of(affordable, affordable, st.integers(available + 1, available + 100)), label="points")
 
     # --- rules ---
 
-    @initialize(purchases=st.lists(st.integers(1_000, 100_000), min_size=2, max_size=2),
-                short_hold=st.booleans())
+    @initialize(purchases=st.lists(st.integers(1_000, 100_000), min_size=2, max_size=2), short_hold=st.booleans())
     def fund_two_members(self, purchases, short_hold):
         # the third member starts unknown: calls for it are NOT_FOUND until its first earn
         for index, purchase in enumerate(purchases):
-            self.mutate("Earn", pb.EarnRequest(merchant_id=self.merchants[index], member_id=self.members[index],
-                                               purchase_amount=purchase, idempotency_key=self.new_key()))
+            self.mutate(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=self.merchants[index],
+                    member_id=self.members[index],
+                    purchase_amount=purchase,
+                    idempotency_key=self.new_key(),
+                ),
+            )
         if short_hold:  # so that about half the examples see a hold expire (in a rule or at teardown)
-            self.mutate("Authorize", pb.AuthorizeRequest(
-                merchant_id=self.merchants[0], member_id=self.members[0], points=10,
-                hold_ttl_seconds=SHORT_TTL_SECONDS, idempotency_key=self.new_key()))
+            self.mutate(
+                "Authorize",
+                pb.AuthorizeRequest(
+                    merchant_id=self.merchants[0],
+                    member_id=self.members[0],
+                    points=10,
+                    hold_ttl_seconds=SHORT_TTL_SECONDS,
+                    idempotency_key=self.new_key(),
+                ),
+            )
 
-    @rule(merchant=st.integers(0, len(GIVE_BACK_BPS) - 1), member=MEMBER,
-          purchase=st.one_of(st.integers(1, 50_000), st.sampled_from([1, 3, 29, 10_001])))
+    @rule(
+        merchant=st.integers(0, len(GIVE_BACK_BPS) - 1),
+        member=MEMBER,
+        purchase=st.one_of(st.integers(1, 50_000), st.sampled_from([1, 3, 29, 10_001])),
+    )
     def earn(self, merchant, member, purchase):
-        self.mutate("Earn", pb.EarnRequest(merchant_id=self.merchants[merchant], member_id=self.members[member],
-                                           purchase_amount=purchase, idempotency_key=self.new_key()))
+        self.mutate(
+            "Earn",
+            pb.EarnRequest(
+                merchant_id=self.merchants[merchant],
+                member_id=self.members[member],
+                purchase_amount=purchase,
+                idempotency_key=self.new_key(),
+            ),
+        )
 
-    @rule(data=st.data(), merchant=st.integers(0, len(GIVE_BACK_BPS) - 1),
-          member=MEMBER,
-          ttl=st.sampled_from([0, 3_600]))
+    @rule(
+        data=st.data(), merchant=st.integers(0, len(GIVE_BACK_BPS) - 1), member=MEMBER, ttl=st.sampled_from([0, 3_600])
+    )
     def authorize(self, data, merchant, member, ttl):
         member_id = self.members[member]
-        self.mutate("Authorize", pb.AuthorizeRequest(
-            merchant_id=self.merchants[merchant], member_id=member_id, points=self.points_for(data, member_id),
-            hold_ttl_seconds=ttl, idempotency_key=self.new_key()))
+        self.mutate(
+            "Authorize",
+            pb.AuthorizeRequest(
+                merchant_id=self.merchants[merchant],
+                member_id=member_id,
+                points=self.points_for(data, member_id),
+                hold_ttl_seconds=ttl,
+                idempotency_key=self.new_key(),
+            ),
+        )
 
     @rule(data=st.data(), merchant=st.integers(0, len(GIVE_BACK_BPS) - 1), member=MEMBER)
     def authorize_briefly(self, data, merchant, member):
         member_id = self.members[member]
-        self.mutate("Authorize", pb.AuthorizeRequest(
-            merchant_id=self.merchants[merchant], member_id=member_id, points=self.points_for(data, member_id),
-            hold_ttl_seconds=SHORT_TTL_SECONDS, idempotency_key=self.new_key()))
+        self.mutate(
+            "Authorize",
+            pb.AuthorizeRequest(
+                merchant_id=self.merchants[merchant],
+                member_id=member_id,
+                points=self.points_for(data, member_id),
+                hold_ttl_seconds=SHORT_TTL_SECONDS,
+                idempotency_key=self.new_key(),
+            ),
+        )
 
     @precondition(lambda self: self.model.holds)
-    @rule(data=st.data(), mode=st.sampled_from(["whole", "exact", "partial", "over"]),
-          by=st.sampled_from(["owner", "owner", "owner", "other"]))
+    @rule(
+        data=st.data(),
+        mode=st.sampled_from(["whole", "exact", "partial", "over"]),
+        by=st.sampled_from(["owner", "owner", "owner", "other"]),
+    )
     def capture(self, data, mode, by):
         reference = data.draw(st.sampled_from(sorted(self.model.holds)), label="hold")
         hold = self.model.holds[reference]
@@ -519,8 +612,15 @@ class PointsMachine(RuleBasedStateMachine):
         else:
             points = hold.amount + data.draw(st.integers(1, 50), label="excess")
         merchant = hold.merchant_id if by == "owner" else self.other_merchant(hold.merchant_id)
-        self.mutate("Capture", pb.CaptureRequest(merchant_id=merchant, authorization_id=self.ids.to_real(reference),
-                                                 points=points, idempotency_key=self.new_key()))
+        self.mutate(
+            "Capture",
+            pb.CaptureRequest(
+                merchant_id=merchant,
+                authorization_id=self.ids.to_real(reference),
+                points=points,
+                idempotency_key=self.new_key(),
+            ),
+        )
 
     @precondition(lambda self: self.model.holds)
     @rule(data=st.data(), by=st.sampled_from(["owner", "owner", "owner", "other"]))
@@ -528,20 +628,32 @@ class PointsMachine(RuleBasedStateMachine):
         reference = data.draw(st.sampled_from(sorted(self.model.holds)), label="hold")
         hold = self.model.holds[reference]
         merchant = hold.merchant_id if by == "owner" else self.other_merchant(hold.merchant_id)
-        self.mutate("Void", pb.VoidRequest(merchant_id=merchant, authorization_id=self.ids.to_real(reference),
-                                           idempotency_key=self.new_key()))
+        self.mutate(
+            "Void",
+            pb.VoidRequest(
+                merchant_id=merchant, authorization_id=self.ids.to_real(reference), idempotency_key=self.new_key()
+            ),
+        )
 
-    @rule(data=st.data(), merchant=st.integers(0, len(GIVE_BACK_BPS) - 1),
-          member=MEMBER)
+    @rule(data=st.data(), merchant=st.integers(0, len(GIVE_BACK_BPS) - 1), member=MEMBER)
     def redeem(self, data, merchant, member):
         member_id = self.members[member]
-        self.mutate("Redeem", pb.RedeemRequest(merchant_id=self.merchants[merchant], member_id=member_id,
-                                               points=self.points_for(data, member_id),
-                                               idempotency_key=self.new_key()))
+        self.mutate(
+            "Redeem",
+            pb.RedeemRequest(
+                merchant_id=self.merchants[merchant],
+                member_id=member_id,
+                points=self.points_for(data, member_id),
+                idempotency_key=self.new_key(),
+            ),
+        )
 
     @precondition(lambda self: self.model.transactions)
-    @rule(data=st.data(), mode=st.sampled_from(["partial", "rest", "over"]),
-          by=st.sampled_from(["owner", "owner", "owner", "other"]))
+    @rule(
+        data=st.data(),
+        mode=st.sampled_from(["partial", "rest", "over"]),
+        by=st.sampled_from(["owner", "owner", "owner", "other"]),
+    )
     def refund(self, data, mode, by):
         reference = data.draw(st.sampled_from(sorted(self.model.transactions)), label="transaction")
         original = self.model.transactions[reference]
@@ -553,37 +665,62 @@ class PointsMachine(RuleBasedStateMachine):
         else:
             points = remaining + data.draw(st.integers(1, 50), label="excess")
         merchant = original.merchant_id if by == "owner" else self.other_merchant(original.merchant_id)
-        self.mutate("Refund", pb.RefundRequest(merchant_id=merchant, transaction_id=self.ids.to_real(reference),
-                                               points=points, idempotency_key=self.new_key()))
+        self.mutate(
+            "Refund",
+            pb.RefundRequest(
+                merchant_id=merchant,
+                transaction_id=self.ids.to_real(reference),
+                points=points,
+                idempotency_key=self.new_key(),
+            ),
+        )
 
-    @rule(what=st.sampled_from(["Capture", "Void", "Refund", "Authorize", "Redeem", "GetBalance",
-                                "ListTransactions", "merchant"]),
-          merchant=st.integers(0, len(GIVE_BACK_BPS) - 1))
+    @rule(
+        what=st.sampled_from(
+            ["Capture", "Void", "Refund", "Authorize", "Redeem", "GetBalance", "ListTransactions", "merchant"]
+        ),
+        merchant=st.integers(0, len(GIVE_BACK_BPS) - 1),
+    )
     def unknown_ids(self, what, merchant):
         merchant_id, key, ghost = self.merchants[merchant], self.new_key(), unique("ghost")
         if what == "Capture":
-            self.mutate(what, pb.CaptureRequest(merchant_id=merchant_id, authorization_id=UNKNOWN_AUTHORIZATION,
-                                                idempotency_key=key))
+            self.mutate(
+                what,
+                pb.CaptureRequest(merchant_id=merchant_id, authorization_id=UNKNOWN_AUTHORIZATION, idempotency_key=key),
+            )
         elif what == "Void":
-            self.mutate(what, pb.VoidRequest(merchant_id=merchant_id, authorization_id=UNKNOWN_AUTHORIZATION,
-                                             idempotency_key=key))
+            self.mutate(
+                what,
+                pb.VoidRequest(merchant_id=merchant_id, authorization_id=UNKNOWN_AUTHORIZATION, idempotency_key=key),
+            )
         elif what == "Refund":
-            self.mutate(what, pb.RefundRequest(merchant_id=merchant_id, transaction_id=UNKNOWN_TRANSACTION,
-                                               points=1, idempotency_key=key))
+            self.mutate(
+                what,
+                pb.RefundRequest(
+                    merchant_id=merchant_id, transaction_id=UNKNOWN_TRANSACTION, points=1, idempotency_key=key
+                ),
+            )
         elif what == "Authorize":
-            self.mutate(what, pb.AuthorizeRequest(merchant_id=merchant_id, member_id=ghost, points=1,
-                                                  idempotency_key=key))
+            self.mutate(
+                what, pb.AuthorizeRequest(merchant_id=merchant_id, member_id=ghost, points=1, idempotency_key=key)
+            )
         elif what == "Redeem":
-            self.mutate(what, pb.RedeemRequest(merchant_id=merchant_id, member_id=ghost, points=1,
-                                               idempotency_key=key))
+            self.mutate(what, pb.RedeemRequest(merchant_id=merchant_id, member_id=ghost, points=1, idempotency_key=key))
         elif what == "GetBalance":
             self.check_balance(ghost)
         elif what == "ListTransactions":
             result = invoke(self.stub.ListTransactions, pb.ListTransactionsRequest(member_id=ghost))
             assert result.code == NOT_FOUND, f"ListTransactions({ghost}): {result}"
         else:  # a merchant outside the alliance; refused before the ledger, so the key stays unused
-            self.mutate("Earn", pb.EarnRequest(merchant_id=unique("nomerchant"), member_id=self.members[0],
-                                               purchase_amount=1_000, idempotency_key=key))
+            self.mutate(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=unique("nomerchant"),
+                    member_id=self.members[0],
+                    purchase_amount=1_000,
+                    idempotency_key=key,
+                ),
+            )
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data())
@@ -602,6 +739,7 @@ class PointsMachine(RuleBasedStateMachine):
 
     def changes_of(self, method: str, request) -> dict[str, tuple[str, object]]:
         """Requests under the same merchant and key that differ from `request` in one field or the method."""
+
         def copy(**fields):
             other = type(request)()
             other.CopyFrom(request)
@@ -612,41 +750,81 @@ class PointsMachine(RuleBasedStateMachine):
         merchant_id, key = request.merchant_id, request.idempotency_key
         other_member = next(m for m in self.members if m != getattr(request, "member_id", None))
         if method == "Earn":
-            return {"purchase_amount": copy(purchase_amount=request.purchase_amount + 1),
-                    "member_id": copy(member_id=other_member),
-                    "method": ("Redeem", pb.RedeemRequest(merchant_id=merchant_id, member_id=request.member_id,
-                                                          points=1, idempotency_key=key))}
+            return {
+                "purchase_amount": copy(purchase_amount=request.purchase_amount + 1),
+                "member_id": copy(member_id=other_member),
+                "method": (
+                    "Redeem",
+                    pb.RedeemRequest(
+                        merchant_id=merchant_id, member_id=request.member_id, points=1, idempotency_key=key
+                    ),
+                ),
+            }
         if method == "Authorize":
-            return {"points": copy(points=request.points + 1), "member_id": copy(member_id=other_member),
-                    "hold_ttl_seconds": copy(hold_ttl_seconds=0 if request.hold_ttl_seconds else 3_600),
-                    "method": ("Redeem", pb.RedeemRequest(merchant_id=merchant_id, member_id=request.member_id,
-                                                          points=request.points, idempotency_key=key))}
+            return {
+                "points": copy(points=request.points + 1),
+                "member_id": copy(member_id=other_member),
+                "hold_ttl_seconds": copy(hold_ttl_seconds=0 if request.hold_ttl_seconds else 3_600),
+                "method": (
+                    "Redeem",
+                    pb.RedeemRequest(
+                        merchant_id=merchant_id, member_id=request.member_id, points=request.points, idempotency_key=key
+                    ),
+                ),
+            }
         if method == "Capture":
-            return {"points": copy(points=request.points + 1),
-                    "authorization_id": copy(authorization_id=UNKNOWN_AUTHORIZATION
-                                             if request.authorization_id != UNKNOWN_AUTHORIZATION
-                                             else OTHER_UNKNOWN_AUTHORIZATION),
-                    "method": ("Void", pb.VoidRequest(merchant_id=merchant_id,
-                                                      authorization_id=request.authorization_id,
-                                                      idempotency_key=key))}
+            return {
+                "points": copy(points=request.points + 1),
+                "authorization_id": copy(
+                    authorization_id=UNKNOWN_AUTHORIZATION
+                    if request.authorization_id != UNKNOWN_AUTHORIZATION
+                    else OTHER_UNKNOWN_AUTHORIZATION
+                ),
+                "method": (
+                    "Void",
+                    pb.VoidRequest(
+                        merchant_id=merchant_id, authorization_id=request.authorization_id, idempotency_key=key
+                    ),
+                ),
+            }
         if method == "Void":
-            return {"authorization_id": copy(authorization_id=UNKNOWN_AUTHORIZATION
-                                             if request.authorization_id != UNKNOWN_AUTHORIZATION
-                                             else OTHER_UNKNOWN_AUTHORIZATION),
-                    "method": ("Capture", pb.CaptureRequest(merchant_id=merchant_id,
-                                                            authorization_id=request.authorization_id,
-                                                            idempotency_key=key))}
+            return {
+                "authorization_id": copy(
+                    authorization_id=UNKNOWN_AUTHORIZATION
+                    if request.authorization_id != UNKNOWN_AUTHORIZATION
+                    else OTHER_UNKNOWN_AUTHORIZATION
+                ),
+                "method": (
+                    "Capture",
+                    pb.CaptureRequest(
+                        merchant_id=merchant_id, authorization_id=request.authorization_id, idempotency_key=key
+                    ),
+                ),
+            }
         if method == "Redeem":
-            return {"points": copy(points=request.points + 1), "member_id": copy(member_id=other_member),
-                    "method": ("Authorize", pb.AuthorizeRequest(merchant_id=merchant_id, member_id=request.member_id,
-                                                                points=request.points, idempotency_key=key))}
+            return {
+                "points": copy(points=request.points + 1),
+                "member_id": copy(member_id=other_member),
+                "method": (
+                    "Authorize",
+                    pb.AuthorizeRequest(
+                        merchant_id=merchant_id, member_id=request.member_id, points=request.points, idempotency_key=key
+                    ),
+                ),
+            }
         assert method == "Refund", method
-        return {"points": copy(points=request.points + 1),
-                "transaction_id": copy(transaction_id=UNKNOWN_TRANSACTION
-                                       if request.transaction_id != UNKNOWN_TRANSACTION
-                                       else OTHER_UNKNOWN_TRANSACTION),
-                "method": ("Redeem", pb.RedeemRequest(merchant_id=merchant_id, member_id=self.members[0],
-                                                      points=1, idempotency_key=key))}
+        return {
+            "points": copy(points=request.points + 1),
+            "transaction_id": copy(
+                transaction_id=UNKNOWN_TRANSACTION
+                if request.transaction_id != UNKNOWN_TRANSACTION
+                else OTHER_UNKNOWN_TRANSACTION
+            ),
+            "method": (
+                "Redeem",
+                pb.RedeemRequest(merchant_id=merchant_id, member_id=self.members[0], points=1, idempotency_key=key),
+            ),
+        }
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data(), member=MEMBER, purchase=st.integers(1, 20_000))
@@ -656,8 +834,15 @@ class PointsMachine(RuleBasedStateMachine):
         if request.merchant_id not in self.merchant_bps:
             return
         merchant_id = self.other_merchant(request.merchant_id, data.draw(st.integers(0, 1), label="which"))
-        self.mutate("Earn", pb.EarnRequest(merchant_id=merchant_id, member_id=self.members[member],
-                                           purchase_amount=purchase, idempotency_key=request.idempotency_key))
+        self.mutate(
+            "Earn",
+            pb.EarnRequest(
+                merchant_id=merchant_id,
+                member_id=self.members[member],
+                purchase_amount=purchase,
+                idempotency_key=request.idempotency_key,
+            ),
+        )
 
     def open_short_holds(self) -> list[Hold]:
         return [h for h in self.model.holds.values() if h.state == "open" and h.ttl_seconds == SHORT_TTL_SECONDS]
@@ -684,9 +869,14 @@ class PointsMachine(RuleBasedStateMachine):
         self.every_balance_matches()
         for hold in expiring:
             reference = next(r for r, h in self.model.holds.items() if h is hold)
-            self.mutate("Capture", pb.CaptureRequest(merchant_id=hold.merchant_id,
-                                                     authorization_id=self.ids.to_real(reference),
-                                                     idempotency_key=self.new_key()))
+            self.mutate(
+                "Capture",
+                pb.CaptureRequest(
+                    merchant_id=hold.merchant_id,
+                    authorization_id=self.ids.to_real(reference),
+                    idempotency_key=self.new_key(),
+                ),
+            )
 
     @rule(member=MEMBER)
     def list_transactions(self, member):
@@ -699,11 +889,17 @@ class PointsMachine(RuleBasedStateMachine):
         assert result.response.next_page_token == ""
         actual = []
         for t in result.response.transactions:
-            actual.append({"transaction_id": self.ids.to_reference(t.transaction_id), "kind": t.kind,
-                           "merchant_id": t.merchant_id, "points": t.points,
-                           "original_transaction_id": self.ids.to_reference(t.original_transaction_id),
-                           "authorization_id": self.ids.to_reference(t.authorization_id),
-                           "purchase_amount": t.purchase_amount})
+            actual.append(
+                {
+                    "transaction_id": self.ids.to_reference(t.transaction_id),
+                    "kind": t.kind,
+                    "merchant_id": t.merchant_id,
+                    "points": t.points,
+                    "original_transaction_id": self.ids.to_reference(t.original_transaction_id),
+                    "authorization_id": self.ids.to_reference(t.authorization_id),
+                    "purchase_amount": t.purchase_amount,
+                }
+            )
         expected = list(reversed(self.model.history[member_id]))  # newest first
         assert actual == expected, f"ListTransactions({member_id}):\n{actual}\n!=\n{expected}"
 
@@ -730,7 +926,13 @@ def test_random_operation_sequences_match_the_reference_ledger(service):
     with service.channel() as channel:
         PointsMachine.stub = points_pb2_grpc.PointsServiceStub(channel)
         PointsMachine.merchant_bps = merchant_bps
-        run_state_machine_as_test(PointsMachine, settings=settings(
-            max_examples=30, stateful_step_count=30, deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+        run_state_machine_as_test(
+            PointsMachine,
+            settings=settings(
+                max_examples=30,
+                stateful_step_count=30,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+            ),
+        )
     assert ledger_discrepancies(service.database_url) == []

@@ -4,6 +4,7 @@ Kubernetes and systemd files use the ports, flags and shutdown bounds the servic
 
 No database and no server: these read files (and run promtool when it is installed).
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,19 +50,21 @@ SEVERITIES = {"critical", "warning"}
 def promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        pytest.skip("promtool is not on PATH (it ships with Prometheus; Debian: apt-get install prometheus): "
-                    "the Prometheus config, rules and alert unit tests were not checked")
+        pytest.skip(
+            "promtool is not on PATH (it ships with Prometheus; Debian: apt-get install prometheus): "
+            "the Prometheus config, rules and alert unit tests were not checked"
+        )
     return path
 
 
 def _promtool(promtool: str, *arguments: str, cwd: pathlib.Path = PROMETHEUS) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool, *arguments], cwd=cwd, capture_output=True, text=True,
-                          timeout=PROMTOOL_SECONDS_MAX)
+    return subprocess.run([promtool, *arguments], cwd=cwd, capture_output=True, text=True, timeout=PROMTOOL_SECONDS_MAX)
 
 
 def _assert_succeeded(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, (f"{' '.join(result.args)} exited {result.returncode}\n"
-                                    f"{result.stdout}\n{result.stderr}")
+    assert result.returncode == 0, (
+        f"{' '.join(result.args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    )
 
 
 def test_prometheus_config_is_valid(promtool):
@@ -85,8 +88,8 @@ def test_commented_kubernetes_scrape_job_is_valid(promtool, tmp_path):
     text = PROMETHEUS_CONFIG.read_text()
     start = text.index("  # - job_name: points-processor-kubernetes")
     uncommented = text[:start] + "".join(
-        line[:2] + line[4:] if line.startswith("  # ") else line
-        for line in text[start:].splitlines(keepends=True))
+        line[:2] + line[4:] if line.startswith("  # ") else line for line in text[start:].splitlines(keepends=True)
+    )
     for rule_file in RULE_FILES:
         shutil.copy(rule_file, tmp_path / rule_file.name)
     candidate = tmp_path / "prometheus.yml"
@@ -105,8 +108,10 @@ def test_commented_kubernetes_scrape_job_is_valid(promtool, tmp_path):
         config["scrape_configs"] = [c for c in config["scrape_configs"] if "kubernetes_sd_configs" not in c]
         candidate.write_text(yaml.safe_dump(config))
         _assert_succeeded(_promtool(promtool, "check", "config", str(candidate), cwd=tmp_path))
-        pytest.skip("this promtool is built without Kubernetes service discovery: the Kubernetes scrape job "
-                    "was checked for its structure only, the rest of prometheus.yml by promtool")
+        pytest.skip(
+            "this promtool is built without Kubernetes service discovery: the Kubernetes scrape job "
+            "was checked for its structure only, the rest of prometheus.yml by promtool"
+        )
     _assert_succeeded(result)
 
 
@@ -133,8 +138,7 @@ def github_anchor(heading: str) -> str:
 
 
 def test_every_alert_has_severity_annotations_and_a_runbook_section():
-    anchors = {github_anchor(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines()
-               if line.startswith("#")}
+    anchors = {github_anchor(line.lstrip("#")) for line in RUNBOOK.read_text().splitlines() if line.startswith("#")}
     alerts = _alerts()
     assert len(alerts) >= 10
     names = [alert["alert"] for alert in alerts]
@@ -179,8 +183,11 @@ def declared_metrics(source: str) -> dict[str, tuple[str, tuple[str, ...]]]:
             continue
         if not (isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             continue
-        labels_node = node.args[2] if len(node.args) > 2 else next(
-            (k.value for k in node.keywords if k.arg == "labelnames"), None)
+        labels_node = (
+            node.args[2]
+            if len(node.args) > 2
+            else next((k.value for k in node.keywords if k.arg == "labelnames"), None)
+        )
         labels = ()
         if isinstance(labels_node, (ast.List, ast.Tuple)):
             labels = tuple(e.value for e in labels_node.elts if isinstance(e, ast.Constant))
@@ -195,7 +202,7 @@ def exported_series(source: str) -> dict[str, set[str]]:
     for name, (kind, labels) in declared_metrics(source).items():
         labels = set(labels)
         if kind == "Counter":
-            base = name[:-len("_total")] if name.endswith("_total") else name
+            base = name[: -len("_total")] if name.endswith("_total") else name
             series[base + "_total"] = labels
         elif kind == "Histogram":
             series[name + "_bucket"] = labels | {"le"}
@@ -218,6 +225,7 @@ def standard_collector_series() -> dict[str, set[str]]:
     from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 
     from processor import metrics
+
     if metrics.registry is not prometheus_client.REGISTRY:
         return {}
     registry = CollectorRegistry()
@@ -235,8 +243,21 @@ _STRING = re.compile(r'"(?:\\.|[^"\\])*"|\'(?:\\.|[^\'\\])*\'|`[^`]*`')
 _SELECTOR = re.compile(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^{}]*)\}")
 _IDENTIFIER = re.compile(r"(?<![\w.:])([a-zA-Z_:][a-zA-Z0-9_:]*)(?![\w:])(\s*\()?")
 _MATCHER_LABEL = re.compile(r"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)")
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
-             "unless", "offset", "inf", "nan"}
+_KEYWORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "inf",
+    "nan",
+}
 
 
 def _without_variables(expression: str) -> str:
@@ -251,12 +272,12 @@ def metric_references(expression: str) -> dict[str, set[str]]:
     for name, matchers in _SELECTOR.findall(expression):
         labels = set(_MATCHER_LABEL.findall(matchers))
         references.setdefault(name, set()).update(labels - {"__name__"})
-    stripped = re.sub(r"\{[^{}]*\}", " ", expression)   # label matchers
-    stripped = re.sub(r"\[[^\[\]]*\]", " ", stripped)   # ranges and subqueries
+    stripped = re.sub(r"\{[^{}]*\}", " ", expression)  # label matchers
+    stripped = re.sub(r"\[[^\[\]]*\]", " ", stripped)  # ranges and subqueries
     stripped = _GROUPING.sub(" ", stripped)
     for name, call in _IDENTIFIER.findall(stripped):
         if call or name.lower() in _KEYWORDS:
-            continue                                    # a function or aggregation, or a keyword
+            continue  # a function or aggregation, or a keyword
         references.setdefault(name, set())
     return references
 
@@ -308,12 +329,16 @@ def rule_expressions() -> list[tuple[str, str]]:
 
 def alert_test_series() -> list[tuple[str, str]]:
     (document,) = load_yaml(ALERTS_TEST.read_text())
-    return [(f"alerts_test.yml series {series['series']}", series["series"])
-            for test in document["tests"] for series in test.get("input_series", [])]
+    return [
+        (f"alerts_test.yml series {series['series']}", series["series"])
+        for test in document["tests"]
+        for series in test.get("input_series", [])
+    ]
 
 
-def unknown_references(expressions: list[tuple[str, str]], exported: dict[str, set[str]],
-                       recorded: set[str]) -> list[str]:
+def unknown_references(
+    expressions: list[tuple[str, str]], exported: dict[str, set[str]], recorded: set[str]
+) -> list[str]:
     problems = []
     for where, expression in expressions:
         for name, labels in sorted(metric_references(expression).items()):
@@ -337,11 +362,17 @@ def _all_expressions() -> list[tuple[str, str]]:
 
 
 def test_metric_references_parse_names_and_labels():
-    expression = ('histogram_quantile(0.99, sum by (job, le) (rate(a_seconds_bucket{job=~"$job", '
-                  'code!="OK"}[5m]))) / on (job) group_left b_total offset 10m > 1e3 and bool '
-                  'c:rule:rate5m unless d{reason="x{y}"} * ${factor}')
+    expression = (
+        'histogram_quantile(0.99, sum by (job, le) (rate(a_seconds_bucket{job=~"$job", '
+        'code!="OK"}[5m]))) / on (job) group_left b_total offset 10m > 1e3 and bool '
+        'c:rule:rate5m unless d{reason="x{y}"} * ${factor}'
+    )
     assert metric_references(expression) == {
-        "a_seconds_bucket": {"job", "code"}, "b_total": set(), "c:rule:rate5m": set(), "d": {"reason"}}
+        "a_seconds_bucket": {"job", "code"},
+        "b_total": set(),
+        "c:rule:rate5m": set(),
+        "d": {"reason"},
+    }
     assert grafana_query_expression('label_values(x{job=~"$job"}, instance)') == 'x{job=~"$job"}'
 
 
@@ -356,8 +387,10 @@ def test_dashboard_and_rules_read_only_exported_metrics():
 def test_renaming_a_metric_breaks_the_reference_check():
     """The check above sees a rename: metrics.py with one metric and one label renamed fails it."""
     source = METRICS_SOURCE.read_text()
-    for old, new in (('"points_pipeline_commit_seconds"', '"points_pipeline_commit_duration_seconds"'),
-                     ('["result"]', '["outcome"]')):
+    for old, new in (
+        ('"points_pipeline_commit_seconds"', '"points_pipeline_commit_duration_seconds"'),
+        ('["result"]', '["outcome"]'),
+    ):
         assert old in source, f"metrics.py no longer has {old}: update this test"
         source = source.replace(old, new)
     exported = exported_series(source) | standard_collector_series()
@@ -385,14 +418,23 @@ def test_dashboard_is_a_grafana_dashboard_with_a_prometheus_datasource_variable(
     read = set()
     for _, expression in dashboard_expressions(dashboard):
         read |= set(metric_references(expression))
-    for name in ("grpc_server_handled_total", "grpc_server_handling_seconds_bucket",
-                 "points_pipeline_batch_operations_bucket", "points_pipeline_commit_seconds_bucket",
-                 "points_pipeline_queue_operations", "points_pipeline_queue_operations_max",
-                 "points_pipeline_batches_total", "points_idempotent_replays_total",
-                 "points_pipeline_operations_shed_total", "points_fastpath_members",
-                 "points_fastpath_holds_open", "points_fastpath_rejections_total",
-                 "points_earned_point_units_total", "points_redeemed_point_units_total",
-                 "points_refunded_point_units_total"):
+    for name in (
+        "grpc_server_handled_total",
+        "grpc_server_handling_seconds_bucket",
+        "points_pipeline_batch_operations_bucket",
+        "points_pipeline_commit_seconds_bucket",
+        "points_pipeline_queue_operations",
+        "points_pipeline_queue_operations_max",
+        "points_pipeline_batches_total",
+        "points_idempotent_replays_total",
+        "points_pipeline_operations_shed_total",
+        "points_fastpath_members",
+        "points_fastpath_holds_open",
+        "points_fastpath_rejections_total",
+        "points_earned_point_units_total",
+        "points_redeemed_point_units_total",
+        "points_refunded_point_units_total",
+    ):
         assert name in read, f"the dashboard has no panel on {name}"
 
 
@@ -426,9 +468,11 @@ def _port(address: str) -> int:
 def _stop_seconds_max(values: dict[str, str]) -> float:
     """The longest a SIGTERM'd service may take to exit under these variables (defaults otherwise):
     every shutdown_*_seconds phase (drain, grace) plus the commit of the last batch."""
-    phases = [o for o in config.OPTIONS
-              if (o.name.startswith("shutdown_") and o.name.endswith("_seconds"))
-              or o.name == "commit_timeout_seconds"]
+    phases = [
+        o
+        for o in config.OPTIONS
+        if (o.name.startswith("shutdown_") and o.name.endswith("_seconds")) or o.name == "commit_timeout_seconds"
+    ]
     assert any(o.name == "shutdown_grace_seconds" for o in phases)
     return sum(float(values.get(o.env_name, o.default)) for o in phases)
 
@@ -448,7 +492,7 @@ def test_kubernetes_manifest_matches_the_service_flags():
     (container,) = pod["spec"]["containers"]
     command = [str(part) for part in container.get("command", []) + container.get("args", [])]
     assert "processor" in command and "serve" in command
-    serve_flags = _flags(command[command.index("serve") + 1:])
+    serve_flags = _flags(command[command.index("serve") + 1 :])
     known = {option.flag for option in config.OPTIONS}
     assert set(serve_flags) <= known, f"unknown serve flags {set(serve_flags) - known}"
     listen, metrics_listen = serve_flags[_option("listen").flag], serve_flags[_option("metrics_listen").flag]
@@ -471,7 +515,7 @@ def test_kubernetes_manifest_matches_the_service_flags():
     assert ports == {"grpc": grpc_port, "metrics": metrics_port, "health": health_port}
     assert "livenessProbe" in container and "readinessProbe" in container
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
-        if probe in container:   # the standard health service, on the health-only port
+        if probe in container:  # the standard health service, on the health-only port
             assert container[probe]["grpc"]["port"] == health_port, probe
 
     annotations = pod["metadata"]["annotations"]
@@ -546,8 +590,13 @@ def test_systemd_unit_is_hardened_and_outlasts_the_drain():
     executable, *arguments = service["ExecStart"].split()
     assert executable.startswith("/") and executable.endswith("/.venv/bin/python")
     assert arguments[:2] == ["-m", "processor"] and "serve" in arguments
-    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
-                       "PrivateTmp": "yes", "CapabilityBoundingSet": ""}.items():
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "CapabilityBoundingSet": "",
+    }.items():
         assert service.get(key) == value, f"{key}={value} expected"
 
     values, _ = _env_file(SYSTEMD_ENV.read_text())

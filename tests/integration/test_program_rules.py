@@ -2,6 +2,7 @@
 with budgets, acquiring and referral links, conversion, cash-out refusal, expiry lots and the expiry job,
 refund clawbacks, restart. After each scenario the ledger reconciles (every posting balances per asset,
 the rules' accounts keep their signs, lots stay within the members' spendable points)."""
+
 from __future__ import annotations
 
 import time
@@ -34,9 +35,16 @@ def _config() -> dict:
         "referral_bonus_point_units": 50,
         "referral_minimum_purchase": 1_000,
         "promotions": [
-            {"promotion_id": "double-at-promo", "start_us": NOW_US - HOUR_US, "end_us": NOW_US + 10 * HOUR_US,
-             "scope": "merchant", "scope_id": "promo-shop", "multiplier_bps": 20_000, "budget_point_units": 250,
-             "sponsor_id": "promo-shop"},
+            {
+                "promotion_id": "double-at-promo",
+                "start_us": NOW_US - HOUR_US,
+                "end_us": NOW_US + 10 * HOUR_US,
+                "scope": "merchant",
+                "scope_id": "promo-shop",
+                "multiplier_bps": 20_000,
+                "budget_point_units": 250,
+                "sponsor_id": "promo-shop",
+            },
         ],
         "merchant_terms": [{"merchant_id": "own-points-shop", "conversion_rate": {"numerator": 3, "denominator": 2}}],
     }
@@ -60,8 +68,10 @@ def _balance(stub, member: str) -> pb.GetBalanceResponse:
 
 
 def _kinds(url: str, member: str) -> list[int]:
-    return [r["kind"] for r in fetch(url, "SELECT kind FROM transactions WHERE member_id = $1 ORDER BY transaction_id",
-                                      member)]
+    return [
+        r["kind"]
+        for r in fetch(url, "SELECT kind FROM transactions WHERE member_id = $1 ORDER BY transaction_id", member)
+    ]
 
 
 def _account(url: str, kind: str, owner: str = "operator") -> int:
@@ -72,12 +82,12 @@ def _account(url: str, kind: str, owner: str = "operator") -> int:
 def test_levels_multiplier_bonus_and_history(world):
     url, _, stub = world
     member = unique("tier")
-    first = earn(stub, "shop-a", member, 10_000)   # base 1,000: reaches blue at the registered rate
+    first = earn(stub, "shop-a", member, 10_000)  # base 1,000: reaches blue at the registered rate
     assert (first.points, first.bonus_points, first.level) == (1_000, 100, "blue")  # only blue's bonus
     assert first.balance == 1_100
     second = earn(stub, "shop-a", member, 10_000)  # base 1,000 at blue: 1.5x -> 500 uplift
     assert (second.points, second.bonus_points) == (1_000, 500)
-    third = earn(stub, "shop-a", member, 20_000)   # base 2,000 -> 4,000 qualifying: yellow, 1.5x
+    third = earn(stub, "shop-a", member, 20_000)  # base 2,000 -> 4,000 qualifying: yellow, 1.5x
     assert (third.points, third.bonus_points, third.level) == (2_000, 1_000 + 200, "yellow")
     balance = _balance(stub, member)
     assert balance.level == "yellow"
@@ -106,18 +116,32 @@ def test_promotion_stops_at_its_budget(world):
 def test_refund_of_an_earn_takes_its_bonus_back_in_proportion(world):
     url, _, stub = world
     member = unique("refund")
-    earn(stub, "shop-b", member, 10_000)                 # blue (bonus 100)
-    second = earn(stub, "shop-b", member, 10_000)        # 1,000 base + 500 uplift
+    earn(stub, "shop-b", member, 10_000)  # blue (bonus 100)
+    second = earn(stub, "shop-b", member, 10_000)  # 1,000 base + 500 uplift
     uplift_before = _account(url, "operator_tier_rewards")
-    half = stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=second.transaction_id, points=500,
-                                        idempotency_key=unique("k")), timeout=30)
+    half = stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=second.transaction_id, points=500, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert (half.points, half.bonus_points) == (750, 250)
-    rest = stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=second.transaction_id, points=500,
-                                        idempotency_key=unique("k")), timeout=30)
+    rest = stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=second.transaction_id, points=500, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert rest.points == 750 and rest.balance == 1_100
     assert _account(url, "operator_tier_rewards") - uplift_before == 500  # the uplift came back in full
-    too_much = error_of(lambda: stub.Refund(pb.RefundRequest(
-        merchant_id="shop-b", transaction_id=second.transaction_id, points=1, idempotency_key=unique("k")), timeout=30))
+    too_much = error_of(
+        lambda: stub.Refund(
+            pb.RefundRequest(
+                merchant_id="shop-b", transaction_id=second.transaction_id, points=1, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
     assert too_much.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert ledger_discrepancies(url) == []
 
@@ -125,22 +149,30 @@ def test_refund_of_an_earn_takes_its_bonus_back_in_proportion(world):
 def test_acquiring_reward_and_its_reversal(world):
     url, _, stub = world
     member = unique("acq")
-    linked = stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-a", member_id=member,
-                                                  idempotency_key=unique("k")), timeout=30)
+    linked = stub.LinkMember(
+        pb.LinkMemberRequest(merchant_id="shop-a", member_id=member, idempotency_key=unique("k")), timeout=30
+    )
     assert linked.acquirer_id == "shop-a"
     before = _account(url, "merchant_acquiring", "shop-a")
-    earn(stub, "shop-a", member, 50_000)                 # at the acquirer itself: no reward
+    earn(stub, "shop-a", member, 50_000)  # at the acquirer itself: no reward
     assert _account(url, "merchant_acquiring", "shop-a") == before
-    elsewhere = earn(stub, "shop-b", member, 12_345)     # 1% of 12,345 minor units = 123 point-units
+    elsewhere = earn(stub, "shop-b", member, 12_345)  # 1% of 12,345 minor units = 123 point-units
     assert _account(url, "merchant_acquiring", "shop-a") == before + 123
     assert _balance(stub, member).acquirer_id == "shop-a"
     base = elsewhere.points
-    stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=elsewhere.transaction_id, points=base,
-                                 idempotency_key=unique("k")), timeout=30)
+    stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=elsewhere.transaction_id, points=base, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert _account(url, "merchant_acquiring", "shop-a") == before  # reversed in full
     assert 9 in _kinds(url, member) and 10 in _kinds(url, member)
-    again = error_of(lambda: stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-b", member_id=member,
-                                                                  idempotency_key=unique("k")), timeout=30))
+    again = error_of(
+        lambda: stub.LinkMember(
+            pb.LinkMemberRequest(merchant_id="shop-b", member_id=member, idempotency_key=unique("k")), timeout=30
+        )
+    )
     assert again.code() == grpc.StatusCode.FAILED_PRECONDITION and "shop-a" in again.details()
     assert ledger_discrepancies(url) == []
 
@@ -150,21 +182,39 @@ def test_referrer_gets_a_bonus_on_the_first_qualifying_earn_only(world):
     referrer = unique("referrer")
     earn(stub, "shop-a", referrer, 1_000)
     member = unique("referee")
-    stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-b", member_id=member, referrer_member_id=referrer,
-                                         idempotency_key=unique("k")), timeout=30)
+    stub.LinkMember(
+        pb.LinkMemberRequest(
+            merchant_id="shop-b", member_id=member, referrer_member_id=referrer, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     before = _balance(stub, referrer).posted
-    earn(stub, "shop-b", member, 999)                     # under the minimum purchase: no bonus yet
+    earn(stub, "shop-b", member, 999)  # under the minimum purchase: no bonus yet
     assert _balance(stub, referrer).posted == before
     earn(stub, "shop-b", member, 1_000)
     assert _balance(stub, referrer).posted == before + 50
     earn(stub, "shop-b", member, 5_000)
     assert _balance(stub, referrer).posted == before + 50
-    self_referral = error_of(lambda: stub.LinkMember(pb.LinkMemberRequest(
-        merchant_id="shop-b", member_id=referrer, referrer_member_id=referrer, idempotency_key=unique("k")), timeout=30))
+    self_referral = error_of(
+        lambda: stub.LinkMember(
+            pb.LinkMemberRequest(
+                merchant_id="shop-b", member_id=referrer, referrer_member_id=referrer, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
     assert self_referral.code() == grpc.StatusCode.INVALID_ARGUMENT
-    unknown = error_of(lambda: stub.LinkMember(pb.LinkMemberRequest(
-        merchant_id="shop-b", member_id=unique("m"), referrer_member_id=unique("nobody"),
-        idempotency_key=unique("k")), timeout=30))
+    unknown = error_of(
+        lambda: stub.LinkMember(
+            pb.LinkMemberRequest(
+                merchant_id="shop-b",
+                member_id=unique("m"),
+                referrer_member_id=unique("nobody"),
+                idempotency_key=unique("k"),
+            ),
+            timeout=30,
+        )
+    )
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
     assert ledger_discrepancies(url) == []
 
@@ -173,27 +223,41 @@ def test_conversion_in_whole_blocks_is_idempotent(world):
     url, _, stub = world
     member = unique("conv")
     key = unique("k")
-    request = pb.ConvertMerchantPointsRequest(merchant_id="own-points-shop", member_id=member, merchant_points=5,
-                                              idempotency_key=key)
+    request = pb.ConvertMerchantPointsRequest(
+        merchant_id="own-points-shop", member_id=member, merchant_points=5, idempotency_key=key
+    )
     first = stub.ConvertMerchantPoints(request, timeout=30)
     assert (first.points, first.merchant_points_converted, first.merchant_points_remainder) == (6, 4, 1)
     again = stub.ConvertMerchantPoints(request, timeout=30)
     assert again.transaction_id == first.transaction_id
     assert _balance(stub, member).posted == 6
     assert _kinds(url, member) == [15]
-    no_rate = error_of(lambda: stub.ConvertMerchantPoints(pb.ConvertMerchantPointsRequest(
-        merchant_id="shop-a", member_id=member, merchant_points=10, idempotency_key=unique("k")), timeout=30))
+    no_rate = error_of(
+        lambda: stub.ConvertMerchantPoints(
+            pb.ConvertMerchantPointsRequest(
+                merchant_id="shop-a", member_id=member, merchant_points=10, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
     assert no_rate.code() == grpc.StatusCode.FAILED_PRECONDITION and "conversion rate" in no_rate.details()
-    too_few = error_of(lambda: stub.ConvertMerchantPoints(pb.ConvertMerchantPointsRequest(
-        merchant_id="own-points-shop", member_id=member, merchant_points=1, idempotency_key=unique("k")), timeout=30))
+    too_few = error_of(
+        lambda: stub.ConvertMerchantPoints(
+            pb.ConvertMerchantPointsRequest(
+                merchant_id="own-points-shop", member_id=member, merchant_points=1, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
     assert too_few.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert ledger_discrepancies(url) == []
 
 
 def test_cash_out_is_refused_clearly(world):
     _, _, stub = world
-    refused = error_of(lambda: stub.CashOut(pb.CashOutRequest(merchant_id="shop-a", member_id="anyone", points=100),
-                                            timeout=30))
+    refused = error_of(
+        lambda: stub.CashOut(pb.CashOutRequest(merchant_id="shop-a", member_id="anyone", points=100), timeout=30)
+    )
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "cannot be paid out as cash" in refused.details()
 
@@ -201,33 +265,45 @@ def test_cash_out_is_refused_clearly(world):
 def test_expiry_soonest_first_restore_and_idempotent_job(world):
     url, service, stub = world
     member = unique("exp")
-    first = earn(stub, "shop-b", member, 500)             # lot 1: 50
+    first = earn(stub, "shop-b", member, 500)  # lot 1: 50
     time.sleep(1.0)
-    earn(stub, "shop-b", member, 700)                     # lot 2: 70, expires a second later
+    earn(stub, "shop-b", member, 700)  # lot 2: 70, expires a second later
     balance = _balance(stub, member)
     assert balance.expiring_points == 120 and len(balance.expiring) == 2
-    spent = stub.Redeem(pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=60,
-                                         idempotency_key=unique("k")), timeout=30)  # all of lot 1, 10 of lot 2
-    hold = stub.Authorize(pb.AuthorizeRequest(merchant_id="shop-a", member_id=member, points=20,
-                                              idempotency_key=unique("k")), timeout=30)  # 20 of lot 2
-    time.sleep(EXPIRY_SECONDS + 1.5)                      # both lots are due; the job runs without traffic
+    spent = stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=60, idempotency_key=unique("k")), timeout=30
+    )  # all of lot 1, 10 of lot 2
+    hold = stub.Authorize(
+        pb.AuthorizeRequest(merchant_id="shop-a", member_id=member, points=20, idempotency_key=unique("k")), timeout=30
+    )  # 20 of lot 2
+    time.sleep(EXPIRY_SECONDS + 1.5)  # both lots are due; the job runs without traffic
     deadline = time.monotonic() + 20
     while _balance(stub, member).posted != 20 and time.monotonic() < deadline:
         time.sleep(0.2)
     balance = _balance(stub, member)
     # 120 earned, 60 spent (all of lot 1, 10 of lot 2), 20 held (of lot 2): the 40 left of lot 2 expired
     assert (balance.posted, balance.held, balance.available) == (20, 20, 0)
-    to_breakage = fetch(url, """SELECT sum(e.amount) AS s FROM entries e JOIN accounts a USING (account_id)
+    to_breakage = fetch(
+        url,
+        """SELECT sum(e.amount) AS s FROM entries e JOIN accounts a USING (account_id)
                                 JOIN transactions t USING (transaction_id)
-                                WHERE t.member_id = $1 AND a.kind = 'operator_breakage'""", member)
+                                WHERE t.member_id = $1 AND a.kind = 'operator_breakage'""",
+        member,
+    )
     assert to_breakage[0]["s"] == 40
     expiries = fetch(url, "SELECT amount, merchant_id FROM transactions WHERE member_id = $1 AND kind = 6", member)
     assert [(r["amount"], r["merchant_id"]) for r in expiries] == [(40, "shop-b")]
     # the hold kept its points; a void gives them back with a grace period, as does a refund
-    stub.Void(pb.VoidRequest(merchant_id="shop-a", authorization_id=hold.authorization_id,
-                             idempotency_key=unique("k")), timeout=30)
-    stub.Refund(pb.RefundRequest(merchant_id="shop-a", transaction_id=spent.transaction_id, points=60,
-                                 idempotency_key=unique("k")), timeout=30)
+    stub.Void(
+        pb.VoidRequest(merchant_id="shop-a", authorization_id=hold.authorization_id, idempotency_key=unique("k")),
+        timeout=30,
+    )
+    stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-a", transaction_id=spent.transaction_id, points=60, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     balance = _balance(stub, member)
     # the hold's 20 and the redemption's 60 came back as points of a grace period (their lots had expired)
     assert (balance.posted, balance.available, balance.expiring_points) == (80, 80, 80)
@@ -238,10 +314,16 @@ def test_expiry_soonest_first_restore_and_idempotent_job(world):
     lots = fetch(url, "SELECT sum(amount) AS s FROM lots WHERE member_id = $1", member)
     assert lots[0]["s"] == 80
     # the rows (written as differences, batch by batch) are the lots the service holds
-    rows = fetch(url, "SELECT expires_at_us, sum(amount) AS amount FROM lots WHERE member_id = $1 "
-                      "GROUP BY expires_at_us ORDER BY expires_at_us", member)
-    held = sorted((e.expires_at.seconds * 1_000_000 + e.expires_at.nanos // 1_000, e.points)
-                  for e in _balance(stub, member).expiring)
+    rows = fetch(
+        url,
+        "SELECT expires_at_us, sum(amount) AS amount FROM lots WHERE member_id = $1 "
+        "GROUP BY expires_at_us ORDER BY expires_at_us",
+        member,
+    )
+    held = sorted(
+        (e.expires_at.seconds * 1_000_000 + e.expires_at.nanos // 1_000, e.points)
+        for e in _balance(stub, member).expiring
+    )
     assert [(r["expires_at_us"], r["amount"]) for r in rows] == held
     assert first.points == 50
     assert ledger_discrepancies(url) == []
@@ -250,14 +332,28 @@ def test_expiry_soonest_first_restore_and_idempotent_job(world):
 def test_link_and_conversion_in_a_batch(world):
     url, _, stub = world
     member = unique("batch")
-    response = stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-        pb.Operation(link=pb.LinkMemberRequest(merchant_id="own-points-shop", member_id=member,
-                                               idempotency_key=unique("k"))),
-        pb.Operation(convert=pb.ConvertMerchantPointsRequest(merchant_id="own-points-shop", member_id=member,
-                                                             merchant_points=10, idempotency_key=unique("k"))),
-        pb.Operation(convert=pb.ConvertMerchantPointsRequest(merchant_id="shop-a", member_id=member,
-                                                             merchant_points=10, idempotency_key=unique("k"))),
-    ]), timeout=30)
+    response = stub.SubmitBatch(
+        pb.SubmitBatchRequest(
+            operations=[
+                pb.Operation(
+                    link=pb.LinkMemberRequest(
+                        merchant_id="own-points-shop", member_id=member, idempotency_key=unique("k")
+                    )
+                ),
+                pb.Operation(
+                    convert=pb.ConvertMerchantPointsRequest(
+                        merchant_id="own-points-shop", member_id=member, merchant_points=10, idempotency_key=unique("k")
+                    )
+                ),
+                pb.Operation(
+                    convert=pb.ConvertMerchantPointsRequest(
+                        merchant_id="shop-a", member_id=member, merchant_points=10, idempotency_key=unique("k")
+                    )
+                ),
+            ]
+        ),
+        timeout=30,
+    )
     first, second, third = response.results
     assert first.outcome == pb.OPERATION_OUTCOME_APPLIED and first.link.acquirer_id == "own-points-shop"
     assert second.outcome == pb.OPERATION_OUTCOME_APPLIED and second.convert.points == 15
@@ -270,8 +366,9 @@ def test_state_survives_a_restart(world):
     url, service, stub = world
     member = unique("restart")
     earn(stub, "shop-a", member, 10_000)
-    stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-a", member_id=member, idempotency_key=unique("k")),
-                    timeout=30)
+    stub.LinkMember(
+        pb.LinkMemberRequest(merchant_id="shop-a", member_id=member, idempotency_key=unique("k")), timeout=30
+    )
     before = _balance(stub, member)
     service.kill()  # the last test of the module: the shared service does not come back
     restarted = ServiceProcess(url).start()
@@ -279,8 +376,9 @@ def test_state_survives_a_restart(world):
         with restarted.channel() as channel:
             again = points_pb2_grpc.PointsServiceStub(channel)
             after = _balance(again, member)
-            expired = fetch(url, "SELECT coalesce(sum(amount), 0) AS s FROM transactions "
-                                 "WHERE member_id = $1 AND kind = 6", member)[0]["s"]
+            expired = fetch(
+                url, "SELECT coalesce(sum(amount), 0) AS s FROM transactions WHERE member_id = $1 AND kind = 6", member
+            )[0]["s"]
             assert (after.level, after.acquirer_id) == (before.level, "shop-a") == ("blue", "shop-a")
             assert after.posted + expired == before.posted  # its lots came back (or expired since, posted)
             more = earn(again, "shop-a", member, 10_000)  # blue's bonus was paid once: 1.5x and no bonus

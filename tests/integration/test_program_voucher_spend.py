@@ -2,6 +2,7 @@
 store (kind 14); the operator's fee covers both tenders of a split redeem; a split tender on
 Authorize/Capture/Void, whose vouchers are reserved beside the points hold, posted as one SPLIT_REDEEM
 on capture, released on void or expiry, and kept across a restart. The ledger reconciles after each."""
+
 from __future__ import annotations
 
 import time
@@ -16,12 +17,18 @@ from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepanc
 from tests.integration.helpers import add_program_version, earn, error_of, replay_flag, unique
 
 STORE = "op-store"
-RATE_BPS = 1_000   # 10% a round: round 1 gives every holder a tenth of its holding in vouchers
+RATE_BPS = 1_000  # 10% a round: round 1 gives every holder a tenth of its holding in vouchers
 
 
 def _config(store: str | None) -> dict:
-    config: dict = {"dividends": {"threshold_point_units": 8_000, "growth_bps": 100_000,
-                                  "rate_bps_schedule": [RATE_BPS], "credit_limit_bps": 50_000}}
+    config: dict = {
+        "dividends": {
+            "threshold_point_units": 8_000,
+            "growth_bps": 100_000,
+            "rate_bps_schedule": [RATE_BPS],
+            "credit_limit_bps": 50_000,
+        }
+    }
     if store is not None:
         config["operator_store_merchant_id"] = store
     return config
@@ -35,14 +42,19 @@ def _wait(condition, what: str, seconds: float = 20) -> None:
 
 
 def _held_by_merchant(url: str, merchant: str) -> int:
-    rows = fetch(url, "SELECT balance FROM account_balances WHERE kind = 'merchant_vouchers' AND owner_id = $1",
-                 merchant)
+    rows = fetch(
+        url, "SELECT balance FROM account_balances WHERE kind = 'merchant_vouchers' AND owner_id = $1", merchant
+    )
     return rows[0]["balance"] if rows else 0
 
 
 def _store_vouchers(url: str) -> int:
-    rows = fetch(url, "SELECT balance FROM account_balances WHERE kind = 'merchant_redeemed' AND owner_id = $1 "
-                      "AND asset_code = 'VOUCHERS'", STORE)
+    rows = fetch(
+        url,
+        "SELECT balance FROM account_balances WHERE kind = 'merchant_redeemed' AND owner_id = $1 "
+        "AND asset_code = 'VOUCHERS'",
+        STORE,
+    )
     return rows[0]["balance"] if rows else 0
 
 
@@ -62,12 +74,18 @@ def world(create_database):
         stub = points_pb2_grpc.PointsServiceStub(channel)
         alice, bob = unique("alice"), unique("bob")
         earn(stub, "shop-a", alice, 60_000)
-        stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=4_000,
-                                     idempotency_key=unique("k")), timeout=30)
+        stub.Redeem(
+            pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=4_000, idempotency_key=unique("k")),
+            timeout=30,
+        )
         earn(stub, "shop-a", bob, 30_000)
-        _wait(lambda: _held_by_merchant(url, "shop-b") > 0
-              and stub.GetBalance(pb.GetBalanceRequest(member_id=alice), timeout=30).vouchers == 200,
-              "the dividend round did not arrive")
+        _wait(
+            lambda: (
+                _held_by_merchant(url, "shop-b") > 0
+                and stub.GetBalance(pb.GetBalanceRequest(member_id=alice), timeout=30).vouchers == 200
+            ),
+            "the dividend round did not arrive",
+        )
         yield url, stub, service, alice
     service.kill()
 
@@ -77,8 +95,10 @@ def _balance(stub, member: str) -> pb.GetBalanceResponse:
 
 
 def _spend(stub, merchant: str, vouchers: int, key: str | None = None):
-    return stub.SpendMerchantVouchers(pb.SpendMerchantVouchersRequest(
-        merchant_id=merchant, vouchers=vouchers, idempotency_key=key or unique("k")), timeout=30)
+    return stub.SpendMerchantVouchers(
+        pb.SpendMerchantVouchersRequest(merchant_id=merchant, vouchers=vouchers, idempotency_key=key or unique("k")),
+        timeout=30,
+    )
 
 
 def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
@@ -94,8 +114,9 @@ def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
     spent = _spend(stub, "shop-b", 20, key)
     assert (spent.vouchers, spent.store_merchant_id, spent.voucher_balance) == (20, STORE, held - 20)
     assert spent.transaction_id.startswith("txn_") and spent.created_at.seconds > 0
-    again, call = stub.SpendMerchantVouchers.with_call(pb.SpendMerchantVouchersRequest(
-        merchant_id="shop-b", vouchers=20, idempotency_key=key), timeout=30)
+    again, call = stub.SpendMerchantVouchers.with_call(
+        pb.SpendMerchantVouchersRequest(merchant_id="shop-b", vouchers=20, idempotency_key=key), timeout=30
+    )
     assert again == spent and replay_flag(call) == "true"
     other = error_of(lambda: _spend(stub, "shop-b", 21, key))
     assert other.code() == grpc.StatusCode.ALREADY_EXISTS and "vouchers" in other.details()
@@ -114,19 +135,46 @@ def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
     assert zero.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # a spend is not a purchase a merchant can refund
-    refund = error_of(lambda: stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=spent.transaction_id,
-                                                           points=1, idempotency_key=unique("k")), timeout=30))
-    assert refund.code() == grpc.StatusCode.FAILED_PRECONDITION and "not an earn, capture or redemption" in refund.details()
-    foreign = error_of(lambda: stub.Refund(pb.RefundRequest(merchant_id="shop-a", transaction_id=spent.transaction_id,
-                                                            points=1, idempotency_key=unique("k")), timeout=30))
+    refund = error_of(
+        lambda: stub.Refund(
+            pb.RefundRequest(
+                merchant_id="shop-b", transaction_id=spent.transaction_id, points=1, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
+    assert (
+        refund.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and "not an earn, capture or redemption" in refund.details()
+    )
+    foreign = error_of(
+        lambda: stub.Refund(
+            pb.RefundRequest(
+                merchant_id="shop-a", transaction_id=spent.transaction_id, points=1, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
     assert foreign.code() == grpc.StatusCode.PERMISSION_DENIED
 
     # gateways spend through SubmitBatch too
-    batch = stub.SubmitBatch(pb.SubmitBatchRequest(operations=[
-        pb.Operation(spend_vouchers=pb.SpendMerchantVouchersRequest(merchant_id="shop-b", vouchers=3,
-                                                                    idempotency_key=unique("k"))),
-        pb.Operation(spend_vouchers=pb.SpendMerchantVouchersRequest(merchant_id="shop-a", vouchers=3,
-                                                                    idempotency_key=unique("k")))]), timeout=30)
+    batch = stub.SubmitBatch(
+        pb.SubmitBatchRequest(
+            operations=[
+                pb.Operation(
+                    spend_vouchers=pb.SpendMerchantVouchersRequest(
+                        merchant_id="shop-b", vouchers=3, idempotency_key=unique("k")
+                    )
+                ),
+                pb.Operation(
+                    spend_vouchers=pb.SpendMerchantVouchersRequest(
+                        merchant_id="shop-a", vouchers=3, idempotency_key=unique("k")
+                    )
+                ),
+            ]
+        ),
+        timeout=30,
+    )
     assert batch.results[0].outcome == pb.OPERATION_OUTCOME_APPLIED
     assert batch.results[0].spend_vouchers.voucher_balance == held - 23
     assert batch.results[1].status_code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -139,31 +187,55 @@ def test_a_merchant_spends_its_vouchers_at_the_operators_store(world):
 def test_the_fee_of_a_split_redeem_covers_both_tenders(world):
     url, stub, _, alice = world
     before = _balance(stub, alice)
-    spent = stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=1_000, vouchers=10,
-                                         idempotency_key=unique("k")), timeout=30)
+    spent = stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=1_000, vouchers=10, idempotency_key=unique("k")),
+        timeout=30,
+    )
     assert (spent.balance, spent.voucher_balance) == (before.posted - 1_000, before.vouchers - 10)
     transaction_id = int(spent.transaction_id.removeprefix("txn_"))
     row = fetch(url, "SELECT kind, amount, fee FROM transactions WHERE transaction_id = $1", transaction_id)[0]
     assert dict(row) == {"kind": 12, "amount": 1_010, "fee": 10}  # floor(1,010 * 1%), not floor(1,000 * 1%)
-    fees = fetch(url, "SELECT e.amount FROM entries e JOIN accounts a USING (account_id) "
-                      "WHERE e.transaction_id = $1 AND a.kind = 'merchant_fees'", transaction_id)
+    fees = fetch(
+        url,
+        "SELECT e.amount FROM entries e JOIN accounts a USING (account_id) "
+        "WHERE e.transaction_id = $1 AND a.kind = 'merchant_fees'",
+        transaction_id,
+    )
     assert [r["amount"] for r in fees] == [-10]
     assert ledger_discrepancies(url) == []
 
 
 def _authorize(stub, member: str, points: int, vouchers: int, merchant: str = "shop-b", ttl: int = 0):
-    return stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=member, points=points, vouchers=vouchers,
-                                              hold_ttl_seconds=ttl, idempotency_key=unique("k")), timeout=30)
+    return stub.Authorize(
+        pb.AuthorizeRequest(
+            merchant_id=merchant,
+            member_id=member,
+            points=points,
+            vouchers=vouchers,
+            hold_ttl_seconds=ttl,
+            idempotency_key=unique("k"),
+        ),
+        timeout=30,
+    )
 
 
 def _capture(stub, authorization_id: str, points: int = 0, vouchers: int = 0, merchant: str = "shop-b"):
-    return stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization_id, points=points,
-                                          vouchers=vouchers, idempotency_key=unique("k")), timeout=30)
+    return stub.Capture(
+        pb.CaptureRequest(
+            merchant_id=merchant,
+            authorization_id=authorization_id,
+            points=points,
+            vouchers=vouchers,
+            idempotency_key=unique("k"),
+        ),
+        timeout=30,
+    )
 
 
 def _void(stub, authorization_id: str, merchant: str = "shop-b"):
-    return stub.Void(pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                    idempotency_key=unique("k")), timeout=30)
+    return stub.Void(
+        pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id, idempotency_key=unique("k")), timeout=30
+    )
 
 
 def test_a_split_tender_hold_is_captured_voided_and_refunded_as_one_unit(world):
@@ -174,15 +246,27 @@ def test_a_split_tender_hold_is_captured_voided_and_refunded_as_one_unit(world):
 
     hold = _authorize(stub, alice, 500, 6)
     assert (hold.points, hold.vouchers, hold.voucher_available, hold.available) == (
-        500, 6, own - 6, start.available - 500)
+        500,
+        6,
+        own - 6,
+        start.available - 500,
+    )
     during = _balance(stub, alice)
     assert (during.vouchers, during.vouchers_held, during.voucher_credit_held, during.held) == (own, 6, 0, 500)
     # a redeem cannot spend what the hold reserved: one voucher-unit more than the rest comes from credit
-    redeem = stub.Redeem(pb.RedeemRequest(merchant_id="shop-b", member_id=alice, points=0, vouchers=own - 5,
-                                          idempotency_key=unique("k")), timeout=30)
+    redeem = stub.Redeem(
+        pb.RedeemRequest(
+            merchant_id="shop-b", member_id=alice, points=0, vouchers=own - 5, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert (redeem.voucher_balance, redeem.voucher_credit_used) == (6, 1)
-    stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=redeem.transaction_id, points=own - 5,
-                                 idempotency_key=unique("k")), timeout=30)
+    stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=redeem.transaction_id, points=own - 5, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert (_balance(stub, alice).vouchers, _balance(stub, alice).voucher_credit_used) == (own, 0)
     short = error_of(lambda: _authorize(stub, alice, 1, own - 5 + 10_000))
     assert short.code() == grpc.StatusCode.FAILED_PRECONDITION and "insufficient vouchers" in short.details()
@@ -197,16 +281,25 @@ def test_a_split_tender_hold_is_captured_voided_and_refunded_as_one_unit(world):
     after = _balance(stub, alice)
     assert (after.vouchers, after.vouchers_held, after.held) == (own - 4, 0, 0)
     transaction_id = int(captured.transaction_id.removeprefix("txn_"))
-    row = fetch(url, "SELECT kind, amount, fee, authorization_id FROM transactions WHERE transaction_id = $1",
-                transaction_id)[0]
-    assert dict(row) == {"kind": 12, "amount": 304, "fee": 3,
-                         "authorization_id": int(hold.authorization_id.removeprefix("auth_"))}
+    row = fetch(
+        url, "SELECT kind, amount, fee, authorization_id FROM transactions WHERE transaction_id = $1", transaction_id
+    )[0]
+    assert dict(row) == {
+        "kind": 12,
+        "amount": 304,
+        "fee": 3,
+        "authorization_id": int(hold.authorization_id.removeprefix("auth_")),
+    }
     twice = error_of(lambda: _capture(stub, hold.authorization_id))
     assert twice.code() == grpc.StatusCode.FAILED_PRECONDITION and "already captured" in twice.details()
     assert ledger_discrepancies(url) == []
 
-    refund = stub.Refund(pb.RefundRequest(merchant_id="shop-b", transaction_id=captured.transaction_id, points=304,
-                                          idempotency_key=unique("k")), timeout=30)
+    refund = stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-b", transaction_id=captured.transaction_id, points=304, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
     assert (refund.points, refund.vouchers, refund.kind) == (304, 4, pb.TRANSACTION_KIND_SPLIT_REFUND)
     back = _balance(stub, alice)
     assert (back.posted, back.vouchers) == (start.posted, own)
@@ -250,8 +343,11 @@ def test_an_expired_split_tender_hold_releases_its_vouchers(world):
     assert (after.vouchers_held, after.voucher_credit_held, after.held) == (0, before.voucher_credit_held, 0)
     late = error_of(lambda: _capture(stub, hold.authorization_id))
     assert late.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in late.details()
-    status = fetch(url, "SELECT status FROM voucher_holds WHERE authorization_id = $1",
-                   int(hold.authorization_id.removeprefix("auth_")))
+    status = fetch(
+        url,
+        "SELECT status FROM voucher_holds WHERE authorization_id = $1",
+        int(hold.authorization_id.removeprefix("auth_")),
+    )
     assert [r["status"] for r in status] == [4]
     assert ledger_discrepancies(url) == []
 

@@ -2,6 +2,7 @@
 same database the service shows the same balances, holds and history; after SIGKILLs in the middle of
 traffic every acknowledged operation is in the journal exactly once, nothing is half-applied, and
 retries with the same key get the outcome that was committed."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,17 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import add_merchant, ledger_discrepancies
-from tests.integration.helpers import (balance, call_once, earn, error_of, funded_member, ledger_snapshot,
-                                       member_in_postgres, replay_flag, unique)
+from tests.integration.helpers import (
+    balance,
+    call_once,
+    earn,
+    error_of,
+    funded_member,
+    ledger_snapshot,
+    member_in_postgres,
+    replay_flag,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -38,6 +48,7 @@ def wire(message) -> bytes:
 
 # --- (a) stop and start again ---
 
+
 def test_sigterm_exits_zero_and_restart_shows_same_balances_holds_and_history(create_database, service_factory):
     url = create_database()
     merchant = unique("m")
@@ -46,25 +57,49 @@ def test_sigterm_exits_zero_and_restart_shows_same_balances_holds_and_history(cr
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         members = [funded_member(stub, merchant, 1_000) for _ in range(4)]
-        kept = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=members[0], points=300,
-                                                  idempotency_key=unique("k")), timeout=30)
-        also_kept = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=members[0], points=200,
-                                                       idempotency_key=unique("k")), timeout=30)
-        captured = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=members[1], points=400,
-                                                      idempotency_key=unique("k")), timeout=30)
-        stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=captured.authorization_id,
-                                       points=150, idempotency_key=unique("k")), timeout=30)
-        voided = stub.Authorize(pb.AuthorizeRequest(merchant_id=merchant, member_id=members[2], points=250,
-                                                    idempotency_key=unique("k")), timeout=30)
-        stub.Void(pb.VoidRequest(merchant_id=merchant, authorization_id=voided.authorization_id,
-                                 idempotency_key=unique("k")), timeout=30)
-        spent = stub.Redeem(pb.RedeemRequest(merchant_id=merchant, member_id=members[3], points=600,
-                                             idempotency_key=unique("k")), timeout=30)
-        stub.Refund(pb.RefundRequest(merchant_id=merchant, transaction_id=spent.transaction_id, points=100,
-                                     idempotency_key=unique("k")), timeout=30)
+        kept = stub.Authorize(
+            pb.AuthorizeRequest(merchant_id=merchant, member_id=members[0], points=300, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        also_kept = stub.Authorize(
+            pb.AuthorizeRequest(merchant_id=merchant, member_id=members[0], points=200, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        captured = stub.Authorize(
+            pb.AuthorizeRequest(merchant_id=merchant, member_id=members[1], points=400, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        stub.Capture(
+            pb.CaptureRequest(
+                merchant_id=merchant,
+                authorization_id=captured.authorization_id,
+                points=150,
+                idempotency_key=unique("k"),
+            ),
+            timeout=30,
+        )
+        voided = stub.Authorize(
+            pb.AuthorizeRequest(merchant_id=merchant, member_id=members[2], points=250, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        stub.Void(
+            pb.VoidRequest(merchant_id=merchant, authorization_id=voided.authorization_id, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        spent = stub.Redeem(
+            pb.RedeemRequest(merchant_id=merchant, member_id=members[3], points=600, idempotency_key=unique("k")),
+            timeout=30,
+        )
+        stub.Refund(
+            pb.RefundRequest(
+                merchant_id=merchant, transaction_id=spent.transaction_id, points=100, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
         balances_before = {m: wire(stub.GetBalance(pb.GetBalanceRequest(member_id=m), timeout=30)) for m in members}
-        histories_before = {m: wire(stub.ListTransactions(pb.ListTransactionsRequest(member_id=m), timeout=30))
-                            for m in members}
+        histories_before = {
+            m: wire(stub.ListTransactions(pb.ListTransactionsRequest(member_id=m), timeout=30)) for m in members
+        }
     assert balance_of(balances_before[members[0]]) == (1_000, 500, 500)
     snapshot_before = ledger_snapshot(url)
 
@@ -76,36 +111,70 @@ def test_sigterm_exits_zero_and_restart_shows_same_balances_holds_and_history(cr
         stub = points_pb2_grpc.PointsServiceStub(channel)
         for m in members:
             assert wire(stub.GetBalance(pb.GetBalanceRequest(member_id=m), timeout=30)) == balances_before[m]
-            assert wire(stub.ListTransactions(pb.ListTransactionsRequest(member_id=m), timeout=30)) \
-                == histories_before[m]
+            assert (
+                wire(stub.ListTransactions(pb.ListTransactionsRequest(member_id=m), timeout=30)) == histories_before[m]
+            )
         # the holds still hold: the member can hold exactly its available points, no more
-        error = error_of(lambda: stub.Authorize(pb.AuthorizeRequest(
-            merchant_id=merchant, member_id=members[0], points=501, idempotency_key=unique("k")), timeout=30))
+        error = error_of(
+            lambda: stub.Authorize(
+                pb.AuthorizeRequest(
+                    merchant_id=merchant, member_id=members[0], points=501, idempotency_key=unique("k")
+                ),
+                timeout=30,
+            )
+        )
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         # a hold authorized before the restart is captured after it; another is voided
-        capture = stub.Capture(pb.CaptureRequest(merchant_id=merchant, authorization_id=kept.authorization_id,
-                                                 points=120, idempotency_key=unique("k")), timeout=30)
+        capture = stub.Capture(
+            pb.CaptureRequest(
+                merchant_id=merchant, authorization_id=kept.authorization_id, points=120, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
         assert (capture.points, capture.released, capture.balance, capture.available) == (120, 180, 880, 680)
-        void = stub.Void(pb.VoidRequest(merchant_id=merchant, authorization_id=also_kept.authorization_id,
-                                        idempotency_key=unique("k")), timeout=30)
+        void = stub.Void(
+            pb.VoidRequest(
+                merchant_id=merchant, authorization_id=also_kept.authorization_id, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
         assert (void.released, void.available) == (200, 880)
         assert balance(stub, members[0]) == (880, 0, 880)
         # holds resolved before the restart stay resolved
-        again = error_of(lambda: stub.Capture(pb.CaptureRequest(
-            merchant_id=merchant, authorization_id=captured.authorization_id, idempotency_key=unique("k")),
-            timeout=30))
+        again = error_of(
+            lambda: stub.Capture(
+                pb.CaptureRequest(
+                    merchant_id=merchant, authorization_id=captured.authorization_id, idempotency_key=unique("k")
+                ),
+                timeout=30,
+            )
+        )
         assert again.code() == grpc.StatusCode.FAILED_PRECONDITION and "already captured" in again.details()
-        after_void = error_of(lambda: stub.Capture(pb.CaptureRequest(
-            merchant_id=merchant, authorization_id=voided.authorization_id, idempotency_key=unique("k")),
-            timeout=30))
+        after_void = error_of(
+            lambda: stub.Capture(
+                pb.CaptureRequest(
+                    merchant_id=merchant, authorization_id=voided.authorization_id, idempotency_key=unique("k")
+                ),
+                timeout=30,
+            )
+        )
         assert after_void.code() == grpc.StatusCode.FAILED_PRECONDITION and "voided" in after_void.details()
         # what was refunded before counts: 500 of the 600 remain refundable
-        over = error_of(lambda: stub.Refund(pb.RefundRequest(
-            merchant_id=merchant, transaction_id=spent.transaction_id, points=501, idempotency_key=unique("k")),
-            timeout=30))
+        over = error_of(
+            lambda: stub.Refund(
+                pb.RefundRequest(
+                    merchant_id=merchant, transaction_id=spent.transaction_id, points=501, idempotency_key=unique("k")
+                ),
+                timeout=30,
+            )
+        )
         assert over.code() == grpc.StatusCode.FAILED_PRECONDITION
-        back = stub.Refund(pb.RefundRequest(merchant_id=merchant, transaction_id=spent.transaction_id, points=500,
-                                            idempotency_key=unique("k")), timeout=30)
+        back = stub.Refund(
+            pb.RefundRequest(
+                merchant_id=merchant, transaction_id=spent.transaction_id, points=500, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
         assert back.balance == 1_000
         # new ids do not collide with those issued before the restart
         fresh = earn(stub, merchant, members[2], 10_000)
@@ -132,8 +201,9 @@ def test_sigterm_during_traffic_answers_every_call_and_loses_nothing(create_data
 
     def client(stub) -> None:
         for _ in range(10_000):  # bounded; ends at the first refusal
-            request = pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=1_000,
-                                     idempotency_key=unique("k"))
+            request = pb.EarnRequest(
+                merchant_id=merchant, member_id=member, purchase_amount=1_000, idempotency_key=unique("k")
+            )
             try:
                 response = stub.Earn(request, timeout=30)
             except grpc.RpcError as error:
@@ -159,8 +229,9 @@ def test_sigterm_during_traffic_answers_every_call_and_loses_nothing(create_data
     refused = [(request, error) for request, error in answers if isinstance(error, grpc.RpcError)]
     assert len(refused) == 8  # each client stopped at its first refusal
     # refused, not answered: UNAVAILABLE (retryable), while the service drains before closing
-    assert {error.code() for _, error in refused} == {grpc.StatusCode.UNAVAILABLE}, \
-        {(error.code(), error.details()) for _, error in refused}
+    assert {error.code() for _, error in refused} == {grpc.StatusCode.UNAVAILABLE}, {
+        (error.code(), error.details()) for _, error in refused
+    }
 
     restarted = service_factory(url)
     with restarted.channel() as channel:
@@ -185,29 +256,34 @@ CALL_TIMEOUT_SECONDS = 10
 RESTART_WAIT_SECONDS = 0.5
 RETRYING_SECONDS_MAX = 60
 # Answers that leave the outcome open: the call may or may not have been applied; retry with the same key.
-UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                        grpc.StatusCode.CANCELLED})
+UNANSWERED = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 KIND = {"Earn": 1, "Capture": 2, "Redeem": 3}
 KIND_REFUND_OF_REDEMPTION, KIND_REFUND_OF_EARN = 4, 5
 MEMBER_SIGN = {1: 1, 2: -1, 3: -1, 4: 1, 5: -1}
-MERCHANT_ENTRY = {1: ("merchant_issued", -1), 2: ("merchant_redeemed", 1), 3: ("merchant_redeemed", 1),
-                  4: ("merchant_redeemed", -1), 5: ("merchant_issued", 1)}
+MERCHANT_ENTRY = {
+    1: ("merchant_issued", -1),
+    2: ("merchant_redeemed", 1),
+    3: ("merchant_redeemed", 1),
+    4: ("merchant_redeemed", -1),
+    5: ("merchant_issued", 1),
+}
 CREATES_TRANSACTION = frozenset({"Earn", "Capture", "Redeem", "Refund"})
 
 
 @dataclasses.dataclass(eq=False)
 class Op:
     """One operation a client issued, and what became of it."""
+
     method: str
     request: object
-    member: str                   # whose balance it concerns
-    give_back_bps: int = 0        # earns: the merchant's rate
+    member: str  # whose balance it concerns
+    give_back_bps: int = 0  # earns: the merchant's rate
     original: "Op | None" = None  # refunds: the refunded operation; captures and voids: the authorize
-    code: str = ""                # the answer: an error code name, or "OK" ("" while unanswered)
-    response: object = None       # OK: the response; otherwise the error details
-    replayed: bool = False        # the answer carried the replay trailer
-    interrupted: bool = False     # at least one attempt went unanswered
-    abandoned: bool = False       # unanswered and never retried
+    code: str = ""  # the answer: an error code name, or "OK" ("" while unanswered)
+    response: object = None  # OK: the response; otherwise the error details
+    replayed: bool = False  # the answer carried the replay trailer
+    interrupted: bool = False  # at least one attempt went unanswered
+    abandoned: bool = False  # unanswered and never retried
 
     @property
     def key(self) -> tuple[str, str]:
@@ -286,8 +362,10 @@ class Progress:
     def wait_for(self, count: int, timeout: float) -> bool:
         """True once `count` operations were acknowledged; False after `timeout` seconds or a problem."""
         with self._condition:
-            return self._condition.wait_for(lambda: self.acknowledged >= count or self.problems, timeout) \
+            return (
+                self._condition.wait_for(lambda: self.acknowledged >= count or self.problems, timeout)
                 and not self.problems
+            )
 
 
 class Client:
@@ -295,8 +373,15 @@ class Client:
     an operation whose first attempt went unanswered; the others retry with the same key until
     answered."""
 
-    def __init__(self, board: Board, progress: Progress, members: list[str], merchants: dict[str, int],
-                 rng: random.Random, abandons: bool):
+    def __init__(
+        self,
+        board: Board,
+        progress: Progress,
+        members: list[str],
+        merchants: dict[str, int],
+        rng: random.Random,
+        abandons: bool,
+    ):
         self.board = board
         self.progress = progress
         self.members = members
@@ -304,8 +389,8 @@ class Client:
         self.rng = rng
         self.abandons = abandons
         self.ops: list[Op] = []
-        self.holds: list[Op] = []                   # answered authorizes not yet resolved
-        self.refundable: dict[Op, int] = {}         # answered earns, captures, redeems → unrefunded
+        self.holds: list[Op] = []  # answered authorizes not yet resolved
+        self.refundable: dict[Op, int] = {}  # answered earns, captures, redeems → unrefunded
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -321,33 +406,56 @@ class Client:
             self.resolve(self.holds.pop(rng.randrange(len(self.holds))))
         elif choice < 0.45:
             merchant = rng.choice(list(self.merchants))
-            op = self.issue("Earn", pb.EarnRequest(merchant_id=merchant, member_id=rng.choice(self.members),
-                                                   purchase_amount=rng.randint(100, 30_000),
-                                                   idempotency_key=unique("k")),
-                            give_back_bps=self.merchants[merchant])
+            op = self.issue(
+                "Earn",
+                pb.EarnRequest(
+                    merchant_id=merchant,
+                    member_id=rng.choice(self.members),
+                    purchase_amount=rng.randint(100, 30_000),
+                    idempotency_key=unique("k"),
+                ),
+                give_back_bps=self.merchants[merchant],
+            )
             if op.code == "OK":
                 self.refundable[op] = op.response.points
         elif choice < 0.65:
-            op = self.issue("Authorize", pb.AuthorizeRequest(merchant_id=rng.choice(list(self.merchants)),
-                                                             member_id=rng.choice(self.members),
-                                                             points=rng.randint(1, 2_000),
-                                                             idempotency_key=unique("k")))
+            op = self.issue(
+                "Authorize",
+                pb.AuthorizeRequest(
+                    merchant_id=rng.choice(list(self.merchants)),
+                    member_id=rng.choice(self.members),
+                    points=rng.randint(1, 2_000),
+                    idempotency_key=unique("k"),
+                ),
+            )
             if op.code == "OK":
                 self.holds.append(op)
         elif choice < 0.85 or not self.refundable:
-            op = self.issue("Redeem", pb.RedeemRequest(merchant_id=rng.choice(list(self.merchants)),
-                                                       member_id=rng.choice(self.members),
-                                                       points=rng.randint(1, 1_500), idempotency_key=unique("k")))
+            op = self.issue(
+                "Redeem",
+                pb.RedeemRequest(
+                    merchant_id=rng.choice(list(self.merchants)),
+                    member_id=rng.choice(self.members),
+                    points=rng.randint(1, 1_500),
+                    idempotency_key=unique("k"),
+                ),
+            )
             if op.code == "OK":
                 self.refundable[op] = op.points
         else:
             original = rng.choice(list(self.refundable))
             remaining = self.refundable.pop(original)
             points = rng.randint(1, remaining)
-            op = self.issue("Refund", pb.RefundRequest(merchant_id=original.request.merchant_id,
-                                                       transaction_id=original.response.transaction_id,
-                                                       points=points, idempotency_key=unique("k")),
-                            original=original)
+            op = self.issue(
+                "Refund",
+                pb.RefundRequest(
+                    merchant_id=original.request.merchant_id,
+                    transaction_id=original.response.transaction_id,
+                    points=points,
+                    idempotency_key=unique("k"),
+                ),
+                original=original,
+            )
             if op.code == "OK" and remaining > points:
                 self.refundable[original] = remaining - points
             elif op.code != "OK" and not op.abandoned:
@@ -357,14 +465,24 @@ class Client:
         merchant = hold.request.merchant_id
         authorization_id = hold.response.authorization_id
         if self.rng.random() < 0.6:
-            op = self.issue("Capture", pb.CaptureRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                                         points=self.rng.randint(1, hold.request.points),
-                                                         idempotency_key=unique("k")), original=hold)
+            op = self.issue(
+                "Capture",
+                pb.CaptureRequest(
+                    merchant_id=merchant,
+                    authorization_id=authorization_id,
+                    points=self.rng.randint(1, hold.request.points),
+                    idempotency_key=unique("k"),
+                ),
+                original=hold,
+            )
             if op.code == "OK":
                 self.refundable[op] = op.points
         else:
-            self.issue("Void", pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id,
-                                              idempotency_key=unique("k")), original=hold)
+            self.issue(
+                "Void",
+                pb.VoidRequest(merchant_id=merchant, authorization_id=authorization_id, idempotency_key=unique("k")),
+                original=hold,
+            )
 
     retry_pause_seconds = RESTART_WAIT_SECONDS
 
@@ -399,8 +517,10 @@ class Client:
                 op.abandoned = True
                 return op
             if time.monotonic() - started > RETRYING_SECONDS_MAX:
-                self.progress.problem(f"{method} {request.idempotency_key} unanswered after "
-                                      f"{RETRYING_SECONDS_MAX} s of retries{self.last_answer(op)}")
+                self.progress.problem(
+                    f"{method} {request.idempotency_key} unanswered after "
+                    f"{RETRYING_SECONDS_MAX} s of retries{self.last_answer(op)}"
+                )
                 op.abandoned = True
                 return op
         problem = unexpected_answer(op)
@@ -413,6 +533,7 @@ class Client:
 @dataclasses.dataclass
 class Journal:
     """What Postgres holds, indexed for the checks."""
+
     transactions: dict[int, asyncpg.Record]
     transactions_by_key: dict[tuple[str, str], list[asyncpg.Record]]
     entries: dict[int, list[tuple[str, str, int]]]
@@ -427,13 +548,16 @@ async def _read_journal(url: str) -> Journal:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             transactions = await connection.fetch(
                 """SELECT transaction_id, kind, merchant_id, member_id, amount, authorization_id,
-                          original_transaction_id, idempotency_key FROM transactions""")
+                          original_transaction_id, idempotency_key FROM transactions"""
+            )
             entries = await connection.fetch(
                 """SELECT e.transaction_id, a.kind, a.owner_id, e.amount
-                   FROM entries e JOIN accounts a USING (account_id)""")
+                   FROM entries e JOIN accounts a USING (account_id)"""
+            )
             holds = await connection.fetch(
                 """SELECT authorization_id, merchant_id, member_id, amount, status, captured,
-                          capture_transaction_id, idempotency_key FROM holds""")
+                          capture_transaction_id, idempotency_key FROM holds"""
+            )
             keys = await connection.fetch("SELECT merchant_id, idempotency_key, method, outcome FROM idempotency_keys")
     finally:
         await connection.close()
@@ -446,9 +570,14 @@ async def _read_journal(url: str) -> Journal:
     journal_entries = collections.defaultdict(list)
     for e in entries:
         journal_entries[e["transaction_id"]].append((e["kind"], e["owner_id"], e["amount"]))
-    return Journal({t["transaction_id"]: t for t in transactions}, by_key, journal_entries,
-                   {h["authorization_id"]: h for h in holds}, holds_by_key,
-                   {(k["merchant_id"], k["idempotency_key"]): (k["method"], k["outcome"]) for k in keys})
+    return Journal(
+        {t["transaction_id"]: t for t in transactions},
+        by_key,
+        journal_entries,
+        {h["authorization_id"]: h for h in holds},
+        holds_by_key,
+        {(k["merchant_id"], k["idempotency_key"]): (k["method"], k["outcome"]) for k in keys},
+    )
 
 
 def read_journal(url: str) -> Journal:
@@ -456,7 +585,7 @@ def read_journal(url: str) -> Journal:
 
 
 def outcome_of(op: Op, journal: Journal) -> str:
-    """"OK" or an error code: the answer the client got, else the outcome Postgres recorded (an
+    """ "OK" or an error code: the answer the client got, else the outcome Postgres recorded (an
     abandoned call); "" if an abandoned call left no record."""
     if not op.abandoned:
         return op.code
@@ -504,8 +633,10 @@ def check_in_journal(op: Op, outcome: str, journal: Journal) -> list[str]:
         else:
             expected = (2, op.points, transactions[0]["transaction_id"] if transactions else "?")
         if resolution != expected:
-            problems.append(f"{name}: outcome {outcome or 'none'}, hold (status, captured, transaction) "
-                            f"{resolution}, expected {expected}")
+            problems.append(
+                f"{name}: outcome {outcome or 'none'}, hold (status, captured, transaction) "
+                f"{resolution}, expected {expected}"
+            )
     return problems
 
 
@@ -514,11 +645,16 @@ def check_entries(journal: Journal) -> list[str]:
     problems = []
     for transaction_id, t in journal.transactions.items():
         account, sign = MERCHANT_ENTRY[t["kind"]]
-        expected = sorted([("member", t["member_id"], MEMBER_SIGN[t["kind"]] * t["amount"]),
-                           (account, t["merchant_id"], sign * t["amount"])])
+        expected = sorted(
+            [
+                ("member", t["member_id"], MEMBER_SIGN[t["kind"]] * t["amount"]),
+                (account, t["merchant_id"], sign * t["amount"]),
+            ]
+        )
         if sorted(journal.entries.get(transaction_id, [])) != expected:
-            problems.append(f"transaction {transaction_id}: entries {journal.entries.get(transaction_id)}, "
-                            f"expected {expected}")
+            problems.append(
+                f"transaction {transaction_id}: entries {journal.entries.get(transaction_id)}, expected {expected}"
+            )
     for transaction_id in journal.entries.keys() - journal.transactions.keys():
         problems.append(f"entries of unknown transaction {transaction_id}")
     return problems
@@ -574,8 +710,10 @@ def replay(stub, op: Op) -> str | None:
         response, flag = call_once(getattr(stub, op.method), op.request)
     except grpc.RpcError as error:
         if (error.code().name, error.details()) != (op.code, op.response):
-            return f"{op.method} {op.key[1]}: first {op.code} {op.response!r}, replay {error.code().name} " \
-                   f"{error.details()!r}"
+            return (
+                f"{op.method} {op.key[1]}: first {op.code} {op.response!r}, replay {error.code().name} "
+                f"{error.details()!r}"
+            )
         return None
     if op.code != "OK" or wire(response) != wire(op.response) or flag != "true":
         return f"{op.method} {op.key[1]}: first {op.code} {op.response!r}, replay OK {response!r} (trailer {flag})"
@@ -590,7 +728,8 @@ def board():
 
 
 def test_sigkill_mid_traffic_loses_nothing_acknowledged_and_half_applies_nothing(
-        create_database, service_factory, rng, board):
+    create_database, service_factory, rng, board
+):
     url = create_database()
     merchants = {unique("m"): 1000, unique("m"): 500}
     for merchant, give_back_bps in merchants.items():
@@ -602,12 +741,19 @@ def test_sigkill_mid_traffic_loses_nothing_acknowledged_and_half_applies_nothing
     setup = Client(board, progress, members, merchants, rng, abandons=False)
     first_merchant = next(iter(merchants))
     for member in members:
-        setup.issue("Earn", pb.EarnRequest(merchant_id=first_merchant, member_id=member, purchase_amount=50_000,
-                                           idempotency_key=unique("k")), give_back_bps=merchants[first_merchant])
+        setup.issue(
+            "Earn",
+            pb.EarnRequest(
+                merchant_id=first_merchant, member_id=member, purchase_amount=50_000, idempotency_key=unique("k")
+            ),
+            give_back_bps=merchants[first_merchant],
+        )
     assert [op.code for op in setup.ops] == ["OK"] * MEMBERS
 
-    clients = [Client(board, progress, members, merchants, random.Random(rng.random()), abandons=index % 2 == 0)
-               for index in range(CLIENTS)]
+    clients = [
+        Client(board, progress, members, merchants, random.Random(rng.random()), abandons=index % 2 == 0)
+        for index in range(CLIENTS)
+    ]
     stop = threading.Event()
     threads = [threading.Thread(target=client.run, args=(stop,), daemon=True) for client in clients]
     for thread in threads:
@@ -616,14 +762,16 @@ def test_sigkill_mid_traffic_loses_nothing_acknowledged_and_half_applies_nothing
         for _ in range(KILLS):
             # a random moment while traffic flows: after a random number of further acknowledgements,
             # then a random pause (a batch takes milliseconds, so the kill lands in any of its phases)
-            assert progress.wait_for(progress.acknowledged + rng.randint(50, 800), timeout=60), \
+            assert progress.wait_for(progress.acknowledged + rng.randint(50, 800), timeout=60), (
                 progress.problems or "the clients made no progress"
+            )
             time.sleep(rng.uniform(0, 0.05))
             running.kill()
             running = service_factory(url)
             board.connect(running)
-        assert progress.wait_for(progress.acknowledged + 500, timeout=60), \
+        assert progress.wait_for(progress.acknowledged + 500, timeout=60), (
             progress.problems or "no progress after the last restart"
+        )
     finally:
         stop.set()
         for thread in threads:
@@ -637,9 +785,11 @@ def test_sigkill_mid_traffic_loses_nothing_acknowledged_and_half_applies_nothing
     assert interrupted, "no call was in flight at any of the crashes"
     assert [problem for op in ops if not op.abandoned and (problem := unexpected_answer(op))] == []
     journal = read_journal(url)
-    print(f"{len(ops)} operations, {len(interrupted)} interrupted by a crash, {len(abandoned)} abandoned "
-          f"({sum(op.key in journal.idempotency for op in abandoned)} of them committed), "
-          f"{sum(op.replayed for op in ops)} answered by a replay of a committed outcome")
+    print(
+        f"{len(ops)} operations, {len(interrupted)} interrupted by a crash, {len(abandoned)} abandoned "
+        f"({sum(op.key in journal.idempotency for op in abandoned)} of them committed), "
+        f"{sum(op.replayed for op in ops)} answered by a replay of a committed outcome"
+    )
     problems = []
     for op in ops:
         problems += check_in_journal(op, outcome_of(op, journal), journal)

@@ -2,6 +2,7 @@
 INTERNAL, a message that names the request id and nothing of the exception, logs it with its
 traceback, and keeps serving. A real grpc.aio server on 127.0.0.1:0 with the service's interceptor and a
 handler of an open service (no credential needed) that fails as a bug would."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,9 @@ def test_a_handler_bug_answers_internal_with_the_request_id_and_the_server_keeps
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
-                call = stub.Check(health_pb2.HealthCheckRequest(service="x"), timeout=10,
-                                  metadata=(("x-request-id", "req-42"),))
+                call = stub.Check(
+                    health_pb2.HealthCheckRequest(service="x"), timeout=10, metadata=(("x-request-id", "req-42"),)
+                )
                 with pytest.raises(grpc.aio.AioRpcError) as raised:
                     await call
                 assert raised.value.code() == grpc.StatusCode.INTERNAL

@@ -2,6 +2,7 @@
 services' findings are ignored there, each with its reason) and has no breaking change against the
 previous release's proto; the STANDARD-named twins of the deprecated operator services take the same
 requests, keys and audit classification as the old ones."""
+
 from __future__ import annotations
 
 import pathlib
@@ -17,9 +18,11 @@ from processor import admin, audit, rpc
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The last commit before the STANDARD services were added: the proto of the previous release.
 PREVIOUS_RELEASE = "35bb0a5f63a6c920536804fbf1712ac2113eace8"
-TWINS = {"points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
-         "points.v1.Clearing": "points.v1.ClearingService",
-         "points.v1.Programs": "points.v1.ProgramsService"}
+TWINS = {
+    "points.v1.MerchantAdmin": "points.v1.MerchantAdminService",
+    "points.v1.Clearing": "points.v1.ClearingService",
+    "points.v1.Programs": "points.v1.ProgramsService",
+}
 
 
 def _buf() -> str:
@@ -40,11 +43,14 @@ def test_proto_passes_buf_standard_lint():
 
 
 def test_proto_has_no_breaking_change_against_the_previous_release():
-    known = subprocess.run(["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], cwd=ROOT,
-                           capture_output=True, timeout=30)
+    known = subprocess.run(
+        ["git", "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"], cwd=ROOT, capture_output=True, timeout=30
+    )
     if known.returncode != 0:
-        pytest.skip(f"this clone lacks commit {PREVIOUS_RELEASE} (the previous release's proto): a shallow "
-                    "clone; fetch the history (git fetch --unshallow) to run buf breaking")
+        pytest.skip(
+            f"this clone lacks commit {PREVIOUS_RELEASE} (the previous release's proto): a shallow "
+            "clone; fetch the history (git fetch --unshallow) to run buf breaking"
+        )
     result = _run("breaking", "proto", "--against", f".git#ref={PREVIOUS_RELEASE},subdir=proto")
     assert result.returncode == 0, f"buf breaking found:\n{result.stdout}{result.stderr}"
 
@@ -56,15 +62,26 @@ def test_buf_lint_catches_a_service_without_the_suffix(tmp_path):
     (tmp_path / "points" / "v1" / "x.proto").write_text(
         'syntax = "proto3";\npackage points.v1;\nservice Widgets {\n'
         "  rpc GetWidget(GetWidgetRequest) returns (GetWidgetResponse);\n}\n"
-        "message GetWidgetRequest {}\nmessage GetWidgetResponse {}\n")
+        "message GetWidgetRequest {}\nmessage GetWidgetResponse {}\n"
+    )
     result = subprocess.run([_buf(), "lint", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout + result.stderr
     assert 'Service name "Widgets" should be suffixed with "Service"' in result.stdout, result.stdout + result.stderr
 
 
 def _fields(message) -> list[tuple]:
-    return sorted((f.name, f.number, f.type, f.is_repeated, f.has_presence, getattr(f.message_type, "full_name", None),
-                   getattr(f.enum_type, "full_name", None)) for f in message.fields)
+    return sorted(
+        (
+            f.name,
+            f.number,
+            f.type,
+            f.is_repeated,
+            f.has_presence,
+            getattr(f.message_type, "full_name", None),
+            getattr(f.enum_type, "full_name", None),
+        )
+        for f in message.fields
+    )
 
 
 @pytest.mark.parametrize("old, new", sorted(TWINS.items()))
@@ -94,8 +111,7 @@ def test_twin_services_are_operator_only_and_audited_as_their_twins(old, new):
 
 
 def test_every_new_method_has_an_adapter():
-    for servicer in (admin.MerchantAdminServiceServicer, admin.ClearingServiceServicer,
-                     admin.ProgramsServiceServicer):
+    for servicer in (admin.MerchantAdminServiceServicer, admin.ClearingServiceServicer, admin.ProgramsServiceServicer):
         service = pb.DESCRIPTOR.services_by_name[servicer.__mro__[1].__name__.removesuffix("Servicer")]
         for method in service.methods:
             assert getattr(servicer, method.name).__name__ == method.name, method.full_name

@@ -1,5 +1,6 @@
 """processor/errors.py's google.rpc details, without a server: which details each refusal carries, and
 that every reason the code names is in the documented table."""
+
 from __future__ import annotations
 
 import pathlib
@@ -15,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict]:
-    (key, value), = [item for item in status.trailing_metadata if item[0] == "grpc-status-details-bin"]
+    ((key, value),) = [item for item in status.trailing_metadata if item[0] == "grpc-status-details-bin"]
     decoded = status_pb2.Status.FromString(value)
     found = {}
     for packed in decoded.details:
@@ -26,8 +27,12 @@ def _details(status: grpc.Status) -> tuple[status_pb2.Status, dict]:
 
 
 def test_the_code_and_message_are_unchanged_and_repeated_in_the_status():
-    status = errors.status(Code.FAILED_PRECONDITION, "member 'm' has 5 point-units available, 9 asked",
-                           reason="INSUFFICIENT_POINTS", trailing_metadata=(("points-idempotent-replay", "true"),))
+    status = errors.status(
+        Code.FAILED_PRECONDITION,
+        "member 'm' has 5 point-units available, 9 asked",
+        reason="INSUFFICIENT_POINTS",
+        trailing_metadata=(("points-idempotent-replay", "true"),),
+    )
     assert status.code == grpc.StatusCode.FAILED_PRECONDITION
     assert status.details == "member 'm' has 5 point-units available, 9 asked"
     assert ("points-idempotent-replay", "true") in status.trailing_metadata
@@ -42,8 +47,11 @@ def test_retryable_codes_always_carry_retry_info():
         assert found["ErrorInfo"].reason == errors.CODE_REASONS[code]
         delay = found["RetryInfo"].retry_delay
         assert delay.seconds + delay.nanos / 1e9 == errors.RETRY_AFTER_SECONDS_DEFAULT
-    _, found = _details(errors.outcome_status(Outcome(Code.RESOURCE_EXHAUSTED, reason="member_locked",
-                                                      retry_after_seconds=2.5, message="locked")))
+    _, found = _details(
+        errors.outcome_status(
+            Outcome(Code.RESOURCE_EXHAUSTED, reason="member_locked", retry_after_seconds=2.5, message="locked")
+        )
+    )
     assert found["ErrorInfo"].reason == "MEMBER_LOCKED"
     assert (found["RetryInfo"].retry_delay.seconds, found["RetryInfo"].retry_delay.nanos) == (2, 500_000_000)
     _, found = _details(errors.status(Code.FAILED_PRECONDITION, "no"))
@@ -51,13 +59,24 @@ def test_retryable_codes_always_carry_retry_info():
 
 
 def test_quota_and_field_details():
-    _, found = _details(errors.rejection_status(Rejection(
-        Code.RESOURCE_EXHAUSTED, "slow down", reason="RATE_LIMITED", retry_after_seconds=0.0001,
-        quota=("merchant:a", "5 operations/s"))))
+    _, found = _details(
+        errors.rejection_status(
+            Rejection(
+                Code.RESOURCE_EXHAUSTED,
+                "slow down",
+                reason="RATE_LIMITED",
+                retry_after_seconds=0.0001,
+                quota=("merchant:a", "5 operations/s"),
+            )
+        )
+    )
     assert found["RetryInfo"].retry_delay.nanos == 1_000_000  # at least 1 ms
     assert [(v.subject, v.description) for v in found["QuotaFailure"].violations] == [("merchant:a", "5 operations/s")]
-    _, found = _details(errors.rejection_status(Rejection(Code.INVALID_ARGUMENT, "points must be 1..",
-                                                          reason="INVALID_FIELD", field="points")))
+    _, found = _details(
+        errors.rejection_status(
+            Rejection(Code.INVALID_ARGUMENT, "points must be 1..", reason="INVALID_FIELD", field="points")
+        )
+    )
     assert dict(found["ErrorInfo"].metadata) == {"field": "points"}
     assert found["BadRequest"].field_violations[0].field == "points"
 

@@ -1,4 +1,5 @@
 """Behaviour of the fast-path ledger, run against the compiled module and its pure-Python twin."""
+
 import importlib.machinery
 import os
 import pathlib
@@ -33,13 +34,17 @@ def snapshot(ledger, hold_ids=range(0), transaction_ids=range(0)):
     """Everything the public API shows of a ledger that the undo log restores, for the ids the test
     has used (not account ids, which it does not restore, nor batches_open)."""
     return {
-        "counts": (ledger.members_count, ledger.holds_resident_count, ledger.holds_open_count,
-                   ledger.transactions_resident_count),
-        "members": [(ledger.member_id(slot), ledger.balance(slot))
-                    for slot in range(ledger.members_count)],
+        "counts": (
+            ledger.members_count,
+            ledger.holds_resident_count,
+            ledger.holds_open_count,
+            ledger.transactions_resident_count,
+        ),
+        "members": [(ledger.member_id(slot), ledger.balance(slot)) for slot in range(ledger.members_count)],
         "holds": {hold_id: ledger.hold(hold_id) for hold_id in hold_ids if ledger.has_hold(hold_id)},
-        "transactions": {transaction_id for transaction_id in transaction_ids
-                         if ledger.has_transaction(transaction_id)},
+        "transactions": {
+            transaction_id for transaction_id in transaction_ids if ledger.has_transaction(transaction_id)
+        },
     }
 
 
@@ -52,13 +57,36 @@ def funded(ledger, member_id="alice", points=10_000, transaction_id=1):
 # --- module and constants -------------------------------------------------------------------------
 
 STATUSES = {
-    "OK": 0, "INSUFFICIENT_POINTS": 1, "UNKNOWN_MEMBER": 2, "UNKNOWN_HOLD": 3, "HOLD_EXPIRED": 4,
-    "HOLD_CAPTURED": 5, "HOLD_VOIDED": 6, "WRONG_MERCHANT": 7, "CAPTURE_EXCEEDS_HOLD": 8,
-    "UNKNOWN_TRANSACTION": 9, "REFUND_EXCEEDS_REMAINING": 10, "NOT_REFUNDABLE": 11, "OVERFLOW": 12,
-    "CAPACITY": 13, "HOLD_OPEN": 1, "HOLD_STATUS_CAPTURED": 2, "HOLD_STATUS_VOIDED": 3,
-    "HOLD_STATUS_EXPIRED": 4, "KIND_EARN": 1, "KIND_CAPTURE": 2, "KIND_REDEEM": 3,
-    "KIND_REFUND_REDEMPTION": 4, "KIND_REFUND_EARN": 5, "BALANCE_MAX": 2**62,
-    "OP_EARN": 1, "OP_AUTHORIZE": 2, "OP_CAPTURE": 3, "OP_VOID": 4, "OP_REDEEM": 5, "OP_REFUND": 6,
+    "OK": 0,
+    "INSUFFICIENT_POINTS": 1,
+    "UNKNOWN_MEMBER": 2,
+    "UNKNOWN_HOLD": 3,
+    "HOLD_EXPIRED": 4,
+    "HOLD_CAPTURED": 5,
+    "HOLD_VOIDED": 6,
+    "WRONG_MERCHANT": 7,
+    "CAPTURE_EXCEEDS_HOLD": 8,
+    "UNKNOWN_TRANSACTION": 9,
+    "REFUND_EXCEEDS_REMAINING": 10,
+    "NOT_REFUNDABLE": 11,
+    "OVERFLOW": 12,
+    "CAPACITY": 13,
+    "HOLD_OPEN": 1,
+    "HOLD_STATUS_CAPTURED": 2,
+    "HOLD_STATUS_VOIDED": 3,
+    "HOLD_STATUS_EXPIRED": 4,
+    "KIND_EARN": 1,
+    "KIND_CAPTURE": 2,
+    "KIND_REDEEM": 3,
+    "KIND_REFUND_REDEMPTION": 4,
+    "KIND_REFUND_EARN": 5,
+    "BALANCE_MAX": 2**62,
+    "OP_EARN": 1,
+    "OP_AUTHORIZE": 2,
+    "OP_CAPTURE": 3,
+    "OP_VOID": 4,
+    "OP_REDEEM": 5,
+    "OP_REFUND": 6,
 }
 
 
@@ -74,15 +102,18 @@ def test_constants_match_the_contract(impl, name):
     assert getattr(fastpath, name) == STATUSES[name]
 
 
-@pytest.mark.skipif(os.environ.get("POINTS_FASTPATH") != "python",
-                    reason="only when POINTS_FASTPATH=python asks for the pure-Python twin")
+@pytest.mark.skipif(
+    os.environ.get("POINTS_FASTPATH") != "python",
+    reason="only when POINTS_FASTPATH=python asks for the pure-Python twin",
+)
 def test_package_loads_the_python_twin_when_told_to():
     assert fastpath.IMPLEMENTATION == "python"
     assert fastpath.Ledger is fastpath._reference.Ledger
 
 
-@pytest.mark.skipif(os.environ.get("POINTS_FASTPATH") == "python",
-                    reason="POINTS_FASTPATH=python asks for the pure-Python twin instead")
+@pytest.mark.skipif(
+    os.environ.get("POINTS_FASTPATH") == "python", reason="POINTS_FASTPATH=python asks for the pure-Python twin instead"
+)
 def test_package_loads_the_compiled_module_unless_told_otherwise():
     # The one test that fails when the compiled module did not load: a silent fallback to the twin
     # would only show up as latency in production.
@@ -95,22 +126,27 @@ def test_package_loads_the_compiled_module_unless_told_otherwise():
 def _run_python(code, **environment):
     env = {key: value for key, value in os.environ.items() if key != "POINTS_FASTPATH"}
     env.update(environment)
-    return subprocess.run([sys.executable, *code], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run([sys.executable, *code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_environment_switch_selects_the_twin():
-    result = _run_python(["-c", "import fastpath; print(fastpath.IMPLEMENTATION, "
-                                "fastpath.Ledger.__module__)"], POINTS_FASTPATH="python")
+    result = _run_python(
+        ["-c", "import fastpath; print(fastpath.IMPLEMENTATION, fastpath.Ledger.__module__)"], POINTS_FASTPATH="python"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["python", "fastpath._reference"]
 
 
 def test_missing_build_is_an_import_error_that_says_how_to_build():
     # sys.modules[name] = None makes importing that name fail as if the .so were missing.
-    result = _run_python(["-c", "import sys; sys.modules['fastpath._core'] = None\n"
-                                "try:\n    import fastpath\n"
-                                "except ImportError as error:\n    print('ImportError', error)\n"])
+    result = _run_python(
+        [
+            "-c",
+            "import sys; sys.modules['fastpath._core'] = None\n"
+            "try:\n    import fastpath\n"
+            "except ImportError as error:\n    print('ImportError', error)\n",
+        ]
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ImportError")
     assert "make build" in result.stdout
@@ -118,13 +154,15 @@ def test_missing_build_is_an_import_error_that_says_how_to_build():
 
 @pytest.mark.parametrize("module", ["fastpath._core", "fastpath._reference"])
 def test_invariant_checks_survive_python_optimize(module):
-    code = (f"import {module} as impl\n"
-            "ledger = impl.Ledger(4, 4, 4)\n"
-            "slot = ledger.load_member('m', 100)\n"
-            "ledger.load_hold(1, slot, 1, 100, 10, impl.HOLD_OPEN)\n"
-            "ledger.load_member('m', 10)\n"
-            "try:\n    ledger.check_invariants()\n"
-            "except impl.LedgerInvariantError:\n    print('caught')\n")
+    code = (
+        f"import {module} as impl\n"
+        "ledger = impl.Ledger(4, 4, 4)\n"
+        "slot = ledger.load_member('m', 100)\n"
+        "ledger.load_hold(1, slot, 1, 100, 10, impl.HOLD_OPEN)\n"
+        "ledger.load_member('m', 10)\n"
+        "try:\n    ledger.check_invariants()\n"
+        "except impl.LedgerInvariantError:\n    print('caught')\n"
+    )
     result = _run_python(["-O", "-c", code])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "caught"
@@ -137,6 +175,7 @@ def test_ledger_sizes_must_be_positive(impl):
 
 
 # --- loading --------------------------------------------------------------------------------------
+
 
 def test_load_member_adds_then_overwrites_posted(impl, ledger):
     assert ledger.load_member("alice", 500) == 0
@@ -326,8 +365,7 @@ def test_load_transaction_makes_it_refundable(impl, ledger):
     ledger.load_transaction(5, impl.KIND_REDEEM, slot, MERCHANT, 400, 100)
     assert ledger.has_transaction(5)
     assert ledger.refund(5, MERCHANT, 301, 6) == (impl.REFUND_EXCEEDS_REMAINING, 0, 0, 0, 0)
-    assert ledger.refund(5, MERCHANT, 300, 6) == (
-        impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1300, 1300)
+    assert ledger.refund(5, MERCHANT, 300, 6) == (impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1300, 1300)
 
 
 def test_load_transaction_rejects_bad_arguments(impl):
@@ -349,6 +387,7 @@ def test_load_transaction_rejects_bad_arguments(impl):
 
 
 # --- look-ups -------------------------------------------------------------------------------------
+
 
 def test_look_ups_reject_slots_that_are_not_resident(impl, ledger):
     funded(ledger)
@@ -384,6 +423,7 @@ def test_amounts_and_ids_must_be_integers_not_floats(impl, ledger):
 
 # --- earn -----------------------------------------------------------------------------------------
 
+
 def test_earn_creates_the_member_and_registers_the_transaction(impl, ledger):
     assert ledger.earn("alice", MERCHANT, 2_000, 1) == (impl.OK, 0, 2_000)
     assert ledger.earn("alice", MERCHANT, 500, 2) == (impl.OK, 0, 2_500)
@@ -411,8 +451,7 @@ def test_earn_rejects_bad_arguments_without_change(impl, ledger):
 
 
 def test_earn_beyond_balance_max_is_overflow(impl, ledger):
-    assert ledger.earn("alice", MERCHANT, impl.BALANCE_MAX - 5, 1) == (
-        impl.OK, 0, impl.BALANCE_MAX - 5)
+    assert ledger.earn("alice", MERCHANT, impl.BALANCE_MAX - 5, 1) == (impl.OK, 0, impl.BALANCE_MAX - 5)
     before = snapshot(ledger, transaction_ids=range(5))
     assert ledger.earn("alice", MERCHANT, 6, 2) == (impl.OVERFLOW, 0, 0)
     assert ledger.earn("bob", MERCHANT, impl.BALANCE_MAX + 1, 3) == (impl.OVERFLOW, 0, 0)
@@ -435,8 +474,7 @@ def test_earn_at_capacity(impl):
 def test_arrays_grow_up_to_capacity(impl):
     ledger = impl.Ledger(members_max=1000, holds_max=1000, transactions_max=2000)
     for number in range(1000):
-        assert ledger.earn(f"member-{number}", MERCHANT, 100 + number, number) == (
-            impl.OK, number, 100 + number)
+        assert ledger.earn(f"member-{number}", MERCHANT, 100 + number, number) == (impl.OK, number, 100 + number)
         assert ledger.authorize(number, MERCHANT, 50, number, LATER_US + number % 7)[0] == impl.OK
     assert ledger.earn("one-too-many", MERCHANT, 1, 5000) == (impl.CAPACITY, 0, 0)
     assert ledger.authorize(0, MERCHANT, 1, 5000, LATER_US) == (impl.CAPACITY, 0)
@@ -445,6 +483,7 @@ def test_arrays_grow_up_to_capacity(impl):
 
 
 # --- authorize ------------------------------------------------------------------------------------
+
 
 def test_authorize_places_a_hold(impl, ledger):
     slot = funded(ledger, points=1_000)
@@ -466,8 +505,7 @@ def test_authorize_beyond_available_is_insufficient(impl, ledger):
 
 def test_authorize_unknown_member_and_bad_arguments(impl, ledger):
     slot = funded(ledger)
-    assert ledger.authorize(ledger.member_slot("nobody"), MERCHANT, 10, 7, LATER_US) == (
-        impl.UNKNOWN_MEMBER, 0)
+    assert ledger.authorize(ledger.member_slot("nobody"), MERCHANT, 10, 7, LATER_US) == (impl.UNKNOWN_MEMBER, 0)
     with pytest.raises(IndexError):
         ledger.authorize(5, MERCHANT, 10, 7, LATER_US)
     with pytest.raises(IndexError):
@@ -489,6 +527,7 @@ def test_authorize_at_capacity(impl):
 
 
 # --- capture --------------------------------------------------------------------------------------
+
 
 def test_partial_capture_releases_the_rest(impl, ledger):
     slot = funded(ledger, points=1_000)
@@ -581,6 +620,7 @@ def test_capture_at_transaction_capacity(impl):
 
 # --- void -----------------------------------------------------------------------------------------
 
+
 def test_void_releases_the_hold(impl, ledger):
     slot = funded(ledger, points=1_000)
     ledger.authorize(slot, MERCHANT, 300, 7, LATER_US)
@@ -611,6 +651,7 @@ def test_void_of_an_expired_hold_marks_it_expired(impl, ledger):
 
 # --- redeem ---------------------------------------------------------------------------------------
 
+
 def test_redeem_debits_available_points(impl, ledger):
     slot = funded(ledger, points=1_000)
     ledger.authorize(slot, MERCHANT, 300, 7, LATER_US)
@@ -638,13 +679,12 @@ def test_redeem_at_capacity(impl):
 
 # --- refund ---------------------------------------------------------------------------------------
 
+
 def test_refund_of_a_redemption_credits_the_member(impl, ledger):
     slot = funded(ledger, points=1_000)
     ledger.redeem(slot, MERCHANT, 600, 2)
-    assert ledger.refund(2, MERCHANT, 200, 3) == (
-        impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 600, 600)
-    assert ledger.refund(2, MERCHANT, 400, 4) == (
-        impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1_000, 1_000)
+    assert ledger.refund(2, MERCHANT, 200, 3) == (impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 600, 600)
+    assert ledger.refund(2, MERCHANT, 400, 4) == (impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1_000, 1_000)
     assert ledger.refund(2, MERCHANT, 1, 5) == (impl.REFUND_EXCEEDS_REMAINING, 0, 0, 0, 0)
     ledger.check_invariants()
 
@@ -656,8 +696,7 @@ def test_refund_of_a_capture_credits_the_member(impl, ledger):
     before = snapshot(ledger, transaction_ids=[2, 3])
     assert ledger.refund(2, MERCHANT, 251, 3) == (impl.REFUND_EXCEEDS_REMAINING, 0, 0, 0, 0)
     assert snapshot(ledger, transaction_ids=[2, 3]) == before
-    assert ledger.refund(2, MERCHANT, 250, 3) == (
-        impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1_000, 1_000)
+    assert ledger.refund(2, MERCHANT, 250, 3) == (impl.OK, impl.KIND_REFUND_REDEMPTION, slot, 1_000, 1_000)
 
 
 def test_refund_of_an_earn_debits_the_member(impl, ledger):
@@ -706,6 +745,7 @@ def test_refund_at_capacity(impl):
 
 # --- expiry ---------------------------------------------------------------------------------------
 
+
 def test_expire_holds_soonest_first_ties_in_resident_order(impl, ledger):
     slot = funded(ledger, points=1_000)
     expiries = {10: NOW_US + 30, 11: NOW_US + 10, 12: NOW_US + 20, 13: NOW_US + 10, 14: NOW_US + 40}
@@ -718,8 +758,12 @@ def test_expire_holds_soonest_first_ties_in_resident_order(impl, ledger):
     assert ledger.expire_holds(NOW_US + 30, 10) == [10]
     assert ledger.balance(slot) == (1_000, 100)
     assert [ledger.hold(hold_id)[0] for hold_id in sorted(expiries)] == [
-        impl.HOLD_STATUS_EXPIRED, impl.HOLD_STATUS_EXPIRED, impl.HOLD_STATUS_VOIDED,
-        impl.HOLD_STATUS_EXPIRED, impl.HOLD_OPEN]
+        impl.HOLD_STATUS_EXPIRED,
+        impl.HOLD_STATUS_EXPIRED,
+        impl.HOLD_STATUS_VOIDED,
+        impl.HOLD_STATUS_EXPIRED,
+        impl.HOLD_OPEN,
+    ]
     assert ledger.holds_open_count == 1
     with pytest.raises(ValueError):
         ledger.expire_holds(NOW_US, -1)
@@ -743,10 +787,8 @@ def test_forget_resolved_keeps_open_holds_working(impl, ledger):
     ledger.void(12, MERCHANT, NOW_US)
     ledger.expire_holds(NOW_US + 11, 10)
     ledger.forget_resolved()
-    assert [ledger.has_hold(hold_id) for hold_id in range(10, 16)] == [
-        False, False, False, True, True, True]
-    assert (ledger.holds_resident_count, ledger.holds_open_count,
-            ledger.transactions_resident_count) == (3, 3, 0)
+    assert [ledger.has_hold(hold_id) for hold_id in range(10, 16)] == [False, False, False, True, True, True]
+    assert (ledger.holds_resident_count, ledger.holds_open_count, ledger.transactions_resident_count) == (3, 3, 0)
     assert not ledger.has_transaction(1)
     assert ledger.hold(14) == (impl.HOLD_OPEN, slot, MERCHANT, 100, NOW_US + 14)
     ledger.check_invariants()
@@ -768,6 +810,7 @@ def test_forget_resolved_is_refused_inside_a_batch(impl, ledger):
 
 
 # --- undo log -------------------------------------------------------------------------------------
+
 
 def test_commit_and_rollbacks_need_an_open_batch(impl, ledger):
     for name in ["commit", "rollback", "rollback_newest"]:
@@ -1041,6 +1084,7 @@ def test_forget_resolved_is_refused_while_any_batch_is_open(impl, ledger):
 
 
 # --- invariants -----------------------------------------------------------------------------------
+
 
 def test_check_invariants_catches_held_above_posted(impl, ledger):
     slot = ledger.load_member("alice", 1_000)

@@ -1,6 +1,7 @@
 """apply_batch(): a whole batch in one call, answering as the per-operation methods would; run against
 the compiled module and its pure-Python twin. (test_fastpath_differential.py compares the two, and
 each with the per-operation methods, on random batches.)"""
+
 from array import array
 
 import pytest
@@ -49,35 +50,50 @@ def run(ledger, operations, now_us=NOW_US):
 
 def state(ledger, ids=range(0, 40)):
     return {
-        "counts": (ledger.members_count, ledger.holds_resident_count, ledger.holds_open_count,
-                   ledger.transactions_resident_count, ledger.batches_open),
-        "members": [(ledger.member_id(slot), ledger.balance(slot), ledger.member_account(slot))
-                    for slot in range(ledger.members_count)],
+        "counts": (
+            ledger.members_count,
+            ledger.holds_resident_count,
+            ledger.holds_open_count,
+            ledger.transactions_resident_count,
+            ledger.batches_open,
+        ),
+        "members": [
+            (ledger.member_id(slot), ledger.balance(slot), ledger.member_account(slot))
+            for slot in range(ledger.members_count)
+        ],
         "holds": {hold_id: ledger.hold(hold_id) for hold_id in ids if ledger.has_hold(hold_id)},
-        "transactions": {transaction_id for transaction_id in ids
-                         if ledger.has_transaction(transaction_id)},
+        "transactions": {transaction_id for transaction_id in ids if ledger.has_transaction(transaction_id)},
     }
 
 
 def test_operation_codes_are_exported(impl):
-    assert (impl.OP_EARN, impl.OP_AUTHORIZE, impl.OP_CAPTURE, impl.OP_VOID, impl.OP_REDEEM,
-            impl.OP_REFUND) == (1, 2, 3, 4, 5, 6)
+    assert (impl.OP_EARN, impl.OP_AUTHORIZE, impl.OP_CAPTURE, impl.OP_VOID, impl.OP_REDEEM, impl.OP_REFUND) == (
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    )
     assert fastpath.OP_REFUND == 6 and "OP_EARN" in fastpath.__all__
 
 
 def test_each_operation_writes_what_its_method_answers(impl, ledger):
     alice = ledger.load_member("alice", 1_000)
-    rows = run(ledger, [
-        op(impl.OP_EARN, alice, points=100, new_id=1),
-        op(impl.OP_AUTHORIZE, alice, points=300, new_id=10, expires_at_us=LATER_US),
-        op(impl.OP_CAPTURE, points=200, ref_id=10, new_id=2),
-        op(impl.OP_AUTHORIZE, alice, points=100, new_id=11),
-        op(impl.OP_VOID, ref_id=11),
-        op(impl.OP_REDEEM, alice, points=50, new_id=3),
-        op(impl.OP_REFUND, points=20, ref_id=3, new_id=4),
-        op(impl.OP_REFUND, points=30, ref_id=1, new_id=5),
-        op(impl.OP_AUTHORIZE, alice, points=40, new_id=12),
-    ])
+    rows = run(
+        ledger,
+        [
+            op(impl.OP_EARN, alice, points=100, new_id=1),
+            op(impl.OP_AUTHORIZE, alice, points=300, new_id=10, expires_at_us=LATER_US),
+            op(impl.OP_CAPTURE, points=200, ref_id=10, new_id=2),
+            op(impl.OP_AUTHORIZE, alice, points=100, new_id=11),
+            op(impl.OP_VOID, ref_id=11),
+            op(impl.OP_REDEEM, alice, points=50, new_id=3),
+            op(impl.OP_REFUND, points=20, ref_id=3, new_id=4),
+            op(impl.OP_REFUND, points=30, ref_id=1, new_id=5),
+            op(impl.OP_AUTHORIZE, alice, points=40, new_id=12),
+        ],
+    )
     assert rows == [
         (impl.OK, alice, 100, 1_100, 1_100, impl.KIND_EARN),
         (impl.OK, alice, 300, 1_100, 800, 0),
@@ -109,23 +125,33 @@ def test_capture_of_zero_takes_the_whole_hold(impl, ledger):
     alice = ledger.load_member("alice", 1_000)
     ledger.authorize(alice, MERCHANT, 300, 10, LATER_US)
     assert run(ledger, [op(impl.OP_CAPTURE, ref_id=10, new_id=1)]) == [
-        (impl.OK, alice, 300, 700, 700, impl.KIND_CAPTURE)]
+        (impl.OK, alice, 300, 700, 700, impl.KIND_CAPTURE)
+    ]
 
 
 def test_operations_see_those_before_them_in_the_batch(impl, ledger):
     # A new member is created by ensure_member() before the batch, then earns, is authorized,
     # captured and refunded within it.
     bob = ledger.ensure_member("bob")
-    rows = run(ledger, [
-        op(impl.OP_EARN, bob, points=500, new_id=1),
-        op(impl.OP_AUTHORIZE, bob, points=400, new_id=10),
-        op(impl.OP_REDEEM, bob, points=200, new_id=2),  # 100 available
-        op(impl.OP_CAPTURE, points=0, ref_id=10, new_id=3),
-        op(impl.OP_REFUND, points=400, ref_id=3, new_id=4),
-        op(impl.OP_VOID, ref_id=10),
-    ])
-    assert [row[0] for row in rows] == [impl.OK, impl.OK, impl.INSUFFICIENT_POINTS, impl.OK, impl.OK,
-                                        impl.HOLD_CAPTURED]
+    rows = run(
+        ledger,
+        [
+            op(impl.OP_EARN, bob, points=500, new_id=1),
+            op(impl.OP_AUTHORIZE, bob, points=400, new_id=10),
+            op(impl.OP_REDEEM, bob, points=200, new_id=2),  # 100 available
+            op(impl.OP_CAPTURE, points=0, ref_id=10, new_id=3),
+            op(impl.OP_REFUND, points=400, ref_id=3, new_id=4),
+            op(impl.OP_VOID, ref_id=10),
+        ],
+    )
+    assert [row[0] for row in rows] == [
+        impl.OK,
+        impl.OK,
+        impl.INSUFFICIENT_POINTS,
+        impl.OK,
+        impl.OK,
+        impl.HOLD_CAPTURED,
+    ]
     assert rows[4] == (impl.OK, bob, 400, 500, 500, impl.KIND_REFUND_REDEMPTION)
     ledger.check_invariants()
 
@@ -157,8 +183,7 @@ def test_a_status_other_than_ok_writes_zeros_but_the_member_and_what_a_refusal_s
         (op(impl.OP_CAPTURE, ref_id=11, new_id=20), impl.HOLD_EXPIRED, alice),
         (op(impl.OP_VOID, ref_id=11), impl.HOLD_EXPIRED, alice),
         (op(impl.OP_REFUND, points=1, ref_id=98, new_id=20), impl.UNKNOWN_TRANSACTION, -1),
-        (op(impl.OP_REFUND, merchant=OTHER_MERCHANT, points=1, ref_id=1, new_id=20),
-         impl.WRONG_MERCHANT, -1),
+        (op(impl.OP_REFUND, merchant=OTHER_MERCHANT, points=1, ref_id=1, new_id=20), impl.WRONG_MERCHANT, -1),
         (op(impl.OP_REFUND, points=41, ref_id=1, new_id=20), impl.REFUND_EXCEEDS_REMAINING, alice),
         (op(impl.OP_REFUND, points=1, ref_id=2, new_id=20), impl.NOT_REFUNDABLE, alice),
         (op(impl.OP_REFUND, points=1_000, ref_id=3, new_id=20), impl.INSUFFICIENT_POINTS, alice),
@@ -188,13 +213,12 @@ def test_a_status_other_than_ok_writes_zeros_but_the_member_and_what_a_refusal_s
 
 def test_inputs_of_unequal_length_raise_before_anything_changes(impl, ledger):
     alice = ledger.load_member("alice", 1_000)
-    operations = [op(impl.OP_EARN, alice, points=100, new_id=1),
-                  op(impl.OP_REDEEM, alice, points=100, new_id=2)]
+    operations = [op(impl.OP_EARN, alice, points=100, new_id=1), op(impl.OP_REDEEM, alice, points=100, new_id=2)]
     before = state(ledger)
     for column in range(7):
         for change in (-1, 1):
             inputs = columns(operations)
-            inputs[column] = array("q", list(inputs[column]) + [0] * 2)[:2 + change]
+            inputs[column] = array("q", list(inputs[column]) + [0] * 2)[: 2 + change]
             written = outputs(2)
             with pytest.raises(ValueError):
                 ledger.apply_batch(*inputs, NOW_US, *written)
@@ -212,10 +236,8 @@ def test_inputs_of_unequal_length_raise_before_anything_changes(impl, ledger):
 def test_longer_outputs_are_written_up_to_the_operations_only(impl, ledger):
     alice = ledger.load_member("alice", 1_000)
     written = outputs(3)
-    assert ledger.apply_batch(*columns([op(impl.OP_EARN, alice, points=5, new_id=1)]), NOW_US,
-                              *written) == 1
-    assert list(zip(*written)) == [(impl.OK, alice, 5, 1_005, 1_005, impl.KIND_EARN),
-                                   UNWRITTEN_ROW, UNWRITTEN_ROW]
+    assert ledger.apply_batch(*columns([op(impl.OP_EARN, alice, points=5, new_id=1)]), NOW_US, *written) == 1
+    assert list(zip(*written)) == [(impl.OK, alice, 5, 1_005, 1_005, impl.KIND_EARN), UNWRITTEN_ROW, UNWRITTEN_ROW]
 
 
 def test_an_empty_batch_does_nothing(impl, ledger):
@@ -230,8 +252,11 @@ def test_an_unknown_method_raises_before_anything_changes(impl, ledger, method):
     before = state(ledger)
     written = outputs(2)
     with pytest.raises(ValueError):
-        ledger.apply_batch(*columns([op(impl.OP_EARN, alice, points=100, new_id=1),
-                                     op(method, alice, points=100, new_id=2)]), NOW_US, *written)
+        ledger.apply_batch(
+            *columns([op(impl.OP_EARN, alice, points=100, new_id=1), op(method, alice, points=100, new_id=2)]),
+            NOW_US,
+            *written,
+        )
     assert state(ledger) == before
     assert list(zip(*written)) == [UNWRITTEN_ROW] * 2
 
@@ -239,8 +264,7 @@ def test_an_unknown_method_raises_before_anything_changes(impl, ledger, method):
 def test_now_us_must_be_an_integer(impl, ledger):
     alice = ledger.load_member("alice", 1_000)
     with pytest.raises(TypeError):
-        ledger.apply_batch(*columns([op(impl.OP_EARN, alice, points=1, new_id=1)]), float(NOW_US),
-                           *outputs(1))
+        ledger.apply_batch(*columns([op(impl.OP_EARN, alice, points=1, new_id=1)]), float(NOW_US), *outputs(1))
     assert ledger.balance(alice) == (1_000, 0)
 
 
@@ -271,17 +295,18 @@ def test_a_caller_bug_raises_and_keeps_the_operations_before_it(impl, ledger, bu
     assert ledger.authorize(alice, MERCHANT, 100, 10, LATER_US)[0] == impl.OK
     arguments = dict(member=alice, points=5, new_id=30)
     arguments.update(changes)
-    operations = [op(impl.OP_REDEEM, alice, points=20, new_id=2),
-                  op(getattr(impl, method_name), **arguments),
-                  op(impl.OP_REDEEM, alice, points=30, new_id=3)]
+    operations = [
+        op(impl.OP_REDEEM, alice, points=20, new_id=2),
+        op(getattr(impl, method_name), **arguments),
+        op(impl.OP_REDEEM, alice, points=30, new_id=3),
+    ]
     ledger.begin()
     at_begin = state(ledger)
     written = outputs(3)
     with pytest.raises(error):
         ledger.apply_batch(*columns(operations), NOW_US, *written)
     # The first redemption happened and its row is written; nothing of the bad one or after.
-    assert list(zip(*written)) == [(impl.OK, alice, 20, 990, 890, impl.KIND_REDEEM),
-                                   UNWRITTEN_ROW, UNWRITTEN_ROW]
+    assert list(zip(*written)) == [(impl.OK, alice, 20, 990, 890, impl.KIND_REDEEM), UNWRITTEN_ROW, UNWRITTEN_ROW]
     assert ledger.balance(alice) == (990, 100)
     assert ledger.has_transaction(2) and not ledger.has_transaction(3)
     assert not ledger.has_transaction(30) and not ledger.has_hold(30)
@@ -297,12 +322,15 @@ def test_operations_of_a_batch_are_recorded_in_the_undo_log(impl, ledger):
     ledger.begin()
     before = state(ledger)
     bob = ledger.ensure_member("bob")
-    rows = run(ledger, [
-        op(impl.OP_CAPTURE, ref_id=10, new_id=1),  # expired: marked so
-        op(impl.OP_EARN, bob, points=70, new_id=2),
-        op(impl.OP_AUTHORIZE, alice, points=300, new_id=11),
-        op(impl.OP_REFUND, points=10, ref_id=2, new_id=3),
-    ])
+    rows = run(
+        ledger,
+        [
+            op(impl.OP_CAPTURE, ref_id=10, new_id=1),  # expired: marked so
+            op(impl.OP_EARN, bob, points=70, new_id=2),
+            op(impl.OP_AUTHORIZE, alice, points=300, new_id=11),
+            op(impl.OP_REFUND, points=10, ref_id=2, new_id=3),
+        ],
+    )
     assert [row[0] for row in rows] == [impl.HOLD_EXPIRED, impl.OK, impl.OK, impl.OK]
     ledger.rollback()
     assert state(ledger) == {**before, "counts": before["counts"][:4] + (0,)}
@@ -320,7 +348,7 @@ def test_the_compiled_kernel_takes_int64_buffers_only():
     wrong = [
         [array("d", column) for column in columns(operations)],  # floats
         [array("i", column) for column in columns(operations)],  # 32 bits
-        [list(column) for column in columns(operations)],        # not a buffer
+        [list(column) for column in columns(operations)],  # not a buffer
         [None] * 7,
     ]
     for inputs in wrong:
@@ -336,7 +364,8 @@ def test_the_twin_takes_any_sequences():
     ledger = fastpath._reference.Ledger(10, 10, 10)
     alice = ledger.load_member("alice", 1_000)
     written = [[None] for _ in range(6)]
-    assert ledger.apply_batch([fastpath._reference.OP_EARN], (alice,), [MERCHANT], [5], [0], [1],
-                              [0], NOW_US, *written) == 1
-    assert written == [[fastpath._reference.OK], [alice], [5], [1_005], [1_005],
-                       [fastpath._reference.KIND_EARN]]
+    assert (
+        ledger.apply_batch([fastpath._reference.OP_EARN], (alice,), [MERCHANT], [5], [0], [1], [0], NOW_US, *written)
+        == 1
+    )
+    assert written == [[fastpath._reference.OK], [alice], [5], [1_005], [1_005], [fastpath._reference.KIND_EARN]]

@@ -5,6 +5,7 @@ the visible state and invariants are compared along the way and at the end. Each
 mirror that receives the operations of every apply_batch() one call at a time instead, so the batch
 kernel is held to the per-operation methods in both implementations.
 """
+
 import random
 from array import array
 
@@ -12,7 +13,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle, RuleBasedStateMachine, invariant, multiple, rule,
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    rule,
 )
 
 import fastpath._core
@@ -35,16 +40,21 @@ def one_by_one(ledger, operations, now_us, owners, rows):
     for method, *_ in operations:
         if not R.OP_EARN <= method <= R.OP_REFUND:
             raise ValueError(f"method {method}")
-    for index, (method, member, merchant, points, ref_id, new_id, expires_at_us) in enumerate(
-            operations):
+    for index, (method, member, merchant, points, ref_id, new_id, expires_at_us) in enumerate(operations):
         if method == R.OP_EARN:
             status, slot, posted = ledger.earn(ledger.member_id(member), merchant, points, new_id)
-            row = (status, member, 0, 0, 0, 0) if status != OK else (
-                OK, slot, points, posted, posted - ledger.balance(slot)[1], R.KIND_EARN)
+            row = (
+                (status, member, 0, 0, 0, 0)
+                if status != OK
+                else (OK, slot, points, posted, posted - ledger.balance(slot)[1], R.KIND_EARN)
+            )
         elif method == R.OP_AUTHORIZE:
             status, available = ledger.authorize(member, merchant, points, new_id, expires_at_us)
-            row = (status, member, 0, 0, 0, 0) if status != OK else (
-                OK, member, points, ledger.balance(member)[0], available, 0)
+            row = (
+                (status, member, 0, 0, 0, 0)
+                if status != OK
+                else (OK, member, points, ledger.balance(member)[0], available, 0)
+            )
         elif method in (R.OP_CAPTURE, R.OP_VOID):
             # The hold's member, unless the hold is unknown or another merchant's.
             involved = -1
@@ -52,27 +62,25 @@ def one_by_one(ledger, operations, now_us, owners, rows):
                 _, hold_member, hold_merchant, _, _ = ledger.hold(ref_id)
                 involved = hold_member if hold_merchant == merchant else -1
             if method == R.OP_CAPTURE:
-                status, captured, slot, posted, available = ledger.capture(
-                    ref_id, merchant, points, new_id, now_us)
+                status, captured, slot, posted, available = ledger.capture(ref_id, merchant, points, new_id, now_us)
                 row = (OK, slot, captured, posted, available, R.KIND_CAPTURE)
             else:
                 status, released, slot, available = ledger.void(ref_id, merchant, now_us)
-                row = (OK, slot, released, ledger.balance(slot)[0] if status == OK else 0,
-                       available, 0)
+                row = (OK, slot, released, ledger.balance(slot)[0] if status == OK else 0, available, 0)
             if status != OK:
                 row = (status, involved, 0, 0, 0, 0)
         elif method == R.OP_REDEEM:
             status, posted, available = ledger.redeem(member, merchant, points, new_id)
-            row = (status, member, 0, 0, 0, 0) if status != OK else (
-                OK, member, points, posted, available, R.KIND_REDEEM)
+            row = (
+                (status, member, 0, 0, 0, 0) if status != OK else (OK, member, points, posted, available, R.KIND_REDEEM)
+            )
         else:
             involved = -1
             if ledger.has_transaction(ref_id):
                 owner_merchant, owner_member = owners[ref_id]
                 involved = owner_member if owner_merchant == merchant else -1
             status, kind, slot, posted, available = ledger.refund(ref_id, merchant, points, new_id)
-            row = (status, involved, 0, 0, 0, 0) if status != OK else (
-                OK, slot, points, posted, available, kind)
+            row = (status, involved, 0, 0, 0, 0) if status != OK else (OK, slot, points, posted, available, kind)
         if status == R.INSUFFICIENT_POINTS and row[1] >= 0:
             posted, held = ledger.balance(row[1])  # what the refusal saw
             row = (status, row[1], 0, posted, posted - held, 0)
@@ -89,8 +97,10 @@ class Twins:
     the per-operation API does not show."""
 
     def __init__(self, members_max, holds_max, transactions_max):
-        self.ledgers = [implementation.Ledger(members_max, holds_max, transactions_max)
-                        for implementation in (fastpath._core, fastpath._reference) * 2]
+        self.ledgers = [
+            implementation.Ledger(members_max, holds_max, transactions_max)
+            for implementation in (fastpath._core, fastpath._reference) * 2
+        ]
         self.recent = []
         self.owners = {}  # transaction id -> (merchant, member slot), of every one created
 
@@ -103,7 +113,8 @@ class Twins:
         for ledger_name, outcome in zip(LEDGER_NAMES, outcomes):
             assert outcome == outcomes[1], (
                 f"{name}{args}: {ledger_name} answered {outcome}, python {outcomes[1]}; "
-                f"operations before: {self.recent[:-1]}")
+                f"operations before: {self.recent[:-1]}"
+            )
         return outcomes[1]
 
     def call(self, name, *args):
@@ -169,21 +180,25 @@ class Twins:
         """Everything the public API shows, for the ids given; with undone_only, only what a rollback
         restores (not account ids, which are not in the undo log, nor how many batches are open)."""
         return {
-            "counts": (ledger.members_count, ledger.holds_resident_count, ledger.holds_open_count,
-                       ledger.transactions_resident_count,
-                       None if undone_only else ledger.batches_open),
-            "members": [(ledger.member_id(slot), ledger.balance(slot),
-                         None if undone_only else ledger.member_account(slot))
-                        for slot in range(ledger.members_count)],
-            "holds": {hold_id: ledger.hold(hold_id) for hold_id in hold_ids
-                      if ledger.has_hold(hold_id)},
-            "transactions": sorted(transaction_id for transaction_id in transaction_ids
-                                   if ledger.has_transaction(transaction_id)),
+            "counts": (
+                ledger.members_count,
+                ledger.holds_resident_count,
+                ledger.holds_open_count,
+                ledger.transactions_resident_count,
+                None if undone_only else ledger.batches_open,
+            ),
+            "members": [
+                (ledger.member_id(slot), ledger.balance(slot), None if undone_only else ledger.member_account(slot))
+                for slot in range(ledger.members_count)
+            ],
+            "holds": {hold_id: ledger.hold(hold_id) for hold_id in hold_ids if ledger.has_hold(hold_id)},
+            "transactions": sorted(
+                transaction_id for transaction_id in transaction_ids if ledger.has_transaction(transaction_id)
+            ),
         }
 
     def snapshots(self, hold_ids, transaction_ids, undone_only=False):
-        return [self.snapshot(ledger, hold_ids, transaction_ids, undone_only)
-                for ledger in self.ledgers]
+        return [self.snapshot(ledger, hold_ids, transaction_ids, undone_only) for ledger in self.ledgers]
 
     def check(self, hold_ids, transaction_ids):
         assert self.call("check_invariants") is None
@@ -228,19 +243,20 @@ class RandomRun:
 
     def recent_hold_id(self):
         # Mostly ids that were created (so capture and void get past UNKNOWN_HOLD), some at random.
-        resident = [hold_id for hold_id in list(self.hold_merchant)[-40:]
-                    if self.twins.reference.has_hold(hold_id)]
+        resident = [hold_id for hold_id in list(self.hold_merchant)[-40:] if self.twins.reference.has_hold(hold_id)]
         if resident and self.rng.random() < 0.8:
             return self.rng.choice(resident)
         return self.rng.randrange(max(1, self.next_hold_id - 40), self.next_hold_id + 2)
 
     def recent_transaction_id(self):
-        resident = [transaction_id for transaction_id in list(self.transaction_merchant)[-60:]
-                    if self.twins.reference.has_transaction(transaction_id)]
+        resident = [
+            transaction_id
+            for transaction_id in list(self.transaction_merchant)[-60:]
+            if self.twins.reference.has_transaction(transaction_id)
+        ]
         if resident and self.rng.random() < 0.8:
             return self.rng.choice(resident)
-        return self.rng.randrange(max(1, self.next_transaction_id - 60),
-                                  self.next_transaction_id + 2)
+        return self.rng.randrange(max(1, self.next_transaction_id - 60), self.next_transaction_id + 2)
 
     def merchant_of(self, known, key):
         if key in known and self.rng.random() < 0.85:
@@ -297,42 +313,57 @@ class RandomRun:
     def step(self):
         rng, twins = self.rng, self.twins
         operation = rng.choices(
-            ["earn", "authorize", "capture", "void", "redeem", "refund", "expire", "advance",
-             "batch", "forget", "load_member", "load_hold", "load_transaction", "look_up",
-             "apply_batch", "ensure_member", "account"],
-            weights=[15, 15, 12, 6, 8, 10, 4, 6, 5, 1, 4, 3, 3, 3, 6, 2, 2])[0]
+            [
+                "earn",
+                "authorize",
+                "capture",
+                "void",
+                "redeem",
+                "refund",
+                "expire",
+                "advance",
+                "batch",
+                "forget",
+                "load_member",
+                "load_hold",
+                "load_transaction",
+                "look_up",
+                "apply_batch",
+                "ensure_member",
+                "account",
+            ],
+            weights=[15, 15, 12, 6, 8, 10, 4, 6, 5, 1, 4, 3, 3, 3, 6, 2, 2],
+        )[0]
         if operation == "earn":
             merchant, transaction_id = rng.randrange(3), self.fresh_transaction_id()
-            outcome = twins.call("earn", rng.choice(MEMBER_IDS), merchant, self.points(5_000),
-                                 transaction_id)
+            outcome = twins.call("earn", rng.choice(MEMBER_IDS), merchant, self.points(5_000), transaction_id)
             self.record(outcome, self.transaction_merchant, transaction_id, merchant)
         elif operation == "authorize":
             merchant, hold_id = rng.randrange(3), self.fresh_hold_id()
-            outcome = twins.call("authorize", self.member_slot(), merchant, self.points(3_000),
-                                 hold_id, self.expires_at_us())
+            outcome = twins.call(
+                "authorize", self.member_slot(), merchant, self.points(3_000), hold_id, self.expires_at_us()
+            )
             self.record(outcome, self.hold_merchant, hold_id, merchant)
         elif operation == "capture":
             hold_id = self.recent_hold_id()
-            merchant, transaction_id = self.merchant_of(self.hold_merchant, hold_id), \
-                self.fresh_transaction_id()
+            merchant, transaction_id = self.merchant_of(self.hold_merchant, hold_id), self.fresh_transaction_id()
             points = 0 if rng.random() < 0.3 else self.points(3_000)
             outcome = twins.call("capture", hold_id, merchant, points, transaction_id, self.now_us)
             self.record(outcome, self.transaction_merchant, transaction_id, merchant)
         elif operation == "void":
             hold_id = self.recent_hold_id()
-            self.record(twins.call("void", hold_id, self.merchant_of(self.hold_merchant, hold_id),
-                                   self.now_us), {}, None, None)
+            self.record(
+                twins.call("void", hold_id, self.merchant_of(self.hold_merchant, hold_id), self.now_us), {}, None, None
+            )
         elif operation == "redeem":
             merchant, transaction_id = rng.randrange(3), self.fresh_transaction_id()
-            outcome = twins.call("redeem", self.member_slot(), merchant, self.points(3_000),
-                                 transaction_id)
+            outcome = twins.call("redeem", self.member_slot(), merchant, self.points(3_000), transaction_id)
             self.record(outcome, self.transaction_merchant, transaction_id, merchant)
         elif operation == "refund":
             transaction_id = self.recent_transaction_id()
             merchant = self.merchant_of(self.transaction_merchant, transaction_id)
             refund_transaction_id = self.fresh_transaction_id()
-            outcome = twins.call("refund", transaction_id, merchant, self.points(2_000),
-                                 refund_transaction_id)
+            outcome = twins.call("refund", transaction_id, merchant, self.points(2_000), refund_transaction_id)
             self.record(outcome, self.transaction_merchant, refund_transaction_id, merchant)
         elif operation == "expire":
             twins.call("expire_holds", self.now_us + rng.randint(0, 5) * 1_000, rng.randint(-1, 8))
@@ -387,15 +418,21 @@ class RandomRun:
                 posted, held = twins.reference.balance(slot)
                 if status == HOLD_OPEN and amount > posted - held:
                     status = rng.choice([2, 3, 4])
-            outcome = twins.call("load_hold", hold_id, slot, merchant, amount, self.expires_at_us(),
-                                 status)
+            outcome = twins.call("load_hold", hold_id, slot, merchant, amount, self.expires_at_us(), status)
             if outcome is None:
                 self.hold_merchant[hold_id] = merchant
         elif operation == "load_transaction":
             transaction_id, merchant = self.fresh_transaction_id(), rng.randrange(3)
             amount = rng.randint(0, 3_000)
-            outcome = twins.call("load_transaction", transaction_id, rng.randint(1, 5),
-                                 self.member_slot(), merchant, amount, rng.randint(0, amount))
+            outcome = twins.call(
+                "load_transaction",
+                transaction_id,
+                rng.randint(1, 5),
+                self.member_slot(),
+                merchant,
+                amount,
+                rng.randint(0, amount),
+            )
             if outcome is None:
                 self.transaction_merchant[transaction_id] = merchant
         else:
@@ -478,8 +515,15 @@ class LedgerMachine(RuleBasedStateMachine):
         self.next_id += 1
         return self.next_id
 
-    @rule(target=members, member_id=st.sampled_from(NAMES), merchant=MERCHANTS,
-          points=st.integers(0, 3_000), oddity=ODDITY, odd_points=ODD_POINTS, any_id=ANY_ID)
+    @rule(
+        target=members,
+        member_id=st.sampled_from(NAMES),
+        merchant=MERCHANTS,
+        points=st.integers(0, 3_000),
+        oddity=ODDITY,
+        odd_points=ODD_POINTS,
+        any_id=ANY_ID,
+    )
     def earn(self, member_id, merchant, points, oddity, odd_points, any_id):
         points = odd_points if oddity == 7 else points
         transaction_id = self.new_id(oddity, any_id)
@@ -487,15 +531,22 @@ class LedgerMachine(RuleBasedStateMachine):
         self.remember(outcome, transaction_id, merchant, points)
         return created(outcome, outcome[1] if isinstance(outcome, tuple) else None)
 
-    @rule(target=holds, slot=members, merchant=MERCHANTS, points=st.integers(1, 3_000),
-          offset=LIFETIME, oddity=ODDITY, odd_points=ODD_POINTS, any_slot=ANY_SLOT,
-          any_id=ANY_ID)
+    @rule(
+        target=holds,
+        slot=members,
+        merchant=MERCHANTS,
+        points=st.integers(1, 3_000),
+        offset=LIFETIME,
+        oddity=ODDITY,
+        odd_points=ODD_POINTS,
+        any_slot=ANY_SLOT,
+        any_id=ANY_ID,
+    )
     def authorize(self, slot, merchant, points, offset, oddity, odd_points, any_slot, any_id):
         points = odd_points if oddity == 7 else points
         slot = any_slot if oddity == 8 else slot
         hold_id = self.new_id(oddity, any_id)
-        outcome = self.twins.call("authorize", slot, merchant, points, hold_id,
-                                  self.expires_at_us(offset))
+        outcome = self.twins.call("authorize", slot, merchant, points, hold_id, self.expires_at_us(offset))
         return created(outcome, hold_id)
 
     def hold_terms(self, hold_id, oddity, other_merchant):
@@ -505,8 +556,15 @@ class LedgerMachine(RuleBasedStateMachine):
             _, _, merchant, amount, _ = self.twins.reference.hold(hold_id)
         return (other_merchant if oddity == 6 else merchant), amount
 
-    @rule(target=transactions, hold_id=holds, share=SHARE, oddity=ODDITY, odd_points=ODD_POINTS,
-          other_merchant=MERCHANTS, any_id=ANY_ID)
+    @rule(
+        target=transactions,
+        hold_id=holds,
+        share=SHARE,
+        oddity=ODDITY,
+        odd_points=ODD_POINTS,
+        other_merchant=MERCHANTS,
+        any_id=ANY_ID,
+    )
     def capture(self, hold_id, share, oddity, odd_points, other_merchant, any_id):
         hold_id = any_id if oddity == 8 else hold_id
         merchant, amount = self.hold_terms(hold_id, oddity, other_merchant)
@@ -530,8 +588,16 @@ class LedgerMachine(RuleBasedStateMachine):
         merchant, _ = self.hold_terms(hold_id, oddity, other_merchant)
         self.twins.call("void", hold_id, merchant, self.now_us)
 
-    @rule(target=transactions, slot=members, merchant=MERCHANTS, points=st.integers(1, 3_000),
-          oddity=ODDITY, odd_points=ODD_POINTS, any_slot=ANY_SLOT, any_id=ANY_ID)
+    @rule(
+        target=transactions,
+        slot=members,
+        merchant=MERCHANTS,
+        points=st.integers(1, 3_000),
+        oddity=ODDITY,
+        odd_points=ODD_POINTS,
+        any_slot=ANY_SLOT,
+        any_id=ANY_ID,
+    )
     def redeem(self, slot, merchant, points, oddity, odd_points, any_slot, any_id):
         points = odd_points if oddity == 7 else points
         slot = any_slot if oddity == 8 else slot
@@ -539,8 +605,15 @@ class LedgerMachine(RuleBasedStateMachine):
         outcome = self.twins.call("redeem", slot, merchant, points, transaction_id)
         return self.remember(outcome, transaction_id, merchant, points)
 
-    @rule(target=transactions, transaction_id=transactions, share=SHARE, oddity=ODDITY,
-          odd_points=ODD_POINTS, other_merchant=MERCHANTS, any_id=ANY_ID)
+    @rule(
+        target=transactions,
+        transaction_id=transactions,
+        share=SHARE,
+        oddity=ODDITY,
+        odd_points=ODD_POINTS,
+        other_merchant=MERCHANTS,
+        any_id=ANY_ID,
+    )
     def refund(self, transaction_id, share, oddity, odd_points, other_merchant, any_id):
         transaction_id = any_id if oddity == 8 else transaction_id
         merchant, amount = self.transaction_terms.get(transaction_id, (other_merchant, 1_000))
@@ -553,8 +626,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(limit=st.integers(0, 4), ahead_milliseconds=st.integers(0, 40), oddity=ODDITY)
     def expire_holds(self, limit, ahead_milliseconds, oddity):
         # Looking ahead expires several holds at once, so their order is tested too.
-        self.twins.call("expire_holds", self.now_us + ahead_milliseconds * 1_000,
-                        -1 if oddity == 7 else limit)
+        self.twins.call("expire_holds", self.now_us + ahead_milliseconds * 1_000, -1 if oddity == 7 else limit)
 
     @rule(milliseconds=st.integers(0, 10))
     def advance(self, milliseconds):
@@ -581,7 +653,7 @@ class LedgerMachine(RuleBasedStateMachine):
             del self.marks[0]
             return
         expected = self.marks[0] if name == "rollback" else self.marks[-1]
-        del self.marks[0 if name == "rollback" else -1:]
+        del self.marks[0 if name == "rollback" else -1 :]
         assert self.mark_snapshots() == expected
 
     @rule(transaction_id=transactions, hold_id=holds, slot=members, share=SHARE, data=st.data())
@@ -595,17 +667,21 @@ class LedgerMachine(RuleBasedStateMachine):
         assert self.twins.call("begin") is None
         merchant, amount = self.transaction_terms.get(transaction_id, (0, 1_000))
         hold_merchant, _ = self.hold_terms(hold_id, 0, 0)
-        operations = data.draw(st.permutations([
-            ("refund", transaction_id, merchant, max(1, amount * share // 10), self.next_id + 1),
-            ("capture", hold_id, hold_merchant, 0, self.next_id + 2, self.now_us),
-            ("void", hold_id, hold_merchant, self.now_us),
-            ("redeem", slot, 0, 1 + share, self.next_id + 3),
-            ("authorize", slot, 0, 1 + share, self.next_id + 4, self.expires_at_us(share)),
-            ("earn", "new", 0, 10, self.next_id + 5),
-            ("load_member", "loaded", 10),
-            ("load_transaction", self.next_id + 6, fastpath._reference.KIND_REDEEM, slot, 0, 10, 0),
-            ("expire_holds", self.now_us + 40_000, 10),
-        ]))
+        operations = data.draw(
+            st.permutations(
+                [
+                    ("refund", transaction_id, merchant, max(1, amount * share // 10), self.next_id + 1),
+                    ("capture", hold_id, hold_merchant, 0, self.next_id + 2, self.now_us),
+                    ("void", hold_id, hold_merchant, self.now_us),
+                    ("redeem", slot, 0, 1 + share, self.next_id + 3),
+                    ("authorize", slot, 0, 1 + share, self.next_id + 4, self.expires_at_us(share)),
+                    ("earn", "new", 0, 10, self.next_id + 5),
+                    ("load_member", "loaded", 10),
+                    ("load_transaction", self.next_id + 6, fastpath._reference.KIND_REDEEM, slot, 0, 10, 0),
+                    ("expire_holds", self.now_us + 40_000, 10),
+                ]
+            )
+        )
         first = [self.twins.call(*operation) for operation in operations]
         self.twins.call("rollback_newest")
         assert self.twins.snapshots(ids, ids) == before
@@ -619,8 +695,13 @@ class LedgerMachine(RuleBasedStateMachine):
     def forget_resolved(self):
         self.twins.call("forget_resolved")
 
-    @rule(target=members, member_id=st.sampled_from(NAMES), extra=st.integers(0, 3_000),
-          oddity=ODDITY, account_id=st.integers(-1, 3))
+    @rule(
+        target=members,
+        member_id=st.sampled_from(NAMES),
+        extra=st.integers(0, 3_000),
+        oddity=ODDITY,
+        account_id=st.integers(-1, 3),
+    )
     def load_member(self, member_id, extra, oddity, account_id):
         # Only consistent loads (posted >= held) unless the oddity asks for an out-of-range one.
         slot = self.twins.reference.member_slot(member_id)
@@ -660,8 +741,7 @@ class LedgerMachine(RuleBasedStateMachine):
         ref_id = 0
         if method in (R.OP_CAPTURE, R.OP_VOID, R.OP_REFUND):
             known = holds if method != R.OP_REFUND else transactions
-            ref_id = (data.draw(st.sampled_from(sorted(known)), label="ref_id")
-                      if known and oddity != 8 else any_id)
+            ref_id = data.draw(st.sampled_from(sorted(known)), label="ref_id") if known and oddity != 8 else any_id
             right_merchant, amount = known.get(ref_id, (merchant, 1_000))
             merchant = merchant if oddity == 6 else right_merchant
             points = amount * share // 10 if method == R.OP_CAPTURE else max(1, amount * share // 10)
@@ -680,19 +760,29 @@ class LedgerMachine(RuleBasedStateMachine):
         """A batch through the kernel answers as its operations one by one (in both
         implementations), including a caller bug part-way."""
         reference = self.twins.reference
-        holds = {hold_id: reference.hold(hold_id)[2:4] for hold_id in MARK_IDS
-                 if reference.has_hold(hold_id)}
-        transactions = {transaction_id: self.transaction_terms.get(transaction_id, (0, 1_000))
-                        for transaction_id in MARK_IDS if reference.has_transaction(transaction_id)}
+        holds = {hold_id: reference.hold(hold_id)[2:4] for hold_id in MARK_IDS if reference.has_hold(hold_id)}
+        transactions = {
+            transaction_id: self.transaction_terms.get(transaction_id, (0, 1_000))
+            for transaction_id in MARK_IDS
+            if reference.has_transaction(transaction_id)
+        }
         operations = [self.batch_operation(data, holds, transactions) for _ in range(size)]
         _, rows = self.twins.apply_batch(operations, self.now_us, as_lists)
         for (method, _, merchant, _, _, new_id, _), row in zip(operations, rows):
             if row[0] == OK and method not in (R.OP_AUTHORIZE, R.OP_VOID):
                 self.transaction_terms[new_id] = (merchant, row[2])
 
-    @rule(target=holds, slot=members, merchant=MERCHANTS, amount=st.integers(1, 2_000),
-          status=st.integers(1, 4), offset=LIFETIME, oddity=ODDITY, any_slot=ANY_SLOT,
-          any_id=ANY_ID)
+    @rule(
+        target=holds,
+        slot=members,
+        merchant=MERCHANTS,
+        amount=st.integers(1, 2_000),
+        status=st.integers(1, 4),
+        offset=LIFETIME,
+        oddity=ODDITY,
+        any_slot=ANY_SLOT,
+        any_id=ANY_ID,
+    )
     def load_hold(self, slot, merchant, amount, status, offset, oddity, any_slot, any_id):
         slot = any_slot if oddity == 8 else slot
         if 0 <= slot < self.twins.reference.members_count:
@@ -701,22 +791,27 @@ class LedgerMachine(RuleBasedStateMachine):
                 status = fastpath._reference.HOLD_STATUS_VOIDED
         amount = 0 if oddity == 7 else amount
         hold_id = self.new_id(oddity, any_id)
-        outcome = self.twins.call("load_hold", hold_id, slot, merchant, amount,
-                                  self.expires_at_us(offset), status)
+        outcome = self.twins.call("load_hold", hold_id, slot, merchant, amount, self.expires_at_us(offset), status)
         return created(outcome, hold_id)
 
-    @rule(target=transactions, kind=st.integers(1, 5), slot=members, merchant=MERCHANTS,
-          amount=st.integers(0, 3_000), data=st.data(), oddity=ODDITY, any_slot=ANY_SLOT,
-          any_id=ANY_ID)
+    @rule(
+        target=transactions,
+        kind=st.integers(1, 5),
+        slot=members,
+        merchant=MERCHANTS,
+        amount=st.integers(0, 3_000),
+        data=st.data(),
+        oddity=ODDITY,
+        any_slot=ANY_SLOT,
+        any_id=ANY_ID,
+    )
     def load_transaction(self, kind, slot, merchant, amount, data, oddity, any_slot, any_id):
         refunded = data.draw(st.integers(0, amount))
         if oddity == 7:
-            kind, refunded = data.draw(st.sampled_from([(0, refunded), (6, refunded),
-                                                        (kind, amount + 1)]))
+            kind, refunded = data.draw(st.sampled_from([(0, refunded), (6, refunded), (kind, amount + 1)]))
         slot = any_slot if oddity == 8 else slot
         transaction_id = self.new_id(oddity, any_id)
-        outcome = self.twins.call("load_transaction", transaction_id, kind, slot, merchant, amount,
-                                  refunded)
+        outcome = self.twins.call("load_transaction", transaction_id, kind, slot, merchant, amount, refunded)
         if outcome is None:
             self.transaction_terms[transaction_id] = (merchant, amount)
         return created(outcome, transaction_id)
@@ -728,6 +823,6 @@ class LedgerMachine(RuleBasedStateMachine):
 
 
 LedgerMachine.TestCase.settings = settings(
-    max_examples=200, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=200, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 test_hypothesis_runs_answer_the_same = LedgerMachine.TestCase

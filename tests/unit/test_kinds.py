@@ -1,5 +1,6 @@
 """The one table of transaction kinds (processor/kinds.py) against the proto enum, the fast path's and
 the rules' constants, and the table in docs/RULES.md."""
+
 from __future__ import annotations
 
 import pathlib
@@ -24,8 +25,18 @@ def test_every_proto_kind_has_one_row_and_every_row_a_proto_kind():
 def test_the_constants_elsewhere_are_the_tables_numbers():
     assert kinds.BY_NAME["earn"].code == fastpath.KIND_EARN
     assert kinds.BY_NAME["refund_of_earn"].code == fastpath.KIND_REFUND_EARN
-    for name in ("expiry", "tier_bonus", "referral_bonus", "acquiring_reward", "acquiring_reversal", "dividend",
-                 "split_redeem", "split_refund", "merchant_voucher_spend", "conversion"):
+    for name in (
+        "expiry",
+        "tier_bonus",
+        "referral_bonus",
+        "acquiring_reward",
+        "acquiring_reversal",
+        "dividend",
+        "split_redeem",
+        "split_refund",
+        "merchant_voucher_spend",
+        "conversion",
+    ):
         assert kinds.BY_NAME[name].code == getattr(rules, "KIND_" + name.upper()), name
 
 

@@ -1,5 +1,6 @@
 """Logs: JSON lines for collectors, text for a person at a terminal, secrets scrubbed from both, and the
 embedded Postgres' own chatter (initdb and pg_ctl command lines) only at DEBUG."""
+
 from __future__ import annotations
 
 import io

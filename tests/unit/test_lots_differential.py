@@ -6,6 +6,7 @@ rules.expire_due, a re-sort on every change, whole tuples compared on flush); ra
 credits, spends, restores, refunds of earns, expiries and nested batches (begin / commit /
 rollback_newest / rollback / flush) run on both must give identical lots, pieces, flush() rows, expiry
 results, rejections and expiry schedule."""
+
 from __future__ import annotations
 
 import heapq
@@ -23,9 +24,11 @@ pytestmark = pytest.mark.timeout(300)
 
 NOW = 1_800_000_000_000_000
 GRACE = 40
-VERSIONS = (rules.ProgramVersion("p", 1, 0, expiry_period_us=1_000),
-            rules.ProgramVersion("p", 2, 0, expiry_period_us=150),   # earlier expiry: inserted mid-tuple
-            rules.ProgramVersion("p", 3, 0, expiry_period_us=None))  # never-expiring points
+VERSIONS = (
+    rules.ProgramVersion("p", 1, 0, expiry_period_us=1_000),
+    rules.ProgramVersion("p", 2, 0, expiry_period_us=150),  # earlier expiry: inserted mid-tuple
+    rules.ProgramVersion("p", 3, 0, expiry_period_us=None),
+)  # never-expiring points
 MEMBERS = ("a", "b")
 
 
@@ -36,8 +39,7 @@ class Reference(ProgramState):
         if version is None or version.expiry_period_us is None or amount <= 0:
             return
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
-        self._set(self.lots, member_id, tuple(sorted(self.lots.get(member_id, ()) + (lot,), key=rules._order)),
-                  "lots")
+        self._set(self.lots, member_id, tuple(sorted(self.lots.get(member_id, ()) + (lot,), key=rules._order)), "lots")
         heapq.heappush(self._due, (lot.expires_at_us, member_id))
 
     def _with_permanent(self, member_id, spendable):
@@ -60,8 +62,10 @@ class Reference(ProgramState):
     def _lots_changed(self, member_id):
         before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
         after = {lot.key: lot for lot in self.lots.get(member_id, ())}
-        return ([key for key in before if key not in after],
-                [lot for key, lot in after.items() if before.get(key) != lot])
+        return (
+            [key for key in before if key not in after],
+            [lot for key, lot in after.items() if before.get(key) != lot],
+        )
 
     def consume(self, member_id, owner, amount, spendable, now_us):
         if amount <= 0:
@@ -89,8 +93,8 @@ class Reference(ProgramState):
             after = rules.expire_due(self.lots.get(member_id, ()), now_us)
             if not after.pieces:
                 continue
-            pieces = after.pieces[:limit - len(taken)]
-            remaining = after.lots + after.pieces[len(pieces):]
+            pieces = after.pieces[: limit - len(taken)]
+            remaining = after.lots + after.pieces[len(pieces) :]
             self._store_lots(member_id, sorted(remaining, key=rules._order))
             if len(pieces) < len(after.pieces):
                 heapq.heappush(self._due, (after.pieces[len(pieces)].expires_at_us, member_id))
@@ -115,7 +119,7 @@ class Twin:
         self.next_id = 1
         self.steps = 0
         self.owner_member: dict[tuple[int, int], str] = {}
-        self.marks: list[dict[str, int]] = []   # spendable points at each open batch's begin
+        self.marks: list[dict[str, int]] = []  # spendable points at each open batch's begin
         self.begin()
 
     def both(self, call):
@@ -147,8 +151,9 @@ class Twin:
             amount = rng.randint(1, 60)
             transaction_id = self.next_id
             self.next_id += 1
-            self.both(lambda s: s.credit_lot(version, member_id, transaction_id, amount, rng_issuer(transaction_id),
-                                             self.now))
+            self.both(
+                lambda s: s.credit_lot(version, member_id, transaction_id, amount, rng_issuer(transaction_id), self.now)
+            )
             self.spendable[member_id] += amount
         elif op == "consume":
             amount = rng.randint(0, 120)
@@ -165,14 +170,15 @@ class Twin:
                 return
             owner = rng.choice(owners)
             pieces = self.new.pieces[owner]
-            member_id = self.owner_member[owner]   # the member whose points the owner took
+            member_id = self.owner_member[owner]  # the member whose points the owner took
             total = sum(piece.amount for piece in pieces)
             amount = rng.choice((None, rng.randint(0, total + 5)))
             keep_as = rng.choice((None, (OWNER_TRANSACTION, self.next_id)))
             self.next_id += 1
             back = total if amount is None else min(amount, total)
-            self.both(lambda s: s.restore(member_id, owner, amount, self.spendable[member_id], self.now, GRACE,
-                                          keep_as))
+            self.both(
+                lambda s: s.restore(member_id, owner, amount, self.spendable[member_id], self.now, GRACE, keep_as)
+            )
             if keep_as is not None:
                 self.owner_member[keep_as] = member_id
             self.spendable[member_id] += back
@@ -224,8 +230,14 @@ def rng_issuer(transaction_id: int) -> str:
     return "m1" if transaction_id % 3 else "m2"
 
 
-OPS = ("credit",) * 6 + ("consume",) * 4 + ("restore",) * 3 + ("take", "expire_member", "due", "due") \
-      + ("tick",) * 3 + ("flush", "begin", "commit", "rollback_newest", "rollback")
+OPS = (
+    ("credit",) * 6
+    + ("consume",) * 4
+    + ("restore",) * 3
+    + ("take", "expire_member", "due", "due")
+    + ("tick",) * 3
+    + ("flush", "begin", "commit", "rollback_newest", "rollback")
+)
 
 
 def run(seed: int, steps: int) -> Twin:
@@ -246,7 +258,7 @@ def test_random_sequences_match_the_reference(seed):
 def test_a_long_random_run_matches_the_reference():
     twin = run(14, 5_000)
     assert twin.steps == 5_000
-    assert any(twin.new.lots.values())   # the run did hold lots at the end (not a vacuous comparison)
+    assert any(twin.new.lots.values())  # the run did hold lots at the end (not a vacuous comparison)
 
 
 class Counted:
@@ -269,17 +281,21 @@ def test_work_is_proportional_to_the_lots_taken_not_to_the_lots_held(monkeypatch
     monkeypatch.setattr(program_module, "_expiry_order", expiry, raising=False)
     state.begin()
 
-    state.consume("m", (OWNER_TRANSACTION, 20_001), 25, 100_000, NOW)   # lots 1 and 2 and half of 3
+    state.consume("m", (OWNER_TRANSACTION, 20_001), 25, 100_000, NOW)  # lots 1 and 2 and half of 3
     after = state.lots["m"]
     assert state.pieces[(OWNER_TRANSACTION, 20_001)] == (lots[0], lots[1], rules.Lot(3, 5, lots[2].expires_at_us, "m1"))
     assert after[0] == rules.Lot(3, 5, lots[2].expires_at_us, "m1")
-    assert len(after) == 9_998 and all(a is b for a, b in zip(after[1:], lots[3:]))   # the very same objects
-    state.credit_lot(VERSIONS[0], "m", 20_002, 7, "m1", NOW + 20_000)      # expires last: appended
+    assert len(after) == 9_998 and all(a is b for a, b in zip(after[1:], lots[3:]))  # the very same objects
+    state.credit_lot(VERSIONS[0], "m", 20_002, 7, "m1", NOW + 20_000)  # expires last: appended
     state.restore("m", (OWNER_TRANSACTION, 20_001), 12, 100_000 - 25 + 7, NOW, GRACE)
     write = state.flush()
     calls = order.calls + expiry.calls
     assert calls <= 4 * 15 * 4, f"{calls} order-key calls for a member holding 10,000 lots"
     # lot 1 gone; 7 of lot 2 back (the last piece, 5 of lot 3, first: lot 3 is as flushed, no row)
-    assert write.lots == {"m": ([lots[0].key], [rules.Lot(2, 7, lots[1].expires_at_us, "m1"),
-                                                rules.Lot(20_002, 7, NOW + 20_000 + 1_000, "m1")])}
+    assert write.lots == {
+        "m": (
+            [lots[0].key],
+            [rules.Lot(2, 7, lots[1].expires_at_us, "m1"), rules.Lot(20_002, 7, NOW + 20_000 + 1_000, "m1")],
+        )
+    }
     assert state.pieces[(OWNER_TRANSACTION, 20_001)] == (lots[0], rules.Lot(2, 3, lots[1].expires_at_us, "m1"))

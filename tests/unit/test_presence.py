@@ -1,6 +1,7 @@
 """Member presence's pure parts (processor/presence.py) and the spending caps' arithmetic
 (processor/velocity.py): TOTP codes at fixed times with pyotp as the reference, PIN hashing, the
 refusals' codes and retry times. No database, no network."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,13 +13,14 @@ from processor import presence, velocity
 from processor.domain import Code, Rejection
 
 SECRET = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP"
-T0 = 1_800_000_000          # a fixed time, seconds: a multiple of 30 (the start of a step)
+T0 = 1_800_000_000  # a fixed time, seconds: a multiple of 30 (the start of a step)
 MINUTE_US = 60_000_000
 HOUR_US = velocity.HOUR_US
-NOW_US = 1_800_000_000_000_000   # a whole minute
+NOW_US = 1_800_000_000_000_000  # a whole minute
 
 
 # --- TOTP ---------------------------------------------------------------------------------------------
+
 
 def test_a_code_of_the_current_step_is_accepted_and_names_its_step():
     code = pyotp.TOTP(SECRET).at(T0 + 7)
@@ -54,6 +56,7 @@ def test_new_secrets_are_random_160_bit_base32_and_the_uri_carries_them():
 
 # --- PIN ----------------------------------------------------------------------------------------------
 
+
 def test_a_pin_is_stored_as_salted_scrypt_and_verifies():
     pin_hash, salt, params = presence.hash_pin("4821")
     assert params == "scrypt:n=16384,r=8,p=1" and len(salt) == 16 and len(pin_hash) == 32
@@ -81,10 +84,11 @@ def test_the_lock_message_names_the_time_it_ends():
 
 # --- spending caps ------------------------------------------------------------------------------------
 
+
 def test_spends_within_the_caps_pass_and_the_one_past_a_cap_is_refused_with_a_retry_time():
     spends = velocity.add((), 600, NOW_US - 30 * MINUTE_US)
     spends = velocity.add(spends, 300, NOW_US - 10 * MINUTE_US)
-    assert velocity.refusal(spends, NOW_US, "m", 0, 100, 1_000, 0) is None       # 900 + 100 = 1000
+    assert velocity.refusal(spends, NOW_US, "m", 0, 100, 1_000, 0) is None  # 900 + 100 = 1000
     refused = velocity.refusal(spends, NOW_US, "m", 0, 101, 1_000, 0)
     assert refused.code is Code.RESOURCE_EXHAUSTED and not refused.recorded
     # the 600 spent 30 minutes ago stop counting an hour after the end of their minute
@@ -126,7 +130,7 @@ def test_no_caps_refuse_nothing():
 
 
 def test_a_spend_counts_for_its_window_plus_at_most_a_minute():
-    spends = velocity.add((), 100, NOW_US + 59_000_000)        # late in the minute NOW_US starts
+    spends = velocity.add((), 100, NOW_US + 59_000_000)  # late in the minute NOW_US starts
     end = NOW_US + MINUTE_US + HOUR_US
     assert velocity.spent(spends, end - 1, HOUR_US) == 100
     assert velocity.spent(spends, end, HOUR_US) == 0
@@ -151,6 +155,7 @@ def test_spends_loaded_out_of_order_stay_sorted():
 
 def test_program_state_spends_follow_its_undo_log():
     from processor.program import ProgramState
+
     state = ProgramState()
     state.begin()
     state.spend("m", 100, NOW_US)
@@ -185,13 +190,14 @@ def test_a_sealed_secret_opens_only_with_its_key_and_member():
 
 def test_without_a_key_secrets_are_kept_as_they_are():
     assert presence.seal_secret(SECRET, "m", None) == SECRET
-    assert presence.open_secret(SECRET, "m", KEY) == SECRET   # enrolled before the key was set
+    assert presence.open_secret(SECRET, "m", KEY) == SECRET  # enrolled before the key was set
 
 
 def test_the_secret_key_setting_is_base64_of_32_bytes_and_never_in_the_repr():
     import base64
 
     from processor import config
+
     text = base64.b64encode(KEY).decode()
     settings = config.load({}, {"POINTS_MEMBER_SECRET_KEY": text})
     assert config.member_secret_key(settings) == KEY and text not in repr(settings)

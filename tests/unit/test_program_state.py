@@ -1,6 +1,7 @@
 """ProgramState.flush() writes a member's lots as differences (rows gone, rows new or changed), so an
 earn or a spend costs rows in proportion to what it changed, not to the member's history of lots; and a
 batch rolled back before its flush leaves nothing to write."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,7 +24,7 @@ def state_with_lots() -> ProgramState:
 def test_a_partial_spend_writes_the_one_lot_it_changed():
     state = state_with_lots()
     state.begin()
-    state.consume("m", (OWNER_TRANSACTION, 9), 30, 220, NOW)   # soonest first: 30 of lot 1
+    state.consume("m", (OWNER_TRANSACTION, 9), 30, 220, NOW)  # soonest first: 30 of lot 1
     assert state.flush().lots == {"m": ([], [rules.Lot(1, 70, SOON, "a")])}
 
 
@@ -71,8 +72,15 @@ def test_the_expiry_schedule_grows_with_changes_of_a_members_soonest_lot_not_wit
 
 def test_due_lots_left_by_the_per_batch_limit_are_taken_by_the_next_batches():
     state = ProgramState()
-    state.load_lots("m", (rules.Lot(1, 5, SOON, "a"), rules.Lot(2, 6, SOON, "a"), rules.Lot(3, 7, SOON, "a"),
-                          rules.Lot(4, 8, LATEST, "a")))
+    state.load_lots(
+        "m",
+        (
+            rules.Lot(1, 5, SOON, "a"),
+            rules.Lot(2, 6, SOON, "a"),
+            rules.Lot(3, 7, SOON, "a"),
+            rules.Lot(4, 8, LATEST, "a"),
+        ),
+    )
     taken = []
     for _ in range(4):
         state.begin()

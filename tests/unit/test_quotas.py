@@ -1,4 +1,5 @@
 """Per-merchant quotas (processor/quotas.py) and the rate limit's retry time: pure counters, no I/O."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,8 +57,8 @@ def test_open_holds_are_counted_given_back_when_refused_and_replaced_by_a_recoun
     q.hold_not_opened("a")
     assert q.take_hold("a") is None
     q.recount_started()
-    assert q.take_hold("b") is None          # opened while Postgres was being read
-    q.recounted({"a": 1})                     # one of a's holds was captured meanwhile
+    assert q.take_hold("b") is None  # opened while Postgres was being read
+    q.recounted({"a": 1})  # one of a's holds was captured meanwhile
     assert q.holds_open == {"a": 1, "b": 1}
     assert q.take_hold("a") is None and q.take_hold("a").code is Code.RESOURCE_EXHAUSTED
 

@@ -1,6 +1,7 @@
 """Program rules (processor/rules.py): each rule's arithmetic at its edges, that every rule's postings
 balance per asset, and a model run in which lots, balances and the journal stay consistent.
 Random inputs come from seeded random.Random (hypothesis is not in the venv), so failures replay."""
+
 import random
 from collections import Counter
 
@@ -9,8 +10,19 @@ import pytest
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Rejection
 from processor.rules import (
-    ASSET_VOUCHERS, DAY_US, EarnContext, Holder, Level, Lot, Posting, Program, ProgramVersion, Promotion,
-    Rate, Tender)
+    ASSET_VOUCHERS,
+    DAY_US,
+    EarnContext,
+    Holder,
+    Level,
+    Lot,
+    Posting,
+    Program,
+    ProgramVersion,
+    Promotion,
+    Rate,
+    Tender,
+)
 
 POINTS = domain.ASSET_POINTS
 OP = domain.OPERATOR_ID
@@ -43,16 +55,20 @@ def promotion(promotion_id="p", start_us=0, end_us=100, scope=rules.SCOPE_NETWOR
 
 # --- postings helper ---------------------------------------------------------------------------
 
+
 def test_balanced_drops_zero_rows_and_refuses_unbalanced_or_foreign_rows():
-    rows = rules.balanced([("member", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -5),
-                           ("operator_tier_rewards", OP, POINTS, 0)])
+    rows = rules.balanced(
+        [("member", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -5), ("operator_tier_rewards", OP, POINTS, 0)]
+    )
     assert rows == (Posting("member", "m", POINTS, 5), Posting("merchant_issued", "x", POINTS, -5))
-    bad = [[("member", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -4)],            # unbalanced
-           [("member", "m", POINTS, 5), ("member", "m", ASSET_VOUCHERS, -5)],             # balanced overall only
-           [("nobody", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -5)],            # unknown kind
-           [("merchant_issued", "x", ASSET_VOUCHERS, 5), ("member", "m", ASSET_VOUCHERS, -5)],  # wrong asset
-           [("member", "m", POINTS, 5.0), ("merchant_issued", "x", POINTS, -5.0)],        # float
-           [("member", "", POINTS, 5), ("merchant_issued", "x", POINTS, -5)]]             # no owner
+    bad = [
+        [("member", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -4)],  # unbalanced
+        [("member", "m", POINTS, 5), ("member", "m", ASSET_VOUCHERS, -5)],  # balanced overall only
+        [("nobody", "m", POINTS, 5), ("merchant_issued", "x", POINTS, -5)],  # unknown kind
+        [("merchant_issued", "x", ASSET_VOUCHERS, 5), ("member", "m", ASSET_VOUCHERS, -5)],  # wrong asset
+        [("member", "m", POINTS, 5.0), ("merchant_issued", "x", POINTS, -5.0)],  # float
+        [("member", "", POINTS, 5), ("merchant_issued", "x", POINTS, -5)],
+    ]  # no owner
     for postings in bad:
         with pytest.raises(InvariantViolation):
             rules.balanced(postings)
@@ -66,9 +82,11 @@ def test_negated_undoes_postings():
 
 # --- versioned configuration -------------------------------------------------------------------
 
+
 def test_rule_book_returns_the_version_in_force_at_each_instant():
-    book = rules.RuleBook([Program("gold", (version(1, 1_000, expiry_period_us=YEAR_US),
-                                            version(2, 2_000, expiry_period_us=None)))])
+    book = rules.RuleBook(
+        [Program("gold", (version(1, 1_000, expiry_period_us=YEAR_US), version(2, 2_000, expiry_period_us=None)))]
+    )
     with pytest.raises(Rejection) as raised:
         book.at("gold", 999)
     assert raised.value.code is Code.FAILED_PRECONDITION and "first version starts at 1000" in raised.value.message
@@ -85,9 +103,9 @@ def test_old_transactions_keep_their_version_s_expiry():
     earned_at = 500
     lot = rules.new_lot(book.at("gold", earned_at), 7, 100, earned_at, "x")
     book = book.with_version(version(2, 1_000, expiry_period_us=None), now_us=1_000)
-    assert lot.expires_at_us == earned_at + YEAR_US                       # fixed when earned
+    assert lot.expires_at_us == earned_at + YEAR_US  # fixed when earned
     assert rules.new_lot(book.at("gold", 1_500), 8, 100, 1_500, "x").expires_at_us is None
-    assert book.at("gold", earned_at).version_id == "gold@1"               # a refund finds the old rules
+    assert book.at("gold", earned_at).version_id == "gold@1"  # a refund finds the old rules
 
 
 def test_a_version_cannot_start_in_the_past_nor_out_of_order():
@@ -103,15 +121,20 @@ def test_a_version_cannot_start_in_the_past_nor_out_of_order():
         rules.RuleBook([program, program])
 
 
-@pytest.mark.parametrize("levels,message", [
-    ((Level("registered", 0), Level("blue", 500), Level("yellow", 500)), "thresholds must increase: 'yellow'"),
-    ((Level("registered", 1), Level("blue", 500)), "must have threshold 0"),
-    ((Level("registered", 0, bonus_point_units=5),), "cannot carry a bonus"),
-    ((Level("registered", 0, multiplier_bps=12_000), Level("blue", 5, multiplier_bps=11_000)),
-     "multipliers must not decrease"),
-    ((Level("registered", 0), Level("registered", 5)), "level names must be unique"),
-    ((), "non-empty tuple"),
-])
+@pytest.mark.parametrize(
+    "levels,message",
+    [
+        ((Level("registered", 0), Level("blue", 500), Level("yellow", 500)), "thresholds must increase: 'yellow'"),
+        ((Level("registered", 1), Level("blue", 500)), "must have threshold 0"),
+        ((Level("registered", 0, bonus_point_units=5),), "cannot carry a bonus"),
+        (
+            (Level("registered", 0, multiplier_bps=12_000), Level("blue", 5, multiplier_bps=11_000)),
+            "multipliers must not decrease",
+        ),
+        ((Level("registered", 0), Level("registered", 5)), "level names must be unique"),
+        ((), "non-empty tuple"),
+    ],
+)
 def test_level_configuration_errors_say_what_to_fix(levels, message):
     with pytest.raises(rules.ConfigError, match=message):
         version(levels=levels)
@@ -122,14 +145,17 @@ def test_level_multiplier_below_one_is_refused():
         Level("blue", 5, multiplier_bps=9_999)
 
 
-@pytest.mark.parametrize("fields,message", [
-    (dict(start_us=10, end_us=10), "must be after start_us"),
-    (dict(multiplier_bps=20_000, bonus_point_units=5), "exactly one of"),
-    (dict(multiplier_bps=10_000), "multiplier_bps must be an integer in 10001"),
-    (dict(scope=rules.SCOPE_MERCHANT), "scope_id must be empty for a network promotion and name"),
-    (dict(scope=rules.SCOPE_NETWORK, sponsor_id="x"), "a merchant pays only for points earned at itself"),
-    (dict(budget_point_units=0), "budget_point_units must be an integer in 1"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(start_us=10, end_us=10), "must be after start_us"),
+        (dict(multiplier_bps=20_000, bonus_point_units=5), "exactly one of"),
+        (dict(multiplier_bps=10_000), "multiplier_bps must be an integer in 10001"),
+        (dict(scope=rules.SCOPE_MERCHANT), "scope_id must be empty for a network promotion and name"),
+        (dict(scope=rules.SCOPE_NETWORK, sponsor_id="x"), "a merchant pays only for points earned at itself"),
+        (dict(budget_point_units=0), "budget_point_units must be an integer in 1"),
+    ],
+)
 def test_promotion_configuration_errors_say_what_to_fix(fields, message):
     with pytest.raises(rules.ConfigError, match=message):
         promotion(**fields)
@@ -149,8 +175,13 @@ def test_version_cross_checks_promotions_and_merchant_terms():
 
 
 def test_per_merchant_overrides_fall_back_to_the_network_default():
-    program = version(acquiring_share_bps=100, merchant_terms=(
-        rules.MerchantTerms("x", acquiring_share_bps=250), rules.MerchantTerms("y", conversion_rate=Rate(1, 10))))
+    program = version(
+        acquiring_share_bps=100,
+        merchant_terms=(
+            rules.MerchantTerms("x", acquiring_share_bps=250),
+            rules.MerchantTerms("y", conversion_rate=Rate(1, 10)),
+        ),
+    )
     assert program.acquiring_share_bps_for("x") == 250
     assert program.acquiring_share_bps_for("y") == 100
     assert program.conversion_rate_for("y") == Rate(1, 10)
@@ -160,6 +191,7 @@ def test_per_merchant_overrides_fall_back_to_the_network_default():
 
 
 # --- expiry lots -------------------------------------------------------------------------------
+
 
 def lot(lot_id, amount, expires_at_us, issuer="x"):
     return Lot(lot_id, amount, expires_at_us, issuer)
@@ -173,12 +205,12 @@ def test_consume_takes_soonest_expiring_first_never_expiring_last_ties_by_lot_id
     lots = [lot(5, 10, None), lot(4, 10, 300), lot(3, 10, 200), lot(2, 10, 300), lot(1, 10, None)]
     taken = rules.consume(lots, 35, now_us=100)
     assert pairs(taken.pieces) == [(3, 10), (2, 10), (4, 10), (1, 5)]
-    assert [(l.lot_id, l.amount) for l in taken.lots] == [(1, 5), (5, 10)]
+    assert [(lot.lot_id, lot.amount) for lot in taken.lots] == [(1, 5), (5, 10)]
 
 
 def test_consume_skips_lots_expired_at_that_instant_and_fails_without_change():
     lots = (lot(1, 10, 100), lot(2, 10, 101))
-    assert pairs(rules.consume(lots, 10, now_us=100).pieces) == [(2, 10)]   # expires_at == now: gone
+    assert pairs(rules.consume(lots, 10, now_us=100).pieces) == [(2, 10)]  # expires_at == now: gone
     with pytest.raises(rules.InsufficientBalance) as raised:
         rules.consume(lots, 11, now_us=100)
     assert (raised.value.available, raised.value.requested) == (10, 11)
@@ -216,12 +248,12 @@ def test_partial_restores_return_the_latest_expiring_pieces_first_and_add_up():
 
 def test_a_restored_piece_whose_lot_expired_meanwhile_gets_the_grace_period():
     lots = [lot(1, 10, 200), lot(2, 10, 900)]
-    taken = rules.consume(lots, 15, now_us=100)                       # 10 of lot 1, 5 of lot 2
-    now = 200                                                          # lot 1 expired at this instant
+    taken = rules.consume(lots, 15, now_us=100)  # 10 of lot 1, 5 of lot 2
+    now = 200  # lot 1 expired at this instant
     back = rules.restore(taken.lots, taken.pieces, now_us=now, grace_us=50)
-    assert sorted((l.lot_id, l.amount, l.expires_at_us) for l in back.lots) == [(1, 10, 250), (2, 10, 900)]
+    assert sorted((lot.lot_id, lot.amount, lot.expires_at_us) for lot in back.lots) == [(1, 10, 250), (2, 10, 900)]
     assert all(piece.issuer_id == "x" for piece in back.pieces)
-    at_once = rules.restore(taken.lots, taken.pieces, now_us=now, grace_us=0)   # grace 0: expire at once
+    at_once = rules.restore(taken.lots, taken.pieces, now_us=now, grace_us=0)  # grace 0: expire at once
     assert pairs(rules.expire_due(at_once.lots, now).pieces) == [(1, 10)]
 
 
@@ -246,9 +278,11 @@ def test_expire_due_at_the_instant_and_a_rerun_finds_nothing():
     run = rules.expire_due(lots, now_us=100)
     assert pairs(run.pieces) == [(1, 10)] and pairs(run.lots) == [(2, 5), (3, 7)]
     assert rules.expire_due(run.lots, now_us=100).pieces == ()
-    assert rules.expire_due([lot(3, 7, None)], now_us=2**62).pieces == ()   # never means never
+    assert rules.expire_due([lot(3, 7, None)], now_us=2**62).pieces == ()  # never means never
     assert rules.expiry_postings("m", run.pieces[0]) == (
-        Posting("member", "m", POINTS, -10), Posting("operator_breakage", OP, POINTS, 10))
+        Posting("member", "m", POINTS, -10),
+        Posting("operator_breakage", OP, POINTS, 10),
+    )
 
 
 def test_expiring_within_counts_live_lots_up_to_the_window_edge():
@@ -261,33 +295,44 @@ def test_expiring_within_counts_live_lots_up_to_the_window_edge():
 def test_consume_then_restore_is_the_identity_on_random_lots(seed):
     rng = random.Random(seed)
     lots = [lot(i, rng.randint(0, 50), rng.choice([None, rng.randint(101, 130)])) for i in range(rng.randint(0, 8))]
-    total = sum(l.amount for l in lots)
+    total = sum(lot.amount for lot in lots)
     amount = rng.randint(0, total)
     taken = rules.consume(lots, amount, now_us=100)
     assert sum(p.amount for p in taken.pieces) == amount
-    assert sum(l.amount for l in taken.lots) == total - amount
+    assert sum(lot.amount for lot in taken.lots) == total - amount
     keys = [rules._order(p) for p in taken.pieces]
-    assert keys == sorted(keys)                                   # soonest first
+    assert keys == sorted(keys)  # soonest first
     parts = sorted(rng.sample(range(1, amount), min(3, max(amount - 1, 0)))) if amount > 1 else []
     after, left = taken.lots, taken.pieces
     for size in [b - a for a, b in zip([0] + parts, parts + [amount])]:
         step = rules.restore(after, left, now_us=100, grace_us=7, amount=size)
         after, left = step.lots, step.left
-    assert sorted(after, key=rules._order) == sorted((l for l in lots if l.amount), key=rules._order)
+    assert sorted(after, key=rules._order) == sorted((lot for lot in lots if lot.amount), key=rules._order)
 
 
 # --- tiers -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("earned,name", [(0, "registered"), (499_999, "registered"), (500_000, "blue"),
-                                         (999_999, "blue"), (1_000_000, "yellow"), (1_999_999, "yellow"),
-                                         (2_000_000, "red"), (10**15, "red")])
+
+@pytest.mark.parametrize(
+    "earned,name",
+    [
+        (0, "registered"),
+        (499_999, "registered"),
+        (500_000, "blue"),
+        (999_999, "blue"),
+        (1_000_000, "yellow"),
+        (1_999_999, "yellow"),
+        (2_000_000, "red"),
+        (10**15, "red"),
+    ],
+)
 def test_plan_levels_are_5000_10000_20000_points_in_point_units(earned, name):
     assert rules.level_for(earned).name == name
 
 
 def test_qualifying_points_over_a_rolling_window_or_in_total():
     earns = [(100, 1), (101, 2), (150, 4), (200, 8), (201, 16)]
-    assert rules.qualifying_point_units(earns, now_us=200, window_us=100) == 2 + 4 + 8   # (100, 200]
+    assert rules.qualifying_point_units(earns, now_us=200, window_us=100) == 2 + 4 + 8  # (100, 200]
     assert rules.qualifying_point_units(earns, now_us=200, window_us=None) == 1 + 2 + 4 + 8
     assert rules.qualifying_point_units([(150, 10), (160, -4)], now_us=200, window_us=None) == 6
 
@@ -299,14 +344,26 @@ def test_tier_bonuses_once_per_level_including_levels_jumped_over():
     # dropped below blue (rolling window) and back: nothing new
     assert rules.tier_bonuses(levels, 150, {"blue", "yellow"}) == []
     assert rules.tier_bonuses(levels, 400, {"blue", "yellow"}) == [("red", 13)]
-    assert rules.tier_bonus_postings("m", 7) == (Posting("operator_tier_rewards", OP, POINTS, -7),
-                                                 Posting("member", "m", POINTS, 7))
+    assert rules.tier_bonus_postings("m", 7) == (
+        Posting("operator_tier_rewards", OP, POINTS, -7),
+        Posting("member", "m", POINTS, 7),
+    )
     assert rules.tier_bonus_postings("m", 0) == ()
 
 
-@pytest.mark.parametrize("base,multiplier,uplift", [(0, 15_000, 0), (1, 15_000, 0), (2, 15_000, 1),
-                                                    (3, 15_000, 1), (3, 10_000, 0), (9_999, 10_001, 0),
-                                                    (10_000, 10_001, 1), (7, 100_000, 63)])
+@pytest.mark.parametrize(
+    "base,multiplier,uplift",
+    [
+        (0, 15_000, 0),
+        (1, 15_000, 0),
+        (2, 15_000, 1),
+        (3, 15_000, 1),
+        (3, 10_000, 0),
+        (9_999, 10_001, 0),
+        (10_000, 10_001, 1),
+        (7, 100_000, 63),
+    ],
+)
 def test_level_multiplier_rounds_the_uplift_down(base, multiplier, uplift):
     program = version(levels=(Level("registered", 0, multiplier_bps=multiplier),))
     earn = rules.earn_with_rules(program, EarnContext("x", "registered", 0), base, {})
@@ -324,26 +381,39 @@ def test_the_multiplier_is_the_level_held_before_the_earn():
 
 # --- promotions --------------------------------------------------------------------------------
 
+
 def test_a_promotion_is_in_force_from_start_inclusive_to_end_exclusive():
     promo = [promotion(start_us=100, end_us=200)]
-    at = lambda t: rules.promotion_bonus(promo, EarnContext("x", "registered", t), 10, {})
+
+    def at(t):
+        return rules.promotion_bonus(promo, EarnContext("x", "registered", t), 10, {})
+
     assert (at(99), at(100), at(199), at(200)) == ([], [("p", 10)], [("p", 10)], [])
 
 
 def test_promotion_scopes_merchant_tier_network():
-    promos = [promotion("net"), promotion("at-x", scope=rules.SCOPE_MERCHANT, scope_id="x"),
-              promotion("blue", scope=rules.SCOPE_TIER, scope_id="blue", bonus_point_units=3)]
-    ids = lambda merchant, level: [p for p, _ in rules.promotion_bonus(promos, EarnContext(merchant, level, 0), 10, {})]
+    promos = [
+        promotion("net"),
+        promotion("at-x", scope=rules.SCOPE_MERCHANT, scope_id="x"),
+        promotion("blue", scope=rules.SCOPE_TIER, scope_id="blue", bonus_point_units=3),
+    ]
+
+    def ids(merchant, level):
+        return [p for p, _ in rules.promotion_bonus(promos, EarnContext(merchant, level, 0), 10, {})]
+
     assert ids("x", "blue") == ["at-x", "blue", "net"]
     assert ids("y", "registered") == ["net"]
 
 
 def test_promotions_stack_additively_on_the_base_and_round_down():
-    promos = [promotion("a", multiplier_bps=20_000), promotion("b", multiplier_bps=15_000),
-              promotion("c", bonus_point_units=25)]
+    promos = [
+        promotion("a", multiplier_bps=20_000),
+        promotion("b", multiplier_bps=15_000),
+        promotion("c", bonus_point_units=25),
+    ]
     assert rules.promotion_bonus(promos, EarnContext("x", "r", 0), 101, {}) == [("a", 101), ("b", 50), ("c", 25)]
     assert rules.promotion_bonus(promos, EarnContext("x", "r", 0), 1, {}) == [("a", 1), ("c", 25)]  # b: 0.5 -> 0
-    assert rules.promotion_bonus(promos, EarnContext("x", "r", 0), 0, {}) == []   # no bonus on 0 points
+    assert rules.promotion_bonus(promos, EarnContext("x", "r", 0), 0, {}) == []  # no bonus on 0 points
 
 
 def test_a_promotion_budget_grants_partially_at_the_cap_then_nothing():
@@ -362,45 +432,67 @@ def test_a_promotion_budget_grants_partially_at_the_cap_then_nothing():
 
 
 def test_earn_postings_charge_each_sponsor_and_credit_the_member_once():
-    program = version(levels=(Level("registered", 0, multiplier_bps=12_000),), promotions=(
-        promotion("net", multiplier_bps=20_000),
-        promotion("x-only", scope=rules.SCOPE_MERCHANT, scope_id="x", sponsor_id="x", bonus_point_units=30)))
+    program = version(
+        levels=(Level("registered", 0, multiplier_bps=12_000),),
+        promotions=(
+            promotion("net", multiplier_bps=20_000),
+            promotion("x-only", scope=rules.SCOPE_MERCHANT, scope_id="x", sponsor_id="x", bonus_point_units=30),
+        ),
+    )
     earn = rules.earn_with_rules(program, EarnContext("x", "registered", 0), 1_000, {})
     assert (earn.base, earn.uplift, earn.total) == (1_000, 200, 2_230)
     assert rules.earn_postings("m", "x", earn) == (
-        Posting("merchant_issued", "x", POINTS, -1_000), Posting("operator_tier_rewards", OP, POINTS, -200),
-        Posting("operator_promotions", OP, POINTS, -1_000), Posting("merchant_issued", "x", POINTS, -30),
-        Posting("member", "m", POINTS, 2_230))
+        Posting("merchant_issued", "x", POINTS, -1_000),
+        Posting("operator_tier_rewards", OP, POINTS, -200),
+        Posting("operator_promotions", OP, POINTS, -1_000),
+        Posting("merchant_issued", "x", POINTS, -30),
+        Posting("member", "m", POINTS, 2_230),
+    )
 
 
 def test_refunds_of_an_earn_take_back_bonuses_proportionally_and_exactly_in_total():
     earn = rules.Earn(3, 1, (rules.Grant("p", OP, 2),))
     portions = [rules.earn_refund(earn, before, 1) for before in range(3)]
-    assert [(p.uplift, p.grants[0].amount) for p in portions] == [(0, 0), (0, 1), (1, 1)]   # floor, member's favour
+    assert [(p.uplift, p.grants[0].amount) for p in portions] == [(0, 0), (0, 1), (1, 1)]  # floor, member's favour
     assert sum(p.total for p in portions) == earn.total
     refund = rules.refund_earn_postings("m", "x", portions[2])
-    assert refund == (Posting("merchant_issued", "x", POINTS, 1), Posting("operator_tier_rewards", OP, POINTS, 1),
-                      Posting("operator_promotions", OP, POINTS, 1), Posting("member", "m", POINTS, -3))
+    assert refund == (
+        Posting("merchant_issued", "x", POINTS, 1),
+        Posting("operator_tier_rewards", OP, POINTS, 1),
+        Posting("operator_promotions", OP, POINTS, 1),
+        Posting("member", "m", POINTS, -3),
+    )
     with pytest.raises(InvariantViolation):
-        rules.earn_refund(earn, 3, 1)                                       # more than earned
+        rules.earn_refund(earn, 3, 1)  # more than earned
 
 
 # --- referrals and acquiring -------------------------------------------------------------------
 
+
 def test_referral_bonus_on_the_first_qualifying_earn_only():
     program = version(referral_bonus_point_units=500, referral_minimum_purchase=1_000)
     assert rules.referral_bonus(program, "r", False, 1_000, 30) == 500
-    assert rules.referral_bonus(program, "r", True, 1_000, 30) == 0        # already paid
-    assert rules.referral_bonus(program, "r", False, 999, 30) == 0         # below the minimum
-    assert rules.referral_bonus(program, None, False, 1_000, 30) == 0      # no referrer
-    assert rules.referral_bonus(program, "r", False, 1_000, 0) == 0        # earned nothing
-    assert rules.referral_postings("r", 500) == (Posting("operator_referrals", OP, POINTS, -500),
-                                                 Posting("member", "r", POINTS, 500))
+    assert rules.referral_bonus(program, "r", True, 1_000, 30) == 0  # already paid
+    assert rules.referral_bonus(program, "r", False, 999, 30) == 0  # below the minimum
+    assert rules.referral_bonus(program, None, False, 1_000, 30) == 0  # no referrer
+    assert rules.referral_bonus(program, "r", False, 1_000, 0) == 0  # earned nothing
+    assert rules.referral_postings("r", 500) == (
+        Posting("operator_referrals", OP, POINTS, -500),
+        Posting("member", "r", POINTS, 500),
+    )
 
 
-@pytest.mark.parametrize("acquirer,merchant,purchase,reward", [
-    ("a", "x", 10_000, 100), ("a", "x", 199, 1), ("a", "x", 99, 0), ("a", "a", 10_000, 0), (None, "x", 10_000, 0),
-    ("b", "x", 1_000, 25)])
+@pytest.mark.parametrize(
+    "acquirer,merchant,purchase,reward",
+    [
+        ("a", "x", 10_000, 100),
+        ("a", "x", 199, 1),
+        ("a", "x", 99, 0),
+        ("a", "a", 10_000, 0),
+        (None, "x", 10_000, 0),
+        ("b", "x", 1_000, 25),
+    ],
+)
 def test_acquiring_reward_is_the_floor_of_the_share_of_spend_elsewhere(acquirer, merchant, purchase, reward):
     program = version(acquiring_share_bps=100, merchant_terms=(rules.MerchantTerms("b", acquiring_share_bps=250),))
     assert rules.acquiring_reward(program, acquirer, merchant, purchase, base_point_units=1) == reward
@@ -411,15 +503,26 @@ def test_acquiring_reward_needs_points_earned_and_reverses_exactly():
     assert rules.acquiring_reward(program, "a", "x", 10_000, base_point_units=0) == 0
     reversals = [rules.acquiring_reversal(7, 10, before, 1) for before in range(10)]
     assert sum(reversals) == 7 and all(r in (0, 1) for r in reversals) and reversals[0] == 0
-    assert rules.acquiring_postings("a", 7) == (Posting("operator_acquiring", OP, POINTS, -7),
-                                                Posting("merchant_acquiring", "a", POINTS, 7))
+    assert rules.acquiring_postings("a", 7) == (
+        Posting("operator_acquiring", OP, POINTS, -7),
+        Posting("merchant_acquiring", "a", POINTS, 7),
+    )
 
 
 # --- merchant points conversion ----------------------------------------------------------------
 
-@pytest.mark.parametrize("merchant_points,rate,converted,point_units,remainder", [
-    (25, Rate(1, 10), 20, 2, 5), (9, Rate(1, 10), 0, 0, 9), (5, Rate(3, 2), 4, 6, 1), (5, Rate(3, 1), 5, 15, 0),
-    (0, Rate(1, 10), 0, 0, 0), (1_000, Rate(4, 6), 999, 666, 1)])
+
+@pytest.mark.parametrize(
+    "merchant_points,rate,converted,point_units,remainder",
+    [
+        (25, Rate(1, 10), 20, 2, 5),
+        (9, Rate(1, 10), 0, 0, 9),
+        (5, Rate(3, 2), 4, 6, 1),
+        (5, Rate(3, 1), 5, 15, 0),
+        (0, Rate(1, 10), 0, 0, 0),
+        (1_000, Rate(4, 6), 999, 666, 1),
+    ],
+)
 def test_conversion_in_whole_blocks_reports_the_remainder(merchant_points, rate, converted, point_units, remainder):
     assert rules.convert_merchant_points(merchant_points, rate) == rules.Conversion(converted, point_units, remainder)
 
@@ -438,11 +541,14 @@ def test_conversion_loses_nothing_on_random_rates(seed):
 
 
 def test_conversion_postings_debit_the_merchant_s_issued_account():
-    assert rules.conversion_postings("x", "m", 6) == (Posting("merchant_issued", "x", POINTS, -6),
-                                                      Posting("member", "m", POINTS, 6))
+    assert rules.conversion_postings("x", "m", 6) == (
+        Posting("merchant_issued", "x", POINTS, -6),
+        Posting("member", "m", POINTS, 6),
+    )
 
 
 # --- dividend pool and vouchers ----------------------------------------------------------------
+
 
 def test_dividend_rounds_trigger_at_the_threshold_then_at_each_growth():
     settings = rules.DividendSettings(threshold_point_units=1_000_000, growth_bps=1_500)
@@ -451,7 +557,7 @@ def test_dividend_rounds_trigger_at_the_threshold_then_at_each_growth():
     assert rules.dividend_trigger_point_units(settings, 1_000_000) == 1_150_000
     assert not rules.dividend_due(settings, 1_149_999, 1_000_000)
     assert rules.dividend_due(settings, 1_150_000, 1_000_000)
-    assert rules.dividend_trigger_point_units(settings, 1_000_001) == 1_150_002   # 1,150,001.15 rounded up
+    assert rules.dividend_trigger_point_units(settings, 1_000_001) == 1_150_002  # 1,150,001.15 rounded up
     assert not rules.dividend_due(settings, 1_150_001, 1_000_001)
 
 
@@ -463,8 +569,14 @@ def test_dividend_rate_follows_the_schedule_and_its_last_rate_repeats():
 
 
 def test_a_dividend_round_floors_per_holder_and_issues_exactly_the_sum():
-    holdings = {Holder("member", "a"): 10_000, Holder("member", "b"): 199, Holder("member", "c"): 399,
-                Holder("merchant", "x"): 123_456, Holder("merchant", "y"): -500, Holder("member", "d"): 0}
+    holdings = {
+        Holder("member", "a"): 10_000,
+        Holder("member", "b"): 199,
+        Holder("member", "c"): 399,
+        Holder("merchant", "x"): 123_456,
+        Holder("merchant", "y"): -500,
+        Holder("member", "d"): 0,
+    }
     record = rules.dividend_round(1, 5_000_000, 50, holdings)
     assert [(a.holder.owner_id, a.amount) for a in record.allocations] == [("a", 50), ("c", 1), ("x", 617)]
     assert record.total_issued == 668 == sum(a.amount for a in record.allocations)
@@ -487,8 +599,11 @@ def test_a_dividend_round_computed_twice_gives_the_same_record(seed):
     rng.shuffle(shuffled)
     assert rules.dividend_round(3, 10**12, rate, dict(shuffled), dict(credit)) == first
     assert first.total_issued == sum(a.amount for a in first.allocations)
-    assert all(a.amount == max(h, 0) * rate // 10_000 and a.repaid + a.paid_out == a.amount
-               for a in first.allocations for h in [holdings[a.holder]])
+    assert all(
+        a.amount == max(h, 0) * rate // 10_000 and a.repaid + a.paid_out == a.amount
+        for a in first.allocations
+        for h in [holdings[a.holder]]
+    )
     assert_balanced([row for a in first.allocations for row in rules.dividend_postings(a)])
 
 
@@ -500,21 +615,34 @@ def test_a_dividend_repays_voucher_credit_first():
     record = rules.dividend_round(2, 1, 50, {Holder("member", "a"): 10_000}, {Holder("member", "a"): 30})
     assert rules.dividend_postings(record.allocations[0]) == (
         Posting("operator_dividends", OP, ASSET_VOUCHERS, -50),
-        Posting("member_voucher_credit", "a", ASSET_VOUCHERS, 30), Posting("member", "a", ASSET_VOUCHERS, 20))
+        Posting("member_voucher_credit", "a", ASSET_VOUCHERS, 30),
+        Posting("member", "a", ASSET_VOUCHERS, 20),
+    )
     with pytest.raises(InvariantViolation, match="only members borrow"):
         rules.dividend_round(2, 1, 50, {Holder("merchant", "x"): 10_000}, {Holder("merchant", "x"): 1})
 
 
-@pytest.mark.parametrize("holding,rate,limit_bps,expected,limit", [
-    (10_000, 50, 50_000, 50, 250), (199, 50, 50_000, 0, 0), (200, 50, 50_000, 1, 5), (10_000, 50, 0, 50, 0),
-    (10_000, 50, 15_000, 50, 75), (10_001, 75, 15_000, 75, 112), (-5, 50, 50_000, 0, 0)])
-def test_voucher_credit_limit_is_a_multiple_of_the_expected_dividend_rounded_down(holding, rate, limit_bps,
-                                                                                   expected, limit):
+@pytest.mark.parametrize(
+    "holding,rate,limit_bps,expected,limit",
+    [
+        (10_000, 50, 50_000, 50, 250),
+        (199, 50, 50_000, 0, 0),
+        (200, 50, 50_000, 1, 5),
+        (10_000, 50, 0, 50, 0),
+        (10_000, 50, 15_000, 50, 75),
+        (10_001, 75, 15_000, 75, 112),
+        (-5, 50, 50_000, 0, 0),
+    ],
+)
+def test_voucher_credit_limit_is_a_multiple_of_the_expected_dividend_rounded_down(
+    holding, rate, limit_bps, expected, limit
+):
     assert rules.expected_dividend(holding, rate) == expected
     assert rules.voucher_credit_limit(holding, rate, limit_bps) == limit
 
 
 # --- split tender ------------------------------------------------------------------------------
+
 
 def test_split_tender_vouchers_first_or_as_the_caller_says():
     assert rules.split_tender(100, vouchers_available=30, points_available=70) == Tender(30, 70)
@@ -563,23 +691,32 @@ def test_split_refunds_in_random_parts_sum_exactly_to_the_tender(seed):
 
 def test_split_redeem_and_refund_postings_clear_each_asset_separately():
     redeem = rules.split_redeem_postings("m", "x", Tender(50, 30), from_credit=20)
-    assert redeem == (Posting("member", "m", POINTS, -30), Posting("merchant_redeemed", "x", POINTS, 30),
-                      Posting("member", "m", ASSET_VOUCHERS, -30),
-                      Posting("member_voucher_credit", "m", ASSET_VOUCHERS, -20),
-                      Posting("merchant_redeemed", "x", ASSET_VOUCHERS, 50))
+    assert redeem == (
+        Posting("member", "m", POINTS, -30),
+        Posting("merchant_redeemed", "x", POINTS, 30),
+        Posting("member", "m", ASSET_VOUCHERS, -30),
+        Posting("member_voucher_credit", "m", ASSET_VOUCHERS, -20),
+        Posting("merchant_redeemed", "x", ASSET_VOUCHERS, 50),
+    )
     portion = rules.refund_tender(Tender(50, 30), 0, 40)
     repaid, _ = rules.apply_dividend(20, portion.vouchers)
     refund = rules.split_refund_postings("m", "x", portion, repaid)
     assert portion == Tender(25, 15) and repaid == 20
-    assert refund == (Posting("member", "m", POINTS, 15), Posting("merchant_redeemed", "x", POINTS, -15),
-                      Posting("member", "m", ASSET_VOUCHERS, 5),
-                      Posting("member_voucher_credit", "m", ASSET_VOUCHERS, 20),
-                      Posting("merchant_redeemed", "x", ASSET_VOUCHERS, -25))
+    assert refund == (
+        Posting("member", "m", POINTS, 15),
+        Posting("merchant_redeemed", "x", POINTS, -15),
+        Posting("member", "m", ASSET_VOUCHERS, 5),
+        Posting("member_voucher_credit", "m", ASSET_VOUCHERS, 20),
+        Posting("merchant_redeemed", "x", ASSET_VOUCHERS, -25),
+    )
     assert rules.merchant_voucher_spend_postings("x", "store", 9) == (
-        Posting("merchant_vouchers", "x", ASSET_VOUCHERS, -9), Posting("merchant_redeemed", "store", ASSET_VOUCHERS, 9))
+        Posting("merchant_vouchers", "x", ASSET_VOUCHERS, -9),
+        Posting("merchant_redeemed", "store", ASSET_VOUCHERS, 9),
+    )
 
 
 # --- cash-out ----------------------------------------------------------------------------------
+
 
 def test_cash_out_is_refused_with_a_message_that_says_where_points_can_go():
     with pytest.raises(Rejection) as raised:
@@ -590,25 +727,33 @@ def test_cash_out_is_refused_with_a_message_that_says_where_points_can_go():
 
 # --- every rule's postings balance, on random inputs ---------------------------------------------
 
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_every_rule_s_postings_balance_per_asset_on_random_inputs(seed):
     rng = random.Random(seed)
-    n = lambda: rng.choice([0, 1, rng.randint(0, 10**9)])
+
+    def n():
+        return rng.choice([0, 1, rng.randint(0, 10**9)])
+
     base = n()
     earn = rules.Earn(base, n(), tuple(rules.Grant(f"p{i}", rng.choice([OP, "x"]), n()) for i in range(3)))
     before = rng.randint(0, base)
     tender = Tender(n(), n())
     credit = rng.randint(0, tender.vouchers)
     portion = rules.refund_tender(tender, 0, rng.randint(0, tender.total))
-    allocation = rules.dividend_round(1, 1, rng.randint(1, 10_000), {Holder("member", "m"): n() + 10**6},
-                                      {Holder("member", "m"): n()}).allocations[0]
+    allocation = rules.dividend_round(
+        1, 1, rng.randint(1, 10_000), {Holder("member", "m"): n() + 10**6}, {Holder("member", "m"): n()}
+    ).allocations[0]
     everything = [
         rules.earn_postings("m", "x", earn),
         rules.refund_earn_postings("m", "x", rules.earn_refund(earn, before, rng.randint(0, base - before))),
         rules.expiry_postings("m", lot(1, n(), 5)),
-        rules.tier_bonus_postings("m", n()), rules.referral_postings("r", n()),
-        rules.acquiring_postings("a", n()), rules.negated(rules.acquiring_postings("a", n())),
-        rules.conversion_postings("x", "m", n()), rules.dividend_postings(allocation),
+        rules.tier_bonus_postings("m", n()),
+        rules.referral_postings("r", n()),
+        rules.acquiring_postings("a", n()),
+        rules.negated(rules.acquiring_postings("a", n())),
+        rules.conversion_postings("x", "m", n()),
+        rules.dividend_postings(allocation),
         rules.split_redeem_postings("m", "x", tender, credit),
         rules.split_refund_postings("m", "x", portion, rng.randint(0, portion.vouchers)),
         rules.merchant_voucher_spend_postings("x", "store", n()),
@@ -621,17 +766,21 @@ def test_every_rule_s_postings_balance_per_asset_on_random_inputs(seed):
 
 # --- a model run: lots, balances and the journal agree after every rule --------------------------
 
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_a_random_run_keeps_lots_balances_and_journal_consistent(seed):
     rng = random.Random(seed)
-    program = version(expiry_period_us=1_000, restore_grace_us=rng.choice([0, 50]),
-                      levels=(Level("registered", 0), Level("blue", 2_000, 100, 15_000)),
-                      promotions=(promotion("dbl", 0, 10**9, budget_point_units=rng.randint(1, 3_000)),))
+    program = version(
+        expiry_period_us=1_000,
+        restore_grace_us=rng.choice([0, 50]),
+        levels=(Level("registered", 0), Level("blue", 2_000, 100, 15_000)),
+        promotions=(promotion("dbl", 0, 10**9, budget_point_units=rng.randint(1, 3_000)),),
+    )
     members = ["m1", "m2"]
     lots = {m: () for m in members}
-    balances = Counter()              # (kind, owner, asset) -> balance
-    earns = []                        # (member, transaction id, Earn, refunded base)
-    redeems = []                      # [member, consumption left]
+    balances = Counter()  # (kind, owner, asset) -> balance
+    earns = []  # (member, transaction id, Earn, refunded base)
+    redeems = []  # [member, consumption left]
     budget = {"dbl": program.promotions[0].budget_point_units}
     reached = {m: set() for m in members}
     qualifying = Counter()
@@ -665,7 +814,7 @@ def test_a_random_run_keeps_lots_balances_and_journal_consistent(seed):
                 post(rules.tier_bonus_postings(member, bonus))
                 lots[member] += (rules.new_lot(program, transaction_id, bonus, now, OP),)
         elif action == "redeem":
-            live = sum(l.amount for l in lots[member] if l.live(now))
+            live = sum(lot.amount for lot in lots[member] if lot.live(now))
             taken = rules.consume(lots[member], rng.randint(0, live), now)
             lots[member] = taken.lots
             amount = sum(p.amount for p in taken.pieces)
@@ -701,10 +850,14 @@ def test_a_random_run_keeps_lots_balances_and_journal_consistent(seed):
         for asset in (POINTS,):
             assert sum(v for (_, _, a), v in balances.items() if a == asset) == 0
         for m in members:
-            assert balances["member", m, POINTS] == sum(l.amount for l in lots[m]) >= 0
+            assert balances["member", m, POINTS] == sum(lot.amount for lot in lots[m]) >= 0
         assert all(left >= 0 for left in budget.values())
     # invariant 3, extended: members hold what was issued (merchants and operator) less redeemed and breakage
-    issued = -sum(v for (kind, _, _), v in balances.items()
-                  if kind in ("merchant_issued", "operator_tier_rewards", "operator_promotions"))
+    issued = -sum(
+        v
+        for (kind, _, _), v in balances.items()
+        if kind in ("merchant_issued", "operator_tier_rewards", "operator_promotions")
+    )
     assert sum(balances["member", m, POINTS] for m in members) == (
-        issued - balances["merchant_redeemed", "x", POINTS] - balances["operator_breakage", OP, POINTS])
+        issued - balances["merchant_redeemed", "x", POINTS] - balances["operator_breakage", OP, POINTS]
+    )

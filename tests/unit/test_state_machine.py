@@ -1,6 +1,7 @@
 """LedgerStateMachine driven directly: no database, no event loop, no committer. A batch goes in, its
 outcomes and its durable record (BatchWrite) come out; commit, rollback and rollback_newest move the
 in-memory state as the committer needs. Run against the compiled fast path and its pure-Python twin."""
+
 from __future__ import annotations
 
 import ast
@@ -26,14 +27,29 @@ SECOND = 1_000_000
 DAY = 86_400 * SECOND
 FEE_REDEEMED_BPS = 100
 
-OPERATOR = {domain.ACCOUNT_OPERATOR_FEE_REVENUE: 1, domain.ACCOUNT_OPERATOR_BREAKAGE: 2,
-            rules.ACCOUNT_OPERATOR_TIER_REWARDS: 3, rules.ACCOUNT_OPERATOR_PROMOTIONS: 4,
-            rules.ACCOUNT_OPERATOR_REFERRALS: 5, rules.ACCOUNT_OPERATOR_ACQUIRING: 6,
-            rules.ACCOUNT_OPERATOR_DIVIDENDS: 7}
-SHOP = MerchantRow("shop", 1, 1_000, "active", fee_redeemed_bps=FEE_REDEEMED_BPS, issued_account_id=11,
-                   redeemed_account_id=12, fees_account_id=13, acquiring_account_id=14)
-CAFE = MerchantRow("cafe", 2, 500, "active", issued_account_id=21, redeemed_account_id=22, fees_account_id=23,
-                   acquiring_account_id=24)
+OPERATOR = {
+    domain.ACCOUNT_OPERATOR_FEE_REVENUE: 1,
+    domain.ACCOUNT_OPERATOR_BREAKAGE: 2,
+    rules.ACCOUNT_OPERATOR_TIER_REWARDS: 3,
+    rules.ACCOUNT_OPERATOR_PROMOTIONS: 4,
+    rules.ACCOUNT_OPERATOR_REFERRALS: 5,
+    rules.ACCOUNT_OPERATOR_ACQUIRING: 6,
+    rules.ACCOUNT_OPERATOR_DIVIDENDS: 7,
+}
+SHOP = MerchantRow(
+    "shop",
+    1,
+    1_000,
+    "active",
+    fee_redeemed_bps=FEE_REDEEMED_BPS,
+    issued_account_id=11,
+    redeemed_account_id=12,
+    fees_account_id=13,
+    acquiring_account_id=14,
+)
+CAFE = MerchantRow(
+    "cafe", 2, 500, "active", issued_account_id=21, redeemed_account_id=22, fees_account_id=23, acquiring_account_id=24
+)
 
 
 @pytest.fixture(params=[fastpath._core, fastpath._reference], ids=["cython", "python"])
@@ -103,7 +119,7 @@ def test_an_earn_opens_the_member_credits_it_from_the_merchants_issued_account_a
     assert outcome.code is Code.OK
     created = outcome.fields["transaction_id"]
     assert outcome.fields["points"] == 1_000 and outcome.fields["balance"] == 1_000
-    (member_id, account_id), = write.new_members
+    ((member_id, account_id),) = write.new_members
     assert member_id == "alice" and account_id in range(1_000, 1_100)
     assert write.transactions[0][:5] == (created, fastpath.KIND_EARN, "shop", "alice", 1_000)
     assert entries_of(write, created) == {account_id: 1_000, SHOP.issued_account_id: -1_000}
@@ -119,8 +135,12 @@ def test_a_redeem_debits_the_member_credits_the_merchant_and_posts_its_fee(machi
     created = outcome.fields["transaction_id"]
     fee = 300 * FEE_REDEEMED_BPS // 10_000
     account = machine.ledger.member_account(machine.ledger.member_slot("alice"))
-    assert entries_of(write, created) == {account: -300, SHOP.redeemed_account_id: 300, SHOP.fees_account_id: -fee,
-                                          OPERATOR[domain.ACCOUNT_OPERATOR_FEE_REVENUE]: fee}
+    assert entries_of(write, created) == {
+        account: -300,
+        SHOP.redeemed_account_id: 300,
+        SHOP.fees_account_id: -fee,
+        OPERATOR[domain.ACCOUNT_OPERATOR_FEE_REVENUE]: fee,
+    }
     assert write.transactions[0][9] == fee
 
 
@@ -170,8 +190,9 @@ def test_authorize_capture_and_void(machine):
 def test_a_capture_by_another_merchant_is_refused(machine):
     run(machine, earn("alice", 1_000))
     (hold,), _ = run(machine, op(Method.AUTHORIZE, member_id="alice", points=500, hold_ttl_seconds=60))
-    (outcome,), write = run(machine, op(Method.CAPTURE, CAFE, authorization_id=hold.fields["authorization_id"],
-                                        points=500))
+    (outcome,), write = run(
+        machine, op(Method.CAPTURE, CAFE, authorization_id=hold.fields["authorization_id"], points=500)
+    )
     assert outcome.code is Code.PERMISSION_DENIED and write.transactions == []
 
 
@@ -207,8 +228,11 @@ def test_refunds_of_a_redemption_and_of_an_earn_and_one_too_many(machine):
 def test_a_retry_replays_the_stored_outcome_and_a_different_request_under_the_key_is_refused(machine):
     run(machine, earn("alice", 1_000))
     retry = earn("alice", 1_000)
-    stored = {("shop", retry.idempotency_key): StoredOutcome(
-        "Earn", dict(retry.request), "OK", {"transaction_id": 7, "points": 1_000}, "")}
+    stored = {
+        ("shop", retry.idempotency_key): StoredOutcome(
+            "Earn", dict(retry.request), "OK", {"transaction_id": 7, "points": 1_000}, ""
+        )
+    }
     (outcome,), write = run(machine, retry, stored=stored)
     assert outcome.code is Code.OK and outcome.replayed and outcome.fields["transaction_id"] == 7
     assert write.transactions == [] and write.idempotency == []
@@ -222,8 +246,9 @@ def test_a_retry_replays_the_stored_outcome_and_a_different_request_under_the_ke
 
 
 def test_a_suspended_merchant_may_not_earn_and_the_refusal_is_not_recorded(machine):
-    machine.merchants.add(MerchantRow("shop", 1, 1_000, "suspended", issued_account_id=11, redeemed_account_id=12,
-                                      fees_account_id=13))
+    machine.merchants.add(
+        MerchantRow("shop", 1, 1_000, "suspended", issued_account_id=11, redeemed_account_id=12, fees_account_id=13)
+    )
     (outcome,), write = run(machine, earn("alice", 100))
     assert outcome.code is Code.FAILED_PRECONDITION and "suspended" in outcome.message
     assert write.idempotency == [] and write.transactions == []
@@ -242,8 +267,9 @@ def test_rollback_of_every_open_batch_restores_balances_members_and_holds_and_ne
     (first,), _ = run(machine, earn("alice", 1_000))
     # two batches open at once: the one "being written" and the next applied on top of it
     outcomes_a, write_a = machine.apply([op(Method.REDEEM, member_id="alice", points=400), earn("bob", 50)], {}, NOW)
-    outcomes_b, write_b = machine.apply([op(Method.AUTHORIZE, member_id="alice", points=100, hold_ttl_seconds=60)],
-                                        {}, NOW)
+    outcomes_b, write_b = machine.apply(
+        [op(Method.AUTHORIZE, member_id="alice", points=100, hold_ttl_seconds=60)], {}, NOW
+    )
     assert all(o.code is Code.OK for o in outcomes_a + outcomes_b)
     assert posted_held(machine, "alice") == (600, 100)
     machine.rollback()  # the write of the older one failed: both are undone
@@ -326,6 +352,7 @@ def test_forget_resolved_drops_resolved_holds_and_keeps_balances(machine):
 
 # --- what a batch needs from Postgres: missing() names it, load_prefetched() takes it in ---
 
+
 def forgotten(machine: LedgerStateMachine) -> None:
     """Resolved holds and resident transactions dropped, as the committer does now and then."""
     machine.forget_resolved()
@@ -339,8 +366,14 @@ def test_a_resolved_hold_no_longer_resident_is_named_missing_and_once_loaded_ref
     forgotten(machine)
     capture = op(Method.CAPTURE, authorization_id=authorization_id, points=100)
     assert machine.missing([capture]) == ({authorization_id}, set(), set(), set())
-    expired = machine.load_prefetched(NOW, [HoldRow(authorization_id, "shop", "alice", 100, fastpath.HOLD_STATUS_VOIDED,
-                                                    NOW + 60 * SECOND)], [], [], [], [])
+    expired = machine.load_prefetched(
+        NOW,
+        [HoldRow(authorization_id, "shop", "alice", 100, fastpath.HOLD_STATUS_VOIDED, NOW + 60 * SECOND)],
+        [],
+        [],
+        [],
+        [],
+    )
     assert expired == []
     assert machine.missing([capture]) == (set(), set(), set(), set())
     (outcome,), write = run(machine, capture)
@@ -368,8 +401,9 @@ def test_a_transaction_no_longer_resident_is_loaded_and_refunded(machine):
     if machine.ledger.has_transaction(transaction_id):
         pytest.skip("this fast path keeps resolved transactions resident")
     assert machine.missing([refund])[3] == {transaction_id}
-    machine.load_prefetched(NOW, [], [], [], [], [TransactionRow(transaction_id, fastpath.KIND_REDEEM, "shop", "alice",
-                                                                  300, 200)])
+    machine.load_prefetched(
+        NOW, [], [], [], [], [TransactionRow(transaction_id, fastpath.KIND_REDEEM, "shop", "alice", 300, 200)]
+    )
     (outcome,), write = run(machine, refund)
     assert outcome.code is Code.FAILED_PRECONDITION and outcome.reason == "refund_exceeds_remaining"
     (outcome,), write = run(machine, op(Method.REFUND, transaction_id=transaction_id, points=100))
@@ -395,8 +429,11 @@ def test_a_link_and_a_conversion_under_a_program(machine):
     # Rate(1, 10): 10 merchant points are one point-unit, converted in whole blocks
     (converted,), write = run(machine, op(Method.CONVERT, member_id="alice", merchant_points=105))
     assert converted.code is Code.OK
-    assert (converted.fields["points"], converted.fields["merchant_points_converted"],
-            converted.fields["merchant_points_remainder"]) == (10, 100, 5)
+    assert (
+        converted.fields["points"],
+        converted.fields["merchant_points_converted"],
+        converted.fields["merchant_points_remainder"],
+    ) == (10, 100, 5)
     account = machine.ledger.member_account(machine.ledger.member_slot("alice"))
     assert entries_of(write, converted.fields["transaction_id"]) == {SHOP.issued_account_id: -10, account: 10}
     (too_few,), write = run(machine, op(Method.CONVERT, member_id="alice", merchant_points=9))
@@ -419,6 +456,7 @@ def test_the_state_machine_module_does_no_io():
 
 # --- random batches, committed or rolled back: the invariants hold after every step ---
 
+
 @pytest.mark.parametrize("with_program", [False, True], ids=["plain", "program"])
 @pytest.mark.parametrize("seed", range(8))
 def test_random_batches_keep_the_invariants(machine, seed, with_program):
@@ -427,17 +465,20 @@ def test_random_batches_keep_the_invariants(machine, seed, with_program):
     posted balance equals the sum of its committed entries; no available balance is negative; no
     transaction or authorization id is handed out twice, rolled back or not."""
     import random
+
     rng = random.Random(seed)
     machine.ledger = type(machine.ledger)(100, 10_000, 10_000)  # room for every hold and transaction
     if with_program:
-        in_force(machine, expiry_period_us=DAY,
-                 levels=(rules.Level("member", 0), rules.Level("gold", 3_000, bonus_point_units=200,
-                                                               multiplier_bps=15_000)))
+        in_force(
+            machine,
+            expiry_period_us=DAY,
+            levels=(rules.Level("member", 0), rules.Level("gold", 3_000, bonus_point_units=200, multiplier_bps=15_000)),
+        )
     members = ["m0", "m1", "m2", "m3"]
     journal: dict[int, int] = collections.defaultdict(int)  # account id -> sum of committed entries
     seen_transactions: set[int] = set()
     seen_authorizations: set[int] = set()
-    spendable: list[tuple[int, MerchantRow]] = []   # committed earns, redeems and captures: refundable
+    spendable: list[tuple[int, MerchantRow]] = []  # committed earns, redeems and captures: refundable
     holds: list[tuple[int, MerchantRow]] = []
     now = NOW
 
@@ -450,17 +491,30 @@ def test_random_batches_keep_the_invariants(machine, seed, with_program):
         if choice < 0.55:
             return op(Method.REDEEM, merchant, member_id=member, points=rng.randint(1, 1_500))
         if choice < 0.7:
-            return op(Method.AUTHORIZE, merchant, member_id=member, points=rng.randint(1, 800),
-                      hold_ttl_seconds=rng.randint(60, 7_200))
+            return op(
+                Method.AUTHORIZE,
+                merchant,
+                member_id=member,
+                points=rng.randint(1, 800),
+                hold_ttl_seconds=rng.randint(60, 7_200),
+            )
         if choice < 0.85 and holds:
             method = rng.choice([Method.CAPTURE, Method.VOID])
             authorization_id, owner = rng.choice(holds)
-            return op(method, owner if rng.random() < 0.9 else merchant, authorization_id=authorization_id,
-                      points=rng.randint(0, 300) if method is Method.CAPTURE else 0)
+            return op(
+                method,
+                owner if rng.random() < 0.9 else merchant,
+                authorization_id=authorization_id,
+                points=rng.randint(0, 300) if method is Method.CAPTURE else 0,
+            )
         if spendable:
             transaction_id, owner = rng.choice(spendable)
-            return op(Method.REFUND, owner if rng.random() < 0.9 else merchant, transaction_id=transaction_id,
-                      points=rng.randint(1, 500))
+            return op(
+                Method.REFUND,
+                owner if rng.random() < 0.9 else merchant,
+                transaction_id=transaction_id,
+                points=rng.randint(1, 500),
+            )
         return earn(member, rng.randint(1, 2_000), merchant)
 
     def applied(outcomes, write) -> None:
@@ -517,9 +571,9 @@ def test_random_batches_keep_the_invariants(machine, seed, with_program):
         else:
             apply()
             if step < 0.9:
-                machine.rollback_newest()   # the newer failed while being applied; the older commits
+                machine.rollback_newest()  # the newer failed while being applied; the older commits
                 machine.commit()
                 committed(*first)
             else:
-                machine.rollback()          # the older one's write failed: both are undone
+                machine.rollback()  # the older one's write failed: both are undone
         check_balances()

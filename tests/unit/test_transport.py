@@ -1,4 +1,5 @@
 """Transport settings, the loopback rule, URL redaction and log scrubbing (no database, no network)."""
+
 from __future__ import annotations
 
 import io
@@ -13,11 +14,24 @@ from processor.store import redact, url_secrets
 from processor.transport import TransportSecurityError, is_loopback, require_secure_listen
 
 
-@pytest.mark.parametrize("host,loopback", [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("localhost", True), ("LOCALHOST", True), ("[::1]", True),
-    ("::1", True), ("0.0.0.0", False), ("[::]", False), ("10.0.0.5", False), ("192.168.1.1", False),
-    ("db.internal", False), ("localhost.evil.example", False), ("", False),
-])
+@pytest.mark.parametrize(
+    "host,loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("LOCALHOST", True),
+        ("[::1]", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("[::]", False),
+        ("10.0.0.5", False),
+        ("192.168.1.1", False),
+        ("db.internal", False),
+        ("localhost.evil.example", False),
+        ("", False),
+    ],
+)
 def test_loopback_is_localhost_or_a_loopback_literal(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -39,24 +53,36 @@ def test_listeners_default_to_loopback():
 
 
 def test_tls_settings_come_from_environment_variables_and_flags_win():
-    settings = config.load({"tls_key_file": "/flag.key"}, environ={
-        "POINTS_TLS_CERT_FILE": "/env.crt", "POINTS_TLS_KEY_FILE": "/env.key",
-        "POINTS_TLS_CLIENT_CA_FILE": "/clients.pem", "POINTS_INSECURE": "yes"})
-    assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == \
-        ("/env.crt", "/flag.key", "/clients.pem")
+    settings = config.load(
+        {"tls_key_file": "/flag.key"},
+        environ={
+            "POINTS_TLS_CERT_FILE": "/env.crt",
+            "POINTS_TLS_KEY_FILE": "/env.key",
+            "POINTS_TLS_CLIENT_CA_FILE": "/clients.pem",
+            "POINTS_INSECURE": "yes",
+        },
+    )
+    assert (settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file) == (
+        "/env.crt",
+        "/flag.key",
+        "/clients.pem",
+    )
     assert settings.insecure is True
     assert config.load({}, environ={"POINTS_INSECURE": "0"}).insecure is False
     with pytest.raises(ValueError, match="POINTS_INSECURE='maybe' is not a boolean"):
         config.load({}, environ={"POINTS_INSECURE": "maybe"})
 
 
-@pytest.mark.parametrize("values,message", [
-    ({"tls_cert_file": "c"}, "tls_cert_file and tls_key_file go together"),
-    ({"tls_key_file": "k"}, "tls_cert_file and tls_key_file go together"),
-    ({"tls_client_ca_file": "ca"}, "tls_client_ca_file (mutual TLS) needs tls_cert_file"),
-    ({"health_listen": "nowhere"}, "health_listen 'nowhere' must be HOST:PORT"),
-    ({"database_url": "postgresql://u:pa#ss@h/db"}, "database_url has a host:port that is not a number"),
-])
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"tls_cert_file": "c"}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_key_file": "k"}, "tls_cert_file and tls_key_file go together"),
+        ({"tls_client_ca_file": "ca"}, "tls_client_ca_file (mutual TLS) needs tls_cert_file"),
+        ({"health_listen": "nowhere"}, "health_listen 'nowhere' must be HOST:PORT"),
+        ({"database_url": "postgresql://u:pa#ss@h/db"}, "database_url has a host:port that is not a number"),
+    ],
+)
 def test_inconsistent_transport_settings_are_refused(values, message):
     with pytest.raises(ValueError) as raised:
         config.Settings(**values)
@@ -66,29 +92,43 @@ def test_inconsistent_transport_settings_are_refused(values, message):
 
 def test_insecure_flag_is_a_switch():
     import argparse
+
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)
     assert parser.parse_args(["--insecure"]).insecure is True
     assert parser.parse_args([]).insecure is None  # the environment may still turn it on
 
 
-@pytest.mark.parametrize("url,shown", [
-    ("postgresql://points:s3cret@db:5432/points", "postgresql://points:***@db:5432/points"),
-    ("postgresql://points:s3cret@db/points?sslmode=verify-full&password=other&sslrootcert=/ca.pem",
-     "postgresql://points:***@db/points?sslmode=verify-full&password=***&sslrootcert=/ca.pem"),
-    ("postgresql://db/points?user=points&PassWord=x1&sslpassword=x2",
-     "postgresql://db/points?user=points&PassWord=***&sslpassword=***"),
-    ("postgresql://points:p%40ss@h1:5432,h2:5432/points", "postgresql://points:***@h1:5432,h2:5432/points"),
-    ("postgresql://postgres:@/points?host=/tmp/pg", "postgresql://postgres:@/points?host=/tmp/pg"),
-    ("postgresql://points@db/points", "postgresql://points@db/points"),
-])
+@pytest.mark.parametrize(
+    "url,shown",
+    [
+        ("postgresql://points:s3cret@db:5432/points", "postgresql://points:***@db:5432/points"),
+        (
+            "postgresql://points:s3cret@db/points?sslmode=verify-full&password=other&sslrootcert=/ca.pem",
+            "postgresql://points:***@db/points?sslmode=verify-full&password=***&sslrootcert=/ca.pem",
+        ),
+        (
+            "postgresql://db/points?user=points&PassWord=x1&sslpassword=x2",
+            "postgresql://db/points?user=points&PassWord=***&sslpassword=***",
+        ),
+        ("postgresql://points:p%40ss@h1:5432,h2:5432/points", "postgresql://points:***@h1:5432,h2:5432/points"),
+        ("postgresql://postgres:@/points?host=/tmp/pg", "postgresql://postgres:@/points?host=/tmp/pg"),
+        ("postgresql://points@db/points", "postgresql://points@db/points"),
+    ],
+)
 def test_redact_hides_passwords_in_the_userinfo_and_the_query_string(url, shown):
     assert redact(url) == shown
 
 
 def test_url_secrets_are_the_passwords_as_written_and_decoded():
-    assert url_secrets("postgresql://u:p%40ss@h/db?password=a+b&sslpassword=k%2Fey") == \
-        {"p%40ss", "p@ss", "a+b", "a b", "k%2Fey", "k/ey"}
+    assert url_secrets("postgresql://u:p%40ss@h/db?password=a+b&sslpassword=k%2Fey") == {
+        "p%40ss",
+        "p@ss",
+        "a+b",
+        "a b",
+        "k%2Fey",
+        "k/ey",
+    }
     assert url_secrets("postgresql://u@h/db?sslmode=require") == set()
 
 
@@ -103,8 +143,9 @@ def test_hidden_secrets_are_scrubbed_from_log_lines_exceptions_and_streams(secre
     try:
         raise ConnectionError("cannot connect to postgresql://u:hunter2-password@db/points")
     except ConnectionError:
-        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed with %s", ("hunter2-password",),
-                                   sys.exc_info())
+        record = logging.LogRecord(
+            "t", logging.ERROR, __file__, 1, "failed with %s", ("hunter2-password",), sys.exc_info()
+        )
     record.url = 'postgresql://u:quo"ted@db'
     line = formatter.format(record)
     entry = json.loads(line)
@@ -157,7 +198,7 @@ def test_server_certificates_hand_grpc_a_reload_once_and_keep_the_old_ones_when_
     assert certificates.reload() is True
     assert certificates.fingerprint != first
     assert certificates._fetch() is not None  # the next handshake gets the new certificate ...
-    assert certificates._fetch() is None      # ... once
+    assert certificates._fetch() is None  # ... once
     assert metrics.tls_certificate_expiry._value.get() == certificates.expires_at.timestamp()
 
     expired_cert, expired_key = write(trustme.CA(), "expired", -1)

@@ -1,0 +1,26 @@
+"""ruff, as asyncpg runs its linters from its tests: the code is lint-clean and formatted (pyproject.toml
+[tool.ruff]). Fix with `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _ruff() -> str:
+    found = shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent))
+    if found is None:
+        pytest.fail("ruff is not installed: it is in the test extra (make test installs it)")
+    return found
+
+
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff(command):
+    done = subprocess.run([_ruff(), *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
