@@ -184,7 +184,7 @@ class Operation:
     # decided before queueing (member presence refused it): answered after the idempotency look-up, so a
     # retry of an operation already carried out still replays; never recorded under the key
     refusal: Outcome | None = None
-    future: asyncio.Future | None = None
+    future: asyncio.Future[Outcome] | None = None
     enqueued_at: float = 0.0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Collection, Iterable, Mapping, NamedTuple, NoReturn
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, NoReturn
 
 from processor.domain import (
     ACCOUNT_MEMBER,
@@ -86,11 +86,11 @@ CASH_OUT_MESSAGE = (
 )
 
 
-def _is_int(value) -> bool:
+def _is_int(value: object) -> bool:
     return type(value) is int
 
 
-def _check_int(value, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> None:
+def _check_int(value: Any, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> None:
     require(
         _is_int(value) and minimum <= value <= maximum, f"{name} must be an int in {minimum}..{maximum}, got {value!r}"
     )
@@ -123,7 +123,7 @@ class Posting(NamedTuple):
     amount: int
 
 
-def balanced(postings: Iterable[Posting | tuple]) -> tuple[Posting, ...]:
+def balanced(postings: Iterable[Posting | tuple[Any, ...]]) -> tuple[Posting, ...]:
     """The postings without zero amounts (the journal stores none), after checking that each names a
     known account kind in an asset it may hold, that amounts are int64, and that every asset sums to
     zero. An unbalanced rule is a bug: InvariantViolation."""
@@ -157,7 +157,7 @@ def _raise_problems(problems: list[str], what: str) -> None:
         raise ConfigError(f"{what}: " + "; ".join(problems))
 
 
-def _problem_int(problems: list[str], value, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> bool:
+def _problem_int(problems: list[str], value: Any, name: str, minimum: int = 0, maximum: int = INT64_MAX) -> bool:
     if not _is_int(value) or not minimum <= value <= maximum:
         problems.append(f"{name} must be an integer in {minimum}..{maximum} (got {value!r})")
         return False
@@ -198,7 +198,7 @@ class Rate:
     numerator: int
     denominator: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         _problem_int(problems, self.numerator, "numerator", 1, 10**9)
         _problem_int(problems, self.denominator, "denominator", 1, 10**9)
@@ -214,7 +214,7 @@ class Level:
     bonus_point_units: int = 0  # once per member, on first reaching the level
     multiplier_bps: int = BPS_DENOMINATOR  # earn multiplier; 10,000 = 1x
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.name, str) or not self.name:
             problems.append("name must be a non-empty string")
@@ -261,7 +261,7 @@ class Promotion:
     budget_point_units: int = 0
     sponsor_id: str = OPERATOR_ID
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.promotion_id, str) or not self.promotion_id:
             problems.append("promotion_id must be a non-empty string")
@@ -300,7 +300,7 @@ class MerchantTerms:
     acquiring_share_bps: int | None = None
     conversion_rate: Rate | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.merchant_id, str) or not self.merchant_id:
             problems.append("merchant_id must be a non-empty string")
@@ -323,7 +323,7 @@ class DividendSettings:
     rate_bps_schedule: tuple[int, ...] = (50,)
     credit_limit_bps: int = 50_000
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         _problem_int(problems, self.threshold_point_units, "threshold_point_units", 1)
         _problem_int(problems, self.growth_bps, "growth_bps", 1, 100 * BPS_DENOMINATOR)
@@ -373,7 +373,7 @@ class ProgramVersion:
     member_points_spent_per_hour_max: int = 0  # point-units per rolling hour; 0 = no cap
     member_points_spent_per_day_max: int = 0  # point-units per rolling 24 hours; 0 = no cap
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.program_id, str) or not self.program_id:
             problems.append("program_id must be a non-empty string")
@@ -462,7 +462,7 @@ class ProgramVersion:
         return terms.conversion_rate
 
 
-def _level_problems(levels) -> list[str]:
+def _level_problems(levels: Any) -> list[str]:
     if not isinstance(levels, tuple) or not levels or not all(isinstance(level, Level) for level in levels):
         return ["levels must be a non-empty tuple of Level, lowest first"]
     problems = []
@@ -494,7 +494,7 @@ class Program:
     program_id: str
     versions: tuple[ProgramVersion, ...]
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         problems: list[str] = []
         if not isinstance(self.versions, tuple) or not self.versions:
             problems.append("versions must be a non-empty tuple, oldest first")
@@ -589,9 +589,11 @@ RATE_SCHEDULE_MAX = 1_000
 CONFIG_TEXT_CHARS_MAX = 200  # names and ids
 _COLUMNS = ("program_id", "version", "effective_from_us")
 _BAD = object()  # a value that did not decode; its problem is listed already
+# decodes one configuration value: (problems to append to, the value, where it is) -> the value or _BAD
+Decoder = Callable[[list[str], Any, str], Any]
 
 
-def _json_value(value):
+def _json_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {field.name: _json_value(getattr(value, field.name)) for field in dataclasses.fields(value)}
     if isinstance(value, tuple):
@@ -599,16 +601,16 @@ def _json_value(value):
     return value
 
 
-def version_to_config(version: ProgramVersion) -> dict:
+def version_to_config(version: ProgramVersion) -> dict[str, Any]:
     """Every setting of `version` (not program_id, version, effective_from_us) as JSON-safe values;
     version_from_config(..., version_to_config(v)) == v."""
-    config = _json_value(version)
+    config: dict[str, Any] = _json_value(version)
     for column in _COLUMNS:
         del config[column]
     return config
 
 
-def _shown(value) -> str:
+def _shown(value: Any) -> str:
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
@@ -620,22 +622,22 @@ def _path(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
-def _integer(problems: list[str], value, where: str):
+def _integer(problems: list[str], value: Any, where: str) -> Any:
     if _is_int(value):
         return value
     problems.append(f"{where} must be an integer (got {_shown(value)})")
     return _BAD
 
 
-def _text(problems: list[str], value, where: str):
+def _text(problems: list[str], value: Any, where: str) -> Any:
     if isinstance(value, str) and len(value) <= CONFIG_TEXT_CHARS_MAX:
         return value
     problems.append(f"{where} must be a string of at most {CONFIG_TEXT_CHARS_MAX} characters (got {_shown(value)})")
     return _BAD
 
 
-def _nullable(decode, meaning: str):
-    def decode_nullable(problems: list[str], value, where: str):
+def _nullable(decode: Decoder, meaning: str) -> Decoder:
+    def decode_nullable(problems: list[str], value: Any, where: str) -> Any:
         if value is None:
             return None
         found: list[str] = []
@@ -648,8 +650,8 @@ def _nullable(decode, meaning: str):
     return decode_nullable
 
 
-def _list(decode, limit: int, what: str):
-    def decode_list(problems: list[str], value, where: str):
+def _list(decode: Decoder, limit: int, what: str) -> Decoder:
+    def decode_list(problems: list[str], value: Any, where: str) -> Any:
         if not isinstance(value, list):
             problems.append(f"{where} must be a list of {what} (got {_shown(value)})")
             return _BAD
@@ -662,7 +664,9 @@ def _list(decode, limit: int, what: str):
     return decode_list
 
 
-def _fields(problems: list[str], value, where: str, cls, kinds: Mapping) -> tuple[dict, bool, bool]:
+def _fields(
+    problems: list[str], value: Any, where: str, cls: type, kinds: Mapping[str, Decoder]
+) -> tuple[dict[str, Any], bool, bool]:
     """(fields, complete, clean): the fields of `cls` a JSON object gives, decoded. Every unknown key,
     missing required key and wrong type is listed in problems; complete says every required field is
     there and every given one decoded (so the object can be built and range-checked), clean that
@@ -695,7 +699,7 @@ def _fields(problems: list[str], value, where: str, cls, kinds: Mapping) -> tupl
     return fields, complete, complete and not unknown
 
 
-def _construct(problems: list[str], where: str, cls, fields: dict):
+def _construct(problems: list[str], where: str, cls: type, fields: dict[str, Any]) -> Any:
     try:
         return cls(**fields)
     except ConfigError as error:
@@ -703,8 +707,8 @@ def _construct(problems: list[str], where: str, cls, fields: dict):
         return _BAD
 
 
-def _object(cls, kinds: Mapping):
-    def decode_object(problems: list[str], value, where: str):
+def _object(cls: type, kinds: Mapping[str, Decoder]) -> Decoder:
+    def decode_object(problems: list[str], value: Any, where: str) -> Any:
         fields, complete, clean = _fields(problems, value, where, cls, kinds)
         built = _construct(problems, where, cls, fields) if complete else _BAD
         return built if clean else _BAD
@@ -772,7 +776,9 @@ require(
 )
 
 
-def version_from_config(program_id: str, version: int, effective_from_us: int, config: dict) -> ProgramVersion:
+def version_from_config(
+    program_id: str, version: int, effective_from_us: int, config: dict[str, Any]
+) -> ProgramVersion:
     """The ProgramVersion a configuration describes. ConfigError lists every problem found (unknown
     keys, wrong types, each nested object's problems, then the checks across fields), each with the
     key it is about and what is allowed."""
@@ -790,7 +796,7 @@ def version_from_config(program_id: str, version: int, effective_from_us: int, c
     return built
 
 
-def program_from_rows(program_id: str, rows: Iterable[Mapping]) -> Program | None:
+def program_from_rows(program_id: str, rows: Iterable[Mapping[str, Any]]) -> Program | None:
     """The Program stored as program_versions rows (version, effective_from_us, config as a dict or JSON
     text), or None if there is none."""
     versions = []
@@ -833,7 +839,7 @@ class LotsAfter(NamedTuple):
     left: tuple[Lot, ...] = ()  # restore only: the consumption not restored yet
 
 
-def _order(lot: Lot) -> tuple:
+def _order(lot: Lot) -> tuple[bool, int, int]:
     """Soonest-expiring first, never-expiring last, ties by lot id."""
     return (lot.expires_at_us is None, lot.expires_at_us or 0, lot.lot_id)
 
@@ -863,7 +869,7 @@ def new_lot(version: ProgramVersion, transaction_id: int, amount: int, credited_
 
 
 def _take(lots: list[Lot], order: list[Lot], amount: int) -> LotsAfter:
-    taken: dict[tuple, int] = {}
+    taken: dict[tuple[int, int | None], int] = {}
     pieces = []
     left = amount
     for lot in order:
@@ -1047,7 +1053,7 @@ def promotion_bonus(
     the fixed bonus. Each is cut to its budget left (partial grant at the cap; nothing once spent; a
     promotion missing from budget_left has its whole budget). No bonus on an earn of 0 points."""
     _check_int(base_points, "base_points")
-    grants = []
+    grants: list[tuple[str, int]] = []
     if base_points == 0:
         return grants
     for promotion in sorted(promotions, key=lambda p: p.promotion_id):

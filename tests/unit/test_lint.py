@@ -1,5 +1,6 @@
-"""ruff, as asyncpg runs its linters from its tests: the code is lint-clean and formatted (pyproject.toml
-[tool.ruff]). Fix with `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`."""
+"""Linters run from the tests, as asyncpg runs its own: ruff (lint-clean and formatted, pyproject.toml
+[tool.ruff]; fix with `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`) and mypy, strict on
+the domain and the money rules (pyproject.toml [tool.mypy])."""
 
 from __future__ import annotations
 
@@ -23,4 +24,15 @@ def _ruff() -> str:
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
 def test_ruff(command):
     done = subprocess.run([_ruff(), *command], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+STRICT = ["processor/domain.py", "processor/rules.py"]
+
+
+def test_mypy_strict_on_the_domain_and_the_rules():
+    mypy = shutil.which("mypy", path=str(pathlib.Path(sys.executable).parent))
+    if mypy is None:
+        pytest.fail("mypy is not installed: it is in the test extra (make test installs it)")
+    done = subprocess.run([mypy, *STRICT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
