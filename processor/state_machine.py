@@ -23,11 +23,11 @@ from typing import Any
 import fastpath
 from processor import domain, metrics, rules, velocity
 from processor.config import Settings
-from processor.domain import Code, Method, Operation, Outcome, Rejection, require
+from processor.domain import Code, InvariantViolation, Method, Operation, Outcome, Rejection, require
 from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
 from processor.quotas import MerchantQuotas
-from processor.store import BatchWrite, MerchantRow, from_micros, to_json
+from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros, to_json
 
 
 class LedgerStateMachine:
@@ -51,10 +51,10 @@ class LedgerStateMachine:
     def apply(
         self,
         batch: list[Operation],
-        stored: dict,
+        stored: dict[tuple[str, str], StoredOutcome],
         now_us: int,
         expired: list[int] | None = None,
-        dividends: list | None = None,
+        dividends: list[Any] | None = None,
     ) -> tuple[list[Outcome], BatchWrite]:
         """Applies a batch at `now_us` inside a new undo batch (nested on any batch still open) and returns
         each operation's outcome, aligned by index, and the batch's durable record. `stored`: the stored
@@ -164,11 +164,11 @@ class LedgerStateMachine:
     def load_prefetched(
         self,
         now_us: int,
-        holds: list,
+        holds: list[HoldRow],
         voucher_holds: list[tuple[int, VoucherHold]],
         earns: list[tuple[int, EarnRecord]],
         splits: list[tuple[int, SplitRecord]],
-        transactions: list,
+        transactions: list[TransactionRow],
     ) -> list[int]:
         """Loads what missing() named, as read from Postgres (committed state: outside any undo batch).
         Returns the ids of the holds that were open in Postgres and have expired since: their rows follow
@@ -198,18 +198,20 @@ class LedgerStateMachine:
         for t in transactions:
             merchant = merchants.get(t.merchant_id)
             member_slot = ledger.member_slot(t.member_id)
-            split = program.splits.get(t.transaction_id)
-            if t.kind == rules.KIND_SPLIT_REDEEM and split is not None and split.points:
+            refunded_split = program.splits.get(t.transaction_id)
+            if t.kind == rules.KIND_SPLIT_REDEEM and refunded_split is not None and refunded_split.points:
                 # its points part, as the fast path refunds it
-                points_refunded = split.refunded - rules.proportional_share(
-                    split.vouchers, split.vouchers + split.points, 0, split.refunded
+                if merchant is None:
+                    raise InvariantViolation(f"transaction {t.transaction_id} of unknown merchant {t.merchant_id!r}")
+                points_refunded = refunded_split.refunded - rules.proportional_share(
+                    refunded_split.vouchers, refunded_split.vouchers + refunded_split.points, 0, refunded_split.refunded
                 )
                 ledger.load_transaction(
                     t.transaction_id,
                     fastpath.KIND_REDEEM,
                     member_slot,
                     merchant.merchant_slot,
-                    split.points,
+                    refunded_split.points,
                     points_refunded,
                 )
                 continue
@@ -223,12 +225,16 @@ class LedgerStateMachine:
                     t.transaction_id, fastpath.KIND_REFUND_EARN, member_slot, merchant.merchant_slot, t.amount, 0
                 )
                 continue
+            if merchant is None:
+                raise InvariantViolation(f"transaction {t.transaction_id} of unknown merchant {t.merchant_id!r}")
             ledger.load_transaction(t.transaction_id, t.kind, member_slot, merchant.merchant_slot, t.amount, t.refunded)
         return expired
 
     # --- the batch on the fast path ---
 
-    def _apply_batch(self, batch: list[Operation], stored: dict, write: BatchWrite, now_us: int) -> list[Outcome]:
+    def _apply_batch(
+        self, batch: list[Operation], stored: dict[tuple[str, str], StoredOutcome], write: BatchWrite, now_us: int
+    ) -> list[Outcome]:
         """Applies the batch's operations to the fast path in one kernel call (Ledger.apply_batch, a loop
         over int64 arrays in C): a first pass decides replays and suspended merchants and resolves ids to
         slots, the kernel decides every balance check in order, and a second pass turns its rows into
@@ -338,7 +344,10 @@ class LedgerStateMachine:
             expires_at_us.append(expires)
         if applied:
             zeros = bytes(8 * len(applied))
-            status, slot, amount, posted, available, kind = rows = [array.array("q", zeros) for _ in range(6)]
+            # the kernel's answers, a column each
+            statuses, slots, amounts, posteds, availables, kinds_done = rows = [
+                array.array("q", zeros) for _ in range(6)
+            ]
             ledger.apply_batch(method, member, merchant, points, ref_id, new_id, expires_at_us, now_us, *rows)
             for i, position in enumerate(applied):
                 outcomes[position] = self._applied(
@@ -346,17 +355,19 @@ class LedgerStateMachine:
                     write,
                     now_us,
                     new_id[i],
-                    status[i],
-                    slot[i],
-                    amount[i],
-                    posted[i],
-                    available[i],
-                    kind[i],
+                    statuses[i],
+                    slots[i],
+                    amounts[i],
+                    posteds[i],
+                    availables[i],
+                    kinds_done[i],
                 )
+        answered = [outcome for outcome in outcomes if outcome is not None]
+        require(len(answered) == len(batch), "every operation of the batch has an outcome")
         for position in holds_taken:
-            if outcomes[position].code is not Code.OK:
+            if answered[position].code is not Code.OK:
                 self.quotas.hold_not_opened(batch[position].merchant_id)
-        return outcomes
+        return answered
 
     def _applied(
         self,
@@ -618,6 +629,8 @@ class LedgerStateMachine:
             return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
         program = self.program
         if method is Method.EARN and plan is not None:
+            if version is None:
+                raise InvariantViolation("an earn planned under the program with no version in force")
             return self._earned(op, write, now_us, version, plan, created, slot)
         if method is Method.REFUND and kind == fastpath.KIND_REFUND_EARN:
             return self._earn_refunded(op, write, now_us, refund, created, slot, amount, available)
@@ -629,6 +642,8 @@ class LedgerStateMachine:
             owner = (OWNER_HOLD, created) if method is Method.AUTHORIZE else (OWNER_TRANSACTION, created)
             program.consume(member_id, owner, amount, available + amount, now_us)
         elif method is Method.CAPTURE:
+            if hold is None:
+                raise InvariantViolation(f"capture of {op.authorization_id}, which the fast path does not hold")
             released = hold[3] - amount
             program.restore(
                 member_id,
@@ -782,7 +797,15 @@ class LedgerStateMachine:
         _entries(write, transaction_id, [(account_id, sign * amount) for account_id, amount in entries])
 
     def _earn_refunded(
-        self, op: Operation, write: BatchWrite, now_us: int, refund, created: int, slot: int, taken: int, available: int
+        self,
+        op: Operation,
+        write: BatchWrite,
+        now_us: int,
+        refund: tuple[EarnRecord, rules.Earn, int] | None,
+        created: int,
+        slot: int,
+        taken: int,
+        available: int,
     ) -> Outcome:
         merchant = self.merchants.by_id[op.merchant_id]
         member_id = self.ledger.member_id(slot)
@@ -805,7 +828,7 @@ class LedgerStateMachine:
         write.refunds.append((op.transaction_id, taken))
         self._earn_entries(write, created, self.ledger.member_account(slot), merchant, portion, -1)
         version = self.program.version_numbered(record.version) if record is not None else None
-        if reversal:
+        if reversal and record is not None and record.acquirer_id is not None:  # a reversal has an acquirer
             operator = self.operator_accounts
             self._post(
                 write,
@@ -844,7 +867,7 @@ class LedgerStateMachine:
         merchant_id: str,
         member_id: str,
         amount: int,
-        entries: list[tuple],
+        entries: list[tuple[Any, ...]],
         key: str,
         version: "rules.ProgramVersion | None",
         original: int | None = None,
@@ -880,7 +903,7 @@ class LedgerStateMachine:
             self.program.set_voucher_account((kind, owner), account_id)
         return account_id
 
-    def _post_dividends(self, write: BatchWrite, rows: list, now_us: int) -> None:
+    def _post_dividends(self, write: BatchWrite, rows: list[Any], now_us: int) -> None:
         """Posts a chunk of a decided round's allocations: one kind-11 transaction per holder; a member's
         vouchers repay its voucher credit first."""
         program, vouchers = self.program, rules.ASSET_VOUCHERS
@@ -1262,7 +1285,7 @@ class LedgerStateMachine:
     def _move_member(self, member_id: str, delta: int) -> int:
         """Credits (or debits) a member's posted points in the fast path (recorded in its undo log)."""
         ledger = self.ledger
-        slot = ledger.member_slot(member_id)
+        slot: int = ledger.member_slot(member_id)
         require(slot >= 0, f"member {member_id!r} is not resident")
         posted, held = ledger.balance(slot)
         require(
@@ -1353,7 +1376,7 @@ class LedgerStateMachine:
                 None,
                 op.idempotency_key,
                 0,
-                version.version,
+                version.version if version is not None else None,  # a store is named only by a version
             )
         )
         vouchers = rules.ASSET_VOUCHERS
@@ -1576,7 +1599,7 @@ _RULES_ONLY = frozenset({Method.CONVERT, Method.LINK, Method.SPEND_VOUCHERS})
 NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERNAL})
 
 
-def _entries(write: BatchWrite, transaction_id: int, entries: list[tuple]) -> None:
+def _entries(write: BatchWrite, transaction_id: int, entries: list[tuple[Any, ...]]) -> None:
     """Journal rows of a transaction: (account_id, amount) in points or (account_id, amount, asset);
     rows of amount 0 are left out (the journal holds none)."""
     for entry in entries:
@@ -1599,7 +1622,7 @@ def _check_balanced(write: BatchWrite) -> None:
         require(total == 0, f"transaction {transaction_id} entries of {asset} sum to {total}")
 
 
-def replay(stored_method: str, stored_request: dict, outcome: Outcome, op: Operation) -> Outcome:
+def replay(stored_method: str, stored_request: dict[str, Any], outcome: Outcome, op: Operation) -> Outcome:
     """The outcome for a retry under a key already used: the original one if the request is the same."""
     field = domain.differing_field(stored_request, op.method.value, op.request, stored_method)
     if field is not None:

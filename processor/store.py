@@ -283,8 +283,8 @@ class BatchWrite:
     # (transaction_id, kind, merchant_id, member_id, amount, purchase_amount|None,
     #  authorization_id|None, original_transaction_id|None, idempotency_key, fee)
     transactions: list[tuple] = dataclasses.field(default_factory=list)
-    # (transaction_id, account_id, amount): amount is added to the account's balance
-    entries: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    # (transaction_id, account_id, amount[, asset]): amount is added to the account's balance (POINTS unless asset)
+    entries: list[tuple[int, int, int] | tuple[int, int, int, str]] = dataclasses.field(default_factory=list)
     # (transaction_id, point-units refunded now)
     refunds: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # (authorization_id, merchant_id, member_id, amount, expires_at, idempotency_key)

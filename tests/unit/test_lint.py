@@ -1,6 +1,6 @@
 """Linters run from the tests, as asyncpg runs its own: ruff (lint-clean and formatted, pyproject.toml
 [tool.ruff]; fix with `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`) and mypy, strict on
-the domain and the money rules (pyproject.toml [tool.mypy])."""
+the domain, the money rules and the state machine (pyproject.toml [tool.mypy])."""
 
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ def test_ruff(command):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-STRICT = ["processor/domain.py", "processor/rules.py"]
+STRICT = ["processor/domain.py", "processor/rules.py", "processor/state_machine.py"]
 
 
-def test_mypy_strict_on_the_domain_and_the_rules():
+def test_mypy_strict_on_the_domain_the_rules_and_the_state_machine():
     mypy = shutil.which("mypy", path=str(pathlib.Path(sys.executable).parent))
     if mypy is None:
         pytest.fail("mypy is not installed: it is in the test extra (make test installs it)")
