@@ -46,7 +46,7 @@ if os.environ.get("POINTS_FASTPATH") == "python":
     IMPLEMENTATION = "python"
 else:
     try:
-        from fastpath._core import (
+        from fastpath._core import (  # type: ignore[assignment]  # the twin and the compiled module: one API
             BALANCE_MAX,
             CAPACITY,
             CAPTURE_EXCEEDS_HOLD,

@@ -1,6 +1,7 @@
 """Linters run from the tests, as asyncpg runs its own: ruff (lint-clean and formatted, pyproject.toml
 [tool.ruff]; fix with `.venv/bin/ruff check --fix . && .venv/bin/ruff format .`) and mypy, strict on
-the domain, the money rules and the state machine (pyproject.toml [tool.mypy])."""
+the domain, the money rules and the state machine (pyproject.toml [tool.mypy]), and stubtest of the
+fast path's .pyi."""
 
 from __future__ import annotations
 
@@ -35,4 +36,16 @@ def test_mypy_strict_on_the_domain_the_rules_and_the_state_machine():
     if mypy is None:
         pytest.fail("mypy is not installed: it is in the test extra (make test installs it)")
     done = subprocess.run([mypy, *STRICT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_stubtest_of_the_fast_path():
+    """fastpath/_core.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "fastpath._core", "--allowlist", "fastpath/stubtest_allowlist.txt"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
