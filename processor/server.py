@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+from typing import Callable
 
 import asyncpg
 import grpc
@@ -50,6 +51,15 @@ async def database_url(settings: Settings) -> str:
     return await loop.run_in_executor(
         None, resolve_database_url, settings.database_url, settings.data_dir, settings.database_name
     )
+
+
+def _bind(add_port: Callable[[], int]) -> int:
+    """The port a listener got, or 0 when the address is taken or not this host's: older grpcio returns
+    0, newer raises RuntimeError ("Failed to bind"); either way the caller says so in one line."""
+    try:
+        return add_port()
+    except RuntimeError:
+        return 0
 
 
 class Service:
@@ -107,10 +117,13 @@ class Service:
         filtering_reflection.enable(
             (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        if self.certificates is not None:
-            self.port = self.server.add_secure_port(settings.listen, self.certificates.credentials())
-        else:
-            self.port = self.server.add_insecure_port(settings.listen)
+        self.port = _bind(
+            lambda: (
+                self.server.add_secure_port(settings.listen, self.certificates.credentials())
+                if self.certificates is not None
+                else self.server.add_insecure_port(settings.listen)
+            )
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}: address in use or not available")
         log.info(
@@ -189,7 +202,7 @@ class Service:
         cannot speak TLS; it carries no other service, so nothing of the ledger is reachable on it."""
         self.health_server = grpc.aio.server(maximum_concurrent_rpcs=64, options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-        self.health_port = self.health_server.add_insecure_port(self.settings.health_listen)
+        self.health_port = _bind(lambda: self.health_server.add_insecure_port(self.settings.health_listen))
         if self.health_port == 0:
             raise OSError(f"cannot listen on {self.settings.health_listen}: address in use or not available")
         await self.health_server.start()

@@ -13,6 +13,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ROOT, add_merchant
+from tests.integration.helpers import cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,3 +87,18 @@ def test_help_lists_every_option_with_its_default():
     for option in OPTIONS:
         assert option.flag in flat
         assert "".join(f"env {option.env_name}, default {option.default!r}".split()) in flat
+
+
+def test_a_listen_address_in_use_stops_the_start_with_one_line_and_no_traceback(create_database):
+    """grpcio raises RuntimeError("Failed to bind ...") where it once returned 0: the start says what to fix
+    in one line, as for any other address it cannot listen on."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = cli("serve", "--listen", address, "--metrics-listen", "127.0.0.1:0", "--database-url", create_database())
+    assert done.returncode != 0
+    assert f"cannot listen on {address}: address in use or not available" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
