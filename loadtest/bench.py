@@ -10,6 +10,8 @@ Starts everything it needs, each server a process of its own:
             constants and doing nothing: what the stack costs before any work;
   * service `python -m processor serve` with its defaults, on a network seeded by `processor seed`,
             called with a gateway key;
+  * program the same service on a database of its own with ops/program.example.json in force (levels,
+            expiry lots, acquiring and referral rewards, fees): the production configuration;
   * naive   loadtest/naive_server.py: the same Earn/Redeem, one Postgres transaction per operation
             (UPDATE ... WHERE balance >= $1, then an INSERT), grpc.aio + an asyncpg pool, its own tables,
             the same seeded network.
@@ -22,7 +24,11 @@ merchants; --seed) is sent by a grpc.aio client in this process:
   * naive      has no SubmitBatch: the unary workload, and the same operations in batches of 100 each
                sent as its operations' unary calls (--concurrency in flight; a batch is done when its
                last call is).
-Every call carries a fresh idempotency key. Each workload gets a warm-up (a fifth of its size), then
+Every call carries a fresh idempotency key. The SubmitBatch rounds of `service` and `program` are timed
+until the last operation of every call in flight is visible to ListTransactions (read-your-writes),
+not merely acknowledged; the projection lag (batches committed, not yet readable) is read from
+/metrics at the end of each round where the service exports it. The last lines print the issue's
+targets beside what this run measured (printed, never asserted). Each workload gets a warm-up (a fifth of its size), then
 --rounds rounds, interleaved across the servers so that a slow spell of the machine hits them all;
 each figure printed is the median of the rounds' figures. Latency is per call (per batch on batch
 rows). CPU is user+system time from /proc/<pid>/stat during the round, in % of one core: server = the
@@ -55,6 +61,7 @@ import grpc
 import uvloop
 
 from loadtest import harness, workload
+from processor import domain
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 
@@ -187,6 +194,8 @@ class Run:
     client_cpu_seconds: float
     commits: float = 0.0  # the service's Postgres transactions during the run (its /metrics)
     commit_seconds: float = 0.0  # their total time
+    visible_seconds: float = 0.0  # after the last answer, until the last operations were readable
+    projection_lag_batches: float | None = None  # /metrics at the end of the round, if exported
 
 
 class Client:
@@ -248,6 +257,7 @@ class Client:
         failures: collections.Counter = collections.Counter()
         pending = iter(requests)
         applied = pb.OPERATION_OUTCOME_APPLIED
+        self.last_applied = []  # (member_id, transaction number) of each call's last applied operation
 
         async def worker():
             for request in pending:
@@ -256,17 +266,45 @@ class Client:
                     response = await self.stub.SubmitBatch(
                         request, metadata=self.metadata, timeout=CALL_TIMEOUT_SECONDS
                     )
+                    last = None
                     for operation, result in zip(request.operations, response.results):
                         if result.outcome != applied:
                             failures[
                                 f"{operation.WhichOneof('operation')} {pb.OperationOutcome.Name(result.outcome)}"
                             ] += 1
+                        else:
+                            last = (operation, result)
+                    if last is not None and (applied_transaction := _applied_transaction(*last)):
+                        self.last_applied.append(applied_transaction)
                 except grpc.aio.AioRpcError as error:
                     failures[f"SubmitBatch {error.code().name}"] += len(request.operations)
                 latencies.append(time.perf_counter() - began)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return latencies, failures
+
+    async def visible(self, deadline_seconds: float = 60.0) -> float:
+        """Seconds until the last applied operation of every batch call of the round is readable by
+        ListTransactions (its member's newest transaction is at least that one); polls every 1 ms."""
+        wanted: dict[str, int] = {}
+        for member_id, number in self.last_applied:
+            wanted[member_id] = max(number, wanted.get(member_id, 0))
+        began = time.perf_counter()
+        while wanted:
+            for member_id, number in list(wanted.items()):
+                response = await self.stub.ListTransactions(
+                    pb.ListTransactionsRequest(member_id=member_id, page_size=1),
+                    metadata=self.metadata,
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+                newest = response.transactions[0].transaction_id if response.transactions else ""
+                if newest and domain.parse_transaction_id(newest) >= number:
+                    del wanted[member_id]
+            if wanted:
+                if time.perf_counter() - began > deadline_seconds:
+                    raise RuntimeError(f"operations acknowledged but not readable after {deadline_seconds:.0f} s")
+                await asyncio.sleep(0.001)
+        return time.perf_counter() - began
 
     async def batches_as_unary(self, batches, batch_concurrency: int, concurrency: int) -> tuple[list[float], int]:
         """Each batch (a list of unary requests) sent as unary calls, at most `concurrency` calls in
@@ -297,9 +335,19 @@ class Client:
         await self.channel.close()
 
 
+def _applied_transaction(operation: pb.Operation, result: pb.OperationResult) -> tuple[str, int] | None:
+    """(member, transaction number) of an applied earn or redeem of a batch; None from the no-op
+    server, which answers no transaction id."""
+    which = operation.WhichOneof("operation")
+    answer = getattr(result, which)
+    if not answer.transaction_id:
+        return None
+    return getattr(operation, which).member_id, domain.parse_transaction_id(answer.transaction_id)
+
+
 @dataclasses.dataclass
 class Workload:
-    server: str  # "no-op", "service", "naive"
+    server: str  # "no-op", "service", "program", "naive"
     label: str
     shape: str  # "unary", "batch", "batch as unary"
     operations: list[workload.Operation]
@@ -308,16 +356,29 @@ class Workload:
     runs: list[Run] = dataclasses.field(default_factory=list)
 
 
-def pipeline_totals(metrics_url: str) -> tuple[float, float]:
-    """(batches committed, seconds spent committing) so far, from the service's /metrics."""
+_READ_METRICS = (
+    "points_pipeline_commit_seconds_count",
+    "points_pipeline_commit_seconds_sum",
+    "points_projection_lag_batches",
+)
+
+
+def read_metrics(metrics_url: str) -> dict[str, float]:
+    """The few unlabelled samples the bench reads from a service's /metrics."""
+    values: dict[str, float] = {}
     if not metrics_url:
-        return 0.0, 0.0
-    values = {}
+        return values
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         for line in response.read().decode().splitlines():
             name, _, value = line.partition(" ")
-            if name in ("points_pipeline_commit_seconds_count", "points_pipeline_commit_seconds_sum"):
+            if name in _READ_METRICS:
                 values[name] = float(value)
+    return values
+
+
+def pipeline_totals(metrics_url: str) -> tuple[float, float]:
+    """(batches committed, seconds spent committing) so far, from the service's /metrics."""
+    values = read_metrics(metrics_url)
     return (
         values.get("points_pipeline_commit_seconds_count", 0.0),
         values.get("points_pipeline_commit_seconds_sum", 0.0),
@@ -343,6 +404,7 @@ async def run_once(
         unary = unary_requests(operations, key_prefix)
         requests = [unary[i : i + workload_.batch_size] for i in range(0, len(unary), workload_.batch_size)]
     commits_before, commit_seconds_before = pipeline_totals(server.metrics_url)
+    visible_seconds = 0.0
     server_pid = server.pid
     server_before = harness.cpu_seconds(server_pid)
     postgres_before = postgres.cpu_seconds()
@@ -352,6 +414,9 @@ async def run_once(
         latencies, failures = await client.unary(requests, args.concurrency)
     elif workload_.shape == "batch":
         latencies, failures = await client.batches(requests, args.batch_concurrency)
+        if workload_.server in ("service", "program"):
+            # read-your-writes: the round ends when its last operations are readable, not acknowledged
+            visible_seconds = await client.visible()
     else:
         latencies, failures = await client.batches_as_unary(requests, args.batch_concurrency, args.concurrency)
     seconds = time.perf_counter() - began
@@ -362,6 +427,7 @@ async def run_once(
         after = postgres.cpu_seconds()
         postgres_cpu = sum(value - postgres_before.get(pid, 0.0) for pid, value in after.items())
     commits, commit_seconds = pipeline_totals(server.metrics_url)
+    lag = read_metrics(server.metrics_url).get("points_projection_lag_batches")
     return Run(
         len(operations),
         seconds,
@@ -372,6 +438,8 @@ async def run_once(
         client_cpu,
         commits - commits_before,
         commit_seconds - commit_seconds_before,
+        visible_seconds,
+        lag,
     )
 
 
@@ -390,6 +458,8 @@ class Figures:
     postgres_cpu: float | None
     client_cpu: float
     not_applied: int
+    visible_ms: float  # median over rounds: after the last answer until its operations were readable
+    projection_lag_batches: float | None  # the largest over the rounds' ends, where exported
 
 
 def figures(runs: list[Run]) -> Figures:
@@ -404,6 +474,10 @@ def figures(runs: list[Run]) -> Figures:
         postgres_cpu=median(postgres) if postgres else None,
         client_cpu=median(r.client_cpu_seconds / r.seconds for r in runs),
         not_applied=sum(sum(r.not_applied.values()) for r in runs),
+        visible_ms=median(r.visible_seconds for r in runs) * 1000,
+        projection_lag_batches=max(lags)
+        if (lags := [r.projection_lag_batches for r in runs if r.projection_lag_batches is not None])
+        else None,
     )
 
 
@@ -443,14 +517,17 @@ async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postg
                     flush=True,
                 )
         # unary latency at half of the maximum the rounds measured (the issue's p99 target is set there)
-        service_unary = next((w for w in workloads if w.server == "service" and w.shape == "unary"), None)
-        if service_unary is not None and service_unary.runs:
-            rate = statistics.median(run.operations / run.seconds for run in service_unary.runs) / 2
-            requests = unary_requests(service_unary.operations, f"bh{run_id}-")
+        args.half_load = {}
+        for name in ("service", "program"):
+            unary = next((w for w in workloads if w.server == name and w.shape == "unary"), None)
+            if unary is None or not unary.runs:
+                continue
+            rate = statistics.median(run.operations / run.seconds for run in unary.runs) / 2
+            requests = unary_requests(unary.operations, f"bh{run_id}-{name}-")
             began = time.perf_counter()
-            latencies, failures = await clients["service"].paced(requests, rate)
+            latencies, failures = await clients[name].paced(requests, rate)
             seconds = time.perf_counter() - began
-            args.half_load = (
+            args.half_load[name] = (
                 rate,
                 len(requests) / seconds,
                 _percentile(latencies, 0.5),
@@ -458,7 +535,8 @@ async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postg
                 sum(failures.values()),
             )
             print(
-                f"  service unary paced at {rate:,.0f} ops/s (half the maximum): p99 {args.half_load[3] * 1000:.1f} ms",
+                f"  {name} unary paced at {rate:,.0f} ops/s (half the maximum): "
+                f"p99 {args.half_load[name][3] * 1000:.1f} ms",
                 flush=True,
             )
     finally:
@@ -488,7 +566,7 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
     )
     header = (
         f"{'server':<8} {'workload':<34} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'server CPU':>10} "
-        f"{'µs/op':>7} {'Postgres CPU':>12} {'client CPU':>10} {'not applied':>11}"
+        f"{'µs/op':>7} {'Postgres CPU':>12} {'client CPU':>10} {'not applied':>11} {'visible ms':>10}"
     )
     print(header)
     print("-" * len(header))
@@ -497,11 +575,26 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
         print(
             f"{w.server:<8} {w.label:<34} {f.operations_per_second:>9,.0f} {f.p50_ms:>8.2f} {f.p99_ms:>8.2f} "
             f"{_cpu(f.server_cpu):>10} {f.server_us_per_operation:>7.0f} {_cpu(f.postgres_cpu):>12} "
-            f"{_cpu(f.client_cpu):>10} {f.not_applied:>11,}"
+            f"{_cpu(f.client_cpu):>10} {f.not_applied:>11,} "
+            f"{(f'{f.visible_ms:.1f}' if w.shape == 'batch' and w.server != 'no-op' else '-'):>10}"
         )
     print(
         "(latency per call; for batch rows, per batch. µs/op: server CPU time per operation. "
-        "not applied: operations not APPLIED, over all rounds)"
+        "not applied: operations not APPLIED, over all rounds. visible ms: after a round's last answer, until "
+        "its last operations were readable by ListTransactions; the ops/s of those rows count it)"
+    )
+    lags = {
+        f"{w.server} {w.label}": f.projection_lag_batches
+        for w in workloads
+        if (f := by_name[(w.server, w.shape, w.batch_size)]).projection_lag_batches is not None
+    }
+    print(
+        "projection lag at the end of each round (points_projection_lag_batches, largest): "
+        + (
+            ", ".join(f"{name} {lag:.0f}" for name, lag in lags.items())
+            if lags
+            else "not exported: the service writes every row a read needs before it answers (no projector)"
+        )
     )
     for w in workloads:
         reasons = sum((r.not_applied for r in w.runs), collections.Counter())
@@ -517,11 +610,11 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
     )
     median = statistics.median
     for w in workloads:
-        if w.server != "service" or not any(r.commits for r in w.runs):
+        if w.server not in ("service", "program") or not any(r.commits for r in w.runs):
             continue
         runs = [r for r in w.runs if r.commits]
         print(
-            f"  {w.label:<34} {median(r.commits / r.seconds for r in runs):>7,.0f}/s "
+            f"  {w.server:<8} {w.label:<34} {median(r.commits / r.seconds for r in runs):>7,.0f}/s "
             f"{median(r.operations / r.commits for r in runs):>7,.0f} ops "
             f"{median(r.commit_seconds / r.commits for r in runs) * 1000:>8.1f} ms "
             f"{median(r.commit_seconds / r.seconds for r in runs):>6.0%}"
@@ -539,18 +632,58 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
             for size in BATCH_SIZES
         )
     )
+    print(
+        f"  program / no-op floor:   unary {rate('program', 'unary') / rate('no-op', 'unary'):.2f}x, "
+        + ", ".join(
+            f"batch {size:,} {rate('program', 'batch', size) / rate('no-op', 'batch', size):.2f}x"
+            for size in BATCH_SIZES
+        )
+    )
     naive_batch = rate("naive", "batch as unary", BATCH_SIZES[0])
     print(
         f"  service / naive:         unary {rate('service', 'unary') / rate('naive', 'unary'):.1f}x, "
         + ", ".join(f"batch {size:,} {rate('service', 'batch', size) / naive_batch:.1f}x" for size in BATCH_SIZES)
         + f"  (naive batch = its batch-{BATCH_SIZES[0]} workload sent as unary calls)"
     )
-    if getattr(args, "half_load", None):
-        offered, achieved, p50, p99, failed = args.half_load
+    for name, (offered, achieved, p50, p99, failed) in getattr(args, "half_load", {}).items():
         print(
-            f"  service unary at half of its maximum (open loop, {offered:,.0f} ops/s offered, {achieved:,.0f} "
+            f"  {name} unary at half of its maximum (open loop, {offered:,.0f} ops/s offered, {achieved:,.0f} "
             f"achieved): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, {failed} not applied"
         )
+    targets(by_name, args)
+
+
+def targets(by_name: dict, args) -> None:
+    """Issue 14's targets beside this run's figures: printed, never asserted (the machine is shared)."""
+    big = BATCH_SIZES[-1]
+
+    def rate(server, shape, size=1):
+        return by_name[(server, shape, size)].operations_per_second
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    program_batch = rate("program", "batch", big)
+    floor_ratio = program_batch / rate("no-op", "batch", big)
+    cost = rate("service", "batch", big) / program_batch
+    unary_ratio = rate("program", "unary") / rate("no-op", "unary")
+    print()
+    print("issue 14 targets (program in force), this run:")
+    print(
+        f"  1. SubmitBatch of {big:,} to visibility: {program_batch:,.0f} ops/s (target >= 100,000: "
+        f"{verdict(program_batch >= 100_000)}); {floor_ratio:.3f}x the no-op batch floor (target >= 0.1: "
+        f"{verdict(floor_ratio >= 0.1)})"
+    )
+    print(
+        f"  2. the program costs {cost:.2f}x the plain ledger (SubmitBatch {big:,}; target <= 1.3: {verdict(cost <= 1.3)})"
+    )
+    half = getattr(args, "half_load", {}).get("program")
+    p99 = (
+        f"p99 {half[3] * 1000:.1f} ms at half the maximum (target <= 25 ms: {verdict(half[3] <= 0.025)})"
+        if half
+        else "p99 not measured"
+    )
+    print(f"  3. unary {unary_ratio:.2f}x the no-op unary floor (target >= 0.8: {verdict(unary_ratio >= 0.8)}); {p99}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -615,8 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = harness.ROOT / data_dir
     postgres = Postgres(os.environ.get("DATABASE_URL", ""), data_dir)
     suffix = os.urandom(3).hex()  # two benches on one Postgres do not meet
-    databases = (f"bench_points_{suffix}", f"bench_naive_{suffix}")
-    service_url, naive_url = (asyncio.run(postgres.create(name)) for name in databases)
+    databases = (f"bench_points_{suffix}", f"bench_program_{suffix}", f"bench_naive_{suffix}")
+    service_url, program_url, naive_url = (asyncio.run(postgres.create(name)) for name in databases)
     print(f"Postgres: {postgres.description}; server logs in {logs}", flush=True)
 
     servers: dict[str, harness.Server] = {}
@@ -624,8 +757,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeding the service's ledger: {args.merchants} merchants, {args.members:,} members ...", flush=True)
         harness.seed(service_url, args.merchants, args.members, logs / "seed.log")
         key = asyncio.run(harness.gateway_key(service_url, workload.merchant_ids(args.merchants), "loadtest.bench"))
+        print("seeding the program's ledger the same, with ops/program.example.json in force ...", flush=True)
+        harness.seed(program_url, args.merchants, args.members, logs / "seed-program.log")
+        asyncio.run(harness.add_program(program_url, "loadtest.bench"))
+        program_key = asyncio.run(
+            harness.gateway_key(program_url, workload.merchant_ids(args.merchants), "loadtest.bench")
+        )
         servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
         servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
+        servers["program"] = harness.Server(harness.service_command(program_url), logs / "program.log", "program")
         servers["naive"] = harness.Server(
             [
                 sys.executable,
@@ -647,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} SERVING on {server.address} (pid {server.pid})", flush=True)
 
         workloads = []
-        for server in ("no-op", "service"):
+        for server in ("no-op", "service", "program"):
             workloads.append(Workload(server, f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup))
             workloads += [
                 Workload(
@@ -673,7 +813,12 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ]
         endpoints = {
-            name: Endpoint(server.address, server.pid, key if name == "service" else "", server.metrics_url)
+            name: Endpoint(
+                server.address,
+                server.pid,
+                {"service": key, "program": program_key}.get(name, ""),
+                server.metrics_url,
+            )
             for name, server in servers.items()
         }
         uvloop.run(measure(workloads, endpoints, postgres, args))

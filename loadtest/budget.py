@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -443,17 +442,6 @@ def report(phase: str, passes: list[Pass], profiles: list[dict[str, int]]) -> di
     return figures
 
 
-async def add_program(url: str) -> None:
-    from processor.store import Store
-
-    store = await Store.open(url, 2)
-    try:
-        config = json.loads((ROOT / "ops" / "program.example.json").read_text())
-        await store.add_program_version("alliance", None, config, "loadtest.budget")
-    finally:
-        await store.close()
-
-
 async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
     database = f"budget_points_{os.getpid()}"
     url = await postgres.create(database)
@@ -469,7 +457,7 @@ async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
         results = {}
         for phase in ("no program (plain ledger)", "program in force (ops/program.example.json)"):
             if phase.startswith("program"):
-                await add_program(url)
+                await harness.add_program(url, "loadtest.budget")
                 bench.program = True
                 await asyncio.sleep(2.5)  # a version applies PROGRAM_LEAD_SECONDS after it is stored
             await bench.one_pass("warm", None)

@@ -3,6 +3,7 @@ network (seeding an empty database, issuing a gateway key)."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -194,5 +195,17 @@ async def gateway_key(database_url: str, merchant_ids: list[str], description: s
         key = auth.new_key()
         await store.insert_api_key(key.key_id, key.secret_sha256, "gateway", merchant_ids, description)
         return key.key
+    finally:
+        await store.close()
+
+
+async def add_program(database_url: str, description: str) -> None:
+    """Puts ops/program.example.json in force (program id "alliance"), as production runs."""
+    from processor.store import Store
+
+    store = await Store.open(database_url, 2)
+    try:
+        config = json.loads((ROOT / "ops" / "program.example.json").read_text())
+        await store.add_program_version("alliance", None, config, description)
     finally:
         await store.close()
