@@ -113,6 +113,113 @@ class PostingsMixin:
             self.program.set_voucher_account((kind, owner), account_id)
         return account_id
 
+    def _rule_account(self, write: BatchWrite, kind: str, owner: str, asset: str) -> int:
+        """The id of an account a rule opens when it first credits it (a merchant's merchant_points), in
+        this batch if it is new; kept with the voucher accounts ((kind, owner) -> id, loaded at start-up)."""
+        account_id = self.program.voucher_accounts.get((kind, owner))
+        if account_id is None:
+            account_id = self.account_ids.pop()
+            write.new_accounts.append((account_id, kind, owner, asset))
+            self.program.set_voucher_account((kind, owner), account_id)
+        return account_id
+
+    # --- the seed systems' rules (issue 16; docs/RULES.md section 11) ---
+
+    def _signup(self, write: BatchWrite, op: Operation, version: "rules.ProgramVersion | None", now_us: int) -> None:
+        """Seed 003: the sign-up bonus of a member this operation enrols (kind 29), credited before the
+        operation itself, as a lot of its own; the member is created once, so it is paid once."""
+        if version is None or not version.signup_bonus_point_units:
+            return
+        self._credit(
+            write,
+            rules.KIND_SIGNUP_BONUS,
+            op.merchant_id,
+            op.member_id,
+            version.signup_bonus_point_units,
+            self.operator_accounts[rules.ACCOUNT_OPERATOR_SIGNUP_BONUSES],
+            f"signup:{op.member_id}",
+            version,
+            now_us,
+        )
+
+    def _match(self, write: BatchWrite, op: Operation, version: "rules.ProgramVersion", base: int, earn_id: int) -> int:
+        """众店: the earn's merchant receives merchant_match_bps of the member's base points (kind 27),
+        funded by the operator, into its merchant_points holding. Returns the point-units matched."""
+        match = rules.merchant_match(version, base)
+        if match:
+            self._post(
+                write,
+                rules.KIND_MERCHANT_MATCH,
+                op.merchant_id,
+                op.member_id,
+                match,
+                [
+                    (self.operator_accounts[rules.ACCOUNT_OPERATOR_MERCHANT_MATCH], -match),
+                    (
+                        self._rule_account(write, rules.ACCOUNT_MERCHANT_POINTS, op.merchant_id, domain.ASSET_POINTS),
+                        match,
+                    ),
+                ],
+                f"match:{earn_id}",
+                version,
+                original=earn_id,
+            )
+        return match
+
+    def _reverse_match(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion | None",
+        record: Any,
+        member_id: str,
+        base_points: int,
+        earn_id: int,
+        refund_id: int,
+    ) -> None:
+        """The proportional reversal of an earn's merchant match (kind 28) when `base_points` of it are
+        refunded, under the version the earn was made under (record: its program.EarnRecord)."""
+        if version is None or record is None:
+            return
+        match = rules.merchant_match(version, record.earn.base)
+        reversal = rules.merchant_match_reversal(match, record.earn.base, record.refunded_base, base_points)
+        if reversal:
+            self._post(
+                write,
+                rules.KIND_MERCHANT_MATCH_REVERSAL,
+                record.merchant_id,
+                member_id,
+                reversal,
+                [
+                    (self.operator_accounts[rules.ACCOUNT_OPERATOR_MERCHANT_MATCH], reversal),
+                    (
+                        self._rule_account(
+                            write, rules.ACCOUNT_MERCHANT_POINTS, record.merchant_id, domain.ASSET_POINTS
+                        ),
+                        -reversal,
+                    ),
+                ],
+                f"match-reversal:{refund_id}",
+                version,
+                original=earn_id,
+            )
+
+    def _sale_fee(
+        self,
+        write: BatchWrite,
+        transaction_id: int,
+        merchant: MerchantRow,
+        version: "rules.ProgramVersion",
+        purchase_amount: int,
+    ) -> int:
+        """Seed 000: the operator's fee on the sale amount of an earn (fee_sale_bps), less the merchant's
+        star rebate, posted in the earn: merchant's fees account to fee revenue. Returns it."""
+        fee = rules.sale_fee(version, purchase_amount)
+        fee -= rules.star_fee_rebate(version, merchant.merchant_id, fee)
+        if fee:
+            write.entries.append((transaction_id, merchant.fees_account_id, -fee))
+            write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
+        return fee
+
     def _post_dividends(self, write: BatchWrite, rows: list[Any], now_us: int) -> None:
         """Posts a chunk of a decided round's allocations: one kind-11 transaction per holder; a member's
         vouchers repay its voucher credit first."""

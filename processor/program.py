@@ -372,7 +372,7 @@ class ProgramState:
             self.credit_lot(version, member_id, transaction_id, earn.total, merchant_id, now_us)
         before = self.member(member_id)
         level_before = self._level(version, before, now_us)
-        after = self._count_qualifying(version, before, earn.base, now_us, now_us)
+        after = self._count_qualifying(version, before, rules.level_point_units(version, earn), now_us, now_us)
         level_after = self._level(version, after, now_us)
         names = [level.name for level in version.levels]
         reached = {names[i] for i in range(len(names)) if after.levels_reached >> i & 1}
@@ -444,10 +444,12 @@ class ProgramState:
             )
             if version is not None:
                 member = self.member(member_id)
+                # what the earn's refunded portion had counted: its base, or all it took back ("total")
+                counted = base_points if version.level_points == rules.LEVEL_POINTS_BASE else taken
                 self._set(
                     self.members,
                     member_id,
-                    self._count_qualifying(version, member, -base_points, record.made_at_us, now_us),
+                    self._count_qualifying(version, member, -counted, record.made_at_us, now_us),
                     "members",
                 )
         self._take(member_id, taken, spendable, now_us, own_lot=transaction_id)
