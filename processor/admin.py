@@ -117,10 +117,10 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         low, high = await self.pipeline.ready_store().give_back_bounds(self.settings.program_id)
         value = fields.get("give_back_bps")
         if value is not None and not low <= value <= high:
+            # the program's give_back_bps_min/max (300..2000 = 3%..20% unless it sets others)
             raise domain.invalid_field(
                 "merchant.give_back_bps",
-                f"give_back_bps must be {low}..{high} under program {self.settings.program_id!r} "
-                f"(its give_back_bps_min/max), got {value}",
+                f"give_back_bps must be {low}..{high} ({low / 100:g}%..{high / 100:g}%), got {value}",
             )
         return low, high
 

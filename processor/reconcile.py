@@ -526,7 +526,9 @@ async def _program_discrepancies(fetch, report) -> list[str]:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
 
     report(
-        "every transaction of the program kinds (6 on) has its kind's entries (expiry to breakage, tier and referral "
+        "every transaction of kinds 6..15"
+        + "".join(f", {code}" for code in kinds.SHAPED if code > 15)
+        + " has its kind's entries (expiry to breakage, tier and referral "
         "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)"
     )
     allowed_case = (
