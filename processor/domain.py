@@ -184,6 +184,7 @@ class Operation:
     merchant_points: int = 0  # conversion: the merchant's own points, in its own programme's units
     vouchers: int = 0  # redeem, authorize, capture: voucher-units besides `points` (a split
     # tender); spend_vouchers: the merchant's voucher-units spent
+    at_merchant_id: str = ""  # spend_vouchers: where ("" = the operator's store; issue 16)
     # decided before queueing (member presence refused it): answered after the idempotency look-up, so a
     # retry of an operation already carried out still replays; never recorded under the key
     refusal: Outcome | None = None

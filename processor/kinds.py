@@ -167,7 +167,7 @@ KINDS: tuple[Kind, ...] = (
         0,
         Shape(
             "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
-            "store) +amount, in VOUCHERS",
+            "store, or the merchant named when the program allows any) +amount, in VOUCHERS",
             ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
             "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
             "AND stores = 1",

@@ -656,9 +656,13 @@ class PostingsMixin:
         version: "rules.ProgramVersion | None",
         created: int,
     ) -> Outcome:
-        """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14):
-        its merchant_vouchers account to the store's redeemed account in VOUCHERS."""
+        """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14), or at
+        any merchant of the alliance the request names when the program allows it (issue 16): its
+        merchant_vouchers account to that merchant's redeemed account in VOUCHERS."""
         store_id = version.operator_store_merchant_id if version is not None else None
+        if op.at_merchant_id:
+            _spend_anywhere_allowed(self.settings.program_id, version)
+            store_id = op.at_merchant_id
         if store_id is None:
             raise Rejection(
                 Code.FAILED_PRECONDITION,
@@ -860,6 +864,16 @@ class PostingsMixin:
                 "balance": posted,
                 "created_at_us": now_us,
             },
+        )
+
+
+def _spend_anywhere_allowed(program_id: str, version: "rules.ProgramVersion | None") -> None:
+    """Issue 16: a merchant names where it spends its vouchers only under a program that allows it."""
+    if version is None or not version.merchant_vouchers_anywhere:
+        raise Rejection(
+            Code.FAILED_PRECONDITION,
+            f"program {program_id!r} lets merchants spend vouchers only at the operator's store "
+            "(merchant_vouchers_anywhere is off); leave at_merchant_id empty",
         )
 
 

@@ -417,6 +417,9 @@ class ProgramVersion:
     # seed 003: the rebate of the operator's fees by star rating (MerchantTerms.star_rating): entry k-1
     # for k stars, bps of each fee given back by charging less (the rebate rounded down); () = none
     star_fee_rebate_bps: tuple[int, ...] = ()
+    # 众店: merchants spend their vouchers at any merchant of the alliance (SpendMerchantVouchers
+    # at_merchant_id), not only at operator_store_merchant_id
+    merchant_vouchers_anywhere: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -528,6 +531,8 @@ def _seed_problems(version: ProgramVersion) -> list[str]:
             f"give_back_bps_min ({version.give_back_bps_min}) must not be above give_back_bps_max "
             f"({version.give_back_bps_max})"
         )
+    if not isinstance(version.merchant_vouchers_anywhere, bool):
+        problems.append("merchant_vouchers_anywhere must be true or false")
     schedule = version.star_fee_rebate_bps
     if not isinstance(schedule, tuple) or len(schedule) > STARS_MAX:
         problems.append(f"star_fee_rebate_bps must be a list of at most {STARS_MAX} rebates (1 star first)")
@@ -719,6 +724,13 @@ def _text(problems: list[str], value: Any, where: str) -> Any:
     return _BAD
 
 
+def _boolean(problems: list[str], value: Any, where: str) -> Any:
+    if isinstance(value, bool):
+        return value
+    problems.append(f"{where} must be true or false (got {_shown(value)})")
+    return _BAD
+
+
 def _nullable(decode: Decoder, meaning: str) -> Decoder:
     def decode_nullable(problems: list[str], value: Any, where: str) -> Any:
         if value is None:
@@ -861,6 +873,7 @@ _VERSION_KINDS = {
     "give_back_bps_min": _integer,
     "give_back_bps_max": _integer,
     "star_fee_rebate_bps": _list(_integer, STARS_MAX, "integers (basis points, 1 star first)"),
+    "merchant_vouchers_anywhere": _boolean,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(

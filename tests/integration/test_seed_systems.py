@@ -170,11 +170,28 @@ def test_zhongdian_match_pool_round_one_vouchers_and_refund(zhongdian):
     assert [tuple(r) for r in allocations] == [("member", a, 100), ("merchant", "shop-a", 100)]
     _wait(lambda: z.account("merchant_vouchers", "shop-a") == 100, "round 1 did not pay merchant A")
 
-    # the merchant spends its vouchers at the platform's store (商家可以从平台拿货,使用消费券抵扣货款)
+    # the merchant spends its vouchers at the platform's store (商家可以从平台拿货,使用消费券抵扣货款) and at any
+    # merchant of the alliance (可以在生态联盟内任意商家消费), never at itself
     spent = z.points.SpendMerchantVouchers(
-        pb.SpendMerchantVouchersRequest(merchant_id="shop-a", vouchers=100, idempotency_key=unique("k")), timeout=30
+        pb.SpendMerchantVouchersRequest(merchant_id="shop-a", vouchers=60, idempotency_key=unique("k")), timeout=30
     )
-    assert (spent.vouchers, spent.store_merchant_id) == (100, "zhongdian-mall")
+    assert (spent.vouchers, spent.store_merchant_id, spent.voucher_balance) == (60, "zhongdian-mall", 40)
+    spent = z.points.SpendMerchantVouchers(
+        pb.SpendMerchantVouchersRequest(
+            merchant_id="shop-a", vouchers=40, at_merchant_id="shop-b", idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
+    assert (spent.vouchers, spent.store_merchant_id, spent.voucher_balance) == (40, "shop-b", 0)
+    to_itself = error_of(
+        lambda: z.points.SpendMerchantVouchers(
+            pb.SpendMerchantVouchersRequest(
+                merchant_id="shop-b", vouchers=1, at_merchant_id="shop-b", idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
+    assert to_itself.code() == grpc.StatusCode.INVALID_ARGUMENT and "at itself" in to_itself.details()
 
     # "平台赠送消费者5倍的消费券分红额度": credit of 5x the next round's dividend (round 2: 75 bps of 200
     # points = 150 voucher-units, x5 = 750), spent with the member's own vouchers first, at any merchant
@@ -202,9 +219,9 @@ def test_zhongdian_match_pool_round_one_vouchers_and_refund(zhongdian):
 
     statements = z.settle()
     assert (statements["shop-a"].issued, statements["shop-a"].earn_refunds) == (220 * YUAN, 100 * YUAN)
-    assert (statements["shop-b"].redeemed, statements["shop-b"].vouchers_redeemed) == (50 * YUAN, 300)
+    assert (statements["shop-b"].redeemed, statements["shop-b"].vouchers_redeemed) == (50 * YUAN, 300 + 40)
     assert statements["shop-b"].acquiring == 1 * YUAN
-    assert statements["zhongdian-mall"].vouchers_redeemed == 100
+    assert statements["zhongdian-mall"].vouchers_redeemed == 60
     assert statements["shop-a"].vouchers_spent == 100
     # TODO(lead, after merging engineer "channel"): register a promoter and a county agent for shop-a here
     # and check their commissions at this cut (ChannelService), then reconcile again.
@@ -298,6 +315,26 @@ def test_mobile_membership_points_as_cash_anywhere_fees_no_cash_out_and_bounds(m
     assert outside.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "outside the 300..2000 bps" in outside.details()
     assert m.balance(member).posted == 20 * YUAN
+    # merchants spend vouchers only at the operator's store here (no merchant_vouchers_anywhere)
+    elsewhere = error_of(
+        lambda: m.points.SpendMerchantVouchers(
+            pb.SpendMerchantVouchersRequest(
+                merchant_id="cafe", vouchers=1, at_merchant_id="cinema", idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
+    assert elsewhere.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "merchant_vouchers_anywhere is off" in elsewhere.details()
+    unknown = error_of(
+        lambda: m.points.SpendMerchantVouchers(
+            pb.SpendMerchantVouchersRequest(
+                merchant_id="cafe", vouchers=1, at_merchant_id="nowhere", idempotency_key=unique("k")
+            ),
+            timeout=30,
+        )
+    )
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and "nowhere" in unknown.details()
 
     statements = m.settle()
     assert (statements["cafe"].issued, statements["cinema"].redeemed, statements["cinema"].fees) == (

@@ -97,6 +97,7 @@ EVERY_FIELD = ProgramVersion(
     give_back_bps_min=100,
     give_back_bps_max=10_000,
     star_fee_rebate_bps=(500, 1_000, 2_000),
+    merchant_vouchers_anywhere=True,
 )
 
 
