@@ -49,6 +49,8 @@ _SPLIT = (
     *_POINTS_FEES,
 )
 
+_FAN_REWARD = ("operator_fan_rewards/VOUCHERS", "merchant_vouchers/VOUCHERS", "merchant_voucher_credit/VOUCHERS")
+
 KINDS: tuple[Kind, ...] = (
     Kind(fastpath.KIND_EARN, "earn", pb.TRANSACTION_KIND_EARN, +1),
     Kind(fastpath.KIND_CAPTURE, "capture", pb.TRANSACTION_KIND_CAPTURE, -1),
@@ -131,9 +133,10 @@ KINDS: tuple[Kind, ...] = (
                 "member_voucher_credit/VOUCHERS",
                 "member/VOUCHERS",
                 "merchant_vouchers/VOUCHERS",
+                "merchant_voucher_credit/VOUCHERS",  # a merchant's owed vouchers repaid first (issue 16)
             ),
             # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
-            "dividends <= 0 AND held_any = held_own",
+            "dividends <= 0 AND held_any = held_own AND merchant_credit_any = merchant_credit_own",
         ),
     ),
     # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
@@ -168,9 +171,10 @@ KINDS: tuple[Kind, ...] = (
         Shape(
             "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
             "store, or the merchant named when the program allows any) +amount, in VOUCHERS",
-            ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
-            "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
-            "AND stores = 1",
+            # issue 16: part of it may be spent on the merchant's voucher credit (merchant_voucher_credit)
+            ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS", "merchant_voucher_credit/VOUCHERS"),
+            "held_own + merchant_credit_own = -amount AND held_any = held_own AND merchant_credit_any = "
+            "merchant_credit_own AND store_vouchers = amount AND store_vouchers_own = 0 AND stores = 1",
         ),
     ),
     Kind(
@@ -219,6 +223,33 @@ KINDS: tuple[Kind, ...] = (
             "operator_signup_bonuses -amount, the transaction's member +amount",
             ("member/POINTS", "operator_signup_bonuses/POINTS"),
             "signup_bonuses = -amount AND member_own = amount AND member_any = member_own",
+        ),
+    ),
+    # a merchant's transaction (the acquirer); member_id names the fan whose earn set it off
+    Kind(
+        rules.KIND_FAN_REWARD,
+        "fan_reward",
+        pb.TRANSACTION_KIND_FAN_REWARD,
+        0,
+        Shape(
+            "operator_fan_rewards -amount, the transaction's merchant_vouchers and merchant_voucher_credit +amount "
+            "(VOUCHERS)",
+            _FAN_REWARD,
+            "fan_rewards = -amount AND held_own + merchant_credit_own = amount AND held_any = held_own "
+            "AND merchant_credit_any = merchant_credit_own",
+        ),
+    ),
+    Kind(
+        rules.KIND_FAN_REWARD_REVERSAL,
+        "fan_reward_reversal",
+        pb.TRANSACTION_KIND_FAN_REWARD_REVERSAL,
+        0,
+        Shape(
+            "operator_fan_rewards +amount, the transaction's merchant_vouchers and merchant_voucher_credit -amount "
+            "(VOUCHERS)",
+            _FAN_REWARD,
+            "fan_rewards = amount AND held_own + merchant_credit_own = -amount AND held_any = held_own "
+            "AND merchant_credit_any = merchant_credit_own",
         ),
     ),
 )

@@ -164,6 +164,7 @@ class PostingsMixin:
                 version,
                 original=earn_id,
             )
+            self.program.move_merchant_points(op.merchant_id, match)
         return match
 
     def _reverse_match(
@@ -202,6 +203,87 @@ class PostingsMixin:
                 version,
                 original=earn_id,
             )
+            self.program.move_merchant_points(record.merchant_id, -reversal)
+
+    def _fan_reward(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion",
+        acquirer: str,
+        member_id: str,
+        reward: int,
+        earn_id: int,
+    ) -> None:
+        """众店: the acquirer's share of its fan's spend in vouchers (kind 30), from operator_fan_rewards; what
+        the merchant owes is repaid first, the rest goes to its vouchers."""
+        program, vouchers = self.program, rules.ASSET_VOUCHERS
+        repaid, paid_out = rules.apply_dividend(program.merchant_credit.get(acquirer, 0), reward)
+        self._post(
+            write,
+            rules.KIND_FAN_REWARD,
+            acquirer,
+            member_id,
+            reward,
+            [
+                (self.operator_accounts[rules.ACCOUNT_OPERATOR_FAN_REWARDS], -reward, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer) if repaid else 0,
+                    repaid,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, acquirer) if paid_out else 0,
+                    paid_out,
+                    vouchers,
+                ),
+            ],
+            f"fan-reward:{earn_id}",
+            version,
+            original=earn_id,
+        )
+        program.move_merchant_credit(acquirer, -repaid)
+        program.move_vouchers((rules.HOLDER_MERCHANT, acquirer), paid_out)
+
+    def _fan_reward_reversal(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion | None",
+        acquirer: str,
+        member_id: str,
+        reversal: int,
+        earn_id: int,
+        refund_id: int,
+    ) -> None:
+        """The proportional reversal of a fan reward (kind 31): from the vouchers the acquirer holds, and
+        what it already spent becomes vouchers it owes (repaid first out of the next it receives)."""
+        program, vouchers = self.program, rules.ASSET_VOUCHERS
+        from_held = min(reversal, program.vouchers.get((rules.HOLDER_MERCHANT, acquirer), 0))
+        owed = reversal - from_held
+        self._post(
+            write,
+            rules.KIND_FAN_REWARD_REVERSAL,
+            acquirer,
+            member_id,
+            reversal,
+            [
+                (self.operator_accounts[rules.ACCOUNT_OPERATOR_FAN_REWARDS], reversal, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, acquirer) if from_held else 0,
+                    -from_held,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer) if owed else 0,
+                    -owed,
+                    vouchers,
+                ),
+            ],
+            f"fan-reward-reversal:{refund_id}",
+            version,
+            original=earn_id,
+        )
+        program.move_vouchers((rules.HOLDER_MERCHANT, acquirer), -from_held)
+        program.move_merchant_credit(acquirer, owed)
 
     def _sale_fee(
         self,
@@ -241,10 +323,18 @@ class PostingsMixin:
                     program.move_vouchers((rules.HOLDER_MEMBER, holder), paid_out)
                 merchant_id, member_id = domain.OPERATOR_ID, holder
             else:
-                entries.append(
-                    (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), amount, vouchers)
-                )
-                program.move_vouchers((rules.HOLDER_MERCHANT, holder), amount)
+                # vouchers a merchant owes (issue 16: spent on credit, or fan rewards reversed) are repaid first
+                repaid, paid_out = rules.apply_dividend(program.merchant_credit.get(holder, 0), amount)
+                if repaid:
+                    entries.append(
+                        (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, holder), repaid, vouchers)
+                    )
+                    program.move_merchant_credit(holder, -repaid)
+                if paid_out:
+                    entries.append(
+                        (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), paid_out, vouchers)
+                    )
+                    program.move_vouchers((rules.HOLDER_MERCHANT, holder), paid_out)
                 merchant_id, member_id = holder, ""
             created = self._post(
                 write,
@@ -681,20 +771,25 @@ class PostingsMixin:
             )
         store = self.merchants.by_id.get(store_id)
         if store is None or store.status != "active":
+            where = f"merchant {store_id!r}" if op.at_merchant_id else f"the operator's store {store_id!r}"
             raise Rejection(
                 Code.FAILED_PRECONDITION,
-                (f"the operator's store {store_id!r} is not an active merchant of the alliance; contact the operator"),
+                (f"{where} is not an active merchant of the alliance; contact the operator"),
             )
         program, holder = self.program, (rules.HOLDER_MERCHANT, op.merchant_id)
         balance = program.vouchers.get(holder, 0)
-        if op.vouchers > balance:
+        headroom = program.merchant_credit_headroom(version, op.merchant_id)  # issue 16; 0 without the option
+        if op.vouchers > balance + headroom:
+            credit = f" and may owe {headroom} more on credit" if headroom else ""
             raise Rejection(
                 Code.FAILED_PRECONDITION,
                 (
-                    f"merchant {op.merchant_id!r} holds {balance} voucher-units, {op.vouchers} asked; vouchers "
-                    "come from dividend rounds"
+                    f"merchant {op.merchant_id!r} holds {balance} voucher-units{credit}, {op.vouchers} asked; "
+                    "vouchers come from dividend rounds"
                 ),
             )
+        from_balance = min(balance, op.vouchers)
+        from_credit = op.vouchers - from_balance
         write.transactions.append(
             (
                 created,
@@ -715,21 +810,35 @@ class PostingsMixin:
             write,
             created,
             [
-                (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id), -op.vouchers, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id)
+                    if from_balance
+                    else 0,
+                    -from_balance,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, op.merchant_id)
+                    if from_credit
+                    else 0,
+                    -from_credit,
+                    vouchers,
+                ),
                 (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, store_id), op.vouchers, vouchers),
             ],
         )
-        left = program.move_vouchers(holder, -op.vouchers)
-        return Outcome(
-            Code.OK,
-            {
-                "transaction_id": created,
-                "vouchers": op.vouchers,
-                "store_merchant_id": store_id,
-                "voucher_balance": left,
-                "created_at_us": now_us,
-            },
-        )
+        left = program.move_vouchers(holder, -from_balance)
+        owed = program.move_merchant_credit(op.merchant_id, from_credit)
+        fields = {
+            "transaction_id": created,
+            "vouchers": op.vouchers,
+            "store_merchant_id": store_id,
+            "voucher_balance": left,
+            "created_at_us": now_us,
+        }
+        if owed:  # only then, so a stored outcome of a spend without credit replays as before
+            fields["voucher_credit_used"] = owed
+        return Outcome(Code.OK, fields)
 
     def _expire_lots(self, write: BatchWrite, now_us: int) -> None:
         """The expiry job: up to expiry_lots_per_batch_max expired lots, each posted as one expiry

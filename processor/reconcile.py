@@ -248,6 +248,8 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "merchant_points": 1,
     "operator_merchant_match": -1,
     "operator_signup_bonuses": -1,
+    "operator_fan_rewards": -1,
+    "merchant_voucher_credit": -1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -281,6 +283,10 @@ _SHAPE_SUMS = """
         AS merchant_points_own,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_points'), 0) AS merchant_points_any,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_signup_bonuses'), 0) AS signup_bonuses,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fan_rewards'), 0) AS fan_rewards,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit' AND a.owner_id = t.merchant_id), 0)
+        AS merchant_credit_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit'), 0) AS merchant_credit_any,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""

@@ -55,6 +55,10 @@ ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"  # VOUCHERS, <= 0: vouchers is
 ACCOUNT_MERCHANT_POINTS = "merchant_points"  # POINTS, >= 0
 ACCOUNT_OPERATOR_MERCHANT_MATCH = "operator_merchant_match"  # POINTS, <= 0: merchant match points issued
 ACCOUNT_OPERATOR_SIGNUP_BONUSES = "operator_signup_bonuses"  # POINTS, <= 0: sign-up bonuses issued
+# 众店's fan reward in vouchers, and the vouchers a merchant owes (spent on credit, or a fan reward reversed
+# after the merchant spent it), repaid first out of the vouchers it receives next
+ACCOUNT_OPERATOR_FAN_REWARDS = "operator_fan_rewards"  # VOUCHERS, <= 0: fan rewards issued
+ACCOUNT_MERCHANT_VOUCHER_CREDIT = "merchant_voucher_credit"  # VOUCHERS, <= 0: vouchers a merchant owes
 
 ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
@@ -74,6 +78,8 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MERCHANT_POINTS: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_MERCHANT_MATCH: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_SIGNUP_BONUSES: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_FAN_REWARDS: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_VOUCHER_CREDIT: frozenset({ASSET_VOUCHERS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -92,6 +98,8 @@ KIND_CONVERSION = 15  # a merchant's own points converted into alliance points
 KIND_MERCHANT_MATCH = 27  # the merchant's match of an earn's give-back points (众店)
 KIND_MERCHANT_MATCH_REVERSAL = 28  # its proportional reversal when that purchase is refunded
 KIND_SIGNUP_BONUS = 29  # a member's one-off bonus on enrolment (seed 003)
+KIND_FAN_REWARD = 30  # 众店: the acquiring merchant's share of its fan's spend, in vouchers
+KIND_FAN_REWARD_REVERSAL = 31  # its proportional reversal when that purchase is refunded
 
 CASH_OUT_MESSAGE = (
     "points and vouchers cannot be paid out as cash: they circulate only inside the "
@@ -420,6 +428,14 @@ class ProgramVersion:
     # 众店: merchants spend their vouchers at any merchant of the alliance (SpendMerchantVouchers
     # at_merchant_id), not only at operator_store_merchant_id
     merchant_vouchers_anywhere: bool = False
+    # 众店's fan reward: the asset the acquiring share (acquiring_share_bps) is paid in, "POINTS" (a
+    # receivable of the acquirer, as before) or "VOUCHERS" (into its merchant_vouchers, kind 30); and
+    # whether it is paid on earns at the acquirer itself too ("去平台任意消费")
+    acquiring_reward_asset: str = ASSET_POINTS
+    acquiring_at_acquirer: bool = False
+    # 众店: merchants too may spend vouchers on credit, up to credit_limit_bps of the expected next dividend
+    # on the points they hold from the merchant match (needs dividends)
+    merchant_voucher_credit: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -531,8 +547,15 @@ def _seed_problems(version: ProgramVersion) -> list[str]:
             f"give_back_bps_min ({version.give_back_bps_min}) must not be above give_back_bps_max "
             f"({version.give_back_bps_max})"
         )
-    if not isinstance(version.merchant_vouchers_anywhere, bool):
-        problems.append("merchant_vouchers_anywhere must be true or false")
+    for flag in ("merchant_vouchers_anywhere", "acquiring_at_acquirer", "merchant_voucher_credit"):
+        if not isinstance(getattr(version, flag), bool):
+            problems.append(f"{flag} must be true or false")
+    if version.acquiring_reward_asset not in (ASSET_POINTS, ASSET_VOUCHERS):
+        problems.append(
+            f"acquiring_reward_asset must be {ASSET_POINTS!r} or {ASSET_VOUCHERS!r} (got {version.acquiring_reward_asset!r})"
+        )
+    if version.merchant_voucher_credit is True and version.dividends is None:
+        problems.append("merchant_voucher_credit needs dividends: the credit is a multiple of the expected dividend")
     schedule = version.star_fee_rebate_bps
     if not isinstance(schedule, tuple) or len(schedule) > STARS_MAX:
         problems.append(f"star_fee_rebate_bps must be a list of at most {STARS_MAX} rebates (1 star first)")
@@ -874,6 +897,9 @@ _VERSION_KINDS = {
     "give_back_bps_max": _integer,
     "star_fee_rebate_bps": _list(_integer, STARS_MAX, "integers (basis points, 1 star first)"),
     "merchant_vouchers_anywhere": _boolean,
+    "acquiring_reward_asset": _text,
+    "acquiring_at_acquirer": _boolean,
+    "merchant_voucher_credit": _boolean,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(
@@ -1278,10 +1304,12 @@ def acquiring_reward(
     version: ProgramVersion, acquirer_id: str | None, merchant_id: str, purchase_amount: int, base_point_units: int
 ) -> int:
     """floor(purchase * share_bps / 10000) point-units (rounded down, in the operator's favour) for the
-    merchant that signed the member up, when the member earns at another merchant; 0 at the acquirer
-    itself, without an acquirer, or on an earn of 0 points."""
+    merchant that signed the member up, when the member earns at another merchant (or at any merchant,
+    the acquirer included, under acquiring_at_acquirer); 0 without an acquirer or on an earn of 0 points.
+    Paid in the version's acquiring_reward_asset."""
     _check_int(purchase_amount, "purchase_amount")
-    if not acquirer_id or acquirer_id == merchant_id or base_point_units <= 0:
+    at_acquirer = acquirer_id == merchant_id and not version.acquiring_at_acquirer
+    if not acquirer_id or at_acquirer or base_point_units <= 0:
         return 0
     return _floor_bps(purchase_amount, version.acquiring_share_bps_for(acquirer_id))
 
@@ -1614,3 +1642,31 @@ def check_give_back(version: ProgramVersion, merchant_id: str, give_back_bps: in
             f"{version.give_back_bps_min}..{version.give_back_bps_max} bps program {version.version_id} allows; "
             "the operator must set its give-back within those bounds before it earns again",
         )
+
+
+def fan_reward_postings(acquirer_id: str, reward: int, credit_used: int) -> tuple[Posting, ...]:
+    """Kind FAN_REWARD: the acquirer's share of its fan's spend in vouchers, from the operator; the part
+    that the merchant owes (credit_used) is repaid first, the rest credited to its vouchers."""
+    repaid, paid_out = apply_dividend(credit_used, reward)
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_FAN_REWARDS, OPERATOR_ID, ASSET_VOUCHERS, -reward),
+            (ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer_id, ASSET_VOUCHERS, repaid),
+            (ACCOUNT_MERCHANT_VOUCHERS, acquirer_id, ASSET_VOUCHERS, paid_out),
+        ]
+    )
+
+
+def fan_reward_reversal_postings(acquirer_id: str, reversal: int, held: int) -> tuple[Posting, ...]:
+    """Kind FAN_REWARD_REVERSAL: the proportional reversal of a fan reward (acquiring_reversal's amount)
+    taken from the vouchers the merchant holds; what it already spent it owes (merchant_voucher_credit,
+    repaid first out of its next vouchers), so a buy-and-refund never leaves it vouchers for nothing."""
+    _check_int(held, "held")
+    from_held = min(reversal, held)
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_FAN_REWARDS, OPERATOR_ID, ASSET_VOUCHERS, reversal),
+            (ACCOUNT_MERCHANT_VOUCHERS, acquirer_id, ASSET_VOUCHERS, -from_held),
+            (ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer_id, ASSET_VOUCHERS, -(reversal - from_held)),
+        ]
+    )

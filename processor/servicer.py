@@ -450,6 +450,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             store_merchant_id=f["store_merchant_id"],
             voucher_balance=f["voucher_balance"],
             created_at=timestamp(f["created_at_us"]),
+            voucher_credit_used=f.get("voucher_credit_used", 0),
         )
 
     async def _unary(self, kind: str, request, context):

@@ -752,7 +752,10 @@ class LedgerStateMachine(PostingsMixin):
                 now_us,
                 created,
             )
-        if effects.acquiring is not None:
+        if effects.acquiring is not None and version.acquiring_reward_asset == rules.ASSET_VOUCHERS:
+            acquirer, reward = effects.acquiring  # 众店's fan reward in vouchers (issue 16)
+            self._fan_reward(write, version, acquirer, op.member_id, reward, created)
+        elif effects.acquiring is not None:
             acquirer, reward = effects.acquiring
             self._post(
                 write,
@@ -836,7 +839,17 @@ class LedgerStateMachine(PostingsMixin):
         write.refunds.append((op.transaction_id, taken))
         self._earn_entries(write, created, self.ledger.member_account(slot), merchant, portion, -1)
         version = self.program.version_numbered(record.version) if record is not None else None
-        if reversal and record is not None and record.acquirer_id is not None:  # a reversal has an acquirer
+        if (
+            reversal
+            and record is not None
+            and record.acquirer_id is not None
+            and version is not None
+            and version.acquiring_reward_asset == rules.ASSET_VOUCHERS
+        ):  # 众店's fan reward in vouchers (issue 16)
+            self._fan_reward_reversal(
+                write, version, record.acquirer_id, member_id, reversal, op.transaction_id, created
+            )
+        elif reversal and record is not None and record.acquirer_id is not None:  # a reversal has an acquirer
             operator = self.operator_accounts
             self._post(
                 write,

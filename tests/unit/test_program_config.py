@@ -98,6 +98,9 @@ EVERY_FIELD = ProgramVersion(
     give_back_bps_max=10_000,
     star_fee_rebate_bps=(500, 1_000, 2_000),
     merchant_vouchers_anywhere=True,
+    acquiring_reward_asset=rules.ASSET_VOUCHERS,
+    acquiring_at_acquirer=True,
+    merchant_voucher_credit=True,
 )
 
 

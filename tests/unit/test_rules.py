@@ -966,3 +966,47 @@ def test_give_back_bounds_are_the_version_s_up_to_100_percent():
     with pytest.raises(rules.ConfigError, match="give_back_bps_max"):
         version(give_back_bps_max=10_001)
     assert domain.earn_point_units(100_000, 10_000) == 100_000  # "1000 yuan ... 1000 points"
+
+
+def test_the_fan_reward_is_paid_at_the_acquirer_itself_only_when_the_program_says_so():
+    elsewhere_only = version(acquiring_share_bps=100)
+    anywhere = version(acquiring_share_bps=100, acquiring_at_acquirer=True, acquiring_reward_asset=ASSET_VOUCHERS)
+    assert rules.acquiring_reward(elsewhere_only, "b", "b", 10_000, 1_000) == 0
+    assert rules.acquiring_reward(anywhere, "b", "b", 10_000, 1_000) == 100
+    assert rules.acquiring_reward(anywhere, "b", "a", 10_099, 1_000) == 100  # rounded down
+    assert rules.acquiring_reward(anywhere, None, "a", 10_000, 1_000) == 0
+    assert rules.acquiring_reward(anywhere, "b", "a", 10_000, 0) == 0
+
+
+def test_a_fan_reward_repays_what_the_merchant_owes_first():
+    rows = rules.fan_reward_postings("b", 100, credit_used=30)
+    assert_balanced(rows)
+    assert set(rows) == {
+        Posting(rules.ACCOUNT_OPERATOR_FAN_REWARDS, OP, ASSET_VOUCHERS, -100),
+        Posting(rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, "b", ASSET_VOUCHERS, 30),
+        Posting(rules.ACCOUNT_MERCHANT_VOUCHERS, "b", ASSET_VOUCHERS, 70),
+    }
+
+
+@pytest.mark.parametrize("held, from_held, owed", [(100, 40, 0), (25, 25, 15), (0, 0, 40)])
+def test_a_fan_reward_reversal_takes_what_is_held_and_the_rest_becomes_owed(held, from_held, owed):
+    rows = rules.fan_reward_reversal_postings("b", 40, held)
+    assert_balanced(rows)
+    assert set(rows) == {
+        row
+        for row in (
+            Posting(rules.ACCOUNT_OPERATOR_FAN_REWARDS, OP, ASSET_VOUCHERS, 40),
+            Posting(rules.ACCOUNT_MERCHANT_VOUCHERS, "b", ASSET_VOUCHERS, -from_held),
+            Posting(rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, "b", ASSET_VOUCHERS, -owed),
+        )
+        if row.amount
+    }
+
+
+def test_the_fan_reward_asset_and_merchant_credit_are_checked():
+    with pytest.raises(rules.ConfigError, match="acquiring_reward_asset must be 'POINTS' or 'VOUCHERS'"):
+        version(acquiring_reward_asset="CASH")
+    with pytest.raises(rules.ConfigError, match="merchant_voucher_credit needs dividends"):
+        version(merchant_voucher_credit=True)
+    with pytest.raises(rules.ConfigError, match="acquiring_at_acquirer must be true or false"):
+        rules.version_from_config("gold", 1, 0, {"acquiring_at_acquirer": 1})
