@@ -154,7 +154,8 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
             names = list(request.update_fields) or list(MERCHANT_SETTABLE)
             fields = self._fields(request.merchant, names)
-            await self._give_back_bounds(fields)
+            if "give_back_bps" in fields:
+                await self._give_back_bounds(fields)
             return await self._update(merchant_id, fields)
 
         return await guard(context, call)
