@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import fastpath
 from processor import domain, metrics, rules
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.program import OWNER_HOLD, OWNER_TRANSACTION, SplitRecord, VoucherHold
+from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
 from processor.store import BatchWrite, from_micros
 
@@ -104,18 +104,14 @@ class PostingsMixin:
         return created
 
     def _voucher_account(self, write: BatchWrite, kind: str, owner: str) -> int:
-        """The id of a voucher account (member, member_voucher_credit, merchant_vouchers or
-        merchant_redeemed in VOUCHERS), opened in this batch if it is new."""
-        account_id = self.program.voucher_accounts.get((kind, owner))
-        if account_id is None:
-            account_id = self.account_ids.pop()
-            write.new_accounts.append((account_id, kind, owner, rules.ASSET_VOUCHERS))
-            self.program.set_voucher_account((kind, owner), account_id)
-        return account_id
+        """The id of a voucher account (member, member_voucher_credit, merchant_vouchers, merchant_redeemed
+        or merchant_voucher_credit in VOUCHERS), opened in this batch if it is new."""
+        return self._rule_account(write, kind, owner, rules.ASSET_VOUCHERS)
 
     def _rule_account(self, write: BatchWrite, kind: str, owner: str, asset: str) -> int:
-        """The id of an account a rule opens when it first credits it (a merchant's merchant_points), in
-        this batch if it is new; kept with the voucher accounts ((kind, owner) -> id, loaded at start-up)."""
+        """The id of an account a rule opens when it first moves it (voucher accounts; a merchant's
+        merchant_points in POINTS, issue 16), in this batch if it is new; (kind, owner) -> id, loaded at
+        start-up (each such kind holds one asset)."""
         account_id = self.program.voucher_accounts.get((kind, owner))
         if account_id is None:
             account_id = self.account_ids.pop()
@@ -171,14 +167,14 @@ class PostingsMixin:
         self,
         write: BatchWrite,
         version: "rules.ProgramVersion | None",
-        record: Any,
+        record: EarnRecord | None,
         member_id: str,
         base_points: int,
         earn_id: int,
         refund_id: int,
     ) -> None:
         """The proportional reversal of an earn's merchant match (kind 28) when `base_points` of it are
-        refunded, under the version the earn was made under (record: its program.EarnRecord)."""
+        refunded, under the version the earn was made under (record: the earn's, before this refund)."""
         if version is None or record is None:
             return
         match = rules.merchant_match(version, record.earn.base)
