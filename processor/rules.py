@@ -1308,8 +1308,8 @@ def acquiring_reward(
     the acquirer included, under acquiring_at_acquirer); 0 without an acquirer or on an earn of 0 points.
     Paid in the version's acquiring_reward_asset."""
     _check_int(purchase_amount, "purchase_amount")
-    at_acquirer = acquirer_id == merchant_id and not version.acquiring_at_acquirer
-    if not acquirer_id or at_acquirer or base_point_units <= 0:
+    own_store_left_out = acquirer_id == merchant_id and not version.acquiring_at_acquirer
+    if not acquirer_id or own_store_left_out or base_point_units <= 0:
         return 0
     return _floor_bps(purchase_amount, version.acquiring_share_bps_for(acquirer_id))
 
