@@ -523,7 +523,9 @@ class LedgerStateMachine(PostingsMixin):
     def _fee(self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str) -> int:
         """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
         fee = domain.fee_point_units(points, getattr(merchant, schedule))
-        fee -= rules.star_fee_rebate(self.fee_version, merchant.merchant_id, fee)
+        version = self.fee_version
+        if fee and version is not None and version.star_fee_rebate_bps:  # star rebates (issue 16): no call otherwise
+            fee -= rules.star_fee_rebate(version, merchant.merchant_id, fee)
         if fee:
             write.entries.append((transaction_id, merchant.fees_account_id, -fee))
             write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
