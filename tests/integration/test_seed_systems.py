@@ -21,7 +21,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor.store import Store, StoreError
 from tests.harness import ROOT, ServiceProcess, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, error_of, unique
+from tests.integration.helpers import cli, earn, error_of, unique
 
 PROGRAMS = pathlib.Path(ROOT) / "ops" / "programs"
 YUAN = 100  # currency minor units per yuan; also point-units per point
@@ -506,3 +506,22 @@ def test_wanda_permanent_points_as_cash_across_merchants_cleared_in_the_period(w
     assert (statements["cinema"].redeemed, statements["cinema"].redemption_refunds) == (300 * YUAN, 100 * YUAN)
     assert statements["cinema"].fees == 3 * YUAN
     assert ledger_discrepancies(w.url) == []
+
+
+# --- the files through the command line ------------------------------------------------------------
+
+
+def test_each_program_file_loads_with_program_set_and_a_bad_line_is_named(create_database, tmp_path):
+    url = create_database()
+    for system in ("good-luck-alliance", "zhongdian", "mobile-membership", "telecom-mall", "wanda-alliance"):
+        stored = cli(
+            "program", "set", "--program-id", system, "--file", str(PROGRAMS / f"{system}.json"), "--database-url", url
+        )
+        assert stored.returncode == 0, stored.stderr
+        config = json.loads(stored.stdout)["config"]
+        assert {key: config[key] for key in program_file(system)} == program_file(system)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**program_file("zhongdian"), "merchant_match_bps": 20_000, "fan_reward": 1}))
+    refused = cli("program", "set", "--program-id", "bad", "--file", str(bad), "--database-url", url)
+    assert refused.returncode == 2
+    assert "unknown key 'fan_reward'" in refused.stderr and "merchant_match_bps" in refused.stderr
