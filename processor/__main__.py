@@ -139,6 +139,7 @@ def cmd_merchant_add(args: argparse.Namespace) -> int:
             region=args.region,
             fee_redeemed_bps=args.fee_redeemed_bps,
             fee_issued_bps=args.fee_issued_bps,
+            give_back_bounds=await store.give_back_bounds(settings.program_id),
         )
 
     try:
@@ -726,7 +727,12 @@ def parser() -> argparse.ArgumentParser:
     merchant = commands.add_parser("merchant", help="manage merchants").add_subparsers(dest="action", required=True)
     add = merchant.add_parser("add", help="add a merchant with its give-back rate")
     add.add_argument("--merchant-id", required=True)
-    add.add_argument("--give-back-bps", type=int, required=True, help="300..2000 (3%%..20%%)")
+    add.add_argument(
+        "--give-back-bps",
+        type=int,
+        required=True,
+        help="within the program's give_back_bps_min..max (300..2000 = 3%%..20%% unless it sets them)",
+    )
     add.add_argument(
         "--fee-redeemed-bps",
         type=int,
@@ -741,7 +747,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add.add_argument("--name", default="")
     add.add_argument("--region", default="")
-    config.add_arguments(add, DATABASE_OPTIONS)
+    config.add_arguments(add, DATABASE_OPTIONS + ("program_id",))
     add.set_defaults(func=cmd_merchant_add)
 
     key = commands.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)

@@ -95,9 +95,10 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                     "update_fields", f"update_fields: {name!r} cannot be set; settable: {', '.join(MERCHANT_SETTABLE)}"
                 )
             value = getattr(merchant, name)
-            if name == "give_back_bps" and not domain.GIVE_BACK_BPS_MIN <= value <= domain.GIVE_BACK_BPS_MAX:
+            if name == "give_back_bps" and not 1 <= value <= domain.GIVE_BACK_BPS_CEILING:
+                # the program's bounds are checked by _check_give_back (they need a read)
                 raise domain.invalid_field(
-                    "merchant.give_back_bps", f"give_back_bps must be 300..2000 (3%..20%), got {value}"
+                    "merchant.give_back_bps", f"give_back_bps must be 1..10000 (0.01%..100%), got {value}"
                 )
             if name in ("fee_redeemed_bps", "fee_issued_bps") and not 0 <= value <= 10_000:
                 raise domain.invalid_field(f"merchant.{name}", f"{name} must be 0..10000 basis points, got {value}")
@@ -109,6 +110,19 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 value = _STATUS_NAME[value]
             changes[name] = value
         return changes
+
+    async def _give_back_bounds(self, fields: dict) -> tuple[int, int]:
+        """The program's give-back bounds (issue 16, seed 000); INVALID_ARGUMENT if fields sets a rate
+        outside them."""
+        low, high = await self.pipeline.ready_store().give_back_bounds(self.settings.program_id)
+        value = fields.get("give_back_bps")
+        if value is not None and not low <= value <= high:
+            # the program's give_back_bps_min/max (300..2000 = 3%..20% unless it sets others)
+            raise domain.invalid_field(
+                "merchant.give_back_bps",
+                f"give_back_bps must be {low}..{high} ({low / 100:g}%..{high / 100:g}%), got {value}",
+            )
+        return low, high
 
     async def _update(self, merchant_id: str, fields: dict) -> pb.Merchant:
         """Writes the change, then tells the pipeline: the next call of the merchant sees it."""
@@ -124,8 +138,9 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             merchant_id = self.validate.identifier(m.merchant_id, "merchant.merchant_id")
             fields = self._fields(m, ["name", "give_back_bps", "fee_redeemed_bps", "fee_issued_bps", "region"])
             store = self.pipeline.ready_store()
+            bounds = await self._give_back_bounds(fields)
             try:
-                row = await store.add_merchant(merchant_id, **fields)
+                row = await store.add_merchant(merchant_id, **fields, give_back_bounds=bounds)
             except StoreError as error:
                 code = Code.ALREADY_EXISTS if "exists already" in str(error) else Code.INVALID_ARGUMENT
                 raise Rejection(code, str(error)) from None
@@ -138,7 +153,10 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
         async def call():
             merchant_id = self.validate.identifier(request.merchant.merchant_id, "merchant.merchant_id")
             names = list(request.update_fields) or list(MERCHANT_SETTABLE)
-            return await self._update(merchant_id, self._fields(request.merchant, names))
+            fields = self._fields(request.merchant, names)
+            if "give_back_bps" in fields:
+                await self._give_back_bounds(fields)
+            return await self._update(merchant_id, fields)
 
         return await guard(context, call)
 

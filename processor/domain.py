@@ -14,8 +14,11 @@ from typing import Any
 ASSET_POINTS = "POINTS"
 INT64_MAX = 2**63 - 1
 BPS_DENOMINATOR = 10_000
+# the give-back bounds of a program version that does not set its own (rules.ProgramVersion
+# give_back_bps_min/max, issue 16); a version may allow up to GIVE_BACK_BPS_CEILING (100%)
 GIVE_BACK_BPS_MIN = 300
 GIVE_BACK_BPS_MAX = 2_000
+GIVE_BACK_BPS_CEILING = BPS_DENOMINATOR
 
 # Account kinds (accounts.kind).
 ACCOUNT_MEMBER = "member"
@@ -90,7 +93,7 @@ def earn_point_units(purchase_amount: int, give_back_bps: int) -> int:
     """Points for a purchase: floor(purchase_amount * give_back_bps / 10000). The fraction of a
     point-unit is rounded down (never credited); integer arithmetic only."""
     require(purchase_amount >= 0, "purchase_amount must be >= 0")
-    require(GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX, "give_back_bps out of range")
+    require(1 <= give_back_bps <= GIVE_BACK_BPS_CEILING, "give_back_bps out of range")
     return purchase_amount * give_back_bps // BPS_DENOMINATOR
 
 
@@ -181,6 +184,7 @@ class Operation:
     merchant_points: int = 0  # conversion: the merchant's own points, in its own programme's units
     vouchers: int = 0  # redeem, authorize, capture: voucher-units besides `points` (a split
     # tender); spend_vouchers: the merchant's voucher-units spent
+    at_merchant_id: str = ""  # spend_vouchers: where ("" = the operator's store; issue 16)
     # decided before queueing (member presence refused it): answered after the idempotency look-up, so a
     # retry of an operation already carried out still replays; never recorded under the key
     refusal: Outcome | None = None

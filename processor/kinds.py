@@ -49,6 +49,8 @@ _SPLIT = (
     *_POINTS_FEES,
 )
 
+_FAN_REWARD = ("operator_fan_rewards/VOUCHERS", "merchant_vouchers/VOUCHERS", "merchant_voucher_credit/VOUCHERS")
+
 KINDS: tuple[Kind, ...] = (
     Kind(fastpath.KIND_EARN, "earn", pb.TRANSACTION_KIND_EARN, +1),
     Kind(fastpath.KIND_CAPTURE, "capture", pb.TRANSACTION_KIND_CAPTURE, -1),
@@ -131,9 +133,10 @@ KINDS: tuple[Kind, ...] = (
                 "member_voucher_credit/VOUCHERS",
                 "member/VOUCHERS",
                 "merchant_vouchers/VOUCHERS",
+                "merchant_voucher_credit/VOUCHERS",  # a merchant's owed vouchers repaid first (issue 16)
             ),
             # a merchant's dividend names it (statement_lines finds a merchant's dividends by merchant_id)
-            "dividends <= 0 AND held_any = held_own",
+            "dividends <= 0 AND held_any = held_own AND merchant_credit_any = merchant_credit_own",
         ),
     ),
     # the fee is on both tenders (a voucher-unit is worth a point-unit), posted in POINTS; refunds keep it
@@ -167,10 +170,11 @@ KINDS: tuple[Kind, ...] = (
         0,
         Shape(
             "the transaction's merchant_vouchers -amount, one other merchant's merchant_redeemed (the operator's "
-            "store) +amount, in VOUCHERS",
-            ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS"),
-            "held_own = -amount AND held_any = held_own AND store_vouchers = amount AND store_vouchers_own = 0 "
-            "AND stores = 1",
+            "store, or the merchant named when the program allows any) +amount, in VOUCHERS",
+            # issue 16: part of it may be spent on the merchant's voucher credit (merchant_voucher_credit)
+            ("merchant_vouchers/VOUCHERS", "merchant_redeemed/VOUCHERS", "merchant_voucher_credit/VOUCHERS"),
+            "held_own + merchant_credit_own = -amount AND held_any = held_own AND merchant_credit_any = "
+            "merchant_credit_own AND store_vouchers = amount AND store_vouchers_own = 0 AND stores = 1",
         ),
     ),
     Kind(
@@ -185,7 +189,73 @@ KINDS: tuple[Kind, ...] = (
             "AND fees = -fee AND revenue = fee",
         ),
     ),
+    # --- issue 16, the seed systems (numbers 27..31 are theirs; 16..26 belong to other issues) ---
+    # a merchant's transaction: the match goes to the earn's merchant; member_id names the member whose
+    # earn set it off, whose points it does not move
+    Kind(
+        rules.KIND_MERCHANT_MATCH,
+        "merchant_match",
+        pb.TRANSACTION_KIND_MERCHANT_MATCH,
+        0,
+        Shape(
+            "operator_merchant_match -amount, the transaction's merchant_points +amount",
+            ("operator_merchant_match/POINTS", "merchant_points/POINTS"),
+            "merchant_match = -amount AND merchant_points_own = amount AND merchant_points_any = merchant_points_own",
+        ),
+    ),
+    Kind(
+        rules.KIND_MERCHANT_MATCH_REVERSAL,
+        "merchant_match_reversal",
+        pb.TRANSACTION_KIND_MERCHANT_MATCH_REVERSAL,
+        0,
+        Shape(
+            "operator_merchant_match +amount, the transaction's merchant_points -amount",
+            ("operator_merchant_match/POINTS", "merchant_points/POINTS"),
+            "merchant_match = amount AND merchant_points_own = -amount AND merchant_points_any = merchant_points_own",
+        ),
+    ),
+    Kind(
+        rules.KIND_SIGNUP_BONUS,
+        "signup_bonus",
+        pb.TRANSACTION_KIND_SIGNUP_BONUS,
+        +1,
+        Shape(
+            "operator_signup_bonuses -amount, the transaction's member +amount",
+            ("member/POINTS", "operator_signup_bonuses/POINTS"),
+            "signup_bonuses = -amount AND member_own = amount AND member_any = member_own",
+        ),
+    ),
+    # a merchant's transaction (the acquirer); member_id names the fan whose earn set it off
+    Kind(
+        rules.KIND_FAN_REWARD,
+        "fan_reward",
+        pb.TRANSACTION_KIND_FAN_REWARD,
+        0,
+        Shape(
+            "operator_fan_rewards -amount, the transaction's merchant_vouchers and merchant_voucher_credit +amount "
+            "(VOUCHERS)",
+            _FAN_REWARD,
+            "fan_rewards = -amount AND held_own + merchant_credit_own = amount AND held_any = held_own "
+            "AND merchant_credit_any = merchant_credit_own",
+        ),
+    ),
+    Kind(
+        rules.KIND_FAN_REWARD_REVERSAL,
+        "fan_reward_reversal",
+        pb.TRANSACTION_KIND_FAN_REWARD_REVERSAL,
+        0,
+        Shape(
+            "operator_fan_rewards +amount, the transaction's merchant_vouchers and merchant_voucher_credit -amount "
+            "(VOUCHERS)",
+            _FAN_REWARD,
+            "fan_rewards = amount AND held_own + merchant_credit_own = -amount AND held_any = held_own "
+            "AND merchant_credit_any = merchant_credit_own",
+        ),
+    ),
 )
+
+# transactions_kind_check (migration 0014) allows up to this number
+KIND_NUMBER_MAX = 31
 
 BY_CODE: dict[int, Kind] = {kind.code: kind for kind in KINDS}
 BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}
@@ -204,7 +274,10 @@ def kind(code: int) -> Kind:
 def _check_complete() -> None:
     codes = [k.code for k in KINDS]
     require(len(set(codes)) == len(codes) and len(BY_NAME) == len(KINDS), "a kind number or name is repeated")
-    require(codes == list(range(1, len(KINDS) + 1)), f"kinds are numbered 1..n with no gap: {codes}")
+    # increasing from 1; issues work on the table at once with reserved blocks of numbers (issue 16: 27..31),
+    # so a branch may hold a later block before an earlier one is merged
+    require(codes[:15] == list(range(1, 16)), f"kinds 1..15 are numbered with no gap: {codes}")
+    require(codes == sorted(codes) and codes[-1] <= KIND_NUMBER_MAX, f"kinds increase up to {KIND_NUMBER_MAX}: {codes}")
     enum = {value.number: value.name for value in pb.TransactionKind.DESCRIPTOR.values if value.number}
     table = {k.proto: k for k in KINDS}
     require(set(enum) == set(table), f"points.proto TransactionKind {sorted(enum)} != kinds.py {sorted(table)}")

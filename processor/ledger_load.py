@@ -74,6 +74,10 @@ async def load_program(store: Store, settings: Settings, now_us: int) -> Program
             state.vouchers[(rules.HOLDER_MERCHANT, owner)] = balance
         elif kind == rules.ACCOUNT_MEMBER_VOUCHER_CREDIT and balance:
             state.credit[owner] = -balance
+        elif kind == rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT and balance:  # issue 16
+            state.merchant_credit[owner] = -balance
+        elif kind == rules.ACCOUNT_MERCHANT_POINTS and balance:  # issue 16
+            state.merchant_points[owner] = balance
     for r in await store.voucher_holds():
         state.load_voucher_hold(r["authorization_id"], voucher_hold(r))
     for member_id, at_us, points in await PresenceStore(store).spends_since(now_us - velocity.WINDOW_US_MAX):

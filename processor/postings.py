@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import fastpath
 from processor import domain, metrics, rules
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
-from processor.program import OWNER_HOLD, OWNER_TRANSACTION, SplitRecord, VoucherHold
+from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
 from processor.store import BatchWrite, from_micros
 
@@ -104,14 +104,199 @@ class PostingsMixin:
         return created
 
     def _voucher_account(self, write: BatchWrite, kind: str, owner: str) -> int:
-        """The id of a voucher account (member, member_voucher_credit, merchant_vouchers or
-        merchant_redeemed in VOUCHERS), opened in this batch if it is new."""
+        """The id of a voucher account (member, member_voucher_credit, merchant_vouchers, merchant_redeemed
+        or merchant_voucher_credit in VOUCHERS), opened in this batch if it is new."""
+        return self._rule_account(write, kind, owner, rules.ASSET_VOUCHERS)
+
+    def _rule_account(self, write: BatchWrite, kind: str, owner: str, asset: str) -> int:
+        """The id of an account a rule opens when it first moves it (voucher accounts; a merchant's
+        merchant_points in POINTS, issue 16), in this batch if it is new; (kind, owner) -> id, loaded at
+        start-up (each such kind holds one asset)."""
         account_id = self.program.voucher_accounts.get((kind, owner))
         if account_id is None:
             account_id = self.account_ids.pop()
-            write.new_accounts.append((account_id, kind, owner, rules.ASSET_VOUCHERS))
+            write.new_accounts.append((account_id, kind, owner, asset))
             self.program.set_voucher_account((kind, owner), account_id)
         return account_id
+
+    # --- the seed systems' rules (issue 16; docs/RULES.md section 11) ---
+
+    def _signup(self, write: BatchWrite, op: Operation, version: "rules.ProgramVersion | None", now_us: int) -> None:
+        """Seed 003: the sign-up bonus of a member this operation enrols (kind 29), credited before the
+        operation itself, as a lot of its own; the member is created once, so it is paid once."""
+        if version is None or not version.signup_bonus_point_units:
+            return
+        self._credit(
+            write,
+            rules.KIND_SIGNUP_BONUS,
+            op.merchant_id,
+            op.member_id,
+            version.signup_bonus_point_units,
+            self.operator_accounts[rules.ACCOUNT_OPERATOR_SIGNUP_BONUSES],
+            f"signup:{op.member_id}",
+            version,
+            now_us,
+        )
+
+    def _match(self, write: BatchWrite, op: Operation, version: "rules.ProgramVersion", base: int, earn_id: int) -> int:
+        """众店: the earn's merchant receives merchant_match_bps of the member's base points (kind 27),
+        funded by the operator, into its merchant_points holding. Returns the point-units matched."""
+        match = rules.merchant_match(version, base)
+        if match:
+            self._post(
+                write,
+                rules.KIND_MERCHANT_MATCH,
+                op.merchant_id,
+                op.member_id,
+                match,
+                [
+                    (self.operator_accounts[rules.ACCOUNT_OPERATOR_MERCHANT_MATCH], -match),
+                    (
+                        self._rule_account(write, rules.ACCOUNT_MERCHANT_POINTS, op.merchant_id, domain.ASSET_POINTS),
+                        match,
+                    ),
+                ],
+                f"match:{earn_id}",
+                version,
+                original=earn_id,
+            )
+            self.program.move_merchant_points(op.merchant_id, match)
+        return match
+
+    def _reverse_match(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion | None",
+        record: EarnRecord | None,
+        member_id: str,
+        base_points: int,
+        earn_id: int,
+        refund_id: int,
+    ) -> None:
+        """The proportional reversal of an earn's merchant match (kind 28) when `base_points` of it are
+        refunded, under the version the earn was made under (record: the earn's, before this refund)."""
+        if version is None or record is None:
+            return
+        match = rules.merchant_match(version, record.earn.base)
+        reversal = rules.merchant_match_reversal(match, record.earn.base, record.refunded_base, base_points)
+        if reversal:
+            self._post(
+                write,
+                rules.KIND_MERCHANT_MATCH_REVERSAL,
+                record.merchant_id,
+                member_id,
+                reversal,
+                [
+                    (self.operator_accounts[rules.ACCOUNT_OPERATOR_MERCHANT_MATCH], reversal),
+                    (
+                        self._rule_account(
+                            write, rules.ACCOUNT_MERCHANT_POINTS, record.merchant_id, domain.ASSET_POINTS
+                        ),
+                        -reversal,
+                    ),
+                ],
+                f"match-reversal:{refund_id}",
+                version,
+                original=earn_id,
+            )
+            self.program.move_merchant_points(record.merchant_id, -reversal)
+
+    def _fan_reward(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion",
+        acquirer: str,
+        member_id: str,
+        reward: int,
+        earn_id: int,
+    ) -> None:
+        """众店: the acquirer's share of its fan's spend in vouchers (kind 30), from operator_fan_rewards; what
+        the merchant owes is repaid first, the rest goes to its vouchers."""
+        program, vouchers = self.program, rules.ASSET_VOUCHERS
+        repaid, paid_out = rules.apply_dividend(program.merchant_credit.get(acquirer, 0), reward)
+        self._post(
+            write,
+            rules.KIND_FAN_REWARD,
+            acquirer,
+            member_id,
+            reward,
+            [
+                (self.operator_accounts[rules.ACCOUNT_OPERATOR_FAN_REWARDS], -reward, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer) if repaid else 0,
+                    repaid,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, acquirer) if paid_out else 0,
+                    paid_out,
+                    vouchers,
+                ),
+            ],
+            f"fan-reward:{earn_id}",
+            version,
+            original=earn_id,
+        )
+        program.move_merchant_credit(acquirer, -repaid)
+        program.move_vouchers((rules.HOLDER_MERCHANT, acquirer), paid_out)
+
+    def _fan_reward_reversal(
+        self,
+        write: BatchWrite,
+        version: "rules.ProgramVersion | None",
+        acquirer: str,
+        member_id: str,
+        reversal: int,
+        earn_id: int,
+        refund_id: int,
+    ) -> None:
+        """The proportional reversal of a fan reward (kind 31): from the vouchers the acquirer holds, and
+        what it already spent becomes vouchers it owes (repaid first out of the next it receives)."""
+        program, vouchers = self.program, rules.ASSET_VOUCHERS
+        from_held = min(reversal, program.vouchers.get((rules.HOLDER_MERCHANT, acquirer), 0))
+        owed = reversal - from_held
+        self._post(
+            write,
+            rules.KIND_FAN_REWARD_REVERSAL,
+            acquirer,
+            member_id,
+            reversal,
+            [
+                (self.operator_accounts[rules.ACCOUNT_OPERATOR_FAN_REWARDS], reversal, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, acquirer) if from_held else 0,
+                    -from_held,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer) if owed else 0,
+                    -owed,
+                    vouchers,
+                ),
+            ],
+            f"fan-reward-reversal:{refund_id}",
+            version,
+            original=earn_id,
+        )
+        program.move_vouchers((rules.HOLDER_MERCHANT, acquirer), -from_held)
+        program.move_merchant_credit(acquirer, owed)
+
+    def _sale_fee(
+        self,
+        write: BatchWrite,
+        transaction_id: int,
+        merchant: MerchantRow,
+        version: "rules.ProgramVersion",
+        purchase_amount: int,
+    ) -> int:
+        """Seed 000: the operator's fee on the sale amount of an earn (fee_sale_bps), less the merchant's
+        star rebate, posted in the earn: merchant's fees account to fee revenue. Returns it."""
+        fee = rules.sale_fee(version, purchase_amount)
+        fee -= rules.star_fee_rebate(version, merchant.merchant_id, fee)
+        if fee:
+            write.entries.append((transaction_id, merchant.fees_account_id, -fee))
+            write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
+        return fee
 
     def _post_dividends(self, write: BatchWrite, rows: list[Any], now_us: int) -> None:
         """Posts a chunk of a decided round's allocations: one kind-11 transaction per holder; a member's
@@ -134,10 +319,18 @@ class PostingsMixin:
                     program.move_vouchers((rules.HOLDER_MEMBER, holder), paid_out)
                 merchant_id, member_id = domain.OPERATOR_ID, holder
             else:
-                entries.append(
-                    (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), amount, vouchers)
-                )
-                program.move_vouchers((rules.HOLDER_MERCHANT, holder), amount)
+                # vouchers a merchant owes (issue 16: spent on credit, or fan rewards reversed) are repaid first
+                repaid, paid_out = rules.apply_dividend(program.merchant_credit.get(holder, 0), amount)
+                if repaid:
+                    entries.append(
+                        (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, holder), repaid, vouchers)
+                    )
+                    program.move_merchant_credit(holder, -repaid)
+                if paid_out:
+                    entries.append(
+                        (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, holder), paid_out, vouchers)
+                    )
+                    program.move_vouchers((rules.HOLDER_MERCHANT, holder), paid_out)
                 merchant_id, member_id = holder, ""
             created = self._post(
                 write,
@@ -549,9 +742,13 @@ class PostingsMixin:
         version: "rules.ProgramVersion | None",
         created: int,
     ) -> Outcome:
-        """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14):
-        its merchant_vouchers account to the store's redeemed account in VOUCHERS."""
+        """A merchant spends vouchers it holds (its dividends) at the operator's own store (kind 14), or at
+        any merchant of the alliance the request names when the program allows it (issue 16): its
+        merchant_vouchers account to that merchant's redeemed account in VOUCHERS."""
         store_id = version.operator_store_merchant_id if version is not None else None
+        if op.at_merchant_id:
+            _spend_anywhere_allowed(self.settings.program_id, version)
+            store_id = op.at_merchant_id
         if store_id is None:
             raise Rejection(
                 Code.FAILED_PRECONDITION,
@@ -570,20 +767,25 @@ class PostingsMixin:
             )
         store = self.merchants.by_id.get(store_id)
         if store is None or store.status != "active":
+            where = f"merchant {store_id!r}" if op.at_merchant_id else f"the operator's store {store_id!r}"
             raise Rejection(
                 Code.FAILED_PRECONDITION,
-                (f"the operator's store {store_id!r} is not an active merchant of the alliance; contact the operator"),
+                (f"{where} is not an active merchant of the alliance; contact the operator"),
             )
         program, holder = self.program, (rules.HOLDER_MERCHANT, op.merchant_id)
         balance = program.vouchers.get(holder, 0)
-        if op.vouchers > balance:
+        headroom = program.merchant_credit_headroom(version, op.merchant_id)  # issue 16; 0 without the option
+        if op.vouchers > balance + headroom:
+            credit = f" and may owe {headroom} more on credit" if headroom else ""
             raise Rejection(
                 Code.FAILED_PRECONDITION,
                 (
-                    f"merchant {op.merchant_id!r} holds {balance} voucher-units, {op.vouchers} asked; vouchers "
-                    "come from dividend rounds"
+                    f"merchant {op.merchant_id!r} holds {balance} voucher-units{credit}, {op.vouchers} asked; "
+                    "vouchers come from dividend rounds"
                 ),
             )
+        from_balance = min(balance, op.vouchers)
+        from_credit = op.vouchers - from_balance
         write.transactions.append(
             (
                 created,
@@ -604,21 +806,35 @@ class PostingsMixin:
             write,
             created,
             [
-                (self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id), -op.vouchers, vouchers),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHERS, op.merchant_id)
+                    if from_balance
+                    else 0,
+                    -from_balance,
+                    vouchers,
+                ),
+                (
+                    self._voucher_account(write, rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, op.merchant_id)
+                    if from_credit
+                    else 0,
+                    -from_credit,
+                    vouchers,
+                ),
                 (self._voucher_account(write, domain.ACCOUNT_MERCHANT_REDEEMED, store_id), op.vouchers, vouchers),
             ],
         )
-        left = program.move_vouchers(holder, -op.vouchers)
-        return Outcome(
-            Code.OK,
-            {
-                "transaction_id": created,
-                "vouchers": op.vouchers,
-                "store_merchant_id": store_id,
-                "voucher_balance": left,
-                "created_at_us": now_us,
-            },
-        )
+        left = program.move_vouchers(holder, -from_balance)
+        owed = program.move_merchant_credit(op.merchant_id, from_credit)
+        fields = {
+            "transaction_id": created,
+            "vouchers": op.vouchers,
+            "store_merchant_id": store_id,
+            "voucher_balance": left,
+            "created_at_us": now_us,
+        }
+        if owed:  # only then, so a stored outcome of a spend without credit replays as before
+            fields["voucher_credit_used"] = owed
+        return Outcome(Code.OK, fields)
 
     def _expire_lots(self, write: BatchWrite, now_us: int) -> None:
         """The expiry job: up to expiry_lots_per_batch_max expired lots, each posted as one expiry
@@ -753,6 +969,16 @@ class PostingsMixin:
                 "balance": posted,
                 "created_at_us": now_us,
             },
+        )
+
+
+def _spend_anywhere_allowed(program_id: str, version: "rules.ProgramVersion | None") -> None:
+    """Issue 16: a merchant names where it spends its vouchers only under a program that allows it."""
+    if version is None or not version.merchant_vouchers_anywhere:
+        raise Rejection(
+            Code.FAILED_PRECONDITION,
+            f"program {program_id!r} lets merchants spend vouchers only at the operator's store "
+            "(merchant_vouchers_anywhere is off); leave at_merchant_id empty",
         )
 
 

@@ -167,6 +167,10 @@ class ProgramState:
         self.credit: dict[str, int] = {}
         self.voucher_accounts: dict[tuple[str, str], int] = {}
         self.splits: dict[int, SplitRecord] = {}
+        # issue 16: merchant -> voucher-units it owes (merchant_voucher_credit, kept >= 0 here), and merchant ->
+        # point-units it holds from the merchant match (merchant_points: its holding for voucher credit)
+        self.merchant_credit: dict[str, int] = {}
+        self.merchant_points: dict[str, int] = {}
         # split-tender holds: open ones (all of them, loaded at start-up) and resolved ones the batches
         # touched since the last forget_resolved(); member -> (own vouchers, credit) reserved by its open
         # holds; (expires_at_us, authorization_id) of open holds, for the expiry sweep
@@ -205,6 +209,8 @@ class ProgramState:
             "voucher_holds": set(),
             "vouchers_held": set(),
             "spends": set(),
+            "merchant_credit": set(),
+            "merchant_points": set(),
         }
         self._tier_events: list[tuple[int, str, str, str]] = []
 
@@ -372,7 +378,7 @@ class ProgramState:
             self.credit_lot(version, member_id, transaction_id, earn.total, merchant_id, now_us)
         before = self.member(member_id)
         level_before = self._level(version, before, now_us)
-        after = self._count_qualifying(version, before, earn.base, now_us, now_us)
+        after = self._count_qualifying(version, before, rules.level_point_units(version, earn), now_us, now_us)
         level_after = self._level(version, after, now_us)
         names = [level.name for level in version.levels]
         reached = {names[i] for i in range(len(names)) if after.levels_reached >> i & 1}
@@ -444,10 +450,12 @@ class ProgramState:
             )
             if version is not None:
                 member = self.member(member_id)
+                # what the earn's refunded portion had counted: its base, or all it took back ("total")
+                counted = base_points if version.level_points == rules.LEVEL_POINTS_BASE else taken
                 self._set(
                     self.members,
                     member_id,
-                    self._count_qualifying(version, member, -base_points, record.made_at_us, now_us),
+                    self._count_qualifying(version, member, -counted, record.made_at_us, now_us),
                     "members",
                 )
         self._take(member_id, taken, spendable, now_us, own_lot=transaction_id)
@@ -465,6 +473,29 @@ class ProgramState:
         require(used >= 0, f"voucher credit of {member_id!r} would be {used}")
         self._set(self.credit, member_id, used or None, "credit")
         return used
+
+    def move_merchant_credit(self, merchant_id: str, delta: int) -> int:
+        """Issue 16: the vouchers a merchant owes grow (a spend on credit, a reversal beyond what it holds) or
+        shrink (repaid out of vouchers it receives)."""
+        used = self.merchant_credit.get(merchant_id, 0) + delta
+        require(used >= 0, f"voucher credit of merchant {merchant_id!r} would be {used}")
+        self._set(self.merchant_credit, merchant_id, used or None, "merchant_credit")
+        return used
+
+    def move_merchant_points(self, merchant_id: str, delta: int) -> int:
+        """Issue 16: the points a merchant holds from the merchant match."""
+        held = self.merchant_points.get(merchant_id, 0) + delta
+        require(held >= 0, f"points held by merchant {merchant_id!r} would be {held}")
+        self._set(self.merchant_points, merchant_id, held or None, "merchant_points")
+        return held
+
+    def merchant_credit_headroom(self, version: rules.ProgramVersion | None, merchant_id: str) -> int:
+        """Issue 16: voucher-units a merchant may still spend on credit (merchant_voucher_credit): the
+        credit limit on the points it holds from the match, less what it owes."""
+        if version is None or not version.merchant_voucher_credit:
+            return 0
+        limit = self.credit_limit(version, self.merchant_points.get(merchant_id, 0))
+        return max(0, limit - self.merchant_credit.get(merchant_id, 0))
 
     def voucher_available(self, member_id: str) -> int:
         """The member's own voucher-units not reserved by an open split-tender hold."""

@@ -192,21 +192,33 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         )
         totals = await fetchrow(
             """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
-                      coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%'), 0) AS merchants,
+                      coalesce(sum(balance) FILTER (WHERE kind LIKE 'merchant_%' AND kind <> 'merchant_points'), 0)
+                          AS merchants,
+                      -- points merchants hold (the merchant match, issue 16): not part of a net position
+                      coalesce(sum(balance) FILTER (WHERE kind = 'merchant_points'), 0) AS merchant_points,
                       coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
                       coalesce(sum(balance) FILTER (WHERE kind = 'merchant_fees'), 0) AS fees,
                       coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage,
                       -- the program rules' operator accounts (tier rewards, promotions, referrals,
                       -- acquiring): points the operator funded, <= 0
                       coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
-                               'operator_referrals', 'operator_acquiring')), 0) AS program
+                               'operator_referrals', 'operator_acquiring', 'operator_merchant_match',
+                               'operator_signup_bonuses')), 0) AS program
                FROM account_balances WHERE asset_code = 'POINTS'"""
         )
-        if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] + totals["program"] != 0:
+        if (
+            totals["members"]
+            + totals["merchants"]
+            + totals["merchant_points"]
+            + totals["revenue"]
+            + totals["breakage"]
+            + totals["program"]
+            != 0
+        ):
             problems.append(
                 f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
                 f"breakage {totals['breakage']} + program funding {totals['program']} + "
-                f"members' points {totals['members']} != 0"
+                f"members' points {totals['members']} + merchants' points {totals['merchant_points']} != 0"
             )
         if totals["revenue"] != -totals["fees"]:
             problems.append(f"fee revenue {totals['revenue']} != fees charged {-totals['fees']}")
@@ -232,6 +244,12 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "operator_acquiring": -1,
     "operator_dividends": -1,
     "member_voucher_credit": -1,
+    # issue 16, the seed systems
+    "merchant_points": 1,
+    "operator_merchant_match": -1,
+    "operator_signup_bonuses": -1,
+    "operator_fan_rewards": -1,
+    "merchant_voucher_credit": -1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -260,6 +278,15 @@ _SHAPE_SUMS = """
                                      AND a.owner_id = t.merchant_id), 0) AS store_vouchers_own,
     count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS') AS stores,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fee_revenue'), 0) AS revenue,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_merchant_match'), 0) AS merchant_match,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_points' AND a.owner_id = t.merchant_id), 0)
+        AS merchant_points_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_points'), 0) AS merchant_points_any,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_signup_bonuses'), 0) AS signup_bonuses,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fan_rewards'), 0) AS fan_rewards,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit' AND a.owner_id = t.merchant_id), 0)
+        AS merchant_credit_own,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit'), 0) AS merchant_credit_any,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
@@ -505,7 +532,9 @@ async def _program_discrepancies(fetch, report) -> list[str]:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
 
     report(
-        "every transaction of kinds 6..15 has its kind's entries (expiry to breakage, tier and referral "
+        "every transaction of kinds 6..15"
+        + "".join(f", {code}" for code in kinds.SHAPED if code > 15)
+        + " has its kind's entries (expiry to breakage, tier and referral "
         "bonuses from their operator accounts, acquiring between operator_acquiring and merchant_acquiring, ...)"
     )
     allowed_case = (
@@ -518,15 +547,18 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         + " ".join(f"WHEN {kind} THEN stray = 0 AND ({shape.condition})" for kind, shape in kinds.SHAPED.items())
         + " ELSE true END"
     )
-    for r in await fetch(f"""WITH x AS MATERIALIZED (
+    for r in await fetch(
+        f"""WITH x AS MATERIALIZED (
                                SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
                                       {_SHAPE_SUMS.format(allowed=allowed_case)}
                                FROM transactions t
                                LEFT JOIN entries e ON e.transaction_id = t.transaction_id
                                LEFT JOIN accounts a ON a.account_id = e.account_id
-                               WHERE t.kind BETWEEN 6 AND 15
+                               WHERE t.kind = ANY($1::smallint[])
                                GROUP BY t.transaction_id)
-                             SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5"""):
+                             SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5""",
+        list(kinds.SHAPED),
+    ):
         shape = kinds.SHAPED[r["kind"]].description
         problems.append(
             f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "
@@ -545,6 +577,17 @@ async def _program_discrepancies(fetch, report) -> list[str]:
     if totals["owed"] != -totals["paid"]:
         problems.append(
             f"merchants are owed {totals['owed']} point-units of acquiring rewards, the operator paid {-totals['paid']}"
+        )
+
+    report("the points merchants hold (merchant_points) = what the operator matched (-operator_merchant_match)")
+    totals = (
+        await fetch("""SELECT coalesce(sum(balance) FILTER (WHERE kind = 'merchant_points'), 0) AS held,
+                              coalesce(sum(balance) FILTER (WHERE kind = 'operator_merchant_match'), 0) AS matched
+                       FROM account_balances WHERE asset_code = 'POINTS'""")
+    )[0]
+    if totals["held"] != -totals["matched"]:
+        problems.append(
+            f"merchants hold {totals['held']} point-units of matched points, the operator matched {-totals['matched']}"
         )
     return problems
 

@@ -39,6 +39,7 @@ ASSET_VOUCHERS = "VOUCHERS"
 POINT_UNITS_PER_POINT = 100
 DAY_US = 86_400_000_000
 MULTIPLIER_BPS_MAX = 100_000  # 10x: a level or promotion multiplier above this is a typo
+STARS_MAX = 10  # star ratings run 0..STARS_MAX; a rebate schedule longer than that is a typo
 
 # New account kinds (accounts.kind). Sign: an entry's amount is added to the balance.
 ACCOUNT_MEMBER_VOUCHER_CREDIT = "member_voucher_credit"  # VOUCHERS, <= 0: vouchers spent on credit
@@ -49,6 +50,15 @@ ACCOUNT_OPERATOR_PROMOTIONS = "operator_promotions"  # POINTS, <= 0: operator-fu
 ACCOUNT_OPERATOR_REFERRALS = "operator_referrals"  # POINTS, <= 0: referrer bonuses
 ACCOUNT_OPERATOR_ACQUIRING = "operator_acquiring"  # POINTS, <= 0: acquiring rewards
 ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"  # VOUCHERS, <= 0: vouchers issued
+# issue 16 (the seed systems): points a merchant holds from the merchant match (not a cash claim: outside
+# its net position, a holding for dividend rounds), and the operator accounts funding it and sign-up bonuses
+ACCOUNT_MERCHANT_POINTS = "merchant_points"  # POINTS, >= 0
+ACCOUNT_OPERATOR_MERCHANT_MATCH = "operator_merchant_match"  # POINTS, <= 0: merchant match points issued
+ACCOUNT_OPERATOR_SIGNUP_BONUSES = "operator_signup_bonuses"  # POINTS, <= 0: sign-up bonuses issued
+# 众店's fan reward in vouchers, and the vouchers a merchant owes (spent on credit, or a fan reward reversed
+# after the merchant spent it), repaid first out of the vouchers it receives next
+ACCOUNT_OPERATOR_FAN_REWARDS = "operator_fan_rewards"  # VOUCHERS, <= 0: fan rewards issued
+ACCOUNT_MERCHANT_VOUCHER_CREDIT = "merchant_voucher_credit"  # VOUCHERS, <= 0: vouchers a merchant owes
 
 ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
@@ -65,6 +75,11 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_OPERATOR_REFERRALS: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_ACQUIRING: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_DIVIDENDS: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_POINTS: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_MERCHANT_MATCH: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_SIGNUP_BONUSES: frozenset({ASSET_POINTS}),
+    ACCOUNT_OPERATOR_FAN_REWARDS: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_MERCHANT_VOUCHER_CREDIT: frozenset({ASSET_VOUCHERS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -79,6 +94,12 @@ KIND_SPLIT_REDEEM = 12  # a redeem paid with vouchers and/or points
 KIND_SPLIT_REFUND = 13  # a refund of a split redeem, both assets as one unit
 KIND_MERCHANT_VOUCHER_SPEND = 14  # a merchant spends its vouchers at the operator's store
 KIND_CONVERSION = 15  # a merchant's own points converted into alliance points
+# issue 16 (the seed systems; numbers 27..31 are reserved for them)
+KIND_MERCHANT_MATCH = 27  # the merchant's match of an earn's give-back points (众店)
+KIND_MERCHANT_MATCH_REVERSAL = 28  # its proportional reversal when that purchase is refunded
+KIND_SIGNUP_BONUS = 29  # a member's one-off bonus on enrolment (seed 003)
+KIND_FAN_REWARD = 30  # 众店: the acquiring merchant's share of its fan's spend, in vouchers
+KIND_FAN_REWARD_REVERSAL = 31  # its proportional reversal when that purchase is refunded
 
 CASH_OUT_MESSAGE = (
     "points and vouchers cannot be paid out as cash: they circulate only inside the "
@@ -299,6 +320,9 @@ class MerchantTerms:
     merchant_id: str
     acquiring_share_bps: int | None = None
     conversion_rate: Rate | None = None
+    # issue 16 (seed 003): the merchant's star rating, set by the operator from its redemption service;
+    # None = not rated (no fee rebate). Its rebate is the version's star_fee_rebate_bps[star - 1].
+    star_rating: int | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -306,6 +330,8 @@ class MerchantTerms:
             problems.append("merchant_id must be a non-empty string")
         if self.acquiring_share_bps is not None:
             _problem_int(problems, self.acquiring_share_bps, "acquiring_share_bps", 0, BPS_DENOMINATOR)
+        if self.star_rating is not None:
+            _problem_int(problems, self.star_rating, "star_rating (None = not rated)", 0, STARS_MAX)
         if self.conversion_rate is not None and not isinstance(self.conversion_rate, Rate):
             problems.append("conversion_rate must be a Rate(numerator, denominator)")
         _raise_problems(problems, f"merchant terms of {self.merchant_id!r}")
@@ -338,6 +364,10 @@ class DividendSettings:
                 problems.append(f"rate_bps_schedule must not decrease from round to round: {schedule}")
         _raise_problems(problems, "dividend settings")
 
+
+LEVEL_POINTS_BASE = "base"  # levels count the merchant's base points of each earn (net of refunds)
+LEVEL_POINTS_TOTAL = "total"  # levels count every point of each earn: base, level uplift, promotions
+LEVEL_POINTS_MODES = (LEVEL_POINTS_BASE, LEVEL_POINTS_TOTAL)
 
 VERIFICATION_OFF = "off"  # member_id alone spends a member's points
 VERIFICATION_SPENDING = "spending"  # Redeem and Authorize must carry proof that the member is present
@@ -372,6 +402,40 @@ class ProgramVersion:
     verification_lockout_seconds: int = 900  # how long the lock lasts
     member_points_spent_per_hour_max: int = 0  # point-units per rolling hour; 0 = no cap
     member_points_spent_per_day_max: int = 0  # point-units per rolling 24 hours; 0 = no cap
+    # --- the seed systems' rules (issue 16; docs/RULES.md section 11) ---
+    # 众店: the merchant of an earn receives floor(base * merchant_match_bps / 10000) point-units into its
+    # merchant_points account (10,000 = as many points as the member's give-back points), operator-funded
+    merchant_match_bps: int = 0
+    # seed 003: point-units credited to a member once, when it enrols (its first earn or link) under
+    # the program; operator-funded
+    signup_bonus_point_units: int = 0
+    # seed 003: the referrer also gets floor(referee's first qualifying earn's base * bps / 10000)
+    # point-units beside referral_bonus_point_units (8,000 = 80%)
+    referral_share_bps: int = 0
+    # seed 003: what levels count: "base" (the merchant's give-back points) or "total" (every point of
+    # the member's earns: base, level uplift and promotion grants), net of refunds either way
+    level_points: str = LEVEL_POINTS_BASE
+    # seed 000: the operator's fee on the sale amount of each earn, floor(purchase * bps / 10000)
+    # point-units (currency minor units), beside the merchant's fee_issued_bps on points
+    fee_sale_bps: int = 0
+    # seed 000: the give-back rates merchants may have while this version is in force (bps of the purchase;
+    # 10,000 = 100%: "1000 yuan ... 1000 points"); an earn at a merchant outside them is refused
+    give_back_bps_min: int = 300
+    give_back_bps_max: int = 2_000
+    # seed 003: the rebate of the operator's fees by star rating (MerchantTerms.star_rating): entry k-1
+    # for k stars, bps of each fee given back by charging less (the rebate rounded down); () = none
+    star_fee_rebate_bps: tuple[int, ...] = ()
+    # 众店: merchants spend their vouchers at any merchant of the alliance (SpendMerchantVouchers
+    # at_merchant_id), not only at operator_store_merchant_id
+    merchant_vouchers_anywhere: bool = False
+    # 众店's fan reward: the asset the acquiring share (acquiring_share_bps) is paid in, "POINTS" (a
+    # receivable of the acquirer, as before) or "VOUCHERS" (into its merchant_vouchers, kind 30); and
+    # whether it is paid on earns at the acquirer itself too ("去平台任意消费")
+    acquiring_reward_asset: str = ASSET_POINTS
+    acquiring_at_acquirer: bool = False
+    # 众店: merchants too may spend vouchers on credit, up to credit_limit_bps of the expected next dividend
+    # on the points they hold from the merchant match (needs dividends)
+    merchant_voucher_credit: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -421,6 +485,7 @@ class ProgramVersion:
         merchants = [terms.merchant_id for terms in self.merchant_terms]
         if len(merchants) != len(set(merchants)):
             problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
+        problems += _seed_problems(self)
         _raise_problems(problems, f"program {self.program_id!r} version {self.version!r}")
 
     @property
@@ -460,6 +525,52 @@ class ProgramVersion:
                 f"{self.version_id}; the operator must add one before converting its points",
             )
         return terms.conversion_rate
+
+
+def _seed_problems(version: ProgramVersion) -> list[str]:
+    """The checks of the seed systems' settings (issue 16), each naming its field."""
+    problems: list[str] = []
+    _problem_int(
+        problems, version.merchant_match_bps, "merchant_match_bps (10000 = as many as the member)", 0, BPS_DENOMINATOR
+    )
+    _problem_int(problems, version.signup_bonus_point_units, "signup_bonus_point_units")
+    _problem_int(problems, version.referral_share_bps, "referral_share_bps", 0, BPS_DENOMINATOR)
+    if version.level_points not in LEVEL_POINTS_MODES:
+        problems.append(
+            f"level_points must be one of {', '.join(map(repr, LEVEL_POINTS_MODES))} (got {version.level_points!r})"
+        )
+    _problem_int(problems, version.fee_sale_bps, "fee_sale_bps", 0, BPS_DENOMINATOR)
+    low = _problem_int(problems, version.give_back_bps_min, "give_back_bps_min", 1, BPS_DENOMINATOR)
+    high = _problem_int(problems, version.give_back_bps_max, "give_back_bps_max (10000 = 100%)", 1, BPS_DENOMINATOR)
+    if low and high and version.give_back_bps_min > version.give_back_bps_max:
+        problems.append(
+            f"give_back_bps_min ({version.give_back_bps_min}) must not be above give_back_bps_max "
+            f"({version.give_back_bps_max})"
+        )
+    for flag in ("merchant_vouchers_anywhere", "acquiring_at_acquirer", "merchant_voucher_credit"):
+        if not isinstance(getattr(version, flag), bool):
+            problems.append(f"{flag} must be true or false")
+    if version.acquiring_reward_asset not in (ASSET_POINTS, ASSET_VOUCHERS):
+        problems.append(
+            f"acquiring_reward_asset must be {ASSET_POINTS!r} or {ASSET_VOUCHERS!r} (got {version.acquiring_reward_asset!r})"
+        )
+    if version.merchant_voucher_credit is True and version.dividends is None:
+        problems.append("merchant_voucher_credit needs dividends: the credit is a multiple of the expected dividend")
+    schedule = version.star_fee_rebate_bps
+    if not isinstance(schedule, tuple) or len(schedule) > STARS_MAX:
+        problems.append(f"star_fee_rebate_bps must be a list of at most {STARS_MAX} rebates (1 star first)")
+    else:
+        for stars, rebate in enumerate(schedule, 1):
+            _problem_int(problems, rebate, f"star_fee_rebate_bps: rebate of {stars} star(s)", 0, BPS_DENOMINATOR)
+        if all(_is_int(rebate) for rebate in schedule) and list(schedule) != sorted(schedule):
+            problems.append(f"star_fee_rebate_bps must not decrease with the stars: {list(schedule)}")
+        for terms in version.merchant_terms:
+            if terms.star_rating is not None and terms.star_rating > len(schedule):
+                problems.append(
+                    f"merchant_terms of {terms.merchant_id!r}: star_rating {terms.star_rating} has no rebate in "
+                    f"star_fee_rebate_bps ({len(schedule)} entries)"
+                )
+    return problems
 
 
 def _level_problems(levels: Any) -> list[str]:
@@ -636,6 +747,13 @@ def _text(problems: list[str], value: Any, where: str) -> Any:
     return _BAD
 
 
+def _boolean(problems: list[str], value: Any, where: str) -> Any:
+    if isinstance(value, bool):
+        return value
+    problems.append(f"{where} must be true or false (got {_shown(value)})")
+    return _BAD
+
+
 def _nullable(decode: Decoder, meaning: str) -> Decoder:
     def decode_nullable(problems: list[str], value: Any, where: str) -> Any:
         if value is None:
@@ -740,6 +858,7 @@ _MERCHANT_TERMS = _object(
         "merchant_id": _text,
         "acquiring_share_bps": _nullable(_integer, "the network's acquiring_share_bps"),
         "conversion_rate": _nullable(_RATE, "no agreed rate: the merchant cannot convert"),
+        "star_rating": _nullable(_integer, "not rated"),
     },
 )
 _DIVIDENDS = _object(
@@ -768,6 +887,19 @@ _VERSION_KINDS = {
     "verification_lockout_seconds": _integer,
     "member_points_spent_per_hour_max": _integer,
     "member_points_spent_per_day_max": _integer,
+    # issue 16: the seed systems' rules
+    "merchant_match_bps": _integer,
+    "signup_bonus_point_units": _integer,
+    "referral_share_bps": _integer,
+    "level_points": _text,
+    "fee_sale_bps": _integer,
+    "give_back_bps_min": _integer,
+    "give_back_bps_max": _integer,
+    "star_fee_rebate_bps": _list(_integer, STARS_MAX, "integers (basis points, 1 star first)"),
+    "merchant_vouchers_anywhere": _boolean,
+    "acquiring_reward_asset": _text,
+    "acquiring_at_acquirer": _boolean,
+    "merchant_voucher_credit": _boolean,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(
@@ -1151,11 +1283,12 @@ def referral_bonus(
     version: ProgramVersion, referrer_id: str | None, already_paid: bool, purchase_amount: int, base_point_units: int
 ) -> int:
     """The referrer's bonus on this earn of the referee: the program's bonus on the referee's first
-    qualifying earn (purchase >= referral_minimum_purchase, and some points earned), else 0."""
+    qualifying earn (purchase >= referral_minimum_purchase, and some points earned), plus
+    referral_share_bps of that earn's base points (rounded down, in the operator's favour), else 0."""
     _check_int(purchase_amount, "purchase_amount")
     if not referrer_id or already_paid or purchase_amount < version.referral_minimum_purchase or base_point_units <= 0:
         return 0
-    return version.referral_bonus_point_units
+    return version.referral_bonus_point_units + _floor_bps(base_point_units, version.referral_share_bps)
 
 
 def referral_postings(referrer_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
@@ -1171,10 +1304,12 @@ def acquiring_reward(
     version: ProgramVersion, acquirer_id: str | None, merchant_id: str, purchase_amount: int, base_point_units: int
 ) -> int:
     """floor(purchase * share_bps / 10000) point-units (rounded down, in the operator's favour) for the
-    merchant that signed the member up, when the member earns at another merchant; 0 at the acquirer
-    itself, without an acquirer, or on an earn of 0 points."""
+    merchant that signed the member up, when the member earns at another merchant (or at any merchant,
+    the acquirer included, under acquiring_at_acquirer); 0 without an acquirer or on an earn of 0 points.
+    Paid in the version's acquiring_reward_asset."""
     _check_int(purchase_amount, "purchase_amount")
-    if not acquirer_id or acquirer_id == merchant_id or base_point_units <= 0:
+    own_store_left_out = acquirer_id == merchant_id and not version.acquiring_at_acquirer
+    if not acquirer_id or own_store_left_out or base_point_units <= 0:
         return 0
     return _floor_bps(purchase_amount, version.acquiring_share_bps_for(acquirer_id))
 
@@ -1430,5 +1565,108 @@ def merchant_voucher_spend_postings(merchant_id: str, store_merchant_id: str, vo
         [
             (ACCOUNT_MERCHANT_VOUCHERS, merchant_id, ASSET_VOUCHERS, -vouchers),
             (ACCOUNT_MERCHANT_REDEEMED, store_merchant_id, ASSET_VOUCHERS, vouchers),
+        ]
+    )
+
+
+# --- The seed systems' rules (issue 16; docs/RULES.md section 11) --------------------------------
+
+
+def merchant_match(version: ProgramVersion, base_point_units: int) -> int:
+    """众店: the point-units the merchant of an earn receives beside the member's base points:
+    floor(base * merchant_match_bps / 10000) (rounded down, in the operator's favour, which funds it)."""
+    _check_int(base_point_units, "base_point_units")
+    return _floor_bps(base_point_units, version.merchant_match_bps)
+
+
+def merchant_match_postings(merchant_id: str, match_point_units: int) -> tuple[Posting, ...]:
+    """Kind MERCHANT_MATCH; negated() of it with merchant_match_reversal()'s amount is the reversal."""
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_MERCHANT_MATCH, OPERATOR_ID, ASSET_POINTS, -match_point_units),
+            (ACCOUNT_MERCHANT_POINTS, merchant_id, ASSET_POINTS, match_point_units),
+        ]
+    )
+
+
+def merchant_match_reversal(match_point_units: int, earned_base: int, refunded_before: int, amount: int) -> int:
+    """The part of a match reversed when `amount` base points of its earn are refunded: its
+    proportional_share (rounded down, in the merchant's favour; exact once all is refunded)."""
+    return proportional_share(match_point_units, earned_base, refunded_before, amount)
+
+
+def signup_bonus_postings(member_id: str, bonus_point_units: int) -> tuple[Posting, ...]:
+    """Kind SIGNUP_BONUS: the operator's one-off bonus to a member that enrols under the program."""
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_SIGNUP_BONUSES, OPERATOR_ID, ASSET_POINTS, -bonus_point_units),
+            (ACCOUNT_MEMBER, member_id, ASSET_POINTS, bonus_point_units),
+        ]
+    )
+
+
+def level_point_units(version: ProgramVersion, earn: Earn) -> int:
+    """What an earn adds to the member's qualifying points: its base points, or (level_points "total")
+    every point it credited: base, level uplift and promotion grants. Sign-up, referral and level
+    bonuses never count (a level bonus must not push the member to the next level)."""
+    return earn.base if version.level_points == LEVEL_POINTS_BASE else earn.total
+
+
+def sale_fee(version: ProgramVersion | None, purchase_amount: int) -> int:
+    """Seed 000: the operator's fee on the sale, floor(purchase * fee_sale_bps / 10000) point-units
+    (rounded down, in the merchant's favour, as every fee). Not returned when the earn is refunded."""
+    _check_int(purchase_amount, "purchase_amount")
+    return 0 if version is None else _floor_bps(purchase_amount, version.fee_sale_bps)
+
+
+def star_fee_rebate(version: ProgramVersion | None, merchant_id: str, fee_point_units: int) -> int:
+    """Seed 003: the part of a fee the merchant's star rating gives back (by charging less):
+    floor(fee * star_fee_rebate_bps[stars - 1] / 10000), rounded down in the operator's favour; 0 for
+    a merchant not rated, rated 0 stars, or without a program."""
+    _check_int(fee_point_units, "fee_point_units")
+    if version is None or not version.star_fee_rebate_bps:
+        return 0
+    terms = version.terms(merchant_id)
+    if terms is None or not terms.star_rating:
+        return 0
+    return _floor_bps(fee_point_units, version.star_fee_rebate_bps[terms.star_rating - 1])
+
+
+def check_give_back(version: ProgramVersion, merchant_id: str, give_back_bps: int) -> None:
+    """Seed 000: a merchant earns under a version only with a give-back rate within its bounds
+    (FAILED_PRECONDITION otherwise: the operator must set the merchant's rate within them)."""
+    if not version.give_back_bps_min <= give_back_bps <= version.give_back_bps_max:
+        raise Rejection(
+            Code.FAILED_PRECONDITION,
+            f"merchant {merchant_id!r} gives back {give_back_bps} bps, outside the "
+            f"{version.give_back_bps_min}..{version.give_back_bps_max} bps program {version.version_id} allows; "
+            "the operator must set its give-back within those bounds before it earns again",
+        )
+
+
+def fan_reward_postings(acquirer_id: str, reward: int, credit_used: int) -> tuple[Posting, ...]:
+    """Kind FAN_REWARD: the acquirer's share of its fan's spend in vouchers, from the operator; the part
+    that the merchant owes (credit_used) is repaid first, the rest credited to its vouchers."""
+    repaid, paid_out = apply_dividend(credit_used, reward)
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_FAN_REWARDS, OPERATOR_ID, ASSET_VOUCHERS, -reward),
+            (ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer_id, ASSET_VOUCHERS, repaid),
+            (ACCOUNT_MERCHANT_VOUCHERS, acquirer_id, ASSET_VOUCHERS, paid_out),
+        ]
+    )
+
+
+def fan_reward_reversal_postings(acquirer_id: str, reversal: int, held: int) -> tuple[Posting, ...]:
+    """Kind FAN_REWARD_REVERSAL: the proportional reversal of a fan reward (acquiring_reversal's amount)
+    taken from the vouchers the merchant holds; what it already spent it owes (merchant_voucher_credit,
+    repaid first out of its next vouchers), so a buy-and-refund never leaves it vouchers for nothing."""
+    _check_int(held, "held")
+    from_held = min(reversal, held)
+    return balanced(
+        [
+            (ACCOUNT_OPERATOR_FAN_REWARDS, OPERATOR_ID, ASSET_VOUCHERS, reversal),
+            (ACCOUNT_MERCHANT_VOUCHERS, acquirer_id, ASSET_VOUCHERS, -from_held),
+            (ACCOUNT_MERCHANT_VOUCHER_CREDIT, acquirer_id, ASSET_VOUCHERS, -(reversal - from_held)),
         ]
     )

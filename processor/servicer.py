@@ -415,8 +415,31 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def _spend_vouchers(self, request: pb.SpendMerchantVouchersRequest) -> Operation:
         vouchers = self.validate.amount(request.vouchers, "vouchers", self.settings.points_max, "voucher-units")
+        fields: dict = {"vouchers": vouchers}
+        at_merchant_id = ""
+        if request.at_merchant_id:  # issue 16: at a merchant of the alliance (the fingerprint names it only then)
+            at_merchant_id = self.validate.identifier(request.at_merchant_id, "at_merchant_id")
+            if at_merchant_id == request.merchant_id:
+                raise domain.invalid_field(
+                    "at_merchant_id",
+                    "a merchant cannot spend its vouchers at itself (that would pay them out as cash); "
+                    "spend them at another merchant of the alliance",
+                )
+            if await self.pipeline.merchant(at_merchant_id) is None:
+                raise Rejection(
+                    Code.NOT_FOUND,
+                    f"merchant {at_merchant_id!r} (at_merchant_id) is not in the alliance",
+                    reason="MERCHANT_NOT_FOUND",
+                    field="at_merchant_id",
+                )
+            fields["at_merchant_id"] = at_merchant_id
         return await self._operation(
-            Method.SPEND_VOUCHERS, request, request.merchant_id, {"vouchers": vouchers}, vouchers=vouchers
+            Method.SPEND_VOUCHERS,
+            request,
+            request.merchant_id,
+            fields,
+            vouchers=vouchers,
+            at_merchant_id=at_merchant_id,
         )
 
     @staticmethod
@@ -427,6 +450,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             store_merchant_id=f["store_merchant_id"],
             voucher_balance=f["voucher_balance"],
             created_at=timestamp(f["created_at_us"]),
+            voucher_credit_used=f.get("voucher_credit_used", 0),
         )
 
     async def _unary(self, kind: str, request, context):

@@ -45,6 +45,7 @@ class LedgerStateMachine(PostingsMixin):
         # batch names: transaction id -> merchant id (set by load_prefetched)
         self.not_refundable: dict[int, str] = {}
         self.quotas = quotas if quotas is not None else MerchantQuotas(settings)
+        self.fee_version: rules.ProgramVersion | None = None  # the version in force for the batch being applied
         self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
 
     # --- the batch ---
@@ -65,6 +66,7 @@ class LedgerStateMachine(PostingsMixin):
         and the exception propagates."""
         settings, ledger = self.settings, self.ledger
         write = BatchWrite(created_at=from_micros(now_us))
+        self.fee_version = self.program.version(now_us)  # its star rebates apply to every fee of the batch
         ledger.begin()
         self.program.begin()
         try:
@@ -288,6 +290,7 @@ class LedgerStateMachine(PostingsMixin):
                     account_id = self.account_ids.pop()
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
+                    self._signup(write, op, version, now_us)  # enrolled now: its sign-up bonus (seed 003)
                 created = ids.transaction() if kind is not Method.LINK else 0
             elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
@@ -520,6 +523,9 @@ class LedgerStateMachine(PostingsMixin):
     def _fee(self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str) -> int:
         """The operator's fee on a transaction, posted in it: merchant's fees account to fee revenue."""
         fee = domain.fee_point_units(points, getattr(merchant, schedule))
+        version = self.fee_version
+        if fee and version is not None and version.star_fee_rebate_bps:  # star rebates (issue 16): no call otherwise
+            fee -= rules.star_fee_rebate(version, merchant.merchant_id, fee)
         if fee:
             write.entries.append((transaction_id, merchant.fees_account_id, -fee))
             write.entries.append((transaction_id, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE], fee))
@@ -610,6 +616,7 @@ class LedgerStateMachine(PostingsMixin):
                 return self._split_refund(op, write, now_us, version, created)
             points, plan, refund = op.points, None, None
             if method is Method.EARN and version is not None:
+                rules.check_give_back(version, op.merchant_id, self.merchants.by_id[op.merchant_id].give_back_bps)
                 plan = self.program.plan_earn(version, op.member_id, op.merchant_id, op.points, now_us)
                 points = plan.total
             elif method is Method.REDEEM or method is Method.AUTHORIZE:
@@ -700,6 +707,7 @@ class LedgerStateMachine(PostingsMixin):
         ledger, operator = self.ledger, self.operator_accounts
         merchant = self.merchants.by_id[op.merchant_id]
         fee = self._fee(write, created, merchant, plan.base, "fee_issued_bps")
+        fee += self._sale_fee(write, created, merchant, version, op.purchase_amount)
         write.transactions.append(
             (
                 created,
@@ -746,7 +754,10 @@ class LedgerStateMachine(PostingsMixin):
                 now_us,
                 created,
             )
-        if effects.acquiring is not None:
+        if effects.acquiring is not None and version.acquiring_reward_asset == rules.ASSET_VOUCHERS:
+            acquirer, reward = effects.acquiring  # 众店's fan reward in vouchers (issue 16)
+            self._fan_reward(write, version, acquirer, op.member_id, reward, created)
+        elif effects.acquiring is not None:
             acquirer, reward = effects.acquiring
             self._post(
                 write,
@@ -762,6 +773,7 @@ class LedgerStateMachine(PostingsMixin):
                 version,
                 original=created,
             )
+        self._match(write, op, version, plan.base, created)
         posted, held = ledger.balance(slot)
         fields = {
             "transaction_id": created,
@@ -829,7 +841,17 @@ class LedgerStateMachine(PostingsMixin):
         write.refunds.append((op.transaction_id, taken))
         self._earn_entries(write, created, self.ledger.member_account(slot), merchant, portion, -1)
         version = self.program.version_numbered(record.version) if record is not None else None
-        if reversal and record is not None and record.acquirer_id is not None:  # a reversal has an acquirer
+        if (
+            reversal
+            and record is not None
+            and record.acquirer_id is not None
+            and version is not None
+            and version.acquiring_reward_asset == rules.ASSET_VOUCHERS
+        ):  # 众店's fan reward in vouchers (issue 16)
+            self._fan_reward_reversal(
+                write, version, record.acquirer_id, member_id, reversal, op.transaction_id, created
+            )
+        elif reversal and record is not None and record.acquirer_id is not None:  # a reversal has an acquirer
             operator = self.operator_accounts
             self._post(
                 write,
@@ -845,6 +867,7 @@ class LedgerStateMachine(PostingsMixin):
                 version,
                 original=op.transaction_id,
             )
+        self._reverse_match(write, version, record, member_id, portion.base, op.transaction_id, created)
         self.program.refunded_earn(
             version, op.transaction_id, record, member_id, portion.base, taken, available + taken, now_us
         )

@@ -479,11 +479,15 @@ class Store:
         region: str = "",
         fee_redeemed_bps: int = 0,
         fee_issued_bps: int = 0,
+        give_back_bounds: tuple[int, int] = (GIVE_BACK_BPS_MIN, GIVE_BACK_BPS_MAX),
     ) -> MerchantRow:
-        """Creates a merchant and its issued, redeemed and fees accounts. StoreError if it exists."""
-        if not GIVE_BACK_BPS_MIN <= give_back_bps <= GIVE_BACK_BPS_MAX:
+        """Creates a merchant and its issued, redeemed and fees accounts. StoreError if it exists.
+        give_back_bounds: the rates allowed (give_back_bounds(program_id) for the program's)."""
+        low, high = give_back_bounds
+        if not low <= give_back_bps <= high:
             raise StoreError(
-                f"give-back rate {give_back_bps} bps is outside {GIVE_BACK_BPS_MIN}..{GIVE_BACK_BPS_MAX} (3%..20%)"
+                f"give-back rate {give_back_bps} bps is outside {low}..{high} ({low / 100:g}%..{high / 100:g}%), "
+                "the bounds of the program"
             )
         for field, value in (("fee_redeemed_bps", fee_redeemed_bps), ("fee_issued_bps", fee_issued_bps)):
             if not 0 <= value <= 10_000:
@@ -597,12 +601,13 @@ class Store:
         )
 
     async def voucher_state(self, program_id: str) -> dict[str, list]:
-        """Voucher accounts (ids and balances) and the program's rounds so far, for start-up."""
+        """Voucher accounts and merchants' points accounts (ids and balances; both opened by the batch
+        that first credits them) and the program's rounds so far, for start-up."""
         timeout = self.recovery_timeout
         return {
             "accounts": await self.pool.fetch(
                 """SELECT account_id, kind, owner_id, balance FROM account_balances
-                   WHERE asset_code = 'VOUCHERS' AND owner_id <> $1""",
+                   WHERE (asset_code = 'VOUCHERS' OR kind = 'merchant_points') AND owner_id <> $1""",
                 OPERATOR_ID,
                 timeout=timeout,
             ),
@@ -632,8 +637,9 @@ class Store:
         """If the pool is due a round under `version`'s dividend settings, decides it at one snapshot
         (pool, holdings) and stores the round and all its allocations, as the writer; returns the
         rules.DividendRound, or None when no round is due. The pool is every point-unit issued net of
-        refunds of earns (minus the issuing accounts' balances); a member holds its POINTS balance, a
-        merchant its net position when positive (what the operator owes it)."""
+        refunds of earns (minus the issuing accounts' balances, the merchant match and sign-up bonuses
+        included); a member holds its POINTS balance, a merchant its net position when positive (what the
+        operator owes it) plus the points it holds from the merchant match (issue 16)."""
         settings = version.dividends
         decided = None
 
@@ -642,7 +648,8 @@ class Store:
             pool = -await c.fetchval(
                 """SELECT coalesce(sum(balance), 0)::bigint FROM account_balances
                    WHERE asset_code = 'POINTS' AND kind IN ('merchant_issued', 'operator_tier_rewards',
-                         'operator_promotions', 'operator_referrals')""",
+                         'operator_promotions', 'operator_referrals', 'operator_merchant_match',
+                         'operator_signup_bonuses')""",
                 timeout=timeout,
             )
             last = await c.fetchrow(
@@ -660,9 +667,13 @@ class Store:
                     """SELECT 'member' AS k, owner_id, balance AS holding FROM account_balances
                    WHERE kind = 'member' AND asset_code = 'POINTS' AND balance > 0
                    UNION ALL
-                   SELECT 'merchant', owner_id, sum(balance)::bigint FROM account_balances
-                   WHERE kind LIKE 'merchant\\_%' AND asset_code = 'POINTS' GROUP BY owner_id
-                   HAVING sum(balance) > 0""",
+                   SELECT 'merchant', owner_id, holding FROM (
+                     SELECT owner_id, (greatest(sum(balance) FILTER (WHERE kind <> 'merchant_points'), 0)
+                                       + coalesce(sum(balance) FILTER (WHERE kind = 'merchant_points'), 0))::bigint
+                                      AS holding
+                     FROM account_balances
+                     WHERE kind LIKE 'merchant\\_%' AND asset_code = 'POINTS' GROUP BY owner_id) h
+                   WHERE holding > 0""",
                     timeout=timeout,
                 )
             }
@@ -799,6 +810,19 @@ class Store:
             timeout=self.recovery_timeout,
         )
         return rules.program_from_rows(program_id, rows)
+
+    async def give_back_bounds(self, program_id: str) -> tuple[int, int]:
+        """Seed 000 (issue 16): the give-back rates (bps) a merchant may be given: those of the program's
+        latest stored version (the one in force, or about to be: a version starts a moment after it is
+        stored), or the defaults without one. Earns check the version in force as well."""
+        row = await self.pool.fetchrow(
+            """SELECT config->'give_back_bps_min' AS low, config->'give_back_bps_max' AS high FROM program_versions
+               WHERE program_id = $1 ORDER BY version DESC LIMIT 1""",
+            program_id,
+        )
+        low = json.loads(row["low"]) if row is not None and row["low"] is not None else GIVE_BACK_BPS_MIN
+        high = json.loads(row["high"]) if row is not None and row["high"] is not None else GIVE_BACK_BPS_MAX
+        return low, high
 
     async def add_program_version(
         self, program_id: str, effective_from_us: int | None, config: dict, created_by: str = ""

@@ -36,6 +36,12 @@ def test_the_constants_elsewhere_are_the_tables_numbers():
         "split_refund",
         "merchant_voucher_spend",
         "conversion",
+        # issue 16, the seed systems
+        "merchant_match",
+        "merchant_match_reversal",
+        "signup_bonus",
+        "fan_reward",
+        "fan_reward_reversal",
     ):
         assert kinds.BY_NAME[name].code == getattr(rules, "KIND_" + name.upper()), name
 

@@ -80,7 +80,7 @@ EVERY_FIELD = ProgramVersion(
     merchant_terms=(
         MerchantTerms("cafe", acquiring_share_bps=250, conversion_rate=Rate(3, 2)),
         MerchantTerms("bakery", conversion_rate=Rate(1, 100)),
-        MerchantTerms("florist", acquiring_share_bps=0),
+        MerchantTerms("florist", acquiring_share_bps=0, star_rating=2),
     ),
     operator_store_merchant_id="alliance-store",
     member_verification=rules.VERIFICATION_SPENDING,
@@ -88,6 +88,19 @@ EVERY_FIELD = ProgramVersion(
     verification_lockout_seconds=600,
     member_points_spent_per_hour_max=50_000,
     member_points_spent_per_day_max=200_000,
+    # issue 16, the seed systems
+    merchant_match_bps=10_000,
+    signup_bonus_point_units=5_000,
+    referral_share_bps=8_000,
+    level_points=rules.LEVEL_POINTS_TOTAL,
+    fee_sale_bps=1_000,
+    give_back_bps_min=100,
+    give_back_bps_max=10_000,
+    star_fee_rebate_bps=(500, 1_000, 2_000),
+    merchant_vouchers_anywhere=True,
+    acquiring_reward_asset=rules.ASSET_VOUCHERS,
+    acquiring_at_acquirer=True,
+    merchant_voucher_credit=True,
 )
 
 
@@ -131,9 +144,19 @@ def test_round_trip_is_exact_for_every_field_through_json_text():
 def test_config_spells_rates_and_nones_as_documented():
     config = rules.version_to_config(EVERY_FIELD)
     assert config["merchant_terms"] == [
-        {"merchant_id": "cafe", "acquiring_share_bps": 250, "conversion_rate": {"numerator": 3, "denominator": 2}},
-        {"merchant_id": "bakery", "acquiring_share_bps": None, "conversion_rate": {"numerator": 1, "denominator": 100}},
-        {"merchant_id": "florist", "acquiring_share_bps": 0, "conversion_rate": None},
+        {
+            "merchant_id": "cafe",
+            "acquiring_share_bps": 250,
+            "conversion_rate": {"numerator": 3, "denominator": 2},
+            "star_rating": None,
+        },
+        {
+            "merchant_id": "bakery",
+            "acquiring_share_bps": None,
+            "conversion_rate": {"numerator": 1, "denominator": 100},
+            "star_rating": None,
+        },
+        {"merchant_id": "florist", "acquiring_share_bps": 0, "conversion_rate": None, "star_rating": 2},
     ]
     assert config["dividends"] == {
         "threshold_point_units": 10**9,

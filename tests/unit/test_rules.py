@@ -861,3 +861,152 @@ def test_a_random_run_keeps_lots_balances_and_journal_consistent(seed):
     assert sum(balances["member", m, POINTS] for m in members) == (
         issued - balances["merchant_redeemed", "x", POINTS] - balances["operator_breakage", OP, POINTS]
     )
+
+
+# --- the seed systems' rules (issue 16) -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "match_bps, base, expected",
+    [(10_000, 20_000, 20_000), (5_000, 20_001, 10_000), (0, 20_000, 0), (3_333, 1, 0), (10_000, 0, 0)],
+)
+def test_merchant_match_is_the_floor_of_its_share_of_the_base(match_bps, base, expected):
+    assert rules.merchant_match(version(merchant_match_bps=match_bps), base) == expected
+
+
+def test_merchant_match_postings_credit_the_merchant_s_points_from_the_operator():
+    rows = rules.merchant_match_postings("shop-a", 20_000)
+    assert_balanced(rows)
+    assert set(rows) == {
+        Posting(rules.ACCOUNT_OPERATOR_MERCHANT_MATCH, OP, POINTS, -20_000),
+        Posting(rules.ACCOUNT_MERCHANT_POINTS, "shop-a", POINTS, 20_000),
+    }
+    assert rules.merchant_match_postings("shop-a", 0) == ()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_merchant_match_reversals_in_random_parts_sum_exactly_to_the_match(seed):
+    generator = random.Random(seed)
+    base = generator.randint(1, 10**7)
+    match = rules.merchant_match(version(merchant_match_bps=generator.randint(0, 10_000)), base)
+    refunded = reversed_total = 0
+    while refunded < base:
+        part = generator.randint(1, base - refunded)
+        piece = rules.merchant_match_reversal(match, base, refunded, part)
+        assert 0 <= piece <= match - reversed_total
+        reversed_total += piece
+        refunded += part
+    assert reversed_total == match
+
+
+def test_referral_share_adds_its_floor_of_the_first_earn_to_the_fixed_bonus():
+    v = version(referral_bonus_point_units=1_000, referral_share_bps=8_000)
+    assert rules.referral_bonus(v, "ref", False, 100_000, 10_001) == 1_000 + 8_000
+    assert rules.referral_bonus(v, "ref", True, 100_000, 10_001) == 0  # paid once
+    assert rules.referral_bonus(v, None, False, 100_000, 10_001) == 0
+    only_share = version(referral_share_bps=8_000)
+    assert rules.referral_bonus(only_share, "ref", False, 1, 10_000) == 8_000
+
+
+def test_levels_count_the_base_or_every_point_of_the_earn():
+    earn = rules.Earn(300, uplift=30, grants=(rules.Grant("p", OP, 300),))
+    assert rules.level_point_units(version(), earn) == 300
+    assert rules.level_point_units(version(level_points=rules.LEVEL_POINTS_TOTAL), earn) == 630
+
+
+def test_sign_up_bonus_postings_come_from_the_operator_s_sign_up_account():
+    rows = rules.signup_bonus_postings("ann", 5_000)
+    assert_balanced(rows)
+    assert set(rows) == {
+        Posting(rules.ACCOUNT_OPERATOR_SIGNUP_BONUSES, OP, POINTS, -5_000),
+        Posting(domain.ACCOUNT_MEMBER, "ann", POINTS, 5_000),
+    }
+
+
+def test_the_sale_fee_is_the_floor_of_its_share_of_the_purchase():
+    assert rules.sale_fee(version(fee_sale_bps=1_000), 200_000) == 20_000
+    assert rules.sale_fee(version(fee_sale_bps=1_000), 9) == 0
+    assert rules.sale_fee(None, 200_000) == 0
+
+
+def test_star_rebates_follow_the_merchant_s_rating_and_round_down():
+    v = version(
+        star_fee_rebate_bps=(0, 500, 2_000),
+        merchant_terms=(
+            rules.MerchantTerms("three", star_rating=3),
+            rules.MerchantTerms("two", star_rating=2),
+            rules.MerchantTerms("none", star_rating=0),
+            rules.MerchantTerms("unrated"),
+        ),
+    )
+    assert rules.star_fee_rebate(v, "three", 10_000) == 2_000
+    assert rules.star_fee_rebate(v, "two", 99) == 4  # 4.95 rounded down: the operator's favour
+    assert [rules.star_fee_rebate(v, m, 10_000) for m in ("none", "unrated", "stranger")] == [0, 0, 0]
+    assert rules.star_fee_rebate(None, "three", 10_000) == 0
+
+
+def test_a_star_rating_needs_a_rebate_and_rebates_must_not_decrease():
+    with pytest.raises(rules.ConfigError, match="star_rating 4 has no rebate"):
+        version(star_fee_rebate_bps=(0, 500), merchant_terms=(rules.MerchantTerms("m", star_rating=4),))
+    with pytest.raises(rules.ConfigError, match="must not decrease with the stars"):
+        version(star_fee_rebate_bps=(500, 0))
+    with pytest.raises(rules.ConfigError, match="star_rating"):
+        rules.MerchantTerms("m", star_rating=rules.STARS_MAX + 1)
+
+
+def test_give_back_bounds_are_the_version_s_up_to_100_percent():
+    full = version(give_back_bps_max=10_000)
+    rules.check_give_back(full, "suning", 10_000)
+    with pytest.raises(Rejection) as refused:
+        rules.check_give_back(version(), "suning", 10_000)
+    assert refused.value.code is Code.FAILED_PRECONDITION
+    assert "outside the 300..2000 bps program gold@1 allows" in refused.value.message
+    with pytest.raises(rules.ConfigError, match="give_back_bps_min .5000. must not be above give_back_bps_max"):
+        version(give_back_bps_min=5_000, give_back_bps_max=4_000)
+    with pytest.raises(rules.ConfigError, match="give_back_bps_max"):
+        version(give_back_bps_max=10_001)
+    assert domain.earn_point_units(100_000, 10_000) == 100_000  # "1000 yuan ... 1000 points"
+
+
+def test_the_fan_reward_is_paid_at_the_acquirer_itself_only_when_the_program_says_so():
+    elsewhere_only = version(acquiring_share_bps=100)
+    anywhere = version(acquiring_share_bps=100, acquiring_at_acquirer=True, acquiring_reward_asset=ASSET_VOUCHERS)
+    assert rules.acquiring_reward(elsewhere_only, "b", "b", 10_000, 1_000) == 0
+    assert rules.acquiring_reward(anywhere, "b", "b", 10_000, 1_000) == 100
+    assert rules.acquiring_reward(anywhere, "b", "a", 10_099, 1_000) == 100  # rounded down
+    assert rules.acquiring_reward(anywhere, None, "a", 10_000, 1_000) == 0
+    assert rules.acquiring_reward(anywhere, "b", "a", 10_000, 0) == 0
+
+
+def test_a_fan_reward_repays_what_the_merchant_owes_first():
+    rows = rules.fan_reward_postings("b", 100, credit_used=30)
+    assert_balanced(rows)
+    assert set(rows) == {
+        Posting(rules.ACCOUNT_OPERATOR_FAN_REWARDS, OP, ASSET_VOUCHERS, -100),
+        Posting(rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, "b", ASSET_VOUCHERS, 30),
+        Posting(rules.ACCOUNT_MERCHANT_VOUCHERS, "b", ASSET_VOUCHERS, 70),
+    }
+
+
+@pytest.mark.parametrize("held, from_held, owed", [(100, 40, 0), (25, 25, 15), (0, 0, 40)])
+def test_a_fan_reward_reversal_takes_what_is_held_and_the_rest_becomes_owed(held, from_held, owed):
+    rows = rules.fan_reward_reversal_postings("b", 40, held)
+    assert_balanced(rows)
+    assert set(rows) == {
+        row
+        for row in (
+            Posting(rules.ACCOUNT_OPERATOR_FAN_REWARDS, OP, ASSET_VOUCHERS, 40),
+            Posting(rules.ACCOUNT_MERCHANT_VOUCHERS, "b", ASSET_VOUCHERS, -from_held),
+            Posting(rules.ACCOUNT_MERCHANT_VOUCHER_CREDIT, "b", ASSET_VOUCHERS, -owed),
+        )
+        if row.amount
+    }
+
+
+def test_the_fan_reward_asset_and_merchant_credit_are_checked():
+    with pytest.raises(rules.ConfigError, match="acquiring_reward_asset must be 'POINTS' or 'VOUCHERS'"):
+        version(acquiring_reward_asset="CASH")
+    with pytest.raises(rules.ConfigError, match="merchant_voucher_credit needs dividends"):
+        version(merchant_voucher_credit=True)
+    with pytest.raises(rules.ConfigError, match="acquiring_at_acquirer must be true or false"):
+        rules.version_from_config("gold", 1, 0, {"acquiring_at_acquirer": 1})
