@@ -517,10 +517,14 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
             store = self.pipeline.ready_store()
             await self.pipeline.settle_before(micros(cut_off))
+            # the program's channel settings in force at the cut decide the promoters' and agents' pay
+            version = self.pipeline.program.version(micros(cut_off) - 1)
             try:
-                period, _ = await store.close_period(cut_off)
+                period, created = await store.close_period(cut_off, version.channel if version is not None else None)
             except StoreError as error:
                 raise Rejection(Code.FAILED_PRECONDITION, str(error)) from None
+            if created:
+                self.pipeline.channel_posting_due()
             summary = await store.period_summary(period["period_id"])
             return pb.SettlementPeriod(
                 period_id=summary["period_id"],

@@ -185,7 +185,34 @@ KINDS: tuple[Kind, ...] = (
             "AND fees = -fee AND revenue = fee",
         ),
     ),
+    # channel economics (issue 16; numbers 16..22 are issue 15's, 25..26 kept for this block, 27..31 for
+    # the seed programs): posted by the committer after a settlement cut, one per payee and period, from
+    # the operator's fee revenue; merchant_id 'operator', no member
+    Kind(
+        rules.KIND_PROMOTER_COMMISSION,
+        "promoter_commission",
+        pb.TRANSACTION_KIND_PROMOTER_COMMISSION,
+        0,
+        Shape(
+            "operator_fee_revenue -amount, one promoter_commissions (the promoter) +amount",
+            ("operator_fee_revenue/POINTS", "promoter_commissions/POINTS"),
+            "revenue = -amount AND commissions = amount AND promoters = 1",
+        ),
+    ),
+    Kind(
+        rules.KIND_REGIONAL_AGENT_SHARE,
+        "regional_agent_share",
+        pb.TRANSACTION_KIND_REGIONAL_AGENT_SHARE,
+        0,
+        Shape(
+            "operator_fee_revenue -amount, one regional_agent_shares (the agent) +amount",
+            ("operator_fee_revenue/POINTS", "regional_agent_shares/POINTS"),
+            "revenue = -amount AND agent_shares = amount AND agents = 1",
+        ),
+    ),
 )
+# kinds of the channel postings: the operator's, never a merchant's operation (statements leave them out)
+CHANNEL_KINDS = (rules.KIND_PROMOTER_COMMISSION, rules.KIND_REGIONAL_AGENT_SHARE)
 
 BY_CODE: dict[int, Kind] = {kind.code: kind for kind in KINDS}
 BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}
@@ -204,7 +231,8 @@ def kind(code: int) -> Kind:
 def _check_complete() -> None:
     codes = [k.code for k in KINDS]
     require(len(set(codes)) == len(codes) and len(BY_NAME) == len(KINDS), "a kind number or name is repeated")
-    require(codes == list(range(1, len(KINDS) + 1)), f"kinds are numbered 1..n with no gap: {codes}")
+    # numbers come in blocks reserved per issue (docs/RULES.md): increasing, from 1, gaps between blocks
+    require(codes == sorted(codes) and codes[0] == 1 and codes[-1] <= 31, f"kinds are numbered 1..31 in order: {codes}")
     enum = {value.number: value.name for value in pb.TransactionKind.DESCRIPTOR.values if value.number}
     table = {k.proto: k for k in KINDS}
     require(set(enum) == set(table), f"points.proto TransactionKind {sorted(enum)} != kinds.py {sorted(table)}")

@@ -49,6 +49,9 @@ ACCOUNT_OPERATOR_PROMOTIONS = "operator_promotions"  # POINTS, <= 0: operator-fu
 ACCOUNT_OPERATOR_REFERRALS = "operator_referrals"  # POINTS, <= 0: referrer bonuses
 ACCOUNT_OPERATOR_ACQUIRING = "operator_acquiring"  # POINTS, <= 0: acquiring rewards
 ACCOUNT_OPERATOR_DIVIDENDS = "operator_dividends"  # VOUCHERS, <= 0: vouchers issued
+# channel economics (issue 16, docs/RULES.md section 11): payables owed to promoters and regional agents
+ACCOUNT_PROMOTER_COMMISSIONS = "promoter_commissions"  # POINTS, >= 0: commissions owed to a promoter
+ACCOUNT_REGIONAL_AGENT_SHARES = "regional_agent_shares"  # POINTS, >= 0: shares owed to a regional agent
 
 ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
@@ -65,6 +68,8 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_OPERATOR_REFERRALS: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_ACQUIRING: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_DIVIDENDS: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_PROMOTER_COMMISSIONS: frozenset({ASSET_POINTS}),
+    ACCOUNT_REGIONAL_AGENT_SHARES: frozenset({ASSET_POINTS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -79,6 +84,9 @@ KIND_SPLIT_REDEEM = 12  # a redeem paid with vouchers and/or points
 KIND_SPLIT_REFUND = 13  # a refund of a split redeem, both assets as one unit
 KIND_MERCHANT_VOUCHER_SPEND = 14  # a merchant spends its vouchers at the operator's store
 KIND_CONVERSION = 15  # a merchant's own points converted into alliance points
+# channel economics (issue 16): posted by the committer after a settlement cut, one per payee and period
+KIND_PROMOTER_COMMISSION = 23  # operator_fee_revenue -> a promoter's promoter_commissions
+KIND_REGIONAL_AGENT_SHARE = 24  # operator_fee_revenue -> a regional agent's regional_agent_shares
 
 CASH_OUT_MESSAGE = (
     "points and vouchers cannot be paid out as cash: they circulate only inside the "
@@ -346,6 +354,55 @@ VERIFICATION_FAILURES_MAX = 100
 VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
 
 
+# --- Channel economics (issue 16; docs/RULES.md section 11) ----------------------------------------
+
+REGION_LEVELS = ("province", "city", "county")  # the region tree, top first
+AGENT_SCOPE_REGION = "region"  # an agent earns on the merchants of its own region only
+AGENT_SCOPE_SUBTREE = "subtree"  # ... and on those of every region below it
+AGENT_SCOPES = (AGENT_SCOPE_REGION, AGENT_SCOPE_SUBTREE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    """What promoters and regional agents earn at each settlement cut: basis points of the operator's fee
+    revenue (statements' `fees`) from their merchants in the period. A merchant's fees can feed its
+    promoter and, with scope "subtree", the agents of its county, city and province: the sum of those
+    rates is at most 10000, so the operator never pays out more than it took from a merchant."""
+
+    promoter_commission_bps: int = 0
+    province_agent_share_bps: int = 0
+    city_agent_share_bps: int = 0
+    county_agent_share_bps: int = 0
+    agent_scope: str = AGENT_SCOPE_SUBTREE
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        rates = (
+            self.promoter_commission_bps,
+            self.province_agent_share_bps,
+            self.city_agent_share_bps,
+            self.county_agent_share_bps,
+        )
+        names = ("promoter_commission_bps", "province_agent_share_bps", "city_agent_share_bps", "county_agent_share_bps")
+        valid = [_problem_int(problems, rate, name, 0, BPS_DENOMINATOR) for rate, name in zip(rates, names)]
+        if all(valid) and sum(rates) > BPS_DENOMINATOR:
+            problems.append(
+                f"promoter_commission_bps + the three agent shares must be at most {BPS_DENOMINATOR} "
+                f"(got {sum(rates)}): a merchant's fees would be paid out more than once"
+            )
+        if self.agent_scope not in AGENT_SCOPES:
+            problems.append(f"agent_scope must be one of {', '.join(map(repr, AGENT_SCOPES))} (got {self.agent_scope!r})")
+        _raise_problems(problems, "channel settings")
+
+    def agent_share_bps(self, level: str) -> int:
+        """The share of the agent of a region at `level` (province, city or county)."""
+        return {
+            "province": self.province_agent_share_bps,
+            "city": self.city_agent_share_bps,
+            "county": self.county_agent_share_bps,
+        }[level]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramVersion:
     """The rules of a program from effective_from_us until the next version's. A transaction records
@@ -372,6 +429,8 @@ class ProgramVersion:
     verification_lockout_seconds: int = 900  # how long the lock lasts
     member_points_spent_per_hour_max: int = 0  # point-units per rolling hour; 0 = no cap
     member_points_spent_per_day_max: int = 0  # point-units per rolling 24 hours; 0 = no cap
+    # channel economics (issue 16): None = no promoter commissions and no agent shares
+    channel: ChannelSettings | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -751,6 +810,16 @@ _DIVIDENDS = _object(
         "credit_limit_bps": _integer,
     },
 )
+_CHANNEL = _object(
+    ChannelSettings,
+    {
+        "promoter_commission_bps": _integer,
+        "province_agent_share_bps": _integer,
+        "city_agent_share_bps": _integer,
+        "county_agent_share_bps": _integer,
+        "agent_scope": _text,
+    },
+)
 _VERSION_KINDS = {
     "expiry_period_us": _nullable(_integer, "never expire"),
     "restore_grace_us": _integer,
@@ -768,6 +837,7 @@ _VERSION_KINDS = {
     "verification_lockout_seconds": _integer,
     "member_points_spent_per_hour_max": _integer,
     "member_points_spent_per_day_max": _integer,
+    "channel": _nullable(_CHANNEL, "no channel commissions"),
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(
