@@ -511,7 +511,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     report = _run(_with_store(settings, action))
     if report is None:
-        print(f"period {args.period_id} is not closed (close it with ClearingService.CloseSettlementPeriod)", file=sys.stderr)
+        print(
+            f"period {args.period_id} is not closed (close it with ClearingService.CloseSettlementPeriod)",
+            file=sys.stderr,
+        )
         return 2
     sys.stdout.write(reports.report_csv(report))
     return 0
@@ -839,7 +842,8 @@ def parser() -> argparse.ArgumentParser:
     reconcile.set_defaults(func=cmd_reconcile)
 
     report = commands.add_parser(
-        "report", help="the alliance report of a closed settlement period as CSV (flows, members, top merchants, regions)"
+        "report",
+        help="the alliance report of a closed settlement period as CSV (flows, members, top merchants, regions)",
     )
     report.add_argument("--period-id", type=int, required=True, help="a closed settlement period")
     report.add_argument("--top", type=int, default=10, help="merchants in each top list, 1..100 (default 10)")

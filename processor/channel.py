@@ -286,7 +286,9 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                     f"the program, got {request.give_back_bps}",
                 )
             # as UpdateMerchant does: the row first, then the pipeline's merchants, so the next earn uses it
-            row = await self.pipeline.ready_store().update_merchant(merchant_id, {"give_back_bps": request.give_back_bps})
+            row = await self.pipeline.ready_store().update_merchant(
+                merchant_id, {"give_back_bps": request.give_back_bps}
+            )
             if row is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist", reason="MERCHANT_NOT_FOUND")
             self.pipeline.merchants.add(row)
@@ -301,7 +303,9 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 raise domain.invalid_field("period_id", "period_id must be > 0")
             top = request.top_merchants or TOP_MERCHANTS_DEFAULT
             if not 1 <= top <= TOP_MERCHANTS_MAX:
-                raise domain.invalid_field("top_merchants", f"top_merchants must be 0 (default 10)..{TOP_MERCHANTS_MAX}")
+                raise domain.invalid_field(
+                    "top_merchants", f"top_merchants must be 0 (default 10)..{TOP_MERCHANTS_MAX}"
+                )
             report = await reports.alliance_report(self.pipeline.ready_store().pool, request.period_id, top)
             if report is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")

@@ -210,7 +210,12 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         # fee revenue is what the operator keeps of the fees; gross = kept + commissions + agent shares
         channel = totals["commissions"] + totals["agent_shares"]
         if (
-            totals["members"] + totals["merchants"] + totals["revenue"] + channel + totals["breakage"] + totals["program"]
+            totals["members"]
+            + totals["merchants"]
+            + totals["revenue"]
+            + channel
+            + totals["breakage"]
+            + totals["program"]
             != 0
         ):
             problems.append(

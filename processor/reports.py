@@ -247,7 +247,9 @@ def _restore(queue: collections.deque[list[Any]], pieces: list[list[Any]], amoun
 
 def report_message(report: AllianceReport) -> pb.AllianceReport:
     def merchant(m: MerchantFigures) -> pb.AllianceMerchantFigures:
-        return pb.AllianceMerchantFigures(merchant_id=m.merchant_id, region=m.region, issued=m.issued, redeemed=m.redeemed)
+        return pb.AllianceMerchantFigures(
+            merchant_id=m.merchant_id, region=m.region, issued=m.issued, redeemed=m.redeemed
+        )
 
     return pb.AllianceReport(
         period_id=report.period_id,
@@ -287,8 +289,23 @@ def report_csv(report: AllianceReport) -> str:
     or `grep ^flows,` takes one section."""
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(("section", "period_id", "opened_at", "cut_off", "issued", "earn_refunds", "redeemed",
-                "redemption_refunds", "fees", "breakage", "active_members", "new_members", "redemption_rate_bps"))
+    w.writerow(
+        (
+            "section",
+            "period_id",
+            "opened_at",
+            "cut_off",
+            "issued",
+            "earn_refunds",
+            "redeemed",
+            "redemption_refunds",
+            "fees",
+            "breakage",
+            "active_members",
+            "new_members",
+            "redemption_rate_bps",
+        )
+    )
     w.writerow(("summary", report.period_id, report.opened_at.isoformat(), report.cut_off.isoformat(), report.issued,
                 report.earn_refunds, report.redeemed, report.redemption_refunds, report.fees, report.breakage,
                 report.active_members, report.new_members, report.redemption_rate_bps))  # fmt: skip

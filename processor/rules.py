@@ -383,7 +383,12 @@ class ChannelSettings:
             self.city_agent_share_bps,
             self.county_agent_share_bps,
         )
-        names = ("promoter_commission_bps", "province_agent_share_bps", "city_agent_share_bps", "county_agent_share_bps")
+        names = (
+            "promoter_commission_bps",
+            "province_agent_share_bps",
+            "city_agent_share_bps",
+            "county_agent_share_bps",
+        )
         valid = [_problem_int(problems, rate, name, 0, BPS_DENOMINATOR) for rate, name in zip(rates, names)]
         if all(valid) and sum(rates) > BPS_DENOMINATOR:
             problems.append(
@@ -391,7 +396,9 @@ class ChannelSettings:
                 f"(got {sum(rates)}): a merchant's fees would be paid out more than once"
             )
         if self.agent_scope not in AGENT_SCOPES:
-            problems.append(f"agent_scope must be one of {', '.join(map(repr, AGENT_SCOPES))} (got {self.agent_scope!r})")
+            problems.append(
+                f"agent_scope must be one of {', '.join(map(repr, AGENT_SCOPES))} (got {self.agent_scope!r})"
+            )
         _raise_problems(problems, "channel settings")
 
     def agent_share_bps(self, level: str) -> int:

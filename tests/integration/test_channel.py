@@ -149,16 +149,22 @@ def test_registry_calls_and_their_refusals(world):
             pb.RegisterRegionalAgentRequest(agent_id=agent, region_id=region_id), metadata=op
         )
         assert (registered.region.region_id, registered.region.agent_id) == (region_id, agent)
-    assert _code(
-        lambda: stub.RegisterRegionalAgent(
-            pb.RegisterRegionalAgentRequest(agent_id="agent-2", region_id="prov-p"), metadata=op
+    assert (
+        _code(
+            lambda: stub.RegisterRegionalAgent(
+                pb.RegisterRegionalAgentRequest(agent_id="agent-2", region_id="prov-p"), metadata=op
+            )
         )
-    ) == grpc.StatusCode.ALREADY_EXISTS
-    assert _code(
-        lambda: stub.RegisterRegionalAgent(
-            pb.RegisterRegionalAgentRequest(agent_id="agent-2", region_id="nowhere"), metadata=op
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert (
+        _code(
+            lambda: stub.RegisterRegionalAgent(
+                pb.RegisterRegionalAgentRequest(agent_id="agent-2", region_id="nowhere"), metadata=op
+            )
         )
-    ) == grpc.StatusCode.NOT_FOUND
+        == grpc.StatusCode.NOT_FOUND
+    )
     listed = stub.ListRegions(pb.ListRegionsRequest(), metadata=op).regions
     assert [(r.region_id, r.parent_id, r.agent_id) for r in listed] == [
         ("city-y", "prov-p", "agent-y"),
@@ -167,7 +173,9 @@ def test_registry_calls_and_their_refusals(world):
     ]
     # a merchant's key may call SetGiveBack only
     merchant_key = credential(w["keys"]["shop-a"])
-    error = error_of(lambda: stub.RegisterPromoter(pb.RegisterPromoterRequest(promoter_id="pro-9"), metadata=merchant_key))
+    error = error_of(
+        lambda: stub.RegisterPromoter(pb.RegisterPromoterRequest(promoter_id="pro-9"), metadata=merchant_key)
+    )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "operator key" in error.details()
     assert not fetch(w["url"], "SELECT 1 FROM promoters WHERE promoter_id = 'pro-9'")
 
@@ -177,17 +185,17 @@ def test_commissions_and_agent_shares_posted_at_the_cut_with_exact_figures(world
     points, stub, op, url = w["points"], w["channel"], w["operator"], w["url"]
     m1, m2, m3 = unique("m1"), unique("m2"), unique("m3")
     earn(points, "shop-a", m1, 100_000)  # 10,000 point-units; shop-a's issue fee 5% = 500
-    points.Redeem(
-        _redeem("shop-b", m1, 3_000), timeout=30
-    )  # shop-b's redemption fee 10% = 300
+    points.Redeem(_redeem("shop-b", m1, 3_000), timeout=30)  # shop-b's redemption fee 10% = 300
     earn(points, "shop-b", m2, 50_000)  # 5,000; shop-b charges no issue fee
     points.Redeem(_redeem("shop-a", m2, 1_001), timeout=30)  # floor(100.1) = 100 to shop-a's fees
     earn(points, "shop-c", m3, 20_000)  # 2,000 at shop-c, which has neither promoter nor region
     points.Redeem(_redeem("shop-c", m3, 2_000), timeout=30)  # fee 200: the operator keeps it all
     before = _balances(url)
-    period = w["clearing"].CloseSettlementPeriod(
-        pb.ClearingServiceCloseSettlementPeriodRequest(cut_off=_now()), metadata=op, timeout=30
-    ).period
+    period = (
+        w["clearing"]
+        .CloseSettlementPeriod(pb.ClearingServiceCloseSettlementPeriodRequest(cut_off=_now()), metadata=op, timeout=30)
+        .period
+    )
     fees = {
         r["merchant_id"]: r["fees"]
         for r in fetch(url, "SELECT merchant_id, fees FROM statements WHERE period_id = $1", period.period_id)
@@ -224,9 +232,11 @@ def test_commissions_and_agent_shares_posted_at_the_cut_with_exact_figures(world
         (24, "operator", "", 90),
     ]
     # merchants' statements are unchanged by the postings: the next period has none of them as lines
-    period_2 = w["clearing"].CloseSettlementPeriod(
-        pb.ClearingServiceCloseSettlementPeriodRequest(cut_off=_now()), metadata=op, timeout=30
-    ).period
+    period_2 = (
+        w["clearing"]
+        .CloseSettlementPeriod(pb.ClearingServiceCloseSettlementPeriodRequest(cut_off=_now()), metadata=op, timeout=30)
+        .period
+    )
     assert period_2.merchants == 0 or not fetch(
         url, "SELECT 1 FROM statements WHERE period_id = $1 AND merchant_id = 'operator'", period_2.period_id
     )
@@ -280,11 +290,14 @@ def test_commissions_and_agent_shares_posted_at_the_cut_with_exact_figures(world
          grpc.StatusCode.INVALID_ARGUMENT),
     ):  # fmt: skip
         assert _code(lambda: stub.GetChannelStatement(request, metadata=op)) == code, request
-    assert _code(
-        lambda: stub.ExportChannelStatement(
-            pb.ExportChannelStatementRequest(period_id=999, payee_kind=PROMOTER), metadata=op
+    assert (
+        _code(
+            lambda: stub.ExportChannelStatement(
+                pb.ExportChannelStatementRequest(period_id=999, payee_kind=PROMOTER), metadata=op
+            )
         )
-    ) == grpc.StatusCode.NOT_FOUND
+        == grpc.StatusCode.NOT_FOUND
+    )
 
 
 def _redeem(merchant: str, member: str, points: int):
@@ -302,8 +315,9 @@ def test_set_give_back_with_the_merchants_own_key_from_the_next_earn_audited(wor
     assert earn(w["points"], "shop-c", unique("m"), 10_000).points == 2_000  # 20% from the next earn
     # another merchant's key, out of the program's bounds, an unknown merchant
     error = error_of(
-        lambda: stub.SetGiveBack(pb.SetGiveBackRequest(merchant_id="shop-c", give_back_bps=500), metadata=credential(
-            w["keys"]["shop-a"]))
+        lambda: stub.SetGiveBack(
+            pb.SetGiveBackRequest(merchant_id="shop-c", give_back_bps=500), metadata=credential(w["keys"]["shop-a"])
+        )
     )
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "own key" in error.details()
     for bps in (299, 2001, 0):
@@ -311,11 +325,14 @@ def test_set_give_back_with_the_merchants_own_key_from_the_next_earn_audited(wor
             lambda: stub.SetGiveBack(pb.SetGiveBackRequest(merchant_id="shop-c", give_back_bps=bps), metadata=own)
         )
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "300..2000" in error.details()
-    assert _code(
-        lambda: stub.SetGiveBack(
-            pb.SetGiveBackRequest(merchant_id="nowhere", give_back_bps=500), metadata=w["operator"]
+    assert (
+        _code(
+            lambda: stub.SetGiveBack(
+                pb.SetGiveBackRequest(merchant_id="nowhere", give_back_bps=500), metadata=w["operator"]
+            )
         )
-    ) == grpc.StatusCode.NOT_FOUND
+        == grpc.StatusCode.NOT_FOUND
+    )
     assert earn(w["points"], "shop-c", unique("m"), 10_000).points == 2_000  # the refusals changed nothing
     by_operator = stub.SetGiveBack(
         pb.SetGiveBackRequest(merchant_id="shop-c", give_back_bps=300), metadata=w["operator"]

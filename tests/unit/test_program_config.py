@@ -88,6 +88,13 @@ EVERY_FIELD = ProgramVersion(
     verification_lockout_seconds=600,
     member_points_spent_per_hour_max=50_000,
     member_points_spent_per_day_max=200_000,
+    channel=rules.ChannelSettings(
+        promoter_commission_bps=2_000,
+        province_agent_share_bps=500,
+        city_agent_share_bps=1_000,
+        county_agent_share_bps=1_500,
+        agent_scope=rules.AGENT_SCOPE_REGION,
+    ),
 )
 
 
