@@ -139,10 +139,11 @@ async def register_regional_agent(pool: asyncpg.Pool, agent_id: str, region_id: 
 
 
 async def regions(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """SELECT r.region_id, r.parent_id, r.level, r.name, coalesce(g.agent_id, '') AS agent_id
            FROM regions r LEFT JOIN regional_agents g USING (region_id) ORDER BY r.region_id"""
     )
+    return rows
 
 
 # --- the cut --------------------------------------------------------------------------------------
@@ -221,13 +222,14 @@ async def cut(c: asyncpg.Connection, period_id: int, settings: rules.ChannelSett
 
 async def unposted(pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
     """Statements with an amount whose journal transaction is not written yet, oldest period first."""
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """SELECT s.payee_kind, s.payee_id, s.amount, s.account_id, s.posting_key FROM channel_statements s
            WHERE s.amount > 0 AND NOT EXISTS (SELECT 1 FROM transactions t
                                               WHERE t.idempotency_key = s.posting_key AND t.kind IN (23, 24))
            ORDER BY s.period_id, s.payee_kind, s.payee_id LIMIT $1""",
         limit,
     )
+    return rows
 
 
 def post(write: Any, rows: Sequence[Any], next_transaction_id: Callable[[], int], revenue_account_id: int) -> None:
@@ -277,7 +279,7 @@ async def statements(
                  (SELECT t.transaction_id FROM transactions t
                   WHERE t.idempotency_key = s.posting_key AND t.kind IN (23, 24)) AS transaction_id"""
     if payee_id:
-        return await pool.fetch(
+        rows: list[asyncpg.Record] = await pool.fetch(
             f"""SELECT {columns} FROM channel_statements s JOIN settlement_periods p USING (period_id)
                 WHERE s.payee_kind = $1 AND s.payee_id = $2 AND ($3 = 0 OR s.period_id = $3)
                   AND ($5 = 0 OR s.period_id < $5)
@@ -288,7 +290,8 @@ async def statements(
             limit,
             before_period,
         )
-    return await pool.fetch(
+        return rows
+    rows = await pool.fetch(
         f"""SELECT {columns} FROM channel_statements s JOIN settlement_periods p USING (period_id)
             WHERE s.payee_kind = $1 AND s.period_id = $2 AND s.payee_id > $3 ORDER BY s.payee_id LIMIT $4""",
         payee_kind,
@@ -296,13 +299,14 @@ async def statements(
         after,
         limit,
     )
+    return rows
 
 
 async def statement_lines(
     pool: asyncpg.Pool, period_id: int, payee_kind: str, payee_id: str, after: str = "", limit: int | None = None
 ) -> list[asyncpg.Record]:
     """A statement's lines, one per merchant by merchant id: its fees and the payee's amount."""
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """SELECT merchant_id, fees, amount FROM channel_statement_lines
            WHERE period_id = $1 AND payee_kind = $2 AND payee_id = $3 AND merchant_id > $4
            ORDER BY merchant_id LIMIT $5""",
@@ -312,6 +316,7 @@ async def statement_lines(
         after,
         limit,
     )
+    return rows
 
 
 # --- reconcile ------------------------------------------------------------------------------------
