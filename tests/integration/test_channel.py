@@ -354,3 +354,53 @@ def test_set_give_back_with_the_merchants_own_key_from_the_next_earn_audited(wor
         ("OK", "300"),
     ]
     assert ledger_discrepancies(url) == []
+
+
+def test_a_cut_made_while_no_service_ran_is_posted_at_the_next_start(create_database):
+    """The statements are decided in the cut's transaction; their postings wait for the committer, which
+    looks for unposted ones when it starts (docs/OPERATIONS.md)."""
+    import asyncio
+    import datetime as dt
+
+    from processor import rules
+    from processor.store import Store
+
+    url = create_database()
+    add_merchant(url, "shop", 1000, fee_redeemed_bps=1000)
+    operator = credential(create_key(url, "operator"))
+    service = ServiceProcess(url).start()
+    with service.channel() as channel:
+        stub = admin_pb2_grpc.ChannelServiceStub(channel)
+        stub.RegisterPromoter(pb.RegisterPromoterRequest(promoter_id="pro"), metadata=operator)
+        stub.AssignMerchantPromoter(
+            pb.AssignMerchantPromoterRequest(merchant_id="shop", promoter_id="pro"), metadata=operator
+        )
+        points = points_pb2_grpc.PointsServiceStub(channel)
+        member = unique("m")
+        earn(points, "shop", member, 50_000)
+        points.Redeem(_redeem("shop", member, 4_999), timeout=30)  # fee floor(499.9) = 499
+    assert service.terminate() == 0
+
+    async def cut() -> None:
+        store = await Store.open(url, 2)
+        try:
+            await store.close_period(
+                dt.datetime.now(dt.timezone.utc), rules.ChannelSettings(promoter_commission_bps=5000)
+            )
+        finally:
+            await store.close()
+
+    asyncio.run(cut())
+    assert fetch(url, "SELECT amount FROM channel_statements")[0]["amount"] == 249  # floor(499 x 50%)
+    assert not fetch(url, "SELECT 1 FROM transactions WHERE kind = 23")
+    restarted = ServiceProcess(url).start()
+    try:
+        deadline = time.monotonic() + 20
+        while not fetch(url, "SELECT 1 FROM transactions WHERE kind = 23"):
+            assert time.monotonic() < deadline, "the cut's statement was not posted after the start"
+            time.sleep(0.1)
+        time.sleep(0.5)  # a second posting, if there were one, would be written by now
+        assert [r["amount"] for r in fetch(url, "SELECT amount FROM transactions WHERE kind = 23")] == [249]
+    finally:
+        restarted.kill()
+    assert ledger_discrepancies(url) == []
