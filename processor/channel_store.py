@@ -28,12 +28,10 @@ from processor.domain import require
 PAYEE_PROMOTER = "promoter"
 PAYEE_REGION = "region"
 PAYEE_KINDS = (PAYEE_PROMOTER, PAYEE_REGION)
-# the account a payee's payable is kept in, and the kind of the transaction that pays it
-PAYABLE_ACCOUNT = {
-    PAYEE_PROMOTER: rules.ACCOUNT_PROMOTER_COMMISSIONS,
-    PAYEE_REGION: rules.ACCOUNT_REGIONAL_AGENT_SHARES,
-}
+# the kind of each posting; the operator's, never a merchant's operation (merchants' statements leave them out)
 POSTING_KIND = {PAYEE_PROMOTER: rules.KIND_PROMOTER_COMMISSION, PAYEE_REGION: rules.KIND_REGIONAL_AGENT_SHARE}
+# in SQL text: "23, 24", as the partial index transactions_channel_key (migration 0013) spells it
+_KINDS_SQL = ", ".join(str(kind) for kind in POSTING_KIND.values())
 PARENT_LEVEL = {"province": None, "city": "province", "county": "city"}
 
 
@@ -223,9 +221,9 @@ async def cut(c: asyncpg.Connection, period_id: int, settings: rules.ChannelSett
 async def unposted(pool: asyncpg.Pool, limit: int) -> list[asyncpg.Record]:
     """Statements with an amount whose journal transaction is not written yet, oldest period first."""
     rows: list[asyncpg.Record] = await pool.fetch(
-        """SELECT s.payee_kind, s.payee_id, s.amount, s.account_id, s.posting_key FROM channel_statements s
+        f"""SELECT s.payee_kind, s.payee_id, s.amount, s.account_id, s.posting_key FROM channel_statements s
            WHERE s.amount > 0 AND NOT EXISTS (SELECT 1 FROM transactions t
-                                              WHERE t.idempotency_key = s.posting_key AND t.kind IN (23, 24))
+                                              WHERE t.idempotency_key = s.posting_key AND t.kind IN ({_KINDS_SQL}))
            ORDER BY s.period_id, s.payee_kind, s.payee_id LIMIT $1""",
         limit,
     )
@@ -274,10 +272,10 @@ async def statements(
 ) -> list[asyncpg.Record]:
     """One payee's statements (of one period, or all before `before_period`, newest first), or one
     period's by payee id (after `after`)."""
-    columns = """s.period_id, s.payee_kind, s.payee_id, s.agent_id, s.rate_bps, s.fee_base, s.amount, s.merchants,
+    columns = f"""s.period_id, s.payee_kind, s.payee_id, s.agent_id, s.rate_bps, s.fee_base, s.amount, s.merchants,
                  s.posting_key, p.opened_at, p.cut_off,
                  (SELECT t.transaction_id FROM transactions t
-                  WHERE t.idempotency_key = s.posting_key AND t.kind IN (23, 24)) AS transaction_id"""
+                  WHERE t.idempotency_key = s.posting_key AND t.kind IN ({_KINDS_SQL})) AS transaction_id"""
     if payee_id:
         rows: list[asyncpg.Record] = await pool.fetch(
             f"""SELECT {columns} FROM channel_statements s JOIN settlement_periods p USING (period_id)
@@ -355,9 +353,9 @@ async def discrepancies(
         )
     report("every channel posting pays its statement's amount to the statement's payable account")
     for r in await fetch(
-        """SELECT t.transaction_id, t.idempotency_key, t.amount, s.amount AS statement_amount
+        f"""SELECT t.transaction_id, t.idempotency_key, t.amount, s.amount AS statement_amount
            FROM transactions t LEFT JOIN channel_statements s ON s.posting_key = t.idempotency_key
-           WHERE t.kind IN (23, 24)
+           WHERE t.kind IN ({_KINDS_SQL})
              AND (s.posting_key IS NULL OR t.amount <> s.amount
                   OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.transaction_id = t.transaction_id
                                  AND e.account_id = s.account_id AND e.amount = s.amount))
@@ -369,9 +367,9 @@ async def discrepancies(
         )
     report("promoters' and agents' payables = the channel statements posted")
     for r in await fetch(
-        """WITH posted AS (SELECT s.account_id, sum(s.amount) AS s FROM channel_statements s
+        f"""WITH posted AS (SELECT s.account_id, sum(s.amount) AS s FROM channel_statements s
                            WHERE EXISTS (SELECT 1 FROM transactions t WHERE t.idempotency_key = s.posting_key
-                                         AND t.kind IN (23, 24))
+                                         AND t.kind IN ({_KINDS_SQL}))
                            GROUP BY s.account_id)
            SELECT a.kind, a.owner_id, a.balance, coalesce(p.s, 0) AS posted
            FROM account_balances a LEFT JOIN posted p USING (account_id)

@@ -211,8 +211,6 @@ KINDS: tuple[Kind, ...] = (
         ),
     ),
 )
-# kinds of the channel postings: the operator's, never a merchant's operation (statements leave them out)
-CHANNEL_KINDS = (rules.KIND_PROMOTER_COMMISSION, rules.KIND_REGIONAL_AGENT_SHARE)
 
 BY_CODE: dict[int, Kind] = {kind.code: kind for kind in KINDS}
 BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from processor import channel_store, kinds, metrics, rules
+from processor import channel_store, metrics, rules
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_ACQUIRING,
@@ -1734,7 +1734,7 @@ class Store:
                 period_id - 1,
                 list(MERCHANT_ACCOUNTS),
                 list(MERCHANT_VOUCHER_ACCOUNTS),
-                list(kinds.CHANNEL_KINDS),
+                list(channel_store.POSTING_KIND.values()),
                 timeout=SETTLEMENT_TIMEOUT_SECONDS,
             )
             if channel is not None:
@@ -1843,7 +1843,7 @@ class Store:
             limit,
             list(MERCHANT_ACCOUNTS),
             list(MERCHANT_VOUCHER_ACCOUNTS),
-            list(kinds.CHANNEL_KINDS),
+            list(channel_store.POSTING_KIND.values()),
         )
 
     # --- scale: a seeded network ---
