@@ -250,6 +250,12 @@ _OPTIONAL_RULES = (
     "member_points_spent_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
+_CHANNEL_RATES = (
+    "promoter_commission_bps",
+    "province_agent_share_bps",
+    "city_agent_share_bps",
+    "county_agent_share_bps",
+)
 
 
 def _rate(message: pb.ProgramRate) -> dict:
@@ -308,6 +314,12 @@ def rules_config(message: pb.ProgramRules) -> dict:
             }
             for p in message.promotions
         ]
+    if message.HasField("channel"):  # issue 16 (docs/RULES.md section 11)
+        config["channel"] = {
+            name: getattr(message.channel, name) for name in _CHANNEL_RATES if getattr(message.channel, name)
+        }
+        if message.channel.agent_scope:
+            config["channel"]["agent_scope"] = message.channel.agent_scope
     if message.merchant_terms:
         config["merchant_terms"] = [
             {
@@ -332,6 +344,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
     )
     if config["dividends"] is not None:
         message.dividends.CopyFrom(pb.ProgramDividends(**config["dividends"]))
+    if config.get("channel") is not None:
+        message.channel.CopyFrom(pb.ProgramChannel(**config["channel"]))
     for terms in config["merchant_terms"]:
         item = message.merchant_terms.add(merchant_id=terms["merchant_id"])
         if terms["acquiring_share_bps"] is not None:
