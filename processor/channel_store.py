@@ -163,12 +163,12 @@ async def cut(c: asyncpg.Connection, period_id: int, settings: rules.ChannelSett
                SELECT up.merchant_id, up.fees, r.region_id, r.parent_id, r.level
                FROM up JOIN regions r ON r.region_id = up.parent_id WHERE $3 = 'subtree')
            SELECT 'promoter'::text AS payee_kind, p.promoter_id AS payee_id, ''::text AS agent_id,
-                  $2::integer AS rate_bps, s.merchant_id, s.fees
+                  $2::integer AS rate_bps, s.merchant_id, s.fees, $7::text AS account_kind, p.promoter_id AS owner_id
            FROM s JOIN merchant_promoters p USING (merchant_id) WHERE $2 > 0
            UNION ALL
            SELECT 'region', up.region_id, g.agent_id,
                   CASE up.level WHEN 'province' THEN $4::integer WHEN 'city' THEN $5::integer ELSE $6::integer END,
-                  up.merchant_id, up.fees
+                  up.merchant_id, up.fees, $8::text, g.agent_id
            FROM up JOIN regional_agents g USING (region_id)""",
         period_id,
         settings.promoter_commission_bps,
@@ -176,34 +176,34 @@ async def cut(c: asyncpg.Connection, period_id: int, settings: rules.ChannelSett
         settings.province_agent_share_bps,
         settings.city_agent_share_bps,
         settings.county_agent_share_bps,
+        rules.ACCOUNT_PROMOTER_COMMISSIONS,
+        rules.ACCOUNT_REGIONAL_AGENT_SHARES,
         timeout=timeout,
     )
     await c.execute("DELETE FROM channel_cut_lines WHERE rate_bps = 0", timeout=timeout)
+    # one row per payee first (a few hundred), so the accounts are found by their unique index
+    await c.execute(
+        """CREATE TEMP TABLE channel_cut_payees ON COMMIT DROP AS
+           SELECT payee_kind, payee_id, agent_id, rate_bps, account_kind, owner_id, sum(fees)::bigint AS fee_base,
+                  sum(fees * rate_bps / 10000)::bigint AS amount, count(*) AS merchants
+           FROM channel_cut_lines GROUP BY payee_kind, payee_id, agent_id, rate_bps, account_kind, owner_id""",
+        timeout=timeout,
+    )
     # the payees' payable accounts (owner: the promoter, or the region's agent), opened once
     await c.execute(
         """INSERT INTO accounts (kind, owner_id, asset_code)
-           SELECT DISTINCT CASE payee_kind WHEN 'promoter' THEN $1 ELSE $2 END,
-                           CASE payee_kind WHEN 'promoter' THEN payee_id ELSE agent_id END, 'POINTS'
-           FROM channel_cut_lines
+           SELECT DISTINCT account_kind, owner_id, 'POINTS' FROM channel_cut_payees
            ON CONFLICT (kind, owner_id, asset_code) DO NOTHING""",
-        rules.ACCOUNT_PROMOTER_COMMISSIONS,
-        rules.ACCOUNT_REGIONAL_AGENT_SHARES,
         timeout=timeout,
     )
     await c.execute(
         """INSERT INTO channel_statements (period_id, payee_kind, payee_id, agent_id, rate_bps, fee_base, amount,
                                            merchants, account_id, posting_key)
-           SELECT $1, l.payee_kind, l.payee_id, l.agent_id, l.rate_bps, sum(l.fees)::bigint,
-                  sum(l.fees * l.rate_bps / 10000)::bigint, count(*), a.account_id,
-                  'channel:' || $1::bigint || ':' || l.payee_kind || ':' || l.payee_id
-           FROM channel_cut_lines l
-           JOIN accounts a ON a.asset_code = 'POINTS'
-             AND a.kind = CASE l.payee_kind WHEN 'promoter' THEN $2 ELSE $3 END
-             AND a.owner_id = CASE l.payee_kind WHEN 'promoter' THEN l.payee_id ELSE l.agent_id END
-           GROUP BY l.payee_kind, l.payee_id, l.agent_id, l.rate_bps, a.account_id""",
+           SELECT $1, p.payee_kind, p.payee_id, p.agent_id, p.rate_bps, p.fee_base, p.amount, p.merchants, a.account_id,
+                  'channel:' || $1::bigint || ':' || p.payee_kind || ':' || p.payee_id
+           FROM channel_cut_payees p
+           JOIN accounts a ON a.kind = p.account_kind AND a.owner_id = p.owner_id AND a.asset_code = 'POINTS'""",
         period_id,
-        rules.ACCOUNT_PROMOTER_COMMISSIONS,
-        rules.ACCOUNT_REGIONAL_AGENT_SHARES,
         timeout=timeout,
     )
     await c.execute(
@@ -212,6 +212,7 @@ async def cut(c: asyncpg.Connection, period_id: int, settings: rules.ChannelSett
         period_id,
         timeout=timeout,
     )
+    await c.execute("DROP TABLE channel_cut_payees")
     await c.execute("DROP TABLE channel_cut_lines")
 
 
@@ -350,6 +351,18 @@ async def discrepancies(
             f"channel statement {r['payee_kind']} {r['payee_id']} of period {r['period_id']}: fee base "
             f"{r['fee_base']}, amount {r['amount']}, {r['merchants']} merchants; its lines: fees {r['line_fees']}, "
             f"amount {r['line_amount']}, {r['n']} lines, {r['wrong']} not their merchant's fees at the rate"
+        )
+    report("every channel statement line's statement and merchant exist")
+    for r in await fetch(
+        """SELECT l.period_id, l.payee_kind, l.payee_id, l.merchant_id FROM channel_statement_lines l
+           WHERE NOT EXISTS (SELECT 1 FROM channel_statements s WHERE s.period_id = l.period_id
+                             AND s.payee_kind = l.payee_kind AND s.payee_id = l.payee_id)
+              OR NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = l.merchant_id)
+           LIMIT 5"""
+    ):
+        problems.append(
+            f"channel statement line of {r['payee_kind']} {r['payee_id']} in period {r['period_id']} for merchant "
+            f"{r['merchant_id']}: its statement or its merchant does not exist"
         )
     report("every channel posting pays its statement's amount to the statement's payable account")
     for r in await fetch(

@@ -192,3 +192,24 @@ def test_reconcile_finds_a_channel_statement_that_does_not_sum_to_its_lines(worl
             payee_id,
         )
     assert ledger_discrepancies(url) == []
+
+
+def test_reconcile_finds_a_channel_statement_line_without_its_statement_or_merchant(world):
+    url = world["url"]
+    fetch(
+        url,
+        "INSERT INTO channel_statement_lines VALUES (99, 'promoter', 'nobody', 'shop-a', 10, 1), "
+        "(1, 'promoter', 'pro-1', 'ghost', 0, 0)",
+    )
+    try:
+        problems = ledger_discrepancies(url)
+        for line in (
+            "promoter nobody in period 99 for merchant shop-a",
+            "promoter pro-1 in period 1 for merchant ghost",
+        ):
+            assert any(
+                f"channel statement line of {line}: its statement or its merchant does not exist" in p for p in problems
+            ), problems
+    finally:
+        fetch(url, "DELETE FROM channel_statement_lines WHERE payee_id = 'nobody' OR merchant_id = 'ghost'")
+    assert ledger_discrepancies(url) == []
