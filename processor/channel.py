@@ -9,11 +9,21 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Any
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
 from processor import auth, channel_store, domain, reports, rpc, rules
-from processor.admin import _page_size, _timestamp, _token, _untoken, merchant_message
+from processor.admin import (
+    EXPORT_CHUNK,
+    EXPORT_PAGE_MAX,
+    _iso,
+    _page_size,
+    _timestamp,
+    _token,
+    _untoken,
+    merchant_message,
+)
 from processor.config import Settings
 from processor.domain import Code, Rejection
 from processor.pipeline import Pipeline, now_micros
@@ -263,8 +273,13 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             store = self.pipeline.ready_store()
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
-            text, lines = await export_csv(store.pool, request.period_id, kind, payee_id)
-            return pb.ExportChannelStatementResponse(csv=text.encode(), lines=lines)
+            if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
+                raise domain.invalid_field("page_size", f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
+            after = _untoken(request.page_token) if request.page_token else ""
+            text, lines, last = await export_csv(
+                store.pool, request.period_id, kind, payee_id, request.page_size, after
+            )
+            return pb.ExportChannelStatementResponse(csv=text.encode(), lines=lines, next_page_token=_token(last))
 
         return await guard(context, call)
 
@@ -319,39 +334,49 @@ def _own_merchant(caller: auth.Principal, merchant_id: str) -> bool:
     return caller.kind == "merchant" and caller.may_act_for(merchant_id)
 
 
-async def export_csv(pool, period_id: int, payee_kind: str, payee_id: str) -> tuple[str, int]:
-    """The period's statements of one payee kind (one line each), or one statement's lines (one per
-    merchant, summing exactly to it), as CSV with a header; (text, lines)."""
+async def export_csv(
+    pool: Any, period_id: int, payee_kind: str, payee_id: str, page_size: int = 0, after: str = ""
+) -> tuple[str, int, str]:
+    """The period's statements of one payee kind (one line each, by payee id), or one statement's lines
+    (one per merchant, by merchant id, summing exactly to it), as CSV with a header on the first page;
+    (text, lines, the key of the last line when more follow, else ""). page_size 0: everything, read in
+    chunks so a large period never needs one huge result set."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
+    if not after:
+        writer.writerow(LINE_CSV_COLUMNS if payee_id else STATEMENT_CSV_COLUMNS)
     lines = 0
-    if payee_id:
-        writer.writerow(LINE_CSV_COLUMNS)
-        for r in await channel_store.statement_lines(pool, period_id, payee_kind, payee_id):
-            writer.writerow((period_id, payee_kind, payee_id, r["merchant_id"], r["fees"], r["amount"]))
-            lines += 1
-        return out.getvalue(), lines
-    writer.writerow(STATEMENT_CSV_COLUMNS)
-    after = ""
-    while True:  # in chunks: a period of many promoters never needs one huge result set
-        rows = await channel_store.statements(pool, payee_kind=payee_kind, period_id=period_id, after=after, limit=5000)
-        for r in rows:
-            writer.writerow(
-                (
-                    r["period_id"],
-                    r["payee_kind"],
-                    r["payee_id"],
-                    r["agent_id"],
-                    r["opened_at"].isoformat(),
-                    r["cut_off"].isoformat(),
-                    r["rate_bps"],
-                    r["fee_base"],
-                    r["amount"],
-                    r["merchants"],
-                    domain.format_transaction_id(r["transaction_id"]) if r["transaction_id"] else "",
-                )
+    while not page_size or lines < page_size:
+        chunk = min(EXPORT_CHUNK, page_size - lines) if page_size else EXPORT_CHUNK
+        if payee_id:
+            rows = await channel_store.statement_lines(pool, period_id, payee_kind, payee_id, after, chunk + 1)
+            for r in rows[:chunk]:
+                writer.writerow((period_id, payee_kind, payee_id, r["merchant_id"], r["fees"], r["amount"]))
+            key = "merchant_id"
+        else:
+            rows = await channel_store.statements(
+                pool, payee_kind=payee_kind, period_id=period_id, after=after, limit=chunk + 1
             )
-        lines += len(rows)
-        if len(rows) < 5000:
-            return out.getvalue(), lines
-        after = rows[-1]["payee_id"]
+            for r in rows[:chunk]:
+                writer.writerow(
+                    (
+                        r["period_id"],
+                        r["payee_kind"],
+                        r["payee_id"],
+                        r["agent_id"],
+                        _iso(r["opened_at"]),
+                        _iso(r["cut_off"]),
+                        r["rate_bps"],
+                        r["fee_base"],
+                        r["amount"],
+                        r["merchants"],
+                        domain.format_transaction_id(r["transaction_id"]) if r["transaction_id"] else "",
+                    )
+                )
+            key = "payee_id"
+        lines += min(len(rows), chunk)
+        if rows[:chunk]:
+            after = rows[:chunk][-1][key]
+        if len(rows) <= chunk:
+            return out.getvalue(), lines, ""
+    return out.getvalue(), lines, after

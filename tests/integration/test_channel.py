@@ -264,6 +264,29 @@ def test_commissions_and_agent_shares_posted_at_the_cut_with_exact_figures(world
         ("prov-p", "agent-p", 45),
     ]
     assert all(r["transaction_id"] for r in rows)
+    pages, token = [], ""
+    while True:  # in pages of 2 lines: the pages' concatenation is the whole file
+        page = stub.ExportChannelStatement(
+            pb.ExportChannelStatementRequest(
+                period_id=period.period_id, payee_kind=REGION, page_size=2, page_token=token
+            ),
+            metadata=op,
+        )
+        pages.append(page)
+        token = page.next_page_token
+        if not token:
+            break
+    assert [p.lines for p in pages] == [2, 1]
+    assert b"".join(p.csv for p in pages) == export.csv
+    assert (
+        _code(
+            lambda: stub.ExportChannelStatement(
+                pb.ExportChannelStatementRequest(period_id=period.period_id, payee_kind=REGION, page_size=50_001),
+                metadata=op,
+            )
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
     listed = stub.ListChannelStatements(
         pb.ListChannelStatementsRequest(payee_kind=PROMOTER, payee_id="pro-1"), metadata=op
     ).statements
