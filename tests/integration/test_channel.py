@@ -323,6 +323,44 @@ def test_commissions_and_agent_shares_posted_at_the_cut_with_exact_figures(world
     )
 
 
+def test_a_reassigned_merchant_pays_its_new_promoter_and_scope_region_pays_only_its_own_regions_agent(world):
+    w = world
+    points, stub, op, url = w["points"], w["channel"], w["operator"], w["url"]
+    add_program_version(url, {"channel": {**CHANNEL, "agent_scope": "region"}})
+    time.sleep(1.3)  # in force PROGRAM_LEAD_SECONDS after it is stored
+    stub.RegisterPromoter(pb.RegisterPromoterRequest(promoter_id="pro-2"), metadata=op)
+    stub.AssignMerchantPromoter(
+        pb.AssignMerchantPromoterRequest(merchant_id="shop-b", promoter_id="pro-2"), metadata=op
+    )
+    for merchant in ("shop-a", "shop-b"):
+        member = unique("m")
+        earn(points, "shop-c", member, 20_000)
+        points.Redeem(_redeem(merchant, member, 1_000), timeout=30)  # a fee of 100 at each
+    period = (
+        w["clearing"]
+        .CloseSettlementPeriod(pb.ClearingServiceCloseSettlementPeriodRequest(cut_off=_now()), metadata=op, timeout=30)
+        .period.period_id
+    )
+    statements = _wait_posted(
+        w, period, [(PROMOTER, "pro-1"), (PROMOTER, "pro-2"), (REGION, "county-x"), (REGION, "city-y")]
+    )
+    assert {key: (s.fee_base, s.amount) for key, s in statements.items()} == {
+        (PROMOTER, "pro-1"): (100, 20),  # shop-a only now
+        (PROMOTER, "pro-2"): (100, 20),  # shop-b, reassigned before the cut
+        (REGION, "county-x"): (100, 15),  # shop-a, in the county
+        (REGION, "city-y"): (100, 10),  # shop-b only: shop-a's county is below it, out of scope "region"
+    }
+    assert (
+        _code(
+            lambda: stub.GetChannelStatement(
+                pb.GetChannelStatementRequest(period_id=period, payee_kind=REGION, payee_id="prov-p"), metadata=op
+            )
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )  # no merchant in the province itself
+    assert ledger_discrepancies(url) == []
+
+
 def _redeem(merchant: str, member: str, points: int):
     from points.v1 import points_pb2
 
