@@ -1667,7 +1667,8 @@ class Store:
             # and an acquiring reward (kind 9, reversal 10) belongs to the acquirer, not to the merchant
             # where the member spent. A merchant's transactions are its own operations (its
             # transactions.merchant_id, except the operator's postings 6..11 that merely name the
-            # merchant whose operation triggered them) and those that moved one of its clearing accounts.
+            # merchant whose operation triggered them, and the channel's postings 23, 24 that name the
+            # operator) and those that moved one of its clearing accounts.
             # The voucher columns (migration 0006) come from the same pass, from the entries on its
             # VOUCHERS clearing accounts (MERCHANT_VOUCHER_ACCOUNTS): a dividend to it (11) or a spend at
             # it as the operator's store (14) moves only those, and so gives it a statement too.
