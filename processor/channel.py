@@ -7,6 +7,7 @@ Operator keys for every method but SetGiveBack, which a merchant's own key may c
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from typing import Any
@@ -34,6 +35,10 @@ PAYEE_ENUM = {name: value for value, name in PAYEE_KIND.items()}
 LEVEL = {pb.REGION_LEVEL_PROVINCE: "province", pb.REGION_LEVEL_CITY: "city", pb.REGION_LEVEL_COUNTY: "county"}
 LEVEL_ENUM = {name: value for value, name in LEVEL.items()}
 TOP_MERCHANTS_DEFAULT, TOP_MERCHANTS_MAX = 10, 100
+# Alliance reports computed at once: each holds a pool connection for the whole replay (seconds on a
+# large ledger: docs/RULES.md section 11), and the pool is the committer's too.
+REPORTS_IN_FLIGHT_MAX = 1
+REPORT_RETRY_SECONDS = 5.0
 TEXT_BYTES_MAX = 200
 STATEMENT_CSV_COLUMNS = (
     "period_id",
@@ -109,6 +114,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
         self.settings = settings
         self.pipeline = pipeline
         self.validate = Validator(settings)
+        self._reports = asyncio.Semaphore(REPORTS_IN_FLIGHT_MAX)
 
     def _payee(self, kind: int, payee_id: str, required: bool) -> tuple[str, str]:
         if kind not in PAYEE_KIND:
@@ -321,7 +327,14 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 raise domain.invalid_field(
                     "top_merchants", f"top_merchants must be 0 (default 10)..{TOP_MERCHANTS_MAX}"
                 )
-            report = await reports.alliance_report(self.pipeline.ready_store().pool, request.period_id, top)
+            if self._reports.locked():
+                raise Rejection(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"{REPORTS_IN_FLIGHT_MAX} alliance report(s) being computed; retry in a few seconds",
+                    retry_after_seconds=REPORT_RETRY_SECONDS,
+                )
+            async with self._reports:
+                report = await reports.alliance_report(self.pipeline.ready_store().pool, request.period_id, top)
             if report is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             return pb.GetAllianceReportResponse(report=reports.report_message(report))
