@@ -213,3 +213,43 @@ def test_reconcile_finds_a_channel_statement_line_without_its_statement_or_merch
     finally:
         fetch(url, "DELETE FROM channel_statement_lines WHERE payee_id = 'nobody' OR merchant_id = 'ghost'")
     assert ledger_discrepancies(url) == []
+
+
+def test_one_report_at_a_time_another_is_resource_exhausted(world):
+    """A report waits on a lock held by the test; a second one meanwhile is refused with a retry delay."""
+    import asyncio
+    import threading
+
+    import asyncpg
+
+    from tests.integration.helpers import wait_until
+
+    w, url = world, world["url"]
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+
+    def run(coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=30)
+
+    connection = run(asyncpg.connect(url))
+    transaction = connection.transaction()
+    run(transaction.start())
+    run(connection.execute("LOCK TABLE settlement_periods IN ACCESS EXCLUSIVE MODE"))
+    request = pb.GetAllianceReportRequest(period_id=1)
+    try:
+        first = w["channel"].GetAllianceReport.future(request, metadata=w["operator"], timeout=60)
+        wait_until(
+            lambda: fetch(
+                url,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FROM settlement_periods%'",
+            ),
+            "the first report did not reach the database",
+        )
+        error = error_of(lambda: w["channel"].GetAllianceReport(request, metadata=w["operator"], timeout=30))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in error.details()
+    finally:
+        run(transaction.rollback())
+        run(connection.close())
+        loop.call_soon_threadsafe(loop.stop)
+    assert first.result().report.period_id == 1
+    assert w["channel"].GetAllianceReport(request, metadata=w["operator"], timeout=30).report.period_id == 1
