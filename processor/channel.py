@@ -30,9 +30,13 @@ from processor.domain import Code, Rejection
 from processor.pipeline import Pipeline, now_micros
 from processor.servicer import Validator, guard
 
-PAYEE_KIND = {pb.CHANNEL_PAYEE_KIND_PROMOTER: channel_store.PAYEE_PROMOTER, pb.CHANNEL_PAYEE_KIND_REGION: "region"}
+PAYEE_KIND = {
+    pb.CHANNEL_PAYEE_KIND_PROMOTER: channel_store.PAYEE_PROMOTER,
+    pb.CHANNEL_PAYEE_KIND_REGION: channel_store.PAYEE_REGION,
+}
 PAYEE_ENUM = {name: value for value, name in PAYEE_KIND.items()}
-LEVEL = {pb.REGION_LEVEL_PROVINCE: "province", pb.REGION_LEVEL_CITY: "city", pb.REGION_LEVEL_COUNTY: "county"}
+# RegionLevel -> rules.REGION_LEVELS' names, top first
+LEVEL = dict(zip((pb.REGION_LEVEL_PROVINCE, pb.REGION_LEVEL_CITY, pb.REGION_LEVEL_COUNTY), rules.REGION_LEVELS))
 LEVEL_ENUM = {name: value for value, name in LEVEL.items()}
 TOP_MERCHANTS_DEFAULT, TOP_MERCHANTS_MAX = 10, 100
 # Alliance reports computed at once: each holds a pool connection for the whole replay (seconds on a

@@ -32,7 +32,8 @@ PAYEE_KINDS = (PAYEE_PROMOTER, PAYEE_REGION)
 POSTING_KIND = {PAYEE_PROMOTER: rules.KIND_PROMOTER_COMMISSION, PAYEE_REGION: rules.KIND_REGIONAL_AGENT_SHARE}
 # in SQL text: "23, 24", as the partial index transactions_channel_key (migration 0013) spells it
 _KINDS_SQL = ", ".join(str(kind) for kind in POSTING_KIND.values())
-PARENT_LEVEL = {"province": None, "city": "province", "county": "city"}
+# the level a region's parent must have (rules.REGION_LEVELS, top first): none for the top
+PARENT_LEVEL = dict(zip(rules.REGION_LEVELS, (None, *rules.REGION_LEVELS[:-1])))
 
 
 class ChannelError(Exception):
