@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,seed,call,demo} ...
+"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,report,seed,call,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -498,6 +498,29 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Prints the alliance report of a closed settlement period as CSV (processor/reports.py)."""
+    from processor import reports
+
+    settings = _settings(args)
+    if not 1 <= args.top <= 100:
+        print("--top must be 1..100", file=sys.stderr)
+        return 2
+
+    async def action(store):
+        return await reports.alliance_report(store.pool, args.period_id, args.top)
+
+    report = _run(_with_store(settings, action))
+    if report is None:
+        print(
+            f"period {args.period_id} is not closed (close it with ClearingService.CloseSettlementPeriod)",
+            file=sys.stderr,
+        )
+        return 2
+    sys.stdout.write(reports.report_csv(report))
+    return 0
+
+
 def cmd_seed(args: argparse.Namespace) -> int:
     """Creates a network of merchants (varied rates) and members with points, through the journal."""
     import time as _time
@@ -823,6 +846,15 @@ def parser() -> argparse.ArgumentParser:
     reconcile = commands.add_parser("reconcile", help="check the ledger's invariants; exit 1 on a discrepancy")
     config.add_arguments(reconcile, DATABASE_OPTIONS)
     reconcile.set_defaults(func=cmd_reconcile)
+
+    report = commands.add_parser(
+        "report",
+        help="the alliance report of a closed settlement period as CSV (flows, members, top merchants, regions)",
+    )
+    report.add_argument("--period-id", type=int, required=True, help="a closed settlement period")
+    report.add_argument("--top", type=int, default=10, help="merchants in each top list, 1..100 (default 10)")
+    config.add_arguments(report, DATABASE_OPTIONS)
+    report.set_defaults(func=cmd_report)
 
     seed = commands.add_parser("seed", help="create a network of merchants and members (scale tests)")
     seed.add_argument("--merchants", type=int, default=50_000)

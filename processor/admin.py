@@ -268,6 +268,12 @@ _OPTIONAL_RULES = (
     "member_points_spent_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
+_CHANNEL_RATES = (
+    "promoter_commission_bps",
+    "province_agent_share_bps",
+    "city_agent_share_bps",
+    "county_agent_share_bps",
+)
 
 
 def _rate(message: pb.ProgramRate) -> dict:
@@ -326,6 +332,12 @@ def rules_config(message: pb.ProgramRules) -> dict:
             }
             for p in message.promotions
         ]
+    if message.HasField("channel"):  # issue 16 (docs/RULES.md section 12)
+        config["channel"] = {
+            name: getattr(message.channel, name) for name in _CHANNEL_RATES if getattr(message.channel, name)
+        }
+        if message.channel.agent_scope:
+            config["channel"]["agent_scope"] = message.channel.agent_scope
     if message.merchant_terms:
         config["merchant_terms"] = [
             {
@@ -350,6 +362,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
     )
     if config["dividends"] is not None:
         message.dividends.CopyFrom(pb.ProgramDividends(**config["dividends"]))
+    if config.get("channel") is not None:
+        message.channel.CopyFrom(pb.ProgramChannel(**config["channel"]))
     for terms in config["merchant_terms"]:
         item = message.merchant_terms.add(merchant_id=terms["merchant_id"])
         if terms["acquiring_share_bps"] is not None:
@@ -535,10 +549,14 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
             store = self.pipeline.ready_store()
             await self.pipeline.settle_before(micros(cut_off))
+            # the program's channel settings in force at the cut decide the promoters' and agents' pay
+            version = self.pipeline.program.version(micros(cut_off) - 1)
             try:
-                period, _ = await store.close_period(cut_off)
+                period, created = await store.close_period(cut_off, version.channel if version is not None else None)
             except StoreError as error:
                 raise Rejection(Code.FAILED_PRECONDITION, str(error)) from None
+            if created:
+                self.pipeline.channel_posting_due()
             summary = await store.period_summary(period["period_id"])
             return pb.SettlementPeriod(
                 period_id=summary["period_id"],

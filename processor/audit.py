@@ -78,6 +78,19 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "ResetMemberVerification": True,
         "GetMemberVerification": False,
     },
+    # issue 16 (processor/channel.py); SetGiveBack is recorded for merchant keys too (the service takes them)
+    "points.v1.ChannelService": {
+        "RegisterPromoter": True,
+        "AssignMerchantPromoter": True,
+        "CreateRegion": True,
+        "ListRegions": False,
+        "RegisterRegionalAgent": True,
+        "GetChannelStatement": False,
+        "ListChannelStatements": False,
+        "ExportChannelStatement": False,
+        "SetGiveBack": True,
+        "GetAllianceReport": False,
+    },
 }
 
 

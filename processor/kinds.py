@@ -189,6 +189,31 @@ KINDS: tuple[Kind, ...] = (
             "AND fees = -fee AND revenue = fee",
         ),
     ),
+    # channel economics (issue 16; numbers 16..22 are issue 15's, 25..26 kept for this block, 27..31 for
+    # the seed programs): posted by the committer after a settlement cut, one per payee and period, from
+    # the operator's fee revenue; merchant_id 'operator', no member
+    Kind(
+        rules.KIND_PROMOTER_COMMISSION,
+        "promoter_commission",
+        pb.TRANSACTION_KIND_PROMOTER_COMMISSION,
+        0,
+        Shape(
+            "operator_fee_revenue -amount, one promoter_commissions (the promoter) +amount",
+            ("operator_fee_revenue/POINTS", "promoter_commissions/POINTS"),
+            "revenue = -amount AND commissions = amount AND promoters = 1",
+        ),
+    ),
+    Kind(
+        rules.KIND_REGIONAL_AGENT_SHARE,
+        "regional_agent_share",
+        pb.TRANSACTION_KIND_REGIONAL_AGENT_SHARE,
+        0,
+        Shape(
+            "operator_fee_revenue -amount, one regional_agent_shares (the agent) +amount",
+            ("operator_fee_revenue/POINTS", "regional_agent_shares/POINTS"),
+            "revenue = -amount AND agent_shares = amount AND agents = 1",
+        ),
+    ),
     # --- issue 16, the seed systems (numbers 27..31 are theirs; 16..26 belong to other issues) ---
     # a merchant's transaction: the match goes to the earn's merchant; member_id names the member whose
     # earn set it off, whose points it does not move

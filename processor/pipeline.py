@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, kinds, metrics, rules
+from processor import channel_store, domain, kinds, metrics, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
@@ -118,6 +118,8 @@ class Pipeline:
         self._checkpoint_due_at = 0.0
         self._checkpoint: asyncio.Task | None = None  # the checkpoint being written, if any
         self._expired_pending: list[int] = []
+        # channel statements of a settlement cut may wait to be posted (at start: a cut before a stop)
+        self.channel_unposted = True
         # No batch is dated before this (microseconds): the clock never runs backwards, and never
         # before the newest settlement cut or, after a (re)start, the newest batch in Postgres.
         self._clock_floor_us = 0
@@ -309,6 +311,11 @@ class Pipeline:
             self._queued.set()
         return self.ledger
 
+    def channel_posting_due(self) -> None:
+        """A cut wrote channel statements: the committer posts them, with or without traffic."""
+        self.channel_unposted = True
+        self._queued.set()
+
     async def settle_before(self, cut_off_us: int) -> None:
         """Makes every transaction dated before cut_off durable and every later one dated at or after it:
         the point where a settlement period can be closed at cut_off while traffic goes on."""
@@ -369,6 +376,7 @@ class Pipeline:
                 and not self._expired_pending
                 and not self._lots_due()
                 and not self.program.dividends_unposted
+                and not self.channel_unposted
             ):
                 if self._stopping:
                     return
@@ -438,6 +446,11 @@ class Pipeline:
                     self.settings.program_id, settings.batch_operations_max
                 )
                 self.program.dividends_unposted = bool(dividends)
+            channel: list = []
+            if self.channel_unposted and not self._open:
+                # channel statements of a cut (processor/channel_store.py), posted like dividends
+                channel = await channel_store.unposted(self.store.pool, settings.batch_operations_max)
+                self.channel_unposted = bool(channel)
             # account ids for what the batch may open: a new member's account, and under the rules up to
             # three voucher accounts per operation or allocation
             need = len(batch) + (3 * (len(batch) + len(dividends)) if self.program.program is not None else 0)
@@ -470,6 +483,11 @@ class Pipeline:
         now_us = self._clock_floor_us = max(now_micros(), self._clock_floor_us)
         expired, self._expired_pending = self._expired_pending, []
         outcomes, write = self.machine.apply(batch, stored, now_us, expired, dividends)
+        if channel:
+            channel_store.post(
+                write, channel, self.ids.transaction, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
+            )
+            write.last_transaction_id = self.ids.next_transaction_id - 1
         prepared = _Prepared(batch, outcomes, write, now_us)
         self._open.append(prepared)
         return prepared

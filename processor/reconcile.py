@@ -3,14 +3,15 @@ sums to zero per asset and per transaction; every reference exists; balances equ
 the checkpoint; holds stay within balances; ids are handed out once (ledger_writer); every transaction
 is of a known kind moving its member's points in its kind's direction and, for the program's kinds, has
 its kind's shape; account signs; earn records, promotion budgets and lots; statements equal their
-merchants' entries; net positions, fee revenue, breakage and members' points sum to zero. Each check
+merchants' entries; net positions, fee revenue, channel payables, breakage and members' points sum to
+zero; channel statements equal their merchants' fees and their postings (processor/channel_store.py). Each check
 lists at most 5 examples. Used by `python -m processor reconcile` and at the end of most tests."""
 
 from __future__ import annotations
 
 import asyncpg
 
-from processor import kinds, rules
+from processor import channel_store, kinds, rules
 from processor.domain import require
 from processor.store import (
     _CLEARING_SUMS,
@@ -57,12 +58,12 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
             )
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
-        # merchant's voucher spend (14) has no member
+        # merchant's voucher spend (14) has no member; a channel posting (23, 24) neither (the operator's)
         for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                   WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                             OR t.kind = 11 AND t.merchant_id = 'operator')
+                                             OR t.kind IN (11, 23, 24) AND t.merchant_id = 'operator')
                                      OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
-                                             OR t.kind IN (11, 14) AND t.member_id = '')
+                                             OR t.kind IN (11, 14, 23, 24) AND t.member_id = '')
                                      OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
                                           (SELECT 1 FROM transactions o
                                            WHERE o.transaction_id = t.original_transaction_id))
@@ -188,7 +189,8 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                 f"{r['vouchers_held_closing']}"
             )
         report(
-            "net positions + fee revenue + breakage + program funding + members' points = 0; fee revenue = fees charged"
+            "net positions + fee revenue + channel payables + breakage + program funding + members' points = 0; "
+            "fee revenue + commissions + agent shares = fees charged"
         )
         totals = await fetchrow(
             """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'member'), 0) AS members,
@@ -196,6 +198,9 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                           AS merchants,
                       -- points merchants hold (the merchant match, issue 16): not part of a net position
                       coalesce(sum(balance) FILTER (WHERE kind = 'merchant_points'), 0) AS merchant_points,
+                      -- channel economics (issue 16): what the operator's fee revenue paid promoters and agents
+                      coalesce(sum(balance) FILTER (WHERE kind = 'promoter_commissions'), 0) AS commissions,
+                      coalesce(sum(balance) FILTER (WHERE kind = 'regional_agent_shares'), 0) AS agent_shares,
                       coalesce(sum(balance) FILTER (WHERE kind = 'operator_fee_revenue'), 0) AS revenue,
                       coalesce(sum(balance) FILTER (WHERE kind = 'merchant_fees'), 0) AS fees,
                       coalesce(sum(balance) FILTER (WHERE kind = 'operator_breakage'), 0) AS breakage,
@@ -206,22 +211,28 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                'operator_signup_bonuses')), 0) AS program
                FROM account_balances WHERE asset_code = 'POINTS'"""
         )
+        # fee revenue is what the operator keeps of the fees; gross = kept + commissions + agent shares
+        channel = totals["commissions"] + totals["agent_shares"]
         if (
             totals["members"]
             + totals["merchants"]
             + totals["merchant_points"]
             + totals["revenue"]
+            + channel
             + totals["breakage"]
             + totals["program"]
             != 0
         ):
             problems.append(
                 f"net positions {totals['merchants']} + fee revenue {totals['revenue']} + "
+                f"commissions {totals['commissions']} + agent shares {totals['agent_shares']} + "
                 f"breakage {totals['breakage']} + program funding {totals['program']} + "
                 f"members' points {totals['members']} + merchants' points {totals['merchant_points']} != 0"
             )
-        if totals["revenue"] != -totals["fees"]:
-            problems.append(f"fee revenue {totals['revenue']} != fees charged {-totals['fees']}")
+        if totals["revenue"] + channel != -totals["fees"]:
+            paid = f" + commissions {totals['commissions']} + agent shares {totals['agent_shares']}" if channel else ""
+            problems.append(f"fee revenue {totals['revenue']}{paid} != fees charged {-totals['fees']}")
+        problems += await channel_store.discrepancies(fetch, report)
     return problems
 
 
@@ -250,6 +261,8 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "operator_signup_bonuses": -1,
     "operator_fan_rewards": -1,
     "merchant_voucher_credit": -1,
+    "promoter_commissions": 1,
+    "regional_agent_shares": 1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -287,6 +300,10 @@ _SHAPE_SUMS = """
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit' AND a.owner_id = t.merchant_id), 0)
         AS merchant_credit_own,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'merchant_voucher_credit'), 0) AS merchant_credit_any,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'promoter_commissions'), 0) AS commissions,
+    count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'promoter_commissions') AS promoters,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'regional_agent_shares'), 0) AS agent_shares,
+    count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'regional_agent_shares') AS agents,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""

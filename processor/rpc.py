@@ -38,6 +38,8 @@ ACCEPTED_KINDS = {
     "points.v1.ProgramsService": ("operator",),
     "points.v1.MemberAdminService": ("operator",),
     "points.v1.AuditService": ("operator",),
+    # operator keys, and a merchant's own key for SetGiveBack: processor/channel.py checks each method
+    "points.v1.ChannelService": ("operator", "merchant"),
 }
 # Services any caller may use without a key: health checks and (filtered, processor/reflection.py)
 # server reflection.

@@ -59,6 +59,9 @@ ACCOUNT_OPERATOR_SIGNUP_BONUSES = "operator_signup_bonuses"  # POINTS, <= 0: sig
 # after the merchant spent it), repaid first out of the vouchers it receives next
 ACCOUNT_OPERATOR_FAN_REWARDS = "operator_fan_rewards"  # VOUCHERS, <= 0: fan rewards issued
 ACCOUNT_MERCHANT_VOUCHER_CREDIT = "merchant_voucher_credit"  # VOUCHERS, <= 0: vouchers a merchant owes
+# channel economics (issue 16, docs/RULES.md section 12): payables owed to promoters and regional agents
+ACCOUNT_PROMOTER_COMMISSIONS = "promoter_commissions"  # POINTS, >= 0: commissions owed to a promoter
+ACCOUNT_REGIONAL_AGENT_SHARES = "regional_agent_shares"  # POINTS, >= 0: shares owed to a regional agent
 
 ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MEMBER: frozenset({ASSET_POINTS, ASSET_VOUCHERS}),
@@ -80,6 +83,8 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_OPERATOR_SIGNUP_BONUSES: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_FAN_REWARDS: frozenset({ASSET_VOUCHERS}),
     ACCOUNT_MERCHANT_VOUCHER_CREDIT: frozenset({ASSET_VOUCHERS}),
+    ACCOUNT_PROMOTER_COMMISSIONS: frozenset({ASSET_POINTS}),
+    ACCOUNT_REGIONAL_AGENT_SHARES: frozenset({ASSET_POINTS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -100,6 +105,9 @@ KIND_MERCHANT_MATCH_REVERSAL = 28  # its proportional reversal when that purchas
 KIND_SIGNUP_BONUS = 29  # a member's one-off bonus on enrolment (seed 003)
 KIND_FAN_REWARD = 30  # 众店: the acquiring merchant's share of its fan's spend, in vouchers
 KIND_FAN_REWARD_REVERSAL = 31  # its proportional reversal when that purchase is refunded
+# channel economics (issue 16): posted by the committer after a settlement cut, one per payee and period
+KIND_PROMOTER_COMMISSION = 23  # operator_fee_revenue -> a promoter's promoter_commissions
+KIND_REGIONAL_AGENT_SHARE = 24  # operator_fee_revenue -> a regional agent's regional_agent_shares
 
 CASH_OUT_MESSAGE = (
     "points and vouchers cannot be paid out as cash: they circulate only inside the "
@@ -376,6 +384,62 @@ VERIFICATION_FAILURES_MAX = 100
 VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
 
 
+# --- Channel economics (issue 16; docs/RULES.md section 12) ----------------------------------------
+
+REGION_LEVELS = ("province", "city", "county")  # the region tree, top first
+AGENT_SCOPE_REGION = "region"  # an agent earns on the merchants of its own region only
+AGENT_SCOPE_SUBTREE = "subtree"  # ... and on those of every region below it
+AGENT_SCOPES = (AGENT_SCOPE_REGION, AGENT_SCOPE_SUBTREE)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelSettings:
+    """What promoters and regional agents earn at each settlement cut: basis points of the operator's fee
+    revenue (statements' `fees`) from their merchants in the period. A merchant's fees can feed its
+    promoter and, with scope "subtree", the agents of its county, city and province: the sum of those
+    rates is at most 10000, so the operator never pays out more than it took from a merchant."""
+
+    promoter_commission_bps: int = 0
+    province_agent_share_bps: int = 0
+    city_agent_share_bps: int = 0
+    county_agent_share_bps: int = 0
+    agent_scope: str = AGENT_SCOPE_SUBTREE
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        rates = (
+            self.promoter_commission_bps,
+            self.province_agent_share_bps,
+            self.city_agent_share_bps,
+            self.county_agent_share_bps,
+        )
+        names = (
+            "promoter_commission_bps",
+            "province_agent_share_bps",
+            "city_agent_share_bps",
+            "county_agent_share_bps",
+        )
+        valid = [_problem_int(problems, rate, name, 0, BPS_DENOMINATOR) for rate, name in zip(rates, names)]
+        if all(valid) and sum(rates) > BPS_DENOMINATOR:
+            problems.append(
+                f"promoter_commission_bps + the three agent shares must be at most {BPS_DENOMINATOR} "
+                f"(got {sum(rates)}): a merchant's fees would be paid out more than once"
+            )
+        if self.agent_scope not in AGENT_SCOPES:
+            problems.append(
+                f"agent_scope must be one of {', '.join(map(repr, AGENT_SCOPES))} (got {self.agent_scope!r})"
+            )
+        _raise_problems(problems, "channel settings")
+
+    def agent_share_bps(self, level: str) -> int:
+        """The share of the agent of a region at `level` (province, city or county)."""
+        return {
+            "province": self.province_agent_share_bps,
+            "city": self.city_agent_share_bps,
+            "county": self.county_agent_share_bps,
+        }[level]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProgramVersion:
     """The rules of a program from effective_from_us until the next version's. A transaction records
@@ -436,6 +500,8 @@ class ProgramVersion:
     # 众店: merchants too may spend vouchers on credit, up to credit_limit_bps of the expected next dividend
     # on the points they hold from the merchant match (needs dividends)
     merchant_voucher_credit: bool = False
+    # channel economics (issue 16): None = no promoter commissions and no agent shares
+    channel: ChannelSettings | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -870,6 +936,16 @@ _DIVIDENDS = _object(
         "credit_limit_bps": _integer,
     },
 )
+_CHANNEL = _object(
+    ChannelSettings,
+    {
+        "promoter_commission_bps": _integer,
+        "province_agent_share_bps": _integer,
+        "city_agent_share_bps": _integer,
+        "county_agent_share_bps": _integer,
+        "agent_scope": _text,
+    },
+)
 _VERSION_KINDS = {
     "expiry_period_us": _nullable(_integer, "never expire"),
     "restore_grace_us": _integer,
@@ -900,6 +976,7 @@ _VERSION_KINDS = {
     "acquiring_reward_asset": _text,
     "acquiring_at_acquirer": _boolean,
     "merchant_voucher_credit": _boolean,
+    "channel": _nullable(_CHANNEL, "no channel commissions"),
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(

@@ -25,6 +25,7 @@ from processor.admin import (
     ProgramsServiceServicer,
 )
 from processor.config import Settings
+from processor.channel import ChannelServicer
 from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
 from processor.presence import Presence
@@ -164,6 +165,7 @@ class Service:
         )
         admin_pb2_grpc.add_ClearingServiceServicer_to_server(ClearingServiceServicer(clearing), self.server)
         admin_pb2_grpc.add_ProgramsServiceServicer_to_server(ProgramsServiceServicer(programs), self.server)
+        admin_pb2_grpc.add_ChannelServiceServicer_to_server(ChannelServicer(settings, self.pipeline), self.server)
         admin_pb2_grpc.add_AuditServiceServicer_to_server(
             audit.AuditServicer(self.audit_log, self.pipeline), self.server
         )

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
-from processor import metrics, rules
+from processor import channel_store, metrics, rules
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_ACQUIRING,
@@ -1657,10 +1657,14 @@ class Store:
             timeout=self.recovery_timeout,
         )
 
-    async def close_period(self, cut_off: dt.datetime) -> tuple[asyncpg.Record, bool]:
-        """Closes the open period at cut_off and writes every merchant's statement, in one transaction.
-        Returns (period, created). The caller guarantees no transaction dated before cut_off commits
-        afterwards. Idempotent on cut_off; StoreError if cut_off is not after the newest cut."""
+    async def close_period(
+        self, cut_off: dt.datetime, channel: rules.ChannelSettings | None = None
+    ) -> tuple[asyncpg.Record, bool]:
+        """Closes the open period at cut_off and writes every merchant's statement, in one transaction,
+        and with `channel` (the program's settings at the cut) the promoters' and regions' statements
+        from them (processor/channel_store.py; the committer posts them). Returns (period, created). The
+        caller guarantees no transaction dated before cut_off commits afterwards. Idempotent on
+        cut_off; StoreError if cut_off is not after the newest cut."""
         async with self.pool.acquire() as c, c.transaction():
             await c.execute("LOCK TABLE settlement_periods IN EXCLUSIVE MODE")
             existing = await c.fetchrow("SELECT * FROM settlement_periods WHERE cut_off = $1", cut_off)
@@ -1687,7 +1691,8 @@ class Store:
             # and an acquiring reward (kind 9, reversal 10) belongs to the acquirer, not to the merchant
             # where the member spent. A merchant's transactions are its own operations (its
             # transactions.merchant_id, except the operator's postings 6..11 that merely name the
-            # merchant whose operation triggered them) and those that moved one of its clearing accounts.
+            # merchant whose operation triggered them, and the channel's postings 23, 24 that name the
+            # operator) and those that moved one of its clearing accounts.
             # The voucher columns (migration 0006) come from the same pass, from the entries on its
             # VOUCHERS clearing accounts (MERCHANT_VOUCHER_ACCOUNTS): a dividend to it (11) or a spend at
             # it as the operator's store (14) moves only those, and so gives it a statement too.
@@ -1713,7 +1718,8 @@ class Store:
                      FROM m GROUP BY merchant_id),
                    counted AS (
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
-                       SELECT merchant_id, count(*) AS n FROM t WHERE kind NOT BETWEEN 6 AND 11
+                       SELECT merchant_id, count(*) AS n FROM t
+                       WHERE kind NOT BETWEEN 6 AND 11 AND kind <> ALL($7::smallint[])
                        GROUP BY merchant_id
                        UNION ALL
                        SELECT merchant_id, count(DISTINCT transaction_id) FROM m
@@ -1753,8 +1759,11 @@ class Store:
                 period_id - 1,
                 list(MERCHANT_ACCOUNTS),
                 list(MERCHANT_VOUCHER_ACCOUNTS),
+                list(channel_store.POSTING_KIND.values()),
                 timeout=SETTLEMENT_TIMEOUT_SECONDS,
             )
+            if channel is not None:
+                await channel_store.cut(c, period_id, channel, timeout=SETTLEMENT_TIMEOUT_SECONDS)
             return period, True
 
     async def period_summary(self, period_id: int) -> asyncpg.Record | None:
@@ -1807,7 +1816,7 @@ class Store:
                     own AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3 AND t.kind NOT BETWEEN 6 AND 11
+                      WHERE t.transaction_id > $3 AND t.kind NOT BETWEEN 6 AND 11 AND t.kind <> ALL($7::smallint[])
                       ORDER BY t.transaction_id LIMIT $4),
                     acquired AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
@@ -1859,6 +1868,7 @@ class Store:
             limit,
             list(MERCHANT_ACCOUNTS),
             list(MERCHANT_VOUCHER_ACCOUNTS),
+            list(channel_store.POSTING_KIND.values()),
         )
 
     # --- scale: a seeded network ---

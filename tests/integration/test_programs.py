@@ -143,6 +143,13 @@ def every_field_rules() -> pb.ProgramRules:
         verification_lockout_seconds=600,
         member_points_spent_per_hour_max=50_000,
         member_points_spent_per_day_max=200_000,
+        channel=pb.ProgramChannel(
+            promoter_commission_bps=2_000,
+            province_agent_share_bps=500,
+            city_agent_share_bps=1_000,
+            county_agent_share_bps=1_500,
+            agent_scope="region",
+        ),
     )
 
 
@@ -214,6 +221,7 @@ def test_unset_fields_take_the_documented_defaults_and_are_returned_set(service,
         ("red", 2_000_000, 10_000),
     ]
     assert not rules.HasField("dividends") and not rules.promotions and not rules.merchant_terms
+    assert not rules.HasField("channel")
 
 
 def test_a_stored_version_holds_every_setting_and_who_stored_it(service, programs, operator):

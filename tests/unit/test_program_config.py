@@ -101,6 +101,13 @@ EVERY_FIELD = ProgramVersion(
     acquiring_reward_asset=rules.ASSET_VOUCHERS,
     acquiring_at_acquirer=True,
     merchant_voucher_credit=True,
+    channel=rules.ChannelSettings(
+        promoter_commission_bps=2_000,
+        province_agent_share_bps=500,
+        city_agent_share_bps=1_000,
+        county_agent_share_bps=1_500,
+        agent_scope=rules.AGENT_SCOPE_REGION,
+    ),
 )
 
 
