@@ -77,6 +77,14 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "SetMemberPin": True,
         "ResetMemberVerification": True,
         "GetMemberVerification": False,
+        # member administration (issue 15)
+        "AdjustPoints": True,
+        "ReverseTransaction": True,
+        "FreezeMember": True,
+        "UnfreezeMember": True,
+        "CloseMember": True,
+        "GetBalance": False,
+        "ListTransactions": False,
     },
 }
 

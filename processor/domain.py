@@ -138,6 +138,12 @@ class Method(enum.Enum):
     LINK = "LinkMember"
     CONVERT = "ConvertMerchantPoints"
     SPEND_VOUCHERS = "SpendMerchantVouchers"
+    # member administration (MemberAdminService; processor/member_postings.py applies them)
+    ADJUST = "AdjustPoints"
+    REVERSE = "ReverseTransaction"
+    FREEZE = "FreezeMember"
+    UNFREEZE = "UnfreezeMember"
+    CLOSE_MEMBER = "CloseMember"
 
 
 @dataclasses.dataclass(slots=True)

@@ -187,6 +187,113 @@ KINDS: tuple[Kind, ...] = (
     ),
 )
 
+# --- member administration (MemberAdminService, issue 15; posted by processor/member_postings.py) ---
+KIND_ADJUSTMENT_CREDIT = 16
+KIND_ADJUSTMENT_DEBIT = 17
+KIND_REVERSAL_CREDIT = 18
+KIND_REVERSAL_DEBIT = 19
+KIND_MEMBER_CLOSURE = 20
+KIND_TRANSFER = 21
+KIND_MERGE = 22
+_ADJUSTMENTS = ("member/POINTS", "operator_adjustments/POINTS")
+# a reversal mirrors one transaction's entries, whichever accounts they touched; reconcile checks the
+# mirror itself (reconcile._member_admin_discrepancies), the shape only its member's side
+_ANY_POINTS = (
+    "member/POINTS",
+    "merchant_issued/POINTS",
+    "merchant_redeemed/POINTS",
+    "merchant_acquiring/POINTS",
+    "operator_tier_rewards/POINTS",
+    "operator_promotions/POINTS",
+    "operator_referrals/POINTS",
+    "operator_acquiring/POINTS",
+    "operator_breakage/POINTS",
+    "operator_adjustments/POINTS",
+    *_POINTS_FEES,
+)
+KINDS += (
+    Kind(
+        KIND_ADJUSTMENT_CREDIT,
+        "adjustment_credit",
+        pb.TRANSACTION_KIND_ADJUSTMENT_CREDIT,
+        +1,
+        Shape(
+            "operator_adjustments -amount, the transaction's member +amount",
+            _ADJUSTMENTS,
+            "adjustments = -amount AND member_own = amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_ADJUSTMENT_DEBIT,
+        "adjustment_debit",
+        pb.TRANSACTION_KIND_ADJUSTMENT_DEBIT,
+        -1,
+        Shape(
+            "the transaction's member -amount, operator_adjustments +amount",
+            _ADJUSTMENTS,
+            "adjustments = amount AND member_own = -amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_REVERSAL_CREDIT,
+        "reversal_credit",
+        pb.TRANSACTION_KIND_REVERSAL_CREDIT,
+        +1,
+        Shape(
+            "the mirror of its original transaction, crediting the transaction's member +amount",
+            _ANY_POINTS,
+            "member_own = amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_REVERSAL_DEBIT,
+        "reversal_debit",
+        pb.TRANSACTION_KIND_REVERSAL_DEBIT,
+        -1,
+        Shape(
+            "the mirror of its original transaction, debiting the transaction's member -amount",
+            _ANY_POINTS,
+            "member_own = -amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_MEMBER_CLOSURE,
+        "member_closure",
+        pb.TRANSACTION_KIND_MEMBER_CLOSURE,
+        -1,
+        Shape(
+            "the closed member -amount (all its points), operator_breakage +amount",
+            ("member/POINTS", "operator_breakage/POINTS"),
+            "member_own = -amount AND member_any = member_own AND breakage = amount",
+        ),
+    ),
+    # reserved (issue 15, not posted yet): the shapes say what their postings will have to be
+    Kind(
+        KIND_TRANSFER,
+        "transfer",
+        pb.TRANSACTION_KIND_TRANSFER,
+        -1,
+        Shape(
+            "the transaction's member (the sender) -amount, one other member +(amount - fee), fee revenue = fee",
+            ("member/POINTS", "operator_fee_revenue/POINTS"),
+            "member_own = -amount AND member_any = -fee AND members <= 2 AND revenue = fee",
+        ),
+    ),
+    Kind(
+        KIND_MERGE,
+        "merge",
+        pb.TRANSACTION_KIND_MERGE,
+        -1,
+        Shape(
+            "the transaction's member (the source) -amount, one other member (the target) +amount",
+            ("member/POINTS",),
+            "member_own = -amount AND member_any = 0 AND members <= 2",
+        ),
+    ),
+)
+# transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
+OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))
+
 BY_CODE: dict[int, Kind] = {kind.code: kind for kind in KINDS}
 BY_NAME: dict[str, Kind] = {kind.name: kind for kind in KINDS}
 # the program rules' kinds, whose entries reconcile checks against their shapes

@@ -58,9 +58,11 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
         # merchant's voucher spend (14) has no member
-        for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
+        for r in await fetch(
+            """SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                   WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                             OR t.kind = 11 AND t.merchant_id = 'operator')
+                                             OR t.kind = 11 AND t.merchant_id = 'operator'
+                                             OR t.kind = ANY($1::smallint[]) AND t.merchant_id = 'operator')
                                      OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
                                              OR t.kind IN (11, 14) AND t.member_id = '')
                                      OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
@@ -70,7 +72,9 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                   SELECT 'hold ' || h.authorization_id FROM holds h
                                   WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = h.merchant_id)
                                      OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = h.member_id)
-                                  LIMIT 5"""):
+                                  LIMIT 5""",
+            sorted(kinds.OPERATOR_KINDS),
+        ):
             problems.append(f"{r['what']} refers to a merchant, member or transaction that does not exist")
         report(
             "every account's checkpointed balance (members, merchant positions, operator) equals the "
@@ -199,7 +203,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                       -- the program rules' operator accounts (tier rewards, promotions, referrals,
                       -- acquiring): points the operator funded, <= 0
                       coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
-                               'operator_referrals', 'operator_acquiring')), 0) AS program
+                               'operator_referrals', 'operator_acquiring', 'operator_adjustments')), 0) AS program
                FROM account_balances WHERE asset_code = 'POINTS'"""
         )
         if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] + totals["program"] != 0:
@@ -260,6 +264,7 @@ _SHAPE_SUMS = """
                                      AND a.owner_id = t.merchant_id), 0) AS store_vouchers_own,
     count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS') AS stores,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fee_revenue'), 0) AS revenue,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_adjustments'), 0) AS adjustments,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
@@ -518,15 +523,18 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         + " ".join(f"WHEN {kind} THEN stray = 0 AND ({shape.condition})" for kind, shape in kinds.SHAPED.items())
         + " ELSE true END"
     )
-    for r in await fetch(f"""WITH x AS MATERIALIZED (
+    for r in await fetch(
+        f"""WITH x AS MATERIALIZED (
                                SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
                                       {_SHAPE_SUMS.format(allowed=allowed_case)}
                                FROM transactions t
                                LEFT JOIN entries e ON e.transaction_id = t.transaction_id
                                LEFT JOIN accounts a ON a.account_id = e.account_id
-                               WHERE t.kind BETWEEN 6 AND 15
+                               WHERE t.kind = ANY($1::smallint[])
                                GROUP BY t.transaction_id)
-                             SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5"""):
+                             SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5""",
+        sorted(kinds.SHAPED),
+    ):
         shape = kinds.SHAPED[r["kind"]].description
         problems.append(
             f"transaction {r['transaction_id']} of kind {r['kind']} (amount {r['amount']}, member "

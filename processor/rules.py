@@ -65,6 +65,8 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_OPERATOR_REFERRALS: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_ACQUIRING: frozenset({ASSET_POINTS}),
     ACCOUNT_OPERATOR_DIVIDENDS: frozenset({ASSET_VOUCHERS}),
+    # member administration (processor/member_postings.py): funds adjustments; no sign of its own
+    "operator_adjustments": frozenset({ASSET_POINTS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion

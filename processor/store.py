@@ -302,11 +302,14 @@ class BatchWrite:
     # to ledger_writer in the same transaction, the one place recovery continues from
     last_transaction_id: int = 0
     last_authorization_id: int = 0
+    # member administration's rows (processor.member_postings.MemberWrite), or None when the batch has none
+    members: Any = None
 
     @property
     def empty(self) -> bool:
         return not (
-            self.idempotency
+            self.members is not None
+            or self.idempotency
             or self.expired_holds
             or self.transactions
             or (self.rules is not None and not self.rules.empty)
@@ -1237,6 +1240,11 @@ class Store:
         if b.rules is not None and not b.rules.empty:
             await self._write_rules(c, b.rules, at, timeout)
             step("rules")
+        if b.members is not None:  # member administration (processor/member_postings.py)
+            from processor import member_store
+
+            await member_store.write(c, b.members, at, timeout)
+            step("members_admin")
         if b.idempotency:
             await c.execute(
                 """INSERT INTO idempotency_keys

@@ -1,0 +1,423 @@
+"""Member administration inside the ledger state machine (issue 15): operators' and support agents'
+adjustments, reversals of adjustments, freezing and closing members. Each is an Operation of its own
+Method (domain.Method.ADJUST, ...) queued through the committer like a till's, applied in the same batch
+and the same order as the tills' traffic, idempotent per key (namespace domain.OPERATOR_ID), balanced,
+and checked by reconcile (kinds 16..20, processor/kinds.py).
+
+The members' administrative state (frozen, closed, which transactions were reversed) is held here in
+memory, with an undo log per open batch like the fast path's, so a batch sees the freeze of an earlier
+operation of the same batch, and a rolled-back batch leaves nothing behind. It is durable in Postgres
+(member_status, member_adjustments, member_reversals, member_status_log; migration 0011), written in the
+batch's transaction (processor/member_store.py).
+
+MemberPostingsMixin is a base of LedgerStateMachine, as PostingsMixin is: it holds no state of its own
+beyond `members` (a MemberRegistry) and works on the state machine's ledger, program state and ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import fastpath
+from processor import domain, kinds, metrics, rules
+from processor.domain import Code, Method, Operation, Outcome, require
+from processor.program import OWNER_TRANSACTION
+
+if TYPE_CHECKING:
+    from processor.program import ProgramState
+    from processor.store import BatchWrite
+
+STATE_ACTIVE, STATE_FROZEN, STATE_CLOSED = "active", "frozen", "closed"
+# the operations this module applies (the state machine hands them over before its own dispatch)
+METHODS = frozenset({Method.ADJUST, Method.REVERSE, Method.FREEZE, Method.UNFREEZE, Method.CLOSE_MEMBER})
+# what a frozen member may not do: spend (a split tender is a Redeem or Authorize with vouchers)
+_SPENDING = frozenset({Method.REDEEM, Method.AUTHORIZE})
+# a till's operations that name a member (op.member_id): all refused for a closed member
+_NAMING_MEMBER = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.LINK, Method.CONVERT})
+# member events the change feed reads (member_status_log.event)
+EVENT_FROZEN, EVENT_UNFROZEN, EVENT_CLOSED, EVENT_MERGED = "frozen", "unfrozen", "closed", "merged"
+# AdjustmentReason (admin.proto) numbers and names, for the history and the messages
+REASONS = {1: "goodwill", 2: "correction", 3: "sign_up", 4: "birthday", 5: "survey", 6: "activity", 7: "other"}
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MemberStatus:
+    state: str
+    reason: str
+    # when the member was frozen or closed, microseconds since the epoch
+    since_us: int
+
+
+@dataclasses.dataclass(slots=True)
+class MemberWrite:
+    """A batch's member-administration rows, written in the batch's transaction (member_store.write)."""
+
+    # (transaction_id, member_id, signed points, reason, note, key_id)
+    adjustments: list[tuple[int, str, int, int, str, str]] = dataclasses.field(default_factory=list)
+    # (original_transaction_id, reversal_transaction_id, reason, note, key_id)
+    reversals: list[tuple[int, int, int, str, str]] = dataclasses.field(default_factory=list)
+    # member_id -> its status after the batch (None: active again)
+    statuses: dict[str, MemberStatus | None] = dataclasses.field(default_factory=dict)
+    # (member_id, event, payload)
+    events: list[tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+
+
+def record_member_event(conn_or_write: Any, member_id: str, event: str, payload: dict[str, Any]) -> Any:
+    """The one way a member event (frozen, unfrozen, closed, merged) is recorded for the change feed: into
+    a batch's MemberWrite (written with the batch), or, given an asyncpg connection, at once (returns the
+    coroutine to await). Today the rows go to member_status_log (migration 0011); the change feed's
+    member_events table (migration 0012, engineer "events") is to be fed from here when it lands."""
+    if isinstance(conn_or_write, MemberWrite):
+        conn_or_write.events.append((member_id, event, payload))
+        return None
+    from processor import member_store
+
+    return member_store.insert_events(conn_or_write, [(member_id, event, payload)], dt.datetime.now(dt.timezone.utc))
+
+
+class MemberRegistry:
+    """Members' administrative state in memory (no row = active) and the transactions reversed, with an
+    undo log per open batch (begin / commit / rollback_newest / rollback, as ProgramState)."""
+
+    def __init__(self, statuses: dict[str, MemberStatus] | None = None, reversed_by: dict[int, int] | None = None):
+        self.statuses: dict[str, MemberStatus] = dict(statuses or {})
+        # original transaction id -> the reversal's transaction id
+        self.reversed_by: dict[int, int] = dict(reversed_by or {})
+        self._undo: list[list[tuple[dict[Any, Any], Any, Any]]] = []
+
+    def begin(self) -> None:
+        self._undo.append([])
+
+    def commit(self) -> None:
+        require(bool(self._undo), "member registry: commit with no batch open")
+        self._undo.pop(0)
+
+    def rollback_newest(self) -> None:
+        require(bool(self._undo), "member registry: rollback with no batch open")
+        for table, key, old in reversed(self._undo.pop()):
+            if old is _MISSING:
+                table.pop(key, None)
+            else:
+                table[key] = old
+
+    def rollback(self) -> None:
+        while self._undo:
+            self.rollback_newest()
+
+    def _set(self, table: dict[Any, Any], key: Any, value: Any) -> None:
+        require(bool(self._undo), "member registry: change outside a batch")
+        self._undo[-1].append((table, key, table.get(key, _MISSING)))
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+    def set_status(self, member_id: str, status: MemberStatus | None) -> None:
+        self._set(self.statuses, member_id, status)
+
+    def mark_reversed(self, original_id: int, reversal_id: int) -> None:
+        self._set(self.reversed_by, original_id, reversal_id)
+
+    def status(self, member_id: str) -> MemberStatus | None:
+        return self.statuses.get(member_id)
+
+    def refusal(self, op: Operation) -> Outcome | None:
+        """A till's operation refused because of its member's state, or None. Not recorded under the
+        idempotency key: the state may change (an unfreeze), and then a retry with the key may pass."""
+        if op.method not in _NAMING_MEMBER or not op.member_id:
+            return None
+        status = self.statuses.get(op.member_id)
+        if status is None:
+            return None
+        if status.state == STATE_CLOSED:
+            metrics.rejections.labels("member_closed").inc()
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=closed_message(op.member_id, status),
+                recorded=False,
+                reason="member_closed",
+            )
+        if status.state == STATE_FROZEN and op.method in _SPENDING:
+            metrics.rejections.labels("member_frozen").inc()
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=frozen_message(op.member_id, status),
+                recorded=False,
+                reason="member_frozen",
+            )
+        return None
+
+
+def _iso(micros: int) -> str:
+    moment = dt.datetime.fromtimestamp(micros / 1_000_000, dt.timezone.utc).replace(microsecond=0)
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def frozen_message(member_id: str, status: MemberStatus) -> str:
+    why = f" ({status.reason})" if status.reason else ""
+    return (
+        f"member {member_id!r} is frozen since {_iso(status.since_us)}{why}: it may earn, but not redeem, "
+        "authorize or be debited; the operator unfreezes it (UnfreezeMember)"
+    )
+
+
+def closed_message(member_id: str, status: MemberStatus) -> str:
+    why = f" ({status.reason})" if status.reason else ""
+    return f"member {member_id!r} is closed since {_iso(status.since_us)}{why}; a closed member cannot be used again"
+
+
+class MemberPostingsMixin:
+    """The member-administration paths of LedgerStateMachine; see the module's docstring."""
+
+    ledger: Any
+    program: ProgramState
+    ids: Any
+    operator_accounts: dict[str, int]
+    account_ids: list[int]
+    members: MemberRegistry
+
+    if TYPE_CHECKING:
+
+        def _expire_member(self, write: BatchWrite, member_id: str, now_us: int) -> None: ...
+
+    def _member_admin(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        """Applies one member-administration operation (op.method in METHODS) to the batch."""
+        if write.members is None:
+            write.members = MemberWrite()
+        status = self.members.status(op.member_id)
+        if status is not None and status.state == STATE_CLOSED:
+            metrics.rejections.labels("member_closed").inc()
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=closed_message(op.member_id, status),
+                recorded=False,
+                reason="member_closed",
+            )
+        method = op.method
+        if method is Method.ADJUST:
+            return self._adjust(op, write, now_us, status)
+        if method is Method.REVERSE:
+            return self._reverse(op, write, now_us, status)
+        if method is Method.CLOSE_MEMBER:
+            return self._close(op, write, now_us)
+        slot = self.ledger.member_slot(op.member_id)
+        if slot < 0:
+            return _unknown_member(op.member_id)
+        reason = str(op.request.get("reason", ""))
+        if method is Method.FREEZE:
+            if status is None:  # freezing a frozen member keeps its first time and reason
+                status = MemberStatus(STATE_FROZEN, reason, now_us)
+                self._change_status(write, op.member_id, status, EVENT_FROZEN, {"reason": reason})
+            return Outcome(Code.OK, status_fields(op.member_id, status), recorded=False)
+        if status is not None:  # UNFREEZE
+            self._change_status(write, op.member_id, None, EVENT_UNFROZEN, {})
+        return Outcome(Code.OK, status_fields(op.member_id, None), recorded=False)
+
+    def _change_status(
+        self, write: BatchWrite, member_id: str, status: MemberStatus | None, event: str, payload: dict[str, Any]
+    ) -> None:
+        require(write.members is not None, "member rows of the batch")
+        self.members.set_status(member_id, status)
+        write.members.statuses[member_id] = status
+        record_member_event(write.members, member_id, event, payload)
+
+    def _adjust(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
+        ledger, member_id, points = self.ledger, op.member_id, op.points
+        require(points != 0, "an adjustment of 0 point-units")
+        slot = ledger.member_slot(member_id)
+        if points < 0:
+            if slot < 0:
+                return _unknown_member(member_id)
+            if status is not None and status.state == STATE_FROZEN:
+                metrics.rejections.labels("member_frozen").inc()
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=frozen_message(member_id, status),
+                    recorded=False,
+                    reason="member_frozen",
+                )
+            self._expire_member(write, member_id, now_us)  # expired points are not there to debit
+            posted, held = ledger.balance(slot)
+            if posted - held < -points:
+                metrics.rejections.labels("insufficient_points").inc()
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=f"member {member_id!r} has {posted - held} point-units available ({held} held); "
+                    f"a debit of {-points} would take it below zero. Debit at most {posted - held}",
+                    reason="insufficient_points",
+                    recorded=False,
+                )
+        else:
+            slot = self._ensure_member(write, member_id)
+            if slot < 0:
+                return Outcome(Code.RESOURCE_EXHAUSTED, message="the ledger is full of members; contact the operator")
+            posted, held = ledger.balance(slot)
+            if posted + points > fastpath.BALANCE_MAX:
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=f"member {member_id!r} would hold more than {fastpath.BALANCE_MAX} point-units",
+                )
+        kind = kinds.KIND_ADJUSTMENT_CREDIT if points > 0 else kinds.KIND_ADJUSTMENT_DEBIT
+        created = self._member_posting(write, kind, member_id, points, op.idempotency_key, None)
+        if points < 0:  # the soonest-expiring points go first, as a redemption's
+            self.program.consume(member_id, (OWNER_TRANSACTION, created), -points, posted - held, now_us)
+        reason, note, key_id = int(op.request["reason"]), str(op.request["note"]), str(op.request["key_id"])
+        require(write.members is not None, "member rows of the batch")
+        write.members.adjustments.append((created, member_id, points, reason, note, key_id))
+        posted, held = ledger.balance(slot)
+        return Outcome(
+            Code.OK,
+            {"transaction_id": created, "points": points, "balance": posted, "available": posted - held},
+        )
+
+    def _reverse(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
+        """The mirror of one adjustment (its member's side and operator_adjustments'), once. The servicer
+        read the original from committed state: op.transaction_id, op.member_id and op.points (the signed
+        change the original made to the member)."""
+        ledger, member_id, original = self.ledger, op.member_id, op.transaction_id
+        done = self.members.reversed_by.get(original)
+        if done is not None:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"transaction {domain.format_transaction_id(original)} was reversed already, by "
+                f"{domain.format_transaction_id(done)}; a transaction is reversed once",
+            )
+        points = -op.points  # what the reversal does to the member
+        slot = ledger.member_slot(member_id)
+        require(slot >= 0, f"member {member_id!r} of an adjustment is not resident")
+        if points < 0:
+            if status is not None and status.state == STATE_FROZEN:
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=frozen_message(member_id, status),
+                    recorded=False,
+                    reason="member_frozen",
+                )
+            self._expire_member(write, member_id, now_us)
+            posted, held = ledger.balance(slot)
+            if posted - held < -points:
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=f"transaction {domain.format_transaction_id(original)} credited {-points} point-units "
+                    f"that member {member_id!r} no longer has: {posted - held} available ({held} held). The points "
+                    "were spent; adjust the member instead (AdjustPoints) if a correction is still due",
+                    recorded=False,
+                )
+        posted, held = ledger.balance(slot)
+        kind = kinds.KIND_REVERSAL_CREDIT if points > 0 else kinds.KIND_REVERSAL_DEBIT
+        created = self._member_posting(write, kind, member_id, points, op.idempotency_key, original)
+        if points < 0:
+            self.program.consume(member_id, (OWNER_TRANSACTION, created), -points, posted - held, now_us)
+        self.members.mark_reversed(original, created)
+        require(write.members is not None, "member rows of the batch")
+        write.members.reversals.append(
+            (original, created, int(op.request["reason"]), str(op.request["note"]), str(op.request["key_id"]))
+        )
+        posted, held = ledger.balance(slot)
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "original_transaction_id": original,
+                "member_id": member_id,
+                "points": points,
+                "balance": posted,
+                "available": posted - held,
+            },
+        )
+
+    def _close(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
+        ledger, program, member_id = self.ledger, self.program, op.member_id
+        slot = ledger.member_slot(member_id)
+        if slot < 0:
+            return _unknown_member(member_id)
+        posted, held = ledger.balance(slot)
+        vouchers_held = program.vouchers_held.get(member_id, (0, 0))
+        if held or any(vouchers_held):
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {member_id!r} has open holds ({held} point-units, {sum(vouchers_held)} "
+                "voucher-units); capture or void them, or wait for them to expire, then close it",
+                recorded=False,
+            )
+        vouchers = program.vouchers.get((rules.HOLDER_MEMBER, member_id), 0)
+        credit = program.credit.get(member_id, 0)
+        if vouchers or credit:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {member_id!r} holds {vouchers} voucher-units and owes {credit} of voucher credit; "
+                "a closure moves points only: settle the vouchers first",
+                recorded=False,
+            )
+        self._expire_member(write, member_id, now_us)  # expired lots go to breakage as expiries first
+        posted, held = ledger.balance(slot)
+        created = 0
+        if posted:
+            created = self._member_posting(
+                write, kinds.KIND_MEMBER_CLOSURE, member_id, -posted, op.idempotency_key, None, closure=True
+            )
+            program.consume(member_id, (OWNER_TRANSACTION, created), posted, posted, now_us)
+        reason = str(op.request.get("reason", ""))
+        status = MemberStatus(STATE_CLOSED, reason, now_us)
+        self._change_status(write, member_id, status, EVENT_CLOSED, {"reason": reason, "points_to_breakage": posted})
+        return Outcome(
+            Code.OK,
+            {"member_id": member_id, "transaction_id": created, "points_to_breakage": posted, "closed_at_us": now_us},
+        )
+
+    def _ensure_member(self, write: BatchWrite, member_id: str) -> int:
+        """The member's slot, opening its account in this batch if it is new (-1: the ledger is full)."""
+        ledger = self.ledger
+        slot: int = ledger.ensure_member(member_id)
+        if slot >= 0 and ledger.member_account(slot) == 0:
+            account_id = self.account_ids.pop()
+            ledger.set_member_account(slot, account_id)
+            write.new_members.append((member_id, account_id))
+        return slot
+
+    def _member_posting(
+        self,
+        write: BatchWrite,
+        kind: int,
+        member_id: str,
+        points: int,
+        key: str,
+        original: int | None,
+        closure: bool = False,
+    ) -> int:
+        """One transaction moving `points` (signed) on the member against operator_adjustments, or, for a
+        closure, to operator_breakage; the fast path's balance moves with it (in its undo log)."""
+        ledger = self.ledger
+        slot = ledger.member_slot(member_id)
+        posted, held = ledger.balance(slot)
+        require(posted + points - held >= 0, f"member {member_id!r}: {points} would leave less than held {held}")
+        ledger.load_member(member_id, posted + points)
+        created: int = self.ids.transaction()
+        counter = domain.ACCOUNT_OPERATOR_BREAKAGE if closure else ACCOUNT_OPERATOR_ADJUSTMENTS
+        write.transactions.append(
+            (created, kind, domain.OPERATOR_ID, member_id, abs(points), None, None, original, key, 0, None)
+        )
+        write.entries.append((created, ledger.member_account(slot), points))
+        write.entries.append((created, self.operator_accounts[counter], -points))
+        return created
+
+
+ACCOUNT_OPERATOR_ADJUSTMENTS = "operator_adjustments"
+
+
+def _unknown_member(member_id: str) -> Outcome:
+    metrics.rejections.labels("unknown_member").inc()
+    return Outcome(
+        Code.NOT_FOUND,
+        message=f"member {member_id!r} has no points account; a member is created by its first Earn or credit",
+        recorded=False,
+    )
+
+
+def status_fields(member_id: str, status: MemberStatus | None) -> dict[str, Any]:
+    if status is None:
+        return {"member_id": member_id, "state": STATE_ACTIVE, "reason": "", "since_us": 0}
+    return {"member_id": member_id, "state": status.state, "reason": status.reason, "since_us": status.since_us}
