@@ -291,6 +291,8 @@ KINDS += (
         ),
     ),
 )
+# member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem
+MEMBER_DEBITS = (KIND_ADJUSTMENT_DEBIT, KIND_REVERSAL_DEBIT, KIND_MEMBER_CLOSURE)
 # transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
 OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))
 

@@ -201,7 +201,10 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             op = self._operation(Method.ADJUST, key, fields, member_id=member_id, points=points)
             limits = self.limits() if caller.kind == "support" else None
             if limits is not None:
-                await limits.reserve(caller.key_id, points)
+                if await self.pipeline.ready_store().stored_outcomes([(domain.OPERATOR_ID, key)]):
+                    limits = None  # a retry: it replays its outcome and uses no more of the limits
+                else:
+                    await limits.reserve(caller.key_id, points)
             try:
                 outcome = await self.pipeline.submit(op)
             except BaseException:
@@ -244,7 +247,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             if row["kind"] not in _REVERSIBLE:
                 raise Rejection(
                     Code.FAILED_PRECONDITION,
-                    f"transaction {name} is a {kinds.kind(row['kind']).name} (kind {row['kind']}): ReverseTransaction "
+                    f"transaction {name} is of kind {kinds.kind(row['kind']).name} ({row['kind']}): ReverseTransaction "
                     "reverses adjustments (kinds 16, 17); an earn or redemption is undone by its merchant's Refund",
                 )
             fields = {"transaction_id": original, "reason": reason, "note": note, "key_id": caller.key_id}

@@ -498,14 +498,17 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
                                        t.amount, t.kind
                               HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
-                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12))
+                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 19, 20))
                                   OR sum(c.amount) > coalesce(h.amount, t.amount)
                               ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
         owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"
         if not r["found"]:
             problems.append(f"lot_consumptions of {owner}, which does not exist")
-        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12):
-            problems.append(f"lot_consumptions of {owner}, of kind {r['kind']}: only captures and redeems consume lots")
+        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12, *kinds.MEMBER_DEBITS):
+            problems.append(
+                f"lot_consumptions of {owner}, of kind {r['kind']}: only captures, redeems and member debits "
+                "(adjustments, reversals, closures) consume lots"
+            )
         else:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
 

@@ -1,0 +1,486 @@
+"""Member administration (issue 15) through the real service and Postgres: support keys and their
+limits, AdjustPoints, ReverseTransaction (of adjustments), FreezeMember / UnfreezeMember (also inside
+SubmitBatch), CloseMember, the operator's and support agents' reads; each happy path and each refusal,
+with reconcile clean after; and adjustments and reversals under concurrent till traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+
+import grpc
+import pytest
+
+from points.v1 import admin_pb2 as apb
+from points.v1 import admin_pb2_grpc
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.integration.helpers import cli, credential, earn, error_of, funded_member, replay_flag, unique
+
+pytestmark = pytest.mark.timeout(300)
+
+PER_CALL_MAX = 5_000  # point-units, the support key's limits
+PER_DAY_MAX = 8_000
+GOODWILL, CORRECTION, SIGN_UP = (
+    apb.ADJUSTMENT_REASON_GOODWILL,
+    apb.ADJUSTMENT_REASON_CORRECTION,
+    apb.ADJUSTMENT_REASON_SIGN_UP,
+)
+
+
+def _support_key(url: str, per_call: int, per_day: int) -> str:
+    """A support key, as `key create --support` makes one (the CLI itself is tested below)."""
+    from processor import auth, member_store
+    from processor.store import Store
+
+    async def create() -> str:
+        key = auth.new_key()
+        store = await Store.open(url, 2)
+        try:
+            await store.migrate()
+            await member_store.insert_support_key(store.pool, key.key_id, key.secret_sha256, "tests", per_call, per_day)
+        finally:
+            await store.close()
+        return key.key
+
+    return asyncio.run(create())
+
+
+class World:
+    def __init__(self, url: str):
+        self.url = url
+        self.operator = credential(create_key(url, "operator"))
+        self.keys = {m: credential(add_merchant(url, m, 1000)) for m in ("shop-a", "shop-b")}
+        self.support = credential(_support_key(url, PER_CALL_MAX, PER_DAY_MAX))
+        self.start()
+
+    def start(self) -> None:
+        self.service = ServiceProcess(self.url).start()
+        self._channel = self.service.channel()
+        self._bare = self.service.bare_channel()
+        self.stub = points_pb2_grpc.PointsServiceStub(self._channel)
+        self.admin = admin_pb2_grpc.MemberAdminServiceStub(self._bare)
+
+    def stop(self) -> None:
+        self._channel.close()
+        self._bare.close()
+        self.service.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def adjust(self, member: str, points: int, key: str | None = None, who=None, reason=GOODWILL, note: str = ""):
+        return self.admin.AdjustPoints(
+            apb.AdjustPointsRequest(
+                member_id=member, points=points, reason=reason, note=note, idempotency_key=key or unique("adj")
+            ),
+            metadata=who or self.operator,
+            timeout=30,
+        )
+
+    def adjust_call(self, member: str, points: int, key: str):
+        return self.admin.AdjustPoints.with_call(
+            apb.AdjustPointsRequest(member_id=member, points=points, reason=GOODWILL, idempotency_key=key),
+            metadata=self.operator,
+            timeout=30,
+        )
+
+    def reverse(self, transaction_id: str, key: str | None = None):
+        return self.admin.ReverseTransaction(
+            apb.ReverseTransactionRequest(
+                transaction_id=transaction_id,
+                reason=CORRECTION,
+                note="wrong member",
+                idempotency_key=key or unique("rev"),
+            ),
+            metadata=self.operator,
+            timeout=30,
+        )
+
+    def freeze(self, member: str, reason: str = "card reported stolen", who=None):
+        return self.admin.FreezeMember(
+            apb.FreezeMemberRequest(member_id=member, reason=reason), metadata=who or self.operator, timeout=30
+        )
+
+    def unfreeze(self, member: str):
+        return self.admin.UnfreezeMember(
+            apb.UnfreezeMemberRequest(member_id=member), metadata=self.operator, timeout=30
+        )
+
+    def close(self, member: str, key: str | None = None):
+        return self.admin.CloseMember(
+            apb.CloseMemberRequest(member_id=member, reason="member asked", idempotency_key=key or unique("close")),
+            metadata=self.operator,
+            timeout=30,
+        )
+
+    def balance(self, member: str, who=None) -> apb.MemberAdminServiceGetBalanceResponse:
+        return self.admin.GetBalance(
+            apb.MemberAdminServiceGetBalanceRequest(member_id=member), metadata=who or self.operator, timeout=30
+        )
+
+    def history(self, member: str, who=None) -> list[pb.Transaction]:
+        return list(
+            self.admin.ListTransactions(
+                apb.MemberAdminServiceListTransactionsRequest(member_id=member, page_size=200),
+                metadata=who or self.operator,
+                timeout=30,
+            ).transactions
+        )
+
+    def redeem(self, member: str, points: int, merchant: str = "shop-a"):
+        return self.stub.Redeem(
+            pb.RedeemRequest(merchant_id=merchant, member_id=member, points=points, idempotency_key=unique("k")),
+            timeout=30,
+        )
+
+    def authorize(self, member: str, points: int):
+        return self.stub.Authorize(
+            pb.AuthorizeRequest(merchant_id="shop-a", member_id=member, points=points, idempotency_key=unique("k")),
+            timeout=30,
+        )
+
+
+@pytest.fixture(scope="module")
+def world(create_database):
+    world = World(create_database())
+    yield world
+    world.stop()
+    assert ledger_discrepancies(world.url) == []
+
+
+def refused(call, code: grpc.StatusCode) -> str:
+    error = error_of(call)
+    assert error.code() == code, f"expected {code.name}, got {error.code().name}: {error.details()}"
+    return error.details()
+
+
+# --- AdjustPoints ----------------------------------------------------------------------------------
+
+
+def test_a_credit_opens_a_new_member_funded_by_operator_adjustments_and_is_in_its_history(world):
+    member = unique("mem")
+    response = world.adjust(member, 1_500, reason=SIGN_UP, note="welcome")
+    assert (response.points, response.balance, response.available) == (1_500, 1_500, 1_500)
+    assert response.transaction_id.startswith("txn_")
+    balance = world.balance(member)
+    assert (balance.posted, balance.held, balance.available) == (1_500, 0, 1_500)
+    assert balance.status.state == apb.MEMBER_STATE_ACTIVE
+    (row,) = world.history(member)
+    assert (row.transaction_id, row.kind, row.points, row.merchant_id) == (
+        response.transaction_id,
+        pb.TRANSACTION_KIND_ADJUSTMENT_CREDIT,
+        1_500,
+        "operator",
+    )
+    (stored,) = fetch(
+        world.url,
+        "SELECT points, reason, note FROM member_adjustments WHERE transaction_id = $1",
+        int(response.transaction_id[4:]),
+    )
+    assert (stored["points"], stored["reason"], stored["note"]) == (1_500, SIGN_UP, "welcome")
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_debit_takes_points_back_but_never_below_zero_available(world):
+    member = funded_member(world.stub, "shop-a", 2_000)
+    world.authorize(member, 500)  # held: 1_500 available
+    detail = refused(lambda: world.adjust(member, -1_600), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "1500 point-units available" in detail and "below zero" in detail
+    response = world.adjust(member, -1_500, reason=CORRECTION)
+    assert (response.points, response.balance, response.available) == (-1_500, 500, 0)
+    assert [t.kind for t in world.history(member)][0] == pb.TRANSACTION_KIND_ADJUSTMENT_DEBIT
+    assert world.history(member)[0].points == -1_500
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_an_adjustment_is_idempotent_per_key_and_a_different_request_under_it_is_refused(world):
+    member, key = unique("mem"), unique("adj")
+    first, first_call = world.adjust_call(member, 700, key)
+    again, again_call = world.adjust_call(member, 700, key)
+    assert again.transaction_id == first.transaction_id and again.balance == 700
+    assert replay_flag(first_call) is None and replay_flag(again_call) == "true"
+    detail = refused(lambda: world.adjust_call(member, 800, key), grpc.StatusCode.ALREADY_EXISTS)
+    assert "points differs" in detail
+    assert world.balance(member).posted == 700
+
+
+def test_bad_adjustments_are_refused_with_the_field_named_and_nothing_posted(world):
+    member = funded_member(world.stub, "shop-a", 1_000)
+    assert "points" in refused(lambda: world.adjust(member, 0), grpc.StatusCode.INVALID_ARGUMENT)
+    reason = refused(
+        lambda: world.adjust(member, 10, reason=apb.ADJUSTMENT_REASON_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert "GOODWILL" in reason
+    assert "note" in refused(lambda: world.adjust(member, 10, note="x" * 201), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "no points account" in refused(lambda: world.adjust(unique("nobody"), -10), grpc.StatusCode.NOT_FOUND)
+    refused(lambda: world.adjust(member, 10, who=world.keys["shop-a"]), grpc.StatusCode.PERMISSION_DENIED)
+    assert world.balance(member).posted == 1_000
+    assert len(world.history(member)) == 1
+
+
+# --- support keys ----------------------------------------------------------------------------------
+
+
+def test_a_support_key_adjusts_within_its_limits_per_call_and_per_day(create_database):
+    url = create_database()  # a database of its own: the day's use of the key starts at zero
+    add_merchant(url, "shop-a", 1000)
+    support = credential(_support_key(url, 3_000, 5_000))
+    service = ServiceProcess(url).start()
+    try:
+        with service.bare_channel() as channel:
+            admin = admin_pb2_grpc.MemberAdminServiceStub(channel)
+
+            def adjust(points: int, key: str | None = None):
+                return admin.AdjustPoints(
+                    apb.AdjustPointsRequest(
+                        member_id="mem-s", points=points, reason=GOODWILL, idempotency_key=key or unique("adj")
+                    ),
+                    metadata=support,
+                    timeout=30,
+                )
+
+            detail = refused(lambda: adjust(3_001), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert "at most 3000 point-units per call" in detail
+            adjust(3_000, "first")
+            adjust(3_000, "first")  # a replay counts once
+            adjust(-1_000)  # a debit counts by its size
+            detail = refused(lambda: adjust(1_001), grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert "adjusted 4000 of its 5000 point-units today" in detail
+            adjust(-1_000)  # exactly to the limit
+            refused(lambda: adjust(1), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # the day's use survives a restart (it is read from member_adjustments)
+        service.kill()
+        service = ServiceProcess(url).start()
+        with service.bare_channel() as channel:
+            admin = admin_pb2_grpc.MemberAdminServiceStub(channel)
+            error = error_of(
+                lambda: admin.AdjustPoints(
+                    apb.AdjustPointsRequest(member_id="mem-s", points=1, reason=GOODWILL, idempotency_key="after"),
+                    metadata=support,
+                    timeout=30,
+                )
+            )
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            balance = admin.GetBalance(apb.MemberAdminServiceGetBalanceRequest(member_id="mem-s"), metadata=support)
+            assert balance.posted == 1_000
+    finally:
+        service.kill()
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_support_key_reads_any_member_but_calls_nothing_else(world):
+    member = funded_member(world.stub, "shop-b", 900)
+    assert world.balance(member, who=world.support).posted == 900
+    assert [t.kind for t in world.history(member, who=world.support)] == [pb.TRANSACTION_KIND_EARN]
+    for call in (
+        lambda: world.freeze(member, who=world.support),
+        lambda: world.admin.CloseMember(
+            apb.CloseMemberRequest(member_id=member, idempotency_key="k"), metadata=world.support, timeout=30
+        ),
+        lambda: world.admin.EnrollMemberTotp(
+            apb.EnrollMemberTotpRequest(member_id=member), metadata=world.support, timeout=30
+        ),
+        lambda: world.admin.ReverseTransaction(
+            apb.ReverseTransactionRequest(transaction_id="txn_1", reason=CORRECTION, idempotency_key="k"),
+            metadata=world.support,
+            timeout=30,
+        ),
+    ):
+        assert "support key cannot call" in refused(call, grpc.StatusCode.PERMISSION_DENIED)
+    # a support key is no till's key, nor an operator's elsewhere
+    refused(
+        lambda: world.stub.GetBalance(pb.GetBalanceRequest(member_id=member), metadata=world.support, timeout=30),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+
+
+def test_key_create_support_needs_both_limits_and_makes_a_working_key(world):
+    missing = cli("key", "create", "--support", "--points-per-call-max", "100", "--database-url", world.url)
+    assert missing.returncode != 0 and "--points-per-day-max" in missing.stderr
+    made = cli(
+        "key",
+        "create",
+        "--support",
+        "--points-per-call-max",
+        "100",
+        "--points-per-day-max",
+        "1000",
+        "--database-url",
+        world.url,
+    )
+    assert made.returncode == 0, made.stderr
+    key = credential(made.stdout.split()[-1])
+    member = unique("mem")
+    assert world.adjust(member, 100, who=key).balance == 100
+    refused(lambda: world.adjust(member, 101, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+# --- FreezeMember / UnfreezeMember -----------------------------------------------------------------
+
+
+def test_a_frozen_member_earns_but_cannot_spend_until_unfrozen(world):
+    member = funded_member(world.stub, "shop-a", 3_000)
+    status = world.freeze(member).status
+    assert status.state == apb.MEMBER_STATE_FROZEN and status.reason == "card reported stolen"
+    assert status.frozen_at.seconds > 0
+    again = world.freeze(member, reason="second").status  # keeps the first freeze
+    assert (again.reason, again.frozen_at) == (status.reason, status.frozen_at)
+    earn(world.stub, "shop-a", member, 10_000)  # +1_000
+    detail = refused(lambda: world.redeem(member, 100), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f"member '{member}' is frozen since" in detail
+    refused(lambda: world.authorize(member, 100), grpc.StatusCode.FAILED_PRECONDITION)
+    refused(lambda: world.adjust(member, -100), grpc.StatusCode.FAILED_PRECONDITION)
+    assert world.adjust(member, 100).balance == 4_100  # a credit is no spend
+    operations = [
+        pb.Operation(
+            earn=pb.EarnRequest(
+                merchant_id="shop-a", member_id=member, purchase_amount=1_000, idempotency_key=unique("k")
+            )
+        ),
+        pb.Operation(
+            redeem=pb.RedeemRequest(merchant_id="shop-a", member_id=member, points=50, idempotency_key=unique("k"))
+        ),
+    ]
+    results = world.stub.SubmitBatch(pb.SubmitBatchRequest(operations=operations), timeout=60).results
+    assert [r.outcome for r in results] == [pb.OPERATION_OUTCOME_APPLIED, pb.OPERATION_OUTCOME_REJECTED]
+    assert results[1].status_code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and "frozen" in results[1].message
+    assert world.balance(member).status.state == apb.MEMBER_STATE_FROZEN
+    # durable: a restart still refuses the spend
+    world.restart()
+    refused(lambda: world.redeem(member, 100), grpc.StatusCode.FAILED_PRECONDITION)
+    assert world.unfreeze(member).status.state == apb.MEMBER_STATE_ACTIVE
+    assert world.redeem(member, 100).balance == 4_100
+    events = [
+        r["event"]
+        for r in fetch(world.url, "SELECT event FROM member_status_log WHERE member_id = $1 ORDER BY event_id", member)
+    ]
+    assert events == ["frozen", "unfrozen"]
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_freezing_an_unknown_member_is_not_found(world):
+    assert "no points account" in refused(lambda: world.freeze(unique("nobody")), grpc.StatusCode.NOT_FOUND)
+
+
+# --- ReverseTransaction ----------------------------------------------------------------------------
+
+
+def test_a_reversal_mirrors_an_adjustment_once(world):
+    member = funded_member(world.stub, "shop-a", 1_000)
+    credit = world.adjust(member, 400)
+    key = unique("rev")
+    reversal = world.reverse(credit.transaction_id, key)
+    assert (reversal.points, reversal.balance, reversal.original_transaction_id) == (-400, 1_000, credit.transaction_id)
+    assert world.reverse(credit.transaction_id, key).transaction_id == reversal.transaction_id  # a replay
+    detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f"reversed already, by {reversal.transaction_id}" in detail
+    debit = world.adjust(member, -300)
+    assert world.reverse(debit.transaction_id).points == 300
+    history = world.history(member)
+    assert [t.kind for t in history[:2]] == [pb.TRANSACTION_KIND_REVERSAL_CREDIT, pb.TRANSACTION_KIND_ADJUSTMENT_DEBIT]
+    assert history[0].original_transaction_id == debit.transaction_id
+    assert world.balance(member).posted == 1_000
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_reversal_of_spent_points_or_of_a_till_transaction_is_refused_whole(world):
+    member = unique("mem")
+    credit = world.adjust(member, 500)
+    world.redeem(member, 300)
+    detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "were spent" in detail and "200 available" in detail
+    assert world.balance(member).posted == 200  # nothing of it was posted
+    earned = earn(world.stub, "shop-a", member, 1_000)
+    detail = refused(lambda: world.reverse(earned.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "is of kind earn (1)" in detail and "Refund" in detail
+    refused(lambda: world.reverse("txn_999999999"), grpc.StatusCode.NOT_FOUND)
+    refused(lambda: world.reverse("nonsense"), grpc.StatusCode.INVALID_ARGUMENT)
+    assert ledger_discrepancies(world.url) == []
+
+
+# --- CloseMember -----------------------------------------------------------------------------------
+
+
+def test_closing_waits_for_holds_moves_the_rest_to_breakage_and_refuses_every_later_call(world):
+    member = funded_member(world.stub, "shop-a", 2_000)
+    hold = world.authorize(member, 300)
+    detail = refused(lambda: world.close(member), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "open holds (300 point-units" in detail
+    world.stub.Void(
+        pb.VoidRequest(merchant_id="shop-a", authorization_id=hold.authorization_id, idempotency_key=unique("k")),
+        timeout=30,
+    )
+    key = unique("close")
+    closed = world.close(member, key)
+    assert closed.points_to_breakage == 2_000 and closed.transaction_id
+    assert world.close(member, key).transaction_id == closed.transaction_id  # a replay
+    balance = world.balance(member)
+    assert (balance.posted, balance.status.state) == (0, apb.MEMBER_STATE_CLOSED)
+    assert world.history(member)[0].kind == pb.TRANSACTION_KIND_MEMBER_CLOSURE
+    for call in (
+        lambda: earn(world.stub, "shop-a", member, 1_000),
+        lambda: world.redeem(member, 1),
+        lambda: world.adjust(member, 100),
+        lambda: world.freeze(member),
+        lambda: world.unfreeze(member),
+        lambda: world.close(member),
+    ):
+        assert "is closed since" in refused(call, grpc.StatusCode.FAILED_PRECONDITION)
+    (breakage,) = fetch(
+        world.url,
+        "SELECT sum(e.amount) AS s FROM entries e JOIN accounts a USING (account_id) "
+        "WHERE e.transaction_id = $1 AND a.kind = 'operator_breakage'",
+        int(closed.transaction_id[4:]),
+    )
+    assert breakage["s"] == 2_000
+    events = [r["event"] for r in fetch(world.url, "SELECT event FROM member_status_log WHERE member_id = $1", member)]
+    assert events == ["closed"]
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_closing_an_unknown_member_is_not_found(world):
+    refused(lambda: world.close(unique("nobody")), grpc.StatusCode.NOT_FOUND)
+
+
+# --- under concurrent traffic ----------------------------------------------------------------------
+
+
+def test_adjustments_and_reversals_under_concurrent_till_traffic_balance_to_the_answers(world):
+    members = [funded_member(world.stub, "shop-a", 10_000) for _ in range(4)]
+    expected = {member: 10_000 for member in members}
+    rounds = 12
+
+    def till(member: str, merchant: str) -> int:
+        moved = 0
+        for i in range(rounds):
+            if i % 2:
+                moved += earn(world.stub, merchant, member, 1_000).points
+            else:
+                world.redeem(member, 150, merchant)
+                moved -= 150
+        return moved
+
+    def operator(member: str) -> int:
+        moved = 0
+        for i in range(rounds):
+            adjusted = world.adjust(member, 200 if i % 3 else -100)
+            moved += adjusted.points
+            if i % 4 == 0:
+                moved += world.reverse(adjusted.transaction_id).points
+        return moved
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        jobs = {}
+        for member in members:
+            jobs[pool.submit(till, member, "shop-a")] = member
+            jobs[pool.submit(till, member, "shop-b")] = member
+            jobs[pool.submit(operator, member)] = member
+        for job, member in jobs.items():
+            expected[member] += job.result()
+    for member in members:
+        assert world.balance(member).posted == expected[member]
+        assert sum(t.points for t in world.history(member)) == expected[member]
+    assert ledger_discrepancies(world.url) == []
