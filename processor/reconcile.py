@@ -236,6 +236,8 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "operator_acquiring": -1,
     "operator_dividends": -1,
     "member_voucher_credit": -1,
+    # 0: either sign. Credits to members draw it below zero, debits above (member administration)
+    "operator_adjustments": 0,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
