@@ -127,6 +127,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                 f"member's points by {r['points']}, against its kind's sign {known.member_sign}"
             )
         problems += await _program_discrepancies(fetch, report)
+        problems += await _member_admin_discrepancies(fetch, report)
         report(
             "every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries in its period"
         )
@@ -564,3 +565,71 @@ async def _program_discrepancies(fetch, report) -> list[str]:
 
 # one encoder for every call: json.dumps with arguments builds a new JSONEncoder each time (measured:
 # a tenth of the service's CPU under SubmitBatch load went to to_json)
+
+
+# --- reconcile: member administration (issue 15; processor/member_postings.py) -----------------------
+
+
+async def _member_admin_discrepancies(fetch, report) -> list[str]:
+    """Every adjustment has its record with the points it moved; every reversal is the exact mirror of its
+    original (per account and asset) and recorded once; every closed member holds nothing."""
+    problems: list[str] = []
+    report("every adjustment (kinds 16, 17) has its member_adjustments row with the points it moved")
+    for r in await fetch(
+        """SELECT t.transaction_id, t.kind, a.points, coalesce(m.points, 0) AS moved
+           FROM transactions t
+           LEFT JOIN member_adjustments a USING (transaction_id)
+           LEFT JOIN LATERAL (
+               SELECT sum(e.amount) AS points FROM entries e JOIN accounts c USING (account_id)
+               WHERE e.transaction_id = t.transaction_id AND c.kind = 'member' AND c.owner_id = t.member_id) m ON true
+           WHERE t.kind = ANY($1::smallint[]) AND (a.points IS NULL OR a.points <> coalesce(m.points, 0))
+           UNION ALL
+           SELECT a.transaction_id, t.kind, a.points, NULL FROM member_adjustments a
+           LEFT JOIN transactions t USING (transaction_id)
+           WHERE t.kind IS NULL OR NOT t.kind = ANY($1::smallint[])
+           LIMIT 5""",
+        [kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT],
+    ):
+        problems.append(
+            f"adjustment {r['transaction_id']} (kind {r['kind']}) records {r['points']} point-units, "
+            f"its entries move {r['moved']} on its member"
+        )
+    report("every reversal (kinds 18, 19) mirrors its original's entries exactly and is recorded once")
+    reversals = [kinds.KIND_REVERSAL_CREDIT, kinds.KIND_REVERSAL_DEBIT]
+    for r in await fetch(
+        """WITH r AS (SELECT transaction_id, original_transaction_id FROM transactions WHERE kind = ANY($1::smallint[])),
+                mine AS (SELECT r.transaction_id, e.account_id, e.asset_code, sum(e.amount) AS s
+                         FROM r JOIN entries e ON e.transaction_id = r.transaction_id GROUP BY 1, 2, 3),
+                mirror AS (SELECT r.transaction_id, e.account_id, e.asset_code, -sum(e.amount) AS s
+                           FROM r JOIN entries e ON e.transaction_id = r.original_transaction_id GROUP BY 1, 2, 3)
+           SELECT DISTINCT transaction_id FROM mine FULL JOIN mirror USING (transaction_id, account_id, asset_code)
+           WHERE coalesce(mine.s, 0) <> coalesce(mirror.s, 0)
+           UNION
+           SELECT t.transaction_id FROM transactions t
+           LEFT JOIN member_reversals v ON v.reversal_transaction_id = t.transaction_id
+           WHERE t.kind = ANY($1::smallint[])
+             AND (v.original_transaction_id IS DISTINCT FROM t.original_transaction_id)
+           UNION
+           SELECT v.reversal_transaction_id FROM member_reversals v
+           LEFT JOIN transactions t ON t.transaction_id = v.reversal_transaction_id
+           WHERE t.kind IS NULL OR NOT t.kind = ANY($1::smallint[])
+           ORDER BY 1 LIMIT 5""",
+        reversals,
+    ):
+        problems.append(
+            f"reversal {r['transaction_id']} is not the recorded, exact mirror of its original transaction's entries"
+        )
+    report("every closed member holds no points and no open hold")
+    for r in await fetch(
+        """SELECT s.member_id, coalesce(b.balance, 0) AS balance,
+                  (SELECT count(*) FROM holds h WHERE h.member_id = s.member_id AND h.status = 1
+                                                  AND h.expires_at > now()) AS holds
+           FROM member_status s
+           LEFT JOIN account_balances b ON b.kind = 'member' AND b.owner_id = s.member_id AND b.asset_code = 'POINTS'
+           WHERE s.state = 'closed'
+             AND (coalesce(b.balance, 0) <> 0 OR EXISTS (SELECT 1 FROM holds h WHERE h.member_id = s.member_id
+                                                           AND h.status = 1 AND h.expires_at > now()))
+           LIMIT 5"""
+    ):
+        problems.append(f"closed member {r['member_id']} holds {r['balance']} point-units and {r['holds']} open holds")
+    return problems

@@ -484,3 +484,42 @@ def test_adjustments_and_reversals_under_concurrent_till_traffic_balance_to_the_
         assert world.balance(member).posted == expected[member]
         assert sum(t.points for t in world.history(member)) == expected[member]
     assert ledger_discrepancies(world.url) == []
+
+
+def test_reconcile_reports_an_adjustment_a_reversal_or_a_closed_member_that_does_not_hold(create_database):
+    url = create_database()
+    add_merchant(url, "shop-a", 1000)
+    operator = credential(create_key(url, "operator"))
+    service = ServiceProcess(url).start()
+    try:
+        with service.bare_channel() as channel:
+            admin = admin_pb2_grpc.MemberAdminServiceStub(channel)
+
+            def adjust(member: str, points: int) -> str:
+                request = apb.AdjustPointsRequest(
+                    member_id=member, points=points, reason=GOODWILL, idempotency_key=unique("adj")
+                )
+                return admin.AdjustPoints(request, metadata=operator, timeout=30).transaction_id
+
+            adjusted = adjust("mem-1", 500)
+            reversed_ = adjust("mem-1", 300)
+            reversal = admin.ReverseTransaction(
+                apb.ReverseTransactionRequest(transaction_id=reversed_, reason=CORRECTION, idempotency_key="r"),
+                metadata=operator,
+                timeout=30,
+            ).transaction_id
+            adjust("mem-2", 100)
+    finally:
+        service.kill()
+    assert ledger_discrepancies(url) == []
+    fetch(url, "UPDATE member_adjustments SET points = 501 WHERE transaction_id = $1", int(adjusted[4:]))
+    fetch(url, "DELETE FROM member_reversals WHERE reversal_transaction_id = $1", int(reversal[4:]))
+    fetch(
+        url,
+        "INSERT INTO member_status (member_id, state, closed_at, updated_at) VALUES ('mem-2', 'closed', now(), now())",
+    )
+    assert ledger_discrepancies(url) == [
+        f"adjustment {adjusted[4:]} (kind 16) records 501 point-units, its entries move 500 on its member",
+        f"reversal {reversal[4:]} is not the recorded, exact mirror of its original transaction's entries",
+        "closed member mem-2 holds 100 point-units and 0 open holds",
+    ]
