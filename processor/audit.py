@@ -85,6 +85,11 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "CloseMember": True,
         "GetBalance": False,
         "ListTransactions": False,
+        "AddMemberAlias": True,
+        "RemoveMemberAlias": True,
+        "CreateHousehold": True,
+        "JoinHousehold": True,
+        "LeaveHousehold": True,
     },
 }
 

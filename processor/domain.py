@@ -144,6 +144,11 @@ class Method(enum.Enum):
     FREEZE = "FreezeMember"
     UNFREEZE = "UnfreezeMember"
     CLOSE_MEMBER = "CloseMember"
+    ADD_ALIAS = "AddMemberAlias"
+    REMOVE_ALIAS = "RemoveMemberAlias"
+    CREATE_HOUSEHOLD = "CreateHousehold"
+    JOIN_HOUSEHOLD = "JoinHousehold"
+    LEAVE_HOUSEHOLD = "LeaveHousehold"
 
 
 @dataclasses.dataclass(slots=True)

@@ -276,10 +276,9 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             self._allow("FreezeMember")
             member_id = self.validate.identifier(request.member_id, "member_id")
             fields = {"member_id": member_id, "reason": self._note(request.reason, "reason")}
-            # not idempotent by key (the request has none; freezing twice keeps the first): a key of its own
-            op = self._operation(Method.FREEZE, f"freeze:{uuid.uuid4().hex}", fields, member_id=member_id)
-            outcome = await self._submit(op, context)
-            return pb.FreezeMemberResponse(status=status_message(outcome.fields))
+            return pb.FreezeMemberResponse(
+                status=status_message(await self._change(Method.FREEZE, fields, member_id, context))
+            )
 
         return await guard(context, call)
 
@@ -318,7 +317,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
     ) -> pb.MemberAdminServiceGetBalanceResponse:
         async def call():
             self._allow("GetBalance")
-            member_id = self.validate.identifier(request.member_id, "member_id")
+            member_id = self.pipeline.machine.members.resolve(self.validate.identifier(request.member_id, "member_id"))
             ledger = await self.pipeline.committed_view()
             slot = ledger.member_slot(member_id)
             if slot < 0:
@@ -365,6 +364,63 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             for r in rows:
                 response.transactions.append(transaction_message(r))
             return response
+
+        return await guard(context, call)
+
+    async def _change(self, method: Method, fields: dict, member_id: str, context) -> dict:
+        """A change with no idempotency key in its request (adding an alias twice, or leaving twice, has
+        one effect or one refusal): queued under a key of its own, not recorded."""
+        op = self._operation(method, f"{method.value}:{uuid.uuid4().hex}", fields, member_id=member_id)
+        return (await self._submit(op, context)).fields
+
+    async def AddMemberAlias(self, request: pb.AddMemberAliasRequest, context) -> pb.AddMemberAliasResponse:
+        async def call():
+            self._allow("AddMemberAlias")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            alias = self.validate.identifier(request.alias, "alias")
+            f = await self._change(Method.ADD_ALIAS, {"member_id": member_id, "alias": alias}, member_id, context)
+            return pb.AddMemberAliasResponse(member_id=f["member_id"], alias=f["alias"])
+
+        return await guard(context, call)
+
+    async def RemoveMemberAlias(self, request: pb.RemoveMemberAliasRequest, context) -> pb.RemoveMemberAliasResponse:
+        async def call():
+            self._allow("RemoveMemberAlias")
+            alias = self.validate.identifier(request.alias, "alias")
+            f = await self._change(Method.REMOVE_ALIAS, {"alias": alias}, "", context)
+            return pb.RemoveMemberAliasResponse(member_id=f["member_id"], alias=f["alias"])
+
+        return await guard(context, call)
+
+    async def CreateHousehold(self, request: pb.CreateHouseholdRequest, context) -> pb.CreateHouseholdResponse:
+        async def call():
+            self._allow("CreateHousehold")
+            head = self.validate.identifier(request.head_member_id, "head_member_id")
+            household = f"hh-{uuid.uuid4().hex[:16]}"
+            f = await self._change(
+                Method.CREATE_HOUSEHOLD, {"member_id": head, "household_id": household}, head, context
+            )
+            return pb.CreateHouseholdResponse(household_id=f["household_id"], head_member_id=f["member_id"])
+
+        return await guard(context, call)
+
+    async def JoinHousehold(self, request: pb.JoinHouseholdRequest, context) -> pb.JoinHouseholdResponse:
+        async def call():
+            self._allow("JoinHousehold")
+            household = self.validate.identifier(request.household_id, "household_id")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            fields = {"member_id": member_id, "household_id": household}
+            f = await self._change(Method.JOIN_HOUSEHOLD, fields, member_id, context)
+            return pb.JoinHouseholdResponse(household_id=f["household_id"], member_id=f["member_id"])
+
+        return await guard(context, call)
+
+    async def LeaveHousehold(self, request: pb.LeaveHouseholdRequest, context) -> pb.LeaveHouseholdResponse:
+        async def call():
+            self._allow("LeaveHousehold")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            f = await self._change(Method.LEAVE_HOUSEHOLD, {"member_id": member_id}, member_id, context)
+            return pb.LeaveHouseholdResponse(household_id=f["household_id"], member_id=f["member_id"])
 
         return await guard(context, call)
 

@@ -31,11 +31,29 @@ if TYPE_CHECKING:
 
 STATE_ACTIVE, STATE_FROZEN, STATE_CLOSED = "active", "frozen", "closed"
 # the operations this module applies (the state machine hands them over before its own dispatch)
-METHODS = frozenset({Method.ADJUST, Method.REVERSE, Method.FREEZE, Method.UNFREEZE, Method.CLOSE_MEMBER})
+METHODS = frozenset(
+    {
+        Method.ADJUST,
+        Method.REVERSE,
+        Method.FREEZE,
+        Method.UNFREEZE,
+        Method.CLOSE_MEMBER,
+        Method.ADD_ALIAS,
+        Method.REMOVE_ALIAS,
+        Method.CREATE_HOUSEHOLD,
+        Method.JOIN_HOUSEHOLD,
+        Method.LEAVE_HOUSEHOLD,
+    }
+)
+# a household's shared balance is the points account of this member id + the household's id
+HOUSEHOLD_ACCOUNT_PREFIX = "household:"
 # what a frozen member may not do: spend (a split tender is a Redeem or Authorize with vouchers)
 _SPENDING = frozenset({Method.REDEEM, Method.AUTHORIZE})
 # a till's operations that name a member (op.member_id): all refused for a closed member
 _NAMING_MEMBER = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.LINK, Method.CONVERT})
+# a till's operations that act on a household member's shared balance instead of its own (a link stays
+# the member's own: its acquirer and referrer are about the person)
+_SHARED = frozenset({Method.EARN, Method.AUTHORIZE, Method.REDEEM, Method.CONVERT})
 # member events the change feed reads (member_status_log.event)
 EVENT_FROZEN, EVENT_UNFROZEN, EVENT_CLOSED, EVENT_MERGED = "frozen", "unfrozen", "closed", "merged"
 # AdjustmentReason (admin.proto) numbers and names, for the history and the messages
@@ -63,6 +81,12 @@ class MemberWrite:
     statuses: dict[str, MemberStatus | None] = dataclasses.field(default_factory=dict)
     # (member_id, event, payload)
     events: list[tuple[str, str, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    # in order: (alias, member_id) binds, (alias, None) unbinds
+    aliases: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
+    # (household_id, head_member_id) created
+    households: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # in order: (member_id, household_id) joins, (member_id, None) leaves
+    memberships: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
 
 
 def record_member_event(conn_or_write: Any, member_id: str, event: str, payload: dict[str, Any]) -> Any:
@@ -82,10 +106,20 @@ class MemberRegistry:
     """Members' administrative state in memory (no row = active) and the transactions reversed, with an
     undo log per open batch (begin / commit / rollback_newest / rollback, as ProgramState)."""
 
-    def __init__(self, statuses: dict[str, MemberStatus] | None = None, reversed_by: dict[int, int] | None = None):
+    def __init__(
+        self,
+        statuses: dict[str, MemberStatus] | None = None,
+        reversed_by: dict[int, int] | None = None,
+        aliases: dict[str, str] | None = None,
+        households: dict[str, str] | None = None,
+        household_of: dict[str, str] | None = None,
+    ):
         self.statuses: dict[str, MemberStatus] = dict(statuses or {})
         # original transaction id -> the reversal's transaction id
         self.reversed_by: dict[int, int] = dict(reversed_by or {})
+        self.aliases: dict[str, str] = dict(aliases or {})  # alias -> member_id
+        self.households: dict[str, str] = dict(households or {})  # household_id -> head member_id
+        self.household_of: dict[str, str] = dict(household_of or {})  # member_id -> household_id
         self._undo: list[list[tuple[dict[Any, Any], Any, Any]]] = []
 
     def begin(self) -> None:
@@ -121,14 +155,40 @@ class MemberRegistry:
     def mark_reversed(self, original_id: int, reversal_id: int) -> None:
         self._set(self.reversed_by, original_id, reversal_id)
 
+    def bind(self, alias: str, member_id: str | None) -> None:
+        self._set(self.aliases, alias, member_id)
+
+    def add_household(self, household_id: str, head_member_id: str) -> None:
+        self._set(self.households, household_id, head_member_id)
+
+    def set_household(self, member_id: str, household_id: str | None) -> None:
+        self._set(self.household_of, member_id, household_id)
+
     def status(self, member_id: str) -> MemberStatus | None:
         return self.statuses.get(member_id)
 
-    def refusal(self, op: Operation) -> Outcome | None:
-        """A till's operation refused because of its member's state, or None. Not recorded under the
-        idempotency key: the state may change (an unfreeze), and then a retry with the key may pass."""
+    def resolve(self, member_id: str) -> str:
+        """The member an id names: the member an alias is bound to, else the id itself."""
+        return self.aliases.get(member_id, member_id)
+
+    def account_of(self, member_id: str) -> str:
+        """The member id whose points account the member earns on and spends: its household's, if any."""
+        household = self.household_of.get(member_id)
+        return member_id if household is None else HOUSEHOLD_ACCOUNT_PREFIX + household
+
+    def route(self, op: Operation) -> Outcome | None:
+        """A till's operation: its member_id resolved (an alias to its member, a household member's earn or
+        spend to the household's account), or its refusal because of the member's state. A refusal is not
+        recorded under the idempotency key: the state may change (an unfreeze), and a retry may pass."""
         if op.method not in _NAMING_MEMBER or not op.member_id:
             return None
+        op.member_id = self.resolve(op.member_id)
+        refusal = self._refusal(op)
+        if refusal is None and op.method in _SHARED:
+            op.member_id = self.account_of(op.member_id)
+        return refusal
+
+    def _refusal(self, op: Operation) -> Outcome | None:
         status = self.statuses.get(op.member_id)
         if status is None:
             return None
@@ -187,6 +247,9 @@ class MemberPostingsMixin:
         """Applies one member-administration operation (op.method in METHODS) to the batch."""
         if write.members is None:
             write.members = MemberWrite()
+        if op.method is Method.REMOVE_ALIAS:
+            return self._unbind(op, write)
+        op.member_id = self.members.resolve(op.member_id)  # an alias names its member here too
         status = self.members.status(op.member_id)
         if status is not None and status.state == STATE_CLOSED:
             metrics.rejections.labels("member_closed").inc()
@@ -206,6 +269,10 @@ class MemberPostingsMixin:
         slot = self.ledger.member_slot(op.member_id)
         if slot < 0:
             return _unknown_member(op.member_id)
+        if method is Method.ADD_ALIAS:
+            return self._bind(op, write)
+        if method in (Method.CREATE_HOUSEHOLD, Method.JOIN_HOUSEHOLD, Method.LEAVE_HOUSEHOLD):
+            return self._household(op, write)
         reason = str(op.request.get("reason", ""))
         if method is Method.FREEZE:
             if status is None:  # freezing a frozen member keeps its first time and reason
@@ -225,7 +292,8 @@ class MemberPostingsMixin:
         record_member_event(write.members, member_id, event, payload)
 
     def _adjust(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
-        ledger, member_id, points = self.ledger, op.member_id, op.points
+        # a household member's adjustment goes to the balance it earns on and spends: the household's
+        ledger, member_id, points = self.ledger, self.members.account_of(op.member_id), op.points
         require(points != 0, "an adjustment of 0 point-units")
         slot = ledger.member_slot(member_id)
         if points < 0:
@@ -334,6 +402,13 @@ class MemberPostingsMixin:
         slot = ledger.member_slot(member_id)
         if slot < 0:
             return _unknown_member(member_id)
+        household = self.members.household_of.get(member_id)
+        if household is not None:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {member_id!r} is in household {household!r}; it leaves it first (LeaveHousehold)",
+                recorded=False,
+            )
         posted, held = ledger.balance(slot)
         vouchers_held = program.vouchers_held.get(member_id, (0, 0))
         if held or any(vouchers_held):
@@ -367,6 +442,70 @@ class MemberPostingsMixin:
             Code.OK,
             {"member_id": member_id, "transaction_id": created, "points_to_breakage": posted, "closed_at_us": now_us},
         )
+
+    def _bind(self, op: Operation, write: BatchWrite) -> Outcome:
+        alias, member_id = str(op.request["alias"]), op.member_id
+        bound = self.members.aliases.get(alias)
+        fields = {"member_id": member_id, "alias": alias}
+        if bound == member_id:
+            return Outcome(Code.OK, fields, recorded=False)
+        if bound is not None:
+            return Outcome(
+                Code.ALREADY_EXISTS,
+                message=f"alias {alias!r} names member {bound!r}; remove it there first (RemoveMemberAlias)",
+                recorded=False,
+            )
+        if alias == member_id or self.ledger.member_slot(alias) >= 0 or alias.startswith(HOUSEHOLD_ACCOUNT_PREFIX):
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"{alias!r} is a member with a points account of its own; it cannot be an alias",
+                recorded=False,
+            )
+        self.members.bind(alias, member_id)
+        require(write.members is not None, "member rows of the batch")
+        write.members.aliases.append((alias, member_id))
+        return Outcome(Code.OK, fields, recorded=False)
+
+    def _unbind(self, op: Operation, write: BatchWrite) -> Outcome:
+        alias = str(op.request["alias"])
+        member_id = self.members.aliases.get(alias)
+        if member_id is None:
+            return Outcome(Code.NOT_FOUND, message=f"alias {alias!r} names no member", recorded=False)
+        self.members.bind(alias, None)
+        require(write.members is not None, "member rows of the batch")
+        write.members.aliases.append((alias, None))
+        return Outcome(Code.OK, {"member_id": member_id, "alias": alias}, recorded=False)
+
+    def _household(self, op: Operation, write: BatchWrite) -> Outcome:
+        members, member_id, method = self.members, op.member_id, op.method
+        require(write.members is not None, "member rows of the batch")
+        current = members.household_of.get(member_id)
+        if method is Method.LEAVE_HOUSEHOLD:
+            if current is None:
+                return Outcome(
+                    Code.FAILED_PRECONDITION, message=f"member {member_id!r} is in no household", recorded=False
+                )
+            members.set_household(member_id, None)
+            write.members.memberships.append((member_id, None))
+            return Outcome(Code.OK, {"household_id": current, "member_id": member_id}, recorded=False)
+        household = str(op.request["household_id"])
+        if method is Method.JOIN_HOUSEHOLD and household not in members.households:
+            return Outcome(Code.NOT_FOUND, message=f"household {household!r} does not exist", recorded=False)
+        if current is not None:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {member_id!r} is in household {current!r} already; it leaves it first",
+                recorded=False,
+            )
+        if method is Method.CREATE_HOUSEHOLD:
+            require(household not in members.households, f"household id {household!r} handed out twice")
+            if self._ensure_member(write, HOUSEHOLD_ACCOUNT_PREFIX + household) < 0:
+                return Outcome(Code.RESOURCE_EXHAUSTED, message="the ledger is full of members; contact the operator")
+            members.add_household(household, member_id)
+            write.members.households.append((household, member_id))
+        members.set_household(member_id, household)
+        write.members.memberships.append((member_id, household))
+        return Outcome(Code.OK, {"household_id": household, "member_id": member_id}, recorded=False)
 
     def _ensure_member(self, write: BatchWrite, member_id: str) -> int:
         """The member's slot, opening its account in this batch if it is new (-1: the ledger is full)."""

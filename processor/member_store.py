@@ -45,6 +45,34 @@ async def write(c: asyncpg.Connection, rows: MemberWrite, at: dt.datetime, timeo
         )
     if rows.events:
         await insert_events(c, rows.events, at, timeout)
+    for alias, member_id in rows.aliases:  # in order: a batch may unbind an alias and bind it again
+        if member_id is None:
+            await c.execute("DELETE FROM member_aliases WHERE alias = $1", alias, timeout=timeout)
+        else:
+            await c.execute(
+                "INSERT INTO member_aliases (alias, member_id, created_at) VALUES ($1, $2, $3)",
+                alias,
+                member_id,
+                at,
+                timeout=timeout,
+            )
+    if rows.households:
+        await c.executemany(
+            "INSERT INTO households (household_id, head_member_id, created_at) VALUES ($1, $2, $3)",
+            [(*row, at) for row in rows.households],
+            timeout=timeout,
+        )
+    for member_id, household_id in rows.memberships:
+        if household_id is None:
+            await c.execute("DELETE FROM household_members WHERE member_id = $1", member_id, timeout=timeout)
+        else:
+            await c.execute(
+                "INSERT INTO household_members (member_id, household_id, joined_at) VALUES ($1, $2, $3)",
+                member_id,
+                household_id,
+                at,
+                timeout=timeout,
+            )
 
 
 def _status_row(member_id: str, status: MemberStatus | None, at: dt.datetime) -> tuple[Any, ...]:
@@ -72,7 +100,8 @@ async def insert_events(
 
 
 async def load_registry(pool: asyncpg.Pool, timeout: float) -> MemberRegistry:
-    """The members not active and the transactions reversed, at a start or a resync."""
+    """The members not active, the transactions reversed, aliases and households, at a start or a resync
+    (all of them in memory: bounded by the members, as the fast path's balances are)."""
     statuses = {}
     for r in await pool.fetch(
         "SELECT member_id, state, reason, coalesce(frozen_at, closed_at) AS since FROM member_status "
@@ -87,7 +116,16 @@ async def load_registry(pool: asyncpg.Pool, timeout: float) -> MemberRegistry:
             "SELECT original_transaction_id, reversal_transaction_id FROM member_reversals", timeout=timeout
         )
     }
-    return MemberRegistry(statuses, reversed_by)
+    aliases = {r["alias"]: r["member_id"] for r in await pool.fetch("SELECT alias, member_id FROM member_aliases")}
+    households = {
+        r["household_id"]: r["head_member_id"]
+        for r in await pool.fetch("SELECT household_id, head_member_id FROM households", timeout=timeout)
+    }
+    household_of = {
+        r["member_id"]: r["household_id"]
+        for r in await pool.fetch("SELECT member_id, household_id FROM household_members", timeout=timeout)
+    }
+    return MemberRegistry(statuses, reversed_by, aliases, households, household_of)
 
 
 async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record | None:

@@ -271,7 +271,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
             if op.method in MEMBER_METHODS:  # member administration: processor/member_postings.py
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
-            refusal = self.members.refusal(op)  # a frozen member's spend, anything naming a closed member
+            refusal = self.members.route(op)  # aliases, households; a frozen member's spend, a closed member
             if refusal is not None:
                 outcomes[position] = refusal
                 continue

@@ -70,3 +70,23 @@ CREATE TABLE member_status_log (
     created_at timestamptz NOT NULL
 );
 CREATE INDEX member_status_log_member ON member_status_log (member_id, event_id);
+
+-- Aliases (card or phone numbers) naming a member: a till's operation naming an alias acts on its member.
+CREATE TABLE member_aliases (
+    alias      text PRIMARY KEY,
+    member_id  text NOT NULL,
+    created_at timestamptz NOT NULL
+);
+CREATE INDEX member_aliases_member ON member_aliases (member_id);
+
+-- Households: members sharing one balance, the points account of the member 'household:<household_id>'.
+CREATE TABLE households (
+    household_id   text PRIMARY KEY,
+    head_member_id text NOT NULL,
+    created_at     timestamptz NOT NULL
+);
+CREATE TABLE household_members (
+    member_id    text PRIMARY KEY,
+    household_id text NOT NULL REFERENCES households,
+    joined_at    timestamptz NOT NULL
+);

@@ -523,3 +523,110 @@ def test_reconcile_reports_an_adjustment_a_reversal_or_a_closed_member_that_does
         f"reversal {reversal[4:]} is not the recorded, exact mirror of its original transaction's entries",
         "closed member mem-2 holds 100 point-units and 0 open holds",
     ]
+
+
+# --- aliases ---------------------------------------------------------------------------------------
+
+
+def test_an_alias_names_its_member_at_the_till_until_it_is_removed(world):
+    member = funded_member(world.stub, "shop-a", 1_000)
+    card = unique("card")
+    bound = world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=member, alias=card), metadata=world.operator)
+    assert (bound.member_id, bound.alias) == (member, card)
+    # binding it again to the same member is no change; to another member it is refused
+    world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=member, alias=card), metadata=world.operator)
+    other = funded_member(world.stub, "shop-a", 100)
+    detail = refused(
+        lambda: world.admin.AddMemberAlias(
+            apb.AddMemberAliasRequest(member_id=other, alias=card), metadata=world.operator
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+    assert f"names member '{member}'" in detail
+    # a member with an account of its own cannot become an alias; an unknown member has none
+    refused(
+        lambda: world.admin.AddMemberAlias(
+            apb.AddMemberAliasRequest(member_id=member, alias=other), metadata=world.operator
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    refused(
+        lambda: world.admin.AddMemberAlias(
+            apb.AddMemberAliasRequest(member_id=unique("nobody"), alias=unique("card")), metadata=world.operator
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    earn(world.stub, "shop-a", card, 10_000)  # +1_000 to the member
+    assert world.redeem(card, 300).balance == 1_700
+    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=card), timeout=30).posted == 1_700
+    assert world.adjust(card, 300).balance == 2_000
+    world.restart()  # durable
+    assert world.redeem(card, 100).balance == 1_900
+    removed = world.admin.RemoveMemberAlias(apb.RemoveMemberAliasRequest(alias=card), metadata=world.operator)
+    assert removed.member_id == member
+    refused(
+        lambda: world.admin.RemoveMemberAlias(apb.RemoveMemberAliasRequest(alias=card), metadata=world.operator),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # the lost card now names nobody: a redeem on it finds no account
+    refused(lambda: world.redeem(card, 1), grpc.StatusCode.NOT_FOUND)
+    assert world.balance(member).posted == 1_900
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_frozen_members_alias_is_frozen_too(world):
+    member = funded_member(world.stub, "shop-a", 500)
+    card = unique("card")
+    world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=member, alias=card), metadata=world.operator)
+    world.freeze(card)  # an alias names the member in MemberAdminService as well
+    assert f"member '{member}' is frozen" in refused(lambda: world.redeem(card, 1), grpc.StatusCode.FAILED_PRECONDITION)
+    world.unfreeze(member)
+    assert world.redeem(card, 1).balance == 499
+
+
+# --- households ------------------------------------------------------------------------------------
+
+
+def test_a_households_members_earn_into_and_spend_from_one_balance_and_leaving_moves_nothing(world):
+    head = funded_member(world.stub, "shop-a", 400)  # its own points stay its own
+    partner = funded_member(world.stub, "shop-a", 200)
+    created = world.admin.CreateHousehold(apb.CreateHouseholdRequest(head_member_id=head), metadata=world.operator)
+    household = created.household_id
+    world.admin.JoinHousehold(
+        apb.JoinHouseholdRequest(household_id=household, member_id=partner), metadata=world.operator
+    )
+    earn(world.stub, "shop-a", head, 10_000)  # +1_000 to the household
+    earn(world.stub, "shop-b", partner, 5_000)  # +500 to the household
+    shared = f"household:{household}"
+    assert world.balance(shared).posted == 1_500
+    assert world.redeem(partner, 1_200).balance == 300  # the partner spends the head's earn too
+    refused(lambda: world.redeem(head, 301), grpc.StatusCode.FAILED_PRECONDITION)
+    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=head), timeout=30).posted == 300
+    # one household at a time; an unknown household is not found
+    detail = refused(
+        lambda: world.admin.CreateHousehold(
+            apb.CreateHouseholdRequest(head_member_id=partner), metadata=world.operator
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert f"in household '{household}' already" in detail
+    refused(
+        lambda: world.admin.JoinHousehold(
+            apb.JoinHouseholdRequest(household_id="hh-none", member_id=head), metadata=world.operator
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    )
+    # a member in a household is closed only after leaving it
+    assert "leaves it first" in refused(lambda: world.close(partner), grpc.StatusCode.FAILED_PRECONDITION)
+    left = world.admin.LeaveHousehold(apb.LeaveHouseholdRequest(member_id=partner), metadata=world.operator)
+    assert left.household_id == household
+    refused(
+        lambda: world.admin.LeaveHousehold(apb.LeaveHouseholdRequest(member_id=partner), metadata=world.operator),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert world.balance(shared).posted == 300  # nothing moved back
+    assert world.redeem(partner, 200).balance == 0  # its own 200 again
+    world.restart()
+    assert world.redeem(head, 300).balance == 0  # still in the household after a restart
+    assert world.balance(head).posted == 400
+    assert ledger_discrepancies(world.url) == []
