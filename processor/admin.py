@@ -248,6 +248,9 @@ _OPTIONAL_RULES = (
     "verification_lockout_seconds",
     "member_points_spent_per_hour_max",
     "member_points_spent_per_day_max",
+    "member_transfers",
+    "member_transfer_fee_bps",
+    "member_points_transferred_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
 

@@ -90,6 +90,7 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "CreateHousehold": True,
         "JoinHousehold": True,
         "LeaveHousehold": True,
+        "TransferPoints": True,
     },
 }
 

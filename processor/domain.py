@@ -149,6 +149,7 @@ class Method(enum.Enum):
     CREATE_HOUSEHOLD = "CreateHousehold"
     JOIN_HOUSEHOLD = "JoinHousehold"
     LEAVE_HOUSEHOLD = "LeaveHousehold"
+    TRANSFER = "TransferPoints"
 
 
 @dataclasses.dataclass(slots=True)

@@ -267,18 +267,19 @@ KINDS += (
             "member_own = -amount AND member_any = member_own AND breakage = amount",
         ),
     ),
-    # reserved (issue 15, not posted yet): the shapes say what their postings will have to be
     Kind(
         KIND_TRANSFER,
         "transfer",
         pb.TRANSACTION_KIND_TRANSFER,
         -1,
         Shape(
-            "the transaction's member (the sender) -amount, one other member +(amount - fee), fee revenue = fee",
-            ("member/POINTS", "operator_fee_revenue/POINTS"),
-            "member_own = -amount AND member_any = -fee AND members <= 2 AND revenue = fee",
+            "the transaction's member (the sender) -amount, one other member +(amount - fee), "
+            "operator_transfer_fees +fee",
+            ("member/POINTS", "operator_transfer_fees/POINTS"),
+            "member_own = -amount AND member_any = -fee AND members <= 2 AND transfer_fees = fee",
         ),
     ),
+    # reserved (issue 15, not posted yet): the shape says what its postings will have to be
     Kind(
         KIND_MERGE,
         "merge",
@@ -292,7 +293,7 @@ KINDS += (
     ),
 )
 # member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem
-MEMBER_DEBITS = (KIND_ADJUSTMENT_DEBIT, KIND_REVERSAL_DEBIT, KIND_MEMBER_CLOSURE)
+MEMBER_DEBITS = (KIND_ADJUSTMENT_DEBIT, KIND_REVERSAL_DEBIT, KIND_MEMBER_CLOSURE, KIND_TRANSFER)
 # transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
 OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))
 

@@ -424,6 +424,37 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
 
         return await guard(context, call)
 
+    async def TransferPoints(self, request: pb.TransferPointsRequest, context) -> pb.TransferPointsResponse:
+        async def call():
+            self._allow("TransferPoints")
+            sender = self.validate.identifier(request.from_member_id, "from_member_id")
+            receiver = self.validate.identifier(request.to_member_id, "to_member_id")
+            if sender == receiver:
+                raise domain.invalid_field("to_member_id", "to_member_id must name another member than from_member_id")
+            points = self.validate.amount(request.points, "points", fastpath.BALANCE_MAX, "point-units")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            fields = {"from_member_id": sender, "to_member_id": receiver, "points": points}
+            op = self._operation(Method.TRANSFER, key, fields, member_id=sender, points=points)
+            # a transfer spends the sender's points: the member's proof when the program asks for one
+            # (PointsService's check, against the member an alias names)
+            now_us = now_micros()
+            version = self.pipeline.program.version(now_us)
+            proof = request.member_proof.WhichOneof("proof")
+            op.member_id = self.pipeline.machine.members.resolve(sender)
+            await self.presence.check(op, version, proof, getattr(request.member_proof, proof) if proof else "", now_us)
+            op.member_id = sender
+            f = (await self._submit(op, context)).fields
+            return pb.TransferPointsResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                points=f["points"],
+                fee=f["fee"],
+                received=f["received"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
 
 def transaction_message(r) -> points_pb2.Transaction:
     """A row of member_store.member_history as the public Transaction."""

@@ -43,6 +43,7 @@ METHODS = frozenset(
         Method.CREATE_HOUSEHOLD,
         Method.JOIN_HOUSEHOLD,
         Method.LEAVE_HOUSEHOLD,
+        Method.TRANSFER,
     }
 )
 # a household's shared balance is the points account of this member id + the household's id
@@ -87,6 +88,8 @@ class MemberWrite:
     households: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # in order: (member_id, household_id) joins, (member_id, None) leaves
     memberships: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
+    # (transaction_id, from account's member id, to account's member id, points, fee)
+    transfers: list[tuple[int, str, str, int, int]] = dataclasses.field(default_factory=list)
 
 
 def record_member_event(conn_or_write: Any, member_id: str, event: str, payload: dict[str, Any]) -> Any:
@@ -113,6 +116,7 @@ class MemberRegistry:
         aliases: dict[str, str] | None = None,
         households: dict[str, str] | None = None,
         household_of: dict[str, str] | None = None,
+        transferred: dict[str, tuple[int, int]] | None = None,
     ):
         self.statuses: dict[str, MemberStatus] = dict(statuses or {})
         # original transaction id -> the reversal's transaction id
@@ -120,6 +124,8 @@ class MemberRegistry:
         self.aliases: dict[str, str] = dict(aliases or {})  # alias -> member_id
         self.households: dict[str, str] = dict(households or {})  # household_id -> head member_id
         self.household_of: dict[str, str] = dict(household_of or {})  # member_id -> household_id
+        # member_id -> (UTC day number, point-units it sent by transfer that day)
+        self.transferred: dict[str, tuple[int, int]] = dict(transferred or {})
         self._undo: list[list[tuple[dict[Any, Any], Any, Any]]] = []
 
     def begin(self) -> None:
@@ -163,6 +169,13 @@ class MemberRegistry:
 
     def set_household(self, member_id: str, household_id: str | None) -> None:
         self._set(self.household_of, member_id, household_id)
+
+    def transferred_on(self, member_id: str, day: int) -> int:
+        sent = self.transferred.get(member_id)
+        return sent[1] if sent is not None and sent[0] == day else 0
+
+    def add_transferred(self, member_id: str, day: int, points: int) -> None:
+        self._set(self.transferred, member_id, (day, self.transferred_on(member_id, day) + points))
 
     def status(self, member_id: str) -> MemberStatus | None:
         return self.statuses.get(member_id)
@@ -266,6 +279,8 @@ class MemberPostingsMixin:
             return self._reverse(op, write, now_us, status)
         if method is Method.CLOSE_MEMBER:
             return self._close(op, write, now_us)
+        if method is Method.TRANSFER:
+            return self._transfer(op, write, now_us, status)
         slot = self.ledger.member_slot(op.member_id)
         if slot < 0:
             return _unknown_member(op.member_id)
@@ -443,6 +458,113 @@ class MemberPostingsMixin:
             {"member_id": member_id, "transaction_id": created, "points_to_breakage": posted, "closed_at_us": now_us},
         )
 
+    def _transfer(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
+        """Points from one member's account to another's (each its household's, if any), less the program's
+        fee to operator_transfer_fees, within the sender's daily cap."""
+        ledger, members, sender, points = self.ledger, self.members, op.member_id, op.points
+        version = self.program.version(now_us)
+        if version is None or version.member_transfers != rules.TRANSFERS_ON:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message="the program in force does not allow member-to-member transfers (ProgramRules.member_transfers)",
+                recorded=False,
+            )
+        if status is not None and status.state == STATE_FROZEN:
+            metrics.rejections.labels("member_frozen").inc()
+            return Outcome(
+                Code.FAILED_PRECONDITION, message=frozen_message(sender, status), recorded=False, reason="member_frozen"
+            )
+        receiver = members.resolve(str(op.request["to_member_id"]))
+        receiver_status = members.status(receiver)
+        if receiver_status is not None and receiver_status.state == STATE_CLOSED:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=closed_message(receiver, receiver_status),
+                recorded=False,
+                reason="member_closed",
+            )
+        source, target = members.account_of(sender), members.account_of(receiver)
+        if source == target:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"members {sender!r} and {receiver!r} share one balance ({source!r}); nothing to transfer",
+            )
+        source_slot, target_slot = ledger.member_slot(source), ledger.member_slot(target)
+        if source_slot < 0 or target_slot < 0:
+            return _unknown_member(sender if source_slot < 0 else receiver)
+        day = now_us // rules.DAY_US
+        # the cap is on the account the points leave (a household's members share theirs)
+        sent, cap = members.transferred_on(source, day), version.member_points_transferred_per_day_max
+        if cap and sent + points > cap:
+            retry = ((day + 1) * rules.DAY_US - now_us) / 1_000_000
+            return Outcome(
+                Code.RESOURCE_EXHAUSTED,
+                message=f"member {sender!r} sent {sent} of its {cap} point-units of transfers today (UTC); {points} "
+                f"more would pass the cap. Retry after midnight UTC (in {retry:.0f} s)",
+                recorded=False,
+                retry_after_seconds=retry,
+                quota=(f"member:{sender}", f"{cap} point-units of transfers per UTC day"),
+            )
+        self._expire_member(write, source, now_us)
+        posted, held = ledger.balance(source_slot)
+        if posted - held < points:
+            metrics.rejections.labels("insufficient_points").inc()
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {sender!r} has {posted - held} point-units available ({held} held); it cannot "
+                f"send {points}",
+                reason="insufficient_points",
+                recorded=False,
+            )
+        fee = domain.fee_point_units(points, version.member_transfer_fee_bps)
+        received = points - fee
+        target_posted, _ = ledger.balance(target_slot)
+        if target_posted + received > fastpath.BALANCE_MAX:
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"member {receiver!r} would hold more than {fastpath.BALANCE_MAX} point-units",
+                recorded=False,
+            )
+        ledger.load_member(source, posted - points)
+        ledger.load_member(target, target_posted + received)
+        created: int = self.ids.transaction()
+        write.transactions.append(
+            (
+                created,
+                kinds.KIND_TRANSFER,
+                domain.OPERATOR_ID,
+                source,
+                points,
+                None,
+                None,
+                None,
+                op.idempotency_key,
+                fee,
+                version.version,
+            )
+        )
+        write.entries.append((created, ledger.member_account(source_slot), -points))
+        if received:
+            write.entries.append((created, ledger.member_account(target_slot), received))
+        if fee:
+            write.entries.append((created, self.operator_accounts[ACCOUNT_OPERATOR_TRANSFER_FEES], fee))
+        self.program.consume(source, (OWNER_TRANSACTION, created), points, posted - held, now_us)
+        members.add_transferred(source, day, points)
+        require(write.members is not None, "member rows of the batch")
+        write.members.transfers.append((created, source, target, points, fee))
+        posted, held = ledger.balance(source_slot)
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created,
+                "points": points,
+                "fee": fee,
+                "received": received,
+                "balance": posted,
+                "available": posted - held,
+            },
+        )
+
     def _bind(self, op: Operation, write: BatchWrite) -> Outcome:
         alias, member_id = str(op.request["alias"]), op.member_id
         bound = self.members.aliases.get(alias)
@@ -545,6 +667,7 @@ class MemberPostingsMixin:
 
 
 ACCOUNT_OPERATOR_ADJUSTMENTS = "operator_adjustments"
+ACCOUNT_OPERATOR_TRANSFER_FEES = "operator_transfer_fees"
 
 
 def _unknown_member(member_id: str) -> Outcome:

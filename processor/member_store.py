@@ -45,6 +45,13 @@ async def write(c: asyncpg.Connection, rows: MemberWrite, at: dt.datetime, timeo
         )
     if rows.events:
         await insert_events(c, rows.events, at, timeout)
+    if rows.transfers:
+        await c.executemany(
+            """INSERT INTO member_transfers (transaction_id, from_member_id, to_member_id, points, fee, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            [(*row, at) for row in rows.transfers],
+            timeout=timeout,
+        )
     for alias, member_id in rows.aliases:  # in order: a batch may unbind an alias and bind it again
         if member_id is None:
             await c.execute("DELETE FROM member_aliases WHERE alias = $1", alias, timeout=timeout)
@@ -125,7 +132,20 @@ async def load_registry(pool: asyncpg.Pool, timeout: float) -> MemberRegistry:
         r["member_id"]: r["household_id"]
         for r in await pool.fetch("SELECT member_id, household_id FROM household_members", timeout=timeout)
     }
-    return MemberRegistry(statuses, reversed_by, aliases, households, household_of)
+    # what each member sent by transfer today (UTC), for the program's daily cap
+    now = dt.datetime.now(dt.timezone.utc)
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = int(day_start.timestamp()) // 86_400
+    transferred = {
+        r["member_id"]: (day, int(r["points"]))
+        for r in await pool.fetch(
+            """SELECT from_member_id AS member_id, sum(points) AS points FROM member_transfers
+               WHERE created_at >= $1 GROUP BY from_member_id""",
+            day_start,
+            timeout=timeout,
+        )
+    }
+    return MemberRegistry(statuses, reversed_by, aliases, households, household_of, transferred)
 
 
 async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record | None:
@@ -204,9 +224,11 @@ async def member_history(
                SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
                       sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
                FROM entries e JOIN accounts a USING (account_id)
-               WHERE e.transaction_id = t.transaction_id AND a.owner_id = t.member_id
+               WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
                  AND a.kind IN ('member', 'member_voucher_credit')) m ON true
-           WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
+           WHERE (t.member_id = $1
+                  OR t.transaction_id IN (SELECT transaction_id FROM member_transfers WHERE to_member_id = $1))
+             AND ($2::bigint IS NULL OR t.transaction_id < $2)
            ORDER BY t.transaction_id DESC LIMIT $3""",
         member_id,
         before_transaction_id,

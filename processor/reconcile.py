@@ -204,7 +204,8 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                       -- the program rules' operator accounts (tier rewards, promotions, referrals,
                       -- acquiring): points the operator funded, <= 0
                       coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
-                               'operator_referrals', 'operator_acquiring', 'operator_adjustments')), 0) AS program
+                               'operator_referrals', 'operator_acquiring', 'operator_adjustments',
+                               'operator_transfer_fees')), 0) AS program
                FROM account_balances WHERE asset_code = 'POINTS'"""
         )
         if totals["members"] + totals["merchants"] + totals["revenue"] + totals["breakage"] + totals["program"] != 0:
@@ -239,6 +240,7 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "member_voucher_credit": -1,
     # 0: either sign. Credits to members draw it below zero, debits above (member administration)
     "operator_adjustments": 0,
+    "operator_transfer_fees": 1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -268,6 +270,7 @@ _SHAPE_SUMS = """
     count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'merchant_redeemed' AND a.asset_code = 'VOUCHERS') AS stores,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_fee_revenue'), 0) AS revenue,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_adjustments'), 0) AS adjustments,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_transfer_fees'), 0) AS transfer_fees,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
@@ -501,7 +504,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
                                        t.amount, t.kind
                               HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
-                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 19, 20))
+                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 19, 20, 21))
                                   OR sum(c.amount) > coalesce(h.amount, t.amount)
                               ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
         owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"

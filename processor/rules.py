@@ -67,6 +67,8 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_OPERATOR_DIVIDENDS: frozenset({ASSET_VOUCHERS}),
     # member administration (processor/member_postings.py): funds adjustments; no sign of its own
     "operator_adjustments": frozenset({ASSET_POINTS}),
+    # transfer fees (processor/member_postings.py), >= 0
+    "operator_transfer_fees": frozenset({ASSET_POINTS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -344,6 +346,8 @@ class DividendSettings:
 VERIFICATION_OFF = "off"  # member_id alone spends a member's points
 VERIFICATION_SPENDING = "spending"  # Redeem and Authorize must carry proof that the member is present
 VERIFICATION_MODES = (VERIFICATION_OFF, VERIFICATION_SPENDING)
+TRANSFERS_OFF, TRANSFERS_ON = "off", "on"  # member_transfers
+TRANSFER_MODES = (TRANSFERS_OFF, TRANSFERS_ON)
 VERIFICATION_FAILURES_MAX = 100
 VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
 
@@ -374,6 +378,12 @@ class ProgramVersion:
     verification_lockout_seconds: int = 900  # how long the lock lasts
     member_points_spent_per_hour_max: int = 0  # point-units per rolling hour; 0 = no cap
     member_points_spent_per_day_max: int = 0  # point-units per rolling 24 hours; 0 = no cap
+    # member-to-member transfers (MemberAdminService.TransferPoints, issue 15): "off" or "on"; the fee in
+    # basis points of the points sent (to operator_transfer_fees); point-units a member may send per UTC
+    # day, 0 = no cap
+    member_transfers: str = TRANSFERS_OFF
+    member_transfer_fee_bps: int = 0
+    member_points_transferred_per_day_max: int = 0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -420,6 +430,12 @@ class ProgramVersion:
         )
         _problem_int(problems, self.member_points_spent_per_hour_max, "member_points_spent_per_hour_max (0 = no cap)")
         _problem_int(problems, self.member_points_spent_per_day_max, "member_points_spent_per_day_max (0 = no cap)")
+        if self.member_transfers not in TRANSFER_MODES:
+            problems.append(f"member_transfers must be 'off' or 'on' (got {self.member_transfers!r})")
+        _problem_int(problems, self.member_transfer_fee_bps, "member_transfer_fee_bps", 0, BPS_DENOMINATOR)
+        _problem_int(
+            problems, self.member_points_transferred_per_day_max, "member_points_transferred_per_day_max (0 = no cap)"
+        )
         merchants = [terms.merchant_id for terms in self.merchant_terms]
         if len(merchants) != len(set(merchants)):
             problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
@@ -770,6 +786,9 @@ _VERSION_KINDS = {
     "verification_lockout_seconds": _integer,
     "member_points_spent_per_hour_max": _integer,
     "member_points_spent_per_day_max": _integer,
+    "member_transfers": _text,
+    "member_transfer_fee_bps": _integer,
+    "member_points_transferred_per_day_max": _integer,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(

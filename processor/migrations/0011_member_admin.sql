@@ -90,3 +90,18 @@ CREATE TABLE household_members (
     household_id text NOT NULL REFERENCES households,
     joined_at    timestamptz NOT NULL
 );
+
+-- Member-to-member transfers (kind 21): the fee account, and the receiver of each transfer (the
+-- transaction names the sender; the receiver's history finds its transfers here).
+INSERT INTO accounts (kind, owner_id, asset_code) VALUES ('operator_transfer_fees', 'operator', 'POINTS');
+CREATE TABLE member_transfers (
+    transaction_id bigint PRIMARY KEY,
+    from_member_id text NOT NULL,
+    to_member_id   text NOT NULL,
+    -- point-units the sender paid; the fee (to operator_transfer_fees); the receiver got points - fee
+    points         bigint NOT NULL CHECK (points > 0),
+    fee            bigint NOT NULL CHECK (fee BETWEEN 0 AND points),
+    created_at     timestamptz NOT NULL
+);
+CREATE INDEX member_transfers_to ON member_transfers (to_member_id, transaction_id);
+CREATE INDEX member_transfers_from_day ON member_transfers (from_member_id, created_at);

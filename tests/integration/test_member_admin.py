@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 
 import grpc
 import pytest
@@ -16,7 +17,16 @@ from points.v1 import admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import cli, credential, earn, error_of, funded_member, replay_flag, unique
+from tests.integration.helpers import (
+    add_program_version,
+    cli,
+    credential,
+    earn,
+    error_of,
+    funded_member,
+    replay_flag,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,12 +58,16 @@ def _support_key(url: str, per_call: int, per_day: int) -> str:
 
 
 class World:
-    def __init__(self, url: str):
+    def __init__(self, url: str, program: dict | None = None):
         self.url = url
         self.operator = credential(create_key(url, "operator"))
         self.keys = {m: credential(add_merchant(url, m, 1000)) for m in ("shop-a", "shop-b")}
         self.support = credential(_support_key(url, PER_CALL_MAX, PER_DAY_MAX))
+        if program is not None:
+            add_program_version(url, program)
         self.start()
+        if program is not None:
+            time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
 
     def start(self) -> None:
         self.service = ServiceProcess(self.url).start()
@@ -630,3 +644,111 @@ def test_a_households_members_earn_into_and_spend_from_one_balance_and_leaving_m
     assert world.redeem(head, 300).balance == 0  # still in the household after a restart
     assert world.balance(head).posted == 400
     assert ledger_discrepancies(world.url) == []
+
+
+# --- TransferPoints --------------------------------------------------------------------------------
+
+TRANSFER_FEE_BPS = 250
+TRANSFER_DAY_MAX = 5_000
+PIN = "4821"
+
+
+@pytest.fixture(scope="module")
+def transfers(create_database):
+    """A world whose program allows transfers (2.5% fee, 5_000 point-units a day) and asks for the
+    member's proof for spending; points expire after a year (so spends consume lots)."""
+    url = create_database()
+    world = World(
+        url,
+        {
+            "member_transfers": "on",
+            "member_transfer_fee_bps": TRANSFER_FEE_BPS,
+            "member_points_transferred_per_day_max": TRANSFER_DAY_MAX,
+            "member_verification": "spending",
+            "expiry_period_us": 365 * 86_400_000_000,
+        },
+    )
+    yield world
+    world.stop()
+    assert ledger_discrepancies(url) == []
+
+
+def _transfer(world, sender: str, receiver: str, points: int, key: str | None = None, pin: str | None = PIN):
+    return world.admin.TransferPoints(
+        apb.TransferPointsRequest(
+            from_member_id=sender,
+            to_member_id=receiver,
+            points=points,
+            idempotency_key=key or unique("tr"),
+            member_proof=pb.MemberProof(pin=pin) if pin else None,
+        ),
+        metadata=world.operator,
+        timeout=30,
+    )
+
+
+def _with_pin(world, member: str) -> str:
+    world.admin.SetMemberPin(apb.SetMemberPinRequest(member_id=member, pin=PIN), metadata=world.operator, timeout=30)
+    return member
+
+
+def test_a_transfer_moves_points_less_the_fee_once_per_key_and_both_histories_show_it(transfers):
+    world = transfers
+    sender = _with_pin(world, funded_member(world.stub, "shop-a", 4_000))
+    receiver = funded_member(world.stub, "shop-b", 100)
+    key = unique("tr")
+    sent = _transfer(world, sender, receiver, 2_000, key)
+    assert (sent.points, sent.fee, sent.received, sent.balance, sent.available) == (2_000, 50, 1_950, 2_000, 2_000)
+    assert _transfer(world, sender, receiver, 2_000, key).transaction_id == sent.transaction_id  # a replay
+    assert world.balance(receiver).posted == 2_050
+    (out,) = [t for t in world.history(sender) if t.kind == pb.TRANSACTION_KIND_TRANSFER]
+    (into,) = [t for t in world.history(receiver) if t.kind == pb.TRANSACTION_KIND_TRANSFER]
+    assert (out.transaction_id, out.points, into.transaction_id, into.points) == (
+        sent.transaction_id,
+        -2_000,
+        sent.transaction_id,
+        1_950,
+    )
+    (fees,) = fetch(
+        world.url,
+        "SELECT balance FROM account_balances WHERE kind = 'operator_transfer_fees' AND owner_id = 'operator'",
+    )
+    assert fees["balance"] == 50
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_transfers_are_refused_without_proof_beyond_balance_or_cap_frozen_or_to_oneself(transfers):
+    world = transfers
+    sender = _with_pin(world, funded_member(world.stub, "shop-a", 9_000))
+    receiver = funded_member(world.stub, "shop-a", 100)
+    detail = refused(lambda: _transfer(world, sender, receiver, 100, pin=None), grpc.StatusCode.PERMISSION_DENIED)
+    assert "member_proof" in detail
+    refused(lambda: _transfer(world, sender, receiver, 100, pin="0000"), grpc.StatusCode.PERMISSION_DENIED)
+    refused(lambda: _transfer(world, sender, sender, 100), grpc.StatusCode.INVALID_ARGUMENT)
+    refused(lambda: _transfer(world, sender, receiver, 0), grpc.StatusCode.INVALID_ARGUMENT)
+    refused(lambda: _transfer(world, sender, unique("nobody"), 100), grpc.StatusCode.NOT_FOUND)
+    _transfer(world, sender, receiver, 4_000)
+    detail = refused(lambda: _transfer(world, sender, receiver, 1_001), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "sent 4000 of its 5000 point-units of transfers today" in detail
+    world.freeze(sender)
+    assert "is frozen since" in refused(
+        lambda: _transfer(world, sender, receiver, 10), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    world.unfreeze(sender)
+    poor = _with_pin(world, funded_member(world.stub, "shop-a", 100))
+    assert "cannot send 101" in refused(
+        lambda: _transfer(world, poor, receiver, 101), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    world.restart()  # the day's cap is read back from Postgres
+    refused(lambda: _transfer(world, sender, receiver, 1_001), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert _transfer(world, sender, receiver, 1_000).received == 975
+    assert world.balance(sender).posted == 4_000
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_transfers_are_refused_when_the_program_does_not_allow_them(world):
+    sender = funded_member(world.stub, "shop-a", 1_000)
+    receiver = funded_member(world.stub, "shop-a", 100)
+    detail = refused(lambda: _transfer(world, sender, receiver, 100, pin=None), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "does not allow member-to-member transfers" in detail
+    assert world.balance(sender).posted == 1_000

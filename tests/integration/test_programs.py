@@ -143,6 +143,9 @@ def every_field_rules() -> pb.ProgramRules:
         verification_lockout_seconds=600,
         member_points_spent_per_hour_max=50_000,
         member_points_spent_per_day_max=200_000,
+        member_transfers="on",
+        member_transfer_fee_bps=100,
+        member_points_transferred_per_day_max=50_000,
     )
 
 

@@ -88,6 +88,9 @@ EVERY_FIELD = ProgramVersion(
     verification_lockout_seconds=600,
     member_points_spent_per_hour_max=50_000,
     member_points_spent_per_day_max=200_000,
+    member_transfers=rules.TRANSFERS_ON,
+    member_transfer_fee_bps=100,
+    member_points_transferred_per_day_max=50_000,
 )
 
 
