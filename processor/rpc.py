@@ -31,10 +31,11 @@ principal: contextvars.ContextVar[auth.Principal | None] = contextvars.ContextVa
 ACCEPTED_KINDS = {
     "points.v1.PointsService": ("merchant", "gateway"),
     "points.v1.MerchantAdmin": ("operator",),
-    "points.v1.Clearing": ("operator",),
+    # merchant and gateway keys: their own merchants' reads only (processor/admin.py _may_read; issue 15)
+    "points.v1.Clearing": ("operator", "merchant", "gateway"),
     "points.v1.Programs": ("operator",),
     "points.v1.MerchantAdminService": ("operator",),
-    "points.v1.ClearingService": ("operator",),
+    "points.v1.ClearingService": ("operator", "merchant", "gateway"),
     "points.v1.ProgramsService": ("operator",),
     # support keys: only the methods processor/member_admin.py lets them call (SUPPORT_METHODS)
     "points.v1.MemberAdminService": ("operator", "support"),

@@ -11,6 +11,7 @@ import time
 
 import grpc
 import pytest
+from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as apb
 from points.v1 import admin_pb2_grpc
@@ -752,3 +753,63 @@ def test_transfers_are_refused_when_the_program_does_not_allow_them(world):
     detail = refused(lambda: _transfer(world, sender, receiver, 100, pin=None), grpc.StatusCode.FAILED_PRECONDITION)
     assert "does not allow member-to-member transfers" in detail
     assert world.balance(sender).posted == 1_000
+
+
+# --- merchants' own clearing reads -----------------------------------------------------------------
+
+
+def test_a_merchant_key_reads_its_own_position_and_statements_and_no_one_elses(world):
+    funded_member(world.stub, "shop-a", 500)
+    clearing = admin_pb2_grpc.ClearingServiceStub(world._bare)
+    cut = timestamp_pb2.Timestamp()
+    cut.GetCurrentTime()
+    period = clearing.CloseSettlementPeriod(
+        apb.ClearingServiceCloseSettlementPeriodRequest(cut_off=cut), metadata=world.operator, timeout=60
+    ).period
+    own, other = world.keys["shop-a"], world.keys["shop-b"]
+    position = clearing.GetMerchantPosition(
+        apb.ClearingServiceGetMerchantPositionRequest(merchant_id="shop-a"), metadata=own, timeout=30
+    ).position
+    assert position.merchant_id == "shop-a"
+    statement = clearing.GetStatement(
+        apb.ClearingServiceGetStatementRequest(merchant_id="shop-a", period_id=period.period_id),
+        metadata=own,
+        timeout=30,
+    ).statement
+    assert statement.merchant_id == "shop-a"
+    listed = clearing.ListStatements(apb.ClearingServiceListStatementsRequest(merchant_id="shop-a"), metadata=own)
+    assert {s.merchant_id for s in listed.statements} == {"shop-a"}
+    exported = clearing.ExportStatement(
+        apb.ClearingServiceExportStatementRequest(merchant_id="shop-a", period_id=period.period_id), metadata=own
+    )
+    assert exported.csv.startswith(b"period_id") and exported.lines >= 1
+    gateway = credential(create_key(world.url, "gateway", ["shop-a", "shop-b"]))
+    assert (
+        clearing.GetMerchantPosition(
+            apb.ClearingServiceGetMerchantPositionRequest(merchant_id="shop-b"), metadata=gateway, timeout=30
+        ).position.merchant_id
+        == "shop-b"
+    )
+    for call in (
+        lambda: clearing.GetMerchantPosition(
+            apb.ClearingServiceGetMerchantPositionRequest(merchant_id="shop-a"), metadata=other, timeout=30
+        ),
+        lambda: clearing.GetStatement(
+            apb.ClearingServiceGetStatementRequest(merchant_id="shop-a", period_id=period.period_id), metadata=other
+        ),
+        lambda: clearing.ListStatements(apb.ClearingServiceListStatementsRequest(merchant_id="shop-a"), metadata=other),
+        lambda: clearing.ListStatements(
+            apb.ClearingServiceListStatementsRequest(period_id=period.period_id), metadata=own
+        ),
+        lambda: clearing.ExportStatement(
+            apb.ClearingServiceExportStatementRequest(period_id=period.period_id), metadata=own
+        ),
+        lambda: clearing.CloseSettlementPeriod(
+            apb.ClearingServiceCloseSettlementPeriodRequest(cut_off=cut), metadata=own, timeout=30
+        ),
+    ):
+        refused(call, grpc.StatusCode.PERMISSION_DENIED)
+    # the operator still reads every merchant
+    assert clearing.ListStatements(
+        apb.ClearingServiceListStatementsRequest(period_id=period.period_id), metadata=world.operator
+    ).statements
