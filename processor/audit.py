@@ -91,6 +91,7 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "JoinHousehold": True,
         "LeaveHousehold": True,
         "TransferPoints": True,
+        "MergeMembers": True,
     },
 }
 

@@ -150,6 +150,7 @@ class Method(enum.Enum):
     JOIN_HOUSEHOLD = "JoinHousehold"
     LEAVE_HOUSEHOLD = "LeaveHousehold"
     TRANSFER = "TransferPoints"
+    MERGE = "MergeMembers"
 
 
 @dataclasses.dataclass(slots=True)

@@ -279,7 +279,6 @@ KINDS += (
             "member_own = -amount AND member_any = -fee AND members <= 2 AND transfer_fees = fee",
         ),
     ),
-    # reserved (issue 15, not posted yet): the shape says what its postings will have to be
     Kind(
         KIND_MERGE,
         "merge",
@@ -294,6 +293,7 @@ KINDS += (
 )
 # member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem
 MEMBER_DEBITS = (KIND_ADJUSTMENT_DEBIT, KIND_REVERSAL_DEBIT, KIND_MEMBER_CLOSURE, KIND_TRANSFER)
+# a merge moves the source's lots whole (program.merge_members), consuming none
 # transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
 OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))
 

@@ -455,6 +455,27 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
 
         return await guard(context, call)
 
+    async def MergeMembers(self, request: pb.MergeMembersRequest, context) -> pb.MergeMembersResponse:
+        async def call():
+            self._allow("MergeMembers")
+            source = self.validate.identifier(request.source_member_id, "source_member_id")
+            target = self.validate.identifier(request.target_member_id, "target_member_id")
+            if source == target:
+                raise domain.invalid_field("target_member_id", "target_member_id must name another member")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            fields = {"source_member_id": source, "target_member_id": target}
+            f = (await self._submit(self._operation(Method.MERGE, key, fields, member_id=source), context)).fields
+            return pb.MergeMembersResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
+                source_member_id=f["source_member_id"],
+                target_member_id=f["target_member_id"],
+                points=f["points"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
 
 def transaction_message(r) -> points_pb2.Transaction:
     """A row of member_store.member_history as the public Transaction."""

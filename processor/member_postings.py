@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import fastpath
 from processor import domain, kinds, metrics, rules
-from processor.domain import Code, Method, Operation, Outcome, require
+from processor.domain import Code, InvariantViolation, Method, Operation, Outcome, require
 from processor.program import OWNER_TRANSACTION
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ METHODS = frozenset(
         Method.JOIN_HOUSEHOLD,
         Method.LEAVE_HOUSEHOLD,
         Method.TRANSFER,
+        Method.MERGE,
     }
 )
 # a household's shared balance is the points account of this member id + the household's id
@@ -60,6 +61,9 @@ EVENT_FROZEN, EVENT_UNFROZEN, EVENT_CLOSED, EVENT_MERGED = "frozen", "unfrozen",
 # AdjustmentReason (admin.proto) numbers and names, for the history and the messages
 REASONS = {1: "goodwill", 2: "correction", 3: "sign_up", 4: "birthday", 5: "survey", 6: "activity", 7: "other"}
 _MISSING = object()
+# merges chain aliases (A merged into B, B into C: A -> B -> C); no cycle is possible (an alias is never a
+# member with an account, and a merge binds a member that is no alias), this bounds the walk all the same
+ALIAS_HOPS_MAX = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,6 +94,8 @@ class MemberWrite:
     memberships: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
     # (transaction_id, from account's member id, to account's member id, points, fee)
     transfers: list[tuple[int, str, str, int, int]] = dataclasses.field(default_factory=list)
+    # (source_member_id, target_member_id, transaction_id | None, points)
+    merges: list[tuple[str, str, int | None, int]] = dataclasses.field(default_factory=list)
 
 
 def record_member_event(conn_or_write: Any, member_id: str, event: str, payload: dict[str, Any]) -> Any:
@@ -181,8 +187,14 @@ class MemberRegistry:
         return self.statuses.get(member_id)
 
     def resolve(self, member_id: str) -> str:
-        """The member an id names: the member an alias is bound to, else the id itself."""
-        return self.aliases.get(member_id, member_id)
+        """The member an id names: the member an alias is bound to (through merges: a merged member's id
+        is an alias of its target, and its own aliases still name it), else the id itself."""
+        for _ in range(ALIAS_HOPS_MAX):
+            bound = self.aliases.get(member_id)
+            if bound is None:
+                return member_id
+            member_id = bound
+        raise InvariantViolation(f"aliases of {member_id!r} chain further than {ALIAS_HOPS_MAX} merges")
 
     def account_of(self, member_id: str) -> str:
         """The member id whose points account the member earns on and spends: its household's, if any."""
@@ -281,6 +293,8 @@ class MemberPostingsMixin:
             return self._close(op, write, now_us)
         if method is Method.TRANSFER:
             return self._transfer(op, write, now_us, status)
+        if method is Method.MERGE:
+            return self._merge(op, write, now_us, status)
         slot = self.ledger.member_slot(op.member_id)
         if slot < 0:
             return _unknown_member(op.member_id)
@@ -562,6 +576,87 @@ class MemberPostingsMixin:
                 "received": received,
                 "balance": posted,
                 "available": posted - held,
+            },
+        )
+
+    def _merge(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
+        """The source's points (with their lots) and qualifying points to the target, in one posting; the
+        source id becomes an alias of the target. Never partial: every refusal comes before any change."""
+        ledger, program, members, source = self.ledger, self.program, self.members, op.member_id
+        target = members.resolve(str(op.request["target_member_id"]))
+
+        def refuse(message: str, reason: str = "") -> Outcome:
+            return Outcome(Code.FAILED_PRECONDITION, message=message, recorded=False, reason=reason)
+
+        if source == target:
+            return refuse(f"{op.request['source_member_id']!r} and {op.request['target_member_id']!r} name one member")
+        source_slot, target_slot = ledger.member_slot(source), ledger.member_slot(target)
+        if source_slot < 0 or target_slot < 0:
+            return _unknown_member(source if source_slot < 0 else target)
+        target_status = members.status(target)
+        if target_status is not None and target_status.state == STATE_CLOSED:
+            return refuse(closed_message(target, target_status), "member_closed")
+        if status is not None and status.state == STATE_FROZEN:
+            return refuse(frozen_message(source, status), "member_frozen")
+        for member_id in (source, target):
+            household = members.household_of.get(member_id)
+            if household is not None:
+                return refuse(f"member {member_id!r} is in household {household!r}; it leaves it first")
+        posted, held = ledger.balance(source_slot)
+        if held or any(program.vouchers_held.get(source, (0, 0))):
+            return refuse(f"member {source!r} has open holds; capture or void them, or wait for them to expire")
+        vouchers, credit = program.vouchers.get((rules.HOLDER_MEMBER, source), 0), program.credit.get(source, 0)
+        if vouchers or credit:
+            return refuse(
+                f"member {source!r} holds {vouchers} voucher-units and owes {credit} of voucher credit; a merge "
+                "moves points only: settle the vouchers first"
+            )
+        if program.lots_collide(source, target):
+            return refuse(f"members {source!r} and {target!r} hold lots of one id; contact the operator")
+        target_posted, _ = ledger.balance(target_slot)
+        if target_posted + posted > fastpath.BALANCE_MAX:
+            return refuse(f"member {target!r} would hold more than {fastpath.BALANCE_MAX} point-units")
+        self._expire_member(write, source, now_us)  # expired lots go to breakage, not to the target
+        posted, _ = ledger.balance(source_slot)
+        created: int | None = None
+        if posted:
+            ledger.load_member(source, 0)
+            ledger.load_member(target, target_posted + posted)
+            created = self.ids.transaction()
+            write.transactions.append(
+                (
+                    created,
+                    kinds.KIND_MERGE,
+                    domain.OPERATOR_ID,
+                    source,
+                    posted,
+                    None,
+                    None,
+                    None,
+                    op.idempotency_key,
+                    0,
+                    None,
+                )
+            )
+            write.entries.append((created, ledger.member_account(source_slot), -posted))
+            write.entries.append((created, ledger.member_account(target_slot), posted))
+        program.merge_members(source, target)
+        members.bind(source, target)
+        require(write.members is not None, "member rows of the batch")
+        write.members.aliases.append((source, target))
+        write.members.merges.append((source, target, created, posted))
+        record_member_event(write.members, source, EVENT_MERGED, {"into": target, "points": posted})
+        record_member_event(write.members, target, EVENT_MERGED, {"from": source, "points": posted})
+        target_posted, target_held = ledger.balance(target_slot)
+        return Outcome(
+            Code.OK,
+            {
+                "transaction_id": created or 0,
+                "source_member_id": source,
+                "target_member_id": target,
+                "points": posted,
+                "balance": target_posted,
+                "available": target_posted - target_held,
             },
         )
 

@@ -52,6 +52,13 @@ async def write(c: asyncpg.Connection, rows: MemberWrite, at: dt.datetime, timeo
             [(*row, at) for row in rows.transfers],
             timeout=timeout,
         )
+    if rows.merges:
+        await c.executemany(
+            """INSERT INTO member_merges (source_member_id, target_member_id, transaction_id, points, created_at)
+               VALUES ($1, $2, $3, $4, $5)""",
+            [(*row, at) for row in rows.merges],
+            timeout=timeout,
+        )
     for alias, member_id in rows.aliases:  # in order: a batch may unbind an alias and bind it again
         if member_id is None:
             await c.execute("DELETE FROM member_aliases WHERE alias = $1", alias, timeout=timeout)
@@ -227,7 +234,8 @@ async def member_history(
                WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
                  AND a.kind IN ('member', 'member_voucher_credit')) m ON true
            WHERE (t.member_id = $1
-                  OR t.transaction_id IN (SELECT transaction_id FROM member_transfers WHERE to_member_id = $1))
+                  OR t.transaction_id IN (SELECT transaction_id FROM member_transfers WHERE to_member_id = $1)
+                  OR t.transaction_id IN (SELECT transaction_id FROM member_merges WHERE target_member_id = $1))
              AND ($2::bigint IS NULL OR t.transaction_id < $2)
            ORDER BY t.transaction_id DESC LIMIT $3""",
         member_id,

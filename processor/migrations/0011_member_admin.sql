@@ -105,3 +105,13 @@ CREATE TABLE member_transfers (
 );
 CREATE INDEX member_transfers_to ON member_transfers (to_member_id, transaction_id);
 CREATE INDEX member_transfers_from_day ON member_transfers (from_member_id, created_at);
+
+-- Merges (MergeMembers): the source id is an alias of the target afterwards (member_aliases).
+CREATE TABLE member_merges (
+    source_member_id text PRIMARY KEY,
+    target_member_id text NOT NULL,
+    -- the kind-22 transaction moving the points; NULL when the source had none
+    transaction_id   bigint,
+    points           bigint NOT NULL CHECK (points >= 0),
+    created_at       timestamptz NOT NULL
+);

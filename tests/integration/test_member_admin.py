@@ -813,3 +813,94 @@ def test_a_merchant_key_reads_its_own_position_and_statements_and_no_one_elses(w
     assert clearing.ListStatements(
         apb.ClearingServiceListStatementsRequest(period_id=period.period_id), metadata=world.operator
     ).statements
+
+
+# --- MergeMembers ----------------------------------------------------------------------------------
+
+
+def _merge(world, source: str, target: str, key: str | None = None):
+    return world.admin.MergeMembers(
+        apb.MergeMembersRequest(source_member_id=source, target_member_id=target, idempotency_key=key or unique("m")),
+        metadata=world.operator,
+        timeout=30,
+    )
+
+
+def test_a_merge_moves_the_points_and_the_source_id_then_acts_on_the_target(world):
+    source = funded_member(world.stub, "shop-a", 700)
+    target = funded_member(world.stub, "shop-b", 300)
+    card = unique("card")
+    world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=source, alias=card), metadata=world.operator)
+    key = unique("m")
+    merged = _merge(world, source, target, key)
+    assert (merged.points, merged.balance, merged.available) == (700, 1_000, 1_000)
+    assert _merge(world, source, target, key).transaction_id == merged.transaction_id  # a replay
+    assert world.history(target)[0].kind == pb.TRANSACTION_KIND_MERGE and world.history(target)[0].points == 700
+    assert world.history(source)[0].points == -700
+    # the source id, and the source's own card, now act on the target
+    earn(world.stub, "shop-a", source, 1_000)  # +100
+    assert world.redeem(card, 50).balance == 1_050
+    assert world.balance(source).member_id == target
+    assert "name one member" in refused(lambda: _merge(world, source, target), grpc.StatusCode.FAILED_PRECONDITION)
+    events = fetch(
+        world.url,
+        "SELECT member_id, event FROM member_status_log WHERE event = 'merged' AND member_id = ANY($1)",
+        [source, target],
+    )
+    assert sorted((r["member_id"], r["event"]) for r in events) == sorted([(source, "merged"), (target, "merged")])
+    world.restart()
+    assert world.redeem(source, 50).balance == 1_000
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_merge_is_refused_whole_while_the_source_holds_points_or_either_cannot_take_part(world):
+    source = funded_member(world.stub, "shop-a", 700)
+    target = funded_member(world.stub, "shop-a", 300)
+    hold = world.authorize(source, 100)
+    assert "open holds" in refused(lambda: _merge(world, source, target), grpc.StatusCode.FAILED_PRECONDITION)
+    world.stub.Void(
+        pb.VoidRequest(merchant_id="shop-a", authorization_id=hold.authorization_id, idempotency_key=unique("k")),
+        timeout=30,
+    )
+    world.freeze(source)
+    assert "is frozen" in refused(lambda: _merge(world, source, target), grpc.StatusCode.FAILED_PRECONDITION)
+    world.unfreeze(source)
+    refused(lambda: _merge(world, source, unique("nobody")), grpc.StatusCode.NOT_FOUND)
+    refused(lambda: _merge(world, source, source), grpc.StatusCode.INVALID_ARGUMENT)
+    closed = funded_member(world.stub, "shop-a", 100)
+    world.close(closed)
+    assert "is closed" in refused(lambda: _merge(world, source, closed), grpc.StatusCode.FAILED_PRECONDITION)
+    assert (world.balance(source).posted, world.balance(target).posted) == (700, 300)
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_merge_under_a_program_moves_lots_and_counts_toward_the_targets_level(transfers):
+    world = transfers  # points expire there, so earns make lots
+    source = funded_member(world.stub, "shop-a", 4_000)
+    target = funded_member(world.stub, "shop-b", 1_000)
+    before = fetch(world.url, "SELECT sum(amount) AS s FROM lots WHERE member_id = $1", source)[0]["s"]
+    assert before == 4_000
+    qualifying = {
+        r["member_id"]: r["qualifying_point_units"]
+        for r in fetch(
+            world.url,
+            "SELECT member_id, qualifying_point_units FROM member_programs WHERE member_id = ANY($1)",
+            [source, target],
+        )
+    }
+    merged = _merge(world, source, target)
+    assert merged.points == 4_000
+    lots = fetch(
+        world.url, "SELECT member_id, sum(amount) AS s FROM lots WHERE member_id = ANY($1) GROUP BY 1", [source, target]
+    )
+    assert {r["member_id"]: r["s"] for r in lots} == {target: 5_000}
+    after = {
+        r["member_id"]: r["qualifying_point_units"]
+        for r in fetch(
+            world.url,
+            "SELECT member_id, qualifying_point_units FROM member_programs WHERE member_id = ANY($1)",
+            [source, target],
+        )
+    }
+    assert after == {source: 0, target: qualifying[source] + qualifying[target]}
+    assert ledger_discrepancies(world.url) == []
