@@ -904,3 +904,66 @@ def test_a_merge_under_a_program_moves_lots_and_counts_toward_the_targets_level(
     }
     assert after == {source: 0, target: qualifying[source] + qualifying[target]}
     assert ledger_discrepancies(world.url) == []
+
+
+def test_merges_adjustments_reversals_and_transfers_under_concurrent_till_traffic(transfers):
+    """Tills earn and redeem while the operator adjusts, reverses, transfers between the members and merges
+    new members into them; every member's balance is what the answers add up to, and reconcile is clean."""
+    world = transfers
+    members = [_with_pin(world, funded_member(world.stub, "shop-a", 20_000)) for _ in range(3)]
+    extras = [[funded_member(world.stub, "shop-b", 500) for _ in range(3)] for _ in members]
+    moved = {member: 20_000 for member in members}
+    rounds = 9
+
+    def till(member: str, merchant: str) -> dict[str, int]:
+        delta = 0
+        for i in range(rounds):
+            if i % 2:
+                delta += earn(world.stub, merchant, member, 1_000).points
+            else:
+                world.stub.Redeem(
+                    pb.RedeemRequest(
+                        merchant_id=merchant,
+                        member_id=member,
+                        points=150,
+                        idempotency_key=unique("k"),
+                        member_proof=pb.MemberProof(pin=PIN),
+                    ),
+                    timeout=30,
+                )
+                delta -= 150
+        return {member: delta}
+
+    def operator(index: int) -> dict[str, int]:
+        member, other = members[index], members[(index + 1) % len(members)]
+        deltas = {member: 0, other: 0}
+        for i in range(rounds):
+            adjusted = world.adjust(member, 200 if i % 3 else -100)
+            deltas[member] += adjusted.points
+            if i % 4 == 0:
+                deltas[member] += world.reverse(adjusted.transaction_id).points
+            if i % 3 == 0:
+                sent = _transfer(world, member, other, 300)
+                deltas[member] -= sent.points
+                deltas[other] += sent.received
+            if i < len(extras[index]):
+                deltas[member] += _merge(world, extras[index][i], member).points
+        return deltas
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=9) as pool:
+        jobs = [pool.submit(till, member, merchant) for member in members for merchant in ("shop-a", "shop-b")]
+        jobs += [pool.submit(operator, index) for index in range(len(members))]
+        for job in jobs:
+            for member, delta in job.result().items():
+                moved[member] += delta
+    for member in members:
+        assert world.balance(member).posted == moved[member]
+        assert sum(t.points for t in world.history(member)) == moved[member]
+    for extra in (e for group in extras for e in group):
+        assert (
+            fetch(world.url, "SELECT balance FROM account_balances WHERE owner_id = $1 AND kind = 'member'", extra)[0][
+                "balance"
+            ]
+            == 0
+        )
+    assert ledger_discrepancies(world.url) == []
