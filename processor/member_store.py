@@ -211,18 +211,12 @@ async def adjusted_since(pool: asyncpg.Pool, key_id: str, since: dt.datetime) ->
     )
 
 
-async def member_status(pool: asyncpg.Pool, member_id: str) -> asyncpg.Record | None:
-    return await pool.fetchrow(
-        "SELECT state, reason, frozen_at, closed_at FROM member_status WHERE member_id = $1", member_id
-    )
-
-
 async def member_history(
     pool: asyncpg.Pool, member_id: str, before_transaction_id: int | None, limit: int
 ) -> list[asyncpg.Record]:
     """The member's transactions at every merchant and the operator's, newest first (MemberAdminService;
     a merchant's ListTransactions shows only its own, store.list_transactions)."""
-    return await pool.fetch(
+    rows: list[asyncpg.Record] = await pool.fetch(
         """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
                   t.authorization_id, t.original_transaction_id, t.created_at,
                   coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
@@ -242,3 +236,4 @@ async def member_history(
         before_transaction_id,
         limit,
     )
+    return rows
