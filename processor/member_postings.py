@@ -274,7 +274,17 @@ class MemberPostingsMixin:
             write.members = MemberWrite()
         if op.method is Method.REMOVE_ALIAS:
             return self._unbind(op, write)
-        op.member_id = self.members.resolve(op.member_id)  # an alias names its member here too
+        if op.method is Method.REVERSE:  # the mirror posts on the original's own accounts
+            merged_into = self.members.aliases.get(op.member_id)
+            if merged_into is not None:
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=f"member {op.member_id!r} of that transaction was merged into {merged_into!r}; adjust "
+                    f"{merged_into!r} instead (AdjustPoints)",
+                    recorded=False,
+                )
+        else:
+            op.member_id = self.members.resolve(op.member_id)  # an alias names its member here too
         status = self.members.status(op.member_id)
         if status is not None and status.state == STATE_CLOSED:
             metrics.rejections.labels("member_closed").inc()

@@ -622,7 +622,9 @@ async def _member_admin_discrepancies(fetch, report) -> list[str]:
         problems.append(
             f"reversal {r['transaction_id']} is not the recorded, exact mirror of its original transaction's entries"
         )
-    report("every closed member holds no points and no open hold")
+    # A merchant may still refund a redemption of a member closed since (a refund names the transaction,
+    # not the member): those credits are the only points a closed member may hold.
+    report("every closed member holds no open hold and no points but refunds of its redemptions since")
     for r in await fetch(
         """SELECT s.member_id, coalesce(b.balance, 0) AS balance,
                   (SELECT count(*) FROM holds h WHERE h.member_id = s.member_id AND h.status = 1
@@ -630,8 +632,12 @@ async def _member_admin_discrepancies(fetch, report) -> list[str]:
            FROM member_status s
            LEFT JOIN account_balances b ON b.kind = 'member' AND b.owner_id = s.member_id AND b.asset_code = 'POINTS'
            WHERE s.state = 'closed'
-             AND (coalesce(b.balance, 0) <> 0 OR EXISTS (SELECT 1 FROM holds h WHERE h.member_id = s.member_id
-                                                           AND h.status = 1 AND h.expires_at > now()))
+             AND (coalesce(b.balance, 0) <> coalesce(
+                      (SELECT sum(e.amount) FROM transactions t JOIN entries e USING (transaction_id)
+                       WHERE t.member_id = s.member_id AND t.kind IN (4, 13) AND t.created_at >= s.closed_at
+                         AND e.account_id = b.account_id), 0)
+                  OR EXISTS (SELECT 1 FROM holds h WHERE h.member_id = s.member_id
+                             AND h.status = 1 AND h.expires_at > now()))
            LIMIT 5"""
     ):
         problems.append(f"closed member {r['member_id']} holds {r['balance']} point-units and {r['holds']} open holds")

@@ -1698,6 +1698,7 @@ class Store:
                    counted AS (
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
                        SELECT merchant_id, count(*) AS n FROM t WHERE kind NOT BETWEEN 6 AND 11
+                         AND merchant_id <> 'operator'  -- member administration's postings (16..22)
                        GROUP BY merchant_id
                        UNION ALL
                        SELECT merchant_id, count(DISTINCT transaction_id) FROM m

@@ -967,3 +967,26 @@ def test_merges_adjustments_reversals_and_transfers_under_concurrent_till_traffi
             == 0
         )
     assert ledger_discrepancies(world.url) == []
+
+
+def test_a_refund_of_a_closed_members_redemption_is_its_only_credit_and_reconciles(world):
+    member = funded_member(world.stub, "shop-a", 1_000)
+    redeemed = world.redeem(member, 400)
+    world.close(member)
+    refund = world.stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-a", transaction_id=redeemed.transaction_id, points=400, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
+    assert refund.points == 400
+    assert world.balance(member).posted == 400
+    assert ledger_discrepancies(world.url) == []
+
+
+def test_a_reversal_naming_a_merged_member_is_refused(world):
+    source, target = unique("mem"), funded_member(world.stub, "shop-a", 100)
+    credit = world.adjust(source, 500)
+    _merge(world, source, target)
+    detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert f"merged into '{target}'" in detail
