@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import re
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -196,6 +198,9 @@ def test_a_credit_opens_a_new_member_funded_by_operator_adjustments_and_is_in_it
         int(response.transaction_id[4:]),
     )
     assert (stored["points"], stored["reason"], stored["note"]) == (1_500, SIGN_UP, "welcome")
+    with urllib.request.urlopen(f"http://{world.service.metrics_target}/metrics", timeout=10) as response:
+        scraped = response.read().decode()
+    assert re.search(r'^points_program_transactions_total\{kind="adjustment_credit"\} [1-9]', scraped, re.M)
     assert ledger_discrepancies(world.url) == []
 
 
