@@ -285,8 +285,9 @@ KINDS += (
         pb.TRANSACTION_KIND_MERGE,
         -1,
         Shape(
-            "the transaction's member (the source) -amount, one other member (the target) +amount",
-            ("member/POINTS",),
+            "the transaction's member (the source) -amount, one other member (the target) +amount; the source's "
+            "vouchers and voucher credit to the target's",
+            ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS"),
             "member_own = -amount AND member_any = 0 AND members <= 2",
         ),
     ),

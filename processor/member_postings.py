@@ -268,6 +268,8 @@ class MemberPostingsMixin:
 
         def _expire_member(self, write: BatchWrite, member_id: str, now_us: int) -> None: ...
 
+        def _voucher_account(self, write: BatchWrite, kind: str, owner: str) -> int: ...
+
     def _member_admin(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
         """Applies one member-administration operation (op.method in METHODS) to the batch."""
         if write.members is None:
@@ -615,12 +617,6 @@ class MemberPostingsMixin:
         posted, held = ledger.balance(source_slot)
         if held or any(program.vouchers_held.get(source, (0, 0))):
             return refuse(f"member {source!r} has open holds; capture or void them, or wait for them to expire")
-        vouchers, credit = program.vouchers.get((rules.HOLDER_MEMBER, source), 0), program.credit.get(source, 0)
-        if vouchers or credit:
-            return refuse(
-                f"member {source!r} holds {vouchers} voucher-units and owes {credit} of voucher credit; a merge "
-                "moves points only: settle the vouchers first"
-            )
         if program.lots_collide(source, target):
             return refuse(f"members {source!r} and {target!r} hold lots of one id; contact the operator")
         target_posted, _ = ledger.balance(target_slot)
@@ -628,11 +624,10 @@ class MemberPostingsMixin:
             return refuse(f"member {target!r} would hold more than {fastpath.BALANCE_MAX} point-units")
         self._expire_member(write, source, now_us)  # expired lots go to breakage, not to the target
         posted, _ = ledger.balance(source_slot)
-        created: int | None = None
-        if posted:
-            ledger.load_member(source, 0)
-            ledger.load_member(target, target_posted + posted)
-            created = self.ids.transaction()
+        # the source's vouchers, and the voucher credit it owes, go with it (VOUCHERS entries of the posting)
+        vouchers, credit = program.vouchers.get((rules.HOLDER_MEMBER, source), 0), program.credit.get(source, 0)
+        created = self.ids.transaction() if posted or vouchers or credit else 0
+        if created:
             write.transactions.append(
                 (
                     created,
@@ -648,20 +643,38 @@ class MemberPostingsMixin:
                     None,
                 )
             )
+        if posted:
+            ledger.load_member(source, 0)
+            ledger.load_member(target, target_posted + posted)
             write.entries.append((created, ledger.member_account(source_slot), -posted))
             write.entries.append((created, ledger.member_account(target_slot), posted))
+        # a member's vouchers are + on its member account; the credit it owes is - on its credit account
+        for kind, amount in ((domain.ACCOUNT_MEMBER, vouchers), (rules.ACCOUNT_MEMBER_VOUCHER_CREDIT, -credit)):
+            if amount:
+                write.entries.append(
+                    (created, self._voucher_account(write, kind, source), -amount, rules.ASSET_VOUCHERS)
+                )
+                write.entries.append(
+                    (created, self._voucher_account(write, kind, target), amount, rules.ASSET_VOUCHERS)
+                )
+        if vouchers:
+            program.move_vouchers((rules.HOLDER_MEMBER, source), -vouchers)
+            program.move_vouchers((rules.HOLDER_MEMBER, target), vouchers)
+        if credit:
+            program.move_credit(source, -credit)
+            program.move_credit(target, credit)
         program.merge_members(source, target)
         members.bind(source, target)
         require(write.members is not None, "member rows of the batch")
         write.members.aliases.append((source, target))
-        write.members.merges.append((source, target, created, posted))
+        write.members.merges.append((source, target, created or None, posted))
         record_member_event(write.members, source, EVENT_MERGED, {"into": target, "points": posted})
         record_member_event(write.members, target, EVENT_MERGED, {"from": source, "points": posted})
         target_posted, target_held = ledger.balance(target_slot)
         return Outcome(
             Code.OK,
             {
-                "transaction_id": created or 0,
+                "transaction_id": created,
                 "source_member_id": source,
                 "target_member_id": target,
                 "points": posted,

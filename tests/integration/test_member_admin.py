@@ -995,3 +995,49 @@ def test_a_reversal_naming_a_merged_member_is_refused(world):
     _merge(world, source, target)
     detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
     assert f"merged into '{target}'" in detail
+
+
+def test_a_merge_moves_the_sources_vouchers_and_the_voucher_credit_it_owes(create_database):
+    url = create_database()
+    operator = credential(create_key(url, "operator"))
+    for merchant in ("shop-a", "shop-b"):
+        add_merchant(url, merchant, 1000)
+    add_program_version(
+        url,
+        {"dividends": {"threshold_point_units": 12_000, "rate_bps_schedule": [50], "credit_limit_bps": 50_000}},
+    )
+    service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
+    try:
+        time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+        with service.channel() as channel, service.bare_channel() as bare:
+            stub, admin = points_pb2_grpc.PointsServiceStub(channel), admin_pb2_grpc.MemberAdminServiceStub(bare)
+            alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+            earn(stub, "shop-a", alice, 100_000)  # 10,000 point-units
+            earn(stub, "shop-a", bob, 50_000)  # 5,000: the pool reaches the threshold, a round pays vouchers
+            deadline = time.monotonic() + 20
+            while stub.GetBalance(pb.GetBalanceRequest(member_id=bob), timeout=30).vouchers != 25:
+                assert time.monotonic() < deadline, "the dividend round did not arrive"
+                time.sleep(0.1)
+            # alice spends her 50 vouchers and 10 on credit
+            stub.Redeem(
+                pb.RedeemRequest(merchant_id="shop-b", member_id=alice, vouchers=60, idempotency_key=unique("k")),
+                timeout=30,
+            )
+            earn(stub, "shop-b", carol, 1_000)
+
+            def merge(source: str) -> apb.MergeMembersResponse:
+                request = apb.MergeMembersRequest(
+                    source_member_id=source, target_member_id=carol, idempotency_key=unique("m")
+                )
+                return admin.MergeMembers(request, metadata=operator, timeout=30)
+
+            merge(alice)
+            merge(bob)
+            balance = stub.GetBalance(pb.GetBalanceRequest(member_id=carol), timeout=30)
+            assert (balance.posted, balance.vouchers, balance.voucher_credit_used) == (15_100, 25, 10)
+            for source in (alice, bob):
+                moved = stub.GetBalance(pb.GetBalanceRequest(member_id=source), timeout=30)
+                assert moved.member_id == carol  # the source id names the target now
+    finally:
+        service.kill()
+    assert ledger_discrepancies(url) == []
