@@ -268,7 +268,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
             if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
                 outcomes[position] = op.refusal
                 continue
-            if op.method in MEMBER_METHODS:  # member administration: processor/member_postings.py
+            if op.merchant_id == domain.OPERATOR_ID and op.method in MEMBER_METHODS:  # processor/member_postings.py
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
             refusal = self.members.route(op)  # aliases, households; a frozen member's spend, a closed member
