@@ -1041,3 +1041,28 @@ def test_a_merge_moves_the_sources_vouchers_and_the_voucher_credit_it_owes(creat
     finally:
         service.kill()
     assert ledger_discrepancies(url) == []
+
+
+def test_a_cards_alias_spends_with_its_members_proof_when_the_program_asks_for_one(transfers):
+    world = transfers  # member presence required for spending
+    member = _with_pin(world, funded_member(world.stub, "shop-a", 1_000))
+    card = unique("card")
+    world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=member, alias=card), metadata=world.operator)
+    redeemed = world.stub.Redeem(
+        pb.RedeemRequest(
+            merchant_id="shop-a",
+            member_id=card,
+            points=100,
+            idempotency_key=unique("k"),
+            member_proof=pb.MemberProof(pin=PIN),
+        ),
+        timeout=30,
+    )
+    assert redeemed.balance == 900
+    refused(
+        lambda: world.stub.Redeem(
+            pb.RedeemRequest(merchant_id="shop-a", member_id=card, points=100, idempotency_key=unique("k")),
+            timeout=30,
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
