@@ -196,8 +196,9 @@ KIND_MEMBER_CLOSURE = 20
 KIND_TRANSFER = 21
 KIND_MERGE = 22
 _ADJUSTMENTS = ("member/POINTS", "operator_adjustments/POINTS")
-# a reversal mirrors one transaction's entries, whichever accounts they touched; reconcile checks the
-# mirror itself (reconcile._member_admin_discrepancies), the shape only its member's side
+# a reversal mirrors one transaction's entries, whichever accounts they touched (a transfer's two members
+# too); reconcile checks the mirror itself (reconcile._member_admin_discrepancies), the shape only the side
+# of the transaction's member
 _ANY_POINTS = (
     "member/POINTS",
     "merchant_issued/POINTS",
@@ -209,6 +210,7 @@ _ANY_POINTS = (
     "operator_acquiring/POINTS",
     "operator_breakage/POINTS",
     "operator_adjustments/POINTS",
+    "operator_transfer_fees/POINTS",
     *_POINTS_FEES,
 )
 KINDS += (
@@ -242,7 +244,7 @@ KINDS += (
         Shape(
             "the mirror of its original transaction, crediting the transaction's member +amount",
             _ANY_POINTS,
-            "member_own = amount AND member_any = member_own",
+            "member_own = amount",
         ),
     ),
     Kind(
@@ -253,7 +255,7 @@ KINDS += (
         Shape(
             "the mirror of its original transaction, debiting the transaction's member -amount",
             _ANY_POINTS,
-            "member_own = -amount AND member_any = member_own",
+            "member_own = -amount",
         ),
     ),
     Kind(
@@ -292,8 +294,15 @@ KINDS += (
         ),
     ),
 )
-# member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem
-MEMBER_DEBITS = (KIND_ADJUSTMENT_DEBIT, KIND_REVERSAL_DEBIT, KIND_MEMBER_CLOSURE, KIND_TRANSFER)
+# member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem (a
+# reversal of a transfer credits its sender and debits its receiver: either reversal kind may)
+MEMBER_DEBITS = (
+    KIND_ADJUSTMENT_DEBIT,
+    KIND_REVERSAL_CREDIT,
+    KIND_REVERSAL_DEBIT,
+    KIND_MEMBER_CLOSURE,
+    KIND_TRANSFER,
+)
 # a merge moves the source's lots whole (program.merge_members), consuming none
 # transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
 OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))

@@ -30,7 +30,9 @@ from processor.support_limits import SupportLimits
 # what a support key may call; every other method of the service is for operator keys
 SUPPORT_METHODS = frozenset({"AdjustPoints", "GetBalance", "ListTransactions"})
 NOTE_CHARACTERS_MAX = 200
-_REVERSIBLE = frozenset({kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT})
+# the kinds whose every entry is on members' and the operator's POINTS accounts: their mirror moves no
+# merchant's clearing (a merchant's earn or redemption is undone by its Refund)
+_REVERSIBLE = frozenset({kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT, kinds.KIND_TRANSFER})
 _STATES = {
     member_postings.STATE_ACTIVE: pb.MEMBER_STATE_ACTIVE,
     member_postings.STATE_FROZEN: pb.MEMBER_STATE_FROZEN,
@@ -248,9 +250,17 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
                 raise Rejection(
                     Code.FAILED_PRECONDITION,
                     f"transaction {name} is of kind {kinds.kind(row['kind']).name} ({row['kind']}): ReverseTransaction "
-                    "reverses adjustments (kinds 16, 17); an earn or redemption is undone by its merchant's Refund",
+                    "reverses adjustments and transfers (kinds 16, 17, 21); an earn or redemption is undone by its "
+                    "merchant's Refund",
                 )
-            fields = {"transaction_id": original, "reason": reason, "note": note, "key_id": caller.key_id}
+            legs = await member_store.transaction_legs(self.pipeline.ready_store().pool, original)
+            fields = {
+                "transaction_id": original,
+                "reason": reason,
+                "note": note,
+                "key_id": caller.key_id,
+                "legs": legs,  # read from the journal: the same for every retry of the key
+            }
             op = self._operation(
                 Method.REVERSE,
                 key,

@@ -391,55 +391,115 @@ class MemberPostingsMixin:
         )
 
     def _reverse(self, op: Operation, write: BatchWrite, now_us: int, status: MemberStatus | None) -> Outcome:
-        """The mirror of one adjustment (its member's side and operator_adjustments'), once. The servicer
-        read the original from committed state: op.transaction_id, op.member_id and op.points (the signed
-        change the original made to the member)."""
-        ledger, member_id, original = self.ledger, op.member_id, op.transaction_id
-        done = self.members.reversed_by.get(original)
+        """The exact mirror of every entry of one transaction, once. The servicer read the original from
+        committed state: op.transaction_id; op.member_id, the original's member; op.request["legs"], its
+        entries as [account_id, account kind, owner, amount] (POINTS only; members' and the operator's
+        accounts only: processor/member_admin.py says which kinds). Every check comes before any change."""
+        ledger, program, members, original = self.ledger, self.program, self.members, op.transaction_id
+        name = domain.format_transaction_id(original)
+        done = members.reversed_by.get(original)
         if done is not None:
             return Outcome(
                 Code.FAILED_PRECONDITION,
-                message=f"transaction {domain.format_transaction_id(original)} was reversed already, by "
-                f"{domain.format_transaction_id(done)}; a transaction is reversed once",
+                message=f"transaction {name} was reversed already, by {domain.format_transaction_id(done)}; a "
+                "transaction is reversed once",
             )
-        points = -op.points  # what the reversal does to the member
-        slot = ledger.member_slot(member_id)
-        require(slot >= 0, f"member {member_id!r} of an adjustment is not resident")
-        if points < 0:
-            if status is not None and status.state == STATE_FROZEN:
+        mirror = [(int(a), str(k), str(o), -int(amount)) for a, k, o, amount in op.request["legs"]]
+        deltas: dict[str, int] = {}
+        for _, account_kind, owner, amount in mirror:
+            if account_kind == domain.ACCOUNT_MEMBER:
+                deltas[owner] = deltas.get(owner, 0) + amount
+        debited = [member_id for member_id, delta in deltas.items() if delta < 0]
+        require(len(debited) <= 1, f"a reversal of {name} would debit several members")
+        for member_id, delta in deltas.items():
+            if member_id in members.aliases:
                 return Outcome(
                     Code.FAILED_PRECONDITION,
-                    message=frozen_message(member_id, status),
+                    message=f"member {member_id!r} of transaction {name} was merged into "
+                    f"{members.resolve(member_id)!r}; adjust that member instead (AdjustPoints)",
                     recorded=False,
-                    reason="member_frozen",
                 )
-            self._expire_member(write, member_id, now_us)
-            posted, held = ledger.balance(slot)
-            if posted - held < -points:
+            member_status = members.status(member_id)
+            if member_status is not None and member_status.state == STATE_CLOSED:
                 return Outcome(
                     Code.FAILED_PRECONDITION,
-                    message=f"transaction {domain.format_transaction_id(original)} credited {-points} point-units "
-                    f"that member {member_id!r} no longer has: {posted - held} available ({held} held). The points "
-                    "were spent; adjust the member instead (AdjustPoints) if a correction is still due",
+                    message=closed_message(member_id, member_status),
+                    recorded=False,
+                    reason="member_closed",
+                )
+            slot = ledger.member_slot(member_id)
+            require(slot >= 0, f"member {member_id!r} of transaction {name} is not resident")
+            if delta < 0:
+                if member_status is not None and member_status.state == STATE_FROZEN:
+                    return Outcome(
+                        Code.FAILED_PRECONDITION,
+                        message=frozen_message(member_id, member_status),
+                        recorded=False,
+                        reason="member_frozen",
+                    )
+                self._expire_member(write, member_id, now_us)
+                posted, held = ledger.balance(slot)
+                if posted - held < -delta:
+                    return Outcome(
+                        Code.FAILED_PRECONDITION,
+                        message=f"transaction {name} credited {-delta} point-units that member {member_id!r} no "
+                        f"longer has: {posted - held} available ({held} held). The points were spent; adjust the "
+                        "member instead (AdjustPoints) if a correction is still due",
+                        recorded=False,
+                    )
+            elif ledger.balance(slot)[0] + delta > fastpath.BALANCE_MAX:
+                return Outcome(
+                    Code.FAILED_PRECONDITION,
+                    message=f"member {member_id!r} would hold more than {fastpath.BALANCE_MAX} point-units",
                     recorded=False,
                 )
-        posted, held = ledger.balance(slot)
+        points = deltas.get(op.member_id, 0)  # what the reversal does to the original's member
         kind = kinds.KIND_REVERSAL_CREDIT if points > 0 else kinds.KIND_REVERSAL_DEBIT
-        created = self._member_posting(write, kind, member_id, points, op.idempotency_key, original)
-        if points < 0:
-            self.program.consume(member_id, (OWNER_TRANSACTION, created), -points, posted - held, now_us)
-        self.members.mark_reversed(original, created)
+        created: int = self.ids.transaction()
+        write.transactions.append(
+            (
+                created,
+                kind,
+                domain.OPERATOR_ID,
+                op.member_id,
+                abs(points),
+                None,
+                None,
+                original,
+                op.idempotency_key,
+                0,
+                None,
+            )
+        )
+        version = program.version(now_us)
+        grace = version.restore_grace_us if version is not None else 0
+        for member_id, delta in deltas.items():
+            slot = ledger.member_slot(member_id)
+            posted, held = ledger.balance(slot)
+            ledger.load_member(member_id, posted + delta)
+            if delta < 0:  # the soonest-expiring points go first, as a redemption's
+                program.consume(member_id, (OWNER_TRANSACTION, created), -delta, posted - held, now_us)
+            else:  # the lots the original consumed come back, as a refund's
+                program.restore(member_id, (OWNER_TRANSACTION, original), None, posted - held, now_us, grace)
+        for account_id, account_kind, owner, amount in mirror:
+            if account_kind == domain.ACCOUNT_MEMBER:
+                require(
+                    ledger.member_account(ledger.member_slot(owner)) == account_id,
+                    f"member {owner!r}'s account is not {account_id}",
+                )
+            write.entries.append((created, account_id, amount))
+        members.mark_reversed(original, created)
         require(write.members is not None, "member rows of the batch")
         write.members.reversals.append(
             (original, created, int(op.request["reason"]), str(op.request["note"]), str(op.request["key_id"]))
         )
-        posted, held = ledger.balance(slot)
+        posted, held = ledger.balance(ledger.member_slot(op.member_id))
         return Outcome(
             Code.OK,
             {
                 "transaction_id": created,
                 "original_transaction_id": original,
-                "member_id": member_id,
+                "member_id": op.member_id,
                 "points": points,
                 "balance": posted,
                 "available": posted - held,

@@ -223,6 +223,12 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
 
 # The sign every account kind's balance keeps (an entry's amount is added to the balance): +1 never
 # below 0, -1 never above 0 (docs/RULES.md "New account kinds", docs/DOMAIN.md for the first six).
+# the SQL of the lot-consumption check names the kinds that may consume lots literally; kept in step here
+require(
+    sorted({2, 3, 12, *kinds.MEMBER_DEBITS}) == [2, 3, 12, 17, 18, 19, 20, 21],
+    "reconcile's lot-consumption check lists the kinds that consume lots",
+)
+
 ACCOUNT_SIGNS: dict[str, int] = {
     "member": 1,
     "merchant_redeemed": 1,
@@ -504,7 +510,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
                                        t.amount, t.kind
                               HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
-                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 19, 20, 21))
+                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 18, 19, 20, 21))
                                   OR sum(c.amount) > coalesce(h.amount, t.amount)
                               ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
         owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"

@@ -1066,3 +1066,30 @@ def test_a_cards_alias_spends_with_its_members_proof_when_the_program_asks_for_o
         ),
         grpc.StatusCode.PERMISSION_DENIED,
     )
+
+
+def test_a_transfer_is_reversed_as_its_exact_mirror_the_fee_included(transfers):
+    world = transfers
+    sender = _with_pin(world, funded_member(world.stub, "shop-a", 3_000))
+    receiver = funded_member(world.stub, "shop-b", 100)
+    sent = _transfer(world, sender, receiver, 1_000)
+    reversal = world.reverse(sent.transaction_id)
+    assert (reversal.member_id, reversal.points, reversal.balance) == (sender, 1_000, 3_000)
+    assert world.balance(receiver).posted == 100
+    (fees,) = fetch(
+        world.url,
+        "SELECT sum(amount) AS s FROM entries e JOIN accounts a USING (account_id) "
+        "WHERE e.transaction_id = $1 AND a.kind = 'operator_transfer_fees'",
+        int(reversal.transaction_id[4:]),
+    )
+    assert fees["s"] == -sent.fee
+    # the sender's lots came back: all its points expire again, none became permanent
+    (lots,) = fetch(world.url, "SELECT sum(amount) AS s FROM lots WHERE member_id = $1", sender)
+    assert lots["s"] == 3_000
+    # a transfer whose points the receiver spent is not reversed, nor anything partly
+    again = _transfer(world, sender, receiver, 1_000)
+    world.adjust(receiver, -(100 + again.received - 10))  # the receiver keeps 10 point-units
+    detail = refused(lambda: world.reverse(again.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "were spent" in detail and "10 available" in detail
+    assert world.balance(sender).posted == 2_000
+    assert ledger_discrepancies(world.url) == []
