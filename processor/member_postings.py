@@ -518,6 +518,13 @@ class MemberPostingsMixin:
                 message=f"member {member_id!r} is in household {household!r}; it leaves it first (LeaveHousehold)",
                 recorded=False,
             )
+        if member_id.startswith(HOUSEHOLD_ACCOUNT_PREFIX):
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"{member_id!r} is a household's shared account: its members' earns land there, so it is "
+                "not closed (nor merged)",
+                recorded=False,
+            )
         posted, held = ledger.balance(slot)
         vouchers_held = program.vouchers_held.get(member_id, (0, 0))
         if held or any(vouchers_held):
@@ -682,6 +689,8 @@ class MemberPostingsMixin:
             household = members.household_of.get(member_id)
             if household is not None:
                 return refuse(f"member {member_id!r} is in household {household!r}; it leaves it first")
+            if member_id.startswith(HOUSEHOLD_ACCOUNT_PREFIX):
+                return refuse(f"{member_id!r} is a household's shared account; it is not merged")
         posted, held = ledger.balance(source_slot)
         if held or any(program.vouchers_held.get(source, (0, 0))):
             return refuse(f"member {source!r} has open holds; capture or void them, or wait for them to expire")

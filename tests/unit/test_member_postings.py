@@ -127,6 +127,12 @@ def test_a_household_members_earn_and_spend_use_the_shared_account(machine):  # 
     check_record(write)
     assert posted_held(machine, "household:hh-1") == (50, 0)
     assert posted_held(machine, "erin") == (100, 0) and posted_held(machine, "finn") == (100, 0)
+    outcomes, _ = run(
+        machine,
+        admin(Method.CLOSE_MEMBER, "household:hh-1"),
+        admin(Method.MERGE, "erin", source_member_id="erin", target_member_id="household:hh-1"),
+    )
+    assert [o.code for o in outcomes] == [Code.FAILED_PRECONDITION] * 2
     (left,), _ = run(machine, admin(Method.LEAVE_HOUSEHOLD, "finn"))
     assert left.fields["household_id"] == "hh-1"
     (spent,), _ = run(machine, redeem("finn", 100))
