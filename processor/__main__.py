@@ -158,7 +158,16 @@ def cmd_key_create(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     merchant_ids = args.merchant_id or []
-    if args.operator:
+    limits = (args.points_per_call_max, args.points_per_day_max)
+    if args.support:
+        kind = "support"
+        if merchant_ids or args.operator or args.gateway:
+            sys.exit("error: a support key takes no --merchant-id, --operator or --gateway")
+        if not all(limit is not None and limit > 0 for limit in limits):
+            sys.exit("error: a support key needs --points-per-call-max and --points-per-day-max (point-units, > 0)")
+    elif any(limit is not None for limit in limits):
+        sys.exit("error: --points-per-call-max and --points-per-day-max are for --support keys only")
+    elif args.operator:
         kind = "operator"
         if merchant_ids:
             sys.exit("error: an operator key takes no --merchant-id")
@@ -174,6 +183,13 @@ def cmd_key_create(args: argparse.Namespace) -> int:
     key = auth.new_key()
 
     async def action(store):
+        if kind == "support":
+            from processor import member_store
+
+            await member_store.insert_support_key(
+                store.pool, key.key_id, key.secret_sha256, args.description, *limits, expires_at
+            )
+            return
         await store.insert_api_key(
             key.key_id, key.secret_sha256, kind, sorted(set(merchant_ids)), args.description, expires_at
         )
@@ -774,7 +790,7 @@ def parser() -> argparse.ArgumentParser:
     add.set_defaults(func=cmd_merchant_add)
 
     key = commands.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
-    create = key.add_parser("create", help="create a merchant, gateway or operator key; prints it once")
+    create = key.add_parser("create", help="create a merchant, gateway, operator or support key; prints it once")
     create.add_argument(
         "--merchant-id", action="append", help="the merchant the key acts for (repeat with --gateway for several)"
     )
@@ -783,6 +799,17 @@ def parser() -> argparse.ArgumentParser:
         "--operator",
         action="store_true",
         help="an operator key (MerchantAdminService, ProgramsService, ClearingService, ...)",
+    )
+    create.add_argument(
+        "--support",
+        action="store_true",
+        help="a support key: MemberAdminService's reads and AdjustPoints within the two limits below",
+    )
+    create.add_argument(
+        "--points-per-call-max", type=int, help="support keys: largest |points| of one AdjustPoints, point-units"
+    )
+    create.add_argument(
+        "--points-per-day-max", type=int, help="support keys: sum of |points| adjusted per UTC day, point-units"
     )
     create.add_argument("--description", default="")
     create.add_argument("--expires-in-days", type=int, help="the key stops working this many days from now")

@@ -266,6 +266,9 @@ _OPTIONAL_RULES = (
     "verification_lockout_seconds",
     "member_points_spent_per_hour_max",
     "member_points_spent_per_day_max",
+    "member_transfers",
+    "member_transfer_fee_bps",
+    "member_points_transferred_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
 _CHANNEL_RATES = (
@@ -523,6 +526,30 @@ def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def _may_read(merchant_id: str) -> None:
+    """Operator keys read every merchant's clearing; a merchant key its own merchant's, a gateway key its
+    merchants' (issue 15), naming it in merchant_id; anything else PERMISSION_DENIED."""
+    caller = rpc.principal.get()
+    if caller is None or caller.kind == "operator":
+        return
+    if not merchant_id:
+        raise Rejection(
+            Code.PERMISSION_DENIED,
+            "a merchant or gateway key reads its own merchants' positions and statements: give merchant_id "
+            "(an operator key reads every merchant's)",
+            reason="KEY_NOT_PERMITTED",
+            field="merchant_id",
+        )
+    if not caller.may_act_for(merchant_id):
+        raise Rejection(
+            Code.PERMISSION_DENIED,
+            f"this API key may not read merchant {merchant_id!r}'s position or statements; use that merchant's key, "
+            "a gateway key that lists it, or an operator key",
+            reason="KEY_NOT_PERMITTED",
+            field="merchant_id",
+        )
+
+
 class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     def __init__(self, settings: Settings, pipeline: Pipeline):
         self.settings = settings
@@ -532,6 +559,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def GetMerchantPosition(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            _may_read(merchant_id)
             store = self.pipeline.ready_store()
             await self.pipeline.committed_view()
             as_of = dt.datetime.now(dt.timezone.utc)
@@ -544,6 +572,13 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
 
     async def CloseSettlementPeriod(self, request, context):
         async def call():
+            caller = rpc.principal.get()
+            if caller is not None and caller.kind != "operator":
+                raise Rejection(
+                    Code.PERMISSION_DENIED,
+                    "only an operator key closes a settlement period",
+                    reason="KEY_NOT_PERMITTED",
+                )
             if not request.HasField("cut_off"):
                 raise domain.invalid_field("cut_off", "cut_off is required (a time at or before now)")
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
@@ -573,6 +608,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def GetStatement(self, request, context):
         async def call():
             merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
+            _may_read(merchant_id)
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
             rows = await self.pipeline.ready_store().statements(
@@ -590,6 +626,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
 
     async def ListStatements(self, request, context):
         async def call():
+            _may_read(request.merchant_id)
             size = _page_size(request.page_size)
             store = self.pipeline.ready_store()
             if request.merchant_id:
@@ -616,6 +653,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
 
     async def ExportStatement(self, request, context):
         async def call():
+            _may_read(request.merchant_id)
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
             store = self.pipeline.ready_store()

@@ -77,6 +77,21 @@ STATE_CHANGING: dict[str, dict[str, bool]] = {
         "SetMemberPin": True,
         "ResetMemberVerification": True,
         "GetMemberVerification": False,
+        # member administration (issue 15)
+        "AdjustPoints": True,
+        "ReverseTransaction": True,
+        "FreezeMember": True,
+        "UnfreezeMember": True,
+        "CloseMember": True,
+        "GetBalance": False,
+        "ListTransactions": False,
+        "AddMemberAlias": True,
+        "RemoveMemberAlias": True,
+        "CreateHousehold": True,
+        "JoinHousehold": True,
+        "LeaveHousehold": True,
+        "TransferPoints": True,
+        "MergeMembers": True,
     },
     # issue 16 (processor/channel.py); SetGiveBack is recorded for merchant keys too (the service takes them)
     "points.v1.ChannelService": {

@@ -21,7 +21,8 @@ import time
 from processor.domain import Code, Rejection
 
 KEY_PATTERN = re.compile(r"pk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
-KINDS = ("merchant", "gateway", "operator")
+# support: customer service (MemberAdminService reads and AdjustPoints within limits; migration 0011)
+KINDS = ("merchant", "gateway", "operator", "support")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -141,6 +141,19 @@ class Method(enum.Enum):
     LINK = "LinkMember"
     CONVERT = "ConvertMerchantPoints"
     SPEND_VOUCHERS = "SpendMerchantVouchers"
+    # member administration (MemberAdminService; processor/member_postings.py applies them)
+    ADJUST = "AdjustPoints"
+    REVERSE = "ReverseTransaction"
+    FREEZE = "FreezeMember"
+    UNFREEZE = "UnfreezeMember"
+    CLOSE_MEMBER = "CloseMember"
+    ADD_ALIAS = "AddMemberAlias"
+    REMOVE_ALIAS = "RemoveMemberAlias"
+    CREATE_HOUSEHOLD = "CreateHousehold"
+    JOIN_HOUSEHOLD = "JoinHousehold"
+    LEAVE_HOUSEHOLD = "LeaveHousehold"
+    TRANSFER = "TransferPoints"
+    MERGE = "MergeMembers"
 
 
 @dataclasses.dataclass(slots=True)

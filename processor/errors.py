@@ -65,6 +65,10 @@ REASONS = {
     "SPENDING_CAP": "the program's cap on a member's spending per hour or day; RetryInfo says when, if waiting helps",
     "MEMBER_LOCKED": "the member's spending is locked after wrong proofs; RetryInfo says until when",
     "MEMBER_PROOF_REQUIRED": "the program requires the member's proof of presence (a one-time code or PIN)",
+    # member administration (issue 15)
+    "MEMBER_FROZEN": "the member is frozen: it may earn, not spend or be debited; the operator unfreezes it",
+    "MEMBER_CLOSED": "the member is closed; nothing may name it again",
+    "SUPPORT_LIMIT": "the support key's per-call or per-day limit on AdjustPoints is used up; ask an operator",
 }
 # The ledger's internal reasons (Outcome.reason, also the points_rejections_total label) -> REASONS.
 OUTCOME_REASONS = {
@@ -87,6 +91,8 @@ OUTCOME_REASONS = {
     "member_locked": "MEMBER_LOCKED",
     "member_presence": "MEMBER_PROOF_REQUIRED",
     "merchant_quota": "MERCHANT_QUOTA",
+    "member_frozen": "MEMBER_FROZEN",
+    "member_closed": "MEMBER_CLOSED",
 }
 # The reason of a refusal that names none.
 CODE_REASONS = {Code.UNAVAILABLE: "SERVICE_UNAVAILABLE", Code.RESOURCE_EXHAUSTED: "SERVICE_AT_CAPACITY"}

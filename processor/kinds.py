@@ -189,6 +189,130 @@ KINDS: tuple[Kind, ...] = (
             "AND fees = -fee AND revenue = fee",
         ),
     ),
+)
+
+# --- member administration (MemberAdminService, issue 15; posted by processor/member_postings.py) ---
+KIND_ADJUSTMENT_CREDIT = 16
+KIND_ADJUSTMENT_DEBIT = 17
+KIND_REVERSAL_CREDIT = 18
+KIND_REVERSAL_DEBIT = 19
+KIND_MEMBER_CLOSURE = 20
+KIND_TRANSFER = 21
+KIND_MERGE = 22
+_ADJUSTMENTS = ("member/POINTS", "operator_adjustments/POINTS")
+# a reversal mirrors one transaction's entries, whichever accounts they touched (a transfer's two members
+# too); reconcile checks the mirror itself (reconcile._member_admin_discrepancies), the shape only the side
+# of the transaction's member
+_ANY_POINTS = (
+    "member/POINTS",
+    "merchant_issued/POINTS",
+    "merchant_redeemed/POINTS",
+    "merchant_acquiring/POINTS",
+    "operator_tier_rewards/POINTS",
+    "operator_promotions/POINTS",
+    "operator_referrals/POINTS",
+    "operator_acquiring/POINTS",
+    "operator_breakage/POINTS",
+    "operator_adjustments/POINTS",
+    "operator_transfer_fees/POINTS",
+    *_POINTS_FEES,
+)
+KINDS += (
+    Kind(
+        KIND_ADJUSTMENT_CREDIT,
+        "adjustment_credit",
+        pb.TRANSACTION_KIND_ADJUSTMENT_CREDIT,
+        +1,
+        Shape(
+            "operator_adjustments -amount, the transaction's member +amount",
+            _ADJUSTMENTS,
+            "adjustments = -amount AND member_own = amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_ADJUSTMENT_DEBIT,
+        "adjustment_debit",
+        pb.TRANSACTION_KIND_ADJUSTMENT_DEBIT,
+        -1,
+        Shape(
+            "the transaction's member -amount, operator_adjustments +amount",
+            _ADJUSTMENTS,
+            "adjustments = amount AND member_own = -amount AND member_any = member_own",
+        ),
+    ),
+    Kind(
+        KIND_REVERSAL_CREDIT,
+        "reversal_credit",
+        pb.TRANSACTION_KIND_REVERSAL_CREDIT,
+        +1,
+        Shape(
+            "the mirror of its original transaction, crediting the transaction's member +amount",
+            _ANY_POINTS,
+            "member_own = amount",
+        ),
+    ),
+    Kind(
+        KIND_REVERSAL_DEBIT,
+        "reversal_debit",
+        pb.TRANSACTION_KIND_REVERSAL_DEBIT,
+        -1,
+        Shape(
+            "the mirror of its original transaction, debiting the transaction's member -amount",
+            _ANY_POINTS,
+            "member_own = -amount",
+        ),
+    ),
+    Kind(
+        KIND_MEMBER_CLOSURE,
+        "member_closure",
+        pb.TRANSACTION_KIND_MEMBER_CLOSURE,
+        -1,
+        Shape(
+            "the closed member -amount (all its points), operator_breakage +amount",
+            ("member/POINTS", "operator_breakage/POINTS"),
+            "member_own = -amount AND member_any = member_own AND breakage = amount",
+        ),
+    ),
+    Kind(
+        KIND_TRANSFER,
+        "transfer",
+        pb.TRANSACTION_KIND_TRANSFER,
+        -1,
+        Shape(
+            "the transaction's member (the sender) -amount, one other member +(amount - fee), "
+            "operator_transfer_fees +fee",
+            ("member/POINTS", "operator_transfer_fees/POINTS"),
+            "member_own = -amount AND member_any = -fee AND members <= 2 AND transfer_fees = fee",
+        ),
+    ),
+    Kind(
+        KIND_MERGE,
+        "merge",
+        pb.TRANSACTION_KIND_MERGE,
+        -1,
+        Shape(
+            "the transaction's member (the source) -amount, one other member (the target) +amount; the source's "
+            "vouchers and voucher credit to the target's",
+            ("member/POINTS", "member/VOUCHERS", "member_voucher_credit/VOUCHERS"),
+            "member_own = -amount AND member_any = 0 AND members <= 2",
+        ),
+    ),
+)
+# member debits that take the member's soonest-expiring points first (lot_consumptions), as a redeem (a
+# reversal of a transfer credits its sender and debits its receiver: either reversal kind may)
+MEMBER_DEBITS = (
+    KIND_ADJUSTMENT_DEBIT,
+    KIND_REVERSAL_CREDIT,
+    KIND_REVERSAL_DEBIT,
+    KIND_MEMBER_CLOSURE,
+    KIND_TRANSFER,
+)
+# a merge moves the source's lots whole (program.merge_members), consuming none
+# transactions of these kinds name no merchant: transactions.merchant_id is 'operator'
+OPERATOR_KINDS = frozenset(range(KIND_ADJUSTMENT_CREDIT, KIND_MERGE + 1))
+
+# issue 16: channel economics (23..24; 25..26 kept for it) and the seed systems (27..31)
+KINDS += (
     # channel economics (issue 16; numbers 16..22 are issue 15's, 25..26 kept for this block, 27..31 for
     # the seed programs): posted by the committer after a settlement cut, one per payee and period, from
     # the operator's fee revenue; merchant_id 'operator', no member

@@ -1,23 +1,43 @@
 """MemberAdminService (admin.proto): the operator enrolls a member's means of proving presence at a till
-(processor/presence.py). Operator keys only (rpc.ACCEPTED_KINDS). A TOTP secret leaves the service once,
-in EnrollMemberTotp's response; a PIN is stored only as its scrypt hash. Neither is logged."""
+(processor/presence.py); a TOTP secret leaves the service once, in EnrollMemberTotp's response; a PIN is
+stored only as its scrypt hash. Neither is logged. And member administration (issue 15): adjustments,
+reversals, freezing and closing members, posted through the committer (processor/member_postings.py),
+and reads of any member. Operator keys may call everything; support keys only SUPPORT_METHODS, and
+AdjustPoints within their limits (processor/support_limits.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from google.protobuf import timestamp_pb2
 
+import fastpath
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from processor import presence
+from points.v1 import points_pb2
+from processor import auth, domain, kinds, member_postings, member_store, metrics, presence, rpc
 from processor.config import Settings
-from processor.domain import Code, Rejection
+from processor.domain import Code, Method, Operation, Outcome, Rejection
+from processor.errors import outcome_status
 from processor.pipeline import Pipeline, now_micros
 from processor.presence import Presence
 from processor.presence_store import Credentials
-from processor.servicer import Validator, guard, timestamp
+from processor.servicer import Validator, _decode_page_token, _encode_page_token, guard, timestamp
 from processor.store import micros
+from processor.support_limits import SupportLimits
+
+# what a support key may call; every other method of the service is for operator keys
+SUPPORT_METHODS = frozenset({"AdjustPoints", "GetBalance", "ListTransactions"})
+NOTE_CHARACTERS_MAX = 200
+# the kinds whose every entry is on members' and the operator's POINTS accounts: their mirror moves no
+# merchant's clearing (a merchant's earn or redemption is undone by its Refund)
+_REVERSIBLE = frozenset({kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT, kinds.KIND_TRANSFER})
+_STATES = {
+    member_postings.STATE_ACTIVE: pb.MEMBER_STATE_ACTIVE,
+    member_postings.STATE_FROZEN: pb.MEMBER_STATE_FROZEN,
+    member_postings.STATE_CLOSED: pb.MEMBER_STATE_CLOSED,
+}
 
 
 def _timestamp(moment: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -45,9 +65,28 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
         self.pipeline = pipeline
         self.presence = member_presence
         self.validate = Validator(settings)
+        self._limits: SupportLimits | None = None
+
+    # --- who may call what ---
+
+    @staticmethod
+    def _allow(method: str) -> auth.Principal:
+        """The caller, if it may call `method`: a support key only SUPPORT_METHODS (PERMISSION_DENIED)."""
+        caller = rpc.principal.get()
+        if caller is None:
+            raise Rejection(Code.UNAUTHENTICATED, "send an operator or support key")
+        if caller.kind == "support" and method not in SUPPORT_METHODS:
+            raise Rejection(
+                Code.PERMISSION_DENIED,
+                f"a support key cannot call {method}; it may call {', '.join(sorted(SUPPORT_METHODS))}. "
+                "Ask an operator",
+                reason="KEY_NOT_PERMITTED",
+            )
+        return caller
 
     async def EnrollMemberTotp(self, request: pb.EnrollMemberTotpRequest, context) -> pb.EnrollMemberTotpResponse:
         async def call():
+            self._allow("EnrollMemberTotp")
             member_id = self.validate.identifier(request.member_id, "member_id")
             secret, now_us = presence.new_totp_secret(), now_micros()
             stored = presence.seal_secret(secret, member_id, self.presence.secret_key)
@@ -70,6 +109,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
 
     async def SetMemberPin(self, request: pb.SetMemberPinRequest, context) -> pb.SetMemberPinResponse:
         async def call():
+            self._allow("SetMemberPin")
             member_id = self.validate.identifier(request.member_id, "member_id")
             pin_hash, salt, params = await self.presence.hash_pin(request.pin)
             now_us = now_micros()
@@ -82,6 +122,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
         self, request: pb.ResetMemberVerificationRequest, context
     ) -> pb.ResetMemberVerificationResponse:
         async def call():
+            self._allow("ResetMemberVerification")
             member_id = self.validate.identifier(request.member_id, "member_id")
             credentials = await self.presence.store.reset(member_id, request.remove_totp, request.remove_pin)
             if credentials is None:
@@ -96,6 +137,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
         self, request: pb.GetMemberVerificationRequest, context
     ) -> pb.GetMemberVerificationResponse:
         async def call():
+            self._allow("GetMemberVerification")
             member_id = self.validate.identifier(request.member_id, "member_id")
             credentials = await self.presence.store.credentials(member_id)
             if credentials is None:
@@ -109,3 +151,366 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             )
 
         return await guard(context, call)
+
+    # --- member administration (issue 15) ---
+
+    def _note(self, value: str, field: str = "note") -> str:
+        if len(value) > NOTE_CHARACTERS_MAX or not value.isprintable():
+            raise domain.invalid_field(field, f"{field} must be at most {NOTE_CHARACTERS_MAX} printable characters")
+        return value
+
+    @staticmethod
+    def _reason(value: int) -> int:
+        if value not in member_postings.REASONS:
+            names = ", ".join(name.upper() for name in member_postings.REASONS.values())
+            raise domain.invalid_field("reason", f"reason must be one of {names}, got {value}")
+        return value
+
+    async def _submit(self, op: Operation, context) -> Outcome:
+        """Queues the operation through the committer; a refusal becomes its status (as PointsService's)."""
+        return await self._answer(await self.pipeline.submit(op), context)
+
+    def _operation(self, method: Method, key: str, fields: dict, **values) -> Operation:
+        # the operator's namespace of idempotency keys (domain.OPERATOR_ID); no merchant slot applies
+        return Operation(
+            method=method,
+            merchant_id=domain.OPERATOR_ID,
+            merchant_slot=0,
+            idempotency_key=key,
+            request=fields,
+            **values,
+        )
+
+    def limits(self) -> SupportLimits:
+        if self._limits is None:
+            self._limits = SupportLimits(self.pipeline.ready_store().pool)
+        return self._limits
+
+    async def AdjustPoints(self, request: pb.AdjustPointsRequest, context) -> pb.AdjustPointsResponse:
+        async def call():
+            caller = self._allow("AdjustPoints")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            points = request.points
+            if points == 0 or abs(points) > fastpath.BALANCE_MAX:
+                raise domain.invalid_field(
+                    "points",
+                    f"points must be a signed, non-zero count of point-units (|points| <= "
+                    f"{fastpath.BALANCE_MAX}), got {points}",
+                )
+            reason, note = self._reason(request.reason), self._note(request.note)
+            fields = {"member_id": member_id, "points": points, "reason": reason, "note": note, "key_id": caller.key_id}
+            op = self._operation(Method.ADJUST, key, fields, member_id=member_id, points=points)
+            limits = self.limits() if caller.kind == "support" else None
+            if limits is not None:
+                if await self.pipeline.ready_store().stored_outcomes([(domain.OPERATOR_ID, key)]):
+                    limits = None  # a retry: it replays its outcome and uses no more of the limits
+                else:
+                    await limits.reserve(caller.key_id, points)
+            try:
+                outcome = await self.pipeline.submit(op)
+            except BaseException:
+                if limits is not None:
+                    limits.release(caller.key_id, points)
+                raise
+            if limits is not None and (outcome.code is not Code.OK or outcome.replayed):
+                limits.release(caller.key_id, points)  # nothing was adjusted by this call
+            f = (await self._answer(outcome, context)).fields
+            return pb.AdjustPointsResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                points=f["points"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
+    async def _answer(self, outcome: Outcome, context) -> Outcome:
+        trailer = (("points-idempotent-replay", "true"),) if outcome.replayed else ()
+        if outcome.replayed:
+            metrics.idempotent_replays.inc()
+        if outcome.code is not Code.OK:
+            await context.abort_with_status(outcome_status(outcome, trailing_metadata=trailer))
+        if trailer:
+            context.set_trailing_metadata(trailer)
+        return outcome
+
+    async def ReverseTransaction(self, request: pb.ReverseTransactionRequest, context) -> pb.ReverseTransactionResponse:
+        async def call():
+            caller = self._allow("ReverseTransaction")
+            original = domain.parse_transaction_id(request.transaction_id)
+            key = self.validate.idempotency_key(request.idempotency_key)
+            reason, note = self._reason(request.reason), self._note(request.note)
+            await self.pipeline.committed_view()  # an original just made is committed, so it is read
+            row = await member_store.transaction(self.pipeline.ready_store().pool, original)
+            name = domain.format_transaction_id(original)
+            if row is None:
+                raise Rejection(Code.NOT_FOUND, f"transaction {name} does not exist", reason="TRANSACTION_NOT_FOUND")
+            if row["kind"] not in _REVERSIBLE:
+                raise Rejection(
+                    Code.FAILED_PRECONDITION,
+                    f"transaction {name} is of kind {kinds.kind(row['kind']).name} ({row['kind']}): ReverseTransaction "
+                    "reverses adjustments and transfers (kinds 16, 17, 21); an earn or redemption is undone by its "
+                    "merchant's Refund",
+                )
+            legs = await member_store.transaction_legs(self.pipeline.ready_store().pool, original)
+            fields = {
+                "transaction_id": original,
+                "reason": reason,
+                "note": note,
+                "key_id": caller.key_id,
+                "legs": legs,  # read from the journal: the same for every retry of the key
+            }
+            op = self._operation(
+                Method.REVERSE,
+                key,
+                fields,
+                member_id=row["member_id"],
+                points=row["member_points"],
+                transaction_id=original,
+            )
+            f = (await self._submit(op, context)).fields
+            return pb.ReverseTransactionResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                original_transaction_id=domain.format_transaction_id(f["original_transaction_id"]),
+                member_id=f["member_id"],
+                points=f["points"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
+    async def FreezeMember(self, request: pb.FreezeMemberRequest, context) -> pb.FreezeMemberResponse:
+        async def call():
+            self._allow("FreezeMember")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            fields = {"member_id": member_id, "reason": self._note(request.reason, "reason")}
+            return pb.FreezeMemberResponse(
+                status=status_message(await self._change(Method.FREEZE, fields, member_id, context))
+            )
+
+        return await guard(context, call)
+
+    async def UnfreezeMember(self, request: pb.UnfreezeMemberRequest, context) -> pb.UnfreezeMemberResponse:
+        async def call():
+            self._allow("UnfreezeMember")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            op = self._operation(
+                Method.UNFREEZE, f"unfreeze:{uuid.uuid4().hex}", {"member_id": member_id}, member_id=member_id
+            )
+            outcome = await self._submit(op, context)
+            return pb.UnfreezeMemberResponse(status=status_message(outcome.fields))
+
+        return await guard(context, call)
+
+    async def CloseMember(self, request: pb.CloseMemberRequest, context) -> pb.CloseMemberResponse:
+        async def call():
+            self._allow("CloseMember")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            fields = {"member_id": member_id, "reason": self._note(request.reason, "reason")}
+            f = (
+                await self._submit(self._operation(Method.CLOSE_MEMBER, key, fields, member_id=member_id), context)
+            ).fields
+            return pb.CloseMemberResponse(
+                member_id=member_id,
+                transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
+                points_to_breakage=f["points_to_breakage"],
+                closed_at=timestamp(f["closed_at_us"]),
+            )
+
+        return await guard(context, call)
+
+    async def GetBalance(
+        self, request: pb.MemberAdminServiceGetBalanceRequest, context
+    ) -> pb.MemberAdminServiceGetBalanceResponse:
+        async def call():
+            self._allow("GetBalance")
+            member_id = self.pipeline.machine.members.resolve(self.validate.identifier(request.member_id, "member_id"))
+            ledger = await self.pipeline.committed_view()
+            slot = ledger.member_slot(member_id)
+            if slot < 0:
+                raise Rejection(
+                    Code.NOT_FOUND, f"member {member_id!r} has no points account", reason="MEMBER_NOT_FOUND"
+                )
+            posted, held = ledger.balance(slot)
+            status = self.pipeline.machine.members.status(member_id)
+            return pb.MemberAdminServiceGetBalanceResponse(
+                member_id=member_id,
+                posted=posted,
+                held=held,
+                available=posted - held,
+                status=status_message(member_postings.status_fields(member_id, status)),
+            )
+
+        return await guard(context, call)
+
+    async def ListTransactions(
+        self, request: pb.MemberAdminServiceListTransactionsRequest, context
+    ) -> pb.MemberAdminServiceListTransactionsResponse:
+        async def call():
+            self._allow("ListTransactions")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            store = self.pipeline.ready_store()
+            size = request.page_size or self.settings.page_size_default
+            if not 1 <= size <= self.settings.page_size_max:
+                raise domain.invalid_field(
+                    "page_size",
+                    f"page_size must be 0 (default {self.settings.page_size_default}) "
+                    f"..{self.settings.page_size_max}, got {request.page_size}",
+                )
+            before = _decode_page_token(request.page_token) if request.page_token else None
+            rows = await member_store.member_history(store.pool, member_id, before, size + 1)
+            if not rows and before is None and not await store.member_exists(member_id):
+                raise Rejection(
+                    Code.NOT_FOUND, f"member {member_id!r} has no points account", reason="MEMBER_NOT_FOUND"
+                )
+            more = len(rows) > size
+            rows = rows[:size]
+            response = pb.MemberAdminServiceListTransactionsResponse(
+                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else ""
+            )
+            for r in rows:
+                response.transactions.append(transaction_message(r))
+            return response
+
+        return await guard(context, call)
+
+    async def _change(self, method: Method, fields: dict, member_id: str, context) -> dict:
+        """A change with no idempotency key in its request (adding an alias twice, or leaving twice, has
+        one effect or one refusal): queued under a key of its own, not recorded."""
+        op = self._operation(method, f"{method.value}:{uuid.uuid4().hex}", fields, member_id=member_id)
+        return (await self._submit(op, context)).fields
+
+    async def AddMemberAlias(self, request: pb.AddMemberAliasRequest, context) -> pb.AddMemberAliasResponse:
+        async def call():
+            self._allow("AddMemberAlias")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            alias = self.validate.identifier(request.alias, "alias")
+            f = await self._change(Method.ADD_ALIAS, {"member_id": member_id, "alias": alias}, member_id, context)
+            return pb.AddMemberAliasResponse(member_id=f["member_id"], alias=f["alias"])
+
+        return await guard(context, call)
+
+    async def RemoveMemberAlias(self, request: pb.RemoveMemberAliasRequest, context) -> pb.RemoveMemberAliasResponse:
+        async def call():
+            self._allow("RemoveMemberAlias")
+            alias = self.validate.identifier(request.alias, "alias")
+            f = await self._change(Method.REMOVE_ALIAS, {"alias": alias}, "", context)
+            return pb.RemoveMemberAliasResponse(member_id=f["member_id"], alias=f["alias"])
+
+        return await guard(context, call)
+
+    async def CreateHousehold(self, request: pb.CreateHouseholdRequest, context) -> pb.CreateHouseholdResponse:
+        async def call():
+            self._allow("CreateHousehold")
+            head = self.validate.identifier(request.head_member_id, "head_member_id")
+            household = f"hh-{uuid.uuid4().hex[:16]}"
+            f = await self._change(
+                Method.CREATE_HOUSEHOLD, {"member_id": head, "household_id": household}, head, context
+            )
+            return pb.CreateHouseholdResponse(household_id=f["household_id"], head_member_id=f["member_id"])
+
+        return await guard(context, call)
+
+    async def JoinHousehold(self, request: pb.JoinHouseholdRequest, context) -> pb.JoinHouseholdResponse:
+        async def call():
+            self._allow("JoinHousehold")
+            household = self.validate.identifier(request.household_id, "household_id")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            fields = {"member_id": member_id, "household_id": household}
+            f = await self._change(Method.JOIN_HOUSEHOLD, fields, member_id, context)
+            return pb.JoinHouseholdResponse(household_id=f["household_id"], member_id=f["member_id"])
+
+        return await guard(context, call)
+
+    async def LeaveHousehold(self, request: pb.LeaveHouseholdRequest, context) -> pb.LeaveHouseholdResponse:
+        async def call():
+            self._allow("LeaveHousehold")
+            member_id = self.validate.identifier(request.member_id, "member_id")
+            f = await self._change(Method.LEAVE_HOUSEHOLD, {"member_id": member_id}, member_id, context)
+            return pb.LeaveHouseholdResponse(household_id=f["household_id"], member_id=f["member_id"])
+
+        return await guard(context, call)
+
+    async def TransferPoints(self, request: pb.TransferPointsRequest, context) -> pb.TransferPointsResponse:
+        async def call():
+            self._allow("TransferPoints")
+            sender = self.validate.identifier(request.from_member_id, "from_member_id")
+            receiver = self.validate.identifier(request.to_member_id, "to_member_id")
+            if sender == receiver:
+                raise domain.invalid_field("to_member_id", "to_member_id must name another member than from_member_id")
+            points = self.validate.amount(request.points, "points", fastpath.BALANCE_MAX, "point-units")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            fields = {"from_member_id": sender, "to_member_id": receiver, "points": points}
+            op = self._operation(Method.TRANSFER, key, fields, member_id=sender, points=points)
+            # a transfer spends the sender's points: the member's proof when the program asks for one
+            # (PointsService's check, against the member an alias names)
+            now_us = now_micros()
+            version = self.pipeline.program.version(now_us)
+            proof = request.member_proof.WhichOneof("proof")
+            op.member_id = self.pipeline.machine.members.resolve(sender)
+            await self.presence.check(op, version, proof, getattr(request.member_proof, proof) if proof else "", now_us)
+            op.member_id = sender
+            f = (await self._submit(op, context)).fields
+            return pb.TransferPointsResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]),
+                points=f["points"],
+                fee=f["fee"],
+                received=f["received"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
+    async def MergeMembers(self, request: pb.MergeMembersRequest, context) -> pb.MergeMembersResponse:
+        async def call():
+            self._allow("MergeMembers")
+            source = self.validate.identifier(request.source_member_id, "source_member_id")
+            target = self.validate.identifier(request.target_member_id, "target_member_id")
+            if source == target:
+                raise domain.invalid_field("target_member_id", "target_member_id must name another member")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            fields = {"source_member_id": source, "target_member_id": target}
+            f = (await self._submit(self._operation(Method.MERGE, key, fields, member_id=source), context)).fields
+            return pb.MergeMembersResponse(
+                transaction_id=domain.format_transaction_id(f["transaction_id"]) if f["transaction_id"] else "",
+                source_member_id=f["source_member_id"],
+                target_member_id=f["target_member_id"],
+                points=f["points"],
+                balance=f["balance"],
+                available=f["available"],
+            )
+
+        return await guard(context, call)
+
+
+def transaction_message(r) -> points_pb2.Transaction:
+    """A row of member_store.member_history as the public Transaction."""
+
+    def transaction_id(value: int | None) -> str:
+        return domain.format_transaction_id(value) if value else ""
+
+    return points_pb2.Transaction(
+        transaction_id=transaction_id(r["transaction_id"]),
+        kind=kinds.kind(r["kind"]).proto,
+        merchant_id=r["merchant_id"],
+        points=r["member_points"],
+        vouchers=r["member_vouchers"],
+        original_transaction_id=transaction_id(r["original_transaction_id"]),
+        authorization_id=domain.format_authorization_id(r["authorization_id"]) if r["authorization_id"] else "",
+        created_at=timestamp(micros(r["created_at"])),
+        purchase_amount=r["purchase_amount"] or 0,
+    )
+
+
+def status_message(f: dict) -> pb.MemberStatus:
+    state = f["state"]
+    message = pb.MemberStatus(member_id=f["member_id"], state=_STATES[state], reason=f["reason"])
+    if state == member_postings.STATE_FROZEN:
+        message.frozen_at.CopyFrom(timestamp(f["since_us"]))
+    elif state == member_postings.STATE_CLOSED:
+        message.closed_at.CopyFrom(timestamp(f["since_us"]))
+    return message

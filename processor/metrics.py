@@ -140,7 +140,8 @@ program_transactions = Counter(
     "points_program_transactions_total",
     "Transactions of the program rules, by kind (tier_bonus, referral_bonus, "
     "acquiring_reward, acquiring_reversal, expiry, conversion, dividend, split_redeem, "
-    "split_refund, merchant_voucher_spend).",
+    "split_refund, merchant_voucher_spend) and of member administration (adjustment_credit, adjustment_debit, "
+    "reversal_credit, reversal_debit, member_closure, transfer, merge).",
     ["kind"],
 )
 points_redeemed = Counter("points_redeemed_point_units_total", "Point-units debited by captures and redeems.")

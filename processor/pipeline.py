@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import channel_store, domain, kinds, metrics, rules
+from processor import channel_store, domain, kinds, member_store, metrics, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
@@ -151,6 +151,7 @@ class Pipeline:
         self.merchants = Merchants(await self.store.merchants())
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
         self.program = await load_program(self.store, self.settings, now_micros())
+        self.machine.members = await member_store.load_registry(self.store.pool, self.store.recovery_timeout)
         if not self._listening:
             # a version stored by the CLI (or another service instance's admin call) is loaded at once
             await self.store.listen_program_changes(self._program_changed)

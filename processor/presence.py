@@ -202,6 +202,9 @@ class Presence:
         """Sets op.refusal if the program requires the member's presence and the proof does not show it."""
         if version is None or version.member_verification != rules.VERIFICATION_SPENDING:
             return
+        machine = getattr(self.pipeline, "machine", None)
+        if machine is not None:  # a card's alias proves its member's presence (processor/member_postings.py)
+            op.member_id = machine.members.resolve(op.member_id)
         async with self._slots:
             try:
                 op.refusal = await self._decide(op, version, proof_kind, proof, now_us)

@@ -846,6 +846,44 @@ class ProgramState:
         if after and (not before or after[0].expires_at_us != before[0].expires_at_us):
             heapq.heappush(self._due, (after[0].expires_at_us, member_id))
 
+    # --- member administration: a merge (processor/member_postings.py) ---
+
+    def lots_collide(self, source: str, target: str) -> bool:
+        """Whether a lot of `source` has the key of one of `target`'s (a merge could not keep both)."""
+        keys = {lot.key for lot in self.lots.get(target, ())}
+        return any(lot.key in keys for lot in self.lots.get(source, ()))
+
+    def merge_members(self, source: str, target: str) -> None:
+        """`source`'s expiry lots and qualifying points become `target`'s (its points move in the same
+        batch): the lots keep their expiry and issuer; the qualifying points count toward target's level."""
+        source_lots = self.lots.get(source, ())
+        if source_lots:
+            merged = tuple(sorted(self.lots.get(target, ()) + source_lots, key=rules._order))
+            require(len({lot.key for lot in merged}) == len(merged), f"merge of {source!r}: a lot key collides")
+            for member_id in (source, target):
+                self._lots_touched[member_id] = None  # flush() compares each member's whole lots
+            self._set(self.lots, source, None, "lots")
+            self._set(self.lots, target, merged, "lots")
+            if merged[0].expires_at_us is not None:
+                heapq.heappush(self._due, (merged[0].expires_at_us, target))
+        moved = self.member(source)
+        if moved.qualifying or moved.day_buckets:
+            kept = self.member(target)
+            buckets = dict(kept.day_buckets)
+            for day, amount in moved.day_buckets:
+                buckets[day] = buckets.get(day, 0) + amount
+            self._set(
+                self.members,
+                target,
+                dataclasses.replace(
+                    kept,
+                    qualifying=kept.qualifying + moved.qualifying,
+                    day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)),
+                ),
+                "members",
+            )
+            self._set(self.members, source, dataclasses.replace(moved, qualifying=0, day_buckets=()), "members")
+
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
         are a part of the member's spendable points). balance(member_id) -> (posted, held)."""

@@ -59,9 +59,11 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
         # merchant's voucher spend (14) has no member; a channel posting (23, 24) neither (the operator's)
-        for r in await fetch("""SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
+        for r in await fetch(
+            """SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                   WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                             OR t.kind IN (11, 23, 24) AND t.merchant_id = 'operator')
+                                             OR t.kind IN (11, 23, 24) AND t.merchant_id = 'operator'
+                                             OR t.kind = ANY($1::smallint[]) AND t.merchant_id = 'operator')
                                      OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
                                              OR t.kind IN (11, 14, 23, 24) AND t.member_id = '')
                                      OR (t.original_transaction_id IS NOT NULL AND NOT EXISTS
@@ -71,7 +73,9 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                   SELECT 'hold ' || h.authorization_id FROM holds h
                                   WHERE NOT EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = h.merchant_id)
                                      OR NOT EXISTS (SELECT 1 FROM members u WHERE u.member_id = h.member_id)
-                                  LIMIT 5"""):
+                                  LIMIT 5""",
+            sorted(kinds.OPERATOR_KINDS),
+        ):
             problems.append(f"{r['what']} refers to a merchant, member or transaction that does not exist")
         report(
             "every account's checkpointed balance (members, merchant positions, operator) equals the "
@@ -124,6 +128,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                 f"member's points by {r['points']}, against its kind's sign {known.member_sign}"
             )
         problems += await _program_discrepancies(fetch, report)
+        problems += await _member_admin_discrepancies(fetch, report)
         report(
             "every statement's net and amounts (POINTS and VOUCHERS) equal the merchant's journal entries in its period"
         )
@@ -208,7 +213,8 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                       -- acquiring): points the operator funded, <= 0
                       coalesce(sum(balance) FILTER (WHERE kind IN ('operator_tier_rewards', 'operator_promotions',
                                'operator_referrals', 'operator_acquiring', 'operator_merchant_match',
-                               'operator_signup_bonuses')), 0) AS program
+                               'operator_signup_bonuses', 'operator_adjustments', 'operator_transfer_fees')), 0)
+                               AS program
                FROM account_balances WHERE asset_code = 'POINTS'"""
         )
         # fee revenue is what the operator keeps of the fees; gross = kept + commissions + agent shares
@@ -240,6 +246,12 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
 
 # The sign every account kind's balance keeps (an entry's amount is added to the balance): +1 never
 # below 0, -1 never above 0 (docs/RULES.md "New account kinds", docs/DOMAIN.md for the first six).
+# the SQL of the lot-consumption check names the kinds that may consume lots literally; kept in step here
+require(
+    sorted({2, 3, 12, *kinds.MEMBER_DEBITS}) == [2, 3, 12, 17, 18, 19, 20, 21],
+    "reconcile's lot-consumption check lists the kinds that consume lots",
+)
+
 ACCOUNT_SIGNS: dict[str, int] = {
     "member": 1,
     "merchant_redeemed": 1,
@@ -263,6 +275,9 @@ ACCOUNT_SIGNS: dict[str, int] = {
     "merchant_voucher_credit": -1,
     "promoter_commissions": 1,
     "regional_agent_shares": 1,
+    # 0: either sign. Credits to members draw it below zero, debits above (member administration)
+    "operator_adjustments": 0,
+    "operator_transfer_fees": 1,
 }
 
 _POINTS_FEES = kinds._POINTS_FEES
@@ -304,6 +319,8 @@ _SHAPE_SUMS = """
     count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'promoter_commissions') AS promoters,
     coalesce(sum(e.amount) FILTER (WHERE a.kind = 'regional_agent_shares'), 0) AS agent_shares,
     count(DISTINCT a.account_id) FILTER (WHERE a.kind = 'regional_agent_shares') AS agents,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_adjustments'), 0) AS adjustments,
+    coalesce(sum(e.amount) FILTER (WHERE a.kind = 'operator_transfer_fees'), 0) AS transfer_fees,
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
@@ -537,14 +554,17 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
                                        t.amount, t.kind
                               HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
-                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12))
+                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 18, 19, 20, 21))
                                   OR sum(c.amount) > coalesce(h.amount, t.amount)
                               ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
         owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"
         if not r["found"]:
             problems.append(f"lot_consumptions of {owner}, which does not exist")
-        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12):
-            problems.append(f"lot_consumptions of {owner}, of kind {r['kind']}: only captures and redeems consume lots")
+        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12, *kinds.MEMBER_DEBITS):
+            problems.append(
+                f"lot_consumptions of {owner}, of kind {r['kind']}: only captures, redeems and member debits "
+                "(adjustments, reversals, closures) consume lots"
+            )
         else:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")
 
@@ -574,7 +594,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                WHERE t.kind = ANY($1::smallint[])
                                GROUP BY t.transaction_id)
                              SELECT * FROM x WHERE NOT ({shape_case}) ORDER BY transaction_id LIMIT 5""",
-        list(kinds.SHAPED),
+        sorted(kinds.SHAPED),
     ):
         shape = kinds.SHAPED[r["kind"]].description
         problems.append(
@@ -611,3 +631,77 @@ async def _program_discrepancies(fetch, report) -> list[str]:
 
 # one encoder for every call: json.dumps with arguments builds a new JSONEncoder each time (measured:
 # a tenth of the service's CPU under SubmitBatch load went to to_json)
+
+
+# --- reconcile: member administration (issue 15; processor/member_postings.py) -----------------------
+
+
+async def _member_admin_discrepancies(fetch, report) -> list[str]:
+    """Every adjustment has its record with the points it moved; every reversal is the exact mirror of its
+    original (per account and asset) and recorded once; every closed member holds nothing."""
+    problems: list[str] = []
+    report("every adjustment (kinds 16, 17) has its member_adjustments row with the points it moved")
+    for r in await fetch(
+        """SELECT t.transaction_id, t.kind, a.points, coalesce(m.points, 0) AS moved
+           FROM transactions t
+           LEFT JOIN member_adjustments a USING (transaction_id)
+           LEFT JOIN LATERAL (
+               SELECT sum(e.amount) AS points FROM entries e JOIN accounts c USING (account_id)
+               WHERE e.transaction_id = t.transaction_id AND c.kind = 'member' AND c.owner_id = t.member_id) m ON true
+           WHERE t.kind = ANY($1::smallint[]) AND (a.points IS NULL OR a.points <> coalesce(m.points, 0))
+           UNION ALL
+           SELECT a.transaction_id, t.kind, a.points, NULL FROM member_adjustments a
+           LEFT JOIN transactions t USING (transaction_id)
+           WHERE t.kind IS NULL OR NOT t.kind = ANY($1::smallint[])
+           LIMIT 5""",
+        [kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT],
+    ):
+        problems.append(
+            f"adjustment {r['transaction_id']} (kind {r['kind']}) records {r['points']} point-units, "
+            f"its entries move {r['moved']} on its member"
+        )
+    report("every reversal (kinds 18, 19) mirrors its original's entries exactly and is recorded once")
+    reversals = [kinds.KIND_REVERSAL_CREDIT, kinds.KIND_REVERSAL_DEBIT]
+    for r in await fetch(
+        """WITH r AS (SELECT transaction_id, original_transaction_id FROM transactions WHERE kind = ANY($1::smallint[])),
+                mine AS (SELECT r.transaction_id, e.account_id, e.asset_code, sum(e.amount) AS s
+                         FROM r JOIN entries e ON e.transaction_id = r.transaction_id GROUP BY 1, 2, 3),
+                mirror AS (SELECT r.transaction_id, e.account_id, e.asset_code, -sum(e.amount) AS s
+                           FROM r JOIN entries e ON e.transaction_id = r.original_transaction_id GROUP BY 1, 2, 3)
+           SELECT DISTINCT transaction_id FROM mine FULL JOIN mirror USING (transaction_id, account_id, asset_code)
+           WHERE coalesce(mine.s, 0) <> coalesce(mirror.s, 0)
+           UNION
+           SELECT t.transaction_id FROM transactions t
+           LEFT JOIN member_reversals v ON v.reversal_transaction_id = t.transaction_id
+           WHERE t.kind = ANY($1::smallint[])
+             AND (v.original_transaction_id IS DISTINCT FROM t.original_transaction_id)
+           UNION
+           SELECT v.reversal_transaction_id FROM member_reversals v
+           LEFT JOIN transactions t ON t.transaction_id = v.reversal_transaction_id
+           WHERE t.kind IS NULL OR NOT t.kind = ANY($1::smallint[])
+           ORDER BY 1 LIMIT 5""",
+        reversals,
+    ):
+        problems.append(
+            f"reversal {r['transaction_id']} is not the recorded, exact mirror of its original transaction's entries"
+        )
+    # A merchant may still refund a redemption of a member closed since (a refund names the transaction,
+    # not the member): those credits are the only points a closed member may hold.
+    report("every closed member holds no open hold and no points but refunds of its redemptions since")
+    for r in await fetch(
+        """SELECT s.member_id, coalesce(b.balance, 0) AS balance,
+                  (SELECT count(*) FROM holds h WHERE h.member_id = s.member_id AND h.status = 1
+                                                  AND h.expires_at > now()) AS holds
+           FROM member_status s
+           LEFT JOIN account_balances b ON b.kind = 'member' AND b.owner_id = s.member_id AND b.asset_code = 'POINTS'
+           WHERE s.state = 'closed'
+             AND (coalesce(b.balance, 0) <> coalesce(
+                      (SELECT sum(e.amount) FROM transactions t JOIN entries e USING (transaction_id)
+                       WHERE t.member_id = s.member_id AND t.kind IN (4, 13) AND t.created_at >= s.closed_at
+                         AND e.account_id = b.account_id), 0)
+                  OR EXISTS (SELECT 1 FROM holds h WHERE h.member_id = s.member_id
+                             AND h.status = 1 AND h.expires_at > now()))
+           LIMIT 5"""
+    ):
+        problems.append(f"closed member {r['member_id']} holds {r['balance']} point-units and {r['holds']} open holds")
+    return problems

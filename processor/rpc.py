@@ -31,12 +31,14 @@ principal: contextvars.ContextVar[auth.Principal | None] = contextvars.ContextVa
 ACCEPTED_KINDS = {
     "points.v1.PointsService": ("merchant", "gateway"),
     "points.v1.MerchantAdmin": ("operator",),
-    "points.v1.Clearing": ("operator",),
+    # merchant and gateway keys: their own merchants' reads only (processor/admin.py _may_read; issue 15)
+    "points.v1.Clearing": ("operator", "merchant", "gateway"),
     "points.v1.Programs": ("operator",),
     "points.v1.MerchantAdminService": ("operator",),
-    "points.v1.ClearingService": ("operator",),
+    "points.v1.ClearingService": ("operator", "merchant", "gateway"),
     "points.v1.ProgramsService": ("operator",),
-    "points.v1.MemberAdminService": ("operator",),
+    # support keys: only the methods processor/member_admin.py lets them call (SUPPORT_METHODS)
+    "points.v1.MemberAdminService": ("operator", "support"),
     "points.v1.AuditService": ("operator",),
     # operator keys, and a merchant's own key for SetGiveBack: processor/channel.py checks each method
     "points.v1.ChannelService": ("operator", "merchant"),
@@ -44,8 +46,10 @@ ACCEPTED_KINDS = {
 # Services any caller may use without a key: health checks and (filtered, processor/reflection.py)
 # server reflection.
 OPEN_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
-# Services only operator keys may call or see (reflection hides them from other callers).
-OPERATOR_SERVICES = frozenset(name for name, kinds in ACCEPTED_KINDS.items() if kinds == ("operator",))
+# Services only operator (and support) keys may call or see (reflection hides them from other callers).
+OPERATOR_SERVICES = frozenset(
+    name for name, kinds in ACCEPTED_KINDS.items() if "operator" in kinds and not {"merchant", "gateway"} & set(kinds)
+)
 
 
 def _check_table() -> None:

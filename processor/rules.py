@@ -85,6 +85,10 @@ ACCOUNT_ASSETS: Mapping[str, frozenset[str]] = {
     ACCOUNT_MERCHANT_VOUCHER_CREDIT: frozenset({ASSET_VOUCHERS}),
     ACCOUNT_PROMOTER_COMMISSIONS: frozenset({ASSET_POINTS}),
     ACCOUNT_REGIONAL_AGENT_SHARES: frozenset({ASSET_POINTS}),
+    # member administration (processor/member_postings.py): funds adjustments; no sign of its own
+    "operator_adjustments": frozenset({ASSET_POINTS}),
+    # transfer fees (processor/member_postings.py), >= 0
+    "operator_transfer_fees": frozenset({ASSET_POINTS}),
 }
 
 # New transaction kinds (transactions.kind; 1..5 are fastpath.KIND_*). Tier multipliers and promotion
@@ -380,6 +384,8 @@ LEVEL_POINTS_MODES = (LEVEL_POINTS_BASE, LEVEL_POINTS_TOTAL)
 VERIFICATION_OFF = "off"  # member_id alone spends a member's points
 VERIFICATION_SPENDING = "spending"  # Redeem and Authorize must carry proof that the member is present
 VERIFICATION_MODES = (VERIFICATION_OFF, VERIFICATION_SPENDING)
+TRANSFERS_OFF, TRANSFERS_ON = "off", "on"  # member_transfers
+TRANSFER_MODES = (TRANSFERS_OFF, TRANSFERS_ON)
 VERIFICATION_FAILURES_MAX = 100
 VERIFICATION_LOCKOUT_SECONDS_MAX = 30 * 86_400
 
@@ -502,6 +508,12 @@ class ProgramVersion:
     merchant_voucher_credit: bool = False
     # channel economics (issue 16): None = no promoter commissions and no agent shares
     channel: ChannelSettings | None = None
+    # member-to-member transfers (MemberAdminService.TransferPoints, issue 15): "off" or "on"; the fee in
+    # basis points of the points sent (to operator_transfer_fees); point-units a member may send per UTC
+    # day, 0 = no cap
+    member_transfers: str = TRANSFERS_OFF
+    member_transfer_fee_bps: int = 0
+    member_points_transferred_per_day_max: int = 0
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -548,6 +560,12 @@ class ProgramVersion:
         )
         _problem_int(problems, self.member_points_spent_per_hour_max, "member_points_spent_per_hour_max (0 = no cap)")
         _problem_int(problems, self.member_points_spent_per_day_max, "member_points_spent_per_day_max (0 = no cap)")
+        if self.member_transfers not in TRANSFER_MODES:
+            problems.append(f"member_transfers must be 'off' or 'on' (got {self.member_transfers!r})")
+        _problem_int(problems, self.member_transfer_fee_bps, "member_transfer_fee_bps", 0, BPS_DENOMINATOR)
+        _problem_int(
+            problems, self.member_points_transferred_per_day_max, "member_points_transferred_per_day_max (0 = no cap)"
+        )
         merchants = [terms.merchant_id for terms in self.merchant_terms]
         if len(merchants) != len(set(merchants)):
             problems.append(f"merchant_terms must name each merchant once: {sorted(merchants)}")
@@ -977,6 +995,9 @@ _VERSION_KINDS = {
     "acquiring_at_acquirer": _boolean,
     "merchant_voucher_credit": _boolean,
     "channel": _nullable(_CHANNEL, "no channel commissions"),
+    "member_transfers": _text,
+    "member_transfer_fee_bps": _integer,
+    "member_points_transferred_per_day_max": _integer,
 }
 CONFIG_KEYS = tuple(_VERSION_KINDS)
 require(

@@ -651,6 +651,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def GetBalance(self, request: pb.GetBalanceRequest, context) -> pb.GetBalanceResponse:
         async def call():
             member_id = self.validate.identifier(request.member_id, "member_id")
+            # an alias's member; a household member's shared balance (processor/member_postings.py)
+            members = self.pipeline.machine.members
+            member_id = members.account_of(members.resolve(member_id))
             ledger = await self.pipeline.committed_view()
             slot = ledger.member_slot(member_id)
             if slot < 0:

@@ -26,12 +26,14 @@ from processor.config import Settings
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome, Rejection, require
 from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
+from processor.member_postings import METHODS as MEMBER_METHODS
+from processor.member_postings import MemberPostingsMixin, MemberRegistry
 from processor.postings import PostingsMixin, _entries
 from processor.quotas import MerchantQuotas
 from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros, to_json
 
 
-class LedgerStateMachine(PostingsMixin):
+class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
     def __init__(self, settings: Settings, quotas: MerchantQuotas | None = None):
         self.settings = settings
         self.merchants = Merchants([])
@@ -45,6 +47,7 @@ class LedgerStateMachine(PostingsMixin):
         # batch names: transaction id -> merchant id (set by load_prefetched)
         self.not_refundable: dict[int, str] = {}
         self.quotas = quotas if quotas is not None else MerchantQuotas(settings)
+        self.members = MemberRegistry()  # frozen and closed members, reversals (processor/member_postings.py)
         self.fee_version: rules.ProgramVersion | None = None  # the version in force for the batch being applied
         self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
 
@@ -69,6 +72,7 @@ class LedgerStateMachine(PostingsMixin):
         self.fee_version = self.program.version(now_us)  # its star rebates apply to every fee of the batch
         ledger.begin()
         self.program.begin()
+        self.members.begin()
         try:
             write.expired_holds = list(expired or ()) + ledger.expire_holds(
                 now_us, settings.holds_expired_per_batch_max
@@ -110,16 +114,19 @@ class LedgerStateMachine(PostingsMixin):
         """The oldest open batch is durable: its undo log is dropped."""
         self.ledger.commit()
         self.program.commit()
+        self.members.commit()
 
     def rollback_newest(self) -> None:
         """Undoes the newest open batch (one that failed while being applied)."""
         self.ledger.rollback_newest()
         self.program.rollback_newest()
+        self.members.rollback_newest()
 
     def rollback(self) -> None:
         """Undoes every open batch (after a failed write): the state is what Postgres holds."""
         self.ledger.rollback()
         self.program.rollback()
+        self.members.rollback()
 
     def forget_resolved(self) -> None:
         """Drops resolved holds and resident transactions (no batch may be open): a later batch that
@@ -262,6 +269,13 @@ class LedgerStateMachine(PostingsMixin):
                 continue
             if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
                 outcomes[position] = op.refusal
+                continue
+            if op.merchant_id == domain.OPERATOR_ID and op.method in MEMBER_METHODS:  # processor/member_postings.py
+                outcomes[position] = self._member_admin(op, write, now_us)
+                continue
+            refusal = self.members.route(op)  # aliases, households; a frozen member's spend, a closed member
+            if refusal is not None:
+                outcomes[position] = refusal
                 continue
             kind = op.method
             status = merchants[op.merchant_id].status

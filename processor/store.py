@@ -302,11 +302,14 @@ class BatchWrite:
     # to ledger_writer in the same transaction, the one place recovery continues from
     last_transaction_id: int = 0
     last_authorization_id: int = 0
+    # member administration's rows (processor.member_postings.MemberWrite), or None when the batch has none
+    members: Any = None
 
     @property
     def empty(self) -> bool:
         return not (
-            self.idempotency
+            self.members is not None
+            or self.idempotency
             or self.expired_holds
             or self.transactions
             or (self.rules is not None and not self.rules.empty)
@@ -1261,6 +1264,11 @@ class Store:
         if b.rules is not None and not b.rules.empty:
             await self._write_rules(c, b.rules, at, timeout)
             step("rules")
+        if b.members is not None:  # member administration (processor/member_postings.py)
+            from processor import member_store
+
+            await member_store.write(c, b.members, at, timeout)
+            step("members_admin")
         if b.idempotency:
             await c.execute(
                 """INSERT INTO idempotency_keys
@@ -1720,6 +1728,7 @@ class Store:
                      SELECT merchant_id, sum(n)::bigint AS transactions FROM (
                        SELECT merchant_id, count(*) AS n FROM t
                        WHERE kind NOT BETWEEN 6 AND 11 AND kind <> ALL($7::smallint[])
+                         AND merchant_id <> 'operator'  -- member administration's postings (16..22)
                        GROUP BY merchant_id
                        UNION ALL
                        SELECT merchant_id, count(DISTINCT transaction_id) FROM m

@@ -483,7 +483,7 @@ def test_an_operator_key_is_refused_by_the_points_service(service, points, opera
 
 
 def test_merchant_and_gateway_keys_are_refused_by_merchant_admin_and_clearing(service, admin, clearing, make_merchant):
-    merchant = make_merchant()
+    merchant, stranger = make_merchant(), make_merchant()  # clearing's reads of its own merchant: issue 15
     gateway = create_key(service.database_url, "gateway", [merchant.merchant_id])
     keys_before = fetch(service.database_url, "SELECT count(*) AS n FROM api_keys")[0]["n"]
     periods_before = fetch(service.database_url, "SELECT count(*) AS n FROM settlement_periods")[0]["n"]
@@ -516,7 +516,7 @@ def test_merchant_and_gateway_keys_are_refused_by_merchant_admin_and_clearing(se
                 admin_pb2.RevokeApiKeyRequest(key_id=key_parts(key)[0]), metadata=credential(key), timeout=30
             ),
             lambda: clearing.GetMerchantPosition(
-                admin_pb2.GetMerchantPositionRequest(merchant_id=merchant.merchant_id),
+                admin_pb2.GetMerchantPositionRequest(merchant_id=stranger.merchant_id),
                 metadata=credential(key),
                 timeout=30,
             ),

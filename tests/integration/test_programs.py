@@ -150,6 +150,9 @@ def every_field_rules() -> pb.ProgramRules:
             county_agent_share_bps=1_500,
             agent_scope="region",
         ),
+        member_transfers="on",
+        member_transfer_fee_bps=100,
+        member_points_transferred_per_day_max=50_000,
     )
 
 

@@ -391,7 +391,8 @@ def test_lot_pieces_of_owners_that_do_not_exist_or_cannot_consume_are_reported(c
     assert problems == [
         f"lot_consumptions of hold {rows.hold}: pieces 250 > its amount 200",
         "lot_consumptions of hold 999, which does not exist",
-        f"lot_consumptions of transaction {rows.earn}, of kind 1: only captures and redeems consume lots",
+        f"lot_consumptions of transaction {rows.earn}, of kind 1: only captures, redeems and member debits "
+        "(adjustments, reversals, closures) consume lots",
         "lot_consumptions of transaction 998, which does not exist",
     ]
 

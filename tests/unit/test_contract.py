@@ -104,9 +104,11 @@ def test_twin_services_take_the_same_requests(old, new):
 
 
 @pytest.mark.parametrize("old, new", sorted(TWINS.items()))
-def test_twin_services_are_operator_only_and_audited_as_their_twins(old, new):
-    assert rpc.ACCEPTED_KINDS[new] == rpc.ACCEPTED_KINDS[old] == ("operator",)
-    assert new in rpc.OPERATOR_SERVICES  # so reflection hides it from non-operators
+def test_twin_services_take_the_same_keys_and_are_audited_as_their_twins(old, new):
+    # clearing's reads are open to merchants' own keys (issue 15); the others are operator-only
+    kinds = ("operator", "merchant", "gateway") if new == "points.v1.ClearingService" else ("operator",)
+    assert rpc.ACCEPTED_KINDS[new] == rpc.ACCEPTED_KINDS[old] == kinds
+    assert (new in rpc.OPERATOR_SERVICES) == (kinds == ("operator",))  # reflection hides those from others
     assert audit.STATE_CHANGING[new] == audit.STATE_CHANGING[old]
 
 

@@ -34,6 +34,10 @@ STRICT = [
     "processor/state_machine.py",
     "processor/postings.py",
     "processor/channel_store.py",
+    # member administration (issue 15)
+    "processor/member_postings.py",
+    "processor/member_store.py",
+    "processor/support_limits.py",
 ]
 
 

@@ -108,6 +108,9 @@ EVERY_FIELD = ProgramVersion(
         county_agent_share_bps=1_500,
         agent_scope=rules.AGENT_SCOPE_REGION,
     ),
+    member_transfers=rules.TRANSFERS_ON,
+    member_transfer_fee_bps=100,
+    member_points_transferred_per_day_max=50_000,
 )
 
 

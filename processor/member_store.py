@@ -1,0 +1,252 @@
+"""Postgres for member administration (migration 0011): the batch's member rows (written inside the
+batch's transaction by store.Store._write), the members' state loaded at start, the originals a reversal
+names, support keys and their limits, and what a support key adjusted today."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+import asyncpg
+
+from processor.member_postings import MemberRegistry, MemberStatus, MemberWrite
+
+
+def _moment(micros: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(micros / 1_000_000, dt.timezone.utc)
+
+
+async def write(c: asyncpg.Connection, rows: MemberWrite, at: dt.datetime, timeout: float) -> None:
+    """A batch's member rows, in the batch's transaction."""
+    if rows.adjustments:
+        await c.executemany(
+            """INSERT INTO member_adjustments (transaction_id, member_id, points, reason, note, key_id, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+            [(*row, at) for row in rows.adjustments],
+            timeout=timeout,
+        )
+    if rows.reversals:
+        await c.executemany(
+            """INSERT INTO member_reversals
+                   (original_transaction_id, reversal_transaction_id, reason, note, key_id, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            [(*row, at) for row in rows.reversals],
+            timeout=timeout,
+        )
+    if rows.statuses:
+        await c.executemany(
+            """INSERT INTO member_status (member_id, state, reason, frozen_at, closed_at, updated_at)
+               VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (member_id) DO UPDATE SET state = excluded.state, reason = excluded.reason,
+                   frozen_at = excluded.frozen_at, closed_at = excluded.closed_at, updated_at = excluded.updated_at""",
+            [_status_row(member_id, status, at) for member_id, status in rows.statuses.items()],
+            timeout=timeout,
+        )
+    if rows.events:
+        await insert_events(c, rows.events, at, timeout)
+    if rows.transfers:
+        await c.executemany(
+            """INSERT INTO member_transfers (transaction_id, from_member_id, to_member_id, points, fee, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6)""",
+            [(*row, at) for row in rows.transfers],
+            timeout=timeout,
+        )
+    if rows.merges:
+        await c.executemany(
+            """INSERT INTO member_merges (source_member_id, target_member_id, transaction_id, points, created_at)
+               VALUES ($1, $2, $3, $4, $5)""",
+            [(*row, at) for row in rows.merges],
+            timeout=timeout,
+        )
+    for alias, member_id in rows.aliases:  # in order: a batch may unbind an alias and bind it again
+        if member_id is None:
+            await c.execute("DELETE FROM member_aliases WHERE alias = $1", alias, timeout=timeout)
+        else:
+            await c.execute(
+                "INSERT INTO member_aliases (alias, member_id, created_at) VALUES ($1, $2, $3)",
+                alias,
+                member_id,
+                at,
+                timeout=timeout,
+            )
+    if rows.households:
+        await c.executemany(
+            "INSERT INTO households (household_id, head_member_id, created_at) VALUES ($1, $2, $3)",
+            [(*row, at) for row in rows.households],
+            timeout=timeout,
+        )
+    for member_id, household_id in rows.memberships:
+        if household_id is None:
+            await c.execute("DELETE FROM household_members WHERE member_id = $1", member_id, timeout=timeout)
+        else:
+            await c.execute(
+                "INSERT INTO household_members (member_id, household_id, joined_at) VALUES ($1, $2, $3)",
+                member_id,
+                household_id,
+                at,
+                timeout=timeout,
+            )
+
+
+def _status_row(member_id: str, status: MemberStatus | None, at: dt.datetime) -> tuple[Any, ...]:
+    if status is None:
+        return (member_id, "active", "", None, None, at)
+    since = _moment(status.since_us)
+    return (
+        member_id,
+        status.state,
+        status.reason,
+        since if status.state == "frozen" else None,
+        since if status.state == "closed" else None,
+        at,
+    )
+
+
+async def insert_events(
+    c: asyncpg.Connection, events: list[tuple[str, str, dict[str, Any]]], at: dt.datetime, timeout: float = 30.0
+) -> None:
+    await c.executemany(
+        "INSERT INTO member_status_log (member_id, event, payload, created_at) VALUES ($1, $2, $3::jsonb, $4)",
+        [(member_id, event, json.dumps(payload), at) for member_id, event, payload in events],
+        timeout=timeout,
+    )
+
+
+async def load_registry(pool: asyncpg.Pool, timeout: float) -> MemberRegistry:
+    """The members not active, the transactions reversed, aliases and households, at a start or a resync
+    (all of them in memory: bounded by the members, as the fast path's balances are)."""
+    statuses = {}
+    for r in await pool.fetch(
+        "SELECT member_id, state, reason, coalesce(frozen_at, closed_at) AS since FROM member_status "
+        "WHERE state <> 'active'",
+        timeout=timeout,
+    ):
+        since = r["since"]
+        statuses[r["member_id"]] = MemberStatus(r["state"], r["reason"], int(since.timestamp() * 1_000_000))
+    reversed_by = {
+        r["original_transaction_id"]: r["reversal_transaction_id"]
+        for r in await pool.fetch(
+            "SELECT original_transaction_id, reversal_transaction_id FROM member_reversals", timeout=timeout
+        )
+    }
+    aliases = {r["alias"]: r["member_id"] for r in await pool.fetch("SELECT alias, member_id FROM member_aliases")}
+    households = {
+        r["household_id"]: r["head_member_id"]
+        for r in await pool.fetch("SELECT household_id, head_member_id FROM households", timeout=timeout)
+    }
+    household_of = {
+        r["member_id"]: r["household_id"]
+        for r in await pool.fetch("SELECT member_id, household_id FROM household_members", timeout=timeout)
+    }
+    # what each member sent by transfer today (UTC), for the program's daily cap
+    now = dt.datetime.now(dt.timezone.utc)
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    day = int(day_start.timestamp()) // 86_400
+    transferred = {
+        r["member_id"]: (day, int(r["points"]))
+        for r in await pool.fetch(
+            """SELECT from_member_id AS member_id, sum(points) AS points FROM member_transfers
+               WHERE created_at >= $1 GROUP BY from_member_id""",
+            day_start,
+            timeout=timeout,
+        )
+    }
+    return MemberRegistry(statuses, reversed_by, aliases, households, household_of, transferred)
+
+
+async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record | None:
+    """A committed transaction a reversal names: its kind, member and signed change of the member."""
+    return await pool.fetchrow(
+        """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id,
+                  coalesce((SELECT sum(e.amount) FROM entries e JOIN accounts a USING (account_id)
+                            WHERE e.transaction_id = t.transaction_id AND a.kind = 'member'
+                              AND a.asset_code = 'POINTS' AND a.owner_id = t.member_id), 0)::bigint AS member_points
+           FROM transactions t WHERE t.transaction_id = $1""",
+        transaction_id,
+    )
+
+
+async def transaction_legs(pool: asyncpg.Pool, transaction_id: int) -> list[list[Any]]:
+    """A committed transaction's entries as [account_id, account kind, owner, amount], POINTS only (a
+    reversal checks the kind has no other asset)."""
+    return [
+        [r["account_id"], r["kind"], r["owner_id"], r["amount"]]
+        for r in await pool.fetch(
+            """SELECT e.account_id, a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
+               WHERE e.transaction_id = $1 AND e.asset_code = 'POINTS' ORDER BY e.entry_id""",
+            transaction_id,
+        )
+    ]
+
+
+async def insert_support_key(
+    pool: asyncpg.Pool,
+    key_id: str,
+    secret_sha256: bytes,
+    description: str,
+    points_per_call_max: int,
+    points_per_day_max: int,
+    expires_at: dt.datetime | None = None,
+) -> None:
+    await pool.execute(
+        """INSERT INTO api_keys (key_id, secret_sha256, kind, merchant_ids, description, expires_at,
+                                 support_points_per_call_max, support_points_per_day_max)
+           VALUES ($1, $2, 'support', '{}', $3, $4, $5, $6)""",
+        key_id,
+        secret_sha256,
+        description,
+        expires_at,
+        points_per_call_max,
+        points_per_day_max,
+    )
+
+
+async def support_limits(pool: asyncpg.Pool, key_id: str) -> tuple[int, int] | None:
+    """A support key's (per call, per day) limits in point-units; None if it has none."""
+    row = await pool.fetchrow(
+        "SELECT support_points_per_call_max AS call, support_points_per_day_max AS day FROM api_keys WHERE key_id = $1",
+        key_id,
+    )
+    if row is None or row["call"] is None:
+        return None
+    return row["call"], row["day"]
+
+
+async def adjusted_since(pool: asyncpg.Pool, key_id: str, since: dt.datetime) -> int:
+    """Point-units (absolute) a key's adjustments moved since `since`."""
+    return int(
+        await pool.fetchval(
+            "SELECT coalesce(sum(abs(points)), 0) FROM member_adjustments WHERE key_id = $1 AND created_at >= $2",
+            key_id,
+            since,
+        )
+    )
+
+
+async def member_history(
+    pool: asyncpg.Pool, member_id: str, before_transaction_id: int | None, limit: int
+) -> list[asyncpg.Record]:
+    """The member's transactions at every merchant and the operator's, newest first (MemberAdminService;
+    a merchant's ListTransactions shows only its own, store.list_transactions)."""
+    rows: list[asyncpg.Record] = await pool.fetch(
+        """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
+                  t.authorization_id, t.original_transaction_id, t.created_at,
+                  coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
+           FROM transactions t
+           LEFT JOIN LATERAL (
+               SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
+                      sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
+               FROM entries e JOIN accounts a USING (account_id)
+               WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
+                 AND a.kind IN ('member', 'member_voucher_credit')) m ON true
+           WHERE (t.member_id = $1
+                  OR t.transaction_id IN (SELECT transaction_id FROM member_transfers WHERE to_member_id = $1)
+                  OR t.transaction_id IN (SELECT transaction_id FROM member_merges WHERE target_member_id = $1))
+             AND ($2::bigint IS NULL OR t.transaction_id < $2)
+           ORDER BY t.transaction_id DESC LIMIT $3""",
+        member_id,
+        before_transaction_id,
+        limit,
+    )
+    return rows

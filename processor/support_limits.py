@@ -1,0 +1,76 @@
+"""Support keys' limits on AdjustPoints (issue 15): point-units (absolute value) per call and per UTC day,
+set by the operator at `key create --support`. The day's use is read from member_adjustments at a key's
+first adjustment of the day (so a restart forgets nothing committed) and counted in memory after that;
+an adjustment reserves its points before it is queued and gives them back unless it was carried out."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import asyncpg
+
+from processor import member_store
+from processor.domain import Code, Rejection
+
+DAY = dt.timedelta(days=1)
+# keys whose day's use is kept; beyond, the oldest day's entries are dropped (reloaded on demand)
+KEYS_MAX = 10_000
+
+
+def _day_start(now: dt.datetime) -> dt.datetime:
+    return now.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+class SupportLimits:
+    def __init__(self, pool: asyncpg.Pool):
+        self.pool = pool
+        # key_id -> (UTC day start, per-call max, per-day max, point-units used that day)
+        self._used: dict[str, tuple[dt.datetime, int, int, int]] = {}
+        self._lock = asyncio.Lock()  # one load per key and day, not one per concurrent call
+
+    async def reserve(self, key_id: str, points: int, now: dt.datetime | None = None) -> None:
+        """Counts |points| against the key's limits, or raises RESOURCE_EXHAUSTED (PERMISSION_DENIED if the
+        key has no limits, which a support key always has)."""
+        now = now or dt.datetime.now(dt.timezone.utc)
+        day = _day_start(now)
+        amount = abs(points)
+        async with self._lock:
+            entry = self._used.get(key_id)
+            if entry is None or entry[0] != day:
+                limits = await member_store.support_limits(self.pool, key_id)
+                if limits is None:
+                    raise Rejection(Code.PERMISSION_DENIED, f"key {key_id} has no support limits; ask the operator")
+                if len(self._used) >= KEYS_MAX:
+                    self._used.clear()
+                used = await member_store.adjusted_since(self.pool, key_id, day)
+                entry = (day, limits[0], limits[1], used)
+            _, per_call, per_day, used = entry
+            if amount > per_call:
+                raise Rejection(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"this support key may adjust at most {per_call} point-units per call, asked {amount}; "
+                    "ask an operator for a larger adjustment",
+                    reason="SUPPORT_LIMIT",
+                    field="points",
+                    quota=(f"key:{key_id}", f"{per_call} point-units per AdjustPoints call"),
+                )
+            if used + amount > per_day:
+                retry = (day + DAY - now).total_seconds()
+                raise Rejection(
+                    Code.RESOURCE_EXHAUSTED,
+                    f"this support key adjusted {used} of its {per_day} point-units today (UTC); {amount} more "
+                    f"would pass the limit. Retry after midnight UTC (in {retry:.0f} s) or ask an operator",
+                    reason="SUPPORT_LIMIT",
+                    field="points",
+                    retry_after_seconds=retry,
+                    quota=(f"key:{key_id}", f"{per_day} point-units of AdjustPoints per UTC day"),
+                )
+            self._used[key_id] = (day, per_call, per_day, used + amount)
+
+    def release(self, key_id: str, points: int, now: dt.datetime | None = None) -> None:
+        """Gives back a reservation whose adjustment was not carried out (refused, or a replay)."""
+        day = _day_start(now or dt.datetime.now(dt.timezone.utc))
+        entry = self._used.get(key_id)
+        if entry is not None and entry[0] == day:
+            self._used[key_id] = (entry[0], entry[1], entry[2], max(0, entry[3] - abs(points)))

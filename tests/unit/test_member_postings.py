@@ -1,0 +1,147 @@
+"""Member administration inside the state machine (processor/member_postings.py), with no database: a
+freeze refuses a spend later in the same batch, a rolled-back batch leaves no status behind, adjustments
+post balanced records within the member's available points, aliases and households route a till's
+operation, and every refusal leaves the ledger as it was. Both fast paths (compiled and Python)."""
+
+from __future__ import annotations
+
+import pytest
+
+from processor import domain, kinds
+from processor.domain import Code, Method, Operation
+from processor.member_postings import ACCOUNT_OPERATOR_ADJUSTMENTS, ACCOUNT_OPERATOR_TRANSFER_FEES, MemberRegistry
+from processor.state_machine import LedgerStateMachine
+from tests.unit.test_state_machine import NOW, OPERATOR, check_record, earn, entries_of, op, posted_held, run
+from tests.unit.test_state_machine import machine as machine  # noqa: F401  (the fixture, both fast paths)
+
+pytestmark = pytest.mark.timeout(30)
+
+ADJUSTMENTS_ACCOUNT = 8
+
+
+@pytest.fixture(autouse=True)
+def operator_accounts(machine):  # noqa: F811
+    machine.operator_accounts = {
+        **OPERATOR,
+        ACCOUNT_OPERATOR_ADJUSTMENTS: ADJUSTMENTS_ACCOUNT,
+        ACCOUNT_OPERATOR_TRANSFER_FEES: 9,
+    }
+
+
+_keys = iter(range(1, 1_000_000))
+
+
+def admin(method: Method, member: str, **request) -> Operation:
+    """An operation of MemberAdminService, as processor/member_admin.py queues it."""
+    fields = {"member_id": member, "key_id": "k1", **request}
+    return Operation(
+        method,
+        domain.OPERATOR_ID,
+        0,
+        f"admin-{next(_keys)}",
+        fields,
+        member_id=member,
+        points=request.get("points", 0),
+    )
+
+
+def adjust(member: str, points: int) -> Operation:
+    return admin(Method.ADJUST, member, points=points, reason=1, note="")
+
+
+def redeem(member: str, points: int) -> Operation:
+    return op(Method.REDEEM, member_id=member, points=points)
+
+
+def test_a_freeze_refuses_a_spend_later_in_the_same_batch_but_not_an_earn(machine):  # noqa: F811
+    run(machine, earn("alice", 1_000))
+    outcomes, write = run(
+        machine, admin(Method.FREEZE, "alice", reason="stolen"), earn("alice", 100), redeem("alice", 50)
+    )
+    assert [o.code for o in outcomes] == [Code.OK, Code.OK, Code.FAILED_PRECONDITION]
+    assert "is frozen since" in outcomes[2].message and not outcomes[2].recorded
+    assert [k for k in write.idempotency if k[2] == "Redeem"] == []  # the key stays unused
+    assert write.members.statuses["alice"].state == "frozen"
+    assert [event[1] for event in write.members.events] == ["frozen"]
+    assert posted_held(machine, "alice") == (1_100, 0)
+    outcomes, _ = run(machine, admin(Method.UNFREEZE, "alice"), redeem("alice", 50))
+    assert [o.code for o in outcomes] == [Code.OK, Code.OK]
+
+
+def test_a_rolled_back_batch_leaves_no_status_behind(machine: LedgerStateMachine):  # noqa: F811
+    run(machine, earn("bob", 500))
+    machine.apply([admin(Method.FREEZE, "bob"), adjust("bob", 200)], {}, NOW)
+    assert machine.members.status("bob") is not None
+    machine.rollback()
+    assert machine.members.status("bob") is None and posted_held(machine, "bob") == (500, 0)
+    (outcome,), _ = run(machine, redeem("bob", 500))
+    assert outcome.code is Code.OK
+
+
+def test_an_adjustment_posts_against_operator_adjustments_and_a_debit_stays_within_available(machine):  # noqa: F811
+    (credit,), write = run(machine, adjust("carol", 700))  # opens the member
+    assert credit.code is Code.OK and credit.fields["balance"] == 700
+    ((member, account),) = write.new_members
+    assert member == "carol"
+    assert write.transactions[0][:5] == (
+        credit.fields["transaction_id"],
+        kinds.KIND_ADJUSTMENT_CREDIT,
+        "operator",
+        "carol",
+        700,
+    )
+    assert entries_of(write, credit.fields["transaction_id"]) == {account: 700, ADJUSTMENTS_ACCOUNT: -700}
+    run(machine, op(Method.AUTHORIZE, member_id="carol", points=200, hold_ttl_seconds=60))
+    (refused,), write = run(machine, adjust("carol", -501))
+    assert refused.code is Code.FAILED_PRECONDITION and "500 point-units available" in refused.message
+    assert write.transactions == [] and posted_held(machine, "carol") == (700, 200)
+    (debit,), write = run(machine, adjust("carol", -500))
+    assert debit.fields["available"] == 0
+    assert entries_of(write, debit.fields["transaction_id"]) == {account: -500, ADJUSTMENTS_ACCOUNT: 500}
+    assert write.transactions[0][1] == kinds.KIND_ADJUSTMENT_DEBIT
+
+
+def test_an_alias_routes_a_tills_operation_and_a_closed_member_refuses_everything(machine):  # noqa: F811
+    run(machine, earn("dave", 1_000))
+    outcomes, _ = run(machine, admin(Method.ADD_ALIAS, "dave", alias="card-1"), earn("card-1", 100))
+    assert [o.code for o in outcomes] == [Code.OK, Code.OK]
+    assert posted_held(machine, "dave") == (1_100, 0) and machine.balance("card-1") is None
+    (closed,), write = run(machine, admin(Method.CLOSE_MEMBER, "card-1", reason="asked"))
+    assert closed.fields["points_to_breakage"] == 1_100
+    assert entries_of(write, closed.fields["transaction_id"])[OPERATOR[domain.ACCOUNT_OPERATOR_BREAKAGE]] == 1_100
+    outcomes, _ = run(machine, earn("dave", 100), earn("card-1", 100), adjust("dave", 10))
+    assert [o.code for o in outcomes] == [Code.FAILED_PRECONDITION] * 3
+    assert all("is closed since" in o.message for o in outcomes)
+
+
+def test_a_household_members_earn_and_spend_use_the_shared_account(machine):  # noqa: F811
+    run(machine, earn("erin", 100), earn("finn", 100))
+    outcomes, write = run(
+        machine,
+        admin(Method.CREATE_HOUSEHOLD, "erin", household_id="hh-1"),
+        admin(Method.JOIN_HOUSEHOLD, "finn", household_id="hh-1"),
+        earn("erin", 300),
+        redeem("finn", 250),
+    )
+    assert [o.code for o in outcomes] == [Code.OK] * 4
+    check_record(write)
+    assert posted_held(machine, "household:hh-1") == (50, 0)
+    assert posted_held(machine, "erin") == (100, 0) and posted_held(machine, "finn") == (100, 0)
+    outcomes, _ = run(
+        machine,
+        admin(Method.CLOSE_MEMBER, "household:hh-1"),
+        admin(Method.MERGE, "erin", source_member_id="erin", target_member_id="household:hh-1"),
+    )
+    assert [o.code for o in outcomes] == [Code.FAILED_PRECONDITION] * 2
+    (left,), _ = run(machine, admin(Method.LEAVE_HOUSEHOLD, "finn"))
+    assert left.fields["household_id"] == "hh-1"
+    (spent,), _ = run(machine, redeem("finn", 100))
+    assert spent.code is Code.OK and posted_held(machine, "finn") == (0, 0)
+
+
+def test_alias_chains_resolve_and_a_runaway_chain_is_an_invariant_violation():
+    registry = MemberRegistry(aliases={"a": "b", "b": "c"})
+    assert registry.resolve("a") == "c" and registry.resolve("c") == "c"
+    looped = MemberRegistry(aliases={"x": "y", "y": "x"})
+    with pytest.raises(domain.InvariantViolation):
+        looped.resolve("x")
