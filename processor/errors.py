@@ -65,6 +65,10 @@ REASONS = {
     "SPENDING_CAP": "the program's cap on a member's spending per hour or day; RetryInfo says when, if waiting helps",
     "MEMBER_LOCKED": "the member's spending is locked after wrong proofs; RetryInfo says until when",
     "MEMBER_PROOF_REQUIRED": "the program requires the member's proof of presence (a one-time code or PIN)",
+    # the change feed (EventsService.WatchEvents)
+    "INVALID_CURSOR": "the cursor was not issued by this feed; send an event's `cursor` as given, or empty",
+    "EVENTS_READER_TOO_SLOW": "the stream's buffer stayed full; resume from ErrorInfo.metadata['cursor']",
+    "EVENTS_STREAMS_AT_CAPACITY": "the service has as many WatchEvents streams open as it allows; retry later",
 }
 # The ledger's internal reasons (Outcome.reason, also the points_rejections_total label) -> REASONS.
 OUTCOME_REASONS = {
@@ -125,6 +129,7 @@ def status(
     retry_after_seconds: float | None = None,
     quota: tuple[str, str] | None = None,
     trailing_metadata=(),
+    metadata: dict[str, str] | None = None,
 ) -> grpc.Status:
     """The grpc.Status of a refusal: `code` and `message` as always, and the google.rpc details its
     reason, field, retry delay and quota call for, in the grpc-status-details-bin trailer."""
@@ -134,7 +139,9 @@ def status(
         details.append(
             _pack(
                 error_details_pb2.ErrorInfo(
-                    reason=reason, domain=ERROR_DOMAIN, metadata={"field": field} if field else {}
+                    reason=reason,
+                    domain=ERROR_DOMAIN,
+                    metadata={**({"field": field} if field else {}), **(metadata or {})},
                 )
             )
         )

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import domain, kinds, metrics, rules
+from processor import domain, events, kinds, metrics, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
@@ -128,6 +128,7 @@ class Pipeline:
         self.draining = False  # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
         self.ready = False  # recovery done and Postgres reachable
+        self.feed_signal = events.FeedSignal()  # woken after every committed batch (processor/events.py)
 
     # the state machine's state, under the names the servicers, recovery and tests use
     ledger = _state("ledger", "the fast path's Ledger (fastpath.Ledger)")
@@ -470,6 +471,7 @@ class Pipeline:
         now_us = self._clock_floor_us = max(now_micros(), self._clock_floor_us)
         expired, self._expired_pending = self._expired_pending, []
         outcomes, write = self.machine.apply(batch, stored, now_us, expired, dividends)
+        write.member_balances_after = events.balances_after(write, self.ledger)  # the change feed's
         prepared = _Prepared(batch, outcomes, write, now_us)
         self._open.append(prepared)
         return prepared
@@ -514,6 +516,8 @@ class Pipeline:
         for op, outcome in zip(prepared.batch, prepared.outcomes):
             self._resolve(op, outcome)
         self._signal_finished()
+        if prepared.task is not None:
+            self.feed_signal.notify()  # the change feed's streams read what this batch committed
         return True
 
     def _committed(self, write: BatchWrite) -> None:

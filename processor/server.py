@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
+from points.v1 import admin_pb2, admin_pb2_grpc, events_pb2, events_pb2_grpc, points_pb2, points_pb2_grpc
 from processor import audit, auth, metrics, quotas, rpc, transport
 from processor import reflection as filtering_reflection
 from processor.admin import (
@@ -25,6 +25,7 @@ from processor.admin import (
     ProgramsServiceServicer,
 )
 from processor.config import Settings
+from processor.events_servicer import EventsServicer
 from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
 from processor.presence import Presence
@@ -35,6 +36,7 @@ log = logging.getLogger("points.server")
 
 SERVICE_NAME = points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
 ADMIN_SERVICE_NAMES = tuple(s.full_name for s in admin_pb2.DESCRIPTOR.services_by_name.values())
+EVENTS_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 
 
 async def open_store(settings: Settings, url: str | None = None) -> Store:
@@ -115,7 +117,8 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # the operator services are listed to operator keys only (processor/reflection.py)
         filtering_reflection.enable(
-            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, EVENTS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = _bind(
             lambda: (
@@ -167,6 +170,7 @@ class Service:
         admin_pb2_grpc.add_AuditServiceServicer_to_server(
             audit.AuditServicer(self.audit_log, self.pipeline), self.server
         )
+        events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(settings, self.pipeline), self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)

@@ -302,6 +302,9 @@ class BatchWrite:
     # to ledger_writer in the same transaction, the one place recovery continues from
     last_transaction_id: int = 0
     last_authorization_id: int = 0
+    # transaction_id -> the member's posted balance right after it (processor/events.py balances_after):
+    # transactions.member_balance_after, what the change feed shows
+    member_balances_after: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -1131,6 +1134,7 @@ class Store:
             )
             step("accounts")
         if b.transactions:
+            balances_after = b.member_balances_after
             await c.copy_records_to_table(
                 "transactions",
                 columns=[
@@ -1147,6 +1151,7 @@ class Store:
                     "created_at",
                     "fee",
                     "program_version",
+                    "member_balance_after",
                 ],
                 records=[
                     (
@@ -1163,6 +1168,7 @@ class Store:
                         at,
                         t[9],
                         t[10] if len(t) > 10 else None,
+                        balances_after.get(t[0]),
                     )
                     for t in b.transactions
                 ],

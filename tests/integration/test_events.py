@@ -1,0 +1,375 @@
+"""The change feed (EventsService.WatchEvents), against the real service and Postgres: a reader resumed
+after a SIGKILL of the service sees every committed transaction exactly once and in commit order, under
+pipelined concurrent traffic; the member's balance after each transaction is the journal's; a merchant
+key sees only its own merchant's transactions; a slow reader is cut off RESOURCE_EXHAUSTED with a cursor
+it resumes from, losing and repeating nothing; a bad cursor is INVALID_ARGUMENT; member events (level
+changes, frozen, merged, points expiring) are in the same ordered log."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import asyncpg
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from points.v1 import events_pb2, events_pb2_grpc
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from processor import events
+from tests.harness import add_merchant, create_key, fetch, ledger_discrepancies
+from tests.integration.helpers import add_program_version, credential, earn, error_of, unique, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def committed_transaction_ids(url: str) -> list[int]:
+    return [r["transaction_id"] for r in fetch(url, "SELECT transaction_id FROM transactions ORDER BY transaction_id")]
+
+
+def transaction_number(event: events_pb2.Event) -> int:
+    return int(event.transaction.transaction_id.removeprefix("txn_"))
+
+
+def read_until(stub, key: str, cursor: str, until, seconds: float = 60, **request) -> list[events_pb2.Event]:
+    """Events from `cursor` until `until(events)` is true (then cancels the stream)."""
+    received: list[events_pb2.Event] = []
+    call = stub.WatchEvents(
+        events_pb2.WatchEventsRequest(cursor=cursor, **request), metadata=credential(key), timeout=seconds
+    )
+    try:
+        for response in call:
+            received.append(response.event)
+            if until(received):
+                break
+    finally:
+        call.cancel()
+    return received
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)
+    assert status is not None, "the refusal carries google.rpc details"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError("no ErrorInfo in the details")
+
+
+# --- exactly once, in order, across a SIGKILL ---
+
+
+def test_watch_resumed_after_sigkill_sees_every_committed_transaction_once_in_order(create_database, service_factory):
+    url = create_database()
+    merchants = [unique("m"), unique("m")]
+    for merchant in merchants:
+        add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    service = service_factory(url)
+    acknowledged: set[str] = set()
+    stop = threading.Event()
+
+    def traffic(worker: int, target: list[str]) -> None:
+        """Earns and redeems from several threads: batches overlap in the pipeline."""
+        member = f"mem-{worker}-{unique('x')}"
+        n = 0
+        while not stop.is_set():
+            n += 1
+            channel = grpc.insecure_channel(target[0])
+            try:
+                stub = points_pb2_grpc.PointsServiceStub(
+                    grpc.intercept_channel(channel, _credentials_for(url))
+                )
+                response = stub.Earn(
+                    pb.EarnRequest(
+                        merchant_id=merchants[n % 2], member_id=member, purchase_amount=1000 + n,
+                        idempotency_key=f"{member}-{n}",
+                    ),
+                    timeout=5,
+                )
+                acknowledged.add(response.transaction_id)
+                if n % 3 == 0:
+                    redeemed = stub.Redeem(
+                        pb.RedeemRequest(
+                            merchant_id=merchants[0], member_id=member, points=50, idempotency_key=f"{member}-r{n}"
+                        ),
+                        timeout=5,
+                    )
+                    acknowledged.add(redeemed.transaction_id)
+            except grpc.RpcError:
+                time.sleep(0.05)  # the service is being killed or restarting
+            finally:
+                channel.close()
+
+    target = [service.target]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        workers = [pool.submit(traffic, i, target) for i in range(6)]
+        wait_until(lambda: len(acknowledged) >= 150, "traffic flows", 60)
+        with grpc.insecure_channel(service.target) as channel:
+            before = read_until(
+                events_pb2_grpc.EventsServiceStub(channel), operator, "", lambda got: len(got) >= 100
+            )
+        service.kill()  # SIGKILL in the middle of traffic
+        restarted = service_factory(url)
+        target[0] = restarted.target
+        wait_until(lambda: len(acknowledged) >= 400, "traffic flows again after the restart", 90)
+        stop.set()
+        for worker in workers:
+            worker.result()
+    committed = committed_transaction_ids(url)
+    with grpc.insecure_channel(restarted.target) as channel:
+        after = read_until(
+            events_pb2_grpc.EventsServiceStub(channel),
+            operator,
+            before[-1].cursor,
+            lambda got: transaction_number(got[-1]) == committed[-1],
+        )
+    seen = [transaction_number(e) for e in before + after]
+    assert seen == committed, "every committed transaction exactly once, in commit order"
+    assert {f"txn_{t}" for t in seen} >= acknowledged, "every acknowledged transaction is in the feed"
+    cursors = [e.cursor for e in before + after]
+    assert len(set(cursors)) == len(cursors)
+    balances = {
+        r["transaction_id"]: r["member_balance_after"]
+        for r in fetch(url, "SELECT transaction_id, member_balance_after FROM transactions")
+    }
+    for event in before + after:
+        assert event.transaction.HasField("member_balance_after_point_units")
+        assert event.transaction.member_balance_after_point_units == balances[transaction_number(event)]
+    assert ledger_discrepancies(url) == []  # includes: each recorded balance after equals the journal's
+
+
+def _credentials_for(url: str):
+    from tests.harness import Credentials
+
+    return Credentials(url)
+
+
+# --- what a key may see ---
+
+
+def test_merchant_key_sees_only_its_own_merchants_transactions(create_database, service_factory):
+    url = create_database()
+    own, other = unique("m"), unique("m")
+    own_key = add_merchant(url, own, 1000)
+    add_merchant(url, other, 1000)
+    operator = create_key(url, "operator")
+    service = service_factory(url)
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for i in range(6):
+            earn(stub, own if i % 2 else other, unique("mem"), 1000)
+    with service.bare_channel() as channel:
+        feed = events_pb2_grpc.EventsServiceStub(channel)
+        mine = read_until(feed, own_key, "", lambda got: len(got) == 3)
+        everything = read_until(feed, operator, "", lambda got: len(got) == 6)
+        assert {e.transaction.merchant_id for e in mine} == {own}
+        assert [e.event_id for e in mine] == [e.event_id for e in everything if e.transaction.merchant_id == own]
+        refused = error_of(
+            lambda: read_until(
+                feed, own_key, "", lambda got: True, filter=events_pb2.EventFilter(merchant_ids=[other])
+            )
+        )
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert other in refused.details()
+        # a merchant key gets no member events even when it asks for them
+        event_types = [events_pb2.EVENT_TYPE_MEMBER_FROZEN]
+        frozen = _record(url, unique("mem"), events.FROZEN, {"reason": "stolen card"})
+        assert frozen.member_event_id > 0
+        only_transactions = read_until(
+            feed, own_key, "", lambda got: len(got) == 3, filter=events_pb2.EventFilter(types=event_types)
+        )
+        assert {e.type for e in only_transactions} == {events_pb2.EVENT_TYPE_TRANSACTION}
+
+
+# --- a slow reader ---
+
+
+def test_slow_reader_gets_resource_exhausted_with_a_cursor_it_resumes_from(create_database, service_factory):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    service = service_factory(
+        url, "--events-stream-buffer-events-max", "20", "--events-stream-stall-seconds-max", "0.5"
+    )
+    total = 3000
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        _earn_many(stub, merchant, total)
+    committed = committed_transaction_ids(url)
+    assert len(committed) == total
+    # a small receive window: the transport holds few events for a reader that does not read
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    received: list[events_pb2.Event] = []
+    with grpc.insecure_channel(service.target, options=options) as channel:
+        feed = events_pb2_grpc.EventsServiceStub(channel)
+        call = feed.WatchEvents(events_pb2.WatchEventsRequest(), metadata=credential(operator), timeout=60)
+        first = next(call)  # the stream is open; now the reader stops reading
+        received.append(first.event)
+        wait_until(lambda: _cut_streams(service) >= 1, "the server cuts the stalled stream", 30)
+        with pytest.raises(grpc.RpcError) as raised:
+            for response in call:
+                received.append(response.event)
+        error = raised.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info(error)
+    assert info.reason == "EVENTS_READER_TOO_SLOW"
+    assert info.metadata["cursor"] == received[-1].cursor, "the cursor is that of the last event received"
+    assert received[-1].cursor in error.details()
+    assert len(received) < total
+    with service.bare_channel() as channel:
+        rest = read_until(
+            events_pb2_grpc.EventsServiceStub(channel),
+            operator,
+            info.metadata["cursor"],
+            lambda got: transaction_number(got[-1]) == committed[-1],
+        )
+    assert [transaction_number(e) for e in received + rest] == committed, "nothing lost, nothing repeated"
+
+
+def _cut_streams(service) -> float:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith("points_events_streams_cut_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _earn_many(stub, merchant: str, count: int) -> None:
+    operations = [
+        pb.Operation(
+            earn=pb.EarnRequest(
+                merchant_id=merchant, member_id=f"mem-{i % 50}", purchase_amount=1000, idempotency_key=unique("k")
+            )
+        )
+        for i in range(count)
+    ]
+    for start in range(0, count, 1000):
+        response = stub.SubmitBatch(pb.SubmitBatchRequest(operations=operations[start : start + 1000]), timeout=60)
+        assert [r.status_code for r in response.results] == [0] * len(response.results)
+
+
+# --- bad cursors ---
+
+
+def test_a_cursor_not_issued_by_the_feed_is_invalid_argument(create_database, service_factory):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    service = service_factory(url)
+    with service.channel() as channel:
+        earn(points_pb2_grpc.PointsServiceStub(channel), merchant, unique("mem"), 1000)
+    with service.bare_channel() as channel:
+        feed = events_pb2_grpc.EventsServiceStub(channel)
+        for cursor in ("garbage", "c1.1", "c1.-1.0", "c1.99999999999999999999.0", "c1.1000.0", "c1.1.5"):
+            refused = error_of(lambda: read_until(feed, operator, cursor, lambda got: True, seconds=10))
+            assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT, cursor
+            assert error_info(refused).reason == "INVALID_CURSOR"
+            assert "cursor" in refused.details()
+        # the service keeps serving: a good cursor still works
+        assert len(read_until(feed, operator, "", lambda got: True, seconds=10)) == 1
+
+
+# --- member events in the same ordered log ---
+
+
+def _record(url: str, member_id: str, event_type: str, detail: dict) -> events.Position:
+    async def go() -> events.Position:
+        connection = await asyncpg.connect(url)
+        try:
+            return await events.record_member_event(connection, member_id, event_type, detail)
+        finally:
+            await connection.close()
+
+    return asyncio.run(go())
+
+
+def test_member_events_are_ordered_with_transactions_and_level_changes_come_from_the_program(
+    create_database, service_factory
+):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    add_program_version(
+        url,
+        {
+            "expiry_period_us": 3 * 86_400_000_000,
+            "levels": [{"name": "base", "threshold_point_units": 0}, {"name": "gold", "threshold_point_units": 500}],
+        },
+    )
+    service = service_factory(url)
+    member = unique("mem")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        wait_until(lambda: _program_applies(url), "the program version applies", 30)
+        earn(stub, merchant, member, 1000)  # 100 point-units: base
+        frozen = _record(url, member, events.FROZEN, {"reason": "card reported stolen"})
+        earn(stub, merchant, member, 10_000)  # +1000: gold
+        merged = _record(url, member, events.MERGED, {"target_member_id": "other-member"})
+    with service.bare_channel() as channel:
+        feed = events_pb2_grpc.EventsServiceStub(channel)
+        got = read_until(feed, operator, "", lambda got: got[-1].type == events_pb2.EVENT_TYPE_MEMBER_MERGED)
+    types = [e.type for e in got]
+    assert types.index(events_pb2.EVENT_TYPE_MEMBER_FROZEN) == 1, types  # after the first earn, before the second
+    level = [e for e in got if e.type == events_pb2.EVENT_TYPE_LEVEL_CHANGED]
+    assert [(e.level_changed.from_level, e.level_changed.to_level) for e in level][-1][1] == "gold"
+    second_earn = [e for e in got if e.type == events_pb2.EVENT_TYPE_TRANSACTION][-1]
+    assert level[-1].level_changed.transaction_id in {
+        e.transaction.transaction_id for e in got if e.type == events_pb2.EVENT_TYPE_TRANSACTION
+    }
+    assert got.index(level[-1]) > got.index(second_earn) - 2  # right after the transaction that caused it
+    assert got[-1].member_merged.target_member_id == "other-member"
+    assert got[types.index(events_pb2.EVENT_TYPE_MEMBER_FROZEN)].cursor == events.encode_cursor(frozen)
+    assert got[-1].cursor == events.encode_cursor(merged)
+    # resuming from the frozen event's cursor replays exactly what followed it
+    with service.bare_channel() as channel:
+        again = read_until(
+            events_pb2_grpc.EventsServiceStub(channel),
+            operator,
+            events.encode_cursor(frozen),
+            lambda got: got[-1].type == events_pb2.EVENT_TYPE_MEMBER_MERGED,
+        )
+    assert [e.event_id for e in again] == [e.event_id for e in got[types.index(events_pb2.EVENT_TYPE_MEMBER_FROZEN) + 1 :]]
+    # points expiring within the notice period: one event per member and expiry instant, once
+    scan = asyncio.run(_scan(url, notice_days=7))
+    assert scan == 1  # the member's two lots of this program
+    assert asyncio.run(_scan(url, notice_days=7)) == 0, "a scan again over the same lots repeats nothing"
+    with service.bare_channel() as channel:
+        expiring = read_until(
+            events_pb2_grpc.EventsServiceStub(channel),
+            operator,
+            got[-1].cursor,
+            lambda got: True,
+        )
+    assert [e.type for e in expiring] == [events_pb2.EVENT_TYPE_POINTS_EXPIRING]
+    assert expiring[0].member_id == member
+    assert expiring[0].points_expiring.notice_days == 7
+    assert expiring[0].points_expiring.amount_point_units == sum(
+        r["amount"] for r in fetch(url, "SELECT amount FROM lots WHERE member_id = $1", member)
+    )
+    assert ledger_discrepancies(url) == []
+
+
+async def _scan(url: str, notice_days: int) -> int:
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    try:
+        return await events.scan_expiring_points(pool, notice_days, 1000, time.time_ns() // 1000)
+    finally:
+        await pool.close()
+
+
+def _program_applies(url: str) -> bool:
+    rows = fetch(url, "SELECT count(*) AS n FROM program_versions WHERE effective_from_us <= $1", int(time.time() * 1e6))
+    return rows[0]["n"] > 0
