@@ -181,6 +181,11 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                     try:
                         await asyncio.wait_for(room.wait(), settings.events_stream_stall_seconds_max)
                     except asyncio.TimeoutError:
+                        # cut off here, whether or not the handler is blocked in a write (a caller that
+                        # reads nothing holds it there): what is buffered is dropped, and the handler ends
+                        # the stream once its write completes (the caller read again) or the call ends
+                        metrics.events_streams_cut.inc()
+                        buffer.clear()
                         ended.append(
                             Rejection(
                                 Code.RESOURCE_EXHAUSTED,
@@ -221,7 +226,6 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                 if ended:
                     why = ended[0]
                     if why.code is Code.RESOURCE_EXHAUSTED:
-                        metrics.events_streams_cut.inc()
                         why.message = (
                             f"this stream's reader fell behind: {settings.events_stream_buffer_events_max} events "
                             f"waited {settings.events_stream_stall_seconds_max:g} s; resume with cursor "
