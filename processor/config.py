@@ -507,11 +507,14 @@ class Settings:
         check(1 <= self.events_expiry_scan_seconds <= 86_400, "events_expiry_scan_seconds must be 1..86400")
         check(1 <= self.events_expiry_scan_lots_max <= 1_000_000, "events_expiry_scan_lots_max must be 1..1000000")
         check(
-            self.events_nats_url == "" or all(u.strip().startswith(("nats://", "tls://")) for u in self.events_nats_url.split(",")),
+            self.events_nats_url == ""
+            or all(u.strip().startswith(("nats://", "tls://")) for u in self.events_nats_url.split(",")),
             "events_nats_url must be nats://HOST:PORT (or tls://), comma-separated, or empty",
         )
-        check(bool(self.events_nats_stream) and self.events_nats_stream.replace("_", "").replace("-", "").isalnum(),
-              "events_nats_stream must be letters, digits, - and _")
+        check(
+            bool(self.events_nats_stream) and self.events_nats_stream.replace("_", "").replace("-", "").isalnum(),
+            "events_nats_stream must be letters, digits, - and _",
+        )
         check(
             1 <= self.events_nats_duplicate_window_seconds <= 7 * DAY_SECONDS,
             "events_nats_duplicate_window_seconds must be 1..604800",

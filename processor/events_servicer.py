@@ -232,9 +232,7 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                             f"{last_cursor} (the last event sent)"
                         )
                     else:
-                        why.message = (
-                            f"the ledger database did not answer; resume with cursor {last_cursor} (the last event sent)"
-                        )
+                        why.message = f"the ledger database did not answer; resume with cursor {last_cursor} (the last event sent)"
                     await context.abort_with_status(
                         status(
                             why.code,

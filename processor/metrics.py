@@ -176,7 +176,14 @@ events_streams_cut = Counter(
     "points_events_streams_cut_total", "WatchEvents streams ended RESOURCE_EXHAUSTED: the reader fell behind."
 )
 events_read = Counter("points_events_read_total", "Change-feed events read from Postgres for WatchEvents streams.")
-events_published = Counter("points_events_published_total", "Change-feed events the NATS broker acknowledged.")
+events_published = Counter(
+    "points_events_published_total",
+    "Change-feed events the NATS broker acknowledged as new (duplicates: _duplicates_total).",
+)
+events_publish_duplicates = Counter(
+    "points_events_publish_duplicates_total",
+    "Change-feed events republished after a restart that the broker dropped as duplicates (Nats-Msg-Id).",
+)
 events_publish_failures = Counter(
     "points_events_publish_failures_total", "Publish attempts to NATS that failed (the publisher retries)."
 )

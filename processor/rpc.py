@@ -49,7 +49,9 @@ OPERATOR_SERVICES = frozenset(name for name, kinds in ACCEPTED_KINDS.items() if 
 
 
 def _check_table() -> None:
-    declared = {s.full_name for file in (points_pb2, admin_pb2, events_pb2) for s in file.DESCRIPTOR.services_by_name.values()}
+    declared = {
+        s.full_name for file in (points_pb2, admin_pb2, events_pb2) for s in file.DESCRIPTOR.services_by_name.values()
+    }
     if declared - set(ACCEPTED_KINDS):
         raise ImportError(
             f"rpc.ACCEPTED_KINDS must name the keys each service takes: {sorted(declared - set(ACCEPTED_KINDS))}"

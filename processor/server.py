@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import time
 from typing import Callable
 
 import asyncpg
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from points.v1 import admin_pb2, admin_pb2_grpc, events_pb2, events_pb2_grpc, points_pb2, points_pb2_grpc
-from processor import audit, auth, metrics, quotas, rpc, transport
+from processor import audit, auth, events, metrics, quotas, rpc, transport
 from processor import reflection as filtering_reflection
 from processor.admin import (
     ClearingServicer,
@@ -81,6 +82,8 @@ class Service:
         self._maintenance: asyncio.Task | None = None
         self._auth_upkeep: asyncio.Task | None = None
         self._holds_recount: asyncio.Task | None = None
+        self._expiry_notices: asyncio.Task | None = None
+        self.events_publisher = None  # processor.events_nats.EventsPublisher, with --events-nats-url
         self.auth_pool: asyncpg.Pool | None = None
 
     @property
@@ -200,6 +203,13 @@ class Service:
         self._holds_recount = loop.create_task(
             quotas.recount_open_holds(self.pipeline, settings.merchant_holds_recount_seconds), name="holds-recount"
         )
+        if settings.events_expiry_notice_days:
+            self._expiry_notices = loop.create_task(self._notice_expiring_points(), name="events-expiry-notices")
+        if settings.events_nats_url:
+            from processor.events_nats import EventsPublisher  # nats-py is loaded only when publishing
+
+            self.events_publisher = EventsPublisher(settings, self.store.pool, self.pipeline.feed_signal)
+            self.events_publisher.start()
 
     async def _start_health_server(self) -> None:
         """A plaintext listener serving the health service alone (the same statuses), for probes that
@@ -282,6 +292,23 @@ class Service:
                 log.warning("idempotency purge failed; will retry", extra={"error": repr(error)})
             await asyncio.sleep(3600)
 
+    async def _notice_expiring_points(self) -> None:
+        """The change feed's points_expiring events, every events_expiry_scan_seconds (a bounded scan)."""
+        settings = self.settings
+        while True:
+            try:
+                recorded = await events.scan_expiring_points(
+                    self.store.pool,
+                    settings.events_expiry_notice_days,
+                    settings.events_expiry_scan_lots_max,
+                    time.time_ns() // 1000,
+                    self.pipeline.feed_signal,
+                )
+                metrics.events_expiry_notices.inc(recorded)
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:
+                log.warning("expiring-points scan failed; will retry", extra={"error": repr(error)})
+            await asyncio.sleep(settings.events_expiry_scan_seconds)
+
     async def _write_keys_last_used(self) -> None:
         """Writes the keys' last use, batched, every auth_last_used_seconds (at least every second)."""
         while True:
@@ -294,9 +321,11 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish (their batches commit), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        for task in (self._watchdog, self._maintenance, self._auth_upkeep, self._holds_recount):
+        for task in (self._watchdog, self._maintenance, self._auth_upkeep, self._holds_recount, self._expiry_notices):
             if task is not None:
                 task.cancel()
+        if self.events_publisher is not None:
+            await self.events_publisher.stop()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.pipeline is not None:
             # New calls get UNAVAILABLE (retryable) from us rather than CANCELLED from a closing

@@ -138,13 +138,15 @@ def test_watch_resumed_after_sigkill_sees_every_committed_transaction_once_in_or
     with concurrent.futures.ThreadPoolExecutor(7) as pool:
         workers = [pool.submit(traffic, i) for i in range(6)]
         following = pool.submit(reader)
-        wait_until(lambda: len(seen) >= 200, "the reader follows the traffic", 60)
-        service.kill()  # SIGKILL in the middle of traffic
-        read_before_kill = len(seen)
-        restarted = service_factory(url)
-        target[0] = restarted.target
-        wait_until(lambda: len(acknowledged) >= read_before_kill + 300, "traffic flows again after the restart", 90)
-        stop.set()
+        try:
+            wait_until(lambda: len(seen) >= 200, "the reader follows the traffic", 60)
+            service.kill()  # SIGKILL in the middle of traffic
+            read_before_kill = len(seen)
+            restarted = service_factory(url)
+            target[0] = restarted.target
+            wait_until(lambda: len(acknowledged) >= read_before_kill + 300, "traffic flows again after the restart", 90)
+        finally:
+            stop.set()
         for worker in workers:
             worker.result()
         committed = committed_transaction_ids(url)
@@ -193,9 +195,7 @@ def test_merchant_key_sees_only_its_own_merchants_transactions(create_database, 
         assert {e.transaction.merchant_id for e in mine} == {own}
         assert [e.event_id for e in mine] == [e.event_id for e in everything if e.transaction.merchant_id == own]
         refused = error_of(
-            lambda: read_until(
-                feed, own_key, "", lambda got: True, filter=events_pb2.EventFilter(merchant_ids=[other])
-            )
+            lambda: read_until(feed, own_key, "", lambda got: True, filter=events_pb2.EventFilter(merchant_ids=[other]))
         )
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
         assert other in refused.details()
@@ -361,7 +361,9 @@ def test_member_events_are_ordered_with_transactions_and_level_changes_come_from
             events.encode_cursor(frozen),
             lambda got: got[-1].type == events_pb2.EVENT_TYPE_MEMBER_MERGED,
         )
-    assert [e.event_id for e in again] == [e.event_id for e in got[types.index(events_pb2.EVENT_TYPE_MEMBER_FROZEN) + 1 :]]
+    assert [e.event_id for e in again] == [
+        e.event_id for e in got[types.index(events_pb2.EVENT_TYPE_MEMBER_FROZEN) + 1 :]
+    ]
     # points expiring within the notice period: one event per member and expiry instant, once
     lots = fetch(url, "SELECT expires_at_us, amount FROM lots WHERE member_id = $1 ORDER BY expires_at_us", member)
     assert len(lots) == 2  # one lot per earn, each expiring at its own instant
@@ -374,7 +376,11 @@ def test_member_events_are_ordered_with_transactions_and_level_changes_come_from
     assert [e.type for e in expiring] == [events_pb2.EVENT_TYPE_POINTS_EXPIRING] * 2
     assert {e.member_id for e in expiring} == {member}
     assert [
-        (e.points_expiring.expires_at.ToMicroseconds(), e.points_expiring.amount_point_units, e.points_expiring.notice_days)
+        (
+            e.points_expiring.expires_at.ToMicroseconds(),
+            e.points_expiring.amount_point_units,
+            e.points_expiring.notice_days,
+        )
         for e in expiring
     ] == [(r["expires_at_us"], r["amount"], 7) for r in lots]
     assert ledger_discrepancies(url) == []
@@ -389,5 +395,7 @@ async def _scan(url: str, notice_days: int) -> int:
 
 
 def _program_applies(url: str) -> bool:
-    rows = fetch(url, "SELECT count(*) AS n FROM program_versions WHERE effective_from_us <= $1", int(time.time() * 1e6))
+    rows = fetch(
+        url, "SELECT count(*) AS n FROM program_versions WHERE effective_from_us <= $1", int(time.time() * 1e6)
+    )
     return rows[0]["n"] > 0
