@@ -49,9 +49,9 @@ def test_positions_order_transactions_before_the_member_events_recorded_after_th
 
 def test_balances_after_walks_back_from_the_fast_paths_final_balance():
     ledger = fastpath.Ledger(16, 16, 16)
-    ann = ledger.load_member("ann", 500, 10)  # after the batch: 500
-    ledger.load_member("bob", 50, 11)  # new in the batch
-    assert ledger.balance(ann)[0] == 500
+    ann = ledger.load_member("ann", 480, 10)  # the fast path after the whole batch
+    ledger.load_member("bob", 70, 11)  # new in the batch
+    assert ledger.balance(ann)[0] == 480
     write = types.SimpleNamespace(
         new_members=[("bob", 11)],
         transactions=[
@@ -60,6 +60,8 @@ def test_balances_after_walks_back_from_the_fast_paths_final_balance():
             (103, 1, "shop", "bob", 50),
             (104, 14, "shop", "", 5),  # a merchant's voucher spend: no member
             (105, 11, "operator", "ann", 7),  # moves only vouchers of ann
+            (106, 16, "shop", "ann", 20),  # ann gives bob 20 points (a transfer)
+            (107, 1, "shop", "bob", 0),
         ],
         entries=[
             (101, 10, 100),
@@ -72,9 +74,11 @@ def test_balances_after_walks_back_from_the_fast_paths_final_balance():
             (104, 903, -5, "VOUCHERS"),
             (105, 10, 7, "VOUCHERS"),  # not points: the points balance does not move
             (105, 904, -7, "VOUCHERS"),
+            (106, 10, -20),
+            (106, 11, 20),
         ],
     )
-    assert events.balances_after(write, ledger) == {101: 530, 102: 500, 103: 50, 105: 500}
+    assert events.balances_after(write, ledger) == {101: 530, 102: 500, 103: 50, 105: 500, 106: 480, 107: 70}
 
 
 def test_a_merchant_keys_feed_is_its_merchants_transactions_only():
