@@ -217,6 +217,10 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                     filled.set()
                 if page.at_head:
                     await self.pipeline.feed_signal.wait(settings.events_poll_seconds)
+                if self.pipeline.draining:  # shutting down: the caller resumes after the restart
+                    ended.append(Rejection(Code.UNAVAILABLE, "", reason="SERVICE_UNAVAILABLE", retry_after_seconds=1.0))
+                    filled.set()
+                    return
 
         producer = asyncio.get_running_loop().create_task(produce(), name="events-stream")
         producer.add_done_callback(lambda _: filled.set())  # a producer that raised (a bug) ends the stream
@@ -230,6 +234,10 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                             f"this stream's reader fell behind: {settings.events_stream_buffer_events_max} events "
                             f"waited {settings.events_stream_stall_seconds_max:g} s; resume with cursor "
                             f"{last_cursor} (the last event sent)"
+                        )
+                    elif why.reason == "SERVICE_UNAVAILABLE":
+                        why.message = (
+                            f"the service is shutting down; resume with cursor {last_cursor} (the last event sent)"
                         )
                     else:
                         why.message = f"the ledger database did not answer; resume with cursor {last_cursor} (the last event sent)"

@@ -479,6 +479,11 @@ class Pipeline:
     def _start_write(self, prepared: "_Prepared") -> None:
         if prepared.write.empty:
             return  # answered by _finish without a round trip
+        # one write at a time, in id order: the change feed's gap-freedom rests on it (processor/events.py)
+        require(
+            all(p.task is None or p.task.done() for p in self._open if p is not prepared),
+            "a batch's write starts only after the previous batch's write ended",
+        )
         prepared.started = time.monotonic()
         prepared.task = asyncio.get_running_loop().create_task(
             self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write"

@@ -399,3 +399,23 @@ def _program_applies(url: str) -> bool:
         url, "SELECT count(*) AS n FROM program_versions WHERE effective_from_us <= $1", int(time.time() * 1e6)
     )
     return rows[0]["n"] > 0
+
+
+def test_a_graceful_stop_ends_open_streams_unavailable_with_their_cursor(create_database, service_factory):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    service = service_factory(url)
+    with service.channel() as channel:
+        earn(points_pb2_grpc.PointsServiceStub(channel), merchant, unique("mem"), 1000)
+    with service.bare_channel() as channel:
+        call = events_pb2_grpc.EventsServiceStub(channel).WatchEvents(
+            events_pb2.WatchEventsRequest(), metadata=credential(operator), timeout=60
+        )
+        first = next(call).event  # the stream is at the head, following live commits
+        assert service.terminate() == 0  # SIGTERM: the stream does not hold the shutdown up
+        with pytest.raises(grpc.RpcError) as raised:
+            next(call)
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(raised.value).metadata["cursor"] == first.cursor
