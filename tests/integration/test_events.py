@@ -419,3 +419,32 @@ def test_a_graceful_stop_ends_open_streams_unavailable_with_their_cursor(create_
             next(call)
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert error_info(raised.value).metadata["cursor"] == first.cursor
+
+
+def test_the_service_notices_points_expiring_within_the_notice_period(create_database, service_factory):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    operator = create_key(url, "operator")
+    add_program_version(url, {"expiry_period_us": 2 * 86_400_000_000})  # points expire after 2 days
+    service = service_factory(url, "--events-expiry-notice-days", "3", "--events-expiry-scan-seconds", "1")
+    member = unique("mem")
+    with service.channel() as channel:
+        wait_until(lambda: _program_applies(url), "the program version applies", 30)
+        earn(points_pb2_grpc.PointsServiceStub(channel), merchant, member, 5000)
+    with service.bare_channel() as channel:
+        got = read_until(
+            events_pb2_grpc.EventsServiceStub(channel),
+            operator,
+            "",
+            lambda got: got[-1].type == events_pb2.EVENT_TYPE_POINTS_EXPIRING,
+            filter=events_pb2.EventFilter(member_ids=[member]),
+        )
+    (lot,) = fetch(url, "SELECT expires_at_us, amount FROM lots WHERE member_id = $1", member)
+    notice = got[-1].points_expiring
+    assert (notice.amount_point_units, notice.expires_at.ToMicroseconds(), notice.notice_days) == (
+        lot["amount"],
+        lot["expires_at_us"],
+        3,
+    )
+    assert [e.type for e in got] == [events_pb2.EVENT_TYPE_TRANSACTION, events_pb2.EVENT_TYPE_POINTS_EXPIRING]
