@@ -284,6 +284,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("events_streams_max", int, 256, "WatchEvents streams open at once, at most (beyond: RESOURCE_EXHAUSTED)"),
     Option(
+        "events_pool_connections_max",
+        int,
+        2,
+        "Postgres connections for the change feed's reads, its NATS publisher and expiry scan (their own pool)",
+    ),
+    Option(
         "events_expiry_notice_days",
         int,
         0,
@@ -375,6 +381,7 @@ class Settings:
     events_scan_transactions_max: int = 100_000
     events_poll_seconds: float = 1.0
     events_streams_max: int = 256
+    events_pool_connections_max: int = 2
     events_expiry_notice_days: int = 0
     events_expiry_scan_seconds: float = 3600.0
     events_expiry_scan_lots_max: int = 10_000
@@ -503,6 +510,7 @@ class Settings:
         )
         check(0.01 <= self.events_poll_seconds <= 60, "events_poll_seconds must be 0.01..60")
         check(1 <= self.events_streams_max <= 100_000, "events_streams_max must be 1..100000")
+        check(1 <= self.events_pool_connections_max <= 20, "events_pool_connections_max must be 1..20")
         check(0 <= self.events_expiry_notice_days <= 366, "events_expiry_notice_days must be 0..366")
         check(1 <= self.events_expiry_scan_seconds <= 86_400, "events_expiry_scan_seconds must be 1..86400")
         check(1 <= self.events_expiry_scan_lots_max <= 1_000_000, "events_expiry_scan_lots_max must be 1..1000000")

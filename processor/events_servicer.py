@@ -138,14 +138,18 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         self.settings = settings
         self.pipeline = pipeline
         self.streams_open = 0
+        self.pool = None  # the feed's own asyncpg pool (--events-pool-connections-max), set once the database is up
 
     async def WatchEvents(self, request, context) -> AsyncIterator[events_pb2.WatchEventsResponse]:
         settings = self.settings
         try:
             position = events.decode_cursor(request.cursor)
             wanted = feed_filter(request.filter, rpc.principal.get())
-            store = self.pipeline.ready_store()
-            await events.check_cursor(store.pool, position)
+            self.pipeline.ready_store()  # UNAVAILABLE while starting or recovering
+            pool = self.pool
+            if pool is None:
+                raise Rejection(Code.UNAVAILABLE, "the service is starting; retry shortly")
+            await events.check_cursor(pool, position)
             if self.streams_open >= settings.events_streams_max:
                 raise Rejection(
                     Code.RESOURCE_EXHAUSTED,
@@ -158,7 +162,7 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         self.streams_open += 1
         metrics.events_streams.inc()
         try:
-            async for event in self._follow(store.pool, position, wanted, context):
+            async for event in self._follow(pool, position, wanted, context):
                 yield events_pb2.WatchEventsResponse(event=event_message(event))
         finally:
             self.streams_open -= 1

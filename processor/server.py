@@ -85,6 +85,7 @@ class Service:
         self._expiry_notices: asyncio.Task | None = None
         self.events_publisher = None  # processor.events_nats.EventsPublisher, with --events-nats-url
         self.auth_pool: asyncpg.Pool | None = None
+        self.events_pool: asyncpg.Pool | None = None  # the change feed's reads, the publisher, the expiry scan
 
     @property
     def address(self) -> str:
@@ -173,7 +174,8 @@ class Service:
         admin_pb2_grpc.add_AuditServiceServicer_to_server(
             audit.AuditServicer(self.audit_log, self.pipeline), self.server
         )
-        events_pb2_grpc.add_EventsServiceServicer_to_server(EventsServicer(settings, self.pipeline), self.server)
+        self.events_servicer = EventsServicer(settings, self.pipeline)
+        events_pb2_grpc.add_EventsServiceServicer_to_server(self.events_servicer, self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)
@@ -190,6 +192,17 @@ class Service:
             server_settings={"application_name": "points-processor-auth"},
         )
         self.authenticator.pool = self.auth_pool
+        # the change feed's reads on their own small pool too: a crowd of streams woken by one commit
+        # never takes the committer's connections
+        self.events_pool = await asyncpg.create_pool(
+            self.store.url,
+            min_size=0,
+            max_size=settings.events_pool_connections_max,
+            command_timeout=settings.commit_timeout_seconds,
+            timeout=settings.commit_timeout_seconds,
+            server_settings={"application_name": "points-processor-events"},
+        )
+        self.events_servicer.pool = self.events_pool
         self.authenticator.store = self.store
         self.audit_log.store = self.store
         await self.pipeline.recover()
@@ -208,7 +221,7 @@ class Service:
         if settings.events_nats_url:
             from processor.events_nats import EventsPublisher  # nats-py is loaded only when publishing
 
-            self.events_publisher = EventsPublisher(settings, self.store.pool, self.pipeline.feed_signal)
+            self.events_publisher = EventsPublisher(settings, self.events_pool, self.pipeline.feed_signal)
             self.events_publisher.start()
 
     async def _start_health_server(self) -> None:
@@ -298,7 +311,7 @@ class Service:
         while True:
             try:
                 recorded = await events.scan_expiring_points(
-                    self.store.pool,
+                    self.events_pool,
                     settings.events_expiry_notice_days,
                     settings.events_expiry_scan_lots_max,
                     time.time_ns() // 1000,
@@ -347,6 +360,8 @@ class Service:
                 log.warning("keys' last use not written at shutdown", extra={"error": repr(error)})
             if self.auth_pool is not None:
                 await self.auth_pool.close()
+            if self.events_pool is not None:
+                await self.events_pool.close()
             await self.store.close()
 
 
