@@ -162,14 +162,15 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
         self.streams_open += 1
         metrics.events_streams.inc()
         try:
-            async for event in self._follow(pool, position, wanted, context):
-                yield events_pb2.WatchEventsResponse(event=event_message(event))
+            async for ready in self._follow(pool, position, wanted, context):
+                yield events_pb2.WatchEventsResponse(events=[event_message(event) for event in ready])
         finally:
             self.streams_open -= 1
             metrics.events_streams.dec()
 
     async def _follow(self, pool, position: events.Position, wanted: events.FeedFilter, context):
-        """The events after `position`, then live ones, through a bounded buffer (see the module's docstring)."""
+        """Lists of the events after `position`, then of live ones, through a bounded buffer (see the
+        module's docstring)."""
         settings = self.settings
         buffer: collections.deque[events.FeedEvent] = collections.deque()
         room = asyncio.Event()
@@ -261,9 +262,10 @@ class EventsServicer(events_pb2_grpc.EventsServiceServicer):
                     filled.clear()
                     await filled.wait()
                     continue
-                event = buffer.popleft()
+                # what is ready, in one message (a message per event costs gRPC more than the event)
+                ready = [buffer.popleft() for _ in range(min(len(buffer), settings.events_page_events_max))]
                 room.set()
-                yield event
-                last_cursor = event.cursor
+                yield ready
+                last_cursor = ready[-1].cursor
         finally:
             producer.cancel()

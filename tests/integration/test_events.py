@@ -44,9 +44,11 @@ def read_until(stub, key: str, cursor: str, until, seconds: float = 60, **reques
     )
     try:
         for response in call:
-            received.append(response.event)
-            if until(received):
-                break
+            assert response.events, "a response carries at least one event"
+            for event in response.events:
+                received.append(event)
+                if until(received):
+                    return received
     finally:
         call.cancel()
     return received
@@ -124,8 +126,8 @@ def test_watch_resumed_after_sigkill_sees_every_committed_transaction_once_in_or
             )
             try:
                 for response in call:
-                    seen.append(response.event)
-                    cursor = response.event.cursor
+                    seen.extend(response.events)
+                    cursor = response.events[-1].cursor
                     if last_committed and transaction_number(seen[-1]) >= last_committed[0]:
                         break
             except grpc.RpcError:
@@ -233,11 +235,11 @@ def test_slow_reader_gets_resource_exhausted_with_a_cursor_it_resumes_from(creat
         feed = events_pb2_grpc.EventsServiceStub(channel)
         call = feed.WatchEvents(events_pb2.WatchEventsRequest(), metadata=credential(operator), timeout=60)
         first = next(call)  # the stream is open; now the reader stops reading
-        received.append(first.event)
+        received.extend(first.events)
         wait_until(lambda: _cut_streams(service) >= 1, "the server cuts the stalled stream", 30)
         with pytest.raises(grpc.RpcError) as raised:
             for response in call:
-                received.append(response.event)
+                received.extend(response.events)
         error = raised.value
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     info = error_info(error)
@@ -413,7 +415,7 @@ def test_a_graceful_stop_ends_open_streams_unavailable_with_their_cursor(create_
         call = events_pb2_grpc.EventsServiceStub(channel).WatchEvents(
             events_pb2.WatchEventsRequest(), metadata=credential(operator), timeout=60
         )
-        first = next(call).event  # the stream is at the head, following live commits
+        (first,) = next(call).events  # the stream is at the head, following live commits
         assert service.terminate() == 0  # SIGTERM: the stream does not hold the shutdown up
         with pytest.raises(grpc.RpcError) as raised:
             next(call)
