@@ -195,6 +195,10 @@ def test_merchant_key_sees_only_its_own_merchants_transactions(create_database, 
         mine = read_until(feed, own_key, "", lambda got: len(got) == 3)
         everything = read_until(feed, operator, "", lambda got: len(got) == 6)
         assert {e.transaction.merchant_id for e in mine} == {own}
+        gateway = create_key(url, "gateway", [own, other])  # a gateway key: the transactions of its merchants
+        assert [e.event_id for e in read_until(feed, gateway, "", lambda got: len(got) == 6)] == [
+            e.event_id for e in everything
+        ]
         assert [e.event_id for e in mine] == [e.event_id for e in everything if e.transaction.merchant_id == own]
         refused = error_of(
             lambda: read_until(feed, own_key, "", lambda got: True, filter=events_pb2.EventFilter(merchant_ids=[other]))
