@@ -255,6 +255,64 @@ OPTIONS: tuple[Option, ...] = (
         0.5,
         "on SIGTERM, time new calls get UNAVAILABLE (health NOT_SERVING) before the server closes",
     ),
+    # --- the change feed (EventsService.WatchEvents) and its NATS JetStream publisher ---
+    Option(
+        "events_stream_buffer_events_max",
+        int,
+        1000,
+        "events a WatchEvents stream holds read from Postgres but not yet taken by its caller, at most",
+    ),
+    Option(
+        "events_stream_stall_seconds_max",
+        float,
+        30.0,
+        "a WatchEvents stream whose buffer stays full this long ends RESOURCE_EXHAUSTED with its last cursor",
+    ),
+    Option("events_page_events_max", int, 500, "events one Postgres read of the feed returns, at most"),
+    Option(
+        "events_scan_transactions_max",
+        int,
+        100_000,
+        "transaction ids one read of a filtered feed scans, at most (bounds a read that finds few matches)",
+    ),
+    Option(
+        "events_poll_seconds",
+        float,
+        1.0,
+        "a stream at the head reads again after this long without a commit wake-up (member events written "
+        "by another process)",
+    ),
+    Option("events_streams_max", int, 256, "WatchEvents streams open at once, at most (beyond: RESOURCE_EXHAUSTED)"),
+    Option(
+        "events_pool_connections_max",
+        int,
+        2,
+        "Postgres connections for the change feed's reads, its NATS publisher and expiry scan (their own pool)",
+    ),
+    Option(
+        "events_expiry_notice_days",
+        int,
+        0,
+        "emit a points_expiring member event this many days before a lot expires (0: off); scanned every "
+        "--events-expiry-scan-seconds",
+    ),
+    Option("events_expiry_scan_seconds", float, 3600.0, "how often the expiring-points scan runs"),
+    Option("events_expiry_scan_lots_max", int, 10_000, "lots one expiring-points scan reads, at most"),
+    Option(
+        "events_nats_url",
+        str,
+        "",
+        "NATS server URL(s), comma-separated (nats://host:4222): publish the change feed to JetStream; empty = off",
+    ),
+    Option("events_nats_stream", str, "POINTS_EVENTS", "the JetStream stream the feed is published to"),
+    Option(
+        "events_nats_duplicate_window_seconds",
+        float,
+        600.0,
+        "the stream's duplicate window (Nats-Msg-Id): a republish after a crash within it is dropped by the broker",
+    ),
+    Option("events_nats_batch_events_max", int, 256, "events published before the cursor is stored, at most"),
+    Option("events_nats_ack_timeout_seconds", float, 5.0, "wait for the broker's ack of one publish, at most"),
 )
 
 
@@ -317,6 +375,21 @@ class Settings:
     member_secret_key: str = dataclasses.field(default="", repr=False)  # a secret: never in a repr or log
     shutdown_grace_seconds: float = 10.0
     shutdown_drain_seconds: float = 0.5
+    events_stream_buffer_events_max: int = 1000
+    events_stream_stall_seconds_max: float = 30.0
+    events_page_events_max: int = 500
+    events_scan_transactions_max: int = 100_000
+    events_poll_seconds: float = 1.0
+    events_streams_max: int = 256
+    events_pool_connections_max: int = 2
+    events_expiry_notice_days: int = 0
+    events_expiry_scan_seconds: float = 3600.0
+    events_expiry_scan_lots_max: int = 10_000
+    events_nats_url: str = dataclasses.field(default="", repr=False)  # may carry a password
+    events_nats_stream: str = "POINTS_EVENTS"
+    events_nats_duplicate_window_seconds: float = 600.0
+    events_nats_batch_events_max: int = 256
+    events_nats_ack_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -426,6 +499,36 @@ class Settings:
         )
         check(self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0")
         check(0 <= self.shutdown_drain_seconds <= 60, "shutdown_drain_seconds must be 0..60")
+        check(
+            1 <= self.events_stream_buffer_events_max <= 1_000_000, "events_stream_buffer_events_max must be 1..1000000"
+        )
+        check(0 < self.events_stream_stall_seconds_max <= 3600, "events_stream_stall_seconds_max must be 0..3600")
+        check(1 <= self.events_page_events_max <= 10_000, "events_page_events_max must be 1..10000")
+        check(
+            self.events_page_events_max <= self.events_scan_transactions_max <= 10_000_000,
+            "events_scan_transactions_max must be events_page_events_max..10000000",
+        )
+        check(0.01 <= self.events_poll_seconds <= 60, "events_poll_seconds must be 0.01..60")
+        check(1 <= self.events_streams_max <= 100_000, "events_streams_max must be 1..100000")
+        check(1 <= self.events_pool_connections_max <= 20, "events_pool_connections_max must be 1..20")
+        check(0 <= self.events_expiry_notice_days <= 366, "events_expiry_notice_days must be 0..366")
+        check(1 <= self.events_expiry_scan_seconds <= 86_400, "events_expiry_scan_seconds must be 1..86400")
+        check(1 <= self.events_expiry_scan_lots_max <= 1_000_000, "events_expiry_scan_lots_max must be 1..1000000")
+        check(
+            self.events_nats_url == ""
+            or all(u.strip().startswith(("nats://", "tls://")) for u in self.events_nats_url.split(",")),
+            "events_nats_url must be nats://HOST:PORT (or tls://), comma-separated, or empty",
+        )
+        check(
+            bool(self.events_nats_stream) and self.events_nats_stream.replace("_", "").replace("-", "").isalnum(),
+            "events_nats_stream must be letters, digits, - and _",
+        )
+        check(
+            1 <= self.events_nats_duplicate_window_seconds <= 7 * DAY_SECONDS,
+            "events_nats_duplicate_window_seconds must be 1..604800",
+        )
+        check(1 <= self.events_nats_batch_events_max <= 10_000, "events_nats_batch_events_max must be 1..10000")
+        check(0 < self.events_nats_ack_timeout_seconds <= 300, "events_nats_ack_timeout_seconds must be 0..300")
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 

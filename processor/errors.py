@@ -69,6 +69,10 @@ REASONS = {
     "MEMBER_FROZEN": "the member is frozen: it may earn, not spend or be debited; the operator unfreezes it",
     "MEMBER_CLOSED": "the member is closed; nothing may name it again",
     "SUPPORT_LIMIT": "the support key's per-call or per-day limit on AdjustPoints is used up; ask an operator",
+    # the change feed (EventsService.WatchEvents)
+    "INVALID_CURSOR": "the cursor was not issued by this feed; send an event's `cursor` as given, or empty",
+    "EVENTS_READER_TOO_SLOW": "the stream's buffer stayed full; resume from ErrorInfo.metadata['cursor']",
+    "EVENTS_STREAMS_AT_CAPACITY": "the service has as many WatchEvents streams open as it allows; retry later",
 }
 # The ledger's internal reasons (Outcome.reason, also the points_rejections_total label) -> REASONS.
 OUTCOME_REASONS = {
@@ -131,6 +135,7 @@ def status(
     retry_after_seconds: float | None = None,
     quota: tuple[str, str] | None = None,
     trailing_metadata=(),
+    metadata: dict[str, str] | None = None,
 ) -> grpc.Status:
     """The grpc.Status of a refusal: `code` and `message` as always, and the google.rpc details its
     reason, field, retry delay and quota call for, in the grpc-status-details-bin trailer."""
@@ -140,7 +145,9 @@ def status(
         details.append(
             _pack(
                 error_details_pb2.ErrorInfo(
-                    reason=reason, domain=ERROR_DOMAIN, metadata={"field": field} if field else {}
+                    reason=reason,
+                    domain=ERROR_DOMAIN,
+                    metadata={**({"field": field} if field else {}), **(metadata or {})},
                 )
             )
         )

@@ -171,6 +171,36 @@ member_verifications = Counter(
 )
 
 
+# The change feed (processor/events.py, events_servicer.py) and its NATS publisher (events_nats.py).
+events_streams = Gauge("points_events_streams", "WatchEvents streams open.")
+events_streams_cut = Counter(
+    "points_events_streams_cut_total", "WatchEvents streams ended RESOURCE_EXHAUSTED: the reader fell behind."
+)
+events_read = Counter("points_events_read_total", "Change-feed events read from Postgres for WatchEvents streams.")
+events_published = Counter(
+    "points_events_published_total",
+    "Change-feed events the NATS broker acknowledged as new (duplicates: _duplicates_total).",
+)
+events_publish_duplicates = Counter(
+    "points_events_publish_duplicates_total",
+    "Change-feed events republished after a restart that the broker dropped as duplicates (Nats-Msg-Id).",
+)
+events_publish_failures = Counter(
+    "points_events_publish_failures_total", "Publish attempts to NATS that failed (the publisher retries)."
+)
+events_publish_lag_events = Gauge(
+    "points_events_publish_lag_events",
+    "Change-feed events committed but not yet acknowledged by the NATS broker (as of the publisher's last read).",
+)
+events_publish_lag_seconds = Gauge(
+    "points_events_publish_lag_seconds",
+    "Age of the oldest change-feed event not yet acknowledged by the NATS broker; 0 when caught up.",
+)
+events_expiry_notices = Counter(
+    "points_events_expiry_notices_total", "points_expiring member events recorded by the expiry scan."
+)
+
+
 def _initialise_label_values() -> None:
     """Every known label value exists at 0 from start-up, so the first failure shows in rate()."""
     for result in ("committed", "failed"):

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 import fastpath
-from processor import channel_store, domain, kinds, member_store, metrics, rules
+from processor import channel_store, domain, events, kinds, member_store, metrics, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
@@ -130,6 +130,7 @@ class Pipeline:
         self.draining = False  # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
         self.ready = False  # recovery done and Postgres reachable
+        self.feed_signal = events.FeedSignal()  # woken after every committed batch (processor/events.py)
 
     # the state machine's state, under the names the servicers, recovery and tests use
     ledger = _state("ledger", "the fast path's Ledger (fastpath.Ledger)")
@@ -489,6 +490,7 @@ class Pipeline:
                 write, channel, self.ids.transaction, self.operator_accounts[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
             )
             write.last_transaction_id = self.ids.next_transaction_id - 1
+        write.member_balances_after = events.balances_after(write, self.ledger)  # the change feed's
         prepared = _Prepared(batch, outcomes, write, now_us)
         self._open.append(prepared)
         return prepared
@@ -496,6 +498,11 @@ class Pipeline:
     def _start_write(self, prepared: "_Prepared") -> None:
         if prepared.write.empty:
             return  # answered by _finish without a round trip
+        # one write at a time, in id order: the change feed's gap-freedom rests on it (processor/events.py)
+        require(
+            all(p.task is None or p.task.done() for p in self._open if p is not prepared),
+            "a batch's write starts only after the previous batch's write ended",
+        )
         prepared.started = time.monotonic()
         prepared.task = asyncio.get_running_loop().create_task(
             self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write"
@@ -533,6 +540,8 @@ class Pipeline:
         for op, outcome in zip(prepared.batch, prepared.outcomes):
             self._resolve(op, outcome)
         self._signal_finished()
+        if prepared.task is not None:
+            self.feed_signal.notify()  # the change feed's streams read what this batch committed
         return True
 
     def _committed(self, write: BatchWrite) -> None:

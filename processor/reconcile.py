@@ -239,6 +239,50 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
             paid = f" + commissions {totals['commissions']} + agent shares {totals['agent_shares']}" if channel else ""
             problems.append(f"fee revenue {totals['revenue']}{paid} != fees charged {-totals['fees']}")
         problems += await channel_store.discrepancies(fetch, report)
+        problems.extend(await _feed_discrepancies(fetch, report))
+    return problems
+
+
+# --- reconcile: the change feed's records (processor/events.py, migration 0012) ----------------------
+
+
+async def _feed_discrepancies(fetch, report) -> list[str]:
+    """The member's balance after each transaction, as the committer recorded it for the change feed,
+    equals the sum of the member's points entries up to and including that transaction; member events
+    are positioned within the transactions written so far."""
+    problems: list[str] = []
+    report("every transaction's recorded member balance after it equals the member's journal up to it")
+    for r in await fetch(
+        """WITH moves AS (
+               SELECT a.owner_id AS member_id, e.transaction_id, e.amount
+               FROM entries e JOIN accounts a ON a.account_id = e.account_id
+               WHERE a.kind = 'member' AND a.asset_code = 'POINTS' AND e.asset_code = 'POINTS'
+               UNION ALL
+               SELECT member_id, transaction_id, 0 FROM transactions WHERE member_balance_after IS NOT NULL),
+           per AS (SELECT member_id, transaction_id, sum(amount) AS amount FROM moves GROUP BY 1, 2),
+           running AS (SELECT member_id, transaction_id,
+                              sum(amount) OVER (PARTITION BY member_id ORDER BY transaction_id) AS balance
+                       FROM per)
+           SELECT t.transaction_id, t.member_id, t.member_balance_after, r.balance
+           FROM transactions t JOIN running r USING (member_id, transaction_id)
+           WHERE t.member_balance_after IS NOT NULL AND t.member_balance_after <> r.balance
+           ORDER BY t.transaction_id LIMIT 5"""
+    ):
+        problems.append(
+            f"transaction {r['transaction_id']} records member {r['member_id']}'s balance after it as "
+            f"{r['member_balance_after']}, the journal says {r['balance']}"
+        )
+    report("every member event is positioned at or before the newest transaction id handed out")
+    for r in await fetch(
+        """SELECT e.member_event_id, e.after_transaction_id FROM member_events e, ledger_writer w
+           WHERE e.after_transaction_id > greatest(w.last_transaction_id,
+                                                   (SELECT coalesce(max(transaction_id), 0) FROM transactions))
+           ORDER BY e.member_event_id LIMIT 5"""
+    ):
+        problems.append(
+            f"member event {r['member_event_id']} is positioned after transaction {r['after_transaction_id']}, "
+            "which was never handed out"
+        )
     return problems
 
 

@@ -12,7 +12,7 @@ import uuid
 
 import grpc
 
-from points.v1 import admin_pb2, points_pb2
+from points.v1 import admin_pb2, events_pb2, points_pb2
 from processor import audit, auth, metrics
 from processor.domain import Code, Rejection
 from processor.errors import rejection_status, status
@@ -42,6 +42,8 @@ ACCEPTED_KINDS = {
     "points.v1.AuditService": ("operator",),
     # operator keys, and a merchant's own key for SetGiveBack: processor/channel.py checks each method
     "points.v1.ChannelService": ("operator", "merchant"),
+    # the change feed: a merchant or gateway key sees its merchants' transactions (processor/events_servicer.py)
+    "points.v1.EventsService": ("operator", "merchant", "gateway"),
 }
 # Services any caller may use without a key: health checks and (filtered, processor/reflection.py)
 # server reflection.
@@ -53,7 +55,9 @@ OPERATOR_SERVICES = frozenset(
 
 
 def _check_table() -> None:
-    declared = {s.full_name for file in (points_pb2, admin_pb2) for s in file.DESCRIPTOR.services_by_name.values()}
+    declared = {
+        s.full_name for file in (points_pb2, admin_pb2, events_pb2) for s in file.DESCRIPTOR.services_by_name.values()
+    }
     if declared - set(ACCEPTED_KINDS):
         raise ImportError(
             f"rpc.ACCEPTED_KINDS must name the keys each service takes: {sorted(declared - set(ACCEPTED_KINDS))}"
@@ -114,9 +118,10 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         accepted = ACCEPTED_KINDS.get(service)
         is_open = service in OPEN_SERVICES
         streaming = handler.stream_stream is not None
+        server_streaming = handler.unary_stream is not None and not is_open  # WatchEvents
         if accepted is None and not is_open:
             return _refusal(handler, grpc.StatusCode.UNIMPLEMENTED, f"service {service} is not served")
-        if handler.unary_unary is None and not streaming:
+        if handler.unary_unary is None and not streaming and not server_streaming:
             if is_open:
                 return handler  # health's Watch (unary-stream): open, no key to check
             # unary-stream and stream-unary: none of ours; refused rather than let through unchecked
@@ -137,7 +142,7 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                 undecodable.inc()
                 return Undecodable(request_type, error)
 
-        labels = (service, method, "bidi_stream" if streaming else "unary")
+        labels = (service, method, "bidi_stream" if streaming else "server_stream" if server_streaming else "unary")
         undecodable = metrics.requests_undecodable.labels(service, method)
         started = metrics.rpc_started.labels(*labels)
         seconds = metrics.rpc_seconds.labels(*labels)
@@ -242,6 +247,36 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer
+            )
+
+        if server_streaming:
+            inner_server_stream = handler.unary_stream
+
+            async def server_stream_behavior(data, context):
+                rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
+                try:
+                    rid, begin, caller = await admit(context)
+                    if accepted is not None and caller.kind not in accepted:
+                        await refuse_kind(context, caller)
+                    request = deserialize(data)
+                    if isinstance(request, Undecodable):
+                        await context.abort_with_status(
+                            status(Code.INVALID_ARGUMENT, request.message, reason="UNDECODABLE_REQUEST")
+                        )
+                    async for response in inner_server_stream(request, context):
+                        yield response
+                    code = context.code() or grpc.StatusCode.OK
+                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
+                    code = context.code() or grpc.StatusCode.CANCELLED
+                    raise
+                except Exception:
+                    code = grpc.StatusCode.INTERNAL
+                    await _internal(context, rid, method)
+                finally:
+                    account(context, rid, begin, code)
+
+            return grpc.unary_stream_rpc_method_handler(
+                server_stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer
             )
 
         inner = handler.unary_unary

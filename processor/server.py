@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import signal
+import time
 from typing import Callable
 
 import asyncpg
@@ -13,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from processor import audit, auth, metrics, quotas, rpc, transport
+from points.v1 import admin_pb2, admin_pb2_grpc, events_pb2, events_pb2_grpc, points_pb2, points_pb2_grpc
+from processor import audit, auth, events, metrics, quotas, rpc, transport
 from processor import reflection as filtering_reflection
 from processor.admin import (
     ClearingServicer,
@@ -26,6 +27,7 @@ from processor.admin import (
 )
 from processor.config import Settings
 from processor.channel import ChannelServicer
+from processor.events_servicer import EventsServicer
 from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
 from processor.presence import Presence
@@ -36,6 +38,7 @@ log = logging.getLogger("points.server")
 
 SERVICE_NAME = points_pb2.DESCRIPTOR.services_by_name["PointsService"].full_name
 ADMIN_SERVICE_NAMES = tuple(s.full_name for s in admin_pb2.DESCRIPTOR.services_by_name.values())
+EVENTS_SERVICE_NAME = events_pb2.DESCRIPTOR.services_by_name["EventsService"].full_name
 
 
 async def open_store(settings: Settings, url: str | None = None) -> Store:
@@ -80,7 +83,10 @@ class Service:
         self._maintenance: asyncio.Task | None = None
         self._auth_upkeep: asyncio.Task | None = None
         self._holds_recount: asyncio.Task | None = None
+        self._expiry_notices: asyncio.Task | None = None
+        self.events_publisher = None  # processor.events_nats.EventsPublisher, with --events-nats-url
         self.auth_pool: asyncpg.Pool | None = None
+        self.events_pool: asyncpg.Pool | None = None  # the change feed's reads, the publisher, the expiry scan
 
     @property
     def address(self) -> str:
@@ -116,7 +122,8 @@ class Service:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # the operator services are listed to operator keys only (processor/reflection.py)
         filtering_reflection.enable(
-            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+            (SERVICE_NAME, *ADMIN_SERVICE_NAMES, EVENTS_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
         )
         self.port = _bind(
             lambda: (
@@ -169,6 +176,8 @@ class Service:
         admin_pb2_grpc.add_AuditServiceServicer_to_server(
             audit.AuditServicer(self.audit_log, self.pipeline), self.server
         )
+        self.events_servicer = EventsServicer(settings, self.pipeline)
+        events_pb2_grpc.add_EventsServiceServicer_to_server(self.events_servicer, self.server)
         await self.server.start()
 
         self.store = await open_store(settings, url)
@@ -185,6 +194,17 @@ class Service:
             server_settings={"application_name": "points-processor-auth"},
         )
         self.authenticator.pool = self.auth_pool
+        # the change feed's reads on their own small pool too: a crowd of streams woken by one commit
+        # never takes the committer's connections
+        self.events_pool = await asyncpg.create_pool(
+            self.store.url,
+            min_size=0,
+            max_size=settings.events_pool_connections_max,
+            command_timeout=settings.commit_timeout_seconds,
+            timeout=settings.commit_timeout_seconds,
+            server_settings={"application_name": "points-processor-events"},
+        )
+        self.events_servicer.pool = self.events_pool
         self.authenticator.store = self.store
         self.audit_log.store = self.store
         await self.pipeline.recover()
@@ -198,6 +218,13 @@ class Service:
         self._holds_recount = loop.create_task(
             quotas.recount_open_holds(self.pipeline, settings.merchant_holds_recount_seconds), name="holds-recount"
         )
+        if settings.events_expiry_notice_days:
+            self._expiry_notices = loop.create_task(self._notice_expiring_points(), name="events-expiry-notices")
+        if settings.events_nats_url:
+            from processor.events_nats import EventsPublisher  # nats-py is loaded only when publishing
+
+            self.events_publisher = EventsPublisher(settings, self.events_pool, self.pipeline.feed_signal)
+            self.events_publisher.start()
 
     async def _start_health_server(self) -> None:
         """A plaintext listener serving the health service alone (the same statuses), for probes that
@@ -280,6 +307,23 @@ class Service:
                 log.warning("idempotency purge failed; will retry", extra={"error": repr(error)})
             await asyncio.sleep(3600)
 
+    async def _notice_expiring_points(self) -> None:
+        """The change feed's points_expiring events, every events_expiry_scan_seconds (a bounded scan)."""
+        settings = self.settings
+        while True:
+            try:
+                recorded = await events.scan_expiring_points(
+                    self.events_pool,
+                    settings.events_expiry_notice_days,
+                    settings.events_expiry_scan_lots_max,
+                    time.time_ns() // 1000,
+                    self.pipeline.feed_signal,
+                )
+                metrics.events_expiry_notices.inc(recorded)
+            except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:
+                log.warning("expiring-points scan failed; will retry", extra={"error": repr(error)})
+            await asyncio.sleep(settings.events_expiry_scan_seconds)
+
     async def _write_keys_last_used(self) -> None:
         """Writes the keys' last use, batched, every auth_last_used_seconds (at least every second)."""
         while True:
@@ -292,9 +336,11 @@ class Service:
     async def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets in-flight ones finish (their batches commit), then closes."""
         grace = self.settings.shutdown_grace_seconds if grace is None else grace
-        for task in (self._watchdog, self._maintenance, self._auth_upkeep, self._holds_recount):
+        for task in (self._watchdog, self._maintenance, self._auth_upkeep, self._holds_recount, self._expiry_notices):
             if task is not None:
                 task.cancel()
+        if self.events_publisher is not None:
+            await self.events_publisher.stop()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.pipeline is not None:
             # New calls get UNAVAILABLE (retryable) from us rather than CANCELLED from a closing
@@ -316,6 +362,8 @@ class Service:
                 log.warning("keys' last use not written at shutdown", extra={"error": repr(error)})
             if self.auth_pool is not None:
                 await self.auth_pool.close()
+            if self.events_pool is not None:
+                await self.events_pool.close()
             await self.store.close()
 
 

@@ -304,6 +304,9 @@ class BatchWrite:
     last_authorization_id: int = 0
     # member administration's rows (processor.member_postings.MemberWrite), or None when the batch has none
     members: Any = None
+    # transaction_id -> the member's posted balance right after it (processor/events.py balances_after):
+    # transactions.member_balance_after, what the change feed shows
+    member_balances_after: dict[int, int] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -1158,6 +1161,7 @@ class Store:
             )
             step("accounts")
         if b.transactions:
+            balances_after = b.member_balances_after
             await c.copy_records_to_table(
                 "transactions",
                 columns=[
@@ -1174,6 +1178,7 @@ class Store:
                     "created_at",
                     "fee",
                     "program_version",
+                    "member_balance_after",
                 ],
                 records=[
                     (
@@ -1190,6 +1195,7 @@ class Store:
                         at,
                         t[9],
                         t[10] if len(t) > 10 else None,
+                        balances_after.get(t[0]),
                     )
                     for t in b.transactions
                 ],
