@@ -32,6 +32,7 @@ EVENT_TYPES = {
     events.FROZEN: events_pb2.EVENT_TYPE_MEMBER_FROZEN,
     events.UNFROZEN: events_pb2.EVENT_TYPE_MEMBER_UNFROZEN,
     events.MERGED: events_pb2.EVENT_TYPE_MEMBER_MERGED,
+    events.CLOSED: events_pb2.EVENT_TYPE_MEMBER_CLOSED,
 }
 TYPE_NAMES = {proto: name for name, proto in EVENT_TYPES.items()}
 if set(EVENT_TYPES) != set(events.EVENT_TYPES) or set(TYPE_NAMES) != set(events_pb2.EventType.values()) - {
@@ -91,6 +92,8 @@ def event_message(event: events.FeedEvent) -> events_pb2.Event:
     elif event.type == events.MERGED:
         message.member_merged.source_member_id = event.member_id
         message.member_merged.target_member_id = str(detail.get("target_member_id", ""))
+    elif event.type == events.CLOSED:
+        message.member_closed.reason = str(detail.get("reason", ""))
     return message
 
 

@@ -101,8 +101,8 @@ class MemberWrite:
 def record_member_event(conn_or_write: Any, member_id: str, event: str, payload: dict[str, Any]) -> Any:
     """The one way a member event (frozen, unfrozen, closed, merged) is recorded for the change feed: into
     a batch's MemberWrite (written with the batch), or, given an asyncpg connection, at once (returns the
-    coroutine to await). Today the rows go to member_status_log (migration 0011); the change feed's
-    member_events table (migration 0012, engineer "events") is to be fed from here when it lands."""
+    coroutine to await). The rows go to member_status_log (migration 0011) and, through
+    member_store.insert_events, to the change feed's member_events (processor/events.py)."""
     if isinstance(conn_or_write, MemberWrite):
         conn_or_write.events.append((member_id, event, payload))
         return None

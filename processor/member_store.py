@@ -10,7 +10,16 @@ from typing import Any
 
 import asyncpg
 
-from processor.member_postings import MemberRegistry, MemberStatus, MemberWrite
+from processor import events as feed_events
+from processor.member_postings import (
+    EVENT_CLOSED,
+    EVENT_FROZEN,
+    EVENT_MERGED,
+    EVENT_UNFROZEN,
+    MemberRegistry,
+    MemberStatus,
+    MemberWrite,
+)
 
 
 def _moment(micros: int) -> dt.datetime:
@@ -106,11 +115,31 @@ def _status_row(member_id: str, status: MemberStatus | None, at: dt.datetime) ->
 async def insert_events(
     c: asyncpg.Connection, events: list[tuple[str, str, dict[str, Any]]], at: dt.datetime, timeout: float = 30.0
 ) -> None:
+    """The members' status log, and the change feed's member events (processor/events.py) in the same
+    transaction: with the batch that made the change, so the feed shows it exactly when it commits."""
     await c.executemany(
         "INSERT INTO member_status_log (member_id, event, payload, created_at) VALUES ($1, $2, $3::jsonb, $4)",
         [(member_id, event, json.dumps(payload), at) for member_id, event, payload in events],
         timeout=timeout,
     )
+    for member_id, event, payload in events:
+        feed = _feed_event(event, payload)
+        if feed is not None:
+            await feed_events.record_member_event(c, member_id, feed[0], feed[1])
+
+
+def _feed_event(event: str, payload: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """A status-log event as the change feed shows it: a merge once, from its source's side (the
+    source's row names its target; the target's row, naming the source, adds nothing)."""
+    if event == EVENT_MERGED:
+        if "into" not in payload:
+            return None
+        return feed_events.MERGED, {"target_member_id": payload["into"], "points": payload.get("points", 0)}
+    return {
+        EVENT_FROZEN: feed_events.FROZEN,
+        EVENT_UNFROZEN: feed_events.UNFROZEN,
+        EVENT_CLOSED: feed_events.CLOSED,
+    }[event], payload
 
 
 async def load_registry(pool: asyncpg.Pool, timeout: float) -> MemberRegistry:

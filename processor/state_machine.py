@@ -256,7 +256,37 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
         outcomes: list[Outcome | None] = [None] * len(batch)
         applied: list[int] = []  # positions in the batch of the operations given to the kernel
         holds_taken: list[int] = []  # positions of authorizes counted against their merchant's open holds
-        method, member, merchant, points, ref_id, new_id, expires_at_us = (array.array("q") for _ in range(7))
+        method, member, merchant, points, ref_id, new_id, expires_at_us = columns = [array.array("q") for _ in range(7)]
+
+        def flush() -> None:
+            # the plain operations gathered so far, through the kernel in one call: before any operation
+            # applied on its own, so operations take effect in batch order, which is id order (an earlier
+            # redeem never succeeds on a later credit; the change feed's balance after each is exact)
+            if not applied:
+                return
+            zeros = bytes(8 * len(applied))
+            # the kernel's answers, a column each
+            statuses, slots, amounts, posteds, availables, kinds_done = rows = [
+                array.array("q", zeros) for _ in range(6)
+            ]
+            ledger.apply_batch(method, member, merchant, points, ref_id, new_id, expires_at_us, now_us, *rows)
+            for i, position in enumerate(applied):
+                outcomes[position] = self._applied(
+                    batch[position],
+                    write,
+                    now_us,
+                    new_id[i],
+                    statuses[i],
+                    slots[i],
+                    amounts[i],
+                    posteds[i],
+                    availables[i],
+                    kinds_done[i],
+                )
+            applied.clear()
+            for column in columns:
+                del column[:]
+
         for position, op in enumerate(batch):
             previous = stored.get((op.merchant_id, op.idempotency_key))
             if previous is not None:
@@ -271,6 +301,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                 outcomes[position] = op.refusal
                 continue
             if op.merchant_id == domain.OPERATOR_ID and op.method in MEMBER_METHODS:  # processor/member_postings.py
+                flush()
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
             refusal = self.members.route(op)  # aliases, households; a frozen member's spend, a closed member
@@ -350,6 +381,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
             ):
                 # under a program each operation goes through the kernel on its own, with the rules
                 # evaluated around it in order (an earn's bonuses change what the next operation sees)
+                flush()
                 outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created, expires)
                 continue
             applied.append(position)
@@ -360,26 +392,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
             ref_id.append(reference)
             new_id.append(created)
             expires_at_us.append(expires)
-        if applied:
-            zeros = bytes(8 * len(applied))
-            # the kernel's answers, a column each
-            statuses, slots, amounts, posteds, availables, kinds_done = rows = [
-                array.array("q", zeros) for _ in range(6)
-            ]
-            ledger.apply_batch(method, member, merchant, points, ref_id, new_id, expires_at_us, now_us, *rows)
-            for i, position in enumerate(applied):
-                outcomes[position] = self._applied(
-                    batch[position],
-                    write,
-                    now_us,
-                    new_id[i],
-                    statuses[i],
-                    slots[i],
-                    amounts[i],
-                    posteds[i],
-                    availables[i],
-                    kinds_done[i],
-                )
+        flush()
         answered = [outcome for outcome in outcomes if outcome is not None]
         require(len(answered) == len(batch), "every operation of the batch has an outcome")
         for position in holds_taken:

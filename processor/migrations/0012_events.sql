@@ -18,9 +18,10 @@ ALTER TABLE transactions ADD COLUMN member_balance_after bigint;
 CREATE TABLE member_events (
     member_event_id      bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     after_transaction_id bigint NOT NULL CHECK (after_transaction_id >= 0),
-    -- level_changed | points_expiring | frozen | unfrozen | merged (processor/events.py MEMBER_EVENT_TYPES)
+    -- level_changed | points_expiring | frozen | unfrozen | merged | closed (processor/events.py
+    -- MEMBER_EVENT_TYPES)
     event_type           text NOT NULL CHECK (event_type IN ('level_changed', 'points_expiring', 'frozen',
-                                                              'unfrozen', 'merged')),
+                                                              'unfrozen', 'merged', 'closed')),
     member_id            text NOT NULL,
     -- the event's fields (level_changed: from_level, to_level, transaction_id; points_expiring:
     -- amount_point_units, expires_at_us, notice_days; frozen/unfrozen: reason; merged: target_member_id)

@@ -1093,3 +1093,46 @@ def test_a_transfer_is_reversed_as_its_exact_mirror_the_fee_included(transfers):
     assert "were spent" in detail and "10 available" in detail
     assert world.balance(sender).posted == 2_000
     assert ledger_discrepancies(world.url) == []
+
+
+# --- the change feed sees member administration (EventsService.WatchEvents) --------------------------
+
+
+def test_freeze_unfreeze_merge_and_close_are_events_of_the_change_feed_in_commit_order(world):
+    from points.v1 import events_pb2, events_pb2_grpc
+
+    source, target, leaver = (funded_member(world.stub, "shop-a", 1_000) for _ in range(3))
+    world.freeze(source, reason="card reported stolen")
+    world.unfreeze(source)
+    world.admin.MergeMembers(
+        apb.MergeMembersRequest(source_member_id=source, target_member_id=target, idempotency_key=unique("m")),
+        metadata=world.operator,
+        timeout=30,
+    )
+    world.close(leaver)
+    feed = events_pb2_grpc.EventsServiceStub(world._bare)
+    wanted = {
+        events_pb2.EVENT_TYPE_MEMBER_FROZEN,
+        events_pb2.EVENT_TYPE_MEMBER_UNFROZEN,
+        events_pb2.EVENT_TYPE_MEMBER_MERGED,
+        events_pb2.EVENT_TYPE_MEMBER_CLOSED,
+    }
+    seen: list[events_pb2.Event] = []
+    call = feed.WatchEvents(events_pb2.WatchEventsRequest(), metadata=world.operator, timeout=60)
+    try:
+        for response in call:
+            seen += [e for e in response.events if e.type in wanted]
+            if len(seen) >= 4:
+                break
+    finally:
+        call.cancel()
+    assert [(e.type, e.member_id) for e in seen] == [
+        (events_pb2.EVENT_TYPE_MEMBER_FROZEN, source),
+        (events_pb2.EVENT_TYPE_MEMBER_UNFROZEN, source),
+        (events_pb2.EVENT_TYPE_MEMBER_MERGED, source),  # once, from the source's side
+        (events_pb2.EVENT_TYPE_MEMBER_CLOSED, leaver),
+    ]
+    assert seen[0].member_frozen.frozen and seen[0].member_frozen.reason == "card reported stolen"
+    assert not seen[1].member_frozen.frozen
+    assert (seen[2].member_merged.source_member_id, seen[2].member_merged.target_member_id) == (source, target)
+    assert seen[3].member_closed.reason == "member asked"

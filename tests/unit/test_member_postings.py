@@ -145,3 +145,15 @@ def test_alias_chains_resolve_and_a_runaway_chain_is_an_invariant_violation():
     looped = MemberRegistry(aliases={"x": "y", "y": "x"})
     with pytest.raises(domain.InvariantViolation):
         looped.resolve("x")
+
+
+def test_operations_take_effect_in_batch_order_so_an_earlier_redeem_never_spends_a_later_credit(machine):  # noqa: F811
+    # the plain operations are gathered for one kernel call; an operation applied on its own (here an
+    # adjustment) first applies those before it, so the batch's effects follow its order, which is the
+    # order of the transaction ids (what the change feed's balance after each transaction relies on)
+    run(machine, earn("erin", 100))
+    outcomes, write = run(machine, redeem("erin", 150), adjust("erin", 100), redeem("erin", 150))
+    assert [o.code for o in outcomes] == [Code.FAILED_PRECONDITION, Code.OK, Code.OK]
+    assert posted_held(machine, "erin") == (50, 0)
+    ids = [row[0] for row in write.transactions]
+    assert ids == sorted(ids)
