@@ -82,6 +82,11 @@ OP_VOID: int  # 4
 OP_REDEEM: int  # 5
 OP_REFUND: int  # 6
 
+# apply_earn_redeem()'s bounds (its products stay in int64); larger amounts take the caller's other path
+RULES_EARN_POINTS_MAX: int  # 2**62 // 100000
+RULES_PURCHASE_MAX: int  # 2**62 // 10000
+RULES_LEVELS_MAX: int  # 63
+
 class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
 
@@ -239,6 +244,58 @@ class Ledger:
         written (roll back with the undo log), operation i changed nothing, rows i.. are not written.
         The compiled module takes int64 buffers (array.array('q'); memoryviews of them), the twin
         any sequences of ints; outputs are written in place, the caller allocates them."""
+    def apply_earn_redeem(
+        self,
+        method: Sequence[int],
+        member: Sequence[int],
+        merchant: Sequence[int],
+        points: Sequence[int],
+        purchase: Sequence[int],
+        fee_bps: Sequence[int],
+        tier: Sequence[int],
+        tier_qualifying: MutableSequence[int],
+        tier_reached: MutableSequence[int],
+        tier_acquirer: Sequence[int],
+        tier_acquiring_bps: Sequence[int],
+        level_threshold: Sequence[int],
+        level_multiplier_bps: Sequence[int],
+        next_transaction_id: int,
+        out_status: MutableSequence[int],
+        out_created: MutableSequence[int],
+        out_posted: MutableSequence[int],
+        out_available: MutableSequence[int],
+        out_total: MutableSequence[int],
+        out_fee: MutableSequence[int],
+        out_level_before: MutableSequence[int],
+        out_level_after: MutableSequence[int],
+        out_reward: MutableSequence[int],
+        out_reward_id: MutableSequence[int],
+    ) -> int:
+        """A run of earns and redeems under a program's rules, in one call (processor/rules_kernel.py
+        prepares it; docs/RULES.md states the rules). For each i in order, method[i] OP_EARN or OP_REDEEM:
+        transaction id next_transaction_id is taken for the operation (out_created[i]), then
+          OP_EARN   the member's level is level_for(tier_qualifying[tier[i]]) over level_threshold (the
+                    last level whose threshold it reaches; out_level_before[i]); total =
+                    floor(points[i] * level_multiplier_bps[level] / 10000) (base points[i] + uplift);
+                    earn(member_id(member[i]), merchant[i], total, out_created[i]). On OK: out_total[i]
+                    = total, out_fee[i] = floor(points[i] * fee_bps[i] / 10000) (on the base);
+                    tier_qualifying[tier[i]] += points[i]; out_level_after[i] = the level it reaches;
+                    tier_reached[tier[i]] gets bit j of every level j >= 1 whose threshold it reaches;
+                    if tier_acquirer[tier[i]] >= 0 (a merchant slot) differs from merchant[i] and
+                    points[i] > 0: out_reward[i] = floor(purchase[i] * tier_acquiring_bps[tier[i]] /
+                    10000) and, if > 0, out_reward_id[i] takes the next transaction id.
+          OP_REDEEM redeem(member[i], merchant[i], points[i], out_created[i]); on OK out_fee[i] =
+                    floor(points[i] * fee_bps[i] / 10000).
+        out_status, out_posted, out_available as apply_batch() (posted and available of the member
+        after the operation; on INSUFFICIENT_POINTS the balances that refused it; else 0); other
+        outputs 0 where not set above. Returns the next transaction id not taken. The tier columns
+        (one row per member of the run, shared by its operations) are read and written in place.
+
+        Raises ValueError (IndexError for a tier row out of range), before anything changes, when the
+        columns' lengths differ, a method is not OP_EARN/OP_REDEEM, points are outside
+        0..RULES_EARN_POINTS_MAX, purchase outside 0..RULES_PURCHASE_MAX, a bps outside 0..10000,
+        or the levels are not 1..RULES_LEVELS_MAX thresholds >= 0 with multipliers 10000..100000. A
+        caller bug in operation i raises as apply_batch() does (rows before i applied)."""
     def forget_resolved(self) -> None:
         """Drops resolved holds and all transactions from memory (Postgres keeps them; they are
         prefetched again when a batch refers to them). Not allowed while any batch is open."""

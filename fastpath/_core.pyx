@@ -61,6 +61,26 @@ cdef inline int _check_positive(int64_t points) except -1:
     return 0
 
 
+# apply_earn_redeem(): the bounds that keep its products in int64 (points * multiplier_bps <= 2**62,
+# purchase * acquiring_bps <= 2**62); the caller sends larger amounts down its per-operation path.
+cdef int64_t MULTIPLIER_BPS_MAX = 100000
+cdef int64_t LEVELS_MAX = 63
+cdef int64_t EARN_POINTS_MAX = 46116860184273  # 2**62 // MULTIPLIER_BPS_MAX
+cdef int64_t PURCHASE_MAX = 461168601842738  # 2**62 // 10000
+RULES_EARN_POINTS_MAX = EARN_POINTS_MAX
+RULES_PURCHASE_MAX = PURCHASE_MAX
+RULES_LEVELS_MAX = LEVELS_MAX
+
+
+cdef inline int64_t _level_for(int64_t qualifying, const int64_t[:] threshold, int64_t levels) noexcept:
+    # rules.level_for: the last level whose threshold the qualifying points reach (level 0 if none)
+    cdef int64_t level, reached = 0
+    for level in range(levels):
+        if qualifying >= threshold[level]:
+            reached = level
+    return reached
+
+
 cdef int _check_column(str name, Py_ssize_t length, int64_t count, bint exact) except -1:
     # apply_batch(): inputs have one item per operation; outputs at least that many.
     if exact and length != count:
@@ -708,6 +728,85 @@ cdef class Ledger:
             out_kind[operation] = outcome.kind
         return count
 
+    cdef int64_t _apply_earn_redeem(self, int64_t count, const int64_t[:] method,
+                                    const int64_t[:] member, const int64_t[:] merchant,
+                                    const int64_t[:] points, const int64_t[:] purchase,
+                                    const int64_t[:] fee_bps, const int64_t[:] tier,
+                                    int64_t[:] tier_qualifying, int64_t[:] tier_reached,
+                                    const int64_t[:] tier_acquirer,
+                                    const int64_t[:] tier_acquiring_bps,
+                                    const int64_t[:] level_threshold,
+                                    const int64_t[:] level_multiplier_bps,
+                                    int64_t next_transaction_id,
+                                    int64_t[:] out_status, int64_t[:] out_created,
+                                    int64_t[:] out_posted, int64_t[:] out_available,
+                                    int64_t[:] out_total, int64_t[:] out_fee,
+                                    int64_t[:] out_level_before, int64_t[:] out_level_after,
+                                    int64_t[:] out_reward, int64_t[:] out_reward_id) except -1:
+        # The program's earn and redeem rules (processor/rules.py: level_for, earn_with_rules,
+        # tier_bonuses, acquiring_reward, domain.fee_point_units) around the same kernels as
+        # apply_batch(), in order: an earn's qualifying points change the level the next earn of the
+        # same member sees, so the tier columns are read and written as the operations go.
+        cdef Outcome outcome
+        cdef int32_t status
+        cdef int64_t operation, row, level, levels = level_threshold.shape[0]
+        cdef int64_t created, base, total, qualifying, reached, reward, acquirer
+        for operation in range(count):
+            memset(&outcome, 0, sizeof(Outcome))
+            outcome.involved = -1
+            created = next_transaction_id
+            next_transaction_id += 1
+            out_created[operation] = created
+            out_total[operation] = 0
+            out_fee[operation] = 0
+            out_level_before[operation] = 0
+            out_level_after[operation] = 0
+            out_reward[operation] = 0
+            out_reward_id[operation] = 0
+            if method[operation] == OP_EARN:
+                row = tier[operation]
+                qualifying = tier_qualifying[row]
+                level = _level_for(qualifying, level_threshold, levels)
+                base = points[operation]
+                # floor(base * multiplier / 10000), the uplift in the operator's favour; the caller
+                # keeps base <= EARN_POINTS_MAX so the product fits
+                total = base * level_multiplier_bps[level] // 10000
+                out_level_before[operation] = level
+                out_level_after[operation] = level
+                self._check_member_slot(member[operation])
+                status = self._earn(None, member[operation], merchant[operation], total, created,
+                                    &outcome)
+                if status == OK:
+                    out_total[operation] = total
+                    out_fee[operation] = base * fee_bps[operation] // 10000
+                    qualifying += base
+                    tier_qualifying[row] = qualifying
+                    out_level_after[operation] = _level_for(qualifying, level_threshold, levels)
+                    reached = tier_reached[row]
+                    for level in range(1, levels):  # every level reached counts once (its bonus)
+                        if qualifying >= level_threshold[level]:
+                            reached |= (<int64_t>1) << level
+                    tier_reached[row] = reached
+                    acquirer = tier_acquirer[row]
+                    if acquirer >= 0 and acquirer != merchant[operation] and base > 0:
+                        reward = purchase[operation] * tier_acquiring_bps[row] // 10000
+                        if reward > 0:
+                            out_reward[operation] = reward
+                            out_reward_id[operation] = next_transaction_id
+                            next_transaction_id += 1
+            else:
+                status = self._redeem(member[operation], merchant[operation], points[operation],
+                                      created, &outcome)
+                if status == OK:
+                    out_fee[operation] = points[operation] * fee_bps[operation] // 10000
+                elif status == INSUFFICIENT_POINTS and outcome.involved >= 0:
+                    outcome.posted = self.member_posted[outcome.involved]
+                    outcome.available = outcome.posted - self.member_held[outcome.involved]
+            out_status[operation] = status
+            out_posted[operation] = outcome.posted
+            out_available[operation] = outcome.available
+        return next_transaction_id
+
     cdef list _expire_holds(self, int64_t now_us, int64_t limit):
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -952,6 +1051,72 @@ cdef class Ledger:
         return self._apply_batch(count, method, member, merchant, points, ref_id, new_id,
                                  expires_at_us, now, out_status, out_member, out_amount, out_posted,
                                  out_available, out_kind)
+
+    def apply_earn_redeem(self, const int64_t[:] method not None, const int64_t[:] member not None,
+                          const int64_t[:] merchant not None, const int64_t[:] points not None,
+                          const int64_t[:] purchase not None, const int64_t[:] fee_bps not None,
+                          const int64_t[:] tier not None, int64_t[:] tier_qualifying not None,
+                          int64_t[:] tier_reached not None, const int64_t[:] tier_acquirer not None,
+                          const int64_t[:] tier_acquiring_bps not None,
+                          const int64_t[:] level_threshold not None,
+                          const int64_t[:] level_multiplier_bps not None, next_transaction_id,
+                          int64_t[:] out_status not None, int64_t[:] out_created not None,
+                          int64_t[:] out_posted not None, int64_t[:] out_available not None,
+                          int64_t[:] out_total not None, int64_t[:] out_fee not None,
+                          int64_t[:] out_level_before not None, int64_t[:] out_level_after not None,
+                          int64_t[:] out_reward not None, int64_t[:] out_reward_id not None):
+        cdef int64_t next_id = _int64(next_transaction_id)
+        cdef int64_t count = method.shape[0]
+        cdef int64_t tiers = tier_qualifying.shape[0]
+        cdef int64_t levels = level_threshold.shape[0]
+        cdef int64_t operation, level
+        for name, length in (("member", member.shape[0]), ("merchant", merchant.shape[0]),
+                             ("points", points.shape[0]), ("purchase", purchase.shape[0]),
+                             ("fee_bps", fee_bps.shape[0]), ("tier", tier.shape[0])):
+            _check_column(name, length, count, True)
+        for name, length in (("out_status", out_status.shape[0]), ("out_created", out_created.shape[0]),
+                             ("out_posted", out_posted.shape[0]),
+                             ("out_available", out_available.shape[0]),
+                             ("out_total", out_total.shape[0]), ("out_fee", out_fee.shape[0]),
+                             ("out_level_before", out_level_before.shape[0]),
+                             ("out_level_after", out_level_after.shape[0]),
+                             ("out_reward", out_reward.shape[0]),
+                             ("out_reward_id", out_reward_id.shape[0])):
+            _check_column(name, length, count, False)
+        if (tier_reached.shape[0] != tiers or tier_acquirer.shape[0] != tiers
+                or tier_acquiring_bps.shape[0] != tiers):
+            raise ValueError("tier_qualifying, tier_reached, tier_acquirer and tier_acquiring_bps "
+                             "must have one item per tier row")
+        if levels < 1 or levels > LEVELS_MAX or level_multiplier_bps.shape[0] != levels:
+            raise ValueError(f"level_threshold and level_multiplier_bps must have the same 1..{LEVELS_MAX} "
+                             "items")
+        for level in range(levels):
+            if (level_threshold[level] < 0 or level_multiplier_bps[level] < 10000
+                    or level_multiplier_bps[level] > MULTIPLIER_BPS_MAX):
+                raise ValueError(f"level {level}: threshold must be >= 0 and multiplier_bps "
+                                 f"10000..{MULTIPLIER_BPS_MAX}")
+        # Checked before the first operation, so a call with a bad row changes nothing.
+        for operation in range(count):
+            if method[operation] != OP_EARN and method[operation] != OP_REDEEM:
+                raise ValueError(f"operation {operation}: method {method[operation]} is not OP_EARN "
+                                 "or OP_REDEEM")
+            if tier[operation] < 0 or tier[operation] >= tiers:
+                raise IndexError(f"operation {operation}: tier row {tier[operation]} of {tiers}")
+            if points[operation] < 0 or points[operation] > EARN_POINTS_MAX:
+                raise ValueError(f"operation {operation}: points must be 0..{EARN_POINTS_MAX}")
+            if purchase[operation] < 0 or purchase[operation] > PURCHASE_MAX:
+                raise ValueError(f"operation {operation}: purchase must be 0..{PURCHASE_MAX}")
+            if fee_bps[operation] < 0 or fee_bps[operation] > 10000:
+                raise ValueError(f"operation {operation}: fee_bps must be 0..10000")
+            if (tier_acquiring_bps[tier[operation]] < 0
+                    or tier_acquiring_bps[tier[operation]] > 10000):
+                raise ValueError(f"tier row {tier[operation]}: acquiring_bps must be 0..10000")
+        return self._apply_earn_redeem(count, method, member, merchant, points, purchase, fee_bps,
+                                       tier, tier_qualifying, tier_reached, tier_acquirer,
+                                       tier_acquiring_bps, level_threshold, level_multiplier_bps,
+                                       next_id, out_status, out_created, out_posted, out_available,
+                                       out_total, out_fee, out_level_before, out_level_after,
+                                       out_reward, out_reward_id)
 
     def forget_resolved(self):
         if self.batches_open > 0:

@@ -50,6 +50,13 @@ OP_REFUND = 6
 # 2**62: sums of two balances still fit in int64, so the overflow checks cannot overflow themselves.
 BALANCE_MAX = 1 << 62
 
+# apply_earn_redeem(): the bounds that keep its products in int64 (points * multiplier_bps <= 2**62,
+# purchase * acquiring_bps <= 2**62); the caller sends larger amounts down its per-operation path.
+_MULTIPLIER_BPS_MAX = 100_000
+RULES_LEVELS_MAX = 63
+RULES_EARN_POINTS_MAX = BALANCE_MAX // _MULTIPLIER_BPS_MAX
+RULES_PURCHASE_MAX = BALANCE_MAX // 10_000
+
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
@@ -656,6 +663,143 @@ class Ledger:
             ) = row
         return count
 
+    def apply_earn_redeem(
+        self,
+        method,
+        member,
+        merchant,
+        points,
+        purchase,
+        fee_bps,
+        tier,
+        tier_qualifying,
+        tier_reached,
+        tier_acquirer,
+        tier_acquiring_bps,
+        level_threshold,
+        level_multiplier_bps,
+        next_transaction_id,
+        out_status,
+        out_created,
+        out_posted,
+        out_available,
+        out_total,
+        out_fee,
+        out_level_before,
+        out_level_after,
+        out_reward,
+        out_reward_id,
+    ):
+        next_id = _int64(next_transaction_id)
+        count = len(method)
+        tiers = len(tier_qualifying)
+        levels = len(level_threshold)
+        for name, column in (
+            ("member", member),
+            ("merchant", merchant),
+            ("points", points),
+            ("purchase", purchase),
+            ("fee_bps", fee_bps),
+            ("tier", tier),
+        ):
+            if len(column) != count:
+                raise ValueError(f"{name} has {len(column)} items; method has {count}")
+        for name, column in (
+            ("out_status", out_status),
+            ("out_created", out_created),
+            ("out_posted", out_posted),
+            ("out_available", out_available),
+            ("out_total", out_total),
+            ("out_fee", out_fee),
+            ("out_level_before", out_level_before),
+            ("out_level_after", out_level_after),
+            ("out_reward", out_reward),
+            ("out_reward_id", out_reward_id),
+        ):
+            if len(column) < count:
+                raise ValueError(f"{name} has {len(column)} items, fewer than the {count} operations")
+        if len(tier_reached) != tiers or len(tier_acquirer) != tiers or len(tier_acquiring_bps) != tiers:
+            raise ValueError(
+                "tier_qualifying, tier_reached, tier_acquirer and tier_acquiring_bps must have one item per tier row"
+            )
+        if not 1 <= levels <= RULES_LEVELS_MAX or len(level_multiplier_bps) != levels:
+            raise ValueError(f"level_threshold and level_multiplier_bps must have the same 1..{RULES_LEVELS_MAX} items")
+        for level in range(levels):
+            if level_threshold[level] < 0 or not 10_000 <= level_multiplier_bps[level] <= _MULTIPLIER_BPS_MAX:
+                raise ValueError(
+                    f"level {level}: threshold must be >= 0 and multiplier_bps 10000..{_MULTIPLIER_BPS_MAX}"
+                )
+        # Checked before the first operation, so a call with a bad row changes nothing.
+        for operation in range(count):
+            if method[operation] not in (OP_EARN, OP_REDEEM):
+                raise ValueError(f"operation {operation}: method {method[operation]} is not OP_EARN or OP_REDEEM")
+            if not 0 <= tier[operation] < tiers:
+                raise IndexError(f"operation {operation}: tier row {tier[operation]} of {tiers}")
+            if not 0 <= points[operation] <= RULES_EARN_POINTS_MAX:
+                raise ValueError(f"operation {operation}: points must be 0..{RULES_EARN_POINTS_MAX}")
+            if not 0 <= purchase[operation] <= RULES_PURCHASE_MAX:
+                raise ValueError(f"operation {operation}: purchase must be 0..{RULES_PURCHASE_MAX}")
+            if not 0 <= fee_bps[operation] <= 10_000:
+                raise ValueError(f"operation {operation}: fee_bps must be 0..10000")
+            if not 0 <= tier_acquiring_bps[tier[operation]] <= 10_000:
+                raise ValueError(f"tier row {tier[operation]}: acquiring_bps must be 0..10000")
+        # The program's earn and redeem rules around the per-operation methods, in order (see _core).
+        for operation in range(count):
+            created = next_id
+            next_id += 1
+            out_created[operation] = created
+            total = fee = level_before = level_after = reward = reward_id = 0
+            slot = member[operation]
+            if method[operation] == OP_EARN:
+                row = tier[operation]
+                qualifying = tier_qualifying[row]
+                level_before = level_after = _level_for(qualifying, level_threshold)
+                base = points[operation]
+                # floor(base * multiplier / 10000): base + the uplift, in the operator's favour
+                planned = base * level_multiplier_bps[level_before] // 10_000
+                self._check_member_slot(slot)
+                status, _, posted = self.earn(self.member_id(slot), merchant[operation], planned, created)
+                available = 0
+                if status == OK:
+                    available = posted - self._member_held[slot]
+                    total = planned
+                    fee = base * fee_bps[operation] // 10_000
+                    qualifying += base
+                    tier_qualifying[row] = qualifying
+                    level_after = _level_for(qualifying, level_threshold)
+                    reached = tier_reached[row]
+                    for level in range(1, levels):  # every level reached counts once (its bonus)
+                        if qualifying >= level_threshold[level]:
+                            reached |= 1 << level
+                    tier_reached[row] = reached
+                    acquirer = tier_acquirer[row]
+                    if acquirer >= 0 and acquirer != merchant[operation] and base > 0:
+                        reward = purchase[operation] * tier_acquiring_bps[row] // 10_000
+                        if reward > 0:
+                            reward_id = next_id
+                            next_id += 1
+                else:
+                    posted = 0
+            else:
+                status, posted, available = self.redeem(slot, merchant[operation], points[operation], created)
+                if status == OK:
+                    fee = points[operation] * fee_bps[operation] // 10_000
+                elif status == INSUFFICIENT_POINTS and slot >= 0:
+                    posted, held = self.balance(slot)
+                    available = posted - held
+                else:
+                    posted = available = 0
+            out_status[operation] = status
+            out_posted[operation] = posted
+            out_available[operation] = available
+            out_total[operation] = total
+            out_fee[operation] = fee
+            out_level_before[operation] = level_before
+            out_level_after[operation] = level_after
+            out_reward[operation] = reward
+            out_reward_id[operation] = reward_id
+        return next_id
+
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
         """One operation of apply_batch() through its per-operation method: (status, member slot,
         amount, posted, available, kind). On a non-OK status only the member slot may be set: the
@@ -807,3 +951,12 @@ class Ledger:
                     f"transaction {self._transaction_ids[transaction]} (slot {transaction}): kind "
                     f"{kind}, amount {amount}, refunded {refunded}"
                 )
+
+
+def _level_for(qualifying, threshold):
+    """rules.level_for over thresholds: the last level whose threshold the qualifying points reach."""
+    reached = 0
+    for level, value in enumerate(threshold):
+        if qualifying >= value:
+            reached = level
+    return reached

@@ -406,6 +406,33 @@ class ProgramState:
             [(n, b) for n, b in bonuses if b > 0], change, referral, (before.acquirer_id, reward) if reward else None
         )
 
+    def earned_by_kernel(
+        self,
+        version: rules.ProgramVersion,
+        transaction_id: int,
+        member_id: str,
+        merchant_id: str,
+        earn: rules.Earn,
+        acquirer_id: str | None,
+        reward: int,
+        level_change: tuple[str, str] | None,
+        now_us: int,
+    ) -> None:
+        """What earned() records of an earn the compiled kernel decided (processor/rules_kernel.py):
+        its lot, its earn record and its level change. The member's tier state follows once per run
+        (set_member); the kernel runs no promotions, so no budget moves."""
+        if earn.total:
+            self.credit_lot(version, member_id, transaction_id, earn.total, merchant_id, now_us)
+        record = EarnRecord(member_id, merchant_id, version.version, earn, acquirer_id, reward, 0, now_us)
+        self._set(self.earns, transaction_id, record, "earns")
+        self._dirty["new_earns"].add(transaction_id)
+        if level_change is not None:
+            self._tier_events.append((transaction_id, member_id, *level_change))
+
+    def set_member(self, member_id: str, value: MemberRules) -> None:
+        """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""
+        self._set(self.members, member_id, value, "members")
+
     def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
         """For a refund of `base_points` of an earn made under a program: (its record, the portion to
         take back, the acquiring reward to reverse). None for an earn made without a program."""

@@ -27,11 +27,12 @@ from processor.domain import Code, InvariantViolation, Method, Operation, Outcom
 from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, ProgramState, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
 from processor.postings import PostingsMixin, _entries
+from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
 from processor.quotas import MerchantQuotas
 from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros, to_json
 
 
-class LedgerStateMachine(PostingsMixin):
+class LedgerStateMachine(PostingsMixin, RulesKernelMixin):
     def __init__(self, settings: Settings, quotas: MerchantQuotas | None = None):
         self.settings = settings
         self.merchants = Merchants([])
@@ -46,6 +47,10 @@ class LedgerStateMachine(PostingsMixin):
         self.not_refundable: dict[int, str] = {}
         self.quotas = quotas if quotas is not None else MerchantQuotas(settings)
         self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
+        # the compiled rules path for plain earns and redeems (processor/rules_kernel.py); False sends
+        # them through the per-operation rules path (the differential tests compare the two)
+        self.rules_kernel = True
+        self._kernel_tables: KernelTables | None = None
 
     # --- the batch ---
 
@@ -248,6 +253,10 @@ class LedgerStateMachine(PostingsMixin):
         applied: list[int] = []  # positions in the batch of the operations given to the kernel
         holds_taken: list[int] = []  # positions of authorizes counted against their merchant's open holds
         method, member, merchant, points, ref_id, new_id, expires_at_us = (array.array("q") for _ in range(7))
+        # plain earns and redeems under a version the kernel implements: decided a run at a time by one
+        # compiled call (processor/rules_kernel.py); rules_kernel = False keeps them per operation
+        tables = self._tables(version) if version is not None and self.rules_kernel else None
+        run = EarnRedeemRun() if tables is not None else None
         for position, op in enumerate(batch):
             previous = stored.get((op.merchant_id, op.idempotency_key))
             if previous is not None:
@@ -273,6 +282,14 @@ class LedgerStateMachine(PostingsMixin):
                     "it may still capture, void and refund. Contact the operator",
                 )
                 continue
+            row = -1  # the operation's tier row in the kernel's run, or -1: it goes the other paths
+            if run is not None and tables is not None and self._kernel_eligible(op):
+                row = self._kernel_member(run, tables, op, now_us)
+            if row < 0 and run is not None and tables is not None and run.tier_members:
+                # the run so far is decided before this operation takes ids or changes state, and the
+                # next run reads its members' rules afresh (this operation may change them)
+                self._kernel_run(run, tables, write, now_us, outcomes)
+                run = EarnRedeemRun()
             slot = reference = created = expires = 0
             if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
                 if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
@@ -288,6 +305,9 @@ class LedgerStateMachine(PostingsMixin):
                     account_id = self.account_ids.pop()
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
+                if row >= 0 and run is not None:
+                    self._kernel_add(run, position, op, slot, row, merchants[op.merchant_id].fee_issued_bps)
+                    continue
                 created = ids.transaction() if kind is not Method.LINK else 0
             elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
@@ -308,6 +328,9 @@ class LedgerStateMachine(PostingsMixin):
                     holds_taken.append(position)
                     created = ids.authorization()
                     expires = now_us + op.hold_ttl_seconds * 1_000_000
+                elif row >= 0 and run is not None:
+                    self._kernel_add(run, position, op, slot, row, merchants[op.merchant_id].fee_redeemed_bps)
+                    continue
                 else:
                     created = ids.transaction()
             elif kind is Method.CAPTURE:
@@ -343,6 +366,8 @@ class LedgerStateMachine(PostingsMixin):
             ref_id.append(reference)
             new_id.append(created)
             expires_at_us.append(expires)
+        if run and tables is not None:
+            self._kernel_run(run, tables, write, now_us, outcomes)
         if applied:
             zeros = bytes(8 * len(applied))
             # the kernel's answers, a column each

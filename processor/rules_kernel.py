@@ -1,0 +1,428 @@
+"""Plain earns and redeems under a program, decided by one compiled call per run (issue 14 stage 2).
+
+The state machine's batch loop (processor/state_machine.py) gathers consecutive operations that this
+module can decide into a run: plain EARN and REDEEM (no vouchers) of a version `kernel_supports()`
+accepts, of members whose rules need nothing the kernel lacks (no referral bonus still to pay, an
+acquirer the service knows, no lot past its expiry waiting to be collected). Anything else ends the run
+and goes through the per-operation rules path as before, so the order of the batch is kept.
+
+`Ledger.apply_earn_redeem` (fastpath/_core.pyx, twin in fastpath/_reference.py) decides, over int64
+columns: the member's level and multiplier before each earn, the earn's total (base + uplift), the fee,
+the balance checks, qualifying points, levels reached and level changes, the acquiring reward, and the
+transaction ids in the order the per-operation path takes them. This module builds the columns (one tier
+row per member of the run, read from ProgramState) and turns the kernel's rows into the batch's journal
+rows, outcomes and ProgramState changes, exactly as the per-operation path does
+(tests/unit/test_rules_kernel_differential.py holds the two paths and the twin to that).
+
+ProgramState stays the single truth: the kernel's tier columns live for one run, and everything the run
+changed is written back through ProgramState's undo-logged setters, so rollback, flush and the rare
+Python paths see one state. Lots stay in ProgramState: an earn's lot is credited and a redeem's lots
+consumed by ProgramState.credit_lot / consume (O(log n + lots taken) each) after the kernel decided.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import fastpath
+from processor import domain, rules
+from processor.domain import Code, Method, Operation, Outcome
+from processor.program import OWNER_TRANSACTION, MemberRules
+from processor.store import BatchWrite
+
+if TYPE_CHECKING:
+    from processor.program import ProgramState
+    from processor.state_machine import IdAllocator, Merchants
+
+# The ProgramVersion fields the kernel implements, with the values it supports (None: any value). A
+# version whose other fields differ from their defaults (a new option added to rules.py) goes down
+# the per-operation path until the kernel learns it.
+_FIELDS_ANY = frozenset(
+    {
+        "program_id",
+        "version",
+        "effective_from_us",
+        "expiry_period_us",  # lots are ProgramState's
+        "restore_grace_us",  # used by restores, which are not kernel operations
+        "acquiring_share_bps",
+        "merchant_terms",  # acquiring share per acquirer (and conversion rates, not used here)
+        "referral_bonus_point_units",  # a member with a bonus still to pay goes the Python path
+        "referral_minimum_purchase",
+        "operator_store_merchant_id",  # voucher spends are not kernel operations
+        "member_verification",  # decided before queueing (Operation.refusal)
+        "verification_failures_max",
+        "verification_lockout_seconds",
+    }
+)
+
+
+def kernel_supports(version: rules.ProgramVersion | None) -> bool:
+    """True when every rule of `version` that an earn or redeem meets is one the kernel implements:
+    levels without bonuses (a bonus credits the member a transaction of its own), qualifying points
+    in total (no tier window), no promotions, no dividend pool, no spending caps."""
+    if version is None:
+        return False
+    defaults = {field.name: field.default for field in dataclasses.fields(rules.ProgramVersion)}
+    for name, default in defaults.items():
+        value = getattr(version, name)
+        if name in _FIELDS_ANY or name == "levels":
+            continue
+        if value != default:
+            return False
+    names = [level.name for level in version.levels]
+    return (
+        0 < len(version.levels) <= fastpath.RULES_LEVELS_MAX
+        and len(set(names)) == len(names)
+        and all(level.bonus_point_units == 0 for level in version.levels)
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelTables:
+    """A version's levels as the kernel's columns, and its acquiring shares by acquirer."""
+
+    version: rules.ProgramVersion
+    level_threshold: array.array[int]
+    level_multiplier_bps: array.array[int]
+    level_names: tuple[str, ...]
+    acquiring_bps: dict[str, int]
+
+    @classmethod
+    def of(cls, version: rules.ProgramVersion) -> KernelTables:
+        return cls(
+            version,
+            array.array("q", [level.threshold_point_units for level in version.levels]),
+            array.array("q", [level.multiplier_bps for level in version.levels]),
+            tuple(level.name for level in version.levels),
+            {},
+        )
+
+    def acquiring_share_bps(self, acquirer_id: str) -> int:
+        share = self.acquiring_bps.get(acquirer_id)
+        if share is None:
+            share = self.acquiring_bps[acquirer_id] = self.version.acquiring_share_bps_for(acquirer_id)
+        return share
+
+
+class EarnRedeemRun:
+    """The operations of one run, as the kernel's columns, and the tier row of each of its members."""
+
+    __slots__ = (
+        "positions",
+        "ops",
+        "method",
+        "member",
+        "merchant",
+        "points",
+        "purchase",
+        "fee_bps",
+        "tier",
+        "tier_rows",
+        "tier_members",
+        "tier_qualifying",
+        "tier_reached",
+        "tier_acquirer",
+        "tier_acquiring_bps",
+    )
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.ops: list[Operation] = []
+        self.method, self.member, self.merchant, self.points, self.purchase, self.fee_bps, self.tier = (
+            array.array("q") for _ in range(7)
+        )
+        self.tier_rows: dict[str, int] = {}
+        self.tier_members: list[tuple[str, MemberRules, str | None]] = []
+        self.tier_qualifying, self.tier_reached, self.tier_acquirer, self.tier_acquiring_bps = (
+            array.array("q") for _ in range(4)
+        )
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+class RulesKernelMixin:
+    """The kernel path of LedgerStateMachine for plain earns and redeems under a program."""
+
+    # the state machine's state these paths use (set by LedgerStateMachine)
+    merchants: Merchants
+    ledger: Any
+    program: ProgramState
+    ids: IdAllocator
+    operator_accounts: dict[str, int]
+    _kernel_tables: KernelTables | None
+
+    if TYPE_CHECKING:
+
+        def _applied(
+            self,
+            op: Operation,
+            write: BatchWrite,
+            now_us: int,
+            created: int,
+            status: int,
+            slot: int,
+            amount: int,
+            posted: int,
+            available: int,
+            kind: int,
+        ) -> Outcome: ...
+
+    def _tables(self, version: rules.ProgramVersion | None) -> KernelTables | None:
+        """The kernel's tables of `version`, or None when the kernel does not implement it."""
+        tables = self._kernel_tables
+        if tables is not None and tables.version is version:
+            return tables
+        if not kernel_supports(version):
+            return None
+        assert version is not None  # kernel_supports(None) is False
+        self._kernel_tables = tables = KernelTables.of(version)
+        return tables
+
+    def _kernel_member(self, run: EarnRedeemRun, tables: KernelTables, op: Operation, now_us: int) -> int:
+        """The tier row of op's member in the run (added on its first operation), or -1 when the
+        member's rules need the per-operation path."""
+        member_id = op.member_id
+        row = run.tier_rows.get(member_id)
+        if row is not None:
+            return row
+        program = self.program
+        member = program.members.get(member_id) or MemberRules()
+        if member.referrer_id and not member.referral_paid:
+            return -1  # its first qualifying earn pays the referrer a bonus: a transaction of its own
+        acquirer_slot = -1
+        share = 0
+        if member.acquirer_id is not None:
+            acquirer = self.merchants.by_id.get(member.acquirer_id)
+            if acquirer is None:
+                return -1  # the per-operation path refuses what it cannot post
+            acquirer_slot = acquirer.merchant_slot
+            share = tables.acquiring_share_bps(member.acquirer_id)
+        lots = program.lots.get(member_id)
+        if lots and lots[0].expires_at_us is not None and lots[0].expires_at_us <= now_us:
+            return -1  # a lot past its expiry: the per-operation path posts its expiry first
+        row = len(run.tier_members)
+        run.tier_rows[member_id] = row
+        run.tier_members.append((member_id, member, member.acquirer_id))
+        run.tier_qualifying.append(member.qualifying)
+        run.tier_reached.append(member.levels_reached)
+        run.tier_acquirer.append(acquirer_slot)
+        run.tier_acquiring_bps.append(share)
+        return row
+
+    def _kernel_eligible(self, op: Operation) -> bool:
+        """An operation the kernel may decide, before its member is looked at."""
+        return (
+            (op.method is Method.EARN or op.method is Method.REDEEM)
+            and not op.vouchers
+            and op.refusal is None
+            and 0 <= op.points <= fastpath.RULES_EARN_POINTS_MAX
+            and 0 <= op.purchase_amount <= fastpath.RULES_PURCHASE_MAX
+        )
+
+    def _kernel_add(self, run: EarnRedeemRun, position: int, op: Operation, slot: int, row: int, fee_bps: int) -> None:
+        run.positions.append(position)
+        run.ops.append(op)
+        run.method.append(fastpath.OP_EARN if op.method is Method.EARN else fastpath.OP_REDEEM)
+        run.member.append(slot)
+        run.merchant.append(op.merchant_slot)
+        run.points.append(op.points)
+        run.purchase.append(op.purchase_amount)
+        run.fee_bps.append(fee_bps)
+        run.tier.append(row)
+
+    def _kernel_run(
+        self,
+        run: EarnRedeemRun,
+        tables: KernelTables,
+        write: BatchWrite,
+        now_us: int,
+        outcomes: list[Outcome | None],
+    ) -> None:
+        """Decides the run in one kernel call and turns its rows into journal rows, outcomes and
+        program state, in the run's order."""
+        count = len(run)
+        if not count:
+            return
+        zeros = bytes(8 * count)
+        (
+            statuses,
+            createds,
+            posteds,
+            availables,
+            totals,
+            fees,
+            levels_before,
+            levels_after,
+            rewards,
+            reward_ids,
+        ) = columns = [array.array("q", zeros) for _ in range(10)]
+        ids = self.ids
+        ids.next_transaction_id = self.ledger.apply_earn_redeem(
+            run.method,
+            run.member,
+            run.merchant,
+            run.points,
+            run.purchase,
+            run.fee_bps,
+            run.tier,
+            run.tier_qualifying,
+            run.tier_reached,
+            run.tier_acquirer,
+            run.tier_acquiring_bps,
+            tables.level_threshold,
+            tables.level_multiplier_bps,
+            ids.next_transaction_id,
+            *columns,
+        )
+        version = tables.version
+        number = version.version
+        names = tables.level_names
+        merchants = self.merchants.by_id
+        ledger, program = self.ledger, self.program
+        operator = self.operator_accounts
+        fee_revenue = operator[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
+        tier_rewards = operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS]
+        acquiring = operator[rules.ACCOUNT_OPERATOR_ACQUIRING]
+        transactions, entries = write.transactions, write.entries
+        earned_rows: set[int] = set()
+        ops, members, tiers = run.ops, run.member, run.tier
+        for i, position in enumerate(run.positions):
+            op = ops[i]
+            created = createds[i]
+            status = statuses[i]
+            slot = members[i]
+            if status != fastpath.OK:
+                outcomes[position] = self._applied(
+                    op, write, now_us, created, status, slot, 0, posteds[i], availables[i], 0
+                )
+                continue
+            merchant = merchants[op.merchant_id]
+            fee = fees[i]
+            account = ledger.member_account(slot)
+            if op.method is Method.EARN:
+                base, total = op.points, totals[i]
+                uplift = total - base
+                if fee:
+                    entries.append((created, merchant.fees_account_id, -fee))
+                    entries.append((created, fee_revenue, fee))
+                transactions.append(
+                    (
+                        created,
+                        fastpath.KIND_EARN,
+                        op.merchant_id,
+                        op.member_id,
+                        total,
+                        op.purchase_amount,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                        number,
+                    )
+                )
+                if total:
+                    entries.append((created, account, total))
+                if base:
+                    entries.append((created, merchant.issued_account_id, -base))
+                if uplift:
+                    entries.append((created, tier_rewards, -uplift))
+                row = tiers[i]
+                earned_rows.add(row)
+                reward = rewards[i]
+                acquirer_id = run.tier_members[row][2] if reward else None
+                before, after = names[levels_before[i]], names[levels_after[i]]
+                program.earned_by_kernel(
+                    version,
+                    created,
+                    op.member_id,
+                    op.merchant_id,
+                    rules.Earn(base, uplift),
+                    acquirer_id,
+                    reward,
+                    (before, after) if before != after else None,
+                    now_us,
+                )
+                if reward:
+                    assert acquirer_id is not None
+                    reward_id = reward_ids[i]
+                    transactions.append(
+                        (
+                            reward_id,
+                            rules.KIND_ACQUIRING_REWARD,
+                            acquirer_id,
+                            op.member_id,
+                            reward,
+                            None,
+                            None,
+                            created,
+                            f"acquiring:{created}",
+                            0,
+                            number,
+                        )
+                    )
+                    entries.append((reward_id, acquiring, -reward))
+                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                outcomes[position] = Outcome(
+                    Code.OK,
+                    {
+                        "transaction_id": created,
+                        "points": base,
+                        "balance": posteds[i],
+                        "give_back_bps": merchant.give_back_bps,
+                        "created_at_us": now_us,
+                        "bonus_points": uplift,
+                        "level": after,
+                    },
+                )
+                continue
+            points = op.points
+            if fee:
+                entries.append((created, merchant.fees_account_id, -fee))
+                entries.append((created, fee_revenue, fee))
+            transactions.append(
+                (
+                    created,
+                    fastpath.KIND_REDEEM,
+                    op.merchant_id,
+                    op.member_id,
+                    points,
+                    None,
+                    None,
+                    None,
+                    op.idempotency_key,
+                    fee,
+                )
+            )
+            entries.append((created, account, -points))
+            entries.append((created, merchant.redeemed_account_id, points))
+            available = availables[i]
+            program.consume(op.member_id, (OWNER_TRANSACTION, created), points, available + points, now_us)
+            program.spend(op.member_id, points, now_us)
+            outcomes[position] = Outcome(
+                Code.OK, {"transaction_id": created, "points": points, "balance": posteds[i], "available": available}
+            )
+        # the run's tier state, once per member that earned (qualifying in total: no day buckets)
+        for row in sorted(earned_rows):
+            member_id, before_rules, _ = run.tier_members[row]
+            qualifying = run.tier_qualifying[row]
+            program.set_member(
+                member_id,
+                dataclasses.replace(
+                    before_rules,
+                    qualifying=qualifying,
+                    day_buckets=(),
+                    levels_reached=run.tier_reached[row],
+                    level=names[_level_index(qualifying, tables.level_threshold)],
+                ),
+            )
+
+
+def _level_index(qualifying: int, threshold: array.array[int]) -> int:
+    reached = 0
+    for level, value in enumerate(threshold):
+        if qualifying >= value:
+            reached = level
+    return reached
