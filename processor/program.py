@@ -649,10 +649,12 @@ class ProgramState:
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
         lots = self.lots.get(member_id, ())
         order = rules._order(lot)
-        require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
         if not lots or rules._order(lots[-1]) < order:
-            lots = lots + (lot,)  # a new earn's lot almost always expires last
+            # a new earn's lot almost always expires last; sorting after every lot, its key (which
+            # _order includes) is none of theirs, so no search is needed to know it is new
+            lots = lots + (lot,)
         else:
+            require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
             position = bisect.bisect_right(lots, order, key=rules._order)
             lots = lots[:position] + (lot,) + lots[position:]
         self._touch(member_id, (lot.key,))
