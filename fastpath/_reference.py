@@ -676,8 +676,16 @@ class Ledger:
         tier_reached,
         tier_acquirer,
         tier_acquiring_bps,
+        tier_lot_head,
+        tier_lot_tail,
+        tier_lot_total,
+        lot_amount,
+        lot_expires_at_us,
+        lot_next,
+        lots_used,
         level_threshold,
         level_multiplier_bps,
+        new_lot_expires_at_us,
         next_transaction_id,
         out_status,
         out_created,
@@ -689,11 +697,20 @@ class Ledger:
         out_level_after,
         out_reward,
         out_reward_id,
+        out_lot,
+        out_piece_start,
+        out_piece_end,
+        out_due_at_us,
+        piece_lot,
+        piece_amount,
     ):
         next_id = _int64(next_transaction_id)
+        lots = _int64(lots_used)
+        new_lot_expires = _int64(new_lot_expires_at_us)
         count = len(method)
         tiers = len(tier_qualifying)
         levels = len(level_threshold)
+        pool = len(lot_amount)
         for name, column in (
             ("member", member),
             ("merchant", merchant),
@@ -715,13 +732,29 @@ class Ledger:
             ("out_level_after", out_level_after),
             ("out_reward", out_reward),
             ("out_reward_id", out_reward_id),
+            ("out_lot", out_lot),
+            ("out_piece_start", out_piece_start),
+            ("out_piece_end", out_piece_end),
+            ("out_due_at_us", out_due_at_us),
         ):
             if len(column) < count:
                 raise ValueError(f"{name} has {len(column)} items, fewer than the {count} operations")
-        if len(tier_reached) != tiers or len(tier_acquirer) != tiers or len(tier_acquiring_bps) != tiers:
-            raise ValueError(
-                "tier_qualifying, tier_reached, tier_acquirer and tier_acquiring_bps must have one item per tier row"
-            )
+        for column in (tier_reached, tier_acquirer, tier_acquiring_bps, tier_lot_head, tier_lot_tail, tier_lot_total):
+            if len(column) != tiers:
+                raise ValueError("the tier_* columns must have one item per tier row")
+        if len(lot_expires_at_us) != pool or len(lot_next) != pool:
+            raise ValueError("lot_amount, lot_expires_at_us and lot_next must have one item per lot")
+        if len(piece_amount) != len(piece_lot):
+            raise ValueError("piece_lot and piece_amount must have the same length")
+        if not 0 <= lots <= pool or new_lot_expires < 0:
+            raise ValueError(f"lots_used must be 0..{pool} and new_lot_expires_at_us >= 0")
+        for row in range(tiers):
+            head, tail = tier_lot_head[row], tier_lot_tail[row]
+            if not -1 <= head < lots or not -1 <= tail < lots or (head < 0) != (tail < 0):
+                raise ValueError(f"tier row {row}: lot head and tail must both be -1 or lots in use")
+        for lot in range(lots):
+            if lot_amount[lot] <= 0 or not -1 <= lot_next[lot] < lots or lot_next[lot] == lot:
+                raise ValueError(f"lot {lot}: amount must be > 0 and next -1 or another lot in use")
         if not 1 <= levels <= RULES_LEVELS_MAX or len(level_multiplier_bps) != levels:
             raise ValueError(f"level_threshold and level_multiplier_bps must have the same 1..{RULES_LEVELS_MAX} items")
         for level in range(levels):
@@ -744,14 +777,17 @@ class Ledger:
             if not 0 <= tier_acquiring_bps[tier[operation]] <= 10_000:
                 raise ValueError(f"tier row {tier[operation]}: acquiring_bps must be 0..10000")
         # The program's earn and redeem rules around the per-operation methods, in order (see _core).
+        pieces = 0
         for operation in range(count):
             created = next_id
             next_id += 1
             out_created[operation] = created
-            total = fee = level_before = level_after = reward = reward_id = 0
+            total = fee = level_before = level_after = reward = reward_id = due = 0
+            new_lot = -1
+            piece_start = pieces
             slot = member[operation]
+            row = tier[operation]
             if method[operation] == OP_EARN:
-                row = tier[operation]
                 qualifying = tier_qualifying[row]
                 level_before = level_after = _level_for(qualifying, level_threshold)
                 base = points[operation]
@@ -778,12 +814,68 @@ class Ledger:
                         if reward > 0:
                             reward_id = next_id
                             next_id += 1
+                    if total > 0 and new_lot_expires > 0:  # the earn's lot, last in the member's chain
+                        if lots >= pool:
+                            raise LedgerInvariantError(f"operation {operation}: no room for its lot")
+                        new_lot = lots
+                        lots += 1
+                        lot_amount[new_lot] = total
+                        lot_expires_at_us[new_lot] = new_lot_expires
+                        lot_next[new_lot] = -1
+                        if tier_lot_tail[row] >= 0:
+                            lot_next[tier_lot_tail[row]] = new_lot
+                        else:
+                            tier_lot_head[row] = new_lot
+                        tier_lot_tail[row] = new_lot
+                        if tier_lot_total[row] >= 0:
+                            tier_lot_total[row] += total
                 else:
                     posted = 0
             else:
+                spendable = -1
+                if slot >= 0:
+                    self._check_member_slot(slot)
+                    spendable = self._member_posted[slot] - self._member_held[slot]
                 status, posted, available = self.redeem(slot, merchant[operation], points[operation], created)
                 if status == OK:
                     fee = points[operation] * fee_bps[operation] // 10_000
+                    # the soonest-expiring points first, ties by lot id: the chain's order
+                    left = points[operation]
+                    lots_before = tier_lot_total[row]
+                    lot = tier_lot_head[row]
+                    soonest_before = lot_expires_at_us[lot] if lot >= 0 else 0
+                    while left > 0 and lot >= 0:
+                        taken = min(lot_amount[lot], left)
+                        if pieces >= len(piece_lot):
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces], piece_amount[pieces] = lot, taken
+                        pieces += 1
+                        lot_amount[lot] -= taken
+                        left -= taken
+                        if lots_before >= 0:
+                            tier_lot_total[row] -= taken
+                        if lot_amount[lot] == 0:
+                            lot = lot_next[lot]
+                    tier_lot_head[row] = lot
+                    if lot < 0:
+                        tier_lot_tail[row] = -1
+                    if left > 0:  # every lot taken: the rest is the member's never-expiring points
+                        if lots_before < 0 or left > spendable - lots_before:
+                            raise LedgerInvariantError(
+                                f"operation {operation}: the member's lots do not cover what its never-expiring "
+                                "points cannot"
+                            )
+                        if pieces >= len(piece_lot):
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces], piece_amount[pieces] = -1, left
+                        pieces += 1
+                    if (
+                        piece_start < pieces
+                        and piece_lot[piece_start] >= 0
+                        and lot >= 0
+                        and lot_expires_at_us[lot] != soonest_before
+                    ):
+                        due = lot_expires_at_us[lot]  # the member's soonest expiry moved
                 elif status == INSUFFICIENT_POINTS and slot >= 0:
                     posted, held = self.balance(slot)
                     available = posted - held
@@ -798,7 +890,11 @@ class Ledger:
             out_level_after[operation] = level_after
             out_reward[operation] = reward
             out_reward_id[operation] = reward_id
-        return next_id
+            out_lot[operation] = new_lot
+            out_piece_start[operation] = piece_start
+            out_piece_end[operation] = pieces
+            out_due_at_us[operation] = due
+        return (next_id, lots, pieces)
 
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
         """One operation of apply_batch() through its per-operation method: (status, member slot,

@@ -33,6 +33,7 @@ NEVER_US = 2**63 - 1  # a consumed piece of never-expiring points, as lot_consum
 OWNER_HOLD = 1
 OWNER_TRANSACTION = 2
 _PERMANENT = 0  # lot id of the virtual lot of a member's never-expiring points
+PERMANENT_LOT_ID = _PERMANENT  # as a consumption's piece of never-expiring points names it
 _MISSING = object()
 DAY_US = rules.DAY_US
 
@@ -419,15 +420,28 @@ class ProgramState:
         now_us: int,
     ) -> None:
         """What earned() records of an earn the compiled kernel decided (processor/rules_kernel.py):
-        its lot, its earn record and its level change. The member's tier state follows once per run
-        (set_member); the kernel runs no promotions, so no budget moves."""
-        if earn.total:
-            self.credit_lot(version, member_id, transaction_id, earn.total, merchant_id, now_us)
+        its earn record and its level change. Its lot and the member's tier state follow once per run
+        (lots_by_kernel, set_member); the kernel runs no promotions, so no budget moves."""
         record = EarnRecord(member_id, merchant_id, version.version, earn, acquirer_id, reward, 0, now_us)
         self._set(self.earns, transaction_id, record, "earns")
         self._dirty["new_earns"].add(transaction_id)
         if level_change is not None:
             self._tier_events.append((transaction_id, member_id, *level_change))
+
+    def lots_by_kernel(
+        self, member_id: str, lots: tuple[rules.Lot, ...], keys: set[tuple[int, int | None]], due_us: list[int]
+    ) -> None:
+        """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
+        credit_lot and consume would have, at `keys`), with the expiry heap entries those would have
+        pushed (each new lot's expiry, and the member's soonest expiry each time a spend moved it)."""
+        self._touch(member_id, keys)
+        self._set(self.lots, member_id, lots or None, "lots")
+        for expires_at_us in due_us:
+            heapq.heappush(self._due, (expires_at_us, member_id))
+
+    def set_pieces(self, owner: tuple[int, int], pieces: tuple[rules.Lot, ...]) -> None:
+        """What a redemption the kernel decided consumed (consume() keeps the same)."""
+        self._set(self.pieces, owner, pieces, "pieces")
 
     def set_member(self, member_id: str, value: MemberRules) -> None:
         """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""

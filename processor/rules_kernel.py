@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import array
 import dataclasses
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import fastpath
 from processor import domain, rules
-from processor.domain import Code, Method, Operation, Outcome
-from processor.program import OWNER_TRANSACTION, MemberRules
+from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
+from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, MemberRules
 from processor.store import BatchWrite
 
 if TYPE_CHECKING:
@@ -125,6 +126,8 @@ class EarnRedeemRun:
         "tier_reached",
         "tier_acquirer",
         "tier_acquiring_bps",
+        "tier_demand",
+        "earns",
     )
 
     def __init__(self) -> None:
@@ -134,10 +137,13 @@ class EarnRedeemRun:
             array.array("q") for _ in range(7)
         )
         self.tier_rows: dict[str, int] = {}
-        self.tier_members: list[tuple[str, MemberRules, str | None]] = []
+        # per tier row: (member id, its rules and its lots when the run began)
+        self.tier_members: list[tuple[str, MemberRules, tuple[rules.Lot, ...]]] = []
         self.tier_qualifying, self.tier_reached, self.tier_acquirer, self.tier_acquiring_bps = (
             array.array("q") for _ in range(4)
         )
+        self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
+        self.earns = 0
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -175,9 +181,8 @@ class RulesKernelMixin:
         tables = self._kernel_tables
         if tables is not None and tables.version is version:
             return tables
-        if not kernel_supports(version):
+        if version is None or not kernel_supports(version):
             return None
-        assert version is not None  # kernel_supports(None) is False
         self._kernel_tables = tables = KernelTables.of(version)
         return tables
 
@@ -200,12 +205,18 @@ class RulesKernelMixin:
                 return -1  # the per-operation path refuses what it cannot post
             acquirer_slot = acquirer.merchant_slot
             share = tables.acquiring_share_bps(member.acquirer_id)
-        lots = program.lots.get(member_id)
-        if lots and lots[0].expires_at_us is not None and lots[0].expires_at_us <= now_us:
-            return -1  # a lot past its expiry: the per-operation path posts its expiry first
+        lots = program.lots.get(member_id, ())
+        if lots:
+            soonest, last = lots[0].expires_at_us, lots[-1].expires_at_us
+            if soonest is not None and soonest <= now_us:
+                return -1  # a lot past its expiry: the per-operation path posts its expiry first
+            period = tables.version.expiry_period_us
+            if period is not None and (last is None or last > now_us + period):
+                return -1  # a new lot would not sort last (a restored lot outlives it): credit_lot inserts
         row = len(run.tier_members)
         run.tier_rows[member_id] = row
-        run.tier_members.append((member_id, member, member.acquirer_id))
+        run.tier_members.append((member_id, member, lots))
+        run.tier_demand.append(0)
         run.tier_qualifying.append(member.qualifying)
         run.tier_reached.append(member.levels_reached)
         run.tier_acquirer.append(acquirer_slot)
@@ -232,6 +243,10 @@ class RulesKernelMixin:
         run.purchase.append(op.purchase_amount)
         run.fee_bps.append(fee_bps)
         run.tier.append(row)
+        if op.method is Method.REDEEM:
+            run.tier_demand[row] += op.points
+        else:
+            run.earns += 1
 
     def _kernel_run(
         self,
@@ -246,21 +261,44 @@ class RulesKernelMixin:
         count = len(run)
         if not count:
             return
+        version = tables.version
+        lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
+        pool = len(lots_in)
+        capacity = pool + run.earns
+        lot_amount = array.array("q", [lot.amount for lot in lots_in] + [0] * run.earns)
+        lot_expires = array.array("q", [lot.expires_at_us or 0 for lot in lots_in] + [0] * run.earns)
+        lot_next = array.array("q", [-1] * capacity)
+        for row in range(len(heads)):  # each member's passed lots in a chain, soonest first
+            head, tail = heads[row], tails[row]
+            if head >= 0:
+                for index in range(head, tail):
+                    lot_next[index] = index + 1
+        pieces_capacity = capacity + 2 * (count - run.earns)
+        piece_lot, piece_amount = (
+            array.array("q", bytes(8 * pieces_capacity)),
+            array.array("q", bytes(8 * pieces_capacity)),
+        )
         zeros = bytes(8 * count)
+        columns = [array.array("q", zeros) for _ in range(14)]
         (
             statuses,
             createds,
             posteds,
             availables,
-            totals,
+            totals_out,
             fees,
             levels_before,
             levels_after,
             rewards,
             reward_ids,
-        ) = columns = [array.array("q", zeros) for _ in range(10)]
+            new_lots,
+            piece_starts,
+            piece_ends,
+            dues,
+        ) = columns
+        period = version.expiry_period_us
         ids = self.ids
-        ids.next_transaction_id = self.ledger.apply_earn_redeem(
+        ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             run.method,
             run.member,
             run.merchant,
@@ -272,12 +310,21 @@ class RulesKernelMixin:
             run.tier_reached,
             run.tier_acquirer,
             run.tier_acquiring_bps,
+            heads,
+            tails,
+            totals,
+            lot_amount,
+            lot_expires,
+            lot_next,
+            pool,
             tables.level_threshold,
             tables.level_multiplier_bps,
+            now_us + period if period is not None else 0,
             ids.next_transaction_id,
             *columns,
+            piece_lot,
+            piece_amount,
         )
-        version = tables.version
         number = version.version
         names = tables.level_names
         merchants = self.merchants.by_id
@@ -287,7 +334,11 @@ class RulesKernelMixin:
         tier_rewards = operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS]
         acquiring = operator[rules.ACCOUNT_OPERATOR_ACQUIRING]
         transactions, entries = write.transactions, write.entries
+        pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * run.earns)]
         earned_rows: set[int] = set()
+        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of lots changed
+        new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
+        due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries to push
         ops, members, tiers = run.ops, run.member, run.tier
         for i, position in enumerate(run.positions):
             op = ops[i]
@@ -302,8 +353,9 @@ class RulesKernelMixin:
             merchant = merchants[op.merchant_id]
             fee = fees[i]
             account = ledger.member_account(slot)
+            row = tiers[i]
             if op.method is Method.EARN:
-                base, total = op.points, totals[i]
+                base, total = op.points, totals_out[i]
                 uplift = total - base
                 if fee:
                     entries.append((created, merchant.fees_account_id, -fee))
@@ -329,10 +381,16 @@ class RulesKernelMixin:
                     entries.append((created, merchant.issued_account_id, -base))
                 if uplift:
                     entries.append((created, tier_rewards, -uplift))
-                row = tiers[i]
                 earned_rows.add(row)
+                new_lot = new_lots[i]
+                if new_lot >= 0:  # the earn's lot (credit_lot's)
+                    lot = rules.new_lot(version, created, total, now_us, op.merchant_id)
+                    pool_lots[new_lot] = lot
+                    new_by_row.setdefault(row, []).append(new_lot)
+                    touched.setdefault(row, set()).add(lot.key)
+                    due_by_row.setdefault(row, []).append(lot.expires_at_us or 0)
                 reward = rewards[i]
-                acquirer_id = run.tier_members[row][2] if reward else None
+                acquirer_id = run.tier_members[row][1].acquirer_id if reward else None
                 before, after = names[levels_before[i]], names[levels_after[i]]
                 program.earned_by_kernel(
                     version,
@@ -345,8 +403,7 @@ class RulesKernelMixin:
                     (before, after) if before != after else None,
                     now_us,
                 )
-                if reward:
-                    assert acquirer_id is not None
+                if acquirer_id is not None:
                     reward_id = reward_ids[i]
                     transactions.append(
                         (
@@ -398,12 +455,41 @@ class RulesKernelMixin:
             )
             entries.append((created, account, -points))
             entries.append((created, merchant.redeemed_account_id, points))
-            available = availables[i]
-            program.consume(op.member_id, (OWNER_TRANSACTION, created), points, available + points, now_us)
+            # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
+            pieces = []
+            for k in range(piece_starts[i], piece_ends[i]):
+                taken, source = piece_amount[k], piece_lot[k]
+                if source < 0:
+                    pieces.append(rules.Lot(PERMANENT_LOT_ID, taken, None, ""))
+                    continue
+                source_lot = pool_lots[source]
+                if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
+                    raise InvariantViolation(f"operation {i} of the run took from lot {source}, which no earn made")
+                pieces.append(
+                    source_lot
+                    if taken == source_lot.amount
+                    else rules.Lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
+                )
+                touched.setdefault(row, set()).add(source_lot.key)
+            program.set_pieces((OWNER_TRANSACTION, created), tuple(pieces))
+            if dues[i]:
+                due_by_row.setdefault(row, []).append(dues[i])
             program.spend(op.member_id, points, now_us)
             outcomes[position] = Outcome(
-                Code.OK, {"transaction_id": created, "points": points, "balance": posteds[i], "available": available}
+                Code.OK,
+                {"transaction_id": created, "points": points, "balance": posteds[i], "available": availables[i]},
             )
+        # each member's lots as the run left them: what it passed (less what was taken), the lots it
+        # did not need, the run's new lots (all sorted: new lots expire last)
+        for row, keys in touched.items():
+            member_id, _, before_lots = run.tier_members[row]
+            start, passed = prefixes[row]
+            kept = [
+                *self._left(pool_lots, lot_amount, range(start, start + passed)),
+                *before_lots[passed:],
+                *self._left(pool_lots, lot_amount, new_by_row.get(row, ())),
+            ]
+            program.lots_by_kernel(member_id, tuple(kept), keys, due_by_row.get(row, []))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets)
         for row in sorted(earned_rows):
             member_id, before_rules, _ = run.tier_members[row]
@@ -418,6 +504,65 @@ class RulesKernelMixin:
                     level=names[_level_index(qualifying, tables.level_threshold)],
                 ),
             )
+
+    @staticmethod
+    def _left(
+        pool_lots: list[rules.Lot | None], lot_amount: array.array[int], indexes: Iterable[int]
+    ) -> list[rules.Lot]:
+        """The pool's lots at `indexes` with what the run left of them (the emptied ones dropped)."""
+        kept = []
+        for index in indexes:
+            lot, left = pool_lots[index], lot_amount[index]
+            if lot is None:
+                raise InvariantViolation(f"lot {index} of the run's pool was never made")
+            if left:
+                kept.append(
+                    lot if left == lot.amount else rules.Lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                )
+        return kept
+
+    def _kernel_lots(
+        self, run: EarnRedeemRun
+    ) -> tuple[list[rules.Lot], array.array[int], array.array[int], array.array[int], list[tuple[int, int]]]:
+        """The lots the run's redeems may take, as the kernel's pool: per member that redeems, its lots
+        soonest first until they cover what its redeems ask (all of them if they do not), plus one
+        more (the member's soonest lot once those are taken). Returns the pool's lots, each tier row's
+        head, tail and total (Σ of the member's lots, or -1 when not all were passed) and its (start,
+        count) in the pool."""
+        pool: list[rules.Lot] = []
+        rows = len(run.tier_members)
+        heads, tails, totals = (
+            array.array("q", [-1] * rows),
+            array.array("q", [-1] * rows),
+            array.array("q", [-1] * rows),
+        )
+        prefixes: list[tuple[int, int]] = []
+        for row, (_, _, lots) in enumerate(run.tier_members):
+            demand = run.tier_demand[row]
+            start = len(pool)
+            if not lots:
+                totals[row] = 0
+                prefixes.append((start, 0))
+                continue
+            if not demand:
+                prefixes.append((start, 0))
+                continue
+            covered = 0
+            passed = 0
+            for lot in lots:
+                pool.append(lot)
+                passed += 1
+                covered += lot.amount
+                if covered >= demand:
+                    break
+            if passed < len(lots):
+                pool.append(lots[passed])
+                passed += 1
+                covered += lots[passed - 1].amount
+            heads[row], tails[row] = start, start + passed - 1
+            totals[row] = covered if passed == len(lots) else -1
+            prefixes.append((start, passed))
+        return pool, heads, tails, totals, prefixes
 
 
 def _level_index(qualifying: int, threshold: array.array[int]) -> int:

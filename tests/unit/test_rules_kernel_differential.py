@@ -156,7 +156,11 @@ class Trio:
             fields = {"member_id": member, "points": purchase // 10, "purchase_amount": purchase}
         elif roll < 0.75:
             method = Method.REDEEM
-            fields = {"member_id": member, "points": rng.choice([1, 50, rng.randrange(1, 3_000)])}
+            points = rng.choice([1, 50, rng.randrange(1, 3_000)])
+            lots = self.machines["per-operation"].program.lots.get(member, ())
+            if lots and rng.random() < 0.3:  # exactly the member's soonest lots: a spend that empties them
+                points = sum(lot.amount for lot in lots[: rng.randrange(1, len(lots) + 1)])
+            fields = {"member_id": member, "points": points}
         elif roll < 0.82:
             method = Method.AUTHORIZE
             fields = {
@@ -166,10 +170,13 @@ class Trio:
             }
         elif roll < 0.87 and self.authorizations:
             method = Method.CAPTURE
-            fields = {"authorization_id": rng.choice(self.authorizations), "points": rng.randrange(0, 1_500)}
+            fields = {
+                "authorization_id": rng.choice(self.authorizations[-5:]),
+                "points": rng.choice([0, 1, 100, 1_500]),
+            }
         elif roll < 0.90 and self.authorizations:
             method = Method.VOID
-            fields = {"authorization_id": rng.choice(self.authorizations)}
+            fields = {"authorization_id": rng.choice(self.authorizations[-5:])}
         elif roll < 0.96 and self.transactions:
             method = Method.REFUND
             fields = {"transaction_id": rng.choice(self.transactions), "points": rng.randrange(1, 800)}
@@ -242,6 +249,11 @@ class Trio:
                 dict(program.pieces),
                 dict(program.earns),
                 dict(program.spends),
+                # the expiry heap's entries, which decide which members the expiry job visits when; as a
+                # set: a rollback pushes an entry per lot of every value it restores, and the per-operation
+                # path logs more values per member than one kernel run does (a repeated entry is skipped
+                # as stale when popped, so repeats change nothing)
+                sorted(set(program._due)),
                 dict(program.granted),
                 m.ids.next_transaction_id,
                 m.ids.next_authorization_id,
