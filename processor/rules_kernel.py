@@ -63,20 +63,28 @@ def kernel_supports(version: rules.ProgramVersion | None) -> bool:
     """True when every rule of `version` that an earn or redeem meets is one the kernel implements:
     levels without bonuses (a bonus credits the member a transaction of its own), qualifying points
     in total (no tier window), no promotions, no dividend pool, no spending caps."""
-    if version is None:
+    if version is None or not _defaults_beyond(version, _FIELDS_ANY | {"levels"}):
         return False
-    defaults = {field.name: field.default for field in dataclasses.fields(rules.ProgramVersion)}
-    for name, default in defaults.items():
-        value = getattr(version, name)
-        if name in _FIELDS_ANY or name == "levels":
-            continue
-        if value != default:
-            return False
     names = [level.name for level in version.levels]
     return (
         0 < len(version.levels) <= fastpath.RULES_LEVELS_MAX
         and len(set(names)) == len(names)
-        and all(level.bonus_point_units == 0 for level in version.levels)
+        and all(_defaults_beyond(level, _LEVEL_FIELDS) for level in version.levels)
+        and all(_defaults_beyond(terms, _TERMS_FIELDS) for terms in version.merchant_terms)
+    )
+
+
+# Of a level, the kernel implements its threshold and multiplier (no bonus: a bonus is a transaction of
+# its own); of merchant terms, the acquiring share (a conversion rate is not used by earns or redeems).
+_LEVEL_FIELDS = frozenset({"name", "threshold_point_units", "multiplier_bps"})
+_TERMS_FIELDS = frozenset({"merchant_id", "acquiring_share_bps", "conversion_rate"})
+
+
+def _defaults_beyond(value: Any, implemented: frozenset[str]) -> bool:
+    """Every field of the dataclass `value` outside `implemented` has its default (a field with no
+    plain default, e.g. one added with a default_factory, counts as set)."""
+    return all(
+        field.name in implemented or getattr(value, field.name) == field.default for field in dataclasses.fields(value)
     )
 
 

@@ -107,6 +107,17 @@ def test_a_version_with_a_rule_the_kernel_lacks_goes_the_per_operation_path(chan
     assert not kernel_supports(None)
 
 
+def test_a_version_with_an_option_added_after_the_kernel_goes_the_per_operation_path_once_it_is_set():
+    # what another engineer's new option looks like to the predicate: a field the kernel does not know
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Extended(rules.ProgramVersion):
+        sign_up_bonus_point_units: int = 0
+
+    fields = {f.name: getattr(VERSION, f.name) for f in dataclasses.fields(rules.ProgramVersion)}
+    assert kernel_supports(Extended(**fields))
+    assert not kernel_supports(Extended(**fields, sign_up_bonus_point_units=500))
+
+
 def machine(module, kernel: bool) -> LedgerStateMachine:
     m = LedgerStateMachine(Settings())
     m.ledger = module.Ledger(100, 1_000, 100_000)
