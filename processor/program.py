@@ -191,6 +191,9 @@ class ProgramState:
         # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
         # only those up), or None: some other change, flush() compares the member's whole lots
         self._lots_touched: dict[str, set | None] = {}
+        # member -> keys of the lots credit_lot / the kernel created since the last flush: new transaction
+        # ids, so not among what Postgres holds, and flush() need not look them up there
+        self._lots_created: dict[str, set] = {}
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -251,6 +254,7 @@ class ProgramState:
             dirty.clear()
         self._lots_flushed.clear()
         self._lots_touched.clear()
+        self._lots_created.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
@@ -286,6 +290,7 @@ class ProgramState:
             dirty.clear()
         self._lots_flushed.clear()
         self._lots_touched.clear()
+        self._lots_created.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
@@ -294,9 +299,11 @@ class ProgramState:
         touched = self._lots_touched.get(member_id)
         if touched is not None:  # only credit_lot / consume changed the member's lots: look those keys up
             before_lots, after_lots = self._lots_flushed.get(member_id, ()), self.lots.get(member_id, ())
+            created = self._lots_created.get(member_id, ())
             gone, changed = [], []
             for key in sorted(touched, key=_key_order):
-                old, new = _find(before_lots, key), _find(after_lots, key)
+                old = None if key in created else _find(before_lots, key)
+                new = _find(after_lots, key)
                 if new is None:
                     if old is not None:
                         gone.append(key)
@@ -429,12 +436,20 @@ class ProgramState:
             self._tier_events.append((transaction_id, member_id, *level_change))
 
     def lots_by_kernel(
-        self, member_id: str, lots: tuple[rules.Lot, ...], keys: set[tuple[int, int | None]], due_us: list[int]
+        self,
+        member_id: str,
+        lots: tuple[rules.Lot, ...],
+        keys: set[tuple[int, int | None]],
+        created: set[tuple[int, int | None]],
+        due_us: list[int],
     ) -> None:
         """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
-        credit_lot and consume would have, at `keys`), with the expiry heap entries those would have
-        pushed (each new lot's expiry, and the member's soonest expiry each time a spend moved it)."""
+        credit_lot and consume would have, at `keys`; `created`: the keys of its new lots), with the
+        expiry heap entries those would have pushed (each new lot's expiry, and the member's soonest
+        expiry each time a spend moved it)."""
         self._touch(member_id, keys)
+        if created:
+            self._lots_created.setdefault(member_id, set()).update(created)
         self._set(self.lots, member_id, lots or None, "lots")
         for expires_at_us in due_us:
             heapq.heappush(self._due, (expires_at_us, member_id))
@@ -672,6 +687,7 @@ class ProgramState:
             position = bisect.bisect_right(lots, order, key=rules._order)
             lots = lots[:position] + (lot,) + lots[position:]
         self._touch(member_id, (lot.key,))
+        self._lots_created.setdefault(member_id, set()).add(lot.key)
         self._set(self.lots, member_id, lots, "lots")
         heapq.heappush(self._due, (lot.expires_at_us, member_id))
 

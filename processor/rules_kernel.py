@@ -305,6 +305,7 @@ class RulesKernelMixin:
             dues,
         ) = columns
         period = version.expiry_period_us
+        new_lot_expires_at_us = now_us + period if period is not None else 0
         ids = self.ids
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             run.method,
@@ -327,7 +328,7 @@ class RulesKernelMixin:
             pool,
             tables.level_threshold,
             tables.level_multiplier_bps,
-            now_us + period if period is not None else 0,
+            new_lot_expires_at_us,
             ids.next_transaction_id,
             *columns,
             piece_lot,
@@ -346,6 +347,7 @@ class RulesKernelMixin:
         earned_rows: set[int] = set()
         touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of lots changed
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
+        created_by_row: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of its new lots
         due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries to push
         ops, members, tiers = run.ops, run.member, run.tier
         for i, position in enumerate(run.positions):
@@ -391,12 +393,13 @@ class RulesKernelMixin:
                     entries.append((created, tier_rewards, -uplift))
                 earned_rows.add(row)
                 new_lot = new_lots[i]
-                if new_lot >= 0:  # the earn's lot (credit_lot's)
-                    lot = rules.new_lot(version, created, total, now_us, op.merchant_id)
+                if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
+                    lot = rules.Lot(created, total, new_lot_expires_at_us, op.merchant_id)
                     pool_lots[new_lot] = lot
                     new_by_row.setdefault(row, []).append(new_lot)
                     touched.setdefault(row, set()).add(lot.key)
-                    due_by_row.setdefault(row, []).append(lot.expires_at_us or 0)
+                    created_by_row.setdefault(row, set()).add(lot.key)
+                    due_by_row.setdefault(row, []).append(new_lot_expires_at_us)
                 reward = rewards[i]
                 acquirer_id = run.tier_members[row][1].acquirer_id if reward else None
                 before, after = names[levels_before[i]], names[levels_after[i]]
@@ -497,7 +500,9 @@ class RulesKernelMixin:
                 *before_lots[passed:],
                 *self._left(pool_lots, lot_amount, new_by_row.get(row, ())),
             ]
-            program.lots_by_kernel(member_id, tuple(kept), keys, due_by_row.get(row, []))
+            program.lots_by_kernel(
+                member_id, tuple(kept), keys, created_by_row.get(row, set()), due_by_row.get(row, [])
+            )
         # the run's tier state, once per member that earned (qualifying in total: no day buckets)
         for row in sorted(earned_rows):
             member_id, before_rules, _ = run.tier_members[row]
