@@ -244,7 +244,9 @@ class LedgerStateMachine(PostingsMixin, RulesKernelMixin):
         """Applies the batch's operations to the fast path in one kernel call (Ledger.apply_batch, a loop
         over int64 arrays in C): a first pass decides replays and suspended merchants and resolves ids to
         slots, the kernel decides every balance check in order, and a second pass turns its rows into
-        journal rows and outcomes."""
+        journal rows and outcomes. With a program in force, plain earns and redeems are decided a run at a
+        time by Ledger.apply_earn_redeem (processor/rules_kernel.py) and the other operations one at a
+        time with the rules around them, in the batch's order."""
         ledger = self.ledger
         merchants = self.merchants.by_id
         ids = self.ids
@@ -354,8 +356,9 @@ class LedgerStateMachine(PostingsMixin, RulesKernelMixin):
                 or (kind is Method.REFUND and op.transaction_id in self.program.splits)
                 or (op.authorization_id and op.authorization_id in self.program.voucher_holds)
             ):
-                # under a program each operation goes through the kernel on its own, with the rules
-                # evaluated around it in order (an earn's bonuses change what the next operation sees)
+                # under a program, what the rules kernel does not decide goes through the kernel on its
+                # own, with the rules evaluated around it in order (an earn's bonuses change what the next
+                # operation sees); the kernel's run before it was decided above
                 outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created, expires)
                 continue
             applied.append(position)
