@@ -3,21 +3,24 @@
 The state machine's batch loop (processor/state_machine.py) gathers consecutive operations that this
 module can decide into a run: plain EARN and REDEEM (no vouchers) of a version `kernel_supports()`
 accepts, of members whose rules need nothing the kernel lacks (no referral bonus still to pay, an
-acquirer the service knows, no lot past its expiry waiting to be collected). Anything else ends the run
-and goes through the per-operation rules path as before, so the order of the batch is kept.
+acquirer the service knows, no lot past its expiry waiting to be collected, no lot that would sort after
+a new one). Anything else ends the run and goes through the per-operation rules path as before, so the
+order of the batch is kept.
 
 `Ledger.apply_earn_redeem` (fastpath/_core.pyx, twin in fastpath/_reference.py) decides, over int64
 columns: the member's level and multiplier before each earn, the earn's total (base + uplift), the fee,
-the balance checks, qualifying points, levels reached and level changes, the acquiring reward, and the
-transaction ids in the order the per-operation path takes them. This module builds the columns (one tier
-row per member of the run, read from ProgramState) and turns the kernel's rows into the batch's journal
+the balance checks, qualifying points, levels reached and level changes, the acquiring reward, the
+transaction ids in the order the per-operation path takes them, and the lots: each earn's new lot and
+what each redeem takes, soonest-expiring first (ties by lot id), then never-expiring points. This module
+builds the columns (one tier row per member of the run, read from ProgramState; of a member's lots only
+those its redeems of the run can reach, plus one) and turns the kernel's rows into the batch's journal
 rows, outcomes and ProgramState changes, exactly as the per-operation path does
 (tests/unit/test_rules_kernel_differential.py holds the two paths and the twin to that).
 
-ProgramState stays the single truth: the kernel's tier columns live for one run, and everything the run
-changed is written back through ProgramState's undo-logged setters, so rollback, flush and the rare
-Python paths see one state. Lots stay in ProgramState: an earn's lot is credited and a redeem's lots
-consumed by ProgramState.credit_lot / consume (O(log n + lots taken) each) after the kernel decided.
+ProgramState stays the single truth: the kernel's tier and lot columns live for one run, and what the run
+changed is written back once per member through ProgramState's undo-logged setters (with the touched lot
+keys and expiry-heap entries credit_lot and consume would have left), so rollback, flush and the rare
+Python paths see one state.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ if TYPE_CHECKING:
     from processor.program import ProgramState
     from processor.state_machine import IdAllocator, Merchants
 
-# The ProgramVersion fields the kernel implements, with the values it supports (None: any value). A
-# version whose other fields differ from their defaults (a new option added to rules.py) goes down
-# the per-operation path until the kernel learns it.
+# The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
+# version whose other fields differ from their defaults (a new option added to rules.py) goes down the
+# per-operation path until the kernel learns it.
 _FIELDS_ANY = frozenset(
     {
         "program_id",
