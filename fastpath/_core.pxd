@@ -176,6 +176,28 @@ cdef class Ledger:
                               int64_t[:] out_posted, int64_t[:] out_available,
                               int64_t[:] out_kind) except -1
 
+    cdef int _apply_earn_redeem(self, int64_t count, const int64_t[:] method,
+                                const int64_t[:] member, const int64_t[:] merchant,
+                                const int64_t[:] points, const int64_t[:] purchase,
+                                const int64_t[:] fee_bps, const int64_t[:] tier,
+                                int64_t[:] tier_qualifying, int64_t[:] tier_reached,
+                                const int64_t[:] tier_acquirer, const int64_t[:] tier_acquiring_bps,
+                                int64_t[:] tier_lot_head, int64_t[:] tier_lot_tail,
+                                int64_t[:] tier_lot_total, int64_t[:] lot_amount,
+                                int64_t[:] lot_expires_at_us, int64_t[:] lot_next,
+                                const int64_t[:] level_threshold,
+                                const int64_t[:] level_multiplier_bps,
+                                int64_t new_lot_expires_at_us, int64_t* next_transaction_id,
+                                int64_t* lots_used, int64_t* pieces_used,
+                                int64_t[:] out_status, int64_t[:] out_created,
+                                int64_t[:] out_posted, int64_t[:] out_available,
+                                int64_t[:] out_total, int64_t[:] out_fee,
+                                int64_t[:] out_level_before, int64_t[:] out_level_after,
+                                int64_t[:] out_reward, int64_t[:] out_reward_id, int64_t[:] out_lot,
+                                int64_t[:] out_piece_start, int64_t[:] out_piece_end,
+                                int64_t[:] out_due_at_us, int64_t[:] piece_lot,
+                                int64_t[:] piece_amount) except -1
+
     cdef bint _heap_less(self, int64_t left, int64_t right) noexcept
     cdef void _heap_swap(self, int64_t left, int64_t right) noexcept
     cdef int _heap_push(self, int64_t expires_at_us, int64_t hold) except -1

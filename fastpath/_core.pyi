@@ -82,6 +82,11 @@ OP_VOID: int  # 4
 OP_REDEEM: int  # 5
 OP_REFUND: int  # 6
 
+# apply_earn_redeem()'s bounds (its products stay in int64); larger amounts take the caller's other path
+RULES_EARN_POINTS_MAX: int  # 2**62 // 100000
+RULES_PURCHASE_MAX: int  # 2**62 // 10000
+RULES_LEVELS_MAX: int  # 63
+
 class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
 
@@ -239,6 +244,88 @@ class Ledger:
         written (roll back with the undo log), operation i changed nothing, rows i.. are not written.
         The compiled module takes int64 buffers (array.array('q'); memoryviews of them), the twin
         any sequences of ints; outputs are written in place, the caller allocates them."""
+    def apply_earn_redeem(
+        self,
+        method: Sequence[int],
+        member: Sequence[int],
+        merchant: Sequence[int],
+        points: Sequence[int],
+        purchase: Sequence[int],
+        fee_bps: Sequence[int],
+        tier: Sequence[int],
+        tier_qualifying: MutableSequence[int],
+        tier_reached: MutableSequence[int],
+        tier_acquirer: Sequence[int],
+        tier_acquiring_bps: Sequence[int],
+        tier_lot_head: MutableSequence[int],
+        tier_lot_tail: MutableSequence[int],
+        tier_lot_total: MutableSequence[int],
+        lot_amount: MutableSequence[int],
+        lot_expires_at_us: MutableSequence[int],
+        lot_next: MutableSequence[int],
+        lots_used: int,
+        level_threshold: Sequence[int],
+        level_multiplier_bps: Sequence[int],
+        new_lot_expires_at_us: int,
+        next_transaction_id: int,
+        out_status: MutableSequence[int],
+        out_created: MutableSequence[int],
+        out_posted: MutableSequence[int],
+        out_available: MutableSequence[int],
+        out_total: MutableSequence[int],
+        out_fee: MutableSequence[int],
+        out_level_before: MutableSequence[int],
+        out_level_after: MutableSequence[int],
+        out_reward: MutableSequence[int],
+        out_reward_id: MutableSequence[int],
+        out_lot: MutableSequence[int],
+        out_piece_start: MutableSequence[int],
+        out_piece_end: MutableSequence[int],
+        out_due_at_us: MutableSequence[int],
+        piece_lot: MutableSequence[int],
+        piece_amount: MutableSequence[int],
+    ) -> tuple[int, int, int]:
+        """A run of earns and redeems under a program's rules, in one call (processor/rules_kernel.py
+        prepares it; docs/RULES.md states the rules). Each member of the run has a tier row: its
+        qualifying points, levels reached (bit j: level j), acquirer (a merchant slot, -1: none) and
+        that acquirer's share, and its expiring lots as a chain in the lot pool (lot_amount,
+        lot_expires_at_us, lot_next; -1 ends a chain), soonest first, from tier_lot_head to
+        tier_lot_tail (both -1: none), with tier_lot_total their sum over ALL the member's lots or -1
+        when the caller passed only the first of them (enough for its redeems). Lots 0..lots_used-1
+        are in use; the pool's room after them takes the run's new lots.
+
+        For each i in order (method[i] OP_EARN or OP_REDEEM), transaction id next_transaction_id is
+        taken for the operation (out_created[i]), then
+          OP_EARN   the member's level is the last level whose level_threshold its qualifying points
+                    reach (out_level_before[i]); total = floor(points[i] * level_multiplier_bps[level]
+                    / 10000) (base points[i] + uplift); earn(member_id(member[i]), merchant[i], total,
+                    out_created[i]). On OK: out_total[i] = total; out_fee[i] = floor(points[i] *
+                    fee_bps[i] / 10000) (on the base); the qualifying points grow by points[i];
+                    out_level_after[i] is the level they reach; tier_reached gets the bit of every
+                    level >= 1 they reach; if the member's acquirer is not merchant[i] and points[i] >
+                    0: out_reward[i] = floor(purchase[i] * acquiring bps / 10000) and, if > 0,
+                    out_reward_id[i] takes the next transaction id; if total > 0 and
+                    new_lot_expires_at_us > 0, a new lot of `total` expiring then goes last in the
+                    member's chain (out_lot[i]: its index; -1: none).
+          OP_REDEEM redeem(member[i], merchant[i], points[i], out_created[i]); on OK out_fee[i] as
+                    above, and the points are taken from the member's chain, soonest first, the rest
+                    from its never-expiring points (posted - held - tier_lot_total before it): pieces
+                    out_piece_start[i]..out_piece_end[i]-1 of piece_lot (the lot, -1: never-expiring)
+                    and piece_amount; out_due_at_us[i] = the member's new soonest expiry when the
+                    redeem took lots and moved it, else 0.
+        out_status, out_posted, out_available as apply_batch() (the member's balances after the
+        operation; on INSUFFICIENT_POINTS those that refused it; else 0); other outputs 0 where not
+        set. The tier and lot columns are updated in place. Returns (the next transaction id not
+        taken, lots in use, pieces written).
+
+        Raises ValueError (IndexError for a tier row out of range), before anything changes, when the
+        columns' lengths differ, a method is not OP_EARN/OP_REDEEM, points are outside
+        0..RULES_EARN_POINTS_MAX, purchase outside 0..RULES_PURCHASE_MAX, a bps outside 0..10000,
+        the levels are not 1..RULES_LEVELS_MAX thresholds >= 0 with multipliers 10000..100000, or a
+        chain is malformed (a lot in use of amount <= 0, links out of range). LedgerInvariantError
+        when the pool or the pieces run out of room or a redeem would need more never-expiring points
+        than the member has (inconsistent lots). A caller bug in operation i raises as apply_batch()
+        does (rows before i applied)."""
     def forget_resolved(self) -> None:
         """Drops resolved holds and all transactions from memory (Postgres keeps them; they are
         prefetched again when a batch refers to them). Not allowed while any batch is open."""

@@ -61,6 +61,26 @@ cdef inline int _check_positive(int64_t points) except -1:
     return 0
 
 
+# apply_earn_redeem(): the bounds that keep its products in int64 (points * multiplier_bps <= 2**62,
+# purchase * acquiring_bps <= 2**62); the caller sends larger amounts down its per-operation path.
+cdef int64_t MULTIPLIER_BPS_MAX = 100000
+cdef int64_t LEVELS_MAX = 63
+cdef int64_t EARN_POINTS_MAX = 46116860184273  # 2**62 // MULTIPLIER_BPS_MAX
+cdef int64_t PURCHASE_MAX = 461168601842738  # 2**62 // 10000
+RULES_EARN_POINTS_MAX = EARN_POINTS_MAX
+RULES_PURCHASE_MAX = PURCHASE_MAX
+RULES_LEVELS_MAX = LEVELS_MAX
+
+
+cdef inline int64_t _level_for(int64_t qualifying, const int64_t[:] threshold, int64_t levels) noexcept:
+    # rules.level_for: the last level whose threshold the qualifying points reach (level 0 if none)
+    cdef int64_t level, reached = 0
+    for level in range(levels):
+        if qualifying >= threshold[level]:
+            reached = level
+    return reached
+
+
 cdef int _check_column(str name, Py_ssize_t length, int64_t count, bint exact) except -1:
     # apply_batch(): inputs have one item per operation; outputs at least that many.
     if exact and length != count:
@@ -708,6 +728,158 @@ cdef class Ledger:
             out_kind[operation] = outcome.kind
         return count
 
+    cdef int _apply_earn_redeem(self, int64_t count, const int64_t[:] method,
+                                const int64_t[:] member, const int64_t[:] merchant,
+                                const int64_t[:] points, const int64_t[:] purchase,
+                                const int64_t[:] fee_bps, const int64_t[:] tier,
+                                int64_t[:] tier_qualifying, int64_t[:] tier_reached,
+                                const int64_t[:] tier_acquirer, const int64_t[:] tier_acquiring_bps,
+                                int64_t[:] tier_lot_head, int64_t[:] tier_lot_tail,
+                                int64_t[:] tier_lot_total, int64_t[:] lot_amount,
+                                int64_t[:] lot_expires_at_us, int64_t[:] lot_next,
+                                const int64_t[:] level_threshold,
+                                const int64_t[:] level_multiplier_bps,
+                                int64_t new_lot_expires_at_us, int64_t* next_transaction_id,
+                                int64_t* lots_used, int64_t* pieces_used,
+                                int64_t[:] out_status, int64_t[:] out_created,
+                                int64_t[:] out_posted, int64_t[:] out_available,
+                                int64_t[:] out_total, int64_t[:] out_fee,
+                                int64_t[:] out_level_before, int64_t[:] out_level_after,
+                                int64_t[:] out_reward, int64_t[:] out_reward_id, int64_t[:] out_lot,
+                                int64_t[:] out_piece_start, int64_t[:] out_piece_end,
+                                int64_t[:] out_due_at_us, int64_t[:] piece_lot,
+                                int64_t[:] piece_amount) except -1:
+        # The program's earn and redeem rules (processor/rules.py: level_for, earn_with_rules,
+        # tier_bonuses, acquiring_reward, domain.fee_point_units; program.py: credit_lot, consume)
+        # around the same kernels as apply_batch(), in order: an earn's qualifying points change the
+        # level the next earn of the member sees, and its lot what a later redeem consumes.
+        cdef Outcome outcome
+        cdef int32_t status
+        cdef int64_t operation, row, level, levels = level_threshold.shape[0]
+        cdef int64_t created, base, total, qualifying, reached, reward, acquirer
+        cdef int64_t lot, taken, left, spendable, lots_before, soonest_before
+        cdef int64_t lots_capacity = lot_amount.shape[0]
+        cdef int64_t pieces_capacity = piece_lot.shape[0]
+        for operation in range(count):
+            memset(&outcome, 0, sizeof(Outcome))
+            outcome.involved = -1
+            created = next_transaction_id[0]
+            next_transaction_id[0] += 1
+            out_created[operation] = created
+            out_total[operation] = 0
+            out_fee[operation] = 0
+            out_level_before[operation] = 0
+            out_level_after[operation] = 0
+            out_reward[operation] = 0
+            out_reward_id[operation] = 0
+            out_lot[operation] = -1
+            out_piece_start[operation] = pieces_used[0]
+            out_piece_end[operation] = pieces_used[0]
+            out_due_at_us[operation] = 0
+            row = tier[operation]
+            if method[operation] == OP_EARN:
+                qualifying = tier_qualifying[row]
+                level = _level_for(qualifying, level_threshold, levels)
+                base = points[operation]
+                # floor(base * multiplier / 10000): base + the uplift, in the operator's favour; the
+                # caller keeps base <= EARN_POINTS_MAX so the product fits
+                total = base * level_multiplier_bps[level] // 10000
+                out_level_before[operation] = level
+                out_level_after[operation] = level
+                self._check_member_slot(member[operation])
+                status = self._earn(None, member[operation], merchant[operation], total, created,
+                                    &outcome)
+                if status == OK:
+                    out_total[operation] = total
+                    out_fee[operation] = base * fee_bps[operation] // 10000
+                    qualifying += base
+                    tier_qualifying[row] = qualifying
+                    out_level_after[operation] = _level_for(qualifying, level_threshold, levels)
+                    reached = tier_reached[row]
+                    for level in range(1, levels):  # every level reached counts once (its bonus)
+                        if qualifying >= level_threshold[level]:
+                            reached |= (<int64_t>1) << level
+                    tier_reached[row] = reached
+                    acquirer = tier_acquirer[row]
+                    if acquirer >= 0 and acquirer != merchant[operation] and base > 0:
+                        reward = purchase[operation] * tier_acquiring_bps[row] // 10000
+                        if reward > 0:
+                            out_reward[operation] = reward
+                            out_reward_id[operation] = next_transaction_id[0]
+                            next_transaction_id[0] += 1
+                    if total > 0 and new_lot_expires_at_us > 0:
+                        # the earn's lot expires after every lot of the member (the caller checked),
+                        # so it goes last in the member's chain
+                        lot = lots_used[0]
+                        if lot >= lots_capacity:
+                            raise LedgerInvariantError(f"operation {operation}: no room for its lot")
+                        lots_used[0] += 1
+                        lot_amount[lot] = total
+                        lot_expires_at_us[lot] = new_lot_expires_at_us
+                        lot_next[lot] = -1
+                        if tier_lot_tail[row] >= 0:
+                            lot_next[tier_lot_tail[row]] = lot
+                        else:
+                            tier_lot_head[row] = lot
+                        tier_lot_tail[row] = lot
+                        if tier_lot_total[row] >= 0:
+                            tier_lot_total[row] += total
+                        out_lot[operation] = lot
+            else:
+                spendable = -1
+                if member[operation] >= 0:
+                    self._check_member_slot(member[operation])
+                    spendable = self.member_posted[member[operation]] - self.member_held[member[operation]]
+                status = self._redeem(member[operation], merchant[operation], points[operation],
+                                      created, &outcome)
+                if status == OK:
+                    out_fee[operation] = points[operation] * fee_bps[operation] // 10000
+                    # the soonest-expiring points first, ties by lot id: the chain's order
+                    left = points[operation]
+                    lots_before = tier_lot_total[row]
+                    lot = tier_lot_head[row]
+                    soonest_before = lot_expires_at_us[lot] if lot >= 0 else 0
+                    while left > 0 and lot >= 0:
+                        taken = lot_amount[lot] if lot_amount[lot] < left else left
+                        if pieces_used[0] >= pieces_capacity:
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces_used[0]] = lot
+                        piece_amount[pieces_used[0]] = taken
+                        pieces_used[0] += 1
+                        lot_amount[lot] -= taken
+                        left -= taken
+                        if lots_before >= 0:
+                            tier_lot_total[row] -= taken
+                        if lot_amount[lot] == 0:
+                            lot = lot_next[lot]
+                    tier_lot_head[row] = lot
+                    if lot < 0:
+                        tier_lot_tail[row] = -1
+                    if left > 0:
+                        # every lot taken: the rest is the member's never-expiring points, posted -
+                        # held - its lots (which the caller passed whole when a redeem could get here)
+                        if lots_before < 0 or left > spendable - lots_before:
+                            raise LedgerInvariantError(f"operation {operation}: the member's lots do not "
+                                                       "cover what its never-expiring points cannot")
+                        if pieces_used[0] >= pieces_capacity:
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces_used[0]] = -1
+                        piece_amount[pieces_used[0]] = left
+                        pieces_used[0] += 1
+                    out_piece_end[operation] = pieces_used[0]
+                    if (out_piece_start[operation] < out_piece_end[operation]
+                            and piece_lot[out_piece_start[operation]] >= 0 and lot >= 0
+                            and lot_expires_at_us[lot] != soonest_before):
+                        # the member's soonest expiry moved: the expiry job needs an entry for it
+                        out_due_at_us[operation] = lot_expires_at_us[lot]
+                elif status == INSUFFICIENT_POINTS and outcome.involved >= 0:
+                    outcome.posted = self.member_posted[outcome.involved]
+                    outcome.available = outcome.posted - self.member_held[outcome.involved]
+            out_status[operation] = status
+            out_posted[operation] = outcome.posted
+            out_available[operation] = outcome.available
+        return 0
+
     cdef list _expire_holds(self, int64_t now_us, int64_t limit):
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -952,6 +1124,103 @@ cdef class Ledger:
         return self._apply_batch(count, method, member, merchant, points, ref_id, new_id,
                                  expires_at_us, now, out_status, out_member, out_amount, out_posted,
                                  out_available, out_kind)
+
+    def apply_earn_redeem(self, const int64_t[:] method not None, const int64_t[:] member not None,
+                          const int64_t[:] merchant not None, const int64_t[:] points not None,
+                          const int64_t[:] purchase not None, const int64_t[:] fee_bps not None,
+                          const int64_t[:] tier not None, int64_t[:] tier_qualifying not None,
+                          int64_t[:] tier_reached not None, const int64_t[:] tier_acquirer not None,
+                          const int64_t[:] tier_acquiring_bps not None,
+                          int64_t[:] tier_lot_head not None, int64_t[:] tier_lot_tail not None,
+                          int64_t[:] tier_lot_total not None, int64_t[:] lot_amount not None,
+                          int64_t[:] lot_expires_at_us not None, int64_t[:] lot_next not None,
+                          lots_used, const int64_t[:] level_threshold not None,
+                          const int64_t[:] level_multiplier_bps not None, new_lot_expires_at_us,
+                          next_transaction_id,
+                          int64_t[:] out_status not None, int64_t[:] out_created not None,
+                          int64_t[:] out_posted not None, int64_t[:] out_available not None,
+                          int64_t[:] out_total not None, int64_t[:] out_fee not None,
+                          int64_t[:] out_level_before not None, int64_t[:] out_level_after not None,
+                          int64_t[:] out_reward not None, int64_t[:] out_reward_id not None,
+                          int64_t[:] out_lot not None, int64_t[:] out_piece_start not None,
+                          int64_t[:] out_piece_end not None, int64_t[:] out_due_at_us not None,
+                          int64_t[:] piece_lot not None, int64_t[:] piece_amount not None):
+        cdef int64_t next_id = _int64(next_transaction_id)
+        cdef int64_t lots = _int64(lots_used)
+        cdef int64_t pieces = 0
+        cdef int64_t new_lot_expires = _int64(new_lot_expires_at_us)
+        cdef int64_t count = method.shape[0]
+        cdef int64_t tiers = tier_qualifying.shape[0]
+        cdef int64_t levels = level_threshold.shape[0]
+        cdef int64_t pool = lot_amount.shape[0]
+        cdef int64_t operation, level, row, lot
+        for name, length in (("member", member.shape[0]), ("merchant", merchant.shape[0]),
+                             ("points", points.shape[0]), ("purchase", purchase.shape[0]),
+                             ("fee_bps", fee_bps.shape[0]), ("tier", tier.shape[0])):
+            _check_column(name, length, count, True)
+        for name, length in (("out_status", out_status.shape[0]), ("out_created", out_created.shape[0]),
+                             ("out_posted", out_posted.shape[0]),
+                             ("out_available", out_available.shape[0]),
+                             ("out_total", out_total.shape[0]), ("out_fee", out_fee.shape[0]),
+                             ("out_level_before", out_level_before.shape[0]),
+                             ("out_level_after", out_level_after.shape[0]),
+                             ("out_reward", out_reward.shape[0]),
+                             ("out_reward_id", out_reward_id.shape[0]), ("out_lot", out_lot.shape[0]),
+                             ("out_piece_start", out_piece_start.shape[0]),
+                             ("out_piece_end", out_piece_end.shape[0]),
+                             ("out_due_at_us", out_due_at_us.shape[0])):
+            _check_column(name, length, count, False)
+        for length in (tier_reached.shape[0], tier_acquirer.shape[0], tier_acquiring_bps.shape[0],
+                       tier_lot_head.shape[0], tier_lot_tail.shape[0], tier_lot_total.shape[0]):
+            if length != tiers:
+                raise ValueError("the tier_* columns must have one item per tier row")
+        if lot_expires_at_us.shape[0] != pool or lot_next.shape[0] != pool:
+            raise ValueError("lot_amount, lot_expires_at_us and lot_next must have one item per lot")
+        if piece_amount.shape[0] != piece_lot.shape[0]:
+            raise ValueError("piece_lot and piece_amount must have the same length")
+        if lots < 0 or lots > pool or new_lot_expires < 0:
+            raise ValueError(f"lots_used must be 0..{pool} and new_lot_expires_at_us >= 0")
+        for row in range(tiers):
+            if (tier_lot_head[row] < -1 or tier_lot_head[row] >= lots or tier_lot_tail[row] < -1
+                    or tier_lot_tail[row] >= lots or (tier_lot_head[row] < 0) != (tier_lot_tail[row] < 0)):
+                raise ValueError(f"tier row {row}: lot head and tail must both be -1 or lots in use")
+        for lot in range(lots):
+            if lot_amount[lot] <= 0 or lot_next[lot] < -1 or lot_next[lot] >= lots or lot_next[lot] == lot:
+                raise ValueError(f"lot {lot}: amount must be > 0 and next -1 or another lot in use")
+        if levels < 1 or levels > LEVELS_MAX or level_multiplier_bps.shape[0] != levels:
+            raise ValueError(f"level_threshold and level_multiplier_bps must have the same 1..{LEVELS_MAX} "
+                             "items")
+        for level in range(levels):
+            if (level_threshold[level] < 0 or level_multiplier_bps[level] < 10000
+                    or level_multiplier_bps[level] > MULTIPLIER_BPS_MAX):
+                raise ValueError(f"level {level}: threshold must be >= 0 and multiplier_bps "
+                                 f"10000..{MULTIPLIER_BPS_MAX}")
+        # Checked before the first operation, so a call with a bad row changes nothing.
+        for operation in range(count):
+            if method[operation] != OP_EARN and method[operation] != OP_REDEEM:
+                raise ValueError(f"operation {operation}: method {method[operation]} is not OP_EARN "
+                                 "or OP_REDEEM")
+            if tier[operation] < 0 or tier[operation] >= tiers:
+                raise IndexError(f"operation {operation}: tier row {tier[operation]} of {tiers}")
+            if points[operation] < 0 or points[operation] > EARN_POINTS_MAX:
+                raise ValueError(f"operation {operation}: points must be 0..{EARN_POINTS_MAX}")
+            if purchase[operation] < 0 or purchase[operation] > PURCHASE_MAX:
+                raise ValueError(f"operation {operation}: purchase must be 0..{PURCHASE_MAX}")
+            if fee_bps[operation] < 0 or fee_bps[operation] > 10000:
+                raise ValueError(f"operation {operation}: fee_bps must be 0..10000")
+            if (tier_acquiring_bps[tier[operation]] < 0
+                    or tier_acquiring_bps[tier[operation]] > 10000):
+                raise ValueError(f"tier row {tier[operation]}: acquiring_bps must be 0..10000")
+        self._apply_earn_redeem(count, method, member, merchant, points, purchase, fee_bps, tier,
+                                tier_qualifying, tier_reached, tier_acquirer, tier_acquiring_bps,
+                                tier_lot_head, tier_lot_tail, tier_lot_total, lot_amount,
+                                lot_expires_at_us, lot_next, level_threshold, level_multiplier_bps,
+                                new_lot_expires, &next_id, &lots, &pieces, out_status, out_created,
+                                out_posted, out_available, out_total, out_fee, out_level_before,
+                                out_level_after, out_reward, out_reward_id, out_lot,
+                                out_piece_start, out_piece_end, out_due_at_us, piece_lot,
+                                piece_amount)
+        return (next_id, lots, pieces)
 
     def forget_resolved(self):
         if self.batches_open > 0:

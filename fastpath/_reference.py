@@ -50,6 +50,13 @@ OP_REFUND = 6
 # 2**62: sums of two balances still fit in int64, so the overflow checks cannot overflow themselves.
 BALANCE_MAX = 1 << 62
 
+# apply_earn_redeem(): the bounds that keep its products in int64 (points * multiplier_bps <= 2**62,
+# purchase * acquiring_bps <= 2**62); the caller sends larger amounts down its per-operation path.
+_MULTIPLIER_BPS_MAX = 100_000
+RULES_LEVELS_MAX = 63
+RULES_EARN_POINTS_MAX = BALANCE_MAX // _MULTIPLIER_BPS_MAX
+RULES_PURCHASE_MAX = BALANCE_MAX // 10_000
+
 _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _INT32_MAX = (1 << 31) - 1
@@ -656,6 +663,239 @@ class Ledger:
             ) = row
         return count
 
+    def apply_earn_redeem(
+        self,
+        method,
+        member,
+        merchant,
+        points,
+        purchase,
+        fee_bps,
+        tier,
+        tier_qualifying,
+        tier_reached,
+        tier_acquirer,
+        tier_acquiring_bps,
+        tier_lot_head,
+        tier_lot_tail,
+        tier_lot_total,
+        lot_amount,
+        lot_expires_at_us,
+        lot_next,
+        lots_used,
+        level_threshold,
+        level_multiplier_bps,
+        new_lot_expires_at_us,
+        next_transaction_id,
+        out_status,
+        out_created,
+        out_posted,
+        out_available,
+        out_total,
+        out_fee,
+        out_level_before,
+        out_level_after,
+        out_reward,
+        out_reward_id,
+        out_lot,
+        out_piece_start,
+        out_piece_end,
+        out_due_at_us,
+        piece_lot,
+        piece_amount,
+    ):
+        next_id = _int64(next_transaction_id)
+        lots = _int64(lots_used)
+        new_lot_expires = _int64(new_lot_expires_at_us)
+        count = len(method)
+        tiers = len(tier_qualifying)
+        levels = len(level_threshold)
+        pool = len(lot_amount)
+        for name, column in (
+            ("member", member),
+            ("merchant", merchant),
+            ("points", points),
+            ("purchase", purchase),
+            ("fee_bps", fee_bps),
+            ("tier", tier),
+        ):
+            if len(column) != count:
+                raise ValueError(f"{name} has {len(column)} items; method has {count}")
+        for name, column in (
+            ("out_status", out_status),
+            ("out_created", out_created),
+            ("out_posted", out_posted),
+            ("out_available", out_available),
+            ("out_total", out_total),
+            ("out_fee", out_fee),
+            ("out_level_before", out_level_before),
+            ("out_level_after", out_level_after),
+            ("out_reward", out_reward),
+            ("out_reward_id", out_reward_id),
+            ("out_lot", out_lot),
+            ("out_piece_start", out_piece_start),
+            ("out_piece_end", out_piece_end),
+            ("out_due_at_us", out_due_at_us),
+        ):
+            if len(column) < count:
+                raise ValueError(f"{name} has {len(column)} items, fewer than the {count} operations")
+        for column in (tier_reached, tier_acquirer, tier_acquiring_bps, tier_lot_head, tier_lot_tail, tier_lot_total):
+            if len(column) != tiers:
+                raise ValueError("the tier_* columns must have one item per tier row")
+        if len(lot_expires_at_us) != pool or len(lot_next) != pool:
+            raise ValueError("lot_amount, lot_expires_at_us and lot_next must have one item per lot")
+        if len(piece_amount) != len(piece_lot):
+            raise ValueError("piece_lot and piece_amount must have the same length")
+        if not 0 <= lots <= pool or new_lot_expires < 0:
+            raise ValueError(f"lots_used must be 0..{pool} and new_lot_expires_at_us >= 0")
+        for row in range(tiers):
+            head, tail = tier_lot_head[row], tier_lot_tail[row]
+            if not -1 <= head < lots or not -1 <= tail < lots or (head < 0) != (tail < 0):
+                raise ValueError(f"tier row {row}: lot head and tail must both be -1 or lots in use")
+        for lot in range(lots):
+            if lot_amount[lot] <= 0 or not -1 <= lot_next[lot] < lots or lot_next[lot] == lot:
+                raise ValueError(f"lot {lot}: amount must be > 0 and next -1 or another lot in use")
+        if not 1 <= levels <= RULES_LEVELS_MAX or len(level_multiplier_bps) != levels:
+            raise ValueError(f"level_threshold and level_multiplier_bps must have the same 1..{RULES_LEVELS_MAX} items")
+        for level in range(levels):
+            if level_threshold[level] < 0 or not 10_000 <= level_multiplier_bps[level] <= _MULTIPLIER_BPS_MAX:
+                raise ValueError(
+                    f"level {level}: threshold must be >= 0 and multiplier_bps 10000..{_MULTIPLIER_BPS_MAX}"
+                )
+        # Checked before the first operation, so a call with a bad row changes nothing.
+        for operation in range(count):
+            if method[operation] not in (OP_EARN, OP_REDEEM):
+                raise ValueError(f"operation {operation}: method {method[operation]} is not OP_EARN or OP_REDEEM")
+            if not 0 <= tier[operation] < tiers:
+                raise IndexError(f"operation {operation}: tier row {tier[operation]} of {tiers}")
+            if not 0 <= points[operation] <= RULES_EARN_POINTS_MAX:
+                raise ValueError(f"operation {operation}: points must be 0..{RULES_EARN_POINTS_MAX}")
+            if not 0 <= purchase[operation] <= RULES_PURCHASE_MAX:
+                raise ValueError(f"operation {operation}: purchase must be 0..{RULES_PURCHASE_MAX}")
+            if not 0 <= fee_bps[operation] <= 10_000:
+                raise ValueError(f"operation {operation}: fee_bps must be 0..10000")
+            if not 0 <= tier_acquiring_bps[tier[operation]] <= 10_000:
+                raise ValueError(f"tier row {tier[operation]}: acquiring_bps must be 0..10000")
+        # The program's earn and redeem rules around the per-operation methods, in order (see _core).
+        pieces = 0
+        for operation in range(count):
+            created = next_id
+            next_id += 1
+            out_created[operation] = created
+            total = fee = level_before = level_after = reward = reward_id = due = 0
+            new_lot = -1
+            piece_start = pieces
+            slot = member[operation]
+            row = tier[operation]
+            if method[operation] == OP_EARN:
+                qualifying = tier_qualifying[row]
+                level_before = level_after = _level_for(qualifying, level_threshold)
+                base = points[operation]
+                # floor(base * multiplier / 10000): base + the uplift, in the operator's favour
+                planned = base * level_multiplier_bps[level_before] // 10_000
+                self._check_member_slot(slot)
+                status, _, posted = self.earn(self.member_id(slot), merchant[operation], planned, created)
+                available = 0
+                if status == OK:
+                    available = posted - self._member_held[slot]
+                    total = planned
+                    fee = base * fee_bps[operation] // 10_000
+                    qualifying += base
+                    tier_qualifying[row] = qualifying
+                    level_after = _level_for(qualifying, level_threshold)
+                    reached = tier_reached[row]
+                    for level in range(1, levels):  # every level reached counts once (its bonus)
+                        if qualifying >= level_threshold[level]:
+                            reached |= 1 << level
+                    tier_reached[row] = reached
+                    acquirer = tier_acquirer[row]
+                    if acquirer >= 0 and acquirer != merchant[operation] and base > 0:
+                        reward = purchase[operation] * tier_acquiring_bps[row] // 10_000
+                        if reward > 0:
+                            reward_id = next_id
+                            next_id += 1
+                    if total > 0 and new_lot_expires > 0:  # the earn's lot, last in the member's chain
+                        if lots >= pool:
+                            raise LedgerInvariantError(f"operation {operation}: no room for its lot")
+                        new_lot = lots
+                        lots += 1
+                        lot_amount[new_lot] = total
+                        lot_expires_at_us[new_lot] = new_lot_expires
+                        lot_next[new_lot] = -1
+                        if tier_lot_tail[row] >= 0:
+                            lot_next[tier_lot_tail[row]] = new_lot
+                        else:
+                            tier_lot_head[row] = new_lot
+                        tier_lot_tail[row] = new_lot
+                        if tier_lot_total[row] >= 0:
+                            tier_lot_total[row] += total
+                else:
+                    posted = 0
+            else:
+                spendable = -1
+                if slot >= 0:
+                    self._check_member_slot(slot)
+                    spendable = self._member_posted[slot] - self._member_held[slot]
+                status, posted, available = self.redeem(slot, merchant[operation], points[operation], created)
+                if status == OK:
+                    fee = points[operation] * fee_bps[operation] // 10_000
+                    # the soonest-expiring points first, ties by lot id: the chain's order
+                    left = points[operation]
+                    lots_before = tier_lot_total[row]
+                    lot = tier_lot_head[row]
+                    soonest_before = lot_expires_at_us[lot] if lot >= 0 else 0
+                    while left > 0 and lot >= 0:
+                        taken = min(lot_amount[lot], left)
+                        if pieces >= len(piece_lot):
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces], piece_amount[pieces] = lot, taken
+                        pieces += 1
+                        lot_amount[lot] -= taken
+                        left -= taken
+                        if lots_before >= 0:
+                            tier_lot_total[row] -= taken
+                        if lot_amount[lot] == 0:
+                            lot = lot_next[lot]
+                    tier_lot_head[row] = lot
+                    if lot < 0:
+                        tier_lot_tail[row] = -1
+                    if left > 0:  # every lot taken: the rest is the member's never-expiring points
+                        if lots_before < 0 or left > spendable - lots_before:
+                            raise LedgerInvariantError(
+                                f"operation {operation}: the member's lots do not cover what its never-expiring "
+                                "points cannot"
+                            )
+                        if pieces >= len(piece_lot):
+                            raise LedgerInvariantError(f"operation {operation}: no room for its pieces")
+                        piece_lot[pieces], piece_amount[pieces] = -1, left
+                        pieces += 1
+                    if (
+                        piece_start < pieces
+                        and piece_lot[piece_start] >= 0
+                        and lot >= 0
+                        and lot_expires_at_us[lot] != soonest_before
+                    ):
+                        due = lot_expires_at_us[lot]  # the member's soonest expiry moved
+                elif status == INSUFFICIENT_POINTS and slot >= 0:
+                    posted, held = self.balance(slot)
+                    available = posted - held
+                else:
+                    posted = available = 0
+            out_status[operation] = status
+            out_posted[operation] = posted
+            out_available[operation] = available
+            out_total[operation] = total
+            out_fee[operation] = fee
+            out_level_before[operation] = level_before
+            out_level_after[operation] = level_after
+            out_reward[operation] = reward
+            out_reward_id[operation] = reward_id
+            out_lot[operation] = new_lot
+            out_piece_start[operation] = piece_start
+            out_piece_end[operation] = pieces
+            out_due_at_us[operation] = due
+        return (next_id, lots, pieces)
+
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
         """One operation of apply_batch() through its per-operation method: (status, member slot,
         amount, posted, available, kind). On a non-OK status only the member slot may be set: the
@@ -807,3 +1047,12 @@ class Ledger:
                     f"transaction {self._transaction_ids[transaction]} (slot {transaction}): kind "
                     f"{kind}, amount {amount}, refunded {refunded}"
                 )
+
+
+def _level_for(qualifying, threshold):
+    """rules.level_for over thresholds: the last level whose threshold the qualifying points reach."""
+    reached = 0
+    for level, value in enumerate(threshold):
+        if qualifying >= value:
+            reached = level
+    return reached

@@ -72,6 +72,8 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("balance checkpoint", ("_write_checkpoint (", "_committed (", "_maybe_checkpoint (")),
     ("fastpath kernel (C)", ("fastpath/_core", "_core.cpython", "__pyx_pw_8fastpath", "__pyx_f_8fastpath")),
     ("program rules in Python (rules.py, program.py)", ("processor/rules.py", "processor/program.py")),
+    # before "pipeline queueing": its "_run (" would otherwise take _kernel_run's frames
+    ("rules kernel's columns and rows (rules_kernel.py)", ("processor/rules_kernel.py",)),
     (
         "BatchWrite rows (entries, transactions, records)",
         (

@@ -33,6 +33,7 @@ NEVER_US = 2**63 - 1  # a consumed piece of never-expiring points, as lot_consum
 OWNER_HOLD = 1
 OWNER_TRANSACTION = 2
 _PERMANENT = 0  # lot id of the virtual lot of a member's never-expiring points
+PERMANENT_LOT_ID = _PERMANENT  # as a consumption's piece of never-expiring points names it
 _MISSING = object()
 DAY_US = rules.DAY_US
 
@@ -194,6 +195,9 @@ class ProgramState:
         # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
         # only those up), or None: some other change, flush() compares the member's whole lots
         self._lots_touched: dict[str, set | None] = {}
+        # member -> keys of the lots credit_lot / the kernel created since the last flush: new transaction
+        # ids, so not among what Postgres holds, and flush() need not look them up there
+        self._lots_created: dict[str, set] = {}
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -256,6 +260,7 @@ class ProgramState:
             dirty.clear()
         self._lots_flushed.clear()
         self._lots_touched.clear()
+        self._lots_created.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
@@ -291,6 +296,7 @@ class ProgramState:
             dirty.clear()
         self._lots_flushed.clear()
         self._lots_touched.clear()
+        self._lots_created.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
@@ -299,9 +305,11 @@ class ProgramState:
         touched = self._lots_touched.get(member_id)
         if touched is not None:  # only credit_lot / consume changed the member's lots: look those keys up
             before_lots, after_lots = self._lots_flushed.get(member_id, ()), self.lots.get(member_id, ())
+            created = self._lots_created.get(member_id, ())
             gone, changed = [], []
             for key in sorted(touched, key=_key_order):
-                old, new = _find(before_lots, key), _find(after_lots, key)
+                old = None if key in created else _find(before_lots, key)
+                new = _find(after_lots, key)
                 if new is None:
                     if old is not None:
                         gone.append(key)
@@ -411,6 +419,54 @@ class ProgramState:
         return EarnEffects(
             [(n, b) for n, b in bonuses if b > 0], change, referral, (before.acquirer_id, reward) if reward else None
         )
+
+    def earned_by_kernel(
+        self,
+        version: rules.ProgramVersion,
+        transaction_id: int,
+        member_id: str,
+        merchant_id: str,
+        earn: rules.Earn,
+        acquirer_id: str | None,
+        reward: int,
+        level_change: tuple[str, str] | None,
+        now_us: int,
+    ) -> None:
+        """What earned() records of an earn the compiled kernel decided (processor/rules_kernel.py):
+        its earn record and its level change. Its lot and the member's tier state follow once per run
+        (lots_by_kernel, set_member); the kernel runs no promotions, so no budget moves."""
+        record = EarnRecord(member_id, merchant_id, version.version, earn, acquirer_id, reward, 0, now_us)
+        self._set(self.earns, transaction_id, record, "earns")
+        self._dirty["new_earns"].add(transaction_id)
+        if level_change is not None:
+            self._tier_events.append((transaction_id, member_id, *level_change))
+
+    def lots_by_kernel(
+        self,
+        member_id: str,
+        lots: tuple[rules.Lot, ...],
+        keys: set[tuple[int, int | None]],
+        created: set[tuple[int, int | None]],
+        due_us: list[int],
+    ) -> None:
+        """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
+        credit_lot and consume would have, at `keys`; `created`: the keys of its new lots), with the
+        expiry heap entries those would have pushed (each new lot's expiry, and the member's soonest
+        expiry each time a spend moved it)."""
+        self._touch(member_id, keys)
+        if created:
+            self._lots_created.setdefault(member_id, set()).update(created)
+        self._set(self.lots, member_id, lots or None, "lots")
+        for expires_at_us in due_us:
+            heapq.heappush(self._due, (expires_at_us, member_id))
+
+    def set_pieces(self, owner: tuple[int, int], pieces: tuple[rules.Lot, ...]) -> None:
+        """What a redemption the kernel decided consumed (consume() keeps the same)."""
+        self._set(self.pieces, owner, pieces, "pieces")
+
+    def set_member(self, member_id: str, value: MemberRules) -> None:
+        """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""
+        self._set(self.members, member_id, value, "members")
 
     def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
         """For a refund of `base_points` of an earn made under a program: (its record, the portion to
@@ -653,13 +709,16 @@ class ProgramState:
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
         lots = self.lots.get(member_id, ())
         order = rules._order(lot)
-        require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
         if not lots or rules._order(lots[-1]) < order:
-            lots = lots + (lot,)  # a new earn's lot almost always expires last
+            # a new earn's lot almost always expires last; sorting after every lot, its key (which
+            # _order includes) is none of theirs, so no search is needed to know it is new
+            lots = lots + (lot,)
         else:
+            require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
             position = bisect.bisect_right(lots, order, key=rules._order)
             lots = lots[:position] + (lot,) + lots[position:]
         self._touch(member_id, (lot.key,))
+        self._lots_created.setdefault(member_id, set()).add(lot.key)
         self._set(self.lots, member_id, lots, "lots")
         heapq.heappush(self._due, (lot.expires_at_us, member_id))
 

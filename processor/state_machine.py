@@ -29,11 +29,12 @@ from processor.outcomes import ledger_rejection
 from processor.member_postings import METHODS as MEMBER_METHODS
 from processor.member_postings import MemberPostingsMixin, MemberRegistry
 from processor.postings import PostingsMixin, _entries
+from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
 from processor.quotas import MerchantQuotas
 from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros, to_json
 
 
-class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
+class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
     def __init__(self, settings: Settings, quotas: MerchantQuotas | None = None):
         self.settings = settings
         self.merchants = Merchants([])
@@ -50,6 +51,10 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
         self.members = MemberRegistry()  # frozen and closed members, reversals (processor/member_postings.py)
         self.fee_version: rules.ProgramVersion | None = None  # the version in force for the batch being applied
         self._one = ([array.array("q", [0]) for _ in range(7)], [array.array("q", [0]) for _ in range(6)])
+        # the compiled rules path for plain earns and redeems (processor/rules_kernel.py); False sends
+        # them through the per-operation rules path (the differential tests compare the two)
+        self.rules_kernel = True
+        self._kernel_tables: KernelTables | None = None
 
     # --- the batch ---
 
@@ -248,7 +253,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
         """Applies the batch's operations to the fast path in one kernel call (Ledger.apply_batch, a loop
         over int64 arrays in C): a first pass decides replays and suspended merchants and resolves ids to
         slots, the kernel decides every balance check in order, and a second pass turns its rows into
-        journal rows and outcomes."""
+        journal rows and outcomes. With a program in force, plain earns and redeems are decided a run at a
+        time by Ledger.apply_earn_redeem (processor/rules_kernel.py) and the other operations one at a
+        time with the rules around them, in the batch's order."""
         ledger = self.ledger
         merchants = self.merchants.by_id
         ids = self.ids
@@ -257,11 +264,15 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
         applied: list[int] = []  # positions in the batch of the operations given to the kernel
         holds_taken: list[int] = []  # positions of authorizes counted against their merchant's open holds
         method, member, merchant, points, ref_id, new_id, expires_at_us = columns = [array.array("q") for _ in range(7)]
+        # plain earns and redeems under a version the kernel implements: decided a run at a time by one
+        # compiled call (processor/rules_kernel.py); rules_kernel = False keeps them per operation
+        tables = self._tables(version) if version is not None and self.rules_kernel else None
+        run = EarnRedeemRun() if tables is not None else None
 
         def flush() -> None:
-            # the plain operations gathered so far, through the kernel in one call: before any operation
-            # applied on its own, so operations take effect in batch order, which is id order (an earlier
-            # redeem never succeeds on a later credit; the change feed's balance after each is exact)
+            # the plain operations gathered so far (no program), through the kernel in one call: before any
+            # operation applied on its own, so operations take effect in batch order, which is id order (an
+            # earlier redeem never succeeds on a later credit; the change feed's balance after each is exact)
             if not applied:
                 return
             zeros = bytes(8 * len(applied))
@@ -301,6 +312,10 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                 outcomes[position] = op.refusal
                 continue
             if op.merchant_id == domain.OPERATOR_ID and op.method in MEMBER_METHODS:  # processor/member_postings.py
+                # what was gathered before it takes effect first (batch order is id order)
+                if run is not None and tables is not None and run.tier_members:
+                    self._kernel_run(run, tables, write, now_us, outcomes)
+                    run = EarnRedeemRun()
                 flush()
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
@@ -320,6 +335,25 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                     "it may still capture, void and refund. Contact the operator",
                 )
                 continue
+            row = -1  # the operation's tier row in the kernel's run, or -1: it goes the other paths
+            if (
+                run is not None
+                and tables is not None
+                and self._kernel_eligible(op)
+                # an earn at a merchant outside the version's give-back bounds is refused by the rules path
+                and (
+                    kind is not Method.EARN
+                    or tables.version.give_back_bps_min
+                    <= merchants[op.merchant_id].give_back_bps
+                    <= tables.version.give_back_bps_max
+                )
+            ):
+                row = self._kernel_member(run, tables, op, now_us)
+            if row < 0 and run is not None and tables is not None and run.tier_members:
+                # the run so far is decided before this operation takes ids or changes state, and the
+                # next run reads its members' rules afresh (this operation may change them)
+                self._kernel_run(run, tables, write, now_us, outcomes)
+                run = EarnRedeemRun()
             slot = reference = created = expires = 0
             if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
                 if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
@@ -336,6 +370,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
                     self._signup(write, op, version, now_us)  # enrolled now: its sign-up bonus (seed 003)
+                if row >= 0 and run is not None:
+                    self._kernel_add(run, position, op, slot, row, merchants[op.merchant_id].fee_issued_bps)
+                    continue
                 created = ids.transaction() if kind is not Method.LINK else 0
             elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
@@ -356,6 +393,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                     holds_taken.append(position)
                     created = ids.authorization()
                     expires = now_us + op.hold_ttl_seconds * 1_000_000
+                elif row >= 0 and run is not None:
+                    self._kernel_add(run, position, op, slot, row, merchants[op.merchant_id].fee_redeemed_bps)
+                    continue
                 else:
                     created = ids.transaction()
             elif kind is Method.CAPTURE:
@@ -379,8 +419,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
                 or (kind is Method.REFUND and op.transaction_id in self.program.splits)
                 or (op.authorization_id and op.authorization_id in self.program.voucher_holds)
             ):
-                # under a program each operation goes through the kernel on its own, with the rules
-                # evaluated around it in order (an earn's bonuses change what the next operation sees)
+                # under a program, what the rules kernel does not decide goes through the kernel on its
+                # own, with the rules evaluated around it in order (an earn's bonuses change what the next
+                # operation sees); the kernel's run before it was decided above
                 flush()
                 outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created, expires)
                 continue
@@ -392,6 +433,8 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin):
             ref_id.append(reference)
             new_id.append(created)
             expires_at_us.append(expires)
+        if run and tables is not None:
+            self._kernel_run(run, tables, write, now_us, outcomes)
         flush()
         answered = [outcome for outcome in outcomes if outcome is not None]
         require(len(answered) == len(batch), "every operation of the batch has an outcome")

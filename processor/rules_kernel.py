@@ -1,0 +1,589 @@
+"""Plain earns and redeems under a program, decided by one compiled call per run (issue 14 stage 2).
+
+The state machine's batch loop (processor/state_machine.py) gathers consecutive operations that this
+module can decide into a run: plain EARN and REDEEM (no vouchers) of a version `kernel_supports()`
+accepts, of members whose rules need nothing the kernel lacks (no referral bonus still to pay, an
+acquirer the service knows, no lot past its expiry waiting to be collected, no lot that would sort after
+a new one). Anything else ends the run and goes through the per-operation rules path as before, so the
+order of the batch is kept.
+
+`Ledger.apply_earn_redeem` (fastpath/_core.pyx, twin in fastpath/_reference.py) decides, over int64
+columns: the member's level and multiplier before each earn, the earn's total (base + uplift), the fee,
+the balance checks, qualifying points, levels reached and level changes, the acquiring reward, the
+transaction ids in the order the per-operation path takes them, and the lots: each earn's new lot and
+what each redeem takes, soonest-expiring first (ties by lot id), then never-expiring points. This module
+builds the columns (one tier row per member of the run, read from ProgramState; of a member's lots only
+those its redeems of the run can reach, plus one) and turns the kernel's rows into the batch's journal
+rows, outcomes and ProgramState changes, exactly as the per-operation path does
+(tests/unit/test_rules_kernel_differential.py holds the two paths and the twin to that).
+
+ProgramState stays the single truth: the kernel's tier and lot columns live for one run, and what the run
+changed is written back once per member through ProgramState's undo-logged setters (with the touched lot
+keys and expiry-heap entries credit_lot and consume would have left), so rollback, flush and the rare
+Python paths see one state.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import fastpath
+from processor import domain, rules
+from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
+from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, MemberRules
+from processor.store import BatchWrite
+
+if TYPE_CHECKING:
+    from processor.program import ProgramState
+    from processor.state_machine import IdAllocator, Merchants
+
+# The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
+# version whose other fields differ from their defaults (a new option added to rules.py) goes down the
+# per-operation path until the kernel learns it.
+_FIELDS_ANY = frozenset(
+    {
+        "program_id",
+        "version",
+        "effective_from_us",
+        "expiry_period_us",  # lots are ProgramState's
+        "restore_grace_us",  # used by restores, which are not kernel operations
+        "acquiring_share_bps",
+        "merchant_terms",  # acquiring share per acquirer (and conversion rates, not used here)
+        "referral_bonus_point_units",  # a member with a bonus still to pay goes the Python path
+        "referral_minimum_purchase",
+        "operator_store_merchant_id",  # voucher spends are not kernel operations
+        "member_verification",  # decided before queueing (Operation.refusal)
+        "verification_failures_max",
+        "verification_lockout_seconds",
+    }
+)
+
+
+def kernel_supports(version: rules.ProgramVersion | None) -> bool:
+    """True when every rule of `version` that an earn or redeem meets is one the kernel implements:
+    levels without bonuses (a bonus credits the member a transaction of its own), qualifying points
+    in total (no tier window), no promotions, no dividend pool, no spending caps."""
+    if version is None or not _defaults_beyond(version, _FIELDS_ANY | {"levels"}):
+        return False
+    names = [level.name for level in version.levels]
+    return (
+        0 < len(version.levels) <= fastpath.RULES_LEVELS_MAX
+        and len(set(names)) == len(names)
+        and all(_defaults_beyond(level, _LEVEL_FIELDS) for level in version.levels)
+        and all(_defaults_beyond(terms, _TERMS_FIELDS) for terms in version.merchant_terms)
+    )
+
+
+# Of a level, the kernel implements its threshold and multiplier (no bonus: a bonus is a transaction of
+# its own); of merchant terms, the acquiring share (a conversion rate is not used by earns or redeems).
+_LEVEL_FIELDS = frozenset({"name", "threshold_point_units", "multiplier_bps"})
+_TERMS_FIELDS = frozenset({"merchant_id", "acquiring_share_bps", "conversion_rate"})
+
+
+def _defaults_beyond(value: Any, implemented: frozenset[str]) -> bool:
+    """Every field of the dataclass `value` outside `implemented` has its default (a field with no
+    plain default, e.g. one added with a default_factory, counts as set)."""
+    return all(
+        field.name in implemented or getattr(value, field.name) == field.default for field in dataclasses.fields(value)
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KernelTables:
+    """A version's levels as the kernel's columns, and its acquiring shares by acquirer."""
+
+    version: rules.ProgramVersion
+    level_threshold: array.array[int]
+    level_multiplier_bps: array.array[int]
+    level_names: tuple[str, ...]
+    acquiring_bps: dict[str, int]
+
+    @classmethod
+    def of(cls, version: rules.ProgramVersion) -> KernelTables:
+        return cls(
+            version,
+            array.array("q", [level.threshold_point_units for level in version.levels]),
+            array.array("q", [level.multiplier_bps for level in version.levels]),
+            tuple(level.name for level in version.levels),
+            {},
+        )
+
+    def acquiring_share_bps(self, acquirer_id: str) -> int:
+        share = self.acquiring_bps.get(acquirer_id)
+        if share is None:
+            share = self.acquiring_bps[acquirer_id] = self.version.acquiring_share_bps_for(acquirer_id)
+        return share
+
+
+class EarnRedeemRun:
+    """The operations of one run, as the kernel's columns, and the tier row of each of its members."""
+
+    __slots__ = (
+        "positions",
+        "ops",
+        "method",
+        "member",
+        "merchant",
+        "points",
+        "purchase",
+        "fee_bps",
+        "tier",
+        "tier_rows",
+        "tier_members",
+        "tier_qualifying",
+        "tier_reached",
+        "tier_acquirer",
+        "tier_acquiring_bps",
+        "tier_demand",
+        "earns",
+    )
+
+    def __init__(self) -> None:
+        self.positions: list[int] = []
+        self.ops: list[Operation] = []
+        self.method, self.member, self.merchant, self.points, self.purchase, self.fee_bps, self.tier = (
+            array.array("q") for _ in range(7)
+        )
+        self.tier_rows: dict[str, int] = {}
+        # per tier row: (member id, its rules and its lots when the run began)
+        self.tier_members: list[tuple[str, MemberRules, tuple[rules.Lot, ...]]] = []
+        self.tier_qualifying, self.tier_reached, self.tier_acquirer, self.tier_acquiring_bps = (
+            array.array("q") for _ in range(4)
+        )
+        self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
+        self.earns = 0
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+class RulesKernelMixin:
+    """The kernel path of LedgerStateMachine for plain earns and redeems under a program."""
+
+    # the state machine's state these paths use (set by LedgerStateMachine)
+    merchants: Merchants
+    ledger: Any
+    program: ProgramState
+    ids: IdAllocator
+    operator_accounts: dict[str, int]
+    _kernel_tables: KernelTables | None
+
+    if TYPE_CHECKING:
+
+        def _applied(
+            self,
+            op: Operation,
+            write: BatchWrite,
+            now_us: int,
+            created: int,
+            status: int,
+            slot: int,
+            amount: int,
+            posted: int,
+            available: int,
+            kind: int,
+        ) -> Outcome: ...
+
+    def _tables(self, version: rules.ProgramVersion | None) -> KernelTables | None:
+        """The kernel's tables of `version`, or None when the kernel does not implement it."""
+        tables = self._kernel_tables
+        if tables is not None and tables.version is version:
+            return tables
+        if version is None or not kernel_supports(version):
+            return None
+        self._kernel_tables = tables = KernelTables.of(version)
+        return tables
+
+    def _kernel_member(self, run: EarnRedeemRun, tables: KernelTables, op: Operation, now_us: int) -> int:
+        """The tier row of op's member in the run (added on its first operation), or -1 when the
+        member's rules need the per-operation path."""
+        member_id = op.member_id
+        row = run.tier_rows.get(member_id)
+        if row is not None:
+            return row
+        program = self.program
+        member = program.members.get(member_id) or MemberRules()
+        if member.referrer_id and not member.referral_paid:
+            return -1  # its first qualifying earn pays the referrer a bonus: a transaction of its own
+        acquirer_slot = -1
+        share = 0
+        if member.acquirer_id is not None:
+            acquirer = self.merchants.by_id.get(member.acquirer_id)
+            if acquirer is None:
+                return -1  # the per-operation path refuses what it cannot post
+            acquirer_slot = acquirer.merchant_slot
+            share = tables.acquiring_share_bps(member.acquirer_id)
+        lots = program.lots.get(member_id, ())
+        if lots:
+            soonest, last = lots[0].expires_at_us, lots[-1].expires_at_us
+            if soonest is not None and soonest <= now_us:
+                return -1  # a lot past its expiry: the per-operation path posts its expiry first
+            period = tables.version.expiry_period_us
+            if period is not None and (last is None or last > now_us + period):
+                return -1  # a new lot would not sort last (a restored lot outlives it): credit_lot inserts
+        row = len(run.tier_members)
+        run.tier_rows[member_id] = row
+        run.tier_members.append((member_id, member, lots))
+        run.tier_demand.append(0)
+        run.tier_qualifying.append(member.qualifying)
+        run.tier_reached.append(member.levels_reached)
+        run.tier_acquirer.append(acquirer_slot)
+        run.tier_acquiring_bps.append(share)
+        return row
+
+    def _kernel_eligible(self, op: Operation) -> bool:
+        """An operation the kernel may decide, before its member is looked at."""
+        return (
+            (op.method is Method.EARN or op.method is Method.REDEEM)
+            and not op.vouchers
+            and op.refusal is None
+            and 0 <= op.points <= fastpath.RULES_EARN_POINTS_MAX
+            and 0 <= op.purchase_amount <= fastpath.RULES_PURCHASE_MAX
+        )
+
+    def _kernel_add(self, run: EarnRedeemRun, position: int, op: Operation, slot: int, row: int, fee_bps: int) -> None:
+        run.positions.append(position)
+        run.ops.append(op)
+        run.method.append(fastpath.OP_EARN if op.method is Method.EARN else fastpath.OP_REDEEM)
+        run.member.append(slot)
+        run.merchant.append(op.merchant_slot)
+        run.points.append(op.points)
+        run.purchase.append(op.purchase_amount)
+        run.fee_bps.append(fee_bps)
+        run.tier.append(row)
+        if op.method is Method.REDEEM:
+            run.tier_demand[row] += op.points
+        else:
+            run.earns += 1
+
+    def _kernel_run(
+        self,
+        run: EarnRedeemRun,
+        tables: KernelTables,
+        write: BatchWrite,
+        now_us: int,
+        outcomes: list[Outcome | None],
+    ) -> None:
+        """Decides the run in one kernel call and turns its rows into journal rows, outcomes and
+        program state, in the run's order."""
+        count = len(run)
+        if not count:
+            return
+        version = tables.version
+        lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
+        pool = len(lots_in)
+        capacity = pool + run.earns
+        lot_amount = array.array("q", [lot.amount for lot in lots_in] + [0] * run.earns)
+        lot_expires = array.array("q", [lot.expires_at_us or 0 for lot in lots_in] + [0] * run.earns)
+        lot_next = array.array("q", [-1] * capacity)
+        for row in range(len(heads)):  # each member's passed lots in a chain, soonest first
+            head, tail = heads[row], tails[row]
+            if head >= 0:
+                for index in range(head, tail):
+                    lot_next[index] = index + 1
+        pieces_capacity = capacity + 2 * (count - run.earns)
+        piece_lot, piece_amount = (
+            array.array("q", bytes(8 * pieces_capacity)),
+            array.array("q", bytes(8 * pieces_capacity)),
+        )
+        zeros = bytes(8 * count)
+        columns = [array.array("q", zeros) for _ in range(14)]
+        (
+            statuses,
+            createds,
+            posteds,
+            availables,
+            totals_out,
+            fees,
+            levels_before,
+            levels_after,
+            rewards,
+            reward_ids,
+            new_lots,
+            piece_starts,
+            piece_ends,
+            dues,
+        ) = columns
+        period = version.expiry_period_us
+        new_lot_expires_at_us = now_us + period if period is not None else 0
+        ids = self.ids
+        ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
+            run.method,
+            run.member,
+            run.merchant,
+            run.points,
+            run.purchase,
+            run.fee_bps,
+            run.tier,
+            run.tier_qualifying,
+            run.tier_reached,
+            run.tier_acquirer,
+            run.tier_acquiring_bps,
+            heads,
+            tails,
+            totals,
+            lot_amount,
+            lot_expires,
+            lot_next,
+            pool,
+            tables.level_threshold,
+            tables.level_multiplier_bps,
+            new_lot_expires_at_us,
+            ids.next_transaction_id,
+            *columns,
+            piece_lot,
+            piece_amount,
+        )
+        number = version.version
+        names = tables.level_names
+        merchants = self.merchants.by_id
+        ledger, program = self.ledger, self.program
+        operator = self.operator_accounts
+        fee_revenue = operator[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
+        tier_rewards = operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS]
+        acquiring = operator[rules.ACCOUNT_OPERATOR_ACQUIRING]
+        transactions, entries = write.transactions, write.entries
+        pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * run.earns)]
+        earned_rows: set[int] = set()
+        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of lots changed
+        new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
+        created_by_row: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of its new lots
+        due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries to push
+        ops, members, tiers = run.ops, run.member, run.tier
+        for i, position in enumerate(run.positions):
+            op = ops[i]
+            created = createds[i]
+            status = statuses[i]
+            slot = members[i]
+            if status != fastpath.OK:
+                outcomes[position] = self._applied(
+                    op, write, now_us, created, status, slot, 0, posteds[i], availables[i], 0
+                )
+                continue
+            merchant = merchants[op.merchant_id]
+            fee = fees[i]
+            account = ledger.member_account(slot)
+            row = tiers[i]
+            if op.method is Method.EARN:
+                base, total = op.points, totals_out[i]
+                uplift = total - base
+                if fee:
+                    entries.append((created, merchant.fees_account_id, -fee))
+                    entries.append((created, fee_revenue, fee))
+                transactions.append(
+                    (
+                        created,
+                        fastpath.KIND_EARN,
+                        op.merchant_id,
+                        op.member_id,
+                        total,
+                        op.purchase_amount,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                        number,
+                    )
+                )
+                if total:
+                    entries.append((created, account, total))
+                if base:
+                    entries.append((created, merchant.issued_account_id, -base))
+                if uplift:
+                    entries.append((created, tier_rewards, -uplift))
+                earned_rows.add(row)
+                new_lot = new_lots[i]
+                if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
+                    lot = rules.Lot(created, total, new_lot_expires_at_us, op.merchant_id)
+                    pool_lots[new_lot] = lot
+                    new_by_row.setdefault(row, []).append(new_lot)
+                    touched.setdefault(row, set()).add(lot.key)
+                    created_by_row.setdefault(row, set()).add(lot.key)
+                    due_by_row.setdefault(row, []).append(new_lot_expires_at_us)
+                reward = rewards[i]
+                acquirer_id = run.tier_members[row][1].acquirer_id if reward else None
+                before, after = names[levels_before[i]], names[levels_after[i]]
+                program.earned_by_kernel(
+                    version,
+                    created,
+                    op.member_id,
+                    op.merchant_id,
+                    rules.Earn(base, uplift),
+                    acquirer_id,
+                    reward,
+                    (before, after) if before != after else None,
+                    now_us,
+                )
+                if acquirer_id is not None:
+                    reward_id = reward_ids[i]
+                    transactions.append(
+                        (
+                            reward_id,
+                            rules.KIND_ACQUIRING_REWARD,
+                            acquirer_id,
+                            op.member_id,
+                            reward,
+                            None,
+                            None,
+                            created,
+                            f"acquiring:{created}",
+                            0,
+                            number,
+                        )
+                    )
+                    entries.append((reward_id, acquiring, -reward))
+                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                outcomes[position] = Outcome(
+                    Code.OK,
+                    {
+                        "transaction_id": created,
+                        "points": base,
+                        "balance": posteds[i],
+                        "give_back_bps": merchant.give_back_bps,
+                        "created_at_us": now_us,
+                        "bonus_points": uplift,
+                        "level": after,
+                    },
+                )
+                continue
+            points = op.points
+            if fee:
+                entries.append((created, merchant.fees_account_id, -fee))
+                entries.append((created, fee_revenue, fee))
+            transactions.append(
+                (
+                    created,
+                    fastpath.KIND_REDEEM,
+                    op.merchant_id,
+                    op.member_id,
+                    points,
+                    None,
+                    None,
+                    None,
+                    op.idempotency_key,
+                    fee,
+                )
+            )
+            entries.append((created, account, -points))
+            entries.append((created, merchant.redeemed_account_id, points))
+            # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
+            pieces = []
+            for k in range(piece_starts[i], piece_ends[i]):
+                taken, source = piece_amount[k], piece_lot[k]
+                if source < 0:
+                    pieces.append(rules.Lot(PERMANENT_LOT_ID, taken, None, ""))
+                    continue
+                source_lot = pool_lots[source]
+                if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
+                    raise InvariantViolation(f"operation {i} of the run took from lot {source}, which no earn made")
+                pieces.append(
+                    source_lot
+                    if taken == source_lot.amount
+                    else rules.Lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
+                )
+                touched.setdefault(row, set()).add(source_lot.key)
+            program.set_pieces((OWNER_TRANSACTION, created), tuple(pieces))
+            if dues[i]:
+                due_by_row.setdefault(row, []).append(dues[i])
+            program.spend(op.member_id, points, now_us)
+            outcomes[position] = Outcome(
+                Code.OK,
+                {"transaction_id": created, "points": points, "balance": posteds[i], "available": availables[i]},
+            )
+        # each member's lots as the run left them: what it passed (less what was taken), the lots it
+        # did not need, the run's new lots (all sorted: new lots expire last)
+        for row, keys in touched.items():
+            member_id, _, before_lots = run.tier_members[row]
+            start, passed = prefixes[row]
+            kept = [
+                *self._left(pool_lots, lot_amount, range(start, start + passed)),
+                *before_lots[passed:],
+                *self._left(pool_lots, lot_amount, new_by_row.get(row, ())),
+            ]
+            program.lots_by_kernel(
+                member_id, tuple(kept), keys, created_by_row.get(row, set()), due_by_row.get(row, [])
+            )
+        # the run's tier state, once per member that earned (qualifying in total: no day buckets)
+        for row in sorted(earned_rows):
+            member_id, before_rules, _ = run.tier_members[row]
+            qualifying = run.tier_qualifying[row]
+            program.set_member(
+                member_id,
+                dataclasses.replace(
+                    before_rules,
+                    qualifying=qualifying,
+                    day_buckets=(),
+                    levels_reached=run.tier_reached[row],
+                    level=names[_level_index(qualifying, tables.level_threshold)],
+                ),
+            )
+
+    @staticmethod
+    def _left(
+        pool_lots: list[rules.Lot | None], lot_amount: array.array[int], indexes: Iterable[int]
+    ) -> list[rules.Lot]:
+        """The pool's lots at `indexes` with what the run left of them (the emptied ones dropped)."""
+        kept = []
+        for index in indexes:
+            lot, left = pool_lots[index], lot_amount[index]
+            if lot is None:
+                raise InvariantViolation(f"lot {index} of the run's pool was never made")
+            if left:
+                kept.append(
+                    lot if left == lot.amount else rules.Lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                )
+        return kept
+
+    def _kernel_lots(
+        self, run: EarnRedeemRun
+    ) -> tuple[list[rules.Lot], array.array[int], array.array[int], array.array[int], list[tuple[int, int]]]:
+        """The lots the run's redeems may take, as the kernel's pool: per member that redeems, its lots
+        soonest first until they cover what its redeems ask (all of them if they do not), plus one
+        more (the member's soonest lot once those are taken). Returns the pool's lots, each tier row's
+        head, tail and total (Σ of the member's lots, or -1 when not all were passed) and its (start,
+        count) in the pool."""
+        pool: list[rules.Lot] = []
+        rows = len(run.tier_members)
+        heads, tails, totals = (
+            array.array("q", [-1] * rows),
+            array.array("q", [-1] * rows),
+            array.array("q", [-1] * rows),
+        )
+        prefixes: list[tuple[int, int]] = []
+        for row, (_, _, lots) in enumerate(run.tier_members):
+            demand = run.tier_demand[row]
+            start = len(pool)
+            if not lots:
+                totals[row] = 0
+                prefixes.append((start, 0))
+                continue
+            if not demand:
+                prefixes.append((start, 0))
+                continue
+            covered = 0
+            passed = 0
+            for lot in lots:
+                pool.append(lot)
+                passed += 1
+                covered += lot.amount
+                if covered >= demand:
+                    break
+            if passed < len(lots):
+                pool.append(lots[passed])
+                passed += 1
+                covered += lots[passed - 1].amount
+            heads[row], tails[row] = start, start + passed - 1
+            totals[row] = covered if passed == len(lots) else -1
+            prefixes.append((start, passed))
+        return pool, heads, tails, totals, prefixes
+
+
+def _level_index(qualifying: int, threshold: array.array[int]) -> int:
+    reached = 0
+    for level, value in enumerate(threshold):
+        if qualifying >= value:
+            reached = level
+    return reached
