@@ -4,8 +4,10 @@ This is the one place ledger state changes. A single committer task takes up to
 `batch_operations_max` queued operations (waiting `batch_linger_seconds` for more after the first),
 and for the batch:
 
-  1. looks up, in one query, the idempotency keys it has not seen in flight: a stored outcome is
-     replayed (or, if the request differs, refused with ALREADY_EXISTS naming the field);
+  1. asks the in-memory idempotency table (processor/idempotency.py) which of its keys may have a
+     stored record, and reads only those from Postgres, in one query (none for a batch of new keys):
+     a stored outcome is replayed (or, if the request differs, refused with ALREADY_EXISTS naming the
+     field);
   2. prefetches the holds and transactions the batch refers to that the fast path does not hold;
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
@@ -37,6 +39,7 @@ from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
 from processor.domain import Code, Operation, Outcome, Rejection, require
+from processor.idempotency import IdempotencyTable
 from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
 from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
 from processor.store import (
@@ -100,6 +103,8 @@ class Pipeline:
         self.store = store
         # the ledger's state (fast path, program rules' state, merchants, ids, quotas): what a batch changes
         self.machine = LedgerStateMachine(settings, MerchantQuotas(settings))
+        # the keys of every stored idempotency record: a batch whose keys all miss reads nothing
+        self.idempotency = IdempotencyTable()
         self._listening = False
         self._queue: collections.deque[Operation] = collections.deque()
         self._queued = asyncio.Event()
@@ -156,6 +161,7 @@ class Pipeline:
         last_transaction, last_authorization = await self.store.id_high_water_marks()
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
         self.operator_accounts = await self.store.operator_account_ids()
+        await self._load_idempotency()
         self._pending_deltas, self._pending_through = await self.store.tail_deltas(
             await self.store.checkpoint_through()
         )
@@ -179,6 +185,23 @@ class Pipeline:
                 "members": self.ledger.members_count,
                 "holds_open": self.ledger.holds_open_count,
                 "merchants": len(self.merchants.by_id),
+            },
+        )
+
+    async def _load_idempotency(self) -> None:
+        """Rebuilds the in-memory idempotency table from Postgres (no batch is open: recovery)."""
+        started = time.monotonic()
+        estimate, chunks = await self.store.idempotency_keys()
+        table = self.idempotency
+        table.reset(estimate)
+        async for keys in chunks:
+            table.add(keys)
+        log.info(
+            "idempotency keys loaded",
+            extra={
+                "keys": table.count,
+                "memory_bytes": table.memory_bytes,
+                "seconds": round(time.monotonic() - started, 3),
             },
         )
 
@@ -429,7 +452,12 @@ class Pipeline:
         for op in batch:
             metrics.queue_wait_seconds.observe(started - op.enqueued_at)
         try:
-            stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
+            # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
+            maybe = self.idempotency.maybe_stored([(op.merchant_id, op.idempotency_key) for op in batch])
+            stored = {}
+            if maybe:
+                metrics.idempotency_keys_read.inc(len(maybe))
+                stored = await self.store.stored_outcomes(maybe)
             await self._prefetch(batch, now_micros())
             dividends = []
             if self.program.dividends_unposted and not self._open:
@@ -505,6 +533,8 @@ class Pipeline:
             return False
         self.machine.commit()
         self._open.popleft()
+        # before any call is answered: a retry that follows must find its key
+        self.idempotency.add([(record[0], record[1]) for record in prepared.write.idempotency])
         self._committed(prepared.write)
         metrics.batches.labels("committed").inc()
         metrics.batch_operations.observe(len(prepared.batch))

@@ -17,7 +17,7 @@ import pathlib
 import socket
 import time
 import urllib.parse
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import asyncpg
 
@@ -965,6 +965,28 @@ class Store:
             for r in rows
         }
 
+    async def idempotency_keys(
+        self, chunk_rows_max: int = 50_000
+    ) -> tuple[int, AsyncIterator[list[tuple[str, str]]]]:
+        """Every stored (merchant_id, idempotency_key), for the in-memory table a recovery rebuilds
+        (processor/idempotency.py): the planner's estimate of the row count (to size the table), and
+        the keys in chunks of at most `chunk_rows_max`, read by a cursor in one snapshot (bounded
+        memory on any table size)."""
+        estimate = await self.pool.fetchval(
+            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'idempotency_keys'::regclass",
+            timeout=self.recovery_timeout,
+        )
+
+        async def chunks() -> AsyncIterator[list[tuple[str, str]]]:
+            async with self.pool.acquire() as connection, connection.transaction(readonly=True):
+                cursor = await connection.cursor(
+                    "SELECT merchant_id, idempotency_key FROM idempotency_keys", timeout=self.recovery_timeout
+                )
+                while rows := await cursor.fetch(chunk_rows_max, timeout=self.recovery_timeout):
+                    yield [(r[0], r[1]) for r in rows]
+
+        return int(estimate or 0), chunks()
+
     async def holds(self, authorization_ids: Iterable[int]) -> list[HoldRow]:
         ids = list(authorization_ids)
         rows = await self.bounded(
@@ -1560,22 +1582,31 @@ class Store:
         return {r["merchant_id"]: r["n"] for r in rows}
 
     async def purge_idempotency(
-        self, older_than: dt.datetime, chunk_rows_max: int = 10_000, chunk_timeout_seconds: float = 60.0
+        self,
+        older_than: dt.datetime,
+        chunk_rows_max: int = 10_000,
+        chunk_timeout_seconds: float = 60.0,
+        deleted_keys: Callable[[list[tuple[str, str]]], object] | None = None,
     ) -> int:
         """Deletes the idempotency records created before `older_than`, in chunks of at most
         `chunk_rows_max` rows, each its own transaction under its own timeout: progress on any table
-        size, and no long lock or transaction. Returns the rows deleted."""
+        size, and no long lock or transaction. Returns the rows deleted. `deleted_keys`, if given, is
+        called with each chunk's (merchant_id, idempotency_key) once that chunk is committed (the
+        service drops them from its in-memory table)."""
         require(chunk_rows_max >= 1, f"chunk_rows_max {chunk_rows_max}")
         deleted = 0
         while True:
-            result = await self.pool.execute(
+            rows = await self.pool.fetch(
                 """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-                       SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))""",
+                       SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))
+                   RETURNING merchant_id, idempotency_key""",
                 older_than,
                 chunk_rows_max,
                 timeout=chunk_timeout_seconds,
             )
-            count = int(result.split()[-1])
+            count = len(rows)
+            if deleted_keys is not None and rows:
+                deleted_keys([(r[0], r[1]) for r in rows])
             deleted += count
             if count < chunk_rows_max:
                 return deleted
