@@ -99,6 +99,9 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
         (
             "enqueue (",
             "_enqueue (",
+            "enqueue_many (",
+            "_admit (",
+            "decided (",
             "_resolve (",
             "all_done (",
             "one_done (",
@@ -176,6 +179,7 @@ def _py_spy() -> str:
 
 
 _RESPOND_LINE: int | None = None
+_RESPOND_MARK = "self.pipeline.enqueue_many("  # SubmitBatch awaits its call's one future on this line
 
 
 def _respond_line() -> int:
@@ -184,7 +188,7 @@ def _respond_line() -> int:
     if _RESPOND_LINE is None:
         lines = (ROOT / "processor" / "servicer.py").read_text().splitlines()
         start = next(i for i, line in enumerate(lines) if "async def SubmitBatch(" in line)
-        _RESPOND_LINE = next(i for i in range(start, len(lines)) if "await all_done(" in lines[i]) + 1
+        _RESPOND_LINE = next(i for i in range(start, len(lines)) if _RESPOND_MARK in lines[i]) + 1
     return _RESPOND_LINE
 
 

@@ -29,7 +29,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import asyncpg
 
@@ -84,6 +84,28 @@ def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
     if not futures:
         done.set_result(None)
     return done
+
+
+class Call:
+    """The operations of one call (a SubmitBatch, or one operation of a Stream) waiting for their
+    outcomes: one future for them all, set when the last is decided (each operation's outcome is on
+    `op.outcome`), instead of a future and two loop callbacks per operation (measured: a sixth of the
+    service's CPU per operation). `answer`, if given, is called with each operation as it is decided."""
+
+    __slots__ = ("future", "remaining", "answer")
+
+    def __init__(self, answer: Callable[[Operation], None] | None = None):
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.remaining = 0
+        self.answer = answer
+
+    def decided(self, op: Operation, outcome: Outcome) -> None:
+        op.outcome = outcome
+        if self.answer is not None:
+            self.answer(op)
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():  # done: the caller went away (cancelled)
+            self.future.set_result(None)
 
 
 def now_micros() -> int:
@@ -266,6 +288,8 @@ class Pipeline:
         key = (op.merchant_id, op.idempotency_key)
         while (first := self._inflight.get(key)) is not None:
             # The same key is in flight: wait for its outcome rather than posting twice.
+            if first.future is None:  # queued with its call's one future: it gets one of its own now
+                first.future = asyncio.get_running_loop().create_future()
             outcome = await asyncio.shield(first.future)
             if outcome.code is Code.ALREADY_EXISTS or outcome.code in NOT_RECORDED or not outcome.recorded:
                 # That call decided nothing for the key (it was refused as a conflicting retry, or not
@@ -284,7 +308,41 @@ class Pipeline:
             return asyncio.ensure_future(self.submit(op))  # rare: waits for the call in flight first
         return self._enqueue(op)
 
+    def enqueue_many(self, ops: list[Operation], answer: Callable[[Operation], None] | None = None) -> Call:
+        """Queues the operations of one call, all before any is decided (they share commits). Each gets
+        its outcome on `op.outcome` when decided: at once for one refused at the door (UNAVAILABLE,
+        RESOURCE_EXHAUSTED: the same refusals as enqueue()), else when its batch is durable or replayed.
+        The call's future is done when every one is; the caller may cancel its wait (the operations
+        still commit), but must not set the future. `answer`: see Call."""
+        call = Call(answer)
+        call.remaining = len(ops)
+        now = time.monotonic()
+        for op in ops:
+            try:
+                if (op.merchant_id, op.idempotency_key) in self._inflight:
+                    # rare: the same key is in flight; submit() decides it after that call (with a
+                    # future of its own, so op.call stays None)
+                    asyncio.ensure_future(self.submit(op)).add_done_callback(
+                        lambda future, op=op: call.decided(op, _outcome_of(future))
+                    )
+                else:
+                    op.call = call
+                    self._admit(op, now)
+            except Rejection as rejection:
+                call.decided(op, Outcome(rejection.code, message=rejection.message))
+        if len(self._queue) >= self._wake_at:
+            self._queued.set()
+        return call
+
     def _enqueue(self, op: Operation) -> asyncio.Future:
+        op.future = asyncio.get_running_loop().create_future()
+        self._admit(op, time.monotonic())
+        if len(self._queue) >= self._wake_at:
+            self._queued.set()
+        return op.future
+
+    def _admit(self, op: Operation, now: float) -> None:
+        """Puts an operation in the queue, or raises Rejection (the service's state or capacity)."""
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
         if self.draining or self._stopping:
@@ -297,14 +355,9 @@ class Pipeline:
                 "retry with exponential backoff",
             )
         self.quotas.enqueue(op.merchant_id)  # RESOURCE_EXHAUSTED beyond the merchant's share of the queue
-        op.future = asyncio.get_running_loop().create_future()
-        op.future.add_done_callback(lambda _, merchant_id=op.merchant_id: self.quotas.dequeued(merchant_id))
-        op.enqueued_at = time.monotonic()
+        op.enqueued_at = now
         self._inflight[(op.merchant_id, op.idempotency_key)] = op
         self._queue.append(op)
-        if len(self._queue) >= self._wake_at:
-            self._queued.set()
-        return op.future
 
     def request_resync(self) -> None:
         """Stops new work (UNAVAILABLE) until the committer has rebuilt the fast path from Postgres."""
@@ -608,8 +661,17 @@ class Pipeline:
         self._signal_finished()
 
     def _resolve(self, op: Operation, outcome: Outcome) -> None:
+        """Decides a queued operation (once: a second outcome for it is ignored)."""
         self._inflight.pop((op.merchant_id, op.idempotency_key), None)
-        if op.future is not None and not op.future.done():
+        call = op.call
+        if call is not None:
+            if op.outcome is None:
+                self.quotas.dequeued(op.merchant_id)
+                call.decided(op, outcome)
+                if op.future is not None:  # a call with the same key waits for this one (submit())
+                    op.future.set_result(outcome)
+        elif op.future is not None and not op.future.done():
+            self.quotas.dequeued(op.merchant_id)
             op.future.set_result(outcome)
 
     def _fail(self, batch: list[Operation], code: Code, message: str) -> None:
@@ -771,6 +833,19 @@ def _count_committed(write: BatchWrite, ledger: Any) -> None:
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
+
+
+def _outcome_of(future: asyncio.Future) -> Outcome:
+    """The outcome a submit() task ended with; its Rejection or unexpected error as an outcome."""
+    if future.cancelled():
+        return Outcome(Code.UNAVAILABLE, message=_NOT_APPLIED_MESSAGE)
+    error = future.exception()
+    if error is None:
+        return future.result()
+    if isinstance(error, Rejection):
+        return Outcome(error.code, message=error.message)
+    log.error("operation failed unexpectedly", exc_info=error)
+    return Outcome(Code.INTERNAL, message=_INTERNAL_MESSAGE)
 
 
 def _divergent(error: BaseException) -> bool:

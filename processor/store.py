@@ -965,9 +965,7 @@ class Store:
             for r in rows
         }
 
-    async def idempotency_keys(
-        self, chunk_rows_max: int = 50_000
-    ) -> tuple[int, AsyncIterator[list[tuple[str, str]]]]:
+    async def idempotency_keys(self, chunk_rows_max: int = 50_000) -> tuple[int, AsyncIterator[list[tuple[str, str]]]]:
         """Every stored (merchant_id, idempotency_key), for the in-memory table a recovery rebuilds
         (processor/idempotency.py): the planner's estimate of the row count (to size the table), and
         the keys in chunks of at most `chunk_rows_max`, read by a cursor in one snapshot (bounded
