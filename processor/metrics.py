@@ -214,6 +214,23 @@ def _initialise_label_values() -> None:
 _initialise_label_values()
 
 
+def observe_many(histogram: Histogram, amount: float, count: int) -> None:
+    """`histogram.observe(amount)` done `count` times, at the cost of one (the operations of a call share
+    their queue wait: observing each took ~1-4 µs an operation). prometheus_client has no weighted
+    observe, so this updates the same buckets and sum its observe() does (tests/unit/test_metrics_many.py
+    checks it against observe())."""
+    if count <= 0:
+        return
+    if count == 1:
+        histogram.observe(amount)
+        return
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
+
+
 def serve_http(listen: str) -> int:
     """Starts the /metrics endpoint on HOST:PORT in a thread; returns the bound port."""
     host, _, port = listen.rpartition(":")

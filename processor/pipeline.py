@@ -502,8 +502,14 @@ class Pipeline:
         calls are answered)."""
         settings = self.settings
         started = time.monotonic()
+        # the operations of one call were queued together (one enqueued_at): one observation per run
+        run_start, run_length = batch[0].enqueued_at if batch else 0.0, 0
         for op in batch:
-            metrics.queue_wait_seconds.observe(started - op.enqueued_at)
+            if op.enqueued_at != run_start:
+                metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
+                run_start, run_length = op.enqueued_at, 0
+            run_length += 1
+        metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
         try:
             # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
             maybe = self.idempotency.maybe_stored([(op.merchant_id, op.idempotency_key) for op in batch])
@@ -816,20 +822,26 @@ _NOT_APPLIED_MESSAGE = (
 
 
 def _count_committed(write: BatchWrite, ledger: Any) -> None:
-    """Business counters, from what the batch committed (never from what it only tried)."""
+    """Business counters, from what the batch committed (never from what it only tried): summed per
+    kind first, so a counter is touched once a batch, not once a transaction (each inc takes a lock)."""
+    amounts: dict[int, int] = {}
+    counts: dict[int, int] = {}
     for transaction in write.transactions:
-        kind, amount = transaction[1], transaction[4]
+        kind = transaction[1]
+        amounts[kind] = amounts.get(kind, 0) + transaction[4]
+        counts[kind] = counts.get(kind, 0) + 1
+    for kind, amount in amounts.items():
         if kind == fastpath.KIND_EARN:
             metrics.points_earned.inc(amount)
         elif kind == rules.KIND_EXPIRY:
             metrics.points_expired.inc(amount)
-            metrics.program_transactions.labels("expiry").inc()
+            metrics.program_transactions.labels("expiry").inc(counts[kind])
         elif kind in (fastpath.KIND_CAPTURE, fastpath.KIND_REDEEM):
             metrics.points_redeemed.inc(amount)
         elif kind in kinds.REFUNDS:
             metrics.points_refunded.labels(kinds.REFUNDS[kind]).inc(amount)
         else:
-            metrics.program_transactions.labels(kinds.kind(kind).name).inc()
+            metrics.program_transactions.labels(kinds.kind(kind).name).inc(counts[kind])
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
