@@ -64,7 +64,10 @@ BATCH_SIZE = 1_000
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("JSON idempotency records", ("to_json (", "json/encoder.py", "json/__init__.py", "json/decoder.py")),
-    ("idempotency look-up (stored_outcomes)", ("stored_outcomes (",)),
+    (
+        "idempotency look-up (in-memory table; stored_outcomes of its hits)",
+        ("stored_outcomes (", "processor/idempotency.py", "_load_idempotency ("),
+    ),
     ("prefetch (holds, earn records)", ("_prefetch (",)),
     (
         "asyncpg: encode + COPY/execute (write_batch)",
