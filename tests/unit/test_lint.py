@@ -28,7 +28,13 @@ def test_ruff(command):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-STRICT = ["processor/domain.py", "processor/rules.py", "processor/state_machine.py", "processor/postings.py"]
+STRICT = [
+    "processor/domain.py",
+    "processor/rules.py",
+    "processor/state_machine.py",
+    "processor/postings.py",
+    "processor/idempotency.py",
+]
 
 
 def test_mypy_strict_on_the_domain_the_rules_and_the_state_machine():
