@@ -31,9 +31,11 @@ process, which is enough because the table is only ever rebuilt from the keys th
 from __future__ import annotations
 
 import array
+import logging
 import time
 from collections.abc import Callable, Iterable
 
+log = logging.getLogger("points.idempotency")
 # A key that fingerprints to 0 takes 1 instead: 0 marks an empty slot.
 Fingerprint = Callable[[str, str], int]
 
@@ -121,8 +123,10 @@ class IdempotencyTable:
         return dropped
 
     def reset(self, expected: int = 0) -> None:
-        """Empties the table before a rebuild, sized for `expected` records."""
-        self._allocate(int(expected / LOAD_MAX * 1.5) + 1)
+        """Empties the table before a rebuild, sized so that `expected` records fill at most half of it
+        (it grows only past LOAD_MAX: growing rehashes every entry with the committer stopped, about
+        a second per million keys measured, so the service should be sized not to)."""
+        self._allocate(2 * expected)
         self.epoch += 1
 
     # --- the open-addressing table ---
@@ -167,11 +171,16 @@ class IdempotencyTable:
 
     def _grow(self) -> None:
         old = self._slots
+        started = time.perf_counter()
         self._allocate(2 * len(old))
         insert = self._insert
         for value in old:
             if value:
                 insert(value)
+        log.warning(
+            "idempotency table grown; size it at start (--idempotency-keys-expected) to avoid the stall",
+            extra={"keys": self.count, "slots": self.slots, "seconds": round(time.perf_counter() - started, 3)},
+        )
 
 
 def measure(keys_count: int = 1_000_000, batch: int = 1_000) -> dict[str, float]:

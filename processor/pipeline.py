@@ -215,7 +215,7 @@ class Pipeline:
         started = time.monotonic()
         estimate, chunks = await self.store.idempotency_keys()
         table = self.idempotency
-        table.reset(estimate)
+        table.reset(max(estimate, self.settings.idempotency_keys_expected))
         async for keys in chunks:
             table.add(keys)
         log.info(
