@@ -303,7 +303,8 @@ class Pipeline:
         """What submit() does, without a coroutine, a task and a shield per operation (a batch of a
         thousand operations costs a thousand futures, nothing more): returns a future of the outcome.
         Raises Rejection as submit() does. The caller must not cancel the future (it is the operation's
-        own; wait for it through a future of your own, e.g. all_done())."""
+        own; wait for it through a future of your own, e.g. all_done()). The operations of one call
+        (SubmitBatch, Stream) go through enqueue_many instead: one future for all of them."""
         if (op.merchant_id, op.idempotency_key) in self._inflight:
             return asyncio.ensure_future(self.submit(op))  # rare: waits for the call in flight first
         return self._enqueue(op)
