@@ -63,7 +63,10 @@ BATCH_SIZE = 1_000
 STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("JSON idempotency records", ("to_json (", "json/encoder.py", "json/__init__.py", "json/decoder.py")),
-    ("idempotency look-up (stored_outcomes)", ("stored_outcomes (",)),
+    (
+        "idempotency look-up (in-memory table; stored_outcomes of its hits)",
+        ("stored_outcomes (", "processor/idempotency.py", "_load_idempotency ("),
+    ),
     ("prefetch (holds, earn records)", ("_prefetch (",)),
     (
         "asyncpg: encode + COPY/execute (write_batch)",
@@ -100,6 +103,9 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
         (
             "enqueue (",
             "_enqueue (",
+            "enqueue_many (",
+            "_admit (",
+            "decided (",
             "_resolve (",
             "all_done (",
             "one_done (",
@@ -177,6 +183,7 @@ def _py_spy() -> str:
 
 
 _RESPOND_LINE: int | None = None
+_RESPOND_MARK = "self.pipeline.enqueue_many("  # SubmitBatch awaits its call's one future on this line
 
 
 def _respond_line() -> int:
@@ -185,7 +192,7 @@ def _respond_line() -> int:
     if _RESPOND_LINE is None:
         lines = (ROOT / "processor" / "servicer.py").read_text().splitlines()
         start = next(i for i, line in enumerate(lines) if "async def SubmitBatch(" in line)
-        _RESPOND_LINE = next(i for i in range(start, len(lines)) if "await all_done(" in lines[i]) + 1
+        _RESPOND_LINE = next(i for i in range(start, len(lines)) if _RESPOND_MARK in lines[i]) + 1
     return _RESPOND_LINE
 
 
@@ -524,8 +531,55 @@ async def idempotency_lookup(url: str, postgres: Postgres, request: pb.SubmitBat
                 f"  {label:<30} {len(found):>5} found: {_median(walls):.2f} ms a batch wall "
                 f"[{_spread(walls, digits=2)}], Postgres CPU {cpu:.1f} ms a batch (mean of {calls})"
             )
+        await idempotency_table(store, stored, new, repeats)
     finally:
         await store.close()
+
+
+async def idempotency_table(
+    store, stored: list[tuple[str, str]], new: list[tuple[str, str]], repeats: int, keys_max: int = 1_000_000
+) -> None:
+    """What replaced most of those reads (processor/idempotency.py): the in-memory table's look-up of
+    the same 1,000 keys, and its rebuild at start-up from `keys_max` stored records (rows added by
+    generate_series to the bench's database) with its memory."""
+    from processor.idempotency import IdempotencyTable
+
+    estimate, chunks = await store.idempotency_keys()
+    table = IdempotencyTable()
+    table.reset(estimate)
+    async for keys in chunks:
+        table.add(keys)
+    print("\n== idempotency look-up in memory (IdempotencyTable.maybe_stored, same 1,000 keys) ==")
+    for label, keys in (("all new (every first try)", new), ("all stored (a retried batch)", stored)):
+        walls = []
+        for _ in range(repeats * 10):
+            began = time.perf_counter()
+            maybe = table.maybe_stored(keys)
+            walls.append((time.perf_counter() - began) * 1e3)
+        print(
+            f"  {label:<30} {len(maybe):>5} to read: {_median(walls):.3f} ms a batch [{_spread(walls, digits=3)}]"
+            f" (then {'no read' if not maybe else 'stored_outcomes of those'})"
+        )
+    missing = keys_max - table.count
+    if missing > 0:
+        await store.pool.execute(
+            """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
+               SELECT 'rebuild-' || (i % 200), 'order-' || i, 'Earn', '{}', 'OK', now()
+               FROM generate_series(1, $1) AS i""",
+            missing,
+            timeout=600,
+        )
+        await store.pool.execute("ANALYZE idempotency_keys", timeout=600)
+    began = time.perf_counter()
+    estimate, chunks = await store.idempotency_keys()
+    table.reset(estimate)
+    async for keys in chunks:
+        table.add(keys)
+    seconds = time.perf_counter() - began
+    print(
+        f"  rebuild from Postgres: {table.count:,} keys in {seconds:.2f} s, {table.memory_bytes / 2**20:.0f} MiB "
+        f"({table.memory_bytes / table.count:.1f} bytes a key, {table.slots:,} slots)"
+    )
 
 
 def summary(results: dict) -> None:

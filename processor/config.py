@@ -130,6 +130,14 @@ OPTIONS: tuple[Option, ...] = (
         "idempotency records deleted per purge transaction, at most (the purge loops until done)",
     ),
     Option("idempotency_purge_chunk_timeout_seconds", float, 60.0, "time one purge transaction may take"),
+    Option(
+        "idempotency_keys_expected",
+        int,
+        0,
+        "idempotency records the in-memory table is sized for at start (8 bytes a slot, 2 slots a key: "
+        "30M = 512 MiB); beyond it (or twice the stored ones, if more) it grows, stalling the committer "
+        "about a second per million keys; 0 = size from the stored records only",
+    ),
     Option("page_size_default", int, 50, "ListTransactions page size when the request gives none"),
     Option("page_size_max", int, 200, "largest ListTransactions page size"),
     Option("members_max", int, 5_000_000, "members resident in the fast path, at most"),
@@ -346,6 +354,7 @@ class Settings:
     idempotency_retention_days: int = 0
     idempotency_purge_chunk_rows_max: int = 10_000
     idempotency_purge_chunk_timeout_seconds: float = 60.0
+    idempotency_keys_expected: int = 0
     page_size_default: int = 50
     page_size_max: int = 200
     members_max: int = 5_000_000
@@ -475,6 +484,10 @@ class Settings:
             "idempotency_purge_chunk_rows_max must be 1..1000000",
         )
         check(self.idempotency_purge_chunk_timeout_seconds > 0, "idempotency_purge_chunk_timeout_seconds must be > 0")
+        check(
+            0 <= self.idempotency_keys_expected <= 500_000_000,
+            "idempotency_keys_expected must be 0..500000000 (8 GiB of table)",
+        )
         check(self.merchant_holds_open_max >= 1, "merchant_holds_open_max must be >= 1 (above holds_max: no share)")
         check(
             0.05 <= self.merchant_holds_recount_seconds <= 86_400, "merchant_holds_recount_seconds must be 0.05..86400"

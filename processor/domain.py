@@ -203,6 +203,10 @@ class Operation:
     refusal: Outcome | None = None
     future: asyncio.Future[Outcome] | None = None
     enqueued_at: float = 0.0
+    # queued with others of one call (Pipeline.enqueue_many): the call waiting for it (one future for
+    # all of them, not one per operation), and its outcome once decided
+    call: Any = None
+    outcome: Outcome | None = None
 
 
 def differing_field(stored: dict[str, Any], method: str, request: dict[str, Any], stored_method: str) -> str | None:

@@ -119,6 +119,16 @@ operations_rate_limited = Counter(
 idempotent_replays = Counter(
     "points_idempotent_replays_total", "Calls answered with the stored outcome of an earlier call with the same key."
 )
+# the in-memory idempotency table (processor/idempotency.py)
+idempotency_keys = Gauge(
+    "points_idempotency_keys", "Idempotency records the in-memory table holds a fingerprint of (within retention)."
+)
+idempotency_table_bytes = Gauge("points_idempotency_table_bytes", "Memory of the in-memory idempotency table.")
+idempotency_keys_read = Counter(
+    "points_idempotency_keys_read_total",
+    "Keys of batches the in-memory table could not decide as new, so read from Postgres (retries, "
+    "and the rare fingerprint shared with another key); every other key is decided new without a read.",
+)
 resyncs = Counter(
     "points_pipeline_resyncs_total", "Rebuilds of the fast path from Postgres after a commit of unknown outcome."
 )
@@ -233,6 +243,23 @@ def _initialise_label_values() -> None:
 
 
 _initialise_label_values()
+
+
+def observe_many(histogram: Histogram, amount: float, count: int) -> None:
+    """`histogram.observe(amount)` done `count` times, at the cost of one (the operations of a call share
+    their queue wait: observing each took ~1-4 µs an operation). prometheus_client has no weighted
+    observe, so this updates the same buckets and sum its observe() does (tests/unit/test_metrics_many.py
+    checks it against observe())."""
+    if count <= 0:
+        return
+    if count == 1:
+        histogram.observe(amount)
+        return
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
 
 
 def serve_http(listen: str) -> int:

@@ -4,8 +4,10 @@ This is the one place ledger state changes. A single committer task takes up to
 `batch_operations_max` queued operations (waiting `batch_linger_seconds` for more after the first),
 and for the batch:
 
-  1. looks up, in one query, the idempotency keys it has not seen in flight: a stored outcome is
-     replayed (or, if the request differs, refused with ALREADY_EXISTS naming the field);
+  1. asks the in-memory idempotency table (processor/idempotency.py) which of its keys may have a
+     stored record, and reads only those from Postgres, in one query (none for a batch of new keys):
+     a stored outcome is replayed (or, if the request differs, refused with ALREADY_EXISTS naming the
+     field);
   2. prefetches the holds and transactions the batch refers to that the fast path does not hold;
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
@@ -25,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import asyncpg
 
@@ -37,6 +40,7 @@ from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
 from processor.domain import Code, Operation, Outcome, Rejection, require
+from processor.idempotency import IdempotencyTable
 from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
 from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
 from processor.store import (
@@ -83,6 +87,28 @@ def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
     return done
 
 
+class Call:
+    """The operations of one call (a SubmitBatch, or one operation of a Stream) waiting for their
+    outcomes: one future for them all, set when the last is decided (each operation's outcome is on
+    `op.outcome`), instead of a future and two loop callbacks per operation (measured: a sixth of the
+    service's CPU per operation). `answer`, if given, is called with each operation as it is decided."""
+
+    __slots__ = ("future", "remaining", "answer")
+
+    def __init__(self, answer: Callable[[Operation], None] | None = None):
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.remaining = 0
+        self.answer = answer
+
+    def decided(self, op: Operation, outcome: Outcome) -> None:
+        op.outcome = outcome
+        if self.answer is not None:
+            self.answer(op)
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():  # done: the caller went away (cancelled)
+            self.future.set_result(None)
+
+
 def now_micros() -> int:
     return time.time_ns() // 1000
 
@@ -100,6 +126,8 @@ class Pipeline:
         self.store = store
         # the ledger's state (fast path, program rules' state, merchants, ids, quotas): what a batch changes
         self.machine = LedgerStateMachine(settings, MerchantQuotas(settings))
+        # the keys of every stored idempotency record: a batch whose keys all miss reads nothing
+        self.idempotency = IdempotencyTable()
         self._listening = False
         self._queue: collections.deque[Operation] = collections.deque()
         self._queued = asyncio.Event()
@@ -145,6 +173,7 @@ class Pipeline:
     async def recover(self) -> None:
         """Loads merchants, balances, open holds and id high-water marks from Postgres."""
         self.ready = False
+        gc.unfreeze()  # what the last recovery loaded may be garbage now (a resync): collectable again
         if not await self.store.writer_lock_alive():
             # Postgres restarted (or the lock connection broke): the lock is ours again or the start fails
             await self.store.release_writer_lock()
@@ -160,6 +189,7 @@ class Pipeline:
         last_transaction, last_authorization = await self.store.id_high_water_marks()
         self.ids = IdAllocator(last_transaction + 1, last_authorization + 1)
         self.operator_accounts = await self.store.operator_account_ids()
+        await self._load_idempotency()
         self._pending_deltas, self._pending_through = await self.store.tail_deltas(
             await self.store.checkpoint_through()
         )
@@ -176,6 +206,11 @@ class Pipeline:
                 extra={"floor": from_micros(self._clock_floor_us).isoformat()},
             )
         self._expired_pending = []
+        # What recovery loaded (balances' indexes, program state, the idempotency table's chunks) lives
+        # as long as the service: out of the cyclic collector's sight, so its collections of the
+        # objects every batch makes do not walk it (the collector was 7% of the service's CPU with no
+        # program, 12% with one; after this 3.4% and 8.9%: py-spy, loadtest/budget.py)
+        gc.freeze()
         self.ready = True
         log.info(
             "recovered ledger from postgres",
@@ -183,6 +218,23 @@ class Pipeline:
                 "members": self.ledger.members_count,
                 "holds_open": self.ledger.holds_open_count,
                 "merchants": len(self.merchants.by_id),
+            },
+        )
+
+    async def _load_idempotency(self) -> None:
+        """Rebuilds the in-memory idempotency table from Postgres (no batch is open: recovery)."""
+        started = time.monotonic()
+        estimate, chunks = await self.store.idempotency_keys()
+        table = self.idempotency
+        table.reset(max(estimate, self.settings.idempotency_keys_expected))
+        async for keys in chunks:
+            table.add(keys)
+        log.info(
+            "idempotency keys loaded",
+            extra={
+                "keys": table.count,
+                "memory_bytes": table.memory_bytes,
+                "seconds": round(time.monotonic() - started, 3),
             },
         )
 
@@ -247,6 +299,8 @@ class Pipeline:
         key = (op.merchant_id, op.idempotency_key)
         while (first := self._inflight.get(key)) is not None:
             # The same key is in flight: wait for its outcome rather than posting twice.
+            if first.future is None:  # queued with its call's one future: it gets one of its own now
+                first.future = asyncio.get_running_loop().create_future()
             outcome = await asyncio.shield(first.future)
             if outcome.code is Code.ALREADY_EXISTS or outcome.code in NOT_RECORDED or not outcome.recorded:
                 # That call decided nothing for the key (it was refused as a conflicting retry, or not
@@ -260,12 +314,47 @@ class Pipeline:
         """What submit() does, without a coroutine, a task and a shield per operation (a batch of a
         thousand operations costs a thousand futures, nothing more): returns a future of the outcome.
         Raises Rejection as submit() does. The caller must not cancel the future (it is the operation's
-        own; wait for it through a future of your own, e.g. all_done())."""
+        own; wait for it through a future of your own, e.g. all_done()). The operations of one call
+        (SubmitBatch, Stream) go through enqueue_many instead: one future for all of them."""
         if (op.merchant_id, op.idempotency_key) in self._inflight:
             return asyncio.ensure_future(self.submit(op))  # rare: waits for the call in flight first
         return self._enqueue(op)
 
+    def enqueue_many(self, ops: list[Operation], answer: Callable[[Operation], None] | None = None) -> Call:
+        """Queues the operations of one call, all before any is decided (they share commits). Each gets
+        its outcome on `op.outcome` when decided: at once for one refused at the door (UNAVAILABLE,
+        RESOURCE_EXHAUSTED: the same refusals as enqueue()), else when its batch is durable or replayed.
+        The call's future is done when every one is; the caller may cancel its wait (the operations
+        still commit), but must not set the future. `answer`: see Call."""
+        call = Call(answer)
+        call.remaining = len(ops)
+        now = time.monotonic()
+        for op in ops:
+            try:
+                if (op.merchant_id, op.idempotency_key) in self._inflight:
+                    # rare: the same key is in flight; submit() decides it after that call (with a
+                    # future of its own, so op.call stays None)
+                    asyncio.ensure_future(self.submit(op)).add_done_callback(
+                        lambda future, op=op: call.decided(op, _outcome_of(future))
+                    )
+                else:
+                    op.call = call
+                    self._admit(op, now)
+            except Rejection as rejection:
+                call.decided(op, Outcome(rejection.code, message=rejection.message))
+        if len(self._queue) >= self._wake_at:
+            self._queued.set()
+        return call
+
     def _enqueue(self, op: Operation) -> asyncio.Future:
+        op.future = asyncio.get_running_loop().create_future()
+        self._admit(op, time.monotonic())
+        if len(self._queue) >= self._wake_at:
+            self._queued.set()
+        return op.future
+
+    def _admit(self, op: Operation, now: float) -> None:
+        """Puts an operation in the queue, or raises Rejection (the service's state or capacity)."""
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
         if self.draining or self._stopping:
@@ -278,14 +367,9 @@ class Pipeline:
                 "retry with exponential backoff",
             )
         self.quotas.enqueue(op.merchant_id)  # RESOURCE_EXHAUSTED beyond the merchant's share of the queue
-        op.future = asyncio.get_running_loop().create_future()
-        op.future.add_done_callback(lambda _, merchant_id=op.merchant_id: self.quotas.dequeued(merchant_id))
-        op.enqueued_at = time.monotonic()
+        op.enqueued_at = now
         self._inflight[(op.merchant_id, op.idempotency_key)] = op
         self._queue.append(op)
-        if len(self._queue) >= self._wake_at:
-            self._queued.set()
-        return op.future
 
     def request_resync(self) -> None:
         """Stops new work (UNAVAILABLE) until the committer has rebuilt the fast path from Postgres."""
@@ -436,10 +520,21 @@ class Pipeline:
         calls are answered)."""
         settings = self.settings
         started = time.monotonic()
+        # the operations of one call were queued together (one enqueued_at): one observation per run
+        run_start, run_length = batch[0].enqueued_at if batch else 0.0, 0
         for op in batch:
-            metrics.queue_wait_seconds.observe(started - op.enqueued_at)
+            if op.enqueued_at != run_start:
+                metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
+                run_start, run_length = op.enqueued_at, 0
+            run_length += 1
+        metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
         try:
-            stored = await self.store.stored_outcomes([(op.merchant_id, op.idempotency_key) for op in batch])
+            # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
+            maybe = self.idempotency.maybe_stored([(op.merchant_id, op.idempotency_key) for op in batch])
+            stored = {}
+            if maybe:
+                metrics.idempotency_keys_read.inc(len(maybe))
+                stored = await self.store.stored_outcomes(maybe)
             await self._prefetch(batch, now_micros())
             dividends = []
             if self.program.dividends_unposted and not self._open:
@@ -531,6 +626,8 @@ class Pipeline:
             return False
         self.machine.commit()
         self._open.popleft()
+        # before any call is answered: a retry that follows must find its key
+        self.idempotency.add([(record[0], record[1]) for record in prepared.write.idempotency])
         self._committed(prepared.write)
         metrics.batches.labels("committed").inc()
         metrics.batch_operations.observe(len(prepared.batch))
@@ -606,8 +703,17 @@ class Pipeline:
         self._signal_finished()
 
     def _resolve(self, op: Operation, outcome: Outcome) -> None:
+        """Decides a queued operation (once: a second outcome for it is ignored)."""
         self._inflight.pop((op.merchant_id, op.idempotency_key), None)
-        if op.future is not None and not op.future.done():
+        call = op.call
+        if call is not None:
+            if op.outcome is None:
+                self.quotas.dequeued(op.merchant_id)
+                call.decided(op, outcome)
+                if op.future is not None:  # a call with the same key waits for this one (submit())
+                    op.future.set_result(outcome)
+        elif op.future is not None and not op.future.done():
+            self.quotas.dequeued(op.merchant_id)
             op.future.set_result(outcome)
 
     def _fail(self, batch: list[Operation], code: Code, message: str) -> None:
@@ -752,23 +858,42 @@ _NOT_APPLIED_MESSAGE = (
 
 
 def _count_committed(write: BatchWrite, ledger: Any) -> None:
-    """Business counters, from what the batch committed (never from what it only tried)."""
+    """Business counters, from what the batch committed (never from what it only tried): summed per
+    kind first, so a counter is touched once a batch, not once a transaction (each inc takes a lock)."""
+    amounts: dict[int, int] = {}
+    counts: dict[int, int] = {}
     for transaction in write.transactions:
-        kind, amount = transaction[1], transaction[4]
+        kind = transaction[1]
+        amounts[kind] = amounts.get(kind, 0) + transaction[4]
+        counts[kind] = counts.get(kind, 0) + 1
+    for kind, amount in amounts.items():
         if kind == fastpath.KIND_EARN:
             metrics.points_earned.inc(amount)
         elif kind == rules.KIND_EXPIRY:
             metrics.points_expired.inc(amount)
-            metrics.program_transactions.labels("expiry").inc()
+            metrics.program_transactions.labels("expiry").inc(counts[kind])
         elif kind in (fastpath.KIND_CAPTURE, fastpath.KIND_REDEEM):
             metrics.points_redeemed.inc(amount)
         elif kind in kinds.REFUNDS:
             metrics.points_refunded.labels(kinds.REFUNDS[kind]).inc(amount)
         else:
-            metrics.program_transactions.labels(kinds.kind(kind).name).inc()
+            metrics.program_transactions.labels(kinds.kind(kind).name).inc(counts[kind])
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
+
+
+def _outcome_of(future: asyncio.Future) -> Outcome:
+    """The outcome a submit() task ended with; its Rejection or unexpected error as an outcome."""
+    if future.cancelled():
+        return Outcome(Code.UNAVAILABLE, message=_NOT_APPLIED_MESSAGE)
+    error = future.exception()
+    if error is None:
+        return future.result()
+    if isinstance(error, Rejection):
+        return Outcome(error.code, message=error.message)
+    log.error("operation failed unexpectedly", exc_info=error)
+    return Outcome(Code.INTERNAL, message=_INTERNAL_MESSAGE)
 
 
 def _divergent(error: BaseException) -> bool:

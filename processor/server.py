@@ -260,6 +260,8 @@ class Service:
         metrics.ready.set_function(lambda: 1 if pipeline.ready else 0)
         metrics.members_resident.set_function(lambda: pipeline.ledger.members_count if pipeline.ledger else 0)
         metrics.holds_open.set_function(lambda: pipeline.ledger.holds_open_count if pipeline.ledger else 0)
+        metrics.idempotency_keys.set_function(lambda: pipeline.idempotency.count)
+        metrics.idempotency_table_bytes.set_function(lambda: pipeline.idempotency.memory_bytes)
         metrics.merchants_active.set_function(
             lambda: sum(1 for m in pipeline.merchants.by_id.values() if m.status == "active")
         )
@@ -297,10 +299,13 @@ class Service:
         while True:
             cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=self.settings.idempotency_retention_days)
             try:
+                table, epoch = self.pipeline.idempotency, self.pipeline.idempotency.epoch
                 deleted = await self.store.purge_idempotency(
                     cutoff,
                     self.settings.idempotency_purge_chunk_rows_max,
                     self.settings.idempotency_purge_chunk_timeout_seconds,
+                    # the in-memory table forgets them too (unless a recovery rebuilt it meanwhile)
+                    deleted_keys=lambda keys: table.remove(keys, epoch),
                 )
                 log.info("idempotency records purged", extra={"deleted": deleted, "before": cutoff.isoformat()})
             except (asyncpg.PostgresError, OSError) as error:

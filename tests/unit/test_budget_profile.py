@@ -78,4 +78,4 @@ def test_submit_batch_lines_after_its_answers_are_awaited_are_response_building(
         "response building (results, SubmitBatchResponse)": 3,
     }
     source = (budget.ROOT / "processor" / "servicer.py").read_text().splitlines()
-    assert "await all_done(" in source[respond - 1]
+    assert budget._RESPOND_MARK in source[respond - 1] and "await" in source[respond - 1]

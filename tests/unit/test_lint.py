@@ -40,6 +40,7 @@ STRICT = [
     "processor/support_limits.py",
     "processor/events.py",  # the change feed
     "processor/rules_kernel.py",
+    "processor/idempotency.py",
 ]
 
 

@@ -1,0 +1,222 @@
+"""Idempotency decided in memory (processor/idempotency.py), against a real Postgres: the committer
+in-process, so the table and its reads can be watched. A batch of new keys reads no stored outcome; a
+retry reads and replays; two keys forced to one fingerprint behave as two keys; the table is rebuilt
+by a restart, and after a batch refused by Postgres (a key written around the service) by the resync."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+
+import pytest
+
+from processor import config, domain, metrics
+from processor.domain import Code, Method, Operation, Outcome
+from processor.pipeline import Pipeline
+from processor.store import Store
+from tests.harness import add_merchant, fetch, ledger_discrepancies
+from tests.integration.helpers import unique
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def keys_read() -> float:
+    return metrics.registry.get_sample_value("points_idempotency_keys_read_total") or 0.0
+
+
+async def open_pipeline(url: str, fingerprint=None) -> Pipeline:
+    store = await Store.open(url, 4)
+    await store.migrate()
+    await store.acquire_writer_lock()
+    pipeline = Pipeline(config.Settings(), store)
+    if fingerprint is not None:
+        pipeline.idempotency.fingerprint = fingerprint  # before recovery: the rebuild uses it too
+    await pipeline.recover()
+    pipeline.start()
+    return pipeline
+
+
+async def close_pipeline(pipeline: Pipeline) -> None:
+    await pipeline.stop()
+    await pipeline.store.close()
+
+
+def earn_operation(pipeline: Pipeline, merchant: str, member: str, purchase: int, key: str) -> Operation:
+    row = pipeline.merchants.by_id[merchant]
+    return Operation(
+        method=Method.EARN,
+        merchant_id=merchant,
+        merchant_slot=row.merchant_slot,
+        idempotency_key=key,
+        request={"member_id": member, "purchase_amount": purchase},
+        member_id=member,
+        purchase_amount=purchase,
+        points=domain.earn_point_units(purchase, row.give_back_bps),
+    )
+
+
+async def earn(pipeline: Pipeline, merchant: str, member: str, purchase: int, key: str) -> Outcome:
+    return await asyncio.wait_for(pipeline.submit(earn_operation(pipeline, merchant, member, purchase, key)), 30)
+
+
+async def earn_batch(pipeline: Pipeline, merchant: str, orders: list[tuple[str, int, str]]) -> list[Outcome]:
+    ops = [earn_operation(pipeline, merchant, member, purchase, key) for member, purchase, key in orders]
+    await asyncio.wait_for(asyncio.shield(pipeline.enqueue_many(ops).future), 30)
+    return [op.outcome for op in ops]
+
+
+@pytest.fixture
+def database(create_database) -> tuple[str, str]:
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, 1000)
+    return url, merchant
+
+
+def test_new_keys_read_nothing_and_a_retry_reads_and_replays(database):
+    url, merchant = database
+
+    async def go():
+        pipeline = await open_pipeline(url)
+        try:
+            before = keys_read()
+            orders = [(unique("ann"), 1_000 + i, unique("k")) for i in range(50)]
+            first = await earn_batch(pipeline, merchant, orders)
+            assert [o.code for o in first] == [Code.OK] * 50 and not any(o.replayed for o in first)
+            assert keys_read() == before, "a batch of new keys read no stored outcome"
+            assert pipeline.idempotency.count == 50
+            again = await earn_batch(pipeline, merchant, orders[:10] + [(unique("bob"), 500, unique("k"))])
+            assert keys_read() == before + 10, "only the retried keys were read"
+            assert [o.replayed for o in again] == [True] * 10 + [False]
+            assert [o.fields for o in again[:10]] == [o.fields for o in first[:10]]
+        finally:
+            await close_pipeline(pipeline)
+
+    asyncio.run(go())
+    assert ledger_discrepancies(url) == []
+
+
+def test_two_keys_of_one_fingerprint_are_two_operations_and_each_replays(database):
+    url, merchant = database
+    member = unique("ann")
+
+    async def go():
+        pipeline = await open_pipeline(url, fingerprint=lambda merchant_id, key: 42)  # every key collides
+        try:
+            first = await earn(pipeline, merchant, member, 1_000, "first")
+            before = keys_read()
+            second = await earn(pipeline, merchant, member, 3_000, "second")  # hits the table, is not stored
+            assert keys_read() == before + 1, "the colliding key was read from Postgres"
+            assert second.code is Code.OK and not second.replayed
+            assert second.fields["transaction_id"] != first.fields["transaction_id"]
+            assert second.fields["balance"] == first.fields["points"] + second.fields["points"]
+            assert pipeline.idempotency.count == 2
+            replayed_first = await earn(pipeline, merchant, member, 1_000, "first")
+            replayed_second = await earn(pipeline, merchant, member, 3_000, "second")
+            assert (replayed_first.replayed, replayed_first.fields) == (True, first.fields)
+            assert (replayed_second.replayed, replayed_second.fields) == (True, second.fields)
+            reused = await earn(pipeline, merchant, member, 9_999, "second")
+            assert reused.code is Code.ALREADY_EXISTS and "purchase_amount" in reused.message
+        finally:
+            await close_pipeline(pipeline)
+
+    asyncio.run(go())
+    assert len(fetch(url, "SELECT 1 FROM transactions WHERE merchant_id = $1", merchant)) == 2
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_key_stored_before_a_restart_replays_after_it(database):
+    url, merchant = database
+    member, key = unique("ann"), unique("k")
+
+    async def before_restart() -> Outcome:
+        pipeline = await open_pipeline(url)
+        try:
+            return await earn(pipeline, merchant, member, 2_500, key)
+        finally:
+            await close_pipeline(pipeline)
+
+    async def after_restart(first: Outcome) -> None:
+        pipeline = await open_pipeline(url)
+        try:
+            assert pipeline.idempotency.count == 1 and pipeline.idempotency.may_contain(merchant, key)
+            retried = await earn(pipeline, merchant, member, 2_500, key)
+            assert (retried.code, retried.replayed, retried.fields) == (Code.OK, True, first.fields)
+        finally:
+            await close_pipeline(pipeline)
+
+    first = asyncio.run(before_restart())
+    assert first.code is Code.OK and not first.replayed
+    asyncio.run(after_restart(first))
+    assert len(fetch(url, "SELECT 1 FROM transactions WHERE merchant_id = $1", merchant)) == 1
+    assert ledger_discrepancies(url) == []
+
+
+def test_a_batch_refused_by_postgres_leaves_no_key_and_the_resync_loads_the_stored_one(database):
+    # A record written around the running service (not in its table): the batch that reuses the key
+    # takes it as new, Postgres refuses the batch (primary key), nothing of it is kept, the service
+    # resynchronises (rebuilding the table), and the retry replays the stored record.
+    url, merchant = database
+    member, outside, other = unique("ann"), unique("k"), unique("k")
+
+    async def go():
+        pipeline = await open_pipeline(url)
+        try:
+            await earn(pipeline, merchant, member, 1_000, unique("k"))  # the member exists
+            fields = {"transaction_id": 999_999, "points": 7, "balance": 7, "give_back_bps": 1000, "created_at_us": 1}
+            await pipeline.store.pool.execute(
+                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
+                                                 message, created_at)
+                   VALUES ($1, $2, 'Earn', $3::jsonb, 'OK', $4::jsonb, '', now())""",
+                merchant,
+                outside,
+                json.dumps({"member_id": member, "purchase_amount": 70}),
+                json.dumps(fields),
+            )
+            refused = await earn_batch(pipeline, merchant, [(member, 70, outside), (member, 500, other)])
+            assert [o.code for o in refused] == [Code.UNAVAILABLE, Code.UNAVAILABLE]
+            for _ in range(300):  # the resync runs in the committer, beside this test
+                if pipeline.ready:
+                    break
+                await asyncio.sleep(0.05)
+            assert pipeline.ready
+            assert pipeline.idempotency.may_contain(merchant, outside), "rebuilt from Postgres"
+            assert not pipeline.idempotency.may_contain(merchant, other), "the refused batch's keys are not kept"
+            retried = await earn_batch(pipeline, merchant, [(member, 70, outside), (member, 500, other)])
+            assert (retried[0].replayed, retried[0].fields) == (True, fields)
+            assert retried[1].code is Code.OK and not retried[1].replayed
+        finally:
+            await close_pipeline(pipeline)
+
+    asyncio.run(go())
+
+
+def test_the_retention_purge_drops_the_keys_it_deleted_from_the_table(database):
+    url, merchant = database
+    member, old, recent = unique("ann"), unique("k"), unique("k")
+
+    async def go():
+        pipeline = await open_pipeline(url)
+        try:
+            await earn(pipeline, merchant, member, 1_000, old)
+            await earn(pipeline, merchant, member, 2_000, recent)
+            await pipeline.store.pool.execute(
+                "UPDATE idempotency_keys SET created_at = now() - interval '40 days' WHERE idempotency_key = $1", old
+            )
+            table, epoch = pipeline.idempotency, pipeline.idempotency.epoch
+            deleted = await pipeline.store.purge_idempotency(
+                dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30),
+                deleted_keys=lambda keys: table.remove(keys, epoch),
+            )
+            assert deleted == 1 and table.count == 1
+            assert not table.may_contain(merchant, old) and table.may_contain(merchant, recent)
+            before = keys_read()
+            again = await earn(pipeline, merchant, member, 1_000, old)  # past retention: a new operation
+            assert again.code is Code.OK and not again.replayed and keys_read() == before
+            assert (await earn(pipeline, merchant, member, 2_000, recent)).replayed
+        finally:
+            await close_pipeline(pipeline)
+
+    asyncio.run(go())
+    assert ledger_discrepancies(url) == []
