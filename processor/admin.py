@@ -246,6 +246,21 @@ _OPTIONAL_RULES = (
     "member_points_transferred_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
+# the seed systems' options (issue 16; docs/RULES.md section 11): optional scalars like the above, and the
+# star rebates, a list (empty = none, the default)
+_SEED_OPTIONAL_RULES = (
+    "merchant_match_bps",
+    "signup_bonus_point_units",
+    "referral_share_bps",
+    "level_points",
+    "fee_sale_bps",
+    "give_back_bps_min",
+    "give_back_bps_max",
+    "merchant_vouchers_anywhere",
+    "acquiring_reward_asset",
+    "acquiring_at_acquirer",
+    "merchant_voucher_credit",
+)
 _CHANNEL_RATES = (
     "promoter_commission_bps",
     "province_agent_share_bps",
@@ -264,9 +279,11 @@ def rules_config(message: pb.ProgramRules) -> dict:
     for name in _NONE_IF_ZERO:
         if message.HasField(name):
             config[name] = getattr(message, name) or None
-    for name in _OPTIONAL_RULES:
+    for name in _OPTIONAL_RULES + _SEED_OPTIONAL_RULES:
         if message.HasField(name):
             config[name] = getattr(message, name)
+    if message.star_fee_rebate_bps:
+        config["star_fee_rebate_bps"] = list(message.star_fee_rebate_bps)
     if message.HasField("operator_store_merchant_id"):
         config["operator_store_merchant_id"] = message.operator_store_merchant_id or None
     if message.levels:
@@ -322,6 +339,7 @@ def rules_config(message: pb.ProgramRules) -> dict:
                 "merchant_id": t.merchant_id,
                 "acquiring_share_bps": t.acquiring_share_bps if t.HasField("acquiring_share_bps") else None,
                 "conversion_rate": _rate(t.conversion_rate) if t.HasField("conversion_rate") else None,
+                "star_rating": t.star_rating if t.HasField("star_rating") else None,
             }
             for t in message.merchant_terms
         ]
@@ -333,7 +351,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
     message = pb.ProgramRules(
         expiry_period_us=config["expiry_period_us"] or 0,
         tier_window_us=config["tier_window_us"] or 0,
-        **{name: config[name] for name in _OPTIONAL_RULES},
+        **{name: config[name] for name in _OPTIONAL_RULES + _SEED_OPTIONAL_RULES},
+        star_fee_rebate_bps=config["star_fee_rebate_bps"],
         operator_store_merchant_id=config["operator_store_merchant_id"] or "",
         levels=[pb.ProgramLevel(**level) for level in config["levels"]],
         promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]],
@@ -348,6 +367,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
             item.acquiring_share_bps = terms["acquiring_share_bps"]
         if terms["conversion_rate"] is not None:
             item.conversion_rate.CopyFrom(pb.ProgramRate(**terms["conversion_rate"]))
+        if terms["star_rating"] is not None:
+            item.star_rating = terms["star_rating"]
     return message
 
 
