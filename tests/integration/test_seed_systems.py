@@ -630,8 +630,32 @@ def test_telecom_signup_referral_share_total_levels_and_star_rebates(telecom):
     fees = {r["transaction_id"]: r["fee"] for r in t.transactions(3)}
     assert (fees[_txn(at_star.transaction_id)], fees[_txn(plain.transaction_id)]) == (80 * YUAN, 10 * YUAN)
 
+    # the operator rates "shop" 3 stars through ProgramsService: the version in force as GetProgram answers
+    # it (every seed option set), with one more merchant's terms, as a new version; from its start shop's
+    # 10% redemption fee is charged 10% less
+    programs = admin_pb2_grpc.ProgramsServiceStub(t.channel)
+    rules = programs.GetProgram(admin_pb2.ProgramsServiceGetProgramRequest(), timeout=30).program.versions[-1].rules
+    assert (rules.level_points, rules.signup_bonus_point_units, rules.referral_share_bps) == ("total", 5_000, 8_000)
+    assert list(rules.star_fee_rebate_bps) == [0, 500, 1_000, 1_500, 2_000]
+    rules.merchant_terms.add(merchant_id="shop", star_rating=3)
+    version = programs.SetProgramVersion(
+        admin_pb2.ProgramsServiceSetProgramVersionRequest(rules=rules), timeout=30
+    ).version
+    assert [(m.merchant_id, m.star_rating) for m in version.rules.merchant_terms] == [("star-shop", 5), ("shop", 3)]
+    _wait(
+        lambda: (
+            programs.GetProgram(admin_pb2.ProgramsServiceGetProgramRequest(), timeout=30).program.version_in_force
+            == version.version
+        ),
+        "the rated version did not come into force",
+    )
+    rated = t.redeem("shop", climber, 100 * YUAN)
+    (row,) = [r for r in t.transactions(3) if r["transaction_id"] == _txn(rated.transaction_id)]
+    assert row["fee"] == 9 * YUAN
+
     statements = t.settle()
     assert statements["star-shop"].fees == 80 * YUAN
+    assert statements["shop"].fees == (10 + 9) * YUAN
     assert ledger_discrepancies(t.url) == []
 
 
