@@ -434,6 +434,35 @@ def test_zhongdian_promoter_and_service_centres_paid_from_the_fees_at_the_cut(zh
     assert ledger_discrepancies(z.url) == []
 
 
+def test_zhongdian_reconcile_finds_a_commission_paid_into_another_payees_account(zhongdian):
+    """ "Both reconcile like merchants": a promoter's statement that names an agent's account (as if its
+    commission had been paid there) is reported twice, by the posting check and by the payables check."""
+    z = zhongdian
+    rows = fetch(
+        z.url,
+        "SELECT period_id, payee_id, account_id, amount FROM channel_statements WHERE payee_kind = 'promoter' "
+        "AND amount > 0 ORDER BY period_id LIMIT 1",
+    )
+    assert rows, "the channel test posted no promoter commission"
+    statement = rows[0]
+    agent_account = fetch(
+        z.url, "SELECT account_id FROM accounts WHERE kind = 'regional_agent_shares' ORDER BY account_id LIMIT 1"
+    )[0]["account_id"]
+    moved = "UPDATE channel_statements SET account_id = $1 WHERE period_id = $2 AND payee_kind = 'promoter' AND payee_id = $3"
+    fetch(z.url, moved, agent_account, statement["period_id"], statement["payee_id"])
+    try:
+        problems = ledger_discrepancies(z.url)
+        assert any(
+            f"of {statement['amount']} does not pay its statement's amount {statement['amount']} to the statement's "
+            "account" in p
+            for p in problems
+        ), problems
+        assert any(f"promoter_commissions of {statement['payee_id']}: balance" in p for p in problems), problems
+    finally:
+        fetch(z.url, moved, statement["account_id"], statement["period_id"], statement["payee_id"])
+    assert ledger_discrepancies(z.url) == []
+
+
 # --- Good Luck Alliance, "interactive business circle" (seed 000) -------------------------------------
 
 
