@@ -27,7 +27,7 @@ from processor.paging import (
     page_token_value,
     timestamp_of,
 )
-from processor.pipeline import Pipeline, now_micros
+from processor.pipeline import Pipeline
 from processor.servicer import Validator, guard
 
 PAYEE_KIND = {
@@ -58,17 +58,6 @@ STATEMENT_CSV_COLUMNS = (
     "transaction_id",
 )
 LINE_CSV_COLUMNS = ("period_id", "payee_kind", "payee_id", "merchant_id", "fees", "amount")
-
-
-def give_back_bounds(version: rules.ProgramVersion | None) -> tuple[int, int]:
-    """(min, max) basis points a merchant may set: the program's when it says (seed programs may allow
-    up to 100%), else domain's 3%..20%."""
-    low = getattr(version, "give_back_bps_min", None)
-    high = getattr(version, "give_back_bps_max", None)
-    return (
-        low if isinstance(low, int) else domain.GIVE_BACK_BPS_MIN,
-        high if isinstance(high, int) else domain.GIVE_BACK_BPS_MAX,
-    )
 
 
 def _operator_only(method: str) -> None:
@@ -303,7 +292,9 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                     f"this key may not set {merchant_id!r}'s give-back: use the merchant's own key or an operator key",
                     reason="KEY_NOT_PERMITTED",
                 )
-            low, high = give_back_bounds(self.pipeline.program.version(now_micros()))
+            # the bounds UpdateMerchant checks (the program's latest stored version): the merchant's key and
+            # the operator's are held to one rule
+            low, high = await self.pipeline.ready_store().give_back_bounds(self.settings.program_id)
             if not low <= request.give_back_bps <= high:
                 raise domain.invalid_field(
                     "give_back_bps",

@@ -571,6 +571,27 @@ def test_mobile_membership_points_as_cash_anywhere_fees_no_cash_out_and_bounds(m
     )
     assert unknown.code() == grpc.StatusCode.NOT_FOUND and "nowhere" in unknown.details()
 
+    # the merchant may set its own rate too (ChannelService.SetGiveBack, its own key), held to the bounds
+    # UpdateMerchant checks, the program's latest stored version's: legacy's 50% is refused, 15% lets it earn;
+    # once a version narrowing them to 5%..15% is stored (starting in an hour), 20% is refused already
+    channel = admin_pb2_grpc.ChannelServiceStub(m.channel)
+
+    def set_give_back(give_back_bps: int) -> admin_pb2.SetGiveBackResponse:
+        request = admin_pb2.SetGiveBackRequest(merchant_id="legacy", give_back_bps=give_back_bps)
+        return channel.SetGiveBack(request, timeout=30)
+
+    refused = error_of(lambda: set_give_back(5_000))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "300..2000" in refused.details()
+    assert set_give_back(1_500).merchant.give_back_bps == 1_500
+    assert earn(m.points, "legacy", member, 100 * YUAN).points == 15 * YUAN
+    in_an_hour = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3_600)
+    narrower = admin_pb2.ProgramRules(give_back_bps_min=500, give_back_bps_max=1_500)
+    admin_pb2_grpc.ProgramsServiceStub(m.channel).SetProgramVersion(
+        admin_pb2.ProgramsServiceSetProgramVersionRequest(effective_from=in_an_hour, rules=narrower), timeout=30
+    )
+    refused = error_of(lambda: set_give_back(2_000))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "500..1500" in refused.details()
+
     statements = m.settle()
     assert (statements["cafe"].issued, statements["cinema"].redeemed, statements["cinema"].fees) == (
         50 * YUAN,
