@@ -6,19 +6,25 @@ deprecated) are thin adapters over the same servicers, at the end of this module
 
 from __future__ import annotations
 
-import base64
 import csv
 import datetime as dt
 import io
 import time
-
-from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
 from processor import auth, domain, kinds, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Rejection
+from processor.paging import (
+    EXPORT_CHUNK,
+    EXPORT_PAGE_MAX,
+    iso,
+    page_size,
+    page_token,
+    page_token_value,
+    timestamp_of,
+)
 from processor.pipeline import Pipeline
 from processor.servicer import Validator, guard, timestamp
 from processor.store import MERCHANT_SETTABLE, MerchantRow, StoreError, micros
@@ -30,14 +36,8 @@ _KIND_NAME = {
     pb.API_KEY_KIND_GATEWAY: "gateway",
     pb.API_KEY_KIND_OPERATOR: "operator",
 }
-LIST_PAGE_DEFAULT, LIST_PAGE_MAX = 100, 1000
-EXPORT_PAGE_MAX, EXPORT_CHUNK = 50_000, 5_000
 GATEWAY_MERCHANTS_MAX = 10_000
 TEXT_BYTES_MAX = 200
-
-
-def _timestamp(moment: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
-    return None if moment is None else timestamp(micros(moment))
 
 
 def merchant_message(row: MerchantRow) -> pb.Merchant:
@@ -49,34 +49,9 @@ def merchant_message(row: MerchantRow) -> pb.Merchant:
         fee_issued_bps=row.fee_issued_bps,
         region=row.region,
         status=_STATUS[row.status],
-        created_at=_timestamp(row.created_at),
-        updated_at=_timestamp(row.updated_at),
+        created_at=timestamp_of(row.created_at),
+        updated_at=timestamp_of(row.updated_at),
     )
-
-
-def _page_size(value: int) -> int:
-    size = value or LIST_PAGE_DEFAULT
-    if not 1 <= size <= LIST_PAGE_MAX:
-        raise domain.invalid_field("page_size", f"page_size must be 0 (default {LIST_PAGE_DEFAULT})..{LIST_PAGE_MAX}")
-    return size
-
-
-def _token(value: str) -> str:
-    return base64.urlsafe_b64encode(value.encode()).decode() if value else ""
-
-
-def _untoken(token: str, numeric: bool = False) -> str:
-    """The value a page token carries; INVALID_ARGUMENT for a token this service did not issue."""
-    try:
-        value = base64.urlsafe_b64decode(token.encode("ascii")).decode()
-    except (ValueError, UnicodeError):
-        value = None
-    if value is None or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
-        raise domain.invalid_field(
-            "page_token",
-            "page_token is not one this service issued; pass next_page_token from the previous response, or empty",
-        )
-    return value
 
 
 class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
@@ -179,14 +154,14 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
 
     async def ListMerchants(self, request, context):
         async def call():
-            size = _page_size(request.page_size)
-            after = int(_untoken(request.page_token, numeric=True)) if request.page_token else -1
+            size = page_size(request.page_size)
+            after = int(page_token_value(request.page_token, numeric=True)) if request.page_token else -1
             rows = await self.pipeline.ready_store().merchants(after, size + 1)
             more = len(rows) > size
             rows = rows[:size]
             return pb.ListMerchantsResponse(
                 merchants=[merchant_message(r) for r in rows],
-                next_page_token=_token(str(rows[-1].merchant_slot)) if more else "",
+                next_page_token=page_token(str(rows[-1].merchant_slot)) if more else "",
             )
 
         return await guard(context, call)
@@ -239,7 +214,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
             if revoked_at is None:
                 raise Rejection(Code.NOT_FOUND, f"no API key {request.key_id!r}")
             self.authenticator.forget(request.key_id)
-            return pb.RevokeApiKeyResponse(revoked_at=_timestamp(revoked_at))
+            return pb.RevokeApiKeyResponse(revoked_at=timestamp_of(revoked_at))
 
         return await guard(context, call)
 
@@ -271,6 +246,21 @@ _OPTIONAL_RULES = (
     "member_points_transferred_per_day_max",
 )
 _NONE_IF_ZERO = ("expiry_period_us", "tier_window_us")
+# the seed systems' options (issue 16; docs/RULES.md section 11): optional scalars like the above, and the
+# star rebates, a list (empty = none, the default)
+_SEED_OPTIONAL_RULES = (
+    "merchant_match_bps",
+    "signup_bonus_point_units",
+    "referral_share_bps",
+    "level_points",
+    "fee_sale_bps",
+    "give_back_bps_min",
+    "give_back_bps_max",
+    "merchant_vouchers_anywhere",
+    "acquiring_reward_asset",
+    "acquiring_at_acquirer",
+    "merchant_voucher_credit",
+)
 _CHANNEL_RATES = (
     "promoter_commission_bps",
     "province_agent_share_bps",
@@ -289,9 +279,11 @@ def rules_config(message: pb.ProgramRules) -> dict:
     for name in _NONE_IF_ZERO:
         if message.HasField(name):
             config[name] = getattr(message, name) or None
-    for name in _OPTIONAL_RULES:
+    for name in _OPTIONAL_RULES + _SEED_OPTIONAL_RULES:
         if message.HasField(name):
             config[name] = getattr(message, name)
+    if message.star_fee_rebate_bps:
+        config["star_fee_rebate_bps"] = list(message.star_fee_rebate_bps)
     if message.HasField("operator_store_merchant_id"):
         config["operator_store_merchant_id"] = message.operator_store_merchant_id or None
     if message.levels:
@@ -347,6 +339,7 @@ def rules_config(message: pb.ProgramRules) -> dict:
                 "merchant_id": t.merchant_id,
                 "acquiring_share_bps": t.acquiring_share_bps if t.HasField("acquiring_share_bps") else None,
                 "conversion_rate": _rate(t.conversion_rate) if t.HasField("conversion_rate") else None,
+                "star_rating": t.star_rating if t.HasField("star_rating") else None,
             }
             for t in message.merchant_terms
         ]
@@ -358,7 +351,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
     message = pb.ProgramRules(
         expiry_period_us=config["expiry_period_us"] or 0,
         tier_window_us=config["tier_window_us"] or 0,
-        **{name: config[name] for name in _OPTIONAL_RULES},
+        **{name: config[name] for name in _OPTIONAL_RULES + _SEED_OPTIONAL_RULES},
+        star_fee_rebate_bps=config["star_fee_rebate_bps"],
         operator_store_merchant_id=config["operator_store_merchant_id"] or "",
         levels=[pb.ProgramLevel(**level) for level in config["levels"]],
         promotions=[pb.ProgramPromotion(**{**p, "scope": _SCOPE_ENUM[p["scope"]]}) for p in config["promotions"]],
@@ -373,6 +367,8 @@ def rules_message(config: dict) -> pb.ProgramRules:
             item.acquiring_share_bps = terms["acquiring_share_bps"]
         if terms["conversion_rate"] is not None:
             item.conversion_rate.CopyFrom(pb.ProgramRate(**terms["conversion_rate"]))
+        if terms["star_rating"] is not None:
+            item.star_rating = terms["star_rating"]
     return message
 
 
@@ -505,8 +501,8 @@ def statement_message(r) -> pb.Statement:
     return pb.Statement(
         merchant_id=r["merchant_id"],
         period_id=r["period_id"],
-        opened_at=_timestamp(r["opened_at"]),
-        cut_off=_timestamp(r["cut_off"]),
+        opened_at=timestamp_of(r["opened_at"]),
+        cut_off=timestamp_of(r["cut_off"]),
         opening_position=r["opening_position"],
         issued=r["issued"],
         earn_refunds=r["earn_refunds"],
@@ -520,10 +516,6 @@ def statement_message(r) -> pb.Statement:
         acquiring_reversals=r["acquiring_reversals"],
         **{name: r[name] for name in VOUCHER_STATEMENT_COLUMNS},
     )
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _may_read(merchant_id: str) -> None:
@@ -566,7 +558,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             position = await store.merchant_position(merchant_id, vouchers=True)
             if position is None:
                 raise Rejection(Code.NOT_FOUND, f"merchant {merchant_id!r} does not exist")
-            return pb.MerchantPosition(merchant_id=merchant_id, as_of=_timestamp(as_of), **position)
+            return pb.MerchantPosition(merchant_id=merchant_id, as_of=timestamp_of(as_of), **position)
 
         return await guard(context, call)
 
@@ -595,8 +587,8 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             summary = await store.period_summary(period["period_id"])
             return pb.SettlementPeriod(
                 period_id=summary["period_id"],
-                opened_at=_timestamp(summary["opened_at"]),
-                cut_off=_timestamp(summary["cut_off"]),
+                opened_at=timestamp_of(summary["opened_at"]),
+                cut_off=timestamp_of(summary["cut_off"]),
                 merchants=summary["merchants"],
                 net_total=summary["net_total"],
                 fees_total=summary["fees_total"],
@@ -627,17 +619,17 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
     async def ListStatements(self, request, context):
         async def call():
             _may_read(request.merchant_id)
-            size = _page_size(request.page_size)
+            size = page_size(request.page_size)
             store = self.pipeline.ready_store()
             if request.merchant_id:
-                after = _untoken(request.page_token, numeric=True) if request.page_token else ""
+                after = page_token_value(request.page_token, numeric=True) if request.page_token else ""
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
                 rows = await store.statements(
                     merchant_id=merchant_id, period_id=request.period_id, after=after, limit=size + 1
                 )
                 key = "period_id"
             else:
-                after = _untoken(request.page_token) if request.page_token else ""
+                after = page_token_value(request.page_token) if request.page_token else ""
                 if request.period_id <= 0:
                     raise Rejection(Code.INVALID_ARGUMENT, "give merchant_id, or period_id > 0")
                 rows = await store.statements(period_id=request.period_id, after=after, limit=size + 1)
@@ -646,7 +638,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             rows = rows[:size]
             return pb.ListStatementsResponse(
                 statements=[statement_message(r) for r in rows],
-                next_page_token=_token(str(rows[-1][key])) if more else "",
+                next_page_token=page_token(str(rows[-1][key])) if more else "",
             )
 
         return await guard(context, call)
@@ -663,7 +655,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                 raise domain.invalid_field("page_size", f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
             # one page, or everything in chunks (so a 50,000-merchant period never needs one huge result set)
             wanted = request.page_size or None
-            after = _untoken(request.page_token) if request.page_token else ""
+            after = page_token_value(request.page_token) if request.page_token else ""
             out = io.StringIO()
             writer = csv.writer(out, lineterminator="\n")
             lines, more = 0, False
@@ -688,7 +680,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                                 request.period_id,
                                 merchant_id,
                                 domain.format_transaction_id(r["transaction_id"]),
-                                _iso(r["created_at"]),
+                                iso(r["created_at"]),
                                 kinds.kind(r["kind"]).name,
                                 r["member_id"],
                                 r["amount"],
@@ -706,8 +698,8 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                             (
                                 r["period_id"],
                                 r["merchant_id"],
-                                _iso(r["opened_at"]),
-                                _iso(r["cut_off"]),
+                                iso(r["opened_at"]),
+                                iso(r["cut_off"]),
                                 r["opening_position"],
                                 r["issued"],
                                 r["earn_refunds"],
@@ -730,7 +722,9 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
                 if not more:
                     break
             return pb.ExportStatementResponse(
-                csv=out.getvalue().encode(), lines=lines, next_page_token=_token(str(last)) if more and wanted else ""
+                csv=out.getvalue().encode(),
+                lines=lines,
+                next_page_token=page_token(str(last)) if more and wanted else "",
             )
 
         return await guard(context, call)

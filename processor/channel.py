@@ -15,19 +15,19 @@ from typing import Any
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
 from processor import auth, channel_store, domain, reports, rpc, rules
-from processor.admin import (
-    EXPORT_CHUNK,
-    EXPORT_PAGE_MAX,
-    _iso,
-    _page_size,
-    _timestamp,
-    _token,
-    _untoken,
-    merchant_message,
-)
+from processor.admin import merchant_message
 from processor.config import Settings
 from processor.domain import Code, Rejection
-from processor.pipeline import Pipeline, now_micros
+from processor.paging import (
+    EXPORT_CHUNK,
+    EXPORT_PAGE_MAX,
+    iso,
+    page_size,
+    page_token,
+    page_token_value,
+    timestamp_of,
+)
+from processor.pipeline import Pipeline
 from processor.servicer import Validator, guard
 
 PAYEE_KIND = {
@@ -60,17 +60,6 @@ STATEMENT_CSV_COLUMNS = (
 LINE_CSV_COLUMNS = ("period_id", "payee_kind", "payee_id", "merchant_id", "fees", "amount")
 
 
-def give_back_bounds(version: rules.ProgramVersion | None) -> tuple[int, int]:
-    """(min, max) basis points a merchant may set: the program's when it says (seed programs may allow
-    up to 100%), else domain's 3%..20%."""
-    low = getattr(version, "give_back_bps_min", None)
-    high = getattr(version, "give_back_bps_max", None)
-    return (
-        low if isinstance(low, int) else domain.GIVE_BACK_BPS_MIN,
-        high if isinstance(high, int) else domain.GIVE_BACK_BPS_MAX,
-    )
-
-
 def _operator_only(method: str) -> None:
     caller = rpc.principal.get()
     if caller is None or caller.kind != "operator":
@@ -94,8 +83,8 @@ def _region_message(r) -> pb.Region:
 def _statement_message(r) -> pb.ChannelStatement:
     return pb.ChannelStatement(
         period_id=r["period_id"],
-        opened_at=_timestamp(r["opened_at"]),
-        cut_off=_timestamp(r["cut_off"]),
+        opened_at=timestamp_of(r["opened_at"]),
+        cut_off=timestamp_of(r["cut_off"]),
         payee_kind=PAYEE_ENUM[r["payee_kind"]],
         payee_id=r["payee_id"],
         agent_id=r["agent_id"],
@@ -145,7 +134,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 raise _refusal(error) from None
             return pb.RegisterPromoterResponse(
                 promoter=pb.Promoter(
-                    promoter_id=row["promoter_id"], region=row["region"], created_at=_timestamp(row["created_at"])
+                    promoter_id=row["promoter_id"], region=row["region"], created_at=timestamp_of(row["created_at"])
                 )
             )
 
@@ -165,7 +154,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             return pb.AssignMerchantPromoterResponse(
                 merchant_id=row["merchant_id"],
                 promoter_id=row["promoter_id"],
-                assigned_at=_timestamp(row["assigned_at"]),
+                assigned_at=timestamp_of(row["assigned_at"]),
             )
 
         return await guard(context, call)
@@ -242,12 +231,12 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
     async def ListChannelStatements(self, request, context):
         async def call():
             _operator_only("ListChannelStatements")
-            size = _page_size(request.page_size)
+            size = page_size(request.page_size)
             kind, payee_id = self._payee(request.payee_kind, request.payee_id, required=False)
             pool = self.pipeline.ready_store().pool
             if payee_id:
                 # newest first: the token is the last period shown
-                before = int(_untoken(request.page_token, numeric=True)) if request.page_token else 0
+                before = int(page_token_value(request.page_token, numeric=True)) if request.page_token else 0
                 rows = await channel_store.statements(
                     pool,
                     payee_kind=kind,
@@ -260,7 +249,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             else:
                 if request.period_id <= 0:
                     raise domain.invalid_field("period_id", "give payee_id, or period_id > 0")
-                after = _untoken(request.page_token) if request.page_token else ""
+                after = page_token_value(request.page_token) if request.page_token else ""
                 rows = await channel_store.statements(
                     pool, payee_kind=kind, period_id=request.period_id, after=after, limit=size + 1
                 )
@@ -269,7 +258,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             rows = rows[:size]
             return pb.ListChannelStatementsResponse(
                 statements=[_statement_message(r) for r in rows],
-                next_page_token=_token(str(rows[-1][key])) if more else "",
+                next_page_token=page_token(str(rows[-1][key])) if more else "",
             )
 
         return await guard(context, call)
@@ -285,11 +274,11 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
                 raise domain.invalid_field("page_size", f"page_size must be 0 (everything)..{EXPORT_PAGE_MAX} lines")
-            after = _untoken(request.page_token) if request.page_token else ""
+            after = page_token_value(request.page_token) if request.page_token else ""
             text, lines, last = await export_csv(
                 store.pool, request.period_id, kind, payee_id, request.page_size, after
             )
-            return pb.ExportChannelStatementResponse(csv=text.encode(), lines=lines, next_page_token=_token(last))
+            return pb.ExportChannelStatementResponse(csv=text.encode(), lines=lines, next_page_token=page_token(last))
 
         return await guard(context, call)
 
@@ -303,7 +292,9 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                     f"this key may not set {merchant_id!r}'s give-back: use the merchant's own key or an operator key",
                     reason="KEY_NOT_PERMITTED",
                 )
-            low, high = give_back_bounds(self.pipeline.program.version(now_micros()))
+            # the bounds UpdateMerchant checks (the program's latest stored version): the merchant's key and
+            # the operator's are held to one rule
+            low, high = await self.pipeline.ready_store().give_back_bounds(self.settings.program_id)
             if not low <= request.give_back_bps <= high:
                 raise domain.invalid_field(
                     "give_back_bps",
@@ -381,8 +372,8 @@ async def export_csv(
                         r["payee_kind"],
                         r["payee_id"],
                         r["agent_id"],
-                        _iso(r["opened_at"]),
-                        _iso(r["cut_off"]),
+                        iso(r["opened_at"]),
+                        iso(r["cut_off"]),
                         r["rate_bps"],
                         r["fee_base"],
                         r["amount"],

@@ -135,7 +135,8 @@ def every_field_rules() -> pb.ProgramRules:
                 merchant_id="cafe", acquiring_share_bps=250, conversion_rate=pb.ProgramRate(numerator=3, denominator=2)
             ),
             pb.ProgramMerchantTerms(merchant_id="bakery", conversion_rate=pb.ProgramRate(numerator=1, denominator=100)),
-            pb.ProgramMerchantTerms(merchant_id="florist", acquiring_share_bps=0),
+            pb.ProgramMerchantTerms(merchant_id="florist", acquiring_share_bps=0, star_rating=2),
+            pb.ProgramMerchantTerms(merchant_id="kiosk", star_rating=0),
         ],
         operator_store_merchant_id="alliance-store",
         member_verification="spending",
@@ -153,6 +154,19 @@ def every_field_rules() -> pb.ProgramRules:
         member_transfers="on",
         member_transfer_fee_bps=100,
         member_points_transferred_per_day_max=50_000,
+        # the seed systems' options (issue 16), each away from its default
+        merchant_match_bps=10_000,
+        signup_bonus_point_units=5_000,
+        referral_share_bps=8_000,
+        level_points="total",
+        fee_sale_bps=1_000,
+        give_back_bps_min=100,
+        give_back_bps_max=10_000,
+        star_fee_rebate_bps=[500, 1_000, 2_000],
+        merchant_vouchers_anywhere=True,
+        acquiring_reward_asset="VOUCHERS",
+        acquiring_at_acquirer=True,
+        merchant_voucher_credit=True,
     )
 
 
@@ -225,6 +239,17 @@ def test_unset_fields_take_the_documented_defaults_and_are_returned_set(service,
     ]
     assert not rules.HasField("dividends") and not rules.promotions and not rules.merchant_terms
     assert not rules.HasField("channel")
+    # the seed systems' options (issue 16) answer their defaults too
+    assert (rules.merchant_match_bps, rules.signup_bonus_point_units, rules.referral_share_bps) == (0, 0, 0)
+    assert (rules.level_points, rules.fee_sale_bps, rules.give_back_bps_min, rules.give_back_bps_max) == (
+        "base",
+        0,
+        300,
+        2_000,
+    )
+    assert (rules.acquiring_reward_asset, list(rules.star_fee_rebate_bps)) == ("POINTS", [])
+    assert rules.HasField("merchant_vouchers_anywhere") and not rules.merchant_vouchers_anywhere
+    assert rules.HasField("merchant_voucher_credit") and not rules.merchant_voucher_credit
 
 
 def test_a_stored_version_holds_every_setting_and_who_stored_it(service, programs, operator):
@@ -285,6 +310,36 @@ def test_a_bad_configuration_is_invalid_argument_naming_every_problem_and_stores
         "acquiring_share_bps must be an integer in 0..10000 (got 20000)",
         "thresholds must increase: 'blue' (0) is not above 'registered' (0)",
         "merchant_terms[0].conversion_rate: rate: numerator must be an integer in 1..1000000000",
+    ):
+        assert expected in error.details()
+    assert stored_rows(service) == before
+
+
+def test_bad_seed_options_are_invalid_argument_naming_each_and_store_nothing(service, programs, operator):
+    before = stored_rows(service)
+    rules = plain_rules(
+        give_back_bps_min=5_000,
+        give_back_bps_max=4_000,
+        level_points="all",
+        acquiring_reward_asset="CASH",
+        merchant_voucher_credit=True,  # without dividends
+        star_fee_rebate_bps=[0, 500],
+        merchant_terms=[pb.ProgramMerchantTerms(merchant_id="cafe", star_rating=4)],
+    )
+    error = assert_refused(
+        lambda: programs.SetProgramVersion(
+            pb.SetProgramVersionRequest(effective_from=stamp(next_start_us(service)), rules=rules),
+            metadata=operator,
+            timeout=30,
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    for expected in (
+        "give_back_bps_min (5000) must not be above give_back_bps_max (4000)",
+        "level_points must be one of 'base', 'total' (got 'all')",
+        "acquiring_reward_asset must be 'POINTS' or 'VOUCHERS' (got 'CASH')",
+        "merchant_voucher_credit needs dividends",
+        "merchant_terms of 'cafe': star_rating 4 has no rebate in star_fee_rebate_bps (2 entries)",
     ):
         assert expected in error.details()
     assert stored_rows(service) == before

@@ -1,13 +1,14 @@
 """The seed systems (issue 16), each run end to end from its program file in ops/programs/ through the real
 service and Postgres: earn, redeem, split tender, dividends, refunds, settlement, reconcile, with the
-figures the seed documents give (docs/RULES.md section 11 maps each file's lines to its seed).
-
-Not played here: promoters' and regional agents' commissions (engineer "channel"'s ChannelService); the
-lead adds those flows to the 众店 test after merging (marked below)."""
+figures the seed documents give (docs/RULES.md section 11 maps each file's lines to its seed); for 众店 also
+its channel economics (promoters, the province / city / county service centres) at the settlement cut,
+with the rates of its file's `channel` block, through ChannelService (docs/RULES.md section 12)."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import pathlib
 import time
@@ -19,12 +20,14 @@ from google.protobuf import timestamp_pb2
 from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
+from processor import domain
 from processor.store import Store, StoreError
-from tests.harness import ROOT, ServiceProcess, fetch, ledger_discrepancies
-from tests.integration.helpers import cli, earn, error_of, unique
+from tests.harness import ROOT, ServiceProcess, create_key, fetch, ledger_discrepancies
+from tests.integration.helpers import cli, credential, earn, error_of, unique
 
 PROGRAMS = pathlib.Path(ROOT) / "ops" / "programs"
 YUAN = 100  # currency minor units per yuan; also point-units per point
+PROMOTER, REGION = admin_pb2.CHANNEL_PAYEE_KIND_PROMOTER, admin_pb2.CHANNEL_PAYEE_KIND_REGION
 
 
 def program_file(name: str) -> dict:
@@ -269,8 +272,194 @@ def test_zhongdian_match_pool_round_one_fan_rewards_credit_and_refunds(zhongdian
     beyond = error_of(lambda: spend(z, "shop-a", 211))
     assert "holds 0 voucher-units and may owe 210 more on credit" in beyond.details()
     assert spend(z, "shop-a", 210).voucher_credit_used == 390
-    # TODO(lead, after merging engineer "channel"): register a promoter and a county agent for shop-a here
-    # and check their commissions at this cut (ChannelService), then reconcile again.
+    assert ledger_discrepancies(z.url) == []
+
+
+def _fee_share(fees: int, rate_bps: int) -> int:
+    """One channel statement line: floor(fees x rate / 10000), in the operator's favour (RULES.md section 12)."""
+    return fees * rate_bps // 10_000
+
+
+def _posted_channel_statements(z: System, period_id: int, payees: list[tuple[int, str]], op) -> dict:
+    """The channel statements of `payees` for the period once the committer has posted each."""
+    stub = admin_pb2_grpc.ChannelServiceStub(z.channel)
+    deadline = time.monotonic() + 20
+    while True:
+        found = {
+            (kind, payee): stub.GetChannelStatement(
+                admin_pb2.GetChannelStatementRequest(period_id=period_id, payee_kind=kind, payee_id=payee),
+                metadata=op,
+                timeout=30,
+            ).statement
+            for kind, payee in payees
+        }
+        if all(s.transaction_id for s in found.values()):
+            return found
+        assert time.monotonic() < deadline, "the channel statements were not posted"
+        time.sleep(0.1)
+
+
+def test_zhongdian_promoter_and_service_centres_paid_from_the_fees_at_the_cut(zhongdian):
+    """ "推广人员:推广并服务商家赚取佣金。获得商家持续收益" and "区域代理:…服务区域内联盟商家按区域业绩结算收益": a
+    promoter who signed shops A and B up, and the province, city and county service centres (省/市/县服务中心)
+    with their agents, are paid their shares of the operator's fees from those shops at the cut, at the
+    rates of zhongdian.json's `channel` block; shop B sets its own give-back with its own key."""
+    z = zhongdian
+    rates = program_file("zhongdian")["channel"]
+    op = credential(create_key(z.url, "operator"))
+    channel = admin_pb2_grpc.ChannelServiceStub(z.channel)
+    merchants = admin_pb2_grpc.MerchantAdminServiceStub(z.channel)
+    for region_id, level, parent in (
+        ("zhejiang", admin_pb2.REGION_LEVEL_PROVINCE, ""),
+        ("hangzhou", admin_pb2.REGION_LEVEL_CITY, "zhejiang"),
+        ("xihu", admin_pb2.REGION_LEVEL_COUNTY, "hangzhou"),
+    ):
+        channel.CreateRegion(
+            admin_pb2.CreateRegionRequest(region_id=region_id, level=level, parent_id=parent, name=region_id),
+            metadata=op,
+            timeout=30,
+        )
+        channel.RegisterRegionalAgent(
+            admin_pb2.RegisterRegionalAgentRequest(agent_id=f"centre-{region_id}", region_id=region_id),
+            metadata=op,
+            timeout=30,
+        )
+    channel.RegisterPromoter(
+        admin_pb2.RegisterPromoterRequest(promoter_id="promoter-li", region="hangzhou"), metadata=op, timeout=30
+    )
+    # the operator's service fees, the channel's base (the file keeps fee_sale_bps 0): shop A, in the county,
+    # pays 10% of the points it issues; shop B, in the city itself, 10% of the points redeemed there
+    for merchant in (
+        admin_pb2.Merchant(merchant_id="shop-a", region="xihu", fee_issued_bps=1_000),
+        admin_pb2.Merchant(merchant_id="shop-b", region="hangzhou", fee_redeemed_bps=1_000),
+    ):
+        fields = ["region", "fee_issued_bps" if merchant.fee_issued_bps else "fee_redeemed_bps"]
+        merchants.UpdateMerchant(
+            admin_pb2.MerchantAdminServiceUpdateMerchantRequest(merchant=merchant, update_fields=fields), timeout=30
+        )
+        channel.AssignMerchantPromoter(
+            admin_pb2.AssignMerchantPromoterRequest(merchant_id=merchant.merchant_id, promoter_id="promoter-li"),
+            metadata=op,
+            timeout=30,
+        )
+    # "可根据自身情况设置3%~20%的让利比例": shop B sets 15% with its own key (the test client sends the
+    # merchant's key for a call naming it), from its next earn; 25% is outside the program's bounds
+    set_back = channel.SetGiveBack(admin_pb2.SetGiveBackRequest(merchant_id="shop-b", give_back_bps=1_500), timeout=30)
+    assert set_back.merchant.give_back_bps == 1_500
+    beyond = error_of(
+        lambda: channel.SetGiveBack(admin_pb2.SetGiveBackRequest(merchant_id="shop-b", give_back_bps=2_500), timeout=30)
+    )
+    assert beyond.code() == grpc.StatusCode.INVALID_ARGUMENT and "300..2000" in beyond.details()
+    revenue_before = z.account("operator_fee_revenue")
+
+    member = unique("member")
+    at_a = earn(z.points, "shop-a", member, 12_345)  # 123.45 yuan at 20%: 2,469 point-units; fee 246
+    at_b = earn(z.points, "shop-b", member, 10_000)  # 100 yuan at shop B's new 15%: 1,500
+    assert (at_a.points, at_b.points, at_b.give_back_bps) == (2_469, 1_500, 1_500)
+    z.redeem("shop-b", member, 3_333)  # fee floor(333.3) = 333
+    statements = z.settle()
+    fees = {shop: statements[shop].fees for shop in ("shop-a", "shop-b")}
+    assert fees == {"shop-a": 246, "shop-b": 333}
+    period_id = statements["shop-a"].period_id
+
+    promoter, province, city, county = (
+        rates["promoter_commission_bps"],
+        rates["province_agent_share_bps"],
+        rates["city_agent_share_bps"],
+        rates["county_agent_share_bps"],
+    )
+    payees = [(PROMOTER, "promoter-li"), (REGION, "xihu"), (REGION, "hangzhou"), (REGION, "zhejiang")]
+    posted = _posted_channel_statements(z, period_id, payees, op)
+    figures = {key: (s.agent_id, s.rate_bps, s.fee_base, s.amount, s.merchants) for key, s in posted.items()}
+    expected = {
+        # the promoter: 20% of both shops' fees, line by line: 49 + 66
+        (PROMOTER, "promoter-li"): ("", promoter, 579, _fee_share(246, promoter) + _fee_share(333, promoter), 2),
+        # the county's centre: shop A only, 15%: 36
+        (REGION, "xihu"): ("centre-xihu", county, 246, _fee_share(246, county), 1),
+        # the city's centre: shop B in the city and shop A in its county (agent_scope "subtree"), 10%: 24 + 33
+        (REGION, "hangzhou"): ("centre-hangzhou", city, 579, _fee_share(246, city) + _fee_share(333, city), 2),
+        # the province's centre: both, below it, 5%: 12 + 16
+        (REGION, "zhejiang"): (
+            "centre-zhejiang",
+            province,
+            579,
+            _fee_share(246, province) + _fee_share(333, province),
+            2,
+        ),
+    }
+    assert figures == expected
+    assert [amount for _, _, _, amount, _ in expected.values()] == [115, 36, 57, 28]
+    # payables to each, out of the operator's fee revenue (kinds 23 and 24), which keeps the rest
+    assert z.account("promoter_commissions", "promoter-li") == 115
+    assert [z.account("regional_agent_shares", f"centre-{r}") for r in ("xihu", "hangzhou", "zhejiang")] == [36, 57, 28]
+    assert z.account("operator_fee_revenue") == revenue_before + 579 - (115 + 36 + 57 + 28)
+    postings = {
+        (r["kind"], r["amount"])
+        for r in z.transactions(23, 24)
+        if domain.format_transaction_id(r["transaction_id"]) in {s.transaction_id for s in posted.values()}
+    }
+    assert postings == {(23, 115), (24, 36), (24, 57), (24, 28)}
+
+    # the promoter's statement and its lines, as CSV: the lines sum to it
+    lines = channel.ExportChannelStatement(
+        admin_pb2.ExportChannelStatementRequest(period_id=period_id, payee_kind=PROMOTER, payee_id="promoter-li"),
+        metadata=op,
+        timeout=30,
+    )
+    rows = list(csv.DictReader(io.StringIO(lines.csv.decode())))
+    assert [(r["merchant_id"], int(r["fees"]), int(r["amount"])) for r in rows] == [
+        ("shop-a", 246, 49),
+        ("shop-b", 333, 66),
+    ]
+    regions = channel.ExportChannelStatement(
+        admin_pb2.ExportChannelStatementRequest(period_id=period_id, payee_kind=REGION), metadata=op, timeout=30
+    )
+    rows = list(csv.DictReader(io.StringIO(regions.csv.decode())))
+    assert [(r["payee_id"], r["agent_id"], int(r["fee_base"]), int(r["amount"])) for r in rows] == [
+        ("hangzhou", "centre-hangzhou", 579, 57),
+        ("xihu", "centre-xihu", 246, 36),
+        ("zhejiang", "centre-zhejiang", 579, 28),
+    ]
+    assert all(r["transaction_id"] == posted[(REGION, r["payee_id"])].transaction_id for r in rows)
+
+    # the alliance report of the period: the member's points issued at A, then B, spent at B, first in first
+    # out; per region (a merchant's region as set)
+    report = channel.GetAllianceReport(
+        admin_pb2.GetAllianceReportRequest(period_id=period_id), metadata=op, timeout=60
+    ).report
+    flows = {(f.issuer_merchant_id, f.redeemer_merchant_id): f.points for f in report.flows}
+    assert (flows[("shop-a", "shop-b")], flows[("shop-b", "shop-b")]) == (2_469, 3_333 - 2_469)
+    by_region = {r.region: (r.merchants, r.issued, r.redeemed, r.fees, r.active_members) for r in report.regions}
+    assert (by_region["xihu"], by_region["hangzhou"]) == ((1, 2_469, 0, 246, 1), (1, 1_500, 3_333, 333, 1))
+    assert ledger_discrepancies(z.url) == []
+
+
+def test_zhongdian_reconcile_finds_a_commission_paid_into_another_payees_account(zhongdian):
+    """ "Both reconcile like merchants": a promoter's statement that names an agent's account (as if its
+    commission had been paid there) is reported twice, by the posting check and by the payables check."""
+    z = zhongdian
+    rows = fetch(
+        z.url,
+        "SELECT period_id, payee_id, account_id, amount FROM channel_statements WHERE payee_kind = 'promoter' "
+        "AND amount > 0 ORDER BY period_id LIMIT 1",
+    )
+    assert rows, "the channel test posted no promoter commission"
+    statement = rows[0]
+    agent_account = fetch(
+        z.url, "SELECT account_id FROM accounts WHERE kind = 'regional_agent_shares' ORDER BY account_id LIMIT 1"
+    )[0]["account_id"]
+    moved = "UPDATE channel_statements SET account_id = $1 WHERE period_id = $2 AND payee_kind = 'promoter' AND payee_id = $3"
+    fetch(z.url, moved, agent_account, statement["period_id"], statement["payee_id"])
+    try:
+        problems = ledger_discrepancies(z.url)
+        assert any(
+            f"of {statement['amount']} does not pay its statement's amount {statement['amount']} to the statement's "
+            "account" in p
+            for p in problems
+        ), problems
+        assert any(f"promoter_commissions of {statement['payee_id']}: balance" in p for p in problems), problems
+    finally:
+        fetch(z.url, moved, statement["account_id"], statement["period_id"], statement["payee_id"])
     assert ledger_discrepancies(z.url) == []
 
 
@@ -382,6 +571,27 @@ def test_mobile_membership_points_as_cash_anywhere_fees_no_cash_out_and_bounds(m
     )
     assert unknown.code() == grpc.StatusCode.NOT_FOUND and "nowhere" in unknown.details()
 
+    # the merchant may set its own rate too (ChannelService.SetGiveBack, its own key), held to the bounds
+    # UpdateMerchant checks, the program's latest stored version's: legacy's 50% is refused, 15% lets it earn;
+    # once a version narrowing them to 5%..15% is stored (starting in an hour), 20% is refused already
+    channel = admin_pb2_grpc.ChannelServiceStub(m.channel)
+
+    def set_give_back(give_back_bps: int) -> admin_pb2.SetGiveBackResponse:
+        request = admin_pb2.SetGiveBackRequest(merchant_id="legacy", give_back_bps=give_back_bps)
+        return channel.SetGiveBack(request, timeout=30)
+
+    refused = error_of(lambda: set_give_back(5_000))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "300..2000" in refused.details()
+    assert set_give_back(1_500).merchant.give_back_bps == 1_500
+    assert earn(m.points, "legacy", member, 100 * YUAN).points == 15 * YUAN
+    in_an_hour = timestamp_pb2.Timestamp(seconds=int(time.time()) + 3_600)
+    narrower = admin_pb2.ProgramRules(give_back_bps_min=500, give_back_bps_max=1_500)
+    admin_pb2_grpc.ProgramsServiceStub(m.channel).SetProgramVersion(
+        admin_pb2.ProgramsServiceSetProgramVersionRequest(effective_from=in_an_hour, rules=narrower), timeout=30
+    )
+    refused = error_of(lambda: set_give_back(2_000))
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT and "500..1500" in refused.details()
+
     statements = m.settle()
     assert (statements["cafe"].issued, statements["cinema"].redeemed, statements["cinema"].fees) == (
         50 * YUAN,
@@ -470,8 +680,32 @@ def test_telecom_signup_referral_share_total_levels_and_star_rebates(telecom):
     fees = {r["transaction_id"]: r["fee"] for r in t.transactions(3)}
     assert (fees[_txn(at_star.transaction_id)], fees[_txn(plain.transaction_id)]) == (80 * YUAN, 10 * YUAN)
 
+    # the operator rates "shop" 3 stars through ProgramsService: the version in force as GetProgram answers
+    # it (every seed option set), with one more merchant's terms, as a new version; from its start shop's
+    # 10% redemption fee is charged 10% less
+    programs = admin_pb2_grpc.ProgramsServiceStub(t.channel)
+    rules = programs.GetProgram(admin_pb2.ProgramsServiceGetProgramRequest(), timeout=30).program.versions[-1].rules
+    assert (rules.level_points, rules.signup_bonus_point_units, rules.referral_share_bps) == ("total", 5_000, 8_000)
+    assert list(rules.star_fee_rebate_bps) == [0, 500, 1_000, 1_500, 2_000]
+    rules.merchant_terms.add(merchant_id="shop", star_rating=3)
+    version = programs.SetProgramVersion(
+        admin_pb2.ProgramsServiceSetProgramVersionRequest(rules=rules), timeout=30
+    ).version
+    assert [(m.merchant_id, m.star_rating) for m in version.rules.merchant_terms] == [("star-shop", 5), ("shop", 3)]
+    _wait(
+        lambda: (
+            programs.GetProgram(admin_pb2.ProgramsServiceGetProgramRequest(), timeout=30).program.version_in_force
+            == version.version
+        ),
+        "the rated version did not come into force",
+    )
+    rated = t.redeem("shop", climber, 100 * YUAN)
+    (row,) = [r for r in t.transactions(3) if r["transaction_id"] == _txn(rated.transaction_id)]
+    assert row["fee"] == 9 * YUAN
+
     statements = t.settle()
     assert statements["star-shop"].fees == 80 * YUAN
+    assert statements["shop"].fees == (10 + 9) * YUAN
     assert ledger_discrepancies(t.url) == []
 
 

@@ -10,7 +10,8 @@ import pathlib
 
 import pytest
 
-from processor import rules
+from points.v1 import admin_pb2
+from processor import admin, rules
 from processor.domain import OPERATOR_ID
 from processor.rules import (
     ConfigError,
@@ -149,6 +150,41 @@ def test_round_trip_is_exact_for_every_field_through_json_text():
     again = rules.version_from_config("alliance", 3, 1_800_000_000_000_000, json.loads(text))
     assert again == EVERY_FIELD
     assert rules.version_to_config(again) == config
+
+
+def test_program_rules_has_a_field_for_every_setting_with_the_same_name():
+    """ProgramsService carries a version as ProgramRules (proto/points/v1/admin.proto): a setting the proto
+    lacks could be set only through a program file, and GetProgram would not show it."""
+    assert {f.name for f in admin_pb2.ProgramRules.DESCRIPTOR.fields} == set(rules.CONFIG_KEYS)
+    assert {f.name for f in admin_pb2.ProgramMerchantTerms.DESCRIPTOR.fields} == {
+        f.name for f in dataclasses.fields(MerchantTerms)
+    }
+
+
+def test_round_trip_is_exact_for_every_field_through_program_rules():
+    """version -> ProgramRules (GetProgram) -> bytes -> configuration (SetProgramVersion) -> the same
+    version, for every field, a 0-star merchant staying rated 0 and an unrated one unrated."""
+    zero_stars = dataclasses.replace(
+        EVERY_FIELD, merchant_terms=(*EVERY_FIELD.merchant_terms, MerchantTerms("kiosk", star_rating=0))
+    )
+    for version in (EVERY_FIELD, zero_stars):
+        message = admin.rules_message(rules.version_to_config(version))
+        wire = admin_pb2.ProgramRules.FromString(message.SerializeToString())
+        again = rules.version_from_config("alliance", 3, 1_800_000_000_000_000, admin.rules_config(wire))
+        assert again == version
+    ratings = {t.merchant_id: t.HasField("star_rating") for t in message.merchant_terms}
+    assert ratings == {"cafe": False, "bakery": False, "florist": True, "kiosk": True}
+
+
+def test_unset_program_rules_are_the_defaults_and_are_answered_set():
+    assert rules.version_from_config("alliance", 1, 0, admin.rules_config(admin_pb2.ProgramRules())) == (
+        ProgramVersion("alliance", 1, 0)
+    )
+    answered = admin.rules_message(rules.version_to_config(ProgramVersion("alliance", 1, 0)))
+    seeds = ("merchant_match_bps", "give_back_bps_min", "give_back_bps_max", "level_points", "acquiring_reward_asset")
+    assert all(answered.HasField(name) for name in seeds)
+    assert (answered.give_back_bps_min, answered.give_back_bps_max, answered.level_points) == (300, 2_000, "base")
+    assert (answered.acquiring_reward_asset, list(answered.star_fee_rebate_bps)) == ("POINTS", [])
 
 
 def test_config_spells_rates_and_nones_as_documented():
