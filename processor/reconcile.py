@@ -57,12 +57,13 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                 f"{r['account_id']}, which do not both exist in its asset"
             )
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
+        # an expiry (6) of a lot the operator issued (an adjustment's, issue 15) names the operator;
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
         # merchant's voucher spend (14) has no member; a channel posting (23, 24) neither (the operator's)
         for r in await fetch(
             """SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                   WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                             OR t.kind IN (11, 23, 24) AND t.merchant_id = 'operator'
+                                             OR t.kind IN (6, 11, 23, 24) AND t.merchant_id = 'operator'
                                              OR t.kind = ANY($1::smallint[]) AND t.merchant_id = 'operator')
                                      OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
                                              OR t.kind IN (11, 14, 23, 24) AND t.member_id = '')

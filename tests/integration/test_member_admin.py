@@ -1,5 +1,6 @@
 """Member administration (issue 15) through the real service and Postgres: support keys and their
-limits, AdjustPoints, ReverseTransaction (of adjustments), FreezeMember / UnfreezeMember (also inside
+limits, AdjustPoints, ReverseTransaction (of adjustments and transfers; of till transactions in
+test_member_reversals.py), FreezeMember / UnfreezeMember (also inside
 SubmitBatch), CloseMember, the operator's and support agents' reads; each happy path and each refusal,
 with reconcile clean after; and adjustments and reversals under concurrent till traffic."""
 
@@ -413,9 +414,18 @@ def test_a_reversal_of_spent_points_or_of_a_till_transaction_is_refused_whole(wo
     detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
     assert "were spent" in detail and "200 available" in detail
     assert world.balance(member).posted == 200  # nothing of it was posted
+    # a refund is not reversed (the merchant makes the sale again); an earn refunded in part is not either
     earned = earn(world.stub, "shop-a", member, 1_000)
+    refund = world.stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-a", transaction_id=earned.transaction_id, points=40, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
+    detail = refused(lambda: world.reverse(refund.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "is of kind refund_of_earn (5)" in detail and "makes the sale again" in detail
     detail = refused(lambda: world.reverse(earned.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
-    assert "is of kind earn (1)" in detail and "Refund" in detail
+    assert "refunded in part (40 of 100 point-units)" in detail
     refused(lambda: world.reverse("txn_999999999"), grpc.StatusCode.NOT_FOUND)
     refused(lambda: world.reverse("nonsense"), grpc.StatusCode.INVALID_ARGUMENT)
     assert ledger_discrepancies(world.url) == []
