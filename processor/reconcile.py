@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from processor import channel_store, kinds, rules
+from processor import channel_store, kinds, member_store, rules
 from processor.domain import require
 from processor.store import (
     _CLEARING_SUMS,
@@ -730,6 +730,23 @@ async def _member_admin_discrepancies(fetch, report) -> list[str]:
         problems.append(
             f"reversal {r['transaction_id']} is not the recorded, exact mirror of its original transaction's entries"
         )
+    report("no transaction is both reversed and refunded; an earn is reversed with everything it set off")
+    for r in await fetch(
+        """SELECT v.original_transaction_id AS t, 'is reversed and refunded' AS what
+           FROM member_reversals v JOIN transactions o ON o.transaction_id = v.original_transaction_id
+           WHERE o.refunded > 0 OR EXISTS (SELECT 1 FROM transactions x
+                                           WHERE x.original_transaction_id = o.transaction_id
+                                             AND x.kind = ANY($1::smallint[]))
+           UNION ALL
+           SELECT x.transaction_id, 'was set off by reversed earn ' || v.original_transaction_id || ', not reversed'
+           FROM member_reversals v JOIN transactions x ON x.original_transaction_id = v.original_transaction_id
+                                                      AND x.kind = ANY($2::smallint[])
+           WHERE NOT EXISTS (SELECT 1 FROM member_reversals w WHERE w.original_transaction_id = x.transaction_id)
+           ORDER BY 1 LIMIT 5""",
+        list(member_store.REFUND_KINDS),
+        list(member_store.TIED_KINDS),
+    ):
+        problems.append(f"transaction {r['t']} {r['what']}")
     # A merchant may still refund a redemption of a member closed since (a refund names the transaction,
     # not the member): those credits are the only points a closed member may hold.
     report("every closed member holds no open hold and no points but refunds of its redemptions since")

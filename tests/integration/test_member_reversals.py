@@ -314,3 +314,29 @@ def test_a_link_names_its_referrer_by_an_alias(world):
     earn(world.stub, "shop-a", member, 1_000)
     assert _posted(world, referrer) == before + 50  # the referral bonus reached the member the card names
     assert ledger_discrepancies(world.url) == []
+
+
+def test_reconcile_reports_a_reversed_transaction_refunded_or_what_an_earn_set_off_left_unreversed(create_database):
+    url = create_database()
+    world = World(url, {"acquiring_share_bps": 100})
+    try:
+        member = unique("mem")
+        world.stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-b", member_id=member, idempotency_key="l"))
+        earned = earn(world.stub, "shop-a", member, 10_000)
+        _reverse(world, earned.transaction_id)
+    finally:
+        world.stop()
+    assert ledger_discrepancies(url) == []
+    [reward] = fetch(
+        url,
+        "SELECT transaction_id FROM transactions WHERE kind = 9 AND original_transaction_id = $1",
+        _id(earned.transaction_id),
+    )
+    reward_id = reward["transaction_id"]
+    fetch(url, "UPDATE transactions SET refunded = 10 WHERE transaction_id = $1", _id(earned.transaction_id))
+    fetch(url, "DELETE FROM member_reversals WHERE original_transaction_id = $1", reward_id)
+    problems = ledger_discrepancies(url)
+    assert f"transaction {_id(earned.transaction_id)} is reversed and refunded" in problems
+    assert (
+        f"transaction {reward_id} was set off by reversed earn {_id(earned.transaction_id)}, not reversed" in problems
+    )
