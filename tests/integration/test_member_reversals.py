@@ -340,3 +340,52 @@ def test_reconcile_reports_a_reversed_transaction_refunded_or_what_an_earn_set_o
     assert (
         f"transaction {reward_id} was set off by reversed earn {_id(earned.transaction_id)}, not reversed" in problems
     )
+
+
+@pytest.fixture(scope="module")
+def seeds(create_database):
+    """A world under seed rules: 众店's merchant match (50% of the base to the earn's merchant) and fan
+    reward (the acquirer's 1% in vouchers), a sign-up bonus of 300 and a conversion rate at shop-a (3
+    point-units per 2 of its own points)."""
+    url = create_database()
+    world = World(
+        url,
+        {
+            "merchant_match_bps": 5_000,
+            "acquiring_share_bps": 100,
+            "acquiring_reward_asset": "VOUCHERS",
+            "signup_bonus_point_units": 300,
+            "merchant_terms": [{"merchant_id": "shop-a", "conversion_rate": {"numerator": 3, "denominator": 2}}],
+        },
+    )
+    yield world
+    world.stop()
+    assert ledger_discrepancies(url) == []
+
+
+def test_the_seed_kinds_are_reversed_the_merchant_match_with_its_earn_a_sign_up_bonus_and_a_conversion(seeds):
+    member = unique("mem")
+    earned = earn(seeds.stub, "shop-b", member, 10_000)  # base 1,000; the match: 500 to shop-b; sign-up 300
+    assert _posted(seeds, member) == 1_300 and _account(seeds, "merchant_points", "shop-b") == 500
+    [signup] = fetch(seeds.url, "SELECT transaction_id FROM transactions WHERE kind = 29 AND member_id = $1", member)
+    reversal = _reverse(seeds, earned.transaction_id)
+    assert (reversal.points, reversal.balance) == (-1_000, 300)
+    assert _account(seeds, "merchant_points", "shop-b") == 0  # the match went with its earn
+    assert _reverse(seeds, f"txn_{signup['transaction_id']}").balance == 0
+    converted = seeds.stub.ConvertMerchantPoints(
+        pb.ConvertMerchantPointsRequest(
+            merchant_id="shop-a", member_id=member, merchant_points=10, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
+    assert (converted.points, _posted(seeds, member)) == (15, 15)
+    assert _reverse(seeds, converted.transaction_id).balance == 0
+    # an earn whose fan reward paid its acquirer vouchers is not reversed: a reversal mirrors points only
+    fan = unique("fan")
+    seeds.stub.LinkMember(pb.LinkMemberRequest(merchant_id="shop-a", member_id=fan, idempotency_key=unique("k")))
+    rewarded = earn(seeds.stub, "shop-b", fan, 10_000)
+    before = _count(seeds)
+    detail = refused(lambda: _reverse(seeds, rewarded.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "of kind fan_reward" in detail and "moved vouchers" in detail
+    assert _count(seeds) == before
+    assert ledger_discrepancies(seeds.url) == []
