@@ -339,6 +339,48 @@ def test_key_create_support_needs_both_limits_and_makes_a_working_key(world):
     refused(lambda: world.adjust(member, 101, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def test_issue_api_key_makes_support_keys_with_their_limits_on_both_services(world):
+    support = apb.API_KEY_KIND_SUPPORT
+    services = (
+        admin_pb2_grpc.MerchantAdminServiceStub(world._bare).IssueApiKey,
+        admin_pb2_grpc.MerchantAdminStub(world._bare).IssueApiKey,  # the deprecated name, same bytes
+    )
+    for issue in services:
+        made = issue(
+            apb.IssueApiKeyRequest(
+                kind=support, description="desk", support_points_per_call_max=200, support_points_per_day_max=300
+            ),
+            metadata=world.operator,
+            timeout=30,
+        )
+        key = credential(made.key)
+        member = unique("mem")
+        assert world.adjust(member, 200, who=key).balance == 200
+        detail = refused(lambda: world.adjust(member, 201, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "at most 200 point-units per call" in detail
+        detail = refused(lambda: world.adjust(member, 150, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "adjusted 200 of its 300 point-units today" in detail
+        refused(lambda: world.freeze(member, who=key), grpc.StatusCode.PERMISSION_DENIED)
+    issue = services[0]
+    for request, field in (
+        (apb.IssueApiKeyRequest(kind=support, support_points_per_call_max=200), "support_points_per_day_max"),
+        (
+            apb.IssueApiKeyRequest(
+                kind=support, merchant_ids=["shop-a"], support_points_per_call_max=1, support_points_per_day_max=1
+            ),
+            "merchant_ids",
+        ),
+        (
+            apb.IssueApiKeyRequest(
+                kind=apb.API_KEY_KIND_MERCHANT, merchant_ids=["shop-a"], support_points_per_call_max=1
+            ),
+            "support_points_per_call_max",
+        ),
+    ):
+        detail = refused(lambda: issue(request, metadata=world.operator, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+        assert field in detail
+
+
 # --- FreezeMember / UnfreezeMember -----------------------------------------------------------------
 
 

@@ -389,3 +389,15 @@ def test_the_seed_kinds_are_reversed_the_merchant_match_with_its_earn_a_sign_up_
     assert "of kind fan_reward" in detail and "moved vouchers" in detail
     assert _count(seeds) == before
     assert ledger_discrepancies(seeds.url) == []
+
+
+def test_a_household_members_earn_makes_a_lot_on_the_shared_account(world):
+    head = unique("head")
+    earn(world.stub, "shop-b", head, 1_000)
+    household = world.admin.CreateHousehold(
+        apb.CreateHouseholdRequest(head_member_id=head), metadata=world.operator, timeout=30
+    ).household_id
+    earned = earn(world.stub, "shop-b", head, 2_000)  # 200 + 40 promotion, to the shared account
+    [(lot_id, amount, _)] = _lots(world, f"household:{household}")
+    assert (lot_id, amount) == (_id(earned.transaction_id), 240)
+    assert ledger_discrepancies(world.url) == []
