@@ -429,6 +429,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
                 held=held,
                 available=posted - held,
                 status=status_message(member_postings.status_fields(member_id, status)),
+                household_id=self.pipeline.machine.members.household_of.get(member_id, ""),
             )
 
         return await guard(context, call)

@@ -673,7 +673,12 @@ def test_a_households_members_earn_into_and_spend_from_one_balance_and_leaving_m
     assert world.balance(shared).posted == 1_500
     assert world.redeem(partner, 1_200).balance == 300  # the partner spends the head's earn too
     refused(lambda: world.redeem(head, 301), grpc.StatusCode.FAILED_PRECONDITION)
-    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=head), timeout=30).posted == 300
+    # a till's GetBalance of a member shows the shared balance it spends, and says so; the operator's
+    # shows the member's own account and names its household
+    till = world.stub.GetBalance(pb.GetBalanceRequest(member_id=head), timeout=30)
+    assert (till.member_id, till.household_id, till.posted) == (shared, household, 300)
+    own = world.balance(head)
+    assert (own.member_id, own.household_id, own.posted) == (head, household, 400)
     # one household at a time; an unknown household is not found
     detail = refused(
         lambda: world.admin.CreateHousehold(
