@@ -9,6 +9,7 @@ expiry lots. Reconcile is clean after each test."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import time
@@ -400,4 +401,50 @@ def test_a_household_members_earn_makes_a_lot_on_the_shared_account(world):
     earned = earn(world.stub, "shop-b", head, 2_000)  # 200 + 40 promotion, to the shared account
     [(lot_id, amount, _)] = _lots(world, f"household:{household}")
     assert (lot_id, amount) == (_id(earned.transaction_id), 240)
+    assert ledger_discrepancies(world.url) == []
+
+
+def _redeemed(world) -> pb.RedeemResponse:
+    member = unique("race")
+    earn(world.stub, "shop-b", member, 3_000)
+    return world.stub.Redeem(
+        pb.RedeemRequest(merchant_id="shop-b", member_id=member, points=200, idempotency_key=unique("k")), timeout=30
+    )
+
+
+def test_refunds_racing_reversals_of_the_same_redeems_never_both_take_effect(world):
+    """Each redeem gets a merchant's Refund and an operator's reversal at once: exactly one of them takes
+    effect (a refund routed while the reversal is asked makes the reversal refuse), never both. (An earn
+    under a program is guarded by its earn record too; a redeem only by the registry's pending reversals:
+    with their check removed this test fails, checked.)"""
+    earns = [_redeemed(world) for _ in range(24)]
+
+    def refund(earned) -> grpc.StatusCode:
+        try:
+            world.stub.Refund(
+                pb.RefundRequest(
+                    merchant_id="shop-b", transaction_id=earned.transaction_id, points=100, idempotency_key=unique("k")
+                ),
+                timeout=30,
+            )
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+    def reverse(earned) -> grpc.StatusCode:
+        try:
+            _reverse(world, earned.transaction_id)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as error:
+            return error.code()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        # each reversal asked just before its refund: the refund lands while the reversal reads the redeem
+        reversals, refunds = [], []
+        for e in earns:
+            reversals.append(pool.submit(reverse, e))
+            refunds.append(pool.submit(refund, e))
+        outcomes = [(f.result(), r.result()) for f, r in zip(refunds, reversals)]
+    for refunded, reversed_ in outcomes:
+        assert {refunded, reversed_} == {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, outcomes
     assert ledger_discrepancies(world.url) == []
