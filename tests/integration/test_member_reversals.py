@@ -417,13 +417,16 @@ def test_refunds_racing_reversals_of_the_same_redeems_never_both_take_effect(wor
     effect (a refund routed while the reversal is asked makes the reversal refuse), never both. (An earn
     under a program is guarded by its earn record too; a redeem only by the registry's pending reversals:
     with their check removed this test fails, checked.)"""
-    earns = [_redeemed(world) for _ in range(24)]
+    redeems = [_redeemed(world) for _ in range(24)]
 
-    def refund(earned) -> grpc.StatusCode:
+    def refund(redeemed) -> grpc.StatusCode:
         try:
             world.stub.Refund(
                 pb.RefundRequest(
-                    merchant_id="shop-b", transaction_id=earned.transaction_id, points=100, idempotency_key=unique("k")
+                    merchant_id="shop-b",
+                    transaction_id=redeemed.transaction_id,
+                    points=100,
+                    idempotency_key=unique("k"),
                 ),
                 timeout=30,
             )
@@ -431,9 +434,9 @@ def test_refunds_racing_reversals_of_the_same_redeems_never_both_take_effect(wor
         except grpc.RpcError as error:
             return error.code()
 
-    def reverse(earned) -> grpc.StatusCode:
+    def reverse(redeemed) -> grpc.StatusCode:
         try:
-            _reverse(world, earned.transaction_id)
+            _reverse(world, redeemed.transaction_id)
             return grpc.StatusCode.OK
         except grpc.RpcError as error:
             return error.code()
@@ -441,7 +444,7 @@ def test_refunds_racing_reversals_of_the_same_redeems_never_both_take_effect(wor
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         # each reversal asked just before its refund: the refund lands while the reversal reads the redeem
         reversals, refunds = [], []
-        for e in earns:
+        for e in redeems:
             reversals.append(pool.submit(reverse, e))
             refunds.append(pool.submit(refund, e))
         outcomes = [(f.result(), r.result()) for f, r in zip(refunds, reversals)]
