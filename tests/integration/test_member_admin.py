@@ -449,7 +449,7 @@ def test_a_reversal_mirrors_an_adjustment_once(world):
     assert ledger_discrepancies(world.url) == []
 
 
-def test_a_reversal_of_spent_points_or_of_a_till_transaction_is_refused_whole(world):
+def test_a_reversal_of_spent_points_a_refund_or_a_refunded_earn_is_refused_whole_a_plain_earn_mirrored(world):
     member = unique("mem")
     credit = world.adjust(member, 500)
     world.redeem(member, 300)
@@ -468,6 +468,28 @@ def test_a_reversal_of_spent_points_or_of_a_till_transaction_is_refused_whole(wo
     assert "is of kind refund_of_earn (5)" in detail and "makes the sale again" in detail
     detail = refused(lambda: world.reverse(earned.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
     assert "refunded in part (40 of 100 point-units)" in detail
+    # with no program in force an earn is one posting (member + base, merchant_issued - base): its mirror
+    plain = unique("mem")
+    issued = fetch(
+        world.url, "SELECT balance FROM account_balances WHERE kind = 'merchant_issued' AND owner_id = 'shop-b'"
+    )[0]["balance"]
+    made = earn(world.stub, "shop-b", plain, 3_000)
+    reversal = world.reverse(made.transaction_id)
+    assert (reversal.points, reversal.balance) == (-300, 0)
+    after = fetch(
+        world.url, "SELECT balance FROM account_balances WHERE kind = 'merchant_issued' AND owner_id = 'shop-b'"
+    )[0]["balance"]
+    assert after == issued
+    detail = refused(
+        lambda: world.stub.Refund(
+            pb.RefundRequest(
+                merchant_id="shop-b", transaction_id=made.transaction_id, points=10, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "was reversed by the operator" in detail
     refused(lambda: world.reverse("txn_999999999"), grpc.StatusCode.NOT_FOUND)
     refused(lambda: world.reverse("nonsense"), grpc.StatusCode.INVALID_ARGUMENT)
     assert ledger_discrepancies(world.url) == []
