@@ -1,7 +1,8 @@
 """MemberAdminService (admin.proto): the operator enrolls a member's means of proving presence at a till
 (processor/presence.py); a TOTP secret leaves the service once, in EnrollMemberTotp's response; a PIN is
 stored only as its scrypt hash. Neither is logged. And member administration (issue 15): adjustments,
-reversals, freezing and closing members, posted through the committer (processor/member_postings.py),
+reversals (REVERSIBLE below; the originals read from committed state), freezing, closing and merging
+members, aliases, households and transfers, posted through the committer (processor/member_postings.py),
 and reads of any member. Operator keys may call everything; support keys only SUPPORT_METHODS, and
 AdjustPoints within their limits (processor/support_limits.py)."""
 

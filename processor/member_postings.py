@@ -1,5 +1,6 @@
 """Member administration inside the ledger state machine (issue 15): operators' and support agents'
-adjustments, reversals of adjustments, freezing and closing members. Each is an Operation of its own
+adjustments, reversals (of an earn with what it set off, a capture, a redeem, a conversion, a sign-up
+bonus, an adjustment, a transfer), freezing, closing and merging members, aliases, households, transfers. Each is an Operation of its own
 Method (domain.Method.ADJUST, ...) queued through the committer like a till's, applied in the same batch
 and the same order as the tills' traffic, idempotent per key (namespace domain.OPERATOR_ID), balanced,
 and checked by reconcile (kinds 16..20, processor/kinds.py).
