@@ -1,9 +1,10 @@
 """Member administration inside the ledger state machine (issue 15): operators' and support agents'
 adjustments, reversals (of an earn with what it set off, a capture, a redeem, a conversion, a sign-up
-bonus, an adjustment, a transfer), freezing, closing and merging members, aliases, households, transfers. Each is an Operation of its own
-Method (domain.Method.ADJUST, ...) queued through the committer like a till's, applied in the same batch
-and the same order as the tills' traffic, idempotent per key (namespace domain.OPERATOR_ID), balanced,
-and checked by reconcile (kinds 16..20, processor/kinds.py).
+bonus, an adjustment, a transfer), freezing, closing and merging members, aliases, households,
+transfers. Each is an Operation of its own Method (domain.Method.ADJUST, ...) queued through the
+committer like a till's, applied in the same batch and the same order as the tills' traffic, idempotent
+per key (namespace domain.OPERATOR_ID), balanced, and checked by reconcile (kinds 16..22,
+processor/kinds.py).
 
 The members' administrative state (frozen, closed, which transactions were reversed) is held here in
 memory, with an undo log per open batch like the fast path's, so a batch sees the freeze of an earlier
