@@ -245,6 +245,8 @@ class MemberRegistry:
         # On every till operation: the common case (a member with no alias, status or household) costs three
         # dict probes and no Enum hashing (measured: 1.2-1.7 µs an operation before, against ~14 µs for
         # the whole of apply()'s work on an earn).
+        # (a refund's and a link's checks below: measured +20 ns on an earn's route(), 100 -> 120 ns with the
+        # call; a refund once any transaction was reversed 255 ns; timeit of 1e6 calls, best of 5)
         if op.transaction_id and op.method is Method.REFUND and (self.reversed_by or self.pending_reversals):
             return self._refund_route(op)
         if op.referrer_id and op.referrer_id in self.aliases:  # a LinkMember's referrer named by a card or merge
