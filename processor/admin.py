@@ -13,7 +13,7 @@ import time
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
-from processor import auth, domain, kinds, rpc, rules
+from processor import auth, domain, kinds, member_store, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Rejection
 from processor.paging import (
@@ -35,6 +35,7 @@ _KIND_NAME = {
     pb.API_KEY_KIND_MERCHANT: "merchant",
     pb.API_KEY_KIND_GATEWAY: "gateway",
     pb.API_KEY_KIND_OPERATOR: "operator",
+    pb.API_KEY_KIND_SUPPORT: "support",
 }
 GATEWAY_MERCHANTS_MAX = 10_000
 TEXT_BYTES_MAX = 200
@@ -166,16 +167,58 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
 
         return await guard(context, call)
 
+    @staticmethod
+    def _key_terms(request) -> dt.datetime | None:
+        """The checked description and expiry of an IssueApiKeyRequest: its expires_at, or None."""
+        if len(request.description.encode()) > TEXT_BYTES_MAX:
+            raise domain.invalid_field("description", f"description must be at most {TEXT_BYTES_MAX} bytes")
+        if not request.HasField("expires_at"):
+            return None
+        try:
+            expires_at = request.expires_at.ToDatetime(tzinfo=dt.timezone.utc)
+        except (ValueError, OverflowError):
+            expires_at = None
+        if expires_at is None or expires_at <= dt.datetime.now(dt.timezone.utc):
+            raise domain.invalid_field(
+                "expires_at", "expires_at must be a time in the future (or unset: the key never expires)"
+            )
+        return expires_at
+
+    async def _issue_support_key(self, request, limits: tuple[int, int]) -> pb.IssueApiKeyResponse:
+        """A support key (issue 15) with its AdjustPoints limits, as `key create --support` makes one."""
+        if request.merchant_ids:
+            raise domain.invalid_field("merchant_ids", "a support key acts for no merchant; send no merchant_ids")
+        for name, value in zip(("support_points_per_call_max", "support_points_per_day_max"), limits):
+            if value <= 0:
+                raise domain.invalid_field(
+                    name, f"a support key needs {name} > 0 (point-units of AdjustPoints it may move), got {value}"
+                )
+        expires_at = self._key_terms(request)
+        key = auth.new_key()
+        await member_store.insert_support_key(
+            self.pipeline.ready_store().pool, key.key_id, key.secret_sha256, request.description, *limits, expires_at
+        )
+        return pb.IssueApiKeyResponse(key_id=key.key_id, key=key.key)
+
     async def IssueApiKey(self, request, context):
         async def call():
             kind = _KIND_NAME.get(request.kind)
             if kind is None:
-                raise domain.invalid_field("kind", "kind must be API_KEY_KIND_MERCHANT or _GATEWAY")
+                raise domain.invalid_field("kind", "kind must be API_KEY_KIND_MERCHANT, _GATEWAY or _SUPPORT")
             if kind == "operator":  # an operator key can make anything: only someone on the host makes one
                 raise Rejection(
                     Code.PERMISSION_DENIED,
                     "operator keys are created only on the host: python -m processor key create "
                     "--operator; this call issues merchant and gateway keys",
+                )
+            limits = (request.support_points_per_call_max, request.support_points_per_day_max)
+            if kind == "support":
+                return await self._issue_support_key(request, limits)
+            if any(limits):
+                raise domain.invalid_field(
+                    "support_points_per_call_max",
+                    "support_points_per_call_max and support_points_per_day_max are for API_KEY_KIND_SUPPORT keys "
+                    "only; leave them 0",
                 )
             merchant_ids = [self.validate.identifier(m, "merchant_ids") for m in request.merchant_ids]
             expected = {"merchant": "exactly one", "gateway": "one or more"}[kind]
@@ -185,18 +228,7 @@ class MerchantAdminServicer(admin_pb2_grpc.MerchantAdminServicer):
                 or len(merchant_ids) > GATEWAY_MERCHANTS_MAX
             ):
                 raise domain.invalid_field("merchant_ids", f"a {kind} key takes {expected} merchant_ids")
-            if len(request.description.encode()) > TEXT_BYTES_MAX:
-                raise domain.invalid_field("description", f"description must be at most {TEXT_BYTES_MAX} bytes")
-            expires_at = None
-            if request.HasField("expires_at"):
-                try:
-                    expires_at = request.expires_at.ToDatetime(tzinfo=dt.timezone.utc)
-                except (ValueError, OverflowError):
-                    expires_at = None
-                if expires_at is None or expires_at <= dt.datetime.now(dt.timezone.utc):
-                    raise domain.invalid_field(
-                        "expires_at", "expires_at must be a time in the future (or unset: the key never expires)"
-                    )
+            expires_at = self._key_terms(request)
             key = auth.new_key()
             try:
                 await self.pipeline.ready_store().insert_api_key(

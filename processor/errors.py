@@ -73,6 +73,8 @@ REASONS = {
     "INVALID_CURSOR": "the cursor was not issued by this feed; send an event's `cursor` as given, or empty",
     "EVENTS_READER_TOO_SLOW": "the stream's buffer stayed full; resume from ErrorInfo.metadata['cursor']",
     "EVENTS_STREAMS_AT_CAPACITY": "the service has as many WatchEvents streams open as it allows; retry later",
+    # member administration, reversals (issue 15)
+    "TRANSACTION_NOT_REVERSIBLE": "ReverseTransaction cannot mirror this transaction whole; the message says why",
 }
 # The ledger's internal reasons (Outcome.reason, also the points_rejections_total label) -> REASONS.
 OUTCOME_REASONS = {
@@ -97,6 +99,7 @@ OUTCOME_REASONS = {
     "merchant_quota": "MERCHANT_QUOTA",
     "member_frozen": "MEMBER_FROZEN",
     "member_closed": "MEMBER_CLOSED",
+    "not_reversible": "TRANSACTION_NOT_REVERSIBLE",
 }
 # The reason of a refusal that names none.
 CODE_REASONS = {Code.UNAVAILABLE: "SERVICE_UNAVAILABLE", Code.RESOURCE_EXHAUSTED: "SERVICE_AT_CAPACITY"}

@@ -216,6 +216,10 @@ _ANY_POINTS = (
     "operator_adjustments/POINTS",
     "operator_transfer_fees/POINTS",
     *_POINTS_FEES,
+    # an earn's merchant match and a sign-up bonus are reversed too (issue 15)
+    "operator_merchant_match/POINTS",
+    "merchant_points/POINTS",
+    "operator_signup_bonuses/POINTS",
 )
 KINDS += (
     Kind(

@@ -1,13 +1,15 @@
 """MemberAdminService (admin.proto): the operator enrolls a member's means of proving presence at a till
 (processor/presence.py); a TOTP secret leaves the service once, in EnrollMemberTotp's response; a PIN is
 stored only as its scrypt hash. Neither is logged. And member administration (issue 15): adjustments,
-reversals, freezing and closing members, posted through the committer (processor/member_postings.py),
+reversals (REVERSIBLE below; the originals read from committed state), freezing, closing and merging
+members, aliases, households and transfers, posted through the committer (processor/member_postings.py),
 and reads of any member. Operator keys may call everything; support keys only SUPPORT_METHODS, and
 AdjustPoints within their limits (processor/support_limits.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 
 from google.protobuf import timestamp_pb2
@@ -16,7 +18,7 @@ import fastpath
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc
 from points.v1 import points_pb2
-from processor import auth, domain, kinds, member_postings, member_store, metrics, presence, rpc
+from processor import auth, domain, kinds, member_postings, member_store, metrics, presence, rpc, rules
 from processor.config import Settings
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import outcome_status
@@ -30,9 +32,40 @@ from processor.support_limits import SupportLimits
 # what a support key may call; every other method of the service is for operator keys
 SUPPORT_METHODS = frozenset({"AdjustPoints", "GetBalance", "ListTransactions"})
 NOTE_CHARACTERS_MAX = 200
-# the kinds whose every entry is on members' and the operator's POINTS accounts: their mirror moves no
-# merchant's clearing (a merchant's earn or redemption is undone by its Refund)
-_REVERSIBLE = frozenset({kinds.KIND_ADJUSTMENT_CREDIT, kinds.KIND_ADJUSTMENT_DEBIT, kinds.KIND_TRANSFER})
+# what ReverseTransaction reverses (docs/RULES.md section 11, "Reversals"): an earn with what it set off
+# (member_store.TIED_KINDS), a capture, a redeem, a conversion, a sign-up bonus, an adjustment, a transfer
+REVERSIBLE = frozenset(
+    {
+        fastpath.KIND_EARN,
+        fastpath.KIND_CAPTURE,
+        fastpath.KIND_REDEEM,
+        rules.KIND_CONVERSION,
+        rules.KIND_SIGNUP_BONUS,
+        kinds.KIND_ADJUSTMENT_CREDIT,
+        kinds.KIND_ADJUSTMENT_DEBIT,
+        kinds.KIND_TRANSFER,
+    }
+)
+# why the others are not, said to the caller
+_NOT_REVERSIBLE = {
+    fastpath.KIND_REFUND_REDEMPTION: "a refund is not reversed; the merchant makes the sale again. ",
+    fastpath.KIND_REFUND_EARN: "a refund is not reversed; the merchant makes the sale again. ",
+    rules.KIND_EXPIRY: "expired points are not reversed; credit the member instead (AdjustPoints). ",
+    rules.KIND_TIER_BONUS: "it was set off by an earn: reverse that earn (original_transaction_id). ",
+    rules.KIND_REFERRAL_BONUS: "it was set off by an earn: reverse that earn (original_transaction_id). ",
+    rules.KIND_ACQUIRING_REWARD: "it was set off by an earn: reverse that earn (original_transaction_id). ",
+    rules.KIND_MERCHANT_MATCH: "it was set off by an earn: reverse that earn (original_transaction_id). ",
+    rules.KIND_FAN_REWARD: "it was set off by an earn and moved vouchers; its earn's merchant refunds the earn. ",
+    rules.KIND_ACQUIRING_REVERSAL: "it is part of a refund; a refund is not reversed. ",
+    rules.KIND_MERCHANT_MATCH_REVERSAL: "it is part of a refund; a refund is not reversed. ",
+    rules.KIND_FAN_REWARD_REVERSAL: "it is part of a refund; a refund is not reversed. ",
+    rules.KIND_SPLIT_REDEEM: "it moved vouchers; a reversal mirrors points only: its merchant refunds it. ",
+    rules.KIND_SPLIT_REFUND: "a refund is not reversed; the merchant makes the sale again. ",
+    kinds.KIND_REVERSAL_CREDIT: "a reversal is not reversed; adjust the member instead (AdjustPoints). ",
+    kinds.KIND_REVERSAL_DEBIT: "a reversal is not reversed; adjust the member instead (AdjustPoints). ",
+    kinds.KIND_MEMBER_CLOSURE: "a closed member stays closed. ",
+    kinds.KIND_MERGE: "a merge is not undone. ",
+}
 _STATES = {
     member_postings.STATE_ACTIVE: pb.MEMBER_STATE_ACTIVE,
     member_postings.STATE_FROZEN: pb.MEMBER_STATE_FROZEN,
@@ -241,35 +274,19 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             original = domain.parse_transaction_id(request.transaction_id)
             key = self.validate.idempotency_key(request.idempotency_key)
             reason, note = self._reason(request.reason), self._note(request.note)
-            await self.pipeline.committed_view()  # an original just made is committed, so it is read
-            row = await member_store.transaction(self.pipeline.ready_store().pool, original)
             name = domain.format_transaction_id(original)
-            if row is None:
-                raise Rejection(Code.NOT_FOUND, f"transaction {name} does not exist", reason="TRANSACTION_NOT_FOUND")
-            if row["kind"] not in _REVERSIBLE:
-                raise Rejection(
-                    Code.FAILED_PRECONDITION,
-                    f"transaction {name} is of kind {kinds.kind(row['kind']).name} ({row['kind']}): ReverseTransaction "
-                    "reverses adjustments and transfers (kinds 16, 17, 21); an earn or redemption is undone by its "
-                    "merchant's Refund",
-                )
-            legs = await member_store.transaction_legs(self.pipeline.ready_store().pool, original)
-            fields = {
-                "transaction_id": original,
-                "reason": reason,
-                "note": note,
-                "key_id": caller.key_id,
-                "legs": legs,  # read from the journal: the same for every retry of the key
-            }
-            op = self._operation(
-                Method.REVERSE,
-                key,
-                fields,
-                member_id=row["member_id"],
-                points=row["member_points"],
-                transaction_id=original,
-            )
-            f = (await self._submit(op, context)).fields
+            registry = self.pipeline.machine.members
+            # registered before the read: a merchant's Refund of it routed from now on makes the reversal
+            # refuse (member_postings.MemberRegistry.pending_reversals); one routed before is committed
+            # by the time committed_view() returns, so the read below sees it
+            registry.expect_reversal(original)
+            try:
+                await self.pipeline.committed_view()  # an original just made is committed, so it is read
+                group = await member_store.reversal_group(self.pipeline.ready_store().pool, original)
+                op = self._reversal(original, name, group, key, reason, note, caller.key_id)
+                f = (await self._submit(op, context)).fields
+            finally:
+                registry.reversal_answered(original)
             return pb.ReverseTransactionResponse(
                 transaction_id=domain.format_transaction_id(f["transaction_id"]),
                 original_transaction_id=domain.format_transaction_id(f["original_transaction_id"]),
@@ -280,6 +297,77 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             )
 
         return await guard(context, call)
+
+    def _reversal(
+        self, original: int, name: str, group: dict, key: str, reason: int, note: str, key_id: str
+    ) -> Operation:
+        """The REVERSE operation of `original` from what member_store.reversal_group read, or the refusal of
+        what cannot be reversed (docs/RULES.md section 11, "Reversals")."""
+        originals = group["originals"]
+        if not originals or originals[0]["transaction_id"] != original:
+            raise Rejection(Code.NOT_FOUND, f"transaction {name} does not exist", reason="TRANSACTION_NOT_FOUND")
+        first = originals[0]
+        kind = first["kind"]
+        if kind not in REVERSIBLE:
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                f"transaction {name} is of kind {kinds.kind(kind).name} ({kind}): {_NOT_REVERSIBLE.get(kind, '')}"
+                f"ReverseTransaction reverses earns (with what they set off), captures, redeems, conversions, "
+                "sign-up bonuses, adjustments and transfers",
+                reason="TRANSACTION_NOT_REVERSIBLE",
+            )
+        if first["refunded"] or group["refunds"]:
+            raise Rejection(
+                Code.FAILED_PRECONDITION,
+                f"transaction {name} was refunded in part ({first['refunded']} of {first['amount']} point-units): "
+                "a reversal mirrors a whole transaction, never what a refund left. Refund the rest through its "
+                "merchant's Refund, or adjust the member (AdjustPoints)",
+                reason="TRANSACTION_NOT_REVERSIBLE",
+            )
+        for o in originals:
+            if any(leg[3] != "POINTS" for leg in o["legs"]):
+                raise Rejection(
+                    Code.FAILED_PRECONDITION,
+                    f"transaction {name} (or transaction {domain.format_transaction_id(o['transaction_id'])} it set "
+                    f"off, of kind {kinds.kind(o['kind']).name}) moved vouchers: a reversal mirrors points only. "
+                    "Undo it through its merchant's Refund",
+                    reason="TRANSACTION_NOT_REVERSIBLE",
+                )
+        record = group["earn_record"]  # its refunds were refused above: nothing of it is refunded
+        fields = {
+            "transaction_id": original,
+            "reason": reason,
+            "note": note,
+            "key_id": key_id,
+            # read from the journal: the same for every retry of the key
+            "originals": [
+                {k: o[k] for k in ("transaction_id", "kind", "member_id", "merchant_id", "legs")} for o in originals
+            ],
+            "earn_record": None
+            if record is None
+            else {
+                "member_id": record["member_id"],
+                "merchant_id": record["merchant_id"],
+                "program_version": record["program_version"],
+                "base_point_units": record["base_point_units"],
+                "uplift_point_units": record["uplift_point_units"],
+                "grants": json.loads(record["grants"]),
+                "acquirer_id": record["acquirer_id"],
+                "acquiring_point_units": record["acquiring_point_units"],
+                "made_at_us": micros(record["created_at"]),
+            },
+        }
+        member_points = sum(
+            leg[4] for leg in first["legs"] if leg[1] == domain.ACCOUNT_MEMBER and leg[2] == first["member_id"]
+        )
+        return self._operation(
+            Method.REVERSE,
+            key,
+            fields,
+            member_id=first["member_id"],
+            points=member_points,
+            transaction_id=original,
+        )
 
     async def FreezeMember(self, request: pb.FreezeMemberRequest, context) -> pb.FreezeMemberResponse:
         async def call():
@@ -342,6 +430,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
                 held=held,
                 available=posted - held,
                 status=status_message(member_postings.status_fields(member_id, status)),
+                household_id=self.pipeline.machine.members.household_of.get(member_id, ""),
             )
 
         return await guard(context, call)

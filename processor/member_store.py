@@ -196,6 +196,61 @@ async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record
     )
 
 
+# the transactions an earn sets off in its batch (tier and referral bonuses, the acquirer's reward, the
+# merchant match, the fan reward), which name it as their original and are reversed with it (docs/RULES.md
+# section 11); a fan reward moves vouchers, so an earn that set one off is refused (member_admin)
+TIED_KINDS = (7, 8, 9, 27, 30)
+# kinds that undo part of their original: one of these naming a transaction means it was refunded (in part)
+REFUND_KINDS = (4, 5, 10, 13, 28, 31)
+
+
+async def reversal_group(pool: asyncpg.Pool, transaction_id: int) -> dict[str, Any]:
+    """What ReverseTransaction reads from committed state, in one snapshot: the transaction and the
+    transactions tied to it (TIED_KINDS naming it as original), each with its entries as [account_id,
+    account kind, owner, asset, amount]; the refunds naming it; and its earn record if it has one."""
+    async with pool.acquire() as c, c.transaction(isolation="repeatable_read", readonly=True):
+        rows = await c.fetch(
+            """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id, t.refunded, t.amount,
+                      coalesce(array_agg(ARRAY[e.account_id::text, a.kind, a.owner_id, a.asset_code,
+                                               e.amount::text] ORDER BY e.entry_id)
+                               FILTER (WHERE e.entry_id IS NOT NULL), '{}') AS legs
+               FROM transactions t
+               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+               LEFT JOIN accounts a ON a.account_id = e.account_id
+               WHERE t.transaction_id = $1 OR (t.original_transaction_id = $1 AND t.kind = ANY($2::smallint[]))
+               GROUP BY t.transaction_id ORDER BY t.transaction_id""",
+            transaction_id,
+            list(TIED_KINDS),
+        )
+        refunds = await c.fetchval(
+            "SELECT count(*) FROM transactions WHERE original_transaction_id = $1 AND kind = ANY($2::smallint[])",
+            transaction_id,
+            list(REFUND_KINDS),
+        )
+        record = await c.fetchrow(
+            """SELECT e.transaction_id, e.base_point_units, e.uplift_point_units, e.acquirer_id,
+                      e.acquiring_point_units, e.refunded_base_point_units, e.grants::text AS grants,
+                      t.member_id, t.merchant_id, t.program_version, t.created_at
+               FROM earn_rules e JOIN transactions t USING (transaction_id) WHERE e.transaction_id = $1""",
+            transaction_id,
+        )
+    originals = [
+        {
+            "transaction_id": r["transaction_id"],
+            "kind": r["kind"],
+            "member_id": r["member_id"],
+            "merchant_id": r["merchant_id"],
+            "refunded": r["refunded"],
+            "amount": r["amount"],
+            "legs": [[int(a), k, o, asset, int(amount)] for a, k, o, asset, amount in r["legs"]],
+        }
+        for r in rows
+    ]
+    # the transaction itself first, then what it set off, in id order
+    originals.sort(key=lambda o: o["transaction_id"] != transaction_id)
+    return {"originals": originals, "refunds": int(refunds or 0), "earn_record": record}
+
+
 async def transaction_legs(pool: asyncpg.Pool, transaction_id: int) -> list[list[Any]]:
     """A committed transaction's entries as [account_id, account kind, owner, amount], POINTS only (a
     reversal checks the kind has no other asset)."""

@@ -943,6 +943,17 @@ class ProgramState:
             )
             self._set(self.members, source, dataclasses.replace(moved, qualifying=0, day_buckets=()), "members")
 
+    def credit_lots(self, member_id: str, lots: list[rules.Lot]) -> None:
+        """Lots of their own keys credited to the member (a transfer's receiver gets the expiries of the
+        points it received, processor/member_postings.py); each key must be new to the member."""
+        lots = [lot for lot in lots if lot.amount > 0]
+        if not lots:
+            return
+        before = self.lots.get(member_id, ())
+        after = tuple(sorted(before + tuple(lots), key=rules._order))
+        require(len({lot.key for lot in after}) == len(after), f"member {member_id!r}: a credited lot key exists")
+        self._replace_lots(member_id, before, after, [lot.key for lot in lots])
+
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
         are a part of the member's spendable points). balance(member_id) -> (posted, held)."""

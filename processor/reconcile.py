@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncpg
 
-from processor import channel_store, kinds, rules
+from processor import channel_store, kinds, member_store, rules
 from processor.domain import require
 from processor.store import (
     _CLEARING_SUMS,
@@ -57,12 +57,13 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                 f"{r['account_id']}, which do not both exist in its asset"
             )
         report("every transaction's and hold's merchant and member exist; every refund's original exists")
+        # an expiry (6) of a lot the operator issued (an adjustment's, issue 15) names the operator;
         # a dividend (kind 11) goes to a member (merchant_id 'operator') or to a merchant (member_id ''); a
         # merchant's voucher spend (14) has no member; a channel posting (23, 24) neither (the operator's)
         for r in await fetch(
             """SELECT 'transaction ' || t.transaction_id AS what FROM transactions t
                                   WHERE NOT (EXISTS (SELECT 1 FROM merchants m WHERE m.merchant_id = t.merchant_id)
-                                             OR t.kind IN (11, 23, 24) AND t.merchant_id = 'operator'
+                                             OR t.kind IN (6, 11, 23, 24) AND t.merchant_id = 'operator'
                                              OR t.kind = ANY($1::smallint[]) AND t.merchant_id = 'operator')
                                      OR NOT (EXISTS (SELECT 1 FROM members u WHERE u.member_id = t.member_id)
                                              OR t.kind IN (11, 14, 23, 24) AND t.member_id = '')
@@ -729,6 +730,23 @@ async def _member_admin_discrepancies(fetch, report) -> list[str]:
         problems.append(
             f"reversal {r['transaction_id']} is not the recorded, exact mirror of its original transaction's entries"
         )
+    report("no transaction is both reversed and refunded; an earn is reversed with everything it set off")
+    for r in await fetch(
+        """SELECT v.original_transaction_id AS t, 'is reversed and refunded' AS what
+           FROM member_reversals v JOIN transactions o ON o.transaction_id = v.original_transaction_id
+           WHERE o.refunded > 0 OR EXISTS (SELECT 1 FROM transactions x
+                                           WHERE x.original_transaction_id = o.transaction_id
+                                             AND x.kind = ANY($1::smallint[]))
+           UNION ALL
+           SELECT x.transaction_id, 'was set off by reversed earn ' || v.original_transaction_id || ', not reversed'
+           FROM member_reversals v JOIN transactions x ON x.original_transaction_id = v.original_transaction_id
+                                                      AND x.kind = ANY($2::smallint[])
+           WHERE NOT EXISTS (SELECT 1 FROM member_reversals w WHERE w.original_transaction_id = x.transaction_id)
+           ORDER BY 1 LIMIT 5""",
+        list(member_store.REFUND_KINDS),
+        list(member_store.TIED_KINDS),
+    ):
+        problems.append(f"transaction {r['t']} {r['what']}")
     # A merchant may still refund a redemption of a member closed since (a refund names the transaction,
     # not the member): those credits are the only points a closed member may hold.
     report("every closed member holds no open hold and no points but refunds of its redemptions since")

@@ -708,7 +708,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             member_id = self.validate.identifier(request.member_id, "member_id")
             # an alias's member; a household member's shared balance (processor/member_postings.py)
             members = self.pipeline.machine.members
-            member_id = members.account_of(members.resolve(member_id))
+            named = members.resolve(member_id)
+            member_id = members.account_of(named)
             ledger = await self.pipeline.committed_view()
             slot = ledger.member_slot(member_id)
             if slot < 0:
@@ -728,6 +729,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 held=held,
                 available=posted - held,
                 level=program.level(member_id, now_us),
+                household_id=members.household_of.get(named, ""),
             )
             for expires_at_us, points in program.expiring_within(member_id, now_us, days * rules.DAY_US):
                 response.expiring.append(pb.ExpiringPoints(expires_at=timestamp(expires_at_us), points=points))

@@ -1857,7 +1857,8 @@ class Store:
         own operations (transactions.merchant_id, kinds other than the operator's postings 6..11), the
         acquiring rewards and reversals (kinds 9, 10) that moved its merchant_acquiring account, the
         dividends (11) that moved its merchant_vouchers account, and other merchants' voucher spends at it
-        as the operator's store (14) that moved its merchant_redeemed VOUCHERS account; the journal
+        as the operator's store (14) that moved its merchant_redeemed VOUCHERS account, the operator's
+        reversals (18, 19) that moved one of its POINTS clearing accounts; the journal
         shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and net
         are read from the entries on its POINTS clearing accounts, voucher_net (its voucher position) and
         vouchers_held_change (the vouchers it holds) from those on its VOUCHERS accounts, as the
@@ -1893,8 +1894,17 @@ class Store:
                                     WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
                                       AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
                       ORDER BY t.transaction_id LIMIT $4),
+                    reversed AS (
+                      SELECT t.transaction_id FROM p JOIN transactions t
+                        ON t.kind IN (18, 19) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                      WHERE t.transaction_id > $3
+                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
+                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                                      AND a.asset_code = 'POINTS' AND a.kind = ANY($5::text[]))
+                      ORDER BY t.transaction_id LIMIT $4),
                     lines AS (SELECT transaction_id FROM own UNION SELECT transaction_id FROM acquired
                               UNION SELECT transaction_id FROM dividends UNION SELECT transaction_id FROM accepted
+                              UNION SELECT transaction_id FROM reversed
                               ORDER BY transaction_id LIMIT $4)
                SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount,
                       coalesce(x.fee, 0)::bigint AS fee, coalesce(x.net, 0)::bigint AS net,
@@ -2044,20 +2054,24 @@ STATEMENT_AMOUNTS = (
     "acquiring_reversals",
 )
 VOUCHER_STATEMENT_AMOUNTS = ("vouchers_redeemed", "voucher_redemption_refunds", "vouchers_received", "vouchers_spent")
+# A statement's columns from a merchant's clearing entries. The operator's reversals (ReverseTransaction,
+# kinds 18 and 19; docs/RULES.md section 11) undo a sale whole, as a full refund would: they count with
+# the refunds (earn_refunds, redemption_refunds, acquiring_reversals), and a fee they give back nets in
+# `fees` as every fee entry does; the statement's lines show them as lines of their own (statement_lines).
 _CLEARING_SUMS = """
-    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued' AND {kind} <> 5), 0)
-      AS issued,
-    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued' AND {kind} = 5), 0)
-      AS earn_refunds,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued'
+                                      AND {kind} NOT IN (5, 18, 19)), 0) AS issued,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_issued'
+                                     AND {kind} IN (5, 18, 19)), 0) AS earn_refunds,
     coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_redeemed'
-                                     AND {kind} NOT IN (4, 13)), 0) AS redeemed,
+                                     AND {kind} NOT IN (4, 13, 18, 19)), 0) AS redeemed,
     coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_redeemed'
-                                      AND {kind} IN (4, 13)), 0) AS redemption_refunds,
+                                      AND {kind} IN (4, 13, 18, 19)), 0) AS redemption_refunds,
     coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_fees'), 0) AS fees,
-    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring' AND {kind} <> 10), 0)
-      AS acquiring,
-    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring' AND {kind} = 10), 0)
-      AS acquiring_reversals,
+    coalesce(sum({amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring'
+                                     AND {kind} NOT IN (10, 18, 19)), 0) AS acquiring,
+    coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'POINTS' AND {account} = 'merchant_acquiring'
+                                      AND {kind} IN (10, 18, 19)), 0) AS acquiring_reversals,
     coalesce(sum({amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_redeemed'
                                      AND {kind} NOT IN (4, 13)), 0) AS vouchers_redeemed,
     coalesce(sum(-{amount}) FILTER (WHERE {asset} = 'VOUCHERS' AND {account} = 'merchant_redeemed'

@@ -1,5 +1,6 @@
 """Member administration (issue 15) through the real service and Postgres: support keys and their
-limits, AdjustPoints, ReverseTransaction (of adjustments), FreezeMember / UnfreezeMember (also inside
+limits, AdjustPoints, ReverseTransaction (of adjustments and transfers; of till transactions in
+test_member_reversals.py), FreezeMember / UnfreezeMember (also inside
 SubmitBatch), CloseMember, the operator's and support agents' reads; each happy path and each refusal,
 with reconcile clean after; and adjustments and reversals under concurrent till traffic."""
 
@@ -338,6 +339,48 @@ def test_key_create_support_needs_both_limits_and_makes_a_working_key(world):
     refused(lambda: world.adjust(member, 101, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def test_issue_api_key_makes_support_keys_with_their_limits_on_both_services(world):
+    support = apb.API_KEY_KIND_SUPPORT
+    services = (
+        admin_pb2_grpc.MerchantAdminServiceStub(world._bare).IssueApiKey,
+        admin_pb2_grpc.MerchantAdminStub(world._bare).IssueApiKey,  # the deprecated name, same bytes
+    )
+    for issue in services:
+        made = issue(
+            apb.IssueApiKeyRequest(
+                kind=support, description="desk", support_points_per_call_max=200, support_points_per_day_max=300
+            ),
+            metadata=world.operator,
+            timeout=30,
+        )
+        key = credential(made.key)
+        member = unique("mem")
+        assert world.adjust(member, 200, who=key).balance == 200
+        detail = refused(lambda: world.adjust(member, 201, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "at most 200 point-units per call" in detail
+        detail = refused(lambda: world.adjust(member, 150, who=key), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "adjusted 200 of its 300 point-units today" in detail
+        refused(lambda: world.freeze(member, who=key), grpc.StatusCode.PERMISSION_DENIED)
+    issue = services[0]
+    for request, field in (
+        (apb.IssueApiKeyRequest(kind=support, support_points_per_call_max=200), "support_points_per_day_max"),
+        (
+            apb.IssueApiKeyRequest(
+                kind=support, merchant_ids=["shop-a"], support_points_per_call_max=1, support_points_per_day_max=1
+            ),
+            "merchant_ids",
+        ),
+        (
+            apb.IssueApiKeyRequest(
+                kind=apb.API_KEY_KIND_MERCHANT, merchant_ids=["shop-a"], support_points_per_call_max=1
+            ),
+            "support_points_per_call_max",
+        ),
+    ):
+        detail = refused(lambda: issue(request, metadata=world.operator, timeout=30), grpc.StatusCode.INVALID_ARGUMENT)
+        assert field in detail
+
+
 # --- FreezeMember / UnfreezeMember -----------------------------------------------------------------
 
 
@@ -406,16 +449,47 @@ def test_a_reversal_mirrors_an_adjustment_once(world):
     assert ledger_discrepancies(world.url) == []
 
 
-def test_a_reversal_of_spent_points_or_of_a_till_transaction_is_refused_whole(world):
+def test_a_reversal_of_spent_points_a_refund_or_a_refunded_earn_is_refused_whole_a_plain_earn_mirrored(world):
     member = unique("mem")
     credit = world.adjust(member, 500)
     world.redeem(member, 300)
     detail = refused(lambda: world.reverse(credit.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
     assert "were spent" in detail and "200 available" in detail
     assert world.balance(member).posted == 200  # nothing of it was posted
+    # a refund is not reversed (the merchant makes the sale again); an earn refunded in part is not either
     earned = earn(world.stub, "shop-a", member, 1_000)
+    refund = world.stub.Refund(
+        pb.RefundRequest(
+            merchant_id="shop-a", transaction_id=earned.transaction_id, points=40, idempotency_key=unique("k")
+        ),
+        timeout=30,
+    )
+    detail = refused(lambda: world.reverse(refund.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "is of kind refund_of_earn (5)" in detail and "makes the sale again" in detail
     detail = refused(lambda: world.reverse(earned.transaction_id), grpc.StatusCode.FAILED_PRECONDITION)
-    assert "is of kind earn (1)" in detail and "Refund" in detail
+    assert "refunded in part (40 of 100 point-units)" in detail
+    # with no program in force an earn is one posting (member + base, merchant_issued - base): its mirror
+    plain = unique("mem")
+    issued = fetch(
+        world.url, "SELECT balance FROM account_balances WHERE kind = 'merchant_issued' AND owner_id = 'shop-b'"
+    )[0]["balance"]
+    made = earn(world.stub, "shop-b", plain, 3_000)
+    reversal = world.reverse(made.transaction_id)
+    assert (reversal.points, reversal.balance) == (-300, 0)
+    after = fetch(
+        world.url, "SELECT balance FROM account_balances WHERE kind = 'merchant_issued' AND owner_id = 'shop-b'"
+    )[0]["balance"]
+    assert after == issued
+    detail = refused(
+        lambda: world.stub.Refund(
+            pb.RefundRequest(
+                merchant_id="shop-b", transaction_id=made.transaction_id, points=10, idempotency_key=unique("k")
+            ),
+            timeout=30,
+        ),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "was reversed by the operator" in detail
     refused(lambda: world.reverse("txn_999999999"), grpc.StatusCode.NOT_FOUND)
     refused(lambda: world.reverse("nonsense"), grpc.StatusCode.INVALID_ARGUMENT)
     assert ledger_discrepancies(world.url) == []
@@ -621,7 +695,12 @@ def test_a_households_members_earn_into_and_spend_from_one_balance_and_leaving_m
     assert world.balance(shared).posted == 1_500
     assert world.redeem(partner, 1_200).balance == 300  # the partner spends the head's earn too
     refused(lambda: world.redeem(head, 301), grpc.StatusCode.FAILED_PRECONDITION)
-    assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=head), timeout=30).posted == 300
+    # a till's GetBalance of a member shows the shared balance it spends, and says so; the operator's
+    # shows the member's own account and names its household
+    till = world.stub.GetBalance(pb.GetBalanceRequest(member_id=head), timeout=30)
+    assert (till.member_id, till.household_id, till.posted) == (shared, household, 300)
+    own = world.balance(head)
+    assert (own.member_id, own.household_id, own.posted) == (head, household, 400)
     # one household at a time; an unknown household is not found
     detail = refused(
         lambda: world.admin.CreateHousehold(
@@ -1121,8 +1200,8 @@ def test_freeze_unfreeze_merge_and_close_are_events_of_the_change_feed_in_commit
     call = feed.WatchEvents(events_pb2.WatchEventsRequest(), metadata=world.operator, timeout=60)
     try:
         for response in call:
-            # the module's other tests share the ledger: only this test's members count
-            seen += [e for e in response.events if e.type in wanted and e.member_id in (source, leaver)]
+            # the feed replays from its start: the module's earlier tests froze and closed members too
+            seen += [e for e in response.events if e.type in wanted and e.member_id in (source, target, leaver)]
             if len(seen) >= 4:
                 break
     finally:

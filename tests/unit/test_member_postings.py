@@ -11,7 +11,7 @@ from processor import domain, kinds
 from processor.domain import Code, Method, Operation
 from processor.member_postings import ACCOUNT_OPERATOR_ADJUSTMENTS, ACCOUNT_OPERATOR_TRANSFER_FEES, MemberRegistry
 from processor.state_machine import LedgerStateMachine
-from tests.unit.test_state_machine import NOW, OPERATOR, check_record, earn, entries_of, op, posted_held, run
+from tests.unit.test_state_machine import NOW, OPERATOR, SHOP, check_record, earn, entries_of, op, posted_held, run
 from tests.unit.test_state_machine import machine as machine  # noqa: F401  (the fixture, both fast paths)
 
 pytestmark = pytest.mark.timeout(30)
@@ -157,3 +157,64 @@ def test_operations_take_effect_in_batch_order_so_an_earlier_redeem_never_spends
     assert posted_held(machine, "erin") == (50, 0)
     ids = [row[0] for row in write.transactions]
     assert ids == sorted(ids)
+
+
+def _refund(transaction_id: int) -> Operation:
+    return Operation(Method.REFUND, "shop", 1, f"refund-{transaction_id}", {}, points=10, transaction_id=transaction_id)
+
+
+def test_a_refund_of_a_reversed_transaction_is_refused_and_one_during_a_reversal_is_marked():
+    registry = MemberRegistry(reversed_by={7: 9})
+    refusal = registry.route(_refund(7))
+    assert refusal is not None and refusal.code is Code.FAILED_PRECONDITION
+    assert "was reversed by the operator (txn_9)" in refusal.message and refusal.reason == "not_refundable"
+    assert registry.route(_refund(8)) is None and registry.refunded_pending == set()
+    # a reversal of 8 asked: a refund of 8 routed meanwhile marks it, so the reversal refuses in its batch
+    registry.expect_reversal(8)
+    registry.expect_reversal(8)
+    assert registry.route(_refund(8)) is None and registry.refunded_pending == {8}
+    registry.reversal_answered(8)
+    assert registry.refunded_pending == {8}  # another reversal of it is still in flight
+    registry.reversal_answered(8)
+    assert registry.pending_reversals == {} and registry.refunded_pending == set()
+
+
+SHOP_ISSUED = SHOP.issued_account_id
+
+
+def _reverse(original: int, write, member: str) -> Operation:
+    """A REVERSE of `original` with its entries as the servicer reads them from the journal."""
+    legs = [
+        [e[1], "member" if e[1] != SHOP_ISSUED else "merchant_issued", member, "POINTS", e[2]]
+        for e in write.entries
+        if e[0] == original
+    ]
+    originals = [{"transaction_id": original, "kind": 1, "member_id": member, "merchant_id": "shop", "legs": legs}]
+    fields = {"reason": 2, "note": "", "originals": originals, "earn_record": None}
+    reversal = admin(Method.REVERSE, member, **fields)
+    reversal.transaction_id = original
+    return reversal
+
+
+def test_an_earns_reversal_is_its_mirror_once_and_refused_whole_when_a_refund_came_meanwhile(machine):  # noqa: F811
+    (earned,), write = run(machine, earn("erin", 500))
+    original = earned.fields["transaction_id"]
+    machine.members.expect_reversal(original)
+    refund = op(Method.REFUND, transaction_id=original, points=100)
+    (refunded, refused), after = run(machine, refund, _reverse(original, write, "erin"))
+    assert refunded.code is Code.OK and refused.code is Code.FAILED_PRECONDITION
+    assert "a refund of transaction" in refused.message and refused.reason == "not_reversible"
+    assert [t[1] for t in after.transactions] == [5]  # the refund only: nothing of the reversal
+    machine.members.reversal_answered(original)
+
+    (earned,), write = run(machine, earn("fay", 500))
+    original = earned.fields["transaction_id"]
+    (reversal,), after = run(machine, _reverse(original, write, "fay"))
+    assert reversal.code is Code.OK and reversal.fields["points"] == -500 and posted_held(machine, "fay") == (0, 0)
+    assert entries_of(after, reversal.fields["transaction_id"]) == {
+        account: -amount for account, amount in entries_of(write, original).items()
+    }
+    (again,), after = run(machine, _reverse(original, write, "fay"))
+    assert again.code is Code.FAILED_PRECONDITION and "reversed already" in again.message and after.transactions == []
+    (refund,), _ = run(machine, op(Method.REFUND, transaction_id=original, points=100))
+    assert refund.code is Code.FAILED_PRECONDITION and "was reversed by the operator" in refund.message
