@@ -32,7 +32,7 @@ from processor.support_limits import SupportLimits
 # what a support key may call; every other method of the service is for operator keys
 SUPPORT_METHODS = frozenset({"AdjustPoints", "GetBalance", "ListTransactions"})
 NOTE_CHARACTERS_MAX = 200
-# what ReverseTransaction reverses (docs/RULES.md section 11, "Reversals"): an earn with what it set off
+# what ReverseTransaction reverses (docs/RULES.md section 13, "Reversals"): an earn with what it set off
 # (member_store.TIED_KINDS), a capture, a redeem, a conversion, a sign-up bonus, an adjustment, a transfer
 REVERSIBLE = frozenset(
     {
@@ -302,7 +302,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
         self, original: int, name: str, group: dict, key: str, reason: int, note: str, key_id: str
     ) -> Operation:
         """The REVERSE operation of `original` from what member_store.reversal_group read, or the refusal of
-        what cannot be reversed (docs/RULES.md section 11, "Reversals")."""
+        what cannot be reversed (docs/RULES.md section 13, "Reversals")."""
         originals = group["originals"]
         if not originals or originals[0]["transaction_id"] != original:
             raise Rejection(Code.NOT_FOUND, f"transaction {name} does not exist", reason="TRANSACTION_NOT_FOUND")

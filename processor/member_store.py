@@ -198,7 +198,7 @@ async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record
 
 # the transactions an earn sets off in its batch (tier and referral bonuses, the acquirer's reward, the
 # merchant match, the fan reward), which name it as their original and are reversed with it (docs/RULES.md
-# section 11); a fan reward moves vouchers, so an earn that set one off is refused (member_admin)
+# section 13); a fan reward moves vouchers, so an earn that set one off is refused (member_admin)
 TIED_KINDS = (7, 8, 9, 27, 30)
 # kinds that undo part of their original: one of these naming a transaction means it was refunded (in part)
 REFUND_KINDS = (4, 5, 10, 13, 28, 31)

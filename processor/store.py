@@ -2055,7 +2055,7 @@ STATEMENT_AMOUNTS = (
 )
 VOUCHER_STATEMENT_AMOUNTS = ("vouchers_redeemed", "voucher_redemption_refunds", "vouchers_received", "vouchers_spent")
 # A statement's columns from a merchant's clearing entries. The operator's reversals (ReverseTransaction,
-# kinds 18 and 19; docs/RULES.md section 11) undo a sale whole, as a full refund would: they count with
+# kinds 18 and 19; docs/RULES.md section 13) undo a sale whole, as a full refund would: they count with
 # the refunds (earn_refunds, redemption_refunds, acquiring_reversals), and a fee they give back nets in
 # `fees` as every fee entry does; the statement's lines show them as lines of their own (statement_lines).
 _CLEARING_SUMS = """

@@ -1,4 +1,4 @@
--- Channel economics (issue 16; docs/RULES.md section 11): promoters who sign merchants up, regions as a
+-- Channel economics (issue 16; docs/RULES.md section 12): promoters who sign merchants up, regions as a
 -- tree (province > city > county) with one regional agent per region, and what each of them earns at a
 -- settlement cut: a share of the operator's fee revenue from their merchants, decided in the cut's own
 -- transaction from the statements it writes (so it is exact to them) and posted to the journal by the
@@ -35,7 +35,7 @@ CREATE TABLE promoters (
 );
 
 -- The promoter a merchant is assigned to now; the one assigned when a period is cut earns its commission
--- on the whole period (docs/RULES.md section 11: reassigning moves the next cut, not a past one).
+-- on the whole period (docs/RULES.md section 12: reassigning moves the next cut, not a past one).
 CREATE TABLE merchant_promoters (
     merchant_id text PRIMARY KEY REFERENCES merchants,
     promoter_id text NOT NULL REFERENCES promoters,
