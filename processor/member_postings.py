@@ -883,6 +883,15 @@ class MemberPostingsMixin:
         member_id = self.members.aliases.get(alias)
         if member_id is None:
             return Outcome(Code.NOT_FOUND, message=f"alias {alias!r} names no member", recorded=False)
+        if self.ledger.member_slot(alias) >= 0:
+            # only a merge binds an id with a points account (_bind refuses one): unbinding it would bring
+            # the merged member back, empty, and its cards with it, while its points and lots stay moved
+            return Outcome(
+                Code.FAILED_PRECONDITION,
+                message=f"{alias!r} is a member merged into {member_id!r} (MergeMembers), not a card or phone "
+                "number; a merge is not undone, so its id stays an alias of the member it was merged into",
+                recorded=False,
+            )
         self.members.bind(alias, None)
         require(write.members is not None, "member rows of the batch")
         write.members.aliases.append((alias, None))

@@ -937,6 +937,27 @@ def test_a_merge_moves_the_points_and_the_source_id_then_acts_on_the_target(worl
     assert ledger_discrepancies(world.url) == []
 
 
+def test_a_merged_members_id_cannot_be_unbound_so_the_merge_stays_whole(world):
+    source = funded_member(world.stub, "shop-a", 400)
+    target = funded_member(world.stub, "shop-b", 100)
+    card = unique("card")
+    world.admin.AddMemberAlias(apb.AddMemberAliasRequest(member_id=source, alias=card), metadata=world.operator)
+    _merge(world, source, target)
+    message = refused(
+        lambda: world.admin.RemoveMemberAlias(apb.RemoveMemberAliasRequest(alias=source), metadata=world.operator),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert f"merged into '{target}'" in message and "not undone" in message
+    # the source id and its card still act on the target, which holds the points
+    earn(world.stub, "shop-a", source, 1_000)  # +100
+    assert world.redeem(card, 50).balance == 550
+    assert world.balance(source).member_id == target
+    # a card of the merged member is still a card: it may be unbound
+    world.admin.RemoveMemberAlias(apb.RemoveMemberAliasRequest(alias=card), metadata=world.operator)
+    refused(lambda: world.redeem(card, 1), grpc.StatusCode.NOT_FOUND)
+    assert ledger_discrepancies(world.url) == []
+
+
 def test_a_merge_is_refused_whole_while_the_source_holds_points_or_either_cannot_take_part(world):
     source = funded_member(world.stub, "shop-a", 700)
     target = funded_member(world.stub, "shop-a", 300)
