@@ -36,10 +36,12 @@ def page_token(value: str) -> str:
 def page_token_value(token: str, numeric: bool = False) -> str:
     """The value a page token carries; INVALID_ARGUMENT for a token this service did not issue."""
     try:
-        value = base64.urlsafe_b64decode(token.encode("ascii")).decode()
+        # validate: without it, characters outside the alphabet are dropped, so "!" read as "" (the
+        # first page) and "%%YQ==" as "a"; "" is never issued (page_token(""), the last page, is "")
+        value = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeError):
         value = None
-    if value is None or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
+    if not value or (numeric and not (value.isascii() and value.lstrip("-").isdigit() and len(value) <= 18)):
         raise domain.invalid_field(
             "page_token",
             "page_token is not one this service issued; pass next_page_token from the previous response, or empty",
