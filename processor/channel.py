@@ -17,7 +17,7 @@ from points.v1 import admin_pb2_grpc
 from processor import auth, channel_store, domain, reports, rpc, rules
 from processor.admin import merchant_message
 from processor.config import Settings
-from processor.domain import Code, Rejection
+from processor.domain import Code, Rejection, require
 from processor.paging import (
     EXPORT_CHUNK,
     EXPORT_PAGE_MAX,
@@ -185,8 +185,15 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
     async def ListRegions(self, request, context):
         async def call():
             _operator_only("ListRegions")
-            rows = await channel_store.regions(self.pipeline.ready_store().pool)
-            return pb.ListRegionsResponse(regions=[_region_message(r) for r in rows])
+            size = page_size(request.page_size)
+            after = page_token_value(request.page_token) if request.page_token else ""
+            rows = await channel_store.regions(self.pipeline.ready_store().pool, after, size + 1)
+            more = len(rows) > size
+            rows = rows[:size]
+            return pb.ListRegionsResponse(
+                regions=[_region_message(r) for r in rows],
+                next_page_token=page_token(rows[-1]["region_id"]) if more else "",
+            )
 
         return await guard(context, call)
 
@@ -200,7 +207,8 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 await channel_store.register_regional_agent(pool, agent_id, region_id)
             except channel_store.ChannelError as error:
                 raise _refusal(error) from None
-            row = next(r for r in await channel_store.regions(pool) if r["region_id"] == region_id)
+            row = await channel_store.region(pool, region_id)
+            require(row is not None, f"region {region_id!r} of the agent just registered")
             return pb.RegisterRegionalAgentResponse(region=_region_message(row))
 
         return await guard(context, call)

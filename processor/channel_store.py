@@ -137,12 +137,22 @@ async def register_regional_agent(pool: asyncpg.Pool, agent_id: str, region_id: 
         )
 
 
-async def regions(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+_REGION = """SELECT r.region_id, r.parent_id, r.level, r.name, coalesce(g.agent_id, '') AS agent_id
+              FROM regions r LEFT JOIN regional_agents g USING (region_id)"""
+
+
+async def regions(pool: asyncpg.Pool, after: str, limit: int) -> list[asyncpg.Record]:
+    """At most `limit` regions with their agents, by region id, after `after` (a page of ListRegions)."""
     rows: list[asyncpg.Record] = await pool.fetch(
-        """SELECT r.region_id, r.parent_id, r.level, r.name, coalesce(g.agent_id, '') AS agent_id
-           FROM regions r LEFT JOIN regional_agents g USING (region_id) ORDER BY r.region_id"""
+        f"{_REGION} WHERE r.region_id > $1 ORDER BY r.region_id LIMIT $2", after, limit
     )
     return rows
+
+
+async def region(pool: asyncpg.Pool, region_id: str) -> asyncpg.Record | None:
+    """One region with its agent (None: no such region)."""
+    row: asyncpg.Record | None = await pool.fetchrow(f"{_REGION} WHERE r.region_id = $1", region_id)
+    return row
 
 
 # --- the cut --------------------------------------------------------------------------------------

@@ -171,6 +171,13 @@ def test_registry_calls_and_their_refusals(world):
         ("county-x", "city-y", "agent-x"),
         ("prov-p", "", "agent-p"),
     ]
+    # a page at a time: a country has thousands of counties
+    first = stub.ListRegions(pb.ListRegionsRequest(page_size=2), metadata=op)
+    assert [r.region_id for r in first.regions] == ["city-y", "county-x"] and first.next_page_token
+    last = stub.ListRegions(pb.ListRegionsRequest(page_size=2, page_token=first.next_page_token), metadata=op)
+    assert [r.region_id for r in last.regions] == ["prov-p"] and last.next_page_token == ""
+    for bad in (pb.ListRegionsRequest(page_size=1001), pb.ListRegionsRequest(page_token="!")):
+        assert _code(lambda: stub.ListRegions(bad, metadata=op)) == grpc.StatusCode.INVALID_ARGUMENT
     # a merchant's key may call SetGiveBack only
     merchant_key = credential(w["keys"]["shop-a"])
     error = error_of(
