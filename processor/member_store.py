@@ -313,22 +313,38 @@ async def member_history(
 ) -> list[asyncpg.Record]:
     """The member's transactions at every merchant and the operator's, newest first (MemberAdminService;
     a merchant's ListTransactions shows only its own, store.list_transactions)."""
+    # Three index-backed reads of at most `limit` ids each (the member's own transactions, the transfers
+    # it received, the merges into it), then the page. One WHERE with "OR id IN (...)" walked the journal
+    # backwards from the newest transaction and filtered every row: a member with few transactions, or an
+    # unknown one, read the whole journal (measured: 102,000 rows read for a page of 51 in a journal of
+    # 200,000).
     rows: list[asyncpg.Record] = await pool.fetch(
-        """SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
+        """WITH page AS (
+               SELECT transaction_id FROM (
+                   (SELECT transaction_id FROM transactions
+                    WHERE member_id = $1 AND ($2::bigint IS NULL OR transaction_id < $2)
+                    ORDER BY member_id, transaction_id DESC LIMIT $3)
+                   UNION
+                   (SELECT transaction_id FROM member_transfers
+                    WHERE to_member_id = $1 AND ($2::bigint IS NULL OR transaction_id < $2)
+                    ORDER BY to_member_id, transaction_id DESC LIMIT $3)
+                   UNION
+                   (SELECT transaction_id FROM member_merges
+                    WHERE target_member_id = $1 AND transaction_id IS NOT NULL
+                      AND ($2::bigint IS NULL OR transaction_id < $2)
+                    ORDER BY target_member_id, transaction_id DESC LIMIT $3)
+               ) ids ORDER BY transaction_id DESC LIMIT $3)
+           SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
                   t.authorization_id, t.original_transaction_id, t.created_at,
                   coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
-           FROM transactions t
+           FROM page JOIN transactions t USING (transaction_id)
            LEFT JOIN LATERAL (
                SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
                       sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
                FROM entries e JOIN accounts a USING (account_id)
                WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
                  AND a.kind IN ('member', 'member_voucher_credit')) m ON true
-           WHERE (t.member_id = $1
-                  OR t.transaction_id IN (SELECT transaction_id FROM member_transfers WHERE to_member_id = $1)
-                  OR t.transaction_id IN (SELECT transaction_id FROM member_merges WHERE target_member_id = $1))
-             AND ($2::bigint IS NULL OR t.transaction_id < $2)
-           ORDER BY t.transaction_id DESC LIMIT $3""",
+           ORDER BY t.transaction_id DESC""",
         member_id,
         before_transaction_id,
         limit,
