@@ -251,19 +251,6 @@ async def reversal_group(pool: asyncpg.Pool, transaction_id: int) -> dict[str, A
     return {"originals": originals, "refunds": int(refunds or 0), "earn_record": record}
 
 
-async def transaction_legs(pool: asyncpg.Pool, transaction_id: int) -> list[list[Any]]:
-    """A committed transaction's entries as [account_id, account kind, owner, amount], POINTS only (a
-    reversal checks the kind has no other asset)."""
-    return [
-        [r["account_id"], r["kind"], r["owner_id"], r["amount"]]
-        for r in await pool.fetch(
-            """SELECT e.account_id, a.kind, a.owner_id, e.amount FROM entries e JOIN accounts a USING (account_id)
-               WHERE e.transaction_id = $1 AND e.asset_code = 'POINTS' ORDER BY e.entry_id""",
-            transaction_id,
-        )
-    ]
-
-
 async def insert_support_key(
     pool: asyncpg.Pool,
     key_id: str,
