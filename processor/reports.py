@@ -10,10 +10,10 @@ it is what the program's expiry lots do (soonest-expiring first, and with one ex
 oldest first), it needs no choice the journal does not record, and unlike a proportional split it gives
 whole point-units with no rounding, so each column of the matrix sums exactly to the merchant's
 statement `redeemed`. Credits: an earn or conversion is the merchant's (bonuses on it included), a tier
-or referral bonus the operator's; a refund of a redemption puts back the very pieces that redemption
-took (last taken, first back) at the front. Debits: captures, redeems and the points of split tenders
-are redemptions (the matrix); a refund of an earn takes the refunding merchant's own points first; any
-other debit (expiry, later kinds) takes the oldest points.
+or referral bonus the operator's; a refund of a redemption, or the operator's reversal of one, puts back
+the very pieces that redemption took (last taken, first back) at the front. Debits: captures, redeems and
+the points of split tenders are redemptions (the matrix); a refund of an earn, or its reversal, takes the
+earn's merchant's own points first; any other debit (expiry, later kinds) takes the oldest points.
 """
 
 from __future__ import annotations
@@ -172,37 +172,59 @@ async def alliance_report(pool: asyncpg.Pool, period_id: int, top: int) -> Allia
 async def _flows(c: asyncpg.Connection, opened_at: dt.datetime, cut_off: dt.datetime) -> dict[tuple[str, str], int]:
     """(issuer, redeemer) -> point-units redeemed in [opened_at, cut_off), FIFO over each member's points
     (module docstring). Streams the members' POINTS entries up to the cut-off, one member at a time."""
-    flows: dict[tuple[str, str], int] = collections.defaultdict(int)
-    member = None
-    queue: collections.deque[list[Any]] = collections.deque()  # [issuer, point-units], oldest first
-    taken: dict[int, list[list[Any]]] = {}  # a redemption's pieces, for its refunds
-    opened_us = micros(opened_at)
+    attribution = Attribution(micros(opened_at))
     async for r in c.cursor(
         """SELECT a.owner_id, e.transaction_id, t.kind, t.merchant_id, t.original_transaction_id, t.created_at,
-                  e.amount
+                  e.amount, o.kind AS original_kind, o.merchant_id AS original_merchant_id
            FROM entries e JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'member' AND a.asset_code = 'POINTS'
            JOIN transactions t ON t.transaction_id = e.transaction_id
+           LEFT JOIN transactions o ON o.transaction_id = t.original_transaction_id
            WHERE t.created_at < $1
            ORDER BY a.owner_id, e.transaction_id""",
         cut_off,
         prefetch=CURSOR_PREFETCH_ROWS,
     ):
-        if r["owner_id"] != member:
-            member, queue, taken = r["owner_id"], collections.deque(), {}
-        kind, amount, merchant_id = r["kind"], r["amount"], r["merchant_id"]
+        attribution.add(r)
+    return dict(attribution.flows)
+
+
+class Attribution:
+    """The FIFO replay of members' POINTS entries (rows by member, then transaction id), and the flows of
+    the redemptions made from `opened_us` on."""
+
+    def __init__(self, opened_us: int) -> None:
+        self.opened_us = opened_us
+        self.flows: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self.member: str | None = None
+        self.queue: collections.deque[list[Any]] = collections.deque()  # [issuer, point-units], oldest first
+        self.taken: dict[int, list[list[Any]]] = {}  # a redemption's pieces, for its refunds and reversal
+
+    def add(self, r: Any) -> None:
+        if r["owner_id"] != self.member:
+            self.member, self.queue, self.taken = r["owner_id"], collections.deque(), {}
+        kind, amount, merchant_id, original = r["kind"], r["amount"], r["merchant_id"], r["original_transaction_id"]
+        # The operator's reversal (ReverseTransaction) undoes its original whole, as a refund would, and
+        # the statements count it with the refunds: a redemption's points go back to their issuers, an
+        # earn's are taken from its issuer's first. (Booked as the operator's credit and an oldest-first
+        # debit, the points a reversed redemption gave back became the operator's in every later flow.)
+        reversal = kind in (kinds.KIND_REVERSAL_CREDIT, kinds.KIND_REVERSAL_DEBIT)
         if amount > 0:
-            if kind in _REDEMPTION_REFUNDS:
-                _restore(queue, taken.get(r["original_transaction_id"], []), amount, merchant_id)
+            if kind in _REDEMPTION_REFUNDS or (reversal and original in self.taken):
+                _restore(self.queue, self.taken.get(original, []), amount, merchant_id)
             else:
-                queue.append([domain.OPERATOR_ID if kind in _OPERATOR_CREDITS else merchant_id, amount])
-            continue
-        pieces = _take(queue, -amount, merchant_id if kind == _EARN_REFUND else None)
+                self.queue.append([domain.OPERATOR_ID if kind in _OPERATOR_CREDITS else merchant_id, amount])
+            return
+        prefer = None
+        if kind == _EARN_REFUND:
+            prefer = merchant_id
+        elif reversal and r["original_merchant_id"] is not None:
+            prefer = domain.OPERATOR_ID if r["original_kind"] in _OPERATOR_CREDITS else r["original_merchant_id"]
+        pieces = _take(self.queue, -amount, prefer)
         if kind in _REDEMPTIONS:
-            taken[r["transaction_id"]] = pieces
-            if micros(r["created_at"]) >= opened_us:
+            self.taken[r["transaction_id"]] = pieces
+            if micros(r["created_at"]) >= self.opened_us:
                 for issuer, points in pieces:
-                    flows[(issuer, merchant_id)] += points
-    return dict(flows)
+                    self.flows[(issuer, merchant_id)] += points
 
 
 def _take(queue: collections.deque[list[Any]], amount: int, prefer: str | None) -> list[list[Any]]:
