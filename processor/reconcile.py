@@ -747,6 +747,43 @@ async def _member_admin_discrepancies(fetch, report) -> list[str]:
         list(member_store.TIED_KINDS),
     ):
         problems.append(f"transaction {r['t']} {r['what']}")
+    # member_history shows a transfer to its receiver and a merge to its target through these rows: a row
+    # naming another member than the entries credit shows the points in the wrong member's history
+    report("every transfer (kind 21) and merge (kind 22) has its row naming the members, points and fee it moved")
+    for r in await fetch(
+        """WITH t AS (SELECT transaction_id, kind, member_id, amount, fee FROM transactions
+                      WHERE kind = ANY($1::smallint[])),
+                credited AS (SELECT t.transaction_id, min(c.owner_id) AS owner_id, count(*) AS n
+                             FROM t JOIN entries e USING (transaction_id)
+                             JOIN accounts c ON c.account_id = e.account_id AND c.kind = 'member'
+                                              AND c.asset_code = 'POINTS'
+                             WHERE e.amount > 0 GROUP BY 1)
+           SELECT t.transaction_id FROM t LEFT JOIN credited USING (transaction_id)
+           LEFT JOIN member_transfers x ON x.transaction_id = t.transaction_id
+           LEFT JOIN member_merges m ON m.transaction_id = t.transaction_id
+           WHERE CASE WHEN t.kind = $2
+                      THEN x.transaction_id IS NULL OR x.from_member_id <> t.member_id OR x.points <> t.amount
+                           OR x.fee <> t.fee
+                           OR x.to_member_id IS DISTINCT FROM coalesce(credited.owner_id, x.to_member_id)
+                           OR coalesce(credited.n, 0) > 1
+                      ELSE m.transaction_id IS NULL OR m.source_member_id <> t.member_id OR m.points <> t.amount
+                           OR m.target_member_id IS DISTINCT FROM coalesce(credited.owner_id, m.target_member_id)
+                           OR coalesce(credited.n, 0) > 1 END
+           UNION
+           SELECT x.transaction_id FROM member_transfers x LEFT JOIN t USING (transaction_id)
+           WHERE t.kind IS DISTINCT FROM $2
+           UNION
+           SELECT m.transaction_id FROM member_merges m LEFT JOIN t USING (transaction_id)
+           WHERE m.transaction_id IS NOT NULL AND t.kind IS DISTINCT FROM $3
+           ORDER BY 1 LIMIT 5""",
+        [kinds.KIND_TRANSFER, kinds.KIND_MERGE],
+        kinds.KIND_TRANSFER,
+        kinds.KIND_MERGE,
+    ):
+        problems.append(
+            f"transfer or merge {r['transaction_id']} is not recorded (member_transfers, member_merges) as its "
+            "entries moved it"
+        )
     # A merchant may still refund a redemption of a member closed since (a refund names the transaction,
     # not the member): those credits are the only points a closed member may hold.
     report("every closed member holds no open hold and no points but refunds of its redemptions since")
