@@ -680,7 +680,9 @@ class MemberPostingsMixin:
         if source == target:
             return Outcome(
                 Code.FAILED_PRECONDITION,
-                message=f"members {sender!r} and {receiver!r} share one balance ({source!r}); nothing to transfer",
+                message=f"members {sender!r} and {receiver!r} share one balance ({source!r}); nothing to transfer "
+                "while both are in the household (LeaveHousehold)",
+                recorded=False,  # about the members' state: the key stays free for when one has left
             )
         source_slot, target_slot = ledger.member_slot(source), ledger.member_slot(target)
         if source_slot < 0 or target_slot < 0:

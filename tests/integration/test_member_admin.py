@@ -831,6 +831,28 @@ def test_transfers_are_refused_without_proof_beyond_balance_or_cap_frozen_or_to_
     assert ledger_discrepancies(world.url) == []
 
 
+def test_a_transfer_within_one_household_is_refused_without_using_its_key(transfers):
+    """Members of one household share one balance: a transfer between them is refused, and the refusal
+    is about their state, not the request: once one leaves, the same key carries the transfer out."""
+    world = transfers
+    head = funded_member(world.stub, "shop-a", 100)
+    sender = _with_pin(world, funded_member(world.stub, "shop-a", 3_000))
+    household = world.admin.CreateHousehold(
+        apb.CreateHouseholdRequest(head_member_id=head), metadata=world.operator, timeout=30
+    ).household_id
+    world.admin.JoinHousehold(
+        apb.JoinHouseholdRequest(household_id=household, member_id=sender), metadata=world.operator, timeout=30
+    )
+    key = unique("tr")
+    assert "share one balance" in refused(
+        lambda: _transfer(world, sender, head, 1_000, key), grpc.StatusCode.FAILED_PRECONDITION
+    )
+    world.admin.LeaveHousehold(apb.LeaveHouseholdRequest(member_id=sender), metadata=world.operator, timeout=30)
+    sent = _transfer(world, sender, head, 1_000, key)
+    assert (sent.points, sent.received) == (1_000, 975)
+    assert ledger_discrepancies(world.url) == []
+
+
 def test_transfers_are_refused_when_the_program_does_not_allow_them(world):
     sender = funded_member(world.stub, "shop-a", 1_000)
     receiver = funded_member(world.stub, "shop-a", 100)
