@@ -533,24 +533,9 @@ class MemberPostingsMixin:
         for transaction_id, kind, member_id, mirror, own in mirrors:
             points = own.get(member_id, 0)  # what the reversal does to the original's member
             reversal_kind = kinds.KIND_REVERSAL_CREDIT if points > 0 else kinds.KIND_REVERSAL_DEBIT
-            created: int = self.ids.transaction()
             # the transaction itself under the call's key, what it set off under keys derived from it
             key = op.idempotency_key if transaction_id == original else f"reversal:{transaction_id}"
-            write.transactions.append(
-                (
-                    created,
-                    reversal_kind,
-                    domain.OPERATOR_ID,
-                    member_id,
-                    abs(points),
-                    None,
-                    None,
-                    transaction_id,
-                    key,
-                    0,
-                    None,
-                )
-            )
+            created = self._operator_transaction(write, reversal_kind, member_id, abs(points), key, transaction_id)
             for owner, delta in own.items():
                 slot = ledger.member_slot(owner)
                 posted, held = ledger.balance(slot)
@@ -722,21 +707,8 @@ class MemberPostingsMixin:
             )
         ledger.load_member(source, posted - points)
         ledger.load_member(target, target_posted + received)
-        created: int = self.ids.transaction()
-        write.transactions.append(
-            (
-                created,
-                kinds.KIND_TRANSFER,
-                domain.OPERATOR_ID,
-                source,
-                points,
-                None,
-                None,
-                None,
-                op.idempotency_key,
-                fee,
-                version.version,
-            )
+        created = self._operator_transaction(
+            write, kinds.KIND_TRANSFER, source, points, op.idempotency_key, fee=fee, version=version.version
         )
         write.entries.append((created, ledger.member_account(source_slot), -points))
         if received:
@@ -800,23 +772,9 @@ class MemberPostingsMixin:
         posted, _ = ledger.balance(source_slot)
         # the source's vouchers, and the voucher credit it owes, go with it (VOUCHERS entries of the posting)
         vouchers, credit = program.vouchers.get((rules.HOLDER_MEMBER, source), 0), program.credit.get(source, 0)
-        created = self.ids.transaction() if posted or vouchers or credit else 0
-        if created:
-            write.transactions.append(
-                (
-                    created,
-                    kinds.KIND_MERGE,
-                    domain.OPERATOR_ID,
-                    source,
-                    posted,
-                    None,
-                    None,
-                    None,
-                    op.idempotency_key,
-                    0,
-                    None,
-                )
-            )
+        created = 0
+        if posted or vouchers or credit:
+            created = self._operator_transaction(write, kinds.KIND_MERGE, source, posted, op.idempotency_key)
         if posted:
             ledger.load_member(source, 0)
             ledger.load_member(target, target_posted + posted)
@@ -940,6 +898,25 @@ class MemberPostingsMixin:
             write.new_members.append((member_id, account_id))
         return slot
 
+    def _operator_transaction(
+        self,
+        write: BatchWrite,
+        kind: int,
+        member_id: str,
+        amount: int,
+        key: str,
+        original: int | None = None,
+        fee: int = 0,
+        version: int | None = None,
+    ) -> int:
+        """A new transaction of the operator's (no merchant, no purchase, no authorization) in the batch;
+        its id. The caller adds its entries."""
+        created: int = self.ids.transaction()
+        write.transactions.append(
+            (created, kind, domain.OPERATOR_ID, member_id, amount, None, None, original, key, fee, version)
+        )
+        return created
+
     def _member_posting(
         self,
         write: BatchWrite,
@@ -957,11 +934,8 @@ class MemberPostingsMixin:
         posted, held = ledger.balance(slot)
         require(posted + points - held >= 0, f"member {member_id!r}: {points} would leave less than held {held}")
         ledger.load_member(member_id, posted + points)
-        created: int = self.ids.transaction()
         counter = domain.ACCOUNT_OPERATOR_BREAKAGE if closure else ACCOUNT_OPERATOR_ADJUSTMENTS
-        write.transactions.append(
-            (created, kind, domain.OPERATOR_ID, member_id, abs(points), None, None, original, key, 0, None)
-        )
+        created = self._operator_transaction(write, kind, member_id, abs(points), key, original)
         write.entries.append((created, ledger.member_account(slot), points))
         write.entries.append((created, self.operator_accounts[counter], -points))
         return created
