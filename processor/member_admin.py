@@ -450,6 +450,11 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
                     f"..{self.settings.page_size_max}, got {request.page_size}",
                 )
             before = _decode_page_token(request.page_token) if request.page_token else None
+            registry = self.pipeline.machine.members
+            if member_id in registry.aliases and not await store.member_exists(member_id):
+                # a card or phone number: its member's history (a merged member's id keeps its own, which
+                # ends with the merge, as it has a history of its own)
+                member_id = registry.resolve(member_id)
             rows = await member_store.member_history(store.pool, member_id, before, size + 1)
             if not rows and before is None and not await store.member_exists(member_id):
                 raise Rejection(

@@ -652,6 +652,8 @@ def test_an_alias_names_its_member_at_the_till_until_it_is_removed(world):
     )
     earn(world.stub, "shop-a", card, 10_000)  # +1_000 to the member
     assert world.redeem(card, 300).balance == 1_700
+    # MemberAdminService reads the card's member too: its history, not NOT_FOUND
+    assert [t.transaction_id for t in world.history(card)] == [t.transaction_id for t in world.history(member)]
     assert world.stub.GetBalance(pb.GetBalanceRequest(member_id=card), timeout=30).posted == 1_700
     assert world.adjust(card, 300).balance == 2_000
     world.restart()  # durable
