@@ -248,6 +248,8 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
                 raise
             if limits is not None and (outcome.code is not Code.OK or outcome.replayed):
                 limits.release(caller.key_id, points)  # nothing was adjusted by this call
+            elif limits is not None:
+                limits.settled(caller.key_id)  # committed: member_adjustments counts it from now on
             f = (await self._answer(outcome, context)).fields
             return pb.AdjustPointsResponse(
                 transaction_id=domain.format_transaction_id(f["transaction_id"]),

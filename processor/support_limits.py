@@ -14,7 +14,9 @@ from processor import member_store
 from processor.domain import Code, Rejection
 
 DAY = dt.timedelta(days=1)
-# keys whose day's use is kept; beyond, the oldest day's entries are dropped (reloaded on demand)
+# keys whose day's use is kept; beyond, the entries with no adjustment in flight are dropped (reloaded
+# from member_adjustments on demand, which then holds all they counted); those with one in flight stay,
+# as many as the calls in flight
 KEYS_MAX = 10_000
 
 
@@ -27,6 +29,8 @@ class SupportLimits:
         self.pool = pool
         # key_id -> (UTC day start, per-call max, per-day max, point-units used that day)
         self._used: dict[str, tuple[dt.datetime, int, int, int]] = {}
+        # key_id -> reservations not yet committed or given back (reserve .. release or the commit)
+        self._in_flight: dict[str, int] = {}
         self._lock = asyncio.Lock()  # one load per key and day, not one per concurrent call
 
     async def reserve(self, key_id: str, points: int, now: dt.datetime | None = None) -> None:
@@ -42,7 +46,10 @@ class SupportLimits:
                 if limits is None:
                     raise Rejection(Code.PERMISSION_DENIED, f"key {key_id} has no support limits; ask the operator")
                 if len(self._used) >= KEYS_MAX:
-                    self._used.clear()
+                    # Not clear(): a reload reads committed adjustments only, so a key dropped with a
+                    # reservation in flight would forget it and let the day's limit be passed by it.
+                    for stale in [k for k in self._used if not self._in_flight.get(k)]:
+                        del self._used[stale]
                 used = await member_store.adjusted_since(self.pool, key_id, day)
                 entry = (day, limits[0], limits[1], used)
             _, per_call, per_day, used = entry
@@ -67,9 +74,19 @@ class SupportLimits:
                     quota=(f"key:{key_id}", f"{per_day} point-units of AdjustPoints per UTC day"),
                 )
             self._used[key_id] = (day, per_call, per_day, used + amount)
+            self._in_flight[key_id] = self._in_flight.get(key_id, 0) + 1
+
+    def settled(self, key_id: str) -> None:
+        """A reservation's adjustment was committed (its points stay counted) or given back (release)."""
+        left = self._in_flight.get(key_id, 0) - 1
+        if left > 0:
+            self._in_flight[key_id] = left
+        else:
+            self._in_flight.pop(key_id, None)
 
     def release(self, key_id: str, points: int, now: dt.datetime | None = None) -> None:
         """Gives back a reservation whose adjustment was not carried out (refused, or a replay)."""
+        self.settled(key_id)
         day = _day_start(now or dt.datetime.now(dt.timezone.utc))
         entry = self._used.get(key_id)
         if entry is not None and entry[0] == day:
