@@ -234,22 +234,12 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             reason, note = self._reason(request.reason), self._note(request.note)
             fields = {"member_id": member_id, "points": points, "reason": reason, "note": note, "key_id": caller.key_id}
             op = self._operation(Method.ADJUST, key, fields, member_id=member_id, points=points)
-            limits = self.limits() if caller.kind == "support" else None
-            if limits is not None:
-                if await self.pipeline.ready_store().stored_outcomes([(domain.OPERATOR_ID, key)]):
-                    limits = None  # a retry: it replays its outcome and uses no more of the limits
-                else:
-                    await limits.reserve(caller.key_id, points)
-            try:
+            if caller.kind == "support" and not await self.pipeline.ready_store().stored_outcomes(
+                [(domain.OPERATOR_ID, key)]
+            ):
+                outcome = await self.limits().adjust(caller.key_id, points, lambda: self.pipeline.submit(op))
+            else:  # an operator's, or a retry (it replays its outcome and uses no more of the limits)
                 outcome = await self.pipeline.submit(op)
-            except BaseException:
-                if limits is not None:
-                    limits.release(caller.key_id, points)
-                raise
-            if limits is not None and (outcome.code is not Code.OK or outcome.replayed):
-                limits.release(caller.key_id, points)  # nothing was adjusted by this call
-            elif limits is not None:
-                limits.settled(caller.key_id)  # committed: member_adjustments counts it from now on
             f = (await self._answer(outcome, context)).fields
             return pb.AdjustPointsResponse(
                 transaction_id=domain.format_transaction_id(f["transaction_id"]),

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
 from processor import member_store
-from processor.domain import Code, Rejection
+from processor.domain import Code, Outcome, Rejection
 
 DAY = dt.timedelta(days=1)
 # keys whose day's use is kept; beyond, the entries with no adjustment in flight are dropped (reloaded
@@ -75,6 +76,26 @@ class SupportLimits:
                 )
             self._used[key_id] = (day, per_call, per_day, used + amount)
             self._in_flight[key_id] = self._in_flight.get(key_id, 0) + 1
+
+    async def adjust(self, key_id: str, points: int, submit: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """Reserves |points|, then submits the adjustment (`submit`: the pipeline's), and keeps them counted
+        if it may have been carried out: given back if it was refused, replayed, or refused before it was
+        queued; kept if the caller went away meanwhile (the pipeline still commits a queued operation
+        whose caller cancelled: given back, a key cancelling its calls would pass its limits)."""
+        await self.reserve(key_id, points)
+        try:
+            outcome = await submit()
+        except asyncio.CancelledError:
+            self.settled(key_id)
+            raise
+        except BaseException:
+            self.release(key_id, points)
+            raise
+        if outcome.code is not Code.OK or outcome.replayed:
+            self.release(key_id, points)  # nothing was adjusted by this call
+        else:
+            self.settled(key_id)  # committed: member_adjustments counts it from now on
+        return outcome
 
     def settled(self, key_id: str) -> None:
         """A reservation's adjustment was committed (its points stay counted) or given back (release)."""

@@ -10,7 +10,7 @@ import datetime as dt
 import pytest
 
 from processor import member_store, support_limits
-from processor.domain import Code, Rejection
+from processor.domain import Code, Outcome, Rejection
 from processor.store import Store
 
 pytestmark = pytest.mark.timeout(120)
@@ -76,3 +76,44 @@ def test_a_reservation_given_back_frees_the_days_limit(create_database):
             await store.close()
 
     asyncio.run(go())
+
+
+def test_an_adjustment_whose_caller_went_away_stays_counted_a_refused_one_does_not(create_database):
+    """The pipeline commits a queued adjustment even when its caller cancels (a deadline): its points stay
+    counted, or a support key cancelling its calls would pass its day's limit."""
+    url = create_database()
+
+    async def go():
+        store, limits = await _limits(url, {"key-a": (100, 150)})
+        queued = asyncio.Event()
+
+        async def submit_and_wait() -> Outcome:  # the pipeline's answer comes after the caller left
+            queued.set()
+            await asyncio.Event().wait()
+            raise AssertionError("not reached")
+
+        try:
+            call = asyncio.ensure_future(limits.adjust("key-a", 100, submit_and_wait))
+            await queued.wait()
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            with pytest.raises(Rejection) as raised:
+                await limits.adjust("key-a", 60, lambda: _answer(Outcome(Code.OK)))
+            assert "adjusted 100 of its 150 point-units today" in raised.value.message
+            # refused by the ledger, or a replay: nothing adjusted, nothing counted
+            refused = Outcome(Code.FAILED_PRECONDITION, message="insufficient")
+            assert (await limits.adjust("key-a", 50, lambda: _answer(refused))).code is Code.FAILED_PRECONDITION
+            replayed = Outcome(Code.OK, replayed=True)
+            assert (await limits.adjust("key-a", 50, lambda: _answer(replayed))).replayed
+            await limits.adjust("key-a", 50, lambda: _answer(Outcome(Code.OK)))  # 150 of 150
+            with pytest.raises(Rejection):
+                await limits.adjust("key-a", 1, lambda: _answer(Outcome(Code.OK)))
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+async def _answer(outcome: Outcome) -> Outcome:
+    return outcome
