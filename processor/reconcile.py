@@ -289,14 +289,12 @@ async def _feed_discrepancies(fetch, report) -> list[str]:
 
 # --- reconcile: the program rules' checks (docs/RULES.md, "Ledger invariants, extended") -------------
 
+# the transactions that may own lot consumptions: captures, redeems, split redeems, and member debits
+_CONSUMING_KINDS = sorted({kinds.BY_NAME["capture"].code, kinds.BY_NAME["redeem"].code, rules.KIND_SPLIT_REDEEM,
+                           *kinds.MEMBER_DEBITS})  # fmt: skip
+
 # The sign every account kind's balance keeps (an entry's amount is added to the balance): +1 never
 # below 0, -1 never above 0 (docs/RULES.md "New account kinds", docs/DOMAIN.md for the first six).
-# the SQL of the lot-consumption check names the kinds that may consume lots literally; kept in step here
-require(
-    sorted({2, 3, 12, *kinds.MEMBER_DEBITS}) == [2, 3, 12, 17, 18, 19, 20, 21],
-    "reconcile's lot-consumption check lists the kinds that consume lots",
-)
-
 ACCOUNT_SIGNS: dict[str, int] = {
     "member": 1,
     "merchant_redeemed": 1,
@@ -590,7 +588,8 @@ async def _program_discrepancies(fetch, report) -> list[str]:
         )
 
     report("every consumed lot piece belongs to a hold or a capture/redeem that exists, within its amount")
-    for r in await fetch("""SELECT c.owner_kind, c.owner_id, sum(c.amount) AS pieces,
+    for r in await fetch(
+        """SELECT c.owner_kind, c.owner_id, sum(c.amount) AS pieces,
                                    coalesce(h.amount, t.amount) AS owner_amount, t.kind,
                                    h.authorization_id IS NOT NULL OR t.transaction_id IS NOT NULL AS found
                               FROM lot_consumptions c
@@ -599,16 +598,18 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                               GROUP BY c.owner_kind, c.owner_id, h.authorization_id, h.amount, t.transaction_id,
                                        t.amount, t.kind
                               HAVING (h.authorization_id IS NULL AND t.transaction_id IS NULL)
-                                  OR (c.owner_kind = 2 AND t.kind NOT IN (2, 3, 12, 17, 18, 19, 20, 21))
+                                  OR (c.owner_kind = 2 AND NOT t.kind = ANY($1::smallint[]))
                                   OR sum(c.amount) > coalesce(h.amount, t.amount)
-                              ORDER BY c.owner_kind, c.owner_id LIMIT 5"""):
+                              ORDER BY c.owner_kind, c.owner_id LIMIT 5""",
+        _CONSUMING_KINDS,
+    ):
         owner = ("hold" if r["owner_kind"] == 1 else "transaction") + f" {r['owner_id']}"
         if not r["found"]:
             problems.append(f"lot_consumptions of {owner}, which does not exist")
-        elif r["owner_kind"] == 2 and r["kind"] not in (2, 3, 12, *kinds.MEMBER_DEBITS):
+        elif r["owner_kind"] == 2 and r["kind"] not in _CONSUMING_KINDS:
             problems.append(
                 f"lot_consumptions of {owner}, of kind {r['kind']}: only captures, redeems and member debits "
-                "(adjustments, reversals, closures) consume lots"
+                "(adjustments, reversals, closures, transfers) consume lots"
             )
         else:
             problems.append(f"lot_consumptions of {owner}: pieces {r['pieces']} > its amount {r['owner_amount']}")

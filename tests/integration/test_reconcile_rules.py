@@ -392,7 +392,7 @@ def test_lot_pieces_of_owners_that_do_not_exist_or_cannot_consume_are_reported(c
         f"lot_consumptions of hold {rows.hold}: pieces 250 > its amount 200",
         "lot_consumptions of hold 999, which does not exist",
         f"lot_consumptions of transaction {rows.earn}, of kind 1: only captures, redeems and member debits "
-        "(adjustments, reversals, closures) consume lots",
+        "(adjustments, reversals, closures, transfers) consume lots",
         "lot_consumptions of transaction 998, which does not exist",
     ]
 
