@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from processor import events as feed_events
+from processor import kinds, rules
 from processor.member_postings import (
     EVENT_CLOSED,
     EVENT_FROZEN,
@@ -199,9 +200,22 @@ async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record
 # the transactions an earn sets off in its batch (tier and referral bonuses, the acquirer's reward, the
 # merchant match, the fan reward), which name it as their original and are reversed with it (docs/RULES.md
 # section 13); a fan reward moves vouchers, so an earn that set one off is refused (member_admin)
-TIED_KINDS = (7, 8, 9, 27, 30)
+TIED_KINDS = (
+    rules.KIND_TIER_BONUS,
+    rules.KIND_REFERRAL_BONUS,
+    rules.KIND_ACQUIRING_REWARD,
+    rules.KIND_MERCHANT_MATCH,
+    rules.KIND_FAN_REWARD,
+)
 # kinds that undo part of their original: one of these naming a transaction means it was refunded (in part)
-REFUND_KINDS = (4, 5, 10, 13, 28, 31)
+REFUND_KINDS = (
+    kinds.BY_NAME["refund_of_redemption"].code,
+    kinds.BY_NAME["refund_of_earn"].code,
+    rules.KIND_ACQUIRING_REVERSAL,
+    rules.KIND_SPLIT_REFUND,
+    rules.KIND_MERCHANT_MATCH_REVERSAL,
+    rules.KIND_FAN_REWARD_REVERSAL,
+)
 
 
 async def reversal_group(pool: asyncpg.Pool, transaction_id: int) -> dict[str, Any]:
