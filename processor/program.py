@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import operator
 from typing import Any
 
 from processor import rules, velocity
@@ -420,26 +421,43 @@ class ProgramState:
             [(n, b) for n, b in bonuses if b > 0], change, referral, (before.acquirer_id, reward) if reward else None
         )
 
-    def earned_by_kernel(
+    def recorded_by_kernel(
         self,
-        version: rules.ProgramVersion,
-        transaction_id: int,
-        member_id: str,
-        merchant_id: str,
-        earn: rules.Earn,
-        acquirer_id: str | None,
-        reward: int,
-        level_change: tuple[str, str] | None,
+        earns: list[tuple[int, EarnRecord]],
+        tier_events: list[tuple[int, str, str, str]],
+        pieces: list[tuple[tuple[int, int], tuple[rules.Lot, ...]]],
+        spends: list[tuple[str, int]],
         now_us: int,
     ) -> None:
-        """What earned() records of an earn the compiled kernel decided (processor/rules_kernel.py):
-        its earn record and its level change. Its lot and the member's tier state follow once per run
-        (lots_by_kernel, set_member); the kernel runs no promotions, so no budget moves."""
-        record = EarnRecord(member_id, merchant_id, version.version, earn, acquirer_id, reward, 0, now_us)
-        self._set(self.earns, transaction_id, record, "earns")
-        self._dirty["new_earns"].add(transaction_id)
-        if level_change is not None:
-            self._tier_events.append((transaction_id, member_id, *level_change))
+        """What a run of the compiled kernel (processor/rules_kernel.py) records besides lots and tier
+        state, in the run's order: each earn's record (what earned() records; the kernel runs no
+        promotions, so no budget moves) and level change, what each redemption consumed (what consume()
+        keeps) and each redemption's spend (spend()). Their lots and the members' tier state follow
+        once per member (lots_by_kernel, set_member). One call a run rather than three an operation:
+        the undo log and the dirty sets get exactly what _set would give them."""
+        undo = self._undo[-1] if self._undo else None
+        table, dirty = self.earns, self._dirty["earns"]
+        for transaction_id, record in earns:
+            if undo is not None:
+                undo.append((table, transaction_id, table.get(transaction_id, _MISSING)))
+            table[transaction_id] = record
+            dirty.add(transaction_id)
+        self._dirty["new_earns"].update(transaction_id for transaction_id, _ in earns)
+        self._tier_events.extend(tier_events)
+        consumed, dirty = self.pieces, self._dirty["pieces"]
+        for owner, taken in pieces:
+            if undo is not None:
+                undo.append((consumed, owner, consumed.get(owner, _MISSING)))
+            consumed[owner] = taken
+            dirty.add(owner)
+        spent, dirty = self.spends, self._dirty["spends"]
+        for member_id, points in spends:
+            if points > 0:
+                old = spent.get(member_id, _MISSING)
+                if undo is not None:
+                    undo.append((spent, member_id, old))
+                spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
+                dirty.add(member_id)
 
     def lots_by_kernel(
         self,
@@ -459,10 +477,6 @@ class ProgramState:
         self._set(self.lots, member_id, lots or None, "lots")
         for expires_at_us in due_us:
             heapq.heappush(self._due, (expires_at_us, member_id))
-
-    def set_pieces(self, owner: tuple[int, int], pieces: tuple[rules.Lot, ...]) -> None:
-        """What a redemption the kernel decided consumed (consume() keeps the same)."""
-        self._set(self.pieces, owner, pieces, "pieces")
 
     def set_member(self, member_id: str, value: MemberRules) -> None:
         """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""
@@ -959,8 +973,12 @@ class ProgramState:
         are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
         for member_id in self._dirty["lots"]:
             posted, held = balance(member_id)
-            total = sum(lot.amount for lot in self.lots.get(member_id, ()))
+            total = sum(map(_AMOUNT, self.lots.get(member_id, ())))
             require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+
+
+# a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
+_AMOUNT = operator.attrgetter("amount")
 
 
 def _expiry_order(lot: rules.Lot) -> tuple:
