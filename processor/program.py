@@ -123,8 +123,14 @@ class RulesWrite:
     # member_id -> (keys (lot_id, expires_at_us) of its lots that are gone, its lots new or changed): only
     # what changed, so an earn costs one row whatever the member's history of lots
     lots: dict[str, tuple[list[tuple[int, int]], list[rules.Lot]]] = dataclasses.field(default_factory=dict)
+    # member_id -> keys of its lots among `lots` that the batch created (lot ids are the batch's new
+    # transaction ids, so Postgres holds no such row): inserted without an upsert
+    new_lots: dict[str, set[tuple[int, int]]] = dataclasses.field(default_factory=dict)
     # (owner_kind, owner_id) -> its pieces now (replaced; empty: deleted)
     pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = dataclasses.field(default_factory=dict)
+    # owners among `pieces` that are the batch's own transactions (their ids were never handed out
+    # before), so Postgres holds no pieces of theirs to replace: inserted without a DELETE first
+    new_pieces: set[tuple[int, int]] = dataclasses.field(default_factory=set)
     # promotion_id -> granted in all
     budgets: dict[str, int] = dataclasses.field(default_factory=dict)
     # transaction_id -> EarnRecord (inserted, or its refunded_base updated)
@@ -203,6 +209,8 @@ class ProgramState:
             "members": set(),
             "lots": set(),
             "pieces": set(),
+            # owners of pieces that are transactions of the batch: no rows of theirs in Postgres yet
+            "new_pieces": set(),
             "budgets": set(),
             "earns": set(),
             "new_earns": set(),
@@ -283,7 +291,9 @@ class ProgramState:
             program_id=self.program.program_id if self.program is not None else "",
             members={m: self.members[m] for m in d["members"] if m in self.members},
             lots={m: self._lots_changed(m) for m in d["lots"]},
+            new_lots={m: set(keys) for m, keys in self._lots_created.items() if m in d["lots"]},
             pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
+            new_pieces=set(d["new_pieces"]),
             budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
             earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
             new_earns=set(d["new_earns"]),
@@ -450,6 +460,7 @@ class ProgramState:
                 undo.append((consumed, owner, consumed.get(owner, _MISSING)))
             consumed[owner] = taken
             dirty.add(owner)
+        self._dirty["new_pieces"].update(owner for owner, _ in pieces)  # the run's redemptions: new ids
         spent, dirty = self.spends, self._dirty["spends"]
         for member_id, points in spends:
             if points > 0:
@@ -808,6 +819,9 @@ class ProgramState:
         if end > start:
             self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
         self._set(self.pieces, owner, tuple(pieces), "pieces")
+        # every caller consumes for a transaction or hold the batch just created (a new id): its pieces
+        # have no rows in Postgres yet
+        self._dirty["new_pieces"].add(owner)
 
     def restore(
         self,

@@ -426,7 +426,14 @@ class RulesKernelMixin:
                     (
                         created,
                         EarnRecord(
-                            op.member_id, op.merchant_id, number, rules.Earn(base, uplift), acquirer_id, reward, 0, now_us
+                            op.member_id,
+                            op.merchant_id,
+                            number,
+                            rules.Earn(base, uplift),
+                            acquirer_id,
+                            reward,
+                            0,
+                            now_us,
                         ),
                     )
                 )
