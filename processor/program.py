@@ -318,9 +318,18 @@ class ProgramState:
             before_lots, after_lots = self._lots_flushed.get(member_id, ()), self.lots.get(member_id, ())
             created = self._lots_created.get(member_id, ())
             gone, changed = [], []
+            # the batch's new lots are (almost always) the member's last ones: found by a walk from the
+            # end rather than a bisect each (~10 calls of rules._order a key; ~700 new lots a batch)
+            tail = {}
+            if created:
+                for lot in reversed(after_lots):
+                    key = (lot.lot_id, lot.expires_at_us)
+                    if key not in created:
+                        break
+                    tail[key] = lot
             for key in sorted(touched, key=_key_order):
                 old = None if key in created else _find(before_lots, key)
-                new = _find(after_lots, key)
+                new = tail.get(key) or _find(after_lots, key)
                 if new is None:
                     if old is not None:
                         gone.append(key)
