@@ -1444,7 +1444,10 @@ class Store:
                         e.acquirer_id,
                         e.acquiring,
                         e.refunded_base,
-                        json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants]),
+                        # most earns have no grants: their "[]" without a json.dumps each
+                        json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants])
+                        if e.earn.grants
+                        else "[]",
                     )
                     for t, e in new
                 ],
