@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import fastpath
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
-from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, MemberRules
+from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
 from processor.store import BatchWrite
 
 if TYPE_CHECKING:
@@ -352,6 +352,10 @@ class RulesKernelMixin:
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
         created_by_row: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of its new lots
         due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries to push
+        earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
+        tier_events: list[tuple[int, str, str, str]] = []
+        consumed: list[tuple[tuple[int, int], tuple[rules.Lot, ...]]] = []
+        spent: dict[str, int] = {}  # member -> point-units its redeems of the run took (one velocity bucket)
         ops, members, tiers = run.ops, run.member, run.tier
         for i, position in enumerate(run.positions):
             op = ops[i]
@@ -397,26 +401,44 @@ class RulesKernelMixin:
                 earned_rows.add(row)
                 new_lot = new_lots[i]
                 if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
-                    lot = rules.Lot(created, total, new_lot_expires_at_us, op.merchant_id)
-                    pool_lots[new_lot] = lot
-                    new_by_row.setdefault(row, []).append(new_lot)
-                    touched.setdefault(row, set()).add(lot.key)
-                    created_by_row.setdefault(row, set()).add(lot.key)
-                    due_by_row.setdefault(row, []).append(new_lot_expires_at_us)
+                    pool_lots[new_lot] = rules.Lot(created, total, new_lot_expires_at_us, op.merchant_id)
+                    key = (created, new_lot_expires_at_us)  # the lot's key
+                    if row in new_by_row:
+                        new_by_row[row].append(new_lot)
+                        created_by_row[row].add(key)
+                    else:
+                        new_by_row[row] = [new_lot]
+                        created_by_row[row] = {key}
+                    keys = touched.get(row)
+                    if keys is None:
+                        touched[row] = {key}
+                    else:
+                        keys.add(key)
+                    due = due_by_row.get(row)
+                    if due is None:
+                        due_by_row[row] = [new_lot_expires_at_us]
+                    else:
+                        due.append(new_lot_expires_at_us)
                 reward = rewards[i]
                 acquirer_id = run.tier_members[row][1].acquirer_id if reward else None
                 before, after = names[levels_before[i]], names[levels_after[i]]
-                program.earned_by_kernel(
-                    version,
-                    created,
-                    op.member_id,
-                    op.merchant_id,
-                    rules.Earn(base, uplift),
-                    acquirer_id,
-                    reward,
-                    (before, after) if before != after else None,
-                    now_us,
+                earn_records.append(
+                    (
+                        created,
+                        EarnRecord(
+                            op.member_id,
+                            op.merchant_id,
+                            number,
+                            rules.Earn(base, uplift),
+                            acquirer_id,
+                            reward,
+                            0,
+                            now_us,
+                        ),
+                    )
                 )
+                if before != after:
+                    tier_events.append((created, op.member_id, before, after))
                 if acquirer_id is not None:
                     reward_id = reward_ids[i]
                     transactions.append(
@@ -471,6 +493,9 @@ class RulesKernelMixin:
             entries.append((created, merchant.redeemed_account_id, points))
             # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
             pieces = []
+            keys = touched.get(row)
+            if keys is None:
+                keys = touched[row] = set()
             for k in range(piece_starts[i], piece_ends[i]):
                 taken, source = piece_amount[k], piece_lot[k]
                 if source < 0:
@@ -484,15 +509,17 @@ class RulesKernelMixin:
                     if taken == source_lot.amount
                     else rules.Lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
                 )
-                touched.setdefault(row, set()).add(source_lot.key)
-            program.set_pieces((OWNER_TRANSACTION, created), tuple(pieces))
+                keys.add((source_lot.lot_id, source_lot.expires_at_us))  # the lot's key
+            consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
             if dues[i]:
                 due_by_row.setdefault(row, []).append(dues[i])
-            program.spend(op.member_id, points, now_us)
+            if points > 0:  # spend()'s condition; the run's spends share one instant, so one bucket
+                spent[op.member_id] = spent.get(op.member_id, 0) + points
             outcomes[position] = Outcome(
                 Code.OK,
                 {"transaction_id": created, "points": points, "balance": posteds[i], "available": availables[i]},
             )
+        program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
         # did not need, the run's new lots (all sorted: new lots expire last)
         for row, keys in touched.items():
@@ -512,12 +539,14 @@ class RulesKernelMixin:
             qualifying = run.tier_qualifying[row]
             program.set_member(
                 member_id,
-                dataclasses.replace(
-                    before_rules,
+                MemberRules(  # dataclasses.replace's result, built directly (_MEMBER_FIELDS guards the list)
+                    acquirer_id=before_rules.acquirer_id,
+                    referrer_id=before_rules.referrer_id,
+                    referral_paid=before_rules.referral_paid,
+                    level=names[_level_index(qualifying, tables.level_threshold)],
+                    levels_reached=run.tier_reached[row],
                     qualifying=qualifying,
                     day_buckets=(),
-                    levels_reached=run.tier_reached[row],
-                    level=names[_level_index(qualifying, tables.level_threshold)],
                 ),
             )
 
@@ -579,6 +608,13 @@ class RulesKernelMixin:
             totals[row] = covered if passed == len(lots) else -1
             prefixes.append((start, passed))
         return pool, heads, tails, totals, prefixes
+
+
+# The fields of MemberRules the kernel's write-back sets (it builds the value directly: dataclasses.replace
+# cost ~1 µs a member a run); a field added to MemberRules must be added there too, or this fails at import.
+_MEMBER_FIELDS = ("acquirer_id", "referrer_id", "referral_paid", "level", "levels_reached", "qualifying", "day_buckets")
+if tuple(field.name for field in dataclasses.fields(MemberRules)) != _MEMBER_FIELDS:
+    raise ImportError("processor.rules_kernel: MemberRules has fields the kernel's write-back does not set")
 
 
 def _level_index(qualifying: int, threshold: array.array[int]) -> int:

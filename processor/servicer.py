@@ -115,7 +115,14 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         """Validates the common part of a mutating request and builds its Operation."""
         merchant_id = self.validate.identifier(merchant_id, "merchant_id")
         key = self.validate.idempotency_key(request.idempotency_key)
-        merchant = await self.pipeline.merchant(merchant_id)
+        pipeline = self.pipeline
+        # a known merchant without a coroutine (one an operation); ready_store() still answers
+        # UNAVAILABLE while the service recovers, as pipeline.merchant() does
+        merchant = pipeline.merchants.by_id.get(merchant_id)
+        if merchant is None:
+            merchant = await pipeline.merchant(merchant_id)
+        else:
+            pipeline.ready_store()
         if merchant is None:
             raise Rejection(
                 Code.NOT_FOUND,
@@ -150,14 +157,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                     f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)",
                 ),
             )
-        return Operation(
-            method=method,
-            merchant_id=merchant_id,
-            merchant_slot=merchant.merchant_slot,
-            idempotency_key=key,
-            request=fields,
-            **values,
-        )
+        # the first five positionally (Operation's field order): a sixth of this function's time went
+        # to building the keyword arguments
+        return Operation(method, merchant_id, merchant.merchant_slot, key, fields, **values)
 
     async def _present(self, op: Operation, proof: pb.MemberProof) -> Operation:
         """Member presence (processor/presence.py): sets op.refusal when the program requires the member

@@ -16,7 +16,6 @@ write. Two batches may be open at once: the one being written and the next, appl
 from __future__ import annotations
 
 import array
-import collections
 import dataclasses
 from typing import Any
 
@@ -1012,11 +1011,14 @@ NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERN
 
 def _check_balanced(write: BatchWrite) -> None:
     """Every transaction's entries sum to zero (checked before the batch is written)."""
-    sums: dict[tuple[int, str], int] = collections.defaultdict(int)
+    # runs over every entry of every batch: no call per entry, the message built only on a failure
+    sums: dict[tuple[int, str], int] = {}
+    points = domain.ASSET_POINTS
     for entry in write.entries:
-        transaction_id, account_id = entry[0], entry[1]
-        require(account_id > 0, f"transaction {transaction_id} posts to an account without an id")
-        sums[(transaction_id, entry[3] if len(entry) > 3 else domain.ASSET_POINTS)] += entry[2]
+        if not entry[1] > 0:
+            require(False, f"transaction {entry[0]} posts to an account without an id")
+        key = (entry[0], entry[3] if len(entry) > 3 else points)
+        sums[key] = sums.get(key, 0) + entry[2]
     for (transaction_id, asset), total in sums.items():
         require(total == 0, f"transaction {transaction_id} entries of {asset} sum to {total}")
 
