@@ -25,7 +25,7 @@ from processor.errors import outcome_status
 from processor.pipeline import Pipeline, now_micros
 from processor.presence import Presence
 from processor.presence_store import Credentials
-from processor.servicer import Validator, _decode_page_token, _encode_page_token, guard, timestamp
+from processor.servicer import Validator, encode_page_token, guard, history_page, timestamp
 from processor.store import micros
 from processor.support_limits import SupportLimits
 
@@ -434,14 +434,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             self._allow("ListTransactions")
             member_id = self.validate.identifier(request.member_id, "member_id")
             store = self.pipeline.ready_store()
-            size = request.page_size or self.settings.page_size_default
-            if not 1 <= size <= self.settings.page_size_max:
-                raise domain.invalid_field(
-                    "page_size",
-                    f"page_size must be 0 (default {self.settings.page_size_default}) "
-                    f"..{self.settings.page_size_max}, got {request.page_size}",
-                )
-            before = _decode_page_token(request.page_token) if request.page_token else None
+            size, before = history_page(self.settings, request.page_size, request.page_token)
             registry = self.pipeline.machine.members
             if member_id in registry.aliases and not await store.member_exists(member_id):
                 # a card or phone number: its member's history (a merged member's id keeps its own, which
@@ -455,7 +448,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             more = len(rows) > size
             rows = rows[:size]
             response = pb.MemberAdminServiceListTransactionsResponse(
-                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else ""
+                next_page_token=encode_page_token(rows[-1]["transaction_id"]) if more else ""
             )
             for r in rows:
                 response.transactions.append(transaction_message(r))

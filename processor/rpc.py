@@ -219,21 +219,18 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     "audit record not written", extra={"request_id": rid, "method": full_method, "error": repr(error)}
                 )
 
-        if streaming:
-            inner_stream = handler.stream_stream
+        def guarded_stream(open_responses):
+            """A streaming handler: admission, the key's kind, accounting, and INTERNAL for a bug of ours,
+            around `open_responses(request_or_iterator, context)`, an async iterator of the answers opened
+            once the call is admitted. (An async generator function itself, as grpc.aio requires.)"""
 
-            async def stream_behavior(request_iterator, context):
+            async def behavior(arg, context):
                 rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
                 try:
                     rid, begin, caller = await admit(context)
                     if accepted is not None and caller.kind not in accepted:
                         await refuse_kind(context, caller)
-
-                    async def decoded():
-                        async for data in request_iterator:
-                            yield deserialize(data)
-
-                    async for response in inner_stream(decoded(), context):
+                    async for response in open_responses(arg, context):
                         yield response
                     code = context.code() or grpc.StatusCode.OK
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -244,6 +241,21 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
                     await _internal(context, rid, method)
                 finally:
                     account(context, rid, begin, code)
+
+            return behavior
+
+        if streaming:
+            inner_stream = handler.stream_stream
+
+            async def stream_responses(request_iterator, context):
+                async def decoded():
+                    async for data in request_iterator:
+                        yield deserialize(data)
+
+                async for response in inner_stream(decoded(), context):
+                    yield response
+
+            stream_behavior = guarded_stream(stream_responses)
 
             return grpc.stream_stream_rpc_method_handler(
                 stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer
@@ -252,28 +264,16 @@ class RpcInterceptor(grpc.aio.ServerInterceptor):
         if server_streaming:
             inner_server_stream = handler.unary_stream
 
-            async def server_stream_behavior(data, context):
-                rid, begin, code = "", time.perf_counter(), grpc.StatusCode.UNKNOWN
-                try:
-                    rid, begin, caller = await admit(context)
-                    if accepted is not None and caller.kind not in accepted:
-                        await refuse_kind(context, caller)
-                    request = deserialize(data)
-                    if isinstance(request, Undecodable):
-                        await context.abort_with_status(
-                            status(Code.INVALID_ARGUMENT, request.message, reason="UNDECODABLE_REQUEST")
-                        )
-                    async for response in inner_server_stream(request, context):
-                        yield response
-                    code = context.code() or grpc.StatusCode.OK
-                except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
-                    code = context.code() or grpc.StatusCode.CANCELLED
-                    raise
-                except Exception:
-                    code = grpc.StatusCode.INTERNAL
-                    await _internal(context, rid, method)
-                finally:
-                    account(context, rid, begin, code)
+            async def server_stream_responses(data, context):
+                request = deserialize(data)
+                if isinstance(request, Undecodable):
+                    await context.abort_with_status(
+                        status(Code.INVALID_ARGUMENT, request.message, reason="UNDECODABLE_REQUEST")
+                    )
+                async for response in inner_server_stream(request, context):
+                    yield response
+
+            server_stream_behavior = guarded_stream(server_stream_responses)
 
             return grpc.unary_stream_rpc_method_handler(
                 server_stream_behavior, request_deserializer=_raw, response_serializer=handler.response_serializer

@@ -763,14 +763,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         async def call():
             member_id = self.validate.identifier(request.member_id, "member_id")
             store = self.pipeline.ready_store()
-            size = request.page_size or self.settings.page_size_default
-            if not 1 <= size <= self.settings.page_size_max:
-                raise domain.invalid_field(
-                    "page_size",
-                    f"page_size must be 0 (default {self.settings.page_size_default}) "
-                    f"..{self.settings.page_size_max}, got {request.page_size}",
-                )
-            before = _decode_page_token(request.page_token) if request.page_token else None
+            size, before = history_page(self.settings, request.page_size, request.page_token)
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
             rows = await store.list_transactions(
@@ -781,7 +774,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             more = len(rows) > size
             rows = rows[:size]
             response = pb.ListTransactionsResponse(
-                next_page_token=_encode_page_token(rows[-1]["transaction_id"]) if more else ""
+                next_page_token=encode_page_token(rows[-1]["transaction_id"]) if more else ""
             )
             for r in rows:
                 response.transactions.append(
@@ -831,7 +824,20 @@ def _operation_outcome(outcome: Outcome) -> int:
     return _REASON_OUTCOME.get(outcome.reason, _OUTCOME[outcome.code])
 
 
-def _encode_page_token(transaction_id: int) -> str:
+def history_page(settings: Settings, page_size: int, page_token: str) -> tuple[int, int | None]:
+    """A ListTransactions page (PointsService and MemberAdminService): how many transactions (0 = the
+    default; INVALID_ARGUMENT outside 1..page_size_max) and the transaction id it starts before (None:
+    the newest), from the previous page's token."""
+    size = page_size or settings.page_size_default
+    if not 1 <= size <= settings.page_size_max:
+        raise domain.invalid_field(
+            "page_size",
+            f"page_size must be 0 (default {settings.page_size_default}) ..{settings.page_size_max}, got {page_size}",
+        )
+    return size, (_decode_page_token(page_token) if page_token else None)
+
+
+def encode_page_token(transaction_id: int) -> str:
     return base64.urlsafe_b64encode(_PAGE_TOKEN_PREFIX + str(transaction_id).encode()).decode()
 
 
