@@ -46,6 +46,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from loadtest import harness
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -119,22 +120,10 @@ def main() -> int:
     credential = (("authorization", f"Bearer {gateway}"),)
 
     started = time.monotonic()
-    # the per-merchant rate limit (on by default) would shed the hot merchant: the scale run measures the service
+    # the per-merchant rate limit (on by default) would shed the hot merchant: the scale run measures the
+    # service, started as the benchmarks start it (harness.service_command turns the limit off)
     service = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "processor",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--database-url",
-            args.database_url,
-            "--merchant-operations-per-second",
-            "0",
-        ],
+        harness.service_command(args.database_url),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
