@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 import fastpath
 from processor import domain, kinds, metrics, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome, require
+from processor.machine_parts import MachineParts
 from processor.program import OWNER_TRANSACTION, EarnRecord
 
 if TYPE_CHECKING:
-    from processor.program import ProgramState
     from processor.store import BatchWrite
 
 STATE_ACTIVE, STATE_FROZEN, STATE_CLOSED = "active", "frozen", "closed"
@@ -305,21 +305,10 @@ def closed_message(member_id: str, status: MemberStatus) -> str:
     return f"member {member_id!r} is closed since {_iso(status.since_us)}{why}; a closed member cannot be used again"
 
 
-class MemberPostingsMixin:
+class MemberPostingsMixin(MachineParts):
     """The member-administration paths of LedgerStateMachine; see the module's docstring."""
 
-    ledger: Any
-    program: ProgramState
-    ids: Any
-    operator_accounts: dict[str, int]
-    account_ids: list[int]
-    members: MemberRegistry
-
-    if TYPE_CHECKING:
-
-        def _expire_member(self, write: BatchWrite, member_id: str, now_us: int) -> None: ...
-
-        def _voucher_account(self, write: BatchWrite, kind: str, owner: str) -> int: ...
+    members: MemberRegistry  # set by LedgerStateMachine
 
     def _member_admin(self, op: Operation, write: BatchWrite, now_us: int) -> Outcome:
         """Applies one member-administration operation (op.method in METHODS) to the batch."""

@@ -17,58 +17,15 @@ from processor import domain, metrics, rules
 from processor.domain import Code, Method, Operation, Outcome, Rejection, require
 from processor.program import OWNER_HOLD, OWNER_TRANSACTION, EarnRecord, SplitRecord, VoucherHold
 from processor.outcomes import ledger_rejection
+from processor.machine_parts import MachineParts
 from processor.store import BatchWrite, from_micros
 
 if TYPE_CHECKING:
-    from processor.config import Settings
-    from processor.program import ProgramState
-    from processor.state_machine import IdAllocator, Merchants
     from processor.store import MerchantRow
 
 
-class PostingsMixin:
+class PostingsMixin(MachineParts):
     """The posting paths of LedgerStateMachine; see the module's docstring."""
-
-    # the state machine's state and methods these paths use (set and defined by LedgerStateMachine)
-    settings: Settings
-    merchants: Merchants
-    ledger: Any
-    program: ProgramState
-    ids: IdAllocator
-    operator_accounts: dict[str, int]
-    account_ids: list[int]
-
-    if TYPE_CHECKING:
-
-        def _applied(
-            self,
-            op: Operation,
-            write: BatchWrite,
-            now_us: int,
-            created: int,
-            status: int,
-            slot: int,
-            amount: int,
-            posted: int,
-            available: int,
-            kind: int,
-        ) -> Outcome: ...
-
-        def _fee(
-            self, write: BatchWrite, transaction_id: int, merchant: MerchantRow, points: int, schedule: str
-        ) -> int: ...
-
-        def _kernel_one(
-            self,
-            op: Operation,
-            slot: int,
-            points: int,
-            reference: int,
-            created: int,
-            expires: int,
-            now_us: int,
-            method: Method | None = None,
-        ) -> tuple[int, ...]: ...
 
     def _post(
         self,

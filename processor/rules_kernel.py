@@ -28,17 +28,14 @@ from __future__ import annotations
 import array
 import dataclasses
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fastpath
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
 from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
+from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
-
-if TYPE_CHECKING:
-    from processor.program import ProgramState
-    from processor.state_machine import IdAllocator, Merchants
 
 # The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
 # version whose other fields differ from their defaults (a new option added to rules.py) goes down the
@@ -160,32 +157,10 @@ class EarnRedeemRun:
         return len(self.positions)
 
 
-class RulesKernelMixin:
+class RulesKernelMixin(MachineParts):
     """The kernel path of LedgerStateMachine for plain earns and redeems under a program."""
 
-    # the state machine's state these paths use (set by LedgerStateMachine)
-    merchants: Merchants
-    ledger: Any
-    program: ProgramState
-    ids: IdAllocator
-    operator_accounts: dict[str, int]
-    _kernel_tables: KernelTables | None
-
-    if TYPE_CHECKING:
-
-        def _applied(
-            self,
-            op: Operation,
-            write: BatchWrite,
-            now_us: int,
-            created: int,
-            status: int,
-            slot: int,
-            amount: int,
-            posted: int,
-            available: int,
-            kind: int,
-        ) -> Outcome: ...
+    _kernel_tables: KernelTables | None  # set by LedgerStateMachine
 
     def _tables(self, version: rules.ProgramVersion | None) -> KernelTables | None:
         """The kernel's tables of `version`, or None when the kernel does not implement it."""

@@ -33,6 +33,7 @@ STRICT = [
     "processor/rules.py",
     "processor/state_machine.py",
     "processor/postings.py",
+    "processor/machine_parts.py",
     "processor/channel_store.py",
     # member administration (issue 15)
     "processor/member_postings.py",
