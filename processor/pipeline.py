@@ -377,6 +377,14 @@ class Pipeline:
         self._resync_requested = True
         self._queued.set()
 
+    async def projected(self) -> None:
+        """Read-your-writes for a read of Postgres's relational tables (ListTransactions, statements,
+        positions, the settlement cut, exports): returns once every batch answered before this call is
+        visible there. Today a batch's rows are written in the transaction its answer waits for, so it
+        returns at once; with the batch log and its projector (issue 14 stage 5) it waits for the
+        projection to reach that batch, bounded, else Rejection(UNAVAILABLE)."""
+        return None
+
     async def committed_view(self):
         """Waits until every batch applied to the fast path is committed, so what it shows is durable.
         While a reader waits, the committer answers the batch being written before it applies the
