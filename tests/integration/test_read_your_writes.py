@@ -261,29 +261,38 @@ def test_the_merchant_position_counts_every_operation_answered(world):
             assert position.issued == issued, f"round {round_}"
 
 
-def test_statements_and_the_alliance_report_of_a_cut_hold_every_operation_answered_before_it(
-    create_database, service_factory
-):
-    """Periods closed while the load runs: each merchant's statement, its exported lines, and the alliance
-    report, read at once after the close, hold exactly the earns answered and dated before the cut (and
-    after the previous one); the positions read after each close count every earn answered before."""
+PROMOTER_COMMISSION_BPS = 2000
+
+
+def test_statements_and_reports_of_a_cut_hold_every_operation_answered_before_it(create_database, service_factory):
+    """Periods closed while the load runs. Read at once after each close: each merchant's statement (alone
+    and listed) and its exported lines hold exactly the earns answered and dated in the period; the
+    promoter's channel statement (alone, listed, exported) is computed from those statements' fees; the
+    alliance report issues what they issue; the positions count every earn answered before the reads."""
     url = create_database()
     for merchant in LOAD_MERCHANTS:
-        add_merchant(url, merchant, 1000)
+        add_merchant(url, merchant, 1000, fee_issued_bps=500)
+    add_program_version(url, {"channel": {"promoter_commission_bps": PROMOTER_COMMISSION_BPS}})
+    operator = credential(create_key(url, "operator"))
     service = service_factory(url)
+    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:
         clearing = admin_pb2_grpc.ClearingServiceStub(channel)
-        channel_stub = admin_pb2_grpc.ChannelServiceStub(channel)
-        operator = credential(create_key(url, "operator"))
-        closed = []  # (period, {merchant: statement}, {merchant: exported transaction ids}, report)
+        payees = admin_pb2_grpc.ChannelServiceStub(channel)
+        payees.RegisterPromoter(apb.RegisterPromoterRequest(promoter_id="pro"), metadata=operator)
+        for merchant in LOAD_MERCHANTS:
+            payees.AssignMerchantPromoter(
+                apb.AssignMerchantPromoterRequest(merchant_id=merchant, promoter_id="pro"), metadata=operator
+            )
+        closed = []  # what was read right after each close
         with background_load(service, LOAD_MERCHANTS) as answered:
             for _ in range(PERIODS):
                 time.sleep(0.3)
-                answered_before = len(answered)
                 cut = time.time_ns() // 1000
                 period = clearing.CloseSettlementPeriod(
                     apb.CloseSettlementPeriodRequest(cut_off=_timestamp(cut)), timeout=CALL_TIMEOUT_SECONDS
                 ).period
+                answered_before = len(answered)
                 positions = {
                     m: clearing.GetMerchantPosition(
                         apb.GetMerchantPositionRequest(merchant_id=m), timeout=CALL_TIMEOUT_SECONDS
@@ -291,21 +300,8 @@ def test_statements_and_the_alliance_report_of_a_cut_hold_every_operation_answer
                     for m in LOAD_MERCHANTS
                 }
                 for merchant in LOAD_MERCHANTS:  # no fewer than the earns answered before the reads
-                    before = sum(points for m, _, points, _ in answered[:answered_before] if m == merchant)
-                    assert positions[merchant] >= before
-                statements = {
-                    m: clearing.GetStatement(
-                        apb.GetStatementRequest(merchant_id=m, period_id=period.period_id), timeout=CALL_TIMEOUT_SECONDS
-                    ).statement
-                    for m in LOAD_MERCHANTS
-                }
-                exported = {m: _exported_transactions(clearing, period.period_id, m) for m in LOAD_MERCHANTS}
-                report = channel_stub.GetAllianceReport(
-                    apb.GetAllianceReportRequest(period_id=period.period_id),
-                    metadata=operator,
-                    timeout=CALL_TIMEOUT_SECONDS,
-                ).report
-                closed.append((period, statements, exported, report))
+                    assert positions[merchant] >= sum(a[2] for a in answered[:answered_before] if a[0] == merchant)
+                closed.append(_read_period(clearing, payees, operator, period))
         # with the load stopped: the positions count exactly every earn answered
         final = {
             m: clearing.GetMerchantPosition(
@@ -314,20 +310,76 @@ def test_statements_and_the_alliance_report_of_a_cut_hold_every_operation_answer
             for m in LOAD_MERCHANTS
         }
     opened = 0
-    for period, statements, exported, report in closed:
-        cut = _micros(period.cut_off)
+    for read in closed:
+        cut = _micros(read["period"].cut_off)
         in_period = [a for a in answered if opened <= a[3] < cut]
         assert in_period, "the load answered earns in every period"
         for merchant in LOAD_MERCHANTS:
             mine = [a for a in in_period if a[0] == merchant]
-            statement = statements[merchant]
+            statement = read["statements"][merchant]
             assert (statement.issued, statement.transactions) == (sum(a[2] for a in mine), len(mine)), merchant
-            assert exported[merchant] == sorted(a[1] for a in mine), merchant
-        assert report.issued == sum(a[2] for a in in_period)
+            assert statement.fees > 0
+            assert read["listed"][merchant] == statement
+            assert read["exported"][merchant] == sorted(a[1] for a in mine), merchant
+        fees = {m: read["statements"][m].fees for m in LOAD_MERCHANTS}
+        promoter = read["promoter"]
+        assert (promoter.fee_base, promoter.amount) == (
+            sum(fees.values()),
+            sum(fees.values()) * PROMOTER_COMMISSION_BPS // 10_000,
+        )
+        # (its transaction_id is set once the committer has posted it: not compared)
+        assert [(s.payee_id, s.fee_base, s.amount) for s in read["promoters_listed"]] == [
+            ("pro", promoter.fee_base, promoter.amount)
+        ]
+        assert read["promoter_lines"] == fees
+        assert read["report"].issued == sum(a[2] for a in in_period)
         opened = cut
     for merchant in LOAD_MERCHANTS:
         assert final[merchant] == sum(a[2] for a in answered if a[0] == merchant)
     assert ledger_discrepancies(url) == []
+
+
+def _read_period(clearing, payees, operator, period: apb.SettlementPeriod) -> dict:
+    """Every read of a closed period's statements and reports, at once."""
+    period_id = period.period_id
+    statements = {
+        m: clearing.GetStatement(
+            apb.GetStatementRequest(merchant_id=m, period_id=period_id), timeout=CALL_TIMEOUT_SECONDS
+        ).statement
+        for m in LOAD_MERCHANTS
+    }
+    listed = clearing.ListStatements(
+        apb.ListStatementsRequest(period_id=period_id), timeout=CALL_TIMEOUT_SECONDS
+    ).statements
+    promoter = apb.CHANNEL_PAYEE_KIND_PROMOTER
+    promoter_lines = payees.ExportChannelStatement(
+        apb.ExportChannelStatementRequest(period_id=period_id, payee_kind=promoter, payee_id="pro"),
+        metadata=operator,
+        timeout=CALL_TIMEOUT_SECONDS,
+    ).csv
+    lines = list(csv.DictReader(io.StringIO(promoter_lines.decode())))
+    return {
+        "period": period,
+        "statements": statements,
+        "listed": {s.merchant_id: s for s in listed},
+        "exported": {m: _exported_transactions(clearing, period_id, m) for m in LOAD_MERCHANTS},
+        "promoter": payees.GetChannelStatement(
+            apb.GetChannelStatementRequest(period_id=period_id, payee_kind=promoter, payee_id="pro"),
+            metadata=operator,
+            timeout=CALL_TIMEOUT_SECONDS,
+        ).statement,
+        "promoters_listed": list(
+            payees.ListChannelStatements(
+                apb.ListChannelStatementsRequest(period_id=period_id, payee_kind=promoter),
+                metadata=operator,
+                timeout=CALL_TIMEOUT_SECONDS,
+            ).statements
+        ),
+        "promoter_lines": {line["merchant_id"]: int(line["fees"]) for line in lines},
+        "report": payees.GetAllianceReport(
+            apb.GetAllianceReportRequest(period_id=period_id), metadata=operator, timeout=CALL_TIMEOUT_SECONDS
+        ).report,
+    }
 
 
 def _exported_transactions(clearing, period_id: int, merchant: str) -> list[str]:
