@@ -23,10 +23,14 @@ def credential(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
+# the commands that read the ledger's relational rows: run once every answered batch is projected
+# (tests.harness.wait_projected), as the tests' own reads are
+LEDGER_READING_COMMANDS = ("reconcile", "report")
+
+
 def cli(*arguments: str) -> subprocess.CompletedProcess:
-    """`python -m processor ...` as an operator runs it. reconcile reads the ledger: it runs once every
-    answered batch is projected (tests.harness.wait_projected), as the tests' own reads do."""
-    if arguments[:1] == ("reconcile",) and "--database-url" in arguments:
+    """`python -m processor ...` as an operator runs it."""
+    if arguments[:1] and arguments[0] in LEDGER_READING_COMMANDS and "--database-url" in arguments:
         wait_projected(arguments[arguments.index("--database-url") + 1])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
