@@ -26,7 +26,7 @@ from processor.paging import (
     timestamp_of,
 )
 from processor.pipeline import Pipeline
-from processor.servicer import Validator, guard, timestamp
+from processor.servicer import Validator, guard, projected_store, timestamp
 from processor.store import MERCHANT_SETTABLE, MerchantRow, StoreError, micros
 
 _STATUS = {"active": pb.MERCHANT_STATUS_ACTIVE, "suspended": pb.MERCHANT_STATUS_SUSPENDED}
@@ -586,6 +586,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             _may_read(merchant_id)
             store = self.pipeline.ready_store()
             await self.pipeline.committed_view()
+            await self.pipeline.projected()  # the balances read below include every answered operation
             as_of = dt.datetime.now(dt.timezone.utc)
             position = await store.merchant_position(merchant_id, vouchers=True)
             if position is None:
@@ -608,6 +609,9 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             cut_off = request.cut_off.ToDatetime(tzinfo=dt.timezone.utc)
             store = self.pipeline.ready_store()
             await self.pipeline.settle_before(micros(cut_off))
+            # every operation dated before the cut is answered now; its rows must be in the tables the
+            # statements are computed from before they are
+            await self.pipeline.projected()
             # the program's channel settings in force at the cut decide the promoters' and agents' pay
             version = self.pipeline.program.version(micros(cut_off) - 1)
             try:
@@ -635,7 +639,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             _may_read(merchant_id)
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
-            rows = await self.pipeline.ready_store().statements(
+            rows = await (await projected_store(self.pipeline)).statements(
                 period_id=request.period_id, merchant_id=merchant_id, limit=1
             )
             if not rows:
@@ -652,7 +656,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
         async def call():
             _may_read(request.merchant_id)
             size = page_size(request.page_size)
-            store = self.pipeline.ready_store()
+            store = await projected_store(self.pipeline)
             if request.merchant_id:
                 after = page_token_value(request.page_token, numeric=True) if request.page_token else ""
                 merchant_id = self.validate.identifier(request.merchant_id, "merchant_id")
@@ -680,7 +684,7 @@ class ClearingServicer(admin_pb2_grpc.ClearingServicer):
             _may_read(request.merchant_id)
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
-            store = self.pipeline.ready_store()
+            store = await projected_store(self.pipeline)
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             if not 0 <= request.page_size <= EXPORT_PAGE_MAX:

@@ -28,7 +28,7 @@ from processor.paging import (
     timestamp_of,
 )
 from processor.pipeline import Pipeline
-from processor.servicer import Validator, guard
+from processor.servicer import Validator, guard, projected_store
 
 PAYEE_KIND = {
     pb.CHANNEL_PAYEE_KIND_PROMOTER: channel_store.PAYEE_PROMOTER,
@@ -220,7 +220,8 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                 raise domain.invalid_field("period_id", "period_id must be > 0")
             kind, payee_id = self._payee(request.payee_kind, request.payee_id, required=True)
             rows = await channel_store.statements(
-                self.pipeline.ready_store().pool,
+                # with the transaction that posted it, once the committer has (read-your-writes)
+                (await projected_store(self.pipeline)).pool,
                 payee_kind=kind,
                 period_id=request.period_id,
                 payee_id=payee_id,
@@ -241,7 +242,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             _operator_only("ListChannelStatements")
             size = page_size(request.page_size)
             kind, payee_id = self._payee(request.payee_kind, request.payee_id, required=False)
-            pool = self.pipeline.ready_store().pool
+            pool = (await projected_store(self.pipeline)).pool
             if payee_id:
                 # newest first: the token is the last period shown
                 before = int(page_token_value(request.page_token, numeric=True)) if request.page_token else 0
@@ -277,7 +278,7 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
             if request.period_id <= 0:
                 raise domain.invalid_field("period_id", "period_id must be > 0")
             kind, payee_id = self._payee(request.payee_kind, request.payee_id, required=False)
-            store = self.pipeline.ready_store()
+            store = await projected_store(self.pipeline)
             if await store.period_summary(request.period_id) is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             if not 0 <= request.page_size <= EXPORT_PAGE_MAX:
@@ -337,7 +338,9 @@ class ChannelServicer(admin_pb2_grpc.ChannelServiceServicer):
                     retry_after_seconds=REPORT_RETRY_SECONDS,
                 )
             async with self._reports:
-                report = await reports.alliance_report(self.pipeline.ready_store().pool, request.period_id, top)
+                # the period's transactions, members and statements, every answered one projected
+                store = await projected_store(self.pipeline)
+                report = await reports.alliance_report(store.pool, request.period_id, top)
             if report is None:
                 raise Rejection(Code.NOT_FOUND, f"period {request.period_id} is not closed")
             return pb.GetAllianceReportResponse(report=reports.report_message(report))

@@ -25,7 +25,7 @@ from processor.errors import outcome_status
 from processor.pipeline import Pipeline, now_micros
 from processor.presence import Presence
 from processor.presence_store import Credentials
-from processor.servicer import Validator, encode_page_token, guard, history_page, timestamp
+from processor.servicer import Validator, encode_page_token, guard, history_page, projected_store, timestamp
 from processor.store import micros
 from processor.support_limits import SupportLimits
 
@@ -234,7 +234,9 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             reason, note = self._reason(request.reason), self._note(request.note)
             fields = {"member_id": member_id, "points": points, "reason": reason, "note": note, "key_id": caller.key_id}
             op = self._operation(Method.ADJUST, key, fields, member_id=member_id, points=points)
-            if caller.kind == "support" and not await self.pipeline.ready_store().stored_outcomes(
+            # a support key's retry of a key just answered must be seen as one, or it would use the limits
+            # twice: the idempotency records read below include every operation answered before this call
+            if caller.kind == "support" and not await (await projected_store(self.pipeline)).stored_outcomes(
                 [(domain.OPERATOR_ID, key)]
             ):
                 outcome = await self.limits().adjust(caller.key_id, points, lambda: self.pipeline.submit(op))
@@ -273,8 +275,9 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             # by the time committed_view() returns, so the read below sees it
             registry.expect_reversal(original)
             try:
-                await self.pipeline.committed_view()  # an original just made is committed, so it is read
-                group = await member_store.reversal_group(self.pipeline.ready_store().pool, original)
+                await self.pipeline.committed_view()  # an original just made is committed...
+                store = await projected_store(self.pipeline)  # ...and its rows projected, so it is read
+                group = await member_store.reversal_group(store.pool, original)
                 op = self._reversal(original, name, group, key, reason, note, caller.key_id)
                 f = (await self._submit(op, context)).fields
             finally:
@@ -435,6 +438,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             member_id = self.validate.identifier(request.member_id, "member_id")
             store = self.pipeline.ready_store()
             size, before = history_page(self.settings, request.page_size, request.page_token)
+            await self.pipeline.projected()  # read-your-writes: the rows below hold every answered operation
             registry = self.pipeline.machine.members
             if member_id in registry.aliases and not await store.member_exists(member_id):
                 # a card or phone number: its member's history (a merged member's id keeps its own, which

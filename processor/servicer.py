@@ -21,7 +21,7 @@ from processor.presence import Presence
 from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status, outcome_status, rejection_status, status
 from processor.pipeline import Pipeline, now_micros
-from processor.store import micros
+from processor.store import Store, micros
 
 log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
@@ -55,6 +55,15 @@ async def guard(context: grpc.aio.ServicerContext, call):
         return await call()
     except Rejection as rejection:
         await context.abort_with_status(rejection_status(rejection))
+
+
+async def projected_store(pipeline: Pipeline) -> Store:
+    """The store, for a read that must show the caller's acknowledged operations (histories, positions,
+    statements, the reports of a cut): once every operation answered before this call is in its relational
+    rows (pipeline.projected(): bounded, else Rejection UNAVAILABLE, as ready_store() while recovering)."""
+    store = pipeline.ready_store()
+    await pipeline.projected()
+    return store
 
 
 class Validator:
@@ -745,8 +754,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             links, caller = program.member(member_id), rpc.principal.get()
             if links.acquirer_id and caller is not None and caller.may_act_for(links.acquirer_id):
                 response.acquirer_id, response.referrer_id = links.acquirer_id, links.referrer_id or ""
-            if program.program is not None:
-                for r in await self.pipeline.ready_store().tier_history(member_id):
+            if program.program is not None:  # with the level changes of the caller's answered earns
+                for r in await (await projected_store(self.pipeline)).tier_history(member_id):
                     response.level_history.append(
                         pb.LevelChange(
                             from_level=r["from_level"],
@@ -766,6 +775,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             size, before = history_page(self.settings, request.page_size, request.page_token)
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()
+            # read-your-writes: every operation answered before this call is in the rows read below
+            await self.pipeline.projected()
             rows = await store.list_transactions(
                 member_id, before, size + 1, sorted(caller.merchant_ids) if caller else []
             )

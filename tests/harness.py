@@ -1,6 +1,7 @@
 """What the tests share beyond fixtures: the service as a real subprocess on 127.0.0.1:0, merchants and API
 keys made as the CLI makes them, the credentials a real client sends, and reads of the ledger database
-(fetch, reconcile). The fixtures that use them are in tests/conftest.py."""
+(fetch, reconcile, connect), each once every answered batch is projected into the relational tables
+(wait_projected). The fixtures that use them are in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import grpc
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SERVING = re.compile(r"SERVING on (\S+) \(metrics http://([^/]+)/metrics")
 START_TIMEOUT_SECONDS = 60
+PROJECTED_TIMEOUT_SECONDS = 30
+PROJECTED_POLL_SECONDS = 0.02
 
 
 def with_database(url: str, name: str) -> str:
@@ -229,10 +232,74 @@ class _CallDetails(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
 
 
-async def _discrepancies(database_url: str) -> list[str]:
+# Read-your-writes for the tests' own reads of the ledger. A call is answered once its batch is in the batch
+# log; the projector writes its rows (transactions, entries, holds, idempotency records, the rules' rows)
+# shortly after and advances projection_state.through_batch_id (issue 14 stage 5). A read of those tables
+# right after an answer waits until the projection has reached the last batch logged. Before the batch log
+# exists (no batch_log table) the rows are written before the answer: nothing to wait for.
+_LOG_EXISTS_SQL = "SELECT to_regclass('batch_log') IS NOT NULL, to_regclass('projection_state') IS NOT NULL"
+_PROJECTED_SQL = """SELECT coalesce((SELECT min(through_batch_id) FROM projection_state), 0)
+                           >= (SELECT coalesce(max(batch_id), 0) FROM batch_log)"""
+
+
+async def projected(connection: asyncpg.Connection, timeout: float = PROJECTED_TIMEOUT_SECONDS) -> None:
+    """Returns once every batch in the batch log is projected (at once without a batch log); fails the
+    test if the projection has not got there within `timeout` seconds."""
+    log_exists, state_exists = await connection.fetchrow(_LOG_EXISTS_SQL)
+    if not log_exists:
+        return
+    deadline = time.monotonic() + timeout
+    while not (state_exists and await connection.fetchval(_PROJECTED_SQL)):
+        if time.monotonic() >= deadline:
+            logged = await connection.fetchval("SELECT coalesce(max(batch_id), 0) FROM batch_log")
+            through = (
+                await connection.fetchval("SELECT min(through_batch_id) FROM projection_state")
+                if state_exists
+                else None
+            )
+            raise AssertionError(
+                f"the projection did not reach batch {logged} of the batch log within {timeout} s "
+                f"(projection_state.through_batch_id: {through})"
+            )
+        await asyncio.sleep(PROJECTED_POLL_SECONDS)
+        if not state_exists:
+            state_exists = (await connection.fetchrow(_LOG_EXISTS_SQL))[1]
+
+
+async def wait_projected_async(database_url: str, timeout: float = PROJECTED_TIMEOUT_SECONDS) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        await projected(connection, timeout)
+    finally:
+        await connection.close()
+
+
+def wait_projected(database_url: str, timeout: float = PROJECTED_TIMEOUT_SECONDS) -> None:
+    """Waits until every batch answered so far is in the relational tables (see projected())."""
+    run(wait_projected_async(database_url, timeout))
+
+
+async def connect(database_url: str) -> asyncpg.Connection:
+    """A connection for reading the ledger after calls: opened once every answered batch is projected."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await projected(connection)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
+
+
+async def open_store(database_url: str):
+    """A Store (pool of 2) for reading the ledger after calls, as connect() does."""
     from processor.store import Store
 
-    store = await Store.open(database_url, 2)
+    await wait_projected_async(database_url)
+    return await Store.open(database_url, 2)
+
+
+async def _discrepancies(database_url: str) -> list[str]:
+    store = await open_store(database_url)
     try:
         return await store.ledger_discrepancies()
     finally:
@@ -240,11 +307,12 @@ async def _discrepancies(database_url: str) -> list[str]:
 
 
 def ledger_discrepancies(database_url: str) -> list[str]:
+    """What reconcile finds wrong, once every answered batch is projected."""
     return run(_discrepancies(database_url))
 
 
 async def _fetch(database_url: str, sql: str, *args):
-    connection = await asyncpg.connect(database_url)
+    connection = await connect(database_url)
     try:
         return await connection.fetch(sql, *args)
     finally:
@@ -252,4 +320,5 @@ async def _fetch(database_url: str, sql: str, *args):
 
 
 def fetch(database_url: str, sql: str, *args):
+    """The rows of one statement, once every answered batch is projected."""
     return run(_fetch(database_url, sql, *args))

@@ -42,7 +42,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from points.v1 import points_pb2 as pb
-from tests.harness import ServiceProcess, add_merchant
+from tests.harness import ServiceProcess, add_merchant, connect
 from tests.integration.faketime import Clock
 from tests.integration.helpers import call_once, cli, replay_flag, unique
 from tests.integration.test_restart import Board, Progress
@@ -590,7 +590,7 @@ class Journal:
 
 
 async def _read(url: str) -> Journal:
-    connection = await asyncpg.connect(url)
+    connection = await connect(url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             totals = await connection.fetch("SELECT asset_code, sum(amount)::bigint AS total FROM entries GROUP BY 1")
@@ -862,7 +862,7 @@ def check_service_balances(stub, members: list[str], journal: Journal) -> list[s
 
 
 async def _unposted_dividends(url: str) -> dict[str, int]:
-    connection = await asyncpg.connect(url)
+    connection = await connect(url)
     try:
         rows = await connection.fetch(
             """SELECT holder_id, sum(amount)::bigint AS amount FROM dividend_allocations

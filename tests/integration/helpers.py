@@ -8,12 +8,11 @@ import subprocess
 import sys
 import uuid
 
-import asyncpg
 import grpc
 import pytest
 
 from points.v1 import points_pb2 as pb
-from tests.harness import ROOT
+from tests.harness import ROOT, connect, wait_projected
 
 REPLAY_METADATA_KEY = "points-idempotent-replay"
 CLI_TIMEOUT_SECONDS = 60
@@ -24,8 +23,15 @@ def credential(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
+# the commands that read the ledger's relational rows: run once every answered batch is projected
+# (tests.harness.wait_projected), as the tests' own reads are
+LEDGER_READING_COMMANDS = ("reconcile", "report")
+
+
 def cli(*arguments: str) -> subprocess.CompletedProcess:
     """`python -m processor ...` as an operator runs it."""
+    if arguments[:1] and arguments[0] in LEDGER_READING_COMMANDS and "--database-url" in arguments:
+        wait_projected(arguments[arguments.index("--database-url") + 1])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
     return subprocess.run(
@@ -115,7 +121,7 @@ def _run(coroutine):
 
 
 async def _snapshot(database_url: str) -> dict:
-    connection = await asyncpg.connect(database_url)
+    connection = await connect(database_url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             counts = await connection.fetchrow(
@@ -150,7 +156,7 @@ def ledger_snapshot(database_url: str) -> dict:
 
 
 async def _member_in_postgres(database_url: str, member: str) -> tuple[int, int, int]:
-    connection = await asyncpg.connect(database_url)
+    connection = await connect(database_url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             row = await connection.fetchrow(

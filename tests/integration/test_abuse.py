@@ -18,7 +18,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.harness import add_merchant, create_key, fetch
+from tests.harness import add_merchant, create_key, fetch, open_store
 from tests.integration.helpers import cli, credential, error_of, unique
 
 pytestmark = pytest.mark.timeout(180)
@@ -565,9 +565,7 @@ def test_the_idempotency_purge_deletes_in_bounded_chunks_until_done(create_datab
     )
 
     async def purge():
-        from processor.store import Store
-
-        store = await Store.open(url, 2)
+        store = await open_store(url)
         try:
             return await store.purge_idempotency(
                 dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), chunk_rows_max=100, chunk_timeout_seconds=30

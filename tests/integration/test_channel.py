@@ -16,7 +16,7 @@ from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc, points_pb2_grpc
-from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies, open_store
 from tests.integration.helpers import add_program_version, credential, earn, error_of, unique
 
 pytestmark = pytest.mark.timeout(120)
@@ -431,7 +431,6 @@ def test_a_cut_made_while_no_service_ran_is_posted_at_the_next_start(create_data
     import datetime as dt
 
     from processor import rules
-    from processor.store import Store
 
     url = create_database()
     add_merchant(url, "shop", 1000, fee_redeemed_bps=1000)
@@ -450,7 +449,7 @@ def test_a_cut_made_while_no_service_ran_is_posted_at_the_next_start(create_data
     assert service.terminate() == 0
 
     async def cut() -> None:
-        store = await Store.open(url, 2)
+        store = await open_store(url)
         try:
             await store.close_period(
                 dt.datetime.now(dt.timezone.utc), rules.ChannelSettings(promoter_commission_bps=5000)

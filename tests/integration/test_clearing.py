@@ -21,13 +21,12 @@ import subprocess
 import threading
 import time
 
-import asyncpg
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
-from tests.harness import add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import add_merchant, connect, create_key, fetch, ledger_discrepancies
 from tests.integration.helpers import cli, credential, error_of, unique
 from tests.integration.ledger_rows import Ledger, rules_ledger
 
@@ -793,7 +792,7 @@ def execute(database_url: str, sql: str, *args) -> None:
     """Runs one statement that must change exactly one row."""
 
     async def go():
-        connection = await asyncpg.connect(database_url)
+        connection = await connect(database_url)
         try:
             status = await connection.execute(sql, *args)
         finally:

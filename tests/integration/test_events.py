@@ -22,7 +22,7 @@ from points.v1 import events_pb2, events_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import events
-from tests.harness import add_merchant, create_key, fetch, ledger_discrepancies
+from tests.harness import add_merchant, connect, create_key, fetch, ledger_discrepancies, wait_projected_async
 from tests.integration.helpers import add_program_version, credential, earn, error_of, unique, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -312,7 +312,7 @@ def test_a_cursor_not_issued_by_the_feed_is_invalid_argument(create_database, se
 
 def _record(url: str, member_id: str, event_type: str, detail: dict) -> events.Position:
     async def go() -> events.Position:
-        connection = await asyncpg.connect(url)
+        connection = await connect(url)  # positioned after the transactions answered so far
         try:
             return await events.record_member_event(connection, member_id, event_type, detail)
         finally:
@@ -393,6 +393,7 @@ def test_member_events_are_ordered_with_transactions_and_level_changes_come_from
 
 
 async def _scan(url: str, notice_days: int) -> int:
+    await wait_projected_async(url)  # the lots of every answered earn
     pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
     try:
         return await events.scan_expiring_points(pool, notice_days, 1000, time.time_ns() // 1000)

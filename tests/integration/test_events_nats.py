@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.request
 
-import asyncpg
 import grpc
 import nats
 import pytest
@@ -25,7 +24,7 @@ from points.v1 import events_pb2
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import events
-from tests.harness import Credentials, add_merchant, fetch, ledger_discrepancies
+from tests.harness import Credentials, add_merchant, connect, fetch, ledger_discrepancies
 from tests.integration.helpers import unique, wait_until
 
 
@@ -118,7 +117,7 @@ def metric(service, name: str) -> float:
 
 
 async def _record(url: str, member: str) -> None:
-    connection = await asyncpg.connect(url)
+    connection = await connect(url)
     try:
         await events.record_member_event(connection, member, events.FROZEN, {"reason": "test"})
     finally:
@@ -128,7 +127,7 @@ async def _record(url: str, member: str) -> None:
 async def _rewind_cursor(url: str, by_transactions: int) -> None:
     """As if the service had died after the broker acknowledged the last `by_transactions` transactions
     before the stored cursor, and before it stored the cursor past them: they are published again."""
-    connection = await asyncpg.connect(url)
+    connection = await connect(url)
     try:
         stored = await connection.fetchval("SELECT transaction_id FROM events_publish_cursor")
         back = await connection.fetchval(

@@ -13,7 +13,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
+from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies, open_store
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,9 +137,7 @@ def test_idempotency_purge_deletes_only_records_older_than_the_cutoff(create_dat
     fetch(url, "UPDATE idempotency_keys SET created_at = now() - interval '40 days' WHERE idempotency_key = 'old'")
 
     async def purge():
-        from processor.store import Store
-
-        store = await Store.open(url, 2)
+        store = await open_store(url)
         try:
             return await store.purge_idempotency(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30))
         finally:

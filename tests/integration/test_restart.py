@@ -19,7 +19,7 @@ import pytest
 
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
-from tests.harness import add_merchant, ledger_discrepancies
+from tests.harness import add_merchant, connect, ledger_discrepancies
 from tests.integration.helpers import (
     balance,
     call_once,
@@ -543,7 +543,7 @@ class Journal:
 
 
 async def _read_journal(url: str) -> Journal:
-    connection = await asyncpg.connect(url)
+    connection = await connect(url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
             transactions = await connection.fetch(
