@@ -94,7 +94,8 @@ def test_service_logs_the_settings_of_its_server_and_hints_when_far_from_the_doc
     assert settings["fsync"] == "on" and settings["synchronous_commit"] == "on"
     assert set(postgres_settings.REPORTED) <= set(settings)
     hints = [e["hint"] for e in entries if e["msg"].startswith("postgres setting far from the documented")]
-    if postgres_settings.amount(settings["shared_buffers"]) < postgres_settings.amount(
-        postgres_settings.sized(postgres_settings.memory_bytes())["shared_buffers"]
-    ) / 2:
+    if (
+        postgres_settings.amount(settings["shared_buffers"])
+        < postgres_settings.amount(postgres_settings.sized(postgres_settings.memory_bytes())["shared_buffers"]) / 2
+    ):
         assert any(h.startswith("shared_buffers") for h in hints)
