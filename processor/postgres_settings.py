@@ -123,10 +123,10 @@ class Setting:
 
     def amount(self) -> float | None:
         """Bytes or seconds, or None for a setting without a unit."""
-        if self.unit in _UNIT_BYTES or self.unit in _UNIT_SECONDS:
-            factor = _UNIT_BYTES.get(self.unit) or _UNIT_SECONDS[self.unit]  # type: ignore[index]
-            return float(self.setting) * factor
-        return None
+        if self.unit is None:
+            return None
+        factor = _UNIT_BYTES.get(self.unit) or _UNIT_SECONDS.get(self.unit)
+        return None if factor is None else float(self.setting) * factor
 
 
 def amount(text: str) -> float:

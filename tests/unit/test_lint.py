@@ -43,6 +43,7 @@ STRICT = [
     "processor/rules_kernel.py",
     "processor/idempotency.py",
     "processor/paging.py",  # the admin services' paging
+    "processor/postgres_settings.py",  # the embedded Postgres's settings
 ]
 
 
