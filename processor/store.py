@@ -131,21 +131,24 @@ def start_embedded_server(directory: pathlib.Path, settings_overrides: str = "",
         "SELECT name FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf' AND NOT applied ORDER BY name"
     )
     if pending:
-        others = int(
-            psql(
-                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
-            )[0]
-        )
+        # pgserver's lock serialises starts of this directory between processes: another one starting
+        # now waits here rather than connecting between the count and the stop
+        with pgserver.PostgresServer._lock:
+            others = int(
+                psql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )[0]
+            )
+            if not others:
+                pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=server.system_user, timeout=60)
+                server.ensure_postgres_running()  # starts it as pgserver does, and records the new postmaster
         if others:
             log.warning(
                 "embedded Postgres settings apply at its next restart (other clients are connected)",
                 extra={"settings": pending, "clients": others, "data_dir": str(directory)},
             )
         else:
-            # pgserver's lock serialises starts of this directory between processes
-            with pgserver.PostgresServer._lock:
-                pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=server.system_user, timeout=60)
-                server.ensure_postgres_running()  # starts it as pgserver does, and records the new postmaster
             log.info("embedded Postgres restarted for its settings", extra={"settings": pending})
     return server
 
