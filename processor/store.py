@@ -174,10 +174,14 @@ async def log_server_settings(pool: asyncpg.Pool, embedded: bool, settings_overr
     """Logs, once at start, the settings that matter (durability, memory, WAL) of the server in use,
     and a warning for each far from the documented ones (README "Postgres settings"). Changes nothing:
     an external server (DATABASE_URL) is its operator's to set."""
-    rows = await pool.fetch(
-        "SELECT name, setting, unit, current_setting(name) AS shown FROM pg_settings WHERE name = ANY($1::text[])",
-        list(postgres_settings.REPORTED),
-    )
+    try:
+        rows = await pool.fetch(
+            "SELECT name, setting, unit, current_setting(name) AS shown FROM pg_settings WHERE name = ANY($1::text[])",
+            list(postgres_settings.REPORTED),
+        )
+    except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:  # a report: never a reason not to start
+        log.warning("postgres settings not read", extra={"error": str(error)})
+        return
     documented = (
         postgres_settings.embedded(settings_overrides)
         if embedded
