@@ -5,7 +5,7 @@
 Starts everything it needs, each server a process of its own:
   * a Postgres: DATABASE_URL if set (fresh databases bench_points_<id> and bench_naive_<id> are
     created on it and dropped at the end), else the embedded one of pgserver under .points-data/bench (stopped at
-    the end);
+    the end), started as the service starts its own, with the same settings (README "Postgres settings");
   * no-op   loadtest/noop_server.py: the same stack (grpc.aio on uvloop, same proto) answering with
             constants and doing nothing: what the stack costs before any work;
   * service `python -m processor serve` with its defaults, on a network seeded by `processor seed`,
@@ -31,9 +31,12 @@ not merely acknowledged; the projection lag (batches committed, not yet readable
 targets beside what this run measured (printed, never asserted). Each workload gets a warm-up (a fifth of its size), then
 --rounds rounds, interleaved across the servers so that a slow spell of the machine hits them all;
 each figure printed is the median of the rounds' figures. Latency is per call (per batch on batch
-rows). CPU is user+system time from /proc/<pid>/stat during the round, in % of one core: server = the
-server process, Postgres = the postmaster and its children (when Postgres runs on this machine),
-client = this process. The service's pipeline figures come from its /metrics.
+rows). CPU is user+system time from /proc/<pid>/stat during the round, in % of one core in the table
+and in µs per operation in the CPU split: server = the server process (the service's projector runs
+inside it: its CPU is there, printed apart only if the service exports points_projector_cpu_seconds_total),
+Postgres = the postmaster and its children (when Postgres runs on this machine), client = this
+process, other = every other process on the machine (/proc/stat: other engineers' work on a shared
+machine). The service's pipeline figures and projection lag come from its /metrics.
 
 A benchmark, not a test: it prints figures and asserts nothing about time. The client shares the
 machine with the servers and Postgres, so on a small machine it is part of what is measured: its CPU
@@ -54,14 +57,13 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-import warnings
 
 import asyncpg
 import grpc
 import uvloop
 
 from loadtest import harness, workload
-from processor import domain
+from processor import domain, postgres_settings, store
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 
@@ -71,21 +73,25 @@ BATCH_SIZES = (100, 1_000)
 
 # --- Postgres ---------------------------------------------------------------------------------------
 
+# pg_stat_wal: full-page images and bytes written, how often a backend found the WAL buffers full and
+# wrote them out itself (wal_buffers too small for the transactions), and checkpoints
+WAL_COUNTERS = ("wal_fpi", "wal_bytes", "wal_buffers_full")
+# backends report their statistics when idle, at most once a second
+STATS_FLUSH_SECONDS = 1.5
+
 
 class Postgres:
     """DATABASE_URL's server, or the embedded one; creates and drops the bench's databases."""
 
-    def __init__(self, database_url: str, data_dir: pathlib.Path):
+    def __init__(self, database_url: str, data_dir: pathlib.Path, settings_overrides: str = ""):
         self._embedded = None
         if database_url:
             self.admin_url = database_url
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import pgserver
             directory = data_dir / "pg"
             directory.mkdir(parents=True, exist_ok=True)
-            self._embedded = pgserver.get_server(str(directory), cleanup_mode="stop")  # stops when we exit
+            # the service's embedded server and its settings (README "Postgres settings"); stops when we exit
+            self._embedded = store.start_embedded_server(directory, settings_overrides, cleanup_mode="stop")
             self.admin_url = self._embedded.get_uri()
         self.description = ""
         self.postmaster_pid: int | None = None
@@ -99,15 +105,11 @@ class Postgres:
             await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             await connection.execute(f'CREATE DATABASE "{database}"')
             if not self.description:
-                settings = {
-                    name: await connection.fetchval(f"SHOW {name}")
-                    for name in ("server_version", "fsync", "synchronous_commit", "shared_buffers")
-                }
+                version = await connection.fetchval("SHOW server_version")
+                settings = {name: await connection.fetchval(f"SHOW {name}") for name in postgres_settings.REPORTED}
                 where = "embedded (pgserver)" if self._embedded else "DATABASE_URL"
-                self.description = (
-                    f"PostgreSQL {settings['server_version'].split()[0]} {where}, fsync "
-                    f"{settings['fsync']}, synchronous_commit {settings['synchronous_commit']}, "
-                    f"shared_buffers {settings['shared_buffers']}"
+                self.description = f"PostgreSQL {version.split()[0]} {where}, " + ", ".join(
+                    f"{name} {value}" for name, value in settings.items()
                 )
                 self.postmaster_pid = self._find_postmaster(await connection.fetchval("SELECT pg_backend_pid()"))
         finally:
@@ -134,6 +136,25 @@ class Postgres:
 
     def cpu_seconds(self) -> dict[int, float]:
         return harness.children_cpu_seconds(self.postmaster_pid) if self.postmaster_pid else {}
+
+    async def wal_position(self) -> int:
+        """Bytes of WAL the server has inserted so far (exact, unlike pg_stat_wal, which backends
+        report up to a second late)."""
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            return int(await connection.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')"))
+        finally:
+            await connection.close()
+
+    async def wal_counters(self) -> dict[str, float]:
+        """pg_stat_wal's counters (the whole server: every bench database, and anything else on a
+        shared DATABASE_URL server)."""
+        connection = await asyncpg.connect(self.admin_url)
+        try:
+            row = await connection.fetchrow(f"SELECT {', '.join(WAL_COUNTERS)} FROM pg_stat_wal")
+            return {name: float(row[name]) for name in WAL_COUNTERS}
+        finally:
+            await connection.close()
 
 
 # --- workloads --------------------------------------------------------------------------------------
@@ -189,13 +210,14 @@ class Run:
     seconds: float
     latencies: list[float]
     not_applied: collections.Counter  # why operations were not applied: "Redeem FAILED_PRECONDITION": count
-    server_cpu_seconds: float
-    postgres_cpu_seconds: float | None
-    client_cpu_seconds: float
+    cpu: harness.CpuSplit  # CPU seconds of the server, Postgres, this client and the rest of the machine
     commits: float = 0.0  # the service's Postgres transactions during the run (its /metrics)
     commit_seconds: float = 0.0  # their total time
     visible_seconds: float = 0.0  # after the last answer, until the last operations were readable
     projection_lag_batches: float | None = None  # /metrics at the end of the round, if exported
+    projection_lag_seconds: float | None = None
+    projector_cpu_seconds: float | None = None  # the projector's own CPU during the round, if exported
+    wal_bytes: int = 0  # WAL the whole server inserted during the round
 
 
 class Client:
@@ -356,10 +378,15 @@ class Workload:
     runs: list[Run] = dataclasses.field(default_factory=list)
 
 
+# The projector runs inside the service process (issue 14 stage 5): its CPU is in the service's
+# figure; PROJECTOR_CPU is read (and printed apart) only if the service exports it.
+PROJECTOR_CPU = "points_projector_cpu_seconds_total"
 _READ_METRICS = (
     "points_pipeline_commit_seconds_count",
     "points_pipeline_commit_seconds_sum",
     "points_projection_lag_batches",
+    "points_projection_lag_seconds",
+    PROJECTOR_CPU,
 )
 
 
@@ -404,11 +431,10 @@ async def run_once(
         unary = unary_requests(operations, key_prefix)
         requests = [unary[i : i + workload_.batch_size] for i in range(0, len(unary), workload_.batch_size)]
     commits_before, commit_seconds_before = pipeline_totals(server.metrics_url)
+    projector_before = read_metrics(server.metrics_url).get(PROJECTOR_CPU)
     visible_seconds = 0.0
-    server_pid = server.pid
-    server_before = harness.cpu_seconds(server_pid)
-    postgres_before = postgres.cpu_seconds()
-    client_before = harness.cpu_seconds(os.getpid())
+    wal_before = await postgres.wal_position()
+    cpu_before = harness.CpuReading.now(server.pid, postgres.postmaster_pid)
     began = time.perf_counter()
     if workload_.shape == "unary":
         latencies, failures = await client.unary(requests, args.concurrency)
@@ -420,26 +446,24 @@ async def run_once(
     else:
         latencies, failures = await client.batches_as_unary(requests, args.batch_concurrency, args.concurrency)
     seconds = time.perf_counter() - began
-    client_cpu = harness.cpu_seconds(os.getpid()) - client_before
-    server_cpu = harness.cpu_seconds(server_pid) - server_before
-    postgres_cpu = None
-    if postgres.postmaster_pid:
-        after = postgres.cpu_seconds()
-        postgres_cpu = sum(value - postgres_before.get(pid, 0.0) for pid, value in after.items())
+    cpu = harness.CpuSplit.between(cpu_before, harness.CpuReading.now(server.pid, postgres.postmaster_pid))
+    wal_after = await postgres.wal_position()
     commits, commit_seconds = pipeline_totals(server.metrics_url)
-    lag = read_metrics(server.metrics_url).get("points_projection_lag_batches")
+    after = read_metrics(server.metrics_url)
+    projector_after = after.get(PROJECTOR_CPU)
     return Run(
         len(operations),
         seconds,
         latencies,
         failures,
-        server_cpu,
-        postgres_cpu,
-        client_cpu,
+        cpu,
         commits - commits_before,
         commit_seconds - commit_seconds_before,
         visible_seconds,
-        lag,
+        after.get("points_projection_lag_batches"),
+        after.get("points_projection_lag_seconds"),
+        None if projector_after is None else projector_after - (projector_before or 0.0),
+        wal_after - wal_before,
     )
 
 
@@ -460,24 +484,48 @@ class Figures:
     not_applied: int
     visible_ms: float  # median over rounds: after the last answer until its operations were readable
     projection_lag_batches: float | None  # the largest over the rounds' ends, where exported
+    projection_lag_seconds: float | None
+    # µs of CPU per operation (medians over rounds): Postgres (None when not on this machine), this
+    # client, the projector (None unless the service exports its CPU), every other process
+    postgres_us_per_operation: float | None
+    client_us_per_operation: float
+    projector_us_per_operation: float | None
+    other_us_per_operation: float
 
 
 def figures(runs: list[Run]) -> Figures:
     median = statistics.median
-    postgres = [r.postgres_cpu_seconds / r.seconds for r in runs if r.postgres_cpu_seconds is not None]
+
+    def median_or_none(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return median(present) if present else None
+
+    def largest_or_none(values: list[float | None]) -> float | None:
+        present = [v for v in values if v is not None]
+        return max(present) if present else None
+
+    postgres_us = median_or_none(
+        [None if r.cpu.postgres is None else r.cpu.postgres / r.operations * 1e6 for r in runs]
+    )
+    projector_us = [
+        None if r.projector_cpu_seconds is None else r.projector_cpu_seconds / r.operations * 1e6 for r in runs
+    ]
     return Figures(
         operations_per_second=median(r.operations / r.seconds for r in runs),
         p50_ms=median(_percentile(r.latencies, 0.50) for r in runs) * 1000,
         p99_ms=median(_percentile(r.latencies, 0.99) for r in runs) * 1000,
-        server_cpu=median(r.server_cpu_seconds / r.seconds for r in runs),
-        server_us_per_operation=median(r.server_cpu_seconds / r.operations for r in runs) * 1e6,
-        postgres_cpu=median(postgres) if postgres else None,
-        client_cpu=median(r.client_cpu_seconds / r.seconds for r in runs),
+        server_cpu=median(r.cpu.server / r.seconds for r in runs),
+        server_us_per_operation=median(r.cpu.server / r.operations for r in runs) * 1e6,
+        postgres_cpu=median_or_none([None if r.cpu.postgres is None else r.cpu.postgres / r.seconds for r in runs]),
+        client_cpu=median(r.cpu.client / r.seconds for r in runs),
         not_applied=sum(sum(r.not_applied.values()) for r in runs),
         visible_ms=median(r.visible_seconds for r in runs) * 1000,
-        projection_lag_batches=max(lags)
-        if (lags := [r.projection_lag_batches for r in runs if r.projection_lag_batches is not None])
-        else None,
+        projection_lag_batches=largest_or_none([r.projection_lag_batches for r in runs]),
+        projection_lag_seconds=largest_or_none([r.projection_lag_seconds for r in runs]),
+        postgres_us_per_operation=postgres_us,
+        client_us_per_operation=median(r.cpu.client / r.operations for r in runs) * 1e6,
+        projector_us_per_operation=median_or_none(projector_us),
+        other_us_per_operation=median(r.cpu.other / r.operations for r in runs) * 1e6,
     )
 
 
@@ -492,8 +540,23 @@ class Endpoint:
     metrics_url: str
 
 
+async def wal_totals(postgres: Postgres) -> dict[str, float]:
+    """pg_stat_wal's counters and the checkpoints so far (pg_stat_bgwriter), after the backends' reports."""
+    await asyncio.sleep(STATS_FLUSH_SECONDS)
+    totals = await postgres.wal_counters()
+    connection = await asyncpg.connect(postgres.admin_url)
+    try:
+        row = await connection.fetchrow("SELECT checkpoints_timed, checkpoints_req FROM pg_stat_bgwriter")
+    finally:
+        await connection.close()
+    totals["checkpoints"] = float(row["checkpoints_timed"] + row["checkpoints_req"])
+    totals["checkpoints_requested"] = float(row["checkpoints_req"])
+    return totals
+
+
 async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postgres: Postgres, args) -> None:
     clients = {name: Client(server.address, server.key) for name, server in servers.items()}
+    wal_before = await wal_totals(postgres)
     run_id = os.urandom(4).hex()
     try:
         for number, w in enumerate(workloads):
@@ -539,6 +602,8 @@ async def measure(workloads: list[Workload], servers: dict[str, Endpoint], postg
                 f"p99 {args.half_load[name][3] * 1000:.1f} ms",
                 flush=True,
             )
+        wal_after = await wal_totals(postgres)
+        args.wal_totals = {name: wal_after[name] - wal_before[name] for name in wal_after}
     finally:
         for client in clients.values():
             await client.close()
@@ -584,18 +649,26 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
         "its last operations were readable by ListTransactions; the ops/s of those rows count it)"
     )
     lags = {
-        f"{w.server} {w.label}": f.projection_lag_batches
+        f"{w.server} {w.label}": f
         for w in workloads
         if (f := by_name[(w.server, w.shape, w.batch_size)]).projection_lag_batches is not None
+        or f.projection_lag_seconds is not None
     }
+
+    def lag(f: Figures) -> str:
+        batches = "-" if f.projection_lag_batches is None else f"{f.projection_lag_batches:.0f} batches"
+        seconds = "-" if f.projection_lag_seconds is None else f"{f.projection_lag_seconds * 1000:.0f} ms"
+        return f"{batches} / {seconds}"
+
     print(
-        "projection lag at the end of each round (points_projection_lag_batches, largest): "
+        "projection lag at the end of each round (points_projection_lag_batches / _seconds, largest): "
         + (
-            ", ".join(f"{name} {lag:.0f}" for name, lag in lags.items())
+            ", ".join(f"{name} {lag(f)}" for name, f in lags.items())
             if lags
             else "not exported: the service writes every row a read needs before it answers (no projector)"
         )
     )
+    cpu_split(workloads, by_name)
     for w in workloads:
         reasons = sum((r.not_applied for r in w.runs), collections.Counter())
         if reasons:
@@ -618,6 +691,24 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
             f"{median(r.operations / r.commits for r in runs):>7,.0f} ops "
             f"{median(r.commit_seconds / r.commits for r in runs) * 1000:>8.1f} ms "
             f"{median(r.commit_seconds / r.seconds for r in runs):>6.0%}"
+        )
+
+    print()
+    wal = getattr(args, "wal_totals", {})
+    print(
+        "Postgres WAL per operation (the whole server's, during the round; median): "
+        + ", ".join(
+            f"{w.server} {w.label.split(' c=')[0]} {median(r.wal_bytes / r.operations for r in w.runs):,.0f} B"
+            for w in workloads
+            if w.server != "no-op" and w.runs
+        )
+    )
+    if wal:
+        print(
+            f"  over the whole bench (pg_stat_wal): {wal['wal_bytes'] / 2**20:,.0f} MiB of WAL, {wal['wal_fpi']:,.0f} "
+            f"full-page images, WAL buffers found full {wal['wal_buffers_full']:,.0f} times (a backend wrote WAL "
+            f"out itself before its commit), {wal['checkpoints']:,.0f} checkpoints "
+            f"({wal['checkpoints_requested']:,.0f} requested by WAL volume, not timed)"
         )
 
     def rate(server, shape, size=1):
@@ -651,6 +742,34 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
             f"achieved): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, {failed} not applied"
         )
     targets(by_name, args)
+
+
+def cpu_split(workloads: list[Workload], by_name: dict) -> None:
+    """Issue 14's CPU split: µs of CPU per operation of each process, per workload (medians of rounds)."""
+    projector_exported = any(f.projector_us_per_operation is not None for f in by_name.values())
+    print()
+    print(
+        "CPU split, µs of CPU per operation (median of the rounds; /proc): server process | projector | "
+        "Postgres (postmaster and every backend) | this client | other processes on the machine"
+    )
+    for w in workloads:
+        f = by_name[(w.server, w.shape, w.batch_size)]
+        if w.server in ("service", "program"):
+            projector = (
+                f"{f.projector_us_per_operation:.1f}" if f.projector_us_per_operation is not None else "in server"
+            )
+        else:
+            projector = "-"
+        postgres = "-" if f.postgres_us_per_operation is None else f"{f.postgres_us_per_operation:.1f}"
+        print(
+            f"  {w.server:<8} {w.label:<34} {f.server_us_per_operation:>8.1f} {projector:>10} {postgres:>9} "
+            f"{f.client_us_per_operation:>8.1f} {f.other_us_per_operation:>8.1f}"
+        )
+    if not projector_exported:
+        print(
+            f"  (projector: in the service's figure: it runs inside the service process and the service exports "
+            f"no {PROJECTOR_CPU}; Postgres '-': not on this machine)"
+        )
 
 
 def targets(by_name: dict, args) -> None:
@@ -718,6 +837,12 @@ def parser() -> argparse.ArgumentParser:
         default=".points-data/bench",
         help="embedded Postgres directory, without DATABASE_URL [.points-data/bench]",
     )
+    p.add_argument(
+        "--embedded-postgres-settings",
+        default="",
+        help="the embedded Postgres's settings over the sized ones, NAME=VALUE,... as the service's option "
+        "(README: Postgres settings); kept in the data directory's postgresql.auto.conf [none]",
+    )
     return p
 
 
@@ -746,7 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = pathlib.Path(args.data_dir)
     if not data_dir.is_absolute():
         data_dir = harness.ROOT / data_dir
-    postgres = Postgres(os.environ.get("DATABASE_URL", ""), data_dir)
+    postgres = Postgres(os.environ.get("DATABASE_URL", ""), data_dir, args.embedded_postgres_settings)
     suffix = os.urandom(3).hex()  # two benches on one Postgres do not meet
     databases = (f"bench_points_{suffix}", f"bench_program_{suffix}", f"bench_naive_{suffix}")
     service_url, program_url, naive_url = (asyncio.run(postgres.create(name)) for name in databases)

@@ -274,14 +274,6 @@ def scrape(url: str) -> dict[str, float]:
     return values
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds spent by every process on the machine (all cores), from /proc/stat."""
-    with open("/proc/stat") as stat:
-        fields = [int(x) for x in stat.readline().split()[1:]]
-    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
-    return busy / harness.CLOCK_TICKS_PER_SECOND
-
-
 # --- rounds -----------------------------------------------------------------------------------------
 
 
@@ -322,25 +314,33 @@ class Bench:
     async def one_pass(self, label: str, profile: Profile | None = None) -> tuple[Pass, dict[str, int]]:
         requests = self.requests(self.args.batches, label)
         before = scrape(self.service.metrics_url)
-        postgres_before = self.postgres.cpu_seconds()
-        service_before = harness.cpu_seconds(self.service.pid)
-        client_before = harness.cpu_seconds(os.getpid())
-        machine_before = machine_busy_seconds()
+        cpu_before = harness.CpuReading.now(self.service.pid, self.postgres.postmaster_pid)
         began = time.perf_counter()
         _, failures = await self.client.batches(requests, self.args.concurrency)
         seconds = time.perf_counter() - began
-        client = harness.cpu_seconds(os.getpid()) - client_before
-        machine = machine_busy_seconds() - machine_before
-        service = harness.cpu_seconds(self.service.pid) - service_before
-        postgres_after = self.postgres.cpu_seconds()
-        postgres = sum(v - postgres_before.get(pid, 0.0) for pid, v in postgres_after.items())
+        cpu = harness.CpuSplit.between(
+            cpu_before, harness.CpuReading.now(self.service.pid, self.postgres.postmaster_pid)
+        )
         after = scrape(self.service.metrics_url)
         samples = profile.stop() if profile is not None else {}
         delta = {name: after[name] - before.get(name, 0.0) for name in after}
         refused = sum(
             n for reason, n in failures.items() if "FAILED_PRECONDITION" not in reason and "INSUFFICIENT" not in reason
         )
-        return Pass(len(requests) * BATCH_SIZE, seconds, service, postgres, client, machine, delta, refused), samples
+        machine = cpu.server + (cpu.postgres or 0.0) + cpu.client + cpu.other
+        return (
+            Pass(
+                len(requests) * BATCH_SIZE,
+                seconds,
+                cpu.server,
+                cpu.postgres or 0.0,
+                cpu.client,
+                machine,
+                delta,
+                refused,
+            ),
+            samples,
+        )
 
 
 def _median(values: list[float]) -> float:
@@ -717,7 +717,7 @@ async def append_floor(postgres: Postgres, seconds: float, repeats: int):
 
 
 def _cpu_since(postgres: Postgres, before: dict[int, float]) -> float:
-    return sum(v - before.get(pid, 0.0) for pid, v in postgres.cpu_seconds().items())
+    return harness.cpu_seconds_since(before, postgres.cpu_seconds())
 
 
 def lots_cost(lot_counts: tuple[int, ...] = (1, 10, 100, 1_000, 10_000)) -> dict[int, float]:

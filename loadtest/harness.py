@@ -3,6 +3,7 @@ network (seeding an empty database, issuing a gateway key)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -46,6 +47,58 @@ def children_cpu_seconds(parent_pid: int) -> dict[int, float]:
         if pid == parent_pid or int(fields[1]) == parent_pid:
             result[pid] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
     return result
+
+
+def cpu_seconds_since(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds a group of processes (children_cpu_seconds: Postgres's postmaster and backends)
+    spent between two readings; a process started in between counts from zero."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds spent by every process on the machine (all cores), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / CLOCK_TICKS_PER_SECOND
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuReading:
+    """The CPU seconds so far of the processes a measurement splits its time between."""
+
+    server: float
+    postgres: dict[int, float]  # per process of Postgres; empty when Postgres is not on this machine
+    client: float
+    machine: float
+
+    @classmethod
+    def now(cls, server_pid: int, postmaster_pid: int | None) -> "CpuReading":
+        return cls(
+            cpu_seconds(server_pid) or 0.0,
+            children_cpu_seconds(postmaster_pid) if postmaster_pid else {},
+            cpu_seconds(os.getpid()) or 0.0,
+            machine_busy_seconds(),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSplit:
+    """CPU seconds spent between two readings: the server process, Postgres (all its processes; None
+    when it is not on this machine), this client, and every other process on the machine."""
+
+    server: float
+    postgres: float | None
+    client: float
+    other: float
+
+    @classmethod
+    def between(cls, before: CpuReading, after: CpuReading) -> "CpuSplit":
+        server = after.server - before.server
+        client = after.client - before.client
+        postgres = cpu_seconds_since(before.postgres, after.postgres) if after.postgres else None
+        other = after.machine - before.machine - server - client - (postgres or 0.0)
+        return cls(server, postgres, client, max(0.0, other))
 
 
 def parent_pid(pid: int) -> int | None:

@@ -13,7 +13,7 @@ import uuid
 
 from processor import config, logs
 
-DATABASE_OPTIONS = ("database_url", "data_dir", "database_name")
+DATABASE_OPTIONS = ("database_url", "data_dir", "database_name", "embedded_postgres_settings")
 EPOCH_ORDINAL = 719_163  # datetime.date(1970, 1, 1).toordinal()
 
 

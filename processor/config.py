@@ -13,6 +13,8 @@ import os
 import urllib.parse
 from typing import Any, Callable, Mapping
 
+from processor import postgres_settings
+
 DAY_SECONDS = 86_400
 
 
@@ -75,6 +77,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("database_url", str, "", "Postgres URL; empty = embedded Postgres under --data-dir", env="DATABASE_URL"),
     Option("data_dir", str, ".points-data", "directory of the embedded Postgres (used without a database URL)"),
     Option("database_name", str, "points", "database created and used inside the embedded Postgres"),
+    Option(
+        "embedded_postgres_settings",
+        str,
+        "",
+        "the embedded Postgres's settings over the sized ones (README: Postgres settings), NAME=VALUE,... "
+        "e.g. shared_buffers=512MB,max_wal_size=2GB; fsync, synchronous_commit, full_page_writes stay on",
+    ),
     Option("batch_operations_max", int, 1000, "operations committed in one Postgres transaction, at most"),
     Option(
         "batch_linger_seconds",
@@ -336,6 +345,7 @@ class Settings:
     database_url: str = ""
     data_dir: str = ".points-data"
     database_name: str = "points"
+    embedded_postgres_settings: str = ""
     batch_operations_max: int = 1000
     batch_linger_seconds: float = 0.001
     queue_operations_max: int = 20_000
@@ -428,6 +438,10 @@ class Settings:
             _port_parses(self.database_url),
             "database_url has a host:port that is not a number (percent-encode @ : / # ? in the password)",
         )
+        try:
+            postgres_settings.parse_overrides(self.embedded_postgres_settings)
+        except ValueError as error:
+            problems.append(f"embedded_postgres_settings: {error}")
         check(1 <= self.batch_operations_max <= 100_000, "batch_operations_max must be 1..100000")
         check(0 <= self.batch_linger_seconds <= 1, "batch_linger_seconds must be 0..1")
         check(

@@ -32,7 +32,7 @@ from processor.member_admin import MemberAdminServicer
 from processor.pipeline import Pipeline
 from processor.presence import Presence
 from processor.servicer import PointsServicer
-from processor.store import Store, redact, resolve_database_url
+from processor.store import Store, log_server_settings, redact, resolve_database_url
 
 log = logging.getLogger("points.server")
 
@@ -53,7 +53,12 @@ async def open_store(settings: Settings, url: str | None = None) -> Store:
 async def database_url(settings: Settings) -> str:
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(
-        None, resolve_database_url, settings.database_url, settings.data_dir, settings.database_name
+        None,
+        resolve_database_url,
+        settings.database_url,
+        settings.data_dir,
+        settings.database_name,
+        settings.embedded_postgres_settings,
     )
 
 
@@ -182,6 +187,7 @@ class Service:
 
         self.store = await open_store(settings, url)
         log.info("database ready", extra={"database": redact(self.store.url)})
+        await log_server_settings(self.store.pool, not settings.database_url, settings.embedded_postgres_settings)
         await self.store.acquire_writer_lock(settings.writer_lock_wait_seconds)
         self.pipeline.store = self.store
         # key look-ups on their own small pool: a flood of bad keys never takes the committer's connections

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 import asyncpg
 import orjson
 
-from processor import channel_store, metrics, rules
+from processor import channel_store, metrics, postgres_settings, rules
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_ACQUIRING,
@@ -87,20 +87,14 @@ class WriterLockLost(Exception):
 # Where the database is
 
 
-def embedded_server_url(data_dir: str, database_name: str) -> str:
-    """Starts (or reuses) the embedded Postgres of the pgserver package under data_dir, creates the
-    database if missing, and returns its URL. The postmaster outlives this process, so data and a
-    running server survive restarts of the service."""
-    import warnings
-
-    with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
-        warnings.simplefilter("ignore")
-        import pgserver  # heavy import; only needed without DATABASE_URL
-
+def embedded_server_url(data_dir: str, database_name: str, settings_overrides: str = "") -> str:
+    """Starts (or reuses) the embedded Postgres of the pgserver package under data_dir, with the
+    engine's settings, creates the database if missing, and returns its URL. The postmaster outlives
+    this process, so data and a running server survive restarts of the service."""
     directory = pathlib.Path(data_dir).expanduser().resolve() / "pg"
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not (directory / "PG_VERSION").exists()
-    server = pgserver.get_server(str(directory), cleanup_mode=None)
+    server = start_embedded_server(directory, settings_overrides, cleanup_mode=None)
     exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database_name}';")
     if "(1 row)" not in exists:
         server.psql(f'CREATE DATABASE "{database_name}";')
@@ -113,10 +107,99 @@ def embedded_server_url(data_dir: str, database_name: str) -> str:
     return urllib.parse.urlunsplit(uri._replace(path="/" + database_name))
 
 
-def resolve_database_url(database_url: str, data_dir: str, database_name: str) -> str:
+def start_embedded_server(directory: pathlib.Path, settings_overrides: str = "", cleanup_mode: str | None = None):
+    """pgserver's server in `directory` (started, or the running one), with postgres_settings.embedded()
+    in its postgresql.auto.conf (ALTER SYSTEM: kept in the data directory, so a fresh directory and an
+    existing one end the same). Settings a reload applies take effect at once; shared_buffers and
+    wal_buffers need a restart, done here only when no other client is connected (a fresh directory, a
+    server this process started); otherwise a warning says they apply at the next restart. Returns the
+    pgserver.PostgresServer (its cleanup_mode as pgserver.get_server's)."""
+    import warnings
+
+    with warnings.catch_warnings():  # pgserver's platformdirs warns about XDG_RUNTIME_DIR on servers
+        warnings.simplefilter("ignore")
+        import pgserver  # heavy import; only needed without DATABASE_URL
+
+    wanted = postgres_settings.embedded(settings_overrides)
+    server = pgserver.get_server(str(directory), cleanup_mode=cleanup_mode)
+    psql = _embedded_psql(server, pathlib.Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql")
+    # quoted as a string: Postgres parses it with the setting's own units ('64MB', '15min', '0.9')
+    psql(*(f"ALTER SYSTEM SET {name} = '{value}'" for name, value in wanted.items()), "SELECT pg_reload_conf()")
+    # pg_file_settings reads the files afresh: `applied` is false for a restart-only setting whose
+    # value differs from the running server's (no race with the reload signal)
+    pending = psql(
+        "SELECT name FROM pg_file_settings WHERE sourcefile LIKE '%postgresql.auto.conf' AND NOT applied ORDER BY name"
+    )
+    if pending:
+        # pgserver's lock serialises starts of this directory between processes: another one starting
+        # now waits here rather than connecting between the count and the stop
+        with pgserver.PostgresServer._lock:
+            others = int(
+                psql(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+                )[0]
+            )
+            if not others:
+                pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=directory, user=server.system_user, timeout=60)
+                server.ensure_postgres_running()  # starts it as pgserver does, and records the new postmaster
+        if others:
+            log.warning(
+                "embedded Postgres settings apply at its next restart (other clients are connected)",
+                extra={"settings": pending, "clients": others, "data_dir": str(directory)},
+            )
+        else:
+            log.info("embedded Postgres restarted for its settings", extra={"settings": pending})
+    return server
+
+
+def _embedded_psql(server, binary: pathlib.Path) -> Callable[..., list[str]]:
+    """psql on the embedded server, unaligned and tuples only: runs each statement, returns the
+    output's lines; StoreError with Postgres's message when one fails (e.g. a bad override)."""
+    import subprocess
+
+    def run(*statements: str) -> list[str]:
+        command = [str(binary), "-XAtq", "-v", "ON_ERROR_STOP=1", "-d", server.get_uri()]
+        for statement in statements:
+            command += ["-c", statement]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise StoreError(f"embedded Postgres: {done.stderr.strip()}")
+        return done.stdout.splitlines()
+
+    return run
+
+
+async def log_server_settings(pool: asyncpg.Pool, embedded: bool, settings_overrides: str = "") -> None:
+    """Logs, once at start, the settings that matter (durability, memory, WAL) of the server in use,
+    and a warning for each far from the documented ones (README "Postgres settings"). Changes nothing:
+    an external server (DATABASE_URL) is its operator's to set."""
+    try:
+        rows = await pool.fetch(
+            "SELECT name, setting, unit, current_setting(name) AS shown FROM pg_settings WHERE name = ANY($1::text[])",
+            list(postgres_settings.REPORTED),
+        )
+    except (asyncpg.PostgresError, OSError, asyncio.TimeoutError) as error:  # a report: never a reason not to start
+        log.warning("postgres settings not read", extra={"error": str(error)})
+        return
+    documented = (
+        postgres_settings.embedded(settings_overrides)
+        if embedded
+        else postgres_settings.sized(postgres_settings.memory_bytes())
+    )
+    shown, hints = postgres_settings.check(
+        [postgres_settings.Setting(r["name"], r["setting"], r["unit"], r["shown"]) for r in rows], documented
+    )
+    ordered = {name: shown[name] for name in postgres_settings.REPORTED if name in shown}
+    log.info("postgres settings", extra={"server": "embedded" if embedded else "DATABASE_URL", **ordered})
+    for hint in hints:
+        log.warning("postgres setting far from the documented one (README: Postgres settings)", extra={"hint": hint})
+
+
+def resolve_database_url(database_url: str, data_dir: str, database_name: str, settings_overrides: str = "") -> str:
     if database_url:
         return database_url
-    return embedded_server_url(data_dir, database_name)
+    return embedded_server_url(data_dir, database_name, settings_overrides)
 
 
 # query parameters of a libpq/asyncpg URL whose value is a secret
