@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import gc
 from typing import Any
 
 import fastpath
@@ -71,6 +72,27 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         `expired`: holds already released in memory whose rows follow with this batch; `dividends`: a
         chunk of a decided round's allocations to post. On any exception the undo batch is rolled back
         and the exception propagates."""
+        # The cyclic collector waits until the batch is applied: the batch makes ~15 container objects an
+        # operation (rows, outcomes, records) that all live until it is written, so collecting while it
+        # is applied only walks them again and again, and promotes them into the older generations whose
+        # passes walk the ledger's whole state. Measured (loadtest/bench_state_machine.py, program in
+        # force): 28 -> 19 µs/op of CPU for the apply; the collections move to after it, one per batch.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._apply(batch, stored, now_us, expired, dividends)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _apply(
+        self,
+        batch: list[Operation],
+        stored: dict[tuple[str, str], StoredOutcome],
+        now_us: int,
+        expired: list[int] | None,
+        dividends: list[Any] | None,
+    ) -> tuple[list[Outcome], BatchWrite]:
         settings, ledger = self.settings, self.ledger
         write = BatchWrite(created_at=from_micros(now_us))
         self.fee_version = self.program.version(now_us)  # its star rebates apply to every fee of the batch
