@@ -106,7 +106,8 @@ def positional_builder(cls: type[_T]) -> Callable[..., _T]:
     for name in names:
         namespace[f"set_{name}"] = cls.__dict__[name].__set__
     body = "".join(f"    set_{name}(instance, {name})\n" for name in names)
-    exec(f"def build({', '.join(names)}):\n    instance = new(cls)\n{body}    return instance\n", namespace)
+    source = f"def build({', '.join(names)}):\n    instance = new(cls)\n{body}    return instance\n"
+    exec(compile(source, f"<positional_builder {cls.__name__}>", "exec"), namespace)
     build: Callable[..., _T] = namespace["build"]
     build.__qualname__ = f"positional_builder({cls.__name__})"
     return build
