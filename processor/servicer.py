@@ -104,6 +104,37 @@ class Validator:
         return value
 
 
+def _fill_earn(response: pb.EarnResponse, f: dict) -> None:
+    """An EarnResponse's fields set in place, in the message it belongs to (an OperationResult's earn):
+    measured, ~2.8 µs against ~12 for building it and its Timestamp by keywords then handing it to
+    OperationResult's constructor (which copies it). The same message, byte for byte
+    (tests/unit/test_servicer_fast_path.py); setting a field to its default still makes it present."""
+    response.transaction_id = domain.format_transaction_id(f["transaction_id"])
+    response.points = f["points"]
+    response.balance = f["balance"]
+    response.give_back_bps = f["give_back_bps"]
+    created_at_us = f["created_at_us"]
+    created_at = response.created_at
+    created_at.seconds = created_at_us // 1_000_000  # as timestamp() does
+    created_at.nanos = (created_at_us % 1_000_000) * 1000
+    response.bonus_points = f.get("bonus_points", 0)
+    response.level = f.get("level", "")
+
+
+def _fill_redeem(response: pb.RedeemResponse, f: dict) -> None:
+    """A RedeemResponse's fields set in place (see _fill_earn)."""
+    response.transaction_id = domain.format_transaction_id(f["transaction_id"])
+    response.points = f["points"]
+    response.balance = f["balance"]
+    response.available = f["available"]
+    response.vouchers = f.get("vouchers", 0)
+    response.voucher_balance = f.get("voucher_balance", 0)
+    response.voucher_credit_used = f.get("voucher_credit_used", 0)
+
+
+_FILL = {"earn": _fill_earn, "redeem": _fill_redeem}  # OperationResult's oneof name -> its response's filler
+
+
 def _collector_paused() -> bool:
     """Pauses the cyclic collector for a loop that makes an object or more per operation, all of which
     live on (the operations queued, the results sent): collecting during it only walks them again and
@@ -281,15 +312,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     @staticmethod
     def _earn_response(f: dict) -> pb.EarnResponse:
-        return pb.EarnResponse(
-            transaction_id=domain.format_transaction_id(f["transaction_id"]),
-            points=f["points"],
-            balance=f["balance"],
-            give_back_bps=f["give_back_bps"],
-            created_at=timestamp(f["created_at_us"]),
-            bonus_points=f.get("bonus_points", 0),
-            level=f.get("level", ""),
-        )
+        response = pb.EarnResponse()
+        _fill_earn(response, f)
+        return response
 
     async def _authorize(self, request: pb.AuthorizeRequest) -> Operation:
         member_id = self.validate.identifier(request.member_id, "member_id")
@@ -422,15 +447,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     @staticmethod
     def _redeem_response(f: dict) -> pb.RedeemResponse:
-        return pb.RedeemResponse(
-            transaction_id=domain.format_transaction_id(f["transaction_id"]),
-            points=f["points"],
-            balance=f["balance"],
-            available=f["available"],
-            vouchers=f.get("vouchers", 0),
-            voucher_balance=f.get("voucher_balance", 0),
-            voucher_credit_used=f.get("voucher_credit_used", 0),
-        )
+        response = pb.RedeemResponse()
+        _fill_redeem(response, f)
+        return response
 
     async def _refund(self, request: pb.RefundRequest) -> Operation:
         transaction_id = domain.parse_transaction_id(request.transaction_id)
@@ -805,6 +824,13 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         if outcome.code is Code.OK:
             if outcome.replayed:
                 metrics.idempotent_replays.inc()
+            fill = _FILL.get(kind)
+            if fill is not None:  # an earn's or redeem's response set in place (see _fill_earn)
+                result = pb.OperationResult(
+                    outcome=pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed else pb.OPERATION_OUTCOME_APPLIED
+                )
+                fill(getattr(result, kind), outcome.fields)
+                return result
             # the response given to the constructor, not CopyFrom'd into it afterwards (measured: the
             # constructor took a third of the time of constructing then copying)
             return pb.OperationResult(

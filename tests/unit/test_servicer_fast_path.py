@@ -245,3 +245,52 @@ def test_the_set_of_valid_identifiers_is_bounded(monkeypatch):
     with pytest.raises(Rejection, match="member_id must be 1.."):
         validate.identifier("member 1", "member_id")
     assert "member 1" not in validate._valid and set(string.whitespace).isdisjoint("".join(validate._valid))
+
+
+def _earn_by_keywords(f: dict) -> pb.EarnResponse:  # as the servicer built it before _fill_earn
+    return pb.EarnResponse(
+        transaction_id=domain.format_transaction_id(f["transaction_id"]),
+        points=f["points"],
+        balance=f["balance"],
+        give_back_bps=f["give_back_bps"],
+        created_at=servicer_module.timestamp(f["created_at_us"]),
+        bonus_points=f.get("bonus_points", 0),
+        level=f.get("level", ""),
+    )
+
+
+def _redeem_by_keywords(f: dict) -> pb.RedeemResponse:  # as the servicer built it before _fill_redeem
+    return pb.RedeemResponse(
+        transaction_id=domain.format_transaction_id(f["transaction_id"]),
+        points=f["points"],
+        balance=f["balance"],
+        available=f["available"],
+        vouchers=f.get("vouchers", 0),
+        voucher_balance=f.get("voucher_balance", 0),
+        voucher_credit_used=f.get("voucher_credit_used", 0),
+    )
+
+
+_COUNT = st.integers(min_value=0, max_value=2**40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"transaction_id": _COUNT, "points": _COUNT, "balance": st.integers(-(2**40), 2**40), "created_at_us": _COUNT},
+        optional={"bonus_points": _COUNT, "level": st.sampled_from(["", "gold"]), "vouchers": _COUNT},
+    ),
+    st.integers(min_value=0, max_value=10_000),
+    st.booleans(),
+)
+def test_an_earn_or_redeem_result_is_the_message_built_by_keywords_byte_for_byte(fields, bps, replayed):
+    fields |= {"give_back_bps": bps, "available": fields["balance"] // 2, "voucher_balance": bps}
+    service = _servicer(_Pipeline([SHOP]))
+    outcome_kind = pb.OPERATION_OUTCOME_REPLAYED if replayed else pb.OPERATION_OUTCOME_APPLIED
+    for kind, by_keywords in (("earn", _earn_by_keywords), ("redeem", _redeem_by_keywords)):
+        result = service._to_result(kind, Outcome(Code.OK, dict(fields), replayed=replayed))
+        expected = pb.OperationResult(outcome=outcome_kind, **{kind: by_keywords(fields)})
+        assert result == expected
+        assert result.SerializeToString(deterministic=True) == expected.SerializeToString(deterministic=True)
+        unary = service._kinds[kind][1](dict(fields))
+        assert unary.SerializeToString(deterministic=True) == by_keywords(fields).SerializeToString(deterministic=True)
