@@ -34,7 +34,7 @@ from typing import Any
 import fastpath
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
-from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
+from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
 
@@ -188,7 +188,7 @@ class RulesKernelMixin(MachineParts):
         if row is not None:
             return row
         program = self.program
-        member = program.members.get(member_id) or MemberRules()
+        member = program.members.get(member_id) or NO_RULES
         if member.referrer_id and not member.referral_paid:
             return -1  # its first qualifying earn pays the referrer a bonus: a transaction of its own
         acquirer_slot = -1
