@@ -255,8 +255,15 @@ class TokenBuckets:
     def take(self, key: str, now: float) -> bool:
         if self.rate <= 0:
             return True
-        tokens, at = self._buckets.get(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+        # once an operation: no default tuple, float() or min() call (the same arithmetic as before)
+        bucket = self._buckets.get(key)
+        burst = float(self.burst)
+        if bucket is None:
+            tokens = burst
+        else:
+            tokens = bucket[0] + (now - bucket[1]) * self.rate
+            if tokens > burst:
+                tokens = burst
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             return False
