@@ -157,6 +157,7 @@ class EarnRedeemRun:
 _new_lot = domain.positional_builder(rules.Lot)
 _new_earn = domain.positional_builder(rules.Earn)
 _new_earn_record = domain.positional_builder(EarnRecord)
+_new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
 _OPERATION_POINTS = operator.attrgetter("points")
 _OPERATION_PURCHASE = operator.attrgetter("purchase_amount")
 _OPERATION_MERCHANT_SLOT = operator.attrgetter("merchant_slot")
@@ -516,14 +517,14 @@ class RulesKernelMixin(MachineParts):
             qualifying = run.tier_qualifying[row]
             program.set_member(
                 member_id,
-                MemberRules(  # dataclasses.replace's result, built directly (_MEMBER_FIELDS guards the list)
-                    acquirer_id=before_rules.acquirer_id,
-                    referrer_id=before_rules.referrer_id,
-                    referral_paid=before_rules.referral_paid,
-                    level=names[_level_index(qualifying, tables.level_threshold)],
-                    levels_reached=run.tier_reached[row],
-                    qualifying=qualifying,
-                    day_buckets=(),
+                _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
+                    before_rules.acquirer_id,
+                    before_rules.referrer_id,
+                    before_rules.referral_paid,
+                    names[_level_index(qualifying, tables.level_threshold)],
+                    run.tier_reached[row],
+                    qualifying,
+                    (),
                 ),
             )
 
