@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
-import operator
+from operator import attrgetter
 from collections.abc import Iterable
 from typing import Any
 
@@ -158,9 +158,9 @@ _new_lot = domain.positional_builder(rules.Lot)
 _new_earn = domain.positional_builder(rules.Earn)
 _new_earn_record = domain.positional_builder(EarnRecord)
 _new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
-_OPERATION_POINTS = operator.attrgetter("points")
-_OPERATION_PURCHASE = operator.attrgetter("purchase_amount")
-_OPERATION_MERCHANT_SLOT = operator.attrgetter("merchant_slot")
+_OPERATION_POINTS = attrgetter("points")
+_OPERATION_PURCHASE = attrgetter("purchase_amount")
+_OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_EARN, _KIND_REDEEM, _KIND_ACQUIRING_REWARD = fastpath.KIND_EARN, fastpath.KIND_REDEEM, rules.KIND_ACQUIRING_REWARD
 _OK = Code.OK

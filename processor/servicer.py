@@ -26,9 +26,8 @@ from processor.store import MerchantRow, micros
 
 log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
-_KEY_PATTERN = re.compile(
-    r"[\x21-\x7e]+"
-)  # printable ASCII, no spaces (Validator.idempotency_key checks it without re)
+# printable ASCII, no spaces (Validator.idempotency_key checks the same by str methods; the tests compare)
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
 _PAGE_TOKEN_PREFIX = b"points.v1/transactions/"
 _EMPTY_OPERATION = pb.OperationResult(
     outcome=pb.OPERATION_OUTCOME_INVALID,
