@@ -331,13 +331,15 @@ class ProgramState:
                     if key not in created:
                         break
                     tail[key] = lot
-            for key in sorted(touched, key=_key_order):
+            # (one key, the common case of a member one earn or spend changed: no sort; a new lot is
+            # changed without the Python-level Lot.__eq__ that `None != lot` falls back through)
+            for key in sorted(touched, key=_key_order) if len(touched) > 1 else touched:
                 old = None if key in created else _find(before_lots, key)
                 new = tail.get(key) or _find(after_lots, key)
                 if new is None:
                     if old is not None:
                         gone.append(key)
-                elif old != new:
+                elif old is None or old != new:
                     changed.append(new)
             return gone, changed
         before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
