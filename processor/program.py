@@ -461,21 +461,20 @@ class ProgramState:
         once per member (lots_by_kernel, set_member). One call a run rather than three an operation:
         the undo log and the dirty sets get exactly what _set would give them."""
         undo = self._undo[-1] if self._undo else None
-        table, dirty = self.earns, self._dirty["earns"]
-        for transaction_id, record in earns:
+        # each table in bulk (its keys are the run's new transaction ids, none twice): the undo entries
+        # in the run's order, as one _set a record would leave them
+        for table, rows, dirty_name, new_name in (
+            (self.earns, earns, "earns", "new_earns"),
+            (self.pieces, pieces, "pieces", "new_pieces"),  # the run's redemptions: new ids
+        ):
             if undo is not None:
-                undo.append((table, transaction_id, table.get(transaction_id, _MISSING)))
-            table[transaction_id] = record
-            dirty.add(transaction_id)
-        self._dirty["new_earns"].update(transaction_id for transaction_id, _ in earns)
+                get = table.get
+                undo.extend([(table, key, get(key, _MISSING)) for key, _ in rows])
+            table.update(rows)
+            keys = list(map(_FIRST, rows))
+            self._dirty[dirty_name].update(keys)
+            self._dirty[new_name].update(keys)
         self._tier_events.extend(tier_events)
-        consumed, dirty = self.pieces, self._dirty["pieces"]
-        for owner, taken in pieces:
-            if undo is not None:
-                undo.append((consumed, owner, consumed.get(owner, _MISSING)))
-            consumed[owner] = taken
-            dirty.add(owner)
-        self._dirty["new_pieces"].update(owner for owner, _ in pieces)  # the run's redemptions: new ids
         spent, dirty = self.spends, self._dirty["spends"]
         for member_id, points in spends:
             if points > 0:
@@ -1008,6 +1007,7 @@ class ProgramState:
 
 # a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
 _AMOUNT = operator.attrgetter("amount")
+_FIRST = operator.itemgetter(0)
 
 
 def _expiry_order(lot: rules.Lot) -> tuple:
