@@ -247,7 +247,7 @@ def test_the_set_of_valid_identifiers_is_bounded(monkeypatch):
     assert "member 1" not in validate._valid and set(string.whitespace).isdisjoint("".join(validate._valid))
 
 
-def _earn_by_keywords(f: dict) -> pb.EarnResponse:  # as the servicer built it before _fill_earn
+def _earn_by_keywords(f: dict) -> pb.EarnResponse:  # as the servicer built it before _fill_earn_response
     return pb.EarnResponse(
         transaction_id=domain.format_transaction_id(f["transaction_id"]),
         points=f["points"],
@@ -259,7 +259,7 @@ def _earn_by_keywords(f: dict) -> pb.EarnResponse:  # as the servicer built it b
     )
 
 
-def _redeem_by_keywords(f: dict) -> pb.RedeemResponse:  # as the servicer built it before _fill_redeem
+def _redeem_by_keywords(f: dict) -> pb.RedeemResponse:  # as the servicer built it before _fill_redeem_response
     return pb.RedeemResponse(
         transaction_id=domain.format_transaction_id(f["transaction_id"]),
         points=f["points"],
