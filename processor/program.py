@@ -53,6 +53,10 @@ class MemberRules:
     day_buckets: tuple[tuple[int, int], ...] = ()  # (day since epoch, base point-units), oldest first
 
 
+# A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
+NO_RULES = MemberRules()
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class EarnRecord:
     """An earn made under a program: what its refunds take back in proportion (earn_rules)."""
@@ -327,13 +331,15 @@ class ProgramState:
                     if key not in created:
                         break
                     tail[key] = lot
-            for key in sorted(touched, key=_key_order):
+            # (one key, the common case of a member one earn or spend changed: no sort; a new lot is
+            # changed without the Python-level Lot.__eq__ that `None != lot` falls back through)
+            for key in sorted(touched, key=_key_order) if len(touched) > 1 else touched:
                 old = None if key in created else _find(before_lots, key)
                 new = tail.get(key) or _find(after_lots, key)
                 if new is None:
                     if old is not None:
                         gone.append(key)
-                elif old != new:
+                elif old is None or old != new:
                     changed.append(new)
             return gone, changed
         before = {lot.key: lot for lot in self._lots_flushed.get(member_id, ())}
@@ -362,7 +368,7 @@ class ProgramState:
     # --- links ---
 
     def member(self, member_id: str) -> MemberRules:
-        return self.members.get(member_id) or MemberRules()
+        return self.members.get(member_id) or NO_RULES
 
     def link(self, member_id: str, acquirer_id: str, referrer_id: str | None) -> None:
         self._set(
@@ -455,21 +461,20 @@ class ProgramState:
         once per member (lots_by_kernel, set_member). One call a run rather than three an operation:
         the undo log and the dirty sets get exactly what _set would give them."""
         undo = self._undo[-1] if self._undo else None
-        table, dirty = self.earns, self._dirty["earns"]
-        for transaction_id, record in earns:
+        # each table in bulk (its keys are the run's new transaction ids, none twice): the undo entries
+        # in the run's order, as one _set a record would leave them
+        for table, rows, dirty_name, new_name in (
+            (self.earns, earns, "earns", "new_earns"),
+            (self.pieces, pieces, "pieces", "new_pieces"),  # the run's redemptions: new ids
+        ):
             if undo is not None:
-                undo.append((table, transaction_id, table.get(transaction_id, _MISSING)))
-            table[transaction_id] = record
-            dirty.add(transaction_id)
-        self._dirty["new_earns"].update(transaction_id for transaction_id, _ in earns)
+                get = table.get
+                undo.extend([(table, key, get(key, _MISSING)) for key, _ in rows])
+            table.update(rows)
+            keys = list(map(_FIRST, rows))
+            self._dirty[dirty_name].update(keys)
+            self._dirty[new_name].update(keys)
         self._tier_events.extend(tier_events)
-        consumed, dirty = self.pieces, self._dirty["pieces"]
-        for owner, taken in pieces:
-            if undo is not None:
-                undo.append((consumed, owner, consumed.get(owner, _MISSING)))
-            consumed[owner] = taken
-            dirty.add(owner)
-        self._dirty["new_pieces"].update(owner for owner, _ in pieces)  # the run's redemptions: new ids
         spent, dirty = self.spends, self._dirty["spends"]
         for member_id, points in spends:
             if points > 0:
@@ -1002,6 +1007,7 @@ class ProgramState:
 
 # a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
 _AMOUNT = operator.attrgetter("amount")
+_FIRST = operator.itemgetter(0)
 
 
 def _expiry_order(lot: rules.Lot) -> tuple:

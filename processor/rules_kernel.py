@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import array
 import dataclasses
+from operator import attrgetter
 from collections.abc import Iterable
 from typing import Any
 
 import fastpath
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
-from processor.program import OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
+from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
 
@@ -116,18 +117,15 @@ class KernelTables:
 
 
 class EarnRedeemRun:
-    """The operations of one run, as the kernel's columns, and the tier row of each of its members."""
+    """The operations of one run and the tier row of each of its members. The operations' columns are
+    built in bulk when the run is decided (_kernel_run), not appended field by field as they come."""
 
     __slots__ = (
         "positions",
         "ops",
-        "method",
-        "member",
-        "merchant",
-        "points",
-        "purchase",
+        "slots",
+        "rows",
         "fee_bps",
-        "tier",
         "tier_rows",
         "tier_members",
         "tier_qualifying",
@@ -135,15 +133,14 @@ class EarnRedeemRun:
         "tier_acquirer",
         "tier_acquiring_bps",
         "tier_demand",
-        "earns",
     )
 
     def __init__(self) -> None:
         self.positions: list[int] = []
         self.ops: list[Operation] = []
-        self.method, self.member, self.merchant, self.points, self.purchase, self.fee_bps, self.tier = (
-            array.array("q") for _ in range(7)
-        )
+        self.slots: list[int] = []  # each operation's member slot
+        self.rows: list[int] = []  # each operation's tier row
+        self.fee_bps: list[int] = []  # each operation's merchant fee (issued for an earn, redeemed else)
         self.tier_rows: dict[str, int] = {}
         # per tier row: (member id, its rules and its lots when the run began)
         self.tier_members: list[tuple[str, MemberRules, tuple[rules.Lot, ...]]] = []
@@ -151,10 +148,22 @@ class EarnRedeemRun:
             array.array("q") for _ in range(4)
         )
         self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
-        self.earns = 0
 
     def __len__(self) -> int:
         return len(self.positions)
+
+
+# Frozen dataclasses a kernel run builds per earn, built without their __init__ (domain.positional_builder)
+_new_lot = domain.positional_builder(rules.Lot)
+_new_earn = domain.positional_builder(rules.Earn)
+_new_earn_record = domain.positional_builder(EarnRecord)
+_new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
+_OPERATION_POINTS = attrgetter("points")
+_OPERATION_PURCHASE = attrgetter("purchase_amount")
+_OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
+_EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
+_KIND_EARN, _KIND_REDEEM, _KIND_ACQUIRING_REWARD = fastpath.KIND_EARN, fastpath.KIND_REDEEM, rules.KIND_ACQUIRING_REWARD
+_OK = Code.OK
 
 
 class RulesKernelMixin(MachineParts):
@@ -180,7 +189,7 @@ class RulesKernelMixin(MachineParts):
         if row is not None:
             return row
         program = self.program
-        member = program.members.get(member_id) or MemberRules()
+        member = program.members.get(member_id) or NO_RULES
         if member.referrer_id and not member.referral_paid:
             return -1  # its first qualifying earn pays the referrer a bonus: a transaction of its own
         acquirer_slot = -1
@@ -222,17 +231,11 @@ class RulesKernelMixin(MachineParts):
     def _kernel_add(self, run: EarnRedeemRun, position: int, op: Operation, slot: int, row: int, fee_bps: int) -> None:
         run.positions.append(position)
         run.ops.append(op)
-        run.method.append(fastpath.OP_EARN if op.method is Method.EARN else fastpath.OP_REDEEM)
-        run.member.append(slot)
-        run.merchant.append(op.merchant_slot)
-        run.points.append(op.points)
-        run.purchase.append(op.purchase_amount)
+        run.slots.append(slot)
+        run.rows.append(row)
         run.fee_bps.append(fee_bps)
-        run.tier.append(row)
         if op.method is Method.REDEEM:
             run.tier_demand[row] += op.points
-        else:
-            run.earns += 1
 
     def _kernel_run(
         self,
@@ -248,18 +251,23 @@ class RulesKernelMixin(MachineParts):
         if not count:
             return
         version = tables.version
+        ops = run.ops
+        # the operations' columns, each in one pass over the run (map/list in C, no call per field)
+        method = array.array("q", [_OP_EARN if op.method is _EARN else _OP_REDEEM for op in ops])
+        earns = method.count(_OP_EARN)
         lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
         pool = len(lots_in)
-        capacity = pool + run.earns
-        lot_amount = array.array("q", [lot.amount for lot in lots_in] + [0] * run.earns)
-        lot_expires = array.array("q", [lot.expires_at_us or 0 for lot in lots_in] + [0] * run.earns)
-        lot_next = array.array("q", [-1] * capacity)
+        capacity = pool + earns
+        lot_amount = array.array("q", [lot.amount for lot in lots_in])
+        lot_amount.frombytes(bytes(8 * earns))
+        lot_expires = array.array("q", [lot.expires_at_us or 0 for lot in lots_in])
+        lot_expires.frombytes(bytes(8 * earns))
+        lot_next = array.array("q", [-1]) * capacity
         for row in range(len(heads)):  # each member's passed lots in a chain, soonest first
             head, tail = heads[row], tails[row]
             if head >= 0:
-                for index in range(head, tail):
-                    lot_next[index] = index + 1
-        pieces_capacity = capacity + 2 * (count - run.earns)
+                lot_next[head:tail] = array.array("q", range(head + 1, tail + 1))
+        pieces_capacity = capacity + 2 * (count - earns)
         piece_lot, piece_amount = (
             array.array("q", bytes(8 * pieces_capacity)),
             array.array("q", bytes(8 * pieces_capacity)),
@@ -286,13 +294,13 @@ class RulesKernelMixin(MachineParts):
         new_lot_expires_at_us = now_us + period if period is not None else 0
         ids = self.ids
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
-            run.method,
-            run.member,
-            run.merchant,
-            run.points,
-            run.purchase,
-            run.fee_bps,
-            run.tier,
+            method,
+            array.array("q", run.slots),
+            array.array("q", map(_OPERATION_MERCHANT_SLOT, ops)),
+            array.array("q", map(_OPERATION_POINTS, ops)),
+            array.array("q", map(_OPERATION_PURCHASE, ops)),
+            array.array("q", run.fee_bps),
+            array.array("q", run.rows),
             run.tier_qualifying,
             run.tier_reached,
             run.tier_acquirer,
@@ -316,48 +324,47 @@ class RulesKernelMixin(MachineParts):
         names = tables.level_names
         merchants = self.merchants.by_id
         ledger, program = self.ledger, self.program
+        member_account = ledger.member_account
         operator = self.operator_accounts
         fee_revenue = operator[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
         tier_rewards = operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS]
         acquiring = operator[rules.ACCOUNT_OPERATOR_ACQUIRING]
-        transactions, entries = write.transactions, write.entries
-        pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * run.earns)]
+        add_transaction, add_entry = write.transactions.append, write.entries.append
+        tier_members = run.tier_members
+        ok = fastpath.OK
+        pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * earns)]
         earned_rows: set[int] = set()
-        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of lots changed
+        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of old lots its redeems took from
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
-        created_by_row: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of its new lots
-        due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries to push
+        due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries its redeems push
         earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
+        add_earn_record = earn_records.append
         tier_events: list[tuple[int, str, str, str]] = []
         consumed: list[tuple[tuple[int, int], tuple[rules.Lot, ...]]] = []
         spent: dict[str, int] = {}  # member -> point-units its redeems of the run took (one velocity bucket)
-        ops, members, tiers = run.ops, run.member, run.tier
-        for i, position in enumerate(run.positions):
-            op = ops[i]
-            created = createds[i]
-            status = statuses[i]
-            slot = members[i]
-            if status != fastpath.OK:
+        for i, (position, op, code, status, created, row) in enumerate(
+            zip(run.positions, ops, method, statuses, createds, run.rows)
+        ):
+            if status != ok:
                 outcomes[position] = self._applied(
-                    op, write, now_us, created, status, slot, 0, posteds[i], availables[i], 0
+                    op, write, now_us, created, status, run.slots[i], 0, posteds[i], availables[i], 0
                 )
                 continue
-            merchant = merchants[op.merchant_id]
+            merchant_id, member_id = op.merchant_id, op.member_id
+            merchant = merchants[merchant_id]
             fee = fees[i]
-            account = ledger.member_account(slot)
-            row = tiers[i]
-            if op.method is Method.EARN:
+            if fee:
+                add_entry((created, merchant.fees_account_id, -fee))
+                add_entry((created, fee_revenue, fee))
+            if code == _OP_EARN:
                 base, total = op.points, totals_out[i]
                 uplift = total - base
-                if fee:
-                    entries.append((created, merchant.fees_account_id, -fee))
-                    entries.append((created, fee_revenue, fee))
-                transactions.append(
+                add_transaction(
                     (
                         created,
-                        fastpath.KIND_EARN,
-                        op.merchant_id,
-                        op.member_id,
+                        _KIND_EARN,
+                        merchant_id,
+                        member_id,
                         total,
                         op.purchase_amount,
                         None,
@@ -368,60 +375,41 @@ class RulesKernelMixin(MachineParts):
                     )
                 )
                 if total:
-                    entries.append((created, account, total))
+                    add_entry((created, member_account(run.slots[i]), total))
                 if base:
-                    entries.append((created, merchant.issued_account_id, -base))
+                    add_entry((created, merchant.issued_account_id, -base))
                 if uplift:
-                    entries.append((created, tier_rewards, -uplift))
+                    add_entry((created, tier_rewards, -uplift))
                 earned_rows.add(row)
                 new_lot = new_lots[i]
                 if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
-                    pool_lots[new_lot] = rules.Lot(created, total, new_lot_expires_at_us, op.merchant_id)
-                    key = (created, new_lot_expires_at_us)  # the lot's key
-                    if row in new_by_row:
-                        new_by_row[row].append(new_lot)
-                        created_by_row[row].add(key)
-                    else:
+                    pool_lots[new_lot] = _new_lot(created, total, new_lot_expires_at_us, merchant_id)
+                    made = new_by_row.get(row)
+                    if made is None:
                         new_by_row[row] = [new_lot]
-                        created_by_row[row] = {key}
-                    keys = touched.get(row)
-                    if keys is None:
-                        touched[row] = {key}
                     else:
-                        keys.add(key)
-                    due = due_by_row.get(row)
-                    if due is None:
-                        due_by_row[row] = [new_lot_expires_at_us]
-                    else:
-                        due.append(new_lot_expires_at_us)
+                        made.append(new_lot)
                 reward = rewards[i]
-                acquirer_id = run.tier_members[row][1].acquirer_id if reward else None
-                before, after = names[levels_before[i]], names[levels_after[i]]
-                earn_records.append(
+                acquirer_id = tier_members[row][1].acquirer_id if reward else None
+                level_before, level_after = levels_before[i], levels_after[i]
+                add_earn_record(
                     (
                         created,
-                        EarnRecord(
-                            op.member_id,
-                            op.merchant_id,
-                            number,
-                            rules.Earn(base, uplift),
-                            acquirer_id,
-                            reward,
-                            0,
-                            now_us,
+                        _new_earn_record(
+                            member_id, merchant_id, number, _new_earn(base, uplift, ()), acquirer_id, reward, 0, now_us
                         ),
                     )
                 )
-                if before != after:
-                    tier_events.append((created, op.member_id, before, after))
+                if level_before != level_after:  # level names are distinct (kernel_supports)
+                    tier_events.append((created, member_id, names[level_before], names[level_after]))
                 if acquirer_id is not None:
                     reward_id = reward_ids[i]
-                    transactions.append(
+                    add_transaction(
                         (
                             reward_id,
-                            rules.KIND_ACQUIRING_REWARD,
+                            _KIND_ACQUIRING_REWARD,
                             acquirer_id,
-                            op.member_id,
+                            member_id,
                             reward,
                             None,
                             None,
@@ -431,10 +419,10 @@ class RulesKernelMixin(MachineParts):
                             number,
                         )
                     )
-                    entries.append((reward_id, acquiring, -reward))
-                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                    add_entry((reward_id, acquiring, -reward))
+                    add_entry((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
                 outcomes[position] = Outcome(
-                    Code.OK,
+                    _OK,
                     {
                         "transaction_id": created,
                         "points": base,
@@ -442,20 +430,17 @@ class RulesKernelMixin(MachineParts):
                         "give_back_bps": merchant.give_back_bps,
                         "created_at_us": now_us,
                         "bonus_points": uplift,
-                        "level": after,
+                        "level": names[level_after],
                     },
                 )
                 continue
             points = op.points
-            if fee:
-                entries.append((created, merchant.fees_account_id, -fee))
-                entries.append((created, fee_revenue, fee))
-            transactions.append(
+            add_transaction(
                 (
                     created,
-                    fastpath.KIND_REDEEM,
-                    op.merchant_id,
-                    op.member_id,
+                    _KIND_REDEEM,
+                    merchant_id,
+                    member_id,
                     points,
                     None,
                     None,
@@ -464,49 +449,67 @@ class RulesKernelMixin(MachineParts):
                     fee,
                 )
             )
-            entries.append((created, account, -points))
-            entries.append((created, merchant.redeemed_account_id, points))
+            add_entry((created, member_account(run.slots[i]), -points))
+            add_entry((created, merchant.redeemed_account_id, points))
             # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
             pieces = []
-            keys = touched.get(row)
-            if keys is None:
-                keys = touched[row] = set()
-            for k in range(piece_starts[i], piece_ends[i]):
-                taken, source = piece_amount[k], piece_lot[k]
-                if source < 0:
-                    pieces.append(rules.Lot(PERMANENT_LOT_ID, taken, None, ""))
-                    continue
-                source_lot = pool_lots[source]
-                if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
-                    raise InvariantViolation(f"operation {i} of the run took from lot {source}, which no earn made")
-                pieces.append(
-                    source_lot
-                    if taken == source_lot.amount
-                    else rules.Lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
-                )
-                keys.add((source_lot.lot_id, source_lot.expires_at_us))  # the lot's key
+            start, end = piece_starts[i], piece_ends[i]
+            if end > start:
+                keys = touched.get(row)
+                if keys is None:
+                    keys = touched[row] = set()
+                for k in range(start, end):
+                    taken, source = piece_amount[k], piece_lot[k]
+                    if source < 0:
+                        pieces.append(_new_lot(PERMANENT_LOT_ID, taken, None, ""))
+                        continue
+                    source_lot = pool_lots[source]
+                    if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
+                        raise InvariantViolation(f"operation {i} of the run took from lot {source}, which no earn made")
+                    pieces.append(
+                        source_lot
+                        if taken == source_lot.amount
+                        else _new_lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
+                    )
+                    keys.add((source_lot.lot_id, source_lot.expires_at_us))  # the lot's key
             consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
             if dues[i]:
-                due_by_row.setdefault(row, []).append(dues[i])
+                due = due_by_row.get(row)
+                if due is None:
+                    due_by_row[row] = [dues[i]]
+                else:
+                    due.append(dues[i])
             if points > 0:  # spend()'s condition; the run's spends share one instant, so one bucket
-                spent[op.member_id] = spent.get(op.member_id, 0) + points
+                spent[member_id] = spent.get(member_id, 0) + points
             outcomes[position] = Outcome(
-                Code.OK,
+                _OK,
                 {"transaction_id": created, "points": points, "balance": posteds[i], "available": availables[i]},
             )
         program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
-        # did not need, the run's new lots (all sorted: new lots expire last)
-        for row, keys in touched.items():
-            member_id, _, before_lots = run.tier_members[row]
+        # did not need, the run's new lots (all sorted: new lots expire last). Its new lots' keys (their
+        # ids are the earns' transaction ids) are touched and created; one expiry heap entry for all of
+        # them (they expire at one instant; consume()'s entries follow from its redeems).
+        for row in sorted(touched.keys() | new_by_row.keys()):
+            member_id, _, before_lots = tier_members[row]
             start, passed = prefixes[row]
+            made = new_by_row.get(row, [])
+            created_keys: set[tuple[int, int | None]] = set()
+            for new_lot in made:
+                lot = pool_lots[new_lot]
+                if lot is not None:  # never None: checked by _left below
+                    created_keys.add((lot.lot_id, lot.expires_at_us))
+            keys = touched.get(row)
+            due_us = due_by_row.get(row, [])
+            if made:
+                due_us = [*due_us, new_lot_expires_at_us]
             kept = [
                 *self._left(pool_lots, lot_amount, range(start, start + passed)),
                 *before_lots[passed:],
-                *self._left(pool_lots, lot_amount, new_by_row.get(row, ())),
+                *self._left(pool_lots, lot_amount, made),
             ]
             program.lots_by_kernel(
-                member_id, tuple(kept), keys, created_by_row.get(row, set()), due_by_row.get(row, [])
+                member_id, tuple(kept), created_keys | keys if keys else created_keys, created_keys, due_us
             )
         # the run's tier state, once per member that earned (qualifying in total: no day buckets)
         for row in sorted(earned_rows):
@@ -514,14 +517,14 @@ class RulesKernelMixin(MachineParts):
             qualifying = run.tier_qualifying[row]
             program.set_member(
                 member_id,
-                MemberRules(  # dataclasses.replace's result, built directly (_MEMBER_FIELDS guards the list)
-                    acquirer_id=before_rules.acquirer_id,
-                    referrer_id=before_rules.referrer_id,
-                    referral_paid=before_rules.referral_paid,
-                    level=names[_level_index(qualifying, tables.level_threshold)],
-                    levels_reached=run.tier_reached[row],
-                    qualifying=qualifying,
-                    day_buckets=(),
+                _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
+                    before_rules.acquirer_id,
+                    before_rules.referrer_id,
+                    before_rules.referral_paid,
+                    names[_level_index(qualifying, tables.level_threshold)],
+                    run.tier_reached[row],
+                    qualifying,
+                    (),
                 ),
             )
 
