@@ -83,6 +83,11 @@ class WriterLockLost(Exception):
     """The session holding the writer lock is gone: the fast path must be rebuilt and the lock taken again."""
 
 
+class ProjectionGap(StoreError):
+    """The projector was handed a batch that does not follow projection_state's mark (a bug): the
+    pipeline resynchronises, which projects the log in order."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Where the database is
 
@@ -1089,16 +1094,60 @@ class Store:
             marks=(batch.last_transaction_id, batch.last_authorization_id),
         )
 
-    async def _as_writer(self, write, timeout: float, marks: tuple[int, int] | None = None) -> None:
+    def writer_fence(self) -> tuple[int, int, dt.datetime]:
+        """(writer epoch, lock session pid, lock session backend_start): what a fenced statement
+        checks (processor/batch_log.py's append); WriterLockLost when this service is not the writer."""
+        if self._writer_epoch is None or self._writer_lock_pid is None or self._writer_lock_started is None:
+            raise WriterLockLost("this service does not hold the writer lock; not writing")
+        return self._writer_epoch, self._writer_lock_pid, self._writer_lock_started
+
+    async def project_batches(self, batches: Sequence[tuple[int, BatchWrite]], timeout: float) -> int:
+        """Writes the relational rows of consecutive batch-log batches (batch_id, BatchWrite), oldest
+        first, in ONE transaction, fenced as every writer transaction, and advances
+        projection_state.through_batch_id in it, guarded by its previous value (read FOR UPDATE, so two
+        projections never interleave): batches at or below it are skipped (an earlier projection whose
+        COMMIT's answer was lost), so nothing is projected twice. Returns the mark after. Each batch's
+        rows are written by _write, exactly as a batch's own transaction wrote them before the log."""
+        through_after = 0
+
+        async def write(connection: asyncpg.Connection, step) -> None:
+            nonlocal through_after
+            through = await connection.fetchval(
+                "SELECT through_batch_id FROM projection_state FOR UPDATE", timeout=timeout
+            )
+            todo = [(batch_id, batch) for batch_id, batch in batches if batch_id > through]
+            for offset, (batch_id, batch) in enumerate(todo):
+                if batch_id != through + 1 + offset:
+                    raise ProjectionGap(
+                        f"batch {batch_id} is next to project but projection_state is at {through}: "
+                        "the batches between are missing; resynchronising from the log"
+                    )
+                await self._write(connection, batch, timeout, step)
+            if todo:
+                moved = await connection.execute(
+                    "UPDATE projection_state SET through_batch_id = $2 WHERE through_batch_id = $1",
+                    through,
+                    todo[-1][0],
+                    timeout=timeout,
+                )
+                require(moved == "UPDATE 1", f"projection_state moved from {through} under its row lock")
+            through_after = todo[-1][0] if todo else through
+
+        await self._as_writer(write, timeout, timed=True)
+        return through_after
+
+    async def _as_writer(
+        self, write, timeout: float, marks: tuple[int, int] | None = None, *, timed: bool = False
+    ) -> None:
         """Runs `write(connection, step)` in one transaction on a pool connection, fenced (see
         _check_writer_lock), all within `timeout` seconds (bounded). With `marks` (batches: the last
-        transaction and authorization ids handed out), the fence records them, and each step is timed
-        into points_pipeline_commit_step_seconds."""
+        transaction and authorization ids handed out), the fence records them. With marks or `timed`
+        (projections), each step is timed into points_pipeline_commit_step_seconds."""
 
         async def work(connection):
             transaction = connection.transaction()
             await transaction.start()
-            step = _Steps() if marks is not None else _untimed
+            step = _Steps() if marks is not None or timed else _untimed
             try:
                 await self._check_writer_lock(connection, marks)
                 step("lock_check")
