@@ -430,8 +430,7 @@ class Pipeline:
         if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
             raise Rejection(
                 Code.UNAVAILABLE,
-                f"the ledger's read tables are behind its log by {target - self.projector.through} batches; "
-                "retry shortly",
+                f"the ledger's read tables are behind by {target - self.projector.through} batches; retry shortly",
             )
 
     async def _caught_up(self) -> None:

@@ -763,6 +763,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         async def call():
             member_id = self.validate.identifier(request.member_id, "member_id")
             store = self.pipeline.ready_store()
+            await self.pipeline.projected()  # read-your-writes: the caller's answered batches are written
             size, before = history_page(self.settings, request.page_size, request.page_token)
             # a merchant sees the member's transactions at the merchants its key covers, not elsewhere
             caller = rpc.principal.get()

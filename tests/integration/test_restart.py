@@ -543,6 +543,9 @@ class Journal:
 
 
 async def _read_journal(url: str) -> Journal:
+    from tests.projection import wait_projected_async
+
+    await wait_projected_async(url)  # the answered batches' rows are written by the projector
     connection = await asyncpg.connect(url)
     try:
         async with connection.transaction(isolation="repeatable_read", readonly=True):
