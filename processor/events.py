@@ -4,12 +4,14 @@
 Positions. A transaction's position is (transaction_id, 0); a member event's is (after_transaction_id,
 member_event_id), compared as pairs. The log is gap-free — once a reader has seen a position, nothing
 at an earlier one commits later — because:
-  * the single writer hands transaction ids out in increasing order and a batch's write starts only
-    after the previous batch committed (processor/pipeline.py: N+1 is applied in memory while N is
-    written, but its write starts once N is answered), so transactions commit in id order;
-  * every writer of member_events first locks the ledger_writer row, which every batch holds locked
-    until its COMMIT (the fence): a member event commits between two batches, after_transaction_id is
-    the writer's high-water mark then (every later transaction gets a larger id), and its
+  * the single writer hands transaction ids out in increasing order, appends batches to the batch log
+    in that order, and its projector (processor/projector.py) writes their rows one projection after
+    the other, in log order, so transactions commit in id order (the feed reads only projected rows;
+    the projector wakes it after each projection);
+  * every writer of member_events first locks the ledger_writer row, which every batch append updates
+    (the fence): a member event commits between two appends, after_transaction_id is the writer's
+    high-water mark then (every later transaction gets a larger id; a reader shows the event only once
+    the transactions up to it are projected), and its
     member_event_id is drawn under that lock, so it grows in commit order. Level changes are written
     by the batch itself (tier_events, copied to member_events by a trigger, migration 0012).
 A reader reads both tables in one repeatable-read snapshot, so the two agree.

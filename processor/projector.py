@@ -48,6 +48,10 @@ RETRY_DELAY_SECONDS_MAX = 2.0
 PRUNE_INTERVAL_SECONDS = 60.0
 
 
+class ProjectionRefused(StoreError):
+    """Recovery cannot project the log: Postgres holds a row an acknowledged batch made."""
+
+
 @dataclasses.dataclass(slots=True)
 class Appended:
     """A batch in the log, not yet projected."""
@@ -253,7 +257,17 @@ async def project_log(store: Store, timeout_seconds: float, batches_per_transact
                 connection, through, min(RECOVERY_BATCHES_PER_READ, batches_per_transaction_max), store.recovery_timeout
             )
         domain.require(bool(entries), f"batch_log holds batches after {through} up to {newest}")
-        through = await store.project_batches([(e.batch_id, e.write) for e in entries], timeout_seconds)
+        try:
+            through = await store.project_batches([(e.batch_id, e.write) for e in entries], timeout_seconds)
+        except asyncpg.UniqueViolationError as error:
+            # Postgres holds a row an acknowledged batch made (written around the service: a tool, a
+            # restore): retrying cannot cure it and the log is the truth, so the service stops rather
+            # than serve a ledger its tables contradict
+            raise ProjectionRefused(
+                f"batches {entries[0].batch_id}..{entries[-1].batch_id} of the batch log cannot be projected: "
+                f"{error.detail or error} (a row written around the service?). Remove the conflicting row "
+                "(the log's batch is what was acknowledged), then start the service again"
+            ) from error
     log.info(
         "batch log projected",
         extra={"through_batch": through, "seconds": round(time.monotonic() - started, 3)},
