@@ -86,7 +86,7 @@ class Projector:
         self.through = 0  # the newest batch projected (projection_state.through_batch_id)
         self._queued = asyncio.Event()  # wakes the projector: a batch was queued, or halt()
         self._progress = asyncio.Event()  # set (and replaced) when batches were projected or it stopped
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._halting = False
         self.stopped = False  # stopped on a divergent error: waits for a reset by the recovery
 
