@@ -48,5 +48,7 @@ async def wait_projected_async(
         await connection.close()
 
 
-def wait_projected(database_url: str, seconds: float = WAIT_SECONDS_DEFAULT) -> bool:
-    return asyncio.run(wait_projected_async(database_url, seconds))
+def wait_projected(
+    database_url: str, seconds: float = WAIT_SECONDS_DEFAULT, stalled_seconds: float = STALLED_SECONDS_DEFAULT
+) -> bool:
+    return asyncio.run(wait_projected_async(database_url, seconds, stalled_seconds))

@@ -196,3 +196,49 @@ async def _fetch(url: str, sql: str):
         return await connection.fetch(sql)
     finally:
         await connection.close()
+
+
+def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reconcile_checks_the_rest(
+    create_database, service_factory
+):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(url)
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for _ in range(4):
+            stub.Earn(earn_request(merchant, unique("mem"), 1_000), timeout=30)
+    assert service.terminate() == 0
+    assert wait_projected(url, stalled_seconds=0.1), "a graceful stop drains the projector"
+    assert ledger_discrepancies(url) == []
+
+    async def go() -> tuple[int, list[int], list[str], int]:
+        from processor.projector import prune_log
+        from processor.store import Store
+
+        store = await Store.open(url, 2)
+        try:
+            through = await store.pool.fetchval("SELECT through_batch_id FROM projection_state")
+            # a batch appended and not projected yet (as if the service died before projecting it)
+            await store.pool.execute(
+                """INSERT INTO batch_log (batch_id, created_at, transactions, operations, format_version, payload)
+                   VALUES ($1, now() - interval '2 hours', 0, 0, 1, '\\x00')""",
+                through + 1,
+            )
+            await store.pool.execute("UPDATE batch_log SET created_at = now() - interval '2 hours'")
+            deleted = await prune_log(store, 3600.0, 30.0)
+            kept = [r["batch_id"] for r in await store.pool.fetch("SELECT batch_id FROM batch_log ORDER BY 1")]
+            await store.pool.execute("DELETE FROM batch_log WHERE batch_id > $1", through)
+            # a projected batch whose transactions are not all there: reconcile names it
+            await store.pool.execute(
+                "UPDATE batch_log SET transactions = transactions + 1 WHERE batch_id = $1", through
+            )
+            problems = await store.ledger_discrepancies()
+            return deleted, kept, problems, through
+        finally:
+            await store.close()
+
+    deleted, kept, problems, through = asyncio.run(go())
+    assert deleted == through - 1 and kept == [through, through + 1]
+    assert any(f"batch {through} of the log wrote 2 transactions" in p for p in problems), problems
