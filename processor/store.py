@@ -1116,13 +1116,13 @@ class Store:
                 "SELECT through_batch_id FROM projection_state FOR UPDATE", timeout=timeout
             )
             todo = [(batch_id, batch) for batch_id, batch in batches if batch_id > through]
-            for offset, (batch_id, batch) in enumerate(todo):
+            for offset, (batch_id, _) in enumerate(todo):
                 if batch_id != through + 1 + offset:
                     raise ProjectionGap(
                         f"batch {batch_id} is next to project but projection_state is at {through}: "
                         "the batches between are missing; resynchronising from the log"
                     )
-                await self._write(connection, batch, timeout, step)
+            await self._write_many(connection, [batch for _, batch in todo], timeout, step)
             if todo:
                 moved = await connection.execute(
                     "UPDATE projection_state SET through_batch_id = $2 WHERE through_batch_id = $1",
@@ -1201,37 +1201,46 @@ class Store:
             raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
     async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
-        at = b.created_at
-        if b.new_members:
-            member_ids = [m[0] for m in b.new_members]
-            await c.execute(
-                """INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
-                member_ids,
-                at,
-                timeout=timeout,
-            )
-            # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
-            # batch must fail rather than post to an account id that does not exist
-            await c.execute(
-                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
-                               SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
-                [m[1] for m in b.new_members],
-                member_ids,
-                ACCOUNT_MEMBER,
-                ASSET_POINTS,
-                timeout=timeout,
-            )
-            step("members")
-        if b.new_accounts:
-            await c.execute(
-                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
-                               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
-                *[list(x) for x in zip(*b.new_accounts)],
-                timeout=timeout,
-            )
-            step("accounts")
-        if b.transactions:
-            balances_after = b.member_balances_after
+        await self._write_many(c, [b], timeout, step)
+
+    async def _write_many(self, c: asyncpg.Connection, batches: Sequence[BatchWrite], timeout: float, step) -> None:
+        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The four
+        bulk inserts (transactions, holds, entries, idempotency records) are one COPY each for all the
+        batches (each row keeps its own batch's created_at); the rest runs batch by batch, in order,
+        after the inserts it may depend on (a hold or a transaction created by an earlier batch of the
+        group is inserted before a later one resolves or refunds it). So a projection of several
+        batches costs about the round trips of one."""
+        for b in batches:
+            at = b.created_at
+            if b.new_members:
+                member_ids = [m[0] for m in b.new_members]
+                await c.execute(
+                    """INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
+                    member_ids,
+                    at,
+                    timeout=timeout,
+                )
+                # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
+                # batch must fail rather than post to an account id that does not exist
+                await c.execute(
+                    """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                                   SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
+                    [m[1] for m in b.new_members],
+                    member_ids,
+                    ACCOUNT_MEMBER,
+                    ASSET_POINTS,
+                    timeout=timeout,
+                )
+                step("members")
+            if b.new_accounts:
+                await c.execute(
+                    """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                                   SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
+                    *[list(x) for x in zip(*b.new_accounts)],
+                    timeout=timeout,
+                )
+                step("accounts")
+        if any(b.transactions for b in batches):
             await c.copy_records_to_table(
                 "transactions",
                 columns=[
@@ -1262,17 +1271,18 @@ class Store:
                         t[6],
                         t[7],
                         t[8],
-                        at,
+                        b.created_at,
                         t[9],
                         t[10] if len(t) > 10 else None,
-                        balances_after.get(t[0]),
+                        b.member_balances_after.get(t[0]),
                     )
+                    for b in batches
                     for t in b.transactions
                 ],
                 timeout=timeout,
             )
             step("transactions")
-        if b.new_holds:
+        if any(b.new_holds for b in batches):
             await c.copy_records_to_table(
                 "holds",
                 columns=[
@@ -1286,18 +1296,49 @@ class Store:
                     "created_at",
                     "idempotency_key",
                 ],
-                records=[(h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], at, h[5]) for h in b.new_holds],
+                records=[
+                    (h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], b.created_at, h[5])
+                    for b in batches
+                    for h in b.new_holds
+                ],
                 timeout=timeout,
             )
             step("holds")
-        if b.entries:
+        if any(b.entries for b in batches):
             await c.copy_records_to_table(
                 "entries",
                 columns=["transaction_id", "account_id", "asset_code", "amount"],
-                records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for e in b.entries],
+                records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for b in batches for e in b.entries],
                 timeout=timeout,
             )
             step("entries")
+        for b in batches:
+            await self._write_updates(c, b, timeout, step)
+        if any(b.idempotency for b in batches):
+            # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
+            # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
+            # 14.4-30 ms over four runs); a key already stored still fails the batch on the primary key
+            await c.copy_records_to_table(
+                "idempotency_keys",
+                columns=[
+                    "merchant_id",
+                    "idempotency_key",
+                    "method",
+                    "request",
+                    "outcome",
+                    "response",
+                    "message",
+                    "created_at",
+                ],
+                records=[(*record, b.created_at) for b in batches for record in b.idempotency],
+                timeout=timeout,
+            )
+            step("idempotency")
+
+    async def _write_updates(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
+        """One batch's updates of rows already there (refunds, hold resolutions and expiries) and its
+        rules' and member administration's rows."""
+        at = b.created_at
         if b.refunds:
             await c.execute(
                 """UPDATE transactions t SET refunded = t.refunded + r.points
@@ -1345,26 +1386,6 @@ class Store:
 
             await member_store.write(c, b.members, at, timeout)
             step("members_admin")
-        if b.idempotency:
-            # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
-            # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
-            # 14.4-30 ms over four runs); a key already stored still fails the batch on the primary key
-            await c.copy_records_to_table(
-                "idempotency_keys",
-                columns=[
-                    "merchant_id",
-                    "idempotency_key",
-                    "method",
-                    "request",
-                    "outcome",
-                    "response",
-                    "message",
-                    "created_at",
-                ],
-                records=[(*record, at) for record in b.idempotency],
-                timeout=timeout,
-            )
-            step("idempotency")
 
     @staticmethod
     async def _write_rules(c: asyncpg.Connection, r, at: dt.datetime, timeout: float, step) -> None:
