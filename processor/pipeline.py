@@ -1,4 +1,4 @@
-"""The commit pipeline: bounded queue → batch → fast path → one Postgres transaction → answers.
+"""The commit pipeline: bounded queue → batch → fast path → one batch-log append → answers → projector.
 
 This is the one place ledger state changes. A single committer task takes up to
 `batch_operations_max` queued operations (waiting `batch_linger_seconds` for more after the first),
@@ -12,14 +12,18 @@ and for the batch:
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
      returning the outcomes and the batch's rows (journal, hold changes, idempotency records);
-  4. writes all of it in one Postgres transaction, fenced so only the writer commits (the balances
-     follow by checkpoints: accounts.balance is folded from the journal, not written per batch);
-  5. only then answers every call of the batch.
+  4. appends all of it (the BatchWrite) to the batch log in one fenced autocommit statement
+     (processor/batch_log.py): the batch is durable;
+  5. only then answers every call of the batch, and hands the batch to the projector
+     (processor/projector.py), which writes its relational rows off the answer path (the balances
+     follow by checkpoints fed by the projector: accounts.balance is folded from the journal).
 
-If the write fails, the undo log puts the fast path back to what Postgres holds and every call of
-the batch gets UNAVAILABLE (nothing of it was committed, a retry with the same key is safe). If the
-failure leaves it unknown whether COMMIT happened (the connection broke), the fast path is rebuilt
-from Postgres before the next batch, and the retry finds the outcome if it was committed.
+If the append fails, the undo log puts the fast path back to what Postgres holds and every call of
+the batch gets UNAVAILABLE (nothing of it was appended, a retry with the same key is safe). If the
+failure leaves it unknown whether the append happened (the connection broke), the fast path is
+rebuilt from Postgres before the next batch (which projects the log first: the log decides), and the
+retry finds the outcome if it was appended. Reads of the relational tables that must see the callers'
+writes wait for the projection (projected()).
 """
 
 from __future__ import annotations
@@ -455,7 +459,8 @@ class Pipeline:
         self.request_resync()
 
     async def committed_view(self):
-        """Waits until every batch applied to the fast path is committed, so what it shows is durable.
+        """Waits until every batch applied to the fast path is appended, so what it shows is durable
+        (its rows may not be projected yet: a read of Postgres after it calls projected()).
         While a reader waits, the committer answers the batch being written before it applies the
         next (the pipelining pauses for that moment). Releases holds that expired since the last batch
         (their Postgres rows follow with the next batch)."""
@@ -503,11 +508,12 @@ class Pipeline:
 
     # --- the committer ---
     #
-    # Two batches overlap: while batch N is written to Postgres (a task on its own connection), the
-    # committer reads and applies batch N+1 to the fast path on top of N (a nested undo batch). N+1's
-    # write starts only once N is answered, so commits stay in order and each call is answered after
-    # its own commit. If N's write fails, the fast path is rolled back past both, and N+1's calls are
-    # answered UNAVAILABLE (nothing of them was written; a retry with the same key is safe).
+    # Two batches overlap: while batch N is appended to the batch log (a task on its own connection),
+    # the committer reads and applies batch N+1 to the fast path on top of N (a nested undo batch).
+    # N+1's append starts only once N is answered, so appends stay in order and each call is answered
+    # after its own batch is durable. If N's append fails, the fast path is rolled back past both, and
+    # N+1's calls are answered UNAVAILABLE (nothing of them was written; a retry with the same key is
+    # safe). An answered batch goes to the projector, which writes its rows in the same order.
 
     async def _run(self) -> None:
         settings = self.settings
@@ -675,7 +681,8 @@ class Pipeline:
     def _start_write(self, prepared: "_Prepared") -> None:
         if prepared.write.empty:
             return  # answered by _finish without a round trip
-        # one write at a time, in id order: the change feed's gap-freedom rests on it (processor/events.py)
+        # one append at a time, in id order: the log's order is the projection's, and the change feed's
+        # gap-freedom rests on it (processor/events.py)
         require(
             all(p.task is None or p.task.done() for p in self._open if p is not prepared),
             "a batch's write starts only after the previous batch's write ended",
@@ -698,8 +705,9 @@ class Pipeline:
         )
 
     async def _finish(self, prepared: "_Prepared") -> bool:
-        """Waits for the oldest open batch's write and answers its calls. On a failed write the fast
-        path is rolled back past every open batch, and all their calls are answered; returns False."""
+        """Waits for the oldest open batch's append and answers its calls, then hands it to the
+        projector. On a failed append the fast path is rolled back past every open batch, and all their
+        calls are answered; returns False."""
         ledger = self.ledger
         require(self._open and self._open[0] is prepared, "batches are answered in the order they were applied")
         try:
