@@ -308,11 +308,20 @@ async def record_member_event(
     payload = json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"))
 
     async def write() -> Position:
-        after = await connection.fetchval("SELECT last_transaction_id FROM ledger_writer FOR NO KEY UPDATE")
-        if after is None:
-            raise RuntimeError("ledger_writer has no row: the ledger database is not migrated")
-        committed = await connection.fetchval("SELECT coalesce(max(transaction_id), 0) FROM transactions")
-        after = max(after, committed)  # a seeded ledger may have rows past the mark (never fewer)
+        batch_through = await connection.fetchval("SELECT current_setting('" + PROJECTED_BATCH_SETTING + "', true)")
+        if batch_through:
+            # inside a projection (processor/projector.py): right after the transactions of the batch
+            # being written, as when the batch's own transaction wrote it
+            after = int(batch_through)
+        else:
+            after = await connection.fetchval("SELECT last_transaction_id FROM ledger_writer FOR NO KEY UPDATE")
+            if after is None:
+                raise RuntimeError("ledger_writer has no row: the ledger database is not migrated")
+            # appends wait for this lock from here; what was appended before is projected first, so no
+            # event of an earlier transaction (a level change) commits after this one
+            await _wait_for_projection(connection)
+            committed = await connection.fetchval("SELECT coalesce(max(transaction_id), 0) FROM transactions")
+            after = max(after, committed)  # a seeded ledger may have rows past the mark (never fewer)
         member_event_id = await connection.fetchval(
             """INSERT INTO member_events (after_transaction_id, event_type, member_id, detail)
                VALUES ($1, $2, $3, $4::jsonb) RETURNING member_event_id""",
@@ -332,6 +341,27 @@ async def record_member_event(
         # the caller's transaction may not have committed yet: a stream woken early reads again later
         asyncio.get_running_loop().call_soon(signal.notify)
     return position
+
+
+# The transaction-local setting a projection sets to the last transaction id of the batch whose member
+# administration rows it writes (Store._write_updates): a member event recorded there is positioned
+# after that batch's transactions and takes no ledger_writer lock (the projection must not wait for an
+# append, nor for a caller of record_member_event waiting for the projection).
+PROJECTED_BATCH_SETTING = "points.batch_transactions_through"
+# how long record_member_event waits for the projector to write what was appended before it
+PROJECTION_WAIT_SECONDS = 10.0
+
+
+async def _wait_for_projection(connection: asyncpg.Connection) -> None:
+    """Waits until every batch appended to the batch log is projected (bounded)."""
+    deadline = asyncio.get_running_loop().time() + PROJECTION_WAIT_SECONDS
+    while not await connection.fetchval(
+        """SELECT (SELECT through_batch_id FROM projection_state)
+                  >= (SELECT coalesce(max(batch_id), 0) FROM batch_log)"""
+    ):
+        if asyncio.get_running_loop().time() >= deadline:
+            raise Rejection(Code.UNAVAILABLE, "the ledger's read tables are behind its log; retry shortly")
+        await asyncio.sleep(0.005)
 
 
 # --- the committer's part ---

@@ -1382,8 +1382,14 @@ class Store:
             await self._write_rules(c, b.rules, at, timeout, step)
             step("rules")
         if b.members is not None:  # member administration (processor/member_postings.py)
-            from processor import member_store
+            from processor import events, member_store
 
+            # its member events are positioned right after this batch's transactions (events.py)
+            await c.execute(
+                f"SELECT set_config('{events.PROJECTED_BATCH_SETTING}', $1, true)",
+                str(b.last_transaction_id),
+                timeout=timeout,
+            )
             await member_store.write(c, b.members, at, timeout)
             step("members_admin")
 
