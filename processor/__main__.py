@@ -502,6 +502,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def action(store):
+        from processor import reconcile
+
+        behind = await reconcile.unprojected(store.pool, reconcile.PROJECTION_WAIT_SECONDS)
+        if behind:
+            print(f"not yet projected: {behind} batches of the batch log (checked: the projected ones)", flush=True)
         return await store.ledger_discrepancies(report=lambda check: print(f"checking: {check}", flush=True))
 
     problems = _run(_with_store(settings, action))

@@ -106,6 +106,31 @@ OPTIONS: tuple[Option, ...] = (
         "takes over when it goes); 0 = refuse to start at once",
     ),
     Option("pool_connections_max", int, 8, "Postgres connections in the pool, at most"),
+    Option(
+        "projection_wait_seconds",
+        float,
+        5.0,
+        "how long a read that must see the caller's writes waits for the projector to write their rows "
+        "(the batch log is projected off the answer path); beyond it the read gets UNAVAILABLE",
+    ),
+    Option(
+        "projection_queue_batches_max",
+        int,
+        64,
+        "appended batches waiting for the projector, at most; beyond it the committer waits (backpressure)",
+    ),
+    Option(
+        "projection_batches_per_transaction_max",
+        int,
+        16,
+        "consecutive appended batches the projector writes in one Postgres transaction, at most",
+    ),
+    Option(
+        "batch_log_retention_seconds",
+        float,
+        3600.0,
+        "projected batches older than this are deleted from the batch log (it is not needed once projected)",
+    ),
     Option("hold_ttl_seconds_default", int, 7 * DAY_SECONDS, "hold lifetime when a request gives none"),
     Option("hold_ttl_seconds_max", int, 31 * DAY_SECONDS, "longest hold lifetime a request may ask for"),
     Option("holds_expired_per_batch_max", int, 10_000, "expired holds released per batch, at most"),
@@ -352,6 +377,10 @@ class Settings:
     commit_timeout_seconds: float = 10.0
     writer_lock_wait_seconds: float = 0.0
     pool_connections_max: int = 8
+    projection_wait_seconds: float = 5.0
+    projection_queue_batches_max: int = 64
+    projection_batches_per_transaction_max: int = 16
+    batch_log_retention_seconds: float = 3600.0
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS
     holds_expired_per_batch_max: int = 10_000
@@ -455,6 +484,16 @@ class Settings:
         )
         check(self.balance_checkpoint_accounts_max >= 1, "balance_checkpoint_accounts_max must be >= 1")
         check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")
+        check(0 < self.projection_wait_seconds <= 3600, "projection_wait_seconds must be > 0 and <= 3600")
+        check(1 <= self.projection_queue_batches_max <= 10_000, "projection_queue_batches_max must be 1..10000")
+        check(
+            1 <= self.projection_batches_per_transaction_max <= 1_000,
+            "projection_batches_per_transaction_max must be 1..1000",
+        )
+        check(
+            60 <= self.batch_log_retention_seconds <= 90 * DAY_SECONDS,
+            "batch_log_retention_seconds must be 60..7776000",
+        )
         check(
             1 <= self.hold_ttl_seconds_default <= self.hold_ttl_seconds_max,
             "hold_ttl_seconds_default must be 1..hold_ttl_seconds_max",

@@ -4,12 +4,14 @@
 Positions. A transaction's position is (transaction_id, 0); a member event's is (after_transaction_id,
 member_event_id), compared as pairs. The log is gap-free — once a reader has seen a position, nothing
 at an earlier one commits later — because:
-  * the single writer hands transaction ids out in increasing order and a batch's write starts only
-    after the previous batch committed (processor/pipeline.py: N+1 is applied in memory while N is
-    written, but its write starts once N is answered), so transactions commit in id order;
-  * every writer of member_events first locks the ledger_writer row, which every batch holds locked
-    until its COMMIT (the fence): a member event commits between two batches, after_transaction_id is
-    the writer's high-water mark then (every later transaction gets a larger id), and its
+  * the single writer hands transaction ids out in increasing order, appends batches to the batch log
+    in that order, and its projector (processor/projector.py) writes their rows one projection after
+    the other, in log order, so transactions commit in id order (the feed reads only projected rows;
+    the projector wakes it after each projection);
+  * every writer of member_events first locks the ledger_writer row, which every batch append updates
+    (the fence): a member event commits between two appends, after_transaction_id is the writer's
+    high-water mark then (every later transaction gets a larger id; a reader shows the event only once
+    the transactions up to it are projected), and its
     member_event_id is drawn under that lock, so it grows in commit order. Level changes are written
     by the batch itself (tier_events, copied to member_events by a trigger, migration 0012).
 A reader reads both tables in one repeatable-read snapshot, so the two agree.
@@ -306,11 +308,20 @@ async def record_member_event(
     payload = json.dumps(dict(detail or {}), sort_keys=True, separators=(",", ":"))
 
     async def write() -> Position:
-        after = await connection.fetchval("SELECT last_transaction_id FROM ledger_writer FOR NO KEY UPDATE")
-        if after is None:
-            raise RuntimeError("ledger_writer has no row: the ledger database is not migrated")
-        committed = await connection.fetchval("SELECT coalesce(max(transaction_id), 0) FROM transactions")
-        after = max(after, committed)  # a seeded ledger may have rows past the mark (never fewer)
+        batch_through = await connection.fetchval("SELECT current_setting('" + PROJECTED_BATCH_SETTING + "', true)")
+        if batch_through:
+            # inside a projection (processor/projector.py): right after the transactions of the batch
+            # being written, as when the batch's own transaction wrote it
+            after = int(batch_through)
+        else:
+            after = await connection.fetchval("SELECT last_transaction_id FROM ledger_writer FOR NO KEY UPDATE")
+            if after is None:
+                raise RuntimeError("ledger_writer has no row: the ledger database is not migrated")
+            # appends wait for this lock from here; what was appended before is projected first, so no
+            # event of an earlier transaction (a level change) commits after this one
+            await _wait_for_projection(connection)
+            committed = await connection.fetchval("SELECT coalesce(max(transaction_id), 0) FROM transactions")
+            after = max(after, committed)  # a seeded ledger may have rows past the mark (never fewer)
         member_event_id = await connection.fetchval(
             """INSERT INTO member_events (after_transaction_id, event_type, member_id, detail)
                VALUES ($1, $2, $3, $4::jsonb) RETURNING member_event_id""",
@@ -330,6 +341,27 @@ async def record_member_event(
         # the caller's transaction may not have committed yet: a stream woken early reads again later
         asyncio.get_running_loop().call_soon(signal.notify)
     return position
+
+
+# The transaction-local setting a projection sets to the last transaction id of the batch whose member
+# administration rows it writes (Store._write_updates): a member event recorded there is positioned
+# after that batch's transactions and takes no ledger_writer lock (the projection must not wait for an
+# append, nor for a caller of record_member_event waiting for the projection).
+PROJECTED_BATCH_SETTING = "points.batch_transactions_through"
+# how long record_member_event waits for the projector to write what was appended before it
+PROJECTION_WAIT_SECONDS = 10.0
+
+
+async def _wait_for_projection(connection: asyncpg.Connection) -> None:
+    """Waits until every batch appended to the batch log is projected (bounded)."""
+    deadline = asyncio.get_running_loop().time() + PROJECTION_WAIT_SECONDS
+    while not await connection.fetchval(
+        """SELECT (SELECT through_batch_id FROM projection_state)
+                  >= (SELECT coalesce(max(batch_id), 0) FROM batch_log)"""
+    ):
+        if asyncio.get_running_loop().time() >= deadline:
+            raise Rejection(Code.UNAVAILABLE, "the ledger's read tables are behind its log; retry shortly")
+        await asyncio.sleep(0.005)
 
 
 # --- the committer's part ---

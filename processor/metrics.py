@@ -56,7 +56,9 @@ batch_operations = Histogram(
     "points_pipeline_batch_operations", "Operations per committed batch.", buckets=BATCH_BUCKETS
 )
 commit_seconds = Histogram(
-    "points_pipeline_commit_seconds", "Time to write one batch to Postgres, including COMMIT.", buckets=LATENCY_BUCKETS
+    "points_pipeline_commit_seconds",
+    "Time to make one batch durable: its append to the batch log (one autocommit round trip), which its answer waits for.",
+    buckets=LATENCY_BUCKETS,
 )
 commit_step_seconds = Histogram(
     "points_pipeline_commit_step_seconds",
@@ -84,6 +86,38 @@ checkpoint_accounts = Histogram(
     "points_pipeline_checkpoint_accounts",
     "Accounts folded per balance checkpoint.",
     buckets=(1, 16, 256, 1024, 4096, 16384, 65536, 262144, 1048576),
+)
+
+# --- the projector (processor/projector.py): the batch log's rows written off the answer path ---
+projection_lag_batches = Gauge(
+    "points_projection_lag_batches",
+    "Batches appended to the batch log (answered) whose relational rows are not written yet.",
+)
+projection_lag_seconds = Gauge(
+    "points_projection_lag_seconds", "Age of the oldest appended batch not projected yet (0 when none)."
+)
+projections = Counter(
+    "points_projection_transactions_total", "Projection transactions committed (each writes one or more batches)."
+)
+projection_batches = Histogram(
+    "points_projection_batches", "Batches written per projection transaction.", buckets=BATCH_BUCKETS
+)
+projection_seconds = Histogram(
+    "points_projection_seconds", "Time of one projection transaction, including COMMIT.", buckets=LATENCY_BUCKETS
+)
+projection_waits = Counter(
+    "points_projection_waits_total",
+    "Reads that had to wait for the projector to reach the caller's batches (read-your-writes).",
+)
+projection_failures = Counter(
+    "points_projection_failures_total", "Projection transactions that failed transiently and are retried."
+)
+projection_queue_full = Counter(
+    "points_projection_queue_full_total",
+    "Times the committer waited for the projector because its queue was full (backpressure).",
+)
+batch_log_pruned = Counter(
+    "points_batch_log_pruned_total", "Projected batches deleted from the batch log past its retention."
 )
 queue_wait_seconds = Histogram(
     "points_pipeline_queue_wait_seconds",

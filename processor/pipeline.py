@@ -1,4 +1,4 @@
-"""The commit pipeline: bounded queue → batch → fast path → one Postgres transaction → answers.
+"""The commit pipeline: bounded queue → batch → fast path → one batch-log append → answers → projector.
 
 This is the one place ledger state changes. A single committer task takes up to
 `batch_operations_max` queued operations (waiting `batch_linger_seconds` for more after the first),
@@ -12,14 +12,18 @@ and for the batch:
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
      returning the outcomes and the batch's rows (journal, hold changes, idempotency records);
-  4. writes all of it in one Postgres transaction, fenced so only the writer commits (the balances
-     follow by checkpoints: accounts.balance is folded from the journal, not written per batch);
-  5. only then answers every call of the batch.
+  4. appends all of it (the BatchWrite) to the batch log in one fenced autocommit statement
+     (processor/batch_log.py): the batch is durable;
+  5. only then answers every call of the batch, and hands the batch to the projector
+     (processor/projector.py), which writes its relational rows off the answer path (the balances
+     follow by checkpoints fed by the projector: accounts.balance is folded from the journal).
 
-If the write fails, the undo log puts the fast path back to what Postgres holds and every call of
-the batch gets UNAVAILABLE (nothing of it was committed, a retry with the same key is safe). If the
-failure leaves it unknown whether COMMIT happened (the connection broke), the fast path is rebuilt
-from Postgres before the next batch, and the retry finds the outcome if it was committed.
+If the append fails, the undo log puts the fast path back to what Postgres holds and every call of
+the batch gets UNAVAILABLE (nothing of it was appended, a retry with the same key is safe). If the
+failure leaves it unknown whether the append happened (the connection broke), the fast path is
+rebuilt from Postgres before the next batch (which projects the log first: the log decides), and the
+retry finds the outcome if it was appended. Reads of the relational tables that must see the callers'
+writes wait for the projection (projected()).
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from typing import Any, Callable
 import asyncpg
 
 import fastpath
-from processor import channel_store, domain, events, kinds, member_store, metrics, rules
+from processor import batch_log, channel_store, domain, events, kinds, member_store, metrics, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
 from processor.domain import Code, Operation, Outcome, Rejection, require
 from processor.idempotency import IdempotencyTable
 from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
+from processor.projector import Appended, Projector, project_log
 from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
 from processor.store import (
     BatchWrite,
@@ -65,8 +70,9 @@ class _Prepared:
     outcomes: list[Outcome]
     write: BatchWrite
     dated_us: int
-    task: asyncio.Task | None = None  # its Postgres write
+    task: asyncio.Task | None = None  # its append to the batch log
     started: float = 0.0
+    batch_id: int = 0  # its id in the batch log (0: an empty write, not appended)
 
 
 def all_done(futures: list[asyncio.Future]) -> asyncio.Future:
@@ -158,7 +164,20 @@ class Pipeline:
         self.draining = False  # shutting down: new operations are refused, queued ones commit
         self._resync_requested = False
         self.ready = False  # recovery done and Postgres reachable
-        self.feed_signal = events.FeedSignal()  # woken after every committed batch (processor/events.py)
+        self.feed_signal = events.FeedSignal()  # woken after every projected batch (processor/events.py)
+        # the batch log (processor/batch_log.py) and its projector (processor/projector.py): an answer
+        # waits for the append; the rows are written by the projector, off the answer path
+        self.projector = Projector(
+            store,  # type: ignore[arg-type]  # set by recover() when the service opened it later
+            settings.projection_queue_batches_max,
+            settings.projection_batches_per_transaction_max,
+            settings.commit_timeout_seconds,
+            settings.batch_log_retention_seconds,
+            self._on_projected,
+            self._projection_failed,
+        )
+        self._next_batch_id = 1  # the next batch's id in the log (consecutive: a failed append reuses it)
+        self._answered_batch_id = 0  # the newest batch appended and answered
 
     # the state machine's state, under the names the servicers, recovery and tests use
     ledger = _state("ledger", "the fast path's Ledger (fastpath.Ledger)")
@@ -174,10 +193,22 @@ class Pipeline:
         """Loads merchants, balances, open holds and id high-water marks from Postgres."""
         self.ready = False
         gc.unfreeze()  # what the last recovery loaded may be garbage now (a resync): collectable again
+        await self.projector.halt()  # what it had queued is in the log: projected below
+        if self._checkpoint is not None:  # it may have been started by the last projection
+            await asyncio.wait({self._checkpoint})
         if not await self.store.writer_lock_alive():
             # Postgres restarted (or the lock connection broke): the lock is ours again or the start fails
             await self.store.release_writer_lock()
             await self.store.acquire_writer_lock()
+        # Until projected the log is the only truth: every batch after projection_state is projected
+        # before anything is loaded from the relational tables
+        self.projector.store = self.store
+        through, newest = await project_log(
+            self.store, self.settings.commit_timeout_seconds, self.settings.projection_batches_per_transaction_max
+        )
+        self.projector.reset(through)
+        self._next_batch_id = newest + 1
+        self._answered_batch_id = through
         self.merchants = Merchants(await self.store.merchants())
         self.ledger = await load_ledger(self.store, self.settings, self.merchants, now_micros())
         self.program = await load_program(self.store, self.settings, now_micros())
@@ -211,6 +242,8 @@ class Pipeline:
         # objects every batch makes do not walk it (the collector was 7% of the service's CPU with no
         # program, 12% with one; after this 3.4% and 8.9%: py-spy, loadtest/budget.py)
         gc.freeze()
+        if self._task is not None:  # a resync (at start, start() starts it)
+            self.projector.start()
         self.ready = True
         log.info(
             "recovered ledger from postgres",
@@ -256,6 +289,9 @@ class Pipeline:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="committer")
+        self.projector.start()
+        metrics.projection_lag_batches.set_function(lambda: self.projector.lag_batches)
+        metrics.projection_lag_seconds.set_function(self.projector.lag_seconds)
         self._dividends = loop.create_task(self._dividend_loop(), name="dividend-rounds")
 
     async def stop(self) -> None:
@@ -266,6 +302,14 @@ class Pipeline:
             self._dividends.cancel()
         if self._task is not None:
             await self._task
+        if self.projector.running:
+            # the last checkpoint folds the journal: every answered batch projected first
+            if not await self.projector.wait_through(self._answered_batch_id, 3 * self.settings.commit_timeout_seconds):
+                log.warning(
+                    "the batch log is not projected at stop; the next start projects it",
+                    extra={"lag_batches": self.projector.lag_batches},
+                )
+            await self.projector.halt()
         if self._checkpoint is not None:
             await asyncio.wait({self._checkpoint})
         if self.ready and self.store is not None:
@@ -380,13 +424,43 @@ class Pipeline:
     async def projected(self) -> None:
         """Read-your-writes for a read of Postgres's relational tables (ListTransactions, statements,
         positions, the settlement cut, exports): returns once every batch answered before this call is
-        visible there. Today a batch's rows are written in the transaction its answer waits for, so it
-        returns at once; with the batch log and its projector (issue 14 stage 5) it waits for the
-        projection to reach that batch, bounded, else Rejection(UNAVAILABLE)."""
-        return None
+        visible there. A batch is answered once appended to the batch log; its rows are written by the
+        projector, so this waits for the projection to reach the last batch answered, at most
+        --projection-wait-seconds, else Rejection(UNAVAILABLE) naming the lag."""
+        target = self._answered_batch_id
+        if self.projector.through >= target:
+            return
+        metrics.projection_waits.inc()
+        if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
+            raise Rejection(
+                Code.UNAVAILABLE,
+                f"the ledger's read tables are behind by {target - self.projector.through} batches; retry shortly",
+            )
+
+    async def _caught_up(self) -> None:
+        """For the committer's own reads of the relational tables (a retry's stored outcome, a prefetch,
+        dividend and channel work): waits for every answered batch to be projected, bounded; raises
+        TimeoutError (a failed read: the batch is answered UNAVAILABLE) when the projector lags."""
+        target = self._answered_batch_id
+        if self.projector.through >= target:
+            return
+        if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
+            raise TimeoutError(f"the projection is behind the batch log by {target - self.projector.through} batches")
+
+    def _on_projected(self, group: list[Appended]) -> None:
+        """The projector wrote these batches' rows (in order): the balance checkpoint may fold their
+        entries now (its mark never passes the projection), and the change feed may read them."""
+        for item in group:
+            self._committed(item.write)
+        self.feed_signal.notify()
+
+    def _projection_failed(self, error: BaseException) -> None:
+        """A divergent projection error: rebuild from Postgres, which projects the log first."""
+        self.request_resync()
 
     async def committed_view(self):
-        """Waits until every batch applied to the fast path is committed, so what it shows is durable.
+        """Waits until every batch applied to the fast path is appended, so what it shows is durable
+        (its rows may not be projected yet: a read of Postgres after it calls projected()).
         While a reader waits, the committer answers the batch being written before it applies the
         next (the pipelining pauses for that moment). Releases holds that expired since the last batch
         (their Postgres rows follow with the next batch)."""
@@ -419,6 +493,7 @@ class Pipeline:
         # batches applied from now on are dated at or after cut_off; wait for those dated before it
         while self._open and self._open[0].dated_us < cut_off_us:
             await self._finished_event().wait()
+        await self.projected()  # and their rows written: the cut reads them
 
     def _finished_event(self) -> asyncio.Event:
         """An event set when the next batch is answered (committed or failed)."""
@@ -433,11 +508,12 @@ class Pipeline:
 
     # --- the committer ---
     #
-    # Two batches overlap: while batch N is written to Postgres (a task on its own connection), the
-    # committer reads and applies batch N+1 to the fast path on top of N (a nested undo batch). N+1's
-    # write starts only once N is answered, so commits stay in order and each call is answered after
-    # its own commit. If N's write fails, the fast path is rolled back past both, and N+1's calls are
-    # answered UNAVAILABLE (nothing of them was written; a retry with the same key is safe).
+    # Two batches overlap: while batch N is appended to the batch log (a task on its own connection),
+    # the committer reads and applies batch N+1 to the fast path on top of N (a nested undo batch).
+    # N+1's append starts only once N is answered, so appends stay in order and each call is answered
+    # after its own batch is durable. If N's append fails, the fast path is rolled back past both, and
+    # N+1's calls are answered UNAVAILABLE (nothing of them was written; a retry with the same key is
+    # safe). An answered batch goes to the projector, which writes its rows in the same order.
 
     async def _run(self) -> None:
         settings = self.settings
@@ -542,11 +618,14 @@ class Pipeline:
             stored = {}
             if maybe:
                 metrics.idempotency_keys_read.inc(len(maybe))
+                await self._caught_up()  # the record may be in a batch not projected yet
                 stored = await self.store.stored_outcomes(maybe)
             await self._prefetch(batch, now_micros())
             dividends = []
             if self.program.dividends_unposted and not self._open:
                 # only with no batch in flight: a chunk read now is not being posted by a batch unanswered
+                # (nor by one not projected: the allocations it posted are marked by its rows)
+                await self._caught_up()
                 dividends = await self.store.unposted_allocations(
                     self.settings.program_id, settings.batch_operations_max
                 )
@@ -554,6 +633,7 @@ class Pipeline:
             channel: list = []
             if self.channel_unposted and not self._open:
                 # channel statements of a cut (processor/channel_store.py), posted like dividends
+                await self._caught_up()
                 channel = await channel_store.unposted(self.store.pool, settings.batch_operations_max)
                 self.channel_unposted = bool(channel)
             # account ids for what the batch may open: a new member's account, and under the rules up to
@@ -601,20 +681,33 @@ class Pipeline:
     def _start_write(self, prepared: "_Prepared") -> None:
         if prepared.write.empty:
             return  # answered by _finish without a round trip
-        # one write at a time, in id order: the change feed's gap-freedom rests on it (processor/events.py)
+        # one append at a time, in id order: the log's order is the projection's, and the change feed's
+        # gap-freedom rests on it (processor/events.py)
         require(
             all(p.task is None or p.task.done() for p in self._open if p is not prepared),
             "a batch's write starts only after the previous batch's write ended",
         )
         prepared.started = time.monotonic()
-        prepared.task = asyncio.get_running_loop().create_task(
-            self.store.write_batch(prepared.write, self.settings.commit_timeout_seconds), name="batch-write"
-        )
+        prepared.batch_id = self._next_batch_id
+        prepared.task = asyncio.get_running_loop().create_task(self._append(prepared), name="batch-append")
         prepared.task.add_done_callback(lambda _: self._queued.set())
 
+    async def _append(self, prepared: "_Prepared") -> None:
+        """The batch's durable write: its BatchWrite pickled (measured: docs/DESIGN.md section 4 item 5)
+        and appended to the batch log with the writer's fence in one autocommit round trip. Its
+        failures are _finish's to judge, as a write's were (WriterLockLost, WriterFenced: resync)."""
+        store = self.store
+        payload = batch_log.encode(prepared.write)
+        timeout = self.settings.commit_timeout_seconds
+        fence = store.writer_fence()
+        await store.bounded(
+            lambda c: batch_log.append(c, fence, prepared.batch_id, prepared.write, payload, timeout), timeout
+        )
+
     async def _finish(self, prepared: "_Prepared") -> bool:
-        """Waits for the oldest open batch's write and answers its calls. On a failed write the fast
-        path is rolled back past every open batch, and all their calls are answered; returns False."""
+        """Waits for the oldest open batch's append and answers its calls, then hands it to the
+        projector. On a failed append the fast path is rolled back past every open batch, and all their
+        calls are answered; returns False."""
         ledger = self.ledger
         require(self._open and self._open[0] is prepared, "batches are answered in the order they were applied")
         try:
@@ -636,7 +729,9 @@ class Pipeline:
         self._open.popleft()
         # before any call is answered: a retry that follows must find its key
         self.idempotency.add([(record[0], record[1]) for record in prepared.write.idempotency])
-        self._committed(prepared.write)
+        if prepared.task is not None:
+            self._next_batch_id = prepared.batch_id + 1
+            self._answered_batch_id = prepared.batch_id  # before any answer: projected() waits for it
         metrics.batches.labels("committed").inc()
         metrics.batch_operations.observe(len(prepared.batch))
         _count_committed(prepared.write, ledger)
@@ -646,12 +741,14 @@ class Pipeline:
             self._resolve(op, outcome)
         self._signal_finished()
         if prepared.task is not None:
-            self.feed_signal.notify()  # the change feed's streams read what this batch committed
+            # its rows are written by the projector; a full queue holds the committer (backpressure)
+            await self.projector.put(Appended(prepared.batch_id, prepared.write, time.monotonic()))
         return True
 
     def _committed(self, write: BatchWrite) -> None:
-        """Adds a committed batch's entries to what the next balance checkpoint folds in, and starts
-        that checkpoint when it is due."""
+        """Adds a projected batch's entries to what the next balance checkpoint folds in, and starts
+        that checkpoint when it is due (batches are fed here in order as the projector writes them, so
+        the checkpoint's mark never passes the projection)."""
         pending = self._pending_deltas
         for entry in write.entries:
             account_id = entry[1]
@@ -672,7 +769,7 @@ class Pipeline:
                 or len(pending) >= self.settings.balance_checkpoint_accounts_max
             )
         ):
-            # every batch up to _pending_through is committed and no later one is: the pending sums
+            # every batch up to _pending_through is projected and no later one is: the pending sums
             # are exactly the journal from the last checkpoint through it
             self._checkpoint = asyncio.get_running_loop().create_task(
                 self._write_checkpoint(pending, self._pending_through), name="balance-checkpoint"
@@ -785,6 +882,8 @@ class Pipeline:
         """Reads from Postgres the holds, transactions and rule records the batch refers to that the state
         machine does not hold, and loads them into it."""
         hold_ids, voucher_hold_ids, record_ids, transaction_ids = self.machine.missing(batch)
+        if hold_ids or voucher_hold_ids or record_ids or transaction_ids:
+            await self._caught_up()  # what it reads may be in a batch not projected yet
         holds = await self.store.holds(hold_ids) if hold_ids else []
         voucher_holds = (
             [(r["authorization_id"], voucher_hold(r)) for r in await self.store.voucher_holds(voucher_hold_ids)]
@@ -823,6 +922,7 @@ class Pipeline:
         if not self.ready or version is None or version.dividends is None or program.dividends_unposted:
             return None
         try:
+            await self._caught_up()  # the round reads the balances of every batch answered
             decided = await self.store.decide_dividend_round(
                 self.settings.program_id, version, self.settings.commit_timeout_seconds
             )

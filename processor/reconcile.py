@@ -9,6 +9,9 @@ lists at most 5 examples. Used by `python -m processor reconcile` and at the end
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import asyncpg
 
 from processor import channel_store, kinds, member_store, rules
@@ -22,6 +25,9 @@ from processor.store import (
     STATEMENT_AMOUNTS,
     VOUCHER_STATEMENT_AMOUNTS,
 )
+
+# how long `python -m processor reconcile` waits for a running service's projector before it checks
+PROJECTION_WAIT_SECONDS = 30.0
 
 
 async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) -> list[str]:
@@ -241,7 +247,60 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
             problems.append(f"fee revenue {totals['revenue']}{paid} != fees charged {-totals['fees']}")
         problems += await channel_store.discrepancies(fetch, report)
         problems.extend(await _feed_discrepancies(fetch, report))
+        problems.extend(await _log_discrepancies(fetch, report))
     return problems
+
+
+# --- reconcile: the projection against the batch log (processor/batch_log.py, migration 0017) -------
+
+
+async def _log_discrepancies(fetch, report) -> list[str]:
+    """The projection equals the log: the mark is within the log, and every projected batch still in the
+    log has its transaction id range in `transactions` with its count (ids are consecutive across
+    batches, so no other batch has a row in its range). Batches after the mark are not yet projected:
+    not a discrepancy (a running service's projector writes them; `unprojected` counts them)."""
+    problems: list[str] = []
+    report("the projection mark is within the batch log")
+    for r in await fetch(
+        """SELECT p.through_batch_id AS through, (SELECT max(batch_id) FROM batch_log) AS newest
+           FROM projection_state p"""
+    ):
+        if r["newest"] is None and r["through"] > 0 or r["newest"] is not None and r["through"] > r["newest"]:
+            problems.append(
+                f"projection_state is at batch {r['through']} but the batch log ends at {r['newest']}: "
+                "the newest projected batch must stay in the log"
+            )
+    report("every projected batch in the log has its transactions, and no more")
+    for r in await fetch(
+        """SELECT l.batch_id, l.first_transaction_id, l.last_transaction_id, l.transactions,
+                  count(t.transaction_id) AS found
+           FROM batch_log l JOIN projection_state p ON l.batch_id <= p.through_batch_id
+           LEFT JOIN transactions t
+             ON t.transaction_id BETWEEN l.first_transaction_id AND l.last_transaction_id
+           GROUP BY l.batch_id HAVING count(t.transaction_id) <> l.transactions
+           ORDER BY l.batch_id LIMIT 5"""
+    ):
+        problems.append(
+            f"batch {r['batch_id']} of the log wrote {r['transactions']} transactions "
+            f"({r['first_transaction_id']}..{r['last_transaction_id']}) but {r['found']} are in transactions"
+        )
+    return problems
+
+
+async def unprojected(pool: asyncpg.Pool, wait_seconds: float) -> int:
+    """Batches in the log not projected yet, after waiting up to `wait_seconds` for a running service's
+    projector to write them (reconcile reads the projected tables: it waits so it checks what was
+    answered before it started)."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        row = await pool.fetchrow(
+            """SELECT (SELECT coalesce(max(batch_id), 0) FROM batch_log) AS newest,
+                      (SELECT through_batch_id FROM projection_state) AS through"""
+        )
+        lag = max(0, row["newest"] - row["through"])
+        if lag == 0 or time.monotonic() >= deadline:
+            return lag
+        await asyncio.sleep(0.1)
 
 
 # --- reconcile: the change feed's records (processor/events.py, migration 0012) ----------------------

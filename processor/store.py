@@ -83,6 +83,11 @@ class WriterLockLost(Exception):
     """The session holding the writer lock is gone: the fast path must be rebuilt and the lock taken again."""
 
 
+class ProjectionGap(StoreError):
+    """The projector was handed a batch that does not follow projection_state's mark (a bug): the
+    pipeline resynchronises, which projects the log in order."""
+
+
 # ---------------------------------------------------------------------------------------------------
 # Where the database is
 
@@ -1172,16 +1177,60 @@ class Store:
             marks=(batch.last_transaction_id, batch.last_authorization_id),
         )
 
-    async def _as_writer(self, write, timeout: float, marks: tuple[int, int] | None = None) -> None:
+    def writer_fence(self) -> tuple[int, int, dt.datetime]:
+        """(writer epoch, lock session pid, lock session backend_start): what a fenced statement
+        checks (processor/batch_log.py's append); WriterLockLost when this service is not the writer."""
+        if self._writer_epoch is None or self._writer_lock_pid is None or self._writer_lock_started is None:
+            raise WriterLockLost("this service does not hold the writer lock; not writing")
+        return self._writer_epoch, self._writer_lock_pid, self._writer_lock_started
+
+    async def project_batches(self, batches: Sequence[tuple[int, BatchWrite]], timeout: float) -> int:
+        """Writes the relational rows of consecutive batch-log batches (batch_id, BatchWrite), oldest
+        first, in ONE transaction, fenced as every writer transaction, and advances
+        projection_state.through_batch_id in it, guarded by its previous value (read FOR UPDATE, so two
+        projections never interleave): batches at or below it are skipped (an earlier projection whose
+        COMMIT's answer was lost), so nothing is projected twice. Returns the mark after. Each batch's
+        rows are written by _write, exactly as a batch's own transaction wrote them before the log."""
+        through_after = 0
+
+        async def write(connection: asyncpg.Connection, step) -> None:
+            nonlocal through_after
+            through = await connection.fetchval(
+                "SELECT through_batch_id FROM projection_state FOR UPDATE", timeout=timeout
+            )
+            todo = [(batch_id, batch) for batch_id, batch in batches if batch_id > through]
+            for offset, (batch_id, _) in enumerate(todo):
+                if batch_id != through + 1 + offset:
+                    raise ProjectionGap(
+                        f"batch {batch_id} is next to project but projection_state is at {through}: "
+                        "the batches between are missing; resynchronising from the log"
+                    )
+            await self._write_many(connection, [batch for _, batch in todo], timeout, step)
+            if todo:
+                moved = await connection.execute(
+                    "UPDATE projection_state SET through_batch_id = $2 WHERE through_batch_id = $1",
+                    through,
+                    todo[-1][0],
+                    timeout=timeout,
+                )
+                require(moved == "UPDATE 1", f"projection_state moved from {through} under its row lock")
+            through_after = todo[-1][0] if todo else through
+
+        await self._as_writer(write, timeout, timed=True)
+        return through_after
+
+    async def _as_writer(
+        self, write, timeout: float, marks: tuple[int, int] | None = None, *, timed: bool = False
+    ) -> None:
         """Runs `write(connection, step)` in one transaction on a pool connection, fenced (see
         _check_writer_lock), all within `timeout` seconds (bounded). With `marks` (batches: the last
-        transaction and authorization ids handed out), the fence records them, and each step is timed
-        into points_pipeline_commit_step_seconds."""
+        transaction and authorization ids handed out), the fence records them. With marks or `timed`
+        (projections), each step is timed into points_pipeline_commit_step_seconds."""
 
         async def work(connection):
             transaction = connection.transaction()
             await transaction.start()
-            step = _Steps() if marks is not None else _untimed
+            step = _Steps() if marks is not None or timed else _untimed
             try:
                 await self._check_writer_lock(connection, marks)
                 step("lock_check")
@@ -1235,37 +1284,46 @@ class Store:
             raise WriterLockLost("this service no longer holds the writer lock; not writing")
 
     async def _write(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
-        at = b.created_at
-        if b.new_members:
-            member_ids = [m[0] for m in b.new_members]
-            await c.execute(
-                """INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
-                member_ids,
-                at,
-                timeout=timeout,
-            )
-            # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
-            # batch must fail rather than post to an account id that does not exist
-            await c.execute(
-                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
-                               SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
-                [m[1] for m in b.new_members],
-                member_ids,
-                ACCOUNT_MEMBER,
-                ASSET_POINTS,
-                timeout=timeout,
-            )
-            step("members")
-        if b.new_accounts:
-            await c.execute(
-                """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
-                               SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
-                *[list(x) for x in zip(*b.new_accounts)],
-                timeout=timeout,
-            )
-            step("accounts")
-        if b.transactions:
-            balances_after = b.member_balances_after
+        await self._write_many(c, [b], timeout, step)
+
+    async def _write_many(self, c: asyncpg.Connection, batches: Sequence[BatchWrite], timeout: float, step) -> None:
+        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The four
+        bulk inserts (transactions, holds, entries, idempotency records) are one COPY each for all the
+        batches (each row keeps its own batch's created_at); the rest runs batch by batch, in order,
+        after the inserts it may depend on (a hold or a transaction created by an earlier batch of the
+        group is inserted before a later one resolves or refunds it). So a projection of several
+        batches costs about the round trips of one."""
+        for b in batches:
+            at = b.created_at
+            if b.new_members:
+                member_ids = [m[0] for m in b.new_members]
+                await c.execute(
+                    """INSERT INTO members (member_id, created_at) SELECT unnest($1::text[]), $2""",
+                    member_ids,
+                    at,
+                    timeout=timeout,
+                )
+                # no ON CONFLICT: a member the fast path did not know but Postgres did is a bug, and the
+                # batch must fail rather than post to an account id that does not exist
+                await c.execute(
+                    """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                                   SELECT unnest($1::bigint[]), $3, unnest($2::text[]), $4""",
+                    [m[1] for m in b.new_members],
+                    member_ids,
+                    ACCOUNT_MEMBER,
+                    ASSET_POINTS,
+                    timeout=timeout,
+                )
+                step("members")
+            if b.new_accounts:
+                await c.execute(
+                    """INSERT INTO accounts (account_id, kind, owner_id, asset_code) OVERRIDING SYSTEM VALUE
+                                   SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])""",
+                    *[list(x) for x in zip(*b.new_accounts)],
+                    timeout=timeout,
+                )
+                step("accounts")
+        if any(b.transactions for b in batches):
             await c.copy_records_to_table(
                 "transactions",
                 columns=[
@@ -1296,17 +1354,18 @@ class Store:
                         t[6],
                         t[7],
                         t[8],
-                        at,
+                        b.created_at,
                         t[9],
                         t[10] if len(t) > 10 else None,
-                        balances_after.get(t[0]),
+                        b.member_balances_after.get(t[0]),
                     )
+                    for b in batches
                     for t in b.transactions
                 ],
                 timeout=timeout,
             )
             step("transactions")
-        if b.new_holds:
+        if any(b.new_holds for b in batches):
             await c.copy_records_to_table(
                 "holds",
                 columns=[
@@ -1320,18 +1379,49 @@ class Store:
                     "created_at",
                     "idempotency_key",
                 ],
-                records=[(h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], at, h[5]) for h in b.new_holds],
+                records=[
+                    (h[0], h[1], h[2], ASSET_POINTS, h[3], 1, h[4], b.created_at, h[5])
+                    for b in batches
+                    for h in b.new_holds
+                ],
                 timeout=timeout,
             )
             step("holds")
-        if b.entries:
+        if any(b.entries for b in batches):
             await c.copy_records_to_table(
                 "entries",
                 columns=["transaction_id", "account_id", "asset_code", "amount"],
-                records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for e in b.entries],
+                records=[(e[0], e[1], e[3] if len(e) > 3 else ASSET_POINTS, e[2]) for b in batches for e in b.entries],
                 timeout=timeout,
             )
             step("entries")
+        for b in batches:
+            await self._write_updates(c, b, timeout, step)
+        if any(b.idempotency for b in batches):
+            # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
+            # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
+            # 14.4-30 ms over four runs); a key already stored still fails the batch on the primary key
+            await c.copy_records_to_table(
+                "idempotency_keys",
+                columns=[
+                    "merchant_id",
+                    "idempotency_key",
+                    "method",
+                    "request",
+                    "outcome",
+                    "response",
+                    "message",
+                    "created_at",
+                ],
+                records=[(*record, b.created_at) for b in batches for record in b.idempotency],
+                timeout=timeout,
+            )
+            step("idempotency")
+
+    async def _write_updates(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
+        """One batch's updates of rows already there (refunds, hold resolutions and expiries) and its
+        rules' and member administration's rows."""
+        at = b.created_at
         if b.refunds:
             await c.execute(
                 """UPDATE transactions t SET refunded = t.refunded + r.points
@@ -1375,30 +1465,16 @@ class Store:
             await self._write_rules(c, b.rules, at, timeout, step)
             step("rules")
         if b.members is not None:  # member administration (processor/member_postings.py)
-            from processor import member_store
+            from processor import events, member_store
 
-            await member_store.write(c, b.members, at, timeout)
-            step("members_admin")
-        if b.idempotency:
-            # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
-            # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
-            # 14.4-30 ms over four runs); a key already stored still fails the batch on the primary key
-            await c.copy_records_to_table(
-                "idempotency_keys",
-                columns=[
-                    "merchant_id",
-                    "idempotency_key",
-                    "method",
-                    "request",
-                    "outcome",
-                    "response",
-                    "message",
-                    "created_at",
-                ],
-                records=[(*record, at) for record in b.idempotency],
+            # its member events are positioned right after this batch's transactions (events.py)
+            await c.execute(
+                f"SELECT set_config('{events.PROJECTED_BATCH_SETTING}', $1, true)",
+                str(b.last_transaction_id),
                 timeout=timeout,
             )
-            step("idempotency")
+            await member_store.write(c, b.members, at, timeout)
+            step("members_admin")
 
     @staticmethod
     async def _write_rules(c: asyncpg.Connection, r, at: dt.datetime, timeout: float, step) -> None:

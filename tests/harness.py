@@ -242,6 +242,20 @@ _PROJECTED_SQL = """SELECT coalesce((SELECT min(through_batch_id) FROM projectio
                            >= (SELECT coalesce(max(batch_id), 0) FROM batch_log)"""
 
 
+async def projection_lag(connection: asyncpg.Connection) -> int:
+    """Batches in the batch log not projected yet (0 without a batch log)."""
+    log_exists, state_exists = await connection.fetchrow(_LOG_EXISTS_SQL)
+    if not log_exists:
+        return 0
+    row = await connection.fetchrow(
+        """SELECT (SELECT coalesce(max(batch_id), 0) FROM batch_log) AS newest,
+                  (SELECT min(through_batch_id) FROM projection_state) AS through"""
+        if state_exists
+        else "SELECT (SELECT coalesce(max(batch_id), 0) FROM batch_log) AS newest, 0 AS through"
+    )
+    return max(0, row["newest"] - (row["through"] or 0))
+
+
 async def projected(connection: asyncpg.Connection, timeout: float = PROJECTED_TIMEOUT_SECONDS) -> None:
     """Returns once every batch in the batch log is projected (at once without a batch log); fails the
     test if the projection has not got there within `timeout` seconds."""

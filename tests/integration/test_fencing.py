@@ -11,12 +11,14 @@ the journal exactly once."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import os
 import signal
 import threading
 import time
 
+import asyncpg
 import grpc
 import pytest
 
@@ -35,10 +37,24 @@ RETRYABLE = (
 )
 
 
+def _fetch_now(url: str, sql: str, *args):
+    """A read that does not wait for the projection (harness.fetch may): while A is stopped, the batches
+    it appended are projected only once B has taken over and recovered."""
+
+    async def read():
+        connection = await asyncpg.connect(url)
+        try:
+            return await connection.fetch(sql, *args)
+        finally:
+            await connection.close()
+
+    return asyncio.run(read())
+
+
 def _a_batch_is_open(url: str, states: tuple[str, ...]) -> bool:
     """Whether a pool connection of the service is inside a transaction that wrote, in one of `states`
     ('active': inside a statement, e.g. a COPY waiting for the rows; 'idle in transaction': between two)."""
-    rows = fetch(
+    rows = _fetch_now(
         url,
         """SELECT count(*) AS n FROM pg_stat_activity
                          WHERE application_name = 'points-processor' AND datname = current_database()
@@ -135,7 +151,7 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
     try:
         time.sleep(1.5)
         assert not started.done(), "the second instance must wait for the writer lock, not start"
-        epoch = fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"]
+        epoch = _fetch_now(url, "SELECT epoch FROM ledger_writer")[0]["epoch"]
 
         # stop A inside a batch's transaction (retry until one is caught open)
         for _ in range(2000):
@@ -146,13 +162,13 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
             time.sleep(0.005)
         else:
             pytest.fail("never caught the first instance inside a batch")
-        stalled = fetch(
+        stalled = _fetch_now(
             url,
             """SELECT pid FROM pg_stat_activity WHERE application_name = 'points-processor'
                                 AND datname = current_database() AND backend_xid IS NOT NULL""",
         )
         # only the session holding the lock (B's session is waiting for it under the same name)
-        killed = fetch(
+        killed = _fetch_now(
             url,
             """SELECT pg_terminate_backend(a.pid) AS k FROM pg_stat_activity a
                                WHERE a.application_name = 'points-processor-lock' AND a.datname = current_database()
@@ -164,8 +180,8 @@ def test_a_stalled_writer_is_fenced_off_until_commit_and_the_standby_takes_over(
         # B gets the lock at once but waits for A's open transaction (ended by Postgres), then serves
         second_service = started.result(timeout=60)
         assert second_service is second
-        assert fetch(url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1
-        still_there = fetch(
+        assert _fetch_now(url, "SELECT epoch FROM ledger_writer")[0]["epoch"] == epoch + 1
+        still_there = _fetch_now(
             url, "SELECT pid FROM pg_stat_activity WHERE pid = ANY($1::int[])", [r["pid"] for r in stalled]
         )
         assert still_there == [], "B loaded the ledger while A's batch transaction was still open"

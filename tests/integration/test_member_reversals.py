@@ -326,6 +326,7 @@ def test_reconcile_reports_a_reversed_transaction_refunded_or_what_an_earn_set_o
         earned = earn(world.stub, "shop-a", member, 10_000)
         _reverse(world, earned.transaction_id)
     finally:
+        world.service.terminate()  # graceful: its projector writes the last batches' rows before it exits
         world.stop()
     assert ledger_discrepancies(url) == []
     [reward] = fetch(

@@ -384,5 +384,5 @@ def test_state_survives_a_restart(world):
             more = earn(again, "shop-a", member, 10_000)  # blue's bonus was paid once: 1.5x and no bonus
             assert more.bonus_points == 500
     finally:
-        restarted.kill()
+        restarted.terminate()  # graceful: its projector writes the last batches' rows before it exits
     assert ledger_discrepancies(url) == []

@@ -1,0 +1,244 @@
+"""The batch log and its projector (processor/batch_log.py, processor/projector.py), against a real
+Postgres and a real service process. A test blocks the projector by holding projection_state's row
+FOR UPDATE in an open transaction of its own connection: every projection waits for that lock, while
+the answers (the log appends) go on.
+
+- SIGKILL with the projector blocked: every acknowledged operation is in the log only; after the
+  restart (which projects the log before it loads) each is present exactly once, its retry replays it,
+  and reconcile is clean.
+- Read-your-writes: ListTransactions waits for the projection and, past --projection-wait-seconds,
+  answers UNAVAILABLE naming the lag; once the projector runs again it returns the operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.request
+
+import asyncpg
+import grpc
+import pytest
+
+from points.v1 import points_pb2 as pb
+from points.v1 import points_pb2_grpc
+from tests.harness import add_merchant, ledger_discrepancies
+from tests.integration.helpers import call_once, cli, unique
+from tests.harness import projection_lag, wait_projected
+
+pytestmark = pytest.mark.timeout(240)
+
+GIVE_BACK_BPS = 1000
+
+
+class ProjectionBlocker:
+    """Holds projection_state's row FOR UPDATE in a transaction of the test's own connection (on a
+    private event loop run only while we talk to Postgres: the transaction stays open in between)."""
+
+    def __init__(self, database_url: str):
+        self.database_url = database_url
+        self.loop = asyncio.new_event_loop()
+        self.connection: asyncpg.Connection | None = None
+
+    def _run(self, coroutine):
+        return self.loop.run_until_complete(coroutine)
+
+    def block(self) -> None:
+        self.connection = self._run(asyncpg.connect(self.database_url))
+        self._run(self.connection.execute("BEGIN"))
+        self._run(self.connection.fetchval("SELECT through_batch_id FROM projection_state FOR UPDATE"))
+
+    def lag(self) -> int:
+        """Batches appended and not projected, read on a connection of its own."""
+
+        async def read() -> int:
+            connection = await asyncpg.connect(self.database_url)
+            try:
+                return await projection_lag(connection)
+            finally:
+                await connection.close()
+
+        return self._run(read())
+
+    def release(self) -> None:
+        if self.connection is not None:
+            self._run(self.connection.execute("ROLLBACK"))
+            self._run(self.connection.close())
+            self.connection = None
+
+    def close(self) -> None:
+        self.release()
+        self.loop.close()
+
+
+@pytest.fixture
+def blocker_factory():
+    made: list[ProjectionBlocker] = []
+
+    def make(database_url: str) -> ProjectionBlocker:
+        blocker = ProjectionBlocker(database_url)
+        made.append(blocker)
+        return blocker
+
+    yield make
+    for blocker in made:
+        blocker.close()
+
+
+def earn_request(merchant: str, member: str, purchase: int) -> pb.EarnRequest:
+    return pb.EarnRequest(merchant_id=merchant, member_id=member, purchase_amount=purchase, idempotency_key=unique("k"))
+
+
+def metric(service, name: str) -> float:
+    with urllib.request.urlopen(f"http://{service.metrics_target}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} is not exported")
+
+
+def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_projects_each_once(
+    create_database, service_factory, blocker_factory
+):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(url)
+    members = [unique("mem") for _ in range(3)]
+    acknowledged: list[tuple[pb.EarnRequest, pb.EarnResponse]] = []
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        first = earn_request(merchant, members[0], 1_000)
+        acknowledged.append((first, stub.Earn(first, timeout=30)))
+        wait_projected(url)  # the first batch is projected while nothing blocks the projector (else it fails)
+        blocker = blocker_factory(url)
+        blocker.block()
+        # answered while the projector waits: the log row is the only place these are durable
+        for round_number in range(6):
+            requests = [earn_request(merchant, members[i % 3], 1_000 + 10 * i) for i in range(5)]
+            response = stub.SubmitBatch(
+                pb.SubmitBatchRequest(operations=[pb.Operation(earn=r) for r in requests]), timeout=30
+            )
+            for request, result in zip(requests, response.results):
+                assert result.WhichOneof("response") == "earn", result
+                acknowledged.append((request, result.earn))
+        assert blocker.lag() >= 6, "the answers did not wait for the projection"
+        assert metric(service, "points_projection_lag_batches") >= 6
+    service.kill()
+    blocker.release()
+
+    restarted = service_factory(url)
+    assert blocker.lag() == 0, "start-up projects the whole log before it serves"
+    rows = {
+        r["idempotency_key"]: r["n"]
+        for r in asyncio.run(_fetch(url, "SELECT idempotency_key, count(*) AS n FROM transactions GROUP BY 1"))
+    }
+    for request, response in acknowledged:
+        assert rows.get(request.idempotency_key) == 1, f"{request.idempotency_key} is not in transactions once"
+    with restarted.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for request, response in acknowledged:
+            again, flag = call_once(stub.Earn, request)
+            assert (again.transaction_id, again.points, flag) == (response.transaction_id, response.points, "true")
+        expected = {m: 0 for m in members}
+        for request, response in acknowledged:
+            expected[request.member_id] += response.points
+        for member, points in expected.items():
+            assert stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == points
+    assert ledger_discrepancies(url) == []
+    reconciled = cli("reconcile", "--database-url", url)
+    assert reconciled.returncode == 0, reconciled.stdout + reconciled.stderr
+    assert "not yet projected" not in reconciled.stdout
+
+
+def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_is(
+    create_database, service_factory, blocker_factory
+):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(url, "--projection-wait-seconds", "1.5")
+    member = unique("mem")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        stub.Earn(earn_request(merchant, member, 1_000), timeout=30)
+        assert len(stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30).transactions) == 1
+        blocker = blocker_factory(url)
+        blocker.block()
+        blocked = stub.Earn(earn_request(merchant, member, 2_000), timeout=30)  # answered: appended
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "behind by 1 batches; retry shortly" in refused.value.details()
+
+        # a read that starts while the projector is blocked returns once it is released, with the operation
+        answers: list = []
+        reader = threading.Thread(
+            target=lambda: answers.append(
+                stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+            )
+        )
+        reader.start()
+        time.sleep(0.3)
+        blocker.release()
+        reader.join(timeout=30)
+        (page,) = answers
+        assert [t.transaction_id for t in page.transactions][0] == blocked.transaction_id
+        assert len(page.transactions) == 2
+        assert metric(service, "points_projection_lag_batches") == 0
+        assert metric(service, "points_projection_transactions_total") >= 2
+
+
+async def _fetch(url: str, sql: str):
+    connection = await asyncpg.connect(url)
+    try:
+        return await connection.fetch(sql)
+    finally:
+        await connection.close()
+
+
+def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reconcile_checks_the_rest(
+    create_database, service_factory
+):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(url)
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for _ in range(4):
+            stub.Earn(earn_request(merchant, unique("mem"), 1_000), timeout=30)
+    assert service.terminate() == 0
+    wait_projected(url, timeout=0.1)  # a graceful stop drains the projector: nothing is left to wait for
+    assert ledger_discrepancies(url) == []
+
+    async def go() -> tuple[int, list[int], list[str], int]:
+        from processor.projector import prune_log
+        from processor.store import Store
+
+        store = await Store.open(url, 2)
+        try:
+            through = await store.pool.fetchval("SELECT through_batch_id FROM projection_state")
+            # a batch appended and not projected yet (as if the service died before projecting it)
+            await store.pool.execute(
+                """INSERT INTO batch_log (batch_id, created_at, transactions, operations, format_version, payload)
+                   VALUES ($1, now() - interval '2 hours', 0, 0, 1, '\\x00')""",
+                through + 1,
+            )
+            await store.pool.execute("UPDATE batch_log SET created_at = now() - interval '2 hours'")
+            deleted = await prune_log(store, 3600.0, 30.0)
+            kept = [r["batch_id"] for r in await store.pool.fetch("SELECT batch_id FROM batch_log ORDER BY 1")]
+            await store.pool.execute("DELETE FROM batch_log WHERE batch_id > $1", through)
+            # a projected batch whose transactions are not all there: reconcile names it
+            await store.pool.execute(
+                "UPDATE batch_log SET transactions = transactions + 1 WHERE batch_id = $1", through
+            )
+            problems = await store.ledger_discrepancies()
+            return deleted, kept, problems, through
+        finally:
+            await store.close()
+
+    deleted, kept, problems, through = asyncio.run(go())
+    assert deleted == through - 1 and kept == [through, through + 1]
+    assert any(f"batch {through} of the log wrote 2 transactions" in p for p in problems), problems

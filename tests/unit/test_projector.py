@@ -1,0 +1,153 @@
+"""The projector's scheduling (processor/projector.py), without a database: a stand-in store records the
+groups it is asked to project. Consecutive queued batches are merged into one projection up to the
+bound, in order; the queue is bounded (the committer waits); a transient failure is retried with the
+same batches, a divergent one stops the projector and asks for a resync; wait_through is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import asyncpg
+import pytest
+
+from processor.projector import Appended, Projector
+from processor.store import BatchWrite, WriterFenced
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class StandInStore:
+    """Records each projection's batch ids; `gate` holds projections until set; `errors` are raised
+    by the next projections, one each."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.errors: list[BaseException] = []
+        self.through = 0
+
+    async def project_batches(self, batches, timeout):
+        await self.gate.wait()
+        if self.errors:
+            raise self.errors.pop(0)
+        ids = [batch_id for batch_id, _ in batches]
+        self.groups.append(ids)
+        self.through = max(self.through, ids[-1])
+        return self.through
+
+
+def appended(batch_id: int) -> Appended:
+    return Appended(batch_id, BatchWrite(created_at=dt.datetime.now(dt.timezone.utc)), 0.0)
+
+
+def projector(store: StandInStore, queue_max: int = 8, per_transaction_max: int = 3):
+    projected: list[int] = []
+    failures: list[BaseException] = []
+    made = Projector(
+        store,  # type: ignore[arg-type]
+        queue_max,
+        per_transaction_max,
+        5.0,
+        3600.0,
+        lambda group: projected.extend(a.batch_id for a in group),
+        failures.append,
+    )
+    made._prune_due_at = float("inf")  # no pruning: the stand-in has no pool
+    return made, projected, failures
+
+
+def test_queued_batches_are_merged_up_to_the_bound_in_order():
+    async def go():
+        store = StandInStore()
+        store.gate.clear()
+        p, projected, _ = projector(store)
+        p.reset(0)
+        p.start()
+        for batch_id in range(1, 8):
+            await p.put(appended(batch_id))
+        assert p.lag_batches == 7
+        store.gate.set()
+        assert await p.wait_through(7, 5.0)
+        await p.halt()
+        return store.groups, projected, p.lag_batches
+
+    groups, projected, lag = asyncio.run(go())
+    assert projected == list(range(1, 8))
+    assert [batch for group in groups for batch in group] == list(range(1, 8))
+    assert all(len(group) <= 3 for group in groups) and len(groups) < 7  # merged, bounded
+    assert lag == 0
+
+
+def test_a_full_queue_holds_the_committer_until_the_projector_takes_batches():
+    async def go():
+        store = StandInStore()
+        store.gate.clear()
+        p, _, _ = projector(store, queue_max=2, per_transaction_max=1)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1))
+        await p.put(appended(2))
+        third = asyncio.ensure_future(p.put(appended(3)))
+        await asyncio.sleep(0.05)
+        held = not third.done()
+        store.gate.set()
+        await asyncio.wait_for(third, 5)
+        assert await p.wait_through(3, 5.0)
+        await p.halt()
+        return held
+
+    assert asyncio.run(go()), "the third batch was queued beyond the bound"
+
+
+def test_a_transient_failure_is_retried_with_the_same_batches_and_a_divergent_one_asks_for_a_resync():
+    async def go():
+        store = StandInStore()
+        store.errors = [ConnectionResetError("reset")]
+        p, projected, failures = projector(store)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1))
+        assert await p.wait_through(1, 5.0)
+        store.errors = [asyncpg.UniqueViolationError("duplicate key")]
+        await p.put(appended(2))
+        reached = await p.wait_through(2, 5.0)
+        return projected, failures, reached, p.running, p.stopped
+
+    projected, failures, reached, running, stopped = asyncio.run(go())
+    assert projected == [1]
+    assert not reached and not running and stopped
+    assert [type(f) for f in failures] == [asyncpg.UniqueViolationError]
+
+
+def test_a_fenced_writer_is_divergent_too():
+    async def go():
+        store = StandInStore()
+        store.errors = [WriterFenced("another points service took the writer role")]
+        p, projected, failures = projector(store)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1))
+        await asyncio.sleep(0.05)
+        return projected, failures
+
+    projected, failures = asyncio.run(go())
+    assert projected == [] and len(failures) == 1
+
+
+def test_wait_through_is_bounded_while_the_projection_is_held():
+    async def go():
+        store = StandInStore()
+        store.gate.clear()
+        p, _, _ = projector(store)
+        p.reset(10)
+        p.start()
+        await p.put(appended(11))
+        reached = await p.wait_through(11, 0.1)
+        already = await p.wait_through(10, 0.1)
+        store.gate.set()
+        await p.halt()
+        return reached, already
+
+    assert asyncio.run(go()) == (False, True)
