@@ -158,7 +158,7 @@ def test_a_rate_limit_says_when_to_retry_and_which_quota(create_database, servic
 
 def test_unavailable_says_when_to_retry(create_database, service_factory):
     """A batch whose commit cannot finish in commit_timeout_seconds (a test transaction holds a lock the
-    write needs) is refused UNAVAILABLE with RetryInfo."""
+    write needs: the batch log's, which the answer waits for) is refused UNAVAILABLE with RetryInfo."""
     url = create_database()
     merchant_key = add_merchant(url, "shop")
     service = service_factory(url, "--commit-timeout-seconds", "0.5")
@@ -178,7 +178,7 @@ def test_unavailable_says_when_to_retry(create_database, service_factory):
             connection = await asyncpg.connect(url)
             try:
                 async with connection.transaction():
-                    await connection.execute("LOCK TABLE transactions IN ACCESS EXCLUSIVE MODE")
+                    await connection.execute("LOCK TABLE batch_log IN ACCESS EXCLUSIVE MODE")
                     return await asyncio.to_thread(lambda: error_of(earn))
             finally:
                 await connection.close()
