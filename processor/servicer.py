@@ -589,7 +589,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     async def Earn(self, request: pb.EarnRequest, context) -> pb.EarnResponse:
         # _unary("earn") with the builder that decides with no await, inline: four coroutines less a
-        # call (_unary's, guard's, _earn's, _built's); tests/integration/test_unary_paths.py checks that
+        # call (_unary's, guard's, _earn's, _built's); tests/unit/test_unary_handlers.py checks that
         # it answers as the generic path does
         try:
             try:
