@@ -116,6 +116,15 @@ projection_queue_full = Counter(
     "points_projection_queue_full_total",
     "Times the committer waited for the projector because its queue was full (backpressure).",
 )
+# --projector process: the projector's own process (processor/projector_process.py). A gauge set from
+# /proc/<pid>/stat (Counter would add its own suffix); it only grows, children that exited included.
+projector_cpu_seconds = Gauge(
+    "points_projector_cpu_seconds_total",
+    "CPU seconds (user + system) of the projector process, every one started so far (0 in-process).",
+)
+projector_restarts = Counter(
+    "points_projector_restarts_total", "Times the projector process exited unasked and was started again."
+)
 batch_log_pruned = Counter(
     "points_batch_log_pruned_total", "Projected batches deleted from the batch log past its retention."
 )
