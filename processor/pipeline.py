@@ -293,7 +293,7 @@ class Pipeline:
         metrics.projection_lag_seconds.set_function(self.projector.lag_seconds)
         projector = self.projector
         if isinstance(projector, RemoteProjector):
-            metrics.projector_cpu_seconds.set_function(projector.cpu_seconds)
+            metrics.export_projector_cpu_seconds(projector.cpu_seconds)
         self._dividends = loop.create_task(self._dividend_loop(), name="dividend-rounds")
 
     async def stop(self) -> None:

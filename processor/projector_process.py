@@ -27,6 +27,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any, Callable
@@ -76,6 +77,10 @@ async def run_child(
     store: Store, batches_per_transaction_max: int, timeout_seconds: float, retention_seconds: float
 ) -> int:
     """Projects the log as the service announces batches, until its stdin closes; the exit code."""
+    # it stops on EOF only: a Ctrl-C or a SIGTERM sent to the whole group (a terminal, systemd's
+    # control-group stop) must leave it to finish the projection the service's drain waits for
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 16)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
