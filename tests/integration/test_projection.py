@@ -332,3 +332,58 @@ def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reco
     deleted, kept, problems, through = asyncio.run(go())
     assert deleted == through - 1 and kept == [through, through + 1]
     assert any(f"batch {through} of the log wrote 2 transactions" in p for p in problems), problems
+
+
+def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_resynchronise(create_database):
+    """A record written around the running service: the projector process's projection is refused by
+    the primary key, it exits with EXIT_DIVERGENT, and the service resynchronises, whose recovery
+    stops it naming the batch (as in-process: test_idempotency_memory.py)."""
+    import json
+
+    from processor import config
+    from processor.pipeline import Pipeline
+    from processor.projector import ProjectionRefused
+    from processor.projector_process import RemoteProjector
+    from processor.store import Store
+    from tests.integration.test_idempotency_memory import earn, earn_batch
+
+    url = create_database()
+    merchant, member, outside, other = unique("m"), unique("ann"), unique("k"), unique("k")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+
+    async def go():
+        store = await Store.open(url, 4)
+        await store.migrate()
+        await store.acquire_writer_lock()
+        pipeline = Pipeline(config.Settings(projector="process"), store)
+        assert isinstance(pipeline.projector, RemoteProjector)
+        await pipeline.recover()
+        pipeline.start()
+        try:
+            await earn(pipeline, merchant, member, 1_000, unique("k"))
+            fields = {"transaction_id": 999_999, "points": 7, "balance": 7, "give_back_bps": 1000, "created_at_us": 1}
+            await store.pool.execute(
+                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
+                                                 message, created_at)
+                   VALUES ($1, $2, 'Earn', $3::jsonb, 'OK', $4::jsonb, '', now())""",
+                merchant,
+                outside,
+                json.dumps({"member_id": member, "purchase_amount": 70}),
+                json.dumps(fields),
+            )
+            child = pipeline.projector.pid
+            assert child is not None
+            await earn_batch(pipeline, merchant, [(member, 70, outside), (member, 500, other)])
+            committer = pipeline._task
+            assert committer is not None
+            await asyncio.wait({committer}, timeout=60)
+            assert committer.done(), "the service kept serving a ledger whose log cannot be projected"
+            error = committer.exception()
+            assert isinstance(error, ProjectionRefused), repr(error)
+            assert outside in str(error)
+            assert not alive(child), "the projector process that refused the log is gone"
+        finally:
+            await pipeline.projector.halt()
+            await store.close()
+
+    asyncio.run(go())
