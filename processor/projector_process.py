@@ -12,7 +12,8 @@ batches and never past the newest announced), projects them with Store.project_b
 writer epoch and lock session the service gave it, guarded on the mark: nothing is projected twice even
 if the service's recovery projects concurrently) and, in the same transaction, pg_notify's the mark on
 CHANNEL. It prunes the log as the in-process projector does. A divergent error (projector._divergent)
-exits with EXIT_DIVERGENT; a transient one is retried with backoff.
+exits with EXIT_DIVERGENT; a transient one is retried with backoff (logged: the child exports no
+metrics, the service's points_projection_* figures are read from the marks it is told).
 
 The service (`RemoteProjector`): the in-process Projector's interface and queue (the same bounded queue:
 the same backpressure), but its task supervises the child instead of projecting. A LISTEN connection
@@ -115,7 +116,6 @@ async def run_child(
             except TimeoutError:
                 pass
             continue
-        started = time.monotonic()
         try:
             async with store.pool.acquire() as connection:
                 entries = await batch_log.read_after(
@@ -130,7 +130,6 @@ async def run_child(
                     extra={"error": repr(error), "after_batch": through},
                 )
                 return EXIT_DIVERGENT
-            metrics.projection_failures.inc()
             log.warning(
                 "projection failed; retrying (the batches are in the log)",
                 extra={"error": repr(error), "after_batch": through},
@@ -145,7 +144,6 @@ async def run_child(
                 pass
             continue
         delay = 0.05
-        metrics.projection_seconds.observe(time.monotonic() - started)
     return 0
 
 
