@@ -12,6 +12,8 @@ Starts everything it needs, each server a process of its own:
             called with a gateway key;
   * program the same service on a database of its own with ops/program.example.json in force (levels,
             expiry lots, acquiring and referral rewards, fees): the production configuration;
+  * prog/proc the program's service again (a database of its own) with --projector process: the
+            projector in a child process, on the other core (its CPU: points_projector_cpu_seconds_total);
   * naive   loadtest/naive_server.py: the same Earn/Redeem, one Postgres transaction per operation
             (UPDATE ... WHERE balance >= $1, then an INSERT), grpc.aio + an asyncpg pool, its own tables,
             the same seeded network.
@@ -369,7 +371,7 @@ def _applied_transaction(operation: pb.Operation, result: pb.OperationResult) ->
 
 @dataclasses.dataclass
 class Workload:
-    server: str  # "no-op", "service", "program", "naive"
+    server: str  # "no-op", "service", "program", "prog/proc", "naive"
     label: str
     shape: str  # "unary", "batch", "batch as unary"
     operations: list[workload.Operation]
@@ -381,6 +383,9 @@ class Workload:
 # The projector runs inside the service process (issue 14 stage 5): its CPU is in the service's
 # figure; PROJECTOR_CPU is read (and printed apart) only if the service exports it.
 PROJECTOR_CPU = "points_projector_cpu_seconds_total"
+# the points services: without the program, with it, and with it and --projector process (the
+# projector in a child process on the other core: issue 14 stage 5)
+SERVICES = ("service", "program", "prog/proc")
 _READ_METRICS = (
     "points_pipeline_commit_seconds_count",
     "points_pipeline_commit_seconds_sum",
@@ -440,7 +445,7 @@ async def run_once(
         latencies, failures = await client.unary(requests, args.concurrency)
     elif workload_.shape == "batch":
         latencies, failures = await client.batches(requests, args.batch_concurrency)
-        if workload_.server in ("service", "program"):
+        if workload_.server in SERVICES:
             # read-your-writes: the round ends when its last operations are readable, not acknowledged
             visible_seconds = await client.visible()
     else:
@@ -683,7 +688,7 @@ def report(workloads: list[Workload], args, postgres: Postgres, network: workloa
     )
     median = statistics.median
     for w in workloads:
-        if w.server not in ("service", "program") or not any(r.commits for r in w.runs):
+        if w.server not in SERVICES or not any(r.commits for r in w.runs):
             continue
         runs = [r for r in w.runs if r.commits]
         print(
@@ -754,7 +759,7 @@ def cpu_split(workloads: list[Workload], by_name: dict) -> None:
     )
     for w in workloads:
         f = by_name[(w.server, w.shape, w.batch_size)]
-        if w.server in ("service", "program"):
+        if w.server in SERVICES:
             projector = (
                 f"{f.projector_us_per_operation:.1f}" if f.projector_us_per_operation is not None else "in server"
             )
@@ -873,8 +878,13 @@ def main(argv: list[str] | None = None) -> int:
         data_dir = harness.ROOT / data_dir
     postgres = Postgres(os.environ.get("DATABASE_URL", ""), data_dir, args.embedded_postgres_settings)
     suffix = os.urandom(3).hex()  # two benches on one Postgres do not meet
-    databases = (f"bench_points_{suffix}", f"bench_program_{suffix}", f"bench_naive_{suffix}")
-    service_url, program_url, naive_url = (asyncio.run(postgres.create(name)) for name in databases)
+    databases = (
+        f"bench_points_{suffix}",
+        f"bench_program_{suffix}",
+        f"bench_naive_{suffix}",
+        f"bench_progproc_{suffix}",
+    )
+    service_url, program_url, naive_url, process_url = (asyncio.run(postgres.create(name)) for name in databases)
     print(f"Postgres: {postgres.description}; server logs in {logs}", flush=True)
 
     servers: dict[str, harness.Server] = {}
@@ -888,9 +898,18 @@ def main(argv: list[str] | None = None) -> int:
         program_key = asyncio.run(
             harness.gateway_key(program_url, workload.merchant_ids(args.merchants), "loadtest.bench")
         )
+        print("seeding the same again for the program with --projector process ...", flush=True)
+        harness.seed(process_url, args.merchants, args.members, logs / "seed-prog-proc.log")
+        asyncio.run(harness.add_program(process_url, "loadtest.bench"))
+        process_key = asyncio.run(
+            harness.gateway_key(process_url, workload.merchant_ids(args.merchants), "loadtest.bench")
+        )
         servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
         servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
         servers["program"] = harness.Server(harness.service_command(program_url), logs / "program.log", "program")
+        servers["prog/proc"] = harness.Server(
+            harness.service_command(process_url, "--projector", "process"), logs / "prog-proc.log", "prog/proc"
+        )
         servers["naive"] = harness.Server(
             [
                 sys.executable,
@@ -912,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} SERVING on {server.address} (pid {server.pid})", flush=True)
 
         workloads = []
-        for server in ("no-op", "service", "program"):
+        for server in ("no-op", *SERVICES):
             workloads.append(Workload(server, f"unary c={args.concurrency}", "unary", unary_operations, unary_warmup))
             workloads += [
                 Workload(
@@ -941,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
             name: Endpoint(
                 server.address,
                 server.pid,
-                {"service": key, "program": program_key}.get(name, ""),
+                {"service": key, "program": program_key, "prog/proc": process_key}.get(name, ""),
                 server.metrics_url,
             )
             for name, server in servers.items()

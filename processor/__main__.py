@@ -1,4 +1,4 @@
-"""Command line: python -m processor {serve,migrate,merchant,key,program,member,audit,reconcile,report,seed,call,demo} ...
+"""Command line: python -m processor {serve,project,migrate,merchant,key,program,member,audit,reconcile,report,seed,call,demo} ...
 
 Every command accepts --database-url / --data-dir (same defaults as serve: DATABASE_URL, else the
 embedded Postgres under .points-data/).
@@ -105,6 +105,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {error or type(error).__name__}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_project(args: argparse.Namespace) -> int:
+    """The projector process of a service started with --projector process (processor/projector_process.py)."""
+    from processor import projector_process
+    from processor.store import Store
+
+    fence = projector_process.fence_from_arguments(args.writer_epoch, args.writer_lock_pid, args.writer_lock_started)
+    del args.writer_epoch, args.writer_lock_pid, args.writer_lock_started
+    settings = _settings(args)
+    if not settings.database_url:
+        sys.exit("error: project needs --database-url (DATABASE_URL): the service passes the one it uses")
+
+    async def run() -> int:
+        # two connections: the projection's, and a prune's or the mark's read beside it
+        store = await Store.open(settings.database_url, 2, command_timeout=settings.commit_timeout_seconds)
+        store.use_writer_fence(fence)
+        try:
+            return await projector_process.run_child(
+                store,
+                settings.projection_batches_per_transaction_max,
+                settings.commit_timeout_seconds,
+                settings.batch_log_retention_seconds,
+            )
+        finally:
+            await store.close()
+
+    return _run(run())
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -763,6 +791,26 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC service")
     config.add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    project = commands.add_parser(
+        "project",
+        help="the projector process a service with --projector process starts (stdin: its pipe; EOF stops it)",
+    )
+    project.add_argument("--writer-epoch", type=int, required=True, help="the service's ledger_writer epoch")
+    project.add_argument("--writer-lock-pid", type=int, required=True, help="the service's writer-lock session pid")
+    project.add_argument(
+        "--writer-lock-started", required=True, help="that session's backend_start (ISO 8601): the fence checks it"
+    )
+    config.add_arguments(
+        project,
+        (
+            *DATABASE_OPTIONS,
+            "commit_timeout_seconds",
+            "projection_batches_per_transaction_max",
+            "batch_log_retention_seconds",
+        ),
+    )
+    project.set_defaults(func=cmd_project)
 
     migrate = commands.add_parser("migrate", help="apply the schema migrations and exit")
     config.add_arguments(migrate, DATABASE_OPTIONS)

@@ -191,13 +191,21 @@ async def append(
     raise StoreError(f"batch {batch_id} was not appended to the batch log, for no reason the fence gives")
 
 
-async def read_after(connection: asyncpg.Connection, after_batch_id: int, limit: int, timeout: float) -> list[LogEntry]:
-    """The log's batches after `after_batch_id`, oldest first, at most `limit`."""
+async def read_after(
+    connection: asyncpg.Connection,
+    after_batch_id: int,
+    limit: int,
+    timeout: float,
+    through_batch_id: int | None = None,
+) -> list[LogEntry]:
+    """The log's batches after `after_batch_id` (and up to `through_batch_id`, if given), oldest first,
+    at most `limit`."""
     rows = await connection.fetch(
         """SELECT batch_id, format_version, payload FROM batch_log WHERE batch_id > $1
-           ORDER BY batch_id LIMIT $2""",
+           AND ($3::bigint IS NULL OR batch_id <= $3) ORDER BY batch_id LIMIT $2""",
         after_batch_id,
         limit,
+        through_batch_id,
         timeout=timeout,
     )
     return [LogEntry(r["batch_id"], decode(r["batch_id"], r["format_version"], r["payload"])) for r in rows]

@@ -18,6 +18,10 @@ from processor import postgres_settings
 DAY_SECONDS = 86_400
 
 
+# --projector: the batch log's projector as a task of the service, or as its child process
+PROJECTOR_MODES = ("in-process", "process")
+
+
 def boolean(text: str) -> bool:
     """An on/off setting from an environment variable: 1/true/yes/on or 0/false/no/off."""
     value = text.strip().lower()
@@ -112,6 +116,13 @@ OPTIONS: tuple[Option, ...] = (
         5.0,
         "how long a read that must see the caller's writes waits for the projector to write their rows "
         "(the batch log is projected off the answer path); beyond it the read gets UNAVAILABLE",
+    ),
+    Option(
+        "projector",
+        str,
+        "in-process",
+        "where the batch log is projected: in-process (a task on the service's event loop) or process (a "
+        "child process, `python -m processor project`, on another core)",
     ),
     Option(
         "projection_queue_batches_max",
@@ -378,6 +389,7 @@ class Settings:
     writer_lock_wait_seconds: float = 0.0
     pool_connections_max: int = 8
     projection_wait_seconds: float = 5.0
+    projector: str = "in-process"
     projection_queue_batches_max: int = 64
     projection_batches_per_transaction_max: int = 16
     batch_log_retention_seconds: float = 3600.0
@@ -485,6 +497,7 @@ class Settings:
         check(self.balance_checkpoint_accounts_max >= 1, "balance_checkpoint_accounts_max must be >= 1")
         check(2 <= self.pool_connections_max <= 100, "pool_connections_max must be 2..100")
         check(0 < self.projection_wait_seconds <= 3600, "projection_wait_seconds must be > 0 and <= 3600")
+        check(self.projector in PROJECTOR_MODES, f"projector must be one of {', '.join(PROJECTOR_MODES)}")
         check(1 <= self.projection_queue_batches_max <= 10_000, "projection_queue_batches_max must be 1..10000")
         check(
             1 <= self.projection_batches_per_transaction_max <= 1_000,

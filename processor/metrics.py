@@ -8,6 +8,8 @@ member, key or id.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 # 100 µs to ~1.6 s, doubling (plus 2.5 s and 5 s for the tail).
@@ -115,6 +117,26 @@ projection_failures = Counter(
 projection_queue_full = Counter(
     "points_projection_queue_full_total",
     "Times the committer waited for the projector because its queue was full (backpressure).",
+)
+# --projector process: the projector's own process (processor/projector_process.py). Registered only
+# in that mode (in-process, its CPU is the service's: the bench then says "in server"); a gauge read
+# from /proc/<pid>/stat (a Counter would add its own suffix), which only grows: exited children count.
+_projector_cpu_seconds: Gauge | None = None
+
+
+def export_projector_cpu_seconds(read: Callable[[], float]) -> None:
+    """Exports points_projector_cpu_seconds_total, read by `read` at each scrape (once a process)."""
+    global _projector_cpu_seconds
+    if _projector_cpu_seconds is None:
+        _projector_cpu_seconds = Gauge(
+            "points_projector_cpu_seconds_total",
+            "CPU seconds (user + system) of the projector process, every one started so far.",
+        )
+    _projector_cpu_seconds.set_function(read)
+
+
+projector_restarts = Counter(
+    "points_projector_restarts_total", "Times the projector process exited unasked and was started again."
 )
 batch_log_pruned = Counter(
     "points_batch_log_pruned_total", "Projected batches deleted from the batch log past its retention."

@@ -39,14 +39,15 @@ from typing import Any, Callable
 import asyncpg
 
 import fastpath
-from processor import batch_log, channel_store, domain, events, kinds, member_store, metrics, rules
+from processor import batch_log, channel_store, domain, events, kinds, member_store, metrics, projector_process, rules
 from processor.quotas import MerchantQuotas
 from processor.program import SplitRecord
 from processor.config import Settings
 from processor.domain import Code, Operation, Outcome, Rejection, require
 from processor.idempotency import IdempotencyTable
 from processor.ledger_load import earn_record, load_ledger, load_program, voucher_hold
-from processor.projector import Appended, Projector, project_log
+from processor.projector import Appended, project_log
+from processor.projector_process import RemoteProjector
 from processor.state_machine import NOT_RECORDED, IdAllocator, LedgerStateMachine, Merchants, replay
 from processor.store import (
     BatchWrite,
@@ -167,12 +168,10 @@ class Pipeline:
         self.feed_signal = events.FeedSignal()  # woken after every projected batch (processor/events.py)
         # the batch log (processor/batch_log.py) and its projector (processor/projector.py): an answer
         # waits for the append; the rows are written by the projector, off the answer path
-        self.projector = Projector(
+        # (--projector: a task of this service, or a child process on another core)
+        self.projector = projector_process.build(
+            settings,
             store,  # type: ignore[arg-type]  # set by recover() when the service opened it later
-            settings.projection_queue_batches_max,
-            settings.projection_batches_per_transaction_max,
-            settings.commit_timeout_seconds,
-            settings.batch_log_retention_seconds,
             self._on_projected,
             self._projection_failed,
         )
@@ -292,6 +291,9 @@ class Pipeline:
         self.projector.start()
         metrics.projection_lag_batches.set_function(lambda: self.projector.lag_batches)
         metrics.projection_lag_seconds.set_function(self.projector.lag_seconds)
+        projector = self.projector
+        if isinstance(projector, RemoteProjector):
+            metrics.export_projector_cpu_seconds(projector.cpu_seconds)
         self._dividends = loop.create_task(self._dividend_loop(), name="dividend-rounds")
 
     async def stop(self) -> None:

@@ -1184,13 +1184,22 @@ class Store:
             raise WriterLockLost("this service does not hold the writer lock; not writing")
         return self._writer_epoch, self._writer_lock_pid, self._writer_lock_started
 
-    async def project_batches(self, batches: Sequence[tuple[int, BatchWrite]], timeout: float) -> int:
+    def use_writer_fence(self, fence: tuple[int, int, dt.datetime]) -> None:
+        """Writes fenced by another process's writer role (the projector process, started by the service
+        that holds it): its transactions check that epoch and that lock session, as the service's do."""
+        self._writer_epoch, self._writer_lock_pid, self._writer_lock_started = fence
+
+    async def project_batches(
+        self, batches: Sequence[tuple[int, BatchWrite]], timeout: float, notify_channel: str | None = None
+    ) -> int:
         """Writes the relational rows of consecutive batch-log batches (batch_id, BatchWrite), oldest
         first, in ONE transaction, fenced as every writer transaction, and advances
         projection_state.through_batch_id in it, guarded by its previous value (read FOR UPDATE, so two
         projections never interleave): batches at or below it are skipped (an earlier projection whose
         COMMIT's answer was lost), so nothing is projected twice. Returns the mark after. Each batch's
-        rows are written by _write, exactly as a batch's own transaction wrote them before the log."""
+        rows are written by _write, exactly as a batch's own transaction wrote them before the log.
+        With `notify_channel`, the mark after is pg_notify'd on it in the same transaction (delivered
+        only if it commits: the projector process tells the service what is visible)."""
         through_after = 0
 
         async def write(connection: asyncpg.Connection, step) -> None:
@@ -1215,6 +1224,10 @@ class Store:
                 )
                 require(moved == "UPDATE 1", f"projection_state moved from {through} under its row lock")
             through_after = todo[-1][0] if todo else through
+            if notify_channel is not None:
+                await connection.execute(
+                    "SELECT pg_notify($1, $2)", notify_channel, str(through_after), timeout=timeout
+                )
 
         await self._as_writer(write, timeout, timed=True)
         return through_after

@@ -8,11 +8,17 @@ the answers (the log appends) go on.
   and reconcile is clean.
 - Read-your-writes: ListTransactions waits for the projection and, past --projection-wait-seconds,
   answers UNAVAILABLE naming the lag; once the projector runs again it returns the operation.
+
+Each runs with both --projector modes: a task of the service (in-process) and its child process
+(process, processor/projector_process.py). In process mode also: the child exits when the service is
+SIGKILLed (no orphan), and a child SIGKILLed alone is started again while reads keep answering.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 import urllib.request
@@ -72,6 +78,49 @@ class ProjectionBlocker:
         self.loop.close()
 
 
+@pytest.fixture(params=["in-process", "process"])
+def projector(request) -> str:
+    """The --projector mode the service runs with."""
+    return request.param
+
+
+def projector_pids(service_pid: int) -> list[int]:
+    """The projector processes (`python -m processor project`) whose parent is the service."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                parent = int(stat.read().rpartition(b")")[2].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == service_pid and b"processor" in command and b"project" in command:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
 @pytest.fixture
 def blocker_factory():
     made: list[ProjectionBlocker] = []
@@ -99,12 +148,18 @@ def metric(service, name: str) -> float:
 
 
 def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_projects_each_once(
-    create_database, service_factory, blocker_factory
+    create_database, service_factory, blocker_factory, projector
 ):
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
-    service = service_factory(url)
+    service = service_factory(url, "--projector", projector)
+    children = (
+        wait_for(lambda: projector_pids(service.process.pid), 10.0, "the projector process starts")
+        if projector == "process"
+        else []
+    )
+    assert len(children) <= 1, children
     members = [unique("mem") for _ in range(3)]
     acknowledged: list[tuple[pb.EarnRequest, pb.EarnResponse]] = []
     with service.channel() as channel:
@@ -126,9 +181,12 @@ def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_
         assert blocker.lag() >= 6, "the answers did not wait for the projection"
         assert metric(service, "points_projection_lag_batches") >= 6
     service.kill()
+    # the projector process sees its pipe close and exits at once, even inside its blocked projection
+    for child in children:
+        wait_for(lambda: not alive(child), 5.0, f"the projector process {child} exits after its service's SIGKILL")
     blocker.release()
 
-    restarted = service_factory(url)
+    restarted = service_factory(url, "--projector", projector)
     assert blocker.lag() == 0, "start-up projects the whole log before it serves"
     rows = {
         r["idempotency_key"]: r["n"]
@@ -153,12 +211,12 @@ def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_
 
 
 def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_is(
-    create_database, service_factory, blocker_factory
+    create_database, service_factory, blocker_factory, projector
 ):
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
-    service = service_factory(url, "--projection-wait-seconds", "1.5")
+    service = service_factory(url, "--projection-wait-seconds", "1.5", "--projector", projector)
     member = unique("mem")
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
@@ -190,6 +248,38 @@ def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_i
         assert metric(service, "points_projection_transactions_total") >= 2
 
 
+def test_a_projector_process_killed_alone_is_started_again_and_reads_keep_answering(create_database, service_factory):
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(url, "--projector", "process")
+    member = unique("mem")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        first = stub.Earn(earn_request(merchant, member, 1_000), timeout=30)
+        assert len(stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30).transactions) == 1
+        (child,) = wait_for(lambda: projector_pids(service.process.pid), 10.0, "the projector process starts")
+        os.kill(child, signal.SIGKILL)
+        # answered while no projector may run: its read waits for the new one to project it
+        second = stub.Earn(earn_request(merchant, member, 2_000), timeout=30)
+        page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+        assert {t.transaction_id for t in page.transactions} == {first.transaction_id, second.transaction_id}
+        (restarted,) = wait_for(
+            lambda: [p for p in projector_pids(service.process.pid) if p != child], 10.0, "a new projector process"
+        )
+        assert not alive(child)
+        assert metric(service, "points_projector_restarts_total") >= 1
+        assert metric(service, "points_projection_lag_batches") == 0
+        assert metric(service, "points_projector_cpu_seconds_total") > 0
+        assert (
+            stub.GetBalance(pb.GetBalanceRequest(member_id=member), timeout=30).posted == first.points + second.points
+        )
+    assert service.terminate() == 0
+    wait_projected(url, timeout=0.1)  # the graceful stop drained the new child before it exited
+    wait_for(lambda: not alive(restarted), 5.0, "the projector process exits with its service")
+    assert ledger_discrepancies(url) == []
+
+
 async def _fetch(url: str, sql: str):
     connection = await asyncpg.connect(url)
     try:
@@ -199,12 +289,12 @@ async def _fetch(url: str, sql: str):
 
 
 def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reconcile_checks_the_rest(
-    create_database, service_factory
+    create_database, service_factory, projector
 ):
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
-    service = service_factory(url)
+    service = service_factory(url, "--projector", projector)
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         for _ in range(4):
@@ -242,3 +332,58 @@ def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reco
     deleted, kept, problems, through = asyncio.run(go())
     assert deleted == through - 1 and kept == [through, through + 1]
     assert any(f"batch {through} of the log wrote 2 transactions" in p for p in problems), problems
+
+
+def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_resynchronise(create_database):
+    """A record written around the running service: the projector process's projection is refused by
+    the primary key, it exits with EXIT_DIVERGENT, and the service resynchronises, whose recovery
+    stops it naming the batch (as in-process: test_idempotency_memory.py)."""
+    import json
+
+    from processor import config
+    from processor.pipeline import Pipeline
+    from processor.projector import ProjectionRefused
+    from processor.projector_process import RemoteProjector
+    from processor.store import Store
+    from tests.integration.test_idempotency_memory import earn, earn_batch
+
+    url = create_database()
+    merchant, member, outside, other = unique("m"), unique("ann"), unique("k"), unique("k")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+
+    async def go():
+        store = await Store.open(url, 4)
+        await store.migrate()
+        await store.acquire_writer_lock()
+        pipeline = Pipeline(config.Settings(projector="process"), store)
+        assert isinstance(pipeline.projector, RemoteProjector)
+        await pipeline.recover()
+        pipeline.start()
+        try:
+            await earn(pipeline, merchant, member, 1_000, unique("k"))
+            fields = {"transaction_id": 999_999, "points": 7, "balance": 7, "give_back_bps": 1000, "created_at_us": 1}
+            await store.pool.execute(
+                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
+                                                 message, created_at)
+                   VALUES ($1, $2, 'Earn', $3::jsonb, 'OK', $4::jsonb, '', now())""",
+                merchant,
+                outside,
+                json.dumps({"member_id": member, "purchase_amount": 70}),
+                json.dumps(fields),
+            )
+            child = pipeline.projector.pid
+            assert child is not None
+            await earn_batch(pipeline, merchant, [(member, 70, outside), (member, 500, other)])
+            committer = pipeline._task
+            assert committer is not None
+            await asyncio.wait({committer}, timeout=60)
+            assert committer.done(), "the service kept serving a ledger whose log cannot be projected"
+            error = committer.exception()
+            assert isinstance(error, ProjectionRefused), repr(error)
+            assert outside in str(error)
+            assert not alive(child), "the projector process that refused the log is gone"
+        finally:
+            await pipeline.projector.halt()
+            await store.close()
+
+    asyncio.run(go())

@@ -46,6 +46,7 @@ STRICT = [
     "processor/paging.py",  # the admin services' paging
     "processor/batch_log.py",  # the batch log and its projector (issue 14 stage 5)
     "processor/projector.py",
+    "processor/projector_process.py",  # --projector process
 ]
 
 
