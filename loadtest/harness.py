@@ -14,22 +14,11 @@ import threading
 import time
 
 from loadtest import workload
+from processor.projector_process import CLOCK_TICKS_PER_SECOND, cpu_seconds
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
 _SERVING = re.compile(r"SERVING on (\S+)")
 _METRICS = re.compile(r"metrics (http://\S+/metrics)")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat; None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-    # fields[0] is field 3 (state); utime and stime are fields 14 and 15
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
 
 
 def children_cpu_seconds(parent_pid: int) -> dict[int, float]:
