@@ -139,6 +139,9 @@ class Projector:
         self.stopped = False
         self._wake()
 
+    async def started(self) -> None:
+        """Returns once the projector takes batches: at once here (a task of this process)."""
+
     def start(self) -> None:
         if not self.running:
             self._halting = False

@@ -215,6 +215,7 @@ class Service:
         self.audit_log.store = self.store
         await self.pipeline.recover()
         self.pipeline.start()
+        await self.pipeline.projector.started()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         loop = asyncio.get_running_loop()
         self._watchdog = loop.create_task(self._watch(), name="health-watchdog")
