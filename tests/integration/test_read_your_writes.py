@@ -105,6 +105,11 @@ def background_load(service: ServiceProcess, merchants: tuple[str, ...]) -> Iter
     assert answered, "the background load made no progress"
 
 
+# the background load is there to keep the projector busy, not to meet the merchant rate limit (tested in
+# test_limits.py): on a fast machine it passed 1,000 operations/s a merchant and was refused in part
+NO_RATE_LIMIT = ("--merchant-operations-per-second", "0")
+
+
 def _micros(moment: timestamp_pb2.Timestamp) -> int:
     return moment.seconds * 1_000_000 + moment.nanos // 1000
 
@@ -119,7 +124,7 @@ def world(create_database):
     url = create_database()
     for merchant in ("shop", "position-shop", *LOAD_MERCHANTS):
         add_merchant(url, merchant, 1000)
-    service = ServiceProcess(url).start()
+    service = ServiceProcess(url, *NO_RATE_LIMIT).start()
     with service.channel() as channel, service.bare_channel() as bare:
         yield {
             "url": url,
@@ -274,7 +279,7 @@ def test_statements_and_reports_of_a_cut_hold_every_operation_answered_before_it
         add_merchant(url, merchant, 1000, fee_issued_bps=500)
     add_program_version(url, {"channel": {"promoter_commission_bps": PROMOTER_COMMISSION_BPS}})
     operator = credential(create_key(url, "operator"))
-    service = service_factory(url)
+    service = service_factory(url, *NO_RATE_LIMIT)
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     with service.channel() as channel:
         clearing = admin_pb2_grpc.ClearingServiceStub(channel)
@@ -409,7 +414,7 @@ def leveled(create_database):
             ]
         },
     )
-    service = ServiceProcess(url).start()
+    service = ServiceProcess(url, *NO_RATE_LIMIT).start()
     time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
     yield url, service
     service.kill()
