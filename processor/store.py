@@ -1495,18 +1495,24 @@ class Store:
         rows: member links and tiers, lots, consumed pieces, promotion budgets, earn records."""
         if r.members:
             rows = list(r.members.items())
+            # MERGE, not INSERT ... ON CONFLICT DO UPDATE: a member already there (nearly every one: an
+            # earn's member) is found by one join and updated, without a speculative insertion's index
+            # probe and the row lock that ON CONFLICT takes and logs before its update (python -m
+            # loadtest.rules_write: ~20% less Postgres CPU for these rows, ~40% fewer WAL records). The
+            # single writer (fenced) is the only one inserting members' rows, so no insertion races it.
             await c.execute(
-                """INSERT INTO member_programs AS p (member_id, acquirer_id, referrer_id, referral_paid, level,
-                                                    levels_reached, qualifying_point_units, day_buckets, linked_at)
-                   SELECT m, a, rf, paid, lv, mask, q, b::jsonb, CASE WHEN a IS NULL THEN NULL ELSE $9::timestamptz END
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bigint[],
-                               $7::bigint[], $8::text[]) AS x(m, a, rf, paid, lv, mask, q, b)
-                   ON CONFLICT (member_id) DO UPDATE SET
-                     acquirer_id = excluded.acquirer_id, referrer_id = excluded.referrer_id,
-                     referral_paid = excluded.referral_paid, level = excluded.level,
-                     levels_reached = excluded.levels_reached,
-                     qualifying_point_units = excluded.qualifying_point_units, day_buckets = excluded.day_buckets,
-                     linked_at = coalesce(p.linked_at, excluded.linked_at)""",
+                """MERGE INTO member_programs p
+                   USING unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::text[], $6::bigint[],
+                                $7::bigint[], $8::text[]) AS x(m, a, rf, paid, lv, mask, q, b)
+                   ON p.member_id = x.m
+                   WHEN MATCHED THEN UPDATE SET
+                     acquirer_id = x.a, referrer_id = x.rf, referral_paid = x.paid, level = x.lv,
+                     levels_reached = x.mask, qualifying_point_units = x.q, day_buckets = x.b::jsonb,
+                     linked_at = coalesce(p.linked_at, CASE WHEN x.a IS NULL THEN NULL ELSE $9::timestamptz END)
+                   WHEN NOT MATCHED THEN INSERT (member_id, acquirer_id, referrer_id, referral_paid, level,
+                                                levels_reached, qualifying_point_units, day_buckets, linked_at)
+                     VALUES (x.m, x.a, x.rf, x.paid, x.lv, x.mask, x.q, x.b::jsonb,
+                             CASE WHEN x.a IS NULL THEN NULL ELSE $9::timestamptz END)""",
                 [m for m, _ in rows],
                 [v.acquirer_id for _, v in rows],
                 [v.referrer_id for _, v in rows],
