@@ -8,11 +8,14 @@ earn's member_programs upsert, lot and earn record, a redeem's lots consumed and
 over the run. Each variant gets its own database; batch i is written to one then the other (the order
 alternating), each in one transaction of its own, committed. Measured per transaction: the backend's
 CPU (/proc/<pid>/schedstat, so Postgres on this machine only) and WAL bytes
-(pg_current_wal_insert_lsn before and after, the COMMIT included). The first --warmup batches are not
-counted. Printed: µs of backend CPU and WAL bytes per operation (median of --chunks chunks, [range]),
-then each table's updates (HOT among them), sizes and autovacuum counts.
+(pg_current_wal_insert_lsn before and after, the COMMIT included), and this process's CPU for the same
+(building the rows, asyncpg encoding them: what the projector spends on them). The first --warmup batches are not
+counted. Printed: µs of backend CPU, client CPU and WAL bytes per operation over the counted batches
+(the backend CPU's range over --chunks chunks of them), the backend CPU by step (_write_rules's step
+names), then each table's updates (HOT among them), sizes and autovacuum counts. --checkpoint-every N
+issues a CHECKPOINT every N batches, so full-page images count as they do over a long run.
 
-    .venv/bin/python -m loadtest.rules_write [--batches 60] [--members 20000] [--base 3f26523]
+    .venv/bin/python -m loadtest.rules_write [--batches 60] [--members 20000] [--base 3f26523] [--checkpoint-every 0]
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     work = batches(args.batches, args.members, args.merchants, seed=args.seed)
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     wal: dict[str, list[int]] = {name: [] for name in variants}
+    clients: dict[str, list[float]] = {name: [] for name in variants}
     walls: dict[str, list[float]] = {name: [] for name in variants}
     steps: dict[str, dict[str, float]] = {name: {} for name in variants}
     pids = {name: c.get_server_pid() for name, c in connections.items()}
@@ -105,11 +109,15 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         _, write = m.apply(batch, {}, now_us)
         m.commit()
         rules, at = write.rules, write.created_at
+        if args.checkpoint_every and i % args.checkpoint_every == 0:
+            # as a timed checkpoint does every checkpoint_timeout: the next change of each page after it
+            # writes the whole page to the WAL (a full-page image), so how many pages a batch touches counts
+            await admin.execute("CHECKPOINT")
         order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for name in order:
             writer, c = variants[name][0], connections[name]
             before_wal = await c.fetchval(LSN)
-            before_cpu, began = cpu_seconds(pids[name]), time.perf_counter()
+            before_cpu, began, client = cpu_seconds(pids[name]), time.perf_counter(), time.process_time()
             mark = [before_cpu]
 
             def step(what: str, name: str = name, mark: list = mark) -> None:
@@ -122,11 +130,13 @@ async def measure(url: str, args: argparse.Namespace) -> None:
                 await writer(c, rules, at, 60.0, step)
             step("rest and commit")
             took, used = time.perf_counter() - began, cpu_seconds(pids[name]) - before_cpu
+            client = time.process_time() - client
             written = await c.fetchval(LSN) - before_wal
             if i >= args.warmup:
                 cpu[name].append(used)
                 wal[name].append(int(written))
                 walls[name].append(took)
+                clients[name].append(client)
     counted = (args.batches - args.warmup) * 1_000
     per_chunk = max(1, (args.batches - args.warmup) // args.chunks)
     print(f"{args.batches - args.warmup} batches of 1,000 counted ({args.warmup} warm-up), members {args.members}")
@@ -136,6 +146,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         ]
         print(
             f"{name:<5} backend CPU {sum(cpu[name]) / counted * 1e6:6.1f} µs/op "
+            f"(client CPU {sum(clients[name]) / counted * 1e6:5.1f}) "
             f"[chunks {min(chunks):.1f}..{max(chunks):.1f}], WAL {sum(wal[name]) / counted:7.1f} B/op, "
             f"wall {sum(walls[name]) / counted * 1e6:6.1f} µs/op (median batch {statistics.median(walls[name]) * 1e3:.1f} ms)"
         )
@@ -169,6 +180,9 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0, help="a CHECKPOINT before every N-th batch (0: none) [0]"
+    )
     parser.add_argument("--base", default="3f26523", help="the commit whose _write_rules and migrations are the base")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="points-rules-write-") as directory:
