@@ -651,9 +651,12 @@ class Store:
                           qualifying_point_units, day_buckets::text AS day_buckets FROM member_programs""",
                 timeout=timeout,
             ),
+            # in no order: ledger_load groups them by member and sorts each member's (since migration
+            # 0018 lots' key starts with expires_at_us, so an ORDER BY member_id sorts the whole table.
+            # Postgres's time for 1M lots on this machine: 1.5 s in the old key's order, 4.7-6 s
+            # sorted, 0.2-0.6 s in no order)
             "lots": await self.pool.fetch(
-                "SELECT member_id, lot_id, expires_at_us, issuer_id, amount FROM lots ORDER BY member_id",
-                timeout=timeout,
+                "SELECT member_id, lot_id, expires_at_us, issuer_id, amount FROM lots", timeout=timeout
             ),
             "pieces": await self.pool.fetch(
                 """SELECT owner_kind, owner_id, lot_id, expires_at_us, issuer_id, amount FROM lot_consumptions
