@@ -6,9 +6,9 @@
 -- expiry is its batch's time plus the program's period, so its key goes at the right edge of the index
 -- (few pages touched, few full-page images after a checkpoint); and it serves the expiry-notice scan
 -- (events.scan_expiring_points: a range of expires_at_us in its order) that lots_due served. No reader
--- looks lots up by member_id alone: start-up reads them all (ORDER BY member_id: a sort), reconcile
--- groups them all, the writer deletes and updates by the whole key.
--- Measured (python -m loadtest.rules_write): Postgres CPU for a batch's lots ~30% lower.
+-- looks lots up by member_id alone: start-up reads them all (in no order since), reconcile groups them
+-- all, the writer deletes and updates by the whole key. Measured (python -m loadtest.rules_write, three
+-- runs): Postgres CPU for a batch's lots 8.8-10.4 -> 5.8-6.6 µs an operation.
 --
 -- member_programs: every earn's member row is updated in each batch it earns in; with room left on
 -- each page the new version stays on the page (a HOT update: no index entry, less pruning and vacuum).
