@@ -209,6 +209,10 @@ class ProgramState:
         # member -> keys of the lots credit_lot / the kernel created since the last flush: new transaction
         # ids, so not among what Postgres holds, and flush() need not look them up there
         self._lots_created: dict[str, set] = {}
+        # member -> the rows flush() writes for its lots (keys gone, lots new or changed), as a kernel run
+        # that was the member's only change of its lots since the last flush found them
+        # (lots_by_kernel); any other change of the member's lots drops it (_set)
+        self._lots_diff: dict[str, tuple[list[tuple[int, int]], list[rules.Lot]]] = {}
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -274,12 +278,16 @@ class ProgramState:
         self._lots_flushed.clear()
         self._lots_touched.clear()
         self._lots_created.clear()
+        self._lots_diff.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
     def _set(self, table: dict, key, value, dirty: str) -> None:
-        if table is self.lots and key not in self._lots_flushed:
-            self._lots_flushed[key] = table.get(key, ())
+        if table is self.lots:
+            if key not in self._lots_flushed:
+                self._lots_flushed[key] = table.get(key, ())
+            elif self._lots_diff:
+                self._lots_diff.pop(key, None)  # a second change: flush() compares what it must
         if self._undo:
             self._undo[-1].append((table, key, table.get(key, _MISSING)))
         if value is None:
@@ -294,7 +302,7 @@ class ProgramState:
         write = RulesWrite(
             program_id=self.program.program_id if self.program is not None else "",
             members={m: self.members[m] for m in d["members"] if m in self.members},
-            lots={m: self._lots_changed(m) for m in d["lots"]},
+            lots={m: self._lots_diff.get(m) or self._lots_changed(m) for m in d["lots"]},
             new_lots={m: set(keys) for m, keys in self._lots_created.items() if m in d["lots"]},
             pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
             new_pieces=set(d["new_pieces"]),
@@ -312,6 +320,7 @@ class ProgramState:
         self._lots_flushed.clear()
         self._lots_touched.clear()
         self._lots_created.clear()
+        self._lots_diff.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
@@ -356,6 +365,7 @@ class ProgramState:
 
     def load_lots(self, member_id: str, lots: tuple[rules.Lot, ...]) -> None:
         self.lots[member_id] = lots
+        self._lots_diff.pop(member_id, None)
         for lot in lots:
             heapq.heappush(self._due, (lot.expires_at_us, member_id))
 
@@ -491,15 +501,21 @@ class ProgramState:
         keys: set[tuple[int, int | None]],
         created: set[tuple[int, int | None]],
         due_us: list[int],
+        diff: tuple[list[tuple[int, int]], list[rules.Lot]] | None = None,
+        before: tuple[rules.Lot, ...] | None = None,
     ) -> None:
         """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
         credit_lot and consume would have, at `keys`; `created`: the keys of its new lots), with the
         expiry heap entries those would have pushed (each new lot's expiry, and the member's soonest
-        expiry each time a spend moved it)."""
+        expiry each time a spend moved it). `diff`: the rows flush() writes for the change from `before`
+        (the member's lots when the run began), kept when `before` is what the last flush left."""
+        first = member_id not in self._lots_flushed and self.lots.get(member_id, ()) is before
         self._touch(member_id, keys)
         if created:
             self._lots_created.setdefault(member_id, set()).update(created)
         self._set(self.lots, member_id, lots or None, "lots")
+        if first and diff is not None:
+            self._lots_diff[member_id] = diff
         for expires_at_us in due_us:
             heapq.heappush(self._due, (expires_at_us, member_id))
 

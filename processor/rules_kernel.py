@@ -20,7 +20,9 @@ rows, outcomes and ProgramState changes, exactly as the per-operation path does
 ProgramState stays the single truth: the kernel's tier and lot columns live for one run, and what the run
 changed is written back once per member through ProgramState's undo-logged setters (with the touched lot
 keys and expiry-heap entries credit_lot and consume would have left), so rollback, flush and the rare
-Python paths see one state.
+Python paths see one state. The write-back hands ProgramState the rows flush() writes for each member's
+lots (keys gone, lots new or changed), which the run knows from its pool: flush() uses them when the run
+was the member's only change since the last flush, rather than looking each touched key up again.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from __future__ import annotations
 import array
 import dataclasses
 from operator import attrgetter
-from collections.abc import Iterable
 from typing import Any
 
 import fastpath
@@ -333,8 +334,12 @@ class RulesKernelMixin(MachineParts):
         tier_members = run.tier_members
         ok = fastpath.OK
         pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * earns)]
-        earned_rows: set[int] = set()
-        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of old lots its redeems took from
+        # tier row -> the kernel's level index after the row's last applied earn (the member's level:
+        # qualifying points change only on earns), for the tier write-back
+        earned_level: dict[int, int] = {}
+        # tier rows whose redeems took pieces (of lots, or of never-expiring points): which lots they took
+        # is read back from the pool (a lot taken from has less left than it had)
+        taken_rows: set[int] = set()
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
         due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries its redeems push
         earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
@@ -380,7 +385,8 @@ class RulesKernelMixin(MachineParts):
                     add_entry((created, merchant.issued_account_id, -base))
                 if uplift:
                     add_entry((created, tier_rewards, -uplift))
-                earned_rows.add(row)
+                level_before, level_after = levels_before[i], levels_after[i]
+                earned_level[row] = level_after
                 new_lot = new_lots[i]
                 if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
                     pool_lots[new_lot] = _new_lot(created, total, new_lot_expires_at_us, merchant_id)
@@ -391,7 +397,6 @@ class RulesKernelMixin(MachineParts):
                         made.append(new_lot)
                 reward = rewards[i]
                 acquirer_id = tier_members[row][1].acquirer_id if reward else None
-                level_before, level_after = levels_before[i], levels_after[i]
                 add_earn_record(
                     (
                         created,
@@ -455,9 +460,7 @@ class RulesKernelMixin(MachineParts):
             pieces = []
             start, end = piece_starts[i], piece_ends[i]
             if end > start:
-                keys = touched.get(row)
-                if keys is None:
-                    keys = touched[row] = set()
+                taken_rows.add(row)
                 for k in range(start, end):
                     taken, source = piece_amount[k], piece_lot[k]
                     if source < 0:
@@ -471,7 +474,6 @@ class RulesKernelMixin(MachineParts):
                         if taken == source_lot.amount
                         else _new_lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
                     )
-                    keys.add((source_lot.lot_id, source_lot.expires_at_us))  # the lot's key
             consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
             if dues[i]:
                 due = due_by_row.get(row)
@@ -487,62 +489,72 @@ class RulesKernelMixin(MachineParts):
             )
         program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
-        # did not need, the run's new lots (all sorted: new lots expire last). Its new lots' keys (their
-        # ids are the earns' transaction ids) are touched and created; one expiry heap entry for all of
-        # them (they expire at one instant; consume()'s entries follow from its redeems).
-        for row in sorted(touched.keys() | new_by_row.keys()):
+        # did not need, the run's new lots (all sorted: new lots expire last, and their ids, the earns'
+        # transaction ids, are above every older lot's). Its new lots' keys are touched and created; one
+        # expiry heap entry for all of them (they expire at one instant; consume()'s entries follow from
+        # its redeems). Built with the rows flush() writes for the member (the keys gone, the lots new or
+        # changed, in key order: what ProgramState._lots_changed would find), so flush() need not look
+        # each key up again when the run is the member's only change since the last flush.
+        lots_by_kernel = program.lots_by_kernel
+        for row in sorted(taken_rows | new_by_row.keys()):
             member_id, _, before_lots = tier_members[row]
             start, passed = prefixes[row]
-            made = new_by_row.get(row, [])
+            keys: set[tuple[int, int | None]] = set()
+            gone: list[tuple[int, int | None]] = []
+            changed: list[rules.Lot] = []
+            kept: list[rules.Lot] = []
+            for index in range(start, start + passed):
+                lot, left = pool_lots[index], lot_amount[index]
+                if lot is None:
+                    raise InvariantViolation(f"lot {index} of the run's pool was never made")
+                if left == lot.amount:  # untouched: the same object
+                    kept.append(lot)
+                    continue
+                key = (lot.lot_id, lot.expires_at_us)
+                keys.add(key)
+                if left:
+                    lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                    kept.append(lot)
+                    changed.append(lot)
+                else:
+                    gone.append(key)
+            if passed < len(before_lots):
+                kept.extend(before_lots[passed:])
             created_keys: set[tuple[int, int | None]] = set()
-            for new_lot in made:
-                lot = pool_lots[new_lot]
-                if lot is not None:  # never None: checked by _left below
+            made = new_by_row.get(row)
+            if made is not None:
+                for index in made:
+                    lot, left = pool_lots[index], lot_amount[index]
+                    if lot is None:
+                        raise InvariantViolation(f"lot {index} of the run's pool was never made")
                     created_keys.add((lot.lot_id, lot.expires_at_us))
-            keys = touched.get(row)
+                    if left:
+                        if left != lot.amount:
+                            lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                        kept.append(lot)
+                        changed.append(lot)
+                keys |= created_keys
             due_us = due_by_row.get(row, [])
             if made:
                 due_us = [*due_us, new_lot_expires_at_us]
-            kept = [
-                *self._left(pool_lots, lot_amount, range(start, start + passed)),
-                *before_lots[passed:],
-                *self._left(pool_lots, lot_amount, made),
-            ]
-            program.lots_by_kernel(
-                member_id, tuple(kept), created_keys | keys if keys else created_keys, created_keys, due_us
-            )
-        # the run's tier state, once per member that earned (qualifying in total: no day buckets)
-        for row in sorted(earned_rows):
-            member_id, before_rules, _ = run.tier_members[row]
-            qualifying = run.tier_qualifying[row]
-            program.set_member(
+            lots_by_kernel(member_id, tuple(kept), keys, created_keys, due_us, (gone, changed), before_lots)
+        # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
+        # level is the one the kernel found after the member's last earn of the run)
+        set_member = program.set_member
+        for row in sorted(earned_level):
+            member_id, before_rules, _ = tier_members[row]
+            set_member(
                 member_id,
                 _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
                     before_rules.acquirer_id,
                     before_rules.referrer_id,
                     before_rules.referral_paid,
-                    names[_level_index(qualifying, tables.level_threshold)],
+                    names[earned_level[row]],
                     run.tier_reached[row],
-                    qualifying,
+                    run.tier_qualifying[row],
                     (),
                 ),
             )
-
-    @staticmethod
-    def _left(
-        pool_lots: list[rules.Lot | None], lot_amount: array.array[int], indexes: Iterable[int]
-    ) -> list[rules.Lot]:
-        """The pool's lots at `indexes` with what the run left of them (the emptied ones dropped)."""
-        kept = []
-        for index in indexes:
-            lot, left = pool_lots[index], lot_amount[index]
-            if lot is None:
-                raise InvariantViolation(f"lot {index} of the run's pool was never made")
-            if left:
-                kept.append(
-                    lot if left == lot.amount else rules.Lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                )
-        return kept
 
     def _kernel_lots(
         self, run: EarnRedeemRun
@@ -593,11 +605,3 @@ class RulesKernelMixin(MachineParts):
 _MEMBER_FIELDS = ("acquirer_id", "referrer_id", "referral_paid", "level", "levels_reached", "qualifying", "day_buckets")
 if tuple(field.name for field in dataclasses.fields(MemberRules)) != _MEMBER_FIELDS:
     raise ImportError("processor.rules_kernel: MemberRules has fields the kernel's write-back does not set")
-
-
-def _level_index(qualifying: int, threshold: array.array[int]) -> int:
-    reached = 0
-    for level, value in enumerate(threshold):
-        if qualifying >= value:
-            reached = level
-    return reached
