@@ -53,6 +53,19 @@ class MemberRules:
     day_buckets: tuple[tuple[int, int], ...] = ()  # (day since epoch, base point-units), oldest first
 
 
+# A member's lots as a run of the kernel left them (ProgramState.written_by_kernel): (member id, its lots,
+# the keys the run touched, the keys it created, expiry heap entries to push, (keys gone, lots new or
+# changed) since `before`, its lots when the run began)
+KernelLots = tuple[
+    str,
+    tuple["rules.Lot", ...],
+    set[tuple[int, int | None]],
+    set[tuple[int, int | None]],
+    list[int],
+    tuple[list[tuple[int, int | None]], list["rules.Lot"]],
+    tuple["rules.Lot", ...],
+]
+
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
 NO_RULES = MemberRules()
 
@@ -211,7 +224,7 @@ class ProgramState:
         self._lots_created: dict[str, set] = {}
         # member -> the rows flush() writes for its lots (keys gone, lots new or changed), as a kernel run
         # that was the member's only change of its lots since the last flush found them
-        # (lots_by_kernel); any other change of the member's lots drops it (_set)
+        # (written_by_kernel); any other change of the member's lots drops it (_set)
         self._lots_diff: dict[str, tuple[list[tuple[int, int]], list[rules.Lot]]] = {}
         self._dirty: dict[str, set] = {
             "members": set(),
@@ -468,7 +481,7 @@ class ProgramState:
         state, in the run's order: each earn's record (what earned() records; the kernel runs no
         promotions, so no budget moves) and level change, what each redemption consumed (what consume()
         keeps) and each redemption's spend (spend()). Their lots and the members' tier state follow
-        once per member (lots_by_kernel, set_member). One call a run rather than three an operation:
+        once per member (written_by_kernel). One call a run rather than three an operation:
         the undo log and the dirty sets get exactly what _set would give them."""
         undo = self._undo[-1] if self._undo else None
         # each table in bulk (its keys are the run's new transaction ids, none twice): the undo entries
@@ -494,34 +507,64 @@ class ProgramState:
                 spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
                 dirty.add(member_id)
 
-    def lots_by_kernel(
+    def written_by_kernel(
         self,
-        member_id: str,
-        lots: tuple[rules.Lot, ...],
-        keys: set[tuple[int, int | None]],
-        created: set[tuple[int, int | None]],
-        due_us: list[int],
-        diff: tuple[list[tuple[int, int]], list[rules.Lot]] | None = None,
-        before: tuple[rules.Lot, ...] | None = None,
+        lots: list[KernelLots],
+        members: list[tuple[str, MemberRules]],
     ) -> None:
-        """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
-        credit_lot and consume would have, at `keys`; `created`: the keys of its new lots), with the
-        expiry heap entries those would have pushed (each new lot's expiry, and the member's soonest
-        expiry each time a spend moved it). `diff`: the rows flush() writes for the change from `before`
-        (the member's lots when the run began), kept when `before` is what the last flush left."""
-        first = member_id not in self._lots_flushed and self.lots.get(member_id, ()) is before
-        self._touch(member_id, keys)
-        if created:
-            self._lots_created.setdefault(member_id, set()).update(created)
-        self._set(self.lots, member_id, lots or None, "lots")
-        if first and diff is not None:
-            self._lots_diff[member_id] = diff
-        for expires_at_us in due_us:
-            heapq.heappush(self._due, (expires_at_us, member_id))
+        """What a run of the kernel left of its members' lots and tier state, in one call (rather than a
+        _touch and a _set a member, and a _set a member that earned): the undo log, dirty sets, touched
+        and created lot keys and expiry heap get exactly what those calls would give them.
 
-    def set_member(self, member_id: str, value: MemberRules) -> None:
-        """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""
-        self._set(self.members, member_id, value, "members")
+        `lots`, per member whose lots the run changed: its lots as the run left them (sorted; credited
+        and consumed there, as credit_lot and consume would have, at `keys`; `created`: the keys of its
+        new lots), the expiry heap entries those would have pushed (each new lot's expiry, and the
+        member's soonest expiry each time a spend moved it), and `diff`, the rows flush() writes for the
+        change from `before` (the member's lots when the run began), kept when `before` is what the last
+        flush left. `members`: each member that earned, its tier state after the run."""
+        undo = self._undo[-1] if self._undo else None
+        table, flushed, touched, created_by = self.lots, self._lots_flushed, self._lots_touched, self._lots_created
+        diffs, due, dirty = self._lots_diff, self._due, self._dirty["lots"]
+        for member_id, after, keys, created, due_us, diff, before in lots:
+            current = table.get(member_id, _MISSING)
+            first = member_id not in flushed
+            # _touch: which of the member's lots changed (the keys are the run's own set: not copied)
+            if member_id in touched:
+                known = touched[member_id]
+                if known is not None:
+                    known.update(keys)
+            elif member_id in dirty:
+                touched[member_id] = None  # changed before, by a path that does not say which
+            else:
+                touched[member_id] = keys
+            if created:
+                made = created_by.get(member_id)
+                if made is None:
+                    created_by[member_id] = created
+                else:
+                    made.update(created)
+            # _set(self.lots, member_id, after or None, "lots")
+            if first:
+                flushed[member_id] = () if current is _MISSING else current
+            elif diffs:
+                diffs.pop(member_id, None)
+            if undo is not None:
+                undo.append((table, member_id, current))
+            if after:
+                table[member_id] = after
+            else:
+                table.pop(member_id, None)
+            dirty.add(member_id)
+            if first and (() if current is _MISSING else current) is before:
+                diffs[member_id] = diff
+            for expires_at_us in due_us:
+                heapq.heappush(due, (expires_at_us, member_id))
+        rules_table = self.members
+        if undo is not None:
+            get = rules_table.get
+            undo.extend([(rules_table, member_id, get(member_id, _MISSING)) for member_id, _ in members])
+        rules_table.update(members)
+        self._dirty["members"].update(map(_FIRST, members))
 
     def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
         """For a refund of `base_points` of an earn made under a program: (its record, the portion to
