@@ -55,7 +55,7 @@ class MemberRules:
 
 # A member's lots as a run of the kernel left them (ProgramState.written_by_kernel): (member id, its lots,
 # the keys the run touched, the keys it created, expiry heap entries to push, (keys gone, lots new or
-# changed) since `before`, its lots when the run began)
+# changed) since `before`, its lots when the run began, and Σ amounts after − Σ amounts before)
 KernelLots = tuple[
     str,
     tuple["rules.Lot", ...],
@@ -64,6 +64,7 @@ KernelLots = tuple[
     list[int],
     tuple[list[tuple[int, int | None]], list["rules.Lot"]],
     tuple["rules.Lot", ...],
+    int,
 ]
 
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
@@ -225,7 +226,12 @@ class ProgramState:
         # member -> the rows flush() writes for its lots (keys gone, lots new or changed), as a kernel run
         # that was the member's only change of its lots since the last flush found them
         # (written_by_kernel); any other change of the member's lots drops it (_set)
-        self._lots_diff: dict[str, tuple[list[tuple[int, int]], list[rules.Lot]]] = {}
+        self._lots_diff: dict[str, tuple[list[tuple[int, int | None]], list[rules.Lot]]] = {}
+        # member -> (its lots, Σ of their amounts): as check_lots last summed them, or a kernel run carried
+        # the sum forward by what it took and credited. Valid only while the member's lots are that very
+        # tuple (checked by identity), so a change by any other path or a rollback makes check_lots sum
+        # again: check_lots then costs O(what changed) for a member only kernel runs changed, not O(lots).
+        self._lot_totals: dict[str, tuple[tuple[rules.Lot, ...], int]] = {}
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -521,12 +527,16 @@ class ProgramState:
         new lots), the expiry heap entries those would have pushed (each new lot's expiry, and the
         member's soonest expiry each time a spend moved it), and `diff`, the rows flush() writes for the
         change from `before` (the member's lots when the run began), kept when `before` is what the last
-        flush left. `members`: each member that earned, its tier state after the run."""
+        flush left, and the change of the Σ of its lots' amounts (which carries check_lots' sum forward).
+        `members`: each member that earned, its tier state after the run."""
         undo = self._undo[-1] if self._undo else None
         table, flushed, touched, created_by = self.lots, self._lots_flushed, self._lots_touched, self._lots_created
-        diffs, due, dirty = self._lots_diff, self._due, self._dirty["lots"]
-        for member_id, after, keys, created, due_us, diff, before in lots:
+        diffs, due, dirty, totals = self._lots_diff, self._due, self._dirty["lots"], self._lot_totals
+        for member_id, after, keys, created, due_us, diff, before, delta in lots:
             current = table.get(member_id, _MISSING)
+            summed = totals.get(member_id)
+            if summed is not None and summed[0] is before and before is (() if current is _MISSING else current):
+                totals[member_id] = (after, summed[1] + delta)
             first = member_id not in flushed
             # _touch: which of the member's lots changed (the keys are the run's own set: not copied)
             if member_id in touched:
@@ -1058,9 +1068,16 @@ class ProgramState:
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
         are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
+        totals = self._lot_totals
         for member_id in self._dirty["lots"]:
             posted, held = balance(member_id)
-            total = sum(map(_AMOUNT, self.lots.get(member_id, ())))
+            lots = self.lots.get(member_id, ())
+            summed = totals.get(member_id)
+            if summed is not None and summed[0] is lots:
+                total = summed[1]  # carried forward by the kernel runs that made `lots`
+            else:
+                total = sum(map(_AMOUNT, lots))
+                totals[member_id] = (lots, total)
             require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 

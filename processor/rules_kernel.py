@@ -518,6 +518,7 @@ class RulesKernelMixin(MachineParts):
             gone: list[tuple[int, int | None]] = []
             changed: list[rules.Lot] = []
             kept: list[rules.Lot] = []
+            delta = 0  # Σ amounts after − before
             for index in range(start, start + passed):
                 lot, left = pool_lots[index], lot_amount[index]
                 if lot is None:
@@ -527,6 +528,7 @@ class RulesKernelMixin(MachineParts):
                     continue
                 key = (lot.lot_id, lot.expires_at_us)
                 keys.add(key)
+                delta += left - lot.amount
                 if left:
                     lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
                     kept.append(lot)
@@ -543,6 +545,7 @@ class RulesKernelMixin(MachineParts):
                     if lot is None:
                         raise InvariantViolation(f"lot {index} of the run's pool was never made")
                     created_keys.add((lot.lot_id, lot.expires_at_us))
+                    delta += left
                     if left:
                         if left != lot.amount:
                             lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
@@ -552,7 +555,7 @@ class RulesKernelMixin(MachineParts):
             due_us = due_by_row.get(row, [])
             if made:
                 due_us = [*due_us, new_lot_expires_at_us]
-            lots_rows.append((member_id, tuple(kept), keys, created_keys, due_us, (gone, changed), before_lots))
+            lots_rows.append((member_id, tuple(kept), keys, created_keys, due_us, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
         members = [

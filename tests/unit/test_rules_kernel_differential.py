@@ -157,6 +157,7 @@ class Trio:
         # the lot rows a kernel run hands flush() (ProgramState._lots_diff) against what flush() would
         # find by looking the touched keys up (_lots_changed), on both kernel paths, before every flush
         self.diffs_checked = 0
+        self.sums_checked = 0
         for name in ("kernel", "twin"):
             self._check_diffs(self.machines[name].program)
 
@@ -167,6 +168,11 @@ class Trio:
             for member_id, diff in program._lots_diff.items():
                 assert diff == program._lots_changed(member_id), f"the kernel's lot rows of {member_id} differ"
             self.diffs_checked += len(program._lots_diff)
+            # check_lots' sums, as kernel runs carried them forward, against the sum of each member's lots
+            for member_id, (lots, total) in program._lot_totals.items():
+                if lots is program.lots.get(member_id, ()):
+                    assert total == sum(lot.amount for lot in lots), f"the lots' sum of {member_id} is off"
+                    self.sums_checked += 1
             return flush()
 
         program.flush = checked  # type: ignore[method-assign]
