@@ -231,7 +231,9 @@ class ProgramState:
         # the sum forward by what it took and credited. Valid only while the member's lots are that very
         # tuple (checked by identity), so a change by any other path or a rollback makes check_lots sum
         # again: check_lots then costs O(what changed) for a member only kernel runs changed, not O(lots).
+        # Kept only for members with _SUM_KEPT_FROM_LOTS lots or more.
         self._lot_totals: dict[str, tuple[tuple[rules.Lot, ...], int]] = {}
+        self.sum_kept_from_lots = _SUM_KEPT_FROM_LOTS  # (a test keeps every member's sum)
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -1077,12 +1079,18 @@ class ProgramState:
                 total = summed[1]  # carried forward by the kernel runs that made `lots`
             else:
                 total = sum(map(_AMOUNT, lots))
-                totals[member_id] = (lots, total)
+                if len(lots) >= self.sum_kept_from_lots:
+                    totals[member_id] = (lots, total)
+                elif summed is not None:
+                    del totals[member_id]
             require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 
 # a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
 _AMOUNT = operator.attrgetter("amount")
+# check_lots keeps a member's sum (ProgramState._lot_totals) from this many lots: a short tuple is summed
+# faster than the entry costs in memory for every member with a few lots
+_SUM_KEPT_FROM_LOTS = 16
 _FIRST = operator.itemgetter(0)
 
 

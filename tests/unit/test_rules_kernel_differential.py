@@ -160,6 +160,7 @@ class Trio:
         self.sums_checked = 0
         for name in ("kernel", "twin"):
             self._check_diffs(self.machines[name].program)
+            self.machines[name].program.sum_kept_from_lots = 1  # every member's sum carried (16 in service)
 
     def _check_diffs(self, program: ProgramState) -> None:
         flush = program.flush
@@ -323,6 +324,7 @@ def test_kernel_per_operation_path_and_twin_agree_over_thousands_of_operations()
     # every level reached, lots expired, acquiring and referral rewards paid, refunds of earns
     assert trio.kernel_operations >= 2_000
     assert trio.diffs_checked >= 500  # flush() took most kernel members' lot rows from their run
+    assert trio.sums_checked >= 500  # and check_lots most of their sums
     assert {after for _, after in trio.level_changes} >= {"blue", "yellow", "red"}
     assert trio.kinds >= {
         fastpath.KIND_EARN,
