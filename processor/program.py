@@ -53,6 +53,20 @@ class MemberRules:
     day_buckets: tuple[tuple[int, int], ...] = ()  # (day since epoch, base point-units), oldest first
 
 
+# A member's lots as a run of the kernel left them (ProgramState.written_by_kernel): (member id, its lots,
+# the keys the run touched, the keys it created, expiry heap entries to push, (keys gone, lots new or
+# changed) since `before`, its lots when the run began, and Σ amounts after − Σ amounts before)
+KernelLots = tuple[
+    str,
+    tuple["rules.Lot", ...],
+    set[tuple[int, int | None]],
+    set[tuple[int, int | None]],
+    list[int],
+    tuple[list[tuple[int, int | None]], list["rules.Lot"]],
+    tuple["rules.Lot", ...],
+    int,
+]
+
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
 NO_RULES = MemberRules()
 
@@ -209,6 +223,17 @@ class ProgramState:
         # member -> keys of the lots credit_lot / the kernel created since the last flush: new transaction
         # ids, so not among what Postgres holds, and flush() need not look them up there
         self._lots_created: dict[str, set] = {}
+        # member -> the rows flush() writes for its lots (keys gone, lots new or changed), as a kernel run
+        # that was the member's only change of its lots since the last flush found them
+        # (written_by_kernel); any other change of the member's lots drops it (_set)
+        self._lots_diff: dict[str, tuple[list[tuple[int, int | None]], list[rules.Lot]]] = {}
+        # member -> (its lots, Σ of their amounts): as check_lots last summed them, or a kernel run carried
+        # the sum forward by what it took and credited. Valid only while the member's lots are that very
+        # tuple (checked by identity), so a change by any other path or a rollback makes check_lots sum
+        # again: check_lots then costs O(what changed) for a member only kernel runs changed, not O(lots).
+        # Kept only for members with _SUM_KEPT_FROM_LOTS lots or more.
+        self._lot_totals: dict[str, tuple[tuple[rules.Lot, ...], int]] = {}
+        self.sum_kept_from_lots = _SUM_KEPT_FROM_LOTS  # (a test keeps every member's sum)
         self._dirty: dict[str, set] = {
             "members": set(),
             "lots": set(),
@@ -274,12 +299,16 @@ class ProgramState:
         self._lots_flushed.clear()
         self._lots_touched.clear()
         self._lots_created.clear()
+        self._lots_diff.clear()
         self._tier_events.clear()
         self._dividends_posted.clear()
 
     def _set(self, table: dict, key, value, dirty: str) -> None:
-        if table is self.lots and key not in self._lots_flushed:
-            self._lots_flushed[key] = table.get(key, ())
+        if table is self.lots:
+            if key not in self._lots_flushed:
+                self._lots_flushed[key] = table.get(key, ())
+            elif self._lots_diff:
+                self._lots_diff.pop(key, None)  # a second change: flush() compares what it must
         if self._undo:
             self._undo[-1].append((table, key, table.get(key, _MISSING)))
         if value is None:
@@ -294,7 +323,7 @@ class ProgramState:
         write = RulesWrite(
             program_id=self.program.program_id if self.program is not None else "",
             members={m: self.members[m] for m in d["members"] if m in self.members},
-            lots={m: self._lots_changed(m) for m in d["lots"]},
+            lots={m: self._lots_diff.get(m) or self._lots_changed(m) for m in d["lots"]},
             new_lots={m: set(keys) for m, keys in self._lots_created.items() if m in d["lots"]},
             pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
             new_pieces=set(d["new_pieces"]),
@@ -312,6 +341,7 @@ class ProgramState:
         self._lots_flushed.clear()
         self._lots_touched.clear()
         self._lots_created.clear()
+        self._lots_diff.clear()
         self._tier_events = []
         self._dividends_posted = []
         return write
@@ -356,6 +386,7 @@ class ProgramState:
 
     def load_lots(self, member_id: str, lots: tuple[rules.Lot, ...]) -> None:
         self.lots[member_id] = lots
+        self._lots_diff.pop(member_id, None)
         for lot in lots:
             heapq.heappush(self._due, (lot.expires_at_us, member_id))
 
@@ -458,7 +489,7 @@ class ProgramState:
         state, in the run's order: each earn's record (what earned() records; the kernel runs no
         promotions, so no budget moves) and level change, what each redemption consumed (what consume()
         keeps) and each redemption's spend (spend()). Their lots and the members' tier state follow
-        once per member (lots_by_kernel, set_member). One call a run rather than three an operation:
+        once per member (written_by_kernel). One call a run rather than three an operation:
         the undo log and the dirty sets get exactly what _set would give them."""
         undo = self._undo[-1] if self._undo else None
         # each table in bulk (its keys are the run's new transaction ids, none twice): the undo entries
@@ -484,28 +515,68 @@ class ProgramState:
                 spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
                 dirty.add(member_id)
 
-    def lots_by_kernel(
+    def written_by_kernel(
         self,
-        member_id: str,
-        lots: tuple[rules.Lot, ...],
-        keys: set[tuple[int, int | None]],
-        created: set[tuple[int, int | None]],
-        due_us: list[int],
+        lots: list[KernelLots],
+        members: list[tuple[str, MemberRules]],
     ) -> None:
-        """A member's lots as a run of the kernel left them (sorted; credited and consumed there, as
-        credit_lot and consume would have, at `keys`; `created`: the keys of its new lots), with the
-        expiry heap entries those would have pushed (each new lot's expiry, and the member's soonest
-        expiry each time a spend moved it)."""
-        self._touch(member_id, keys)
-        if created:
-            self._lots_created.setdefault(member_id, set()).update(created)
-        self._set(self.lots, member_id, lots or None, "lots")
-        for expires_at_us in due_us:
-            heapq.heappush(self._due, (expires_at_us, member_id))
+        """What a run of the kernel left of its members' lots and tier state, in one call (rather than a
+        _touch and a _set a member, and a _set a member that earned): the undo log, dirty sets, touched
+        and created lot keys and expiry heap get exactly what those calls would give them.
 
-    def set_member(self, member_id: str, value: MemberRules) -> None:
-        """A member's tier state as a run of the kernel left it (undo-logged, flushed)."""
-        self._set(self.members, member_id, value, "members")
+        `lots`, per member whose lots the run changed: its lots as the run left them (sorted; credited
+        and consumed there, as credit_lot and consume would have, at `keys`; `created`: the keys of its
+        new lots), the expiry heap entries those would have pushed (each new lot's expiry, and the
+        member's soonest expiry each time a spend moved it), and `diff`, the rows flush() writes for the
+        change from `before` (the member's lots when the run began), kept when `before` is what the last
+        flush left, and the change of the Σ of its lots' amounts (which carries check_lots' sum forward).
+        `members`: each member that earned, its tier state after the run."""
+        undo = self._undo[-1] if self._undo else None
+        table, flushed, touched, created_by = self.lots, self._lots_flushed, self._lots_touched, self._lots_created
+        diffs, due, dirty, totals = self._lots_diff, self._due, self._dirty["lots"], self._lot_totals
+        for member_id, after, keys, created, due_us, diff, before, delta in lots:
+            current = table.get(member_id, _MISSING)
+            summed = totals.get(member_id)
+            if summed is not None and summed[0] is before and before is (() if current is _MISSING else current):
+                totals[member_id] = (after, summed[1] + delta)
+            first = member_id not in flushed
+            # _touch: which of the member's lots changed (the keys are the run's own set: not copied)
+            if member_id in touched:
+                known = touched[member_id]
+                if known is not None:
+                    known.update(keys)
+            elif member_id in dirty:
+                touched[member_id] = None  # changed before, by a path that does not say which
+            else:
+                touched[member_id] = keys
+            if created:
+                made = created_by.get(member_id)
+                if made is None:
+                    created_by[member_id] = created
+                else:
+                    made.update(created)
+            # _set(self.lots, member_id, after or None, "lots")
+            if first:
+                flushed[member_id] = () if current is _MISSING else current
+            elif diffs:
+                diffs.pop(member_id, None)
+            if undo is not None:
+                undo.append((table, member_id, current))
+            if after:
+                table[member_id] = after
+            else:
+                table.pop(member_id, None)
+            dirty.add(member_id)
+            if first and (() if current is _MISSING else current) is before:
+                diffs[member_id] = diff
+            for expires_at_us in due_us:
+                heapq.heappush(due, (expires_at_us, member_id))
+        rules_table = self.members
+        if undo is not None:
+            get = rules_table.get
+            undo.extend([(rules_table, member_id, get(member_id, _MISSING)) for member_id, _ in members])
+        rules_table.update(members)
+        self._dirty["members"].update(map(_FIRST, members))
 
     def refund_plan(self, transaction_id: int, base_points: int) -> tuple[EarnRecord, rules.Earn, int] | None:
         """For a refund of `base_points` of an earn made under a program: (its record, the portion to
@@ -999,14 +1070,27 @@ class ProgramState:
     def check_lots(self, balance) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
         are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
+        totals = self._lot_totals
         for member_id in self._dirty["lots"]:
             posted, held = balance(member_id)
-            total = sum(map(_AMOUNT, self.lots.get(member_id, ())))
+            lots = self.lots.get(member_id, ())
+            summed = totals.get(member_id)
+            if summed is not None and summed[0] is lots:
+                total = summed[1]  # carried forward by the kernel runs that made `lots`
+            else:
+                total = sum(map(_AMOUNT, lots))
+                if len(lots) >= self.sum_kept_from_lots:
+                    totals[member_id] = (lots, total)
+                elif summed is not None:
+                    del totals[member_id]
             require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 
 # a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
 _AMOUNT = operator.attrgetter("amount")
+# check_lots keeps a member's sum (ProgramState._lot_totals) from this many lots: a short tuple is summed
+# faster than the entry costs in memory for every member with a few lots
+_SUM_KEPT_FROM_LOTS = 16
 _FIRST = operator.itemgetter(0)
 
 

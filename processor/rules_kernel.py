@@ -20,7 +20,9 @@ rows, outcomes and ProgramState changes, exactly as the per-operation path does
 ProgramState stays the single truth: the kernel's tier and lot columns live for one run, and what the run
 changed is written back once per member through ProgramState's undo-logged setters (with the touched lot
 keys and expiry-heap entries credit_lot and consume would have left), so rollback, flush and the rare
-Python paths see one state.
+Python paths see one state. The write-back hands ProgramState the rows flush() writes for each member's
+lots (keys gone, lots new or changed), which the run knows from its pool: flush() uses them when the run
+was the member's only change since the last flush, rather than looking each touched key up again.
 """
 
 from __future__ import annotations
@@ -28,13 +30,12 @@ from __future__ import annotations
 import array
 import dataclasses
 from operator import attrgetter
-from collections.abc import Iterable
 from typing import Any
 
 import fastpath
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
-from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, MemberRules
+from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, KernelLots, MemberRules
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
 
@@ -218,25 +219,6 @@ class RulesKernelMixin(MachineParts):
         run.tier_acquiring_bps.append(share)
         return row
 
-    def _kernel_eligible(self, op: Operation) -> bool:
-        """An operation the kernel may decide, before its member is looked at."""
-        return (
-            (op.method is Method.EARN or op.method is Method.REDEEM)
-            and not op.vouchers
-            and op.refusal is None
-            and 0 <= op.points <= fastpath.RULES_EARN_POINTS_MAX
-            and 0 <= op.purchase_amount <= fastpath.RULES_PURCHASE_MAX
-        )
-
-    def _kernel_add(self, run: EarnRedeemRun, position: int, op: Operation, slot: int, row: int, fee_bps: int) -> None:
-        run.positions.append(position)
-        run.ops.append(op)
-        run.slots.append(slot)
-        run.rows.append(row)
-        run.fee_bps.append(fee_bps)
-        if op.method is Method.REDEEM:
-            run.tier_demand[row] += op.points
-
     def _kernel_run(
         self,
         run: EarnRedeemRun,
@@ -333,8 +315,12 @@ class RulesKernelMixin(MachineParts):
         tier_members = run.tier_members
         ok = fastpath.OK
         pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * earns)]
-        earned_rows: set[int] = set()
-        touched: dict[int, set[tuple[int, int | None]]] = {}  # tier row -> keys of old lots its redeems took from
+        # tier row -> the kernel's level index after the row's last applied earn (the member's level:
+        # qualifying points change only on earns), for the tier write-back
+        earned_level: dict[int, int] = {}
+        # tier rows whose redeems took pieces (of lots, or of never-expiring points): which lots they took
+        # is read back from the pool (a lot taken from has less left than it had)
+        taken_rows: set[int] = set()
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
         due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries its redeems push
         earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
@@ -342,22 +328,59 @@ class RulesKernelMixin(MachineParts):
         tier_events: list[tuple[int, str, str, str]] = []
         consumed: list[tuple[tuple[int, int], tuple[rules.Lot, ...]]] = []
         spent: dict[str, int] = {}  # member -> point-units its redeems of the run took (one velocity bucket)
-        for i, (position, op, code, status, created, row) in enumerate(
-            zip(run.positions, ops, method, statuses, createds, run.rows)
+        # one pass over the run's columns together (zip reuses its tuple; no index into an array per
+        # field: each was an int object made and a subscript dispatched)
+        for (
+            position,
+            op,
+            code,
+            status,
+            created,
+            row,
+            slot,
+            posted,
+            available,
+            total,
+            fee,
+            level_before,
+            level_after,
+            reward,
+            reward_id,
+            new_lot,
+            start,
+            end,
+            due_at_us,
+        ) in zip(
+            run.positions,
+            ops,
+            method,
+            statuses,
+            createds,
+            run.rows,
+            run.slots,
+            posteds,
+            availables,
+            totals_out,
+            fees,
+            levels_before,
+            levels_after,
+            rewards,
+            reward_ids,
+            new_lots,
+            piece_starts,
+            piece_ends,
+            dues,
         ):
             if status != ok:
-                outcomes[position] = self._applied(
-                    op, write, now_us, created, status, run.slots[i], 0, posteds[i], availables[i], 0
-                )
+                outcomes[position] = self._applied(op, write, now_us, created, status, slot, 0, posted, available, 0)
                 continue
             merchant_id, member_id = op.merchant_id, op.member_id
             merchant = merchants[merchant_id]
-            fee = fees[i]
             if fee:
                 add_entry((created, merchant.fees_account_id, -fee))
                 add_entry((created, fee_revenue, fee))
             if code == _OP_EARN:
-                base, total = op.points, totals_out[i]
+                base = op.points
                 uplift = total - base
                 add_transaction(
                     (
@@ -375,13 +398,12 @@ class RulesKernelMixin(MachineParts):
                     )
                 )
                 if total:
-                    add_entry((created, member_account(run.slots[i]), total))
+                    add_entry((created, member_account(slot), total))
                 if base:
                     add_entry((created, merchant.issued_account_id, -base))
                 if uplift:
                     add_entry((created, tier_rewards, -uplift))
-                earned_rows.add(row)
-                new_lot = new_lots[i]
+                earned_level[row] = level_after
                 if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
                     pool_lots[new_lot] = _new_lot(created, total, new_lot_expires_at_us, merchant_id)
                     made = new_by_row.get(row)
@@ -389,9 +411,7 @@ class RulesKernelMixin(MachineParts):
                         new_by_row[row] = [new_lot]
                     else:
                         made.append(new_lot)
-                reward = rewards[i]
                 acquirer_id = tier_members[row][1].acquirer_id if reward else None
-                level_before, level_after = levels_before[i], levels_after[i]
                 add_earn_record(
                     (
                         created,
@@ -403,7 +423,6 @@ class RulesKernelMixin(MachineParts):
                 if level_before != level_after:  # level names are distinct (kernel_supports)
                     tier_events.append((created, member_id, names[level_before], names[level_after]))
                 if acquirer_id is not None:
-                    reward_id = reward_ids[i]
                     add_transaction(
                         (
                             reward_id,
@@ -426,7 +445,7 @@ class RulesKernelMixin(MachineParts):
                     {
                         "transaction_id": created,
                         "points": base,
-                        "balance": posteds[i],
+                        "balance": posted,
                         "give_back_bps": merchant.give_back_bps,
                         "created_at_us": now_us,
                         "bonus_points": uplift,
@@ -449,15 +468,12 @@ class RulesKernelMixin(MachineParts):
                     fee,
                 )
             )
-            add_entry((created, member_account(run.slots[i]), -points))
+            add_entry((created, member_account(slot), -points))
             add_entry((created, merchant.redeemed_account_id, points))
             # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
             pieces = []
-            start, end = piece_starts[i], piece_ends[i]
             if end > start:
-                keys = touched.get(row)
-                if keys is None:
-                    keys = touched[row] = set()
+                taken_rows.add(row)
                 for k in range(start, end):
                     taken, source = piece_amount[k], piece_lot[k]
                     if source < 0:
@@ -465,84 +481,99 @@ class RulesKernelMixin(MachineParts):
                         continue
                     source_lot = pool_lots[source]
                     if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
-                        raise InvariantViolation(f"operation {i} of the run took from lot {source}, which no earn made")
+                        raise InvariantViolation(
+                            f"operation {op.idempotency_key!r} of the run took from lot {source}, which no earn made"
+                        )
                     pieces.append(
                         source_lot
                         if taken == source_lot.amount
                         else _new_lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
                     )
-                    keys.add((source_lot.lot_id, source_lot.expires_at_us))  # the lot's key
             consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
-            if dues[i]:
+            if due_at_us:
                 due = due_by_row.get(row)
                 if due is None:
-                    due_by_row[row] = [dues[i]]
+                    due_by_row[row] = [due_at_us]
                 else:
-                    due.append(dues[i])
+                    due.append(due_at_us)
             if points > 0:  # spend()'s condition; the run's spends share one instant, so one bucket
                 spent[member_id] = spent.get(member_id, 0) + points
             outcomes[position] = Outcome(
                 _OK,
-                {"transaction_id": created, "points": points, "balance": posteds[i], "available": availables[i]},
+                {"transaction_id": created, "points": points, "balance": posted, "available": available},
             )
         program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
-        # did not need, the run's new lots (all sorted: new lots expire last). Its new lots' keys (their
-        # ids are the earns' transaction ids) are touched and created; one expiry heap entry for all of
-        # them (they expire at one instant; consume()'s entries follow from its redeems).
-        for row in sorted(touched.keys() | new_by_row.keys()):
+        # did not need, the run's new lots (all sorted: new lots expire last, and their ids, the earns'
+        # transaction ids, are above every older lot's). Its new lots' keys are touched and created; one
+        # expiry heap entry for all of them (they expire at one instant; consume()'s entries follow from
+        # its redeems). Built with the rows flush() writes for the member (the keys gone, the lots new or
+        # changed, in key order: what ProgramState._lots_changed would find), so flush() need not look
+        # each key up again when the run is the member's only change since the last flush.
+        lots_rows: list[KernelLots] = []
+        for row in sorted(taken_rows | new_by_row.keys()):
             member_id, _, before_lots = tier_members[row]
             start, passed = prefixes[row]
-            made = new_by_row.get(row, [])
+            keys: set[tuple[int, int | None]] = set()
+            gone: list[tuple[int, int | None]] = []
+            changed: list[rules.Lot] = []
+            kept: list[rules.Lot] = []
+            delta = 0  # Σ amounts after − before
+            for index in range(start, start + passed):
+                lot, left = pool_lots[index], lot_amount[index]
+                if lot is None:
+                    raise InvariantViolation(f"lot {index} of the run's pool was never made")
+                if left == lot.amount:  # untouched: the same object
+                    kept.append(lot)
+                    continue
+                key = (lot.lot_id, lot.expires_at_us)
+                keys.add(key)
+                delta += left - lot.amount
+                if left:
+                    lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                    kept.append(lot)
+                    changed.append(lot)
+                else:
+                    gone.append(key)
+            if passed < len(before_lots):
+                kept.extend(before_lots[passed:])
             created_keys: set[tuple[int, int | None]] = set()
-            for new_lot in made:
-                lot = pool_lots[new_lot]
-                if lot is not None:  # never None: checked by _left below
+            made = new_by_row.get(row)
+            if made is not None:
+                for index in made:
+                    lot, left = pool_lots[index], lot_amount[index]
+                    if lot is None:
+                        raise InvariantViolation(f"lot {index} of the run's pool was never made")
                     created_keys.add((lot.lot_id, lot.expires_at_us))
-            keys = touched.get(row)
+                    delta += left
+                    if left:
+                        if left != lot.amount:
+                            lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
+                        kept.append(lot)
+                        changed.append(lot)
+                keys |= created_keys
             due_us = due_by_row.get(row, [])
             if made:
                 due_us = [*due_us, new_lot_expires_at_us]
-            kept = [
-                *self._left(pool_lots, lot_amount, range(start, start + passed)),
-                *before_lots[passed:],
-                *self._left(pool_lots, lot_amount, made),
-            ]
-            program.lots_by_kernel(
-                member_id, tuple(kept), created_keys | keys if keys else created_keys, created_keys, due_us
-            )
-        # the run's tier state, once per member that earned (qualifying in total: no day buckets)
-        for row in sorted(earned_rows):
-            member_id, before_rules, _ = run.tier_members[row]
-            qualifying = run.tier_qualifying[row]
-            program.set_member(
-                member_id,
+            lots_rows.append((member_id, tuple(kept), keys, created_keys, due_us, (gone, changed), before_lots, delta))
+        # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
+        # level is the one the kernel found after the member's last earn of the run)
+        members = [
+            (
+                tier_members[row][0],
                 _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
-                    before_rules.acquirer_id,
-                    before_rules.referrer_id,
-                    before_rules.referral_paid,
-                    names[_level_index(qualifying, tables.level_threshold)],
+                    tier_members[row][1].acquirer_id,
+                    tier_members[row][1].referrer_id,
+                    tier_members[row][1].referral_paid,
+                    names[earned_level[row]],
                     run.tier_reached[row],
-                    qualifying,
+                    run.tier_qualifying[row],
                     (),
                 ),
             )
-
-    @staticmethod
-    def _left(
-        pool_lots: list[rules.Lot | None], lot_amount: array.array[int], indexes: Iterable[int]
-    ) -> list[rules.Lot]:
-        """The pool's lots at `indexes` with what the run left of them (the emptied ones dropped)."""
-        kept = []
-        for index in indexes:
-            lot, left = pool_lots[index], lot_amount[index]
-            if lot is None:
-                raise InvariantViolation(f"lot {index} of the run's pool was never made")
-            if left:
-                kept.append(
-                    lot if left == lot.amount else rules.Lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                )
-        return kept
+            for row in sorted(earned_level)
+        ]
+        program.written_by_kernel(lots_rows, members)
 
     def _kernel_lots(
         self, run: EarnRedeemRun
@@ -593,11 +624,3 @@ class RulesKernelMixin(MachineParts):
 _MEMBER_FIELDS = ("acquirer_id", "referrer_id", "referral_paid", "level", "levels_reached", "qualifying", "day_buckets")
 if tuple(field.name for field in dataclasses.fields(MemberRules)) != _MEMBER_FIELDS:
     raise ImportError("processor.rules_kernel: MemberRules has fields the kernel's write-back does not set")
-
-
-def _level_index(qualifying: int, threshold: array.array[int]) -> int:
-    reached = 0
-    for level, value in enumerate(threshold):
-        if qualifying >= value:
-            reached = level
-    return reached

@@ -297,6 +297,12 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         # compiled call (processor/rules_kernel.py); rules_kernel = False keeps them per operation
         tables = self._tables(version) if version is not None and self.rules_kernel else None
         run = EarnRedeemRun() if tables is not None else None
+        # what decides an operation's way to the kernel, read once for the batch rather than per operation
+        # (_kernel_eligible's conditions, and the version's give-back bounds for earns)
+        give_back_min = tables.version.give_back_bps_min if tables is not None else 0
+        give_back_max = tables.version.give_back_bps_max if tables is not None else 0
+        earn, redeem = Method.EARN, Method.REDEEM
+        points_max, purchase_max = fastpath.RULES_EARN_POINTS_MAX, fastpath.RULES_PURCHASE_MAX
 
         def flush() -> None:
             # the plain operations gathered so far (no program), through the kernel in one call: before any
@@ -370,16 +376,20 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             if (
                 run is not None
                 and tables is not None
-                and self._kernel_eligible(op)
-                # an earn at a merchant outside the version's give-back bounds is refused by the rules path
+                # an operation the kernel may decide, before its member is looked at: a plain earn or
+                # redeem (no vouchers) within the kernel's bounds (inline: it runs for every operation)
                 and (
-                    kind is not Method.EARN
-                    or tables.version.give_back_bps_min
-                    <= merchant_row.give_back_bps
-                    <= tables.version.give_back_bps_max
+                    # an earn at a merchant outside the version's give-back bounds is refused by the rules path
+                    (kind is earn and give_back_min <= merchant_row.give_back_bps <= give_back_max) or kind is redeem
                 )
+                and not op.vouchers
+                and op.refusal is None
+                and 0 <= op.points <= points_max
+                and 0 <= op.purchase_amount <= purchase_max
             ):
-                row = self._kernel_member(run, tables, op, now_us)
+                row = run.tier_rows.get(op.member_id, -1)  # the member's row if the run has it already
+                if row < 0:
+                    row = self._kernel_member(run, tables, op, now_us)
             if row < 0 and run is not None and tables is not None and run.tier_members:
                 # the run so far is decided before this operation takes ids or changes state, and the
                 # next run reads its members' rules afresh (this operation may change them)
@@ -401,8 +411,12 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
                     self._signup(write, op, version, now_us)  # enrolled now: its sign-up bonus (seed 003)
-                if row >= 0 and run is not None:
-                    self._kernel_add(run, position, op, slot, row, merchant_row.fee_issued_bps)
+                if row >= 0 and run is not None:  # the run takes it (its columns are built when it is decided)
+                    run.positions.append(position)
+                    run.ops.append(op)
+                    run.slots.append(slot)
+                    run.rows.append(row)
+                    run.fee_bps.append(merchant_row.fee_issued_bps)
                     continue
                 created = ids.transaction() if kind is not Method.LINK else 0
             elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
@@ -424,8 +438,13 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     holds_taken.append(position)
                     created = ids.authorization()
                     expires = now_us + op.hold_ttl_seconds * 1_000_000
-                elif row >= 0 and run is not None:
-                    self._kernel_add(run, position, op, slot, row, merchant_row.fee_redeemed_bps)
+                elif row >= 0 and run is not None:  # the run takes it (its columns are built when it is decided)
+                    run.positions.append(position)
+                    run.ops.append(op)
+                    run.slots.append(slot)
+                    run.rows.append(row)
+                    run.fee_bps.append(merchant_row.fee_redeemed_bps)
+                    run.tier_demand[row] += op.points
                     continue
                 else:
                     created = ids.transaction()

@@ -21,7 +21,7 @@ import fastpath._reference
 from processor import domain, rules
 from processor.config import Settings
 from processor.domain import Method, Operation
-from processor.program import ProgramState
+from processor.program import ProgramState, RulesWrite
 from processor.rules_kernel import kernel_supports
 from processor.state_machine import IdAllocator, LedgerStateMachine, Merchants
 from processor.store import MerchantRow
@@ -154,6 +154,29 @@ class Trio:
             return kernel_run(run, *args)
 
         compiled._kernel_run = counted  # type: ignore[method-assign]
+        # the lot rows a kernel run hands flush() (ProgramState._lots_diff) against what flush() would
+        # find by looking the touched keys up (_lots_changed), on both kernel paths, before every flush
+        self.diffs_checked = 0
+        self.sums_checked = 0
+        for name in ("kernel", "twin"):
+            self._check_diffs(self.machines[name].program)
+            self.machines[name].program.sum_kept_from_lots = 1  # every member's sum carried (16 in service)
+
+    def _check_diffs(self, program: ProgramState) -> None:
+        flush = program.flush
+
+        def checked() -> RulesWrite:
+            for member_id, diff in program._lots_diff.items():
+                assert diff == program._lots_changed(member_id), f"the kernel's lot rows of {member_id} differ"
+            self.diffs_checked += len(program._lots_diff)
+            # check_lots' sums, as kernel runs carried them forward, against the sum of each member's lots
+            for member_id, (lots, total) in program._lot_totals.items():
+                if lots is program.lots.get(member_id, ()):
+                    assert total == sum(lot.amount for lot in lots), f"the lots' sum of {member_id} is off"
+                    self.sums_checked += 1
+            return flush()
+
+        program.flush = checked  # type: ignore[method-assign]
 
     def operation(self, rng: random.Random) -> Operation:
         self.keys += 1
@@ -300,6 +323,8 @@ def test_kernel_per_operation_path_and_twin_agree_over_thousands_of_operations()
     # the run went through the parts of the program: most earns and redeems decided by the kernel,
     # every level reached, lots expired, acquiring and referral rewards paid, refunds of earns
     assert trio.kernel_operations >= 2_000
+    assert trio.diffs_checked >= 500  # flush() took most kernel members' lot rows from their run
+    assert trio.sums_checked >= 500  # and check_lots most of their sums
     assert {after for _, after in trio.level_changes} >= {"blue", "yellow", "red"}
     assert trio.kinds >= {
         fastpath.KIND_EARN,
