@@ -32,7 +32,9 @@ import asyncio
 import collections
 import dataclasses
 import gc
+import itertools
 import logging
+import operator
 import time
 from typing import Any, Callable
 
@@ -733,7 +735,7 @@ class Pipeline:
         self.machine.commit()
         self._open.popleft()
         # before any call is answered: a retry that follows must find its key
-        self.idempotency.add([(record[0], record[1]) for record in prepared.write.idempotency])
+        self.idempotency.add(map(_MERCHANT_AND_KEY, prepared.write.idempotency))
         if prepared.task is not None:
             self._next_batch_id = prepared.batch_id + 1
             self._answered_batch_id = prepared.batch_id  # before any answer: projected() waits for it
@@ -742,8 +744,7 @@ class Pipeline:
         _count_committed(prepared.write, ledger)
         if ledger.transactions_resident_count > self.settings.transactions_resident_max // 2:
             self._forget_due = True
-        for op, outcome in zip(prepared.batch, prepared.outcomes):
-            self._resolve(op, outcome)
+        self._resolve_all(prepared.batch, prepared.outcomes)
         self._signal_finished()
         if prepared.task is not None:
             # its rows are written by the projector; a full queue holds the committer (backpressure)
@@ -828,6 +829,24 @@ class Pipeline:
         elif op.future is not None and not op.future.done():
             self.quotas.dequeued(op.merchant_id)
             op.future.set_result(outcome)
+
+    def _resolve_all(self, batch: list[Operation], outcomes: list[Outcome]) -> None:
+        """_resolve for each operation of an answered batch, with the common case inline: an operation
+        of a SubmitBatch call (op.call, no answer callback, no future of its own, not decided yet)
+        costs no call of _resolve or Call.decided (measured: two Python calls an operation were about
+        a third of answering it)."""
+        inflight_pop, dequeued, resolve = self._inflight.pop, self.quotas.dequeued, self._resolve
+        for op, outcome in zip(batch, outcomes):
+            call = op.call
+            if call is None or call.answer is not None or op.future is not None or op.outcome is not None:
+                resolve(op, outcome)  # a unary call's, a Stream's, a key waited on, or decided already
+                continue
+            inflight_pop((op.merchant_id, op.idempotency_key), None)
+            dequeued(op.merchant_id)
+            op.outcome = outcome  # what Call.decided does
+            call.remaining -= 1
+            if call.remaining == 0 and not call.future.done():  # done: the caller went away (cancelled)
+                call.future.set_result(None)
 
     def _fail(self, batch: list[Operation], code: Code, message: str) -> None:
         for op in batch:
@@ -976,12 +995,7 @@ _NOT_APPLIED_MESSAGE = (
 def _count_committed(write: BatchWrite, ledger: Any) -> None:
     """Business counters, from what the batch committed (never from what it only tried): summed per
     kind first, so a counter is touched once a batch, not once a transaction (each inc takes a lock)."""
-    amounts: dict[int, int] = {}
-    counts: dict[int, int] = {}
-    for transaction in write.transactions:
-        kind = transaction[1]
-        amounts[kind] = amounts.get(kind, 0) + transaction[4]
-        counts[kind] = counts.get(kind, 0) + 1
+    amounts, counts = sums_by_kind(write.transactions)
     for kind, amount in amounts.items():
         if kind == fastpath.KIND_EARN:
             metrics.points_earned.inc(amount)
@@ -997,6 +1011,21 @@ def _count_committed(write: BatchWrite, ledger: Any) -> None:
     if write.expired_holds:
         metrics.hold_expiries.inc(len(write.expired_holds))
         metrics.points_hold_expired.inc(sum(ledger.hold(h)[3] for h in write.expired_holds if ledger.has_hold(h)))
+
+
+def sums_by_kind(transactions: list[tuple]) -> tuple[dict[int, int], collections.Counter[int]]:
+    """(kind -> sum of amounts, kind -> count) of transaction rows. The columns are taken and summed in
+    C (map, Counter, compress): a pass per kind in the batch (a few), no Python loop over its rows."""
+    kinds_of = list(map(_KIND, transactions))
+    counts = collections.Counter(kinds_of)
+    if len(counts) == 1:
+        return {kinds_of[0]: sum(map(_AMOUNT, transactions))}, counts
+    column = list(map(_AMOUNT, transactions))
+    return {k: sum(itertools.compress(column, map(operator.eq, kinds_of, itertools.repeat(k)))) for k in counts}, counts
+
+
+_MERCHANT_AND_KEY = operator.itemgetter(0, 1)  # an idempotency record's (merchant_id, key)
+_KIND, _AMOUNT = operator.itemgetter(1), operator.itemgetter(4)  # a transaction row's kind, amount
 
 
 def _outcome_of(future: asyncio.Future) -> Outcome:
