@@ -621,7 +621,7 @@ class Pipeline:
         metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
         try:
             # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
-            maybe = self.idempotency.maybe_stored([(op.merchant_id, op.idempotency_key) for op in batch])
+            maybe = self.idempotency.maybe_stored(list(map(_OPERATION_KEY, batch)))
             stored = {}
             if maybe:
                 metrics.idempotency_keys_read.inc(len(maybe))
@@ -1025,6 +1025,7 @@ def sums_by_kind(transactions: list[tuple]) -> tuple[dict[int, int], collections
 
 
 _MERCHANT_AND_KEY = operator.itemgetter(0, 1)  # an idempotency record's (merchant_id, key)
+_OPERATION_KEY = operator.attrgetter("merchant_id", "idempotency_key")  # an operation's, taken in C
 _KIND, _AMOUNT = operator.itemgetter(1), operator.itemgetter(4)  # a transaction row's kind, amount
 
 
