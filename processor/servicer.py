@@ -202,18 +202,15 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         its merchant known, the caller allowed to act for it, the merchant within its rate limit.
         Returns (idempotency key, merchant). Raises _MerchantNotLoaded for a merchant not in memory
         (the caller awaits _load_merchant, which reads Postgres, then calls this again)."""
-        validate = self.validate
-        if merchant_id not in validate._valid:  # the common case without a call (see Validator.identifier)
-            validate.identifier(merchant_id, "merchant_id")
-        key = validate.idempotency_key(request.idempotency_key)
+        merchant_id = self.validate.identifier(merchant_id, "merchant_id")
+        key = self.validate.idempotency_key(request.idempotency_key)
         pipeline = self.pipeline
         # a known merchant without a coroutine (one an operation); ready_store() still answers
         # UNAVAILABLE while the service recovers, as pipeline.merchant() does
         merchant = pipeline.merchants.by_id.get(merchant_id)
         if merchant is None:
             raise _MerchantNotLoaded(merchant_id)
-        if not pipeline.ready:  # ready_store()'s refusal, without its call when ready
-            pipeline.ready_store()
+        pipeline.ready_store()
         caller = rpc.principal.get()
         if caller is None or not caller.may_act_for(merchant_id):
             raise Rejection(
