@@ -73,9 +73,28 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
         ("write_batch (", "_as_writer (", "_write (", "_check_writer_lock ("),
     ),
     ("balance checkpoint", ("_write_checkpoint (", "_committed (", "_maybe_checkpoint (")),
+    # The projector in the service's process (--projector in-process): its rows, their asyncpg encoding
+    # and COPY. It runs as tasks of its own (Store.bounded runs each transaction in one), whose stacks
+    # name no pipeline frame: before these steps they fell to "pipeline queueing" by uvloop's
+    # Handle__run.
+    (
+        "projection (in-process): rows + asyncpg encoding",
+        (
+            "Store.project_batches",  # and its <locals>.write: the mark's read and update
+            "Store._write_many (",
+            "Store._write_updates (",
+            "Store._write_rules",
+            "project_log (",
+            "Projector._project (",
+            "Projector._run (",
+        ),
+    ),
+    # the answer path's durable write: the BatchWrite pickled, then one row appended with the fence
+    ("batch-log payload encoding (batch_log.encode)", ("encode (processor/batch_log.py", "_Pickler.")),
+    ("batch-log append (fence + one row)", ("append (processor/batch_log.py", "Pipeline._append.<locals>")),
     ("fastpath kernel (C)", ("fastpath/_core", "_core.cpython", "__pyx_pw_8fastpath", "__pyx_f_8fastpath")),
     ("program rules in Python (rules.py, program.py)", ("processor/rules.py", "processor/program.py")),
-    # before "pipeline queueing": its "_run (" would otherwise take _kernel_run's frames
+    # before "pipeline queueing" and the apply loop: rules_kernel.py's own frames are its step
     ("rules kernel's columns and rows (rules_kernel.py)", ("processor/rules_kernel.py",)),
     (
         "BatchWrite rows (entries, transactions, records)",
@@ -111,7 +130,7 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
             "one_done (",
             "_signal_finished (",
             "_finish (",
-            "_run (",
+            # not "_run (": uvloop's Handle__run is in every task's stack
             "processor/pipeline.py",
         ),
     ),

@@ -370,9 +370,65 @@ async def _wait_for_projection(connection: asyncpg.Connection) -> None:
 def balances_after(write: Any, ledger: Any) -> dict[int, int]:
     """transaction_id -> the member's posted points balance right after it, for a batch just applied to
     the fast path (`ledger` shows exactly the state after the batch; BatchWrite `write`). The final
-    balance of each member is the fast path's; walking the batch's entries back gives each transaction's.
-    Transactions without a member (member_id '') are left out. One pass over the transactions and one
-    over the entries (measured: docs/API.md, "The change feed")."""
+    balance of each member is the fast path's; walking the batch's journal back from it gives each
+    transaction's. Transactions without a member (member_id '') are left out.
+
+    One pass over the transactions (each member's account and final balance looked up once a batch,
+    not once a transaction), one comprehension picking the entries that move those members' points,
+    then one walk back over the transactions and those moves together: a batch's entries come grouped
+    by transaction in id order, as they were posted, so no per-entry tuple or list is built. Moves in
+    another order (none of today's postings make them) take the general walk,
+    _balances_after_any_order: the same answer (tests/unit/test_balances_after.py)."""
+    member_slot, member_account, balance = ledger.member_slot, ledger.member_account, ledger.balance
+    new_members: dict[str, int] = dict(write.new_members)  # member_id -> account id, new in the batch
+    transactions = write.transactions
+    current: dict[int, int] = {}  # account id -> its balance, from the batch's end walking back
+    account_of: dict[str, int] = {}  # member_id -> its account id (0: none)
+    owners: list[int] = []  # per transaction, its member's account id (0: none)
+    for transaction in transactions:
+        member_id = transaction[3]
+        account_id = account_of.get(member_id)
+        if account_id is None:
+            account_id = 0
+            if member_id:
+                slot = member_slot(member_id)
+                if slot >= 0:
+                    account_id = new_members.get(member_id) or member_account(slot) or 0
+                    if account_id and account_id not in current:
+                        current[account_id] = balance(slot)[0]
+            account_of[member_id] = account_id
+        owners.append(account_id)
+    # the points moves on those accounts (a transaction may move another member's points too: a
+    # transfer), gathered in C by the comprehension; only their order matters below
+    moves = [e for e in write.entries if e[1] in current and (len(e) < 4 or e[3] == "POINTS")]
+    at = len(moves) - 1
+    ids: list[int] = []
+    balances: list[int] = []
+    later = 1 << 63  # the id of the transaction after this one (walking back: the one before in the loop)
+    move_id = moves[at][0] if moves else -1  # the transaction of the last move not undone yet
+    for transaction, account_id in zip(reversed(transactions), reversed(owners)):
+        transaction_id = transaction[0]
+        if transaction_id >= later:
+            require(False, "a batch's transactions are in id order")
+        later = transaction_id
+        if account_id:
+            ids.append(transaction_id)
+            balances.append(current[account_id])
+        while move_id == transaction_id:  # undo this transaction's moves: the balances before it
+            move = moves[at]
+            current[move[1]] -= move[2]
+            at -= 1
+            move_id = moves[at][0] if at >= 0 else -1
+    if at >= 0:  # moves not grouped by transaction in id order (or of a transaction not in the batch)
+        return _balances_after_any_order(write, ledger)
+    ids.reverse()
+    balances.reverse()
+    return dict(zip(ids, balances))  # in transaction order, as the walk forward built it
+
+
+def _balances_after_any_order(write: Any, ledger: Any) -> dict[int, int]:
+    """balances_after for entries in any order: their moves gathered per transaction, then the walk
+    forward from each member's balance before the batch."""
     member_slot, member_account, balance = ledger.member_slot, ledger.member_account, ledger.balance
     new_members: dict[str, int] = dict(write.new_members)  # member_id -> account id, new in the batch
     # account id -> [member slot, balance before the batch (final minus the batch's moves, below)]

@@ -1721,43 +1721,44 @@ class Store:
                 timeout=timeout,
             )
 
-    async def write_checkpoint(self, deltas: dict[int, int], through: int, timeout: float) -> None:
-        """Folds `deltas` (account_id -> sum of its entries after the current checkpoint up to and
-        including transaction `through`) into accounts.balance and moves the checkpoint to `through`,
-        in one transaction of its own, as the writer. It runs beside the batches: they insert journal
-        rows and never update accounts, so neither waits for the other."""
+    async def write_checkpoint(self, previous: int, through: int, timeout: float) -> int:
+        """Folds the journal's entries of transactions (previous, through] into accounts.balance and
+        moves the checkpoint from `previous` to `through`, in one transaction of its own, as the writer;
+        returns how many accounts changed. The sums are Postgres's, from the entries themselves (the
+        caller passes a `through` the projection has written: every entry up to it is there, no later
+        one is needed), so the service keeps no per-entry sums. The checkpoint moves only from
+        `previous` (nothing is folded twice). It runs beside the batches: they insert journal rows and
+        never update accounts, so neither waits for the other."""
+        changed = 0
 
-        async def write(connection, step):
-            await self._write_checkpoint(
-                connection, deltas, through, at=dt.datetime.now(dt.timezone.utc), timeout=timeout
-            )
-
-        await self._as_writer(write, timeout)
-
-    @staticmethod
-    async def _write_checkpoint(
-        c: asyncpg.Connection, deltas: dict[int, int], through: int, *, at: dt.datetime, timeout: float
-    ) -> None:
-        changed = {account_id: delta for account_id, delta in deltas.items() if delta}
-        if changed:
-            updated = await c.fetchval(
-                """WITH u AS (UPDATE accounts a SET balance = a.balance + d.delta
-                              FROM unnest($1::bigint[], $2::bigint[]) AS d(account_id, delta)
-                              WHERE a.account_id = d.account_id RETURNING 1)
-                   SELECT count(*) FROM u""",
-                list(changed),
-                list(changed.values()),
+        async def write(connection: asyncpg.Connection, step) -> None:
+            nonlocal changed
+            require(through >= previous, f"checkpoint through transaction {through} would move back from {previous}")
+            moved = await connection.execute(
+                """UPDATE balance_checkpoint SET through_transaction_id = $2, written_at = $3
+                   WHERE through_transaction_id = $1""",
+                previous,
+                through,
+                dt.datetime.now(dt.timezone.utc),
                 timeout=timeout,
             )
-            require(updated == len(changed), f"checkpoint: {updated} of {len(changed)} accounts exist")
-        moved = await c.execute(
-            """UPDATE balance_checkpoint SET through_transaction_id = $1, written_at = $2
-               WHERE through_transaction_id <= $1""",
-            through,
-            at,
-            timeout=timeout,
-        )
-        require(moved == "UPDATE 1", f"checkpoint through transaction {through} would move backwards")
+            require(moved == "UPDATE 1", f"the balance checkpoint is not at transaction {previous}; not folding")
+            row = await connection.fetchrow(
+                """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta FROM entries
+                              WHERE transaction_id > $1 AND transaction_id <= $2
+                              GROUP BY account_id HAVING sum(amount) <> 0),
+                        u AS (UPDATE accounts a SET balance = a.balance + d.delta FROM d
+                              WHERE a.account_id = d.account_id RETURNING 1)
+                   SELECT (SELECT count(*) FROM d) AS wanted, (SELECT count(*) FROM u) AS updated""",
+                previous,
+                through,
+                timeout=timeout,
+            )
+            require(row["updated"] == row["wanted"], f"checkpoint: {row['updated']} of {row['wanted']} accounts exist")
+            changed = row["updated"]
+
+        await self._as_writer(write, timeout)
+        return changed
 
     async def checkpoint_through(self) -> int:
         """The newest transaction whose entries accounts.balance includes."""

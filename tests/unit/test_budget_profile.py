@@ -79,3 +79,43 @@ def test_submit_batch_lines_after_its_answers_are_awaited_are_response_building(
     }
     source = (budget.ROOT / "processor" / "servicer.py").read_text().splitlines()
     assert budget._RESPOND_MARK in source[respond - 1] and "await" in source[respond - 1]
+
+
+def test_the_projector_and_the_batch_log_have_steps_of_their_own(tmp_path):
+    # every task's stack holds uvloop's Handle__run: it names no step (it once put all of these in
+    # "pipeline queueing")
+    task = (
+        "run (uvloop/__init__.py:92);Handle__run (loop.c:70935);task_step (_asynciomodule.c:2990);"
+        "task_step_impl (_asynciomodule.c:2704)"
+    )
+    counts = budget.classify(
+        _raw(
+            tmp_path,
+            [
+                # the in-process projector's transaction, a task of its own (Store.bounded)
+                f"{task};Store._as_writer.<locals>.work (processor/store.py:1250);"
+                "Store.project_batches.<locals>.write (processor/store.py:1217);Store._write_many (processor/store.py:1417);"
+                "Connection.copy_records_to_table (asyncpg/connection.py:1150);__Pyx_GetItemInt_Fast (protocol.c:1) 6",
+                f"{task};Store._as_writer.<locals>.work (processor/store.py:1250);"
+                "Store.project_batches.<locals>.write (processor/store.py:1217);Connection.fetchval (asyncpg/connection.py:1) 2",
+                f"{task};Projector._run (processor/projector.py:175);Projector._project (processor/projector.py:200) 1",
+                # the projector feeding the checkpoint: the checkpoint's
+                f"{task};Projector._run (processor/projector.py:175);Projector._project (processor/projector.py:210);"
+                "Pipeline._on_projected (processor/pipeline.py:456);Pipeline._committed (processor/pipeline.py:757) 3",
+                # the answer path's payload, then its append
+                f"{task};Pipeline._append (processor/pipeline.py:702);encode (processor/batch_log.py:101);"
+                "_pickle_Pickler_dump (_pickle.c:4624);save (_pickle.c:4515) 4",
+                f"{task};Pipeline._append.<locals>.<lambda> (processor/pipeline.py:705);append (processor/batch_log.py:166);"
+                "Connection.fetchrow (asyncpg/connection.py:775) 5",
+                # the committer's own frames stay the pipeline's
+                f"{task};Pipeline._run (processor/pipeline.py:577);Pipeline._finish (processor/pipeline.py:740) 7",
+            ],
+        )
+    )
+    assert counts == {
+        "projection (in-process): rows + asyncpg encoding": 9,
+        "balance checkpoint": 3,
+        "batch-log payload encoding (batch_log.encode)": 4,
+        "batch-log append (fence + one row)": 5,
+        "pipeline queueing / futures / answers": 7,
+    }

@@ -1,0 +1,124 @@
+"""SubmitBatch's response built in place in one pass (PointsServicer._batch_response) is byte for byte the
+response built as before: one OperationResult per operation (_to_result, an earn's or redeem's body by
+keywords), handed to SubmitBatchResponse(results=...). Over varied outcomes: APPLIED earns and redeems
+with and without their optional fields, replays, refusals with and without a reason, other kinds, and
+operations refused before they were queued (or empty) at any place in the batch."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from points.v1 import points_pb2 as pb
+from processor import servicer as servicer_module
+from processor.config import Settings
+from processor.domain import Code, Method, Operation, Outcome
+from processor.servicer import PointsServicer
+from tests.unit.test_servicer_fast_path import SHOP, _earn_by_keywords, _Pipeline, _redeem_by_keywords
+
+_COUNT = st.integers(min_value=0, max_value=2**40)
+_EARN = st.fixed_dictionaries(
+    {
+        "transaction_id": st.integers(min_value=1, max_value=2**40),
+        "points": _COUNT,
+        "balance": st.integers(-(2**40), 2**40),
+        "give_back_bps": st.integers(min_value=0, max_value=10_000),
+        "created_at_us": _COUNT,
+    },
+    optional={"bonus_points": _COUNT, "level": st.sampled_from(["", "gold"])},
+)
+_REDEEM = st.fixed_dictionaries(
+    {
+        "transaction_id": st.integers(min_value=1, max_value=2**40),
+        "points": _COUNT,
+        "balance": st.integers(-(2**40), 2**40),
+        "available": _COUNT,
+    },
+    optional={"vouchers": _COUNT, "voucher_balance": _COUNT, "voucher_credit_used": _COUNT},
+)
+_VOID = st.fixed_dictionaries({"authorization_id": st.integers(min_value=1, max_value=2**40), "released": _COUNT})
+_VOID = _VOID.map(lambda f: f | {"available": f["released"]})
+_REFUSAL = st.builds(
+    Outcome,
+    st.sampled_from([Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT, Code.UNAVAILABLE, Code.ALREADY_EXISTS]),
+    st.just({}),
+    st.sampled_from(["", "not enough points", "retry with the same idempotency key"]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from(["", "insufficient_points", "hold_expired"]),
+)
+
+
+def _queued(kind: str, fields: st.SearchStrategy) -> st.SearchStrategy:
+    return st.tuples(
+        st.just("queued"), st.just(kind), st.builds(Outcome, st.just(Code.OK), fields, st.just(""), st.booleans())
+    )
+
+
+_ENTRY = st.one_of(
+    _queued("earn", _EARN),
+    _queued("redeem", _REDEEM),
+    _queued("void", _VOID),
+    st.tuples(st.just("queued"), st.sampled_from(["earn", "redeem", "void"]), _REFUSAL),
+    st.tuples(st.just("refused"), st.sampled_from(["earn", "redeem"]), _REFUSAL),
+    st.tuples(st.just("empty"), st.just(""), st.none()),
+)
+
+
+def _before(service: PointsServicer, entries: list) -> pb.SubmitBatchResponse:
+    """The response as SubmitBatch built it before: a result per operation, then the response."""
+    results = []
+    for how, kind, outcome in entries:
+        if how == "empty":
+            results.append(servicer_module._EMPTY_OPERATION)
+        elif outcome.code is Code.OK and kind in ("earn", "redeem"):
+            by_keywords = _earn_by_keywords if kind == "earn" else _redeem_by_keywords
+            replayed = pb.OPERATION_OUTCOME_REPLAYED if outcome.replayed else pb.OPERATION_OUTCOME_APPLIED
+            results.append(pb.OperationResult(outcome=replayed, **{kind: by_keywords(outcome.fields)}))
+        else:
+            results.append(service._to_result(kind, outcome))
+    return pb.SubmitBatchResponse(results=results)
+
+
+def _now(service: PointsServicer, entries: list) -> pb.SubmitBatchResponse:
+    """The response as SubmitBatch builds it now: refusals placed while building, then one pass."""
+    refused: list = [None] * len(entries)
+    built = []
+    for index, (how, kind, outcome) in enumerate(entries):
+        if how == "empty":
+            refused[index] = servicer_module._EMPTY_OPERATION
+        elif how == "refused":
+            refused[index] = service._to_result(kind, outcome)
+        else:
+            op = Operation(Method.EARN, "shop", 3, f"k-{index}", {})
+            op.outcome = outcome
+            built.append((index, kind, op))
+    return service._batch_response(refused, built)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_ENTRY, min_size=1, max_size=40))
+def test_the_response_built_in_place_is_the_response_built_before_byte_for_byte(entries):
+    service = PointsServicer(Settings(), _Pipeline([SHOP]))  # type: ignore[arg-type]
+    before, now = _before(service, entries), _now(service, entries)
+    assert now == before
+    assert now.SerializeToString() == before.SerializeToString()
+    assert now.SerializeToString(deterministic=True) == before.SerializeToString(deterministic=True)
+
+
+def test_a_batch_of_only_applied_earns_and_redeems_and_one_refused_last():
+    service = PointsServicer(Settings(), _Pipeline([SHOP]))  # type: ignore[arg-type]
+    earn = {"transaction_id": 7, "points": 10, "balance": 10, "give_back_bps": 1_000, "created_at_us": 1}
+    redeem = {"transaction_id": 8, "points": 3, "balance": 7, "available": 7}
+    entries = [
+        ("queued", "earn", Outcome(Code.OK, earn)),
+        ("queued", "redeem", Outcome(Code.OK, redeem)),
+        ("refused", "redeem", Outcome(Code.INVALID_ARGUMENT, message="points must be 1..")),
+    ]
+    now = _now(service, entries)
+    assert now.SerializeToString() == _before(service, entries).SerializeToString()
+    assert [r.outcome for r in now.results] == [
+        pb.OPERATION_OUTCOME_APPLIED,
+        pb.OPERATION_OUTCOME_APPLIED,
+        pb.OPERATION_OUTCOME_INVALID,
+    ]
+    assert now.results[0].earn.transaction_id == "txn_7" and now.results[1].redeem.available == 7
