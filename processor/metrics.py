@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 # 100 µs to ~1.6 s, doubling (plus 2.5 s and 5 s for the tail).
 LATENCY_BUCKETS = (
@@ -119,20 +120,31 @@ projection_queue_full = Counter(
     "Times the committer waited for the projector because its queue was full (backpressure).",
 )
 # --projector process: the projector's own process (processor/projector_process.py). Registered only
-# in that mode (in-process, its CPU is the service's: the bench then says "in server"); a gauge read
-# from /proc/<pid>/stat (a Counter would add its own suffix), which only grows: exited children count.
-_projector_cpu_seconds: Gauge | None = None
+# in that mode (in-process, its CPU is the service's: the bench then says "in server"). A counter read
+# from /proc/<pid>/stat at each scrape by a collector of its own (exited children count, so it only
+# grows); a Gauge named ..._total is refused by promtool as a non-counter with a counter's suffix.
+class _ProjectorCpu:
+    def __init__(self, read: Callable[[], float]):
+        self.read = read
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "points_projector_cpu_seconds",
+            "CPU seconds (user + system) of the projector process, every one started so far.",
+            value=self.read(),
+        )
+
+
+_projector_cpu_seconds: _ProjectorCpu | None = None
 
 
 def export_projector_cpu_seconds(read: Callable[[], float]) -> None:
-    """Exports points_projector_cpu_seconds_total, read by `read` at each scrape (once a process)."""
+    """Exports points_projector_cpu_seconds_total (a counter), read by `read` at each scrape (once a process)."""
     global _projector_cpu_seconds
     if _projector_cpu_seconds is None:
-        _projector_cpu_seconds = Gauge(
-            "points_projector_cpu_seconds_total",
-            "CPU seconds (user + system) of the projector process, every one started so far.",
-        )
-    _projector_cpu_seconds.set_function(read)
+        _projector_cpu_seconds = _ProjectorCpu(read)
+        REGISTRY.register(_projector_cpu_seconds)  # type: ignore[arg-type]
+    _projector_cpu_seconds.read = read
 
 
 projector_restarts = Counter(

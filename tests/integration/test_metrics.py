@@ -132,18 +132,23 @@ def test_no_metric_has_an_unbounded_label(create_database, service_factory):
     assert "unique-name" not in text
 
 
-def test_exposition_passes_promtool_check_metrics(create_database, service_factory):
+@pytest.mark.parametrize("projector", ["in-process", "process"])
+def test_exposition_passes_promtool_check_metrics(create_database, service_factory, projector):
+    """Both projector modes: --projector process exports the child's CPU as a counter of its own."""
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (make test installs the Debian package prometheus when it can)")
     url = create_database()
     add_merchant(url, "shop", 1000)
-    service = service_factory(url)
+    service = service_factory(url, "--projector", projector)
     with service.channel() as channel:
         points_pb2_grpc.PointsServiceStub(channel).Earn(
             pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key="k")
         )
-    result = subprocess.run(
-        [promtool, "check", "metrics"], input=scrape(service), capture_output=True, text=True, timeout=60
-    )
+    text = scrape(service)
+    if projector == "process":
+        assert "# TYPE points_projector_cpu_seconds_total counter" in text or (
+            "# TYPE points_projector_cpu_seconds counter" in text and "points_projector_cpu_seconds_total " in text
+        ), text
+    result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
