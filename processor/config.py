@@ -156,7 +156,8 @@ OPTIONS: tuple[Option, ...] = (
         "balance_checkpoint_accounts_max",
         int,
         100_000,
-        "accounts changed since the last checkpoint, at most, before the next batch checkpoints",
+        "accounts changed since the last checkpoint, at most, before the next batch checkpoints (counted as "
+        "the journal entries projected since, an upper bound on the accounts they change)",
     ),
     Option("points_max", int, 10**12, "largest point-units amount in one request"),
     Option("purchase_amount_max", int, 10**13, "largest purchase amount (currency minor units) in one earn"),
