@@ -119,6 +119,8 @@ projection_queue_full = Counter(
     "points_projection_queue_full_total",
     "Times the committer waited for the projector because its queue was full (backpressure).",
 )
+
+
 # --projector process: the projector's own process (processor/projector_process.py). Registered only
 # in that mode (in-process, its CPU is the service's: the bench then says "in server"). A counter read
 # from /proc/<pid>/stat at each scrape by a collector of its own (exited children count, so it only
