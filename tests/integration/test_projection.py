@@ -216,7 +216,9 @@ def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_i
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
-    service = service_factory(url, "--projection-wait-seconds", "1.5", "--projector", projector)
+    # 4 s: after the release below, the projector (a child just started, in process mode) has ~3.7 s to
+    # write the blocked batch on a loaded machine; 1.5 s was too short there
+    service = service_factory(url, "--projection-wait-seconds", "4", "--projector", projector)
     member = unique("mem")
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
