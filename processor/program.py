@@ -54,14 +54,13 @@ class MemberRules:
 
 
 # A member's lots as a run of the kernel left them (ProgramState.written_by_kernel): (member id, its lots,
-# the keys the run touched, the keys it created, expiry heap entries to push, (keys gone, lots new or
-# changed) since `before`, its lots when the run began, and Σ amounts after − Σ amounts before)
+# the keys the run touched, the keys it created, (keys gone, lots new or changed) since `before`, its lots
+# when the run began, and Σ amounts after − Σ amounts before)
 KernelLots = tuple[
     str,
     tuple["rules.Lot", ...],
     set[tuple[int, int | None]],
     set[tuple[int, int | None]],
-    list[int],
     tuple[list[tuple[int, int | None]], list["rules.Lot"]],
     tuple["rules.Lot", ...],
     int,
@@ -206,8 +205,10 @@ class ProgramState:
         self.rounds = 0  # dividend rounds decided so far
         self.dividends_unposted = False  # a decided round has allocations still to post
         self._dividends_posted: list[tuple[int, str, str, int]] = []
-        # (expires_at_us, member_id): a member with a lot expiring then (entries may be stale: checked
-        # against the member's lots when popped)
+        # (expires_at_us, member_id): the expiry job's schedule. Invariant: every member with a lot that
+        # expires has an entry at its soonest expiry (pushed whenever that soonest changes, and only
+        # then: the heap holds about one entry per member, not one per lot or per earn). Other entries
+        # are stale (the soonest moved on) and are dropped when popped.
         self._due: list[tuple[int, str]] = []
         # spending caps: member -> its spends of the last 24 hours in minute buckets (processor/velocity.py);
         # kept in memory only (rebuilt from the journal at start-up), so flush() writes nothing for them
@@ -289,9 +290,9 @@ class ProgramState:
                 table.pop(key, None)
             else:
                 table[key] = old
-                if table is self.lots:  # the expiry job may have popped its entries: they come back
-                    for lot in old:
-                        heapq.heappush(self._due, (lot.expires_at_us, key))
+                if table is self.lots and old and old[0].expires_at_us is not None:
+                    # the expiry job may have popped the entry at its soonest: it comes back
+                    heapq.heappush(self._due, (old[0].expires_at_us, key))
                 elif table is self.voucher_holds and old.status == HOLD_OPEN:  # so may the hold sweep
                     heapq.heappush(self._holds_due, (old.expires_at_us, key))
         for dirty in self._dirty.values():
@@ -387,8 +388,9 @@ class ProgramState:
     def load_lots(self, member_id: str, lots: tuple[rules.Lot, ...]) -> None:
         self.lots[member_id] = lots
         self._lots_diff.pop(member_id, None)
-        for lot in lots:
-            heapq.heappush(self._due, (lot.expires_at_us, member_id))
+        soonest = min((lot.expires_at_us for lot in lots if lot.expires_at_us is not None), default=None)
+        if soonest is not None:
+            heapq.heappush(self._due, (soonest, member_id))
 
     def load_pieces(self, owner: tuple[int, int], pieces: tuple[rules.Lot, ...]) -> None:
         self.pieces[owner] = pieces
@@ -522,19 +524,19 @@ class ProgramState:
     ) -> None:
         """What a run of the kernel left of its members' lots and tier state, in one call (rather than a
         _touch and a _set a member, and a _set a member that earned): the undo log, dirty sets, touched
-        and created lot keys and expiry heap get exactly what those calls would give them.
+        and created lot keys get exactly what those calls would give them; the expiry heap gets an entry
+        for a member whose soonest expiry the run moved (those calls may push more entries, stale ones).
 
         `lots`, per member whose lots the run changed: its lots as the run left them (sorted; credited
         and consumed there, as credit_lot and consume would have, at `keys`; `created`: the keys of its
-        new lots), the expiry heap entries those would have pushed (each new lot's expiry, and the
-        member's soonest expiry each time a spend moved it), and `diff`, the rows flush() writes for the
+        new lots), and `diff`, the rows flush() writes for the
         change from `before` (the member's lots when the run began), kept when `before` is what the last
         flush left, and the change of the Σ of its lots' amounts (which carries check_lots' sum forward).
         `members`: each member that earned, its tier state after the run."""
         undo = self._undo[-1] if self._undo else None
         table, flushed, touched, created_by = self.lots, self._lots_flushed, self._lots_touched, self._lots_created
         diffs, due, dirty, totals = self._lots_diff, self._due, self._dirty["lots"], self._lot_totals
-        for member_id, after, keys, created, due_us, diff, before, delta in lots:
+        for member_id, after, keys, created, diff, before, delta in lots:
             current = table.get(member_id, _MISSING)
             summed = totals.get(member_id)
             if summed is not None and summed[0] is before and before is (() if current is _MISSING else current):
@@ -569,8 +571,11 @@ class ProgramState:
             dirty.add(member_id)
             if first and (() if current is _MISSING else current) is before:
                 diffs[member_id] = diff
-            for expires_at_us in due_us:
-                heapq.heappush(due, (expires_at_us, member_id))
+            # an entry only if the run moved the member's soonest expiry (the heap's invariant)
+            if after:
+                soonest = after[0].expires_at_us
+                if soonest is not None and (current is _MISSING or not current or current[0].expires_at_us != soonest):
+                    heapq.heappush(due, (soonest, member_id))
         rules_table = self.members
         if undo is not None:
             get = rules_table.get
@@ -830,7 +835,8 @@ class ProgramState:
         self._touch(member_id, (lot.key,))
         self._lots_created.setdefault(member_id, set()).add(lot.key)
         self._set(self.lots, member_id, lots, "lots")
-        heapq.heappush(self._due, (lot.expires_at_us, member_id))
+        if lots[0] is lot:  # the member's soonest expiry changed (a new lot almost always expires last)
+            heapq.heappush(self._due, (lot.expires_at_us, member_id))
 
     def _touch(self, member_id: str, keys) -> None:
         """Records which of the member's lots a change touches (before the _set that makes it)."""

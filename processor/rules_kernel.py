@@ -270,7 +270,7 @@ class RulesKernelMixin(MachineParts):
             new_lots,
             piece_starts,
             piece_ends,
-            dues,
+            _dues,  # the kernel's per-redeem soonest expiry: unused (the heap entry is decided per run)
         ) = columns
         period = version.expiry_period_us
         new_lot_expires_at_us = now_us + period if period is not None else 0
@@ -322,7 +322,6 @@ class RulesKernelMixin(MachineParts):
         # is read back from the pool (a lot taken from has less left than it had)
         taken_rows: set[int] = set()
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
-        due_by_row: dict[int, list[int]] = {}  # tier row -> expiry heap entries its redeems push
         earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
         add_earn_record = earn_records.append
         tier_events: list[tuple[int, str, str, str]] = []
@@ -349,7 +348,6 @@ class RulesKernelMixin(MachineParts):
             new_lot,
             start,
             end,
-            due_at_us,
         ) in zip(
             run.positions,
             ops,
@@ -369,7 +367,6 @@ class RulesKernelMixin(MachineParts):
             new_lots,
             piece_starts,
             piece_ends,
-            dues,
         ):
             if status != ok:
                 outcomes[position] = self._applied(op, write, now_us, created, status, slot, 0, posted, available, 0)
@@ -490,12 +487,6 @@ class RulesKernelMixin(MachineParts):
                         else _new_lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
                     )
             consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
-            if due_at_us:
-                due = due_by_row.get(row)
-                if due is None:
-                    due_by_row[row] = [due_at_us]
-                else:
-                    due.append(due_at_us)
             if points > 0:  # spend()'s condition; the run's spends share one instant, so one bucket
                 spent[member_id] = spent.get(member_id, 0) + points
             outcomes[position] = Outcome(
@@ -552,10 +543,7 @@ class RulesKernelMixin(MachineParts):
                         kept.append(lot)
                         changed.append(lot)
                 keys |= created_keys
-            due_us = due_by_row.get(row, [])
-            if made:
-                due_us = [*due_us, new_lot_expires_at_us]
-            lots_rows.append((member_id, tuple(kept), keys, created_keys, due_us, (gone, changed), before_lots, delta))
+            lots_rows.append((member_id, tuple(kept), keys, created_keys, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
         members = [

@@ -39,8 +39,12 @@ class Reference(ProgramState):
         if version is None or version.expiry_period_us is None or amount <= 0:
             return
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
-        self._set(self.lots, member_id, tuple(sorted(self.lots.get(member_id, ()) + (lot,), key=rules._order)), "lots")
-        heapq.heappush(self._due, (lot.expires_at_us, member_id))
+        before = self.lots.get(member_id, ())
+        self._set(self.lots, member_id, tuple(sorted(before + (lot,), key=rules._order)), "lots")
+        # an entry when the member's soonest expiry changes (the heap's invariant), as _store_lots
+        soonest_before = min((other.expires_at_us for other in before if other.expires_at_us is not None), default=None)
+        if soonest_before is None or lot.expires_at_us < soonest_before:
+            heapq.heappush(self._due, (lot.expires_at_us, member_id))
 
     def _with_permanent(self, member_id, spendable):
         lots = list(self.lots.get(member_id, ()))
