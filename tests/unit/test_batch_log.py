@@ -1,12 +1,20 @@
-"""The batch log's payload (processor/batch_log.py): a batch's BatchWrite, pickled, must come back
-exactly (until projected the log row is the only truth), a payload of another format is refused with a
+"""The batch log's payload (processor/batch_log.py): a batch's BatchWrite must come back exactly from its
+payload (until projected the log row is the only truth) — format 2 for batches the state machine makes
+and for random ones holding every kind of record, format 1 (written by the versions before format 2) for
+the same batches and for a payload such a version wrote — a payload of another format is refused with a
 message that says what to do, and the format's fingerprint moves with the dataclasses' fields."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime as dt
+import io
+import operator
 import pickle
+import random
 import time
+from typing import Any
 
 import pytest
 
@@ -14,7 +22,8 @@ import fastpath._core
 from processor import batch_log, domain, rules
 from processor.config import Settings
 from processor.domain import Method, Operation
-from processor.program import ProgramState
+from processor.member_postings import MemberStatus, MemberWrite
+from processor.program import EarnRecord, MemberRules, ProgramState, RulesWrite, SplitRecord, VoucherHold
 from processor.state_machine import IdAllocator, LedgerStateMachine, Merchants
 from processor.store import BatchWrite, MerchantRow
 
@@ -80,32 +89,330 @@ def program_batches(operations: int) -> list[BatchWrite]:
     return [first, second]
 
 
+# --- format 1, as the versions before format 2 wrote it (processor/batch_log.py at de874fc) -----------
+
+
+def _format_1_reducer(cls: type) -> Any:
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen or hasattr(cls, "__post_init__"):
+        return None
+    fields = dataclasses.fields(cls)
+    if not fields or not all(f.init for f in fields):
+        return None
+    values = operator.attrgetter(*(f.name for f in fields))
+    if len(fields) == 1:
+        return lambda obj: (cls, (values(obj),))
+    return lambda obj: (cls, values(obj))
+
+
+class _Format1Pickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        reducer = _format_1_reducer(type(obj))
+        return NotImplemented if reducer is None else reducer(obj)
+
+
+def encode_format_1(write: BatchWrite) -> bytes:
+    buffer = io.BytesIO()
+    _Format1Pickler(buffer, protocol=5).dump(write)
+    return buffer.getvalue()
+
+
+# A payload de874fc's batch_log.encode wrote (format 1): SAMPLE_WRITE below, one record of each kind.
+FORMAT_1_SAMPLE = base64.b64decode(
+    """
+gAWVMwUAAAAAAACMD3Byb2Nlc3Nvci5zdG9yZZSMCkJhdGNoV3JpdGWUk5QpgZR9lCiMCmNyZWF0ZWRfYXSUjAhkYXRldGltZZSMCGRhdGV0aW1l
+lJOUQwoH6wEPCAAAAAAAlGgGjAh0aW1lem9uZZSTlGgGjAl0aW1lZGVsdGGUk5RLAEsASwCHlFKUhZRSlIaUUpSMC25ld19tZW1iZXJzlF2UjAJt
+MJRN6AOGlGGMDHRyYW5zYWN0aW9uc5RdlChLB0sBjARzaG9wlGgWTbwCTVgbTk6MBWtleS0xlEsAdJRhjAdlbnRyaWVzlF2UKEsHTegDTbwCh5RL
+B0sLSkT9//+HlGWMB3JlZnVuZHOUXZSMCW5ld19ob2xkc5RdlIwOcmVzb2x2ZWRfaG9sZHOUXZSMDWV4cGlyZWRfaG9sZHOUXZSMC2lkZW1wb3Rl
+bmN5lF2UKGgaaBuMBEVhcm6UjBJ7Im1lbWJlcl9pZCI6Im0wIn2UjAJPS5SMDnsicG9pbnRzIjo3MDB9lIwAlHSUYYwFcnVsZXOUjBFwcm9jZXNz
+b3IucHJvZ3JhbZSMClJ1bGVzV3JpdGWUk5QpgZROfZQojApwcm9ncmFtX2lklIwHbG95YWx0eZSMB21lbWJlcnOUfZRoFmgyjAtNZW1iZXJSdWxl
+c5STlChOTomMBGdvbGSUSwJNvAJNYVFNvAKGlIWUdJRSlHOMBGxvdHOUfZRoFl2USwOKBwCAmCgXZQaGlGFdlIwPcHJvY2Vzc29yLnJ1bGVzlIwD
+TG90lJOUKEsHTbwCigcA4G9GK2UGaBp0lFKUYYaUc4wIbmV3X2xvdHOUfZRoFo+UKEsHigcA4G9GK2UGhpSQc4wGcGllY2VzlH2USwJLCIaUaEko
+SwNLBU5oGnSUUpSFlHOMCm5ld19waWVjZXOUj5QoaFOQjAdidWRnZXRzlH2UjAVlYXJuc5R9lEsHaDKMCkVhcm5SZWNvcmSUk5QoaBZoGksBaEdo
+K5OUTVgCS2RoR4wFR3JhbnSUk5SMBXByb21vlGgaSzKHlFKUhZSHlFKUTksASwBLAXSUUpRzjAluZXdfZWFybnOUj5QoSweQjAt0aWVyX2V2ZW50
+c5RdlIwGc3BsaXRzlH2USwloMowLU3BsaXRSZWNvcmSUk5QoaBZoGksDSwRLAUsAdJRSlHOMCm5ld19zcGxpdHOUj5SMEGRpdmlkZW5kc19wb3N0
+ZWSUXZSMDXZvdWNoZXJfaG9sZHOUfZRLBWgyjAtWb3VjaGVySG9sZJSTlChoFmgaSwNLAUsCigcAgJgoF2UGSwFOdJRSlHN1hpRijAxuZXdfYWNj
+b3VudHOUXZSME2xhc3RfdHJhbnNhY3Rpb25faWSUSwmMFWxhc3RfYXV0aG9yaXphdGlvbl9pZJRLBWg5jBlwcm9jZXNzb3IubWVtYmVyX3Bvc3Rp
+bmdzlIwLTWVtYmVyV3JpdGWUk5QpgZROfZQojAthZGp1c3RtZW50c5RdlIwJcmV2ZXJzYWxzlF2UjAhzdGF0dXNlc5R9lCiMAm0xlGiDjAxNZW1i
+ZXJTdGF0dXOUk5SMBmZyb3plbpSMBWZyYXVklIoHAICYKBdlBoeUUpSMAm0ylE51jAZldmVudHOUXZSMB2FsaWFzZXOUXZSMCmhvdXNlaG9sZHOU
+XZSMC21lbWJlcnNoaXBzlF2UjAl0cmFuc2ZlcnOUXZSMBm1lcmdlc5RdlHWGlGKMFW1lbWJlcl9iYWxhbmNlc19hZnRlcpR9lEsHTbwCc3ViLg==
+"""
+)
+SAMPLE_WRITE = BatchWrite(
+    created_at=dt.datetime(2027, 1, 15, 8, 0, tzinfo=dt.timezone.utc),
+    new_members=[("m0", 1000)],
+    transactions=[(7, 1, "shop", "m0", 700, 7000, None, None, "key-1", 0)],
+    entries=[(7, 1000, 700), (7, 11, -700)],
+    idempotency=[("shop", "key-1", "Earn", '{"member_id":"m0"}', "OK", '{"points":700}', "")],
+    rules=RulesWrite(
+        program_id="loyalty",
+        members={"m0": MemberRules(level="gold", levels_reached=2, qualifying=700, day_buckets=((20833, 700),))},
+        lots={"m0": ([(3, 1_800_000_000_000_000)], [rules.Lot(7, 700, 1_800_086_400_000_000, "shop")])},
+        new_lots={"m0": {(7, 1_800_086_400_000_000)}},
+        pieces={(2, 8): (rules.Lot(3, 5, None, "shop"),)},
+        new_pieces={(2, 8)},
+        earns={
+            7: EarnRecord("m0", "shop", 1, rules.Earn(600, 100, (rules.Grant("promo", "shop", 50),)), None, 0, 0, 1)
+        },
+        new_earns={7},
+        splits={9: SplitRecord("m0", "shop", 3, 4, 1)},
+        voucher_holds={5: VoucherHold("m0", "shop", 3, 1, 2, 1_800_000_000_000_000)},
+    ),
+    last_transaction_id=9,
+    last_authorization_id=5,
+    members=MemberWrite(statuses={"m1": MemberStatus("frozen", "fraud", 1_800_000_000_000_000), "m2": None}),
+    member_balances_after={7: 700},
+)
+
+
+# --- random batches holding every kind of record ------------------------------------------------------
+
+
+def random_write(rng: random.Random) -> BatchWrite:
+    """A BatchWrite of random rows and records: every field of the writes and their records filled (or
+    left empty, or None where a field may be), a record field often the same in every record (a packed
+    column of one value) and equal values of two types (1 and True, 0 and False) side by side."""
+    members = [f"member-{rng.randrange(50)}" for _ in range(rng.randrange(1, 30))]
+    merchants = ["shop", "cafe", "merchant-7"]
+    now_us = 1_800_000_000_000_000 + rng.randrange(10**12)
+    ids = iter(range(rng.randrange(1, 10**6), 10**9))
+
+    def some(make, most: int = 8) -> list:
+        return [make() for _ in range(rng.choice((0, 1, rng.randrange(2, most + 1))))]
+
+    def maybe(value: Any) -> Any:
+        return value if rng.random() < 0.6 else None
+
+    def number(upper: int = 10**6) -> int:
+        # a bool now and then where an int goes: a column of equal values of two types must keep both
+        return rng.choice((0, 1, True, False, rng.randrange(upper), -rng.randrange(upper)))
+
+    def lot() -> rules.Lot:
+        return rules.Lot(
+            next(ids), number(), rng.choice((None, now_us, now_us + rng.randrange(10**10))), rng.choice(merchants)
+        )
+
+    def earn() -> rules.Earn:
+        grants = tuple(
+            rules.Grant(f"promo-{rng.randrange(3)}", rng.choice(merchants), number())
+            for _ in range(rng.choice((0, 0, 1, 2)))
+        )
+        return rules.Earn(number(), number(), grants)
+
+    def member_rules() -> MemberRules:
+        days = tuple((20_000 + d, number()) for d in range(rng.choice((0, 0, 3))))
+        return MemberRules(
+            maybe(rng.choice(merchants)),
+            maybe(rng.choice(members)),
+            rng.random() < 0.5,
+            rng.choice(("", "gold", "silver")),
+            number(16),
+            number(),
+            days,
+        )
+
+    uniform = rng.random() < 0.3  # every record of a kind built alike: columns of one value
+    fixed_earn = earn()
+    rules_write = None
+    if rng.random() < 0.8:
+        rules_write = RulesWrite(
+            program_id=rng.choice(("", "loyalty")),
+            members={m: member_rules() for m in rng.sample(members, rng.randrange(len(members) + 1))},
+            lots={
+                m: (some(lambda: (next(ids), now_us)), some(lot))
+                for m in rng.sample(members, rng.randrange(len(members) + 1))
+            },
+            new_lots={
+                m: set(some(lambda: (next(ids), now_us))) for m in rng.sample(members, rng.randrange(len(members) + 1))
+            },
+            pieces={(rng.choice((1, 2)), next(ids)): tuple(some(lot, 3)) for _ in range(rng.randrange(5))},
+            new_pieces=set(some(lambda: (2, next(ids)))),
+            budgets={f"promo-{i}": number() for i in range(rng.randrange(3))},
+            earns={
+                next(ids): EarnRecord(
+                    rng.choice(members),
+                    rng.choice(merchants),
+                    rng.choice((1, 2)),
+                    fixed_earn if uniform else earn(),
+                    maybe(rng.choice(merchants)),
+                    number(),
+                    number(),
+                    now_us,
+                )
+                for _ in range(rng.randrange(20))
+            },
+            new_earns=set(some(lambda: next(ids))),
+            tier_events=some(lambda: (next(ids), rng.choice(members), "silver", "gold")),
+            splits={
+                next(ids): SplitRecord(
+                    rng.choice(members), rng.choice(merchants), number(), number(), number(), number()
+                )
+                for _ in range(rng.randrange(4))
+            },
+            new_splits=set(some(lambda: next(ids))),
+            dividends_posted=some(lambda: (rng.randrange(9), "member", rng.choice(members), next(ids))),
+            voucher_holds={
+                next(ids): VoucherHold(
+                    rng.choice(members),
+                    rng.choice(merchants),
+                    number(),
+                    number(),
+                    number(),
+                    now_us,
+                    rng.choice((1, 2, 3, 4)),
+                    maybe(next(ids)),
+                )
+                for _ in range(rng.randrange(4))
+            },
+        )
+    member_write = None
+    if rng.random() < 0.4:
+        member_write = MemberWrite(
+            adjustments=some(lambda: (next(ids), rng.choice(members), number(), 1, "note", "key-1")),
+            reversals=some(lambda: (next(ids), next(ids), 2, "", "key-2")),
+            statuses={
+                m: maybe(MemberStatus(rng.choice(("frozen", "closed")), "fraud", now_us))
+                for m in rng.sample(members, min(len(members), rng.randrange(4)))
+            },
+            events=some(lambda: (rng.choice(members), "merged", {"into": rng.choice(members), "points": number()})),
+            aliases=some(lambda: (f"alias-{rng.randrange(9)}", maybe(rng.choice(members)))),
+            households=some(lambda: (f"household-{rng.randrange(9)}", rng.choice(members))),
+            memberships=some(lambda: (rng.choice(members), maybe(f"household-{rng.randrange(9)}"))),
+            transfers=some(lambda: (next(ids), rng.choice(members), rng.choice(members), number(), number())),
+            merges=some(lambda: (rng.choice(members), rng.choice(members), maybe(next(ids)), number())),
+        )
+    return BatchWrite(
+        created_at=dt.datetime.fromtimestamp(now_us / 1e6, dt.timezone.utc),
+        new_members=some(lambda: (rng.choice(members), next(ids))),
+        transactions=some(
+            lambda: (
+                next(ids),
+                rng.randrange(1, 9),
+                rng.choice(merchants),
+                rng.choice(members),
+                number(),
+                maybe(number()),
+                maybe(next(ids)),
+                maybe(next(ids)),
+                f"key-{next(ids)}",
+                number(),
+            )
+        ),
+        entries=some(
+            lambda: rng.choice(((next(ids), next(ids), number()), (next(ids), next(ids), number(), "VOUCHER")))
+        ),
+        refunds=some(lambda: (next(ids), number())),
+        new_holds=some(
+            lambda: (next(ids), rng.choice(merchants), rng.choice(members), number(), now_us, f"key-{next(ids)}")
+        ),
+        resolved_holds=some(lambda: (next(ids), rng.choice((2, 3, 4)), number(), maybe(next(ids)))),
+        expired_holds=some(lambda: next(ids)),
+        idempotency=some(
+            lambda: (rng.choice(merchants), f"key-{next(ids)}", "Earn", '{"points":1}', "OK", maybe('{"a":1}'), "")
+        ),
+        rules=rules_write,
+        new_accounts=some(lambda: (next(ids), "voucher", rng.choice(members), "VOUCHER")),
+        last_transaction_id=next(ids),
+        last_authorization_id=next(ids),
+        members=member_write,
+        member_balances_after={next(ids): number() for _ in range(rng.randrange(4))},
+    )
+
+
+def same(decoded: BatchWrite, write: BatchWrite) -> None:
+    """Equal field for field, and every value of the same type as the one written (1 is not True)."""
+    assert decoded is not write
+    assert decoded == write
+    assert _typed(decoded) == _typed(write)
+
+
+def _typed(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return (type(value).__name__, tuple(_typed(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    if isinstance(value, dict):
+        return (dict, sorted((repr(_typed(k)), repr(_typed(v))) for k, v in value.items()))
+    if isinstance(value, (set, frozenset)):
+        return (type(value), sorted(repr(_typed(v)) for v in value))
+    if isinstance(value, (list, tuple)):
+        return (type(value), [_typed(v) for v in value])
+    return (type(value), value)
+
+
+# --- the tests ----------------------------------------------------------------------------------------
+
+
 def test_a_program_batch_comes_back_from_its_payload_field_for_field():
     for write in program_batches(200):
         assert write.transactions and write.entries and write.idempotency and write.rules is not None
-        decoded = batch_log.decode(7, batch_log.FORMAT_VERSION, batch_log.encode(write))
-        assert decoded is not write
-        assert dataclasses.asdict(decoded) == dataclasses.asdict(write)
-        assert decoded == write
+        same(batch_log.decode(7, batch_log.FORMAT_VERSION, batch_log.encode(write)), write)
+
+
+def test_random_batches_with_every_kind_of_record_come_back_from_both_formats():
+    rng = random.Random(14)
+    kinds = {
+        name: 0 for name in ("members", "lots", "pieces", "earns", "grants", "splits", "voucher_holds", "statuses")
+    }
+    for _ in range(400):
+        write = random_write(rng)
+        same(batch_log.decode(3, 2, batch_log.encode(write)), write)
+        same(batch_log.decode(3, 1, encode_format_1(write)), write)
+        if write.rules is not None:
+            for name in ("members", "lots", "pieces", "earns", "splits", "voucher_holds"):
+                kinds[name] += bool(getattr(write.rules, name))
+            kinds["grants"] += any(r.earn.grants for r in write.rules.earns.values())
+        if write.members is not None:
+            kinds["statuses"] += None in write.members.statuses.values() and len(write.members.statuses) > 1
+    assert min(kinds.values()) >= 20, kinds  # every kind of record was there, many times
+
+
+def test_a_payload_the_previous_version_wrote_still_decodes():
+    # a log left unprojected by a version before format 2 projects after the upgrade
+    assert batch_log.FORMATS_READ == (1, 2)
+    same(batch_log.decode(5, 1, FORMAT_1_SAMPLE), SAMPLE_WRITE)
+    same(batch_log.decode(5, 1, encode_format_1(SAMPLE_WRITE)), SAMPLE_WRITE)
+    same(batch_log.decode(5, 2, batch_log.encode(SAMPLE_WRITE)), SAMPLE_WRITE)
+
+
+def test_a_format_2_payload_pickles_no_class_but_the_batch_time():
+    # every record goes as columns of plain values: a class pickled in it would be rebuilt by its
+    # __reduce__ or __init__, one Python call per record (what format 2 is for)
+    rng = random.Random(2)
+    for write in program_batches(50) + [SAMPLE_WRITE] + [random_write(rng) for _ in range(50)]:
+        classes: set[tuple[str, str]] = set()
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                classes.add((module, name))
+                return super().find_class(module, name)
+
+        Unpickler(io.BytesIO(batch_log.encode(write))).load()
+        assert classes <= {("datetime", "datetime"), ("datetime", "timezone"), ("datetime", "timedelta")}
 
 
 def test_a_payload_of_another_format_is_refused_with_what_to_do():
     payload = batch_log.encode(BatchWrite(created_at=None))  # type: ignore[arg-type]
-    with pytest.raises(batch_log.BatchLogFormatError) as refused:
-        batch_log.decode(42, batch_log.FORMAT_VERSION + 1, payload)
-    message = str(refused.value)
-    assert "batch 42" in message and "not projected" in message and "upgrade" in message
+    for version in (0, batch_log.FORMAT_VERSION + 1):
+        with pytest.raises(batch_log.BatchLogFormatError) as refused:
+            batch_log.decode(42, version, payload)
+        message = str(refused.value)
+        assert "batch 42" in message and f"format {version}" in message and "formats 1, 2" in message
+        assert "not projected" in message and "upgrade" in message
 
 
 def test_a_payload_that_is_not_a_batch_write_is_refused():
     with pytest.raises(batch_log.BatchLogFormatError):
-        batch_log.decode(1, batch_log.FORMAT_VERSION, pickle.dumps({"not": "a batch"}))
+        batch_log.decode(1, 1, pickle.dumps({"not": "a batch"}))
+    with pytest.raises(batch_log.BatchLogFormatError):
+        batch_log.decode(1, 2, pickle.dumps({"not": "a batch"}))
+    with pytest.raises(batch_log.BatchLogFormatError):
+        batch_log.decode(1, 2, encode_format_1(SAMPLE_WRITE))  # format 1 read as format 2
 
 
-def test_the_format_fingerprint_pins_the_fields_of_the_write_dataclasses():
-    # Changing a field of BatchWrite, RulesWrite or MemberWrite changes what a payload holds: bump
-    # batch_log.FORMAT_VERSION and set FIELDS_FINGERPRINT to the new value (an unprojected tail written
-    # by the old version is then refused at start, with a message, rather than misread)
+def test_the_format_fingerprint_pins_the_fields_of_the_writes_and_their_records():
+    # Changing a field of BatchWrite, RulesWrite, MemberWrite or a record class they hold changes what a
+    # payload holds: bump batch_log.FORMAT_VERSION, set FIELDS_FINGERPRINT to the new value and drop (or
+    # convert) the older formats in FORMATS_READ: both rebuild records by field position, so an
+    # unprojected tail written with the old fields is then refused at start, with a message, not misread
     assert batch_log.fields_fingerprint() == batch_log.FIELDS_FINGERPRINT
 
 
