@@ -1,0 +1,170 @@
+"""Migration 0019 (the projection's rows cheaper for Postgres to write) on a real Postgres: entries have no
+primary key but entry_id is still filled by its identity and still orders a transaction's legs; the
+idempotency record's request and response are json and come back as written; and the reads that reach
+entries and idempotency records by key keep their index plans on a filled table."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import asyncpg
+import pytest
+
+from processor import member_store
+from processor.domain import ACCOUNT_MEMBER, ASSET_POINTS
+from processor.store import BatchWrite, Store
+from tests.harness import run
+
+AT = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
+MEMBER_ACCOUNT_ID = 900_000
+REQUEST = {"member_id": "ann", "purchase_amount": 2500, "note": "caf\u00e9"}
+RESPONSE = {"transaction_id": 1, "points": 250, "balance": 250, "give_back_bps": 1000, "created_at_us": 1}
+
+
+@pytest.fixture(scope="module")
+def database_url(create_database):
+    url = create_database()
+
+    async def go():
+        store = await Store.open(url, 2)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    run(go())
+    return url
+
+
+def test_entries_have_no_primary_key_and_entry_id_is_still_an_identity(database_url):
+    async def go():
+        c = await asyncpg.connect(database_url)
+        try:
+            indexes = await c.fetch(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'entries' ORDER BY indexname"
+            )
+            assert [r["indexname"] for r in indexes] == ["entries_transaction"]
+            assert (
+                await c.fetchval(
+                    "SELECT count(*) FROM pg_constraint WHERE conrelid = 'entries'::regclass AND contype = 'p'"
+                )
+                == 0
+            )
+            assert (
+                await c.fetchval(
+                    "SELECT attidentity::text FROM pg_attribute WHERE attrelid = 'entries'::regclass AND attname = 'entry_id'"
+                )
+                == "a"
+            )
+            types = await c.fetch(
+                """SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+                   WHERE attrelid = 'idempotency_keys'::regclass AND attname IN ('request', 'response')
+                   ORDER BY attname"""
+            )
+            assert [(r["attname"], r["type"]) for r in types] == [("request", "json"), ("response", "json")]
+        finally:
+            await c.close()
+
+    run(go())
+
+
+def test_a_batch_written_reads_back_legs_in_posting_order_and_the_outcome_as_written(database_url):
+    async def go():
+        store = await Store.open(database_url, 2)
+        try:
+            breakage = await store.pool.fetchval(
+                "SELECT account_id FROM accounts WHERE kind = 'operator_breakage' AND owner_id = 'operator'"
+            )
+            fees = await store.pool.fetchval(
+                "SELECT account_id FROM accounts WHERE kind = 'operator_fee_revenue' AND owner_id = 'operator'"
+            )
+            batch = BatchWrite(
+                created_at=AT,
+                new_members=[("ann", MEMBER_ACCOUNT_ID)],
+                transactions=[(1, 1, "shop", "ann", 250, 2500, None, None, "k1", 0)],
+                # posted member first: its account id is the largest, so an order by account would differ
+                entries=[(1, MEMBER_ACCOUNT_ID, 250), (1, fees, -50), (1, breakage, -200)],
+                idempotency=[("shop", "k1", "Earn", json.dumps(REQUEST), "OK", json.dumps(RESPONSE), "")],
+            )
+            async with store.pool.acquire() as c, c.transaction():
+                await Store._write_many(store, c, [batch], 30.0, lambda _step: None)
+            group = await member_store.reversal_group(store.pool, 1)
+            assert [leg[0] for leg in group["originals"][0]["legs"]] == [MEMBER_ACCOUNT_ID, fees, breakage]
+            assert [leg[4] for leg in group["originals"][0]["legs"]] == [250, -50, -200]
+            ids = [r[0] for r in await store.pool.fetch("SELECT entry_id FROM entries ORDER BY entry_id")]
+            assert len(set(ids)) == len(ids) == 3
+            stored = await store.stored_outcomes([("shop", "k1"), ("shop", "absent")])
+            assert list(stored) == [("shop", "k1")]
+            outcome = stored[("shop", "k1")]
+            assert (outcome.method, outcome.request, outcome.outcome, outcome.response, outcome.message) == (
+                "Earn",
+                REQUEST,
+                "OK",
+                RESPONSE,
+                "",
+            )
+            # json keeps the text as the projector sent it
+            assert await store.pool.fetchval("SELECT request::text FROM idempotency_keys") == json.dumps(REQUEST)
+            assert (
+                await store.pool.fetchval("SELECT kind FROM accounts WHERE account_id = $1", MEMBER_ACCOUNT_ID)
+                == ACCOUNT_MEMBER
+            )
+            assert await store.pool.fetchval("SELECT asset_code FROM transactions") == ASSET_POINTS
+        finally:
+            await store.close()
+
+    run(go())
+
+
+def plan_indexes(plan: dict) -> set[str]:
+    found = {plan["Index Name"]} if "Index Name" in plan else set()
+    for child in plan.get("Plans", []):
+        found |= plan_indexes(child)
+    return found
+
+
+def test_reads_by_transaction_and_by_key_keep_their_index_plans(database_url):
+    async def go():
+        c = await asyncpg.connect(database_url)
+        filler = c.transaction()  # rolled back: the other tests see the table as the batch left it
+        await filler.start()
+        try:
+            await c.execute(
+                """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
+                   SELECT 1000 + i / 4, 1 + i % 7, 'POINTS', 1 + i FROM generate_series(1, 80000) i"""
+            )
+            await c.execute(
+                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
+                   SELECT 'm' || i % 50, 'key-' || i, 'Earn', '{}', 'OK', now() FROM generate_series(1, 40000) i"""
+            )
+            await c.execute("ANALYZE entries; ANALYZE idempotency_keys")
+            # the legs of one transaction (reversal_group, list_transactions' lateral join, statement lines)
+            legs = await c.fetchval(
+                """EXPLAIN (FORMAT JSON) SELECT e.account_id, e.amount FROM entries e
+                   WHERE e.transaction_id = $1 ORDER BY e.entry_id""",
+                5000,
+            )
+            assert "entries_transaction" in plan_indexes(json.loads(legs)[0]["Plan"])
+            # the checkpoint's tail (tail_deltas, account_balances): entries after a transaction id
+            tail = await c.fetchval(
+                "EXPLAIN (FORMAT JSON) SELECT account_id, sum(amount) FROM entries WHERE transaction_id > $1 "
+                "GROUP BY account_id",
+                20_990,
+            )
+            assert "entries_transaction" in plan_indexes(json.loads(tail)[0]["Plan"])
+            # stored_outcomes' look-up of a batch's keys
+            keys = await c.fetchval(
+                """EXPLAIN (FORMAT JSON) SELECT i.merchant_id, i.idempotency_key, i.request, i.response
+                   FROM idempotency_keys i
+                   JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
+                     USING (merchant_id, idempotency_key)""",
+                ["m1", "m2"],
+                ["key-1", "key-2"],
+            )
+            assert "idempotency_keys_pkey" in plan_indexes(json.loads(keys)[0]["Plan"])
+        finally:
+            await filler.rollback()
+            await c.close()
+
+    run(go())
