@@ -3,10 +3,13 @@
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 CONSTANT: int
 LOOKUP: int
 TYPES: dict[str, int]
 
+@disjoint_base  # an extension type: nothing can subclass it together with another
 class CopyEncoder:
     table: str
     names: tuple[str, ...]

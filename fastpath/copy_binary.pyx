@@ -1,3 +1,4 @@
+# cython: auto_pickle=False, autotestdict=False
 """PostgreSQL's binary COPY format, encoded in C: the projection's rows for `COPY ... FROM STDIN (FORMAT
 binary)` through asyncpg's public `Connection.copy_to_table`.
 
@@ -108,6 +109,7 @@ cdef class CopyEncoder:
     cdef readonly tuple names
     cdef readonly Py_ssize_t rows
     cdef bint finished
+    cdef Py_ssize_t row_index  # of the row being written in add()'s rows; -1 for add()'s values
 
     def __cinit__(self, str table, columns):
         self.data = NULL
@@ -293,7 +295,9 @@ cdef class CopyEncoder:
         return days * MICROSECONDS_A_DAY + us - offset_us
 
     cdef str _where(self, Py_ssize_t column):
-        return f"COPY {self.table}.{self.names[column]}, row {self.rows}"
+        if self.row_index < 0:
+            return f"COPY {self.table}.{self.names[column]}, the value given for every row"
+        return f"COPY {self.table}.{self.names[column]}, row {self.row_index} of the rows given"
 
     cdef str _wrong(self, Py_ssize_t column, object value, str wanted):
         type_name = "?"
@@ -324,6 +328,7 @@ cdef class CopyEncoder:
         if unknown:
             raise ValueError(f"COPY {self.table}: values for columns it does not have: {sorted(unknown)}")
         encoded = {}
+        self.row_index = -1
         for i in range(count):
             name = self.names[i]
             if name in given:
@@ -335,6 +340,7 @@ cdef class CopyEncoder:
                     self.length = start
             elif self.sources[i] == CONSTANT:
                 raise ValueError(f"COPY {self.table}.{self.names[i]}: a CONSTANT column needs its value in values")
+        self.row_index = 0
         for row in rows:
             start = self.length
             try:
@@ -368,6 +374,7 @@ cdef class CopyEncoder:
                 self.length = start  # no partial tuple in the stream
                 raise
             self.rows += 1
+            self.row_index += 1
 
     def finish(self):
         """The stream with its trailer, as a memoryview: copy_to_table takes `bytes` for a file path."""

@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from processor import store
+from processor import events, store
 from processor.store import MIGRATIONS, Store
 
 # main before the binary COPY encoder: asyncpg's copy_records_to_table for every bulk insert
@@ -95,6 +95,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     operations = 0
     for i, batch in enumerate(work):
         _, write = m.apply(batch, {}, NOW_US + i * 1_000_000)
+        write.member_balances_after = events.balances_after(write, m.ledger)  # as the pipeline does
         m.commit()
         counted = i >= args.warmup
         if counted:
@@ -130,7 +131,9 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         f"base {args.base} vs this tree, interleaved batch by batch"
     )
     for name in variants:
-        print(f"  {name:<5} service CPU of _write_many {summary(client[name])}   Postgres backend {summary(backend[name])}")
+        print(
+            f"  {name:<5} service CPU of _write_many {summary(client[name])}   Postgres backend {summary(backend[name])}"
+        )
     print(
         f"  this/base: service {sum(client['this']) / sum(client['base']):.2f}, "
         f"Postgres {sum(backend['this']) / sum(backend['base']):.2f}"
