@@ -123,7 +123,10 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     size = max(1, len(client["base"]) // args.chunks)
 
     def summary(values: list[float]) -> str:
-        chunks = [sum(values[k : k + size]) / (size * per_batch) * 1e6 for k in range(0, len(values), size)]
+        chunks = [
+            sum(values[k : k + size]) / (len(values[k : k + size]) * per_batch) * 1e6
+            for k in range(0, len(values), size)
+        ]
         return f"{sum(values) / operations * 1e6:6.2f} µs/op [chunks {min(chunks):.2f}..{max(chunks):.2f}]"
 
     print(
