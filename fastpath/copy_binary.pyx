@@ -13,7 +13,7 @@ int32 header-extension length (0); per tuple an int16 field count, then per fiel
 that many bytes in network order (-1 and no bytes for NULL); a trailer int16 -1. Types as PostgreSQL's
 send/recv functions read them: int2/int4/int8 big-endian, text as UTF-8 (the connection's client
 encoding, UTF8 under asyncpg), timestamptz as int64 microseconds since 2000-01-01 00:00:00 UTC, jsonb
-as a version byte 1 then the JSON text, bytea as its bytes.
+as a version byte 1 then the JSON text, json as the JSON text alone, bytea as its bytes.
 
 A value the declared type cannot take raises TypeError or ValueError naming the table, the column and
 the row; the row being written is taken back, so the buffer never holds a partial tuple. There is no
@@ -63,6 +63,7 @@ cdef enum ColumnType:
     TYPE_TIMESTAMPTZ = 5
     TYPE_JSONB = 6
     TYPE_BYTEA = 7
+    TYPE_JSON = 8
 
 # the names PostgreSQL's format_type() gives, and the short ones used in the store's column specs
 TYPES = {
@@ -73,6 +74,7 @@ TYPES = {
     "timestamptz": TYPE_TIMESTAMPTZ,
     "timestamp with time zone": TYPE_TIMESTAMPTZ,
     "jsonb": TYPE_JSONB,
+    "json": TYPE_JSON,
     "bytea": TYPE_BYTEA,
 }
 
@@ -240,7 +242,7 @@ cdef class CopyEncoder:
                 self._int32(2)
                 self._int16(<int>number)
             return 0
-        if kind == TYPE_TEXT or kind == TYPE_JSONB:
+        if kind == TYPE_TEXT or kind == TYPE_JSONB or kind == TYPE_JSON:
             if not PyUnicode_Check(value):
                 raise TypeError(self._wrong(column, value, "a str"))
             try:

@@ -49,15 +49,21 @@ def base_store(commit: str = BASE_COMMIT, root: pathlib.Path | None = None) -> t
         text=True,
         cwd=root or pathlib.Path(__file__).resolve().parents[1],
     ).stdout
+    return store_with_writers(source, f"{commit}:processor/store.py")
+
+
+def store_with_writers(source: str, origin: str) -> type[Store]:
+    """A Store whose `_write_many` and `_write_rules` are the ones in `source` (Python source holding
+    them, e.g. an old processor/store.py), compiled in processor.store's namespace."""
     namespace: dict[str, Any] = dict(vars(store))
     wanted = {"_write_many", "_write_rules"}
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.AsyncFunctionDef) and node.name in wanted:
             code = textwrap.dedent(ast.get_source_segment(source, node) or "")
-            exec(compile(code, f"{commit}:processor/store.py:{node.name}", "exec"), namespace)
+            exec(compile(code, f"{origin}:{node.name}", "exec"), namespace)
             wanted.discard(node.name)
     if wanted:
-        raise SystemExit(f"no {', '.join(sorted(wanted))} in {commit}:processor/store.py")
+        raise SystemExit(f"no {', '.join(sorted(wanted))} in {origin}")
 
     class BaseStore(Store):
         _write_many = namespace["_write_many"]

@@ -452,9 +452,9 @@ IDEMPOTENCY_COPY = (
     ("merchant_id", "text", 0),
     ("idempotency_key", "text", 1),
     ("method", "text", 2),
-    ("request", "jsonb", 3),
+    ("request", "json", 3),
     ("outcome", "text", 4),
-    ("response", "jsonb", 5),
+    ("response", "json", 5),
     ("message", "text", 6),
     ("created_at", "timestamptz", CONSTANT),
 )

@@ -41,6 +41,9 @@ def field(type_name: str, value) -> bytes:
     if type_name == "jsonb":
         data = b"\x01" + value.encode()
         return struct.pack("!i", len(data)) + data
+    if type_name == "json":  # the text alone: json_recv takes no version byte
+        data = value.encode()
+        return struct.pack("!i", len(data)) + data
     if type_name == "bytea":
         return struct.pack("!i", len(value)) + bytes(value)
     if type_name == "timestamptz":
@@ -61,6 +64,7 @@ ALL = [
     ("e", "jsonb"),
     ("f", "bytea"),
     ("g", "timestamptz"),
+    ("h", "json"),
 ]
 
 
@@ -70,10 +74,28 @@ def encoder(columns=ALL) -> CopyEncoder:
 
 def test_rows_are_the_formats_bytes():
     rows = [
-        (-32768, -(2**31), -(2**63), "", "{}", b"", dt.datetime(2000, 1, 1, tzinfo=UTC)),
-        (32767, 2**31 - 1, 2**63 - 1, "é🔑\x7f", '{"a": "é"}', b"\x00\xff", dt.datetime(1, 1, 1, tzinfo=UTC)),
-        (None, None, None, None, None, None, None),
-        (True, 0, 1, "x", "null", bytearray(b"ab"), dt.datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)),
+        (-32768, -(2**31), -(2**63), "", "{}", b"", dt.datetime(2000, 1, 1, tzinfo=UTC), "{}"),
+        (
+            32767,
+            2**31 - 1,
+            2**63 - 1,
+            "é🔑\x7f",
+            '{"a": "é"}',
+            b"\x00\xff",
+            dt.datetime(1, 1, 1, tzinfo=UTC),
+            '{"a":"é"}',
+        ),
+        (None, None, None, None, None, None, None, None),
+        (
+            True,
+            0,
+            1,
+            "x",
+            "null",
+            bytearray(b"ab"),
+            dt.datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+            "[1, 2]",
+        ),
     ]
     stream = encoder()
     stream.add(rows)
