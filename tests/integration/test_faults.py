@@ -131,6 +131,7 @@ class DedicatedPostgres:
         self.log = self.directory / "postgres.log"
         self.host = "127.0.0.1"
         self.port = _free_port()
+        self.initdb_options: tuple[str, ...] = ()  # more initdb options (a subclass's)
         self.user = None
         if os.geteuid() == 0:
             from pgserver.utils import ensure_user_exists
@@ -164,7 +165,17 @@ class DedicatedPostgres:
             raise RuntimeError(f"{program} {' '.join(args)} failed:\n{completed.stdout}\n{tail}")
 
     def start(self) -> "DedicatedPostgres":
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--encoding=utf8", "--no-sync")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=utf8",
+            "--no-sync",
+            *self.initdb_options,
+        )
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write(
                 f"\nlisten_addresses = '{self.host}'\nport = {self.port}\nunix_socket_directories = ''\n"
