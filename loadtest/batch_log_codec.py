@@ -27,11 +27,9 @@ after, the commit record included), per operation.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import pathlib
 import subprocess
-import tempfile
 import time
 import types
 import urllib.parse
@@ -39,6 +37,7 @@ from typing import Any, Callable
 
 import asyncpg
 
+from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import batch_log, store
 from processor.store import BatchWrite
@@ -211,12 +210,7 @@ def main() -> None:
         runs[label] = codec(label, work, encoders, args) | {"writes": work}
     if args.no_postgres:
         return
-    with tempfile.TemporaryDirectory(prefix="points-batch-log-codec-") as directory:
-        server = store.start_embedded_server(pathlib.Path(directory), cleanup_mode="stop")
-        try:
-            asyncio.run(appends(server.get_uri(), runs, storages))
-        finally:
-            server.cleanup()
+    harness.on_embedded_postgres("points-batch-log-codec-", lambda url: appends(url, runs, storages))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import asyncio
 import pathlib
 import subprocess
-import tempfile
 import textwrap
 import time
 import urllib.parse
@@ -31,6 +29,7 @@ from typing import Any
 
 import asyncpg
 
+from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import events, store
 from processor.store import MIGRATIONS, Store
@@ -168,12 +167,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--base", default=BASE_COMMIT, help=f"the commit whose writers are the base [{BASE_COMMIT}]")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="points-copy-write-") as directory:
-        server = store.start_embedded_server(pathlib.Path(directory), cleanup_mode="stop")
-        try:
-            asyncio.run(measure(server.get_uri(), args))
-        finally:
-            server.cleanup()
+    harness.on_embedded_postgres("points-copy-write-", lambda url: measure(url, args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ network (seeding an empty database, issuing a gateway key)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -10,10 +11,13 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 from loadtest import workload
+from processor import store
 from processor.projector_process import CLOCK_TICKS_PER_SECOND, cpu_seconds
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -251,3 +255,14 @@ async def add_program(database_url: str, description: str) -> None:
         await store.add_program_version("alliance", None, config, description)
     finally:
         await store.close()
+
+
+def on_embedded_postgres(prefix: str, measure: Callable[[str], Awaitable[None]]) -> None:
+    """Runs `measure(database_url)` on a throw-away embedded Postgres (pgserver) in a temporary directory,
+    stopped and removed after it: the write benches' own server (loadtest/*_write.py)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as directory:
+        server = store.start_embedded_server(pathlib.Path(directory), cleanup_mode="stop")
+        try:
+            asyncio.run(measure(server.get_uri()))
+        finally:
+            server.cleanup()

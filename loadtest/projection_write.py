@@ -31,19 +31,17 @@ table), rows per operation, the whole transaction's; then, for each variant, its
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import pathlib
 import re
-import tempfile
 import time
 import urllib.parse
 from typing import Any
 
 import asyncpg
 
+from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from processor import store
 from processor.state_machine import IdAllocator
 from processor.store import MIGRATIONS, Store
 
@@ -354,12 +352,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     args.variant_sql = dict(v.split("=", 1) for v in args.variant_sql)
-    with tempfile.TemporaryDirectory(prefix="points-projection-write-") as directory:
-        server = store.start_embedded_server(pathlib.Path(directory), cleanup_mode="stop")
-        try:
-            asyncio.run(measure(server.get_uri(), args))
-        finally:
-            server.cleanup()
+    harness.on_embedded_postgres("points-projection-write-", lambda url: measure(url, args))
 
 
 if __name__ == "__main__":

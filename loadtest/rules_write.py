@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import ast
-import asyncio
 import pathlib
 import statistics
 import subprocess
-import tempfile
 import textwrap
 import time
 import urllib.parse
 
 import asyncpg
 
+from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import store
 from processor.store import MIGRATIONS, Store
@@ -185,12 +184,7 @@ def main() -> None:
     )
     parser.add_argument("--base", default="3f26523", help="the commit whose _write_rules and migrations are the base")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="points-rules-write-") as directory:
-        server = store.start_embedded_server(pathlib.Path(directory), cleanup_mode="stop")
-        try:
-            asyncio.run(measure(server.get_uri(), args))
-        finally:
-            server.cleanup()
+    harness.on_embedded_postgres("points-rules-write-", lambda url: measure(url, args))
 
 
 if __name__ == "__main__":
