@@ -310,6 +310,22 @@ async def open_store(database_url: str):
     return await Store.open(database_url, 2)
 
 
+async def _migrate(database_url: str) -> None:
+    from processor.store import Store
+
+    store = await Store.open(database_url, 1)
+    try:
+        await store.migrate()
+    finally:
+        await store.close()
+
+
+def migrate(database_url: str) -> str:
+    """Applies the service's migrations to the database (as the service does at start); returns its URL."""
+    run(_migrate(database_url))
+    return database_url
+
+
 async def _discrepancies(database_url: str) -> list[str]:
     store = await open_store(database_url)
     try:

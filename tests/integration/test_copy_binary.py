@@ -20,7 +20,7 @@ from loadtest.copy_write import store_with_writers
 from processor import events, rules, store
 from processor.program import EarnRecord, RulesWrite, SplitRecord
 from processor.store import COPY_COLUMNS, NEVER_US, BatchWrite, Store
-from tests.harness import run
+from tests.harness import migrate, run
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UTC = dt.timezone.utc
@@ -44,17 +44,7 @@ TABLES = {
 
 
 def migrated(create_database) -> str:
-    url = create_database()
-
-    async def go():
-        s = await Store.open(url, 1)
-        try:
-            await s.migrate()
-        finally:
-            await s.close()
-
-    run(go())
-    return url
+    return migrate(create_database())
 
 
 def old_store() -> type[Store]:

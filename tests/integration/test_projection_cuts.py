@@ -14,7 +14,7 @@ import pytest
 from processor import member_store
 from processor.domain import ACCOUNT_MEMBER, ASSET_POINTS
 from processor.store import BatchWrite, Store
-from tests.harness import run
+from tests.harness import migrate, run
 
 AT = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
 MEMBER_ACCOUNT_ID = 900_000
@@ -24,17 +24,7 @@ RESPONSE = {"transaction_id": 1, "points": 250, "balance": 250, "give_back_bps":
 
 @pytest.fixture(scope="module")
 def database_url(create_database):
-    url = create_database()
-
-    async def go():
-        store = await Store.open(url, 2)
-        try:
-            await store.migrate()
-        finally:
-            await store.close()
-
-    run(go())
-    return url
+    return migrate(create_database())
 
 
 def test_entries_have_no_primary_key_and_entry_id_is_still_an_identity(database_url):

@@ -13,7 +13,7 @@ import pytest
 from processor import rules
 from processor.program import MemberRules, RulesWrite
 from processor.store import Store
-from tests.harness import run
+from tests.harness import migrate, run
 
 AT = [dt.datetime(2026, 12, 5, 12, 0, second, tzinfo=dt.timezone.utc) for second in range(10)]
 YEAR_US = 365 * 86_400_000_000
@@ -21,17 +21,7 @@ YEAR_US = 365 * 86_400_000_000
 
 @pytest.fixture(scope="module")
 def database_url(create_database):
-    url = create_database()
-
-    async def go():
-        store = await Store.open(url, 1)
-        try:
-            await store.migrate()
-        finally:
-            await store.close()
-
-    run(go())
-    return url
+    return migrate(create_database())
 
 
 async def write(connection: asyncpg.Connection, r: RulesWrite, at: dt.datetime) -> None:

@@ -9,20 +9,14 @@ import json
 import asyncpg
 
 from processor import member_store
-from processor.store import Store
-from tests.harness import run
+from tests.harness import migrate, run
 from tests.integration.test_projection_cuts import plan_indexes
 
 
 def test_reversal_reads_use_the_original_index_and_earns_are_not_in_it(create_database):
-    url = create_database()
+    url = migrate(create_database())
 
     async def go():
-        store = await Store.open(url, 2)
-        try:
-            await store.migrate()
-        finally:
-            await store.close()
         c = await asyncpg.connect(url)
         try:
             # 200,000 earns and redeems naming no original, and one refund in every 100 naming one
