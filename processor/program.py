@@ -996,8 +996,14 @@ class ProgramState:
         post, soonest first."""
         taken: list[tuple[str, rules.Lot]] = []
         while self._due and self._due[0][0] <= now_us and len(taken) < limit:
-            _, member_id = heapq.heappop(self._due)
+            at_us, member_id = heapq.heappop(self._due)
             lots = self.lots.get(member_id, ())
+            if not lots or lots[0].expires_at_us != at_us:
+                # stale: the member's soonest expiry moved, and its entry there is on the heap (the
+                # invariant). Skipped even when the member has lots due, so members expire in the order
+                # of their soonest expiries whatever stale entries a path left (the kernel and the
+                # per-operation path leave different ones; the transaction ids must not differ)
+                continue
             due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)  # the expired prefix
             if not due:
                 continue  # a stale entry: the lot was spent, restored or expired already

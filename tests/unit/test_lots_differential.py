@@ -93,8 +93,11 @@ class Reference(ProgramState):
     def due(self, now_us, limit):
         taken = []
         while self._due and self._due[0][0] <= now_us and len(taken) < limit:
-            _, member_id = heapq.heappop(self._due)
-            after = rules.expire_due(self.lots.get(member_id, ()), now_us)
+            at_us, member_id = heapq.heappop(self._due)
+            lots = self.lots.get(member_id, ())
+            if not lots or lots[0].expires_at_us != at_us:
+                continue  # stale: the member's entry at its soonest expiry is on the heap
+            after = rules.expire_due(lots, now_us)
             if not after.pieces:
                 continue
             pieces = after.pieces[: limit - len(taken)]
@@ -143,6 +146,12 @@ class Twin:
         assert new.lots == ref.lots
         assert new.pieces == ref.pieces
         assert sorted(new._due) == sorted(ref._due)
+        # the heap's invariant, which due() relies on to skip stale entries: an entry at every member's
+        # soonest expiry
+        entries = set(new._due)
+        for member_id, lots in new.lots.items():
+            if lots and lots[0].expires_at_us is not None:
+                assert (lots[0].expires_at_us, member_id) in entries, (member_id, lots[0])
         assert new._dirty["lots"] == ref._dirty["lots"]
         for member_id, lots in new.lots.items():
             assert list(lots) == sorted(lots, key=rules._order) and all(lot.amount > 0 for lot in lots)
