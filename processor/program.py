@@ -24,6 +24,7 @@ import bisect
 import dataclasses
 import heapq
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 from processor import rules, velocity
@@ -535,7 +536,7 @@ class ProgramState:
         `members`: each member that earned, its tier state after the run."""
         undo = self._undo[-1] if self._undo else None
         table, flushed, touched, created_by = self.lots, self._lots_flushed, self._lots_touched, self._lots_created
-        diffs, due, dirty, totals = self._lots_diff, self._due, self._dirty["lots"], self._lot_totals
+        diffs, dirty, totals = self._lots_diff, self._dirty["lots"], self._lot_totals
         for member_id, after, keys, created, diff, before, delta in lots:
             current = table.get(member_id, _MISSING)
             summed = totals.get(member_id)
@@ -571,11 +572,7 @@ class ProgramState:
             dirty.add(member_id)
             if first and (() if current is _MISSING else current) is before:
                 diffs[member_id] = diff
-            # an entry only if the run moved the member's soonest expiry (the heap's invariant)
-            if after:
-                soonest = after[0].expires_at_us
-                if soonest is not None and (current is _MISSING or not current or current[0].expires_at_us != soonest):
-                    heapq.heappush(due, (soonest, member_id))
+            self._schedule(member_id, () if current is _MISSING else current, after)
         rules_table = self.members
         if undo is not None:
             get = rules_table.get
@@ -834,9 +831,9 @@ class ProgramState:
             lots = lots[:position] + (lot,) + lots[position:]
         self._touch(member_id, (lot.key,))
         self._lots_created.setdefault(member_id, set()).add(lot.key)
+        before = self.lots.get(member_id, ())
         self._set(self.lots, member_id, lots, "lots")
-        if lots[0] is lot:  # the member's soonest expiry changed (a new lot almost always expires last)
-            heapq.heappush(self._due, (lot.expires_at_us, member_id))
+        self._schedule(member_id, before, lots)  # a new lot almost always expires last: no entry
 
     def _touch(self, member_id: str, keys) -> None:
         """Records which of the member's lots a change touches (before the _set that makes it)."""
@@ -1027,8 +1024,15 @@ class ProgramState:
         entry when the member's soonest expiry changes (as _store_lots)."""
         self._touch(member_id, keys)
         self._set(self.lots, member_id, after or None, "lots")
-        if after and (not before or after[0].expires_at_us != before[0].expires_at_us):
-            heapq.heappush(self._due, (after[0].expires_at_us, member_id))
+        self._schedule(member_id, before, after)
+
+    def _schedule(self, member_id: str, before: Sequence[rules.Lot], after: Sequence[rules.Lot]) -> None:
+        """The expiry heap's invariant (see _due): an entry at the member's soonest expiry whenever its
+        lots (sorted, soonest first) go from `before` to `after` and that soonest changes."""
+        if after:
+            soonest = after[0].expires_at_us
+            if soonest is not None and (not before or before[0].expires_at_us != soonest):
+                heapq.heappush(self._due, (soonest, member_id))
 
     # --- member administration: a merge (processor/member_postings.py) ---
 
