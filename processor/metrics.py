@@ -115,6 +115,11 @@ projection_waits = Counter(
 projection_failures = Counter(
     "points_projection_failures_total", "Projection transactions that failed transiently and are retried."
 )
+projection_failing = Gauge(
+    "points_projection_failing",
+    "1 while the projection has failed several times in a row (it is retried): reads that must see the "
+    "caller's writes, and batches that must read the relational tables first, are refused UNAVAILABLE at once.",
+)
 projection_queue_full = Counter(
     "points_projection_queue_full_total",
     "Times the committer waited for the projector because its queue was full (backpressure).",

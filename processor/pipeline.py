@@ -296,6 +296,7 @@ class Pipeline:
         self.projector.start()
         metrics.projection_lag_batches.set_function(lambda: self.projector.lag_batches)
         metrics.projection_lag_seconds.set_function(self.projector.lag_seconds)
+        metrics.projection_failing.set_function(lambda: 0 if self.projector.failing is None else 1)
         projector = self.projector
         if isinstance(projector, RemoteProjector):
             metrics.export_projector_cpu_seconds(projector.cpu_seconds)
@@ -439,20 +440,29 @@ class Pipeline:
             return
         metrics.projection_waits.inc()
         if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
+            failing = self.projector.failing
             raise Rejection(
                 Code.UNAVAILABLE,
-                f"the ledger's read tables are behind by {target - self.projector.through} batches; retry shortly",
+                f"the ledger's read tables are behind by {target - self.projector.through} batches"
+                + (f" ({failing})" if failing else "")
+                + "; retry shortly",
             )
 
     async def _caught_up(self) -> None:
         """For the committer's own reads of the relational tables (a retry's stored outcome, a prefetch,
         dividend and channel work): waits for every answered batch to be projected, bounded; raises
-        TimeoutError (a failed read: the batch is answered UNAVAILABLE) when the projector lags."""
+        TimeoutError (a failed read: the batch is answered UNAVAILABLE) when the projector lags, at once
+        while the projection is failing (projector.py: a failing projection would otherwise stall every
+        call queued behind this batch for the whole wait)."""
         target = self._answered_batch_id
         if self.projector.through >= target:
             return
         if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
-            raise TimeoutError(f"the projection is behind the batch log by {target - self.projector.through} batches")
+            failing = self.projector.failing
+            raise TimeoutError(
+                f"the projection is behind the batch log by {target - self.projector.through} batches"
+                + (f" ({failing})" if failing else "")
+            )
 
     def _on_projected(self, group: list[Appended]) -> None:
         """The projector wrote these batches' rows (in order): the balance checkpoint may fold their

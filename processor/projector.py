@@ -17,7 +17,12 @@ mark never passes the projection).
 
 Errors: a transient one (Postgres away, a timeout, a broken connection, even one that may have come
 after COMMIT: the guard skips what is already projected) is retried with backoff — the log is durable
-and the batches stay queued. A divergent one (a unique violation, the writer role lost, a gap) is
+and the batches stay queued. After FAILING_AFTER_FAILURES in a row the projection is *failing* (`failing`
+says why, points_projection_failing is 1) until one succeeds: meanwhile a wait for it (wait_through) is
+refused at once instead of waiting out its bound, so a committer that must read the relational tables
+before a batch (a retry's stored outcome, a refund's prefetch) answers UNAVAILABLE at once rather than
+stall every call queued behind it, and a read-your-writes read answers UNAVAILABLE naming the cause. A
+single failure is not enough: a connection reset retried 50 ms later should not refuse anyone. A divergent one (a unique violation, the writer role lost, a gap) is
 critical: `failed` asks the pipeline to resynchronise, which projects the log from projection_state
 before it reloads anything, and the projector stops until the recovery resets it.
 """
@@ -44,6 +49,8 @@ RECOVERY_BATCHES_PER_READ = 64
 # batch-log rows deleted per prune statement, at most
 PRUNE_ROWS_MAX = 10_000
 RETRY_DELAY_SECONDS_MAX = 2.0
+# consecutive failed projections after which waits for the projection are refused at once (see above)
+FAILING_AFTER_FAILURES = 2
 # how often projected batches past the retention are deleted
 PRUNE_INTERVAL_SECONDS = 60.0
 
@@ -89,6 +96,8 @@ class Projector:
         self._task: asyncio.Task[None] | None = None
         self._halting = False
         self.stopped = False  # stopped on a divergent error: waits for a reset by the recovery
+        self._failures_in_a_row = 0
+        self._last_failure = ""
 
     # --- the committer's side ---
 
@@ -103,19 +112,42 @@ class Projector:
         self._wake()
 
     async def wait_through(self, batch_id: int, timeout_seconds: float) -> bool:
-        """Waits until batch `batch_id` is projected, at most `timeout_seconds`; whether it is."""
+        """Waits until batch `batch_id` is projected, at most `timeout_seconds`; whether it is. Refused
+        (False) at once while the projection is failing (`failing`), and as soon as it starts failing."""
         if self.through >= batch_id:
             return True
         deadline = time.monotonic() + timeout_seconds
         while self.through < batch_id:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.running:  # a stopped projector reaches nothing until the recovery
+            # a stopped projector reaches nothing until the recovery; a failing one not before it succeeds
+            if left <= 0 or not self.running or self.failing is not None:
                 return False
             try:
                 await asyncio.wait_for(self._progress.wait(), left)
             except TimeoutError:
                 return self.through >= batch_id
         return True
+
+    @property
+    def failing(self) -> str | None:
+        """Why the projection is failing (FAILING_AFTER_FAILURES or more in a row), else None."""
+        if self._failures_in_a_row < FAILING_AFTER_FAILURES:
+            return None
+        return f"the projection failed {self._failures_in_a_row} times in a row, last: {self._last_failure}"
+
+    def _note_failure(self, error: str, *, projection: bool = True) -> None:
+        """A projection failed transiently (it is retried): one more in a row, counted in
+        points_projection_failures_total unless `projection` is False (the projector process exited
+        unasked: it is started again, and two such exits in a row are failing too); waiters re-check
+        `failing`."""
+        self._failures_in_a_row += 1
+        self._last_failure = error
+        if projection:
+            metrics.projection_failures.inc()
+        self._signal()
+
+    def _note_success(self) -> None:
+        self._failures_in_a_row = 0
 
     @property
     def lag_batches(self) -> int:
@@ -137,6 +169,7 @@ class Projector:
         self._queue.clear()
         self.appended_through = self.through = through
         self.stopped = False
+        self._failures_in_a_row = 0
         self._wake()
 
     async def started(self) -> None:
@@ -202,15 +235,16 @@ class Projector:
                     self.stopped = True
                     self._failed(error)
                     return
-                metrics.projection_failures.inc()
                 log.warning(
                     "projection failed; retrying (the batches are in the log)",
                     extra={"error": repr(error), "batches": [group[0].batch_id, group[-1].batch_id]},
                 )
+                self._note_failure(_described(error))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_SECONDS_MAX)
                 continue
             delay = 0.05
+            self._note_success()
             domain.require(
                 through >= group[-1].batch_id, f"projection stopped at {through}, before {group[-1].batch_id}"
             )
@@ -236,6 +270,12 @@ class Projector:
         else:
             if deleted:
                 metrics.batch_log_pruned.inc(deleted)
+
+
+def _described(error: BaseException) -> str:
+    """An error as a waiter's message shows it: its text, or its type when it has none (a timeout)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _divergent(error: BaseException) -> bool:

@@ -12,8 +12,12 @@ batches and never past the newest announced), projects them with Store.project_b
 writer epoch and lock session the service gave it, guarded on the mark: nothing is projected twice even
 if the service's recovery projects concurrently) and, in the same transaction, pg_notify's the mark on
 CHANNEL. It prunes the log as the in-process projector does. A divergent error (projector._divergent)
-exits with EXIT_DIVERGENT; a transient one is retried with backoff (logged: the child exports no
-metrics, the service's points_projection_* figures are read from the marks it is told).
+exits with EXIT_DIVERGENT; a transient one is retried with backoff and reported on the child's stdout,
+a pipe to the service (REPORT_FAILED and the error, one line; REPORT_OK once it runs and after a
+projection succeeds again): the child exports no metrics, so the service keeps points_projection_*
+(the failures too) from the marks and reports it is told, and refuses waits for a failing projection
+at once as in-process (projector.FAILING_AFTER_FAILURES) instead of taking a failing child for a slow
+one.
 
 The service (`RemoteProjector`): the in-process Projector's interface and queue (the same bounded queue:
 the same backpressure), but its task supervises the child instead of projecting. A LISTEN connection
@@ -37,8 +41,9 @@ import asyncpg
 
 from processor import batch_log, domain, metrics
 from processor.config import Settings
-from processor.projector import PRUNE_INTERVAL_SECONDS, RETRY_DELAY_SECONDS_MAX, Appended, Projector, _divergent
-from processor.projector import prune_log
+from processor.projector import PRUNE_INTERVAL_SECONDS, RETRY_DELAY_SECONDS_MAX
+from processor.projector import Appended, Projector, _divergent
+from processor.projector import _described, prune_log
 from processor.store import Store, StoreError
 
 log = logging.getLogger("points.projector")
@@ -55,6 +60,10 @@ WATCH_INTERVAL_SECONDS = 1.0
 HALT_SECONDS = 10.0
 SPAWN_WAIT_SECONDS = 30.0
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+# the child's reports, one line each on its stdout (a pipe the service reads)
+REPORT_OK = b"ok"  # running, and its last projection (if any) succeeded
+REPORT_FAILED = b"failed"  # followed by a space and the error: a projection failed, it is retried
+REPORT_LINE_BYTES_MAX = 1024
 
 
 class ProjectorDiverged(StoreError):
@@ -103,6 +112,8 @@ async def run_child(
     listener = loop.create_task(listen(), name="projector-stdin")
     async with store.pool.acquire() as connection:
         through, _ = await batch_log.positions(connection, store.recovery_timeout)
+    _report(REPORT_OK)
+    failed = False
     prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
     delay = 0.05
     while not listener.done():
@@ -135,6 +146,8 @@ async def run_child(
                 "projection failed; retrying (the batches are in the log)",
                 extra={"error": repr(error), "after_batch": through},
             )
+            _report(REPORT_FAILED + b" " + _described(error).encode(errors="replace"))
+            failed = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, RETRY_DELAY_SECONDS_MAX)
             # the mark may have moved (a COMMIT whose answer was lost, the service's recovery)
@@ -145,7 +158,19 @@ async def run_child(
                 pass
             continue
         delay = 0.05
+        if failed:
+            _report(REPORT_OK)
+            failed = False
     return 0
+
+
+def _report(line: bytes) -> None:
+    """One report to the service (a short line on stdout: a pipe write of this size is atomic)."""
+    line = line.replace(b"\n", b" ")[: REPORT_LINE_BYTES_MAX - 1] + b"\n"
+    try:
+        os.write(sys.stdout.fileno(), line)
+    except OSError:  # the service is gone: its pipe's EOF on stdin ends this process next
+        pass
 
 
 async def _prune(store: Store, retention_seconds: float, timeout_seconds: float) -> None:
@@ -237,6 +262,7 @@ class RemoteProjector(Projector):
         while self._queue and self._queue[0].batch_id <= through:
             group.append(self._queue.popleft())
         self.through = through
+        self._note_success()
         metrics.projections.inc()
         metrics.projection_batches.observe(max(len(group), 1))
         if group:
@@ -278,7 +304,9 @@ class RemoteProjector(Projector):
             lock_started.isoformat(),
         ]
         environment = {**os.environ, "DATABASE_URL": self.store.url}  # the service's, with the URL it resolved
-        process = await asyncio.create_subprocess_exec(*command, stdin=asyncio.subprocess.PIPE, env=environment)
+        process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=environment
+        )
         log.info("projector process started", extra={"pid": process.pid, "epoch": epoch})
         return process
 
@@ -315,6 +343,9 @@ class RemoteProjector(Projector):
                     self._failed(ProjectorDiverged("the projector process refused the batch log as divergent"))
                     return
                 metrics.projector_restarts.inc()
+                # one failure in a row (the next child's first report clears it): a child that keeps exiting
+                # is failing, and waits for it are refused at once rather than waiting for nobody
+                self._note_failure(f"the projector process exited with {code}; starting it again", projection=False)
                 if time.monotonic() - started >= RESTART_DELAY_RESET_SECONDS:
                     delay = RESTART_DELAY_SECONDS_MIN
                 log.error(
@@ -332,10 +363,27 @@ class RemoteProjector(Projector):
             self._process = None
             await self._close_listener()
 
+    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+        """Reads the child's reports (REPORT_OK, REPORT_FAILED) until its stdout closes."""
+        assert process.stdout is not None
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except ValueError:  # a line past the reader's limit: not a report of ours
+                continue
+            if not line:
+                return
+            word, _, rest = line.rstrip(b"\n").partition(b" ")
+            if word == REPORT_OK:
+                self._note_success()
+            elif word == REPORT_FAILED:
+                self._note_failure(rest.decode(errors="replace"))
+
     async def _watch(self, process: asyncio.subprocess.Process) -> int:
         """Waits for the child to exit (killed if a halt's EOF does not end it in HALT_SECONDS), reading
-        its CPU and keeping the LISTEN connection up meanwhile; its exit code."""
+        its reports and CPU and keeping the LISTEN connection up meanwhile; its exit code."""
         exited = asyncio.ensure_future(process.wait())
+        reports = asyncio.ensure_future(self._read_reports(process))
         halt_deadline: float | None = None
         try:
             while True:
@@ -353,6 +401,8 @@ class RemoteProjector(Projector):
         finally:
             if not exited.done():
                 exited.cancel()
+            if not reports.done():
+                reports.cancel()
 
     async def _relisten_if_closed(self) -> None:
         """A LISTEN connection that broke may have missed marks: reopened, it reads the mark again

@@ -250,6 +250,50 @@ def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_i
         assert metric(service, "points_projection_transactions_total") >= 2
 
 
+def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_is_not_stalled(
+    create_database, service_factory, blocker_factory, projector
+):
+    """The projection blocked past its timeout, again and again (the child reports it in process mode):
+    reads that must see the caller's writes and a retry that must read its stored outcome are refused
+    UNAVAILABLE at once, naming the failure, rather than waiting out --projection-wait-seconds (here
+    longer than the clients' deadlines: a stalled wait would end DEADLINE_EXCEEDED); new operations are
+    still answered; once the projection succeeds, everything is read back and the retry gets its first
+    answer."""
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(
+        url, "--commit-timeout-seconds", "1", "--projection-wait-seconds", "120", "--projector", projector
+    )
+    member = unique("mem")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        stub.Earn(earn_request(merchant, member, 1_000), timeout=30)
+        assert len(stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30).transactions) == 1
+        blocker = blocker_factory(url)
+        blocker.block()
+        request = earn_request(merchant, member, 2_000)
+        blocked = stub.Earn(request, timeout=30)  # answered: appended; its projection times out, retried
+        wait_for(lambda: metric(service, "points_projection_failing") == 1, 60.0, "the projection is failing")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert "in a row" in refused.value.details() and "retry shortly" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as retried:
+            stub.Earn(request, timeout=30)  # its stored outcome is in a batch not projected
+        assert retried.value.code() == grpc.StatusCode.UNAVAILABLE, retried.value.details()
+        fresh = stub.Earn(earn_request(merchant, unique("mem"), 3_000), timeout=30)  # needs no read: answered
+        assert fresh.transaction_id > blocked.transaction_id
+        blocker.release()
+        wait_for(lambda: metric(service, "points_projection_failing") == 0, 60.0, "the projection recovers")
+        page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+        assert [t.transaction_id for t in page.transactions][0] == blocked.transaction_id
+        assert stub.Earn(request, timeout=30).transaction_id == blocked.transaction_id  # the first answer
+        assert metric(service, "points_projection_failures_total") >= 2 or projector == "process"
+    assert service.terminate() == 0
+    assert ledger_discrepancies(url) == []
+
+
 def test_a_projector_process_killed_alone_is_started_again_and_reads_keep_answering(create_database, service_factory):
     url = create_database()
     merchant = unique("m")

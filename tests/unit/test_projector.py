@@ -151,3 +151,49 @@ def test_wait_through_is_bounded_while_the_projection_is_held():
         return reached, already
 
     assert asyncio.run(go()) == (False, True)
+
+
+def test_a_wait_is_refused_at_once_while_the_projection_keeps_failing_and_waits_again_once_it_succeeds():
+    async def go():
+        store = StandInStore()
+        store.errors = [ConnectionResetError(f"reset {n}") for n in range(1000)]  # fails until cleared
+        p, projected, failures = projector(store)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1))
+        # an hour's bound: only the failing projection can end this wait before its deadline (a wait
+        # that waited it out would hold the test until its timeout)
+        refused = await p.wait_through(1, 3600.0)
+        failing, still_failing_store = p.failing, bool(store.errors)
+        store.errors.clear()
+        refused_again = await p.wait_through(1, 3600.0)  # still failing until a projection succeeds
+        while p.failing is not None:  # the next retry (backoff ≤ RETRY_DELAY_SECONDS_MAX) succeeds
+            await asyncio.sleep(0.01)
+        reached = await p.wait_through(1, 3600.0)
+        after = p.failing
+        await p.halt()
+        return (refused, refused_again), failing, still_failing_store, reached, after, projected, failures
+
+    refused, failing, still_failing_store, reached, after, projected, failures = asyncio.run(go())
+    assert refused == (False, False) and still_failing_store
+    assert failing is not None and "in a row" in failing and "ConnectionResetError: reset" in failing
+    assert reached is True and after is None and projected == [1]
+    assert failures == []  # transient: retried, no resync asked
+
+
+def test_one_failure_is_not_failing():
+    async def go():
+        store = StandInStore()
+        store.gate.clear()
+        store.errors = [ConnectionResetError("reset")]
+        p, _, _ = projector(store)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1))
+        waiting = asyncio.ensure_future(p.wait_through(1, 3600.0))
+        store.gate.set()
+        reached = await waiting
+        await p.halt()
+        return reached, p.failing
+
+    assert asyncio.run(go()) == (True, None)
