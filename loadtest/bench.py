@@ -12,8 +12,9 @@ Starts everything it needs, each server a process of its own:
             called with a gateway key;
   * program the same service on a database of its own with ops/program.example.json in force (levels,
             expiry lots, acquiring and referral rewards, fees): the production configuration;
-  * prog/proc the program's service again (a database of its own) with --projector process: the
-            projector in a child process, on the other core (its CPU: points_projector_cpu_seconds_total);
+  * prog/in   the program's service again (a database of its own) with --projector in-process: the
+            projector as a task on the service's event loop, against the default's child process on the
+            other core (whose CPU the service exports: points_projector_cpu_seconds_total);
   * naive   loadtest/naive_server.py: the same Earn/Redeem, one Postgres transaction per operation
             (UPDATE ... WHERE balance >= $1, then an INSERT), grpc.aio + an asyncpg pool, its own tables,
             the same seeded network.
@@ -34,8 +35,9 @@ targets beside what this run measured (printed, never asserted). Each workload g
 --rounds rounds, interleaved across the servers so that a slow spell of the machine hits them all;
 each figure printed is the median of the rounds' figures. Latency is per call (per batch on batch
 rows). CPU is user+system time from /proc/<pid>/stat during the round, in % of one core in the table
-and in µs per operation in the CPU split: server = the server process (the service's projector runs
-inside it: its CPU is there, printed apart only if the service exports points_projector_cpu_seconds_total),
+and in µs per operation in the CPU split: server = the server process (with --projector process, the
+default, the projector's child is printed apart from points_projector_cpu_seconds_total; in-process its
+CPU is in the server's figure),
 Postgres = the postmaster and its children (when Postgres runs on this machine), client = this
 process, other = every other process on the machine (/proc/stat: other engineers' work on a shared
 machine). The service's pipeline figures and projection lag come from its /metrics.
@@ -371,7 +373,7 @@ def _applied_transaction(operation: pb.Operation, result: pb.OperationResult) ->
 
 @dataclasses.dataclass
 class Workload:
-    server: str  # "no-op", "service", "program", "prog/proc", "naive"
+    server: str  # "no-op", "service", "program", "prog/in", "naive"
     label: str
     shape: str  # "unary", "batch", "batch as unary"
     operations: list[workload.Operation]
@@ -380,12 +382,12 @@ class Workload:
     runs: list[Run] = dataclasses.field(default_factory=list)
 
 
-# The projector runs inside the service process (issue 14 stage 5): its CPU is in the service's
-# figure; PROJECTOR_CPU is read (and printed apart) only if the service exports it.
+# The projector's own CPU, printed apart where the service exports it (--projector process, the
+# default); in-process (prog/in) it is in the service's figure.
 PROJECTOR_CPU = "points_projector_cpu_seconds_total"
-# the points services: without the program, with it, and with it and --projector process (the
-# projector in a child process on the other core: issue 14 stage 5)
-SERVICES = ("service", "program", "prog/proc")
+# the points services: without the program, with it (both with their default --projector process: a
+# child process on the other core), and with it and --projector in-process (issue 14 stage 5)
+SERVICES = ("service", "program", "prog/in")
 _READ_METRICS = (
     "points_pipeline_commit_seconds_count",
     "points_pipeline_commit_seconds_sum",
@@ -882,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bench_points_{suffix}",
         f"bench_program_{suffix}",
         f"bench_naive_{suffix}",
-        f"bench_progproc_{suffix}",
+        f"bench_progin_{suffix}",
     )
     service_url, program_url, naive_url, process_url = (asyncio.run(postgres.create(name)) for name in databases)
     print(f"Postgres: {postgres.description}; server logs in {logs}", flush=True)
@@ -898,8 +900,8 @@ def main(argv: list[str] | None = None) -> int:
         program_key = asyncio.run(
             harness.gateway_key(program_url, workload.merchant_ids(args.merchants), "loadtest.bench")
         )
-        print("seeding the same again for the program with --projector process ...", flush=True)
-        harness.seed(process_url, args.merchants, args.members, logs / "seed-prog-proc.log")
+        print("seeding the same again for the program with --projector in-process ...", flush=True)
+        harness.seed(process_url, args.merchants, args.members, logs / "seed-prog-in.log")
         asyncio.run(harness.add_program(process_url, "loadtest.bench"))
         process_key = asyncio.run(
             harness.gateway_key(process_url, workload.merchant_ids(args.merchants), "loadtest.bench")
@@ -907,8 +909,8 @@ def main(argv: list[str] | None = None) -> int:
         servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
         servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
         servers["program"] = harness.Server(harness.service_command(program_url), logs / "program.log", "program")
-        servers["prog/proc"] = harness.Server(
-            harness.service_command(process_url, "--projector", "process"), logs / "prog-proc.log", "prog/proc"
+        servers["prog/in"] = harness.Server(
+            harness.service_command(process_url, "--projector", "in-process"), logs / "prog-in.log", "prog/in"
         )
         servers["naive"] = harness.Server(
             [
@@ -960,7 +962,7 @@ def main(argv: list[str] | None = None) -> int:
             name: Endpoint(
                 server.address,
                 server.pid,
-                {"service": key, "program": program_key, "prog/proc": process_key}.get(name, ""),
+                {"service": key, "program": program_key, "prog/in": process_key}.get(name, ""),
                 server.metrics_url,
             )
             for name, server in servers.items()

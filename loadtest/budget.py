@@ -480,7 +480,11 @@ async def measure(args, postgres: Postgres, work: pathlib.Path) -> None:
         await harness.seeded_network(url)  # applies the migrations
         harness.seed(url, args.merchants, args.members, work / "seed.log")
         key = await harness.gateway_key(url, workload.merchant_ids(args.merchants), "loadtest.budget")
-        service = harness.Server(harness.service_command(url), work / "service.log", "service")
+        # --projector in-process: the projector's steps are sampled in the one profiled process (the
+        # default runs it as a child py-spy would not see)
+        service = harness.Server(
+            harness.service_command(url, "--projector", "in-process"), work / "service.log", "service"
+        )
         bench = Bench(args, postgres, url, key, service)
         results = {}
         for phase in ("no program (plain ledger)", "program in force (ops/program.example.json)"):

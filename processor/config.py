@@ -120,9 +120,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "projector",
         str,
-        "in-process",
-        "where the batch log is projected: in-process (a task on the service's event loop) or process (a "
-        "child process, `python -m processor project`, on another core)",
+        "process",
+        "where the batch log is projected: process (a child process, `python -m processor project`, on "
+        "another core; the default) or in-process (a task on the service's event loop)",
     ),
     Option(
         "projection_queue_batches_max",
@@ -390,7 +390,7 @@ class Settings:
     writer_lock_wait_seconds: float = 0.0
     pool_connections_max: int = 8
     projection_wait_seconds: float = 5.0
-    projector: str = "in-process"
+    projector: str = "process"
     projection_queue_batches_max: int = 64
     projection_batches_per_transaction_max: int = 16
     batch_log_retention_seconds: float = 3600.0
