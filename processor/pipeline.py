@@ -629,6 +629,17 @@ class Pipeline:
                 run_start, run_length = op.enqueued_at, 0
             run_length += 1
         metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
+        failing = self.projector.failing
+        if failing is not None and self.projector.queue_full:
+            # its queue stays full while it fails, and a batch appended now could not be handed over
+            # without waiting as long (projector.put): refused before anything is applied or appended
+            self._fail(
+                batch,
+                Code.UNAVAILABLE,
+                f"the ledger's projection is failing ({failing}) and {self.projector.lag_batches} batches wait "
+                "for it; this operation was not applied. Retry with the same idempotency key",
+            )
+            return None
         try:
             # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
             maybe = self.idempotency.maybe_stored(list(map(_OPERATION_KEY, batch)))

@@ -102,9 +102,11 @@ class Projector:
     # --- the committer's side ---
 
     async def put(self, item: Appended) -> None:
-        """Queues an appended batch, in batch id order; waits while the queue is full (backpressure)."""
+        """Queues an appended batch, in batch id order; waits while the queue is full (backpressure),
+        unless the projection is failing: then the committer refuses new batches at its door while the
+        queue is full (queue_full), so the queue holds at most the batches already applied beyond it."""
         domain.require(item.batch_id > self.appended_through, "batches are handed over in batch id order")
-        while len(self._queue) >= self.queue_batches_max and self.running:
+        while len(self._queue) >= self.queue_batches_max and self.running and self.failing is None:
             metrics.projection_queue_full.inc()
             await self._progress.wait()
         self._queue.append(item)
@@ -127,6 +129,10 @@ class Projector:
             except TimeoutError:
                 return self.through >= batch_id
         return True
+
+    @property
+    def queue_full(self) -> bool:
+        return len(self._queue) >= self.queue_batches_max
 
     @property
     def failing(self) -> str | None:

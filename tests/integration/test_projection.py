@@ -263,7 +263,15 @@ def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_i
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
     service = service_factory(
-        url, "--commit-timeout-seconds", "1", "--projection-wait-seconds", "120", "--projector", projector
+        url,
+        "--commit-timeout-seconds",
+        "1",
+        "--projection-wait-seconds",
+        "120",
+        "--projection-queue-batches-max",
+        "2",
+        "--projector",
+        projector,
     )
     member = unique("mem")
     with service.channel() as channel:
@@ -284,11 +292,25 @@ def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_i
         assert retried.value.code() == grpc.StatusCode.UNAVAILABLE, retried.value.details()
         fresh = stub.Earn(earn_request(merchant, unique("mem"), 3_000), timeout=30)  # needs no read: answered
         assert fresh.transaction_id > blocked.transaction_id
+        # new operations fill the projector's queue (2 batches here); then they are refused at the door,
+        # not held until their deadline behind a queue that does not move
+        refused_at_door: list[pb.EarnRequest] = []
+        for _ in range(4):
+            more = earn_request(merchant, unique("mem"), 1_000)
+            try:
+                stub.Earn(more, timeout=30)
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.UNAVAILABLE, (error.code(), error.details())
+                assert "projection is failing" in error.details() and "not applied" in error.details()
+                refused_at_door.append(more)
+        assert refused_at_door, "a full queue of a failing projection refuses new operations"
         blocker.release()
         wait_for(lambda: metric(service, "points_projection_failing") == 0, 60.0, "the projection recovers")
         page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
         assert [t.transaction_id for t in page.transactions][0] == blocked.transaction_id
         assert stub.Earn(request, timeout=30).transaction_id == blocked.transaction_id  # the first answer
+        for more in refused_at_door:  # not applied: a retry applies it once
+            assert stub.Earn(more, timeout=30).points == 100
         assert metric(service, "points_projection_failures_total") >= 2 or projector == "process"
     assert service.terminate() == 0
     assert ledger_discrepancies(url) == []
