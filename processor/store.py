@@ -249,6 +249,20 @@ def url_secrets(url: str) -> set[str]:
     }
 
 
+async def _reset_pooled(connection: asyncpg.Connection) -> None:
+    """What a pool connection needs before it is reused: a transaction left open rolled back (asyncpg
+    does it, and drops the listeners client-side, before it calls this; checked again here). asyncpg's
+    default reset sends `SELECT
+    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every release: a round trip and four
+    statements a batch (3% of the service's CPU under unary load, py-spy), undoing session state no pool
+    connection here takes: session advisory locks and LISTEN are on connections of their own
+    (acquire_writer_lock, listen_program_changes, the projector's LISTEN, migrate), settings are SET LOCAL
+    or set_config(..., true), temporary tables ON COMMIT DROP, and no cursor outlives its transaction
+    (tests/integration/test_pool_reset.py checks each of these stays so)."""
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Migrations
 
@@ -565,6 +579,7 @@ class Store:
             command_timeout=command_timeout,
             timeout=command_timeout,
             server_settings={"application_name": APPLICATION_NAME, "idle_in_transaction_session_timeout": str(idle_ms)},
+            reset=_reset_pooled,
         )
         return cls(pool, url, connect_timeout=command_timeout)
 
@@ -575,8 +590,13 @@ class Store:
         await self.pool.close()
 
     async def migrate(self) -> list[str]:
-        async with self.pool.acquire() as connection:
+        # a connection of its own, closed after: migrate() holds a session advisory lock, which a pool
+        # connection's reset (_reset_pooled) would not release if the unlock never ran
+        connection = await asyncpg.connect(self.url, timeout=self.connect_timeout)
+        try:
             return await migrate(connection)
+        finally:
+            await connection.close()
 
     async def acquire_writer_lock(self, wait_seconds: float = 0.0) -> None:
         """Holds a session advisory lock for the life of the service: one writer per ledger; waits up to
