@@ -15,6 +15,13 @@ copy of that template (CREATE DATABASE ... TEMPLATE) changed by its SQL:
     migrations      this tree's migrations after --template-through (e.g. 0019)
     -NAME           DROP the index NAME (a primary key or unique constraint: DROP CONSTRAINT)
     NAME            the SQL given as --variant-sql NAME=SQL
+    slots           transactions' two text-keyed indexes on integer columns instead: member_slot and
+                    merchant_slot (int4, dense, in order of first appearance, as a service interning ids
+                    would hand them out), (member_slot, transaction_id DESC) and (merchant_slot, created_at,
+                    transaction_id); the measured COPY carries the two columns (issue 14, the narrow row)
+    hash            the same two indexes keyed by hashtext(member_id) / hashtext(merchant_id): int4 keys
+                    with no new column or state (a read adds hashtext(x) = hashtext($1) AND x = $1)
+    hash-member, hash-merchant    one of the two only
 
 Each measured batch is written to every variant (the order rotating batch by batch), each in one
 transaction of its own, committed. Around every statement: the backend's CPU (/proc/<pid>/schedstat,
@@ -25,7 +32,8 @@ table), rows per operation, the whole transaction's; then, for each variant, its
 (an index's cost is base minus the variant without it); then each table's and index's size.
 
     .venv/bin/python -m loadtest.projection_write [--batches 40] [--prefill-batches 100] [--copies 10]
-        [--variants base,-transactions_member_newest,migrations] [--plain] [--checkpoint-every 0]
+        [--variants base,-transactions_member_newest,migrations,slots,hash] [--plain] [--checkpoint-every 0]
+        [--uuid-members] [--template-through 18]
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import pathlib
 import re
 import time
 import urllib.parse
+import uuid
 from typing import Any
 
 import asyncpg
@@ -43,7 +52,9 @@ import asyncpg
 from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor.state_machine import IdAllocator
-from processor.store import MIGRATIONS, Store
+from fastpath.copy_binary import CopyEncoder
+from processor.domain import ASSET_POINTS
+from processor.store import MIGRATIONS, TRANSACTIONS_COPY, Store
 
 LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
 # the statement's table: COPY's argument, else the first table an INSERT, UPDATE, MERGE or DELETE names
@@ -79,6 +90,8 @@ class Probe:
         self.pid = connection.get_server_pid()
         self.costs: dict[str, list[float]] = {}  # table -> [cpu seconds, WAL bytes, statements]
         self.counting = False
+        self.slots: Slots | None = None  # the variant "slots"
+        self.batch: Any = None  # the BatchWrite being written
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.connection, name)
@@ -104,6 +117,13 @@ class Probe:
     async def copy_records_to_table(self, table: str, **kwargs):
         return await self.timed(table, self.connection.copy_records_to_table(table, **kwargs))
 
+    async def copy_to_table(self, table: str, **kwargs):
+        # _write_many's binary COPY (store.copy_rows); the variant "slots" sends transactions with its two
+        # integer columns, encoded here before the CPU window (the backend's CPU is what is measured)
+        if table == "transactions" and self.slots is not None:
+            kwargs = self.slots.transactions_copy(self.batch)
+        return await self.timed(table, self.connection.copy_to_table(table, **kwargs))
+
     async def execute(self, sql: str, *args, **kwargs):
         return await self.timed(self.table(sql), self.connection.execute(sql, *args, **kwargs))
 
@@ -118,6 +138,69 @@ class Probe:
 
     async def fetchrow(self, sql: str, *args, **kwargs):
         return await self.timed(self.table(sql), self.connection.fetchrow(sql, *args, **kwargs))
+
+
+class Slots:
+    """The integer slots of the variant "slots": member and merchant ids interned to dense int4, in order
+    of first appearance (those of the template from its copy's slot tables, new ones handed out here),
+    sent in the transactions COPY as two more columns."""
+
+    COLUMNS = TRANSACTIONS_COPY + (("member_slot", "integer", 11), ("merchant_slot", "integer", 12))
+
+    def __init__(self, members: dict[str, int], merchants: dict[str, int]) -> None:
+        self.members = members
+        self.merchants = merchants
+
+    def slot(self, slots: dict[str, int], name: str) -> int:
+        found = slots.get(name)
+        if found is None:
+            found = slots[name] = len(slots) + 1
+        return found
+
+    def transactions_copy(self, batch: Any) -> dict[str, Any]:
+        stream = CopyEncoder("transactions", self.COLUMNS)
+        pad = (None,) * 11
+        rows = [
+            (tuple(t) + pad)[:11] + (self.slot(self.members, t[3]), self.slot(self.merchants, t[2]))
+            for t in batch.transactions
+        ]
+        stream.add(
+            rows,
+            {"asset_code": ASSET_POINTS, "created_at": batch.created_at, "program_version": None},
+            lookup=batch.member_balances_after,
+        )
+        return {"source": stream.finish(), "columns": list(stream.names), "format": "binary", "timeout": 60.0}
+
+
+# transactions' two text-keyed indexes on int4 slot columns: the template's ids get slots in order of
+# first appearance; VACUUM FULL after the UPDATE so the heap is as compact as base's
+SLOTS_SQL = [
+    """ALTER TABLE transactions ADD COLUMN member_slot integer, ADD COLUMN merchant_slot integer;
+       CREATE TABLE member_slots (member_id text PRIMARY KEY, slot integer NOT NULL UNIQUE);
+       CREATE TABLE merchant_slots (merchant_id text PRIMARY KEY, slot integer NOT NULL UNIQUE);
+       INSERT INTO member_slots SELECT member_id, row_number() OVER (ORDER BY min(transaction_id))
+           FROM transactions GROUP BY member_id;
+       INSERT INTO merchant_slots SELECT merchant_id, row_number() OVER (ORDER BY min(transaction_id))
+           FROM transactions GROUP BY merchant_id;
+       UPDATE transactions t SET member_slot = s.slot FROM member_slots s WHERE s.member_id = t.member_id;
+       UPDATE transactions t SET merchant_slot = s.slot FROM merchant_slots s WHERE s.merchant_id = t.merchant_id;
+       ALTER TABLE transactions ALTER COLUMN member_slot SET NOT NULL, ALTER COLUMN merchant_slot SET NOT NULL;
+       DROP INDEX transactions_member_newest;
+       DROP INDEX transactions_merchant_created""",
+    "VACUUM FULL transactions",
+    """CREATE INDEX transactions_member_slot ON transactions (member_slot, transaction_id DESC);
+       CREATE INDEX transactions_merchant_slot ON transactions (merchant_slot, created_at, transaction_id)""",
+]
+HASH_MEMBER_SQL = """DROP INDEX transactions_member_newest;
+    CREATE INDEX transactions_member_hash ON transactions (hashtext(member_id), transaction_id DESC)"""
+HASH_MERCHANT_SQL = """DROP INDEX transactions_merchant_created;
+    CREATE INDEX transactions_merchant_hash ON transactions (hashtext(merchant_id), created_at, transaction_id)"""
+BUILT_IN = {
+    "slots": SLOTS_SQL,
+    "hash": [HASH_MEMBER_SQL, HASH_MERCHANT_SQL],
+    "hash-member": [HASH_MEMBER_SQL],
+    "hash-merchant": [HASH_MERCHANT_SQL],
+}
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -204,6 +287,8 @@ async def variant_sql(c: asyncpg.Connection, name: str, args: argparse.Namespace
         return [sql for version, sql in migrations() if version > args.template_through]
     if name in args.variant_sql:
         return [args.variant_sql[name]]
+    if name in BUILT_IN:
+        return BUILT_IN[name]
     if name.startswith("-"):
         index = name[1:]
         table = await c.fetchval("SELECT conrelid::regclass::text FROM pg_constraint WHERE conname = $1", index)
@@ -223,6 +308,12 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     m = machine(not args.plain, args.members, args.merchants)
     m.ids = IdAllocator(FIRST_TRANSACTION_ID, FIRST_TRANSACTION_ID)
     work = batches(args.prefill_batches + args.batches, args.members, args.merchants, seed=args.seed)
+    if args.uuid_members:
+        # member ids as many services have them (36 characters, no order), not "member-123": an index
+        # keyed by the text is wider by the difference, one keyed by an int4 is not
+        for batch in work:
+            for op in batch:
+                op.member_id = op.request["member_id"] = str(uuid.uuid5(uuid.NAMESPACE_OID, op.member_id))
     admin = await asyncpg.connect(url)
     started = time.perf_counter()
     await admin.execute("CREATE DATABASE projection_template")
@@ -238,6 +329,11 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             await c.execute(sql)
         await c.execute("VACUUM ANALYZE")
         probes[name] = Probe(c)
+        if name == "slots":
+            probes[name].slots = Slots(
+                {r[0]: r[1] for r in await c.fetch("SELECT member_id, slot FROM member_slots")},
+                {r[0]: r[1] for r in await c.fetch("SELECT merchant_id, slot FROM merchant_slots")},
+            )
     await admin.execute("CHECKPOINT")
     totals: dict[str, list[float]] = {name: [0.0, 0.0] for name in names}
     rows: dict[str, int] = {}
@@ -262,6 +358,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         for name in names[turn:] + names[:turn]:
             probe = probes[name]
             probe.counting = counting
+            probe.batch = batch_write
             before_wal = await probe.connection.fetchval(LSN)
             before = cpu_seconds(probe.pid)
             transaction = probe.connection.transaction()
@@ -277,7 +374,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     print(
         f"{args.batches - args.warmup} batches of 1,000 counted ({args.warmup} warm-up), "
         f"{'plain' if args.plain else 'program in force'}, members {args.members}, prefill "
-        f"{args.prefill_batches} batches x {args.copies + 1}"
+        f"{args.prefill_batches} batches x {args.copies + 1}{', UUID member ids' if args.uuid_members else ''}"
     )
     print("rows per operation: " + ", ".join(f"{t} {n / counted:.2f}" for t, n in rows.items()))
     base = probes["base"].costs
@@ -319,6 +416,13 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             f"  {r['table_name']:<17} {r['reltuples']:>11,.0f} rows heap {r['heap'] / 2**20:7.1f} MB   "
             f"{r['index_name']:<34} {r['index_size'] / 2**20:7.1f} MB"
         )
+    print("\ntransactions' indexes in each variant at the end (MB):")
+    for name, probe in probes.items():
+        found = await probe.connection.fetch(
+            """SELECT i.relname, pg_relation_size(i.oid) AS size FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+               WHERE x.indrelid = 'transactions'::regclass AND pg_relation_size(i.oid) > 1048576 ORDER BY i.relname"""
+        )
+        print(f"  {name:<22} " + ", ".join(f"{r['relname']} {r['size'] / 2**20:.1f}" for r in found))
     for probe in probes.values():
         await probe.connection.close()
     await admin.close()
@@ -334,6 +438,7 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--plain", action="store_true", help="no program in force")
+    parser.add_argument("--uuid-members", action="store_true", help="member ids as UUID strings (36 characters)")
     parser.add_argument("--template-through", type=int, default=18, help="the template's last migration [18]")
     parser.add_argument(
         "--variants",

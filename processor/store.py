@@ -1862,8 +1862,9 @@ class Store:
                    FROM entries e JOIN accounts a USING (account_id)
                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = t.member_id
                      AND a.kind IN ('member', 'member_voucher_credit')) m ON true
-               WHERE t.member_id = $1 AND ($2::bigint IS NULL OR t.transaction_id < $2)
-                 AND t.merchant_id = ANY($4::text[])
+               -- hashtext: the index's key (migration 0021); member_id = $1 drops another id of its hash
+               WHERE hashtext(t.member_id) = hashtext($1) AND t.member_id = $1
+                 AND ($2::bigint IS NULL OR t.transaction_id < $2) AND t.merchant_id = ANY($4::text[])
                ORDER BY t.transaction_id DESC LIMIT $3""",
             member_id,
             before_transaction_id,
@@ -2125,12 +2126,15 @@ class Store:
         shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and net
         are read from the entries on its POINTS clearing accounts, voucher_net (its voucher position) and
         vouchers_held_change (the vouchers it holds) from those on its VOUCHERS accounts, as the
-        statement's totals are (close_period), so the lines sum to the statement."""
+        statement's totals are (close_period), so the lines sum to the statement. The merchant's own lines
+        are found through transactions_merchant_hash (migration 0021: hashtext(merchant_id), created_at,
+        transaction_id), the id compared as well to drop another merchant of the same hash."""
         return await self.pool.fetch(
             """WITH p AS (SELECT opened_at, cut_off FROM settlement_periods WHERE period_id = $1),
                     own AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
-                        ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                        ON hashtext(t.merchant_id) = hashtext($2) AND t.merchant_id = $2
+                          AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3 AND t.kind NOT BETWEEN 6 AND 11 AND t.kind <> ALL($7::smallint[])
                       ORDER BY t.transaction_id LIMIT $4),
                     acquired AS (
@@ -2143,7 +2147,8 @@ class Store:
                       ORDER BY t.transaction_id LIMIT $4),
                     dividends AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
-                        ON t.merchant_id = $2 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
+                        ON hashtext(t.merchant_id) = hashtext($2) AND t.merchant_id = $2
+                          AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3 AND t.kind = 11
                         AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
                                     WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
