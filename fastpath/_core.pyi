@@ -328,6 +328,13 @@ class Ledger:
         when the pool or the pieces run out of room or a redeem would need more never-expiring points
         than the member has (inconsistent lots). A caller bug in operation i raises as apply_batch()
         does (rows before i applied)."""
+    @staticmethod
+    def unbalanced_entries(entries: Sequence[tuple[Any, ...]], points_asset: str) -> str | None:
+        """None when every transaction's journal entries sum to zero per asset and every entry names an
+        account (id > 0); else a message naming the first problem: an entry without an account (the
+        first in order), else a transaction whose `points_asset` entries do not sum to zero, else one of
+        another asset. An entry is (transaction id, account id, amount) in `points_asset`, or (..,
+        asset) naming its asset; ids and amounts are int64. A transaction's entries may be apart."""
     def earn_redeem_rows(
         self,
         ops: list[Any],

@@ -28,6 +28,10 @@ cdef extern from "Python.h":
     # sets a slot through its descriptor, past a frozen dataclass's __setattr__ (object.__setattr__)
     int PyObject_GenericSetAttr(object target, object name, object value) except -1
 
+cdef extern from *:
+    # gcc and clang's checked addition: true when a + b overflows (then *result is not the sum)
+    bint __builtin_add_overflow(int64_t a, int64_t b, int64_t* result) nogil
+
 cdef object _object_new = object.__new__
 
 
@@ -1247,6 +1251,46 @@ cdef class Ledger:
                                 out_piece_start, out_piece_end, out_due_at_us, piece_lot,
                                 piece_amount)
         return (next_id, lots, pieces)
+
+    @staticmethod
+    def unbalanced_entries(list entries not None, str points_asset not None):
+        # Every entry of every batch passes here. A transaction's entries are nearly always adjacent,
+        # so they are summed in C a run at a time; only a run that does not sum to zero (a transaction
+        # whose entries are apart), an entry naming its asset or a sum past int64 goes into a dict.
+        cdef Py_ssize_t index, count = len(entries)
+        cdef int64_t run_id = 0, run_sum = 0, transaction_id, amount, summed
+        cdef bint running = False
+        cdef tuple entry
+        cdef dict points = {}  # transaction id -> its points entries' sum, of the runs not summing to 0
+        cdef dict other = {}  # (transaction id, asset) -> sum, of entries naming their asset
+        for index in range(count):
+            entry = <tuple?>entries[index]
+            if not entry[1] > 0:
+                return f"transaction {entry[0]} posts to an account without an id"
+            if len(entry) != 3:
+                key = (entry[0], entry[3])
+                other[key] = other.get(key, 0) + entry[2]
+                continue
+            transaction_id = entry[0]
+            amount = entry[2]
+            if running and transaction_id == run_id and not __builtin_add_overflow(run_sum, amount, &summed):
+                run_sum = summed
+                continue
+            if running and run_sum != 0:
+                points[run_id] = points.get(run_id, 0) + run_sum
+            running, run_id, run_sum = True, transaction_id, amount
+        if running and run_sum != 0:
+            points[run_id] = points.get(run_id, 0) + run_sum
+        for key, total in other.items():  # named points count with the others
+            if key[1] == points_asset:
+                points[key[0]] = points.get(key[0], 0) + total
+        for key, total in points.items():
+            if total:
+                return f"transaction {key} entries of {points_asset} sum to {total}"
+        for key, total in other.items():
+            if key[1] != points_asset and total:
+                return f"transaction {key[0]} entries of {key[1]} sum to {total}"
+        return None
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,

@@ -9,6 +9,8 @@ change to one is a change to both.
 
 import heapq
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 # statuses
 OK = 0
@@ -895,6 +897,30 @@ class Ledger:
             out_piece_end[operation] = pieces
             out_due_at_us[operation] = due
         return (next_id, lots, pieces)
+
+    @staticmethod
+    def unbalanced_entries(entries: Sequence[tuple[Any, ...]], points_asset: str) -> str | None:
+        """The first problem of a batch's journal entries as a message, or None (contract: _core.pyi)."""
+        points: dict[Any, Any] = {}
+        other: dict[tuple[Any, Any], Any] = {}  # (transaction id, asset) of entries that name their asset
+        for entry in entries:
+            if not entry[1] > 0:
+                return f"transaction {entry[0]} posts to an account without an id"
+            if len(entry) == 3:
+                points[entry[0]] = points.get(entry[0], 0) + entry[2]
+            else:
+                key = (entry[0], entry[3])
+                other[key] = other.get(key, 0) + entry[2]
+        for (transaction_id, asset), total in other.items():  # named points count with the others
+            if asset == points_asset:
+                points[transaction_id] = points.get(transaction_id, 0) + total
+        for transaction_id, total in points.items():
+            if total:
+                return f"transaction {transaction_id} entries of {points_asset} sum to {total}"
+        for (transaction_id, asset), total in other.items():
+            if asset != points_asset and total:
+                return f"transaction {transaction_id} entries of {asset} sum to {total}"
+        return None
 
     def earn_redeem_rows(
         self,

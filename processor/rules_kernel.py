@@ -413,11 +413,13 @@ class RulesKernelMixin(MachineParts):
                     changed.append(lot)
                 else:
                     gone.append(key)
-            if passed < len(before_lots):
-                kept.extend(before_lots[passed:])
+            # the lots it did not pass, as they were: a member that only earned keeps its tuple whole and
+            # gets one copy with its new lots (the members a run touches may hold thousands of lots)
+            after = tuple(kept) + before_lots[passed:] if kept else before_lots[passed:]
             created_keys: set[tuple[int, int | None]] = set()
             made = new_by_row.get(row)
             if made is not None:
+                made_lots: list[rules.Lot] = []
                 for index in made:
                     lot, left = pool_lots[index], lot_amount[index]
                     if lot is None:
@@ -427,10 +429,11 @@ class RulesKernelMixin(MachineParts):
                     if left:
                         if left != lot.amount:
                             lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                        kept.append(lot)
+                        made_lots.append(lot)
                         changed.append(lot)
+                after += tuple(made_lots)
                 keys |= created_keys
-            lots_rows.append((member_id, tuple(kept), keys, created_keys, (gone, changed), before_lots, delta))
+            lots_rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
         members = [

@@ -1064,30 +1064,12 @@ NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERN
 
 
 def _check_balanced(write: BatchWrite) -> None:
-    """Every transaction's entries sum to zero (checked before the batch is written)."""
-    # runs over every entry of every batch: no call per entry, the message built only on a failure; the
-    # points entries (3-tuples, nearly all) summed by transaction id, with no key tuple built per entry
-    points: dict[int, int] = {}
-    other: dict[tuple[int, str], int] = {}  # (transaction id, asset) of entries that name their asset
-    for entry in write.entries:
-        if not entry[1] > 0:
-            require(False, f"transaction {entry[0]} posts to an account without an id")
-        if len(entry) == 3:
-            transaction_id = entry[0]
-            points[transaction_id] = points.get(transaction_id, 0) + entry[2]
-        else:
-            key = (entry[0], entry[3])
-            other[key] = other.get(key, 0) + entry[2]
-    for key, total in other.items():  # an entry that names the points asset counts with the others
-        if key[1] == domain.ASSET_POINTS:
-            points[key[0]] = points.get(key[0], 0) + total
-    for transaction_id, total in points.items():
-        require(total == 0, f"transaction {transaction_id} entries of {domain.ASSET_POINTS} sum to {total}")
-    for (transaction_id, asset), total in other.items():
-        require(
-            asset == domain.ASSET_POINTS or total == 0,
-            f"transaction {transaction_id} entries of {asset} sum to {total}",
-        )
+    """Every transaction's entries sum to zero per asset and name an account (checked before the batch
+    is written): by the fast path's Ledger.unbalanced_entries, which sums a transaction's adjacent
+    entries in C (in Python this loop over every entry was ~0.9 µs an operation with the program)."""
+    problem = fastpath.Ledger.unbalanced_entries(write.entries, domain.ASSET_POINTS)
+    if problem is not None:
+        require(False, problem)
 
 
 def replay(stored_method: str, stored_request: dict[str, Any], outcome: Outcome, op: Operation) -> Outcome:
