@@ -372,9 +372,11 @@ class Ledger:
         acquiring_account_id, give_back_bps); `tier_acquirer_ids[row]`: the row's acquirer id or None.
         `numbers`: (version number, now_us, new_lot_expires_at_us, fee revenue, tier rewards and
         acquiring account ids, the acquiring reward's kind, the owner kind of a transaction, the lot id
-        of never-expiring points); `classes`: (Outcome, its OK code, Lot, Lot's field names, Earn, its
-        field names, EarnRecord, its field names), each a slotted dataclass built with its fields in
-        order (no __init__ run by the compiled module; its twin calls the class).
+        of never-expiring points); `classes`: (Outcome, its OK code, Lot, the descriptors of Lot's
+        slots in field order, Earn, its slots' descriptors, EarnRecord, its slots' descriptors): Lot,
+        Earn and EarnRecord are slotted dataclasses the compiled module builds by setting each slot
+        through its descriptor (no __init__ run; TypeError unless they are slots' descriptors); its
+        twin calls the classes.
 
         For each i with out_status[i] OK: the transaction row(s) and entry rows are appended to
         `transactions` and `entries` (an earn: its fee's two entries, the member's total, the

@@ -8,6 +8,7 @@ records the old value while a batch is open. apply_batch() runs the same kernels
 one crossing per batch instead of one per operation.
 """
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport Py_TYPE, PyTypeObject
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
@@ -24,33 +25,41 @@ class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
 
 
-cdef extern from "Python.h":
-    # sets a slot through its descriptor, past a frozen dataclass's __setattr__ (object.__setattr__)
-    int PyObject_GenericSetAttr(object target, object name, object value) except -1
-
 cdef extern from *:
     # gcc and clang's checked addition: true when a + b overflows (then *result is not the sum)
     bint __builtin_add_overflow(int64_t a, int64_t b, int64_t* result) nogil
 
 cdef object _object_new = object.__new__
+class _Slotted:
+    __slots__ = ("slot",)
 
 
-cdef object _frozen3(object cls, tuple names, object a, object b, object c):
-    """An instance of the slotted dataclass `cls` with fields `names` = (a, b, c), its __init__ not run."""
+_MEMBER_DESCRIPTOR = type(_Slotted.slot)
+
+
+cdef inline int _slot_set(object descriptor, object target, object value) except -1:
+    # a slot set through its descriptor (what object.__setattr__ does once it has found it, past a
+    # frozen dataclass's __setattr__); the descriptor checks that target is of its class
+    return Py_TYPE(descriptor).tp_descr_set(descriptor, target, value)
+
+
+cdef object _frozen3(object cls, tuple slots, object a, object b, object c):
+    """An instance of the slotted dataclass `cls` with its slots' descriptors `slots` (in field order)
+    set to (a, b, c), its __init__ not run."""
     cdef object made = _object_new(cls)
-    PyObject_GenericSetAttr(made, names[0], a)
-    PyObject_GenericSetAttr(made, names[1], b)
-    PyObject_GenericSetAttr(made, names[2], c)
+    _slot_set(slots[0], made, a)
+    _slot_set(slots[1], made, b)
+    _slot_set(slots[2], made, c)
     return made
 
 
-cdef object _frozen4(object cls, tuple names, object a, object b, object c, object d):
+cdef object _frozen4(object cls, tuple slots, object a, object b, object c, object d):
     """As _frozen3, with four fields."""
     cdef object made = _object_new(cls)
-    PyObject_GenericSetAttr(made, names[0], a)
-    PyObject_GenericSetAttr(made, names[1], b)
-    PyObject_GenericSetAttr(made, names[2], c)
-    PyObject_GenericSetAttr(made, names[3], d)
+    _slot_set(slots[0], made, a)
+    _slot_set(slots[1], made, b)
+    _slot_set(slots[2], made, c)
+    _slot_set(slots[3], made, d)
     return made
 
 
@@ -1343,7 +1352,10 @@ cdef class Ledger:
         outcome_type, ok_code, lot_type, lot_fields, earn_type, earn_fields, record_type, record_fields = classes
         if len(lot_fields) != 4 or len(earn_fields) != 3 or len(record_fields) != 8:
             raise ValueError("classes: a Lot has 4 fields, an Earn 3 and an EarnRecord 8")
-        lot_id_name, lot_amount_name, lot_expires_name, lot_issuer_name = lot_fields
+        for descriptor in (*lot_fields, *earn_fields, *record_fields):
+            if type(descriptor) is not _MEMBER_DESCRIPTOR:
+                raise TypeError(f"classes: {descriptor!r} is not a slot's descriptor")
+        record_head = record_fields[:4]
         no_grants = ()
         failed = []
         for index in range(count):
@@ -1395,12 +1407,12 @@ cdef class Ledger:
                         made.append(new_lot)
                 reward = out_reward[index]
                 acquirer_id = tier_acquirer_ids[row] if reward else None
-                record = _frozen4(record_type, record_fields[:4], member_id, merchant_id, version_number,
+                record = _frozen4(record_type, record_head, member_id, merchant_id, version_number,
                                   _frozen3(earn_type, earn_fields, base, uplift, no_grants))
-                PyObject_GenericSetAttr(record, record_fields[4], acquirer_id)
-                PyObject_GenericSetAttr(record, record_fields[5], reward)
-                PyObject_GenericSetAttr(record, record_fields[6], 0)
-                PyObject_GenericSetAttr(record, record_fields[7], now_us)
+                _slot_set(record_fields[4], record, acquirer_id)
+                _slot_set(record_fields[5], record, reward)
+                _slot_set(record_fields[6], record, 0)
+                _slot_set(record_fields[7], record, now_us)
                 earn_records.append((created_object, record))
                 if level_before != level_after:
                     tier_events.append((created_object, member_id, level_names[level_before],
@@ -1445,12 +1457,11 @@ cdef class Ledger:
                     if source_lot is None:
                         raise LedgerInvariantError(
                             f"operation {index} of the run took from lot {source}, which no earn made")
-                    if taken == getattr(source_lot, lot_amount_name):
+                    if taken == source_lot.amount:
                         pieces.append(source_lot)
                     else:
-                        pieces.append(_frozen4(lot_type, lot_fields, getattr(source_lot, lot_id_name), taken,
-                                               getattr(source_lot, lot_expires_name),
-                                               getattr(source_lot, lot_issuer_name)))
+                        pieces.append(_frozen4(lot_type, lot_fields, source_lot.lot_id, taken,
+                                               source_lot.expires_at_us, source_lot.issuer_id))
             consumed.append(((owner_transaction, created_object), tuple(pieces)))
             if points > 0:
                 old = spent.get(member_id)

@@ -162,16 +162,23 @@ _OPERATION_PURCHASE = attrgetter("purchase_amount")
 _OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
-# the value types the compiled rows are built as (Ledger.earn_redeem_rows): each with its fields in order
+
+
+def _slots(cls: type) -> tuple[Any, ...]:
+    """The descriptors of a slotted dataclass's fields, in field order (the compiled rows set them)."""
+    return tuple(cls.__dict__[field.name] for field in dataclasses.fields(cls))
+
+
+# the value types the compiled rows are built as (Ledger.earn_redeem_rows)
 _CLASSES = (
     Outcome,
     Code.OK,
     rules.Lot,
-    tuple(field.name for field in dataclasses.fields(rules.Lot)),
+    _slots(rules.Lot),
     rules.Earn,
-    tuple(field.name for field in dataclasses.fields(rules.Earn)),
+    _slots(rules.Earn),
     EarnRecord,
-    tuple(field.name for field in dataclasses.fields(EarnRecord)),
+    _slots(EarnRecord),
 )
 
 
