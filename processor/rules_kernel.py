@@ -443,20 +443,21 @@ class RulesKernelMixin(MachineParts):
             lots_rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
+        names, reached, qualifying = tables.level_names, run.tier_reached, run.tier_qualifying
         members = [
             (
-                tier_members[row][0],
+                member_id,
                 _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
-                    tier_members[row][1].acquirer_id,
-                    tier_members[row][1].referrer_id,
-                    tier_members[row][1].referral_paid,
-                    tables.level_names[earned_level[row]],
-                    run.tier_reached[row],
-                    run.tier_qualifying[row],
+                    rules_before.acquirer_id,
+                    rules_before.referrer_id,
+                    rules_before.referral_paid,
+                    names[level],
+                    reached[row],
+                    qualifying[row],
                     (),
                 ),
             )
-            for row, level in enumerate(earned_level)
+            for row, ((member_id, rules_before, _), level) in enumerate(zip(tier_members, earned_level))
             if level >= 0
         ]
         program.written_by_kernel(lots_rows, members)
