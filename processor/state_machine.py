@@ -301,7 +301,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         # (_kernel_eligible's conditions, and the version's give-back bounds for earns)
         give_back_min = tables.version.give_back_bps_min if tables is not None else 0
         give_back_max = tables.version.give_back_bps_max if tables is not None else 0
-        earn, redeem = Method.EARN, Method.REDEEM
+        earn, redeem, convert, link = Method.EARN, Method.REDEEM, Method.CONVERT, Method.LINK
         points_max, purchase_max = fastpath.RULES_EARN_POINTS_MAX, fastpath.RULES_PURCHASE_MAX
 
         def flush() -> None:
@@ -396,16 +396,17 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 self._kernel_run(run, tables, write, now_us, outcomes)
                 run = EarnRedeemRun()
             slot = reference = created = expires = 0
-            if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
-                if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
-                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is Method.EARN else None, now_us)
+            if kind is earn or kind is convert or kind is link:
+                slot = ledger.member_slot(op.member_id)
+                if slot < 0:  # a new member: within the merchant's quota only
+                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is earn else None, now_us)
                     if refusal is not None:
                         outcomes[position] = refusal
                         continue
-                slot = ledger.ensure_member(op.member_id)
-                if slot < 0:
-                    outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
-                    continue
+                    slot = ledger.ensure_member(op.member_id)
+                    if slot < 0:
+                        outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
+                        continue
                 if ledger.member_account(slot) == 0:  # created just now: its account row goes with the batch
                     account_id = self.account_ids.pop()
                     ledger.set_member_account(slot, account_id)
@@ -419,7 +420,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     run.fee_bps.append(merchant_row.fee_issued_bps)
                     continue
                 created = ids.transaction() if kind is not Method.LINK else 0
-            elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
+            elif kind is redeem or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
                 if slot < 0:
                     metrics.rejections.labels("unknown_member").inc()
