@@ -41,6 +41,8 @@ Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hol
   held > posted raises LedgerInvariantError before writing (only reachable from inconsistent loads).
 """
 
+from typing import Any
+
 from collections.abc import MutableSequence, Sequence
 
 # statuses
@@ -326,6 +328,68 @@ class Ledger:
         when the pool or the pieces run out of room or a redeem would need more never-expiring points
         than the member has (inconsistent lots). A caller bug in operation i raises as apply_batch()
         does (rows before i applied)."""
+    @staticmethod
+    def unbalanced_entries(entries: Sequence[tuple[Any, ...]], points_asset: str) -> str | None:
+        """None when every transaction's journal entries sum to zero per asset and every entry names an
+        account (id > 0); else a message naming the first problem: an entry without an account (the
+        first in order), else a transaction whose `points_asset` entries do not sum to zero, else one of
+        another asset. An entry is (transaction id, account id, amount) in `points_asset`, or (..,
+        asset) naming its asset; ids and amounts are int64. A transaction's entries may be apart."""
+    def earn_redeem_rows(
+        self,
+        ops: list[Any],
+        positions: list[int],
+        method: Sequence[int],
+        member: Sequence[int],
+        tier: Sequence[int],
+        out: Sequence[Sequence[int]],
+        piece_lot: Sequence[int],
+        piece_amount: Sequence[int],
+        pool_lots: list[Any],
+        merchants: dict[str, Any],
+        tier_acquirer_ids: list[str | None],
+        level_names: tuple[str, ...],
+        numbers: tuple[int, int, int, int, int, int, int, int, int],
+        classes: tuple[Any, ...],
+        transactions: list[Any],
+        entries: list[Any],
+        outcomes: list[Any],
+        earned_level: MutableSequence[int],
+        taken_rows: set[int],
+        new_lots_by_row: dict[int, list[int]],
+        earn_records: list[Any],
+        tier_events: list[Any],
+        consumed: list[Any],
+        spent: dict[str, int],
+    ) -> list[int]:
+        """The Python rows of a run apply_earn_redeem() just decided (processor/rules_kernel.py), in the
+        run's order: what the caller's loop would build per operation, built in one call. `ops[i]`
+        (an object with merchant_id, member_id, idempotency_key, points, purchase_amount) with
+        method[i], member[i] (slot) and tier[i] as given to apply_earn_redeem(); `out`: its out_status
+        .. out_piece_end columns (its 13 first outputs, in its order) and piece_lot/piece_amount.
+        `pool_lots[j]`: the pool's lot j (a Lot; the run's new lots are set here at out_lot[i]).
+        `merchants`: merchant id -> row (fees_account_id, issued_account_id, redeemed_account_id,
+        acquiring_account_id, give_back_bps); `tier_acquirer_ids[row]`: the row's acquirer id or None.
+        `numbers`: (version number, now_us, new_lot_expires_at_us, fee revenue, tier rewards and
+        acquiring account ids, the acquiring reward's kind, the owner kind of a transaction, the lot id
+        of never-expiring points); `classes`: (Outcome, its OK code, Lot, the descriptors of Lot's
+        slots in field order, Earn, its slots' descriptors, EarnRecord, its slots' descriptors): Lot,
+        Earn and EarnRecord are slotted dataclasses the compiled module builds by setting each slot
+        through its descriptor (no __init__ run; TypeError unless they are slots' descriptors); its
+        twin calls the classes.
+
+        For each i with out_status[i] OK: the transaction row(s) and entry rows are appended to
+        `transactions` and `entries` (an earn: its fee's two entries, the member's total, the
+        merchant's base and the tier rewards' uplift, each when non-zero, and when out_reward[i] > 0
+        the acquirer's reward transaction and its two entries; a redeem: its fee's entries, the
+        member's and the merchant's), outcomes[positions[i]] gets the Outcome, an earn sets
+        earned_level[tier[i]] = out_level_after[i], its lot in pool_lots (appended to
+        new_lots_by_row[tier[i]]), (transaction id, EarnRecord) in earn_records and (transaction id,
+        member, level before, level after) in tier_events when its level changed; a redeem appends
+        ((owner kind, transaction id), its pieces) to `consumed` (a piece is the pool's Lot itself
+        when taken whole), adds its points to spent[member] and tier[i] to taken_rows when it took
+        pieces. Returns the indexes i not OK (no rows: the caller answers them). Raises ValueError on
+        columns of the wrong length, LedgerInvariantError when a piece names a lot no earn made."""
     def forget_resolved(self) -> None:
         """Drops resolved holds and all transactions from memory (Postgres keeps them; they are
         prefetched again when a batch refers to them). Not allowed while any batch is open."""

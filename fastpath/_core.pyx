@@ -8,6 +8,7 @@ records the old value while a batch is open. apply_batch() runs the same kernels
 one crossing per batch instead of one per operation.
 """
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport Py_TYPE, PyTypeObject
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
@@ -22,6 +23,44 @@ cdef int64_t capacity_initial = 16
 
 class LedgerInvariantError(Exception):
     """An invariant of the ledger does not hold: a bug. The caller stops serving."""
+
+
+cdef extern from *:
+    # gcc and clang's checked addition: true when a + b overflows (then *result is not the sum)
+    bint __builtin_add_overflow(int64_t a, int64_t b, int64_t* result) nogil
+
+cdef object _object_new = object.__new__
+class _Slotted:
+    __slots__ = ("slot",)
+
+
+_MEMBER_DESCRIPTOR = type(_Slotted.slot)
+
+
+cdef inline int _slot_set(object descriptor, object target, object value) except -1:
+    # a slot set through its descriptor (what object.__setattr__ does once it has found it, past a
+    # frozen dataclass's __setattr__); the descriptor checks that target is of its class
+    return Py_TYPE(descriptor).tp_descr_set(descriptor, target, value)
+
+
+cdef object _frozen3(object cls, tuple slots, object a, object b, object c):
+    """An instance of the slotted dataclass `cls` with its slots' descriptors `slots` (in field order)
+    set to (a, b, c), its __init__ not run."""
+    cdef object made = _object_new(cls)
+    _slot_set(slots[0], made, a)
+    _slot_set(slots[1], made, b)
+    _slot_set(slots[2], made, c)
+    return made
+
+
+cdef object _frozen4(object cls, tuple slots, object a, object b, object c, object d):
+    """As _frozen3, with four fields."""
+    cdef object made = _object_new(cls)
+    _slot_set(slots[0], made, a)
+    _slot_set(slots[1], made, b)
+    _slot_set(slots[2], made, c)
+    _slot_set(slots[3], made, d)
+    return made
 
 
 cdef int _grow(void** array, int64_t count, size_t item_size) except -1:
@@ -1221,6 +1260,219 @@ cdef class Ledger:
                                 out_piece_start, out_piece_end, out_due_at_us, piece_lot,
                                 piece_amount)
         return (next_id, lots, pieces)
+
+    @staticmethod
+    def unbalanced_entries(list entries not None, str points_asset not None):
+        # Every entry of every batch passes here. A transaction's entries are nearly always adjacent,
+        # so they are summed in C a run at a time; only a run that does not sum to zero (a transaction
+        # whose entries are apart), an entry naming its asset or a sum past int64 goes into a dict.
+        cdef Py_ssize_t index, count = len(entries)
+        cdef int64_t run_id = 0, run_sum = 0, transaction_id, amount, summed
+        cdef bint running = False
+        cdef tuple entry
+        cdef dict points = {}  # transaction id -> its points entries' sum, of the runs not summing to 0
+        cdef dict other = {}  # (transaction id, asset) -> sum, of entries naming their asset
+        for index in range(count):
+            entry = <tuple?>entries[index]
+            if not entry[1] > 0:
+                return f"transaction {entry[0]} posts to an account without an id"
+            if len(entry) != 3:
+                key = (entry[0], entry[3])
+                other[key] = other.get(key, 0) + entry[2]
+                continue
+            transaction_id = entry[0]
+            amount = entry[2]
+            if running and transaction_id == run_id and not __builtin_add_overflow(run_sum, amount, &summed):
+                run_sum = summed
+                continue
+            if running and run_sum != 0:
+                points[run_id] = points.get(run_id, 0) + run_sum
+            running, run_id, run_sum = True, transaction_id, amount
+        if running and run_sum != 0:
+            points[run_id] = points.get(run_id, 0) + run_sum
+        for key, total in other.items():  # named points count with the others
+            if key[1] == points_asset:
+                points[key[0]] = points.get(key[0], 0) + total
+        for key, total in points.items():
+            if total:
+                return f"transaction {key} entries of {points_asset} sum to {total}"
+        for key, total in other.items():
+            if key[1] != points_asset and total:
+                return f"transaction {key[0]} entries of {key[1]} sum to {total}"
+        return None
+
+    def earn_redeem_rows(self, list ops not None, list positions not None,
+                         const int64_t[:] method not None, const int64_t[:] member not None,
+                         const int64_t[:] tier not None, out not None,
+                         const int64_t[:] piece_lot not None, const int64_t[:] piece_amount not None,
+                         list pool_lots not None, dict merchants not None,
+                         list tier_acquirer_ids not None, tuple level_names not None,
+                         tuple numbers not None, tuple classes not None,
+                         list transactions not None, list entries not None, list outcomes not None,
+                         int64_t[:] earned_level not None, set taken_rows not None,
+                         dict new_lots_by_row not None, list earn_records not None,
+                         list tier_events not None, list consumed not None, dict spent not None):
+        # The Python objects of a run, built here rather than by the caller's loop: per operation a
+        # transaction row, 2-5 entry rows, an outcome, an earn record with its lot or a redemption's
+        # pieces; the frozen records built with no __init__ (object.__new__ and each slot set directly,
+        # as dataclasses' own __init__ does through object.__setattr__).
+        cdef int64_t count = method.shape[0]
+        cdef int64_t index, code, slot, row, status, created, total, fee, level_before, level_after
+        cdef int64_t reward, reward_id, new_lot, start, end, k, source, taken, uplift, points
+        cdef const int64_t[:] out_status, out_created, out_posted, out_available, out_total, out_fee
+        cdef const int64_t[:] out_level_before, out_level_after, out_reward, out_reward_id, out_lot
+        cdef const int64_t[:] out_piece_start, out_piece_end
+        cdef list made, pieces
+        cdef object op, merchant, merchant_id, member_id, acquirer_id, base, source_lot, fee_object
+        cdef object created_object, old
+        if (len(ops) != count or len(positions) != count or member.shape[0] != count
+                or tier.shape[0] != count):
+            raise ValueError("ops, positions, method, member and tier must have one item per operation")
+        if len(out) < 13:
+            raise ValueError("out must hold apply_earn_redeem()'s 13 output columns (out_status ..)")
+        for column in out[:13]:
+            _check_column("out", len(column), count, False)
+        out_status = out[0]
+        out_created = out[1]
+        out_posted = out[2]
+        out_available = out[3]
+        out_total = out[4]
+        out_fee = out[5]
+        out_level_before = out[6]
+        out_level_after = out[7]
+        out_reward = out[8]
+        out_reward_id = out[9]
+        out_lot = out[10]
+        out_piece_start = out[11]
+        out_piece_end = out[12]
+        if piece_amount.shape[0] != piece_lot.shape[0]:
+            raise ValueError("piece_lot and piece_amount must have the same length")
+        (version_number, now_us, new_lot_expires_at_us, fee_revenue, tier_rewards, acquiring,
+         kind_acquiring_reward, owner_transaction, permanent_lot_id) = numbers
+        outcome_type, ok_code, lot_type, lot_fields, earn_type, earn_fields, record_type, record_fields = classes
+        if len(lot_fields) != 4 or len(earn_fields) != 3 or len(record_fields) != 8:
+            raise ValueError("classes: a Lot has 4 fields, an Earn 3 and an EarnRecord 8")
+        for descriptor in (*lot_fields, *earn_fields, *record_fields):
+            if type(descriptor) is not _MEMBER_DESCRIPTOR:
+                raise TypeError(f"classes: {descriptor!r} is not a slot's descriptor")
+        record_head = record_fields[:4]
+        no_grants = ()
+        failed = []
+        for index in range(count):
+            status = out_status[index]
+            if status != OK:
+                failed.append(index)
+                continue
+            row = tier[index]
+            if row < 0 or row >= earned_level.shape[0]:
+                raise IndexError(f"operation {index}: tier row {row} of {earned_level.shape[0]}")
+            slot = member[index]
+            self._check_member_slot(slot)
+            op = ops[index]
+            code = method[index]
+            created = out_created[index]
+            created_object = created
+            fee = out_fee[index]
+            fee_object = fee
+            merchant_id = op.merchant_id
+            member_id = op.member_id
+            merchant = merchants[merchant_id]
+            if fee:
+                entries.append((created_object, merchant.fees_account_id, -fee))
+                entries.append((created_object, fee_revenue, fee_object))
+            if code == OP_EARN:
+                base = op.points
+                total = out_total[index]
+                uplift = total - <int64_t>base
+                transactions.append((created_object, KIND_EARN, merchant_id, member_id, total,
+                                     op.purchase_amount, None, None, op.idempotency_key, fee_object,
+                                     version_number))
+                if total:
+                    entries.append((created_object, self.member_accounts[slot], total))
+                if base:
+                    entries.append((created_object, merchant.issued_account_id, -base))
+                if uplift:
+                    entries.append((created_object, tier_rewards, -uplift))
+                level_before = out_level_before[index]
+                level_after = out_level_after[index]
+                earned_level[row] = level_after
+                new_lot = out_lot[index]
+                if new_lot >= 0:  # the earn's lot (the kernel made one only for total > 0)
+                    pool_lots[new_lot] = _frozen4(lot_type, lot_fields, created_object, total,
+                                                  new_lot_expires_at_us, merchant_id)
+                    made = new_lots_by_row.get(row)
+                    if made is None:
+                        new_lots_by_row[row] = [new_lot]
+                    else:
+                        made.append(new_lot)
+                reward = out_reward[index]
+                acquirer_id = tier_acquirer_ids[row] if reward else None
+                record = _frozen4(record_type, record_head, member_id, merchant_id, version_number,
+                                  _frozen3(earn_type, earn_fields, base, uplift, no_grants))
+                _slot_set(record_fields[4], record, acquirer_id)
+                _slot_set(record_fields[5], record, reward)
+                _slot_set(record_fields[6], record, 0)
+                _slot_set(record_fields[7], record, now_us)
+                earn_records.append((created_object, record))
+                if level_before != level_after:
+                    tier_events.append((created_object, member_id, level_names[level_before],
+                                        level_names[level_after]))
+                if acquirer_id is not None:
+                    reward_id = out_reward_id[index]
+                    transactions.append((reward_id, kind_acquiring_reward, acquirer_id, member_id, reward,
+                                         None, None, created_object, f"acquiring:{created}", 0,
+                                         version_number))
+                    entries.append((reward_id, acquiring, -reward))
+                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                outcomes[positions[index]] = outcome_type(ok_code, {
+                    "transaction_id": created_object,
+                    "points": base,
+                    "balance": out_posted[index],
+                    "give_back_bps": merchant.give_back_bps,
+                    "created_at_us": now_us,
+                    "bonus_points": uplift,
+                    "level": level_names[level_after],
+                })
+                continue
+            points_object = op.points
+            points = points_object
+            transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
+                                 None, None, None, op.idempotency_key, fee_object))
+            entries.append((created_object, self.member_accounts[slot], -points))
+            entries.append((created_object, merchant.redeemed_account_id, points_object))
+            pieces = []
+            start = out_piece_start[index]
+            end = out_piece_end[index]
+            if end > start:
+                if start < 0 or end > piece_lot.shape[0]:
+                    raise IndexError(f"operation {index}: pieces {start}..{end} of {piece_lot.shape[0]}")
+                taken_rows.add(row)
+                for k in range(start, end):
+                    taken = piece_amount[k]
+                    source = piece_lot[k]
+                    if source < 0:  # never-expiring points
+                        pieces.append(_frozen4(lot_type, lot_fields, permanent_lot_id, taken, None, ""))
+                        continue
+                    source_lot = pool_lots[source]
+                    if source_lot is None:
+                        raise LedgerInvariantError(
+                            f"operation {index} of the run took from lot {source}, which no earn made")
+                    if taken == source_lot.amount:
+                        pieces.append(source_lot)
+                    else:
+                        pieces.append(_frozen4(lot_type, lot_fields, source_lot.lot_id, taken,
+                                               source_lot.expires_at_us, source_lot.issuer_id))
+            consumed.append(((owner_transaction, created_object), tuple(pieces)))
+            if points > 0:
+                old = spent.get(member_id)
+                spent[member_id] = points_object if old is None else old + points_object
+            outcomes[positions[index]] = outcome_type(ok_code, {
+                "transaction_id": created_object,
+                "points": points_object,
+                "balance": out_posted[index],
+                "available": out_available[index],
+            })
+        return failed
 
     def forget_resolved(self):
         if self.batches_open > 0:

@@ -9,6 +9,8 @@ change to one is a change to both.
 
 import heapq
 import operator
+from collections.abc import Sequence
+from typing import Any
 
 # statuses
 OK = 0
@@ -895,6 +897,191 @@ class Ledger:
             out_piece_end[operation] = pieces
             out_due_at_us[operation] = due
         return (next_id, lots, pieces)
+
+    @staticmethod
+    def unbalanced_entries(entries: Sequence[tuple[Any, ...]], points_asset: str) -> str | None:
+        """The first problem of a batch's journal entries as a message, or None (contract: _core.pyi)."""
+        points: dict[Any, Any] = {}
+        other: dict[tuple[Any, Any], Any] = {}  # (transaction id, asset) of entries that name their asset
+        for entry in entries:
+            if not entry[1] > 0:
+                return f"transaction {entry[0]} posts to an account without an id"
+            if len(entry) == 3:
+                points[entry[0]] = points.get(entry[0], 0) + entry[2]
+            else:
+                key = (entry[0], entry[3])
+                other[key] = other.get(key, 0) + entry[2]
+        for (transaction_id, asset), total in other.items():  # named points count with the others
+            if asset == points_asset:
+                points[transaction_id] = points.get(transaction_id, 0) + total
+        for transaction_id, total in points.items():
+            if total:
+                return f"transaction {transaction_id} entries of {points_asset} sum to {total}"
+        for (transaction_id, asset), total in other.items():
+            if asset != points_asset and total:
+                return f"transaction {transaction_id} entries of {asset} sum to {total}"
+        return None
+
+    def earn_redeem_rows(
+        self,
+        ops,
+        positions,
+        method,
+        member,
+        tier,
+        out,
+        piece_lot,
+        piece_amount,
+        pool_lots,
+        merchants,
+        tier_acquirer_ids,
+        level_names,
+        numbers,
+        classes,
+        transactions,
+        entries,
+        outcomes,
+        earned_level,
+        taken_rows,
+        new_lots_by_row,
+        earn_records,
+        tier_events,
+        consumed,
+        spent,
+    ):
+        """The rows of a run apply_earn_redeem() decided, in the run's order (the contract: _core.pyi)."""
+        (
+            version_number,
+            now_us,
+            new_lot_expires_at_us,
+            fee_revenue,
+            tier_rewards,
+            acquiring,
+            kind_acquiring_reward,
+            owner_transaction,
+            permanent_lot_id,
+        ) = numbers
+        outcome_type, ok_code, lot_type, _, earn_type, _, record_type, _ = classes
+        failed = []
+        for index, (op, code, slot, row) in enumerate(zip(ops, method, member, tier)):
+            status, created, posted, available, total, fee = (column[index] for column in out[:6])
+            level_before, level_after, reward, reward_id, new_lot, start, end = (column[index] for column in out[6:13])
+            if status != OK:
+                failed.append(index)
+                continue
+            merchant_id, member_id = op.merchant_id, op.member_id
+            merchant = merchants[merchant_id]
+            if fee:
+                entries.append((created, merchant.fees_account_id, -fee))
+                entries.append((created, fee_revenue, fee))
+            if code == OP_EARN:
+                base = op.points
+                uplift = total - base
+                transactions.append(
+                    (
+                        created,
+                        KIND_EARN,
+                        merchant_id,
+                        member_id,
+                        total,
+                        op.purchase_amount,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                        version_number,
+                    )
+                )
+                if total:
+                    entries.append((created, self._member_account[slot], total))
+                if base:
+                    entries.append((created, merchant.issued_account_id, -base))
+                if uplift:
+                    entries.append((created, tier_rewards, -uplift))
+                earned_level[row] = level_after
+                if new_lot >= 0:  # the earn's lot (the kernel made one only for total > 0)
+                    pool_lots[new_lot] = lot_type(created, total, new_lot_expires_at_us, merchant_id)
+                    new_lots_by_row.setdefault(row, []).append(new_lot)
+                acquirer_id = tier_acquirer_ids[row] if reward else None
+                earn_records.append(
+                    (
+                        created,
+                        record_type(
+                            member_id,
+                            merchant_id,
+                            version_number,
+                            earn_type(base, uplift, ()),
+                            acquirer_id,
+                            reward,
+                            0,
+                            now_us,
+                        ),
+                    )
+                )
+                if level_before != level_after:
+                    tier_events.append((created, member_id, level_names[level_before], level_names[level_after]))
+                if acquirer_id is not None:
+                    transactions.append(
+                        (
+                            reward_id,
+                            kind_acquiring_reward,
+                            acquirer_id,
+                            member_id,
+                            reward,
+                            None,
+                            None,
+                            created,
+                            f"acquiring:{created}",
+                            0,
+                            version_number,
+                        )
+                    )
+                    entries.append((reward_id, acquiring, -reward))
+                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                outcomes[positions[index]] = outcome_type(
+                    ok_code,
+                    {
+                        "transaction_id": created,
+                        "points": base,
+                        "balance": posted,
+                        "give_back_bps": merchant.give_back_bps,
+                        "created_at_us": now_us,
+                        "bonus_points": uplift,
+                        "level": level_names[level_after],
+                    },
+                )
+                continue
+            points = op.points
+            transactions.append(
+                (created, KIND_REDEEM, merchant_id, member_id, points, None, None, None, op.idempotency_key, fee)
+            )
+            entries.append((created, self._member_account[slot], -points))
+            entries.append((created, merchant.redeemed_account_id, points))
+            pieces = []
+            if end > start:
+                taken_rows.add(row)
+                for k in range(start, end):
+                    taken, source = piece_amount[k], piece_lot[k]
+                    if source < 0:  # never-expiring points
+                        pieces.append(lot_type(permanent_lot_id, taken, None, ""))
+                        continue
+                    source_lot = pool_lots[source]
+                    if source_lot is None:
+                        raise LedgerInvariantError(
+                            f"operation {index} of the run took from lot {source}, which no earn made"
+                        )
+                    pieces.append(
+                        source_lot
+                        if taken == source_lot.amount
+                        else lot_type(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
+                    )
+            consumed.append(((owner_transaction, created), tuple(pieces)))
+            if points > 0:
+                spent[member_id] = spent.get(member_id, 0) + points
+            outcomes[positions[index]] = outcome_type(
+                ok_code, {"transaction_id": created, "points": points, "balance": posted, "available": available}
+            )
+        return failed
 
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
         """One operation of apply_batch() through its per-operation method: (status, member slot,

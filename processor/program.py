@@ -37,6 +37,7 @@ OWNER_TRANSACTION = 2
 _PERMANENT = 0  # lot id of the virtual lot of a member's never-expiring points
 PERMANENT_LOT_ID = _PERMANENT  # as a consumption's piece of never-expiring points names it
 _MISSING = object()
+_NEW_KEYS = object()  # an undo entry's key: its "old value" is a list of keys new to the table, to pop
 DAY_US = rules.DAY_US
 
 
@@ -287,6 +288,10 @@ class ProgramState:
     def rollback_newest(self) -> None:
         require(bool(self._undo), "program state: rollback with no batch open")
         for table, key, old in reversed(self._undo.pop()):
+            if key is _NEW_KEYS:  # keys a kernel run added (recorded_by_kernel)
+                for added in old:
+                    table.pop(added, None)
+                continue
             if old is _MISSING:
                 table.pop(key, None)
             else:
@@ -501,11 +506,13 @@ class ProgramState:
             (self.earns, earns, "earns", "new_earns"),
             (self.pieces, pieces, "pieces", "new_pieces"),  # the run's redemptions: new ids
         ):
-            if undo is not None:
-                get = table.get
-                undo.extend([(table, key, get(key, _MISSING)) for key, _ in rows])
-            table.update(rows)
             keys = list(map(_FIRST, rows))
+            if undo is not None and keys:
+                # one undo entry for the run's keys (none in the table before it: checked), rather than
+                # one an operation that a commit then frees
+                require(table.keys().isdisjoint(keys), "a kernel run's new transaction ids are in use")
+                undo.append((table, _NEW_KEYS, keys))
+            table.update(rows)
             self._dirty[dirty_name].update(keys)
             self._dirty[new_name].update(keys)
         self._tier_events.extend(tier_events)
@@ -1099,7 +1106,8 @@ class ProgramState:
                     totals[member_id] = (lots, total)
                 elif summed is not None:
                     del totals[member_id]
-            require(total <= posted - held, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+            if total > posted - held:  # the message only on a failure: this runs for every member a batch changed
+                require(False, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 
 # a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed

@@ -156,15 +156,30 @@ class EarnRedeemRun:
 
 # Frozen dataclasses a kernel run builds per earn, built without their __init__ (domain.positional_builder)
 _new_lot = domain.positional_builder(rules.Lot)
-_new_earn = domain.positional_builder(rules.Earn)
-_new_earn_record = domain.positional_builder(EarnRecord)
 _new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
 _OPERATION_POINTS = attrgetter("points")
 _OPERATION_PURCHASE = attrgetter("purchase_amount")
 _OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
-_KIND_EARN, _KIND_REDEEM, _KIND_ACQUIRING_REWARD = fastpath.KIND_EARN, fastpath.KIND_REDEEM, rules.KIND_ACQUIRING_REWARD
-_OK = Code.OK
+_KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
+
+
+def _slots(cls: type) -> tuple[Any, ...]:
+    """The descriptors of a slotted dataclass's fields, in field order (the compiled rows set them)."""
+    return tuple(cls.__dict__[field.name] for field in dataclasses.fields(cls))
+
+
+# the value types the compiled rows are built as (Ledger.earn_redeem_rows)
+_CLASSES = (
+    Outcome,
+    Code.OK,
+    rules.Lot,
+    _slots(rules.Lot),
+    rules.Earn,
+    _slots(rules.Earn),
+    EarnRecord,
+    _slots(EarnRecord),
+)
 
 
 class RulesKernelMixin(MachineParts):
@@ -274,15 +289,16 @@ class RulesKernelMixin(MachineParts):
         ) = columns
         period = version.expiry_period_us
         new_lot_expires_at_us = now_us + period if period is not None else 0
+        slots, tiers = array.array("q", run.slots), array.array("q", run.rows)
         ids = self.ids
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             method,
-            array.array("q", run.slots),
+            slots,
             array.array("q", map(_OPERATION_MERCHANT_SLOT, ops)),
             array.array("q", map(_OPERATION_POINTS, ops)),
             array.array("q", map(_OPERATION_PURCHASE, ops)),
             array.array("q", run.fee_bps),
-            array.array("q", run.rows),
+            tiers,
             run.tier_qualifying,
             run.tier_reached,
             run.tier_acquirer,
@@ -302,196 +318,74 @@ class RulesKernelMixin(MachineParts):
             piece_lot,
             piece_amount,
         )
-        number = version.version
-        names = tables.level_names
-        merchants = self.merchants.by_id
         ledger, program = self.ledger, self.program
-        member_account = ledger.member_account
         operator = self.operator_accounts
-        fee_revenue = operator[domain.ACCOUNT_OPERATOR_FEE_REVENUE]
-        tier_rewards = operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS]
-        acquiring = operator[rules.ACCOUNT_OPERATOR_ACQUIRING]
-        add_transaction, add_entry = write.transactions.append, write.entries.append
         tier_members = run.tier_members
-        ok = fastpath.OK
         pool_lots: list[rules.Lot | None] = [*lots_in, *([None] * earns)]
         # tier row -> the kernel's level index after the row's last applied earn (the member's level:
-        # qualifying points change only on earns), for the tier write-back
-        earned_level: dict[int, int] = {}
+        # qualifying points change only on earns; -1: no earn), for the tier write-back
+        earned_level = array.array("q", [-1]) * len(tier_members)
         # tier rows whose redeems took pieces (of lots, or of never-expiring points): which lots they took
         # is read back from the pool (a lot taken from has less left than it had)
         taken_rows: set[int] = set()
         new_by_row: dict[int, list[int]] = {}  # tier row -> its new lots in the pool, in order
-        earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the loop
-        add_earn_record = earn_records.append
+        earn_records: list[tuple[int, EarnRecord]] = []  # recorded in ProgramState once, after the rows
         tier_events: list[tuple[int, str, str, str]] = []
         consumed: list[tuple[tuple[int, int], tuple[rules.Lot, ...]]] = []
         spent: dict[str, int] = {}  # member -> point-units its redeems of the run took (one velocity bucket)
-        # one pass over the run's columns together (zip reuses its tuple; no index into an array per
-        # field: each was an int object made and a subscript dispatched)
-        for (
-            position,
-            op,
-            code,
-            status,
-            created,
-            row,
-            slot,
-            posted,
-            available,
-            total,
-            fee,
-            level_before,
-            level_after,
-            reward,
-            reward_id,
-            new_lot,
-            start,
-            end,
-        ) in zip(
-            run.positions,
-            ops,
-            method,
-            statuses,
-            createds,
-            run.rows,
-            run.slots,
-            posteds,
-            availables,
-            totals_out,
-            fees,
-            levels_before,
-            levels_after,
-            rewards,
-            reward_ids,
-            new_lots,
-            piece_starts,
-            piece_ends,
-        ):
-            if status != ok:
-                outcomes[position] = self._applied(op, write, now_us, created, status, slot, 0, posted, available, 0)
-                continue
-            merchant_id, member_id = op.merchant_id, op.member_id
-            merchant = merchants[merchant_id]
-            if fee:
-                add_entry((created, merchant.fees_account_id, -fee))
-                add_entry((created, fee_revenue, fee))
-            if code == _OP_EARN:
-                base = op.points
-                uplift = total - base
-                add_transaction(
-                    (
-                        created,
-                        _KIND_EARN,
-                        merchant_id,
-                        member_id,
-                        total,
-                        op.purchase_amount,
-                        None,
-                        None,
-                        op.idempotency_key,
-                        fee,
-                        number,
-                    )
-                )
-                if total:
-                    add_entry((created, member_account(slot), total))
-                if base:
-                    add_entry((created, merchant.issued_account_id, -base))
-                if uplift:
-                    add_entry((created, tier_rewards, -uplift))
-                earned_level[row] = level_after
-                if new_lot >= 0:  # the earn's lot (credit_lot's; the kernel made it only for total > 0)
-                    pool_lots[new_lot] = _new_lot(created, total, new_lot_expires_at_us, merchant_id)
-                    made = new_by_row.get(row)
-                    if made is None:
-                        new_by_row[row] = [new_lot]
-                    else:
-                        made.append(new_lot)
-                acquirer_id = tier_members[row][1].acquirer_id if reward else None
-                add_earn_record(
-                    (
-                        created,
-                        _new_earn_record(
-                            member_id, merchant_id, number, _new_earn(base, uplift, ()), acquirer_id, reward, 0, now_us
-                        ),
-                    )
-                )
-                if level_before != level_after:  # level names are distinct (kernel_supports)
-                    tier_events.append((created, member_id, names[level_before], names[level_after]))
-                if acquirer_id is not None:
-                    add_transaction(
-                        (
-                            reward_id,
-                            _KIND_ACQUIRING_REWARD,
-                            acquirer_id,
-                            member_id,
-                            reward,
-                            None,
-                            None,
-                            created,
-                            f"acquiring:{created}",
-                            0,
-                            number,
-                        )
-                    )
-                    add_entry((reward_id, acquiring, -reward))
-                    add_entry((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
-                outcomes[position] = Outcome(
-                    _OK,
-                    {
-                        "transaction_id": created,
-                        "points": base,
-                        "balance": posted,
-                        "give_back_bps": merchant.give_back_bps,
-                        "created_at_us": now_us,
-                        "bonus_points": uplift,
-                        "level": names[level_after],
-                    },
-                )
-                continue
-            points = op.points
-            add_transaction(
+        # the run's journal rows, outcomes, earn records, new lots and pieces, in the run's order, built by
+        # the compiled module in one call (a loop here cost ~3 µs an operation: loadtest/bench_state_machine)
+        try:
+            failed = ledger.earn_redeem_rows(
+                ops,
+                run.positions,
+                method,
+                slots,
+                tiers,
+                columns,
+                piece_lot,
+                piece_amount,
+                pool_lots,
+                self.merchants.by_id,
+                [member[1].acquirer_id for member in tier_members],
+                tables.level_names,
                 (
-                    created,
-                    _KIND_REDEEM,
-                    merchant_id,
-                    member_id,
-                    points,
-                    None,
-                    None,
-                    None,
-                    op.idempotency_key,
-                    fee,
-                )
+                    version.version,
+                    now_us,
+                    new_lot_expires_at_us,
+                    operator[domain.ACCOUNT_OPERATOR_FEE_REVENUE],
+                    operator[rules.ACCOUNT_OPERATOR_TIER_REWARDS],
+                    operator[rules.ACCOUNT_OPERATOR_ACQUIRING],
+                    _KIND_ACQUIRING_REWARD,
+                    OWNER_TRANSACTION,
+                    PERMANENT_LOT_ID,
+                ),
+                _CLASSES,
+                write.transactions,
+                write.entries,
+                outcomes,
+                earned_level,
+                taken_rows,
+                new_by_row,
+                earn_records,
+                tier_events,
+                consumed,
+                spent,
             )
-            add_entry((created, member_account(slot), -points))
-            add_entry((created, merchant.redeemed_account_id, points))
-            # what consume() keeps: a piece of each lot taken, soonest first, never-expiring points last
-            pieces = []
-            if end > start:
-                taken_rows.add(row)
-                for k in range(start, end):
-                    taken, source = piece_amount[k], piece_lot[k]
-                    if source < 0:
-                        pieces.append(_new_lot(PERMANENT_LOT_ID, taken, None, ""))
-                        continue
-                    source_lot = pool_lots[source]
-                    if source_lot is None:  # an earn of the run creates its lot before a redeem can take from it
-                        raise InvariantViolation(
-                            f"operation {op.idempotency_key!r} of the run took from lot {source}, which no earn made"
-                        )
-                    pieces.append(
-                        source_lot
-                        if taken == source_lot.amount
-                        else _new_lot(source_lot.lot_id, taken, source_lot.expires_at_us, source_lot.issuer_id)
-                    )
-            consumed.append(((OWNER_TRANSACTION, created), tuple(pieces)))
-            if points > 0:  # spend()'s condition; the run's spends share one instant, so one bucket
-                spent[member_id] = spent.get(member_id, 0) + points
-            outcomes[position] = Outcome(
-                _OK,
-                {"transaction_id": created, "points": points, "balance": posted, "available": available},
+        except fastpath.LedgerInvariantError as error:
+            raise InvariantViolation(f"a kernel run's rows: {error}") from error
+        for index in failed:  # refused by the kernel (not enough points): no rows, the ledger's refusal
+            outcomes[run.positions[index]] = self._applied(
+                ops[index],
+                write,
+                now_us,
+                createds[index],
+                statuses[index],
+                run.slots[index],
+                0,
+                posteds[index],
+                availables[index],
+                0,
             )
         program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
@@ -526,11 +420,13 @@ class RulesKernelMixin(MachineParts):
                     changed.append(lot)
                 else:
                     gone.append(key)
-            if passed < len(before_lots):
-                kept.extend(before_lots[passed:])
+            # the lots it did not pass, as they were: a member that only earned keeps its tuple whole and
+            # gets one copy with its new lots (the members a run touches may hold thousands of lots)
+            after = tuple(kept) + before_lots[passed:] if kept else before_lots[passed:]
             created_keys: set[tuple[int, int | None]] = set()
             made = new_by_row.get(row)
             if made is not None:
+                made_lots: list[rules.Lot] = []
                 for index in made:
                     lot, left = pool_lots[index], lot_amount[index]
                     if lot is None:
@@ -540,26 +436,29 @@ class RulesKernelMixin(MachineParts):
                     if left:
                         if left != lot.amount:
                             lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                        kept.append(lot)
+                        made_lots.append(lot)
                         changed.append(lot)
+                after += tuple(made_lots)
                 keys |= created_keys
-            lots_rows.append((member_id, tuple(kept), keys, created_keys, (gone, changed), before_lots, delta))
+            lots_rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
+        names, reached, qualifying = tables.level_names, run.tier_reached, run.tier_qualifying
         members = [
             (
-                tier_members[row][0],
+                member_id,
                 _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
-                    tier_members[row][1].acquirer_id,
-                    tier_members[row][1].referrer_id,
-                    tier_members[row][1].referral_paid,
-                    names[earned_level[row]],
-                    run.tier_reached[row],
-                    run.tier_qualifying[row],
+                    rules_before.acquirer_id,
+                    rules_before.referrer_id,
+                    rules_before.referral_paid,
+                    names[level],
+                    reached[row],
+                    qualifying[row],
                     (),
                 ),
             )
-            for row in sorted(earned_level)
+            for row, ((member_id, rules_before, _), level) in enumerate(zip(tier_members, earned_level))
+            if level >= 0
         ]
         program.written_by_kernel(lots_rows, members)
 

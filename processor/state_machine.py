@@ -301,7 +301,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         # (_kernel_eligible's conditions, and the version's give-back bounds for earns)
         give_back_min = tables.version.give_back_bps_min if tables is not None else 0
         give_back_max = tables.version.give_back_bps_max if tables is not None else 0
-        earn, redeem = Method.EARN, Method.REDEEM
+        earn, redeem, convert, link = Method.EARN, Method.REDEEM, Method.CONVERT, Method.LINK
         points_max, purchase_max = fastpath.RULES_EARN_POINTS_MAX, fastpath.RULES_PURCHASE_MAX
 
         def flush() -> None:
@@ -396,16 +396,17 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 self._kernel_run(run, tables, write, now_us, outcomes)
                 run = EarnRedeemRun()
             slot = reference = created = expires = 0
-            if kind is Method.EARN or kind is Method.CONVERT or kind is Method.LINK:
-                if ledger.member_slot(op.member_id) < 0:  # a new member: within the merchant's quota only
-                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is Method.EARN else None, now_us)
+            if kind is earn or kind is convert or kind is link:
+                slot = ledger.member_slot(op.member_id)
+                if slot < 0:  # a new member: within the merchant's quota only
+                    refusal = self.quotas.new_member(op.merchant_id, op.points if kind is earn else None, now_us)
                     if refusal is not None:
                         outcomes[position] = refusal
                         continue
-                slot = ledger.ensure_member(op.member_id)
-                if slot < 0:
-                    outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
-                    continue
+                    slot = ledger.ensure_member(op.member_id)
+                    if slot < 0:
+                        outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
+                        continue
                 if ledger.member_account(slot) == 0:  # created just now: its account row goes with the batch
                     account_id = self.account_ids.pop()
                     ledger.set_member_account(slot, account_id)
@@ -419,7 +420,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     run.fee_bps.append(merchant_row.fee_issued_bps)
                     continue
                 created = ids.transaction() if kind is not Method.LINK else 0
-            elif kind is Method.REDEEM or kind is Method.AUTHORIZE:
+            elif kind is redeem or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
                 if slot < 0:
                     metrics.rejections.labels("unknown_member").inc()
@@ -1064,30 +1065,12 @@ NOT_RECORDED = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.INTERN
 
 
 def _check_balanced(write: BatchWrite) -> None:
-    """Every transaction's entries sum to zero (checked before the batch is written)."""
-    # runs over every entry of every batch: no call per entry, the message built only on a failure; the
-    # points entries (3-tuples, nearly all) summed by transaction id, with no key tuple built per entry
-    points: dict[int, int] = {}
-    other: dict[tuple[int, str], int] = {}  # (transaction id, asset) of entries that name their asset
-    for entry in write.entries:
-        if not entry[1] > 0:
-            require(False, f"transaction {entry[0]} posts to an account without an id")
-        if len(entry) == 3:
-            transaction_id = entry[0]
-            points[transaction_id] = points.get(transaction_id, 0) + entry[2]
-        else:
-            key = (entry[0], entry[3])
-            other[key] = other.get(key, 0) + entry[2]
-    for key, total in other.items():  # an entry that names the points asset counts with the others
-        if key[1] == domain.ASSET_POINTS:
-            points[key[0]] = points.get(key[0], 0) + total
-    for transaction_id, total in points.items():
-        require(total == 0, f"transaction {transaction_id} entries of {domain.ASSET_POINTS} sum to {total}")
-    for (transaction_id, asset), total in other.items():
-        require(
-            asset == domain.ASSET_POINTS or total == 0,
-            f"transaction {transaction_id} entries of {asset} sum to {total}",
-        )
+    """Every transaction's entries sum to zero per asset and name an account (checked before the batch
+    is written): by the fast path's Ledger.unbalanced_entries, which sums a transaction's adjacent
+    entries in C (in Python this loop over every entry was ~0.9 µs an operation with the program)."""
+    problem = fastpath.Ledger.unbalanced_entries(write.entries, domain.ASSET_POINTS)
+    if problem is not None:
+        require(False, problem)
 
 
 def replay(stored_method: str, stored_request: dict[str, Any], outcome: Outcome, op: Operation) -> Outcome:

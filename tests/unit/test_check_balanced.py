@@ -5,6 +5,9 @@ import random
 
 import pytest
 
+import fastpath._core
+import fastpath._reference
+
 from processor import domain
 from processor.domain import InvariantViolation
 from processor.state_machine import _check_balanced
@@ -72,3 +75,42 @@ def test_it_agrees_with_the_plain_sum_on_random_entries():
         else:
             with pytest.raises(InvariantViolation):
                 _check_balanced(_write(entries))
+
+
+@pytest.mark.parametrize("module", [fastpath._core, fastpath._reference], ids=["compiled", "twin"])
+def test_the_compiled_check_and_its_twin_agree_with_the_plain_sum(module):
+    # entries of a transaction adjacent (as batches write them) or apart, amounts near int64's bounds
+    rng = random.Random(15)
+    for _ in range(1_000):
+        entries: list[tuple] = []
+        for transaction_id in range(rng.randrange(1, 6)):
+            legs = [rng.choice([rng.randrange(-3, 4), rng.choice([1, -1]) * (2**62 - rng.randrange(3))])]
+            for _ in range(rng.randrange(0, 4)):
+                legs.append(-legs[-1] if rng.random() < 0.7 else rng.randrange(-3, 4))
+            for amount in legs:
+                account_id = rng.randrange(0 if rng.random() < 0.01 else 1, 5)
+                asset = rng.choice([None, None, None, domain.ASSET_POINTS, "VOUCHERS"])
+                entries.append(
+                    (transaction_id, account_id, amount)
+                    if asset is None
+                    else (transaction_id, account_id, amount, asset)
+                )
+        if rng.random() < 0.3:
+            rng.shuffle(entries)
+        expected = _reference(entries)
+        problem = module.Ledger.unbalanced_entries(entries, domain.ASSET_POINTS)
+        assert (problem is None) == (expected is None), (entries, problem)
+        if expected is not None and expected != "unbalanced":
+            assert problem == expected
+
+
+@pytest.mark.parametrize("module", [fastpath._core, fastpath._reference], ids=["compiled", "twin"])
+def test_sums_past_int64_are_exact(module):
+    big = 2**62
+    assert (
+        module.Ledger.unbalanced_entries([(1, 10, big), (1, 11, big), (1, 12, -big), (1, 13, -big)], "POINTS") is None
+    )
+    assert (
+        module.Ledger.unbalanced_entries([(1, 10, big), (1, 11, big), (1, 12, big), (1, 13, -big)], "POINTS")
+        == f"transaction 1 entries of POINTS sum to {2 * big}"
+    )

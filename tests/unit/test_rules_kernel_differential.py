@@ -8,6 +8,7 @@ included."""
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import random
 
@@ -389,3 +390,86 @@ def test_a_kernel_run_rolled_back_leaves_the_state_as_before():
     m.rollback()
     m.ids.next_transaction_id = before[3]  # the committer resets ids from Postgres after a rollback
     assert (m.balance("member-0"), dict(m.program.members), dict(m.program.lots), m.ids.next_transaction_id) == before
+
+
+@pytest.mark.parametrize("module", [fastpath._core, fastpath._reference], ids=["compiled", "twin"])
+def test_a_kernel_run_rolled_back_takes_its_earn_records_and_pieces_with_it(module):
+    # the run's new earn records and pieces go into the undo log as one entry per table
+    m = machine(module, True)
+    earn = Operation(Method.EARN, "shop-0", 1, "a", {}, member_id="member-0", points=3_000, purchase_amount=30_000)
+    m.apply([earn], {}, NOW)
+    m.commit()
+    before = (dict(m.program.earns), dict(m.program.pieces))
+    second = Operation(Method.EARN, "shop-1", 2, "b", {}, member_id="member-0", points=4_000, purchase_amount=40_000)
+    redeem = Operation(Method.REDEEM, "shop-1", 2, "c", {}, member_id="member-0", points=500)
+    outcomes, write = m.apply([second, redeem], {}, NOW + SECOND)
+    assert [o.code for o in outcomes] == [domain.Code.OK, domain.Code.OK]
+    assert len(m.program.earns) == len(before[0]) + 1 and len(m.program.pieces) == len(before[1]) + 1
+    assert set(write.rules.earns) <= set(m.program.earns)
+    m.rollback()
+    assert (dict(m.program.earns), dict(m.program.pieces)) == before
+
+
+def test_the_compiled_rows_refuse_classes_given_by_field_name():
+    # the compiled rows set each record's slots through the descriptors the caller passes: anything
+    # else is refused before a row is built
+    m = machine(fastpath._core, True)
+    classes = (domain.Outcome, domain.Code.OK, rules.Lot, ("lot_id", "amount", "expires_at_us", "issuer_id"))
+    classes += (rules.Earn, ("base", "uplift", "grants"), object, tuple(f"f{i}" for i in range(8)))
+    columns = [array.array("q") for _ in range(13)]
+    transactions: list = []
+    with pytest.raises(TypeError, match="descriptor"):
+        m.ledger.earn_redeem_rows(
+            [],
+            [],
+            array.array("q"),
+            array.array("q"),
+            array.array("q"),
+            columns,
+            array.array("q"),
+            array.array("q"),
+            [],
+            {},
+            [],
+            (),
+            (1, NOW, 0, 1, 3, 6, 12, 2, 0),
+            classes,
+            transactions,
+            [],
+            [],
+            array.array("q"),
+            set(),
+            {},
+            [],
+            [],
+            [],
+            {},
+        )
+    with pytest.raises(ValueError, match="one item per operation"):
+        m.ledger.earn_redeem_rows(
+            [object()],
+            [0],
+            array.array("q"),
+            array.array("q"),
+            array.array("q"),
+            columns,
+            array.array("q"),
+            array.array("q"),
+            [],
+            {},
+            [],
+            (),
+            (1, NOW, 0, 1, 3, 6, 12, 2, 0),
+            classes,
+            transactions,
+            [],
+            [],
+            array.array("q"),
+            set(),
+            {},
+            [],
+            [],
+            [],
+            {},
+        )
+    assert transactions == []
