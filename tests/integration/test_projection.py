@@ -427,6 +427,7 @@ def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_res
         assert isinstance(pipeline.projector, RemoteProjector)
         await pipeline.recover()
         pipeline.start()
+        await pipeline.projector.started()  # the child runs (its pid is read below; start() only begins it)
         try:
             await earn(pipeline, merchant, member, 1_000, unique("k"))
             fields = {"transaction_id": 999_999, "points": 7, "balance": 7, "give_back_bps": 1000, "created_at_us": 1}
