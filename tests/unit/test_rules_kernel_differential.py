@@ -418,58 +418,37 @@ def test_the_compiled_rows_refuse_classes_given_by_field_name():
     classes += (rules.Earn, ("base", "uplift", "grants"), object, tuple(f"f{i}" for i in range(8)))
     columns = [array.array("q") for _ in range(13)]
     transactions: list = []
+
+    def rows(operations: list, members: list) -> None:
+        m.ledger.earn_redeem_rows(
+            operations,
+            members,
+            array.array("q"),
+            array.array("q"),
+            array.array("q"),
+            columns,
+            array.array("q"),
+            array.array("q"),
+            [],
+            {},
+            [],
+            (),
+            (1, NOW, 0, 1, 3, 6, 12, 2, 0),
+            classes,
+            transactions,
+            [],
+            [],
+            array.array("q"),
+            set(),
+            {},
+            [],
+            [],
+            [],
+            {},
+        )
+
     with pytest.raises(TypeError, match="descriptor"):
-        m.ledger.earn_redeem_rows(
-            [],
-            [],
-            array.array("q"),
-            array.array("q"),
-            array.array("q"),
-            columns,
-            array.array("q"),
-            array.array("q"),
-            [],
-            {},
-            [],
-            (),
-            (1, NOW, 0, 1, 3, 6, 12, 2, 0),
-            classes,
-            transactions,
-            [],
-            [],
-            array.array("q"),
-            set(),
-            {},
-            [],
-            [],
-            [],
-            {},
-        )
+        rows([], [])
     with pytest.raises(ValueError, match="one item per operation"):
-        m.ledger.earn_redeem_rows(
-            [object()],
-            [0],
-            array.array("q"),
-            array.array("q"),
-            array.array("q"),
-            columns,
-            array.array("q"),
-            array.array("q"),
-            [],
-            {},
-            [],
-            (),
-            (1, NOW, 0, 1, 3, 6, 12, 2, 0),
-            classes,
-            transactions,
-            [],
-            [],
-            array.array("q"),
-            set(),
-            {},
-            [],
-            [],
-            [],
-            {},
-        )
+        rows([object()], [0])
     assert transactions == []
