@@ -13,7 +13,10 @@ int32 header-extension length (0); per tuple an int16 field count, then per fiel
 that many bytes in network order (-1 and no bytes for NULL); a trailer int16 -1. Types as PostgreSQL's
 send/recv functions read them: int2/int4/int8 big-endian, text as UTF-8 (the connection's client
 encoding, UTF8 under asyncpg), timestamptz as int64 microseconds since 2000-01-01 00:00:00 UTC, jsonb
-as a version byte 1 then the JSON text, json as the JSON text alone, bytea as its bytes.
+as a version byte 1 then the JSON text, json as the JSON text alone, bytea as its bytes, bigint[] as
+array_send writes a one-dimensional array: int32 dimensions (1, or 0 when empty), int32 has-nulls (0),
+int32 element type (int8's oid, 20), then per dimension int32 length and int32 lower bound (1), then
+each element as a field (int32 length 8, int64); an element may not be NULL.
 
 A value the declared type cannot take raises TypeError or ValueError naming the table, the column and
 the row; the row being written is taken back, so the buffer never holds a partial tuple. There is no
@@ -42,10 +45,11 @@ from cpython.long cimport PyLong_AsLongLong, PyLong_Check
 from cpython.object cimport PyObject
 from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_Check
-from libc.stdint cimport INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, int64_t, uint64_t
+from libc.stdint cimport INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, int32_t, int64_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
 
+import array as _array
 import datetime as _datetime
 
 import_datetime()
@@ -64,6 +68,7 @@ cdef enum ColumnType:
     TYPE_JSONB = 6
     TYPE_BYTEA = 7
     TYPE_JSON = 8
+    TYPE_INT8_ARRAY = 9
 
 # the names PostgreSQL's format_type() gives, and the short ones used in the store's column specs
 TYPES = {
@@ -76,10 +81,12 @@ TYPES = {
     "jsonb": TYPE_JSONB,
     "json": TYPE_JSON,
     "bytea": TYPE_BYTEA,
+    "bigint[]": TYPE_INT8_ARRAY,
 }
 
 cdef bytes SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 # 1970-01-01 to 2000-01-01, PostgreSQL's epoch for timestamps
+cdef int32_t INT8_OID = 20
 cdef int64_t UNIX_TO_POSTGRES_DAYS = 10957
 cdef int64_t MICROSECONDS_A_DAY = 86400000000
 cdef object UTC = _datetime.timezone.utc
@@ -264,7 +271,42 @@ cdef class CopyEncoder:
             else:
                 raise TypeError(self._wrong(column, value, "bytes or a bytearray"))
             return 0
+        if kind == TYPE_INT8_ARRAY:
+            self._int8_array(column, value)
+            return 0
         raise AssertionError(f"{self._where(column)}: type code {kind} has no encoder")
+
+    cdef int _int8_array(self, Py_ssize_t column, object value) except -1:
+        # a one-dimensional bigint[] (the leg columns of a packed transaction row); a str, bytes or a
+        # mapping is refused rather than read as a sequence of something
+        cdef Py_ssize_t count, i, size
+        cdef int64_t number
+        cdef object item
+        if isinstance(value, (str, bytes, bytearray, dict)) or not isinstance(value, (list, tuple, _array.array)):
+            raise TypeError(self._wrong(column, value, "a list, tuple or array of ints"))
+        count = len(value)
+        size = 12 + (8 + 12 * count if count else 0)
+        if size > INT32_MAX:
+            raise ValueError(f"{self._where(column)}: an array of {count} elements is longer than a field can be")
+        self._reserve(4 + size)
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(INT8_OID)
+        if count:
+            self._int32(count)
+            self._int32(1)
+        for i in range(count):
+            item = value[i]
+            if not PyLong_Check(item):
+                raise TypeError(self._wrong(column, value, f"ints only (element {i} is {type(item).__name__})"))
+            try:
+                number = PyLong_AsLongLong(item)
+            except OverflowError:
+                raise ValueError(self._wrong(column, value, f"ints in range (element {i})")) from None
+            self._int32(8)
+            self._int64(number)
+        return 0
 
     cdef int64_t _timestamp(self, Py_ssize_t column, object value) except? -1:
         # microseconds since 2000-01-01 UTC of an aware datetime; a naive one is refused: which zone

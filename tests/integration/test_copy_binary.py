@@ -318,6 +318,30 @@ def test_edge_values_round_trip_through_postgres(create_database):
         assert back[7] == "constant ✓"
 
 
+def test_bigint_arrays_round_trip_through_postgres(create_database):
+    """bigint[] (for a transaction row's legs, DESIGN.md section 4): what array_recv reads back."""
+    url = migrated(create_database)
+    arrays = [[], [7], [INT64_MIN, INT64_MAX, 0, -1], None, list(range(-50, 50))]
+
+    async def go():
+        c = await asyncpg.connect(url)
+        try:
+            await c.execute("CREATE TABLE legs_round_trip (n bigint, legs bigint[])")
+            stream = CopyEncoder("legs_round_trip", (("n", "bigint", 0), ("legs", "bigint[]", 1)))
+            stream.add(list(enumerate(arrays)))
+            await store.copy_rows(c, stream, 10.0)
+            return [
+                (r["legs"], r["dims"])
+                for r in await c.fetch("SELECT legs, array_ndims(legs) AS dims FROM legs_round_trip ORDER BY n")
+            ]
+        finally:
+            await c.close()
+
+    got = run(go())
+    assert [legs for legs, _ in got] == arrays
+    assert [dims for _, dims in got] == [None, 1, 1, None, 1]  # an empty array has no dimension, as '{}'
+
+
 def test_a_stream_postgres_refuses_fails_the_copy_and_writes_nothing(create_database):
     """A column declared int4 where the table has int8 is refused by Postgres: an error, not garbage."""
     url = migrated(create_database)

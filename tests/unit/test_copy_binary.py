@@ -7,6 +7,7 @@ tests/integration/test_copy_binary.py."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import struct
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def field(type_name: str, value) -> bytes:
         return struct.pack("!i", len(value)) + bytes(value)
     if type_name == "timestamptz":
         return struct.pack("!iq", 8, (value - POSTGRES_EPOCH) // dt.timedelta(microseconds=1))
+    if type_name == "bigint[]":  # array_send: dimensions, has-nulls, int8's oid, (length, lower bound), fields
+        items = list(value)
+        data = struct.pack("!iii", 1 if items else 0, 0, 20)
+        if items:
+            data += struct.pack("!ii", len(items), 1) + b"".join(struct.pack("!iq", 8, v) for v in items)
+        return struct.pack("!i", len(data)) + data
     raise AssertionError(type_name)
 
 
@@ -101,6 +108,41 @@ def test_rows_are_the_formats_bytes():
     stream.add(rows)
     assert bytes(stream.finish()) == reference([t for _, t in ALL], rows)
     assert stream.rows == 4 and stream.names == tuple(name for name, _ in ALL)
+
+
+def test_a_bigint_array_is_array_sends_bytes():
+    import array
+
+    rows = [
+        (1, []),
+        (2, [7]),
+        (3, (-(2**63), 2**63 - 1, 0, -1)),
+        (4, array.array("q", [5, -5, 123_456_789_012])),
+        (5, None),
+        (6, [True, False]),
+    ]
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("legs", "bigint[]", 1)])
+    stream.add(rows)
+    assert bytes(stream.finish()) == reference(["bigint", "bigint[]"], rows)
+
+
+@pytest.mark.parametrize(
+    "value, error, says",
+    [
+        ("12", TypeError, "a list, tuple or array of ints"),
+        ({1: 2}, TypeError, "a list, tuple or array of ints"),
+        (7, TypeError, "a list, tuple or array of ints"),
+        ([1, 2.5], TypeError, "ints only (element 1 is float)"),
+        ([None], TypeError, "ints only (element 0 is NoneType)"),
+        ([0, 2**63], ValueError, "ints in range (element 1)"),
+    ],
+)
+def test_a_bigint_array_of_the_wrong_shape_raises_and_leaves_no_partial_row(value, error, says):
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("legs", "bigint[]", 1)])
+    with pytest.raises(error, match=r"COPY transactions\.legs, row 1 of the rows given: .*" + re.escape(says)):
+        stream.add([(1, [1]), (2, value)])
+    assert stream.rows == 1
+    assert bytes(stream.finish()) == reference(["bigint", "bigint[]"], [(1, [1])])
 
 
 def test_no_rows_is_a_header_and_a_trailer():
