@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import pathlib
 import subprocess
 import time
 import types
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import asyncpg
 
 from loadtest import harness
+from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import batch_log, store
 from processor.store import BatchWrite
@@ -128,11 +128,6 @@ def codec(label: str, work: list[BatchWrite], encoders: dict[int, Callable[[Batc
     line.append(f"B/op f{first} {size[first] / total:6.1f} f{second} {size[second] / total:6.1f}")
     print("  ".join(line))
     return {"payloads": payloads, "operations": operations}
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time so far, to the nanosecond (/proc/<pid>/schedstat)."""
-    return int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 async def appends(url: str, runs: dict[str, dict], storages: list[str]) -> None:

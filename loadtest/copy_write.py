@@ -30,6 +30,7 @@ from typing import Any
 import asyncpg
 
 from loadtest import harness
+from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import events, store
 from processor.store import MIGRATIONS, Store
@@ -69,11 +70,6 @@ def store_with_writers(source: str, origin: str) -> type[Store]:
         _write_rules = staticmethod(namespace["_write_rules"])
 
     return BaseStore
-
-
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU time so far, to the nanosecond (/proc/<pid>/schedstat)."""
-    return int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 async def connect_database(admin: asyncpg.Connection, url: str, name: str) -> asyncpg.Connection:

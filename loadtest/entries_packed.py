@@ -43,7 +43,8 @@ import asyncpg
 from fastpath.copy_binary import CopyEncoder
 from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from loadtest.projection_write import FIRST_TRANSACTION_ID, LSN, Probe, cpu_seconds, database_url, fill_template
+from loadtest.harness import precise_cpu_seconds as cpu_seconds
+from loadtest.projection_write import FIRST_TRANSACTION_ID, LSN, Probe, database_url, fill_template
 from processor import member_store
 from processor.state_machine import IdAllocator
 from processor.store import ENTRIES_COPY, Store

@@ -3,7 +3,7 @@
 the store's (nothing sent unless a transaction was left open), on one pool of one connection, each
 cycle an acquire, a `SELECT 1` and a release: what a batch's append, a read or a checkpoint does.
 
-Rounds alternate the two resets; per cycle it prints the Postgres backend's CPU (/proc/<pid>/stat), this
+Rounds alternate the two resets; per cycle it prints the Postgres backend's CPU (/proc/<pid>/schedstat), this
 process's CPU and the wall time, and the ratio of the medians. On DATABASE_URL's server if set, else on
 an embedded one in a temporary directory.
 
@@ -23,14 +23,6 @@ import asyncpg
 from loadtest import harness
 from processor.store import _reset_pooled
 
-CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
-
-
-def backend_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
-
 
 async def cycles(url: str, reset, count: int) -> tuple[float, float, float]:
     """(Postgres µs, client µs, wall µs) per acquire / SELECT 1 / release cycle."""
@@ -39,11 +31,11 @@ async def cycles(url: str, reset, count: int) -> tuple[float, float, float]:
     try:
         async with pool.acquire() as connection:
             pid = connection.get_server_pid()
-        backend, client, wall = backend_cpu_seconds(pid), time.process_time(), time.perf_counter()
+        backend, client, wall = harness.precise_cpu_seconds(pid), time.process_time(), time.perf_counter()
         for _ in range(count):
             async with pool.acquire() as connection:
                 await connection.fetchval("SELECT 1")
-        backend = backend_cpu_seconds(pid) - backend
+        backend = harness.precise_cpu_seconds(pid) - backend
         client, wall = time.process_time() - client, time.perf_counter() - wall
     finally:
         await pool.close()

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import pathlib
 import re
 import time
 import urllib.parse
@@ -50,6 +49,7 @@ from typing import Any
 import asyncpg
 
 from loadtest import harness
+from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor.state_machine import IdAllocator
 from fastpath.copy_binary import CopyEncoder
@@ -73,12 +73,6 @@ PROJECTION_TABLES = (
     "lot_consumptions",
     "earn_rules",
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time so far, to the nanosecond (/proc/<pid>/schedstat: a statement takes a
-    few ms, about one tick of /proc/<pid>/stat)."""
-    return int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 class Probe:

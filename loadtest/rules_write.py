@@ -32,6 +32,7 @@ import urllib.parse
 import asyncpg
 
 from loadtest import harness
+from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor import store
 from processor.store import MIGRATIONS, Store
@@ -71,12 +72,6 @@ def base_migrations(commit: str) -> list[tuple[int, str]]:
         for name in sorted(names)
         if name.endswith(".sql")
     ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """The process's CPU time so far, to the nanosecond (/proc/<pid>/schedstat: a batch's rules take a
-    few ms, about one tick of /proc/<pid>/stat)."""
-    return int(pathlib.Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:
