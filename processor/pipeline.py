@@ -440,12 +440,9 @@ class Pipeline:
             return
         metrics.projection_waits.inc()
         if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
-            failing = self.projector.failing
             raise Rejection(
                 Code.UNAVAILABLE,
-                f"the ledger's read tables are behind by {target - self.projector.through} batches"
-                + (f" ({failing})" if failing else "")
-                + "; retry shortly",
+                f"the ledger's read tables are behind by {self.projector.behind(target)}; retry shortly",
             )
 
     async def _caught_up(self) -> None:
@@ -458,11 +455,7 @@ class Pipeline:
         if self.projector.through >= target:
             return
         if not await self.projector.wait_through(target, self.settings.projection_wait_seconds):
-            failing = self.projector.failing
-            raise TimeoutError(
-                f"the projection is behind the batch log by {target - self.projector.through} batches"
-                + (f" ({failing})" if failing else "")
-            )
+            raise TimeoutError(f"the projection is behind the batch log by {self.projector.behind(target)}")
 
     def _on_projected(self, group: list[Appended]) -> None:
         """The projector wrote these batches' rows (in order): the balance checkpoint may fold their
@@ -629,8 +622,8 @@ class Pipeline:
                 run_start, run_length = op.enqueued_at, 0
             run_length += 1
         metrics.observe_many(metrics.queue_wait_seconds, started - run_start, run_length)
-        failing = self.projector.failing
-        if failing is not None and self.projector.queue_full:
+        failing = self.projector.failing if self.projector.queue_full else None
+        if failing is not None:
             # its queue stays full while it fails, and a batch appended now could not be handed over
             # without waiting as long (projector.put): refused before anything is applied or appended
             self._fail(

@@ -22,8 +22,8 @@ says why, points_projection_failing is 1) until one succeeds: meanwhile a wait f
 refused at once instead of waiting out its bound, so a committer that must read the relational tables
 before a batch (a retry's stored outcome, a refund's prefetch) answers UNAVAILABLE at once rather than
 stall every call queued behind it, and a read-your-writes read answers UNAVAILABLE naming the cause. A
-single failure is not enough: a connection reset retried 50 ms later should not refuse anyone. A divergent one (a unique violation, the writer role lost, a gap) is
-critical: `failed` asks the pipeline to resynchronise, which projects the log from projection_state
+single failure is not enough: a connection reset retried 50 ms later should not refuse anyone. A
+divergent one (a unique violation, the writer role lost, a gap) is critical: `failed` asks the pipeline to resynchronise, which projects the log from projection_state
 before it reloads anything, and the projector stops until the recovery resets it.
 """
 
@@ -106,7 +106,7 @@ class Projector:
         unless the projection is failing: then the committer refuses new batches at its door while the
         queue is full (queue_full), so the queue holds at most the batches already applied beyond it."""
         domain.require(item.batch_id > self.appended_through, "batches are handed over in batch id order")
-        while len(self._queue) >= self.queue_batches_max and self.running and self.failing is None:
+        while self.queue_full and self.running and self.failing is None:
             metrics.projection_queue_full.inc()
             await self._progress.wait()
         self._queue.append(item)
@@ -154,6 +154,12 @@ class Projector:
 
     def _note_success(self) -> None:
         self._failures_in_a_row = 0
+
+    def behind(self, batch_id: int) -> str:
+        """How far the projection is from `batch_id`, for a refusal's message: the batches, and why while
+        it is failing."""
+        failing = self.failing
+        return f"{batch_id - self.through} batches" + (f" ({failing})" if failing else "")
 
     @property
     def lag_batches(self) -> int:
@@ -280,8 +286,8 @@ class Projector:
 
 def _described(error: BaseException) -> str:
     """An error as a waiter's message shows it: its text, or its type when it has none (a timeout)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _divergent(error: BaseException) -> bool:

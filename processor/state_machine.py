@@ -419,7 +419,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     run.rows.append(row)
                     run.fee_bps.append(merchant_row.fee_issued_bps)
                     continue
-                created = ids.transaction() if kind is not Method.LINK else 0
+                created = ids.transaction() if kind is not link else 0
             elif kind is redeem or kind is Method.AUTHORIZE:
                 slot = ledger.member_slot(op.member_id)
                 if slot < 0:

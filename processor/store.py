@@ -252,9 +252,8 @@ def url_secrets(url: str) -> set[str]:
 async def _reset_pooled(connection: asyncpg.Connection) -> None:
     """What a pool connection needs before it is reused: a transaction left open rolled back (asyncpg
     does it, and drops the listeners client-side, before it calls this; checked again here). asyncpg's
-    default reset sends `SELECT
-    pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every release: a round trip and four
-    statements a batch (3% of the service's CPU under unary load, py-spy), undoing session state no pool
+    default reset sends `SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every
+    release: a round trip and four statements a batch (3% of the service's CPU under unary load, py-spy), undoing session state no pool
     connection here takes: session advisory locks and LISTEN are on connections of their own
     (acquire_writer_lock, listen_program_changes, the projector's LISTEN, migrate), settings are SET LOCAL
     or set_config(..., true), temporary tables ON COMMIT DROP, and no cursor outlives its transaction
