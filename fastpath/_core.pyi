@@ -372,11 +372,9 @@ class Ledger:
         acquiring_account_id, give_back_bps); `tier_acquirer_ids[row]`: the row's acquirer id or None.
         `numbers`: (version number, now_us, new_lot_expires_at_us, fee revenue, tier rewards and
         acquiring account ids, the acquiring reward's kind, the owner kind of a transaction, the lot id
-        of never-expiring points); `classes`: (Outcome, its OK code, Lot, the descriptors of Lot's
-        slots in field order, Earn, its slots' descriptors, EarnRecord, its slots' descriptors): Lot,
-        Earn and EarnRecord are slotted dataclasses the compiled module builds by setting each slot
-        through its descriptor (no __init__ run; TypeError unless they are slots' descriptors); its
-        twin calls the classes.
+        of never-expiring points); `classes`: (Outcome, its OK code, Lot, Earn, EarnRecord): the
+        compiled module builds fastpath.records' Lot, Earn and EarnRecord with their fields set in C
+        (no __init__ run; TypeError for any other classes); its twin calls the classes.
 
         For each i with out_status[i] OK: the transaction row(s) and entry rows are appended to
         `transactions` and `entries` (an earn: its fee's two entries, the member's total, the

@@ -8,10 +8,11 @@ records the old value while a batch is open. apply_batch() runs the same kernels
 one crossing per batch instead of one per operation.
 """
 from cpython.number cimport PyNumber_Index
-from cpython.object cimport Py_TYPE, PyTypeObject
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
+
+from fastpath.records cimport Earn, EarnRecord, Lot, make_earn, make_earn_record, make_lot
 
 # 2**62: sums of two balances still fit in int64_t, so the overflow checks cannot overflow themselves.
 cdef int64_t balance_max = 4611686018427387904
@@ -28,40 +29,6 @@ class LedgerInvariantError(Exception):
 cdef extern from *:
     # gcc and clang's checked addition: true when a + b overflows (then *result is not the sum)
     bint __builtin_add_overflow(int64_t a, int64_t b, int64_t* result) nogil
-
-cdef object _object_new = object.__new__
-class _Slotted:
-    __slots__ = ("slot",)
-
-
-_MEMBER_DESCRIPTOR = type(_Slotted.slot)
-
-
-cdef inline int _slot_set(object descriptor, object target, object value) except -1:
-    # a slot set through its descriptor (what object.__setattr__ does once it has found it, past a
-    # frozen dataclass's __setattr__); the descriptor checks that target is of its class
-    return Py_TYPE(descriptor).tp_descr_set(descriptor, target, value)
-
-
-cdef object _frozen3(object cls, tuple slots, object a, object b, object c):
-    """An instance of the slotted dataclass `cls` with its slots' descriptors `slots` (in field order)
-    set to (a, b, c), its __init__ not run."""
-    cdef object made = _object_new(cls)
-    _slot_set(slots[0], made, a)
-    _slot_set(slots[1], made, b)
-    _slot_set(slots[2], made, c)
-    return made
-
-
-cdef object _frozen4(object cls, tuple slots, object a, object b, object c, object d):
-    """As _frozen3, with four fields."""
-    cdef object made = _object_new(cls)
-    _slot_set(slots[0], made, a)
-    _slot_set(slots[1], made, b)
-    _slot_set(slots[2], made, c)
-    _slot_set(slots[3], made, d)
-    return made
-
 
 cdef int _grow(void** array, int64_t count, size_t item_size) except -1:
     cdef void* grown = realloc(array[0], <size_t>count * item_size)
@@ -1314,8 +1281,7 @@ cdef class Ledger:
                          list tier_events not None, list consumed not None, dict spent not None):
         # The Python objects of a run, built here rather than by the caller's loop: per operation a
         # transaction row, 2-5 entry rows, an outcome, an earn record with its lot or a redemption's
-        # pieces; the frozen records built with no __init__ (object.__new__ and each slot set directly,
-        # as dataclasses' own __init__ does through object.__setattr__).
+        # pieces; the records (fastpath/records.pyx) built with no __init__, their fields set in C.
         cdef int64_t count = method.shape[0]
         cdef int64_t index, code, slot, row, status, created, total, fee, level_before, level_after
         cdef int64_t reward, reward_id, new_lot, start, end, k, source, taken, uplift, points
@@ -1349,13 +1315,10 @@ cdef class Ledger:
             raise ValueError("piece_lot and piece_amount must have the same length")
         (version_number, now_us, new_lot_expires_at_us, fee_revenue, tier_rewards, acquiring,
          kind_acquiring_reward, owner_transaction, permanent_lot_id) = numbers
-        outcome_type, ok_code, lot_type, lot_fields, earn_type, earn_fields, record_type, record_fields = classes
-        if len(lot_fields) != 4 or len(earn_fields) != 3 or len(record_fields) != 8:
-            raise ValueError("classes: a Lot has 4 fields, an Earn 3 and an EarnRecord 8")
-        for descriptor in (*lot_fields, *earn_fields, *record_fields):
-            if type(descriptor) is not _MEMBER_DESCRIPTOR:
-                raise TypeError(f"classes: {descriptor!r} is not a slot's descriptor")
-        record_head = record_fields[:4]
+        outcome_type, ok_code, lot_type, earn_type, record_type = classes
+        if lot_type is not Lot or earn_type is not Earn or record_type is not EarnRecord:
+            raise TypeError("classes: the compiled rows build fastpath.records' Lot, Earn and EarnRecord "
+                            f"only, not {lot_type!r}, {earn_type!r}, {record_type!r}")
         no_grants = ()
         failed = []
         for index in range(count):
@@ -1398,8 +1361,7 @@ cdef class Ledger:
                 earned_level[row] = level_after
                 new_lot = out_lot[index]
                 if new_lot >= 0:  # the earn's lot (the kernel made one only for total > 0)
-                    pool_lots[new_lot] = _frozen4(lot_type, lot_fields, created_object, total,
-                                                  new_lot_expires_at_us, merchant_id)
+                    pool_lots[new_lot] = make_lot(created_object, total, new_lot_expires_at_us, merchant_id)
                     made = new_lots_by_row.get(row)
                     if made is None:
                         new_lots_by_row[row] = [new_lot]
@@ -1407,12 +1369,8 @@ cdef class Ledger:
                         made.append(new_lot)
                 reward = out_reward[index]
                 acquirer_id = tier_acquirer_ids[row] if reward else None
-                record = _frozen4(record_type, record_head, member_id, merchant_id, version_number,
-                                  _frozen3(earn_type, earn_fields, base, uplift, no_grants))
-                _slot_set(record_fields[4], record, acquirer_id)
-                _slot_set(record_fields[5], record, reward)
-                _slot_set(record_fields[6], record, 0)
-                _slot_set(record_fields[7], record, now_us)
+                record = make_earn_record(member_id, merchant_id, version_number,
+                                         make_earn(base, uplift, no_grants), acquirer_id, reward, 0, now_us)
                 earn_records.append((created_object, record))
                 if level_before != level_after:
                     tier_events.append((created_object, member_id, level_names[level_before],
@@ -1451,7 +1409,7 @@ cdef class Ledger:
                     taken = piece_amount[k]
                     source = piece_lot[k]
                     if source < 0:  # never-expiring points
-                        pieces.append(_frozen4(lot_type, lot_fields, permanent_lot_id, taken, None, ""))
+                        pieces.append(make_lot(permanent_lot_id, taken, None, ""))
                         continue
                     source_lot = pool_lots[source]
                     if source_lot is None:
@@ -1460,7 +1418,7 @@ cdef class Ledger:
                     if taken == source_lot.amount:
                         pieces.append(source_lot)
                     else:
-                        pieces.append(_frozen4(lot_type, lot_fields, source_lot.lot_id, taken,
+                        pieces.append(make_lot(source_lot.lot_id, taken,
                                                source_lot.expires_at_us, source_lot.issuer_id))
             consumed.append(((owner_transaction, created_object), tuple(pieces)))
             if points > 0:

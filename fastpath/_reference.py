@@ -961,7 +961,7 @@ class Ledger:
             owner_transaction,
             permanent_lot_id,
         ) = numbers
-        outcome_type, ok_code, lot_type, _, earn_type, _, record_type, _ = classes
+        outcome_type, ok_code, lot_type, earn_type, record_type = classes
         failed = []
         for index, (op, code, slot, row) in enumerate(zip(ops, method, member, tier)):
             status, created, posted, available, total, fee = (column[index] for column in out[:6])

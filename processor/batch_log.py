@@ -77,10 +77,24 @@ _WRITES = (BatchWrite, RulesWrite, MemberWrite)
 _RECORDS = (MemberRules, rules.Lot, EarnRecord, rules.Earn, rules.Grant, SplitRecord, VoucherHold, MemberStatus)
 
 
+# The compiled records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, not dataclasses; their `_fields`
+# name their fields in order) under the names the fingerprint knew them by when they were dataclasses of
+# processor.rules and processor.program: same fields, same columns, the payload byte for byte the same
+_COMPILED = {rules.Lot: "processor.rules", rules.Grant: "processor.rules", rules.Earn: "processor.rules"}
+_COMPILED[EarnRecord] = "processor.program"
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    if cls in _COMPILED:
+        names: tuple[str, ...] = cls._fields  # type: ignore[attr-defined]
+        return names
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def fields_fingerprint() -> str:
     """The shape of a payload: the field names of the writes and their records, in order."""
     names = [
-        f"{cls.__module__}.{cls.__qualname__}:{','.join(f.name for f in dataclasses.fields(cls))}"
+        f"{_COMPILED.get(cls, cls.__module__)}.{cls.__qualname__}:{','.join(_field_names(cls))}"
         for cls in _WRITES + _RECORDS
     ]
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
@@ -90,7 +104,7 @@ def fields_fingerprint() -> str:
 
 
 class _Columns:
-    """One record class (a frozen slots dataclass) as columns: `pack` turns a list of records into one
+    """One record class (a frozen slots dataclass, or a compiled record of _COMPILED) as columns: `pack` turns a list of records into one
     list per field (a field whose values are all the same object as a 1-tuple of it: most of an earn
     record's are), `unpack` turns the columns back into records. A field holding a record of another
     class is packed as that class's columns (`nested`); one holding a tuple of records as
@@ -100,9 +114,12 @@ class _Columns:
         self, cls: type, nested: dict[str, _Columns] | None = None, nested_tuples: dict[str, _Columns] | None = None
     ) -> None:
         params = getattr(cls, "__dataclass_params__", None)
-        names = tuple(f.name for f in dataclasses.fields(cls)) if params is not None else ()
+        self.compiled = cls in _COMPILED
+        names = _field_names(cls) if params is not None or self.compiled else ()
         # rebuilt without __init__: a class whose __post_init__ does work cannot be (format 1 called __init__)
-        if params is None or not params.frozen or not names or getattr(cls, "__slots__", None) != names:
+        if not self.compiled and (
+            params is None or not params.frozen or not names or getattr(cls, "__slots__", None) != names
+        ):
             raise TypeError(f"{cls.__qualname__} is not a frozen slots dataclass: its records cannot be packed")
         if hasattr(cls, "__post_init__"):
             raise TypeError(f"{cls.__qualname__} has a __post_init__: its records cannot be rebuilt from columns")
@@ -110,8 +127,9 @@ class _Columns:
         self.nested = nested or {}
         self.nested_tuples = nested_tuples or {}
         self.getters = [operator.attrgetter(name) for name in names]
-        # the slot's own descriptor: sets the field without the frozen class's __setattr__ (which refuses)
-        self.setters = [cls.__dict__[name].__set__ for name in names]
+        # the slot's own descriptor: sets the field without the frozen class's __setattr__ (which refuses); a
+        # compiled record is built by its constructor from all its fields (in C, no Python call per record)
+        self.setters = [] if self.compiled else [cls.__dict__[name].__set__ for name in names]
         self.kinds = [self.nested.get(name) or self.nested_tuples.get(name) for name in names]
         self.tuples = [name in self.nested_tuples for name in names]
 
@@ -131,8 +149,8 @@ class _Columns:
         return columns
 
     def unpack(self, columns: list[Any], count: int) -> list[Any]:
-        records: list[Any] = list(map(object.__new__, repeat(self.cls, count)))
-        for setter, column, kind, is_tuples in zip(self.setters, columns, self.kinds, self.tuples):
+        fields = []
+        for column, kind, is_tuples in zip(columns, self.kinds, self.tuples):
             values: Any
             if kind is None:
                 values = repeat(column[0], count) if column.__class__ is tuple else column
@@ -140,6 +158,11 @@ class _Columns:
                 values = _unpack_tuples(column, kind, count)
             else:
                 values = kind.unpack(column, count)
+            fields.append(values)
+        if self.compiled:
+            return list(islice(map(self.cls, *fields), count))
+        records: list[Any] = list(map(object.__new__, repeat(self.cls, count)))
+        for setter, values in zip(self.setters, fields):
             deque(map(setter, records, values), 0)
         return records
 

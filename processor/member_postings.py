@@ -949,7 +949,7 @@ def _received_lots(pieces: tuple[rules.Lot, ...], received: int, transfer_id: in
         if lot is None:
             lots[piece.expires_at_us] = rules.Lot(transfer_id, amount, piece.expires_at_us, piece.issuer_id)
         else:
-            lots[piece.expires_at_us] = dataclasses.replace(lot, amount=lot.amount + amount)
+            lots[piece.expires_at_us] = lot.replace(amount=lot.amount + amount)
     return list(lots.values())
 
 

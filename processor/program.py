@@ -27,6 +27,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+from fastpath import records
 from processor import rules, velocity
 from processor.domain import Code, Rejection, require
 
@@ -72,18 +73,11 @@ KernelLots = tuple[
 NO_RULES = MemberRules()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class EarnRecord:
-    """An earn made under a program: what its refunds take back in proportion (earn_rules)."""
-
-    member_id: str
-    merchant_id: str
-    version: int
-    earn: rules.Earn
-    acquirer_id: str | None
-    acquiring: int
-    refunded_base: int = 0
-    made_at_us: int = 0
+# EarnRecord(member_id, merchant_id, version, earn, acquirer_id, acquiring, refunded_base=0, made_at_us=0): an
+# earn made under a program, what its refunds take back in proportion (earn_rules). A compiled immutable
+# value the cyclic garbage collector does not track, one per earn for its refund window
+# (fastpath/records.pyx: why, and its docstring).
+EarnRecord = records.EarnRecord
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -620,7 +614,7 @@ class ProgramState:
             self._set(
                 self.earns,
                 transaction_id,
-                dataclasses.replace(record, refunded_base=record.refunded_base + base_points),
+                record.replace(refunded_base=record.refunded_base + base_points),
                 "earns",
             )
             if version is not None:
@@ -895,7 +889,7 @@ class ProgramState:
         while left and end < count:
             lot = lots[end]
             piece = min(lot.amount, left)
-            pieces.append(lot if piece == lot.amount else dataclasses.replace(lot, amount=piece))
+            pieces.append(lot if piece == lot.amount else lot.replace(amount=piece))
             left -= piece
             end += 1
         if left:  # every live lot is taken: the rest comes from the never-expiring points
@@ -910,7 +904,7 @@ class ProgramState:
         else:
             last = lots[end - 1]
             remainder = last.amount - pieces[-1].amount
-            kept = lots[:start] + ((dataclasses.replace(last, amount=remainder),) if remainder else ()) + lots[end:]
+            kept = lots[:start] + ((last.replace(amount=remainder),) if remainder else ()) + lots[end:]
         if end > start:
             self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
         self._set(self.pieces, owner, tuple(pieces), "pieces")
@@ -948,22 +942,18 @@ class ProgramState:
             piece = left.pop()
             back = min(piece.amount, remaining)
             if back < piece.amount:
-                left.append(dataclasses.replace(piece, amount=piece.amount - back))
+                left.append(piece.replace(amount=piece.amount - back))
             remaining -= back
             if piece.lot_id == _PERMANENT:
                 continue
             expires = piece.expires_at_us if piece.live(now_us) else now_us + grace_us
-            returned = dataclasses.replace(piece, amount=back, expires_at_us=expires)
+            returned = piece.replace(amount=back, expires_at_us=expires)
             order = rules._order(returned)
             position = bisect.bisect_left(lots, order, key=rules._order)
             if position < len(lots) and lots[position].key == returned.key:
                 existing = lots[position]
                 require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
-                lots = (
-                    lots[:position]
-                    + (dataclasses.replace(existing, amount=existing.amount + back),)
-                    + lots[position + 1 :]
-                )
+                lots = lots[:position] + (existing.replace(amount=existing.amount + back),) + lots[position + 1 :]
             else:
                 lots = lots[:position] + (returned,) + lots[position:]
             touched.append(returned.key)

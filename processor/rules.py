@@ -19,6 +19,7 @@ import json
 import math
 from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, NoReturn
 
+from fastpath import records
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_FEES,
@@ -1041,26 +1042,10 @@ def program_from_rows(program_id: str, rows: Iterable[Mapping[str, Any]]) -> Pro
 # --- Expiry lots ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Lot:
-    """Points credited by one transaction (lot_id = its transaction id), `amount` of them left,
-    expiring at expires_at_us (None: never), issued by issuer_id (a merchant, or the operator's
-    merchant id for operator-funded points), to which breakage is attributed. A lot is keyed by
-    (lot_id, expires_at_us): a restored part given a grace period is a second lot with the same id.
-    A consumption is a list of Lot pieces: which lot, how much (`(piece.lot_id, piece.amount)`)."""
-
-    lot_id: int
-    amount: int
-    expires_at_us: int | None
-    issuer_id: str
-
-    @property
-    def key(self) -> tuple[int, int | None]:
-        return (self.lot_id, self.expires_at_us)
-
-    def live(self, now_us: int) -> bool:
-        """Spendable at now_us: a lot expires at its expires_at_us instant."""
-        return self.expires_at_us is None or now_us < self.expires_at_us
+# Lot: points credited by one transaction, `amount` of them left, expiring at expires_at_us (None: never),
+# keyed by (lot_id, expires_at_us); a consumption is a tuple of Lot pieces. A compiled immutable value the
+# cyclic garbage collector does not track (fastpath/records.pyx: why, and its docstring).
+Lot = records.Lot
 
 
 class LotsAfter(NamedTuple):
@@ -1107,14 +1092,12 @@ def _take(lots: list[Lot], order: list[Lot], amount: int) -> LotsAfter:
             break
         piece = min(lot.amount, left)
         if piece:
-            pieces.append(dataclasses.replace(lot, amount=piece))
+            pieces.append(lot.replace(amount=piece))
             taken[lot.key] = piece
             left -= piece
     require(left == 0, "lots ran out after the availability check")
     # only the lots taken from change (a lot is immutable: the others are kept as they are)
-    after = (
-        lot if lot.key not in taken else dataclasses.replace(lot, amount=lot.amount - taken[lot.key]) for lot in lots
-    )
+    after = (lot if lot.key not in taken else lot.replace(amount=lot.amount - taken[lot.key]) for lot in lots)
     return LotsAfter(tuple(sorted((lot for lot in after if lot.amount > 0), key=_order)), tuple(pieces))
 
 
@@ -1150,15 +1133,15 @@ def restore(
         piece = left.pop()
         back = min(piece.amount, remaining)
         if back < piece.amount:
-            left.append(dataclasses.replace(piece, amount=piece.amount - back))
+            left.append(piece.replace(amount=piece.amount - back))
         expires = piece.expires_at_us if piece.live(now_us) else now_us + grace_us
-        returned = dataclasses.replace(piece, amount=back, expires_at_us=expires)
+        returned = piece.replace(amount=back, expires_at_us=expires)
         existing = after.get(returned.key)
         if existing is not None:
             require(existing.issuer_id == returned.issuer_id, f"lot {returned.lot_id} has two issuers")
-            returned = dataclasses.replace(existing, amount=existing.amount + back)
+            returned = existing.replace(amount=existing.amount + back)
         after[returned.key] = returned
-        restored.append(dataclasses.replace(returned, amount=back))
+        restored.append(returned.replace(amount=back))
         remaining -= back
     return LotsAfter(tuple(sorted(after.values(), key=_order)), tuple(restored), tuple(left))
 
@@ -1301,25 +1284,11 @@ def promotion_bonus(
     return grants
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Grant:
-    promotion_id: str
-    sponsor_id: str
-    amount: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Earn:
-    """The points of one earn transaction, all in the earn's lot: the merchant's base points, the
-    operator-funded uplift of the member's level, and promotion grants."""
-
-    base: int
-    uplift: int = 0
-    grants: tuple[Grant, ...] = ()
-
-    @property
-    def total(self) -> int:
-        return self.base + self.uplift + sum(grant.amount for grant in self.grants)
+# Grant (promotion_id, sponsor_id, amount) and Earn (base, uplift=0, grants=(); .total): the points of one
+# earn transaction, all in the earn's lot: the merchant's base points, the operator-funded uplift of the
+# member's level, and promotion grants. Compiled values, as Lot.
+Grant = records.Grant
+Earn = records.Earn
 
 
 def earn_with_rules(
@@ -1363,7 +1332,7 @@ def earn_refund(earn: Earn, refunded_before: int, amount: int) -> Earn:
         amount,
         proportional_share(earn.uplift, earn.base, refunded_before, amount),
         tuple(
-            dataclasses.replace(grant, amount=proportional_share(grant.amount, earn.base, refunded_before, amount))
+            grant.replace(amount=proportional_share(grant.amount, earn.base, refunded_before, amount))
             for grant in earn.grants
         ),
     )

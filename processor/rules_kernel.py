@@ -154,8 +154,9 @@ class EarnRedeemRun:
         return len(self.positions)
 
 
-# Frozen dataclasses a kernel run builds per earn, built without their __init__ (domain.positional_builder)
-_new_lot = domain.positional_builder(rules.Lot)
+# A kernel run builds per earn: a Lot (compiled, fastpath/records.pyx: its constructor runs in C) and a
+# MemberRules (a frozen dataclass built without its __init__, domain.positional_builder)
+_new_lot = rules.Lot
 _new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
 _OPERATION_POINTS = attrgetter("points")
 _OPERATION_PURCHASE = attrgetter("purchase_amount")
@@ -164,22 +165,8 @@ _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
 
 
-def _slots(cls: type) -> tuple[Any, ...]:
-    """The descriptors of a slotted dataclass's fields, in field order (the compiled rows set them)."""
-    return tuple(cls.__dict__[field.name] for field in dataclasses.fields(cls))
-
-
 # the value types the compiled rows are built as (Ledger.earn_redeem_rows)
-_CLASSES = (
-    Outcome,
-    Code.OK,
-    rules.Lot,
-    _slots(rules.Lot),
-    rules.Earn,
-    _slots(rules.Earn),
-    EarnRecord,
-    _slots(EarnRecord),
-)
+_CLASSES = (Outcome, Code.OK, rules.Lot, rules.Earn, EarnRecord)
 
 
 class RulesKernelMixin(MachineParts):

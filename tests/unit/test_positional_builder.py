@@ -1,21 +1,22 @@
-"""domain.positional_builder: the frozen dataclasses a kernel run builds per operation, built without
-their __init__, are the same values as the constructor's."""
+"""domain.positional_builder: the frozen dataclasses a kernel run builds per operation (MemberRules; the
+per-earn records are compiled now, fastpath/records.pyx, tests/unit/test_records.py), built without their
+__init__, are the same values as the constructor's."""
 
 import dataclasses
 
 import pytest
 
-from processor import domain, rules
-from processor.program import EarnRecord
+from processor import domain
+from processor.program import MemberRules, SplitRecord, VoucherHold
 
 
 @pytest.mark.parametrize(
     ("cls", "values"),
     [
-        (rules.Lot, (7, 120, 1_800_000_000_000_000, "merchant-1")),
-        (rules.Lot, (-1, 5, None, "")),
-        (rules.Earn, (100, 20, ())),
-        (EarnRecord, ("member-1", "merchant-1", 2, rules.Earn(100, 20), "merchant-9", 15, 0, 1_800_000_000_000_000)),
+        (MemberRules, ("merchant-1", None, True, "gold", 3, 1_200, ((20_000, 700), (20_001, 500)))),
+        (MemberRules, (None, None, False, "", 0, 0, ())),
+        (SplitRecord, ("member-1", "merchant-1", 3, 4, 1, 0)),
+        (VoucherHold, ("member-1", "merchant-1", 3, 1, 2, 1_800_000_000_000_000, 1, None)),
     ],
 )
 def test_a_built_value_equals_the_constructors(cls, values):
@@ -30,7 +31,7 @@ def test_a_built_value_equals_the_constructors(cls, values):
 
 def test_every_field_is_required():
     with pytest.raises(TypeError):
-        domain.positional_builder(rules.Earn)(100, 20)  # grants too: no default is applied
+        domain.positional_builder(MemberRules)(None, None)  # every field: no default is applied
 
 
 def test_a_class_it_cannot_build_is_refused():
