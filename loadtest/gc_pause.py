@@ -1,0 +1,203 @@
+"""What Python's cyclic garbage collector walks after heavy load, and how long a full (gen2) pass takes:
+this tree against a base tree (another checkout of the repository, built), side by side.
+
+Each variant runs in a child process of its own (its tree's `processor` and `fastpath` on the path): the
+state machine with ops/program.example.json in force (loadtest.bench_state_machine's machine and
+batches: 1,000 operations a batch, 70% earn / 30% redeem, Zipf members, 200 merchants) applies and
+commits --operations operations, as the committer does, with the collector on. What was there before
+the run (imports, the machine, the pre-built batches) is collected and frozen first (gc.freeze(), as
+the service freezes what recovery loaded), so a pass walks what the run left, as in the service.
+
+Printed per variant, per round: objects the collector tracks after the run (gc.get_objects(), which
+leaves out the frozen) and the most numerous types; a full pass's time (gc.callbacks, start to stop, of
+--passes forced gc.collect() calls: median and max); the automatic gen2 passes during the run (count,
+longest); apply CPU per operation (time.process_time over apply + commit, automatic collections
+included: median of the batches and over the run); each batch's BatchWrite through the batch log's
+encode and decode (CPU per operation; decode is the projector's, rebuilding the records); resident memory (VmRSS) after the run. Rounds
+alternate the variants' order.
+
+    .venv/bin/python -m loadtest.gc_pause --base /tmp/records-base [--operations 100000] [--rounds 3]
+
+The base tree: `git archive <commit> | tar -x -C DIR` and, in DIR, `<this venv>/bin/python setup.py
+build_ext --inplace` (its Cython extensions and stubs). Without --base only this tree is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve()
+TREE = HERE.parents[1]
+
+
+def child(operations: int, members: int, merchants: int, passes: int) -> dict[str, object]:
+    """Runs in the variant's tree: the run, then the heap and the passes over it."""
+    import collections
+    import gc
+
+    from loadtest import bench_state_machine as bench
+    from processor import batch_log
+
+    count = max(1, operations // 1_000)
+    machine = bench.machine(True, members, merchants)
+    work = bench.batches(count, members, merchants)
+    gc.collect()
+    gc.freeze()  # imports, the machine, the pre-built operations: not what the run leaves behind
+
+    automatic: list[float] = []
+    started_at = [0.0]
+    forced = [False]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            started_at[0] = time.perf_counter()
+        elif not forced[0]:
+            automatic.append(time.perf_counter() - started_at[0])
+
+    gc.callbacks.append(timed)
+    per_batch = []
+    took = encoding = decoding = 0.0
+    for i, batch in enumerate(work):
+        started = time.process_time()
+        _, write = machine.apply(batch, {}, bench.NOW_US + i * 1_000_000)
+        machine.commit()
+        spent = time.process_time() - started
+        took += spent
+        per_batch.append(spent / len(batch) * 1e6)
+        started = time.process_time()
+        payload = batch_log.encode(write)
+        encoded = time.process_time()
+        batch_log.decode(i + 1, batch_log.FORMAT_VERSION, payload)
+        decoding += time.process_time() - encoded
+        encoding += encoded - started
+        del write, payload
+
+    forced[0] = True
+    pause = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        gc.collect()
+        pause.append(time.perf_counter() - started)
+    gc.callbacks.remove(timed)
+    tracked = gc.get_objects()
+    types = collections.Counter(type(o).__qualname__ for o in tracked).most_common(8)
+    program = machine.program
+    earns = len(program.earns) if program is not None else 0
+    lots = sum(map(len, program.lots.values())) if program is not None else 0
+    rss_kb = 0
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            rss_kb = int(line.split()[1])
+    return {
+        "tracked": len(tracked),
+        "types": types,
+        "pause_ms": [p * 1e3 for p in pause],
+        "automatic_ms": [p * 1e3 for p in automatic],
+        "apply_us_per_op": took / (count * 1_000) * 1e6,
+        "apply_us_per_op_median": statistics.median(per_batch),
+        "encode_us_per_op": encoding / (count * 1_000) * 1e6,
+        "decode_us_per_op": decoding / (count * 1_000) * 1e6,
+        "rss_mb": rss_kb / 1024,
+        "earn_records": earns,
+        "lots": lots,
+        "operations": count * 1_000,
+    }
+
+
+def run_variant(tree: pathlib.Path, args: argparse.Namespace) -> dict[str, object]:
+    env = dict(os.environ, PYTHONPATH=str(tree))
+    env.pop("POINTS_FASTPATH", None)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE),
+            "--child",
+            "--operations",
+            str(args.operations),
+            "--members",
+            str(args.members),
+            "--merchants",
+            str(args.merchants),
+            "--passes",
+            str(args.passes),
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1_800,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"the run in {tree} failed:\n{done.stderr}")
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def show(name: str, r: dict) -> str:
+    pause = r["pause_ms"]
+    automatic = r["automatic_ms"]
+    types = ", ".join(f"{t} {n / 1000:.1f}k" for t, n in r["types"][:6])
+    return (
+        f"  {name:<6} tracked {r['tracked'] / 1000:7.1f}k | full pass {statistics.median(pause):6.1f} ms "
+        f"(max {max(pause):6.1f}) | automatic gen2 during the run {len(automatic)}, longest "
+        f"{max(automatic, default=0):6.1f} ms | apply {r['apply_us_per_op']:5.2f} µs/op (median batch "
+        f"{r['apply_us_per_op_median']:5.2f}) | batch log encode {r['encode_us_per_op']:4.2f}, decode "
+        f"{r['decode_us_per_op']:4.2f} µs/op | RSS {r['rss_mb']:6.0f} MB | earn records {r['earn_records']}, "
+        f"lots {r['lots']}\n           top types: {types}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=pathlib.Path, help="a built checkout of the base commit")
+    parser.add_argument("--operations", type=int, default=100_000)
+    parser.add_argument("--members", type=int, default=20_000)
+    parser.add_argument("--merchants", type=int, default=200)
+    parser.add_argument("--passes", type=int, default=5, help="forced full collections timed after the run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        if sys.path and pathlib.Path(sys.path[0]).resolve() == HERE.parent:
+            del sys.path[0]  # the variant's tree (PYTHONPATH) must be found first, not this directory
+        print(json.dumps(child(args.operations, args.members, args.merchants, args.passes)))
+        return
+    variants = [("this", TREE)] + ([("base", args.base.resolve())] if args.base else [])
+    print(
+        f"{args.operations} operations with the program, {args.members} members, {args.merchants} merchants; "
+        f"load {os.getloadavg()[0]:.2f} at start (2 cores)"
+    )
+    results: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for round_number in range(args.rounds):
+        order = variants if round_number % 2 == 0 else variants[::-1]
+        print(f"round {round_number + 1} (load {os.getloadavg()[0]:.2f})")
+        for name, tree in order:
+            result = run_variant(tree, args)
+            results[name].append(result)
+            print(show(name, result), flush=True)
+    print("over the rounds (range):")
+    for name, runs in results.items():
+        pause = [statistics.median(r["pause_ms"]) for r in runs]
+        apply = [r["apply_us_per_op"] for r in runs]
+        decode = [r["decode_us_per_op"] for r in runs]
+        tracked = [r["tracked"] for r in runs]
+        print(
+            f"  {name:<6} tracked {min(tracked) / 1000:.1f}k-{max(tracked) / 1000:.1f}k, full pass "
+            f"{min(pause):.1f}-{max(pause):.1f} ms, apply {min(apply):.2f}-{max(apply):.2f} µs/op, decode "
+            f"{min(decode):.2f}-{max(decode):.2f} µs/op, "
+            f"RSS {min(r['rss_mb'] for r in runs):.0f}-{max(r['rss_mb'] for r in runs):.0f} MB"
+        )
+    print(f"load {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()
