@@ -1,4 +1,4 @@
-# The per-earn records (fastpath/records.pyx), declared for the modules that build them in C
+# The per-earn records and the member rules (fastpath/records.pyx), declared for the modules that build them in C
 # (fastpath/_core.pyx's earn_redeem_rows): the fields are set directly, no __init__ run. `no_gc` is on the
 # classes in records.pyx (Cython takes it from there, not from here).
 
@@ -37,6 +37,17 @@ cdef class EarnRecord:
     cdef readonly object acquiring
     cdef readonly object refunded_base
     cdef readonly object made_at_us
+
+
+@cython.final
+cdef class MemberRules:
+    cdef readonly object acquirer_id
+    cdef readonly object referrer_id
+    cdef readonly object referral_paid
+    cdef readonly object level
+    cdef readonly object levels_reached
+    cdef readonly object qualifying
+    cdef readonly object day_buckets
 
 
 cdef inline Lot make_lot(object lot_id, object amount, object expires_at_us, object issuer_id):

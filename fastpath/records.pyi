@@ -1,4 +1,4 @@
-# What Python sees of fastpath/records.pyx: the per-earn records, immutable values the cyclic garbage
+# What Python sees of fastpath/records.pyx: the per-earn records and MemberRules, immutable values the cyclic garbage
 # collector does not track (their docstrings there). Fields are read-only.
 from typing import Any, ClassVar, final
 
@@ -114,6 +114,58 @@ class EarnRecord:
         refunded_base: int = ...,
         made_at_us: int = ...,
     ) -> EarnRecord: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __reduce__(self) -> tuple[Any, ...]: ...
+
+@final
+class MemberRules:
+    _fields: ClassVar[tuple[str, ...]]
+    __match_args__ = (
+        "acquirer_id",
+        "referrer_id",
+        "referral_paid",
+        "level",
+        "levels_reached",
+        "qualifying",
+        "day_buckets",
+    )
+    @property
+    def acquirer_id(self) -> str | None: ...
+    @property
+    def referrer_id(self) -> str | None: ...
+    @property
+    def referral_paid(self) -> bool: ...
+    @property
+    def level(self) -> str: ...
+    @property
+    def levels_reached(self) -> int: ...
+    @property
+    def qualifying(self) -> int: ...
+    @property
+    def day_buckets(self) -> tuple[tuple[int, int], ...]: ...
+    def __init__(
+        self,
+        acquirer_id: str | None = None,
+        referrer_id: str | None = None,
+        referral_paid: bool = False,
+        level: str = "",
+        levels_reached: int = 0,
+        qualifying: int = 0,
+        day_buckets: tuple[tuple[int, int], ...] = (),
+    ) -> None: ...
+    def replace(
+        self,
+        *,
+        acquirer_id: str | None = ...,
+        referrer_id: str | None = ...,
+        referral_paid: bool = ...,
+        level: str = ...,
+        levels_reached: int = ...,
+        qualifying: int = ...,
+        day_buckets: tuple[tuple[int, int], ...] = ...,
+    ) -> MemberRules: ...
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """The per-earn records of the program rules (processor/rules.py: Lot, Grant, Earn; processor/program.py:
-EarnRecord) as values Python's cyclic garbage collector does not track.
+EarnRecord, and MemberRules, one per member) as values Python's cyclic garbage collector does not track.
 
 Why: they live as long as their lot or their earn's refund window, about three per earn (docs/DESIGN.md
 section 4, "The p99 at half load moved with the mode..."): as frozen slots dataclasses every one of
@@ -10,10 +10,10 @@ only such objects is untracked by the collector at its next pass (CPython's _PyT
 a member's tuple of lots and an earn's tuple of grants follow.
 
 Why it is safe: `no_gc` means a cycle through one of these objects would never be collected (a leak,
-never a crash). They hold only ints, strs, None and one another (an EarnRecord its Earn, an Earn a
-tuple of Grants), all immutable and made before the record that holds them, so they can form no cycle;
-what a field holds is not checked (as the dataclasses did not), so a caller putting a list in one and
-the record in that list would leak both.
+never a crash). They hold only ints, strs, None, tuples and one another (an EarnRecord its Earn, an
+Earn a tuple of Grants, a MemberRules a tuple of (day, amount) int pairs), all immutable and made before
+the record that holds them, so they can form no cycle; what a field holds is not checked (as the
+dataclasses did not), so a caller putting a list in one and the record in that list would leak both.
 
 The Python API is the dataclasses': construction by position or keyword with the same defaults,
 attribute access, frozen (setting any attribute raises AttributeError), __eq__ (same class, fields
@@ -265,6 +265,69 @@ cdef class EarnRecord:
                              self.acquiring, self.refunded_base, self.made_at_us))
 
 
+@cython.no_gc
+cdef class MemberRules:
+    """A member's links and tier state (member_programs). Immutable: a change is a new value, so the
+    undo log can keep the old one. day_buckets: (day since epoch, base point-units), oldest first;
+    levels_reached: bit i, levels[i] reached once (its bonus paid); qualifying: base point-units net of
+    refunds, in total. One per member whose state changed since recovery (what recovery loaded is frozen)."""
+
+    _fields = ("acquirer_id", "referrer_id", "referral_paid", "level", "levels_reached", "qualifying",
+               "day_buckets")
+    __match_args__ = _fields
+
+    def __init__(self, acquirer_id=None, referrer_id=None, referral_paid=False, level="", levels_reached=0,
+                 qualifying=0, day_buckets=()):
+        self.acquirer_id = acquirer_id
+        self.referrer_id = referrer_id
+        self.referral_paid = referral_paid
+        self.level = level
+        self.levels_reached = levels_reached
+        self.qualifying = qualifying
+        self.day_buckets = day_buckets
+
+    def replace(self, *, acquirer_id=_KEEP, referrer_id=_KEEP, referral_paid=_KEEP, level=_KEEP,
+                levels_reached=_KEEP, qualifying=_KEEP, day_buckets=_KEEP):
+        """These rules with the given fields changed (as dataclasses.replace)."""
+        cdef MemberRules made = MemberRules.__new__(MemberRules)
+        made.acquirer_id = self.acquirer_id if acquirer_id is _KEEP else acquirer_id
+        made.referrer_id = self.referrer_id if referrer_id is _KEEP else referrer_id
+        made.referral_paid = self.referral_paid if referral_paid is _KEEP else referral_paid
+        made.level = self.level if level is _KEEP else level
+        made.levels_reached = self.levels_reached if levels_reached is _KEEP else levels_reached
+        made.qualifying = self.qualifying if qualifying is _KEEP else qualifying
+        made.day_buckets = self.day_buckets if day_buckets is _KEEP else day_buckets
+        return made
+
+    def __eq__(self, other):
+        if type(other) is not MemberRules:
+            return NotImplemented
+        cdef MemberRules o = <MemberRules>other
+        return (_equal(self.acquirer_id, o.acquirer_id) and _equal(self.referrer_id, o.referrer_id)
+                and _equal(self.referral_paid, o.referral_paid) and _equal(self.level, o.level)
+                and _equal(self.levels_reached, o.levels_reached) and _equal(self.qualifying, o.qualifying)
+                and _equal(self.day_buckets, o.day_buckets))
+
+    def __ne__(self, other):
+        if type(other) is not MemberRules:
+            return NotImplemented
+        return not self.__eq__(other)
+
+    def __hash__(self):
+        return hash((self.acquirer_id, self.referrer_id, self.referral_paid, self.level, self.levels_reached,
+                     self.qualifying, self.day_buckets))
+
+    def __repr__(self):
+        return (f"MemberRules(acquirer_id={self.acquirer_id!r}, referrer_id={self.referrer_id!r}, "
+                f"referral_paid={self.referral_paid!r}, level={self.level!r}, "
+                f"levels_reached={self.levels_reached!r}, qualifying={self.qualifying!r}, "
+                f"day_buckets={self.day_buckets!r})")
+
+    def __reduce__(self):
+        return (MemberRules, (self.acquirer_id, self.referrer_id, self.referral_paid, self.level,
+                              self.levels_reached, self.qualifying, self.day_buckets))
+
+
 cdef int _read_as_slots(type cls, tuple names, object sample) except -1:
     """Replaces the properties Cython makes of `cls`'s readonly fields by read-only member descriptors,
     what a slotted class's fields are: Python 3.11 specialises reading those (LOAD_ATTR_SLOT) and not a
@@ -302,3 +365,4 @@ _read_as_slots(Lot, Lot._fields, Lot(*Lot._fields))
 _read_as_slots(Grant, Grant._fields, Grant(*Grant._fields))
 _read_as_slots(Earn, Earn._fields, Earn(*Earn._fields))
 _read_as_slots(EarnRecord, EarnRecord._fields, EarnRecord(*EarnRecord._fields))
+_read_as_slots(MemberRules, MemberRules._fields, MemberRules(*MemberRules._fields))

@@ -77,11 +77,16 @@ _WRITES = (BatchWrite, RulesWrite, MemberWrite)
 _RECORDS = (MemberRules, rules.Lot, EarnRecord, rules.Earn, rules.Grant, SplitRecord, VoucherHold, MemberStatus)
 
 
-# The compiled records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, not dataclasses; their `_fields`
+# The compiled records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, MemberRules, not dataclasses; their `_fields`
 # name their fields in order) under the names the fingerprint knew them by when they were dataclasses of
 # processor.rules and processor.program: same fields, same columns, the payload byte for byte the same
-_COMPILED = {rules.Lot: "processor.rules", rules.Grant: "processor.rules", rules.Earn: "processor.rules"}
-_COMPILED[EarnRecord] = "processor.program"
+_COMPILED: dict[type, str] = {
+    rules.Lot: "processor.rules",
+    rules.Grant: "processor.rules",
+    rules.Earn: "processor.rules",
+    EarnRecord: "processor.program",
+    MemberRules: "processor.program",
+}
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

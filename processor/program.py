@@ -42,18 +42,13 @@ _NEW_KEYS = object()  # an undo entry's key: its "old value" is a list of keys n
 DAY_US = rules.DAY_US
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class MemberRules:
-    """A member's links and tier state (member_programs). Immutable: a change is a new value, so the
-    undo log can keep the old one."""
-
-    acquirer_id: str | None = None
-    referrer_id: str | None = None
-    referral_paid: bool = False
-    level: str = ""
-    levels_reached: int = 0  # bit i: levels[i] reached once (its bonus paid)
-    qualifying: int = 0  # base point-units net of refunds, in total
-    day_buckets: tuple[tuple[int, int], ...] = ()  # (day since epoch, base point-units), oldest first
+# MemberRules(acquirer_id=None, referrer_id=None, referral_paid=False, level="", levels_reached=0,
+# qualifying=0, day_buckets=()): a member's links and tier state (member_programs). Immutable: a change is
+# a new value, so the undo log can keep the old one. levels_reached: bit i, levels[i] reached once (its
+# bonus paid); qualifying: base point-units net of refunds, in total; day_buckets: (day since epoch, base
+# point-units), oldest first. A compiled value the cyclic garbage collector does not track, one per
+# member changed since recovery (fastpath/records.pyx).
+MemberRules = records.MemberRules
 
 
 # A member's lots as a run of the kernel left them (ProgramState.written_by_kernel): (member id, its lots,
@@ -407,7 +402,7 @@ class ProgramState:
         self._set(
             self.members,
             member_id,
-            dataclasses.replace(self.member(member_id), acquirer_id=acquirer_id, referrer_id=referrer_id),
+            self.member(member_id).replace(acquirer_id=acquirer_id, referrer_id=referrer_id),
             "members",
         )
 
@@ -457,8 +452,7 @@ class ProgramState:
         bonus = rules.referral_bonus(version, before.referrer_id, before.referral_paid, purchase_amount, earn.base)
         if bonus:
             referral = (before.referrer_id, bonus)
-        after = dataclasses.replace(
-            after,
+        after = after.replace(
             levels_reached=mask,
             level=level_after,
             referral_paid=before.referral_paid
@@ -793,8 +787,7 @@ class ProgramState:
             buckets = {d: a for d, a in buckets.items() if d >= first_day}
         else:
             buckets = {}
-        return dataclasses.replace(
-            member,
+        return member.replace(
             qualifying=member.qualifying + base,
             day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)),
         )
@@ -1060,14 +1053,13 @@ class ProgramState:
             self._set(
                 self.members,
                 target,
-                dataclasses.replace(
-                    kept,
+                kept.replace(
                     qualifying=kept.qualifying + moved.qualifying,
                     day_buckets=tuple(sorted((d, a) for d, a in buckets.items() if a)),
                 ),
                 "members",
             )
-            self._set(self.members, source, dataclasses.replace(moved, qualifying=0, day_buckets=()), "members")
+            self._set(self.members, source, moved.replace(qualifying=0, day_buckets=()), "members")
 
     def credit_lots(self, member_id: str, lots: list[rules.Lot]) -> None:
         """Lots of their own keys credited to the member (a transfer's receiver gets the expiries of the

@@ -154,10 +154,10 @@ class EarnRedeemRun:
         return len(self.positions)
 
 
-# A kernel run builds per earn: a Lot (compiled, fastpath/records.pyx: its constructor runs in C) and a
-# MemberRules (a frozen dataclass built without its __init__, domain.positional_builder)
+# What a kernel run builds per earn and per member: compiled values (fastpath/records.pyx), whose
+# constructors run in C
 _new_lot = rules.Lot
-_new_member_rules = domain.positional_builder(MemberRules)  # _MEMBER_FIELDS checks its fields' order
+_new_member_rules = MemberRules  # _MEMBER_FIELDS checks its fields' order
 _OPERATION_POINTS = attrgetter("points")
 _OPERATION_PURCHASE = attrgetter("purchase_amount")
 _OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
@@ -434,7 +434,7 @@ class RulesKernelMixin(MachineParts):
         members = [
             (
                 member_id,
-                _new_member_rules(  # dataclasses.replace's result, built directly, fields in _MEMBER_FIELDS' order
+                _new_member_rules(  # a replace()'s result, built by position, fields in _MEMBER_FIELDS' order
                     rules_before.acquirer_id,
                     rules_before.referrer_id,
                     rules_before.referral_paid,
@@ -493,8 +493,8 @@ class RulesKernelMixin(MachineParts):
         return pool, heads, tails, totals, prefixes
 
 
-# The fields of MemberRules the kernel's write-back sets (it builds the value directly: dataclasses.replace
-# cost ~1 µs a member a run); a field added to MemberRules must be added there too, or this fails at import.
+# The fields of MemberRules the kernel's write-back sets (it builds the value by position: a replace
+# by keyword costs more); a field added to MemberRules must be added there too, or this fails at import.
 _MEMBER_FIELDS = ("acquirer_id", "referrer_id", "referral_paid", "level", "levels_reached", "qualifying", "day_buckets")
-if tuple(field.name for field in dataclasses.fields(MemberRules)) != _MEMBER_FIELDS:
+if MemberRules._fields != _MEMBER_FIELDS:
     raise ImportError("processor.rules_kernel: MemberRules has fields the kernel's write-back does not set")

@@ -329,7 +329,7 @@ def same(decoded: BatchWrite, write: BatchWrite) -> None:
 def _typed(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return (type(value).__name__, tuple(_typed(getattr(value, f.name)) for f in dataclasses.fields(value)))
-    if type(value) in (rules.Lot, rules.Grant, rules.Earn, EarnRecord):  # compiled: fastpath/records.pyx
+    if type(value) in (rules.Lot, rules.Grant, rules.Earn, EarnRecord, MemberRules):  # fastpath/records.pyx
         return (type(value).__name__, tuple(_typed(getattr(value, name)) for name in type(value)._fields))
     if isinstance(value, dict):
         return (dict, sorted((repr(_typed(k)), repr(_typed(v))) for k, v in value.items()))

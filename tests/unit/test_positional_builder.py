@@ -1,20 +1,18 @@
-"""domain.positional_builder: the frozen dataclasses a kernel run builds per operation (MemberRules; the
-per-earn records are compiled now, fastpath/records.pyx, tests/unit/test_records.py), built without their
-__init__, are the same values as the constructor's."""
+"""domain.positional_builder: a frozen slots dataclass built without its __init__ is the same value as the
+constructor's. (The values a kernel run builds per operation, which it was made for, are compiled now:
+fastpath/records.pyx, tests/unit/test_records.py.)"""
 
 import dataclasses
 
 import pytest
 
 from processor import domain
-from processor.program import MemberRules, SplitRecord, VoucherHold
+from processor.program import SplitRecord, VoucherHold
 
 
 @pytest.mark.parametrize(
     ("cls", "values"),
     [
-        (MemberRules, ("merchant-1", None, True, "gold", 3, 1_200, ((20_000, 700), (20_001, 500)))),
-        (MemberRules, (None, None, False, "", 0, 0, ())),
         (SplitRecord, ("member-1", "merchant-1", 3, 4, 1, 0)),
         (VoucherHold, ("member-1", "merchant-1", 3, 1, 2, 1_800_000_000_000_000, 1, None)),
     ],
@@ -31,7 +29,7 @@ def test_a_built_value_equals_the_constructors(cls, values):
 
 def test_every_field_is_required():
     with pytest.raises(TypeError):
-        domain.positional_builder(MemberRules)(None, None)  # every field: no default is applied
+        domain.positional_builder(SplitRecord)("member-1", "merchant-1", 3, 4, 1)  # no default is applied
 
 
 def test_a_class_it_cannot_build_is_refused():

@@ -1,5 +1,5 @@
-"""The per-earn records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord) behave as the frozen slots
-dataclasses they replaced — construction, equality, hash, repr, immutability, replace, pickling, no
+"""The per-earn records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord) and MemberRules behave as the
+frozen slots dataclasses they replaced — construction, equality, hash, repr, immutability, replace, pickling, no
 ordering — and the cyclic garbage collector does not track them, nor the tuples that hold only them, nor
 what a run of the state machine with the program in force keeps of them."""
 
@@ -18,7 +18,7 @@ import pytest
 
 from fastpath import records
 from processor import rules
-from processor.program import EarnRecord
+from processor.program import NO_RULES, EarnRecord, MemberRules
 from tests.unit.test_batch_log import DAY, NOW, machine_with_program, operation
 from processor.domain import Method
 
@@ -63,7 +63,21 @@ class Record:  # EarnRecord (named so in its repr below)
 
 
 Record.__qualname__ = "EarnRecord"
-PAIRS = [(rules.Lot, Lot), (rules.Grant, Grant), (rules.Earn, Earn), (EarnRecord, Record)]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Rules:  # MemberRules (named so in its repr below)
+    acquirer_id: str | None = None
+    referrer_id: str | None = None
+    referral_paid: bool = False
+    level: str = ""
+    levels_reached: int = 0
+    qualifying: int = 0
+    day_buckets: tuple[tuple[int, int], ...] = ()
+
+
+Rules.__qualname__ = "MemberRules"
+PAIRS = [(rules.Lot, Lot), (rules.Grant, Grant), (rules.Earn, Earn), (EarnRecord, Record), (MemberRules, Rules)]
 
 
 def _values(rng: random.Random, compiled: type) -> tuple[Any, ...]:
@@ -82,6 +96,18 @@ def _values(rng: random.Random, compiled: type) -> tuple[Any, ...]:
         return made.promotion_id, made.sponsor_id, number()
     if compiled is rules.Earn:
         return number(), number(), tuple(grant() for _ in range(rng.randrange(3)))
+    if compiled is MemberRules:
+        days = tuple((20_000 + d, number()) for d in range(rng.choice((0, 0, 3))))
+        some = rng.choice((None, "shop", "m2"))
+        return (
+            some,
+            rng.choice((None, "m3")),
+            rng.choice((True, False, 0, 1)),
+            rng.choice(("", "gold")),
+            number(),
+            number(),
+            days,
+        )
     earn = rules.Earn(number(), number(), tuple(grant() for _ in range(rng.randrange(3))))
     return ("m1", "shop", rng.choice((1, 2)), earn, rng.choice((None, "cafe")), number(), number(), number())
 
@@ -129,6 +155,8 @@ def test_construction_by_position_or_keyword_with_the_same_defaults():
     assert earn.total == 19 == Earn(10, 3, (Grant("p", "shop", 2), Grant("q", "operator", 4))).base + 9
     record = EarnRecord("m", "shop", 1, earn, None, 0)
     assert (record.refunded_base, record.made_at_us) == (0, 0)
+    assert MemberRules() == NO_RULES and _as_dataclass(NO_RULES) == Rules()
+    assert MemberRules(level="gold", qualifying=5) == MemberRules(None, None, False, "gold", 0, 5, ())
     assert record == EarnRecord(
         member_id="m", merchant_id="shop", version=1, earn=earn, acquirer_id=None, acquiring=0, made_at_us=0
     )
@@ -198,6 +226,8 @@ def test_the_collector_tracks_neither_the_records_nor_the_tuples_of_them():
         earn,
         EarnRecord("m", "shop", 1, earn, None, 0),
         EarnRecord("m", "shop", 1, earn, None, 0).replace(refunded_base=3),
+        MemberRules(level="gold", day_buckets=((20_000, 5),)),
+        NO_RULES.replace(qualifying=7),
     ]
     assert not any(map(gc.is_tracked, made))
     lots = tuple(value for value in made if type(value) is rules.Lot)
@@ -222,7 +252,8 @@ def test_what_a_program_run_keeps_per_earn_is_untracked():
     assert program is not None and program.earns and program.lots and program.pieces
     kept = [*program.earns.values(), *(lot for lots in program.lots.values() for lot in lots)]
     kept += [piece for pieces in program.pieces.values() for piece in pieces]
-    assert {type(value) for value in kept} == {EarnRecord, rules.Lot}
+    kept += list(program.members.values())
+    assert {type(value) for value in kept} == {EarnRecord, rules.Lot, MemberRules}
     assert not any(map(gc.is_tracked, kept))
     assert not any(gc.is_tracked(record.earn) for record in program.earns.values())
     gc.collect()
