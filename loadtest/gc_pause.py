@@ -145,11 +145,11 @@ def run_variant(tree: pathlib.Path, args: argparse.Namespace) -> dict[str, objec
 def show(name: str, r: dict) -> str:
     pause = r["pause_ms"]
     automatic = r["automatic_ms"]
-    types = ", ".join(f"{t} {n / 1000:.1f}k" for t, n in r["types"][:6])
+    types = ", ".join(f"{t} {n}" for t, n in r["types"][:6])
     return (
-        f"  {name:<6} tracked {r['tracked'] / 1000:7.1f}k | full pass {statistics.median(pause):6.1f} ms "
-        f"(max {max(pause):6.1f}) | automatic gen2 during the run {len(automatic)}, longest "
-        f"{max(automatic, default=0):6.1f} ms | apply {r['apply_us_per_op']:5.2f} µs/op (median batch "
+        f"  {name:<6} tracked {r['tracked']:7d} | full pass {statistics.median(pause):6.2f} ms "
+        f"(max {max(pause):6.2f}) | automatic gen2 during the run {len(automatic)}, longest "
+        f"{max(automatic, default=0):6.2f} ms | apply {r['apply_us_per_op']:5.2f} µs/op (median batch "
         f"{r['apply_us_per_op_median']:5.2f}) | batch log encode {r['encode_us_per_op']:4.2f}, decode "
         f"{r['decode_us_per_op']:4.2f} µs/op | RSS {r['rss_mb']:6.0f} MB | earn records {r['earn_records']}, "
         f"lots {r['lots']}\n           top types: {types}"
@@ -191,8 +191,8 @@ def main() -> None:
         decode = [r["decode_us_per_op"] for r in runs]
         tracked = [r["tracked"] for r in runs]
         print(
-            f"  {name:<6} tracked {min(tracked) / 1000:.1f}k-{max(tracked) / 1000:.1f}k, full pass "
-            f"{min(pause):.1f}-{max(pause):.1f} ms, apply {min(apply):.2f}-{max(apply):.2f} µs/op, decode "
+            f"  {name:<6} tracked {min(tracked)}-{max(tracked)}, full pass "
+            f"{min(pause):.2f}-{max(pause):.2f} ms, apply {min(apply):.2f}-{max(apply):.2f} µs/op, decode "
             f"{min(decode):.2f}-{max(decode):.2f} µs/op, "
             f"RSS {min(r['rss_mb'] for r in runs):.0f}-{max(r['rss_mb'] for r in runs):.0f} MB"
         )
