@@ -12,11 +12,12 @@ projection_state.through_batch_id before it loads anything.
 
 The payload (format 2, `FORMAT_VERSION`) is a pickle (protocol 5) of plain values only: the BatchWrite's
 fields as a list in field order, its row lists as they are, and the records of its RulesWrite and
-MemberWrite (lots, earn records, member rules, ...: frozen dataclasses, by the thousand a batch) as
-columns, one list per field, so both ends run in C: encode is `map(attrgetter)` per field and
-`pickle.dumps` (no Python call per record; format 1 called a reducer per record), decode is
-`pickle.loads` and a record rebuilt by `object.__new__` and one slot descriptor `__set__` per field,
-driven by `map` (no `__init__`). Measured against format 1 (`python -m loadtest.batch_log_codec`, three
+MemberWrite (lots, earn records, member rules, ...: by the thousand a batch) as columns, one list per
+field, so both ends run in C: encode is `map(attrgetter)` per field and `pickle.dumps` (no Python call
+per record; format 1 called a reducer per record), decode is `pickle.loads` and a record rebuilt driven
+by `map`: a frozen dataclass by `object.__new__` and one slot descriptor `__set__` per field (no
+`__init__`), a compiled record (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, MemberRules) by its
+constructor, which runs in C. Measured against format 1 (`python -m loadtest.batch_log_codec`, three
 runs, each interleaving the formats batch by batch, load 2-4 on the 2 cores), µs of CPU per operation,
 batches of 1,000 with the program in force: encode 3.96-5.10 -> 2.64-3.39 (0.66x), decode 7.10-9.61 ->
 5.06-7.06 (0.71-0.78x), 413 -> 368 bytes; the append's Postgres backend 2.58-2.95 -> 1.63-1.90, WAL 442 ->
