@@ -17,6 +17,18 @@ encode and decode (CPU per operation; decode is the projector's, rebuilding the 
 alternate the variants' order.
 
     .venv/bin/python -m loadtest.gc_pause --base /tmp/records-base [--operations 100000] [--rounds 3]
+    .venv/bin/python -m loadtest.gc_pause --base /tmp/records-base --cpu [--operations 40000] [--rounds 6]
+
+    .venv/bin/python -m loadtest.gc_pause --micro
+
+--micro, in this process: each operation on a record (construction, replace, a field read, ==, hash, a
+Lot's key) timed on the compiled Lot and MemberRules and on frozen slots dataclasses of the same fields
+(what they were), interleaved, best of --rounds rounds of timeit's best of 5; ns per operation.
+
+--cpu measures only the apply's CPU, the collector off (the code's own cost, what the collector's passes
+would add left out): per child, --repeats runs of the same batches on a fresh machine each, the fastest
+and the median run's µs per operation (the machine is shared: the fastest run moves least with others'
+load).
 
 The base tree: `git archive <commit> | tar -x -C DIR` and, in DIR, `<this venv>/bin/python setup.py
 build_ext --inplace` (its Cython extensions and stubs). Without --base only this tree is measured.
@@ -113,6 +125,92 @@ def child(operations: int, members: int, merchants: int, passes: int) -> dict[st
     }
 
 
+def child_cpu(operations: int, members: int, merchants: int, repeats: int) -> dict[str, object]:
+    """Runs in the variant's tree: the apply's CPU with the collector off, `repeats` times."""
+    import gc
+
+    from loadtest import bench_state_machine as bench
+
+    count = max(1, operations // 1_000)
+    work = bench.batches(count, members, merchants)
+    gc.disable()
+    runs = []
+    for _ in range(repeats):
+        machine = bench.machine(True, members, merchants)
+        took = 0.0
+        for i, batch in enumerate(work):
+            started = time.process_time()
+            machine.apply(batch, {}, bench.NOW_US + i * 1_000_000)
+            machine.commit()
+            took += time.process_time() - started
+        runs.append(took / (count * 1_000) * 1e6)
+        del machine
+        gc.collect()
+    return {"fastest": min(runs), "median": statistics.median(runs), "runs": runs}
+
+
+def micro(rounds: int) -> None:
+    import dataclasses
+    import timeit
+
+    from processor import program, rules
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Lot:
+        lot_id: int
+        amount: int
+        expires_at_us: int | None
+        issuer_id: str
+
+        @property
+        def key(self) -> tuple[int, int | None]:
+            return (self.lot_id, self.expires_at_us)
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class MemberRules:
+        acquirer_id: str | None = None
+        referrer_id: str | None = None
+        referral_paid: bool = False
+        level: str = ""
+        levels_reached: int = 0
+        qualifying: int = 0
+        day_buckets: tuple[tuple[int, int], ...] = ()
+
+    expires = 1_800_000_000_000_000
+    variants = {
+        "dataclass": (Lot, MemberRules, dataclasses.replace),
+        "compiled": (rules.Lot, program.MemberRules, None),
+    }
+    statements = {
+        "Lot(...) by position": "L(7, 500, E, 'merchant-1')",
+        "Lot replace(amount=)": "rep(a, amount=3) if rep else a.replace(amount=3)",
+        "Lot .amount": "a.amount",
+        "Lot .key": "a.key",
+        "Lot == equal Lot": "a == b",
+        "hash(Lot)": "hash(a)",
+        "MemberRules(...) by position": "M(None, 'm2', True, 'gold', 3, 1200, ())",
+        "MemberRules replace(qualifying=)": "rep(m, qualifying=5) if rep else m.replace(qualifying=5)",
+    }
+    best: dict[tuple[str, str], float] = {}
+    for _ in range(rounds):
+        for name, (lot, rules_type, replace) in variants.items():
+            names = {
+                "L": lot,
+                "M": rules_type,
+                "E": expires,
+                "rep": replace,
+                "a": lot(123_456_789, 500, expires, "merchant-1"),
+                "b": lot(123_456_789, 500, expires, "merchant-1"),
+                "m": rules_type("shop", None, False, "gold", 1, 700, ((20_000, 700),)),
+            }
+            for label, statement in statements.items():
+                took = min(timeit.repeat(statement, globals=names, number=100_000, repeat=5)) / 100_000 * 1e9
+                best[(label, name)] = min(best.get((label, name), took), took)
+    print(f"ns per operation, best of {rounds} rounds (load {os.getloadavg()[0]:.2f}):")
+    for label in statements:
+        print(f"  {label:<34} dataclass {best[(label, 'dataclass')]:7.1f}   compiled {best[(label, 'compiled')]:7.1f}")
+
+
 def run_variant(tree: pathlib.Path, args: argparse.Namespace) -> dict[str, object]:
     env = dict(os.environ, PYTHONPATH=str(tree))
     env.pop("POINTS_FASTPATH", None)
@@ -129,6 +227,9 @@ def run_variant(tree: pathlib.Path, args: argparse.Namespace) -> dict[str, objec
             str(args.merchants),
             "--passes",
             str(args.passes),
+            "--repeats",
+            str(args.repeats),
+            *(["--cpu"] if args.cpu else []),
         ],
         cwd=tree,
         env=env,
@@ -164,12 +265,21 @@ def main() -> None:
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--passes", type=int, default=5, help="forced full collections timed after the run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--micro", action="store_true", help="the records' operations, compiled and dataclass")
+    parser.add_argument("--cpu", action="store_true", help="the apply's CPU alone, the collector off")
+    parser.add_argument("--repeats", type=int, default=5, help="--cpu: runs per child [5]")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         if sys.path and pathlib.Path(sys.path[0]).resolve() == HERE.parent:
             del sys.path[0]  # the variant's tree (PYTHONPATH) must be found first, not this directory
-        print(json.dumps(child(args.operations, args.members, args.merchants, args.passes)))
+        if args.cpu:
+            print(json.dumps(child_cpu(args.operations, args.members, args.merchants, args.repeats)))
+        else:
+            print(json.dumps(child(args.operations, args.members, args.merchants, args.passes)))
+        return
+    if args.micro:
+        micro(args.rounds)
         return
     variants = [("this", TREE)] + ([("base", args.base.resolve())] if args.base else [])
     print(
@@ -183,9 +293,25 @@ def main() -> None:
         for name, tree in order:
             result = run_variant(tree, args)
             results[name].append(result)
-            print(show(name, result), flush=True)
+            if args.cpu:
+                runs = " ".join(f"{r:.2f}" for r in result["runs"])
+                print(
+                    f"  {name:<6} apply µs/op, collector off: fastest {result['fastest']:.2f}, median "
+                    f"{result['median']:.2f} (runs {runs})",
+                    flush=True,
+                )
+            else:
+                print(show(name, result), flush=True)
     print("over the rounds (range):")
     for name, runs in results.items():
+        if args.cpu:
+            fastest = [r["fastest"] for r in runs]
+            median = [r["median"] for r in runs]
+            print(
+                f"  {name:<6} fastest {min(fastest):.2f}-{max(fastest):.2f} (median {statistics.median(fastest):.2f}), "
+                f"median run {min(median):.2f}-{max(median):.2f} µs/op"
+            )
+            continue
         pause = [statistics.median(r["pause_ms"]) for r in runs]
         apply = [r["apply_us_per_op"] for r in runs]
         decode = [r["decode_us_per_op"] for r in runs]
