@@ -13,13 +13,12 @@ leaves out the frozen) and the most numerous types; a full pass's time (gc.callb
 --passes forced gc.collect() calls: median and max); the automatic gen2 passes during the run (count,
 longest); apply CPU per operation (time.process_time over apply + commit, automatic collections
 included: median of the batches and over the run); each batch's BatchWrite through the batch log's
-encode and decode (CPU per operation; decode is the projector's, rebuilding the records); resident memory (VmRSS) after the run. Rounds
-alternate the variants' order.
+encode and decode (CPU per operation; decode is the projector's, rebuilding the records); resident
+memory (VmRSS) after the run. Rounds alternate the variants' order.
 
     .venv/bin/python -m loadtest.gc_pause --base /tmp/records-base [--operations 100000] [--rounds 3]
     .venv/bin/python -m loadtest.gc_pause --base /tmp/records-base --cpu [--operations 40000] [--rounds 6]
-
-    .venv/bin/python -m loadtest.gc_pause --micro
+    .venv/bin/python -m loadtest.gc_pause --micro [--rounds 3]
 
 --micro, in this process: each operation on a record (construction, replace, a field read, ==, hash, a
 Lot's key) timed on the compiled Lot and MemberRules and on frozen slots dataclasses of the same fields

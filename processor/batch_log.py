@@ -78,9 +78,10 @@ _WRITES = (BatchWrite, RulesWrite, MemberWrite)
 _RECORDS = (MemberRules, rules.Lot, EarnRecord, rules.Earn, rules.Grant, SplitRecord, VoucherHold, MemberStatus)
 
 
-# The compiled records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, MemberRules, not dataclasses; their `_fields`
-# name their fields in order) under the names the fingerprint knew them by when they were dataclasses of
-# processor.rules and processor.program: same fields, same columns, the payload byte for byte the same
+# The compiled records (fastpath/records.pyx: Lot, Grant, Earn, EarnRecord, MemberRules; not dataclasses,
+# their `_fields` name their fields in order) under the names the fingerprint knew them by when they were
+# dataclasses of processor.rules and processor.program: same fields, same columns, the payload byte for
+# byte the same, so the format and its fingerprint stay
 _COMPILED: dict[type, str] = {
     rules.Lot: "processor.rules",
     rules.Grant: "processor.rules",
@@ -110,11 +111,11 @@ def fields_fingerprint() -> str:
 
 
 class _Columns:
-    """One record class (a frozen slots dataclass, or a compiled record of _COMPILED) as columns: `pack` turns a list of records into one
-    list per field (a field whose values are all the same object as a 1-tuple of it: most of an earn
-    record's are), `unpack` turns the columns back into records. A field holding a record of another
-    class is packed as that class's columns (`nested`); one holding a tuple of records as
-    (records per value, their columns), or None when every tuple is empty (`nested_tuples`)."""
+    """One record class (a frozen slots dataclass, or a compiled record of _COMPILED) as columns: `pack`
+    turns a list of records into one list per field (a field whose values are all the same object as a
+    1-tuple of it: most of an earn record's are), `unpack` turns the columns back into records. A field
+    holding a record of another class is packed as that class's columns (`nested`); one holding a tuple
+    of records as (records per value, their columns), or None when every tuple is empty (`nested_tuples`)."""
 
     def __init__(
         self, cls: type, nested: dict[str, _Columns] | None = None, nested_tuples: dict[str, _Columns] | None = None
