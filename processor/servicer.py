@@ -728,7 +728,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         # on one future for all of them (no task, coroutine or future per operation: measured, those
         # were a fifth of the CPU, then a sixth).
         results: list = [None] * count
-        built: list[tuple[int, str, Operation]] = []
+        # the queued operations as three columns (index in the request, kind, Operation): no tuple an
+        # operation, which the cyclic collector would walk as long as the call waits (it holds an Operation)
+        indexes: list[int] = []
+        kinds: list[str] = []
+        ops: list[Operation] = []
         # member presence checks are collected while building and run side by side (each waits on
         # Postgres, a PIN on scrypt), not one after the other; only operations that need one cost a task
         presence_checks: list = []
@@ -737,7 +741,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         # earn or redeem whose merchant must first be read from Postgres, through their async builders.
         # The cyclic collector waits until the loop is done (see _collector_paused).
         earn_now, redeem_now, presence_check = self._earn_now, self._redeem_now, self._presence_check
-        append = built.append
+        add_index, add_kind, add_op = indexes.append, kinds.append, ops.append
         # merchants checked since the last await (see _checked_merchant): emptied after each await
         checked: dict[str, MerchantRow] = {}
         collecting = _collector_paused()
@@ -763,7 +767,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                     except _MerchantNotLoaded:  # its merchant is read from Postgres by the async builder
                         checked.clear()
                         op = await self._kinds[kind][0](getattr(operation, kind))
-                    append((index, kind, op))
+                    add_index(index)
+                    add_kind(kind)
+                    add_op(op)
                 except Rejection as rejection:
                     results[index] = self._to_result(kind, Outcome(rejection.code, message=rejection.message))
                 except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
@@ -783,15 +789,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 elif isinstance(error, BaseException):
                     log.error("member presence check failed unexpectedly", exc_info=error)
                     op.refusal = _INTERNAL
-        if not built:
+        if not ops:
             return pb.SubmitBatchResponse(results=results)
         # shield: a caller that goes away does not cancel the call's future (its operations commit)
-        await asyncio.shield(self.pipeline.enqueue_many([op for _, _, op in built]).future)
-        return self._batch_response(results, built)
+        await asyncio.shield(self.pipeline.enqueue_many(ops).future)
+        return self._batch_response(results, indexes, kinds, ops)
 
-    def _batch_response(self, refused: list, built: list[tuple[int, str, Operation]]) -> pb.SubmitBatchResponse:
-        """SubmitBatch's response once every queued operation is decided: `built` (index, kind, op) in
-        index order, `refused` the results of the others at their indexes (None at the built ones).
+    def _batch_response(
+        self, refused: list, indexes: list[int], kinds: list[str], ops: list[Operation]
+    ) -> pb.SubmitBatchResponse:
+        """SubmitBatch's response once every queued operation is decided: the queued ones as columns
+        (their indexes in the request, in order, their kinds and Operations), `refused` the results of the
+        others at their indexes (None at the queued ones).
         Built in place, in order: each result added to the response's list and filled there (an
         APPLIED earn or redeem by its filler, with no OperationResult of its own), rather than built on
         its own then copied into SubmitBatchResponse(results=...) (measured, loadtest/bench_servicer.py:
@@ -804,7 +813,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         position = 0
         collecting = _collector_paused()
         try:
-            for index, kind, op in built:
+            for index, kind, op in zip(indexes, kinds, ops):
                 while position < index:  # refused before it was queued (or empty): its result as it is
                     append(refused[position])
                     position += 1
