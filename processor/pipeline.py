@@ -124,8 +124,10 @@ class Call:
 # passes came every ~33,000 operations, each walking all that state; the younger passes, which walk what
 # is new, are left as they are. Measured (loadtest.budget --rounds 3, 160,000 operations a run, a
 # gc.callbacks probe summing the collector's thread CPU, 2 runs each, interleaved, load 1-2): full passes
-# 4 -> 1, their CPU 0.23-0.34 -> 0.12-0.20 s, the collector's total 0.99-1.27 -> 0.93-1.07 s (~0.5-1.2 µs
-# an operation over a run; a longer run's full passes walk a larger heap). A pass is as long as before (the same heap) but rarer; cyclic garbage that
+# 4 -> 1, their CPU 0.23-0.34 -> 0.12-0.20 s, the collector's total 0.99-1.27 -> 0.93-1.07 s; in runs of
+# 240,000 operations (--rounds 2 --batches 40, against the tree before, 2 pairs) full passes 6 -> 2, their
+# CPU 0.56-0.81 -> 0.20-0.25 s, the collector's total 1.60-2.49 -> 1.34-1.79 s (1-3 µs an operation: a
+# longer run's full passes walk a larger heap). A pass is as long as before (the same heap) but rarer; cyclic garbage that
 # reached the oldest generation waits up to ten times longer to be freed. Raising the youngest
 # generation's threshold instead measured little (20,000 and 50,000: the collector's CPU -10 to -25%,
 # within the runs' spread, and each young pass 3-8x longer): what survives a young pass is walked once
