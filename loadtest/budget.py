@@ -61,6 +61,13 @@ BATCH_SIZE = 1_000
 # read from the innermost outwards. A pattern is matched against "function (file:line)" as py-spy
 # writes it (native frames: "symbol (library)").
 STEPS: list[tuple[str, tuple[str, ...]]] = [
+    # a pass of the cyclic collector runs inside whatever allocated when it was due (with --native only:
+    # it is C); before this step its samples went to that frame's step: most to the apply loop (the
+    # first allocation after the state machine's apply re-enables the collector), the rest to SubmitBatch
+    (
+        "cyclic garbage collector (gc passes)",
+        ("gc_collect_main (", "gc_collect_with_callback (", "gc_collect_generations ("),
+    ),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("JSON idempotency records", ("to_json (", "json/encoder.py", "json/__init__.py", "json/decoder.py")),
     (

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import io
 import operator
 import pickle
 from collections import deque
@@ -327,11 +328,25 @@ def _unpack_members(packed: Any) -> MemberWrite | None:
 
 def encode(write: BatchWrite) -> bytes:
     """The payload of a batch's log row, format 2 (on the answer path: `python -m loadtest.batch_log_codec`
-    measures it against format 1)."""
+    measures it against format 1).
+
+    Pickled without the pickler's memo (`fast`): the memo is a dict entry for every tuple and str
+    written (thousands a batch), and only deduplicates what occurs twice by identity, which a payload
+    (plain values, no cycles, never more than a few levels deep) rarely has; what pickle.loads reads is
+    the same values, so the format stays 2. Measured (20 batches of the state machine, each encoded and
+    decoded both ways in turn, medians, two runs, load ~2): encode 2.89-2.96 -> 2.14-2.19 µs/op with the
+    program, 1.26 -> 0.62 without, on the service's core; the price is the program's: 367 -> 397 B/op (a
+    value repeated in the records written again where the memo referred back to it) and its decode, in
+    the projector's process, 4.91-5.47 -> 5.30-7.05 µs/op (a str made for each repeat); without the
+    program 278 B/op and decode 1.3 µs/op both ways."""
     values = list(_BATCH_GETTER(write))
     values[_RULES] = _pack_rules(values[_RULES])
     values[_MEMBERS] = _pack_members(values[_MEMBERS])
-    return pickle.dumps(values, protocol=_PICKLE_PROTOCOL)
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=_PICKLE_PROTOCOL)
+    pickler.fast = True  # no memo (see above)
+    pickler.dump(values)
+    return buffer.getvalue()
 
 
 def decode(batch_id: int, format_version: int, payload: bytes) -> BatchWrite:

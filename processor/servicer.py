@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import gc
 import logging
 import re
@@ -113,6 +114,18 @@ class Validator:
 
 
 _TRANSACTION_PREFIX = domain.TRANSACTION_PREFIX
+# The field order _earn_now and _redeem_now build Operations in, every field positionally: a field added,
+# removed or moved fails the import here rather than shifting their values into the wrong fields
+_OPERATION_FIELDS = (
+    "method merchant_id merchant_slot idempotency_key request member_id points purchase_amount hold_ttl_seconds "
+    "authorization_id transaction_id referrer_id merchant_points vouchers at_merchant_id refusal future enqueued_at "
+    "call outcome"
+).split()
+if [field.name for field in dataclasses.fields(Operation)] != _OPERATION_FIELDS:
+    raise ImportError(
+        "servicer: Operation's fields changed; update _earn_now and _redeem_now, which pass every field "
+        "positionally in that order, and _OPERATION_FIELDS (processor/servicer.py)"
+    )
 
 
 def _fill_earn_response(response: pb.EarnResponse, f: dict) -> None:
@@ -197,29 +210,42 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
 
     # --- helpers ---
 
-    def _checked_merchant(self, request, merchant_id: str) -> tuple[str, MerchantRow]:
+    def _checked_merchant(
+        self, request, merchant_id: str, checked: dict[str, MerchantRow] | None = None
+    ) -> tuple[str, MerchantRow]:
         """The common part of a mutating request, decided with no await: its merchant id and key valid,
         its merchant known, the caller allowed to act for it, the merchant within its rate limit.
         Returns (idempotency key, merchant). Raises _MerchantNotLoaded for a merchant not in memory
-        (the caller awaits _load_merchant, which reads Postgres, then calls this again)."""
-        merchant_id = self.validate.identifier(merchant_id, "merchant_id")
-        key = self.validate.idempotency_key(request.idempotency_key)
-        pipeline = self.pipeline
-        # a known merchant without a coroutine (one an operation); ready_store() still answers
-        # UNAVAILABLE while the service recovers, as pipeline.merchant() does
-        merchant = pipeline.merchants.by_id.get(merchant_id)
-        if merchant is None:
-            raise _MerchantNotLoaded(merchant_id)
-        pipeline.ready_store()
-        caller = rpc.principal.get()
-        if caller is None or not caller.may_act_for(merchant_id):
-            raise Rejection(
-                Code.PERMISSION_DENIED,
-                f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
-                "or a gateway key that lists it",
-                reason="KEY_NOT_PERMITTED",
-                field="merchant_id",
-            )
+        (the caller awaits _load_merchant, which reads Postgres, then calls this again).
+
+        `checked` (SubmitBatch's): the merchants that passed the checks that cannot change without an
+        await (id valid, known, the service ready, the caller allowed) since the caller last awaited;
+        the caller empties it after each await. A merchant found there costs only its key's check and
+        its rate limit (its operations come by the hundred a batch: a few hundred ns an operation)."""
+        merchant = checked.get(merchant_id) if checked is not None else None
+        if merchant is not None:
+            key = self.validate.idempotency_key(request.idempotency_key)
+        else:
+            merchant_id = self.validate.identifier(merchant_id, "merchant_id")
+            key = self.validate.idempotency_key(request.idempotency_key)
+            pipeline = self.pipeline
+            # a known merchant without a coroutine (one an operation); ready_store() still answers
+            # UNAVAILABLE while the service recovers, as pipeline.merchant() does
+            merchant = pipeline.merchants.by_id.get(merchant_id)
+            if merchant is None:
+                raise _MerchantNotLoaded(merchant_id)
+            pipeline.ready_store()
+            caller = rpc.principal.get()
+            if caller is None or not caller.may_act_for(merchant_id):
+                raise Rejection(
+                    Code.PERMISSION_DENIED,
+                    f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
+                    "or a gateway key that lists it",
+                    reason="KEY_NOT_PERMITTED",
+                    field="merchant_id",
+                )
+            if checked is not None:
+                checked[merchant_id] = merchant
         now = time.monotonic()
         if not self.rate_limits.take(merchant_id, now):
             metrics.operations_rate_limited.inc()
@@ -313,15 +339,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def _earn(self, request: pb.EarnRequest) -> Operation:
         return await self._built(self._earn_now, request)
 
-    def _earn_now(self, request: pb.EarnRequest) -> Operation:
+    def _earn_now(self, request: pb.EarnRequest, checked: dict[str, MerchantRow] | None = None) -> Operation:
+        """An Earn's Operation, decided with no await (`checked`: see _checked_merchant)."""
         validate = self.validate
         member_id = validate.identifier(request.member_id, "member_id")
         purchase = request.purchase_amount
         if not 1 <= purchase <= self.settings.purchase_amount_max:  # the common case without a call
             validate.amount(purchase, "purchase_amount", self.settings.purchase_amount_max, "currency minor units")
         merchant_id = request.merchant_id
-        key, merchant = self._checked_merchant(request, merchant_id)
-        # positionally, in Operation's field order (method .. purchase_amount): keywords cost a third more
+        key, merchant = self._checked_merchant(request, merchant_id, checked)
+        # every field positionally, in Operation's field order: keywords cost a third more, and the
+        # defaults filled in by __init__ another ~0.2 µs (tests/unit/test_servicer_fast_path.py compares
+        # with the keyword constructor)
         return Operation(
             Method.EARN,
             merchant_id,
@@ -331,6 +360,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             member_id,
             domain.earn_point_units(purchase, merchant.give_back_bps),
             purchase,
+            0,
+            0,
+            0,
+            "",
+            0,
+            0,
+            "",
+            None,
+            None,
+            0.0,
+            None,
+            None,
         )
 
     @staticmethod
@@ -434,8 +475,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
     async def _redeem(self, request: pb.RedeemRequest) -> Operation:
         return await self._present(await self._built(self._redeem_now, request), request.member_proof)
 
-    def _redeem_now(self, request: pb.RedeemRequest) -> Operation:
-        """A Redeem's Operation (its member presence check is the caller's: _present, or SubmitBatch's)."""
+    def _redeem_now(self, request: pb.RedeemRequest, checked: dict[str, MerchantRow] | None = None) -> Operation:
+        """A Redeem's Operation (its member presence check is the caller's: _present, or SubmitBatch's;
+        `checked`: see _checked_merchant)."""
         validate = self.validate
         member_id = validate.identifier(request.member_id, "member_id")
         points_max = self.settings.points_max
@@ -449,8 +491,8 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         if vouchers:  # only then: a retry of a points-only redeem keeps its original fingerprint
             fields["vouchers"] = vouchers
         merchant_id = request.merchant_id
-        key, merchant = self._checked_merchant(request, merchant_id)
-        # positionally, in Operation's field order (method .. vouchers)
+        key, merchant = self._checked_merchant(request, merchant_id, checked)
+        # every field positionally, in Operation's field order (see _earn_now)
         return Operation(
             Method.REDEEM,
             merchant_id,
@@ -466,6 +508,12 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             "",
             0,
             vouchers,
+            "",
+            None,
+            None,
+            0.0,
+            None,
+            None,
         )
 
     @staticmethod
@@ -680,7 +728,11 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         # on one future for all of them (no task, coroutine or future per operation: measured, those
         # were a fifth of the CPU, then a sixth).
         results: list = [None] * count
-        built: list[tuple[int, str, Operation]] = []
+        # the queued operations as three columns (index in the request, kind, Operation): no tuple an
+        # operation, which the cyclic collector would walk as long as the call waits (it holds an Operation)
+        indexes: list[int] = []
+        kinds: list[str] = []
+        ops: list[Operation] = []
         # member presence checks are collected while building and run side by side (each waits on
         # Postgres, a PIN on scrypt), not one after the other; only operations that need one cost a task
         presence_checks: list = []
@@ -689,7 +741,9 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         # earn or redeem whose merchant must first be read from Postgres, through their async builders.
         # The cyclic collector waits until the loop is done (see _collector_paused).
         earn_now, redeem_now, presence_check = self._earn_now, self._redeem_now, self._presence_check
-        append = built.append
+        add_index, add_kind, add_op = indexes.append, kinds.append, ops.append
+        # merchants checked since the last await (see _checked_merchant): emptied after each await
+        checked: dict[str, MerchantRow] = {}
         collecting = _collector_paused()
         try:
             for index, operation in enumerate(request.operations):
@@ -700,18 +754,22 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 try:
                     try:
                         if kind == "earn":
-                            op = earn_now(operation.earn)
+                            op = earn_now(operation.earn, checked)
                         elif kind == "redeem":
                             redeem = operation.redeem
-                            op = redeem_now(redeem)
+                            op = redeem_now(redeem, checked)
                             check = presence_check(op, redeem.member_proof)
                             if check is not None:
                                 presence_checks.append(check)
                         else:
+                            checked.clear()  # before the await: a rejection below leaves it empty too
                             op = await self._kinds[kind][0](getattr(operation, kind))
                     except _MerchantNotLoaded:  # its merchant is read from Postgres by the async builder
+                        checked.clear()
                         op = await self._kinds[kind][0](getattr(operation, kind))
-                    append((index, kind, op))
+                    add_index(index)
+                    add_kind(kind)
+                    add_op(op)
                 except Rejection as rejection:
                     results[index] = self._to_result(kind, Outcome(rejection.code, message=rejection.message))
                 except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
@@ -731,15 +789,18 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 elif isinstance(error, BaseException):
                     log.error("member presence check failed unexpectedly", exc_info=error)
                     op.refusal = _INTERNAL
-        if not built:
+        if not ops:
             return pb.SubmitBatchResponse(results=results)
         # shield: a caller that goes away does not cancel the call's future (its operations commit)
-        await asyncio.shield(self.pipeline.enqueue_many([op for _, _, op in built]).future)
-        return self._batch_response(results, built)
+        await asyncio.shield(self.pipeline.enqueue_many(ops).future)
+        return self._batch_response(results, indexes, kinds, ops)
 
-    def _batch_response(self, refused: list, built: list[tuple[int, str, Operation]]) -> pb.SubmitBatchResponse:
-        """SubmitBatch's response once every queued operation is decided: `built` (index, kind, op) in
-        index order, `refused` the results of the others at their indexes (None at the built ones).
+    def _batch_response(
+        self, refused: list, indexes: list[int], kinds: list[str], ops: list[Operation]
+    ) -> pb.SubmitBatchResponse:
+        """SubmitBatch's response once every queued operation is decided: the queued ones as columns
+        (their indexes in the request, in order, their kinds and Operations), `refused` the results of the
+        others at their indexes (None at the queued ones).
         Built in place, in order: each result added to the response's list and filled there (an
         APPLIED earn or redeem by its filler, with no OperationResult of its own), rather than built on
         its own then copied into SubmitBatchResponse(results=...) (measured, loadtest/bench_servicer.py:
@@ -752,7 +813,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         position = 0
         collecting = _collector_paused()
         try:
-            for index, kind, op in built:
+            for index, kind, op in zip(indexes, kinds, ops):
                 while position < index:  # refused before it was queued (or empty): its result as it is
                     append(refused[position])
                     position += 1

@@ -92,7 +92,8 @@ def _now(service: PointsServicer, entries: list) -> pb.SubmitBatchResponse:
             op = Operation(Method.EARN, "shop", 3, f"k-{index}", {})
             op.outcome = outcome
             built.append((index, kind, op))
-    return service._batch_response(refused, built)
+    indexes, kinds, ops = (list(column) for column in zip(*built)) if built else ([], [], [])
+    return service._batch_response(refused, indexes, kinds, ops)
 
 
 @settings(max_examples=400, deadline=None)
