@@ -192,6 +192,9 @@ class Pipeline:
         self._reloads: set[asyncio.Task] = set()
         self._stopping = False
         self.draining = False  # shutting down: new operations are refused, queued ones commit
+        # monotonic time of the last operation refused for draining: the shutdown keeps draining until
+        # calls stop arriving (Service.stop), so none reaches a server already stopping
+        self.last_drain_refusal = 0.0
         self._resync_requested = False
         self.ready = False  # recovery done and Postgres reachable
         self.feed_signal = events.FeedSignal()  # woken after every projected batch (processor/events.py)
@@ -449,6 +452,7 @@ class Pipeline:
         if not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the ledger is recovering from a database failure; retry shortly")
         if self.draining or self._stopping:
+            self.last_drain_refusal = now
             raise Rejection(Code.UNAVAILABLE, "the service is shutting down; retry with the same idempotency key")
         if len(self._queue) >= self.settings.queue_operations_max:
             metrics.operations_shed.inc()
