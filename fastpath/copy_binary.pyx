@@ -16,7 +16,8 @@ encoding, UTF8 under asyncpg), timestamptz as int64 microseconds since 2000-01-0
 as a version byte 1 then the JSON text, json as the JSON text alone, bytea as its bytes, bigint[] as
 array_send writes a one-dimensional array: int32 dimensions (1, or 0 when empty), int32 has-nulls (0),
 int32 element type (int8's oid, 20), then per dimension int32 length and int32 lower bound (1), then
-each element as a field (int32 length 8, int64); an element may not be NULL.
+each element as a field (int32 length 8, int64); an element may not be NULL. text[] likewise, with
+text's oid (25) and each element a field of its UTF-8 bytes (a transaction row's leg assets).
 
 A value the declared type cannot take raises TypeError or ValueError naming the table, the column and
 the row; the row being written is taken back, so the buffer never holds a partial tuple. There is no
@@ -69,6 +70,7 @@ cdef enum ColumnType:
     TYPE_BYTEA = 7
     TYPE_JSON = 8
     TYPE_INT8_ARRAY = 9
+    TYPE_TEXT_ARRAY = 10
 
 # the names PostgreSQL's format_type() gives, and the short ones used in the store's column specs
 TYPES = {
@@ -82,11 +84,13 @@ TYPES = {
     "json": TYPE_JSON,
     "bytea": TYPE_BYTEA,
     "bigint[]": TYPE_INT8_ARRAY,
+    "text[]": TYPE_TEXT_ARRAY,
 }
 
 cdef bytes SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 # 1970-01-01 to 2000-01-01, PostgreSQL's epoch for timestamps
 cdef int32_t INT8_OID = 20
+cdef int32_t TEXT_OID = 25
 cdef int64_t UNIX_TO_POSTGRES_DAYS = 10957
 cdef int64_t MICROSECONDS_A_DAY = 86400000000
 cdef object UTC = _datetime.timezone.utc
@@ -274,6 +278,9 @@ cdef class CopyEncoder:
         if kind == TYPE_INT8_ARRAY:
             self._int8_array(column, value)
             return 0
+        if kind == TYPE_TEXT_ARRAY:
+            self._text_array(column, value)
+            return 0
         raise AssertionError(f"{self._where(column)}: type code {kind} has no encoder")
 
     cdef int _int8_array(self, Py_ssize_t column, object value) except -1:
@@ -306,6 +313,39 @@ cdef class CopyEncoder:
                 raise ValueError(self._wrong(column, value, f"ints in range (element {i})")) from None
             self._int32(8)
             self._int64(number)
+        return 0
+
+    cdef int _text_array(self, Py_ssize_t column, object value) except -1:
+        # a one-dimensional text[] (a packed transaction row's leg assets); as _int8_array, a str (a
+        # sequence of characters) is refused, and so is any element that is not a str
+        cdef Py_ssize_t count, i, size, n
+        cdef const char* text
+        cdef object item
+        if isinstance(value, (str, bytes, bytearray, dict)) or not isinstance(value, (list, tuple)):
+            raise TypeError(self._wrong(column, value, "a list or tuple of strs"))
+        count = len(value)
+        size = 12 + (8 if count else 0)
+        for i in range(count):
+            item = value[i]
+            if not PyUnicode_Check(item):
+                raise TypeError(self._wrong(column, value, f"strs only (element {i} is {type(item).__name__})"))
+            PyUnicode_AsUTF8AndSize(item, &n)
+            size += 4 + n
+            if size > INT32_MAX:
+                raise ValueError(f"{self._where(column)}: an array of {count} elements is longer than a field can be")
+        self._reserve(4 + size)
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(TEXT_OID)
+        if count:
+            self._int32(count)
+            self._int32(1)
+        for i in range(count):
+            text = PyUnicode_AsUTF8AndSize(value[i], &n)
+            self._int32(n)
+            memcpy(self.data + self.length, text, n)
+            self.length += n
         return 0
 
     cdef int64_t _timestamp(self, Py_ssize_t column, object value) except? -1:

@@ -342,6 +342,25 @@ def test_bigint_arrays_round_trip_through_postgres(create_database):
     assert [dims for _, dims in got] == [None, 1, 1, None, 1]  # an empty array has no dimension, as '{}'
 
 
+def test_text_arrays_round_trip_through_postgres(create_database):
+    """text[] (a transaction row's leg assets): what array_recv reads back."""
+    url = migrated(create_database)
+    arrays = [[], ["POINTS"], ["VOUCHERS", "POINTS", "", "caf\u00e9 \u2713", "a,b", '"{}"'], None]
+
+    async def go():
+        c = await asyncpg.connect(url)
+        try:
+            await c.execute("CREATE TABLE assets_round_trip (n bigint, assets text[])")
+            stream = CopyEncoder("assets_round_trip", (("n", "bigint", 0), ("assets", "text[]", 1)))
+            stream.add(list(enumerate(arrays)))
+            await store.copy_rows(c, stream, 10.0)
+            return [r["assets"] for r in await c.fetch("SELECT assets FROM assets_round_trip ORDER BY n")]
+        finally:
+            await c.close()
+
+    assert run(go()) == arrays
+
+
 def test_a_stream_postgres_refuses_fails_the_copy_and_writes_nothing(create_database):
     """A column declared int4 where the table has int8 is refused by Postgres: an error, not garbage."""
     url = migrated(create_database)

@@ -55,6 +55,12 @@ def field(type_name: str, value) -> bytes:
         if items:
             data += struct.pack("!ii", len(items), 1) + b"".join(struct.pack("!iq", 8, v) for v in items)
         return struct.pack("!i", len(data)) + data
+    if type_name == "text[]":  # array_send with text's oid (25), each element its UTF-8 bytes
+        encoded = [v.encode() for v in value]
+        data = struct.pack("!iii", 1 if encoded else 0, 0, 25)
+        if encoded:
+            data += struct.pack("!ii", len(encoded), 1) + b"".join(struct.pack("!i", len(e)) + e for e in encoded)
+        return struct.pack("!i", len(data)) + data
     raise AssertionError(type_name)
 
 
@@ -143,6 +149,32 @@ def test_a_bigint_array_of_the_wrong_shape_raises_and_leaves_no_partial_row(valu
         stream.add([(1, [1]), (2, value)])
     assert stream.rows == 1
     assert bytes(stream.finish()) == reference(["bigint", "bigint[]"], [(1, [1])])
+
+
+def test_a_text_array_is_array_sends_bytes():
+    rows = [(1, []), (2, ["POINTS"]), (3, ("VOUCHERS", "POINTS", "", "caf\u00e9 \u2713")), (4, None)]
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("assets", "text[]", 1)])
+    stream.add(rows)
+    assert bytes(stream.finish()) == reference(["bigint", "text[]"], rows)
+
+
+@pytest.mark.parametrize(
+    "value, error, says",
+    [
+        ("POINTS", TypeError, "a list or tuple of strs"),
+        ({"a": 1}, TypeError, "a list or tuple of strs"),
+        (7, TypeError, "a list or tuple of strs"),
+        (["POINTS", 2], TypeError, "strs only (element 1 is int)"),
+        ([None], TypeError, "strs only (element 0 is NoneType)"),
+        ([b"POINTS"], TypeError, "strs only (element 0 is bytes)"),
+    ],
+)
+def test_a_text_array_of_the_wrong_shape_raises_and_leaves_no_partial_row(value, error, says):
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("assets", "text[]", 1)])
+    with pytest.raises(error, match=r"COPY transactions\.assets, row 1 of the rows given: .*" + re.escape(says)):
+        stream.add([(1, ["POINTS"]), (2, value)])
+    assert stream.rows == 1
+    assert bytes(stream.finish()) == reference(["bigint", "text[]"], [(1, ["POINTS"])])
 
 
 def test_no_rows_is_a_header_and_a_trailer():
