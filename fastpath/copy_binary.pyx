@@ -59,6 +59,13 @@ import_datetime()
 # or one of these.
 CONSTANT = -1  # the value given to add() for the column: one value for every row of the call
 LOOKUP = -2  # add()'s lookup mapping at the row's lookup key (NULL when the key is not in it)
+# A transaction row's legs (migration 0022), from add()'s `legs`: the entries (transaction_id, account_id,
+# amount[, asset]) whose transaction_id is the row's item 0, in their order: their account ids (bigint[]),
+# amounts (bigint[]) and assets (text[]; NULL when every leg is in add()'s legs_asset, the asset of a
+# 3-item entry). A row with no legs takes the column's value given to add(), else NULL.
+LEG_ACCOUNTS = -3
+LEG_AMOUNTS = -4
+LEG_ASSETS = -5
 
 cdef enum ColumnType:
     TYPE_INT2 = 1
@@ -147,8 +154,14 @@ cdef class CopyEncoder:
                 raise ValueError(
                     f"COPY {table}.{name}: type {type_name!r} cannot be encoded; one of {', '.join(TYPES)}"
                 )
-            if not isinstance(source, int) or source < LOOKUP:
-                raise ValueError(f"COPY {table}.{name}: source {source!r} is not a row index, CONSTANT or LOOKUP")
+            if not isinstance(source, int) or source < LEG_ASSETS:
+                raise ValueError(
+                    f"COPY {table}.{name}: source {source!r} is not a row index, CONSTANT, LOOKUP or LEG_*"
+                )
+            if source in (LEG_ACCOUNTS, LEG_AMOUNTS) and type_name != "bigint[]" or (
+                source == LEG_ASSETS and type_name != "text[]"
+            ):
+                raise ValueError(f"COPY {table}.{name}: a LEG_* column is bigint[] (accounts, amounts) or text[] (assets)")
             self.types[i] = TYPES[type_name]
             self.sources[i] = source
             names.append(name)
@@ -348,6 +361,51 @@ cdef class CopyEncoder:
             self.length += n
         return 0
 
+    cdef int _leg_ints(self, Py_ssize_t column, list group, Py_ssize_t item) except -1:
+        # item 1 (account id) or 2 (amount) of each of a transaction's entries, as a bigint[]
+        cdef Py_ssize_t count = len(group)
+        cdef Py_ssize_t size = 12 + (8 + 12 * count if count else 0)
+        cdef Py_ssize_t i
+        cdef int64_t number
+        cdef object entry, value
+        if size > INT32_MAX:
+            raise ValueError(f"{self._where(column)}: {count} legs are longer than a field can be")
+        self._reserve(4 + size)
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(INT8_OID)
+        if count:
+            self._int32(count)
+            self._int32(1)
+        for i in range(count):
+            entry = group[i]
+            value = entry[item]
+            if not PyLong_Check(value):
+                raise TypeError(self._wrong(column, entry, f"legs of ints (leg {i} has a {type(value).__name__})"))
+            try:
+                number = PyLong_AsLongLong(value)
+            except OverflowError:
+                raise ValueError(self._wrong(column, entry, f"legs of ints in range (leg {i})")) from None
+            self._int32(8)
+            self._int64(number)
+        return 0
+
+    cdef int _leg_assets(self, Py_ssize_t column, list group, str default) except -1:
+        # item 3 of each entry (default for a 3-item entry) as a text[], or NULL when all are the default
+        cdef Py_ssize_t i
+        cdef bint other = False
+        for entry in group:
+            if len(entry) > 3 and entry[3] != default:
+                other = True
+                break
+        if not other:
+            self._reserve(4)
+            self._int32(-1)
+            return 0
+        self._text_array(column, [entry[3] if len(entry) > 3 else default for entry in group])
+        return 0
+
     cdef int64_t _timestamp(self, Py_ssize_t column, object value) except? -1:
         # microseconds since 2000-01-01 UTC of an aware datetime; a naive one is refused: which zone
         # it means is a guess (asyncpg takes the machine's local zone)
@@ -394,14 +452,19 @@ cdef class CopyEncoder:
             f"the column takes {wanted} or None (a bug in the code that built the row)"
         )
 
-    def add(self, rows, values=None, lookup=None, Py_ssize_t lookup_key=0):
+    def add(self, rows, values=None, lookup=None, Py_ssize_t lookup_key=0, legs=None, str legs_asset="POINTS"):
         """Appends `rows` (a sequence of tuples or lists). `values` maps a column name to its value for
         every row of this call: required for a CONSTANT column, and the value of an indexed column in a
         row too short to have it (None: NULL). `lookup` (a dict) gives a LOOKUP column's value at
-        row[lookup_key]. Each distinct value is encoded once per call."""
+        row[lookup_key]. `legs` (entries (transaction_id, account_id, amount[, asset])) gives the LEG_*
+        columns of the row whose item 0 is their transaction_id; an entry of no row is a ValueError (its
+        leg would be lost). Each distinct value is encoded once per call."""
         cdef Py_ssize_t i, n, source, start, size
         cdef Py_ssize_t count = self.column_count
         cdef PyObject* found
+        cdef PyObject* group
+        cdef dict groups = None
+        cdef Py_ssize_t grouped = 0
         if self.finished:
             raise ValueError(f"COPY {self.table}: add() after finish()")
         if lookup is not None and not PyDict_Check(lookup):
@@ -424,6 +487,16 @@ cdef class CopyEncoder:
                     self.length = start
             elif self.sources[i] == CONSTANT:
                 raise ValueError(f"COPY {self.table}.{self.names[i]}: a CONSTANT column needs its value in values")
+        if legs is not None:
+            # each transaction's entries in their order, grouped in one pass (no ordering assumed)
+            groups = {}
+            for entry in legs:
+                key = entry[0]
+                group = PyDict_GetItem(groups, key)
+                if group == NULL:
+                    groups[key] = [entry]
+                else:
+                    (<list>group).append(entry)
         self.row_index = 0
         for row in rows:
             start = self.length
@@ -443,12 +516,23 @@ cdef class CopyEncoder:
                             raise IndexError(f"{self._where(i)}: the row has no item {lookup_key} to look up")
                         found = PyDict_GetItem(lookup, <object>PySequence_Fast_GET_ITEM(fast, lookup_key))
                         self._value(i, None if found == NULL else <object>found)
+                    elif source <= LEG_ACCOUNTS and groups is not None and n > 0 and (
+                        PyDict_GetItem(groups, <object>PySequence_Fast_GET_ITEM(fast, 0)) != NULL
+                    ):
+                        group = PyDict_GetItem(groups, <object>PySequence_Fast_GET_ITEM(fast, 0))
+                        if source == LEG_ASSETS:
+                            self._leg_assets(i, <list>group, legs_asset)
+                        else:
+                            self._leg_ints(i, <list>group, 1 if source == LEG_ACCOUNTS else 2)
                     elif i in encoded:
                         value_bytes = encoded[i]
                         size = PyBytes_GET_SIZE(value_bytes)
                         self._reserve(size)
                         memcpy(self.data + self.length, PyBytes_AS_STRING(value_bytes), size)
                         self.length += size
+                    elif source <= LEG_ACCOUNTS:
+                        self._reserve(4)
+                        self._int32(-1)  # no legs and no value given: NULL
                     else:
                         raise IndexError(
                             f"{self._where(i)}: the row has {n} items, none at {source}, and add() was given "
@@ -457,8 +541,18 @@ cdef class CopyEncoder:
             except BaseException:
                 self.length = start  # no partial tuple in the stream
                 raise
+            if groups is not None and n > 0 and PyDict_GetItem(groups, <object>PySequence_Fast_GET_ITEM(fast, 0)) != NULL:
+                grouped += 1
             self.rows += 1
             self.row_index += 1
+        if groups is not None and grouped < len(groups):
+            given = {row[0] for row in rows if len(row)}
+            lost = sorted(key for key in groups if key not in given)
+            if lost:
+                raise ValueError(
+                    f"COPY {self.table}: legs of transactions {lost[:5]} are not among the rows given (they "
+                    "would be lost; a bug in the code that built the batch)"
+                )
 
     def finish(self):
         """The stream with its trailer, as a memoryview: copy_to_table takes `bytes` for a file path."""

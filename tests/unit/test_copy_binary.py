@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpath.copy_binary import CONSTANT, LOOKUP, CopyEncoder
+from fastpath.copy_binary import CONSTANT, LEG_ACCOUNTS, LEG_AMOUNTS, LEG_ASSETS, LOOKUP, CopyEncoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UTC = dt.timezone.utc
@@ -275,7 +275,7 @@ def test_a_bad_constant_raises_before_any_row_is_written():
     ("columns", "add", "error", "says"),
     [
         ([("a", "numeric", 0)], None, ValueError, "type 'numeric' cannot be encoded"),
-        ([("a", "bigint", -3)], None, ValueError, "not a row index"),
+        ([("a", "bigint", -6)], None, ValueError, "not a row index"),
         ([("a", "bigint", CONSTANT)], {"rows": [(1,)]}, ValueError, "CONSTANT column needs its value"),
         ([("a", "bigint", 0)], {"rows": [(1,)], "values": {"b": 1}}, ValueError, "does not have: \\['b'\\]"),
         ([("a", "bigint", 1)], {"rows": [(1,)]}, IndexError, "the row has 1 items, none at 1"),
@@ -313,3 +313,50 @@ def test_stubtest_of_the_encoder():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+LEG_COLUMNS = [
+    ("id", "bigint", 0),
+    ("accounts", "bigint[]", LEG_ACCOUNTS),
+    ("amounts", "bigint[]", LEG_AMOUNTS),
+    ("assets", "text[]", LEG_ASSETS),
+]
+LEG_TYPES = ["bigint", "bigint[]", "bigint[]", "text[]"]
+
+
+def test_legs_are_grouped_by_transaction_in_their_order_whatever_the_entries_order():
+    entries = [(2, 20, 5), (1, 12, -7), (2, 21, -5), (1, 11, 7), (3, 30, 1, "VOUCHERS"), (3, 31, -1, "VOUCHERS")]
+    entries += [(4, 40, 2), (4, 41, -2, "POINTS"), (5, 50, 3), (5, 51, -3, "VOUCHERS")]
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    stream.add([(1,), (2,), (3,), (4,), (5,), (6,)], {"accounts": (), "amounts": ()}, legs=entries)
+    assert bytes(stream.finish()) == reference(
+        LEG_TYPES,
+        [
+            (1, [12, 11], [-7, 7], None),  # the entries' order, not the accounts'
+            (2, [20, 21], [5, -5], None),
+            (3, [30, 31], [1, -1], ["VOUCHERS", "VOUCHERS"]),
+            (4, [40, 41], [2, -2], None),  # every leg POINTS, named or not: NULL
+            (5, [50, 51], [3, -3], ["POINTS", "VOUCHERS"]),
+            (6, [], [], None),  # no legs: the values given (assets: none given, NULL)
+        ],
+    )
+
+
+def test_legs_of_a_transaction_not_among_the_rows_are_refused():
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    with pytest.raises(ValueError, match=r"legs of transactions \[9\] are not among the rows given"):
+        stream.add([(1,)], legs=[(1, 10, 1), (9, 90, -1), (1, 11, -1)])
+
+
+def test_a_leg_that_is_not_an_int_raises_and_leaves_no_partial_row():
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    stream.add([(1,)], legs=[(1, 10, 1), (1, 11, -1)])
+    with pytest.raises(TypeError, match=r"COPY transactions\.amounts, row 0 of the rows given: .*leg 1 has a str"):
+        stream.add([(2,)], legs=[(2, 20, 1), (2, 21, "x")])
+    assert stream.rows == 1
+    assert bytes(stream.finish()) == reference(LEG_TYPES, [(1, [10, 11], [1, -1], None)])
+
+
+def test_a_leg_column_of_the_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="a LEG_\\* column is bigint"):
+        CopyEncoder("transactions", [("id", "bigint", 0), ("accounts", "text[]", LEG_ACCOUNTS)])
