@@ -61,7 +61,7 @@ async def ledger_discrepancies(pool: asyncpg.Pool, report=lambda check: None) ->
                                    SELECT t.transaction_id, l.asset_code, sum(l.amount) FROM transactions t
                                    CROSS JOIN LATERAL unnest(t.leg_amounts, t.leg_assets) AS l(amount, asset_code)
                                    WHERE t.leg_assets IS NOT NULL GROUP BY 1, 2) c
-                                 WHERE s <> 0 ORDER BY transaction_id LIMIT 5"""):
+                                 WHERE s <> 0 ORDER BY transaction_id, asset_code LIMIT 5"""):
             problems.append(f"transaction {r['transaction_id']} entries in {r['asset_code']} sum to {r['s']}, not 0")
         # the journal has no foreign-key triggers (migration 0003): references are checked here; a leg's
         # transaction is its row (migration 0022), so only its account can be missing; entry_id as the
