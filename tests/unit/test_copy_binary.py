@@ -342,6 +342,29 @@ def test_legs_are_grouped_by_transaction_in_their_order_whatever_the_entries_ord
     )
 
 
+def test_legs_in_the_rows_order_are_walked_and_give_the_same_bytes_as_grouped():
+    """The state machine's order (a transaction's entries together, in the rows' order) takes the walk with
+    no dict; rows with no legs between them keep theirs empty."""
+    rows = [(1,), (2,), (3,), (4,)]
+    entries = [(1, 11, 7), (1, 12, -7), (3, 30, 1, "VOUCHERS"), (3, 31, -1), (4, 40, 2), (4, 41, -2)]
+    walked = CopyEncoder("transactions", LEG_COLUMNS)
+    walked.add(rows, {"accounts": (), "amounts": ()}, legs=entries)
+    # the same legs in another order: grouped in a dict
+    grouped = CopyEncoder("transactions", LEG_COLUMNS)
+    grouped.add(rows, {"accounts": (), "amounts": ()}, legs=[entries[4], *entries[:4], entries[5]])
+    expected = reference(
+        LEG_TYPES,
+        [
+            (1, [11, 12], [7, -7], None),
+            (2, [], [], None),
+            (3, [30, 31], [1, -1], ["VOUCHERS", "POINTS"]),
+            (4, [40, 41], [2, -2], None),
+        ],
+    )
+    assert bytes(walked.finish()) == expected
+    assert bytes(grouped.finish()) == expected
+
+
 def test_legs_of_a_transaction_not_among_the_rows_are_refused():
     stream = CopyEncoder("transactions", LEG_COLUMNS)
     with pytest.raises(ValueError, match=r"legs of transactions \[9\] are not among the rows given"):
