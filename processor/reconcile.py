@@ -337,8 +337,11 @@ async def _feed_discrepancies(fetch, report) -> list[str]:
     for r in await fetch(
         """WITH moves AS (
                SELECT a.owner_id AS member_id, e.transaction_id, e.amount
-               FROM entries e JOIN accounts a ON a.account_id = e.account_id
-               WHERE a.kind = 'member' AND a.asset_code = 'POINTS' AND e.asset_code = 'POINTS'
+               FROM (SELECT transaction_id, unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount,
+                            unnest(leg_assets) AS asset_code
+                     FROM transactions) e
+               JOIN accounts a ON a.account_id = e.account_id
+               WHERE a.kind = 'member' AND a.asset_code = 'POINTS' AND coalesce(e.asset_code, 'POINTS') = 'POINTS'
                UNION ALL
                SELECT member_id, transaction_id, 0 FROM transactions WHERE member_balance_after IS NOT NULL),
            per AS (SELECT member_id, transaction_id, sum(amount) AS amount FROM moves GROUP BY 1, 2),
@@ -448,6 +451,9 @@ _SHAPE_SUMS = """
     count(e.entry_id) FILTER (WHERE NOT coalesce(a.kind || '/' || a.asset_code = ANY({allowed}), false)) AS stray,
     string_agg(coalesce(a.kind || ':' || a.owner_id || ' ' || a.asset_code, 'account ' || e.account_id) || ' '
                || e.amount, ', ' ORDER BY e.entry_id) AS entries"""
+# the legs of the transaction row aliased t (migration 0022) as _SHAPE_SUMS reads them, entry_id their
+# ordinal (their order within the transaction, as the entries view's)
+_LEGS = "unnest(t.leg_accounts, t.leg_amounts) WITH ORDINALITY AS e(account_id, amount, entry_id)"
 # the grants of the earn_rules row aliased r: (promotion_id, sponsor_id, amount numeric); a malformed
 # grants value yields no row here and is reported by its own check
 _GRANTS = """(SELECT g->>0 AS promotion_id, g->>1 AS sponsor_id,
@@ -626,7 +632,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                       {_SHAPE_SUMS.format(allowed=_sql_text_array(_EARN_ALLOWED))}
                                FROM earn_rules r JOIN transactions t ON t.transaction_id = r.transaction_id
                                                                     AND t.kind = 1
-                               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+                               LEFT JOIN LATERAL {_LEGS} ON true
                                LEFT JOIN accounts a ON a.account_id = e.account_id
                                GROUP BY t.transaction_id, r.transaction_id)
                              SELECT * FROM x
@@ -719,7 +725,7 @@ async def _program_discrepancies(fetch, report) -> list[str]:
                                SELECT t.transaction_id, t.kind, t.amount, t.fee, t.member_id, t.merchant_id,
                                       {_SHAPE_SUMS.format(allowed=allowed_case)}
                                FROM transactions t
-                               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+                               LEFT JOIN LATERAL {_LEGS} ON true
                                LEFT JOIN accounts a ON a.account_id = e.account_id
                                WHERE t.kind = ANY($1::smallint[])
                                GROUP BY t.transaction_id)
