@@ -27,11 +27,8 @@ APPEND_LEG = """UPDATE transactions SET leg_accounts = leg_accounts || $2::bigin
                           ELSE coalesce(leg_assets, array_fill('POINTS'::text, ARRAY[cardinality(leg_amounts)]))
                                || $3::text END
     WHERE transaction_id = $1"""
-# a leg changed in place, found by its ordinal (1-based, the entries view's order): $1 transaction id, $2 the
-# leg, $3 its new account id (NULL: kept), $4 added to its amount
-CHANGE_LEG = """UPDATE transactions SET leg_accounts[$2] = coalesce($3::bigint, leg_accounts[$2]),
-        leg_amounts[$2] = leg_amounts[$2] + $4::bigint
-    WHERE transaction_id = $1"""
+# the same before migration 0022: an entries row
+UNPACKED_LEG = "INSERT INTO entries (transaction_id, account_id, asset_code, amount) VALUES ($1, $2, $3, $4)"
 
 
 def move_legs(kind: str) -> str:
@@ -151,11 +148,19 @@ class Ledger:
             program_version,
         )
         await self._handed_out("last_transaction_id", transaction_id)
+        # a database migrated to before 0022 (tests of older migrations) has an entries table
+        packed = await self.c.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'transactions'::regclass AND attname = 'leg_accounts')"
+        )
         for entry in entries:
             account_kind, owner_id, entry_amount = entry[:3]
             asset = entry[3] if len(entry) > 3 else POINTS
             await self.c.execute(
-                APPEND_LEG, transaction_id, await self.account(account_kind, owner_id, asset), asset, entry_amount
+                APPEND_LEG if packed else UNPACKED_LEG,
+                transaction_id,
+                await self.account(account_kind, owner_id, asset),
+                asset,
+                entry_amount,
             )
         return transaction_id
 
