@@ -44,11 +44,10 @@ FROM (SELECT transaction_id, array_agg(account_id ORDER BY entry_id) AS accounts
       FROM entries GROUP BY transaction_id) l
 WHERE t.transaction_id = l.transaction_id;
 
--- The UPDATE wrote a second version of every row: its indexes are rebuilt here (the migration holds the
--- table's exclusive lock already). The heap's dead half cannot be given back inside a transaction: on a
--- large journal run `VACUUM FULL transactions` after this migration, in a maintenance window, or new rows
--- fill the freed space out of created_at order (transactions_created is a BRIN index on it).
-REINDEX TABLE transactions;
+-- The UPDATE wrote a second version of every row, and every index holds both (a REINDEX in this
+-- transaction keeps them too: the UPDATE may still roll back). On a large journal run `VACUUM FULL
+-- transactions` after this migration, in a maintenance window: it halves the table and its indexes, and
+-- without it new rows fill the freed space out of created_at order (transactions_created is a BRIN index).
 
 ALTER TABLE transactions ADD CONSTRAINT transactions_legs CHECK (
     cardinality(leg_amounts) = cardinality(leg_accounts)
