@@ -124,8 +124,58 @@ def answer(result: Any) -> str:
     return repr(result)
 
 
+# the two reads of one transaction's legs and of a member's page as member_store ran them before 0022
+# (45c9616), over the entries table (base) or the view (packed view); the arrays variant runs
+# member_store's own SQL (processor_sql)
+REVERSAL_LEGS = """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id, t.refunded, t.amount,
+          coalesce(array_agg(ARRAY[e.account_id::text, a.kind, a.owner_id, a.asset_code,
+                                   e.amount::text] ORDER BY e.entry_id)
+                   FILTER (WHERE e.entry_id IS NOT NULL), '{}') AS legs
+   FROM transactions t
+   LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+   LEFT JOIN accounts a ON a.account_id = e.account_id
+   WHERE t.transaction_id = $1 OR (t.original_transaction_id = $1 AND t.kind = ANY($2::smallint[]))
+   GROUP BY t.transaction_id ORDER BY t.transaction_id"""
+MEMBER_HISTORY = """WITH page AS (
+       SELECT transaction_id FROM (
+           (SELECT transaction_id FROM transactions
+            WHERE hashtext(member_id) = hashtext($1) AND member_id = $1
+              AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY transaction_id DESC LIMIT $3)
+           UNION
+           (SELECT transaction_id FROM member_transfers
+            WHERE to_member_id = $1 AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY to_member_id, transaction_id DESC LIMIT $3)
+           UNION
+           (SELECT transaction_id FROM member_merges
+            WHERE target_member_id = $1 AND transaction_id IS NOT NULL
+              AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY target_member_id, transaction_id DESC LIMIT $3)
+       ) ids ORDER BY transaction_id DESC LIMIT $3)
+   SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
+          t.authorization_id, t.original_transaction_id, t.created_at,
+          coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
+   FROM page JOIN transactions t USING (transaction_id)
+   LEFT JOIN LATERAL (
+       SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
+              sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
+       FROM entries e JOIN accounts a USING (account_id)
+       WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
+         AND a.kind IN ('member', 'member_voucher_credit')) m ON true
+   ORDER BY t.transaction_id DESC"""
+
+
+def processor_sql(function: Callable[..., Awaitable[Any]], opening: str) -> str:
+    """The first SQL literal of a member_store function that starts with `opening`, as it runs it."""
+    import inspect
+
+    source = inspect.getsource(function)
+    start = source.index('"""' + opening)
+    return source[start + 3 : source.index('"""', start + 3)]
+
+
 class Reads:
-    """The reads of one variant's database, each named, each a coroutine function of no arguments."""
+    """The reads of one variant's database, each named: (SQL before 0022, SQL since, arguments, one value?)."""
 
     def __init__(
         self,
@@ -133,52 +183,48 @@ class Reads:
         tail_after: int,
         transaction_id: int,
         member_id: str,
-        merchant_id: str,
+        period: tuple[Any, ...],
         arrays: bool = False,
     ):
         self.pool = pool
-        self.arrays = arrays  # ARRAY_SQL's text for the reads it has
+        self.arrays = arrays  # the SQL processor/ runs since 0022, else the SQL of before
         self.results: dict[str, str] = {}  # each read's last answer, to compare across the variants
-        self.sql: dict[str, tuple[str, tuple[Any, ...]]] = {
-            "checkpoint tail (fold)": (TAIL, (tail_after,)),
-            "reconcile: sum by asset": (RECONCILE_SUMS, ()),
-            "reconcile: per transaction": (RECONCILE_PER_TRANSACTION, ()),
-            "reconcile: references": (RECONCILE_REFERENCES, ()),
-        }
-        self.calls: dict[str, Callable[[], Awaitable[Any]]] = {
-            "reversal_group (1 tx legs)": lambda: member_store.reversal_group(pool, transaction_id),
-            "member_history (50)": lambda: member_store.member_history(pool, member_id, None, 50),
+        self.sql: dict[str, tuple[str, str, tuple[Any, ...], bool]] = {
+            "checkpoint tail (fold)": (TAIL, ARRAY_SQL["checkpoint tail (fold)"], (tail_after,), False),
+            "reconcile: sum by asset": (RECONCILE_SUMS, ARRAY_SQL["reconcile: sum by asset"], (), False),
+            "reconcile: per transaction": (
+                RECONCILE_PER_TRANSACTION,
+                ARRAY_SQL["reconcile: per transaction"],
+                (),
+                False,
+            ),
+            "reconcile: references": (RECONCILE_REFERENCES, ARRAY_SQL["reconcile: references"], (), False),
+            "reversal_group (1 tx legs)": (
+                REVERSAL_LEGS,
+                processor_sql(member_store.reversal_group, "SELECT t.transaction_id"),
+                (transaction_id, list(member_store.TIED_KINDS)),
+                False,
+            ),
+            "member_history (50)": (
+                MEMBER_HISTORY,
+                processor_sql(member_store.member_history, "WITH page AS"),
+                (member_id, None, 50),
+                False,
+            ),
+            "reports: breakage (period)": (BREAKAGE, ARRAY_SQL["reports: breakage (period)"], period, True),
         }
 
     def names(self) -> list[str]:
-        return [*self.sql, *self.calls, "reports: breakage (period)"]
+        return list(self.sql)
 
-    async def run(self, name: str, period: tuple[Any, ...]) -> float:
+    async def run(self, name: str) -> float:
+        before, since, arguments, one = self.sql[name]
+        fetch = self.pool.fetchval if one else self.pool.fetch
         started = time.perf_counter()
-        if self.arrays:
-            sql = ARRAY_SQL[name]
-            arguments = period if "$2" in sql else self.sql.get(name, ("", ()))[1]
-            fetch = self.pool.fetchval if name == "reports: breakage (period)" else self.pool.fetch
-            result: Any = await fetch(sql, *arguments, timeout=600)
-        elif name in self.sql:
-            sql, args = self.sql[name]
-            result = await self.pool.fetch(sql, *args, timeout=600)
-        elif name in self.calls:
-            result = await self.calls[name]()
-        else:
-            result = await self.pool.fetchval(BREAKAGE, *period, timeout=600)
+        result: Any = await fetch(since if self.arrays else before, *arguments, timeout=600)
         took = (time.perf_counter() - started) * 1e3
         self.results[name] = answer(result)
         return took
-
-
-def reversal_sql() -> str:
-    """ReverseTransaction's legs query as member_store runs it, for EXPLAIN."""
-    import inspect
-
-    source = inspect.getsource(member_store.reversal_group)
-    start = source.index('"""SELECT t.transaction_id')
-    return source[start + 3 : source.index('"""', start + 3)]
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:
@@ -211,7 +257,8 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     totals = {name: [0.0, 0.0] for name in names}
     counted_transactions = counted_entries = 0
     # client seconds and bytes of the streams: transactions and entries (base), transactions with legs (packed)
-    encode_entries = encode_arrays = 0.0
+    encode_entries: list[float] = []  # µs/op of each counted batch (the machine is shared: medians)
+    encode_arrays: list[float] = []
     entries_bytes = array_bytes = 0
     for i in range(args.prefill_batches, args.prefill_batches + args.batches):
         _, batch_write = m.apply(work[i], {}, NOW_US + i * 1_000_000)
@@ -233,8 +280,8 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         if counting:
             counted_transactions += len(batch_write.transactions)
             counted_entries += len(batch_write.entries)
-            encode_entries += entries
-            encode_arrays += arrays
+            encode_entries.append(entries / len(work[i]) * 1e6)
+            encode_arrays.append(arrays / len(work[i]) * 1e6)
             entries_bytes += sum(len(stream) for stream in unpacked)
             array_bytes += len(packed_stream)
         if args.checkpoint_every and i % args.checkpoint_every == 0:
@@ -284,9 +331,11 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             f"{(p[0] - b[0]) / counted * 1e6:+.2f} µs/op, {(p[1] - b[1]) / counted:+.1f} B/op"
         )
     print(
-        f"\nclient (fastpath.copy_binary): base's transactions and entries streams {encode_entries / counted * 1e6:.2f} µs/op, "
+        f"\nclient (fastpath.copy_binary), µs/op median [min-max] of the batches: base's transactions and entries "
+        f"streams {statistics.median(encode_entries):.2f} [{min(encode_entries):.2f}-{max(encode_entries):.2f}], "
         f"{entries_bytes / counted:.0f} B/op; packed's transactions stream with the legs "
-        f"{encode_arrays / counted * 1e6:.2f} µs/op, {array_bytes / counted:.0f} B/op"
+        f"{statistics.median(encode_arrays):.2f} [{min(encode_arrays):.2f}-{max(encode_arrays):.2f}], "
+        f"{array_bytes / counted:.0f} B/op"
     )
     sizes = {
         n: await probes[n].connection.fetchrow(
@@ -327,26 +376,22 @@ async def read_all(url: str, names: list[str], args: argparse.Namespace) -> None
             period["opened"],
             period["cut"],
         )
-    reads = {
-        n: Reads(pools[n], tail_after, busy["transaction_id"], busy["member_id"], busy["merchant_id"]) for n in names
-    }
-    reads["arrays"] = Reads(
-        pools["packed"], tail_after, busy["transaction_id"], busy["member_id"], busy["merchant_id"], arrays=True
-    )
-    # the most recent day of the period for the breakage sum: the projection's newest transactions
+    # the most recent tenth of the period for the breakage sum: the projection's newest transactions
     recent = (period["cut"] - (period["cut"] - period["opened"]) / 10, period["cut"])
+    reads = {n: Reads(pools[n], tail_after, busy["transaction_id"], busy["member_id"], recent) for n in names}
+    reads["arrays"] = Reads(pools["packed"], tail_after, busy["transaction_id"], busy["member_id"], recent, arrays=True)
+    variants = [*names, "arrays"]
     print(
         f"\nreads (each variant's answer checked equal), ms (median [min-max] of {args.reads}, in turn): tail after transaction {tail_after}; "
-        f"member {busy['member_id']}, merchant {busy['merchant_id']}, transaction {busy['transaction_id']}"
+        f"member {busy['member_id']}, transaction {busy['transaction_id']}"
     )
     print(f"  {'read':<27} {'base':>22} {'packed view':>22} {'packed, SQL on arrays':>22}  view/base arrays/base")
     for name in reads["base"].names():
-        variants = [*names, "arrays"] if name in ARRAY_SQL else names
         times: dict[str, list[float]] = {n: [] for n in variants}
         for i in range(args.reads + 1):
             turn = i % len(variants)
             for n in variants[turn:] + variants[:turn]:
-                took = await reads[n].run(name, recent)
+                took = await reads[n].run(name)
                 if i:  # the first of each: warm-up (caches)
                     times[n].append(took)
         answers = {reads[n].results[name] for n in variants}
@@ -355,27 +400,17 @@ async def read_all(url: str, names: list[str], args: argparse.Namespace) -> None
         cells = {n: f"{statistics.median(t):8.1f} [{min(t):.1f}-{max(t):.1f}]" for n, t in times.items()}
         ratios = {n: statistics.median(t) / statistics.median(times["base"]) for n, t in times.items()}
         print(
-            f"  {name:<27} {cells['base']:>22} {cells['packed']:>22} {cells.get('arrays', '-'):>22}  "
-            f"{ratios['packed']:9.2f} {ratios['arrays'] if 'arrays' in ratios else float('nan'):11.2f}"
+            f"  {name:<27} {cells['base']:>22} {cells['packed']:>22} {cells['arrays']:>22}  "
+            f"{ratios['packed']:9.2f} {ratios['arrays']:11.2f}"
         )
     if args.plans:
-        explained = [
-            ("checkpoint tail (fold)", TAIL, (tail_after,)),
-            ("reconcile: sum by asset", RECONCILE_SUMS, ()),
-            ("reconcile: per transaction", RECONCILE_PER_TRANSACTION, ()),
-            ("reconcile: references", RECONCILE_REFERENCES, ()),
-            ("reversal_group", reversal_sql(), (busy["transaction_id"], list(member_store.TIED_KINDS))),
-            ("reports: breakage", BREAKAGE, recent),
-        ]
         with open(args.plans, "w") as out:
-            for title, sql, arguments in explained:
-                rewritten = next((v for k, v in ARRAY_SQL.items() if k.startswith(title)), None)
-                runs = [(n, pools[n], sql) for n in names]
-                if rewritten is not None:
-                    runs.append(("packed, SQL on arrays", pools["packed"], rewritten))
+            for name in reads["base"].names():
+                before, since, arguments, _ = reads["base"].sql[name]
+                runs = [(n, pools[n], before) for n in names] + [("packed, SQL on arrays", pools["packed"], since)]
                 for n, pool, text in runs:
                     plan = await pool.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {text}", *arguments, timeout=600)
-                    out.write(f"=== {title}: {n}\n" + "\n".join(r[0] for r in plan) + "\n\n")
+                    out.write(f"=== {name}: {n}\n" + "\n".join(r[0] for r in plan) + "\n\n")
         print(f"plans written to {args.plans}")
     for pool in pools.values():
         await pool.close()
