@@ -428,9 +428,6 @@ class BatchWrite:
 # the value comes from: an index into the row tuple BatchWrite/RulesWrite holds, CONSTANT for one value a
 # batch such as its created_at, encoded once a batch, or LOOKUP). The types must be the columns' own:
 # binary COPY does not cast (tests/integration/test_copy_binary.py checks them against the catalog).
-# the legs of a transaction row with none: the arrays empty, never NULL (migration 0022; readers unnest
-# them without a coalesce)
-NO_LEGS = {"leg_accounts": (), "leg_amounts": (), "leg_assets": None}
 TRANSACTIONS_COPY = (
     ("transaction_id", "bigint", 0),
     ("kind", "smallint", 1),
@@ -452,6 +449,9 @@ TRANSACTIONS_COPY = (
     ("leg_amounts", "bigint[]", LEG_AMOUNTS),
     ("leg_assets", "text[]", LEG_ASSETS),  # NULL when every leg is POINTS
 )
+# the legs of a transaction row with none: the arrays empty, never NULL (migration 0022; readers unnest
+# them without a coalesce)
+NO_LEGS = {"leg_accounts": (), "leg_amounts": (), "leg_assets": None}
 HOLDS_COPY = (
     ("authorization_id", "bigint", 0),
     ("merchant_id", "text", 1),
