@@ -7,6 +7,9 @@ from typing_extensions import disjoint_base
 
 CONSTANT: int
 LOOKUP: int
+LEG_ACCOUNTS: int
+LEG_AMOUNTS: int
+LEG_ASSETS: int
 TYPES: dict[str, int]
 
 @disjoint_base  # an extension type: nothing can subclass it together with another
@@ -21,5 +24,7 @@ class CopyEncoder:
         values: Mapping[str, Any] | None = None,
         lookup: dict[Any, Any] | None = None,
         lookup_key: int = 0,
+        legs: Iterable[Sequence[Any]] | None = None,
+        legs_asset: str = "POINTS",
     ) -> None: ...
     def finish(self) -> memoryview: ...

@@ -16,7 +16,8 @@ encoding, UTF8 under asyncpg), timestamptz as int64 microseconds since 2000-01-0
 as a version byte 1 then the JSON text, json as the JSON text alone, bytea as its bytes, bigint[] as
 array_send writes a one-dimensional array: int32 dimensions (1, or 0 when empty), int32 has-nulls (0),
 int32 element type (int8's oid, 20), then per dimension int32 length and int32 lower bound (1), then
-each element as a field (int32 length 8, int64); an element may not be NULL.
+each element as a field (int32 length 8, int64); an element may not be NULL. text[] likewise, with
+text's oid (25) and each element a field of its UTF-8 bytes (a transaction row's leg assets).
 
 A value the declared type cannot take raises TypeError or ValueError naming the table, the column and
 the row; the row being written is taken back, so the buffer never holds a partial tuple. There is no
@@ -46,7 +47,7 @@ from cpython.object cimport PyObject
 from cpython.sequence cimport PySequence_Fast, PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_Check
 from libc.stdint cimport INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN, int32_t, int64_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
 import array as _array
@@ -58,6 +59,13 @@ import_datetime()
 # or one of these.
 CONSTANT = -1  # the value given to add() for the column: one value for every row of the call
 LOOKUP = -2  # add()'s lookup mapping at the row's lookup key (NULL when the key is not in it)
+# A transaction row's legs (migration 0022), from add()'s `legs`: the entries (transaction_id, account_id,
+# amount[, asset]) whose transaction_id is the row's item 0, in their order: their account ids (bigint[]),
+# amounts (bigint[]) and assets (text[]; NULL when every leg is in add()'s legs_asset, the asset of a
+# 3-item entry). A row with no legs takes the column's value given to add(), else NULL.
+LEG_ACCOUNTS = -3
+LEG_AMOUNTS = -4
+LEG_ASSETS = -5
 
 cdef enum ColumnType:
     TYPE_INT2 = 1
@@ -69,6 +77,7 @@ cdef enum ColumnType:
     TYPE_BYTEA = 7
     TYPE_JSON = 8
     TYPE_INT8_ARRAY = 9
+    TYPE_TEXT_ARRAY = 10
 
 # the names PostgreSQL's format_type() gives, and the short ones used in the store's column specs
 TYPES = {
@@ -82,11 +91,13 @@ TYPES = {
     "json": TYPE_JSON,
     "bytea": TYPE_BYTEA,
     "bigint[]": TYPE_INT8_ARRAY,
+    "text[]": TYPE_TEXT_ARRAY,
 }
 
 cdef bytes SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 # 1970-01-01 to 2000-01-01, PostgreSQL's epoch for timestamps
 cdef int32_t INT8_OID = 20
+cdef int32_t TEXT_OID = 25
 cdef int64_t UNIX_TO_POSTGRES_DAYS = 10957
 cdef int64_t MICROSECONDS_A_DAY = 86400000000
 cdef object UTC = _datetime.timezone.utc
@@ -143,8 +154,14 @@ cdef class CopyEncoder:
                 raise ValueError(
                     f"COPY {table}.{name}: type {type_name!r} cannot be encoded; one of {', '.join(TYPES)}"
                 )
-            if not isinstance(source, int) or source < LOOKUP:
-                raise ValueError(f"COPY {table}.{name}: source {source!r} is not a row index, CONSTANT or LOOKUP")
+            if not isinstance(source, int) or source < LEG_ASSETS:
+                raise ValueError(
+                    f"COPY {table}.{name}: source {source!r} is not a row index, CONSTANT, LOOKUP or LEG_*"
+                )
+            if source in (LEG_ACCOUNTS, LEG_AMOUNTS) and type_name != "bigint[]" or (
+                source == LEG_ASSETS and type_name != "text[]"
+            ):
+                raise ValueError(f"COPY {table}.{name}: a LEG_* column is bigint[] (accounts, amounts) or text[] (assets)")
             self.types[i] = TYPES[type_name]
             self.sources[i] = source
             names.append(name)
@@ -274,6 +291,9 @@ cdef class CopyEncoder:
         if kind == TYPE_INT8_ARRAY:
             self._int8_array(column, value)
             return 0
+        if kind == TYPE_TEXT_ARRAY:
+            self._text_array(column, value)
+            return 0
         raise AssertionError(f"{self._where(column)}: type code {kind} has no encoder")
 
     cdef int _int8_array(self, Py_ssize_t column, object value) except -1:
@@ -306,6 +326,92 @@ cdef class CopyEncoder:
                 raise ValueError(self._wrong(column, value, f"ints in range (element {i})")) from None
             self._int32(8)
             self._int64(number)
+        return 0
+
+    cdef int _text_array(self, Py_ssize_t column, object value) except -1:
+        # a one-dimensional text[] (a packed transaction row's leg assets); as _int8_array, a str (a
+        # sequence of characters) is refused, and so is any element that is not a str
+        cdef Py_ssize_t count, i, size, n
+        cdef const char* text
+        cdef object item
+        if isinstance(value, (str, bytes, bytearray, dict)) or not isinstance(value, (list, tuple)):
+            raise TypeError(self._wrong(column, value, "a list or tuple of strs"))
+        count = len(value)
+        size = 12 + (8 if count else 0)
+        for i in range(count):
+            item = value[i]
+            if not PyUnicode_Check(item):
+                raise TypeError(self._wrong(column, value, f"strs only (element {i} is {type(item).__name__})"))
+            PyUnicode_AsUTF8AndSize(item, &n)
+            size += 4 + n
+            if size > INT32_MAX:
+                raise ValueError(f"{self._where(column)}: an array of {count} elements is longer than a field can be")
+        self._reserve(4 + size)
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(TEXT_OID)
+        if count:
+            self._int32(count)
+            self._int32(1)
+        for i in range(count):
+            text = PyUnicode_AsUTF8AndSize(value[i], &n)
+            self._int32(n)
+            memcpy(self.data + self.length, text, n)
+            self.length += n
+        return 0
+
+    cdef int _leg_ints(self, Py_ssize_t column, object legs, Py_ssize_t first, Py_ssize_t count,
+                       Py_ssize_t item) except -1:
+        # item 1 (account id) or 2 (amount) of legs[first:first + count] (a list or tuple), a bigint[]
+        cdef Py_ssize_t size = 12 + (8 + 12 * count if count else 0)
+        cdef Py_ssize_t i
+        cdef int64_t number
+        cdef object entry, value
+        if size > INT32_MAX:
+            raise ValueError(f"{self._where(column)}: {count} legs are longer than a field can be")
+        self._reserve(4 + size)
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(INT8_OID)
+        if count:
+            self._int32(count)
+            self._int32(1)
+        for i in range(count):
+            entry = <object>PySequence_Fast_GET_ITEM(legs, first + i)
+            value = entry[item]
+            if not PyLong_Check(value):
+                raise TypeError(self._wrong(column, entry, f"legs of ints (leg {i} has a {type(value).__name__})"))
+            try:
+                number = PyLong_AsLongLong(value)
+            except OverflowError:
+                raise ValueError(self._wrong(column, entry, f"legs of ints in range (leg {i})")) from None
+            self._int32(8)
+            self._int64(number)
+        return 0
+
+    cdef int _leg_assets(self, Py_ssize_t column, object legs, Py_ssize_t first, Py_ssize_t count,
+                         str default) except -1:
+        # item 3 of legs[first:first + count] (default for a 3-item entry) as a text[], or NULL when all
+        # are the default
+        cdef Py_ssize_t i
+        cdef bint other = False
+        cdef object entry
+        for i in range(count):
+            entry = <object>PySequence_Fast_GET_ITEM(legs, first + i)
+            if len(entry) > 3 and entry[3] != default:
+                other = True
+                break
+        if not other:
+            self._reserve(4)
+            self._int32(-1)
+            return 0
+        assets = []
+        for i in range(count):
+            entry = <object>PySequence_Fast_GET_ITEM(legs, first + i)
+            assets.append(entry[3] if len(entry) > 3 else default)
+        self._text_array(column, assets)
         return 0
 
     cdef int64_t _timestamp(self, Py_ssize_t column, object value) except? -1:
@@ -354,14 +460,22 @@ cdef class CopyEncoder:
             f"the column takes {wanted} or None (a bug in the code that built the row)"
         )
 
-    def add(self, rows, values=None, lookup=None, Py_ssize_t lookup_key=0):
+    def add(self, rows, values=None, lookup=None, Py_ssize_t lookup_key=0, legs=None, str legs_asset="POINTS"):
         """Appends `rows` (a sequence of tuples or lists). `values` maps a column name to its value for
         every row of this call: required for a CONSTANT column, and the value of an indexed column in a
         row too short to have it (None: NULL). `lookup` (a dict) gives a LOOKUP column's value at
-        row[lookup_key]. Each distinct value is encoded once per call."""
-        cdef Py_ssize_t i, n, source, start, size
+        row[lookup_key]. `legs` (entries (transaction_id, account_id, amount[, asset])) gives the LEG_*
+        columns of the row whose item 0 is their transaction_id; an entry of no row is a ValueError (its
+        leg would be lost). Each distinct value is encoded once per call."""
+        cdef Py_ssize_t i, n, source, start, size, r, j, row_count
         cdef Py_ssize_t count = self.column_count
         cdef PyObject* found
+        cdef PyObject* group
+        cdef dict groups = None
+        cdef Py_ssize_t grouped = 0
+        cdef Py_ssize_t legs_count = 0, leg_first, leg_count
+        cdef Py_ssize_t* spans = NULL
+        cdef object legs_fast = None, leg_seq, rows_fast, transaction_id
         if self.finished:
             raise ValueError(f"COPY {self.table}: add() after finish()")
         if lookup is not None and not PyDict_Check(lookup):
@@ -384,41 +498,103 @@ cdef class CopyEncoder:
                     self.length = start
             elif self.sources[i] == CONSTANT:
                 raise ValueError(f"COPY {self.table}.{self.names[i]}: a CONSTANT column needs its value in values")
-        self.row_index = 0
-        for row in rows:
-            start = self.length
-            try:
-                fast = PySequence_Fast(row, "a row must be a tuple or a list")
-                n = PySequence_Fast_GET_SIZE(fast)
-                self._reserve(2)
-                self._int16(<int>count)
-                for i in range(count):
-                    source = self.sources[i]
-                    if 0 <= source < n:
-                        self._value(i, <object>PySequence_Fast_GET_ITEM(fast, source))
-                    elif source == LOOKUP:
-                        if lookup is None:
-                            raise ValueError(f"{self._where(i)}: a LOOKUP column needs add(lookup=...)")
-                        if lookup_key >= n:
-                            raise IndexError(f"{self._where(i)}: the row has no item {lookup_key} to look up")
-                        found = PyDict_GetItem(lookup, <object>PySequence_Fast_GET_ITEM(fast, lookup_key))
-                        self._value(i, None if found == NULL else <object>found)
-                    elif i in encoded:
-                        value_bytes = encoded[i]
-                        size = PyBytes_GET_SIZE(value_bytes)
-                        self._reserve(size)
-                        memcpy(self.data + self.length, PyBytes_AS_STRING(value_bytes), size)
-                        self.length += size
-                    else:
-                        raise IndexError(
-                            f"{self._where(i)}: the row has {n} items, none at {source}, and add() was given "
-                            "no value for the column"
-                        )
-            except BaseException:
-                self.length = start  # no partial tuple in the stream
-                raise
-            self.rows += 1
-            self.row_index += 1
+        rows_fast = PySequence_Fast(rows, "rows must be a sequence of tuples or lists")
+        row_count = PySequence_Fast_GET_SIZE(rows_fast)
+        try:
+            if legs is not None:
+                legs_fast = PySequence_Fast(legs, "legs must be a sequence of entries")
+                legs_count = PySequence_Fast_GET_SIZE(legs_fast)
+                # The usual order (the state machine's): each transaction's entries together, the
+                # transactions in the rows' order. One walk finds each row's span of entries, with no
+                # object allocated per row (a list per transaction, ~1,000 a batch, woke the collector:
+                # batches of 90 ms among 1 ms ones). Any other order: grouped in a dict.
+                spans = <Py_ssize_t*>malloc((2 * row_count + 1) * sizeof(Py_ssize_t))
+                if spans == NULL:
+                    raise MemoryError()
+                j = 0
+                for r in range(row_count):
+                    row = <object>PySequence_Fast_GET_ITEM(rows_fast, r)
+                    spans[2 * r] = j
+                    if len(row):
+                        transaction_id = row[0]
+                        while j < legs_count and (<object>PySequence_Fast_GET_ITEM(legs_fast, j))[0] == transaction_id:
+                            j += 1
+                    spans[2 * r + 1] = j - spans[2 * r]
+                if j < legs_count:
+                    free(spans)
+                    spans = NULL
+                    groups = {}
+                    for entry in legs_fast:
+                        key = entry[0]
+                        group = PyDict_GetItem(groups, key)
+                        if group == NULL:
+                            groups[key] = [entry]
+                        else:
+                            (<list>group).append(entry)
+            self.row_index = 0
+            for r in range(row_count):
+                row = <object>PySequence_Fast_GET_ITEM(rows_fast, r)
+                start = self.length
+                try:
+                    fast = PySequence_Fast(row, "a row must be a tuple or a list")
+                    n = PySequence_Fast_GET_SIZE(fast)
+                    # this row's legs: leg_seq[leg_first:leg_first + leg_count]
+                    leg_seq, leg_first, leg_count = legs_fast, 0, 0
+                    if spans != NULL:
+                        leg_first, leg_count = spans[2 * r], spans[2 * r + 1]
+                    elif groups is not None and n > 0:
+                        group = PyDict_GetItem(groups, <object>PySequence_Fast_GET_ITEM(fast, 0))
+                        if group != NULL:
+                            leg_seq, leg_count = <object>group, len(<list>group)
+                    self._reserve(2)
+                    self._int16(<int>count)
+                    for i in range(count):
+                        source = self.sources[i]
+                        if 0 <= source < n:
+                            self._value(i, <object>PySequence_Fast_GET_ITEM(fast, source))
+                        elif source == LOOKUP:
+                            if lookup is None:
+                                raise ValueError(f"{self._where(i)}: a LOOKUP column needs add(lookup=...)")
+                            if lookup_key >= n:
+                                raise IndexError(f"{self._where(i)}: the row has no item {lookup_key} to look up")
+                            found = PyDict_GetItem(lookup, <object>PySequence_Fast_GET_ITEM(fast, lookup_key))
+                            self._value(i, None if found == NULL else <object>found)
+                        elif source <= LEG_ACCOUNTS and leg_count > 0:
+                            if source == LEG_ASSETS:
+                                self._leg_assets(i, leg_seq, leg_first, leg_count, legs_asset)
+                            else:
+                                self._leg_ints(i, leg_seq, leg_first, leg_count, 1 if source == LEG_ACCOUNTS else 2)
+                        elif i in encoded:
+                            value_bytes = encoded[i]
+                            size = PyBytes_GET_SIZE(value_bytes)
+                            self._reserve(size)
+                            memcpy(self.data + self.length, PyBytes_AS_STRING(value_bytes), size)
+                            self.length += size
+                        elif source <= LEG_ACCOUNTS:
+                            self._reserve(4)
+                            self._int32(-1)  # no legs and no value given: NULL
+                        else:
+                            raise IndexError(
+                                f"{self._where(i)}: the row has {n} items, none at {source}, and add() was given "
+                                "no value for the column"
+                            )
+                except BaseException:
+                    self.length = start  # no partial tuple in the stream
+                    raise
+                if groups is not None and leg_count > 0:
+                    grouped += 1
+                self.rows += 1
+                self.row_index += 1
+        finally:
+            free(spans)
+        if groups is not None and grouped < len(groups):
+            present = {row[0] for row in rows_fast if len(row)}
+            lost = sorted(key for key in groups if key not in present)
+            if lost:
+                raise ValueError(
+                    f"COPY {self.table}: legs of transactions {lost[:5]} are not among the rows given (they "
+                    "would be lost; a bug in the code that built the batch)"
+                )
 
     def finish(self):
         """The stream with its trailer, as a memoryview: copy_to_table takes `bytes` for a file path."""

@@ -1,29 +1,26 @@
-"""Entries packed into their transaction's row, against entries stored row by row: Postgres CPU and WAL
-bytes per operation of the projection's writes, and the time of the reads that use entries, on one
-embedded Postgres (the service's settings) in a temporary directory (issue 14, "entries derived from the
-transaction row rather than stored row by row").
+"""Entries packed into their transaction's row (migration 0022) against entries stored row by row (the
+schema through 0021): Postgres CPU and WAL bytes per operation of the projection's writes, and the time
+of the reads that use entries, on one embedded Postgres (the service's settings) in a temporary
+directory (issue 14, "entries derived from the transaction row rather than stored row by row").
 
-    base    the schema as it is: a transactions row and ~3.6 entries rows (entries_transaction) per
-            operation, each a binary COPY of its own (Store._write_many as the projector runs it)
-    packed  each transaction's legs in its own row, three columns added to transactions:
-            leg_accounts bigint[], leg_amounts bigint[] (in the legs' order) and leg_assets text[] (NULL
-            when every leg is POINTS, the asset of all but the rare voucher legs); no entries table:
-            `entries` is a VIEW over transactions (unnest ... WITH ORDINALITY) with the same columns, its
-            entry_id synthetic (transaction_id * LEGS_MAX + the leg's ordinal), so every read's SQL is
-            unchanged. The transactions COPY carries the arrays (binary, appended here in Python to the
-            stream fastpath/copy_binary.pyx encodes: it has no array type yet); no entries COPY.
+    base    the schema through migration 0021: a transactions row and ~3.6 entries rows per operation,
+            each a binary COPY of its own (as Store._write_many wrote them before 0022:
+            projection_write.unpacked_streams)
+    packed  the same database with migration 0022 applied (each transaction's legs in its row:
+            leg_accounts, leg_amounts, leg_assets; `entries` a view), rewritten (VACUUM FULL) and
+            analysed; written by Store._write_many as it is (the legs in the transactions COPY)
 
-A template database gets every migration and is filled as loadtest/projection_write.py fills its
-(the state machine's own batches: 1,000 operations, 70% earn / 30% redeem, Zipf members,
-ops/program.example.json in force; --prefill-batches written by Store._write_many, then the journal
-copied --copies times at lower ids and earlier times). `packed` is a copy of it with the entries moved
-into the arrays, rewritten (VACUUM FULL) and analysed. Each measured batch is written to both, the order
-alternating batch by batch, each in a transaction of its own, committed; around each statement the
-backend's CPU (/proc/<pid>/schedstat) and WAL bytes (pg_current_wal_insert_lsn). Then the reads, in
-turn, --reads times each: the balance checkpoint's tail (the last --tail-transactions transactions),
-reconcile's whole-journal checks, ReverseTransaction's legs, a member's history and a merchant's
-statement lines (the functions of processor/ themselves where they take a pool); printed: median and
-range in ms, and with --plans FILE every read's EXPLAIN (ANALYZE) of both variants written to FILE.
+A template database gets the migrations through 0021 and is filled as loadtest/projection_write.py fills
+its (the state machine's own batches: 1,000 operations, 70% earn / 30% redeem, Zipf members,
+ops/program.example.json in force; --prefill-batches written, then the journal copied --copies times at
+lower ids and earlier times). Each measured batch is written to both, the order alternating batch by
+batch, each in a transaction of its own, committed; around each statement the backend's CPU
+(/proc/<pid>/schedstat) and WAL bytes (pg_current_wal_insert_lsn). Then the reads, in turn, --reads
+times each: the balance checkpoint's tail (the last --tail-transactions transactions), reconcile's
+whole-journal checks, ReverseTransaction's legs, a member's history and the breakage of a period: base
+runs the SQL as it was before 0022, `packed view` the same SQL through the entries view, `packed, SQL on
+arrays` the SQL processor/ now runs (store.tail_deltas, reconcile.py, reports.py); printed: median and
+range in ms, and with --plans FILE every read's EXPLAIN (ANALYZE) written to FILE.
 
     .venv/bin/python -m loadtest.entries_packed [--batches 30] [--prefill-batches 100] [--copies 10]
         [--reads 5] [--plans /tmp/entries-plans.txt] [--checkpoint-every 0]
@@ -33,9 +30,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -44,162 +40,32 @@ from fastpath.copy_binary import CopyEncoder
 from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
 from loadtest.harness import precise_cpu_seconds as cpu_seconds
-from loadtest.projection_write import FIRST_TRANSACTION_ID, LSN, Probe, database_url, fill_template
+from loadtest.projection_write import (
+    FIRST_TRANSACTION_ID,
+    LSN,
+    Probe,
+    database_url,
+    fill_template,
+    unpacked_streams,
+)
 from processor import member_store
+from processor.domain import ASSET_POINTS
 from processor.state_machine import IdAllocator
-from processor.store import ENTRIES_COPY, Store
+from processor.store import MIGRATIONS, NO_LEGS, TRANSACTIONS_COPY, Store
 
-# the synthetic entry_id's factor: a transaction's legs are numbered 1..LEGS_MAX - 1 within it (the
-# template's most is printed; the packing refuses a transaction with more)
-LEGS_MAX = 64
-POINTS = "POINTS"
-INT8_OID = 20
-TEXT_OID = 25
-# binary COPY: the signature, flags and header extension (19 bytes); a tuple's field count; the trailer
-COPY_HEADER_BYTES = 19
-COPY_TRAILER = b"\xff\xff"
-
-Legs = tuple[list[int], list[int], list[str] | None]
-
-
-def legs_by_transaction(entries: Iterable[Sequence[Any]]) -> dict[int, Legs]:
-    """A batch's entries (transaction_id, account_id, amount[, asset]) as each transaction's legs, in the
-    entries' order: (account ids, amounts, assets or None when every leg is POINTS)."""
-    legs: dict[int, Legs] = {}
-    for entry in entries:
-        accounts, amounts, assets = legs.setdefault(entry[0], ([], [], None))
-        asset = entry[3] if len(entry) > 3 else POINTS
-        if asset != POINTS and assets is None:
-            assets = [POINTS] * len(accounts)
-            legs[entry[0]] = (accounts, amounts, assets)
-        accounts.append(entry[1])
-        amounts.append(entry[2])
-        if assets is not None:
-            assets.append(asset)
-    for transaction_id, (accounts, _, _) in legs.items():
-        if len(accounts) >= LEGS_MAX:
-            raise ValueError(f"transaction {transaction_id}: {len(accounts)} legs; the synthetic entry_id allows fewer")
-    return legs
-
-
-def array_field(values: Sequence[int] | Sequence[str] | None, element_oid: int) -> bytes:
-    """One COPY binary field (length and value) holding a one-dimensional array, as Postgres's
-    array_recv reads it: ndim, has-nulls, element type, then the dimension's length and lower bound
-    (1), then each element's length and value; None is the field NULL (length -1)."""
-    if values is None:
-        return struct.pack("!i", -1)
-    if element_oid == INT8_OID:
-        elements = b"".join(struct.pack("!iq", 8, v) for v in values)
-    elif element_oid == TEXT_OID:
-        encoded = [str(v).encode() for v in values]
-        elements = b"".join(struct.pack("!i", len(e)) + e for e in encoded)
-    else:
-        raise ValueError(f"element type {element_oid}: int8 (20) or text (25)")
-    body = struct.pack("!iiiii", 1, 0, element_oid, len(values), 1) + elements
-    return struct.pack("!i", len(body)) + body
-
-
-def packed_fields(legs: Legs | None) -> bytes:
-    """The three leg columns of one transaction's row (NULL arrays for a transaction with no legs)."""
-    if legs is None:
-        return array_field(None, INT8_OID) * 3
-    accounts, amounts, assets = legs
-    return array_field(accounts, INT8_OID) + array_field(amounts, INT8_OID) + array_field(assets, TEXT_OID)
-
-
-def append_fields(source: bytes | memoryview, extra: Mapping[int, bytes], added: int, default: bytes) -> bytes:
-    """A binary COPY stream with `added` more fields at the end of each tuple: extra[first field as a
-    bigint] (the row's transaction_id), `default` for a row not in `extra`."""
-    stream = bytes(source)
-    out = [stream[:COPY_HEADER_BYTES]]
-    at = COPY_HEADER_BYTES
-    while True:
-        (count,) = struct.unpack_from("!h", stream, at)
-        if count == -1:
-            break
-        start = at + 2
-        at = start
-        key = None
-        for field in range(count):
-            (length,) = struct.unpack_from("!i", stream, at)
-            if field == 0:
-                if length != 8:
-                    raise ValueError("the first field is not a bigint")
-                (key,) = struct.unpack_from("!q", stream, at + 4)
-            at += 4 + max(length, 0)
-        out.append(struct.pack("!h", count + added))
-        out.append(stream[start:at])
-        out.append(extra.get(key, default) if key is not None else default)
-    if stream[at:] != COPY_TRAILER:
-        raise ValueError("the stream does not end with the COPY trailer")
-    out.append(COPY_TRAILER)
-    return b"".join(out)
-
-
-PACK_SQL = f"""
-ALTER TABLE transactions ADD COLUMN leg_accounts bigint[], ADD COLUMN leg_amounts bigint[],
-    ADD COLUMN leg_assets text[];
-UPDATE transactions t SET leg_accounts = l.accounts, leg_amounts = l.amounts, leg_assets = l.assets
-FROM (SELECT transaction_id, array_agg(account_id ORDER BY entry_id) AS accounts,
-             array_agg(amount ORDER BY entry_id) AS amounts,
-             CASE WHEN bool_and(asset_code = '{POINTS}') THEN NULL
-                  ELSE array_agg(asset_code ORDER BY entry_id) END AS assets
-      FROM entries GROUP BY transaction_id) l
-WHERE t.transaction_id = l.transaction_id;
-"""
-ENTRIES_VIEW = f"""
-CREATE VIEW entries AS
-SELECT t.transaction_id * {LEGS_MAX} + l.leg AS entry_id, t.transaction_id, l.account_id,
-       coalesce(t.leg_assets[l.leg], '{POINTS}') AS asset_code, l.amount
-FROM transactions t
-CROSS JOIN LATERAL unnest(t.leg_accounts, t.leg_amounts) WITH ORDINALITY AS l(account_id, amount, leg)
-"""
-# the views over entries (and over those), dependents after what they depend on
-DEPENDENT_VIEWS = """
-WITH RECURSIVE v(oid, depth) AS (
-  SELECT DISTINCT r.ev_class, 1 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
-  WHERE d.refobjid = 'entries'::regclass AND r.ev_class <> 'entries'::regclass
-  UNION
-  SELECT DISTINCT r.ev_class, v.depth + 1 FROM v JOIN pg_depend d ON d.refobjid = v.oid
-  JOIN pg_rewrite r ON r.oid = d.objid WHERE r.ev_class <> v.oid)
-SELECT c.relname, c.relkind::text AS relkind, max(depth) AS depth, pg_get_viewdef(c.oid) AS definition
-FROM v JOIN pg_class c ON c.oid = v.oid GROUP BY c.oid, c.relname, c.relkind ORDER BY max(depth)
-"""
+POINTS = ASSET_POINTS
+PACKED_MIGRATION = 22  # 0022_entries_packed.sql
 
 
 async def pack(c: asyncpg.Connection) -> int:
-    """Moves the entries into their transactions' rows and replaces the table by the view (the views
-    over it recreated as they were); returns the most legs a transaction has."""
-    views = await c.fetch(DEPENDENT_VIEWS)
-    if any(v["relkind"] != "v" for v in views):
-        raise SystemExit(f"objects other than views depend on entries: {[v['relname'] for v in views]}")
+    """Applies migration 0022 (the entries moved into their transactions' rows, the table replaced by the
+    view), then rewrites and analyses; returns the most legs a transaction has."""
+    (path,) = [p for p in MIGRATIONS.glob("*.sql") if int(p.name.split("_", 1)[0]) == PACKED_MIGRATION]
     async with c.transaction():
-        await c.execute(PACK_SQL)
-        await c.execute("DROP TABLE entries CASCADE")
-        await c.execute(ENTRIES_VIEW)
-        for v in views:
-            await c.execute(f"CREATE VIEW {v['relname']} AS {v['definition']}")
+        await c.execute(path.read_text())
     await c.execute("VACUUM FULL transactions")
     await c.execute("ANALYZE")
     return int(await c.fetchval("SELECT coalesce(max(cardinality(leg_accounts)), 0) FROM transactions"))
-
-
-class LegProbe(Probe):
-    """Probe with the COPYs timed too; `packed` sends the legs in the transactions COPY and no entries."""
-
-    def __init__(self, connection: asyncpg.Connection, packed: bool) -> None:
-        super().__init__(connection)
-        self.packed = packed
-        self.legs: dict[int, bytes] = {}
-
-    async def copy_to_table(self, table: str, *, source: bytes | memoryview, columns: list[str], **kwargs: Any) -> Any:
-        if self.packed and table == "entries":
-            return None
-        if self.packed and table == "transactions":
-            # a memoryview: asyncpg reads bytes as a file name
-            source = memoryview(append_fields(source, self.legs, 3, packed_fields(None)))
-            columns = [*columns, "leg_accounts", "leg_amounts", "leg_assets"]
-        return await self.timed(table, self.connection.copy_to_table(table, source=source, columns=columns, **kwargs))
 
 
 # --- reads ------------------------------------------------------------------------------------------
@@ -207,7 +73,7 @@ class LegProbe(Probe):
 TAIL = "SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest FROM entries WHERE transaction_id > $1 GROUP BY account_id"
 RECONCILE_SUMS = "SELECT asset_code, sum(amount) AS s FROM entries GROUP BY asset_code"
 RECONCILE_PER_TRANSACTION = """SELECT transaction_id, asset_code, sum(amount) AS s FROM entries
-    GROUP BY transaction_id, asset_code HAVING sum(amount) <> 0 ORDER BY transaction_id LIMIT 5"""
+    GROUP BY transaction_id, asset_code HAVING sum(amount) <> 0 ORDER BY transaction_id, asset_code LIMIT 5"""
 # reconcile's check without its LIMIT 5, counted: on a sound ledger it finds nothing and so scans every
 # entry; the bench's accounts are not all in the accounts table, which would end it at the fifth row
 RECONCILE_REFERENCES = """SELECT count(*) FROM (SELECT e.entry_id, e.transaction_id, e.account_id FROM entries e
@@ -219,10 +85,10 @@ BREAKAGE = """SELECT coalesce(sum(e.amount), 0)::bigint FROM transactions t
     WHERE t.created_at >= $1 AND t.created_at < $2"""
 
 
-# The same reads written over the arrays directly (what a reader rewritten for the packed row would run,
-# not the view): the legs unnested in the select list (a ProjectSet, no function scan and tuplestore per
-# row) and, where the view joined transactions to itself (the view's transactions row and the reader's),
-# one scan of transactions.
+# The same reads as processor/ runs them since 0022, over the arrays (the legs unnested in the select
+# list: a ProjectSet, no function scan and tuplestore per row; the view joined transactions to itself):
+# store.tail_deltas, reconcile.ledger_discrepancies' first three checks (the last without its LIMIT,
+# counted), reports' breakage.
 ARRAY_SQL = {
     "checkpoint tail (fold)": """SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest
         FROM (SELECT transaction_id, unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
@@ -230,8 +96,6 @@ ARRAY_SQL = {
     "reconcile: sum by asset": f"""SELECT coalesce(asset_code, '{POINTS}') AS asset_code, sum(amount) AS s
         FROM (SELECT unnest(leg_amounts) AS amount, unnest(leg_assets) AS asset_code FROM transactions) l
         GROUP BY 1""",
-    # a POINTS-only row (leg_assets NULL: nearly all) summed on its own, no GROUP BY over the journal (it
-    # spilled 190 MB to disk at ~1M transactions); a row with other assets grouped by asset
     "reconcile: per transaction": f"""SELECT transaction_id, asset_code, s FROM (
           SELECT transaction_id, '{POINTS}' AS asset_code, (SELECT sum(x) FROM unnest(leg_amounts) x) AS s
           FROM transactions WHERE leg_assets IS NULL
@@ -239,11 +103,17 @@ ARRAY_SQL = {
           SELECT t.transaction_id, l.asset_code, sum(l.amount) FROM transactions t
           CROSS JOIN LATERAL unnest(t.leg_amounts, t.leg_assets) AS l(amount, asset_code)
           WHERE t.leg_assets IS NOT NULL GROUP BY 1, 2) c
-        WHERE s <> 0 ORDER BY transaction_id LIMIT 5""",
-    "reports: breakage (period)": """SELECT coalesce(sum(l.amount), 0)::bigint
+        WHERE s <> 0 ORDER BY transaction_id, asset_code LIMIT 5""",
+    "reconcile: references": f"""SELECT count(*) FROM (SELECT l.transaction_id, l.account_id
+        FROM (SELECT transaction_id, unnest(leg_accounts) AS account_id, unnest(leg_assets) AS asset_code,
+                     generate_subscripts(leg_accounts, 1) AS leg
+              FROM transactions) l
+        LEFT JOIN accounts a USING (account_id)
+        WHERE a.account_id IS NULL OR a.asset_code <> coalesce(l.asset_code, '{POINTS}')) x""",
+    "reports: breakage (period)": """SELECT coalesce(sum(e.amount), 0)::bigint
         FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount FROM transactions
-              WHERE created_at >= $1 AND created_at < $2) l
-        JOIN accounts a ON a.account_id = l.account_id AND a.kind = 'operator_breakage'""",
+              WHERE created_at >= $1 AND created_at < $2) e
+        JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'operator_breakage'""",
 }
 
 
@@ -254,8 +124,58 @@ def answer(result: Any) -> str:
     return repr(result)
 
 
+# the two reads of one transaction's legs and of a member's page as member_store ran them before 0022
+# (45c9616), over the entries table (base) or the view (packed view); the arrays variant runs
+# member_store's own SQL (processor_sql)
+REVERSAL_LEGS = """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id, t.refunded, t.amount,
+          coalesce(array_agg(ARRAY[e.account_id::text, a.kind, a.owner_id, a.asset_code,
+                                   e.amount::text] ORDER BY e.entry_id)
+                   FILTER (WHERE e.entry_id IS NOT NULL), '{}') AS legs
+   FROM transactions t
+   LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+   LEFT JOIN accounts a ON a.account_id = e.account_id
+   WHERE t.transaction_id = $1 OR (t.original_transaction_id = $1 AND t.kind = ANY($2::smallint[]))
+   GROUP BY t.transaction_id ORDER BY t.transaction_id"""
+MEMBER_HISTORY = """WITH page AS (
+       SELECT transaction_id FROM (
+           (SELECT transaction_id FROM transactions
+            WHERE hashtext(member_id) = hashtext($1) AND member_id = $1
+              AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY transaction_id DESC LIMIT $3)
+           UNION
+           (SELECT transaction_id FROM member_transfers
+            WHERE to_member_id = $1 AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY to_member_id, transaction_id DESC LIMIT $3)
+           UNION
+           (SELECT transaction_id FROM member_merges
+            WHERE target_member_id = $1 AND transaction_id IS NOT NULL
+              AND ($2::bigint IS NULL OR transaction_id < $2)
+            ORDER BY target_member_id, transaction_id DESC LIMIT $3)
+       ) ids ORDER BY transaction_id DESC LIMIT $3)
+   SELECT t.transaction_id, t.kind, t.merchant_id, t.amount, t.purchase_amount,
+          t.authorization_id, t.original_transaction_id, t.created_at,
+          coalesce(m.points, 0) AS member_points, coalesce(m.vouchers, 0) AS member_vouchers
+   FROM page JOIN transactions t USING (transaction_id)
+   LEFT JOIN LATERAL (
+       SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
+              sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
+       FROM entries e JOIN accounts a USING (account_id)
+       WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
+         AND a.kind IN ('member', 'member_voucher_credit')) m ON true
+   ORDER BY t.transaction_id DESC"""
+
+
+def processor_sql(function: Callable[..., Awaitable[Any]], opening: str) -> str:
+    """The first SQL literal of a member_store function that starts with `opening`, as it runs it."""
+    import inspect
+
+    source = inspect.getsource(function)
+    start = source.index('"""' + opening)
+    return source[start + 3 : source.index('"""', start + 3)]
+
+
 class Reads:
-    """The reads of one variant's database, each named, each a coroutine function of no arguments."""
+    """The reads of one variant's database, each named: (SQL before 0022, SQL since, arguments, one value?)."""
 
     def __init__(
         self,
@@ -263,56 +183,48 @@ class Reads:
         tail_after: int,
         transaction_id: int,
         member_id: str,
-        merchant_id: str,
+        period: tuple[Any, ...],
         arrays: bool = False,
     ):
         self.pool = pool
-        self.arrays = arrays  # ARRAY_SQL's text for the reads it has
+        self.arrays = arrays  # the SQL processor/ runs since 0022, else the SQL of before
         self.results: dict[str, str] = {}  # each read's last answer, to compare across the variants
-        store = Store.__new__(Store)  # statement_lines reads only self.pool
-        store.pool = pool
-        self.store = store
-        self.sql: dict[str, tuple[str, tuple[Any, ...]]] = {
-            "checkpoint tail (fold)": (TAIL, (tail_after,)),
-            "reconcile: sum by asset": (RECONCILE_SUMS, ()),
-            "reconcile: per transaction": (RECONCILE_PER_TRANSACTION, ()),
-            "reconcile: references": (RECONCILE_REFERENCES, ()),
-        }
-        self.calls: dict[str, Callable[[], Awaitable[Any]]] = {
-            "reversal_group (1 tx legs)": lambda: member_store.reversal_group(pool, transaction_id),
-            "member_history (50)": lambda: member_store.member_history(pool, member_id, None, 50),
-            "statement_lines (500)": lambda: self.store.statement_lines(1, merchant_id, 0, 500),
+        self.sql: dict[str, tuple[str, str, tuple[Any, ...], bool]] = {
+            "checkpoint tail (fold)": (TAIL, ARRAY_SQL["checkpoint tail (fold)"], (tail_after,), False),
+            "reconcile: sum by asset": (RECONCILE_SUMS, ARRAY_SQL["reconcile: sum by asset"], (), False),
+            "reconcile: per transaction": (
+                RECONCILE_PER_TRANSACTION,
+                ARRAY_SQL["reconcile: per transaction"],
+                (),
+                False,
+            ),
+            "reconcile: references": (RECONCILE_REFERENCES, ARRAY_SQL["reconcile: references"], (), False),
+            "reversal_group (1 tx legs)": (
+                REVERSAL_LEGS,
+                processor_sql(member_store.reversal_group, "SELECT t.transaction_id"),
+                (transaction_id, list(member_store.TIED_KINDS)),
+                False,
+            ),
+            "member_history (50)": (
+                MEMBER_HISTORY,
+                processor_sql(member_store.member_history, "WITH page AS"),
+                (member_id, None, 50),
+                False,
+            ),
+            "reports: breakage (period)": (BREAKAGE, ARRAY_SQL["reports: breakage (period)"], period, True),
         }
 
     def names(self) -> list[str]:
-        return [*self.sql, *self.calls, "reports: breakage (period)"]
+        return list(self.sql)
 
-    async def run(self, name: str, period: tuple[Any, ...]) -> float:
+    async def run(self, name: str) -> float:
+        before, since, arguments, one = self.sql[name]
+        fetch = self.pool.fetchval if one else self.pool.fetch
         started = time.perf_counter()
-        if self.arrays:
-            sql = ARRAY_SQL[name]
-            arguments = period if "$2" in sql else self.sql.get(name, ("", ()))[1]
-            fetch = self.pool.fetchval if name == "reports: breakage (period)" else self.pool.fetch
-            result: Any = await fetch(sql, *arguments, timeout=600)
-        elif name in self.sql:
-            sql, args = self.sql[name]
-            result = await self.pool.fetch(sql, *args, timeout=600)
-        elif name in self.calls:
-            result = await self.calls[name]()
-        else:
-            result = await self.pool.fetchval(BREAKAGE, *period, timeout=600)
+        result: Any = await fetch(since if self.arrays else before, *arguments, timeout=600)
         took = (time.perf_counter() - started) * 1e3
         self.results[name] = answer(result)
         return took
-
-
-def reversal_sql() -> str:
-    """ReverseTransaction's legs query as member_store runs it, for EXPLAIN."""
-    import inspect
-
-    source = inspect.getsource(member_store.reversal_group)
-    start = source.index('"""SELECT t.transaction_id')
-    return source[start + 3 : source.index('"""', start + 3)]
 
 
 async def measure(url: str, args: argparse.Namespace) -> None:
@@ -323,11 +235,13 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     admin = await asyncpg.connect(url)
     started = time.perf_counter()
     await admin.execute("CREATE DATABASE projection_template")
-    fill = argparse.Namespace(template_through=10**6, prefill_batches=args.prefill_batches, copies=args.copies)
+    fill = argparse.Namespace(
+        template_through=PACKED_MIGRATION - 1, prefill_batches=args.prefill_batches, copies=args.copies
+    )
     await fill_template(url, m, work, fill, writer)
     print(f"template filled in {time.perf_counter() - started:.0f} s")
     names = ["base", "packed"]
-    probes: dict[str, LegProbe] = {}
+    probes: dict[str, Probe] = {}
     for name in names:
         await admin.execute(f"CREATE DATABASE v_{name} TEMPLATE projection_template")
         c = await asyncpg.connect(database_url(url, f"v_{name}"))
@@ -337,31 +251,48 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             print(f"packed in {time.perf_counter() - started:.0f} s; most legs in a transaction: {most}")
         else:
             await c.execute("VACUUM ANALYZE")
-        probes[name] = LegProbe(c, name == "packed")
+        probes[name] = Probe(c)
+        probes[name].unpacked = name == "base"  # transactions and entries rows, as before 0022
     await admin.execute("CHECKPOINT")
     totals = {name: [0.0, 0.0] for name in names}
     counted_transactions = counted_entries = 0
-    encode_entries = encode_arrays = 0.0  # client seconds: the entries' C encoder; the arrays in Python
+    # client seconds and bytes of the streams: transactions and entries (base), transactions with legs (packed)
+    encode_entries: list[float] = []  # µs/op of each counted batch (the machine is shared: medians)
+    encode_arrays: list[float] = []
     entries_bytes = array_bytes = 0
     for i in range(args.prefill_batches, args.prefill_batches + args.batches):
         _, batch_write = m.apply(work[i], {}, NOW_US + i * 1_000_000)
         m.commit()
         counting = i >= args.prefill_batches + args.warmup
-        at = time.perf_counter()
-        legs = {t: packed_fields(v) for t, v in legs_by_transaction(batch_write.entries).items()}
-        arrays = time.perf_counter() - at
-        at = time.perf_counter()
-        stream = CopyEncoder("entries", ENTRIES_COPY)
-        stream.add(batch_write.entries, {"asset_code": POINTS})
-        encoded = stream.finish()
-        entries = time.perf_counter() - at
+
+        def encode_packed() -> memoryview:
+            with_legs = CopyEncoder("transactions", TRANSACTIONS_COPY)
+            with_legs.add(
+                batch_write.transactions,
+                {"asset_code": POINTS, "created_at": batch_write.created_at, "program_version": None, **NO_LEGS},
+                lookup=batch_write.member_balances_after,
+                legs=batch_write.entries,
+            )
+            return with_legs.finish()
+
+        # the two encodings in turn, the first alternating batch by batch (whichever runs first after
+        # the writes pays for the machine's other work more often)
+        took: dict[str, float] = {}
+        for which in ("packed", "unpacked") if i % 2 else ("unpacked", "packed"):
+            at = time.perf_counter()
+            if which == "packed":
+                packed_stream = encode_packed()
+            else:
+                unpacked = [stream.finish() for stream in unpacked_streams([batch_write])]
+            took[which] = time.perf_counter() - at
+        arrays, entries = took["packed"], took["unpacked"]
         if counting:
             counted_transactions += len(batch_write.transactions)
             counted_entries += len(batch_write.entries)
-            encode_entries += entries
-            encode_arrays += arrays
-            entries_bytes += len(encoded)
-            array_bytes += sum(len(v) for v in legs.values())
+            encode_entries.append(entries / len(work[i]) * 1e6)
+            encode_arrays.append(arrays / len(work[i]) * 1e6)
+            entries_bytes += sum(len(stream) for stream in unpacked)
+            array_bytes += len(packed_stream)
         if args.checkpoint_every and i % args.checkpoint_every == 0:
             # as a timed checkpoint does: the next change of each page writes the whole page to the WAL,
             # so the pages a batch touches (entries' heap and index pages among them) count
@@ -370,7 +301,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         for name in names[turn:] + names[:turn]:
             probe = probes[name]
             probe.counting = counting
-            probe.legs = legs
+            probe.batch = batch_write
             before_wal = await probe.connection.fetchval(LSN)
             before = cpu_seconds(probe.pid)
             transaction = probe.connection.transaction()
@@ -409,9 +340,11 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             f"{(p[0] - b[0]) / counted * 1e6:+.2f} µs/op, {(p[1] - b[1]) / counted:+.1f} B/op"
         )
     print(
-        f"\nclient: the entries' binary COPY (fastpath.copy_binary) {encode_entries / counted * 1e6:.2f} µs/op, "
-        f"{entries_bytes / counted:.0f} B/op; the leg arrays encoded in Python here "
-        f"{encode_arrays / counted * 1e6:.2f} µs/op, {array_bytes / counted:.0f} B/op"
+        f"\nclient (fastpath.copy_binary), µs/op median [min-max] of the batches: base's transactions and entries "
+        f"streams {statistics.median(encode_entries):.2f} [{min(encode_entries):.2f}-{max(encode_entries):.2f}], "
+        f"{entries_bytes / counted:.0f} B/op; packed's transactions stream with the legs "
+        f"{statistics.median(encode_arrays):.2f} [{min(encode_arrays):.2f}-{max(encode_arrays):.2f}], "
+        f"{array_bytes / counted:.0f} B/op"
     )
     sizes = {
         n: await probes[n].connection.fetchrow(
@@ -452,26 +385,22 @@ async def read_all(url: str, names: list[str], args: argparse.Namespace) -> None
             period["opened"],
             period["cut"],
         )
-    reads = {
-        n: Reads(pools[n], tail_after, busy["transaction_id"], busy["member_id"], busy["merchant_id"]) for n in names
-    }
-    reads["arrays"] = Reads(
-        pools["packed"], tail_after, busy["transaction_id"], busy["member_id"], busy["merchant_id"], arrays=True
-    )
-    # the most recent day of the period for the breakage sum: the projection's newest transactions
+    # the most recent tenth of the period for the breakage sum: the projection's newest transactions
     recent = (period["cut"] - (period["cut"] - period["opened"]) / 10, period["cut"])
+    reads = {n: Reads(pools[n], tail_after, busy["transaction_id"], busy["member_id"], recent) for n in names}
+    reads["arrays"] = Reads(pools["packed"], tail_after, busy["transaction_id"], busy["member_id"], recent, arrays=True)
+    variants = [*names, "arrays"]
     print(
         f"\nreads (each variant's answer checked equal), ms (median [min-max] of {args.reads}, in turn): tail after transaction {tail_after}; "
-        f"member {busy['member_id']}, merchant {busy['merchant_id']}, transaction {busy['transaction_id']}"
+        f"member {busy['member_id']}, transaction {busy['transaction_id']}"
     )
     print(f"  {'read':<27} {'base':>22} {'packed view':>22} {'packed, SQL on arrays':>22}  view/base arrays/base")
     for name in reads["base"].names():
-        variants = [*names, "arrays"] if name in ARRAY_SQL else names
         times: dict[str, list[float]] = {n: [] for n in variants}
         for i in range(args.reads + 1):
             turn = i % len(variants)
             for n in variants[turn:] + variants[:turn]:
-                took = await reads[n].run(name, recent)
+                took = await reads[n].run(name)
                 if i:  # the first of each: warm-up (caches)
                     times[n].append(took)
         answers = {reads[n].results[name] for n in variants}
@@ -480,27 +409,17 @@ async def read_all(url: str, names: list[str], args: argparse.Namespace) -> None
         cells = {n: f"{statistics.median(t):8.1f} [{min(t):.1f}-{max(t):.1f}]" for n, t in times.items()}
         ratios = {n: statistics.median(t) / statistics.median(times["base"]) for n, t in times.items()}
         print(
-            f"  {name:<27} {cells['base']:>22} {cells['packed']:>22} {cells.get('arrays', '-'):>22}  "
-            f"{ratios['packed']:9.2f} {ratios['arrays'] if 'arrays' in ratios else float('nan'):11.2f}"
+            f"  {name:<27} {cells['base']:>22} {cells['packed']:>22} {cells['arrays']:>22}  "
+            f"{ratios['packed']:9.2f} {ratios['arrays']:11.2f}"
         )
     if args.plans:
-        explained = [
-            ("checkpoint tail (fold)", TAIL, (tail_after,)),
-            ("reconcile: sum by asset", RECONCILE_SUMS, ()),
-            ("reconcile: per transaction", RECONCILE_PER_TRANSACTION, ()),
-            ("reconcile: references", RECONCILE_REFERENCES, ()),
-            ("reversal_group", reversal_sql(), (busy["transaction_id"], list(member_store.TIED_KINDS))),
-            ("reports: breakage", BREAKAGE, recent),
-        ]
         with open(args.plans, "w") as out:
-            for title, sql, arguments in explained:
-                rewritten = next((v for k, v in ARRAY_SQL.items() if k.startswith(title)), None)
-                runs = [(n, pools[n], sql) for n in names]
-                if rewritten is not None:
-                    runs.append(("packed, SQL on arrays", pools["packed"], rewritten))
+            for name in reads["base"].names():
+                before, since, arguments, _ = reads["base"].sql[name]
+                runs = [(n, pools[n], before) for n in names] + [("packed, SQL on arrays", pools["packed"], since)]
                 for n, pool, text in runs:
                     plan = await pool.fetch(f"EXPLAIN (ANALYZE, COSTS OFF) {text}", *arguments, timeout=600)
-                    out.write(f"=== {title}: {n}\n" + "\n".join(r[0] for r in plan) + "\n\n")
+                    out.write(f"=== {name}: {n}\n" + "\n".join(r[0] for r in plan) + "\n\n")
         print(f"plans written to {args.plans}")
     for pool in pools.values():
         await pool.close()

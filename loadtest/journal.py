@@ -142,27 +142,25 @@ async def _append_chunk(
     )
     step("draw")
     await c.execute(
+        # each transaction's legs in its row (migration 0022), in the pipeline's order, zero legs left out
         """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
-                                     purchase_amount, idempotency_key, created_at, fee)
-           SELECT transaction_id, kind, merchant_id, member_id, 'POINTS', amount, purchase_amount,
-                  'journal-' || transaction_id, created_at, fee
-           FROM journal_chunk ORDER BY transaction_id"""
-    )
-    step("transactions")
-    await c.execute(
-        """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
-           SELECT j.transaction_id, x.account_id, 'POINTS', x.amount
+                                     purchase_amount, idempotency_key, created_at, fee, leg_accounts, leg_amounts)
+           SELECT j.transaction_id, j.kind, j.merchant_id, j.member_id, 'POINTS', j.amount, j.purchase_amount,
+                  'journal-' || j.transaction_id, j.created_at, j.fee, coalesce(l.accounts, '{}'),
+                  coalesce(l.amounts, '{}')
            FROM journal_chunk j,
-                LATERAL (VALUES (1, j.member_account_id, CASE WHEN j.kind = 1 THEN j.amount ELSE -j.amount END),
-                                (2, CASE WHEN j.kind = 1 THEN j.issued_account_id ELSE j.redeemed_account_id END,
-                                    CASE WHEN j.kind = 1 THEN -j.amount ELSE j.amount END),
-                                (3, j.fees_account_id, -j.fee),
-                                (4, $1::bigint, j.fee)) x(n, account_id, amount)
-           WHERE x.amount <> 0
-           ORDER BY j.transaction_id, x.n""",
+                LATERAL (SELECT array_agg(x.account_id ORDER BY x.n) AS accounts,
+                                array_agg(x.amount ORDER BY x.n) AS amounts
+                         FROM (VALUES (1, j.member_account_id, CASE WHEN j.kind = 1 THEN j.amount ELSE -j.amount END),
+                                      (2, CASE WHEN j.kind = 1 THEN j.issued_account_id ELSE j.redeemed_account_id END,
+                                          CASE WHEN j.kind = 1 THEN -j.amount ELSE j.amount END),
+                                      (3, j.fees_account_id, -j.fee),
+                                      (4, $1::bigint, j.fee)) x(n, account_id, amount)
+                         WHERE x.amount <> 0) l
+           ORDER BY j.transaction_id""",
         fee_account,
     )
-    step("entries")
+    step("transactions")
     if idempotency:
         await c.execute(
             """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
@@ -187,8 +185,10 @@ async def _append_chunk(
     last = first + count - 1
     await c.execute(
         """UPDATE accounts a SET balance = a.balance + d.delta
-           FROM (SELECT account_id, sum(amount)::bigint AS delta FROM entries
-                 WHERE transaction_id BETWEEN $1 AND $2 GROUP BY account_id) d
+           FROM (SELECT account_id, sum(amount)::bigint AS delta
+                 FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount FROM transactions
+                       WHERE transaction_id BETWEEN $1 AND $2) l
+                 GROUP BY account_id) d
            WHERE a.account_id = d.account_id AND d.delta <> 0""",
         first,
         last,
@@ -217,8 +217,10 @@ async def set_tail(c, tail: int) -> tuple[int, int, int]:
         if low != high:
             await c.execute(
                 """UPDATE accounts a SET balance = a.balance + $3 * d.delta
-                   FROM (SELECT account_id, sum(amount)::bigint AS delta FROM entries
-                         WHERE transaction_id > $1 AND transaction_id <= $2 GROUP BY account_id) d
+                   FROM (SELECT account_id, sum(amount)::bigint AS delta
+                         FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
+                               FROM transactions WHERE transaction_id > $1 AND transaction_id <= $2) l
+                         GROUP BY account_id) d
                    WHERE a.account_id = d.account_id AND d.delta <> 0""",
                 low,
                 high,
@@ -343,7 +345,7 @@ async def run(args: argparse.Namespace) -> int:
                 if args.vacuum and args.transactions:
                     began = time.monotonic()
                     await c.execute(
-                        "VACUUM (ANALYZE) transactions, entries, accounts, idempotency_keys, "
+                        "VACUUM (ANALYZE) transactions, accounts, idempotency_keys, "
                         "balance_checkpoint, merchants, members"
                     )
                     _say(f"VACUUM ANALYZE took {time.monotonic() - began:.1f} s")

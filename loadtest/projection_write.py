@@ -54,7 +54,7 @@ from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor.state_machine import IdAllocator
 from fastpath.copy_binary import CopyEncoder
 from processor.domain import ASSET_POINTS
-from processor.store import MIGRATIONS, TRANSACTIONS_COPY, Store
+from processor.store import MIGRATIONS, NO_LEGS, TRANSACTIONS_COPY, Store
 
 LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
 # the statement's table: COPY's argument, else the first table an INSERT, UPDATE, MERGE or DELETE names
@@ -75,6 +75,33 @@ PROJECTION_TABLES = (
 )
 
 
+# a schema before migration 0022 (--template-through 21, the variant base): the transactions row without
+# its legs, and an entries row per leg, as _write_many wrote them then
+UNPACKED_TRANSACTIONS_COPY = tuple(c for c in TRANSACTIONS_COPY if not c[0].startswith("leg_"))
+ENTRIES_COPY = (
+    ("transaction_id", "bigint", 0),
+    ("account_id", "bigint", 1),
+    ("asset_code", "text", 3),  # a 3-item entry: POINTS
+    ("amount", "bigint", 2),
+)
+HAS_LEGS = """SELECT EXISTS (SELECT 1 FROM pg_attribute
+                             WHERE attrelid = 'transactions'::regclass AND attname = 'leg_accounts')"""
+
+
+def unpacked_streams(batches: list) -> tuple[Any, Any]:
+    """The transactions and entries COPY streams of a schema before 0022, for these batches."""
+    transactions = CopyEncoder("transactions", UNPACKED_TRANSACTIONS_COPY)
+    entries = CopyEncoder("entries", ENTRIES_COPY)
+    for b in batches:
+        transactions.add(
+            b.transactions,
+            {"asset_code": ASSET_POINTS, "created_at": b.created_at, "program_version": None},
+            lookup=b.member_balances_after,
+        )
+        entries.add(b.entries, {"asset_code": ASSET_POINTS})
+    return transactions, entries
+
+
 class Probe:
     """The connection `_write_many` is handed: each COPY and statement runs on the real one between
     two WAL probes, its backend CPU and WAL bytes added to `costs[table]` while `counting`."""
@@ -86,6 +113,8 @@ class Probe:
         self.counting = False
         self.slots: Slots | None = None  # the variant "slots"
         self.batch: Any = None  # the BatchWrite being written
+        self.batches: list = []  # or the BatchWrites being written (the template's fill)
+        self.unpacked = False  # a schema before 0022: entries rows, not leg arrays
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.connection, name)
@@ -116,6 +145,23 @@ class Probe:
         # integer columns, encoded here before the CPU window (the backend's CPU is what is measured)
         if table == "transactions" and self.slots is not None:
             kwargs = self.slots.transactions_copy(self.batch)
+        if table == "transactions" and self.unpacked:
+            # encoded before the CPU window, as _write_many's own stream is
+            transactions, entries = unpacked_streams(self.batches or [self.batch])
+            result = await self.timed(
+                table,
+                self.connection.copy_to_table(
+                    table, source=transactions.finish(), columns=list(transactions.names), format="binary"
+                ),
+            )
+            if entries.rows:
+                await self.timed(
+                    "entries",
+                    self.connection.copy_to_table(
+                        "entries", source=entries.finish(), columns=list(entries.names), format="binary"
+                    ),
+                )
+            return result
         return await self.timed(table, self.connection.copy_to_table(table, **kwargs))
 
     async def execute(self, sql: str, *args, **kwargs):
@@ -160,8 +206,9 @@ class Slots:
         ]
         stream.add(
             rows,
-            {"asset_code": ASSET_POINTS, "created_at": batch.created_at, "program_version": None},
+            {"asset_code": ASSET_POINTS, "created_at": batch.created_at, "program_version": None, **NO_LEGS},
             lookup=batch.member_balances_after,
+            legs=batch.entries,
         )
         return {"source": stream.finish(), "columns": list(stream.names), "format": "binary", "timeout": 60.0}
 
@@ -211,6 +258,10 @@ def untimed(_: str) -> None:
 
 async def write(connection, work: list, writer: Store) -> None:
     async with connection.transaction():
+        if not await connection.fetchval(HAS_LEGS):  # before migration 0022
+            probe = Probe(connection)
+            probe.unpacked, probe.batches = True, work
+            connection = probe
         await Store._write_many(writer, connection, work, 60.0, untimed)
 
 
@@ -231,30 +282,33 @@ async def fill_template(url: str, m, work: list, args: argparse.Namespace, write
                 await write(c, group, writer)
                 group = []
         span = await c.fetchval("SELECT max(transaction_id) + 1 - $1 FROM transactions", FIRST_TRANSACTION_ID)
+        packed = await c.fetchval(HAS_LEGS)
+        legs = ", leg_accounts, leg_amounts, leg_assets" if packed else ""
         seconds = args.prefill_batches + 1
         for copy in range(1, args.copies + 1):
             # an older history of the same members: ids and times below the prefill's, in the same order
             shift, back = copy * span, dt.timedelta(seconds=copy * seconds)
             await c.execute(
-                """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
+                f"""INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
                        purchase_amount, authorization_id, original_transaction_id, refunded, idempotency_key,
-                       created_at, fee, program_version, member_balance_after)
+                       created_at, fee, program_version, member_balance_after{legs})
                    SELECT transaction_id - $1, kind, merchant_id, member_id, asset_code, amount, purchase_amount,
                           authorization_id, original_transaction_id - $1, refunded, idempotency_key || '~' || $3,
-                          created_at - $2::interval, fee, program_version, member_balance_after
+                          created_at - $2::interval, fee, program_version, member_balance_after{legs}
                    FROM transactions WHERE transaction_id >= $4 ORDER BY transaction_id""",
                 shift,
                 back,
                 str(copy),
                 FIRST_TRANSACTION_ID,
             )
-            await c.execute(
-                """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
-                   SELECT transaction_id - $1, account_id, asset_code, amount
-                   FROM entries WHERE transaction_id >= $2 ORDER BY entry_id""",
-                shift,
-                FIRST_TRANSACTION_ID,
-            )
+            if not packed:
+                await c.execute(
+                    """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
+                       SELECT transaction_id - $1, account_id, asset_code, amount
+                       FROM entries WHERE transaction_id >= $2 ORDER BY entry_id""",
+                    shift,
+                    FIRST_TRANSACTION_ID,
+                )
             await c.execute(
                 """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
                        message, created_at)
@@ -268,7 +322,8 @@ async def fill_template(url: str, m, work: list, args: argparse.Namespace, write
                 FIRST_TRANSACTION_ID,
             )
         for table in PROJECTION_TABLES:
-            await c.execute(f"REINDEX TABLE {table}")
+            if table != "entries" or not packed:  # a view since 0022
+                await c.execute(f"REINDEX TABLE {table}")
         await c.execute("VACUUM ANALYZE")
     finally:
         await c.close()
@@ -323,6 +378,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             await c.execute(sql)
         await c.execute("VACUUM ANALYZE")
         probes[name] = Probe(c)
+        probes[name].unpacked = not await c.fetchval(HAS_LEGS)
         if name == "slots":
             probes[name].slots = Slots(
                 {r[0]: r[1] for r in await c.fetch("SELECT member_id, slot FROM member_slots")},

@@ -381,8 +381,8 @@ async def discrepancies(
            FROM transactions t LEFT JOIN channel_statements s ON s.posting_key = t.idempotency_key
            WHERE t.kind IN ({_KINDS_SQL})
              AND (s.posting_key IS NULL OR t.amount <> s.amount
-                  OR NOT EXISTS (SELECT 1 FROM entries e WHERE e.transaction_id = t.transaction_id
-                                 AND e.account_id = s.account_id AND e.amount = s.amount))
+                  OR NOT EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                                 WHERE e.account_id = s.account_id AND e.amount = s.amount))
            LIMIT 5"""
     ):
         problems.append(

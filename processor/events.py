@@ -167,8 +167,9 @@ FROM transactions t
 LEFT JOIN LATERAL (
     SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS') AS points,
            sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS') AS vouchers
-    FROM entries e JOIN accounts a ON a.account_id = e.account_id
-    WHERE e.transaction_id = t.transaction_id AND a.kind = 'member' AND a.owner_id = t.member_id
+    FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)  -- the row's legs (migration 0022)
+    JOIN accounts a ON a.account_id = e.account_id
+    WHERE a.kind = 'member' AND a.owner_id = t.member_id
 ) d ON true
 WHERE t.transaction_id > $1 AND t.transaction_id <= $2
   AND ($3::text[] IS NULL OR t.merchant_id = ANY($3))

@@ -189,9 +189,11 @@ async def transaction(pool: asyncpg.Pool, transaction_id: int) -> asyncpg.Record
     """A committed transaction a reversal names: its kind, member and signed change of the member."""
     return await pool.fetchrow(
         """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id,
-                  coalesce((SELECT sum(e.amount) FROM entries e JOIN accounts a USING (account_id)
-                            WHERE e.transaction_id = t.transaction_id AND a.kind = 'member'
-                              AND a.asset_code = 'POINTS' AND a.owner_id = t.member_id), 0)::bigint AS member_points
+                  coalesce((SELECT sum(e.amount)
+                            FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                            JOIN accounts a USING (account_id)
+                            WHERE a.kind = 'member' AND a.asset_code = 'POINTS' AND a.owner_id = t.member_id),
+                           0)::bigint AS member_points
            FROM transactions t WHERE t.transaction_id = $1""",
         transaction_id,
     )
@@ -226,10 +228,12 @@ async def reversal_group(pool: asyncpg.Pool, transaction_id: int) -> dict[str, A
         rows = await c.fetch(
             """SELECT t.transaction_id, t.kind, t.member_id, t.merchant_id, t.refunded, t.amount,
                       coalesce(array_agg(ARRAY[e.account_id::text, a.kind, a.owner_id, a.asset_code,
-                                               e.amount::text] ORDER BY e.entry_id)
-                               FILTER (WHERE e.entry_id IS NOT NULL), '{}') AS legs
+                                               e.amount::text] ORDER BY e.leg)
+                               FILTER (WHERE e.leg IS NOT NULL), '{}') AS legs
                FROM transactions t
-               LEFT JOIN entries e ON e.transaction_id = t.transaction_id
+               -- the legs in their order (migration 0022: the row's arrays)
+               LEFT JOIN LATERAL unnest(t.leg_accounts, t.leg_amounts) WITH ORDINALITY AS e(account_id, amount, leg)
+                 ON true
                LEFT JOIN accounts a ON a.account_id = e.account_id
                WHERE t.transaction_id = $1 OR (t.original_transaction_id = $1 AND t.kind = ANY($2::smallint[]))
                GROUP BY t.transaction_id ORDER BY t.transaction_id""",
@@ -344,9 +348,8 @@ async def member_history(
            LEFT JOIN LATERAL (
                SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
                       sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
-               FROM entries e JOIN accounts a USING (account_id)
-               WHERE e.transaction_id = t.transaction_id AND a.owner_id = $1
-                 AND a.kind IN ('member', 'member_voucher_credit')) m ON true
+               FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount) JOIN accounts a USING (account_id)
+               WHERE a.owner_id = $1 AND a.kind IN ('member', 'member_voucher_credit')) m ON true
            ORDER BY t.transaction_id DESC""",
         member_id,
         before_transaction_id,

@@ -196,7 +196,7 @@ class PresenceStore:
         rows = await self._pool.fetch(
             """SELECT t.member_id, t.created_at, -e.amount AS points
                  FROM transactions t
-                 JOIN entries e ON e.transaction_id = t.transaction_id
+                 CROSS JOIN LATERAL unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
                  JOIN accounts a ON a.account_id = e.account_id
                 WHERE t.created_at >= $1 AND t.kind = ANY($2::smallint[])
                   AND a.kind = $3 AND a.asset_code = $4 AND e.amount < 0""",

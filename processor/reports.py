@@ -108,10 +108,11 @@ async def alliance_report(pool: asyncpg.Pool, period_id: int, top: int) -> Allia
         ]
         in_period = (opened_at, cut_off)
         breakage = await c.fetchval(
-            """SELECT coalesce(sum(e.amount), 0)::bigint FROM transactions t
-               JOIN entries e ON e.transaction_id = t.transaction_id
-               JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'operator_breakage'
-               WHERE t.created_at >= $1 AND t.created_at < $2""",
+            # the legs' arrays of the period's rows (migration 0022), unnested in the select list
+            """SELECT coalesce(sum(e.amount), 0)::bigint
+               FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount FROM transactions
+                     WHERE created_at >= $1 AND created_at < $2) e
+               JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'operator_breakage'""",
             *in_period,
             timeout=RECONCILE_TIMEOUT_SECONDS,
         )
@@ -119,7 +120,7 @@ async def alliance_report(pool: asyncpg.Pool, period_id: int, top: int) -> Allia
         activity = await c.fetch(
             """SELECT coalesce(m.region, '') AS region, count(DISTINCT a.owner_id) AS members,
                       grouping(m.region) AS everywhere
-               FROM transactions t JOIN entries e ON e.transaction_id = t.transaction_id
+               FROM transactions t CROSS JOIN LATERAL unnest(t.leg_accounts) AS e(account_id)
                JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'member' AND a.asset_code = 'POINTS'
                LEFT JOIN merchants m ON m.merchant_id = t.merchant_id
                WHERE t.created_at >= $1 AND t.created_at < $2 AND t.kind = ANY($3::smallint[])
@@ -174,13 +175,13 @@ async def _flows(c: asyncpg.Connection, opened_at: dt.datetime, cut_off: dt.date
     (module docstring). Streams the members' POINTS entries up to the cut-off, one member at a time."""
     attribution = Attribution(micros(opened_at))
     async for r in c.cursor(
-        """SELECT a.owner_id, e.transaction_id, t.kind, t.merchant_id, t.original_transaction_id, t.created_at,
+        """SELECT a.owner_id, t.transaction_id, t.kind, t.merchant_id, t.original_transaction_id, t.created_at,
                   e.amount, o.kind AS original_kind, o.merchant_id AS original_merchant_id
-           FROM entries e JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'member' AND a.asset_code = 'POINTS'
-           JOIN transactions t ON t.transaction_id = e.transaction_id
+           FROM transactions t CROSS JOIN LATERAL unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+           JOIN accounts a ON a.account_id = e.account_id AND a.kind = 'member' AND a.asset_code = 'POINTS'
            LEFT JOIN transactions o ON o.transaction_id = t.original_transaction_id
            WHERE t.created_at < $1
-           ORDER BY a.owner_id, e.transaction_id""",
+           ORDER BY a.owner_id, t.transaction_id""",
         cut_off,
         prefetch=CURSOR_PREFETCH_ROWS,
     ):

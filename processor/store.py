@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 import asyncpg
 import orjson
 
-from fastpath.copy_binary import CONSTANT, LOOKUP, CopyEncoder
+from fastpath.copy_binary import CONSTANT, LEG_ACCOUNTS, LEG_AMOUNTS, LEG_ASSETS, LOOKUP, CopyEncoder
 from processor import channel_store, metrics, postgres_settings, rules
 from processor.domain import (
     ACCOUNT_MEMBER,
@@ -443,7 +443,15 @@ TRANSACTIONS_COPY = (
     ("fee", "bigint", 9),
     ("program_version", "integer", 10),  # a shorter row: NULL
     ("member_balance_after", "bigint", LOOKUP),  # BatchWrite.member_balances_after[transaction_id]
+    # the transaction's legs (migration 0022) from BatchWrite.entries, grouped by the encoder in C
+    # (add(legs=...)); a row with none: NO_LEGS
+    ("leg_accounts", "bigint[]", LEG_ACCOUNTS),
+    ("leg_amounts", "bigint[]", LEG_AMOUNTS),
+    ("leg_assets", "text[]", LEG_ASSETS),  # NULL when every leg is POINTS
 )
+# the legs of a transaction row with none: the arrays empty, never NULL (migration 0022; readers unnest
+# them without a coalesce)
+NO_LEGS = {"leg_accounts": (), "leg_amounts": (), "leg_assets": None}
 HOLDS_COPY = (
     ("authorization_id", "bigint", 0),
     ("merchant_id", "text", 1),
@@ -454,12 +462,6 @@ HOLDS_COPY = (
     ("expires_at", "timestamptz", 4),
     ("created_at", "timestamptz", CONSTANT),
     ("idempotency_key", "text", 5),
-)
-ENTRIES_COPY = (
-    ("transaction_id", "bigint", 0),
-    ("account_id", "bigint", 1),
-    ("asset_code", "text", 3),  # a 3-item entry: POINTS
-    ("amount", "bigint", 2),
 )
 IDEMPOTENCY_COPY = (
     ("merchant_id", "text", 0),
@@ -514,7 +516,6 @@ TIER_EVENTS_COPY = (
 COPY_COLUMNS = {
     "transactions": TRANSACTIONS_COPY,
     "holds": HOLDS_COPY,
-    "entries": ENTRIES_COPY,
     "idempotency_keys": IDEMPOTENCY_COPY,
     "lots": LOTS_COPY,
     "lot_consumptions": LOT_CONSUMPTIONS_COPY,
@@ -1430,8 +1431,8 @@ class Store:
         await self._write_many(c, [b], timeout, step)
 
     async def _write_many(self, c: asyncpg.Connection, batches: Sequence[BatchWrite], timeout: float, step) -> None:
-        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The four
-        bulk inserts (transactions, holds, entries, idempotency records) are one COPY each for all the
+        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The three
+        bulk inserts (transactions with their legs, holds, idempotency records) are one COPY each for all the
         batches (each row keeps its own batch's created_at); the rest runs batch by batch, in order,
         after the inserts it may depend on (a hold or a transaction created by an earlier batch of the
         group is inserted before a later one resolves or refunds it). So a projection of several
@@ -1466,32 +1467,31 @@ class Store:
                     timeout=timeout,
                 )
                 step("accounts")
-        # The four bulk inserts are binary COPY streams encoded in C from the batches' own row tuples
+        # The three bulk inserts are binary COPY streams encoded in C from the batches' own row tuples
         # (TRANSACTIONS_COPY ... say which item is which column); a batch's created_at is encoded once
         # for all its rows.
         if any(b.transactions for b in batches):
             stream = CopyEncoder("transactions", TRANSACTIONS_COPY)
             for b in batches:
-                # member_balance_after: the member's balance after the transaction, by its id
+                # member_balance_after: the member's balance after the transaction, by its id; the legs
+                # ride in their transaction's row (migration 0022: no entries rows)
                 stream.add(
                     b.transactions,
-                    {"asset_code": ASSET_POINTS, "created_at": b.created_at, "program_version": None},
+                    {"asset_code": ASSET_POINTS, "created_at": b.created_at, "program_version": None, **NO_LEGS},
                     lookup=b.member_balances_after,
+                    legs=b.entries,
+                    legs_asset=ASSET_POINTS,
                 )
             await copy_rows(c, stream, timeout)
             step("transactions")
+        else:
+            require(not any(b.entries for b in batches), "a batch has entries and no transaction rows to hold them")
         if any(b.new_holds for b in batches):
             stream = CopyEncoder("holds", HOLDS_COPY)
             for b in batches:
                 stream.add(b.new_holds, {"asset_code": ASSET_POINTS, "status": 1, "created_at": b.created_at})
             await copy_rows(c, stream, timeout)
             step("holds")
-        if any(b.entries for b in batches):
-            stream = CopyEncoder("entries", ENTRIES_COPY)
-            for b in batches:
-                stream.add(b.entries, {"asset_code": ASSET_POINTS})
-            await copy_rows(c, stream, timeout)
-            step("entries")
         for b in batches:
             await self._write_updates(c, b, timeout, step)
         if any(b.idempotency for b in batches):
@@ -1793,8 +1793,11 @@ class Store:
             )
             require(moved == "UPDATE 1", f"the balance checkpoint is not at transaction {previous}; not folding")
             row = await connection.fetchrow(
-                """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta FROM entries
-                              WHERE transaction_id > $1 AND transaction_id <= $2
+                # over the legs' arrays (migration 0022), unnested in the select list: no view, no
+                # function scan per transaction
+                """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta
+                              FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
+                                    FROM transactions WHERE transaction_id > $1 AND transaction_id <= $2) l
                               GROUP BY account_id HAVING sum(amount) <> 0),
                         u AS (UPDATE accounts a SET balance = a.balance + d.delta FROM d
                               WHERE a.account_id = d.account_id RETURNING 1)
@@ -1818,7 +1821,9 @@ class Store:
         among them or `through`): what the next checkpoint must fold in."""
         rows = await self.pool.fetch(
             """SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest
-               FROM entries WHERE transaction_id > $1 GROUP BY account_id""",
+               FROM (SELECT transaction_id, unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
+                     FROM transactions WHERE transaction_id > $1) l
+               GROUP BY account_id""",
             through,
             timeout=self.recovery_timeout,
         )
@@ -1833,8 +1838,10 @@ class Store:
         directly while no service runs, e.g. seed_network)."""
         await connection.execute(
             """WITH c AS (SELECT through_transaction_id AS through FROM balance_checkpoint),
-                    t AS (SELECT account_id, sum(amount)::bigint AS delta FROM entries, c
-                          WHERE transaction_id > c.through GROUP BY account_id)
+                    t AS (SELECT account_id, sum(amount)::bigint AS delta
+                          FROM (SELECT unnest(x.leg_accounts) AS account_id, unnest(x.leg_amounts) AS amount
+                                FROM transactions x, c WHERE x.transaction_id > c.through) l
+                          GROUP BY account_id)
                UPDATE accounts a SET balance = a.balance + t.delta FROM t WHERE a.account_id = t.account_id"""
         )
         await connection.execute(
@@ -1858,8 +1865,8 @@ class Store:
                LEFT JOIN LATERAL (
                    SELECT sum(e.amount) FILTER (WHERE a.asset_code = 'POINTS')::bigint AS points,
                           sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS')::bigint AS vouchers
-                   FROM entries e JOIN accounts a USING (account_id)
-                   WHERE e.transaction_id = t.transaction_id AND a.owner_id = t.member_id
+                   FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount) JOIN accounts a USING (account_id)
+                   WHERE a.owner_id = t.member_id
                      AND a.kind IN ('member', 'member_voucher_credit')) m ON true
                -- hashtext: the index's key (migration 0021); member_id = $1 drops another id of its hash
                WHERE hashtext(t.member_id) = hashtext($1) AND t.member_id = $1
@@ -2017,13 +2024,15 @@ class Store:
                      SELECT transaction_id, kind, merchant_id FROM transactions
                      WHERE created_at >= $2 AND created_at < $3),
                    m AS MATERIALIZED (
-                     SELECT x.transaction_id, x.kind, x.merchant_id AS own, a.owner_id AS merchant_id,
+                     SELECT e.transaction_id, e.kind, e.merchant_id AS own, a.owner_id AS merchant_id,
                             a.kind AS account_kind, a.asset_code, e.amount
-                     FROM transactions x JOIN entries e ON e.transaction_id = x.transaction_id
+                     -- the legs unnested from the period's rows (migration 0022)
+                     FROM (SELECT transaction_id, kind, merchant_id, unnest(leg_accounts) AS account_id,
+                                  unnest(leg_amounts) AS amount
+                           FROM transactions WHERE created_at >= $2 AND created_at < $3) e
                      JOIN accounts a ON a.account_id = e.account_id
                        AND (a.asset_code = 'POINTS' AND a.kind = ANY($5::text[])
-                            OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
-                     WHERE x.created_at >= $2 AND x.created_at < $3),
+                            OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))),
                    money AS (
                      SELECT merchant_id, {
                     _CLEARING_SUMS.format(amount="amount", account="account_kind", kind="kind", asset="asset_code")
@@ -2140,8 +2149,8 @@ class Store:
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.kind IN (9, 10) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3
-                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
                                       AND a.kind = 'merchant_acquiring')
                       ORDER BY t.transaction_id LIMIT $4),
                     dividends AS (
@@ -2149,24 +2158,24 @@ class Store:
                         ON hashtext(t.merchant_id) = hashtext($2) AND t.merchant_id = $2
                           AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3 AND t.kind = 11
-                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
                                       AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
                       ORDER BY t.transaction_id LIMIT $4),
                     accepted AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.kind = 14 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3 AND t.merchant_id <> $2
-                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
                                       AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
                       ORDER BY t.transaction_id LIMIT $4),
                     reversed AS (
                       SELECT t.transaction_id FROM p JOIN transactions t
                         ON t.kind IN (18, 19) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
                       WHERE t.transaction_id > $3
-                        AND EXISTS (SELECT 1 FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                                    WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
                                       AND a.asset_code = 'POINTS' AND a.kind = ANY($5::text[]))
                       ORDER BY t.transaction_id LIMIT $4),
                     lines AS (SELECT transaction_id FROM own UNION SELECT transaction_id FROM acquired
@@ -2185,8 +2194,8 @@ class Store:
                           AS voucher_net,
                         sum(e.amount) FILTER (WHERE a.asset_code = 'VOUCHERS' AND a.kind = 'merchant_vouchers')
                           AS vouchers_held_change
-                 FROM entries e JOIN accounts a ON a.account_id = e.account_id
-                 WHERE e.transaction_id = t.transaction_id AND a.owner_id = $2
+                 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
+                 JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
                    AND (a.asset_code = 'POINTS' AND a.kind = ANY($5::text[])
                         OR a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))) x ON true
                ORDER BY t.transaction_id""",
@@ -2269,14 +2278,15 @@ class Store:
                                SELECT 'member', t.member_id, 'POINTS', t.amount
                                FROM transactions t JOIN seed_earn s USING (transaction_id)"""
                         )
+                        # the earn's two legs in its row (migration 0022): member +amount, merchant_issued -amount
                         await c.execute(
-                            """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
-                               SELECT t.transaction_id, a.account_id, 'POINTS', x.amount
-                               FROM transactions t JOIN seed_earn s USING (transaction_id),
-                                    LATERAL (VALUES ('member', t.member_id, t.amount),
-                                                    ('merchant_issued', t.merchant_id, -t.amount)) x(kind, owner, amount)
-                               JOIN accounts a ON a.kind = x.kind AND a.owner_id = x.owner AND a.asset_code = 'POINTS'
-                               WHERE t.amount <> 0"""
+                            """UPDATE transactions t SET leg_accounts = ARRAY[m.account_id, i.account_id],
+                                      leg_amounts = ARRAY[t.amount, -t.amount]
+                               FROM seed_earn s, accounts m, accounts i
+                               WHERE t.transaction_id = s.transaction_id AND t.amount <> 0
+                                 AND m.kind = 'member' AND m.owner_id = t.member_id AND m.asset_code = 'POINTS'
+                                 AND i.kind = 'merchant_issued' AND i.owner_id = t.merchant_id
+                                 AND i.asset_code = 'POINTS'"""
                         )
                         await c.execute(
                             """UPDATE accounts a SET balance = a.balance - d.points

@@ -19,6 +19,46 @@ from processor.store import Store
 
 OPERATOR = "operator"
 POINTS, VOUCHERS = "POINTS", "VOUCHERS"
+# a leg appended to its transaction's row (migration 0022: the legs are arrays in the row, leg_assets
+# NULL while every leg is POINTS): $1 transaction id, $2 account id, $3 asset, $4 amount. In SET every
+# expression sees the row before the update, so cardinality(leg_amounts) is the legs before this one.
+APPEND_LEG = """UPDATE transactions SET leg_accounts = leg_accounts || $2::bigint, leg_amounts = leg_amounts || $4::bigint,
+        leg_assets = CASE WHEN leg_assets IS NULL AND $3::text = 'POINTS' THEN NULL
+                          ELSE coalesce(leg_assets, array_fill('POINTS'::text, ARRAY[cardinality(leg_amounts)]))
+                               || $3::text END
+    WHERE transaction_id = $1"""
+# the same before migration 0022: an entries row
+UNPACKED_LEG = "INSERT INTO entries (transaction_id, account_id, asset_code, amount) VALUES ($1, $2, $3, $4)"
+
+
+def move_legs(kind: str) -> str:
+    """SQL moving a transaction's legs on accounts of `kind` to another account (migration 0022: in its
+    row's leg_accounts, the legs' order kept): $1 transaction id, $2 the account id they move to."""
+    return f"""WITH moved AS (
+                   UPDATE transactions t SET leg_accounts = (
+                       SELECT array_agg(CASE WHEN a.kind = '{kind}' THEN $2::bigint ELSE l.account_id END ORDER BY l.leg)
+                       FROM unnest(t.leg_accounts) WITH ORDINALITY AS l(account_id, leg)
+                       JOIN accounts a ON a.account_id = l.account_id)
+                   WHERE t.transaction_id = $1 RETURNING 1)
+               SELECT count(*) FROM moved"""
+
+
+def add_to_legs(kind: str) -> str:
+    """SQL adding $2 to the amount of a transaction's legs on accounts of `kind`: $1 transaction id."""
+    return f"""UPDATE transactions t SET leg_amounts = (
+                   SELECT array_agg(CASE WHEN a.kind = '{kind}' THEN l.amount + $2::bigint ELSE l.amount END
+                                    ORDER BY l.leg)
+                   FROM unnest(t.leg_accounts, t.leg_amounts) WITH ORDINALITY AS l(account_id, amount, leg)
+                   JOIN accounts a ON a.account_id = l.account_id)
+               WHERE t.transaction_id = $1"""
+
+
+# a leg removed by its ordinal: $1 transaction id, $2 the leg
+REMOVE_LEG = """UPDATE transactions SET
+        leg_accounts = leg_accounts[:$2 - 1] || leg_accounts[$2 + 1:],
+        leg_amounts = leg_amounts[:$2 - 1] || leg_amounts[$2 + 1:],
+        leg_assets = CASE WHEN leg_assets IS NULL THEN NULL ELSE leg_assets[:$2 - 1] || leg_assets[$2 + 1:] END
+    WHERE transaction_id = $1"""
 EARN, CAPTURE, REDEEM, REFUND_OF_REDEMPTION, REFUND_OF_EARN = 1, 2, 3, 4, 5
 EXPIRY, TIER_BONUS, REFERRAL_BONUS, ACQUIRING_REWARD, ACQUIRING_REVERSAL = 6, 7, 8, 9, 10
 MERCHANT_VOUCHER_SPEND, CONVERSION = 14, 15
@@ -108,11 +148,15 @@ class Ledger:
             program_version,
         )
         await self._handed_out("last_transaction_id", transaction_id)
+        # a database migrated to before 0022 (tests of older migrations) has an entries table
+        packed = await self.c.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'transactions'::regclass AND attname = 'leg_accounts')"
+        )
         for entry in entries:
             account_kind, owner_id, entry_amount = entry[:3]
             asset = entry[3] if len(entry) > 3 else POINTS
             await self.c.execute(
-                "INSERT INTO entries (transaction_id, account_id, asset_code, amount) VALUES ($1, $2, $3, $4)",
+                APPEND_LEG if packed else UNPACKED_LEG,
                 transaction_id,
                 await self.account(account_kind, owner_id, asset),
                 asset,

@@ -846,18 +846,26 @@ def test_reconcile_exits_1_naming_each_kind_of_corruption(create_database, servi
             f"statement of {m} in period {period.period_id}: net",
         ),
         (
-            "UPDATE entries SET amount = amount + 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
-            "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
+            # a leg is an element of its transaction's arrays (migration 0022), entry_id its
+            # transaction_id * 1024 + its ordinal
+            "UPDATE transactions t SET leg_amounts[e.leg] = t.leg_amounts[e.leg] + 1 FROM (SELECT "
+            "entry_id / 1024 AS transaction_id, entry_id % 1024 AS leg FROM entries JOIN accounts a USING "
+            "(account_id) WHERE a.kind = 'operator_fee_revenue' ORDER BY entry_id LIMIT 1) e "
+            "WHERE t.transaction_id = e.transaction_id",
             (),
-            "UPDATE entries SET amount = amount - 1 WHERE entry_id = (SELECT e.entry_id FROM entries e "
-            "JOIN accounts a USING (account_id) WHERE a.kind = 'operator_fee_revenue' LIMIT 1)",
+            "UPDATE transactions t SET leg_amounts[e.leg] = t.leg_amounts[e.leg] - 1 FROM (SELECT "
+            "entry_id / 1024 AS transaction_id, entry_id % 1024 AS leg FROM entries JOIN accounts a USING "
+            "(account_id) WHERE a.kind = 'operator_fee_revenue' ORDER BY entry_id LIMIT 1) e "
+            "WHERE t.transaction_id = e.transaction_id",
             "journal of POINTS sums to 1",
         ),
         # the journal has no foreign keys (migration 0003): reconcile checks every reference
         (
-            "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
+            "UPDATE transactions SET leg_accounts[1] = -leg_accounts[1] WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM transactions WHERE cardinality(leg_accounts) > 0)",
             (),
-            "UPDATE entries SET account_id = -account_id WHERE entry_id = (SELECT min(entry_id) FROM entries)",
+            "UPDATE transactions SET leg_accounts[1] = -leg_accounts[1] WHERE transaction_id = "
+            "(SELECT min(transaction_id) FROM transactions WHERE cardinality(leg_accounts) > 0)",
             "which do not both exist in its asset",
         ),
         (

@@ -1,5 +1,5 @@
-"""Migration 0019 (the projection's rows cheaper for Postgres to write) on a real Postgres: entries have no
-primary key but entry_id is still filled by its identity and still orders a transaction's legs; the
+"""Migrations 0019 and 0022 (the projection's rows cheaper for Postgres to write) on a real Postgres: entries
+are a view over each transaction row's legs, entry_id unique and in the legs' order; the
 idempotency record's request and response are json and come back as written; and the reads that reach
 entries and idempotency records by key keep their index plans on a filled table."""
 
@@ -27,26 +27,38 @@ def database_url(create_database):
     return migrate(create_database())
 
 
-def test_entries_have_no_primary_key_and_entry_id_is_still_an_identity(database_url):
+def test_entries_are_a_view_over_the_transactions_legs_and_the_legs_are_checked(database_url):
+    """Migration 0022 replaced the entries table (0019's, with no primary key) by a view over each
+    transaction row's leg arrays; the row's CHECK keeps what the table's did (amount <> 0) and the arrays'
+    lengths equal."""
+
     async def go():
         c = await asyncpg.connect(database_url)
         try:
-            indexes = await c.fetch(
-                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'entries' ORDER BY indexname"
+            assert await c.fetchval("SELECT relkind::text FROM pg_class WHERE relname = 'entries'") == "v"
+            columns = await c.fetch(
+                """SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
+                   WHERE attrelid = 'entries'::regclass AND attnum > 0 ORDER BY attnum"""
             )
-            assert [r["indexname"] for r in indexes] == ["entries_transaction"]
-            assert (
-                await c.fetchval(
-                    "SELECT count(*) FROM pg_constraint WHERE conrelid = 'entries'::regclass AND contype = 'p'"
-                )
-                == 0
-            )
-            assert (
-                await c.fetchval(
-                    "SELECT attidentity::text FROM pg_attribute WHERE attrelid = 'entries'::regclass AND attname = 'entry_id'"
-                )
-                == "a"
-            )
+            assert [(r["attname"], r["type"]) for r in columns] == [
+                ("entry_id", "bigint"),
+                ("transaction_id", "bigint"),
+                ("account_id", "bigint"),
+                ("asset_code", "text"),
+                ("amount", "bigint"),
+            ]
+            insert = """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
+                            idempotency_key, created_at, leg_accounts, leg_amounts, leg_assets)
+                        VALUES (77, 1, 'shop', 'ann', 'POINTS', 1, 'k77', now(), $1, $2, $3)"""
+            for accounts, amounts, assets in (
+                ([1, 2], [5, 0], None),  # a zero leg
+                ([1, 2], [5], None),  # lengths differ
+                ([1, 2], [5, -5], ["POINTS"]),
+                ([1, None], [5, -5], None),
+                ([1, 2], [5, None], None),
+            ):
+                with pytest.raises(asyncpg.CheckViolationError):
+                    await c.execute(insert, accounts, amounts, assets)
             types = await c.fetch(
                 """SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
                    WHERE attrelid = 'idempotency_keys'::regclass AND attname IN ('request', 'response')
@@ -121,28 +133,33 @@ def test_reads_by_transaction_and_by_key_keep_their_index_plans(database_url):
         await filler.start()
         try:
             await c.execute(
-                """INSERT INTO entries (transaction_id, account_id, asset_code, amount)
-                   SELECT 1000 + i / 4, 1 + i % 7, 'POINTS', 1 + i FROM generate_series(1, 80000) i"""
+                """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
+                       idempotency_key, created_at, leg_accounts, leg_amounts)
+                   SELECT 1000 + i, 1, 'shop', 'ann', 'POINTS', 1, 'fill-' || i, now(),
+                          ARRAY[1 + i % 7, 2 + i % 7, 3, 4], ARRAY[1 + i, -1 - i, 2, -2]
+                   FROM generate_series(1, 20000) i"""
             )
             await c.execute(
                 """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
                    SELECT 'm' || i % 50, 'key-' || i, 'Earn', '{}', 'OK', now() FROM generate_series(1, 40000) i"""
             )
-            await c.execute("ANALYZE entries; ANALYZE idempotency_keys")
+            await c.execute("ANALYZE transactions; ANALYZE idempotency_keys")
             # the legs of one transaction (reversal_group, list_transactions' lateral join, statement lines)
             legs = await c.fetchval(
                 """EXPLAIN (FORMAT JSON) SELECT e.account_id, e.amount FROM entries e
                    WHERE e.transaction_id = $1 ORDER BY e.entry_id""",
                 5000,
             )
-            assert "entries_transaction" in plan_indexes(json.loads(legs)[0]["Plan"])
+            assert "transactions_pkey" in plan_indexes(json.loads(legs)[0]["Plan"])
             # the checkpoint's tail (tail_deltas, account_balances): entries after a transaction id
             tail = await c.fetchval(
-                "EXPLAIN (FORMAT JSON) SELECT account_id, sum(amount) FROM entries WHERE transaction_id > $1 "
-                "GROUP BY account_id",
+                """EXPLAIN (FORMAT JSON) SELECT account_id, sum(amount)::bigint AS delta, max(transaction_id) AS newest
+                   FROM (SELECT transaction_id, unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
+                         FROM transactions WHERE transaction_id > $1) l
+                   GROUP BY account_id""",
                 20_990,
             )
-            assert "entries_transaction" in plan_indexes(json.loads(tail)[0]["Plan"])
+            assert "transactions_pkey" in plan_indexes(json.loads(tail)[0]["Plan"])
             # stored_outcomes' look-up of a batch's keys
             keys = await c.fetchval(
                 """EXPLAIN (FORMAT JSON) SELECT i.merchant_id, i.idempotency_key, i.request, i.response

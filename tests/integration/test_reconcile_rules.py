@@ -13,7 +13,16 @@ import pytest
 from processor import kinds, rules
 from processor.reconcile import ACCOUNT_SIGNS
 from processor.store import Store
-from tests.integration.ledger_rows import MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger, RulesLedger, rules_ledger
+from tests.integration.ledger_rows import (
+    MERCHANT_VOUCHER_SPEND,
+    OPERATOR,
+    VOUCHERS,
+    Ledger,
+    RulesLedger,
+    add_to_legs,
+    move_legs,
+    rules_ledger,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -323,16 +332,8 @@ def test_an_earn_whose_entries_do_not_follow_its_record_is_reported(create_datab
     balanced, amounts right, every sign right; only the earn's shape is wrong."""
 
     async def corrupt(ledger, rows):
-        await ledger.execute(
-            """UPDATE entries e SET amount = amount + 100 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'merchant_issued'""",
-            rows.earn,
-        )
-        await ledger.execute(
-            """UPDATE entries e SET amount = amount - 100 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'operator_promotions'""",
-            rows.earn,
-        )
+        await ledger.execute(add_to_legs("merchant_issued"), rows.earn, 100)
+        await ledger.execute(add_to_legs("operator_promotions"), rows.earn, -100)
 
     rows, problems = corrupted(create_database, corrupt)
     assert problems == [
@@ -406,14 +407,14 @@ async def _move_entry(
 ) -> None:
     """Re-points one entry of the transaction from its `from_kind` account to (to_kind, owner)."""
     account_id = await ledger.account(to_kind, owner, asset)
-    status = await ledger.execute(
-        """UPDATE entries e SET account_id = $3 FROM accounts a
-           WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = $2""",
+    legs = await ledger.c.fetchval(
+        """SELECT count(*) FROM transactions t, unnest(t.leg_accounts) AS l(account_id)
+           JOIN accounts a USING (account_id) WHERE t.transaction_id = $1 AND a.kind = $2""",
         transaction_id,
         from_kind,
-        account_id,
     )
-    assert status == "UPDATE 1"
+    assert legs == 1
+    await ledger.execute(move_legs(from_kind), transaction_id, account_id)
 
 
 @pytest.mark.parametrize(
@@ -504,7 +505,10 @@ def test_a_rule_transaction_whose_amount_is_not_what_it_moved_is_reported(create
 
 def test_a_rule_transaction_without_entries_is_reported(create_database):
     async def corrupt(ledger, rows):
-        await ledger.execute("DELETE FROM entries WHERE transaction_id = $1", rows.tier_bonus)
+        await ledger.execute(
+            "UPDATE transactions SET leg_accounts = '{}', leg_amounts = '{}', leg_assets = NULL WHERE transaction_id = $1",
+            rows.tier_bonus,
+        )
 
     rows, problems = corrupted(create_database, corrupt)
     one_like(

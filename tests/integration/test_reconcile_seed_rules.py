@@ -11,7 +11,7 @@ import pytest
 
 from processor import rules
 from processor.store import Store
-from tests.integration.ledger_rows import EARN, MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger
+from tests.integration.ledger_rows import EARN, MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger, move_legs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -116,8 +116,7 @@ def test_a_match_credited_to_another_merchant_is_reported(create_database):
     async def corrupt(ledger, rows):
         other = await ledger.account("merchant_points", await ledger.merchant("other"))
         await ledger.execute(
-            """UPDATE entries e SET account_id = $2 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'merchant_points'""",
+            move_legs("merchant_points"),
             rows["match"],
             other,
         )
@@ -135,8 +134,7 @@ def test_a_sign_up_bonus_funded_from_another_account_is_reported(create_database
     async def corrupt(ledger, rows):
         account = await ledger.account("operator_referrals", OPERATOR)
         await ledger.execute(
-            """UPDATE entries e SET account_id = $2 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'operator_signup_bonuses'""",
+            move_legs("operator_signup_bonuses"),
             rows["signup"],
             account,
         )
@@ -164,8 +162,7 @@ def test_a_fan_reward_credited_to_another_merchant_is_reported(create_database):
     async def corrupt(ledger, rows):
         other = await ledger.account("merchant_vouchers", await ledger.merchant("other"), VOUCHERS)
         await ledger.execute(
-            """UPDATE entries e SET account_id = $2 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'merchant_vouchers'""",
+            move_legs("merchant_vouchers"),
             rows["fan_reward"],
             other,
         )
@@ -180,8 +177,7 @@ def test_a_fan_reward_reversal_not_taken_from_the_acquirer_is_reported(create_da
     async def corrupt(ledger, rows):
         account = await ledger.account("member_voucher_credit", "u", VOUCHERS)
         await ledger.execute(
-            """UPDATE entries e SET account_id = $2 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'merchant_voucher_credit'""",
+            move_legs("merchant_voucher_credit"),
             rows["fan_reversal"],
             account,
         )
@@ -198,8 +194,7 @@ def test_a_merchant_spend_on_credit_of_another_merchant_is_reported(create_datab
     async def corrupt(ledger, rows):
         account = await ledger.account("merchant_voucher_credit", await ledger.merchant("other"), VOUCHERS)
         await ledger.execute(
-            """UPDATE entries e SET account_id = $2 FROM accounts a
-               WHERE e.account_id = a.account_id AND e.transaction_id = $1 AND a.kind = 'merchant_voucher_credit'""",
+            move_legs("merchant_voucher_credit"),
             rows["spend"],
             account,
         )

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastpath.copy_binary import CONSTANT, LOOKUP, CopyEncoder
+from fastpath.copy_binary import CONSTANT, LEG_ACCOUNTS, LEG_AMOUNTS, LEG_ASSETS, LOOKUP, CopyEncoder
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UTC = dt.timezone.utc
@@ -54,6 +54,12 @@ def field(type_name: str, value) -> bytes:
         data = struct.pack("!iii", 1 if items else 0, 0, 20)
         if items:
             data += struct.pack("!ii", len(items), 1) + b"".join(struct.pack("!iq", 8, v) for v in items)
+        return struct.pack("!i", len(data)) + data
+    if type_name == "text[]":  # array_send with text's oid (25), each element its UTF-8 bytes
+        encoded = [v.encode() for v in value]
+        data = struct.pack("!iii", 1 if encoded else 0, 0, 25)
+        if encoded:
+            data += struct.pack("!ii", len(encoded), 1) + b"".join(struct.pack("!i", len(e)) + e for e in encoded)
         return struct.pack("!i", len(data)) + data
     raise AssertionError(type_name)
 
@@ -143,6 +149,32 @@ def test_a_bigint_array_of_the_wrong_shape_raises_and_leaves_no_partial_row(valu
         stream.add([(1, [1]), (2, value)])
     assert stream.rows == 1
     assert bytes(stream.finish()) == reference(["bigint", "bigint[]"], [(1, [1])])
+
+
+def test_a_text_array_is_array_sends_bytes():
+    rows = [(1, []), (2, ["POINTS"]), (3, ("VOUCHERS", "POINTS", "", "caf\u00e9 \u2713")), (4, None)]
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("assets", "text[]", 1)])
+    stream.add(rows)
+    assert bytes(stream.finish()) == reference(["bigint", "text[]"], rows)
+
+
+@pytest.mark.parametrize(
+    "value, error, says",
+    [
+        ("POINTS", TypeError, "a list or tuple of strs"),
+        ({"a": 1}, TypeError, "a list or tuple of strs"),
+        (7, TypeError, "a list or tuple of strs"),
+        (["POINTS", 2], TypeError, "strs only (element 1 is int)"),
+        ([None], TypeError, "strs only (element 0 is NoneType)"),
+        ([b"POINTS"], TypeError, "strs only (element 0 is bytes)"),
+    ],
+)
+def test_a_text_array_of_the_wrong_shape_raises_and_leaves_no_partial_row(value, error, says):
+    stream = CopyEncoder("transactions", [("id", "bigint", 0), ("assets", "text[]", 1)])
+    with pytest.raises(error, match=r"COPY transactions\.assets, row 1 of the rows given: .*" + re.escape(says)):
+        stream.add([(1, ["POINTS"]), (2, value)])
+    assert stream.rows == 1
+    assert bytes(stream.finish()) == reference(["bigint", "text[]"], [(1, ["POINTS"])])
 
 
 def test_no_rows_is_a_header_and_a_trailer():
@@ -243,7 +275,7 @@ def test_a_bad_constant_raises_before_any_row_is_written():
     ("columns", "add", "error", "says"),
     [
         ([("a", "numeric", 0)], None, ValueError, "type 'numeric' cannot be encoded"),
-        ([("a", "bigint", -3)], None, ValueError, "not a row index"),
+        ([("a", "bigint", -6)], None, ValueError, "not a row index"),
         ([("a", "bigint", CONSTANT)], {"rows": [(1,)]}, ValueError, "CONSTANT column needs its value"),
         ([("a", "bigint", 0)], {"rows": [(1,)], "values": {"b": 1}}, ValueError, "does not have: \\['b'\\]"),
         ([("a", "bigint", 1)], {"rows": [(1,)]}, IndexError, "the row has 1 items, none at 1"),
@@ -281,3 +313,73 @@ def test_stubtest_of_the_encoder():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+LEG_COLUMNS = [
+    ("id", "bigint", 0),
+    ("accounts", "bigint[]", LEG_ACCOUNTS),
+    ("amounts", "bigint[]", LEG_AMOUNTS),
+    ("assets", "text[]", LEG_ASSETS),
+]
+LEG_TYPES = ["bigint", "bigint[]", "bigint[]", "text[]"]
+
+
+def test_legs_are_grouped_by_transaction_in_their_order_whatever_the_entries_order():
+    entries = [(2, 20, 5), (1, 12, -7), (2, 21, -5), (1, 11, 7), (3, 30, 1, "VOUCHERS"), (3, 31, -1, "VOUCHERS")]
+    entries += [(4, 40, 2), (4, 41, -2, "POINTS"), (5, 50, 3), (5, 51, -3, "VOUCHERS")]
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    stream.add([(1,), (2,), (3,), (4,), (5,), (6,)], {"accounts": (), "amounts": ()}, legs=entries)
+    assert bytes(stream.finish()) == reference(
+        LEG_TYPES,
+        [
+            (1, [12, 11], [-7, 7], None),  # the entries' order, not the accounts'
+            (2, [20, 21], [5, -5], None),
+            (3, [30, 31], [1, -1], ["VOUCHERS", "VOUCHERS"]),
+            (4, [40, 41], [2, -2], None),  # every leg POINTS, named or not: NULL
+            (5, [50, 51], [3, -3], ["POINTS", "VOUCHERS"]),
+            (6, [], [], None),  # no legs: the values given (assets: none given, NULL)
+        ],
+    )
+
+
+def test_legs_in_the_rows_order_are_walked_and_give_the_same_bytes_as_grouped():
+    """The state machine's order (a transaction's entries together, in the rows' order) takes the walk with
+    no dict; rows with no legs between them keep theirs empty."""
+    rows = [(1,), (2,), (3,), (4,)]
+    entries = [(1, 11, 7), (1, 12, -7), (3, 30, 1, "VOUCHERS"), (3, 31, -1), (4, 40, 2), (4, 41, -2)]
+    walked = CopyEncoder("transactions", LEG_COLUMNS)
+    walked.add(rows, {"accounts": (), "amounts": ()}, legs=entries)
+    # the same legs in another order: grouped in a dict
+    grouped = CopyEncoder("transactions", LEG_COLUMNS)
+    grouped.add(rows, {"accounts": (), "amounts": ()}, legs=[entries[4], *entries[:4], entries[5]])
+    expected = reference(
+        LEG_TYPES,
+        [
+            (1, [11, 12], [7, -7], None),
+            (2, [], [], None),
+            (3, [30, 31], [1, -1], ["VOUCHERS", "POINTS"]),
+            (4, [40, 41], [2, -2], None),
+        ],
+    )
+    assert bytes(walked.finish()) == expected
+    assert bytes(grouped.finish()) == expected
+
+
+def test_legs_of_a_transaction_not_among_the_rows_are_refused():
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    with pytest.raises(ValueError, match=r"legs of transactions \[9\] are not among the rows given"):
+        stream.add([(1,)], legs=[(1, 10, 1), (9, 90, -1), (1, 11, -1)])
+
+
+def test_a_leg_that_is_not_an_int_raises_and_leaves_no_partial_row():
+    stream = CopyEncoder("transactions", LEG_COLUMNS)
+    stream.add([(1,)], legs=[(1, 10, 1), (1, 11, -1)])
+    with pytest.raises(TypeError, match=r"COPY transactions\.amounts, row 0 of the rows given: .*leg 1 has a str"):
+        stream.add([(2,)], legs=[(2, 20, 1), (2, 21, "x")])
+    assert stream.rows == 1
+    assert bytes(stream.finish()) == reference(LEG_TYPES, [(1, [10, 11], [1, -1], None)])
+
+
+def test_a_leg_column_of_the_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="a LEG_\\* column is bigint"):
+        CopyEncoder("transactions", [("id", "bigint", 0), ("accounts", "text[]", LEG_ACCOUNTS)])
