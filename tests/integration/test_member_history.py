@@ -22,8 +22,8 @@ async def _journal(url: str) -> None:
         await c.execute(
             """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
                                          idempotency_key, created_at)
-               SELECT g, 1, 'operator', CASE WHEN g IN (10, 5_000, 15_000) THEN 'x'
-                                             WHEN g IN (7_000, 12_000) THEN 'y'
+               SELECT g, 1, 'operator', CASE WHEN g IN (10, 5000, 15000) THEN 'x'
+                                             WHEN g IN (7000, 12000) THEN 'y'
                                              ELSE 'other-' || (g % 100) END,
                       'POINTS', 1, 'k' || g, now()
                FROM generate_series(1, $1) g""",
