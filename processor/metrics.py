@@ -74,7 +74,6 @@ COMMIT_STEPS = (
     "members",
     "transactions",
     "holds",
-    "entries",
     "refunds",
     "hold_resolutions",
     "hold_expiries",
