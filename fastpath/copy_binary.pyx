@@ -202,6 +202,18 @@ cdef class CopyEncoder:
         p[1] = v & 0xFF
         self.length += 2
 
+    cdef inline void _array_header(self, int64_t size, Py_ssize_t count, int64_t oid) noexcept:
+        # array_send's one-dimensional header, the field's length first (room reserved by the caller):
+        # dimensions (0 when empty), has-nulls 0, the element type's oid, then the dimension's length
+        # and lower bound 1 when not empty
+        self._int32(size)
+        self._int32(1 if count else 0)
+        self._int32(0)
+        self._int32(oid)
+        if count:
+            self._int32(count)
+            self._int32(1)
+
     cdef inline void _int32(self, int64_t v) noexcept:
         cdef unsigned char* p = <unsigned char*>self.data + self.length
         cdef uint64_t u = <uint64_t>v
@@ -309,13 +321,7 @@ cdef class CopyEncoder:
         if size > INT32_MAX:
             raise ValueError(f"{self._where(column)}: an array of {count} elements is longer than a field can be")
         self._reserve(4 + size)
-        self._int32(size)
-        self._int32(1 if count else 0)
-        self._int32(0)
-        self._int32(INT8_OID)
-        if count:
-            self._int32(count)
-            self._int32(1)
+        self._array_header(size, count, INT8_OID)
         for i in range(count):
             item = value[i]
             if not PyLong_Check(item):
@@ -347,13 +353,7 @@ cdef class CopyEncoder:
             if size > INT32_MAX:
                 raise ValueError(f"{self._where(column)}: an array of {count} elements is longer than a field can be")
         self._reserve(4 + size)
-        self._int32(size)
-        self._int32(1 if count else 0)
-        self._int32(0)
-        self._int32(TEXT_OID)
-        if count:
-            self._int32(count)
-            self._int32(1)
+        self._array_header(size, count, TEXT_OID)
         for i in range(count):
             text = PyUnicode_AsUTF8AndSize(value[i], &n)
             self._int32(n)
@@ -371,13 +371,7 @@ cdef class CopyEncoder:
         if size > INT32_MAX:
             raise ValueError(f"{self._where(column)}: {count} legs are longer than a field can be")
         self._reserve(4 + size)
-        self._int32(size)
-        self._int32(1 if count else 0)
-        self._int32(0)
-        self._int32(INT8_OID)
-        if count:
-            self._int32(count)
-            self._int32(1)
+        self._array_header(size, count, INT8_OID)
         for i in range(count):
             entry = <object>PySequence_Fast_GET_ITEM(legs, first + i)
             value = entry[item]
