@@ -39,14 +39,13 @@ import asyncpg
 from fastpath.copy_binary import CopyEncoder
 from loadtest import harness
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.projection_write import (
     FIRST_TRANSACTION_ID,
-    LSN,
     Probe,
     database_url,
     fill_template,
     unpacked_streams,
+    write_in_turn,
 )
 from processor import member_store
 from processor.domain import ASSET_POINTS
@@ -297,22 +296,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             # as a timed checkpoint does: the next change of each page writes the whole page to the WAL,
             # so the pages a batch touches (entries' heap and index pages among them) count
             await admin.execute("CHECKPOINT")
-        turn = i % len(names)
-        for name in names[turn:] + names[:turn]:
-            probe = probes[name]
-            probe.counting = counting
-            probe.batch = batch_write
-            before_wal = await probe.connection.fetchval(LSN)
-            before = cpu_seconds(probe.pid)
-            transaction = probe.connection.transaction()
-            await transaction.start()
-            await Store._write_many(writer, probe, [batch_write], 60.0, lambda _: None)  # type: ignore[arg-type,unused-ignore]
-            await probe.timed("commit", transaction.commit())
-            used = cpu_seconds(probe.pid) - before
-            written = await probe.connection.fetchval(LSN) - before_wal
-            if counting:
-                totals[name][0] += used
-                totals[name][1] += written
+        await write_in_turn(probes, names, i, batch_write, writer, counting, totals)
     counted = (args.batches - args.warmup) * 1_000
     print(
         f"{args.batches - args.warmup} batches of 1,000 counted ({args.warmup} warm-up), program in force, "

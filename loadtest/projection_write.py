@@ -349,6 +349,30 @@ async def variant_sql(c: asyncpg.Connection, name: str, args: argparse.Namespace
     raise SystemExit(f"variant {name}: base, migrations, -INDEX or a --variant-sql name")
 
 
+async def write_in_turn(
+    probes: dict[str, Any], names: list[str], turn: int, batch_write: Any, writer: Store, counting: bool, totals: dict
+) -> None:
+    """Writes one batch to every variant in turn (the order rotating with `turn`), each in a transaction
+    of its own, committed; while `counting`, adds each variant's backend CPU seconds and WAL bytes of the
+    whole transaction (its probes' own statements included) to totals[name]."""
+    turn %= len(names)
+    for name in names[turn:] + names[:turn]:
+        probe = probes[name]
+        probe.counting = counting
+        probe.batch = batch_write
+        before_wal = await probe.connection.fetchval(LSN)
+        before = cpu_seconds(probe.pid)
+        transaction = probe.connection.transaction()
+        await transaction.start()
+        await Store._write_many(writer, probe, [batch_write], 60.0, untimed)
+        await probe.timed("commit", transaction.commit())
+        used = cpu_seconds(probe.pid) - before
+        written = await probe.connection.fetchval(LSN) - before_wal
+        if counting:
+            totals[name][0] += used
+            totals[name][1] += written
+
+
 async def measure(url: str, args: argparse.Namespace) -> None:
     names = args.variants.split(",")
     if names[0] != "base":
@@ -404,22 +428,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             # as a timed checkpoint does: the next change of each page after it writes the whole page to
             # the WAL (a full-page image), so how many pages a batch touches counts
             await admin.execute("CHECKPOINT")
-        turn = i % len(names)
-        for name in names[turn:] + names[:turn]:
-            probe = probes[name]
-            probe.counting = counting
-            probe.batch = batch_write
-            before_wal = await probe.connection.fetchval(LSN)
-            before = cpu_seconds(probe.pid)
-            transaction = probe.connection.transaction()
-            await transaction.start()
-            await Store._write_many(writer, probe, [batch_write], 60.0, untimed)  # type: ignore[arg-type]
-            await probe.timed("commit", transaction.commit())
-            used = cpu_seconds(probe.pid) - before
-            written = await probe.connection.fetchval(LSN) - before_wal
-            if counting:
-                totals[name][0] += used
-                totals[name][1] += written
+        await write_in_turn(probes, names, i, batch_write, writer, counting, totals)
     counted = (args.batches - args.warmup) * 1_000
     print(
         f"{args.batches - args.warmup} batches of 1,000 counted ({args.warmup} warm-up), "
