@@ -2255,44 +2255,44 @@ class Store:
                         await c.execute("UPDATE ledger_writer SET last_transaction_id = $1", first_id + count - 1)
                         await c.execute(
                             """CREATE TEMP TABLE seed_earn ON COMMIT DROP AS
-                               SELECT $1::bigint + g - 1 AS transaction_id, 'seed-u-' || lpad(($2 + g)::text, 7, '0')
-                                        AS member_id,
-                                      'seed-m-' || lpad((1 + ((($2::bigint + g) * 7919) % $3))::text, 6, '0') AS merchant_id
-                               FROM generate_series(1, $4) g""",
+                               SELECT x.*, $5::bigint * m.give_back_bps / 10000 AS amount
+                               FROM (SELECT $1::bigint + g - 1 AS transaction_id,
+                                            'seed-u-' || lpad(($2 + g)::text, 7, '0') AS member_id,
+                                            'seed-m-' || lpad((1 + ((($2::bigint + g) * 7919) % $3))::text, 6, '0')
+                                              AS merchant_id
+                                     FROM generate_series(1, $4) g) x
+                               JOIN merchants m USING (merchant_id)""",
                             first_id,
                             done,
                             merchants,
                             count,
+                            purchase_per_member,
                         )
                         await c.execute("""INSERT INTO members SELECT member_id, now() FROM seed_earn""")
                         await c.execute(
+                            """INSERT INTO accounts (kind, owner_id, asset_code, balance)
+                               SELECT 'member', s.member_id, 'POINTS', s.amount FROM seed_earn s"""
+                        )
+                        # the earn's two legs in its row (migration 0022): member +amount, merchant_issued
+                        # -amount; none for an earn of 0 points. The member's account is opened first so
+                        # each row is written once, with its legs.
+                        await c.execute(
                             """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code,
-                                   amount, purchase_amount, idempotency_key, created_at)
-                               SELECT s.transaction_id, 1, s.merchant_id, s.member_id, 'POINTS',
-                                      $1::bigint * m.give_back_bps / 10000, $1, 'seed-' || s.transaction_id, now()
-                               FROM seed_earn s JOIN merchants m USING (merchant_id)""",
+                                   amount, purchase_amount, idempotency_key, created_at, leg_accounts, leg_amounts)
+                               SELECT s.transaction_id, 1, s.merchant_id, s.member_id, 'POINTS', s.amount, $1,
+                                      'seed-' || s.transaction_id, now(),
+                                      CASE WHEN s.amount <> 0 THEN ARRAY[ma.account_id, ia.account_id] ELSE '{}' END,
+                                      CASE WHEN s.amount <> 0 THEN ARRAY[s.amount, -s.amount] ELSE '{}' END
+                               FROM seed_earn s
+                               JOIN accounts ma ON ma.kind = 'member' AND ma.owner_id = s.member_id
+                                               AND ma.asset_code = 'POINTS'
+                               JOIN accounts ia ON ia.kind = 'merchant_issued' AND ia.owner_id = s.merchant_id
+                                               AND ia.asset_code = 'POINTS'""",
                             purchase_per_member,
                         )
                         await c.execute(
-                            """INSERT INTO accounts (kind, owner_id, asset_code, balance)
-                               SELECT 'member', t.member_id, 'POINTS', t.amount
-                               FROM transactions t JOIN seed_earn s USING (transaction_id)"""
-                        )
-                        # the earn's two legs in its row (migration 0022): member +amount, merchant_issued -amount
-                        await c.execute(
-                            """UPDATE transactions t SET leg_accounts = ARRAY[m.account_id, i.account_id],
-                                      leg_amounts = ARRAY[t.amount, -t.amount]
-                               FROM seed_earn s, accounts m, accounts i
-                               WHERE t.transaction_id = s.transaction_id AND t.amount <> 0
-                                 AND m.kind = 'member' AND m.owner_id = t.member_id AND m.asset_code = 'POINTS'
-                                 AND i.kind = 'merchant_issued' AND i.owner_id = t.merchant_id
-                                 AND i.asset_code = 'POINTS'"""
-                        )
-                        await c.execute(
                             """UPDATE accounts a SET balance = a.balance - d.points
-                               FROM (SELECT t.merchant_id, sum(t.amount) AS points
-                                     FROM transactions t JOIN seed_earn s USING (transaction_id)
-                                     GROUP BY t.merchant_id) d
+                               FROM (SELECT merchant_id, sum(amount) AS points FROM seed_earn GROUP BY merchant_id) d
                                WHERE a.kind = 'merchant_issued' AND a.owner_id = d.merchant_id"""
                         )
                         await c.execute("""UPDATE balance_checkpoint SET written_at = now(),
