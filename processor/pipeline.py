@@ -532,6 +532,29 @@ class Pipeline:
             self._queued.set()
         return self.ledger
 
+    async def applied_projected(self, timeout_seconds: float) -> bool:
+        """Waits until every batch applied to the fast path before this call is answered (or failed) and
+        its rows are projected, at most `timeout_seconds`; whether they are. For a recount that reads
+        Postgres's relational tables and must miss nothing applied before it started (quotas.py: the
+        open holds). Like committed_view, the committer answers the batch being written before it applies
+        the next while this waits."""
+        deadline = time.monotonic() + timeout_seconds
+        pending = list(self._open)
+        self._readers_waiting += 1
+        try:
+            while any(p in self._open for p in pending):
+                self._queued.set()  # the committer may be waiting for the next batch to grow
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(self._finished_event().wait(), left)
+                except TimeoutError:
+                    return False
+        finally:
+            self._readers_waiting -= 1
+        return await self.projector.wait_through(self._answered_batch_id, max(0.0, deadline - time.monotonic()))
+
     def channel_posting_due(self) -> None:
         """A cut wrote channel statements: the committer posts them, with or without traffic."""
         self.channel_unposted = True

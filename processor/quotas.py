@@ -14,8 +14,12 @@ A share at or above its global bound is no share (the global bound applies, with
 The counters live beside the pipeline (pure Python, no I/O) and err high: a batch rolled back after a
 failed commit does not give back the members it counted; a hold that is captured, voided or expires is
 subtracted only at the next recount of open holds from Postgres (every `merchant_holds_recount_seconds`,
-`recount_open_holds`). The one way they err low: holds applied but not yet committed when a recount reads
-Postgres are missed by that recount (at most the two batches in flight) until the next one.
+`recount_open_holds`). They never err low: a recount reads Postgres only once every batch applied before
+it started is answered and projected (the holds table is written by the projector, off the answer path,
+so without the wait a lagging projection hid every hold of the batches it had not reached yet, and a
+merchant could open more than its quota); holds applied after it started are added to what it reads. A
+recount that cannot wait (the projection lags past the wait, or fails) is skipped: the counts keep erring
+high until the next.
 """
 
 from __future__ import annotations
@@ -173,6 +177,9 @@ async def recount_open_holds(pipeline, interval_seconds: float) -> None:
             quotas = pipeline.quotas
             quotas.recount_started()
             try:
+                # every hold applied before the recount started must be in what it reads (module docstring)
+                if not await pipeline.applied_projected(pipeline.settings.projection_wait_seconds):
+                    raise TimeoutError("the projection did not reach the batches applied before the recount")
                 counts = await pipeline.store.open_holds_per_merchant()
             except Exception as error:  # Postgres away: the counts keep erring high until the next recount
                 quotas._opened_since = None
