@@ -184,6 +184,9 @@ def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_
     # the projector process sees its pipe close and exits at once, even inside its blocked projection
     for child in children:
         wait_for(lambda: not alive(child), 5.0, f"the projector process {child} exits after its service's SIGKILL")
+    # the idempotency records are durable with their batches' appends (migration 0023), not projected
+    recorded = {r["idempotency_key"] for r in asyncio.run(_fetch(url, "SELECT idempotency_key FROM idempotency_keys"))}
+    assert {request.idempotency_key for request, _ in acknowledged} <= recorded
     blocker.release()
 
     restarted = service_factory(url, "--projector", projector)
