@@ -175,11 +175,11 @@ class PresenceStore:
         if not key_has_outcome:
             row = await self._pool.fetchrow(
                 """UPDATE member_credentials
-                  SET failures = CASE WHEN failures + 1 >= $2 THEN 0 ELSE failures + 1 END,
-                      locked_until = CASE WHEN failures + 1 >= $2 THEN $3 ELSE locked_until END,
-                      updated_at = now()
-                WHERE member_id = $1
-            RETURNING failures, locked_until""",
+                      SET failures = CASE WHEN failures + 1 >= $2 THEN 0 ELSE failures + 1 END,
+                          locked_until = CASE WHEN failures + 1 >= $2 THEN $3 ELSE locked_until END,
+                          updated_at = now()
+                    WHERE member_id = $1
+                RETURNING failures, locked_until""",
                 member_id,
                 failures_max,
                 from_micros(now_us + lockout_seconds * 1_000_000),

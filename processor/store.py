@@ -1189,11 +1189,8 @@ class Store:
         two rows (written around the service) answers with the older record, the first one answered."""
         if not candidates:
             return {}
+        # a key's candidates are the entries sharing its 32-bit tag: one, but for a rare collision
         batch_ids = sorted({batch_id for ids in candidates.values() for batch_id in ids})
-        require(
-            len(batch_ids) <= 4 * len(candidates) + 64,
-            f"{len(batch_ids)} idempotency batches to read for {len(candidates)} keys",
-        )
         rows = await self.bounded(
             lambda c: c.fetch(
                 """SELECT batch_id, keys, records FROM idempotency_batches WHERE batch_id = ANY($1::bigint[])
@@ -1931,15 +1928,16 @@ class Store:
         require(chunk_rows_max >= 1, f"chunk_rows_max {chunk_rows_max}")
         deleted = 0
         while True:
-            # the oldest rows first, as many as fit in chunk_rows_max records (the window's sum runs over
-            # at most chunk_rows_max rows: each holds one record or more)
+            # the oldest rows first (in the created_at index's order: no sort of every old row), as many
+            # as fit in chunk_rows_max records (the running sum runs over at most chunk_rows_max rows:
+            # each holds one record or more), at least one
             rows = await self.pool.fetch(
                 """DELETE FROM idempotency_batches WHERE batch_id = ANY(ARRAY(
                        SELECT batch_id FROM (
-                         SELECT batch_id, sum(operations) OVER (ORDER BY created_at, batch_id) AS records,
-                                row_number() OVER (ORDER BY created_at, batch_id) AS n
+                         SELECT batch_id, sum(operations) OVER w AS records, row_number() OVER w AS n
                          FROM (SELECT batch_id, created_at, operations FROM idempotency_batches
-                               WHERE created_at < $1 ORDER BY created_at, batch_id LIMIT $2) oldest) c
+                               WHERE created_at < $1 ORDER BY created_at LIMIT $2) oldest
+                         WINDOW w AS (ORDER BY created_at ROWS UNBOUNDED PRECEDING)) c
                        WHERE records <= $2 OR n = 1))
                    RETURNING batch_id, operations, keys""",
                 older_than,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 
 import asyncpg
 import pytest
@@ -271,3 +272,91 @@ def test_a_retry_of_a_batch_not_yet_projected_replays_without_waiting_for_the_pr
         len(fetch(url, "SELECT 1 FROM transactions WHERE merchant_id = $1 AND member_id = $2", merchant, member)) == 3
     )
     assert ledger_discrepancies(url) == []
+
+
+def test_records_stored_before_migration_0023_are_read_through_the_view_and_replayed_after_it(create_database):
+    # A database whose idempotency_keys was a table (migrations through 0022), with records of two
+    # batches (two created_at values): 0023 moves them into idempotency_batches (one row per created_at,
+    # batch ids below zero), the view shows them as they were, and the service replays them.
+    from tests.integration.test_copy_binary import migrate_rest, through_migration
+
+    url = create_database()
+    asyncio.run(through_migration(url, 22))
+    merchant, member = unique("m"), unique("ann")
+    fields = {"transaction_id": 424_242, "points": 50, "balance": 50, "give_back_bps": 1000, "created_at_us": 7}
+    refused = ("FAILED_PRECONDITION", "member is frozen; unfreeze first")
+
+    async def legacy() -> None:
+        c = await asyncpg.connect(url)
+        try:
+            await c.executemany(
+                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
+                                                 message, created_at)
+                   VALUES ($1, $2, 'Earn', $3, $4, $5, $6, $7)""",
+                [
+                    (
+                        merchant,
+                        "old-ok",
+                        '{"member_id": "%s", "purchase_amount": 500}' % member,
+                        "OK",
+                        json.dumps(fields),
+                        "",
+                        dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc),
+                    ),
+                    (
+                        merchant,
+                        "old-refused",
+                        '{"member_id":"%s","purchase_amount":70}' % member,
+                        refused[0],
+                        None,
+                        refused[1],
+                        dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc),
+                    ),
+                    (
+                        merchant,
+                        "old-other",
+                        '{"member_id":"x","purchase_amount":1}',
+                        "OK",
+                        "{}",
+                        None,
+                        dt.datetime(2026, 11, 2, tzinfo=dt.timezone.utc),
+                    ),
+                ],
+            )
+        finally:
+            await c.close()
+
+    asyncio.run(legacy())
+    asyncio.run(migrate_rest(url))
+    add_merchant(url, merchant, 1000)
+    rows = fetch(url, "SELECT batch_id, operations FROM idempotency_batches ORDER BY batch_id")
+    assert [tuple(r) for r in rows] == [(-2, 1), (-1, 2)]  # newest first: -1 is the 2 November group
+    view = {r["idempotency_key"]: r for r in fetch(url, "SELECT * FROM idempotency_keys")}
+    assert set(view) == {"old-ok", "old-refused", "old-other"}
+    assert view["old-ok"]["request"] == '{"member_id": "%s", "purchase_amount": 500}' % member  # as stored
+    assert json.loads(view["old-ok"]["response"]) == fields and view["old-ok"]["message"] == ""
+    assert (view["old-refused"]["outcome"], view["old-refused"]["response"], view["old-refused"]["message"]) == (
+        refused[0],
+        None,
+        refused[1],
+    )
+    assert view["old-other"]["message"] is None
+
+    async def go():
+        pipeline = await open_pipeline(url)
+        try:
+            assert pipeline.idempotency.count == 3
+            assert pipeline.idempotency.maybe_stored([(merchant, "old-ok")]) == {(merchant, "old-ok"): [-2]}
+            ok = await earn(pipeline, merchant, member, 500, "old-ok")
+            assert (ok.code, ok.replayed, ok.fields) == (Code.OK, True, fields)
+            no = await earn(pipeline, merchant, member, 70, "old-refused")
+            assert (no.code.name, no.replayed, no.message) == (refused[0], True, refused[1])
+            reused = await earn(pipeline, merchant, member, 999, "old-ok")
+            assert reused.code is Code.ALREADY_EXISTS and "purchase_amount" in reused.message
+            new = await earn(pipeline, merchant, member, 500, unique("k"))
+            assert new.code is Code.OK and not new.replayed
+        finally:
+            await close_pipeline(pipeline)
+
+    asyncio.run(go())
+    assert len(fetch(url, "SELECT 1 FROM transactions WHERE merchant_id = $1", merchant)) == 1
