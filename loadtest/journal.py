@@ -163,25 +163,35 @@ async def _append_chunk(
     step("transactions")
     if idempotency:
         await c.execute(
-            """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
-                                             message, created_at)
-               SELECT merchant_id, 'journal-' || transaction_id,
-                      CASE WHEN kind = 1 THEN 'Earn' ELSE 'Redeem' END,
-                      CASE WHEN kind = 1
-                           THEN jsonb_build_object('member_id', member_id, 'purchase_amount', purchase_amount)
-                           ELSE jsonb_build_object('member_id', member_id, 'points', amount) END,
-                      'OK',
-                      CASE WHEN kind = 1
-                           THEN jsonb_build_object('transaction_id', transaction_id, 'points', amount,
-                                                   'balance', amount, 'give_back_bps', give_back_bps,
-                                                   'created_at_us',
-                                                   (extract(epoch FROM created_at) * 1000000)::bigint)
-                           ELSE jsonb_build_object('transaction_id', transaction_id, 'points', amount,
-                                                   'balance', amount, 'available', amount) END,
-                      '', created_at
-               FROM journal_chunk ORDER BY merchant_id, 'journal-' || transaction_id"""
+            # one idempotency_batches row per 1,000 transactions, as the service's batches write them
+            # (migration 0023), under negative batch ids (no batch_log row has them)
+            """INSERT INTO idempotency_batches (batch_id, created_at, operations, keys, records)
+               SELECT (SELECT least(min(batch_id), 0) FROM idempotency_batches) - row_number() OVER (ORDER BY g),
+                      max(created_at), count(*),
+                      convert_to(json_build_array(json_agg(merchant_id ORDER BY transaction_id),
+                                                  json_agg('journal-' || transaction_id ORDER BY transaction_id))::text,
+                                 'UTF8'),
+                      convert_to(json_build_array(json_agg(method ORDER BY transaction_id),
+                                                  json_agg(request ORDER BY transaction_id),
+                                                  json_agg('OK'::text),
+                                                  json_agg(response ORDER BY transaction_id),
+                                                  json_agg(''::text))::text, 'UTF8')
+               FROM (SELECT transaction_id, transaction_id / 1000 AS g, merchant_id, created_at,
+                            CASE WHEN kind = 1 THEN 'Earn' ELSE 'Redeem' END AS method,
+                            CASE WHEN kind = 1
+                                 THEN jsonb_build_object('member_id', member_id, 'purchase_amount', purchase_amount)
+                                 ELSE jsonb_build_object('member_id', member_id, 'points', amount) END::json AS request,
+                            CASE WHEN kind = 1
+                                 THEN jsonb_build_object('transaction_id', transaction_id, 'points', amount,
+                                                         'balance', amount, 'give_back_bps', give_back_bps,
+                                                         'created_at_us',
+                                                         (extract(epoch FROM created_at) * 1000000)::bigint)
+                                 ELSE jsonb_build_object('transaction_id', transaction_id, 'points', amount,
+                                                         'balance', amount, 'available', amount) END::json AS response
+                     FROM journal_chunk) j
+               GROUP BY g"""
         )
-        step("idempotency_keys")
+        step("idempotency_batches")
     last = first + count - 1
     await c.execute(
         """UPDATE accounts a SET balance = a.balance + d.delta
@@ -249,7 +259,7 @@ async def place_tail(url: str, tail: int) -> tuple[int, int, int]:
 async def _sizes(c) -> str:
     rows = await c.fetch(
         """SELECT relname, n_live_tup FROM pg_stat_user_tables
-           WHERE relname IN ('transactions', 'entries', 'idempotency_keys', 'accounts', 'members')
+           WHERE relname IN ('transactions', 'entries', 'idempotency_batches', 'accounts', 'members')
            ORDER BY relname"""
     )
     size = await c.fetchval("SELECT pg_size_pretty(pg_database_size(current_database()))")
@@ -345,7 +355,7 @@ async def run(args: argparse.Namespace) -> int:
                 if args.vacuum and args.transactions:
                     began = time.monotonic()
                     await c.execute(
-                        "VACUUM (ANALYZE) transactions, accounts, idempotency_keys, "
+                        "VACUUM (ANALYZE) transactions, accounts, idempotency_batches, "
                         "balance_checkpoint, merchants, members"
                     )
                     _say(f"VACUUM ANALYZE took {time.monotonic() - began:.1f} s")

@@ -5,12 +5,18 @@ in ONE autocommit statement (synchronous_commit on) that also does the writer's 
 Store._check_writer_lock does inside a batch transaction: ledger_writer's epoch is ours and the
 writer-lock session is the one we opened, then the high-water marks move and the row is inserted; if
 either check fails nothing changes and WriterFenced / WriterLockLost is raised. The relational rows
-(transactions, entries, holds, idempotency records, the rules' and members' rows) are written from it
+(transactions, entries, holds, the rules' and members' rows) are written from it
 later by the projector (processor/projector.py); until then the log row is the only truth, so its
-payload carries the whole BatchWrite, and start-up projects every log batch after
-projection_state.through_batch_id before it loads anything.
+payload carries the whole BatchWrite but its idempotency records, and start-up projects every log batch
+after projection_state.through_batch_id before it loads anything. The idempotency records are not
+projected: the same statement inserts the batch's `idempotency_batches` row (migration 0023,
+processor/idempotency_records.py), so a retry's record is durable exactly when its batch is and no
+projection carries it (the issue's "full idempotency key kept in the log"). Format 3 (this one) is
+format 2 without the records (BatchWrite.idempotency pickled as None, decoded as []); a format-1 or
+format-2 batch still carries them, and the projector inserts their row when it projects it (ON CONFLICT
+DO NOTHING: Store.project_batches), so an upgrade with an unprojected tail loses no record.
 
-The payload (format 2, `FORMAT_VERSION`) is a pickle (protocol 5) of plain values only: the BatchWrite's
+The payload (format 2 and 3, `FORMAT_VERSION`) is a pickle (protocol 5) of plain values only: the BatchWrite's
 fields as a list in field order, its row lists as they are, and the records of its RulesWrite and
 MemberWrite (lots, earn records, member rules, ...: by the thousand a batch) as columns, one list per
 field, so both ends run in C: encode is `map(attrgetter)` per field and `pickle.dumps` (no Python call
@@ -26,8 +32,8 @@ this service (a trusted table, never user input).
 
 Its shape is the dataclasses' fields: `FIELDS_FINGERPRINT` pins the field names of the writes and of
 their records (tests/unit/test_batch_log.py fails when one changes without FORMAT_VERSION and the
-fingerprint moving with it). `decode` reads format 2 and format 1 (the BatchWrite pickled as objects,
-by the versions before format 2: a log they left unprojected still projects after the upgrade); both
+fingerprint moving with it). `decode` reads format 3, format 2 and format 1 (the BatchWrite pickled as
+objects, by the versions before format 2: a log they left unprojected still projects after the upgrade); all
 rebuild the records by field position, so they hold only while the fingerprint does. A batch of any
 other format is refused at decode: a start with an unprojected tail written by another version stops
 with a message naming both (project the tail with the version that wrote it, then upgrade).
@@ -47,18 +53,19 @@ from typing import Any, Callable, NamedTuple
 
 import asyncpg
 
-from processor import rules
+from processor import idempotency_records, rules
+from processor.domain import require
 from processor.member_postings import MemberStatus, MemberWrite
 from processor.program import EarnRecord, MemberRules, RulesWrite, SplitRecord, VoucherHold
 from processor.store import BatchWrite, StoreError, WriterFenced, WriterLockLost
 
-FORMAT_VERSION = 2
-# the formats decode() reads: format 1 (before format 2) and this one
-FORMATS_READ = (1, 2)
+FORMAT_VERSION = 3
+# the formats decode() reads: format 1 (before format 2), format 2 (with the idempotency records) and this one
+FORMATS_READ = (1, 2, 3)
 # sha256 of the field names of the classes a payload holds (fields_fingerprint()), which both formats
 # rebuild by field position; a change of fields must bump FORMAT_VERSION, set this anew and drop (or
 # convert) the formats written with the old fields from FORMATS_READ
-FIELDS_FINGERPRINT = "44f8c4c4c7c5b786"
+FIELDS_FINGERPRINT = "3605a975518d2237"
 
 _PICKLE_PROTOCOL = 5
 
@@ -99,12 +106,19 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
 
 
+# BatchWrite's fields a format-3 payload does not carry (pickled as None): the records are in the batch's
+# idempotency_batches row, written by the same statement (see the module's docstring)
+_NOT_CARRIED = ("idempotency",)
+
+
 def fields_fingerprint() -> str:
-    """The shape of a payload: the field names of the writes and their records, in order."""
+    """The shape of a payload: the field names of the writes and their records, in order, and the
+    BatchWrite fields it does not carry."""
     names = [
         f"{_COMPILED.get(cls, cls.__module__)}.{cls.__qualname__}:{','.join(_field_names(cls))}"
         for cls in _WRITES + _RECORDS
     ]
+    names.append(f"not carried:{','.join(_NOT_CARRIED)}")
     return hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
@@ -286,6 +300,7 @@ _BATCH_FIELDS = [f.name for f in dataclasses.fields(BatchWrite)]
 _BATCH_GETTER = operator.attrgetter(*_BATCH_FIELDS)
 _RULES = _BATCH_FIELDS.index("rules")
 _MEMBERS = _BATCH_FIELDS.index("members")
+_IDEMPOTENCY = _BATCH_FIELDS.index("idempotency")
 
 
 def _pack_rules(write: RulesWrite | None) -> Any:
@@ -327,7 +342,7 @@ def _unpack_members(packed: Any) -> MemberWrite | None:
 
 
 def encode(write: BatchWrite) -> bytes:
-    """The payload of a batch's log row, format 2 (on the answer path: `python -m loadtest.batch_log_codec`
+    """The payload of a batch's log row, format 3: format 2 without the idempotency records (on the answer path: `python -m loadtest.batch_log_codec`
     measures it against format 1).
 
     Pickled without the pickler's memo (`fast`): the memo is a dict entry for every tuple and str
@@ -342,6 +357,7 @@ def encode(write: BatchWrite) -> bytes:
     values = list(_BATCH_GETTER(write))
     values[_RULES] = _pack_rules(values[_RULES])
     values[_MEMBERS] = _pack_members(values[_MEMBERS])
+    values[_IDEMPOTENCY] = None  # in the batch's idempotency_batches row (append)
     buffer = io.BytesIO()
     pickler = pickle.Pickler(buffer, protocol=_PICKLE_PROTOCOL)
     pickler.fast = True  # no memo (see above)
@@ -351,12 +367,19 @@ def encode(write: BatchWrite) -> bytes:
 
 def decode(batch_id: int, format_version: int, payload: bytes) -> BatchWrite:
     """The BatchWrite of a log row; BatchLogFormatError for a format this service does not read."""
-    if format_version == FORMAT_VERSION:
+    if format_version in (2, 3):
         values = pickle.loads(payload)
         if values.__class__ is not list or len(values) != len(_BATCH_FIELDS):
-            raise BatchLogFormatError(f"batch {batch_id} in batch_log does not hold a format-2 BatchWrite")
+            raise BatchLogFormatError(
+                f"batch {batch_id} in batch_log does not hold a format-{format_version} BatchWrite"
+            )
         values[_RULES] = _unpack_rules(values[_RULES])
         values[_MEMBERS] = _unpack_members(values[_MEMBERS])
+        if format_version == 3:
+            require(
+                values[_IDEMPOTENCY] is None, f"batch {batch_id}: a format-3 payload carries no idempotency records"
+            )
+            values[_IDEMPOTENCY] = []  # in its idempotency_batches row
         return BatchWrite(*values)
     if format_version not in FORMATS_READ:
         raise BatchLogFormatError(
@@ -382,12 +405,15 @@ def transaction_range(write: BatchWrite) -> tuple[int | None, int | None]:
 
 def operation_count(write: BatchWrite) -> int:
     """Operations the batch decided: one idempotency record each (expiries and postings of work decided
-    outside a batch have none)."""
+    outside a batch have none). Of the BatchWrite the committer built: a format-3 payload decodes
+    without its records."""
     return len(write.idempotency)
 
 
-# The fence and the append in one statement. The marks move and the row goes in only when the epoch
+# The fence and the append in one statement. The marks move and the rows go in only when the epoch
 # is ours AND the lock session is the one we opened (the same backend start): otherwise nothing changes.
+# The batch's idempotency records go in with its log row (one round trip, one commit: a record is
+# durable exactly when its batch is); a batch with none ($14 NULL) has no idempotency_batches row.
 _APPEND = """
 WITH alive AS (SELECT backend_start FROM pg_stat_get_activity($2)),
      fence AS (
@@ -399,8 +425,13 @@ WITH alive AS (SELECT backend_start FROM pg_stat_get_activity($2)),
        INSERT INTO batch_log (batch_id, created_at, first_transaction_id, last_transaction_id, transactions,
                               operations, format_version, payload)
        SELECT $6, $7, $8, $9, $10, $11, $12, $13 WHERE EXISTS (SELECT 1 FROM fence)
+       RETURNING 1),
+     recorded AS (
+       INSERT INTO idempotency_batches (batch_id, created_at, operations, keys, records)
+       SELECT $6, $7, $11, $14, $15 WHERE $14::bytea IS NOT NULL AND EXISTS (SELECT 1 FROM fence)
        RETURNING 1)
 SELECT (SELECT count(*) FROM appended) AS appended,
+       (SELECT count(*) FROM recorded) AS recorded,
        (SELECT count(*) FROM ledger_writer WHERE epoch = $1) AS epoch_ours,
        (SELECT backend_start FROM alive) AS lock_started
 """
@@ -414,10 +445,16 @@ async def append(
     payload: bytes,
     timeout: float,
 ) -> None:
-    """Appends a batch in one round trip, autocommit (the caller's connection must not be in a
-    transaction). `fence`: (writer epoch, lock session pid, lock session backend_start)."""
+    """Appends a batch and its idempotency records in one round trip, autocommit (the caller's
+    connection must not be in a transaction). `fence`: (writer epoch, lock session pid, lock session
+    backend_start)."""
     epoch, lock_pid, lock_started = fence
     first, last = transaction_range(write)
+    records = idempotency_records.encode(write.idempotency)
+    require(
+        records is None or records.operations == operation_count(write),
+        f"batch {batch_id}: its records and its operations differ",
+    )
     row = await connection.fetchrow(
         _APPEND,
         epoch,
@@ -433,9 +470,12 @@ async def append(
         operation_count(write),
         FORMAT_VERSION,
         payload,
+        records.keys if records is not None else None,
+        records.records if records is not None else None,
         timeout=timeout,
     )
     if row["appended"] == 1:
+        require(row["recorded"] == (records is not None), f"batch {batch_id} appended without its records' row")
         return
     if row["epoch_ours"] != 1:
         raise WriterFenced(

@@ -236,9 +236,7 @@ class MemberAdminServicer(admin_pb2_grpc.MemberAdminServiceServicer):
             op = self._operation(Method.ADJUST, key, fields, member_id=member_id, points=points)
             # a support key's retry of a key just answered must be seen as one, or it would use the limits
             # twice: the idempotency records read below include every operation answered before this call
-            if caller.kind == "support" and not await (await projected_store(self.pipeline)).stored_outcomes(
-                [(domain.OPERATOR_ID, key)]
-            ):
+            if caller.kind == "support" and not await self.pipeline.has_stored_outcome(domain.OPERATOR_ID, key):
                 outcome = await self.limits().adjust(caller.key_id, points, lambda: self.pipeline.submit(op))
             else:  # an operator's, or a retry (it replays its outcome and uses no more of the limits)
                 outcome = await self.pipeline.submit(op)

@@ -5,15 +5,16 @@ This is the one place ledger state changes. A single committer task takes up to
 and for the batch:
 
   1. asks the in-memory idempotency table (processor/idempotency.py) which of its keys may have a
-     stored record, and reads only those from Postgres, in one query (none for a batch of new keys):
+     stored record and in which batches, and reads only those batches' records from Postgres, in one
+     query by primary key (none for a batch of new keys; no wait for the projection):
      a stored outcome is replayed (or, if the request differs, refused with ALREADY_EXISTS naming the
      field);
   2. prefetches the holds and transactions the batch refers to that the fast path does not hold;
   3. hands the batch to the ledger state machine (processor/state_machine.py), which opens the fast
      path's undo log, releases expired holds and applies every operation (microseconds each, no I/O),
      returning the outcomes and the batch's rows (journal, hold changes, idempotency records);
-  4. appends all of it (the BatchWrite) to the batch log in one fenced autocommit statement
-     (processor/batch_log.py): the batch is durable;
+  4. appends all of it (the BatchWrite) to the batch log in one fenced autocommit statement, with its
+     idempotency records in their own row (processor/batch_log.py): the batch is durable;
   5. only then answers every call of the batch, and hands the batch to the projector
      (processor/projector.py), which writes its relational rows off the answer path (the balances
      follow by checkpoints fed by the projector: accounts.balance is folded from the journal).
@@ -292,8 +293,9 @@ class Pipeline:
         estimate, chunks = await self.store.idempotency_keys()
         table = self.idempotency
         table.reset(max(estimate, self.settings.idempotency_keys_expected))
-        async for keys in chunks:
-            table.add(keys)
+        async for batches in chunks:
+            for batch_id, keys in batches:  # in batch id order: the table rebuilds ids from their low bits
+                table.add(batch_id, keys)
         log.info(
             "idempotency keys loaded",
             extra={
@@ -362,6 +364,14 @@ class Pipeline:
         if self.store is None or not self.ready:
             raise Rejection(Code.UNAVAILABLE, "the service is starting or recovering; retry shortly")
         return self.store
+
+    async def has_stored_outcome(self, merchant_id: str, idempotency_key: str) -> bool:
+        """Whether the key has a stored idempotency record (an operation answered already: a retry of it
+        replays its outcome): decided by the in-memory table, read from its batch's row on a hit. Every
+        batch answered before this call is included (its keys join the table before its answers)."""
+        store = self.ready_store()
+        candidates = self.idempotency.maybe_stored([(merchant_id, idempotency_key)])
+        return bool(candidates) and bool(await store.stored_outcomes(candidates))
 
     async def merchant(self, merchant_id: str) -> MerchantRow | None:
         store = self.ready_store()
@@ -701,11 +711,12 @@ class Pipeline:
             return None
         try:
             # only the keys the table may hold are read: a miss is certainly new (processor/idempotency.py)
+            # and a hit's record is read from the batch rows the table names, durable with their appends:
+            # no wait for the projection
             maybe = self.idempotency.maybe_stored(list(map(_OPERATION_KEY, batch)))
             stored = {}
             if maybe:
                 metrics.idempotency_keys_read.inc(len(maybe))
-                await self._caught_up()  # the record may be in a batch not projected yet
                 stored = await self.store.stored_outcomes(maybe)
             await self._prefetch(batch, now_micros())
             dividends = []
@@ -814,8 +825,12 @@ class Pipeline:
             return False
         self.machine.commit()
         self._open.popleft()
-        # before any call is answered: a retry that follows must find its key
-        self.idempotency.add(map(_MERCHANT_AND_KEY, prepared.write.idempotency))
+        # before any call is answered: a retry that follows must find its key (and its record, in the
+        # batch's idempotency_batches row the append wrote)
+        records = prepared.write.idempotency
+        if records:
+            require(prepared.task is not None, "a batch with idempotency records was appended")
+            self.idempotency.add(prepared.batch_id, map(_MERCHANT_AND_KEY, records))
         if prepared.task is not None:
             self._next_batch_id = prepared.batch_id + 1
             self._answered_batch_id = prepared.batch_id  # before any answer: projected() waits for it
@@ -827,8 +842,10 @@ class Pipeline:
         self._resolve_all(prepared.batch, prepared.outcomes)
         self._signal_finished()
         if prepared.task is not None:
-            # its rows are written by the projector; a full queue holds the committer (backpressure)
-            await self.projector.put(Appended(prepared.batch_id, prepared.write, time.monotonic()))
+            # its rows are written by the projector; a full queue holds the committer (backpressure). Its
+            # idempotency records are not among them: the append wrote their row
+            write = dataclasses.replace(prepared.write, idempotency=[]) if records else prepared.write
+            await self.projector.put(Appended(prepared.batch_id, write, time.monotonic()))
         return True
 
     def _committed(self, write: BatchWrite) -> None:

@@ -298,8 +298,7 @@ class Presence:
             version.verification_failures_max,
             version.verification_lockout_seconds,
             now_us,
-            op.merchant_id,
-            op.idempotency_key,
+            await self.pipeline.has_stored_outcome(op.merchant_id, op.idempotency_key),
         )
         if locked_until_us:
             return Outcome(

@@ -164,26 +164,26 @@ class PresenceStore:
         failures_max: int,
         lockout_seconds: int,
         now_us: int,
-        merchant_id: str,
-        idempotency_key: str,
+        key_has_outcome: bool,
     ) -> tuple[int, int]:
         """Counts a wrong proof: (failures in a row now, locked until µs or 0). At failures_max the member
         is locked for lockout_seconds and the count starts again. Not counted when the operation's key has
-        an outcome already (a retry of an operation carried out: the pipeline replays it, whatever proof)."""
-        row = await self._pool.fetchrow(
-            """UPDATE member_credentials
-                  SET failures = CASE WHEN failures + 1 >= $2 THEN 0 ELSE failures + 1 END,
-                      locked_until = CASE WHEN failures + 1 >= $2 THEN $3 ELSE locked_until END,
-                      updated_at = now()
-                WHERE member_id = $1
-                  AND NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE merchant_id = $4 AND idempotency_key = $5)
-            RETURNING failures, locked_until""",
-            member_id,
-            failures_max,
-            from_micros(now_us + lockout_seconds * 1_000_000),
-            merchant_id,
-            idempotency_key,
-        )
+        an outcome already (`key_has_outcome`, the caller's: Pipeline.has_stored_outcome; a retry of an
+        operation carried out: the pipeline replays it, whatever proof). The idempotency records are one
+        row per batch (migration 0023): a look-up by key here would parse them all."""
+        row = None
+        if not key_has_outcome:
+            row = await self._pool.fetchrow(
+                """UPDATE member_credentials
+                      SET failures = CASE WHEN failures + 1 >= $2 THEN 0 ELSE failures + 1 END,
+                          locked_until = CASE WHEN failures + 1 >= $2 THEN $3 ELSE locked_until END,
+                          updated_at = now()
+                    WHERE member_id = $1
+                RETURNING failures, locked_until""",
+                member_id,
+                failures_max,
+                from_micros(now_us + lockout_seconds * 1_000_000),
+            )
         if row is None:  # not counted: show the count as it is
             current = await self.credentials(member_id)
             return (current.failures if current is not None else 0), 0

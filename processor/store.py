@@ -17,13 +17,13 @@ import pathlib
 import socket
 import time
 import urllib.parse
-from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import asyncpg
 import orjson
 
 from fastpath.copy_binary import CONSTANT, LEG_ACCOUNTS, LEG_AMOUNTS, LEG_ASSETS, LOOKUP, CopyEncoder
-from processor import channel_store, metrics, postgres_settings, rules
+from processor import channel_store, idempotency_records, metrics, postgres_settings, rules
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_ACQUIRING,
@@ -463,16 +463,6 @@ HOLDS_COPY = (
     ("created_at", "timestamptz", CONSTANT),
     ("idempotency_key", "text", 5),
 )
-IDEMPOTENCY_COPY = (
-    ("merchant_id", "text", 0),
-    ("idempotency_key", "text", 1),
-    ("method", "text", 2),
-    ("request", "json", 3),
-    ("outcome", "text", 4),
-    ("response", "json", 5),
-    ("message", "text", 6),
-    ("created_at", "timestamptz", CONSTANT),
-)
 LOTS_COPY = (
     ("member_id", "text", 0),
     ("lot_id", "bigint", 1),
@@ -516,7 +506,6 @@ TIER_EVENTS_COPY = (
 COPY_COLUMNS = {
     "transactions": TRANSACTIONS_COPY,
     "holds": HOLDS_COPY,
-    "idempotency_keys": IDEMPOTENCY_COPY,
     "lots": LOTS_COPY,
     "lot_consumptions": LOT_CONSUMPTIONS_COPY,
     "earn_rules": EARN_RULES_COPY,
@@ -1190,48 +1179,78 @@ class Store:
 
     # --- prefetch before a batch ---
 
-    async def stored_outcomes(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], StoredOutcome]:
-        if not keys:
+    async def stored_outcomes(
+        self, candidates: Mapping[tuple[str, str], Sequence[int]]
+    ) -> dict[tuple[str, str], StoredOutcome]:
+        """The stored outcomes of keys, given the batches whose idempotency_batches rows may hold each
+        (IdempotencyTable.maybe_stored): the rows are read by primary key, in one round trip, and a key
+        not in its candidates' rows has no record (a fingerprint shared with another key). The
+        records are durable with their batch's log append: no wait for the projection. A key found in
+        two rows (written around the service) answers with the older record, the first one answered."""
+        if not candidates:
             return {}
+        # a key's candidates are the entries sharing its 32-bit tag: its own, and one in about 2**32 /
+        # (records within retention) new keys a false one (another key's tag). Each candidate row's small
+        # `keys` is read; its `records` (~10x larger, TOASTed) only when a wanted key's JSON string occurs
+        # in its keys (a byte search in Postgres: a false candidate costs no records read)
+        batch_ids = sorted({batch_id for ids in candidates.values() for batch_id in ids})
+        wanted_ids = [batch_id for ids in candidates.values() for batch_id in ids]
+        needles = [orjson.dumps(key[1]) for key, ids in candidates.items() for _ in ids]
         rows = await self.bounded(
             lambda c: c.fetch(
-                """SELECT i.merchant_id, i.idempotency_key, i.method, i.request, i.outcome, i.response, i.message
-               FROM idempotency_keys i
-               JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
-                 USING (merchant_id, idempotency_key)""",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
+                """SELECT b.batch_id, b.keys,
+                          CASE WHEN EXISTS (SELECT 1 FROM unnest($2::bigint[], $3::bytea[]) AS w(batch_id, needle)
+                                            WHERE w.batch_id = b.batch_id AND position(w.needle IN b.keys) > 0)
+                               THEN b.records END AS records
+                   FROM idempotency_batches b WHERE b.batch_id = ANY($1::bigint[]) ORDER BY b.batch_id""",
+                batch_ids,
+                wanted_ids,
+                needles,
             ),
             self.read_timeout,
         )
-        return {
-            (r["merchant_id"], r["idempotency_key"]): StoredOutcome(
-                r["method"],
-                orjson.loads(r["request"]),
-                r["outcome"],
-                orjson.loads(r["response"]) if r["response"] is not None else None,
-                r["message"] or "",
-            )
-            for r in rows
-        }
+        found: dict[tuple[str, str], StoredOutcome] = {}
+        for row in rows:
+            wanted = {
+                key
+                for key, ids in candidates.items()
+                if key not in found and row["batch_id"] in ids  # the oldest record of a key wins
+            }
+            if not wanted or row["records"] is None:
+                continue
+            positions = [
+                (i, key) for i, key in enumerate(idempotency_records.decode_keys(row["keys"])) if key in wanted
+            ]
+            if not positions:
+                continue  # the fingerprints matched, the keys did not: none of them is stored here
+            methods, requests, outcomes, responses, messages = idempotency_records.decode_records(row["records"])
+            for i, key in positions:
+                found.setdefault(
+                    key, StoredOutcome(methods[i], requests[i], outcomes[i], responses[i], messages[i] or "")
+                )
+        return found
 
-    async def idempotency_keys(self, chunk_rows_max: int = 50_000) -> tuple[int, AsyncIterator[list[tuple[str, str]]]]:
-        """Every stored (merchant_id, idempotency_key), for the in-memory table a recovery rebuilds
-        (processor/idempotency.py): the planner's estimate of the row count (to size the table), and
-        the keys in chunks of at most `chunk_rows_max`, read by a cursor in one snapshot (bounded
-        memory on any table size)."""
+    async def idempotency_keys(
+        self, chunk_rows_max: int = 50_000
+    ) -> tuple[int, AsyncIterator[list[tuple[int, list[tuple[str, str]]]]]]:
+        """Every stored (merchant_id, idempotency_key) with the batch id of the row holding it, for the
+        in-memory table a recovery rebuilds (processor/idempotency.py): the records' count (to size the
+        table), and (batch id, its keys) in batch id order, in chunks of batches holding about
+        `chunk_rows_max` keys, read by a cursor in one snapshot (bounded memory on any table size). Only
+        the rows' small `keys` column is read."""
         estimate = await self.pool.fetchval(
-            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'idempotency_keys'::regclass",
-            timeout=self.recovery_timeout,
+            "SELECT coalesce(sum(operations), 0)::bigint FROM idempotency_batches", timeout=self.recovery_timeout
         )
+        # a row holds 1 to batch_operations_max keys: a fetch of this many rows is ~2-20 MB at most
+        batches_per_chunk = max(1, chunk_rows_max // 100)
 
-        async def chunks() -> AsyncIterator[list[tuple[str, str]]]:
+        async def chunks() -> AsyncIterator[list[tuple[int, list[tuple[str, str]]]]]:
             async with self.pool.acquire() as connection, connection.transaction(readonly=True):
                 cursor = await connection.cursor(
-                    "SELECT merchant_id, idempotency_key FROM idempotency_keys", timeout=self.recovery_timeout
+                    "SELECT batch_id, keys FROM idempotency_batches ORDER BY batch_id", timeout=self.recovery_timeout
                 )
-                while rows := await cursor.fetch(chunk_rows_max, timeout=self.recovery_timeout):
-                    yield [(r[0], r[1]) for r in rows]
+                while rows := await cursor.fetch(batches_per_chunk, timeout=self.recovery_timeout):
+                    yield [(r[0], idempotency_records.decode_keys(r[1])) for r in rows]
 
         return int(estimate or 0), chunks()
 
@@ -1346,6 +1365,22 @@ class Store:
                         "the batches between are missing; resynchronising from the log"
                     )
             await self._write_many(connection, [batch for _, batch in todo], timeout, step)
+            # a batch of log format 1 or 2 carries its idempotency records (format 3's are inserted with
+            # its append, and the committer hands the projector its batches without them): their row,
+            # unless an earlier projection's COMMIT put it there already
+            legacy = [
+                (batch_id, batch.created_at, *row)
+                for batch_id, batch in todo
+                if (row := idempotency_records.encode(batch.idempotency)) is not None
+            ]
+            if legacy:
+                await connection.executemany(
+                    """INSERT INTO idempotency_batches (batch_id, created_at, operations, keys, records)
+                       VALUES ($1, $2, $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING""",
+                    legacy,
+                    timeout=timeout,
+                )
+                step("idempotency")
             if todo:
                 moved = await connection.execute(
                     "UPDATE projection_state SET through_batch_id = $2 WHERE through_batch_id = $1",
@@ -1431,8 +1466,8 @@ class Store:
         await self._write_many(c, [b], timeout, step)
 
     async def _write_many(self, c: asyncpg.Connection, batches: Sequence[BatchWrite], timeout: float, step) -> None:
-        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The three
-        bulk inserts (transactions with their legs, holds, idempotency records) are one COPY each for all the
+        """Writes the rows of consecutive batches, oldest first, in the caller's transaction. The two
+        bulk inserts (transactions with their legs, holds) are one COPY each for all the
         batches (each row keeps its own batch's created_at); the rest runs batch by batch, in order,
         after the inserts it may depend on (a hold or a transaction created by an earlier batch of the
         group is inserted before a later one resolves or refunds it). So a projection of several
@@ -1467,7 +1502,7 @@ class Store:
                     timeout=timeout,
                 )
                 step("accounts")
-        # The three bulk inserts are binary COPY streams encoded in C from the batches' own row tuples
+        # The two bulk inserts are binary COPY streams encoded in C from the batches' own row tuples
         # (TRANSACTIONS_COPY ... say which item is which column); a batch's created_at is encoded once
         # for all its rows.
         if any(b.transactions for b in batches):
@@ -1494,15 +1529,8 @@ class Store:
             step("holds")
         for b in batches:
             await self._write_updates(c, b, timeout, step)
-        if any(b.idempotency for b in batches):
-            # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
-            # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
-            # 14.4-30 ms over four runs); a key already stored still fails the batch on the primary key
-            stream = CopyEncoder("idempotency_keys", IDEMPOTENCY_COPY)
-            for b in batches:
-                stream.add(b.idempotency, {"created_at": b.created_at})
-            await copy_rows(c, stream, timeout)
-            step("idempotency")
+        # no idempotency records: a batch's are in its idempotency_batches row, inserted with its log
+        # append (processor/batch_log.py), or by project_batches for a batch of an older log format
 
     async def _write_updates(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
         """One batch's updates of rows already there (refunds, hold resolutions and expiries) and its
@@ -1899,30 +1927,38 @@ class Store:
         older_than: dt.datetime,
         chunk_rows_max: int = 10_000,
         chunk_timeout_seconds: float = 60.0,
-        deleted_keys: Callable[[list[tuple[str, str]]], object] | None = None,
+        deleted_keys: Callable[[list[tuple[int, list[tuple[str, str]]]]], object] | None = None,
     ) -> int:
-        """Deletes the idempotency records created before `older_than`, in chunks of at most
-        `chunk_rows_max` rows, each its own transaction under its own timeout: progress on any table
-        size, and no long lock or transaction. Returns the rows deleted. `deleted_keys`, if given, is
-        called with each chunk's (merchant_id, idempotency_key) once that chunk is committed (the
-        service drops them from its in-memory table)."""
+        """Deletes the idempotency records created before `older_than`, a batch's row at a time (its
+        records go together), in chunks of whole batch rows holding at most `chunk_rows_max` records
+        (at least one row), each its own transaction under its own timeout: progress on any table
+        size, and no long lock or transaction. Returns the records deleted. `deleted_keys`, if given, is
+        called with each chunk's (batch id, its keys) once that chunk is committed (the service drops
+        them from its in-memory table)."""
         require(chunk_rows_max >= 1, f"chunk_rows_max {chunk_rows_max}")
         deleted = 0
         while True:
+            # the oldest rows first (in the created_at index's order: no sort of every old row), as many
+            # as fit in chunk_rows_max records (the running sum runs over at most chunk_rows_max rows:
+            # each holds one record or more), at least one
             rows = await self.pool.fetch(
-                """DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
-                       SELECT ctid FROM idempotency_keys WHERE created_at < $1 LIMIT $2))
-                   RETURNING merchant_id, idempotency_key""",
+                """DELETE FROM idempotency_batches WHERE batch_id = ANY(ARRAY(
+                       SELECT batch_id FROM (
+                         SELECT batch_id, sum(operations) OVER w AS records, row_number() OVER w AS n
+                         FROM (SELECT batch_id, created_at, operations FROM idempotency_batches
+                               WHERE created_at < $1 ORDER BY created_at LIMIT $2) oldest
+                         WINDOW w AS (ORDER BY created_at ROWS UNBOUNDED PRECEDING)) c
+                       WHERE records <= $2 OR n = 1))
+                   RETURNING batch_id, operations, keys""",
                 older_than,
                 chunk_rows_max,
                 timeout=chunk_timeout_seconds,
             )
-            count = len(rows)
-            if deleted_keys is not None and rows:
-                deleted_keys([(r[0], r[1]) for r in rows])
-            deleted += count
-            if count < chunk_rows_max:
+            if not rows:
                 return deleted
+            if deleted_keys is not None:
+                deleted_keys([(r["batch_id"], idempotency_records.decode_keys(r["keys"])) for r in rows])
+            deleted += sum(r["operations"] for r in rows)
 
     # --- clearing ---
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import re
 import time
 import urllib.request
@@ -20,6 +21,7 @@ from google.protobuf import timestamp_pb2
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.harness import add_merchant, create_key, fetch, open_store
 from tests.integration.helpers import cli, credential, error_of, unique
+from tests.integration.idempotency_rows import insert_records, record
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -629,21 +631,28 @@ def test_the_idempotency_purge_deletes_in_bounded_chunks_until_done(create_datab
     with service.channel() as channel:
         points_pb2_grpc.PointsServiceStub(channel).Earn(earn_request("shop", "m", key="recent"), timeout=30)
     service.terminate()
-    fetch(
-        url,
-        """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
-                  SELECT 'shop', 'old-' || i, 'earn', '{}', 'OK', now() - interval '40 days'
-                  FROM generate_series(1, 2345) AS i""",
-    )
+    chunks: list[int] = []
 
     async def purge():
         store = await open_store(url)
         try:
+            # 2,345 old records, in batch rows of 1 to 40 (migration 0023: one row per batch)
+            old = [record("shop", f"old-{i}", {}, method="earn") for i in range(1, 2346)]
+            sizes = itertools.cycle([1, 7, 40, 13])
+            at = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)
+            while old:
+                size = next(sizes)
+                await insert_records(store.pool, old[:size], at)
+                old = old[size:]
             return await store.purge_idempotency(
-                dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), chunk_rows_max=100, chunk_timeout_seconds=30
+                dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30),
+                chunk_rows_max=100,
+                chunk_timeout_seconds=30,
+                deleted_keys=lambda batches: chunks.append(sum(len(keys) for _, keys in batches)),
             )
         finally:
             await store.close()
 
     assert asyncio.run(purge()) == 2345
+    assert sum(chunks) == 2345 and max(chunks) <= 100  # whole batch rows, at most 100 records a chunk
     assert [r["idempotency_key"] for r in fetch(url, "SELECT idempotency_key FROM idempotency_keys")] == ["recent"]

@@ -5,12 +5,16 @@ promotion grants, member rules, consumed pieces) as the old version decided them
 
 The old version's rows are made from this version's: each unprojected row's payload is decoded and
 written again in format 1 (tests/unit/test_batch_log.py's copy of that version's encoder, whose output
-a stored sample pins), format_version 1, before the restart.
+a stored sample pins), format_version 1, before the restart, with the batch's idempotency records moved
+back into it from their idempotency_batches row (migration 0023: the versions before format 3 carried
+them in the payload and had no such row). The upgrade loses none: every acknowledged key has its record
+once, and a retry after it replays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import asyncpg
@@ -21,6 +25,7 @@ from points.v1 import points_pb2_grpc
 from processor import batch_log
 from tests.harness import add_merchant, ledger_discrepancies, wait_projected
 from tests.integration.helpers import add_program_version, cli, unique
+from tests.integration.idempotency_rows import records_of
 from tests.integration.test_projection import ProjectionBlocker
 from tests.unit.test_batch_log import encode_format_1
 
@@ -77,7 +82,8 @@ def _operations(members: list[str], round_number: int) -> list[pb.Operation]:
 
 
 async def _rewrite_as_format_1(url: str) -> list[batch_log.LogEntry]:
-    """Every unprojected row's payload written again in format 1; returns the batches as decoded before."""
+    """Every unprojected row's payload written again in format 1, its idempotency records in it (their
+    row deleted); returns the batches as decoded before, their records in them."""
     connection = await asyncpg.connect(url)
     try:
         through = await connection.fetchval("SELECT through_batch_id FROM projection_state")
@@ -86,8 +92,12 @@ async def _rewrite_as_format_1(url: str) -> list[batch_log.LogEntry]:
         )
         entries = []
         for row in rows:
-            assert row["format_version"] == batch_log.FORMAT_VERSION == 2
+            assert row["format_version"] == batch_log.FORMAT_VERSION == 3
             write = batch_log.decode(row["batch_id"], row["format_version"], row["payload"])
+            assert write.idempotency == []  # in its row
+            write = dataclasses.replace(write, idempotency=await records_of(connection, row["batch_id"]))
+            assert write.idempotency, "an unprojected batch of operations has its records' row"
+            await connection.execute("DELETE FROM idempotency_batches WHERE batch_id = $1", row["batch_id"])
             entries.append(batch_log.LogEntry(row["batch_id"], write))
             await connection.execute(
                 "UPDATE batch_log SET format_version = 1, payload = $2 WHERE batch_id = $1",
@@ -158,9 +168,23 @@ def test_an_unprojected_log_of_format_1_is_projected_after_the_upgrade(create_da
         request = getattr(operation, operation.WhichOneof("operation"))
         assert counts.get(request.idempotency_key) == 1, f"{request.idempotency_key} is not in transactions once"
         balances[request.member_id] = getattr(result, result.WhichOneof("response")).balance  # after it
+    records = {
+        r["idempotency_key"]: r["n"]
+        for r in asyncio.run(_fetch(url, "SELECT idempotency_key, count(*) AS n FROM idempotency_keys GROUP BY 1"))
+    }
+    assert all(records.get(getattr(o, o.WhichOneof("operation")).idempotency_key) == 1 for o, _ in acknowledged), (
+        "an acknowledged operation's idempotency record was lost (or doubled) by the upgrade"
+    )
     with restarted.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         assert {m: stub.GetBalance(pb.GetBalanceRequest(member_id=m), timeout=30).posted for m in members} == balances
+        # the operations of the old rows, retried after the upgrade: replayed, not posted again
+        retried = [o for o, _ in acknowledged[-len(members) * 2 :]]
+        answers = stub.SubmitBatch(pb.SubmitBatchRequest(operations=retried), timeout=30).results
+        for answer, (_, first) in zip(answers, acknowledged[-len(members) * 2 :], strict=True):
+            which = first.WhichOneof("response")
+            assert answer.outcome == pb.OPERATION_OUTCOME_REPLAYED and answer.WhichOneof("response") == which
+            assert getattr(answer, which) == getattr(first, which)
     # the lots the old rows changed (keys gone, lots new or changed per member), on top of those projected before
     for entry in rewritten:
         for member, (gone, changed) in entry.write.rules.lots.items():

@@ -14,6 +14,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies, open_store
+from tests.integration.idempotency_rows import HOLDING_KEY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -134,7 +135,8 @@ def test_idempotency_purge_deletes_only_records_older_than_the_cutoff(create_dat
         stub = points_pb2_grpc.PointsServiceStub(channel)
         for key in ("old", "new"):
             stub.Earn(pb.EarnRequest(merchant_id="shop", member_id="m", purchase_amount=100, idempotency_key=key))
-    fetch(url, "UPDATE idempotency_keys SET created_at = now() - interval '40 days' WHERE idempotency_key = 'old'")
+    # the record's batch row (migration 0023) ages: "old" and "new" were answered in batches of their own
+    fetch(url, f"UPDATE idempotency_batches SET created_at = now() - interval '40 days' WHERE {HOLDING_KEY}", "old")
 
     async def purge():
         store = await open_store(url)

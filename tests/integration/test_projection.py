@@ -184,6 +184,9 @@ def test_sigkill_with_the_projector_blocked_loses_no_acknowledged_operation_and_
     # the projector process sees its pipe close and exits at once, even inside its blocked projection
     for child in children:
         wait_for(lambda: not alive(child), 5.0, f"the projector process {child} exits after its service's SIGKILL")
+    # the idempotency records are durable with their batches' appends (migration 0023), not projected
+    recorded = {r["idempotency_key"] for r in asyncio.run(_fetch(url, "SELECT idempotency_key FROM idempotency_keys"))}
+    assert {request.idempotency_key for request, _ in acknowledged} <= recorded
     blocker.release()
 
     restarted = service_factory(url, "--projector", projector)
@@ -254,11 +257,13 @@ def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_i
     create_database, service_factory, blocker_factory, projector
 ):
     """The projection blocked past its timeout, again and again (the child reports it in process mode):
-    reads that must see the caller's writes and a retry that must read its stored outcome are refused
-    UNAVAILABLE at once, naming the failure, rather than waiting out --projection-wait-seconds (here
-    longer than the clients' deadlines: a stalled wait would end DEADLINE_EXCEEDED); new operations are
-    still answered; once the projection succeeds, everything is read back and the retry gets its first
-    answer."""
+    reads that must see the caller's writes are refused UNAVAILABLE at once, naming the failure, rather
+    than waiting out --projection-wait-seconds (here longer than the clients' deadlines: a stalled wait
+    would end DEADLINE_EXCEEDED); a retry that must read its stored outcome is not stalled either: since
+    migration 0023 the outcome is durable with its batch's log append, not projected, so the retry gets
+    its first answer at once (it was refused UNAVAILABLE while the projection failed, before); new
+    operations are still answered; once the projection succeeds, everything is read back and the retry
+    still gets its first answer."""
     url = create_database()
     merchant = unique("m")
     add_merchant(url, merchant, GIVE_BACK_BPS)
@@ -287,9 +292,8 @@ def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_i
             stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
         assert "in a row" in refused.value.details() and "retry shortly" in refused.value.details()
-        with pytest.raises(grpc.RpcError) as retried:
-            stub.Earn(request, timeout=30)  # its stored outcome is in a batch not projected
-        assert retried.value.code() == grpc.StatusCode.UNAVAILABLE, retried.value.details()
+        # its stored outcome is in a batch not projected: read from the batch's idempotency_batches row
+        assert stub.Earn(request, timeout=30).transaction_id == blocked.transaction_id
         fresh = stub.Earn(earn_request(merchant, unique("mem"), 3_000), timeout=30)  # needs no read: answered
         assert fresh.transaction_id > blocked.transaction_id
         # new operations fill the projector's queue (2 batches here); then they are refused at the door,
@@ -403,11 +407,10 @@ def test_pruning_keeps_unprojected_batches_and_the_newest_projected_one_and_reco
 
 
 def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_resynchronise(create_database):
-    """A record written around the running service: the projector process's projection is refused by
-    the primary key, it exits with EXIT_DIVERGENT, and the service resynchronises, whose recovery
-    stops it naming the batch (as in-process: test_idempotency_memory.py)."""
-    import json
-
+    """A row written around the running service (a transaction under the id the next batch hands out:
+    since migration 0023 an idempotency record no longer has a per-key primary key to collide on): the
+    projector process's projection is refused by the primary key, it exits with EXIT_DIVERGENT, and the
+    service resynchronises, whose recovery stops it naming the batch."""
     from processor import config
     from processor.pipeline import Pipeline
     from processor.projector import ProjectionRefused
@@ -430,15 +433,15 @@ def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_res
         await pipeline.projector.started()  # the child runs (its pid is read below; start() only begins it)
         try:
             await earn(pipeline, merchant, member, 1_000, unique("k"))
-            fields = {"transaction_id": 999_999, "points": 7, "balance": 7, "give_back_bps": 1000, "created_at_us": 1}
+            taken = pipeline.ids.next_transaction_id
             await store.pool.execute(
-                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, response,
-                                                 message, created_at)
-                   VALUES ($1, $2, 'Earn', $3::jsonb, 'OK', $4::jsonb, '', now())""",
+                """INSERT INTO transactions (transaction_id, kind, merchant_id, member_id, asset_code, amount,
+                                             idempotency_key, created_at, leg_accounts, leg_amounts)
+                   VALUES ($1, 1, $2, $3, 'POINTS', 7, $4, now(), '{}', '{}')""",
+                taken,
                 merchant,
+                member,
                 outside,
-                json.dumps({"member_id": member, "purchase_amount": 70}),
-                json.dumps(fields),
             )
             child = pipeline.projector.pid
             assert child is not None
@@ -449,7 +452,7 @@ def test_a_projector_process_refusing_the_log_as_divergent_makes_the_service_res
             assert committer.done(), "the service kept serving a ledger whose log cannot be projected"
             error = committer.exception()
             assert isinstance(error, ProjectionRefused), repr(error)
-            assert outside in str(error)
+            assert f"({taken})" in str(error)
             assert not alive(child), "the projector process that refused the log is gone"
         finally:
             await pipeline.projector.halt()

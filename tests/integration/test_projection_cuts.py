@@ -15,6 +15,7 @@ from processor import member_store
 from processor.domain import ACCOUNT_MEMBER, ASSET_POINTS
 from processor.store import BatchWrite, Store
 from tests.harness import migrate, run
+from tests.integration.idempotency_rows import insert_records
 
 AT = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
 MEMBER_ACCOUNT_ID = 900_000
@@ -59,6 +60,7 @@ def test_entries_are_a_view_over_the_transactions_legs_and_the_legs_are_checked(
             ):
                 with pytest.raises(asyncpg.CheckViolationError):
                     await c.execute(insert, accounts, amounts, assets)
+            # a view since migration 0023: its columns keep the types
             types = await c.fetch(
                 """SELECT attname, format_type(atttypid, atttypmod) AS type FROM pg_attribute
                    WHERE attrelid = 'idempotency_keys'::regclass AND attname IN ('request', 'response')
@@ -91,12 +93,14 @@ def test_a_batch_written_reads_back_legs_in_posting_order_and_the_outcome_as_wri
             )
             async with store.pool.acquire() as c, c.transaction():
                 await Store._write_many(store, c, [batch], 30.0, lambda _step: None)
+            # the records' row, as the batch's log append writes it (migration 0023)
+            batch_id = await insert_records(store.pool, batch.idempotency, AT, batch_id=1)
             group = await member_store.reversal_group(store.pool, 1)
             assert [leg[0] for leg in group["originals"][0]["legs"]] == [MEMBER_ACCOUNT_ID, fees, breakage]
             assert [leg[4] for leg in group["originals"][0]["legs"]] == [250, -50, -200]
             ids = [r[0] for r in await store.pool.fetch("SELECT entry_id FROM entries ORDER BY entry_id")]
             assert len(set(ids)) == len(ids) == 3
-            stored = await store.stored_outcomes([("shop", "k1"), ("shop", "absent")])
+            stored = await store.stored_outcomes({("shop", "k1"): [batch_id], ("shop", "absent"): [batch_id]})
             assert list(stored) == [("shop", "k1")]
             outcome = stored[("shop", "k1")]
             assert (outcome.method, outcome.request, outcome.outcome, outcome.response, outcome.message) == (
@@ -139,11 +143,14 @@ def test_reads_by_transaction_and_by_key_keep_their_index_plans(database_url):
                           ARRAY[1 + i % 7, 2 + i % 7, 3, 4], ARRAY[1 + i, -1 - i, 2, -2]
                    FROM generate_series(1, 20000) i"""
             )
+            # 20,000 batch rows of a record each (migration 0023)
             await c.execute(
-                """INSERT INTO idempotency_keys (merchant_id, idempotency_key, method, request, outcome, created_at)
-                   SELECT 'm' || i % 50, 'key-' || i, 'Earn', '{}', 'OK', now() FROM generate_series(1, 40000) i"""
+                """INSERT INTO idempotency_batches (batch_id, created_at, operations, keys, records)
+                   SELECT 100000 + i, now(), 1, convert_to('[["m' || i % 50 || '"],["key-' || i || '"]]', 'UTF8'),
+                          convert_to('[["Earn"],[{}],["OK"],[null],[""]]', 'UTF8')
+                   FROM generate_series(1, 20000) i"""
             )
-            await c.execute("ANALYZE transactions; ANALYZE idempotency_keys")
+            await c.execute("ANALYZE transactions; ANALYZE idempotency_batches")
             # the legs of one transaction (reversal_group, list_transactions' lateral join, statement lines)
             legs = await c.fetchval(
                 """EXPLAIN (FORMAT JSON) SELECT e.account_id, e.amount FROM entries e
@@ -160,16 +167,13 @@ def test_reads_by_transaction_and_by_key_keep_their_index_plans(database_url):
                 20_990,
             )
             assert "transactions_pkey" in plan_indexes(json.loads(tail)[0]["Plan"])
-            # stored_outcomes' look-up of a batch's keys
+            # stored_outcomes' look-up of a batch's keys: the rows of the batches the in-memory table names
             keys = await c.fetchval(
-                """EXPLAIN (FORMAT JSON) SELECT i.merchant_id, i.idempotency_key, i.request, i.response
-                   FROM idempotency_keys i
-                   JOIN unnest($1::text[], $2::text[]) AS k(merchant_id, idempotency_key)
-                     USING (merchant_id, idempotency_key)""",
-                ["m1", "m2"],
-                ["key-1", "key-2"],
+                """EXPLAIN (FORMAT JSON) SELECT batch_id, keys, records FROM idempotency_batches
+                   WHERE batch_id = ANY($1::bigint[]) ORDER BY batch_id""",
+                [100_001, 102_001],
             )
-            assert "idempotency_keys_pkey" in plan_indexes(json.loads(keys)[0]["Plan"])
+            assert "idempotency_batches_pkey" in plan_indexes(json.loads(keys)[0]["Plan"])
         finally:
             await filler.rollback()
             await c.close()

@@ -1,8 +1,10 @@
 """The batch log's payload (processor/batch_log.py): a batch's BatchWrite must come back exactly from its
-payload (until projected the log row is the only truth) — format 2 for batches the state machine makes
-and for random ones holding every kind of record, format 1 (written by the versions before format 2) for
-the same batches and for a payload such a version wrote — a payload of another format is refused with a
-message that says what to do, and the format's fingerprint moves with the dataclasses' fields."""
+payload (until projected the log row is the only truth) — format 3 (all but the idempotency records,
+which go in the batch's idempotency_batches row: processor/idempotency_records.py) for batches the state
+machine makes and for random ones holding every kind of record, format 2 and format 1 (written by the
+versions before, records included) for the same batches and for a payload such a version wrote — a
+payload of another format is refused with a message that says what to do, and the format's fingerprint
+moves with the dataclasses' fields."""
 
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ import random
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 import fastpath._core
-from processor import batch_log, domain, rules
+from processor import batch_log, domain, idempotency_records, rules
 from processor.config import Settings
 from processor.domain import Method, Operation
 from processor.member_postings import MemberStatus, MemberWrite
@@ -115,6 +118,52 @@ def encode_format_1(write: BatchWrite) -> bytes:
     buffer = io.BytesIO()
     _Format1Pickler(buffer, protocol=5).dump(write)
     return buffer.getvalue()
+
+
+def encode_format_2(write: BatchWrite, memo: bool = False) -> bytes:
+    """A format-2 payload as the versions before format 3 wrote it: format 3 with the records in it
+    (and, with `memo`, as the versions before the memo-less pickling wrote it)."""
+    values = list(batch_log._BATCH_GETTER(write))
+    values[batch_log._RULES] = batch_log._pack_rules(values[batch_log._RULES])
+    values[batch_log._MEMBERS] = batch_log._pack_members(values[batch_log._MEMBERS])
+    if memo:
+        return pickle.dumps(values, protocol=5)
+    buffer = io.BytesIO()
+    pickler = pickle.Pickler(buffer, protocol=5)
+    pickler.fast = True
+    pickler.dump(values)
+    return buffer.getvalue()
+
+
+def without_records(write: BatchWrite) -> BatchWrite:
+    """What a format-3 payload decodes to: the batch without its idempotency records (in their row)."""
+    return dataclasses.replace(write, idempotency=[])
+
+
+def same_records(write: BatchWrite) -> None:
+    """The batch's records come back from their idempotency_batches row's values, value for value."""
+    row = idempotency_records.encode(write.idempotency)
+    if not write.idempotency:
+        assert row is None
+        return
+    assert row is not None and row.operations == len(write.idempotency)
+    keys = idempotency_records.decode_keys(row.keys)
+    methods, requests, outcomes, responses, messages = idempotency_records.decode_records(row.records)
+    assert keys == [(r[0], r[1]) for r in write.idempotency]
+    assert [
+        (
+            m,
+            k,
+            method,
+            orjson.dumps(request).decode(),
+            outcome,
+            None if response is None else orjson.dumps(response).decode(),
+            message,
+        )
+        for (m, k), method, request, outcome, response, message in zip(
+            keys, methods, requests, outcomes, responses, messages
+        )
+    ] == [tuple(r) for r in write.idempotency]
 
 
 # A payload de874fc's batch_log.encode wrote (format 1): SAMPLE_WRITE below, one record of each kind.
@@ -346,7 +395,8 @@ def _typed(value: Any) -> Any:
 def test_a_program_batch_comes_back_from_its_payload_field_for_field():
     for write in program_batches(200):
         assert write.transactions and write.entries and write.idempotency and write.rules is not None
-        same(batch_log.decode(7, batch_log.FORMAT_VERSION, batch_log.encode(write)), write)
+        same(batch_log.decode(7, batch_log.FORMAT_VERSION, batch_log.encode(write)), without_records(write))
+        same_records(write)
 
 
 def test_random_batches_with_every_kind_of_record_come_back_from_both_formats():
@@ -356,7 +406,9 @@ def test_random_batches_with_every_kind_of_record_come_back_from_both_formats():
     }
     for _ in range(400):
         write = random_write(rng)
-        same(batch_log.decode(3, 2, batch_log.encode(write)), write)
+        same(batch_log.decode(3, 3, batch_log.encode(write)), without_records(write))
+        same_records(write)
+        same(batch_log.decode(3, 2, encode_format_2(write)), write)
         same(batch_log.decode(3, 1, encode_format_1(write)), write)
         if write.rules is not None:
             for name in ("members", "lots", "pieces", "earns", "splits", "voucher_holds"):
@@ -369,10 +421,11 @@ def test_random_batches_with_every_kind_of_record_come_back_from_both_formats():
 
 def test_a_payload_the_previous_version_wrote_still_decodes():
     # a log left unprojected by a version before format 2 projects after the upgrade
-    assert batch_log.FORMATS_READ == (1, 2)
+    assert batch_log.FORMATS_READ == (1, 2, 3)
     same(batch_log.decode(5, 1, FORMAT_1_SAMPLE), SAMPLE_WRITE)
     same(batch_log.decode(5, 1, encode_format_1(SAMPLE_WRITE)), SAMPLE_WRITE)
-    same(batch_log.decode(5, 2, batch_log.encode(SAMPLE_WRITE)), SAMPLE_WRITE)
+    same(batch_log.decode(5, 2, encode_format_2(SAMPLE_WRITE)), SAMPLE_WRITE)
+    same(batch_log.decode(5, 3, batch_log.encode(SAMPLE_WRITE)), without_records(SAMPLE_WRITE))
 
 
 def test_a_format_2_payload_pickles_no_class_but_the_batch_time():
