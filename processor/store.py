@@ -1702,28 +1702,29 @@ class Store:
                 list(budgets.values()),
                 timeout=timeout,
             )
-        new = [(t, e) for t, e in rows.earns.items() if t in rows.earns_new]
-        if new:
-            stream = CopyEncoder("earn_rules", EARN_RULES_COPY)
-            stream.add(
-                [
-                    (
-                        t,
-                        e.earn.base,
-                        e.earn.uplift,
-                        e.acquirer_id,
-                        e.acquiring,
-                        e.refunded_base,
-                        # most earns have no grants: their "[]" without a json.dumps each
-                        json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants])
-                        if e.earn.grants
-                        else "[]",
-                    )
-                    for t, e in new
-                ]
+        earns_new = rows.earns_new
+        created = [
+            (
+                t,
+                e.earn.base,
+                e.earn.uplift,
+                e.acquirer_id,
+                e.acquiring,
+                e.refunded_base,
+                # most earns have no grants: their "[]" without a json.dumps each
+                json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants])
+                if e.earn.grants
+                else "[]",
             )
+            for t, e in rows.earns.items()
+            if t in earns_new
+        ]
+        if created:
+            stream = CopyEncoder("earn_rules", EARN_RULES_COPY)
+            stream.add(created)
             await copy_rows(c, stream, timeout)
-        old = [(t, e) for t, e in rows.earns.items() if t not in rows.earns_new]
+        # earns from before these batches whose refunded_base they changed (none when every earn is new)
+        old = [(t, e) for t, e in rows.earns.items() if t not in earns_new] if len(created) < len(rows.earns) else []
         if old:
             await c.execute(
                 """UPDATE earn_rules e SET refunded_base_point_units = x.r
