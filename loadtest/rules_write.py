@@ -81,7 +81,7 @@ def base_migrations(commit: str) -> list[tuple[int, str]]:
 async def write_group(c: asyncpg.Connection, writes: list, step) -> None:
     """Several batches' rules rows in one transaction as Store._write_many writes them: the state rows
     once, each at its latest state (processor/rules_rows.py), then each batch's events."""
-    await Store._write_rules_latest(c, rules_rows.coalesce(writes), 60.0, step)
+    await Store._write_rules(c, None, None, 60.0, step, rows=rules_rows.coalesce(writes))
     for rules, at in writes:
         await Store._write_rules_events(c, rules, at, 60.0)
 

@@ -9,7 +9,7 @@ after the group is exactly what writing the batches one after the other leaves (
 /test_copy_binary.py compares both, row for row); the rows that record events (tier_events, voucher
 holds, dividends posted) stay per batch, in order (Store._write_rules_events).
 
-Pure: no asyncpg. `coalesce` returns what Store._write_rules_latest writes.
+Pure: no asyncpg. `coalesce` returns what Store._write_rules writes (its `rows`).
 """
 
 from __future__ import annotations

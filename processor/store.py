@@ -1498,7 +1498,7 @@ class Store:
         # after every batch's updates, which touch none of their tables
         rules_writes = [(b.rules, b.created_at) for b in batches if b.rules is not None and not b.rules.empty]
         if rules_writes:
-            await self._write_rules_latest(c, rules_rows.coalesce(rules_writes), timeout, step)
+            await self._write_rules(c, None, None, timeout, step, rows=rules_rows.coalesce(rules_writes))
         if any(b.idempotency for b in batches):
             # COPY, not INSERT ... SELECT FROM unnest(...): no arrays to decode (python -m
             # loadtest.idempotency_write, 1,000 records a transaction: median 11.7-23 ms against
@@ -1514,7 +1514,7 @@ class Store:
     ) -> None:
         """One batch's updates of rows already there (refunds, hold resolutions and expiries) and its
         rules' and member administration's rows. `grouped`: its caller writes the rules' state rows for
-        all its batches at once (_write_many: _write_rules_latest), so only the batch's rules events
+        all its batches at once (_write_many: _write_rules with `rows`), so only the batch's rules events
         are written here; otherwise all its rules' rows (_write_rules)."""
         at = b.created_at
         if b.refunds:
@@ -1575,17 +1575,22 @@ class Store:
             step("members_admin")
 
     @staticmethod
-    async def _write_rules(c: asyncpg.Connection, r, at: dt.datetime, timeout: float, step) -> None:
-        """The program rules' rows of one batch (processor.program.RulesWrite), beside its journal rows:
-        member links and tiers, lots, consumed pieces, promotion budgets, earn records, and its events."""
-        await Store._write_rules_latest(c, rules_rows.coalesce([(r, at)]), timeout, step)
-        await Store._write_rules_events(c, r, at, timeout)
-
-    @staticmethod
-    async def _write_rules_latest(c: asyncpg.Connection, rows: rules_rows.RulesRows, timeout: float, step) -> None:
-        """The rules' state rows of one batch or of a group of them, each at its latest state
-        (processor/rules_rows.py): member links and tiers, lots, consumed pieces, promotion budgets, earn
-        records and split tenders."""
+    async def _write_rules(
+        c: asyncpg.Connection,
+        r,
+        at: dt.datetime | None,
+        timeout: float,
+        step,
+        rows: rules_rows.RulesRows | None = None,
+    ) -> None:
+        """The program rules' rows of one batch (processor.program.RulesWrite `r`, at its time `at`),
+        beside its journal rows: member links and tiers, lots, consumed pieces, promotion budgets, earn
+        records, split tenders, then its events (_write_rules_events). Or, given `rows` (and no `r`), the
+        state rows of a group of batches, each at its latest state (processor/rules_rows.py): what
+        _write_many writes once for its batches, whose events its per-batch loop writes."""
+        if rows is None:
+            require(at is not None, "_write_rules: one batch's rules need its time")
+            rows = rules_rows.coalesce([(r, at)])
         if rows.members:
             # MERGE, not INSERT ... ON CONFLICT DO UPDATE: a member already there (nearly every one: an
             # earn's member) is found by one join and updated, without a speculative insertion's index
@@ -1752,6 +1757,8 @@ class Store:
                 [x.refunded for _, x in old_splits],
                 timeout=timeout,
             )
+        if r is not None:
+            await Store._write_rules_events(c, r, at, timeout)
 
     @staticmethod
     async def _write_rules_events(c: asyncpg.Connection, r, at: dt.datetime, timeout: float) -> None:
