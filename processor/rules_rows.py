@@ -5,9 +5,10 @@ The rules' tables that hold a current state — member_programs, lots, lot_consu
 split_tenders, promotion_budgets — are then written once for the group, not once per batch: a member
 who earned in three batches is one member_programs row (the third batch's), a lot created and consumed
 within the group is never written, an owner's consumed pieces are replaced once. What the tables hold
-after the group is exactly what writing the batches one after the other leaves (tests/integration
-/test_copy_binary.py compares both, row for row); the rows that record events (tier_events, voucher
-holds, dividends posted) stay per batch, in order (Store._write_rules_events).
+after the group is exactly what writing the batches one after the other leaves (compared row for row in
+tests/integration/test_rules_group_write.py and test_copy_binary.py); the rows that record events
+(tier_events, voucher holds, dividends posted) stay per batch, in order (Store._write_rules_events).
+Recovery's projection of the log's tail goes through the same groups.
 
 Pure: no asyncpg. `coalesce` returns what Store._write_rules writes (its `rows`).
 """
