@@ -13,9 +13,13 @@ CPU (/proc/<pid>/schedstat, so Postgres on this machine only) and WAL bytes
 counted. Printed: µs of backend CPU, client CPU and WAL bytes per operation over the counted batches
 (the backend CPU's range over --chunks chunks of them), the backend CPU by step (_write_rules's step
 names), then each table's updates (HOT among them), sizes and autovacuum counts. --checkpoint-every N
-issues a CHECKPOINT every N batches, so full-page images count as they do over a long run.
+issues a CHECKPOINT every N batches, so full-page images count as they do over a long run. --group N
+writes N consecutive batches in each transaction, as a lagging projector does (Store._write_many): this
+tree's state rows once for the group, each at its latest state (processor/rules_rows.py), the base's
+batch by batch; the figures stay per operation.
 
     .venv/bin/python -m loadtest.rules_write [--batches 60] [--members 20000] [--base 3f26523] [--checkpoint-every 0]
+        [--group 1]
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import asyncpg
 from loadtest import harness
 from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from processor import store
+from processor import rules_rows, store
 from processor.store import MIGRATIONS, Store
 
 LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
@@ -74,6 +78,14 @@ def base_migrations(commit: str) -> list[tuple[int, str]]:
     ]
 
 
+async def write_group(c: asyncpg.Connection, writes: list, step) -> None:
+    """Several batches' rules rows in one transaction as Store._write_many writes them: the state rows
+    once, each at its latest state (processor/rules_rows.py), then each batch's events."""
+    await Store._write_rules(c, None, None, 60.0, step, rows=rules_rows.coalesce(writes))
+    for rules, at in writes:
+        await Store._write_rules_events(c, rules, at, 60.0)
+
+
 async def measure(url: str, args: argparse.Namespace) -> None:
     variants = {
         "base": (base_writer(args.base), base_migrations(args.base)),
@@ -98,11 +110,16 @@ async def measure(url: str, args: argparse.Namespace) -> None:
     walls: dict[str, list[float]] = {name: [] for name in variants}
     steps: dict[str, dict[str, float]] = {name: {} for name in variants}
     pids = {name: c.get_server_pid() for name, c in connections.items()}
+    group: list = []
     for i, batch in enumerate(work):
         now_us = NOW_US + i * 1_000_000
         _, write = m.apply(batch, {}, now_us)
         m.commit()
-        rules, at = write.rules, write.created_at
+        group.append((write.rules, write.created_at))
+        if len(group) < args.group and i < len(work) - 1:
+            continue
+        writes, group = group, []
+        counting = i + 1 - len(writes) >= args.warmup  # the group's first batch is past the warm-up
         if args.checkpoint_every and i % args.checkpoint_every == 0:
             # as a timed checkpoint does every checkpoint_timeout: the next change of each page after it
             # writes the whole page to the WAL (a full-page image), so how many pages a batch touches counts
@@ -116,27 +133,35 @@ async def measure(url: str, args: argparse.Namespace) -> None:
 
             def step(what: str, name: str = name, mark: list = mark) -> None:
                 now = cpu_seconds(pids[name])
-                if i >= args.warmup:
+                if counting:
                     steps[name][what] = steps[name].get(what, 0.0) + now - mark[0]
                 mark[0] = now
 
             async with c.transaction():
-                await writer(c, rules, at, 60.0, step)
+                if name == "this" and len(writes) > 1:
+                    await write_group(c, writes, step)
+                else:
+                    for rules, at in writes:  # the base writes a group's batches one by one
+                        await writer(c, rules, at, 60.0, step)
             step("rest and commit")
             took, used = time.perf_counter() - began, cpu_seconds(pids[name]) - before_cpu
             client = time.process_time() - client
             written = await c.fetchval(LSN) - before_wal
-            if i >= args.warmup:
+            if counting:
                 cpu[name].append(used)
                 wal[name].append(int(written))
                 walls[name].append(took)
                 clients[name].append(client)
-    counted = (args.batches - args.warmup) * 1_000
-    per_chunk = max(1, (args.batches - args.warmup) // args.chunks)
-    print(f"{args.batches - args.warmup} batches of 1,000 counted ({args.warmup} warm-up), members {args.members}")
+    counted = len(cpu["this"]) * args.group * 1_000
+    per_chunk = max(1, len(cpu["this"]) // args.chunks)
+    print(
+        f"{counted // 1_000} batches of 1,000 counted ({args.warmup} warm-up), members {args.members}, "
+        f"{args.group} batches a transaction"
+    )
     for name in variants:
         chunks = [
-            sum(cpu[name][k : k + per_chunk]) / (per_chunk * 1_000) * 1e6 for k in range(0, len(cpu[name]), per_chunk)
+            sum(cpu[name][k : k + per_chunk]) / (per_chunk * args.group * 1_000) * 1e6
+            for k in range(0, len(cpu[name]), per_chunk)
         ]
         print(
             f"{name:<5} backend CPU {sum(cpu[name]) / counted * 1e6:6.1f} µs/op "
@@ -176,6 +201,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument(
         "--checkpoint-every", type=int, default=0, help="a CHECKPOINT before every N-th batch (0: none) [0]"
+    )
+    parser.add_argument(
+        "--group",
+        type=int,
+        default=1,
+        help="batches written in one transaction, as a lagging projector writes them (this tree's rows "
+        "once a group, each at its latest state; the base's batch by batch) [1]",
     )
     parser.add_argument("--base", default="3f26523", help="the commit whose _write_rules and migrations are the base")
     args = parser.parse_args()

@@ -23,7 +23,7 @@ import asyncpg
 import orjson
 
 from fastpath.copy_binary import CONSTANT, LEG_ACCOUNTS, LEG_AMOUNTS, LEG_ASSETS, LOOKUP, CopyEncoder
-from processor import channel_store, idempotency_records, metrics, postgres_settings, rules
+from processor import channel_store, idempotency_records, metrics, postgres_settings, rules, rules_rows
 from processor.domain import (
     ACCOUNT_MEMBER,
     ACCOUNT_MERCHANT_ACQUIRING,
@@ -1528,13 +1528,22 @@ class Store:
             await copy_rows(c, stream, timeout)
             step("holds")
         for b in batches:
-            await self._write_updates(c, b, timeout, step)
+            await self._write_updates(c, b, timeout, step, grouped=True)
+        # the rules' state rows once for the group, each at its latest state (processor/rules_rows.py):
+        # after every batch's updates, which touch none of their tables
+        rules_writes = [(b.rules, b.created_at) for b in batches if b.rules is not None and not b.rules.empty]
+        if rules_writes:
+            await self._write_rules(c, None, None, timeout, step, rows=rules_rows.coalesce(rules_writes))
         # no idempotency records: a batch's are in its idempotency_batches row, inserted with its log
         # append (processor/batch_log.py), or by project_batches for a batch of an older log format
 
-    async def _write_updates(self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step) -> None:
+    async def _write_updates(
+        self, c: asyncpg.Connection, b: BatchWrite, timeout: float, step, grouped: bool = False
+    ) -> None:
         """One batch's updates of rows already there (refunds, hold resolutions and expiries) and its
-        rules' and member administration's rows."""
+        rules' and member administration's rows. `grouped`: its caller writes the rules' state rows for
+        all its batches at once (_write_many: _write_rules with `rows`), so only the batch's rules events
+        are written here; otherwise all its rules' rows (_write_rules)."""
         at = b.created_at
         if b.refunds:
             await c.execute(
@@ -1576,7 +1585,10 @@ class Store:
             )
             step("hold_expiries")
         if b.rules is not None and not b.rules.empty:
-            await self._write_rules(c, b.rules, at, timeout, step)
+            if grouped:
+                await self._write_rules_events(c, b.rules, at, timeout)
+            else:
+                await self._write_rules(c, b.rules, at, timeout, step)
             step("rules")
         if b.members is not None:  # member administration (processor/member_postings.py)
             from processor import events, member_store
@@ -1591,10 +1603,23 @@ class Store:
             step("members_admin")
 
     @staticmethod
-    async def _write_rules(c: asyncpg.Connection, r, at: dt.datetime, timeout: float, step) -> None:
-        """The program rules' state a batch changed (processor.program.RulesWrite), beside its journal
-        rows: member links and tiers, lots, consumed pieces, promotion budgets, earn records."""
-        if r.members:
+    async def _write_rules(
+        c: asyncpg.Connection,
+        r,
+        at: dt.datetime | None,
+        timeout: float,
+        step,
+        rows: rules_rows.RulesRows | None = None,
+    ) -> None:
+        """The program rules' rows of one batch (processor.program.RulesWrite `r`, at its time `at`),
+        beside its journal rows: member links and tiers, lots, consumed pieces, promotion budgets, earn
+        records, split tenders, then its events (_write_rules_events). Or, given `rows` (and no `r`), the
+        state rows of a group of batches, each at its latest state (processor/rules_rows.py): what
+        _write_many writes once for its batches, whose events its per-batch loop writes."""
+        if rows is None:
+            require(at is not None, "_write_rules: one batch's rules need its time")
+            rows = rules_rows.coalesce([(r, at)])
+        if rows.members:
             # MERGE, not INSERT ... ON CONFLICT DO UPDATE: a member already there (nearly every one: an
             # earn's member) is found by one join and updated, without a speculative insertion's index
             # probe and the row lock that ON CONFLICT takes and logs before its update (python -m
@@ -1603,7 +1628,13 @@ class Store:
             # The rows go as one array of a composite type (migration 0018), not an array per column:
             # asyncpg checks every element of an array against collections.abc in Python (~0.3 µs
             # each), 13 checks a member in 8 arrays against 4 for its row (~10% of the client CPU of
-            # the rules' rows, same script).
+            # the rules' rows, same script). Measured again in the eighth session (rules_write, 3 runs
+            # each against the composite array): an array per column cost Postgres +0.2..+0.7 µs/op and
+            # the client +1.2; COPY into a temporary table (ON COMMIT DROP, the pool's rule) and MERGE
+            # from it Postgres +2.3..+3.1 (its catalog rows each transaction), the client -0.3..-0.4; and
+            # a nested loop forced (SET LOCAL enable_hashjoin = off) instead of the hash join Postgres
+            # plans at 20k members, no difference. Kept as is.
+            linked_at = rows.linked_at
             await c.execute(
                 """MERGE INTO member_programs p
                    USING unnest($1::member_program_row[]) AS x ON p.member_id = x.member_id
@@ -1627,20 +1658,20 @@ class Store:
                         v.qualifying,
                         # no tier window (the kernel's members): "{}" without a json.dumps each
                         json.dumps({str(day): amount for day, amount in v.day_buckets}) if v.day_buckets else "{}",
-                        None if v.acquirer_id is None else at,  # linked when first linked (kept after)
+                        # linked when first linked (kept after): the first batch's time with a link
+                        linked_at.get(m) if linked_at else None,
                     )
-                    for m, v in r.members.items()
+                    for m, v in rows.members.items()
                 ],
                 timeout=timeout,
             )
             step("rules_member_programs")
-        if r.lots:
-            gone = [(m, lot_id, expires) for m, (keys, _) in r.lots.items() for lot_id, expires in keys]
-            if gone:
+        if rows.lots_gone or rows.lots_created or rows.lots_changed:
+            if rows.lots_gone:
                 await c.execute(
                     """DELETE FROM lots l USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(m, i, e)
                        WHERE l.member_id = g.m AND l.lot_id = g.i AND l.expires_at_us = g.e""",
-                    *[list(column) for column in zip(*gone)],
+                    *[list(column) for column in zip(*rows.lots_gone)],
                     timeout=timeout,
                 )
             # a lot the batch created is COPYed (no array decoding, no speculative insertion: ~700 of
@@ -1649,29 +1680,26 @@ class Store:
             # joined against lots is planned as a scan of the whole table below ~50k lots: measured, no
             # gain). Should a created key exist after all, COPY fails the batch on the primary key (the
             # service resyncs) rather than overwrite it.
-            created, changed = [], []
-            for m, (_, lots) in r.lots.items():
-                new = r.new_lots.get(m, ())
-                for lot in lots:
-                    row = (m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
-                    (created if (lot.lot_id, lot.expires_at_us) in new else changed).append(row)
-            if created:
+            if rows.lots_created:
                 stream = CopyEncoder("lots", LOTS_COPY)
-                stream.add(created)
+                stream.add(rows.lots_created)
                 await copy_rows(c, stream, timeout)
-            if changed:
+            if rows.lots_changed:
+                # issuer_id too: a lot a group deleted and restored is upserted whole, as the batches one
+                # by one would have deleted and inserted it (the issuer is the lot's earn's: the same)
                 await c.execute(
                     """INSERT INTO lots (member_id, lot_id, expires_at_us, issuer_id, amount)
                        SELECT * FROM unnest($1::lot_row[])
-                       ON CONFLICT (member_id, lot_id, expires_at_us) DO UPDATE SET amount = excluded.amount""",
-                    changed,  # rows as one composite array (member_programs above says why)
+                       ON CONFLICT (member_id, lot_id, expires_at_us)
+                       DO UPDATE SET amount = excluded.amount, issuer_id = excluded.issuer_id""",
+                    rows.lots_changed,  # rows as one composite array (member_programs above says why)
                     timeout=timeout,
                 )
             step("rules_lots")
-        if r.pieces:
-            # the pieces of an owner are replaced; an owner new in this batch has none to delete (a
+        if rows.pieces:
+            # the pieces of an owner are replaced; an owner new in these batches has none to delete (a
             # redemption of the kernel's run: one DELETE probe of the primary key fewer per redeem)
-            owners = [owner for owner in r.pieces if owner not in r.new_pieces]
+            owners = [owner for owner in rows.pieces if owner not in rows.pieces_new]
             if owners:
                 await c.execute(
                     """DELETE FROM lot_consumptions l USING unnest($1::smallint[], $2::bigint[]) AS o(k, i)
@@ -1689,7 +1717,7 @@ class Store:
                     piece.issuer_id,
                     piece.amount,
                 )
-                for (kind, owner), pieces in r.pieces.items()
+                for (kind, owner), pieces in rows.pieces.items()
                 for piece in pieces
             ]
             if records:
@@ -1697,38 +1725,39 @@ class Store:
                 stream.add(records)
                 await copy_rows(c, stream, timeout)
             step("rules_lot_consumptions")
-        if r.budgets:
+        for program_id, budgets in rows.budgets.items():
             await c.execute(
                 """INSERT INTO promotion_budgets (program_id, promotion_id, granted)
                    SELECT $1, p, g FROM unnest($2::text[], $3::bigint[]) AS x(p, g)
                    ON CONFLICT (program_id, promotion_id) DO UPDATE SET granted = excluded.granted""",
-                r.program_id,
-                list(r.budgets),
-                list(r.budgets.values()),
+                program_id,
+                list(budgets),
+                list(budgets.values()),
                 timeout=timeout,
             )
-        new = [(t, e) for t, e in r.earns.items() if t in r.new_earns]
-        if new:
-            stream = CopyEncoder("earn_rules", EARN_RULES_COPY)
-            stream.add(
-                [
-                    (
-                        t,
-                        e.earn.base,
-                        e.earn.uplift,
-                        e.acquirer_id,
-                        e.acquiring,
-                        e.refunded_base,
-                        # most earns have no grants: their "[]" without a json.dumps each
-                        json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants])
-                        if e.earn.grants
-                        else "[]",
-                    )
-                    for t, e in new
-                ]
+        earns_new = rows.earns_new
+        created = [
+            (
+                t,
+                e.earn.base,
+                e.earn.uplift,
+                e.acquirer_id,
+                e.acquiring,
+                e.refunded_base,
+                # most earns have no grants: their "[]" without a json.dumps each
+                json.dumps([[g.promotion_id, g.sponsor_id, g.amount] for g in e.earn.grants])
+                if e.earn.grants
+                else "[]",
             )
+            for t, e in rows.earns.items()
+            if t in earns_new
+        ]
+        if created:
+            stream = CopyEncoder("earn_rules", EARN_RULES_COPY)
+            stream.add(created)
             await copy_rows(c, stream, timeout)
-        old = [(t, e) for t, e in r.earns.items() if t not in r.new_earns]
+        # earns from before these batches whose refunded_base they changed (none when every earn is new)
+        old = [(t, e) for t, e in rows.earns.items() if t not in earns_new] if len(created) < len(rows.earns) else []
         if old:
             await c.execute(
                 """UPDATE earn_rules e SET refunded_base_point_units = x.r
@@ -1737,22 +1766,33 @@ class Store:
                 [e.refunded_base for _, e in old],
                 timeout=timeout,
             )
-        new = [(t, x) for t, x in r.splits.items() if t in r.new_splits]
-        if new:
+        new_splits = [(t, x) for t, x in rows.splits.items() if t in rows.splits_new]
+        if new_splits:
             stream = CopyEncoder("split_tenders", SPLIT_TENDERS_COPY)
             stream.add(
-                [(t, x.member_id, x.merchant_id, x.vouchers, x.points, x.from_credit, x.refunded) for t, x in new]
+                [
+                    (t, x.member_id, x.merchant_id, x.vouchers, x.points, x.from_credit, x.refunded)
+                    for t, x in new_splits
+                ]
             )
             await copy_rows(c, stream, timeout)
-        old = [(t, x) for t, x in r.splits.items() if t not in r.new_splits]
-        if old:
+        old_splits = [(t, x) for t, x in rows.splits.items() if t not in rows.splits_new]
+        if old_splits:
             await c.execute(
                 """UPDATE split_tenders s SET refunded = x.r
                    FROM unnest($1::bigint[], $2::bigint[]) AS x(t, r) WHERE s.transaction_id = x.t""",
-                [t for t, _ in old],
-                [x.refunded for _, x in old],
+                [t for t, _ in old_splits],
+                [x.refunded for _, x in old_splits],
                 timeout=timeout,
             )
+        if r is not None:
+            await Store._write_rules_events(c, r, at, timeout)
+
+    @staticmethod
+    async def _write_rules_events(c: asyncpg.Connection, r, at: dt.datetime, timeout: float) -> None:
+        """One batch's rules rows that record what happened at its time, written batch by batch in order
+        (not coalesced): voucher holds created or resolved, dividend allocations posted, level changes
+        (tier_events, whose trigger positions a member event after its transaction)."""
         if r.voucher_holds:
             rows = list(r.voucher_holds.items())
             await c.execute(
