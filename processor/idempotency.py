@@ -23,17 +23,26 @@ again before the purge's removal runs, or two keys colliding) are two entries, a
 the other. Records deleted around the service leave entries behind: extra reads, never a wrong answer.
 Records inserted around the service while it runs are not seen until the next recovery.
 
-Layout: one `array('Q')` of 2**k slots, open addressing with linear probing, 0 = empty, deletion by
-backward shift (no tombstones). A slot is (tag << 32) | (batch id mod 2**32), 8 bytes: tag = the upper 32
-bits of the key's 64-bit fingerprint (never 0), which also picks the home slot (tag & mask; 2**26 slots
-hold 30 million keys at 0.45 full, issue 14 target 5). The full batch id is rebuilt as the newest batch id
-at or below the newest one added whose low 32 bits are the slot's: batch ids within retention span far
-less than 2**32 (asserted as they are added: at ~1,600 appends/s, the most one writer commits here, 2**32
-batches are 31 days of non-stop single-operation batches; batches grow with load), and ids below zero
-(the records migration 0023 moved, numbered -1, -2, ...) come back as themselves. Fingerprint: Python's
-64-bit hash of (merchant_id, key), salted per process, which is enough because the table is only ever
-rebuilt from the keys themselves. Measured (python -m processor.idempotency, this machine): see
-`measure()` and docs/DESIGN.md section 4.
+Layout: one `array('Q')` of 2**k slots, a quotienting Robin Hood table (linear probing, 0 = empty,
+deletion by backward shift, no tombstones), 8 bytes a slot: bits 0-31 the batch id mod 2**32, bits 32-39
+the entry's distance from its home slot plus one (1..255, so an occupied slot is never 0, even for a
+fingerprint of 0 in batch 0), bits 40-63 `rem`. A key's home slot is its fingerprint's low k bits and its
+rem the `rem_bits` bits just above them (24 after a reset): a slot and its position keep k + 24 bits of
+the fingerprint, and a new key is a candidate only if a stored key has its home and its rem, ~ load *
+2**-24 per new key (at 30M keys in 2**26 slots, 0.45 full, issue 14 target 5: 0.00003 a batch of 1,000
+new keys; the 32-bit tags before, which also picked the home, gave stored / 2**32: about 7 a batch). A
+look-up walks from the home and stops at an empty slot or an entry nearer its own home than the walk is
+(Robin Hood keeps a run ordered by home). A doubling moves the lowest rem bit of each entry into its home
+(rem_bits drops by one, k + rem_bits stays; growth is rare, logged, and warned of below REM_BITS_FLOOR);
+an entry that would sit farther than DIST_MAX from home also doubles the table (never seen at LOAD_MAX
+with a 64-bit hash: the longest distance at 0.75 on 2**20 slots is 20-30). The full batch id is rebuilt
+as the newest batch id at or below the newest one added whose low 32 bits are the slot's: batch ids
+within retention span far less than 2**32 (asserted as they are added: at ~1,600 appends/s, the most one
+writer commits here, 2**32 batches are 31 days of non-stop single-operation batches; batches grow with
+load), and ids below zero (the records migration 0023 moved, numbered -1, -2, ...) come back as
+themselves. Fingerprint: Python's 64-bit hash of (merchant_id, key), salted per process, which is enough
+because the table is only ever rebuilt from the keys themselves. Measured (python -m
+processor.idempotency, this machine): see `measure()` and docs/DESIGN.md section 4.
 """
 
 from __future__ import annotations
@@ -46,16 +55,24 @@ from collections.abc import Callable, Iterable, Iterator
 from processor.domain import require
 
 log = logging.getLogger("points.idempotency")
-# A key's 64-bit fingerprint; its upper 32 bits are the slot's tag (a tag of 0 takes 1: 0 marks an empty slot).
+# A key's 64-bit fingerprint: its low k bits are its home slot, the rem_bits above them the slot's rem.
 Fingerprint = Callable[[str, str], int]
 Key = tuple[str, str]
 
 SLOTS_MIN = 1 << 16  # 512 KiB: the table of a service with few keys
-# Grown (doubled and rehashed) beyond this share of slots used: linear probing's misses stay short
-# (about 2.2 probes at 0.5, 8.5 at 0.75; the largest load before growing is this, the least after is
-# half of it) and 30 million keys fit in 2**26 slots = 512 MiB (0.45 full).
+# Grown (doubled and rehashed) beyond this share of slots used: Robin Hood probing stays short (a miss
+# stops at the first entry nearer its home than the walk is; the longest distance at 0.75 on 2**20 slots
+# is about 20, see the tests) and 30 million keys fit in 2**26 slots = 512 MiB (0.45 full).
 LOAD_MAX = 0.75
-_LOW = 0xFFFFFFFF  # a slot's batch id bits, and a tag's
+_LOW = 0xFFFFFFFF  # a slot's batch id bits
+_DIST_SHIFT = 32  # a slot's byte of distance from home plus one: 1..255, never 0 in an occupied slot
+_DIST_BYTE = 0xFF
+DIST_MAX = _DIST_BYTE - 1  # the farthest an entry may sit from its home; one farther grows the table
+_REM_SHIFT = 40
+REM_BITS = 24  # the fingerprint bits a slot keeps above the home bits, after a reset
+# a doubling moves one rem bit into the home: below this, new keys meet false candidates noticeably
+# more often (~ load * 2**-rem_bits each); the cure is sizing the table at start
+REM_BITS_FLOOR = 12
 # batch ids in the table (and in Postgres within retention) span less than this: a slot's 32 bits name one
 BATCH_ID_SPAN_MAX = 1 << 32
 
@@ -69,19 +86,23 @@ class IdempotencyTable:
     """Where every idempotency record within retention is (see the module's docstring)."""
 
     def __init__(self, fingerprint: Fingerprint = fingerprint, slots: int = SLOTS_MIN):
+        """`slots` below SLOTS_MIN only in tests (growth exercised often); reset() never sizes below it."""
         self.fingerprint = fingerprint  # replaceable by tests (forced collisions)
+        self._rehashing = False  # in _grow: an insert must not grow again
         self._allocate(slots)
+        self.rem_bits = REM_BITS
         # bumped by every rebuild: a purge's removals computed against an older table are dropped
         self.epoch = 0
         # the newest batch id added: a slot's low 32 bits are rebuilt into the batch id at or below it
         self.newest_batch_id = 0
 
     def _allocate(self, slots: int) -> None:
-        size = SLOTS_MIN
+        size = 2
         while size < slots:
             size <<= 1
         self._slots = array.array("Q", bytes(8 * size))
         self._mask = size - 1
+        self._home_bits = size.bit_length() - 1
         self.count = 0
         self._grow_at = int(size * LOAD_MAX)
 
@@ -93,6 +114,10 @@ class IdempotencyTable:
     def memory_bytes(self) -> int:
         return self._slots.itemsize * len(self._slots)
 
+    def dist_max(self) -> int:
+        """The farthest any entry sits from its home slot (a scan of every slot: for tests and measures)."""
+        return max(((value >> _DIST_SHIFT) & _DIST_BYTE for value in self._slots), default=0) - 1
+
     # --- questions ---
 
     def may_contain(self, merchant_id: str, key: str) -> bool:
@@ -102,22 +127,32 @@ class IdempotencyTable:
         """The keys that may have a stored record, each with the batch ids whose rows may hold it (read
         them from Postgres: Store.stored_outcomes); every other key is new."""
         slots, mask, newest = self._slots, self._mask, self.newest_batch_id
+        home_bits, rem_mask = self._home_bits, (1 << self.rem_bits) - 1
         hits: dict[Key, list[int]] = {}
         for pair, print_ in zip(keys, self._fingerprints(keys)):
-            tag = (print_ >> 32) & _LOW or 1
-            i = tag & mask
+            i = print_ & mask
+            value = slots[i]
+            if value == 0:  # an empty home: most misses end here (half the keys at 0.5 full)
+                continue
+            # a slot's upper 32 bits as they would be for this key at distance + 1 = `near`: equal means
+            # an entry with this home and this rem; `near` and `wanted` step together along the run
+            near = 1
+            wanted = ((print_ >> home_bits) & rem_mask) << 8 | 1
             while True:
-                value = slots[i]
-                if value == 0:
+                upper = value >> _DIST_SHIFT
+                if upper & _DIST_BYTE < near:  # empty (0), or an entry nearer its home: the key is not further
                     break
-                if value >> 32 == tag:  # another key may share the tag: every entry of it is a candidate
+                if upper == wanted:  # same home and rem: another key may share them, every entry is a candidate
                     batch_id = newest - ((newest - value) & _LOW)
                     found = hits.get(pair)
                     if found is None:
                         hits[pair] = [batch_id]
                     elif batch_id not in found:
                         found.append(batch_id)
+                near += 1
+                wanted += 1
                 i = (i + 1) & mask
+                value = slots[i]
         return hits
 
     # --- changes ---
@@ -138,15 +173,25 @@ class IdempotencyTable:
             "cannot name both; purge the records older than the retention (idempotency_retention_days)",
         )
         low = batch_id & _LOW
+        at_home = 1 << _DIST_SHIFT | low  # an entry's distance byte and batch bits in its home slot
+        insert = self._insert
+        slots, mask, home_bits, rem_mask = self._slots, self._mask, self._home_bits, (1 << self.rem_bits) - 1
         for print_ in self._fingerprints(keys):
             if self.count >= self._grow_at:
-                self._grow()
-            self._insert(((print_ >> 32) & _LOW or 1) << 32 | low)
+                self._grow("load")
+            if self._slots is not slots:  # grown, for load or by the previous insert
+                slots, mask, home_bits, rem_mask = self._slots, self._mask, self._home_bits, (1 << self.rem_bits) - 1
+            home = print_ & mask
+            if slots[home] == 0:  # an empty home (most keys below 0.5 full): no call
+                slots[home] = ((print_ >> home_bits) & rem_mask) << _REM_SHIFT | at_home
+            else:
+                insert(home, (print_ >> home_bits) & rem_mask, low)
+            self.count += 1
 
     def _fingerprints(self, keys: Iterable[Key]) -> Iterator[int]:
-        """The keys' 64-bit fingerprints (a slot's tag is the upper 32 bits, 0 taken as 1); with the default
-        fingerprint, hash() mapped in C over the (merchant, key) tuples: a Python call per key was ~30% of
-        a look-up's time (measured: 215 -> 153 µs a batch of 1,000, best of 15)."""
+        """The keys' 64-bit fingerprints; with the default fingerprint, hash() mapped in C over the
+        (merchant, key) tuples: a Python call per key was ~30% of a look-up's time (measured: 215 -> 153
+        µs a batch of 1,000, best of 15)."""
         if self.fingerprint is fingerprint:
             return map(hash, keys)
         return (self.fingerprint(merchant_id, key) for merchant_id, key in keys)
@@ -158,10 +203,11 @@ class IdempotencyTable:
         if epoch != self.epoch:
             return 0
         dropped = 0
+        mask, home_bits, rem_mask = self._mask, self._home_bits, (1 << self.rem_bits) - 1
         for batch_id, keys in batches:
             low = batch_id & _LOW
             for print_ in self._fingerprints(keys):
-                i = self._find(((print_ >> 32) & _LOW or 1) << 32 | low)
+                i = self._find(print_ & mask, (print_ >> home_bits) & rem_mask, low)
                 if i >= 0:
                     self._delete(i)
                     dropped += 1
@@ -171,62 +217,124 @@ class IdempotencyTable:
         """Empties the table before a rebuild, sized so that `expected` records fill at most half of it
         (it grows only past LOAD_MAX: growing rehashes every entry with the committer stopped, about
         a second per million keys measured, so the service should be sized not to)."""
-        self._allocate(2 * expected)
+        self._allocate(max(2 * expected, SLOTS_MIN))
+        self.rem_bits = REM_BITS
         self.epoch += 1
         self.newest_batch_id = 0
 
-    # --- the open-addressing table ---
+    # --- the Robin Hood table ---
 
-    def _find(self, value: int) -> int:
+    def _find(self, home: int, rem: int, low: int) -> int:
+        """The slot of the entry (home, rem, batch id's low bits), or -1."""
         slots, mask = self._slots, self._mask
-        i = (value >> 32) & mask
+        i, near = home, 1
+        value = rem << _REM_SHIFT | 1 << _DIST_SHIFT | low
         while True:
             found = slots[i]
+            if (found >> _DIST_SHIFT) & _DIST_BYTE < near:
+                return -1
             if found == value:
                 return i
-            if found == 0:
-                return -1
+            near += 1
+            value += 1 << _DIST_SHIFT
             i = (i + 1) & mask
 
-    def _insert(self, value: int) -> None:
+    def _insert(self, home: int, rem: int, low: int) -> None:
+        """Places an entry (the caller counts it): each slot on the way goes to whichever of the carried
+        entry and its occupant is farther from home (Robin Hood), the other is carried on; a carried entry
+        about to sit farther than DIST_MAX grows the table and goes on from its home there."""
         slots, mask = self._slots, self._mask
-        i = (value >> 32) & mask
-        while slots[i] != 0:
+        i, near = home, 1  # the carried entry's distance from its home plus one, at slot i
+        value = rem << _REM_SHIFT | low  # the carried entry without its distance
+        while True:
+            found = slots[i]
+            if found == 0:
+                slots[i] = value | near << _DIST_SHIFT
+                return
+            found_near = (found >> _DIST_SHIFT) & _DIST_BYTE
+            if found_near < near:  # the occupant is nearer its home: it gives up the slot
+                slots[i] = value | near << _DIST_SHIFT
+                value, near = found ^ found_near << _DIST_SHIFT, found_near
             i = (i + 1) & mask
-        slots[i] = value
-        self.count += 1
+            near += 1
+            if near > DIST_MAX + 1:
+                # the carried entry (not in the table) would sit DIST_MAX + 1 from home
+                require(
+                    not self._rehashing,
+                    "an idempotency entry would sit farther from home after a doubling than before it",
+                )
+                require(
+                    self.count >= (self.slots >> 3),
+                    f"{DIST_MAX + 1} idempotency entries crowd one run in a table {self.count} / {self.slots} "
+                    "full: the fingerprint function gives many keys one home; use a 64-bit hash",
+                )
+                home = (i - DIST_MAX - 1) & mask
+                rem, low = value >> _REM_SHIFT, value & _LOW
+                self._grow("an entry would sit farther than DIST_MAX from its home")
+                home_bit = self._home_bits - 1  # the bit the doubling moved from rem into the home
+                self._insert(home | (rem & 1) << home_bit, rem >> 1, low)
+                return
 
     def _delete(self, i: int) -> None:
-        """Empties slot i and shifts back the entries after it that probing would no longer reach."""
+        """Empties slot i and shifts back, one slot nearer their home, the entries after it that are not
+        at their home (backward shift: the run stays ordered by home, with no gap)."""
         slots, mask = self._slots, self._mask
-        j = i
         while True:
-            j = (j + 1) & mask
+            j = (i + 1) & mask
             value = slots[j]
-            if value == 0:
+            if (value >> _DIST_SHIFT) & _DIST_BYTE <= 1:  # empty, or at its home: the run ends here
                 break
-            home = (value >> 32) & mask
-            # the entry at j stays if its home lies cyclically in (i, j]: probing from home reaches j
-            # without passing i
-            if (i < home <= j) if i <= j else (i < home or home <= j):
-                continue
-            slots[i] = value
+            slots[i] = value - (1 << _DIST_SHIFT)
             i = j
         slots[i] = 0
         self.count -= 1
 
-    def _grow(self) -> None:
-        old = self._slots
+    def _grow(self, reason: str) -> None:
+        """Doubles the table: an entry's home is its slot minus its distance; its new home takes the
+        lowest rem bit as the new top home bit, and rem keeps the bits above (rem_bits drops by one)."""
+        require(
+            self.rem_bits > 0,
+            "the idempotency table has grown until its slots keep no fingerprint bits above the home; "
+            "size it at start (--idempotency-keys-expected)",
+        )
+        old, old_mask, count = self._slots, self._mask, self.count
         started = time.perf_counter()
         self._allocate(2 * len(old))
-        insert = self._insert
-        for value in old:
-            if value:
-                insert(value)
+        self.rem_bits -= 1
+        home_bit = self._home_bits - 1
+        insert, slots = self._insert, self._slots
+        # a doubling never moves an entry farther from its home (the entries homed in a window of the new
+        # table are a subset of those homed in a window as long of the old one): asserted in _insert
+        self._rehashing = True
+        try:
+            for i, value in enumerate(old):
+                if value:
+                    home = (i - ((value >> _DIST_SHIFT) & _DIST_BYTE) + 1) & old_mask
+                    rem = value >> _REM_SHIFT
+                    home |= (rem & 1) << home_bit
+                    if slots[home] == 0:  # most entries: no call
+                        slots[home] = (rem >> 1) << _REM_SHIFT | 1 << _DIST_SHIFT | value & _LOW
+                    else:
+                        insert(home, rem >> 1, value & _LOW)
+        finally:
+            self._rehashing = False
+        self.count = count
         log.warning(
             "idempotency table grown; size it at start (--idempotency-keys-expected) to avoid the stall",
-            extra={"keys": self.count, "slots": self.slots, "seconds": round(time.perf_counter() - started, 3)},
+            extra={
+                "reason": reason,
+                "keys": count,
+                "slots": self.slots,
+                "rem_bits": self.rem_bits,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
         )
+        if self.rem_bits < REM_BITS_FLOOR:
+            log.warning(
+                "idempotency table slots keep few fingerprint bits: new keys meet false candidates (a "
+                "Postgres read each) more often; size it at start (--idempotency-keys-expected)",
+                extra={"rem_bits": self.rem_bits, "slots": self.slots},
+            )
 
 
 def measure(keys_count: int = 1_000_000, batch: int = 1_000) -> dict[str, float]:
