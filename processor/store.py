@@ -2067,25 +2067,30 @@ class Store:
                      GROUP BY merchant_id),
                    moves AS (SELECT * FROM counted LEFT JOIN money USING (merchant_id)),
                    -- each merchant's statement lines (statement_lines says which; migration 0024 the same
-                   -- rules): its own operations from t, the others' that moved its clearing accounts from m
+                   -- rules): its own operations from t, and from m the others' that moved its clearing
+                   -- accounts. The two sets are disjoint (a reversal naming the merchant is one of its own),
+                   -- so only m's need DISTINCT (one line however many of its accounts a transaction moved).
                    lines AS (
                      SELECT merchant_id, transaction_id FROM t
                      WHERE kind NOT BETWEEN 6 AND 11 AND kind <> ALL($7::smallint[])
-                     UNION
-                     SELECT merchant_id, transaction_id FROM m
+                     UNION ALL
+                     SELECT DISTINCT merchant_id, transaction_id FROM m
                      WHERE kind IN (9, 10) AND account_kind = 'merchant_acquiring'
                         OR kind = 11 AND asset_code = 'VOUCHERS' AND merchant_id = own
                         OR kind = 14 AND asset_code = 'VOUCHERS' AND merchant_id <> own
-                        OR kind IN (18, 19) AND asset_code = 'POINTS'),
-                   chunked AS (
-                     SELECT merchant_id, transaction_id,
-                            (row_number() OVER (PARTITION BY merchant_id ORDER BY transaction_id) - 1) / $8 AS chunk
-                     FROM lines),
+                        OR kind IN (18, 19) AND asset_code = 'POINTS' AND merchant_id <> own),
+                   -- grouped by hashing, each merchant's ids sorted as integers, then cut into chunks:
+                   -- measured on 1M lines of 2,000 merchants, 2.7-3.0 s of Postgres CPU for the whole
+                   -- statement where sorting the lines by (merchant_id, transaction_id) and numbering them
+                   -- took 3.8-5.6 (the text compared by its collation, the sort spilled to disk)
+                   merchant_lines AS (
+                     SELECT merchant_id, ARRAY(SELECT unnest(array_agg(transaction_id)) ORDER BY 1) AS ids
+                     FROM lines GROUP BY merchant_id),
                    -- a data-modifying CTE runs whether or not the INSERT below reads it
                    line_ids AS (
                      INSERT INTO statement_line_ids (period_id, merchant_id, first_transaction_id, transaction_ids)
-                     SELECT $1, merchant_id, min(transaction_id), array_agg(transaction_id ORDER BY transaction_id)
-                     FROM chunked GROUP BY merchant_id, chunk),
+                     SELECT $1, merchant_id, ids[i], ids[i:i + $8::int - 1]
+                     FROM merchant_lines, generate_series(1, cardinality(ids), $8::int) i),
                    previous AS (SELECT merchant_id, closing_position, voucher_closing_position, vouchers_held_closing
                                 FROM statements WHERE period_id = $4)
                    INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,

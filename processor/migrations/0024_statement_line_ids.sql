@@ -59,19 +59,18 @@ BEGIN
              lines AS (
                SELECT merchant_id, transaction_id FROM t
                WHERE kind NOT BETWEEN 6 AND 11 AND kind NOT IN (23, 24)
-               UNION
-               SELECT merchant_id, transaction_id FROM m
+               UNION ALL  -- disjoint: a reversal naming the merchant is one of its own
+               SELECT DISTINCT merchant_id, transaction_id FROM m
                WHERE kind IN (9, 10) AND account_kind = 'merchant_acquiring'
                   OR kind = 11 AND asset_code = 'VOUCHERS' AND merchant_id = own
                   OR kind = 14 AND asset_code = 'VOUCHERS' AND merchant_id <> own
-                  OR kind IN (18, 19) AND asset_code = 'POINTS'),
-             chunked AS (
-               SELECT merchant_id, transaction_id,
-                      (row_number() OVER (PARTITION BY merchant_id ORDER BY transaction_id) - 1) / 2048 AS chunk
-               FROM lines)
+                  OR kind IN (18, 19) AND asset_code = 'POINTS' AND merchant_id <> own),
+             merchant_lines AS (
+               SELECT merchant_id, ARRAY(SELECT unnest(array_agg(transaction_id)) ORDER BY 1) AS ids
+               FROM lines GROUP BY merchant_id)
         INSERT INTO statement_line_ids (period_id, merchant_id, first_transaction_id, transaction_ids)
-        SELECT p.period_id, merchant_id, min(transaction_id), array_agg(transaction_id ORDER BY transaction_id)
-        FROM chunked GROUP BY merchant_id, chunk;
+        SELECT p.period_id, merchant_id, ids[i], ids[i:i + 2047]
+        FROM merchant_lines, generate_series(1, cardinality(ids), 2048) i;
     END LOOP;
 END $$;
 
