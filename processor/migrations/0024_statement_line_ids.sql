@@ -4,7 +4,13 @@
 -- was Store.statement_lines, on closed periods only; it cost Postgres 3.0-6.1 µs per operation on the
 -- projection (python -m loadtest.projection_write --variants base,-transactions_merchant_hash). Instead
 -- Store.close_period writes, in the transaction that writes the statements and from the same pass over the
--- period's rows, the ids of each merchant's lines: once per period, not once per operation.
+-- period's rows, the ids of each merchant's lines: once per period, not once per operation. Measured
+-- (docs/DESIGN.md section 4, eighth session; ranges of runs on a loaded 2-core machine): the transactions
+-- COPY of the projection -3.7 to -4.5 µs/op of Postgres CPU and -137 to -140 B/op of WAL; the cut +0.7 to
+-- +2.5 s of Postgres CPU per 1M transactions of its period; a page of 100 lines 336-889 ms -> 2-12 ms.
+-- At upgrade: the fill below reads each closed period's rows once (the chunks' statement alone measured
+-- 2.7-3.0 s of Postgres CPU per 1M transactions), in this migration's transaction; DROP INDEX holds off
+-- writes to transactions for a moment.
 --
 -- One row per (period, merchant, chunk): the ids in ascending order, at most a few thousand a row (the
 -- service's Store.statement_line_chunk_ids_max, 2,048), so a merchant with millions of lines pages through
