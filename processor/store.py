@@ -66,6 +66,12 @@ RECONCILE_TIMEOUT_SECONDS = 6 * 3600.0
 # a settlement cut reads every entry on merchants' accounts in its period (measured: 1.2 s per 500,000
 # transactions), more than a commit's timeout for a long first period
 SETTLEMENT_TIMEOUT_SECONDS = 3600.0
+# A merchant's statement lines are kept as their ids, written at the cut in chunks of at most this many
+# (statement_line_ids, migration 0024; its CHECK allows up to 8,192): 16 KB of ids a chunk, so a page of
+# lines reads and detoasts one or two chunks whatever the merchant's size, and the cut writes one row per
+# 2,048 lines rather than an index entry per operation.
+STATEMENT_LINE_CHUNK_IDS_MAX = 2048
+STATEMENT_LINE_CHUNK_IDS_CEILING = 8192  # migration 0024's CHECK
 # A new program version starts at least this far ahead, so the running service has loaded it by then.
 PROGRAM_LEAD_SECONDS = 1
 PROGRAM_START_US_MAX = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z, the latest a Timestamp holds
@@ -540,6 +546,10 @@ def _iso_us(value: int) -> str:
 
 class Store:
     """A connection pool on the ledger database, plus the writer lock connection."""
+
+    # the ids of a chunk of statement lines close_period writes (a test sets a small one to page across
+    # chunks); a class attribute, so a store made without __init__ has it too
+    statement_line_chunk_ids_max: int = STATEMENT_LINE_CHUNK_IDS_MAX
 
     def __init__(self, pool: asyncpg.Pool, url: str, connect_timeout: float = 10.0):
         self.pool = pool
@@ -2058,9 +2068,16 @@ class Store:
     ) -> tuple[asyncpg.Record, bool]:
         """Closes the open period at cut_off and writes every merchant's statement, in one transaction,
         and with `channel` (the program's settings at the cut) the promoters' and regions' statements
-        from them (processor/channel_store.py; the committer posts them). Returns (period, created). The
-        caller guarantees no transaction dated before cut_off commits afterwards. Idempotent on
-        cut_off; StoreError if cut_off is not after the newest cut."""
+        from them (processor/channel_store.py; the committer posts them). With the statements, from the
+        same pass over the period's rows, the ids of each merchant's statement lines (statement_line_ids,
+        migration 0024), which statement_lines reads. Returns (period, created). The caller guarantees no
+        transaction dated before cut_off commits afterwards. Idempotent on cut_off; StoreError if cut_off
+        is not after the newest cut."""
+        chunk_ids_max = self.statement_line_chunk_ids_max
+        require(
+            1 <= chunk_ids_max <= STATEMENT_LINE_CHUNK_IDS_CEILING,
+            f"statement_line_chunk_ids_max {chunk_ids_max} is not in 1..{STATEMENT_LINE_CHUNK_IDS_CEILING}",
+        )
         async with self.pool.acquire() as c, c.transaction():
             await c.execute("LOCK TABLE settlement_periods IN EXCLUSIVE MODE")
             existing = await c.fetchrow("SELECT * FROM settlement_periods WHERE cut_off = $1", cut_off)
@@ -2125,6 +2142,32 @@ class Store:
                        WHERE merchant_id <> own OR kind BETWEEN 6 AND 11 GROUP BY merchant_id) x
                      GROUP BY merchant_id),
                    moves AS (SELECT * FROM counted LEFT JOIN money USING (merchant_id)),
+                   -- each merchant's statement lines (statement_lines says which; migration 0024 the same
+                   -- rules): its own operations from t, and from m the others' that moved its clearing
+                   -- accounts. The two sets are disjoint (a reversal naming the merchant is one of its own),
+                   -- so only m's need DISTINCT (one line however many of its accounts a transaction moved).
+                   lines AS (
+                     SELECT merchant_id, transaction_id FROM t
+                     WHERE kind NOT BETWEEN 6 AND 11 AND kind <> ALL($7::smallint[])
+                     UNION ALL
+                     SELECT DISTINCT merchant_id, transaction_id FROM m
+                     WHERE kind IN (9, 10) AND account_kind = 'merchant_acquiring'
+                        OR kind = 11 AND asset_code = 'VOUCHERS' AND merchant_id = own
+                        OR kind = 14 AND asset_code = 'VOUCHERS' AND merchant_id <> own
+                        OR kind IN (18, 19) AND asset_code = 'POINTS' AND merchant_id <> own),
+                   -- grouped by hashing, each merchant's ids sorted as integers, then cut into chunks:
+                   -- measured on 1M lines of 2,000 merchants, the chunks' INSERT alone (t and m included)
+                   -- 2.7-3.0 s of Postgres CPU where sorting the lines by (merchant_id, transaction_id) and
+                   -- numbering them took 3.8-5.6 (text compared by its collation, the sort spilled to disk);
+                   -- the cut as a whole +0.7-2.5 s per 1M transactions (docs/DESIGN.md section 4)
+                   merchant_lines AS (
+                     SELECT merchant_id, ARRAY(SELECT unnest(array_agg(transaction_id)) ORDER BY 1) AS ids
+                     FROM lines GROUP BY merchant_id),
+                   -- a data-modifying CTE runs whether or not the INSERT below reads it
+                   line_ids AS (
+                     INSERT INTO statement_line_ids (period_id, merchant_id, first_transaction_id, transaction_ids)
+                     SELECT $1, merchant_id, ids[i], ids[i:i + $8::int - 1]
+                     FROM merchant_lines, generate_series(1, cardinality(ids), $8::int) i),
                    previous AS (SELECT merchant_id, closing_position, voucher_closing_position, vouchers_held_closing
                                 FROM statements WHERE period_id = $4)
                    INSERT INTO statements (period_id, merchant_id, opening_position, issued, earn_refunds, redeemed,
@@ -2159,6 +2202,7 @@ class Store:
                 list(MERCHANT_ACCOUNTS),
                 list(MERCHANT_VOUCHER_ACCOUNTS),
                 list(channel_store.POSTING_KIND.values()),
+                chunk_ids_max,
                 timeout=SETTLEMENT_TIMEOUT_SECONDS,
             )
             if channel is not None:
@@ -2210,54 +2254,23 @@ class Store:
         shapes reconcile checks keep kinds 6, 7, 8 and 11 off merchants' POINTS accounts. fee and net
         are read from the entries on its POINTS clearing accounts, voucher_net (its voucher position) and
         vouchers_held_change (the vouchers it holds) from those on its VOUCHERS accounts, as the
-        statement's totals are (close_period), so the lines sum to the statement. The merchant's own lines
-        are found through transactions_merchant_hash (migration 0021: hashtext(merchant_id), created_at,
-        transaction_id), the id compared as well to drop another merchant of the same hash."""
+        statement's totals are (close_period), so the lines sum to the statement. Which transactions are
+        its lines close_period wrote at the cut (statement_line_ids, migration 0024: the ids in chunks);
+        the ids after `after_transaction_id` are read from the chunk holding the next one on, in order,
+        only as many chunks as `limit` needs, and the rows by primary key. A period not closed has none."""
+        # The chunks of one merchant do not overlap and each holds its ids in order, so ordering by
+        # (first id, id) is ordering by id; the planner sorts each chunk's ids apart (an incremental sort
+        # over the primary key's order) and the LIMIT stops reading chunks once it has enough.
         return await self.pool.fetch(
-            """WITH p AS (SELECT opened_at, cut_off FROM settlement_periods WHERE period_id = $1),
-                    own AS (
-                      SELECT t.transaction_id FROM p JOIN transactions t
-                        ON hashtext(t.merchant_id) = hashtext($2) AND t.merchant_id = $2
-                          AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3 AND t.kind NOT BETWEEN 6 AND 11 AND t.kind <> ALL($7::smallint[])
-                      ORDER BY t.transaction_id LIMIT $4),
-                    acquired AS (
-                      SELECT t.transaction_id FROM p JOIN transactions t
-                        ON t.kind IN (9, 10) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3
-                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
-                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
-                                      AND a.kind = 'merchant_acquiring')
-                      ORDER BY t.transaction_id LIMIT $4),
-                    dividends AS (
-                      SELECT t.transaction_id FROM p JOIN transactions t
-                        ON hashtext(t.merchant_id) = hashtext($2) AND t.merchant_id = $2
-                          AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3 AND t.kind = 11
-                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
-                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
-                                      AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
-                      ORDER BY t.transaction_id LIMIT $4),
-                    accepted AS (
-                      SELECT t.transaction_id FROM p JOIN transactions t
-                        ON t.kind = 14 AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3 AND t.merchant_id <> $2
-                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
-                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
-                                      AND a.asset_code = 'VOUCHERS' AND a.kind = ANY($6::text[]))
-                      ORDER BY t.transaction_id LIMIT $4),
-                    reversed AS (
-                      SELECT t.transaction_id FROM p JOIN transactions t
-                        ON t.kind IN (18, 19) AND t.created_at >= p.opened_at AND t.created_at < p.cut_off
-                      WHERE t.transaction_id > $3
-                        AND EXISTS (SELECT 1 FROM unnest(t.leg_accounts, t.leg_amounts) AS e(account_id, amount)
-                                    JOIN accounts a ON a.account_id = e.account_id WHERE a.owner_id = $2
-                                      AND a.asset_code = 'POINTS' AND a.kind = ANY($5::text[]))
-                      ORDER BY t.transaction_id LIMIT $4),
-                    lines AS (SELECT transaction_id FROM own UNION SELECT transaction_id FROM acquired
-                              UNION SELECT transaction_id FROM dividends UNION SELECT transaction_id FROM accepted
-                              UNION SELECT transaction_id FROM reversed
-                              ORDER BY transaction_id LIMIT $4)
+            """WITH lines AS (
+                 SELECT l.transaction_id FROM statement_line_ids c
+                 CROSS JOIN LATERAL unnest(c.transaction_ids) AS l(transaction_id)
+                 WHERE c.period_id = $1 AND c.merchant_id = $2
+                   AND c.first_transaction_id >= coalesce(
+                         (SELECT max(first_transaction_id) FROM statement_line_ids
+                          WHERE period_id = $1 AND merchant_id = $2 AND first_transaction_id <= $3), $3)
+                   AND l.transaction_id > $3
+                 ORDER BY c.first_transaction_id, l.transaction_id LIMIT $4)
                SELECT t.transaction_id, t.created_at, t.kind, t.member_id, t.amount,
                       coalesce(x.fee, 0)::bigint AS fee, coalesce(x.net, 0)::bigint AS net,
                       coalesce(x.voucher_net, 0)::bigint AS voucher_net,
@@ -2281,7 +2294,6 @@ class Store:
             limit,
             list(MERCHANT_ACCOUNTS),
             list(MERCHANT_VOUCHER_ACCOUNTS),
-            list(channel_store.POSTING_KIND.values()),
         )
 
     # --- scale: a seeded network ---

@@ -18,7 +18,8 @@
 -- 53.3 -> 43.7. int4 slot columns handed out by the service measured the same (2.1-3.8 µs/op, WAL within
 -- 15 B/op) and would be new durable state. What remains of the two indexes is per entry, not per byte:
 -- dropping the member index saves 4.0-6.7 µs/op, the merchant index 3.0-6.1 (only a merchant's statement
--- lines read by it). At upgrade each CREATE INDEX holds off writes to transactions while it builds.
+-- lines read by it; migration 0024 drops it, the lines' ids written at the cut instead). At upgrade each
+-- CREATE INDEX holds off writes to transactions while it builds.
 CREATE INDEX transactions_member_hash ON transactions (hashtext(member_id), transaction_id DESC);
 DROP INDEX transactions_member_newest;
 CREATE INDEX transactions_merchant_hash ON transactions (hashtext(merchant_id), created_at, transaction_id);

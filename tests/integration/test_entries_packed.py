@@ -5,6 +5,7 @@ the view returns exactly the legs a batch wrote, in the entries' order; the bala
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 
 import asyncpg
 
@@ -16,8 +17,15 @@ from tests.integration.test_copy_binary import through_migration
 AT = dt.datetime(2026, 12, 5, 12, 0, tzinfo=dt.timezone.utc)
 
 
-def test_upgrading_from_0021_keeps_every_leg_in_order_and_every_account_sum(create_database):
+def test_upgrading_from_0021_keeps_every_leg_in_order_and_every_account_sum(create_database, tmp_path, monkeypatch):
     url = create_database()
+    # the migrations up to 0022 only: the upgrade under test is 0021 -> 0022, whatever later ones exist
+    before_0023 = tmp_path / "migrations"
+    before_0023.mkdir()
+    for path in sorted(store_module.MIGRATIONS.glob("*.sql")):
+        if int(path.name.split("_", 1)[0]) <= 22:
+            shutil.copy(path, before_0023 / path.name)
+    monkeypatch.setattr(store_module, "MIGRATIONS", before_0023)
 
     async def go():
         await through_migration(url, 21)

@@ -1,9 +1,11 @@
 """The reads of transactions by member and by merchant reach them through their indexes on a filled journal:
-ListTransactions and the member's history through transactions_member_hash, a merchant's statement lines
-through transactions_merchant_hash (migration 0021: keyed by hashtext of the id, issue 14 "narrow rows with
-integer slots"). Each read's own SQL is explained (the store's method runs against a pool that answers
-EXPLAIN for it), so a read rewritten or an index dropped or renamed fails here rather than scanning the
-journal in production. And two ids of the same hash: each read returns only its own id's transactions."""
+ListTransactions and the member's history through transactions_member_hash (migration 0021: keyed by
+hashtext of the id, issue 14 "narrow rows with integer slots"), a merchant's statement lines through the ids
+close_period wrote at the cut (statement_line_ids, migration 0024, which dropped 0021's
+transactions_merchant_hash) and then the transactions' primary key. Each read's own SQL is explained (the
+store's method runs against a pool that answers EXPLAIN for it), so a read rewritten or an index dropped or
+renamed fails here rather than scanning the journal in production. And two ids of the same hash: each read
+returns only its own id's transactions."""
 
 from __future__ import annotations
 
@@ -59,13 +61,30 @@ def test_reads_by_member_and_by_merchant_use_their_indexes_on_a_filled_journal(c
                    FROM generate_series(1, 200000) i""",
                 OPENED - dt.timedelta(days=60),
             )
+            # two closed periods, the month before OPENED and the month to CUT_OFF: the cut writes the
+            # statement lines' ids (the merchants' statements need the merchants)
             await c.execute(
-                "INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES (1, $1, $2)", OPENED, CUT_OFF
+                """INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps)
+                   SELECT 'merchant-' || i, i, 1000 FROM generate_series(0, 49) i"""
             )
+            closing = Store(await asyncpg.create_pool(url, min_size=1, max_size=1), url)
+            # small chunks: thousands of rows, as a year of periods of a network has (a table of a hundred
+            # rows is read whole, and would say nothing of the read's plan)
+            closing.statement_line_chunk_ids_max = 16
+            try:
+                await closing.close_period(OPENED)
+                await closing.close_period(CUT_OFF)
+            finally:
+                await closing.pool.close()
             await c.execute("ANALYZE transactions")
+            await c.execute("ANALYZE statement_line_ids")
             names = {r[0] for r in await c.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'transactions'")}
-            assert {"transactions_member_hash", "transactions_merchant_hash"} <= names
-            assert not {"transactions_member_newest", "transactions_merchant_created"} & names
+            assert "transactions_member_hash" in names
+            assert (
+                not {"transactions_member_newest", "transactions_merchant_created", "transactions_merchant_hash"}
+                & names
+            )
+            assert await c.fetchval("SELECT count(*) FROM statement_line_ids WHERE period_id = 2") > 0
             store = Store.__new__(Store)  # the reads use nothing of the store but its pool
             store.pool = Explaining(c)  # type: ignore[assignment]
             await store.list_transactions("member-77", None, 50, ["merchant-27", "merchant-3"])
@@ -81,11 +100,11 @@ def test_reads_by_member_and_by_merchant_use_their_indexes_on_a_filled_journal(c
 
             lines = Explaining(c)
             store.pool = lines  # type: ignore[assignment]
-            await store.statement_lines(1, "merchant-7")
-            await store.statement_lines(1, "merchant-7", 160_007, 100)
+            await store.statement_lines(2, "merchant-7")
+            await store.statement_lines(2, "merchant-7", 160_007, 100)
             assert len(lines.plans) == 2
             for plan in lines.plans:
-                assert "transactions_merchant_hash" in plan_indexes(plan), plan
+                assert {"statement_line_ids_pkey", "transactions_pkey"} <= plan_indexes(plan), plan
         finally:
             await c.close()
 
@@ -124,11 +143,15 @@ def test_two_ids_of_the_same_hash_each_read_only_their_own_transactions(create_d
                 bob,
                 OPENED,
             )
+            # the period closed as the service closes it (its statements name the merchants): the cut
+            # writes the ids of the statement lines
             await c.execute(
-                "INSERT INTO settlement_periods (period_id, opened_at, cut_off) VALUES (1, $1, $2)", OPENED, CUT_OFF
+                "INSERT INTO merchants (merchant_id, merchant_slot, give_back_bps) VALUES ($1, 0, 1000), ($2, 1, 1000)",
+                shop,
+                rival,
             )
-            store = Store.__new__(Store)
-            store.pool = pool
+            store = Store(pool, url)
+            assert (await store.close_period(CUT_OFF))[0]["period_id"] == 1
             odd = list(range(39, 0, -2))
             even = list(range(40, 0, -2))
             got = await store.list_transactions(ann, None, 100, [shop, rival])
