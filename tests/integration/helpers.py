@@ -177,3 +177,18 @@ def member_in_postgres(database_url: str, member: str) -> tuple[int, int, int]:
     """(balance: the checkpoint plus the journal tail, sum of the account's entries, sum of open unexpired
     holds) of a member."""
     return _run(_member_in_postgres(database_url, member))
+
+
+async def table_contents(url: str, tables: dict[str, str]) -> dict[str, list[tuple]]:
+    """Every row of each table, in the order given for it (table -> ORDER BY list): for comparing two
+    databases written two ways, row for row."""
+    import asyncpg
+
+    c = await asyncpg.connect(url)
+    try:
+        return {
+            table: [tuple(r) for r in await c.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
+            for table, order in tables.items()
+        }
+    finally:
+        await c.close()

@@ -478,6 +478,20 @@ def test_a_merchant_creates_at_most_its_quota_of_new_members_per_hour(create_dat
         assert stub.Earn(request, timeout=30).points == 1_000
 
 
+def authorized_once_the_quota_frees(authorize, seconds: float = 30) -> None:
+    """Retries `authorize` while it is refused RESOURCE_EXHAUSTED (a hold's quota given back only at a
+    recount), failing the test after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            authorize()
+            return
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the voided hold was never given back to the quota"
+            time.sleep(0.1)
+
+
 def test_a_merchant_holds_at_most_its_quota_of_open_holds(create_database, service_factory):
     url = create_database()
     add_merchant(url, "hotel")
@@ -506,15 +520,8 @@ def test_a_merchant_holds_at_most_its_quota_of_open_holds(create_database, servi
             ),
             timeout=30,
         )
-        deadline = time.monotonic() + 30
-        while True:  # the void is subtracted at the next recount from Postgres
-            try:
-                authorize("hotel")
-                break
-            except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() < deadline, "the voided hold was never given back to the quota"
-                time.sleep(0.1)
+        # the void is subtracted at the next recount from Postgres
+        authorized_once_the_quota_frees(lambda: authorize("hotel"))
     assert fetch(url, "SELECT count(*) AS n FROM holds WHERE merchant_id = 'hotel' AND status = 1")[0]["n"] == 2
 
 
@@ -578,15 +585,8 @@ def test_a_recount_behind_a_lagging_projection_does_not_give_back_holds_still_op
             ),
             timeout=30,
         )
-        deadline = time.monotonic() + 30
-        while True:  # once projected, the void is given back at the next recount
-            try:
-                authorize()
-                break
-            except grpc.RpcError as error:
-                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert time.monotonic() < deadline, "the voided hold was never given back to the quota"
-                time.sleep(0.1)
+        # once projected, the void is given back at the next recount
+        authorized_once_the_quota_frees(authorize)
     assert fetch(url, "SELECT count(*) AS n FROM holds WHERE merchant_id = 'hotel' AND status = 1")[0]["n"] == 2
 
 

@@ -21,6 +21,7 @@ from processor import events, idempotency_records, rules, store
 from processor.program import EarnRecord, RulesWrite, SplitRecord
 from processor.store import COPY_COLUMNS, NEVER_US, BatchWrite, Store
 from tests.harness import migrate, run
+from tests.integration.helpers import table_contents
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 UTC = dt.timezone.utc
@@ -96,14 +97,7 @@ async def write_all(url: str, writer: Store, writes: list[list[BatchWrite]], rec
 
 
 async def contents(url: str) -> dict[str, list[tuple]]:
-    c = await asyncpg.connect(url)
-    try:
-        return {
-            table: [tuple(r) for r in await c.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
-            for table, order in TABLES.items()
-        }
-    finally:
-        await c.close()
+    return await table_contents(url, TABLES)
 
 
 async def migrate_rest(url: str) -> None:

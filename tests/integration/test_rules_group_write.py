@@ -17,6 +17,7 @@ from processor import events, rules
 from processor.program import EarnRecord, MemberRules, RulesWrite
 from processor.store import BatchWrite, Store
 from tests.harness import migrate, run
+from tests.integration.helpers import table_contents
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -48,14 +49,7 @@ async def write_groups(url: str, groups: list[list[BatchWrite]]) -> None:
 
 
 async def contents(url: str) -> dict[str, list[tuple]]:
-    c = await asyncpg.connect(url)
-    try:
-        return {
-            table: [tuple(r) for r in await c.fetch(f"SELECT * FROM {table} ORDER BY {order}")]
-            for table, order in TABLES.items()
-        }
-    finally:
-        await c.close()
+    return await table_contents(url, TABLES)
 
 
 def one_by_one_and_grouped(create_database, writes: list[BatchWrite], sizes: list[int]) -> dict[str, list[tuple]]:
