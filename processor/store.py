@@ -1199,10 +1199,10 @@ class Store:
         two rows (written around the service) answers with the older record, the first one answered."""
         if not candidates:
             return {}
-        # a key's candidates are the entries sharing its 32-bit tag: its own, and one in about 2**32 /
-        # (records within retention) new keys a false one (another key's tag). Each candidate row's small
-        # `keys` is read; its `records` (~10x larger, TOASTed) only when a wanted key's JSON string occurs
-        # in its keys (a byte search in Postgres: a false candidate costs no records read)
+        # a key's candidates are the table's entries with its home slot and 24-bit remainder: its own, and
+        # rarely another key's (~ load x 2**-24 per look-up, processor/idempotency.py). Each candidate row's
+        # small `keys` is read; its `records` (~10x larger, TOASTed) only when a wanted key's JSON string
+        # occurs in its keys (a byte search in Postgres: a false candidate costs no records read)
         batch_ids = sorted({batch_id for ids in candidates.values() for batch_id in ids})
         wanted_ids = [batch_id for ids in candidates.values() for batch_id in ids]
         needles = [orjson.dumps(key[1]) for key, ids in candidates.items() for _ in ids]
