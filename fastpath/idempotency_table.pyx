@@ -50,6 +50,12 @@ cdef int REM_SHIFT = 40
 cdef uint64_t NEAR_LIMIT = 254 + 1  # DIST_MAX + 1: the largest distance byte an entry may have
 cdef array.array TEMPLATE = _array.array("Q")
 cdef double LOAD = LOAD_MAX
+cdef enum:
+    CHUNK = 64  # keys fingerprinted (and their homes prefetched) before they are walked
+
+
+cdef extern from *:
+    void __builtin_prefetch(const void* address) noexcept nogil
 
 
 class TableError(Exception):
@@ -150,40 +156,57 @@ cdef class Table:
 
     # --- questions ---
 
+    cdef int _fingerprints(self, list pairs, Py_ssize_t start, Py_ssize_t end, object fingerprint, uint64_t* prints) except -1:
+        """The fingerprints of pairs[start:end] into prints[0:end - start], each key's home slot
+        prefetched: the walks that follow find most homes in cache (a home is a random slot of a table
+        of up to 512 MiB; one miss at a time cost ~100 ns a key at 1M keys, measured)."""
+        cdef Py_ssize_t j
+        for j in range(start, end):
+            self._fingerprint(pairs[j], fingerprint, &prints[j - start])
+            __builtin_prefetch(&self._data[prints[j - start] & self._mask])
+        return 0
+
     def maybe_stored(self, keys, int64_t newest, fingerprint=None):
         """The keys that may have a stored record, each with the batch ids whose rows may hold it (ids
         rebuilt as the newest at or below `newest` with the slot's low 32 bits); every other key is new."""
+        cdef list pairs = list(keys)  # a copy: a fingerprint function (Python) cannot resize it under the walk
         cdef dict hits = {}
+        cdef uint64_t prints[CHUNK]
         cdef uint64_t print_, i, value, upper, near, wanted, mask
         cdef uint64_t* slots
         cdef int64_t batch_id
+        cdef Py_ssize_t start, end, j, count = len(pairs)
         cdef PyObject* found
-        for pair in keys:
-            self._fingerprint(pair, fingerprint, &print_)
-            slots, mask = self._data, self._mask  # after the fingerprint: Python code may run in it
-            i = print_ & mask
-            value = slots[i]
-            if value == 0:  # an empty home: most misses end here (half the keys at 0.5 full)
-                continue
-            # a slot's upper 32 bits as they would be for this key at distance + 1 = `near`: equal means
-            # an entry with this home and this rem; `near` and `wanted` step together along the run
-            near = 1
-            wanted = ((print_ >> self._home_bits) & ((1ULL << self.rem_bits) - 1)) << 8 | 1
-            while True:
-                upper = value >> DIST_SHIFT
-                if upper & DIST_BYTE < near:  # empty, or an entry nearer its home: the key is not further
-                    break
-                if upper == wanted:  # same home and rem: every entry is a candidate
-                    batch_id = newest - <int64_t>((<uint64_t>newest - value) & LOW)
-                    found = PyDict_GetItem(hits, pair)
-                    if found == NULL:
-                        PyDict_SetItem(hits, pair, [batch_id])
-                    elif batch_id not in <list>found:
-                        PyList_Append(<list>found, batch_id)
-                near += 1
-                wanted += 1
-                i = (i + 1) & mask
+        for start in range(0, count, CHUNK):
+            end = min(start + CHUNK, count)
+            self._fingerprints(pairs, start, end, fingerprint, prints)
+            slots, mask = self._data, self._mask  # after the fingerprints: Python code may run in them
+            for j in range(start, end):
+                print_ = prints[j - start]
+                i = print_ & mask
                 value = slots[i]
+                if value == 0:  # an empty home: most misses end here (half the keys at 0.5 full)
+                    continue
+                # a slot's upper 32 bits as they would be for this key at distance + 1 = `near`: equal
+                # means an entry with this home and this rem; `near` and `wanted` step together
+                near = 1
+                wanted = ((print_ >> self._home_bits) & ((1ULL << self.rem_bits) - 1)) << 8 | 1
+                while True:
+                    upper = value >> DIST_SHIFT
+                    if upper & DIST_BYTE < near:  # empty, or an entry nearer its home: the key is not further
+                        break
+                    if upper == wanted:  # same home and rem: every entry is a candidate
+                        batch_id = newest - <int64_t>((<uint64_t>newest - value) & LOW)
+                        pair = pairs[j]
+                        found = PyDict_GetItem(hits, pair)
+                        if found == NULL:
+                            PyDict_SetItem(hits, pair, [batch_id])
+                        elif batch_id not in <list>found:
+                            PyList_Append(<list>found, batch_id)
+                    near += 1
+                    wanted += 1
+                    i = (i + 1) & mask
+                    value = slots[i]
         return hits
 
     # --- changes ---
@@ -191,18 +214,24 @@ cdef class Table:
     def add(self, int64_t batch_id, keys, fingerprint=None):
         """One entry per key, in batch `batch_id` (its low 32 bits kept). Returns the doublings it made,
         (reason, keys, slots, rem_bits, seconds) each, or None (the caller logs them)."""
+        cdef list pairs = list(keys)  # a copy: a fingerprint function (Python) cannot resize it under the walk
+        cdef uint64_t prints[CHUNK]
         cdef uint64_t low = <uint64_t>batch_id & LOW, print_, home, rem
-        for pair in keys:
-            self._fingerprint(pair, fingerprint, &print_)
-            if self.count >= self._grow_at:
-                self._grow(GROW_LOAD)
-            home = print_ & self._mask
-            rem = (print_ >> self._home_bits) & ((1ULL << self.rem_bits) - 1)
-            if self._data[home] == 0:  # an empty home (most keys below 0.5 full)
-                self._data[home] = rem << REM_SHIFT | ONE_FARTHER | low
-            else:
-                self._insert(home, rem, low)
-            self.count += 1
+        cdef Py_ssize_t start, end, j, count = len(pairs)
+        for start in range(0, count, CHUNK):
+            end = min(start + CHUNK, count)
+            self._fingerprints(pairs, start, end, fingerprint, prints)
+            for j in range(end - start):
+                if self.count >= self._grow_at:
+                    self._grow(GROW_LOAD)
+                print_ = prints[j]
+                home = print_ & self._mask
+                rem = (print_ >> self._home_bits) & ((1ULL << self.rem_bits) - 1)
+                if self._data[home] == 0:  # an empty home (most keys below 0.5 full)
+                    self._data[home] = rem << REM_SHIFT | ONE_FARTHER | low
+                else:
+                    self._insert(home, rem, low)
+                self.count += 1
         return self._take_doublings()
 
     def remove(self, batches, fingerprint=None):
