@@ -177,8 +177,9 @@ cdef class Table:
         cdef int64_t batch_id
         cdef Py_ssize_t start, end, j, count = len(pairs)
         cdef PyObject* found
-        for start in range(0, count, CHUNK):
-            end = min(start + CHUNK, count)
+        end = 0
+        while end < count:  # chunk by chunk
+            start, end = end, min(end + CHUNK, count)
             self._fingerprints(pairs, start, end, fingerprint, prints)
             slots, mask = self._data, self._mask  # after the fingerprints: Python code may run in them
             for j in range(start, end):
@@ -218,8 +219,9 @@ cdef class Table:
         cdef uint64_t prints[CHUNK]
         cdef uint64_t low = <uint64_t>batch_id & LOW, print_, home, rem
         cdef Py_ssize_t start, end, j, count = len(pairs)
-        for start in range(0, count, CHUNK):
-            end = min(start + CHUNK, count)
+        end = 0
+        while end < count:  # chunk by chunk
+            start, end = end, min(end + CHUNK, count)
             self._fingerprints(pairs, start, end, fingerprint, prints)
             for j in range(end - start):
                 if self.count >= self._grow_at:
