@@ -4,8 +4,9 @@ walked per key without a Python operation on the way (processor/idempotency.py s
 for, why it may err only towards "maybe stored", and the slot layout this module keeps bit for bit).
 
 Why: in Python the table cost 3-6 µs per operation in the service (py-spy, loadtest.budget: the walks
-of maybe_stored and add, and above all the doublings, ~1 s of rehash per million keys with the
-committer stopped); here a batch's look-up and add are one crossing each.
+of maybe_stored and add, and a third of it the doublings, ~1 s of rehash per million keys with the
+committer stopped); here a batch's look-up and add are one crossing each, and a doubling ~30 ms per
+million keys (loadtest/idempotency_table.py).
 
 `Table` holds the slots (an `array('Q')`, `slots_array`), their count and the geometry (home bits,
 rem bits); the caller (processor/idempotency.py) holds the rest: the newest batch id (given to

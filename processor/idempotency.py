@@ -45,9 +45,10 @@ because the table is only ever rebuilt from the keys themselves.
 
 The slots and every walk over them (fingerprints, look-up, insert, backward-shift delete, doubling) are
 compiled: fastpath/idempotency_table.pyx, one crossing per batch (in Python they cost 3-6 µs per
-operation in the service, most of it doublings); fastpath/idempotency_reference.py is its pure-Python
-twin, kept for the differential test. This class keeps what is policy: the batch ids' span, the purge's
-epoch, the log lines of a doubling, the table's errors as InvariantViolation. Measured (python -m
+operation in the service: the look-up's walk, the add's, and for a third the doublings);
+fastpath/idempotency_reference.py is its pure-Python twin, kept for the differential test. This class
+keeps what is policy: the batch ids' span, the purge's epoch, the log lines of a doubling, the table's
+errors as InvariantViolation. Measured (python -m
 processor.idempotency; loadtest/idempotency_table.py against a base tree): see `measure()` and
 docs/DESIGN.md section 4.
 """
@@ -186,7 +187,7 @@ class IdempotencyTable:
     def reset(self, expected: int = 0) -> None:
         """Empties the table before a rebuild, sized so that `expected` records fill at most half of it
         (it grows only past LOAD_MAX: growing rehashes every entry with the committer stopped, about
-        0.1 s per million keys in C, so the service should be sized not to)."""
+        30 ms per million keys in C, measured, so the service should be sized not to)."""
         self._table.reset(expected)
         self.epoch += 1
         self.newest_batch_id = 0
