@@ -72,7 +72,8 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     ("JSON idempotency records", ("to_json (", "json/encoder.py", "json/__init__.py", "json/decoder.py")),
     (
         "idempotency look-up (in-memory table; stored_outcomes of its hits)",
-        ("stored_outcomes (", "processor/idempotency.py", "_load_idempotency ("),
+        # its compiled table's frames (native: "__pyx_..._17idempotency_table_...") before the fastpath kernel's
+        ("stored_outcomes (", "processor/idempotency.py", "idempotency_table", "_load_idempotency ("),
     ),
     ("prefetch (holds, earn records)", ("_prefetch (",)),
     (

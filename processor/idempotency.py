@@ -41,8 +41,16 @@ within retention span far less than 2**32 (asserted as they are added: at ~1,600
 writer commits here, 2**32 batches are 31 days of non-stop single-operation batches; batches grow with
 load), and ids below zero (the records migration 0023 moved, numbered -1, -2, ...) come back as
 themselves. Fingerprint: Python's 64-bit hash of (merchant_id, key), salted per process, which is enough
-because the table is only ever rebuilt from the keys themselves. Measured (python -m
-processor.idempotency, this machine): see `measure()` and docs/DESIGN.md section 4.
+because the table is only ever rebuilt from the keys themselves.
+
+The slots and every walk over them (fingerprints, look-up, insert, backward-shift delete, doubling) are
+compiled: fastpath/idempotency_table.pyx, one crossing per batch (in Python they cost 3-6 µs per
+operation in the service: the look-up's walk, the add's, and for a third the doublings);
+fastpath/idempotency_reference.py is its pure-Python twin, kept for the differential test. This class
+keeps what is policy: the batch ids' span, the purge's epoch, the log lines of a doubling, the table's
+errors as InvariantViolation. Measured (python -m
+processor.idempotency; loadtest/idempotency_table.py against a base tree): see `measure()` and
+docs/DESIGN.md section 4.
 """
 
 from __future__ import annotations
@@ -50,26 +58,27 @@ from __future__ import annotations
 import array
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
-from processor.domain import require
+from fastpath.idempotency_table import DIST_MAX, LOAD_MAX, REM_BITS, SLOTS_MIN, Table, TableError
+from processor.domain import InvariantViolation, require
+
+__all__ = [
+    "BATCH_ID_SPAN_MAX",
+    "DIST_MAX",
+    "LOAD_MAX",
+    "REM_BITS",
+    "REM_BITS_FLOOR",
+    "SLOTS_MIN",
+    "IdempotencyTable",
+    "fingerprint",
+]
 
 log = logging.getLogger("points.idempotency")
 # A key's 64-bit fingerprint: its low k bits are its home slot, the rem_bits above them the slot's rem.
 Fingerprint = Callable[[str, str], int]
 Key = tuple[str, str]
 
-SLOTS_MIN = 1 << 16  # 512 KiB: the table of a service with few keys
-# Grown (doubled and rehashed) beyond this share of slots used: Robin Hood probing stays short (a miss
-# stops at the first entry nearer its home than the walk is; the longest distance at 0.75 on 2**20 slots
-# is about 20, see the tests) and 30 million keys fit in 2**26 slots = 512 MiB (0.45 full).
-LOAD_MAX = 0.75
-_LOW = 0xFFFFFFFF  # a slot's batch id bits
-_DIST_SHIFT = 32  # a slot's byte of distance from home plus one: 1..255, never 0 in an occupied slot
-_DIST_BYTE = 0xFF
-DIST_MAX = _DIST_BYTE - 1  # the farthest an entry may sit from its home; one farther grows the table
-_REM_SHIFT = 40
-REM_BITS = 24  # the fingerprint bits a slot keeps above the home bits, after a reset
 # a doubling moves one rem bit into the home: below this, new keys meet false candidates noticeably
 # more often (~ load * 2**-rem_bits each); the cure is sizing the table at start
 REM_BITS_FLOOR = 12
@@ -78,45 +87,60 @@ BATCH_ID_SPAN_MAX = 1 << 32
 
 
 def fingerprint(merchant_id: str, key: str) -> int:
-    """The 64-bit fingerprint of a merchant's key."""
+    """The 64-bit fingerprint of a merchant's key (the table computes the same in C, without this call)."""
     return hash((merchant_id, key))
 
 
 class IdempotencyTable:
-    """Where every idempotency record within retention is (see the module's docstring)."""
+    """Where every idempotency record within retention is (see the module's docstring). The slots and
+    their walks are fastpath/idempotency_table.pyx's `Table` (`kernel`: its pure-Python twin in tests);
+    this class keeps the batch ids' span, the purge's epoch and the log lines of a doubling."""
 
-    def __init__(self, fingerprint: Fingerprint = fingerprint, slots: int = SLOTS_MIN):
+    def __init__(
+        self, fingerprint: Fingerprint = fingerprint, slots: int = SLOTS_MIN, kernel: Callable[[int], Table] = Table
+    ):
         """`slots` below SLOTS_MIN only in tests (growth exercised often); reset() never sizes below it."""
+        self._table = kernel(slots)
         self.fingerprint = fingerprint  # replaceable by tests (forced collisions)
-        self._rehashing = False  # in _grow: an insert must not grow again
-        self._allocate(slots)
-        self.rem_bits = REM_BITS
         # bumped by every rebuild: a purge's removals computed against an older table are dropped
         self.epoch = 0
         # the newest batch id added: a slot's low 32 bits are rebuilt into the batch id at or below it
         self.newest_batch_id = 0
 
-    def _allocate(self, slots: int) -> None:
-        size = 2
-        while size < slots:
-            size <<= 1
-        self._slots = array.array("Q", bytes(8 * size))
-        self._mask = size - 1
-        self._home_bits = size.bit_length() - 1
-        self.count = 0
-        self._grow_at = int(size * LOAD_MAX)
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return self._fingerprint
+
+    @fingerprint.setter
+    def fingerprint(self, value: Fingerprint) -> None:
+        self._fingerprint = value
+        # None: the kernel hashes the (merchant_id, key) pair itself, in C, with no call per key
+        self._custom = None if value is fingerprint else value
+
+    @property
+    def count(self) -> int:
+        return self._table.count
+
+    @property
+    def rem_bits(self) -> int:
+        return self._table.rem_bits
 
     @property
     def slots(self) -> int:
-        return self._mask + 1
+        return self._table.slots
 
     @property
     def memory_bytes(self) -> int:
-        return self._slots.itemsize * len(self._slots)
+        return self._table.memory_bytes
+
+    @property
+    def _slots(self) -> array.array[int]:
+        """The slots themselves (tests and measures read them)."""
+        return self._table.slots_array
 
     def dist_max(self) -> int:
         """The farthest any entry sits from its home slot (a scan of every slot: for tests and measures)."""
-        return max(((value >> _DIST_SHIFT) & _DIST_BYTE for value in self._slots), default=0) - 1
+        return self._table.dist_max()
 
     # --- questions ---
 
@@ -126,34 +150,7 @@ class IdempotencyTable:
     def maybe_stored(self, keys: Iterable[Key]) -> dict[Key, list[int]]:
         """The keys that may have a stored record, each with the batch ids whose rows may hold it (read
         them from Postgres: Store.stored_outcomes); every other key is new."""
-        slots, mask, newest = self._slots, self._mask, self.newest_batch_id
-        home_bits, rem_mask = self._home_bits, (1 << self.rem_bits) - 1
-        hits: dict[Key, list[int]] = {}
-        for pair, print_ in zip(keys, self._fingerprints(keys)):
-            i = print_ & mask
-            value = slots[i]
-            if value == 0:  # an empty home: most misses end here (half the keys at 0.5 full)
-                continue
-            # a slot's upper 32 bits as they would be for this key at distance + 1 = `near`: equal means
-            # an entry with this home and this rem; `near` and `wanted` step together along the run
-            near = 1
-            wanted = ((print_ >> home_bits) & rem_mask) << 8 | 1
-            while True:
-                upper = value >> _DIST_SHIFT
-                if upper & _DIST_BYTE < near:  # empty (0), or an entry nearer its home: the key is not further
-                    break
-                if upper == wanted:  # same home and rem: another key may share them, every entry is a candidate
-                    batch_id = newest - ((newest - value) & _LOW)
-                    found = hits.get(pair)
-                    if found is None:
-                        hits[pair] = [batch_id]
-                    elif batch_id not in found:
-                        found.append(batch_id)
-                near += 1
-                wanted += 1
-                i = (i + 1) & mask
-                value = slots[i]
-        return hits
+        return self._table.maybe_stored(keys, self.newest_batch_id, self._custom)
 
     # --- changes ---
 
@@ -172,29 +169,12 @@ class IdempotencyTable:
             f"batch {batch_id}'s idempotency records are 2**32 batches or more before batch {newest}: a slot "
             "cannot name both; purge the records older than the retention (idempotency_retention_days)",
         )
-        low = batch_id & _LOW
-        at_home = 1 << _DIST_SHIFT | low  # an entry's distance byte and batch bits in its home slot
-        insert = self._insert
-        slots, mask, home_bits, rem_mask = self._slots, self._mask, self._home_bits, (1 << self.rem_bits) - 1
-        for print_ in self._fingerprints(keys):
-            if self.count >= self._grow_at:
-                self._grow("load")
-            if self._slots is not slots:  # grown, for load or by the previous insert
-                slots, mask, home_bits, rem_mask = self._slots, self._mask, self._home_bits, (1 << self.rem_bits) - 1
-            home = print_ & mask
-            if slots[home] == 0:  # an empty home (most keys below 0.5 full): no call
-                slots[home] = ((print_ >> home_bits) & rem_mask) << _REM_SHIFT | at_home
-            else:
-                insert(home, (print_ >> home_bits) & rem_mask, low)
-            self.count += 1
-
-    def _fingerprints(self, keys: Iterable[Key]) -> Iterator[int]:
-        """The keys' 64-bit fingerprints; with the default fingerprint, hash() mapped in C over the
-        (merchant, key) tuples: a Python call per key was ~30% of a look-up's time (measured: 215 -> 153
-        µs a batch of 1,000, best of 15)."""
-        if self.fingerprint is fingerprint:
-            return map(hash, keys)
-        return (self.fingerprint(merchant_id, key) for merchant_id, key in keys)
+        try:
+            doublings = self._table.add(batch_id, keys, self._custom)
+        except TableError as error:
+            raise InvariantViolation(str(error)) from error
+        if doublings:
+            self._log_doublings(doublings)
 
     def remove(self, batches: Iterable[tuple[int, Iterable[Key]]], epoch: int) -> int:
         """Drops the entries of the batch rows deleted (the purge's: (batch id, its keys)), unless the
@@ -202,139 +182,29 @@ class IdempotencyTable:
         the entries dropped."""
         if epoch != self.epoch:
             return 0
-        dropped = 0
-        mask, home_bits, rem_mask = self._mask, self._home_bits, (1 << self.rem_bits) - 1
-        for batch_id, keys in batches:
-            low = batch_id & _LOW
-            for print_ in self._fingerprints(keys):
-                i = self._find(print_ & mask, (print_ >> home_bits) & rem_mask, low)
-                if i >= 0:
-                    self._delete(i)
-                    dropped += 1
-        return dropped
+        return self._table.remove(batches, self._custom)
 
     def reset(self, expected: int = 0) -> None:
         """Empties the table before a rebuild, sized so that `expected` records fill at most half of it
         (it grows only past LOAD_MAX: growing rehashes every entry with the committer stopped, about
-        a second per million keys measured, so the service should be sized not to)."""
-        self._allocate(max(2 * expected, SLOTS_MIN))
-        self.rem_bits = REM_BITS
+        30 ms per million keys in C, measured, so the service should be sized not to)."""
+        self._table.reset(expected)
         self.epoch += 1
         self.newest_batch_id = 0
 
-    # --- the Robin Hood table ---
-
-    def _find(self, home: int, rem: int, low: int) -> int:
-        """The slot of the entry (home, rem, batch id's low bits), or -1."""
-        slots, mask = self._slots, self._mask
-        i, near = home, 1
-        value = rem << _REM_SHIFT | 1 << _DIST_SHIFT | low
-        while True:
-            found = slots[i]
-            if (found >> _DIST_SHIFT) & _DIST_BYTE < near:
-                return -1
-            if found == value:
-                return i
-            near += 1
-            value += 1 << _DIST_SHIFT
-            i = (i + 1) & mask
-
-    def _insert(self, home: int, rem: int, low: int) -> None:
-        """Places an entry (the caller counts it): each slot on the way goes to whichever of the carried
-        entry and its occupant is farther from home (Robin Hood), the other is carried on; a carried entry
-        about to sit farther than DIST_MAX grows the table and goes on from its home there."""
-        slots, mask = self._slots, self._mask
-        i, near = home, 1  # the carried entry's distance from its home plus one, at slot i
-        value = rem << _REM_SHIFT | low  # the carried entry without its distance
-        while True:
-            found = slots[i]
-            if found == 0:
-                slots[i] = value | near << _DIST_SHIFT
-                return
-            found_near = (found >> _DIST_SHIFT) & _DIST_BYTE
-            if found_near < near:  # the occupant is nearer its home: it gives up the slot
-                slots[i] = value | near << _DIST_SHIFT
-                value, near = found ^ found_near << _DIST_SHIFT, found_near
-            i = (i + 1) & mask
-            near += 1
-            if near > DIST_MAX + 1:
-                # the carried entry (not in the table) would sit DIST_MAX + 1 from home
-                require(
-                    not self._rehashing,
-                    "an idempotency entry would sit farther from home after a doubling than before it",
-                )
-                require(
-                    self.count >= (self.slots >> 3),
-                    f"{DIST_MAX + 1} idempotency entries crowd one run in a table {self.count} / {self.slots} "
-                    "full: the fingerprint function gives many keys one home; use a 64-bit hash",
-                )
-                home = (i - DIST_MAX - 1) & mask
-                rem, low = value >> _REM_SHIFT, value & _LOW
-                self._grow("an entry would sit farther than DIST_MAX from its home")
-                home_bit = self._home_bits - 1  # the bit the doubling moved from rem into the home
-                self._insert(home | (rem & 1) << home_bit, rem >> 1, low)
-                return
-
-    def _delete(self, i: int) -> None:
-        """Empties slot i and shifts back, one slot nearer their home, the entries after it that are not
-        at their home (backward shift: the run stays ordered by home, with no gap)."""
-        slots, mask = self._slots, self._mask
-        while True:
-            j = (i + 1) & mask
-            value = slots[j]
-            if (value >> _DIST_SHIFT) & _DIST_BYTE <= 1:  # empty, or at its home: the run ends here
-                break
-            slots[i] = value - (1 << _DIST_SHIFT)
-            i = j
-        slots[i] = 0
-        self.count -= 1
-
-    def _grow(self, reason: str) -> None:
-        """Doubles the table: an entry's home is its slot minus its distance; its new home takes the
-        lowest rem bit as the new top home bit, and rem keeps the bits above (rem_bits drops by one)."""
-        require(
-            self.rem_bits > 0,
-            "the idempotency table has grown until its slots keep no fingerprint bits above the home; "
-            "size it at start (--idempotency-keys-expected)",
-        )
-        old, old_mask, count = self._slots, self._mask, self.count
-        started = time.perf_counter()
-        self._allocate(2 * len(old))
-        self.rem_bits -= 1
-        home_bit = self._home_bits - 1
-        insert, slots = self._insert, self._slots
-        # a doubling never moves an entry farther from its home (the entries homed in a window of the new
-        # table are a subset of those homed in a window as long of the old one): asserted in _insert
-        self._rehashing = True
-        try:
-            for i, value in enumerate(old):
-                if value:
-                    home = (i - ((value >> _DIST_SHIFT) & _DIST_BYTE) + 1) & old_mask
-                    rem = value >> _REM_SHIFT
-                    home |= (rem & 1) << home_bit
-                    if slots[home] == 0:  # most entries: no call
-                        slots[home] = (rem >> 1) << _REM_SHIFT | 1 << _DIST_SHIFT | value & _LOW
-                    else:
-                        insert(home, rem >> 1, value & _LOW)
-        finally:
-            self._rehashing = False
-        self.count = count
-        log.warning(
-            "idempotency table grown; size it at start (--idempotency-keys-expected) to avoid the stall",
-            extra={
-                "reason": reason,
-                "keys": count,
-                "slots": self.slots,
-                "rem_bits": self.rem_bits,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
-        )
-        if self.rem_bits < REM_BITS_FLOOR:
+    def _log_doublings(self, doublings: list[tuple[str, int, int, int, float]]) -> None:
+        """A doubling's log lines, written once the add that made it returned."""
+        for reason, keys, slots, rem_bits, seconds in doublings:
             log.warning(
-                "idempotency table slots keep few fingerprint bits: new keys meet false candidates (a "
-                "Postgres read each) more often; size it at start (--idempotency-keys-expected)",
-                extra={"rem_bits": self.rem_bits, "slots": self.slots},
+                "idempotency table grown; size it at start (--idempotency-keys-expected) to avoid the stall",
+                extra={"reason": reason, "keys": keys, "slots": slots, "rem_bits": rem_bits, "seconds": seconds},
             )
+            if rem_bits < REM_BITS_FLOOR:
+                log.warning(
+                    "idempotency table slots keep few fingerprint bits: new keys meet false candidates (a "
+                    "Postgres read each) more often; size it at start (--idempotency-keys-expected)",
+                    extra={"rem_bits": rem_bits, "slots": slots},
+                )
 
 
 def measure(keys_count: int = 1_000_000, batch: int = 1_000) -> dict[str, float]:
