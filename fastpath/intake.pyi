@@ -5,7 +5,8 @@ from typing import Any, Callable
 OPERATION_FIELDS: list[str]
 
 class Intake:
-    position: int
+    @property
+    def position(self) -> int: ...
     def __init__(
         self,
         operation: type,
