@@ -274,20 +274,24 @@ cdef class Intake:
             for index in range(start, count):
                 self.position = index
                 operation = operations[index]
-                kind = operation.WhichOneof("operation")
-                if kind == "earn":
-                    request = operation.earn
-                    member_id = request.member_id
+                # which of the oneof is set, without WhichOneof (~0.2 µs): an unset member reads as its
+                # empty default, so an earn whose member_id is not empty is the operation's earn; an
+                # empty member_id (unset, or refused by the Python path anyway) looks at the redeem
+                request = operation.earn
+                member_id = request.member_id
+                if PyUnicode_GET_LENGTH(member_id) != 0:
+                    kind = "earn"
                     if not _valid(member_id, self.id_max, _ID_BYTE):
                         return index
                     amount = request.purchase_amount
                     if not 1 <= amount <= self.purchase_amount_max:
                         return index
-                elif kind == "redeem" and redeems:
+                elif redeems:
                     request = operation.redeem
                     member_id = request.member_id
                     if not _valid(member_id, self.id_max, _ID_BYTE):
-                        return index
+                        return index  # empty too: another kind, an empty operation, or refused
+                    kind = "redeem"
                     vouchers = request.vouchers
                     if not 0 <= vouchers <= self.points_max:
                         return index
