@@ -250,7 +250,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         else:
             merchant_id = self.validate.identifier(merchant_id, "merchant_id")
             key = self.validate.idempotency_key(request.idempotency_key)
-            merchant = self._admit(merchant_id)
+            merchant = self._admission(merchant_id)
             if checked is not None:
                 checked[merchant_id] = merchant
         now = time.monotonic()
@@ -258,7 +258,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             raise self._rate_refusal(merchant_id, now)
         return key, merchant
 
-    def _admit(self, merchant_id: str) -> MerchantRow:
+    def _admission(self, merchant_id: str) -> MerchantRow:
         """A merchant with a valid id, admitted with no await: in memory (else _MerchantNotLoaded), the
         service ready (else UNAVAILABLE), the caller allowed to act for it (else PERMISSION_DENIED)."""
         pipeline = self.pipeline
@@ -280,10 +280,10 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         return merchant
 
     def _admitted(self, merchant_id: str, checked: dict[str, MerchantRow]) -> MerchantRow | None:
-        """fastpath.intake's question for a merchant not yet in `checked`: _admit's answer, kept in
-        `checked`; None when _admit refuses (the Python path then refuses the operation with its message)."""
+        """fastpath.intake's question for a merchant not yet in `checked`: _admission's answer, kept in
+        `checked`; None when _admission refuses (the Python path then refuses the operation with its message)."""
         try:
-            merchant = self._admit(merchant_id)
+            merchant = self._admission(merchant_id)
         except (Rejection, _MerchantNotLoaded):
             return None
         checked[merchant_id] = merchant
