@@ -52,7 +52,13 @@ generate_stubs(ROOT)
 
 setup(
     ext_modules=cythonize(
-        ["fastpath/records.pyx", "fastpath/_core.pyx", "fastpath/copy_binary.pyx", "fastpath/idempotency_table.pyx"],
+        [
+            "fastpath/records.pyx",
+            "fastpath/_core.pyx",
+            "fastpath/copy_binary.pyx",
+            "fastpath/idempotency_table.pyx",
+            "fastpath/intake.pyx",
+        ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),
     cmdclass={"build_proto": BuildProto},

@@ -24,6 +24,8 @@ from processor.store import MerchantRow
 
 
 class _Program:
+    program = None  # no program in force: no version requires member presence
+
     def version(self, now_us: int) -> None:
         return None  # no member verification: presence checks are not what this measures
 
@@ -31,14 +33,24 @@ class _Program:
 class _Call:
     def __init__(self, ops: list[Any]) -> None:
         self.future = asyncio.get_running_loop().create_future()
-        for op in ops:  # every operation decided OK at once, with the fields its response reads
-            if op.method is Method.EARN:
-                fields = {"transaction_id": 7, "points": op.points, "balance": 1_000, "give_back_bps": 1_000}
-                fields["created_at_us"] = 1_800_000_000_000_000
-            else:
-                fields = {"transaction_id": 8, "points": op.points, "balance": 900, "available": 900}
-            op.outcome = Outcome(Code.OK, fields)
+        for op in ops:  # every operation decided OK at once, with the fields its response reads: one
+            # Outcome per kind, shared, so the stand-in's own work (~0.7 µs/op when it built one per
+            # operation) stays out of the servicer's figure
+            op.outcome = _EARNED if op.method is Method.EARN else _REDEEMED
         self.future.set_result(None)
+
+
+_EARNED = Outcome(
+    Code.OK,
+    {
+        "transaction_id": 7,
+        "points": 100,
+        "balance": 1_000,
+        "give_back_bps": 1_000,
+        "created_at_us": 1_800_000_000_000_000,
+    },
+)
+_REDEEMED = Outcome(Code.OK, {"transaction_id": 8, "points": 50, "balance": 900, "available": 900})
 
 
 class _Pipeline:

@@ -100,7 +100,21 @@ STEPS: list[tuple[str, tuple[str, ...]]] = [
     # the answer path's durable write: the BatchWrite pickled, then one row appended with the fence
     ("batch-log payload encoding (batch_log.encode)", ("encode (processor/batch_log.py", "_Pickler.")),
     ("batch-log append (fence + one row)", ("append (processor/batch_log.py", "Pipeline._append.<locals>")),
-    ("fastpath kernel (C)", ("fastpath/_core", "_core.cpython", "__pyx_pw_8fastpath", "__pyx_f_8fastpath")),
+    # the compiled modules by name: fastpath.intake (SubmitBatch's intake and answer) is not the kernel; its
+    # frames fall to the servicer's steps below (its callers: SubmitBatch, _batch_response)
+    (
+        "fastpath kernel (C)",
+        (
+            "fastpath/_core",
+            "_core.cpython",
+            "__pyx_pw_8fastpath_5_core",
+            "__pyx_f_8fastpath_5_core",
+            "__pyx_pw_8fastpath_7records",
+            "__pyx_f_8fastpath_7records",
+            "__pyx_pw_8fastpath_11copy_binary",
+            "__pyx_f_8fastpath_11copy_binary",
+        ),
+    ),
     ("program rules in Python (rules.py, program.py)", ("processor/rules.py", "processor/program.py")),
     # before "pipeline queueing" and the apply loop: rules_kernel.py's own frames are its step
     ("rules kernel's columns and rows (rules_kernel.py)", ("processor/rules_kernel.py",)),

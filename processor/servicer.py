@@ -15,6 +15,7 @@ import time
 import grpc
 from google.protobuf import timestamp_pb2
 
+import fastpath
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import domain, kinds, metrics, rpc, rules
@@ -24,6 +25,13 @@ from processor.domain import Code, Method, Operation, Outcome, Rejection
 from processor.errors import grpc_status, outcome_status, rejection_status, status
 from processor.pipeline import Pipeline, now_micros
 from processor.store import MerchantRow, Store, micros
+
+# SubmitBatch's intake and answer in C with the compiled fast path; POINTS_FASTPATH=python runs the
+# Python path below for every operation (the twin fastpath/intake.pyx is compared with)
+if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.intake import Intake
+else:
+    Intake = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger("points.servicer")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@-]+")
@@ -207,6 +215,20 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
             "convert": (self._convert, self._convert_response),
             "spend_vouchers": (self._spend_vouchers, self._spend_vouchers_response),
         }
+        # SubmitBatch's common earns and redeems, and its response (fastpath/intake.pyx); None: Python
+        self._intake = (
+            Intake(
+                Operation,
+                Method.EARN,
+                Method.REDEEM,
+                settings,
+                self.rate_limits,
+                self._admitted,
+                self._rate_limited_result,
+            )
+            if Intake is not None
+            else None
+        )
 
     # --- helpers ---
 
@@ -228,42 +250,73 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         else:
             merchant_id = self.validate.identifier(merchant_id, "merchant_id")
             key = self.validate.idempotency_key(request.idempotency_key)
-            pipeline = self.pipeline
-            # a known merchant without a coroutine (one an operation); ready_store() still answers
-            # UNAVAILABLE while the service recovers, as pipeline.merchant() does
-            merchant = pipeline.merchants.by_id.get(merchant_id)
-            if merchant is None:
-                raise _MerchantNotLoaded(merchant_id)
-            pipeline.ready_store()
-            caller = rpc.principal.get()
-            if caller is None or not caller.may_act_for(merchant_id):
-                raise Rejection(
-                    Code.PERMISSION_DENIED,
-                    f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
-                    "or a gateway key that lists it",
-                    reason="KEY_NOT_PERMITTED",
-                    field="merchant_id",
-                )
+            merchant = self._admission(merchant_id)
             if checked is not None:
                 checked[merchant_id] = merchant
         now = time.monotonic()
         if not self.rate_limits.take(merchant_id, now):
-            metrics.operations_rate_limited.inc()
-            retry = self.rate_limits.retry_seconds(merchant_id, now)
-            raise Rejection(
-                Code.RESOURCE_EXHAUSTED,
-                f"merchant {merchant_id!r} exceeds its limit of "
-                f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
-                f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
-                reason="RATE_LIMITED",
-                retry_after_seconds=retry,
-                quota=(
-                    f"merchant:{merchant_id}",
-                    f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
-                    f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)",
-                ),
-            )
+            raise self._rate_refusal(merchant_id, now)
         return key, merchant
+
+    def _admission(self, merchant_id: str) -> MerchantRow:
+        """A merchant with a valid id, admitted with no await: in memory (else _MerchantNotLoaded), the
+        service ready (else UNAVAILABLE), the caller allowed to act for it (else PERMISSION_DENIED)."""
+        pipeline = self.pipeline
+        # a known merchant without a coroutine (one an operation); ready_store() still answers
+        # UNAVAILABLE while the service recovers, as pipeline.merchant() does
+        merchant = pipeline.merchants.by_id.get(merchant_id)
+        if merchant is None:
+            raise _MerchantNotLoaded(merchant_id)
+        pipeline.ready_store()
+        caller = rpc.principal.get()
+        if caller is None or not caller.may_act_for(merchant_id):
+            raise Rejection(
+                Code.PERMISSION_DENIED,
+                f"this API key may not act for merchant {merchant_id!r}; use that merchant's key "
+                "or a gateway key that lists it",
+                reason="KEY_NOT_PERMITTED",
+                field="merchant_id",
+            )
+        return merchant
+
+    def _admitted(self, merchant_id: str, checked: dict[str, MerchantRow]) -> MerchantRow | None:
+        """fastpath.intake's question for a merchant not yet in `checked`: _admission's answer, kept in
+        `checked`; None when _admission refuses (the Python path then refuses the operation with its message)."""
+        try:
+            merchant = self._admission(merchant_id)
+        except (Rejection, _MerchantNotLoaded):
+            return None
+        checked[merchant_id] = merchant
+        return merchant
+
+    def _rate_refusal(self, merchant_id: str, now: float) -> Rejection:
+        """The refusal of an operation whose merchant's token bucket was empty at `now` (counted)."""
+        metrics.operations_rate_limited.inc()
+        retry = self.rate_limits.retry_seconds(merchant_id, now)
+        return Rejection(
+            Code.RESOURCE_EXHAUSTED,
+            f"merchant {merchant_id!r} exceeds its limit of "
+            f"{self.settings.merchant_operations_per_second:g} operations/s (burst "
+            f"{self.settings.merchant_burst_operations}); retry in {max(retry, 0.001):.3f} s",
+            reason="RATE_LIMITED",
+            retry_after_seconds=retry,
+            quota=(
+                f"merchant:{merchant_id}",
+                f"{self.settings.merchant_operations_per_second:g} operations/s, burst "
+                f"{self.settings.merchant_burst_operations} (merchant_operations_per_second)",
+            ),
+        )
+
+    def _rate_limited_result(self, merchant_id: str, now: float, kind: str) -> pb.OperationResult:
+        """fastpath.intake's answer for an operation refused a token: SubmitBatch's result for it."""
+        rejection = self._rate_refusal(merchant_id, now)
+        return self._to_result(kind, Outcome(rejection.code, message=rejection.message))
+
+    def _redeems_in_intake(self) -> bool:
+        """Whether fastpath.intake may build redeems: no version of the program requires member presence
+        for spending, so _presence_check answers None for every redeem (else the Python path builds them)."""
+        book = self.pipeline.program.program
+        return book is None or all(v.member_verification != rules.VERIFICATION_SPENDING for v in book.versions)
 
     async def _load_merchant(self, merchant_id: str) -> None:
         """Reads a merchant not in memory from Postgres (pipeline.merchant() keeps it), or NOT_FOUND."""
@@ -744,12 +797,31 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         add_index, add_kind, add_op = indexes.append, kinds.append, ops.append
         # merchants checked since the last await (see _checked_merchant): emptied after each await
         checked: dict[str, MerchantRow] = {}
+        # fastpath.intake builds the run of common earns and redeems from `index` on and stops at the first
+        # operation it leaves to the Python path below (which builds or refuses that one, then hands back)
+        intake, operations = self._intake, request.operations
+        index = 0
         collecting = _collector_paused()
         try:
-            for index, operation in enumerate(request.operations):
+            while index < count:
+                if intake is not None:
+                    try:
+                        index = intake.run(
+                            operations, index, checked, results, indexes, kinds, ops, self._redeems_in_intake()
+                        )
+                    except Exception:  # a bug: the operation it was at answers INTERNAL, the others go on
+                        log.exception("operation failed unexpectedly")
+                        index = intake.position
+                        results[index] = self._to_result(operations[index].WhichOneof("operation") or "", _INTERNAL)
+                        index += 1
+                        continue
+                    if index >= count:
+                        break
+                operation = operations[index]
                 kind = operation.WhichOneof("operation")
                 if kind is None:
                     results[index] = _EMPTY_OPERATION
+                    index += 1
                     continue
                 try:
                     try:
@@ -775,6 +847,7 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
                 except Exception:  # a bug: this operation answers INTERNAL, the others of the batch go on
                     log.exception("operation failed unexpectedly")
                     results[index] = self._to_result(kind, _INTERNAL)
+                index += 1
         finally:
             _deferred_presence.reset(deferred)
             if collecting:
@@ -807,12 +880,25 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         the copy was a third of the response's cost). The same bytes (tests/unit/test_servicer_response.py)."""
         response = pb.SubmitBatchResponse()
         results = response.results
-        add, append = results.add, results.append
-        to_result, fill_earn, fill_redeem = self._to_result, _fill_earn_response, _fill_redeem_response
-        ok, applied = Code.OK, pb.OPERATION_OUTCOME_APPLIED
-        position = 0
         collecting = _collector_paused()
         try:
+            if self._intake is not None:  # the same loop in C (fastpath/intake.pyx)
+                self._intake.respond(
+                    results,
+                    refused,
+                    indexes,
+                    kinds,
+                    ops,
+                    self._to_result,
+                    Code.OK,
+                    pb.OPERATION_OUTCOME_APPLIED,
+                    _TRANSACTION_PREFIX,
+                )
+                return response
+            add, append = results.add, results.append
+            to_result, fill_earn, fill_redeem = self._to_result, _fill_earn_response, _fill_redeem_response
+            ok, applied = Code.OK, pb.OPERATION_OUTCOME_APPLIED
+            position = 0
             for index, kind, op in zip(indexes, kinds, ops):
                 while position < index:  # refused before it was queued (or empty): its result as it is
                     append(refused[position])

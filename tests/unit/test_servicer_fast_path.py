@@ -23,6 +23,8 @@ from processor.store import MerchantRow
 
 
 class _Program:
+    program = None  # no program in force: no version requires member presence
+
     def version(self, now_us: int) -> None:
         return None
 
