@@ -10,8 +10,8 @@ before the log, fenced FOR KEY SHARE on ledger_writer, projection_state advanced
 transaction guarded by its previous value), so its BEGIN, fence and COMMIT cost once per several
 batches, and the program's state rows are written once per group (processor/rules_rows.py).
 
-Groups form on purpose, not only when the projector lags: it lingers up to --projection-linger-seconds
-after a batch is appended (or after the previous projection, if it was busy) for more batches, unless
+Groups form on purpose, not only when the projector lags: it lingers until --projection-linger-seconds
+after the oldest queued batch was appended, for more batches, unless
 the group is full or someone waits for the projection (wait_through "urges" it: a read that promises
 read-your-writes, the committer's own reads, a drain are never held by the linger, only by the
 projection in flight and their own). Why: with the program in force a projection of one batch costs
@@ -254,7 +254,6 @@ class Projector:
 
     async def _project(self) -> None:
         delay = 0.05
-        projected_at = 0.0  # when the last projection ended: batches queued during it linger from then
         while not self._halting:
             if not self._queue:
                 if time.monotonic() >= self._prune_due_at:
@@ -266,7 +265,9 @@ class Projector:
                 except TimeoutError:
                     pass
                 continue
-            linger = self._linger_left(max(self._queue[0].appended_at, projected_at))
+            # from the oldest batch's append, not from the last projection's end: a projector that is busy
+            # does not idle on top of it (lingering after each projection let the lag grow under load)
+            linger = self._linger_left(self._queue[0].appended_at)
             if linger > 0.0:
                 self._queued.clear()  # set again by the next put, an urge or halt
                 try:
@@ -308,7 +309,6 @@ class Projector:
             metrics.projection_batches.observe(len(group))
             self._projected(group)
             self._signal()
-            projected_at = time.monotonic()
             if time.monotonic() >= self._prune_due_at:
                 await self._prune()
 

@@ -129,8 +129,10 @@ async def run_child(
     failed = False
     prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
     delay = 0.05
-    # since when batches wait to be projected: their first announcement, or the end of the projection
-    # during which they were announced (None: none wait)
+    # since when the oldest unprojected batch waits (None: none waits): the first announcement after the
+    # projection had caught up, or the start of the projection that left it pending (it was announced
+    # before that). Not the projection's end: a busy projector must not idle on top of its work (that
+    # let the lag grow under load)
     pending_since: float | None = None
     while not listener.done():
         if through < announced:
@@ -156,6 +158,7 @@ async def run_child(
             except TimeoutError:
                 pass
             continue
+        started = time.monotonic()
         try:
             async with store.pool.acquire() as connection:
                 entries = await batch_log.read_after(
@@ -186,7 +189,7 @@ async def run_child(
                 pass
             continue
         delay = 0.05
-        pending_since = None
+        pending_since = None if through >= announced else started
         if failed:
             _report(REPORT_OK)
             failed = False

@@ -264,3 +264,25 @@ def test_a_wait_for_a_batch_does_not_wait_out_the_linger():
     lingering, reached, lag, projected = asyncio.run(go())
     assert lingering == [] and reached is True and projected == [1]
     assert lag == 1
+
+
+def test_a_busy_projector_projects_batches_whose_linger_is_over_without_idling_after_each_projection():
+    async def go():
+        store = StandInStore()
+        p, projected, _ = projector(store, linger_seconds=1.0)
+        p.linger_seconds = 3600.0  # lingering again after a projection would hold the test until its timeout
+        p.reset(0)
+        p.start()
+        long_ago = time.monotonic() - 7200.0  # appended long before: their linger is over
+        store.gate.clear()
+        await p.put(appended(1, long_ago))
+        await asyncio.sleep(0.05)  # the projector takes batch 1 and is held in its projection
+        await p.put(appended(2, long_ago))  # queued while the first projection is held
+        store.gate.set()
+        while p.through < 2:
+            await asyncio.sleep(0.01)
+        await p.halt()
+        return store.groups, projected
+
+    groups, projected = asyncio.run(go())
+    assert groups == [[1], [2]] and projected == [1, 2]
