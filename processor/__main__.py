@@ -128,6 +128,7 @@ def cmd_project(args: argparse.Namespace) -> int:
                 settings.projection_batches_per_transaction_max,
                 settings.commit_timeout_seconds,
                 settings.batch_log_retention_seconds,
+                settings.projection_linger_seconds,
             )
         finally:
             await store.close()
@@ -808,6 +809,7 @@ def parser() -> argparse.ArgumentParser:
             "commit_timeout_seconds",
             "projection_batches_per_transaction_max",
             "batch_log_retention_seconds",
+            "projection_linger_seconds",
         ),
     )
     project.set_defaults(func=cmd_project)

@@ -137,6 +137,16 @@ OPTIONS: tuple[Option, ...] = (
         "consecutive appended batches the projector writes in one Postgres transaction, at most",
     ),
     Option(
+        "projection_linger_seconds",
+        float,
+        0.0,
+        "how long the projector waits, after a batch is appended, for more batches to write with it in one "
+        "transaction (up to projection_batches_per_transaction_max; the program's rows are then written once "
+        "per group): the change feed and the balance checkpoint see a batch at most this much later; a read "
+        "that must see the caller's writes does not wait for it (it asks for the projection at once); 0 (the "
+        "default) = project each batch as soon as it is appended",
+    ),
+    Option(
         "batch_log_retention_seconds",
         float,
         3600.0,
@@ -393,6 +403,7 @@ class Settings:
     projector: str = "process"
     projection_queue_batches_max: int = 64
     projection_batches_per_transaction_max: int = 16
+    projection_linger_seconds: float = 0.0
     batch_log_retention_seconds: float = 3600.0
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS
@@ -504,6 +515,7 @@ class Settings:
             1 <= self.projection_batches_per_transaction_max <= 1_000,
             "projection_batches_per_transaction_max must be 1..1000",
         )
+        check(0 <= self.projection_linger_seconds <= 5, "projection_linger_seconds must be 0..5")
         check(
             60 <= self.batch_log_retention_seconds <= 90 * DAY_SECONDS,
             "batch_log_retention_seconds must be 60..7776000",

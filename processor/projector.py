@@ -8,7 +8,21 @@ up to --projection-batches-per-transaction-max consecutive ones in ONE Postgres 
 own pool connection (Store.project_batches: the rows exactly as the batch's own transaction wrote them
 before the log, fenced FOR KEY SHARE on ledger_writer, projection_state advanced in the same
 transaction guarded by its previous value), so its BEGIN, fence and COMMIT cost once per several
-batches.
+batches, and the program's state rows are written once per group (processor/rules_rows.py).
+
+Groups form on purpose, not only when the projector lags: it lingers until --projection-linger-seconds
+after the oldest queued batch was appended, for more batches, unless
+the group is full or someone waits for the projection (wait_through "urges" it: a read that promises
+read-your-writes, the committer's own reads, a drain are never held by the linger, only by the
+projection in flight and their own). Why: with the program in force a projection of one batch costs
+Postgres ~11-13 µs/op in the program's rows, a group of 4 ~9.5-10, of 16 ~6 (loadtest.rules_write),
+and the bench's SubmitBatch load formed groups of ~1 by itself. What waits out the linger: the change
+feed and the balance checkpoint, which follow the projection (bounded: the linger plus a projection).
+Off by default (0): measured end to end (loadtest.bench, ninth session, three pairs on a machine loaded
+5-14 on its 2 cores) a 0.1 s linger formed groups of 4-8 under the program's unary load (projector CPU
+-45%, Postgres -20..-35%) but hardly any under SubmitBatch of 1,000 (1.1-1.2 a projection: 3-5 batches/s
+there), whose ops/s to visibility and visible ms were worse in two pairs of three; a read that urges
+still waits for the (larger) group in flight.
 
 After each projection, `projected` (the pipeline's callback) runs with the batches in order: it wakes
 the readers waiting in Pipeline.projected(), the change feed (it reads `transactions`, so it only ever
@@ -78,11 +92,14 @@ class Projector:
         retention_seconds: float,
         projected: Callable[[list[Appended]], None],
         failed: Callable[[BaseException], None],
+        linger_seconds: float = 0.0,
     ):
         domain.require(queue_batches_max >= 1 and batches_per_transaction_max >= 1, "projector bounds are >= 1")
+        domain.require(linger_seconds >= 0.0, "the projection's linger is >= 0 s")
         self.store = store
         self.queue_batches_max = queue_batches_max
         self.batches_per_transaction_max = batches_per_transaction_max
+        self.linger_seconds = linger_seconds
         self.timeout_seconds = timeout_seconds
         self.retention_seconds = retention_seconds
         self._prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
@@ -91,6 +108,7 @@ class Projector:
         self._queue: collections.deque[Appended] = collections.deque()
         self.appended_through = 0  # the newest batch handed over (appended and answered)
         self.through = 0  # the newest batch projected (projection_state.through_batch_id)
+        self.urgent_through = 0  # the newest batch someone waits for: projected without lingering
         self._queued = asyncio.Event()  # wakes the projector: a batch was queued, or halt()
         self._progress = asyncio.Event()  # set (and replaced) when batches were projected or it stopped
         self._task: asyncio.Task[None] | None = None
@@ -118,6 +136,7 @@ class Projector:
         (False) at once while the projection is failing (`failing`), and as soon as it starts failing."""
         if self.through >= batch_id:
             return True
+        self._urge(batch_id)
         deadline = time.monotonic() + timeout_seconds
         while self.through < batch_id:
             left = deadline - time.monotonic()
@@ -206,6 +225,23 @@ class Projector:
     def _wake(self) -> None:
         self._queued.set()
 
+    def _urge(self, batch_id: int) -> None:
+        """Someone waits for `batch_id`: the batches up to it are projected without lingering."""
+        if batch_id > self.urgent_through:
+            self.urgent_through = batch_id
+            self._wake()
+
+    def _linger_left(self, since: float) -> float:
+        """Seconds to wait for more batches before projecting the queued ones (0: project now): the
+        group is not full, nobody waits for it, and the linger since `since` is not over."""
+        if (
+            self.linger_seconds <= 0.0
+            or len(self._queue) >= self.batches_per_transaction_max
+            or self.urgent_through > self.through
+        ):
+            return 0.0
+        return since + self.linger_seconds - time.monotonic()
+
     def _signal(self) -> None:
         """Wakes every waiter of the progress so far (each re-checks its own condition)."""
         event, self._progress = self._progress, asyncio.Event()
@@ -231,6 +267,16 @@ class Projector:
                 self._queued.clear()
                 try:
                     await asyncio.wait_for(self._queued.wait(), PRUNE_INTERVAL_SECONDS)
+                except TimeoutError:
+                    pass
+                continue
+            # from the oldest batch's append, not from the last projection's end: a projector that is busy
+            # does not idle on top of it (lingering after each projection let the lag grow under load)
+            linger = self._linger_left(self._queue[0].appended_at)
+            if linger > 0.0:
+                self._queued.clear()  # set again by the next put, an urge or halt
+                try:
+                    await asyncio.wait_for(self._queued.wait(), linger)
                 except TimeoutError:
                     pass
                 continue

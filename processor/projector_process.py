@@ -5,8 +5,11 @@ trips share the service's one event loop and core with the committer. Here they 
 `python -m processor project`, so on a machine of two cores they leave the committer's core.
 
 The child (`run_child`): its stdin is a pipe from the service. The service writes a line with the
-newest batch id appended after every append; EOF (the service stopped, or died even by SIGKILL: the
-kernel closes the pipe) ends the child at once. The child reads the log after
+newest batch id appended after every append, and `wait <batch id>` when someone waits for the
+projection to reach that batch (Projector.wait_through); EOF (the service stopped, or died even by
+SIGKILL: the kernel closes the pipe) ends the child at once. The child lingers up to
+--projection-linger-seconds for more batches (processor/projector.py says why), unless its group is full
+or a `wait` asks for them, then reads the log after
 projection_state.through_batch_id (batch_log.read_after, at most --projection-batches-per-transaction-max
 batches and never past the newest announced), projects them with Store.project_batches (fenced on the
 writer epoch and lock session the service gave it, guarded on the mark: nothing is projected twice even
@@ -60,6 +63,8 @@ WATCH_INTERVAL_SECONDS = 1.0
 HALT_SECONDS = 10.0
 SPAWN_WAIT_SECONDS = 30.0
 CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+# the service's line on the child's stdin asking for the batches up to the id after it without lingering
+URGE = b"wait"
 # the child's reports, one line each on its stdout (a pipe the service reads)
 REPORT_OK = b"ok"  # running, and its last projection (if any) succeeded
 REPORT_FAILED = b"failed"  # followed by a space and the error: a projection failed, it is retried
@@ -85,7 +90,11 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 async def run_child(
-    store: Store, batches_per_transaction_max: int, timeout_seconds: float, retention_seconds: float
+    store: Store,
+    batches_per_transaction_max: int,
+    timeout_seconds: float,
+    retention_seconds: float,
+    linger_seconds: float = 0.0,
 ) -> int:
     """Projects the log as the service announces batches, until its stdin closes; the exit code."""
     # it stops on EOF only: a Ctrl-C or a SIGTERM sent to the whole group (a terminal, systemd's
@@ -96,17 +105,21 @@ async def run_child(
     reader = asyncio.StreamReader(limit=1 << 16)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     announced = 0  # the newest batch the service appended (and told us of)
+    urgent = 0  # the newest batch someone waits for (URGE): projected without lingering
     wake = asyncio.Event()
 
     async def listen() -> None:
-        nonlocal announced
+        nonlocal announced, urgent
         while True:
             line = await reader.readline()
             if not line:  # EOF: the service stopped or died; a projection in flight rolls back
                 log.info("the service closed the projector's pipe; exiting")
                 sys.stderr.flush()
                 os._exit(0)
-            announced = max(announced, int(line))
+            if line.startswith(URGE):
+                urgent = max(urgent, int(line[len(URGE) :]))
+            else:
+                announced = max(announced, int(line))
             wake.set()
 
     listener = loop.create_task(listen(), name="projector-stdin")
@@ -116,8 +129,25 @@ async def run_child(
     failed = False
     prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
     delay = 0.05
+    # since when the oldest unprojected batch waits (None: none waits): the first announcement after the
+    # projection had caught up, or the start of the projection that left it pending (it was announced
+    # before that). Not the projection's end: a busy projector must not idle on top of its work (that
+    # let the lag grow under load)
+    pending_since: float | None = None
     while not listener.done():
+        if through < announced:
+            if pending_since is None:
+                pending_since = time.monotonic()
+            linger = pending_since + linger_seconds - time.monotonic()
+            if linger > 0.0 and announced - through < batches_per_transaction_max and urgent <= through:
+                wake.clear()  # set again by the next announcement, an urge or EOF
+                try:
+                    await asyncio.wait_for(wake.wait(), linger)
+                except TimeoutError:
+                    pass
+                continue
         if through >= announced:
+            pending_since = None
             if time.monotonic() >= prune_due_at:
                 prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
                 await _prune(store, retention_seconds, timeout_seconds)
@@ -128,6 +158,7 @@ async def run_child(
             except TimeoutError:
                 pass
             continue
+        started = time.monotonic()
         try:
             async with store.pool.acquire() as connection:
                 entries = await batch_log.read_after(
@@ -158,6 +189,7 @@ async def run_child(
                 pass
             continue
         delay = 0.05
+        pending_since = None if through >= announced else started
         if failed:
             _report(REPORT_OK)
             failed = False
@@ -200,9 +232,17 @@ class RemoteProjector(Projector):
         projected: Callable[[list[Appended]], None],
         failed: Callable[[BaseException], None],
         command: list[str],
+        linger_seconds: float = 0.0,
     ):
         super().__init__(
-            store, queue_batches_max, batches_per_transaction_max, timeout_seconds, retention_seconds, projected, failed
+            store,
+            queue_batches_max,
+            batches_per_transaction_max,
+            timeout_seconds,
+            retention_seconds,
+            projected,
+            failed,
+            linger_seconds,
         )
         self.command = command
         self._process: asyncio.subprocess.Process | None = None
@@ -247,6 +287,21 @@ class RemoteProjector(Projector):
             return
         if not process.stdin.is_closing():
             process.stdin.write(b"%d\n" % self.appended_through)
+
+    def _urge(self, batch_id: int) -> None:
+        """Asks the child for the batches up to `batch_id` without lingering (a line on its stdin)."""
+        if batch_id > self.urgent_through:
+            self.urgent_through = batch_id
+            self._send_urge()
+
+    def _send_urge(self) -> None:
+        """Tells the child the newest batch someone waits for, if not projected yet (again to a child
+        started while they wait)."""
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return
+        if self.urgent_through > self.through and not process.stdin.is_closing():
+            process.stdin.write(b"%s %d\n" % (URGE, self.urgent_through))
 
     def _close_pipe(self) -> None:
         process = self._process
@@ -331,6 +386,7 @@ class RemoteProjector(Projector):
                 self._spawned.set()
                 self._cpu_current = 0.0
                 self._wake()  # what it must project now (it reads the mark itself)
+                self._send_urge()
                 if self._halting:  # halted while it started: its pipe was not there to close
                     self._close_pipe()
                 code = await self._watch(process)
@@ -430,7 +486,7 @@ def build(
         settings.batch_log_retention_seconds,
     )
     if settings.projector == "in-process":
-        return Projector(store, *bounds, projected, failed)
+        return Projector(store, *bounds, projected, failed, settings.projection_linger_seconds)
     command = [
         sys.executable,
         "-m",
@@ -442,8 +498,10 @@ def build(
         str(settings.projection_batches_per_transaction_max),
         "--batch-log-retention-seconds",
         repr(settings.batch_log_retention_seconds),
+        "--projection-linger-seconds",
+        repr(settings.projection_linger_seconds),
     ]
-    return RemoteProjector(store, *bounds, projected, failed, command)
+    return RemoteProjector(store, *bounds, projected, failed, command, settings.projection_linger_seconds)
 
 
 def fence_from_arguments(epoch: int, lock_pid: int, lock_started: str) -> tuple[int, int, dt.datetime]:

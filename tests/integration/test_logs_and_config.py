@@ -50,6 +50,7 @@ def test_logs_are_json_lines_with_request_ids_and_never_the_idempotency_key(crea
     "arguments,message",
     [
         (["--batch-operations-max", "0"], "batch_operations_max must be 1..100000"),
+        (["--projection-linger-seconds", "6"], "projection_linger_seconds must be 0..5"),
         (["--listen", "nowhere"], "listen 'nowhere' must be HOST:PORT"),
         (["--idempotency-retention-days", "7"], "idempotency_retention_days must be 0 (forever) or >= 30"),
         (["--database-url", "mysql://x"], "database_url must start with postgresql://"),

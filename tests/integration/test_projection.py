@@ -8,6 +8,8 @@ the answers (the log appends) go on.
   and reconcile is clean.
 - Read-your-writes: ListTransactions waits for the projection and, past --projection-wait-seconds,
   answers UNAVAILABLE naming the lag; once the projector runs again it returns the operation.
+- A linger (--projection-linger-seconds): batches appended within it are projected as one group, and a
+  read of the caller's writes does not wait it out.
 
 Each runs with both --projector modes: a task of the service (in-process) and its child process
 (process, processor/projector_process.py). In process mode also: the child exits when the service is
@@ -251,6 +253,35 @@ def test_list_transactions_waits_for_the_projection_and_says_how_far_behind_it_i
         assert len(page.transactions) == 2
         assert metric(service, "points_projection_lag_batches") == 0
         assert metric(service, "points_projection_transactions_total") >= 2
+
+
+def test_a_lingering_projector_groups_batches_and_a_read_of_ones_writes_does_not_wait_out_the_linger(
+    create_database, service_factory, projector
+):
+    """--projection-linger-seconds: the batches appended within it are written in one projection, and a
+    read that must see the caller's writes asks for them at once (its wait, shorter than the linger,
+    would otherwise answer UNAVAILABLE)."""
+    url = create_database()
+    merchant = unique("m")
+    add_merchant(url, merchant, GIVE_BACK_BPS)
+    service = service_factory(
+        url, "--projection-linger-seconds", "5", "--projection-wait-seconds", "2.5", "--projector", projector
+    )
+    member = unique("mem")
+    with service.channel() as channel:
+        stub = points_pb2_grpc.PointsServiceStub(channel)
+        for purchase in (1_000, 2_000):
+            written = stub.Earn(earn_request(merchant, member, purchase), timeout=30)
+            page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=member), timeout=30)
+            assert page.transactions[0].transaction_id == written.transaction_id
+        projections = metric(service, "points_projection_transactions_total")
+        others = unique("mem")
+        for purchase in range(1, 5):  # four batches, each answered before the next: well within the linger
+            stub.Earn(earn_request(merchant, others, purchase * 1_000), timeout=30)
+        wait_for(lambda: metric(service, "points_projection_lag_batches") == 0, 30, "the linger ended")
+        assert metric(service, "points_projection_transactions_total") - projections == 1
+        page = stub.ListTransactions(pb.ListTransactionsRequest(member_id=others), timeout=30)
+        assert len(page.transactions) == 4
 
 
 def test_a_failing_projection_refuses_waits_at_once_and_a_retry_needing_a_read_is_not_stalled(

@@ -1,12 +1,15 @@
 """The projector's scheduling (processor/projector.py), without a database: a stand-in store records the
 groups it is asked to project. Consecutive queued batches are merged into one projection up to the
 bound, in order; the queue is bounded (the committer waits); a transient failure is retried with the
-same batches, a divergent one stops the projector and asks for a resync; wait_through is bounded."""
+same batches, a divergent one stops the projector and asks for a resync; wait_through is bounded. With a
+linger, batches appended within it are projected as one group, a lone batch still is once it is over,
+and a wait for a batch does not wait the linger out."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 
 import asyncpg
 import pytest
@@ -38,11 +41,11 @@ class StandInStore:
         return self.through
 
 
-def appended(batch_id: int) -> Appended:
-    return Appended(batch_id, BatchWrite(created_at=dt.datetime.now(dt.timezone.utc)), 0.0)
+def appended(batch_id: int, at: float = 0.0) -> Appended:
+    return Appended(batch_id, BatchWrite(created_at=dt.datetime.now(dt.timezone.utc)), at)
 
 
-def projector(store: StandInStore, queue_max: int = 8, per_transaction_max: int = 3):
+def projector(store: StandInStore, queue_max: int = 8, per_transaction_max: int = 3, linger_seconds: float = 0.0):
     projected: list[int] = []
     failures: list[BaseException] = []
     made = Projector(
@@ -53,6 +56,7 @@ def projector(store: StandInStore, queue_max: int = 8, per_transaction_max: int 
         3600.0,
         lambda group: projected.extend(a.batch_id for a in group),
         failures.append,
+        linger_seconds,
     )
     made._prune_due_at = float("inf")  # no pruning: the stand-in has no pool
     return made, projected, failures
@@ -197,3 +201,88 @@ def test_one_failure_is_not_failing():
         return reached, p.failing
 
     assert asyncio.run(go()) == (True, None)
+
+
+def test_batches_appended_within_the_linger_are_projected_as_one_group_and_a_full_group_at_once():
+    async def go():
+        store = StandInStore()
+        # a linger far beyond the test's timeout: only a full group can be projected before it ends
+        p, projected, _ = projector(store, per_transaction_max=3, linger_seconds=1.0)
+        p.linger_seconds = 3600.0
+        p.reset(0)
+        p.start()
+        for batch_id in range(1, 5):
+            await p.put(appended(batch_id, time.monotonic()))
+            await asyncio.sleep(0.02)  # the projector runs in between: it lingers
+        while p.through < 3:
+            await asyncio.sleep(0.01)
+        groups_when_full = list(store.groups)
+        lag = p.lag_batches
+        await p.halt()
+        return groups_when_full, lag
+
+    groups, lag = asyncio.run(go())
+    assert groups == [[1, 2, 3]]  # not one projection per batch: the group filled, then went at once
+    assert lag == 1  # the fourth lingers for more
+
+
+def test_a_lone_batch_is_projected_once_the_linger_is_over():
+    async def go():
+        store = StandInStore()
+        p, projected, _ = projector(store, linger_seconds=0.2)
+        p.reset(0)
+        p.start()
+        await p.put(appended(1, time.monotonic()))
+        await asyncio.sleep(0.05)
+        lingering = list(store.groups)
+        while not store.groups:  # nobody waits for it: it goes when the linger is over
+            await asyncio.sleep(0.01)
+        await p.halt()
+        return lingering, store.groups, projected
+
+    lingering, groups, projected = asyncio.run(go())
+    assert lingering == [] and groups == [[1]] and projected == [1]
+
+
+def test_a_wait_for_a_batch_does_not_wait_out_the_linger():
+    async def go():
+        store = StandInStore()
+        p, projected, _ = projector(store, linger_seconds=1.0)
+        p.linger_seconds = 3600.0  # beyond the wait's bound: only its urge can project the batch in time
+        p.reset(0)
+        p.start()
+        await p.put(appended(1, time.monotonic()))
+        await asyncio.sleep(0.05)
+        lingering = list(store.groups)
+        reached = await p.wait_through(1, 5.0)
+        await p.put(appended(2, time.monotonic()))  # a batch after the one waited for lingers again
+        await asyncio.sleep(0.05)
+        lag = p.lag_batches
+        await p.halt()
+        return lingering, reached, lag, projected
+
+    lingering, reached, lag, projected = asyncio.run(go())
+    assert lingering == [] and reached is True and projected == [1]
+    assert lag == 1
+
+
+def test_a_busy_projector_projects_batches_whose_linger_is_over_without_idling_after_each_projection():
+    async def go():
+        store = StandInStore()
+        p, projected, _ = projector(store, linger_seconds=1.0)
+        p.linger_seconds = 3600.0  # lingering again after a projection would hold the test until its timeout
+        p.reset(0)
+        p.start()
+        long_ago = time.monotonic() - 7200.0  # appended long before: their linger is over
+        store.gate.clear()
+        await p.put(appended(1, long_ago))
+        await asyncio.sleep(0.05)  # the projector takes batch 1 and is held in its projection
+        await p.put(appended(2, long_ago))  # queued while the first projection is held
+        store.gate.set()
+        while p.through < 2:
+            await asyncio.sleep(0.01)
+        await p.halt()
+        return store.groups, projected
+
+    groups, projected = asyncio.run(go())
+    assert groups == [[1], [2]] and projected == [1, 2]
