@@ -560,15 +560,6 @@ class Endpoint:
     metrics_url: str
 
 
-async def analyze(database_url: str) -> None:
-    """ANALYZE a seeded database (every table's planner statistics)."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute("ANALYZE")
-    finally:
-        await connection.close()
-
-
 async def wal_totals(postgres: Postgres) -> dict[str, float]:
     """pg_stat_wal's counters and the checkpoints so far (pg_stat_bgwriter), after the backends' reports."""
     await asyncio.sleep(STATS_FLUSH_SECONDS)
@@ -935,10 +926,6 @@ def main(argv: list[str] | None = None) -> int:
         process_key = asyncio.run(
             harness.gateway_key(process_url, workload.merchant_ids(args.merchants), "loadtest.bench")
         )
-        # statistics before the services start: their start-up reads over the seeded journal were planned
-        # without any once (autovacuum had not analyzed it yet) and ran past the harness's 120 s to SERVING
-        for url in (service_url, program_url, process_url):
-            asyncio.run(analyze(url))
         servers["no-op"] = harness.Server([sys.executable, "-m", "loadtest.noop_server"], logs / "noop.log", "no-op")
         servers["service"] = harness.Server(harness.service_command(service_url), logs / "service.log", "service")
         servers["program"] = harness.Server(harness.service_command(program_url), logs / "program.log", "program")
