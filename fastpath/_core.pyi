@@ -43,7 +43,7 @@ Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hol
 
 from typing import Any
 
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 
 # statuses
 OK: int  # 0
@@ -335,6 +335,23 @@ class Ledger:
         first in order), else a transaction whose `points_asset` entries do not sum to zero, else one of
         another asset. An entry is (transaction id, account id, amount) in `points_asset`, or (..,
         asset) naming its asset; ids and amounts are int64. A transaction's entries may be apart."""
+    @staticmethod
+    def idempotency_records(
+        batch: list[Any],
+        outcomes: list[Any],
+        stored: dict[tuple[str, str], Any],
+        not_recorded: frozenset[Any],
+        ok: Any,
+        dumps: Callable[[Any], str],
+        records: list[tuple[Any, ...]],
+    ) -> None:
+        """Appends to `records` the idempotency record of each operation of `batch` whose outcome (aligned
+        by index) is recorded: (merchant id, key, method value, dumps(request), code value,
+        dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
+        `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
+        `stored` (a replay keeps its record). The compiled module writes a dict of str keys and None,
+        bool, int64 or str values itself, as processor/store.to_json does (orjson, keys sorted), and
+        calls `dumps` for anything else. ValueError when the lengths differ."""
     def earn_redeem_rows(
         self,
         ops: list[Any],

@@ -111,29 +111,11 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             if dividends:
                 self._post_dividends(write, dividends, now_us)
             outcomes = self._apply_batch(batch, stored, write, now_us)
-            record = write.idempotency.append
-            ok = Code.OK
-            # an Enum's hash and .value are Python-level (~140 and ~190 ns): the common case (OK) is
-            # decided by identity and the values read as _value_
-            for op, outcome in zip(batch, outcomes):
-                code = outcome.code
-                if (
-                    (code is not ok and code in NOT_RECORDED)
-                    or not outcome.recorded
-                    or (stored and (op.merchant_id, op.idempotency_key) in stored)
-                ):
-                    continue  # a replay keeps its record; a refusal about the service's state is not one
-                record(
-                    (
-                        op.merchant_id,
-                        op.idempotency_key,
-                        op.method._value_,
-                        to_json(op.request),
-                        code._value_,
-                        to_json(outcome.fields) if code is ok else None,
-                        outcome.message,
-                    )
-                )
+            # each decided operation's record, in compiled code (a replay keeps its record; a refusal
+            # about the service's state is not one)
+            fastpath.Ledger.idempotency_records(
+                batch, outcomes, stored, NOT_RECORDED, Code.OK, to_json, write.idempotency
+            )
             self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
             write.last_transaction_id = self.ids.next_transaction_id - 1
