@@ -7,12 +7,13 @@ integers. Every write to an existing member, hold or transaction goes through a 
 records the old value while a batch is open. apply_batch() runs the same kernels over int64 buffers:
 one crossing per batch instead of one per operation.
 """
+from cpython cimport array as c_array
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memmove, memset
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memmove, memset
 
 from fastpath.records cimport Earn, EarnRecord, Lot, make_earn, make_earn_record, make_lot
 
@@ -22,6 +23,12 @@ BALANCE_MAX = balance_max
 
 # Arrays start this small so that an idle ledger sized for millions costs nothing until used.
 cdef int64_t capacity_initial = 16
+
+
+import array as _array
+
+# what int64_column clones: an empty array of int64 ("q")
+cdef c_array.array _INT64_EMPTY = _array.array("q")
 
 
 class LedgerInvariantError(Exception):
@@ -96,167 +103,6 @@ cdef int _check_column(str name, Py_ssize_t length, int64_t count, bint exact) e
     if not exact and length < count:
         raise ValueError(f"{name} has {length} items, fewer than the {count} operations")
     return 0
-
-
-# --- the idempotency records' JSON (Ledger.idempotency_records) ---
-
-cdef extern from "Python.h":
-    long long PyLong_AsLongLongAndOverflow(object value, int* overflow) except? -1
-    const char* PyUnicode_AsUTF8AndSize(object value, Py_ssize_t* size) except NULL
-    object PyUnicode_DecodeUTF8(const char* data, Py_ssize_t size, const char* errors)
-
-cdef struct _Text:
-    char* data
-    Py_ssize_t size
-    Py_ssize_t capacity
-
-# what orjson writes for a byte of a string (processor/store.to_json): 0 itself, 1 a two-character escape
-# (\" \\ \b \t \n \f \r), 2 \u00XX (the other control characters, hex digits in lower case)
-cdef char _ESCAPE[256]
-cdef char _ESCAPE_SHORT[256]
-cdef const char* _HEX = b"0123456789abcdef"
-
-
-cdef void _escapes_init():
-    cdef int byte
-    cdef const char* shorts = b'"\\btnfr'
-    cdef const char* escaped = b'\x22\x5c\x08\x09\x0a\x0c\x0d'
-    memset(_ESCAPE, 0, 256)
-    memset(_ESCAPE_SHORT, 0, 256)
-    for byte in range(0x20):
-        _ESCAPE[byte] = 2
-    for byte in range(7):
-        _ESCAPE[<unsigned char>escaped[byte]] = 1
-        _ESCAPE_SHORT[<unsigned char>escaped[byte]] = shorts[byte]
-
-
-_escapes_init()
-
-
-cdef int _text_reserve(_Text* text, Py_ssize_t more) except -1:
-    cdef Py_ssize_t capacity
-    cdef char* grown
-    if text.size + more <= text.capacity:
-        return 0
-    capacity = max(text.size + more, 2 * text.capacity)
-    grown = <char*>realloc(text.data, capacity)
-    if grown == NULL:
-        raise MemoryError(f"cannot grow a JSON text to {capacity} bytes")
-    text.data = grown
-    text.capacity = capacity
-    return 0
-
-
-cdef int _text_add(_Text* text, const char* data, Py_ssize_t size) except -1:
-    _text_reserve(text, size)
-    memcpy(text.data + text.size, data, size)
-    text.size += size
-    return 0
-
-
-cdef int _text_string(_Text* text, str value) except -1:
-    """Appends `value` as a JSON string as orjson writes it (UTF-8, only '"', '\\' and the control
-    characters escaped). Returns 1, or 0 when it is not valid UTF-8 (a lone surrogate: orjson refuses
-    it, and the caller leaves the whole value to orjson)."""
-    cdef Py_ssize_t size, index
-    cdef const unsigned char* utf8
-    cdef unsigned char byte
-    cdef char* out
-    try:
-        utf8 = <const unsigned char*>PyUnicode_AsUTF8AndSize(value, &size)
-    except UnicodeEncodeError:
-        return 0
-    _text_reserve(text, 6 * size + 2)
-    out = text.data + text.size
-    out[0] = b'"'
-    out += 1
-    for index in range(size):
-        byte = utf8[index]
-        if _ESCAPE[byte] == 0:
-            out[0] = <char>byte
-            out += 1
-        elif _ESCAPE[byte] == 1:
-            out[0] = b"\\"
-            out[1] = _ESCAPE_SHORT[byte]
-            out += 2
-        else:
-            out[0] = b"\\"
-            out[1] = b"u"
-            out[2] = b"0"
-            out[3] = b"0"
-            out[4] = _HEX[byte >> 4]
-            out[5] = _HEX[byte & 15]
-            out += 6
-    out[0] = b'"'
-    out += 1
-    text.size = out - text.data
-    return 1
-
-
-cdef int _text_integer(_Text* text, long long value) except -1:
-    cdef char digits[24]
-    cdef int count = 0
-    cdef unsigned long long magnitude = <unsigned long long>(-(value + 1)) + 1 if value < 0 else <unsigned long long>value
-    while True:
-        digits[23 - count] = <char>(48 + magnitude % 10)
-        count += 1
-        magnitude //= 10
-        if magnitude == 0:
-            break
-    if value < 0:
-        digits[23 - count] = b"-"
-        count += 1
-    _text_add(text, &digits[24 - count], count)
-    return 0
-
-
-cdef int _text_flat_dict(_Text* text, dict value) except -1:
-    """Appends `value` as processor/store.to_json writes it (orjson, keys sorted) when every key is a str
-    and every value None, a bool, an int of int64 or a str: returns 1; else 0 (the caller uses
-    to_json)."""
-    cdef list keys = list(value)
-    cdef long long number
-    cdef int overflow = 0
-    cdef bint first = True
-    for key in keys:
-        if type(key) is not str:
-            return 0
-    keys.sort()  # str order is code point order, orjson's (the UTF-8 bytes' order)
-    _text_add(text, b"{", 1)
-    for key in keys:
-        if not first:
-            _text_add(text, b",", 1)
-        first = False
-        if not _text_string(text, <str>key):
-            return 0
-        _text_add(text, b":", 1)
-        item = value[key]
-        if item is None:
-            _text_add(text, b"null", 4)
-        elif item is True:
-            _text_add(text, b"true", 4)
-        elif item is False:
-            _text_add(text, b"false", 5)
-        elif type(item) is int:
-            number = PyLong_AsLongLongAndOverflow(item, &overflow)
-            if overflow:
-                return 0
-            _text_integer(text, number)
-        elif type(item) is str:
-            if not _text_string(text, <str>item):
-                return 0
-        else:
-            return 0
-    _text_add(text, b"}", 1)
-    return 1
-
-
-cdef object _flat_json(object value, object dumps, _Text* text):
-    """dumps(value) (processor/store.to_json), written here for a flat dict (see _text_flat_dict)."""
-    text.size = 0
-    if type(value) is dict and _text_flat_dict(text, <dict>value):
-        return PyUnicode_DecodeUTF8(text.data, text.size, NULL)
-    return dumps(value)
 
 
 # --- outcomes built in C (Ledger.earn_redeem_rows) ---
@@ -1499,37 +1345,39 @@ cdef class Ledger:
         return None
 
     @staticmethod
+    def int64_column(values):
+        # The state machine's columns (an item an operation, a lot, a member) as arrays for the kernels:
+        # array.array("q", values) stores each item through PyArg_Parse (~250 instructions an item,
+        # ~16 items an operation with the program: callgrind); here each is converted in C.
+        cdef list items = values if type(values) is list else list(values)
+        cdef Py_ssize_t count = len(items)
+        cdef Py_ssize_t index
+        cdef c_array.array column = c_array.clone(_INT64_EMPTY, count, False)
+        cdef long long* data = column.data.as_longlongs
+        for index in range(count):
+            data[index] = _int64(items[index])
+        return column
+
+    @staticmethod
     def idempotency_records(list batch not None, list outcomes not None, dict stored not None,
                             frozenset not_recorded not None, object ok, object dumps, list records not None):
-        # One record an operation of every batch, so built here rather than by a Python loop: the
-        # loop and its two to_json calls (orjson sorting the keys, then the bytes decoded) were ~1.5 µs
-        # an operation; the flat dicts the batch path makes are written by _flat_json in C.
+        # One record an operation of every batch, so the loop is here rather than in Python (the JSON is
+        # dumps', orjson: a flat encoder written here cost more instructions than orjson's, callgrind).
         cdef Py_ssize_t index
-        cdef _Text text
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
-        text.data = <char*>malloc(256)
-        if text.data == NULL:
-            raise MemoryError("cannot allocate a JSON text")
-        text.size = 0
-        text.capacity = 256
-        try:
-            for index in range(len(batch)):
-                op = batch[index]
-                outcome = outcomes[index]
-                code = outcome.code
-                if (code is not ok and code in not_recorded) or not outcome.recorded:
-                    continue  # a refusal about the service's state is not recorded
-                merchant_id = op.merchant_id
-                key = op.idempotency_key
-                if stored and (merchant_id, key) in stored:
-                    continue  # a replay keeps its record
-                request = _flat_json(op.request, dumps, &text)
-                records.append((merchant_id, key, op.method._value_, request, code._value_,
-                                _flat_json(outcome.fields, dumps, &text) if code is ok else None,
-                                outcome.message))
-        finally:
-            free(text.data)
+        for index in range(len(batch)):
+            op = batch[index]
+            outcome = outcomes[index]
+            code = outcome.code
+            if (code is not ok and code in not_recorded) or not outcome.recorded:
+                continue  # a refusal about the service's state is not recorded
+            merchant_id = op.merchant_id
+            key = op.idempotency_key
+            if stored and (merchant_id, key) in stored:
+                continue  # a replay keeps its record
+            records.append((merchant_id, key, op.method._value_, dumps(op.request), code._value_,
+                            dumps(outcome.fields) if code is ok else None, outcome.message))
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,

@@ -7,9 +7,10 @@ loop over the per-operation methods. The differential tests hold the two to the 
 change to one is a change to both.
 """
 
+import array
 import heapq
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 # statuses
@@ -921,6 +922,11 @@ class Ledger:
             if asset != points_asset and total:
                 return f"transaction {transaction_id} entries of {asset} sum to {total}"
         return None
+
+    @staticmethod
+    def int64_column(values: Iterable[int]) -> "array.array[int]":
+        """An int64 array of `values` (contract: _core.pyi)."""
+        return array.array("q", [operator.index(value) for value in values])
 
     @staticmethod
     def idempotency_records(

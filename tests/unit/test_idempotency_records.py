@@ -1,6 +1,6 @@
-"""Ledger.idempotency_records: the batch's idempotency records, built by the compiled module (its own
-JSON for flat dicts) and by the twin, equal to what the state machine's Python loop built with
-processor/store.to_json: the same records, the same JSON text to the byte, the same operations left out."""
+"""Ledger.idempotency_records: the batch's idempotency records, built by the compiled module and by the
+twin, equal to what the state machine's Python loop built with processor/store.to_json: the same
+records, the same JSON text to the byte, the same operations left out."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ class Name(str):
 # strings orjson escapes (", \, every control character) or writes as UTF-8 (non-ASCII, U+2028, astral)
 _STRINGS = ["", "plain", '"', "\\", "\x7f", "é", "\u2028", "😀", 'a"b\\c\nd\te\rf\bg\fh', *map(chr, range(0x20))]
 
-# flat dicts the compiled module writes itself, and values it leaves to to_json (float, nested, non-str
-# keys, ints past int64, enums, str subclasses)
+# flat dicts, and values of other kinds (float, nested, non-str keys, ints past int64, enums, str
+# subclasses)
 _VALUES: list[dict[Any, Any]] = [
     {},
     {"member_id": "member-1", "points": 100, "purchase_amount": 1_000},
