@@ -1347,7 +1347,7 @@ cdef class Ledger:
     @staticmethod
     def int64_column(values):
         # The state machine's columns (an item an operation, a lot, a member) as arrays for the kernels:
-        # array.array("q", values) stores each item through PyArg_Parse (~250 instructions an item,
+        # array.array("q", values) stores each item through PyArg_Parse (~200 instructions an item,
         # ~16 items an operation with the program: callgrind); here each is converted in C.
         cdef list items = values if type(values) is list else list(values)
         cdef Py_ssize_t count = len(items)
