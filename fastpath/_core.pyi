@@ -41,9 +41,10 @@ Clarifications (both implementations behave so; tests/unit/test_fastpath*.py hol
   held > posted raises LedgerInvariantError before writing (only reachable from inconsistent loads).
 """
 
+import array
 from typing import Any
 
-from collections.abc import MutableSequence, Sequence
+from collections.abc import Callable, Iterable, MutableSequence, Sequence
 
 # statuses
 OK: int  # 0
@@ -335,6 +336,25 @@ class Ledger:
         first in order), else a transaction whose `points_asset` entries do not sum to zero, else one of
         another asset. An entry is (transaction id, account id, amount) in `points_asset`, or (..,
         asset) naming its asset; ids and amounts are int64. A transaction's entries may be apart."""
+    @staticmethod
+    def int64_column(values: Iterable[int]) -> array.array[int]:
+        """A new int64 array ("q") of `values`, in order: what array.array("q", values) makes. An item
+        that is not an integer (by operator.index) raises TypeError; one outside int64, OverflowError."""
+    @staticmethod
+    def idempotency_records(
+        batch: list[Any],
+        outcomes: list[Any],
+        stored: dict[tuple[str, str], Any],
+        not_recorded: frozenset[Any],
+        ok: Any,
+        dumps: Callable[[Any], str],
+        records: list[tuple[Any, ...]],
+    ) -> None:
+        """Appends to `records` the idempotency record of each operation of `batch` whose outcome (aligned
+        by index) is recorded: (merchant id, key, method value, dumps(request), code value,
+        dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
+        `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
+        `stored` (a replay keeps its record). ValueError when the lengths differ."""
     def earn_redeem_rows(
         self,
         ops: list[Any],

@@ -7,9 +7,10 @@ loop over the per-operation methods. The differential tests hold the two to the 
 change to one is a change to both.
 """
 
+import array
 import heapq
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 # statuses
@@ -921,6 +922,42 @@ class Ledger:
             if asset != points_asset and total:
                 return f"transaction {transaction_id} entries of {asset} sum to {total}"
         return None
+
+    @staticmethod
+    def int64_column(values: Iterable[int]) -> "array.array[int]":
+        """An int64 array of `values` (contract: _core.pyi)."""
+        return array.array("q", [operator.index(value) for value in values])
+
+    @staticmethod
+    def idempotency_records(
+        batch: list[Any],
+        outcomes: list[Any],
+        stored: dict[tuple[str, str], Any],
+        not_recorded: frozenset[Any],
+        ok: Any,
+        dumps: Callable[[Any], str],
+        records: list[tuple[Any, ...]],
+    ) -> None:
+        """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
+        if len(outcomes) != len(batch):
+            raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
+        for op, outcome in zip(batch, outcomes):
+            code = outcome.code
+            if (code is not ok and code in not_recorded) or not outcome.recorded:
+                continue
+            if stored and (op.merchant_id, op.idempotency_key) in stored:
+                continue
+            records.append(
+                (
+                    op.merchant_id,
+                    op.idempotency_key,
+                    op.method._value_,
+                    dumps(op.request),
+                    code._value_,
+                    dumps(outcome.fields) if code is ok else None,
+                    outcome.message,
+                )
+            )
 
     def earn_redeem_rows(
         self,

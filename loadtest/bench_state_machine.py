@@ -4,6 +4,10 @@
 moves into the kernel.
 
     .venv/bin/python -m loadtest.bench_state_machine [--batches 30] [--members 20000] [--profile] [--kernel-only]
+
+--apply-only N [--plain]: applies the first N of --batches batches and prints nothing, for an instruction
+count that the machine's load does not move: run it under `valgrind --tool=callgrind` at two N (say 2
+and 12, --batches 20) and divide the difference of the totals by the operations between them.
 """
 
 from __future__ import annotations
@@ -115,12 +119,20 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--apply-only", type=int, default=None, metavar="N", help="apply N batches, print nothing")
+    parser.add_argument("--plain", action="store_true", help="with --apply-only: no program in force")
     parser.add_argument(
         "--kernel-only",
         action="store_true",
         help="only the program through the rules kernel, with the median and minimum of its batches",
     )
     args = parser.parse_args()
+    if args.apply_only is not None:
+        m = machine(not args.plain, args.members, args.merchants)
+        for i, batch in enumerate(batches(args.batches, args.members, args.merchants)[: args.apply_only]):
+            m.apply(batch, {}, NOW_US + i * 1_000_000)
+            m.commit()
+        return
     if args.profile:
         import cProfile
         import pstats

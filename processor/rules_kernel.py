@@ -145,9 +145,11 @@ class EarnRedeemRun:
         self.tier_rows: dict[str, int] = {}
         # per tier row: (member id, its rules and its lots when the run began)
         self.tier_members: list[tuple[str, MemberRules, tuple[rules.Lot, ...]]] = []
-        self.tier_qualifying, self.tier_reached, self.tier_acquirer, self.tier_acquiring_bps = (
-            array.array("q") for _ in range(4)
-        )
+        # per tier row, the kernel's tier columns (made int64 arrays when the run is decided)
+        self.tier_qualifying: list[int] = []
+        self.tier_reached: list[int] = []
+        self.tier_acquirer: list[int] = []
+        self.tier_acquiring_bps: list[int] = []
         self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
 
     def __len__(self) -> int:
@@ -163,6 +165,7 @@ _OPERATION_PURCHASE = attrgetter("purchase_amount")
 _OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
+_column = fastpath.Ledger.int64_column
 
 
 # the value types the compiled rows are built as (Ledger.earn_redeem_rows)
@@ -236,21 +239,23 @@ class RulesKernelMixin(MachineParts):
             return
         version = tables.version
         ops = run.ops
-        # the operations' columns, each in one pass over the run (map/list in C, no call per field)
-        method = array.array("q", [_OP_EARN if op.method is _EARN else _OP_REDEEM for op in ops])
+        # the operations' columns, each in one pass over the run (map/list in C, no call per field),
+        # made arrays by _column (in C: array.array("q", ...) parses each item as an argument)
+        column = _column
+        method = column([_OP_EARN if op.method is _EARN else _OP_REDEEM for op in ops])
         earns = method.count(_OP_EARN)
         lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
         pool = len(lots_in)
         capacity = pool + earns
-        lot_amount = array.array("q", [lot.amount for lot in lots_in])
+        lot_amount = column([lot.amount for lot in lots_in])
         lot_amount.frombytes(bytes(8 * earns))
-        lot_expires = array.array("q", [lot.expires_at_us or 0 for lot in lots_in])
+        lot_expires = column([lot.expires_at_us or 0 for lot in lots_in])
         lot_expires.frombytes(bytes(8 * earns))
         lot_next = array.array("q", [-1]) * capacity
         for row in range(len(heads)):  # each member's passed lots in a chain, soonest first
             head, tail = heads[row], tails[row]
             if head >= 0:
-                lot_next[head:tail] = array.array("q", range(head + 1, tail + 1))
+                lot_next[head:tail] = column(range(head + 1, tail + 1))
         pieces_capacity = capacity + 2 * (count - earns)
         piece_lot, piece_amount = (
             array.array("q", bytes(8 * pieces_capacity)),
@@ -276,20 +281,21 @@ class RulesKernelMixin(MachineParts):
         ) = columns
         period = version.expiry_period_us
         new_lot_expires_at_us = now_us + period if period is not None else 0
-        slots, tiers = array.array("q", run.slots), array.array("q", run.rows)
+        slots, tiers = column(run.slots), column(run.rows)
+        qualifying, reached = column(run.tier_qualifying), column(run.tier_reached)  # updated by the kernel
         ids = self.ids
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             method,
             slots,
-            array.array("q", map(_OPERATION_MERCHANT_SLOT, ops)),
-            array.array("q", map(_OPERATION_POINTS, ops)),
-            array.array("q", map(_OPERATION_PURCHASE, ops)),
-            array.array("q", run.fee_bps),
+            column(map(_OPERATION_MERCHANT_SLOT, ops)),
+            column(map(_OPERATION_POINTS, ops)),
+            column(map(_OPERATION_PURCHASE, ops)),
+            column(run.fee_bps),
             tiers,
-            run.tier_qualifying,
-            run.tier_reached,
-            run.tier_acquirer,
-            run.tier_acquiring_bps,
+            qualifying,
+            reached,
+            column(run.tier_acquirer),
+            column(run.tier_acquiring_bps),
             heads,
             tails,
             totals,
@@ -430,7 +436,7 @@ class RulesKernelMixin(MachineParts):
             lots_rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
-        names, reached, qualifying = tables.level_names, run.tier_reached, run.tier_qualifying
+        names = tables.level_names
         members = [
             (
                 member_id,
@@ -459,11 +465,7 @@ class RulesKernelMixin(MachineParts):
         count) in the pool."""
         pool: list[rules.Lot] = []
         rows = len(run.tier_members)
-        heads, tails, totals = (
-            array.array("q", [-1] * rows),
-            array.array("q", [-1] * rows),
-            array.array("q", [-1] * rows),
-        )
+        heads, tails, totals = [-1] * rows, [-1] * rows, [-1] * rows
         prefixes: list[tuple[int, int]] = []
         for row, (_, _, lots) in enumerate(run.tier_members):
             demand = run.tier_demand[row]
@@ -490,7 +492,7 @@ class RulesKernelMixin(MachineParts):
             heads[row], tails[row] = start, start + passed - 1
             totals[row] = covered if passed == len(lots) else -1
             prefixes.append((start, passed))
-        return pool, heads, tails, totals, prefixes
+        return pool, _column(heads), _column(tails), _column(totals), prefixes
 
 
 # The fields of MemberRules the kernel's write-back sets (it builds the value by position: a replace

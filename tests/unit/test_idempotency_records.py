@@ -1,0 +1,162 @@
+"""Ledger.idempotency_records: the batch's idempotency records, built by the compiled module and by the
+twin, equal to what the state machine's Python loop built with processor/store.to_json: the same
+records, the same JSON text to the byte, the same operations left out."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastpath._core
+import fastpath._reference
+from loadtest import bench_state_machine as bench
+from processor.domain import Code, Method, Operation, Outcome
+from processor.state_machine import NOT_RECORDED
+from processor.store import to_json
+
+
+@pytest.fixture(params=[fastpath._core, fastpath._reference], ids=["cython", "python"])
+def impl(request):
+    return request.param
+
+
+def _looped(batch: list[Operation], outcomes: list[Outcome], stored: dict) -> list[tuple[Any, ...]]:
+    """The records as the state machine's loop built them before (the expectation)."""
+    records = []
+    for op, outcome in zip(batch, outcomes):
+        code = outcome.code
+        if code in NOT_RECORDED or not outcome.recorded or (op.merchant_id, op.idempotency_key) in stored:
+            continue
+        records.append(
+            (
+                op.merchant_id,
+                op.idempotency_key,
+                op.method.value,
+                to_json(op.request),
+                code.value,
+                to_json(outcome.fields) if code is Code.OK else None,
+                outcome.message,
+            )
+        )
+    return records
+
+
+def _records(impl, batch, outcomes, stored=None) -> list[tuple[Any, ...]]:
+    records: list[tuple[Any, ...]] = []
+    impl.Ledger.idempotency_records(batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, to_json, records)
+    return records
+
+
+def _op(request: dict, key: str = "k1", merchant_id: str = "m1") -> Operation:
+    return Operation(Method.EARN, merchant_id, 1, key, request)
+
+
+class Level(enum.IntEnum):
+    GOLD = 3
+
+
+class Name(str):
+    pass
+
+
+# strings orjson escapes (", \, every control character) or writes as UTF-8 (non-ASCII, U+2028, astral)
+_STRINGS = ["", "plain", '"', "\\", "\x7f", "é", "\u2028", "😀", 'a"b\\c\nd\te\rf\bg\fh', *map(chr, range(0x20))]
+
+# flat dicts, and values of other kinds (float, nested, non-str keys, ints past int64, enums, str
+# subclasses)
+_VALUES: list[dict[Any, Any]] = [
+    {},
+    {"member_id": "member-1", "points": 100, "purchase_amount": 1_000},
+    {"b": 1, "a": 2, "é": 3, "Z": 4, "": 5, "aa": 6, "😀": 7, "\u2028": 8},
+    {"none": None, "yes": True, "no": False, "zero": 0, "min": -(2**63), "max": 2**63 - 1, "neg": -1},
+    *({"value": text, text: 1} for text in _STRINGS),
+    {"float": 1.5},
+    {"nested": {"b": 1, "a": [1, 2]}},
+    {1: "non-str key", "a": 2},
+    {"big": 2**63},
+    {"big": 2**64 - 1},
+    {"level": Level.GOLD},
+    {"name": Name("x")},
+    {Name("k"): 1},
+]
+
+
+@pytest.mark.parametrize("value", _VALUES, ids=range(len(_VALUES)))
+def test_the_json_of_a_request_and_its_fields_is_to_json_to_the_byte(impl, value):
+    outcome = Outcome(Code.OK, dict(value))
+    records = _records(impl, [_op(dict(value))], [outcome])
+    assert records == _looped([_op(value)], [outcome], {})
+    assert records[0][3] == to_json(value) and records[0][5] == to_json(value)
+
+
+@pytest.mark.parametrize("value", [{"bad": "\ud800"}, {"\udfff": 1}, {"huge": 2**64}, {"small": -(2**63) - 1}])
+def test_what_to_json_refuses_is_refused_alike(impl, value):
+    with pytest.raises(type(_raised(lambda: to_json(value)))):
+        _records(impl, [_op(value)], [Outcome(Code.OK, {})])
+
+
+def _raised(call) -> BaseException:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the type is what the test compares
+        return error
+    raise AssertionError("expected an exception")
+
+
+def test_refusals_about_the_service_replays_and_unrecorded_outcomes_are_left_out(impl):
+    batch = [_op({"points": i}, key=f"k{i}") for i in range(7)]
+    outcomes = [
+        Outcome(Code.OK, {"transaction_id": 1}),
+        Outcome(Code.UNAVAILABLE, message="retry"),
+        Outcome(Code.FAILED_PRECONDITION, recorded=False, message="suspended"),
+        Outcome(Code.NOT_FOUND, message="no such member"),  # recorded, without fields
+        Outcome(Code.OK, {"transaction_id": 2}),  # a replay: its key is stored
+        Outcome(Code.RESOURCE_EXHAUSTED, message="quota"),
+        Outcome(Code.INTERNAL, message="bug"),
+    ]
+    stored = {("m1", "k4"): object()}
+    records = _records(impl, batch, outcomes, stored)
+    assert records == _looped(batch, outcomes, stored)
+    assert [record[1] for record in records] == ["k0", "k3"]
+    assert records[1] == ("m1", "k3", "Earn", '{"points":3}', "NOT_FOUND", None, "no such member")
+
+
+def test_outcomes_must_align_with_the_batch(impl):
+    with pytest.raises(ValueError, match="1 outcomes for 2 operations"):
+        _records(impl, [_op({}), _op({}, key="k2")], [Outcome(Code.OK)])
+
+
+_FLAT = st.dictionaries(
+    st.text(max_size=6),
+    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.text(max_size=8) | st.floats(allow_nan=False),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests=st.lists(_FLAT, min_size=1, max_size=5), fields=_FLAT)
+def test_random_flat_dicts_give_to_json_or_its_refusal(requests, fields):
+    batch = [_op(request, key=f"k{i}") for i, request in enumerate(requests)]
+    outcomes = [Outcome(Code.OK, fields) for _ in batch]
+    for impl in (fastpath._core, fastpath._reference):
+        try:
+            expected = _looped(batch, outcomes, {})
+        except Exception as error:  # noqa: BLE001 - to_json refused a value: so must the records
+            with pytest.raises(type(error)):
+                _records(impl, batch, outcomes)
+            continue
+        assert _records(impl, batch, outcomes) == expected
+
+
+@pytest.mark.parametrize("program", [True, False], ids=["program", "plain"])
+def test_a_state_machine_batch_records_what_the_loop_recorded(program):
+    machine = bench.machine(program, 2_000, 20)
+    for i, batch in enumerate(bench.batches(3, 2_000, 20, seed=3)):
+        outcomes, write = machine.apply(batch, {}, bench.NOW_US + i * 1_000_000)
+        machine.commit()
+        assert write.idempotency == _looped(batch, outcomes, {})
+        assert len(write.idempotency) == len(batch)
