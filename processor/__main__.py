@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_project(args: argparse.Namespace) -> int:
     """The projector process of a service started with --projector process (processor/projector_process.py)."""
     from processor import projector_process
-    from processor.store import Store
+    from processor.store import PROJECTOR_APPLICATION_NAME, Store
 
     fence = projector_process.fence_from_arguments(args.writer_epoch, args.writer_lock_pid, args.writer_lock_started)
     del args.writer_epoch, args.writer_lock_pid, args.writer_lock_started
@@ -120,7 +120,13 @@ def cmd_project(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         # two connections: the projection's, and a prune's or the mark's read beside it
-        store = await Store.open(settings.database_url, 2, command_timeout=settings.commit_timeout_seconds)
+        # its own application_name: an SRE (and a test) tells the child's sessions from the service's
+        store = await Store.open(
+            settings.database_url,
+            2,
+            command_timeout=settings.commit_timeout_seconds,
+            application_name=PROJECTOR_APPLICATION_NAME,
+        )
         store.use_writer_fence(fence)
         try:
             return await projector_process.run_child(

@@ -55,6 +55,7 @@ MIGRATIONS = pathlib.Path(__file__).parent / "migrations"
 WRITER_LOCK_KEY = int.from_bytes(hashlib.sha256(b"points.v1 writer").digest()[:8], "big", signed=True)
 MIGRATION_LOCK_KEY = WRITER_LOCK_KEY ^ 1
 APPLICATION_NAME = "points-processor"
+PROJECTOR_APPLICATION_NAME = APPLICATION_NAME + "-projector"  # the projector child's sessions (--projector process)
 # how often a service waiting for the writer lock (--writer-lock-wait-seconds) asks for it again
 WRITER_LOCK_POLL_SECONDS = 0.5
 # The largest ids any table holds, for the high-water check at recovery and in reconcile: an
@@ -566,7 +567,9 @@ class Store:
         self._program_tasks: set[asyncio.Task] = set()
 
     @classmethod
-    async def open(cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0) -> "Store":
+    async def open(
+        cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0, application_name: str = APPLICATION_NAME
+    ) -> "Store":
         # A session stopped inside a transaction (its process SIGSTOPped, its host frozen) is ended by
         # Postgres after twice the command timeout: it would otherwise hold ledger_writer's row lock,
         # and a service taking over would wait for it forever.
@@ -577,7 +580,7 @@ class Store:
             max_size=pool_connections_max,
             command_timeout=command_timeout,
             timeout=command_timeout,
-            server_settings={"application_name": APPLICATION_NAME, "idle_in_transaction_session_timeout": str(idle_ms)},
+            server_settings={"application_name": application_name, "idle_in_transaction_session_timeout": str(idle_ms)},
             reset=_reset_pooled,
         )
         return cls(pool, url, connect_timeout=command_timeout)

@@ -76,7 +76,7 @@ HEALTH_POLL_SECONDS = 0.05
 NOT_SERVING_WAIT_SECONDS = 10  # deadline for health to say NOT_SERVING once Postgres is away
 RECOVERY_WAIT_SECONDS = 30  # deadline for SERVING and successful traffic once Postgres is back
 LOCK_WAIT_SECONDS = 10  # deadline for the writer lock to be held again after it was lost
-SERVICE_APPLICATIONS = ("points-processor", "points-processor-lock")
+SERVICE_APPLICATIONS = ("points-processor", "points-processor-lock", "points-processor-projector")
 # gRPC's own words when the service process is gone (SIGKILL), not an answer of the service
 TRANSPORT_FAILURE = re.compile(
     r"failed to connect|socket closed|connection reset|connection refused|broken pipe|"
