@@ -568,7 +568,11 @@ class Store:
 
     @classmethod
     async def open(
-        cls, url: str, pool_connections_max: int = 8, command_timeout: float = 30.0, application_name: str = APPLICATION_NAME
+        cls,
+        url: str,
+        pool_connections_max: int = 8,
+        command_timeout: float = 30.0,
+        application_name: str = APPLICATION_NAME,
     ) -> "Store":
         # A session stopped inside a transaction (its process SIGSTOPped, its host frozen) is ended by
         # Postgres after twice the command timeout: it would otherwise hold ledger_writer's row lock,
