@@ -166,12 +166,10 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         hold_ids = {
             op.authorization_id
             for op in batch
-            if op.method in (Method.CAPTURE, Method.VOID) and not ledger.has_hold(op.authorization_id)
+            if (op.method is _CAPTURE or op.method is _VOID) and not ledger.has_hold(op.authorization_id)
         }
         transaction_ids = {
-            op.transaction_id
-            for op in batch
-            if op.method is Method.REFUND and not ledger.has_transaction(op.transaction_id)
+            op.transaction_id for op in batch if op.method is _REFUND and not ledger.has_transaction(op.transaction_id)
         }
         voucher_hold_ids: set[int] = set()
         record_ids: set[int] = set()
@@ -181,7 +179,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             record_ids = {
                 op.transaction_id
                 for op in batch
-                if op.method is Method.REFUND
+                if op.method is _REFUND
                 and op.transaction_id not in program.earns
                 and op.transaction_id not in program.splits
             }
@@ -277,18 +275,32 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         # the plain operations' columns, gathered as lists and made arrays in C at flush() (an array's
         # append stores its item through PyArg_Parse, ~200 instructions: callgrind)
         columns: list[list[int]] = [[] for _ in range(7)]
-        method, member, merchant, points, ref_id, new_id, expires_at_us = columns
         int64_column = fastpath.Ledger.int64_column
         # plain earns and redeems under a version the kernel implements: decided a run at a time by one
-        # compiled call (processor/rules_kernel.py); rules_kernel = False keeps them per operation
+        # compiled call (processor/rules_kernel.py); rules_kernel = False keeps them per operation (the
+        # run then stays empty)
         tables = self._tables(version) if version is not None and self.rules_kernel else None
-        run = EarnRedeemRun() if tables is not None else None
-        # what decides an operation's way to the kernel, read once for the batch rather than per operation
-        # (_kernel_eligible's conditions, and the version's give-back bounds for earns)
+        run = EarnRedeemRun()
+        # Everything the loop below uses for each operation is read once here (for the batch) or in
+        # _run_parts (for a run): attributes, bound methods, constants. The loop runs once an operation;
+        # a look-up here is one a batch (measured: loadtest/bench_state_machine, callgrind's --apply-only).
+        run_position, run_op, run_slot, run_row, run_fee_bps, tier_row, tier_demand = _run_parts(run)
         give_back_min = tables.version.give_back_bps_min if tables is not None else 0
         give_back_max = tables.version.give_back_bps_max if tables is not None else 0
-        earn, redeem, convert, link = Method.EARN, Method.REDEEM, Method.CONVERT, Method.LINK
+        earn, redeem, convert, link, authorize = _EARN, _REDEEM, _CONVERT, _LINK, _AUTHORIZE
         points_max, purchase_max = fastpath.RULES_EARN_POINTS_MAX, fastpath.RULES_PURCHASE_MAX
+        operator_id, member_methods = domain.OPERATOR_ID, MEMBER_METHODS
+        member_slot, member_account = ledger.member_slot, ledger.member_account
+        transaction_id = ids.transaction
+        add_applied = applied.append
+        add_method, add_member, add_merchant, add_points, add_ref_id, add_new_id, add_expires = (
+            column.append for column in columns
+        )
+        op_code = _OP_CODE_BY_VALUE
+        # route() acts only on a refund, a link or a member in `routed` (processor/member_postings.py:
+        # MemberRegistry.needs_route is this test): the common operation skips the call
+        route, routed = self.members.route, self.members.routed
+        stored_get = stored.get if stored else None
 
         def flush() -> None:
             # the plain operations gathered so far (no program), through the kernel in one call: before any
@@ -302,88 +314,84 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 array.array("q", zeros) for _ in range(6)
             ]
             ledger.apply_batch(*map(int64_column, columns), now_us, *rows)
-            for i, position in enumerate(applied):
-                outcomes[position] = self._applied(
-                    batch[position],
-                    write,
-                    now_us,
-                    new_id[i],
-                    statuses[i],
-                    slots[i],
-                    amounts[i],
-                    posteds[i],
-                    availables[i],
-                    kinds_done[i],
+            # the kernel's rows by iteration, not by index (seven subscripts an operation)
+            applied_one = self._applied
+            for position, created, status, slot, amount, posted, available, kind in zip(
+                applied, columns[5], statuses, slots, amounts, posteds, availables, kinds_done
+            ):
+                outcomes[position] = applied_one(
+                    batch[position], write, now_us, created, status, slot, amount, posted, available, kind
                 )
             applied.clear()
             for column in columns:
                 del column[:]
 
-        route = self.members.route
         for position, op in enumerate(batch):
-            previous = stored.get((op.merchant_id, op.idempotency_key)) if stored else None
-            if previous is not None:
-                outcomes[position] = replay(
-                    previous.method,
-                    previous.request,
-                    Outcome(Code(previous.outcome), previous.response or {}, previous.message),
-                    op,
-                )
-                continue
+            if stored_get is not None:
+                previous = stored_get((op.merchant_id, op.idempotency_key))
+                if previous is not None:
+                    outcomes[position] = replay(
+                        previous.method,
+                        previous.request,
+                        Outcome(Code(previous.outcome), previous.response or {}, previous.message),
+                        op,
+                    )
+                    continue
             if op.refusal is not None:  # decided before queueing (member presence); a retry above still replays
                 outcomes[position] = op.refusal
                 continue
-            if op.merchant_id == domain.OPERATOR_ID and op.method in MEMBER_METHODS:  # processor/member_postings.py
+            kind = op.method
+            if op.merchant_id == operator_id and kind in member_methods:  # processor/member_postings.py
                 # what was gathered before it takes effect first (batch order is id order)
-                if run is not None and tables is not None and run.tier_members:
+                if run.tier_members and tables is not None:
                     self._kernel_run(run, tables, write, now_us, outcomes)
                     run = EarnRedeemRun()
+                    run_position, run_op, run_slot, run_row, run_fee_bps, tier_row, tier_demand = _run_parts(run)
                 flush()
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
-            refusal = route(op)  # aliases, households; a frozen member's spend, a closed member
-            if refusal is not None:
-                outcomes[position] = refusal
-                continue
-            kind = op.method
+            # aliases, households; a frozen member's spend, a closed member (see needs_route)
+            if op.member_id in routed or op.transaction_id or op.referrer_id:
+                refusal = route(op)
+                if refusal is not None:
+                    outcomes[position] = refusal
+                    continue
             merchant_row = merchants[op.merchant_id]
-            status = merchant_row.status
-            if status != "active" and kind in _NEW_BUSINESS:
+            if merchant_row.status != "active" and kind in _NEW_BUSINESS:
                 # decided here, after the idempotency look-up, so a retry of an earlier call still replays
                 metrics.rejections.labels("merchant_suspended").inc()
                 outcomes[position] = Outcome(
                     Code.FAILED_PRECONDITION,
                     recorded=False,
-                    message=f"merchant {op.merchant_id!r} is {status}: it cannot earn, authorize or redeem; "
-                    "it may still capture, void and refund. Contact the operator",
+                    message=f"merchant {op.merchant_id!r} is {merchant_row.status}: it cannot earn, authorize or "
+                    "redeem; it may still capture, void and refund. Contact the operator",
                 )
                 continue
             row = -1  # the operation's tier row in the kernel's run, or -1: it goes the other paths
             if (
-                run is not None
-                and tables is not None
+                tables is not None
                 # an operation the kernel may decide, before its member is looked at: a plain earn or
-                # redeem (no vouchers) within the kernel's bounds (inline: it runs for every operation)
+                # redeem (no vouchers) within the kernel's bounds (op.refusal is None: answered above)
                 and (
                     # an earn at a merchant outside the version's give-back bounds is refused by the rules path
                     (kind is earn and give_back_min <= merchant_row.give_back_bps <= give_back_max) or kind is redeem
                 )
                 and not op.vouchers
-                and op.refusal is None
                 and 0 <= op.points <= points_max
                 and 0 <= op.purchase_amount <= purchase_max
             ):
-                row = run.tier_rows.get(op.member_id, -1)  # the member's row if the run has it already
+                row = tier_row(op.member_id, -1)  # the member's row if the run has it already
                 if row < 0:
                     row = self._kernel_member(run, tables, op, now_us)
-            if row < 0 and run is not None and tables is not None and run.tier_members:
+            if row < 0 and run.tier_members and tables is not None:
                 # the run so far is decided before this operation takes ids or changes state, and the
                 # next run reads its members' rules afresh (this operation may change them)
                 self._kernel_run(run, tables, write, now_us, outcomes)
                 run = EarnRedeemRun()
+                run_position, run_op, run_slot, run_row, run_fee_bps, tier_row, tier_demand = _run_parts(run)
             slot = reference = created = expires = 0
             if kind is earn or kind is convert or kind is link:
-                slot = ledger.member_slot(op.member_id)
+                slot = member_slot(op.member_id)
                 if slot < 0:  # a new member: within the merchant's quota only
                     refusal = self.quotas.new_member(op.merchant_id, op.points if kind is earn else None, now_us)
                     if refusal is not None:
@@ -393,21 +401,21 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     if slot < 0:
                         outcomes[position] = ledger_rejection(fastpath.CAPACITY, op)
                         continue
-                if ledger.member_account(slot) == 0:  # created just now: its account row goes with the batch
+                if member_account(slot) == 0:  # created just now: its account row goes with the batch
                     account_id = self.account_ids.pop()
                     ledger.set_member_account(slot, account_id)
                     write.new_members.append((op.member_id, account_id))
                     self._signup(write, op, version, now_us)  # enrolled now: its sign-up bonus (seed 003)
-                if row >= 0 and run is not None:  # the run takes it (its columns are built when it is decided)
-                    run.positions.append(position)
-                    run.ops.append(op)
-                    run.slots.append(slot)
-                    run.rows.append(row)
-                    run.fee_bps.append(merchant_row.fee_issued_bps)
+                if row >= 0:  # the run takes it (its columns are built when it is decided)
+                    run_position(position)
+                    run_op(op)
+                    run_slot(slot)
+                    run_row(row)
+                    run_fee_bps(merchant_row.fee_issued_bps)
                     continue
-                created = ids.transaction() if kind is not link else 0
-            elif kind is redeem or kind is Method.AUTHORIZE:
-                slot = ledger.member_slot(op.member_id)
+                created = transaction_id() if kind is not link else 0
+            elif kind is redeem or kind is authorize:
+                slot = member_slot(op.member_id)
                 if slot < 0:
                     metrics.rejections.labels("unknown_member").inc()
                     outcomes[position] = Outcome(
@@ -417,7 +425,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                         ),
                     )
                     continue
-                if kind is Method.AUTHORIZE:
+                if kind is authorize:
                     refusal = self.quotas.take_hold(op.merchant_id)
                     if refusal is not None:
                         outcomes[position] = refusal
@@ -425,35 +433,35 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     holds_taken.append(position)
                     created = ids.authorization()
                     expires = now_us + op.hold_ttl_seconds * 1_000_000
-                elif row >= 0 and run is not None:  # the run takes it (its columns are built when it is decided)
-                    run.positions.append(position)
-                    run.ops.append(op)
-                    run.slots.append(slot)
-                    run.rows.append(row)
-                    run.fee_bps.append(merchant_row.fee_redeemed_bps)
-                    run.tier_demand[row] += op.points
+                elif row >= 0:  # the run takes it (its columns are built when it is decided)
+                    run_position(position)
+                    run_op(op)
+                    run_slot(slot)
+                    run_row(row)
+                    run_fee_bps(merchant_row.fee_redeemed_bps)
+                    tier_demand[row] += op.points
                     continue
                 else:
-                    created = ids.transaction()
-            elif kind is Method.CAPTURE:
-                reference, created = op.authorization_id, ids.transaction()
-            elif kind is Method.VOID:
+                    created = transaction_id()
+            elif kind is _CAPTURE:
+                reference, created = op.authorization_id, transaction_id()
+            elif kind is _VOID:
                 reference = op.authorization_id
-            elif kind is Method.REFUND:
+            elif kind is _REFUND:
                 owner = self.not_refundable.get(op.transaction_id)
                 if owner is not None:  # a rule's transaction with no member (a merchant's vouchers)
                     outcomes[position] = ledger_rejection(
                         fastpath.NOT_REFUNDABLE if owner == op.merchant_id else fastpath.WRONG_MERCHANT, op
                     )
                     continue
-                reference, created = op.transaction_id, ids.transaction()
+                reference, created = op.transaction_id, transaction_id()
             elif kind is Method.SPEND_VOUCHERS:
-                created = ids.transaction()
+                created = transaction_id()
             if (
                 version is not None
                 or kind._value_ in _RULES_ONLY
                 or op.vouchers
-                or (kind is Method.REFUND and op.transaction_id in self.program.splits)
+                or (kind is _REFUND and op.transaction_id in self.program.splits)
                 or (op.authorization_id and op.authorization_id in self.program.voucher_holds)
             ):
                 # under a program, what the rules kernel does not decide goes through the kernel on its
@@ -462,14 +470,14 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 flush()
                 outcomes[position] = self._apply_capped(op, write, now_us, version, slot, reference, created, expires)
                 continue
-            applied.append(position)
-            method.append(_OP_CODE_BY_VALUE[kind._value_])
-            member.append(slot)
-            merchant.append(op.merchant_slot)
-            points.append(op.points)
-            ref_id.append(reference)
-            new_id.append(created)
-            expires_at_us.append(expires)
+            add_applied(position)
+            add_method(op_code[kind._value_])
+            add_member(slot)
+            add_merchant(op.merchant_slot)
+            add_points(op.points)
+            add_ref_id(reference)
+            add_new_id(created)
+            add_expires(expires)
         if run and tables is not None:
             self._kernel_run(run, tables, write, now_us, outcomes)
         flush()
@@ -500,11 +508,11 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             write.expired_holds.append(op.authorization_id)  # the kernel marked it; Postgres follows
         if status != fastpath.OK:
             expires = held = 0
-            if method in (Method.CAPTURE, Method.VOID) and ledger.has_hold(op.authorization_id):
+            if (method is _CAPTURE or method is _VOID) and ledger.has_hold(op.authorization_id):
                 _, _, _, held, expires = ledger.hold(op.authorization_id)
             return ledger_rejection(status, op, available, expires, held)
         merchant = self.merchants.by_id[op.merchant_id]
-        if method is Method.EARN:
+        if method is _EARN:
             fee = self._fee(write, created, merchant, op.points, "fee_issued_bps")
             write.transactions.append(
                 (
@@ -533,7 +541,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     "created_at_us": now_us,
                 },
             )
-        if method is Method.AUTHORIZE:
+        if method is _AUTHORIZE:
             expires = now_us + op.hold_ttl_seconds * 1_000_000
             write.new_holds.append(
                 (created, op.merchant_id, op.member_id, op.points, from_micros(expires), op.idempotency_key)
@@ -542,7 +550,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 Code.OK,
                 {"authorization_id": created, "available": available, "points": op.points, "expires_at_us": expires},
             )
-        if method is Method.CAPTURE:
+        if method is _CAPTURE:
             held = ledger.hold(op.authorization_id)[3]
             write.resolved_holds.append(
                 (op.authorization_id, fastpath.HOLD_STATUS_CAPTURED, amount, created if amount else None)
@@ -575,10 +583,10 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     "available": available,
                 },
             )
-        if method is Method.VOID:
+        if method is _VOID:
             write.resolved_holds.append((op.authorization_id, fastpath.HOLD_STATUS_VOIDED, 0, None))
             return Outcome(Code.OK, {"released": amount, "available": available})
-        if method is Method.REDEEM:
+        if method is _REDEEM:
             fee = self._fee(write, created, merchant, op.points, "fee_redeemed_bps")
             write.transactions.append(
                 (
@@ -654,7 +662,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         method, program = op.method, self.program
         if (
             version is not None
-            and (method is Method.REDEEM or method is Method.AUTHORIZE)
+            and (method is _REDEEM or method is _AUTHORIZE)
             and op.points
             and (version.member_points_spent_per_hour_max or version.member_points_spent_per_day_max)
         ):
@@ -671,14 +679,14 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 metrics.rejections.labels("spending_cap").inc()
                 return refusal
         member_id = op.member_id
-        if method is Method.CAPTURE:  # whose hold it is, before the capture resolves it
+        if method is _CAPTURE:  # whose hold it is, before the capture resolves it
             hold = program.voucher_holds.get(op.authorization_id)
             if hold is not None:
                 member_id = hold.member_id
             elif self.ledger.has_hold(op.authorization_id):
                 member_id = self.ledger.member_id(self.ledger.hold(op.authorization_id)[1])
         outcome = self._apply_with_rules(op, write, now_us, version, slot, reference, created, expires)
-        if outcome.code is Code.OK and (method is Method.REDEEM or method is Method.CAPTURE) and member_id:
+        if outcome.code is Code.OK and (method is _REDEEM or method is _CAPTURE) and member_id:
             program.spend(member_id, outcome.fields.get("points", 0), now_us)
         return outcome
 
@@ -695,17 +703,17 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
     ) -> Outcome:
         method = op.method
         try:
-            if method is Method.LINK:
+            if method is _LINK:
                 return self._link(op)
-            if method is Method.CONVERT:
+            if method is _CONVERT:
                 return self._convert(op, write, now_us, version, slot, created)
             if method is Method.SPEND_VOUCHERS:
                 return self._spend_vouchers(op, write, now_us, version, created)
-            if method is Method.REDEEM and op.vouchers:
+            if method is _REDEEM and op.vouchers:
                 return self._split_redeem(op, write, now_us, version, slot, created)
-            if method is Method.AUTHORIZE and op.vouchers:
+            if method is _AUTHORIZE and op.vouchers:
                 return self._split_authorize(op, write, now_us, version, slot, created, expires)
-            if method is Method.CAPTURE or method is Method.VOID:
+            if method is _CAPTURE or method is _VOID:
                 hold = self.program.voucher_holds.get(op.authorization_id)
                 if hold is not None:
                     return self._split_resolve(op, write, now_us, version, created, hold)
@@ -719,16 +727,16 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                             "capture points only (vouchers = 0)"
                         ),
                     )
-            if method is Method.REFUND and op.transaction_id in self.program.splits:
+            if method is _REFUND and op.transaction_id in self.program.splits:
                 return self._split_refund(op, write, now_us, version, created)
             points, plan, refund = op.points, None, None
-            if method is Method.EARN and version is not None:
+            if method is _EARN and version is not None:
                 rules.check_give_back(version, op.merchant_id, self.merchants.by_id[op.merchant_id].give_back_bps)
                 plan = self.program.plan_earn(version, op.member_id, op.merchant_id, op.points, now_us)
                 points = plan.total
-            elif method is Method.REDEEM or method is Method.AUTHORIZE:
+            elif method is _REDEEM or method is _AUTHORIZE:
                 self._expire_member(write, op.member_id, now_us)  # expired points are not spendable
-            elif method is Method.REFUND:
+            elif method is _REFUND:
                 refund = self.program.refund_plan(op.transaction_id, op.points)
                 if refund is not None:
                     points = refund[1].total
@@ -743,20 +751,20 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 self._restore_hold(op.authorization_id, now_us)
             return self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
         program = self.program
-        if method is Method.EARN and plan is not None:
+        if method is _EARN and plan is not None:
             if version is None:
                 raise InvariantViolation("an earn planned under the program with no version in force")
             return self._earned(op, write, now_us, version, plan, created, slot)
-        if method is Method.REFUND and kind == fastpath.KIND_REFUND_EARN:
+        if method is _REFUND and kind == fastpath.KIND_REFUND_EARN:
             return self._earn_refunded(op, write, now_us, refund, created, slot, amount, available)
-        hold = self.ledger.hold(op.authorization_id) if method in (Method.CAPTURE, Method.VOID) else None
+        hold = self.ledger.hold(op.authorization_id) if (method is _CAPTURE or method is _VOID) else None
         outcome = self._applied(op, write, now_us, created, status, slot, amount, posted, available, kind)
         member_id = self.ledger.member_id(slot)
         grace = version.restore_grace_us if version is not None else 0
-        if method is Method.AUTHORIZE or method is Method.REDEEM:
-            owner = (OWNER_HOLD, created) if method is Method.AUTHORIZE else (OWNER_TRANSACTION, created)
+        if method is _AUTHORIZE or method is _REDEEM:
+            owner = (OWNER_HOLD, created) if method is _AUTHORIZE else (OWNER_TRANSACTION, created)
             program.consume(member_id, owner, amount, available + amount, now_us)
-        elif method is Method.CAPTURE:
+        elif method is _CAPTURE:
             if hold is None:
                 raise InvariantViolation(f"capture of {op.authorization_id}, which the fast path does not hold")
             released = hold[3] - amount
@@ -769,9 +777,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 grace,
                 keep_as=(OWNER_TRANSACTION, created) if amount else None,
             )
-        elif method is Method.VOID:
+        elif method is _VOID:
             program.restore(member_id, (OWNER_HOLD, op.authorization_id), None, available - amount, now_us, grace)
-        elif method is Method.REFUND:  # of a capture or redeem: the lots it consumed come back
+        elif method is _REFUND:  # of a capture or redeem: the lots it consumed come back
             program.restore(
                 member_id, (OWNER_TRANSACTION, op.transaction_id), amount, available - amount, now_us, grace
             )
@@ -789,14 +797,21 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         method: Method | None = None,
     ) -> tuple[int, ...]:
         # one operation through the batch kernel, in arrays of length 1 kept for the purpose (measured:
-        # building 13 arrays per operation was a tenth of the rules path's CPU)
+        # building 13 arrays per operation was a tenth of the rules path's CPU); each item set and read
+        # by name, not by a zip and a generator (two objects and a frame an operation), and the method's
+        # code by its str value (an Enum member's hash is a Python call)
         arrays, rows = self._one
-        for column, value in zip(
-            arrays, (_OP_CODE[method or op.method], slot, op.merchant_slot, points, reference, created, expires)
-        ):
-            column[0] = value
+        codes, slots, merchants, amounts, references, createds, expirations = arrays
+        codes[0] = _OP_CODE_BY_VALUE[(method or op.method)._value_]
+        slots[0] = slot
+        merchants[0] = op.merchant_slot
+        amounts[0] = points
+        references[0] = reference
+        createds[0] = created
+        expirations[0] = expires
         self.ledger.apply_batch(*arrays, now_us, *rows)
-        return tuple(row[0] for row in rows)
+        statuses, slots_out, amounts_out, posteds, availables, kinds = rows
+        return (statuses[0], slots_out[0], amounts_out[0], posteds[0], availables[0], kinds[0])
 
     def _earned(
         self,
@@ -1033,6 +1048,31 @@ _OP_CODE = {
 }
 
 _OP_CODE_BY_VALUE = {method.value: code for method, code in _OP_CODE.items()}  # by str: see _RULES_ONLY
+
+# the methods the batch loop and _applied test for each operation, as module names (one look-up, not two)
+_EARN, _REDEEM, _AUTHORIZE, _CAPTURE, _VOID, _REFUND = (
+    Method.EARN,
+    Method.REDEEM,
+    Method.AUTHORIZE,
+    Method.CAPTURE,
+    Method.VOID,
+    Method.REFUND,
+)
+_CONVERT, _LINK = Method.CONVERT, Method.LINK
+
+
+def _run_parts(run: EarnRedeemRun) -> tuple[Any, Any, Any, Any, Any, Any, list[int]]:
+    """What the batch loop adds to a run with, bound once per run: the appends of its positions, ops,
+    slots, tier rows and fees, its members' tier rows' get, and its tier demand."""
+    return (
+        run.positions.append,
+        run.ops.append,
+        run.slots.append,
+        run.rows.append,
+        run.fee_bps.append,
+        run.tier_rows.get,
+        run.tier_demand,
+    )
 
 
 # A suspended merchant may finish what it started (capture, void, refund) but start nothing new.
