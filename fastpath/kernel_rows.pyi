@@ -23,7 +23,6 @@ def lots_written(
     diffs: dict[str, Any],
     dirty: set[str],
     totals: dict[str, tuple[tuple[Lot, ...], int]],
-    undo: list[tuple[Any, Any, Any]] | None,
     due: list[tuple[int, str]],
     missing: object,
-) -> None: ...
+) -> list[Any]: ...

@@ -121,12 +121,13 @@ def lots_after_run(set taken_rows not None, dict new_by_row not None, list tier_
 
 def lots_written(list rows not None, dict table not None, dict flushed not None, dict touched not None,
                  dict created_by not None, dict diffs not None, set dirty not None, dict totals not None,
-                 list undo, list due not None, object missing):
+                 list due not None, object missing):
     # the twin's loop (fastpath/kernel_rows_reference.py, where its docstring says what it records),
     # with the same dict and set operations in the same order
     cdef tuple row, had, after, before
     cdef object member_id, keys, created, diff, delta, current, summed, known, made, soonest
     cdef bint first
+    cdef list olds = []
     for row in rows:
         if len(row) != 7:
             raise ValueError(f"a kernel run's lots row has 7 fields, not {len(row)}")
@@ -163,8 +164,7 @@ def lots_written(list rows not None, dict table not None, dict flushed not None,
             flushed[member_id] = had
         elif diffs:
             diffs.pop(member_id, None)
-        if undo is not None:
-            undo.append((table, member_id, current))
+        olds.append(current)
         if after:
             table[member_id] = after
         else:
@@ -177,3 +177,4 @@ def lots_written(list rows not None, dict table not None, dict flushed not None,
             soonest = (<Lot?>after[0]).expires_at_us
             if soonest is not None and (not had or (<Lot?>had[0]).expires_at_us != soonest):
                 heappush(due, (soonest, member_id))
+    return olds

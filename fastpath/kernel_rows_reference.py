@@ -93,18 +93,18 @@ def lots_written(
     diffs: dict[str, Any],
     dirty: set[str],
     totals: dict[str, tuple[tuple[Lot, ...], int]],
-    undo: list[tuple[Any, Any, Any]] | None,
     due: list[tuple[int, str]],
     missing: object,
-) -> None:
+) -> list[Any]:
     """ProgramState.written_by_kernel's lots (processor/program.py, whose docstring says what each of
     its tables holds): per row of lots_after_run, in order, the member's lots become the row's, with
     what _touch, _set(lots) and _schedule would record for the change: the touched and created keys,
     the lots as the last flush left them, the flush rows of the run (`diffs`, when the run is the
     member's first change since that flush), the Σ kept for check_lots (`totals`, carried by `delta`
-    while it is that of `before`), an undo entry (`undo`, None: no batch open; `missing` stands for a
-    member with no lots, as ProgramState's undo log spells it) and an expiry heap entry when the
-    member's soonest expiry moves (`due`)."""
+    while it is that of `before`) and an expiry heap entry when the member's soonest expiry moves
+    (`due`). Returns each row's member's lots before, for the undo log (`missing`: it had none, as
+    ProgramState's undo log spells it)."""
+    olds: list[Any] = []
     for member_id, after, keys, created, diff, before, delta in rows:
         current = table.get(member_id, missing)
         had = () if current is missing else current
@@ -132,8 +132,7 @@ def lots_written(
             flushed[member_id] = had
         elif diffs:
             diffs.pop(member_id, None)
-        if undo is not None:
-            undo.append((table, member_id, current))
+        olds.append(current)
         if after:
             table[member_id] = after
         else:
@@ -146,3 +145,4 @@ def lots_written(
             soonest = after[0].expires_at_us
             if soonest is not None and (not had or had[0].expires_at_us != soonest):
                 heapq.heappush(due, (soonest, member_id))
+    return olds
