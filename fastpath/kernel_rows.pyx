@@ -1,11 +1,17 @@
 # cython: language_level=3
-"""Each member's lots as a run of the rules kernel left them (processor/rules_kernel.py's write-back), in C:
-the loop over the members a run touched and over the lots of its pool cost ~1-2.5 µs an operation in
-Python (loadtest/bench_state_machine, a timer around it), for work that is a few field reads and a tuple
-a member. Same rows as the twin fastpath/kernel_rows_reference.py (its docstring says what a row holds;
-tests/unit/test_kernel_rows.py compares the two), with one difference that is not seen: a member's new
-tuple of lots is filled in one pass, where the twin copies its old lots two or three times (slice, then
-concatenations).
+"""Each member's lots as a run of the rules kernel left them (processor/rules_kernel.py's write-back), and
+ProgramState.written_by_kernel's loop over them (processor/program.py), in C: the first ~1.0-1.3 → ~0.6 µs
+an operation, written_by_kernel ~0.7-0.9 → ~0.4-0.5 (loadtest/bench_state_machine, a CPU timer around
+each, minimum of 5 runs on a loaded machine). What is left of the first is memory, not instructions
+(~350 of its own an operation under callgrind): a member's tuple of lots is copied whole each run that
+touches it, and each lot's reference count is written, a cache line a lot (~5.5 lots an operation on the
+Zipf workload, more as members gather lots); only another layout of the lots (columns, or chunks that a
+run appends to) would remove it.
+
+Same results as the twin fastpath/kernel_rows_reference.py (its docstrings say what each function takes
+and returns; tests/unit/test_kernel_rows.py compares the two), with one difference that is not seen: a
+member's new tuple of lots is filled in one pass, where the twin copies its old lots two or three times
+(slice, then concatenations).
 """
 
 cimport cython

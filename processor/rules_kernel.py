@@ -40,8 +40,8 @@ from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, Ear
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
 
-# each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx: ~1-2.5
-# µs an operation in Python); POINTS_FASTPATH=python runs its twin
+# each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx, which says
+# what it saves and what is left); POINTS_FASTPATH=python runs its twin
 if fastpath.IMPLEMENTATION == "cython":
     from fastpath.kernel_rows import lots_after_run as _lots_after_run
 else:
