@@ -58,6 +58,7 @@ setup(
             "fastpath/copy_binary.pyx",
             "fastpath/idempotency_table.pyx",
             "fastpath/intake.pyx",
+            "fastpath/kernel_rows.pyx",
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),

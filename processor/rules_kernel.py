@@ -33,11 +33,19 @@ from operator import attrgetter
 from typing import Any
 
 import fastpath
+from fastpath.kernel_rows_reference import KernelRowsError
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
 from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, KernelLots, MemberRules
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
+
+# each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx, which says
+# what it saves and what is left); POINTS_FASTPATH=python runs its twin
+if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import lots_after_run as _lots_after_run
+else:
+    from fastpath.kernel_rows_reference import lots_after_run as _lots_after_run
 
 # The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
 # version whose other fields differ from their defaults (a new option added to rules.py) goes down the
@@ -156,9 +164,8 @@ class EarnRedeemRun:
         return len(self.positions)
 
 
-# What a kernel run builds per earn and per member: compiled values (fastpath/records.pyx), whose
+# What a kernel run builds per member: compiled values (fastpath/records.pyx), whose
 # constructors run in C
-_new_lot = rules.Lot
 _new_member_rules = MemberRules  # _MEMBER_FIELDS checks its fields' order
 _OPERATION_POINTS = attrgetter("points")
 _OPERATION_PURCHASE = attrgetter("purchase_amount")
@@ -388,52 +395,12 @@ class RulesKernelMixin(MachineParts):
         # its redeems). Built with the rows flush() writes for the member (the keys gone, the lots new or
         # changed, in key order: what ProgramState._lots_changed would find), so flush() need not look
         # each key up again when the run is the member's only change since the last flush.
-        lots_rows: list[KernelLots] = []
-        for row in sorted(taken_rows | new_by_row.keys()):
-            member_id, _, before_lots = tier_members[row]
-            start, passed = prefixes[row]
-            keys: set[tuple[int, int | None]] = set()
-            gone: list[tuple[int, int | None]] = []
-            changed: list[rules.Lot] = []
-            kept: list[rules.Lot] = []
-            delta = 0  # Σ amounts after − before
-            for index in range(start, start + passed):
-                lot, left = pool_lots[index], lot_amount[index]
-                if lot is None:
-                    raise InvariantViolation(f"lot {index} of the run's pool was never made")
-                if left == lot.amount:  # untouched: the same object
-                    kept.append(lot)
-                    continue
-                key = (lot.lot_id, lot.expires_at_us)
-                keys.add(key)
-                delta += left - lot.amount
-                if left:
-                    lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                    kept.append(lot)
-                    changed.append(lot)
-                else:
-                    gone.append(key)
-            # the lots it did not pass, as they were: a member that only earned keeps its tuple whole and
-            # gets one copy with its new lots (the members a run touches may hold thousands of lots)
-            after = tuple(kept) + before_lots[passed:] if kept else before_lots[passed:]
-            created_keys: set[tuple[int, int | None]] = set()
-            made = new_by_row.get(row)
-            if made is not None:
-                made_lots: list[rules.Lot] = []
-                for index in made:
-                    lot, left = pool_lots[index], lot_amount[index]
-                    if lot is None:
-                        raise InvariantViolation(f"lot {index} of the run's pool was never made")
-                    created_keys.add((lot.lot_id, lot.expires_at_us))
-                    delta += left
-                    if left:
-                        if left != lot.amount:
-                            lot = _new_lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
-                        made_lots.append(lot)
-                        changed.append(lot)
-                after += tuple(made_lots)
-                keys |= created_keys
-            lots_rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
+        try:
+            lots_rows: list[KernelLots] = _lots_after_run(
+                taken_rows, new_by_row, tier_members, prefixes, pool_lots, lot_amount
+            )
+        except KernelRowsError as error:
+            raise InvariantViolation(f"a kernel run's lots: {error}") from error
         # the run's tier state, once per member that earned (qualifying in total: no day buckets; its
         # level is the one the kernel found after the member's last earn of the run)
         names = tables.level_names

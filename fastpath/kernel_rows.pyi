@@ -1,0 +1,28 @@
+"""What Python sees of fastpath/kernel_rows.pyx (the rules kernel's lots write-back in C; the twin is
+fastpath/kernel_rows_reference.py, whose docstrings say what it returns)."""
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastpath.records import Lot
+
+def lots_after_run(
+    taken_rows: set[int],
+    new_by_row: dict[int, list[int]],
+    tier_members: list[tuple[str, Any, tuple[Lot, ...]]],
+    prefixes: list[tuple[int, int]],
+    pool_lots: list[Lot | None],
+    lot_amount: Sequence[int],
+) -> list[tuple[Any, ...]]: ...
+def lots_written(
+    rows: list[tuple[Any, ...]],
+    table: dict[str, tuple[Lot, ...]],
+    flushed: dict[str, tuple[Lot, ...]],
+    touched: dict[str, set[Any] | None],
+    created_by: dict[str, set[Any]],
+    diffs: dict[str, Any],
+    dirty: set[str],
+    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    due: list[tuple[int, str]],
+    missing: object,
+) -> list[Any]: ...
