@@ -1396,7 +1396,7 @@ cdef class Ledger:
         cdef const int64_t[:] out_level_before, out_level_after, out_reward, out_reward_id, out_lot
         cdef const int64_t[:] out_piece_start, out_piece_end
         cdef list made, pieces
-        cdef object op, merchant, merchant_id, member_id, acquirer_id, base, source_lot, fee_object
+        cdef object op, merchant, merchant_id, member_id, key, acquirer_id, base, source_lot, fee_object
         cdef object created_object, old
         cdef Lot lot
         if (len(ops) != count or len(positions) != count or member.shape[0] != count
@@ -1447,6 +1447,7 @@ cdef class Ledger:
             fee_object = fee
             merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
             member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             merchant = merchants[merchant_id]
             if fee:
                 entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
@@ -1458,9 +1459,7 @@ cdef class Ledger:
                 uplift = total - <int64_t>base
                 transactions.append((created_object, KIND_EARN, merchant_id, member_id, total,
                                      slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
-                                     None, None, slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ),
-                                     fee_object,
-                                     version_number))
+                                     None, None, key, fee_object, version_number))
                 if total:
                     entries.append((created_object, self.member_accounts[slot], total))
                 if base:
@@ -1508,8 +1507,7 @@ cdef class Ledger:
             points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
             points = points_object
             transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
-                                 None, None, None, slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ),
-                                 fee_object))
+                                 None, None, None, key, fee_object))
             entries.append((created_object, self.member_accounts[slot], -points))
             entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
                             points_object))

@@ -88,8 +88,8 @@ cdef inline int slot_offsets(type cls, tuple names, Py_ssize_t* offsets, str use
             wanted = repr(names[index]) if index < len(names) else "nothing"
             if found != wanted:
                 raise TypeError(
-                    f"{cls.__qualname__}'s fields (its slots, in order) are {fields}, not {user}'s: field {index} is {found} where "
-                    f"{user} has {wanted}; update {user} and the code that stores them")
+                    f"{cls.__qualname__}'s fields (its slots, in order) are {fields}, not {user}'s: "
+                    f"field {index} is {found} where {user} has {wanted}; update {user} and the code that stores them")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__qualname__} has a __post_init__, which objects built by {user} would skip")
     problem = slot_problem(cls, names, offsets)
