@@ -9,13 +9,12 @@ one crossing per batch instead of one per operation.
 """
 from cpython cimport array as c_array
 from cpython.number cimport PyNumber_Index
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
 
 from fastpath.records cimport Earn, EarnRecord, Lot, make_earn, make_earn_record, make_lot
+from fastpath.slots cimport SlotReader, new_with_slots, put, slot_offsets, slot_read
 
 # 2**62: sums of two balances still fit in int64_t, so the overflow checks cannot overflow themselves.
 cdef int64_t balance_max = 4611686018427387904
@@ -105,22 +104,34 @@ cdef int _check_column(str name, Py_ssize_t length, int64_t count, bint exact) e
     return 0
 
 
-# --- outcomes built in C (Ledger.earn_redeem_rows) ---
+# --- outcomes built in C (Ledger.earn_redeem_rows), and what the per-operation loops read ---
 
-cdef extern from "Python.h":
-    ctypedef struct _MemberDef "PyMemberDef":
-        Py_ssize_t offset
-    ctypedef struct _MemberDescr "PyMemberDescrObject":
-        _MemberDef* d_member
-    ctypedef struct _Type "PyTypeObject":
-        PyObject* (*tp_alloc)(_Type* kind, Py_ssize_t items)
-
-# processor.domain.Outcome's slots in order, and the default of each after `code` and `fields`; the
-# layout is read from the class once (_outcome_layout) and checked against these
+# processor.domain.Outcome's fields in order, and the default of each after `code` and `fields`; the
+# layout is read from the class once (_outcome_layout, fastpath/slots.pxd) and checked against these
 _OUTCOME_SLOTS = ("code", "fields", "message", "replayed", "recorded", "reason", "retry_after_seconds", "quota")
 cdef Py_ssize_t _outcome_offsets[8]
-cdef object _outcome_class = None
+cdef type _outcome_class = None
 cdef tuple _outcome_defaults = ()
+
+# what idempotency_records and earn_redeem_rows read of each Operation, Outcome and merchant's row
+# (processor.store.MerchantRow): by offset when their exact class has these slots, else by getattr
+# (slots.pxd's SlotReader: ~60 instructions a read by getattr from here, a few by offset)
+cdef tuple _OPERATION_READ = (
+    "merchant_id", "idempotency_key", "method", "request", "member_id", "points", "purchase_amount"
+)
+cdef enum:
+    _OP_MERCHANT_ID, _OP_IDEMPOTENCY_KEY, _OP_METHOD, _OP_REQUEST, _OP_MEMBER_ID, _OP_POINTS, _OP_PURCHASE_AMOUNT
+cdef tuple _OUTCOME_READ = ("code", "recorded", "fields", "message")
+cdef enum:
+    _OUTCOME_CODE, _OUTCOME_RECORDED, _OUTCOME_FIELDS, _OUTCOME_MESSAGE
+cdef tuple _MERCHANT_READ = (
+    "give_back_bps", "fees_account_id", "issued_account_id", "redeemed_account_id", "acquiring_account_id"
+)
+cdef enum:
+    _MERCHANT_GIVE_BACK_BPS, _MERCHANT_FEES, _MERCHANT_ISSUED, _MERCHANT_REDEEMED, _MERCHANT_ACQUIRING
+cdef SlotReader _operation_reader
+cdef SlotReader _outcome_reader
+cdef SlotReader _merchant_reader
 
 
 cdef int _outcome_layout(type outcome_class) except -1:
@@ -128,20 +139,11 @@ cdef int _outcome_layout(type outcome_class) except -1:
     objects, and the defaults of its fields after `code` and `fields`; a class whose slots are not
     _OUTCOME_SLOTS is refused (a field added to Outcome must be added here)."""
     global _outcome_class, _outcome_defaults
-    cdef Py_ssize_t index
-    if tuple(getattr(outcome_class, "__slots__", ())) != _OUTCOME_SLOTS:
-        raise TypeError(f"{outcome_class!r}: an outcome class with the slots {_OUTCOME_SLOTS}, got "
-                        f"{getattr(outcome_class, '__slots__', None)!r}")
+    slot_offsets(outcome_class, _OUTCOME_SLOTS, _outcome_offsets, "fastpath/_core.pyx's _OUTCOME_SLOTS")
     fields = outcome_class.__dataclass_fields__
     defaults = tuple(fields[name].default for name in _OUTCOME_SLOTS[2:])
     if any(type(default).__name__ == "_MISSING_TYPE" for default in defaults):
         raise TypeError(f"{outcome_class!r}: every field after code and fields needs a plain default")
-    for name in _OUTCOME_SLOTS:
-        descriptor = outcome_class.__dict__[name]
-        if type(descriptor).__name__ != "member_descriptor":
-            raise TypeError(f"{outcome_class!r}.{name} is not a slot")
-    for index in range(8):
-        _outcome_offsets[index] = (<_MemberDescr*><PyObject*>outcome_class.__dict__[_OUTCOME_SLOTS[index]]).d_member.offset
     _outcome_defaults = defaults
     _outcome_class = outcome_class
     return 0
@@ -150,26 +152,15 @@ cdef int _outcome_layout(type outcome_class) except -1:
 cdef object _outcome(object outcome_class, object code, dict fields):
     """outcome_class(code, fields), its slots filled in C rather than by the dataclass's __init__ (a
     Python call, ~0.2 µs: one outcome an operation). The same object: every other slot its default."""
-    cdef _Type* kind = <_Type*>outcome_class
-    cdef PyObject* made
     cdef Py_ssize_t index
     if outcome_class is not _outcome_class:
         _outcome_layout(outcome_class)
-    made = kind.tp_alloc(kind, 0)
-    if made == NULL:
-        raise MemoryError("cannot allocate an outcome")
-    outcome = <object>made
-    Py_DECREF(outcome)  # <object> took a reference of its own: `outcome` holds the only one
-    _outcome_set(made, 0, code)
-    _outcome_set(made, 1, fields)
+    outcome = new_with_slots(_outcome_class)
+    put(outcome, _outcome_offsets[0], code)
+    put(outcome, _outcome_offsets[1], fields)
     for index in range(6):
-        _outcome_set(made, index + 2, _outcome_defaults[index])
+        put(outcome, _outcome_offsets[index + 2], _outcome_defaults[index])
     return outcome
-
-
-cdef inline void _outcome_set(PyObject* made, Py_ssize_t index, object value):
-    Py_INCREF(value)
-    (<PyObject**>(<char*>made + _outcome_offsets[index]))[0] = <PyObject*>value
 
 
 cdef class Ledger:
@@ -1369,15 +1360,20 @@ cdef class Ledger:
         for index in range(len(batch)):
             op = batch[index]
             outcome = outcomes[index]
-            code = outcome.code
-            if (code is not ok and code in not_recorded) or not outcome.recorded:
+            code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
+            if ((code is not ok and code in not_recorded)
+                    or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
                 continue  # a refusal about the service's state is not recorded
-            merchant_id = op.merchant_id
-            key = op.idempotency_key
+            merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             if stored and (merchant_id, key) in stored:
                 continue  # a replay keeps its record
-            records.append((merchant_id, key, op.method._value_, dumps(op.request), code._value_,
-                            dumps(outcome.fields) if code is ok else None, outcome.message))
+            records.append((
+                merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
+                dumps(slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ)), code._value_,
+                dumps(slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)) if code is ok else None,
+                slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
+            ))
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,
@@ -1400,8 +1396,9 @@ cdef class Ledger:
         cdef const int64_t[:] out_level_before, out_level_after, out_reward, out_reward_id, out_lot
         cdef const int64_t[:] out_piece_start, out_piece_end
         cdef list made, pieces
-        cdef object op, merchant, merchant_id, member_id, acquirer_id, base, source_lot, fee_object
+        cdef object op, merchant, merchant_id, member_id, key, acquirer_id, base, source_lot, fee_object
         cdef object created_object, old
+        cdef Lot lot
         if (len(ops) != count or len(positions) != count or member.shape[0] != count
                 or tier.shape[0] != count):
             raise ValueError("ops, positions, method, member and tier must have one item per operation")
@@ -1448,23 +1445,26 @@ cdef class Ledger:
             created_object = created
             fee = out_fee[index]
             fee_object = fee
-            merchant_id = op.merchant_id
-            member_id = op.member_id
+            merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+            member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             merchant = merchants[merchant_id]
             if fee:
-                entries.append((created_object, merchant.fees_account_id, -fee))
+                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
+                                -fee))
                 entries.append((created_object, fee_revenue, fee_object))
             if code == OP_EARN:
-                base = op.points
+                base = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
                 total = out_total[index]
                 uplift = total - <int64_t>base
                 transactions.append((created_object, KIND_EARN, merchant_id, member_id, total,
-                                     op.purchase_amount, None, None, op.idempotency_key, fee_object,
-                                     version_number))
+                                     slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                     None, None, key, fee_object, version_number))
                 if total:
                     entries.append((created_object, self.member_accounts[slot], total))
                 if base:
-                    entries.append((created_object, merchant.issued_account_id, -base))
+                    entries.append((created_object,
+                                    slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ), -base))
                 if uplift:
                     entries.append((created_object, tier_rewards, -uplift))
                 level_before = out_level_before[index]
@@ -1492,23 +1492,25 @@ cdef class Ledger:
                                          None, None, created_object, f"acquiring:{created}", 0,
                                          version_number))
                     entries.append((reward_id, acquiring, -reward))
-                    entries.append((reward_id, merchants[acquirer_id].acquiring_account_id, reward))
+                    entries.append((reward_id, slot_read(&_merchant_reader, merchants[acquirer_id], _MERCHANT_ACQUIRING,
+                                                         _MERCHANT_READ), reward))
                 outcomes[positions[index]] = _outcome(outcome_type, ok_code, {
                     "transaction_id": created_object,
                     "points": base,
                     "balance": out_posted[index],
-                    "give_back_bps": merchant.give_back_bps,
+                    "give_back_bps": slot_read(&_merchant_reader, merchant, _MERCHANT_GIVE_BACK_BPS, _MERCHANT_READ),
                     "created_at_us": now_us,
                     "bonus_points": uplift,
                     "level": level_names[level_after],
                 })
                 continue
-            points_object = op.points
+            points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
             points = points_object
             transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
-                                 None, None, None, op.idempotency_key, fee_object))
+                                 None, None, None, key, fee_object))
             entries.append((created_object, self.member_accounts[slot], -points))
-            entries.append((created_object, merchant.redeemed_account_id, points_object))
+            entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
+                            points_object))
             pieces = []
             start = out_piece_start[index]
             end = out_piece_end[index]
@@ -1526,11 +1528,11 @@ cdef class Ledger:
                     if source_lot is None:
                         raise LedgerInvariantError(
                             f"operation {index} of the run took from lot {source}, which no earn made")
-                    if taken == source_lot.amount:
-                        pieces.append(source_lot)
+                    lot = <Lot?>source_lot  # records.Lot (rules.Lot): its fields read in C, not by getattr
+                    if taken == lot.amount:
+                        pieces.append(lot)
                     else:
-                        pieces.append(make_lot(source_lot.lot_id, taken,
-                                               source_lot.expires_at_us, source_lot.issuer_id))
+                        pieces.append(make_lot(lot.lot_id, taken, lot.expires_at_us, lot.issuer_id))
             consumed.append(((owner_transaction, created_object), tuple(pieces)))
             if points > 0:
                 old = spent.get(member_id)

@@ -26,35 +26,21 @@ The Operations: domain.Operation stays the slots dataclass every caller uses; th
 (tp_alloc, as object.__new__ does: tracked by the cyclic collector like any other) and stores its twenty
 fields through the offsets of its member descriptors, read once at construction and checked against the
 dataclass's fields (Intake.__init__ refuses a type whose fields are not its twenty slots in that order).
-That is ~50 ns against ~500 for calling its __init__ with twenty arguments.
+That is ~50 ns against ~500 for calling its __init__ with twenty arguments. The answer reads each
+Operation's outcome and the Outcome's code, replayed and fields by offset too, as _merchant reads a
+merchant's row: fastpath/slots.pxd, the one place both the layout checks and the reads are written.
 """
 
-from cpython.object cimport PyObject, PyTypeObject
-from cpython.ref cimport Py_DECREF, Py_INCREF
+cimport cython
 from libc.stdint cimport int64_t
 
-import dataclasses
-import types
+from fastpath.slots cimport SlotReader, new_with_slots, put, slot_offsets, slot_read
 
 
 cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        const char* name
-        int type
-        Py_ssize_t offset
-        int flags
-        const char* doc
-    ctypedef struct PyMemberDescrObject:
-        PyMemberDef* d_member
-    ctypedef PyObject* (*allocfunc)(PyTypeObject*, Py_ssize_t)
-    ctypedef struct _AllocatingType "PyTypeObject":
-        allocfunc tp_alloc
     Py_ssize_t PyUnicode_GET_LENGTH(object)
     bint PyUnicode_IS_ASCII(object)
     const unsigned char* PyUnicode_1BYTE_DATA(object)
-
-cdef extern from "structmember.h":
-    int T_OBJECT_EX
 
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
@@ -72,6 +58,16 @@ OPERATION_FIELDS = (
     "call outcome"
 ).split()
 DEF FIELD_COUNT = 20
+cdef tuple _OPERATION_FIELDS = tuple(OPERATION_FIELDS)
+
+# what respond() reads of each decided Operation and its Outcome, and _merchant of a merchant's row
+# (store.MerchantRow), by offset when they are those slots classes (fastpath/slots.pxd)
+cdef tuple _OPERATION_READ = ("outcome",)
+cdef tuple _OUTCOME_READ = ("code", "replayed", "fields")
+cdef tuple _MERCHANT_READ = ("merchant_slot", "give_back_bps")
+cdef SlotReader _operation_reader
+cdef SlotReader _outcome_reader
+cdef SlotReader _merchant_reader
 
 # Which bytes an identifier may hold ([A-Za-z0-9_.:@-], processor/servicer.py's _ID_PATTERN) and an
 # idempotency key (printable ASCII without space, 0x21..0x7e, Validator.idempotency_key)
@@ -113,12 +109,6 @@ cdef inline double _monotonic():
     return (<double>ns) / 1e9
 
 
-cdef inline void _put(PyObject* target, Py_ssize_t offset, object value):
-    # a slot of a freshly allocated object: NULL before, so nothing to release
-    Py_INCREF(value)
-    (<PyObject**>((<char*>target) + offset))[0] = <PyObject*>value
-
-
 cdef class _Merchant:
     """A merchant during one run: its row's values and its rate-limit bucket (as TokenBuckets keeps it)."""
     cdef object merchant_id
@@ -137,13 +127,13 @@ cdef int64_t _BPS_DENOMINATOR = 10_000
 cdef int64_t _INT64_MAX = 0x7FFFFFFFFFFFFFFF
 
 
+@cython.auto_pickle(False)  # its offsets, callbacks and buckets are this process's: not a value to copy
 cdef class Intake:
     """One per servicer: the limits it checks against and the callbacks into the servicer for what is
     decided once per merchant and run (admit) or is rare (rate_limited)."""
 
     cdef Py_ssize_t offsets[FIELD_COUNT]
-    cdef PyTypeObject* operation_type
-    cdef object operation_class
+    cdef type operation_class
     cdef object earn_method
     cdef object redeem_method
     cdef int64_t purchase_amount_max
@@ -158,22 +148,11 @@ cdef class Intake:
     def __init__(
         self, operation, earn_method, redeem_method, settings, rate_limits, admit, rate_limited
     ):
-        cdef int i
-        fields = [field.name for field in dataclasses.fields(operation)]
-        if fields != OPERATION_FIELDS or hasattr(operation, "__post_init__"):
-            raise ImportError(
-                "fastpath.intake: Operation's fields are not the twenty it stores (or it has a __post_init__); "
-                "update OPERATION_FIELDS and Intake.run's stores (fastpath/intake.pyx)"
-            )
-        for i, name in enumerate(fields):
-            descriptor = operation.__dict__[name]
-            if type(descriptor) is not types.MemberDescriptorType:
-                raise ImportError(f"fastpath.intake: Operation.{name} is not a slot (a slots dataclass is expected)")
-            if (<PyMemberDescrObject*>descriptor).d_member.type != T_OBJECT_EX:
-                raise ImportError(f"fastpath.intake: Operation.{name} is not an object slot")
-            self.offsets[i] = (<PyMemberDescrObject*>descriptor).d_member.offset
+        try:
+            slot_offsets(operation, _OPERATION_FIELDS, self.offsets, "fastpath/intake.pyx's OPERATION_FIELDS")
+        except TypeError as error:  # ImportError, as before slots.pxd: the servicer cannot use this module
+            raise ImportError(f"fastpath.intake: {error}") from error
         self.operation_class = operation
-        self.operation_type = <PyTypeObject*>operation
         self.earn_method = earn_method
         self.redeem_method = redeem_method
         self.purchase_amount_max = settings.purchase_amount_max
@@ -191,31 +170,27 @@ cdef class Intake:
     ):
         """An Operation as the positional constructor makes it in _earn_now / _redeem_now."""
         cdef Py_ssize_t* o = self.offsets
-        cdef PyObject* made = (<_AllocatingType*>self.operation_type).tp_alloc(self.operation_type, 0)
-        if made == NULL:
-            raise MemoryError()
-        op = <object>made  # a reference of its own: the allocation's is given up here
-        Py_DECREF(op)
-        _put(made, o[0], method)
-        _put(made, o[1], merchant_id)
-        _put(made, o[2], slot)
-        _put(made, o[3], key)
-        _put(made, o[4], request)
-        _put(made, o[5], member_id)
-        _put(made, o[6], points)
-        _put(made, o[7], purchase_amount)
-        _put(made, o[8], _ZERO)  # hold_ttl_seconds
-        _put(made, o[9], _ZERO)  # authorization_id
-        _put(made, o[10], _ZERO)  # transaction_id
-        _put(made, o[11], _EMPTY)  # referrer_id
-        _put(made, o[12], _ZERO)  # merchant_points
-        _put(made, o[13], vouchers)
-        _put(made, o[14], _EMPTY)  # at_merchant_id
-        _put(made, o[15], None)  # refusal
-        _put(made, o[16], None)  # future
-        _put(made, o[17], _ZERO_SECONDS)  # enqueued_at
-        _put(made, o[18], None)  # call
-        _put(made, o[19], None)  # outcome
+        op = new_with_slots(self.operation_class)
+        put(op, o[0], method)
+        put(op, o[1], merchant_id)
+        put(op, o[2], slot)
+        put(op, o[3], key)
+        put(op, o[4], request)
+        put(op, o[5], member_id)
+        put(op, o[6], points)
+        put(op, o[7], purchase_amount)
+        put(op, o[8], _ZERO)  # hold_ttl_seconds
+        put(op, o[9], _ZERO)  # authorization_id
+        put(op, o[10], _ZERO)  # transaction_id
+        put(op, o[11], _EMPTY)  # referrer_id
+        put(op, o[12], _ZERO)  # merchant_points
+        put(op, o[13], vouchers)
+        put(op, o[14], _EMPTY)  # at_merchant_id
+        put(op, o[15], None)  # refusal
+        put(op, o[16], None)  # future
+        put(op, o[17], _ZERO_SECONDS)  # enqueued_at
+        put(op, o[18], None)  # call
+        put(op, o[19], None)  # outcome
         return op
 
     cdef _Merchant _merchant(self, dict run, dict checked, str merchant_id, str key):
@@ -234,8 +209,8 @@ cdef class Intake:
                 return None
         merchant = _Merchant.__new__(_Merchant)
         merchant.merchant_id = merchant_id
-        merchant.slot = row.merchant_slot
-        bps = row.give_back_bps
+        merchant.slot = slot_read(&_merchant_reader, row, 0, _MERCHANT_READ)
+        bps = slot_read(&_merchant_reader, row, 1, _MERCHANT_READ)
         merchant.give_back_bps = bps if 1 <= bps <= _BPS_DENOMINATOR else 0  # 0: the Python path's invariant
         merchant.fresh = True
         merchant.touched = False
@@ -365,9 +340,10 @@ cdef class Intake:
                 append(refused[position])
                 position += 1
             position = index + 1
-            outcome = (<object>ops[i]).outcome
-            if outcome.code is ok and not outcome.replayed:
-                f = outcome.fields
+            outcome = slot_read(&_operation_reader, ops[i], 0, _OPERATION_READ)
+            if (slot_read(&_outcome_reader, outcome, 0, _OUTCOME_READ) is ok
+                    and not slot_read(&_outcome_reader, outcome, 1, _OUTCOME_READ)):
+                f = slot_read(&_outcome_reader, outcome, 2, _OUTCOME_READ)
                 # add() then the outcome set: ~0.1 µs less than add(outcome=...), which builds a kwargs
                 # dict (measured: keywords for the whole result, nested dicts included, cost more still)
                 if kind == "earn":  # _fill_earn_response's setters, in its order

@@ -29,21 +29,13 @@ cimport cython
 from cpython.object cimport Py_EQ, PyObject, PyObject_RichCompareBool, PyTypeObject
 from libc.stdlib cimport calloc
 
+from fastpath.slots cimport READONLY, T_OBJECT_EX, PyMemberDef
+
 
 cdef extern from "Python.h":
-    ctypedef struct PyMemberDef:
-        const char* name
-        int type
-        Py_ssize_t offset
-        int flags
-        const char* doc
     object PyDescr_NewMember(PyTypeObject* type, PyMemberDef* member)
     void PyType_Modified(PyTypeObject* type)
     int PyDict_SetItem(PyObject* mapping, object key, object value) except -1
-
-cdef extern from "structmember.h":
-    int T_OBJECT_EX
-    int READONLY
 
 
 cdef object _KEEP = object()  # a field replace() was not given: kept as it is
