@@ -8,6 +8,7 @@ import subprocess
 import sys
 import uuid
 
+import asyncpg
 import grpc
 import pytest
 
@@ -59,14 +60,17 @@ def add_program_version(url: str, config: dict, program_id: str = "alliance") ->
     asyncio.run(add())
 
 
+WAIT_UNTIL_POLL_SECONDS = 0.05  # was 0.1: half a poll is lost on average per wait, ~45 waits in test_ids alone
+
+
 def wait_until(condition, what: str, seconds: float = 20) -> None:
-    """Polls `condition` every 0.1 s; fails with `what` if it is not true within `seconds`."""
+    """Polls `condition` every WAIT_UNTIL_POLL_SECONDS; fails with `what` if it is not true within `seconds`."""
     import time
 
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, what
-        time.sleep(0.1)
+        time.sleep(WAIT_UNTIL_POLL_SECONDS)
 
 
 def unique(prefix: str) -> str:
@@ -192,3 +196,33 @@ async def table_contents(url: str, tables: dict[str, str]) -> dict[str, list[tup
         }
     finally:
         await c.close()
+
+
+# A program version stored with no start is in force PROGRAM_LEAD_SECONDS (1 s) after it is stored; the
+# tests waited a flat 1.3 s after starting the service, which itself takes about 1 s: most of the wait
+# had already passed. The same 0.3 s margin past the start is kept (the service loads the version before
+# it applies: at start-up, or on the change notice while running).
+PROGRAM_IN_FORCE_MARGIN_SECONDS = 0.3
+PROGRAM_IN_FORCE_WAIT_SECONDS_MAX = 1.3  # what the flat wait was: a later start is a mistake of the test
+
+
+def wait_program_in_force(url: str) -> None:
+    """Returns once the newest stored program version (of any program) has been in force for
+    PROGRAM_IN_FORCE_MARGIN_SECONDS, by this machine's clock (the one its start was computed from)."""
+    import time
+
+    async def newest_start_us() -> int:
+        connection = await asyncpg.connect(url)
+        try:
+            return await connection.fetchval("SELECT max(effective_from_us) FROM program_versions")
+        finally:
+            await connection.close()
+
+    start_us = asyncio.run(newest_start_us())
+    assert start_us is not None, "no program version stored: add one (add_program_version) before waiting for it"
+    wait_seconds = start_us / 1_000_000 + PROGRAM_IN_FORCE_MARGIN_SECONDS - time.time()
+    assert wait_seconds <= PROGRAM_IN_FORCE_WAIT_SECONDS_MAX, (
+        f"the newest program version starts {wait_seconds:.1f} s from now: wait for a start that late explicitly"
+    )
+    if wait_seconds > 0:
+        time.sleep(wait_seconds)

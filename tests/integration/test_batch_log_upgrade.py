@@ -24,7 +24,7 @@ from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from processor import batch_log
 from tests.harness import add_merchant, ledger_discrepancies, wait_projected
-from tests.integration.helpers import add_program_version, cli, unique
+from tests.integration.helpers import add_program_version, cli, unique, wait_program_in_force
 from tests.integration.idempotency_rows import records_of
 from tests.integration.test_projection import ProjectionBlocker
 from tests.unit.test_batch_log import encode_format_1
@@ -123,7 +123,7 @@ def test_an_unprojected_log_of_format_1_is_projected_after_the_upgrade(create_da
         add_merchant(url, merchant, 1000)
     add_program_version(url, _config())
     service = service_factory(url)
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     members = [unique("mem") for _ in range(6)]
     acknowledged: list[tuple[pb.Operation, pb.OperationResult]] = []
     blocker = ProjectionBlocker(url)

@@ -17,7 +17,7 @@ from google.protobuf import timestamp_pb2
 from points.v1 import admin_pb2 as pb
 from points.v1 import admin_pb2_grpc, points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies, open_store
-from tests.integration.helpers import add_program_version, credential, earn, error_of, unique
+from tests.integration.helpers import add_program_version, credential, earn, error_of, unique, wait_program_in_force
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,7 +46,7 @@ def world(create_database):
     add_program_version(url, {"channel": CHANNEL})
     operator = credential(create_key(url, "operator"))
     service = ServiceProcess(url).start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.channel() as channel:
         yield {
             "url": url,

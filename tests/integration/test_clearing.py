@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2
 
 from points.v1 import admin_pb2, admin_pb2_grpc, points_pb2, points_pb2_grpc
 from tests.harness import add_merchant, connect, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import cli, credential, error_of, unique
+from tests.integration.helpers import cli, credential, error_of, unique, wait_program_in_force
 from tests.integration.ledger_rows import Ledger, rules_ledger
 
 pytestmark = pytest.mark.timeout(120)
@@ -1138,7 +1138,7 @@ def test_program_earns_and_acquiring_posted_by_the_service_clear_at_each_merchan
 
     asyncio.run(program())
     service = service_factory(url)
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.bare_channel() as channel:
         points = points_pb2_grpc.PointsServiceStub(channel)
         operator = Operator(channel, create_key(url, "operator"))

@@ -34,7 +34,7 @@ from points.v1 import points_pb2_grpc
 from processor import store as store_module
 from processor.store import Store
 from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import earn, unique
+from tests.integration.helpers import earn, unique, wait_program_in_force
 from tests.integration.ledger_rows import CONVERSION, EARN, MERCHANT_VOUCHER_SPEND, OPERATOR, VOUCHERS, Ledger
 
 pytestmark = pytest.mark.timeout(120)
@@ -254,7 +254,7 @@ def world(create_database):
         add_merchant(url, merchant, 1000, fee_redeemed_bps=fee)
     asyncio.run(_add_version(url))
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.channel() as channel:
         yield url, points_pb2_grpc.PointsServiceStub(channel), Clearing(channel)
     service.kill()

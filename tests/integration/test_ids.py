@@ -8,7 +8,6 @@ capture its own hold and the first one's next Authorize crashed the service."""
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 
 import grpc
@@ -17,7 +16,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import add_program_version, earn, error_of, unique, wait_until
+from tests.integration.helpers import add_program_version, earn, error_of, unique, wait_program_in_force, wait_until
 
 STORE, OWN_POINTS = "id-store", "id-own-points"
 RESYNCS = re.compile(r"^points_pipeline_resyncs_total (\S+)$", re.M)
@@ -119,7 +118,7 @@ def world(create_database):
     add_program_version(url, _config())
     world = World(url)
     world.start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     stub = world.stub
     world.alice, world.bob = unique("alice"), unique("bob")
     world.took(earn(stub, "shop-a", world.alice, 60_000).transaction_id)  # 6,000 point-units

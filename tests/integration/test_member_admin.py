@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     funded_member,
     replay_flag,
     unique,
+    wait_program_in_force,
 )
 
 pytestmark = pytest.mark.timeout(300)
@@ -71,7 +72,7 @@ class World:
             add_program_version(url, program)
         self.start()
         if program is not None:
-            time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+            wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
 
     def start(self) -> None:
         self.service = ServiceProcess(self.url).start()
@@ -1132,7 +1133,7 @@ def test_a_merge_moves_the_sources_vouchers_and_the_voucher_credit_it_owes(creat
     )
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
     try:
-        time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+        wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
         with service.channel() as channel, service.bare_channel() as bare:
             stub, admin = points_pb2_grpc.PointsServiceStub(channel), admin_pb2_grpc.MemberAdminServiceStub(bare)
             alice, bob, carol = unique("alice"), unique("bob"), unique("carol")

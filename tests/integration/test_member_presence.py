@@ -18,7 +18,15 @@ from points.v1 import admin_pb2, admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import add_program_version, credential, earn, error_of, replay_flag, unique
+from tests.integration.helpers import (
+    add_program_version,
+    credential,
+    earn,
+    error_of,
+    replay_flag,
+    unique,
+    wait_program_in_force,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -47,7 +55,7 @@ class World:
         add_program_version(url, _config())
         self.service: ServiceProcess | None = None
         self.start()
-        time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+        wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
 
     def start(self) -> None:
         self.service = ServiceProcess(self.url).start()

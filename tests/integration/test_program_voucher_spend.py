@@ -14,7 +14,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import add_program_version, earn, error_of, replay_flag, unique
+from tests.integration.helpers import add_program_version, earn, error_of, replay_flag, unique, wait_program_in_force
 
 STORE = "op-store"
 RATE_BPS = 1_000  # 10% a round: round 1 gives every holder a tenth of its holding in vouchers
@@ -69,7 +69,7 @@ def world(create_database):
     add_merchant(url, STORE, 1000)
     add_program_version(url, _config(None))
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.channel() as channel:
         stub = points_pb2_grpc.PointsServiceStub(channel)
         alice, bob = unique("alice"), unique("bob")

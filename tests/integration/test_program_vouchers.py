@@ -13,7 +13,7 @@ import pytest
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, fetch, ledger_discrepancies
-from tests.integration.helpers import add_program_version, earn, error_of, unique
+from tests.integration.helpers import add_program_version, earn, error_of, unique, wait_program_in_force
 
 
 def _config() -> dict:
@@ -34,7 +34,7 @@ def world(create_database):
         add_merchant(url, merchant, 1000)
     add_program_version(url, _config())
     service = ServiceProcess(url, "--dividend-check-seconds", "0.2").start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.channel() as channel:
         yield url, points_pb2_grpc.PointsServiceStub(channel), service
     service.kill()

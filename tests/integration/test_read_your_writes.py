@@ -24,7 +24,7 @@ from points.v1 import admin_pb2_grpc
 from points.v1 import points_pb2 as pb
 from points.v1 import points_pb2_grpc
 from tests.harness import ServiceProcess, add_merchant, create_key, fetch, ledger_discrepancies, wait_projected
-from tests.integration.helpers import add_program_version, credential, earn, replay_flag, unique
+from tests.integration.helpers import add_program_version, credential, earn, replay_flag, unique, wait_program_in_force
 
 ROUNDS = 200
 BATCH_OPERATIONS = 5  # a SubmitBatch of the member under test
@@ -280,7 +280,7 @@ def test_statements_and_reports_of_a_cut_hold_every_operation_answered_before_it
     add_program_version(url, {"channel": {"promoter_commission_bps": PROMOTER_COMMISSION_BPS}})
     operator = credential(create_key(url, "operator"))
     service = service_factory(url, *NO_RATE_LIMIT)
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     with service.channel() as channel:
         clearing = admin_pb2_grpc.ClearingServiceStub(channel)
         payees = admin_pb2_grpc.ChannelServiceStub(channel)
@@ -415,7 +415,7 @@ def leveled(create_database):
         },
     )
     service = ServiceProcess(url, *NO_RATE_LIMIT).start()
-    time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+    wait_program_in_force(url)  # in force PROGRAM_LEAD_SECONDS after it was stored
     yield url, service
     service.kill()
 

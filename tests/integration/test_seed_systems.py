@@ -23,7 +23,7 @@ from points.v1 import points_pb2_grpc
 from processor import domain
 from processor.store import Store, StoreError
 from tests.harness import ROOT, ServiceProcess, create_key, fetch, ledger_discrepancies
-from tests.integration.helpers import cli, credential, earn, error_of, unique
+from tests.integration.helpers import cli, credential, earn, error_of, unique, wait_program_in_force
 
 PROGRAMS = pathlib.Path(ROOT) / "ops" / "programs"
 YUAN = 100  # currency minor units per yuan; also point-units per point
@@ -56,7 +56,7 @@ class System:
         self.program_id = program_id
         asyncio.run(_set_up(self.url, program_id, config, merchants))
         self.service = ServiceProcess(self.url, "--program-id", program_id, "--dividend-check-seconds", "0.2").start()
-        time.sleep(1.3)  # the version applies PROGRAM_LEAD_SECONDS after it is stored
+        wait_program_in_force(self.url)  # in force PROGRAM_LEAD_SECONDS after it was stored
         self.channel = self.service.channel()
         self.points = points_pb2_grpc.PointsServiceStub(self.channel)
         self.clearing = admin_pb2_grpc.ClearingServiceStub(self.channel)
