@@ -273,6 +273,11 @@ async def _reset_pooled(connection: asyncpg.Connection) -> None:
 # Migrations
 
 
+def migration_files() -> list[tuple[int, pathlib.Path]]:
+    """The migrations this version carries, (version, file) in the order they apply: NNNN_*.sql."""
+    return sorted((int(path.name.split("_", 1)[0]), path) for path in MIGRATIONS.glob("*.sql"))
+
+
 async def migrate(connection: asyncpg.Connection) -> list[str]:
     """Applies, in order, every migrations/NNNN_*.sql not yet applied; returns the names applied.
     Serialised by an advisory lock, so concurrent starts do not race."""
@@ -285,8 +290,7 @@ async def migrate(connection: asyncpg.Connection) -> list[str]:
                 name       text NOT NULL,
                 applied_at timestamptz NOT NULL DEFAULT now())""")
         done = {r["version"] for r in await connection.fetch("SELECT version FROM schema_migrations")}
-        for path in sorted(MIGRATIONS.glob("*.sql")):
-            version = int(path.name.split("_", 1)[0])
+        for version, path in migration_files():
             if version in done:
                 continue
             async with connection.transaction():

@@ -117,7 +117,7 @@ async def _open_migrated_store(database_url: str):
 
     store = await store_module.Store.open(database_url, 2)
     try:
-        files = {int(path.name.split("_", 1)[0]) for path in store_module.MIGRATIONS.glob("*.sql")}
+        files = {version for version, _ in store_module.migration_files()}
         applied: set[int] = set()
         if await store.pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
             applied = {r["version"] for r in await store.pool.fetch("SELECT version FROM schema_migrations")}
