@@ -59,6 +59,7 @@ setup(
             "fastpath/idempotency_table.pyx",
             "fastpath/intake.pyx",
             "fastpath/kernel_rows.pyx",
+            "fastpath/balances.pyx",
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),

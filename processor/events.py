@@ -32,11 +32,21 @@ import datetime as dt
 import json
 import logging
 import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import asyncpg
 
+import fastpath
 from processor.domain import Code, Rejection, require
+
+# the compiled walk of balances_after (fastpath/balances.pyx); POINTS_FASTPATH=python runs its twin
+_balances_after_ordered: Callable[[list[Any], list[Any], Any, Any], dict[int, int] | None] | None = None
+_TRANSACTION_ORDER_ERROR: type[Exception] = ValueError  # the compiled walk's, raised by it only
+if fastpath.IMPLEMENTATION == "cython":
+    from fastpath import balances as _compiled_balances
+
+    _balances_after_ordered = _compiled_balances.balances_after_ordered
+    _TRANSACTION_ORDER_ERROR = _compiled_balances.TransactionOrderError
 
 log = logging.getLogger("points.events")
 
@@ -369,6 +379,19 @@ async def _wait_for_projection(connection: asyncpg.Connection) -> None:
 
 
 def balances_after(write: Any, ledger: Any) -> dict[int, int]:
+    """transaction_id -> the member's posted points balance right after it, for a batch just applied to
+    the fast path: the compiled walk (fastpath/balances.pyx) with the compiled fast path, else its twin
+    _balances_after_python; either hands a batch whose moves are not in order to the general walk."""
+    if _balances_after_ordered is None:
+        return _balances_after_python(write, ledger)
+    try:
+        found = _balances_after_ordered(write.transactions, write.entries, write.new_members, ledger)
+    except _TRANSACTION_ORDER_ERROR as error:
+        require(False, str(error))
+    return _balances_after_any_order(write, ledger) if found is None else found
+
+
+def _balances_after_python(write: Any, ledger: Any) -> dict[int, int]:
     """transaction_id -> the member's posted points balance right after it, for a batch just applied to
     the fast path (`ledger` shows exactly the state after the batch; BatchWrite `write`). The final
     balance of each member is the fast path's; walking the batch's journal back from it gives each

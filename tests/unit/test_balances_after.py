@@ -1,25 +1,42 @@
-"""events.balances_after (one walk back over the transactions and their members' points moves) gives the
-same transaction_id -> balance as the general walk forward it replaced (_balances_after_any_order), in
-the same order: over the state machine's own batches with and without a program, over random batches
-with transfers, vouchers, members without an account and transactions without a member, and with the
-entries in any order (then the general walk answers)."""
+"""events.balances_after (one walk back over the transactions and their members' points moves; compiled in
+fastpath/balances.pyx, its twin events._balances_after_python) gives the same transaction_id -> balance
+as the general walk forward it replaced (_balances_after_any_order), in the same order: over the state
+machine's own batches with and without a program, over random batches with transfers, vouchers, members
+without an account and transactions without a member, and with the entries in any order (then the
+general walk answers). The compiled walk and its twin are compared on every batch."""
 
 from __future__ import annotations
 
+import pathlib
 import random
+import subprocess
+import sys
 import types
 
 from hypothesis import given, settings, strategies as st
 
+import pytest
+
 import fastpath
 from loadtest import bench_state_machine as bench
-from processor import events
+from processor import domain, events
+
+try:
+    from fastpath import balances as compiled
+except ImportError:  # no build: the twin's tests still run
+    compiled = None  # type: ignore[assignment]
 
 
 def _same(write, ledger) -> dict[int, int]:
     now, before = events.balances_after(write, ledger), events._balances_after_any_order(write, ledger)
     assert now == before
     assert list(now) == list(before)  # the same order: the batch log's payload is the same bytes
+    twin = events._balances_after_python(write, ledger)
+    assert twin == now and list(twin) == list(now)
+    if compiled is not None:
+        walked = compiled.balances_after_ordered(write.transactions, write.entries, write.new_members, ledger)
+        if walked is not None:  # None: moves out of order, for the general walk (checked equal above)
+            assert walked == now and list(walked) == list(now)
     return now
 
 
@@ -65,3 +82,49 @@ def _batches(draw):
 def test_random_batches_in_any_order(batch):
     write, ledger = batch
     _same(write, ledger)
+
+
+def test_the_compiled_walk_hands_unordered_moves_to_the_general_walk():
+    if compiled is None:
+        pytest.skip("the compiled fast path is not built")
+    ledger = fastpath.Ledger(8, 4, 4)
+    ledger.load_member("a", 100, 7)
+    transactions = [(1, 1, "shop", "a", 0), (2, 1, "shop", "a", 0)]
+    ordered = [(1, 7, 10), (2, 7, 5)]
+    assert compiled.balances_after_ordered(transactions, ordered, [], ledger) == {1: 95, 2: 100}
+    assert compiled.balances_after_ordered(transactions, ordered[::-1], [], ledger) is None
+    # a balance that would leave int64 on the way back: the general walk (Python's integers) answers
+    assert compiled.balances_after_ordered(transactions, [(1, 7, -(2**63) + 1), (2, 7, 5)], [], ledger) is None
+
+
+def test_transactions_out_of_id_order_are_an_invariant_violation():
+    ledger = fastpath.Ledger(8, 4, 4)
+    ledger.load_member("a", 100, 7)
+    write = types.SimpleNamespace(
+        new_members=[], transactions=[(2, 1, "shop", "a", 0), (1, 1, "shop", "a", 0)], entries=[(2, 7, 5)]
+    )
+    with pytest.raises(domain.InvariantViolation, match="id order"):
+        events.balances_after(write, ledger)
+    with pytest.raises(domain.InvariantViolation, match="id order"):
+        events._balances_after_python(write, ledger)
+
+
+def test_stubtest_of_the_compiled_walk():
+    """fastpath/balances.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
+    if compiled is None:
+        pytest.skip("the compiled fast path is not built")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy.stubtest",
+            "fastpath.balances",
+            "--allowlist",
+            "fastpath/stubtest_allowlist_balances.txt",
+        ],
+        cwd=pathlib.Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
