@@ -1893,25 +1893,31 @@ class Store:
                 timeout=timeout,
             )
             require(moved == "UPDATE 1", f"the balance checkpoint is not at transaction {previous}; not folding")
-            row = await connection.fetchrow(
-                # over the legs' arrays (migration 0022), unnested in the select list: no view, no
-                # function scan per transaction
-                """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta
-                              FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
-                                    FROM transactions WHERE transaction_id > $1 AND transaction_id <= $2) l
-                              GROUP BY account_id HAVING sum(amount) <> 0),
-                        u AS (UPDATE accounts a SET balance = a.balance + d.delta FROM d
-                              WHERE a.account_id = d.account_id RETURNING 1)
-                   SELECT (SELECT count(*) FROM d) AS wanted, (SELECT count(*) FROM u) AS updated""",
-                previous,
-                through,
-                timeout=timeout,
-            )
-            require(row["updated"] == row["wanted"], f"checkpoint: {row['updated']} of {row['wanted']} accounts exist")
-            changed = row["updated"]
+            changed = await Store.fold_range(connection, previous, through, timeout)
 
         await self._as_writer(write, timeout)
         return changed
+
+    @staticmethod
+    async def fold_range(connection: asyncpg.Connection, previous: int, through: int, timeout: float) -> int:
+        """Adds the legs of transactions (previous, through] to accounts.balance, in the caller's
+        transaction (write_checkpoint's); returns how many accounts changed."""
+        row = await connection.fetchrow(
+            # over the legs' arrays (migration 0022), unnested in the select list: no view, no
+            # function scan per transaction
+            """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta
+                          FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
+                                FROM transactions WHERE transaction_id > $1 AND transaction_id <= $2) l
+                          GROUP BY account_id HAVING sum(amount) <> 0),
+                    u AS (UPDATE accounts a SET balance = a.balance + d.delta FROM d
+                          WHERE a.account_id = d.account_id RETURNING 1)
+               SELECT (SELECT count(*) FROM d) AS wanted, (SELECT count(*) FROM u) AS updated""",
+            previous,
+            through,
+            timeout=timeout,
+        )
+        require(row["updated"] == row["wanted"], f"checkpoint: {row['updated']} of {row['wanted']} accounts exist")
+        return row["updated"]
 
     async def checkpoint_through(self) -> int:
         """The newest transaction whose entries accounts.balance includes."""
