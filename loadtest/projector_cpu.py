@@ -192,7 +192,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--prefill-batches", type=int, default=40)
-    parser.add_argument("--group", type=int, default=1, help="batches a projection transaction [1: what SubmitBatch load forms]")
+    parser.add_argument(
+        "--group", type=int, default=1, help="batches a projection transaction [1: what SubmitBatch load forms]"
+    )
     parser.add_argument("--members", type=int, default=20_000)
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
