@@ -43,6 +43,18 @@ from processor.store import Store
 FIRST_TRANSACTION_ID = 1_000_000_000
 
 
+class StatementProbe(Probe):
+    """Probe with each statement named by its verb and table (lots: the DELETE, COPY and upsert apart)."""
+
+    @staticmethod
+    def table(sql: str) -> str:
+        verb = sql.split(None, 1)[0].upper()
+        return f"{verb} {Probe.table(sql)}"
+
+    async def copy_to_table(self, table: str, **kwargs):
+        return await self.timed(f"COPY {table}", self.connection.copy_to_table(table, **kwargs))
+
+
 def untimed(_: str) -> None:
     pass
 
@@ -96,7 +108,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         del m, work
         gc.collect()
         gc.freeze()
-        probe = Probe(c) if args.statements else None
+        probe = StatementProbe(c) if args.statements else None
         # the child's collector regime around a projection: this tree's (projector.collector_paused), or
         # none (a tree before it)
         paused = getattr(projector, "collector_paused", contextlib.nullcontext)
