@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 import logging
 import os
 import signal
@@ -46,7 +47,7 @@ from processor import batch_log, domain, metrics
 from processor.config import Settings
 from processor.projector import PRUNE_INTERVAL_SECONDS, RETRY_DELAY_SECONDS_MAX
 from processor.projector import Appended, Projector, _divergent
-from processor.projector import _described, prune_log
+from processor.projector import _described, collector_paused, prune_log
 from processor.store import Store, StoreError
 
 log = logging.getLogger("points.projector")
@@ -125,6 +126,10 @@ async def run_child(
     listener = loop.create_task(listen(), name="projector-stdin")
     async with store.pool.acquire() as connection:
         through, _ = await batch_log.positions(connection, store.recovery_timeout)
+    # what the child holds for its life (modules, the pool): out of the collector's sight, so its passes
+    # after each projection walk only what is new (as the service freezes what recovery loaded)
+    gc.collect()
+    gc.freeze()
     _report(REPORT_OK)
     failed = False
     prune_due_at = time.monotonic() + PRUNE_INTERVAL_SECONDS
@@ -160,12 +165,16 @@ async def run_child(
             continue
         started = time.monotonic()
         try:
-            async with store.pool.acquire() as connection:
-                entries = await batch_log.read_after(
-                    connection, through, batches_per_transaction_max, timeout_seconds, announced
+            with collector_paused():  # the decoded batches live until their projection commits
+                async with store.pool.acquire() as connection:
+                    entries = await batch_log.read_after(
+                        connection, through, batches_per_transaction_max, timeout_seconds, announced
+                    )
+                domain.require(bool(entries), f"batch_log holds batches after {through} up to {announced}")
+                through = await store.project_batches(
+                    [(e.batch_id, e.write) for e in entries], timeout_seconds, CHANNEL
                 )
-            domain.require(bool(entries), f"batch_log holds batches after {through} up to {announced}")
-            through = await store.project_batches([(e.batch_id, e.write) for e in entries], timeout_seconds, CHANNEL)
+                del entries  # freed here by their reference counts, not by the collector's next pass
         except Exception as error:
             if _divergent(error):
                 log.critical(

@@ -138,12 +138,18 @@ def _one(r: RulesWrite, at: dt.datetime) -> RulesRows:
     lots_gone: list[LotKey] = []
     lots_created: list[LotRow] = []
     lots_changed: list[LotRow] = []
+    new_lots = r.new_lots
+    created, changed_ = lots_created.append, lots_changed.append
     for m, (gone, changed) in r.lots.items():
-        lots_gone.extend((m, lot_id, expires_at_us) for lot_id, expires_at_us in gone)
-        new = r.new_lots.get(m, ())
+        if gone:
+            lots_gone.extend([(m, lot_id, expires_at_us) for lot_id, expires_at_us in gone])
+        new = new_lots.get(m)
+        if not new:  # a member who created no lot in the batch (a redeem's): every lot changed
+            lots_changed.extend([(m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount) for lot in changed])
+            continue
         for lot in changed:
             row = (m, lot.lot_id, lot.expires_at_us, lot.issuer_id, lot.amount)
-            (lots_created if (lot.lot_id, lot.expires_at_us) in new else lots_changed).append(row)
+            (created if lot.key in new else changed_)(row)
     return RulesRows(
         members=r.members,
         linked_at={m: at for m, v in r.members.items() if v.acquirer_id is not None},

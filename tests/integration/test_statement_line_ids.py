@@ -137,7 +137,8 @@ def test_lines_of_periods_closed_before_and_after_0024_are_the_ones_the_journal_
                 assert not before[period_id, "ghost", 0, None]
 
             store = await Store.open(url, 2)
-            assert await store.migrate() == ["0024_statement_line_ids.sql"]
+            # 0024 and the migrations after it (which leave statement lines alone)
+            assert (await store.migrate())[:1] == ["0024_statement_line_ids.sql"]
             names = {r[0] for r in await c.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'transactions'")}
             assert "transactions_merchant_hash" not in names
             assert await c.fetchval("SELECT count(DISTINCT period_id) FROM statement_line_ids") == 2
