@@ -83,6 +83,12 @@ PROGRAM_START_US_MAX = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z, t
 # lots and growing with the table, measured with auto_explain), where an index probe a key costs the
 # same at any size. Local to the transaction (set_config(..., true)).
 PROJECTION_PLANNER = "set_config('enable_hashjoin', 'off', true) AS no_hash_join, set_config('enable_mergejoin', 'off', true) AS no_merge_join"
+# A projection's first statement: its mark, row-locked, and PROJECTION_PLANNER's settings
+PROJECTION_MARK = f"SELECT through_batch_id FROM projection_state, {PROJECTION_PLANNER} FOR UPDATE OF projection_state"
+# the lots a projection deletes, by their whole key (tests/integration/test_projection_plans.py: planned
+# as probes of the primary key under PROJECTION_PLANNER)
+LOTS_DELETE = """DELETE FROM lots l USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(m, i, e)
+                 WHERE l.member_id = g.m AND l.lot_id = g.i AND l.expires_at_us = g.e"""
 PROGRAM_CHANNEL = "points_program"  # NOTIFY channel; the payload is the program_id of a new version
 
 
@@ -1384,10 +1390,7 @@ class Store:
             nonlocal through_after
             # PROJECTION_PLANNER (no extra round trip): every statement below applies a batch's keyed
             # changes to a large table, which an index probe a key does best at any size
-            through = await connection.fetchval(
-                f"SELECT through_batch_id FROM projection_state, {PROJECTION_PLANNER} FOR UPDATE OF projection_state",
-                timeout=timeout,
-            )
+            through = await connection.fetchval(PROJECTION_MARK, timeout=timeout)
             todo = [(batch_id, batch) for batch_id, batch in batches if batch_id > through]
             for offset, (batch_id, _) in enumerate(todo):
                 if batch_id != through + 1 + offset:
@@ -1700,8 +1703,7 @@ class Store:
         if rows.lots_gone or rows.lots_created or rows.lots_changed:
             if rows.lots_gone:
                 await c.execute(
-                    """DELETE FROM lots l USING unnest($1::text[], $2::bigint[], $3::bigint[]) AS g(m, i, e)
-                       WHERE l.member_id = g.m AND l.lot_id = g.i AND l.expires_at_us = g.e""",
+                    LOTS_DELETE,
                     *[list(column) for column in zip(*rows.lots_gone)],
                     timeout=timeout,
                 )
