@@ -355,6 +355,32 @@ class Ledger:
         dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
         `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
         `stored` (a replay keeps its record). ValueError when the lengths differ."""
+    def first_pass_plain(
+        self, context: tuple[Any, ...], batch: list[Any], position: int, next_transaction_id: int
+    ) -> tuple[int, int]:
+        """The batch loop's first pass with no program (processor/state_machine.py's _apply_batch): from
+        batch[position] on, each operation that is an earn or redeem (context's `earn` and `redeem`
+        methods, by identity) with no refusal, vouchers, authorization_id, transaction_id or
+        referrer_id, a str member_id not in `routed`, not a replay (stored, when not None, has no
+        record under (merchant_id, idempotency_key)), of a merchant in `merchants` whose status is
+        "active", of a member in the ledger whose account is known (an earn's; any redeem's member) is
+        appended to the plain columns: its position to `applied`, OP_EARN or OP_REDEEM, its member
+        slot, merchant_slot, points, reference 0, the next transaction id (taken) and expiry 0.
+        Stops at the first operation it does not take (the caller decides it). `context`: (merchants,
+        routed, stored, earn, redeem, applied, codes, members, merchant_slots, points, references,
+        createds, expirations). Returns (the position it stopped at, the next transaction id)."""
+    def first_pass_run(self, context: tuple[Any, ...], batch: list[Any], position: int) -> int:
+        """The batch loop's first pass into a rules kernel's run (processor/rules_kernel.py): from
+        batch[position] on, each operation first_pass_plain would take whose points and purchase_amount
+        are ints within 0..points_max and 0..purchase_max and, an earn, whose merchant's give_back_bps
+        is an int within give_back_min..give_back_max, whose member has a tier row (tier_rows, else
+        kernel_member(run, tables, op, now_us) >= 0) is appended to the run: position, op, member
+        slot, tier row, and the merchant's fee_issued_bps (an earn) or fee_redeemed_bps (a redeem,
+        whose points are added to tier_demand[row]). Stops at the first operation it does not take,
+        which may have been given its tier row (as the loop would first). `context`: (merchants,
+        routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
+        positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables,
+        now_us). Returns the position it stopped at."""
     def earn_redeem_rows(
         self,
         ops: list[Any],

@@ -129,6 +129,15 @@ cdef tuple _MERCHANT_READ = (
 )
 cdef enum:
     _MERCHANT_GIVE_BACK_BPS, _MERCHANT_FEES, _MERCHANT_ISSUED, _MERCHANT_REDEEMED, _MERCHANT_ACQUIRING
+# what the batch loop's first pass (Ledger.first_pass_plain, first_pass_run) reads besides _OPERATION_READ
+cdef tuple _PASS_READ = ("refusal", "vouchers", "transaction_id", "referrer_id", "authorization_id", "merchant_slot")
+cdef enum:
+    _PASS_REFUSAL, _PASS_VOUCHERS, _PASS_TRANSACTION_ID, _PASS_REFERRER_ID, _PASS_AUTHORIZATION_ID, _PASS_MERCHANT_SLOT
+cdef tuple _MERCHANT_PASS_READ = ("status", "give_back_bps", "fee_issued_bps", "fee_redeemed_bps")
+cdef enum:
+    _MERCHANT_STATUS, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_FEE_ISSUED, _MERCHANT_FEE_REDEEMED
+cdef SlotReader _pass_reader
+cdef SlotReader _merchant_pass_reader
 cdef SlotReader _operation_reader
 cdef SlotReader _outcome_reader
 cdef SlotReader _merchant_reader
@@ -161,6 +170,33 @@ cdef object _outcome(object outcome_class, object code, dict fields):
     for index in range(6):
         put(outcome, _outcome_offsets[index + 2], _outcome_defaults[index])
     return outcome
+
+
+cdef object _first_pass_merchant(object op, dict merchants, object routed, object stored, object earn,
+                                 object redeem):
+    """The merchant row of `op` when the batch loop's first pass may take it (an earn or redeem of an active
+    merchant, no replay, refusal, route, vouchers or hold), else None: the batch loop decides it (twin:
+    fastpath/_reference.py's _first_pass_merchant)."""
+    if stored:
+        if stored.get((slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ),
+                       slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ))) is not None:
+            return None
+    method = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)
+    if (slot_read(&_pass_reader, op, _PASS_REFUSAL, _PASS_READ) is not None
+            or (method is not earn and method is not redeem)):
+        return None
+    member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+    if (type(member_id) is not str or member_id in routed
+            or slot_read(&_pass_reader, op, _PASS_TRANSACTION_ID, _PASS_READ)
+            or slot_read(&_pass_reader, op, _PASS_REFERRER_ID, _PASS_READ)):
+        return None
+    if (slot_read(&_pass_reader, op, _PASS_VOUCHERS, _PASS_READ)
+            or slot_read(&_pass_reader, op, _PASS_AUTHORIZATION_ID, _PASS_READ)):
+        return None
+    merchant = merchants.get(slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ))
+    if merchant is None or slot_read(&_merchant_pass_reader, merchant, _MERCHANT_STATUS, _MERCHANT_PASS_READ) != "active":
+        return None
+    return merchant
 
 
 cdef class Ledger:
@@ -1374,6 +1410,97 @@ cdef class Ledger:
                 dumps(slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)) if code is ok else None,
                 slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
             ))
+
+    def first_pass_plain(self, tuple context not None, list batch not None, Py_ssize_t position,
+                         next_transaction_id):
+        # The batch loop's common operation with no program (an earn or redeem of a known member at an
+        # active merchant) into the kernel's columns here, a run of them a call, rather than by the
+        # loop's few dozen bytecodes and C calls an operation; the first one it does not take is the
+        # loop's (contract: _core.pyi).
+        cdef dict merchants
+        cdef list applied, codes, members, merchant_slots, points, references, createds, expirations
+        (merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points, references,
+         createds, expirations) = context
+        cdef Py_ssize_t count = len(batch)
+        cdef int64_t slot
+        cdef bint is_earn
+        zero = 0
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            found = self.member_slots.get(slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ))
+            if found is None:
+                break
+            slot = found
+            is_earn = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ) is earn
+            if is_earn and self.member_accounts[slot] == 0:
+                break
+            applied.append(position)
+            codes.append(OP_EARN if is_earn else OP_REDEEM)
+            members.append(found)
+            merchant_slots.append(slot_read(&_pass_reader, op, _PASS_MERCHANT_SLOT, _PASS_READ))
+            points.append(slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ))
+            references.append(zero)
+            createds.append(next_transaction_id)
+            expirations.append(zero)
+            next_transaction_id = next_transaction_id + 1
+            position += 1
+        return position, next_transaction_id
+
+    def first_pass_run(self, tuple context not None, list batch not None, Py_ssize_t position):
+        # The batch loop's common operation under a program the rules kernel implements (a plain earn or
+        # redeem within its bounds, of a known member the run can take) into the run here, a stretch of
+        # them a call; the first one it does not take is the loop's (contract: _core.pyi).
+        cdef dict merchants, tier_rows
+        cdef list positions, ops, slots, rows, fee_bps, tier_demand
+        (merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
+         positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables, now_us) = context
+        cdef Py_ssize_t count = len(batch)
+        cdef int64_t slot
+        cdef Py_ssize_t row
+        cdef bint is_earn
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            is_earn = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ) is earn
+            if is_earn:
+                give_back = slot_read(&_merchant_pass_reader, merchant, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_PASS_READ)
+                if type(give_back) is not int or not (give_back_min <= give_back <= give_back_max):
+                    break
+            points = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
+            purchase = slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ)
+            if type(points) is not int or type(purchase) is not int:
+                break
+            if not (0 <= points <= points_max and 0 <= purchase <= purchase_max):
+                break
+            member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            row_object = tier_rows.get(member_id)
+            if row_object is None or row_object < 0:
+                row_object = kernel_member(run, tables, op, now_us)
+                if row_object < 0:
+                    break
+            row = row_object
+            found = self.member_slots.get(member_id)
+            if found is None:
+                break
+            slot = found
+            if is_earn and self.member_accounts[slot] == 0:
+                break
+            positions.append(position)
+            ops.append(op)
+            slots.append(found)
+            rows.append(row_object)
+            if is_earn:
+                fee_bps.append(slot_read(&_merchant_pass_reader, merchant, _MERCHANT_FEE_ISSUED, _MERCHANT_PASS_READ))
+            else:
+                fee_bps.append(slot_read(&_merchant_pass_reader, merchant, _MERCHANT_FEE_REDEEMED, _MERCHANT_PASS_READ))
+                tier_demand[row] = tier_demand[row] + points
+            position += 1
+        return position
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,

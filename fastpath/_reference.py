@@ -959,6 +959,77 @@ class Ledger:
                 )
             )
 
+    def first_pass_plain(self, context, batch, position, next_transaction_id):
+        """The batch loop's first pass with no program (contract: _core.pyi)."""
+        merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points = context[:10]
+        references, createds, expirations = context[10:]
+        count = len(batch)
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            slot = self._member_slots.get(op.member_id, -1)
+            if slot < 0:
+                break
+            is_earn = op.method is earn
+            if is_earn and self._member_account[slot] == 0:
+                break
+            applied.append(position)
+            codes.append(OP_EARN if is_earn else OP_REDEEM)
+            members.append(slot)
+            merchant_slots.append(op.merchant_slot)
+            points.append(op.points)
+            references.append(0)
+            createds.append(next_transaction_id)
+            expirations.append(0)
+            next_transaction_id += 1
+            position += 1
+        return position, next_transaction_id
+
+    def first_pass_run(self, context, batch, position):
+        """The batch loop's first pass into a rules kernel's run (contract: _core.pyi)."""
+        merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max = context[:9]
+        positions, ops, slots, rows, fee_bps, tier_rows, tier_demand = context[9:16]
+        kernel_member, run, tables, now_us = context[16:]
+        count = len(batch)
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            is_earn = op.method is earn
+            if is_earn:
+                give_back = merchant.give_back_bps
+                if type(give_back) is not int or not give_back_min <= give_back <= give_back_max:
+                    break
+            points, purchase = op.points, op.purchase_amount
+            if type(points) is not int or type(purchase) is not int:
+                break
+            if not (0 <= points <= points_max and 0 <= purchase <= purchase_max):
+                break
+            row = tier_rows.get(op.member_id, -1)
+            if row < 0:
+                row = kernel_member(run, tables, op, now_us)
+                if row < 0:
+                    break
+            slot = self._member_slots.get(op.member_id, -1)
+            if slot < 0:
+                break
+            if is_earn and self._member_account[slot] == 0:
+                break
+            positions.append(position)
+            ops.append(op)
+            slots.append(slot)
+            rows.append(row)
+            if is_earn:
+                fee_bps.append(merchant.fee_issued_bps)
+            else:
+                fee_bps.append(merchant.fee_redeemed_bps)
+                tier_demand[row] += points
+            position += 1
+        return position
+
     def earn_redeem_rows(
         self,
         ops,
@@ -1280,3 +1351,22 @@ def _level_for(qualifying, threshold):
         if qualifying >= value:
             reached = level
     return reached
+
+
+def _first_pass_merchant(op, merchants, routed, stored, earn, redeem):
+    """The merchant row of `op` when the first pass may take it (an earn or redeem of an active merchant,
+    no replay, refusal, route, vouchers or hold), else None: the batch loop decides it."""
+    if stored and stored.get((op.merchant_id, op.idempotency_key)) is not None:
+        return None
+    method = op.method
+    if op.refusal is not None or (method is not earn and method is not redeem):
+        return None
+    member_id = op.member_id
+    if type(member_id) is not str or member_id in routed or op.transaction_id or op.referrer_id:
+        return None
+    if op.vouchers or op.authorization_id:
+        return None
+    merchant = merchants.get(op.merchant_id)
+    if merchant is None or merchant.status != "active":
+        return None
+    return merchant

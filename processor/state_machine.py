@@ -326,7 +326,32 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             for column in columns:
                 del column[:]
 
-        for position, op in enumerate(batch):
+        # The common operation (an earn or redeem of a known member at an active merchant, nothing to
+        # replay, route or refuse) is taken by the fast path's first pass, a stretch of them a call: into
+        # the plain columns with no program, into the rules kernel's run under a program it implements.
+        # It stops at the first operation it does not take, which the loop below decides as before (the
+        # pass has changed nothing for it but, under a program, the run's row of its member, which the
+        # loop would add first too); then the pass goes on after it.
+        plain_pass = run_pass = None
+        count = len(batch)
+        stored_pass = stored if stored else None
+        if version is None:
+            plain_pass = (merchants, routed, stored_pass, earn, redeem, applied, *columns)
+        elif tables is not None:
+            run_pass = self._run_pass(run, tables, now_us, merchants, routed, stored_pass)
+        first_pass_plain, first_pass_run = ledger.first_pass_plain, ledger.first_pass_run
+        position = -1
+        while True:
+            position += 1
+            if plain_pass is not None and position < count:
+                position, ids.next_transaction_id = first_pass_plain(
+                    plain_pass, batch, position, ids.next_transaction_id
+                )
+            elif run_pass is not None and position < count:
+                position = first_pass_run(run_pass, batch, position)
+            if position >= count:
+                break
+            op = batch[position]
             if stored_get is not None:
                 previous = stored_get((op.merchant_id, op.idempotency_key))
                 if previous is not None:
@@ -347,6 +372,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                     self._kernel_run(run, tables, write, now_us, outcomes)
                     run = EarnRedeemRun()
                     run_position, run_op, run_slot, run_row, run_fee_bps, tier_row, tier_demand = _run_parts(run)
+                    run_pass = self._run_pass(run, tables, now_us, merchants, routed, stored_pass)
                 flush()
                 outcomes[position] = self._member_admin(op, write, now_us)
                 continue
@@ -389,6 +415,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 self._kernel_run(run, tables, write, now_us, outcomes)
                 run = EarnRedeemRun()
                 run_position, run_op, run_slot, run_row, run_fee_bps, tier_row, tier_demand = _run_parts(run)
+                run_pass = self._run_pass(run, tables, now_us, merchants, routed, stored_pass)
             slot = reference = created = expires = 0
             if kind is earn or kind is convert or kind is link:
                 slot = member_slot(op.member_id)
@@ -487,6 +514,41 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             if answered[position].code is not Code.OK:
                 self.quotas.hold_not_opened(batch[position].merchant_id)
         return answered
+
+    def _run_pass(
+        self,
+        run: EarnRedeemRun,
+        tables: KernelTables,
+        now_us: int,
+        merchants: dict[str, MerchantRow],
+        routed: set[str],
+        stored: dict[tuple[str, str], StoredOutcome] | None,
+    ) -> tuple[Any, ...]:
+        """What Ledger.first_pass_run reads and fills for `run` (fastpath/_core.pyi): the batch's look-ups,
+        the kernel's bounds, the run's lists, and _kernel_member with its arguments."""
+        version = tables.version
+        return (
+            merchants,
+            routed,
+            stored,
+            _EARN,
+            _REDEEM,
+            version.give_back_bps_min,
+            version.give_back_bps_max,
+            fastpath.RULES_EARN_POINTS_MAX,
+            fastpath.RULES_PURCHASE_MAX,
+            run.positions,
+            run.ops,
+            run.slots,
+            run.rows,
+            run.fee_bps,
+            run.tier_rows,
+            run.tier_demand,
+            self._kernel_member,
+            run,
+            tables,
+            now_us,
+        )
 
     def _applied(
         self,
