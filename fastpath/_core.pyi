@@ -355,6 +355,37 @@ class Ledger:
         dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
         `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
         `stored` (a replay keeps its record). ValueError when the lengths differ."""
+    def plain_rows(
+        self,
+        batch: list[Any],
+        applied: list[int],
+        index: int,
+        created: Sequence[int],
+        status: Sequence[int],
+        member: Sequence[int],
+        posted: Sequence[int],
+        available: Sequence[int],
+        merchants: dict[str, Any],
+        numbers: tuple[int, int, Any, Any],
+        classes: tuple[Any, Any],
+        transactions: list[Any],
+        entries: list[Any],
+        outcomes: list[Any],
+    ) -> int:
+        """The rows of the plain operations apply_batch() decided, from `index` on (processor/
+        state_machine.py's _applied, for an earn or redeem decided OK): for i = index, index + 1, ..
+        while status[i] is OK, batch[applied[i]] is an earn or redeem (numbers' `earn` and `redeem`
+        methods, by identity) of a merchant in `merchants` whose fee rate (fee_issued_bps for an earn,
+        fee_redeemed_bps for a redeem) is an int in 0..10,000 and whose points are an int in
+        0..922,337,203,685,477: its fee floor(points * rate / 10,000) and, when non-zero, its two
+        entries (the merchant's fees account, the operator's fee revenue account); its transaction
+        row; an earn's member and issued entries (when points > 0), a redeem's member and redeemed
+        entries; and outcomes[applied[i]] = Outcome(OK, fields) (an earn: transaction_id, points,
+        balance, give_back_bps, created_at_us; a redeem: transaction_id, points, balance, available).
+        created/status/member/posted/available: apply_batch()'s new id column and its outputs.
+        `numbers`: (now_us, the fee revenue account id, earn, redeem); `classes`: (Outcome, its OK
+        code). Returns the index it stopped at (the caller builds that one). ValueError when a column
+        is shorter than `applied`."""
     def first_pass_plain(
         self, context: tuple[Any, ...], batch: list[Any], position: int, next_transaction_id: int
     ) -> tuple[int, int]:

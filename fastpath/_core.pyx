@@ -137,6 +137,8 @@ cdef tuple _MERCHANT_PASS_READ = ("status", "give_back_bps", "fee_issued_bps", "
 cdef enum:
     _MERCHANT_STATUS, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_FEE_ISSUED, _MERCHANT_FEE_REDEEMED
 cdef SlotReader _pass_reader
+# points whose fee at any rate up to 10,000 bps is an int64 product (plain_rows; larger: the caller's path)
+cdef int64_t _FEE_POINTS_MAX = 922337203685477
 cdef SlotReader _merchant_pass_reader
 cdef SlotReader _operation_reader
 cdef SlotReader _outcome_reader
@@ -1501,6 +1503,90 @@ cdef class Ledger:
                 tier_demand[row] = tier_demand[row] + points
             position += 1
         return position
+
+    def plain_rows(self, list batch not None, list applied not None, Py_ssize_t index,
+                   const int64_t[:] created not None, const int64_t[:] status not None,
+                   const int64_t[:] member not None, const int64_t[:] posted not None,
+                   const int64_t[:] available not None, dict merchants not None, tuple numbers not None,
+                   tuple classes not None, list transactions not None, list entries not None,
+                   list outcomes not None):
+        # The journal rows and outcome of each plain earn or redeem apply_batch() decided OK, built here
+        # rather than by the state machine's _applied, a Python call an operation (its fee, its rows, a
+        # dict and an Outcome); the first row it does not build is the caller's (contract: _core.pyi).
+        cdef Py_ssize_t count = len(applied)
+        cdef int64_t slot, points, bps, fee
+        cdef bint is_earn
+        now_us, fee_revenue, earn, redeem = numbers
+        outcome_type, ok_code = classes
+        if (created.shape[0] < count or status.shape[0] < count or member.shape[0] < count
+                or posted.shape[0] < count or available.shape[0] < count):
+            raise ValueError("created, status, member, posted and available need an item per applied operation")
+        while index < count:
+            if status[index] != OK:
+                break
+            op = batch[<Py_ssize_t>applied[index]]
+            method = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)
+            if method is earn:
+                is_earn = True
+            elif method is redeem:
+                is_earn = False
+            else:
+                break
+            merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+            merchant = merchants.get(merchant_id)
+            if merchant is None:
+                break
+            points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
+            bps_object = slot_read(&_merchant_pass_reader, merchant,
+                                   _MERCHANT_FEE_ISSUED if is_earn else _MERCHANT_FEE_REDEEMED, _MERCHANT_PASS_READ)
+            if type(points_object) is not int or type(bps_object) is not int:
+                break
+            # domain.fee_point_units: floor(points * bps / 10000), points >= 0 and 0 <= bps <= 10000 (else
+            # the caller's path raises); points * bps within int64
+            if not (0 <= points_object <= _FEE_POINTS_MAX and 0 <= bps_object <= 10000):
+                break
+            points = points_object
+            bps = bps_object
+            slot = member[index]
+            self._check_member_slot(slot)
+            fee = points * bps // 10000
+            created_object = created[index]
+            fee_object = fee
+            if fee:
+                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
+                                -fee))
+                entries.append((created_object, fee_revenue, fee_object))
+            member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
+            if is_earn:
+                transactions.append((created_object, KIND_EARN, merchant_id, member_id, points_object,
+                                     slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                     None, None, key, fee_object))
+                if points:
+                    entries.append((created_object, self.member_accounts[slot], points_object))
+                    entries.append((created_object,
+                                    slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ), -points))
+                outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
+                    "transaction_id": created_object,
+                    "points": points_object,
+                    "balance": posted[index],
+                    "give_back_bps": slot_read(&_merchant_reader, merchant, _MERCHANT_GIVE_BACK_BPS, _MERCHANT_READ),
+                    "created_at_us": now_us,
+                })
+            else:
+                transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
+                                     None, None, None, key, fee_object))
+                entries.append((created_object, self.member_accounts[slot], -points))
+                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
+                                points_object))
+                outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
+                    "transaction_id": created_object,
+                    "points": points_object,
+                    "balance": posted[index],
+                    "available": available[index],
+                })
+            index += 1
+        return index
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,

@@ -959,6 +959,105 @@ class Ledger:
                 )
             )
 
+    def plain_rows(
+        self,
+        batch,
+        applied,
+        index,
+        created,
+        status,
+        member,
+        posted,
+        available,
+        merchants,
+        numbers,
+        classes,
+        transactions,
+        entries,
+        outcomes,
+    ):
+        """The rows and outcomes of plain earns and redeems decided OK (contract: _core.pyi)."""
+        now_us, fee_revenue, earn, redeem = numbers
+        outcome_type, ok_code = classes
+        count = len(applied)
+        if min(len(created), len(status), len(member), len(posted), len(available)) < count:
+            raise ValueError("created, status, member, posted and available need an item per applied operation")
+        while index < count:
+            if status[index] != OK:
+                break
+            op = batch[applied[index]]
+            method = op.method
+            if method is not earn and method is not redeem:
+                break
+            is_earn = method is earn
+            merchant = merchants.get(op.merchant_id)
+            if merchant is None:
+                break
+            points = op.points
+            bps = merchant.fee_issued_bps if is_earn else merchant.fee_redeemed_bps
+            if type(points) is not int or type(bps) is not int:
+                break
+            if not (0 <= points <= _FEE_POINTS_MAX and 0 <= bps <= 10_000):
+                break
+            slot = member[index]
+            self._check_member_slot(slot)
+            fee = points * bps // 10_000
+            transaction_id = created[index]
+            if fee:
+                entries.append((transaction_id, merchant.fees_account_id, -fee))
+                entries.append((transaction_id, fee_revenue, fee))
+            if is_earn:
+                transactions.append(
+                    (
+                        transaction_id,
+                        KIND_EARN,
+                        op.merchant_id,
+                        op.member_id,
+                        points,
+                        op.purchase_amount,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                    )
+                )
+                if points:
+                    entries.append((transaction_id, self._member_account[slot], points))
+                    entries.append((transaction_id, merchant.issued_account_id, -points))
+                fields = {
+                    "transaction_id": transaction_id,
+                    "points": points,
+                    "balance": posted[index],
+                    "give_back_bps": merchant.give_back_bps,
+                    "created_at_us": now_us,
+                }
+            else:
+                transactions.append(
+                    (
+                        transaction_id,
+                        KIND_REDEEM,
+                        op.merchant_id,
+                        op.member_id,
+                        points,
+                        None,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                    )
+                )
+                entries.append((transaction_id, self._member_account[slot], -points))
+                entries.append((transaction_id, merchant.redeemed_account_id, points))
+                fields = {
+                    "transaction_id": transaction_id,
+                    "points": points,
+                    "balance": posted[index],
+                    "available": available[index],
+                }
+            outcomes[applied[index]] = outcome_type(ok_code, fields)
+            index += 1
+        return index
+
     def first_pass_plain(self, context, batch, position, next_transaction_id):
         """The batch loop's first pass with no program (contract: _core.pyi)."""
         merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points = context[:10]
@@ -1351,6 +1450,10 @@ def _level_for(qualifying, threshold):
         if qualifying >= value:
             reached = level
     return reached
+
+
+# points whose fee at any rate up to 10,000 bps is an int64 product (plain_rows; larger: the caller's path)
+_FEE_POINTS_MAX = 922337203685477
 
 
 def _first_pass_merchant(op, merchants, routed, stored, earn, redeem):

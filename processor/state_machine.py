@@ -55,6 +55,10 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         # them through the per-operation rules path (the differential tests compare the two)
         self.rules_kernel = True
         self._kernel_tables: KernelTables | None = None
+        # the fast path's first pass and plain rows (Ledger.first_pass_plain, first_pass_run, plain_rows)
+        # for the common earn and redeem; False has the batch loop and _applied decide every operation
+        # (tests/unit/test_first_pass.py compares the two)
+        self.first_pass = True
 
     # --- the batch ---
 
@@ -302,6 +306,19 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         route, routed = self.members.route, self.members.routed
         stored_get = stored.get if stored else None
 
+        # Ledger.plain_rows builds the plain earns' and redeems' rows as _applied and _fee do, with no star
+        # rebate of the fee (none with no version in force) and the operator's fee revenue account known
+        plain_rows = ledger.plain_rows
+        fee_revenue = self.operator_accounts.get(domain.ACCOUNT_OPERATOR_FEE_REVENUE)
+        fee_version = self.fee_version
+        rows_numbers = (
+            (now_us, fee_revenue, earn, redeem)
+            if self.first_pass
+            and fee_revenue is not None
+            and (fee_version is None or not fee_version.star_fee_rebate_bps)
+            else None
+        )
+
         def flush() -> None:
             # the plain operations gathered so far (no program), through the kernel in one call: before any
             # operation applied on its own, so operations take effect in batch order, which is id order (an
@@ -313,15 +330,47 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             statuses, slots, amounts, posteds, availables, kinds_done = rows = [
                 array.array("q", zeros) for _ in range(6)
             ]
-            ledger.apply_batch(*map(int64_column, columns), now_us, *rows)
-            # the kernel's rows by iteration, not by index (seven subscripts an operation)
+            arrays = [int64_column(column) for column in columns]
+            ledger.apply_batch(*arrays, now_us, *rows)
+            # the rows of the earns and redeems decided OK are built in C, a stretch a call (Ledger.plain_rows);
+            # the first one it leaves (a refusal, another method, a fee it does not compute) is _applied's
+            createds = arrays[5]
             applied_one = self._applied
-            for position, created, status, slot, amount, posted, available, kind in zip(
-                applied, columns[5], statuses, slots, amounts, posteds, availables, kinds_done
-            ):
+            index, count = 0, len(applied)
+            while True:
+                if rows_numbers is not None:
+                    index = plain_rows(
+                        batch,
+                        applied,
+                        index,
+                        createds,
+                        statuses,
+                        slots,
+                        posteds,
+                        availables,
+                        merchants,
+                        rows_numbers,
+                        _PLAIN_CLASSES,
+                        write.transactions,
+                        write.entries,
+                        outcomes,
+                    )
+                if index >= count:
+                    break
+                position = applied[index]
                 outcomes[position] = applied_one(
-                    batch[position], write, now_us, created, status, slot, amount, posted, available, kind
+                    batch[position],
+                    write,
+                    now_us,
+                    createds[index],
+                    statuses[index],
+                    slots[index],
+                    amounts[index],
+                    posteds[index],
+                    availables[index],
+                    kinds_done[index],
                 )
+                index += 1
             applied.clear()
             for column in columns:
                 del column[:]
@@ -335,9 +384,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         plain_pass = run_pass = None
         count = len(batch)
         stored_pass = stored if stored else None
-        if version is None:
+        if self.first_pass and version is None:
             plain_pass = (merchants, routed, stored_pass, earn, redeem, applied, *columns)
-        elif tables is not None:
+        elif self.first_pass and tables is not None:
             run_pass = self._run_pass(run, tables, now_us, merchants, routed, stored_pass)
         first_pass_plain, first_pass_run = ledger.first_pass_plain, ledger.first_pass_run
         position = -1
@@ -1146,6 +1195,10 @@ _NEW_BUSINESS = frozenset(
 # operations only the rules path applies (with or without a program version in force)
 # (by value: an Enum member's hash is a Python call, a str's is cached)
 _RULES_ONLY = frozenset({Method.CONVERT.value, Method.LINK.value, Method.SPEND_VOUCHERS.value})
+
+
+# what Ledger.plain_rows builds its outcomes as
+_PLAIN_CLASSES = (Outcome, Code.OK)
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
