@@ -347,14 +347,17 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[[Any], str],
+        dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
+        dumps_option: Any = None,
     ) -> None:
         """Appends to `records` the idempotency record of each operation of `batch` whose outcome (aligned
         by index) is recorded: (merchant id, key, method value, dumps(request), code value,
         dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
         `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
-        `stored` (a replay keeps its record). ValueError when the lengths differ."""
+        `stored` (a replay keeps its record). With `dumps_option` not None, dumps(value,
+        option=dumps_option) is called instead (orjson.dumps: UTF-8 bytes, decoded to str here; a str
+        answer is kept). ValueError when the lengths differ."""
     def plain_rows(
         self,
         batch: list[Any],

@@ -9,6 +9,7 @@ one crossing per batch instead of one per operation.
 """
 from cpython cimport array as c_array
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
@@ -172,6 +173,54 @@ cdef object _outcome(object outcome_class, object code, dict fields):
     for index in range(6):
         put(outcome, _outcome_offsets[index + 2], _outcome_defaults[index])
     return outcome
+
+
+cdef extern from "Python.h":
+    object _vectorcall "PyObject_Vectorcall"(object function, PyObject** args, size_t nargsf, object kwnames)
+    object _decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
+    char* _bytes_data "PyBytes_AS_STRING"(object value)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(object value)
+
+cdef tuple _OPTION_KEYWORD = ("option",)
+
+
+cdef inline object _dumps_text(object dumps, object value, object option):
+    """dumps(value, option=option) as str: its UTF-8 bytes decoded (orjson.dumps answers bytes); a str
+    answer is kept."""
+    cdef PyObject* args[2]
+    args[0] = <PyObject*>value
+    args[1] = <PyObject*>option
+    made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
+    if type(made) is bytes:
+        return _decode_utf8(_bytes_data(made), _bytes_size(made), NULL)
+    return made
+
+
+cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
+                              object dumps, list records, object option) except -1:
+    # Ledger.idempotency_records with dumps(value, option=option), called by vectorcall, its bytes decoded
+    cdef Py_ssize_t index
+    if len(outcomes) != len(batch):
+        raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
+    for index in range(len(batch)):
+        op = batch[index]
+        outcome = outcomes[index]
+        code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
+        if ((code is not ok and code in not_recorded)
+                or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
+            continue  # a refusal about the service's state is not recorded
+        merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+        key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
+        if stored and (merchant_id, key) in stored:
+            continue  # a replay keeps its record
+        records.append((
+            merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
+            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option), code._value_,
+            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option)
+            if code is ok else None,
+            slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
+        ))
+    return 0
 
 
 cdef object _first_pass_merchant(object op, dict merchants, object routed, object stored, object earn,
@@ -1389,10 +1438,17 @@ cdef class Ledger:
 
     @staticmethod
     def idempotency_records(list batch not None, list outcomes not None, dict stored not None,
-                            frozenset not_recorded not None, object ok, object dumps, list records not None):
+                            frozenset not_recorded not None, object ok, object dumps, list records not None,
+                            object dumps_option=None):
         # One record an operation of every batch, so the loop is here rather than in Python (the JSON is
         # dumps', orjson: a flat encoder written here cost more instructions than orjson's, callgrind).
+        # With dumps_option, dumps is orjson.dumps called here with its option and its bytes decoded here:
+        # store.to_json's Python call, its look-ups and its decode() were ~3k instructions an operation
+        # of the state machine's apply (two records' JSON), callgrind.
         cdef Py_ssize_t index
+        if dumps_option is not None:
+            _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option)
+            return
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
         for index in range(len(batch)):

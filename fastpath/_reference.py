@@ -935,10 +935,18 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[[Any], str],
+        dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
+        dumps_option: Any = None,
     ) -> None:
         """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
+        if dumps_option is not None:
+            plain_dumps = dumps
+
+            def dumps(value: Any) -> str:
+                made = plain_dumps(value, option=dumps_option)
+                return made.decode() if type(made) is bytes else made
+
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
         for op, outcome in zip(batch, outcomes):

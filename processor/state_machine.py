@@ -20,6 +20,8 @@ import dataclasses
 import gc
 from typing import Any
 
+import orjson
+
 import fastpath
 from processor import domain, metrics, rules, velocity
 from processor.config import Settings
@@ -31,7 +33,7 @@ from processor.member_postings import MemberPostingsMixin, MemberRegistry
 from processor.postings import PostingsMixin, _entries
 from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
 from processor.quotas import MerchantQuotas
-from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros, to_json
+from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros
 
 
 class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
@@ -118,7 +120,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             # each decided operation's record, in compiled code (a replay keeps its record; a refusal
             # about the service's state is not one)
             fastpath.Ledger.idempotency_records(
-                batch, outcomes, stored, NOT_RECORDED, Code.OK, to_json, write.idempotency
+                batch, outcomes, stored, NOT_RECORDED, Code.OK, orjson.dumps, write.idempotency, RECORD_JSON_OPTION
             )
             self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
@@ -1199,6 +1201,12 @@ _RULES_ONLY = frozenset({Method.CONVERT.value, Method.LINK.value, Method.SPEND_V
 
 # what Ledger.plain_rows builds its outcomes as
 _PLAIN_CLASSES = (Outcome, Code.OK)
+
+
+# The records' JSON is store.to_json's (orjson with these options, decoded): orjson.dumps is called
+# with it by the compiled records, not through to_json's Python call (~3k instructions an operation,
+# callgrind); tests/unit/test_idempotency_records.py holds the two to the same text.
+RECORD_JSON_OPTION = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.
