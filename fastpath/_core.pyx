@@ -223,7 +223,7 @@ cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset 
     return 0
 
 
-cdef object _first_pass_merchant(object op, dict merchants, object routed, object stored, object earn,
+cdef object _first_pass_merchant(object op, dict merchants, set routed, dict stored, object earn,
                                  object redeem):
     """The merchant row of `op` when the batch loop's first pass may take it (an earn or redeem of an active
     merchant, no replay, refusal, route, vouchers or hold), else None: the batch loop decides it (twin:
@@ -245,7 +245,10 @@ cdef object _first_pass_merchant(object op, dict merchants, object routed, objec
             or slot_read(&_pass_reader, op, _PASS_AUTHORIZATION_ID, _PASS_READ)):
         return None
     merchant = merchants.get(slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ))
-    if merchant is None or slot_read(&_merchant_pass_reader, merchant, _MERCHANT_STATUS, _MERCHANT_PASS_READ) != "active":
+    if merchant is None:
+        return None
+    status = slot_read(&_merchant_pass_reader, merchant, _MERCHANT_STATUS, _MERCHANT_PASS_READ)
+    if type(status) is not str or <str>status != "active":  # a str's compare in C, no rich compare
         return None
     return merchant
 
@@ -1475,7 +1478,8 @@ cdef class Ledger:
         # active merchant) into the kernel's columns here, a run of them a call, rather than by the
         # loop's few dozen bytecodes and C calls an operation; the first one it does not take is the
         # loop's (contract: _core.pyi).
-        cdef dict merchants
+        cdef dict merchants, stored
+        cdef set routed
         cdef list applied, codes, members, merchant_slots, points, references, createds, expirations
         (merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points, references,
          createds, expirations) = context
@@ -1511,7 +1515,8 @@ cdef class Ledger:
         # The batch loop's common operation under a program the rules kernel implements (a plain earn or
         # redeem within its bounds, of a known member the run can take) into the run here, a stretch of
         # them a call; the first one it does not take is the loop's (contract: _core.pyi).
-        cdef dict merchants, tier_rows
+        cdef dict merchants, tier_rows, stored
+        cdef set routed
         cdef list positions, ops, slots, rows, fee_bps, tier_demand
         (merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
          positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables, now_us) = context

@@ -1478,6 +1478,6 @@ def _first_pass_merchant(op, merchants, routed, stored, earn, redeem):
     if op.vouchers or op.authorization_id:
         return None
     merchant = merchants.get(op.merchant_id)
-    if merchant is None or merchant.status != "active":
+    if merchant is None or type(merchant.status) is not str or merchant.status != "active":
         return None
     return merchant
