@@ -350,6 +350,7 @@ class Ledger:
         dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
         dumps_option: Any = None,
+        dumps_option_fallback: Any = None,
     ) -> None:
         """Appends to `records` the idempotency record of each operation of `batch` whose outcome (aligned
         by index) is recorded: (merchant id, key, method value, dumps(request), code value,
@@ -357,7 +358,9 @@ class Ledger:
         `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
         `stored` (a replay keeps its record). With `dumps_option` not None, dumps(value,
         option=dumps_option) is called instead (orjson.dumps: UTF-8 bytes, decoded to str here; a str
-        answer is kept). ValueError when the lengths differ."""
+        answer is kept), and when it raises TypeError (orjson's JSONEncodeError) and
+        dumps_option_fallback is not None, dumps(value, option=dumps_option_fallback) is the answer.
+        ValueError when the lengths differ."""
     def plain_rows(
         self,
         batch: list[Any],

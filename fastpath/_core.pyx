@@ -184,20 +184,27 @@ cdef extern from "Python.h":
 cdef tuple _OPTION_KEYWORD = ("option",)
 
 
-cdef inline object _dumps_text(object dumps, object value, object option):
+cdef inline object _dumps_text(object dumps, object value, object option, object fallback):
     """dumps(value, option=option) as str: its UTF-8 bytes decoded (orjson.dumps answers bytes); a str
-    answer is kept."""
+    answer is kept. On a TypeError (orjson's JSONEncodeError) and a fallback not None: dumps(value,
+    option=fallback) instead."""
     cdef PyObject* args[2]
     args[0] = <PyObject*>value
     args[1] = <PyObject*>option
-    made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
+    try:
+        made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
+    except TypeError:
+        if fallback is None:
+            raise
+        args[1] = <PyObject*>fallback
+        made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
     if type(made) is bytes:
         return _decode_utf8(_bytes_data(made), _bytes_size(made), NULL)
     return made
 
 
 cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
-                              object dumps, list records, object option) except -1:
+                              object dumps, list records, object option, object fallback) except -1:
     # Ledger.idempotency_records with dumps(value, option=option), called by vectorcall, its bytes decoded
     cdef Py_ssize_t index
     if len(outcomes) != len(batch):
@@ -215,8 +222,9 @@ cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset 
             continue  # a replay keeps its record
         records.append((
             merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
-            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option), code._value_,
-            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option)
+            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option, fallback),
+            code._value_,
+            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option, fallback)
             if code is ok else None,
             slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
         ))
@@ -1442,7 +1450,7 @@ cdef class Ledger:
     @staticmethod
     def idempotency_records(list batch not None, list outcomes not None, dict stored not None,
                             frozenset not_recorded not None, object ok, object dumps, list records not None,
-                            object dumps_option=None):
+                            object dumps_option=None, object dumps_option_fallback=None):
         # One record an operation of every batch, so the loop is here rather than in Python (the JSON is
         # dumps', orjson: a flat encoder written here cost more instructions than orjson's, callgrind).
         # With dumps_option, dumps is orjson.dumps called here with its option and its bytes decoded here:
@@ -1450,7 +1458,8 @@ cdef class Ledger:
         # of the state machine's apply (two records' JSON), callgrind.
         cdef Py_ssize_t index
         if dumps_option is not None:
-            _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option)
+            _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option,
+                                 dumps_option_fallback)
             return
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")

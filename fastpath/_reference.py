@@ -938,13 +938,19 @@ class Ledger:
         dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
         dumps_option: Any = None,
+        dumps_option_fallback: Any = None,
     ) -> None:
         """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
         if dumps_option is not None:
             plain_dumps = dumps
 
             def dumps(value: Any) -> str:
-                made = plain_dumps(value, option=dumps_option)
+                try:
+                    made = plain_dumps(value, option=dumps_option)
+                except TypeError:
+                    if dumps_option_fallback is None:
+                        raise
+                    made = plain_dumps(value, option=dumps_option_fallback)
                 return made.decode() if type(made) is bytes else made
 
         if len(outcomes) != len(batch):

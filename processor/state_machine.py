@@ -120,7 +120,15 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             # each decided operation's record, in compiled code (a replay keeps its record; a refusal
             # about the service's state is not one)
             fastpath.Ledger.idempotency_records(
-                batch, outcomes, stored, NOT_RECORDED, Code.OK, orjson.dumps, write.idempotency, RECORD_JSON_OPTION
+                batch,
+                outcomes,
+                stored,
+                NOT_RECORDED,
+                Code.OK,
+                orjson.dumps,
+                write.idempotency,
+                RECORD_JSON_OPTION_STR_KEYS,
+                RECORD_JSON_OPTION,
             )
             self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
             write.rules = self.program.flush()
@@ -1204,9 +1212,13 @@ _PLAIN_CLASSES = (Outcome, Code.OK)
 
 
 # The records' JSON is store.to_json's (orjson with these options, decoded): orjson.dumps is called
-# with it by the compiled records, not through to_json's Python call (~3k instructions an operation,
-# callgrind); tests/unit/test_idempotency_records.py holds the two to the same text.
+# with it by the compiled records, not through to_json's Python call (~1.2k instructions an operation,
+# callgrind); tests/unit/test_idempotency_records.py holds the two to the same text. It is called first
+# without OPT_NON_STR_KEYS (its dicts take orjson's slower path: ~85 ns of ~360 a record's two JSON
+# texts, measured), which writes every dict of str keys to the same text and refuses any other (a
+# TypeError), and then with it.
 RECORD_JSON_OPTION = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+RECORD_JSON_OPTION_STR_KEYS = orjson.OPT_SORT_KEYS
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.

@@ -16,7 +16,7 @@ import fastpath._core
 import fastpath._reference
 from loadtest import bench_state_machine as bench
 from processor.domain import Code, Method, Operation, Outcome
-from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION
+from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION, RECORD_JSON_OPTION_STR_KEYS
 from processor.store import to_json
 
 
@@ -25,11 +25,20 @@ from processor.store import to_json
 _WAYS = [
     (module, dumps, option)
     for module in (fastpath._core, fastpath._reference)
-    for dumps, option in ((to_json, None), (orjson.dumps, RECORD_JSON_OPTION))
+    for dumps, option in (
+        (to_json, None),
+        (orjson.dumps, (RECORD_JSON_OPTION, None)),
+        (orjson.dumps, (RECORD_JSON_OPTION_STR_KEYS, RECORD_JSON_OPTION)),
+    )
 ]
 
 
-@pytest.fixture(params=_WAYS, ids=["cython", "cython orjson", "python", "python orjson"])
+@pytest.fixture(
+    params=_WAYS,
+    ids=[
+        f"{module} {way}" for module in ("cython", "python") for way in ("to_json", "orjson", "orjson str keys first")
+    ],
+)
 def impl(request):
     return request.param
 
@@ -57,8 +66,10 @@ def _looped(batch: list[Operation], outcomes: list[Outcome], stored: dict) -> li
 
 def _records(impl, batch, outcomes, stored=None) -> list[tuple[Any, ...]]:
     records: list[tuple[Any, ...]] = []
-    module, dumps, option = impl
-    module.Ledger.idempotency_records(batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, dumps, records, option)
+    module, dumps, options = impl
+    module.Ledger.idempotency_records(
+        batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, dumps, records, *(options or ())
+    )
     return records
 
 
@@ -88,6 +99,7 @@ _VALUES: list[dict[Any, Any]] = [
     {"float": 1.5},
     {"nested": {"b": 1, "a": [1, 2]}},
     {1: "non-str key", "a": 2},
+    {"nested": {2: "a non-str key inside", "b": [{None: 1}]}},
     {"big": 2**63},
     {"big": 2**64 - 1},
     {"level": Level.GOLD},
