@@ -82,7 +82,9 @@ PROGRAM_START_US_MAX = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z, t
 # each statement while the table is below a few hundred thousand rows (lots: ~4 ms a projection at 90k
 # lots and growing with the table, measured with auto_explain), where an index probe a key costs the
 # same at any size. Local to the transaction (set_config(..., true)).
-PROJECTION_PLANNER = "set_config('enable_hashjoin', 'off', true) AS no_hash_join, set_config('enable_mergejoin', 'off', true) AS no_merge_join"
+PROJECTION_PLANNER = (
+    "set_config('enable_hashjoin', 'off', true) AS no_hash_join, set_config('enable_mergejoin', 'off', true) AS no_merge_join"
+)
 PROGRAM_CHANNEL = "points_program"  # NOTIFY channel; the payload is the program_id of a new version
 
 
