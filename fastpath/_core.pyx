@@ -231,6 +231,23 @@ cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset 
     return 0
 
 
+cdef extern from "Python.h":
+    long long _long_as_int64 "PyLong_AsLongLongAndOverflow"(object value, int* overflow) except? -1
+
+
+cdef inline bint _int_within(object value, int64_t low, int64_t high, int64_t* out) except -1:
+    """True, with *out set, when value is an int (exactly) within low..high; False otherwise (no error)."""
+    cdef int overflow = 0
+    cdef long long number
+    if type(value) is not int:
+        return False
+    number = _long_as_int64(value, &overflow)
+    if overflow or number < low or number > high:
+        return False
+    out[0] = number
+    return True
+
+
 cdef object _first_pass_merchant(object op, dict merchants, set routed, dict stored, object earn,
                                  object redeem):
     """The merchant row of `op` when the batch loop's first pass may take it (an earn or redeem of an active
@@ -1530,24 +1547,27 @@ cdef class Ledger:
         (merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
          positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables, now_us) = context
         cdef Py_ssize_t count = len(batch)
-        cdef int64_t slot
+        cdef int64_t slot, number
         cdef Py_ssize_t row
         cdef bint is_earn
+        # the bounds as C integers (each an int64: the version's give-back bounds are bps, the others
+        # the kernel's constants)
+        cdef int64_t give_back_low = give_back_min, give_back_high = give_back_max
+        cdef int64_t points_high = points_max, purchase_high = purchase_max
         while position < count:
             op = batch[position]
             merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
             if merchant is None:
                 break
             is_earn = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ) is earn
-            if is_earn:
-                give_back = slot_read(&_merchant_pass_reader, merchant, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_PASS_READ)
-                if type(give_back) is not int or not (give_back_min <= give_back <= give_back_max):
-                    break
-            points = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
-            purchase = slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ)
-            if type(points) is not int or type(purchase) is not int:
+            if is_earn and not _int_within(
+                    slot_read(&_merchant_pass_reader, merchant, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_PASS_READ),
+                    give_back_low, give_back_high, &number):
                 break
-            if not (0 <= points <= points_max and 0 <= purchase <= purchase_max):
+            points = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
+            if (not _int_within(points, 0, points_high, &number)
+                    or not _int_within(slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                       0, purchase_high, &number)):
                 break
             member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
             row_object = tier_rows.get(member_id)
@@ -1609,14 +1629,11 @@ cdef class Ledger:
             points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
             bps_object = slot_read(&_merchant_pass_reader, merchant,
                                    _MERCHANT_FEE_ISSUED if is_earn else _MERCHANT_FEE_REDEEMED, _MERCHANT_PASS_READ)
-            if type(points_object) is not int or type(bps_object) is not int:
-                break
             # domain.fee_point_units: floor(points * bps / 10000), points >= 0 and 0 <= bps <= 10000 (else
             # the caller's path raises); points * bps within int64
-            if not (0 <= points_object <= _FEE_POINTS_MAX and 0 <= bps_object <= 10000):
+            if (not _int_within(points_object, 0, _FEE_POINTS_MAX, &points)
+                    or not _int_within(bps_object, 0, 10000, &bps)):
                 break
-            points = points_object
-            bps = bps_object
             slot = member[index]
             self._check_member_slot(slot)
             fee = points * bps // 10000

@@ -278,7 +278,15 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         slots, the kernel decides every balance check in order, and a second pass turns its rows into
         journal rows and outcomes. With a program in force, plain earns and redeems are decided a run at a
         time by Ledger.apply_earn_redeem (processor/rules_kernel.py) and the other operations one at a
-        time with the rules around them, in the batch's order."""
+        time with the rules around them, in the batch's order.
+
+        The first pass takes the common operation in C (Ledger.first_pass_plain, first_pass_run: an earn
+        or redeem of a known member at an active merchant, nothing to replay, route or refuse), a stretch
+        of them a call, and leaves the first one it does not take to the loop here; the second pass
+        builds the plain earns' and redeems' rows in C (Ledger.plain_rows) and leaves the rest to
+        _applied. Measured (callgrind, loadtest.bench_state_machine --apply-only, instructions an
+        operation of the apply): 32.8k -> 20.2k with no program, 46.9k -> 42.7k with one, together with
+        the records' JSON (RECORD_JSON_OPTION)."""
         ledger = self.ledger
         merchants = self.merchants.by_id
         ids = self.ids
