@@ -347,14 +347,77 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[[Any], str],
+        dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
+        dumps_option: Any = None,
+        dumps_option_fallback: Any = None,
     ) -> None:
         """Appends to `records` the idempotency record of each operation of `batch` whose outcome (aligned
         by index) is recorded: (merchant id, key, method value, dumps(request), code value,
         dumps(fields) when the code is `ok` else None, message). Left out: an outcome whose code is in
         `not_recorded` or whose `recorded` is false, and an operation whose (merchant id, key) is in
-        `stored` (a replay keeps its record). ValueError when the lengths differ."""
+        `stored` (a replay keeps its record). With `dumps_option` not None, dumps(value,
+        option=dumps_option) is called instead (orjson.dumps: UTF-8 bytes, decoded to str here; a str
+        answer is kept), and when it raises TypeError (orjson's JSONEncodeError) and
+        dumps_option_fallback is not None, dumps(value, option=dumps_option_fallback) is the answer.
+        ValueError when the lengths differ."""
+    def plain_rows(
+        self,
+        batch: list[Any],
+        applied: list[int],
+        index: int,
+        created: Sequence[int],
+        status: Sequence[int],
+        member: Sequence[int],
+        posted: Sequence[int],
+        available: Sequence[int],
+        merchants: dict[str, Any],
+        numbers: tuple[int, int, Any, Any],
+        classes: tuple[Any, Any],
+        transactions: list[Any],
+        entries: list[Any],
+        outcomes: list[Any],
+    ) -> int:
+        """The rows of the plain operations apply_batch() decided, from `index` on (processor/
+        state_machine.py's _applied, for an earn or redeem decided OK): for i = index, index + 1, ..
+        while status[i] is OK, batch[applied[i]] is an earn or redeem (numbers' `earn` and `redeem`
+        methods, by identity) of a merchant in `merchants` whose fee rate (fee_issued_bps for an earn,
+        fee_redeemed_bps for a redeem) is an int in 0..10,000 and whose points are an int in
+        0..922,337,203,685,477: its fee floor(points * rate / 10,000) and, when non-zero, its two
+        entries (the merchant's fees account, the operator's fee revenue account); its transaction
+        row; an earn's member and issued entries (when points > 0), a redeem's member and redeemed
+        entries; and outcomes[applied[i]] = Outcome(OK, fields) (an earn: transaction_id, points,
+        balance, give_back_bps, created_at_us; a redeem: transaction_id, points, balance, available).
+        created/status/member/posted/available: apply_batch()'s new id column and its outputs.
+        `numbers`: (now_us, the fee revenue account id, earn, redeem); `classes`: (Outcome, its OK
+        code). Returns the index it stopped at (the caller builds that one). ValueError when a column
+        is shorter than `applied`."""
+    def first_pass_plain(
+        self, context: tuple[Any, ...], batch: list[Any], position: int, next_transaction_id: int
+    ) -> tuple[int, int]:
+        """The batch loop's first pass with no program (processor/state_machine.py's _apply_batch): from
+        batch[position] on, each operation that is an earn or redeem (context's `earn` and `redeem`
+        methods, by identity) with no refusal, vouchers, authorization_id, transaction_id or
+        referrer_id, a str member_id not in `routed`, not a replay (stored, when not None, has no
+        record under (merchant_id, idempotency_key)), of a merchant in `merchants` whose status is
+        "active", of a member in the ledger whose account is known (an earn's; any redeem's member) is
+        appended to the plain columns: its position to `applied`, OP_EARN or OP_REDEEM, its member
+        slot, merchant_slot, points, reference 0, the next transaction id (taken) and expiry 0.
+        Stops at the first operation it does not take (the caller decides it). `context`: (merchants,
+        routed, stored, earn, redeem, applied, codes, members, merchant_slots, points, references,
+        createds, expirations). Returns (the position it stopped at, the next transaction id)."""
+    def first_pass_run(self, context: tuple[Any, ...], batch: list[Any], position: int) -> int:
+        """The batch loop's first pass into a rules kernel's run (processor/rules_kernel.py): from
+        batch[position] on, each operation first_pass_plain would take whose points and purchase_amount
+        are ints within 0..points_max and 0..purchase_max and, an earn, whose merchant's give_back_bps
+        is an int within give_back_min..give_back_max, whose member has a tier row (tier_rows, else
+        kernel_member(run, tables, op, now_us) >= 0) is appended to the run: position, op, member
+        slot, tier row, and the merchant's fee_issued_bps (an earn) or fee_redeemed_bps (a redeem,
+        whose points are added to tier_demand[row]). Stops at the first operation it does not take,
+        which may have been given its tier row (as the loop would first). `context`: (merchants,
+        routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
+        positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables,
+        now_us). Returns the position it stopped at."""
     def earn_redeem_rows(
         self,
         ops: list[Any],

@@ -9,6 +9,7 @@ one crossing per batch instead of one per operation.
 """
 from cpython cimport array as c_array
 from cpython.number cimport PyNumber_Index
+from cpython.object cimport PyObject
 from libc.stdint cimport INT32_MAX, int32_t, int64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memmove, memset
@@ -129,6 +130,17 @@ cdef tuple _MERCHANT_READ = (
 )
 cdef enum:
     _MERCHANT_GIVE_BACK_BPS, _MERCHANT_FEES, _MERCHANT_ISSUED, _MERCHANT_REDEEMED, _MERCHANT_ACQUIRING
+# what the batch loop's first pass (Ledger.first_pass_plain, first_pass_run) reads besides _OPERATION_READ
+cdef tuple _PASS_READ = ("refusal", "vouchers", "transaction_id", "referrer_id", "authorization_id", "merchant_slot")
+cdef enum:
+    _PASS_REFUSAL, _PASS_VOUCHERS, _PASS_TRANSACTION_ID, _PASS_REFERRER_ID, _PASS_AUTHORIZATION_ID, _PASS_MERCHANT_SLOT
+cdef tuple _MERCHANT_PASS_READ = ("status", "give_back_bps", "fee_issued_bps", "fee_redeemed_bps")
+cdef enum:
+    _MERCHANT_STATUS, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_FEE_ISSUED, _MERCHANT_FEE_REDEEMED
+cdef SlotReader _pass_reader
+# points whose fee at any rate up to 10,000 bps is an int64 product (plain_rows; larger: the caller's path)
+cdef int64_t _FEE_POINTS_MAX = 922337203685477
+cdef SlotReader _merchant_pass_reader
 cdef SlotReader _operation_reader
 cdef SlotReader _outcome_reader
 cdef SlotReader _merchant_reader
@@ -161,6 +173,109 @@ cdef object _outcome(object outcome_class, object code, dict fields):
     for index in range(6):
         put(outcome, _outcome_offsets[index + 2], _outcome_defaults[index])
     return outcome
+
+
+cdef extern from "Python.h":
+    object _vectorcall "PyObject_Vectorcall"(object function, PyObject** args, size_t nargsf, object kwnames)
+    object _decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
+    char* _bytes_data "PyBytes_AS_STRING"(object value)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(object value)
+
+cdef tuple _OPTION_KEYWORD = ("option",)
+
+
+cdef inline object _dumps_text(object dumps, object value, object option, object fallback):
+    """dumps(value, option=option) as str: its UTF-8 bytes decoded (orjson.dumps answers bytes); a str
+    answer is kept. On a TypeError (orjson's JSONEncodeError) and a fallback not None: dumps(value,
+    option=fallback) instead."""
+    cdef PyObject* args[2]
+    args[0] = <PyObject*>value
+    args[1] = <PyObject*>option
+    try:
+        made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
+    except TypeError:
+        if fallback is None:
+            raise
+        args[1] = <PyObject*>fallback
+        made = _vectorcall(dumps, args, 1, _OPTION_KEYWORD)
+    if type(made) is bytes:
+        return _decode_utf8(_bytes_data(made), _bytes_size(made), NULL)
+    return made
+
+
+cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
+                              object dumps, list records, object option, object fallback) except -1:
+    # Ledger.idempotency_records with dumps(value, option=option), called by vectorcall, its bytes decoded
+    cdef Py_ssize_t index
+    if len(outcomes) != len(batch):
+        raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
+    for index in range(len(batch)):
+        op = batch[index]
+        outcome = outcomes[index]
+        code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
+        if ((code is not ok and code in not_recorded)
+                or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
+            continue  # a refusal about the service's state is not recorded
+        merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+        key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
+        if stored and (merchant_id, key) in stored:
+            continue  # a replay keeps its record
+        records.append((
+            merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
+            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option, fallback),
+            code._value_,
+            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option, fallback)
+            if code is ok else None,
+            slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
+        ))
+    return 0
+
+
+cdef extern from "Python.h":
+    long long _long_as_int64 "PyLong_AsLongLongAndOverflow"(object value, int* overflow) except? -1
+
+
+cdef inline bint _int_within(object value, int64_t low, int64_t high, int64_t* out) except -1:
+    """True, with *out set, when value is an int (exactly) within low..high; False otherwise (no error)."""
+    cdef int overflow = 0
+    cdef long long number
+    if type(value) is not int:
+        return False
+    number = _long_as_int64(value, &overflow)
+    if overflow or number < low or number > high:
+        return False
+    out[0] = number
+    return True
+
+
+cdef object _first_pass_merchant(object op, dict merchants, set routed, dict stored, object earn,
+                                 object redeem):
+    """The merchant row of `op` when the batch loop's first pass may take it (an earn or redeem of an active
+    merchant, no replay, refusal, route, vouchers or hold), else None: the batch loop decides it (twin:
+    fastpath/_reference.py's _first_pass_merchant)."""
+    if stored:
+        if stored.get((slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ),
+                       slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ))) is not None:
+            return None
+    method = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)
+    if (slot_read(&_pass_reader, op, _PASS_REFUSAL, _PASS_READ) is not None
+            or (method is not earn and method is not redeem)):
+        return None
+    member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+    if (type(member_id) is not str or member_id in routed
+            or slot_read(&_pass_reader, op, _PASS_TRANSACTION_ID, _PASS_READ)
+            or slot_read(&_pass_reader, op, _PASS_REFERRER_ID, _PASS_READ)):
+        return None
+    if (slot_read(&_pass_reader, op, _PASS_VOUCHERS, _PASS_READ)
+            or slot_read(&_pass_reader, op, _PASS_AUTHORIZATION_ID, _PASS_READ)):
+        return None
+    merchant = merchants.get(slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ))
+    if merchant is None:
+        return None
+    status = slot_read(&_merchant_pass_reader, merchant, _MERCHANT_STATUS, _MERCHANT_PASS_READ)
+    if type(status) is not str or <str>status != "active":  # a str's compare in C, no rich compare
+        return None
+    return merchant
 
 
 cdef class Ledger:
@@ -1351,10 +1466,18 @@ cdef class Ledger:
 
     @staticmethod
     def idempotency_records(list batch not None, list outcomes not None, dict stored not None,
-                            frozenset not_recorded not None, object ok, object dumps, list records not None):
+                            frozenset not_recorded not None, object ok, object dumps, list records not None,
+                            object dumps_option=None, object dumps_option_fallback=None):
         # One record an operation of every batch, so the loop is here rather than in Python (the JSON is
         # dumps', orjson: a flat encoder written here cost more instructions than orjson's, callgrind).
+        # With dumps_option, dumps is orjson.dumps called here with its option and its bytes decoded here:
+        # store.to_json's Python call, its look-ups and its decode() were ~3k instructions an operation
+        # of the state machine's apply (two records' JSON), callgrind.
         cdef Py_ssize_t index
+        if dumps_option is not None:
+            _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option,
+                                 dumps_option_fallback)
+            return
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
         for index in range(len(batch)):
@@ -1374,6 +1497,183 @@ cdef class Ledger:
                 dumps(slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)) if code is ok else None,
                 slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
             ))
+
+    def first_pass_plain(self, tuple context not None, list batch not None, Py_ssize_t position,
+                         next_transaction_id):
+        # The batch loop's common operation with no program (an earn or redeem of a known member at an
+        # active merchant) into the kernel's columns here, a run of them a call, rather than by the
+        # loop's few dozen bytecodes and C calls an operation; the first one it does not take is the
+        # loop's (contract: _core.pyi).
+        cdef dict merchants, stored
+        cdef set routed
+        cdef list applied, codes, members, merchant_slots, points, references, createds, expirations
+        (merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points, references,
+         createds, expirations) = context
+        cdef Py_ssize_t count = len(batch)
+        cdef int64_t slot
+        cdef bint is_earn
+        zero = 0
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            found = self.member_slots.get(slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ))
+            if found is None:
+                break
+            slot = found
+            is_earn = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ) is earn
+            if is_earn and self.member_accounts[slot] == 0:
+                break
+            applied.append(position)
+            codes.append(OP_EARN if is_earn else OP_REDEEM)
+            members.append(found)
+            merchant_slots.append(slot_read(&_pass_reader, op, _PASS_MERCHANT_SLOT, _PASS_READ))
+            points.append(slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ))
+            references.append(zero)
+            createds.append(next_transaction_id)
+            expirations.append(zero)
+            next_transaction_id = next_transaction_id + 1
+            position += 1
+        return position, next_transaction_id
+
+    def first_pass_run(self, tuple context not None, list batch not None, Py_ssize_t position):
+        # The batch loop's common operation under a program the rules kernel implements (a plain earn or
+        # redeem within its bounds, of a known member the run can take) into the run here, a stretch of
+        # them a call; the first one it does not take is the loop's (contract: _core.pyi).
+        cdef dict merchants, tier_rows, stored
+        cdef set routed
+        cdef list positions, ops, slots, rows, fee_bps, tier_demand
+        (merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max,
+         positions, ops, slots, rows, fee_bps, tier_rows, tier_demand, kernel_member, run, tables, now_us) = context
+        cdef Py_ssize_t count = len(batch)
+        cdef int64_t slot, number
+        cdef Py_ssize_t row
+        cdef bint is_earn
+        # the bounds as C integers (each an int64: the version's give-back bounds are bps, the others
+        # the kernel's constants)
+        cdef int64_t give_back_low = give_back_min, give_back_high = give_back_max
+        cdef int64_t points_high = points_max, purchase_high = purchase_max
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            is_earn = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ) is earn
+            if is_earn and not _int_within(
+                    slot_read(&_merchant_pass_reader, merchant, _MERCHANT_PASS_GIVE_BACK_BPS, _MERCHANT_PASS_READ),
+                    give_back_low, give_back_high, &number):
+                break
+            points = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
+            if (not _int_within(points, 0, points_high, &number)
+                    or not _int_within(slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                       0, purchase_high, &number)):
+                break
+            member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            row_object = tier_rows.get(member_id)
+            if row_object is None or row_object < 0:
+                row_object = kernel_member(run, tables, op, now_us)
+                if row_object < 0:
+                    break
+            row = row_object
+            found = self.member_slots.get(member_id)
+            if found is None:
+                break
+            slot = found
+            if is_earn and self.member_accounts[slot] == 0:
+                break
+            positions.append(position)
+            ops.append(op)
+            slots.append(found)
+            rows.append(row_object)
+            if is_earn:
+                fee_bps.append(slot_read(&_merchant_pass_reader, merchant, _MERCHANT_FEE_ISSUED, _MERCHANT_PASS_READ))
+            else:
+                fee_bps.append(slot_read(&_merchant_pass_reader, merchant, _MERCHANT_FEE_REDEEMED, _MERCHANT_PASS_READ))
+                tier_demand[row] = tier_demand[row] + points
+            position += 1
+        return position
+
+    def plain_rows(self, list batch not None, list applied not None, Py_ssize_t index,
+                   const int64_t[:] created not None, const int64_t[:] status not None,
+                   const int64_t[:] member not None, const int64_t[:] posted not None,
+                   const int64_t[:] available not None, dict merchants not None, tuple numbers not None,
+                   tuple classes not None, list transactions not None, list entries not None,
+                   list outcomes not None):
+        # The journal rows and outcome of each plain earn or redeem apply_batch() decided OK, built here
+        # rather than by the state machine's _applied, a Python call an operation (its fee, its rows, a
+        # dict and an Outcome); the first row it does not build is the caller's (contract: _core.pyi).
+        cdef Py_ssize_t count = len(applied)
+        cdef int64_t slot, points, bps, fee
+        cdef bint is_earn
+        now_us, fee_revenue, earn, redeem = numbers
+        outcome_type, ok_code = classes
+        if (created.shape[0] < count or status.shape[0] < count or member.shape[0] < count
+                or posted.shape[0] < count or available.shape[0] < count):
+            raise ValueError("created, status, member, posted and available need an item per applied operation")
+        while index < count:
+            if status[index] != OK:
+                break
+            op = batch[<Py_ssize_t>applied[index]]
+            method = slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)
+            if method is earn:
+                is_earn = True
+            elif method is redeem:
+                is_earn = False
+            else:
+                break
+            merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
+            merchant = merchants.get(merchant_id)
+            if merchant is None:
+                break
+            points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
+            bps_object = slot_read(&_merchant_pass_reader, merchant,
+                                   _MERCHANT_FEE_ISSUED if is_earn else _MERCHANT_FEE_REDEEMED, _MERCHANT_PASS_READ)
+            # domain.fee_point_units: floor(points * bps / 10000), points >= 0 and 0 <= bps <= 10000 (else
+            # the caller's path raises); points * bps within int64
+            if (not _int_within(points_object, 0, _FEE_POINTS_MAX, &points)
+                    or not _int_within(bps_object, 0, 10000, &bps)):
+                break
+            slot = member[index]
+            self._check_member_slot(slot)
+            fee = points * bps // 10000
+            created_object = created[index]
+            fee_object = fee
+            if fee:
+                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
+                                -fee))
+                entries.append((created_object, fee_revenue, fee_object))
+            member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
+            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
+            if is_earn:
+                transactions.append((created_object, KIND_EARN, merchant_id, member_id, points_object,
+                                     slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                     None, None, key, fee_object))
+                if points:
+                    entries.append((created_object, self.member_accounts[slot], points_object))
+                    entries.append((created_object,
+                                    slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ), -points))
+                outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
+                    "transaction_id": created_object,
+                    "points": points_object,
+                    "balance": posted[index],
+                    "give_back_bps": slot_read(&_merchant_reader, merchant, _MERCHANT_GIVE_BACK_BPS, _MERCHANT_READ),
+                    "created_at_us": now_us,
+                })
+            else:
+                transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
+                                     None, None, None, key, fee_object))
+                entries.append((created_object, self.member_accounts[slot], -points))
+                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
+                                points_object))
+                outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
+                    "transaction_id": created_object,
+                    "points": points_object,
+                    "balance": posted[index],
+                    "available": available[index],
+                })
+            index += 1
+        return index
 
     def earn_redeem_rows(self, list ops not None, list positions not None,
                          const int64_t[:] method not None, const int64_t[:] member not None,

@@ -935,10 +935,24 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[[Any], str],
+        dumps: Callable[..., Any],
         records: list[tuple[Any, ...]],
+        dumps_option: Any = None,
+        dumps_option_fallback: Any = None,
     ) -> None:
         """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
+        if dumps_option is not None:
+            plain_dumps = dumps
+
+            def dumps(value: Any) -> str:
+                try:
+                    made = plain_dumps(value, option=dumps_option)
+                except TypeError:
+                    if dumps_option_fallback is None:
+                        raise
+                    made = plain_dumps(value, option=dumps_option_fallback)
+                return made.decode() if type(made) is bytes else made
+
         if len(outcomes) != len(batch):
             raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
         for op, outcome in zip(batch, outcomes):
@@ -958,6 +972,176 @@ class Ledger:
                     outcome.message,
                 )
             )
+
+    def plain_rows(
+        self,
+        batch,
+        applied,
+        index,
+        created,
+        status,
+        member,
+        posted,
+        available,
+        merchants,
+        numbers,
+        classes,
+        transactions,
+        entries,
+        outcomes,
+    ):
+        """The rows and outcomes of plain earns and redeems decided OK (contract: _core.pyi)."""
+        now_us, fee_revenue, earn, redeem = numbers
+        outcome_type, ok_code = classes
+        count = len(applied)
+        if min(len(created), len(status), len(member), len(posted), len(available)) < count:
+            raise ValueError("created, status, member, posted and available need an item per applied operation")
+        while index < count:
+            if status[index] != OK:
+                break
+            op = batch[applied[index]]
+            method = op.method
+            if method is not earn and method is not redeem:
+                break
+            is_earn = method is earn
+            merchant = merchants.get(op.merchant_id)
+            if merchant is None:
+                break
+            points = op.points
+            bps = merchant.fee_issued_bps if is_earn else merchant.fee_redeemed_bps
+            if type(points) is not int or type(bps) is not int:
+                break
+            if not (0 <= points <= _FEE_POINTS_MAX and 0 <= bps <= 10_000):
+                break
+            slot = member[index]
+            self._check_member_slot(slot)
+            fee = points * bps // 10_000
+            transaction_id = created[index]
+            if fee:
+                entries.append((transaction_id, merchant.fees_account_id, -fee))
+                entries.append((transaction_id, fee_revenue, fee))
+            if is_earn:
+                transactions.append(
+                    (
+                        transaction_id,
+                        KIND_EARN,
+                        op.merchant_id,
+                        op.member_id,
+                        points,
+                        op.purchase_amount,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                    )
+                )
+                if points:
+                    entries.append((transaction_id, self._member_account[slot], points))
+                    entries.append((transaction_id, merchant.issued_account_id, -points))
+                fields = {
+                    "transaction_id": transaction_id,
+                    "points": points,
+                    "balance": posted[index],
+                    "give_back_bps": merchant.give_back_bps,
+                    "created_at_us": now_us,
+                }
+            else:
+                transactions.append(
+                    (
+                        transaction_id,
+                        KIND_REDEEM,
+                        op.merchant_id,
+                        op.member_id,
+                        points,
+                        None,
+                        None,
+                        None,
+                        op.idempotency_key,
+                        fee,
+                    )
+                )
+                entries.append((transaction_id, self._member_account[slot], -points))
+                entries.append((transaction_id, merchant.redeemed_account_id, points))
+                fields = {
+                    "transaction_id": transaction_id,
+                    "points": points,
+                    "balance": posted[index],
+                    "available": available[index],
+                }
+            outcomes[applied[index]] = outcome_type(ok_code, fields)
+            index += 1
+        return index
+
+    def first_pass_plain(self, context, batch, position, next_transaction_id):
+        """The batch loop's first pass with no program (contract: _core.pyi)."""
+        merchants, routed, stored, earn, redeem, applied, codes, members, merchant_slots, points = context[:10]
+        references, createds, expirations = context[10:]
+        count = len(batch)
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            slot = self._member_slots.get(op.member_id, -1)
+            if slot < 0:
+                break
+            is_earn = op.method is earn
+            if is_earn and self._member_account[slot] == 0:
+                break
+            applied.append(position)
+            codes.append(OP_EARN if is_earn else OP_REDEEM)
+            members.append(slot)
+            merchant_slots.append(op.merchant_slot)
+            points.append(op.points)
+            references.append(0)
+            createds.append(next_transaction_id)
+            expirations.append(0)
+            next_transaction_id += 1
+            position += 1
+        return position, next_transaction_id
+
+    def first_pass_run(self, context, batch, position):
+        """The batch loop's first pass into a rules kernel's run (contract: _core.pyi)."""
+        merchants, routed, stored, earn, redeem, give_back_min, give_back_max, points_max, purchase_max = context[:9]
+        positions, ops, slots, rows, fee_bps, tier_rows, tier_demand = context[9:16]
+        kernel_member, run, tables, now_us = context[16:]
+        count = len(batch)
+        while position < count:
+            op = batch[position]
+            merchant = _first_pass_merchant(op, merchants, routed, stored, earn, redeem)
+            if merchant is None:
+                break
+            is_earn = op.method is earn
+            if is_earn:
+                give_back = merchant.give_back_bps
+                if type(give_back) is not int or not give_back_min <= give_back <= give_back_max:
+                    break
+            points, purchase = op.points, op.purchase_amount
+            if type(points) is not int or type(purchase) is not int:
+                break
+            if not (0 <= points <= points_max and 0 <= purchase <= purchase_max):
+                break
+            row = tier_rows.get(op.member_id, -1)
+            if row < 0:
+                row = kernel_member(run, tables, op, now_us)
+                if row < 0:
+                    break
+            slot = self._member_slots.get(op.member_id, -1)
+            if slot < 0:
+                break
+            if is_earn and self._member_account[slot] == 0:
+                break
+            positions.append(position)
+            ops.append(op)
+            slots.append(slot)
+            rows.append(row)
+            if is_earn:
+                fee_bps.append(merchant.fee_issued_bps)
+            else:
+                fee_bps.append(merchant.fee_redeemed_bps)
+                tier_demand[row] += points
+            position += 1
+        return position
 
     def earn_redeem_rows(
         self,
@@ -1280,3 +1464,26 @@ def _level_for(qualifying, threshold):
         if qualifying >= value:
             reached = level
     return reached
+
+
+# points whose fee at any rate up to 10,000 bps is an int64 product (plain_rows; larger: the caller's path)
+_FEE_POINTS_MAX = 922337203685477
+
+
+def _first_pass_merchant(op, merchants, routed, stored, earn, redeem):
+    """The merchant row of `op` when the first pass may take it (an earn or redeem of an active merchant,
+    no replay, refusal, route, vouchers or hold), else None: the batch loop decides it."""
+    if stored and stored.get((op.merchant_id, op.idempotency_key)) is not None:
+        return None
+    method = op.method
+    if op.refusal is not None or (method is not earn and method is not redeem):
+        return None
+    member_id = op.member_id
+    if type(member_id) is not str or member_id in routed or op.transaction_id or op.referrer_id:
+        return None
+    if op.vouchers or op.authorization_id:
+        return None
+    merchant = merchants.get(op.merchant_id)
+    if merchant is None or type(merchant.status) is not str or merchant.status != "active":
+        return None
+    return merchant

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,11 +16,29 @@ import fastpath._core
 import fastpath._reference
 from loadtest import bench_state_machine as bench
 from processor.domain import Code, Method, Operation, Outcome
-from processor.state_machine import NOT_RECORDED
+from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION, RECORD_JSON_OPTION_STR_KEYS
 from processor.store import to_json
 
 
-@pytest.fixture(params=[fastpath._core, fastpath._reference], ids=["cython", "python"])
+# each implementation with store.to_json, and with orjson.dumps and the state machine's option (what
+# the state machine passes: the compiled records call orjson and decode its bytes themselves)
+_WAYS = [
+    (module, dumps, option)
+    for module in (fastpath._core, fastpath._reference)
+    for dumps, option in (
+        (to_json, None),
+        (orjson.dumps, (RECORD_JSON_OPTION, None)),
+        (orjson.dumps, (RECORD_JSON_OPTION_STR_KEYS, RECORD_JSON_OPTION)),
+    )
+]
+
+
+@pytest.fixture(
+    params=_WAYS,
+    ids=[
+        f"{module} {way}" for module in ("cython", "python") for way in ("to_json", "orjson", "orjson str keys first")
+    ],
+)
 def impl(request):
     return request.param
 
@@ -47,7 +66,10 @@ def _looped(batch: list[Operation], outcomes: list[Outcome], stored: dict) -> li
 
 def _records(impl, batch, outcomes, stored=None) -> list[tuple[Any, ...]]:
     records: list[tuple[Any, ...]] = []
-    impl.Ledger.idempotency_records(batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, to_json, records)
+    module, dumps, options = impl
+    module.Ledger.idempotency_records(
+        batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, dumps, records, *(options or ())
+    )
     return records
 
 
@@ -77,6 +99,7 @@ _VALUES: list[dict[Any, Any]] = [
     {"float": 1.5},
     {"nested": {"b": 1, "a": [1, 2]}},
     {1: "non-str key", "a": 2},
+    {"nested": {2: "a non-str key inside", "b": [{None: 1}]}},
     {"big": 2**63},
     {"big": 2**64 - 1},
     {"level": Level.GOLD},
@@ -142,7 +165,7 @@ _FLAT = st.dictionaries(
 def test_random_flat_dicts_give_to_json_or_its_refusal(requests, fields):
     batch = [_op(request, key=f"k{i}") for i, request in enumerate(requests)]
     outcomes = [Outcome(Code.OK, fields) for _ in batch]
-    for impl in (fastpath._core, fastpath._reference):
+    for impl in _WAYS:
         try:
             expected = _looped(batch, outcomes, {})
         except Exception as error:  # noqa: BLE001 - to_json refused a value: so must the records
