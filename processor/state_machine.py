@@ -33,7 +33,7 @@ from processor.member_postings import MemberPostingsMixin, MemberRegistry
 from processor.postings import PostingsMixin, _entries
 from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
 from processor.quotas import MerchantQuotas
-from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros
+from processor.store import JSON_OPTIONS, BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros
 
 
 class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
@@ -1225,7 +1225,7 @@ _PLAIN_CLASSES = (Outcome, Code.OK)
 # without OPT_NON_STR_KEYS (its dicts take orjson's slower path: ~85 ns of ~360 a record's two JSON
 # texts, measured), which writes every dict of str keys to the same text and refuses any other (a
 # TypeError), and then with it.
-RECORD_JSON_OPTION = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+RECORD_JSON_OPTION = JSON_OPTIONS
 RECORD_JSON_OPTION_STR_KEYS = orjson.OPT_SORT_KEYS
 
 
