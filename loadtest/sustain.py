@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import uvloop
 
@@ -41,6 +42,19 @@ from loadtest import bench, harness, workload
 from processor.projector_process import CLOCK_TICKS_PER_SECOND
 
 PROJECTOR_CPU = "points_projector_cpu_seconds_total"
+
+
+def collector_totals(metrics_url: str) -> dict[str, tuple[float, float]]:
+    """generation -> (passes, seconds) of the service's cyclic collector so far (points_gc_pause_seconds)."""
+    found: dict[str, list[float]] = {}
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            for suffix, index in (("_count", 0), ("_sum", 1)):
+                prefix = f'points_gc_pause_seconds{suffix}{{generation="'
+                if line.startswith(prefix):
+                    generation = line[len(prefix)]
+                    found.setdefault(generation, [0.0, 0.0])[index] = float(line.rpartition(" ")[2])
+    return {generation: (values[0], values[1]) for generation, values in found.items()}
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:
@@ -150,6 +164,7 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
     # a warm-up of a tenth, not measured: the first batches load what the service caches
     await drive(client, requests[-max(1, len(requests) // 30) :], max(1.0, args.seconds / 10), args.concurrency)
     metrics_before = bench.read_metrics(server.metrics_url)
+    collector_before = collector_totals(server.metrics_url)
     cpu_before = harness.CpuReading.now(server.pid, postgres.postmaster_pid)
     main_before = thread_cpu_seconds(server.pid, server.pid)
     profiler = None
@@ -183,6 +198,7 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
     main_seconds = thread_cpu_seconds(server.pid, server.pid) - main_before
     cpu = harness.CpuSplit.between(cpu_before, harness.CpuReading.now(server.pid, postgres.postmaster_pid))
     metrics_after = bench.read_metrics(server.metrics_url)
+    collector_after = collector_totals(server.metrics_url)
     projector = metrics_after.get(PROJECTOR_CPU, 0.0) - metrics_before.get(PROJECTOR_CPU, 0.0)
     await client.close()
     del acknowledged
@@ -207,6 +223,20 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
     print(
         f"  server main thread busy            {100 * main_seconds / total_seconds:>9.0f}%  "
         f"(the event loop; 100% = its CPU is the limit)"
+    )
+    passes = {
+        generation: (
+            count - collector_before.get(generation, (0.0, 0.0))[0],
+            total - collector_before.get(generation, (0.0, 0.0))[1],
+        )
+        for generation, (count, total) in sorted(collector_after.items())
+    }
+    print(
+        "  cyclic collector (points_gc_pause_seconds): "
+        + ", ".join(
+            f"generation {generation} {count:,.0f} passes {1000 * total:,.0f} ms = {total * per_op:.2f} µs/op"
+            for generation, (count, total) in passes.items()
+        )
     )
     if profiler is not None:
         profiler.wait(timeout=args.seconds + 30)
