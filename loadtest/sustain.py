@@ -115,7 +115,14 @@ async def drive(client: bench.Client, requests: list, seconds: float, concurrenc
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=20.0, help="how long the load lasts")
-    p.add_argument("--operations", type=int, default=200_000, help="requests built beforehand, cycled")
+    p.add_argument("--operations", type=int, default=200_000, help="operations built beforehand, cycled")
+    p.add_argument(
+        "--cycles",
+        type=int,
+        default=3,
+        help="copies of the operations, each with its own idempotency keys; the load cycles through them "
+        "(a redeem sent again may find its member's points spent: build enough that the run does not wrap)",
+    )
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=4, help="SubmitBatch calls in flight")
     p.add_argument("--merchants", type=int, default=200)
@@ -149,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         options = () if args.projector == "process" else ("--projector", "in-process")
         server = harness.Server(harness.service_command(url, *options), logs / "service.log", "service")
         print(f"service SERVING on {server.address} (pid {server.pid}); building requests ...", flush=True)
-        cycles = [bench.batch_requests(operations, f"sustain-{cycle}-", args.batch_size) for cycle in range(3)]
+        cycles = [
+            bench.batch_requests(operations, f"sustain-{cycle}-", args.batch_size) for cycle in range(args.cycles)
+        ]
         requests = [request for cycle in cycles for request in cycle]
         uvloop.run(measure(args, server, postgres, key, requests, logs))
     finally:
@@ -234,7 +243,8 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
     print(
         "  cyclic collector (points_gc_pause_seconds): "
         + ", ".join(
-            f"generation {generation} {count:,.0f} passes {1000 * total:,.0f} ms = {total * per_op:.2f} µs/op"
+            f"generation {generation}: {count:,.0f} passes, {1000 * total / max(count, 1):.1f} ms each, "
+            f"{total * per_op:.2f} µs/op"
             for generation, (count, total) in passes.items()
         )
     )

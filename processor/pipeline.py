@@ -129,18 +129,30 @@ class Call:
 # 240,000 operations (--rounds 2 --batches 40, against the tree before, 2 pairs) full passes 6 -> 2, their
 # CPU 0.56-0.81 -> 0.20-0.25 s, the collector's total 1.60-2.49 -> 1.34-1.79 s (1-3 µs an operation: a
 # longer run's full passes walk a larger heap). A pass is as long as before (the same heap) but rarer; cyclic garbage that
-# reached the oldest generation waits up to ten times longer to be freed. Raising the youngest
-# generation's threshold instead measured little (20,000 and 50,000: the collector's CPU -10 to -25%,
-# within the runs' spread, and each young pass 3-8x longer): what survives a young pass is walked once
-# whatever its threshold.
+# reached the oldest generation waits up to ten times longer to be freed.
 COLLECTOR_MIDDLE_PASSES_PER_FULL_PASS = 100
+# The youngest generation's pass: after this many new tracked objects (Python's default is 700). The
+# servicer's intake and the state machine's apply pause the collector (their objects all live on), so at
+# 700 the first allocation after an apply set off a young pass over the whole batch's objects, and three
+# more came before the batch was answered, each walking what the batches in flight hold (the Operations,
+# their Outcomes and rows, each run's new tuples of lots); what they promoted was walked again by a
+# middle pass every ten. At 20,000 a young pass comes every ~1-2 batches, and what died in between (a
+# batch answered) is never walked. Measured with points_gc_pause_seconds (python -m loadtest.sustain
+# --seconds 10 --operations 500000 --cycles 1, program in force, SubmitBatch of 1,000 sustained, one run
+# each, machine quiet; young/middle µs of the loop an operation): 700: 3.50/1.44 (passes of 1.3 and 5.7
+# ms), 5,000: 3.82/0.66 (4.2, 7.8 ms), 20,000: 1.47/0.19 (18.9, 23.1 ms), 100,000: 0.38/0 (47 ms); the
+# server's main thread 26.7 -> 23.1 µs/op at 20,000. The ninth session had measured little at 20,000 and
+# 50,000, before the intake and the apply paused the collector. 20,000 rather than more: a pass stops
+# the loop for its whole length (~19 ms here, ~47 at 100,000), which every call in flight waits out.
+COLLECTOR_YOUNG_PASS_OBJECTS = 20_000
 
 
 def tune_collector() -> None:
-    """Sets the collector's full-pass threshold (COLLECTOR_MIDDLE_PASSES_PER_FULL_PASS), keeping the
-    younger generations' thresholds, and times its passes into points_gc_pause_seconds (once a process)."""
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, COLLECTOR_MIDDLE_PASSES_PER_FULL_PASS)
+    """Sets the collector's young and full-pass thresholds (COLLECTOR_YOUNG_PASS_OBJECTS,
+    COLLECTOR_MIDDLE_PASSES_PER_FULL_PASS), keeping the middle generation's, and times its passes into
+    points_gc_pause_seconds (once a process)."""
+    _, middle, _ = gc.get_threshold()
+    gc.set_threshold(COLLECTOR_YOUNG_PASS_OBJECTS, middle, COLLECTOR_MIDDLE_PASSES_PER_FULL_PASS)
     if _time_collector_pass not in gc.callbacks:
         gc.callbacks.append(_time_collector_pass)
 
