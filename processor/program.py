@@ -70,10 +70,13 @@ KernelLots = tuple[
     int,
 ]
 
-# ProgramState.written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python runs the twin
+# ProgramState.check_lots and written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python
+# runs the twin
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import lots_checked as _lots_checked
     from fastpath.kernel_rows import lots_written as _lots_written
 else:
+    from fastpath.kernel_rows_reference import lots_checked as _lots_checked
     from fastpath.kernel_rows_reference import lots_written as _lots_written
 
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
@@ -1079,28 +1082,18 @@ class ProgramState:
         require(len({lot.key for lot in after}) == len(after), f"member {member_id!r}: a credited lot key exists")
         self._replace_lots(member_id, before, after, [lot.key for lot in lots])
 
-    def check_lots(self, balance) -> None:
+    def check_lots(self, ledger) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
-        are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
-        totals = self._lot_totals
-        for member_id in self._dirty["lots"]:
-            posted, held = balance(member_id)
-            lots = self.lots.get(member_id, ())
-            summed = totals.get(member_id)
-            if summed is not None and summed[0] is lots:
-                total = summed[1]  # carried forward by the kernel runs that made `lots`
-            else:
-                total = sum(map(_AMOUNT, lots))
-                if len(lots) >= self.sum_kept_from_lots:
-                    totals[member_id] = (lots, total)
-                elif summed is not None:
-                    del totals[member_id]
-            if total > posted - held:  # the message only on a failure: this runs for every member a batch changed
-                require(False, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+        are a part of the member's spendable points), posted and held as the fast path's `ledger` has
+        them (its member_slot and balance). The loop is fastpath/kernel_rows.pyx's lots_checked with the
+        compiled fast path (~2.4k instructions an operation in Python, most of it a call of
+        member_slot and of balance a member: callgrind), its twin's with POINTS_FASTPATH=python."""
+        failed = _lots_checked(self._dirty["lots"], self.lots, self._lot_totals, self.sum_kept_from_lots, ledger)
+        if failed is not None:  # the message only on a failure: this runs for every member a batch changed
+            member_id, total, posted, held = failed
+            require(False, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 
-# a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
-_AMOUNT = operator.attrgetter("amount")
 # check_lots keeps a member's sum (ProgramState._lot_totals) from this many lots: a short tuple is summed
 # faster than the entry costs in memory for every member with a few lots
 _SUM_KEPT_FROM_LOTS = 16

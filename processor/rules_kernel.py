@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-from operator import attrgetter
 from typing import Any
 
 import fastpath
@@ -42,10 +41,13 @@ from processor.store import BatchWrite
 
 # each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx, which says
 # what it saves and what is left); POINTS_FASTPATH=python runs its twin
+# (and the run's operation columns, each Operation's slots read by offset)
 if fastpath.IMPLEMENTATION == "cython":
     from fastpath.kernel_rows import lots_after_run as _lots_after_run
+    from fastpath.kernel_rows import operation_columns as _operation_columns
 else:
     from fastpath.kernel_rows_reference import lots_after_run as _lots_after_run
+    from fastpath.kernel_rows_reference import operation_columns as _operation_columns
 
 # The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
 # version whose other fields differ from their defaults (a new option added to rules.py) goes down the
@@ -167,9 +169,6 @@ class EarnRedeemRun:
 # What a kernel run builds per member: compiled values (fastpath/records.pyx), whose
 # constructors run in C
 _new_member_rules = MemberRules  # _MEMBER_FIELDS checks its fields' order
-_OPERATION_POINTS = attrgetter("points")
-_OPERATION_PURCHASE = attrgetter("purchase_amount")
-_OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
 _column = fastpath.Ledger.int64_column
@@ -246,10 +245,11 @@ class RulesKernelMixin(MachineParts):
             return
         version = tables.version
         ops = run.ops
-        # the operations' columns, each in one pass over the run (map/list in C, no call per field),
-        # made arrays by _column (in C: array.array("q", ...) parses each item as an argument)
+        # the operations' columns in one pass over the run (in C with the compiled fast path, the slots read
+        # by offset: a map of an attrgetter a column cost ~150 instructions an item), the others made
+        # arrays by _column (in C: array.array("q", ...) parses each item as an argument)
         column = _column
-        method = column([_OP_EARN if op.method is _EARN else _OP_REDEEM for op in ops])
+        method, merchant_slots, points, purchases = _operation_columns(ops, _EARN, _OP_EARN, _OP_REDEEM)
         earns = method.count(_OP_EARN)
         lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
         pool = len(lots_in)
@@ -294,9 +294,9 @@ class RulesKernelMixin(MachineParts):
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             method,
             slots,
-            column(map(_OPERATION_MERCHANT_SLOT, ops)),
-            column(map(_OPERATION_POINTS, ops)),
-            column(map(_OPERATION_PURCHASE, ops)),
+            merchant_slots,
+            points,
+            purchases,
             column(run.fee_bps),
             tiers,
             qualifying,

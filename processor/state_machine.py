@@ -116,7 +116,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
             fastpath.Ledger.idempotency_records(
                 batch, outcomes, stored, NOT_RECORDED, Code.OK, to_json, write.idempotency
             )
-            self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
+            self.program.check_lots(ledger)
             write.rules = self.program.flush()
             write.last_transaction_id = self.ids.next_transaction_id - 1
             write.last_authorization_id = self.ids.next_authorization_id - 1

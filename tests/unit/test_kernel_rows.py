@@ -151,3 +151,81 @@ def test_stubtest_of_the_kernel_rows():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _check_state(rng: random.Random) -> tuple[Any, ...]:
+    """check_lots' inputs: members with lots (some with a kept Σ, some of it stale), their balances
+    (some exceeded by their lots), and which of them a batch changed."""
+    table: dict[str, tuple[Lot, ...]] = {}
+    totals: dict[str, tuple[tuple[Lot, ...], int]] = {}
+    balances: dict[str, tuple[int, int]] = {}
+    lot_id = 1
+    for index in range(rng.randrange(0, 12)):
+        member_id = f"member-{index}"
+        lots = []
+        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+            lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
+            lot_id += 1
+        if lots or rng.random() < 0.5:
+            table[member_id] = tuple(lots)
+        total = sum(lot.amount for lot in lots)
+        if rng.random() < 0.4:
+            kept = tuple(lots) if rng.random() < 0.7 else tuple(lots[1:])
+            totals[member_id] = (table.get(member_id, kept) if rng.random() < 0.7 else kept, total)
+        posted = total + rng.choice([0, 0, 5, 100]) - (rng.randrange(1, 3) if rng.random() < 0.1 else 0)
+        balances[member_id] = (max(posted, 0), rng.choice([0, 0, min(3, max(posted, 0))]))
+    dirty = {member_id for member_id in balances if rng.random() < 0.8}
+    return dirty, table, totals, rng.choice([1, 2, 16]), balances
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_lots_check_and_its_twin_agree(seed):
+    """ProgramState.check_lots' loop: the same answer (the first member whose lots exceed posted −
+    held, or None) and the same kept sums, whether the Ledger is the compiled one (its arrays read) or
+    the twin's (its methods called)."""
+    from fastpath import _core, _reference
+
+    answers = []
+    for module, ledger_module in ((twin, _reference), (compiled, _core), (compiled, _reference)):
+        dirty, table, totals, keep_from, balances = _check_state(random.Random(seed))
+        ledger = ledger_module.Ledger(len(balances) + 1, 100, 10)
+        for member_id, (posted, held) in balances.items():
+            slot = ledger.load_member(member_id, posted, 1)
+            if held:
+                ledger.load_hold(1 + slot, slot, 1, held, 2**40, 1)
+        # the tables' tuples are the state's own, so a kept Σ of the very tuple is found by identity
+        answer = module.lots_checked(dirty, table, totals, keep_from, ledger)
+        kept = {member: (lots is table.get(member, ()), lots, total) for member, (lots, total) in totals.items()}
+        answers.append((answer, kept))
+    assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(twin, id="twin"), pytest.param(compiled, id="compiled", marks=needs_compiled)]
+)
+def test_the_lots_check_refuses_a_member_the_ledger_does_not_have(module):
+    ledger = fastpath.Ledger(4, 4, 4)
+    with pytest.raises(IndexError, match="member slot -1"):
+        module.lots_checked({"nobody"}, {"nobody": (Lot(1, 5, 1_000, "shop"),)}, {}, 16, ledger)
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(twin, id="twin"), pytest.param(compiled, id="compiled", marks=needs_compiled)]
+)
+def test_the_operation_columns_of_a_run(module):
+    from processor.domain import Method, Operation
+
+    ops = [
+        Operation(Method.EARN, "merchant-1", 3, "k1", {}, member_id="m", points=120, purchase_amount=1_200),
+        Operation(Method.REDEEM, "merchant-2", 7, "k2", {}, member_id="m", points=40),
+    ]
+    columns = module.operation_columns(ops, Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM)
+    assert [list(column) for column in columns] == [
+        [fastpath.OP_EARN, fastpath.OP_REDEEM],
+        [3, 7],
+        [120, 40],
+        [1_200, 0],
+    ]
+    assert all(isinstance(column, array) and column.typecode == "q" for column in columns)
