@@ -41,8 +41,11 @@ from processor.store import BatchWrite
 
 # each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx, which says
 # what it saves and what is left); POINTS_FASTPATH=python runs its twin
-# (and the run's operation columns, each Operation's slots read by offset)
+# (and the run's operation columns, each Operation's slots read by offset; the tier row of an operation's
+# member, whose twin is RulesKernelMixin._kernel_member below)
+_compiled_kernel_member: Any = None
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import kernel_member as _compiled_kernel_member
     from fastpath.kernel_rows import lots_after_run as _lots_after_run
     from fastpath.kernel_rows import operation_columns as _operation_columns
 else:
@@ -144,6 +147,7 @@ class EarnRedeemRun:
         "tier_acquirer",
         "tier_acquiring_bps",
         "tier_demand",
+        "program_tables",
     )
 
     def __init__(self) -> None:
@@ -161,6 +165,9 @@ class EarnRedeemRun:
         self.tier_acquirer: list[int] = []
         self.tier_acquiring_bps: list[int] = []
         self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
+        # ProgramState's members and lots tables, as the compiled _kernel_member (fastpath/kernel_rows.pyx)
+        # read them on the run's first member (a run is decided within one batch, which replaces neither)
+        self.program_tables: tuple[dict[str, MemberRules], dict[str, tuple[rules.Lot, ...]]] | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -195,7 +202,9 @@ class RulesKernelMixin(MachineParts):
 
     def _kernel_member(self, run: EarnRedeemRun, tables: KernelTables, op: Operation, now_us: int) -> int:
         """The tier row of op's member in the run (added on its first operation), or -1 when the
-        member's rules need the per-operation path."""
+        member's rules need the per-operation path. With the compiled fast path the method is
+        fastpath/kernel_rows.pyx's kernel_member (bound below the class), which does the same in C: this
+        is its twin (tests/unit/test_kernel_rows.py compares them)."""
         member_id = op.member_id
         row = run.tier_rows.get(member_id)
         if row is not None:
@@ -460,6 +469,12 @@ class RulesKernelMixin(MachineParts):
             totals[row] = covered if passed == len(lots) else -1
             prefixes.append((start, passed))
         return pool, _column(heads), _column(tails), _column(totals), prefixes
+
+
+# a member new to the run cost ~4.4k instructions in this method, ~1.3k compiled (callgrind)
+RulesKernelMixin._kernel_member_twin = RulesKernelMixin._kernel_member  # type: ignore[attr-defined]
+if _compiled_kernel_member is not None:
+    RulesKernelMixin._kernel_member = _compiled_kernel_member  # type: ignore[method-assign]
 
 
 # The fields of MemberRules the kernel's write-back sets (it builds the value by position: a replace

@@ -229,3 +229,65 @@ def test_the_operation_columns_of_a_run(module):
         [1_200, 0],
     ]
     assert all(isinstance(column, array) and column.typecode == "q" for column in columns)
+
+
+def _member_state(rng: random.Random, program: Any, merchants: dict[str, Any], member_id: str, now_us: int) -> None:
+    """A member's rules and lots as the kernel's run may meet them: a referral bonus still to pay or
+    paid, an acquirer the service knows or not, lots past their expiry, a lot outliving a new one."""
+    from processor.program import MemberRules
+
+    if rng.random() < 0.7:
+        program.members[member_id] = MemberRules(
+            acquirer_id=rng.choice([None, None, "merchant-1", "merchant-unknown"]),
+            referrer_id=rng.choice([None, None, "member-x"]),
+            referral_paid=rng.random() < 0.5,
+            level=rng.choice(["", "silver"]),
+            levels_reached=rng.randrange(0, 4),
+            qualifying=rng.randrange(0, 10_000),
+        )
+    if rng.random() < 0.6:
+        expiries = sorted(
+            rng.choice([now_us - 5, now_us + 10, now_us + 10**9, 2**62]) for _ in range(rng.randrange(1, 4))
+        )
+        program.lots[member_id] = tuple(Lot(i + 1, 5, expires, "merchant-1") for i, expires in enumerate(expiries))
+
+
+@pytest.mark.skipif(compiled is None, reason="the compiled fast path is not in use")
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_kernel_member_and_its_twin_agree(seed):
+    """RulesKernelMixin._kernel_member (the twin) and fastpath.kernel_rows.kernel_member: the same tier
+    row or -1 for every operation of a run, and the same run's columns."""
+    import json
+    import types
+
+    from processor import rules
+    from processor.domain import Method, Operation
+    from processor.program import ProgramState
+    from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
+
+    config = json.loads((pathlib.Path(__file__).resolve().parents[2] / "ops/program.example.json").read_text())
+    version = rules.version_from_config("alliance", 1, 0, config)
+    now_us = 1_800_000_000_000_000
+    results = []
+    for member in (RulesKernelMixin._kernel_member_twin, compiled.kernel_member):
+        rng = random.Random(seed)
+        program = ProgramState(rules.Program("alliance", (version,)))
+        merchant = types.SimpleNamespace(merchant_slot=1)
+        machine = types.SimpleNamespace(
+            program=program, merchants=types.SimpleNamespace(by_id={"merchant-1": merchant})
+        )
+        for index in range(6):
+            _member_state(rng, program, machine.merchants.by_id, f"member-{index}", now_us)
+        tables = KernelTables.of(version)
+        run = EarnRedeemRun()
+        rows = []
+        for _ in range(12):
+            member_id = f"member-{rng.randrange(6)}"
+            op = Operation(Method.EARN, "merchant-1", 1, "k", {}, member_id=member_id, points=10, purchase_amount=100)
+            rows.append(member(machine, run, tables, op, now_us))
+        results.append(
+            (rows, run.tier_rows, run.tier_members, run.tier_demand, run.tier_qualifying, run.tier_reached)
+            + (run.tier_acquirer, run.tier_acquiring_bps)
+        )
+    assert results[0] == results[1]
