@@ -373,3 +373,40 @@ def kernel_member(object machine, object run, object tables, object op, object n
     (<list?>slot_read(&_run_reader, run, _RUN_TIER_ACQUIRER, _RUN_READ)).append(acquirer_slot)
     (<list?>slot_read(&_run_reader, run, _RUN_TIER_ACQUIRING_BPS, _RUN_READ)).append(share)
     return row
+
+
+# --- ProgramState.flush's rows (processor/program.py) ---
+
+cdef object _ABSENT = object()
+
+
+def rows_of(set keys not None, dict table not None, object default=_ABSENT):
+    # {key: table[key] for key in keys if key in table}, or with a default {key: table.get(key, default)
+    # for key in keys}: the twin's comprehensions, one lookup a key
+    cdef dict rows = {}
+    cdef object key, value
+    for key in keys:
+        value = table.get(key, default)
+        if value is not _ABSENT:
+            rows[key] = value
+    return rows
+
+
+def lots_rows(set keys not None, dict diffs not None, object changed):
+    # {member: diffs.get(member) or changed(member) for member in keys}
+    cdef dict rows = {}
+    cdef object member_id, diff
+    for member_id in keys:
+        diff = diffs.get(member_id)
+        rows[member_id] = diff if diff else changed(member_id)
+    return rows
+
+
+def created_rows(dict created not None, set keys not None):
+    # {member: made for member, made in created.items() if member in keys}
+    cdef dict rows = {}
+    cdef object member_id, made
+    for member_id, made in created.items():
+        if member_id in keys:
+            rows[member_id] = made
+    return rows

@@ -194,3 +194,25 @@ def lots_checked(
 
 
 _AMOUNT = operator.attrgetter("amount")
+
+
+_ABSENT = object()
+
+
+def rows_of(keys: set[Any], table: dict[Any, Any], default: Any = _ABSENT) -> dict[Any, Any]:
+    """ProgramState.flush's rows of a table (processor/program.py): `table`'s value at each of `keys`
+    that it has, or with a `default`, at each of `keys` (the default where it has none); in the keys'
+    order."""
+    if default is _ABSENT:
+        return {key: table[key] for key in keys if key in table}
+    return {key: table.get(key, default) for key in keys}
+
+
+def lots_rows(keys: set[str], diffs: dict[str, Any], changed: Any) -> dict[str, Any]:
+    """ProgramState.flush's lots rows: each member's diff as a kernel run left it, or changed(member)."""
+    return {member_id: diffs.get(member_id) or changed(member_id) for member_id in keys}
+
+
+def created_rows(created: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """ProgramState.flush's new lots: `created`'s entries of the members among `keys`, in its order."""
+    return {member_id: made for member_id, made in created.items() if member_id in keys}

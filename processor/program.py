@@ -72,12 +72,19 @@ KernelLots = tuple[
 
 # ProgramState.check_lots and written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python
 # runs the twin
+# (and flush()'s rows)
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import created_rows as _created_rows
     from fastpath.kernel_rows import lots_checked as _lots_checked
+    from fastpath.kernel_rows import lots_rows as _lots_rows
     from fastpath.kernel_rows import lots_written as _lots_written
+    from fastpath.kernel_rows import rows_of as _rows_of
 else:
+    from fastpath.kernel_rows_reference import created_rows as _created_rows
     from fastpath.kernel_rows_reference import lots_checked as _lots_checked
+    from fastpath.kernel_rows_reference import lots_rows as _lots_rows
     from fastpath.kernel_rows_reference import lots_written as _lots_written
+    from fastpath.kernel_rows_reference import rows_of as _rows_of
 
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
 NO_RULES = MemberRules()
@@ -341,22 +348,24 @@ class ProgramState:
     def flush(self) -> RulesWrite:
         """What changed since the last flush, as rows for the batch's transaction."""
         d = self._dirty
+        # each table's rows in the order of its dirty keys, by compiled loops with the compiled fast path
+        # (fastpath/kernel_rows.pyx; the comprehensions are their twins): ~2 rows an operation
         write = RulesWrite(
             program_id=self.program.program_id if self.program is not None else "",
-            members={m: self.members[m] for m in d["members"] if m in self.members},
-            lots={m: self._lots_diff.get(m) or self._lots_changed(m) for m in d["lots"]},
+            members=_rows_of(d["members"], self.members),
+            lots=_lots_rows(d["lots"], self._lots_diff, self._lots_changed),
             # the sets themselves, not copies: _lots_created is cleared below and nothing else holds them
-            new_lots={m: keys for m, keys in self._lots_created.items() if m in d["lots"]},
-            pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
+            new_lots=_created_rows(self._lots_created, d["lots"]),
+            pieces=_rows_of(d["pieces"], self.pieces, ()),
             new_pieces=set(d["new_pieces"]),
-            budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
-            earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
+            budgets=_rows_of(d["budgets"], self.granted, 0),
+            earns=_rows_of(d["earns"], self.earns),
             new_earns=set(d["new_earns"]),
             tier_events=list(self._tier_events),
-            splits={t: self.splits[t] for t in d["splits"] if t in self.splits},
+            splits=_rows_of(d["splits"], self.splits),
             new_splits=set(d["new_splits"]),
             dividends_posted=list(self._dividends_posted),
-            voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds},
+            voucher_holds=_rows_of(d["voucher_holds"], self.voucher_holds),
         )
         for dirty in d.values():
             dirty.clear()

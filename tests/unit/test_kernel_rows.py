@@ -291,3 +291,24 @@ def test_the_compiled_kernel_member_and_its_twin_agree(seed):
             + (run.tier_acquirer, run.tier_acquiring_bps)
         )
     assert results[0] == results[1]
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_flush_rows_and_their_twins_agree(seed):
+    """ProgramState.flush's rows: the same rows, in the same order, from the same dirty keys and tables."""
+    rng = random.Random(seed)
+    keys = {rng.randrange(40) for _ in range(rng.randrange(0, 30))}
+    table = {rng.randrange(40): rng.choice([0, 1, (), ("row",), None]) for _ in range(rng.randrange(0, 30))}
+    diffs = {key: rng.choice([None, ([], []), ([1], [])]) for key in keys if rng.random() < 0.5}
+    created = {rng.randrange(40): {(rng.randrange(9), 1)} for _ in range(rng.randrange(0, 10))}
+    for module in (twin, compiled):
+        assert list(module.rows_of(keys, table).items()) == list(twin.rows_of(keys, table).items())
+        assert list(module.rows_of(keys, table, ()).items()) == list(twin.rows_of(keys, table, ()).items())
+        assert list(module.lots_rows(keys, diffs, lambda key: ("changed", key)).items()) == list(
+            twin.lots_rows(keys, diffs, lambda key: ("changed", key)).items()
+        )
+        made = module.created_rows(created, keys)
+        assert list(made.items()) == list(twin.created_rows(created, keys).items())
+        assert all(made[key] is created[key] for key in made)
