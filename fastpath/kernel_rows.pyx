@@ -410,3 +410,57 @@ def created_rows(dict created not None, set keys not None):
         if member_id in keys:
             rows[member_id] = made
     return rows
+
+
+# --- the run's pool of lots (processor/rules_kernel.py's RulesKernelMixin._kernel_lots) ---
+
+cdef inline object _amount_of(object lot):
+    return (<Lot>lot).amount if type(lot) is Lot else lot.amount
+
+
+def kernel_lots(object machine, object run):
+    # The twin is the Python method itself (processor/rules_kernel.py's _kernel_lots, whose docstring says
+    # what it returns), the same walk in C: ~0.9k instructions an operation in Python (callgrind)
+    cdef list tier_members = slot_read(&_run_reader, run, _RUN_TIER_MEMBERS, _RUN_READ)
+    cdef list tier_demand = slot_read(&_run_reader, run, _RUN_TIER_DEMAND, _RUN_READ)
+    cdef Py_ssize_t rows = len(tier_members)
+    cdef Py_ssize_t row, start, passed, count
+    cdef list pool = []
+    cdef list prefixes = []
+    cdef c_array.array heads = c_array.clone(_INT64_EMPTY, rows, False)
+    cdef c_array.array tails = c_array.clone(_INT64_EMPTY, rows, False)
+    cdef c_array.array totals = c_array.clone(_INT64_EMPTY, rows, False)
+    cdef object lots, demand, covered, lot
+    for row in range(rows):
+        heads.data.as_longlongs[row] = -1
+        tails.data.as_longlongs[row] = -1
+        totals.data.as_longlongs[row] = -1
+        lots = (<tuple?>tier_members[row])[2]
+        demand = tier_demand[row]
+        start = len(pool)
+        if not lots:
+            totals.data.as_longlongs[row] = 0
+            prefixes.append((start, 0))
+            continue
+        if not demand:
+            prefixes.append((start, 0))
+            continue
+        count = len(lots)
+        covered = 0
+        passed = 0
+        for lot in lots:
+            pool.append(lot)
+            passed += 1
+            covered += _amount_of(lot)
+            if covered >= demand:
+                break
+        if passed < count:
+            lot = lots[passed]
+            pool.append(lot)
+            passed += 1
+            covered += _amount_of(lot)
+        heads.data.as_longlongs[row] = start
+        tails.data.as_longlongs[row] = start + passed - 1
+        totals.data.as_longlongs[row] = _int64(covered) if passed == count else -1
+        prefixes.append((start, passed))
+    return pool, heads, tails, totals, prefixes

@@ -44,7 +44,9 @@ from processor.store import BatchWrite
 # (and the run's operation columns, each Operation's slots read by offset; the tier row of an operation's
 # member, whose twin is RulesKernelMixin._kernel_member below)
 _compiled_kernel_member: Any = None
+_compiled_kernel_lots: Any = None
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import kernel_lots as _compiled_kernel_lots
     from fastpath.kernel_rows import kernel_member as _compiled_kernel_member
     from fastpath.kernel_rows import lots_after_run as _lots_after_run
     from fastpath.kernel_rows import operation_columns as _operation_columns
@@ -438,7 +440,8 @@ class RulesKernelMixin(MachineParts):
         soonest first until they cover what its redeems ask (all of them if they do not), plus one
         more (the member's soonest lot once those are taken). Returns the pool's lots, each tier row's
         head, tail and total (Σ of the member's lots, or -1 when not all were passed) and its (start,
-        count) in the pool."""
+        count) in the pool. With the compiled fast path the method is fastpath/kernel_rows.pyx's
+        kernel_lots (bound below the class): this is its twin (tests/unit/test_kernel_rows.py)."""
         pool: list[rules.Lot] = []
         rows = len(run.tier_members)
         heads, tails, totals = [-1] * rows, [-1] * rows, [-1] * rows
@@ -471,10 +474,13 @@ class RulesKernelMixin(MachineParts):
         return pool, _column(heads), _column(tails), _column(totals), prefixes
 
 
-# a member new to the run cost ~4.4k instructions in this method, ~1.3k compiled (callgrind)
+# a member new to the run cost ~4.4k instructions in _kernel_member, ~1.3k compiled; the pool ~0.9k an
+# operation in _kernel_lots (callgrind)
 RulesKernelMixin._kernel_member_twin = RulesKernelMixin._kernel_member  # type: ignore[attr-defined]
+RulesKernelMixin._kernel_lots_twin = RulesKernelMixin._kernel_lots  # type: ignore[attr-defined]
 if _compiled_kernel_member is not None:
     RulesKernelMixin._kernel_member = _compiled_kernel_member  # type: ignore[method-assign]
+    RulesKernelMixin._kernel_lots = _compiled_kernel_lots  # type: ignore[method-assign]
 
 
 # The fields of MemberRules the kernel's write-back sets (it builds the value by position: a replace

@@ -312,3 +312,28 @@ def test_the_compiled_flush_rows_and_their_twins_agree(seed):
         made = module.created_rows(created, keys)
         assert list(made.items()) == list(twin.created_rows(created, keys).items())
         assert all(made[key] is created[key] for key in made)
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_pool_of_a_run_and_its_twin_agree(seed):
+    """RulesKernelMixin._kernel_lots (the twin) and fastpath.kernel_rows.kernel_lots: the same pool of lots,
+    heads, tails, totals and prefixes for random members' lots and demands."""
+    from processor.rules_kernel import EarnRedeemRun, RulesKernelMixin
+
+    rng = random.Random(seed)
+    run = EarnRedeemRun()
+    lot_id = 1
+    for row in range(rng.randrange(0, 10)):
+        lots = []
+        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+            lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
+            lot_id += 1
+        run.tier_members.append((f"member-{row}", None, tuple(lots)))
+        run.tier_demand.append(rng.choice([0, 1, 30, 200, 10_000]))
+    pools = [member(None, run) for member in (RulesKernelMixin._kernel_lots_twin, compiled.kernel_lots)]
+    assert [list(part) if isinstance(part, array) else part for part in pools[0]] == [
+        list(part) if isinstance(part, array) else part for part in pools[1]
+    ]
+    assert all(made is expected for made, expected in zip(pools[1][0], pools[0][0]))
