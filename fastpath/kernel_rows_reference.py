@@ -11,7 +11,9 @@ when the run began, Σ amounts after − Σ amounts before).
 
 from __future__ import annotations
 
+import array
 import heapq
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -146,3 +148,71 @@ def lots_written(
             if soonest is not None and (not had or had[0].expires_at_us != soonest):
                 heapq.heappush(due, (soonest, member_id))
     return olds
+
+
+def operation_columns(
+    ops: list[Any], earn: object, op_earn: int, op_redeem: int
+) -> tuple[array.array[int], array.array[int], array.array[int], array.array[int]]:
+    """A kernel run's operation columns (processor/rules_kernel.py's _kernel_run): each operation's
+    method code (`op_earn` when its method is `earn`, `op_redeem` else), merchant slot, points and
+    purchase amount, as int64 arrays."""
+    return (
+        array.array("q", [op_earn if op.method is earn else op_redeem for op in ops]),
+        array.array("q", [operator.index(op.merchant_slot) for op in ops]),
+        array.array("q", [operator.index(op.points) for op in ops]),
+        array.array("q", [operator.index(op.purchase_amount) for op in ops]),
+    )
+
+
+def lots_checked(
+    dirty: set[str],
+    table: dict[str, tuple[Lot, ...]],
+    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    keep_from: int,
+    ledger: Any,
+) -> tuple[str, int, int, int] | None:
+    """ProgramState.check_lots' loop (processor/program.py): for every member in `dirty`, Σ of its lots
+    in `table` against its posted − held (the fast path's `ledger`: member_slot, balance). The sum is
+    taken from `totals` while the entry's lots are the member's very tuple, else summed, and kept there
+    for a member with `keep_from` lots or more (dropped for one with fewer). Returns the first member
+    whose lots exceed its spendable points, as (member id, Σ lots, posted, held), or None."""
+    for member_id in dirty:
+        posted, held = ledger.balance(ledger.member_slot(member_id))
+        lots = table.get(member_id, ())
+        summed = totals.get(member_id)
+        if summed is not None and summed[0] is lots:
+            total = summed[1]  # carried forward by the kernel runs that made `lots`
+        else:
+            total = sum(map(_AMOUNT, lots))
+            if len(lots) >= keep_from:
+                totals[member_id] = (lots, total)
+            elif summed is not None:
+                del totals[member_id]
+        if total > posted - held:
+            return (member_id, total, posted, held)
+    return None
+
+
+_AMOUNT = operator.attrgetter("amount")
+
+
+_ABSENT = object()
+
+
+def rows_of(keys: set[Any], table: dict[Any, Any], default: Any = _ABSENT) -> dict[Any, Any]:
+    """ProgramState.flush's rows of a table (processor/program.py): `table`'s value at each of `keys`
+    that it has, or with a `default`, at each of `keys` (the default where it has none); in the keys'
+    order."""
+    if default is _ABSENT:
+        return {key: table[key] for key in keys if key in table}
+    return {key: table.get(key, default) for key in keys}
+
+
+def lots_rows(keys: set[str], diffs: dict[str, Any], changed: Any) -> dict[str, Any]:
+    """ProgramState.flush's lots rows: each member's diff as a kernel run left it, or changed(member)."""
+    return {member_id: diffs.get(member_id) or changed(member_id) for member_id in keys}
+
+
+def created_rows(created: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """ProgramState.flush's new lots: `created`'s entries of the members among `keys`, in its order."""
+    return {member_id: made for member_id, made in created.items() if member_id in keys}

@@ -70,11 +70,21 @@ KernelLots = tuple[
     int,
 ]
 
-# ProgramState.written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python runs the twin
+# ProgramState.check_lots and written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python
+# runs the twin
+# (and flush()'s rows)
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import created_rows as _created_rows
+    from fastpath.kernel_rows import lots_checked as _lots_checked
+    from fastpath.kernel_rows import lots_rows as _lots_rows
     from fastpath.kernel_rows import lots_written as _lots_written
+    from fastpath.kernel_rows import rows_of as _rows_of
 else:
+    from fastpath.kernel_rows_reference import created_rows as _created_rows
+    from fastpath.kernel_rows_reference import lots_checked as _lots_checked
+    from fastpath.kernel_rows_reference import lots_rows as _lots_rows
     from fastpath.kernel_rows_reference import lots_written as _lots_written
+    from fastpath.kernel_rows_reference import rows_of as _rows_of
 
 # A member with no rules state yet (immutable, so one value serves all: building one cost ~1 µs a member)
 NO_RULES = MemberRules()
@@ -338,22 +348,24 @@ class ProgramState:
     def flush(self) -> RulesWrite:
         """What changed since the last flush, as rows for the batch's transaction."""
         d = self._dirty
+        # each table's rows in the order of its dirty keys, by compiled loops with the compiled fast path
+        # (fastpath/kernel_rows.pyx; the comprehensions are their twins): ~2 rows an operation
         write = RulesWrite(
             program_id=self.program.program_id if self.program is not None else "",
-            members={m: self.members[m] for m in d["members"] if m in self.members},
-            lots={m: self._lots_diff.get(m) or self._lots_changed(m) for m in d["lots"]},
+            members=_rows_of(d["members"], self.members),
+            lots=_lots_rows(d["lots"], self._lots_diff, self._lots_changed),
             # the sets themselves, not copies: _lots_created is cleared below and nothing else holds them
-            new_lots={m: keys for m, keys in self._lots_created.items() if m in d["lots"]},
-            pieces={o: self.pieces.get(o, ()) for o in d["pieces"]},
+            new_lots=_created_rows(self._lots_created, d["lots"]),
+            pieces=_rows_of(d["pieces"], self.pieces, ()),
             new_pieces=set(d["new_pieces"]),
-            budgets={p: self.granted.get(p, 0) for p in d["budgets"]},
-            earns={t: self.earns[t] for t in d["earns"] if t in self.earns},
+            budgets=_rows_of(d["budgets"], self.granted, 0),
+            earns=_rows_of(d["earns"], self.earns),
             new_earns=set(d["new_earns"]),
             tier_events=list(self._tier_events),
-            splits={t: self.splits[t] for t in d["splits"] if t in self.splits},
+            splits=_rows_of(d["splits"], self.splits),
             new_splits=set(d["new_splits"]),
             dividends_posted=list(self._dividends_posted),
-            voucher_holds={a: self.voucher_holds[a] for a in d["voucher_holds"] if a in self.voucher_holds},
+            voucher_holds=_rows_of(d["voucher_holds"], self.voucher_holds),
         )
         for dirty in d.values():
             dirty.clear()
@@ -536,8 +548,16 @@ class ProgramState:
         olds = [spent.get(member_id, _MISSING) for member_id in spenders]
         if undo is not None:
             undo.append((spent, _OLD_VALUES, (spenders, olds)))
+        # velocity.add's result, without its walk of every bucket when none is old enough to drop (its
+        # buckets are oldest first): the run's spends are at now_us, in the newest bucket or after it
+        bucket, first = now_us // velocity.BUCKET_US, (now_us - velocity.WINDOW_US_MAX) // velocity.BUCKET_US
         for (member_id, points), old in zip(spending, olds):
-            spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
+            if old is _MISSING or not old or old[0][0] < first or old[-1][0] > bucket:
+                spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
+            elif old[-1][0] == bucket:
+                spent[member_id] = (*old[:-1], (bucket, old[-1][1] + points))
+            else:
+                spent[member_id] = (*old, (bucket, points))
         dirty.update(spenders)
 
     def written_by_kernel(
@@ -1079,28 +1099,18 @@ class ProgramState:
         require(len({lot.key for lot in after}) == len(after), f"member {member_id!r}: a credited lot key exists")
         self._replace_lots(member_id, before, after, [lot.key for lot in lots])
 
-    def check_lots(self, balance) -> None:
+    def check_lots(self, ledger) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
-        are a part of the member's spendable points). balance(member_id) -> (posted, held)."""
-        totals = self._lot_totals
-        for member_id in self._dirty["lots"]:
-            posted, held = balance(member_id)
-            lots = self.lots.get(member_id, ())
-            summed = totals.get(member_id)
-            if summed is not None and summed[0] is lots:
-                total = summed[1]  # carried forward by the kernel runs that made `lots`
-            else:
-                total = sum(map(_AMOUNT, lots))
-                if len(lots) >= self.sum_kept_from_lots:
-                    totals[member_id] = (lots, total)
-                elif summed is not None:
-                    del totals[member_id]
-            if total > posted - held:  # the message only on a failure: this runs for every member a batch changed
-                require(False, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
+        are a part of the member's spendable points), posted and held as the fast path's `ledger` has
+        them (its member_slot and balance). The loop is fastpath/kernel_rows.pyx's lots_checked with the
+        compiled fast path (~2.4k instructions an operation in Python, most of it a call of
+        member_slot and of balance a member: callgrind), its twin's with POINTS_FASTPATH=python."""
+        failed = _lots_checked(self._dirty["lots"], self.lots, self._lot_totals, self.sum_kept_from_lots, ledger)
+        if failed is not None:  # the message only on a failure: this runs for every member a batch changed
+            member_id, total, posted, held = failed
+            require(False, f"member {member_id!r}: lots {total} exceed posted {posted} − held {held}")
 
 
-# a lot's amount, for sum(map(...)): check_lots sums every lot of each member a batch changed
-_AMOUNT = operator.attrgetter("amount")
 # check_lots keeps a member's sum (ProgramState._lot_totals) from this many lots: a short tuple is summed
 # faster than the entry costs in memory for every member with a few lots
 _SUM_KEPT_FROM_LOTS = 16

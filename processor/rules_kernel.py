@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import array
 import dataclasses
-from operator import attrgetter
 from typing import Any
 
 import fastpath
@@ -42,10 +41,18 @@ from processor.store import BatchWrite
 
 # each member's lots after a run, in C with the compiled fast path (fastpath/kernel_rows.pyx, which says
 # what it saves and what is left); POINTS_FASTPATH=python runs its twin
+# (and the run's operation columns, each Operation's slots read by offset; the tier row of an operation's
+# member, whose twin is RulesKernelMixin._kernel_member below)
+_compiled_kernel_member: Any = None
+_compiled_kernel_lots: Any = None
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.kernel_rows import kernel_lots as _compiled_kernel_lots
+    from fastpath.kernel_rows import kernel_member as _compiled_kernel_member
     from fastpath.kernel_rows import lots_after_run as _lots_after_run
+    from fastpath.kernel_rows import operation_columns as _operation_columns
 else:
     from fastpath.kernel_rows_reference import lots_after_run as _lots_after_run
+    from fastpath.kernel_rows_reference import operation_columns as _operation_columns
 
 # The ProgramVersion fields the kernel takes whatever their value (levels are checked one by one). A
 # version whose other fields differ from their defaults (a new option added to rules.py) goes down the
@@ -142,6 +149,7 @@ class EarnRedeemRun:
         "tier_acquirer",
         "tier_acquiring_bps",
         "tier_demand",
+        "program_tables",
     )
 
     def __init__(self) -> None:
@@ -159,6 +167,9 @@ class EarnRedeemRun:
         self.tier_acquirer: list[int] = []
         self.tier_acquiring_bps: list[int] = []
         self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
+        # ProgramState's members and lots tables, as the compiled _kernel_member (fastpath/kernel_rows.pyx)
+        # read them on the run's first member (a run is decided within one batch, which replaces neither)
+        self.program_tables: tuple[dict[str, MemberRules], dict[str, tuple[rules.Lot, ...]]] | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -167,9 +178,6 @@ class EarnRedeemRun:
 # What a kernel run builds per member: compiled values (fastpath/records.pyx), whose
 # constructors run in C
 _new_member_rules = MemberRules  # _MEMBER_FIELDS checks its fields' order
-_OPERATION_POINTS = attrgetter("points")
-_OPERATION_PURCHASE = attrgetter("purchase_amount")
-_OPERATION_MERCHANT_SLOT = attrgetter("merchant_slot")
 _EARN, _OP_EARN, _OP_REDEEM = Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM
 _KIND_ACQUIRING_REWARD = rules.KIND_ACQUIRING_REWARD
 _column = fastpath.Ledger.int64_column
@@ -196,7 +204,9 @@ class RulesKernelMixin(MachineParts):
 
     def _kernel_member(self, run: EarnRedeemRun, tables: KernelTables, op: Operation, now_us: int) -> int:
         """The tier row of op's member in the run (added on its first operation), or -1 when the
-        member's rules need the per-operation path."""
+        member's rules need the per-operation path. With the compiled fast path the method is
+        fastpath/kernel_rows.pyx's kernel_member (bound below the class), which does the same in C: this
+        is its twin (tests/unit/test_kernel_rows.py compares them)."""
         member_id = op.member_id
         row = run.tier_rows.get(member_id)
         if row is not None:
@@ -246,10 +256,11 @@ class RulesKernelMixin(MachineParts):
             return
         version = tables.version
         ops = run.ops
-        # the operations' columns, each in one pass over the run (map/list in C, no call per field),
-        # made arrays by _column (in C: array.array("q", ...) parses each item as an argument)
+        # the operations' columns in one pass over the run (in C with the compiled fast path, the slots read
+        # by offset: a map of an attrgetter a column cost ~150 instructions an item), the others made
+        # arrays by _column (in C: array.array("q", ...) parses each item as an argument)
         column = _column
-        method = column([_OP_EARN if op.method is _EARN else _OP_REDEEM for op in ops])
+        method, merchant_slots, points, purchases = _operation_columns(ops, _EARN, _OP_EARN, _OP_REDEEM)
         earns = method.count(_OP_EARN)
         lots_in, heads, tails, totals, prefixes = self._kernel_lots(run)
         pool = len(lots_in)
@@ -294,9 +305,9 @@ class RulesKernelMixin(MachineParts):
         ids.next_transaction_id, _, _ = self.ledger.apply_earn_redeem(
             method,
             slots,
-            column(map(_OPERATION_MERCHANT_SLOT, ops)),
-            column(map(_OPERATION_POINTS, ops)),
-            column(map(_OPERATION_PURCHASE, ops)),
+            merchant_slots,
+            points,
+            purchases,
             column(run.fee_bps),
             tiers,
             qualifying,
@@ -429,7 +440,8 @@ class RulesKernelMixin(MachineParts):
         soonest first until they cover what its redeems ask (all of them if they do not), plus one
         more (the member's soonest lot once those are taken). Returns the pool's lots, each tier row's
         head, tail and total (Σ of the member's lots, or -1 when not all were passed) and its (start,
-        count) in the pool."""
+        count) in the pool. With the compiled fast path the method is fastpath/kernel_rows.pyx's
+        kernel_lots (bound below the class): this is its twin (tests/unit/test_kernel_rows.py)."""
         pool: list[rules.Lot] = []
         rows = len(run.tier_members)
         heads, tails, totals = [-1] * rows, [-1] * rows, [-1] * rows
@@ -460,6 +472,15 @@ class RulesKernelMixin(MachineParts):
             totals[row] = covered if passed == len(lots) else -1
             prefixes.append((start, passed))
         return pool, _column(heads), _column(tails), _column(totals), prefixes
+
+
+# a member new to the run cost ~4.4k instructions in _kernel_member, ~1.3k compiled; the pool ~0.9k an
+# operation in _kernel_lots (callgrind)
+RulesKernelMixin._kernel_member_twin = RulesKernelMixin._kernel_member  # type: ignore[attr-defined]
+RulesKernelMixin._kernel_lots_twin = RulesKernelMixin._kernel_lots  # type: ignore[attr-defined]
+if _compiled_kernel_member is not None:
+    RulesKernelMixin._kernel_member = _compiled_kernel_member  # type: ignore[method-assign]
+    RulesKernelMixin._kernel_lots = _compiled_kernel_lots  # type: ignore[method-assign]
 
 
 # The fields of MemberRules the kernel's write-back sets (it builds the value by position: a replace

@@ -130,7 +130,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 RECORD_JSON_OPTION_STR_KEYS,
                 RECORD_JSON_OPTION,
             )
-            self.program.check_lots(lambda member_id: ledger.balance(ledger.member_slot(member_id)))
+            self.program.check_lots(ledger)
             write.rules = self.program.flush()
             write.last_transaction_id = self.ids.next_transaction_id - 1
             write.last_authorization_id = self.ids.next_authorization_id - 1

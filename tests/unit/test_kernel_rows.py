@@ -151,3 +151,189 @@ def test_stubtest_of_the_kernel_rows():
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _check_state(rng: random.Random) -> tuple[Any, ...]:
+    """check_lots' inputs: members with lots (some with a kept Σ, some of it stale), their balances
+    (some exceeded by their lots), and which of them a batch changed."""
+    table: dict[str, tuple[Lot, ...]] = {}
+    totals: dict[str, tuple[tuple[Lot, ...], int]] = {}
+    balances: dict[str, tuple[int, int]] = {}
+    lot_id = 1
+    for index in range(rng.randrange(0, 12)):
+        member_id = f"member-{index}"
+        lots = []
+        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+            lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
+            lot_id += 1
+        if lots or rng.random() < 0.5:
+            table[member_id] = tuple(lots)
+        total = sum(lot.amount for lot in lots)
+        if rng.random() < 0.4:
+            kept = tuple(lots) if rng.random() < 0.7 else tuple(lots[1:])
+            totals[member_id] = (table.get(member_id, kept) if rng.random() < 0.7 else kept, total)
+        posted = total + rng.choice([0, 0, 5, 100]) - (rng.randrange(1, 3) if rng.random() < 0.1 else 0)
+        balances[member_id] = (max(posted, 0), rng.choice([0, 0, min(3, max(posted, 0))]))
+    dirty = {member_id for member_id in balances if rng.random() < 0.8}
+    return dirty, table, totals, rng.choice([1, 2, 16]), balances
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_lots_check_and_its_twin_agree(seed):
+    """ProgramState.check_lots' loop: the same answer (the first member whose lots exceed posted −
+    held, or None) and the same kept sums, whether the Ledger is the compiled one (its arrays read) or
+    the twin's (its methods called)."""
+    from fastpath import _core, _reference
+
+    answers = []
+    for module, ledger_module in ((twin, _reference), (compiled, _core), (compiled, _reference)):
+        dirty, table, totals, keep_from, balances = _check_state(random.Random(seed))
+        ledger = ledger_module.Ledger(len(balances) + 1, 100, 10)
+        for member_id, (posted, held) in balances.items():
+            slot = ledger.load_member(member_id, posted, 1)
+            if held:
+                ledger.load_hold(1 + slot, slot, 1, held, 2**40, 1)
+        # the tables' tuples are the state's own, so a kept Σ of the very tuple is found by identity
+        answer = module.lots_checked(dirty, table, totals, keep_from, ledger)
+        kept = {member: (lots is table.get(member, ()), lots, total) for member, (lots, total) in totals.items()}
+        answers.append((answer, kept))
+    assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(twin, id="twin"), pytest.param(compiled, id="compiled", marks=needs_compiled)]
+)
+def test_the_lots_check_refuses_a_member_the_ledger_does_not_have(module):
+    ledger = fastpath.Ledger(4, 4, 4)
+    with pytest.raises(IndexError, match="member slot -1"):
+        module.lots_checked({"nobody"}, {"nobody": (Lot(1, 5, 1_000, "shop"),)}, {}, 16, ledger)
+
+
+@pytest.mark.parametrize(
+    "module", [pytest.param(twin, id="twin"), pytest.param(compiled, id="compiled", marks=needs_compiled)]
+)
+def test_the_operation_columns_of_a_run(module):
+    from processor.domain import Method, Operation
+
+    ops = [
+        Operation(Method.EARN, "merchant-1", 3, "k1", {}, member_id="m", points=120, purchase_amount=1_200),
+        Operation(Method.REDEEM, "merchant-2", 7, "k2", {}, member_id="m", points=40),
+    ]
+    columns = module.operation_columns(ops, Method.EARN, fastpath.OP_EARN, fastpath.OP_REDEEM)
+    assert [list(column) for column in columns] == [
+        [fastpath.OP_EARN, fastpath.OP_REDEEM],
+        [3, 7],
+        [120, 40],
+        [1_200, 0],
+    ]
+    assert all(isinstance(column, array) and column.typecode == "q" for column in columns)
+
+
+def _member_state(rng: random.Random, program: Any, merchants: dict[str, Any], member_id: str, now_us: int) -> None:
+    """A member's rules and lots as the kernel's run may meet them: a referral bonus still to pay or
+    paid, an acquirer the service knows or not, lots past their expiry, a lot outliving a new one."""
+    from processor.program import MemberRules
+
+    if rng.random() < 0.7:
+        program.members[member_id] = MemberRules(
+            acquirer_id=rng.choice([None, None, "merchant-1", "merchant-unknown"]),
+            referrer_id=rng.choice([None, None, "member-x"]),
+            referral_paid=rng.random() < 0.5,
+            level=rng.choice(["", "silver"]),
+            levels_reached=rng.randrange(0, 4),
+            qualifying=rng.randrange(0, 10_000),
+        )
+    if rng.random() < 0.6:
+        expiries = sorted(
+            rng.choice([now_us - 5, now_us + 10, now_us + 10**9, 2**62]) for _ in range(rng.randrange(1, 4))
+        )
+        program.lots[member_id] = tuple(Lot(i + 1, 5, expires, "merchant-1") for i, expires in enumerate(expiries))
+
+
+@pytest.mark.skipif(compiled is None, reason="the compiled fast path is not in use")
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_kernel_member_and_its_twin_agree(seed):
+    """RulesKernelMixin._kernel_member (the twin) and fastpath.kernel_rows.kernel_member: the same tier
+    row or -1 for every operation of a run, and the same run's columns."""
+    import json
+    import types
+
+    from processor import rules
+    from processor.domain import Method, Operation
+    from processor.program import ProgramState
+    from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
+
+    config = json.loads((pathlib.Path(__file__).resolve().parents[2] / "ops/program.example.json").read_text())
+    version = rules.version_from_config("alliance", 1, 0, config)
+    now_us = 1_800_000_000_000_000
+    results = []
+    for member in (RulesKernelMixin._kernel_member_twin, compiled.kernel_member):
+        rng = random.Random(seed)
+        program = ProgramState(rules.Program("alliance", (version,)))
+        merchant = types.SimpleNamespace(merchant_slot=1)
+        machine = types.SimpleNamespace(
+            program=program, merchants=types.SimpleNamespace(by_id={"merchant-1": merchant})
+        )
+        for index in range(6):
+            _member_state(rng, program, machine.merchants.by_id, f"member-{index}", now_us)
+        tables = KernelTables.of(version)
+        run = EarnRedeemRun()
+        rows = []
+        for _ in range(12):
+            member_id = f"member-{rng.randrange(6)}"
+            op = Operation(Method.EARN, "merchant-1", 1, "k", {}, member_id=member_id, points=10, purchase_amount=100)
+            rows.append(member(machine, run, tables, op, now_us))
+        results.append(
+            (rows, run.tier_rows, run.tier_members, run.tier_demand, run.tier_qualifying, run.tier_reached)
+            + (run.tier_acquirer, run.tier_acquiring_bps)
+        )
+    assert results[0] == results[1]
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_flush_rows_and_their_twins_agree(seed):
+    """ProgramState.flush's rows: the same rows, in the same order, from the same dirty keys and tables."""
+    rng = random.Random(seed)
+    keys = {rng.randrange(40) for _ in range(rng.randrange(0, 30))}
+    table = {rng.randrange(40): rng.choice([0, 1, (), ("row",), None]) for _ in range(rng.randrange(0, 30))}
+    diffs = {key: rng.choice([None, ([], []), ([1], [])]) for key in keys if rng.random() < 0.5}
+    created = {rng.randrange(40): {(rng.randrange(9), 1)} for _ in range(rng.randrange(0, 10))}
+    for module in (twin, compiled):
+        assert list(module.rows_of(keys, table).items()) == list(twin.rows_of(keys, table).items())
+        assert list(module.rows_of(keys, table, ()).items()) == list(twin.rows_of(keys, table, ()).items())
+        assert list(module.lots_rows(keys, diffs, lambda key: ("changed", key)).items()) == list(
+            twin.lots_rows(keys, diffs, lambda key: ("changed", key)).items()
+        )
+        made = module.created_rows(created, keys)
+        assert list(made.items()) == list(twin.created_rows(created, keys).items())
+        assert all(made[key] is created[key] for key in made)
+
+
+@needs_compiled
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_the_compiled_pool_of_a_run_and_its_twin_agree(seed):
+    """RulesKernelMixin._kernel_lots (the twin) and fastpath.kernel_rows.kernel_lots: the same pool of lots,
+    heads, tails, totals and prefixes for random members' lots and demands."""
+    from processor.rules_kernel import EarnRedeemRun, RulesKernelMixin
+
+    rng = random.Random(seed)
+    run = EarnRedeemRun()
+    lot_id = 1
+    for row in range(rng.randrange(0, 10)):
+        lots = []
+        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+            lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
+            lot_id += 1
+        run.tier_members.append((f"member-{row}", None, tuple(lots)))
+        run.tier_demand.append(rng.choice([0, 1, 30, 200, 10_000]))
+    pools = [member(None, run) for member in (RulesKernelMixin._kernel_lots_twin, compiled.kernel_lots)]
+    assert [list(part) if isinstance(part, array) else part for part in pools[0]] == [
+        list(part) if isinstance(part, array) else part for part in pools[1]
+    ]
+    assert all(made is expected for made, expected in zip(pools[1][0], pools[0][0]))

@@ -5,6 +5,8 @@ batch rolled back before its flush leaves nothing to write."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from processor import rules
 from processor.program import OWNER_TRANSACTION, ProgramState
@@ -90,3 +92,43 @@ def test_due_lots_left_by_the_per_batch_limit_are_taken_by_the_next_batches():
     assert [lot.lot_id for lot in state.lots["m"]] == [4]
     state.begin()
     assert [lot.lot_id for _, lot in state.due(LATEST, limit=10)] == [4]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32))
+def test_a_kernel_runs_spends_are_what_spend_records(seed):
+    """recorded_by_kernel's spends (a run's redeems at now_us, without velocity.add's walk when no bucket
+    is old enough to drop) against spend(): the same buckets for members with none, recent ones, ones
+    older than a day, ones in the run's minute and ones after it (loaded out of order)."""
+    import random
+
+    from processor import velocity
+
+    rng = random.Random(seed)
+    now_us = 1_800_000_000_000_000 + rng.randrange(velocity.BUCKET_US)
+    histories = {}
+    for index in range(8):
+        spends: velocity.Spends = ()
+        for _ in range(rng.choice([0, 1, 3, 30])):
+            at_us = now_us - rng.choice(
+                [0, 1, velocity.BUCKET_US, velocity.DAY_US - 1, velocity.DAY_US + 2 * velocity.BUCKET_US]
+            )
+            at_us -= rng.randrange(velocity.DAY_US) if rng.random() < 0.3 else 0
+            at_us += velocity.BUCKET_US if rng.random() < 0.05 else 0
+            spends = velocity.add(spends, rng.randrange(1, 50), at_us)
+        histories[f"m{index}"] = spends
+    run = [(member_id, rng.randrange(0, 40)) for member_id in histories]
+    states = []
+    for by_kernel in (True, False):
+        state = ProgramState()
+        state.spends = {member_id: spends for member_id, spends in histories.items() if spends}
+        state.begin()
+        if by_kernel:
+            state.recorded_by_kernel([], [], [], run, now_us)
+        else:
+            for member_id, points in run:
+                state.spend(member_id, points, now_us)
+        states.append((dict(state.spends), set(state._dirty["spends"])))
+        state.rollback()
+        assert state.spends == {member_id: spends for member_id, spends in histories.items() if spends}
+    assert states[0] == states[1]
