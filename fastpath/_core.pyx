@@ -187,7 +187,9 @@ cdef tuple _OPTION_KEYWORD = ("option",)
 cdef inline object _dumps_text(object dumps, object value, object option, object fallback):
     """dumps(value, option=option) as str: its UTF-8 bytes decoded (orjson.dumps answers bytes); a str
     answer is kept. On a TypeError (orjson's JSONEncodeError) and a fallback not None: dumps(value,
-    option=fallback) instead."""
+    option=fallback) instead. With option None: dumps(value), its answer as it is."""
+    if option is None:
+        return dumps(value)
     cdef PyObject* args[2]
     args[0] = <PyObject*>value
     args[1] = <PyObject*>option
@@ -205,7 +207,8 @@ cdef inline object _dumps_text(object dumps, object value, object option, object
 
 cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
                               object dumps, list records, object option, object fallback) except -1:
-    # Ledger.idempotency_records with dumps(value, option=option), called by vectorcall, its bytes decoded
+    # Ledger.idempotency_records' loop: dumps(value, option=option) called by vectorcall, its bytes
+    # decoded (_dumps_text), or dumps(value) with option None
     cdef Py_ssize_t index
     if len(outcomes) != len(batch):
         raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
@@ -1473,30 +1476,8 @@ cdef class Ledger:
         # With dumps_option, dumps is orjson.dumps called here with its option and its bytes decoded here:
         # store.to_json's Python call, its look-ups and its decode() were ~3k instructions an operation
         # of the state machine's apply (two records' JSON), callgrind.
-        cdef Py_ssize_t index
-        if dumps_option is not None:
-            _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option,
-                                 dumps_option_fallback)
-            return
-        if len(outcomes) != len(batch):
-            raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
-        for index in range(len(batch)):
-            op = batch[index]
-            outcome = outcomes[index]
-            code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
-            if ((code is not ok and code in not_recorded)
-                    or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
-                continue  # a refusal about the service's state is not recorded
-            merchant_id = slot_read(&_operation_reader, op, _OP_MERCHANT_ID, _OPERATION_READ)
-            key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
-            if stored and (merchant_id, key) in stored:
-                continue  # a replay keeps its record
-            records.append((
-                merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
-                dumps(slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ)), code._value_,
-                dumps(slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)) if code is ok else None,
-                slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
-            ))
+        _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option,
+                             dumps_option_fallback)
 
     def first_pass_plain(self, tuple context not None, list batch not None, Py_ssize_t position,
                          next_transaction_id):

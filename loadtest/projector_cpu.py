@@ -59,23 +59,6 @@ def untimed(_: str) -> None:
     pass
 
 
-async def fold_range(connection: asyncpg.Connection, previous: int, through: int, timeout: float) -> int:
-    """Store.write_checkpoint's fold as it was before Store.fold_range (a base tree's)."""
-    row = await connection.fetchrow(
-        """WITH d AS (SELECT account_id, sum(amount)::bigint AS delta
-                      FROM (SELECT unnest(leg_accounts) AS account_id, unnest(leg_amounts) AS amount
-                            FROM transactions WHERE transaction_id > $1 AND transaction_id <= $2) l
-                      GROUP BY account_id HAVING sum(amount) <> 0),
-                u AS (UPDATE accounts a SET balance = a.balance + d.delta FROM d
-                      WHERE a.account_id = d.account_id RETURNING 1)
-           SELECT (SELECT count(*) FROM d) AS wanted, (SELECT count(*) FROM u) AS updated""",
-        previous,
-        through,
-        timeout=timeout,
-    )
-    return row["updated"]
-
-
 async def measure(url: str, args: argparse.Namespace) -> None:
     writer = Store.__new__(Store)  # _write_many reads nothing of the store's but its own methods
     m = machine(not args.plain, args.members, args.merchants)
@@ -116,7 +99,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         wal = 0
         counted = 0
         loop_started = 0.0
-        fold = getattr(Store, "fold_range", None) or fold_range  # a tree before Store.fold_range: its SQL
+        fold = Store.fold_range
         checkpoint_cpu = 0.0
         checkpoint_wal = 0
         checkpointed = FIRST_TRANSACTION_ID - 1
