@@ -7,10 +7,7 @@ general walk answers). The compiled walk and its twin are compared on every batc
 
 from __future__ import annotations
 
-import pathlib
 import random
-import subprocess
-import sys
 import types
 
 from hypothesis import given, settings, strategies as st
@@ -107,24 +104,3 @@ def test_transactions_out_of_id_order_are_an_invariant_violation():
         events.balances_after(write, ledger)
     with pytest.raises(domain.InvariantViolation, match="id order"):
         events._balances_after_python(write, ledger)
-
-
-def test_stubtest_of_the_compiled_walk():
-    """fastpath/balances.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
-    if compiled is None:
-        pytest.skip("the compiled fast path is not built")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy.stubtest",
-            "fastpath.balances",
-            "--allowlist",
-            "fastpath/stubtest_allowlist_balances.txt",
-        ],
-        cwd=pathlib.Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr

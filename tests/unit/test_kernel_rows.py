@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pathlib
 import random
-import subprocess
-import sys
 from array import array
 from typing import Any
 
@@ -130,27 +128,6 @@ def test_the_compiled_write_back_refuses_a_pool_slice_outside_the_pool():
         compiled.lots_after_run({0}, {}, [("m", None, before)], [(0, 2)], [before[0]], array("q", [5]))
     with pytest.raises(ValueError, match="lot_amount"):
         compiled.lots_after_run({0}, {}, [("m", None, before)], [(0, 1)], [before[0]], array("q"))
-
-
-def test_stubtest_of_the_kernel_rows():
-    """fastpath/kernel_rows.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
-    if compiled is None:
-        pytest.skip("the compiled fast path is not in use")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy.stubtest",
-            "fastpath.kernel_rows",
-            "--allowlist",
-            "fastpath/stubtest_allowlist_kernel_rows.txt",
-        ],
-        cwd=pathlib.Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def _check_state(rng: random.Random) -> tuple[Any, ...]:

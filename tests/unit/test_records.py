@@ -10,13 +10,10 @@ import dataclasses
 import gc
 import pickle
 import random
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 
-from fastpath import records
 from processor import rules
 from processor.program import NO_RULES, EarnRecord, MemberRules
 from tests.unit.test_batch_log import DAY, NOW, machine_with_program, operation
@@ -259,22 +256,3 @@ def test_what_a_program_run_keeps_per_earn_is_untracked():
     gc.collect()
     assert not any(map(gc.is_tracked, program.lots.values()))
     assert not any(map(gc.is_tracked, program.pieces.values()))
-
-
-def test_stubtest_of_the_records():
-    """fastpath/records.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy.stubtest",
-            "fastpath.records",
-            "--allowlist",
-            "fastpath/stubtest_allowlist_records.txt",
-        ],
-        cwd=records.__file__.rsplit("/fastpath/", 1)[0],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr

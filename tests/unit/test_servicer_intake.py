@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import pathlib
 import re
-import subprocess
-import sys
 
 import fastpath
 import pytest
@@ -219,18 +216,3 @@ def test_an_intake_refuses_an_operation_type_it_cannot_store_into():
     service = _servicer(_Pipeline([SHOP]))
     with pytest.raises(ImportError, match="fields"):
         Intake(NoSlots, Method.EARN, Method.REDEEM, service.settings, service.rate_limits, None, None)
-
-
-def test_stubtest_of_the_intake():
-    """fastpath/intake.pyi says what the compiled module has (its Cython artefacts allowlisted, with why)."""
-    if fastpath.IMPLEMENTATION != "cython":
-        pytest.skip("the compiled fast path is not in use")
-    allowlist = "fastpath/stubtest_allowlist_intake.txt"
-    done = subprocess.run(
-        [sys.executable, "-m", "mypy.stubtest", "fastpath.intake", "--allowlist", allowlist],
-        cwd=pathlib.Path(__file__).resolve().parents[2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
