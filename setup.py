@@ -60,6 +60,7 @@ setup(
             "fastpath/intake.pyx",
             "fastpath/kernel_rows.pyx",
             "fastpath/balances.pyx",
+            "fastpath/log_columns.pyx",
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False, "cdivision": True},
     ),

@@ -53,6 +53,7 @@ from typing import Any, Callable, NamedTuple
 
 import asyncpg
 
+import fastpath
 from processor import idempotency_records, rules
 from processor.domain import require
 from processor.member_postings import MemberStatus, MemberWrite
@@ -213,6 +214,16 @@ _EARN_RECORD = _Columns(
     EarnRecord, nested={"earn": _Columns(rules.Earn, nested_tuples={"grants": _Columns(rules.Grant)})}
 )
 _MEMBER_RULES = _Columns(MemberRules)
+
+# The compiled records' columns in C (fastpath/log_columns.pyx: one pass reading the fields directly, the
+# same columns as `_Columns.pack`, its twin; tests/unit/test_log_columns.py); POINTS_FASTPATH=python packs
+# with the twin
+if fastpath.IMPLEMENTATION == "cython":
+    from fastpath import log_columns as _compiled_columns
+
+    _LOT.pack = _compiled_columns.pack_lots  # type: ignore[method-assign]
+    _EARN_RECORD.pack = _compiled_columns.pack_earn_records  # type: ignore[method-assign]
+    _MEMBER_RULES.pack = _compiled_columns.pack_member_rules  # type: ignore[method-assign]
 _SPLIT_RECORD = _Columns(SplitRecord)
 _VOUCHER_HOLD = _Columns(VoucherHold)
 _MEMBER_STATUS = _Columns(MemberStatus)

@@ -19,6 +19,7 @@ STUBBED = {
     "fastpath.intake": "fastpath/stubtest_allowlist_intake.txt",
     "fastpath.kernel_rows": "fastpath/stubtest_allowlist_kernel_rows.txt",
     "fastpath.balances": "fastpath/stubtest_allowlist_balances.txt",
+    "fastpath.log_columns": "fastpath/stubtest_allowlist_log_columns.txt",
 }
 
 
