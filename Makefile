@@ -59,4 +59,4 @@ bench: build
 	$(PY) -m loadtest.bench $(ARGS)
 
 clean:
-	rm -rf build fastpath/_core.c fastpath/copy_binary.c fastpath/*.so points .pytest_cache
+	rm -rf build $(patsubst %.pyx,%.c,$(wildcard fastpath/*.pyx)) fastpath/*.so points .pytest_cache
