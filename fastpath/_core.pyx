@@ -175,6 +175,34 @@ cdef object _outcome(object outcome_class, object code, dict fields):
     return outcome
 
 
+cdef inline int _fee_rows(list entries, object created, object merchant, object fee_revenue, int64_t fee,
+                         object fee_object) except -1:
+    # a transaction's fee legs (plain_rows, earn_redeem_rows): the merchant's fees account pays, the
+    # operator's fee revenue account receives
+    entries.append((created, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ), -fee))
+    entries.append((created, fee_revenue, fee_object))
+    return 0
+
+
+cdef inline object _redeem_rows(list transactions, list entries, object created, object merchant_id,
+                                object member_id, object points_object, int64_t points, object key,
+                                object fee_object, int64_t member_account, object merchant, object outcome_type,
+                                object ok_code, int64_t posted, int64_t available):
+    # a redemption decided OK (plain_rows, earn_redeem_rows): its transaction row, its two legs, and its
+    # outcome, returned
+    transactions.append((created, KIND_REDEEM, merchant_id, member_id, points_object, None, None, None, key,
+                         fee_object))
+    entries.append((created, member_account, -points))
+    entries.append((created, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
+                    points_object))
+    return _outcome(outcome_type, ok_code, {
+        "transaction_id": created,
+        "points": points_object,
+        "balance": posted,
+        "available": available,
+    })
+
+
 cdef extern from "Python.h":
     object _vectorcall "PyObject_Vectorcall"(object function, PyObject** args, size_t nargsf, object kwnames)
     object _decode_utf8 "PyUnicode_DecodeUTF8"(const char* data, Py_ssize_t size, const char* errors)
@@ -1621,9 +1649,7 @@ cdef class Ledger:
             created_object = created[index]
             fee_object = fee
             if fee:
-                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
-                                -fee))
-                entries.append((created_object, fee_revenue, fee_object))
+                _fee_rows(entries, created_object, merchant, fee_revenue, fee, fee_object)
             member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
             key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             if is_earn:
@@ -1642,17 +1668,10 @@ cdef class Ledger:
                     "created_at_us": now_us,
                 })
             else:
-                transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
-                                     None, None, None, key, fee_object))
-                entries.append((created_object, self.member_accounts[slot], -points))
-                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
-                                points_object))
-                outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
-                    "transaction_id": created_object,
-                    "points": points_object,
-                    "balance": posted[index],
-                    "available": available[index],
-                })
+                outcomes[<Py_ssize_t>applied[index]] = _redeem_rows(
+                    transactions, entries, created_object, merchant_id, member_id, points_object, points, key,
+                    fee_object, self.member_accounts[slot], merchant, outcome_type, ok_code, posted[index],
+                    available[index])
             index += 1
         return index
 
@@ -1731,9 +1750,7 @@ cdef class Ledger:
             key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             merchant = merchants[merchant_id]
             if fee:
-                entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ),
-                                -fee))
-                entries.append((created_object, fee_revenue, fee_object))
+                _fee_rows(entries, created_object, merchant, fee_revenue, fee, fee_object)
             if code == OP_EARN:
                 base = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
                 total = out_total[index]
@@ -1787,11 +1804,9 @@ cdef class Ledger:
                 continue
             points_object = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
             points = points_object
-            transactions.append((created_object, KIND_REDEEM, merchant_id, member_id, points_object,
-                                 None, None, None, key, fee_object))
-            entries.append((created_object, self.member_accounts[slot], -points))
-            entries.append((created_object, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
-                            points_object))
+            outcomes[positions[index]] = _redeem_rows(
+                transactions, entries, created_object, merchant_id, member_id, points_object, points, key, fee_object,
+                self.member_accounts[slot], merchant, outcome_type, ok_code, out_posted[index], out_available[index])
             pieces = []
             start = out_piece_start[index]
             end = out_piece_end[index]
@@ -1818,12 +1833,6 @@ cdef class Ledger:
             if points > 0:
                 old = spent.get(member_id)
                 spent[member_id] = points_object if old is None else old + points_object
-            outcomes[positions[index]] = _outcome(outcome_type, ok_code, {
-                "transaction_id": created_object,
-                "points": points_object,
-                "balance": out_posted[index],
-                "available": out_available[index],
-            })
         return failed
 
     def forget_resolved(self):

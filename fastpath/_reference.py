@@ -1018,8 +1018,7 @@ class Ledger:
             fee = points * bps // 10_000
             transaction_id = created[index]
             if fee:
-                entries.append((transaction_id, merchant.fees_account_id, -fee))
-                entries.append((transaction_id, fee_revenue, fee))
+                _fee_rows(entries, transaction_id, merchant, fee_revenue, fee)
             if is_earn:
                 transactions.append(
                     (
@@ -1045,30 +1044,22 @@ class Ledger:
                     "give_back_bps": merchant.give_back_bps,
                     "created_at_us": now_us,
                 }
+                outcomes[applied[index]] = outcome_type(ok_code, fields)
             else:
-                transactions.append(
-                    (
-                        transaction_id,
-                        KIND_REDEEM,
-                        op.merchant_id,
-                        op.member_id,
-                        points,
-                        None,
-                        None,
-                        None,
-                        op.idempotency_key,
-                        fee,
-                    )
+                outcomes[applied[index]] = _redeem_rows(
+                    transactions,
+                    entries,
+                    transaction_id,
+                    op,
+                    points,
+                    fee,
+                    self._member_account[slot],
+                    merchant,
+                    outcome_type,
+                    ok_code,
+                    posted[index],
+                    available[index],
                 )
-                entries.append((transaction_id, self._member_account[slot], -points))
-                entries.append((transaction_id, merchant.redeemed_account_id, points))
-                fields = {
-                    "transaction_id": transaction_id,
-                    "points": points,
-                    "balance": posted[index],
-                    "available": available[index],
-                }
-            outcomes[applied[index]] = outcome_type(ok_code, fields)
             index += 1
         return index
 
@@ -1193,8 +1184,7 @@ class Ledger:
             merchant_id, member_id = op.merchant_id, op.member_id
             merchant = merchants[merchant_id]
             if fee:
-                entries.append((created, merchant.fees_account_id, -fee))
-                entries.append((created, fee_revenue, fee))
+                _fee_rows(entries, created, merchant, fee_revenue, fee)
             if code == OP_EARN:
                 base = op.points
                 uplift = total - base
@@ -1273,11 +1263,20 @@ class Ledger:
                 )
                 continue
             points = op.points
-            transactions.append(
-                (created, KIND_REDEEM, merchant_id, member_id, points, None, None, None, op.idempotency_key, fee)
+            outcomes[positions[index]] = _redeem_rows(
+                transactions,
+                entries,
+                created,
+                op,
+                points,
+                fee,
+                self._member_account[slot],
+                merchant,
+                outcome_type,
+                ok_code,
+                posted,
+                available,
             )
-            entries.append((created, self._member_account[slot], -points))
-            entries.append((created, merchant.redeemed_account_id, points))
             pieces = []
             if end > start:
                 taken_rows.add(row)
@@ -1299,9 +1298,6 @@ class Ledger:
             consumed.append(((owner_transaction, created), tuple(pieces)))
             if points > 0:
                 spent[member_id] = spent.get(member_id, 0) + points
-            outcomes[positions[index]] = outcome_type(
-                ok_code, {"transaction_id": created, "points": points, "balance": posted, "available": available}
-            )
         return failed
 
     def _apply_one(self, method, member, merchant, points, ref_id, new_id, expires_at_us, now_us):
@@ -1468,6 +1464,28 @@ def _level_for(qualifying, threshold):
 
 # points whose fee at any rate up to 10,000 bps is an int64 product (plain_rows; larger: the caller's path)
 _FEE_POINTS_MAX = 922337203685477
+
+
+def _fee_rows(entries, created, merchant, fee_revenue, fee):
+    """A transaction's fee legs (plain_rows, earn_redeem_rows): the merchant's fees account pays, the
+    operator's fee revenue account receives."""
+    entries.append((created, merchant.fees_account_id, -fee))
+    entries.append((created, fee_revenue, fee))
+
+
+def _redeem_rows(
+    transactions, entries, created, op, points, fee, member_account, merchant, outcome_type, ok_code, posted, available
+):
+    """A redemption decided OK (plain_rows, earn_redeem_rows): its transaction row and two legs appended;
+    its outcome returned."""
+    transactions.append(
+        (created, KIND_REDEEM, op.merchant_id, op.member_id, points, None, None, None, op.idempotency_key, fee)
+    )
+    entries.append((created, member_account, -points))
+    entries.append((created, merchant.redeemed_account_id, points))
+    return outcome_type(
+        ok_code, {"transaction_id": created, "points": points, "balance": posted, "available": available}
+    )
 
 
 def _first_pass_merchant(op, merchants, routed, stored, earn, redeem):
