@@ -128,7 +128,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 orjson.dumps,
                 write.idempotency,
                 RECORD_JSON_OPTION_STR_KEYS,
-                RECORD_JSON_OPTION,
+                JSON_OPTIONS,
             )
             self.program.check_lots(ledger)
             write.rules = self.program.flush()
@@ -286,7 +286,7 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
         builds the plain earns' and redeems' rows in C (Ledger.plain_rows) and leaves the rest to
         _applied. Measured (callgrind, loadtest.bench_state_machine --apply-only, instructions an
         operation of the apply): 32.8k -> 20.2k with no program, 46.9k -> 42.7k with one, together with
-        the records' JSON (RECORD_JSON_OPTION)."""
+        the records' JSON (store.JSON_OPTIONS)."""
         ledger = self.ledger
         merchants = self.merchants.by_id
         ids = self.ids
@@ -1219,14 +1219,13 @@ _RULES_ONLY = frozenset({Method.CONVERT.value, Method.LINK.value, Method.SPEND_V
 _PLAIN_CLASSES = (Outcome, Code.OK)
 
 
-# The records' JSON is store.to_json's (orjson with these options, decoded): orjson.dumps is called
+# The records' JSON is store.to_json's (orjson with its JSON_OPTIONS, decoded): orjson.dumps is called
 # with it by the compiled records, not through to_json's Python call (~1.2k instructions an operation,
 # callgrind); tests/unit/test_idempotency_records.py holds the two to the same text. It is called first
 # without OPT_NON_STR_KEYS (its dicts take orjson's slower path: ~85 ns of ~360 a record's two JSON
 # texts, measured), which writes every dict of str keys to the same text and refuses any other (a
 # TypeError), and then with it.
-RECORD_JSON_OPTION = JSON_OPTIONS
-RECORD_JSON_OPTION_STR_KEYS = orjson.OPT_SORT_KEYS
+RECORD_JSON_OPTION_STR_KEYS = JSON_OPTIONS & ~orjson.OPT_NON_STR_KEYS
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.

@@ -16,7 +16,8 @@ import fastpath._core
 import fastpath._reference
 from loadtest import bench_state_machine as bench
 from processor.domain import Code, Method, Operation, Outcome
-from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION, RECORD_JSON_OPTION_STR_KEYS
+from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION_STR_KEYS
+from processor.store import JSON_OPTIONS
 from processor.store import to_json
 
 
@@ -27,8 +28,8 @@ _WAYS = [
     for module in (fastpath._core, fastpath._reference)
     for dumps, option in (
         (to_json, None),
-        (orjson.dumps, (RECORD_JSON_OPTION, None)),
-        (orjson.dumps, (RECORD_JSON_OPTION_STR_KEYS, RECORD_JSON_OPTION)),
+        (orjson.dumps, (JSON_OPTIONS, None)),
+        (orjson.dumps, (RECORD_JSON_OPTION_STR_KEYS, JSON_OPTIONS)),
     )
 ]
 
