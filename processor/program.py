@@ -70,9 +70,8 @@ KernelLots = tuple[
     int,
 ]
 
-# ProgramState.check_lots and written_by_kernel's lots, in C with the compiled fast path; POINTS_FASTPATH=python
-# runs the twin
-# (and flush()'s rows)
+# ProgramState.check_lots, written_by_kernel's lots and flush()'s rows, in C with the compiled fast path;
+# POINTS_FASTPATH=python runs the twins (fastpath/kernel_rows_reference.py)
 if fastpath.IMPLEMENTATION == "cython":
     from fastpath.kernel_rows import created_rows as _created_rows
     from fastpath.kernel_rows import lots_checked as _lots_checked
@@ -548,16 +547,8 @@ class ProgramState:
         olds = [spent.get(member_id, _MISSING) for member_id in spenders]
         if undo is not None:
             undo.append((spent, _OLD_VALUES, (spenders, olds)))
-        # velocity.add's result, without its walk of every bucket when none is old enough to drop (its
-        # buckets are oldest first): the run's spends are at now_us, in the newest bucket or after it
-        bucket, first = now_us // velocity.BUCKET_US, (now_us - velocity.WINDOW_US_MAX) // velocity.BUCKET_US
         for (member_id, points), old in zip(spending, olds):
-            if old is _MISSING or not old or old[0][0] < first or old[-1][0] > bucket:
-                spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
-            elif old[-1][0] == bucket:
-                spent[member_id] = (*old[:-1], (bucket, old[-1][1] + points))
-            else:
-                spent[member_id] = (*old, (bucket, points))
+            spent[member_id] = velocity.add(() if old is _MISSING else old, points, now_us)
         dirty.update(spenders)
 
     def written_by_kernel(

@@ -44,6 +44,12 @@ def add(spends: Spends, points: int, at_us: int) -> Spends:
     """spends with `points` spent at at_us added, and buckets older than a day dropped."""
     bucket = at_us // BUCKET_US
     first = _first_bucket(at_us, WINDOW_US_MAX)
+    # the buckets are oldest first: when the oldest is still within the day and the newest is not after
+    # this spend's, nothing is dropped nor re-sorted, and the walk of every bucket (up to 1,440) is skipped
+    if spends and spends[0][0] >= first and spends[-1][0] <= bucket:
+        if spends[-1][0] == bucket:
+            return (*spends[:-1], (bucket, spends[-1][1] + points))
+        return (*spends, (bucket, points))
     kept = [(b, p) for b, p in spends if b >= first]
     if kept and kept[-1][0] == bucket:
         kept[-1] = (bucket, kept[-1][1] + points)

@@ -97,9 +97,10 @@ def test_due_lots_left_by_the_per_batch_limit_are_taken_by_the_next_batches():
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 2**32))
 def test_a_kernel_runs_spends_are_what_spend_records(seed):
-    """recorded_by_kernel's spends (a run's redeems at now_us, without velocity.add's walk when no bucket
-    is old enough to drop) against spend(): the same buckets for members with none, recent ones, ones
-    older than a day, ones in the run's minute and ones after it (loaded out of order)."""
+    """recorded_by_kernel's spends (a run's redeems at now_us, undo-logged a run at a time) against
+    spend(): the same buckets and dirty members for members with none, recent ones, ones older than a
+    day, ones in the run's minute and ones after it (loaded out of order), and the same state after a
+    rollback."""
     import random
 
     from processor import velocity
