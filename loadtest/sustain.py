@@ -201,7 +201,6 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
             stderr=subprocess.DEVNULL,
         )
     operations, seconds, not_applied = await drive(client, requests, args.seconds, args.concurrency)
-    acknowledged = time.perf_counter()
     visible = await client.visible()
     total_seconds = seconds + visible
     main_seconds = thread_cpu_seconds(server.pid, server.pid) - main_before
@@ -210,7 +209,6 @@ async def measure(args, server: harness.Server, postgres: bench.Postgres, key: s
     collector_after = collector_totals(server.metrics_url)
     projector = metrics_after.get(PROJECTOR_CPU, 0.0) - metrics_before.get(PROJECTOR_CPU, 0.0)
     await client.close()
-    del acknowledged
     print(
         f"\n{'plain ledger' if args.plain else 'program in force'}, SubmitBatch of {args.batch_size:,}, "
         f"{args.concurrency} calls in flight, projector {args.projector}, {seconds:.1f} s of load"
