@@ -1,6 +1,6 @@
 """The projector in its own process (--projector process; issue 14, docs/DESIGN.md section 4 item 5).
 
-In-process, the projector's asyncpg encoding and COPY (~15-20 µs of CPU an operation) and its round
+In-process, the projector's asyncpg encoding and COPY (~5.5 µs of CPU an operation, eleventh session) and its round
 trips share the service's one event loop and core with the committer. Here they run in a child,
 `python -m processor project`, so on a machine of two cores they leave the committer's core.
 
@@ -43,7 +43,8 @@ from typing import Any, Callable
 
 import asyncpg
 
-from processor import batch_log, domain, metrics
+from processor import batch_log, child_process, domain, metrics
+from processor.child_process import ChildProcess
 from processor.config import Settings
 from processor.projector import PRUNE_INTERVAL_SECONDS, RETRY_DELAY_SECONDS_MAX
 from processor.projector import Appended, Projector, _divergent
@@ -254,7 +255,7 @@ class RemoteProjector(Projector):
             linger_seconds,
         )
         self.command = command
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: ChildProcess | None = None
         self._spawned = asyncio.Event()
         self._cpu_exited = 0.0  # CPU seconds of the children that exited
         self._cpu_current = 0.0  # the running child's, as last read
@@ -292,7 +293,7 @@ class RemoteProjector(Projector):
     def _wake(self) -> None:
         """Tells the child the newest batch appended (a line on its stdin: no polling on either side)."""
         process = self._process
-        if process is None or process.stdin is None or process.returncode is not None:
+        if process is None or process.returncode is not None:
             return
         if not process.stdin.is_closing():
             process.stdin.write(b"%d\n" % self.appended_through)
@@ -307,14 +308,14 @@ class RemoteProjector(Projector):
         """Tells the child the newest batch someone waits for, if not projected yet (again to a child
         started while they wait)."""
         process = self._process
-        if process is None or process.stdin is None or process.returncode is not None:
+        if process is None or process.returncode is not None:
             return
         if self.urgent_through > self.through and not process.stdin.is_closing():
             process.stdin.write(b"%s %d\n" % (URGE, self.urgent_through))
 
     def _close_pipe(self) -> None:
         process = self._process
-        if process is not None and process.stdin is not None and not process.stdin.is_closing():
+        if process is not None and not process.stdin.is_closing():
             process.stdin.close()
 
     def _advance(self, through: int) -> None:
@@ -356,7 +357,7 @@ class RemoteProjector(Projector):
         if listener is not None and not listener.is_closed():
             await listener.close()
 
-    async def _spawn(self) -> asyncio.subprocess.Process:
+    async def _spawn(self) -> ChildProcess:
         epoch, lock_pid, lock_started = self.store.writer_fence()
         command = [
             *self.command,
@@ -368,9 +369,8 @@ class RemoteProjector(Projector):
             lock_started.isoformat(),
         ]
         environment = {**os.environ, "DATABASE_URL": self.store.url}  # the service's, with the URL it resolved
-        process = await asyncio.create_subprocess_exec(
-            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=environment
-        )
+        # not asyncio.create_subprocess_exec: under uvloop it runs Python in the forked child (child_process)
+        process = await child_process.start(command, environment)
         log.info("projector process started", extra={"pid": process.pid, "epoch": epoch})
         return process
 
@@ -378,7 +378,8 @@ class RemoteProjector(Projector):
         """Returns once the first child is running, at most SPAWN_WAIT_SECONDS: the service says SERVING
         after it, so the child is not forked while the first calls are handled. Why: once in the suite the
         first call to a service in this mode failed "Failed parsing HTTP/2 (unexpected settings ack)" while
-        the child was being started; the fork is the suspected cause, not a proven one."""
+        the child was being started. The fork was the suspected cause: uvloop's ran Python in the forked
+        child (a restarted child once died of SIGSEGV at birth); child_process now forks without it."""
         try:
             await asyncio.wait_for(self._spawned.wait(), SPAWN_WAIT_SECONDS)
         except TimeoutError:
@@ -428,9 +429,8 @@ class RemoteProjector(Projector):
             self._process = None
             await self._close_listener()
 
-    async def _read_reports(self, process: asyncio.subprocess.Process) -> None:
+    async def _read_reports(self, process: ChildProcess) -> None:
         """Reads the child's reports (REPORT_OK, REPORT_FAILED) until its stdout closes."""
-        assert process.stdout is not None
         while True:
             try:
                 line = await process.stdout.readline()
@@ -444,7 +444,7 @@ class RemoteProjector(Projector):
             elif word == REPORT_FAILED:
                 self._note_failure(rest.decode(errors="replace"))
 
-    async def _watch(self, process: asyncio.subprocess.Process) -> int:
+    async def _watch(self, process: ChildProcess) -> int:
         """Waits for the child to exit (killed if a halt's EOF does not end it in HALT_SECONDS), reading
         its reports and CPU and keeping the LISTEN connection up meanwhile; its exit code."""
         exited = asyncio.ensure_future(process.wait())

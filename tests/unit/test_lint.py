@@ -47,6 +47,7 @@ STRICT = [
     "processor/batch_log.py",  # the batch log and its projector (issue 14 stage 5)
     "processor/projector.py",
     "processor/projector_process.py",  # --projector process
+    "processor/child_process.py",
 ]
 
 
