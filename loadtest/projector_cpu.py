@@ -38,7 +38,7 @@ from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.projection_write import LSN, Probe, migrations
 from processor import batch_log, projector
 from processor.state_machine import IdAllocator
-from processor.store import Store
+from processor.store import PROJECTION_PLANNER, Store
 
 FIRST_TRANSACTION_ID = 1_000_000_000
 
@@ -129,6 +129,10 @@ async def measure(url: str, args: argparse.Namespace) -> None:
                 c1 = time.process_time()
                 transaction = c.transaction()
                 await transaction.start()
+                # the projection's planner settings, as project_batches's first statement sets them
+                # (without them its keyed MERGEs and DELETE were planned as hash joins over a scan of the
+                # whole table: not the plans the projector runs)
+                await c.execute(f"SELECT {PROJECTION_PLANNER}")
                 if probe is not None:
                     probe.counting = counting
                 await Store._write_many(writer, probe or c, writes, 60.0, untimed)
