@@ -54,7 +54,7 @@ from loadtest.bench_state_machine import NOW_US, batches, machine
 from processor.state_machine import IdAllocator
 from fastpath.copy_binary import CopyEncoder
 from processor.domain import ASSET_POINTS
-from processor.store import MIGRATIONS, NO_LEGS, TRANSACTIONS_COPY, Store
+from processor.store import MIGRATIONS, NO_LEGS, PROJECTION_PLANNER, TRANSACTIONS_COPY, Store
 
 LSN = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
 # the statement's table: COPY's argument, else the first table an INSERT, UPDATE, MERGE or DELETE names
@@ -261,6 +261,7 @@ def untimed(_: str) -> None:
 
 async def write(connection, work: list, writer: Store) -> None:
     async with connection.transaction():
+        await connection.execute(f"SELECT {PROJECTION_PLANNER}")
         if not await connection.fetchval(HAS_LEGS):  # before migration 0022
             probe = Probe(connection)
             probe.unpacked, probe.batches = True, work
@@ -369,6 +370,8 @@ async def write_in_turn(
         before = cpu_seconds(probe.pid)
         transaction = probe.connection.transaction()
         await transaction.start()
+        # the projection's planner settings, as project_batches's first statement sets them
+        await probe.connection.execute(f"SELECT {PROJECTION_PLANNER}")
         await Store._write_many(writer, probe, [batch_write], 60.0, untimed)
         await probe.timed("commit", transaction.commit())
         used = cpu_seconds(probe.pid) - before

@@ -7,13 +7,14 @@ DATABASE_URL's server (else an embedded Postgres in a temporary directory) gets 
 tree; the first --prefill-batches batches are written by `Store._write_many` (--group to a transaction),
 so members have lots and rules rows. Then each counted group of --group batches is what the child does
 with it: its payloads (batch_log.encode, done beforehand, not counted) decoded (batch_log.decode), then
-`Store._write_many` in one transaction on one connection, committed. Measured around the decode and
+`Store._write_many` in one transaction on one connection, committed, under the projection's planner
+settings (store.PROJECTION_PLANNER, which project_batches's first statement sets). Measured around the decode and
 around the write: this process's CPU (time.process_time: its own /proc schedstat lags a tick) and the backend's (/proc/<pid>/schedstat:
 Postgres on this machine only), and WAL bytes (pg_current_wal_insert_lsn); and the whole counted loop's
 CPU of this process (the collector's passes between groups included, and the WAL probes). With --statements, the
 backend's CPU and WAL per statement (loadtest.projection_write's Probe; its probes cost the client CPU,
-so the client figure is then not the child's). Every --checkpoint-every batches, the balance checkpoint's
-fold (Store.fold_range) over the transactions projected since the last: its backend CPU and WAL. At the
+so the client figure is then not the child's), the rows each wrote (its command tag) and the CPU a row.
+Every --checkpoint-every batches, the balance checkpoint's fold (Store.fold_range) over the transactions projected since the last: its backend CPU and WAL. At the
 end, each table's inserts, updates (HOT among them) and deletes (pg_stat_user_tables) and heap size.
 
     .venv/bin/python -m loadtest.projector_cpu [--batches 40] [--prefill-batches 40] [--group 1]
@@ -38,7 +39,7 @@ from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.projection_write import LSN, Probe, migrations
 from processor import batch_log, projector
 from processor.state_machine import IdAllocator
-from processor.store import Store
+from processor.store import PROJECTION_PLANNER, Store
 
 FIRST_TRANSACTION_ID = 1_000_000_000
 
@@ -51,8 +52,27 @@ class StatementProbe(Probe):
         verb = sql.split(None, 1)[0].upper()
         return f"{verb} {Probe.table(sql)}"
 
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        super().__init__(connection)
+        self.rows: dict[str, int] = {}  # statement -> rows it wrote (its command tag's count) while counting
+
+    async def timed(self, table: str, call):
+        result = await super().timed(table, call)
+        if self.counting:
+            self.rows[table] = self.rows.get(table, 0) + tag_rows(result)
+        return result
+
     async def copy_to_table(self, table: str, **kwargs):
         return await self.timed(f"COPY {table}", self.connection.copy_to_table(table, **kwargs))
+
+
+def tag_rows(result) -> int:
+    """The rows a statement wrote, from its command tag ("COPY 1150", "INSERT 0 70", "MERGE 404",
+    "DELETE 3"); 0 for what returns no tag (a fetch)."""
+    if not isinstance(result, str):
+        return 0
+    last = result.rsplit(" ", 1)[-1]
+    return int(last) if last.isdigit() else 0
 
 
 def untimed(_: str) -> None:
@@ -129,6 +149,10 @@ async def measure(url: str, args: argparse.Namespace) -> None:
                 c1 = time.process_time()
                 transaction = c.transaction()
                 await transaction.start()
+                # the projection's planner settings, as project_batches's first statement sets them
+                # (without them its keyed MERGEs and DELETE were planned as hash joins over a scan of the
+                # whole table: not the plans the projector runs)
+                await c.execute(f"SELECT {PROJECTION_PLANNER}")
                 if probe is not None:
                     probe.counting = counting
                 await Store._write_many(writer, probe or c, writes, 60.0, untimed)
@@ -178,9 +202,13 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             f"del {t['n_tup_del']:>7}  heap {t['heap'] / 2**20:6.1f} MB"
         )
     if probe is not None:
-        print(f"  {'statement (table)':<22} {'µs/op':>7} {'WAL B/op':>9} {'stmts':>6}")
+        print(f"  {'statement (table)':<22} {'µs/op':>7} {'WAL B/op':>9} {'stmts':>6} {'rows/op':>8} {'µs/row':>7}")
         for table, (cpu, written, statements) in probe.costs.items():
-            print(f"  {table:<22} {cpu * us:7.2f} {written / counted:9.1f} {statements:6d}")
+            rows = probe.rows.get(table, 0)
+            per_row = f"{cpu * 1e6 / rows:7.2f}" if rows else f"{'-':>7}"
+            print(
+                f"  {table:<22} {cpu * us:7.2f} {written / counted:9.1f} {statements:6d} {rows / counted:8.2f} {per_row}"
+            )
 
 
 def main() -> None:
