@@ -935,13 +935,18 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[..., Any],
+        dumps: Callable[..., Any] | None,
         records: list[tuple[Any, ...]],
         dumps_option: Any = None,
         dumps_option_fallback: Any = None,
     ) -> None:
         """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
-        if dumps_option is not None:
+        if dumps is None:
+
+            def dumps(value: Any) -> Any:
+                return value
+
+        elif dumps_option is not None:
             plain_dumps = dumps
 
             def dumps(value: Any) -> str:
