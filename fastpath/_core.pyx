@@ -122,9 +122,9 @@ cdef tuple _OPERATION_READ = (
 )
 cdef enum:
     _OP_MERCHANT_ID, _OP_IDEMPOTENCY_KEY, _OP_METHOD, _OP_REQUEST, _OP_MEMBER_ID, _OP_POINTS, _OP_PURCHASE_AMOUNT
-cdef tuple _OUTCOME_READ = ("code", "recorded", "fields", "message")
+cdef tuple _OUTCOME_READ = ("code", "recorded", "fields", "message", "quota")
 cdef enum:
-    _OUTCOME_CODE, _OUTCOME_RECORDED, _OUTCOME_FIELDS, _OUTCOME_MESSAGE
+    _OUTCOME_CODE, _OUTCOME_RECORDED, _OUTCOME_FIELDS, _OUTCOME_MESSAGE, _OUTCOME_QUOTA
 cdef tuple _MERCHANT_READ = (
     "give_back_bps", "fees_account_id", "issued_account_id", "redeemed_account_id", "acquiring_account_id"
 )
@@ -236,17 +236,34 @@ cdef inline object _dumps_text(object dumps, object value, object option, object
     return made
 
 
+cdef extern from "Python.h":
+    bint _gc_is_tracked "PyObject_GC_IsTracked"(object value)
+    void _gc_untrack "PyObject_GC_UnTrack"(object value)
+
+
 cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
                               object dumps, list records, object option, object fallback) except -1:
     # Ledger.idempotency_records' loop: dumps(value, option=option) called by vectorcall, its bytes
-    # decoded (_dumps_text), or dumps(value) with option None, or the value itself with dumps None
+    # decoded (_dumps_text), or dumps(value) with option None, or the value itself with dumps None.
+    # With dumps None the cyclic collector is also told to stop watching what cannot be in a cycle (see
+    # Ledger.idempotency_records): a record tuple whose request and fields it does not track (dicts of
+    # str, int, bool and None: the servicer's requests, the outcomes' fields), and an outcome of the
+    # laid-out class whose fields it does not track and that has no quota. Both are referred to only by
+    # the batch's lists and refer to nothing that could refer back (an enum member, str, int, bool,
+    # None, untracked dicts), which is what a young pass checks before it untracks a tuple of atomic items.
     cdef Py_ssize_t index
+    cdef bint untrack = dumps is None
     if len(outcomes) != len(batch):
         raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
     for index in range(len(batch)):
         op = batch[index]
         outcome = outcomes[index]
         code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
+        fields = slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)
+        if (untrack and _gc_is_tracked(outcome) and _is_outcome_class(type(outcome))
+                and not _gc_is_tracked(fields)
+                and slot_read(&_outcome_reader, outcome, _OUTCOME_QUOTA, _OUTCOME_READ) is None):
+            _gc_untrack(outcome)
         if ((code is not ok and code in not_recorded)
                 or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
             continue  # a refusal about the service's state is not recorded
@@ -254,15 +271,32 @@ cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset 
         key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
         if stored and (merchant_id, key) in stored:
             continue  # a replay keeps its record
-        records.append((
+        request = slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ)
+        record = (
             merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
-            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option, fallback),
+            _dumps_text(dumps, request, option, fallback),
             code._value_,
-            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option, fallback)
-            if code is ok else None,
+            _dumps_text(dumps, fields, option, fallback) if code is ok else None,
             slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
-        ))
+        )
+        if untrack and not _gc_is_tracked(request) and (code is not ok or not _gc_is_tracked(fields)):
+            _gc_untrack(record)
+        records.append(record)
     return 0
+
+
+cdef inline bint _is_outcome_class(type kind) except -1:
+    """kind is the outcome class _outcome() builds (processor.domain.Outcome: its slots exactly
+    _OUTCOME_SLOTS, _outcome_layout checks), laid out here if no outcome was built yet."""
+    if kind is _outcome_class:
+        return True
+    if _outcome_class is not None or kind.__name__ != "Outcome":
+        return False
+    try:
+        _outcome_layout(kind)
+    except (TypeError, ValueError):
+        return False
+    return kind is _outcome_class
 
 
 cdef extern from "Python.h":

@@ -940,7 +940,8 @@ class Ledger:
         dumps_option: Any = None,
         dumps_option_fallback: Any = None,
     ) -> None:
-        """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
+        """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi; the
+        compiled one's untracking has no Python call: here the collector keeps tracking them)."""
         if dumps is None:
 
             def dumps(value: Any) -> Any:

@@ -8,6 +8,7 @@ whichever version wrote it."""
 from __future__ import annotations
 
 import enum
+import gc
 from typing import Any
 
 import orjson
@@ -272,3 +273,39 @@ def test_random_values_make_the_row_of_the_texts_or_are_refused(requests, fields
                 idempotency_records.encode(records)
             continue
         assert idempotency_records.encode(records) == expected
+
+
+def test_compiled_records_and_outcomes_that_cannot_be_in_a_cycle_are_left_untracked():
+    # what the collector would walk after every apply and again in generation 1 until the batch is
+    # written (loadtest/gc_survivors.py): a record of untracked values and an outcome of untracked
+    # fields are referred to only by the batch's lists, and refer to nothing that could refer back
+    flat, nested = {"member_id": "m", "points": 1}, {"originals": [{"transaction_id": "1"}]}
+    assert not gc.is_tracked(flat) and gc.is_tracked(nested)
+    batch = [_op(dict(flat), key=f"k{i}") for i in range(5)] + [_op(nested, key="k5")]
+    outcomes = [
+        Outcome(Code.OK, {"transaction_id": "7", "points": 1}),
+        Outcome(Code.OK, {"vouchers": [1, 2]}),  # tracked fields: both stay tracked
+        Outcome(Code.NOT_FOUND, message="no such member"),  # no response: untracked
+        Outcome(Code.RESOURCE_EXHAUSTED, message="quota", quota=("merchant", "1 a second")),  # not recorded
+        Outcome(Code.FAILED_PRECONDITION, recorded=False, message="suspended"),  # not recorded, untracked
+        Outcome(Code.OK, {}),  # a tracked request: its record stays tracked
+    ]
+    assert all(gc.is_tracked(outcome) for outcome in outcomes)
+    records = _values(fastpath._core, batch, outcomes)
+    assert [gc.is_tracked(record) for record in records] == [False, True, False, True]
+    assert [gc.is_tracked(outcome) for outcome in outcomes] == [False, True, False, True, False, False]
+    gc.collect()  # nothing the records hold was freed under them
+    assert [_as_text(record) for record in records] == _looped(batch, outcomes, {})
+    assert outcomes[0].fields == {"transaction_id": "7", "points": 1} and outcomes[3].quota == (
+        "merchant",
+        "1 a second",
+    )
+
+
+def test_records_as_texts_leave_the_collector_alone():
+    batch, outcomes = [_op({"points": 1})], [Outcome(Code.OK, {"transaction_id": "7"})]
+    for module in (fastpath._core, fastpath._reference):
+        _records((module, orjson.dumps, (JSON_OPTIONS, None)), batch, outcomes)
+        assert gc.is_tracked(outcomes[0])
+    _values(fastpath._reference, batch, outcomes)  # the twin has no call to untrack with
+    assert gc.is_tracked(outcomes[0])
