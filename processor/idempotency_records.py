@@ -79,6 +79,20 @@ def _dumps(columns: tuple) -> bytes:
         raise InvariantViolation(f"a batch's idempotency records are not JSON values: {error}") from error
 
 
+def as_texts(idempotency: Sequence[tuple]) -> list[tuple]:
+    """The records with their request and response as JSON texts, store.to_json's (what the versions
+    before the values held, and the writers before migration 0023 took: tests and loadtests compare
+    with them)."""
+    return [
+        (m, k, method, _text(request), code, None if response is None else _text(response), message)
+        for m, k, method, request, code, response, message in idempotency
+    ]
+
+
+def _text(value: Any) -> str:
+    return value if type(value) is str else orjson.dumps(value, option=JSON_OPTIONS).decode()
+
+
 def decode_keys(keys: bytes) -> list[Key]:
     """A row's (merchant_id, idempotency_key) pairs, in order."""
     merchants, idempotency_keys = orjson.loads(keys)

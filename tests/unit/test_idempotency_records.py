@@ -309,3 +309,11 @@ def test_records_as_texts_leave_the_collector_alone():
         assert gc.is_tracked(outcomes[0])
     _values(fastpath._reference, batch, outcomes)  # the twin has no call to untrack with
     assert gc.is_tracked(outcomes[0])
+
+
+def test_as_texts_gives_the_records_as_the_texts_they_were():
+    batch = [_op({"points": 1, "member_id": "m"}), _op({"b": 2}, key="k2")]
+    outcomes = [Outcome(Code.OK, {"transaction_id": 7, "a": None}), Outcome(Code.NOT_FOUND, message="no")]
+    texts = _looped(batch, outcomes, {})
+    assert idempotency_records.as_texts(_values(fastpath._core, batch, outcomes)) == texts
+    assert idempotency_records.as_texts(texts) == texts  # texts stay as they are
