@@ -347,7 +347,7 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[..., Any],
+        dumps: Callable[..., Any] | None,
         records: list[tuple[Any, ...]],
         dumps_option: Any = None,
         dumps_option_fallback: Any = None,
@@ -360,7 +360,12 @@ class Ledger:
         option=dumps_option) is called instead (orjson.dumps: UTF-8 bytes, decoded to str here; a str
         answer is kept), and when it raises TypeError (orjson's JSONEncodeError) and
         dumps_option_fallback is not None, dumps(value, option=dumps_option_fallback) is the answer.
-        ValueError when the lengths differ."""
+        With `dumps` None the request and the fields themselves are recorded (not copied: the caller
+        must not change them before the records are encoded), and the cyclic collector stops tracking
+        what cannot be in a cycle: each record whose request and fields it does not track, and each
+        outcome (of processor.domain.Outcome, the class Ledger's outcomes are built as) whose fields it
+        does not track and whose quota is None (the twin leaves them tracked: Python has no call for
+        it). ValueError when the lengths differ."""
     def plain_rows(
         self,
         batch: list[Any],

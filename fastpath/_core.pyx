@@ -122,9 +122,9 @@ cdef tuple _OPERATION_READ = (
 )
 cdef enum:
     _OP_MERCHANT_ID, _OP_IDEMPOTENCY_KEY, _OP_METHOD, _OP_REQUEST, _OP_MEMBER_ID, _OP_POINTS, _OP_PURCHASE_AMOUNT
-cdef tuple _OUTCOME_READ = ("code", "recorded", "fields", "message")
+cdef tuple _OUTCOME_READ = ("code", "recorded", "fields", "message", "quota")
 cdef enum:
-    _OUTCOME_CODE, _OUTCOME_RECORDED, _OUTCOME_FIELDS, _OUTCOME_MESSAGE
+    _OUTCOME_CODE, _OUTCOME_RECORDED, _OUTCOME_FIELDS, _OUTCOME_MESSAGE, _OUTCOME_QUOTA
 cdef tuple _MERCHANT_READ = (
     "give_back_bps", "fees_account_id", "issued_account_id", "redeemed_account_id", "acquiring_account_id"
 )
@@ -175,12 +175,45 @@ cdef object _outcome(object outcome_class, object code, dict fields):
     return outcome
 
 
+cdef extern from "Python.h":
+    bint _gc_is_tracked "PyObject_GC_IsTracked"(object value)
+    void _gc_untrack "PyObject_GC_UnTrack"(object value)
+    bint _gc_is_tracked_item "PyObject_GC_IsTracked"(PyObject* value)
+    PyObject* _row_item "PyTuple_GET_ITEM"(object row, Py_ssize_t index)
+    Py_ssize_t _row_size "PyTuple_GET_SIZE"(object row)
+    ctypedef struct _TypedObject "PyObject":
+        void* ob_type
+    void* _int_type "&PyLong_Type"
+    void* _str_type "&PyUnicode_Type"
+    PyObject* _none "Py_None"
+
+
+cdef inline int _append_row(list rows, tuple row) except -1:
+    """rows.append(row), the row untracked by the cyclic collector when none of its items is tracked (ints,
+    str, None: every transaction and entry row): what the first young pass after the apply would do to
+    it, done at birth, so that no pass walks the batch's rows (~4.3 of the ~8.4 tracked objects an
+    operation an apply left to the young pass with the program, loadtest/gc_survivors.py). An int, str or
+    None is told by its type's address (PyObject_GC_IsTracked is a call: ~2x the instructions)."""
+    cdef Py_ssize_t index
+    cdef PyObject* item
+    cdef void* kind
+    for index in range(_row_size(row)):
+        item = _row_item(row, index)
+        kind = (<_TypedObject*>item).ob_type
+        if kind != _int_type and kind != _str_type and item != _none and _gc_is_tracked_item(item):
+            break
+    else:
+        _gc_untrack(row)
+    rows.append(row)
+    return 0
+
+
 cdef inline int _fee_rows(list entries, object created, object merchant, object fee_revenue, int64_t fee,
                          object fee_object) except -1:
     # a transaction's fee legs (plain_rows, earn_redeem_rows): the merchant's fees account pays, the
     # operator's fee revenue account receives
-    entries.append((created, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ), -fee))
-    entries.append((created, fee_revenue, fee_object))
+    _append_row(entries, (created, slot_read(&_merchant_reader, merchant, _MERCHANT_FEES, _MERCHANT_READ), -fee))
+    _append_row(entries, (created, fee_revenue, fee_object))
     return 0
 
 
@@ -190,11 +223,11 @@ cdef inline object _redeem_rows(list transactions, list entries, object created,
                                 object ok_code, int64_t posted, int64_t available):
     # a redemption decided OK (plain_rows, earn_redeem_rows): its transaction row, its two legs, and its
     # outcome, returned
-    transactions.append((created, KIND_REDEEM, merchant_id, member_id, points_object, None, None, None, key,
-                         fee_object))
-    entries.append((created, member_account, -points))
-    entries.append((created, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
-                    points_object))
+    _append_row(transactions, (created, KIND_REDEEM, merchant_id, member_id, points_object, None, None, None, key,
+                               fee_object))
+    _append_row(entries, (created, member_account, -points))
+    _append_row(entries, (created, slot_read(&_merchant_reader, merchant, _MERCHANT_REDEEMED, _MERCHANT_READ),
+                          points_object))
     return _outcome(outcome_type, ok_code, {
         "transaction_id": created,
         "points": points_object,
@@ -215,7 +248,10 @@ cdef tuple _OPTION_KEYWORD = ("option",)
 cdef inline object _dumps_text(object dumps, object value, object option, object fallback):
     """dumps(value, option=option) as str: its UTF-8 bytes decoded (orjson.dumps answers bytes); a str
     answer is kept. On a TypeError (orjson's JSONEncodeError) and a fallback not None: dumps(value,
-    option=fallback) instead. With option None: dumps(value), its answer as it is."""
+    option=fallback) instead. With option None: dumps(value), its answer as it is. With dumps None: the
+    value itself (its JSON is made once a batch: processor/idempotency_records.encode)."""
+    if dumps is None:
+        return value
     if option is None:
         return dumps(value)
     cdef PyObject* args[2]
@@ -236,14 +272,26 @@ cdef inline object _dumps_text(object dumps, object value, object option, object
 cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset not_recorded, object ok,
                               object dumps, list records, object option, object fallback) except -1:
     # Ledger.idempotency_records' loop: dumps(value, option=option) called by vectorcall, its bytes
-    # decoded (_dumps_text), or dumps(value) with option None
+    # decoded (_dumps_text), or dumps(value) with option None, or the value itself with dumps None.
+    # With dumps None the cyclic collector is also told to stop watching what cannot be in a cycle (see
+    # Ledger.idempotency_records): a record tuple whose request and fields it does not track (dicts of
+    # str, int, bool and None: the servicer's requests, the outcomes' fields), and an outcome of the
+    # laid-out class whose fields it does not track and that has no quota. Both are referred to only by
+    # the batch's lists and refer to nothing that could refer back (an enum member, str, int, bool,
+    # None, untracked dicts), which is what a young pass checks before it untracks a tuple of atomic items.
     cdef Py_ssize_t index
+    cdef bint untrack = dumps is None
     if len(outcomes) != len(batch):
         raise ValueError(f"{len(outcomes)} outcomes for {len(batch)} operations")
     for index in range(len(batch)):
         op = batch[index]
         outcome = outcomes[index]
         code = slot_read(&_outcome_reader, outcome, _OUTCOME_CODE, _OUTCOME_READ)
+        fields = slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ)
+        if (untrack and _gc_is_tracked(outcome) and _is_outcome_class(type(outcome))
+                and not _gc_is_tracked(fields)
+                and slot_read(&_outcome_reader, outcome, _OUTCOME_QUOTA, _OUTCOME_READ) is None):
+            _gc_untrack(outcome)
         if ((code is not ok and code in not_recorded)
                 or not slot_read(&_outcome_reader, outcome, _OUTCOME_RECORDED, _OUTCOME_READ)):
             continue  # a refusal about the service's state is not recorded
@@ -251,15 +299,32 @@ cdef int _records_with_option(list batch, list outcomes, dict stored, frozenset 
         key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
         if stored and (merchant_id, key) in stored:
             continue  # a replay keeps its record
-        records.append((
+        request = slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ)
+        record = (
             merchant_id, key, slot_read(&_operation_reader, op, _OP_METHOD, _OPERATION_READ)._value_,
-            _dumps_text(dumps, slot_read(&_operation_reader, op, _OP_REQUEST, _OPERATION_READ), option, fallback),
+            _dumps_text(dumps, request, option, fallback),
             code._value_,
-            _dumps_text(dumps, slot_read(&_outcome_reader, outcome, _OUTCOME_FIELDS, _OUTCOME_READ), option, fallback)
-            if code is ok else None,
+            _dumps_text(dumps, fields, option, fallback) if code is ok else None,
             slot_read(&_outcome_reader, outcome, _OUTCOME_MESSAGE, _OUTCOME_READ),
-        ))
+        )
+        if untrack and not _gc_is_tracked(request) and (code is not ok or not _gc_is_tracked(fields)):
+            _gc_untrack(record)
+        records.append(record)
     return 0
+
+
+cdef inline bint _is_outcome_class(type kind) except -1:
+    """kind is the outcome class _outcome() builds (processor.domain.Outcome: its slots exactly
+    _OUTCOME_SLOTS, _outcome_layout checks), laid out here if no outcome was built yet."""
+    if kind is _outcome_class:
+        return True
+    if _outcome_class is not None or kind.__name__ != "Outcome":
+        return False
+    try:
+        _outcome_layout(kind)
+    except (TypeError, ValueError):
+        return False
+    return kind is _outcome_class
 
 
 cdef extern from "Python.h":
@@ -1503,7 +1568,10 @@ cdef class Ledger:
         # dumps', orjson: a flat encoder written here cost more instructions than orjson's, callgrind).
         # With dumps_option, dumps is orjson.dumps called here with its option and its bytes decoded here:
         # store.to_json's Python call, its look-ups and its decode() were ~3k instructions an operation
-        # of the state machine's apply (two records' JSON), callgrind.
+        # of the state machine's apply (two records' JSON), callgrind. With dumps None (the state
+        # machine's) the request and fields are recorded as they are, and their JSON is one orjson call
+        # a batch (processor/idempotency_records.encode): two calls, two bytes and two str an operation
+        # were ~7.9k of the apply's ~36.5k instructions an operation with the program, callgrind.
         _records_with_option(batch, outcomes, stored, not_recorded, ok, dumps, records, dumps_option,
                              dumps_option_fallback)
 
@@ -1653,13 +1721,14 @@ cdef class Ledger:
             member_id = slot_read(&_operation_reader, op, _OP_MEMBER_ID, _OPERATION_READ)
             key = slot_read(&_operation_reader, op, _OP_IDEMPOTENCY_KEY, _OPERATION_READ)
             if is_earn:
-                transactions.append((created_object, KIND_EARN, merchant_id, member_id, points_object,
-                                     slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
-                                     None, None, key, fee_object))
+                _append_row(transactions, (created_object, KIND_EARN, merchant_id, member_id, points_object,
+                                           slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                           None, None, key, fee_object))
                 if points:
-                    entries.append((created_object, self.member_accounts[slot], points_object))
-                    entries.append((created_object,
-                                    slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ), -points))
+                    _append_row(entries, (created_object, self.member_accounts[slot], points_object))
+                    _append_row(entries, (created_object,
+                                          slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ),
+                                          -points))
                 outcomes[<Py_ssize_t>applied[index]] = _outcome(outcome_type, ok_code, {
                     "transaction_id": created_object,
                     "points": points_object,
@@ -1755,16 +1824,17 @@ cdef class Ledger:
                 base = slot_read(&_operation_reader, op, _OP_POINTS, _OPERATION_READ)
                 total = out_total[index]
                 uplift = total - <int64_t>base
-                transactions.append((created_object, KIND_EARN, merchant_id, member_id, total,
-                                     slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
-                                     None, None, key, fee_object, version_number))
+                _append_row(transactions, (created_object, KIND_EARN, merchant_id, member_id, total,
+                                           slot_read(&_operation_reader, op, _OP_PURCHASE_AMOUNT, _OPERATION_READ),
+                                           None, None, key, fee_object, version_number))
                 if total:
-                    entries.append((created_object, self.member_accounts[slot], total))
+                    _append_row(entries, (created_object, self.member_accounts[slot], total))
                 if base:
-                    entries.append((created_object,
-                                    slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ), -base))
+                    _append_row(entries, (created_object,
+                                          slot_read(&_merchant_reader, merchant, _MERCHANT_ISSUED, _MERCHANT_READ),
+                                          -base))
                 if uplift:
-                    entries.append((created_object, tier_rewards, -uplift))
+                    _append_row(entries, (created_object, tier_rewards, -uplift))
                 level_before = out_level_before[index]
                 level_after = out_level_after[index]
                 earned_level[row] = level_after
@@ -1786,12 +1856,12 @@ cdef class Ledger:
                                         level_names[level_after]))
                 if acquirer_id is not None:
                     reward_id = out_reward_id[index]
-                    transactions.append((reward_id, kind_acquiring_reward, acquirer_id, member_id, reward,
-                                         None, None, created_object, f"acquiring:{created}", 0,
-                                         version_number))
-                    entries.append((reward_id, acquiring, -reward))
-                    entries.append((reward_id, slot_read(&_merchant_reader, merchants[acquirer_id], _MERCHANT_ACQUIRING,
-                                                         _MERCHANT_READ), reward))
+                    _append_row(transactions, (reward_id, kind_acquiring_reward, acquirer_id, member_id, reward,
+                                               None, None, created_object, f"acquiring:{created}", 0,
+                                               version_number))
+                    _append_row(entries, (reward_id, acquiring, -reward))
+                    _append_row(entries, (reward_id, slot_read(&_merchant_reader, merchants[acquirer_id],
+                                                               _MERCHANT_ACQUIRING, _MERCHANT_READ), reward))
                 outcomes[positions[index]] = _outcome(outcome_type, ok_code, {
                     "transaction_id": created_object,
                     "points": base,

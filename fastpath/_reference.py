@@ -935,13 +935,19 @@ class Ledger:
         stored: dict[tuple[str, str], Any],
         not_recorded: frozenset[Any],
         ok: Any,
-        dumps: Callable[..., Any],
+        dumps: Callable[..., Any] | None,
         records: list[tuple[Any, ...]],
         dumps_option: Any = None,
         dumps_option_fallback: Any = None,
     ) -> None:
-        """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi)."""
-        if dumps_option is not None:
+        """Appends each recorded operation's idempotency record to `records` (contract: _core.pyi; the
+        compiled one's untracking has no Python call: here the collector keeps tracking them)."""
+        if dumps is None:
+
+            def dumps(value: Any) -> Any:
+                return value
+
+        elif dumps_option is not None:
             plain_dumps = dumps
 
             def dumps(value: Any) -> str:

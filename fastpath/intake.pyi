@@ -28,6 +28,17 @@ class Intake:
         ops: list[Any],
         redeems: bool,
     ) -> int: ...
+    def respond_encoded(
+        self,
+        refused: list[Any],
+        indexes: list[int],
+        kinds: list[str],
+        ops: list[Any],
+        to_result: Callable[[str, Any], Any],
+        ok: Any,
+        applied: int,
+        prefix: str,
+    ) -> bytes: ...
     def respond(
         self,
         results: Any,

@@ -325,6 +325,16 @@ cdef class Intake:
         finally:
             self._write_back(run)
 
+    def respond_encoded(self, list refused not None, list indexes not None, list kinds not None,
+                        list ops not None, to_result, ok, int64_t applied, str prefix not None):
+        """SubmitBatchResponse's bytes, for SubmitBatchResponse.FromString: the message respond() fills
+        (the same fields, so the same bytes once parsed and serialized again; tests/unit/
+        test_servicer_response.py), each APPLIED earn and redeem written here as wire bytes rather than
+        by ~10 upb setters from Python (measured, 1,000 results, 70% earns: respond 0.85 µs an operation,
+        this and FromString ~0.15), every other result as its message's SerializeToString(). Arguments
+        as respond's (`applied` an int)."""
+        return _respond_encoded(refused, indexes, kinds, ops, to_result, ok, applied, prefix)
+
     def respond(self, results, list refused, list indexes, list kinds, list ops, to_result, ok, applied, str prefix):
         """Fills SubmitBatchResponse.results (`results`, empty) in request order, as
         PointsServicer._batch_response does: an APPLIED earn or redeem set in place by its setters, any
@@ -381,3 +391,278 @@ cdef class Intake:
             append(to_result(kind, outcome))
         for i in range(position, len(refused)):
             append(refused[i])
+
+
+# --- the response as protobuf wire bytes (Intake.respond_encoded) ---
+
+# SubmitBatchResponse.results (1), OperationResult.outcome (1), .earn (4), .redeem (8); EarnResponse and
+# RedeemResponse's fields 1..7, Timestamp's seconds (1) and nanos (2): proto/points/v1/points.proto.
+# Tags are (field << 3) | wire type: 0 a varint, 2 length-delimited.
+DEF TAG_RESULT = 0x0A
+DEF TAG_OUTCOME = 0x08
+DEF TAG_EARN = 0x22
+DEF TAG_REDEEM = 0x42
+DEF TAG_STRING_1 = 0x0A
+DEF TAG_CREATED_AT = 0x2A
+DEF TAG_LEVEL = 0x3A
+DEF DIGITS_MAX = 20  # "-9223372036854775808"
+DEF PREFIX_MAX = 32
+
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
+    object PyBytes_FromStringAndSize(const char*, Py_ssize_t)
+    char* PyBytes_AS_STRING(object)
+    Py_ssize_t PyBytes_GET_SIZE(object)
+    long long PyLong_AsLongLongAndOverflow(object, int*) except? -1
+
+from libc.stdint cimport uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+
+cdef inline int _varint_size(uint64_t value) noexcept:
+    cdef int size = 1
+    while value >= 0x80:
+        value >>= 7
+        size += 1
+    return size
+
+
+cdef inline int _int_field_size(int64_t value) noexcept:
+    # an int64 or int32 field's tag and varint (a negative one is 10 bytes: its 64-bit two's complement,
+    # sign-extended for int32); 0 is not written (proto3: no presence)
+    return 0 if value == 0 else 1 + _varint_size(<uint64_t>value)
+
+
+cdef inline bint _int64_of(object value, int64_t* out) noexcept:
+    """True with *out set when value is an int (exactly) that fits an int64."""
+    cdef int overflow = 0
+    cdef long long number
+    if type(value) is not int:
+        return False
+    number = PyLong_AsLongLongAndOverflow(value, &overflow)
+    if overflow:
+        return False
+    out[0] = number
+    return True
+
+
+cdef struct _Writer:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t capacity
+
+
+cdef int _reserve(_Writer* writer, Py_ssize_t more) except -1:
+    cdef Py_ssize_t capacity = writer.capacity if writer.capacity > 0 else 4096
+    cdef char* grown
+    if writer.size + more <= writer.capacity:
+        return 0
+    while capacity < writer.size + more:
+        capacity *= 2
+    grown = <char*>realloc(writer.data, <size_t>capacity)
+    if grown == NULL:
+        raise MemoryError()
+    writer.data = grown
+    writer.capacity = capacity
+    return 0
+
+
+cdef inline void _put_byte(_Writer* writer, unsigned char value) noexcept:
+    writer.data[writer.size] = <char>value
+    writer.size += 1
+
+
+cdef inline void _put_varint(_Writer* writer, uint64_t value) noexcept:
+    while value >= 0x80:
+        writer.data[writer.size] = <char>((value & 0x7F) | 0x80)
+        writer.size += 1
+        value >>= 7
+    writer.data[writer.size] = <char>value
+    writer.size += 1
+
+
+cdef inline void _put_int_field(_Writer* writer, unsigned char tag, int64_t value) noexcept:
+    if value != 0:
+        _put_byte(writer, tag)
+        _put_varint(writer, <uint64_t>value)
+
+
+cdef inline void _put_bytes(_Writer* writer, const char* data, Py_ssize_t size) noexcept:
+    memcpy(writer.data + writer.size, data, <size_t>size)
+    writer.size += size
+
+
+cdef inline int _decimal(int64_t value, char* out) noexcept:
+    """value's decimal digits (with a leading '-' if negative) into out, as str(value); their count."""
+    cdef char digits[DIGITS_MAX]
+    cdef int count = 0, size = 0
+    cdef uint64_t magnitude = <uint64_t>value
+    if value < 0:
+        magnitude = (~magnitude) + 1
+        out[0] = b"-"
+        size = 1
+    while True:
+        digits[count] = <char>(48 + magnitude % 10)
+        count += 1
+        magnitude //= 10
+        if magnitude == 0:
+            break
+    while count > 0:
+        count -= 1
+        out[size] = digits[count]
+        size += 1
+    return size
+
+
+cdef int _put_message(_Writer* writer, object message) except -1:
+    # a result built by the Python path (refused, another kind, a replay, a refusal): its own bytes
+    encoded = message.SerializeToString()
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(encoded)
+    _reserve(writer, 1 + 10 + size)
+    _put_byte(writer, TAG_RESULT)
+    _put_varint(writer, <uint64_t>size)
+    _put_bytes(writer, PyBytes_AS_STRING(encoded), size)
+    return 0
+
+
+cdef bint _put_earn(_Writer* writer, dict f, int64_t applied, const char* prefix, Py_ssize_t prefix_size) except -1:
+    """An APPLIED earn's result, as respond's setters make it (_fill_earn_response), written as
+    SubmitBatchResponse.results' next element; False (nothing written) when its fields are not what
+    the setters take without a question (a missing key, a value not an int64 or int32, a level not a
+    str): the Python path answers for that one."""
+    cdef int64_t transaction_id, points, balance, give_back_bps, created_at_us, seconds, nanos, bonus = 0
+    cdef char tid[PREFIX_MAX + DIGITS_MAX]
+    cdef Py_ssize_t tid_size, level_size = 0, created_size, earn_size, result_size
+    cdef const char* level_data = NULL
+    if not (_int64_of(f.get("transaction_id"), &transaction_id) and _int64_of(f.get("points"), &points)
+            and _int64_of(f.get("balance"), &balance) and _int64_of(f.get("give_back_bps"), &give_back_bps)
+            and _int64_of(f.get("created_at_us"), &created_at_us)):
+        return False
+    if give_back_bps < -2147483648 or give_back_bps > 2147483647:
+        return False
+    bonus_points = f.get("bonus_points")
+    if bonus_points and not _int64_of(bonus_points, &bonus):
+        return False
+    level = f.get("level")
+    if level:
+        if type(level) is not str:
+            return False
+        level_data = PyUnicode_AsUTF8AndSize(level, &level_size)
+    # Python's floor division and modulo (the setters' created_at_us // 1_000_000, % 1_000_000)
+    seconds = created_at_us // 1_000_000
+    nanos = created_at_us % 1_000_000
+    if nanos < 0:
+        nanos += 1_000_000
+        seconds -= 1
+    nanos *= 1000
+    memcpy(tid, prefix, <size_t>prefix_size)
+    tid_size = prefix_size + _decimal(transaction_id, tid + prefix_size)
+    created_size = _int_field_size(seconds) + _int_field_size(nanos)
+    earn_size = (1 + _varint_size(<uint64_t>tid_size) + tid_size + _int_field_size(points)
+                 + _int_field_size(balance) + _int_field_size(give_back_bps)
+                 + 1 + _varint_size(<uint64_t>created_size) + created_size + _int_field_size(bonus)
+                 + (1 + _varint_size(<uint64_t>level_size) + level_size if level_size else 0))
+    result_size = _int_field_size(applied) + 1 + _varint_size(<uint64_t>earn_size) + earn_size
+    _reserve(writer, 1 + _varint_size(<uint64_t>result_size) + result_size)
+    _put_byte(writer, TAG_RESULT)
+    _put_varint(writer, <uint64_t>result_size)
+    _put_int_field(writer, TAG_OUTCOME, applied)
+    _put_byte(writer, TAG_EARN)
+    _put_varint(writer, <uint64_t>earn_size)
+    _put_byte(writer, TAG_STRING_1)
+    _put_varint(writer, <uint64_t>tid_size)
+    _put_bytes(writer, tid, tid_size)
+    _put_int_field(writer, 0x10, points)
+    _put_int_field(writer, 0x18, balance)
+    _put_int_field(writer, 0x20, give_back_bps)
+    _put_byte(writer, TAG_CREATED_AT)
+    _put_varint(writer, <uint64_t>created_size)
+    _put_int_field(writer, 0x08, seconds)
+    _put_int_field(writer, 0x10, nanos)
+    _put_int_field(writer, 0x30, bonus)
+    if level_size:
+        _put_byte(writer, TAG_LEVEL)
+        _put_varint(writer, <uint64_t>level_size)
+        _put_bytes(writer, level_data, level_size)
+    return True
+
+
+cdef bint _put_redeem(_Writer* writer, dict f, int64_t applied, const char* prefix,
+                      Py_ssize_t prefix_size) except -1:
+    """An APPLIED redeem's result, as respond's setters make it (_fill_redeem_response); False as
+    _put_earn."""
+    cdef int64_t transaction_id, points, balance, available, vouchers = 0, voucher_balance = 0, credit_used = 0
+    cdef char tid[PREFIX_MAX + DIGITS_MAX]
+    cdef Py_ssize_t tid_size, redeem_size, result_size
+    if not (_int64_of(f.get("transaction_id"), &transaction_id) and _int64_of(f.get("points"), &points)
+            and _int64_of(f.get("balance"), &balance) and _int64_of(f.get("available"), &available)):
+        return False
+    if len(f) > 4 and not (_int64_of(f.get("vouchers", 0), &vouchers)
+                           and _int64_of(f.get("voucher_balance", 0), &voucher_balance)
+                           and _int64_of(f.get("voucher_credit_used", 0), &credit_used)):
+        return False
+    memcpy(tid, prefix, <size_t>prefix_size)
+    tid_size = prefix_size + _decimal(transaction_id, tid + prefix_size)
+    redeem_size = (1 + _varint_size(<uint64_t>tid_size) + tid_size + _int_field_size(points)
+                   + _int_field_size(balance) + _int_field_size(available) + _int_field_size(vouchers)
+                   + _int_field_size(voucher_balance) + _int_field_size(credit_used))
+    result_size = _int_field_size(applied) + 1 + _varint_size(<uint64_t>redeem_size) + redeem_size
+    _reserve(writer, 1 + _varint_size(<uint64_t>result_size) + result_size)
+    _put_byte(writer, TAG_RESULT)
+    _put_varint(writer, <uint64_t>result_size)
+    _put_int_field(writer, TAG_OUTCOME, applied)
+    _put_byte(writer, TAG_REDEEM)
+    _put_varint(writer, <uint64_t>redeem_size)
+    _put_byte(writer, TAG_STRING_1)
+    _put_varint(writer, <uint64_t>tid_size)
+    _put_bytes(writer, tid, tid_size)
+    _put_int_field(writer, 0x10, points)
+    _put_int_field(writer, 0x18, balance)
+    _put_int_field(writer, 0x20, available)
+    _put_int_field(writer, 0x28, vouchers)
+    _put_int_field(writer, 0x30, voucher_balance)
+    _put_int_field(writer, 0x38, credit_used)
+    return True
+
+
+cdef object _respond_encoded(list refused, list indexes, list kinds, list ops, to_result, ok, int64_t applied,
+                             str prefix):
+    # Intake.respond_encoded (its docstring)
+    cdef _Writer writer
+    cdef Py_ssize_t position = 0, index, i, count = len(indexes), prefix_size
+    cdef const char* prefix_data = PyUnicode_AsUTF8AndSize(prefix, &prefix_size)
+    cdef str kind
+    cdef bint written
+    if prefix_size > PREFIX_MAX:
+        raise ValueError(f"a transaction id prefix of at most {PREFIX_MAX} bytes, not {prefix!r}")
+    writer.data = NULL
+    writer.size = 0
+    writer.capacity = 0
+    try:
+        _reserve(&writer, 64 * (count + 1))
+        for i in range(count):
+            index = indexes[i]
+            kind = kinds[i]
+            while position < index:  # refused before it was queued (or empty): its result as it is
+                _put_message(&writer, refused[position])
+                position += 1
+            position = index + 1
+            outcome = slot_read(&_operation_reader, ops[i], 0, _OPERATION_READ)
+            written = False
+            if (slot_read(&_outcome_reader, outcome, 0, _OUTCOME_READ) is ok
+                    and not slot_read(&_outcome_reader, outcome, 1, _OUTCOME_READ)):
+                f = slot_read(&_outcome_reader, outcome, 2, _OUTCOME_READ)
+                if type(f) is dict:
+                    if kind == "earn":
+                        written = _put_earn(&writer, <dict>f, applied, prefix_data, prefix_size)
+                    elif kind == "redeem":
+                        written = _put_redeem(&writer, <dict>f, applied, prefix_data, prefix_size)
+            if not written:
+                _put_message(&writer, to_result(kind, outcome))
+        for i in range(position, len(refused)):
+            _put_message(&writer, refused[i])
+        return PyBytes_FromStringAndSize(writer.data, writer.size)
+    finally:
+        free(writer.data)

@@ -19,6 +19,7 @@ chunks, the ratio this/base, and the service's CPU by step (the step names of _w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import pathlib
 import subprocess
@@ -32,7 +33,7 @@ import asyncpg
 from loadtest import harness
 from loadtest.harness import precise_cpu_seconds as cpu_seconds
 from loadtest.bench_state_machine import NOW_US, batches, machine
-from processor import events, store
+from processor import events, idempotency_records, store
 from processor.store import MIGRATIONS, Store
 
 # main before the binary COPY encoder: asyncpg's copy_records_to_table for every bulk insert
@@ -108,6 +109,8 @@ async def measure(url: str, args: argparse.Namespace) -> None:
         counted = i >= args.warmup
         if counted:
             operations += len(write.idempotency)
+        # the base's writers took the idempotency records' request and response as JSON texts
+        writes = {"base": dataclasses.replace(write, idempotency=idempotency_records.as_texts(write.idempotency))}
         order = list(variants) if i % 2 == 0 else list(reversed(variants))
         for name in order:
             c = connections[name]
@@ -122,7 +125,7 @@ async def measure(url: str, args: argparse.Namespace) -> None:
             began_backend = cpu_seconds(pids[name])
             async with c.transaction():
                 began = mark[0] = time.process_time()
-                await variants[name]._write_many(c, [write], 60.0, step)
+                await variants[name]._write_many(c, [writes.get(name, write)], 60.0, step)
                 used = time.process_time() - began
             if counted:
                 client[name].append(used)

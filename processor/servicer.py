@@ -877,24 +877,26 @@ class PointsServicer(points_pb2_grpc.PointsServiceServicer):
         Built in place, in order: each result added to the response's list and filled there (an
         APPLIED earn or redeem by its filler, with no OperationResult of its own), rather than built on
         its own then copied into SubmitBatchResponse(results=...) (measured, loadtest/bench_servicer.py:
-        the copy was a third of the response's cost). The same bytes (tests/unit/test_servicer_response.py)."""
-        response = pb.SubmitBatchResponse()
-        results = response.results
+        the copy was a third of the response's cost). With the compiled intake, the response's wire
+        bytes are written in C and parsed once by upb (~0.15 µs an operation against ~0.85 for the
+        setters). The same bytes (tests/unit/test_servicer_response.py)."""
         collecting = _collector_paused()
         try:
-            if self._intake is not None:  # the same loop in C (fastpath/intake.pyx)
-                self._intake.respond(
-                    results,
-                    refused,
-                    indexes,
-                    kinds,
-                    ops,
-                    self._to_result,
-                    Code.OK,
-                    pb.OPERATION_OUTCOME_APPLIED,
-                    _TRANSACTION_PREFIX,
+            if self._intake is not None:  # the same message, its wire bytes written in C (fastpath/intake.pyx)
+                return pb.SubmitBatchResponse.FromString(
+                    self._intake.respond_encoded(
+                        refused,
+                        indexes,
+                        kinds,
+                        ops,
+                        self._to_result,
+                        Code.OK,
+                        pb.OPERATION_OUTCOME_APPLIED,
+                        _TRANSACTION_PREFIX,
+                    )
                 )
-                return response
+            response = pb.SubmitBatchResponse()
+            results = response.results
             add, append = results.add, results.append
             to_result, fill_earn, fill_redeem = self._to_result, _fill_earn_response, _fill_redeem_response
             ok, applied = Code.OK, pb.OPERATION_OUTCOME_APPLIED

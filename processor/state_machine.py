@@ -20,7 +20,6 @@ import dataclasses
 import gc
 from typing import Any
 
-import orjson
 
 import fastpath
 from processor import domain, metrics, rules, velocity
@@ -33,7 +32,7 @@ from processor.member_postings import MemberPostingsMixin, MemberRegistry
 from processor.postings import PostingsMixin, _entries
 from processor.rules_kernel import EarnRedeemRun, KernelTables, RulesKernelMixin
 from processor.quotas import MerchantQuotas
-from processor.store import JSON_OPTIONS, BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros
+from processor.store import BatchWrite, HoldRow, MerchantRow, StoredOutcome, TransactionRow, from_micros
 
 
 class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
@@ -118,18 +117,9 @@ class LedgerStateMachine(PostingsMixin, MemberPostingsMixin, RulesKernelMixin):
                 self._post_dividends(write, dividends, now_us)
             outcomes = self._apply_batch(batch, stored, write, now_us)
             # each decided operation's record, in compiled code (a replay keeps its record; a refusal
-            # about the service's state is not one)
-            fastpath.Ledger.idempotency_records(
-                batch,
-                outcomes,
-                stored,
-                NOT_RECORDED,
-                Code.OK,
-                orjson.dumps,
-                write.idempotency,
-                RECORD_JSON_OPTION_STR_KEYS,
-                JSON_OPTIONS,
-            )
+            # about the service's state is not one): its request and fields as they are, their JSON
+            # made once for the batch by its append (processor/idempotency_records.encode)
+            fastpath.Ledger.idempotency_records(batch, outcomes, stored, NOT_RECORDED, Code.OK, None, write.idempotency)
             self.program.check_lots(ledger)
             write.rules = self.program.flush()
             write.last_transaction_id = self.ids.next_transaction_id - 1
@@ -1217,15 +1207,6 @@ _RULES_ONLY = frozenset({Method.CONVERT.value, Method.LINK.value, Method.SPEND_V
 
 # what Ledger.plain_rows builds its outcomes as
 _PLAIN_CLASSES = (Outcome, Code.OK)
-
-
-# The records' JSON is store.to_json's (orjson with its JSON_OPTIONS, decoded): orjson.dumps is called
-# with it by the compiled records, not through to_json's Python call (~1.2k instructions an operation,
-# callgrind); tests/unit/test_idempotency_records.py holds the two to the same text. It is called first
-# without OPT_NON_STR_KEYS (its dicts take orjson's slower path: ~85 ns of ~360 a record's two JSON
-# texts, measured), which writes every dict of str keys to the same text and refuses any other (a
-# TypeError), and then with it.
-RECORD_JSON_OPTION_STR_KEYS = JSON_OPTIONS & ~orjson.OPT_NON_STR_KEYS
 
 
 # Outcomes about the service's state, not the request: a retry may succeed, so the key stays free.

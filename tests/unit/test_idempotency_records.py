@@ -1,10 +1,14 @@
 """Ledger.idempotency_records: the batch's idempotency records, built by the compiled module and by the
 twin, equal to what the state machine's Python loop built with processor/store.to_json: the same
-records, the same JSON text to the byte, the same operations left out."""
+records, the same JSON text to the byte, the same operations left out. Recorded as values (dumps None,
+the state machine's way), their idempotency_batches row (processor/idempotency_records.encode) is the
+row of those texts to the byte, so a retry compares against and answers from the same stored record
+whichever version wrote it."""
 
 from __future__ import annotations
 
 import enum
+import gc
 from typing import Any
 
 import orjson
@@ -15,8 +19,10 @@ from hypothesis import strategies as st
 import fastpath._core
 import fastpath._reference
 from loadtest import bench_state_machine as bench
-from processor.domain import Code, Method, Operation, Outcome
-from processor.state_machine import NOT_RECORDED, RECORD_JSON_OPTION_STR_KEYS
+from processor import idempotency_records
+from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
+from processor.idempotency_records import JSON_OPTIONS_STR_KEYS as RECORD_JSON_OPTION_STR_KEYS
+from processor.state_machine import NOT_RECORDED
 from processor.store import JSON_OPTIONS
 from processor.store import to_json
 
@@ -182,5 +188,132 @@ def test_a_state_machine_batch_records_what_the_loop_recorded(program):
     for i, batch in enumerate(bench.batches(3, 2_000, 20, seed=3)):
         outcomes, write = machine.apply(batch, {}, bench.NOW_US + i * 1_000_000)
         machine.commit()
-        assert write.idempotency == _looped(batch, outcomes, {})
+        looped = _looped(batch, outcomes, {})
+        # the records hold the values; their texts and their row are the loop's
+        assert [_as_text(record) for record in write.idempotency] == looped
+        assert idempotency_records.encode(write.idempotency) == idempotency_records.encode(looped)
         assert len(write.idempotency) == len(batch)
+
+
+# --- recorded as values (dumps None, the state machine's way), their JSON made by the row's encode ---
+
+_MODULES = pytest.mark.parametrize("module", [fastpath._core, fastpath._reference], ids=["cython", "python"])
+
+
+def _values(module, batch, outcomes, stored=None) -> list[tuple[Any, ...]]:
+    records: list[tuple[Any, ...]] = []
+    module.Ledger.idempotency_records(batch, outcomes, stored or {}, NOT_RECORDED, Code.OK, None, records)
+    return records
+
+
+def _as_text(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A record of values as the same record of to_json texts."""
+    merchant_id, key, method, request, code, response, message = record
+    return (merchant_id, key, method, to_json(request), code, None if response is None else to_json(response), message)
+
+
+def test_the_records_options_are_store_to_jsons():
+    assert idempotency_records.JSON_OPTIONS == JSON_OPTIONS
+    assert RECORD_JSON_OPTION_STR_KEYS == JSON_OPTIONS & ~orjson.OPT_NON_STR_KEYS
+
+
+@_MODULES
+@pytest.mark.parametrize("value", _VALUES, ids=range(len(_VALUES)))
+def test_values_recorded_make_the_row_of_the_texts_to_the_byte(module, value):
+    request, fields = dict(value), dict(value)
+    batch = [_op(request), _op({"points": 1}, key="k2"), _op({"points": 2}, key="k3")]
+    outcomes = [Outcome(Code.OK, fields), Outcome(Code.NOT_FOUND, message="no such member"), Outcome(Code.OK, {})]
+    records = _values(module, batch, outcomes)
+    assert records[0][3] is request and records[0][5] is fields  # the values themselves, not copies
+    assert records[1][5] is None  # a refusal's record has no response
+    texts = _looped(batch, outcomes, {})
+    assert [_as_text(record) for record in records] == texts
+    row = idempotency_records.encode(records)
+    assert row == idempotency_records.encode(texts)
+    methods, requests, codes, responses, messages = idempotency_records.decode_records(row.records)
+    assert requests[0] == orjson.loads(to_json(value)) and responses == [orjson.loads(to_json(value)), None, {}]
+
+
+@_MODULES
+@pytest.mark.parametrize("value", [{"bad": "\ud800"}, {"\udfff": 1}, {"huge": 2**64}, {"small": -(2**63) - 1}])
+def test_values_to_json_refuses_are_refused_by_the_rows_encode(module, value):
+    with pytest.raises(type(_raised(lambda: to_json(value)))):
+        to_json(value)
+    records = _values(module, [_op(value)], [Outcome(Code.OK, {})])
+    with pytest.raises(InvariantViolation, match="not JSON values"):
+        idempotency_records.encode(records)
+
+
+@_MODULES
+def test_values_recorded_leave_out_what_the_texts_leave_out(module):
+    batch = [_op({"points": i}, key=f"k{i}") for i in range(4)]
+    outcomes = [
+        Outcome(Code.OK, {"transaction_id": 1}),
+        Outcome(Code.UNAVAILABLE, message="retry"),
+        Outcome(Code.FAILED_PRECONDITION, recorded=False, message="suspended"),
+        Outcome(Code.OK, {"transaction_id": 2}),  # a replay: its key is stored
+    ]
+    stored = {("m1", "k3"): object()}
+    assert [_as_text(r) for r in _values(module, batch, outcomes, stored)] == _looped(batch, outcomes, stored)
+    with pytest.raises(ValueError, match="1 outcomes for 2 operations"):
+        _values(module, batch[:2], outcomes[:1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests=st.lists(_FLAT, min_size=1, max_size=5), fields=_FLAT)
+def test_random_values_make_the_row_of_the_texts_or_are_refused(requests, fields):
+    batch = [_op(request, key=f"k{i}") for i, request in enumerate(requests)]
+    outcomes = [Outcome(Code.OK, fields) for _ in batch]
+    for module in (fastpath._core, fastpath._reference):
+        records = _values(module, batch, outcomes)
+        try:
+            expected = idempotency_records.encode(_looped(batch, outcomes, {}))
+        except Exception:  # noqa: BLE001 - to_json refused a value: so must the row's encode
+            with pytest.raises(InvariantViolation):
+                idempotency_records.encode(records)
+            continue
+        assert idempotency_records.encode(records) == expected
+
+
+def test_compiled_records_and_outcomes_that_cannot_be_in_a_cycle_are_left_untracked():
+    # what the collector would walk after every apply and again in generation 1 until the batch is
+    # written (loadtest/gc_survivors.py): a record of untracked values and an outcome of untracked
+    # fields are referred to only by the batch's lists, and refer to nothing that could refer back
+    flat, nested = {"member_id": "m", "points": 1}, {"originals": [{"transaction_id": "1"}]}
+    assert not gc.is_tracked(flat) and gc.is_tracked(nested)
+    batch = [_op(dict(flat), key=f"k{i}") for i in range(5)] + [_op(nested, key="k5")]
+    outcomes = [
+        Outcome(Code.OK, {"transaction_id": "7", "points": 1}),
+        Outcome(Code.OK, {"vouchers": [1, 2]}),  # tracked fields: both stay tracked
+        Outcome(Code.NOT_FOUND, message="no such member"),  # no response: untracked
+        Outcome(Code.RESOURCE_EXHAUSTED, message="quota", quota=("merchant", "1 a second")),  # not recorded
+        Outcome(Code.FAILED_PRECONDITION, recorded=False, message="suspended"),  # not recorded, untracked
+        Outcome(Code.OK, {}),  # a tracked request: its record stays tracked
+    ]
+    assert all(gc.is_tracked(outcome) for outcome in outcomes)
+    records = _values(fastpath._core, batch, outcomes)
+    assert [gc.is_tracked(record) for record in records] == [False, True, False, True]
+    assert [gc.is_tracked(outcome) for outcome in outcomes] == [False, True, False, True, False, False]
+    gc.collect()  # nothing the records hold was freed under them
+    assert [_as_text(record) for record in records] == _looped(batch, outcomes, {})
+    assert outcomes[0].fields == {"transaction_id": "7", "points": 1} and outcomes[3].quota == (
+        "merchant",
+        "1 a second",
+    )
+
+
+def test_records_as_texts_leave_the_collector_alone():
+    batch, outcomes = [_op({"points": 1})], [Outcome(Code.OK, {"transaction_id": "7"})]
+    for module in (fastpath._core, fastpath._reference):
+        _records((module, orjson.dumps, (JSON_OPTIONS, None)), batch, outcomes)
+        assert gc.is_tracked(outcomes[0])
+    _values(fastpath._reference, batch, outcomes)  # the twin has no call to untrack with
+    assert gc.is_tracked(outcomes[0])
+
+
+def test_as_texts_gives_the_records_as_the_texts_they_were():
+    batch = [_op({"points": 1, "member_id": "m"}), _op({"b": 2}, key="k2")]
+    outcomes = [Outcome(Code.OK, {"transaction_id": 7, "a": None}), Outcome(Code.NOT_FOUND, message="no")]
+    texts = _looped(batch, outcomes, {})
+    assert idempotency_records.as_texts(_values(fastpath._core, batch, outcomes)) == texts
+    assert idempotency_records.as_texts(texts) == texts  # texts stay as they are
