@@ -18,10 +18,11 @@ projection in flight and their own). Why: with the program in force a projection
 Postgres ~11-13 µs/op in the program's rows, a group of 4 ~9.5-10, of 16 ~6 (loadtest.rules_write),
 and the bench's SubmitBatch load formed groups of ~1 by itself. What waits out the linger: the change
 feed and the balance checkpoint, which follow the projection (bounded: the linger plus a projection).
-Off by default (0): measured end to end (loadtest.bench, ninth session, three pairs on a machine loaded
-5-14 on its 2 cores) a 0.1 s linger formed groups of 4-8 under the program's unary load (projector CPU
--45%, Postgres -20..-35%) but hardly any under SubmitBatch of 1,000 (1.1-1.2 a projection: 3-5 batches/s
-there), whose ops/s to visibility and visible ms were worse in two pairs of three; a read that urges
+Off by default until the twelfth session (the ninth measured SubmitBatch of 1,000 at 3-5 batches/s,
+groups of 1.1-1.2 and visibility later with a 0.1 s linger). Since the service reaches ~35-40 batches/s
+of 1,000 the default is 0.05 s: groups of ~1.4-2.3 under sustained SubmitBatch load, Postgres 16.9/16.1
+-> 14.3/13.7 µs/op and the projector 8.2/7.6 -> 6.4/6.0 (loadtest.sustain, two pairs; the s12/pg
+measurements agree: projector_cpu --group 1/2/4 Postgres 13.1/10.8/9.3 µs/op). A read that urges
 still waits for the (larger) group in flight.
 
 After each projection, `projected` (the pipeline's callback) runs with the batches in order: it wakes
