@@ -139,13 +139,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "projection_linger_seconds",
         float,
-        0.05,
+        0.0,
         "how long the projector waits, after a batch is appended, for more batches to write with it in one "
         "transaction (up to projection_batches_per_transaction_max; the program's rows are then written once "
         "per group): the change feed and the balance checkpoint see a batch at most this much later; a read "
-        "that must see the caller's writes does not wait for it (it asks for the projection at once); default "
-        "0.05 (groups of 2-3 batches under SubmitBatch load: Postgres and the projector ~4 µs/op less); 0 = project "
-        "each batch as soon as it is appended",
+        "that must see the caller's writes does not wait for it (it asks for the projection at once); 0 (the "
+        "default) = project each batch as soon as it is appended",
     ),
     Option(
         "batch_log_retention_seconds",
@@ -404,7 +403,7 @@ class Settings:
     projector: str = "process"
     projection_queue_batches_max: int = 64
     projection_batches_per_transaction_max: int = 16
-    projection_linger_seconds: float = 0.05
+    projection_linger_seconds: float = 0.0
     batch_log_retention_seconds: float = 3600.0
     hold_ttl_seconds_default: int = 7 * DAY_SECONDS
     hold_ttl_seconds_max: int = 31 * DAY_SECONDS

@@ -18,12 +18,13 @@ projection in flight and their own). Why: with the program in force a projection
 Postgres ~11-13 µs/op in the program's rows, a group of 4 ~9.5-10, of 16 ~6 (loadtest.rules_write),
 and the bench's SubmitBatch load formed groups of ~1 by itself. What waits out the linger: the change
 feed and the balance checkpoint, which follow the projection (bounded: the linger plus a projection).
-Off by default until the twelfth session (the ninth measured SubmitBatch of 1,000 at 3-5 batches/s,
-groups of 1.1-1.2 and visibility later with a 0.1 s linger). Since the service reaches ~35-40 batches/s
-of 1,000 the default is 0.05 s: groups of ~1.4-2.3 under sustained SubmitBatch load, Postgres 16.9/16.1
--> 14.3/13.7 µs/op and the projector 8.2/7.6 -> 6.4/6.0 (loadtest.sustain, two pairs; the s12/pg
-measurements agree: projector_cpu --group 1/2/4 Postgres 13.1/10.8/9.3 µs/op). A read that urges
-still waits for the (larger) group in flight.
+Off by default (0). The ninth session measured SubmitBatch of 1,000 at 3-5 batches/s: groups of
+1.1-1.2, visibility later with a 0.1 s linger. The twelfth, at ~35-43 batches/s (loadtest.sustain, three
+pairs, linger 0 against 0.05 s on one tree): groups form and Postgres is 1.7-2.0 µs/op lower, but the
+service's young collector passes double (the queued batches' objects are freed later, after a pass
+rather than before it: +1.1-1.5 µs/op on the event loop, which is the limit) and ops/s to visibility
+were not higher (42.8k/42.0k -> 40.8k; 34.7k/36.4k -> 34.6k/33.5k). It pays once Postgres's core,
+not the loop, is the limit. A read that urges still waits for the (larger) group in flight.
 
 After each projection, `projected` (the pipeline's callback) runs with the batches in order: it wakes
 the readers waiting in Pipeline.projected(), the change feed (it reads `transactions`, so it only ever
