@@ -1,0 +1,236 @@
+# cython: language_level=3
+"""A member's lots (processor/program.py's ProgramState.lots), sorted soonest-expiring first, as a chain of
+chunks: a value the cyclic garbage collector does not track, holding a tuple of tuples of at most
+CHUNK_LOTS_MAX lots each.
+
+Why: as one tuple, every change of a member's lots built a new tuple of all of them. A kernel run that
+touched a member with 2,635 lots wrote 2,635 reference counts, the old tuple's release walked them again
+and the collector's next young pass walked the new tuple: cheap in instructions (~15 a lot) and costly in
+cache lines, and the lots a run copied grew with the members' history (0.7 an operation at batch 1 of the
+bench, 15.4 at batch 40: docs/DESIGN.md, eleventh session). A change at the head (a spend takes the
+soonest lots) or at the tail (an earn's new lot expires last) now builds the chunks it changes (at most
+CHUNK_LOTS_MAX lots, plus a small front a spend leaves) and a new tuple of the chunk references (the
+member's lots / CHUNK_LOTS_MAX): the chunks it did not touch are shared with the chain before, which the
+undo log keeps as it kept the old tuple (a chain is immutable, so a rollback restores it by reference).
+
+The value: `len`, iteration (and `reversed`), indexing (an int: O(1) at either end, else a walk of the
+chunks; a slice: a tuple), `lots()` the flat tuple, `==` another chain or a tuple with the same lots
+(whatever the chunks: two chains built by different paths compare equal when their lots are), `hash`,
+pickling. Chunks are never empty; a member with no lots has no chain (ProgramState pops it; readers take
+`()`), though an empty chain is a valid (falsy) value.
+
+Building: `chained(lots)` (from a sorted sequence) and `spliced(chain, passed, head, tail)` (the first
+`passed` lots replaced by `head`, then `tail` appended: every change the kernel's runs make, and the
+per-operation path's spends, expiries and earns); fastpath/kernel_rows.pyx calls `splice` in C. The twin
+of both is fastpath/lot_chain_reference.py, which builds the same chunks (tests/unit/test_lot_chain.py
+compares them chunk for chunk and holds both to the flat tuple they stand for). The class itself, like
+fastpath/records.pyx's, is a plain value and has no twin: both implementations build it.
+
+Why it is safe to leave untracked: it holds only a tuple of tuples of records.Lot (never a container of
+its own), all built before it, so it can be part of no cycle. Its tuples are untracked when it is made (a
+chunk of records.Lot only, and the tuple of chunks once every chunk is): the collector would untrack
+them at its next pass, after walking every lot of every new chunk; a tuple it could have to walk (a chunk
+holding something else) stays tracked.
+"""
+
+cimport cython
+from cpython.object cimport Py_EQ, Py_NE
+
+from fastpath.records cimport Lot
+
+from itertools import chain as _chain_iter
+
+
+cdef extern from "Python.h":
+    int PyObject_GC_IsTracked(object op)
+    void PyObject_GC_UnTrack(void* op)
+
+CHUNK_LOTS_MAX = 64  # lots a chunk holds at most: a change copies up to this many, plus lots / this many
+cdef Py_ssize_t _CHUNK = 64
+
+
+@cython.no_gc
+@cython.final
+cdef class LotChain:
+    """A member's lots, sorted soonest-expiring first, in chunks of at most CHUNK_LOTS_MAX (the module's
+    docstring says why and what the value supports)."""
+
+    def __init__(self, chunks=()):
+        cdef Py_ssize_t length = 0, size
+        cdef tuple made = tuple(chunks)
+        for chunk in made:
+            if type(chunk) is not tuple:
+                raise TypeError(f"a chunk of lots is a tuple, not {type(chunk).__name__}")
+            size = len(<tuple>chunk)
+            if size == 0 or size > _CHUNK:
+                raise ValueError(f"a chunk holds 1 to {_CHUNK} lots, not {size}")
+            length += size
+        _untrack(made)
+        self.chunks = made
+        self.length = length
+
+    def __len__(self):
+        return self.length
+
+    def __bool__(self):
+        return self.length > 0
+
+    def __iter__(self):
+        return _chain_iter.from_iterable(self.chunks)
+
+    def __reversed__(self):
+        for chunk in reversed(self.chunks):
+            yield from reversed(chunk)
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t at, size
+        cdef tuple chunk
+        if isinstance(index, slice):
+            return self.lots()[index]
+        at = index
+        if at < 0:
+            at += self.length
+        if at < 0 or at >= self.length:
+            raise IndexError("LotChain index out of range")
+        if at == self.length - 1:
+            chunk = self.chunks[len(self.chunks) - 1]
+            return chunk[len(chunk) - 1]
+        for chunk in self.chunks:
+            size = len(chunk)
+            if at < size:
+                return chunk[at]
+            at -= size
+        raise IndexError("LotChain index out of range")  # (its chunks disagree with its length)
+
+    def lots(self):
+        """The lots as one tuple."""
+        if len(self.chunks) == 1:
+            return self.chunks[0]
+        return tuple(_chain_iter.from_iterable(self.chunks))
+
+    def __richcmp__(self, other, int op):
+        if op != Py_EQ and op != Py_NE:
+            return NotImplemented
+        if isinstance(other, LotChain):
+            same = other is self or (
+                (<LotChain>other).length == self.length and (<LotChain>other).lots() == self.lots())
+        elif type(other) is tuple:
+            same = len(<tuple>other) == self.length and other == self.lots()
+        else:
+            return NotImplemented
+        return same if op == Py_EQ else not same
+
+    def __hash__(self):
+        return hash(self.lots())
+
+    def __repr__(self):
+        return f"LotChain({self.length} lots: {self.lots()!r})"
+
+    def __reduce__(self):
+        return (LotChain, (self.chunks,))
+
+
+cdef bint _untracked(tuple chunk):
+    # a chunk still tracked is untracked when it holds only records.Lot (which the collector does not
+    # track): True when the chunk is untracked now
+    if not PyObject_GC_IsTracked(chunk):
+        return True
+    for lot in chunk:
+        if type(lot) is not Lot:
+            return False
+    PyObject_GC_UnTrack(<void*>chunk)
+    return True
+
+
+cdef void _untrack(tuple chunks):
+    # the chunks, then the tuple of them once every one is untracked (O(new chunks' lots + chunks))
+    cdef bint every = True
+    for chunk in chunks:
+        if not _untracked(<tuple>chunk):
+            every = False
+    if every and PyObject_GC_IsTracked(chunks):
+        PyObject_GC_UnTrack(<void*>chunks)
+
+
+cdef LotChain _EMPTY = LotChain(())
+
+
+cdef inline LotChain _made(tuple chunks, Py_ssize_t length):
+    cdef LotChain made = LotChain.__new__(LotChain)
+    _untrack(chunks)
+    made.chunks = chunks
+    made.length = length
+    return made
+
+
+cdef inline void _append_chunks(list chunks, list lots, Py_ssize_t start):
+    # lots[start:] as chunks of _CHUNK, in order
+    cdef Py_ssize_t count = len(lots), end
+    while start < count:
+        end = start + _CHUNK if start + _CHUNK < count else count
+        chunks.append(tuple(lots[start:end]))
+        start = end
+
+
+def chained(lots):
+    """The chain of `lots` (sorted soonest-expiring first), in full chunks from the head."""
+    cdef list items = list(lots)
+    cdef list chunks = []
+    _append_chunks(chunks, items, 0)
+    return _made(tuple(chunks), len(items))
+
+
+cdef LotChain splice(object chain, Py_ssize_t passed, list head, list tail):
+    """`chain` (a LotChain, or () for none) with its first `passed` lots replaced by `head` and `tail`
+    appended; the chunks it does not reach are shared. The same chunks as the twin's spliced."""
+    cdef tuple chunks
+    cdef Py_ssize_t length, count, index, offset, size, room
+    cdef list front, made
+    cdef tuple chunk, last
+    if isinstance(chain, LotChain):
+        chunks = (<LotChain>chain).chunks
+        length = (<LotChain>chain).length
+    elif type(chain) is tuple and not chain:
+        chunks = ()
+        length = 0
+    else:
+        raise TypeError(f"lots to splice are a LotChain or (), not {type(chain).__name__}")
+    if passed < 0 or passed > length:
+        raise ValueError(f"{passed} lots passed of a chain of {length}")
+    if not passed and not head and not tail:
+        return <LotChain>chain if length else _EMPTY
+    count = len(chunks)
+    # the chunks the passed lots cover whole, then how many of the next one they cover
+    index = 0
+    offset = passed
+    while index < count and offset >= len(<tuple>chunks[index]):
+        offset -= len(<tuple>chunks[index])
+        index += 1
+    front = list(head)
+    if offset:  # the rest of a chunk the passed lots end inside
+        front.extend((<tuple>chunks[index])[offset:])
+        index += 1
+    if front and index < count and len(front) + len(<tuple>chunks[index]) <= _CHUNK:
+        front.extend(<tuple>chunks[index])  # a small front joins the next chunk
+        index += 1
+    made = []
+    _append_chunks(made, front, 0)
+    made.extend(chunks[index:])
+    if tail:
+        offset = 0
+        if made:
+            last = made[len(made) - 1]
+            room = _CHUNK - len(last)
+            if room > 0:
+                offset = room if room < len(tail) else len(tail)
+                made[len(made) - 1] = last + tuple(tail[:offset])
+        _append_chunks(made, tail, offset)
+    size = length - passed + len(head) + len(tail)
+    return _made(tuple(made), size)
+
+
+def spliced(chain, Py_ssize_t passed, head, tail):
+    """`chain` (a LotChain, or () for none) with its first `passed` lots replaced by `head` (sorted, all
+    before the lots that follow) and `tail` appended (sorted, all after them): a new chain sharing the
+    chunks the change does not reach."""
+    return splice(chain, passed, list(head), list(tail))
