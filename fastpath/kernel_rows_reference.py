@@ -6,8 +6,8 @@ holds the whole kernel path to the per-operation path).
 
 A member's row (processor/program.py's KernelLots): (member id, its lots after the run, the keys the run
 touched, the keys of the lots it created, (keys gone, lots new or changed) since the run began, its lots
-when the run began, Σ amounts after − Σ amounts before). A member's lots are a LotChain
-(fastpath/lot_chain.pyx), or () for none.
+when the run began, Σ amounts after − Σ amounts before). A member's lots are a tuple, or beyond
+CHUNK_LOTS_MAX a LotChain (fastpath/lot_chain.pyx); () for none.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class KernelRowsError(Exception):
 def lots_after_run(
     taken_rows: set[int],
     new_by_row: dict[int, list[int]],
-    tier_members: list[tuple[str, Any, LotChain | tuple[()]]],
+    tier_members: list[tuple[str, Any, tuple[Lot, ...] | LotChain]],
     prefixes: list[tuple[int, int]],
     pool_lots: list[Lot | None],
     lot_amount: Sequence[int],
@@ -39,8 +39,8 @@ def lots_after_run(
     row's new lots in the pool, in order), in row order, the member's lots after the run: what it passed
     (its pool slice `prefixes[row]` = (start, count), less what was taken: `lot_amount` holds what the
     kernel left of each pool lot), the lots it did not pass as they were, then its new lots that have
-    points left. A lot left untouched stays the same object; the chunks of the member's chain that the
-    run neither passed nor appended to are shared with its chain before (spliced)."""
+    points left. A lot left untouched stays the same object; of a member's LotChain, the chunks the run
+    neither passed nor appended to are shared with its chain before (spliced)."""
     rows: list[tuple[Any, ...]] = []
     for row in sorted(taken_rows | new_by_row.keys()):
         member_id, _, before_lots = tier_members[row]
@@ -92,13 +92,13 @@ def lots_after_run(
 
 def lots_written(
     rows: list[tuple[Any, ...]],
-    table: dict[str, LotChain],
-    flushed: dict[str, LotChain | tuple[()]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    flushed: dict[str, tuple[Lot, ...] | LotChain],
     touched: dict[str, set[Any] | None],
     created_by: dict[str, set[Any]],
     diffs: dict[str, Any],
     dirty: set[str],
-    totals: dict[str, tuple[LotChain, int]],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     due: list[tuple[int, str]],
     missing: object,
 ) -> list[Any]:
@@ -170,8 +170,8 @@ def operation_columns(
 
 def lots_checked(
     dirty: set[str],
-    table: dict[str, LotChain],
-    totals: dict[str, tuple[LotChain, int]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     keep_from: int,
     ledger: Any,
 ) -> tuple[str, int, int, int] | None:

@@ -10,4 +10,4 @@ cdef class LotChain:
     cdef readonly Py_ssize_t length
 
 
-cdef LotChain splice(object chain, Py_ssize_t passed, list head, list tail)
+cdef object splice(object lots, Py_ssize_t passed, list head, list tail)

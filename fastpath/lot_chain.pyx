@@ -1,40 +1,44 @@
 # cython: language_level=3
-"""A member's lots (processor/program.py's ProgramState.lots), sorted soonest-expiring first, as a chain of
-chunks: a value the cyclic garbage collector does not track, holding a tuple of tuples of at most
-CHUNK_LOTS_MAX lots each.
+"""A member's lots (processor/program.py's ProgramState.lots), sorted soonest-expiring first: a tuple while
+they are at most CHUNK_LOTS_MAX, a LotChain beyond, a value the cyclic garbage collector does not track
+holding a tuple of chunks, tuples of at most CHUNK_LOTS_MAX lots each.
 
 Why: as one tuple, every change of a member's lots built a new tuple of all of them. A kernel run that
 touched a member with 2,635 lots wrote 2,635 reference counts, the old tuple's release walked them again
 and the collector's next young pass walked the new tuple: cheap in instructions (~15 a lot) and costly in
 cache lines, and the lots a run copied grew with the members' history (0.7 an operation at batch 1 of the
-bench, 15.4 at batch 40: docs/DESIGN.md, eleventh session). A change at the head (a spend takes the
-soonest lots) or at the tail (an earn's new lot expires last) now builds the chunks it changes (at most
-CHUNK_LOTS_MAX lots, plus a small front a spend leaves) and a new tuple of the chunk references (the
+bench, 15.4 at batch 40: docs/DESIGN.md, eleventh session). A change of a chain at the head (a spend
+takes the soonest lots) or at the tail (an earn's new lot expires last) builds the chunks it changes (at
+most CHUNK_LOTS_MAX lots, plus a small front a spend leaves) and a new tuple of the chunk references (the
 member's lots / CHUNK_LOTS_MAX): the chunks it did not touch are shared with the chain before, which the
 undo log keeps as it kept the old tuple (a chain is immutable, so a rollback restores it by reference).
+Most members hold a few lots: their tuple is copied whole, as before, which costs less than a chain's
+three objects (a chunk, the tuple of chunks, the chain) would.
 
-The value: `len`, iteration (and `reversed`), indexing (an int: O(1) at either end, else a walk of the
+The chain: `len`, iteration (and `reversed`), indexing (an int: O(1) at either end, else a walk of the
 chunks; a slice: a tuple), `lots()` the flat tuple, `==` another chain or a tuple with the same lots
 (whatever the chunks: two chains built by different paths compare equal when their lots are), `hash`,
-pickling. Chunks are never empty; a member with no lots has no chain (ProgramState pops it; readers take
-`()`), though an empty chain is a valid (falsy) value.
+pickling: a reader of a member's lots reads both forms alike. Chunks are never empty.
 
-Building: `chained(lots)` (from a sorted sequence) and `spliced(chain, passed, head, tail)` (the first
+Building: `chained(lots)` (from a sorted sequence) and `spliced(lots, passed, head, tail)` (the first
 `passed` lots replaced by `head`, then `tail` appended: every change the kernel's runs make, and the
-per-operation path's spends, expiries and earns); fastpath/kernel_rows.pyx calls `splice` in C. The twin
-of both is fastpath/lot_chain_reference.py, which builds the same chunks (tests/unit/test_lot_chain.py
-compares them chunk for chunk and holds both to the flat tuple they stand for). The class itself, like
-fastpath/records.pyx's, is a plain value and has no twin: both implementations build it.
+per-operation path's spends, expiries and earns), each in the form its length calls for;
+fastpath/kernel_rows.pyx calls `splice` in C. The twin of both is fastpath/lot_chain_reference.py, which
+builds the same values (tests/unit/test_lot_chain.py compares them chunk for chunk and holds both to the
+flat tuple they stand for). The class itself, like fastpath/records.pyx's, is a plain value and has no
+twin: both implementations build it.
 
 Why it is safe to leave untracked: it holds only a tuple of tuples of records.Lot (never a container of
-its own), all built before it, so it can be part of no cycle. Its tuples are untracked when it is made (a
-chunk of records.Lot only, and the tuple of chunks once every chunk is): the collector would untrack
-them at its next pass, after walking every lot of every new chunk; a tuple it could have to walk (a chunk
-holding something else) stays tracked.
+its own), all built before it, so it can be part of no cycle. The tuples the builders make are untracked
+when made (a tuple of records.Lot only, and the tuple of chunks once every chunk is): the collector would
+untrack them at its next pass, after walking every lot of every new one; a tuple it could have to walk (a
+chunk holding something else) stays tracked.
 """
 
 cimport cython
 from cpython.object cimport Py_EQ, Py_NE
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 from fastpath.records cimport Lot
 
@@ -152,14 +156,42 @@ cdef void _untrack(tuple chunks):
         PyObject_GC_UnTrack(<void*>chunks)
 
 
-cdef LotChain _EMPTY = LotChain(())
-
-
 cdef inline LotChain _made(tuple chunks, Py_ssize_t length):
     cdef LotChain made = LotChain.__new__(LotChain)
     _untrack(chunks)
     made.chunks = chunks
     made.length = length
+    return made
+
+
+cdef inline void _put(tuple into, Py_ssize_t at, object lot):
+    Py_INCREF(lot)
+    PyTuple_SET_ITEM(into, at, lot)
+
+
+cdef tuple _flat(list head, object lots, Py_ssize_t passed, Py_ssize_t length, list tail):
+    # head + lots[passed:] + tail as one tuple (length lots: at most a chunk's), untracked when of Lots
+    cdef Py_ssize_t size = len(head) + length - passed + len(tail), at = 0, index, skip = passed
+    cdef tuple made = PyTuple_New(size)
+    cdef tuple chunks
+    for lot in head:
+        _put(made, at, lot)
+        at += 1
+    chunks = (<LotChain>lots).chunks if type(lots) is LotChain else (lots,)
+    for chunk in chunks:
+        if skip >= len(<tuple>chunk):
+            skip -= len(<tuple>chunk)
+            continue
+        for index in range(skip, len(<tuple>chunk)):
+            _put(made, at, (<tuple>chunk)[index])
+            at += 1
+        skip = 0
+    for lot in tail:
+        _put(made, at, lot)
+        at += 1
+    if at != size:
+        raise ValueError(f"{at} lots written of {size}: a chain's chunks disagree with its length")
+    _untracked(made)
     return made
 
 
@@ -173,32 +205,45 @@ cdef inline void _append_chunks(list chunks, list lots, Py_ssize_t start):
 
 
 def chained(lots):
-    """The chain of `lots` (sorted soonest-expiring first), in full chunks from the head."""
+    """A member's lots (sorted soonest-expiring first) as ProgramState holds them: a tuple of at most
+    CHUNK_LOTS_MAX lots, else a LotChain in full chunks from the head."""
     cdef list items = list(lots)
     cdef list chunks = []
+    if len(items) <= _CHUNK:
+        return _flat(items, (), 0, 0, [])
     _append_chunks(chunks, items, 0)
     return _made(tuple(chunks), len(items))
 
 
-cdef LotChain splice(object chain, Py_ssize_t passed, list head, list tail):
-    """`chain` (a LotChain, or () for none) with its first `passed` lots replaced by `head` and `tail`
-    appended; the chunks it does not reach are shared. The same chunks as the twin's spliced."""
+cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
+    """`lots` (a member's: a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
+    replaced by `head` and `tail` appended, in the same form; of a chain, the chunks the change does not
+    reach are shared. The same value as the twin's spliced (a chain: the same chunks)."""
     cdef tuple chunks
     cdef Py_ssize_t length, count, index, offset, size, room
     cdef list front, made
-    cdef tuple chunk, last
-    if isinstance(chain, LotChain):
-        chunks = (<LotChain>chain).chunks
-        length = (<LotChain>chain).length
-    elif type(chain) is tuple and not chain:
+    cdef tuple last
+    if type(lots) is LotChain:
+        chunks = (<LotChain>lots).chunks
+        length = (<LotChain>lots).length
+    elif type(lots) is tuple and len(<tuple>lots) <= _CHUNK:
         chunks = ()
-        length = 0
+        length = len(<tuple>lots)
     else:
-        raise TypeError(f"lots to splice are a LotChain or (), not {type(chain).__name__}")
+        raise TypeError(f"a member's lots are a tuple of at most {_CHUNK} or a LotChain, not "
+                        f"{type(lots).__name__} of {len(lots)}")
     if passed < 0 or passed > length:
-        raise ValueError(f"{passed} lots passed of a chain of {length}")
+        raise ValueError(f"{passed} lots passed of {length}")
     if not passed and not head and not tail:
-        return <LotChain>chain if length else _EMPTY
+        return lots
+    size = length - passed + len(head) + len(tail)
+    if size <= _CHUNK:  # the small form: one tuple, as many members' lots are
+        return _flat(head, lots, passed, length, tail)
+    if type(lots) is tuple:  # grown past a chunk: chained
+        front = list(head)
+        front.extend((<tuple>lots)[passed:])
+        front.extend(tail)
+        return chained(front)
     count = len(chunks)
     # the chunks the passed lots cover whole, then how many of the next one they cover
     index = 0
@@ -225,12 +270,11 @@ cdef LotChain splice(object chain, Py_ssize_t passed, list head, list tail):
                 offset = room if room < len(tail) else len(tail)
                 made[len(made) - 1] = last + tuple(tail[:offset])
         _append_chunks(made, tail, offset)
-    size = length - passed + len(head) + len(tail)
     return _made(tuple(made), size)
 
 
-def spliced(chain, Py_ssize_t passed, head, tail):
-    """`chain` (a LotChain, or () for none) with its first `passed` lots replaced by `head` (sorted, all
-    before the lots that follow) and `tail` appended (sorted, all after them): a new chain sharing the
-    chunks the change does not reach."""
-    return splice(chain, passed, list(head), list(tail))
+def spliced(lots, Py_ssize_t passed, head, tail):
+    """A member's `lots` (a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
+    replaced by `head` (sorted, all before the lots that follow) and `tail` appended (sorted, all after
+    them), in the form chained() gives: a new chain shares the chunks the change does not reach."""
+    return splice(lots, passed, list(head), list(tail))

@@ -1,9 +1,11 @@
-"""The pure-Python twin of fastpath/lot_chain.pyx's builders (`chained`, `spliced`): the same chunks, built
-by the LotChain constructor. POINTS_FASTPATH=python runs these; tests/unit/test_lot_chain.py compares the
-two chunk for chunk. (LotChain itself is a compiled value both build, as fastpath/records.pyx's are.)"""
+"""The pure-Python twin of fastpath/lot_chain.pyx's builders (`chained`, `spliced`): the same values (a tuple
+of at most CHUNK_LOTS_MAX lots, else a LotChain of the same chunks, built by its constructor).
+POINTS_FASTPATH=python runs these; tests/unit/test_lot_chain.py compares the two chunk for chunk. (LotChain
+itself is a compiled value both build, as fastpath/records.pyx's are.)"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 
 from fastpath.lot_chain import CHUNK_LOTS_MAX, LotChain
@@ -15,26 +17,36 @@ def _chunks_of(lots: Sequence[Lot]) -> list[tuple[Lot, ...]]:
     return [tuple(lots[start : start + CHUNK_LOTS_MAX]) for start in range(0, len(lots), CHUNK_LOTS_MAX)]
 
 
-def chained(lots: Iterable[Lot]) -> LotChain:
-    """The chain of `lots` (sorted soonest-expiring first), in full chunks from the head."""
-    return LotChain(_chunks_of(list(lots)))
+def chained(lots: Iterable[Lot]) -> tuple[Lot, ...] | LotChain:
+    """A member's lots (sorted soonest-expiring first) as ProgramState holds them: a tuple of at most
+    CHUNK_LOTS_MAX lots, else a LotChain in full chunks from the head."""
+    items = tuple(lots)
+    return items if len(items) <= CHUNK_LOTS_MAX else LotChain(_chunks_of(items))
 
 
-def spliced(chain: LotChain | tuple[()], passed: int, head: Iterable[Lot], tail: Iterable[Lot]) -> LotChain:
-    """`chain` (a LotChain, or () for none) with its first `passed` lots replaced by `head` (sorted, all
-    before the lots that follow) and `tail` appended (sorted, all after them): a new chain sharing the
-    chunks the change does not reach."""
-    if isinstance(chain, LotChain):
-        chunks, length = chain.chunks, chain.length
-    elif chain == ():
-        chunks, length = (), 0
+def spliced(
+    lots: tuple[Lot, ...] | LotChain, passed: int, head: Iterable[Lot], tail: Iterable[Lot]
+) -> tuple[Lot, ...] | LotChain:
+    """A member's `lots` (a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
+    replaced by `head` (sorted, all before the lots that follow) and `tail` appended (sorted, all after
+    them), in the form chained() gives: a new chain shares the chunks the change does not reach."""
+    if isinstance(lots, LotChain):
+        chunks, length = lots.chunks, lots.length
+    elif type(lots) is tuple and len(lots) <= CHUNK_LOTS_MAX:
+        chunks, length = (), len(lots)
     else:
-        raise TypeError(f"lots to splice are a LotChain or (), not {type(chain).__name__}")
+        raise TypeError(
+            f"a member's lots are a tuple of at most {CHUNK_LOTS_MAX} or a LotChain, not "
+            f"{type(lots).__name__} of {len(lots)}"
+        )
     if passed < 0 or passed > length:
-        raise ValueError(f"{passed} lots passed of a chain of {length}")
+        raise ValueError(f"{passed} lots passed of {length}")
     head, tail = list(head), list(tail)
     if not passed and not head and not tail:
-        return chain if length else LotChain(())  # type: ignore[return-value]  # a LotChain when length
+        return lots
+    if length - passed + len(head) + len(tail) <= CHUNK_LOTS_MAX or type(lots) is tuple:
+        # the small form (one tuple), or a tuple grown past a chunk: chained whole
+        return chained((*head, *itertools.islice(lots, passed, None), *tail))
     # the chunks the passed lots cover whole, then how many of the next one they cover
     index, offset = 0, passed
     while index < len(chunks) and offset >= len(chunks[index]):

@@ -63,18 +63,21 @@ MemberRules = records.MemberRules
 # when the run began, and Σ amounts after − Σ amounts before)
 KernelLots = tuple[
     str,
-    LotChain,
+    "MemberLots",
     set[tuple[int, int | None]],
     set[tuple[int, int | None]],
     tuple[list[tuple[int, int | None]], list["rules.Lot"]],
-    "LotChain | tuple[()]",
+    "MemberLots",
     int,
 ]
+# A member's lots, sorted by rules._order (soonest-expiring first): a tuple of at most CHUNK_LOTS_MAX lots, a
+# LotChain beyond (fastpath/lot_chain.pyx: chunks a change copies only where it changes them), as
+# chained / spliced build them; read alike (len, iteration, indexing, ==)
+MemberLots = tuple["rules.Lot", ...] | LotChain
 
 # ProgramState.check_lots, written_by_kernel's lots and flush()'s rows, in C with the compiled fast path;
-# POINTS_FASTPATH=python runs the twins (fastpath/kernel_rows_reference.py); a member's lots are a LotChain
-# (fastpath/lot_chain.pyx: chunks a change copies only where it changes them), built by the compiled
-# chained/spliced or their twins (fastpath/lot_chain_reference.py)
+# POINTS_FASTPATH=python runs the twins (fastpath/kernel_rows_reference.py); a member's lots (MemberLots) are
+# built by the compiled chained/spliced or their twins (fastpath/lot_chain_reference.py)
 if fastpath.IMPLEMENTATION == "cython":
     from fastpath.lot_chain import chained as _chained
     from fastpath.lot_chain import spliced as _spliced
@@ -201,10 +204,9 @@ class ProgramState:
     def __init__(self, program: rules.Program | None = None):
         self.program = program
         self.members: dict[str, MemberRules] = {}
-        # member -> its lots, sorted by rules._order (soonest-expiring first), never empty: a LotChain, whose
-        # chunks a change copies only where it changes them (a spend at the head, an earn at the tail),
-        # not the member's whole history of lots (fastpath/lot_chain.pyx says why)
-        self.lots: dict[str, LotChain] = {}
+        # member -> its lots, never empty (MemberLots: a member with many is a LotChain, whose chunks a change
+        # copies only where it changes them, not its whole history of lots: fastpath/lot_chain.pyx)
+        self.lots: dict[str, MemberLots] = {}
         self.pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = {}
         self.granted: dict[str, int] = {}
         self.earns: dict[int, EarnRecord] = {}
@@ -239,7 +241,7 @@ class ProgramState:
         self._undo: list[list[tuple[dict, Any, Any]]] = []
         # member -> its lots as the last flush left them (what Postgres holds once the batches before
         # commit), for the members whose lots changed since: flush() writes the difference
-        self._lots_flushed: dict[str, LotChain | tuple[()]] = {}
+        self._lots_flushed: dict[str, MemberLots] = {}
         # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
         # only those up), or None: some other change, flush() compares the member's whole lots
         self._lots_touched: dict[str, set | None] = {}
@@ -252,10 +254,10 @@ class ProgramState:
         self._lots_diff: dict[str, tuple[list[tuple[int, int | None]], list[rules.Lot]]] = {}
         # member -> (its lots, Σ of their amounts): as check_lots last summed them, or a kernel run carried
         # the sum forward by what it took and credited. Valid only while the member's lots are that very
-        # chain (checked by identity), so a change by any other path or a rollback makes check_lots sum
+        # value (checked by identity), so a change by any other path or a rollback makes check_lots sum
         # again: check_lots then costs O(what changed) for a member only kernel runs changed, not O(lots).
         # Kept only for members with _SUM_KEPT_FROM_LOTS lots or more.
-        self._lot_totals: dict[str, tuple[LotChain, int]] = {}
+        self._lot_totals: dict[str, tuple[MemberLots, int]] = {}
         self.sum_kept_from_lots = _SUM_KEPT_FROM_LOTS  # (a test keeps every member's sum)
         self._dirty: dict[str, set] = {
             "members": set(),
@@ -1062,7 +1064,7 @@ class ProgramState:
             self._replace_lots(member_id, lots, _spliced(lots, len(due), (), ()), [lot.key for lot in due])
         return due
 
-    def _replace_lots(self, member_id: str, before: LotChain | tuple[()], after: LotChain, keys) -> None:
+    def _replace_lots(self, member_id: str, before: MemberLots, after: MemberLots, keys) -> None:
         """The member's lots become `after` (sorted), changed only at `keys`; the expiry heap gets an
         entry when the member's soonest expiry changes (as _store_lots)."""
         self._touch(member_id, keys)
@@ -1152,7 +1154,7 @@ def _key_order(key: tuple[int, int | None]) -> tuple:
     return (key[1] is None, key[1] or 0, key[0])
 
 
-def _find(lots: LotChain | tuple[rules.Lot, ...], key: tuple[int, int | None]) -> rules.Lot | None:
+def _find(lots: MemberLots, key: tuple[int, int | None]) -> rules.Lot | None:
     """The lot keyed `key` in lots sorted by rules._order (a binary search of the chunks' last lots, then
     of the chunk), or None."""
     if not lots:

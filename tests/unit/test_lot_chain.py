@@ -1,5 +1,5 @@
-"""fastpath/lot_chain.pyx (a member's lots as a chain of chunks) held to its definition: the flat tuple of
-lots it stands for. Random sequences of what ProgramState and the kernel's runs do to a member's lots
+"""fastpath/lot_chain.pyx (a member's lots: a tuple of at most CHUNK_LOTS_MAX, a chain of chunks beyond)
+held to its definition: the flat tuple of lots it stands for. Random sequences of what ProgramState and the kernel's runs do to a member's lots
 (appends at the tail, spends at the head that take lots whole or in part, expiries of a prefix, whole
 rebuilds) and of rollbacks (an older chain kept by reference and made current again) run on the compiled
 builders, on their twin (fastpath/lot_chain_reference.py) and on a plain tuple: the same lots, the same
@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import pickle
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -24,20 +25,28 @@ from fastpath.records import Lot
 pytestmark = pytest.mark.timeout(120)
 
 
-def _valid(chain: LotChain) -> None:
-    assert type(chain) is LotChain
-    assert all(type(chunk) is tuple and 0 < len(chunk) <= CHUNK_LOTS_MAX for chunk in chain.chunks)
-    assert chain.length == len(chain) == sum(map(len, chain.chunks))
+def _valid(lots: tuple[Lot, ...] | LotChain) -> None:
+    """The form a member's lots take: a tuple of at most CHUNK_LOTS_MAX, else a chain of valid chunks."""
+    if len(lots) <= CHUNK_LOTS_MAX:
+        assert type(lots) is tuple
+        return
+    assert type(lots) is LotChain
+    assert all(type(chunk) is tuple and 0 < len(chunk) <= CHUNK_LOTS_MAX for chunk in lots.chunks)
+    assert lots.length == len(lots) == sum(map(len, lots.chunks))
 
 
 def _lots(start: int, count: int, rng: random.Random) -> list[Lot]:
     return [Lot(lot_id, rng.randrange(1, 100), 1_000 + lot_id, "shop") for lot_id in range(start, start + count)]
 
 
-def _fresh(after: LotChain, before: LotChain | tuple[()]) -> int:
+def _chunks(lots: tuple[Lot, ...] | LotChain) -> tuple[tuple[Lot, ...], ...]:
+    return lots.chunks if type(lots) is LotChain else (lots,)  # type: ignore[union-attr,return-value]
+
+
+def _fresh(after: tuple[Lot, ...] | LotChain, before: tuple[Lot, ...] | LotChain) -> int:
     """Lots held in chunks of `after` that are not chunks of `before` (what the change built)."""
-    shared = {id(chunk) for chunk in getattr(before, "chunks", ())}
-    return sum(len(chunk) for chunk in after.chunks if id(chunk) not in shared)
+    shared = {id(chunk) for chunk in _chunks(before)}
+    return sum(len(chunk) for chunk in _chunks(after) if id(chunk) not in shared)
 
 
 @settings(max_examples=200, deadline=None)
@@ -45,8 +54,8 @@ def _fresh(after: LotChain, before: LotChain | tuple[()]) -> int:
 def test_random_changes_and_rollbacks_keep_the_lots_of_the_plain_tuple(seed):
     rng = random.Random(seed)
     model: tuple[Lot, ...] = ()
-    chains: dict[str, LotChain | tuple[()]] = {"compiled": (), "twin": ()}
-    history: list[tuple[tuple[Lot, ...], LotChain | tuple[()], LotChain | tuple[()]]] = []  # rollback points
+    chains: dict[str, tuple[Lot, ...] | LotChain] = {"compiled": (), "twin": ()}
+    history: list[tuple[tuple[Lot, ...], Any, Any]] = []  # rollback points
     next_id = 1
     for _ in range(rng.randrange(1, 120)):
         kind = rng.choice(["append"] * 4 + ["spend"] * 3 + ["expire", "rebuild", "mark", "rollback"])
@@ -80,9 +89,9 @@ def test_random_changes_and_rollbacks_keep_the_lots_of_the_plain_tuple(seed):
         made = chains["compiled"]
         _valid(made)
         _valid(chains["twin"])
-        assert made.chunks == chains["twin"].chunks  # the same chunks from both builders
+        assert _chunks(made) == _chunks(chains["twin"])  # the same chunks from both builders
         assert made == model and model == made and list(made) == list(model)
-        assert made.lots() == model and tuple(reversed(made)) == model[::-1]
+        assert tuple(reversed(made)) == model[::-1] and (type(made) is tuple or made.lots() == model)
         # what the change built: the lots it passed or appended, and at most two chunks' worth around them
         # (the rest of the chunk the passed lots end in, the last chunk the new lots join)
         assert _fresh(made, before) <= len(head) + len(tail) + 2 * CHUNK_LOTS_MAX
@@ -94,6 +103,7 @@ def test_a_chain_is_read_as_a_sequence_of_its_lots():
     rng = random.Random(5)
     lots = tuple(_lots(1, 200, rng))
     chain = twin.spliced(compiled.chained(lots[:130]), 3, [lots[2].replace(amount=1)], lots[130:])
+    assert type(chain) is LotChain
     model = (lots[2].replace(amount=1), *lots[3:])
     assert len(chain) == len(model) and bool(chain) and not LotChain(())
     assert [chain[index] for index in range(len(model))] == list(model)
@@ -120,6 +130,8 @@ def test_a_chain_and_its_tuples_are_not_tracked_by_the_cyclic_collector(module):
     chain = module.spliced(module.chained(_lots(1, 100, random.Random(1))), 1, [], _lots(200, 3, random.Random(2)))
     assert not gc.is_tracked(chain) and not gc.is_tracked(chain.chunks)
     assert not any(map(gc.is_tracked, chain.chunks))
+    if module is compiled:  # (a tuple the twin builds is the collector's to untrack)
+        assert not gc.is_tracked(module.spliced(chain, 90, [], []))  # the small form
     # a chunk holding something the collector tracks is left to it, and so is the tuple holding that chunk
     odd = LotChain([(Lot(1, 1, 2, "shop"),), ([],)])  # type: ignore[list-item]
     assert gc.is_tracked(odd.chunks[1]) and gc.is_tracked(odd.chunks) and not gc.is_tracked(odd.chunks[0])
@@ -127,13 +139,19 @@ def test_a_chain_and_its_tuples_are_not_tracked_by_the_cyclic_collector(module):
 
 @pytest.mark.parametrize("module", [compiled, twin], ids=["compiled", "twin"])
 def test_a_splice_refuses_what_is_not_a_chain_or_passes_more_than_it_holds(module):
-    chain = module.chained(_lots(1, 5, random.Random(1)))
-    with pytest.raises(ValueError, match="6 lots passed of a chain of 5"):
-        module.spliced(chain, 6, [], [])
-    with pytest.raises(TypeError, match="LotChain or"):
+    small, chain = module.chained(_lots(1, 5, random.Random(1))), module.chained(_lots(1, 70, random.Random(1)))
+    assert type(small) is tuple and type(chain) is LotChain
+    with pytest.raises(ValueError, match="6 lots passed of 5"):
+        module.spliced(small, 6, [], [])
+    with pytest.raises(ValueError, match="71 lots passed of 70"):
+        module.spliced(chain, 71, [], [])
+    with pytest.raises(TypeError, match="a tuple of at most 64 or a LotChain, not tuple of 70"):
         module.spliced(tuple(chain), 1, [], [])
-    assert module.spliced(chain, 0, [], []) is chain  # no change: the very chain
-    assert module.spliced((), 0, [], []) == () and not module.spliced((), 0, [], [])
+    with pytest.raises(TypeError, match="not list of 5"):
+        module.spliced(list(small), 1, [], [])
+    assert module.spliced(chain, 0, [], []) is chain and module.spliced(small, 0, [], []) is small  # no change
+    assert module.spliced((), 0, [], []) == () and module.spliced(small, 5, [], []) == ()
+    assert type(module.spliced(chain, 6, [], [])) is tuple and type(module.spliced(small, 0, [], chain)) is LotChain
 
 
 def test_a_chain_refuses_empty_or_oversized_chunks():
