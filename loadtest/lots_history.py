@@ -131,9 +131,7 @@ def main() -> None:
                 f"{index + 1:5d}  {program:13.2f}  {plain:11.2f}  {program / plain:5.2f}  "
                 f"{held / 1_000:23.2f}  {most:21d}  |  " + "  ".join(f"{value:.3f}" for value in parts)
             )
-    print(
-        f"all    {totals[0] / args.batches:13.2f}  {totals[1] / args.batches:11.2f}  {totals[0] / totals[1]:5.2f}"
-    )
+    print(f"all    {totals[0] / args.batches:13.2f}  {totals[1] / args.batches:11.2f}  {totals[0] / totals[1]:5.2f}")
 
 
 if __name__ == "__main__":
