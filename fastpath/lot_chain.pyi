@@ -7,6 +7,7 @@ from typing import Any, final, overload
 from fastpath.records import Lot
 
 CHUNK_LOTS_MAX: int
+CHAIN_LOTS_MIN: int
 
 @final
 class LotChain:

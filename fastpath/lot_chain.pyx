@@ -36,7 +36,7 @@ chunk holding something else) stays tracked.
 """
 
 cimport cython
-from cpython.object cimport Py_EQ, Py_NE
+from cpython.object cimport Py_EQ, Py_NE, Py_TYPE, PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
@@ -51,6 +51,10 @@ cdef extern from "Python.h":
 
 CHUNK_LOTS_MAX = 64  # lots a chunk holds at most: a change copies up to this many, plus lots / this many
 cdef Py_ssize_t _CHUNK = 64
+# A member's lots become a chain when they grow past CHUNK_LOTS_MAX, and a tuple again only at this many or
+# fewer: a member holding about CHUNK_LOTS_MAX lots would otherwise change form at every earn and spend
+CHAIN_LOTS_MIN = 32
+cdef Py_ssize_t _CHAIN_MIN = 32
 
 
 @cython.no_gc
@@ -169,29 +173,110 @@ cdef inline void _put(tuple into, Py_ssize_t at, object lot):
     PyTuple_SET_ITEM(into, at, lot)
 
 
+# --- copying lots by pointer (a borrowed item into a new tuple: one reference count written) ---
+
+cdef extern from "Python.h":
+    PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject* tuple, Py_ssize_t index)
+    PyObject* _list_item "PyList_GET_ITEM"(PyObject* list, Py_ssize_t index)
+    void _tuple_set "PyTuple_SET_ITEM"(PyObject* tuple, Py_ssize_t index, PyObject* item)
+    void _incref "Py_INCREF"(PyObject* item)
+    bint _is_list "PyList_CheckExact"(PyObject* item)
+
+
+cdef enum:
+    _SEGMENTS_MAX = 4
+
+
+cdef struct _Cursor:
+    # the items of up to _SEGMENTS_MAX slices of tuples or lists, read in order (the sequences borrowed:
+    # the caller holds them)
+    PyObject* sequences[_SEGMENTS_MAX]
+    Py_ssize_t starts[_SEGMENTS_MAX]
+    Py_ssize_t ends[_SEGMENTS_MAX]
+    int count
+    int segment
+    Py_ssize_t position
+
+
+cdef inline void _segment(_Cursor* cursor, object sequence, Py_ssize_t start, Py_ssize_t end):
+    # (the callers add at most _SEGMENTS_MAX)
+    if end > start:
+        cursor.sequences[cursor.count] = <PyObject*>sequence
+        cursor.starts[cursor.count] = start
+        cursor.ends[cursor.count] = end
+        if cursor.count == 0:
+            cursor.position = start
+        cursor.count += 1
+
+
+cdef int _fill(tuple into, Py_ssize_t at, Py_ssize_t count, _Cursor* cursor, bint* lots_only) except -1:
+    # into[at:at + count] = the cursor's next count items (references taken); lots_only[0] cleared when
+    # one is not a records.Lot
+    cdef PyObject* sequence
+    cdef PyObject* item
+    cdef PyTypeObject* lot_type = <PyTypeObject*>Lot
+    while count:
+        if cursor.segment >= cursor.count:
+            raise ValueError("lots to copy run out: a chain's chunks disagree with its length")
+        sequence = cursor.sequences[cursor.segment]
+        if _is_list(sequence):
+            item = _list_item(sequence, cursor.position)
+        else:
+            item = _tuple_item(sequence, cursor.position)
+        if <PyTypeObject*>Py_TYPE(<object>item) != lot_type:
+            lots_only[0] = False
+        _incref(item)
+        _tuple_set(<PyObject*>into, at, item)
+        at += 1
+        count -= 1
+        cursor.position += 1
+        if cursor.position == cursor.ends[cursor.segment]:
+            cursor.segment += 1
+            if cursor.segment < cursor.count:
+                cursor.position = cursor.starts[cursor.segment]
+    return 0
+
+
+cdef tuple _copied(Py_ssize_t size, _Cursor* cursor):
+    # a new tuple of the cursor's next size items, untracked when they are all records.Lot
+    cdef tuple made = PyTuple_New(size)
+    cdef bint lots_only = True
+    _fill(made, 0, size, cursor, &lots_only)
+    if lots_only:
+        PyObject_GC_UnTrack(<void*>made)
+    return made
+
+
 cdef tuple _flat(list head, object lots, Py_ssize_t passed, Py_ssize_t length, list tail):
-    # head + lots[passed:] + tail as one tuple (length lots: at most a chunk's), untracked when of Lots
-    cdef Py_ssize_t size = len(head) + length - passed + len(tail), at = 0, index, skip = passed
+    # head + lots[passed:] + tail as one tuple, untracked when of Lots
+    cdef Py_ssize_t size = len(head) + length - passed + len(tail), at = 0, skip = passed, chunk_size
     cdef tuple made = PyTuple_New(size)
     cdef tuple chunks
-    for lot in head:
-        _put(made, at, lot)
-        at += 1
+    cdef bint lots_only = True
+    cdef _Cursor cursor
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, head, 0, len(head))
+    _fill(made, at, len(head), &cursor, &lots_only)
+    at += len(head)
     chunks = (<LotChain>lots).chunks if type(lots) is LotChain else (lots,)
     for chunk in chunks:
-        if skip >= len(<tuple>chunk):
-            skip -= len(<tuple>chunk)
+        chunk_size = len(<tuple>chunk)
+        if skip >= chunk_size:
+            skip -= chunk_size
             continue
-        for index in range(skip, len(<tuple>chunk)):
-            _put(made, at, (<tuple>chunk)[index])
-            at += 1
+        cursor.count = cursor.segment = 0
+        _segment(&cursor, chunk, skip, chunk_size)
+        _fill(made, at, chunk_size - skip, &cursor, &lots_only)
+        at += chunk_size - skip
         skip = 0
-    for lot in tail:
-        _put(made, at, lot)
-        at += 1
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, tail, 0, len(tail))
+    _fill(made, at, len(tail), &cursor, &lots_only)
+    at += len(tail)
     if at != size:
         raise ValueError(f"{at} lots written of {size}: a chain's chunks disagree with its length")
-    _untracked(made)
+    if lots_only:
+        PyObject_GC_UnTrack(<void*>made)
     return made
 
 
@@ -219,10 +304,10 @@ cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
     """`lots` (a member's: a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
     replaced by `head` and `tail` appended, in the same form; of a chain, the chunks the change does not
     reach are shared. The same value as the twin's spliced (a chain: the same chunks)."""
-    cdef tuple chunks
-    cdef Py_ssize_t length, count, index, offset, size, room
-    cdef list front, made
-    cdef tuple last
+    cdef tuple chunks, outer
+    cdef Py_ssize_t length, count, index, offset, size, room, front, front_chunks, middle, filled, rest, at
+    cdef Py_ssize_t chunk_size
+    cdef list grown
     if type(lots) is LotChain:
         chunks = (<LotChain>lots).chunks
         length = (<LotChain>lots).length
@@ -237,40 +322,110 @@ cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
     if not passed and not head and not tail:
         return lots
     size = length - passed + len(head) + len(tail)
-    if size <= _CHUNK:  # the small form: one tuple, as many members' lots are
+    if size <= _CHAIN_MIN or (size <= _CHUNK and type(lots) is tuple):  # one tuple, as most members' lots are
         return _flat(head, lots, passed, length, tail)
     if type(lots) is tuple:  # grown past a chunk: chained
-        front = list(head)
-        front.extend((<tuple>lots)[passed:])
-        front.extend(tail)
-        return chained(front)
+        grown = list(head)
+        grown.extend((<tuple>lots)[passed:])
+        grown.extend(tail)
+        return chained(grown)
     count = len(chunks)
+    if not passed and not head and count:  # only appended to (an earn's new lots): the last chunk is new
+        return _appended(chunks, count, size, tail)
     # the chunks the passed lots cover whole, then how many of the next one they cover
     index = 0
     offset = passed
     while index < count and offset >= len(<tuple>chunks[index]):
         offset -= len(<tuple>chunks[index])
         index += 1
-    front = list(head)
-    if offset:  # the rest of a chunk the passed lots end inside
-        front.extend((<tuple>chunks[index])[offset:])
+    # the front: head, the rest of a chunk the passed lots end inside, and the next chunk when all of it
+    # fits in one chunk with them; in chunks of _CHUNK
+    cdef _Cursor cursor
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, head, 0, len(head))
+    front = len(head)
+    if offset:
+        _segment(&cursor, chunks[index], offset, len(<tuple>chunks[index]))
+        front += len(<tuple>chunks[index]) - offset
         index += 1
-    if front and index < count and len(front) + len(<tuple>chunks[index]) <= _CHUNK:
-        front.extend(<tuple>chunks[index])  # a small front joins the next chunk
+    if front and index < count and front + len(<tuple>chunks[index]) <= _CHUNK:
+        _segment(&cursor, chunks[index], 0, len(<tuple>chunks[index]))  # a small front joins the next chunk
+        front += len(<tuple>chunks[index])
         index += 1
-    made = []
-    _append_chunks(made, front, 0)
-    made.extend(chunks[index:])
+    front_chunks = (front + _CHUNK - 1) // _CHUNK
+    middle = count - index  # shared
+    # the tail: into the last chunk up to _CHUNK lots, the rest in new chunks
+    filled = 0
     if tail:
-        offset = 0
-        if made:
-            last = made[len(made) - 1]
-            room = _CHUNK - len(last)
-            if room > 0:
-                offset = room if room < len(tail) else len(tail)
-                made[len(made) - 1] = last + tuple(tail[:offset])
-        _append_chunks(made, tail, offset)
-    return _made(tuple(made), size)
+        if middle:
+            room = _CHUNK - len(<tuple>chunks[count - 1])
+        elif front_chunks:
+            room = _CHUNK - (front - (front_chunks - 1) * _CHUNK)
+        else:
+            room = 0
+        filled = room if room < len(tail) else len(tail)
+    rest = len(tail) - filled
+    outer = PyTuple_New(front_chunks + middle + (rest + _CHUNK - 1) // _CHUNK)
+    at = 0
+    if filled and not middle:  # the last front chunk takes them
+        _segment(&cursor, tail, 0, filled)
+    for at in range(front_chunks):
+        chunk_size = _CHUNK if at < front_chunks - 1 else front - at * _CHUNK + (filled if not middle else 0)
+        _put(outer, at, _copied(chunk_size, &cursor))
+    at = front_chunks
+    for index in range(index, count):
+        if filled and middle and index == count - 1:
+            cursor.count = cursor.segment = 0
+            _segment(&cursor, chunks[index], 0, len(<tuple>chunks[index]))
+            _segment(&cursor, tail, 0, filled)
+            _put(outer, at, _copied(len(<tuple>chunks[index]) + filled, &cursor))
+        else:
+            _put(outer, at, chunks[index])
+        at += 1
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, tail, filled, len(tail))
+    while rest:
+        chunk_size = _CHUNK if rest >= _CHUNK else rest
+        _put(outer, at, _copied(chunk_size, &cursor))
+        at += 1
+        rest -= chunk_size
+    return _made(outer, size)
+
+
+cdef LotChain _appended(tuple chunks, Py_ssize_t count, Py_ssize_t size, list tail):
+    # the chain of `chunks` (count of them, size lots in all after) with `tail` appended: its last chunk
+    # filled up to a chunk's lots, the rest in new chunks; the other chunks shared (as splice's general
+    # path would leave them, without its lists)
+    cdef tuple last = chunks[count - 1]
+    cdef Py_ssize_t last_count = len(last), added = len(tail), room = _CHUNK - last_count, into, index, at
+    cdef Py_ssize_t new_chunks = 0, rest, filled
+    cdef tuple made, outer
+    filled = room if room < added else added  # of tail, into the last chunk
+    rest = added - filled
+    new_chunks = (rest + _CHUNK - 1) // _CHUNK
+    outer = PyTuple_New(count + new_chunks)
+    for index in range(count - 1):
+        _put(outer, index, chunks[index])
+    if filled:
+        made = PyTuple_New(last_count + filled)
+        for index in range(last_count):
+            _put(made, index, last[index])
+        for index in range(filled):
+            _put(made, last_count + index, tail[index])
+        _untracked(made)
+        _put(outer, count - 1, made)
+    else:
+        _put(outer, count - 1, last)
+    at = filled
+    for into in range(count, count + new_chunks):
+        made = PyTuple_New(_CHUNK if rest >= _CHUNK else rest)
+        for index in range(len(made)):
+            _put(made, index, tail[at])
+            at += 1
+        rest -= len(made)
+        _untracked(made)
+        _put(outer, into, made)
+    return _made(outer, size)
 
 
 def spliced(lots, Py_ssize_t passed, head, tail):

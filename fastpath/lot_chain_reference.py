@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Sequence
 
-from fastpath.lot_chain import CHUNK_LOTS_MAX, LotChain
+from fastpath.lot_chain import CHAIN_LOTS_MIN, CHUNK_LOTS_MAX, LotChain
 from fastpath.records import Lot
 
 
@@ -44,8 +44,10 @@ def spliced(
     head, tail = list(head), list(tail)
     if not passed and not head and not tail:
         return lots
-    if length - passed + len(head) + len(tail) <= CHUNK_LOTS_MAX or type(lots) is tuple:
-        # the small form (one tuple), or a tuple grown past a chunk: chained whole
+    size = length - passed + len(head) + len(tail)
+    if size <= CHAIN_LOTS_MIN or type(lots) is tuple:
+        # one tuple (a chain shrinks back to one only at CHAIN_LOTS_MIN lots: a member holding about
+        # CHUNK_LOTS_MAX would change form at every earn and spend), or a tuple grown past a chunk: chained
         return chained((*head, *itertools.islice(lots, passed, None), *tail))
     # the chunks the passed lots cover whole, then how many of the next one they cover
     index, offset = 0, passed

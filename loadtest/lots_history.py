@@ -8,7 +8,9 @@ copied at least once a batch), and the most lots a member held.
 
 The parts of the program's apply that a member's lots cost (perf_counter around each call, in µs an
 operation of the batch): the run's pool of lots (_kernel_lots), the lots after each run (lots_after_run)
-and their write-back (written_by_kernel), check_lots, flush, and the collector's passes.
+and their write-back (written_by_kernel), check_lots, flush, and the collector's passes; and `copied`,
+the references to lots the runs' new values of the members' lots hold that their values before did not
+share (a whole tuple's, or a LotChain's new chunks' and its tuple of chunks'), an operation.
 
 The workload is loadtest/bench_state_machine's (70% earn / 30% redeem, Zipf members, 200 merchants,
 ops/program.example.json); the collector runs with the service's thresholds (pipeline.tune_collector),
@@ -34,7 +36,7 @@ def _lots_held(program, batch) -> tuple[int, int]:
     return held, max(map(len, lots.values()), default=0)
 
 
-PARTS = ("pool", "after_run", "written", "check_lots", "flush", "collector")
+PARTS = ("pool", "after_run", "written", "check_lots", "flush", "collector", "copied")
 _spent: dict[str, float] = defaultdict(float)  # part -> seconds in the program's batch being applied
 _timing = False  # the program's machine is applying (the plain one's collector passes are not counted)
 
@@ -54,6 +56,32 @@ def _timed(part: str, function):
 _collector_started = 0.0
 
 
+def _copied(rows) -> int:
+    """References the rows' new lots values hold that their values before did not share."""
+    copied = 0
+    for row in rows:
+        after, before = row[1], row[5]
+        if after is before:
+            continue
+        chunks = getattr(after, "chunks", None)
+        if chunks is None:
+            copied += len(after)
+            continue
+        shared = {id(chunk) for chunk in getattr(before, "chunks", (before,))}
+        copied += len(chunks) + sum(len(chunk) for chunk in chunks if id(chunk) not in shared)
+    return copied
+
+
+def _counted(function):
+    def counted(*arguments):
+        rows = function(*arguments)
+        if _timing:
+            _spent["copied"] += _copied(rows) / 1e6  # (printed per operation in millionths, as the times)
+        return rows
+
+    return counted
+
+
 def _collector(phase: str, info: dict) -> None:
     global _collector_started
     if phase == "start":
@@ -66,7 +94,7 @@ def _instrument() -> None:
     """Wraps the parts' functions where the state machine calls them (the compiled ones included)."""
     from processor import program, rules_kernel
 
-    rules_kernel._lots_after_run = _timed("after_run", rules_kernel._lots_after_run)
+    rules_kernel._lots_after_run = _counted(_timed("after_run", rules_kernel._lots_after_run))
     mixin = rules_kernel.RulesKernelMixin
     mixin._kernel_lots = _timed("pool", mixin._kernel_lots)  # type: ignore[method-assign]
     state = program.ProgramState

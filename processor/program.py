@@ -907,7 +907,7 @@ class ProgramState:
         lots = self.lots.get(member_id, ())
         # The stored lots are sorted by rules._order and were checked when stored: the expired ones are a
         # prefix, the live ones follow soonest first; a spend walks only the expired prefix and the lots it
-        # takes (O(taken)), and the chain after them is shared with the new one (_spliced).
+        # takes, and _spliced puts what is left of them before the rest (of a LotChain: its chunks shared).
         head = []  # the lots from the first through the last one taken
         start = 0  # of which the expired prefix
         pieces = []

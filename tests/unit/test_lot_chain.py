@@ -19,16 +19,20 @@ from hypothesis import strategies as st
 
 from fastpath import lot_chain as compiled
 from fastpath import lot_chain_reference as twin
-from fastpath.lot_chain import CHUNK_LOTS_MAX, LotChain
+from fastpath.lot_chain import CHAIN_LOTS_MIN, CHUNK_LOTS_MAX, LotChain
 from fastpath.records import Lot
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def _valid(lots: tuple[Lot, ...] | LotChain) -> None:
-    """The form a member's lots take: a tuple of at most CHUNK_LOTS_MAX, else a chain of valid chunks."""
-    if len(lots) <= CHUNK_LOTS_MAX:
+    """The form a member's lots take: a tuple of at most CHAIN_LOTS_MIN, a chain of valid chunks beyond
+    CHUNK_LOTS_MAX, either between (a chain shrinks back to a tuple only at CHAIN_LOTS_MIN)."""
+    if len(lots) <= CHAIN_LOTS_MIN:
         assert type(lots) is tuple
+    if len(lots) > CHUNK_LOTS_MAX:
+        assert type(lots) is LotChain
+    if type(lots) is tuple:
         return
     assert type(lots) is LotChain
     assert all(type(chunk) is tuple and 0 < len(chunk) <= CHUNK_LOTS_MAX for chunk in lots.chunks)
@@ -151,7 +155,9 @@ def test_a_splice_refuses_what_is_not_a_chain_or_passes_more_than_it_holds(modul
         module.spliced(list(small), 1, [], [])
     assert module.spliced(chain, 0, [], []) is chain and module.spliced(small, 0, [], []) is small  # no change
     assert module.spliced((), 0, [], []) == () and module.spliced(small, 5, [], []) == ()
-    assert type(module.spliced(chain, 6, [], [])) is tuple and type(module.spliced(small, 0, [], chain)) is LotChain
+    # a chain stays one down to CHAIN_LOTS_MIN lots (no change of form at every earn and spend about a chunk's)
+    assert type(module.spliced(chain, 6, [], [])) is LotChain and type(module.spliced(chain, 38, [], [])) is tuple
+    assert type(module.spliced(small, 0, [], chain)) is LotChain and type(module.chained(chain[:64])) is tuple
 
 
 def test_a_chain_refuses_empty_or_oversized_chunks():

@@ -15,7 +15,7 @@ import random
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from fastpath.lot_chain import CHUNK_LOTS_MAX, LotChain
+from fastpath.lot_chain import CHAIN_LOTS_MIN, CHUNK_LOTS_MAX, LotChain
 from processor import program as program_module
 from processor import rules
 from processor.domain import Rejection
@@ -155,12 +155,14 @@ class Twin:
                 assert (lots[0].expires_at_us, member_id) in entries, (member_id, lots[0])
         assert new._dirty["lots"] == ref._dirty["lots"]
         for member_id, lots in new.lots.items():
-            # as fastpath/lot_chain.pyx defines a member's lots: a tuple of at most CHUNK_LOTS_MAX, else a
-            # chain of chunks of 1 to CHUNK_LOTS_MAX lots, its length theirs
-            if len(lots) <= CHUNK_LOTS_MAX:
-                assert type(lots) is tuple
-            else:
-                assert type(lots) is LotChain and lots.length == sum(map(len, lots.chunks))
+            # as fastpath/lot_chain.pyx defines a member's lots: a tuple of a few, a chain of chunks of 1 to
+            # CHUNK_LOTS_MAX lots beyond, its length theirs
+            # (a chain shrinks back to a tuple at CHAIN_LOTS_MIN lots)
+            assert type(lots) is (
+                tuple if len(lots) <= CHAIN_LOTS_MIN else LotChain if len(lots) > CHUNK_LOTS_MAX else type(lots)
+            )
+            if type(lots) is LotChain:
+                assert lots.length == sum(map(len, lots.chunks))
                 assert all(0 < len(chunk) <= CHUNK_LOTS_MAX for chunk in lots.chunks)
             assert list(lots) == sorted(lots, key=rules._order) and all(lot.amount > 0 for lot in lots)
             assert sum(lot.amount for lot in lots) <= self.spendable[member_id]
