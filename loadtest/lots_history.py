@@ -8,9 +8,12 @@ copied at least once a batch), and the most lots a member held.
 
 The parts of the program's apply that a member's lots cost (perf_counter around each call, in µs an
 operation of the batch): the run's pool of lots (_kernel_lots), the lots after each run (lots_after_run)
-and their write-back (written_by_kernel), check_lots, flush, and the collector's passes; and `copied`,
-the references to lots the runs' new values of the members' lots hold that their values before did not
-share (a whole tuple's, or a LotChain's new chunks' and its tuple of chunks'), an operation.
+and their write-back (written_by_kernel), check_lots, flush; `young`, a young pass of the collector
+after the batch's apply and commit (the collector is paused in the apply, as the service pauses it: the
+pass walks what the batch left tracked); `walked`, the references that pass walks (Σ of its objects'
+referents, counted before it: load-independent), and `copied`, the references to lots the runs' new
+values of the members' lots hold that their values before did not share (a whole tuple's, or a
+LotChain's new chunks' and its tuple of chunks'), both an operation.
 
 The workload is loadtest/bench_state_machine's (70% earn / 30% redeem, Zipf members, 200 merchants,
 ops/program.example.json); the collector runs with the service's thresholds (pipeline.tune_collector),
@@ -36,7 +39,7 @@ def _lots_held(program, batch) -> tuple[int, int]:
     return held, max(map(len, lots.values()), default=0)
 
 
-PARTS = ("pool", "after_run", "written", "check_lots", "flush", "collector", "copied")
+PARTS = ("pool", "after_run", "written", "check_lots", "flush", "young", "walked", "copied")
 _spent: dict[str, float] = defaultdict(float)  # part -> seconds in the program's batch being applied
 _timing = False  # the program's machine is applying (the plain one's collector passes are not counted)
 
@@ -51,9 +54,6 @@ def _timed(part: str, function):
                 _spent[part] += time.perf_counter() - started
 
     return timed
-
-
-_collector_started = 0.0
 
 
 def _copied(rows) -> int:
@@ -76,18 +76,10 @@ def _counted(function):
     def counted(*arguments):
         rows = function(*arguments)
         if _timing:
-            _spent["copied"] += _copied(rows) / 1e6  # (printed per operation in millionths, as the times)
+            _spent["copied"] += _copied(rows) / 1e6  # (per operation in millionths, as the times are)
         return rows
 
     return counted
-
-
-def _collector(phase: str, info: dict) -> None:
-    global _collector_started
-    if phase == "start":
-        _collector_started = time.perf_counter()
-    elif _timing:
-        _spent["collector"] += time.perf_counter() - _collector_started
 
 
 def _instrument() -> None:
@@ -101,7 +93,6 @@ def _instrument() -> None:
     state.written_by_kernel = _timed("written", state.written_by_kernel)  # type: ignore[method-assign]
     state.check_lots = _timed("check_lots", state.check_lots)  # type: ignore[method-assign]
     state.flush = _timed("flush", state.flush)  # type: ignore[method-assign]
-    gc.callbacks.append(_collector)
 
 
 def run(args: argparse.Namespace) -> list[tuple[float, float, int, int, dict[str, float]]]:
@@ -117,9 +108,20 @@ def run(args: argparse.Namespace) -> list[tuple[float, float, int, int, dict[str
         for state_machine in (ruled, plain):
             _spent.clear()
             _timing = state_machine is ruled
+            gc.disable()
             started = time.process_time()
             state_machine.apply(batch, {}, NOW_US + index * 1_000_000)
             state_machine.commit()
+            if _timing:
+                _spent["walked"] = sum(len(gc.get_referents(tracked)) for tracked in gc.get_objects(0)) / 1e6
+                resumed = time.process_time()
+                young = time.perf_counter()
+                gc.collect(0)
+                _spent["young"] = time.perf_counter() - young
+                started += time.process_time() - resumed  # (the count is not the batch's work; the pass is)
+            else:
+                gc.collect(0)
+            gc.enable()
             spent.append((time.process_time() - started) / len(batch) * 1e6)
             if _timing:
                 parts = {part: _spent[part] / len(batch) * 1e6 for part in PARTS}
@@ -136,9 +138,6 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=5, help="print every Nth batch (and the first)")
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    from processor import pipeline
-
-    pipeline.tune_collector()
     _instrument()
     rounds = [run(args) for _ in range(args.rounds)]
     gc.collect()
