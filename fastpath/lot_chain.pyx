@@ -168,6 +168,20 @@ cdef inline LotChain _made(tuple chunks, Py_ssize_t length):
     return made
 
 
+cdef inline LotChain _made_of(tuple outer, Py_ssize_t length, bint every_untracked):
+    # a chain of the new tuple `outer`, which the collector tracks; untracked when every chunk of it is
+    # (known to the builder: new chunks untracked as made, shared ones from a chain whose tuple of chunks
+    # is untracked), without reading each chunk's header again
+    cdef LotChain made = LotChain.__new__(LotChain)
+    if every_untracked:
+        PyObject_GC_UnTrack(<void*>outer)
+    else:
+        _untrack(outer)
+    made.chunks = outer
+    made.length = length
+    return made
+
+
 cdef inline void _put(tuple into, Py_ssize_t at, object lot):
     Py_INCREF(lot)
     PyTuple_SET_ITEM(into, at, lot)
@@ -237,14 +251,24 @@ cdef int _fill(tuple into, Py_ssize_t at, Py_ssize_t count, _Cursor* cursor, bin
     return 0
 
 
-cdef tuple _copied(Py_ssize_t size, _Cursor* cursor):
-    # a new tuple of the cursor's next size items, untracked when they are all records.Lot
+cdef tuple _copied(Py_ssize_t size, _Cursor* cursor, bint* untracked):
+    # a new tuple of the cursor's next size items, untracked when they are all records.Lot (else
+    # untracked[0] cleared)
     cdef tuple made = PyTuple_New(size)
     cdef bint lots_only = True
     _fill(made, 0, size, cursor, &lots_only)
     if lots_only:
         PyObject_GC_UnTrack(<void*>made)
+    else:
+        untracked[0] = False
     return made
+
+
+cdef inline void _share(tuple into, Py_ssize_t at, tuple chunks, Py_ssize_t index):
+    # into[at] = chunks[index] (one reference count written)
+    cdef PyObject* chunk = _tuple_item(<PyObject*>chunks, index)
+    _incref(chunk)
+    _tuple_set(<PyObject*>into, at, chunk)
 
 
 cdef tuple _flat(list head, object lots, Py_ssize_t passed, Py_ssize_t length, list tail):
@@ -307,6 +331,7 @@ cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
     cdef tuple chunks, outer
     cdef Py_ssize_t length, count, index, offset, size, room, front, front_chunks, middle, filled, rest, at
     cdef Py_ssize_t chunk_size
+    cdef bint every_untracked
     cdef list grown
     if type(lots) is LotChain:
         chunks = (<LotChain>lots).chunks
@@ -366,66 +391,64 @@ cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
         filled = room if room < len(tail) else len(tail)
     rest = len(tail) - filled
     outer = PyTuple_New(front_chunks + middle + (rest + _CHUNK - 1) // _CHUNK)
+    every_untracked = not PyObject_GC_IsTracked(chunks)  # (then so is every chunk shared from it)
     at = 0
     if filled and not middle:  # the last front chunk takes them
         _segment(&cursor, tail, 0, filled)
     for at in range(front_chunks):
         chunk_size = _CHUNK if at < front_chunks - 1 else front - at * _CHUNK + (filled if not middle else 0)
-        _put(outer, at, _copied(chunk_size, &cursor))
+        _put(outer, at, _copied(chunk_size, &cursor, &every_untracked))
     at = front_chunks
     for index in range(index, count):
         if filled and middle and index == count - 1:
             cursor.count = cursor.segment = 0
             _segment(&cursor, chunks[index], 0, len(<tuple>chunks[index]))
             _segment(&cursor, tail, 0, filled)
-            _put(outer, at, _copied(len(<tuple>chunks[index]) + filled, &cursor))
+            _put(outer, at, _copied(len(<tuple>chunks[index]) + filled, &cursor, &every_untracked))
         else:
-            _put(outer, at, chunks[index])
+            _share(outer, at, chunks, index)
         at += 1
     cursor.count = cursor.segment = 0
     _segment(&cursor, tail, filled, len(tail))
     while rest:
         chunk_size = _CHUNK if rest >= _CHUNK else rest
-        _put(outer, at, _copied(chunk_size, &cursor))
+        _put(outer, at, _copied(chunk_size, &cursor, &every_untracked))
         at += 1
         rest -= chunk_size
-    return _made(outer, size)
+    return _made_of(outer, size, every_untracked)
 
 
 cdef LotChain _appended(tuple chunks, Py_ssize_t count, Py_ssize_t size, list tail):
     # the chain of `chunks` (count of them, size lots in all after) with `tail` appended: its last chunk
     # filled up to a chunk's lots, the rest in new chunks; the other chunks shared (as splice's general
-    # path would leave them, without its lists)
+    # path leaves them, without its walk to the passed lots)
     cdef tuple last = chunks[count - 1]
-    cdef Py_ssize_t last_count = len(last), added = len(tail), room = _CHUNK - last_count, into, index, at
-    cdef Py_ssize_t new_chunks = 0, rest, filled
-    cdef tuple made, outer
+    cdef Py_ssize_t last_count = len(last), added = len(tail), room = _CHUNK - last_count, index
+    cdef Py_ssize_t rest, filled, chunk_size, at
+    cdef tuple outer
+    cdef bint every_untracked = not PyObject_GC_IsTracked(chunks)  # (then so is every chunk shared from it)
+    cdef _Cursor cursor
     filled = room if room < added else added  # of tail, into the last chunk
     rest = added - filled
-    new_chunks = (rest + _CHUNK - 1) // _CHUNK
-    outer = PyTuple_New(count + new_chunks)
+    outer = PyTuple_New(count + (rest + _CHUNK - 1) // _CHUNK)
     for index in range(count - 1):
-        _put(outer, index, chunks[index])
+        _share(outer, index, chunks, index)
     if filled:
-        made = PyTuple_New(last_count + filled)
-        for index in range(last_count):
-            _put(made, index, last[index])
-        for index in range(filled):
-            _put(made, last_count + index, tail[index])
-        _untracked(made)
-        _put(outer, count - 1, made)
+        cursor.count = cursor.segment = 0
+        _segment(&cursor, last, 0, last_count)
+        _segment(&cursor, tail, 0, filled)
+        _put(outer, count - 1, _copied(last_count + filled, &cursor, &every_untracked))
     else:
-        _put(outer, count - 1, last)
-    at = filled
-    for into in range(count, count + new_chunks):
-        made = PyTuple_New(_CHUNK if rest >= _CHUNK else rest)
-        for index in range(len(made)):
-            _put(made, index, tail[at])
-            at += 1
-        rest -= len(made)
-        _untracked(made)
-        _put(outer, into, made)
-    return _made(outer, size)
+        _share(outer, count - 1, chunks, count - 1)
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, tail, filled, added)
+    at = count
+    while rest:
+        chunk_size = _CHUNK if rest >= _CHUNK else rest
+        _put(outer, at, _copied(chunk_size, &cursor, &every_untracked))
+        at += 1
+        rest -= chunk_size
+    return _made_of(outer, size, every_untracked)
 
 
 def spliced(lots, Py_ssize_t passed, head, tail):

@@ -134,11 +134,18 @@ def test_a_chain_and_its_tuples_are_not_tracked_by_the_cyclic_collector(module):
     chain = module.spliced(module.chained(_lots(1, 100, random.Random(1))), 1, [], _lots(200, 3, random.Random(2)))
     assert not gc.is_tracked(chain) and not gc.is_tracked(chain.chunks)
     assert not any(map(gc.is_tracked, chain.chunks))
+    # a spend and an earn at once (the first chunk and the last new), from a chain of many chunks
+    lots = _lots(1, 300, random.Random(3))
+    spent = module.spliced(module.chained(lots[:290]), 70, [lots[69].replace(amount=1)], lots[290:])
+    assert spent == (lots[69].replace(amount=1), *lots[70:]) and type(spent) is LotChain
+    assert not gc.is_tracked(spent.chunks) and not any(map(gc.is_tracked, spent.chunks))
     if module is compiled:  # (a tuple the twin builds is the collector's to untrack)
         assert not gc.is_tracked(module.spliced(chain, 90, [], []))  # the small form
     # a chunk holding something the collector tracks is left to it, and so is the tuple holding that chunk
-    odd = LotChain([(Lot(1, 1, 2, "shop"),), ([],)])  # type: ignore[list-item]
+    odd = LotChain([tuple(_lots(1, 40, random.Random(4))), ([],)])  # type: ignore[list-item]
     assert gc.is_tracked(odd.chunks[1]) and gc.is_tracked(odd.chunks) and not gc.is_tracked(odd.chunks[0])
+    for grown in (module.spliced(odd, 0, [], [Lot(99, 1, 4, "shop")]), module.spliced(odd, 1, [], [])):
+        assert type(grown) is LotChain and gc.is_tracked(grown.chunks)  # it holds a chunk the collector walks
 
 
 @pytest.mark.parametrize("module", [compiled, twin], ids=["compiled", "twin"])
