@@ -2,8 +2,8 @@
 """Each member's lots as a run of the rules kernel left them (processor/rules_kernel.py's write-back), and
 ProgramState.written_by_kernel's loop over them (processor/program.py), in C: the first ~1.0-1.3 → ~0.6 µs
 an operation, written_by_kernel ~0.7-0.9 → ~0.4-0.5 (loadtest/bench_state_machine, a CPU timer around
-each, minimum of 5 runs on a loaded machine). A member's lots are a tuple of at most CHUNK_LOTS_MAX, a
-LotChain beyond (fastpath/lot_chain.pyx): a run builds the chunks of a chain it passed or appended to and
+each, minimum of 5 runs on a loaded machine). A member's lots are a tuple of a few, a LotChain of many
+(fastpath/lot_chain.pyx): a run builds the chunks of a chain it passed or appended to and
 shares the others (until the twelfth session every member's whole tuple of lots was copied each run that
 touched it, a reference count written a lot, ~15 lots an operation by batch 40 of the bench).
 

@@ -6,8 +6,8 @@ holds the whole kernel path to the per-operation path).
 
 A member's row (processor/program.py's KernelLots): (member id, its lots after the run, the keys the run
 touched, the keys of the lots it created, (keys gone, lots new or changed) since the run began, its lots
-when the run began, Σ amounts after − Σ amounts before). A member's lots are a tuple, or beyond
-CHUNK_LOTS_MAX a LotChain (fastpath/lot_chain.pyx); () for none.
+when the run began, Σ amounts after − Σ amounts before). A member's lots are a tuple of a few, a
+LotChain of many (fastpath/lot_chain.pyx); () for none.
 """
 
 from __future__ import annotations

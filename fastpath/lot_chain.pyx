@@ -1,7 +1,8 @@
 # cython: language_level=3
 """A member's lots (processor/program.py's ProgramState.lots), sorted soonest-expiring first: a tuple while
-they are at most CHUNK_LOTS_MAX, a LotChain beyond, a value the cyclic garbage collector does not track
-holding a tuple of chunks, tuples of at most CHUNK_LOTS_MAX lots each.
+they are few, a LotChain once they grow past CHUNK_LOTS_MAX (a tuple again at CHAIN_LOTS_MIN or fewer), a
+value the cyclic garbage collector does not track holding a tuple of chunks, tuples of at most
+CHUNK_LOTS_MAX lots each.
 
 Why: as one tuple, every change of a member's lots built a new tuple of all of them. A kernel run that
 touched a member with 2,635 lots wrote 2,635 reference counts, the old tuple's release walked them again
@@ -326,8 +327,8 @@ def chained(lots):
 
 cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
     """`lots` (a member's: a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
-    replaced by `head` and `tail` appended, in the same form; of a chain, the chunks the change does not
-    reach are shared. The same value as the twin's spliced (a chain: the same chunks)."""
+    replaced by `head` and `tail` appended (in the form `spliced` says); of a chain, the chunks the change
+    does not reach are shared. The same value as the twin's spliced (a chain: the same chunks)."""
     cdef tuple chunks, outer
     cdef Py_ssize_t length, count, index, offset, size, room, front, front_chunks, middle, filled, rest, at
     cdef Py_ssize_t chunk_size
@@ -454,5 +455,6 @@ cdef LotChain _appended(tuple chunks, Py_ssize_t count, Py_ssize_t size, list ta
 def spliced(lots, Py_ssize_t passed, head, tail):
     """A member's `lots` (a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
     replaced by `head` (sorted, all before the lots that follow) and `tail` appended (sorted, all after
-    them), in the form chained() gives: a new chain shares the chunks the change does not reach."""
+    them): a tuple of CHAIN_LOTS_MIN lots or fewer, or of up to CHUNK_LOTS_MAX when `lots` is a tuple; else a
+    chain, which shares the chunks of `lots` the change does not reach."""
     return splice(lots, passed, list(head), list(tail))

@@ -1,5 +1,5 @@
 """The pure-Python twin of fastpath/lot_chain.pyx's builders (`chained`, `spliced`): the same values (a tuple
-of at most CHUNK_LOTS_MAX lots, else a LotChain of the same chunks, built by its constructor).
+of a few lots, a LotChain of many with the same chunks, built by its constructor).
 POINTS_FASTPATH=python runs these; tests/unit/test_lot_chain.py compares the two chunk for chunk. (LotChain
 itself is a compiled value both build, as fastpath/records.pyx's are.)"""
 
@@ -29,7 +29,8 @@ def spliced(
 ) -> tuple[Lot, ...] | LotChain:
     """A member's `lots` (a tuple of at most CHUNK_LOTS_MAX, or a LotChain) with its first `passed` lots
     replaced by `head` (sorted, all before the lots that follow) and `tail` appended (sorted, all after
-    them), in the form chained() gives: a new chain shares the chunks the change does not reach."""
+    them): a tuple of CHAIN_LOTS_MIN lots or fewer, or of up to CHUNK_LOTS_MAX when `lots` is a tuple; else a
+    chain, which shares the chunks of `lots` the change does not reach."""
     if isinstance(lots, LotChain):
         chunks, length = lots.chunks, lots.length
     elif type(lots) is tuple and len(lots) <= CHUNK_LOTS_MAX:

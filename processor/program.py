@@ -70,9 +70,9 @@ KernelLots = tuple[
     "MemberLots",
     int,
 ]
-# A member's lots, sorted by rules._order (soonest-expiring first): a tuple of at most CHUNK_LOTS_MAX lots, a
-# LotChain beyond (fastpath/lot_chain.pyx: chunks a change copies only where it changes them), as
-# chained / spliced build them; read alike (len, iteration, indexing, ==)
+# A member's lots, sorted by rules._order (soonest-expiring first): a tuple of a few, a LotChain of many
+# (fastpath/lot_chain.pyx: chunks a change copies only where it changes them), as chained / spliced build
+# them; read alike (len, iteration, indexing, ==)
 MemberLots = tuple["rules.Lot", ...] | LotChain
 
 # ProgramState.check_lots, written_by_kernel's lots and flush()'s rows, in C with the compiled fast path;
