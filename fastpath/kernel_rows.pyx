@@ -232,13 +232,17 @@ cdef object _amount_total(object lots):
     cdef int64_t total = 0, amount
     cdef object lot, value
     cdef tuple chunks
+    cdef Py_ssize_t index, count
     if type(lots) is LotChain:
         chunks = (<LotChain>lots).chunks
+        count = len(chunks)
     elif type(lots) is tuple:
-        chunks = (lots,)
+        chunks = <tuple>lots  # (one chunk: no tuple made for it)
+        count = 1
     else:
         return sum([item.amount for item in lots])
-    for chunk in chunks:
+    for index in range(count):
+        chunk = chunks if type(lots) is tuple else chunks[index]
         for lot in <tuple?>chunk:
             if type(lot) is not Lot:
                 return sum([item.amount for item in lots])
@@ -443,12 +447,12 @@ def kernel_lots(object machine, object run):
             prefixes.append((start, 0))
             continue
         count = len(lots)
-        chunks = (<LotChain>lots).chunks if type(lots) is LotChain else (tuple(lots),)
+        chunks = (<LotChain>lots).chunks if type(lots) is LotChain else <tuple?>lots
         covered = 0
         passed = 0
         enough = False  # the lots passed cover the demand: one more is passed, then the walk stops
-        for chunk_index in range(len(chunks)):
-            chunk = chunks[chunk_index]
+        for chunk_index in range(len(chunks) if type(lots) is LotChain else 1):
+            chunk = chunks[chunk_index] if type(lots) is LotChain else chunks
             size = len(chunk)
             for position in range(size):
                 lot = chunk[position]

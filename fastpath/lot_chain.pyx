@@ -272,19 +272,41 @@ cdef inline void _share(tuple into, Py_ssize_t at, tuple chunks, Py_ssize_t inde
     _tuple_set(<PyObject*>into, at, chunk)
 
 
+cdef inline bint _copy_into(PyObject* into, Py_ssize_t at, PyObject* sequence, bint is_list, Py_ssize_t start,
+                           Py_ssize_t end, PyTypeObject* lot_type):
+    # into[at:] = sequence[start:end] (references taken); False when one of them is not a records.Lot
+    cdef PyObject* item
+    cdef bint lots_only = True
+    cdef Py_ssize_t index
+    for index in range(start, end):
+        item = _list_item(sequence, index) if is_list else _tuple_item(sequence, index)
+        if <PyTypeObject*>Py_TYPE(<object>item) != lot_type:
+            lots_only = False
+        _incref(item)
+        _tuple_set(into, at, item)
+        at += 1
+    return lots_only
+
+
 cdef tuple _flat(list head, object lots, Py_ssize_t passed, Py_ssize_t length, list tail):
     # head + lots[passed:] + tail as one tuple, untracked when of Lots
     cdef Py_ssize_t size = len(head) + length - passed + len(tail), at = 0, skip = passed, chunk_size
     cdef tuple made = PyTuple_New(size)
-    cdef tuple chunks
+    cdef PyTypeObject* lot_type = <PyTypeObject*>Lot
     cdef bint lots_only = True
     cdef _Cursor cursor
+    if type(lots) is tuple:  # (a member's few lots: no cursor)
+        lots_only = _copy_into(<PyObject*>made, 0, <PyObject*>head, True, 0, len(head), lot_type)
+        lots_only &= _copy_into(<PyObject*>made, len(head), <PyObject*>lots, False, passed, length, lot_type)
+        lots_only &= _copy_into(<PyObject*>made, size - len(tail), <PyObject*>tail, True, 0, len(tail), lot_type)
+        if lots_only:
+            PyObject_GC_UnTrack(<void*>made)
+        return made
     cursor.count = cursor.segment = 0
     _segment(&cursor, head, 0, len(head))
     _fill(made, at, len(head), &cursor, &lots_only)
     at += len(head)
-    chunks = (<LotChain>lots).chunks if type(lots) is LotChain else (lots,)
-    for chunk in chunks:
+    for chunk in (<LotChain>lots).chunks:
         chunk_size = len(<tuple>chunk)
         if skip >= chunk_size:
             skip -= chunk_size
