@@ -54,6 +54,7 @@ setup(
     ext_modules=cythonize(
         [
             "fastpath/records.pyx",
+            "fastpath/lot_chain.pyx",
             "fastpath/_core.pyx",
             "fastpath/copy_binary.pyx",
             "fastpath/idempotency_table.pyx",

@@ -5,25 +5,26 @@ import array
 from collections.abc import Sequence
 from typing import Any
 
+from fastpath.lot_chain import LotChain
 from fastpath.records import Lot
 
 def lots_after_run(
     taken_rows: set[int],
     new_by_row: dict[int, list[int]],
-    tier_members: list[tuple[str, Any, tuple[Lot, ...]]],
+    tier_members: list[tuple[str, Any, tuple[Lot, ...] | LotChain]],
     prefixes: list[tuple[int, int]],
     pool_lots: list[Lot | None],
     lot_amount: Sequence[int],
 ) -> list[tuple[Any, ...]]: ...
 def lots_written(
     rows: list[tuple[Any, ...]],
-    table: dict[str, tuple[Lot, ...]],
-    flushed: dict[str, tuple[Lot, ...]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    flushed: dict[str, tuple[Lot, ...] | LotChain],
     touched: dict[str, set[Any] | None],
     created_by: dict[str, set[Any]],
     diffs: dict[str, Any],
     dirty: set[str],
-    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     due: list[tuple[int, str]],
     missing: object,
 ) -> list[Any]: ...
@@ -32,8 +33,8 @@ def operation_columns(
 ) -> tuple[array.array[int], array.array[int], array.array[int], array.array[int]]: ...
 def lots_checked(
     dirty: set[str],
-    table: dict[str, tuple[Lot, ...]],
-    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     keep_from: int,
     ledger: Any,
 ) -> tuple[str, int, int, int] | None: ...

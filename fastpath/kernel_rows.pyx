@@ -2,26 +2,22 @@
 """Each member's lots as a run of the rules kernel left them (processor/rules_kernel.py's write-back), and
 ProgramState.written_by_kernel's loop over them (processor/program.py), in C: the first ~1.0-1.3 → ~0.6 µs
 an operation, written_by_kernel ~0.7-0.9 → ~0.4-0.5 (loadtest/bench_state_machine, a CPU timer around
-each, minimum of 5 runs on a loaded machine). What is left of the first is memory, not instructions
-(~350 of its own an operation under callgrind): a member's tuple of lots is copied whole each run that
-touches it, and each lot's reference count is written, a cache line a lot (~5.5 lots an operation on the
-Zipf workload, more as members gather lots); only another layout of the lots (columns, or chunks that a
-run appends to) would remove it.
+each, minimum of 5 runs on a loaded machine). A member's lots are a tuple of a few, a LotChain of many
+(fastpath/lot_chain.pyx): a run builds the chunks of a chain it passed or appended to and
+shares the others (until the twelfth session every member's whole tuple of lots was copied each run that
+touched it, a reference count written a lot, ~15 lots an operation by batch 40 of the bench).
 
 Same results as the twin fastpath/kernel_rows_reference.py (its docstrings say what each function takes
-and returns; tests/unit/test_kernel_rows.py compares the two), with one difference that is not seen: a
-member's new tuple of lots is filled in one pass, where the twin copies its old lots two or three times
-(slice, then concatenations).
+and returns; tests/unit/test_kernel_rows.py compares the two).
 """
 
 cimport cython
 from cpython cimport array as c_array
 from cpython.number cimport PyNumber_Index
-from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int64_t
 
 from fastpath._core cimport Ledger
+from fastpath.lot_chain cimport LotChain, splice
 from fastpath.records cimport Lot, MemberRules, make_lot
 from fastpath.slots cimport SlotReader, slot_read
 
@@ -29,6 +25,22 @@ import array as _array
 from heapq import heappush
 
 from fastpath.kernel_rows_reference import KernelRowsError
+
+
+cdef inline object _first_lot(object lots):
+    # lots[0] of a member's non-empty lots (a tuple, or a LotChain)
+    if type(lots) is LotChain:
+        return (<tuple>(<LotChain>lots).chunks[0])[0]
+    return lots[0]
+
+
+cdef inline object _last_lot(object lots):
+    # lots[-1] of a member's non-empty lots
+    cdef tuple chunk
+    if type(lots) is LotChain:
+        chunk = (<LotChain>lots).chunks[len((<LotChain>lots).chunks) - 1]
+        return chunk[len(chunk) - 1]
+    return lots[len(lots) - 1]
 
 
 cdef inline Lot _pool_lot(list pool_lots, Py_ssize_t index):
@@ -43,10 +55,10 @@ def lots_after_run(set taken_rows not None, dict new_by_row not None, list tier_
     cdef list rows = []
     cdef list kept, gone, changed, made_lots
     cdef set keys, created_keys
-    cdef tuple before_lots, after, member
-    cdef object made, key, index_object
+    cdef tuple member
+    cdef object before_lots, after, made, key, index_object
     cdef Lot lot
-    cdef Py_ssize_t start, passed, index, pool, size, position, kept_count, made_count, rest
+    cdef Py_ssize_t start, passed, index, pool
     cdef int64_t left, amount, delta
     pool = len(pool_lots)
     if lot_amount.shape[0] < pool:
@@ -81,10 +93,9 @@ def lots_after_run(set taken_rows not None, dict new_by_row not None, list tier_
             else:
                 gone.append(key)
         created_keys = set()
-        made_lots = None
+        made_lots = []
         made = new_by_row.get(row)
         if made is not None:
-            made_lots = []
             for index_object in <list?>made:
                 index = index_object
                 if index < 0 or index >= pool:
@@ -99,33 +110,9 @@ def lots_after_run(set taken_rows not None, dict new_by_row not None, list tier_
                     made_lots.append(lot)
                     changed.append(lot)
             keys |= created_keys
-        # the new tuple in one pass: the lots it passed that are left, the ones it did not pass as they
-        # were (the members a run touches may hold thousands of lots), its new lots with points left
-        kept_count = len(kept)
-        made_count = len(made_lots) if made_lots is not None else 0
-        rest = len(before_lots) - passed
-        if not kept_count and not made_count and passed == 0:
-            after = before_lots
-        else:
-            size = kept_count + rest + made_count
-            after = PyTuple_New(size)
-            position = 0
-            for item in kept:
-                Py_INCREF(item)
-                PyTuple_SET_ITEM(after, position, item)
-                position += 1
-            for index in range(passed, passed + rest):
-                item = before_lots[index]
-                Py_INCREF(item)
-                PyTuple_SET_ITEM(after, position, item)
-                position += 1
-            if made_count:
-                for item in made_lots:
-                    Py_INCREF(item)
-                    PyTuple_SET_ITEM(after, position, item)
-                    position += 1
-            if position != size:
-                raise KernelRowsError(f"tier row {row}: {position} lots written of {size}")
+        # the lots it passed that are left, the ones it did not pass as they were (shared chunks: the members
+        # a run touches may hold thousands of lots), its new lots with points left
+        after = splice(before_lots, passed, kept, made_lots) if passed or made_lots else before_lots
         rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
     return rows
 
@@ -135,7 +122,8 @@ def lots_written(list rows not None, dict table not None, dict flushed not None,
                  list due not None, object missing):
     # the twin's loop (fastpath/kernel_rows_reference.py, where its docstring says what it records),
     # with the same dict and set operations in the same order
-    cdef tuple row, had, after, before
+    cdef tuple row
+    cdef object had, after, before
     cdef object member_id, keys, created, diff, delta, current, summed, known, made, soonest
     cdef bint first
     cdef list olds = []
@@ -143,14 +131,14 @@ def lots_written(list rows not None, dict table not None, dict flushed not None,
         if len(row) != 7:
             raise ValueError(f"a kernel run's lots row has 7 fields, not {len(row)}")
         member_id = row[0]
-        after = <tuple?>row[1]
+        after = row[1]
         keys = row[2]
         created = row[3]
         diff = row[4]
-        before = <tuple?>row[5]
+        before = row[5]
         delta = row[6]
         current = table.get(member_id, missing)
-        had = () if current is missing else <tuple?>current
+        had = () if current is missing else current
         summed = totals.get(member_id)
         if summed is not None and (<tuple?>summed)[0] is before and before is had:
             totals[member_id] = (after, (<tuple>summed)[1] + delta)
@@ -185,8 +173,8 @@ def lots_written(list rows not None, dict table not None, dict flushed not None,
             diffs[member_id] = diff
         # _schedule: an entry at the member's soonest expiry when the run moved it
         if after:
-            soonest = (<Lot?>after[0]).expires_at_us
-            if soonest is not None and (not had or (<Lot?>had[0]).expires_at_us != soonest):
+            soonest = (<Lot?>_first_lot(after)).expires_at_us
+            if soonest is not None and (not had or (<Lot?>_first_lot(had)).expires_at_us != soonest):
                 heappush(due, (soonest, member_id))
     return olds
 
@@ -243,20 +231,30 @@ cdef object _amount_total(object lots):
     # records.Lot with an int64 amount and the sum stays in int64, else by the twin's sum
     cdef int64_t total = 0, amount
     cdef object lot, value
-    if type(lots) is not tuple:
+    cdef tuple chunks
+    cdef Py_ssize_t index, count
+    if type(lots) is LotChain:
+        chunks = (<LotChain>lots).chunks
+        count = len(chunks)
+    elif type(lots) is tuple:
+        chunks = <tuple>lots  # (one chunk: no tuple made for it)
+        count = 1
+    else:
         return sum([item.amount for item in lots])
-    for lot in <tuple>lots:
-        if type(lot) is not Lot:
-            return sum([item.amount for item in lots])
-        value = (<Lot>lot).amount
-        if type(value) is not int:
-            return sum([item.amount for item in lots])
-        try:
-            amount = value
-        except OverflowError:
-            return sum([item.amount for item in lots])
-        if _add_overflow(total, amount, &total):
-            return sum([item.amount for item in lots])
+    for index in range(count):
+        chunk = chunks if type(lots) is tuple else chunks[index]
+        for lot in <tuple?>chunk:
+            if type(lot) is not Lot:
+                return sum([item.amount for item in lots])
+            value = (<Lot>lot).amount
+            if type(value) is not int:
+                return sum([item.amount for item in lots])
+            try:
+                amount = value
+            except OverflowError:
+                return sum([item.amount for item in lots])
+            if _add_overflow(total, amount, &total):
+                return sum([item.amount for item in lots])
     return total
 
 
@@ -355,7 +353,7 @@ def kernel_member(object machine, object run, object tables, object op, object n
         share = tables.acquiring_share_bps(acquirer_id)
     lots = lots_table.get(member_id, ())
     if lots:
-        soonest, last = _expires_at_us(lots[0]), _expires_at_us(lots[len(lots) - 1])  # (no wraparound)
+        soonest, last = _expires_at_us(_first_lot(lots)), _expires_at_us(_last_lot(lots))
         if soonest is not None and soonest <= now_us:
             return -1  # a lot past its expiry: the per-operation path posts its expiry first
         period = slot_read(&_tables_reader, tables, 0, _TABLES_READ).expiry_period_us
@@ -431,6 +429,9 @@ def kernel_lots(object machine, object run):
     cdef c_array.array tails = c_array.clone(_INT64_EMPTY, rows, False)
     cdef c_array.array totals = c_array.clone(_INT64_EMPTY, rows, False)
     cdef object lots, demand, covered, lot
+    cdef tuple chunks, chunk
+    cdef Py_ssize_t chunk_index, position, size
+    cdef bint enough
     for row in range(rows):
         heads.data.as_longlongs[row] = -1
         tails.data.as_longlongs[row] = -1
@@ -446,19 +447,25 @@ def kernel_lots(object machine, object run):
             prefixes.append((start, 0))
             continue
         count = len(lots)
+        chunks = (<LotChain>lots).chunks if type(lots) is LotChain else <tuple?>lots
         covered = 0
         passed = 0
-        for lot in lots:
-            pool.append(lot)
-            passed += 1
-            covered += _amount_of(lot)
-            if covered >= demand:
-                break
-        if passed < count:
-            lot = lots[passed]
-            pool.append(lot)
-            passed += 1
-            covered += _amount_of(lot)
+        enough = False  # the lots passed cover the demand: one more is passed, then the walk stops
+        for chunk_index in range(len(chunks) if type(lots) is LotChain else 1):
+            chunk = chunks[chunk_index] if type(lots) is LotChain else chunks
+            size = len(chunk)
+            for position in range(size):
+                lot = chunk[position]
+                pool.append(lot)
+                passed += 1
+                covered += _amount_of(lot)
+                if enough:
+                    break
+                if covered >= demand:
+                    enough = True
+            else:
+                continue
+            break
         heads.data.as_longlongs[row] = start
         tails.data.as_longlongs[row] = start + passed - 1
         totals.data.as_longlongs[row] = _int64(covered) if passed == count else -1

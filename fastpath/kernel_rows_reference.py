@@ -6,7 +6,8 @@ holds the whole kernel path to the per-operation path).
 
 A member's row (processor/program.py's KernelLots): (member id, its lots after the run, the keys the run
 touched, the keys of the lots it created, (keys gone, lots new or changed) since the run began, its lots
-when the run began, Σ amounts after − Σ amounts before).
+when the run began, Σ amounts after − Σ amounts before). A member's lots are a tuple of a few, a
+LotChain of many (fastpath/lot_chain.pyx); () for none.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+from fastpath.lot_chain import LotChain
+from fastpath.lot_chain_reference import spliced
 from fastpath.records import Lot
 
 
@@ -27,7 +30,7 @@ class KernelRowsError(Exception):
 def lots_after_run(
     taken_rows: set[int],
     new_by_row: dict[int, list[int]],
-    tier_members: list[tuple[str, Any, tuple[Lot, ...]]],
+    tier_members: list[tuple[str, Any, tuple[Lot, ...] | LotChain]],
     prefixes: list[tuple[int, int]],
     pool_lots: list[Lot | None],
     lot_amount: Sequence[int],
@@ -36,8 +39,8 @@ def lots_after_run(
     row's new lots in the pool, in order), in row order, the member's lots after the run: what it passed
     (its pool slice `prefixes[row]` = (start, count), less what was taken: `lot_amount` holds what the
     kernel left of each pool lot), the lots it did not pass as they were, then its new lots that have
-    points left. A lot left untouched stays the same object; a member that only earned keeps its old
-    lots in the new tuple without a copy of each."""
+    points left. A lot left untouched stays the same object; of a member's LotChain, the chunks the run
+    neither passed nor appended to are shared with its chain before (spliced)."""
     rows: list[tuple[Any, ...]] = []
     for row in sorted(taken_rows | new_by_row.keys()):
         member_id, _, before_lots = tier_members[row]
@@ -63,8 +66,6 @@ def lots_after_run(
                 changed.append(lot)
             else:
                 gone.append(key)
-        # the lots it did not pass, as they were (the members a run touches may hold thousands of lots)
-        after = tuple(kept) + before_lots[passed:] if kept else before_lots[passed:]
         created_keys: set[tuple[int, int | None]] = set()
         made = new_by_row.get(row)
         if made is not None:
@@ -80,21 +81,24 @@ def lots_after_run(
                         lot = Lot(lot.lot_id, left, lot.expires_at_us, lot.issuer_id)
                     made_lots.append(lot)
                     changed.append(lot)
-            after += tuple(made_lots)
             keys |= created_keys
+        else:
+            made_lots = []
+        # the lots it did not pass, as they were: shared, not copied (a member may hold thousands of lots)
+        after = spliced(before_lots, passed, kept, made_lots) if passed or made_lots else before_lots
         rows.append((member_id, after, keys, created_keys, (gone, changed), before_lots, delta))
     return rows
 
 
 def lots_written(
     rows: list[tuple[Any, ...]],
-    table: dict[str, tuple[Lot, ...]],
-    flushed: dict[str, tuple[Lot, ...]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    flushed: dict[str, tuple[Lot, ...] | LotChain],
     touched: dict[str, set[Any] | None],
     created_by: dict[str, set[Any]],
     diffs: dict[str, Any],
     dirty: set[str],
-    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     due: list[tuple[int, str]],
     missing: object,
 ) -> list[Any]:
@@ -166,8 +170,8 @@ def operation_columns(
 
 def lots_checked(
     dirty: set[str],
-    table: dict[str, tuple[Lot, ...]],
-    totals: dict[str, tuple[tuple[Lot, ...], int]],
+    table: dict[str, tuple[Lot, ...] | LotChain],
+    totals: dict[str, tuple[tuple[Lot, ...] | LotChain, int]],
     keep_from: int,
     ledger: Any,
 ) -> tuple[str, int, int, int] | None:

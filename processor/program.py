@@ -29,6 +29,7 @@ from typing import Any
 
 import fastpath
 from fastpath import records
+from fastpath.lot_chain import LotChain
 from processor import rules, velocity
 from processor.domain import Code, Rejection, require
 
@@ -62,23 +63,32 @@ MemberRules = records.MemberRules
 # when the run began, and Σ amounts after − Σ amounts before)
 KernelLots = tuple[
     str,
-    tuple["rules.Lot", ...],
+    "MemberLots",
     set[tuple[int, int | None]],
     set[tuple[int, int | None]],
     tuple[list[tuple[int, int | None]], list["rules.Lot"]],
-    tuple["rules.Lot", ...],
+    "MemberLots",
     int,
 ]
+# A member's lots, sorted by rules._order (soonest-expiring first): a tuple of a few, a LotChain of many
+# (fastpath/lot_chain.pyx: chunks a change copies only where it changes them), as chained / spliced build
+# them; read alike (len, iteration, indexing, ==)
+MemberLots = tuple["rules.Lot", ...] | LotChain
 
 # ProgramState.check_lots, written_by_kernel's lots and flush()'s rows, in C with the compiled fast path;
-# POINTS_FASTPATH=python runs the twins (fastpath/kernel_rows_reference.py)
+# POINTS_FASTPATH=python runs the twins (fastpath/kernel_rows_reference.py); a member's lots (MemberLots) are
+# built by the compiled chained/spliced or their twins (fastpath/lot_chain_reference.py)
 if fastpath.IMPLEMENTATION == "cython":
+    from fastpath.lot_chain import chained as _chained
+    from fastpath.lot_chain import spliced as _spliced
     from fastpath.kernel_rows import created_rows as _created_rows
     from fastpath.kernel_rows import lots_checked as _lots_checked
     from fastpath.kernel_rows import lots_rows as _lots_rows
     from fastpath.kernel_rows import lots_written as _lots_written
     from fastpath.kernel_rows import rows_of as _rows_of
 else:
+    from fastpath.lot_chain_reference import chained as _chained
+    from fastpath.lot_chain_reference import spliced as _spliced
     from fastpath.kernel_rows_reference import created_rows as _created_rows
     from fastpath.kernel_rows_reference import lots_checked as _lots_checked
     from fastpath.kernel_rows_reference import lots_rows as _lots_rows
@@ -194,7 +204,9 @@ class ProgramState:
     def __init__(self, program: rules.Program | None = None):
         self.program = program
         self.members: dict[str, MemberRules] = {}
-        self.lots: dict[str, tuple[rules.Lot, ...]] = {}
+        # member -> its lots, never empty (MemberLots: a member with many is a LotChain, whose chunks a change
+        # copies only where it changes them, not its whole history of lots: fastpath/lot_chain.pyx)
+        self.lots: dict[str, MemberLots] = {}
         self.pieces: dict[tuple[int, int], tuple[rules.Lot, ...]] = {}
         self.granted: dict[str, int] = {}
         self.earns: dict[int, EarnRecord] = {}
@@ -229,7 +241,7 @@ class ProgramState:
         self._undo: list[list[tuple[dict, Any, Any]]] = []
         # member -> its lots as the last flush left them (what Postgres holds once the batches before
         # commit), for the members whose lots changed since: flush() writes the difference
-        self._lots_flushed: dict[str, tuple[rules.Lot, ...]] = {}
+        self._lots_flushed: dict[str, MemberLots] = {}
         # member -> keys of the lots that credit_lot / consume changed since the last flush (flush() looks
         # only those up), or None: some other change, flush() compares the member's whole lots
         self._lots_touched: dict[str, set | None] = {}
@@ -242,10 +254,10 @@ class ProgramState:
         self._lots_diff: dict[str, tuple[list[tuple[int, int | None]], list[rules.Lot]]] = {}
         # member -> (its lots, Σ of their amounts): as check_lots last summed them, or a kernel run carried
         # the sum forward by what it took and credited. Valid only while the member's lots are that very
-        # tuple (checked by identity), so a change by any other path or a rollback makes check_lots sum
+        # value (checked by identity), so a change by any other path or a rollback makes check_lots sum
         # again: check_lots then costs O(what changed) for a member only kernel runs changed, not O(lots).
         # Kept only for members with _SUM_KEPT_FROM_LOTS lots or more.
-        self._lot_totals: dict[str, tuple[tuple[rules.Lot, ...], int]] = {}
+        self._lot_totals: dict[str, tuple[MemberLots, int]] = {}
         self.sum_kept_from_lots = _SUM_KEPT_FROM_LOTS  # (a test keeps every member's sum)
         self._dirty: dict[str, set] = {
             "members": set(),
@@ -415,7 +427,11 @@ class ProgramState:
         self.members[member_id] = value
 
     def load_lots(self, member_id: str, lots: tuple[rules.Lot, ...]) -> None:
-        self.lots[member_id] = lots
+        """The member's lots as Postgres holds them (sorted by rules._order)."""
+        if lots:
+            self.lots[member_id] = _chained(lots)
+        else:
+            self.lots.pop(member_id, None)
         self._lots_diff.pop(member_id, None)
         soonest = min((lot.expires_at_us for lot in lots if lot.expires_at_us is not None), default=None)
         if soonest is not None:
@@ -831,19 +847,19 @@ class ProgramState:
         if version is None or version.expiry_period_us is None or amount <= 0:
             return
         lot = rules.new_lot(version, transaction_id, amount, now_us, issuer_id)
-        lots = self.lots.get(member_id, ())
+        before = self.lots.get(member_id, ())
         order = rules._order(lot)
-        if not lots or rules._order(lots[-1]) < order:
+        if not before or rules._order(before[-1]) < order:
             # a new earn's lot almost always expires last; sorting after every lot, its key (which
             # _order includes) is none of theirs, so no search is needed to know it is new
-            lots = lots + (lot,)
+            lots = _spliced(before, 0, (), (lot,))
         else:
-            require(_find(lots, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
-            position = bisect.bisect_right(lots, order, key=rules._order)
-            lots = lots[:position] + (lot,) + lots[position:]
+            require(_find(before, lot.key) is None, f"member {member_id!r}: lot {lot.key} exists already")
+            flat = tuple(before)
+            position = bisect.bisect_right(flat, order, key=rules._order)
+            lots = _chained(flat[:position] + (lot,) + flat[position:])
         self._touch(member_id, (lot.key,))
         self._lots_created.setdefault(member_id, set()).add(lot.key)
-        before = self.lots.get(member_id, ())
         self._set(self.lots, member_id, lots, "lots")
         self._schedule(member_id, before, lots)  # a new lot almost always expires last: no entry
 
@@ -873,7 +889,7 @@ class ProgramState:
         before = self.lots.get(member_id, ())
         if kept != before:
             self._lots_touched[member_id] = None  # flush() compares the member's whole lots
-            self._set(self.lots, member_id, kept or None, "lots")
+            self._set(self.lots, member_id, _chained(kept) if kept else None, "lots")
             # The expiry job needs an entry at (or before) each member's soonest expiry: every lot that
             # becomes a member's soonest gets one here (or in credit_lot / load_lots / a rollback), and
             # a popped entry is either stale or expires that lot. Pushing every kept lot on every change
@@ -890,19 +906,24 @@ class ProgramState:
         rules._check_int(amount, "amount")
         lots = self.lots.get(member_id, ())
         # The stored lots are sorted by rules._order and were checked when stored: the expired ones are a
-        # prefix, the live ones follow soonest first; a spend walks only the lots it takes (O(taken + log n))
-        # and the lots after them stay the very same objects in the new tuple.
-        start = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)
+        # prefix, the live ones follow soonest first; a spend walks only the expired prefix and the lots it
+        # takes, and _spliced puts what is left of them before the rest (of a LotChain: its chunks shared).
+        head = []  # the lots from the first through the last one taken
+        start = 0  # of which the expired prefix
         pieces = []
         left = amount
-        end = start
-        count = len(lots)
-        while left and end < count:
-            lot = lots[end]
+        for lot in lots:
+            if not left:
+                break
+            head.append(lot)
+            if _expired(lot, now_us):
+                start += 1
+                continue
             piece = min(lot.amount, left)
             pieces.append(lot if piece == lot.amount else lot.replace(amount=piece))
             left -= piece
-            end += 1
+        end = len(head)
+        kept = head[:start]
         if left:  # every live lot is taken: the rest comes from the never-expiring points
             total = sum(lot.amount for lot in lots)
             permanent = spendable - total
@@ -911,13 +932,14 @@ class ProgramState:
                 available = amount - left + permanent
                 raise rules.InsufficientBalance(rules.ASSET_POINTS, available, amount)
             pieces.append(rules.Lot(_PERMANENT, left, None, ""))
-            kept = lots[:start]
         else:
-            last = lots[end - 1]
+            last = head[end - 1]
             remainder = last.amount - pieces[-1].amount
-            kept = lots[:start] + ((last.replace(amount=remainder),) if remainder else ()) + lots[end:]
+            if remainder:
+                kept.append(last.replace(amount=remainder))
         if end > start:
-            self._replace_lots(member_id, lots, kept, [lot.key for lot in lots[start:end]])
+            after = _spliced(lots, end, kept, ())
+            self._replace_lots(member_id, lots, after, [lot.key for lot in head[start:end]])
         self._set(self.pieces, owner, tuple(pieces), "pieces")
         # every caller consumes for a transaction or hold the batch just created (a new id): its pieces
         # have no rows in Postgres yet
@@ -945,7 +967,8 @@ class ProgramState:
         # rules.restore's semantics over the sorted lots, touching only the lots the pieces go back to
         # (a binary search each): last piece first; a piece of a live lot goes back to it, one whose lot
         # expired comes back expiring at now + grace; never-expiring points are implicit (not stored).
-        before = lots = self.lots.get(member_id, ())
+        before = self.lots.get(member_id, ())
+        lots = tuple(before)  # (a restore is rare: its lots as one tuple, chained again after)
         left = list(pieces)
         touched = []
         remaining = amount
@@ -969,7 +992,7 @@ class ProgramState:
                 lots = lots[:position] + (returned,) + lots[position:]
             touched.append(returned.key)
         if touched:
-            self._replace_lots(member_id, before, lots, touched)
+            self._replace_lots(member_id, before, _chained(lots), touched)
         left = tuple(left)
         self._set(self.pieces, owner, None, "pieces")
         if left:
@@ -1009,25 +1032,39 @@ class ProgramState:
                 # of their soonest expiries whatever stale entries a path left (the kernel and the
                 # per-operation path leave different ones; the transaction ids must not differ)
                 continue
-            due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)  # the expired prefix
-            if not due:
+            # the expired prefix, as much of it as the limit leaves room for
+            room = limit - len(taken)
+            pieces = []
+            more = False  # due lots left for the next batch
+            for lot in lots:
+                if not _expired(lot, now_us):
+                    break
+                if len(pieces) == room:
+                    more = True
+                    break
+                pieces.append(lot)
+            if not pieces:
                 continue  # a stale entry: the lot was spent, restored or expired already
-            pieces = lots[: min(due, limit - len(taken))]
-            self._replace_lots(member_id, lots, lots[len(pieces) :], [lot.key for lot in pieces])
-            if len(pieces) < due:  # due lots left for the next batch: their entry stays
-                heapq.heappush(self._due, (lots[len(pieces)].expires_at_us, member_id))
+            after = _spliced(lots, len(pieces), (), ())
+            self._replace_lots(member_id, lots, after, [lot.key for lot in pieces])
+            if more:  # their entry stays
+                heapq.heappush(self._due, (after[0].expires_at_us, member_id))
             taken += [(member_id, piece) for piece in pieces]
         return taken
 
     def expire_member(self, member_id: str, now_us: int) -> list[rules.Lot]:
         """Takes a member's expired lots off it (before an operation that spends its points)."""
         lots = self.lots.get(member_id, ())
-        due = bisect.bisect_right(lots, (False, now_us), key=_expiry_order)  # the expired prefix
+        due = []  # the expired prefix
+        for lot in lots:
+            if not _expired(lot, now_us):
+                break
+            due.append(lot)
         if due:
-            self._replace_lots(member_id, lots, lots[due:], [lot.key for lot in lots[:due]])
-        return list(lots[:due])
+            self._replace_lots(member_id, lots, _spliced(lots, len(due), (), ()), [lot.key for lot in due])
+        return due
 
-    def _replace_lots(self, member_id: str, before: tuple[rules.Lot, ...], after: tuple[rules.Lot, ...], keys) -> None:
+    def _replace_lots(self, member_id: str, before: MemberLots, after: MemberLots, keys) -> None:
         """The member's lots become `after` (sorted), changed only at `keys`; the expiry heap gets an
         entry when the member's soonest expiry changes (as _store_lots)."""
         self._touch(member_id, keys)
@@ -1054,12 +1091,12 @@ class ProgramState:
         batch): the lots keep their expiry and issuer; the qualifying points count toward target's level."""
         source_lots = self.lots.get(source, ())
         if source_lots:
-            merged = tuple(sorted(self.lots.get(target, ()) + source_lots, key=rules._order))
+            merged = tuple(sorted((*self.lots.get(target, ()), *source_lots), key=rules._order))
             require(len({lot.key for lot in merged}) == len(merged), f"merge of {source!r}: a lot key collides")
             for member_id in (source, target):
                 self._lots_touched[member_id] = None  # flush() compares each member's whole lots
             self._set(self.lots, source, None, "lots")
-            self._set(self.lots, target, merged, "lots")
+            self._set(self.lots, target, _chained(merged), "lots")
             if merged[0].expires_at_us is not None:
                 heapq.heappush(self._due, (merged[0].expires_at_us, target))
         moved = self.member(source)
@@ -1086,9 +1123,9 @@ class ProgramState:
         if not lots:
             return
         before = self.lots.get(member_id, ())
-        after = tuple(sorted(before + tuple(lots), key=rules._order))
+        after = tuple(sorted((*before, *lots), key=rules._order))
         require(len({lot.key for lot in after}) == len(after), f"member {member_id!r}: a credited lot key exists")
-        self._replace_lots(member_id, before, after, [lot.key for lot in lots])
+        self._replace_lots(member_id, before, _chained(after), [lot.key for lot in lots])
 
     def check_lots(self, ledger) -> None:
         """For every member whose lots changed since the last flush: Σ lots ≤ posted − held (the lots
@@ -1108,18 +1145,31 @@ _SUM_KEPT_FROM_LOTS = 16
 _FIRST = operator.itemgetter(0)
 
 
-def _expiry_order(lot: rules.Lot) -> tuple:
-    return (lot.expires_at_us is None, lot.expires_at_us or 0)
+def _expired(lot: rules.Lot, now_us: int) -> bool:
+    """Past its expiry at now_us (the lots sorted by rules._order: a prefix of them)."""
+    return lot.expires_at_us is not None and lot.expires_at_us <= now_us
 
 
 def _key_order(key: tuple[int, int | None]) -> tuple:
     return (key[1] is None, key[1] or 0, key[0])
 
 
-def _find(lots: tuple[rules.Lot, ...], key: tuple[int, int | None]) -> rules.Lot | None:
-    """The lot keyed `key` in lots sorted by rules._order (a binary search), or None."""
+def _find(lots: MemberLots, key: tuple[int, int | None]) -> rules.Lot | None:
+    """The lot keyed `key` in lots sorted by rules._order (a binary search of the chunks' last lots, then
+    of the chunk), or None."""
+    if not lots:
+        return None
     order = _key_order(key)
-    position = bisect.bisect_left(lots, order, key=rules._order)
-    if position < len(lots) and lots[position].key == key:
-        return lots[position]
+    chunks = lots.chunks if type(lots) is LotChain else (lots,)
+    index = bisect.bisect_left(chunks, order, key=_last_order)  # the first chunk not all before it
+    if index == len(chunks):
+        return None
+    chunk = chunks[index]
+    position = bisect.bisect_left(chunk, order, key=rules._order)
+    if position < len(chunk) and chunk[position].key == key:
+        return chunk[position]
     return None
+
+
+def _last_order(chunk: tuple[rules.Lot, ...]) -> tuple:
+    return rules._order(chunk[-1])

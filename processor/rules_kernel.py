@@ -35,7 +35,15 @@ import fastpath
 from fastpath.kernel_rows_reference import KernelRowsError
 from processor import domain, rules
 from processor.domain import Code, InvariantViolation, Method, Operation, Outcome
-from processor.program import NO_RULES, OWNER_TRANSACTION, PERMANENT_LOT_ID, EarnRecord, KernelLots, MemberRules
+from processor.program import (
+    NO_RULES,
+    OWNER_TRANSACTION,
+    PERMANENT_LOT_ID,
+    EarnRecord,
+    KernelLots,
+    MemberLots,
+    MemberRules,
+)
 from processor.machine_parts import MachineParts
 from processor.store import BatchWrite
 
@@ -159,8 +167,8 @@ class EarnRedeemRun:
         self.rows: list[int] = []  # each operation's tier row
         self.fee_bps: list[int] = []  # each operation's merchant fee (issued for an earn, redeemed else)
         self.tier_rows: dict[str, int] = {}
-        # per tier row: (member id, its rules and its lots when the run began)
-        self.tier_members: list[tuple[str, MemberRules, tuple[rules.Lot, ...]]] = []
+        # per tier row: (member id, its rules and its lots when the run began, () for none)
+        self.tier_members: list[tuple[str, MemberRules, MemberLots]] = []
         # per tier row, the kernel's tier columns (made int64 arrays when the run is decided)
         self.tier_qualifying: list[int] = []
         self.tier_reached: list[int] = []
@@ -169,7 +177,7 @@ class EarnRedeemRun:
         self.tier_demand: list[int] = []  # point-units the member's redeems of the run ask for
         # ProgramState's members and lots tables, as the compiled _kernel_member (fastpath/kernel_rows.pyx)
         # read them on the run's first member (a run is decided within one batch, which replaces neither)
-        self.program_tables: tuple[dict[str, MemberRules], dict[str, tuple[rules.Lot, ...]]] | None = None
+        self.program_tables: tuple[dict[str, MemberRules], dict[str, MemberLots]] | None = None
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -401,7 +409,8 @@ class RulesKernelMixin(MachineParts):
         program.recorded_by_kernel(earn_records, tier_events, consumed, list(spent.items()), now_us)
         # each member's lots as the run left them: what it passed (less what was taken), the lots it
         # did not need, the run's new lots (all sorted: new lots expire last, and their ids, the earns'
-        # transaction ids, are above every older lot's). Its new lots' keys are touched and created; one
+        # transaction ids, are above every older lot's): of a member with many lots, a new LotChain that
+        # shares the chunks of the old one the run neither passed nor appended to. Its new lots' keys are touched and created; one
         # expiry heap entry for all of them (they expire at one instant; consume()'s entries follow from
         # its redeems). Built with the rows flush() writes for the member (the keys gone, the lots new or
         # changed, in key order: what ProgramState._lots_changed would find), so flush() need not look

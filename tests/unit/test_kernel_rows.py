@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import fastpath
 from fastpath import kernel_rows_reference as twin
+from fastpath.lot_chain import CHUNK_LOTS_MAX, LotChain
 from fastpath.records import Lot
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,24 +30,39 @@ needs_compiled = pytest.mark.skipif(compiled is None, reason="the compiled fast 
 MISSING = object()
 
 
+def _chain(rng: random.Random, lots: Any) -> tuple[Lot, ...] | LotChain:
+    """`lots` as ProgramState holds a member's: a tuple of at most CHUNK_LOTS_MAX, else a LotChain cut into
+    random chunks (as splices leave them)."""
+    lots = list(lots)
+    if len(lots) <= CHUNK_LOTS_MAX:
+        return tuple(lots)
+    chunks = []
+    start = 0
+    while start < len(lots):
+        size = rng.randrange(1, CHUNK_LOTS_MAX + 1) if rng.random() < 0.5 else rng.choice([1, 2, 3])
+        chunks.append(tuple(lots[start : start + size]))
+        start += size
+    return LotChain(chunks)
+
+
 def _run(rng: random.Random) -> tuple[Any, ...]:
     """A run's inputs as rules_kernel._kernel_run hands them over: per tier row a member, its lots when
     the run began (sorted, unique keys), the prefix of them its redeems passed into the pool, what the
     kernel left of each pool lot, and the row's new lots at the pool's end."""
     rows = rng.randrange(0, 8)
-    tier_members: list[tuple[str, Any, tuple[Lot, ...]]] = []
+    tier_members: list[tuple[str, Any, tuple[Lot, ...] | LotChain]] = []
     prefixes: list[tuple[int, int]] = []
     pool: list[Lot | None] = []
     lot_id = 1
     for row in range(rows):
         lots = []
-        for _ in range(rng.choice([0, 0, 1, 2, 5, 20])):
+        for _ in range(rng.choice([0, 0, 1, 2, 5, 20, 400])):
             lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id if rng.random() < 0.9 else None, "shop"))
             lot_id += 1
         passed = rng.randrange(0, len(lots) + 1)
         prefixes.append((len(pool), passed))
         pool.extend(lots[:passed])
-        tier_members.append((f"member-{row}", None, tuple(lots)))
+        tier_members.append((f"member-{row}", None, _chain(rng, lots)))
     new_by_row: dict[int, list[int]] = {}
     for row in range(rows):
         for _ in range(rng.choice([0, 0, 1, 3])):
@@ -58,7 +74,7 @@ def _run(rng: random.Random) -> tuple[Any, ...]:
     return taken_rows, new_by_row, tier_members, prefixes, pool, lot_amount
 
 
-def _tables(rng: random.Random, tier_members: list[tuple[str, Any, tuple[Lot, ...]]]) -> dict[str, Any]:
+def _tables(rng: random.Random, tier_members: list[tuple[str, Any, tuple[Lot, ...] | LotChain]]) -> dict[str, Any]:
     """ProgramState's tables the write-back updates, in a random state of the batch (some members changed
     before by other paths, some by kernel runs, some with a kept Σ)."""
     tables: dict[str, Any] = {
@@ -75,7 +91,7 @@ def _tables(rng: random.Random, tier_members: list[tuple[str, Any, tuple[Lot, ..
         if lots or rng.random() < 0.5:
             tables["table"][member_id] = lots
         if rng.random() < 0.3:
-            tables["flushed"][member_id] = lots[1:]
+            tables["flushed"][member_id] = _chain(rng, lots[1:])
             tables["dirty"].add(member_id)
             choice = rng.random()
             tables["touched"][member_id] = None if choice < 0.5 else {(0, None)}
@@ -96,11 +112,24 @@ def test_the_compiled_write_back_and_its_twin_agree_on_random_runs(seed):
     run = _run(rng)
     twin_rows = twin.lots_after_run(*run)
     compiled_rows = compiled.lots_after_run(*run)
+    row_of = {member_id: row for row, (member_id, _, _) in enumerate(run[2])}
     assert compiled_rows == twin_rows
     for made, expected in zip(compiled_rows, twin_rows):
         assert made[2] is not made[3], "the touched keys and the created keys are two sets"
-        if expected[1] is expected[5]:  # a member whose lots did not change keeps its very tuple
+        if expected[1] is expected[5]:  # a member whose lots did not change keeps its very chain
             assert made[1] is made[5]
+        else:  # the same form and chunks (the splice of fastpath/lot_chain.pyx and its twin's)
+            assert type(made[1]) is type(expected[1])
+            assert getattr(made[1], "chunks", None) == getattr(expected[1], "chunks", None)
+            # the lots in chunks new to the chain are those the run passed or made, and at most two
+            # chunks' worth around them (the rest of the chunk the passed lots end in, the last chunk
+            # the new lots join): the chunks it did not reach are the very ones of the chain before
+            before_chunks = {id(chunk) for chunk in getattr(made[5], "chunks", ())}
+            fresh = sum(
+                len(chunk) for chunk in getattr(made[1], "chunks", (made[1],)) if id(chunk) not in before_chunks
+            )
+            passed, new = run[3][row_of[made[0]]][1], len(run[1].get(row_of[made[0]], ()))
+            assert fresh <= passed + new + 2 * CHUNK_LOTS_MAX
     state_seed = rng.randrange(2**32)
     written = []
     for module, rows in ((twin, twin_rows), (compiled, compiled_rows)):
@@ -133,21 +162,22 @@ def test_the_compiled_write_back_refuses_a_pool_slice_outside_the_pool():
 def _check_state(rng: random.Random) -> tuple[Any, ...]:
     """check_lots' inputs: members with lots (some with a kept Σ, some of it stale), their balances
     (some exceeded by their lots), and which of them a batch changed."""
-    table: dict[str, tuple[Lot, ...]] = {}
-    totals: dict[str, tuple[tuple[Lot, ...], int]] = {}
+    table: dict[str, Any] = {}
+    totals: dict[str, tuple[Any, int]] = {}
     balances: dict[str, tuple[int, int]] = {}
     lot_id = 1
     for index in range(rng.randrange(0, 12)):
         member_id = f"member-{index}"
         lots = []
-        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+        for _ in range(rng.choice([0, 1, 2, 5, 20, 150])):
             lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
             lot_id += 1
+        chain = _chain(rng, lots)
         if lots or rng.random() < 0.5:
-            table[member_id] = tuple(lots)
+            table[member_id] = chain
         total = sum(lot.amount for lot in lots)
         if rng.random() < 0.4:
-            kept = tuple(lots) if rng.random() < 0.7 else tuple(lots[1:])
+            kept = chain if rng.random() < 0.7 else _chain(rng, lots[1:])
             totals[member_id] = (table.get(member_id, kept) if rng.random() < 0.7 else kept, total)
         posted = total + rng.choice([0, 0, 5, 100]) - (rng.randrange(1, 3) if rng.random() < 0.1 else 0)
         balances[member_id] = (max(posted, 0), rng.choice([0, 0, min(3, max(posted, 0))]))
@@ -226,7 +256,7 @@ def _member_state(rng: random.Random, program: Any, merchants: dict[str, Any], m
         expiries = sorted(
             rng.choice([now_us - 5, now_us + 10, now_us + 10**9, 2**62]) for _ in range(rng.randrange(1, 4))
         )
-        program.lots[member_id] = tuple(Lot(i + 1, 5, expires, "merchant-1") for i, expires in enumerate(expiries))
+        program.load_lots(member_id, tuple(Lot(i + 1, 5, expires, "merchant-1") for i, expires in enumerate(expiries)))
 
 
 @pytest.mark.skipif(compiled is None, reason="the compiled fast path is not in use")
@@ -304,11 +334,11 @@ def test_the_compiled_pool_of_a_run_and_its_twin_agree(seed):
     lot_id = 1
     for row in range(rng.randrange(0, 10)):
         lots = []
-        for _ in range(rng.choice([0, 1, 2, 5, 20])):
+        for _ in range(rng.choice([0, 1, 2, 5, 20, 150])):
             lots.append(Lot(lot_id, rng.randrange(1, 50), 1_000 + lot_id, "shop"))
             lot_id += 1
-        run.tier_members.append((f"member-{row}", None, tuple(lots)))
-        run.tier_demand.append(rng.choice([0, 1, 30, 200, 10_000]))
+        run.tier_members.append((f"member-{row}", None, _chain(rng, lots)))
+        run.tier_demand.append(rng.choice([0, 1, 30, 200, 2_000, 10_000]))
     pools = [member(None, run) for member in (RulesKernelMixin._kernel_lots_twin, compiled.kernel_lots)]
     assert [list(part) if isinstance(part, array) else part for part in pools[0]] == [
         list(part) if isinstance(part, array) else part for part in pools[1]

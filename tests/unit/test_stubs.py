@@ -14,6 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # compiled module -> its allowlist (None: built without pickling or a doctest table, nothing to allow)
 STUBBED = {
     "fastpath.records": "fastpath/stubtest_allowlist_records.txt",
+    "fastpath.lot_chain": "fastpath/stubtest_allowlist_lot_chain.txt",
     "fastpath.idempotency_table": None,
     "fastpath.copy_binary": None,
     "fastpath.intake": "fastpath/stubtest_allowlist_intake.txt",
