@@ -527,6 +527,26 @@ cdef int _put_message(_Writer* writer, object message) except -1:
     return 0
 
 
+cdef int _put_head(_Writer* writer, int64_t applied, unsigned char kind_tag, Py_ssize_t body_size,
+                   const char* tid, Py_ssize_t tid_size, int64_t points, int64_t balance) except -1:
+    # a result's head, room reserved for its whole body (body_size: the earn or redeem message's): the
+    # result and its outcome, the kind's message tag and size, then the fields every kind starts with
+    # (transaction id, points, balance); the caller writes the rest of the body
+    cdef Py_ssize_t result_size = _int_field_size(applied) + 1 + _varint_size(<uint64_t>body_size) + body_size
+    _reserve(writer, 1 + _varint_size(<uint64_t>result_size) + result_size)
+    _put_byte(writer, TAG_RESULT)
+    _put_varint(writer, <uint64_t>result_size)
+    _put_int_field(writer, TAG_OUTCOME, applied)
+    _put_byte(writer, kind_tag)
+    _put_varint(writer, <uint64_t>body_size)
+    _put_byte(writer, TAG_STRING_1)
+    _put_varint(writer, <uint64_t>tid_size)
+    _put_bytes(writer, tid, tid_size)
+    _put_int_field(writer, 0x10, points)
+    _put_int_field(writer, 0x18, balance)
+    return 0
+
+
 cdef bint _put_earn(_Writer* writer, dict f, int64_t applied, const char* prefix, Py_ssize_t prefix_size) except -1:
     """An APPLIED earn's result, as respond's setters make it (_fill_earn_response), written as
     SubmitBatchResponse.results' next element; False (nothing written) when its fields are not what
@@ -534,7 +554,7 @@ cdef bint _put_earn(_Writer* writer, dict f, int64_t applied, const char* prefix
     str): the Python path answers for that one."""
     cdef int64_t transaction_id, points, balance, give_back_bps, created_at_us, seconds, nanos, bonus = 0
     cdef char tid[PREFIX_MAX + DIGITS_MAX]
-    cdef Py_ssize_t tid_size, level_size = 0, created_size, earn_size, result_size
+    cdef Py_ssize_t tid_size, level_size = 0, created_size, earn_size
     cdef const char* level_data = NULL
     if not (_int64_of(f.get("transaction_id"), &transaction_id) and _int64_of(f.get("points"), &points)
             and _int64_of(f.get("balance"), &balance) and _int64_of(f.get("give_back_bps"), &give_back_bps)
@@ -564,18 +584,7 @@ cdef bint _put_earn(_Writer* writer, dict f, int64_t applied, const char* prefix
                  + _int_field_size(balance) + _int_field_size(give_back_bps)
                  + 1 + _varint_size(<uint64_t>created_size) + created_size + _int_field_size(bonus)
                  + (1 + _varint_size(<uint64_t>level_size) + level_size if level_size else 0))
-    result_size = _int_field_size(applied) + 1 + _varint_size(<uint64_t>earn_size) + earn_size
-    _reserve(writer, 1 + _varint_size(<uint64_t>result_size) + result_size)
-    _put_byte(writer, TAG_RESULT)
-    _put_varint(writer, <uint64_t>result_size)
-    _put_int_field(writer, TAG_OUTCOME, applied)
-    _put_byte(writer, TAG_EARN)
-    _put_varint(writer, <uint64_t>earn_size)
-    _put_byte(writer, TAG_STRING_1)
-    _put_varint(writer, <uint64_t>tid_size)
-    _put_bytes(writer, tid, tid_size)
-    _put_int_field(writer, 0x10, points)
-    _put_int_field(writer, 0x18, balance)
+    _put_head(writer, applied, TAG_EARN, earn_size, tid, tid_size, points, balance)
     _put_int_field(writer, 0x20, give_back_bps)
     _put_byte(writer, TAG_CREATED_AT)
     _put_varint(writer, <uint64_t>created_size)
@@ -595,7 +604,7 @@ cdef bint _put_redeem(_Writer* writer, dict f, int64_t applied, const char* pref
     _put_earn."""
     cdef int64_t transaction_id, points, balance, available, vouchers = 0, voucher_balance = 0, credit_used = 0
     cdef char tid[PREFIX_MAX + DIGITS_MAX]
-    cdef Py_ssize_t tid_size, redeem_size, result_size
+    cdef Py_ssize_t tid_size, redeem_size
     if not (_int64_of(f.get("transaction_id"), &transaction_id) and _int64_of(f.get("points"), &points)
             and _int64_of(f.get("balance"), &balance) and _int64_of(f.get("available"), &available)):
         return False
@@ -608,18 +617,7 @@ cdef bint _put_redeem(_Writer* writer, dict f, int64_t applied, const char* pref
     redeem_size = (1 + _varint_size(<uint64_t>tid_size) + tid_size + _int_field_size(points)
                    + _int_field_size(balance) + _int_field_size(available) + _int_field_size(vouchers)
                    + _int_field_size(voucher_balance) + _int_field_size(credit_used))
-    result_size = _int_field_size(applied) + 1 + _varint_size(<uint64_t>redeem_size) + redeem_size
-    _reserve(writer, 1 + _varint_size(<uint64_t>result_size) + result_size)
-    _put_byte(writer, TAG_RESULT)
-    _put_varint(writer, <uint64_t>result_size)
-    _put_int_field(writer, TAG_OUTCOME, applied)
-    _put_byte(writer, TAG_REDEEM)
-    _put_varint(writer, <uint64_t>redeem_size)
-    _put_byte(writer, TAG_STRING_1)
-    _put_varint(writer, <uint64_t>tid_size)
-    _put_bytes(writer, tid, tid_size)
-    _put_int_field(writer, 0x10, points)
-    _put_int_field(writer, 0x18, balance)
+    _put_head(writer, applied, TAG_REDEEM, redeem_size, tid, tid_size, points, balance)
     _put_int_field(writer, 0x20, available)
     _put_int_field(writer, 0x28, vouchers)
     _put_int_field(writer, 0x30, voucher_balance)

@@ -272,6 +272,20 @@ cdef inline void _share(tuple into, Py_ssize_t at, tuple chunks, Py_ssize_t inde
     _tuple_set(<PyObject*>into, at, chunk)
 
 
+cdef void _put_rest(tuple outer, Py_ssize_t at, list tail, Py_ssize_t filled, bint* every_untracked):
+    # the lots of `tail` after its first `filled` (which went into the last chunk) in new chunks of up to
+    # _CHUNK lots, put into `outer` from chunk `at` on
+    cdef _Cursor cursor
+    cdef Py_ssize_t rest = len(tail) - filled, chunk_size
+    cursor.count = cursor.segment = 0
+    _segment(&cursor, tail, filled, len(tail))
+    while rest:
+        chunk_size = _CHUNK if rest >= _CHUNK else rest
+        _put(outer, at, _copied(chunk_size, &cursor, every_untracked))
+        at += 1
+        rest -= chunk_size
+
+
 cdef inline bint _copy_into(PyObject* into, Py_ssize_t at, PyObject* sequence, bint is_list, Py_ssize_t start,
                            Py_ssize_t end, PyTypeObject* lot_type):
     # into[at:] = sequence[start:end] (references taken); False when one of them is not a records.Lot
@@ -431,13 +445,7 @@ cdef object splice(object lots, Py_ssize_t passed, list head, list tail):
         else:
             _share(outer, at, chunks, index)
         at += 1
-    cursor.count = cursor.segment = 0
-    _segment(&cursor, tail, filled, len(tail))
-    while rest:
-        chunk_size = _CHUNK if rest >= _CHUNK else rest
-        _put(outer, at, _copied(chunk_size, &cursor, &every_untracked))
-        at += 1
-        rest -= chunk_size
+    _put_rest(outer, at, tail, filled, &every_untracked)
     return _made_of(outer, size, every_untracked)
 
 
@@ -447,7 +455,7 @@ cdef LotChain _appended(tuple chunks, Py_ssize_t count, Py_ssize_t size, list ta
     # path leaves them, without its walk to the passed lots)
     cdef tuple last = chunks[count - 1]
     cdef Py_ssize_t last_count = len(last), added = len(tail), room = _CHUNK - last_count, index
-    cdef Py_ssize_t rest, filled, chunk_size, at
+    cdef Py_ssize_t rest, filled
     cdef tuple outer
     cdef bint every_untracked = not PyObject_GC_IsTracked(chunks)  # (then so is every chunk shared from it)
     cdef _Cursor cursor
@@ -463,14 +471,7 @@ cdef LotChain _appended(tuple chunks, Py_ssize_t count, Py_ssize_t size, list ta
         _put(outer, count - 1, _copied(last_count + filled, &cursor, &every_untracked))
     else:
         _share(outer, count - 1, chunks, count - 1)
-    cursor.count = cursor.segment = 0
-    _segment(&cursor, tail, filled, added)
-    at = count
-    while rest:
-        chunk_size = _CHUNK if rest >= _CHUNK else rest
-        _put(outer, at, _copied(chunk_size, &cursor, &every_untracked))
-        at += 1
-        rest -= chunk_size
+    _put_rest(outer, count, tail, filled, &every_untracked)
     return _made_of(outer, size, every_untracked)
 
 
