@@ -28,8 +28,8 @@ from processor.domain import InvariantViolation
 
 Key = tuple[str, str]
 
-# store.JSON_OPTIONS (to_json's; store imports this module, so it is written again here and
-# tests/unit/test_idempotency_records.py holds the two equal). A row is dumped first without
+# store.to_json's options (store.JSON_OPTIONS is this value: store imports this module, not the other
+# way round). A row is dumped first without
 # OPT_NON_STR_KEYS: dicts of str keys only (every request and outcome the servicer makes) are written to
 # the same text by both, and orjson's path without it is faster; any other key is a TypeError, and the
 # row is dumped again with it (~85 ns of ~360 a record's two texts were that slower path, measured).

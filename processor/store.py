@@ -2523,5 +2523,6 @@ def to_json(value: Any) -> str:
     return orjson.dumps(value, option=JSON_OPTIONS).decode()
 
 
-# to_json's options; the compiled idempotency records call orjson.dumps with them (processor/state_machine.py)
-JSON_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+# to_json's options, defined beside the idempotency records' encoder, which dumps a batch's records with
+# them (processor/idempotency_records.py; that module cannot import this one: this one imports it)
+JSON_OPTIONS = idempotency_records.JSON_OPTIONS
