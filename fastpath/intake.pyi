@@ -39,15 +39,3 @@ class Intake:
         applied: int,
         prefix: str,
     ) -> bytes: ...
-    def respond(
-        self,
-        results: Any,
-        refused: list[Any],
-        indexes: list[int],
-        kinds: list[str],
-        ops: list[Any],
-        to_result: Callable[[str, Any], Any],
-        ok: Any,
-        applied: int,
-        prefix: str,
-    ) -> None: ...

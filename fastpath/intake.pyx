@@ -60,7 +60,7 @@ OPERATION_FIELDS = (
 DEF FIELD_COUNT = 20
 cdef tuple _OPERATION_FIELDS = tuple(OPERATION_FIELDS)
 
-# what respond() reads of each decided Operation and its Outcome, and _merchant of a merchant's row
+# what respond_encoded() reads of each decided Operation and its Outcome, and _merchant of a merchant's row
 # (store.MerchantRow), by offset when they are those slots classes (fastpath/slots.pxd)
 cdef tuple _OPERATION_READ = ("outcome",)
 cdef tuple _OUTCOME_READ = ("code", "replayed", "fields")
@@ -327,70 +327,16 @@ cdef class Intake:
 
     def respond_encoded(self, list refused not None, list indexes not None, list kinds not None,
                         list ops not None, to_result, ok, int64_t applied, str prefix not None):
-        """SubmitBatchResponse's bytes, for SubmitBatchResponse.FromString: the message respond() fills
-        (the same fields, so the same bytes once parsed and serialized again; tests/unit/
-        test_servicer_response.py), each APPLIED earn and redeem written here as wire bytes rather than
-        by ~10 upb setters from Python (measured, 1,000 results, 70% earns: respond 0.85 µs an operation,
-        this and FromString ~0.15), every other result as its message's SerializeToString(). Arguments
-        as respond's (`applied` an int)."""
+        """SubmitBatchResponse's bytes, for SubmitBatchResponse.FromString: the message
+        PointsServicer._batch_response's Python path fills with upb's setters (the same fields, so the
+        same bytes once parsed and serialized again; tests/unit/test_servicer_response.py), each APPLIED
+        earn and redeem written here as wire bytes rather than by ~10 setters from Python (measured,
+        1,000 results, 70% earns: the setters from C 0.85 µs an operation, this and FromString ~0.15),
+        every other result as its message's SerializeToString(). In request order: an APPLIED earn or
+        redeem from its outcome's fields, any other queued operation's result from `to_result(kind,
+        outcome)`, the refused ones (and empty) from `refused` at their indexes. `ok` is Code.OK,
+        `applied` OPERATION_OUTCOME_APPLIED, `prefix` "txn_"."""
         return _respond_encoded(refused, indexes, kinds, ops, to_result, ok, applied, prefix)
-
-    def respond(self, results, list refused, list indexes, list kinds, list ops, to_result, ok, applied, str prefix):
-        """Fills SubmitBatchResponse.results (`results`, empty) in request order, as
-        PointsServicer._batch_response does: an APPLIED earn or redeem set in place by its setters, any
-        other queued operation's result from `to_result(kind, outcome)`, the refused ones (and empty) from
-        `refused` at their indexes. `ok` is Code.OK, `applied` OPERATION_OUTCOME_APPLIED, `prefix` "txn_"."""
-        cdef Py_ssize_t position = 0, index, i, count = len(indexes)
-        cdef str kind
-        add, append = results.add, results.append
-        for i in range(count):
-            index = indexes[i]
-            kind = kinds[i]
-            while position < index:  # refused before it was queued (or empty): its result as it is
-                append(refused[position])
-                position += 1
-            position = index + 1
-            outcome = slot_read(&_operation_reader, ops[i], 0, _OPERATION_READ)
-            if (slot_read(&_outcome_reader, outcome, 0, _OUTCOME_READ) is ok
-                    and not slot_read(&_outcome_reader, outcome, 1, _OUTCOME_READ)):
-                f = slot_read(&_outcome_reader, outcome, 2, _OUTCOME_READ)
-                # add() then the outcome set: ~0.1 µs less than add(outcome=...), which builds a kwargs
-                # dict (measured: keywords for the whole result, nested dicts included, cost more still)
-                if kind == "earn":  # _fill_earn_response's setters, in its order
-                    result = add()
-                    result.outcome = applied
-                    response = result.earn
-                    response.transaction_id = f"{prefix}{f['transaction_id']}"
-                    response.points = f["points"]
-                    response.balance = f["balance"]
-                    response.give_back_bps = f["give_back_bps"]
-                    created_at_us = f["created_at_us"]
-                    created_at = response.created_at
-                    created_at.seconds = created_at_us // 1_000_000
-                    created_at.nanos = (created_at_us % 1_000_000) * 1000
-                    bonus_points = f.get("bonus_points")
-                    if bonus_points:
-                        response.bonus_points = bonus_points
-                    level = f.get("level")
-                    if level:
-                        response.level = level
-                    continue
-                if kind == "redeem":  # _fill_redeem_response's
-                    result = add()
-                    result.outcome = applied
-                    response = result.redeem
-                    response.transaction_id = f"{prefix}{f['transaction_id']}"
-                    response.points = f["points"]
-                    response.balance = f["balance"]
-                    response.available = f["available"]
-                    if len(f) > 4:
-                        response.vouchers = f.get("vouchers", 0)
-                        response.voucher_balance = f.get("voucher_balance", 0)
-                        response.voucher_credit_used = f.get("voucher_credit_used", 0)
-                    continue
-            append(to_result(kind, outcome))
-        for i in range(position, len(refused)):
-            append(refused[i])
 
 
 # --- the response as protobuf wire bytes (Intake.respond_encoded) ---
